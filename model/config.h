@@ -1,0 +1,44 @@
+// Model configuration: the Hugging Face LlamaConfig fields we use, plus the DMC settings that
+// retrofitting adds (exported under their own keys in config.json).
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace dmc::model {
+
+struct DmcConfig {
+  bool enabled = false;         // DMC head logic in the layer graph (stages 2 and 3)
+  float init_val = 5.0f;        // decision offset c: a = k[D-1] - c, omega = sigmoid(q[D-1] + c)
+  float temperature = 0.1f;     // Gumbel-sigmoid temperature tau
+  int window = 12;              // partial-accumulation window w
+  float omega_eps = 0.0078125f; // bf16 epsilon added to omega
+};
+
+struct LlamaConfig {
+  int vocab_size = 0;
+  int hidden_size = 0;              // C
+  int intermediate_size = 0;        // F (SwiGLU hidden)
+  int num_hidden_layers = 0;        // L
+  int num_attention_heads = 0;      // H
+  int num_key_value_heads = 0;      // Hkv (GQA when < H)
+  int max_position_embeddings = 0;
+  float rms_norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  bool tie_word_embeddings = false;
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  DmcConfig dmc;
+
+  int head_dim() const { return hidden_size / num_attention_heads; }
+  // Rejects every inconsistent value with a message that names the field.
+  absl::Status Validate() const;
+  // Number of parameters of the full (unsharded) model.
+  long num_parameters() const;
+};
+
+// Small built-in shapes: "tiny" (CI, seconds on a CPU), "small" (the README's CPU job).
+absl::Status PresetConfig(const std::string& name, LlamaConfig* config);
+
+}  // namespace dmc::model
