@@ -1,0 +1,94 @@
+// Token embedding on the GPU (spec: kernels/embedding.h).
+// Forward: one 16-byte vector per thread, a copy of the token's row.
+// Backward, deterministic without atomics: the token ids are radix-sorted (stable, with their
+// positions), and one warp per run of equal tokens sums that run's dout rows in position order
+// into fp32 dwte. Scratch slot 0 holds the sort buffers.
+#include <cub/device/device_radix_sort.cuh>
+
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+
+namespace dmc::cuda {
+namespace {
+using namespace detail;
+
+__global__ void embedding_forward_kernel(bf16* out, const int32_t* tokens, const bf16* wte, int N,
+                                         int C) {
+  const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int vecs = C / 8;
+  if (idx >= static_cast<long>(N) * vecs) return;
+  const int n = static_cast<int>(idx / vecs), c = static_cast<int>(idx % vecs) * 8;
+  const long tok = tokens[n];
+  *reinterpret_cast<Bf16x8*>(out + static_cast<long>(n) * C + c) =
+      *reinterpret_cast<const Bf16x8*>(wte + tok * C + c);
+}
+
+__global__ void embedding_forward_scalar(bf16* out, const int32_t* tokens, const bf16* wte, int N,
+                                         int C) {
+  const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long>(N) * C) return;
+  const int n = static_cast<int>(idx / C), c = static_cast<int>(idx % C);
+  out[idx] = wte[static_cast<long>(tokens[n]) * C + c];
+}
+
+__global__ void iota_kernel(int32_t* x, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = i;
+}
+
+// One warp per sorted position; only positions that start a run do work.
+__global__ void embedding_backward_runs(float* dwte, const bf16* dout, const int32_t* sorted_tok,
+                                        const int32_t* sorted_pos, int N, int C) {
+  const int s = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (s >= N) return;
+  const int tok = sorted_tok[s];
+  if (s > 0 && sorted_tok[s - 1] == tok) return;
+  int e = s;
+  while (e < N && sorted_tok[e] == tok) ++e;
+  float* row = dwte + static_cast<long>(tok) * C;
+  for (int c = lane; c < C; c += 32) {
+    float acc = 0.f;
+    for (int r = s; r < e; ++r) acc += bf(dout[static_cast<long>(sorted_pos[r]) * C + c]);
+    row[c] += acc;
+  }
+}
+
+}  // namespace
+
+void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N, int C,
+                       cudaStream_t stream) {
+  if (N <= 0 || C <= 0) return;
+  if (C % 8 == 0) {
+    const long total = static_cast<long>(N) * (C / 8);
+    embedding_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C);
+  } else {
+    const long total = static_cast<long>(N) * C;
+    embedding_forward_scalar<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C);
+  }
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, int N, int C,
+                        cudaStream_t stream) {
+  if (N <= 0 || C <= 0) return;
+  size_t temp_bytes = 0;
+  DMC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, tokens,
+                                                 static_cast<int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr),
+                                                 static_cast<int32_t*>(nullptr), N, 0, 32, stream));
+  const size_t arr = (static_cast<size_t>(N) * sizeof(int32_t) + 255) / 256 * 256;
+  char* base = static_cast<char*>(scratch(0, 3 * arr + temp_bytes));
+  int32_t* pos_in = reinterpret_cast<int32_t*>(base);
+  int32_t* tok_out = reinterpret_cast<int32_t*>(base + arr);
+  int32_t* pos_out = reinterpret_cast<int32_t*>(base + 2 * arr);
+  void* temp = base + 3 * arr;
+  iota_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(pos_in, N);
+  DMC_CUDA_CHECK_LAUNCH();
+  DMC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tokens, tok_out, pos_in,
+                                                 pos_out, N, 0, 32, stream));
+  embedding_backward_runs<<<ceil_div(N, 8), 256, 0, stream>>>(dwte, dout, tok_out, pos_out, N, C);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dmc::cuda

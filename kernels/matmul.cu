@@ -1,0 +1,63 @@
+// Linear layers through cuBLAS (spec: kernels/matmul.h): bf16 operands, fp32 accumulation
+// (CUBLAS_COMPUTE_32F). Row-major nn.Linear buffers are read as their column-major transposes:
+//   out^T[OC, N]   = W^T^T · inp^T        (W [OC, IC] row-major is a column-major IC x OC matrix)
+//   dinp^T[IC, N] += W^T · dout^T
+//   dW^T[IC, OC]  += inp^T · dout         (fp32 output, beta = 1)
+#include <cublas_v2.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+
+#define DMC_CUBLAS_CHECK(expr)                                                       \
+  do {                                                                              \
+    cublasStatus_t st_ = (expr);                                                    \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                             \
+      std::fprintf(stderr, "cuBLAS error %d at %s:%d\n", static_cast<int>(st_), __FILE__, \
+                   __LINE__);                                                       \
+      std::abort();                                                                 \
+    }                                                                               \
+  } while (0)
+
+namespace dmc::cuda {
+namespace {
+
+cublasHandle_t handle_for(cudaStream_t stream) {
+  static cublasHandle_t handle = nullptr;
+  if (!handle) {
+    DMC_CUBLAS_CHECK(cublasCreate(&handle));
+    DMC_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  }
+  DMC_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  return handle;
+}
+
+}  // namespace
+
+void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
+                    cudaStream_t stream) {
+  if (N <= 0 || OC <= 0) return;
+  const float alpha = 1.f, beta = 0.f;
+  DMC_CUBLAS_CHECK(cublasGemmEx(handle_for(stream), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha,
+                                weight, CUDA_R_16BF, IC, inp, CUDA_R_16BF, IC, &beta, out,
+                                CUDA_R_16BF, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
+                     const bf16* weight, int N, int IC, int OC, cudaStream_t stream) {
+  if (N <= 0) return;
+  const float alpha = 1.f, beta = 1.f;
+  cublasHandle_t h = handle_for(stream);
+  if (dinp)
+    DMC_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &alpha, weight,
+                                  CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &beta, dinp,
+                                  CUDA_R_16BF, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (dweight)
+    DMC_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &alpha, inp, CUDA_R_16BF,
+                                  IC, dout, CUDA_R_16BF, OC, &beta, dweight, CUDA_R_32F, IC,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace dmc::cuda

@@ -1,0 +1,431 @@
+#include "model/llama.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "absl/strings/str_format.h"
+#include "kernels/control_channel.h"
+#include "kernels/cr_loss.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/dmc_attention.h"
+#include "kernels/dmc_scan.h"
+#include "kernels/embedding.h"
+#include "kernels/matmul.h"
+#include "kernels/noise.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
+
+namespace dmc::model {
+namespace k = dmc::kernels;
+
+namespace {
+
+// Order of one layer's tensors inside layer_offsets_.
+enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
+
+uint64_t Fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
+
+// Standard normal from two counter-based uniforms (Box-Muller).
+double HashNormal(uint64_t seed, uint64_t stream, uint64_t index) {
+  const double u1 = k::hash_uniform(seed, stream, 2 * index);
+  const double u2 = k::hash_uniform(seed, stream, 2 * index + 1);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+parallel::LocalCommunicator& SingleProcess() {
+  static parallel::LocalCommunicator local;
+  return local;
+}
+
+template <typename T>
+void Resize(std::vector<T>& v, size_t n) {
+  v.assign(n, T(0));
+}
+
+}  // namespace
+
+template <typename T>
+Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
+    : config_(config), tp_(tp_comm ? tp_comm : &SingleProcess()) {
+  if (absl::Status s = config_.Validate(); !s.ok()) throw std::invalid_argument(s.ToString());
+  const int tp = tp_->size();
+  if (config_.num_key_value_heads % tp != 0 || config_.intermediate_size % tp != 0)
+    throw std::invalid_argument(absl::StrFormat(
+        "tensor-parallel size %d must divide num_key_value_heads (%d) and intermediate_size (%d)",
+        tp, config_.num_key_value_heads, config_.intermediate_size));
+  heads_ = config_.num_attention_heads / tp;
+  kv_heads_ = config_.num_key_value_heads / tp;
+  ffn_ = config_.intermediate_size / tp;
+  head_dim_ = config_.head_dim();
+  const int64_t C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int64_t H = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t F = config_.intermediate_size;
+
+  embed_offset_ = AddParam("model.embed_tokens.weight", {V, C}, -1, true);
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    const std::string p = absl::StrFormat("model.layers.%d.", l);
+    layer_offsets_.push_back(AddParam(p + "input_layernorm.weight", {C}, -1, false));
+    layer_offsets_.push_back(AddParam(p + "self_attn.q_proj.weight", {H * D, C}, 0, true));
+    layer_offsets_.push_back(AddParam(p + "self_attn.k_proj.weight", {Hkv * D, C}, 0, true));
+    layer_offsets_.push_back(AddParam(p + "self_attn.v_proj.weight", {Hkv * D, C}, 0, true));
+    layer_offsets_.push_back(AddParam(p + "self_attn.o_proj.weight", {C, H * D}, 1, true));
+    layer_offsets_.push_back(AddParam(p + "post_attention_layernorm.weight", {C}, -1, false));
+    layer_offsets_.push_back(AddParam(p + "mlp.gate_proj.weight", {F, C}, 0, true));
+    layer_offsets_.push_back(AddParam(p + "mlp.up_proj.weight", {F, C}, 0, true));
+    layer_offsets_.push_back(AddParam(p + "mlp.down_proj.weight", {C, F}, 1, true));
+  }
+  final_norm_offset_ = AddParam("model.norm.weight", {C}, -1, false);
+  lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_
+                                                : AddParam("lm_head.weight", {V, C}, -1, true);
+  size_t total = 0;
+  for (const auto& s : specs_) total = std::max(total, s.offset + s.size);
+  params_.assign(total, T(0));
+  grads_.assign(total, T(0));
+}
+
+template <typename T>
+size_t Llama<T>::AddParam(const std::string& name, std::vector<int64_t> full_shape, int split_dim,
+                          bool decay) {
+  ParamSpec spec;
+  spec.name = name;
+  spec.full_shape = full_shape;
+  spec.shape = full_shape;
+  spec.split_dim = split_dim;
+  if (split_dim >= 0) spec.shape[split_dim] /= tp_->size();
+  spec.size = 1;
+  for (int64_t d : spec.shape) spec.size *= d;
+  spec.offset = specs_.empty() ? 0 : specs_.back().offset + specs_.back().size;
+  spec.weight_decay = decay;
+  specs_.push_back(spec);
+  return spec.offset;
+}
+
+template <typename T>
+const ParamSpec* Llama<T>::FindParam(const std::string& name) const {
+  for (const auto& s : specs_)
+    if (s.name == name) return &s;
+  return nullptr;
+}
+
+template <typename T>
+void Llama<T>::InitRandom(uint64_t seed) {
+  const double out_scale = 1.0 / std::sqrt(2.0 * config_.num_hidden_layers);
+  const int r = tp_->rank();
+  for (const auto& s : specs_) {
+    T* w = params_.data() + s.offset;
+    if (s.shape.size() == 1) {  // RMSNorm gains
+      for (size_t i = 0; i < s.size; ++i) w[i] = T(1);
+      continue;
+    }
+    const bool output_proj = s.name.find("o_proj") != std::string::npos ||
+                             s.name.find("down_proj") != std::string::npos;
+    const double stddev = 0.02 * (output_proj ? out_scale : 1.0);
+    const int64_t rows = s.shape[0], cols = s.shape[1], full_cols = s.full_shape[1];
+    const int64_t row0 = s.split_dim == 0 ? r * rows : 0;
+    const int64_t col0 = s.split_dim == 1 ? r * cols : 0;
+    const uint64_t stream = Fnv1a(s.name);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        w[i * cols + j] = static_cast<T>(
+            stddev * HashNormal(seed, stream, static_cast<uint64_t>((row0 + i) * full_cols + col0 + j)));
+  }
+}
+
+template <typename T>
+void Llama<T>::ZeroControlChannelRows() {
+  const int C = config_.hidden_size, D = head_dim_;
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    T* wq = params_.data() + layer_offsets_[l * kLayerTensors + kWq];
+    T* wk = params_.data() + layer_offsets_[l * kLayerTensors + kWk];
+    for (int h = 0; h < heads_; ++h)
+      for (int c = 0; c < C; ++c) wq[(static_cast<long>(h) * D + D - 1) * C + c] = T(0);
+    for (int h = 0; h < kv_heads_; ++h)
+      for (int c = 0; c < C; ++c) wk[(static_cast<long>(h) * D + D - 1) * C + c] = T(0);
+  }
+}
+
+template <typename T>
+typename Llama<T>::LayerWeights Llama<T>::layer(int l) const {
+  const T* p = params_.data();
+  const size_t* o = &layer_offsets_[l * kLayerTensors];
+  return {p + o[kAttnNorm], p + o[kWq], p + o[kWk],      p + o[kWv],  p + o[kWo],
+          p + o[kMlpNorm],  p + o[kGate], p + o[kUp], p + o[kDown]};
+}
+
+template <typename T>
+void Llama<T>::AllReduce(std::vector<T>& buffer) const {
+  if (tp_->size() == 1) return;
+  if (absl::Status s = tp_->AllReduceSum(buffer.data(), buffer.size()); !s.ok()) {
+    // A failed collective leaves the ranks inconsistent; the trainer aborts the job on it.
+    throw std::runtime_error("tensor-parallel all-reduce failed: " + s.ToString());
+  }
+}
+
+template <typename T>
+void Llama<T>::MlpForward(int l, const T* x, T* out, int N, T* rstd, T* xn, T* gate, T* up,
+                          T* h) const {
+  const int C = config_.hidden_size, F = ffn_;
+  const LayerWeights w = layer(l);
+  k::rmsnorm_forward(xn, rstd, x, w.mlp_norm, N, C, config_.rms_norm_eps);
+  k::matmul_forward(gate, xn, w.w_gate, N, C, F);
+  k::matmul_forward(up, xn, w.w_up, N, C, F);
+  k::swiglu_forward(h, gate, up, static_cast<size_t>(N) * F);
+  std::vector<T> down(static_cast<size_t>(N) * C);
+  k::matmul_forward(down.data(), h, w.w_down, N, F, C);
+  AllReduce(down);
+  for (size_t i = 0; i < down.size(); ++i) out[i] = x[i] + down[i];
+}
+
+template <typename T>
+ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
+                                const StepOptions& options) {
+  if (T_ > config_.max_position_embeddings)
+    throw std::invalid_argument(absl::StrFormat("sequence length %d exceeds max_position_embeddings %d",
+                                                T_, config_.max_position_embeddings));
+  batch_ = B;
+  seq_ = T_;
+  options_ = options;
+  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
+  const bool dmc = config_.dmc.enabled;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const T fade = static_cast<T>(options.control_fade);
+  k::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps,
+                               options.mode};
+  tokens_.assign(tokens, tokens + N);
+  targets_.assign(targets, targets + N);
+  acts_.resize(L);
+  mean_merge_.assign(B, T(0));
+
+  std::vector<T> x(static_cast<size_t>(N) * C);
+  k::embedding_forward(x.data(), tokens, embedding(), N, C);
+  for (int l = 0; l < L; ++l) {
+    LayerActivations& a = acts_[l];
+    const LayerWeights w = layer(l);
+    a.x = x;
+    Resize(a.xn, size_t(N) * C);
+    Resize(a.rstd, N);
+    Resize(a.q, size_t(N) * H * D);
+    Resize(a.k, size_t(N) * Hkv * D);
+    Resize(a.v, size_t(N) * Hkv * D);
+    k::rmsnorm_forward(a.xn.data(), a.rstd.data(), a.x.data(), w.attn_norm, N, C,
+                       config_.rms_norm_eps);
+    k::matmul_forward(a.q.data(), a.xn.data(), w.wq, N, C, H * D);
+    k::matmul_forward(a.k.data(), a.xn.data(), w.wk, N, C, Hkv * D);
+    k::matmul_forward(a.v.data(), a.xn.data(), w.wv, N, C, Hkv * D);
+    if (fade != T(1)) {
+      k::scale_last_channel(a.q.data(), long(N) * H, D, fade);
+      k::scale_last_channel(a.k.data(), long(N) * Hkv, D, fade);
+    }
+    const T* keys = a.k.data();
+    const T* values = a.v.data();
+    if (dmc) {
+      const size_t G = size_t(N) * Hkv;
+      for (auto* buf : {&a.noise, &a.logit, &a.alpha, &a.merge, &a.mask, &a.omega, &a.denom})
+        Resize(*buf, G);
+      if (options.mode == k::DmcDecisionMode::kRelaxed)
+        k::logistic_noise(a.noise.data(), B, T_, Hkv, options.noise_seed,
+                          (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
+                          tp_->rank() * Hkv, config_.num_key_value_heads);
+      k::dmc_gates_forward<T>({a.logit.data(), a.alpha.data(), a.merge.data(), a.mask.data(),
+                               a.omega.data()},
+                              a.q.data(), a.k.data(), a.noise.data(), B, T_, H, Hkv, D,
+                              gate_params);
+      Resize(a.khat, a.k.size());
+      Resize(a.vhat, a.v.size());
+      k::dmc_scan_forward(a.khat.data(), a.denom.data(), a.k.data(), a.alpha.data(),
+                          a.omega.data(), B, T_, Hkv, D, config_.dmc.window);
+      k::dmc_scan_forward(a.vhat.data(), a.denom.data(), a.v.data(), a.alpha.data(),
+                          a.omega.data(), B, T_, Hkv, D, config_.dmc.window);
+      keys = a.khat.data();
+      values = a.vhat.data();
+      k::cr_accumulate_merge(mean_merge_.data(), a.merge.data(), B, T_, Hkv,
+                             T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
+    }
+    Resize(a.qr, a.q.size());
+    Resize(a.kr, a.k.size());
+    k::rope_forward(a.qr.data(), a.q.data(), B, T_, H, D, 0, config_.rope_theta, dmc);
+    k::rope_forward(a.kr.data(), keys, B, T_, Hkv, D, 0, config_.rope_theta, dmc);
+    if (fade != T(1)) {
+      k::scale_last_channel(a.qr.data(), long(N) * H, D, fade);
+      k::scale_last_channel(a.kr.data(), long(N) * Hkv, D, fade);
+    }
+    Resize(a.att, a.q.size());
+    Resize(a.lse, size_t(B) * H * T_);
+    k::dmc_attention_forward(a.att.data(), a.lse.data(), a.qr.data(), a.kr.data(), values,
+                             dmc ? a.mask.data() : nullptr, B, T_, H, Hkv, D, dmc, scale);
+    std::vector<T> o(size_t(N) * C);
+    k::matmul_forward(o.data(), a.att.data(), w.wo, N, H * D, C);
+    AllReduce(o);
+    Resize(a.x2, size_t(N) * C);
+    for (size_t i = 0; i < o.size(); ++i) a.x2[i] = a.x[i] + o[i];
+
+    Resize(a.xn2, size_t(N) * C);
+    Resize(a.rstd2, N);
+    Resize(a.gate, size_t(N) * F);
+    Resize(a.up, size_t(N) * F);
+    Resize(a.h, size_t(N) * F);
+    MlpForward(l, a.x2.data(), x.data(), N, a.rstd2.data(), a.xn2.data(), a.gate.data(),
+               a.up.data(), a.h.data());
+  }
+  x_final_ = x;
+  Resize(xn_final_, size_t(N) * C);
+  Resize(rstd_final_, N);
+  k::rmsnorm_forward(xn_final_.data(), rstd_final_.data(), x_final_.data(), final_norm(), N, C,
+                     config_.rms_norm_eps);
+  Resize(logits_, size_t(N) * V);
+  k::matmul_forward(logits_.data(), xn_final_.data(), lm_head(), N, C, V);
+  Resize(losses_, N);
+  k::cross_entropy_forward(losses_.data(), logits_.data(), targets, N, V);
+
+  ForwardResult result;
+  label_count_ = 0;
+  double loss_sum = 0;
+  for (int i = 0; i < N; ++i)
+    if (targets[i] >= 0) {
+      loss_sum += losses_[i];
+      label_count_ += 1;
+    }
+  result.lm_loss = label_count_ > 0 ? loss_sum / label_count_ : 0.0;
+  if (dmc) {
+    // Each TP rank summed its own heads; the hinge needs all heads of a sequence (spec §4 [ours]).
+    AllReduce(mean_merge_);
+    if (options.cr_prior > 0)
+      result.cr_loss = k::cr_loss_forward(mean_merge_.data(), B, static_cast<T>(options.cr_prior));
+    double total = 0;
+    for (T m : mean_merge_) total += m;
+    result.merge_fraction = total / B;
+    result.layer_merge_fraction.assign(L, 0.0);
+    std::vector<T> per_layer(L, T(0));
+    for (int l = 0; l < L; ++l)
+      for (T m : acts_[l].merge) per_layer[l] += m;
+    AllReduce(per_layer);
+    for (int l = 0; l < L; ++l)
+      result.layer_merge_fraction[l] =
+          per_layer[l] / (double(B) * T_ * config_.num_key_value_heads);
+  }
+  result.loss = result.lm_loss + result.cr_loss;
+  return result;
+}
+
+template <typename T>
+void Llama<T>::ZeroGrad() {
+  std::fill(grads_.begin(), grads_.end(), T(0));
+}
+
+template <typename T>
+void Llama<T>::Backward(double loss_scale) {
+  const int B = batch_, T_ = seq_;
+  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
+  const bool dmc = config_.dmc.enabled;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const T fade = static_cast<T>(options_.control_fade);
+  k::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps,
+                               options_.mode};
+  auto grad_of = [&](size_t offset) { return grads_.data() + offset; };
+
+  // Loss = mean over labelled positions of the cross-entropy.
+  std::vector<T> dlosses(N, T(0));
+  for (int i = 0; i < N; ++i)
+    if (targets_[i] >= 0) dlosses[i] = T(loss_scale / label_count_);
+  std::vector<T> dlogits(size_t(N) * V, T(0));
+  k::cross_entropy_backward(dlogits.data(), logits_.data(), targets_.data(), dlosses.data(), N, V);
+  std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
+  k::matmul_backward(dxn.data(), grad_of(lm_head_offset_), dlogits.data(), xn_final_.data(),
+                     lm_head(), N, C, V);
+  k::rmsnorm_backward(dres.data(), grad_of(final_norm_offset_), dxn.data(), x_final_.data(),
+                      final_norm(), rstd_final_.data(), N, C);
+
+  // CR loss gradient w.r.t. each sequence's mean merge fraction (replicated over TP ranks).
+  std::vector<T> dmean_merge(B, T(0));
+  if (dmc && options_.cr_prior > 0)
+    k::cr_loss_backward(dmean_merge.data(), mean_merge_.data(), B,
+                        static_cast<T>(options_.cr_prior), T(loss_scale));
+
+  std::vector<T> dh, dgate, dup, datt, dqr, dkr, dq, dk, dv, dkhat, dvhat;
+  std::vector<T> dalpha, dmerge, dmask, domega;
+  for (int l = L - 1; l >= 0; --l) {
+    LayerActivations& a = acts_[l];
+    const LayerWeights w = layer(l);
+    const size_t* o = &layer_offsets_[l * kLayerTensors];
+
+    // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
+    Resize(dh, size_t(N) * F);
+    k::matmul_backward(dh.data(), grad_of(o[kDown]), dres.data(), a.h.data(), w.w_down, N, F, C);
+    Resize(dgate, dh.size());
+    Resize(dup, dh.size());
+    k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), dh.size());
+    Resize(dxn, size_t(N) * C);
+    k::matmul_backward(dxn.data(), grad_of(o[kGate]), dgate.data(), a.xn2.data(), w.w_gate, N, C, F);
+    k::matmul_backward(dxn.data(), grad_of(o[kUp]), dup.data(), a.xn2.data(), w.w_up, N, C, F);
+    AllReduce(dxn);  // column-parallel input: every rank holds a partial sum
+    k::rmsnorm_backward(dres.data(), grad_of(o[kMlpNorm]), dxn.data(), a.x2.data(), w.mlp_norm,
+                        a.rstd2.data(), N, C);
+
+    // Attention half.
+    Resize(datt, a.att.size());
+    k::matmul_backward(datt.data(), grad_of(o[kWo]), dres.data(), a.att.data(), w.wo, N, H * D, C);
+    Resize(dqr, a.q.size());
+    Resize(dkr, a.k.size());
+    Resize(dvhat, a.v.size());
+    Resize(dmask, dmc ? a.mask.size() : 0);
+    const T* values = dmc ? a.vhat.data() : a.v.data();
+    k::dmc_attention_backward(dqr.data(), dkr.data(), dvhat.data(), dmc ? dmask.data() : nullptr,
+                              datt.data(), a.qr.data(), a.kr.data(), values,
+                              dmc ? a.mask.data() : nullptr, a.att.data(), a.lse.data(), B, T_, H,
+                              Hkv, D, dmc, scale);
+    if (fade != T(1)) {
+      k::scale_last_channel(dqr.data(), long(N) * H, D, fade);
+      k::scale_last_channel(dkr.data(), long(N) * Hkv, D, fade);
+    }
+    Resize(dq, a.q.size());
+    Resize(dkhat, a.k.size());
+    k::rope_backward(dq.data(), dqr.data(), B, T_, H, D, 0, config_.rope_theta, dmc);
+    k::rope_backward(dkhat.data(), dkr.data(), B, T_, Hkv, D, 0, config_.rope_theta, dmc);
+    if (dmc) {
+      Resize(dk, a.k.size());
+      Resize(dv, a.v.size());
+      Resize(dalpha, a.alpha.size());
+      Resize(domega, a.omega.size());
+      Resize(dmerge, a.merge.size());
+      k::dmc_scan_backward(dk.data(), dalpha.data(), domega.data(), dkhat.data(), a.k.data(),
+                           a.khat.data(), a.alpha.data(), a.omega.data(), a.denom.data(), B, T_,
+                           Hkv, D, config_.dmc.window);
+      k::dmc_scan_backward(dv.data(), dalpha.data(), domega.data(), dvhat.data(), a.v.data(),
+                           a.vhat.data(), a.alpha.data(), a.omega.data(), a.denom.data(), B, T_,
+                           Hkv, D, config_.dmc.window);
+      k::cr_accumulate_merge_backward(dmerge.data(), dmean_merge.data(), B, T_, Hkv,
+                                      T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
+      k::dmc_gates_backward(dq.data(), dk.data(), dalpha.data(), dmerge.data(), dmask.data(),
+                            domega.data(), a.q.data(), a.logit.data(), a.alpha.data(), B, T_, H,
+                            Hkv, D, gate_params);
+    } else {
+      dk.swap(dkhat);
+      dv.swap(dvhat);
+    }
+    if (fade != T(1)) {
+      k::scale_last_channel(dq.data(), long(N) * H, D, fade);
+      k::scale_last_channel(dk.data(), long(N) * Hkv, D, fade);
+    }
+    Resize(dxn, size_t(N) * C);
+    k::matmul_backward(dxn.data(), grad_of(o[kWq]), dq.data(), a.xn.data(), w.wq, N, C, H * D);
+    k::matmul_backward(dxn.data(), grad_of(o[kWk]), dk.data(), a.xn.data(), w.wk, N, C, Hkv * D);
+    k::matmul_backward(dxn.data(), grad_of(o[kWv]), dv.data(), a.xn.data(), w.wv, N, C, Hkv * D);
+    AllReduce(dxn);
+    k::rmsnorm_backward(dres.data(), grad_of(o[kAttnNorm]), dxn.data(), a.x.data(), w.attn_norm,
+                        a.rstd.data(), N, C);
+  }
+  k::embedding_backward(grad_of(embed_offset_), dres.data(), tokens_.data(), N, C);
+}
+
+template class Llama<float>;
+template class Llama<double>;
+
+}  // namespace dmc::model

@@ -1,0 +1,134 @@
+// A Llama decoder with Dynamic Memory Compression heads, forward and hand-written backward, on
+// the CPU reference kernels. T is float for training and double for gradient checks.
+//
+// Tensor parallelism (Megatron-style) is built in: with tp_size > 1 this object holds one rank's
+// shard — q/k/v and gate/up projections split by output rows (column-parallel), o and down
+// projections split by input columns (row-parallel), so attention heads, their DMC decisions and
+// scans stay local to a rank. The two row-parallel outputs are all-reduced in the forward pass and
+// the inputs of the column-parallel projections in the backward pass. Embedding, norms and LM
+// head are replicated.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/dmc_gates.h"
+#include "model/config.h"
+#include "parallel/communicator.h"
+
+namespace dmc::model {
+
+// One parameter tensor of this rank, inside the flat parameter buffer.
+struct ParamSpec {
+  std::string name;             // Hugging Face tensor name, e.g. model.layers.0.self_attn.q_proj.weight
+  std::vector<int64_t> shape;   // local (this rank's) shape
+  std::vector<int64_t> full_shape;
+  int split_dim = -1;           // -1: replicated; 0: rows split across TP ranks; 1: columns split
+  size_t offset = 0;            // into params()/grads()
+  size_t size = 0;
+  bool weight_decay = false;    // matrices decay, norms do not
+};
+
+// What one training or evaluation step asks of the model.
+struct StepOptions {
+  kernels::DmcDecisionMode mode = kernels::DmcDecisionMode::kRelaxed;
+  uint64_t noise_seed = 0;   // logistic noise is a pure function of (seed, step, layer, position)
+  uint64_t step = 0;
+  long seq0 = 0;             // global index of this rank's first sequence (data parallelism)
+  float cr_prior = 0.0f;     // p = 1 - 1/CR target; the CR loss is active when > 0
+  float control_fade = 1.0f; // stage 1: multiplier m of the control channel (1 = off)
+};
+
+struct ForwardResult {
+  double lm_loss = 0;        // mean cross-entropy over labelled positions
+  double cr_loss = 0;        // DMC compression-ratio loss (0 when DMC is off)
+  double loss = 0;           // lm_loss + cr_loss: what backward differentiates
+  double merge_fraction = 0; // mean hard merge decision over layers, heads, positions, sequences
+  std::vector<double> layer_merge_fraction;  // per layer
+  double achieved_cr() const { return 1.0 / (1.0 - merge_fraction); }
+};
+
+template <typename T>
+class Llama {
+ public:
+  // comm is the tensor-parallel group (size 1 for a single process); it must outlive the model.
+  Llama(const LlamaConfig& config, parallel::Communicator* tp_comm);
+
+  const LlamaConfig& config() const { return config_; }
+  const std::vector<ParamSpec>& param_specs() const { return specs_; }
+  const ParamSpec* FindParam(const std::string& name) const;
+  std::vector<T>& params() { return params_; }
+  const std::vector<T>& params() const { return params_; }
+  std::vector<T>& grads() { return grads_; }
+
+  // Normal(0, 0.02) matrices (output projections scaled by 1/sqrt(2L), as GPT-2/llm.c do), unit
+  // norms; every value a function of (seed, tensor, full-tensor index), so every TP layout draws
+  // the same full model.
+  void InitRandom(uint64_t seed);
+
+  // End of DMC stage 1: zero the weight rows that produce q[D-1] and k[D-1] of every head, so
+  // stage 2 starts with a = -init_val and omega = sigmoid(init_val) exactly.
+  void ZeroControlChannelRows();
+
+  // tokens, targets [B, T]; targets < 0 are unlabelled. Keeps the activations for Backward.
+  ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
+                        const StepOptions& options);
+  // Accumulates loss_scale · d(loss)/d(params) of the last Forward into grads(); loss_scale is
+  // 1/micro_batches under gradient accumulation.
+  void Backward(double loss_scale = 1.0);
+  // Enables or disables the DMC head logic (the trainer switches it on at stage 2).
+  void set_dmc_enabled(bool enabled) { config_.dmc.enabled = enabled; }
+  void ZeroGrad();
+
+  // Logits [B, T, V] of the last Forward.
+  const std::vector<T>& logits() const { return logits_; }
+  // Hard merge decisions [B, T, Hkv_local] of layer l in the last Forward (DMC on).
+  const std::vector<T>& merge(int layer) const { return acts_[layer].merge; }
+
+  int local_heads() const { return heads_; }
+  int local_kv_heads() const { return kv_heads_; }
+  int local_ffn() const { return ffn_; }
+  int tp_rank() const { return tp_->rank(); }
+
+  // Weights of one layer, for code that runs the same layer token by token (the decoder).
+  struct LayerWeights {
+    const T *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;
+  };
+  LayerWeights layer(int l) const;
+  const T* embedding() const { return params_.data() + embed_offset_; }
+  const T* final_norm() const { return params_.data() + final_norm_offset_; }
+  const T* lm_head() const { return params_.data() + lm_head_offset_; }
+
+  // The MLP half of a layer on rows [N, C]: out = x + down(swiglu(gate(norm x), up(norm x))),
+  // all-reduced over TP. Shared with the decoder.
+  void MlpForward(int l, const T* x, T* out, int N, T* rstd, T* xn, T* gate, T* up, T* h) const;
+
+ private:
+  struct LayerActivations {
+    std::vector<T> x, xn, rstd, q, k, v, qr, kr, att, lse, x2, xn2, rstd2, gate, up, h;
+    // DMC: gates, accumulated keys/values, scan denominators
+    std::vector<T> noise, logit, alpha, merge, mask, omega, khat, vhat, denom;
+  };
+  size_t AddParam(const std::string& name, std::vector<int64_t> full_shape, int split_dim,
+                  bool decay);
+  void AllReduce(std::vector<T>& buffer) const;
+
+  LlamaConfig config_;
+  parallel::Communicator* tp_;
+  int heads_, kv_heads_, ffn_, head_dim_;
+  std::vector<ParamSpec> specs_;
+  std::vector<T> params_, grads_;
+  size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0;
+  std::vector<size_t> layer_offsets_;  // per layer: attn_norm, wq, wk, wv, wo, mlp_norm, gate, up, down
+
+  // Last forward.
+  int batch_ = 0, seq_ = 0;
+  StepOptions options_;
+  std::vector<int32_t> tokens_, targets_;
+  std::vector<LayerActivations> acts_;
+  std::vector<T> x_final_, xn_final_, rstd_final_, logits_, losses_, mean_merge_;
+  double label_count_ = 0;
+};
+
+}  // namespace dmc::model

@@ -1,0 +1,162 @@
+// dmc-train: pre-train and/or retrofit a Llama with Dynamic Memory Compression.
+//
+//   dmc-train --data=shards/train_index.json --model=small --pretrain_steps=300 ...
+//   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2)
+//
+// Every value is validated before any work starts; errors name the flag or file at fault.
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "data/loader.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "parallel/mpi_env.h"
+#include "parallel/process_groups.h"
+#include "trainer/metrics_log.h"
+#include "trainer/trainer.h"
+
+ABSL_FLAG(std::string, model, "small", "model preset (tiny, small) when not importing weights");
+ABSL_FLAG(std::string, data, "", "training shard index (train_index.json written by dmc-prep)");
+ABSL_FLAG(std::string, device, "cpu", "cpu (the CUDA training path is not wired into dmc-train yet)");
+ABSL_FLAG(int, tp, 1, "tensor-parallel size (divides the number of MPI ranks and KV heads)");
+ABSL_FLAG(int, seq_len, 256, "tokens per sequence");
+ABSL_FLAG(int, micro_batch, 8, "sequences per micro-batch per data-parallel rank");
+ABSL_FLAG(int, global_batch, 0,
+          "sequences per optimizer step over all ranks; 0 = micro_batch × data-parallel size "
+          "(otherwise it sets the gradient accumulation)");
+ABSL_FLAG(int, pretrain_steps, 0, "steps of plain pre-training (DMC off)");
+ABSL_FLAG(int, stage1_steps, 0, "DMC stage 1: steps fading out the control channel");
+ABSL_FLAG(int, stage2_steps, 0, "DMC stage 2: steps ramping the CR target from 1 to --cr_target");
+ABSL_FLAG(int, stage3_steps, 0, "DMC stage 3: steps at the final CR target");
+ABSL_FLAG(float, cr_target, 1.0f, "final compression-ratio target (>= 1)");
+ABSL_FLAG(float, lr, 3e-4f, "pre-training peak learning rate");
+ABSL_FLAG(float, min_lr, 3e-5f, "pre-training final learning rate (cosine)");
+ABSL_FLAG(int, warmup_steps, 0, "pre-training warmup steps");
+ABSL_FLAG(float, retrofit_lr, 3e-5f, "learning rate of DMC stages 1-2 (and start of stage 3)");
+ABSL_FLAG(float, retrofit_min_lr, 3e-6f, "final learning rate of DMC stage 3 (cosine)");
+ABSL_FLAG(float, weight_decay, 0.1f, "AdamW decoupled weight decay (matrices only)");
+ABSL_FLAG(float, grad_clip, 1.0f, "max global gradient norm (<= 0: off)");
+ABSL_FLAG(int, dmc_window, 12, "DMC partial-accumulation window");
+ABSL_FLAG(float, dmc_temperature, 0.1f, "DMC Gumbel-sigmoid temperature");
+ABSL_FLAG(float, dmc_init_val, 5.0f, "DMC decision offset");
+ABSL_FLAG(uint64_t, seed, 1234, "seed of weights, data order and DMC noise");
+ABSL_FLAG(int, log_every, 10, "steps between progress lines");
+ABSL_FLAG(std::string, log_jsonl, "", "append per-step metrics as JSON lines to this file");
+ABSL_FLAG(double, peak_tflops, 0, "peak TFLOP/s per rank for the MFU column (0: not shown)");
+
+namespace {
+
+using dmc::model::LlamaConfig;
+
+// Everything that is decided before the first step. Returns an error naming the bad input.
+absl::Status Run(dmc::parallel::ProcessGroups& groups) {
+  const bool leader = groups.world().rank() == 0;
+  if (absl::GetFlag(FLAGS_device) != "cpu")
+    return absl::UnimplementedError("--device=" + absl::GetFlag(FLAGS_device) +
+                                    ": only the CPU backend trains in dmc-train so far");
+  LlamaConfig model_config;
+  if (absl::Status s = dmc::model::PresetConfig(absl::GetFlag(FLAGS_model), &model_config); !s.ok())
+    return s;
+  model_config.dmc.window = absl::GetFlag(FLAGS_dmc_window);
+  model_config.dmc.temperature = absl::GetFlag(FLAGS_dmc_temperature);
+  model_config.dmc.init_val = absl::GetFlag(FLAGS_dmc_init_val);
+  if (absl::Status s = model_config.Validate(); !s.ok()) return s;
+
+  const auto& layout = groups.layout();
+  dmc::trainer::TrainConfig tc;
+  tc.seq_len = absl::GetFlag(FLAGS_seq_len);
+  tc.micro_batch = absl::GetFlag(FLAGS_micro_batch);
+  const int global_batch = absl::GetFlag(FLAGS_global_batch);
+  if (global_batch > 0) {
+    const int per_step = tc.micro_batch * layout.dp_size;
+    if (global_batch % per_step != 0)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--global_batch %d is not a multiple of --micro_batch × data-parallel size = %d",
+          global_batch, per_step));
+    tc.grad_accum = global_batch / per_step;
+  }
+  tc.seed = absl::GetFlag(FLAGS_seed);
+  tc.log_every = absl::GetFlag(FLAGS_log_every);
+  tc.peak_tflops = absl::GetFlag(FLAGS_peak_tflops);
+  dmc::trainer::ScheduleConfig& s = tc.schedule;
+  s.pretrain_steps = absl::GetFlag(FLAGS_pretrain_steps);
+  s.stage1_steps = absl::GetFlag(FLAGS_stage1_steps);
+  s.stage2_steps = absl::GetFlag(FLAGS_stage2_steps);
+  s.stage3_steps = absl::GetFlag(FLAGS_stage3_steps);
+  s.cr_target = absl::GetFlag(FLAGS_cr_target);
+  s.lr = absl::GetFlag(FLAGS_lr);
+  s.min_lr = absl::GetFlag(FLAGS_min_lr);
+  s.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
+  s.retrofit_lr = absl::GetFlag(FLAGS_retrofit_lr);
+  s.retrofit_min_lr = absl::GetFlag(FLAGS_retrofit_min_lr);
+  tc.optimizer.weight_decay = absl::GetFlag(FLAGS_weight_decay);
+  tc.optimizer.grad_clip = absl::GetFlag(FLAGS_grad_clip);
+  if (absl::Status st = tc.Validate(model_config); !st.ok()) return st;
+  if (model_config.num_key_value_heads % layout.tp_size != 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--tp %d must divide the model's num_key_value_heads (%d) and intermediate_size (%d)",
+        layout.tp_size, model_config.num_key_value_heads, model_config.intermediate_size));
+  if (absl::GetFlag(FLAGS_data).empty())
+    return absl::InvalidArgumentError("--data is required: a train_index.json written by dmc-prep");
+
+  dmc::data::LoaderOptions lo;
+  lo.index_path = absl::GetFlag(FLAGS_data);
+  lo.seq_len = tc.seq_len;
+  lo.batch_size = tc.micro_batch;
+  lo.dp_rank = layout.dp_rank;
+  lo.dp_size = layout.dp_size;
+  lo.seed = tc.seed;
+  lo.expected_vocab_size = model_config.vocab_size;
+  absl::StatusOr<std::unique_ptr<dmc::data::ShardLoader>> loader = dmc::data::ShardLoader::Open(lo);
+  if (!loader.ok()) return loader.status();
+
+  dmc::model::Llama<float> model(model_config, &groups.tp());
+  model.InitRandom(tc.seed);
+  if (leader)
+    std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
+                "%d tokens per step\n",
+                absl::GetFlag(FLAGS_model).c_str(), model_config.num_parameters() / 1e6,
+                layout.world_size, layout.dp_size, layout.tp_size, s.total_steps(),
+                tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size);
+
+  dmc::data::ShardLoader* source = loader->get();
+  dmc::trainer::Trainer trainer(
+      tc, &model,
+      [source](std::vector<int32_t>* in, std::vector<int32_t>* tgt) { return source->Next(in, tgt); },
+      &groups.dp(), &groups.tp());
+  std::unique_ptr<dmc::trainer::MetricsLog> log;
+  if (leader && !absl::GetFlag(FLAGS_log_jsonl).empty()) {
+    auto opened = dmc::trainer::MetricsLog::Open(absl::GetFlag(FLAGS_log_jsonl));
+    if (!opened.ok()) return opened.status();
+    log = std::move(*opened);
+  }
+  return trainer.Run([&](const dmc::trainer::StepMetrics& m) {
+    return log ? log->Write(m) : absl::OkStatus();
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Pre-train and retrofit Llama models with Dynamic Memory Compression");
+  absl::ParseCommandLine(argc, argv);
+  dmc::parallel::MpiEnv mpi(&argc, &argv);
+  absl::StatusOr<dmc::parallel::ProcessGroups> groups =
+      dmc::parallel::ProcessGroups::Create(MPI_COMM_WORLD, absl::GetFlag(FLAGS_tp));
+  if (!groups.ok()) {
+    std::fprintf(stderr, "dmc-train: %s\n", groups.status().ToString().c_str());
+    return 2;
+  }
+  const absl::Status status = Run(*groups);
+  if (!status.ok()) {
+    std::fprintf(stderr, "dmc-train (rank %d): %s\n", groups->world().rank(),
+                 status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,169 @@
+#include "trainer/trainer.h"
+
+#include <chrono>
+#include <cstdio>
+
+#include "absl/strings/str_format.h"
+
+namespace dmc::trainer {
+
+absl::Status TrainConfig::Validate(const model::LlamaConfig& model) const {
+  auto bad = [](const std::string& what) {
+    return absl::InvalidArgumentError("invalid training config: " + what);
+  };
+  if (seq_len <= 0) return bad(absl::StrFormat("--seq_len must be > 0, got %d", seq_len));
+  if (seq_len > model.max_position_embeddings)
+    return bad(absl::StrFormat("--seq_len %d exceeds the model's max_position_embeddings %d",
+                               seq_len, model.max_position_embeddings));
+  if (micro_batch <= 0) return bad(absl::StrFormat("--micro_batch must be > 0, got %d", micro_batch));
+  if (grad_accum <= 0) return bad(absl::StrFormat("--grad_accum must be > 0, got %d", grad_accum));
+  const ScheduleConfig& s = schedule;
+  for (auto [name, v] : {std::pair{"--pretrain_steps", s.pretrain_steps},
+                         std::pair{"--stage1_steps", s.stage1_steps},
+                         std::pair{"--stage2_steps", s.stage2_steps},
+                         std::pair{"--stage3_steps", s.stage3_steps},
+                         std::pair{"--warmup_steps", s.warmup_steps}})
+    if (v < 0) return bad(absl::StrFormat("%s must be >= 0, got %d", name, v));
+  if (s.total_steps() <= 0) return bad("the schedule has no steps (set --pretrain_steps or --stage*_steps)");
+  if (!(s.cr_target >= 1.0f))
+    return bad(absl::StrFormat("--cr_target must be >= 1 (a compression ratio), got %g", s.cr_target));
+  for (auto [name, v] : {std::pair{"--lr", s.lr}, std::pair{"--min_lr", s.min_lr},
+                         std::pair{"--retrofit_lr", s.retrofit_lr},
+                         std::pair{"--retrofit_min_lr", s.retrofit_min_lr},
+                         std::pair{"--weight_decay", optimizer.weight_decay}})
+    if (!(v >= 0)) return bad(absl::StrFormat("%s must be >= 0, got %g", name, v));
+  if (!(optimizer.beta1 >= 0 && optimizer.beta1 < 1 && optimizer.beta2 >= 0 && optimizer.beta2 < 1))
+    return bad("AdamW betas must lie in [0, 1)");
+  if ((s.stage2_steps > 0 || s.stage3_steps > 0) && s.cr_target == 1.0f)
+    return bad("DMC stages need --cr_target > 1");
+  if (log_every <= 0) return bad(absl::StrFormat("--log_every must be > 0, got %d", log_every));
+  return absl::OkStatus();
+}
+
+Trainer::Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSource batches,
+                 parallel::Communicator* dp, parallel::Communicator* tp)
+    : config_(config),
+      model_(model),
+      batches_(std::move(batches)),
+      dp_(dp),
+      tp_(tp),
+      optimizer_(config.optimizer, model->params().size()) {}
+
+double Trainer::FlopsPerToken() const {
+  const model::LlamaConfig& c = model_->config();
+  // 6 FLOPs per parameter per token (forward 2, backward 4) for the matrices, plus attention's
+  // two T×T products per layer (causal: half of them), also times 3 for the backward.
+  const double matrices = 6.0 * static_cast<double>(c.num_parameters() -
+                                                    static_cast<long>(c.vocab_size) * c.hidden_size);
+  const double attention = 6.0 * c.num_hidden_layers * c.hidden_size * config_.seq_len;
+  return matrices + attention;
+}
+
+void Trainer::EnterPhase(const ScheduleState& state) {
+  model_->set_dmc_enabled(state.dmc_enabled());
+  if (!state.phase_start || step_ == 0) return;
+  // The reference carries no optimizer state from one stage to the next.
+  optimizer_.Reset();
+  // Stage 2 starts from a = -init_val and omega = sigmoid(init_val) exactly (spec §2).
+  if (state.phase == Phase::kStage2) model_->ZeroControlChannelRows();
+}
+
+absl::StatusOr<StepMetrics> Trainer::Step() {
+  const ScheduleState sched = ScheduleAt(config_.schedule, step_);
+  if (sched.phase == Phase::kDone) return absl::OutOfRangeError("the schedule is finished");
+  EnterPhase(sched);
+  const auto start = std::chrono::steady_clock::now();
+
+  model::StepOptions options;
+  options.mode = kernels::DmcDecisionMode::kRelaxed;
+  options.noise_seed = config_.seed;
+  options.step = static_cast<uint64_t>(step_);
+  options.cr_prior = sched.cr_prior();
+  options.control_fade = sched.control_fade;
+
+  const int B = config_.micro_batch, T = config_.seq_len;
+  std::vector<int32_t> inputs, targets;
+  model_->ZeroGrad();
+  double loss = 0, lm_loss = 0, cr_loss = 0, merge = 0;
+  for (int micro = 0; micro < config_.grad_accum; ++micro) {
+    if (absl::Status s = batches_(&inputs, &targets); !s.ok()) return s;
+    if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size())
+      return absl::InternalError(absl::StrFormat("batch source gave %d tokens, expected %d × %d",
+                                                 inputs.size(), B, T));
+    // Global index of the first sequence: the same noise for every data-parallel layout.
+    options.seq0 = (static_cast<long>(dp_->rank()) * config_.grad_accum + micro) * B;
+    const model::ForwardResult r = model_->Forward(inputs.data(), targets.data(), B, T, options);
+    model_->Backward(1.0 / config_.grad_accum);
+    loss += r.loss / config_.grad_accum;
+    lm_loss += r.lm_loss / config_.grad_accum;
+    cr_loss += r.cr_loss / config_.grad_accum;
+    merge += r.merge_fraction / config_.grad_accum;
+  }
+
+  // Data parallel: average gradients and the reported statistics over ranks.
+  if (dp_->size() > 1) {
+    std::vector<float>& grads = model_->grads();
+    if (absl::Status s = dp_->AllReduceSum(grads.data(), grads.size()); !s.ok()) return s;
+    const float inv = 1.0f / dp_->size();
+    for (float& g : grads) g *= inv;
+    double stats[4] = {loss, lm_loss, cr_loss, merge};
+    if (absl::Status s = dp_->AllReduceSum(stats, 4); !s.ok()) return s;
+    loss = stats[0] / dp_->size();
+    lm_loss = stats[1] / dp_->size();
+    cr_loss = stats[2] / dp_->size();
+    merge = stats[3] / dp_->size();
+  }
+  absl::StatusOr<double> norm = optimizer_.Step(*model_, sched.lr, *tp_);
+  if (!norm.ok()) return norm.status();
+
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const int64_t step_tokens = static_cast<int64_t>(B) * T * config_.grad_accum * dp_->size();
+  ++step_;
+  tokens_ += step_tokens;
+
+  StepMetrics m;
+  m.step = step_;
+  m.phase = sched.phase;
+  m.loss = loss;
+  m.lm_loss = lm_loss;
+  m.cr_loss = cr_loss;
+  m.lr = sched.lr;
+  m.grad_norm = *norm;
+  m.cr_target = sched.cr_target;
+  m.achieved_cr = 1.0 / (1.0 - merge);
+  m.tokens_per_second = step_tokens / seconds;
+  const int ranks = dp_->size() * tp_->size();
+  if (config_.peak_tflops > 0)
+    m.mfu = m.tokens_per_second * FlopsPerToken() / (config_.peak_tflops * 1e12 * ranks);
+  m.tokens = tokens_;
+  return m;
+}
+
+absl::Status Trainer::Run(const std::function<absl::Status(const StepMetrics&)>& after_step) {
+  const int total = config_.schedule.total_steps();
+  const bool leader = dp_->rank() == 0 && tp_->rank() == 0;
+  while (step_ < total) {
+    absl::StatusOr<StepMetrics> m = Step();
+    if (!m.ok()) return m.status();
+    if (leader && (m->step % config_.log_every == 0 || m->step == total || m->step == 1)) {
+      std::printf("%s\n", FormatProgress(*m, total).c_str());
+      std::fflush(stdout);
+    }
+    if (after_step)
+      if (absl::Status s = after_step(*m); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+std::string FormatProgress(const StepMetrics& m, int total_steps) {
+  std::string line = absl::StrFormat(
+      "step %5d/%d | %-8s | loss %.4f (lm %.4f, cr %.4f) | lr %.2e | grad %.3f | CR target %.2f "
+      "achieved %.2f | %.0f tok/s",
+      m.step, total_steps, PhaseName(m.phase), m.loss, m.lm_loss, m.cr_loss, m.lr, m.grad_norm,
+      m.cr_target, m.achieved_cr, m.tokens_per_second);
+  if (m.mfu > 0) line += absl::StrFormat(" | MFU %.1f%%", 100 * m.mfu);
+  return line;
+}
+
+}  // namespace dmc::trainer

@@ -1,0 +1,91 @@
+// The training loop: schedules → micro-batches → forward/backward → data-parallel gradient
+// average → clip + AdamW → metrics. Everything the loop needs from outside (batches, the process
+// groups) comes in through small interfaces, so tests drive it with fixed batches.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/llama.h"
+#include "parallel/communicator.h"
+#include "trainer/optimizer.h"
+#include "trainer/schedules.h"
+
+namespace dmc::trainer {
+
+struct TrainConfig {
+  int seq_len = 256;
+  int micro_batch = 8;   // sequences per micro-batch per data-parallel rank
+  int grad_accum = 1;    // micro-batches per optimizer step
+  uint64_t seed = 1234;  // weights (when not imported) and DMC noise
+  ScheduleConfig schedule;
+  OptimizerConfig optimizer;
+  int log_every = 10;
+  double peak_tflops = 0;  // per rank, for MFU; 0 = unknown (CPU): MFU is not printed
+
+  // Rejects inconsistent values (non-positive sizes, CR < 1, a sequence longer than the model's
+  // positions, ...) with a message naming the flag, before any work starts.
+  absl::Status Validate(const model::LlamaConfig& model) const;
+};
+
+// Fills inputs and targets with micro_batch × seq_len tokens each.
+using BatchSource =
+    std::function<absl::Status(std::vector<int32_t>* inputs, std::vector<int32_t>* targets)>;
+
+struct StepMetrics {
+  int step = 0;  // 1-based number of optimizer steps taken
+  Phase phase = Phase::kDone;
+  double loss = 0, lm_loss = 0, cr_loss = 0;
+  double lr = 0, grad_norm = 0;
+  double cr_target = 1, achieved_cr = 1;
+  double tokens_per_second = 0;
+  double mfu = 0;
+  int64_t tokens = 0;  // tokens consumed so far, all ranks
+};
+
+class Trainer {
+ public:
+  // dp and tp are the data- and tensor-parallel groups of this rank (size 1 when not parallel);
+  // the model must have been built with the same tp group.
+  Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSource batches,
+          parallel::Communicator* dp, parallel::Communicator* tp);
+
+  // Runs one optimizer step; the step counter advances only on success.
+  absl::StatusOr<StepMetrics> Step();
+  // Runs until the schedule is done, printing a progress line every log_every steps (rank 0).
+  absl::Status Run(const std::function<absl::Status(const StepMetrics&)>& after_step = nullptr);
+
+  int step() const { return step_; }
+  void set_step(int step) { step_ = step; }
+  int64_t tokens() const { return tokens_; }
+  void set_tokens(int64_t tokens) { tokens_ = tokens; }
+  AdamW& optimizer() { return optimizer_; }
+  const TrainConfig& config() const { return config_; }
+
+  // Model FLOPs per token of one training step (6 · parameters + attention), for MFU.
+  double FlopsPerToken() const;
+
+ private:
+  // Applies the phase changes of the schedule at the start of a phase.
+  void EnterPhase(const ScheduleState& state);
+
+  TrainConfig config_;
+  model::Llama<float>* model_;
+  BatchSource batches_;
+  parallel::Communicator* dp_;
+  parallel::Communicator* tp_;
+  AdamW optimizer_;
+  int step_ = 0;
+  int64_t tokens_ = 0;
+  bool dmc_on_ = false;
+};
+
+// The progress line every log_every steps.
+std::string FormatProgress(const StepMetrics& m, int total_steps);
+
+}  // namespace dmc::trainer
