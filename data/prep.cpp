@@ -188,7 +188,8 @@ class SplitWriter {
     meta.vocab_size = index_.vocab_size;
     meta.bos_id = index_.bos_id;
     meta.eos_id = index_.eos_id;
-    auto w = ShardWriter::Create((fs::path(dir_) / name).string(), meta, o_.chunk_tokens);
+    auto w = ShardWriter::Create((fs::path(dir_) / name).string(), meta,
+                                 std::min(o_.chunk_tokens, o_.shard_tokens));
     if (!w.ok()) return w.status();
     cur_ = std::move(*w);
     cur_->set_continues_document(continues);

@@ -33,7 +33,7 @@ struct PrepOptions {
   bool add_bos = false;                   // also put BOS before each document
   std::string text_field = "text";        // JSONL field holding the document
   bool progress = true;                   // progress line on stderr
-  int64_t chunk_tokens = int64_t{1} << 18;  // HDF5 chunk length of /tokens
+  int64_t chunk_tokens = int64_t{1} << 16;  // HDF5 chunk length of /tokens (<= shard_tokens)
 };
 
 struct PrepResult {

@@ -11,6 +11,7 @@ namespace dmc::data {
 namespace {
 
 using h5::H5Error;
+using h5::H5ErrorText;
 using h5::H5Guard;
 using h5::Handle;
 
@@ -140,7 +141,7 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
                                                                  int64_t chunk_tokens) {
   if (meta.vocab_size <= 0 || meta.vocab_size > (int64_t{1} << 32))
     return absl::InvalidArgumentError(absl::StrCat(path, ": bad vocab_size ", meta.vocab_size));
-  if (chunk_tokens <= 0) chunk_tokens = 1 << 18;
+  if (chunk_tokens <= 0) chunk_tokens = 1 << 16;
   H5Guard g;
   std::unique_ptr<ShardWriter> w(new ShardWriter);
   w->path_ = path;

@@ -39,7 +39,7 @@ class ShardWriter {
   // meta.vocab_size on Append. chunk_tokens: HDF5 chunk length of /tokens.
   static absl::StatusOr<std::unique_ptr<ShardWriter>> Create(const std::string& path,
                                                              const ShardMeta& meta,
-                                                             int64_t chunk_tokens = 1 << 18);
+                                                             int64_t chunk_tokens = 1 << 16);
   ~ShardWriter();
 
   // Appends tokens; starts_document records a new document segment at the current offset.

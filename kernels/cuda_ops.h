@@ -82,6 +82,9 @@ void adamw_update(float* param, const float* grad, float* m, float* v, size_t n,
 void sum_of_squares_accumulate(double* out, const float* x, size_t n,
                                cudaStream_t stream = nullptr);
 
+// ---- stage-1 control-channel fading (kernels/control_channel.h): x [rows, D], x[r, D-1] *= m ----
+void scale_last_channel(bf16* x, long rows, int D, float m, cudaStream_t stream = nullptr);
+
 // ---- DMC (kernels/noise.h, dmc_gates.h, dmc_scan.h, cr_loss.h) ----
 // Same counters and values as kernels::logistic_noise (fp32 logs instead of double).
 void logistic_noise(float* out, int B, int T, int Hkv_local, uint64_t seed, uint64_t stream_id,

@@ -71,9 +71,9 @@ class Fields {
   const json& j_;
 };
 
-#define DMC_RETURN_IF_ERROR(expr)        \
-  do {                                   \
-    if (auto _s = (expr); !_s.ok()) return _s; \
+#define DMC_RETURN_IF_ERROR(expr)                \
+  do {                                           \
+    if (auto _s = (expr); !_s.ok()) return _s;   \
   } while (0)
 
 absl::Status ParseDmc(const std::string& path, const json& d, DmcConfig* dmc) {
@@ -94,6 +94,26 @@ absl::Status ParseDmc(const std::string& path, const json& d, DmcConfig* dmc) {
   DMC_RETURN_IF_ERROR(f.Int("window", &dmc->window, /*required=*/false));
   DMC_RETURN_IF_ERROR(f.Float("omega_eps", &dmc->omega_eps));
   return absl::OkStatus();
+}
+
+// transformers 5 writes rope_parameters {"rope_type": "default", "rope_theta": 500000.0} instead of
+// rope_theta and rope_scaling; any other rope_type (llama3, linear, yarn, ...) or extra key means a
+// scaled RoPE we do not implement.
+absl::Status ParseRopeParameters(const std::string& path, const json& r, LlamaConfig* c) {
+  const Fields f(path, r);
+  auto unsupported = [&] {
+    return f.Error(absl::StrCat("rope_parameters ", r.dump(),
+                                " is not supported; only plain RoPE (rope_type \"default\") is"));
+  };
+  if (!r.is_object()) return unsupported();
+  for (const auto& [key, value] : r.items()) {
+    if (key == "rope_type" || key == "type") {
+      if (value != "default") return unsupported();
+    } else if (key != "rope_theta") {
+      return unsupported();
+    }
+  }
+  return f.Float("rope_theta", &c->rope_theta);
 }
 
 absl::Status Parse(const std::string& path, const json& j, LlamaConfig* c) {
@@ -136,6 +156,7 @@ absl::Status Parse(const std::string& path, const json& j, LlamaConfig* c) {
   DMC_RETURN_IF_ERROR(f.Int("max_position_embeddings", &c->max_position_embeddings, false));
   DMC_RETURN_IF_ERROR(f.Float("rms_norm_eps", &c->rms_norm_eps));
   DMC_RETURN_IF_ERROR(f.Float("rope_theta", &c->rope_theta));
+  if (f.Has("rope_parameters")) DMC_RETURN_IF_ERROR(ParseRopeParameters(path, j["rope_parameters"], c));
   DMC_RETURN_IF_ERROR(f.Bool("tie_word_embeddings", &c->tie_word_embeddings));
   DMC_RETURN_IF_ERROR(f.TokenId("bos_token_id", &c->bos_token_id));
   DMC_RETURN_IF_ERROR(f.TokenId("eos_token_id", &c->eos_token_id));
@@ -227,5 +248,7 @@ absl::Status WriteHfConfig(const std::string& path, const LlamaConfig& c, DType 
   // transformers writes config.json with indent 2 and sorted keys; nlohmann sorts keys too.
   return WriteFileAtomically(path, j.dump(2) + "\n");
 }
+
+#undef DMC_RETURN_IF_ERROR
 
 }  // namespace dmc::model

@@ -2,8 +2,9 @@
 //
 // Reading accepts what transformers' LlamaConfig accepts for the architecture we implement and
 // refuses, naming the file, anything that would make our model compute something else: another
-// model_type, rope_scaling (Llama 3.1+ "llama3" scaling, linear, dynamic, ...), an activation other
-// than silu, attention or MLP biases, a head_dim that is not hidden_size / num_attention_heads.
+// model_type, rope_scaling (Llama 3.1+ "llama3" scaling, linear, dynamic, ...) or its transformers-5
+// form rope_parameters with a rope_type other than "default", an activation other than silu,
+// attention or MLP biases, a head_dim that is not hidden_size / num_attention_heads.
 // Optional fields take transformers' defaults (num_key_value_heads = num_attention_heads,
 // rope_theta 10000, rms_norm_eps 1e-6, max_position_embeddings 2048, tie_word_embeddings false,
 // bos 1, eos 2). A null bos/eos id reads as -1; an eos list (Llama 3 instruct) reads as its first

@@ -89,28 +89,31 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout
 absl::StatusOr<std::unique_ptr<MpiCommunicator>> MpiCommunicator::Dup(MPI_Comm comm,
                                                                       std::string name,
                                                                       double timeout_seconds) {
-  // MPI writes the new handle when the idup completes, which after a timeout may be after we
-  // return: the handle lives on the heap and is leaked in that case (the job is aborting).
-  auto* dup = new MPI_Comm(MPI_COMM_NULL);
+  // MPI_Comm_dup blocks until every rank calls it, so first make sure that they are all here with
+  // a barrier under the deadline. (Not MPI_Comm_idup: Open MPI's agreement on the new context id
+  // runs several rounds on `comm`, which collide with later collectives on `comm` when a rank
+  // gave up waiting.) The barrier is left in flight on timeout; the job is aborting.
+  int size = 0;
+  MPI_Comm_size(comm, &size);
   MPI_Request request = MPI_REQUEST_NULL;
-  int rc = MPI_Comm_idup(comm, dup, &request);
+  int rc = MPI_Ibarrier(comm, &request);
   absl::Status status = rc == MPI_SUCCESS ? WaitMpiRequest(&request, timeout_seconds)
                                           : absl::InternalError(MpiErrorString(rc));
   if (absl::IsDeadlineExceeded(status)) {
-    int size = 0;
-    MPI_Comm_size(comm, &size);
     return absl::DeadlineExceededError(absl::StrFormat(
-        "creating group '%s' (MPI_Comm_idup over %d ranks) did not complete within %g s: a rank "
-        "failed or is stuck before it (e.g. at start-up)", name, size, timeout_seconds));
+        "creating group '%s' of %d ranks: not every rank arrived within %g s: a rank failed or is "
+        "stuck before this point (e.g. at start-up)", name, size, timeout_seconds));
+  }
+  MPI_Comm dup = MPI_COMM_NULL;
+  if (status.ok()) {
+    rc = MPI_Comm_dup(comm, &dup);
+    if (rc != MPI_SUCCESS) status = absl::InternalError(MpiErrorString(rc));
   }
   if (!status.ok()) {
-    delete dup;
     return absl::InternalError(
-        absl::StrFormat("creating group '%s' (MPI_Comm_idup) failed: %s", name, status.message()));
+        absl::StrFormat("creating group '%s': %s", name, status.message()));
   }
-  MPI_Comm owned = *dup;
-  delete dup;
-  return std::make_unique<MpiCommunicator>(owned, std::move(name), timeout_seconds);
+  return std::make_unique<MpiCommunicator>(dup, std::move(name), timeout_seconds);
 }
 
 MpiCommunicator::~MpiCommunicator() {

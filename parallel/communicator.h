@@ -125,8 +125,8 @@ class MpiCommunicator : public Communicator {
   // errors come back as a Status. Use Dup() to share a communicator someone else owns.
   MpiCommunicator(MPI_Comm comm, std::string name,
                   double timeout_seconds = kDefaultTimeoutSeconds);
-  // A private duplicate of `comm` (so our traffic never matches anyone else's), made with
-  // MPI_Comm_idup under the deadline: a rank that never arrives gives DeadlineExceeded.
+  // A private duplicate of `comm` (so our traffic never matches anyone else's). Collective; a
+  // barrier under the deadline comes first, so a rank that never arrives gives DeadlineExceeded.
   static absl::StatusOr<std::unique_ptr<MpiCommunicator>> Dup(
       MPI_Comm comm, std::string name, double timeout_seconds = kDefaultTimeoutSeconds);
   ~MpiCommunicator() override;

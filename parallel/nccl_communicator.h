@@ -60,6 +60,8 @@ class NcclCommunicator : public Communicator {
   // Checks an NCCL call's result; a non-blocking communicator may answer ncclInProgress, after
   // which it must be polled until it is ready (under the deadline) before the next call.
   absl::Status Check(const std::string& what, ncclResult_t result);
+  // FailedPrecondition once an earlier call failed.
+  absl::Status Usable(const std::string& what) const;
   // Aborts the NCCL communicator and remembers why: later calls return FailedPrecondition.
   absl::Status Fail(const std::string& what, absl::Status status);
 

@@ -4,6 +4,8 @@
 //   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2)
 //
 // Every value is validated before any work starts; errors name the flag or file at fault.
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -14,13 +16,22 @@
 #include "absl/strings/str_format.h"
 #include "data/loader.h"
 #include "model/config.h"
+#include "model/hf_config.h"
+#include "model/hf_weights.h"
 #include "model/llama.h"
 #include "parallel/mpi_env.h"
 #include "parallel/process_groups.h"
+#include "trainer/checkpoint.h"
 #include "trainer/metrics_log.h"
 #include "trainer/trainer.h"
 
 ABSL_FLAG(std::string, model, "small", "model preset (tiny, small) when not importing weights");
+ABSL_FLAG(std::string, init_from, "",
+          "Hugging Face checkpoint directory (config.json + safetensors) to start from");
+ABSL_FLAG(std::string, checkpoint_dir, "", "directory of training checkpoints (resume state)");
+ABSL_FLAG(int, checkpoint_every, 0, "steps between checkpoints (0: only at the end and on SIGTERM)");
+ABSL_FLAG(int, keep_last, 3, "checkpoints kept in --checkpoint_dir");
+ABSL_FLAG(bool, resume, false, "continue from --checkpoint_dir/latest");
 ABSL_FLAG(std::string, data, "", "training shard index (train_index.json written by dmc-prep)");
 ABSL_FLAG(std::string, device, "cpu", "cpu (the CUDA training path is not wired into dmc-train yet)");
 ABSL_FLAG(int, tp, 1, "tensor-parallel size (divides the number of MPI ranks and KV heads)");
@@ -53,6 +64,10 @@ namespace {
 
 using dmc::model::LlamaConfig;
 
+// SIGTERM/SIGINT ask for a checkpoint and a clean exit after the current step.
+std::atomic<int> g_stop_signal{0};
+extern "C" void OnStopSignal(int signal) { g_stop_signal = signal; }
+
 // Everything that is decided before the first step. Returns an error naming the bad input.
 absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   const bool leader = groups.world().rank() == 0;
@@ -60,8 +75,15 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     return absl::UnimplementedError("--device=" + absl::GetFlag(FLAGS_device) +
                                     ": only the CPU backend trains in dmc-train so far");
   LlamaConfig model_config;
-  if (absl::Status s = dmc::model::PresetConfig(absl::GetFlag(FLAGS_model), &model_config); !s.ok())
+  const std::string init_from = absl::GetFlag(FLAGS_init_from);
+  if (!init_from.empty()) {
+    absl::StatusOr<LlamaConfig> hf = dmc::model::ReadHfConfig(init_from + "/config.json");
+    if (!hf.ok()) return hf.status();
+    model_config = *hf;
+  } else if (absl::Status s = dmc::model::PresetConfig(absl::GetFlag(FLAGS_model), &model_config);
+             !s.ok()) {
     return s;
+  }
   model_config.dmc.window = absl::GetFlag(FLAGS_dmc_window);
   model_config.dmc.temperature = absl::GetFlag(FLAGS_dmc_temperature);
   model_config.dmc.init_val = absl::GetFlag(FLAGS_dmc_init_val);
@@ -103,6 +125,9 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
         layout.tp_size, model_config.num_key_value_heads, model_config.intermediate_size));
   if (absl::GetFlag(FLAGS_data).empty())
     return absl::InvalidArgumentError("--data is required: a train_index.json written by dmc-prep");
+  const std::string checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  if (absl::GetFlag(FLAGS_resume) && checkpoint_dir.empty())
+    return absl::InvalidArgumentError("--resume needs --checkpoint_dir");
 
   dmc::data::LoaderOptions lo;
   lo.index_path = absl::GetFlag(FLAGS_data);
@@ -116,7 +141,11 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   if (!loader.ok()) return loader.status();
 
   dmc::model::Llama<float> model(model_config, &groups.tp());
-  model.InitRandom(tc.seed);
+  if (init_from.empty()) {
+    model.InitRandom(tc.seed);
+  } else if (absl::Status st = dmc::model::ImportHfWeights(init_from, &model); !st.ok()) {
+    return st;
+  }
   if (leader)
     std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
                 "%d tokens per step\n",
@@ -129,15 +158,60 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
       tc, &model,
       [source](std::vector<int32_t>* in, std::vector<int32_t>* tgt) { return source->Next(in, tgt); },
       &groups.dp(), &groups.tp());
+  dmc::trainer::Checkpointer checkpointer(checkpoint_dir, absl::GetFlag(FLAGS_keep_last),
+                                          &groups.world(), layout.tp_rank, layout.tp_size,
+                                          layout.dp_rank);
+  if (absl::GetFlag(FLAGS_resume)) {
+    absl::StatusOr<dmc::trainer::TrainingState> state =
+        checkpointer.LoadLatest(model, trainer.optimizer());
+    if (!state.ok()) return state.status();
+    absl::StatusOr<dmc::data::LoaderCursor> cursor =
+        dmc::data::LoaderCursor::FromString(state->loader_cursor);
+    if (!cursor.ok()) return cursor.status();
+    if (absl::Status st = source->Restore(*cursor); !st.ok()) return st;
+    trainer.set_step(state->step);
+    trainer.set_tokens(state->tokens);
+    if (leader) std::printf("dmc-train: resumed at step %d from %s\n", state->step, checkpoint_dir.c_str());
+  }
+  auto save = [&]() -> absl::Status {
+    if (checkpoint_dir.empty()) return absl::OkStatus();
+    dmc::trainer::TrainingState state{trainer.step(), trainer.tokens(), trainer.optimizer().step(),
+                                      source->cursor().ToString(), tc.seed};
+    absl::Status st = checkpointer.Save(model, trainer.optimizer(), state);
+    if (st.ok() && leader)
+      std::printf("dmc-train: checkpoint %s/%s\n", checkpoint_dir.c_str(),
+                  dmc::trainer::Checkpointer::StepDirName(trainer.step()).c_str());
+    return st;
+  };
+  std::signal(SIGTERM, OnStopSignal);
+  std::signal(SIGINT, OnStopSignal);
   std::unique_ptr<dmc::trainer::MetricsLog> log;
   if (leader && !absl::GetFlag(FLAGS_log_jsonl).empty()) {
     auto opened = dmc::trainer::MetricsLog::Open(absl::GetFlag(FLAGS_log_jsonl));
     if (!opened.ok()) return opened.status();
     log = std::move(*opened);
   }
-  return trainer.Run([&](const dmc::trainer::StepMetrics& m) {
-    return log ? log->Write(m) : absl::OkStatus();
+  const int every = absl::GetFlag(FLAGS_checkpoint_every);
+  absl::Status run = trainer.Run([&](const dmc::trainer::StepMetrics& m) -> absl::Status {
+    if (log)
+      if (absl::Status st = log->Write(m); !st.ok()) return st;
+    // Every rank must agree to stop at the same step: take the max of the signal flags.
+    double stop = g_stop_signal.load() != 0 ? 1.0 : 0.0;
+    if (absl::Status st = groups.world().AllReduceMax(&stop, 1); !st.ok()) return st;
+    if (stop > 0) {
+      if (absl::Status st = save(); !st.ok()) return st;
+      return absl::CancelledError(absl::StrFormat("stopped by a signal after step %d", m.step));
+    }
+    if (every > 0 && m.step % every == 0) return save();
+    return absl::OkStatus();
   });
+  if (absl::IsCancelled(run)) {
+    if (leader) std::printf("dmc-train: %s; resume with --resume\n", std::string(run.message()).c_str());
+    return absl::OkStatus();
+  }
+  if (!run.ok()) return run;
+  if (every == 0 || trainer.step() % every != 0) return save();
+  return absl::OkStatus();
 }
 
 }  // namespace

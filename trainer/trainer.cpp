@@ -90,8 +90,9 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size())
       return absl::InternalError(absl::StrFormat("batch source gave %d tokens, expected %d × %d",
                                                  inputs.size(), B, T));
-    // Global index of the first sequence: the same noise for every data-parallel layout.
-    options.seq0 = (static_cast<long>(dp_->rank()) * config_.grad_accum + micro) * B;
+    // Global index of the first sequence, in the loader's order (micro-batch m of a step is a
+    // global batch whose slice r belongs to DP rank r): the same noise for every DP layout.
+    options.seq0 = (static_cast<long>(micro) * dp_->size() + dp_->rank()) * B;
     const model::ForwardResult r = model_->Forward(inputs.data(), targets.data(), B, T, options);
     model_->Backward(1.0 / config_.grad_accum);
     loss += r.loss / config_.grad_accum;

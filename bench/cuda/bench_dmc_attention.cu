@@ -1,0 +1,141 @@
+// DMC attention forward + backward on the GPU: time (median of CUDA-event timings after warm-up)
+// and TFLOP/s, on random bf16 inputs with a soft DMC mask and the control channel excluded.
+// FLOPs counted as for causal FlashAttention: forward 4·B·H·T²·D / 2, backward 2.5x forward.
+//   usage: bench_dmc_attention [reps]      (prints one table; shapes fixed below)
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+
+namespace {
+using dmc::cuda::bf16;
+
+__global__ void fill_random(bf16* x, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + i * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    const float u = (static_cast<float>(z >> 40) + 0.5f) / 16777216.0f;
+    x[i] = __float2bfloat16((2.f * u - 1.f) * 1.7320508f * scale);  // unit variance
+  }
+}
+__global__ void fill_mask(float* m, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + i * 0xD1B54A32D192ED03ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    const float u = (static_cast<float>(z >> 40) + 0.5f) / 16777216.0f;
+    m[i] = log1pf(-0.9f * u);  // log(1 - alpha), alpha in (0, 0.9)
+  }
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Shape {
+  int B, H, Hkv, T, D;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
+  if (!dmc::cuda::device_available()) {
+    std::printf("no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop;
+  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  const Shape shapes[] = {{4, 32, 32, 1024, 128}, {4, 32, 32, 4096, 128}, {4, 32, 32, 8192, 128},
+                          {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
+  std::printf("%-28s %10s %10s %10s %9s %9s %9s\n", "shape (B H/Hkv T D)", "fwd ms", "bwd ms",
+              "f+b ms", "fwd TF/s", "bwd TF/s", "f+b TF/s");
+  for (const Shape& s : shapes) {
+    const size_t nq = static_cast<size_t>(s.B) * s.T * s.H * s.D;
+    const size_t nk = static_cast<size_t>(s.B) * s.T * s.Hkv * s.D;
+    const size_t nm = static_cast<size_t>(s.B) * s.T * s.Hkv;
+    const size_t nl = static_cast<size_t>(s.B) * s.H * s.T;
+    bf16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *mask, *lse, *dmask;
+    DMC_CUDA_CHECK(cudaMalloc(&q, nq * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&o, nq * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&dout, nq * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&dq, nq * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&k, nk * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&v, nk * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&dk, nk * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&dv, nk * 2));
+    DMC_CUDA_CHECK(cudaMalloc(&mask, nm * 4));
+    DMC_CUDA_CHECK(cudaMalloc(&dmask, nm * 4));
+    DMC_CUDA_CHECK(cudaMalloc(&lse, nl * 4));
+    fill_random<<<1024, 256>>>(q, nq, 1, 1.f);
+    fill_random<<<1024, 256>>>(k, nk, 2, 1.f);
+    fill_random<<<1024, 256>>>(v, nk, 3, 1.f);
+    fill_random<<<1024, 256>>>(dout, nq, 4, 1.f);
+    fill_random<<<1024, 256>>>(dq, nq, 5, 0.01f);
+    fill_random<<<1024, 256>>>(dk, nk, 6, 0.01f);
+    fill_random<<<1024, 256>>>(dv, nk, 7, 0.01f);
+    fill_mask<<<1024, 256>>>(mask, nm, 8);
+    DMC_CUDA_CHECK(cudaMemset(dmask, 0, nm * 4));
+    DMC_CUDA_CHECK_LAUNCH();
+    const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    auto fwd = [&] {
+      dmc::cuda::dmc_attention_forward(o, lse, q, k, v, mask, s.B, s.T, s.H, s.Hkv, s.D, true,
+                                       scale);
+    };
+    auto bwd = [&] {
+      dmc::cuda::dmc_attention_backward(dq, dk, dv, dmask, dout, q, k, v, mask, o, lse, s.B, s.T,
+                                        s.H, s.Hkv, s.D, true, scale);
+    };
+    cudaEvent_t e0, e1, e2;
+    DMC_CUDA_CHECK(cudaEventCreate(&e0));
+    DMC_CUDA_CHECK(cudaEventCreate(&e1));
+    DMC_CUDA_CHECK(cudaEventCreate(&e2));
+    for (int i = 0; i < 3; ++i) {
+      fwd();
+      bwd();
+    }
+    DMC_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> tf, tb, tfb;
+    for (int i = 0; i < reps; ++i) {
+      DMC_CUDA_CHECK(cudaEventRecord(e0));
+      fwd();
+      DMC_CUDA_CHECK(cudaEventRecord(e1));
+      bwd();
+      DMC_CUDA_CHECK(cudaEventRecord(e2));
+      DMC_CUDA_CHECK(cudaEventSynchronize(e2));
+      float a, b2;
+      DMC_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e1));
+      DMC_CUDA_CHECK(cudaEventElapsedTime(&b2, e1, e2));
+      tf.push_back(a);
+      tb.push_back(b2);
+      tfb.push_back(a + b2);
+    }
+    const double flops_f = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.D / 2.0;
+    const double flops_b = 2.5 * flops_f;
+    const float mf = median(tf), mb = median(tb), mfb = median(tfb);
+    char label[64];
+    std::snprintf(label, sizeof(label), "B%d H%d/%d T%d D%d", s.B, s.H, s.Hkv, s.T, s.D);
+    std::printf("%-28s %10.3f %10.3f %10.3f %9.1f %9.1f %9.1f\n", label, mf, mb, mfb,
+                flops_f / mf * 1e-9, flops_b / mb * 1e-9, (flops_f + flops_b) / mfb * 1e-9);
+    std::fflush(stdout);
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
+                    static_cast<void*>(o), static_cast<void*>(dout), static_cast<void*>(dq),
+                    static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(mask),
+                    static_cast<void*>(dmask), static_cast<void*>(lse)})
+      DMC_CUDA_CHECK(cudaFree(p));
+  }
+  return 0;
+}

@@ -1,0 +1,230 @@
+// NCCL communicator: host code only (no kernels); a .cu file so that it is compiled only in CUDA
+// builds, and only added to dmc_parallel when NCCL is found (parallel/CMakeLists.txt).
+#include "parallel/nccl_communicator.h"
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace dmc::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Clock::time_point DeadlineAfter(double seconds) {
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+// Spin first (a collective that is already done answers at once), then sleep between polls: 20 us
+// is far below a step's time and leaves the CPU to data loading and the other ranks.
+void Pause(int polls) {
+  if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
+
+ncclDataType_t NcclType(DType dtype) {
+  return dtype == DType::kFloat32 ? ncclFloat32 : ncclFloat64;
+}
+
+std::string NcclError(ncclComm_t comm, ncclResult_t result) {
+  std::string text = ncclGetErrorString(result);
+  const char* last = comm != nullptr ? ncclGetLastError(comm) : nullptr;
+  if (last != nullptr && *last != '\0') absl::StrAppend(&text, " (", last, ")");
+  return text;
+}
+
+// A non-blocking communicator answers ncclInProgress while it initializes, finalizes or enqueues;
+// poll its state until it is settled or the deadline passes.
+absl::Status WaitReady(ncclComm_t comm, Clock::time_point deadline) {
+  for (int polls = 0;; ++polls) {
+    ncclResult_t state = ncclSuccess;
+    if (ncclResult_t r = ncclCommGetAsyncError(comm, &state); r != ncclSuccess) {
+      return absl::InternalError(NcclError(comm, r));
+    }
+    if (state == ncclSuccess) return absl::OkStatus();
+    if (state != ncclInProgress) return absl::InternalError(NcclError(comm, state));
+    if (Clock::now() >= deadline) return absl::DeadlineExceededError("timed out");
+    Pause(polls);
+  }
+}
+
+std::string Describe(const char* op, size_t n, DType dtype) {
+  return absl::StrFormat("%s(%d x %s)", op, n, DTypeName(dtype));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
+    Communicator& host_group, cudaStream_t stream, double timeout_seconds) {
+  if (host_group.device_buffers()) {
+    return absl::InvalidArgumentError("NcclCommunicator::Create needs a host (MPI) group");
+  }
+  std::unique_ptr<NcclCommunicator> c(new NcclCommunicator());
+  c->stream_ = stream;
+  c->name_ = host_group.name();
+  c->timeout_seconds_ = timeout_seconds;
+  c->rank_ = host_group.rank();
+  c->size_ = host_group.size();
+
+  // Rank 0 makes the id; it travels over the host group as doubles (bit copies: the host
+  // group's broadcast is typed, and MPI moves the bytes unchanged).
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  if (c->rank_ == 0) {
+    if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
+      return absl::InternalError(absl::StrCat("ncclGetUniqueId: ", ncclGetErrorString(r)));
+    }
+  }
+  static_assert(sizeof(ncclUniqueId) % sizeof(double) == 0, "ncclUniqueId size");
+  double words[sizeof(ncclUniqueId) / sizeof(double)];
+  std::memcpy(words, &id, sizeof(id));
+  if (absl::Status s = host_group.Broadcast(words, sizeof(words) / sizeof(double), 0); !s.ok()) {
+    return s;
+  }
+  std::memcpy(&id, words, sizeof(id));
+
+  // Non-blocking creation so that a missing rank is a timeout, not a hang.
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclResult_t r = ncclCommInitRankConfig(&c->comm_, c->size_, id, c->rank_, &config);
+  absl::Status status = r == ncclSuccess || r == ncclInProgress
+                            ? WaitReady(c->comm_, DeadlineAfter(timeout_seconds))
+                            : absl::InternalError(NcclError(nullptr, r));
+  if (!status.ok()) {
+    if (c->comm_ != nullptr) ncclCommAbort(c->comm_);
+    c->comm_ = nullptr;
+    return absl::Status(status.code(), absl::StrFormat(
+        "creating NCCL group '%s' (rank %d of %d)%s: %s", c->name_, c->rank_, c->size_,
+        absl::IsDeadlineExceeded(status) ? " did not complete: a rank failed or is stuck" : "",
+        status.message()));
+  }
+  if (cudaError_t e = cudaMalloc(&c->scratch_, sizeof(float)); e != cudaSuccess) {
+    c->scratch_ = nullptr;
+    return absl::ResourceExhaustedError(absl::StrCat("cudaMalloc: ", cudaGetErrorString(e)));
+  }
+  cudaMemset(c->scratch_, 0, sizeof(float));
+  return c;
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (comm_ != nullptr) {
+    // Finalize flushes the queued operations (polled, as the communicator is non-blocking); on
+    // any failure abort, which never waits for other ranks.
+    bool clean = broken_by_.empty();
+    if (clean) {
+      ncclResult_t r = ncclCommFinalize(comm_);
+      clean = (r == ncclSuccess || r == ncclInProgress) &&
+              WaitReady(comm_, DeadlineAfter(timeout_seconds_)).ok();
+    }
+    if (clean) {
+      ncclCommDestroy(comm_);
+    } else {
+      ncclCommAbort(comm_);
+    }
+  }
+  if (scratch_ != nullptr) cudaFree(scratch_);
+}
+
+absl::Status NcclCommunicator::Fail(const std::string& what, absl::Status status) {
+  broken_by_ = what;
+  std::string message =
+      absl::IsDeadlineExceeded(status)
+          ? absl::StrFormat("did not complete within %g s: a rank failed or is stuck (every rank "
+                            "of a group must call the same collectives in the same order)",
+                            timeout_seconds_)
+          : std::string(status.message());
+  ncclCommAbort(comm_);  // frees GPUs stuck in a collective of this communicator
+  comm_ = nullptr;
+  return absl::Status(status.code(),
+                      absl::StrFormat("%s on NCCL group '%s' (rank %d of %d) %s; abort the job",
+                                      what, name_, rank_, size_, message));
+}
+
+absl::Status NcclCommunicator::Check(const std::string& what, ncclResult_t result) {
+  if (result == ncclSuccess) return absl::OkStatus();
+  if (result == ncclInProgress) {
+    absl::Status status = WaitReady(comm_, DeadlineAfter(timeout_seconds_));
+    return status.ok() ? status : Fail(what, status);
+  }
+  return Fail(what, absl::InternalError(NcclError(comm_, result)));
+}
+
+absl::Status NcclCommunicator::Usable(const std::string& what) const {
+  if (broken_by_.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "%s on NCCL group '%s': the group is unusable since %s failed; abort the job", what, name_,
+      broken_by_));
+}
+
+absl::Status NcclCommunicator::DoAllReduce(void* x, size_t n, DType dtype, ReduceOp op) {
+  const std::string what = Describe(op == kSum ? "AllReduceSum" : "AllReduceMax", n, dtype);
+  if (absl::Status s = Usable(what); !s.ok()) return s;
+  return Check(what, ncclAllReduce(x, x, n, NcclType(dtype), op == kSum ? ncclSum : ncclMax, comm_,
+                                   stream_));
+}
+
+absl::Status NcclCommunicator::DoAllGather(const void* send, void* recv, size_t n, DType dtype) {
+  const std::string what = Describe("AllGather", n, dtype);
+  if (absl::Status s = Usable(what); !s.ok()) return s;
+  return Check(what, ncclAllGather(send, recv, n, NcclType(dtype), comm_, stream_));
+}
+
+absl::Status NcclCommunicator::DoReduceScatterSum(const void* send, void* recv, size_t n,
+                                                  DType dtype) {
+  const std::string what = Describe("ReduceScatterSum", n, dtype);
+  if (absl::Status s = Usable(what); !s.ok()) return s;
+  return Check(what, ncclReduceScatter(send, recv, n, NcclType(dtype), ncclSum, comm_, stream_));
+}
+
+absl::Status NcclCommunicator::DoBroadcast(void* x, size_t n, DType dtype, int root) {
+  const std::string what = Describe("Broadcast", n, dtype);
+  if (absl::Status s = Usable(what); !s.ok()) return s;
+  if (absl::Status s = CheckRoot("Broadcast", root); !s.ok()) return s;
+  return Check(what, ncclBroadcast(x, x, n, NcclType(dtype), root, comm_, stream_));
+}
+
+absl::Status NcclCommunicator::Barrier() {
+  if (absl::Status s = Usable("Barrier"); !s.ok()) return s;
+  if (absl::Status s = Check("Barrier", ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum,
+                                                      comm_, stream_));
+      !s.ok()) {
+    return s;
+  }
+  return Synchronize();
+}
+
+absl::Status NcclCommunicator::Synchronize() {
+  if (absl::Status s = Usable("Synchronize"); !s.ok()) return s;
+  // Wait for the stream, watching NCCL's asynchronous error state: a peer that died or stopped
+  // calling collectives leaves our kernels waiting forever, and only the deadline ends that.
+  const Clock::time_point deadline = DeadlineAfter(timeout_seconds_);
+  for (int polls = 0;; ++polls) {
+    const cudaError_t e = cudaStreamQuery(stream_);
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &state);
+    if (state != ncclSuccess && state != ncclInProgress) {
+      return Fail("Synchronize", absl::InternalError(NcclError(comm_, state)));
+    }
+    if (e == cudaSuccess) return absl::OkStatus();
+    if (e != cudaErrorNotReady) {
+      return Fail("Synchronize", absl::InternalError(cudaGetErrorString(e)));
+    }
+    if (Clock::now() >= deadline) return Fail("Synchronize", absl::DeadlineExceededError(""));
+    Pause(polls);
+  }
+}
+
+absl::Status UseNccl(ProcessGroups& groups, cudaStream_t stream, double timeout_seconds) {
+  absl::StatusOr<std::unique_ptr<NcclCommunicator>> tp =
+      NcclCommunicator::Create(groups.host_tp(), stream, timeout_seconds);
+  if (!tp.ok()) return tp.status();
+  absl::StatusOr<std::unique_ptr<NcclCommunicator>> dp =
+      NcclCommunicator::Create(groups.host_dp(), stream, timeout_seconds);
+  if (!dp.ok()) return dp.status();
+  return groups.SetDeviceCommunicators(std::move(*tp), std::move(*dp));
+}
+
+}  // namespace dmc::parallel

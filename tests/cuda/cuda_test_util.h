@@ -1,0 +1,134 @@
+// Helpers of the GPU tests: every CUDA kernel is compared with its CPU reference (the template
+// instantiated for double) on the same random inputs; bf16 inputs are rounded first and the
+// rounded values fed to the reference, so the comparison measures the kernel, not the rounding of
+// its inputs. Without a CUDA device every test calls GTEST_SKIP (reported as skipped).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_ops.h"
+
+#define DMC_REQUIRE_GPU()                                                  \
+  do {                                                                     \
+    if (!::dmc::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+
+namespace dmc::cuda_test {
+
+using bf16 = __nv_bfloat16;
+
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 r(std::random_device{}());  // fresh inputs on every run
+  return r;
+}
+
+inline std::vector<double> randn(size_t n, double stddev = 1.0, double mean = 0.0) {
+  std::normal_distribution<double> d(mean, stddev);
+  std::vector<double> v(n);
+  for (auto& x : v) x = d(rng());
+  return v;
+}
+inline std::vector<double> randu(size_t n, double lo, double hi) {
+  std::uniform_real_distribution<double> d(lo, hi);
+  std::vector<double> v(n);
+  for (auto& x : v) x = d(rng());
+  return v;
+}
+
+// Round to bf16 in place (so the reference sees what the kernel sees) and return the bf16 copy.
+inline std::vector<bf16> to_bf16(std::vector<double>& v) {
+  std::vector<bf16> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    out[i] = __float2bfloat16(static_cast<float>(v[i]));
+    v[i] = static_cast<double>(__bfloat162float(out[i]));
+  }
+  return out;
+}
+inline std::vector<float> to_f32(std::vector<double>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    out[i] = static_cast<float>(v[i]);
+    v[i] = out[i];
+  }
+  return out;
+}
+
+// A device buffer owning n elements of T.
+template <typename T>
+struct DevBuf {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(reinterpret_cast<void**>(&ptr), sizeof(T) * (n ? n : 1)) != cudaSuccess) {
+      ADD_FAILURE() << "cudaMalloc of " << n << " elements failed";
+      ptr = nullptr;
+    }
+  }
+  explicit DevBuf(const std::vector<T>& host) : DevBuf(host.size()) { upload(host); }
+  ~DevBuf() { cudaFree(ptr); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  void upload(const std::vector<T>& host) {
+    EXPECT_EQ(cudaMemcpy(ptr, host.data(), sizeof(T) * n, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  // 0xFF bytes: NaN in bf16, fp32 and fp64, so any element the kernel fails to write shows up.
+  void poison() { EXPECT_EQ(cudaMemset(ptr, 0xFF, sizeof(T) * n), cudaSuccess); }
+  std::vector<T> download() const {
+    std::vector<T> host(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "kernel failed";
+    EXPECT_EQ(cudaMemcpy(host.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  }
+  operator T*() const { return ptr; }
+};
+
+inline std::vector<double> as_double(const std::vector<bf16>& v) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(__bfloat162float(v[i]));
+  return out;
+}
+inline std::vector<double> as_double(const std::vector<float>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+inline std::vector<double> as_double(const std::vector<double>& v) { return v; }
+
+// Relative error ||out - ref|| / ||ref||; NaN (an unwritten or broken element) gives +inf.
+inline double rel_error(const std::vector<double>& out, const std::vector<double>& ref) {
+  if (out.size() != ref.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) return INFINITY;
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  if (den == 0) return std::sqrt(num);
+  return std::sqrt(num / den);
+}
+
+// Records and checks one comparison; the figure is printed so the device log carries it.
+template <typename Dev>
+inline void expect_close(const char* what, const std::vector<Dev>& out,
+                         const std::vector<double>& ref, double tol) {
+  const double err = rel_error(as_double(out), ref);
+  std::printf("[ error ] %-48s rel %.3e (tol %.0e, n=%zu)\n", what, err, tol, ref.size());
+  std::fflush(stdout);
+  ::testing::Test::RecordProperty(what, std::to_string(err));
+  EXPECT_LE(err, tol) << what;
+}
+
+// METHOD.md: bf16 operands land between 1e-3 and 1e-2; fp32 arithmetic far under 1e-3.
+constexpr double kBf16Tol = 1e-2;
+constexpr double kF32Tol = 1e-5;
+
+}  // namespace dmc::cuda_test

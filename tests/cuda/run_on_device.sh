@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds the CUDA targets on the lent GPU machine and runs the GPU test suite, compute-sanitizer
+# (memcheck + racecheck) on the attention kernels, and the attention benchmark beside PyTorch's
+# SDPA flash anchor. Logs go to $OUT (or ./device-out when OUT is unset).
+#
+# The device image lacks some of the root CMakeLists.txt's find_package dependencies (Abseil,
+# sentencepiece, nlohmann_json; see shared/device/NOTES.md). Carry them as Debian packages:
+#   here, once:  echo /.debs/ >> .git/info/exclude; mkdir -p .debs; (cd .debs && apt-get download \
+#                libabsl-dev libabsl20220623 libsentencepiece-dev libsentencepiece0 \
+#                nlohmann-json3-dev pkgconf pkgconf-bin libpkgconf3)
+#   device call: run with carry [".debs"] and command `bash tests/cuda/run_on_device.sh`
+# They are unpacked under /tmp/dev (never into /) and found through CMAKE_PREFIX_PATH and
+# PKG_CONFIG_PATH.
+#
+# Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "configure" alone
+# only configures), DMC_BENCH_REPS (20),
+# DMC_GTEST_FILTER (default all).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/device-out}"
+mkdir -p "$OUT"
+STEPS="${DMC_DEVICE_STEPS:-build test sanitize bench}"
+REPS="${DMC_BENCH_REPS:-20}"
+BUILD=build-device
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { echo "== $*" | tee -a "$summary"; }
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+  >"$OUT/gpu.txt" 2>&1
+note "GPU: $(sed -n 2p "$OUT/gpu.txt")  date: $(date -u +%Y-%m-%dT%H:%MZ)"
+
+# ---- dependencies carried as .debs
+DEV=/tmp/dev
+if compgen -G ".debs/*.deb" >/dev/null; then
+  mkdir -p "$DEV"
+  for f in .debs/*.deb; do dpkg -x "$f" "$DEV"; done
+fi
+export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PKG_CONFIG_PATH="$DEV/usr/lib/x86_64-linux-gnu/pkgconfig:$DEV/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+pkgcfg_args=()
+if ! command -v pkg-config >/dev/null && [ -x "$DEV/usr/bin/pkgconf" ]; then
+  pkgcfg_args=(-DPKG_CONFIG_EXECUTABLE="$DEV/usr/bin/pkgconf")
+fi
+# sentencepiece.pc says prefix=/usr; point it at the unpacked copy
+for pc in "$DEV"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
+  [ -f "$pc" ] && sed -i "s|^prefix=/usr$|prefix=$DEV/usr|" "$pc"
+done
+
+if has_step build || has_step configure; then
+  start=$(date +%s)
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDMC_CUDA=ON \
+    -DCMAKE_PREFIX_PATH="$DEV/usr" "${pkgcfg_args[@]}" >"$OUT/configure.log" 2>&1
+  rc=$?
+  note "configure rc=$rc ($(( $(date +%s) - start )) s)"
+  if [ $rc -ne 0 ]; then tail -30 "$OUT/configure.log"; exit 1; fi
+fi
+if has_step build; then
+  start=$(date +%s)
+  targets=(dmc_cuda_tests)
+  for b in bench/cuda/bench_*.cu bench/cuda/bench_*.cpp; do
+    [ -f "$b" ] && targets+=("$(basename "${b%.*}")")
+  done
+  ninja -C "$BUILD" -j16 "${targets[@]}" >"$OUT/build.log" 2>&1
+  rc=$?
+  note "build ${targets[*]} rc=$rc ($(( $(date +%s) - start )) s)"
+  if [ $rc -ne 0 ]; then grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; fi
+fi
+
+TEST_BIN="$BUILD/tests/dmc_cuda_tests"
+if has_step test; then
+  start=$(date +%s)
+  "$TEST_BIN" --gtest_filter="${DMC_GTEST_FILTER:-*}" >"$OUT/tests.log" 2>&1
+  rc=$?
+  note "dmc_cuda_tests rc=$rc ($(( $(date +%s) - start )) s): $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/tests.log" | tr '\n' ' ')"
+  grep -E "^\[ error \]" "$OUT/tests.log" | awk '{ if ($0 ~ /rel (inf|nan)/) print "BAD " $0; else print }' >"$OUT/errors.txt"
+  grep -E "FAILED|Failure" "$OUT/tests.log" | head -20 | tee -a "$summary"
+fi
+
+if has_step sanitize; then
+  for tool in memcheck racecheck; do
+    start=$(date +%s)
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$TEST_BIN" \
+      --gtest_filter='Shapes/CudaAttention.MatchesCpuReference/case0:Shapes/CudaAttention.MatchesCpuReference/case2:Shapes/CudaAttention.MatchesCpuReference/case5:Shapes/CudaAttention.MatchesCpuReference/case6' \
+      >"$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool on attention rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+  done
+fi
+
+if has_step bench; then
+  "$BUILD/bench/bench_dmc_attention" "$REPS" 2>&1 | tee "$OUT/bench.log"
+  PYTHONUNBUFFERED=1 python3 bench/cuda/sdpa_anchor.py "$REPS" 2>&1 | tee "$OUT/sdpa.log"
+fi
+
+echo
+cat "$OUT/errors.txt" 2>/dev/null
+echo
+cat "$summary"
+[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log" "$OUT/sdpa.log"

@@ -1,0 +1,102 @@
+// GPU vs CPU reference for the fused DMC attention kernels: causal, GQA, the on-the-fly DMC bias
+// (soft log(1 - alpha) values, hard -50000 values, or none), exclude_ctrl, head dims 64 and 128,
+// sequence lengths that are not multiples of the tiles. Forward (out, lse) and backward
+// (dq, dk, dv, dmask, all accumulated into random initial values).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/dmc_attention.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace dmc::cuda_test {
+namespace {
+namespace K = dmc::kernels;
+namespace C = dmc::cuda;
+
+enum class MaskKind { kNone, kSoft, kHard };
+
+struct Case {
+  int B, T, H, Hkv, D;
+  bool exclude_ctrl;
+  MaskKind mask;
+  double q_scale;  // larger values give peakier softmax rows
+};
+
+std::string name_of(const Case& c) {
+  return "B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " H" + std::to_string(c.H) +
+         "/" + std::to_string(c.Hkv) + " D" + std::to_string(c.D) +
+         (c.exclude_ctrl ? " xctrl" : "") +
+         (c.mask == MaskKind::kNone ? " nomask" : c.mask == MaskKind::kSoft ? " soft" : " hard");
+}
+
+void run_case(const Case& c) {
+  const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
+  const size_t nk = static_cast<size_t>(c.B) * c.T * c.Hkv * c.D;
+  const size_t nm = static_cast<size_t>(c.B) * c.T * c.Hkv;
+  const size_t nl = static_cast<size_t>(c.B) * c.H * c.T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+  auto q = randn(nq, c.q_scale), k = randn(nk), v = randn(nk);
+  std::vector<double> mask(nm, 0.0);
+  if (c.mask == MaskKind::kSoft) {
+    auto a = randu(nm, 0.0, 0.999);
+    for (size_t i = 0; i < nm; ++i) mask[i] = std::log1p(-a[i]);
+  } else if (c.mask == MaskKind::kHard) {
+    auto a = randu(nm, 0.0, 1.0);
+    for (size_t i = 0; i < nm; ++i) mask[i] = a[i] < 0.3 ? -50000.0 : 0.0;
+  }
+  auto qb = to_bf16(q), kb = to_bf16(k), vb = to_bf16(v);
+  auto mf = to_f32(mask);
+  DevBuf<bf16> dq(qb), dk(kb), dv(vb), dout(nq);
+  DevBuf<float> dmask(mf), dlse(nl);
+  dout.poison();
+  dlse.poison();
+  const float* mptr = c.mask == MaskKind::kNone ? nullptr : dmask.ptr;
+  C::dmc_attention_forward(dout, dlse, dq, dk, dv, mptr, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl,
+                           scale);
+  std::vector<double> out(nq), lse(nl);
+  const double* mref = c.mask == MaskKind::kNone ? nullptr : mask.data();
+  K::dmc_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), mref, c.B,
+                                   c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+  const std::string n = name_of(c);
+  expect_close(("attn fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
+  expect_close(("attn fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
+
+  auto go = randn(nq);
+  auto gob = to_bf16(go);
+  auto gq = randn(nq, 0.01), gk = randn(nk, 0.01), gv = randn(nk, 0.01), gm = randn(nm, 0.01);
+  auto gqb = to_bf16(gq), gkb = to_bf16(gk), gvb = to_bf16(gv);
+  auto gmf = to_f32(gm);
+  DevBuf<bf16> dgo(gob), dgq(gqb), dgk(gkb), dgv(gvb);
+  DevBuf<float> dgm(gmf);
+  C::dmc_attention_backward(dgq, dgk, dgv, mptr ? dgm.ptr : nullptr, dgo, dq, dk, dv, mptr, dout,
+                            dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+  K::dmc_attention_backward<double>(gq.data(), gk.data(), gv.data(), mref ? gm.data() : nullptr,
+                                    go.data(), q.data(), k.data(), v.data(), mref, out.data(),
+                                    lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+  expect_close(("attn bwd dq   " + n).c_str(), dgq.download(), gq, kBf16Tol);
+  expect_close(("attn bwd dk   " + n).c_str(), dgk.download(), gk, kBf16Tol);
+  expect_close(("attn bwd dv   " + n).c_str(), dgv.download(), gv, kBf16Tol);
+  if (mref) expect_close(("attn bwd dmask " + n).c_str(), dgm.download(), gm, kBf16Tol);
+}
+
+class CudaAttention : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+TEST_P(CudaAttention, MatchesCpuReference) { run_case(GetParam()); }
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttention,
+    ::testing::Values(Case{2, 200, 4, 2, 64, true, MaskKind::kSoft, 1.0},
+                      Case{1, 333, 2, 1, 128, false, MaskKind::kNone, 1.0},
+                      Case{2, 130, 4, 4, 128, true, MaskKind::kHard, 1.0},
+                      Case{1, 1100, 2, 1, 128, true, MaskKind::kSoft, 2.0},
+                      Case{1, 257, 8, 2, 64, false, MaskKind::kSoft, 3.0},
+                      Case{1, 1, 2, 1, 64, true, MaskKind::kSoft, 1.0},
+                      Case{3, 17, 2, 2, 128, true, MaskKind::kSoft, 1.0}),
+    [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
+
+}  // namespace
+}  // namespace dmc::cuda_test

@@ -1,0 +1,180 @@
+// GPU vs CPU reference for the DMC head logic: logistic noise, gates (relaxed and hard), the
+// windowed scan (forward and reverse mode), the compression-ratio loss.
+#include <cmath>
+#include <vector>
+
+#include "kernels/cr_loss.h"
+#include "kernels/dmc_gates.h"
+#include "kernels/dmc_scan.h"
+#include "kernels/noise.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace dmc::cuda_test {
+namespace {
+namespace K = dmc::kernels;
+namespace C = dmc::cuda;
+
+class CudaDmc : public ::testing::Test {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+TEST_F(CudaDmc, LogisticNoise) {
+  const int B = 3, T = 101, Hl = 4, Htot = 8, h0 = 4;
+  const long seq0 = 17;
+  const uint64_t seed = 1234 + rng()() % 1000, stream = 7;
+  const size_t n = static_cast<size_t>(B) * T * Hl;
+  DevBuf<float> d(n);
+  d.poison();
+  C::logistic_noise(d, B, T, Hl, seed, stream, seq0, h0, Htot);
+  std::vector<double> ref(n);
+  K::logistic_noise<double>(ref.data(), B, T, Hl, seed, stream, seq0, h0, Htot);
+  expect_close("logistic_noise (same counters)", d.download(), ref, 1e-6);
+}
+
+struct GateInputs {
+  int B = 2, T = 53, H = 6, Hkv = 3, D = 64;
+  std::vector<double> q, k, noise;
+  std::vector<bf16> qb, kb;
+  std::vector<float> noisef;
+  GateInputs() {
+    const size_t nq = static_cast<size_t>(B) * T * H * D, nk = static_cast<size_t>(B) * T * Hkv * D;
+    q = randn(nq);
+    k = randn(nk);
+    for (size_t i = D - 1; i < nk; i += D) k[i] = 5.0 + randn(1, 3.0)[0];  // decisions both ways
+    for (size_t i = D - 1; i < nq; i += D) q[i] = randn(1, 3.0)[0];
+    qb = to_bf16(q);
+    kb = to_bf16(k);
+    noise.resize(static_cast<size_t>(B) * T * Hkv);
+    K::logistic_noise<double>(noise.data(), B, T, Hkv, 99, 1, 0, 0, Hkv);
+    noisef = to_f32(noise);
+  }
+  size_t ns() const { return static_cast<size_t>(B) * T * Hkv; }
+};
+
+TEST_F(CudaDmc, Gates) {
+  for (auto mode : {K::DmcDecisionMode::kRelaxed, K::DmcDecisionMode::kHard}) {
+    const bool relaxed = mode == K::DmcDecisionMode::kRelaxed;
+    GateInputs in;
+    K::DmcGateParams prm;
+    prm.mode = mode;
+    const size_t ns = in.ns();
+    DevBuf<bf16> dq(in.qb), dk(in.kb);
+    DevBuf<float> dnoise(in.noisef), lg(ns), al(ns), mg(ns), mk(ns), om(ns);
+    for (auto* b : {&lg, &al, &mg, &mk, &om}) b->poison();
+    C::DmcGateTensors out{lg, al, mg, mk, om};
+    C::dmc_gates_forward(out, dq, dk, dnoise, in.B, in.T, in.H, in.Hkv, in.D, prm);
+    std::vector<double> rlg(ns), ral(ns), rmg(ns), rmk(ns), rom(ns);
+    K::DmcGateTensors<double> rout{rlg.data(), ral.data(), rmg.data(), rmk.data(), rom.data()};
+    K::dmc_gates_forward<double>(rout, in.q.data(), in.k.data(), in.noise.data(), in.B, in.T, in.H,
+                                 in.Hkv, in.D, prm);
+    expect_close(relaxed ? "gates fwd logit (relaxed)" : "gates fwd logit (hard)", lg.download(),
+                 rlg, 1e-5);
+    expect_close(relaxed ? "gates fwd alpha (relaxed)" : "gates fwd alpha (hard)", al.download(),
+                 ral, 1e-5);
+    expect_close(relaxed ? "gates fwd merge (relaxed)" : "gates fwd merge (hard)", mg.download(),
+                 rmg, 1e-5);
+    expect_close(relaxed ? "gates fwd mask (relaxed)" : "gates fwd mask (hard)", mk.download(),
+                 rmk, 1e-5);
+    expect_close("gates fwd omega", om.download(), rom, 1e-5);
+
+    // backward: random upstream gradients, random initial dq/dk (accumulation)
+    auto ga = randn(ns), gm = randn(ns), gk = randn(ns), go = randn(ns);
+    auto gaf = to_f32(ga), gmf = to_f32(gm), gkf = to_f32(gk), gof = to_f32(go);
+    auto dqi = randn(in.q.size(), 0.01), dki = randn(in.k.size(), 0.01);
+    auto dqib = to_bf16(dqi), dkib = to_bf16(dki);
+    DevBuf<float> dga(gaf), dgm(gmf), dgk(gkf), dgo(gof);
+    DevBuf<bf16> ddq(dqib), ddk(dkib);
+    C::dmc_gates_backward(ddq, ddk, dga, dgm, dgk, dgo, dq, lg, al, in.B, in.T, in.H, in.Hkv, in.D,
+                          prm);
+    // the reference reads the kernel's own logit/alpha (float-rounded), so only the backward differs
+    auto lgd = as_double(lg.download()), ald = as_double(al.download());
+    K::dmc_gates_backward<double>(dqi.data(), dki.data(), ga.data(), gm.data(), gk.data(),
+                                  go.data(), in.q.data(), lgd.data(), ald.data(), in.B, in.T, in.H,
+                                  in.Hkv, in.D, prm);
+    expect_close(relaxed ? "gates bwd dq (relaxed)" : "gates bwd dq (hard)", ddq.download(), dqi,
+                 kBf16Tol);
+    expect_close(relaxed ? "gates bwd dk (relaxed)" : "gates bwd dk (hard)", ddk.download(), dki,
+                 kBf16Tol);
+  }
+}
+
+TEST_F(CudaDmc, Scan) {
+  const int B = 2, T = 77, Hkv = 3, D = 64;
+  for (int window : {12, 5}) {
+    for (bool hard : {false, true}) {
+      const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
+      auto x = randn(nx);
+      auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
+      if (hard)
+        for (auto& a : alpha) a = a > 0.5 ? 1.0 : 0.0;
+      auto xb = to_bf16(x);
+      auto af = to_f32(alpha), of = to_f32(omega);
+      DevBuf<bf16> dx(xb), dxhat(nx);
+      DevBuf<float> da(af), dom(of), dden(ns);
+      dxhat.poison();
+      dden.poison();
+      C::dmc_scan_forward(dxhat, dden, dx, da, dom, B, T, Hkv, D, window);
+      std::vector<double> xhat(nx), den(ns);
+      K::dmc_scan_forward<double>(xhat.data(), den.data(), x.data(), alpha.data(), omega.data(), B,
+                                  T, Hkv, D, window);
+      const std::string tag = "w" + std::to_string(window) + (hard ? " hard" : " soft");
+      expect_close(("scan fwd xhat " + tag).c_str(), dxhat.download(), xhat, kBf16Tol);
+      expect_close(("scan fwd denom " + tag).c_str(), dden.download(), den, kF32Tol);
+
+      auto gy = randn(nx), gx = randn(nx, 0.1), ga = randn(ns), go = randn(ns);
+      auto gyb = to_bf16(gy), gxb = to_bf16(gx);
+      auto gaf = to_f32(ga), gof = to_f32(go);
+      DevBuf<bf16> dgy(gyb), dgx(gxb);
+      DevBuf<float> dga(gaf), dgo(gof);
+      C::dmc_scan_backward(dgx, dga, dgo, dgy, dx, dxhat, da, dom, dden, B, T, Hkv, D, window);
+      // the reference gets the kernel's xhat and denom, as the model would pass them
+      auto xh = as_double(dxhat.download()), dn = as_double(dden.download());
+      K::dmc_scan_backward<double>(gx.data(), ga.data(), go.data(), gy.data(), x.data(), xh.data(),
+                                   alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
+      expect_close(("scan bwd dx " + tag).c_str(), dgx.download(), gx, kBf16Tol);
+      expect_close(("scan bwd dalpha " + tag).c_str(), dga.download(), ga, 1e-4);
+      expect_close(("scan bwd domega " + tag).c_str(), dgo.download(), go, 1e-4);
+    }
+  }
+}
+
+TEST_F(CudaDmc, CrLoss) {
+  const int B = 5, T = 61, Hkv = 3;
+  const size_t ns = static_cast<size_t>(B) * T * Hkv;
+  auto merge = randu(ns, 0.0, 1.0);
+  for (auto& m : merge) m = m > 0.6 ? 1.0 : 0.0;
+  auto mf = to_f32(merge);
+  auto mm = randu(B, 0.0, 0.2);
+  auto mmf = to_f32(mm);
+  const double scale = 1.0 / (2.0 * T * Hkv);
+  DevBuf<float> dmerge(mf), dmm(mmf);
+  C::cr_accumulate_merge(dmm, dmerge, B, T, Hkv, static_cast<float>(scale));
+  K::cr_accumulate_merge<double>(mm.data(), merge.data(), B, T, Hkv, static_cast<float>(scale));
+  auto mmd = dmm.download();
+  expect_close("cr accumulate mean_merge", mmd, mm, 1e-6);
+
+  const float prior = 0.5f;
+  DevBuf<float> dloss(1);
+  dloss.poison();
+  C::cr_loss_forward(dloss, dmm, B, prior);
+  const double rl = K::cr_loss_forward<double>(mm.data(), B, prior);
+  expect_close("cr loss", dloss.download(), std::vector<double>{rl}, 1e-6);
+
+  auto g = randn(B);
+  auto gf = to_f32(g);
+  DevBuf<float> dg(gf);
+  C::cr_loss_backward(dg, dmm, B, prior, 1.0f);
+  K::cr_loss_backward<double>(g.data(), mm.data(), B, prior, 1.0);
+  expect_close("cr loss bwd (+=)", dg.download(), g, 1e-6);
+
+  auto dme = randn(ns);
+  auto dmef = to_f32(dme);
+  DevBuf<float> ddme(dmef);
+  C::cr_accumulate_merge_backward(ddme, dg, B, T, Hkv, static_cast<float>(scale));
+  K::cr_accumulate_merge_backward<double>(dme.data(), g.data(), B, T, Hkv, scale);
+  expect_close("cr accumulate bwd dmerge (+=)", ddme.download(), dme, 1e-6);
+}
+
+}  // namespace
+}  // namespace dmc::cuda_test

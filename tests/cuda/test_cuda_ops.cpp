@@ -1,0 +1,225 @@
+// GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, AdamW, sum of
+// squares. Forward and backward, odd shapes, fresh random inputs, poisoned outputs.
+#include <cmath>
+#include <vector>
+
+#include "kernels/adamw.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/embedding.h"
+#include "kernels/grad_norm.h"
+#include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace dmc::cuda_test {
+namespace {
+namespace K = dmc::kernels;
+namespace C = dmc::cuda;
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+TEST_F(CudaOps, Embedding) {
+  for (int C_ : {200, 256}) {
+    const int N = 301, V = 97;
+    std::vector<int32_t> tok(N);
+    std::uniform_int_distribution<int> d(0, V - 1);
+    for (auto& t : tok) t = d(rng());
+    tok[5] = tok[6] = tok[100] = 3;  // repeated tokens
+    auto wte = randn(static_cast<size_t>(V) * C_);
+    auto wte_b = to_bf16(wte);
+    DevBuf<int32_t> dtok(tok);
+    DevBuf<bf16> dwte(wte_b), dout(static_cast<size_t>(N) * C_);
+    dout.poison();
+    C::embedding_forward(dout, dtok, dwte, N, C_);
+    std::vector<double> ref(static_cast<size_t>(N) * C_);
+    K::embedding_forward<double>(ref.data(), tok.data(), wte.data(), N, C_);
+    expect_close(C_ == 200 ? "embedding fwd C200" : "embedding fwd C256", dout.download(), ref, 0.0);
+
+    auto g = randn(static_cast<size_t>(N) * C_);
+    auto g_b = to_bf16(g);
+    auto acc = randn(static_cast<size_t>(V) * C_);
+    auto acc_f = to_f32(acc);
+    DevBuf<bf16> dg(g_b);
+    DevBuf<float> dacc(acc_f);
+    C::embedding_backward(dacc, dg, dtok, N, C_);
+    K::embedding_backward<double>(acc.data(), g.data(), tok.data(), N, C_);
+    expect_close("embedding bwd (dwte +=)", dacc.download(), acc, kF32Tol);
+  }
+}
+
+TEST_F(CudaOps, RmsNorm) {
+  for (int C_ : {96, 1000, 4096}) {
+    const int N = 67;
+    const size_t n = static_cast<size_t>(N) * C_;
+    auto x = randn(n, 2.0, 0.3), w = randn(C_, 0.5, 1.0);
+    auto xb = to_bf16(x), wb = to_bf16(w);
+    DevBuf<bf16> dx(xb), dw(wb), dout(n);
+    DevBuf<float> drstd(N);
+    dout.poison();
+    drstd.poison();
+    C::rmsnorm_forward(dout, drstd, dx, dw, N, C_, 1e-5f);
+    std::vector<double> ref(n), rstd(N);
+    K::rmsnorm_forward<double>(ref.data(), rstd.data(), x.data(), w.data(), N, C_, 1e-5f);
+    expect_close("rmsnorm fwd out", dout.download(), ref, kBf16Tol);
+    expect_close("rmsnorm fwd rstd", drstd.download(), rstd, kF32Tol);
+
+    auto g = randn(n), dinp = randn(n), dwt = randn(C_);
+    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
+    auto dwtf = to_f32(dwt);
+    DevBuf<bf16> dg(gb), ddinp(dinpb);
+    DevBuf<float> ddw(dwtf);
+    C::rmsnorm_backward(ddinp, ddw, dg, dx, dw, drstd, N, C_);
+    K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), rstd.data(),
+                                N, C_);
+    expect_close("rmsnorm bwd dinp (+=)", ddinp.download(), dinp, kBf16Tol);
+    expect_close("rmsnorm bwd dweight (+=)", ddw.download(), dwt, 1e-4);
+  }
+}
+
+TEST_F(CudaOps, Rope) {
+  for (bool keep : {false, true}) {
+    for (int D : {64, 128}) {
+      const int B = 2, T = 37, H = 3, pos0 = 5;
+      const size_t n = static_cast<size_t>(B) * T * H * D;
+      auto x = randn(n);
+      auto xb = to_bf16(x);
+      DevBuf<bf16> dx(xb), dout(n);
+      dout.poison();
+      C::rope_forward(dout, dx, B, T, H, D, pos0, 10000.f, keep);
+      std::vector<double> ref(n);
+      K::rope_forward<double>(ref.data(), x.data(), B, T, H, D, pos0, 10000.f, keep);
+      expect_close(keep ? "rope fwd keep_last" : "rope fwd", dout.download(), ref, kBf16Tol);
+
+      auto g = randn(n), acc = randn(n);
+      auto gb = to_bf16(g), accb = to_bf16(acc);
+      DevBuf<bf16> dg(gb), dacc(accb);
+      C::rope_backward(dacc, dg, B, T, H, D, pos0, 10000.f, keep);
+      K::rope_backward<double>(acc.data(), g.data(), B, T, H, D, pos0, 10000.f, keep);
+      expect_close(keep ? "rope bwd keep_last (+=)" : "rope bwd (+=)", dacc.download(), acc,
+                   kBf16Tol);
+    }
+  }
+  // in place forward (out aliases inp)
+  const int B = 1, T = 9, H = 2, D = 64;
+  const size_t n = static_cast<size_t>(B) * T * H * D;
+  auto x = randn(n);
+  auto xb = to_bf16(x);
+  DevBuf<bf16> dx(xb);
+  C::rope_forward(dx, dx, B, T, H, D, 0, 500000.f, true);
+  std::vector<double> ref(n);
+  K::rope_forward<double>(ref.data(), x.data(), B, T, H, D, 0, 500000.f, true);
+  expect_close("rope fwd in place", dx.download(), ref, kBf16Tol);
+}
+
+TEST_F(CudaOps, SwiGlu) {
+  const size_t n = 100003;
+  auto gt = randn(n, 2.0), up = randn(n);
+  auto gtb = to_bf16(gt), upb = to_bf16(up);
+  DevBuf<bf16> dg(gtb), du(upb), dout(n);
+  dout.poison();
+  C::swiglu_forward(dout, dg, du, n);
+  std::vector<double> ref(n);
+  K::swiglu_forward<double>(ref.data(), gt.data(), up.data(), n);
+  expect_close("swiglu fwd", dout.download(), ref, kBf16Tol);
+
+  auto g = randn(n), dgate = randn(n), dup = randn(n);
+  auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
+  DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
+  C::swiglu_backward(ddg, ddu, dgo, dg, du, n);
+  K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n);
+  expect_close("swiglu bwd dgate (+=)", ddg.download(), dgate, kBf16Tol);
+  expect_close("swiglu bwd dup (+=)", ddu.download(), dup, kBf16Tol);
+}
+
+TEST_F(CudaOps, CrossEntropy) {
+  const int N = 45, V = 32003;
+  const size_t n = static_cast<size_t>(N) * V;
+  auto logits = randn(n, 3.0);
+  auto lb = to_bf16(logits);
+  std::vector<int32_t> tgt(N);
+  std::uniform_int_distribution<int> d(0, V - 1);
+  for (auto& t : tgt) t = d(rng());
+  tgt[3] = -1;  // unlabelled position
+  tgt[7] = V - 1;
+  DevBuf<bf16> dl(lb);
+  DevBuf<int32_t> dt(tgt);
+  DevBuf<float> dloss(N);
+  dloss.poison();
+  C::cross_entropy_forward(dloss, dl, dt, N, V);
+  std::vector<double> ref(N);
+  K::cross_entropy_forward<double>(ref.data(), logits.data(), tgt.data(), N, V);
+  expect_close("cross_entropy fwd losses", dloss.download(), ref, 1e-5);
+
+  auto dls = randu(N, 0.1, 1.0), acc = randn(n, 1e-4);
+  auto dlsf = to_f32(dls);
+  auto accb = to_bf16(acc);
+  DevBuf<float> ddls(dlsf);
+  DevBuf<bf16> dacc(accb);
+  C::cross_entropy_backward(dacc, dl, dt, ddls, N, V);
+  K::cross_entropy_backward<double>(acc.data(), logits.data(), tgt.data(), dls.data(), N, V);
+  expect_close("cross_entropy bwd dlogits (+=)", dacc.download(), acc, kBf16Tol);
+}
+
+TEST_F(CudaOps, Matmul) {
+  for (auto [N, IC, OC] : {std::tuple{67, 96, 130}, std::tuple{256, 512, 384}}) {
+    auto x = randn(static_cast<size_t>(N) * IC), w = randn(static_cast<size_t>(OC) * IC, 0.05);
+    auto xb = to_bf16(x), wb = to_bf16(w);
+    DevBuf<bf16> dx(xb), dw(wb), dout(static_cast<size_t>(N) * OC);
+    dout.poison();
+    C::matmul_forward(dout, dx, dw, N, IC, OC);
+    std::vector<double> ref(static_cast<size_t>(N) * OC);
+    K::matmul_forward<double>(ref.data(), x.data(), w.data(), N, IC, OC);
+    expect_close("matmul fwd", dout.download(), ref, kBf16Tol);
+
+    auto g = randn(static_cast<size_t>(N) * OC), dinp = randn(static_cast<size_t>(N) * IC),
+         dwt = randn(static_cast<size_t>(OC) * IC);
+    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
+    auto dwtf = to_f32(dwt);
+    DevBuf<bf16> dg(gb), ddinp(dinpb);
+    DevBuf<float> ddw(dwtf);
+    C::matmul_backward(ddinp, ddw, dg, dx, dw, N, IC, OC);
+    K::matmul_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), N, IC, OC);
+    expect_close("matmul bwd dinp (+=)", ddinp.download(), dinp, kBf16Tol);
+    expect_close("matmul bwd dweight fp32 (+=)", ddw.download(), dwt, 1e-5);
+  }
+}
+
+TEST_F(CudaOps, AdamWAndSumOfSquares) {
+  const size_t n = 100001;
+  std::vector<float> p(n), g(n), m(n), v(n);
+  auto pd = randn(n), gd = randn(n, 0.1), md = randn(n, 0.01), vd = randu(n, 0.0, 1e-3);
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = static_cast<float>(pd[i]);
+    g[i] = static_cast<float>(gd[i]);
+    m[i] = static_cast<float>(md[i]);
+    v[i] = static_cast<float>(vd[i]);
+  }
+  K::AdamWHyper hy;
+  hy.lr = 1e-3f;
+  hy.weight_decay = 0.1f;
+  hy.step = 7;
+  DevBuf<float> dp(p), dg(g), dm(m), dv(v);
+  DevBuf<bf16> dpb(n);
+  dpb.poison();
+  C::adamw_update(dp, dg, dm, dv, n, hy, 0.5f, dpb);
+  K::adamw_update(p.data(), g.data(), m.data(), v.data(), n, hy, 0.5f);
+  std::vector<double> pref = as_double(p);
+  expect_close("adamw param (fp32)", dp.download(), pref, 1e-6);
+  expect_close("adamw m", dm.download(), as_double(m), 1e-6);
+  expect_close("adamw v", dv.download(), as_double(v), 1e-6);
+  expect_close("adamw bf16 copy", dpb.download(), pref, kBf16Tol);
+
+  std::vector<double> init = {0.25};
+  DevBuf<double> dout(init);
+  C::sum_of_squares_accumulate(dout, dg, n);
+  const double ref = 0.25 + K::sum_of_squares(g.data(), n);
+  expect_close("sum_of_squares (+=)", dout.download(), std::vector<double>{ref}, 1e-12);
+}
+
+}  // namespace
+}  // namespace dmc::cuda_test

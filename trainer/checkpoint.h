@@ -1,0 +1,59 @@
+// Training checkpoints: everything a run needs to continue bit-exactly.
+//
+// DIR/step_00000100/
+//   model-tp0.safetensors   fp32 weights of tensor-parallel rank 0 (HF names, local shapes)
+//   optim-tp0.safetensors   its AdamW moments (exp_avg.NAME, exp_avg_sq.NAME)
+//   ...                     one pair per TP rank, written by that rank's first DP replica
+//   trainer.json            step, tokens, optimizer step, loader cursor, seed, layout, model config
+// DIR/latest                the name of the newest complete checkpoint
+//
+// A save goes into DIR/.tmp-step_N, is fsynced, and only then renamed to DIR/step_N and named in
+// `latest` (itself replaced atomically), so an interrupted save never damages the previous
+// checkpoint. DMC noise is a pure function of (seed, step), so no RNG state beyond the loader
+// cursor is needed. Optimizer and model state are independent of the data-parallel size.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/llama.h"
+#include "parallel/communicator.h"
+#include "trainer/optimizer.h"
+
+namespace dmc::trainer {
+
+struct TrainingState {
+  int step = 0;
+  int64_t tokens = 0;
+  int optimizer_step = 0;
+  std::string loader_cursor;  // data::LoaderCursor::ToString()
+  uint64_t seed = 0;
+};
+
+class Checkpointer {
+ public:
+  // world: every rank of the job (saves synchronise on it); tp_rank/dp_rank: this rank's place.
+  Checkpointer(std::string dir, int keep_last, parallel::Communicator* world, int tp_rank,
+               int tp_size, int dp_rank);
+
+  absl::Status Save(const model::Llama<float>& model, AdamW& optimizer,
+                    const TrainingState& state);
+
+  // Loads the checkpoint named by DIR/latest into model and optimizer. Errors name the file: a
+  // missing `latest`, a checkpoint of another model config or TP size, a damaged tensor file.
+  absl::StatusOr<TrainingState> LoadLatest(model::Llama<float>& model, AdamW& optimizer) const;
+
+  static std::string StepDirName(int step);
+
+ private:
+  absl::Status Prune() const;
+
+  std::string dir_;
+  int keep_last_;
+  parallel::Communicator* world_;
+  int tp_rank_, tp_size_, dp_rank_;
+};
+
+}  // namespace dmc::trainer
