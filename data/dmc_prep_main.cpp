@@ -9,6 +9,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "data/prep.h"
 
 ABSL_FLAG(std::vector<std::string>, input, {},
@@ -28,6 +30,9 @@ int main(int argc, char** argv) {
       "Tokenizes text (.txt) or JSONL (.jsonl) files into HDF5 token shards.\n"
       "  dmc-prep --input=DIR_OR_FILES --output=DIR [--tokenizer=byte|path.model] "
       "[--shard_tokens=N] [--val_fraction=F] [--threads=N]");
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) { return absl::StrContains(file, "dmc_prep_main"); };
+  absl::SetFlagsUsageConfig(usage);
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   dmc::data::PrepOptions o;
   o.inputs = absl::GetFlag(FLAGS_input);
@@ -42,7 +47,7 @@ int main(int argc, char** argv) {
   o.progress = absl::GetFlag(FLAGS_progress);
   auto r = dmc::data::RunPrep(o);
   if (!r.ok()) {
-    std::fprintf(stderr, "\ndmc-prep: error: %s\n", std::string(r.status().message()).c_str());
+    std::fprintf(stderr, "dmc-prep: error: %s\n", std::string(r.status().message()).c_str());
     return 1;
   }
   return 0;

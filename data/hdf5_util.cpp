@@ -52,12 +52,24 @@ herr_t Handle::Close() {
   if (id_ < 0) return 0;
   herr_t r = 0;
   switch (kind_) {
-    case kFile: r = H5Fclose(id_); break;
-    case kDataset: r = H5Dclose(id_); break;
-    case kDataspace: r = H5Sclose(id_); break;
-    case kAttribute: r = H5Aclose(id_); break;
-    case kPlist: r = H5Pclose(id_); break;
-    case kType: r = H5Tclose(id_); break;
+    case kFile:
+      r = H5Fclose(id_);
+      break;
+    case kDataset:
+      r = H5Dclose(id_);
+      break;
+    case kDataspace:
+      r = H5Sclose(id_);
+      break;
+    case kAttribute:
+      r = H5Aclose(id_);
+      break;
+    case kPlist:
+      r = H5Pclose(id_);
+      break;
+    case kType:
+      r = H5Tclose(id_);
+      break;
   }
   id_ = -1;
   return r;

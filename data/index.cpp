@@ -67,7 +67,8 @@ absl::StatusOr<ShardIndex> ReadIndex(const std::string& path) {
   if (!j.is_object()) return Bad(path, "top level must be an object");
   auto fmt = GetString(j, "format", path, "");
   if (!fmt.ok()) return fmt.status();
-  if (*fmt != kIndexFormat) return Bad(path, absl::StrCat("format is '", *fmt, "', expected '", kIndexFormat, "'"));
+  if (*fmt != kIndexFormat)
+    return Bad(path, absl::StrCat("format is '", *fmt, "', expected '", kIndexFormat, "'"));
   auto ver = GetInt(j, "version", path, "");
   if (!ver.ok()) return ver.status();
   if (*ver != kIndexVersion) return Bad(path, absl::StrCat("unsupported version ", *ver));
@@ -80,8 +81,10 @@ absl::StatusOr<ShardIndex> ReadIndex(const std::string& path) {
   idx.split = *split;
   idx.tokenizer = *tok;
   for (auto [key, dst] : {std::pair<const char*, int64_t*>{"vocab_size", &idx.vocab_size},
-                          {"bos_id", &idx.bos_id}, {"eos_id", &idx.eos_id},
-                          {"num_tokens", &idx.num_tokens}, {"num_documents", &idx.num_documents}}) {
+                          {"bos_id", &idx.bos_id},
+                          {"eos_id", &idx.eos_id},
+                          {"num_tokens", &idx.num_tokens},
+                          {"num_documents", &idx.num_documents}}) {
     auto v = GetInt(j, key, path, "");
     if (!v.ok()) return v.status();
     *dst = *v;

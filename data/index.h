@@ -21,8 +21,8 @@
 namespace dmc::data {
 
 struct ShardEntry {
-  std::string path;          // as written in the index
-  std::string resolved_path; // filled by ReadIndex: path joined to the index's folder
+  std::string path;           // as written in the index
+  std::string resolved_path;  // filled by ReadIndex: path joined to the index's folder
   int64_t num_tokens = 0;
   int64_t num_segments = 0;  // document segments in the shard
 };

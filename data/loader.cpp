@@ -25,9 +25,12 @@ uint64_t SplitMix64(uint64_t x) {
 // LoaderCursor
 
 nlohmann::json LoaderCursor::ToJson() const {
-  return nlohmann::json{{"epoch", epoch},           {"batch", batch},
-                        {"seed", seed},             {"seq_len", seq_len},
-                        {"global_batch", global_batch}, {"num_windows", num_windows}};
+  return nlohmann::json{{"epoch", epoch},
+                        {"batch", batch},
+                        {"seed", seed},
+                        {"seq_len", seq_len},
+                        {"global_batch", global_batch},
+                        {"num_windows", num_windows}};
 }
 
 absl::StatusOr<LoaderCursor> LoaderCursor::FromJson(const nlohmann::json& j) {
@@ -35,15 +38,16 @@ absl::StatusOr<LoaderCursor> LoaderCursor::FromJson(const nlohmann::json& j) {
   LoaderCursor c;
   auto get = [&](const char* key, auto* dst) -> absl::Status {
     auto it = j.find(key);
-    if (it == j.end()) return absl::InvalidArgumentError(absl::StrCat("loader cursor: missing field '", key, "'"));
+    if (it == j.end())
+      return absl::InvalidArgumentError(absl::StrCat("loader cursor: missing field '", key, "'"));
     if (!it->is_number_integer())
       return absl::InvalidArgumentError(absl::StrCat("loader cursor: field '", key, "' must be an integer"));
     *dst = it->get<std::remove_pointer_t<decltype(dst)>>();
     return absl::OkStatus();
   };
-  for (absl::Status s : {get("epoch", &c.epoch), get("batch", &c.batch), get("seed", &c.seed),
-                         get("seq_len", &c.seq_len), get("global_batch", &c.global_batch),
-                         get("num_windows", &c.num_windows)})
+  for (absl::Status s :
+       {get("epoch", &c.epoch), get("batch", &c.batch), get("seed", &c.seed), get("seq_len", &c.seq_len),
+        get("global_batch", &c.global_batch), get("num_windows", &c.num_windows)})
     if (!s.ok()) return s;
   if (c.epoch < 0 || c.batch < 0) return absl::InvalidArgumentError("loader cursor: negative epoch or batch");
   return c;
@@ -100,11 +104,13 @@ int64_t WindowPermutation::operator()(int64_t i) const {
 
 absl::StatusOr<std::unique_ptr<ShardLoader>> ShardLoader::Open(const LoaderOptions& o) {
   const std::string& ip = o.index_path;
-  if (o.seq_len <= 0) return absl::InvalidArgumentError(absl::StrCat(ip, ": seq_len must be > 0, got ", o.seq_len));
+  if (o.seq_len <= 0)
+    return absl::InvalidArgumentError(absl::StrCat(ip, ": seq_len must be > 0, got ", o.seq_len));
   if (o.batch_size <= 0)
     return absl::InvalidArgumentError(absl::StrCat(ip, ": batch_size must be > 0, got ", o.batch_size));
   if (o.dp_size <= 0 || o.dp_rank < 0 || o.dp_rank >= o.dp_size)
-    return absl::InvalidArgumentError(absl::StrFormat("%s: bad dp_rank %d / dp_size %d", ip, o.dp_rank, o.dp_size));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: bad dp_rank %d / dp_size %d", ip, o.dp_rank, o.dp_size));
   if (o.prefetch < 0) return absl::InvalidArgumentError(absl::StrCat(ip, ": prefetch must be >= 0"));
   auto idx = ReadIndex(ip);
   if (!idx.ok()) return idx.status();
@@ -115,13 +121,13 @@ absl::StatusOr<std::unique_ptr<ShardLoader>> ShardLoader::Open(const LoaderOptio
   L->index_ = std::move(*idx);
   const ShardIndex& x = L->index_;
   if (o.expected_vocab_size > 0 && x.vocab_size != o.expected_vocab_size)
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s: vocabulary mismatch: the shards have vocab_size %d, the model expects %d", ip, x.vocab_size,
-        o.expected_vocab_size));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s: vocabulary mismatch: the shards have vocab_size %d, the model expects %d", ip,
+                        x.vocab_size, o.expected_vocab_size));
   if (!o.expected_tokenizer.empty() && x.tokenizer != o.expected_tokenizer)
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s: tokenizer mismatch: the shards were made with '%s', the model expects '%s'", ip, x.tokenizer,
-        o.expected_tokenizer));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s: tokenizer mismatch: the shards were made with '%s', the model expects '%s'", ip,
+                        x.tokenizer, o.expected_tokenizer));
 
   // Open every shard once: catches missing, corrupt and truncated files before training starts.
   L->readers_.resize(x.shards.size());
@@ -132,12 +138,13 @@ absl::StatusOr<std::unique_ptr<ShardLoader>> ShardLoader::Open(const LoaderOptio
     if (!r.ok()) return r.status();
     const ShardMeta& m = (*r)->meta();
     if (m.num_tokens != e.num_tokens)
-      return absl::DataLossError(absl::StrFormat(
-          "%s: holds %d tokens but %s lists %d (truncated or replaced shard?)", e.resolved_path, m.num_tokens,
-          ip, e.num_tokens));
+      return absl::DataLossError(
+          absl::StrFormat("%s: holds %d tokens but %s lists %d (truncated or replaced shard?)",
+                          e.resolved_path, m.num_tokens, ip, e.num_tokens));
     if (m.tokenizer != x.tokenizer)
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "%s: tokenizer mismatch: shard says '%s', %s says '%s'", e.resolved_path, m.tokenizer, ip, x.tokenizer));
+      return absl::FailedPreconditionError(
+          absl::StrFormat("%s: tokenizer mismatch: shard says '%s', %s says '%s'", e.resolved_path,
+                          m.tokenizer, ip, x.tokenizer));
     if (m.vocab_size != x.vocab_size || m.bos_id != x.bos_id || m.eos_id != x.eos_id)
       return absl::FailedPreconditionError(absl::StrFormat(
           "%s: vocabulary mismatch: shard has vocab_size %d (bos %d, eos %d), %s has %d (bos %d, eos %d)",
@@ -153,8 +160,8 @@ absl::StatusOr<std::unique_ptr<ShardLoader>> ShardLoader::Open(const LoaderOptio
   L->global_batch_ = static_cast<int64_t>(o.batch_size) * o.dp_size;
   if (L->num_windows_ < L->global_batch_)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: %d tokens in %d shard(s) give %d windows of %d+1 tokens, fewer than one global batch of %d",
-        ip, x.num_tokens, x.shards.size(), L->num_windows_, o.seq_len, L->global_batch_));
+        "%s: %d tokens in %d shard(s) give %d windows of %d+1 tokens, fewer than one global batch of %d", ip,
+        x.num_tokens, x.shards.size(), L->num_windows_, o.seq_len, L->global_batch_));
   L->batches_per_epoch_ = L->num_windows_ / L->global_batch_;
   L->StartThread();
   return L;
@@ -212,9 +219,9 @@ absl::Status ShardLoader::ReadBatch(int64_t epoch, int64_t batch, std::vector<in
     if (!s.ok()) return s;
     for (int t = 0; t <= T; ++t)
       if (scratch_[t] >= vocab)
-        return absl::DataLossError(absl::StrFormat(
-            "%s: token id %d at offset %d is outside the vocabulary [0, %d) of %s", (*r)->path(), scratch_[t],
-            offset + t, vocab, index_path_));
+        return absl::DataLossError(
+            absl::StrFormat("%s: token id %d at offset %d is outside the vocabulary [0, %d) of %s",
+                            (*r)->path(), scratch_[t], offset + t, vocab, index_path_));
     int32_t* in = inputs->data() + static_cast<size_t>(b) * T;
     int32_t* tg = targets->data() + static_cast<size_t>(b) * T;
     for (int t = 0; t < T; ++t) {
@@ -288,8 +295,8 @@ absl::Status ShardLoader::Next(std::vector<int32_t>* inputs, std::vector<int32_t
   Item& item = queue_.front();
   if (!item.status.ok()) return item.status;
   if (item.epoch != epoch_ || item.batch != batch_)  // cannot happen; guards the invariant
-    return absl::InternalError(absl::StrFormat("%s: prefetch out of order (have %d/%d, want %d/%d)", index_path_,
-                                               item.epoch, item.batch, epoch_, batch_));
+    return absl::InternalError(absl::StrFormat("%s: prefetch out of order (have %d/%d, want %d/%d)",
+                                               index_path_, item.epoch, item.batch, epoch_, batch_));
   inputs->swap(item.inputs);
   targets->swap(item.targets);
   queue_.pop_front();
@@ -323,11 +330,12 @@ absl::Status ShardLoader::Restore(const LoaderCursor& c) {
   };
   if (c.seed != opt_.seed) return mismatch("seed", c.seed, opt_.seed);
   if (c.seq_len != opt_.seq_len) return mismatch("seq_len", c.seq_len, opt_.seq_len);
-  if (c.global_batch != global_batch_) return mismatch("global batch (batch_size*dp_size)", c.global_batch, global_batch_);
+  if (c.global_batch != global_batch_)
+    return mismatch("global batch (batch_size*dp_size)", c.global_batch, global_batch_);
   if (c.num_windows != num_windows_) return mismatch("the number of windows", c.num_windows, num_windows_);
   if (c.epoch < 0 || c.batch < 0 || c.batch >= batches_per_epoch_)
-    return absl::InvalidArgumentError(absl::StrFormat("%s: loader cursor batch %d outside [0, %d)", index_path_,
-                                                      c.batch, batches_per_epoch_));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: loader cursor batch %d outside [0, %d)",
+                                                      index_path_, c.batch, batches_per_epoch_));
   StopThread();
   {
     std::lock_guard<std::mutex> l(mu_);

@@ -99,7 +99,7 @@ class ShardLoader {
   // Continues from `c` (saved by any loader on the same index, seq_len, seed and global batch).
   absl::Status Restore(const LoaderCursor& c);
 
-  int64_t windows_per_epoch() const { return num_windows_; }      // W
+  int64_t windows_per_epoch() const { return num_windows_; }        // W
   int64_t batches_per_epoch() const { return batches_per_epoch_; }  // floor(W / global_batch)
   int64_t global_batch() const { return global_batch_; }
   const ShardIndex& index() const { return index_; }

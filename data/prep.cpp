@@ -9,8 +9,8 @@
 #include <fstream>
 #include <future>
 #include <memory>
-#include <regex>
 #include <sstream>
+#include <string_view>
 #include <system_error>
 #include <thread>
 
@@ -53,7 +53,8 @@ absl::Status ListInputs(const std::vector<std::string>& inputs, std::vector<Inpu
           ignored->push_back(f.string());
       }
       if (ec) return absl::UnavailableError(absl::StrCat(in, ": cannot list directory: ", ec.message()));
-      if (found.empty()) return absl::NotFoundError(absl::StrCat(in, ": directory holds no .txt or .jsonl file"));
+      if (found.empty())
+        return absl::NotFoundError(absl::StrCat(in, ": directory holds no .txt or .jsonl file"));
       std::sort(found.begin(), found.end());
       for (auto& f : found) files->push_back({f, HasExt(f, ".jsonl")});
     } else {
@@ -153,7 +154,8 @@ class SplitWriter {
         if (!s.ok()) return s;
       }
       int64_t take = std::min(n - done, o_.shard_tokens - cur_->num_tokens());
-      absl::Status s = cur_->Append(tokens.data() + done, take, first);
+      // Each piece opens a segment in its shard; a piece after the first continues the document.
+      absl::Status s = cur_->Append(tokens.data() + done, take, /*starts_segment=*/true);
       if (!s.ok()) return s;
       done += take;
       first = false;
@@ -235,13 +237,27 @@ void TokenizeBatch(const Tokenizer& tok, int threads, Batch* b) {
   for (auto& t : pool) t.join();
 }
 
-// Removes shards and indexes a previous run left in dir (our own names only).
+// Our own output names: {train,val}_NNNNNN.h5[.tmp] and {train,val}_index.json[.tmp].
+bool IsOurOutput(const std::string& name) {
+  for (const char* split : {"train_", "val_"}) {
+    std::string_view n(name), p(split);
+    if (n.substr(0, p.size()) != p) continue;
+    n.remove_prefix(p.size());
+    if (n == "index.json" || n == "index.json.tmp") return true;
+    if (n.size() < 9 || n.substr(6, 3) != ".h5") continue;
+    if (!std::all_of(n.begin(), n.begin() + 6, [](char c) { return c >= '0' && c <= '9'; })) continue;
+    n.remove_prefix(9);
+    return n.empty() || n == ".tmp";
+  }
+  return false;
+}
+
+// Removes shards and indexes a previous run left in dir (our own names only), so that no stale
+// shard sits next to the new index.
 void RemoveOldOutputs(const std::string& dir) {
-  static const std::regex kOurs(R"((train|val)_(\d{6}\.h5(\.tmp)?|index\.json))");
   std::error_code ec;
   for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec))
-    if (it->is_regular_file() && std::regex_match(it->path().filename().string(), kOurs))
-      fs::remove(it->path(), ec);
+    if (it->is_regular_file() && IsOurOutput(it->path().filename().string())) fs::remove(it->path(), ec);
 }
 
 }  // namespace
@@ -249,14 +265,16 @@ void RemoveOldOutputs(const std::string& dir) {
 absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   if (o.output_dir.empty()) return absl::InvalidArgumentError("no --output directory given");
-  if (o.shard_tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("--shard_tokens must be > 0, got ", o.shard_tokens));
+  if (o.shard_tokens <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("--shard_tokens must be > 0, got ", o.shard_tokens));
   if (!(o.val_fraction >= 0.0 && o.val_fraction < 1.0))
     return absl::InvalidArgumentError(absl::StrCat("--val_fraction must be in [0, 1), got ", o.val_fraction));
   auto tok_or = LoadTokenizer(o.tokenizer);
   if (!tok_or.ok()) return tok_or.status();
   const Tokenizer& tok = **tok_or;
   if (tok.eos_id() < 0 || tok.eos_id() >= tok.vocab_size())
-    return absl::InvalidArgumentError(absl::StrCat(o.tokenizer, ": tokenizer has no EOS id (needed between documents)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(o.tokenizer, ": tokenizer has no EOS id (needed between documents)"));
   if (o.add_bos && (tok.bos_id() < 0 || tok.bos_id() >= tok.vocab_size()))
     return absl::InvalidArgumentError(absl::StrCat(o.tokenizer, ": tokenizer has no BOS id"));
 
@@ -267,7 +285,8 @@ absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
 
   std::error_code ec;
   fs::create_directories(o.output_dir, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat(o.output_dir, ": cannot create directory: ", ec.message()));
+  if (ec)
+    return absl::UnavailableError(absl::StrCat(o.output_dir, ": cannot create directory: ", ec.message()));
   RemoveOldOutputs(o.output_dir);
 
   PrepResult r;
@@ -279,22 +298,33 @@ absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
   DocReader reader(files, o.text_field);
 
   auto last_print = t0;
+  int64_t done_bytes = 0, done_tokens = 0;  // of the documents written so far
+  // Ends a half-written progress line whichever way RunPrep returns.
+  struct LineCloser {
+    bool open = false;
+    ~LineCloser() {
+      if (open) std::fputc('\n', stderr);
+    }
+  } line;
   auto progress = [&](bool final) {
     if (!o.progress) return;
     auto now = std::chrono::steady_clock::now();
     if (!final && now - last_print < std::chrono::milliseconds(500)) return;
     last_print = now;
     double secs = std::max(1e-9, std::chrono::duration<double>(now - t0).count());
-    int64_t toks = train.index().num_tokens + val.index().num_tokens;
-    std::fprintf(stderr, "\rdmc-prep: %.1f MB read, %.2f MB/s | %lld tokens, %.3g tokens/s | %lld docs%s",
-                 r.bytes / 1e6, r.bytes / 1e6 / secs, static_cast<long long>(toks), toks / secs,
-                 static_cast<long long>(r.documents), final ? "\n" : "");
+    const int64_t toks = done_tokens;
+    std::fprintf(stderr,
+                 "\rdmc-prep: %.1f MB done, %.2f MB/s | %lld tokens, %.3g tokens/s | %lld docs | %.1f s%s",
+                 done_bytes / 1e6, done_bytes / 1e6 / secs, static_cast<long long>(toks), toks / secs,
+                 static_cast<long long>(r.documents), secs, final ? "\n" : "");
+    line.open = !final;
     std::fflush(stderr);
   };
 
   auto write_batch = [&](Batch& b) -> absl::Status {
     for (size_t i = 0; i < b.docs.size(); ++i) {
       std::vector<int32_t>& t = b.tokens[i];
+      done_bytes += static_cast<int64_t>(b.docs[i].size());
       if (b.docs[i].empty() || t.empty()) {  // nothing to learn from; counted in the summary
         ++r.empty_documents;
         continue;
@@ -305,6 +335,7 @@ absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
       bool to_val = (d + 1) * val_ppm / 1000000 > d * val_ppm / 1000000;
       absl::Status st = to_val ? val.AddDocument(t) : train.AddDocument(t);
       if (!st.ok()) return st;
+      done_tokens += static_cast<int64_t>(t.size());
       progress(false);
     }
     return absl::OkStatus();
@@ -340,12 +371,12 @@ absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
   auto val_path = val.Finish();
   if (!val_path.ok()) return val_path.status();
   if (train_path->empty())
-    return absl::InvalidArgumentError(absl::StrCat("no training tokens: the inputs (",
-                                                   absl::StrJoin(o.inputs, ", "), ") hold no non-empty document"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "no training tokens: the inputs (", absl::StrJoin(o.inputs, ", "), ") hold no non-empty document"));
   if (val_ppm > 0 && val_path->empty())
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "--val_fraction=%g selects no document out of %d; raise it or add documents", o.val_fraction,
-        r.documents));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--val_fraction=%g selects no document out of %d; raise it or add documents",
+                        o.val_fraction, r.documents));
   r.train_index = *train_path;
   r.val_index = *val_path;
   r.train_documents = train.index().num_documents;
@@ -357,7 +388,8 @@ absl::StatusOr<PrepResult> RunPrep(const PrepOptions& o) {
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   progress(true);
   if (o.progress) {
-    std::fprintf(stderr, "dmc-prep: %lld files, %lld documents (%lld empty, skipped) with tokenizer %s (vocab %d)\n",
+    std::fprintf(stderr,
+                 "dmc-prep: %lld files, %lld documents (%lld empty, skipped) with tokenizer %s (vocab %d)\n",
                  static_cast<long long>(r.files), static_cast<long long>(r.documents),
                  static_cast<long long>(r.empty_documents), tok.name().c_str(), tok.vocab_size());
     std::fprintf(stderr, "dmc-prep: train: %lld docs, %lld tokens, %lld shards -> %s\n",

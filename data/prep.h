@@ -26,13 +26,13 @@ namespace dmc::data {
 struct PrepOptions {
   std::vector<std::string> inputs;
   std::string output_dir;
-  std::string tokenizer = "byte";         // "byte" or a SentencePiece .model path
-  int64_t shard_tokens = int64_t{1} << 27; // tokens per shard (the last one of a split shorter)
-  double val_fraction = 0.0;              // share of documents held out for validation
-  int threads = 0;                        // tokenizer threads; 0 = all cores
-  bool add_bos = false;                   // also put BOS before each document
-  std::string text_field = "text";        // JSONL field holding the document
-  bool progress = true;                   // progress line on stderr
+  std::string tokenizer = "byte";           // "byte" or a SentencePiece .model path
+  int64_t shard_tokens = int64_t{1} << 27;  // tokens per shard (the last one of a split shorter)
+  double val_fraction = 0.0;                // share of documents held out for validation
+  int threads = 0;                          // tokenizer threads; 0 = all cores
+  bool add_bos = false;                     // also put BOS before each document
+  std::string text_field = "text";          // JSONL field holding the document
+  bool progress = true;                     // progress line on stderr
   int64_t chunk_tokens = int64_t{1} << 16;  // HDF5 chunk length of /tokens (<= shard_tokens)
 };
 

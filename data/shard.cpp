@@ -18,15 +18,14 @@ using h5::Handle;
 constexpr char kFormat[] = "dmc-shard";
 constexpr int64_t kFormatVersion = 1;
 
-absl::Status WriteStringAttr(hid_t obj, const char* name, const std::string& value,
-                             const std::string& file) {
+absl::Status WriteStringAttr(hid_t obj, const char* name, const std::string& value, const std::string& file) {
   Handle type(H5Tcopy(H5T_C_S1), Handle::kType);
   H5Tset_size(type.get(), value.empty() ? 1 : value.size());
   H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
   Handle space(H5Screate(H5S_SCALAR), Handle::kDataspace);
-  Handle attr(H5Acreate2(obj, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
-              Handle::kAttribute);
-  if (!attr.valid()) return H5Error(absl::StatusCode::kInternal, file, absl::StrCat("cannot create attribute ", name));
+  Handle attr(H5Acreate2(obj, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), Handle::kAttribute);
+  if (!attr.valid())
+    return H5Error(absl::StatusCode::kInternal, file, absl::StrCat("cannot create attribute ", name));
   std::string buf = value.empty() ? std::string(1, '\0') : value;
   if (H5Awrite(attr.get(), type.get(), buf.data()) < 0)
     return H5Error(absl::StatusCode::kInternal, file, absl::StrCat("cannot write attribute ", name));
@@ -94,8 +93,8 @@ absl::StatusOr<int64_t> ReadInt64Attr(hid_t obj, const char* name, const std::st
 }
 
 // Opens a 1-D unsigned integer dataset of the given byte width; returns it and its length.
-absl::StatusOr<Handle> Open1D(hid_t file, const char* name, size_t width, hid_t dapl,
-                              const std::string& path, int64_t* length) {
+absl::StatusOr<Handle> Open1D(hid_t file, const char* name, size_t width, hid_t dapl, const std::string& path,
+                              int64_t* length) {
   htri_t exists = H5Lexists(file, name, H5P_DEFAULT);
   if (exists <= 0) {
     H5ErrorText();
@@ -107,8 +106,8 @@ absl::StatusOr<Handle> Open1D(hid_t file, const char* name, size_t width, hid_t 
   Handle type(H5Dget_type(ds.get()), Handle::kType);
   if (!type.valid() || H5Tget_class(type.get()) != H5T_INTEGER || H5Tget_size(type.get()) != width ||
       H5Tget_sign(type.get()) != H5T_SGN_NONE)
-    return absl::DataLossError(absl::StrFormat("%s: dataset '%s' must be uint%d", path, name,
-                                               static_cast<int>(width * 8)));
+    return absl::DataLossError(
+        absl::StrFormat("%s: dataset '%s' must be uint%d", path, name, static_cast<int>(width * 8)));
   Handle space(H5Dget_space(ds.get()), Handle::kDataspace);
   if (!space.valid() || H5Sget_simple_extent_ndims(space.get()) != 1)
     return absl::DataLossError(absl::StrCat(path, ": dataset '", name, "' must be 1-D"));
@@ -150,17 +149,17 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
   w->meta_.num_tokens = 0;
   w->meta_.num_segments = 0;
   w->chunk_tokens_ = chunk_tokens;
-  w->file_ = Handle(H5Fcreate(w->tmp_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
-                    Handle::kFile);
+  w->file_ = Handle(H5Fcreate(w->tmp_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), Handle::kFile);
   if (!w->file_.valid()) return H5Error(absl::StatusCode::kUnavailable, w->tmp_path_, "cannot create file");
   hsize_t dims[1] = {0}, maxdims[1] = {H5S_UNLIMITED}, chunk[1] = {static_cast<hsize_t>(chunk_tokens)};
   Handle space(H5Screate_simple(1, dims, maxdims), Handle::kDataspace);
   Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), Handle::kPlist);
   H5Pset_chunk(dcpl.get(), 1, chunk);
-  w->tokens_ = Handle(H5Dcreate2(w->file_.get(), "tokens", H5T_STD_U32LE, space.get(), H5P_DEFAULT,
-                                 dcpl.get(), H5P_DEFAULT),
-                      Handle::kDataset);
-  if (!w->tokens_.valid()) return H5Error(absl::StatusCode::kInternal, w->tmp_path_, "cannot create dataset tokens");
+  w->tokens_ = Handle(
+      H5Dcreate2(w->file_.get(), "tokens", H5T_STD_U32LE, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+      Handle::kDataset);
+  if (!w->tokens_.valid())
+    return H5Error(absl::StatusCode::kInternal, w->tmp_path_, "cannot create dataset tokens");
   w->buffer_.reserve(static_cast<size_t>(chunk_tokens));
   return w;
 }
@@ -175,15 +174,15 @@ ShardWriter::~ShardWriter() {
   }
 }
 
-absl::Status ShardWriter::Append(const int32_t* tokens, int64_t n, bool starts_document) {
+absl::Status ShardWriter::Append(const int32_t* tokens, int64_t n, bool starts_segment) {
   if (closed_) return absl::FailedPreconditionError(absl::StrCat(path_, ": Append after Close"));
-  if (starts_document) doc_offsets_.push_back(static_cast<uint64_t>(meta_.num_tokens));
+  if (starts_segment) doc_offsets_.push_back(static_cast<uint64_t>(meta_.num_tokens));
   for (int64_t i = 0; i < n; ++i) {
     int32_t t = tokens[i];
     if (t < 0 || t >= meta_.vocab_size)
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: token id %d at offset %d is outside the vocabulary [0, %d)", path_, t,
-          meta_.num_tokens, meta_.vocab_size));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: token id %d at offset %d is outside the vocabulary [0, %d)", path_, t,
+                          meta_.num_tokens, meta_.vocab_size));
     buffer_.push_back(static_cast<uint32_t>(t));
     ++meta_.num_tokens;
     if (static_cast<int64_t>(buffer_.size()) >= chunk_tokens_) {
@@ -204,8 +203,7 @@ absl::Status ShardWriter::Flush() {
   hsize_t start[1] = {static_cast<hsize_t>(written_)}, cnt[1] = {buffer_.size()};
   Handle mspace(H5Screate_simple(1, cnt, nullptr), Handle::kDataspace);
   if (H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, cnt, nullptr) < 0 ||
-      H5Dwrite(tokens_.get(), H5T_NATIVE_UINT32, mspace.get(), fspace.get(), H5P_DEFAULT,
-               buffer_.data()) < 0)
+      H5Dwrite(tokens_.get(), H5T_NATIVE_UINT32, mspace.get(), fspace.get(), H5P_DEFAULT, buffer_.data()) < 0)
     return H5Error(absl::StatusCode::kInternal, tmp_path_, "cannot write tokens");
   written_ += static_cast<int64_t>(buffer_.size());
   buffer_.clear();
@@ -223,11 +221,10 @@ absl::Status ShardWriter::Close() {
   offsets.push_back(static_cast<uint64_t>(written_));
   hsize_t dims[1] = {offsets.size()};
   Handle space(H5Screate_simple(1, dims, nullptr), Handle::kDataspace);
-  Handle ds(H5Dcreate2(file_.get(), "doc_offsets", H5T_STD_U64LE, space.get(), H5P_DEFAULT,
-                       H5P_DEFAULT, H5P_DEFAULT),
+  Handle ds(H5Dcreate2(file_.get(), "doc_offsets", H5T_STD_U64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT,
+                       H5P_DEFAULT),
             Handle::kDataset);
-  if (!ds.valid() ||
-      H5Dwrite(ds.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, offsets.data()) < 0)
+  if (!ds.valid() || H5Dwrite(ds.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, offsets.data()) < 0)
     return H5Error(absl::StatusCode::kInternal, tmp_path_, "cannot write doc_offsets");
   ds.Reset();
   hid_t root = file_.get();
@@ -245,7 +242,9 @@ absl::Status ShardWriter::Close() {
   if (file_.Close() < 0) return H5Error(absl::StatusCode::kInternal, tmp_path_, "cannot close file");
   std::error_code ec;
   std::filesystem::rename(tmp_path_, path_, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat(path_, ": cannot rename from ", tmp_path_, ": ", ec.message()));
+  if (ec)
+    return absl::UnavailableError(
+        absl::StrCat(path_, ": cannot rename from ", tmp_path_, ": ", ec.message()));
   closed_ = true;
   return absl::OkStatus();
 }
@@ -263,8 +262,7 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
   std::unique_ptr<ShardReader> r(new ShardReader);
   r->path_ = path;
   htri_t is_h5 = H5Fis_hdf5(path.c_str());
-  if (is_h5 <= 0)
-    return H5Error(absl::StatusCode::kDataLoss, path, "not an HDF5 file (corrupt shard?)");
+  if (is_h5 <= 0) return H5Error(absl::StatusCode::kDataLoss, path, "not an HDF5 file (corrupt shard?)");
   r->file_ = Handle(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), Handle::kFile);
   if (!r->file_.valid())
     return H5Error(absl::StatusCode::kDataLoss, path, "cannot open shard (corrupt or truncated file?)");
@@ -273,7 +271,8 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
   auto fmt = ReadStringAttr(root, "format", path);
   if (!fmt.ok()) return fmt.status();
   if (*fmt != kFormat)
-    return absl::DataLossError(absl::StrCat(path, ": attribute format is '", *fmt, "', expected '", kFormat, "'"));
+    return absl::DataLossError(
+        absl::StrCat(path, ": attribute format is '", *fmt, "', expected '", kFormat, "'"));
   auto ver = ReadInt64Attr(root, "format_version", path);
   if (!ver.ok()) return ver.status();
   if (*ver != kFormatVersion)
@@ -283,7 +282,8 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
   if (!tok.ok()) return tok.status();
   m.tokenizer = *tok;
   for (auto [name, dst] : {std::pair<const char*, int64_t*>{"vocab_size", &m.vocab_size},
-                           {"bos_id", &m.bos_id}, {"eos_id", &m.eos_id}}) {
+                           {"bos_id", &m.bos_id},
+                           {"eos_id", &m.eos_id}}) {
     auto v = ReadInt64Attr(root, name, path);
     if (!v.ok()) return v.status();
     *dst = *v;
@@ -315,9 +315,9 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
   absl::Status s = ReadSlab(offs->get(), H5T_NATIVE_UINT64, n_offsets - 1, 1, &last, path, "doc_offsets");
   if (!s.ok()) return s;
   if (last != static_cast<uint64_t>(m.num_tokens))
-    return absl::DataLossError(absl::StrFormat(
-        "%s: doc_offsets ends at %d but the shard holds %d tokens (truncated shard?)", path, last,
-        m.num_tokens));
+    return absl::DataLossError(
+        absl::StrFormat("%s: doc_offsets ends at %d but the shard holds %d tokens (truncated shard?)", path,
+                        last, m.num_tokens));
   m.num_segments = n_offsets - 1;
   r->filespace_ = Handle(H5Dget_space(r->tokens_.get()), Handle::kDataspace);
   return r;

@@ -28,8 +28,8 @@ struct ShardMeta {
   int64_t vocab_size = 0;
   int64_t bos_id = -1;
   int64_t eos_id = -1;
-  int64_t num_tokens = 0;          // length of /tokens
-  int64_t num_segments = 0;        // document segments (length of /doc_offsets minus one)
+  int64_t num_tokens = 0;    // length of /tokens
+  int64_t num_segments = 0;  // document segments (length of /doc_offsets minus one)
   bool continues_document = false;
 };
 
@@ -37,13 +37,13 @@ class ShardWriter {
  public:
   // Creates `path` (written as path + ".tmp", renamed by Close()). Token ids are checked against
   // meta.vocab_size on Append. chunk_tokens: HDF5 chunk length of /tokens.
-  static absl::StatusOr<std::unique_ptr<ShardWriter>> Create(const std::string& path,
-                                                             const ShardMeta& meta,
+  static absl::StatusOr<std::unique_ptr<ShardWriter>> Create(const std::string& path, const ShardMeta& meta,
                                                              int64_t chunk_tokens = 1 << 16);
   ~ShardWriter();
 
-  // Appends tokens; starts_document records a new document segment at the current offset.
-  absl::Status Append(const int32_t* tokens, int64_t n, bool starts_document);
+  // Appends tokens; starts_segment records a new document segment (a document, or the
+  // continuation of one from the previous shard) at the current offset.
+  absl::Status Append(const int32_t* tokens, int64_t n, bool starts_segment);
   // Marks segment 0 as the continuation of a document from the previous shard.
   void set_continues_document(bool v) { meta_.continues_document = v; }
   int64_t num_tokens() const { return meta_.num_tokens; }

@@ -54,10 +54,12 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& spec) {
   if (spec == "byte") return std::unique_ptr<Tokenizer>(new ByteTokenizer);
-  if (spec.empty()) return absl::InvalidArgumentError("tokenizer spec is empty (want \"byte\" or a .model path)");
+  if (spec.empty())
+    return absl::InvalidArgumentError("tokenizer spec is empty (want \"byte\" or a .model path)");
   std::error_code ec;
   if (!std::filesystem::exists(spec, ec))
-    return absl::NotFoundError(absl::StrCat(spec, ": tokenizer model not found (want \"byte\" or a SentencePiece .model path)"));
+    return absl::NotFoundError(
+        absl::StrCat(spec, ": tokenizer model not found (want \"byte\" or a SentencePiece .model path)"));
   std::ifstream in(spec, std::ios::binary);
   if (!in) return absl::UnavailableError(absl::StrCat(spec, ": cannot read tokenizer model"));
   std::stringstream ss;
@@ -74,7 +76,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& spec
 
 absl::Status TrainSentencePiece(const std::string& args) {
   std::string err;
-  if (!spm::Train(args, &err)) return absl::InternalError(absl::StrCat("SentencePiece training failed: ", err));
+  if (!spm::Train(args, &err))
+    return absl::InternalError(absl::StrCat("SentencePiece training failed: ", err));
   return absl::OkStatus();
 }
 

@@ -1,6 +1,7 @@
 // AdamW on fp32 master weights (spec: kernels/adamw.h) and the deterministic sum of squares
 // (spec: kernels/grad_norm.h) on the GPU.
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -27,14 +28,25 @@ __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v
   }
 }
 
-constexpr int kSsqBlocks = 256, kSsqThreads = 256;
+// Fixed grid (not derived from the device), so the summation order, hence the result, is the same
+// on every GPU.
+constexpr int kSsqBlocks = 1024, kSsqThreads = 256;
 
 __global__ void ssq_partial(double* partial, const float* x, size_t n) {
   double acc = 0.0;
-  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const double v = x[i];
-    acc += v * v;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  const size_t tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+    const size_t n4 = n / 4;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (size_t i = tid; i < n4; i += stride) {
+      const float4 v = x4[i];
+      acc += static_cast<double>(v.x) * v.x + static_cast<double>(v.y) * v.y +
+             static_cast<double>(v.z) * v.z + static_cast<double>(v.w) * v.w;
+    }
+    for (size_t i = 4 * n4 + tid; i < n; i += stride) acc += static_cast<double>(x[i]) * x[i];
+  } else {
+    for (size_t i = tid; i < n; i += stride) acc += static_cast<double>(x[i]) * x[i];
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;

@@ -30,8 +30,11 @@ double row_sumexp(const T* x, int V, double max) {
 
 template <typename T>
 void cross_entropy_forward(T* losses, const T* logits, const int32_t* targets, int N, int V) {
+  // one thread below this much work: thread start-up would dominate
+  const bool parallel = static_cast<long>(N) * V >= (1L << 18);
+  (void)parallel;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (static_cast<long>(N) * V >= (1L << 18))
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
   for (int n = 0; n < N; ++n) {
     if (targets[n] < 0) {
@@ -47,10 +50,13 @@ void cross_entropy_forward(T* losses, const T* logits, const int32_t* targets, i
 }
 
 template <typename T>
-void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets,
-                            const T* dlosses, int N, int V) {
+void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets, const T* dlosses,
+                            int N, int V) {
+  // one thread below this much work: thread start-up would dominate
+  const bool parallel = static_cast<long>(N) * V >= (1L << 18);
+  (void)parallel;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (static_cast<long>(N) * V >= (1L << 18))
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
   for (int n = 0; n < N; ++n) {
     if (targets[n] < 0) continue;
@@ -69,9 +75,9 @@ void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets,
 
 template void cross_entropy_forward<float>(float*, const float*, const int32_t*, int, int);
 template void cross_entropy_forward<double>(double*, const double*, const int32_t*, int, int);
-template void cross_entropy_backward<float>(float*, const float*, const int32_t*, const float*,
-                                            int, int);
-template void cross_entropy_backward<double>(double*, const double*, const int32_t*,
-                                             const double*, int, int);
+template void cross_entropy_backward<float>(float*, const float*, const int32_t*, const float*, int,
+                                            int);
+template void cross_entropy_backward<double>(double*, const double*, const int32_t*, const double*,
+                                             int, int);
 
 }  // namespace dmc::kernels

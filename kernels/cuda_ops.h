@@ -86,7 +86,7 @@ void sum_of_squares_accumulate(double* out, const float* x, size_t n,
 void scale_last_channel(bf16* x, long rows, int D, float m, cudaStream_t stream = nullptr);
 
 // ---- DMC (kernels/noise.h, dmc_gates.h, dmc_scan.h, cr_loss.h) ----
-// Same counters and values as kernels::logistic_noise (fp32 logs instead of double).
+// Same counters and values as kernels::logistic_noise (logs in double, result rounded to fp32).
 void logistic_noise(float* out, int B, int T, int Hkv_local, uint64_t seed, uint64_t stream_id,
                     long seq0, int h0, int Hkv_total, cudaStream_t stream = nullptr);
 
@@ -126,8 +126,9 @@ void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float 
                       cudaStream_t stream = nullptr);
 
 // ---- DMC attention (kernels/dmc_attention.h): fused flash-style kernels ----
-// q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16; mask [B, T, Hkv] fp32 or null;
-// lse [B, H, T] fp32 (natural log). D must be 64 or 128; any T >= 1; H % Hkv == 0.
+// q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;
+// mask [B, T, Hkv] fp32 or null; lse [B, H, T] fp32 (natural log, may be null in the forward).
+// D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);

@@ -1,20 +1,23 @@
 // Fused DMC attention on the GPU (spec: kernels/dmc_attention.h): FlashAttention-2 style tiling on
 // bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation, ldmatrix from XOR-swizzled shared
-// memory, cp.async double buffering), with the DMC bias added on the fly.
+// memory, cp.async double buffering), with the DMC bias added on the fly. No T x T buffer exists.
 //
-// Forward (one CTA per 128-query tile of one head; 8 warps x 16 query rows):
-//   for each 64-key tile up to the diagonal: S = Q K^T (Q fragments held in registers; with
-//   exclude_ctrl the control channel D-1 of Q is zeroed in the fragments, so it drops out of the
-//   dot product), s = S·scale + mask[key]·[key < query] (diagonal exempt), causal and tail
-//   masking, online softmax in base 2, O += P V. Saves lse (natural log) per row.
-// Backward (one CTA per 64-key tile of one KV head; 4 warps x 16 keys): loops over the G query
-//   heads of the group and the query tiles at or after the diagonal; recomputes S^T = K Q^T and
-//   P^T = exp(s - lse), then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - Delta),
-//   dK += dS^T Q, dmask[key] += sum_{query > key} dS^T (register accumulators, exact, no
-//   atomics), and dQ += dS K through shared memory into an fp32 accumulator with atomics
-//   (FlashAttention's scheme). Delta = rowsum(dO · O) comes from a small pre-pass; a post-pass
-//   adds the fp32 dQ into the bf16 dq. No T x T buffer exists anywhere.
+// Forward (CTA = 128 queries of one head, 4 warps x 32 rows): for each 64-key tile up to the
+//   diagonal: S = Q K^T (with exclude_ctrl the control channel D-1 of Q is zeroed in the A
+//   fragments, so it drops out of the dot product), s = S·scale + mask[key]·[key < query]
+//   (diagonal exempt), causal and tail masks (only on edge tiles), online softmax in base 2,
+//   O += P V. Saves lse (natural log) per row.
+// Backward: a pre-pass computes Delta = rowsum(dO · O) and lse·log2 e; the main kernel (CTA = 128
+//   keys of one KV head, 8 warps) loops over the G query heads of the group and the 64-row query
+//   tiles at or after the diagonal: recomputes S^T = K Q^T and P^T = exp(s - lse), dP^T = V dO^T,
+//   dS^T = P^T (dP^T - Delta), dmask[key] += sum_{query > key} dS^T (registers, exact, no
+//   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
+//   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
+//   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
+// Versions, timings and the measurements behind each choice: bench/RESULTS.md.
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -35,20 +38,30 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
                "l"(gmem), "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(addr));
+}
+__device__ __forceinline__ float ex2(float x) {  // 2^x, one MUFU instruction; ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 // c += a (16x16, row) * b (16x8, col); bf16 in, fp32 accumulate.
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -72,16 +85,41 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * COLS + ((chunk ^ (row & 7)) << 3);
 }
 
+// Fragment addresses without per-load index arithmetic. An ldmatrix.x4 reads a 16-row x 2-chunk
+// block at rows row0 + [0, 16) (row0 a multiple of 8, so row & 7 == lane % 8) and chunks 2J, 2J+1.
+// Lane l supplies one row address; two lane patterns cover every operand used here:
+//   pattern A (A operands, and B operands read with .trans): row l%8 + 8·((l/8)%2), chunk +l/16
+//   pattern B (B operands, and A operands read with .trans): row l%8 + 8·(l/16),    chunk +(l/8)%2
+// With chunk = 2J + c (c in {0,1}) the swizzled byte offset in the row is (J << 5) ^ ((c ^ l%8) << 4),
+// so a lane's address is base + row0·rowbytes + (lane_off ^ (J << 5)): one XOR and one add.
+template <int COLS>
+__device__ __forceinline__ uint32_t lane_off_a(int lane) {
+  return ((lane % 8) + ((lane / 8) % 2) * 8) * (COLS * 2) + (((lane / 16) ^ (lane % 8)) << 4);
+}
+template <int COLS>
+__device__ __forceinline__ uint32_t lane_off_b(int lane) {
+  return ((lane % 8) + (lane / 16) * 8) * (COLS * 2) + ((((lane / 8) % 2) ^ (lane % 8)) << 4);
+}
+template <int COLS>
+__device__ __forceinline__ uint32_t frag(uint32_t base, uint32_t lane_off, int row0, int J) {
+  return base + row0 * (COLS * 2) + (lane_off ^ (static_cast<uint32_t>(J) << 5));
+}
+
 // rows [row0, row0 + ROWS) of a [T][stride] global matrix (D contiguous bf16 per row) into a
 // swizzled tile; rows past T are zero-filled.
 template <int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* g, int row0, int T, long stride) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < ROWS * kChunks; i += NT) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool valid = row0 + r < T;
-    const bf16* src = valid ? g + static_cast<long>(row0 + r) * stride + c * 8 : g;
-    cp_async16(tile + swz<D>(r, c), src, valid);
+  static_assert(NT % kChunks == 0 && (NT / kChunks) % 8 == 0, "row step keeps row & 7 fixed");
+  constexpr int kRowStep = NT / kChunks;
+  static_assert(ROWS % kRowStep == 0, "whole row steps");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const bf16* src = g + static_cast<long>(row0 + r0) * stride + c * 8;
+  bf16* dst = tile + swz<D>(r0, c);  // the swizzle depends on row & 7 only, fixed per thread
+#pragma unroll
+  for (int j = 0; j < ROWS / kRowStep; ++j) {
+    const bool valid = row0 + r0 + j * kRowStep < T;
+    cp_async16(dst + j * kRowStep * D, valid ? src + j * kRowStep * stride : g, valid);
   }
 }
 
@@ -98,9 +136,11 @@ struct FwdParams {
   bool exclude_ctrl;
 };
 
-template <int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
-  static_assert(BM == 16 * NW, "one m16 row block per warp");
+// MB m16 row blocks per warp (32 rows for MB = 2): each K/V fragment read from shared memory
+// feeds 2·MB tensor-core instructions, which halves the shared-memory traffic of v1 (16 rows).
+template <int D, int BN, int NW, int MB>
+__global__ void __launch_bounds__(NW * 32, 2) attn_fwd_kernel(const FwdParams p) {
+  constexpr int BM = 16 * MB * NW;
   constexpr int NT = NW * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -109,7 +149,9 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
   float* sMask = reinterpret_cast<float*>(sV + 2 * BN * D);  // [2][BN], pre-multiplied by log2 e
 
   const int T = p.T, H = p.H, Hkv = p.Hkv;
-  const int mt = gridDim.x - 1 - blockIdx.x;  // longest rows first
+  // grid (tiles, H, B): the CTAs of one head run together and share its K/V in L2 (making the
+  // tile index the slowest dimension, longest-first across heads, measured slower at T8192: L2)
+  const int mt = gridDim.x - 1 - blockIdx.x;  // longest rows of the head first
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (H / Hkv);
   const int q0 = mt * BM;
@@ -118,7 +160,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
   const bf16* qb = p.q + static_cast<long>(b) * T * qstride + static_cast<long>(h) * D;
   const bf16* kb = p.k + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
   const bf16* vb = p.v + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
-  const float* mb = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
+  const float* mb_ = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
 
   const int kv_end = min(T, q0 + BM);
   const int ntiles = (kv_end + BN - 1) / BN;
@@ -128,7 +170,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
     load_tile<BN, D, NT>(sV + stage * BN * D, vb, n * BN, T, kstride);
     for (int i = tid; i < BN; i += NT) {
       const int key = n * BN + i;
-      sMask[stage * BN + i] = (mb && key < T) ? mb[static_cast<long>(key) * Hkv] * kLog2e : 0.f;
+      sMask[stage * BN + i] = (mb_ && key < T) ? mb_[static_cast<long>(key) * Hkv] * kLog2e : 0.f;
     }
   };
 
@@ -136,12 +178,18 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
   load_kv(0, 0);
   cp_async_commit();
 
-  uint32_t qf[D / 16][4];
-  float o[D / 8][4];
+  float o[MB][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
-  const int row_a = q0 + warp * 16 + lane / 4;  // rows row_a and row_a + 8
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mb][i][0] = o[mb][i][1] = o[mb][i][2] = o[mb][i][3] = 0.f;
+  float m_i[MB][2], l_i[MB][2];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) m_i[mb][0] = m_i[mb][1] = -INFINITY, l_i[mb][0] = l_i[mb][1] = 0.f;
+  const uint32_t offA = lane_off_a<D>(lane), offB = lane_off_b<D>(lane);
+  const uint32_t uQ = smem_u32(sQ);
+  const int wrow0 = warp * 16 * MB;        // first tile row of this warp
+  const int row_a = q0 + wrow0 + lane / 4;  // rows row_a + 16 mb + 8 hh
 
   for (int n = 0; n < ntiles; ++n) {
     const int stage = n & 1;
@@ -149,112 +197,154 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams p) {
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (n == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk], sQ + swz<D>(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 2 + lane / 16));
-      if (p.exclude_ctrl && (lane % 4) == 3) {  // channel D-1 = k column 15 of the last k-step
-        qf[D / 16 - 1][2] &= 0x0000ffffu;
-        qf[D / 16 - 1][3] &= 0x0000ffffu;
-      }
-    }
-    const bf16* tK = sK + stage * BN * D;
-    const bf16* tV = sV + stage * BN * D;
-    const float* tM = sMask + stage * BN;
-
-    float s[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, tK + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
-        mma16816(s[2 * np], qf[kk], bb[0], bb[1]);
-        mma16816(s[2 * np + 1], qf[kk], bb[2], bb[3]);
-      }
-    }
-
-    // scale, DMC bias (keys strictly before the query), causal and tail masks; row maxima
     const int kbase = n * BN;
-    const bool edge = kbase + BN - 1 >= q0 + warp * 16 || kbase + BN > T;
-    float mx[2] = {-INFINITY, -INFINITY};
+    if (kbase <= q0 + wrow0 + 16 * MB - 1) {  // else every key of the tile is after this warp's rows
+      const uint32_t uK = smem_u32(sK) + stage * (BN * D * 2);
+      const uint32_t uV = smem_u32(sV) + stage * (BN * D * 2);
+      const float* tM = sMask + stage * BN;
+
+      float s[MB][BN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int cl = nb * 8 + 2 * (lane % 4) + (e & 1);
-        const int col = kbase + cl, row = row_a + (e >> 1) * 8;
-        float x = s[nb][e] * p.scale_log2;
-        if (edge) {
-          if (col > row || col >= T)
-            x = -INFINITY;
-          else if (col < row)
-            x += tM[cl];
-        } else {
-          x += tM[cl];
+        for (int i = 0; i < BN / 8; ++i) s[mb][i][0] = s[mb][i][1] = s[mb][i][2] = s[mb][i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[MB][4];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          ldsm_x4(a[mb], frag<D>(uQ, offA, wrow0 + mb * 16, kk));
+          if (kk == D / 16 - 1 && p.exclude_ctrl && (lane % 4) == 3) {  // drop channel D-1
+            a[mb][2] &= 0x0000ffffu;
+            a[mb][3] &= 0x0000ffffu;
+          }
         }
-        s[nb][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+#pragma unroll
+        for (int np = 0; np < BN / 16; ++np) {
+          uint32_t bb[4];
+          ldsm_x4(bb, frag<D>(uK, offB, np * 16, kk));
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            mma16816(s[mb][2 * np], a[mb], bb[0], bb[1]);
+            mma16816(s[mb][2 * np + 1], a[mb], bb[2], bb[3]);
+          }
+        }
       }
-    }
-    float corr[2];
+
+      // scale, DMC bias (keys strictly before the query), causal and tail masks, online softmax.
+      // Branch-free per element; the bias values are loaded once per tile; interior tiles (all
+      // keys before every row of the warp, none past T) skip the index tests entirely.
+      const bool edge = kbase + BN - 1 >= q0 + wrow0 || kbase + BN > T;
+      float2 mk[BN / 8];
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-      const float m_new = fmaxf(m_i[hh], mx[hh]);
-      corr[hh] = exp2f(m_i[hh] - m_new);
-      m_i[hh] = m_new;
-      l_i[hh] *= corr[hh];
-    }
+      for (int nb = 0; nb < BN / 8; ++nb)
+        mk[nb] = *reinterpret_cast<const float2*>(tM + nb * 8 + 2 * (lane % 4));
+      if (!edge) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= corr[0];
-      o[i][1] *= corr[0];
-      o[i][2] *= corr[1];
-      o[i][3] *= corr[1];
-    }
-    uint32_t pa[BN / 16][4];
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
-      const float p0 = exp2f(s[nb][0] - m_i[0]), p1 = exp2f(s[nb][1] - m_i[0]);
-      const float p2 = exp2f(s[nb][2] - m_i[1]), p3 = exp2f(s[nb][3] - m_i[1]);
-      l_i[0] += p0 + p1;
-      l_i[1] += p2 + p3;
-      pa[nb / 2][(nb % 2) * 2 + 0] = pack_bf16(p0, p1);
-      pa[nb / 2][(nb % 2) * 2 + 1] = pack_bf16(p2, p3);
-    }
+          for (int nb = 0; nb < BN / 8; ++nb) {
+            s[mb][nb][0] = fmaf(s[mb][nb][0], p.scale_log2, mk[nb].x);
+            s[mb][nb][1] = fmaf(s[mb][nb][1], p.scale_log2, mk[nb].y);
+            s[mb][nb][2] = fmaf(s[mb][nb][2], p.scale_log2, mk[nb].x);
+            s[mb][nb][3] = fmaf(s[mb][nb][3], p.scale_log2, mk[nb].y);
+          }
+      } else {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, tV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-        mma16816(o[2 * dp], pa[kk], bb[0], bb[1]);
-        mma16816(o[2 * dp + 1], pa[kk], bb[2], bb[3]);
+          for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = kbase + nb * 8 + 2 * (lane % 4) + (e & 1);
+              const int row = row_a + mb * 16 + (e >> 1) * 8;
+              const float bias = (e & 1) ? mk[nb].y : mk[nb].x;
+              const float x = fmaf(s[mb][nb][e], p.scale_log2, col < row ? bias : 0.f);
+              s[mb][nb][e] = (col > row || col >= T) ? -INFINITY : x;
+            }
+      }
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+          mx[0] = fmaxf(mx[0], fmaxf(s[mb][nb][0], s[mb][nb][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(s[mb][nb][2], s[mb][nb][3]));
+        }
+        float corr[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+          mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+          const float m_new = fmaxf(m_i[mb][hh], mx[hh]);
+          corr[hh] = ex2(m_i[mb][hh] - m_new);  // rows never end a tile at -inf (see below)
+          m_i[mb][hh] = m_new;
+          l_i[mb][hh] *= corr[hh];
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[mb][i][0] *= corr[0];
+          o[mb][i][1] *= corr[0];
+          o[mb][i][2] *= corr[1];
+          o[mb][i][3] *= corr[1];
+        }
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+          s[mb][nb][0] = ex2(s[mb][nb][0] - m_i[mb][0]);
+          s[mb][nb][1] = ex2(s[mb][nb][1] - m_i[mb][0]);
+          s[mb][nb][2] = ex2(s[mb][nb][2] - m_i[mb][1]);
+          s[mb][nb][3] = ex2(s[mb][nb][3] - m_i[mb][1]);
+          l_i[mb][0] += s[mb][nb][0] + s[mb][nb][1];
+          l_i[mb][1] += s[mb][nb][2] + s[mb][nb][3];
+        }
+      }
+      // O += P V
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t pa[MB][4];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          pa[mb][0] = pack_bf16(s[mb][2 * kk][0], s[mb][2 * kk][1]);
+          pa[mb][1] = pack_bf16(s[mb][2 * kk][2], s[mb][2 * kk][3]);
+          pa[mb][2] = pack_bf16(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
+          pa[mb][3] = pack_bf16(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, frag<D>(uV, offA, kk * 16, dp));
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            mma16816(o[mb][2 * dp], pa[mb], bb[0], bb[1]);
+            mma16816(o[mb][2 * dp + 1], pa[mb], bb[2], bb[3]);
+          }
+        }
       }
     }
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
 
+  // Every row has a finite maximum from tile 0 on (key 0 <= every row), so l > 0.
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    l_i[hh] += __shfl_xor_sync(0xffffffffu, l_i[hh], 1);
-    l_i[hh] += __shfl_xor_sync(0xffffffffu, l_i[hh], 2);
-    const int row = row_a + hh * 8;
-    if (row >= T) continue;
-    const float inv = 1.f / l_i[hh];
-    bf16* orow = p.out + (static_cast<long>(b) * T + row) * qstride + static_cast<long>(h) * D;
+  for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      const int col = nb * 8 + 2 * (lane % 4);
-      *reinterpret_cast<__nv_bfloat162*>(orow + col) =
-          __floats2bfloat162_rn(o[nb][2 * hh] * inv, o[nb][2 * hh + 1] * inv);
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_i[mb][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = row_a + mb * 16 + hh * 8;
+      if (row >= T) continue;
+      const float inv = 1.f / l;
+      bf16* orow = p.out + (static_cast<long>(b) * T + row) * qstride + static_cast<long>(h) * D;
+#pragma unroll
+      for (int nb = 0; nb < D / 8; ++nb) {
+        const int col = nb * 8 + 2 * (lane % 4);
+        *reinterpret_cast<__nv_bfloat162*>(orow + col) =
+            __floats2bfloat162_rn(o[mb][nb][2 * hh] * inv, o[mb][nb][2 * hh + 1] * inv);
+      }
+      if ((lane % 4) == 0 && p.lse)
+        p.lse[(static_cast<long>(b) * H + h) * T + row] = (m_i[mb][hh] + log2f(l)) * kLn2;
     }
-    if ((lane % 4) == 0 && p.lse)
-      p.lse[(static_cast<long>(b) * H + h) * T + row] = (m_i[hh] + log2f(l_i[hh])) * kLn2;
   }
 }
 
@@ -265,7 +355,7 @@ struct BwdParams {
   const bf16* v;
   const float* mask;
   const bf16* dout;
-  const float* lse;
+  const float* lse2;  // lse · log2 e, written by the pre-pass
   const float* delta;
   float* dq_acc;
   bf16* dk;
@@ -276,48 +366,76 @@ struct BwdParams {
   bool exclude_ctrl;
 };
 
-// Delta[b, h, t] = sum_d dout · out, one warp per row.
-__global__ void attn_bwd_delta(float* delta, const bf16* dout, const bf16* out, int B, int T,
-                               int H, int D) {
-  const long row = static_cast<long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= static_cast<long>(B) * T * H) return;  // row = (b, t, h)
-  const bf16* a = dout + row * D;
-  const bf16* c = out + row * D;
+// Pre-pass: Delta[b, h, t] = sum_d dout · out and lse2 = lse · log2 e; 8 lanes per row, each
+// reading D/64 16-byte vectors of dout and of out.
+template <int D>
+__global__ void attn_bwd_prepass(float* delta, float* lse2, const float* lse, const bf16* dout,
+                                 const bf16* out, int B, int T, int H) {
+  constexpr int kLanes = 8, kVec = D / 8 / kLanes;
+  const long row = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;  // (b,t,h)
+  const int sub = threadIdx.x % kLanes;
+  const bool live = row < static_cast<long>(B) * T * H;  // no early exit: the shuffles need all lanes
   float acc = 0.f;
-  for (int d = lane; d < D; d += 32) acc += bf(a[d]) * bf(c[d]);
-  acc = warp_sum(acc);
-  if (lane == 0) {
+#pragma unroll
+  for (int j = 0; j < kVec && live; ++j) {
+    float a[8], c[8];
+    load8(a, dout + row * D + (sub + j * kLanes) * 8);
+    load8(c, out + row * D + (sub + j * kLanes) * 8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc += a[i] * c[i];
+  }
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (sub == 0 && live) {
     const int h = static_cast<int>(row % H);
     const long bt = row / H;
     const int t = static_cast<int>(bt % T), b = static_cast<int>(bt / T);
-    delta[(static_cast<long>(b) * H + h) * T + t] = acc;
+    const long r = (static_cast<long>(b) * H + h) * T + t;
+    delta[r] = acc;
+    lse2[r] = lse[r] * kLog2e;
   }
 }
 
-// dq[i] += dq_acc[i]
+// dq[i..i+7] += dq_acc[i..i+7] (n is a multiple of 8: D is)
 __global__ void attn_bwd_dq_add(bf16* dq, const float* dq_acc, long n) {
-  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) dq[i] = tobf(bf(dq[i]) + dq_acc[i]);
+  const long i = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (i >= n) return;
+  float d[8];
+  load8(d, dq + i);
+  const float4 a = *reinterpret_cast<const float4*>(dq_acc + i);
+  const float4 c = *reinterpret_cast<const float4*>(dq_acc + i + 4);
+  d[0] += a.x, d[1] += a.y, d[2] += a.z, d[3] += a.w, d[4] += c.x, d[5] += c.y, d[6] += c.z,
+      d[7] += c.w;
+  store8(dq + i, d);
 }
 
-template <int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) attn_bwd_kernel(const BwdParams p) {
-  static_assert(BN == 16 * NW && BM == 16 * NW, "one m16 block of keys (and of dQ rows) per warp");
-  constexpr int NT = NW * 32;
+// Backward CTA: BN = 128 keys of one KV head, 8 warps, query tiles of BM = 64 rows.
+// Warp w works on key block kr = w % 4 (32 keys) and query half qc = w / 4 (32 queries) for the
+// score-shaped products (S^T, dP^T: 2 x 2 m16 x n16 fragments per k-step, 1 ldmatrix per 2 mma),
+// writes P^T and dS^T to shared memory, and after a barrier re-tiles for the accumulations:
+// dV, dK += (P^T | dS^T) (dO | Q) for its 32 keys x D/2 columns (half = qc), and dQ = dS K for
+// 32 query rows (w % 2) x D/4 columns (w / 2). (FlashAttention-2's backward layout.)
+template <int D>
+__global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
+  constexpr int BM = 64, BN = 128, NW = 8, NT = NW * 32;
+  constexpr int kDV = D / 2;   // dK/dV columns per warp
+  constexpr int kDQ = D / 4;   // dQ columns per warp
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][D]
   bf16* sV = sK + BN * D;                         // [BN][D]
   bf16* sQ = sV + BN * D;                         // [2][BM][D]
   bf16* sdO = sQ + 2 * BM * D;                    // [2][BM][D]
-  bf16* sdS = sdO + 2 * BM * D;                   // [BN][BM]
-  float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM], times log2 e
+  bf16* sP = sdO + 2 * BM * D;                    // [BN][BM]  P^T
+  bf16* sdS = sP + BN * BM;                       // [BN][BM]  dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM], lse · log2 e
   float* sDelta = sLse + 2 * BM;                           // [2][BM]
+  float* sDm = sDelta + 2 * BM;                            // [BN] dmask partials of qc = 1
 
   const int T = p.T, H = p.H, Hkv = p.Hkv, G = H / Hkv;
-  const int nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int nt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // grid (key tiles, Hkv, B)
   const int k0 = nt * BN;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int kr = warp % 4, qc = warp / 4;
   const long qstride = static_cast<long>(H) * D, kstride = static_cast<long>(Hkv) * D;
   const bf16* kb = p.k + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
   const bf16* vb = p.v + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
@@ -332,11 +450,12 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_kernel(const BwdParams p) {
     const long off = static_cast<long>(b) * T * qstride + static_cast<long>(h) * D;
     load_tile<BM, D, NT>(sQ + stage * BM * D, p.q + off, mt * BM, T, qstride);
     load_tile<BM, D, NT>(sdO + stage * BM * D, p.dout + off, mt * BM, T, qstride);
-    for (int i = tid; i < BM; i += NT) {
-      const int t = mt * BM + i;
+    // lse2 (= lse · log2 e) and Delta rows of the tile, asynchronously like the tiles (zero past T)
+    for (int i = tid; i < 2 * BM; i += NT) {
+      const int t = mt * BM + (i % BM);
       const long r = (static_cast<long>(b) * H + h) * T + t;
-      sLse[stage * BM + i] = t < T ? p.lse[r] * kLog2e : 0.f;
-      sDelta[stage * BM + i] = t < T ? p.delta[r] : 0.f;
+      const float* src = i < BM ? p.lse2 : p.delta;
+      cp_async4((i < BM ? sLse : sDelta) + stage * BM + (i % BM), t < T ? src + r : src, t < T);
     }
   };
 
@@ -345,19 +464,27 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_kernel(const BwdParams p) {
   load_q(0, 0);
   cp_async_commit();
 
-  const int key_a = k0 + warp * 16 + lane / 4;  // this thread's key rows: key_a, key_a + 8
-  float mk[2];
+  // this thread's key rows in the score tiles: kw0 + 16 mb + 8 hh + lane / 4
+  const int kw0 = k0 + kr * 32;
+  float mk[2][2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int key = key_a + hh * 8;
-    mk[hh] = (p.mask && key < T) ? p.mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e : 0.f;
-  }
-  float dk[D / 8][4], dv[D / 8][4];
+  for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+    for (int hh = 0; hh < 2; ++hh) {
+      const int key = kw0 + mb * 16 + hh * 8 + lane / 4;
+      mk[mb][hh] = (p.mask && key < T) ? p.mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e : 0.f;
+    }
+  float dk[2][kDV / 8][4], dv[2][kDV / 8][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
-  float dm[2] = {0.f, 0.f};
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int i = 0; i < kDV / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mb][i][e] = dv[mb][i][e] = 0.f;
+  float dm[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  const uint32_t offA = lane_off_a<D>(lane), offB = lane_off_b<D>(lane);
+  const uint32_t offAs = lane_off_a<BM>(lane), offBs = lane_off_b<BM>(lane);
+  const uint32_t uK = smem_u32(sK), uV = smem_u32(sV), uP = smem_u32(sP), udS = smem_u32(sdS);
 
   for (int it = 0; it < iters; ++it) {
     const int stage = it & 1;
@@ -368,171 +495,218 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_kernel(const BwdParams p) {
     const int g = it / n_m, mt = m_first + it % n_m;
     const int h = hk * G + g;
     const int qbase = mt * BM;
-    const bf16* tQ = sQ + stage * BM * D;
-    const bf16* tdO = sdO + stage * BM * D;
-    const float* tL = sLse + stage * BM;
-    const float* tD = sDelta + stage * BM;
+    const int qw0 = qbase + qc * 32;  // first query of this warp's score tile
+    const uint32_t uQ = smem_u32(sQ) + stage * (BM * D * 2);
+    const uint32_t udO = smem_u32(sdO) + stage * (BM * D * 2);
+    const float* tL = sLse + stage * BM + qc * 32;
+    const float* tD = sDelta + stage * BM + qc * 32;
 
-    // S^T = K Q^T  (16 keys x BM queries per warp)
-    float s[BM / 8][4];
+    if (kw0 > qw0 + 31) {
+      // every key of the warp's block comes after every query of its tile: P = dS = 0
+      for (int i = lane; i < 32 * 16; i += 32) {  // 32 rows x 16 bf16 pairs
+        const int r = kr * 32 + i / 16, c = qc * 32 + (i % 16) * 2;
+        *reinterpret_cast<uint32_t*>(sP + swz<BM>(r, c / 8) + (c % 8)) = 0u;
+        *reinterpret_cast<uint32_t*>(sdS + swz<BM>(r, c / 8) + (c % 8)) = 0u;
+      }
+    } else {
+      // S^T = K Q^T and dP^T = V dO^T for 32 keys x 32 queries
+      float s[2][4][4], dpt[2][4][4];
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, sK + swz<D>(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 2 + lane / 16));
-      if (kk == D / 16 - 1 && p.exclude_ctrl && (lane % 4) == 3) {
-        a[2] &= 0x0000ffffu;
-        a[3] &= 0x0000ffffu;
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mb][i][e] = dpt[mb][i][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[2][4], bq[2][4];
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+          ldsm_x4(a[mb], frag<D>(uK, offA, kr * 32 + mb * 16, kk));
+          if (kk == D / 16 - 1 && p.exclude_ctrl && (lane % 4) == 3) {  // drop channel D-1
+            a[mb][2] &= 0x0000ffffu;
+            a[mb][3] &= 0x0000ffffu;
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) ldsm_x4(bq[np], frag<D>(uQ, offB, qc * 32 + np * 16, kk));
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            mma16816(s[mb][2 * np], a[mb], bq[np][0], bq[np][1]);
+            mma16816(s[mb][2 * np + 1], a[mb], bq[np][2], bq[np][3]);
+          }
       }
 #pragma unroll
-      for (int np = 0; np < BM / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, tQ + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
-        mma16816(s[2 * np], a, bb[0], bb[1]);
-        mma16816(s[2 * np + 1], a, bb[2], bb[3]);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[2][4], bo[2][4];
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) ldsm_x4(a[mb], frag<D>(uV, offA, kr * 32 + mb * 16, kk));
+#pragma unroll
+        for (int np = 0; np < 2; ++np) ldsm_x4(bo[np], frag<D>(udO, offB, qc * 32 + np * 16, kk));
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            mma16816(dpt[mb][2 * np], a[mb], bo[np][0], bo[np][1]);
+            mma16816(dpt[mb][2 * np + 1], a[mb], bo[np][2], bo[np][3]);
+          }
       }
-    }
-    // P^T
+      // P^T = exp(s - lse), dS^T = P^T (dP^T - Delta), dmask; branch-free, tests skipped on
+      // interior tiles (all of the warp's queries after all of its keys, none past T)
+      auto softmax_grad = [&](auto interior_tag) {
+        constexpr bool kInterior = decltype(interior_tag)::value;
 #pragma unroll
-    for (int nb = 0; nb < BM / 8; ++nb) {
+        for (int nb = 0; nb < 4; ++nb) {
+          const float2 lq = *reinterpret_cast<const float2*>(tL + nb * 8 + 2 * (lane % 4));
+          const float2 dq2 = *reinterpret_cast<const float2*>(tD + nb * 8 + 2 * (lane % 4));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = nb * 8 + 2 * (lane % 4) + (e & 1);
-        const int qrow = qbase + ql, key = key_a + (e >> 1) * 8;
-        float x = s[nb][e] * p.scale_log2 - tL[ql];
-        if (key < qrow) x += mk[e >> 1];
-        s[nb][e] = (qrow >= key && qrow < T) ? exp2f(x) : 0.f;
-      }
-    }
-    uint32_t pa[BM / 16][4];
+          for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-    for (int nb = 0; nb < BM / 8; ++nb) {
-      pa[nb / 2][(nb % 2) * 2 + 0] = pack_bf16(s[nb][0], s[nb][1]);
-      pa[nb / 2][(nb % 2) * 2 + 1] = pack_bf16(s[nb][2], s[nb][3]);
+            for (int e = 0; e < 4; ++e) {
+              const float l = (e & 1) ? lq.y : lq.x, dl = (e & 1) ? dq2.y : dq2.x;
+              const int hh = e >> 1;
+              float pv;
+              bool before = true;
+              if constexpr (kInterior) {
+                pv = ex2(fmaf(s[mb][nb][e], p.scale_log2, mk[mb][hh] - l));
+              } else {
+                const int qrow = qw0 + nb * 8 + 2 * (lane % 4) + (e & 1);
+                const int key = kw0 + mb * 16 + hh * 8 + lane / 4;
+                before = key < qrow;
+                const float x = ex2(fmaf(s[mb][nb][e], p.scale_log2, (before ? mk[mb][hh] : 0.f) - l));
+                pv = (qrow >= key && qrow < T) ? x : 0.f;
+              }
+              const float ds = pv * (dpt[mb][nb][e] - dl);
+              s[mb][nb][e] = pv;
+              dpt[mb][nb][e] = ds;
+              dm[mb][hh] += before ? ds : 0.f;
+            }
+        }
+      };
+      if (qw0 > kw0 + 31 && qbase + BM <= T)
+        softmax_grad(std::true_type{});
+      else
+        softmax_grad(std::false_type{});
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = kr * 32 + mb * 16 + hh * 8 + lane / 4;
+            const int c = qc * 32 + nb * 8 + 2 * (lane % 4);
+            const int o = swz<BM>(r, c / 8) + (c % 8);
+            *reinterpret_cast<uint32_t*>(sP + o) = pack_bf16(s[mb][nb][2 * hh], s[mb][nb][2 * hh + 1]);
+            *reinterpret_cast<uint32_t*>(sdS + o) = pack_bf16(dpt[mb][nb][2 * hh], dpt[mb][nb][2 * hh + 1]);
+          }
     }
-    // dV += P^T dO
+    __syncthreads();  // P^T and dS^T of the whole tile are in shared memory
+
+    // dV += P^T dO and dK += dS^T Q for keys kr*32 + [0, 32), columns qc*kDV + [0, kDV)
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t ap[2][4], as[2][4];
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, tdO + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-        mma16816(dv[2 * dp], pa[kk], bb[0], bb[1]);
-        mma16816(dv[2 * dp + 1], pa[kk], bb[2], bb[3]);
+      for (int mb = 0; mb < 2; ++mb) {
+        ldsm_x4(ap[mb], frag<BM>(uP, offAs, kr * 32 + mb * 16, kk));
+        ldsm_x4(as[mb], frag<BM>(udS, offAs, kr * 32 + mb * 16, kk));
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDV / 16; ++dp) {
+        uint32_t bo[4], bq[4];
+        ldsm_x4_t(bo, frag<D>(udO, offA, kk * 16, qc * (kDV / 16) + dp));
+        ldsm_x4_t(bq, frag<D>(uQ, offA, kk * 16, qc * (kDV / 16) + dp));
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+          mma16816(dv[mb][2 * dp], ap[mb], bo[0], bo[1]);
+          mma16816(dv[mb][2 * dp + 1], ap[mb], bo[2], bo[3]);
+          mma16816(dk[mb][2 * dp], as[mb], bq[0], bq[1]);
+          mma16816(dk[mb][2 * dp + 1], as[mb], bq[2], bq[3]);
+        }
       }
     }
-    // dP^T = V dO^T
-    float dpt[BM / 8][4];
+    // dQ = dS K for query rows (warp % 2)*32 + [0, 32), columns (warp / 2)*kDQ + [0, kDQ)
+    {
+      const int qr0 = (warp % 2) * 32, cg = (warp / 2) * kDQ;
+      float acc[2][kDQ / 8][4];
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+      for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, sV + swz<D>(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 2 + lane / 16));
-#pragma unroll
-      for (int np = 0; np < BM / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, tdO + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
-        mma16816(dpt[2 * np], a, bb[0], bb[1]);
-        mma16816(dpt[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
-    // dS^T = P^T (dP^T - Delta); dmask; stash dS^T in shared memory for dQ
-#pragma unroll
-    for (int nb = 0; nb < BM / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = nb * 8 + 2 * (lane % 4) + (e & 1);
-        const float ds = s[nb][e] * (dpt[nb][e] - tD[ql]);
-        dpt[nb][e] = ds;
-        if (key_a + (e >> 1) * 8 < qbase + ql) dm[e >> 1] += ds;
-      }
-    }
-#pragma unroll
-    for (int nb = 0; nb < BM / 8; ++nb) {
-      pa[nb / 2][(nb % 2) * 2 + 0] = pack_bf16(dpt[nb][0], dpt[nb][1]);
-      pa[nb / 2][(nb % 2) * 2 + 1] = pack_bf16(dpt[nb][2], dpt[nb][3]);
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int r = warp * 16 + lane / 4 + hh * 8;
-        const int c = nb * 8 + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(sdS + swz<BM>(r, c / 8) + (c % 8)) = pa[nb / 2][(nb % 2) * 2 + hh];
-      }
-    }
-    // dK += dS^T Q
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, tQ + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-        mma16816(dk[2 * dp], pa[kk], bb[0], bb[1]);
-        mma16816(dk[2 * dp + 1], pa[kk], bb[2], bb[3]);
-      }
-    }
-    __syncthreads();  // dS^T complete
-    // dQ[rows of this warp] = dS K, in column halves of at most 64 to bound registers
-    constexpr int kHalf = D > 64 ? 64 : D;
-#pragma unroll
-    for (int d0 = 0; d0 < D; d0 += kHalf) {
-      float acc[kHalf / 8][4];
-#pragma unroll
-      for (int i = 0; i < kHalf / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        for (int i = 0; i < kDQ / 8; ++i) acc[mb][i][0] = acc[mb][i][1] = acc[mb][i][2] = acc[mb][i][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4];
-        ldsm_x4_t(a, sdS + swz<BM>(kk * 16 + (lane % 8) + (lane / 16) * 8, warp * 2 + (lane / 8) % 2));
+        uint32_t a[2][4];
 #pragma unroll
-        for (int dp = 0; dp < kHalf / 16; ++dp) {
+        for (int mb = 0; mb < 2; ++mb) ldsm_x4_t(a[mb], frag<BM>(udS, offBs, kk * 16, (qr0 + mb * 16) / 16));
+#pragma unroll
+        for (int dp = 0; dp < kDQ / 16; ++dp) {
           uint32_t bb[4];
-          ldsm_x4_t(bb, sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                     d0 / 8 + dp * 2 + lane / 16));
-          mma16816(acc[2 * dp], a, bb[0], bb[1]);
-          mma16816(acc[2 * dp + 1], a, bb[2], bb[3]);
+          ldsm_x4_t(bb, frag<D>(uK, offA, kk * 16, cg / 16 + dp));
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+            mma16816(acc[mb][2 * dp], a[mb], bb[0], bb[1]);
+            mma16816(acc[mb][2 * dp + 1], a[mb], bb[2], bb[3]);
+          }
         }
       }
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int qrow = qbase + warp * 16 + lane / 4 + hh * 8;
-        if (qrow >= T) continue;
-        float* dst = p.dq_acc + (static_cast<long>(b) * T + qrow) * qstride + static_cast<long>(h) * D + d0;
+      for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-        for (int nb = 0; nb < kHalf / 8; ++nb) {
-          const int c = nb * 8 + 2 * (lane % 4);
-          float v0 = acc[nb][2 * hh] * p.scale, v1 = acc[nb][2 * hh + 1] * p.scale;
-          if (p.exclude_ctrl && d0 + c + 1 == D - 1) v1 = 0.f;
-          atomicAdd(reinterpret_cast<float2*>(dst + c), make_float2(v0, v1));
+        for (int hh = 0; hh < 2; ++hh) {
+          const int qrow = qbase + qr0 + mb * 16 + hh * 8 + lane / 4;
+          if (qrow >= T) continue;
+          float* dst = p.dq_acc + (static_cast<long>(b) * T + qrow) * qstride + static_cast<long>(h) * D + cg;
+#pragma unroll
+          for (int nb = 0; nb < kDQ / 8; ++nb) {
+            const int c = nb * 8 + 2 * (lane % 4);
+            const float v0 = acc[mb][nb][2 * hh] * p.scale;
+            float v1 = acc[mb][nb][2 * hh + 1] * p.scale;
+            if (p.exclude_ctrl && cg + c + 1 == D - 1) v1 = 0.f;
+            atomicAdd(reinterpret_cast<float2*>(dst + c), make_float2(v0, v1));
+          }
         }
-      }
     }
-    __syncthreads();  // the next prefetch overwrites this stage and sdS
+    __syncthreads();  // the next prefetch overwrites this stage; sP/sdS are rewritten
   }
 
-  // write dK (times scale), dV, dmask; accumulate into the outputs
+  // dmask: quad sums, then the two query halves (qc = 0, 1) of each key block are combined
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int key = key_a + hh * 8;
-    float dmv = dm[hh];
-    dmv += __shfl_xor_sync(0xffffffffu, dmv, 1);
-    dmv += __shfl_xor_sync(0xffffffffu, dmv, 2);
-    if (key >= T) continue;
-    const long off = (static_cast<long>(b) * T + key) * kstride + static_cast<long>(hk) * D;
+  for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      const int c = nb * 8 + 2 * (lane % 4);
-      float k0v = dk[nb][2 * hh] * p.scale, k1v = dk[nb][2 * hh + 1] * p.scale;
-      if (p.exclude_ctrl && c + 1 == D - 1) k1v = 0.f;
-      __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
-      const float2 ok = __bfloat1622float2(*pk);
-      *pk = __floats2bfloat162_rn(ok.x + k0v, ok.y + k1v);
-      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
-      const float2 ov = __bfloat1622float2(*pv);
-      *pv = __floats2bfloat162_rn(ov.x + dv[nb][2 * hh], ov.y + dv[nb][2 * hh + 1]);
+    for (int hh = 0; hh < 2; ++hh) {
+      float v = dm[mb][hh];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      dm[mb][hh] = v;
+      if (qc == 1 && (lane % 4) == 0) sDm[kr * 32 + mb * 16 + hh * 8 + lane / 4] = v;
     }
-    if (p.dmask && (lane % 4) == 0)
-      p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk] += dmv;
-  }
+  __syncthreads();
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int kl = kr * 32 + mb * 16 + hh * 8 + lane / 4;
+      const int key = k0 + kl;
+      if (key >= T) continue;
+      if (qc == 0 && (lane % 4) == 0 && p.dmask)
+        p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk] += dm[mb][hh] + sDm[kl];
+      const long off = (static_cast<long>(b) * T + key) * kstride + static_cast<long>(hk) * D + qc * kDV;
+#pragma unroll
+      for (int nb = 0; nb < kDV / 8; ++nb) {
+        const int c = nb * 8 + 2 * (lane % 4);
+        const float k0v = dk[mb][nb][2 * hh] * p.scale;
+        float k1v = dk[mb][nb][2 * hh + 1] * p.scale;
+        if (p.exclude_ctrl && qc * kDV + c + 1 == D - 1) k1v = 0.f;
+        __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
+        const float2 ok = __bfloat1622float2(*pk);
+        *pk = __floats2bfloat162_rn(ok.x + k0v, ok.y + k1v);
+        __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
+        const float2 ov = __bfloat1622float2(*pv);
+        *pv = __floats2bfloat162_rn(ov.x + dv[mb][nb][2 * hh], ov.y + dv[mb][nb][2 * hh + 1]);
+      }
+    }
 }
 
 template <typename Kernel>
@@ -541,11 +715,13 @@ void set_smem(Kernel kernel, size_t bytes) {
                                       static_cast<int>(bytes)));
 }
 
+// Tile configurations (measured alternatives in bench/RESULTS.md: 32-key forward tiles and 4-warp
+// backward CTAs were slower).
 template <int D>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  constexpr int BM = 128, BN = 64, NW = 8;
+  constexpr int BN = 64, NW = 4, MB = 2, BM = 16 * MB * NW;
   const size_t smem = sizeof(bf16) * (BM * D + 4 * BN * D) + sizeof(float) * 2 * BN;
-  auto kernel = attn_fwd_kernel<D, BM, BN, NW>;
+  auto kernel = attn_fwd_kernel<D, BN, NW, MB>;
   static bool configured = false;
   if (!configured) {
     set_smem(kernel, smem);
@@ -558,16 +734,17 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 
 template <int D>
 void launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  constexpr int BM = 64, BN = 64, NW = 4;
-  const size_t smem = sizeof(bf16) * (2 * BN * D + 4 * BM * D + BN * BM) + sizeof(float) * 4 * BM;
-  auto kernel = attn_bwd_kernel<D, BM, BN, NW>;
+  constexpr int BM = 64, BN = 128, NT = 256;
+  const size_t smem =
+      sizeof(bf16) * (2 * BN * D + 4 * BM * D + 2 * BN * BM) + sizeof(float) * (4 * BM + BN);
+  auto kernel = attn_bwd_kernel<D>;
   static bool configured = false;
   if (!configured) {
     set_smem(kernel, smem);
     configured = true;
   }
   dim3 grid(ceil_div(p.T, BN), p.Hkv, p.B);
-  kernel<<<grid, NW * 32, smem, stream>>>(p);
+  kernel<<<grid, NT, smem, stream>>>(p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -605,17 +782,24 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
   const long nq = static_cast<long>(B) * T * H * D;
   const long rows = static_cast<long>(B) * T * H;
   float* dq_acc = static_cast<float*>(scratch(4, sizeof(float) * nq));
-  float* delta = static_cast<float*>(scratch(5, sizeof(float) * rows));
+  float* stats = static_cast<float*>(scratch(5, sizeof(float) * 2 * rows));
+  float* delta = stats;
+  float* lse2 = stats + rows;
   DMC_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, sizeof(float) * nq, stream));
-  attn_bwd_delta<<<ceil_div(rows, 8), 256, 0, stream>>>(delta, dout, out, B, T, H, D);
+  if (D == 64)
+    attn_bwd_prepass<64><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out, B,
+                                                                      T, H);
+  else
+    attn_bwd_prepass<128><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out,
+                                                                       B, T, H);
   DMC_CUDA_CHECK_LAUNCH();
-  BwdParams p{q,  k,  v,      mask, dout, lse, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
+  BwdParams p{q,  k,  v,      mask, dout, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
               scale, scale * kLog2e, exclude_ctrl};
   if (D == 64)
     launch_bwd<64>(p, stream);
   else
     launch_bwd<128>(p, stream);
-  attn_bwd_dq_add<<<ceil_div(nq, 256), 256, 0, stream>>>(dq, dq_acc, nq);
+  attn_bwd_dq_add<<<ceil_div(nq / 8, 256), 256, 0, stream>>>(dq, dq_acc, nq);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -18,6 +18,8 @@ namespace {
 using namespace detail;
 
 // x index of (b, t, h, c) with x [B, T, Hkv, D]; scalar arrays [B, T, Hkv].
+// kVec (D % 8 == 0): the 8 channels of a thread move as one 16-byte vector.
+template <bool kVec>
 __global__ void scan_forward_kernel(bf16* xhat, float* denom, const bf16* x, const float* alpha,
                                     const float* omega, int B, int T, int Hkv, int D, int window) {
   const int groups = (D + 7) / 8;
@@ -36,16 +38,29 @@ __global__ void scan_forward_kernel(bf16* xhat, float* denom, const bf16* x, con
     const float cj = omega[sj] * prod;
     den += cj;
     const bf16* xr = x + sj * D + c0;
+    if (kVec) {
+      float v[8];
+      load8(v, xr);
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nc) acc[i] += cj * bf(xr[i]);
+      for (int i = 0; i < 8; ++i) acc[i] += cj * v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < nc) acc[i] += cj * bf(xr[i]);
+    }
     prod *= alpha[sj];
   }
   bf16* o = xhat + s * D + c0;
   const float inv = 1.f / den;
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    if (i < nc) o[i] = tobf(acc[i] * inv);
+  for (int i = 0; i < 8; ++i) acc[i] *= inv;
+  if (kVec) {
+    store8(o, acc);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nc) o[i] = tobf(acc[i]);
+  }
   if (g == 0 && denom) denom[s] = den;
 }
 
@@ -74,6 +89,7 @@ __global__ void scan_backward_dc(float* dc, const bf16* dxhat, const bf16* x, co
   }
 }
 
+template <bool kVec>
 __global__ void scan_backward_dx(bf16* dx, const bf16* dxhat, const float* alpha,
                                  const float* omega, const float* denom, int B, int T, int Hkv,
                                  int D, int window) {
@@ -94,14 +110,29 @@ __global__ void scan_backward_dx(bf16* dx, const bf16* dxhat, const float* alpha
     if (t > j) prod *= alpha[st];
     const float coef = w * prod / denom[st];
     const bf16* dy = dxhat + st * D + c0;
+    if (kVec) {
+      float v[8];
+      load8(v, dy);
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nc) acc[i] += coef * bf(dy[i]);
+      for (int i = 0; i < 8; ++i) acc[i] += coef * v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < nc) acc[i] += coef * bf(dy[i]);
+    }
   }
   bf16* o = dx + s * D + c0;
+  if (kVec) {
+    float v[8];
+    load8(v, o);
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    if (i < nc) o[i] = tobf(bf(o[i]) + acc[i]);
+    for (int i = 0; i < 8; ++i) v[i] += acc[i];
+    store8(o, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nc) o[i] = tobf(bf(o[i]) + acc[i]);
+  }
 }
 
 // One thread per (b, m, h).
@@ -148,8 +179,12 @@ void dmc_scan_forward(bf16* xhat, float* denom, const bf16* x, const float* alph
                       cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * Hkv * ((D + 7) / 8);
   if (total <= 0) return;
-  scan_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(xhat, denom, x, alpha, omega, B, T,
-                                                               Hkv, D, window);
+  if (D % 8 == 0)
+    scan_forward_kernel<true><<<ceil_div(total, 256), 256, 0, stream>>>(xhat, denom, x, alpha, omega,
+                                                                       B, T, Hkv, D, window);
+  else
+    scan_forward_kernel<false><<<ceil_div(total, 256), 256, 0, stream>>>(xhat, denom, x, alpha, omega,
+                                                                        B, T, Hkv, D, window);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -170,8 +205,12 @@ void dmc_scan_backward(bf16* dx, float* dalpha, float* domega, const bf16* dxhat
   }
   if (dx) {
     const long total = scalars * ((D + 7) / 8);
-    scan_backward_dx<<<ceil_div(total, 256), 256, 0, stream>>>(dx, dxhat, alpha, omega, denom, B,
-                                                              T, Hkv, D, window);
+    if (D % 8 == 0)
+      scan_backward_dx<true><<<ceil_div(total, 256), 256, 0, stream>>>(dx, dxhat, alpha, omega, denom,
+                                                                      B, T, Hkv, D, window);
+    else
+      scan_backward_dx<false><<<ceil_div(total, 256), 256, 0, stream>>>(dx, dxhat, alpha, omega,
+                                                                       denom, B, T, Hkv, D, window);
     DMC_CUDA_CHECK_LAUNCH();
   }
 }

@@ -33,7 +33,8 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
     const T* d = dout + static_cast<long>(n) * C;
     const double r = rstd[n];
     if (dweight)
-      for (int c = 0; c < C; ++c) dweight[c] += static_cast<T>(static_cast<double>(d[c]) * x[c] * r);
+      for (int c = 0; c < C; ++c)
+        dweight[c] += static_cast<T>(static_cast<double>(d[c]) * x[c] * r);
     if (dinp) {
       double gx = 0;  // sum_j g_j x_j
       for (int c = 0; c < C; ++c) gx += static_cast<double>(d[c]) * weight[c] * x[c];

@@ -20,8 +20,8 @@ const char* DTypeName(DType dtype) { return dtype == DType::kFloat32 ? "float32"
 
 absl::Status Communicator::CheckRoot(const char* op, int root) const {
   if (root >= 0 && root < size()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrFormat("%s on group '%s': root %d is not a rank of a "
-                                                    "group of size %d", op, name(), root, size()));
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s on group '%s': root %d is not a rank of a group of size %d", op, name(), root, size()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -58,9 +58,8 @@ std::string MpiErrorString(int code) {
 
 absl::Status WaitMpiRequest(MPI_Request* request, double timeout_seconds) {
   using Clock = std::chrono::steady_clock;
-  const auto deadline =
-      Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                         std::chrono::duration<double>(timeout_seconds));
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(timeout_seconds));
   // Spin first: a healthy collective between ranks on one node finishes in microseconds. Then
   // sleep between polls, because with more ranks than cores a spinning waiter steals the CPU from
   // the rank it is waiting for. MPI_Test also drives MPI's progress engine.
@@ -102,7 +101,8 @@ absl::StatusOr<std::unique_ptr<MpiCommunicator>> MpiCommunicator::Dup(MPI_Comm c
   if (absl::IsDeadlineExceeded(status)) {
     return absl::DeadlineExceededError(absl::StrFormat(
         "creating group '%s' of %d ranks: not every rank arrived within %g s: a rank failed or is "
-        "stuck before this point (e.g. at start-up)", name, size, timeout_seconds));
+        "stuck before this point (e.g. at start-up)",
+        name, size, timeout_seconds));
   }
   MPI_Comm dup = MPI_COMM_NULL;
   if (status.ok()) {
@@ -110,8 +110,7 @@ absl::StatusOr<std::unique_ptr<MpiCommunicator>> MpiCommunicator::Dup(MPI_Comm c
     if (rc != MPI_SUCCESS) status = absl::InternalError(MpiErrorString(rc));
   }
   if (!status.ok()) {
-    return absl::InternalError(
-        absl::StrFormat("creating group '%s': %s", name, status.message()));
+    return absl::InternalError(absl::StrFormat("creating group '%s': %s", name, status.message()));
   }
   return std::make_unique<MpiCommunicator>(dup, std::move(name), timeout_seconds);
 }
@@ -131,13 +130,13 @@ MpiCommunicator::~MpiCommunicator() {
 absl::Status MpiCommunicator::Collective(const std::string& what, size_t n,
                                          const std::function<int(MPI_Request*)>& start) {
   if (!broken_by_.empty()) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "%s on group '%s': the group is unusable since %s timed out; abort the job", what, name_,
-        broken_by_));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("%s on group '%s': the group is unusable since %s timed out; abort the job",
+                        what, name_, broken_by_));
   }
   if (n > static_cast<size_t>(INT_MAX)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s on group '%s': %d elements exceed MPI's int count", what, name_, n));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s on group '%s': %d elements exceed MPI's int count", what, name_, n));
   }
   MPI_Request request = MPI_REQUEST_NULL;
   const int rc = start(&request);
@@ -168,12 +167,11 @@ absl::Status MpiCommunicator::DoAllReduce(void* x, size_t n, DType dtype, Reduce
 absl::Status MpiCommunicator::DoAllGather(const void* send, void* recv, size_t n, DType dtype) {
   // In place (NCCL's convention: send is this rank's block of recv) is MPI_IN_PLACE.
   const bool in_place = send == static_cast<char*>(recv) + rank_ * n * DTypeSize(dtype);
-  return Collective(absl::StrFormat("AllGather(%d x %s)", n, DTypeName(dtype)), n,
-                    [&](MPI_Request* request) {
-                      return MPI_Iallgather(in_place ? MPI_IN_PLACE : send, static_cast<int>(n),
-                                            MpiType(dtype), recv, static_cast<int>(n),
-                                            MpiType(dtype), comm_, request);
-                    });
+  return Collective(
+      absl::StrFormat("AllGather(%d x %s)", n, DTypeName(dtype)), n, [&](MPI_Request* request) {
+        return MPI_Iallgather(in_place ? MPI_IN_PLACE : send, static_cast<int>(n), MpiType(dtype),
+                              recv, static_cast<int>(n), MpiType(dtype), comm_, request);
+      });
 }
 
 absl::Status MpiCommunicator::DoReduceScatterSum(const void* send, void* recv, size_t n,

@@ -14,12 +14,12 @@
 // must abort the job (AbortJob in mpi_env.h) so that no rank hangs.
 #pragma once
 
+#include <mpi.h>
+
 #include <cstddef>
 #include <functional>
 #include <memory>
 #include <string>
-
-#include <mpi.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -43,9 +43,13 @@ class Communicator {
 
   // x[i] = sum (max) over the ranks of x[i], in place, on every rank.
   absl::Status AllReduceSum(float* x, size_t n) { return DoAllReduce(x, n, DType::kFloat32, kSum); }
-  absl::Status AllReduceSum(double* x, size_t n) { return DoAllReduce(x, n, DType::kFloat64, kSum); }
+  absl::Status AllReduceSum(double* x, size_t n) {
+    return DoAllReduce(x, n, DType::kFloat64, kSum);
+  }
   absl::Status AllReduceMax(float* x, size_t n) { return DoAllReduce(x, n, DType::kFloat32, kMax); }
-  absl::Status AllReduceMax(double* x, size_t n) { return DoAllReduce(x, n, DType::kFloat64, kMax); }
+  absl::Status AllReduceMax(double* x, size_t n) {
+    return DoAllReduce(x, n, DType::kFloat64, kMax);
+  }
 
   // recv[r*n + i] = send[i] of rank r; recv holds size()*n. In place when send == recv + rank()*n
   // (NCCL's convention). Otherwise send and recv must not overlap.
@@ -112,19 +116,19 @@ class LocalCommunicator : public Communicator {
   std::string name_;
 };
 
-// Host buffers over an MPI communicator. Each collective is the non-blocking MPI call (MPI_Iallreduce
-// and friends) polled with MPI_Test until it completes or the deadline passes, so a missing rank
-// gives DeadlineExceeded instead of a hang. After a timeout the operation is still in flight (MPI
-// cannot cancel a collective): the communicator refuses further work (FailedPrecondition), and the
-// buffers of the timed-out call must stay alive, which is true when the caller aborts.
+// Host buffers over an MPI communicator. Each collective is the non-blocking MPI call
+// (MPI_Iallreduce and friends) polled with MPI_Test until it completes or the deadline passes, so
+// a missing rank gives DeadlineExceeded instead of a hang. After a timeout the operation is still
+// in flight (MPI cannot cancel a collective): the communicator refuses further work
+// (FailedPrecondition), and the buffers of the timed-out call must stay alive, which is true when
+// the caller aborts.
 class MpiCommunicator : public Communicator {
  public:
   static constexpr double kDefaultTimeoutSeconds = 300.0;
 
   // Takes ownership of `comm` (freed in the destructor) and sets MPI_ERRORS_RETURN on it, so MPI
   // errors come back as a Status. Use Dup() to share a communicator someone else owns.
-  MpiCommunicator(MPI_Comm comm, std::string name,
-                  double timeout_seconds = kDefaultTimeoutSeconds);
+  MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds = kDefaultTimeoutSeconds);
   // A private duplicate of `comm` (so our traffic never matches anyone else's). Collective; a
   // barrier under the deadline comes first, so a rank that never arrives gives DeadlineExceeded.
   static absl::StatusOr<std::unique_ptr<MpiCommunicator>> Dup(

@@ -1,13 +1,12 @@
 // NCCL communicator: host code only (no kernels); a .cu file so that it is compiled only in CUDA
 // builds, and only added to dmc_parallel when NCCL is found (parallel/CMakeLists.txt).
-#include "parallel/nccl_communicator.h"
-
 #include <chrono>
 #include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "parallel/nccl_communicator.h"
 
 namespace dmc::parallel {
 namespace {
@@ -57,8 +56,9 @@ std::string Describe(const char* op, size_t n, DType dtype) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
-    Communicator& host_group, cudaStream_t stream, double timeout_seconds) {
+absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(Communicator& host_group,
+                                                                           cudaStream_t stream,
+                                                                           double timeout_seconds) {
   if (host_group.device_buffers()) {
     return absl::InvalidArgumentError("NcclCommunicator::Create needs a host (MPI) group");
   }
@@ -96,10 +96,12 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   if (!status.ok()) {
     if (c->comm_ != nullptr) ncclCommAbort(c->comm_);
     c->comm_ = nullptr;
-    return absl::Status(status.code(), absl::StrFormat(
-        "creating NCCL group '%s' (rank %d of %d)%s: %s", c->name_, c->rank_, c->size_,
-        absl::IsDeadlineExceeded(status) ? " did not complete: a rank failed or is stuck" : "",
-        status.message()));
+    return absl::Status(
+        status.code(),
+        absl::StrFormat(
+            "creating NCCL group '%s' (rank %d of %d)%s: %s", c->name_, c->rank_, c->size_,
+            absl::IsDeadlineExceeded(status) ? " did not complete: a rank failed or is stuck" : "",
+            status.message()));
   }
   if (cudaError_t e = cudaMalloc(&c->scratch_, sizeof(float)); e != cudaSuccess) {
     c->scratch_ = nullptr;
@@ -132,9 +134,10 @@ absl::Status NcclCommunicator::Fail(const std::string& what, absl::Status status
   broken_by_ = what;
   std::string message =
       absl::IsDeadlineExceeded(status)
-          ? absl::StrFormat("did not complete within %g s: a rank failed or is stuck (every rank "
-                            "of a group must call the same collectives in the same order)",
-                            timeout_seconds_)
+          ? absl::StrFormat(
+                "did not complete within %g s: a rank failed or is stuck (every rank "
+                "of a group must call the same collectives in the same order)",
+                timeout_seconds_)
           : std::string(status.message());
   ncclCommAbort(comm_);  // frees GPUs stuck in a collective of this communicator
   comm_ = nullptr;
@@ -154,9 +157,9 @@ absl::Status NcclCommunicator::Check(const std::string& what, ncclResult_t resul
 
 absl::Status NcclCommunicator::Usable(const std::string& what) const {
   if (broken_by_.empty()) return absl::OkStatus();
-  return absl::FailedPreconditionError(absl::StrFormat(
-      "%s on NCCL group '%s': the group is unusable since %s failed; abort the job", what, name_,
-      broken_by_));
+  return absl::FailedPreconditionError(
+      absl::StrFormat("%s on NCCL group '%s': the group is unusable since %s failed; abort the job",
+                      what, name_, broken_by_));
 }
 
 absl::Status NcclCommunicator::DoAllReduce(void* x, size_t n, DType dtype, ReduceOp op) {
@@ -188,8 +191,8 @@ absl::Status NcclCommunicator::DoBroadcast(void* x, size_t n, DType dtype, int r
 
 absl::Status NcclCommunicator::Barrier() {
   if (absl::Status s = Usable("Barrier"); !s.ok()) return s;
-  if (absl::Status s = Check("Barrier", ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum,
-                                                      comm_, stream_));
+  if (absl::Status s = Check(
+          "Barrier", ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_));
       !s.ok()) {
     return s;
   }

@@ -13,7 +13,8 @@ absl::StatusOr<ParallelLayout> ParallelLayout::Make(int world_size, int world_ra
   if (tp_size < 1 || world_size % tp_size != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--tp=%d must be a divisor of the number of ranks (%d): the world is split into "
-        "data-parallel replicas of tp ranks each", tp_size, world_size));
+        "data-parallel replicas of tp ranks each",
+        tp_size, world_size));
   }
   ParallelLayout layout;
   layout.world_size = world_size;

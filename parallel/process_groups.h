@@ -1,15 +1,15 @@
-// Data- and tensor-parallel process groups, laid out TP-fastest as Megatron-LM does: with TP size T,
-// world ranks 0..T-1 form TP group 0 (one model replica), T..2T-1 TP group 1, and so on; the DP
+// Data- and tensor-parallel process groups, laid out TP-fastest as Megatron-LM does: with TP size
+// T, world ranks 0..T-1 form TP group 0 (one model replica), T..2T-1 TP group 1, and so on; the DP
 // group of a rank is the ranks with the same TP rank. TP ranks then sit next to each other, i.e. on
 // the same node when ranks are placed by slot, which is where TP's many small all-reduces must be.
 //
 //   world 8, tp 4:   tp groups {0,1,2,3} {4,5,6,7}     dp groups {0,4} {1,5} {2,6} {3,7}
 #pragma once
 
+#include <mpi.h>
+
 #include <memory>
 #include <string>
-
-#include <mpi.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"

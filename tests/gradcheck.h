@@ -55,4 +55,32 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   return s;
 }
 
+// Gradient buffer pre-filled with random values: a backward call adds into it and delta() returns
+// what was added, so every gradient check also proves the kernel accumulates (+=) rather than
+// overwrites.
+class AccumulatedGrad {
+ public:
+  AccumulatedGrad(size_t n, std::mt19937_64& rng) : start_(random_vector(n, rng)), g_(start_) {}
+  double* data() { return g_.data(); }
+  std::vector<double> delta() const {
+    std::vector<double> d(g_.size());
+    for (size_t i = 0; i < g_.size(); ++i) d[i] = g_[i] - start_[i];
+    return d;
+  }
+
+ private:
+  std::vector<double> start_, g_;
+};
+
+// |a[i] - b[i]| <= tol · max(1, |b[i]|) for every i.
+template <typename A, typename B>
+void expect_all_near(const A& a, const B& b, double tol, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
+    EXPECT_LE(std::fabs(x - y), tol * std::max(1.0, std::fabs(y)))
+        << what << "[" << i << "]: " << x << " vs " << y;
+  }
+}
+
 }  // namespace dmc::testing

@@ -10,6 +10,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "data/index.h"
@@ -22,12 +23,23 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// Temp folders, removed when the test binary exits.
+struct TempDirs {
+  std::vector<std::string> dirs;
+  ~TempDirs() {
+    std::error_code ec;
+    for (const auto& d : dirs) fs::remove_all(d, ec);
+  }
+};
+
 std::string NewTempDir(const std::string& tag) {
+  static TempDirs all;
   static std::atomic<int> counter{0};
-  fs::path p = fs::path(::testing::TempDir()) /
-               ("dmc_data_loader_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+  fs::path p = fs::path(::testing::TempDir()) / ("dmc_data_loader_" + tag + "_" + std::to_string(::getpid()) +
+                                                 "_" + std::to_string(counter++));
   fs::remove_all(p);
   fs::create_directories(p);
+  all.dirs.push_back(p.string());
   return p.string();
 }
 
@@ -64,7 +76,8 @@ std::string MakeShards(const std::string& dir, const std::vector<int64_t>& sizes
   return path;
 }
 
-LoaderOptions Opts(const std::string& index, int seq_len, int batch, int rank = 0, int dp = 1, int prefetch = 2) {
+LoaderOptions Opts(const std::string& index, int seq_len, int batch, int rank = 0, int dp = 1,
+                   int prefetch = 2) {
   LoaderOptions o;
   o.index_path = index;
   o.seq_len = seq_len;
@@ -154,7 +167,7 @@ TEST(DataLoader, WindowsMatchShardTokens) {
 TEST(DataLoader, DisjointCoverageAcrossOneTwoThreeRanks) {
   std::string dir = NewTempDir("cov");
   std::string index = MakeShards(dir, {201, 287, 5});  // 60 windows of 8+1 tokens
-  const int G = 6;                                      // global batch: 6x1, 3x2, 2x3
+  const int G = 6;                                     // global batch: 6x1, 3x2, 2x3
   const int epochs = 2, T = 8;
   // layout -> per (epoch, batch): the global batch = rank slices concatenated in rank order.
   std::map<int, std::vector<std::vector<int64_t>>> ids;
@@ -363,7 +376,7 @@ TEST(DataLoaderBadInput, TokenIdOutOfVocabularyWhileReading) {
     absl::Status s = (*L)->Next(&in, &tg);
     ExpectErrorNaming(s, shard, "300");
     EXPECT_NE(s.message().find("vocabulary"), std::string::npos) << s;
-    EXPECT_EQ((*L)->cursor(), before);                 // not skipped
+    EXPECT_EQ((*L)->cursor(), before);                       // not skipped
     EXPECT_EQ((*L)->Next(&in, &tg).message(), s.message());  // and it stays an error
   }
 }

@@ -144,7 +144,9 @@ TEST(Trainer, RetrofittingRaisesTheAchievedCompression) {
   tc.micro_batch = 4;
   tc.schedule.pretrain_steps = 30;
   tc.schedule.stage1_steps = 5;
-  tc.schedule.stage2_steps = 60;
+  // At a = -5 only the rare noise samples near +5 carry a gradient to the decision logit, so the
+  // ramp needs a couple of hundred steps even on this tiny model (60 leave it at CR ~1.01).
+  tc.schedule.stage2_steps = 200;
   tc.schedule.lr = 1e-2f;
   tc.schedule.min_lr = 1e-3f;
   tc.schedule.retrofit_lr = 1e-2f;
@@ -154,13 +156,13 @@ TEST(Trainer, RetrofittingRaisesTheAchievedCompression) {
   ASSERT_TRUE(tc.Validate(mc).ok());
   std::vector<StepMetrics> metrics;
   TrainLosses(tc, mc, &metrics);
-  ASSERT_EQ(metrics.size(), 95u);
+  ASSERT_EQ(metrics.size(), 235u);
   const StepMetrics& first_dmc = metrics[35];
   const StepMetrics& last = metrics.back();
   EXPECT_EQ(first_dmc.phase, Phase::kStage2);
   EXPECT_LT(first_dmc.achieved_cr, 1.05) << "stage 2 starts uncompressed (a = -5)";
   EXPECT_GT(last.achieved_cr, 1.5) << "the CR loss must pull the cache towards CR 2";
-  EXPECT_NEAR(last.cr_target, 2.0 - 1.0 / 60, 1e-5);
+  EXPECT_NEAR(last.cr_target, 2.0 - 1.0 / 200, 1e-5);
 }
 
 TEST(TrainConfig, RejectsBadValuesBeforeAnyWork) {

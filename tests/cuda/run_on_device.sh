@@ -13,7 +13,8 @@
 # PKG_CONFIG_PATH.
 #
 # Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "configure" alone
-# only configures), DMC_BENCH_REPS (20),
+# only configures; "sass" adds an instruction count of the attention kernels), DMC_BENCH_CONFIGS
+# (tile settings to compare, e.g. "default DMC_ATTN_BWD_NW=4"), DMC_BENCH_REPS (20),
 # DMC_GTEST_FILTER (default all).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,9 +28,9 @@ summary="$OUT/summary.txt"
 note() { echo "== $*" | tee -a "$summary"; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
-  >"$OUT/gpu.txt" 2>&1
-note "GPU: $(sed -n 2p "$OUT/gpu.txt")  date: $(date -u +%Y-%m-%dT%H:%MZ)"
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+  --format=csv,noheader 2>&1)
+note "GPU: $gpu  date: $(date -u +%Y-%m-%dT%H:%MZ)"
 
 # ---- dependencies carried as .debs
 DEV=/tmp/dev
@@ -51,10 +52,10 @@ done
 if has_step build || has_step configure; then
   start=$(date +%s)
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDMC_CUDA=ON \
-    -DCMAKE_PREFIX_PATH="$DEV/usr" "${pkgcfg_args[@]}" >"$OUT/configure.log" 2>&1
+    -DCMAKE_PREFIX_PATH="$DEV/usr" "${pkgcfg_args[@]}" >"$OUT/build.log" 2>&1
   rc=$?
   note "configure rc=$rc ($(( $(date +%s) - start )) s)"
-  if [ $rc -ne 0 ]; then tail -30 "$OUT/configure.log"; exit 1; fi
+  if [ $rc -ne 0 ]; then tail -30 "$OUT/build.log"; exit 1; fi
 fi
 if has_step build; then
   start=$(date +%s)
@@ -62,7 +63,7 @@ if has_step build; then
   for b in bench/cuda/bench_*.cu bench/cuda/bench_*.cpp; do
     [ -f "$b" ] && targets+=("$(basename "${b%.*}")")
   done
-  ninja -C "$BUILD" -j16 "${targets[@]}" >"$OUT/build.log" 2>&1
+  ninja -C "$BUILD" -j16 "${targets[@]}" >>"$OUT/build.log" 2>&1
   rc=$?
   note "build ${targets[*]} rc=$rc ($(( $(date +%s) - start )) s)"
   if [ $rc -ne 0 ]; then grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; fi
@@ -83,19 +84,55 @@ if has_step sanitize; then
     start=$(date +%s)
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$TEST_BIN" \
       --gtest_filter='Shapes/CudaAttention.MatchesCpuReference/case0:Shapes/CudaAttention.MatchesCpuReference/case2:Shapes/CudaAttention.MatchesCpuReference/case5:Shapes/CudaAttention.MatchesCpuReference/case6' \
-      >"$OUT/sanitize_$tool.log" 2>&1
+      >"$OUT/sanitize_one.log" 2>&1
     rc=$?
-    note "compute-sanitizer $tool on attention rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+    cat "$OUT/sanitize_one.log" >>"$OUT/sanitize.log"
+    note "compute-sanitizer $tool on attention rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_one.log" | tr '\n' ' ')"
+    rm -f "$OUT/sanitize_one.log"
   done
 fi
 
 if has_step bench; then
-  "$BUILD/bench/bench_dmc_attention" "$REPS" 2>&1 | tee "$OUT/bench.log"
-  PYTHONUNBUFFERED=1 python3 bench/cuda/sdpa_anchor.py "$REPS" 2>&1 | tee "$OUT/sdpa.log"
+  # DMC_BENCH_CONFIGS: space-separated list of comma-separated VAR=VALUE tile settings to compare
+  for cfg in ${DMC_BENCH_CONFIGS:-default}; do
+    echo "-- config: $cfg" | tee -a "$OUT/bench.log"
+    (
+      [ "$cfg" != default ] && for kv in ${cfg//,/ }; do export "$kv"; done
+      "$BUILD/bench/bench_dmc_attention" "$REPS" 2>&1
+    ) | tee -a "$OUT/bench.log"
+  done
+  PYTHONUNBUFFERED=1 python3 bench/cuda/sdpa_anchor.py "$REPS" 2>&1 | tee -a "$OUT/bench.log"
+  for b in "$BUILD"/bench/bench_*; do  # the other CUDA benchmarks (memory-bound kernels, matmul)
+    [ -x "$b" ] && [ "$(basename "$b")" != bench_dmc_attention ] && [ -f "bench/cuda/$(basename "$b").cu" ] &&
+      "$b" "$REPS" 2>&1 | tee -a "$OUT/bench.log"
+  done
+fi
+
+if has_step sass; then  # instruction mix of the attention kernels, from the built library
+  obj=$(find "$BUILD" -name 'dmc_attention.cu.o' | head -1)
+  cuobjdump -sass "$obj" >"$OUT/sass_full.txt" 2>&1
+  awk '/Function :/ {f=$3} /HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|RED|ATOM/ {
+         split($0, a, /;/); n=split(a[1], w, " "); for (i=1;i<=n;i++) if (w[i] ~ /^(HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|RED|ATOM)/) {c[f" "w[i]]++; break} }
+       /^ +\/\*[0-9a-f]+\*\// {tot[f]++}
+       END {for (k in c) print k, c[k]; for (f in tot) print f, "TOTAL", tot[f]}' "$OUT/sass_full.txt" | sort >"$OUT/sass.txt"
+  fwd=$(grep -o 'Function : [^ ]*attn_fwd_kernelILi128ELi64E[^ ]*' "$OUT/sass_full.txt" | head -1 | cut -d' ' -f3)
+  [ -n "$fwd" ] && cuobjdump -sass -fun "$fwd" "$obj" >"$OUT/sass_fwd.txt" 2>&1
+  rm -f "$OUT/sass_full.txt"
+fi
+
+if has_step ncu; then  # one forward and one backward launch of the T4096 D128 benchmark shape
+  ncu --clock-control none -k 'regex:attn_(fwd|bwd)_kernel' --launch-skip 14 --launch-count 2 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --metrics "$(for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle \
+      wait not_selected selected dispatch_stall lg_throttle no_instruction branch_resolving misc; do
+      printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' "$r"; done)smsp__inst_executed.sum" \
+    "$BUILD/bench/bench_dmc_attention" 1 >"$OUT/ncu.txt" 2>&1
+  note "ncu rc=$? (see ncu.txt)"
 fi
 
 echo
 cat "$OUT/errors.txt" 2>/dev/null
 echo
 cat "$summary"
-[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log" "$OUT/sdpa.log"
+[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"

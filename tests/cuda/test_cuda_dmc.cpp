@@ -1,8 +1,10 @@
 // GPU vs CPU reference for the DMC head logic: logistic noise, gates (relaxed and hard), the
 // windowed scan (forward and reverse mode), the compression-ratio loss.
 #include <cmath>
+#include <tuple>
 #include <vector>
 
+#include "kernels/control_channel.h"
 #include "kernels/cr_loss.h"
 #include "kernels/dmc_gates.h"
 #include "kernels/dmc_scan.h"
@@ -100,9 +102,11 @@ TEST_F(CudaDmc, Gates) {
 }
 
 TEST_F(CudaDmc, Scan) {
-  const int B = 2, T = 77, Hkv = 3, D = 64;
-  for (int window : {12, 5}) {
-    for (bool hard : {false, true}) {
+  const int B = 2, T = 77, Hkv = 3;
+  for (auto [window, hard, D] : {std::tuple{12, false, 64}, std::tuple{12, true, 64},
+                                 std::tuple{5, false, 64}, std::tuple{5, true, 64},
+                                 std::tuple{12, false, 20}}) {  // D = 20: the scalar path
+    {
       const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
       auto x = randn(nx);
       auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
@@ -118,7 +122,8 @@ TEST_F(CudaDmc, Scan) {
       std::vector<double> xhat(nx), den(ns);
       K::dmc_scan_forward<double>(xhat.data(), den.data(), x.data(), alpha.data(), omega.data(), B,
                                   T, Hkv, D, window);
-      const std::string tag = "w" + std::to_string(window) + (hard ? " hard" : " soft");
+      const std::string tag =
+          "w" + std::to_string(window) + (hard ? " hard" : " soft") + " D" + std::to_string(D);
       expect_close(("scan fwd xhat " + tag).c_str(), dxhat.download(), xhat, kBf16Tol);
       expect_close(("scan fwd denom " + tag).c_str(), dden.download(), den, kF32Tol);
 
@@ -174,6 +179,17 @@ TEST_F(CudaDmc, CrLoss) {
   C::cr_accumulate_merge_backward(ddme, dg, B, T, Hkv, static_cast<float>(scale));
   K::cr_accumulate_merge_backward<double>(dme.data(), g.data(), B, T, Hkv, scale);
   expect_close("cr accumulate bwd dmerge (+=)", ddme.download(), dme, 1e-6);
+}
+
+TEST_F(CudaDmc, ScaleLastChannel) {
+  const long rows = 301;
+  const int D = 64;
+  auto x = randn(static_cast<size_t>(rows) * D);
+  auto xb = to_bf16(x);
+  DevBuf<bf16> dx(xb);
+  C::scale_last_channel(dx, rows, D, 0.375f);
+  K::scale_last_channel<double>(x.data(), rows, D, 0.375);
+  expect_close("scale_last_channel", dx.download(), x, kBf16Tol);
 }
 
 }  // namespace

@@ -53,7 +53,7 @@ TEST_F(CudaOps, Embedding) {
 }
 
 TEST_F(CudaOps, RmsNorm) {
-  for (int C_ : {96, 1000, 4096}) {
+  for (int C_ : {96, 1001, 4096}) {  // 1001: the scalar (non-vector) path
     const int N = 67;
     const size_t n = static_cast<size_t>(N) * C_;
     auto x = randn(n, 2.0, 0.3), w = randn(C_, 0.5, 1.0);
@@ -117,27 +117,29 @@ TEST_F(CudaOps, Rope) {
 }
 
 TEST_F(CudaOps, SwiGlu) {
-  const size_t n = 100003;
-  auto gt = randn(n, 2.0), up = randn(n);
-  auto gtb = to_bf16(gt), upb = to_bf16(up);
-  DevBuf<bf16> dg(gtb), du(upb), dout(n);
-  dout.poison();
-  C::swiglu_forward(dout, dg, du, n);
-  std::vector<double> ref(n);
-  K::swiglu_forward<double>(ref.data(), gt.data(), up.data(), n);
-  expect_close("swiglu fwd", dout.download(), ref, kBf16Tol);
+  for (size_t n : {size_t(100003), size_t(100000)}) {  // scalar and 16-byte vector paths
+    auto gt = randn(n, 2.0), up = randn(n);
+    auto gtb = to_bf16(gt), upb = to_bf16(up);
+    DevBuf<bf16> dg(gtb), du(upb), dout(n);
+    dout.poison();
+    C::swiglu_forward(dout, dg, du, n);
+    std::vector<double> ref(n);
+    K::swiglu_forward<double>(ref.data(), gt.data(), up.data(), n);
+    expect_close("swiglu fwd", dout.download(), ref, kBf16Tol);
 
-  auto g = randn(n), dgate = randn(n), dup = randn(n);
-  auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
-  DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
-  C::swiglu_backward(ddg, ddu, dgo, dg, du, n);
-  K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n);
-  expect_close("swiglu bwd dgate (+=)", ddg.download(), dgate, kBf16Tol);
-  expect_close("swiglu bwd dup (+=)", ddu.download(), dup, kBf16Tol);
+    auto g = randn(n), dgate = randn(n), dup = randn(n);
+    auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
+    DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
+    C::swiglu_backward(ddg, ddu, dgo, dg, du, n);
+    K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n);
+    expect_close("swiglu bwd dgate (+=)", ddg.download(), dgate, kBf16Tol);
+    expect_close("swiglu bwd dup (+=)", ddu.download(), dup, kBf16Tol);
+  }
 }
 
 TEST_F(CudaOps, CrossEntropy) {
-  const int N = 45, V = 32003;
+  for (int V : {32003, 32000}) {  // scalar and 16-byte vector paths
+  const int N = 45;
   const size_t n = static_cast<size_t>(N) * V;
   auto logits = randn(n, 3.0);
   auto lb = to_bf16(logits);
@@ -163,6 +165,7 @@ TEST_F(CudaOps, CrossEntropy) {
   C::cross_entropy_backward(dacc, dl, dt, ddls, N, V);
   K::cross_entropy_backward<double>(acc.data(), logits.data(), tgt.data(), dls.data(), N, V);
   expect_close("cross_entropy bwd dlogits (+=)", dacc.download(), acc, kBf16Tol);
+  }
 }
 
 TEST_F(CudaOps, Matmul) {

@@ -29,7 +29,9 @@ bool HaveOneGpuPerRank() {
 
 template <typename T>
 struct DeviceBuffer {
-  explicit DeviceBuffer(size_t n) : n(n) { EXPECT_EQ(cudaMalloc(&ptr, n * sizeof(T)), cudaSuccess); }
+  explicit DeviceBuffer(size_t n) : n(n) {
+    EXPECT_EQ(cudaMalloc(&ptr, n * sizeof(T)), cudaSuccess);
+  }
   ~DeviceBuffer() { cudaFree(ptr); }
   void Upload(const std::vector<T>& v) {
     EXPECT_EQ(cudaMemcpy(ptr, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);

@@ -26,7 +26,8 @@ TEST(ParallelLayout, IsTensorParallelFastest) {
     EXPECT_EQ(layout->dp_rank, r / 4);
     EXPECT_EQ(layout->WorldRank(layout->dp_rank, layout->tp_rank), r);
   }
-  EXPECT_EQ(ParallelLayout::Make(8, 6, 2)->ToString(), "world 8 = dp 4 x tp 2, rank 6 = (dp 3, tp 0)");
+  EXPECT_EQ(ParallelLayout::Make(8, 6, 2)->ToString(),
+            "world 8 = dp 4 x tp 2, rank 6 = (dp 3, tp 0)");
 }
 
 TEST(ParallelLayout, RejectsTpThatDoesNotDivideTheWorld) {

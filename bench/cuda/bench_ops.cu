@@ -1,0 +1,188 @@
+// Bandwidth / throughput of the non-attention CUDA kernels on Llama-1B-like shapes (8192 tokens,
+// d = 2048, 16 heads of 128, MLP 5632, vocabulary 32000): median of CUDA-event timings after
+// warm-up, bytes counted as each input read once and each output written once, against a
+// device-to-device copy measured in the same run. Matmuls report TFLOP/s.
+//   usage: bench_ops [reps]
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+
+namespace {
+using dmc::cuda::bf16;
+
+__global__ void fill_bf16(bf16* x, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + i * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    x[i] = __float2bfloat16(((static_cast<float>(z >> 40) + 0.5f) / 16777216.0f * 2.f - 1.f) * scale);
+  }
+}
+__global__ void fill_f32(float* x, size_t n, uint64_t seed, float lo, float hi) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + i * 0xD1B54A32D192ED03ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    x[i] = lo + (hi - lo) * ((static_cast<float>(z >> 40) + 0.5f) / 16777216.0f);
+  }
+}
+
+template <typename T>
+T* dalloc(size_t n) {
+  T* p;
+  DMC_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * n));
+  return p;
+}
+bf16* rand_bf16(size_t n, float scale = 1.f) {
+  static uint64_t seed = 1;
+  bf16* p = dalloc<bf16>(n);
+  fill_bf16<<<1024, 256>>>(p, n, ++seed, scale);
+  return p;
+}
+float* rand_f32(size_t n, float lo, float hi) {
+  static uint64_t seed = 100;
+  float* p = dalloc<float>(n);
+  fill_f32<<<1024, 256>>>(p, n, ++seed, lo, hi);
+  return p;
+}
+
+int g_reps = 20;
+float time_ms(const std::function<void()>& f) {
+  for (int i = 0; i < 3; ++i) f();
+  DMC_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  DMC_CUDA_CHECK(cudaEventCreate(&a));
+  DMC_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int i = 0; i < g_reps; ++i) {
+    DMC_CUDA_CHECK(cudaEventRecord(a));
+    f();
+    DMC_CUDA_CHECK(cudaEventRecord(b));
+    DMC_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms;
+    DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  DMC_CUDA_CHECK_LAUNCH();
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double g_copy_gbs = 0;
+void row_bw(const char* name, double bytes, const std::function<void()>& f) {
+  const float ms = time_ms(f);
+  const double gbs = bytes / ms * 1e-6;
+  std::printf("%-44s %9.3f ms %8.0f GB/s %5.0f%% of copy\n", name, ms, gbs, 100.0 * gbs / g_copy_gbs);
+  std::fflush(stdout);
+}
+void row_flops(const char* name, double flops, const std::function<void()>& f) {
+  const float ms = time_ms(f);
+  std::printf("%-44s %9.3f ms %8.1f TF/s\n", name, ms, flops / ms * 1e-9);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1) g_reps = std::atoi(argv[1]);
+  if (!dmc::cuda::device_available()) {
+    std::printf("no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop;
+  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  const int B = 4, T = 2048, N = B * T, C = 2048, H = 16, Hkv = 16, D = 128, F = 5632, V = 32000;
+  {
+    const size_t n = size_t(1) << 30;  // 1 GiB each way
+    char* a = dalloc<char>(n);
+    char* b = dalloc<char>(n);
+    const float ms = time_ms([&] { DMC_CUDA_CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice)); });
+    g_copy_gbs = 2.0 * n / ms * 1e-6;
+    std::printf("%-44s %9.3f ms %8.0f GB/s (read + write)\n", "device copy 1 GiB", ms, g_copy_gbs);
+    cudaFree(a);
+    cudaFree(b);
+  }
+  const double E = 2.0;  // bytes per bf16
+  // RMSNorm
+  bf16 *x = rand_bf16(size_t(N) * C), *w = rand_bf16(C), *y = rand_bf16(size_t(N) * C);
+  bf16* dy = rand_bf16(size_t(N) * C);
+  float* rstd = dalloc<float>(N);
+  float* dw = rand_f32(C, 0, 0);
+  row_bw("rmsnorm fwd N8192 C2048", E * 2 * N * C, [&] { dmc::cuda::rmsnorm_forward(y, rstd, x, w, N, C, 1e-5f); });
+  row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C); });
+  // RoPE on q [B, T, H, D]
+  row_bw("rope fwd q B4 T2048 H16 D128", E * 2 * N * C, [&] { dmc::cuda::rope_forward(y, x, B, T, H, D, 0, 10000.f, true); });
+  row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true); });
+  // SwiGLU
+  const size_t nf = size_t(N) * F;
+  bf16 *g = rand_bf16(nf, 3.f), *u = rand_bf16(nf), *o = rand_bf16(nf), *dg = rand_bf16(nf), *du = rand_bf16(nf);
+  row_bw("swiglu fwd N8192 F5632", E * 3 * nf, [&] { dmc::cuda::swiglu_forward(o, g, u, nf); });
+  row_bw("swiglu bwd (dgate += ; dup +=)", E * 7 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf); });
+  cudaFree(g), cudaFree(u), cudaFree(o), cudaFree(dg), cudaFree(du);
+  // Matmuls (QKV, MLP up, LM head)
+  {
+    bf16* wq = rand_bf16(size_t(3 * C) * C, 0.02f);
+    bf16* out = rand_bf16(size_t(N) * 3 * C);
+    float* dwq = rand_f32(size_t(3 * C) * C, 0, 0);
+    row_flops("matmul fwd N8192 IC2048 OC6144", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_forward(out, x, wq, N, C, 3 * C); });
+    row_flops("matmul bwd (dinp and dweight)", 4.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, dwq, out, x, wq, N, C, 3 * C); });
+    cudaFree(wq), cudaFree(out), cudaFree(dwq);
+  }
+  // Cross-entropy over V = 32000
+  {
+    const size_t nl = size_t(N) * V;
+    bf16 *logits = rand_bf16(nl, 4.f), *dlogits = rand_bf16(nl, 0.f);
+    int32_t* tgt = dalloc<int32_t>(N);
+    std::vector<int32_t> ht(N);
+    for (int i = 0; i < N; ++i) ht[i] = (i * 7919) % V;
+    DMC_CUDA_CHECK(cudaMemcpy(tgt, ht.data(), sizeof(int32_t) * N, cudaMemcpyHostToDevice));
+    float* losses = dalloc<float>(N);
+    float* dl = rand_f32(N, 1.f / N, 1.f / N);
+    row_bw("cross_entropy fwd N8192 V32000", E * nl, [&] { dmc::cuda::cross_entropy_forward(losses, logits, tgt, N, V); });
+    row_bw("cross_entropy bwd (dlogits +=)", E * 3 * nl, [&] { dmc::cuda::cross_entropy_backward(dlogits, logits, tgt, dl, N, V); });
+    // embedding
+    bf16* wte = rand_bf16(size_t(V) * C);
+    float* dwte = rand_f32(size_t(V) * C, 0, 0);
+    row_bw("embedding fwd", E * 2 * N * C, [&] { dmc::cuda::embedding_forward(y, tgt, wte, N, C); });
+    row_bw("embedding bwd (sort + runs, fp32 +=)", E * N * C + 8.0 * N * C, [&] { dmc::cuda::embedding_backward(dwte, dy, tgt, N, C); });
+    cudaFree(logits), cudaFree(dlogits), cudaFree(tgt), cudaFree(losses), cudaFree(dl), cudaFree(wte), cudaFree(dwte);
+  }
+  // AdamW + sum of squares over 100M parameters
+  {
+    const size_t np = 100000000;
+    float *p = rand_f32(np, -1, 1), *gr = rand_f32(np, -1e-3f, 1e-3f), *m = rand_f32(np, 0, 0), *v = rand_f32(np, 0, 0);
+    bf16* pb = dalloc<bf16>(np);
+    double* ss = dalloc<double>(1);
+    dmc::kernels::AdamWHyper hy;
+    row_bw("adamw 100M params (+ bf16 copy)", np * (4.0 * 4 + 3 * 4 + 2), [&] { dmc::cuda::adamw_update(p, gr, m, v, np, hy, 1.f, pb); });
+    row_bw("sum_of_squares 100M fp32", np * 4.0, [&] { dmc::cuda::sum_of_squares_accumulate(ss, gr, np); });
+    cudaFree(p), cudaFree(gr), cudaFree(m), cudaFree(v), cudaFree(pb), cudaFree(ss);
+  }
+  // DMC head logic on k [B, T, Hkv, D]
+  {
+    const size_t ns = size_t(N) * Hkv;
+    float *noise = dalloc<float>(ns), *logit = dalloc<float>(ns), *alpha = dalloc<float>(ns), *merge = dalloc<float>(ns),
+          *mask = dalloc<float>(ns), *omega = dalloc<float>(ns), *den = dalloc<float>(ns);
+    row_bw("logistic_noise B4 T2048 Hkv16", 4.0 * ns, [&] { dmc::cuda::logistic_noise(noise, B, T, Hkv, 1, 2, 0, 0, Hkv); });
+    dmc::cuda::DmcGateTensors gt{logit, alpha, merge, mask, omega};
+    dmc::kernels::DmcGateParams gp;
+    row_bw("dmc_gates fwd", 4.0 * 6 * ns, [&] { dmc::cuda::dmc_gates_forward(gt, x, y, noise, B, T, H, Hkv, D, gp); });
+    row_bw("dmc_gates bwd", 4.0 * 8 * ns, [&] { dmc::cuda::dmc_gates_backward(dy, y, alpha, merge, mask, omega, x, logit, alpha, B, T, H, Hkv, D, gp); });
+    fill_f32<<<1024, 256>>>(alpha, ns, 7, 0.f, 1.f);
+    fill_f32<<<1024, 256>>>(omega, ns, 8, 0.5f, 1.f);
+    row_bw("dmc_scan fwd w12 (k or v)", E * 2 * N * C + 12.0 * ns, [&] { dmc::cuda::dmc_scan_forward(y, den, x, alpha, omega, B, T, Hkv, D, 12); });
+    row_bw("dmc_scan bwd w12 (dx, dalpha, domega)", E * 5 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward(dy, logit, merge, y, x, y, alpha, omega, den, B, T, Hkv, D, 12); });
+    cudaFree(noise), cudaFree(logit), cudaFree(alpha), cudaFree(merge), cudaFree(mask), cudaFree(omega), cudaFree(den);
+  }
+  return 0;
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds dmc_mpi_tests with NCCL on a lent multi-GPU machine and runs it under mpirun with one rank
+# per GPU (the NcclCommunicator tests need that; the MPI tests run as on CI), then the registered
+# CTest MPI tests, and checks launch/bind_gpu.sh. Logs go to $OUT (or ./device-out).
+#
+# Dependencies missing on the device image travel as Debian packages in .debs (see
+# tests/cuda/run_on_device.sh for the list and the apt-get download line); device call:
+#   run(kind nvidia-h200-x2, carry [".debs"], command "bash tests/mpi/run_on_device.sh")
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+OUT="${OUT:-$PWD/device-out}"
+mkdir -p "$OUT"
+BUILD=build-device-mpi
+
+DEV=/tmp/dev
+if compgen -G ".debs/*.deb" >/dev/null; then
+  mkdir -p "$DEV"
+  for f in .debs/*.deb; do dpkg -x "$f" "$DEV"; done
+fi
+export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PKG_CONFIG_PATH="$DEV/usr/lib/x86_64-linux-gnu/pkgconfig:$DEV/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+pkgcfg_args=()
+if ! command -v pkg-config >/dev/null && [ -x "$DEV/usr/bin/pkgconf" ]; then
+  pkgcfg_args=(-DPKG_CONFIG_EXECUTABLE="$DEV/usr/bin/pkgconf")
+fi
+for pc in "$DEV"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
+  [ -f "$pc" ] && sed -i "s|^prefix=/usr$|prefix=$DEV/usr|" "$pc"
+done
+
+nvidia-smi -L
+start=$(date +%s)
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDMC_CUDA=ON \
+  -DCMAKE_PREFIX_PATH="$DEV/usr" "${pkgcfg_args[@]}" >"$OUT/build.log" 2>&1 &&
+  ninja -C "$BUILD" dmc_mpi_tests >>"$OUT/build.log" 2>&1
+rc=$?
+echo "== build rc=$rc ($(( $(date +%s) - start )) s); $(grep 'dmc: NCCL' "$OUT/build.log")"
+if [ $rc -ne 0 ]; then grep -E "error|FAILED|Error" "$OUT/build.log" | head -40; exit 1; fi
+
+# NVLink multicast stays off on these shared machines (see launch/mpirun.sh).
+export NCCL_DEBUG=WARN NCCL_NVLS_ENABLE=0
+ngpu=$(nvidia-smi -L | wc -l)
+echo "== mpirun -np $ngpu dmc_mpi_tests (one GPU per rank)"
+mpirun --allow-run-as-root -np "$ngpu" --bind-to none -x NCCL_DEBUG -x NCCL_NVLS_ENABLE \
+  -x LD_LIBRARY_PATH "$BUILD/tests/mpi/dmc_mpi_tests" --gtest_color=no 2>&1 | tee "$OUT/mpi_tests.log"
+echo "== rc=${PIPESTATUS[0]}"
+
+echo "== ctest -R dmc_mpi"
+ctest --test-dir "$BUILD" -R dmc_mpi --output-on-failure 2>&1 | tail -30
+
+echo "== bind_gpu.sh: each rank sees one GPU"
+# shellcheck disable=SC2016  # expanded by each rank's shell, not here
+mpirun --allow-run-as-root -np "$ngpu" --tag-output launch/bind_gpu.sh \
+  bash -c 'echo "local rank $OMPI_COMM_WORLD_LOCAL_RANK: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: $(nvidia-smi -L)"'
