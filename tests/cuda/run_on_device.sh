@@ -12,7 +12,8 @@
 # They are unpacked under /tmp/dev (never into /) and found through CMAKE_PREFIX_PATH and
 # PKG_CONFIG_PATH.
 #
-# Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "configure" alone
+# Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "hf" adds the Hugging
+# Face logits check of tests/hf/check_hf_logits.py, which needs transformers; "configure" alone
 # only configures; "sass" adds an instruction count of the attention kernels), DMC_BENCH_CONFIGS
 # (tile settings to compare, e.g. "default DMC_ATTN_BWD_NW=4"), DMC_BENCH_REPS (20),
 # DMC_GTEST_FILTER (default all).
@@ -60,6 +61,7 @@ fi
 if has_step build; then
   start=$(date +%s)
   targets=(dmc_cuda_tests)
+  has_step hf && targets+=(hf_logits)
   for b in bench/cuda/bench_*.cu bench/cuda/bench_*.cpp; do
     [ -f "$b" ] && targets+=("$(basename "${b%.*}")")
   done
@@ -77,6 +79,14 @@ if has_step test; then
   note "dmc_cuda_tests rc=$rc ($(( $(date +%s) - start )) s): $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/tests.log" | tr '\n' ' ')"
   grep -E "^\[ error \]" "$OUT/tests.log" | awk '{ if ($0 ~ /rel (inf|nan)/) print "BAD " $0; else print }' >"$OUT/errors.txt"
   grep -E "FAILED|Failure" "$OUT/tests.log" | head -20 | tee -a "$summary"
+fi
+
+if has_step hf; then
+  start=$(date +%s)
+  PYTHONUNBUFFERED=1 python3 tests/hf/check_hf_logits.py --bin "$BUILD/tests/hf/hf_logits" \
+    --work /tmp/hf_check >"$OUT/hf.log" 2>&1
+  note "hf logits check rc=$? ($(( $(date +%s) - start )) s)"
+  tail -5 "$OUT/hf.log" | tee -a "$summary"
 fi
 
 if has_step sanitize; then
