@@ -16,14 +16,16 @@
 # Face logits check of tests/hf/check_hf_logits.py, which needs transformers; "configure" alone
 # only configures; "sass" adds an instruction count of the attention kernels), DMC_BENCH_CONFIGS
 # (tile settings to compare, e.g. "default DMC_ATTN_BWD_NW=4"), DMC_BENCH_REPS (20),
-# DMC_GTEST_FILTER (default all).
+# DMC_GTEST_FILTER (default all), DMC_DEVICE_BUILD (see below).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/device-out}"
 mkdir -p "$OUT"
 STEPS="${DMC_DEVICE_STEPS:-build test sanitize bench}"
 REPS="${DMC_BENCH_REPS:-20}"
-BUILD=build-device
+# DMC_DEVICE_BUILD: the build folder (default build-device). Binaries built on another machine
+# with the same CUDA major version can be carried there and run without the "build" step.
+BUILD="${DMC_DEVICE_BUILD:-build-device}"
 summary="$OUT/summary.txt"
 : >"$summary"
 note() { echo "== $*" | tee -a "$summary"; }
@@ -39,7 +41,7 @@ if compgen -G ".debs/*.deb" >/dev/null; then
   mkdir -p "$DEV"
   for f in .debs/*.deb; do dpkg -x "$f" "$DEV"; done
 fi
-export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PKG_CONFIG_PATH="$DEV/usr/lib/x86_64-linux-gnu/pkgconfig:$DEV/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 pkgcfg_args=()
 if ! command -v pkg-config >/dev/null && [ -x "$DEV/usr/bin/pkgconf" ]; then
