@@ -17,3 +17,4 @@ rm -rf "$run/checkpoints" "$run/metrics.jsonl"
 build/trainer/dmc-train --flagfile=launch/configs/quickstart.flags \
     --data="$run/shards/train_index.json" --checkpoint_dir="$run/checkpoints" \
     --log_jsonl="$run/metrics.jsonl" "$@"
+bash launch/plot_training.sh "$run/training.png" quickstart="$run/metrics.jsonl"
