@@ -1,0 +1,122 @@
+#include "inference/cache_policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+
+namespace dmc::inference {
+
+absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name) {
+  if (name == "dmc") return CacheMethod::kDmc;
+  if (name == "vanilla") return CacheMethod::kVanilla;
+  if (name == "h2o") return CacheMethod::kH2O;
+  if (name == "tova") return CacheMethod::kTova;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "unknown cache method \"%s\" (expected dmc, vanilla, h2o or tova)", std::string(name)));
+}
+
+const char* CacheMethodName(CacheMethod method) {
+  switch (method) {
+    case CacheMethod::kDmc: return "dmc";
+    case CacheMethod::kVanilla: return "vanilla";
+    case CacheMethod::kH2O: return "h2o";
+    case CacheMethod::kTova: return "tova";
+  }
+  return "?";
+}
+
+absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double cr) {
+  CachePolicy p;
+  p.method = method;
+  if (method != CacheMethod::kH2O && method != CacheMethod::kTova) return p;
+  if (!(cr >= 1.0))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the %s budget needs a compression ratio >= 1, got %g", CacheMethodName(method), cr));
+  p.budget = std::max(1, static_cast<int>(std::ceil(seq_len / cr - 1e-9)));
+  if (method == CacheMethod::kH2O) p.recent = p.budget / 2;
+  return p;
+}
+
+namespace {
+
+// The slot with the lowest score among the candidates, ties to the oldest position; -1 if none.
+template <typename Score, typename Candidate>
+int ArgminSlot(int n, const Score& score, const Candidate& candidate,
+               const std::vector<int32_t>& positions) {
+  int best = -1;
+  for (int i = 0; i < n; ++i) {
+    if (!candidate(i)) continue;
+    if (best < 0 || score(i) < score(best) ||
+        (score(i) == score(best) && positions[i] < positions[best]))
+      best = i;
+  }
+  return best;
+}
+
+template <typename T>
+std::vector<int32_t> Positions(const PagedKvCache<T>& cache, int seq, int layer, int h) {
+  std::vector<int32_t> p(cache.length(seq, layer, h));
+  for (int i = 0; i < static_cast<int>(p.size()); ++i) p[i] = cache.position(seq, layer, h, i);
+  return p;
+}
+
+}  // namespace
+
+template <typename T>
+absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
+                       int probs_stride, int H, const CachePolicy& policy) {
+  const int Hkv = cache.options().kv_heads, group = H / Hkv;
+  for (int h = 0; h < Hkv; ++h) {
+    const int n = cache.length(seq, layer, h);
+    for (int i = 0; i < n; ++i)
+      for (int g = h * group; g < (h + 1) * group; ++g)
+        cache.score(seq, layer, h, i) += static_cast<float>(probs[g * probs_stride + i]);
+    while (cache.length(seq, layer, h) > policy.budget) {
+      const std::vector<int32_t> pos = Positions(cache, seq, layer, h);
+      const int victim = ArgminSlot(
+          static_cast<int>(pos.size()), [&](int i) { return cache.score(seq, layer, h, i); },
+          [&](int i) { return pos[i] <= t - policy.recent; }, pos);
+      if (victim < 0)
+        return absl::InternalError(
+            absl::StrFormat("h2o: no evictable slot (budget %d, recent %d)", policy.budget,
+                            policy.recent));
+      if (absl::Status s = cache.Evict(seq, layer, h, victim); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* probs,
+                        int probs_stride, int H, const CachePolicy& policy) {
+  const int Hkv = cache.options().kv_heads;
+  // Heads of a layer hold the same tokens in the same slots: TOVA appends and evicts them together.
+  const int n = cache.length(seq, layer, 0);
+  std::vector<double> mean(n, 0.0);
+  for (int g = 0; g < H; ++g)
+    for (int i = 0; i < n; ++i) mean[i] += probs[g * probs_stride + i] / H;
+  while (cache.length(seq, layer, 0) > policy.budget) {
+    const std::vector<int32_t> pos = Positions(cache, seq, layer, 0);
+    const int victim = ArgminSlot(
+        static_cast<int>(pos.size()), [&](int i) { return mean[i]; }, [](int) { return true; },
+        pos);
+    for (int h = 0; h < Hkv; ++h)
+      if (absl::Status s = cache.Evict(seq, layer, h, victim); !s.ok()) return s;
+    mean[victim] = mean.back();  // mirror the cache's move of the last slot into the hole
+    mean.pop_back();
+  }
+  return absl::OkStatus();
+}
+
+template absl::Status H2OUpdate<float>(PagedKvCache<float>&, int, int, int, const float*, int,
+                                       int, const CachePolicy&);
+template absl::Status H2OUpdate<double>(PagedKvCache<double>&, int, int, int, const double*, int,
+                                        int, const CachePolicy&);
+template absl::Status TovaUpdate<float>(PagedKvCache<float>&, int, int, const float*, int, int,
+                                        const CachePolicy&);
+template absl::Status TovaUpdate<double>(PagedKvCache<double>&, int, int, const double*, int, int,
+                                         const CachePolicy&);
+
+}  // namespace dmc::inference

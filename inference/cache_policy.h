@@ -1,0 +1,51 @@
+// What the KV cache keeps, per method, all in the same paged cache (see BASELINES.md):
+//   dmc      the learned per-head append/accumulate decisions (spec §6); no budget.
+//   vanilla  every token appends: the full cache (CR 1).
+//   h2o      Heavy-Hitter Oracle, head-wise: every slot of a KV head accumulates the attention it
+//            receives from each query (summed over the query heads of its GQA group); after the
+//            attention of step t, while a head holds more than `budget` slots, the slot with the
+//            lowest accumulated score among those outside the recent window (positions
+//            <= t − recent) is evicted. Budget = heavy hitters + recent, split 50/50 by default.
+//   tova     Token Omission Via Attention, layer-wise: after the attention of step t, while the
+//            layer holds more than `budget` slots, the token with the lowest attention of the
+//            current query averaged over all query heads of the layer is evicted from every KV
+//            head (one shared token set per layer; no window, no sinks). Memoryless.
+// Both evict every step, the prompt included (every token is fed one by one), ties going to the
+// oldest token. Keys are cached rotated at their true positions (no re-indexing).
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "inference/paged_kv_cache.h"
+
+namespace dmc::inference {
+
+enum class CacheMethod { kDmc, kVanilla, kH2O, kTova };
+
+absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name);
+const char* CacheMethodName(CacheMethod method);
+
+struct CachePolicy {
+  CacheMethod method = CacheMethod::kDmc;
+  int budget = 0;  // h2o, tova: slots per KV head (tova: per layer, shared by its heads)
+  int recent = 0;  // h2o: the recent window, part of the budget
+};
+
+// The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
+// budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
+// of it (rounded down, so at least one heavy hitter).
+absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double cr);
+
+// After the attention of the token at position t of sequence seq in `layer`: probs are its
+// attention weights, probs[g · probs_stride + i] for query head g and slot i
+// (kernels::paged_decode_attention's layout for one sequence). Updates scores and evicts.
+template <typename T>
+absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
+                       int probs_stride, int H, const CachePolicy& policy);
+template <typename T>
+absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* probs,
+                        int probs_stride, int H, const CachePolicy& policy);
+
+}  // namespace dmc::inference

@@ -1,0 +1,174 @@
+// dmc-eval --model=HF_DIR --data=val_index.json: held-out perplexity, next-token accuracy and the
+// achieved compression ratio (overall, per layer, per head, and a PNG heat map of the heads) of a
+// DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
+// eviction baselines at a matched compression ratio, all over the same paged cache.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "data/loader.h"
+#include "inference/evaluate.h"
+#include "inference/hf_model.h"
+#include "inference/png_writer.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (dmc-export output)");
+ABSL_FLAG(std::string, data, "", "held-out shard index (val_index.json of dmc-prep)");
+ABSL_FLAG(int, seq_len, 256, "tokens per evaluated window");
+ABSL_FLAG(int, max_sequences, 32, "windows to evaluate (fewer if the shards hold fewer)");
+ABSL_FLAG(std::string, methods, "dmc", "comma-separated cache methods: dmc, vanilla, h2o, tova");
+ABSL_FLAG(double, baseline_cr, 0.0,
+          "compression ratio the h2o/tova budgets are matched to; 0: the CR dmc achieves in this "
+          "run (dmc must then be among --methods)");
+ABSL_FLAG(int64_t, kv_budget_mb, 256, "KV cache budget in MiB (pages and DMC window state)");
+ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
+ABSL_FLAG(int, max_batch, 16, "sequences decoded concurrently at most");
+ABSL_FLAG(std::string, heatmap, "", "write the per-head CR of dmc as a PNG heat map here");
+
+namespace {
+
+using dmc::inference::CacheMethod;
+using dmc::inference::EvalResult;
+
+// Dark blue (CR 1) → green → yellow (the highest CR of the map).
+void HeatColor(double x, uint8_t* rgb) {
+  static const double stops[4][3] = {{68, 1, 84}, {49, 104, 142}, {53, 183, 121}, {253, 231, 37}};
+  x = std::clamp(x, 0.0, 1.0) * 3;
+  const int i = std::min(2, static_cast<int>(x));
+  const double f = x - i;
+  for (int c = 0; c < 3; ++c)
+    rgb[c] = static_cast<uint8_t>(stops[i][c] + f * (stops[i + 1][c] - stops[i][c]) + 0.5);
+}
+
+// One cell of cell × cell pixels per (layer row, KV head column); colour on a log scale of CR, so
+// 1×, 2×, 4×, ... are evenly spaced up to the map's highest CR.
+absl::Status WriteHeatmap(const std::string& path, const EvalResult& r, int L, int Hkv) {
+  const int cell = 24;
+  const double top = std::max(1.0 + 1e-9, *std::max_element(r.head_cr.begin(), r.head_cr.end()));
+  std::vector<uint8_t> rgb(size_t(L) * cell * Hkv * cell * 3);
+  for (int y = 0; y < L * cell; ++y)
+    for (int x = 0; x < Hkv * cell; ++x)
+      HeatColor(std::log(r.head_cr[(y / cell) * Hkv + x / cell]) / std::log(top),
+                &rgb[(size_t(y) * Hkv * cell + x) * 3]);
+  return dmc::inference::WritePng(path, Hkv * cell, L * cell, rgb);
+}
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dmc-eval: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "dmc-eval --model=HF_DIR --data=val_index.json [--methods=dmc,vanilla,h2o,tova]");
+  absl::ParseCommandLine(argc, argv);
+  const std::string model_dir = absl::GetFlag(FLAGS_model), data = absl::GetFlag(FLAGS_data);
+  const int seq_len = absl::GetFlag(FLAGS_seq_len);
+  if (model_dir.empty() || data.empty())
+    return Fail(absl::InvalidArgumentError("--model and --data are required"));
+
+  std::vector<CacheMethod> methods;
+  for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
+    absl::StatusOr<CacheMethod> m = dmc::inference::ParseCacheMethod(std::string(name));
+    if (!m.ok()) return Fail(m.status());
+    methods.push_back(*m);
+  }
+  // dmc first: its achieved CR sets the baselines' budget.
+  std::stable_partition(methods.begin(), methods.end(),
+                        [](CacheMethod m) { return m == CacheMethod::kDmc; });
+  const bool has_dmc = !methods.empty() && methods[0] == CacheMethod::kDmc;
+  if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_dmc &&
+      std::any_of(methods.begin(), methods.end(), [](CacheMethod m) {
+        return m == CacheMethod::kH2O || m == CacheMethod::kTova;
+      }))
+    return Fail(absl::InvalidArgumentError(
+        "h2o and tova need a budget: pass --baseline_cr or include dmc in --methods"));
+
+  auto model = dmc::inference::LoadHfModel(model_dir);
+  if (!model.ok()) return Fail(model.status());
+  const dmc::model::LlamaConfig& c = (*model)->config();
+  if (seq_len < 1 || seq_len > c.max_position_embeddings)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--seq_len=%d must be in [1, %d] (max_position_embeddings of %s)", seq_len,
+        c.max_position_embeddings, model_dir)));
+
+  dmc::data::LoaderOptions lo;
+  lo.index_path = data;
+  lo.seq_len = seq_len;
+  lo.batch_size = 1;
+  lo.expected_vocab_size = c.vocab_size;
+  lo.prefetch = 0;
+  auto loader = dmc::data::ShardLoader::Open(lo);
+  if (!loader.ok()) return Fail(loader.status());
+  const int n = static_cast<int>(
+      std::min<int64_t>(absl::GetFlag(FLAGS_max_sequences), (*loader)->batches_per_epoch()));
+  if (n < 1)
+    return Fail(absl::InvalidArgumentError(
+        absl::StrFormat("%s: holds no window of %d tokens", data, seq_len + 1)));
+  std::vector<std::vector<int32_t>> windows;
+  std::vector<int32_t> inputs, targets;
+  for (int i = 0; i < n; ++i) {
+    if (absl::Status s = (*loader)->Next(&inputs, &targets); !s.ok()) return Fail(s);
+    inputs.push_back(targets.back());
+    windows.push_back(inputs);
+  }
+  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s), %d windows of %d tokens "
+              "from %s\n",
+              model_dir.c_str(), c.num_hidden_layers, c.num_attention_heads,
+              c.num_key_value_heads, c.dmc.enabled ? "on" : "off", n, seq_len, data.c_str());
+
+  std::vector<EvalResult> results;
+  double baseline_cr = absl::GetFlag(FLAGS_baseline_cr);
+  for (CacheMethod m : methods) {
+    dmc::inference::EvalOptions eo;
+    eo.budget_bytes = absl::GetFlag(FLAGS_kv_budget_mb) << 20;
+    eo.page_size = absl::GetFlag(FLAGS_page_size);
+    eo.max_batch = absl::GetFlag(FLAGS_max_batch);
+    absl::StatusOr<dmc::inference::CachePolicy> policy =
+        dmc::inference::PolicyForCr(m, seq_len, baseline_cr > 0 ? baseline_cr : 1.0);
+    if (!policy.ok()) return Fail(policy.status());
+    eo.policy = *policy;
+    absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
+    if (!r.ok()) return Fail(r.status());
+    if (m == CacheMethod::kDmc && baseline_cr <= 0) baseline_cr = r->cr;
+    results.push_back(*r);
+  }
+
+  std::printf("\n%-8s %7s %6s %11s %9s %18s %10s %9s\n", "method", "budget", "CR", "perplexity",
+              "accuracy", "KV memory (bytes)", "tokens/s", "max batch");
+  for (const EvalResult& r : results)
+    std::printf("%-8s %7s %6.2f %11.4f %9.4f %18ld %10.0f %9d\n",
+                dmc::inference::CacheMethodName(r.policy.method),
+                r.policy.budget ? absl::StrFormat("%d", r.policy.budget).c_str() : "-", r.cr,
+                r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
+                r.max_concurrent);
+
+  for (const EvalResult& r : results) {
+    if (r.policy.method != CacheMethod::kDmc) continue;
+    std::printf("\ndmc CR per layer:");
+    for (double x : r.layer_cr) std::printf(" %.2f", x);
+    std::printf("\ndmc CR per head (rows: layers, columns: KV heads):\n");
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      std::printf("  layer %2d:", l);
+      for (int h = 0; h < c.num_key_value_heads; ++h)
+        std::printf(" %5.2f", r.head_cr[l * c.num_key_value_heads + h]);
+      std::printf("\n");
+    }
+    const std::string heatmap = absl::GetFlag(FLAGS_heatmap);
+    if (!heatmap.empty()) {
+      if (absl::Status s = WriteHeatmap(heatmap, r, c.num_hidden_layers, c.num_key_value_heads);
+          !s.ok())
+        return Fail(s);
+      std::printf("wrote the per-head CR heat map to %s\n", heatmap.c_str());
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,46 @@
+// Held-out evaluation of one cache method (dmc-eval): every window is decoded token by token over
+// the paged cache under continuous batching; the dmc method therefore reports what the
+// training-mode forward with hard decisions computes (the central equivalence), and every method
+// is measured on the same path.
+//   perplexity = exp(mean next-token cross-entropy), accuracy = share of argmax hits;
+//   CR = tokens fed × heads / slots held at the end of each sequence (summed over sequences),
+//   overall, per layer and per (layer, KV head); for DMC this is 1 / (1 − merge fraction);
+//   KV memory = peak bytes the cache held (pages and window state) at the run's concurrency.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "inference/cache_policy.h"
+#include "model/llama.h"
+
+namespace dmc::inference {
+
+struct EvalOptions {
+  CachePolicy policy;
+  long budget_bytes = 1L << 28;
+  int page_size = 16;
+  int max_batch = 16;
+};
+
+struct EvalResult {
+  CachePolicy policy;
+  double perplexity = 0, accuracy = 0;
+  long predictions = 0;
+  double cr = 0;
+  std::vector<double> layer_cr;  // [L]
+  std::vector<double> head_cr;   // [L, Hkv]
+  long peak_kv_bytes = 0;
+  double tokens_per_second = 0;
+  int max_concurrent = 0;
+  long preemptions = 0;
+};
+
+// windows: token windows of seq_len + 1 (inputs and the last target), as ShardLoader yields.
+absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
+                                    const std::vector<std::vector<int32_t>>& windows,
+                                    const EvalOptions& options);
+
+}  // namespace dmc::inference

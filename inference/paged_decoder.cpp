@@ -1,0 +1,161 @@
+#include "inference/paged_decoder.h"
+
+#include <cmath>
+
+#include "absl/strings/str_format.h"
+#include "kernels/decode_attention.h"
+#include "kernels/dmc_gates.h"
+#include "kernels/embedding.h"
+#include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+
+namespace dmc::inference {
+namespace k = dmc::kernels;
+
+PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
+                                  long budget_bytes, int page_size) {
+  PagedCacheOptions o;
+  o.layers = config.num_hidden_layers;
+  o.kv_heads = config.num_key_value_heads;
+  o.head_dim = config.head_dim();
+  o.page_size = page_size;
+  o.budget_bytes = budget_bytes;
+  o.dmc_window = method == CacheMethod::kDmc && config.dmc.enabled ? config.dmc.window : 0;
+  return o;
+}
+
+template <typename T>
+absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
+    const model::Llama<T>& model, const CachePolicy& policy, PagedKvCache<T>* cache) {
+  const model::LlamaConfig& c = model.config();
+  if (model.local_heads() != c.num_attention_heads)
+    return absl::InvalidArgumentError("the paged decoder needs a tensor-parallel size 1 model");
+  const PagedCacheOptions want =
+      CacheOptionsFor(c, policy.method, cache->options().budget_bytes, cache->options().page_size);
+  const PagedCacheOptions& got = cache->options();
+  if (got.layers != want.layers || got.kv_heads != want.kv_heads ||
+      got.head_dim != want.head_dim || got.dmc_window != want.dmc_window || got.page_size < 1)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "cache shape (layers %d, KV heads %d, head dim %d, window %d, page size %d) does not fit "
+        "the model and method %s (layers %d, KV heads %d, head dim %d, window %d)",
+        got.layers, got.kv_heads, got.head_dim, got.dmc_window, got.page_size,
+        CacheMethodName(policy.method), want.layers, want.kv_heads, want.head_dim,
+        want.dmc_window));
+  const bool evicts = policy.method == CacheMethod::kH2O || policy.method == CacheMethod::kTova;
+  if (evicts && (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
+        CacheMethodName(policy.method), policy.budget, policy.recent));
+  return std::unique_ptr<PagedDecoder<T>>(new PagedDecoder<T>(model, policy, cache));
+}
+
+template <typename T>
+absl::Status PagedDecoder<T>::UpdateCache(const std::vector<int>& seqs, int layer) {
+  const model::LlamaConfig& c = model_.config();
+  const int D = c.head_dim(), Hkv = c.num_key_value_heads;
+  const bool dmc = c.dmc.enabled;
+  std::vector<T> raw(D);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const int seq = seqs[i], t = cache_->tokens(seq);
+    for (int h = 0; h < Hkv; ++h) {
+      const size_t r = (i * Hkv + h) * D;
+      if (policy_.method == CacheMethod::kDmc) {
+        const bool merge = dmc && t > 0 && alpha_[i * Hkv + h] > T(0.5);
+        absl::StatusOr<T*> key = cache_->AddDmc(seq, layer, h, k_.data() + r, v_.data() + r,
+                                                dmc ? omega_[i * Hkv + h] : T(1), merge, t);
+        if (!key.ok()) return key.status();
+        // The open slot holds the pre-RoPE mean; rotate it at the newest token's position.
+        std::copy(*key, *key + D, raw.begin());
+        k::rope_forward(*key, raw.data(), 1, 1, 1, D, t, c.rope_theta, dmc);
+      } else {
+        k::rope_forward(kr_.data() + r, k_.data() + r, 1, 1, 1, D, t, c.rope_theta, dmc);
+        if (absl::Status s = cache_->Append(seq, layer, h, kr_.data() + r, v_.data() + r, t);
+            !s.ok())
+          return s;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* tokens,
+                                   std::vector<T>* logits) {
+  const model::LlamaConfig& c = model_.config();
+  const int C = c.hidden_size, D = c.head_dim(), H = c.num_attention_heads;
+  const int Hkv = c.num_key_value_heads, F = c.intermediate_size, V = c.vocab_size;
+  const int n = static_cast<int>(seqs.size());
+  const bool dmc = c.dmc.enabled;
+  for (int i = 0; i < n; ++i) {
+    if (!cache_->contains(seqs[i]))
+      return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seqs[i]));
+    if (cache_->tokens(seqs[i]) >= c.max_position_embeddings)
+      return absl::OutOfRangeError(absl::StrFormat(
+          "sequence %d is full: max_position_embeddings is %d", seqs[i],
+          c.max_position_embeddings));
+    if (tokens[i] < 0 || tokens[i] >= V)
+      return absl::InvalidArgumentError(
+          absl::StrFormat("token id %d is outside the vocabulary [0, %d)", tokens[i], V));
+  }
+  if (absl::Status s = cache_->CanStep(seqs); !s.ok()) return s;
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const k::DmcGateParams gate_params{c.dmc.init_val, c.dmc.temperature, c.dmc.omega_eps,
+                                     k::DmcDecisionMode::kHard};
+  const bool evicts = policy_.method == CacheMethod::kH2O || policy_.method == CacheMethod::kTova;
+  for (auto* b : {&x_, &xn_, &o_, &x2_}) b->resize(size_t(n) * C);
+  for (auto* b : {&q_, &qr_, &att_}) b->resize(size_t(n) * H * D);
+  for (auto* b : {&k_, &v_, &kr_}) b->resize(size_t(n) * Hkv * D);
+  for (auto* b : {&gate_, &up_, &h_}) b->resize(size_t(n) * F);
+  for (auto* b : {&logit_, &alpha_, &merge_, &mask_, &omega_}) b->resize(size_t(n) * Hkv);
+  rstd_.resize(n);
+
+  k::embedding_forward(x_.data(), tokens, model_.embedding(), n, C);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const auto w = model_.layer(l);
+    k::rmsnorm_forward(xn_.data(), rstd_.data(), x_.data(), w.attn_norm, n, C, c.rms_norm_eps);
+    k::matmul_forward(q_.data(), xn_.data(), w.wq, n, C, H * D);
+    k::matmul_forward(k_.data(), xn_.data(), w.wk, n, C, Hkv * D);
+    k::matmul_forward(v_.data(), xn_.data(), w.wv, n, C, Hkv * D);
+    if (dmc)  // hard decisions and importances of these tokens, from the control channels
+      k::dmc_gates_forward<T>({logit_.data(), alpha_.data(), merge_.data(), mask_.data(),
+                               omega_.data()},
+                              q_.data(), k_.data(), nullptr, n, 1, H, Hkv, D, gate_params);
+    if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
+    for (int i = 0; i < n; ++i)
+      k::rope_forward(qr_.data() + size_t(i) * H * D, q_.data() + size_t(i) * H * D, 1, 1, H, D,
+                      cache_->tokens(seqs[i]), c.rope_theta, dmc);
+    int max_pages = 0;
+    cache_->BlockTable(seqs, l, &page_table_, &lengths_, &max_pages);
+    const int stride = max_pages * cache_->options().page_size;
+    if (evicts) probs_.resize(size_t(n) * H * stride);
+    k::paged_decode_attention<T>(att_.data(), evicts ? probs_.data() : nullptr, stride,
+                                 qr_.data(), cache_->k_pool(), cache_->v_pool(),
+                                 page_table_.data(), lengths_.data(), max_pages,
+                                 cache_->options().page_size, n, H, Hkv, D, dmc, scale);
+    for (int i = 0; evicts && i < n; ++i) {
+      const T* p = probs_.data() + size_t(i) * H * stride;
+      const absl::Status s =
+          policy_.method == CacheMethod::kH2O
+              ? H2OUpdate(*cache_, seqs[i], l, cache_->tokens(seqs[i]), p, stride, H, policy_)
+              : TovaUpdate(*cache_, seqs[i], l, p, stride, H, policy_);
+      if (!s.ok()) return s;
+    }
+    k::matmul_forward(o_.data(), att_.data(), w.wo, n, H * D, C);
+    for (size_t i = 0; i < x2_.size(); ++i) x2_[i] = x_[i] + o_[i];
+    model_.MlpForward(l, x2_.data(), x_.data(), n, rstd_.data(), xn_.data(), gate_.data(),
+                      up_.data(), h_.data());
+  }
+  for (int seq : seqs) cache_->AdvanceToken(seq);
+  k::rmsnorm_forward(xn_.data(), rstd_.data(), x_.data(), model_.final_norm(), n, C,
+                     c.rms_norm_eps);
+  logits->resize(size_t(n) * V);
+  k::matmul_forward(logits->data(), xn_.data(), model_.lm_head(), n, C, V);
+  return absl::OkStatus();
+}
+
+template class PagedDecoder<float>;
+template class PagedDecoder<double>;
+
+}  // namespace dmc::inference

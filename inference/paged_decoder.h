@@ -1,0 +1,57 @@
+// Token-by-token decoding of a batch of sequences over the paged KV cache (spec §6): every step
+// feeds one token to each of a set of sequences (each at its own position), runs the layers with
+// all rows batched through the matmuls, and updates each sequence's cache by the method of
+// inference/cache_policy.h. With the dmc method the logits equal the training-mode forward with
+// hard decisions (Llama::Forward, DmcDecisionMode::kHard) to round-off.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "inference/cache_policy.h"
+#include "inference/paged_kv_cache.h"
+#include "model/llama.h"
+
+namespace dmc::inference {
+
+// Cache shape for `config` under `method` (the window state only for dmc on a DMC model).
+PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
+                                  long budget_bytes, int page_size);
+
+template <typename T>
+class PagedDecoder {
+ public:
+  // The model must be a single-process (tensor-parallel size 1) model; it and the cache (shaped
+  // by CacheOptionsFor) must outlive the decoder.
+  static absl::StatusOr<std::unique_ptr<PagedDecoder>> Create(const model::Llama<T>& model,
+                                                              const CachePolicy& policy,
+                                                              PagedKvCache<T>* cache);
+
+  // Feeds tokens[i] at the next position of sequence seqs[i] (admitted to the cache, each at
+  // most once); logits [n, V] gets the next-token logits, row i for seqs[i]. If the cache cannot
+  // hold the step's worst-case growth, returns ResourceExhausted with nothing changed.
+  absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, std::vector<T>* logits);
+
+  PagedKvCache<T>& cache() { return *cache_; }
+  const PagedKvCache<T>& cache() const { return *cache_; }
+  const CachePolicy& policy() const { return policy_; }
+
+ private:
+  PagedDecoder(const model::Llama<T>& model, const CachePolicy& policy, PagedKvCache<T>* cache)
+      : model_(model), policy_(policy), cache_(cache) {}
+  // Adds the tokens' keys and values of `layer` to the cache.
+  absl::Status UpdateCache(const std::vector<int>& seqs, int layer);
+
+  const model::Llama<T>& model_;
+  CachePolicy policy_;
+  PagedKvCache<T>* cache_;
+  std::vector<T> x_, xn_, rstd_, q_, k_, v_, qr_, kr_, att_, probs_, o_, x2_, gate_, up_, h_;
+  std::vector<T> logit_, alpha_, merge_, mask_, omega_;
+  std::vector<int32_t> page_table_;
+  std::vector<int> lengths_;
+};
+
+}  // namespace dmc::inference

@@ -1,0 +1,135 @@
+// The paged KV cache (spec §6): fixed-size pages of `page_size` slots from a PageAllocator over a
+// byte budget, and a page table per (sequence, layer, KV head), so every head has its own length.
+//
+// What a head holds depends on the method (inference/cache_policy.h):
+//   DMC       AddDmc appends a slot (alpha = 0, and always for the first token) or accumulates
+//             the token into the open slot (alpha = 1); the open slot is the omega-weighted mean
+//             of its DmcWindow, which the caller rotates at the newest token's position.
+//   vanilla, H2O, TOVA   Append adds the rotated key and the value as a slot; the eviction
+//             baselines then Evict slots. Eviction moves the last slot into the hole (attention
+//             does not care about slot order; each slot remembers its token position), and a
+//             page that empties returns to the allocator at once.
+// Every slot also carries a score (H2O's accumulated attention). A head is used either the DMC
+// way or the append/evict way: the window state belongs to the slot AddDmc last opened.
+//
+// Memory: a page is page_size × (key + value) × head_dim × sizeof(T) bytes; DMC sequences also
+// reserve their window ring buffers (DmcWindow::Bytes per head) at admission. Admission
+// (AddSequence) and every step's worst-case growth (CanStep) are checked against the budget
+// before anything changes, so running out is a clear absl error and never a half-done step.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "inference/dmc_window.h"
+#include "inference/page_allocator.h"
+
+namespace dmc::inference {
+
+struct PagedCacheOptions {
+  int layers = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  int page_size = 16;      // slots per page
+  long budget_bytes = 0;   // pages and window state together
+  int dmc_window = 0;      // w of the DMC window state; 0: no window (the baselines)
+};
+
+template <typename T>
+class PagedKvCache {
+ public:
+  explicit PagedKvCache(const PagedCacheOptions& options);
+  const PagedCacheOptions& options() const { return opt_; }
+
+  // Admits sequence `seq` (an id not in the cache): reserves its window state and checks that
+  // its first token fits (one page per head). ResourceExhausted when the budget refuses it.
+  absl::Status AddSequence(int seq);
+  // Returns every page and reservation of `seq` to the allocator.
+  absl::Status Free(int seq);
+  bool contains(int seq) const { return seqs_.count(seq) > 0; }
+  int num_sequences() const { return static_cast<int>(seqs_.size()); }
+
+  // Pages that one more token of each of `seqs` may need at worst (every head whose last page is
+  // full, or that has none, opens a page), and whether the budget holds them.
+  long PagesForStep(const std::vector<int>& seqs) const;
+  absl::Status CanStep(const std::vector<int>& seqs) const;
+
+  // Adds a slot holding (key, value) of the token at `position`.
+  absl::Status Append(int seq, int layer, int h, const T* key, const T* value, int32_t position);
+  // DMC: appends (merge = false, or an empty head) or accumulates into the open slot; returns the
+  // open slot's key row, which holds the pre-RoPE mean and must be rotated by the caller.
+  absl::StatusOr<T*> AddDmc(int seq, int layer, int h, const T* key, const T* value, T omega,
+                            bool merge, int32_t position);
+  // Removes slot `slot` of a head (the last slot moves into its place).
+  absl::Status Evict(int seq, int layer, int h, int slot);
+
+  // Tokens fed so far to `seq` (its next position); advanced by the decoder after a step.
+  int tokens(int seq) const { return seq_at(seq).tokens; }
+  void AdvanceToken(int seq) { ++seqs_.at(seq).tokens; }
+
+  int length(int seq, int layer, int h) const { return head(seq, layer, h).length; }
+  int32_t position(int seq, int layer, int h, int slot) const {
+    return head(seq, layer, h).positions[slot];
+  }
+  float& score(int seq, int layer, int h, int slot) { return head(seq, layer, h).scores[slot]; }
+  // Rows of one slot; valid until the next Append or AddDmc (the pool may grow).
+  const T* key(int seq, int layer, int h, int slot) const {
+    return k_pool_.data() + row(seq, layer, h, slot) * opt_.head_dim;
+  }
+  const T* value(int seq, int layer, int h, int slot) const {
+    return v_pool_.data() + row(seq, layer, h, slot) * opt_.head_dim;
+  }
+
+  // The block table of `seqs` at `layer` for kernels::paged_decode_attention: lengths [n, Hkv],
+  // page_table [n, Hkv, *max_pages].
+  void BlockTable(const std::vector<int>& seqs, int layer, std::vector<int32_t>* page_table,
+                  std::vector<int>* lengths, int* max_pages) const;
+  const T* k_pool() const { return k_pool_.data(); }
+  const T* v_pool() const { return v_pool_.data(); }
+
+  // Slots of one sequence / of all sequences, over layers and heads.
+  long total_slots(int seq) const;
+  long total_slots() const;
+  const PageAllocator& allocator() const { return alloc_; }
+  long page_bytes() const { return alloc_.page_bytes(); }
+  // Bytes of one sequence: its pages and its window state.
+  long bytes(int seq) const;
+
+ private:
+  struct Head {
+    std::vector<int32_t> pages;
+    std::vector<int32_t> positions;  // token position of each slot
+    std::vector<float> scores;
+    int length = 0;
+    DmcWindow<T> window;
+  };
+  struct Sequence {
+    std::vector<Head> heads;  // [layer, KV head]
+    int tokens = 0;
+  };
+  const Sequence& seq_at(int seq) const { return seqs_.at(seq); }
+  Head& head(int seq, int layer, int h) {
+    return seqs_.at(seq).heads[static_cast<size_t>(layer) * opt_.kv_heads + h];
+  }
+  const Head& head(int seq, int layer, int h) const {
+    return seqs_.at(seq).heads[static_cast<size_t>(layer) * opt_.kv_heads + h];
+  }
+  long row(const Head& hd, int slot) const {
+    return static_cast<long>(hd.pages[slot / opt_.page_size]) * opt_.page_size +
+           slot % opt_.page_size;
+  }
+  long row(int seq, int layer, int h, int slot) const { return row(head(seq, layer, h), slot); }
+  // Opens a new slot at the end of a head (a new page when the last one is full).
+  absl::StatusOr<long> NewSlot(Head& hd, int32_t position);
+  long window_bytes() const;
+
+  PagedCacheOptions opt_;
+  PageAllocator alloc_;
+  std::vector<T> k_pool_, v_pool_;  // [alloc_.high_water(), page_size, D]
+  std::map<int, Sequence> seqs_;
+};
+
+}  // namespace dmc::inference

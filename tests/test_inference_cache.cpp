@@ -1,0 +1,152 @@
+// The page allocator and the paged cache under random append / accumulate / evict / free
+// sequences: page counts always match the heads' lengths, no page is held twice, every slot holds
+// what was put there, and freeing everything returns every byte; double frees are refused.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "inference/page_allocator.h"
+#include "inference/paged_kv_cache.h"
+
+namespace dmc {
+namespace {
+
+using inference::PagedCacheOptions;
+using inference::PagedKvCache;
+using inference::PageAllocator;
+
+TEST(InferenceAllocator, RefusesDoubleFreesAndUnknownPages) {
+  PageAllocator a(10 * 64, 64);
+  EXPECT_EQ(a.free_pages(), 10);
+  auto p = a.Allocate();
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(a.used_bytes(), 64);
+  EXPECT_TRUE(a.Free(*p).ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(a.Free(*p)));
+  EXPECT_TRUE(absl::IsInvalidArgument(a.Free(7)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(a.Release(1)));
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(a.Allocate().ok());
+  const auto full = a.Allocate();
+  EXPECT_TRUE(absl::IsResourceExhausted(full.status()));
+  EXPECT_NE(full.status().message().find("budget of 640 bytes exhausted"), std::string::npos);
+  EXPECT_EQ(a.peak_bytes(), 640);
+}
+
+// One slot's expected content: the key and value rows are filled with a tag.
+struct Slot {
+  int32_t position;
+  double tag;
+};
+// A head of the model: its slots in cache order, and the newest raw token of a DMC open slot
+// (a merge may follow only an AddDmc: the window belongs to the slot that AddDmc opened).
+struct HeadModel {
+  std::vector<Slot> slots;
+  bool dmc_open = false;
+  double last_raw = 0;
+};
+
+TEST(InferenceAllocator, RandomCacheOperationsNeverLeakOrDoubleFree) {
+  PagedCacheOptions o;
+  o.layers = 2;
+  o.kv_heads = 2;
+  o.head_dim = 4;
+  o.page_size = 3;
+  o.dmc_window = 2;
+  o.budget_bytes = 1 << 16;
+  PagedKvCache<double> cache(o);
+  const long window_bytes =
+      o.layers * o.kv_heads * inference::DmcWindow<double>::Bytes(o.dmc_window, o.head_dim);
+  std::mt19937_64 rng(5);
+  // Model of the cache: per sequence, per (layer, head), the slots in cache order.
+  std::map<int, std::vector<HeadModel>> model;
+  int next_seq = 0;
+  long frees = 0, evicts = 0, merges = 0;
+  for (int op = 0; op < 4000; ++op) {
+    const int kind = static_cast<int>(rng() % 10);
+    if (model.empty() || kind == 0) {
+      ASSERT_TRUE(cache.AddSequence(next_seq).ok());
+      model[next_seq++].assign(o.layers * o.kv_heads, {});
+    } else if (kind == 1) {
+      auto it = std::next(model.begin(), rng() % model.size());
+      ASSERT_TRUE(cache.Free(it->first).ok());
+      EXPECT_FALSE(cache.Free(it->first).ok()) << "a second free of a sequence must be refused";
+      model.erase(it);
+      ++frees;
+    } else {
+      auto it = std::next(model.begin(), rng() % model.size());
+      const int seq = it->first, l = rng() % o.layers, h = rng() % o.kv_heads;
+      HeadModel& hm = it->second[l * o.kv_heads + h];
+      std::vector<Slot>& slots = hm.slots;
+      const double tag = static_cast<double>(op);
+      const std::vector<double> row(o.head_dim, tag);
+      if (kind <= 4 && !slots.empty()) {
+        const int victim = static_cast<int>(rng() % slots.size());
+        ASSERT_TRUE(cache.Evict(seq, l, h, victim).ok());
+        slots[victim] = slots.back();
+        slots.pop_back();
+        hm.dmc_open = false;
+        ++evicts;
+      } else if (kind <= 6) {
+        // DMC: with a window of 2 the open slot is the omega-weighted mean of its last 2 tokens.
+        const bool merge = kind == 6 && hm.dmc_open;
+        auto key = cache.AddDmc(seq, l, h, row.data(), row.data(), 1.0, merge, op);
+        ASSERT_TRUE(key.ok());
+        if (merge) {
+          slots.back() = {op, 0.5 * (hm.last_raw + tag)};
+          ++merges;
+        } else {
+          slots.push_back({op, tag});
+        }
+        hm.dmc_open = true;
+        hm.last_raw = tag;
+      } else {
+        ASSERT_TRUE(cache.Append(seq, l, h, row.data(), row.data(), op).ok());
+        slots.push_back({op, tag});
+        hm.dmc_open = false;
+      }
+    }
+    // Counting: pages held = sum of ceil(length / page_size); bytes = pages + window state.
+    long pages = 0;
+    std::set<int32_t> seen;
+    for (const auto& [seq, heads] : model)
+      for (int l = 0; l < o.layers; ++l) {
+        std::vector<int32_t> table;
+        std::vector<int> lengths;
+        int max_pages = 0;
+        cache.BlockTable({seq}, l, &table, &lengths, &max_pages);
+        for (int h = 0; h < o.kv_heads; ++h) {
+          const auto& slots = heads[l * o.kv_heads + h].slots;
+          ASSERT_EQ(lengths[h], static_cast<int>(slots.size()));
+          const int held = (lengths[h] + o.page_size - 1) / o.page_size;
+          pages += held;
+          for (int p = 0; p < held; ++p)
+            ASSERT_TRUE(seen.insert(table[h * max_pages + p]).second) << "page held twice";
+        }
+      }
+    ASSERT_EQ(cache.allocator().pages_in_use(), pages) << "op " << op;
+    ASSERT_EQ(cache.allocator().used_bytes(),
+              pages * cache.page_bytes() + long(model.size()) * window_bytes);
+  }
+  // Contents survived the moves of eviction and the merges.
+  for (const auto& [seq, heads] : model)
+    for (int l = 0; l < o.layers; ++l)
+      for (int h = 0; h < o.kv_heads; ++h) {
+        const auto& slots = heads[l * o.kv_heads + h].slots;
+        for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+          EXPECT_EQ(cache.position(seq, l, h, i), slots[i].position);
+          EXPECT_DOUBLE_EQ(cache.key(seq, l, h, i)[0], slots[i].tag);
+          EXPECT_DOUBLE_EQ(cache.value(seq, l, h, i)[o.head_dim - 1], slots[i].tag);
+        }
+      }
+  EXPECT_GT(frees, 50);
+  EXPECT_GT(evicts, 500);
+  EXPECT_GT(merges, 100);
+  for (const auto& [seq, heads] : model) ASSERT_TRUE(cache.Free(seq).ok());
+  EXPECT_EQ(cache.allocator().pages_in_use(), 0);
+  EXPECT_EQ(cache.allocator().used_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace dmc

@@ -1,0 +1,227 @@
+// The paged inference path: batched decoding over the paged DMC cache under continuous batching
+// (admission, preemption) equals the training-mode forward with hard decisions; every head's
+// length is its number of appends; a budget too small is refused with a clear error.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "inference/dmc_window.h"
+#include "inference/paged_decoder.h"
+#include "inference/scheduler.h"
+#include "model/llama.h"
+
+namespace dmc {
+namespace {
+
+using inference::CacheMethod;
+using inference::CachePolicy;
+using inference::PagedDecoder;
+using inference::PagedKvCache;
+using inference::Request;
+using model::Llama;
+using model::LlamaConfig;
+
+LlamaConfig DmcConfig(int kv_heads) {
+  LlamaConfig c;
+  c.vocab_size = 11;
+  c.hidden_size = 16;
+  c.intermediate_size = 12;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = kv_heads;
+  c.max_position_embeddings = 64;
+  c.rope_theta = 100.0f;
+  c.dmc.enabled = true;
+  c.dmc.window = 3;
+  c.dmc.init_val = -0.5f;  // biased towards merging: runs longer than the window
+  return c;
+}
+
+template <typename T>
+void RandomizeParams(Llama<T>& m, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> dist(-0.4, 0.4);
+  for (const auto& s : m.param_specs())
+    for (size_t i = 0; i < s.size; ++i)
+      m.params()[s.offset + i] = static_cast<T>(s.shape.size() == 1 ? 1.0 + dist(rng) : dist(rng));
+}
+
+struct Reference {
+  std::vector<int32_t> tokens;  // [B, T]
+  std::vector<double> logits;   // [B, T, V]
+  std::vector<std::vector<int>> appends;  // [B][layer · Hkv + h]
+};
+
+// The training-mode forward with hard decisions over B sequences at once.
+template <typename T>
+Reference TrainingForward(Llama<T>& m, int B, int T_, uint64_t seed) {
+  const LlamaConfig& c = m.config();
+  const int Hkv = c.num_key_value_heads;
+  Reference ref;
+  std::mt19937_64 rng(seed);
+  ref.tokens.resize(size_t(B) * T_);
+  for (auto& t : ref.tokens) t = static_cast<int32_t>(rng() % c.vocab_size);
+  std::vector<int32_t> targets(ref.tokens.size(), -1);
+  model::StepOptions hard;
+  hard.mode = kernels::DmcDecisionMode::kHard;
+  const model::ForwardResult r = m.Forward(ref.tokens.data(), targets.data(), B, T_, hard);
+  EXPECT_GT(r.merge_fraction, 0.3) << "the test needs plenty of merges";
+  EXPECT_LT(r.merge_fraction, 0.95) << "the test needs some appends";
+  ref.logits.assign(m.logits().begin(), m.logits().end());
+  ref.appends.assign(B, std::vector<int>(size_t(c.num_hidden_layers) * Hkv, 0));
+  for (int b = 0; b < B; ++b)
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      for (int h = 0; h < Hkv; ++h)
+        for (int t = 0; t < T_; ++t)
+          ref.appends[b][l * Hkv + h] +=
+              t == 0 || m.merge(l)[(size_t(b) * T_ + t) * Hkv + h] < 0.5 ? 1 : 0;
+  return ref;
+}
+
+struct RunResult {
+  inference::SchedulerStats stats;
+  int compared = 0;
+};
+
+// Decodes the reference's sequences under continuous batching and compares every logit and, at
+// the end of each sequence, every head's length.
+template <typename T>
+RunResult DecodeAndCompare(Llama<T>& m, const Reference& ref, int B, int T_, int page_size,
+                           long budget, int max_batch, double tol) {
+  const LlamaConfig& c = m.config();
+  const int V = c.vocab_size, Hkv = c.num_key_value_heads;
+  PagedKvCache<T> cache(inference::CacheOptionsFor(c, CacheMethod::kDmc, budget, page_size));
+  auto decoder = PagedDecoder<T>::Create(m, CachePolicy{}, &cache);
+  EXPECT_TRUE(decoder.ok()) << decoder.status();
+  std::vector<Request> requests(B);
+  for (int b = 0; b < B; ++b)
+    requests[b] = {{ref.tokens.begin() + size_t(b) * T_, ref.tokens.begin() + size_t(b + 1) * T_},
+                   T_};
+  RunResult out;
+  auto stats = inference::RunBatched<T>(
+      **decoder, requests, max_batch,
+      [&](int r, int pos, const T* logits) {
+        for (int v = 0; v < V; ++v)
+          EXPECT_NEAR(logits[v], ref.logits[(size_t(r) * T_ + pos) * V + v], tol)
+              << "sequence " << r << " position " << pos;
+        ++out.compared;
+        return inference::kStopRequest;
+      },
+      [&](int r) {
+        for (int l = 0; l < c.num_hidden_layers; ++l)
+          for (int h = 0; h < Hkv; ++h)
+            EXPECT_EQ(cache.length(r, l, h), ref.appends[r][l * Hkv + h])
+                << "sequence " << r << " layer " << l << " head " << h;
+      });
+  EXPECT_TRUE(stats.ok()) << stats.status();
+  if (stats.ok()) out.stats = *stats;
+  EXPECT_EQ(cache.num_sequences(), 0);
+  EXPECT_EQ(cache.allocator().used_bytes(), 0) << "pages or window state leaked";
+  return out;
+}
+
+constexpr long kAmple = 1L << 24;
+
+TEST(InferencePagedDecode, BatchedEqualsTrainingForwardWithHardDecisions) {
+  for (int kv_heads : {1, 2, 4})
+    for (int page_size : {1, 3, 16}) {
+      SCOPED_TRACE(testing::Message() << "kv_heads " << kv_heads << " page_size " << page_size);
+      Llama<double> m(DmcConfig(kv_heads), nullptr);
+      RandomizeParams(m, 21 + kv_heads);
+      const int B = 3, T_ = 24;
+      const Reference ref = TrainingForward(m, B, T_, 8);
+      const RunResult r = DecodeAndCompare(m, ref, B, T_, page_size, kAmple, 2, 1e-10);
+      EXPECT_EQ(r.compared, B * T_);
+      EXPECT_EQ(r.stats.max_concurrent, 2);
+      EXPECT_EQ(r.stats.preemptions, 0);
+    }
+}
+
+TEST(InferencePagedDecode, FloatEqualsTrainingForward) {
+  Llama<float> m(DmcConfig(2), nullptr);
+  RandomizeParams(m, 22);
+  const Reference ref = TrainingForward(m, 2, 24, 9);
+  EXPECT_EQ(DecodeAndCompare(m, ref, 2, 24, 4, kAmple, 2, 2e-4).compared, 48);
+}
+
+// A budget for about one and a half sequences: the scheduler must preempt and recompute, and the
+// logits it reports stay those of the training forward.
+TEST(InferencePagedDecode, PreemptionUnderATightBudgetKeepsTheLogits) {
+  Llama<double> m(DmcConfig(2), nullptr);
+  RandomizeParams(m, 23);
+  const int B = 4, T_ = 24, page_size = 2;
+  const Reference ref = TrainingForward(m, B, T_, 10);
+  const LlamaConfig& c = m.config();
+  const long page_bytes = page_size * 2 * c.head_dim() * long(sizeof(double));
+  long most_pages = 0;
+  for (const auto& a : ref.appends) {
+    long pages = 0;
+    for (int n : a) pages += (n + page_size - 1) / page_size;
+    most_pages = std::max(most_pages, pages);
+  }
+  const long window = long(c.num_hidden_layers) * c.num_key_value_heads *
+                      inference::DmcWindow<double>::Bytes(c.dmc.window, c.head_dim());
+  const long budget = (most_pages * 3 / 2) * page_bytes + 2 * window;
+  const RunResult r = DecodeAndCompare(m, ref, B, T_, page_size, budget, B, 1e-10);
+  EXPECT_EQ(r.compared, B * T_);
+  EXPECT_GT(r.stats.preemptions, 0);
+  EXPECT_GE(r.stats.max_concurrent, 2);
+}
+
+TEST(InferenceAdmission, ABudgetTooSmallIsRefusedWithAClearError) {
+  Llama<double> m(DmcConfig(2), nullptr);
+  RandomizeParams(m, 24);
+  const LlamaConfig& c = m.config();
+  // Not even the first token (one page per head plus the window state) fits.
+  PagedKvCache<double> tiny(inference::CacheOptionsFor(c, CacheMethod::kDmc, 1000, 16));
+  const absl::Status refused = tiny.AddSequence(0);
+  EXPECT_TRUE(absl::IsResourceExhausted(refused)) << refused;
+  EXPECT_NE(refused.message().find("cannot admit sequence 0"), std::string::npos) << refused;
+  EXPECT_EQ(tiny.allocator().used_bytes(), 0);
+
+  // A single request longer than the budget can hold: refused mid-way, nothing crashes, and the
+  // failing step leaves the cache as it was.
+  const int page_size = 2;
+  const long page_bytes = page_size * 2 * c.head_dim() * long(sizeof(double));
+  const long window = long(c.num_hidden_layers) * c.num_key_value_heads *
+                      inference::DmcWindow<double>::Bytes(c.dmc.window, c.head_dim());
+  PagedKvCache<double> small(
+      inference::CacheOptionsFor(c, CacheMethod::kDmc, window + 8 * page_bytes, page_size));
+  auto decoder = PagedDecoder<double>::Create(m, CachePolicy{}, &small);
+  ASSERT_TRUE(decoder.ok()) << decoder.status();
+  std::vector<Request> requests = {{std::vector<int32_t>(40, 3), 40}};
+  auto stats = inference::RunBatched<double>(
+      **decoder, requests, 1, [](int, int, const double*) { return 0; }, [](int) {});
+  ASSERT_FALSE(stats.ok());
+  EXPECT_TRUE(absl::IsResourceExhausted(stats.status())) << stats.status();
+  EXPECT_NE(stats.status().message().find("does not fit the KV cache even alone"),
+            std::string::npos)
+      << stats.status();
+  ASSERT_TRUE(small.contains(0));
+  const int fed = small.tokens(0);
+  const long slots = small.total_slots(0);
+  std::vector<double> logits;
+  const int32_t token = 3;
+  EXPECT_TRUE(absl::IsResourceExhausted((*decoder)->Step({0}, &token, &logits)));
+  EXPECT_EQ(small.tokens(0), fed);
+  EXPECT_EQ(small.total_slots(0), slots);
+}
+
+TEST(InferenceAdmission, EvictionPolicyNeedsAValidBudget) {
+  Llama<double> m(DmcConfig(2), nullptr);
+  PagedKvCache<double> cache(
+      inference::CacheOptionsFor(m.config(), CacheMethod::kH2O, kAmple, 16));
+  CachePolicy p{CacheMethod::kH2O, 4, 4};
+  auto d = PagedDecoder<double>::Create(m, p, &cache);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("recent window below it"), std::string::npos) << d.status();
+  // A dmc-shaped cache (with window state) does not fit the h2o method.
+  PagedKvCache<double> dmc_cache(
+      inference::CacheOptionsFor(m.config(), CacheMethod::kDmc, kAmple, 16));
+  auto wrong = PagedDecoder<double>::Create(m, CachePolicy{CacheMethod::kH2O, 4, 2}, &dmc_cache);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(wrong.status().message().find("does not fit"), std::string::npos) << wrong.status();
+}
+
+}  // namespace
+}  // namespace dmc
