@@ -30,6 +30,10 @@ ABSL_FLAG(int64_t, kv_budget_mb, 256, "KV cache budget in MiB (pages and DMC win
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
 ABSL_FLAG(int, max_batch, 16, "sequences decoded concurrently at most");
 ABSL_FLAG(std::string, heatmap, "", "write the per-head CR of dmc as a PNG heat map here");
+ABSL_FLAG(std::string, append_tsv, "",
+          "append one tab-separated line per method to this file: label, method, budget, CR, "
+          "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
+ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 
 namespace {
 
@@ -150,6 +154,18 @@ int main(int argc, char** argv) {
                 r.policy.budget ? absl::StrFormat("%d", r.policy.budget).c_str() : "-", r.cr,
                 r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
                 r.max_concurrent);
+
+  if (const std::string tsv = absl::GetFlag(FLAGS_append_tsv); !tsv.empty()) {
+    std::FILE* f = std::fopen(tsv.c_str(), "a");
+    if (f == nullptr) return Fail(absl::NotFoundError(tsv + ": cannot open for appending"));
+    const std::string label = absl::GetFlag(FLAGS_label).empty() ? model_dir : absl::GetFlag(FLAGS_label);
+    for (const EvalResult& r : results)
+      std::fprintf(f, "%s\t%s\t%d\t%.4f\t%.4f\t%.4f\t%ld\t%.1f\t%d\n", label.c_str(),
+                   dmc::inference::CacheMethodName(r.policy.method), r.policy.budget, r.cr,
+                   r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
+                   r.max_concurrent);
+    if (std::fclose(f) != 0) return Fail(absl::InternalError(tsv + ": write failed"));
+  }
 
   for (const EvalResult& r : results) {
     if (r.policy.method != CacheMethod::kDmc) continue;

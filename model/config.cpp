@@ -70,9 +70,19 @@ absl::Status PresetConfig(const std::string& name, LlamaConfig* c) {
     c->num_attention_heads = 4;
     c->num_key_value_heads = 4;
     c->max_position_embeddings = 1024;
+  } else if (name == "small-d64") {
+    // The smallest shape the fused CUDA attention takes (head dim 64): 3.4M parameters.
+    *c = LlamaConfig{};
+    c->vocab_size = 259;
+    c->hidden_size = 256;
+    c->intermediate_size = 704;
+    c->num_hidden_layers = 4;
+    c->num_attention_heads = 4;
+    c->num_key_value_heads = 2;
+    c->max_position_embeddings = 1024;
   } else {
     return absl::InvalidArgumentError(
-        absl::StrFormat("unknown model preset '%s' (known: tiny, small)", name));
+        absl::StrFormat("unknown model preset '%s' (known: tiny, small, small-d64)", name));
   }
   c->bos_token_id = 256;
   c->eos_token_id = 257;

@@ -38,7 +38,8 @@ struct LlamaConfig {
   long num_parameters() const;
 };
 
-// Small built-in shapes: "tiny" (CI, seconds on a CPU), "small" (the README's CPU job).
+// Small built-in shapes: "tiny" (CI, seconds on a CPU), "small" (the README's CPU job),
+// "small-d64" (head dim 64, the smallest shape the CUDA attention kernels take).
 absl::Status PresetConfig(const std::string& name, LlamaConfig* config);
 
 }  // namespace dmc::model

@@ -24,8 +24,13 @@
 #include "trainer/checkpoint.h"
 #include "trainer/metrics_log.h"
 #include "trainer/trainer.h"
+#if defined(DMC_HAVE_CUDA)
+#include <cuda_runtime_api.h>
 
-ABSL_FLAG(std::string, model, "small", "model preset (tiny, small) when not importing weights");
+#include "trainer/cuda_backend.h"
+#endif
+
+ABSL_FLAG(std::string, model, "small", "model preset (tiny, small, small-d64) when not importing weights");
 ABSL_FLAG(std::string, init_from, "",
           "Hugging Face checkpoint directory (config.json + safetensors) to start from");
 ABSL_FLAG(std::string, checkpoint_dir, "", "directory of training checkpoints (resume state)");
@@ -33,7 +38,8 @@ ABSL_FLAG(int, checkpoint_every, 0, "steps between checkpoints (0: only at the e
 ABSL_FLAG(int, keep_last, 3, "checkpoints kept in --checkpoint_dir");
 ABSL_FLAG(bool, resume, false, "continue from --checkpoint_dir/latest");
 ABSL_FLAG(std::string, data, "", "training shard index (train_index.json written by dmc-prep)");
-ABSL_FLAG(std::string, device, "cpu", "cpu (the CUDA training path is not wired into dmc-train yet)");
+ABSL_FLAG(std::string, device, "cpu",
+          "cpu, or cuda (one GPU per rank, tensor-parallel size 1, head dim 64 or 128)");
 ABSL_FLAG(int, tp, 1, "tensor-parallel size (divides the number of MPI ranks and KV heads)");
 ABSL_FLAG(int, seq_len, 256, "tokens per sequence");
 ABSL_FLAG(int, micro_batch, 8, "sequences per micro-batch per data-parallel rank");
@@ -71,9 +77,19 @@ extern "C" void OnStopSignal(int signal) { g_stop_signal = signal; }
 // Everything that is decided before the first step. Returns an error naming the bad input.
 absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   const bool leader = groups.world().rank() == 0;
-  if (absl::GetFlag(FLAGS_device) != "cpu")
-    return absl::UnimplementedError("--device=" + absl::GetFlag(FLAGS_device) +
-                                    ": only the CPU backend trains in dmc-train so far");
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda")
+    return absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda");
+#if !defined(DMC_HAVE_CUDA)
+  if (device == "cuda")
+    return absl::FailedPreconditionError(
+        "--device=cuda: this dmc-train was built without the CUDA backend (configure with "
+        "-DDMC_CUDA=ON on a machine with nvcc)");
+#endif
+  if (device == "cuda" && groups.layout().tp_size != 1)
+    return absl::UnimplementedError(absl::StrFormat(
+        "--device=cuda trains with tensor-parallel size 1 only so far (got --tp %d)",
+        groups.layout().tp_size));
   LlamaConfig model_config;
   const std::string init_from = absl::GetFlag(FLAGS_init_from);
   if (!init_from.empty()) {
@@ -146,18 +162,34 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   } else if (absl::Status st = dmc::model::ImportHfWeights(init_from, &model); !st.ok()) {
     return st;
   }
+  std::unique_ptr<dmc::trainer::TrainBackend> backend;  // null: the CPU
+#if defined(DMC_HAVE_CUDA)
+  if (device == "cuda") {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+      return absl::FailedPreconditionError("--device=cuda: no usable CUDA device");
+    // One GPU per rank, ranks of a node on consecutive devices.
+    if (cudaError_t e = cudaSetDevice(groups.world().rank() % devices); e != cudaSuccess)
+      return absl::InternalError(std::string("cudaSetDevice: ") + cudaGetErrorString(e));
+    absl::StatusOr<std::unique_ptr<dmc::trainer::CudaBackend>> cuda =
+        dmc::trainer::CudaBackend::Create(model, tc.optimizer, &groups.tp());
+    if (!cuda.ok()) return cuda.status();
+    backend = std::move(*cuda);
+  }
+#endif
   if (leader)
     std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
-                "%d tokens per step\n",
+                "%d tokens per step%s\n",
                 absl::GetFlag(FLAGS_model).c_str(), model_config.num_parameters() / 1e6,
                 layout.world_size, layout.dp_size, layout.tp_size, s.total_steps(),
-                tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size);
+                tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size,
+                backend ? ", on CUDA" : "");
 
   dmc::data::ShardLoader* source = loader->get();
   dmc::trainer::Trainer trainer(
       tc, &model,
       [source](std::vector<int32_t>* in, std::vector<int32_t>* tgt) { return source->Next(in, tgt); },
-      &groups.dp(), &groups.tp());
+      &groups.dp(), &groups.tp(), std::move(backend));
   dmc::trainer::Checkpointer checkpointer(checkpoint_dir, absl::GetFlag(FLAGS_keep_last),
                                           &groups.world(), layout.tp_rank, layout.tp_size,
                                           layout.dp_rank);
@@ -165,6 +197,8 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     absl::StatusOr<dmc::trainer::TrainingState> state =
         checkpointer.LoadLatest(model, trainer.optimizer());
     if (!state.ok()) return state.status();
+    // A device backend trains its own copy: hand it the loaded weights and moments.
+    if (absl::Status st = trainer.SyncFromHost(); !st.ok()) return st;
     absl::StatusOr<dmc::data::LoaderCursor> cursor =
         dmc::data::LoaderCursor::FromString(state->loader_cursor);
     if (!cursor.ok()) return cursor.status();
@@ -175,6 +209,8 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   }
   auto save = [&]() -> absl::Status {
     if (checkpoint_dir.empty()) return absl::OkStatus();
+    // A device backend's weights and moments → the host model and optimizer the checkpoint reads.
+    if (absl::Status st = trainer.SyncToHost(); !st.ok()) return st;
     dmc::trainer::TrainingState state{trainer.step(), trainer.tokens(), trainer.optimizer().step(),
                                       source->cursor().ToString(), tc.seed};
     absl::Status st = checkpointer.Save(model, trainer.optimizer(), state);

@@ -41,13 +41,17 @@ absl::Status TrainConfig::Validate(const model::LlamaConfig& model) const {
 }
 
 Trainer::Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSource batches,
-                 parallel::Communicator* dp, parallel::Communicator* tp)
+                 parallel::Communicator* dp, parallel::Communicator* tp,
+                 std::unique_ptr<TrainBackend> backend)
     : config_(config),
       model_(model),
       batches_(std::move(batches)),
       dp_(dp),
       tp_(tp),
-      optimizer_(config.optimizer, model->params().size()) {}
+      optimizer_(config.optimizer, model->params().size()),
+      backend_(std::move(backend)) {
+  if (!backend_) backend_ = std::make_unique<CpuBackend>(model_, &optimizer_, tp_);
+}
 
 double Trainer::FlopsPerToken() const {
   const model::LlamaConfig& c = model_->config();
@@ -61,11 +65,12 @@ double Trainer::FlopsPerToken() const {
 
 void Trainer::EnterPhase(const ScheduleState& state) {
   model_->set_dmc_enabled(state.dmc_enabled());
+  backend_->SetDmcEnabled(state.dmc_enabled());
   if (!state.phase_start || step_ == 0) return;
   // The reference carries no optimizer state from one stage to the next.
-  optimizer_.Reset();
+  backend_->ResetOptimizer();
   // Stage 2 starts from a = -init_val and omega = sigmoid(init_val) exactly (spec §2).
-  if (state.phase == Phase::kStage2) model_->ZeroControlChannelRows();
+  if (state.phase == Phase::kStage2) backend_->ZeroControlChannelRows();
 }
 
 absl::StatusOr<StepMetrics> Trainer::Step() {
@@ -83,7 +88,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
 
   const int B = config_.micro_batch, T = config_.seq_len;
   std::vector<int32_t> inputs, targets;
-  model_->ZeroGrad();
+  backend_->ZeroGrad();
   double loss = 0, lm_loss = 0, cr_loss = 0, merge = 0;
   for (int micro = 0; micro < config_.grad_accum; ++micro) {
     if (absl::Status s = batches_(&inputs, &targets); !s.ok()) return s;
@@ -93,8 +98,8 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     // Global index of the first sequence, in the loader's order (micro-batch m of a step is a
     // global batch whose slice r belongs to DP rank r): the same noise for every DP layout.
     options.seq0 = (static_cast<long>(micro) * dp_->size() + dp_->rank()) * B;
-    const model::ForwardResult r = model_->Forward(inputs.data(), targets.data(), B, T, options);
-    model_->Backward(1.0 / config_.grad_accum);
+    const model::ForwardResult r = backend_->Forward(inputs.data(), targets.data(), B, T, options);
+    backend_->Backward(1.0 / config_.grad_accum);
     loss += r.loss / config_.grad_accum;
     lm_loss += r.lm_loss / config_.grad_accum;
     cr_loss += r.cr_loss / config_.grad_accum;
@@ -103,10 +108,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
 
   // Data parallel: average gradients and the reported statistics over ranks.
   if (dp_->size() > 1) {
-    std::vector<float>& grads = model_->grads();
-    if (absl::Status s = dp_->AllReduceSum(grads.data(), grads.size()); !s.ok()) return s;
-    const float inv = 1.0f / dp_->size();
-    for (float& g : grads) g *= inv;
+    if (absl::Status s = backend_->AverageGradients(*dp_); !s.ok()) return s;
     double stats[4] = {loss, lm_loss, cr_loss, merge};
     if (absl::Status s = dp_->AllReduceSum(stats, 4); !s.ok()) return s;
     loss = stats[0] / dp_->size();
@@ -114,7 +116,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     cr_loss = stats[2] / dp_->size();
     merge = stats[3] / dp_->size();
   }
-  absl::StatusOr<double> norm = optimizer_.Step(*model_, sched.lr, *tp_);
+  absl::StatusOr<double> norm = backend_->OptimizerStep(sched.lr);
   if (!norm.ok()) return norm.status();
 
   const double seconds =

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "model/llama.h"
 #include "parallel/communicator.h"
+#include "trainer/backend.h"
 #include "trainer/optimizer.h"
 #include "trainer/schedules.h"
 
@@ -51,9 +52,12 @@ struct StepMetrics {
 class Trainer {
  public:
   // dp and tp are the data- and tensor-parallel groups of this rank (size 1 when not parallel);
-  // the model must have been built with the same tp group.
+  // the model must have been built with the same tp group. backend: where the steps run; null
+  // trains the host model on the CPU (CpuBackend). A device backend starts from the host model's
+  // current weights (it copies them when it is built); see SyncToHost / SyncFromHost.
   Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSource batches,
-          parallel::Communicator* dp, parallel::Communicator* tp);
+          parallel::Communicator* dp, parallel::Communicator* tp,
+          std::unique_ptr<TrainBackend> backend = nullptr);
 
   // Runs one optimizer step; the step counter advances only on success.
   absl::StatusOr<StepMetrics> Step();
@@ -65,6 +69,12 @@ class Trainer {
   int64_t tokens() const { return tokens_; }
   void set_tokens(int64_t tokens) { tokens_ = tokens; }
   AdamW& optimizer() { return optimizer_; }
+  TrainBackend& backend() { return *backend_; }
+  // The backend's weights and optimizer state → model() and optimizer(): call before a checkpoint
+  // save or an export (a no-op on the CPU). SyncFromHost goes the other way, after a checkpoint
+  // load.
+  absl::Status SyncToHost() { return backend_->SyncToHost(model_, &optimizer_); }
+  absl::Status SyncFromHost() { return backend_->SyncFromHost(*model_, optimizer_); }
   const TrainConfig& config() const { return config_; }
 
   // Model FLOPs per token of one training step (6 · parameters + attention), for MFU.
@@ -80,6 +90,7 @@ class Trainer {
   parallel::Communicator* dp_;
   parallel::Communicator* tp_;
   AdamW optimizer_;
+  std::unique_ptr<TrainBackend> backend_;
   int step_ = 0;
   int64_t tokens_ = 0;
   bool dmc_on_ = false;

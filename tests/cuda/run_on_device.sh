@@ -13,7 +13,8 @@
 # PKG_CONFIG_PATH.
 #
 # Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "hf" adds the Hugging
-# Face logits check of tests/hf/check_hf_logits.py, which needs transformers; "configure" alone
+# Face logits check of tests/hf/check_hf_logits.py, which needs transformers; "train" runs
+# dmc-train --device=cuda on the embedded text, straight and stopped + resumed; "configure" alone
 # only configures; "sass" adds an instruction count of the attention kernels), DMC_BENCH_CONFIGS
 # (tile settings to compare, e.g. "default DMC_ATTN_BWD_NW=4"), DMC_BENCH_REPS (20),
 # DMC_GTEST_FILTER (default all), DMC_DEVICE_BUILD (see below).
@@ -64,6 +65,7 @@ if has_step build; then
   start=$(date +%s)
   targets=(dmc_cuda_tests)
   has_step hf && targets+=(hf_logits)
+  has_step train && targets+=(dmc-train dmc-prep)
   for b in bench/cuda/bench_*.cu bench/cuda/bench_*.cpp; do
     [ -f "$b" ] && targets+=("$(basename "${b%.*}")")
   done
@@ -89,6 +91,39 @@ if has_step hf; then
     --work /tmp/hf_check >"$OUT/hf.log" 2>&1
   note "hf logits check rc=$? ($(( $(date +%s) - start )) s)"
   tail -5 "$OUT/hf.log" | tee -a "$summary"
+fi
+
+if has_step train; then
+  # The "small-d64" preset (head dim 64) through every phase; then the same run stopped by SIGTERM
+  # and resumed. The attention backward accumulates dq with atomics, so GPU runs agree to
+  # round-off, not bit for bit: the resumed run's last loss is compared with a tolerance.
+  start=$(date +%s)
+  train_dir=/tmp/dmc_train
+  rm -rf "$train_dir"
+  "$BUILD/data/dmc-prep" --input=data/corpus --output="$train_dir/shards" --tokenizer=byte \
+    --val_fraction=0.1 >"$OUT/train.log" 2>&1
+  train=("$BUILD/trainer/dmc-train" --device=cuda --model=small-d64 --seq_len=512 --micro_batch=16
+         --data="$train_dir/shards/train_index.json" --pretrain_steps=150 --warmup_steps=10
+         --lr=2e-3 --min_lr=2e-4 --stage1_steps=20 --stage2_steps=150 --stage3_steps=30
+         --retrofit_lr=1e-3 --retrofit_min_lr=1e-4 --cr_target=2 --log_every=50)
+  "${train[@]}" --checkpoint_dir="$train_dir/straight" --log_jsonl="$train_dir/straight.jsonl" \
+    >>"$OUT/train.log" 2>&1
+  rc=$?
+  "${train[@]}" --checkpoint_dir="$train_dir/resumed" --log_jsonl="$train_dir/resumed.jsonl" \
+    >>"$OUT/train.log" 2>&1 &
+  pid=$!
+  while kill -0 $pid 2>/dev/null && [ "$(wc -l 2>/dev/null <"$train_dir/resumed.jsonl" || echo 0)" -lt 160 ]; do
+    sleep 0.05
+  done
+  kill -TERM $pid 2>/dev/null; wait $pid
+  stopped=$(wc -l <"$train_dir/resumed.jsonl")
+  "${train[@]}" --checkpoint_dir="$train_dir/resumed" --log_jsonl="$train_dir/resumed.jsonl" \
+    --resume >>"$OUT/train.log" 2>&1
+  rc2=$?
+  last() { tail -1 "$1" | sed -E 's/.*"loss":([^,]*),.*/\1/'; }
+  note "dmc-train --device=cuda rc=$rc, stopped after step $stopped and resumed rc=$rc2 ($(( $(date +%s) - start )) s): last loss straight $(last "$train_dir/straight.jsonl") resumed $(last "$train_dir/resumed.jsonl")"
+  grep -E "^step .*(/350|  50/|200/)" "$OUT/train.log" | head -12 | tee -a "$summary"
+  cp "$train_dir/straight.jsonl" "$OUT/gpu_train.jsonl"
 fi
 
 if has_step sanitize; then

@@ -1,0 +1,636 @@
+#include "model/llama_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "absl/strings/str_format.h"
+#include "kernels/cuda_check.h"
+
+namespace dmc::model {
+
+// The element-wise helpers of llama_cuda.cu.
+namespace cuda_model_detail {
+void add(cuda::bf16* out, const cuda::bf16* a, const cuda::bf16* b, size_t n, cudaStream_t stream);
+void masked_sum(float* out, const float* losses, const int32_t* targets, int N, cudaStream_t stream);
+void fill_labelled(float* dlosses, const int32_t* targets, int N, float value, cudaStream_t stream);
+void scale(float* x, size_t n, float s, cudaStream_t stream);
+void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);
+}  // namespace cuda_model_detail
+
+namespace {
+namespace c = dmc::cuda;
+namespace h = cuda_model_detail;
+using c::bf16;
+
+// Order of one layer's tensors inside layer_offsets_ (as in model/llama.cpp).
+enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
+
+parallel::LocalCommunicator& SingleProcess() {
+  static parallel::LocalCommunicator local;
+  return local;
+}
+
+// True when the step asks for LoMA (StepOptions::loma, when this StepOptions has it): the CUDA
+// model has no LoMA attention yet and refuses such steps.
+template <typename O>
+auto LomaRequested(const O& o, int) -> decltype(o.loma.enabled()) {
+  return o.loma.enabled();
+}
+template <typename O>
+bool LomaRequested(const O&, long) {
+  return false;
+}
+
+template <typename X>
+void Zero(X* p, size_t n, cudaStream_t stream) {
+  if (n) DMC_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(X), stream));
+}
+
+}  // namespace
+
+// Device buffers of one (B, T): the activations Backward needs, per layer, and the work buffers.
+struct LlamaCuda::Buffers {
+  struct Layer {
+    bf16 *x, *xn, *q, *k, *v, *khat, *vhat, *qr, *kr, *att, *x2, *xn2, *gate, *up, *h;
+    float *rstd, *lse, *rstd2;
+    float *noise, *logit, *alpha, *merge, *mask, *omega, *denom;  // DMC, [B, T, Hkv]
+  };
+  int B = 0, T = 0;
+  std::vector<void*> owned;
+  std::vector<Layer> layers;
+  int32_t *tokens = nullptr, *targets = nullptr;
+  bf16 *x_final, *xn_final, *logits, *tmp;
+  float *rstd_final, *losses;
+  // [2 + B + L·B]: labelled loss sum, CR loss, mean_merge[B], per-layer merge fraction [L][B];
+  // one buffer so Forward reads its results back in one copy.
+  float* stats = nullptr;
+  // Backward work buffers, reused by every layer.
+  bf16 *dlogits, *dres, *dxn, *dh, *dgate, *dup, *datt, *dqr, *dkr, *dq, *dkhat, *dk, *dvhat, *dv;
+  float *dlosses, *dalpha, *domega, *dmerge, *dmask, *dmean_merge;
+
+  template <typename X>
+  X* Alloc(size_t n) {
+    void* p = nullptr;
+    DMC_CUDA_CHECK(cudaMalloc(&p, sizeof(X) * (n ? n : 1)));
+    owned.push_back(p);
+    return static_cast<X*>(p);
+  }
+  ~Buffers() {
+    for (void* p : owned) DMC_CUDA_CHECK(cudaFree(p));
+  }
+};
+
+LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
+    : config_(config), tp_(tp_comm ? tp_comm : &SingleProcess()) {
+  if (absl::Status s = config_.Validate(); !s.ok()) throw std::invalid_argument(s.ToString());
+  if (tp_->size() != 1)
+    throw std::invalid_argument(absl::StrFormat(
+        "the CUDA model supports tensor-parallel size 1 only (got %d)", tp_->size()));
+  if (!c::device_available())
+    throw std::runtime_error("the CUDA model needs a CUDA device, and none is usable");
+  head_dim_ = config_.head_dim();
+  if (head_dim_ != 64 && head_dim_ != 128)
+    throw std::invalid_argument(absl::StrFormat(
+        "the CUDA model needs head_dim 64 or 128 (the fused DMC attention kernel's sizes); this "
+        "model has hidden_size %d / num_attention_heads %d = %d",
+        config_.hidden_size, config_.num_attention_heads, head_dim_));
+  heads_ = config_.num_attention_heads;
+  kv_heads_ = config_.num_key_value_heads;
+  ffn_ = config_.intermediate_size;
+
+  // The host model defines the parameter layout (names, offsets, decay): read it from a
+  // temporary one of the same config, so the two can never disagree.
+  {
+    const Llama<float> layout(config_, tp_);
+    specs_ = layout.param_specs();
+  }
+  auto offset_of = [&](const std::string& name) {
+    for (const auto& s : specs_)
+      if (s.name == name) return s.offset;
+    throw std::logic_error("no parameter " + name);
+  };
+  embed_offset_ = offset_of("model.embed_tokens.weight");
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    const std::string p = absl::StrFormat("model.layers.%d.", l);
+    for (const char* name : {"input_layernorm.weight", "self_attn.q_proj.weight",
+                             "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                             "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
+      layer_offsets_.push_back(offset_of(p + name));
+  }
+  final_norm_offset_ = offset_of("model.norm.weight");
+  lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_ : offset_of("lm_head.weight");
+  for (const auto& s : specs_) num_params_ = std::max(num_params_, s.offset + s.size);
+
+  const size_t P = num_params_;
+  DMC_CUDA_CHECK(cudaMalloc(&master_, P * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&weights_, P * sizeof(bf16)));
+  DMC_CUDA_CHECK(cudaMalloc(&grads_, P * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&adam_m_, P * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&adam_v_, P * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&norm_, 2 * sizeof(double)));
+  Zero(master_, P, stream_);
+  Zero(weights_, P, stream_);
+  Zero(grads_, P, stream_);
+  Zero(adam_m_, P, stream_);
+  Zero(adam_v_, P, stream_);
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+LlamaCuda::~LlamaCuda() {
+  buf_.reset();
+  for (void* p : {static_cast<void*>(master_), static_cast<void*>(weights_),
+                  static_cast<void*>(grads_), static_cast<void*>(adam_m_),
+                  static_cast<void*>(adam_v_), static_cast<void*>(norm_)})
+    if (p) DMC_CUDA_CHECK(cudaFree(p));
+}
+
+const bf16* LlamaCuda::W(size_t offset) const { return weights_ + offset; }
+float* LlamaCuda::G(size_t offset) const { return grads_ + offset; }
+
+void LlamaCuda::TpAllReduce(bf16* x, size_t n) const {
+  // Tensor parallelism hook: model/llama.cpp all-reduces here over the TP group. Size 1 only for
+  // now (the constructor refuses more), so there is nothing to reduce.
+  (void)x;
+  (void)n;
+  if (tp_->size() != 1) throw std::logic_error("tensor-parallel all-reduce is not implemented on CUDA");
+}
+
+// ---- parameters and optimizer state ----
+
+void LlamaCuda::CopyParamsFromHost(const std::vector<float>& params) {
+  if (params.size() != num_params_)
+    throw std::invalid_argument(absl::StrFormat("CopyParamsFromHost: %d values, the model has %d",
+                                                params.size(), num_params_));
+  DMC_CUDA_CHECK(cudaMemcpyAsync(master_, params.data(), num_params_ * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+  h::to_bf16(weights_, master_, num_params_, stream_);
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void LlamaCuda::CopyParamsFromHost(const Llama<float>& host) {
+  const auto& hs = host.param_specs();
+  if (hs.size() != specs_.size())
+    throw std::invalid_argument("CopyParamsFromHost: the host model has another parameter layout");
+  for (size_t i = 0; i < hs.size(); ++i)
+    if (hs[i].name != specs_[i].name || hs[i].offset != specs_[i].offset ||
+        hs[i].size != specs_[i].size)
+      throw std::invalid_argument("CopyParamsFromHost: host parameter " + hs[i].name +
+                                  " differs from the device layout");
+  CopyParamsFromHost(host.params());
+}
+
+std::vector<float> LlamaCuda::ParamsToHost() const {
+  std::vector<float> out(num_params_);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(out.data(), master_, num_params_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+void LlamaCuda::CopyParamsToHost(Llama<float>* host) const {
+  if (host->params().size() != num_params_ || host->param_specs().size() != specs_.size())
+    throw std::invalid_argument("CopyParamsToHost: the host model has another parameter layout");
+  DMC_CUDA_CHECK(cudaMemcpyAsync(host->params().data(), master_, num_params_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+std::vector<float> LlamaCuda::GradsToHost() const {
+  std::vector<float> out(num_params_);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(out.data(), grads_, num_params_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+void LlamaCuda::GradsFromHost(const std::vector<float>& grads) {
+  if (grads.size() != num_params_) throw std::invalid_argument("GradsFromHost: wrong size");
+  DMC_CUDA_CHECK(cudaMemcpyAsync(grads_, grads.data(), num_params_ * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void LlamaCuda::OptimizerStateToHost(std::vector<float>* m, std::vector<float>* v) const {
+  m->resize(num_params_);
+  v->resize(num_params_);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(m->data(), adam_m_, num_params_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaMemcpyAsync(v->data(), adam_v_, num_params_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void LlamaCuda::OptimizerStateFromHost(const std::vector<float>& m, const std::vector<float>& v,
+                                       int step) {
+  if (m.size() != num_params_ || v.size() != num_params_)
+    throw std::invalid_argument("OptimizerStateFromHost: moments of another size");
+  DMC_CUDA_CHECK(cudaMemcpyAsync(adam_m_, m.data(), num_params_ * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+  DMC_CUDA_CHECK(cudaMemcpyAsync(adam_v_, v.data(), num_params_ * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  adam_step_ = step;
+}
+
+void LlamaCuda::ZeroControlChannelRows() {
+  const size_t C = config_.hidden_size, D = head_dim_;
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    const size_t oq = layer_offsets_[l * kLayerTensors + kWq];
+    const size_t ok = layer_offsets_[l * kLayerTensors + kWk];
+    auto zero_row = [&](size_t base, size_t head) {
+      const size_t row = base + (head * D + D - 1) * C;
+      Zero(master_ + row, C, stream_);
+      Zero(weights_ + row, C, stream_);
+    };
+    for (int hd = 0; hd < heads_; ++hd) zero_row(oq, hd);
+    for (int hd = 0; hd < kv_heads_; ++hd) zero_row(ok, hd);
+  }
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void LlamaCuda::ZeroGrad() { Zero(grads_, num_params_, stream_); }
+
+void LlamaCuda::ResetOptimizer() {
+  adam_step_ = 0;
+  Zero(adam_m_, num_params_, stream_);
+  Zero(adam_v_, num_params_, stream_);
+}
+
+double LlamaCuda::GradNorm() {
+  Zero(norm_, 2, stream_);
+  for (const auto& spec : specs_)
+    c::sum_of_squares_accumulate(norm_ + (spec.split_dim < 0 ? 0 : 1), G(spec.offset), spec.size,
+                                 stream_);
+  double ss[2] = {0, 0};
+  DMC_CUDA_CHECK(cudaMemcpyAsync(ss, norm_, sizeof(ss), cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  // As trainer/optimizer.cpp: replicated tensors weighted 1/tp so a TP all-reduce counts them once.
+  double sum = ss[0] / tp_->size() + ss[1];
+  if (tp_->size() > 1)
+    if (absl::Status s = tp_->AllReduceSum(&sum, 1); !s.ok())
+      throw std::runtime_error("tensor-parallel all-reduce of the gradient norm failed: " +
+                               s.ToString());
+  return std::sqrt(sum);
+}
+
+double LlamaCuda::OptimizerStep(const CudaAdamWSettings& s) {
+  const double norm = GradNorm();
+  float grad_scale = 1.0f;
+  if (s.grad_clip > 0 && norm > s.grad_clip) grad_scale = static_cast<float>(s.grad_clip / norm);
+  ++adam_step_;
+  for (const auto& spec : specs_) {
+    kernels::AdamWHyper hyper{s.lr, s.beta1, s.beta2, s.eps,
+                              spec.weight_decay ? s.weight_decay : 0.0f, adam_step_};
+    c::adamw_update(master_ + spec.offset, grads_ + spec.offset, adam_m_ + spec.offset,
+                    adam_v_ + spec.offset, spec.size, hyper, grad_scale, weights_ + spec.offset,
+                    stream_);
+  }
+  // One wait per step: asynchronous faults of the whole step surface here, inside it.
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return norm;
+}
+
+absl::Status LlamaCuda::AverageGradients(parallel::Communicator& dp) {
+  if (dp.size() == 1) return absl::OkStatus();
+  const float inv = 1.0f / dp.size();
+  if (dp.device_buffers()) {
+    DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the communicator has its own stream
+    if (absl::Status s = dp.AllReduceSum(grads_, num_params_); !s.ok()) return s;
+    if (absl::Status s = dp.Synchronize(); !s.ok()) return s;
+    h::scale(grads_, num_params_, inv, stream_);
+    return absl::OkStatus();
+  }
+  std::vector<float> g = GradsToHost();
+  if (absl::Status s = dp.AllReduceSum(g.data(), g.size()); !s.ok()) return s;
+  for (float& x : g) x *= inv;
+  GradsFromHost(g);
+  return absl::OkStatus();
+}
+
+// ---- forward and backward ----
+
+void LlamaCuda::Allocate(int B, int T) {
+  if (buf_ && buf_->B == B && buf_->T == T) return;
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  buf_.reset();
+  auto b = std::make_unique<Buffers>();
+  b->B = B;
+  b->T = T;
+  const size_t N = static_cast<size_t>(B) * T, C = config_.hidden_size, V = config_.vocab_size;
+  const size_t D = head_dim_, Q = N * heads_ * D, K = N * kv_heads_ * D, F = N * ffn_;
+  const size_t G = N * kv_heads_;
+  const int L = config_.num_hidden_layers;
+  b->layers.resize(L);
+  for (auto& a : b->layers) {
+    a.x = b->Alloc<bf16>(N * C);
+    a.xn = b->Alloc<bf16>(N * C);
+    a.q = b->Alloc<bf16>(Q);
+    a.k = b->Alloc<bf16>(K);
+    a.v = b->Alloc<bf16>(K);
+    a.khat = b->Alloc<bf16>(K);
+    a.vhat = b->Alloc<bf16>(K);
+    a.qr = b->Alloc<bf16>(Q);
+    a.kr = b->Alloc<bf16>(K);
+    a.att = b->Alloc<bf16>(Q);
+    a.x2 = b->Alloc<bf16>(N * C);
+    a.xn2 = b->Alloc<bf16>(N * C);
+    a.gate = b->Alloc<bf16>(F);
+    a.up = b->Alloc<bf16>(F);
+    a.h = b->Alloc<bf16>(F);
+    a.rstd = b->Alloc<float>(N);
+    a.lse = b->Alloc<float>(static_cast<size_t>(B) * heads_ * T);
+    a.rstd2 = b->Alloc<float>(N);
+    for (float** p : {&a.noise, &a.logit, &a.alpha, &a.merge, &a.mask, &a.omega, &a.denom})
+      *p = b->Alloc<float>(G);
+  }
+  b->tokens = b->Alloc<int32_t>(N);
+  b->targets = b->Alloc<int32_t>(N);
+  b->x_final = b->Alloc<bf16>(N * C);
+  b->xn_final = b->Alloc<bf16>(N * C);
+  b->logits = b->Alloc<bf16>(N * V);
+  b->tmp = b->Alloc<bf16>(N * C);
+  b->rstd_final = b->Alloc<float>(N);
+  b->losses = b->Alloc<float>(N);
+  b->stats = b->Alloc<float>(2 + B + static_cast<size_t>(L) * B);
+  b->dlogits = b->Alloc<bf16>(N * V);
+  b->dres = b->Alloc<bf16>(N * C);
+  b->dxn = b->Alloc<bf16>(N * C);
+  b->dh = b->Alloc<bf16>(F);
+  b->dgate = b->Alloc<bf16>(F);
+  b->dup = b->Alloc<bf16>(F);
+  b->datt = b->Alloc<bf16>(Q);
+  b->dqr = b->Alloc<bf16>(Q);
+  b->dq = b->Alloc<bf16>(Q);
+  b->dkr = b->Alloc<bf16>(K);
+  b->dkhat = b->Alloc<bf16>(K);
+  b->dk = b->Alloc<bf16>(K);
+  b->dvhat = b->Alloc<bf16>(K);
+  b->dv = b->Alloc<bf16>(K);
+  b->dlosses = b->Alloc<float>(N);
+  for (float** p : {&b->dalpha, &b->domega, &b->dmerge, &b->dmask}) *p = b->Alloc<float>(G);
+  b->dmean_merge = b->Alloc<float>(B);
+  buf_ = std::move(b);
+}
+
+ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
+                                 const StepOptions& options) {
+  if (B <= 0 || T_ <= 0)
+    throw std::invalid_argument(absl::StrFormat("batch %d × %d tokens: both must be > 0", B, T_));
+  if (LomaRequested(options, 0))
+    throw std::invalid_argument("the CUDA model does not implement LoMA steps yet (use the CPU)");
+  if (T_ > config_.max_position_embeddings)
+    throw std::invalid_argument(absl::StrFormat(
+        "sequence length %d exceeds max_position_embeddings %d", T_, config_.max_position_embeddings));
+  const int V = config_.vocab_size;
+  for (long i = 0; i < static_cast<long>(B) * T_; ++i) {
+    // The kernels index the embedding and the logits with these: refuse bad ids on the host.
+    if (tokens[i] < 0 || tokens[i] >= V)
+      throw std::invalid_argument(absl::StrFormat("token %d at %d is outside the vocabulary [0, %d)",
+                                                  tokens[i], i, V));
+    if (targets[i] >= V)
+      throw std::invalid_argument(absl::StrFormat("target %d at %d is outside the vocabulary [0, %d)",
+                                                  targets[i], i, V));
+  }
+  Allocate(B, T_);
+  Buffers& b = *buf_;
+  batch_ = B;
+  seq_ = T_;
+  options_ = options;
+  forward_dmc_ = config_.dmc.enabled;
+  const int N = B * T_, C = config_.hidden_size, D = head_dim_;
+  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
+  const bool dmc = forward_dmc_;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float fade = options.control_fade;
+  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
+                                           config_.dmc.omega_eps, options.mode};
+  const float eps = config_.rms_norm_eps;
+  cudaStream_t s = stream_;
+
+  label_count_ = 0;
+  for (int i = 0; i < N; ++i)
+    if (targets[i] >= 0) label_count_ += 1;
+  DMC_CUDA_CHECK(cudaMemcpyAsync(b.tokens, tokens, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
+  DMC_CUDA_CHECK(cudaMemcpyAsync(b.targets, targets, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
+  const size_t nstats = 2 + B + static_cast<size_t>(L) * B;
+  Zero(b.stats, nstats, s);
+  float* mean_merge = b.stats + 2;
+  float* layer_merge = b.stats + 2 + B;
+
+  c::embedding_forward(b.layers[0].x, b.tokens, W(embed_offset_), N, C, s);
+  for (int l = 0; l < L; ++l) {
+    Buffers::Layer& a = b.layers[l];
+    const size_t* o = &layer_offsets_[l * kLayerTensors];
+    bf16* x_out = l + 1 < L ? b.layers[l + 1].x : b.x_final;
+    c::rmsnorm_forward(a.xn, a.rstd, a.x, W(o[kAttnNorm]), N, C, eps, s);
+    c::matmul_forward(a.q, a.xn, W(o[kWq]), N, C, H * D, s);
+    c::matmul_forward(a.k, a.xn, W(o[kWk]), N, C, Hkv * D, s);
+    c::matmul_forward(a.v, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    if (fade != 1.0f) {
+      c::scale_last_channel(a.q, long(N) * H, D, fade, s);
+      c::scale_last_channel(a.k, long(N) * Hkv, D, fade, s);
+    }
+    const bf16* keys = a.k;
+    const bf16* values = a.v;
+    if (dmc) {
+      Zero(a.noise, size_t(N) * Hkv, s);  // the CPU model's noise is 0 in hard mode (and not read there)
+      if (options.mode == kernels::DmcDecisionMode::kRelaxed)
+        c::logistic_noise(a.noise, B, T_, Hkv, options.noise_seed,
+                          (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
+                          tp_->rank() * Hkv, config_.num_key_value_heads, s);
+      c::dmc_gates_forward({a.logit, a.alpha, a.merge, a.mask, a.omega}, a.q, a.k, a.noise, B, T_,
+                           H, Hkv, D, gate_params, s);
+      c::dmc_scan_forward(a.khat, a.denom, a.k, a.alpha, a.omega, B, T_, Hkv, D,
+                          config_.dmc.window, s);
+      c::dmc_scan_forward(a.vhat, a.denom, a.v, a.alpha, a.omega, B, T_, Hkv, D,
+                          config_.dmc.window, s);
+      keys = a.khat;
+      values = a.vhat;
+      c::cr_accumulate_merge(mean_merge, a.merge, B, T_, Hkv,
+                             static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads)),
+                             s);
+      // Per-layer statistics: f[l, b] = mean over positions and heads of merge.
+      c::cr_accumulate_merge(layer_merge + static_cast<size_t>(l) * B, a.merge, B, T_, Hkv,
+                             static_cast<float>(1.0 / (double(T_) * config_.num_key_value_heads)),
+                             s);
+    }
+    c::rope_forward(a.qr, a.q, B, T_, H, D, 0, config_.rope_theta, dmc, s);
+    c::rope_forward(a.kr, keys, B, T_, Hkv, D, 0, config_.rope_theta, dmc, s);
+    if (fade != 1.0f) {
+      c::scale_last_channel(a.qr, long(N) * H, D, fade, s);
+      c::scale_last_channel(a.kr, long(N) * Hkv, D, fade, s);
+    }
+    c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc ? a.mask : nullptr, B, T_, H,
+                             Hkv, D, dmc, scale, s);
+    c::matmul_forward(b.tmp, a.att, W(o[kWo]), N, H * D, C, s);
+    TpAllReduce(b.tmp, size_t(N) * C);
+    h::add(a.x2, a.x, b.tmp, size_t(N) * C, s);
+
+    // MLP half (Llama::MlpForward).
+    c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, W(o[kMlpNorm]), N, C, eps, s);
+    c::matmul_forward(a.gate, a.xn2, W(o[kGate]), N, C, F, s);
+    c::matmul_forward(a.up, a.xn2, W(o[kUp]), N, C, F, s);
+    c::swiglu_forward(a.h, a.gate, a.up, size_t(N) * F, s);
+    c::matmul_forward(b.tmp, a.h, W(o[kDown]), N, F, C, s);
+    TpAllReduce(b.tmp, size_t(N) * C);
+    h::add(x_out, a.x2, b.tmp, size_t(N) * C, s);
+  }
+  c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, W(final_norm_offset_), N, C, eps, s);
+  c::matmul_forward(b.logits, b.xn_final, W(lm_head_offset_), N, C, V, s);
+  c::cross_entropy_forward(b.losses, b.logits, b.targets, N, V, s);
+  h::masked_sum(b.stats + 0, b.losses, b.targets, N, s);
+  // mean_merge needs no TP all-reduce at size 1 (llama.cpp reduces it over the TP group here).
+  if (dmc && options.cr_prior > 0) c::cr_loss_forward(b.stats + 1, mean_merge, B, options.cr_prior, s);
+
+  std::vector<float> stats(nstats);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(stats.data(), b.stats, sizeof(float) * nstats,
+                                 cudaMemcpyDeviceToHost, s));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(s));
+
+  ForwardResult result;
+  result.lm_loss = label_count_ > 0 ? stats[0] / label_count_ : 0.0;
+  if (dmc) {
+    if (options.cr_prior > 0) result.cr_loss = stats[1];
+    double total = 0;
+    for (int i = 0; i < B; ++i) total += stats[2 + i];
+    result.merge_fraction = total / B;
+    result.layer_merge_fraction.assign(L, 0.0);
+    for (int l = 0; l < L; ++l) {
+      double sum = 0;
+      for (int i = 0; i < B; ++i) sum += stats[2 + B + static_cast<size_t>(l) * B + i];
+      result.layer_merge_fraction[l] = sum / B;
+    }
+  }
+  result.loss = result.lm_loss + result.cr_loss;
+  return result;
+}
+
+void LlamaCuda::Backward(double loss_scale) {
+  if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::Backward without a Forward");
+  Buffers& b = *buf_;
+  const int B = batch_, T_ = seq_;
+  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
+  const bool dmc = forward_dmc_;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float fade = options_.control_fade;
+  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
+                                           config_.dmc.omega_eps, options_.mode};
+  cudaStream_t s = stream_;
+  const size_t Q = size_t(N) * H * D, K = size_t(N) * Hkv * D, NG = size_t(N) * Hkv;
+  float* mean_merge = b.stats + 2;
+
+  // Loss = mean over labelled positions of the cross-entropy.
+  h::fill_labelled(b.dlosses, b.targets, N,
+                   label_count_ > 0 ? static_cast<float>(loss_scale / label_count_) : 0.0f, s);
+  Zero(b.dlogits, size_t(N) * V, s);
+  c::cross_entropy_backward(b.dlogits, b.logits, b.targets, b.dlosses, N, V, s);
+  Zero(b.dxn, size_t(N) * C, s);
+  Zero(b.dres, size_t(N) * C, s);
+  c::matmul_backward(b.dxn, G(lm_head_offset_), b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
+                     s);
+  c::rmsnorm_backward(b.dres, G(final_norm_offset_), b.dxn, b.x_final, W(final_norm_offset_),
+                      b.rstd_final, N, C, s);
+
+  // CR loss gradient w.r.t. each sequence's mean merge fraction.
+  Zero(b.dmean_merge, B, s);
+  if (dmc && options_.cr_prior > 0)
+    c::cr_loss_backward(b.dmean_merge, mean_merge, B, options_.cr_prior,
+                        static_cast<float>(loss_scale), s);
+
+  for (int l = L - 1; l >= 0; --l) {
+    Buffers::Layer& a = b.layers[l];
+    const size_t* o = &layer_offsets_[l * kLayerTensors];
+
+    // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
+    Zero(b.dh, size_t(N) * F, s);
+    c::matmul_backward(b.dh, G(o[kDown]), b.dres, a.h, W(o[kDown]), N, F, C, s);
+    Zero(b.dgate, size_t(N) * F, s);
+    Zero(b.dup, size_t(N) * F, s);
+    c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, s);
+    Zero(b.dxn, size_t(N) * C, s);
+    c::matmul_backward(b.dxn, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
+    c::matmul_backward(b.dxn, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, s);
+    TpAllReduce(b.dxn, size_t(N) * C);
+    c::rmsnorm_backward(b.dres, G(o[kMlpNorm]), b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C, s);
+
+    // Attention half.
+    Zero(b.datt, Q, s);
+    c::matmul_backward(b.datt, G(o[kWo]), b.dres, a.att, W(o[kWo]), N, H * D, C, s);
+    Zero(b.dqr, Q, s);
+    Zero(b.dkr, K, s);
+    Zero(b.dvhat, K, s);
+    if (dmc) Zero(b.dmask, NG, s);
+    const bf16* values = dmc ? a.vhat : a.v;
+    c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc ? b.dmask : nullptr, b.datt, a.qr, a.kr,
+                              values, dmc ? a.mask : nullptr, a.att, a.lse, B, T_, H, Hkv, D, dmc,
+                              scale, s);
+    if (fade != 1.0f) {
+      c::scale_last_channel(b.dqr, long(N) * H, D, fade, s);
+      c::scale_last_channel(b.dkr, long(N) * Hkv, D, fade, s);
+    }
+    Zero(b.dq, Q, s);
+    Zero(b.dkhat, K, s);
+    c::rope_backward(b.dq, b.dqr, B, T_, H, D, 0, config_.rope_theta, dmc, s);
+    c::rope_backward(b.dkhat, b.dkr, B, T_, Hkv, D, 0, config_.rope_theta, dmc, s);
+    bf16* dk = b.dkhat;
+    bf16* dv = b.dvhat;
+    if (dmc) {
+      Zero(b.dk, K, s);
+      Zero(b.dv, K, s);
+      Zero(b.dalpha, NG, s);
+      Zero(b.domega, NG, s);
+      Zero(b.dmerge, NG, s);
+      c::dmc_scan_backward(b.dk, b.dalpha, b.domega, b.dkhat, a.k, a.khat, a.alpha, a.omega,
+                           a.denom, B, T_, Hkv, D, config_.dmc.window, s);
+      c::dmc_scan_backward(b.dv, b.dalpha, b.domega, b.dvhat, a.v, a.vhat, a.alpha, a.omega,
+                           a.denom, B, T_, Hkv, D, config_.dmc.window, s);
+      c::cr_accumulate_merge_backward(
+          b.dmerge, b.dmean_merge, B, T_, Hkv,
+          static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads)), s);
+      c::dmc_gates_backward(b.dq, b.dk, b.dalpha, b.dmerge, b.dmask, b.domega, a.q, a.logit,
+                            a.alpha, B, T_, H, Hkv, D, gate_params, s);
+      dk = b.dk;
+      dv = b.dv;
+    }
+    if (fade != 1.0f) {
+      c::scale_last_channel(b.dq, long(N) * H, D, fade, s);
+      c::scale_last_channel(dk, long(N) * Hkv, D, fade, s);
+    }
+    Zero(b.dxn, size_t(N) * C, s);
+    c::matmul_backward(b.dxn, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
+    c::matmul_backward(b.dxn, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
+    c::matmul_backward(b.dxn, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    TpAllReduce(b.dxn, size_t(N) * C);
+    c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C, s);
+  }
+  c::embedding_backward(G(embed_offset_), b.dres, b.tokens, N, C, s);
+  DMC_CUDA_CHECK(cudaGetLastError());
+}
+
+std::vector<float> LlamaCuda::LogitsToHost() const {
+  if (!buf_) return {};
+  const size_t n = static_cast<size_t>(batch_) * seq_ * config_.vocab_size;
+  std::vector<bf16> raw(n);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(raw.data(), buf_->logits, n * sizeof(bf16),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = __bfloat162float(raw[i]);
+  return out;
+}
+
+std::vector<float> LlamaCuda::MergeToHost(int layer) const {
+  if (!buf_ || layer < 0 || layer >= config_.num_hidden_layers) return {};
+  const size_t n = static_cast<size_t>(batch_) * seq_ * kv_heads_;
+  std::vector<float> out(n);
+  DMC_CUDA_CHECK(cudaMemcpyAsync(out.data(), buf_->layers[layer].merge, n * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+}  // namespace dmc::model

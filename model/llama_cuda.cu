@@ -1,0 +1,87 @@
+// Element-wise helpers of the CUDA model (model/llama_cuda.h): the residual add, the labelled
+// loss sum, the loss gradient fill, gradient scaling and the fp32 → bf16 weight copy. Declared
+// where they are used (model/llama_cuda.cpp), so this file needs no host-only headers.
+#include <cstdint>
+
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+
+namespace dmc::model::cuda_model_detail {
+namespace {
+using cuda::bf16;
+using namespace dmc::cuda::detail;
+
+constexpr int kThreads = 256;
+
+int Blocks(size_t n) {
+  const size_t cap = static_cast<size_t>(num_sms()) * 16;
+  size_t blocks = (n + kThreads - 1) / kThreads;
+  if (blocks > cap) blocks = cap;
+  return static_cast<int>(blocks < 1 ? 1 : blocks);
+}
+
+__global__ void add_kernel(bf16* out, const bf16* a, const bf16* b, size_t n) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = tobf(bf(a[i]) + bf(b[i]));
+}
+
+__global__ void masked_sum_kernel(float* out, const float* losses, const int32_t* targets, int N) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x)
+    if (targets[i] >= 0) acc += static_cast<double>(losses[i]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = static_cast<float>(acc);
+}
+
+__global__ void fill_labelled_kernel(float* d, const int32_t* targets, int N, float value) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < N) d[i] = targets[i] >= 0 ? value : 0.f;
+}
+
+__global__ void scale_kernel(float* x, size_t n, float s) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    x[i] *= s;
+}
+
+__global__ void to_bf16_kernel(bf16* out, const float* in, size_t n) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = tobf(in[i]);
+}
+
+}  // namespace
+
+void add(bf16* out, const bf16* a, const bf16* b, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_kernel<<<Blocks(n), kThreads, 0, stream>>>(out, a, b, n);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void masked_sum(float* out, const float* losses, const int32_t* targets, int N,
+                cudaStream_t stream) {
+  masked_sum_kernel<<<1, 1024, 0, stream>>>(out, losses, targets, N);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void fill_labelled(float* dlosses, const int32_t* targets, int N, float value,
+                   cudaStream_t stream) {
+  if (N <= 0) return;
+  fill_labelled_kernel<<<ceil_div(N, kThreads), kThreads, 0, stream>>>(dlosses, targets, N, value);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void scale(float* x, size_t n, float s, cudaStream_t stream) {
+  if (n == 0) return;
+  scale_kernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, s);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void to_bf16(bf16* out, const float* in, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  to_bf16_kernel<<<Blocks(n), kThreads, 0, stream>>>(out, in, n);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dmc::model::cuda_model_detail

@@ -1,0 +1,405 @@
+// The CUDA model (model/llama_cuda.h) against the CPU model (model/llama.h, the specification):
+// one training step's losses, merge statistics and every gradient tensor, in vanilla, stage-1
+// fade, relaxed-DMC and hard-DMC modes (MHA and GQA), and a few optimizer steps side by side.
+//
+// Both models get the same bf16-rounded weights, so the comparison measures the bf16 arithmetic
+// of the GPU path, not the rounding of its weights. The weights are shaped so that the hard DMC
+// decisions are mixed but far from the threshold (|a| >= ~1.5), so no decision flips between the
+// fp32 CPU model and the bf16 GPU model: KV head h's control channel k[D-1] reads only channel h of
+// the residual stream, which every token's embedding sets to ±1. In relaxed mode the noisy
+// decisions merge = round(σ(a + noise)) could flip where a + noise ≈ 0: the test counts the flips
+// (at most 4 allowed; about 0.5 are expected) and bounds the merge-fraction and CR-loss differences by them.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_ops.h"
+#include "model/llama.h"
+#include "model/llama_cuda.h"
+#include "parallel/communicator.h"
+#include "tests/cuda/cuda_test_util.h"
+#include "trainer/cuda_backend.h"
+#include "trainer/optimizer.h"
+#include "trainer/trainer.h"
+
+namespace dmc::cuda_test {
+namespace {
+
+using kernels::DmcDecisionMode;
+
+struct Case {
+  const char* name;
+  bool dmc;
+  DmcDecisionMode mode;
+  float fade;
+  int hidden, heads, kv_heads;
+};
+
+model::LlamaConfig MakeConfig(const Case& c) {
+  model::LlamaConfig m;
+  m.vocab_size = 64;
+  m.hidden_size = c.hidden;
+  m.intermediate_size = 2 * c.hidden;
+  m.num_hidden_layers = 2;
+  m.num_attention_heads = c.heads;
+  m.num_key_value_heads = c.kv_heads;
+  m.max_position_embeddings = 64;
+  m.dmc.enabled = c.dmc;
+  m.dmc.init_val = 0.5f;     // small: the decisions are mixed from the start
+  m.dmc.temperature = 1.0f;  // soft relaxed decisions, gradients of every size
+  m.dmc.window = 6;          // shorter than T: the truncation of the scan matters
+  return m;
+}
+
+float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// Random weights, with KV head h's decision channel reading residual channel h (see the top).
+void ShapeWeights(model::Llama<float>* m, uint64_t seed) {
+  m->InitRandom(seed);
+  const model::LlamaConfig& c = m->config();
+  const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
+  std::mt19937_64 rng(seed);
+  float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
+  for (int v = 0; v < c.vocab_size; ++v)
+    for (int h = 0; h < Hkv; ++h) emb[static_cast<size_t>(v) * C + h] = (rng() & 1) ? 1.0f : -1.0f;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.k_proj.weight";
+    float* wk = m->params().data() + m->FindParam(name)->offset;
+    for (int h = 0; h < Hkv; ++h) {
+      float* row = wk + static_cast<size_t>(h * D + D - 1) * C;
+      for (int j = 0; j < C; ++j) row[j] = j == h ? 0.25f : 0.0f;
+    }
+  }
+  for (float& w : m->params()) w = RoundBf16(w);
+}
+
+void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
+               std::vector<int32_t>* tgt) {
+  std::mt19937_64 rng(seed);
+  in->resize(static_cast<size_t>(B) * T);
+  tgt->resize(in->size());
+  for (size_t i = 0; i < in->size(); ++i) {
+    (*in)[i] = static_cast<int32_t>(rng() % V);
+    (*tgt)[i] = static_cast<int32_t>(rng() % V);
+  }
+  (*tgt)[3] = -1;  // unlabelled positions are left out of the mean
+  (*tgt)[in->size() - 2] = -1;
+}
+
+double RelError(const float* gpu, const float* cpu, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(gpu[i])) return INFINITY;
+    const double d = static_cast<double>(gpu[i]) - cpu[i];
+    num += d * d;
+    den += static_cast<double>(cpu[i]) * cpu[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+constexpr double kGradTol = 3e-2;
+// RMSNorm weight gradients are sums over every token of products of bf16 values (the residual
+// stream and the incoming gradient are held in bf16) that largely cancel, so their relative error
+// is a few times that of the matrices: 3.7e-2 seen for a post-attention norm on an H200 with no
+// decision flips, while every matrix stayed under 1e-2.
+constexpr double kNormGradTol = 6e-2;
+constexpr double kLossTol = 1e-2;
+
+class CudaModelStep : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+TEST_P(CudaModelStep, LossesMergeStatisticsAndGradientsMatchCpu) {
+  const Case& tc = GetParam();
+  const model::LlamaConfig config = MakeConfig(tc);
+  const int B = 2, T = 33, L = config.num_hidden_layers, Hkv = config.num_key_value_heads;
+  model::Llama<float> cpu(config, nullptr);
+  ShapeWeights(&cpu, 7);
+  model::LlamaCuda gpu(config);
+  gpu.CopyParamsFromHost(cpu);
+  ASSERT_EQ(gpu.ParamsToHost(), cpu.params()) << "parameter upload/download is not exact";
+
+  std::vector<int32_t> in, tgt;
+  MakeBatch(B, T, config.vocab_size, 11, &in, &tgt);
+  model::StepOptions opt;
+  opt.mode = tc.mode;
+  opt.noise_seed = 1234;
+  opt.step = 3;
+  opt.seq0 = 2;
+  opt.cr_prior = tc.dmc ? 0.75f : 0.0f;  // above the merge fractions: the hinge is active
+  opt.control_fade = tc.fade;
+
+  cpu.ZeroGrad();
+  gpu.ZeroGrad();
+  const model::ForwardResult rc = cpu.Forward(in.data(), tgt.data(), B, T, opt);
+  const model::ForwardResult rg = gpu.Forward(in.data(), tgt.data(), B, T, opt);
+  cpu.Backward(0.5);  // a loss scale other than 1 (gradient accumulation)
+  gpu.Backward(0.5);
+
+  // Decision flips between the two models (hard decisions, layer by layer).
+  int flips = 0, merges = 0;
+  if (tc.dmc)
+    for (int l = 0; l < L; ++l) {
+      const std::vector<float> mg = gpu.MergeToHost(l);
+      const std::vector<float>& mc = cpu.merge(l);
+      ASSERT_EQ(mg.size(), mc.size());
+      for (size_t i = 0; i < mg.size(); ++i) {
+        flips += mg[i] != mc[i];
+        merges += mc[i] > 0.5f;
+      }
+    }
+  const double decisions = static_cast<double>(L) * B * T * Hkv;
+  std::printf("[ model ] %-14s lm %.6f / %.6f  cr %.6f / %.6f  merge %.4f / %.4f  (gpu / cpu), "
+              "%d of %.0f decisions merge, %d flips\n",
+              tc.name, rg.lm_loss, rc.lm_loss, rg.cr_loss, rc.cr_loss, rg.merge_fraction,
+              rc.merge_fraction, merges, decisions, flips);
+  EXPECT_TRUE(std::isfinite(rg.loss));
+  EXPECT_LE(std::fabs(rg.lm_loss - rc.lm_loss) / rc.lm_loss, kLossTol);
+  if (tc.dmc) {
+    // Mixed decisions, or the test would not exercise the mask and the scan.
+    EXPECT_GT(merges, decisions * 0.15);
+    EXPECT_LT(merges, decisions * 0.85);
+    EXPECT_LE(flips, tc.mode == DmcDecisionMode::kHard ? 0 : 4);
+    const double flip_bound = flips / (L * T * Hkv * 1.0) + 1e-5;  // one flip moves one sequence's mean
+    EXPECT_GT(rc.cr_loss, 0.0);
+    EXPECT_LE(std::fabs(rg.cr_loss - rc.cr_loss), flip_bound / B + 1e-5);
+    EXPECT_LE(std::fabs(rg.merge_fraction - rc.merge_fraction), flip_bound / B + 1e-5);
+    ASSERT_EQ(rg.layer_merge_fraction.size(), static_cast<size_t>(L));
+    for (int l = 0; l < L; ++l)
+      EXPECT_LE(std::fabs(rg.layer_merge_fraction[l] - rc.layer_merge_fraction[l]),
+                flips / (B * T * Hkv * 1.0) + 1e-5)
+          << "layer " << l;
+  } else {
+    EXPECT_EQ(rg.cr_loss, 0.0);
+    EXPECT_EQ(rg.merge_fraction, 0.0);
+    EXPECT_TRUE(rg.layer_merge_fraction.empty());
+  }
+  EXPECT_NEAR(rg.loss, rg.lm_loss + rg.cr_loss, 1e-12);
+
+  const std::vector<float> logits = gpu.LogitsToHost();
+  const double logit_err = RelError(logits.data(), cpu.logits().data(), logits.size());
+  std::printf("[ error ] %-14s %-52s rel %.3e\n", tc.name, "logits", logit_err);
+  EXPECT_LE(logit_err, kLossTol);
+
+  const std::vector<float> gg = gpu.GradsToHost();
+  const std::vector<float>& gc = cpu.grads();
+  ASSERT_EQ(gg.size(), gc.size());
+  double worst = 0;
+  for (const auto& spec : cpu.param_specs()) {
+    const double err = RelError(gg.data() + spec.offset, gc.data() + spec.offset, spec.size);
+    worst = std::max(worst, err);
+    std::printf("[ error ] %-14s grad %-47s rel %.3e\n", tc.name, spec.name.c_str(), err);
+    EXPECT_LE(err, spec.shape.size() == 1 ? kNormGradTol : kGradTol) << spec.name;
+  }
+  std::printf("[ model ] %-14s worst gradient error %.3e (tol %.0e)\n", tc.name, worst, kGradTol);
+  std::fflush(stdout);
+
+  // Gradients accumulate: a second identical step doubles them.
+  gpu.Forward(in.data(), tgt.data(), B, T, opt);
+  gpu.Backward(0.5);
+  const std::vector<float> g2 = gpu.GradsToHost();
+  std::vector<float> twice(gg.size());
+  for (size_t i = 0; i < gg.size(); ++i) twice[i] = 2 * gg[i];
+  EXPECT_LE(RelError(g2.data(), twice.data(), twice.size()), 1e-2) << "Backward must accumulate";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Modes, CudaModelStep,
+    ::testing::Values(Case{"vanilla", false, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2},
+                      Case{"stage1_fade", false, DmcDecisionMode::kRelaxed, 0.4f, 128, 2, 2},
+                      Case{"dmc_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2},
+                      Case{"dmc_hard", true, DmcDecisionMode::kHard, 1.0f, 128, 2, 2},
+                      Case{"gqa_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 256, 4, 2},
+                      Case{"gqa_hard", true, DmcDecisionMode::kHard, 1.0f, 256, 4, 2}),
+    [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
+
+class CudaModel : public ::testing::Test {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+// Five AdamW steps (relaxed DMC with the CR loss, clipping active) on both models: the losses
+// and gradient norms track, and both models learn.
+TEST_F(CudaModel, OptimizerStepsTrackCpu) {
+  const Case tc{"steps", true, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2};
+  const model::LlamaConfig config = MakeConfig(tc);
+  const int B = 2, T = 33;
+  model::Llama<float> cpu(config, nullptr);
+  ShapeWeights(&cpu, 21);
+  model::LlamaCuda gpu(config);
+  gpu.CopyParamsFromHost(cpu);
+
+  trainer::OptimizerConfig oc;
+  oc.grad_clip = 0.5f;  // small enough to clip on some steps
+  trainer::AdamW cpu_opt(oc, cpu.params().size());
+  parallel::LocalCommunicator tp;
+  model::CudaAdamWSettings gs;
+  gs.beta1 = oc.beta1;
+  gs.beta2 = oc.beta2;
+  gs.eps = oc.eps;
+  gs.weight_decay = oc.weight_decay;
+  gs.grad_clip = oc.grad_clip;
+  gs.lr = 3e-3f;
+
+  std::vector<int32_t> in, tgt;
+  MakeBatch(B, T, config.vocab_size, 5, &in, &tgt);
+  std::vector<double> lc, lg;
+  for (int step = 0; step < 6; ++step) {
+    model::StepOptions opt;
+    opt.noise_seed = 99;
+    opt.step = step;
+    opt.cr_prior = 0.6f;
+    cpu.ZeroGrad();
+    gpu.ZeroGrad();
+    const model::ForwardResult rc = cpu.Forward(in.data(), tgt.data(), B, T, opt);
+    const model::ForwardResult rg = gpu.Forward(in.data(), tgt.data(), B, T, opt);
+    cpu.Backward();
+    gpu.Backward();
+    absl::StatusOr<double> nc = cpu_opt.Step(cpu, gs.lr, tp);
+    ASSERT_TRUE(nc.ok()) << nc.status();
+    const double ng = gpu.OptimizerStep(gs);
+    std::printf("[ steps ] step %d  loss %.5f / %.5f  lm %.5f / %.5f  grad norm %.4f / %.4f "
+                "(gpu / cpu)\n",
+                step, rg.loss, rc.loss, rg.lm_loss, rc.lm_loss, ng, *nc);
+    EXPECT_LE(std::fabs(rg.lm_loss - rc.lm_loss) / rc.lm_loss, kLossTol) << "step " << step;
+    EXPECT_LE(std::fabs(rg.cr_loss - rc.cr_loss), 0.02) << "step " << step;
+    EXPECT_LE(std::fabs(ng - *nc) / *nc, kGradTol) << "step " << step;
+    lc.push_back(rc.lm_loss);
+    lg.push_back(rg.lm_loss);
+  }
+  EXPECT_EQ(gpu.optimizer_step(), cpu_opt.step());
+  EXPECT_LT(lc.back(), lc.front() - 0.05) << "the CPU model did not learn";
+  EXPECT_LT(lg.back(), lg.front() - 0.05) << "the GPU model did not learn";
+
+  // The updated weights agree too (loosely: AdamW's first steps are ±lr wherever a gradient is
+  // nonzero, so an element whose tiny gradient changes sign in bf16 moves the other way).
+  const std::vector<float> pg = gpu.ParamsToHost();
+  const double err = RelError(pg.data(), cpu.params().data(), pg.size());
+  std::printf("[ error ] parameters after 6 steps rel %.3e\n", err);
+  EXPECT_LE(err, 5e-2);
+
+  // Moments and step survive a round trip through the host (checkpoints).
+  std::vector<float> m, v;
+  gpu.OptimizerStateToHost(&m, &v);
+  EXPECT_LE(RelError(m.data(), cpu_opt.m().data(), m.size()), 0.1);
+  model::LlamaCuda other(config);
+  other.CopyParamsFromHost(pg);
+  other.OptimizerStateFromHost(m, v, gpu.optimizer_step());
+  std::vector<float> m2, v2;
+  other.OptimizerStateToHost(&m2, &v2);
+  EXPECT_EQ(m, m2);
+  EXPECT_EQ(v, v2);
+  EXPECT_EQ(other.ParamsToHost(), pg);
+}
+
+// Stage-2 entry on the device zeroes the same rows as the host model; ResetOptimizer forgets.
+TEST_F(CudaModel, ZeroControlChannelRowsAndResetMatchHost) {
+  const Case tc{"rows", true, DmcDecisionMode::kRelaxed, 1.0f, 256, 4, 2};
+  const model::LlamaConfig config = MakeConfig(tc);
+  model::Llama<float> cpu(config, nullptr);
+  ShapeWeights(&cpu, 3);
+  model::LlamaCuda gpu(config);
+  gpu.CopyParamsFromHost(cpu);
+  cpu.ZeroControlChannelRows();
+  gpu.ZeroControlChannelRows();
+  EXPECT_EQ(gpu.ParamsToHost(), cpu.params());
+
+  // The bf16 copy was zeroed too: with zero control rows a = -init_val everywhere, so in hard
+  // mode nothing merges.
+  std::vector<int32_t> in, tgt;
+  MakeBatch(2, 17, config.vocab_size, 1, &in, &tgt);
+  model::StepOptions opt;
+  opt.mode = DmcDecisionMode::kHard;
+  const model::ForwardResult r = gpu.Forward(in.data(), tgt.data(), 2, 17, opt);
+  EXPECT_EQ(r.merge_fraction, 0.0);
+  EXPECT_EQ(cpu.Forward(in.data(), tgt.data(), 2, 17, opt).merge_fraction, 0.0);
+
+  gpu.ZeroGrad();
+  gpu.Backward();
+  model::CudaAdamWSettings s;
+  gpu.OptimizerStep(s);
+  EXPECT_EQ(gpu.optimizer_step(), 1);
+  gpu.ResetOptimizer();
+  EXPECT_EQ(gpu.optimizer_step(), 0);
+  std::vector<float> m, v;
+  gpu.OptimizerStateToHost(&m, &v);
+  for (size_t i = 0; i < m.size(); ++i) ASSERT_TRUE(m[i] == 0 && v[i] == 0) << i;
+}
+
+// The Trainer on the CUDA backend follows the CPU Trainer through pre-training, stage 1 (fade)
+// and stage 2 (DMC on, control rows zeroed, optimizer reset) with gradient accumulation, and
+// SyncToHost hands back weights and moments close to the CPU run's.
+TEST_F(CudaModel, TrainerOnCudaTracksCpuThroughThePhases) {
+  const Case tc{"trainer", false, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2};
+  model::LlamaConfig config = MakeConfig(tc);
+  trainer::TrainConfig t;
+  t.seq_len = 33;
+  t.micro_batch = 2;
+  t.grad_accum = 2;
+  t.seed = 5;
+  t.schedule.pretrain_steps = 2;
+  t.schedule.stage1_steps = 3;
+  t.schedule.stage2_steps = 3;
+  t.schedule.cr_target = 3.0f;
+  t.schedule.lr = 1e-3f;
+  t.schedule.min_lr = 1e-3f;
+  t.schedule.retrofit_lr = 1e-3f;
+  t.schedule.retrofit_min_lr = 1e-3f;
+  ASSERT_TRUE(t.Validate(config).ok());
+  auto batches = [&]() {
+    auto n = std::make_shared<int>(0);
+    return [n, &config](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
+      MakeBatch(2, 33, config.vocab_size, 100 + (*n)++ % 3, in, tgt);
+      return absl::OkStatus();
+    };
+  };
+  model::Llama<float> cpu_model(config, nullptr), gpu_host(config, nullptr);
+  ShapeWeights(&cpu_model, 8);
+  gpu_host.params() = cpu_model.params();
+  parallel::LocalCommunicator dp, tp;
+  absl::StatusOr<std::unique_ptr<trainer::CudaBackend>> backend =
+      trainer::CudaBackend::Create(gpu_host, t.optimizer, &tp);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  trainer::Trainer cpu(t, &cpu_model, batches(), &dp, &tp);
+  trainer::Trainer gpu(t, &gpu_host, batches(), &dp, &tp, std::move(*backend));
+  EXPECT_STREQ(gpu.backend().name(), "cuda");
+  for (int step = 0; step < t.schedule.total_steps(); ++step) {
+    absl::StatusOr<trainer::StepMetrics> mc = cpu.Step();
+    absl::StatusOr<trainer::StepMetrics> mg = gpu.Step();
+    ASSERT_TRUE(mc.ok()) << mc.status();
+    ASSERT_TRUE(mg.ok()) << mg.status();
+    std::printf("[ train ] %s  gpu: %s\n", trainer::PhaseName(mc->phase),
+                trainer::FormatProgress(*mg, t.schedule.total_steps()).c_str());
+    std::printf("[ train ] %s  cpu: %s\n", trainer::PhaseName(mc->phase),
+                trainer::FormatProgress(*mc, t.schedule.total_steps()).c_str());
+    EXPECT_LE(std::fabs(mg->lm_loss - mc->lm_loss) / mc->lm_loss, 2e-2) << "step " << step;
+    EXPECT_LE(std::fabs(mg->cr_loss - mc->cr_loss), 0.02) << "step " << step;
+    EXPECT_LE(std::fabs(mg->grad_norm - mc->grad_norm) / mc->grad_norm, 5e-2) << "step " << step;
+  }
+  ASSERT_TRUE(gpu.SyncToHost().ok());
+  EXPECT_EQ(gpu.optimizer().step(), cpu.optimizer().step());
+  const double err = RelError(gpu_host.params().data(), cpu_model.params().data(),
+                              cpu_model.params().size());
+  std::printf("[ error ] trainer parameters after %d steps rel %.3e\n", t.schedule.total_steps(), err);
+  EXPECT_LE(err, 5e-2);
+  // Host → device → host is exact (what a resume does before its first step).
+  const std::vector<float> saved = gpu_host.params();
+  ASSERT_TRUE(gpu.SyncFromHost().ok());
+  ASSERT_TRUE(gpu.SyncToHost().ok());
+  EXPECT_EQ(gpu_host.params(), saved);
+}
+
+// Shapes the fused attention cannot run are refused with a message, not a crash.
+TEST_F(CudaModel, RefusesUnsupportedHeadDim) {
+  model::LlamaConfig c = MakeConfig({"d32", false, DmcDecisionMode::kRelaxed, 1.0f, 128, 4, 4});
+  EXPECT_THROW(model::LlamaCuda m(c), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace dmc::cuda_test

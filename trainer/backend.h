@@ -1,0 +1,73 @@
+// What the training loop drives: a model with its optimizer on one device. The Trainer always
+// holds the host model::Llama<float> and the host AdamW state, which checkpoints, export and
+// Hugging Face import read and write; a backend either works on them directly (the CPU) or keeps
+// its own device copies (the GPU, trainer/cuda_backend.h) and moves them with SyncToHost /
+// SyncFromHost.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/llama.h"
+#include "parallel/communicator.h"
+#include "trainer/optimizer.h"
+
+namespace dmc::trainer {
+
+class TrainBackend {
+ public:
+  virtual ~TrainBackend() = default;
+
+  // "cpu", "cuda": for messages.
+  virtual const char* name() const = 0;
+  virtual void SetDmcEnabled(bool enabled) = 0;
+  // End of DMC stage 1 (Llama::ZeroControlChannelRows) on the weights being trained.
+  virtual void ZeroControlChannelRows() = 0;
+  virtual void ZeroGrad() = 0;
+  virtual model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B,
+                                       int seq_len, const model::StepOptions& options) = 0;
+  virtual void Backward(double loss_scale) = 0;
+  // Data parallelism: gradients = their mean over the dp group.
+  virtual absl::Status AverageGradients(parallel::Communicator& dp) = 0;
+  // Clip + one AdamW update at rate lr; returns the gradient norm before clipping.
+  virtual absl::StatusOr<double> OptimizerStep(float lr) = 0;
+  // Forget the optimizer moments (between DMC stages).
+  virtual void ResetOptimizer() = 0;
+  // Device state → the host model and AdamW (before a checkpoint or export), and back (after a
+  // checkpoint load or an import). No-ops for the CPU backend, which works on the host objects.
+  virtual absl::Status SyncToHost(model::Llama<float>* host, AdamW* optimizer) = 0;
+  virtual absl::Status SyncFromHost(const model::Llama<float>& host, AdamW& optimizer) = 0;
+};
+
+// The CPU backend: the host model and AdamW themselves (the reference path).
+class CpuBackend : public TrainBackend {
+ public:
+  CpuBackend(model::Llama<float>* model, AdamW* optimizer, parallel::Communicator* tp)
+      : model_(model), optimizer_(optimizer), tp_(tp) {}
+  const char* name() const override { return "cpu"; }
+  void SetDmcEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
+  void ZeroControlChannelRows() override { model_->ZeroControlChannelRows(); }
+  void ZeroGrad() override { model_->ZeroGrad(); }
+  model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
+                               const model::StepOptions& options) override {
+    return model_->Forward(tokens, targets, B, seq_len, options);
+  }
+  void Backward(double loss_scale) override { model_->Backward(loss_scale); }
+  absl::Status AverageGradients(parallel::Communicator& dp) override;
+  absl::StatusOr<double> OptimizerStep(float lr) override {
+    return optimizer_->Step(*model_, lr, *tp_);
+  }
+  void ResetOptimizer() override { optimizer_->Reset(); }
+  absl::Status SyncToHost(model::Llama<float>*, AdamW*) override { return absl::OkStatus(); }
+  absl::Status SyncFromHost(const model::Llama<float>&, AdamW&) override {
+    return absl::OkStatus();
+  }
+
+ private:
+  model::Llama<float>* model_;
+  AdamW* optimizer_;
+  parallel::Communicator* tp_;
+};
+
+}  // namespace dmc::trainer

@@ -1,0 +1,58 @@
+#include "trainer/cuda_backend.h"
+
+#include <stdexcept>
+
+namespace dmc::trainer {
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Llama<float>& host,
+                                                                 const OptimizerConfig& optimizer,
+                                                                 parallel::Communicator* tp) {
+  std::unique_ptr<model::LlamaCuda> device;
+  try {
+    device = std::make_unique<model::LlamaCuda>(host.config(), tp);
+    device->CopyParamsFromHost(host);
+  } catch (const std::invalid_argument& e) {
+    return absl::InvalidArgumentError(std::string("--device=cuda: ") + e.what());
+  } catch (const std::runtime_error& e) {
+    return absl::FailedPreconditionError(std::string("--device=cuda: ") + e.what());
+  }
+  return std::unique_ptr<CudaBackend>(new CudaBackend(std::move(device), optimizer));
+}
+
+absl::StatusOr<double> CudaBackend::OptimizerStep(float lr) {
+  model::CudaAdamWSettings s;
+  s.lr = lr;
+  s.beta1 = optimizer_.beta1;
+  s.beta2 = optimizer_.beta2;
+  s.eps = optimizer_.eps;
+  s.weight_decay = optimizer_.weight_decay;
+  s.grad_clip = optimizer_.grad_clip;
+  try {
+    return model_->OptimizerStep(s);
+  } catch (const std::runtime_error& e) {  // a failed TP all-reduce of the norm
+    return absl::InternalError(e.what());
+  }
+}
+
+absl::Status CudaBackend::SyncToHost(model::Llama<float>* host, AdamW* optimizer) {
+  try {
+    model_->CopyParamsToHost(host);
+    model_->OptimizerStateToHost(&optimizer->m(), &optimizer->v());
+  } catch (const std::invalid_argument& e) {
+    return absl::InternalError(e.what());
+  }
+  optimizer->set_step(model_->optimizer_step());
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SyncFromHost(const model::Llama<float>& host, AdamW& optimizer) {
+  try {
+    model_->CopyParamsFromHost(host);
+    model_->OptimizerStateFromHost(optimizer.m(), optimizer.v(), optimizer.step());
+  } catch (const std::invalid_argument& e) {
+    return absl::InternalError(e.what());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmc::trainer
