@@ -11,11 +11,14 @@
 #include "kernels/dmc_attention.h"
 #include "kernels/dmc_scan.h"
 #include "kernels/embedding.h"
+#include "kernels/loma_attention.h"
 #include "kernels/matmul.h"
 #include "kernels/noise.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
+#include "kernels/rope_positions.h"
 #include "kernels/swiglu.h"
+#include "model/loma.h"
 
 namespace dmc::model {
 namespace k = dmc::kernels;
@@ -46,6 +49,26 @@ parallel::LocalCommunicator& SingleProcess() {
 template <typename T>
 void Resize(std::vector<T>& v, size_t n) {
   v.assign(n, T(0));
+}
+
+// RoPE at positions 0..T-1, or at the given position ids (LoMA's layout) when there are any.
+template <typename T>
+void Rope(T* out, const T* inp, int B, int T_, int H, int D,
+          const std::vector<int32_t>& positions, float theta, bool keep_last_channel) {
+  if (positions.empty())
+    k::rope_forward(out, inp, B, T_, H, D, 0, theta, keep_last_channel);
+  else
+    k::rope_forward_positions(out, inp, B, T_, H, D, positions.data(), theta, keep_last_channel);
+}
+
+template <typename T>
+void RopeBackward(T* dinp, const T* dout, int B, int T_, int H, int D,
+                  const std::vector<int32_t>& positions, float theta, bool keep_last_channel) {
+  if (positions.empty())
+    k::rope_backward(dinp, dout, B, T_, H, D, 0, theta, keep_last_channel);
+  else
+    k::rope_backward_positions(dinp, dout, B, T_, H, D, positions.data(), theta,
+                               keep_last_channel);
 }
 
 }  // namespace
@@ -185,7 +208,11 @@ void Llama<T>::MlpForward(int l, const T* x, T* out, int N, T* rstd, T* xn, T* g
 template <typename T>
 ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
                                 const StepOptions& options) {
-  if (T_ > config_.max_position_embeddings)
+  const bool loma = options.loma.enabled();
+  if (loma) {
+    if (absl::Status s = CheckLomaStep(options.loma, T_, config_); !s.ok())
+      throw std::invalid_argument(s.ToString());
+  } else if (T_ > config_.max_position_embeddings)
     throw std::invalid_argument(absl::StrFormat("sequence length %d exceeds max_position_embeddings %d",
                                                 T_, config_.max_position_embeddings));
   batch_ = B;
@@ -202,6 +229,8 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
   targets_.assign(targets, targets + N);
   acts_.resize(L);
   mean_merge_.assign(B, T(0));
+  const std::vector<int32_t> positions =
+      loma ? LomaPositions(options.loma, T_) : std::vector<int32_t>();
 
   std::vector<T> x(static_cast<size_t>(N) * C);
   k::embedding_forward(x.data(), tokens, embedding(), N, C);
@@ -250,16 +279,20 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
     }
     Resize(a.qr, a.q.size());
     Resize(a.kr, a.k.size());
-    k::rope_forward(a.qr.data(), a.q.data(), B, T_, H, D, 0, config_.rope_theta, dmc);
-    k::rope_forward(a.kr.data(), keys, B, T_, Hkv, D, 0, config_.rope_theta, dmc);
+    Rope(a.qr.data(), a.q.data(), B, T_, H, D, positions, config_.rope_theta, dmc);
+    Rope(a.kr.data(), keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc);
     if (fade != T(1)) {
       k::scale_last_channel(a.qr.data(), long(N) * H, D, fade);
       k::scale_last_channel(a.kr.data(), long(N) * Hkv, D, fade);
     }
     Resize(a.att, a.q.size());
     Resize(a.lse, size_t(B) * H * T_);
-    k::dmc_attention_forward(a.att.data(), a.lse.data(), a.qr.data(), a.kr.data(), values,
-                             dmc ? a.mask.data() : nullptr, B, T_, H, Hkv, D, dmc, scale);
+    if (loma)
+      k::loma_attention_forward(a.att.data(), a.lse.data(), a.qr.data(), a.kr.data(), values, B,
+                                T_, H, Hkv, D, options.loma, scale);
+    else
+      k::dmc_attention_forward(a.att.data(), a.lse.data(), a.qr.data(), a.kr.data(), values,
+                               dmc ? a.mask.data() : nullptr, B, T_, H, Hkv, D, dmc, scale);
     std::vector<T> o(size_t(N) * C);
     k::matmul_forward(o.data(), a.att.data(), w.wo, N, H * D, C);
     AllReduce(o);
@@ -310,7 +343,12 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
       result.layer_merge_fraction[l] =
           per_layer[l] / (double(B) * T_ * config_.num_key_value_heads);
   }
-  result.loss = result.lm_loss + result.cr_loss;
+  if (loma) {
+    const LomaLosses zones = LomaZoneLosses(losses_.data(), targets, B, T_, options.loma, nullptr);
+    result.lm_loss = zones.reading;
+    result.rep_loss = zones.repetition;
+  }
+  result.loss = result.lm_loss + result.cr_loss + result.rep_loss;
   return result;
 }
 
@@ -330,11 +368,20 @@ void Llama<T>::Backward(double loss_scale) {
   k::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps,
                                options_.mode};
   auto grad_of = [&](size_t offset) { return grads_.data() + offset; };
+  const bool loma = options_.loma.enabled();
+  const std::vector<int32_t> positions =
+      loma ? LomaPositions(options_.loma, T_) : std::vector<int32_t>();
 
-  // Loss = mean over labelled positions of the cross-entropy.
+  // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed).
   std::vector<T> dlosses(N, T(0));
-  for (int i = 0; i < N; ++i)
-    if (targets_[i] >= 0) dlosses[i] = T(loss_scale / label_count_);
+  if (loma) {
+    std::vector<double> weights;
+    LomaZoneLosses(losses_.data(), targets_.data(), B, T_, options_.loma, &weights);
+    for (int i = 0; i < N; ++i) dlosses[i] = T(loss_scale * weights[i]);
+  } else {
+    for (int i = 0; i < N; ++i)
+      if (targets_[i] >= 0) dlosses[i] = T(loss_scale / label_count_);
+  }
   std::vector<T> dlogits(size_t(N) * V, T(0));
   k::cross_entropy_backward(dlogits.data(), logits_.data(), targets_.data(), dlosses.data(), N, V);
   std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
@@ -377,18 +424,23 @@ void Llama<T>::Backward(double loss_scale) {
     Resize(dvhat, a.v.size());
     Resize(dmask, dmc ? a.mask.size() : 0);
     const T* values = dmc ? a.vhat.data() : a.v.data();
-    k::dmc_attention_backward(dqr.data(), dkr.data(), dvhat.data(), dmc ? dmask.data() : nullptr,
-                              datt.data(), a.qr.data(), a.kr.data(), values,
-                              dmc ? a.mask.data() : nullptr, a.att.data(), a.lse.data(), B, T_, H,
-                              Hkv, D, dmc, scale);
+    if (loma)
+      k::loma_attention_backward(dqr.data(), dkr.data(), dvhat.data(), datt.data(), a.qr.data(),
+                                 a.kr.data(), values, a.att.data(), a.lse.data(), B, T_, H, Hkv,
+                                 D, options_.loma, scale);
+    else
+      k::dmc_attention_backward(dqr.data(), dkr.data(), dvhat.data(),
+                                dmc ? dmask.data() : nullptr, datt.data(), a.qr.data(),
+                                a.kr.data(), values, dmc ? a.mask.data() : nullptr, a.att.data(),
+                                a.lse.data(), B, T_, H, Hkv, D, dmc, scale);
     if (fade != T(1)) {
       k::scale_last_channel(dqr.data(), long(N) * H, D, fade);
       k::scale_last_channel(dkr.data(), long(N) * Hkv, D, fade);
     }
     Resize(dq, a.q.size());
     Resize(dkhat, a.k.size());
-    k::rope_backward(dq.data(), dqr.data(), B, T_, H, D, 0, config_.rope_theta, dmc);
-    k::rope_backward(dkhat.data(), dkr.data(), B, T_, Hkv, D, 0, config_.rope_theta, dmc);
+    RopeBackward(dq.data(), dqr.data(), B, T_, H, D, positions, config_.rope_theta, dmc);
+    RopeBackward(dkhat.data(), dkr.data(), B, T_, Hkv, D, positions, config_.rope_theta, dmc);
     if (dmc) {
       Resize(dk, a.k.size());
       Resize(dv, a.v.size());

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/dmc_gates.h"
+#include "kernels/loma_mask.h"
 #include "model/config.h"
 #include "parallel/communicator.h"
 
@@ -38,12 +39,16 @@ struct StepOptions {
   long seq0 = 0;             // global index of this rank's first sequence (data parallelism)
   float cr_prior = 0.0f;     // p = 1 - 1/CR target; the CR loss is active when > 0
   float control_fade = 1.0f; // stage 1: multiplier m of the control channel (1 = off)
+  // LoMA (model/loma.h): when enabled, the sequences are in the LoMA layout and attention uses its
+  // block mask and position ids instead of the causal mask and positions 0..T-1.
+  kernels::LomaZones loma;
 };
 
 struct ForwardResult {
-  double lm_loss = 0;        // mean cross-entropy over labelled positions
+  double lm_loss = 0;        // mean cross-entropy over labelled positions (LoMA: reading zones)
   double cr_loss = 0;        // DMC compression-ratio loss (0 when DMC is off)
-  double loss = 0;           // lm_loss + cr_loss: what backward differentiates
+  double rep_loss = 0;       // LoMA reconstruction loss on the repetition zones (0 when off)
+  double loss = 0;           // lm_loss + cr_loss + rep_loss: what backward differentiates
   double merge_fraction = 0; // mean hard merge decision over layers, heads, positions, sequences
   std::vector<double> layer_merge_fraction;  // per layer
   double achieved_cr() const { return 1.0 / (1.0 - merge_fraction); }

@@ -32,17 +32,6 @@ parallel::LocalCommunicator& SingleProcess() {
   return local;
 }
 
-// True when the step asks for LoMA (StepOptions::loma, when this StepOptions has it): the CUDA
-// model has no LoMA attention yet and refuses such steps.
-template <typename O>
-auto LomaRequested(const O& o, int) -> decltype(o.loma.enabled()) {
-  return o.loma.enabled();
-}
-template <typename O>
-bool LomaRequested(const O&, long) {
-  return false;
-}
-
 template <typename X>
 void Zero(X* p, size_t n, cudaStream_t stream) {
   if (n) DMC_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(X), stream));
@@ -379,7 +368,8 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
                                  const StepOptions& options) {
   if (B <= 0 || T_ <= 0)
     throw std::invalid_argument(absl::StrFormat("batch %d × %d tokens: both must be > 0", B, T_));
-  if (LomaRequested(options, 0))
+  // No LoMA attention kernel on the GPU yet.
+  if (options.loma.enabled())
     throw std::invalid_argument("the CUDA model does not implement LoMA steps yet (use the CPU)");
   if (T_ > config_.max_position_embeddings)
     throw std::invalid_argument(absl::StrFormat(
