@@ -36,22 +36,8 @@ gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.m
   --format=csv,noheader 2>&1)
 note "GPU: $gpu  date: $(date -u +%Y-%m-%dT%H:%MZ)"
 
-# ---- dependencies carried as .debs
-DEV=/tmp/dev
-if compgen -G ".debs/*.deb" >/dev/null; then
-  mkdir -p "$DEV"
-  for f in .debs/*.deb; do dpkg -x "$f" "$DEV"; done
-fi
-export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PKG_CONFIG_PATH="$DEV/usr/lib/x86_64-linux-gnu/pkgconfig:$DEV/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
-pkgcfg_args=()
-if ! command -v pkg-config >/dev/null && [ -x "$DEV/usr/bin/pkgconf" ]; then
-  pkgcfg_args=(-DPKG_CONFIG_EXECUTABLE="$DEV/usr/bin/pkgconf")
-fi
-# sentencepiece.pc says prefix=/usr; point it at the unpacked copy
-for pc in "$DEV"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
-  [ -f "$pc" ] && sed -i "s|^prefix=/usr$|prefix=$DEV/usr|" "$pc"
-done
+# shellcheck source=../device_deps.sh
+source tests/device_deps.sh
 
 if has_step build || has_step configure; then
   start=$(date +%s)

@@ -12,20 +12,8 @@ OUT="${OUT:-$PWD/device-out}"
 mkdir -p "$OUT"
 BUILD=build-device-mpi
 
-DEV=/tmp/dev
-if compgen -G ".debs/*.deb" >/dev/null; then
-  mkdir -p "$DEV"
-  for f in .debs/*.deb; do dpkg -x "$f" "$DEV"; done
-fi
-export LD_LIBRARY_PATH="$DEV/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PKG_CONFIG_PATH="$DEV/usr/lib/x86_64-linux-gnu/pkgconfig:$DEV/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
-pkgcfg_args=()
-if ! command -v pkg-config >/dev/null && [ -x "$DEV/usr/bin/pkgconf" ]; then
-  pkgcfg_args=(-DPKG_CONFIG_EXECUTABLE="$DEV/usr/bin/pkgconf")
-fi
-for pc in "$DEV"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
-  [ -f "$pc" ] && sed -i "s|^prefix=/usr$|prefix=$DEV/usr|" "$pc"
-done
+# shellcheck source=../device_deps.sh
+source tests/device_deps.sh
 
 nvidia-smi -L
 start=$(date +%s)
