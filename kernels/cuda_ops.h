@@ -139,4 +139,25 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
 
+// ---- paged decode attention (kernels/decode_attention.h) ----
+// One new query token per sequence over a paged KV cache whose (sequence, KV head) pairs hold
+// different numbers of slots; the arrays mean what they mean in kernels::paged_decode_attention:
+//   q, out [B, H, D] bf16; k_pool, v_pool [pages, page_size, D] bf16 (rotated keys, values);
+//   lengths [B, Hkv] int; page_table [B, Hkv, max_pages] int32; query head g reads KV head
+//   g / (H / Hkv) (GQA); channel D-1 is left out of q·k when exclude_ctrl (DMC's control channel).
+// Arithmetic is fp32 (online softmax in base 2); out is bf16. probs, when not null, receives the
+// attention weights in fp32 (saved statistics are fp32): probs[(b·H + g)·probs_stride + i] for
+// i < lengths[b, g / G]; nothing else of probs is written.
+// Requirements: D 64 or 128 (aborts otherwise), H % Hkv == 0, 1 <= lengths <= max_pages·page_size
+// (a head of length 0, which the cache never produces, gives zeros where the CPU reference gives
+// NaN), q/out/k_pool/v_pool 16-byte aligned.
+// Long heads are split into chunks of split_slots slots (flash-decoding; 0 chooses from B, Hkv,
+// max_pages and the SM count) combined by a second pass; partial results live in scratch slot 10.
+// Deterministic: fixed chunks, fixed reduction order.
+void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf16* q,
+                            const bf16* k_pool, const bf16* v_pool, const int32_t* page_table,
+                            const int* lengths, int max_pages, int page_size, int B, int H,
+                            int Hkv, int D, bool exclude_ctrl, float scale,
+                            cudaStream_t stream = nullptr, int split_slots = 0);
+
 }  // namespace dmc::cuda
