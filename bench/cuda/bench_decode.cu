@@ -34,67 +34,26 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
+#include "bench/cuda/bench_util.cuh"
 
 namespace {
 using dmc::cuda::bf16;
+using dmc::bench::dalloc;
+using dmc::bench::rand_bf16;
 
 // Model shape: Llama 2 7B.
 constexpr int kLayers = 32, kHeads = 32, kKvHeads = 32, kHeadDim = 128, kHidden = 4096,
               kMlp = 11008, kVocab = 32000;
 
-__global__ void fill_bf16(bf16* x, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + i * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    const float u = (static_cast<float>(z >> 40) + 0.5f) / 16777216.0f;
-    x[i] = __float2bfloat16((2.f * u - 1.f) * 1.7320508f * scale);  // variance scale^2
-  }
-}
 __global__ void add_inplace(bf16* x, const bf16* y, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
 }
 
-template <typename T>
-T* dalloc(size_t n) {
-  T* p = nullptr;
-  DMC_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * n));
-  return p;
-}
-bf16* rand_bf16(size_t n, float scale) {
-  static uint64_t seed = 1;
-  bf16* p = dalloc<bf16>(n);
-  fill_bf16<<<2048, 256>>>(p, n, ++seed * 0x1234567ULL, scale);
-  DMC_CUDA_CHECK_LAUNCH();
-  return p;
-}
-
 int g_reps = 10;
 float time_ms(const std::function<void()>& f, int warmup = 2) {
-  for (int i = 0; i < warmup; ++i) f();
-  DMC_CUDA_CHECK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  DMC_CUDA_CHECK(cudaEventCreate(&a));
-  DMC_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int i = 0; i < g_reps; ++i) {
-    DMC_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    DMC_CUDA_CHECK(cudaEventRecord(b));
-    DMC_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  DMC_CUDA_CHECK_LAUNCH();
-  DMC_CUDA_CHECK(cudaEventDestroy(a));
-  DMC_CUDA_CHECK(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return dmc::bench::median_ms(f, g_reps, warmup);
 }
 
 struct Layer {

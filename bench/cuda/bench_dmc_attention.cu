@@ -11,31 +11,15 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
+#include "bench/cuda/bench_util.cuh"
 
 namespace {
 using dmc::cuda::bf16;
 
-__global__ void fill_random(bf16* x, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + i * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    const float u = (static_cast<float>(z >> 40) + 0.5f) / 16777216.0f;
-    x[i] = __float2bfloat16((2.f * u - 1.f) * 1.7320508f * scale);  // unit variance
-  }
-}
 __global__ void fill_mask(float* m, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + i * 0xD1B54A32D192ED03ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    const float u = (static_cast<float>(z >> 40) + 0.5f) / 16777216.0f;
-    m[i] = log1pf(-0.9f * u);  // log(1 - alpha), alpha in (0, 0.9)
-  }
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    m[i] = log1pf(-0.9f * dmc::bench::hash_uniform(seed, i));  // log(1 - alpha), alpha in (0, 0.9)
 }
 
 float median(std::vector<float> v) {
@@ -80,13 +64,13 @@ int main(int argc, char** argv) {
     DMC_CUDA_CHECK(cudaMalloc(&mask, nm * 4));
     DMC_CUDA_CHECK(cudaMalloc(&dmask, nm * 4));
     DMC_CUDA_CHECK(cudaMalloc(&lse, nl * 4));
-    fill_random<<<1024, 256>>>(q, nq, 1, 1.f);
-    fill_random<<<1024, 256>>>(k, nk, 2, 1.f);
-    fill_random<<<1024, 256>>>(v, nk, 3, 1.f);
-    fill_random<<<1024, 256>>>(dout, nq, 4, 1.f);
-    fill_random<<<1024, 256>>>(dq, nq, 5, 0.01f);
-    fill_random<<<1024, 256>>>(dk, nk, 6, 0.01f);
-    fill_random<<<1024, 256>>>(dv, nk, 7, 0.01f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(q, nq, 1, 1.f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(k, nk, 2, 1.f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(v, nk, 3, 1.f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(dout, nq, 4, 1.f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(dq, nq, 5, 0.01f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(dk, nk, 6, 0.01f);
+    dmc::bench::fill_bf16<<<1024, 256>>>(dv, nk, 7, 0.01f);
     fill_mask<<<1024, 256>>>(mask, nm, 8);
     DMC_CUDA_CHECK(cudaMemset(dmask, 0, nm * 4));
     DMC_CUDA_CHECK_LAUNCH();

@@ -11,71 +11,17 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
+#include "bench/cuda/bench_util.cuh"
 
 namespace {
 using dmc::cuda::bf16;
-
-__global__ void fill_bf16(bf16* x, size_t n, uint64_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + i * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    x[i] = __float2bfloat16(((static_cast<float>(z >> 40) + 0.5f) / 16777216.0f * 2.f - 1.f) * scale);
-  }
-}
-__global__ void fill_f32(float* x, size_t n, uint64_t seed, float lo, float hi) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + i * 0xD1B54A32D192ED03ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    x[i] = lo + (hi - lo) * ((static_cast<float>(z >> 40) + 0.5f) / 16777216.0f);
-  }
-}
-
-template <typename T>
-T* dalloc(size_t n) {
-  T* p;
-  DMC_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * n));
-  return p;
-}
-bf16* rand_bf16(size_t n, float scale = 1.f) {
-  static uint64_t seed = 1;
-  bf16* p = dalloc<bf16>(n);
-  fill_bf16<<<1024, 256>>>(p, n, ++seed, scale);
-  return p;
-}
-float* rand_f32(size_t n, float lo, float hi) {
-  static uint64_t seed = 100;
-  float* p = dalloc<float>(n);
-  fill_f32<<<1024, 256>>>(p, n, ++seed, lo, hi);
-  return p;
-}
+using dmc::bench::dalloc;
+using dmc::bench::fill_f32;
+using dmc::bench::rand_bf16;
+using dmc::bench::rand_f32;
 
 int g_reps = 20;
-float time_ms(const std::function<void()>& f) {
-  for (int i = 0; i < 3; ++i) f();
-  DMC_CUDA_CHECK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  DMC_CUDA_CHECK(cudaEventCreate(&a));
-  DMC_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int i = 0; i < g_reps; ++i) {
-    DMC_CUDA_CHECK(cudaEventRecord(a));
-    f();
-    DMC_CUDA_CHECK(cudaEventRecord(b));
-    DMC_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms;
-    DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  DMC_CUDA_CHECK_LAUNCH();
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+float time_ms(const std::function<void()>& f) { return dmc::bench::median_ms(f, g_reps, 3); }
 
 double g_copy_gbs = 0;
 void row_bw(const char* name, double bytes, const std::function<void()>& f) {
