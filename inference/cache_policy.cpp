@@ -13,8 +13,10 @@ absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name) {
   if (name == "vanilla") return CacheMethod::kVanilla;
   if (name == "h2o") return CacheMethod::kH2O;
   if (name == "tova") return CacheMethod::kTova;
+  if (name == "loma") return CacheMethod::kLoma;
   return absl::InvalidArgumentError(absl::StrFormat(
-      "unknown cache method \"%s\" (expected dmc, vanilla, h2o or tova)", std::string(name)));
+      "unknown cache method \"%s\" (expected dmc, vanilla, h2o, tova or loma)",
+      std::string(name)));
 }
 
 const char* CacheMethodName(CacheMethod method) {
@@ -23,6 +25,7 @@ const char* CacheMethodName(CacheMethod method) {
     case CacheMethod::kVanilla: return "vanilla";
     case CacheMethod::kH2O: return "h2o";
     case CacheMethod::kTova: return "tova";
+    case CacheMethod::kLoma: return "loma";
   }
   return "?";
 }

@@ -12,6 +12,8 @@
 //            head (one shared token set per layer; no window, no sinks). Memoryless.
 // Both evict every step, the prompt included (every token is fed one by one), ties going to the
 // oldest token. Keys are cached rotated at their true positions (no re-indexing).
+//   loma     a LoMA-retrofitted model (config.loma) compressing every t·c tokens into t memory
+//            slots (inference/loma_decoder.h); it has its own cache, not the paged one.
 #pragma once
 
 #include <string>
@@ -22,7 +24,7 @@
 
 namespace dmc::inference {
 
-enum class CacheMethod { kDmc, kVanilla, kH2O, kTova };
+enum class CacheMethod { kDmc, kVanilla, kH2O, kTova, kLoma };
 
 absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name);
 const char* CacheMethodName(CacheMethod method);

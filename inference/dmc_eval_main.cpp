@@ -1,7 +1,8 @@
 // dmc-eval --model=HF_DIR --data=val_index.json: held-out perplexity, next-token accuracy and the
 // achieved compression ratio (overall, per layer, per head, and a PNG heat map of the heads) of a
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
-// eviction baselines at a matched compression ratio, all over the same paged cache.
+// eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
+// model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -22,10 +23,11 @@ ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (dmc-export
 ABSL_FLAG(std::string, data, "", "held-out shard index (val_index.json of dmc-prep)");
 ABSL_FLAG(int, seq_len, 256, "tokens per evaluated window");
 ABSL_FLAG(int, max_sequences, 32, "windows to evaluate (fewer if the shards hold fewer)");
-ABSL_FLAG(std::string, methods, "dmc", "comma-separated cache methods: dmc, vanilla, h2o, tova");
+ABSL_FLAG(std::string, methods, "dmc",
+          "comma-separated cache methods: dmc, vanilla, h2o, tova, loma (LoMA models only)");
 ABSL_FLAG(double, baseline_cr, 0.0,
-          "compression ratio the h2o/tova budgets are matched to; 0: the CR dmc achieves in this "
-          "run (dmc must then be among --methods)");
+          "compression ratio the h2o/tova budgets are matched to; 0: the CR dmc (or else loma) "
+          "achieves in this run (dmc or loma must then be among --methods)");
 ABSL_FLAG(int64_t, kv_budget_mb, 256, "KV cache budget in MiB (pages and DMC window state)");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
 ABSL_FLAG(int, max_batch, 16, "sequences decoded concurrently at most");
@@ -72,7 +74,7 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "dmc-eval --model=HF_DIR --data=val_index.json [--methods=dmc,vanilla,h2o,tova]");
+      "dmc-eval --model=HF_DIR --data=val_index.json [--methods=dmc,vanilla,h2o,tova,loma]");
   absl::ParseCommandLine(argc, argv);
   const std::string model_dir = absl::GetFlag(FLAGS_model), data = absl::GetFlag(FLAGS_data);
   const int seq_len = absl::GetFlag(FLAGS_seq_len);
@@ -85,20 +87,33 @@ int main(int argc, char** argv) {
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
   }
-  // dmc first: its achieved CR sets the baselines' budget.
+  // dmc, then loma, first: the first one's achieved CR sets the baselines' budget.
+  std::stable_partition(methods.begin(), methods.end(),
+                        [](CacheMethod m) { return m == CacheMethod::kLoma; });
   std::stable_partition(methods.begin(), methods.end(),
                         [](CacheMethod m) { return m == CacheMethod::kDmc; });
-  const bool has_dmc = !methods.empty() && methods[0] == CacheMethod::kDmc;
-  if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_dmc &&
+  auto compresses = [](CacheMethod m) { return m == CacheMethod::kDmc || m == CacheMethod::kLoma; };
+  const bool has_compressor = !methods.empty() && compresses(methods[0]);
+  const bool has_loma = std::count(methods.begin(), methods.end(), CacheMethod::kLoma) > 0;
+  if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_compressor &&
       std::any_of(methods.begin(), methods.end(), [](CacheMethod m) {
         return m == CacheMethod::kH2O || m == CacheMethod::kTova;
       }))
     return Fail(absl::InvalidArgumentError(
-        "h2o and tova need a budget: pass --baseline_cr or include dmc in --methods"));
+        "h2o and tova need a budget: pass --baseline_cr or include dmc or loma in --methods"));
 
   auto model = dmc::inference::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
   const dmc::model::LlamaConfig& c = (*model)->config();
+  if (has_loma && !c.loma.enabled())
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--methods=loma: %s is not a LoMA model (its config.json has no \"loma\" settings)",
+        model_dir)));
+  if (std::count(methods.begin(), methods.end(), CacheMethod::kDmc) > 0 && !c.dmc.enabled)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--methods=dmc: %s is not a DMC model (its config.json has \"dmc\": {\"enabled\": "
+        "false}); evaluate it with vanilla, h2o or tova",
+        model_dir)));
   if (seq_len < 1 || seq_len > c.max_position_embeddings)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--seq_len=%d must be in [1, %d] (max_position_embeddings of %s)", seq_len,
@@ -108,7 +123,7 @@ int main(int argc, char** argv) {
   lo.index_path = data;
   lo.seq_len = seq_len;
   lo.batch_size = 1;
-  lo.expected_vocab_size = c.vocab_size;
+  lo.expected_vocab_size = c.text_vocab_size();
   lo.prefetch = 0;
   auto loader = dmc::data::ShardLoader::Open(lo);
   if (!loader.ok()) return Fail(loader.status());
@@ -124,10 +139,14 @@ int main(int argc, char** argv) {
     inputs.push_back(targets.back());
     windows.push_back(inputs);
   }
-  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s), %d windows of %d tokens "
-              "from %s\n",
+  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s), %d windows of %d "
+              "tokens from %s\n",
               model_dir.c_str(), c.num_hidden_layers, c.num_attention_heads,
-              c.num_key_value_heads, c.dmc.enabled ? "on" : "off", n, seq_len, data.c_str());
+              c.num_key_value_heads, c.dmc.enabled ? "on" : "off",
+              c.loma.enabled()
+                  ? absl::StrFormat(", LoMA t %d c %d", c.loma.zones.t, c.loma.zones.c).c_str()
+                  : "",
+              n, seq_len, data.c_str());
 
   std::vector<EvalResult> results;
   double baseline_cr = absl::GetFlag(FLAGS_baseline_cr);
@@ -142,7 +161,7 @@ int main(int argc, char** argv) {
     eo.policy = *policy;
     absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
     if (!r.ok()) return Fail(r.status());
-    if (m == CacheMethod::kDmc && baseline_cr <= 0) baseline_cr = r->cr;
+    if (compresses(m) && baseline_cr <= 0) baseline_cr = r->cr;
     results.push_back(*r);
   }
 

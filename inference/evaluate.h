@@ -6,6 +6,11 @@
 //   CR = tokens fed × heads / slots held at the end of each sequence (summed over sequences),
 //   overall, per layer and per (layer, KV head); for DMC this is 1 / (1 − merge fraction);
 //   KV memory = peak bytes the cache held (pages and window state) at the run's concurrency.
+// The loma method (a LoMA model, config.loma) decodes with inference::LomaDecoder instead, up to
+// max_batch windows at a time in lockstep: the same perplexity and accuracy over every text
+// position (the reading zones of the training layout), CR = tokens / slots at the end of each
+// window, KV memory = the peak slots of the concurrent sequences × keys and values of every layer
+// and KV head (an error if over budget_bytes); page_size does not apply.
 #pragma once
 
 #include <cstdint>

@@ -51,6 +51,7 @@ void LomaDecoder<T>::Run(int32_t token, int pos, int slot) {
   std::vector<T> xn(C), rstd(1), q(H * D), kv(Hkv * D), att(H * D), o(C), x2(C);
   std::vector<T> gate(F), up(F), h(F);
   const std::vector<int> lengths(Hkv, slot + 1);
+  peak_slots_ = std::max(peak_slots_, slot + 1);
   x_.resize(C);
   k::embedding_forward(x_.data(), &token, model_.embedding(), 1, C);
   for (int l = 0; l < c.num_hidden_layers; ++l) {

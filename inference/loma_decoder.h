@@ -32,6 +32,9 @@ class LomaDecoder {
   int position() const { return position_; }               // text tokens fed so far
   int cache_slots() const { return memory_ + segment_; }   // KV slots of each layer and KV head
   int memory_slots() const { return memory_; }
+  // Most slots a head has held at once: a compression's t <m> KVs join the full segment before
+  // the segment is dropped, so after k ≥ 1 compressions this is t·k + t·c.
+  int peak_slots() const { return peak_slots_; }
 
  private:
   // Runs one token at RoPE position pos through every layer; its key and value go to cache slot
@@ -45,7 +48,7 @@ class LomaDecoder {
   int capacity_;  // slots per head: every memory slot of the context + one segment + t
   std::vector<std::vector<T>> keys_, values_;  // per layer: [Hkv, capacity, D], keys rotated
   std::vector<int32_t> head_pages_;            // KV head h is page h of its layer's pool
-  int memory_ = 0, segment_ = 0, position_ = 0;
+  int memory_ = 0, segment_ = 0, position_ = 0, peak_slots_ = 0;
   std::vector<T> x_, logits_;
 };
 

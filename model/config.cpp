@@ -38,6 +38,16 @@ absl::Status LlamaConfig::Validate() const {
   if (dmc.window <= 0) return bad(absl::StrFormat("dmc window must be > 0, got %d", dmc.window));
   if (!(dmc.omega_eps >= 0))
     return bad(absl::StrFormat("dmc omega_eps must be >= 0, got %g", dmc.omega_eps));
+  if (loma.zones.t < 0) return bad(absl::StrFormat("loma t must be >= 0, got %d", loma.zones.t));
+  if (loma.enabled()) {
+    if (loma.zones.c < 1) return bad(absl::StrFormat("loma c must be >= 1, got %d", loma.zones.c));
+    if (vocab_size < 3 || loma.memory_token != vocab_size - 2 || loma.repetition_token != vocab_size - 1)
+      return bad(absl::StrFormat(
+          "loma memory_token %d and repetition_token %d must be the last two ids of the "
+          "vocabulary (%d and %d)",
+          loma.memory_token, loma.repetition_token, vocab_size - 2, vocab_size - 1));
+    if (dmc.enabled) return bad("loma and dmc.enabled do not combine");
+  }
   return absl::OkStatus();
 }
 
@@ -80,9 +90,19 @@ absl::Status PresetConfig(const std::string& name, LlamaConfig* c) {
     c->num_attention_heads = 4;
     c->num_key_value_heads = 2;
     c->max_position_embeddings = 1024;
+  } else if (name == "medium") {
+    // 17M parameters with an 8k vocabulary: the GPU pipeline's base model (head dim 64).
+    *c = LlamaConfig{};
+    c->vocab_size = 259;
+    c->hidden_size = 384;
+    c->intermediate_size = 1024;
+    c->num_hidden_layers = 6;
+    c->num_attention_heads = 6;
+    c->num_key_value_heads = 6;
+    c->max_position_embeddings = 2048;
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("unknown model preset '%s' (known: tiny, small, small-d64)", name));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "unknown model preset '%s' (known: tiny, small, small-d64, medium)", name));
   }
   c->bos_token_id = 256;
   c->eos_token_id = 257;

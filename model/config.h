@@ -1,10 +1,12 @@
-// Model configuration: the Hugging Face LlamaConfig fields we use, plus the DMC settings that
-// retrofitting adds (exported under their own keys in config.json).
+// Model configuration: the Hugging Face LlamaConfig fields we use, plus the DMC and LoMA settings
+// that retrofitting adds (exported under their own keys in config.json).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
+#include "kernels/loma_mask.h"
 
 namespace dmc::model {
 
@@ -14,6 +16,16 @@ struct DmcConfig {
   float temperature = 0.1f;     // Gumbel-sigmoid temperature tau
   int window = 12;              // partial-accumulation window w
   float omega_eps = 0.0078125f; // bf16 epsilon added to omega
+};
+
+// LoMA (model/loma.h): the layout a LoMA-retrofitted model was trained with and decodes with.
+// zones.t = 0 (the default): not a LoMA model. When on, <m> and <r> are the last two ids of the
+// vocabulary (vocab_size - 2 and vocab_size - 1), as model::AddLomaTokens appends them.
+struct LomaConfig {
+  kernels::LomaZones zones;
+  int32_t memory_token = 0;      // <m>
+  int32_t repetition_token = 0;  // <r>
+  bool enabled() const { return zones.enabled(); }
 };
 
 struct LlamaConfig {
@@ -30,8 +42,11 @@ struct LlamaConfig {
   int bos_token_id = 1;
   int eos_token_id = 2;
   DmcConfig dmc;
+  LomaConfig loma;
 
   int head_dim() const { return hidden_size / num_attention_heads; }
+  // Ids of the text (what the data holds): the vocabulary less LoMA's two special tokens.
+  int text_vocab_size() const { return loma.enabled() ? vocab_size - 2 : vocab_size; }
   // Rejects every inconsistent value with a message that names the field.
   absl::Status Validate() const;
   // Number of parameters of the full (unsharded) model.
@@ -39,7 +54,9 @@ struct LlamaConfig {
 };
 
 // Small built-in shapes: "tiny" (CI, seconds on a CPU), "small" (the README's CPU job),
-// "small-d64" (head dim 64, the smallest shape the CUDA attention kernels take).
+// "small-d64" (head dim 64, the smallest shape the CUDA attention kernels take), "medium" (17M
+// parameters at an 8k vocabulary, head dim 64). Their vocabulary is the byte tokenizer's; dmc-train
+// replaces it with the one the training shards record.
 absl::Status PresetConfig(const std::string& name, LlamaConfig* config);
 
 }  // namespace dmc::model

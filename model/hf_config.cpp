@@ -96,6 +96,27 @@ absl::Status ParseDmc(const std::string& path, const json& d, DmcConfig* dmc) {
   return absl::OkStatus();
 }
 
+// The LoMA layout; every key required (a model either is a LoMA model or has no "loma" key).
+absl::Status ParseLoma(const std::string& path, const json& d, LomaConfig* loma) {
+  if (!d.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": field 'loma' must be an object, got ", d.dump()));
+  for (const auto& [key, value] : d.items()) {
+    if (key != "t" && key != "c" && key != "memory_token" && key != "repetition_token")
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": unknown key 'loma.", key, "' (known: t, c, memory_token, repetition_token)"));
+  }
+  const std::string where = absl::StrCat(path, " (loma)");
+  const Fields f(where, d);
+  DMC_RETURN_IF_ERROR(f.Int("t", &loma->zones.t, /*required=*/true));
+  DMC_RETURN_IF_ERROR(f.Int("c", &loma->zones.c, /*required=*/true));
+  DMC_RETURN_IF_ERROR(f.Int("memory_token", &loma->memory_token, /*required=*/true));
+  DMC_RETURN_IF_ERROR(f.Int("repetition_token", &loma->repetition_token, /*required=*/true));
+  if (loma->zones.t < 1)
+    return f.Error(absl::StrCat("field 't' must be >= 1, got ", loma->zones.t,
+                                " (a model without LoMA has no 'loma' key)"));
+  return absl::OkStatus();
+}
+
 // transformers 5 writes rope_parameters {"rope_type": "default", "rope_theta": 500000.0} instead of
 // rope_theta and rope_scaling; any other rope_type (llama3, linear, yarn, ...) or extra key means a
 // scaled RoPE we do not implement.
@@ -170,6 +191,7 @@ absl::Status Parse(const std::string& path, const json& j, LlamaConfig* c) {
                                   c->head_dim(), "; only the derived head_dim is supported"));
   }
   if (f.Has("dmc")) DMC_RETURN_IF_ERROR(ParseDmc(path, j["dmc"], &c->dmc));
+  if (f.Has("loma")) DMC_RETURN_IF_ERROR(ParseLoma(path, j["loma"], &c->loma));
 
   if (auto s = c->Validate(); !s.ok()) return f.Error(std::string(s.message()));
   return absl::OkStatus();
@@ -245,6 +267,11 @@ absl::Status WriteHfConfig(const std::string& path, const LlamaConfig& c, DType 
               {"temperature", ShortestDecimal(c.dmc.temperature)},
               {"window", c.dmc.window},
               {"omega_eps", ShortestDecimal(c.dmc.omega_eps)}};
+  if (c.loma.enabled())
+    j["loma"] = {{"t", c.loma.zones.t},
+                 {"c", c.loma.zones.c},
+                 {"memory_token", c.loma.memory_token},
+                 {"repetition_token", c.loma.repetition_token}};
   // transformers writes config.json with indent 2 and sorted keys; nlohmann sorts keys too.
   return WriteFileAtomically(path, j.dump(2) + "\n");
 }

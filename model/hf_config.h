@@ -12,6 +12,9 @@
 //   "dmc": {"enabled": true, "init_val": 5.0, "temperature": 0.1, "window": 12,
 //           "omega_eps": 0.0078125}
 // (every key optional, defaults as in DmcConfig; unknown keys are refused to catch typos).
+// A LoMA model (model/loma.h) also carries its layout, every key required:
+//   "loma": {"t": 2, "c": 4, "memory_token": 259, "repetition_token": 260}
+// (absent for other models; the token ids must be the last two of the vocabulary).
 #pragma once
 
 #include <string>
@@ -28,8 +31,9 @@ absl::StatusOr<LlamaConfig> ReadHfConfig(const std::string& config_json_path);
 
 // Writes an HF-loadable config.json atomically (path.tmp, fsync, rename): architectures
 // ["LlamaForCausalLM"], model_type "llama", hidden_act "silu", torch_dtype naming the weight dtype,
-// rope_scaling null, no biases, plus the "dmc" object. Floats are written as the shortest decimal
-// that reads back to the same float, so 1e-5f appears as 1e-05 and the file round-trips exactly.
+// rope_scaling null, no biases, plus the "dmc" object and, for a LoMA model, the "loma" object.
+// Floats are written as the shortest decimal that reads back to the same float, so 1e-5f appears
+// as 1e-05 and the file round-trips exactly.
 absl::Status WriteHfConfig(const std::string& path, const LlamaConfig& config,
                            DType weight_dtype = DType::kBF16);
 

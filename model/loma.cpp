@@ -102,10 +102,12 @@ LomaLosses LomaZoneLosses(const T* losses, const int32_t* targets, int B, int se
 }
 
 template <typename T>
-std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communicator* tp) {
+std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communicator* tp,
+                                        const kernels::LomaZones& zones) {
   LlamaConfig config = base.config();
   const int64_t V = config.vocab_size;
   config.vocab_size += 2;
+  if (zones.enabled()) config.loma = {zones, static_cast<int32_t>(V), static_cast<int32_t>(V + 1)};
   auto grown = std::make_unique<Llama<T>>(config, tp);
   for (const ParamSpec& spec : grown->param_specs()) {
     const ParamSpec* old = base.FindParam(spec.name);
@@ -129,8 +131,10 @@ template LomaLosses LomaZoneLosses<float>(const float*, const int32_t*, int, int
                                           const kernels::LomaZones&, std::vector<double>*);
 template LomaLosses LomaZoneLosses<double>(const double*, const int32_t*, int, int,
                                            const kernels::LomaZones&, std::vector<double>*);
-template std::unique_ptr<Llama<float>> AddLomaTokens(const Llama<float>&, parallel::Communicator*);
+template std::unique_ptr<Llama<float>> AddLomaTokens(const Llama<float>&, parallel::Communicator*,
+                                                     const kernels::LomaZones&);
 template std::unique_ptr<Llama<double>> AddLomaTokens(const Llama<double>&,
-                                                      parallel::Communicator*);
+                                                      parallel::Communicator*,
+                                                      const kernels::LomaZones&);
 
 }  // namespace dmc::model

@@ -24,11 +24,8 @@
 
 namespace dmc::model {
 
-struct LomaLayout {
-  kernels::LomaZones zones;
-  int32_t memory_token = 0;      // <m>
-  int32_t repetition_token = 0;  // <r>
-};
+// The zones and the two special tokens; a LoMA model's config carries its layout (config.loma).
+using LomaLayout = LomaConfig;
 
 // t ≥ 1 memory slots per chunk, compression ratio c ≥ 1; <m> and <r> are the ids base_vocab and
 // base_vocab + 1, the two rows AddLomaTokens appends to a model of base_vocab tokens.
@@ -67,8 +64,11 @@ LomaLosses LomaZoneLosses(const T* losses, const int32_t* targets, int B, int se
 // tensor copied, the new rows of the embedding (and of an untied LM head) set to the mean of the
 // existing rows, so the special tokens start as an "average token" and a pre-trained model's
 // logits over its own vocabulary are unchanged. tp must be the group `base` was built with; the
-// HF export then writes the grown vocab_size.
+// HF export then writes the grown vocab_size. With `zones` enabled (c >= 1) the grown config
+// records the layout (config().loma = MakeLomaLayout(base vocab, t, c)), so checkpoints and the
+// export say the model is a LoMA model.
 template <typename T>
-std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communicator* tp);
+std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communicator* tp,
+                                        const kernels::LomaZones& zones = {});
 
 }  // namespace dmc::model

@@ -1,5 +1,5 @@
 // Hugging Face config.json: real Llama configs read as transformers reads them, our writer's
-// output reads back exactly (DMC keys included), and every refusal names the file.
+// output reads back exactly (DMC and LoMA keys included), and every refusal names the file.
 #include "model/hf_config.h"
 
 #include <gtest/gtest.h>
@@ -316,6 +316,70 @@ TEST_F(HfConfigTest, BadDmcSettingsAreRefused) {
   j["dmc"] = 3;
   Write(j);
   ExpectError("field 'dmc' must be an object");
+}
+
+// A LoMA model's layout reads back; a model without LoMA writes no "loma" key.
+TEST_F(HfConfigTest, WriteReadRoundTripOfLoma) {
+  LlamaConfig c;
+  ASSERT_TRUE(PresetConfig("tiny", &c).ok());
+  c.vocab_size += 2;
+  c.loma = {{2, 4}, c.vocab_size - 2, c.vocab_size - 1};
+  ASSERT_TRUE(WriteHfConfig(path_, c).ok());
+  auto r = ReadHfConfig(path_);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->loma.enabled());
+  EXPECT_EQ(r->loma.zones.t, 2);
+  EXPECT_EQ(r->loma.zones.c, 4);
+  EXPECT_EQ(r->loma.memory_token, c.vocab_size - 2);
+  EXPECT_EQ(r->loma.repetition_token, c.vocab_size - 1);
+  EXPECT_EQ(r->text_vocab_size(), c.vocab_size - 2);
+  std::ifstream in(path_);
+  EXPECT_EQ(json::parse(in)["loma"],
+            json({{"t", 2}, {"c", 4}, {"memory_token", 259}, {"repetition_token", 260}}));
+
+  c.loma = LomaConfig{};
+  ASSERT_TRUE(WriteHfConfig(path_, c).ok());
+  r = ReadHfConfig(path_);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->loma.enabled());
+  EXPECT_EQ(r->text_vocab_size(), c.vocab_size);
+  std::ifstream in2(path_);
+  EXPECT_FALSE(json::parse(in2).contains("loma"));
+}
+
+TEST_F(HfConfigTest, BadLomaSettingsAreRefused) {
+  json j = json::parse(kLlama2_7B);  // vocab_size 32000
+  const json good = {{"t", 2}, {"c", 4}, {"memory_token", 31998}, {"repetition_token", 31999}};
+  j["loma"] = good;
+  Write(j);
+  ASSERT_TRUE(ReadHfConfig(path_).ok());
+  j["loma"]["ratio"] = 4;
+  Write(j);
+  ExpectError("unknown key 'loma.ratio'");
+  j["loma"] = good;
+  j["loma"].erase("repetition_token");
+  Write(j);
+  ExpectError("missing required field 'repetition_token'");
+  j["loma"] = good;
+  j["loma"]["t"] = 0;
+  Write(j);
+  ExpectError("field 't' must be >= 1, got 0");
+  j["loma"] = good;
+  j["loma"]["c"] = 0;
+  Write(j);
+  ExpectError("loma c must be >= 1, got 0");
+  j["loma"] = good;
+  j["loma"]["memory_token"] = 5;
+  Write(j);
+  ExpectError("must be the last two ids of the vocabulary (31998 and 31999)");
+  j["loma"] = good;
+  j["dmc"] = {{"enabled", true}};
+  Write(j);
+  ExpectError("loma and dmc.enabled do not combine");
+  j.erase("dmc");
+  j["loma"] = "on";
+  Write(j);
+  ExpectError("field 'loma' must be an object");
 }
 
 TEST_F(HfConfigTest, WriteRefusesInvalidConfig) {

@@ -18,6 +18,9 @@ namespace {
 // out: the trainer switches it by phase.
 std::string ConfigMismatch(const model::LlamaConfig& a, const model::LlamaConfig& b) {
   const std::pair<const char*, bool> fields[] = {
+      // first: a LoMA model also differs in vocab_size, and this says why
+      {"loma.t", a.loma.zones.t != b.loma.zones.t},
+      {"loma.c", a.loma.zones.c != b.loma.zones.c},
       {"vocab_size", a.vocab_size != b.vocab_size},
       {"hidden_size", a.hidden_size != b.hidden_size},
       {"intermediate_size", a.intermediate_size != b.intermediate_size},

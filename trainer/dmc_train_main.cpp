@@ -1,6 +1,8 @@
-// dmc-train: pre-train and/or retrofit a Llama with Dynamic Memory Compression.
+// dmc-train: pre-train and/or retrofit a Llama with Dynamic Memory Compression, or retrofit it
+// with LoMA memory-token compression (--method=loma).
 //
 //   dmc-train --data=shards/train_index.json --model=small --pretrain_steps=300 ...
+//   dmc-train --method=loma --loma_t=2 --loma_c=4 --init_from=HF_DIR --pretrain_steps=200 ...
 //   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2)
 //
 // Every value is validated before any work starts; errors name the flag or file at fault.
@@ -14,11 +16,13 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "data/index.h"
 #include "data/loader.h"
 #include "model/config.h"
 #include "model/hf_config.h"
 #include "model/hf_weights.h"
 #include "model/llama.h"
+#include "model/loma.h"
 #include "parallel/mpi_env.h"
 #include "parallel/process_groups.h"
 #include "trainer/checkpoint.h"
@@ -30,7 +34,12 @@
 #include "trainer/cuda_backend.h"
 #endif
 
-ABSL_FLAG(std::string, model, "small", "model preset (tiny, small, small-d64) when not importing weights");
+ABSL_FLAG(std::string, method, "dmc",
+          "dmc (pre-training and the DMC stages) or loma (LoMA retrofitting on the pre-training "
+          "schedule; needs --loma_t and --loma_c)");
+ABSL_FLAG(int, loma_t, 0, "LoMA: memory slots per segment (--method=loma)");
+ABSL_FLAG(int, loma_c, 0, "LoMA: compression ratio; a segment is loma_t × loma_c tokens");
+ABSL_FLAG(std::string, model, "small", "model preset (tiny, small, small-d64, medium) when not importing weights; its vocabulary is the one --data records");
 ABSL_FLAG(std::string, init_from, "",
           "Hugging Face checkpoint directory (config.json + safetensors) to start from");
 ABSL_FLAG(std::string, checkpoint_dir, "", "directory of training checkpoints (resume state)");
@@ -80,6 +89,21 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   const std::string device = absl::GetFlag(FLAGS_device);
   if (device != "cpu" && device != "cuda")
     return absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda");
+  const std::string method = absl::GetFlag(FLAGS_method);
+  const int loma_t = absl::GetFlag(FLAGS_loma_t), loma_c = absl::GetFlag(FLAGS_loma_c);
+  if (method != "dmc" && method != "loma")
+    return absl::InvalidArgumentError("--method=" + method + ": expected dmc or loma");
+  const bool loma = method == "loma";
+  if (loma && (loma_t < 1 || loma_c < 1))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--method=loma needs --loma_t >= 1 and --loma_c >= 1, got --loma_t=%d --loma_c=%d",
+        loma_t, loma_c));
+  if (!loma && (loma_t != 0 || loma_c != 0))
+    return absl::InvalidArgumentError("--loma_t and --loma_c apply only with --method=loma");
+  if (loma && device == "cuda")
+    return absl::UnimplementedError(
+        "--method=loma --device=cuda: the CUDA model has no LoMA attention yet; train LoMA with "
+        "--device=cpu");
 #if !defined(DMC_HAVE_CUDA)
   if (device == "cuda")
     return absl::FailedPreconditionError(
@@ -96,9 +120,24 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     absl::StatusOr<LlamaConfig> hf = dmc::model::ReadHfConfig(init_from + "/config.json");
     if (!hf.ok()) return hf.status();
     model_config = *hf;
-  } else if (absl::Status s = dmc::model::PresetConfig(absl::GetFlag(FLAGS_model), &model_config);
-             !s.ok()) {
-    return s;
+    if (model_config.loma.enabled())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--init_from=%s is already a LoMA model (t %d, c %d): dmc-train retrofits models "
+          "without LoMA (continue a LoMA run with --resume)",
+          init_from, model_config.loma.zones.t, model_config.loma.zones.c));
+  } else {
+    if (absl::Status s = dmc::model::PresetConfig(absl::GetFlag(FLAGS_model), &model_config);
+        !s.ok())
+      return s;
+    // A preset gives the shape; the vocabulary and the BOS/EOS ids are the tokenizer's, as the
+    // shards record them (a missing --data is reported below, after the flag checks).
+    if (!absl::GetFlag(FLAGS_data).empty()) {
+      absl::StatusOr<dmc::data::ShardIndex> index = dmc::data::ReadIndex(absl::GetFlag(FLAGS_data));
+      if (!index.ok()) return index.status();
+      model_config.vocab_size = static_cast<int>(index->vocab_size);
+      if (index->bos_id >= 0) model_config.bos_token_id = static_cast<int>(index->bos_id);
+      if (index->eos_id >= 0) model_config.eos_token_id = static_cast<int>(index->eos_id);
+    }
   }
   model_config.dmc.window = absl::GetFlag(FLAGS_dmc_window);
   model_config.dmc.temperature = absl::GetFlag(FLAGS_dmc_temperature);
@@ -132,6 +171,13 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   s.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
   s.retrofit_lr = absl::GetFlag(FLAGS_retrofit_lr);
   s.retrofit_min_lr = absl::GetFlag(FLAGS_retrofit_min_lr);
+  if (loma) {
+    // <m> and <r> follow the data's vocabulary, which is model_config's before the growth.
+    absl::StatusOr<dmc::model::LomaLayout> layout =
+        dmc::model::MakeLomaLayout(model_config.vocab_size, loma_t, loma_c);
+    if (!layout.ok()) return layout.status();
+    tc.loma = *layout;
+  }
   tc.optimizer.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   tc.optimizer.grad_clip = absl::GetFlag(FLAGS_grad_clip);
   if (absl::Status st = tc.Validate(model_config); !st.ok()) return st;
@@ -156,12 +202,15 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   absl::StatusOr<std::unique_ptr<dmc::data::ShardLoader>> loader = dmc::data::ShardLoader::Open(lo);
   if (!loader.ok()) return loader.status();
 
-  dmc::model::Llama<float> model(model_config, &groups.tp());
+  auto model_ptr = std::make_unique<dmc::model::Llama<float>>(model_config, &groups.tp());
   if (init_from.empty()) {
-    model.InitRandom(tc.seed);
-  } else if (absl::Status st = dmc::model::ImportHfWeights(init_from, &model); !st.ok()) {
+    model_ptr->InitRandom(tc.seed);
+  } else if (absl::Status st = dmc::model::ImportHfWeights(init_from, model_ptr.get()); !st.ok()) {
     return st;
   }
+  // LoMA: grow the vocabulary by <m> and <r> (before a resume loads the grown checkpoint).
+  if (loma) model_ptr = dmc::model::AddLomaTokens(*model_ptr, &groups.tp(), tc.loma.zones);
+  dmc::model::Llama<float>& model = *model_ptr;
   std::unique_ptr<dmc::trainer::TrainBackend> backend;  // null: the CPU
 #if defined(DMC_HAVE_CUDA)
   if (device == "cuda") {
@@ -179,11 +228,15 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
 #endif
   if (leader)
     std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
-                "%d tokens per step%s\n",
-                absl::GetFlag(FLAGS_model).c_str(), model_config.num_parameters() / 1e6,
+                "%d tokens per step%s%s\n",
+                absl::GetFlag(FLAGS_model).c_str(), model.config().num_parameters() / 1e6,
                 layout.world_size, layout.dp_size, layout.tp_size, s.total_steps(),
                 tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size,
-                backend ? ", on CUDA" : "");
+                backend ? ", on CUDA" : "",
+                loma ? absl::StrFormat(", LoMA t %d c %d (<m> %d, <r> %d)", loma_t, loma_c,
+                                       tc.loma.memory_token, tc.loma.repetition_token)
+                           .c_str()
+                     : "");
 
   dmc::data::ShardLoader* source = loader->get();
   dmc::trainer::Trainer trainer(
@@ -253,7 +306,8 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("Pre-train and retrofit Llama models with Dynamic Memory Compression");
+  absl::SetProgramUsageMessage(
+      "Pre-train and retrofit Llama models with Dynamic Memory Compression or LoMA");
   absl::ParseCommandLine(argc, argv);
   dmc::parallel::MpiEnv mpi(&argc, &argv);
   absl::StatusOr<dmc::parallel::ProcessGroups> groups =

@@ -11,6 +11,7 @@ const char* PhaseName(Phase phase) {
     case Phase::kStage1: return "stage1";
     case Phase::kStage2: return "stage2";
     case Phase::kStage3: return "stage3";
+    case Phase::kLoma: return "loma";
     case Phase::kDone: return "done";
   }
   return "?";
@@ -54,6 +55,7 @@ ScheduleState ScheduleAt(const ScheduleConfig& c, int step) {
       s.lr = WarmupCosine(s.phase_step, c.stage3_steps, 0, c.retrofit_lr, c.retrofit_min_lr);
       s.cr_target = c.cr_target;
       break;
+    case Phase::kLoma:  // never scheduled: the trainer names LoMA's pre-training steps
     case Phase::kDone:
       s.cr_target = c.cr_target;
       break;

@@ -9,13 +9,15 @@
 //   stage 3   DMC on, CR target held at cr_target, cosine from retrofit_lr to retrofit_min_lr
 // At the start of stage 2 the control-channel weight rows are zeroed and the optimizer state is
 // reset (the reference does not carry it between stages).
+// LoMA retrofitting (TrainConfig::loma) runs the pre-training schedule on batches in the LoMA
+// layout; the trainer reports those steps as phase "loma".
 #pragma once
 
 #include <string>
 
 namespace dmc::trainer {
 
-enum class Phase { kPretrain, kStage1, kStage2, kStage3, kDone };
+enum class Phase { kPretrain, kStage1, kStage2, kStage3, kLoma, kDone };
 const char* PhaseName(Phase phase);
 
 struct ScheduleConfig {

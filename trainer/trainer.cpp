@@ -24,6 +24,22 @@ absl::Status TrainConfig::Validate(const model::LlamaConfig& model) const {
                          std::pair{"--stage3_steps", s.stage3_steps},
                          std::pair{"--warmup_steps", s.warmup_steps}})
     if (v < 0) return bad(absl::StrFormat("%s must be >= 0, got %d", name, v));
+  if (loma.enabled()) {
+    if (loma.zones.c < 1) return bad(absl::StrFormat("--loma_c must be >= 1, got %d", loma.zones.c));
+    if (seq_len % loma.zones.segment() != 0)
+      return bad(absl::StrFormat(
+          "--seq_len %d must be a multiple of --loma_t × --loma_c = %d (LoMA compresses whole "
+          "segments)",
+          seq_len, loma.zones.segment()));
+    for (auto [name, v] : {std::pair{"--stage1_steps", s.stage1_steps},
+                           std::pair{"--stage2_steps", s.stage2_steps},
+                           std::pair{"--stage3_steps", s.stage3_steps}})
+      if (v != 0)
+        return bad(absl::StrFormat(
+            "%s must be 0 with --method=loma (LoMA trains on the pre-training schedule: "
+            "--pretrain_steps, --lr, --min_lr, --warmup_steps), got %d",
+            name, v));
+  }
   if (s.total_steps() <= 0) return bad("the schedule has no steps (set --pretrain_steps or --stage*_steps)");
   if (!(s.cr_target >= 1.0f))
     return bad(absl::StrFormat("--cr_target must be >= 1 (a compression ratio), got %g", s.cr_target));
@@ -57,10 +73,12 @@ double Trainer::FlopsPerToken() const {
   const model::LlamaConfig& c = model_->config();
   // 6 FLOPs per parameter per token (forward 2, backward 4) for the matrices, plus attention's
   // two T×T products per layer (causal: half of them), also times 3 for the backward.
+  const kernels::LomaZones& z = config_.loma.zones;
+  const double positions = z.enabled() ? static_cast<double>(z.chunk()) / z.segment() : 1.0;
   const double matrices = 6.0 * static_cast<double>(c.num_parameters() -
                                                     static_cast<long>(c.vocab_size) * c.hidden_size);
-  const double attention = 6.0 * c.num_hidden_layers * c.hidden_size * config_.seq_len;
-  return matrices + attention;
+  const double attention = 6.0 * c.num_hidden_layers * c.hidden_size * config_.seq_len * positions;
+  return (matrices + attention) * positions;
 }
 
 void Trainer::EnterPhase(const ScheduleState& state) {
@@ -76,6 +94,15 @@ void Trainer::EnterPhase(const ScheduleState& state) {
 absl::StatusOr<StepMetrics> Trainer::Step() {
   const ScheduleState sched = ScheduleAt(config_.schedule, step_);
   if (sched.phase == Phase::kDone) return absl::OutOfRangeError("the schedule is finished");
+  const model::LomaLayout& loma = config_.loma;
+  const model::LomaLayout& carried = model_->config().loma;
+  if (loma.enabled() && (carried.zones.t != loma.zones.t || carried.zones.c != loma.zones.c ||
+                         carried.memory_token != loma.memory_token ||
+                         carried.repetition_token != loma.repetition_token))
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "the model does not carry the LoMA layout t %d, c %d (<m> %d, <r> %d) it is trained "
+        "with: grow it with model::AddLomaTokens",
+        loma.zones.t, loma.zones.c, loma.memory_token, loma.repetition_token));
   EnterPhase(sched);
   const auto start = std::chrono::steady_clock::now();
 
@@ -85,11 +112,12 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   options.step = static_cast<uint64_t>(step_);
   options.cr_prior = sched.cr_prior();
   options.control_fade = sched.control_fade;
+  options.loma = loma.zones;
 
   const int B = config_.micro_batch, T = config_.seq_len;
   std::vector<int32_t> inputs, targets;
   backend_->ZeroGrad();
-  double loss = 0, lm_loss = 0, cr_loss = 0, merge = 0;
+  double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, merge = 0;
   for (int micro = 0; micro < config_.grad_accum; ++micro) {
     if (absl::Status s = batches_(&inputs, &targets); !s.ok()) return s;
     if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size())
@@ -98,23 +126,35 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     // Global index of the first sequence, in the loader's order (micro-batch m of a step is a
     // global batch whose slice r belongs to DP rank r): the same noise for every DP layout.
     options.seq0 = (static_cast<long>(micro) * dp_->size() + dp_->rank()) * B;
-    const model::ForwardResult r = backend_->Forward(inputs.data(), targets.data(), B, T, options);
+    int seq_len = T;
+    if (loma.enabled()) {
+      absl::StatusOr<model::LomaBatch> layout =
+          model::LomaTransform(loma, inputs.data(), targets.data(), B, T);
+      if (!layout.ok()) return layout.status();
+      inputs = std::move(layout->tokens);
+      targets = std::move(layout->targets);
+      seq_len = layout->seq_len;
+    }
+    const model::ForwardResult r =
+        backend_->Forward(inputs.data(), targets.data(), B, seq_len, options);
     backend_->Backward(1.0 / config_.grad_accum);
     loss += r.loss / config_.grad_accum;
     lm_loss += r.lm_loss / config_.grad_accum;
     cr_loss += r.cr_loss / config_.grad_accum;
+    rep_loss += r.rep_loss / config_.grad_accum;
     merge += r.merge_fraction / config_.grad_accum;
   }
 
   // Data parallel: average gradients and the reported statistics over ranks.
   if (dp_->size() > 1) {
     if (absl::Status s = backend_->AverageGradients(*dp_); !s.ok()) return s;
-    double stats[4] = {loss, lm_loss, cr_loss, merge};
-    if (absl::Status s = dp_->AllReduceSum(stats, 4); !s.ok()) return s;
+    double stats[5] = {loss, lm_loss, cr_loss, rep_loss, merge};
+    if (absl::Status s = dp_->AllReduceSum(stats, 5); !s.ok()) return s;
     loss = stats[0] / dp_->size();
     lm_loss = stats[1] / dp_->size();
     cr_loss = stats[2] / dp_->size();
-    merge = stats[3] / dp_->size();
+    rep_loss = stats[3] / dp_->size();
+    merge = stats[4] / dp_->size();
   }
   absl::StatusOr<double> norm = backend_->OptimizerStep(sched.lr);
   if (!norm.ok()) return norm.status();
@@ -127,14 +167,16 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
 
   StepMetrics m;
   m.step = step_;
-  m.phase = sched.phase;
+  m.phase = loma.enabled() ? Phase::kLoma : sched.phase;
   m.loss = loss;
   m.lm_loss = lm_loss;
   m.cr_loss = cr_loss;
+  m.rep_loss = rep_loss;
   m.lr = sched.lr;
   m.grad_norm = *norm;
-  m.cr_target = sched.cr_target;
-  m.achieved_cr = 1.0 / (1.0 - merge);
+  // LoMA: a window of whole segments ends with 1/c of its tokens' slots, by construction.
+  m.cr_target = loma.enabled() ? loma.zones.c : sched.cr_target;
+  m.achieved_cr = loma.enabled() ? loma.zones.c : 1.0 / (1.0 - merge);
   m.tokens_per_second = step_tokens / seconds;
   const int ranks = dp_->size() * tp_->size();
   if (config_.peak_tflops > 0)
@@ -160,11 +202,14 @@ absl::Status Trainer::Run(const std::function<absl::Status(const StepMetrics&)>&
 }
 
 std::string FormatProgress(const StepMetrics& m, int total_steps) {
+  const bool loma = m.phase == Phase::kLoma;
   std::string line = absl::StrFormat(
-      "step %5d/%d | %-8s | loss %.4f (lm %.4f, cr %.4f) | lr %.2e | grad %.3f | CR target %.2f "
-      "achieved %.2f | %.0f tok/s",
-      m.step, total_steps, PhaseName(m.phase), m.loss, m.lm_loss, m.cr_loss, m.lr, m.grad_norm,
-      m.cr_target, m.achieved_cr, m.tokens_per_second);
+      "step %5d/%d | %-8s | loss %.4f (lm %.4f, %s %.4f) | lr %.2e | grad %.3f | ", m.step,
+      total_steps, PhaseName(m.phase), m.loss, m.lm_loss, loma ? "rep" : "cr",
+      loma ? m.rep_loss : m.cr_loss, m.lr, m.grad_norm);
+  line += loma ? absl::StrFormat("CR %.2f", m.achieved_cr)
+               : absl::StrFormat("CR target %.2f achieved %.2f", m.cr_target, m.achieved_cr);
+  line += absl::StrFormat(" | %.0f tok/s", m.tokens_per_second);
   if (m.mfu > 0) line += absl::StrFormat(" | MFU %.1f%%", 100 * m.mfu);
   return line;
 }

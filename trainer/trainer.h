@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "model/llama.h"
+#include "model/loma.h"
 #include "parallel/communicator.h"
 #include "trainer/backend.h"
 #include "trainer/optimizer.h"
@@ -28,9 +29,14 @@ struct TrainConfig {
   OptimizerConfig optimizer;
   int log_every = 10;
   double peak_tflops = 0;  // per rank, for MFU; 0 = unknown (CPU): MFU is not printed
+  // LoMA retrofitting when loma.enabled() (model::MakeLomaLayout): every plain batch is turned
+  // into the LoMA layout (model::LomaTransform) and trained with StepOptions::loma on the
+  // pre-training schedule. The model must carry this layout (model::AddLomaTokens with its zones).
+  model::LomaLayout loma;
 
   // Rejects inconsistent values (non-positive sizes, CR < 1, a sequence longer than the model's
-  // positions, ...) with a message naming the flag, before any work starts.
+  // positions, a LoMA window that is not whole segments, DMC stages with LoMA, ...) with a
+  // message naming the flag, before any work starts.
   absl::Status Validate(const model::LlamaConfig& model) const;
 };
 
@@ -42,11 +48,12 @@ struct StepMetrics {
   int step = 0;  // 1-based number of optimizer steps taken
   Phase phase = Phase::kDone;
   double loss = 0, lm_loss = 0, cr_loss = 0;
+  double rep_loss = 0;  // LoMA repetition-zone loss (0 without LoMA)
   double lr = 0, grad_norm = 0;
-  double cr_target = 1, achieved_cr = 1;
+  double cr_target = 1, achieved_cr = 1;  // LoMA: both its fixed ratio c
   double tokens_per_second = 0;
   double mfu = 0;
-  int64_t tokens = 0;  // tokens consumed so far, all ranks
+  int64_t tokens = 0;  // tokens consumed so far, all ranks (LoMA: text tokens)
 };
 
 class Trainer {
@@ -59,7 +66,8 @@ class Trainer {
           parallel::Communicator* dp, parallel::Communicator* tp,
           std::unique_ptr<TrainBackend> backend = nullptr);
 
-  // Runs one optimizer step; the step counter advances only on success.
+  // Runs one optimizer step; the step counter advances only on success. With LoMA, fails if the
+  // model does not carry config.loma (its vocabulary would not hold <m> and <r>).
   absl::StatusOr<StepMetrics> Step();
   // Runs until the schedule is done, printing a progress line every log_every steps (rank 0).
   absl::Status Run(const std::function<absl::Status(const StepMetrics&)>& after_step = nullptr);
@@ -77,7 +85,8 @@ class Trainer {
   absl::Status SyncFromHost() { return backend_->SyncFromHost(*model_, optimizer_); }
   const TrainConfig& config() const { return config_; }
 
-  // Model FLOPs per token of one training step (6 · parameters + attention), for MFU.
+  // Model FLOPs per token of one training step (6 · parameters + attention), for MFU; with LoMA
+  // per text token, which costs (2c + 1) / c layout positions.
   double FlopsPerToken() const;
 
  private:
@@ -96,7 +105,8 @@ class Trainer {
   bool dmc_on_ = false;
 };
 
-// The progress line every log_every steps.
+// The progress line every log_every steps; LoMA steps show the repetition loss and the fixed CR
+// instead of the CR loss and the CR target.
 std::string FormatProgress(const StepMetrics& m, int total_steps);
 
 }  // namespace dmc::trainer
