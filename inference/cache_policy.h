@@ -1,5 +1,5 @@
-// What the KV cache keeps, per method, all in the same paged cache (see BASELINES.md):
-//   dmc      the learned per-head append/accumulate decisions (spec §6); no budget.
+// What the KV cache keeps, per method, all in the same paged cache (H2O: Zhang et al., NeurIPS 2023; TOVA: Oren et al., 2024; LoMA: model/README.md):
+//   dmc      the learned per-head append/accumulate decisions (model/DMC.md §6); no budget.
 //   vanilla  every token appends: the full cache (CR 1).
 //   h2o      Heavy-Hitter Oracle, head-wise: every slot of a KV head accumulates the attention it
 //            receives from each query (summed over the query heads of its GQA group); after the

@@ -1,4 +1,4 @@
-// Token-by-token decoding of ONE sequence of a Llama with DMC heads (spec §6): the paged decoder
+// Token-by-token decoding of ONE sequence of a Llama with DMC heads (model/DMC.md §6): the paged decoder
 // with the dmc method, over a cache whose budget holds the whole context
 // (max_position_embeddings tokens), so a step can only fail past the end of the context.
 #pragma once

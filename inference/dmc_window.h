@@ -1,4 +1,4 @@
-// The window state of one DMC head's open (last) slot (spec §6).
+// The window state of one DMC head's open (last) slot (model/DMC.md §6).
 //
 // Training truncates the partial accumulation to the last w tokens: token j contributes to the
 // slot at t only if t − j < w. With hard decisions the open slot's content is therefore the

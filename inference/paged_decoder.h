@@ -1,4 +1,4 @@
-// Token-by-token decoding of a batch of sequences over the paged KV cache (spec §6): every step
+// Token-by-token decoding of a batch of sequences over the paged KV cache (model/DMC.md §6): every step
 // feeds one token to each of a set of sequences (each at its own position), runs the layers with
 // all rows batched through the matmuls, and updates each sequence's cache by the method of
 // inference/cache_policy.h. With the dmc method the logits equal the training-mode forward with

@@ -1,4 +1,4 @@
-// The paged KV cache (spec §6): fixed-size pages of `page_size` slots from a PageAllocator over a
+// The paged KV cache (model/DMC.md §6): fixed-size pages of `page_size` slots from a PageAllocator over a
 // byte budget, and a page table per (sequence, layer, KV head), so every head has its own length.
 //
 // What a head holds depends on the method (inference/cache_policy.h):

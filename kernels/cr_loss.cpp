@@ -1,4 +1,4 @@
-// DMC compression-ratio loss (spec: kernels/cr_loss.h, DMC.md §4), in two parts so that
+// DMC compression-ratio loss (spec: kernels/cr_loss.h, model/DMC.md §4), in two parts so that
 // tensor-parallel ranks can sum their statistics before the non-linear hinge:
 //   1. per layer: mean_merge[b] += scale · sum_{t,h} merge[b, t, h]
 //      (the caller's scale = 1 / (L · T · Hkv_total) turns the sum over layers into the mean over

@@ -1,4 +1,4 @@
-// DMC compression-ratio loss (spec §4). Per layer l and sequence b the merge fraction
+// DMC compression-ratio loss (model/DMC.md §4). Per layer l and sequence b the merge fraction
 // f[l, b] = mean over positions t and KV heads h of merge[l][b, t, h] (hard decisions).
 //   mean_merge[b] = mean_l f[l, b]
 //   L_CR = (1/B) sum_b relu(prior - mean_merge[b]),   prior = 1 - 1/CR_target

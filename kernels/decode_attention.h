@@ -1,5 +1,5 @@
 // Attention of ONE new token per sequence over a paged KV cache whose heads hold different numbers
-// of slots (spec §6): DMC merges, and the eviction baselines drop, per head. Every slot is
+// of slots (model/DMC.md §6): DMC merges, and the eviction baselines drop, per head. Every slot is
 // visible: merged-forward states no longer exist in the cache, which is what the training-time
 // mask emulates.
 //

@@ -1,5 +1,5 @@
 // Causal grouped-query attention with the additive DMC mask (spec: kernels/dmc_attention.h,
-// DMC.md §3). For sequence b, query head g (KV head h = g / G, G = H / Hkv) and query t:
+// model/DMC.md §3). For sequence b, query head g (KV head h = g / G, G = H / Hkv) and query t:
 //   s[i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (i < t ? mask[i] : 0)      for i <= t
 //   p    = softmax(s),   out[t] = sum_i p[i] v[i],   lse[t] = log sum_i exp(s[i])
 // Dqk = D-1 with exclude_ctrl: channel D-1 of q and k is the DMC control channel and carries no

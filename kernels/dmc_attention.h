@@ -2,7 +2,7 @@
 // q [B, T, H, D]; k, v [B, T, Hkv, D]; query head g reads KV head g / (H / Hkv).
 //   s[t, i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (i < t ? mask[b, i, h_kv] : 0),  i <= t
 //   out[t]  = sum_i softmax_i(s[t, :]) v[i]
-// The diagonal (i = t) is exempt from the mask (spec §3). Dqk = D - 1 when exclude_ctrl (the DMC
+// The diagonal (i = t) is exempt from the mask (model/DMC.md §3). Dqk = D - 1 when exclude_ctrl (the DMC
 // control channel carries no content), D otherwise. mask [B, T, Hkv] may be null (vanilla).
 // lse [B, H, T] = logsumexp_i s[t, i] is saved for the backward pass, as FlashAttention does.
 #pragma once

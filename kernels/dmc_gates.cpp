@@ -1,5 +1,5 @@
 // DMC decisions and importances from the repurposed control channel (spec: kernels/dmc_gates.h,
-// DMC.md §1, §3). One scalar per (b, t, KV head h), from channel D-1 of k and q before RoPE:
+// model/DMC.md §1, §3). One scalar per (b, t, KV head h), from channel D-1 of k and q before RoPE:
 //
 //   a     = k[b,t,h,D-1] - init_val
 //   logit = (a + noise) / temperature      relaxed (training): Gumbel-sigmoid relaxation

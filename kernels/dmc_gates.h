@@ -1,4 +1,4 @@
-// DMC decisions and importances from the repurposed control channel (spec §1, §3).
+// DMC decisions and importances from the repurposed control channel (model/DMC.md §1, §3).
 //
 // For every (b, t, KV head h) of q [B, T, H, D] and k [B, T, Hkv, D], read BEFORE RoPE:
 //   a      = k[b,t,h,D-1] - init_val                       decision logit, starts near -5

@@ -1,4 +1,4 @@
-// DMC windowed partial accumulation, "poolsum" (spec: kernels/dmc_scan.h, DMC.md §3), for each
+// DMC windowed partial accumulation, "poolsum" (spec: kernels/dmc_scan.h, model/DMC.md §3), for each
 // sequence b and KV head h independently:
 //   c[t, j]  = omega[j] · prod_{m=j+1}^{t} alpha[m]          for t-w < j <= t  (0 otherwise)
 //   denom[t] = sum_j c[t, j]

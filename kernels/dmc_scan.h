@@ -1,4 +1,4 @@
-// DMC windowed partial accumulation ("poolsum", spec §3) of keys or values, per (b, KV head h):
+// DMC windowed partial accumulation ("poolsum", model/DMC.md §3) of keys or values, per (b, KV head h):
 //   xhat[t] = sum_{j = max(0, t-w+1)}^{t} c[t,j] x[j]  /  denom[t]
 //   denom[t] = sum_{same j} c[t,j],     c[t,j] = omega[j] · prod_{m = j+1}^{t} alpha[m]
 // (alpha[0] is never used). With alpha = 0 everywhere xhat = x; with alpha = 1 it is the

@@ -6,7 +6,7 @@
 // The map is a rotation, so its Jacobian J is orthogonal and the backward dinp += J^T dout is the
 // rotation by the opposite angle.
 //
-// keep_last_channel (DMC, spec §1): channel D-1 is the control channel and must pass through
+// keep_last_channel (DMC, model/DMC.md §1): channel D-1 is the control channel and must pass through
 // unchanged. It is treated as 0 inside the rotation of pair (half-1, D-1) and copied through:
 //   out[half-1] = x[half-1] cos,   out[D-1] = x[D-1]
 // so in the backward dinp[half-1] += dout[half-1] cos (no contribution from dout[D-1], which does

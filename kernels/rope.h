@@ -5,7 +5,7 @@
 // x is [B, T, H, D]; token t of every sequence sits at position pos0 + t.
 //
 // DMC repurposes the last channel (D-1) of q and k as a control channel that RoPE must leave
-// alone (spec §1): with keep_last_channel the channel is treated as 0 while rotating and copied
+// alone (model/DMC.md §1): with keep_last_channel the channel is treated as 0 while rotating and copied
 // through unchanged, so out[half-1] = x[half-1] cos and out[D-1] = x[D-1].
 #pragma once
 

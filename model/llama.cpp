@@ -327,7 +327,7 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
     }
   result.lm_loss = label_count_ > 0 ? loss_sum / label_count_ : 0.0;
   if (dmc) {
-    // Each TP rank summed its own heads; the hinge needs all heads of a sequence (spec §4 [ours]).
+    // Each TP rank summed its own heads; the hinge needs all heads of a sequence (model/DMC.md §4 [ours]).
     AllReduce(mean_merge_);
     if (options.cr_prior > 0)
       result.cr_loss = k::cr_loss_forward(mean_merge_.data(), B, static_cast<T>(options.cr_prior));

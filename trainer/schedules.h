@@ -1,7 +1,7 @@
 // Learning-rate and DMC schedules as pure functions of the global step, so a resumed run needs
 // no schedule state beyond the step counter.
 //
-// A run walks through up to four phases, in order (spec §2, §4, §5):
+// A run walks through up to four phases, in order (model/DMC.md §2, §4, §5):
 //   pretrain  DMC off, warmup + cosine from lr to min_lr (for models trained from scratch)
 //   stage 1   DMC off, the control channel fades out: m = max(0, 1 - s / (0.8 · steps))
 //   stage 2   DMC on, CR target ramps linearly from 1 to cr_target over the whole stage,

@@ -87,7 +87,7 @@ void Trainer::EnterPhase(const ScheduleState& state) {
   if (!state.phase_start || step_ == 0) return;
   // The reference carries no optimizer state from one stage to the next.
   backend_->ResetOptimizer();
-  // Stage 2 starts from a = -init_val and omega = sigmoid(init_val) exactly (spec §2).
+  // Stage 2 starts from a = -init_val and omega = sigmoid(init_val) exactly (model/DMC.md §2).
   if (state.phase == Phase::kStage2) backend_->ZeroControlChannelRows();
 }
 

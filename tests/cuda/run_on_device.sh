@@ -4,7 +4,7 @@
 # SDPA flash anchor. Logs go to $OUT (or ./device-out when OUT is unset).
 #
 # The device image lacks some of the root CMakeLists.txt's find_package dependencies (Abseil,
-# sentencepiece, nlohmann_json; see shared/device/NOTES.md). Carry them as Debian packages:
+# sentencepiece, nlohmann_json). Carry them as Debian packages:
 #   here, once:  echo /.debs/ >> .git/info/exclude; mkdir -p .debs; (cd .debs && apt-get download \
 #                libabsl-dev libabsl20220623 libsentencepiece-dev libsentencepiece0 \
 #                nlohmann-json3-dev pkgconf pkgconf-bin libpkgconf3)

@@ -114,9 +114,10 @@ void ExpectParallelMatchesSingle(int tp_size) {
     // One step from the same weights: the updated weights agree to fp32 round-off. (Later steps
     // are not compared weight by weight: Adam divides each gradient by its own magnitude, so the
     // round-off of the gradients of nearly idle units grows by ~10x a step.)
-    if (step == 0)
+    if (step == 0) {
       EXPECT_LT(max_weight_error(), 2e-6)
           << "weights after one step, dp " << layout.dp_size << " tp " << tp_size;
+    }
   }
 }
 
