@@ -6,6 +6,7 @@
 //   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2)
 //
 // Every value is validated before any work starts; errors name the flag or file at fault.
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -14,7 +15,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "data/index.h"
 #include "data/loader.h"
@@ -84,8 +87,24 @@ std::atomic<int> g_stop_signal{0};
 extern "C" void OnStopSignal(int signal) { g_stop_signal = signal; }
 
 // Everything that is decided before the first step. Returns an error naming the bad input.
+// Every rank must run the same job: each dmc-train flag is compared across the ranks before any
+// work, so a launcher that hands one rank other flags stops with an error naming the flag and
+// the ranks on every rank, instead of a hang or a silently different run.
+absl::Status CheckFlagsSameOnAllRanks(dmc::parallel::Communicator& world) {
+  std::vector<std::pair<std::string, std::string>> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags())
+    if (absl::StrContains(flag->Filename(), "dmc_train_main"))
+      flags.emplace_back(std::string(name), flag->CurrentValue());
+  std::sort(flags.begin(), flags.end());  // the same order on every rank
+  for (const auto& [name, value] : flags)
+    if (absl::Status s = dmc::parallel::CheckSameOnAllRanks(world, "--" + name, value); !s.ok())
+      return s;
+  return absl::OkStatus();
+}
+
 absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   const bool leader = groups.world().rank() == 0;
+  if (absl::Status s = CheckFlagsSameOnAllRanks(groups.world()); !s.ok()) return s;
   const std::string device = absl::GetFlag(FLAGS_device);
   if (device != "cpu" && device != "cuda")
     return absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda");
