@@ -51,32 +51,89 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
 }
 
 template <typename T>
+absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config, CacheMethod method,
+                        int seq, int layer, int h, const T* key, const T* value, T omega,
+                        bool merge, int pos) {
+  const int D = config.head_dim();
+  const bool dmc = config.dmc.enabled;
+  std::vector<T> raw(key, key + D);
+  if (method == CacheMethod::kDmc) {
+    absl::StatusOr<T*> open =
+        cache.AddDmc(seq, layer, h, key, value, dmc ? omega : T(1), dmc && pos > 0 && merge, pos);
+    if (!open.ok()) return open.status();
+    // The open slot holds the pre-RoPE mean; rotate it at the newest token's position.
+    std::copy(*open, *open + D, raw.begin());
+    k::rope_forward(*open, raw.data(), 1, 1, 1, D, pos, config.rope_theta, dmc);
+    return absl::OkStatus();
+  }
+  std::vector<T> rotated(D);
+  k::rope_forward(rotated.data(), raw.data(), 1, 1, 1, D, pos, config.rope_theta, dmc);
+  return cache.Append(seq, layer, h, rotated.data(), value, pos);
+}
+
+template <typename T>
 absl::Status PagedDecoder<T>::UpdateCache(const std::vector<int>& seqs, int layer) {
   const model::LlamaConfig& c = model_.config();
   const int D = c.head_dim(), Hkv = c.num_key_value_heads;
-  const bool dmc = c.dmc.enabled;
-  std::vector<T> raw(D);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const int seq = seqs[i], t = cache_->tokens(seq);
+  for (size_t i = 0; i < seqs.size(); ++i)
     for (int h = 0; h < Hkv; ++h) {
-      const size_t r = (i * Hkv + h) * D;
-      if (policy_.method == CacheMethod::kDmc) {
-        const bool merge = dmc && t > 0 && alpha_[i * Hkv + h] > T(0.5);
-        absl::StatusOr<T*> key = cache_->AddDmc(seq, layer, h, k_.data() + r, v_.data() + r,
-                                                dmc ? omega_[i * Hkv + h] : T(1), merge, t);
-        if (!key.ok()) return key.status();
-        // The open slot holds the pre-RoPE mean; rotate it at the newest token's position.
-        std::copy(*key, *key + D, raw.begin());
-        k::rope_forward(*key, raw.data(), 1, 1, 1, D, t, c.rope_theta, dmc);
-      } else {
-        k::rope_forward(kr_.data() + r, k_.data() + r, 1, 1, 1, D, t, c.rope_theta, dmc);
-        if (absl::Status s = cache_->Append(seq, layer, h, kr_.data() + r, v_.data() + r, t);
+      const size_t r = (i * Hkv + h) * D, g = i * Hkv + h;
+      if (absl::Status s = CacheToken(*cache_, c, policy_.method, seqs[i], layer, h,
+                                      k_.data() + r, v_.data() + r, c.dmc.enabled ? omega_[g] : T(1),
+                                      c.dmc.enabled && alpha_[g] > T(0.5), cache_->tokens(seqs[i]));
+          !s.ok())
+        return s;
+    }
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod method,
+                                       PagedKvCache<T>* cache, int seq,
+                                       const std::vector<int32_t>& prompt) {
+  const model::LlamaConfig& c = model.config();
+  const int P = static_cast<int>(prompt.size()), L = c.num_hidden_layers;
+  const int Hkv = c.num_key_value_heads, D = c.head_dim();
+  if (method != CacheMethod::kDmc && method != CacheMethod::kVanilla)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "parallel prefill serves the dmc and vanilla caches, not %s (it evicts by each step's "
+        "attention: feed the prompt token by token)",
+        CacheMethodName(method)));
+  if (!cache->contains(seq) || cache->tokens(seq) != 0)
+    return absl::FailedPreconditionError(
+        absl::StrFormat("prefill needs sequence %d admitted to the cache and still empty", seq));
+  if (P < 1 || P > c.max_position_embeddings)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the prompt has %d tokens; it must have 1 to %d (max_position_embeddings)", P,
+        c.max_position_embeddings));
+  // Worst case, every token opens a slot: check the pages before anything changes.
+  const int page = cache->options().page_size;
+  const long pages = static_cast<long>(L) * Hkv * ((P + page - 1) / page);
+  if (pages > cache->allocator().free_pages())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "a prompt of %d tokens may need %ld more KV pages; the budget has %ld free", P, pages,
+        cache->allocator().free_pages()));
+
+  model::StepOptions options;
+  options.mode = kernels::DmcDecisionMode::kHard;
+  const std::vector<int32_t> no_targets(P, -1);
+  model.Forward(prompt.data(), no_targets.data(), 1, P, options);
+  for (int l = 0; l < L; ++l) {
+    const std::vector<T>& keys = model.keys(l);
+    const std::vector<T>& values = model.values(l);
+    for (int t = 0; t < P; ++t)
+      for (int h = 0; h < Hkv; ++h) {
+        const size_t r = (size_t(t) * Hkv + h) * D, g = size_t(t) * Hkv + h;
+        if (absl::Status s = CacheToken(*cache, c, method, seq, l, h, keys.data() + r,
+                                        values.data() + r,
+                                        c.dmc.enabled ? model.omega(l)[g] : T(1),
+                                        c.dmc.enabled && model.merge(l)[g] > T(0.5), t);
             !s.ok())
           return s;
       }
-    }
   }
-  return absl::OkStatus();
+  for (int t = 0; t < P; ++t) cache->AdvanceToken(seq);
+  return model.logits();
 }
 
 template <typename T>
@@ -157,5 +214,11 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
 
 template class PagedDecoder<float>;
 template class PagedDecoder<double>;
+template absl::StatusOr<std::vector<float>> Prefill(model::Llama<float>&, CacheMethod,
+                                                    PagedKvCache<float>*, int,
+                                                    const std::vector<int32_t>&);
+template absl::StatusOr<std::vector<double>> Prefill(model::Llama<double>&, CacheMethod,
+                                                     PagedKvCache<double>*, int,
+                                                     const std::vector<int32_t>&);
 
 }  // namespace dmc::inference

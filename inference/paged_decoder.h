@@ -21,6 +21,25 @@ namespace dmc::inference {
 PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
                                   long budget_bytes, int page_size);
 
+// Adds one token's pre-RoPE key, value and importance to head (layer, h) of `seq` at position
+// `pos` by `method`: dmc appends or merges (`merge`, never for the first token) and rotates the
+// open slot's mean key at `pos`; the other methods append the rotated key.
+template <typename T>
+absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config, CacheMethod method,
+                        int seq, int layer, int h, const T* key, const T* value, T omega,
+                        bool merge, int pos);
+
+// Parallel prefill: runs the prompt of `seq` (admitted, still empty) through the training-mode
+// forward with hard decisions — every position at once — and materialises its cache from that
+// pass's keys, values, importances and decisions. Returns the logits [prompt, V]; decoding then
+// continues with PagedDecoder::Step. Equal to feeding the prompt token by token, to round-off.
+// Only for the vanilla and dmc methods (H2O and TOVA evict by each step's attention). Refuses
+// with ResourceExhausted, changing nothing, when the budget cannot hold the prompt.
+template <typename T>
+absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod method,
+                                       PagedKvCache<T>* cache, int seq,
+                                       const std::vector<int32_t>& prompt);
+
 template <typename T>
 class PagedDecoder {
  public:

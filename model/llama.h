@@ -90,6 +90,11 @@ class Llama {
   const std::vector<T>& logits() const { return logits_; }
   // Hard merge decisions [B, T, Hkv_local] of layer l in the last Forward (DMC on).
   const std::vector<T>& merge(int layer) const { return acts_[layer].merge; }
+  // Pre-RoPE keys and values [B, T, Hkv_local, D] and importances [B, T, Hkv_local] (DMC on) of
+  // layer l in the last Forward: what a parallel prefill builds the inference cache from.
+  const std::vector<T>& keys(int layer) const { return acts_[layer].k; }
+  const std::vector<T>& values(int layer) const { return acts_[layer].v; }
+  const std::vector<T>& omega(int layer) const { return acts_[layer].omega; }
 
   int local_heads() const { return heads_; }
   int local_kv_heads() const { return kv_heads_; }

@@ -225,3 +225,66 @@ TEST(InferenceAdmission, EvictionPolicyNeedsAValidBudget) {
 
 }  // namespace
 }  // namespace dmc
+
+namespace dmc {
+namespace {
+
+// Parallel prefill of a prompt, then token-by-token decoding: the prompt's logits, the cache
+// (every head's length) and the continuation's logits all equal the training-mode forward with
+// hard decisions over the whole sequence — i.e. what feeding every token one by one gives.
+TEST(InferencePrefill, ParallelPrefillThenDecodeEqualsTrainingForward) {
+  for (int kv_heads : {1, 2, 4}) {
+    Llama<double> m(DmcConfig(kv_heads), nullptr);
+    RandomizeParams(m, 40 + kv_heads);
+    const int T_ = 23, P = 14, V = m.config().vocab_size, Hkv = kv_heads;
+    const Reference ref = TrainingForward(m, 1, T_, 7 + kv_heads);
+    PagedKvCache<double> cache(
+        inference::CacheOptionsFor(m.config(), CacheMethod::kDmc, 1L << 24, 3));
+    ASSERT_TRUE(cache.AddSequence(0).ok());
+    const std::vector<int32_t> prompt(ref.tokens.begin(), ref.tokens.begin() + P);
+    absl::StatusOr<std::vector<double>> logits =
+        inference::Prefill(m, CacheMethod::kDmc, &cache, 0, prompt);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    ASSERT_EQ(logits->size(), size_t(P) * V);
+    for (size_t i = 0; i < logits->size(); ++i)
+      EXPECT_NEAR((*logits)[i], ref.logits[i], 1e-10) << "prompt logit " << i;
+    EXPECT_EQ(cache.tokens(0), P);
+
+    auto decoder = PagedDecoder<double>::Create(m, CachePolicy{}, &cache);
+    ASSERT_TRUE(decoder.ok()) << decoder.status();
+    std::vector<double> step;
+    for (int t = P; t < T_; ++t) {
+      ASSERT_TRUE((*decoder)->Step({0}, &ref.tokens[t], &step).ok());
+      for (int v = 0; v < V; ++v)
+        EXPECT_NEAR(step[v], ref.logits[size_t(t) * V + v], 1e-10) << "position " << t;
+    }
+    for (int l = 0; l < m.config().num_hidden_layers; ++l)
+      for (int h = 0; h < Hkv; ++h)
+        EXPECT_EQ(cache.length(0, l, h), ref.appends[0][l * Hkv + h]) << "layer " << l;
+  }
+}
+
+TEST(InferencePrefill, RefusesWhatItCannotServe) {
+  Llama<double> m(DmcConfig(2), nullptr);
+  RandomizeParams(m, 3);
+  const std::vector<int32_t> prompt(60, 1);
+  // Room for a few pages per head (and the window state) cannot hold 60 tokens in pages of 4
+  // slots if none merge.
+  const auto options = inference::CacheOptionsFor(m.config(), CacheMethod::kDmc, 0, 4);
+  PagedKvCache<double> probe(options);
+  const long small = static_cast<long>(2) * 2 * 2 * probe.page_bytes() + (1L << 12);
+  PagedKvCache<double> cache(inference::CacheOptionsFor(m.config(), CacheMethod::kDmc, small, 4));
+  ASSERT_TRUE(cache.AddSequence(0).ok());
+  absl::StatusOr<std::vector<double>> r = inference::Prefill(m, CacheMethod::kDmc, &cache, 0, prompt);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_EQ(cache.tokens(0), 0) << "a refused prefill changes nothing";
+  EXPECT_EQ(cache.total_slots(), 0);
+
+  r = inference::Prefill(m, CacheMethod::kH2O, &cache, 0, prompt);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  r = inference::Prefill(m, CacheMethod::kDmc, &cache, 1, prompt);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+}
+
+}  // namespace
+}  // namespace dmc
