@@ -9,6 +9,7 @@
 #include "inference/paged_decoder.h"
 #include "inference/scheduler.h"
 #include "model/llama.h"
+#include "tests/tiny_models.h"
 
 namespace dmc {
 namespace {
@@ -21,30 +22,16 @@ using inference::Request;
 using model::Llama;
 using model::LlamaConfig;
 
+using tiny_models::RandomizeParams;
+
 LlamaConfig DmcConfig(int kv_heads) {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 16;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = kv_heads;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 100.0f;
+  LlamaConfig c = tiny_models::TinyLlama(11, kv_heads);
   c.dmc.enabled = true;
   c.dmc.window = 3;
   c.dmc.init_val = -0.5f;  // biased towards merging: runs longer than the window
   return c;
 }
 
-template <typename T>
-void RandomizeParams(Llama<T>& m, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(-0.4, 0.4);
-  for (const auto& s : m.param_specs())
-    for (size_t i = 0; i < s.size; ++i)
-      m.params()[s.offset + i] = static_cast<T>(s.shape.size() == 1 ? 1.0 + dist(rng) : dist(rng));
-}
 
 struct Reference {
   std::vector<int32_t> tokens;  // [B, T]

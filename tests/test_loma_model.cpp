@@ -9,6 +9,7 @@
 
 #include "inference/loma_decoder.h"
 #include "model/llama.h"
+#include "tests/tiny_models.h"
 #include "model/loma.h"
 #include "tests/gradcheck.h"
 
@@ -21,28 +22,12 @@ using model::LomaLayout;
 
 constexpr int kBaseVocab = 9;
 
+using tiny_models::RandomizeParams;
+
 LlamaConfig BaseConfig(int kv_heads = 2, bool tied = false) {
-  LlamaConfig c;
-  c.vocab_size = kBaseVocab;
-  c.hidden_size = 16;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = kv_heads;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 100.0f;
-  c.tie_word_embeddings = tied;
-  return c;
+  return tiny_models::TinyLlama(kBaseVocab, kv_heads, tied);
 }
 
-template <typename T>
-void RandomizeParams(Llama<T>& m, uint64_t seed, double scale = 0.4) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(-scale, scale);
-  for (const auto& s : m.param_specs())
-    for (size_t i = 0; i < s.size; ++i)
-      m.params()[s.offset + i] = static_cast<T>(s.shape.size() == 1 ? 1.0 + dist(rng) : dist(rng));
-}
 
 // A window of text tokens with next-token targets (the last target is the token after it).
 void RandomWindow(int B, int n, uint64_t seed, std::vector<int32_t>* tokens,

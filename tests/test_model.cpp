@@ -8,6 +8,7 @@
 
 #include "inference/dmc_decoder.h"
 #include "model/llama.h"
+#include "tests/tiny_models.h"
 #include "tests/gradcheck.h"
 
 namespace dmc {
@@ -17,31 +18,15 @@ using model::Llama;
 using model::LlamaConfig;
 using kernels::DmcDecisionMode;
 
+using tiny_models::RandomizeParams;
+
 LlamaConfig TestConfig(bool dmc, int kv_heads = 2, bool tied = false) {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 16;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = kv_heads;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 100.0f;
-  c.tie_word_embeddings = tied;
+  LlamaConfig c = tiny_models::TinyLlama(11, kv_heads, tied);
   c.dmc.enabled = dmc;
   c.dmc.window = 3;
   return c;
 }
 
-// Weights large enough that attention, decisions and importances all matter.
-template <typename T>
-void RandomizeParams(Llama<T>& m, uint64_t seed, double scale = 0.4) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> dist(-scale, scale);
-  for (const auto& s : m.param_specs())
-    for (size_t i = 0; i < s.size; ++i)
-      m.params()[s.offset + i] = static_cast<T>(s.shape.size() == 1 ? 1.0 + dist(rng) : dist(rng));
-}
 
 std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
