@@ -153,8 +153,7 @@ void LlamaCuda::CopyParamsFromHost(const std::vector<float>& params) {
   if (params.size() != num_params_)
     throw std::invalid_argument(absl::StrFormat("CopyParamsFromHost: %d values, the model has %d",
                                                 params.size(), num_params_));
-  DMC_CUDA_CHECK(cudaMemcpyAsync(master_, params.data(), num_params_ * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
+  Transfer(master_, params.data(), cudaMemcpyHostToDevice);
   h::to_bf16(weights_, master_, num_params_, stream_);
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -171,56 +170,47 @@ void LlamaCuda::CopyParamsFromHost(const Llama<float>& host) {
   CopyParamsFromHost(host.params());
 }
 
+void LlamaCuda::Transfer(float* dst, const float* src, cudaMemcpyKind kind) const {
+  DMC_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_params_ * sizeof(float), kind, stream_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 std::vector<float> LlamaCuda::ParamsToHost() const {
   std::vector<float> out(num_params_);
-  DMC_CUDA_CHECK(cudaMemcpyAsync(out.data(), master_, num_params_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(out.data(), master_, cudaMemcpyDeviceToHost);
   return out;
 }
 
 void LlamaCuda::CopyParamsToHost(Llama<float>* host) const {
   if (host->params().size() != num_params_ || host->param_specs().size() != specs_.size())
     throw std::invalid_argument("CopyParamsToHost: the host model has another parameter layout");
-  DMC_CUDA_CHECK(cudaMemcpyAsync(host->params().data(), master_, num_params_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(host->params().data(), master_, cudaMemcpyDeviceToHost);
 }
 
 std::vector<float> LlamaCuda::GradsToHost() const {
   std::vector<float> out(num_params_);
-  DMC_CUDA_CHECK(cudaMemcpyAsync(out.data(), grads_, num_params_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(out.data(), grads_, cudaMemcpyDeviceToHost);
   return out;
 }
 
 void LlamaCuda::GradsFromHost(const std::vector<float>& grads) {
   if (grads.size() != num_params_) throw std::invalid_argument("GradsFromHost: wrong size");
-  DMC_CUDA_CHECK(cudaMemcpyAsync(grads_, grads.data(), num_params_ * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(grads_, grads.data(), cudaMemcpyHostToDevice);
 }
 
 void LlamaCuda::OptimizerStateToHost(std::vector<float>* m, std::vector<float>* v) const {
   m->resize(num_params_);
   v->resize(num_params_);
-  DMC_CUDA_CHECK(cudaMemcpyAsync(m->data(), adam_m_, num_params_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaMemcpyAsync(v->data(), adam_v_, num_params_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(m->data(), adam_m_, cudaMemcpyDeviceToHost);
+  Transfer(v->data(), adam_v_, cudaMemcpyDeviceToHost);
 }
 
 void LlamaCuda::OptimizerStateFromHost(const std::vector<float>& m, const std::vector<float>& v,
                                        int step) {
   if (m.size() != num_params_ || v.size() != num_params_)
     throw std::invalid_argument("OptimizerStateFromHost: moments of another size");
-  DMC_CUDA_CHECK(cudaMemcpyAsync(adam_m_, m.data(), num_params_ * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
-  DMC_CUDA_CHECK(cudaMemcpyAsync(adam_v_, v.data(), num_params_ * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Transfer(adam_m_, m.data(), cudaMemcpyHostToDevice);
+  Transfer(adam_v_, v.data(), cudaMemcpyHostToDevice);
   adam_step_ = step;
 }
 

@@ -101,6 +101,8 @@ class LlamaCuda {
   cudaStream_t stream() const { return stream_; }
 
  private:
+  // Copies num_params_ floats (a parameter-layout buffer) and waits for the copy.
+  void Transfer(float* dst, const float* src, cudaMemcpyKind kind) const;
   struct Buffers;
   void Allocate(int B, int T);
   void TpAllReduce(cuda::bf16* x, size_t n) const;
