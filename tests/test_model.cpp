@@ -194,5 +194,19 @@ TEST(ModelConfig, RejectsBadValuesWithAClearMessage) {
   }
 }
 
+// Every preset is a valid model; an unknown name is refused with the list of known ones.
+TEST(ModelConfig, PresetsAreValidAndUnknownNamesAreRefused) {
+  for (const char* name : {"tiny", "small", "small-d64", "medium"}) {
+    LlamaConfig c;
+    ASSERT_TRUE(model::PresetConfig(name, &c).ok()) << name;
+    EXPECT_TRUE(c.Validate().ok()) << name;
+  }
+  LlamaConfig c;
+  const absl::Status s = model::PresetConfig("huge", &c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("'huge'"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("small-d64"), std::string::npos) << s.message();
+}
+
 }  // namespace
 }  // namespace dmc
