@@ -18,9 +18,9 @@ namespace dmc::model {
 // ignored; without, it must be present. Errors name the file, the tensor and the problem.
 absl::Status ImportHfWeights(const std::string& dir, Llama<float>* model);
 
-// Reads tensor `name` of full shape spec.full_shape from reader and copies this rank's slice of
-// it (rows or columns of TP rank r of tp_size) into out.
+// Reads tensor spec.name of shape spec.full_shape from reader and copies the slice that spec
+// describes (its rows or columns from spec.split_begin) into out.
 template <typename Reader>
-absl::Status ReadSlice(const Reader& reader, const ParamSpec& spec, int tp_rank, float* out);
+absl::Status ReadSlice(const Reader& reader, const ParamSpec& spec, float* out);
 
 }  // namespace dmc::model

@@ -73,6 +73,11 @@ void RopeBackward(T* dinp, const T* dout, int B, int T_, int H, int D,
 
 }  // namespace
 
+TpSlice TpShard(int64_t full, int rank, int ranks) {
+  const int64_t base = full / ranks, extra = full % ranks;
+  return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
+}
+
 template <typename T>
 Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
     : config_(config), tp_(tp_comm ? tp_comm : &SingleProcess()) {
@@ -82,6 +87,10 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
     throw std::invalid_argument(absl::StrFormat(
         "tensor-parallel size %d must divide num_key_value_heads (%d) and intermediate_size (%d)",
         tp, config_.num_key_value_heads, config_.intermediate_size));
+  if (config_.vocab_size < tp)
+    throw std::invalid_argument(absl::StrFormat(
+        "tensor-parallel size %d exceeds vocab_size %d: every rank needs vocabulary rows", tp,
+        config_.vocab_size));
   heads_ = config_.num_attention_heads / tp;
   kv_heads_ = config_.num_key_value_heads / tp;
   ffn_ = config_.intermediate_size / tp;
@@ -90,7 +99,9 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
   const int64_t H = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
   const int64_t F = config_.intermediate_size;
 
-  embed_offset_ = AddParam("model.embed_tokens.weight", {V, C}, -1, true);
+  embed_offset_ = AddParam("model.embed_tokens.weight", {V, C}, 0, true);
+  vocab_begin_ = static_cast<int>(specs_.back().split_begin);
+  vocab_rows_ = static_cast<int>(specs_.back().shape[0]);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     const std::string p = absl::StrFormat("model.layers.%d.", l);
     layer_offsets_.push_back(AddParam(p + "input_layernorm.weight", {C}, -1, false));
@@ -105,7 +116,7 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
   }
   final_norm_offset_ = AddParam("model.norm.weight", {C}, -1, false);
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_
-                                                : AddParam("lm_head.weight", {V, C}, -1, true);
+                                                : AddParam("lm_head.weight", {V, C}, 0, true);
   size_t total = 0;
   for (const auto& s : specs_) total = std::max(total, s.offset + s.size);
   params_.assign(total, T(0));
@@ -120,7 +131,11 @@ size_t Llama<T>::AddParam(const std::string& name, std::vector<int64_t> full_sha
   spec.full_shape = full_shape;
   spec.shape = full_shape;
   spec.split_dim = split_dim;
-  if (split_dim >= 0) spec.shape[split_dim] /= tp_->size();
+  if (split_dim >= 0) {
+    const TpSlice slice = TpShard(full_shape[split_dim], tp_->rank(), tp_->size());
+    spec.shape[split_dim] = slice.size;
+    spec.split_begin = slice.begin;
+  }
   spec.size = 1;
   for (int64_t d : spec.shape) spec.size *= d;
   spec.offset = specs_.empty() ? 0 : specs_.back().offset + specs_.back().size;
@@ -139,7 +154,6 @@ const ParamSpec* Llama<T>::FindParam(const std::string& name) const {
 template <typename T>
 void Llama<T>::InitRandom(uint64_t seed) {
   const double out_scale = 1.0 / std::sqrt(2.0 * config_.num_hidden_layers);
-  const int r = tp_->rank();
   for (const auto& s : specs_) {
     T* w = params_.data() + s.offset;
     if (s.shape.size() == 1) {  // RMSNorm gains
@@ -150,8 +164,8 @@ void Llama<T>::InitRandom(uint64_t seed) {
                              s.name.find("down_proj") != std::string::npos;
     const double stddev = 0.02 * (output_proj ? out_scale : 1.0);
     const int64_t rows = s.shape[0], cols = s.shape[1], full_cols = s.full_shape[1];
-    const int64_t row0 = s.split_dim == 0 ? r * rows : 0;
-    const int64_t col0 = s.split_dim == 1 ? r * cols : 0;
+    const int64_t row0 = s.split_dim == 0 ? s.split_begin : 0;
+    const int64_t col0 = s.split_dim == 1 ? s.split_begin : 0;
     const uint64_t stream = Fnv1a(s.name);
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j)
@@ -191,6 +205,14 @@ void Llama<T>::AllReduce(std::vector<T>& buffer) const {
 }
 
 template <typename T>
+std::vector<T> Llama<T>::AllGather(const std::vector<T>& local) const {
+  std::vector<T> all(local.size() * tp_->size());
+  if (absl::Status s = tp_->AllGather(local.data(), all.data(), local.size()); !s.ok())
+    throw std::runtime_error("tensor-parallel all-gather failed: " + s.ToString());
+  return all;
+}
+
+template <typename T>
 void Llama<T>::MlpForward(int l, const T* x, T* out, int N, T* rstd, T* xn, T* gate, T* up,
                           T* h) const {
   const int C = config_.hidden_size, F = ffn_;
@@ -215,10 +237,16 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
   } else if (T_ > config_.max_position_embeddings)
     throw std::invalid_argument(absl::StrFormat("sequence length %d exceeds max_position_embeddings %d",
                                                 T_, config_.max_position_embeddings));
+  for (long i = 0; i < static_cast<long>(B) * T_; ++i)
+    // The vocabulary-parallel kernels would silently skip an id no rank holds: refuse it here.
+    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size || targets[i] >= config_.vocab_size)
+      throw std::invalid_argument(absl::StrFormat(
+          "token %d / target %d at %d is outside the vocabulary [0, %d)", tokens[i], targets[i], i,
+          config_.vocab_size));
   batch_ = B;
   seq_ = T_;
   options_ = options;
-  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
   const bool dmc = config_.dmc.enabled;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -233,7 +261,8 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
       loma ? LomaPositions(options.loma, T_) : std::vector<int32_t>();
 
   std::vector<T> x(static_cast<size_t>(N) * C);
-  k::embedding_forward(x.data(), tokens, embedding(), N, C);
+  k::embedding_forward(x.data(), tokens, embedding(), N, C, vocab_begin_, vocab_rows_);
+  AllReduce(x);  // vocabulary-parallel: each rank filled the rows of the tokens it holds
   for (int l = 0; l < L; ++l) {
     LayerActivations& a = acts_[l];
     const LayerWeights w = layer(l);
@@ -314,8 +343,13 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
                      config_.rms_norm_eps);
   Resize(logits_, size_t(N) * V);
   k::matmul_forward(logits_.data(), xn_final_.data(), lm_head(), N, C, V);
+  // Vocabulary-parallel cross-entropy: the ranks exchange 2·N statistics, not the logits.
+  std::vector<T> stats(2 * size_t(N));
+  k::cross_entropy_shard_stats(stats.data(), logits_.data(), targets, N, V, vocab_begin_);
   Resize(losses_, N);
-  k::cross_entropy_forward(losses_.data(), logits_.data(), targets, N, V);
+  Resize(lse_, N);
+  k::cross_entropy_combine_shards(losses_.data(), lse_.data(), AllGather(stats).data(), targets, N,
+                                  tp_->size());
 
   ForwardResult result;
   label_count_ = 0;
@@ -360,7 +394,7 @@ void Llama<T>::ZeroGrad() {
 template <typename T>
 void Llama<T>::Backward(double loss_scale) {
   const int B = batch_, T_ = seq_;
-  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
   const bool dmc = config_.dmc.enabled;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -383,10 +417,12 @@ void Llama<T>::Backward(double loss_scale) {
       if (targets_[i] >= 0) dlosses[i] = T(loss_scale / label_count_);
   }
   std::vector<T> dlogits(size_t(N) * V, T(0));
-  k::cross_entropy_backward(dlogits.data(), logits_.data(), targets_.data(), dlosses.data(), N, V);
+  k::cross_entropy_shard_backward(dlogits.data(), logits_.data(), lse_.data(), targets_.data(),
+                                  dlosses.data(), N, V, vocab_begin_);
   std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
   k::matmul_backward(dxn.data(), grad_of(lm_head_offset_), dlogits.data(), xn_final_.data(),
                      lm_head(), N, C, V);
+  AllReduce(dxn);  // vocabulary-parallel LM head: each rank holds its rows' share of the sum
   k::rmsnorm_backward(dres.data(), grad_of(final_norm_offset_), dxn.data(), x_final_.data(),
                       final_norm(), rstd_final_.data(), N, C);
 
@@ -474,7 +510,8 @@ void Llama<T>::Backward(double loss_scale) {
     k::rmsnorm_backward(dres.data(), grad_of(o[kAttnNorm]), dxn.data(), a.x.data(), w.attn_norm,
                         a.rstd.data(), N, C);
   }
-  k::embedding_backward(grad_of(embed_offset_), dres.data(), tokens_.data(), N, C);
+  k::embedding_backward(grad_of(embed_offset_), dres.data(), tokens_.data(), N, C, vocab_begin_,
+                       vocab_rows_);
 }
 
 template class Llama<float>;

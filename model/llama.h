@@ -5,8 +5,11 @@
 // shard — q/k/v and gate/up projections split by output rows (column-parallel), o and down
 // projections split by input columns (row-parallel), so attention heads, their DMC decisions and
 // scans stay local to a rank. The two row-parallel outputs are all-reduced in the forward pass and
-// the inputs of the column-parallel projections in the backward pass. Embedding, norms and LM
-// head are replicated.
+// the inputs of the column-parallel projections in the backward pass. Embedding and LM head are
+// vocabulary-parallel (split by vocabulary rows, Megatron's VocabParallelEmbedding and
+// VocabParallelCrossEntropy): the embedding output is all-reduced, the cross-entropy exchanges
+// per-row statistics instead of logits, and the LM head's input gradient is all-reduced. Norms
+// are replicated.
 #pragma once
 
 #include <cstdint>
@@ -26,10 +29,19 @@ struct ParamSpec {
   std::vector<int64_t> shape;   // local (this rank's) shape
   std::vector<int64_t> full_shape;
   int split_dim = -1;           // -1: replicated; 0: rows split across TP ranks; 1: columns split
+  int64_t split_begin = 0;      // this rank's first index along split_dim (TpShard)
   size_t offset = 0;            // into params()/grads()
   size_t size = 0;
   bool weight_decay = false;    // matrices decay, norms do not
 };
+
+// The contiguous part [begin, begin + size) of a dimension of `full` indices that TP rank `rank`
+// of `ranks` holds: as even as possible, the first full % ranks ranks hold one more. Heads and the
+// MLP split evenly (the model checks); the vocabulary need not divide.
+struct TpSlice {
+  int64_t begin = 0, size = 0;
+};
+TpSlice TpShard(int64_t full, int rank, int ranks);
 
 // What one training or evaluation step asks of the model.
 struct StepOptions {
@@ -86,7 +98,8 @@ class Llama {
   void set_dmc_enabled(bool enabled) { config_.dmc.enabled = enabled; }
   void ZeroGrad();
 
-  // Logits [B, T, V] of the last Forward.
+  // Logits [B, T, V_local] of the last Forward: the vocabulary rows [vocab_begin(),
+  // vocab_begin() + vocab_rows()) of this rank (all of them for a single process).
   const std::vector<T>& logits() const { return logits_; }
   // Hard merge decisions [B, T, Hkv_local] of layer l in the last Forward (DMC on).
   const std::vector<T>& merge(int layer) const { return acts_[layer].merge; }
@@ -100,6 +113,8 @@ class Llama {
   int local_kv_heads() const { return kv_heads_; }
   int local_ffn() const { return ffn_; }
   int tp_rank() const { return tp_->rank(); }
+  int vocab_begin() const { return vocab_begin_; }
+  int vocab_rows() const { return vocab_rows_; }
 
   // Weights of one layer, for code that runs the same layer token by token (the decoder).
   struct LayerWeights {
@@ -123,10 +138,13 @@ class Llama {
   size_t AddParam(const std::string& name, std::vector<int64_t> full_shape, int split_dim,
                   bool decay);
   void AllReduce(std::vector<T>& buffer) const;
+  // Every TP rank's `local` (the same size on each), concatenated in rank order.
+  std::vector<T> AllGather(const std::vector<T>& local) const;
 
   LlamaConfig config_;
   parallel::Communicator* tp_;
   int heads_, kv_heads_, ffn_, head_dim_;
+  int vocab_begin_ = 0, vocab_rows_ = 0;  // this rank's rows of the embedding and LM head
   std::vector<ParamSpec> specs_;
   std::vector<T> params_, grads_;
   size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0;
@@ -137,7 +155,7 @@ class Llama {
   StepOptions options_;
   std::vector<int32_t> tokens_, targets_;
   std::vector<LayerActivations> acts_;
-  std::vector<T> x_final_, xn_final_, rstd_final_, logits_, losses_, mean_merge_;
+  std::vector<T> x_final_, xn_final_, rstd_final_, logits_, losses_, lse_, mean_merge_;
   double label_count_ = 0;
 };
 

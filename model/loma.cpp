@@ -1,6 +1,8 @@
 #include "model/loma.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 
@@ -101,9 +103,36 @@ LomaLosses LomaZoneLosses(const T* losses, const int32_t* targets, int B, int se
   return out;
 }
 
+namespace {
+
+// The whole [V, C] table of a vocabulary-parallel tensor (local: this rank's rows), on every rank.
+// Each rank sends a buffer of the largest shard's size, since the collective needs equal counts.
+template <typename T>
+std::vector<T> GatherVocabRows(const T* local, const ParamSpec& spec, parallel::Communicator& tp) {
+  const int64_t V = spec.full_shape[0], C = spec.full_shape[1];
+  const int ranks = tp.size();
+  const size_t chunk = static_cast<size_t>(TpShard(V, 0, ranks).size * C);  // rank 0 holds most
+  std::vector<T> send(chunk, T(0)), recv(chunk * ranks);
+  std::copy(local, local + spec.size, send.begin());
+  if (absl::Status s = tp.AllGather(send.data(), recv.data(), chunk); !s.ok())
+    throw std::runtime_error("gathering " + spec.name + " over the tensor-parallel group: " +
+                             s.ToString());
+  std::vector<T> full(static_cast<size_t>(V * C));
+  for (int r = 0; r < ranks; ++r) {
+    const TpSlice rows = TpShard(V, r, ranks);
+    std::copy(recv.begin() + r * chunk, recv.begin() + r * chunk + rows.size * C,
+              full.begin() + rows.begin * C);
+  }
+  return full;
+}
+
+}  // namespace
+
 template <typename T>
 std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communicator* tp,
                                         const kernels::LomaZones& zones) {
+  parallel::LocalCommunicator single_process;
+  parallel::Communicator& group = tp ? *tp : single_process;
   LlamaConfig config = base.config();
   const int64_t V = config.vocab_size;
   config.vocab_size += 2;
@@ -113,16 +142,23 @@ std::unique_ptr<Llama<T>> AddLomaTokens(const Llama<T>& base, parallel::Communic
     const ParamSpec* old = base.FindParam(spec.name);
     const T* src = base.params().data() + old->offset;
     T* dst = grown->params().data() + spec.offset;
-    std::copy(src, src + old->size, dst);
-    if (old->size == spec.size) continue;
-    // embedding or LM head [V, C] → [V + 2, C]: rows V and V + 1 are the mean row
+    if (old->full_shape == spec.full_shape) {
+      std::copy(src, src + old->size, dst);
+      continue;
+    }
+    // Embedding or LM head [V, C] → [V + 2, C], split by vocabulary rows: the shard boundaries
+    // move, so gather the old table, append the two mean rows, and keep this rank's rows.
     const int64_t C = spec.shape[1];
+    std::vector<T> table = GatherVocabRows(src, *old, group);
+    table.resize(static_cast<size_t>((V + 2) * C));
     for (int64_t c = 0; c < C; ++c) {
       double mean = 0;
-      for (int64_t v = 0; v < V; ++v) mean += src[v * C + c];
+      for (int64_t v = 0; v < V; ++v) mean += table[v * C + c];
       mean /= static_cast<double>(V);
-      dst[V * C + c] = dst[(V + 1) * C + c] = static_cast<T>(mean);
+      table[V * C + c] = table[(V + 1) * C + c] = static_cast<T>(mean);
     }
+    std::copy(table.begin() + spec.split_begin * C, table.begin() + spec.split_begin * C + spec.size,
+              dst);
   }
   return grown;
 }

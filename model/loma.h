@@ -63,7 +63,8 @@ LomaLosses LomaZoneLosses(const T* losses, const int32_t* targets, int B, int se
 // A copy of `base` with the vocabulary grown by <m> and <r> (config().vocab_size + 2): every
 // tensor copied, the new rows of the embedding (and of an untied LM head) set to the mean of the
 // existing rows, so the special tokens start as an "average token" and a pre-trained model's
-// logits over its own vocabulary are unchanged. tp must be the group `base` was built with; the
+// logits over its own vocabulary are unchanged. tp must be the group `base` was built with (the
+// call is collective over it: the vocabulary-parallel tables are gathered and re-split); the
 // HF export then writes the grown vocab_size. With `zones` enabled (c >= 1) the grown config
 // records the layout (config().loma = MakeLomaLayout(base vocab, t, c)), so checkpoints and the
 // export say the model is a LoMA model.

@@ -128,6 +128,34 @@ TEST(KernelsBasic, EmbeddingForwardAndGradient) {
   }
 }
 
+// Vocabulary-parallel: each shard's rows of the table give the shard's part of the output, the
+// sum over shards is the whole lookup, and each shard's gradient is its rows of the whole one.
+TEST(KernelsBasic, EmbeddingVocabShardsSumToTheWholeTable) {
+  std::mt19937_64 rng(4);
+  const int V = 7, C = 3, N = 6;
+  const std::vector<int32_t> tokens = {6, 0, 3, 3, 5, 1};
+  const Vec wte = random_vector(V * C, rng), dout = random_vector(N * C, rng);
+  Vec whole(N * C), whole_grad(V * C, 0.0);
+  embedding_forward(whole.data(), tokens.data(), wte.data(), N, C);
+  embedding_backward(whole_grad.data(), dout.data(), tokens.data(), N, C);
+  Vec summed(N * C, 0.0);
+  for (const auto& [begin, rows] : {std::pair{0, 3}, std::pair{3, 2}, std::pair{5, 2}}) {
+    Vec part(N * C), grad(rows * C, 0.0);
+    embedding_forward(part.data(), tokens.data(), wte.data() + begin * C, N, C, begin, rows);
+    for (int n = 0; n < N; ++n) {
+      const bool mine = tokens[n] >= begin && tokens[n] < begin + rows;
+      for (int c = 0; c < C; ++c) {
+        if (!mine) EXPECT_EQ(part[n * C + c], 0.0) << "row of another shard, token " << tokens[n];
+        summed[n * C + c] += part[n * C + c];
+      }
+    }
+    embedding_backward(grad.data(), dout.data(), tokens.data(), N, C, begin, rows);
+    for (int i = 0; i < rows * C; ++i)
+      EXPECT_EQ(grad[i], whole_grad[begin * C + i]) << "shard at " << begin << ", element " << i;
+  }
+  expect_all_near(summed, whole, 0.0, "sum of the shards' lookups");
+}
+
 // ---------------------------------------------------------------------------------------------
 // rmsnorm
 
@@ -279,6 +307,49 @@ TEST(KernelsBasic, CrossEntropyForwardAndGradient) {
   const Vec d = dlogits.delta();
   expect_gradient_matches(loss, logits, d, "cross_entropy dlogits");
   for (int v = 0; v < V; ++v) EXPECT_EQ(d[1 * V + v], 0.0) << "ignored row got a gradient";
+}
+
+// Vocabulary-parallel: split the vocabulary unevenly into shards, combine their statistics (in
+// a shuffled order: the combination must not depend on it) and compare with the whole-vocabulary
+// losses and gradients.
+TEST(KernelsBasic, CrossEntropyVocabShardsMatchTheWholeVocabulary) {
+  std::mt19937_64 rng(9);
+  const int N = 5, V = 11;
+  const std::vector<int32_t> targets = {10, -1, 0, 4, 7};
+  Vec logits = random_vector(N * V, rng, -4, 4);
+  logits[3 * V + 9] = 250;  // the row maximum lives in one shard only
+  const Vec dlosses = random_vector(N, rng);
+  Vec want(N), want_grad(N * V, 0.0);
+  cross_entropy_forward(want.data(), logits.data(), targets.data(), N, V);
+  cross_entropy_backward(want_grad.data(), logits.data(), targets.data(), dlosses.data(), N, V);
+
+  const std::vector<std::pair<int, int>> shards = {{0, 4}, {4, 4}, {8, 3}};  // begin, rows
+  auto shard_logits = [&](int begin, int rows) {
+    Vec x(N * rows);
+    for (int n = 0; n < N; ++n)
+      for (int v = 0; v < rows; ++v) x[n * rows + v] = logits[n * V + begin + v];
+    return x;
+  };
+  Vec stats;  // [shards, 2, N], shards in the order 2, 0, 1
+  for (int s : {2, 0, 1}) {
+    const auto [begin, rows] = shards[s];
+    Vec one(2 * N);
+    cross_entropy_shard_stats(one.data(), shard_logits(begin, rows).data(), targets.data(), N,
+                              rows, begin);
+    stats.insert(stats.end(), one.begin(), one.end());
+  }
+  Vec losses(N), lse(N);
+  cross_entropy_combine_shards(losses.data(), lse.data(), stats.data(), targets.data(), N, 3);
+  expect_all_near(losses, want, 1e-12, "combined losses");
+  for (const auto& [begin, rows] : shards) {
+    Vec grad(N * rows, 0.0);
+    cross_entropy_shard_backward(grad.data(), shard_logits(begin, rows).data(), lse.data(),
+                                 targets.data(), dlosses.data(), N, rows, begin);
+    for (int n = 0; n < N; ++n)
+      for (int v = 0; v < rows; ++v)
+        EXPECT_NEAR(grad[n * rows + v], want_grad[n * V + begin + v], 1e-12)
+            << "row " << n << ", vocabulary id " << begin + v;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -210,3 +210,28 @@ TEST(ModelConfig, PresetsAreValidAndUnknownNamesAreRefused) {
 
 }  // namespace
 }  // namespace dmc
+
+namespace dmc {
+namespace {
+
+// Every index of a dimension belongs to exactly one rank, in rank order, and shard sizes differ
+// by at most one (the vocabulary need not divide).
+TEST(TpShard, CoversEveryIndexOnceAndEvenly) {
+  for (int full : {1, 7, 37, 64, 32000})
+    for (int ranks : {1, 2, 3, 4, 8}) {
+      if (ranks > full) continue;
+      int64_t next = 0, smallest = full, largest = 0;
+      for (int r = 0; r < ranks; ++r) {
+        const model::TpSlice s = model::TpShard(full, r, ranks);
+        EXPECT_EQ(s.begin, next) << full << " over " << ranks << ", rank " << r;
+        next = s.begin + s.size;
+        smallest = std::min(smallest, s.size);
+        largest = std::max(largest, s.size);
+      }
+      EXPECT_EQ(next, full) << full << " over " << ranks;
+      EXPECT_LE(largest - smallest, 1) << full << " over " << ranks;
+    }
+}
+
+}  // namespace
+}  // namespace dmc

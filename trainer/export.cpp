@@ -52,14 +52,18 @@ absl::Status ExportCheckpoint(const std::string& checkpoint, const std::string& 
     for (const model::ParamSpec& spec : full.param_specs()) {
       if (spec.split_dim < 0 && r > 0) continue;  // replicated: rank 0's copy
       std::vector<int64_t> local = spec.full_shape;
-      if (spec.split_dim >= 0) local[spec.split_dim] /= tp_size;
-      std::vector<float> part(static_cast<size_t>(spec.size / (spec.split_dim >= 0 ? tp_size : 1)));
+      model::TpSlice slice;  // rank r's part along the split dimension
+      if (spec.split_dim >= 0) {
+        slice = model::TpShard(spec.full_shape[spec.split_dim], r, tp_size);
+        local[spec.split_dim] = slice.size;
+      }
+      const int64_t rows = local[0], cols = local.size() > 1 ? local[1] : 1;
+      std::vector<float> part(static_cast<size_t>(rows * cols));
       if (absl::Status s = (*file)->ReadAsFloat(spec.name, local, part.data()); !s.ok()) return s;
       float* dst = full.params().data() + spec.offset;
-      const int64_t rows = local[0], cols = local.size() > 1 ? local[1] : 1;
       const int64_t full_cols = spec.full_shape.size() > 1 ? spec.full_shape[1] : 1;
-      const int64_t row0 = spec.split_dim == 0 ? r * rows : 0;
-      const int64_t col0 = spec.split_dim == 1 ? r * cols : 0;
+      const int64_t row0 = spec.split_dim == 0 ? slice.begin : 0;
+      const int64_t col0 = spec.split_dim == 1 ? slice.begin : 0;
       for (int64_t i = 0; i < rows; ++i)
         std::copy(part.begin() + i * cols, part.begin() + (i + 1) * cols,
                   dst + (row0 + i) * full_cols + col0);

@@ -92,8 +92,8 @@ void ExpectParallelMatchesSingle(int tp_size) {
       if (full == nullptr) return 1.0;
       const int64_t rows = s.shape[0], cols = s.shape.size() > 1 ? s.shape[1] : 1;
       const int64_t full_cols = s.full_shape.size() > 1 ? s.full_shape[1] : 1;
-      const int64_t row0 = s.split_dim == 0 ? layout.tp_rank * rows : 0;
-      const int64_t col0 = s.split_dim == 1 ? layout.tp_rank * cols : 0;
+      const int64_t row0 = s.split_dim == 0 ? s.split_begin : 0;
+      const int64_t col0 = s.split_dim == 1 ? s.split_begin : 0;
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < cols; ++j) {
           const float a = shard.params()[s.offset + i * cols + j];
