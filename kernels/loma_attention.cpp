@@ -1,8 +1,9 @@
 // LoMA attention, CPU reference (spec: kernels/loma_attention.h). The FlashAttention formulation
 // of kernels/dmc_attention.cpp with a different mask: instead of "i ≤ t plus an additive bias",
 // the keys of query t are those with loma_allowed(t, i, z), found tile by tile — key tiles that
-// loma_tile_active rules out are skipped whole, as the CUDA kernel skips them, so the work per
-// query is its allowed keys (the earlier memory zones plus one range) rather than all of i ≤ t.
+// loma_tile_active rules out are skipped whole, so the work per query is its allowed keys (the
+// earlier memory zones plus one range) rather than all of i ≤ t. The CUDA kernel walks the same
+// key lists (kernels/loma_attention.cu); the results do not depend on the tiling.
 //
 // Backward: p[i] = exp(s[i] - lse[t]), dp[i] = dout[t]·v[i], Delta = dout[t]·out[t],
 // dS[i] = p[i] (dp[i] - Delta); dv[i] += p[i] dout[t], dq[t] += scale sum_i dS[i] k[i],
@@ -20,7 +21,7 @@
 namespace dmc::kernels {
 namespace {
 
-// Key tile of the on-the-fly mask: the CUDA kernel's tile width, so both skip the same tiles.
+// Key tile of the on-the-fly mask: keys are tested for loma_tile_active this many at a time.
 constexpr int kKeyTile = 16;
 
 template <typename T>

@@ -1,6 +1,8 @@
-// Rotary position embedding on the GPU (spec: kernels/rope.h), rotate-half layout, fp32 angles as
-// Hugging Face computes them. One thread per (b, t, channel pair i) computes the angle's sin/cos
-// once and rotates the pair (i, i + D/2) of every head.
+// Rotary position embedding on the GPU (spec: kernels/rope.h, and kernels/rope_positions.h for
+// explicit positions), rotate-half layout, fp32 angles as Hugging Face computes them. One thread
+// per (b, t, channel pair i) computes the angle's sin/cos once and rotates the pair (i, i + D/2) of
+// every head. Token t sits at positions[t] when there is a position array (LoMA's layout), else at
+// pos0 + t: one kernel for both, so the two agree to the bit where the positions do.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -10,7 +12,7 @@ using namespace detail;
 
 template <bool kBackward>
 __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
-                            float theta, bool keep_last) {
+                            const int32_t* positions, float theta, bool keep_last) {
   const int half = D / 2;
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long total = static_cast<long>(B) * T * half;
@@ -19,7 +21,8 @@ __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int
   const long bt = idx / half;  // (b, t)
   const int t = static_cast<int>(bt % T);
   const float inv_freq = powf(theta, -2.0f * i / D);
-  const float angle = static_cast<float>(pos0 + t) * inv_freq;
+  const int pos = positions ? positions[t] : pos0 + t;
+  const float angle = static_cast<float>(pos) * inv_freq;
   float s, c;
   sincosf(angle, &s, &c);
   const bool ctrl = keep_last && i == half - 1;  // channel D-1 is the control channel
@@ -39,24 +42,38 @@ __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int
   }
 }
 
+template <bool kBackward>
+void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
+                 const int32_t* positions, float theta, bool keep_last, cudaStream_t stream) {
+  const long total = static_cast<long>(B) * T * (D / 2);
+  if (total <= 0 || H <= 0) return;
+  rope_kernel<kBackward><<<ceil_div(total, 256), 256, 0, stream>>>(out, inp, B, T, H, D, pos0,
+                                                                  positions, theta, keep_last);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0, float theta,
                   bool keep_last_channel, cudaStream_t stream) {
-  const long total = static_cast<long>(B) * T * (D / 2);
-  if (total <= 0 || H <= 0) return;
-  rope_kernel<false><<<ceil_div(total, 256), 256, 0, stream>>>(out, inp, B, T, H, D, pos0, theta,
-                                                              keep_last_channel);
-  DMC_CUDA_CHECK_LAUNCH();
+  launch_rope<false>(out, inp, B, T, H, D, pos0, nullptr, theta, keep_last_channel, stream);
 }
 
 void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int pos0, float theta,
                    bool keep_last_channel, cudaStream_t stream) {
-  const long total = static_cast<long>(B) * T * (D / 2);
-  if (total <= 0 || H <= 0) return;
-  rope_kernel<true><<<ceil_div(total, 256), 256, 0, stream>>>(dinp, dout, B, T, H, D, pos0, theta,
-                                                             keep_last_channel);
-  DMC_CUDA_CHECK_LAUNCH();
+  launch_rope<true>(dinp, dout, B, T, H, D, pos0, nullptr, theta, keep_last_channel, stream);
+}
+
+void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
+                            const int32_t* positions, float theta, bool keep_last_channel,
+                            cudaStream_t stream) {
+  launch_rope<false>(out, inp, B, T, H, D, 0, positions, theta, keep_last_channel, stream);
+}
+
+void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
+                             const int32_t* positions, float theta, bool keep_last_channel,
+                             cudaStream_t stream) {
+  launch_rope<true>(dinp, dout, B, T, H, D, 0, positions, theta, keep_last_channel, stream);
 }
 
 }  // namespace dmc::cuda

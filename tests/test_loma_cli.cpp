@@ -168,8 +168,6 @@ TEST(LomaTrainCli, FlagErrorsNameTheFlag) {
       {"--method=lomax", "--method=lomax: expected dmc or loma"},
       {"--method=loma --loma_t=2", "--method=loma needs --loma_t >= 1 and --loma_c >= 1"},
       {"--loma_t=2 --loma_c=4", "--loma_t and --loma_c apply only with --method=loma"},
-      {"--method=loma --loma_t=2 --loma_c=4 --device=cuda",
-       "the CUDA model has no LoMA attention yet"},
       {"--method=loma --loma_t=2 --loma_c=4 --model=tiny --seq_len=30 --pretrain_steps=1",
        "--seq_len 30 must be a multiple of --loma_t × --loma_c = 8"},
       {"--method=loma --loma_t=2 --loma_c=4 --model=tiny --seq_len=32 --pretrain_steps=1 "
