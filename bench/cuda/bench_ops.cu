@@ -109,10 +109,14 @@ int main(int argc, char** argv) {
     float *p = rand_f32(np, -1, 1), *gr = rand_f32(np, -1e-3f, 1e-3f), *m = rand_f32(np, 0, 0), *v = rand_f32(np, 0, 0);
     bf16* pb = dalloc<bf16>(np);
     double* ss = dalloc<double>(1);
-    dmc::kernels::AdamWHyper hy;
-    row_bw("adamw 100M params (+ bf16 copy)", np * (4.0 * 4 + 3 * 4 + 2), [&] { dmc::cuda::adamw_update(p, gr, m, v, np, hy, 1.f, pb); });
-    row_bw("sum_of_squares 100M fp32", np * 4.0, [&] { dmc::cuda::sum_of_squares_accumulate(ss, gr, np); });
-    cudaFree(p), cudaFree(gr), cudaFree(m), cudaFree(v), cudaFree(pb), cudaFree(ss);
+    // As one tensor of a flat layout (the model's call covers all of its tensors in one launch).
+    dmc::cuda::MultiTensorLayout layout({{0, np, true, false}});
+    const dmc::cuda::AdamWStepArgs host_args = dmc::cuda::adamw_step_args(dmc::kernels::AdamWHyper{}, 0.f);
+    dmc::cuda::AdamWStepArgs* args = dalloc<dmc::cuda::AdamWStepArgs>(1);
+    DMC_CUDA_CHECK(cudaMemcpy(args, &host_args, sizeof(host_args), cudaMemcpyHostToDevice));
+    row_bw("sum_of_squares 100M fp32 (multi-tensor)", np * 4.0, [&] { dmc::cuda::multi_tensor_sum_of_squares(ss, gr, layout, 1.0); });
+    row_bw("adamw 100M params (+ bf16 copy, multi-tensor)", np * (4.0 * 4 + 3 * 4 + 2), [&] { dmc::cuda::multi_tensor_adamw(p, gr, m, v, pb, layout, args, ss); });
+    cudaFree(p), cudaFree(gr), cudaFree(m), cudaFree(v), cudaFree(pb), cudaFree(ss), cudaFree(args);
   }
   // DMC head logic on k [B, T, Hkv, D]
   {
@@ -128,6 +132,10 @@ int main(int argc, char** argv) {
     fill_f32<<<1024, 256>>>(omega, ns, 8, 0.5f, 1.f);
     row_bw("dmc_scan fwd w12 (k or v)", E * 2 * N * C + 12.0 * ns, [&] { dmc::cuda::dmc_scan_forward(y, den, x, alpha, omega, B, T, Hkv, D, 12); });
     row_bw("dmc_scan bwd w12 (dx, dalpha, domega)", E * 5 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward(dy, logit, merge, y, x, y, alpha, omega, den, B, T, Hkv, D, 12); });
+    bf16 *x2 = rand_bf16(size_t(N) * C), *y2 = rand_bf16(size_t(N) * C), *dy2 = rand_bf16(size_t(N) * C);
+    row_bw("dmc_scan_kv fwd w12 (k and v)", E * 4 * N * C + 12.0 * ns, [&] { dmc::cuda::dmc_scan_forward_kv(y, y2, den, x, x2, alpha, omega, B, T, Hkv, D, 12); });
+    row_bw("dmc_scan_kv bwd w12 (dk, dv, dalpha, domega)", E * 10 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward_kv(dy, dy2, logit, merge, y, y2, x, x2, y, y2, alpha, omega, den, B, T, Hkv, D, 12); });
+    cudaFree(x2), cudaFree(y2), cudaFree(dy2);
     cudaFree(noise), cudaFree(logit), cudaFree(alpha), cudaFree(merge), cudaFree(mask), cudaFree(omega), cudaFree(den);
   }
   return 0;

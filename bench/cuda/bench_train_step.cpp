@@ -1,50 +1,100 @@
-// One full training step (forward, backward, gradient norm + clip + AdamW) of a ~1.4B Llama on
-// one GPU through model::LlamaCuda, with DMC on (relaxed decisions, CR loss) and off:
-// ms per step (and its forward / backward / optimizer parts), tokens/s, model TFLOP/s and MFU,
-// against the bf16 dense peak (989 TFLOP/s, H100/H200 SXM datasheet) and against a cuBLAS GEMM
-// ceiling measured in the same run.
+// One full training step (forward, backward, gradient norm + clip + AdamW) through
+// model::LlamaCuda, in the trainer's order (ForwardAsync, Backward, OptimizerStepAsync, then the
+// reads), with DMC on (relaxed decisions, CR loss) and off: ms per step (and its forward /
+// backward / optimizer parts), tokens/s, model TFLOP/s and MFU, against the bf16 dense peak
+// (989 TFLOP/s, H100/H200 SXM datasheet) and against a cuBLAS GEMM ceiling measured in the same
+// run.
 //
-//   bench_train_step [reps=10] [batch ...=2 4]
+// Launch-bound or not: "host ms" is the host's time to enqueue a whole step (no wait inside it);
+// "queued ms" is the device time of the same step enqueued while the stream is held by a host
+// function, so the device runs it back to back with no launch gaps. ms/step ≈ queued ms means the
+// device is the limit; ms/step ≈ host ms > queued ms means launches are (CUDA graphs would pay).
 //
-// Model FLOPs per token: 6 · (parameters − the embedding table, a lookup) + 6 · L · T · C for
-// causal attention (QKᵀ and PV, half of the T×T products, forward + 2× backward), the figure
-// dmc-train's MFU column uses. The DMC ops (gates, scan, CR loss) add no matrix FLOPs.
+//   bench_train_step [--reps=10] [--warmup=2] [--shapes=1b:2,1b:4,medium:32] [--dmc=off,on]
+//                    [--gemm=true] [--queued=true]
+//
+// Shapes: 1b = a 1.36B Llama (24 layers, d 2048, 16 heads of 128, ffn 5632, vocab 32000, T 2048);
+// 1b-2l = two of its layers (for per-kernel profiles);
+// medium = the `medium` preset with the GPU pipeline's 8k vocabulary (17M parameters, T 512);
+// NAME:B sets the batch. Model FLOPs per token: 6 · (parameters − the embedding table, a lookup)
+// + 6 · L · T · C for causal attention (QKᵀ and PV, half of the T×T products, forward + 2×
+// backward), the figure dmc-train's MFU column uses. The DMC ops add no matrix FLOPs.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
 #include "model/llama_cuda.h"
+
+ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)");
+ABSL_FLAG(int, warmup, 2, "untimed steps first (allocation, cuBLAS heuristics, graph capture)");
+ABSL_FLAG(std::string, shapes, "1b:2,1b:4,medium:32", "NAME:BATCH list; NAME is 1b, 1b-2l or medium");
+ABSL_FLAG(std::string, dmc, "off,on", "DMC settings to run, off and/or on");
+ABSL_FLAG(bool, gemm, true, "measure the cuBLAS bf16 GEMM ceiling (8192³) first");
+ABSL_FLAG(bool, queued, true,
+          "also time the steps queued ahead of the device (off under a profiler, which serialises "
+          "launches)");
 
 namespace {
 using dmc::cuda::bf16;
 
 constexpr double kPeakTflops = 989.0;
 
-dmc::model::LlamaConfig OneB() {
-  dmc::model::LlamaConfig c;
-  c.vocab_size = 32000;
-  c.hidden_size = 2048;
-  c.intermediate_size = 5632;
-  c.num_hidden_layers = 24;
-  c.num_attention_heads = 16;
-  c.num_key_value_heads = 16;
-  c.max_position_embeddings = 4096;
-  return c;
+struct Shape {
+  std::string name;
+  dmc::model::LlamaConfig config;
+  int T = 0;
+};
+
+Shape MakeShape(const std::string& name) {
+  Shape s;
+  s.name = name;
+  dmc::model::LlamaConfig& c = s.config;
+  if (name == "1b" || name == "1b-2l") {
+    c.vocab_size = 32000;
+    c.hidden_size = 2048;
+    c.intermediate_size = 5632;
+    // 1b-2l: two of its layers, for per-kernel profiles (a tenth of the kernels, same shapes).
+    c.num_hidden_layers = name == "1b" ? 24 : 2;
+    c.num_attention_heads = 16;
+    c.num_key_value_heads = 16;
+    c.max_position_embeddings = 4096;
+    s.T = 2048;
+  } else if (name == "medium") {
+    if (!dmc::model::PresetConfig("medium", &c).ok()) std::abort();
+    c.vocab_size = 8192;  // the GPU pipeline's SentencePiece vocabulary
+    s.T = 512;
+  } else {
+    std::fprintf(stderr, "bench_train_step: unknown shape %s (1b, 1b-2l, medium)\n", name.c_str());
+    std::exit(2);
+  }
+  return s;
 }
 
 float Elapsed(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
   DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
   return ms;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 // cuBLAS bf16 GEMM ceiling: 8192³ through the same matmul_forward the model uses.
@@ -66,7 +116,7 @@ double GemmCeilingTflops() {
   DMC_CUDA_CHECK(cudaEventCreate(&e0));
   DMC_CUDA_CHECK(cudaEventCreate(&e1));
   for (int i = 0; i < 3; ++i) dmc::cuda::matmul_forward(c, a, b, n, n, n);
-  std::vector<float> times;
+  std::vector<double> times;
   for (int i = 0; i < 10; ++i) {
     DMC_CUDA_CHECK(cudaEventRecord(e0));
     dmc::cuda::matmul_forward(c, a, b, n, n, n);
@@ -74,64 +124,100 @@ double GemmCeilingTflops() {
     DMC_CUDA_CHECK(cudaEventSynchronize(e1));
     times.push_back(Elapsed(e0, e1));
   }
-  std::sort(times.begin(), times.end());
   DMC_CUDA_CHECK(cudaEventDestroy(e0));
   DMC_CUDA_CHECK(cudaEventDestroy(e1));
   DMC_CUDA_CHECK(cudaFree(a));
   DMC_CUDA_CHECK(cudaFree(b));
   DMC_CUDA_CHECK(cudaFree(c));
-  return 2.0 * n * n * n / (times[times.size() / 2] * 1e-3) / 1e12;
+  return 2.0 * n * n * n / (Median(times) * 1e-3) / 1e12;
 }
 
+// Holds the stream in a host function until released (or 10 s pass, so that a driver that made an
+// enqueue wait for the stream cannot hang the benchmark; that run is then reported as such).
+struct StreamGate {
+  std::atomic<bool> open{false};
+  bool timed_out = false;
+  static void CUDART_CB Wait(void* self) {
+    auto* g = static_cast<StreamGate*>(self);
+    const auto start = std::chrono::steady_clock::now();
+    while (!g->open.load(std::memory_order_acquire)) {
+      if (std::chrono::steady_clock::now() - start > std::chrono::seconds(10)) {
+        g->timed_out = true;
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+};
+
 struct Row {
-  int batch;
+  std::string shape;
+  int batch, T;
   bool dmc;
-  double ms, fwd_ms, bwd_ms, opt_ms, tokens_per_s, tflops, loss, merge;
+  double ms, fwd_ms, bwd_ms, opt_ms, host_ms, queued_ms, tokens_per_s, tflops, loss;
+  bool gate_timed_out;
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
   if (!dmc::cuda::device_available()) {
     std::printf("bench_train_step: no CUDA device\n");
     return 0;
   }
-  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
-  std::vector<int> batches;
-  for (int i = 2; i < argc; ++i) batches.push_back(std::atoi(argv[i]));
-  if (batches.empty()) batches = {2, 4};
-  const int T = 2048;
+  const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
+  const int warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
+  std::vector<bool> dmc_settings;
+  for (const std::string& d :
+       std::vector<std::string>(absl::StrSplit(absl::GetFlag(FLAGS_dmc), ','))) {
+    if (d != "on" && d != "off") {
+      std::fprintf(stderr, "bench_train_step: --dmc takes off and/or on, got %s\n", d.c_str());
+      return 2;
+    }
+    dmc_settings.push_back(d == "on");
+  }
 
   cudaDeviceProp prop;
   int dev = 0;
   DMC_CUDA_CHECK(cudaGetDevice(&dev));
   DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  const double gemm = GemmCeilingTflops();
-
-  dmc::model::LlamaConfig config = OneB();
-  const long params = config.num_parameters();
-  const double flops_per_token =
-      6.0 * static_cast<double>(params - static_cast<long>(config.vocab_size) * config.hidden_size) +
-      6.0 * config.num_hidden_layers * config.hidden_size * T;
-  std::printf("bench_train_step: %s, Llama %.2fB parameters (L %d, d %d, %d heads of %d, ffn %d, "
-              "vocab %d), T %d, %d timed steps after 2 warm-ups; cuBLAS GEMM ceiling %.0f TFLOP/s\n",
-              prop.name, params / 1e9, config.num_hidden_layers, config.hidden_size,
-              config.num_attention_heads, config.head_dim(), config.intermediate_size,
-              config.vocab_size, T, reps, gemm);
+  const double gemm = absl::GetFlag(FLAGS_gemm) ? GemmCeilingTflops() : 0.0;
+  std::printf("bench_train_step: %s, %d timed steps after %d warm-ups; cuBLAS GEMM ceiling %.0f "
+              "TFLOP/s\n",
+              prop.name, reps, warmup, gemm);
   std::fflush(stdout);
 
-  // Weights: small uniform values from an LCG (the host model's InitRandom draws 1.4B normals,
-  // too slow for a benchmark set-up; timing does not depend on the values).
-  std::vector<float> weights(static_cast<size_t>(params));  // the flat layout's size at TP 1
-  uint32_t s = 777;
-  for (auto& w : weights) {
-    s = s * 1664525u + 1013904223u;
-    w = ((s >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
-  }
-
   std::vector<Row> rows;
-  for (int B : batches) {
-    for (bool dmc : {false, true}) {
+  for (const std::string& spec :
+       std::vector<std::string>(absl::StrSplit(absl::GetFlag(FLAGS_shapes), ','))) {
+    const std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    int B = 0;
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[1], &B) || B <= 0) {
+      std::fprintf(stderr, "bench_train_step: shape %s is not NAME:BATCH\n", spec.c_str());
+      return 2;
+    }
+    Shape shape = MakeShape(parts[0]);
+    dmc::model::LlamaConfig& config = shape.config;
+    const int T = shape.T;
+    const long params = config.num_parameters();
+    const double flops_per_token =
+        6.0 * static_cast<double>(params - static_cast<long>(config.vocab_size) * config.hidden_size) +
+        6.0 * config.num_hidden_layers * config.hidden_size * T;
+    std::printf("  %s: Llama %.3gM parameters (L %d, d %d, %d heads of %d, ffn %d, vocab %d), "
+                "B %d × T %d\n",
+                shape.name.c_str(), params / 1e6, config.num_hidden_layers, config.hidden_size,
+                config.num_attention_heads, config.head_dim(), config.intermediate_size,
+                config.vocab_size, B, T);
+    // Weights: small uniform values from an LCG (the host model's InitRandom draws normals, too
+    // slow at 1.4B for a benchmark set-up; timing does not depend on the values).
+    std::vector<float> weights(static_cast<size_t>(params));  // the flat layout's size at TP 1
+    uint32_t s = 777;
+    for (auto& w : weights) {
+      s = s * 1664525u + 1013904223u;
+      w = ((s >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
+    }
+    for (const bool dmc : dmc_settings) {
       config.dmc.enabled = dmc;
       auto model = std::make_unique<dmc::model::LlamaCuda>(config);
       model->CopyParamsFromHost(weights);
@@ -149,61 +235,89 @@ int main(int argc, char** argv) {
       adam.lr = 1e-5f;
       cudaEvent_t e0, e1, e2, e3;
       for (cudaEvent_t* e : {&e0, &e1, &e2, &e3}) DMC_CUDA_CHECK(cudaEventCreate(e));
-      std::vector<double> total, fwd, bwd, optm;
-      dmc::model::ForwardResult last;
-      for (int i = 0; i < reps + 2; ++i) {
-        opt.step = i;
-        DMC_CUDA_CHECK(cudaEventRecord(e0, model->stream()));
+      const cudaStream_t st = model->stream();
+      // One step in the trainer's order; returns the host's enqueue time in ms.
+      auto enqueue = [&](int step) {
+        opt.step = step;
+        const auto t0 = std::chrono::steady_clock::now();
+        DMC_CUDA_CHECK(cudaEventRecord(e0, st));
         model->ZeroGrad();
-        last = model->Forward(in.data(), tgt.data(), B, T, opt);  // waits for its results
-        DMC_CUDA_CHECK(cudaEventRecord(e1, model->stream()));
+        model->ForwardAsync(in.data(), tgt.data(), B, T, opt);
+        DMC_CUDA_CHECK(cudaEventRecord(e1, st));
         model->Backward(1.0);
-        DMC_CUDA_CHECK(cudaEventRecord(e2, model->stream()));
-        model->OptimizerStep(adam);  // waits for the norm, and at its end
-        DMC_CUDA_CHECK(cudaEventRecord(e3, model->stream()));
-        DMC_CUDA_CHECK(cudaEventSynchronize(e3));
-        if (i < 2) continue;
+        DMC_CUDA_CHECK(cudaEventRecord(e2, st));
+        model->OptimizerStepAsync(adam);
+        DMC_CUDA_CHECK(cudaEventRecord(e3, st));
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+            .count();
+      };
+      std::vector<double> total, fwd, bwd, optm, host, queued;
+      dmc::model::ForwardResult last;
+      bool gate_timed_out = false;
+      int step = 0;
+      for (int i = 0; i < warmup + reps; ++i, ++step) {
+        const double h = enqueue(step);
+        last = model->ForwardResults();
+        model->OptimizerStepNorm();
+        if (i < warmup) continue;
+        host.push_back(h);
         total.push_back(Elapsed(e0, e3));
         fwd.push_back(Elapsed(e0, e1));
         bwd.push_back(Elapsed(e1, e2));
         optm.push_back(Elapsed(e2, e3));
       }
+      // The same steps, queued ahead of the device.
+      for (int i = 0; absl::GetFlag(FLAGS_queued) && i < reps; ++i, ++step) {
+        StreamGate gate;
+        DMC_CUDA_CHECK(cudaLaunchHostFunc(st, StreamGate::Wait, &gate));
+        enqueue(step);
+        gate.open.store(true, std::memory_order_release);
+        model->ForwardResults();
+        model->OptimizerStepNorm();
+        gate_timed_out |= gate.timed_out;
+        queued.push_back(Elapsed(e0, e3));
+      }
       for (cudaEvent_t e : {e0, e1, e2, e3}) DMC_CUDA_CHECK(cudaEventDestroy(e));
-      auto median = [](std::vector<double> v) {
-        std::sort(v.begin(), v.end());
-        return v[v.size() / 2];
-      };
       Row row;
+      row.shape = shape.name;
       row.batch = B;
+      row.T = T;
       row.dmc = dmc;
-      row.ms = median(total);
-      row.fwd_ms = median(fwd);
-      row.bwd_ms = median(bwd);
-      row.opt_ms = median(optm);
+      row.ms = Median(total);
+      row.fwd_ms = Median(fwd);
+      row.bwd_ms = Median(bwd);
+      row.opt_ms = Median(optm);
+      row.host_ms = Median(host);
+      row.queued_ms = queued.empty() ? 0.0 : Median(queued);
+      row.gate_timed_out = gate_timed_out;
       row.tokens_per_s = B * T / (row.ms * 1e-3);
       row.tflops = row.tokens_per_s * flops_per_token / 1e12;
       row.loss = last.loss;
-      row.merge = last.merge_fraction;
       rows.push_back(row);
-      std::printf("  B %d DMC %-3s: %.1f ms/step (loss %.4f)\n", B, dmc ? "on" : "off", row.ms,
+      std::printf("  %s B %d DMC %-3s: %.2f ms/step, host enqueue %.2f ms, queued %.2f ms (loss "
+                  "%.4f)\n",
+                  shape.name.c_str(), B, dmc ? "on" : "off", row.ms, row.host_ms, row.queued_ms,
                   row.loss);
       std::fflush(stdout);
     }
   }
 
-  std::printf("\n| B | DMC | ms/step | fwd ms | bwd ms | optimizer ms | tokens/s | model TFLOP/s | "
-              "MFU (989) | MFU (GEMM %.0f) |\n",
+  std::printf("\n| model | B × T | DMC | ms/step | fwd ms | bwd ms | optimizer ms | host enqueue ms "
+              "| queued device ms | tokens/s | model TFLOP/s | MFU (989) | MFU (GEMM %.0f) |\n",
               gemm);
-  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   for (const Row& r : rows)
-    std::printf("| %d | %s | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f%% | %.1f%% |\n",
-                r.batch, r.dmc ? "on" : "off", r.ms, r.fwd_ms, r.bwd_ms, r.opt_ms, r.tokens_per_s,
-                r.tflops, 100 * r.tflops / kPeakTflops, 100 * r.tflops / gemm);
+    std::printf("| %s | %d × %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f%s | %.0f | %.0f | "
+                "%.1f%% | %.1f%% |\n",
+                r.shape.c_str(), r.batch, r.T, r.dmc ? "on" : "off", r.ms, r.fwd_ms, r.bwd_ms,
+                r.opt_ms, r.host_ms, r.queued_ms, r.gate_timed_out ? " (gate timed out)" : "",
+                r.tokens_per_s, r.tflops, 100 * r.tflops / kPeakTflops,
+                gemm > 0 ? 100 * r.tflops / gemm : 0.0);
   for (const Row& r : rows)
     if (r.dmc)
       for (const Row& o : rows)
-        if (!o.dmc && o.batch == r.batch)
-          std::printf("B %d: DMC on costs %.1f%% more time per step than off\n", r.batch,
-                      100 * (r.ms / o.ms - 1));
+        if (!o.dmc && o.batch == r.batch && o.shape == r.shape)
+          std::printf("%s B %d: DMC on costs %.1f%% more time per step than off\n",
+                      r.shape.c_str(), r.batch, 100 * (r.ms / o.ms - 1));
   return 0;
 }

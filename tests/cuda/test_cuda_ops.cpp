@@ -1,10 +1,14 @@
-// GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, AdamW, sum of
-// squares. Forward and backward, odd shapes, fresh random inputs, poisoned outputs.
+// GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, the multi-tensor
+// AdamW and sum of squares, the DMC scan of keys and values together. Forward and backward, odd
+// shapes, fresh random inputs, poisoned outputs.
 #include <cmath>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/cross_entropy.h"
+#include "kernels/dmc_scan.h"
 #include "kernels/embedding.h"
 #include "kernels/grad_norm.h"
 #include "kernels/matmul.h"
@@ -192,36 +196,129 @@ TEST_F(CudaOps, Matmul) {
   }
 }
 
-TEST_F(CudaOps, AdamWAndSumOfSquares) {
-  const size_t n = 100001;
-  std::vector<float> p(n), g(n), m(n), v(n);
-  auto pd = randn(n), gd = randn(n, 0.1), md = randn(n, 0.01), vd = randu(n, 0.0, 1e-3);
-  for (size_t i = 0; i < n; ++i) {
-    p[i] = static_cast<float>(pd[i]);
-    g[i] = static_cast<float>(gd[i]);
-    m[i] = static_cast<float>(md[i]);
-    v[i] = static_cast<float>(vd[i]);
-  }
-  K::AdamWHyper hy;
-  hy.lr = 1e-3f;
-  hy.weight_decay = 0.1f;
-  hy.step = 7;
-  DevBuf<float> dp(p), dg(g), dm(m), dv(v);
-  DevBuf<bf16> dpb(n);
-  dpb.poison();
-  C::adamw_update(dp, dg, dm, dv, n, hy, 0.5f, dpb);
-  K::adamw_update(p.data(), g.data(), m.data(), v.data(), n, hy, 0.5f);
-  std::vector<double> pref = as_double(p);
-  expect_close("adamw param (fp32)", dp.download(), pref, 1e-6);
-  expect_close("adamw m", dm.download(), as_double(m), 1e-6);
-  expect_close("adamw v", dv.download(), as_double(v), 1e-6);
-  expect_close("adamw bf16 copy", dpb.download(), pref, kBf16Tol);
+// The multi-tensor optimizer on a layout with odd sizes and offsets (the scalar path), aligned
+// ones (the vector path), a tensor of several chunks, mixed decay and sharding, and a gap no tensor
+// covers; the reference is the per-tensor loop of trainer::AdamW::Step on kernels::adamw_update
+// and kernels::sum_of_squares. max_norm: clipping active (0.5, under the norm), inactive (1e9)
+// and disabled (0).
+TEST_F(CudaOps, MultiTensorAdamWMatchesPerTensorCpu) {
+  const std::vector<C::FlatTensor> tensors = {
+      {0, 1, false, false},        {1, 3, true, false},         {4, 4096, true, true},
+      {4100, 77777, true, false},  {81877, 5, false, true},     {81892, 65540, false, false},
+      {147432, 1001, true, true}};  // 81882..81891: a gap
+  const size_t n = 148433;
+  const double rep_weight = 0.5;  // as for TP size 2
+  for (const float max_norm : {0.5f, 1e9f, 0.0f}) {
+    std::vector<float> p(n), g(n), m(n), v(n);
+    auto pd = randn(n), gd = randn(n, 0.01), md = randn(n, 0.01), vd = randu(n, 0.0, 1e-3);
+    for (size_t i = 0; i < n; ++i) {
+      p[i] = static_cast<float>(pd[i]);
+      g[i] = static_cast<float>(gd[i]);
+      m[i] = static_cast<float>(md[i]);
+      v[i] = static_cast<float>(vd[i]);
+    }
+    K::AdamWHyper hy;
+    hy.lr = 1e-3f;
+    hy.weight_decay = 0.1f;
+    hy.step = 7;
+    const std::vector<float> p0 = p;
+    DevBuf<float> dp(p), dg(g), dm(m), dv(v);
+    DevBuf<bf16> dpb(n);
+    dpb.poison();
+    std::vector<double> nan = {NAN};
+    DevBuf<double> dss(nan);
+    const C::AdamWStepArgs args = C::adamw_step_args(hy, max_norm);
+    DevBuf<C::AdamWStepArgs> dargs(std::vector<C::AdamWStepArgs>{args});
+    C::MultiTensorLayout layout(tensors);
+    C::multi_tensor_sum_of_squares(dss, dg, layout, rep_weight);
+    C::multi_tensor_adamw(dp, dg, dm, dv, dpb, layout, dargs, dss);
 
-  std::vector<double> init = {0.25};
-  DevBuf<double> dout(init);
-  C::sum_of_squares_accumulate(dout, dg, n);
-  const double ref = 0.25 + K::sum_of_squares(g.data(), n);
-  expect_close("sum_of_squares (+=)", dout.download(), std::vector<double>{ref}, 1e-12);
+    double rep = 0, shard = 0;
+    for (const auto& t : tensors)
+      (t.sharded ? shard : rep) += K::sum_of_squares(g.data() + t.offset, t.size);
+    const double ss = rep_weight * rep + shard, norm = std::sqrt(ss);
+    const float gs = max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / norm) : 1.0f;
+    if (max_norm == 0.5f) EXPECT_LT(gs, 1.0f) << "clipping should be active";
+    for (const auto& t : tensors) {
+      K::AdamWHyper th = hy;
+      th.weight_decay = t.decay ? hy.weight_decay : 0.0f;
+      K::adamw_update(p.data() + t.offset, g.data() + t.offset, m.data() + t.offset,
+                      v.data() + t.offset, t.size, th, gs);
+    }
+    const std::string tag = " (max_norm " + std::to_string(max_norm) + ")";
+    expect_close(("multi-tensor sum of squares" + tag).c_str(), dss.download(),
+                 std::vector<double>{ss}, 1e-12);
+    const std::vector<float> pg = dp.download();
+    expect_close(("multi-tensor adamw param" + tag).c_str(), pg, as_double(p), 1e-6);
+    expect_close(("multi-tensor adamw m" + tag).c_str(), dm.download(), as_double(m), 1e-6);
+    expect_close(("multi-tensor adamw v" + tag).c_str(), dv.download(), as_double(v), 1e-6);
+    // The bf16 copy of every covered element; the gap keeps its poison, its master its value.
+    const std::vector<bf16> pb = dpb.download();
+    std::vector<double> pb_in, p_in;
+    for (const auto& t : tensors)
+      for (size_t i = t.offset; i < t.offset + t.size; ++i) {
+        pb_in.push_back(__bfloat162float(pb[i]));
+        p_in.push_back(p[i]);
+      }
+    expect_close(("multi-tensor adamw bf16 copy" + tag).c_str(), pb_in, p_in, kBf16Tol);
+    for (size_t i = 81882; i < 81892; ++i) {
+      EXPECT_TRUE(std::isnan(__bfloat162float(pb[i]))) << i;
+      EXPECT_EQ(pg[i], p0[i]) << i;
+    }
+  }
+}
+
+// Keys and values through one scan launch (the model's call): against the CPU reference applied
+// to each, dalpha and domega receiving both contributions. D 64 and 128 take the vector paths of
+// the dc pass (8 and 16 channels per lane), D 20 the scalar one.
+TEST_F(CudaOps, DmcScanKeysAndValuesTogether) {
+  const int B = 2, T = 77, Hkv = 3;
+  for (auto [window, hard, D] : {std::tuple{12, false, 64}, std::tuple{12, true, 128},
+                                 std::tuple{5, false, 128}, std::tuple{12, false, 20}}) {
+    const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
+    auto k = randn(nx), v = randn(nx);
+    auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
+    if (hard)
+      for (auto& a : alpha) a = a > 0.5 ? 1.0 : 0.0;
+    auto kb = to_bf16(k), vb = to_bf16(v);
+    auto af = to_f32(alpha), of = to_f32(omega);
+    DevBuf<bf16> dk(kb), dv(vb), dkhat(nx), dvhat(nx);
+    DevBuf<float> da(af), dom(of), dden(ns);
+    dkhat.poison();
+    dvhat.poison();
+    dden.poison();
+    C::dmc_scan_forward_kv(dkhat, dvhat, dden, dk, dv, da, dom, B, T, Hkv, D, window);
+    std::vector<double> khat(nx), vhat(nx), den(ns);
+    K::dmc_scan_forward<double>(khat.data(), den.data(), k.data(), alpha.data(), omega.data(), B, T,
+                                Hkv, D, window);
+    K::dmc_scan_forward<double>(vhat.data(), den.data(), v.data(), alpha.data(), omega.data(), B, T,
+                                Hkv, D, window);
+    const std::string tag =
+        " w" + std::to_string(window) + (hard ? " hard" : " soft") + " D" + std::to_string(D);
+    expect_close(("scan kv fwd khat" + tag).c_str(), dkhat.download(), khat, kBf16Tol);
+    expect_close(("scan kv fwd vhat" + tag).c_str(), dvhat.download(), vhat, kBf16Tol);
+    expect_close(("scan kv fwd denom" + tag).c_str(), dden.download(), den, kF32Tol);
+
+    auto gk = randn(nx), gv = randn(nx), gx = randn(nx, 0.1), gy = randn(nx, 0.1);
+    auto ga = randn(ns), go = randn(ns);
+    auto gkb = to_bf16(gk), gvb = to_bf16(gv), gxb = to_bf16(gx), gyb = to_bf16(gy);
+    auto gaf = to_f32(ga), gof = to_f32(go);
+    DevBuf<bf16> dgk(gkb), dgv(gvb), dgx(gxb), dgy(gyb);
+    DevBuf<float> dga(gaf), dgo(gof);
+    C::dmc_scan_backward_kv(dgx, dgy, dga, dgo, dgk, dgv, dk, dv, dkhat, dvhat, da, dom, dden, B,
+                            T, Hkv, D, window);
+    // the reference gets the kernel's khat, vhat and denom, as the model would pass them
+    auto kh = as_double(dkhat.download()), vh = as_double(dvhat.download());
+    auto dn = as_double(dden.download());
+    K::dmc_scan_backward<double>(gx.data(), ga.data(), go.data(), gk.data(), k.data(), kh.data(),
+                                 alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
+    K::dmc_scan_backward<double>(gy.data(), ga.data(), go.data(), gv.data(), v.data(), vh.data(),
+                                 alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
+    expect_close(("scan kv bwd dk" + tag).c_str(), dgx.download(), gx, kBf16Tol);
+    expect_close(("scan kv bwd dv" + tag).c_str(), dgy.download(), gy, kBf16Tol);
+    expect_close(("scan kv bwd dalpha" + tag).c_str(), dga.download(), ga, 1e-4);
+    expect_close(("scan kv bwd domega" + tag).c_str(), dgo.download(), go, 1e-4);
+  }
 }
 
 }  // namespace
