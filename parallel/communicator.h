@@ -24,6 +24,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
+// cudaStream_t is a CUstream_st*; declared here so that this header needs no CUDA.
+struct CUstream_st;
+
 namespace dmc::parallel {
 
 enum class DType { kFloat32, kFloat64 };
@@ -40,6 +43,10 @@ class Communicator {
   virtual const std::string& name() const = 0;
   // True when buffers are device pointers (NCCL), false for host pointers (MPI, local).
   virtual bool device_buffers() const { return false; }
+  // Device communicators: the CUDA stream (a cudaStream_t) that their collectives are enqueued on,
+  // so that a caller can order them after its own work, and its work after them, with events;
+  // null for host communicators.
+  virtual CUstream_st* device_stream() const { return nullptr; }
 
   // x[i] = sum (max) over the ranks of x[i], in place, on every rank.
   absl::Status AllReduceSum(float* x, size_t n) { return DoAllReduce(x, n, DType::kFloat32, kSum); }

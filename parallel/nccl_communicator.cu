@@ -1,8 +1,12 @@
 // NCCL communicator: host code only (no kernels); a .cu file so that it is compiled only in CUDA
 // builds, and only added to dmc_parallel when NCCL is found (parallel/CMakeLists.txt).
+#include <array>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
+#include <set>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -52,6 +56,33 @@ absl::Status WaitReady(ncclComm_t comm, Clock::time_point deadline) {
 
 std::string Describe(const char* op, size_t n, DType dtype) {
   return absl::StrFormat("%s(%d x %s)", op, n, DTypeName(dtype));
+}
+
+// Whether the current devices of the ranks of host_group are pairwise different GPUs; the same
+// answer on every rank (each decides from the same gathered UUIDs). Collective.
+absl::StatusOr<bool> EveryRankHasItsOwnGpu(Communicator& host_group) {
+  int device = 0;
+  cudaDeviceProp prop;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaGetDeviceProperties(&prop, device);
+  if (e != cudaSuccess) {
+    return absl::InternalError(
+        absl::StrCat("reading this rank's GPU for group '", host_group.name(), "': ",
+                     cudaGetErrorString(e)));
+  }
+  // The 16-byte UUID travels as four 32-bit pieces, each exact in a double.
+  std::array<double, 4> mine;
+  for (int i = 0; i < 4; ++i) {
+    uint32_t word = 0;
+    std::memcpy(&word, prop.uuid.bytes + 4 * i, sizeof(word));
+    mine[i] = word;
+  }
+  std::vector<double> all(4 * static_cast<size_t>(host_group.size()));
+  if (absl::Status s = host_group.AllGather(mine.data(), all.data(), 4); !s.ok()) return s;
+  std::set<std::array<double, 4>> gpus;
+  for (int r = 0; r < host_group.size(); ++r)
+    gpus.insert({all[4 * r], all[4 * r + 1], all[4 * r + 2], all[4 * r + 3]});
+  return static_cast<int>(gpus.size()) == host_group.size();
 }
 
 }  // namespace
@@ -111,6 +142,21 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(Commu
   return c;
 }
 
+absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::CreateOnOwnStream(
+    Communicator& host_group, double timeout_seconds) {
+  cudaStream_t stream = nullptr;
+  if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
+    return absl::InternalError(absl::StrCat("cudaStreamCreateWithFlags: ", cudaGetErrorString(e)));
+  }
+  absl::StatusOr<std::unique_ptr<NcclCommunicator>> c = Create(host_group, stream, timeout_seconds);
+  if (!c.ok()) {
+    cudaStreamDestroy(stream);
+    return c.status();
+  }
+  (*c)->owns_stream_ = true;
+  return c;
+}
+
 NcclCommunicator::~NcclCommunicator() {
   if (comm_ != nullptr) {
     // Finalize flushes the queued operations (polled, as the communicator is non-blocking); on
@@ -128,6 +174,7 @@ NcclCommunicator::~NcclCommunicator() {
     }
   }
   if (scratch_ != nullptr) cudaFree(scratch_);
+  if (owns_stream_) cudaStreamDestroy(stream_);
 }
 
 absl::Status NcclCommunicator::Fail(const std::string& what, absl::Status status) {
@@ -220,14 +267,28 @@ absl::Status NcclCommunicator::Synchronize() {
   }
 }
 
-absl::Status UseNccl(ProcessGroups& groups, cudaStream_t stream, double timeout_seconds) {
-  absl::StatusOr<std::unique_ptr<NcclCommunicator>> tp =
-      NcclCommunicator::Create(groups.host_tp(), stream, timeout_seconds);
-  if (!tp.ok()) return tp.status();
-  absl::StatusOr<std::unique_ptr<NcclCommunicator>> dp =
-      NcclCommunicator::Create(groups.host_dp(), stream, timeout_seconds);
-  if (!dp.ok()) return dp.status();
-  return groups.SetDeviceCommunicators(std::move(*tp), std::move(*dp));
+absl::StatusOr<NcclGroups> UseNccl(ProcessGroups& groups, double timeout_seconds) {
+  NcclGroups moved;
+  Communicator* host[2] = {&groups.host_tp(), &groups.host_dp()};
+  bool* flag[2] = {&moved.tp, &moved.dp};
+  std::unique_ptr<NcclCommunicator> device[2];
+  // TP first, then DP, on every rank: the groups' collectives never interleave differently.
+  for (int g = 0; g < 2; ++g) {
+    if (host[g]->size() == 1) continue;  // nothing to communicate
+    absl::StatusOr<bool> own_gpus = EveryRankHasItsOwnGpu(*host[g]);
+    if (!own_gpus.ok()) return own_gpus.status();
+    if (!*own_gpus) continue;
+    absl::StatusOr<std::unique_ptr<NcclCommunicator>> c =
+        NcclCommunicator::CreateOnOwnStream(*host[g], timeout_seconds);
+    if (!c.ok()) return c.status();
+    device[g] = std::move(*c);
+    *flag[g] = true;
+  }
+  if (absl::Status s = groups.SetDeviceCommunicators(std::move(device[0]), std::move(device[1]));
+      !s.ok()) {
+    return s;
+  }
+  return moved;
 }
 
 }  // namespace dmc::parallel

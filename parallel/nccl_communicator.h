@@ -34,6 +34,11 @@ class NcclCommunicator : public Communicator {
   static absl::StatusOr<std::unique_ptr<NcclCommunicator>> Create(
       Communicator& host_group, cudaStream_t stream,
       double timeout_seconds = MpiCommunicator::kDefaultTimeoutSeconds);
+  // The same on a stream of its own (destroyed with it), created non-blocking: it never waits
+  // implicitly for the legacy default stream that the model computes on, so the model can overlap
+  // collectives with compute, ordering the two with events (device_stream()).
+  static absl::StatusOr<std::unique_ptr<NcclCommunicator>> CreateOnOwnStream(
+      Communicator& host_group, double timeout_seconds = MpiCommunicator::kDefaultTimeoutSeconds);
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -42,12 +47,12 @@ class NcclCommunicator : public Communicator {
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
   bool device_buffers() const override { return true; }
+  cudaStream_t device_stream() const override { return stream_; }
   // An all-reduce of one float, then Synchronize().
   absl::Status Barrier() override;
   absl::Status Synchronize() override;
 
   ncclComm_t comm() const { return comm_; }
-  cudaStream_t stream() const { return stream_; }
 
  protected:
   absl::Status DoAllReduce(void* x, size_t n, DType dtype, ReduceOp op) override;
@@ -67,6 +72,7 @@ class NcclCommunicator : public Communicator {
 
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = false;
   std::string name_;
   double timeout_seconds_ = MpiCommunicator::kDefaultTimeoutSeconds;
   int rank_ = 0, size_ = 1;
@@ -74,9 +80,20 @@ class NcclCommunicator : public Communicator {
   std::string broken_by_;
 };
 
-// Makes groups.tp() and groups.dp() NCCL communicators on `stream`, built from host_tp() and
-// host_dp() (collective over the world; call after cudaSetDevice). groups.world() stays on MPI.
-absl::Status UseNccl(ProcessGroups& groups, cudaStream_t stream,
-                     double timeout_seconds = MpiCommunicator::kDefaultTimeoutSeconds);
+// Which groups UseNccl moved to NCCL.
+struct NcclGroups {
+  bool tp = false, dp = false;
+};
+
+// Makes groups.tp() and groups.dp() NCCL communicators, built from host_tp() and host_dp(), each
+// on a stream of its own (CreateOnOwnStream: TP's all-reduces never queue behind a DP gradient
+// bucket), wherever NCCL can run them: a group moves to NCCL when every rank of it drives a GPU
+// of its own (the current devices' UUIDs differ). NCCL refuses two ranks on one device, so a
+// group whose ranks share a GPU stays on its host (MPI) communicator, which the CUDA model stages
+// through host memory: slower, and the same results. A group of one rank stays too (it has
+// nothing to communicate; a single-GPU run never starts NCCL). Every rank of a group reaches the
+// same decision. Collective over the world; call after cudaSetDevice. groups.world() stays on MPI.
+absl::StatusOr<NcclGroups> UseNccl(ProcessGroups& groups,
+                                   double timeout_seconds = MpiCommunicator::kDefaultTimeoutSeconds);
 
 }  // namespace dmc::parallel

@@ -77,8 +77,10 @@ ProcessGroups ProcessGroups::Single() {
 
 absl::Status ProcessGroups::SetDeviceCommunicators(std::unique_ptr<Communicator> tp,
                                                    std::unique_ptr<Communicator> dp) {
-  if (!tp || !dp || tp->size() != tp_->size() || tp->rank() != tp_->rank() ||
-      dp->size() != dp_->size() || dp->rank() != dp_->rank()) {
+  auto matches = [](const std::unique_ptr<Communicator>& device, const Communicator& host) {
+    return !device || (device->size() == host.size() && device->rank() == host.rank());
+  };
+  if (!matches(tp, *tp_) || !matches(dp, *dp_)) {
     return absl::InvalidArgumentError(
         "SetDeviceCommunicators: the device groups must match the host groups in size and rank");
   }

@@ -59,7 +59,8 @@ class ProcessGroups {
   Communicator& host_dp() { return *dp_; }
 
   // Makes tp() and dp() return these (e.g. NcclCommunicators built from host_tp() and host_dp();
-  // see UseNccl in nccl_communicator.h). Each must have the size and rank of the host group.
+  // see UseNccl in nccl_communicator.h). Each must have the size and rank of the host group; a
+  // null one leaves that group on its host communicator.
   absl::Status SetDeviceCommunicators(std::unique_ptr<Communicator> tp,
                                       std::unique_ptr<Communicator> dp);
 

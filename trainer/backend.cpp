@@ -2,11 +2,12 @@
 
 namespace dmc::trainer {
 
-absl::Status CpuBackend::AverageGradients(parallel::Communicator& dp) {
-  if (dp.size() == 1) return absl::OkStatus();
+absl::Status CpuBackend::Backward(double loss_scale, bool average_gradients) {
+  model_->Backward(loss_scale);
+  if (!average_gradients || dp_->size() == 1) return absl::OkStatus();
   std::vector<float>& grads = model_->grads();
-  if (absl::Status s = dp.AllReduceSum(grads.data(), grads.size()); !s.ok()) return s;
-  const float inv = 1.0f / dp.size();
+  if (absl::Status s = dp_->AllReduceSum(grads.data(), grads.size()); !s.ok()) return s;
+  const float inv = 1.0f / dp_->size();
   for (float& g : grads) g *= inv;
   return absl::OkStatus();
 }

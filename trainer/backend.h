@@ -27,9 +27,24 @@ class TrainBackend {
   virtual void ZeroGrad() = 0;
   virtual model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B,
                                        int seq_len, const model::StepOptions& options) = 0;
-  virtual void Backward(double loss_scale) = 0;
-  // Data parallelism: gradients = their mean over the dp group.
-  virtual absl::Status AverageGradients(parallel::Communicator& dp) = 0;
+  // Accumulates loss_scale · d(loss)/d(params) of the last Forward into the gradients. With
+  // average_gradients (the trainer sets it on the last micro-batch of a step) the gradients are
+  // then averaged over the backend's data-parallel group; the GPU backend reduces them in buckets
+  // as the backward pass finishes them, overlapping the communication with the rest of it.
+  virtual absl::Status Backward(double loss_scale, bool average_gradients) = 0;
+  // Forward, then Backward, of one micro-batch: the results and effects of the two calls. A device
+  // backend enqueues both before it waits for the forward's statistics, so the device does not
+  // idle between them while the host reads them back.
+  virtual absl::StatusOr<model::ForwardResult> ForwardBackward(const int32_t* tokens,
+                                                               const int32_t* targets, int B,
+                                                               int seq_len,
+                                                               const model::StepOptions& options,
+                                                               double loss_scale,
+                                                               bool average_gradients) {
+    model::ForwardResult r = Forward(tokens, targets, B, seq_len, options);
+    if (absl::Status s = Backward(loss_scale, average_gradients); !s.ok()) return s;
+    return r;
+  }
   // Clip + one AdamW update at rate lr; returns the gradient norm before clipping.
   virtual absl::StatusOr<double> OptimizerStep(float lr) = 0;
   // Forget the optimizer moments (between DMC stages).
@@ -43,8 +58,9 @@ class TrainBackend {
 // The CPU backend: the host model and AdamW themselves (the reference path).
 class CpuBackend : public TrainBackend {
  public:
-  CpuBackend(model::Llama<float>* model, AdamW* optimizer, parallel::Communicator* tp)
-      : model_(model), optimizer_(optimizer), tp_(tp) {}
+  CpuBackend(model::Llama<float>* model, AdamW* optimizer, parallel::Communicator* tp,
+             parallel::Communicator* dp)
+      : model_(model), optimizer_(optimizer), tp_(tp), dp_(dp) {}
   const char* name() const override { return "cpu"; }
   void SetDmcEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
   void ZeroControlChannelRows() override { model_->ZeroControlChannelRows(); }
@@ -53,8 +69,7 @@ class CpuBackend : public TrainBackend {
                                const model::StepOptions& options) override {
     return model_->Forward(tokens, targets, B, seq_len, options);
   }
-  void Backward(double loss_scale) override { model_->Backward(loss_scale); }
-  absl::Status AverageGradients(parallel::Communicator& dp) override;
+  absl::Status Backward(double loss_scale, bool average_gradients) override;
   absl::StatusOr<double> OptimizerStep(float lr) override {
     return optimizer_->Step(*model_, lr, *tp_);
   }
@@ -67,7 +82,7 @@ class CpuBackend : public TrainBackend {
  private:
   model::Llama<float>* model_;
   AdamW* optimizer_;
-  parallel::Communicator* tp_;
+  parallel::Communicator *tp_, *dp_;
 };
 
 }  // namespace dmc::trainer

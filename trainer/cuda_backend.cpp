@@ -6,7 +6,8 @@ namespace dmc::trainer {
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Llama<float>& host,
                                                                  const OptimizerConfig& optimizer,
-                                                                 parallel::Communicator* tp) {
+                                                                 parallel::Communicator* tp,
+                                                                 parallel::Communicator* dp) {
   std::unique_ptr<model::LlamaCuda> device;
   try {
     device = std::make_unique<model::LlamaCuda>(host.config(), tp);
@@ -16,7 +17,28 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Ll
   } catch (const std::runtime_error& e) {
     return absl::FailedPreconditionError(std::string("--device=cuda: ") + e.what());
   }
-  return std::unique_ptr<CudaBackend>(new CudaBackend(std::move(device), optimizer));
+  return std::unique_ptr<CudaBackend>(new CudaBackend(std::move(device), optimizer, dp));
+}
+
+absl::Status CudaBackend::Backward(double loss_scale, bool average_gradients) {
+  try {
+    model_->Backward(loss_scale, average_gradients ? dp_ : nullptr);
+  } catch (const std::runtime_error& e) {  // a failed TP or DP collective
+    return absl::InternalError(e.what());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<model::ForwardResult> CudaBackend::ForwardBackward(
+    const int32_t* tokens, const int32_t* targets, int B, int seq_len,
+    const model::StepOptions& options, double loss_scale, bool average_gradients) {
+  model_->ForwardAsync(tokens, targets, B, seq_len, options);
+  if (absl::Status s = Backward(loss_scale, average_gradients); !s.ok()) return s;
+  try {
+    return model_->ForwardResults();
+  } catch (const std::runtime_error& e) {  // a failed TP collective
+    return absl::InternalError(e.what());
+  }
 }
 
 absl::StatusOr<double> CudaBackend::OptimizerStep(float lr) {

@@ -1,7 +1,9 @@
 // The GPU backend of the Trainer: model::LlamaCuda (weights, gradients, AdamW state and
 // activations on the current CUDA device) behind trainer/backend.h. Built only with the CUDA
-// backend (library dmc_trainer_cuda). Tensor-parallel size 1; data parallelism averages the
-// gradients through the dp communicator (host copies unless it takes device buffers).
+// backend (library dmc_trainer_cuda). Tensor parallelism splits the model over the tp group as
+// the CPU model does; data parallelism averages the gradients over the dp group in buckets that
+// overlap with the backward pass. Either group may be NCCL (device buffers, on its own stream) or
+// MPI (host copies: ranks sharing one GPU); see model/llama_cuda_parallel.h.
 #pragma once
 
 #include <memory>
@@ -14,11 +16,15 @@ namespace dmc::trainer {
 
 class CudaBackend : public TrainBackend {
  public:
-  // Builds the device model from host's config and copies host's weights to it. Errors (no
-  // device, tp > 1, a head dim the attention kernel does not support) come back as a status.
+  // Builds the device model from host's config and copies host's weights to it; host must have
+  // been built with a TP group of the same size and rank as tp (its shard is what is copied).
+  // tp and dp: the groups the model's collectives use (null: a single process); they must outlive
+  // the backend. Errors (no device, a head dim the attention kernel does not support, a tp size
+  // that does not divide the heads) come back as a status.
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const model::Llama<float>& host,
                                                              const OptimizerConfig& optimizer,
-                                                             parallel::Communicator* tp);
+                                                             parallel::Communicator* tp,
+                                                             parallel::Communicator* dp = nullptr);
 
   const char* name() const override { return "cuda"; }
   void SetDmcEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
@@ -28,10 +34,14 @@ class CudaBackend : public TrainBackend {
                                const model::StepOptions& options) override {
     return model_->Forward(tokens, targets, B, seq_len, options);
   }
-  void Backward(double loss_scale) override { model_->Backward(loss_scale); }
-  absl::Status AverageGradients(parallel::Communicator& dp) override {
-    return model_->AverageGradients(dp);
-  }
+  absl::Status Backward(double loss_scale, bool average_gradients) override;
+  // ForwardAsync, Backward, then ForwardResults: the host reads the statistics while the device
+  // runs the backward.
+  absl::StatusOr<model::ForwardResult> ForwardBackward(const int32_t* tokens,
+                                                       const int32_t* targets, int B, int seq_len,
+                                                       const model::StepOptions& options,
+                                                       double loss_scale,
+                                                       bool average_gradients) override;
   absl::StatusOr<double> OptimizerStep(float lr) override;
   void ResetOptimizer() override { model_->ResetOptimizer(); }
   absl::Status SyncToHost(model::Llama<float>* host, AdamW* optimizer) override;
@@ -40,10 +50,12 @@ class CudaBackend : public TrainBackend {
   model::LlamaCuda& model() { return *model_; }
 
  private:
-  CudaBackend(std::unique_ptr<model::LlamaCuda> model, const OptimizerConfig& optimizer)
-      : model_(std::move(model)), optimizer_(optimizer) {}
+  CudaBackend(std::unique_ptr<model::LlamaCuda> model, const OptimizerConfig& optimizer,
+              parallel::Communicator* dp)
+      : model_(std::move(model)), optimizer_(optimizer), dp_(dp) {}
   std::unique_ptr<model::LlamaCuda> model_;
   OptimizerConfig optimizer_;
+  parallel::Communicator* dp_;
 };
 
 }  // namespace dmc::trainer

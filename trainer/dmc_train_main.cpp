@@ -3,7 +3,8 @@
 //
 //   dmc-train --data=shards/train_index.json --model=small --pretrain_steps=300 ...
 //   dmc-train --method=loma --loma_t=2 --loma_c=4 --init_from=HF_DIR --pretrain_steps=200 ...
-//   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2)
+//   mpirun -np 4 dmc-train --tp=2 ...            (data parallel over 2, tensor parallel over 2;
+//                                                 with --device=cuda, NCCL between GPUs)
 //
 // Every value is validated before any work starts; errors name the flag or file at fault.
 #include <algorithm>
@@ -36,6 +37,9 @@
 
 #include "trainer/cuda_backend.h"
 #endif
+#if defined(DMC_HAVE_NCCL)
+#include "parallel/nccl_communicator.h"
+#endif
 
 ABSL_FLAG(std::string, method, "dmc",
           "dmc (pre-training and the DMC stages) or loma (LoMA retrofitting on the pre-training "
@@ -51,7 +55,7 @@ ABSL_FLAG(int, keep_last, 3, "checkpoints kept in --checkpoint_dir");
 ABSL_FLAG(bool, resume, false, "continue from --checkpoint_dir/latest");
 ABSL_FLAG(std::string, data, "", "training shard index (train_index.json written by dmc-prep)");
 ABSL_FLAG(std::string, device, "cpu",
-          "cpu, or cuda (one GPU per rank, tensor-parallel size 1, head dim 64 or 128)");
+          "cpu, or cuda (a GPU per rank, or ranks sharing GPUs over MPI; head dim 64 or 128)");
 ABSL_FLAG(int, tp, 1, "tensor-parallel size (divides the number of MPI ranks and KV heads)");
 ABSL_FLAG(int, seq_len, 256, "tokens per sequence");
 ABSL_FLAG(int, micro_batch, 8, "sequences per micro-batch per data-parallel rank");
@@ -119,20 +123,12 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
         loma_t, loma_c));
   if (!loma && (loma_t != 0 || loma_c != 0))
     return absl::InvalidArgumentError("--loma_t and --loma_c apply only with --method=loma");
-  if (loma && device == "cuda")
-    return absl::UnimplementedError(
-        "--method=loma --device=cuda: the CUDA model has no LoMA attention yet; train LoMA with "
-        "--device=cpu");
 #if !defined(DMC_HAVE_CUDA)
   if (device == "cuda")
     return absl::FailedPreconditionError(
         "--device=cuda: this dmc-train was built without the CUDA backend (configure with "
         "-DDMC_CUDA=ON on a machine with nvcc)");
 #endif
-  if (device == "cuda" && groups.layout().tp_size != 1)
-    return absl::UnimplementedError(absl::StrFormat(
-        "--device=cuda trains with tensor-parallel size 1 only so far (got --tp %d)",
-        groups.layout().tp_size));
   LlamaConfig model_config;
   const std::string init_from = absl::GetFlag(FLAGS_init_from);
   if (!init_from.empty()) {
@@ -221,14 +217,16 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   absl::StatusOr<std::unique_ptr<dmc::data::ShardLoader>> loader = dmc::data::ShardLoader::Open(lo);
   if (!loader.ok()) return loader.status();
 
-  auto model_ptr = std::make_unique<dmc::model::Llama<float>>(model_config, &groups.tp());
+  // The host model, the trainer's statistics and the checkpoints work on host buffers: the host
+  // groups. Only a device backend's collectives may go to NCCL (groups.tp() / groups.dp()).
+  auto model_ptr = std::make_unique<dmc::model::Llama<float>>(model_config, &groups.host_tp());
   if (init_from.empty()) {
     model_ptr->InitRandom(tc.seed);
   } else if (absl::Status st = dmc::model::ImportHfWeights(init_from, model_ptr.get()); !st.ok()) {
     return st;
   }
   // LoMA: grow the vocabulary by <m> and <r> (before a resume loads the grown checkpoint).
-  if (loma) model_ptr = dmc::model::AddLomaTokens(*model_ptr, &groups.tp(), tc.loma.zones);
+  if (loma) model_ptr = dmc::model::AddLomaTokens(*model_ptr, &groups.host_tp(), tc.loma.zones);
   dmc::model::Llama<float>& model = *model_ptr;
   std::unique_ptr<dmc::trainer::TrainBackend> backend;  // null: the CPU
 #if defined(DMC_HAVE_CUDA)
@@ -236,11 +234,28 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
       return absl::FailedPreconditionError("--device=cuda: no usable CUDA device");
-    // One GPU per rank, ranks of a node on consecutive devices.
+    // One GPU per rank, ranks of a node on consecutive devices; more ranks than GPUs share them.
     if (cudaError_t e = cudaSetDevice(groups.world().rank() % devices); e != cudaSuccess)
       return absl::InternalError(std::string("cudaSetDevice: ") + cudaGetErrorString(e));
+    // TP and DP collectives on NCCL where every rank of the group has a GPU of its own; a group
+    // whose ranks share one (more ranks than GPUs) stays on MPI through host memory.
+#if defined(DMC_HAVE_NCCL)
+    absl::StatusOr<dmc::parallel::NcclGroups> nccl = dmc::parallel::UseNccl(groups);
+    if (!nccl.ok()) return nccl.status();
+    const bool nccl_tp = nccl->tp, nccl_dp = nccl->dp;
+    const char* why = "its ranks share a GPU, which NCCL refuses";
+#else
+    const bool nccl_tp = false, nccl_dp = false;
+    const char* why = "this dmc-train was built without NCCL";
+#endif
+    for (const auto& [group, on_nccl] : {std::pair(&groups.host_tp(), nccl_tp),
+                                         std::pair(&groups.host_dp(), nccl_dp)})
+      if (leader && group->size() > 1 && !on_nccl)
+        std::printf("dmc-train: group %s communicates through host memory over MPI (%s): slower, "
+                    "same results\n",
+                    group->name().c_str(), why);
     absl::StatusOr<std::unique_ptr<dmc::trainer::CudaBackend>> cuda =
-        dmc::trainer::CudaBackend::Create(model, tc.optimizer, &groups.tp());
+        dmc::trainer::CudaBackend::Create(model, tc.optimizer, &groups.tp(), &groups.dp());
     if (!cuda.ok()) return cuda.status();
     backend = std::move(*cuda);
   }
@@ -261,7 +276,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   dmc::trainer::Trainer trainer(
       tc, &model,
       [source](std::vector<int32_t>* in, std::vector<int32_t>* tgt) { return source->Next(in, tgt); },
-      &groups.dp(), &groups.tp(), std::move(backend));
+      &groups.host_dp(), &groups.host_tp(), std::move(backend));
   dmc::trainer::Checkpointer checkpointer(checkpoint_dir, absl::GetFlag(FLAGS_keep_last),
                                           &groups.world(), layout.tp_rank, layout.tp_size,
                                           layout.dp_rank);

@@ -66,7 +66,7 @@ Trainer::Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSou
       tp_(tp),
       optimizer_(config.optimizer, model->params().size()),
       backend_(std::move(backend)) {
-  if (!backend_) backend_ = std::make_unique<CpuBackend>(model_, &optimizer_, tp_);
+  if (!backend_) backend_ = std::make_unique<CpuBackend>(model_, &optimizer_, tp_, dp_);
 }
 
 double Trainer::FlopsPerToken() const {
@@ -135,19 +135,20 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
       targets = std::move(layout->targets);
       seq_len = layout->seq_len;
     }
-    const model::ForwardResult r =
-        backend_->Forward(inputs.data(), targets.data(), B, seq_len, options);
-    backend_->Backward(1.0 / config_.grad_accum);
-    loss += r.loss / config_.grad_accum;
-    lm_loss += r.lm_loss / config_.grad_accum;
-    cr_loss += r.cr_loss / config_.grad_accum;
-    rep_loss += r.rep_loss / config_.grad_accum;
-    merge += r.merge_fraction / config_.grad_accum;
+    // The last micro-batch also averages the gradients over dp (overlapped on the GPU).
+    const bool last = micro + 1 == config_.grad_accum;
+    const absl::StatusOr<model::ForwardResult> r = backend_->ForwardBackward(
+        inputs.data(), targets.data(), B, seq_len, options, 1.0 / config_.grad_accum, last);
+    if (!r.ok()) return r.status();
+    loss += r->loss / config_.grad_accum;
+    lm_loss += r->lm_loss / config_.grad_accum;
+    cr_loss += r->cr_loss / config_.grad_accum;
+    rep_loss += r->rep_loss / config_.grad_accum;
+    merge += r->merge_fraction / config_.grad_accum;
   }
 
-  // Data parallel: average gradients and the reported statistics over ranks.
+  // Data parallel: average the reported statistics over ranks (the gradients were, in Backward).
   if (dp_->size() > 1) {
-    if (absl::Status s = backend_->AverageGradients(*dp_); !s.ok()) return s;
     double stats[5] = {loss, lm_loss, cr_loss, rep_loss, merge};
     if (absl::Status s = dp_->AllReduceSum(stats, 5); !s.ok()) return s;
     loss = stats[0] / dp_->size();

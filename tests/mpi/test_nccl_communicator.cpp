@@ -1,6 +1,7 @@
 // NcclCommunicator on GPUs (built only with NCCL): the collectives on device buffers against the
-// same hand-computed values as the MPI tests, through ProcessGroups + UseNccl, and the timeout
-// path. Skips (on every rank alike) without one GPU per rank on the node.
+// same hand-computed values as the MPI tests, through ProcessGroups + UseNccl (and its fallback to
+// MPI for ranks that share a GPU), and the timeout path. Skips (on every rank alike) without one
+// GPU per rank on the node.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -112,25 +113,51 @@ TEST(NcclCommunicator, CollectivesOnDeviceBuffers) {
   cudaStreamDestroy(stream);
 }
 
+// Both layouts of the world: all TP (the DP groups have one rank) and all DP (the TP groups have
+// one rank). A group of several ranks, each with its own GPU, moves to NCCL; one of one rank stays.
 TEST(NcclCommunicator, ProcessGroupsUseNccl) {
   if (!HaveOneGpuPerRank()) GTEST_SKIP() << "needs one GPU per rank";
   auto world = TestWorld();
   ASSERT_NE(world, nullptr);
-  const int tp = world->size() >= 2 ? 2 : 1;
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  {
+  for (const int tp : {world->size(), 1}) {
     auto groups = ProcessGroups::Create(world->comm(), tp, dmc::testing::kTestTimeoutSeconds);
     ASSERT_TRUE(groups.ok()) << groups.status();
-    ASSERT_TRUE(UseNccl(*groups, stream, dmc::testing::kTestTimeoutSeconds).ok());
-    EXPECT_TRUE(groups->tp().device_buffers());
-    EXPECT_TRUE(groups->dp().device_buffers());
+    absl::StatusOr<NcclGroups> moved = UseNccl(*groups, dmc::testing::kTestTimeoutSeconds);
+    ASSERT_TRUE(moved.ok()) << moved.status();
+    EXPECT_EQ(moved->tp, groups->tp().size() > 1) << "tp " << tp;
+    EXPECT_EQ(moved->dp, groups->dp().size() > 1) << "tp " << tp;
+    EXPECT_EQ(groups->tp().device_buffers(), moved->tp);
+    EXPECT_EQ(groups->dp().device_buffers(), moved->dp);
     EXPECT_FALSE(groups->world().device_buffers());
     EXPECT_EQ(groups->tp().size(), tp);
-    CheckCollectives<float>(groups->tp());
-    CheckCollectives<float>(groups->dp());
+    for (Communicator* group : {&groups->tp(), &groups->dp()}) {
+      if (!group->device_buffers()) continue;
+      // A stream of its own, which does not wait for the legacy default stream.
+      unsigned flags = 0;
+      ASSERT_EQ(cudaStreamGetFlags(group->device_stream(), &flags), cudaSuccess);
+      EXPECT_EQ(flags, cudaStreamNonBlocking);
+      CheckCollectives<float>(*group);
+    }
   }
-  cudaStreamDestroy(stream);
+}
+
+// Ranks that share one GPU (all on device 0): NCCL would refuse them, so every group stays on
+// MPI, and every rank says so alike.
+TEST(NcclCommunicator, ProcessGroupsSharingAGpuStayOnMpi) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) GTEST_SKIP() << "needs a GPU";
+  auto world = TestWorld();
+  ASSERT_NE(world, nullptr);
+  if (world->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  auto groups = ProcessGroups::Create(world->comm(), 2, dmc::testing::kTestTimeoutSeconds);
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  absl::StatusOr<NcclGroups> moved = UseNccl(*groups, dmc::testing::kTestTimeoutSeconds);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_FALSE(moved->tp) << "the TP ranks share device 0";
+  EXPECT_FALSE(moved->dp) << "one rank (world 2) or ranks sharing device 0 (world 4)";
+  EXPECT_FALSE(groups->tp().device_buffers());
+  EXPECT_FALSE(groups->dp().device_buffers());
 }
 
 // The last rank skips an all-reduce: the others' Synchronize must return DeadlineExceeded after

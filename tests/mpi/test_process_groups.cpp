@@ -145,8 +145,18 @@ TEST(ProcessGroups, SingleIsOneLocalRank) {
   float x = 2;
   EXPECT_TRUE(groups.tp().AllReduceSum(&x, 1).ok());
   EXPECT_EQ(x, 2);
-  EXPECT_EQ(groups.SetDeviceCommunicators(nullptr, nullptr).code(),
-            absl::StatusCode::kInvalidArgument);
+  // A null device group leaves that group on its host communicator (UseNccl does this for a
+  // group whose ranks share a GPU).
+  EXPECT_TRUE(groups.SetDeviceCommunicators(nullptr, nullptr).ok());
+  EXPECT_EQ(&groups.tp(), &groups.host_tp());
+  EXPECT_EQ(&groups.dp(), &groups.host_dp());
+  // One of another size is refused.
+  if (dmc::testing::WorldSize() > 1) {
+    std::unique_ptr<MpiCommunicator> other = TestWorld();
+    ASSERT_NE(other, nullptr);
+    EXPECT_EQ(groups.SetDeviceCommunicators(nullptr, std::move(other)).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 }  // namespace
