@@ -19,11 +19,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/dmc_gates.h"
+#include "kernels/loma_mask.h"
 
 namespace dmc::cuda {
 
@@ -32,12 +35,14 @@ using bf16 = __nv_bfloat16;
 // True when a CUDA device is usable (cudaGetDeviceCount succeeds and returns > 0).
 bool device_available();
 
-// ---- embedding (kernels/embedding.h) ----
+// ---- embedding (kernels/embedding.h; wte holds the vocabulary rows [vocab_begin, vocab_begin +
+// vocab_rows), tokens outside them give zero rows and no gradient) ----
 void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N, int C,
-                       cudaStream_t stream = nullptr);
-// dwte[tokens[n], :] += dout[n, :]; deterministic (tokens are sorted on the device, one warp per
-// distinct token sums its rows in order).
+                       int vocab_begin = 0, int vocab_rows = INT_MAX, cudaStream_t stream = nullptr);
+// dwte[tokens[n] - vocab_begin, :] += dout[n, :]; deterministic (tokens are sorted on the device,
+// one warp per distinct token sums its rows in order).
 void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, int N, int C,
+                        int vocab_begin = 0, int vocab_rows = INT_MAX,
                         cudaStream_t stream = nullptr);
 
 // ---- RMSNorm (kernels/rmsnorm.h) ----
@@ -52,6 +57,14 @@ void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int po
                   bool keep_last_channel, cudaStream_t stream = nullptr);
 void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int pos0, float theta,
                    bool keep_last_channel, cudaStream_t stream = nullptr);
+// At explicit positions (kernels/rope_positions.h): positions is a device array [T], shared by
+// the B sequences.
+void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
+                            const int32_t* positions, float theta, bool keep_last_channel,
+                            cudaStream_t stream = nullptr);
+void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
+                             const int32_t* positions, float theta, bool keep_last_channel,
+                             cudaStream_t stream = nullptr);
 
 // ---- SwiGLU (kernels/swiglu.h) ----
 void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n,
@@ -64,6 +77,15 @@ void cross_entropy_forward(float* losses, const bf16* logits, const int32_t* tar
                            cudaStream_t stream = nullptr);
 void cross_entropy_backward(bf16* dlogits, const bf16* logits, const int32_t* targets,
                             const float* dlosses, int N, int V, cudaStream_t stream = nullptr);
+// Vocabulary-parallel form; stats [2, N], shard_stats [shards, 2, N], losses and lse [N] fp32.
+void cross_entropy_shard_stats(float* stats, const bf16* logits, const int32_t* targets, int N,
+                               int V, int vocab_begin, cudaStream_t stream = nullptr);
+void cross_entropy_combine_shards(float* losses, float* lse, const float* shard_stats,
+                                  const int32_t* targets, int N, int shards,
+                                  cudaStream_t stream = nullptr);
+void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float* lse,
+                                  const int32_t* targets, const float* dlosses, int N, int V,
+                                  int vocab_begin, cudaStream_t stream = nullptr);
 
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
@@ -72,15 +94,65 @@ void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int I
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                      const bf16* weight, int N, int IC, int OC, cudaStream_t stream = nullptr);
 
-// ---- optimizer (kernels/adamw.h, kernels/grad_norm.h) ----
-// One AdamW step on fp32 master weights; when param_bf16 is not null the updated parameter is also
-// written there in bf16 (the compute copy).
-void adamw_update(float* param, const float* grad, float* m, float* v, size_t n,
-                  const kernels::AdamWHyper& hyper, float grad_scale, bf16* param_bf16 = nullptr,
-                  cudaStream_t stream = nullptr);
-// *out += sum_i x[i]^2, in double on the device (deterministic).
-void sum_of_squares_accumulate(double* out, const float* x, size_t n,
-                               cudaStream_t stream = nullptr);
+// ---- optimizer over a flat parameter layout (kernels/adamw.h, kernels/grad_norm.h) ----
+// One tensor of a flat layout (model::ParamSpec: offset, size, weight_decay, split_dim >= 0).
+struct FlatTensor {
+  size_t offset = 0, size = 0;
+  bool decay = false;    // AdamW's weight decay applies to it
+  bool sharded = false;  // split over the TP group; replicated tensors are weighted in the norm
+};
+// A piece of one tensor; one CTA works on one chunk at a time, so its weight decay and norm group
+// are uniform. flags: kChunkDecay | kChunkSharded.
+struct MultiTensorChunk {
+  uint64_t offset;
+  uint32_t size;
+  uint32_t flags;
+};
+constexpr uint32_t kChunkDecay = 1, kChunkSharded = 2;
+// The device table the multi-tensor kernels walk, built once per layout (allocates and copies
+// synchronously): every tensor cut into chunks of at most 32768 elements, plus the norm's fixed
+// per-CTA partial sums. Elements outside every tensor are never touched. Owns its device memory,
+// so launches that use it can be captured into a CUDA graph.
+class MultiTensorLayout {
+ public:
+  explicit MultiTensorLayout(const std::vector<FlatTensor>& tensors);
+  ~MultiTensorLayout();
+  MultiTensorLayout(const MultiTensorLayout&) = delete;
+  MultiTensorLayout& operator=(const MultiTensorLayout&) = delete;
+  const MultiTensorChunk* chunks() const { return chunks_; }
+  int num_chunks() const { return num_chunks_; }
+  double* partials() const { return partials_; }
+
+ private:
+  MultiTensorChunk* chunks_ = nullptr;
+  int num_chunks_ = 0;
+  double* partials_ = nullptr;
+};
+
+// *sumsq = replicated_weight · (sum of x[i]^2 over the replicated tensors) + (the same over the
+// sharded ones), in double; written, not accumulated. Deterministic: a fixed grid and order,
+// whatever the GPU. Two launches.
+void multi_tensor_sum_of_squares(double* sumsq, const float* x, const MultiTensorLayout& layout,
+                                 double replicated_weight, cudaStream_t stream = nullptr);
+
+// The per-step AdamW scalars, read by multi_tensor_adamw from device memory (so that one captured
+// launch serves every step). Fill them with adamw_step_args.
+struct AdamWStepArgs {
+  float lr, beta1, beta2, eps;
+  float weight_decay;  // applied to the chunks flagged kChunkDecay
+  float bias_correction1, bias_correction2;  // 1 - beta^t
+  float max_norm;  // clip: <= 0 disables
+};
+// Bias corrections in double, rounded to fp32 (as the per-tensor kernel did).
+AdamWStepArgs adamw_step_args(const kernels::AdamWHyper& hyper, float max_norm);
+// One AdamW step (kernels::adamw_update) of every tensor of the layout, in one launch:
+//   grad_scale = max_norm / sqrt(*sumsq) when max_norm > 0 and sqrt(*sumsq) > max_norm, else 1
+// (the clipping of trainer::AdamW::Step, decided on the device), weight decay on the decaying
+// chunks only, the updated parameter also written to param_bf16 in bf16 (the compute copy).
+// args and sumsq are device pointers.
+void multi_tensor_adamw(float* param, const float* grad, float* m, float* v, bf16* param_bf16,
+                        const MultiTensorLayout& layout, const AdamWStepArgs* args,
+                        const double* sumsq, cudaStream_t stream = nullptr);
 
 // ---- stage-1 control-channel fading (kernels/control_channel.h): x [rows, D], x[r, D-1] *= m ----
 void scale_last_channel(bf16* x, long rows, int D, float m, cudaStream_t stream = nullptr);
@@ -114,6 +186,18 @@ void dmc_scan_backward(bf16* dx, float* dalpha, float* domega, const bf16* dxhat
                        const bf16* xhat, const float* alpha, const float* omega,
                        const float* denom, int B, int T, int Hkv, int D, int window,
                        cudaStream_t stream = nullptr);
+// Keys and values of one layer at once (they share alpha, omega and denom): the same results as
+// dmc_scan_forward on each, and as dmc_scan_backward on each with dalpha/domega receiving the sum
+// of both contributions (up to fp32 summation order). 1 launch instead of 2 forward, 3 instead of
+// 6 backward, and the backward's O(window²) gate-gradient pass runs once.
+void dmc_scan_forward_kv(bf16* khat, bf16* vhat, float* denom, const bf16* k, const bf16* v,
+                         const float* alpha, const float* omega, int B, int T, int Hkv, int D,
+                         int window, cudaStream_t stream = nullptr);
+void dmc_scan_backward_kv(bf16* dk, bf16* dv, float* dalpha, float* domega, const bf16* dkhat,
+                          const bf16* dvhat, const bf16* k, const bf16* v, const bf16* khat,
+                          const bf16* vhat, const float* alpha, const float* omega,
+                          const float* denom, int B, int T, int Hkv, int D, int window,
+                          cudaStream_t stream = nullptr);
 
 void cr_accumulate_merge(float* mean_merge, const float* merge, int B, int T, int Hkv, float scale,
                          cudaStream_t stream = nullptr);
@@ -138,6 +222,21 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
+
+// ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
+// Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;
+// lse [B, H, T] fp32, natural log, may be null in the forward); the mask is generated from the
+// zone layout z (t >= 1, c >= 1) on the fly. D must be 64 or 128 (aborts otherwise); any T >= 1;
+// H % Hkv == 0. Flash-style: online softmax, only lse saved, scores recomputed in the backward.
+void loma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                            int B, int T, int H, int Hkv, int D, const kernels::LomaZones& z,
+                            float scale, cudaStream_t stream = nullptr);
+// Accumulates dq, dk, dv (bf16; any may be null). Deterministic (no atomics); uses scratch for
+// Delta = rowsum(dout · out) [B, H, T].
+void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
+                             const bf16* k, const bf16* v, const bf16* out, const float* lse,
+                             int B, int T, int H, int Hkv, int D, const kernels::LomaZones& z,
+                             float scale, cudaStream_t stream = nullptr);
 
 // ---- paged decode attention (kernels/decode_attention.h) ----
 // One new query token per sequence over a paged KV cache whose (sequence, KV head) pairs hold

@@ -1,5 +1,6 @@
 // Token embedding on the GPU (spec: kernels/embedding.h).
-// Forward: one 16-byte vector per thread, a copy of the token's row.
+// Forward: one 16-byte vector per thread, a copy of the token's row (zeros for a token of another
+// tensor-parallel rank's vocabulary rows).
 // Backward, deterministic without atomics: the token ids are radix-sorted (stable, with their
 // positions), and one warp per run of equal tokens sums that run's dout rows in position order
 // into fp32 dwte. Scratch slot 0 holds the sort buffers.
@@ -12,23 +13,36 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
+// The row of `token` in this rank's part of the table, or -1 when another rank holds it.
+__device__ __forceinline__ long local_row(int32_t token, int vocab_begin, int vocab_rows) {
+  const long row = static_cast<long>(token) - vocab_begin;
+  return row >= 0 && row < vocab_rows ? row : -1;
+}
+
 __global__ void embedding_forward_kernel(bf16* out, const int32_t* tokens, const bf16* wte, int N,
-                                         int C) {
+                                         int C, int vocab_begin, int vocab_rows) {
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int vecs = C / 8;
   if (idx >= static_cast<long>(N) * vecs) return;
   const int n = static_cast<int>(idx / vecs), c = static_cast<int>(idx % vecs) * 8;
-  const long tok = tokens[n];
-  *reinterpret_cast<Bf16x8*>(out + static_cast<long>(n) * C + c) =
-      *reinterpret_cast<const Bf16x8*>(wte + tok * C + c);
+  const long row = local_row(tokens[n], vocab_begin, vocab_rows);
+  Bf16x8 v;
+  if (row >= 0) {
+    v = *reinterpret_cast<const Bf16x8*>(wte + row * C + c);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v.h[i] = __float2bfloat162_rn(0.f);
+  }
+  *reinterpret_cast<Bf16x8*>(out + static_cast<long>(n) * C + c) = v;
 }
 
 __global__ void embedding_forward_scalar(bf16* out, const int32_t* tokens, const bf16* wte, int N,
-                                         int C) {
+                                         int C, int vocab_begin, int vocab_rows) {
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long>(N) * C) return;
   const int n = static_cast<int>(idx / C), c = static_cast<int>(idx % C);
-  out[idx] = wte[static_cast<long>(tokens[n]) * C + c];
+  const long row = local_row(tokens[n], vocab_begin, vocab_rows);
+  out[idx] = row >= 0 ? wte[row * C + c] : __float2bfloat16(0.f);
 }
 
 __global__ void iota_kernel(int32_t* x, int n) {
@@ -38,15 +52,18 @@ __global__ void iota_kernel(int32_t* x, int n) {
 
 // One warp per sorted position; only positions that start a run do work.
 __global__ void embedding_backward_runs(float* dwte, const bf16* dout, const int32_t* sorted_tok,
-                                        const int32_t* sorted_pos, int N, int C) {
+                                        const int32_t* sorted_pos, int N, int C, int vocab_begin,
+                                        int vocab_rows) {
   const int s = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (s >= N) return;
   const int tok = sorted_tok[s];
   if (s > 0 && sorted_tok[s - 1] == tok) return;
+  const long local = local_row(tok, vocab_begin, vocab_rows);
+  if (local < 0) return;  // another rank's row
   int e = s;
   while (e < N && sorted_tok[e] == tok) ++e;
-  float* row = dwte + static_cast<long>(tok) * C;
+  float* row = dwte + local * C;
   for (int c = lane; c < C; c += 32) {
     float acc = 0.f;
     for (int r = s; r < e; ++r) acc += bf(dout[static_cast<long>(sorted_pos[r]) * C + c]);
@@ -57,20 +74,22 @@ __global__ void embedding_backward_runs(float* dwte, const bf16* dout, const int
 }  // namespace
 
 void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N, int C,
-                       cudaStream_t stream) {
+                       int vocab_begin, int vocab_rows, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
   if (C % 8 == 0) {
     const long total = static_cast<long>(N) * (C / 8);
-    embedding_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C);
+    embedding_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C,
+                                                                        vocab_begin, vocab_rows);
   } else {
     const long total = static_cast<long>(N) * C;
-    embedding_forward_scalar<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C);
+    embedding_forward_scalar<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C,
+                                                                        vocab_begin, vocab_rows);
   }
   DMC_CUDA_CHECK_LAUNCH();
 }
 
 void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, int N, int C,
-                        cudaStream_t stream) {
+                        int vocab_begin, int vocab_rows, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
   size_t temp_bytes = 0;
   DMC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, tokens,
@@ -87,7 +106,8 @@ void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, in
   DMC_CUDA_CHECK_LAUNCH();
   DMC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tokens, tok_out, pos_in,
                                                  pos_out, N, 0, 32, stream));
-  embedding_backward_runs<<<ceil_div(N, 8), 256, 0, stream>>>(dwte, dout, tok_out, pos_out, N, C);
+  embedding_backward_runs<<<ceil_div(N, 8), 256, 0, stream>>>(dwte, dout, tok_out, pos_out, N, C,
+                                                               vocab_begin, vocab_rows);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_format.h"
 #include "kernels/cuda_check.h"
+#include "model/llama_cuda_parallel.h"
+#include "model/loma.h"
 
 namespace dmc::model {
 
@@ -37,6 +39,43 @@ void Zero(X* p, size_t n, cudaStream_t stream) {
   if (n) DMC_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(X), stream));
 }
 
+// RoPE at positions 0..T-1, or at a LoMA layout's position ids (device [T]) when there are any,
+// as Rope in model/llama.cpp.
+void Rope(bf16* out, const bf16* inp, int B, int T, int H, int D, const int32_t* positions,
+          float theta, bool keep_last_channel, cudaStream_t s) {
+  if (positions)
+    c::rope_forward_positions(out, inp, B, T, H, D, positions, theta, keep_last_channel, s);
+  else
+    c::rope_forward(out, inp, B, T, H, D, 0, theta, keep_last_channel, s);
+}
+
+void RopeBackward(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
+                  const int32_t* positions, float theta, bool keep_last_channel, cudaStream_t s) {
+  if (positions)
+    c::rope_backward_positions(dinp, dout, B, T, H, D, positions, theta, keep_last_channel, s);
+  else
+    c::rope_backward(dinp, dout, B, T, H, D, 0, theta, keep_last_channel, s);
+}
+
+// LoMA's two loss terms from the per-position losses (device [B, T]), computed by the CPU
+// model's own LomaZoneLosses on a host copy (B·T floats per step); d(loss)/d(losses[i]) goes to
+// weights (device [B·T]) for Backward.
+LomaLosses LomaStepLosses(const float* losses, const int32_t* targets, int B, int T,
+                          const kernels::LomaZones& z, float* weights, cudaStream_t s) {
+  const size_t N = static_cast<size_t>(B) * T;
+  std::vector<float> host(N);
+  DMC_CUDA_CHECK(
+      cudaMemcpyAsync(host.data(), losses, sizeof(float) * N, cudaMemcpyDeviceToHost, s));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<double> dloss;
+  const LomaLosses zones = LomaZoneLosses(host.data(), targets, B, T, z, &dloss);
+  host.assign(dloss.begin(), dloss.end());
+  DMC_CUDA_CHECK(
+      cudaMemcpyAsync(weights, host.data(), sizeof(float) * N, cudaMemcpyHostToDevice, s));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(s));  // host is freed on return
+  return zones;
+}
+
 }  // namespace
 
 // Device buffers of one (B, T): the activations Backward needs, per layer, and the work buffers.
@@ -50,11 +89,20 @@ struct LlamaCuda::Buffers {
   std::vector<void*> owned;
   std::vector<Layer> layers;
   int32_t *tokens = nullptr, *targets = nullptr;
-  bf16 *x_final, *xn_final, *logits, *tmp;
+  bf16 *x_final, *xn_final, *logits, *tmp;  // logits [N, vocab_rows_]
+  // Vocabulary-parallel cross-entropy: this rank's per-row statistics [2, N], every rank's
+  // [tp, 2, N], and the global logsumexp [N] the backward reads.
+  float *ce_stats, *ce_all_stats, *ce_lse;
   float *rstd_final, *losses;
   // [2 + B + L·B]: labelled loss sum, CR loss, mean_merge[B], per-layer merge fraction [L][B];
-  // one buffer so Forward reads its results back in one copy.
+  // one buffer so Forward reads its results back in one copy, into stats_host (pinned), after
+  // which stats_ready is recorded.
   float* stats = nullptr;
+  float* stats_host = nullptr;
+  cudaEvent_t stats_ready = nullptr;
+  // LoMA steps: the layout's position ids [T] and d(loss)/d(losses[i]) [B·T] of the last Forward.
+  int32_t* positions = nullptr;
+  float* loma_dlosses = nullptr;
   // Backward work buffers, reused by every layer.
   bf16 *dlogits, *dres, *dxn, *dh, *dgate, *dup, *datt, *dqr, *dkr, *dq, *dkhat, *dk, *dvhat, *dv;
   float *dlosses, *dalpha, *domega, *dmerge, *dmask, *dmean_merge;
@@ -68,15 +116,14 @@ struct LlamaCuda::Buffers {
   }
   ~Buffers() {
     for (void* p : owned) DMC_CUDA_CHECK(cudaFree(p));
+    if (stats_host) DMC_CUDA_CHECK(cudaFreeHost(stats_host));
+    if (stats_ready) DMC_CUDA_CHECK(cudaEventDestroy(stats_ready));
   }
 };
 
 LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
     : config_(config), tp_(tp_comm ? tp_comm : &SingleProcess()) {
   if (absl::Status s = config_.Validate(); !s.ok()) throw std::invalid_argument(s.ToString());
-  if (tp_->size() != 1)
-    throw std::invalid_argument(absl::StrFormat(
-        "the CUDA model supports tensor-parallel size 1 only (got %d)", tp_->size()));
   if (!c::device_available())
     throw std::runtime_error("the CUDA model needs a CUDA device, and none is usable");
   head_dim_ = config_.head_dim();
@@ -85,15 +132,18 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
         "the CUDA model needs head_dim 64 or 128 (the fused DMC attention kernel's sizes); this "
         "model has hidden_size %d / num_attention_heads %d = %d",
         config_.hidden_size, config_.num_attention_heads, head_dim_));
-  heads_ = config_.num_attention_heads;
-  kv_heads_ = config_.num_key_value_heads;
-  ffn_ = config_.intermediate_size;
+  // This rank's share, as model/llama.cpp (whose constructor below checks that tp divides them).
+  heads_ = config_.num_attention_heads / tp_->size();
+  kv_heads_ = config_.num_key_value_heads / tp_->size();
+  ffn_ = config_.intermediate_size / tp_->size();
 
-  // The host model defines the parameter layout (names, offsets, decay): read it from a
-  // temporary one of the same config, so the two can never disagree.
+  // The host model defines the parameter layout (names, offsets, decay, TP shards): read it from
+  // a temporary one of the same config and TP group, so the two can never disagree.
   {
     const Llama<float> layout(config_, tp_);
     specs_ = layout.param_specs();
+    vocab_begin_ = layout.vocab_begin();
+    vocab_rows_ = layout.vocab_rows();
   }
   auto offset_of = [&](const std::string& name) {
     for (const auto& s : specs_)
@@ -119,33 +169,25 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
   DMC_CUDA_CHECK(cudaMalloc(&grads_, P * sizeof(float)));
   DMC_CUDA_CHECK(cudaMalloc(&adam_m_, P * sizeof(float)));
   DMC_CUDA_CHECK(cudaMalloc(&adam_v_, P * sizeof(float)));
-  DMC_CUDA_CHECK(cudaMalloc(&norm_, 2 * sizeof(double)));
   Zero(master_, P, stream_);
   Zero(weights_, P, stream_);
   Zero(grads_, P, stream_);
   Zero(adam_m_, P, stream_);
   Zero(adam_v_, P, stream_);
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  tp_reduce_ = std::make_unique<DeviceReducer>(*tp_, stream_);
 }
 
 LlamaCuda::~LlamaCuda() {
   buf_.reset();
   for (void* p : {static_cast<void*>(master_), static_cast<void*>(weights_),
                   static_cast<void*>(grads_), static_cast<void*>(adam_m_),
-                  static_cast<void*>(adam_v_), static_cast<void*>(norm_)})
+                  static_cast<void*>(adam_v_)})
     if (p) DMC_CUDA_CHECK(cudaFree(p));
 }
 
 const bf16* LlamaCuda::W(size_t offset) const { return weights_ + offset; }
 float* LlamaCuda::G(size_t offset) const { return grads_ + offset; }
-
-void LlamaCuda::TpAllReduce(bf16* x, size_t n) const {
-  // Tensor parallelism hook: model/llama.cpp all-reduces here over the TP group. Size 1 only for
-  // now (the constructor refuses more), so there is nothing to reduce.
-  (void)x;
-  (void)n;
-  if (tp_->size() != 1) throw std::logic_error("tensor-parallel all-reduce is not implemented on CUDA");
-}
 
 // ---- parameters and optimizer state ----
 
@@ -232,63 +274,6 @@ void LlamaCuda::ZeroControlChannelRows() {
 
 void LlamaCuda::ZeroGrad() { Zero(grads_, num_params_, stream_); }
 
-void LlamaCuda::ResetOptimizer() {
-  adam_step_ = 0;
-  Zero(adam_m_, num_params_, stream_);
-  Zero(adam_v_, num_params_, stream_);
-}
-
-double LlamaCuda::GradNorm() {
-  Zero(norm_, 2, stream_);
-  for (const auto& spec : specs_)
-    c::sum_of_squares_accumulate(norm_ + (spec.split_dim < 0 ? 0 : 1), G(spec.offset), spec.size,
-                                 stream_);
-  double ss[2] = {0, 0};
-  DMC_CUDA_CHECK(cudaMemcpyAsync(ss, norm_, sizeof(ss), cudaMemcpyDeviceToHost, stream_));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  // As trainer/optimizer.cpp: replicated tensors weighted 1/tp so a TP all-reduce counts them once.
-  double sum = ss[0] / tp_->size() + ss[1];
-  if (tp_->size() > 1)
-    if (absl::Status s = tp_->AllReduceSum(&sum, 1); !s.ok())
-      throw std::runtime_error("tensor-parallel all-reduce of the gradient norm failed: " +
-                               s.ToString());
-  return std::sqrt(sum);
-}
-
-double LlamaCuda::OptimizerStep(const CudaAdamWSettings& s) {
-  const double norm = GradNorm();
-  float grad_scale = 1.0f;
-  if (s.grad_clip > 0 && norm > s.grad_clip) grad_scale = static_cast<float>(s.grad_clip / norm);
-  ++adam_step_;
-  for (const auto& spec : specs_) {
-    kernels::AdamWHyper hyper{s.lr, s.beta1, s.beta2, s.eps,
-                              spec.weight_decay ? s.weight_decay : 0.0f, adam_step_};
-    c::adamw_update(master_ + spec.offset, grads_ + spec.offset, adam_m_ + spec.offset,
-                    adam_v_ + spec.offset, spec.size, hyper, grad_scale, weights_ + spec.offset,
-                    stream_);
-  }
-  // One wait per step: asynchronous faults of the whole step surface here, inside it.
-  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  return norm;
-}
-
-absl::Status LlamaCuda::AverageGradients(parallel::Communicator& dp) {
-  if (dp.size() == 1) return absl::OkStatus();
-  const float inv = 1.0f / dp.size();
-  if (dp.device_buffers()) {
-    DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the communicator has its own stream
-    if (absl::Status s = dp.AllReduceSum(grads_, num_params_); !s.ok()) return s;
-    if (absl::Status s = dp.Synchronize(); !s.ok()) return s;
-    h::scale(grads_, num_params_, inv, stream_);
-    return absl::OkStatus();
-  }
-  std::vector<float> g = GradsToHost();
-  if (absl::Status s = dp.AllReduceSum(g.data(), g.size()); !s.ok()) return s;
-  for (float& x : g) x *= inv;
-  GradsFromHost(g);
-  return absl::OkStatus();
-}
-
 // ---- forward and backward ----
 
 void LlamaCuda::Allocate(int B, int T) {
@@ -298,7 +283,7 @@ void LlamaCuda::Allocate(int B, int T) {
   auto b = std::make_unique<Buffers>();
   b->B = B;
   b->T = T;
-  const size_t N = static_cast<size_t>(B) * T, C = config_.hidden_size, V = config_.vocab_size;
+  const size_t N = static_cast<size_t>(B) * T, C = config_.hidden_size, V = vocab_rows_;
   const size_t D = head_dim_, Q = N * heads_ * D, K = N * kv_heads_ * D, F = N * ffn_;
   const size_t G = N * kv_heads_;
   const int L = config_.num_hidden_layers;
@@ -330,10 +315,17 @@ void LlamaCuda::Allocate(int B, int T) {
   b->x_final = b->Alloc<bf16>(N * C);
   b->xn_final = b->Alloc<bf16>(N * C);
   b->logits = b->Alloc<bf16>(N * V);
+  b->ce_stats = b->Alloc<float>(2 * N);
+  b->ce_all_stats = b->Alloc<float>(2 * N * tp_->size());
+  b->ce_lse = b->Alloc<float>(N);
   b->tmp = b->Alloc<bf16>(N * C);
   b->rstd_final = b->Alloc<float>(N);
   b->losses = b->Alloc<float>(N);
   b->stats = b->Alloc<float>(2 + B + static_cast<size_t>(L) * B);
+  DMC_CUDA_CHECK(cudaMallocHost(&b->stats_host, sizeof(float) * (2 + B + static_cast<size_t>(L) * B)));
+  DMC_CUDA_CHECK(cudaEventCreateWithFlags(&b->stats_ready, cudaEventDisableTiming));
+  b->positions = b->Alloc<int32_t>(T);
+  b->loma_dlosses = b->Alloc<float>(N);
   b->dlogits = b->Alloc<bf16>(N * V);
   b->dres = b->Alloc<bf16>(N * C);
   b->dxn = b->Alloc<bf16>(N * C);
@@ -345,25 +337,31 @@ void LlamaCuda::Allocate(int B, int T) {
   b->dq = b->Alloc<bf16>(Q);
   b->dkr = b->Alloc<bf16>(K);
   b->dkhat = b->Alloc<bf16>(K);
-  b->dk = b->Alloc<bf16>(K);
+  b->dk = b->Alloc<bf16>(2 * K);  // dk then dv: the DMC backward zeroes both in one memset
   b->dvhat = b->Alloc<bf16>(K);
-  b->dv = b->Alloc<bf16>(K);
+  b->dv = b->dk + K;
   b->dlosses = b->Alloc<float>(N);
-  for (float** p : {&b->dalpha, &b->domega, &b->dmerge, &b->dmask}) *p = b->Alloc<float>(G);
+  // dalpha, domega, dmerge, dmask in one allocation, in this order: one memset per layer.
+  b->dalpha = b->Alloc<float>(4 * G);
+  b->domega = b->dalpha + G;
+  b->dmerge = b->dalpha + 2 * G;
+  b->dmask = b->dalpha + 3 * G;
   b->dmean_merge = b->Alloc<float>(B);
   buf_ = std::move(b);
 }
 
-ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
-                                 const StepOptions& options) {
+void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int B, int T_,
+                             const StepOptions& options) {
   if (B <= 0 || T_ <= 0)
     throw std::invalid_argument(absl::StrFormat("batch %d × %d tokens: both must be > 0", B, T_));
-  // No LoMA attention kernel on the GPU yet.
-  if (options.loma.enabled())
-    throw std::invalid_argument("the CUDA model does not implement LoMA steps yet (use the CPU)");
-  if (T_ > config_.max_position_embeddings)
+  const bool loma = options.loma.enabled();
+  if (loma) {
+    if (absl::Status st = CheckLomaStep(options.loma, T_, config_); !st.ok())
+      throw std::invalid_argument(st.ToString());
+  } else if (T_ > config_.max_position_embeddings) {
     throw std::invalid_argument(absl::StrFormat(
         "sequence length %d exceeds max_position_embeddings %d", T_, config_.max_position_embeddings));
+  }
   const int V = config_.vocab_size;
   for (long i = 0; i < static_cast<long>(B) * T_; ++i) {
     // The kernels index the embedding and the logits with these: refuse bad ids on the host.
@@ -395,12 +393,22 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
     if (targets[i] >= 0) label_count_ += 1;
   DMC_CUDA_CHECK(cudaMemcpyAsync(b.tokens, tokens, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
   DMC_CUDA_CHECK(cudaMemcpyAsync(b.targets, targets, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
+  // Lives until LomaStepLosses waits for the stream at the end of ForwardAsync, so the
+  // asynchronous upload may read it.
+  const std::vector<int32_t> loma_positions =
+      loma ? LomaPositions(options.loma, T_) : std::vector<int32_t>();
+  if (loma)
+    DMC_CUDA_CHECK(cudaMemcpyAsync(b.positions, loma_positions.data(), sizeof(int32_t) * T_,
+                                   cudaMemcpyHostToDevice, s));
+  const int32_t* positions = loma ? b.positions : nullptr;
   const size_t nstats = 2 + B + static_cast<size_t>(L) * B;
   Zero(b.stats, nstats, s);
   float* mean_merge = b.stats + 2;
   float* layer_merge = b.stats + 2 + B;
 
-  c::embedding_forward(b.layers[0].x, b.tokens, W(embed_offset_), N, C, s);
+  c::embedding_forward(b.layers[0].x, b.tokens, W(embed_offset_), N, C, vocab_begin_, vocab_rows_,
+                       s);
+  TpAllReduce(b.layers[0].x, size_t(N) * C);  // vocabulary-parallel: each rank filled its tokens' rows
   for (int l = 0; l < L; ++l) {
     Buffers::Layer& a = b.layers[l];
     const size_t* o = &layer_offsets_[l * kLayerTensors];
@@ -416,17 +424,15 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
     const bf16* keys = a.k;
     const bf16* values = a.v;
     if (dmc) {
-      Zero(a.noise, size_t(N) * Hkv, s);  // the CPU model's noise is 0 in hard mode (and not read there)
+      // Hard decisions read no noise (the CPU model's is 0 there), so it is left unwritten.
       if (options.mode == kernels::DmcDecisionMode::kRelaxed)
         c::logistic_noise(a.noise, B, T_, Hkv, options.noise_seed,
                           (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
                           tp_->rank() * Hkv, config_.num_key_value_heads, s);
       c::dmc_gates_forward({a.logit, a.alpha, a.merge, a.mask, a.omega}, a.q, a.k, a.noise, B, T_,
                            H, Hkv, D, gate_params, s);
-      c::dmc_scan_forward(a.khat, a.denom, a.k, a.alpha, a.omega, B, T_, Hkv, D,
-                          config_.dmc.window, s);
-      c::dmc_scan_forward(a.vhat, a.denom, a.v, a.alpha, a.omega, B, T_, Hkv, D,
-                          config_.dmc.window, s);
+      c::dmc_scan_forward_kv(a.khat, a.vhat, a.denom, a.k, a.v, a.alpha, a.omega, B, T_, Hkv, D,
+                             config_.dmc.window, s);
       keys = a.khat;
       values = a.vhat;
       c::cr_accumulate_merge(mean_merge, a.merge, B, T_, Hkv,
@@ -437,14 +443,18 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
                              static_cast<float>(1.0 / (double(T_) * config_.num_key_value_heads)),
                              s);
     }
-    c::rope_forward(a.qr, a.q, B, T_, H, D, 0, config_.rope_theta, dmc, s);
-    c::rope_forward(a.kr, keys, B, T_, Hkv, D, 0, config_.rope_theta, dmc, s);
+    Rope(a.qr, a.q, B, T_, H, D, positions, config_.rope_theta, dmc, s);
+    Rope(a.kr, keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc, s);
     if (fade != 1.0f) {
       c::scale_last_channel(a.qr, long(N) * H, D, fade, s);
       c::scale_last_channel(a.kr, long(N) * Hkv, D, fade, s);
     }
-    c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc ? a.mask : nullptr, B, T_, H,
-                             Hkv, D, dmc, scale, s);
+    if (loma)
+      c::loma_attention_forward(a.att, a.lse, a.qr, a.kr, values, B, T_, H, Hkv, D, options.loma,
+                                scale, s);
+    else
+      c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc ? a.mask : nullptr, B, T_, H,
+                               Hkv, D, dmc, scale, s);
     c::matmul_forward(b.tmp, a.att, W(o[kWo]), N, H * D, C, s);
     TpAllReduce(b.tmp, size_t(N) * C);
     h::add(a.x2, a.x, b.tmp, size_t(N) * C, s);
@@ -459,16 +469,45 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
     h::add(x_out, a.x2, b.tmp, size_t(N) * C, s);
   }
   c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, W(final_norm_offset_), N, C, eps, s);
-  c::matmul_forward(b.logits, b.xn_final, W(lm_head_offset_), N, C, V, s);
-  c::cross_entropy_forward(b.losses, b.logits, b.targets, N, V, s);
+  // Vocabulary-parallel LM head and cross-entropy (as llama.cpp): the ranks exchange 2·N
+  // statistics, not the logits.
+  c::matmul_forward(b.logits, b.xn_final, W(lm_head_offset_), N, C, vocab_rows_, s);
+  c::cross_entropy_shard_stats(b.ce_stats, b.logits, b.targets, N, vocab_rows_, vocab_begin_, s);
+  const float* all_stats = b.ce_stats;
+  if (tp_->size() > 1) {
+    TpAllGather(b.ce_stats, b.ce_all_stats, 2 * size_t(N));
+    all_stats = b.ce_all_stats;
+  }
+  c::cross_entropy_combine_shards(b.losses, b.ce_lse, all_stats, b.targets, N, tp_->size(), s);
   h::masked_sum(b.stats + 0, b.losses, b.targets, N, s);
-  // mean_merge needs no TP all-reduce at size 1 (llama.cpp reduces it over the TP group here).
+  // Each TP rank summed its own heads; the hinge needs all heads of a sequence (as llama.cpp).
+  if (dmc) TpAllReduce(mean_merge, nstats - 2);  // mean_merge[B] and the per-layer fractions
   if (dmc && options.cr_prior > 0) c::cr_loss_forward(b.stats + 1, mean_merge, B, options.cr_prior, s);
 
-  std::vector<float> stats(nstats);
-  DMC_CUDA_CHECK(cudaMemcpyAsync(stats.data(), b.stats, sizeof(float) * nstats,
+  DMC_CUDA_CHECK(cudaMemcpyAsync(b.stats_host, b.stats, sizeof(float) * nstats,
                                  cudaMemcpyDeviceToHost, s));
-  DMC_CUDA_CHECK(cudaStreamSynchronize(s));
+  DMC_CUDA_CHECK(cudaEventRecord(b.stats_ready, s));
+  // LoMA's zone losses, and the per-token loss weights Backward reads, are formed on the host from
+  // the per-token losses: a LoMA step waits here.
+  if (loma)
+    loma_losses_ = LomaStepLosses(b.losses, targets, B, T_, options.loma, b.loma_dlosses, s);
+}
+
+ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
+                                 const StepOptions& options) {
+  ForwardAsync(tokens, targets, B, T_, options);
+  return ForwardResults();
+}
+
+ForwardResult LlamaCuda::ForwardResults() {
+  if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::ForwardResults without a Forward");
+  const Buffers& b = *buf_;
+  const int B = batch_, L = config_.num_hidden_layers;
+  const bool dmc = forward_dmc_;
+  const StepOptions& options = options_;
+  TpSynchronize();
+  DMC_CUDA_CHECK(cudaEventSynchronize(b.stats_ready));
+  const float* stats = b.stats_host;
 
   ForwardResult result;
   result.lm_loss = label_count_ > 0 ? stats[0] / label_count_ : 0.0;
@@ -484,15 +523,20 @@ ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, 
       result.layer_merge_fraction[l] = sum / B;
     }
   }
-  result.loss = result.lm_loss + result.cr_loss;
+  if (options.loma.enabled()) {
+    result.lm_loss = loma_losses_.reading;
+    result.rep_loss = loma_losses_.repetition;
+  }
+  result.loss = result.lm_loss + result.cr_loss + result.rep_loss;
   return result;
 }
 
-void LlamaCuda::Backward(double loss_scale) {
+void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over) {
   if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::Backward without a Forward");
+  GradientBuckets buckets(DpReducer(average_over), grads_, num_params_, dp_bucket_floats_);
   Buffers& b = *buf_;
   const int B = batch_, T_ = seq_;
-  const int N = B * T_, C = config_.hidden_size, V = config_.vocab_size, D = head_dim_;
+  const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
   const bool dmc = forward_dmc_;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -502,18 +546,29 @@ void LlamaCuda::Backward(double loss_scale) {
   cudaStream_t s = stream_;
   const size_t Q = size_t(N) * H * D, K = size_t(N) * Hkv * D, NG = size_t(N) * Hkv;
   float* mean_merge = b.stats + 2;
+  const bool loma = options_.loma.enabled();
+  const int32_t* positions = loma ? b.positions : nullptr;
 
-  // Loss = mean over labelled positions of the cross-entropy.
-  h::fill_labelled(b.dlosses, b.targets, N,
-                   label_count_ > 0 ? static_cast<float>(loss_scale / label_count_) : 0.0f, s);
+  // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed).
+  if (loma) {
+    DMC_CUDA_CHECK(cudaMemcpyAsync(b.dlosses, b.loma_dlosses, sizeof(float) * N,
+                                   cudaMemcpyDeviceToDevice, s));
+    h::scale(b.dlosses, N, static_cast<float>(loss_scale), s);
+  } else {
+    h::fill_labelled(b.dlosses, b.targets, N,
+                     label_count_ > 0 ? static_cast<float>(loss_scale / label_count_) : 0.0f, s);
+  }
   Zero(b.dlogits, size_t(N) * V, s);
-  c::cross_entropy_backward(b.dlogits, b.logits, b.targets, b.dlosses, N, V, s);
+  c::cross_entropy_shard_backward(b.dlogits, b.logits, b.ce_lse, b.targets, b.dlosses, N, V,
+                                  vocab_begin_, s);
   Zero(b.dxn, size_t(N) * C, s);
   Zero(b.dres, size_t(N) * C, s);
   c::matmul_backward(b.dxn, G(lm_head_offset_), b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
                      s);
+  TpAllReduce(b.dxn, size_t(N) * C);  // vocabulary-parallel LM head: a share of the sum per rank
   c::rmsnorm_backward(b.dres, G(final_norm_offset_), b.dxn, b.x_final, W(final_norm_offset_),
                       b.rstd_final, N, C, s);
+  buckets.Ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction.
   Zero(b.dmean_merge, B, s);
@@ -543,31 +598,30 @@ void LlamaCuda::Backward(double loss_scale) {
     Zero(b.dqr, Q, s);
     Zero(b.dkr, K, s);
     Zero(b.dvhat, K, s);
-    if (dmc) Zero(b.dmask, NG, s);
+    if (dmc) Zero(b.dalpha, 4 * NG, s);  // dalpha, domega, dmerge, dmask (contiguous)
     const bf16* values = dmc ? a.vhat : a.v;
-    c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc ? b.dmask : nullptr, b.datt, a.qr, a.kr,
-                              values, dmc ? a.mask : nullptr, a.att, a.lse, B, T_, H, Hkv, D, dmc,
-                              scale, s);
+    if (loma)
+      c::loma_attention_backward(b.dqr, b.dkr, b.dvhat, b.datt, a.qr, a.kr, values, a.att, a.lse,
+                                 B, T_, H, Hkv, D, options_.loma, scale, s);
+    else
+      c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc ? b.dmask : nullptr, b.datt, a.qr,
+                                a.kr, values, dmc ? a.mask : nullptr, a.att, a.lse, B, T_, H, Hkv,
+                                D, dmc, scale, s);
     if (fade != 1.0f) {
       c::scale_last_channel(b.dqr, long(N) * H, D, fade, s);
       c::scale_last_channel(b.dkr, long(N) * Hkv, D, fade, s);
     }
     Zero(b.dq, Q, s);
     Zero(b.dkhat, K, s);
-    c::rope_backward(b.dq, b.dqr, B, T_, H, D, 0, config_.rope_theta, dmc, s);
-    c::rope_backward(b.dkhat, b.dkr, B, T_, Hkv, D, 0, config_.rope_theta, dmc, s);
+    RopeBackward(b.dq, b.dqr, B, T_, H, D, positions, config_.rope_theta, dmc, s);
+    RopeBackward(b.dkhat, b.dkr, B, T_, Hkv, D, positions, config_.rope_theta, dmc, s);
     bf16* dk = b.dkhat;
     bf16* dv = b.dvhat;
     if (dmc) {
-      Zero(b.dk, K, s);
-      Zero(b.dv, K, s);
-      Zero(b.dalpha, NG, s);
-      Zero(b.domega, NG, s);
-      Zero(b.dmerge, NG, s);
-      c::dmc_scan_backward(b.dk, b.dalpha, b.domega, b.dkhat, a.k, a.khat, a.alpha, a.omega,
-                           a.denom, B, T_, Hkv, D, config_.dmc.window, s);
-      c::dmc_scan_backward(b.dv, b.dalpha, b.domega, b.dvhat, a.v, a.vhat, a.alpha, a.omega,
-                           a.denom, B, T_, Hkv, D, config_.dmc.window, s);
+      Zero(b.dk, 2 * K, s);  // dk and dv (contiguous)
+      c::dmc_scan_backward_kv(b.dk, b.dv, b.dalpha, b.domega, b.dkhat, b.dvhat, a.k, a.v, a.khat,
+                              a.vhat, a.alpha, a.omega, a.denom, B, T_, Hkv, D, config_.dmc.window,
+                              s);
       c::cr_accumulate_merge_backward(
           b.dmerge, b.dmean_merge, B, T_, Hkv,
           static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads)), s);
@@ -586,14 +640,19 @@ void LlamaCuda::Backward(double loss_scale) {
     c::matmul_backward(b.dxn, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
     TpAllReduce(b.dxn, size_t(N) * C);
     c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C, s);
+    buckets.Ready(o[kAttnNorm]);  // layer l's tensors are done
   }
-  c::embedding_backward(G(embed_offset_), b.dres, b.tokens, N, C, s);
+  c::embedding_backward(G(embed_offset_), b.dres, b.tokens, N, C, vocab_begin_, vocab_rows_, s);
+  // The embedding (holding a tied LM head's gradient too) is done only now.
+  if (absl::Status st = buckets.Finish(); !st.ok())
+    throw std::runtime_error("data-parallel gradient all-reduce failed: " + st.ToString());
+  TpSynchronize();
   DMC_CUDA_CHECK(cudaGetLastError());
 }
 
 std::vector<float> LlamaCuda::LogitsToHost() const {
   if (!buf_) return {};
-  const size_t n = static_cast<size_t>(batch_) * seq_ * config_.vocab_size;
+  const size_t n = static_cast<size_t>(batch_) * seq_ * vocab_rows_;
   std::vector<bf16> raw(n);
   DMC_CUDA_CHECK(cudaMemcpyAsync(raw.data(), buf_->logits, n * sizeof(bf16),
                                  cudaMemcpyDeviceToHost, stream_));

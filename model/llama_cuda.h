@@ -1,7 +1,8 @@
 // The Llama decoder with DMC heads on one CUDA device: the same layer graph, forward and
 // hand-written backward as model::Llama<T> (model/llama.h), op by op, on the kernels of
-// kernels/cuda_ops.h. The CPU model is the specification; tests/cuda/test_cuda_model.cpp checks
-// losses, merge statistics and every gradient tensor of this one against it.
+// kernels/cuda_ops.h, LoMA steps (StepOptions::loma) included. The CPU model is the
+// specification; tests/cuda/test_cuda_model.cpp (DMC) and tests/cuda/test_cuda_loma.cpp (LoMA)
+// check losses, merge statistics and every gradient tensor of this one against it.
 //
 // What lives on the device (all allocated once; activations again only when B·T grows):
 //   - fp32 master weights, their bf16 compute copy, fp32 gradients, fp32 AdamW moments, all in
@@ -10,13 +11,26 @@
 //   - the bf16 activations of the last Forward (plus fp32 rstd, lse, losses and the fp32 DMC
 //     per-(b, t, KV head) tensors) that Backward needs, per layer;
 //   - backward work buffers, reused across layers.
-// Everything is enqueued on one stream; inside a step the host waits for the device only to read
-// back the scalar results at the end of Forward and the gradient norm in OptimizerStep (clipping
-// needs it on the host). Every CUDA and cuBLAS error aborts with its location (kernels/ use the
-// same policy); shape errors throw std::invalid_argument before any work.
+// Everything is enqueued on one stream. A training step needs no host wait until its end:
+// ForwardAsync leaves the loss statistics to a pinned copy that ForwardResults reads (it waits for
+// the forward only, while the backward runs), and OptimizerStepAsync clips on the device (the norm
+// never goes to the host inside the step) and, at TP size 1, replays the whole optimizer step as
+// one CUDA graph; OptimizerStepNorm is the step's one wait. Every CUDA and cuBLAS error aborts with
+// its location (kernels/ use the same policy); shape errors throw std::invalid_argument before any
+// work.
 //
-// Tensor parallelism: only size 1 for now. The places where model/llama.cpp all-reduces over the
-// TP group are kept as TpAllReduce() calls (no-ops at size 1), so TP can be added there.
+// Tensor parallelism (Megatron-style), exactly as model/llama.cpp: the layout of the host
+// Llama<float> built with the same TP group (q/k/v and gate/up split by output rows, o and down by
+// input columns; embedding and LM head split by vocabulary rows; norms replicated), so each rank
+// holds its share of the heads, KV heads, MLP hidden units and vocabulary. TpAllReduce sums the
+// embedding output and the row-parallel outputs after o_proj and down_proj in the forward pass,
+// and in the backward pass dxn, the input gradient of the column-parallel projections and of the
+// LM head; the cross-entropy all-gathers 2·N per-row statistics (TpAllGather); the DMC statistics (each sequence's mean merge and the per-layer merge
+// fractions) are summed over TP before the CR loss, so the loss and its gradient equal the single
+// process's. Data parallelism: Backward(loss_scale, dp) averages the gradients over dp in buckets
+// that overlap with the backward pass. The collectives and their stream ordering (NCCL on its own
+// stream behind events; MPI through pinned host memory, which lets ranks share one GPU) are in
+// model/llama_cuda_parallel.h.
 #pragma once
 
 #include <cstddef>
@@ -27,9 +41,12 @@
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/loma.h"
 #include "parallel/communicator.h"
 
 namespace dmc::model {
+
+class DeviceReducer;  // model/llama_cuda_parallel.h
 
 // AdamW hyper-parameters of OptimizerStep (the trainer's OptimizerConfig, plus the rate).
 struct CudaAdamWSettings {
@@ -43,9 +60,10 @@ struct CudaAdamWSettings {
 
 class LlamaCuda {
  public:
-  // Uses the current CUDA device. tp_comm: the tensor-parallel group (null or size 1; larger
-  // sizes are refused). Throws std::invalid_argument when the shape is not supported (head dim
-  // other than 64 or 128: the fused attention kernel's limit).
+  // Uses the current CUDA device. tp_comm: the tensor-parallel group (null: a single process); it
+  // must outlive the model, and its size must divide num_key_value_heads and intermediate_size.
+  // Throws std::invalid_argument when the shape is not supported (head dim other than 64 or 128:
+  // the fused attention kernel's limit).
   LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm = nullptr);
   ~LlamaCuda();
   LlamaCuda(const LlamaCuda&) = delete;
@@ -75,25 +93,52 @@ class LlamaCuda {
   void ZeroControlChannelRows();
 
   // tokens, targets: host arrays [B, T] (targets < 0 unlabelled). Same semantics and results as
-  // Llama<T>::Forward; keeps the activations for Backward. Waits for the device at the end.
+  // Llama<T>::Forward; keeps the activations for Backward. Waits for the device at the end:
+  // = ForwardAsync, then ForwardResults.
   ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
                         const StepOptions& options);
-  // Accumulates loss_scale · d(loss)/d(params) of the last Forward into the fp32 gradients.
-  void Backward(double loss_scale = 1.0);
+  // Enqueues the forward without waiting; its statistics go to pinned host memory.
+  void ForwardAsync(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
+                    const StepOptions& options);
+  // The results of the last ForwardAsync; waits for that forward only (work enqueued after it,
+  // such as the Backward, keeps running).
+  ForwardResult ForwardResults();
+  // Accumulates loss_scale · d(loss)/d(params) of the last Forward into the fp32 gradients. With
+  // average_over (the last micro-batch of a step under data parallelism) the gradients are then
+  // averaged over that group as AverageGradients does, but in buckets of dp_bucket_floats() that
+  // start as soon as the backward pass has finished them, so that with NCCL the communication
+  // overlaps with the rest of the backward. Throws std::runtime_error if a collective fails.
+  void Backward(double loss_scale = 1.0, parallel::Communicator* average_over = nullptr);
   void ZeroGrad();
 
-  // Global gradient L2 norm (replicated tensors counted once over TP), computed on the device.
-  double GradNorm();
-  // Clip to settings.grad_clip, then one AdamW update of every tensor (weight decay on the tensors
-  // that decay) writing the fp32 master and the bf16 copy. Returns the norm before clipping.
+  // Clip to settings.grad_clip by the global gradient L2 norm (replicated tensors counted once over
+  // TP), then one AdamW update of every tensor (weight decay on the tensors that decay) writing
+  // the fp32 master and the bf16 copy. Returns the norm before clipping. = OptimizerStepAsync,
+  // then OptimizerStepNorm (model/llama_cuda_optimizer.cpp).
   double OptimizerStep(const CudaAdamWSettings& settings);
+  // Enqueues the step: the norm and the clipping scale on the device, one multi-tensor AdamW
+  // launch, the norm's copy to pinned memory; at TP size 1 all of it is one CUDA graph launch. At
+  // TP > 1 the sum of squares is all-reduced over the group in between (TpAllReduce: on the device
+  // value with a device communicator, through a pinned host copy with a host one).
+  void OptimizerStepAsync(const CudaAdamWSettings& settings);
+  // Waits for the step enqueued last (the step's one wait) and returns its norm before clipping.
+  double OptimizerStepNorm();
   void ResetOptimizer();
 
-  // Data parallelism: grads = (sum over dp ranks of grads) / dp.size(). Device buffers go to the
-  // communicator directly when it takes them (NCCL); otherwise through a host copy.
+  // Data parallelism: grads = (sum over dp ranks of grads) / dp.size(), in one piece after the
+  // backward pass. Device buffers go to the communicator directly when it takes them (NCCL);
+  // otherwise through a host copy.
   absl::Status AverageGradients(parallel::Communicator& dp);
+  // 25 MB of fp32 by default, as PyTorch DDP: large enough that an all-reduce runs near NCCL's
+  // bandwidth (its fixed cost, tens of microseconds, is small next to 25 MB at NVLink speed), small
+  // enough that the first bucket starts soon after the backward pass does and the last one (up to
+  // the embedding) is short. Tests set a small size so that every layer is a bucket of its own.
+  static constexpr size_t kDpBucketFloats = (25u << 20) / sizeof(float);
+  size_t dp_bucket_floats() const { return dp_bucket_floats_; }
+  void set_dp_bucket_floats(size_t floats) { dp_bucket_floats_ = floats; }
 
-  // Device results of the last Forward, for tests: logits [B, T, V] (bf16 → float) and the hard
+  // Device results of the last Forward, for tests: logits [B, T, V_local] (this rank's vocabulary
+  // rows, as Llama::logits; bf16 → float) and the hard
   // merge decisions [B, T, Hkv] of layer l.
   std::vector<float> LogitsToHost() const;
   std::vector<float> MergeToHost(int layer) const;
@@ -105,13 +150,30 @@ class LlamaCuda {
   void Transfer(float* dst, const float* src, cudaMemcpyKind kind) const;
   struct Buffers;
   void Allocate(int B, int T);
-  void TpAllReduce(cuda::bf16* x, size_t n) const;
+  // Sums the device buffer x[0, n) (bf16, float or double) over the TP group in stream order;
+  // throws std::runtime_error on failure, as model/llama.cpp does (llama_cuda_parallel.cpp).
+  template <typename X>
+  void TpAllReduce(X* x, size_t n) const;
+  // NCCL: waits for the TP group's collectives under its deadline (a failed peer would otherwise
+  // leave the compute stream waiting forever); before each wait of the host for the device.
+  void TpSynchronize() const;
+  // recv [tp · n] = every TP rank's send [n] (device buffers), in stream order.
+  void TpAllGather(const float* send, float* recv, size_t n) const;
+  // The reducer over dp (made again when dp changes); null for null.
+  DeviceReducer* DpReducer(parallel::Communicator* dp);
   const cuda::bf16* W(size_t offset) const;
   float* G(size_t offset) const;
+  // Multi-tensor table, AdamW arguments, norm and the optimizer's CUDA graph; made at the first
+  // OptimizerStepAsync (model/llama_cuda_optimizer.cpp).
+  struct OptimizerState;
+  struct OptimizerStateDeleter {
+    void operator()(OptimizerState* state) const;
+  };
 
   LlamaConfig config_;
   parallel::Communicator* tp_;
   int heads_, kv_heads_, ffn_, head_dim_;
+  int vocab_begin_ = 0, vocab_rows_ = 0;  // this rank's rows of the embedding and LM head
   std::vector<ParamSpec> specs_;
   std::vector<size_t> layer_offsets_;  // per layer: attn_norm, wq, wk, wv, wo, mlp_norm, gate, up, down
   size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0, num_params_ = 0;
@@ -122,8 +184,11 @@ class LlamaCuda {
   float* grads_ = nullptr;           // fp32 [num_params]
   float* adam_m_ = nullptr;
   float* adam_v_ = nullptr;
-  double* norm_ = nullptr;           // [2]: sum of squares of replicated, sharded tensors
   int adam_step_ = 0;
+  std::unique_ptr<OptimizerState, OptimizerStateDeleter> opt_;
+
+  std::unique_ptr<DeviceReducer> tp_reduce_, dp_reduce_;
+  size_t dp_bucket_floats_ = kDpBucketFloats;
 
   std::unique_ptr<Buffers> buf_;
   // Last forward.
@@ -131,6 +196,7 @@ class LlamaCuda {
   StepOptions options_;
   double label_count_ = 0;
   bool forward_dmc_ = false;
+  LomaLosses loma_losses_;  // of a LoMA step, formed in ForwardAsync
 };
 
 }  // namespace dmc::model

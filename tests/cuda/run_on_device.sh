@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA targets on the lent GPU machine and runs the GPU test suite, compute-sanitizer
-# (memcheck + racecheck) on the attention kernels, and the attention benchmark beside PyTorch's
-# SDPA flash anchor. Logs go to $OUT (or ./device-out when OUT is unset).
+# (memcheck + racecheck) on the attention, LoMA, paged-decode and vocabulary-parallel kernels,
+# and the attention benchmark beside PyTorch's SDPA flash anchor. Logs go to $OUT (or
+# ./device-out when OUT is unset).
 #
 # The device image lacks some of the root CMakeLists.txt's find_package dependencies (Abseil,
 # sentencepiece, nlohmann_json). Carry them as Debian packages:
@@ -15,7 +16,10 @@
 # Environment knobs: DMC_DEVICE_STEPS (default "build test sanitize bench"; "hf" adds the Hugging
 # Face logits check of tests/hf/check_hf_logits.py, which needs transformers; "train" runs
 # dmc-train --device=cuda on the embedded text, straight and stopped + resumed; "configure" alone
-# only configures; "sass" adds an instruction count of the attention kernels), DMC_BENCH_CONFIGS
+# only configures; "sass" adds an instruction count of the attention kernels; "trainstep" runs
+# bench/cuda/bench_train_step (the 1.36B and medium training steps, host enqueue vs device time);
+# "profile" writes per-kernel time tables of one 1.36B training step, DMC off and on, to
+# $OUT/profile.md, through nsys where it works and ncu otherwise), DMC_BENCH_CONFIGS
 # (tile settings to compare, e.g. "default DMC_ATTN_BWD_NW=4"), DMC_BENCH_REPS (20),
 # DMC_GTEST_FILTER (default all), DMC_DEVICE_BUILD (see below).
 set -uo pipefail
@@ -116,11 +120,11 @@ if has_step sanitize; then
   for tool in memcheck racecheck; do
     start=$(date +%s)
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$TEST_BIN" \
-      --gtest_filter='Shapes/CudaAttention.MatchesCpuReference/case0:Shapes/CudaAttention.MatchesCpuReference/case2:Shapes/CudaAttention.MatchesCpuReference/case5:Shapes/CudaAttention.MatchesCpuReference/case6' \
+      --gtest_filter='Shapes/CudaAttention.MatchesCpuReference/case0:Shapes/CudaAttention.MatchesCpuReference/case2:Shapes/CudaAttention.MatchesCpuReference/case5:Shapes/CudaAttention.MatchesCpuReference/case6:Zones/CudaLomaAttention.MatchesCpuReference/case1:Zones/CudaLomaAttention.MatchesCpuReference/case5:Zones/CudaLomaAttention.MatchesCpuReference/case6:CudaDecode.PagedGroups:CudaDecode.PagedLongHeads:CudaVocabParallel.*' \
       >"$OUT/sanitize_one.log" 2>&1
     rc=$?
     cat "$OUT/sanitize_one.log" >>"$OUT/sanitize.log"
-    note "compute-sanitizer $tool on attention rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_one.log" | tr '\n' ' ')"
+    note "compute-sanitizer $tool on attention, decode, vocabulary-parallel rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_one.log" | tr '\n' ' ')"
     rm -f "$OUT/sanitize_one.log"
   done
 fi
@@ -139,6 +143,41 @@ if has_step bench; then
     [ -x "$b" ] && [ "$(basename "$b")" != bench_dmc_attention ] && [ -f "bench/cuda/$(basename "$b").cu" ] &&
       "$b" "$REPS" 2>&1 | tee -a "$OUT/bench.log"
   done
+fi
+
+if has_step trainstep; then
+  start=$(date +%s)
+  "$BUILD/bench/bench_train_step" --reps="${DMC_TRAINSTEP_REPS:-10}" 2>&1 | tee "$OUT/train_step.log"
+  note "bench_train_step rc=${PIPESTATUS[0]} ($(( $(date +%s) - start )) s)"
+  grep -E "^\| |costs" "$OUT/train_step.log" | tee -a "$summary"
+fi
+
+if has_step profile; then
+  # Per-kernel device time of one training step (DMC_PROFILE_SHAPE, default two layers of the
+  # 1.36B model at B 4: every kernel shape of the full model, a tenth of the launches), once with
+  # DMC off and once on, so the difference says where DMC's time goes. nsys when it can make a
+  # report here; else ncu with the one duration metric (no replay, every kernel).
+  start=$(date +%s)
+  shape="${DMC_PROFILE_SHAPE:-1b-2l:4}"
+  csvs=()
+  for dmc in off on; do
+    args=(--reps=1 --warmup=0 --queued=false --gemm=false --shapes="$shape" --dmc="$dmc")
+    csv="$OUT/profile_kernels_$dmc.csv"
+    if command -v nsys >/dev/null 2>&1 &&
+       nsys profile --force-overwrite=true -o "/tmp/dmc_prof_$dmc" "$BUILD/bench/bench_train_step" \
+         "${args[@]}" >"$OUT/profile_$dmc.log" 2>&1 &&
+       nsys stats --report cuda_gpu_kern_sum --format csv --output "/tmp/dmc_prof_$dmc" \
+         "/tmp/dmc_prof_$dmc.nsys-rep" >>"$OUT/profile_$dmc.log" 2>&1; then
+      cp "/tmp/dmc_prof_${dmc}_cuda_gpu_kern_sum.csv" "$csv"
+    else
+      ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        "$BUILD/bench/bench_train_step" "${args[@]}" >"$csv" 2>"$OUT/profile_$dmc.log"
+    fi
+    csvs+=("$csv")
+  done
+  python3 bench/cuda/kernel_table.py "${csvs[@]}" >"$OUT/profile.md" 2>>"$OUT/profile_on.log"
+  note "profile $shape rc=$? ($(( $(date +%s) - start )) s): see profile.md"
+  head -40 "$OUT/profile.md" | tee -a "$summary"
 fi
 
 if has_step sass; then  # instruction mix of the attention kernels, from the built library

@@ -224,8 +224,8 @@ class CudaModel : public ::testing::Test {
   void SetUp() override { DMC_REQUIRE_GPU(); }
 };
 
-// Five AdamW steps (relaxed DMC with the CR loss, clipping active) on both models: the losses
-// and gradient norms track, and both models learn.
+// Six full steps (forward, backward, AdamW; relaxed DMC with the CR loss, clipping active on some
+// steps) on both models: the losses and gradient norms track, and both models learn.
 TEST_F(CudaModel, OptimizerStepsTrackCpu) {
   const Case tc{"steps", true, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2};
   const model::LlamaConfig config = MakeConfig(tc);
@@ -258,12 +258,16 @@ TEST_F(CudaModel, OptimizerStepsTrackCpu) {
     cpu.ZeroGrad();
     gpu.ZeroGrad();
     const model::ForwardResult rc = cpu.Forward(in.data(), tgt.data(), B, T, opt);
-    const model::ForwardResult rg = gpu.Forward(in.data(), tgt.data(), B, T, opt);
     cpu.Backward();
+    // The trainer's order on the GPU: forward and backward enqueued before the statistics are
+    // read, then the optimizer step (a CUDA graph replay from the second step on) and its one wait.
+    gpu.ForwardAsync(in.data(), tgt.data(), B, T, opt);
     gpu.Backward();
+    const model::ForwardResult rg = gpu.ForwardResults();
     absl::StatusOr<double> nc = cpu_opt.Step(cpu, gs.lr, tp);
     ASSERT_TRUE(nc.ok()) << nc.status();
-    const double ng = gpu.OptimizerStep(gs);
+    gpu.OptimizerStepAsync(gs);
+    const double ng = gpu.OptimizerStepNorm();
     std::printf("[ steps ] step %d  loss %.5f / %.5f  lm %.5f / %.5f  grad norm %.4f / %.4f "
                 "(gpu / cpu)\n",
                 step, rg.loss, rc.loss, rg.lm_loss, rc.lm_loss, ng, *nc);
@@ -296,6 +300,65 @@ TEST_F(CudaModel, OptimizerStepsTrackCpu) {
   EXPECT_EQ(m, m2);
   EXPECT_EQ(v, v2);
   EXPECT_EQ(other.ParamsToHost(), pg);
+}
+
+// The deferred read changes nothing: ForwardAsync + Backward + ForwardResults gives the statistics
+// Forward gives, and with clipping disabled or inactive the optimizer step (captured once, then
+// replayed with new rates) tracks the CPU AdamW, whose steps are then not scaled.
+TEST_F(CudaModel, DeferredForwardAndGraphOptimizerMatchCpu) {
+  const Case tc{"deferred", true, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2};
+  const model::LlamaConfig config = MakeConfig(tc);
+  const int B = 2, T = 33;
+  model::Llama<float> cpu(config, nullptr);
+  ShapeWeights(&cpu, 17);
+  model::LlamaCuda gpu(config);
+  gpu.CopyParamsFromHost(cpu);
+  std::vector<int32_t> in, tgt;
+  MakeBatch(B, T, config.vocab_size, 9, &in, &tgt);
+  model::StepOptions opt;
+  opt.noise_seed = 5;
+  opt.cr_prior = 0.6f;
+  const model::ForwardResult r1 = gpu.Forward(in.data(), tgt.data(), B, T, opt);
+  gpu.ForwardAsync(in.data(), tgt.data(), B, T, opt);
+  gpu.Backward();
+  const model::ForwardResult r2 = gpu.ForwardResults();
+  EXPECT_EQ(r1.loss, r2.loss);
+  EXPECT_EQ(r1.lm_loss, r2.lm_loss);
+  EXPECT_EQ(r1.cr_loss, r2.cr_loss);
+  EXPECT_EQ(r1.merge_fraction, r2.merge_fraction);
+  EXPECT_EQ(r1.layer_merge_fraction, r2.layer_merge_fraction);
+
+  for (const float clip : {0.0f, 1e6f}) {
+    trainer::OptimizerConfig oc;
+    oc.grad_clip = clip;
+    trainer::AdamW cpu_opt(oc, cpu.params().size());
+    parallel::LocalCommunicator tp;
+    model::CudaAdamWSettings gs;
+    gs.grad_clip = clip;
+    gpu.CopyParamsFromHost(cpu);
+    gpu.ResetOptimizer();
+    for (int step = 0; step < 3; ++step) {
+      const float lr = 1e-3f * (step + 1);  // a new rate each replay
+      opt.step = step;
+      cpu.ZeroGrad();
+      gpu.ZeroGrad();
+      cpu.Forward(in.data(), tgt.data(), B, T, opt);
+      cpu.Backward();
+      gpu.ForwardAsync(in.data(), tgt.data(), B, T, opt);
+      gpu.Backward();
+      gpu.ForwardResults();
+      absl::StatusOr<double> nc = cpu_opt.Step(cpu, lr, tp);
+      ASSERT_TRUE(nc.ok()) << nc.status();
+      gs.lr = lr;
+      const double ng = gpu.OptimizerStep(gs);
+      EXPECT_LE(std::fabs(ng - *nc) / *nc, kGradTol) << "clip " << clip << " step " << step;
+    }
+    EXPECT_EQ(gpu.optimizer_step(), 3);
+    const std::vector<float> pg = gpu.ParamsToHost();
+    const double err = RelError(pg.data(), cpu.params().data(), pg.size());
+    std::printf("[ error ] parameters after 3 unclipped steps (clip %g) rel %.3e\n", clip, err);
+    EXPECT_LE(err, 5e-2);
+  }
 }
 
 // Stage-2 entry on the device zeroes the same rows as the host model; ResetOptimizer forgets.
