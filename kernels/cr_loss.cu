@@ -1,4 +1,6 @@
 // DMC compression-ratio loss on the GPU (spec: kernels/cr_loss.h). Deterministic block sums.
+#include <algorithm>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -6,14 +8,32 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-__global__ void cr_accumulate_kernel(float* mean_merge, const float* merge, long per_seq,
-                                     float scale) {
-  const int b = blockIdx.x;
+// The sum of merge over a sequence's T·Hkv decisions, in two deterministic passes: a grid of
+// (sequence, chunk) blocks writes one partial sum each, then one thread per sequence adds its
+// partials in chunk order. One block per sequence would leave most SMs idle at small B.
+constexpr int kChunkElems = 4096;  // decisions per block of the first pass
+constexpr int kMaxChunks = 64;     // per sequence
+constexpr int kPartialsSlot = 13;  // detail::scratch slot of the partial sums
+
+__global__ void cr_partial_sums_kernel(float* partials, const float* merge, long per_seq,
+                                       int chunks) {
+  const int b = blockIdx.y, chunk = blockIdx.x;
+  const long per_chunk = (per_seq + chunks - 1) / chunks;
+  const long begin = chunk * per_chunk, end = min(per_seq, begin + per_chunk);
   const float* m = merge + b * per_seq;
   float acc = 0.f;
-  for (long i = threadIdx.x; i < per_seq; i += blockDim.x) acc += m[i];
+  for (long i = begin + threadIdx.x; i < end; i += blockDim.x) acc += m[i];
   acc = block_sum(acc);
-  if (threadIdx.x == 0) mean_merge[b] += scale * acc;
+  if (threadIdx.x == 0) partials[b * chunks + chunk] = acc;
+}
+
+__global__ void cr_add_partials_kernel(float* mean_merge, const float* partials, int B, int chunks,
+                                       float scale) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  float acc = 0.f;
+  for (int c = 0; c < chunks; ++c) acc += partials[b * chunks + c];
+  mean_merge[b] += scale * acc;
 }
 
 __global__ void cr_accumulate_backward_kernel(float* dmerge, const float* dmean_merge, long per_seq,
@@ -39,8 +59,16 @@ __global__ void cr_loss_backward_kernel(float* dmean_merge, const float* mean_me
 
 void cr_accumulate_merge(float* mean_merge, const float* merge, int B, int T, int Hkv, float scale,
                          cudaStream_t stream) {
-  if (B <= 0) return;
-  cr_accumulate_kernel<<<B, 256, 0, stream>>>(mean_merge, merge, static_cast<long>(T) * Hkv, scale);
+  const long per_seq = static_cast<long>(T) * Hkv;
+  if (B <= 0 || per_seq <= 0) return;
+  const int chunks = static_cast<int>(
+      std::min<long>(kMaxChunks, (per_seq + kChunkElems - 1) / kChunkElems));
+  float* partials =
+      static_cast<float*>(scratch(kPartialsSlot, sizeof(float) * static_cast<size_t>(B) * chunks));
+  cr_partial_sums_kernel<<<dim3(chunks, B), 256, 0, stream>>>(partials, merge, per_seq, chunks);
+  DMC_CUDA_CHECK_LAUNCH();
+  cr_add_partials_kernel<<<ceil_div(B, 128), 128, 0, stream>>>(mean_merge, partials, B, chunks,
+                                                               scale);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -275,6 +275,9 @@ int main(int argc, char** argv) {
         model->ForwardResults();
         model->OptimizerStepNorm();
         gate_timed_out |= gate.timed_out;
+        // A step of more launches than the driver's queue holds blocks the enqueue until the gate
+        // gives up: nothing is measured then, so stop.
+        if (gate.timed_out) break;
         queued.push_back(Elapsed(e0, e3));
       }
       for (cudaEvent_t e : {e0, e1, e2, e3}) DMC_CUDA_CHECK(cudaEventDestroy(e));

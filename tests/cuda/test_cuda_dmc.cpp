@@ -145,40 +145,42 @@ TEST_F(CudaDmc, Scan) {
 }
 
 TEST_F(CudaDmc, CrLoss) {
-  const int B = 5, T = 61, Hkv = 3;
-  const size_t ns = static_cast<size_t>(B) * T * Hkv;
-  auto merge = randu(ns, 0.0, 1.0);
-  for (auto& m : merge) m = m > 0.6 ? 1.0 : 0.0;
-  auto mf = to_f32(merge);
-  auto mm = randu(B, 0.0, 0.2);
-  auto mmf = to_f32(mm);
-  const double scale = 1.0 / (2.0 * T * Hkv);
-  DevBuf<float> dmerge(mf), dmm(mmf);
-  C::cr_accumulate_merge(dmm, dmerge, B, T, Hkv, static_cast<float>(scale));
-  K::cr_accumulate_merge<double>(mm.data(), merge.data(), B, T, Hkv, static_cast<float>(scale));
-  auto mmd = dmm.download();
-  expect_close("cr accumulate mean_merge", mmd, mm, 1e-6);
+  // 61 × 3: one block per sequence; 4099 × 16: many blocks, the last one partial.
+  for (const auto& [B, T, Hkv] : {std::tuple{5, 61, 3}, std::tuple{3, 4099, 16}}) {
+    const size_t ns = static_cast<size_t>(B) * T * Hkv;
+    auto merge = randu(ns, 0.0, 1.0);
+    for (auto& m : merge) m = m > 0.6 ? 1.0 : 0.0;
+    auto mf = to_f32(merge);
+    auto mm = randu(B, 0.0, 0.2);
+    auto mmf = to_f32(mm);
+    const double scale = 1.0 / (2.0 * T * Hkv);
+    DevBuf<float> dmerge(mf), dmm(mmf);
+    C::cr_accumulate_merge(dmm, dmerge, B, T, Hkv, static_cast<float>(scale));
+    K::cr_accumulate_merge<double>(mm.data(), merge.data(), B, T, Hkv, static_cast<float>(scale));
+    auto mmd = dmm.download();
+    expect_close("cr accumulate mean_merge", mmd, mm, 1e-6);
 
-  const float prior = 0.5f;
-  DevBuf<float> dloss(1);
-  dloss.poison();
-  C::cr_loss_forward(dloss, dmm, B, prior);
-  const double rl = K::cr_loss_forward<double>(mm.data(), B, prior);
-  expect_close("cr loss", dloss.download(), std::vector<double>{rl}, 1e-6);
+    const float prior = 0.5f;
+    DevBuf<float> dloss(1);
+    dloss.poison();
+    C::cr_loss_forward(dloss, dmm, B, prior);
+    const double rl = K::cr_loss_forward<double>(mm.data(), B, prior);
+    expect_close("cr loss", dloss.download(), std::vector<double>{rl}, 1e-6);
 
-  auto g = randn(B);
-  auto gf = to_f32(g);
-  DevBuf<float> dg(gf);
-  C::cr_loss_backward(dg, dmm, B, prior, 1.0f);
-  K::cr_loss_backward<double>(g.data(), mm.data(), B, prior, 1.0);
-  expect_close("cr loss bwd (+=)", dg.download(), g, 1e-6);
+    auto g = randn(B);
+    auto gf = to_f32(g);
+    DevBuf<float> dg(gf);
+    C::cr_loss_backward(dg, dmm, B, prior, 1.0f);
+    K::cr_loss_backward<double>(g.data(), mm.data(), B, prior, 1.0);
+    expect_close("cr loss bwd (+=)", dg.download(), g, 1e-6);
 
-  auto dme = randn(ns);
-  auto dmef = to_f32(dme);
-  DevBuf<float> ddme(dmef);
-  C::cr_accumulate_merge_backward(ddme, dg, B, T, Hkv, static_cast<float>(scale));
-  K::cr_accumulate_merge_backward<double>(dme.data(), g.data(), B, T, Hkv, scale);
-  expect_close("cr accumulate bwd dmerge (+=)", ddme.download(), dme, 1e-6);
+    auto dme = randn(ns);
+    auto dmef = to_f32(dme);
+    DevBuf<float> ddme(dmef);
+    C::cr_accumulate_merge_backward(ddme, dg, B, T, Hkv, static_cast<float>(scale));
+    K::cr_accumulate_merge_backward<double>(dme.data(), g.data(), B, T, Hkv, scale);
+    expect_close("cr accumulate bwd dmerge (+=)", ddme.download(), dme, 1e-6);
+  }
 }
 
 TEST_F(CudaDmc, ScaleLastChannel) {
