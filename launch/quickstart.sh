@@ -1,20 +1,11 @@
 #!/usr/bin/env bash
-# The embedded default job, from a fresh machine: install, build, tokenize the shipped English
-# text into HDF5 shards, then pre-train a small Llama on the CPU and retrofit it with DMC to a
-# compression ratio of 2 (stage 1 fades the control channel out, stage 2 ramps the CR target,
-# stage 3 holds it), checkpointing into runs/quickstart/.
+# The README's main job, from a fresh machine: set up and build (launch/setup.sh), then the whole
+# retrofitting pipeline in its tiny CPU configuration (launch/pipeline.sh, DMC_PIPELINE_CONFIG=cpu):
+# tokenize the embedded King James text, pre-train a 0.9M-parameter Llama with DMC off, retrofit
+# it with DMC to CR 2, 4 and 8, export the models, evaluate them on held-out books beside the
+# vanilla cache, H2O and TOVA, and print the table. Outputs go to runs/quickstart/ (results/ in
+# it); a rerun redoes only what is missing there. Arguments go to every dmc-train call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
-
-run=runs/quickstart
-mkdir -p "$run"
-if [ ! -f "$run/shards/train_index.json" ]; then
-  build/data/dmc-prep --input=data/corpus --output="$run/shards" --tokenizer=byte \
-      --val_fraction=0.15 --shard_tokens=500000
-fi
-rm -rf "$run/checkpoints" "$run/metrics.jsonl"
-build/trainer/dmc-train --flagfile=launch/configs/quickstart.flags \
-    --data="$run/shards/train_index.json" --checkpoint_dir="$run/checkpoints" \
-    --log_jsonl="$run/metrics.jsonl" "$@"
-bash launch/plot_training.sh "$run/training.png" quickstart="$run/metrics.jsonl"
+DMC_PIPELINE_CONFIG=cpu DMC_PIPELINE_OUT="${DMC_PIPELINE_OUT:-runs/quickstart}" \
+  exec bash launch/pipeline.sh "$@"
