@@ -2,20 +2,39 @@
 # The whole retrofitting experiment in one command: tokenize → pre-train a base Llama (DMC off)
 # → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each) → export every model in Hugging Face
 # layout → evaluate on held-out text (DMC with hard decisions; the base model with the vanilla
-# cache and with H2O and TOVA at the budget DMC achieved) → results/ with the side-by-side table,
-# the training curves and the per-head CR heat maps.
+# cache and with H2O and TOVA at the budget DMC achieved) → OUT/results/ with the side-by-side
+# table, the training curves and the per-head CR heat maps.
 #
-#   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default), minutes on a laptop: the
-#                                 embedded King James text, byte tokenizer, "small" preset (0.9M)
+#   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
+#                                 the embedded King James text, byte tokenizer, "small" preset
+#                                 (0.9M parameters); ~15 minutes on two cores
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
-#                                 seq 512, on the 13 MB English corpus of data/corpus/fetch_english.sh
-#                                 with an 8k SentencePiece BPE trained on it by spm_train
+#                                 seq 512, on the ~100 MB English corpus of
+#                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
+#                                 trained on it by spm_train; training ~4 minutes on one H200
+#                                 (budgets below)
 #   DMC_PIPELINE_OUT=DIR          where runs and results go (default runs/pipeline-CONFIG)
 #   DMC_PIPELINE_CRS="2 4 8"      the retrofit targets
-#   DMC_PIPELINE_SHARDS=DIR       (gpu) a dmc-prep output to use instead of building the corpus
+#   DMC_PIPELINE_SHARDS=DIR       (gpu) a dmc-prep output to use instead of preparing the data
+#   DMC_PIPELINE_CORPUS=DIR       (gpu) the fetched text (default OUT/corpus, fetched if missing)
+#   DMC_PIPELINE_TOKENIZER=FILE   (gpu) a SentencePiece model (default OUT/bpe8k.model, trained
+#                                 on the corpus if missing)
+#   DMC_PIPELINE_PREP_ONLY=1      stop after the data
 #   DMC_SKIP_SETUP=1              use an existing build (a machine where apt cannot run), in
 #   DMC_BUILD_DIR=DIR             DIR (default build)
+# Steps whose output exists (shards, base/, dmc_crN/) are not redone: delete OUT to start over.
 # Extra arguments go to every dmc-train call.
+#
+# A GPU machine without network: prepare the text and the tokenizer where the registries can be
+# reached (DMC_PIPELINE_PREP_ONLY=1), take the text there packed (tar + xz: 25 MB, where its
+# shards are 150 MB) with the tokenizer, unpack it and point DMC_PIPELINE_CORPUS and
+# DMC_PIPELINE_TOKENIZER at them; the tokenization (dmc-prep) then runs there.
+#
+# Evaluation runs on the CPU (one dmc-eval process per model and method), so the evaluations run
+# as parallel processes and start as soon as their model exists: the base model's during the
+# retrofits, each CR's while the next one trains. On the CPU configuration the retrofits
+# themselves also run side by side (each dmc-train is single-threaded); on the GPU they take turns
+# on the one device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -23,69 +42,150 @@ config=${DMC_PIPELINE_CONFIG:-cpu}
 out=${DMC_PIPELINE_OUT:-runs/pipeline-$config}
 crs=${DMC_PIPELINE_CRS:-2 4 8}
 bin=${DMC_BUILD_DIR:-build}
-results="$out/results"
-mkdir -p "$results"
-log() { echo "== pipeline ($config): $*"; }
+results="$out/results" logs="$out/logs"
+mkdir -p "$results" "$logs"
+start=$(date +%s)
+log() { echo "== pipeline ($config, $(( $(date +%s) - start )) s): $*"; }
+for tool in data/dmc-prep trainer/dmc-train trainer/dmc-export inference/dmc-eval; do
+  [ -x "$bin/$tool" ] || { echo "pipeline: $bin/$tool is not built (DMC_BUILD_DIR=$bin)" >&2; exit 1; }
+done
 
 # 1. data and the configuration
 case "$config" in
   cpu)
+    # 500 pre-training steps × 1024 tokens = 512k tokens (~0.3 epochs of the 1.6M training bytes;
+    # ~2.5 minutes at ~3,400 tokens/s on an idle core); 380 steps per retrofit (76% of the base's
+    # tokens; the three side by side ~3.5 minutes on two cores): the learned merging lags the CR
+    # ramp, and a shorter ramp leaves it further behind
     shards="$out/shards"
+    parallel_retrofits=1
     train_common=(--device=cpu --seq_len=128 --micro_batch=8)
-    pretrain=(--model=small --pretrain_steps=600 --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
+    pretrain=(--model=small --pretrain_steps=500 --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
     retrofit=(--stage1_steps=20 --stage2_steps=300 --stage3_steps=60 --retrofit_lr=1e-3
               --retrofit_min_lr=1e-4)
-    eval_common=(--seq_len=128 --max_sequences=32)
+    windows=32
+    eval_common=(--seq_len=128 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
       log "tokenizing data/corpus"
       $bin/data/dmc-prep --input=data/corpus --output="$shards" --tokenizer=byte \
-          --val_fraction=0.15 --shard_tokens=500000
+          --val_fraction=0.15 --shard_tokens=500000 --progress=false
     fi
     ;;
   gpu)
+    # Token budgets at 16,384 tokens per step (seq 512 × 32), for the 37.4M training tokens of the
+    # fetched corpus (103 MB, 8k BPE) and the measured 1.47M tokens/s (DMC off) and 1.0–1.2M
+    # tokens/s (DMC on) of the 17M model on one H200:
+    #   pre-training  8000 steps = 131M tokens (3.5 epochs: repeated data stays nearly as good
+    #                 as fresh up to ~4 epochs)                                    ~95 s
+    #   each retrofit 2500 steps =  41M tokens (31% of the base's, 1.1 epochs; stage 2 ramps the
+    #                 CR target over 2000 steps, stage 3 holds it 400)             ~40 s, ×3
+    #   evaluation    32 windows × 512 tokens per model and method on the CPU, in parallel with
+    #                 the training
+    # Measured on one H200: the training 226 s with the tokenization (results/README.md).
     shards=${DMC_PIPELINE_SHARDS:-$out/shards}
+    parallel_retrofits=0
     train_common=(--device=cuda --seq_len=512 --micro_batch=32)
-    pretrain=(--model=medium --pretrain_steps=600 --warmup_steps=30 --lr=2e-3 --min_lr=2e-4)
-    retrofit=(--stage1_steps=100 --stage2_steps=1500 --stage3_steps=300 --retrofit_lr=1e-3
+    pretrain=(--model=medium --pretrain_steps=8000 --warmup_steps=200 --lr=2e-3 --min_lr=2e-4)
+    retrofit=(--stage1_steps=100 --stage2_steps=2000 --stage3_steps=400 --retrofit_lr=1e-3
               --retrofit_min_lr=1e-4)
-    eval_common=(--seq_len=512 --max_sequences=32)
+    windows=32
+    eval_common=(--seq_len=512 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
-      log "building the English corpus and its tokenizer"
-      bash data/corpus/fetch_english.sh "$out/corpus"
-      spm_train --input="$(ls "$out"/corpus/*.txt | paste -sd,)" --model_prefix="$out/bpe8k" \
-          --vocab_size=8192 --model_type=bpe --character_coverage=1.0 --byte_fallback=true \
-          --normalization_rule_name=identity --remove_extra_whitespaces=false --split_digits=true \
-          --input_sentence_size=2000000 --shuffle_input_sentence=true --minloglevel=2
-      $bin/data/dmc-prep --input="$out/corpus" --output="$shards" --tokenizer="$out/bpe8k.model" \
-          --val_fraction=0.05 --shard_tokens=2000000
+      corpus=${DMC_PIPELINE_CORPUS:-$out/corpus}
+      tokenizer=${DMC_PIPELINE_TOKENIZER:-$out/bpe8k.model}
+      if [ ! -f "$corpus/SOURCES.tsv" ]; then
+        log "fetching the English corpus into $corpus"
+        bash data/corpus/fetch_english.sh "$corpus"
+      fi
+      if [ ! -f "$tokenizer" ]; then
+        log "training the SentencePiece BPE tokenizer $tokenizer"
+        # identity normalization + byte fallback: decode(encode(text)) == text; 2M lines sampled
+        find "$corpus" -name '*.txt' -print0 | sort -z | xargs -0 cat >"$out/spm_input.txt"
+        spm_train --input="$out/spm_input.txt" --model_prefix="${tokenizer%.model}" \
+            --vocab_size=8192 --model_type=bpe --character_coverage=1.0 --byte_fallback=true \
+            --normalization_rule_name=identity --remove_extra_whitespaces=false --split_digits=true \
+            --input_sentence_size=2000000 --shuffle_input_sentence=true --minloglevel=2
+        rm -f "$out/spm_input.txt"
+      fi
+      log "tokenizing $corpus"
+      $bin/data/dmc-prep --input="$corpus" --output="$shards" --tokenizer="$tokenizer" \
+          --val_fraction=0.02 --shard_tokens=4000000 --progress=false
     fi
     ;;
   *) echo "pipeline: DMC_PIPELINE_CONFIG must be cpu or gpu, got '$config'" >&2; exit 2 ;;
 esac
+if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
+  log "data in $shards ($(du -sh "$shards" | cut -f1)); stopping (DMC_PIPELINE_PREP_ONLY)"
+  exit 0
+fi
 train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=1.0 --log_every=50)
+# all windows decoded together, so the peak KV memory / windows is the memory of one sequence
+eval_common+=(--data="$shards/val_index.json" --max_batch=$windows --kv_budget_mb=4096)
+
+# Background jobs: each writes OUT/logs/NAME.log; finish() waits for all and names the failures.
+declare -A pids=()
+spawn() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids[$name]=$!; }
+finish() {
+  local failed=() name
+  for name in "${!pids[@]}"; do wait "${pids[$name]}" || failed+=("$name"); done
+  pids=()
+  for name in "${failed[@]}"; do echo "pipeline: $name failed; the end of $logs/$name.log:" >&2; tail -20 "$logs/$name.log" >&2; done
+  ((${#failed[@]} == 0)) || exit 1
+}
+evaluate() {  # NAME MODEL LABEL dmc-eval-flags...: one dmc-eval into its own TSV
+  local name=$1 model=$2 label=$3; shift 3
+  rm -f "$results/eval_$name.tsv"
+  $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
+      --append_tsv="$results/eval_$name.tsv" "$@"
+}
+evaluate_cr() {  # CR: DMC, then H2O and TOVA on the base model at the CR DMC achieved
+  local cr=$1 achieved
+  evaluate "dmc_cr$cr" "$out/dmc_cr$cr" "$cr" --methods=dmc --heatmap="$results/head_cr_$cr.png"
+  achieved=$(cut -f4 "$results/eval_dmc_cr$cr.tsv")
+  evaluate "h2o_cr$cr" "$out/base" "$cr" --methods=h2o --baseline_cr="$achieved" &
+  evaluate "tova_cr$cr" "$out/base" "$cr" --methods=tova --baseline_cr="$achieved"
+  wait $! || return 1  # the H2O process
+}
+retrofit_cr() {  # CR: stages 1–3 from the base, exported in fp32
+  local cr=$1
+  if [ ! -f "$out/dmc_cr$cr/config.json" ]; then
+    rm -rf "$out/retrofit_cr$cr" "$out/retrofit_cr$cr.jsonl"
+    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${retrofit[@]}" \
+        --pretrain_steps=0 --cr_target="$cr" --checkpoint_dir="$out/retrofit_cr$cr" \
+        --log_jsonl="$out/retrofit_cr$cr.jsonl" "${extra[@]}"
+    $bin/trainer/dmc-export "$out/retrofit_cr$cr" "$out/dmc_cr$cr" --dtype=fp32
+  fi
+}
+retrofit_and_evaluate() { retrofit_cr "$1"; evaluate_cr "$1"; }
+extra=("$@")
+# a failing step ends the run: stop the background jobs with it
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
 # 2. pre-training (DMC off), exported in fp32 so the retrofits start from exactly these weights
 if [ ! -f "$out/base/config.json" ]; then
   log "pre-training the base model"
   rm -rf "$out/pretrain" "$out/pretrain.jsonl"
   $bin/trainer/dmc-train "${train_common[@]}" "${pretrain[@]}" --checkpoint_dir="$out/pretrain" \
-      --log_jsonl="$out/pretrain.jsonl" "$@"
+      --log_jsonl="$out/pretrain.jsonl" "${extra[@]}"
   $bin/trainer/dmc-export "$out/pretrain" "$out/base" --dtype=fp32
 fi
+spawn eval_base evaluate base "$out/base" base --methods=vanilla
 
-# 3. retrofits from the same base
-plots=()
+# 3. retrofits from the same base, each followed by its evaluations (4.)
 for cr in $crs; do
-  if [ ! -f "$out/dmc_cr$cr/config.json" ]; then
+  if ((parallel_retrofits)); then
+    log "retrofitting to CR $cr (in the background: $logs/retrofit_cr$cr.log)"
+    spawn "retrofit_cr$cr" retrofit_and_evaluate "$cr"
+  else
     log "retrofitting to CR $cr"
-    rm -rf "$out/retrofit_cr$cr" "$out/retrofit_cr$cr.jsonl"
-    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${retrofit[@]}" \
-        --pretrain_steps=0 --cr_target="$cr" --checkpoint_dir="$out/retrofit_cr$cr" \
-        --log_jsonl="$out/retrofit_cr$cr.jsonl" "$@"
-    $bin/trainer/dmc-export "$out/retrofit_cr$cr" "$out/dmc_cr$cr" --dtype=fp32
+    retrofit_cr "$cr"
+    spawn "eval_cr$cr" evaluate_cr "$cr"
   fi
-  plots+=("CR$cr=$out/retrofit_cr$cr.jsonl")
 done
+log "waiting for the retrofits and evaluations"
+finish
+plots=()
+for cr in $crs; do plots+=("CR$cr=$out/retrofit_cr$cr.jsonl"); done
 if command -v gnuplot >/dev/null; then
   bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl"
   bash launch/plot_training.sh "$results/retrofit_training.png" "${plots[@]}"
@@ -93,26 +193,15 @@ else
   log "gnuplot is not installed: no training plots (launch/plot_training.sh draws them later)"
 fi
 
-# 4. held-out evaluation through the paged cache (on the CPU), at the training sequence length,
-#    all windows decoded together so the peak KV memory / windows is the memory of one sequence.
+# 5. the side-by-side table; "max batch" = sequences whose KV cache fits in the memory that 16
+#    sequences take with the full cache (DMC's includes its window state). The decode tokens/s
+#    are the CPU reference decoder's, measured while the other evaluations ran beside it.
 tsv="$results/eval.tsv"
 : >"$tsv"
-windows=32
-eval_common+=(--data="$shards/val_index.json" --max_batch=$windows --kv_budget_mb=4096
-              --append_tsv="$tsv")
-log "evaluating the base model (vanilla cache)"
-$bin/inference/dmc-eval --model="$out/base" --methods=vanilla --label=base "${eval_common[@]}" >/dev/null
+cat "$results/eval_base.tsv" >>"$tsv"
 for cr in $crs; do
-  log "evaluating CR $cr: DMC, then H2O and TOVA on the base model at the CR DMC achieved"
-  $bin/inference/dmc-eval --model="$out/dmc_cr$cr" --methods=dmc --label="$cr" \
-      --heatmap="$results/head_cr_$cr.png" "${eval_common[@]}" >"$results/eval_dmc_cr$cr.txt"
-  achieved=$(tail -1 "$tsv" | cut -f4)
-  $bin/inference/dmc-eval --model="$out/base" --methods=h2o,tova --baseline_cr="$achieved" \
-      --label="$cr" "${eval_common[@]}" >/dev/null
+  cat "$results/eval_dmc_cr$cr.tsv" "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
 done
-
-# 5. the side-by-side table; "max batch" = sequences whose KV cache fits in the memory that 16
-#    sequences take with the full cache (DMC's includes its window state)
 {
   echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"

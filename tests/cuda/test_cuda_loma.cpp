@@ -21,6 +21,7 @@
 #include "model/loma.h"
 #include "parallel/communicator.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/cuda/model_test_util.h"
 #include "trainer/cuda_backend.h"
 #include "trainer/trainer.h"
 
@@ -158,8 +159,6 @@ struct ModelCase {
 
 constexpr int kBaseVocab = 64;
 
-float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
-
 // A LoMA model grown from a random base model (the dmc-train path), its weights rounded to bf16
 // so that both models compute with the same values. Matrices at std 0.06 rather than 0.02: the
 // attention rows are then far from uniform, so the mask and the positions matter.
@@ -197,17 +196,6 @@ model::LomaBatch LomaBatchOf(const model::LomaLayout& layout, int B, int plain, 
   EXPECT_TRUE(batch.ok()) << batch.status();
   return *batch;
 }
-
-double RelError(const float* gpu, const float* cpu, size_t n) {
-  std::vector<double> g(gpu, gpu + n), c(cpu, cpu + n);
-  return rel_error(g, c);
-}
-
-// As tests/cuda/test_cuda_model.cpp: matrices within 3e-2, RMSNorm weights (sums over every
-// token of bf16 products that largely cancel) within 6e-2, losses and logits within 1e-2.
-constexpr double kGradTol = 3e-2;
-constexpr double kNormGradTol = 6e-2;
-constexpr double kLossTol = 1e-2;
 
 class CudaLomaModelStep : public ::testing::TestWithParam<ModelCase> {
  protected:

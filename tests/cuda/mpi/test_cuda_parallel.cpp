@@ -25,6 +25,7 @@
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "parallel/process_groups.h"
+#include "tests/cuda/model_test_util.h"
 #include "tests/mpi/mpi_test_util.h"
 #if defined(DMC_HAVE_NCCL)
 #include "parallel/nccl_communicator.h"
@@ -47,10 +48,6 @@ struct Case {
   bool tied;  // tied embeddings: the embedding's gradient is complete only at the very end
 };
 
-// Tolerances of tests/cuda/test_cuda_model.cpp (bf16 compute against the fp32 CPU model).
-constexpr double kGradTol = 3e-2;
-constexpr double kNormGradTol = 6e-2;
-constexpr double kLossTol = 1e-2;
 // The bucketed and the plain DP reduction sum the same gradients, but from two backward passes,
 // and the attention backward accumulates dq with fp32 atomics, whose order varies from run to
 // run: a dq element may round to the neighbouring bf16 value. That moves a gradient by ~1e-5.
@@ -73,30 +70,6 @@ model::LlamaConfig MakeConfig(const Case& c) {
   return m;
 }
 
-float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
-
-// As tests/cuda/test_cuda_model.cpp: random bf16-exact weights, KV head h's decision channel
-// k[D-1] reading only residual channel h, which every token's embedding sets to ±1, so the hard
-// decisions are mixed but far from the threshold and do not flip between fp32 and bf16.
-void ShapeWeights(model::Llama<float>* m, uint64_t seed) {
-  m->InitRandom(seed);
-  const model::LlamaConfig& c = m->config();
-  const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
-  std::mt19937_64 rng(seed);
-  float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
-  for (int v = 0; v < c.vocab_size; ++v)
-    for (int h = 0; h < Hkv; ++h) emb[static_cast<size_t>(v) * C + h] = (rng() & 1) ? 1.0f : -1.0f;
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.k_proj.weight";
-    float* wk = m->params().data() + m->FindParam(name)->offset;
-    for (int h = 0; h < Hkv; ++h) {
-      float* row = wk + static_cast<size_t>(h * D + D - 1) * C;
-      for (int j = 0; j < C; ++j) row[j] = j == h ? 0.25f : 0.0f;
-    }
-  }
-  for (float& w : m->params()) w = RoundBf16(w);
-}
-
 // Global micro-batch m: G sequences of T tokens; one unlabelled position per sequence, so every DP
 // rank's slice holds as many labels and the mean of the ranks' mean losses is the global mean.
 void MakeBatch(int G, int T, int V, int m, std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
@@ -108,17 +81,6 @@ void MakeBatch(int G, int T, int V, int m, std::vector<int32_t>* in, std::vector
     (*tgt)[i] = static_cast<int32_t>(rng() % V);
   }
   for (int b = 0; b < G; ++b) (*tgt)[static_cast<size_t>(b) * T + (3 + 5 * b) % T] = -1;
-}
-
-double RelError(const float* got, const float* want, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    const double d = static_cast<double>(got[i]) - want[i];
-    num += d * d;
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 // Element (i, j) of TP rank r's shard of a tensor, in the full tensor (split as llama.cpp does).
