@@ -4,6 +4,7 @@
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -147,6 +148,7 @@ int main(int argc, char** argv) {
                   ? absl::StrFormat(", LoMA t %d c %d", c.loma.zones.t, c.loma.zones.c).c_str()
                   : "",
               n, seq_len, data.c_str());
+  std::fflush(stdout);  // the progress lines below go to stderr; keep the order in a shared log
 
   std::vector<EvalResult> results;
   double baseline_cr = absl::GetFlag(FLAGS_baseline_cr);
@@ -159,6 +161,16 @@ int main(int argc, char** argv) {
         dmc::inference::PolicyForCr(m, seq_len, baseline_cr > 0 ? baseline_cr : 1.0);
     if (!policy.ok()) return Fail(policy.status());
     eo.policy = *policy;
+    const auto start = std::chrono::steady_clock::now();
+    auto last_line = start;
+    eo.progress = [&](long done, long total) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_line < std::chrono::seconds(10)) return;
+      last_line = now;
+      const double seconds = std::chrono::duration<double>(now - start).count();
+      std::fprintf(stderr, "dmc-eval: %s %ld/%ld predictions, %.0f per second\n",
+                   dmc::inference::CacheMethodName(m), done, total, done / seconds);
+    };
     absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
     if (!r.ok()) return Fail(r.status());
     if (compresses(m) && baseline_cr <= 0) baseline_cr = r->cr;

@@ -51,6 +51,13 @@ EvalResult Summarize(const CachePolicy& policy, double nll, long hits, long pred
 // The loma method: up to max_batch LomaDecoders at a time, stepped in lockstep over their
 // windows, so with windows of equal length their cache peaks coincide and KV memory is the sum
 // of their peaks (keys and values of every layer and KV head, no paging).
+// Predictions in all: every position of every window but its last.
+long TotalPredictions(const std::vector<std::vector<int32_t>>& windows) {
+  long total = 0;
+  for (const auto& w : windows) total += static_cast<long>(w.size()) - 1;
+  return total;
+}
+
 absl::StatusOr<EvalResult> EvaluateLoma(const model::Llama<float>& model,
                                         const std::vector<std::vector<int32_t>>& windows,
                                         const EvalOptions& options) {
@@ -61,6 +68,7 @@ absl::StatusOr<EvalResult> EvaluateLoma(const model::Llama<float>& model,
   const int L = c.num_hidden_layers, Hkv = c.num_key_value_heads, V = c.vocab_size;
   const long slot_bytes = 2L * L * Hkv * c.head_dim() * static_cast<long>(sizeof(float));
   const int batch = std::max(1, std::min<int>(options.max_batch, windows.size()));
+  const long total = TotalPredictions(windows);
   double nll = 0;
   long hits = 0, predictions = 0, fed = 0, peak_bytes = 0;
   std::vector<double> tokens(size_t(L) * Hkv, 0.0), slots(size_t(L) * Hkv, 0.0);
@@ -80,6 +88,7 @@ absl::StatusOr<EvalResult> EvaluateLoma(const model::Llama<float>& model,
           Score(logits.data(), V, windows[w][pos + 1], &nll, &hits);
           ++predictions;
           ++fed;
+          if (options.progress) options.progress(predictions, total);
         }
       long held = 0;
       for (const LomaDecoder<float>& d : decoders) {
@@ -124,6 +133,7 @@ absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
   for (const auto& w : windows)
     requests.push_back({std::vector<int32_t>(w.begin(), w.end() - 1),
                         static_cast<int>(w.size()) - 1});
+  const long total = TotalPredictions(windows);
   double nll = 0;
   long hits = 0, predictions = 0;
   std::vector<double> tokens(size_t(L) * Hkv, 0.0), slots(size_t(L) * Hkv, 0.0);
@@ -132,6 +142,7 @@ absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
       [&](int r, int pos, const float* logits) {
         Score(logits, V, windows[r][pos + 1], &nll, &hits);
         ++predictions;
+        if (options.progress) options.progress(predictions, total);
         return kStopRequest;
       },
       [&](int r) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,9 @@ struct EvalOptions {
   long budget_bytes = 1L << 28;
   int page_size = 16;
   int max_batch = 16;
+  // Called after every prediction with (predictions so far, predictions in all): a long
+  // evaluation shows its progress through it (dmc-eval prints a line every few seconds).
+  std::function<void(long done, long total)> progress;
 };
 
 struct EvalResult {

@@ -205,8 +205,17 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   inference::EvalOptions eo;
   eo.policy = *inference::PolicyForCr(*method, seq_len, 1.0);
   eo.max_batch = 2;  // batches of 2, 2 and 1 windows
+  // Progress: one call per prediction, counting up to the total.
+  long calls = 0;
+  const auto count_progress = [&](long done, long total) {
+    EXPECT_EQ(done, ++calls);
+    EXPECT_EQ(total, n * seq_len);
+  };
+  eo.progress = count_progress;
   absl::StatusOr<inference::EvalResult> r = inference::Evaluate(*m, windows, eo);
   ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(calls, n * seq_len);
+  eo.progress = nullptr;
 
   model::Llama<double> ref(m->config(), nullptr);
   for (size_t i = 0; i < ref.params().size(); ++i) ref.params()[i] = m->params()[i];
@@ -249,6 +258,15 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   r = inference::Evaluate(base, windows, eo);
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::StrContains(r.status().message(), "needs a LoMA model")) << r.status();
+
+  // The paged path reports its progress the same way.
+  eo.policy = *inference::PolicyForCr(inference::CacheMethod::kVanilla, seq_len, 1.0);
+  eo.budget_bytes = 1L << 28;
+  eo.progress = count_progress;
+  calls = 0;
+  r = inference::Evaluate(base, windows, eo);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(calls, n * seq_len);
 }
 
 }  // namespace
