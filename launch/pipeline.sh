@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole retrofitting experiment in one command: tokenize → pre-train a base Llama (DMC off)
-# → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each) → export every model in Hugging Face
-# layout → evaluate on held-out text (DMC with hard decisions; the base model with the vanilla
-# cache and with H2O and TOVA at the budget DMC achieved) → OUT/results/ with the side-by-side
-# table, the training curves and the per-head CR heat maps.
+# → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each), and continue it as many steps with
+# DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
+# held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
+# TOVA at the budget DMC achieved; the control with the vanilla cache) → OUT/results/ with the
+# side-by-side table, the training curves and the per-head CR heat maps.
 #
 #   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
 #                                 the embedded King James text, byte tokenizer, "small" preset
@@ -11,10 +12,15 @@
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
 #                                 seq 512, on the ~100 MB English corpus of
 #                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
-#                                 trained on it by spm_train; training ~4 minutes on one H200
+#                                 trained on it by spm_train; ~7.5 minutes on one H200
 #                                 (budgets below)
 #   DMC_PIPELINE_OUT=DIR          where runs and results go (default runs/pipeline-CONFIG)
 #   DMC_PIPELINE_CRS="2 4 8"      the retrofit targets
+#   DMC_PIPELINE_STAGES="S1 S2 S3"
+#                                 the steps of the three DMC stages (default: the config's below)
+#   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"
+#                                 the retrofits' (and the control's) learning rates (default
+#                                 "1e-3 1e-4")
 #   DMC_PIPELINE_SHARDS=DIR       (gpu) a dmc-prep output to use instead of preparing the data
 #   DMC_PIPELINE_CORPUS=DIR       (gpu) the fetched text (default OUT/corpus, fetched if missing)
 #   DMC_PIPELINE_TOKENIZER=FILE   (gpu) a SentencePiece model (default OUT/bpe8k.model, trained
@@ -22,7 +28,8 @@
 #   DMC_PIPELINE_PREP_ONLY=1      stop after the data
 #   DMC_SKIP_SETUP=1              use an existing build (a machine where apt cannot run), in
 #   DMC_BUILD_DIR=DIR             DIR (default build)
-# Steps whose output exists (shards, base/, dmc_crN/) are not redone: delete OUT to start over.
+# Steps whose output exists (shards, base/, dmc_crN/, control/) are not redone: delete OUT to
+# start over.
 # Extra arguments go to every dmc-train call.
 #
 # A GPU machine without network: prepare the text and the tokenizer where the registries can be
@@ -32,9 +39,9 @@
 #
 # Evaluation runs on the CPU (one dmc-eval process per model and method), so the evaluations run
 # as parallel processes and start as soon as their model exists: the base model's during the
-# retrofits, each CR's while the next one trains. On the CPU configuration the retrofits
-# themselves also run side by side (each dmc-train is single-threaded); on the GPU they take turns
-# on the one device.
+# retrofits, each CR's while the next one trains. On the CPU configuration the retrofits and the
+# control themselves also run side by side (one thread each); on the GPU they take turns on the
+# one device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -61,8 +68,8 @@ case "$config" in
     parallel_retrofits=1
     train_common=(--device=cpu --seq_len=128 --micro_batch=8)
     pretrain=(--model=small --pretrain_steps=500 --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
-    retrofit=(--stage1_steps=20 --stage2_steps=300 --stage3_steps=60 --retrofit_lr=1e-3
-              --retrofit_min_lr=1e-4)
+    stages=(20 300 60)
+    retrofit_lr=(1e-3 1e-4)
     windows=32
     eval_common=(--seq_len=128 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
@@ -73,21 +80,23 @@ case "$config" in
     ;;
   gpu)
     # Token budgets at 16,384 tokens per step (seq 512 × 32), for the 37.4M training tokens of the
-    # fetched corpus (103 MB, 8k BPE) and the measured 1.47M tokens/s (DMC off) and 1.0–1.2M
+    # fetched corpus (103 MB, 8k BPE) and the measured 1.46M tokens/s (DMC off) and 1.26M
     # tokens/s (DMC on) of the 17M model on one H200:
     #   pre-training  8000 steps = 131M tokens (3.5 epochs: repeated data stays nearly as good
-    #                 as fresh up to ~4 epochs)                                    ~95 s
-    #   each retrofit 2500 steps =  41M tokens (31% of the base's, 1.1 epochs; stage 2 ramps the
-    #                 CR target over 2000 steps, stage 3 holds it 400)             ~40 s, ×3
-    #   evaluation    32 windows × 512 tokens per model and method on the CPU, in parallel with
-    #                 the training
-    # Measured on one H200: the training 226 s with the tokenization (results/README.md).
+    #                 as fresh up to ~4 epochs)                                    ~93 s
+    #   each retrofit 5700 steps =  93M tokens (stage 2 ramps the CR target over 4000 steps,
+    #                 stage 3 holds it 1600): half as long a retrofit (100 + 2000 + 400) ends
+    #                 7-9% worse in held-out perplexity (results/README.md)      ~75 s, ×3
+    #   the control   5700 steps with DMC off                                      ~65 s
+    #   evaluation    32 windows × 512 tokens per model and method on the CPU, one thread each,
+    #                 beside the training
+    # Measured on one H200: 448 s from the text to the table (results/README.md).
     shards=${DMC_PIPELINE_SHARDS:-$out/shards}
     parallel_retrofits=0
     train_common=(--device=cuda --seq_len=512 --micro_batch=32)
     pretrain=(--model=medium --pretrain_steps=8000 --warmup_steps=200 --lr=2e-3 --min_lr=2e-4)
-    retrofit=(--stage1_steps=100 --stage2_steps=2000 --stage3_steps=400 --retrofit_lr=1e-3
-              --retrofit_min_lr=1e-4)
+    stages=(100 4000 1600)
+    retrofit_lr=(1e-3 1e-4)
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
@@ -119,12 +128,28 @@ if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=1.0 --log_every=50)
+[ -z "${DMC_PIPELINE_STAGES:-}" ] || read -r -a stages <<<"$DMC_PIPELINE_STAGES"
+[ -z "${DMC_PIPELINE_RETROFIT_LR:-}" ] || read -r -a retrofit_lr <<<"$DMC_PIPELINE_RETROFIT_LR"
+retrofit=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]}
+          --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]})
+# The same-compute control: the retrofits' steps and learning rates with DMC off (a cosine from
+# the retrofit LR to its floor: the retrofits hold the LR through stages 1-2 and decay it in 3)
+control=(--pretrain_steps=$((stages[0] + stages[1] + stages[2])) --warmup_steps=0
+         --lr=${retrofit_lr[0]} --min_lr=${retrofit_lr[1]})
 # all windows decoded together, so the peak KV memory / windows is the memory of one sequence
 eval_common+=(--data="$shards/val_index.json" --max_batch=$windows --kv_budget_mb=4096)
 
 # Background jobs: each writes OUT/logs/NAME.log; finish() waits for all and names the failures.
+# Each runs on one thread (OMP_NUM_THREADS=1): the CPU kernels' OpenMP threads spin while they
+# wait, so several processes that each start one thread per core slow one another several-fold
+# (measured: three evaluations side by side on two cores took 4.6× as long as with one thread
+# each; on a 16-core GPU machine they made no progress at all beside the training).
 declare -A pids=()
-spawn() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids[$name]=$!; }
+spawn() {
+  local name=$1; shift
+  (export OMP_NUM_THREADS=1; "$@") >"$logs/$name.log" 2>&1 &
+  pids[$name]=$!
+}
 finish() {
   local failed=() name
   for name in "${!pids[@]}"; do wait "${pids[$name]}" || failed+=("$name"); done
@@ -157,6 +182,15 @@ retrofit_cr() {  # CR: stages 1–3 from the base, exported in fp32
   fi
 }
 retrofit_and_evaluate() { retrofit_cr "$1"; evaluate_cr "$1"; }
+continue_base() {  # the same-compute control from the base, DMC off, exported in fp32
+  if [ ! -f "$out/control/config.json" ]; then
+    rm -rf "$out/continued" "$out/continued.jsonl"
+    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${control[@]}" \
+        --checkpoint_dir="$out/continued" --log_jsonl="$out/continued.jsonl" "${extra[@]}"
+    $bin/trainer/dmc-export "$out/continued" "$out/control" --dtype=fp32
+  fi
+}
+continue_and_evaluate() { continue_base; evaluate control "$out/control" control --methods=vanilla; }
 extra=("$@")
 # a failing step ends the run: stop the background jobs with it
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
@@ -182,15 +216,29 @@ for cr in $crs; do
     spawn "eval_cr$cr" evaluate_cr "$cr"
   fi
 done
+if ((parallel_retrofits)); then
+  log "continuing the base with DMC off, the same steps (in the background: $logs/control.log)"
+  spawn control continue_and_evaluate
+else
+  log "continuing the base with DMC off for the same steps (the same-compute control)"
+  continue_base
+  spawn eval_control evaluate control "$out/control" control --methods=vanilla
+fi
 log "waiting for the retrofits and evaluations"
 finish
 plots=()
 for cr in $crs; do plots+=("CR$cr=$out/retrofit_cr$cr.jsonl"); done
+plots+=("DMC-off=$out/continued.jsonl")
+head_maps=()  # the dmc-eval logs with each retrofit's per-head CR table
+for cr in $crs; do
+  head_maps+=("CR $cr=$logs/$( ((parallel_retrofits)) && echo retrofit || echo eval)_cr$cr.log")
+done
 if command -v gnuplot >/dev/null; then
   bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl"
   bash launch/plot_training.sh "$results/retrofit_training.png" "${plots[@]}"
+  bash launch/plot_head_cr.sh "$results/head_cr.png" "${head_maps[@]}"
 else
-  log "gnuplot is not installed: no training plots (launch/plot_training.sh draws them later)"
+  log "gnuplot is not installed: no plots (launch/plot_training.sh and plot_head_cr.sh draw them later)"
 fi
 
 # 5. the side-by-side table; "max batch" = sequences whose KV cache fits in the memory that 16
@@ -198,7 +246,7 @@ fi
 #    are the CPU reference decoder's, measured while the other evaluations ran beside it.
 tsv="$results/eval.tsv"
 : >"$tsv"
-cat "$results/eval_base.tsv" >>"$tsv"
+cat "$results/eval_base.tsv" "$results/eval_control.tsv" >>"$tsv"
 for cr in $crs; do
   cat "$results/eval_dmc_cr$cr.tsv" "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
 done
@@ -209,8 +257,9 @@ done
     NR == FNR { if ($1 == "base" && $2 == "vanilla") { base = $5; budget = 16 * $7 / n } next }
     { per = $7 / n; d = sprintf("%+.1f%%", 100 * ($5 - base) / base)
       printf "| %s | %s | %.2f | %.3f | %s | %.3f | %.1f | %d | %.0f |\n",
-             ($1 == "base" ? "1 (base)" : $1), $2, $4, $5, ($1 == "base" ? "-" : d), $6,
+             ($1 == "base" ? "1 (base)" : $1 == "control" ? "1 (DMC off, same steps)" : $1), $2,
+             $4, $5, ($1 == "base" ? "-" : d), $6,
              per / 1024, int(budget / per), $8 }' "$tsv" "$tsv"
 } >"$results/table.md"
 cat "$results/table.md"
-log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr_*.png"
+log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr.png, head_cr_*.png"

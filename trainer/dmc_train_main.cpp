@@ -263,7 +263,10 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   if (leader)
     std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
                 "%d tokens per step%s%s\n",
-                absl::GetFlag(FLAGS_model).c_str(), model.config().num_parameters() / 1e6,
+                absl::GetFlag(FLAGS_init_from).empty()
+                    ? absl::GetFlag(FLAGS_model).c_str()
+                    : absl::GetFlag(FLAGS_init_from).c_str(),
+                model.config().num_parameters() / 1e6,
                 layout.world_size, layout.dp_size, layout.tp_size, s.total_steps(),
                 tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size,
                 backend ? ", on CUDA" : "",
