@@ -3,8 +3,9 @@
 # → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each), and continue it as many steps with
 # DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
 # held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
-# TOVA at the budget DMC achieved; the control with the vanilla cache) → OUT/results/ with the
-# side-by-side table, the training curves and the per-head CR heat maps.
+# TOVA at the budget DMC achieved; the control with the vanilla cache) → (GPU) decode throughput
+# at a fixed KV budget → OUT/results/ with the side-by-side table, the training curves and the
+# per-head CR heat maps.
 #
 #   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
 #                                 the embedded King James text, byte tokenizer, "small" preset
@@ -234,9 +235,13 @@ for cr in $crs; do
   head_maps+=("CR $cr=$logs/$( ((parallel_retrofits)) && echo retrofit || echo eval)_cr$cr.log")
 done
 if command -v gnuplot >/dev/null; then
-  bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl"
-  bash launch/plot_training.sh "$results/retrofit_training.png" "${plots[@]}"
-  bash launch/plot_head_cr.sh "$results/head_cr.png" "${head_maps[@]}"
+  # a plot that fails is reported and does not cost the table
+  bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl" ||
+    log "the pre-training plot failed (above)"
+  bash launch/plot_training.sh "$results/retrofit_training.png" "${plots[@]}" ||
+    log "the retrofit plot failed (above)"
+  bash launch/plot_head_cr.sh "$results/head_cr.png" "${head_maps[@]}" ||
+    log "the per-head CR map failed (above)"
 else
   log "gnuplot is not installed: no plots (launch/plot_training.sh and plot_head_cr.sh draw them later)"
 fi
@@ -251,15 +256,27 @@ for cr in $crs; do
   cat "$results/eval_dmc_cr$cr.tsv" "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
 done
 {
-  echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | Δ vs control | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk -F'\t' -v n=$windows '
-    NR == FNR { if ($1 == "base" && $2 == "vanilla") { base = $5; budget = 16 * $7 / n } next }
-    { per = $7 / n; d = sprintf("%+.1f%%", 100 * ($5 - base) / base)
-      printf "| %s | %s | %.2f | %.3f | %s | %.3f | %.1f | %d | %.0f |\n",
+    function delta(x, ref) { return sprintf("%+.1f%%", 100 * (x - ref) / ref) }
+    NR == FNR { if ($1 == "base") { base = $5; budget = 16 * $7 / n } if ($1 == "control") control = $5
+                next }
+    { per = $7 / n
+      printf "| %s | %s | %.2f | %.3f | %s | %s | %.3f | %.1f | %d | %.0f |\n",
              ($1 == "base" ? "1 (base)" : $1 == "control" ? "1 (DMC off, same steps)" : $1), $2,
-             $4, $5, ($1 == "base" ? "-" : d), $6,
-             per / 1024, int(budget / per), $8 }' "$tsv" "$tsv"
+             $4, $5, ($1 == "base" ? "-" : delta($5, base)),
+             ($1 == "control" ? "-" : delta($5, control)), $6, per / 1024, int(budget / per),
+             $8 }' "$tsv" "$tsv"
 } >"$results/table.md"
 cat "$results/table.md"
-log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr.png, head_cr_*.png"
+
+# 6. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
+#    Llama-2-7B-shaped model, vanilla against DMC at CR 2, 4 and 8 (bench/cuda/bench_decode.cu)
+if [ "$config" = gpu ] && [ -x "$bin/bench/bench_decode" ]; then
+  log "decode throughput at a fixed KV budget (bench_decode)"
+  "$bin/bench/bench_decode" >"$results/decode_bench.md"
+  cat "$results/decode_bench.md"
+fi
+log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr.png," \
+    "head_cr_*.png$([ -f "$results/decode_bench.md" ] && echo ", decode_bench.md")"
