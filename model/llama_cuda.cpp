@@ -121,8 +121,11 @@ struct LlamaCuda::Buffers {
   }
 };
 
-LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
-    : config_(config), tp_(tp_comm ? tp_comm : &SingleProcess()) {
+LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
+                     parallel::Communicator* zero1_dp)
+    : config_(config),
+      tp_(tp_comm ? tp_comm : &SingleProcess()),
+      zero1_dp_(zero1_dp && zero1_dp->size() > 1 ? zero1_dp : nullptr) {
   if (absl::Status s = config_.Validate(); !s.ok()) throw std::invalid_argument(s.ToString());
   if (!c::device_available())
     throw std::runtime_error("the CUDA model needs a CUDA device, and none is usable");
@@ -164,16 +167,19 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm)
   for (const auto& s : specs_) num_params_ = std::max(num_params_, s.offset + s.size);
 
   const size_t P = num_params_;
+  moment_shard_ = zero1_dp_ ? Zero1Shard::Make(P, zero1_dp_->rank(), zero1_dp_->size())
+                            : Zero1Shard::Make(P, 0, 1);
+  const size_t M = moment_shard_.slice.size;
   DMC_CUDA_CHECK(cudaMalloc(&master_, P * sizeof(float)));
   DMC_CUDA_CHECK(cudaMalloc(&weights_, P * sizeof(bf16)));
   DMC_CUDA_CHECK(cudaMalloc(&grads_, P * sizeof(float)));
-  DMC_CUDA_CHECK(cudaMalloc(&adam_m_, P * sizeof(float)));
-  DMC_CUDA_CHECK(cudaMalloc(&adam_v_, P * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&adam_m_, std::max<size_t>(M, 1) * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMalloc(&adam_v_, std::max<size_t>(M, 1) * sizeof(float)));
   Zero(master_, P, stream_);
   Zero(weights_, P, stream_);
   Zero(grads_, P, stream_);
-  Zero(adam_m_, P, stream_);
-  Zero(adam_v_, P, stream_);
+  Zero(adam_m_, M, stream_);
+  Zero(adam_v_, M, stream_);
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   tp_reduce_ = std::make_unique<DeviceReducer>(*tp_, stream_);
 }
@@ -195,7 +201,7 @@ void LlamaCuda::CopyParamsFromHost(const std::vector<float>& params) {
   if (params.size() != num_params_)
     throw std::invalid_argument(absl::StrFormat("CopyParamsFromHost: %d values, the model has %d",
                                                 params.size(), num_params_));
-  Transfer(master_, params.data(), cudaMemcpyHostToDevice);
+  Transfer(master_, params.data(), num_params_, cudaMemcpyHostToDevice);
   h::to_bf16(weights_, master_, num_params_, stream_);
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -212,47 +218,51 @@ void LlamaCuda::CopyParamsFromHost(const Llama<float>& host) {
   CopyParamsFromHost(host.params());
 }
 
-void LlamaCuda::Transfer(float* dst, const float* src, cudaMemcpyKind kind) const {
-  DMC_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_params_ * sizeof(float), kind, stream_));
+void LlamaCuda::Transfer(float* dst, const float* src, size_t n, cudaMemcpyKind kind) const {
+  DMC_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), kind, stream_));
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 std::vector<float> LlamaCuda::ParamsToHost() const {
   std::vector<float> out(num_params_);
-  Transfer(out.data(), master_, cudaMemcpyDeviceToHost);
+  Transfer(out.data(), master_, num_params_, cudaMemcpyDeviceToHost);
   return out;
 }
 
 void LlamaCuda::CopyParamsToHost(Llama<float>* host) const {
   if (host->params().size() != num_params_ || host->param_specs().size() != specs_.size())
     throw std::invalid_argument("CopyParamsToHost: the host model has another parameter layout");
-  Transfer(host->params().data(), master_, cudaMemcpyDeviceToHost);
+  Transfer(host->params().data(), master_, num_params_, cudaMemcpyDeviceToHost);
 }
 
 std::vector<float> LlamaCuda::GradsToHost() const {
   std::vector<float> out(num_params_);
-  Transfer(out.data(), grads_, cudaMemcpyDeviceToHost);
+  Transfer(out.data(), grads_, num_params_, cudaMemcpyDeviceToHost);
   return out;
 }
 
 void LlamaCuda::GradsFromHost(const std::vector<float>& grads) {
   if (grads.size() != num_params_) throw std::invalid_argument("GradsFromHost: wrong size");
-  Transfer(grads_, grads.data(), cudaMemcpyHostToDevice);
+  Transfer(grads_, grads.data(), num_params_, cudaMemcpyHostToDevice);
 }
 
 void LlamaCuda::OptimizerStateToHost(std::vector<float>* m, std::vector<float>* v) const {
-  m->resize(num_params_);
-  v->resize(num_params_);
-  Transfer(m->data(), adam_m_, cudaMemcpyDeviceToHost);
-  Transfer(v->data(), adam_v_, cudaMemcpyDeviceToHost);
+  const size_t M = moment_shard_.slice.size;
+  m->resize(M);
+  v->resize(M);
+  Transfer(m->data(), adam_m_, M, cudaMemcpyDeviceToHost);
+  Transfer(v->data(), adam_v_, M, cudaMemcpyDeviceToHost);
 }
 
 void LlamaCuda::OptimizerStateFromHost(const std::vector<float>& m, const std::vector<float>& v,
                                        int step) {
-  if (m.size() != num_params_ || v.size() != num_params_)
-    throw std::invalid_argument("OptimizerStateFromHost: moments of another size");
-  Transfer(adam_m_, m.data(), cudaMemcpyHostToDevice);
-  Transfer(adam_v_, v.data(), cudaMemcpyHostToDevice);
+  const size_t M = moment_shard_.slice.size;
+  if (m.size() != M || v.size() != M)
+    throw std::invalid_argument(absl::StrFormat(
+        "OptimizerStateFromHost: moments of %d and %d values, this rank keeps %d", m.size(),
+        v.size(), M));
+  Transfer(adam_m_, m.data(), M, cudaMemcpyHostToDevice);
+  Transfer(adam_v_, v.data(), M, cudaMemcpyHostToDevice);
   adam_step_ = step;
 }
 

@@ -7,7 +7,8 @@
 // What lives on the device (all allocated once; activations again only when B·T grows):
 //   - fp32 master weights, their bf16 compute copy, fp32 gradients, fp32 AdamW moments, all in
 //     the flat layout of the host model's param_specs() (same offsets), so parameters and moments
-//     move to and from a host model::Llama<float> / trainer AdamW state with one copy each;
+//     move to and from a host model::Llama<float> / trainer AdamW state with one copy each (with
+//     ZeRO-1 the moments are this rank's slice of that layout: model/zero1_shard.h);
 //   - the bf16 activations of the last Forward (plus fp32 rstd, lse, losses and the fp32 DMC
 //     per-(b, t, KV head) tensors) that Backward needs, per layer;
 //   - backward work buffers, reused across layers.
@@ -42,6 +43,7 @@
 #include "model/config.h"
 #include "model/llama.h"
 #include "model/loma.h"
+#include "model/zero1_shard.h"
 #include "parallel/communicator.h"
 
 namespace dmc::model {
@@ -62,9 +64,15 @@ class LlamaCuda {
  public:
   // Uses the current CUDA device. tp_comm: the tensor-parallel group (null: a single process); it
   // must outlive the model, and its size must divide num_key_value_heads and intermediate_size.
+  // zero1_dp: with a data-parallel group of size > 1 here, ZeRO-1 (model/zero1_shard.h): this rank
+  // allocates and keeps the AdamW moments of its slice optimizer_shard().slice of the flat layout
+  // only, OptimizerStep updates only that slice of the master weights and all-gathers the master
+  // over the group (before the bf16 copy is refreshed), and the optimizer-state transfers move the
+  // slice's moments. It must outlive the model. Null (or size 1): the unsharded optimizer.
   // Throws std::invalid_argument when the shape is not supported (head dim other than 64 or 128:
   // the fused attention kernel's limit).
-  LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm = nullptr);
+  LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm = nullptr,
+            parallel::Communicator* zero1_dp = nullptr);
   ~LlamaCuda();
   LlamaCuda(const LlamaCuda&) = delete;
   LlamaCuda& operator=(const LlamaCuda&) = delete;
@@ -83,10 +91,12 @@ class LlamaCuda {
   // fp32 gradients of the last Backward(s), in the flat layout.
   std::vector<float> GradsToHost() const;
   void GradsFromHost(const std::vector<float>& grads);
-  // AdamW moments and the number of updates since the last reset (for checkpoints).
+  // AdamW moments of optimizer_shard().slice (the whole layout without ZeRO-1) and the number of
+  // updates since the last reset (for checkpoints).
   void OptimizerStateToHost(std::vector<float>* m, std::vector<float>* v) const;
   void OptimizerStateFromHost(const std::vector<float>& m, const std::vector<float>& v, int step);
   int optimizer_step() const { return adam_step_; }
+  const Zero1Shard& optimizer_shard() const { return moment_shard_; }
 
   // End of DMC stage 1 (as Llama::ZeroControlChannelRows): zero the weight rows producing q[D-1]
   // and k[D-1], in the master weights and the bf16 copy.
@@ -117,9 +127,11 @@ class LlamaCuda {
   // then OptimizerStepNorm (model/llama_cuda_optimizer.cpp).
   double OptimizerStep(const CudaAdamWSettings& settings);
   // Enqueues the step: the norm and the clipping scale on the device, one multi-tensor AdamW
-  // launch, the norm's copy to pinned memory; at TP size 1 all of it is one CUDA graph launch. At
-  // TP > 1 the sum of squares is all-reduced over the group in between (TpAllReduce: on the device
-  // value with a device communicator, through a pinned host copy with a host one).
+  // launch, the norm's copy to pinned memory; at TP size 1 without ZeRO-1 all of it is one CUDA
+  // graph launch. At TP > 1 the sum of squares is all-reduced over the group in between
+  // (TpAllReduce: on the device value with a device communicator, through a pinned host copy with
+  // a host one). With ZeRO-1 the launch updates this rank's slice only, and the master weights are
+  // then all-gathered over the DP group and copied to bf16 (Zero1AllGatherMaster).
   void OptimizerStepAsync(const CudaAdamWSettings& settings);
   // Waits for the step enqueued last (the step's one wait) and returns its norm before clipping.
   double OptimizerStepNorm();
@@ -146,8 +158,8 @@ class LlamaCuda {
   cudaStream_t stream() const { return stream_; }
 
  private:
-  // Copies num_params_ floats (a parameter-layout buffer) and waits for the copy.
-  void Transfer(float* dst, const float* src, cudaMemcpyKind kind) const;
+  // Copies n floats and waits for the copy.
+  void Transfer(float* dst, const float* src, size_t n, cudaMemcpyKind kind) const;
   struct Buffers;
   void Allocate(int B, int T);
   // Sums the device buffer x[0, n) (bf16, float or double) over the TP group in stream order;
@@ -161,6 +173,11 @@ class LlamaCuda {
   void TpAllGather(const float* send, float* recv, size_t n) const;
   // The reducer over dp (made again when dp changes); null for null.
   DeviceReducer* DpReducer(parallel::Communicator* dp);
+  // ZeRO-1: every DP rank's updated slice of the fp32 master weights to every rank, then the bf16
+  // copy of the whole buffer from them, in stream order; throws std::runtime_error on failure.
+  void Zero1AllGatherMaster();
+  // ZeRO-1 with NCCL: waits for that all-gather under the group's deadline, as TpSynchronize.
+  void Zero1Synchronize();
   const cuda::bf16* W(size_t offset) const;
   float* G(size_t offset) const;
   // Multi-tensor table, AdamW arguments, norm and the optimizer's CUDA graph; made at the first
@@ -182,7 +199,9 @@ class LlamaCuda {
   float* master_ = nullptr;          // fp32 [num_params]
   cuda::bf16* weights_ = nullptr;  // bf16 [num_params]
   float* grads_ = nullptr;           // fp32 [num_params]
-  float* adam_m_ = nullptr;
+  parallel::Communicator* zero1_dp_;  // the ZeRO-1 group (null: moments not sharded)
+  Zero1Shard moment_shard_;           // whose moments adam_m_ / adam_v_ hold
+  float* adam_m_ = nullptr;           // fp32 [moment_shard_.slice.size]
   float* adam_v_ = nullptr;
   int adam_step_ = 0;
   std::unique_ptr<OptimizerState, OptimizerStateDeleter> opt_;

@@ -10,6 +10,14 @@
 // TP > 1 the all-reduce goes through the communicator, which is left out of graphs (it runs on a
 // stream of its own, or on host memory), so the same launches are enqueued directly around it.
 //
+// ZeRO-1 (model/zero1_shard.h): the norm still reads every gradient, but the AdamW launch gets the
+// sub-buffers that start at this rank's slice (master, gradients, bf16 copy; the moments hold the
+// slice only) and a chunk table of each tensor's part of the slice, offsets counted from the
+// slice's start: to the kernel it is the flat layout of a smaller model. The slice starts on a
+// multiple of 4 values, so the kernel's 16-byte vector path still applies. Then the master is
+// all-gathered over DP and converted to bf16 (Zero1AllGatherMaster); that collective keeps the step
+// out of the graph too.
+//
 // Forward and backward are not captured: their per-step scalars (the noise counter from the step
 // and seed, cr_prior, control_fade, the loss scale over the label count) are kernel arguments, and
 // control_fade and the decision mode change which kernels run, so a graph of them would need those
@@ -29,7 +37,8 @@ namespace dmc::model {
 namespace c = dmc::cuda;
 
 struct LlamaCuda::OptimizerState {
-  explicit OptimizerState(const std::vector<ParamSpec>& specs) : layout(Tensors(specs)) {
+  OptimizerState(const std::vector<ParamSpec>& specs, const Zero1Shard& shard)
+      : norm_layout(Tensors(specs)), update_layout(SliceTensors(specs, shard)) {
     DMC_CUDA_CHECK(cudaMallocHost(&args_host, sizeof(c::AdamWStepArgs)));
     DMC_CUDA_CHECK(cudaMalloc(&args, sizeof(c::AdamWStepArgs)));
     DMC_CUDA_CHECK(cudaMalloc(&sumsq, sizeof(double)));
@@ -47,8 +56,20 @@ struct LlamaCuda::OptimizerState {
     for (const ParamSpec& s : specs) t.push_back({s.offset, s.size, s.weight_decay, s.split_dim >= 0});
     return t;
   }
+  // Each tensor's part of the slice, offsets from the slice's start (all of it without ZeRO-1).
+  static std::vector<c::FlatTensor> SliceTensors(const std::vector<ParamSpec>& specs,
+                                                 const Zero1Shard& shard) {
+    std::vector<c::FlatTensor> t;
+    for (const ParamSpec& s : specs) {
+      const FlatRange part = shard.Overlap(s.offset, s.size);
+      if (part.size > 0)
+        t.push_back({part.begin - shard.slice.begin, part.size, s.weight_decay, s.split_dim >= 0});
+    }
+    return t;
+  }
 
-  c::MultiTensorLayout layout;
+  c::MultiTensorLayout norm_layout;    // every tensor: the gradient norm
+  c::MultiTensorLayout update_layout;  // this rank's slice of them: AdamW
   c::AdamWStepArgs* args_host = nullptr;  // pinned: the step's scalars
   c::AdamWStepArgs* args = nullptr;       // device copy, read by the AdamW kernel
   double* sumsq = nullptr;                // device: the (TP-reduced) sum of squares
@@ -61,12 +82,13 @@ void LlamaCuda::OptimizerStateDeleter::operator()(OptimizerState* state) const {
 
 void LlamaCuda::ResetOptimizer() {
   adam_step_ = 0;
-  DMC_CUDA_CHECK(cudaMemsetAsync(adam_m_, 0, num_params_ * sizeof(float), stream_));
-  DMC_CUDA_CHECK(cudaMemsetAsync(adam_v_, 0, num_params_ * sizeof(float), stream_));
+  const size_t M = moment_shard_.slice.size;
+  DMC_CUDA_CHECK(cudaMemsetAsync(adam_m_, 0, M * sizeof(float), stream_));
+  DMC_CUDA_CHECK(cudaMemsetAsync(adam_v_, 0, M * sizeof(float), stream_));
 }
 
 void LlamaCuda::OptimizerStepAsync(const CudaAdamWSettings& s) {
-  if (!opt_) opt_.reset(new OptimizerState(specs_));
+  if (!opt_) opt_.reset(new OptimizerState(specs_, moment_shard_));
   OptimizerState& o = *opt_;
   // The previous step's copy of args_host must have run before it is overwritten.
   if (o.pending) OptimizerStepNorm();
@@ -78,16 +100,17 @@ void LlamaCuda::OptimizerStepAsync(const CudaAdamWSettings& s) {
   auto norm = [&](cudaStream_t st) {
     DMC_CUDA_CHECK(cudaMemcpyAsync(o.args, o.args_host, sizeof(c::AdamWStepArgs),
                                    cudaMemcpyHostToDevice, st));
-    c::multi_tensor_sum_of_squares(o.sumsq, grads_, o.layout, replicated_weight, st);
+    c::multi_tensor_sum_of_squares(o.sumsq, grads_, o.norm_layout, replicated_weight, st);
   };
   auto update = [&](cudaStream_t st) {
-    c::multi_tensor_adamw(master_, grads_, adam_m_, adam_v_, weights_, o.layout, o.args, o.sumsq,
-                          st);
+    const size_t first = moment_shard_.slice.begin;  // 0 without ZeRO-1
+    c::multi_tensor_adamw(master_ + first, grads_ + first, adam_m_, adam_v_, weights_ + first,
+                          o.update_layout, o.args, o.sumsq, st);
     DMC_CUDA_CHECK(
         cudaMemcpyAsync(o.sumsq_host, o.sumsq, sizeof(double), cudaMemcpyDeviceToHost, st));
   };
   o.pending = true;
-  if (tp_->size() == 1) {
+  if (tp_->size() == 1 && !zero1_dp_) {
     if (!o.graph) {
       // Captured on a private stream (the model's is the legacy default stream, which cannot be
       // captured); the graph is then launched on the model's stream like any kernel.
@@ -111,12 +134,14 @@ void LlamaCuda::OptimizerStepAsync(const CudaAdamWSettings& s) {
   // communicator takes device buffers, through a pinned host copy when it cannot.
   TpAllReduce(o.sumsq, 1);
   update(stream_);
+  if (zero1_dp_) Zero1AllGatherMaster();
 }
 
 double LlamaCuda::OptimizerStepNorm() {
   if (!opt_ || !opt_->pending) throw std::logic_error("OptimizerStepNorm without OptimizerStepAsync");
   // One wait per step: asynchronous faults of the whole step surface here, inside it.
   TpSynchronize();
+  Zero1Synchronize();
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   opt_->pending = false;
   return std::sqrt(*opt_->sumsq_host);

@@ -139,6 +139,33 @@ absl::Status DeviceReducer::AllGather(const float* send, float* recv, size_t n) 
   return absl::OkStatus();
 }
 
+absl::Status DeviceReducer::AllGatherUneven(float* x, const std::vector<size_t>& counts) {
+  if (comm_.size() == 1) return absl::OkStatus();
+  if (comm_.device_buffers()) {
+    DMC_CUDA_CHECK(cudaEventRecord(ready_, compute_));
+    DMC_CUDA_CHECK(cudaStreamWaitEvent(comm_.device_stream(), ready_, 0));
+    started_ = true;
+    absl::Status status = comm_.AllGatherUneven(x, counts);
+    Join();
+    return status;
+  }
+  // This rank's block is [first, first + own) of the total.
+  size_t total = 0, first = 0, own = 0;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    if (static_cast<int>(r) < comm_.rank()) first += counts[r];
+    if (static_cast<int>(r) == comm_.rank()) own = counts[r];
+    total += counts[r];
+  }
+  float* host = static_cast<float*>(Staging(total * sizeof(float)));
+  DMC_CUDA_CHECK(cudaMemcpyAsync(host + first, x + first, own * sizeof(float),
+                                 cudaMemcpyDeviceToHost, compute_));
+  DMC_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  if (absl::Status s = comm_.AllGatherUneven(host, counts); !s.ok()) return s;
+  DMC_CUDA_CHECK(
+      cudaMemcpyAsync(x, host, total * sizeof(float), cudaMemcpyHostToDevice, compute_));
+  return absl::OkStatus();
+}
+
 // ---- GradientBuckets ----
 
 GradientBuckets::GradientBuckets(DeviceReducer* reducer, float* grads, size_t num_params,
@@ -192,6 +219,19 @@ void LlamaCuda::TpSynchronize() const {
   if (tp_->size() == 1) return;
   if (absl::Status s = tp_reduce_->Synchronize(); !s.ok())
     throw std::runtime_error("tensor-parallel group failed: " + s.ToString());
+}
+
+void LlamaCuda::Zero1AllGatherMaster() {
+  if (absl::Status s = DpReducer(zero1_dp_)->AllGatherUneven(master_, moment_shard_.counts);
+      !s.ok())
+    throw std::runtime_error("data-parallel all-gather of the weights failed: " + s.ToString());
+  h::to_bf16(weights_, master_, num_params_, stream_);
+}
+
+void LlamaCuda::Zero1Synchronize() {
+  if (!zero1_dp_) return;
+  if (absl::Status s = DpReducer(zero1_dp_)->Synchronize(); !s.ok())
+    throw std::runtime_error("data-parallel group failed: " + s.ToString());
 }
 
 DeviceReducer* LlamaCuda::DpReducer(parallel::Communicator* dp) {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstddef>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "kernels/cuda_ops.h"
@@ -53,6 +54,11 @@ class DeviceReducer {
   // the compute stream's order; for small buffers (the vocabulary-parallel cross-entropy's
   // per-row statistics).
   absl::Status AllGather(const float* send, float* recv, size_t n);
+  // Communicator::AllGatherUneven of device memory x in the compute stream's order: x holds every
+  // rank's block back to back (counts[r] floats each), this rank's filled. Host communicator:
+  // through a pinned copy of the whole of x (ZeRO-1's weights; ranks sharing a GPU are tests and
+  // small models).
+  absl::Status AllGatherUneven(float* x, const std::vector<size_t>& counts);
   // Device communicator: waits on the host, under the group's deadline, for the collectives started
   // so far and reports asynchronous errors (Communicator::Synchronize). Host communicator: no-op.
   absl::Status Synchronize() { return comm_.Synchronize(); }

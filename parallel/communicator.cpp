@@ -24,6 +24,16 @@ absl::Status Communicator::CheckRoot(const char* op, int root) const {
       "%s on group '%s': root %d is not a rank of a group of size %d", op, name(), root, size()));
 }
 
+absl::Status Communicator::CheckedAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                                  DType dtype) {
+  if (counts.size() != static_cast<size_t>(size())) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "AllGatherUneven on group '%s': %d block sizes for a group of %d ranks", name(),
+        counts.size(), size()));
+  }
+  return DoAllGatherUneven(x, counts, dtype);
+}
+
 // ---------------------------------------------------------------------------------------------
 // LocalCommunicator: a group of one. Sums and maxima over one rank are the value itself.
 
@@ -44,6 +54,10 @@ absl::Status LocalCommunicator::DoReduceScatterSum(const void* send, void* recv,
 
 absl::Status LocalCommunicator::DoBroadcast(void*, size_t, DType, int root) {
   return CheckRoot("Broadcast", root);
+}
+
+absl::Status LocalCommunicator::DoAllGatherUneven(void*, const std::vector<size_t>&, DType) {
+  return absl::OkStatus();  // the one block is this rank's already
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,6 +218,23 @@ absl::Status MpiCommunicator::DoBroadcast(void* x, size_t n, DType dtype, int ro
                       return MPI_Ibcast(x, static_cast<int>(n), MpiType(dtype), root, comm_,
                                         request);
                     });
+}
+
+absl::Status MpiCommunicator::DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                                DType dtype) {
+  size_t total = 0;
+  for (size_t c : counts) total += c;
+  // Collective refuses totals beyond MPI's int, which bounds every count and displacement too.
+  return Collective(
+      absl::StrFormat("AllGatherUneven(%d x %s)", total, DTypeName(dtype)), total,
+      [&](MPI_Request* request) {
+        gatherv_counts_.assign(counts.begin(), counts.end());
+        gatherv_displs_.assign(counts.size(), 0);
+        for (size_t r = 1; r < counts.size(); ++r)
+          gatherv_displs_[r] = gatherv_displs_[r - 1] + gatherv_counts_[r - 1];
+        return MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, x, gatherv_counts_.data(),
+                               gatherv_displs_.data(), MpiType(dtype), comm_, request);
+      });
 }
 
 absl::Status MpiCommunicator::Barrier() {

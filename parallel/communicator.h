@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -67,6 +68,17 @@ class Communicator {
     return DoAllGather(send, recv, n, DType::kFloat64);
   }
 
+  // The uneven all-gather, in place: x holds every rank's block back to back in rank order, rank
+  // r's block counts[r] values long (counts: size() entries, the same on every rank, zeros
+  // allowed). On entry this rank's block holds its values; on return every block holds its rank's
+  // (MPI_Allgatherv). ZeRO-1 gathers the updated parameter slices with it (model/zero1_shard.h).
+  absl::Status AllGatherUneven(float* x, const std::vector<size_t>& counts) {
+    return CheckedAllGatherUneven(x, counts, DType::kFloat32);
+  }
+  absl::Status AllGatherUneven(double* x, const std::vector<size_t>& counts) {
+    return CheckedAllGatherUneven(x, counts, DType::kFloat64);
+  }
+
   // recv[i] = sum over ranks r of send_r[rank()*n + i]; send holds size()*n, recv n. In place when
   // recv == send + rank()*n (NCCL's convention). Otherwise send and recv must not overlap.
   absl::Status ReduceScatterSum(const float* send, float* recv, size_t n) {
@@ -98,9 +110,16 @@ class Communicator {
   virtual absl::Status DoAllGather(const void* send, void* recv, size_t n, DType dtype) = 0;
   virtual absl::Status DoReduceScatterSum(const void* send, void* recv, size_t n, DType dtype) = 0;
   virtual absl::Status DoBroadcast(void* x, size_t n, DType dtype, int root) = 0;
+  // counts has size() entries (checked before the call).
+  virtual absl::Status DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                         DType dtype) = 0;
 
   // InvalidArgument naming the group when root is not a rank of it.
   absl::Status CheckRoot(const char* op, int root) const;
+
+ private:
+  // InvalidArgument naming the group unless counts has one entry per rank; else DoAllGatherUneven.
+  absl::Status CheckedAllGatherUneven(void* x, const std::vector<size_t>& counts, DType dtype);
 };
 
 // One process: size 1, rank 0. Collectives are the identity (copies when send != recv; host
@@ -118,6 +137,8 @@ class LocalCommunicator : public Communicator {
   absl::Status DoAllGather(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoReduceScatterSum(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoBroadcast(void* x, size_t n, DType dtype, int root) override;
+  absl::Status DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                 DType dtype) override;
 
  private:
   std::string name_;
@@ -159,6 +180,8 @@ class MpiCommunicator : public Communicator {
   absl::Status DoAllGather(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoReduceScatterSum(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoBroadcast(void* x, size_t n, DType dtype, int root) override;
+  absl::Status DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                 DType dtype) override;
 
  private:
   // Runs one collective: refuses work after a timeout and counts beyond MPI's int, calls `start`
@@ -174,6 +197,9 @@ class MpiCommunicator : public Communicator {
   int size_ = 1;
   MPI_Request pending_ = MPI_REQUEST_NULL;  // a timed-out collective still in flight
   std::string broken_by_;                   // what timed out (empty while healthy)
+  // MPI_Iallgatherv's counts and displacements: members, because MPI reads them until the
+  // request completes, which after a timeout is after the call has returned.
+  std::vector<int> gatherv_counts_, gatherv_displs_;
 };
 
 // Waits for `request` with MPI_Test until `timeout_seconds` pass; sleeps between polls after a

@@ -236,6 +236,30 @@ absl::Status NcclCommunicator::DoBroadcast(void* x, size_t n, DType dtype, int r
   return Check(what, ncclBroadcast(x, x, n, NcclType(dtype), root, comm_, stream_));
 }
 
+// ncclAllGather needs equal blocks. Padding every block to the largest would need a padded copy of
+// the buffer and two extra device copies per call; instead each rank broadcasts its block in place,
+// and ncclGroupStart/End fuse the broadcasts into one operation. Every rank receives the other
+// ranks' blocks once, the traffic of an all-gather, and no memory beyond x is touched.
+absl::Status NcclCommunicator::DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                                 DType dtype) {
+  size_t total = 0;
+  for (size_t c : counts) total += c;
+  const std::string what = Describe("AllGatherUneven", total, dtype);
+  if (absl::Status s = Usable(what); !s.ok()) return s;
+  // Inside a group a non-blocking communicator may answer ncclInProgress; ncclGroupEnd (checked,
+  // and polled by Check) reports the outcome of the whole group.
+  auto queued = [](ncclResult_t r) { return r == ncclSuccess || r == ncclInProgress; };
+  char* block = static_cast<char*>(x);
+  ncclResult_t result = ncclGroupStart();
+  for (int root = 0; root < size_ && queued(result); ++root) {
+    if (counts[root] > 0)
+      result = ncclBroadcast(block, block, counts[root], NcclType(dtype), root, comm_, stream_);
+    block += counts[root] * DTypeSize(dtype);
+  }
+  const ncclResult_t end = ncclGroupEnd();
+  return Check(what, queued(result) ? end : result);
+}
+
 absl::Status NcclCommunicator::Barrier() {
   if (absl::Status s = Usable("Barrier"); !s.ok()) return s;
   if (absl::Status s = Check(

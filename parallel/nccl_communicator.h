@@ -17,6 +17,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,6 +60,9 @@ class NcclCommunicator : public Communicator {
   absl::Status DoAllGather(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoReduceScatterSum(const void* send, void* recv, size_t n, DType dtype) override;
   absl::Status DoBroadcast(void* x, size_t n, DType dtype, int root) override;
+  // One ncclBroadcast per rank of its block, in one NCCL group (nccl_communicator.cu says why).
+  absl::Status DoAllGatherUneven(void* x, const std::vector<size_t>& counts,
+                                 DType dtype) override;
 
  private:
   NcclCommunicator() = default;

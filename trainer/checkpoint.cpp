@@ -55,7 +55,7 @@ Checkpointer::Checkpointer(std::string dir, int keep_last, parallel::Communicato
 
 std::string Checkpointer::StepDirName(int step) { return absl::StrFormat("step_%08d", step); }
 
-absl::Status Checkpointer::Save(const model::Llama<float>& model, AdamW& optimizer,
+absl::Status Checkpointer::Save(const model::Llama<float>& model, const AdamW& optimizer,
                                 const TrainingState& state) {
   const bool leader = world_->rank() == 0;
   const std::string name = StepDirName(state.step);
@@ -68,13 +68,16 @@ absl::Status Checkpointer::Save(const model::Llama<float>& model, AdamW& optimiz
   }
   if (absl::Status s = world_->Barrier(); !s.ok()) return s;
 
+  // Every DP rank takes part: with ZeRO-1 the moments are gathered from the slices.
+  std::vector<float> m, v;
+  if (absl::Status s = optimizer.GatherMoments(&m, &v); !s.ok()) return s;
   if (dp_rank_ == 0) {  // every DP replica holds the same state: the first one writes it
     std::vector<model::TensorToWrite> weights, moments;
     const auto& params = model.params();
     for (const auto& spec : model.param_specs()) {
       weights.push_back({spec.name, spec.shape, params.data() + spec.offset});
-      moments.push_back({"exp_avg." + spec.name, spec.shape, optimizer.m().data() + spec.offset});
-      moments.push_back({"exp_avg_sq." + spec.name, spec.shape, optimizer.v().data() + spec.offset});
+      moments.push_back({"exp_avg." + spec.name, spec.shape, m.data() + spec.offset});
+      moments.push_back({"exp_avg_sq." + spec.name, spec.shape, v.data() + spec.offset});
     }
     if (absl::Status s = model::WriteSafetensors((tmp / ModelFile(tp_rank_)).string(), weights,
                                                  model::DType::kF32);
@@ -172,20 +175,23 @@ absl::StatusOr<TrainingState> Checkpointer::LoadLatest(model::Llama<float>& mode
   if (!weights.ok()) return weights.status();
   auto moments = model::SafetensorsFile::Open((step_dir / OptimFile(tp_rank_)).string());
   if (!moments.ok()) return moments.status();
+  // The full moments of this TP rank; the optimizer keeps its ZeRO-1 slice of them.
+  std::vector<float> m(model.params().size()), v(model.params().size());
   for (const auto& spec : model.param_specs()) {
     if (absl::Status s = (*weights)->ReadAsFloat(spec.name, spec.shape,
                                                  model.params().data() + spec.offset);
         !s.ok())
       return s;
-    if (absl::Status s = (*moments)->ReadAsFloat("exp_avg." + spec.name, spec.shape,
-                                                 optimizer.m().data() + spec.offset);
+    if (absl::Status s =
+            (*moments)->ReadAsFloat("exp_avg." + spec.name, spec.shape, m.data() + spec.offset);
         !s.ok())
       return s;
     if (absl::Status s = (*moments)->ReadAsFloat("exp_avg_sq." + spec.name, spec.shape,
-                                                 optimizer.v().data() + spec.offset);
+                                                 v.data() + spec.offset);
         !s.ok())
       return s;
   }
+  if (absl::Status s = optimizer.SetMoments(m, v); !s.ok()) return s;
   optimizer.set_step(state.optimizer_step);
   return state;
 }

@@ -10,7 +10,9 @@
 // A save goes into DIR/.tmp-step_N, is fsynced, and only then renamed to DIR/step_N and named in
 // `latest` (itself replaced atomically), so an interrupted save never damages the previous
 // checkpoint. DMC noise is a pure function of (seed, step), so no RNG state beyond the loader
-// cursor is needed. Optimizer and model state are independent of the data-parallel size.
+// cursor is needed. Optimizer and model state are independent of the data-parallel size and of
+// ZeRO-1: with sharded moments (trainer/optimizer.h) a save gathers them over the DP group for the
+// writer, and a load reads the full moments and keeps this rank's slice.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +40,8 @@ class Checkpointer {
   Checkpointer(std::string dir, int keep_last, parallel::Communicator* world, int tp_rank,
                int tp_size, int dp_rank);
 
-  absl::Status Save(const model::Llama<float>& model, AdamW& optimizer,
+  // Collective over world (and, with ZeRO-1, over the optimizer's DP group).
+  absl::Status Save(const model::Llama<float>& model, const AdamW& optimizer,
                     const TrainingState& state);
 
   // Loads the checkpoint named by DIR/latest into model and optimizer. Errors name the file: a

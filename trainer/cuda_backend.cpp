@@ -10,7 +10,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Ll
                                                                  parallel::Communicator* dp) {
   std::unique_ptr<model::LlamaCuda> device;
   try {
-    device = std::make_unique<model::LlamaCuda>(host.config(), tp);
+    device =
+        std::make_unique<model::LlamaCuda>(host.config(), tp, optimizer.zero1 ? dp : nullptr);
     device->CopyParamsFromHost(host);
   } catch (const std::invalid_argument& e) {
     return absl::InvalidArgumentError(std::string("--device=cuda: ") + e.what());

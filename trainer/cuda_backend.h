@@ -19,7 +19,9 @@ class CudaBackend : public TrainBackend {
   // Builds the device model from host's config and copies host's weights to it; host must have
   // been built with a TP group of the same size and rank as tp (its shard is what is copied).
   // tp and dp: the groups the model's collectives use (null: a single process); they must outlive
-  // the backend. Errors (no device, a head dim the attention kernel does not support, a tp size
+  // the backend. With optimizer.zero1 the device model shards its AdamW moments over dp (ZeRO-1,
+  // model/zero1_shard.h), as the trainer's host AdamW does, so SyncToHost / SyncFromHost move the
+  // same slice. Errors (no device, a head dim the attention kernel does not support, a tp size
   // that does not divide the heads) come back as a status.
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const model::Llama<float>& host,
                                                              const OptimizerConfig& optimizer,

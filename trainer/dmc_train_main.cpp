@@ -74,6 +74,11 @@ ABSL_FLAG(float, retrofit_lr, 3e-5f, "learning rate of DMC stages 1-2 (and start
 ABSL_FLAG(float, retrofit_min_lr, 3e-6f, "final learning rate of DMC stage 3 (cosine)");
 ABSL_FLAG(float, weight_decay, 0.1f, "AdamW decoupled weight decay (matrices only)");
 ABSL_FLAG(float, grad_clip, 1.0f, "max global gradient norm (<= 0: off)");
+ABSL_FLAG(bool, zero1, false,
+          "ZeRO-1: shard the AdamW moments over the data-parallel ranks (each keeps and updates "
+          "1/dp of every TP shard's parameters, then the weights are all-gathered): moments "
+          "memory / dp, bit-identical results; no effect at dp 1; checkpoints as without it, so "
+          "a run may resume with it toggled or at another dp size");
 ABSL_FLAG(int, dmc_window, 12, "DMC partial-accumulation window");
 ABSL_FLAG(float, dmc_temperature, 0.1f, "DMC Gumbel-sigmoid temperature");
 ABSL_FLAG(float, dmc_init_val, 5.0f, "DMC decision offset");
@@ -195,6 +200,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   }
   tc.optimizer.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   tc.optimizer.grad_clip = absl::GetFlag(FLAGS_grad_clip);
+  tc.optimizer.zero1 = absl::GetFlag(FLAGS_zero1);
   if (absl::Status st = tc.Validate(model_config); !st.ok()) return st;
   if (model_config.num_key_value_heads % layout.tp_size != 0)
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -262,7 +268,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
 #endif
   if (leader)
     std::printf("dmc-train: %s model, %.2fM parameters, %d ranks (dp %d × tp %d), %d steps, "
-                "%d tokens per step%s%s\n",
+                "%d tokens per step%s%s%s\n",
                 absl::GetFlag(FLAGS_init_from).empty()
                     ? absl::GetFlag(FLAGS_model).c_str()
                     : absl::GetFlag(FLAGS_init_from).c_str(),
@@ -270,6 +276,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
                 layout.world_size, layout.dp_size, layout.tp_size, s.total_steps(),
                 tc.seq_len * tc.micro_batch * tc.grad_accum * layout.dp_size,
                 backend ? ", on CUDA" : "",
+                tc.optimizer.zero1 && layout.dp_size > 1 ? ", ZeRO-1 (AdamW moments over dp)" : "",
                 loma ? absl::StrFormat(", LoMA t %d c %d (<m> %d, <r> %d)", loma_t, loma_c,
                                        tc.loma.memory_token, tc.loma.repetition_token)
                            .c_str()

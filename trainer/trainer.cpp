@@ -64,7 +64,7 @@ Trainer::Trainer(const TrainConfig& config, model::Llama<float>* model, BatchSou
       batches_(std::move(batches)),
       dp_(dp),
       tp_(tp),
-      optimizer_(config.optimizer, model->params().size()),
+      optimizer_(config.optimizer, model->params().size(), dp),
       backend_(std::move(backend)) {
   if (!backend_) backend_ = std::make_unique<CpuBackend>(model_, &optimizer_, tp_, dp_);
 }

@@ -77,6 +77,33 @@ TYPED_TEST(CollectiveTest, AllGather) {
   }
 }
 
+// Blocks of unequal sizes, one of them empty (ZeRO-1's slices when a rank gets nothing).
+TYPED_TEST(CollectiveTest, AllGatherUnevenInPlace) {
+  using T = TypeParam;
+  auto comm = TestWorld();
+  ASSERT_NE(comm, nullptr);
+  const int rank = comm->rank(), size = comm->size();
+  for (size_t n : kCounts) {
+    std::vector<size_t> counts(size), offsets(size);
+    size_t total = 0;
+    for (int r = 0; r < size; ++r) {
+      counts[r] = r == 1 ? 0 : n + r;
+      offsets[r] = total;
+      total += counts[r];
+    }
+    std::vector<T> x(total, T(-1));
+    for (size_t i = 0; i < counts[rank]; ++i) x[offsets[rank] + i] = T(rank * 1000) + T(i % 999);
+    ASSERT_TRUE(comm->AllGatherUneven(x.data(), counts).ok());
+    for (int r = 0; r < size; ++r)
+      for (size_t i = 0; i < counts[r]; ++i)
+        ASSERT_EQ(x[offsets[r] + i], T(r * 1000) + T(i % 999)) << "r=" << r << " i=" << i;
+  }
+  std::vector<T> x(1);
+  EXPECT_EQ(comm->AllGatherUneven(x.data(), std::vector<size_t>(size + 1, 0)).code(),
+            absl::StatusCode::kInvalidArgument)
+      << "one block size per rank";
+}
+
 TYPED_TEST(CollectiveTest, ReduceScatterSum) {
   using T = TypeParam;
   auto comm = TestWorld();
@@ -202,6 +229,9 @@ TEST(LocalCommunicator, CollectivesAreTheIdentity) {
   std::fill(recv.begin(), recv.end(), 0.f);
   ASSERT_TRUE(local.ReduceScatterSum(send.data(), recv.data(), 2).ok());
   EXPECT_EQ(recv, send);
+  ASSERT_TRUE(local.AllGatherUneven(x.data(), {3}).ok());
+  EXPECT_EQ(x, (std::vector<double>{1.5, -2, 3}));
+  EXPECT_EQ(local.AllGatherUneven(x.data(), {1, 2}).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(local.Broadcast(x.data(), 3, 1).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(local.Barrier().ok());
   EXPECT_TRUE(CheckSameOnAllRanks(local, "config", "anything").ok());

@@ -87,6 +87,23 @@ void CheckCollectives(Communicator& comm) {
   for (size_t i = 0; i < n; ++i)
     ASSERT_EQ(got[i], T(size * (size - 1) / 2) + T(size) * T((rank * n + i) % 100)) << i;
 
+  // Uneven blocks, one empty: grouped broadcasts in place.
+  std::vector<size_t> counts(size);
+  std::vector<T> blocks;
+  for (int r = 0; r < size; ++r) {
+    counts[r] = r == 1 ? 0 : n / 2 + r;
+    for (size_t i = 0; i < counts[r]; ++i) blocks.push_back(T(r * 1000) + T(i % 999));
+  }
+  std::vector<T> mine(n * size, T(-1));  // gathered's size; the blocks fill its start
+  size_t first = 0;
+  for (int r = 0; r < rank; ++r) first += counts[r];
+  std::copy(blocks.begin() + first, blocks.begin() + first + counts[rank], mine.begin() + first);
+  gathered.Upload(mine);
+  ASSERT_TRUE(comm.AllGatherUneven(gathered.ptr, counts).ok());
+  ASSERT_TRUE(comm.Synchronize().ok());
+  got = gathered.Download();
+  for (size_t j = 0; j < blocks.size(); ++j) ASSERT_EQ(got[j], blocks[j]) << j;
+
   const int root = size - 1;
   for (size_t i = 0; i < n; ++i) host[i] = rank == root ? T(0.25) * T(i % 17) : T(-7);
   x.Upload(host);

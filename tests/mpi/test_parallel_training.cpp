@@ -4,61 +4,19 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <random>
 
 #include "model/llama.h"
 #include "parallel/process_groups.h"
 #include "tests/mpi/mpi_test_util.h"
+#include "tests/mpi/training_test_util.h"
 #include "trainer/trainer.h"
 
 namespace dmc {
 namespace {
 
-model::LlamaConfig Config() {
-  model::LlamaConfig c;
-  c.vocab_size = 37;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 4;
-  c.max_position_embeddings = 32;
-  c.dmc.enabled = true;
-  c.dmc.window = 4;
-  // Mixed decisions from the first step, so the mask, the scan and the CR loss all matter.
-  c.dmc.init_val = 0.5f;
-  c.dmc.temperature = 1.0f;
-  return c;
-}
-
-trainer::TrainConfig Training(int micro_batch) {
-  trainer::TrainConfig tc;
-  tc.seq_len = 10;
-  tc.micro_batch = micro_batch;
-  tc.schedule.stage2_steps = 2;
-  tc.schedule.stage3_steps = 2;
-  tc.schedule.retrofit_lr = 1e-2f;
-  tc.schedule.retrofit_min_lr = 1e-3f;
-  tc.schedule.cr_target = 3.0f;
-  return tc;
-}
-
-// Global batch g of the run: `sequences` rows; a rank takes rows [first, first + count).
-trainer::BatchSource Slice(int first, int count, int seq_len, int vocab, int* calls) {
-  return [=](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
-    in->clear();
-    tgt->clear();
-    for (int b = first; b < first + count; ++b) {
-      std::mt19937_64 rng(7919 * (*calls) + b);
-      for (int t = 0; t < seq_len; ++t) {
-        in->push_back(static_cast<int32_t>(rng() % vocab));
-        tgt->push_back(static_cast<int32_t>(rng() % vocab));
-      }
-    }
-    ++*calls;
-    return absl::OkStatus();
-  };
-}
+using testing::GlobalBatchSlice;
+using testing::TrainingTestModel;
+using testing::TrainingTestSchedule;
 
 void ExpectParallelMatchesSingle(int tp_size) {
   const int world = testing::WorldSize();
@@ -67,22 +25,24 @@ void ExpectParallelMatchesSingle(int tp_size) {
       parallel::ProcessGroups::Create(MPI_COMM_WORLD, tp_size, testing::kTestTimeoutSeconds);
   ASSERT_TRUE(groups.ok()) << groups.status();
   const auto& layout = groups->layout();
-  const model::LlamaConfig mc = Config();
+  const model::LlamaConfig mc = TrainingTestModel();
   const int micro = 2, global = micro * layout.dp_size;
 
   model::Llama<float> single(mc, nullptr);
   single.InitRandom(5);
   parallel::LocalCommunicator local;
   int single_calls = 0;
-  trainer::Trainer reference(Training(global), &single,
-                             Slice(0, global, 10, mc.vocab_size, &single_calls), &local, &local);
+  trainer::Trainer reference(TrainingTestSchedule(global), &single,
+                             GlobalBatchSlice(0, global, 10, mc.vocab_size, &single_calls), &local,
+                             &local);
 
   model::Llama<float> shard(mc, &groups->tp());
   shard.InitRandom(5);
   int calls = 0;
-  trainer::Trainer parallel(Training(micro), &shard,
-                            Slice(layout.dp_rank * micro, micro, 10, mc.vocab_size, &calls),
-                            &groups->dp(), &groups->tp());
+  trainer::Trainer parallel(
+      TrainingTestSchedule(micro), &shard,
+      GlobalBatchSlice(layout.dp_rank * micro, micro, 10, mc.vocab_size, &calls), &groups->dp(),
+      &groups->tp());
   // This rank's shard of every tensor must equal the same slice of the single-process weights.
   auto max_weight_error = [&]() {
     double max_err = 0;

@@ -1,6 +1,8 @@
 // Tensor and data parallelism of the CUDA model (model/llama_cuda.h, model/llama_cuda_parallel.h)
 // against the single-process CPU model (model/llama.h, the specification), under mpirun:
 //   mpirun -np 2: TP 2 (and, with --tp 1, DP 2); mpirun -np 4: DP 2 × TP 2 (and DP 4).
+// The CudaZero1 cases check the ZeRO-1 optimizer step (moments sharded over DP) against the
+// unsharded one.
 // Every rank also runs the CPU model on the whole global batch by itself. One training step of two
 // micro-batches (gradient accumulation: only the last one averages over DP) must give the same
 // losses, merge statistics and, gathered over TP, every gradient tensor, within the bf16 bounds of
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -145,30 +148,53 @@ double SumOver(Communicator& comm, double x) {
   return x;
 }
 
+// The process groups of a case: this rank's GPU selected (rank % GPUs: all on device 0 of a
+// one-GPU machine), TP and DP on NCCL for kNccl. Where the machine cannot run the case, leaves
+// *groups empty and says why in *skip (the same decision on every rank).
+void MakeGpuGroups(parallel::MpiCommunicator& world, int tp_size, Comms comms,
+                   std::optional<parallel::ProcessGroups>* groups, std::string* skip) {
+  int gpus = 0;
+  const bool gpu = cudaGetDeviceCount(&gpus) == cudaSuccess && gpus > 0 &&
+                   cudaSetDevice(testing::WorldRank() % gpus) == cudaSuccess;
+  if (!testing::OnAllRanks(world, gpu)) {
+    *skip = "needs a CUDA device";
+    return;
+  }
+  if (world.size() % tp_size != 0) {
+    *skip = "tp " + std::to_string(tp_size) + " does not divide " + std::to_string(world.size());
+    return;
+  }
+  absl::StatusOr<parallel::ProcessGroups> made =
+      parallel::ProcessGroups::Create(world.comm(), tp_size, testing::kTestTimeoutSeconds);
+  ASSERT_TRUE(made.ok()) << made.status();
+  if (comms == Comms::kNccl) {
+#if defined(DMC_HAVE_NCCL)
+    if (!testing::OnAllRanks(world, gpus >= world.size())) {
+      *skip = "needs one GPU per rank";
+      return;
+    }
+    absl::StatusOr<parallel::NcclGroups> nccl = parallel::UseNccl(*made, testing::kTestTimeoutSeconds);
+    ASSERT_TRUE(nccl.ok()) << nccl.status();
+    ASSERT_EQ(nccl->tp, tp_size > 1) << "one GPU per rank, yet the TP group stayed on MPI";
+    ASSERT_EQ(nccl->dp, made->layout().dp_size > 1) << "one GPU per rank, yet DP stayed on MPI";
+#else
+    *skip = "built without NCCL";
+    return;
+#endif
+  }
+  groups->emplace(std::move(*made));
+}
+
 // One step of two micro-batches on the CPU model (global batches) and on two CUDA models (this
 // rank's slices): `bucketed` averages over DP inside the last Backward, `plain` after it.
 void ExpectStepMatchesCpu(const Case& tc, int tp_size, Comms comms) {
   auto world = testing::TestWorld();
   ASSERT_NE(world, nullptr);
-  int gpus = 0;
-  const bool gpu = cudaGetDeviceCount(&gpus) == cudaSuccess && gpus > 0 &&
-                   cudaSetDevice(testing::WorldRank() % gpus) == cudaSuccess;
-  if (!testing::OnAllRanks(*world, gpu)) GTEST_SKIP() << "needs a CUDA device";
-  if (world->size() % tp_size != 0) GTEST_SKIP() << "tp " << tp_size << " does not divide " << world->size();
-  absl::StatusOr<parallel::ProcessGroups> groups =
-      parallel::ProcessGroups::Create(world->comm(), tp_size, testing::kTestTimeoutSeconds);
-  ASSERT_TRUE(groups.ok()) << groups.status();
-  if (comms == Comms::kNccl) {
-#if defined(DMC_HAVE_NCCL)
-    if (!testing::OnAllRanks(*world, gpus >= world->size())) GTEST_SKIP() << "needs one GPU per rank";
-    absl::StatusOr<parallel::NcclGroups> nccl = parallel::UseNccl(*groups, testing::kTestTimeoutSeconds);
-    ASSERT_TRUE(nccl.ok()) << nccl.status();
-    ASSERT_EQ(nccl->tp, tp_size > 1) << "one GPU per rank, yet the TP group stayed on MPI";
-    ASSERT_EQ(nccl->dp, groups->layout().dp_size > 1) << "one GPU per rank, yet DP stayed on MPI";
-#else
-    GTEST_SKIP() << "built without NCCL";
-#endif
-  }
+  std::optional<parallel::ProcessGroups> groups;
+  std::string skip;
+  MakeGpuGroups(*world, tp_size, comms, &groups, &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_TRUE(groups.has_value());
   const parallel::ParallelLayout& layout = groups->layout();
   Communicator& host_tp = groups->host_tp();
   Communicator& host_dp = groups->host_dp();
@@ -293,6 +319,85 @@ void ExpectStepMatchesCpu(const Case& tc, int tp_size, Comms comms) {
                 comm_name, tp_size, layout.dp_size, tc.name, worst, kGradTol, worst_same, kSameTol);
   std::fflush(stdout);
 }
+
+// ZeRO-1 (model/zero1_shard.h): a CUDA model with its AdamW moments sharded over DP against one
+// without, for three steps from the same weights. The sharded model is handed the unsharded one's
+// DP-averaged gradients (the attention backward's fp32 atomics would otherwise make two backward
+// passes differ in the last bits), so the update is exactly comparable: the fp32 master weights,
+// the norm and this rank's slice of the moments must be bit-identical, and the next forward, which
+// reads the bf16 copy refreshed after the all-gather, must give the same loss.
+void ExpectZero1MatchesUnsharded(int tp_size, Comms comms) {
+  auto world = testing::TestWorld();
+  ASSERT_NE(world, nullptr);
+  std::optional<parallel::ProcessGroups> groups;
+  std::string skip;
+  MakeGpuGroups(*world, tp_size, comms, &groups, &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_TRUE(groups.has_value());
+  const parallel::ParallelLayout& layout = groups->layout();
+  if (layout.dp_size == 1) GTEST_SKIP() << "needs dp > 1";
+  const Case tc{"zero1", true, DmcDecisionMode::kRelaxed, 128, 2, 2, false};
+  const model::LlamaConfig config = MakeConfig(tc);
+  model::Llama<float> cpu(config, nullptr);  // the initial weights
+  ShapeWeights(&cpu, 7);
+  model::LlamaCuda plain(config, &groups->tp());
+  model::LlamaCuda sharded(config, &groups->tp(), &groups->dp());
+  const std::vector<float> shard =
+      ShardOf(cpu, cpu.params(), plain.param_specs(), layout.tp_rank, tp_size);
+  plain.CopyParamsFromHost(shard);
+  sharded.CopyParamsFromHost(shard);
+  const model::Zero1Shard& z = sharded.optimizer_shard();
+  ASSERT_EQ(z.counts.size(), static_cast<size_t>(layout.dp_size));
+  EXPECT_LT(z.slice.size, plain.num_params()) << "the sharded model keeps every moment";
+
+  model::CudaAdamWSettings adamw;
+  adamw.lr = 1e-2f;
+  adamw.grad_clip = 0.5f;  // below the norm: the clipping scale matters
+  model::StepOptions opt;
+  opt.mode = tc.mode;
+  opt.noise_seed = 1234;
+  opt.cr_prior = 0.75f;
+  const int B = 2, G = B * layout.dp_size, T = 33;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<int32_t> in, tgt;
+    MakeBatch(G, T, config.vocab_size, step, &in, &tgt);
+    const size_t first = static_cast<size_t>(layout.dp_rank) * B * T;
+    const std::vector<int32_t> my_in(in.begin() + first, in.begin() + first + B * T);
+    const std::vector<int32_t> my_tgt(tgt.begin() + first, tgt.begin() + first + B * T);
+    opt.step = step;
+    opt.seq0 = static_cast<long>(layout.dp_rank) * B;
+    plain.ZeroGrad();
+    const model::ForwardResult rp = plain.Forward(my_in.data(), my_tgt.data(), B, T, opt);
+    const model::ForwardResult rs = sharded.Forward(my_in.data(), my_tgt.data(), B, T, opt);
+    // Equal weights give equal losses; the bound only allows for reduction order in the kernels.
+    EXPECT_NEAR(rs.loss, rp.loss, 1e-6 * std::fabs(rp.loss)) << "step " << step;
+    plain.Backward(1.0, &groups->dp());
+    sharded.GradsFromHost(plain.GradsToHost());
+    const double norm_plain = plain.OptimizerStep(adamw);
+    const double norm_sharded = sharded.OptimizerStep(adamw);
+    EXPECT_EQ(norm_sharded, norm_plain) << "step " << step;
+    EXPECT_GT(norm_plain, adamw.grad_clip) << "step " << step;
+    EXPECT_TRUE(sharded.ParamsToHost() == plain.ParamsToHost())
+        << "step " << step << ": the all-gathered ZeRO-1 master weights differ from the unsharded";
+    std::vector<float> pm, pv, sm, sv;
+    plain.OptimizerStateToHost(&pm, &pv);
+    sharded.OptimizerStateToHost(&sm, &sv);
+    ASSERT_EQ(sm.size(), z.slice.size);
+    ASSERT_EQ(sv.size(), z.slice.size);
+    EXPECT_TRUE(std::equal(sm.begin(), sm.end(), pm.begin() + z.slice.begin)) << "m, step " << step;
+    EXPECT_TRUE(std::equal(sv.begin(), sv.end(), pv.begin() + z.slice.begin)) << "v, step " << step;
+  }
+  if (layout.world_rank == 0)
+    std::printf("[ %s tp %d dp %d ] zero1: 3 steps bit-identical to the unsharded optimizer\n",
+                comms == Comms::kNccl ? "nccl" : "mpi", tp_size, layout.dp_size);
+  std::fflush(stdout);
+}
+
+TEST(CudaZero1, DataParallelOnMpiEqualsUnsharded) { ExpectZero1MatchesUnsharded(1, Comms::kMpi); }
+TEST(CudaZero1, DataTimesTensorParallelOnMpiEqualsUnsharded) {
+  ExpectZero1MatchesUnsharded(2, Comms::kMpi);
+}
+TEST(CudaZero1, DataParallelOnNcclEqualsUnsharded) { ExpectZero1MatchesUnsharded(1, Comms::kNccl); }
 
 class CudaParallelStep : public ::testing::TestWithParam<Case> {};
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# dmc-train --zero1 end to end (the AdamW moments sharded over the data-parallel ranks) on the
+# embedded text (byte tokenizer, tiny model). It must end in the same bytes (weights, AdamW state,
+# every step's loss) as the same run without it:
+#   1. on 1 rank, where there is nothing to shard and the flag is accepted and changes nothing;
+#   2. on 2 data-parallel ranks, where each rank keeps and updates half of the moments;
+#   3. on 2 ranks stopped by SIGTERM with --zero1 and resumed without it: the checkpoint holds the
+#      full moments either way.
+# Usage: zero1.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
+set -euo pipefail
+train=$1 prep=$2 src=$3 mpiexec=$4
+shift 4
+mpi_flags=("$@")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+mkdir "$work/corpus"
+cp "$src"/data/corpus/kjv_32_jonah.txt "$work/corpus/"
+"$prep" --input="$work/corpus" --output="$work/shards" --tokenizer=byte --shard_tokens=16384 >/dev/null 2>&1
+
+total=600
+common=(--model=tiny --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=2
+        --pretrain_steps=300 --warmup_steps=5 --lr=3e-3 --min_lr=3e-4 --stage2_steps=300
+        --retrofit_lr=3e-3 --retrofit_min_lr=3e-4 --cr_target=2 --log_every=100000 --keep_last=1)
+
+losses() { sed -E 's/.*"loss":([^,]*),.*"step":([0-9]+),.*/\2 \1/' "$1" | sort -n; }
+same_run() {  # same_run A B: the same losses and the same final checkpoint bytes
+  local a b
+  a="$work/$1/$(cat "$work/$1/latest")" b="$work/$2/$(cat "$work/$2/latest")"
+  [ "$(basename "$a")" = "step_$(printf %08d $total)" ] || fail "$1 did not finish: $(basename "$a")"
+  [ "$(basename "$b")" = "$(basename "$a")" ] || fail "$2 ended at $(basename "$b")"
+  cmp -s "$a/model-tp0.safetensors" "$b/model-tp0.safetensors" || fail "$2: weights differ from $1"
+  cmp -s "$a/optim-tp0.safetensors" "$b/optim-tp0.safetensors" || fail "$2: AdamW state differs from $1"
+  diff <(losses "$work/$1.jsonl") <(losses "$work/$2.jsonl") >/dev/null || fail "$2: losses differ from $1"
+}
+run() {  # run NAME [mpirun -np N] -- FLAGS...
+  local name=$1
+  shift
+  "$@" "${common[@]}" --checkpoint_dir="$work/$name" --log_jsonl="$work/$name.jsonl" >/dev/null
+}
+
+# 1. one rank
+run one "$train"
+run one_zero1 "$train" --zero1
+same_run one one_zero1
+echo "1 rank: --zero1 accepted, bit-identical"
+
+# 2. two data-parallel ranks
+run dp "$mpiexec" "${mpi_flags[@]}" -np 2 "$train"
+run dp_zero1 "$mpiexec" "${mpi_flags[@]}" -np 2 "$train" --zero1
+same_run dp dp_zero1
+echo "2 data-parallel ranks: --zero1 bit-identical"
+
+# 3. SIGTERM of the 2-rank --zero1 run once its log has 30 steps, then --resume without --zero1
+"$mpiexec" "${mpi_flags[@]}" -np 2 "$train" "${common[@]}" --zero1 --checkpoint_dir="$work/term" \
+    --log_jsonl="$work/term.jsonl" >/dev/null &
+pid=$!
+while kill -0 "$pid" 2>/dev/null && [ "$(wc -l 2>/dev/null <"$work/term.jsonl" || echo 0)" -lt 30 ]; do
+  sleep 0.005
+done
+kill -s TERM "$pid" 2>/dev/null || true
+wait "$pid" || true
+stopped=$(wc -l <"$work/term.jsonl")
+[ "$stopped" -lt $total ] || fail "the SIGTERM came after the last step; make the run longer"
+[ -f "$work/term/latest" ] || fail "SIGTERM left no checkpoint"
+run term "$mpiexec" "${mpi_flags[@]}" -np 2 "$train" --resume
+same_run dp term
+echo "2 ranks, --zero1 stopped after step $stopped, resumed without it: bit-identical"
