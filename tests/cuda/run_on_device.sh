@@ -207,4 +207,4 @@ echo
 cat "$OUT/errors.txt" 2>/dev/null
 echo
 cat "$summary"
-[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+if [ -f "$OUT/bench.log" ]; then cat "$OUT/bench.log"; fi  # absent when the bench step did not run
