@@ -3,19 +3,9 @@
 # other flags → every rank stops at once with an error naming the flag; (2) the data cannot be
 # opened → the job ends with an error naming the file, and no rank hangs.
 # Usage: mismatch.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
-set -euo pipefail
-train=$1 prep=$2 src=$3 mpiexec=$4
-shift 4
-mpi=("$mpiexec" "$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMP_NUM_THREADS=1
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-mkdir "$work/corpus"
-cp "$src"/data/corpus/kjv_08_ruth.txt "$work/corpus/"
-"$prep" --input="$work/corpus" --output="$work/shards" --tokenizer=byte --shard_tokens=16384 \
-    >/dev/null 2>&1
+books="kjv_08_ruth"
+source "$(dirname "$0")/mpi_test_setup.sh" "$@"
+mpi=("$mpiexec" "${mpi_flags[@]}")
 common=(--model=tiny --data="$work/shards/train_index.json" --micro_batch=2 --pretrain_steps=5)
 
 # MPMD launch: rank 0 and rank 1 get different --seq_len

@@ -9,18 +9,8 @@
 #   4. a run on 2 data-parallel ranks, stopped by SIGTERM and resumed on 1 rank with the same global
 #      batch: the checkpoint does not depend on the data-parallel layout.
 # Usage: resume.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
-set -euo pipefail
-train=$1 prep=$2 src=$3 mpiexec=$4
-shift 4
-mpi_flags=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMP_NUM_THREADS=1
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-mkdir "$work/corpus"
-cp "$src"/data/corpus/kjv_08_ruth.txt "$src"/data/corpus/kjv_32_jonah.txt "$work/corpus/"
-"$prep" --input="$work/corpus" --output="$work/shards" --tokenizer=byte --shard_tokens=16384 >/dev/null 2>&1
+books="kjv_08_ruth kjv_32_jonah"
+source "$(dirname "$0")/mpi_test_setup.sh" "$@"
 
 total=400
 common=(--model=tiny --data="$work/shards/train_index.json" --seq_len=32 --pretrain_steps=150
