@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The learned compression of every attention head, one panel per retrofit: rows are layers,
 # columns KV heads, colour and label the head's achieved CR on held-out text (log scale: a head
-# that merges every token of a 512-token window reaches 512). Reads the "dmc CR per head" table
+# that merges every token of a 512-token window reaches 512; labels dark on the light end of
+# the scale). Reads the "dmc CR per head" table
 # that dmc-eval prints for --methods=dmc.
 #
 #   launch/plot_head_cr.sh OUT.png NAME=dmc-eval.log [NAME=dmc-eval.log ...]
@@ -26,7 +27,8 @@ for run in "$@"; do
   heads=$(awk '$2 + 1 > n { n = $2 + 1 } END { print n }' "$tmp/$i.dat")
   panels+="set title '$name'
 plot '$tmp/$i.dat' using 2:1:(log(\$3)/log(2)) with image notitle, \
-     '' using 2:1:(sprintf('%.3g', \$3)) with labels font ',8' tc rgb 'white' notitle
+     '' using 2:1:(sprintf('%.3g', \$3)):(\$3 > 64 ? 0 : 0xffffff) with labels font ',8' \
+        tc rgb variable notitle
 "
 done
 gnuplot <<GP
