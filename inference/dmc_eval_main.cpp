@@ -3,6 +3,8 @@
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
+// --device=cuda computes dmc and vanilla by the CUDA model's parallel forward over whole windows
+// (inference/evaluate_cuda.h): the same figures, for models too large to decode on the CPU.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,6 +21,9 @@
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
 #include "inference/png_writer.h"
+#if defined(DMC_HAVE_CUDA)
+#include "inference/evaluate_cuda.h"
+#endif
 
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (dmc-export output)");
 ABSL_FLAG(std::string, data, "", "held-out shard index (val_index.json of dmc-prep)");
@@ -31,11 +36,15 @@ ABSL_FLAG(double, baseline_cr, 0.0,
           "achieves in this run (dmc or loma must then be among --methods)");
 ABSL_FLAG(int64_t, kv_budget_mb, 256, "KV cache budget in MiB (pages and DMC window state)");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
-ABSL_FLAG(int, max_batch, 16, "sequences decoded concurrently at most");
+ABSL_FLAG(int, max_batch, 16,
+          "sequences decoded concurrently at most (--device=cuda: windows per forward pass)");
 ABSL_FLAG(std::string, heatmap, "", "write the per-head CR of dmc as a PNG heat map here");
 ABSL_FLAG(std::string, append_tsv, "",
           "append one tab-separated line per method to this file: label, method, budget, CR, "
           "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
+ABSL_FLAG(std::string, device, "cpu",
+          "cpu: decode token by token over the paged cache; cuda: dmc and vanilla by one "
+          "parallel forward per batch of --max_batch windows on the GPU");
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 
 namespace {
@@ -75,12 +84,22 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "dmc-eval --model=HF_DIR --data=val_index.json [--methods=dmc,vanilla,h2o,tova,loma]");
+      "dmc-eval --model=HF_DIR --data=val_index.json [--methods=dmc,vanilla,h2o,tova,loma] "
+      "[--device=cpu|cuda]");
   absl::ParseCommandLine(argc, argv);
   const std::string model_dir = absl::GetFlag(FLAGS_model), data = absl::GetFlag(FLAGS_data);
   const int seq_len = absl::GetFlag(FLAGS_seq_len);
   if (model_dir.empty() || data.empty())
     return Fail(absl::InvalidArgumentError("--model and --data are required"));
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda")
+    return Fail(absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda"));
+#if !defined(DMC_HAVE_CUDA)
+  if (device == "cuda")
+    return Fail(absl::InvalidArgumentError(
+        "--device=cuda: this dmc-eval was built without the CUDA backend (configure with "
+        "-DDMC_CUDA=ON on a machine with the CUDA toolkit)"));
+#endif
 
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
@@ -119,6 +138,11 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--seq_len=%d must be in [1, %d] (max_position_embeddings of %s)", seq_len,
         c.max_position_embeddings, model_dir)));
+#if defined(DMC_HAVE_CUDA)
+  if (device == "cuda")
+    for (CacheMethod m : methods)
+      if (absl::Status s = dmc::inference::CudaEvalSupports(c, m); !s.ok()) return Fail(s);
+#endif
 
   dmc::data::LoaderOptions lo;
   lo.index_path = data;
@@ -171,7 +195,13 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "dmc-eval: %s %ld/%ld predictions, %.0f per second\n",
                    dmc::inference::CacheMethodName(m), done, total, done / seconds);
     };
+#if defined(DMC_HAVE_CUDA)
+    absl::StatusOr<EvalResult> r = device == "cuda"
+                                       ? dmc::inference::EvaluateCuda(**model, windows, eo)
+                                       : dmc::inference::Evaluate(**model, windows, eo);
+#else
     absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
+#endif
     if (!r.ok()) return Fail(r.status());
     if (compresses(m) && baseline_cr <= 0) baseline_cr = r->cr;
     results.push_back(*r);
@@ -185,6 +215,9 @@ int main(int argc, char** argv) {
                 r.policy.budget ? absl::StrFormat("%d", r.policy.budget).c_str() : "-", r.cr,
                 r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
                 r.max_concurrent);
+  if (device == "cuda")
+    std::printf("(--device=cuda: tokens/s of the parallel forward over whole windows, not a "
+                "decode speed; KV memory with every window resident)\n");
 
   if (const std::string tsv = absl::GetFlag(FLAGS_append_tsv); !tsv.empty()) {
     std::FILE* f = std::fopen(tsv.c_str(), "a");

@@ -21,33 +21,6 @@ void Score(const float* logits, int V, int32_t target, double* nll, long* hits) 
   *hits += std::max_element(logits, logits + V) - logits == target ? 1 : 0;
 }
 
-// Perplexity, accuracy and the CRs from the sums over sequences: tokens and slots [L, Hkv].
-EvalResult Summarize(const CachePolicy& policy, double nll, long hits, long predictions,
-                     const std::vector<double>& tokens, const std::vector<double>& slots, int L,
-                     int Hkv) {
-  EvalResult res;
-  res.policy = policy;
-  res.predictions = predictions;
-  res.perplexity = std::exp(nll / std::max(1L, predictions));
-  res.accuracy = static_cast<double>(hits) / std::max(1L, predictions);
-  double all_tokens = 0, all_slots = 0;
-  res.layer_cr.assign(L, 0.0);
-  res.head_cr.assign(size_t(L) * Hkv, 0.0);
-  for (int l = 0; l < L; ++l) {
-    double lt = 0, ls = 0;
-    for (int h = 0; h < Hkv; ++h) {
-      res.head_cr[l * Hkv + h] = tokens[l * Hkv + h] / slots[l * Hkv + h];
-      lt += tokens[l * Hkv + h];
-      ls += slots[l * Hkv + h];
-    }
-    res.layer_cr[l] = lt / ls;
-    all_tokens += lt;
-    all_slots += ls;
-  }
-  res.cr = all_tokens / all_slots;
-  return res;
-}
-
 // The loma method: up to max_batch LomaDecoders at a time, stepped in lockstep over their
 // windows, so with windows of equal length their cache peaks coincide and KV memory is the sum
 // of their peaks (keys and values of every layer and KV head, no paging).
@@ -108,7 +81,7 @@ absl::StatusOr<EvalResult> EvaluateLoma(const model::Llama<float>& model,
         "loma: %d concurrent sequences held %ld bytes of KV cache, over the budget of %ld "
         "(lower --max_batch or raise --kv_budget_mb)",
         batch, peak_bytes, options.budget_bytes));
-  EvalResult res = Summarize(options.policy, nll, hits, predictions, tokens, slots, L, Hkv);
+  EvalResult res = SummarizeEval(options.policy, nll, hits, predictions, tokens, slots, L, Hkv);
   res.peak_kv_bytes = peak_bytes;
   res.tokens_per_second = fed / std::max(1e-9, seconds);
   res.max_concurrent = batch;
@@ -116,6 +89,32 @@ absl::StatusOr<EvalResult> EvaluateLoma(const model::Llama<float>& model,
 }
 
 }  // namespace
+
+EvalResult SummarizeEval(const CachePolicy& policy, double nll, long hits, long predictions,
+                         const std::vector<double>& tokens, const std::vector<double>& slots,
+                         int L, int Hkv) {
+  EvalResult res;
+  res.policy = policy;
+  res.predictions = predictions;
+  res.perplexity = std::exp(nll / std::max(1L, predictions));
+  res.accuracy = static_cast<double>(hits) / std::max(1L, predictions);
+  double all_tokens = 0, all_slots = 0;
+  res.layer_cr.assign(L, 0.0);
+  res.head_cr.assign(size_t(L) * Hkv, 0.0);
+  for (int l = 0; l < L; ++l) {
+    double lt = 0, ls = 0;
+    for (int h = 0; h < Hkv; ++h) {
+      res.head_cr[l * Hkv + h] = tokens[l * Hkv + h] / slots[l * Hkv + h];
+      lt += tokens[l * Hkv + h];
+      ls += slots[l * Hkv + h];
+    }
+    res.layer_cr[l] = lt / ls;
+    all_tokens += lt;
+    all_slots += ls;
+  }
+  res.cr = all_tokens / all_slots;
+  return res;
+}
 
 absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
                                     const std::vector<std::vector<int32_t>>& windows,
@@ -154,7 +153,7 @@ absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
       });
   if (!stats.ok()) return stats.status();
 
-  EvalResult res = Summarize(options.policy, nll, hits, predictions, tokens, slots, L, Hkv);
+  EvalResult res = SummarizeEval(options.policy, nll, hits, predictions, tokens, slots, L, Hkv);
   res.peak_kv_bytes = cache.allocator().peak_bytes();
   res.tokens_per_second = stats->tokens / std::max(1e-9, stats->seconds);
   res.max_concurrent = stats->max_concurrent;

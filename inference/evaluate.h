@@ -11,6 +11,8 @@
 // position (the reading zones of the training layout), CR = tokens / slots at the end of each
 // window, KV memory = the peak slots of the concurrent sequences × keys and values of every layer
 // and KV head (an error if over budget_bytes); page_size does not apply.
+// EvaluateCuda (inference/evaluate_cuda.h) computes the dmc and vanilla figures by the CUDA
+// model's parallel forward instead, by the same definitions (SummarizeEval, KvSequenceBytes).
 #pragma once
 
 #include <cstdint>
@@ -46,6 +48,13 @@ struct EvalResult {
   int max_concurrent = 0;
   long preemptions = 0;
 };
+
+// The figures from the sums over sequences: cross-entropy nll and argmax hits over predictions,
+// tokens and slots [L, Hkv] at the end of each sequence. Shared with the GPU path
+// (inference/evaluate_cuda.h), so both report by one definition.
+EvalResult SummarizeEval(const CachePolicy& policy, double nll, long hits, long predictions,
+                         const std::vector<double>& tokens, const std::vector<double>& slots,
+                         int L, int Hkv);
 
 // windows: token windows of seq_len + 1 (inputs and the last target), as ShardLoader yields.
 absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,

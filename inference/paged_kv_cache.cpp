@@ -9,15 +9,7 @@ namespace dmc::inference {
 template <typename T>
 PagedKvCache<T>::PagedKvCache(const PagedCacheOptions& options)
     : opt_(options),
-      alloc_(options.budget_bytes, static_cast<long>(std::max(1, options.page_size)) * 2 *
-                                       options.head_dim * static_cast<long>(sizeof(T))) {}
-
-template <typename T>
-long PagedKvCache<T>::window_bytes() const {
-  if (opt_.dmc_window <= 0) return 0;
-  return static_cast<long>(opt_.layers) * opt_.kv_heads *
-         DmcWindow<T>::Bytes(opt_.dmc_window, opt_.head_dim);
-}
+      alloc_(options.budget_bytes, KvPageBytes<T>(options)) {}
 
 template <typename T>
 absl::Status PagedKvCache<T>::AddSequence(int seq) {

@@ -18,6 +18,7 @@
 // before anything changes, so running out is a clear absl error and never a half-done step.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -37,6 +38,30 @@ struct PagedCacheOptions {
   long budget_bytes = 0;   // pages and window state together
   int dmc_window = 0;      // w of the DMC window state; 0: no window (the baselines)
 };
+
+// What the cache charges, as functions of its options alone, so that a path which only counts
+// slots (the GPU evaluation, inference/evaluate_cuda.h) reports exactly what the cache would hold.
+// One page: page_size slots of a key and a value row of head_dim elements.
+template <typename T>
+long KvPageBytes(const PagedCacheOptions& o) {
+  return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * static_cast<long>(sizeof(T));
+}
+// The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head).
+template <typename T>
+long KvWindowBytes(const PagedCacheOptions& o) {
+  if (o.dmc_window <= 0) return 0;
+  return static_cast<long>(o.layers) * o.kv_heads * DmcWindow<T>::Bytes(o.dmc_window, o.head_dim);
+}
+// One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
+// per head (a head opens a page only when its last one is full, and frees one when it empties)
+// plus its window state.
+template <typename T>
+long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots) {
+  const long page = std::max(1, o.page_size);
+  long pages = 0;
+  for (int slots : head_slots) pages += (slots + page - 1) / page;
+  return pages * KvPageBytes<T>(o) + KvWindowBytes<T>(o);
+}
 
 template <typename T>
 class PagedKvCache {
@@ -124,7 +149,7 @@ class PagedKvCache {
   long row(int seq, int layer, int h, int slot) const { return row(head(seq, layer, h), slot); }
   // Opens a new slot at the end of a head (a new page when the last one is full).
   absl::StatusOr<long> NewSlot(Head& hd, int32_t position);
-  long window_bytes() const;
+  long window_bytes() const { return KvWindowBytes<T>(opt_); }
 
   PagedCacheOptions opt_;
   PageAllocator alloc_;

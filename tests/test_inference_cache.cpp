@@ -34,6 +34,35 @@ TEST(InferenceAllocator, RefusesDoubleFreesAndUnknownPages) {
   EXPECT_EQ(a.peak_bytes(), 640);
 }
 
+// The accounting a slot-counting path (the GPU evaluation) uses, by hand: layers 2, one KV head,
+// head dim 4, pages of 3 slots, fp32; heads of 4 and 3 slots hold 2 + 1 pages of
+// 3 × (key + value) × 4 × 4 = 96 bytes; DMC with a window of 2 adds per head 2 × (4 + 4 + 1) × 4.
+TEST(InferenceAllocator, KvSequenceBytesChargesPagesAndWindowState) {
+  PagedCacheOptions o;
+  o.layers = 2;
+  o.kv_heads = 1;
+  o.head_dim = 4;
+  o.page_size = 3;
+  EXPECT_EQ(inference::KvPageBytes<float>(o), 96);
+  EXPECT_EQ(inference::KvWindowBytes<float>(o), 0);
+  EXPECT_EQ(inference::KvSequenceBytes<float>(o, {4, 3}), 3 * 96);
+  EXPECT_EQ(inference::KvSequenceBytes<float>(o, {0, 1}), 96);
+  o.dmc_window = 2;
+  EXPECT_EQ(inference::KvWindowBytes<float>(o), 2 * 72);
+  EXPECT_EQ(inference::KvSequenceBytes<float>(o, {4, 3}), 3 * 96 + 144);
+  // The cache itself charges the same once it holds those slots.
+  o.budget_bytes = 1 << 16;
+  PagedKvCache<float> cache(o);
+  ASSERT_TRUE(cache.AddSequence(0).ok());
+  const std::vector<float> row(o.head_dim, 1.0f);
+  for (int t = 0; t < 4; ++t)
+    ASSERT_TRUE(cache.AddDmc(0, 0, 0, row.data(), row.data(), 1.0f, false, t).ok());
+  for (int t = 0; t < 5; ++t)  // 3 slots: tokens 1 and 3 merge
+    ASSERT_TRUE(cache.AddDmc(0, 1, 0, row.data(), row.data(), 1.0f, t % 2 == 1, t).ok());
+  EXPECT_EQ(cache.length(0, 1, 0), 3);
+  EXPECT_EQ(cache.allocator().used_bytes(), 3 * 96 + 144);
+}
+
 // One slot's expected content: the key and value rows are filled with a tag.
 struct Slot {
   int32_t position;
@@ -107,10 +136,15 @@ TEST(InferenceAllocator, RandomCacheOperationsNeverLeakOrDoubleFree) {
         hm.dmc_open = false;
       }
     }
-    // Counting: pages held = sum of ceil(length / page_size); bytes = pages + window state.
-    long pages = 0;
+    // Counting: pages held = sum of ceil(length / page_size); bytes = pages + window state, as
+    // KvSequenceBytes charges each sequence from its heads' lengths alone.
+    long pages = 0, charged = 0;
     std::set<int32_t> seen;
-    for (const auto& [seq, heads] : model)
+    for (const auto& [seq, heads] : model) {
+      std::vector<int> head_slots;
+      for (const HeadModel& hm : heads) head_slots.push_back(static_cast<int>(hm.slots.size()));
+      charged += inference::KvSequenceBytes<double>(o, head_slots);
+      ASSERT_EQ(cache.bytes(seq), inference::KvSequenceBytes<double>(o, head_slots));
       for (int l = 0; l < o.layers; ++l) {
         std::vector<int32_t> table;
         std::vector<int> lengths;
@@ -125,7 +159,9 @@ TEST(InferenceAllocator, RandomCacheOperationsNeverLeakOrDoubleFree) {
             ASSERT_TRUE(seen.insert(table[h * max_pages + p]).second) << "page held twice";
         }
       }
+    }
     ASSERT_EQ(cache.allocator().pages_in_use(), pages) << "op " << op;
+    ASSERT_EQ(cache.allocator().used_bytes(), charged) << "op " << op;
     ASSERT_EQ(cache.allocator().used_bytes(),
               pages * cache.page_bytes() + long(model.size()) * window_bytes);
   }
