@@ -2,27 +2,26 @@
 
 #include <stdexcept>
 #include <string>
-
-#include "inference/dmc_window.h"
+#include <vector>
 
 namespace dmc::inference {
 namespace {
 
-// Bytes that hold every position of the context in every head, plus the window state.
+// A cache whose budget holds every position of the context in every head, plus the window state.
 template <typename T>
-long WholeContextBytes(const model::LlamaConfig& c, int page_size) {
-  const long heads = static_cast<long>(c.num_hidden_layers) * c.num_key_value_heads;
-  const long pages = (c.max_position_embeddings + page_size - 1) / page_size;
-  return heads * (pages * page_size * 2 * c.head_dim() * static_cast<long>(sizeof(T)) +
-                  DmcWindow<T>::Bytes(c.dmc.window, c.head_dim()));
+PagedCacheOptions WholeContextOptions(const model::LlamaConfig& c, int page_size) {
+  PagedCacheOptions o = CacheOptionsFor(c, CacheMethod::kDmc, 0, page_size);
+  o.budget_bytes = KvSequenceBytes<T>(
+      o, std::vector<int>(static_cast<size_t>(c.num_hidden_layers) * c.num_key_value_heads,
+                          c.max_position_embeddings));
+  return o;
 }
 
 }  // namespace
 
 template <typename T>
 DmcDecoder<T>::DmcDecoder(const model::Llama<T>& model, int page_size)
-    : cache_(CacheOptionsFor(model.config(), CacheMethod::kDmc,
-                             WholeContextBytes<T>(model.config(), page_size), page_size)) {
+    : cache_(WholeContextOptions<T>(model.config(), page_size)) {
   absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> d =
       PagedDecoder<T>::Create(model, CachePolicy{}, &cache_);
   if (!d.ok()) throw std::invalid_argument(std::string(d.status().message()));
