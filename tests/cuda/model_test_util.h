@@ -1,6 +1,7 @@
 // Helpers of the GPU tests that compare a whole CUDA model step with the CPU model
-// (test_cuda_model.cpp, test_cuda_loma.cpp, mpi/test_cuda_parallel.cpp): bf16-exact weights with
-// decisions far from their threshold, the relative error of a flat tensor, and the tolerances.
+// (test_cuda_model.cpp, test_cuda_loma.cpp, test_cuda_eval.cpp, mpi/test_cuda_parallel.cpp): their
+// small model, bf16-exact weights with decisions far from their threshold, the relative error of a
+// flat tensor, and the tolerances.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +17,26 @@
 namespace dmc::cuda_test {
 
 inline float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// The small model the GPU model tests compare: 2 layers, vocabulary 64, MLP 2·hidden; DMC with a
+// small decision offset (mixed decisions from the start), soft relaxed decisions (temperature 1:
+// gradients of every size) and a window of 6, shorter than the sequences, so that the truncation
+// of the scan matters.
+inline model::LlamaConfig SmallModelConfig(bool dmc, int hidden, int heads, int kv_heads) {
+  model::LlamaConfig m;
+  m.vocab_size = 64;
+  m.hidden_size = hidden;
+  m.intermediate_size = 2 * hidden;
+  m.num_hidden_layers = 2;
+  m.num_attention_heads = heads;
+  m.num_key_value_heads = kv_heads;
+  m.max_position_embeddings = 64;
+  m.dmc.enabled = dmc;
+  m.dmc.init_val = 0.5f;
+  m.dmc.temperature = 1.0f;
+  m.dmc.window = 6;
+  return m;
+}
 
 // Random bf16-exact weights, with KV head h's decision channel k[D-1] reading only residual
 // channel h, which every token's embedding sets to ±1: the hard decisions are mixed but far from

@@ -39,18 +39,12 @@ struct Case {
   int hidden, heads, kv_heads;
 };
 
+// A third layer (odd layers merge differently) and a vocabulary large enough for the
+// successor-shaped LM head; evaluation uses hard decisions, so the temperature plays no part.
 model::LlamaConfig MakeConfig(const Case& c) {
-  model::LlamaConfig m;
+  model::LlamaConfig m = SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
   m.vocab_size = 256;
-  m.hidden_size = c.hidden;
-  m.intermediate_size = 2 * c.hidden;
   m.num_hidden_layers = 3;
-  m.num_attention_heads = c.heads;
-  m.num_key_value_heads = c.kv_heads;
-  m.max_position_embeddings = 64;
-  m.dmc.enabled = c.dmc;
-  m.dmc.init_val = 0.5f;  // small: the decisions are mixed
-  m.dmc.window = 6;       // shorter than a window: the truncated accumulation matters
   return m;
 }
 

@@ -57,19 +57,8 @@ struct Case {
 constexpr double kSameTol = 1e-3;
 
 model::LlamaConfig MakeConfig(const Case& c) {
-  model::LlamaConfig m;
-  m.vocab_size = 64;
-  m.hidden_size = c.hidden;
-  m.intermediate_size = 2 * c.hidden;
-  m.num_hidden_layers = 2;
-  m.num_attention_heads = c.heads;
-  m.num_key_value_heads = c.kv_heads;
-  m.max_position_embeddings = 64;
+  model::LlamaConfig m = SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
   m.tie_word_embeddings = c.tied;
-  m.dmc.enabled = c.dmc;
-  m.dmc.init_val = 0.5f;     // mixed decisions from the start
-  m.dmc.temperature = 1.0f;  // soft relaxed decisions, gradients of every size
-  m.dmc.window = 6;          // shorter than T: the truncation of the scan matters
   return m;
 }
 
