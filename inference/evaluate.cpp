@@ -122,10 +122,10 @@ absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
   const model::LlamaConfig& c = engine.config();
   const int L = c.num_hidden_layers, Hkv = c.num_key_value_heads;
   std::vector<Request> requests;
-  for (const auto& w : windows) {
+  for (const auto& w : windows) {  // every position but the last fed, each scored by the next
     Request q;
-    q.tokens.assign(w.begin(), w.end() - 1);
-    q.length = static_cast<int>(q.tokens.size());
+    q.tokens = w;
+    q.length = static_cast<int>(w.size()) - 1;
     requests.push_back(q);
   }
   const long total = TotalPredictions(windows);
@@ -135,7 +135,7 @@ absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
   absl::StatusOr<SchedulerStats> stats = RunBatched(
       engine, requests, options.max_batch,
       [&](int r, int pos, const TokenOutput& out) {
-        nll -= out.logprob;
+        nll -= out.logprob;  // of windows[r][pos + 1], the step's target
         hits += out.argmax == windows[r][pos + 1] ? 1 : 0;
         ++predictions;
         if (options.progress) options.progress(predictions, total);

@@ -10,10 +10,11 @@ namespace dmc::inference {
 absl::StatusOr<int> Scheduler::Submit(Request request) {
   const model::LlamaConfig& c = engine_.config();
   const int n = static_cast<int>(request.tokens.size());
-  if (n == 0 || request.length < n || request.length > c.max_position_embeddings)
+  if (n == 0 || request.length < 1 || request.length > c.max_position_embeddings ||
+      (request.prefill && request.length < n))
     return absl::InvalidArgumentError(absl::StrFormat(
-        "a request needs at least one token and a length from its %d tokens to "
-        "max_position_embeddings %d, got length %d",
+        "a request needs at least one token and a length from 1 (from its %d tokens when it is "
+        "prefilled) to max_position_embeddings %d, got length %d",
         n, c.max_position_embeddings, request.length));
   for (int32_t t : request.tokens)
     if (t < 0 || t >= c.vocab_size)
@@ -54,6 +55,17 @@ absl::Status Scheduler::Finish(int id, bool cancelled, const FinishFn& on_finish
   return s;
 }
 
+bool Scheduler::Affordable(const Request& request) const {
+  const PagedCacheOptions& o = engine_.cache_options();
+  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  const long page = KvPageBytes(o, engine_.element_bytes());
+  const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
+  const long need = KvWindowBytes(o, sizeof(float)) +
+                    heads * page * ((prompt + o.page_size - 1) / o.page_size) +
+                    heads * page * static_cast<long>(active_.size() + 1);
+  return engine_.budget_bytes() - engine_.used_bytes() >= need;
+}
+
 absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish) {
   while (static_cast<int>(active_.size()) < max_batch_ && !pending_.empty()) {
     const int id = pending_.front();
@@ -63,6 +75,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (absl::Status s = Finish(id, true, on_finish); !s.ok()) return s;
       continue;
     }
+    if (!active_.empty() && !Affordable(e.request)) break;  // wait for memory to free
     if (absl::Status s = engine_.AddSequence(id, e.request.sampling); !s.ok()) {
       if (absl::IsResourceExhausted(s) && !active_.empty()) break;  // wait for memory to free
       return s;
@@ -71,7 +84,11 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
     if (e.request.prefill && engine_.parallel_prefill()) {
       const int P = static_cast<int>(tokens.size());
       TokenOutput out;  // of the prompt's last position, whose next token is not known yet
-      if (absl::Status s = engine_.Prefill(id, tokens, -1, &out); !s.ok()) {
+      const auto start = std::chrono::steady_clock::now();
+      absl::Status s = engine_.Prefill(id, tokens, -1, &out);
+      stats_.prefill_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!s.ok()) {
         if (absl::Status f = engine_.Free(id); !f.ok()) return f;
         if (absl::IsResourceExhausted(s) && !active_.empty()) break;
         return s;

@@ -9,7 +9,10 @@
 // fed gives one TokenOutput, scored against the prompt's next token while there is one; past
 // the prompt the output's `next` token is appended, until the length or a stop.
 //
-// Admission: requests enter in order while fewer than max_batch run and the engine admits them.
+// Admission: requests enter in order while fewer than max_batch run and, beside running ones,
+// the free budget holds the request's prompt at worst and then one step of every sequence at
+// worst (a page per head): a request admitted with less would be preempted at once and its
+// prefill redone, again and again, while the running ones stall.
 // Preemption: when the next step's worst-case growth does not fit the budget, the most recently
 // admitted request is freed and queued again at the front; it is recomputed from its tokens
 // later (decoding is deterministic, and each position is reported only once, so callers never
@@ -30,8 +33,10 @@
 namespace dmc::inference {
 
 struct Request {
-  std::vector<int32_t> tokens;  // the prompt (or an evaluation window); generated ones appended
-  int length = 0;               // positions to run in all, >= tokens.size()
+  // The prompt (generated tokens are appended to it), or an evaluation window: tokens past
+  // `length` are the targets of the last positions only.
+  std::vector<int32_t> tokens;
+  int length = 0;  // positions to feed in all (>= tokens.size() for a prefilled prompt)
   SamplingOptions sampling;
   bool prefill = false;         // the prompt in one pass when the engine has one
 };
@@ -48,6 +53,7 @@ struct SchedulerStats {
   long tokens = 0;          // tokens fed, recomputation and prefill included
   long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
+  double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
   int max_concurrent = 0;   // most sequences in one step
   double seconds = 0;       // wall time of RunBatched
 };
@@ -83,6 +89,7 @@ class Scheduler {
   bool Deliver(int id, int pos, const TokenOutput& out, const TokenFn& on_token);
   absl::Status Finish(int id, bool cancelled, const FinishFn& on_finish);
   absl::Status Admit(const TokenFn& on_token, const FinishFn& on_finish);
+  bool Affordable(const Request& request) const;
 
   DecodeEngine& engine_;
   int max_batch_;
