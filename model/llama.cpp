@@ -73,16 +73,16 @@ void RopeBackward(T* dinp, const T* dout, int B, int T_, int H, int D,
                                keep_last_channel);
 }
 
-// DMS query-channel variant: x [N, H, D] → x[n, h·G, D-1] = 0 for every KV head h (the channel
-// that carries the decision is not attention content, DMS.md §1).
+}  // namespace
+
 template <typename T>
-void ZeroDecisionChannel(T* x, int N, int H, int Hkv, int D) {
+void ZeroDmsQueryChannel(T* q, long N, int H, int Hkv, int D) {
   const int G = H / Hkv;
   for (long n = 0; n < N; ++n)
-    for (int h = 0; h < Hkv; ++h) x[(n * H + h * G) * D + D - 1] = T(0);
+    for (int h = 0; h < Hkv; ++h) q[(n * H + h * G) * D + D - 1] = T(0);
 }
-
-}  // namespace
+template void ZeroDmsQueryChannel<float>(float*, long, int, int, int);
+template void ZeroDmsQueryChannel<double>(double*, long, int, int, int);
 
 TpSlice TpShard(int64_t full, int rank, int ranks) {
   const int64_t base = full / ranks, extra = full % ranks;
@@ -380,7 +380,7 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
       Resize(a.dms_xn, dms_offsets_.empty() ? 0 : size_t(N) * C);
       DmsDecisionInput(l, a.x.data(), a.q.data(), a.dms_x.data(), N, a.dms_rstd.data(),
                        a.dms_xn.data());
-      if (qchannel) ZeroDecisionChannel(a.q.data(), N, H, Hkv, D);
+      if (qchannel) ZeroDmsQueryChannel(a.q.data(), N, H, Hkv, D);
       if (options.mode == k::DmcDecisionMode::kRelaxed)
         k::logistic_noise(a.noise.data(), B, T_, Hkv, options.noise_seed,
                           (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
@@ -395,7 +395,7 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
     Resize(a.kr, a.k.size());
     Rope(a.qr.data(), a.q.data(), B, T_, H, D, positions, config_.rope_theta, dmc);
     Rope(a.kr.data(), keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc);
-    if (qchannel) ZeroDecisionChannel(a.qr.data(), N, H, Hkv, D);
+    if (qchannel) ZeroDmsQueryChannel(a.qr.data(), N, H, Hkv, D);
     if (fade != T(1)) {
       k::scale_last_channel(a.qr.data(), long(N) * H, D, fade);
       k::scale_last_channel(a.kr.data(), long(N) * Hkv, D, fade);
@@ -579,7 +579,7 @@ void Llama<T>::Backward(double loss_scale) {
                                 a.kr.data(), values, dmc || dms ? a.mask.data() : nullptr,
                                 a.att.data(), a.lse.data(), B, T_, H, Hkv, D, dmc, scale,
                                 dms ? config_.dms.window : 0);
-    if (qchannel) ZeroDecisionChannel(dqr.data(), N, H, Hkv, D);
+    if (qchannel) ZeroDmsQueryChannel(dqr.data(), N, H, Hkv, D);
     if (fade != T(1)) {
       k::scale_last_channel(dqr.data(), long(N) * H, D, fade);
       k::scale_last_channel(dkr.data(), long(N) * Hkv, D, fade);

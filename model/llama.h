@@ -79,6 +79,11 @@ struct ForwardResult {
   double achieved_cr() const { return 1.0 / (1.0 - merge_fraction); }
 };
 
+// DMS query-channel variant: q [N, H, D] → q[n, h·G, D-1] = 0 for every KV head h, before and
+// after RoPE (the channel carries the decision, not attention content; DMS.md §1).
+template <typename T>
+void ZeroDmsQueryChannel(T* q, long N, int H, int Hkv, int D);
+
 template <typename T>
 class Llama {
  public:
