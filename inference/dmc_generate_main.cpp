@@ -73,9 +73,10 @@ int main(int argc, char** argv) {
   const long budget = heads * ((length + page_size - 1) / page_size * page_size * 2L *
                                    c.head_dim() * long(sizeof(float)) +
                                inf::DmcWindow<float>::Bytes(c.dmc.window, c.head_dim()));
-  inf::PagedKvCache<float> cache(
-      inf::CacheOptionsFor(c, inf::CacheMethod::kDmc, budget, page_size));
-  auto decoder = inf::PagedDecoder<float>::Create(**model, inf::CachePolicy{}, &cache);
+  // A DMS model decodes with its own evictions; any other with the dmc cache (DMC off: vanilla).
+  const inf::CacheMethod method = c.dms.enabled ? inf::CacheMethod::kDms : inf::CacheMethod::kDmc;
+  inf::PagedKvCache<float> cache(inf::CacheOptionsFor(c, method, budget, page_size));
+  auto decoder = inf::PagedDecoder<float>::Create(**model, inf::CachePolicy{method}, &cache);
   if (!decoder.ok()) return Fail(decoder.status());
 
   inf::Sampler sampler({static_cast<float>(temperature), static_cast<float>(top_p),
@@ -84,7 +85,7 @@ int main(int argc, char** argv) {
   // The prompt in one parallel pass (its cache materialised from it), then token by token.
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<std::vector<float>> prompt_logits =
-      inf::Prefill(**model, inf::CacheMethod::kDmc, &cache, 0, prompt);
+      inf::Prefill(**model, method, &cache, 0, prompt);
   if (!prompt_logits.ok()) return Fail(prompt_logits.status());
   const auto prefilled = std::chrono::steady_clock::now();
   std::vector<int32_t> generated;
@@ -106,10 +107,11 @@ int main(int argc, char** argv) {
               (*tokenizer)->Decode(generated).c_str());
   std::fprintf(stderr,
                "dmc-generate: %zu prompt tokens prefilled at %.0f tokens/s, %zu generated at %.0f "
-               "tokens/s, cache CR %.2f (%ld slots over %ld layer-heads, DMC %s)\n",
+               "tokens/s, cache CR %.2f (%ld slots over %ld layer-heads, %s %s)\n",
                prompt.size(), prompt.size() / std::max(1e-9, prefill_s), generated.size(),
                generated.size() / std::max(1e-9, decode_s),
                double(cache.tokens(0)) * heads / double(cache.total_slots(0)),
-               cache.total_slots(0), heads, c.dmc.enabled ? "on" : "off");
+               cache.total_slots(0), heads, c.dms.enabled ? "DMS" : "DMC",
+               c.compression_enabled() ? "on" : "off");
   return 0;
 }
