@@ -3,8 +3,10 @@
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
-// --device=cuda computes dmc and vanilla by the CUDA model's parallel forward over whole windows
-// (inference/evaluate_cuda.h): the same figures, for models too large to decode on the CPU.
+// --device=cuda decodes dmc and vanilla token by token on the GPU engine (inference/cuda_engine.h),
+// the same figures as the CPU for models too large to decode there; with --parallel_forward it
+// computes them by the CUDA model's parallel forward over whole windows instead
+// (inference/evaluate_cuda.h), a cross-check of the decoder.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "inference/hf_model.h"
 #include "inference/png_writer.h"
 #if defined(DMC_HAVE_CUDA)
+#include "inference/cuda_engine.h"
 #include "inference/evaluate_cuda.h"
 #endif
 
@@ -44,8 +47,11 @@ ABSL_FLAG(std::string, append_tsv, "",
           "append one tab-separated line per method to this file: label, method, budget, CR, "
           "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
 ABSL_FLAG(std::string, device, "cpu",
-          "cpu: decode token by token over the paged cache; cuda: dmc and vanilla by one "
-          "parallel forward per batch of --max_batch windows on the GPU");
+          "cpu: decode token by token over the paged cache; cuda: dmc and vanilla decoded token "
+          "by token on the GPU engine");
+ABSL_FLAG(bool, parallel_forward, false,
+          "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "
+          "per batch of --max_batch windows instead of decoding (a cross-check)");
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 
 namespace {
@@ -151,7 +157,8 @@ int main(int argc, char** argv) {
         "--seq_len=%d must be in [1, %d] (max_position_embeddings of %s)", seq_len,
         c.max_position_embeddings, model_dir)));
 #if defined(DMC_HAVE_CUDA)
-  if (device == "cuda")
+  const bool parallel_forward = absl::GetFlag(FLAGS_parallel_forward);
+  if (device == "cuda" && parallel_forward)
     for (CacheMethod m : methods)
       if (absl::Status s = dmc::inference::CudaEvalSupports(c, m); !s.ok()) return Fail(s);
 #endif
@@ -213,9 +220,22 @@ int main(int argc, char** argv) {
                    dmc::inference::CacheMethodName(m), done, total, done / seconds);
     };
 #if defined(DMC_HAVE_CUDA)
-    absl::StatusOr<EvalResult> r = device == "cuda"
-                                       ? dmc::inference::EvaluateCuda(**model, windows, eo)
-                                       : dmc::inference::Evaluate(**model, windows, eo);
+    absl::StatusOr<EvalResult> r;
+    if (device == "cuda" && parallel_forward) {
+      r = dmc::inference::EvaluateCuda(**model, windows, eo);
+    } else if (device == "cuda") {
+      dmc::inference::CudaEngineOptions o;
+      o.policy = eo.policy;
+      o.budget_bytes = eo.budget_bytes;
+      o.page_size = eo.page_size;
+      o.max_batch = eo.max_batch;
+      o.max_context = seq_len;
+      auto engine = dmc::inference::CudaEngine::Create(**model, o);
+      if (!engine.ok()) return Fail(engine.status());
+      r = dmc::inference::Evaluate(**engine, windows, eo);
+    } else {
+      r = dmc::inference::Evaluate(**model, windows, eo);
+    }
 #else
     absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
 #endif
@@ -232,8 +252,8 @@ int main(int argc, char** argv) {
                 r.policy.budget ? absl::StrFormat("%d", r.policy.budget).c_str() : "-", r.cr,
                 r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
                 r.max_concurrent);
-  if (device == "cuda")
-    std::printf("(--device=cuda: tokens/s of the parallel forward over whole windows, not a "
+  if (device == "cuda" && absl::GetFlag(FLAGS_parallel_forward))
+    std::printf("(--parallel_forward: tokens/s of the parallel forward over whole windows, not a "
                 "decode speed; KV memory with every window resident)\n");
 
   if (const std::string tsv = absl::GetFlag(FLAGS_append_tsv); !tsv.empty()) {
