@@ -17,6 +17,7 @@ namespace {
 using model::DmsVariant;
 using model::Llama;
 using model::LlamaConfig;
+using tiny_models::RandomTokens;
 
 LlamaConfig DmsConfig(DmsVariant variant, int kv_heads) {
   LlamaConfig c = tiny_models::TinyLlama(11, kv_heads);
@@ -24,13 +25,6 @@ LlamaConfig DmsConfig(DmsVariant variant, int kv_heads) {
   c.dms.enabled = true;
   c.dms.window = 2;
   return c;
-}
-
-std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
-  return t;
 }
 
 struct DmsGradCase {

@@ -185,11 +185,11 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   // The teacher (DMS.md §4) is the model the retrofit starts from, before DMS is added.
   const LlamaConfig teacher_config = model_config;
   if (dms) {
-    if (model_config.dms.is_dms())
+    if (model_config.dms.is_dms() || model_config.dmc.enabled)
       return absl::InvalidArgumentError(absl::StrFormat(
-          "--init_from=%s is already a DMS model: --method=dms retrofits models without it "
-          "(continue a DMS run with --resume)",
-          init_from));
+          "--init_from=%s is already a %s model: --method=dms retrofits a model without "
+          "compression (continue a DMS run with --resume)",
+          init_from, model_config.dms.is_dms() ? "DMS" : "DMC"));
     model_config.dms.variant = dms_variant == "adapter" ? dmc::model::DmsVariant::kAdapter
                                                         : dmc::model::DmsVariant::kQueryChannel;
     model_config.dms.window = absl::GetFlag(FLAGS_dms_window);

@@ -8,7 +8,7 @@
 #      damages the previous checkpoint;
 #   4. a run on 2 data-parallel ranks, stopped by SIGTERM and resumed on 1 rank with the same global
 #      batch: the checkpoint does not depend on the data-parallel layout;
-#   5. DMS (query-channel variant, retrofitting the straight run's model): SIGTERM -> --resume is
+#   5. DMS (query-channel variant, retrofitting a short pre-training): SIGTERM -> --resume is
 #      bit-exact, and a resume against other teacher weights is refused.
 # Usage: resume.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
 books="kjv_08_ruth kjv_32_jonah"
@@ -94,10 +94,14 @@ echo "2 ranks -> 1 rank: final loss $last_dp (straight $last_straight)"
 #    records by hash): SIGTERM -> --resume is bit-exact, and a resume whose --init_from holds
 #    other weights is refused
 export_tool="$(dirname "$train")/dmc-export"
-"$export_tool" "$work/straight" "$work/base" --dtype=fp32 >/dev/null
-"$export_tool" "$work/dp" "$work/other_base" --dtype=fp32 >/dev/null
+for seed in 1 2; do  # two short pre-trainings: the teacher, and other weights
+  "$train" --model=tiny --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=4 \
+      --pretrain_steps=30 --lr=3e-3 --seed=$seed --log_every=100000 \
+      --checkpoint_dir="$work/pre$seed" >/dev/null
+  "$export_tool" "$work/pre$seed" "$work/base$seed" --dtype=fp32 >/dev/null
+done
 total=60
-dms=(--method=dms --dms_variant=query_channel --dms_window=4 --init_from="$work/base"
+dms=(--method=dms --dms_variant=query_channel --dms_window=4 --init_from="$work/base1"
      --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=4 --stage1_steps=10
      --stage2_steps=40 --stage3_steps=10 --cr_target=4 --retrofit_lr=3e-3 --retrofit_min_lr=3e-4
      --log_every=100000 --keep_last=2)
@@ -115,7 +119,7 @@ diff <(losses "$work/dms_straight.jsonl") <(losses "$work/dms_term.jsonl") >/dev
 same_state "$work/dms_straight" "$work/dms_term"
 echo "DMS: SIGTERM after step $stopped, resumed: bit-exact"
 # (of two --init_from flags the last counts)
-if "$train" "${dms[@]}" --init_from="$work/other_base" --checkpoint_dir="$work/dms_term" \
+if "$train" "${dms[@]}" --init_from="$work/base2" --checkpoint_dir="$work/dms_term" \
     --resume >"$work/teacher.log" 2>&1; then
   fail "a DMS resume against other teacher weights was accepted"
 fi
