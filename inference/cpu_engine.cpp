@@ -34,10 +34,10 @@ absl::Status CpuEngine<T>::Free(int seq) {
 
 template <typename T>
 bool CpuEngine<T>::parallel_prefill() const {
-  // inference::Prefill runs the training forward, which on a DMC model merges: it serves the dmc
-  // cache, and the vanilla one only of a model without DMC.
-  return policy().method == CacheMethod::kDmc ||
-         (policy().method == CacheMethod::kVanilla && !config().dmc.enabled);
+  // inference::Prefill runs the training forward, which on a DMC model merges and on a DMS model
+  // evicts: it serves the dmc and dms caches, and the vanilla one only of a model without either.
+  return policy().method == CacheMethod::kDmc || policy().method == CacheMethod::kDms ||
+         (policy().method == CacheMethod::kVanilla && !config().compression_enabled());
 }
 
 template <typename T>

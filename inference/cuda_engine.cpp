@@ -128,6 +128,9 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "the GPU engine needs head_dim 64 or 128 (the attention kernels' sizes); this model has %d",
         cfg.head_dim()));
+  if (cfg.dms.enabled)
+    return absl::UnimplementedError(
+        "the GPU engine has no DMS eviction yet: decode DMS models on the CPU engine");
   if (method != CacheMethod::kDmc && method != CacheMethod::kVanilla)
     return absl::UnimplementedError(absl::StrFormat(
         "the GPU engine serves the dmc and vanilla caches; %s runs on the CPU engine",

@@ -33,7 +33,8 @@ ABSL_FLAG(std::string, data, "", "held-out shard index (val_index.json of dmc-pr
 ABSL_FLAG(int, seq_len, 256, "tokens per evaluated window");
 ABSL_FLAG(int, max_sequences, 32, "windows to evaluate (fewer if the shards hold fewer)");
 ABSL_FLAG(std::string, methods, "dmc",
-          "comma-separated cache methods: dmc, vanilla, h2o, tova, loma (LoMA models only)");
+          "comma-separated cache methods: dmc, dms (DMS models only), vanilla, h2o, tova, loma "
+          "(LoMA models only)");
 ABSL_FLAG(double, baseline_cr, 0.0,
           "compression ratio the h2o/tova budgets are matched to; 0: the CR dmc (or else loma) "
           "achieves in this run (dmc or loma must then be among --methods)");
@@ -113,12 +114,11 @@ int main(int argc, char** argv) {
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
   }
-  // dmc, then loma, first: the first one's achieved CR sets the baselines' budget.
-  std::stable_partition(methods.begin(), methods.end(),
-                        [](CacheMethod m) { return m == CacheMethod::kLoma; });
-  std::stable_partition(methods.begin(), methods.end(),
-                        [](CacheMethod m) { return m == CacheMethod::kDmc; });
-  auto compresses = [](CacheMethod m) { return m == CacheMethod::kDmc || m == CacheMethod::kLoma; };
+  // dmc, dms, then loma, first: the first one's achieved CR sets the baselines' budget.
+  auto compresses = [](CacheMethod m) {
+    return m == CacheMethod::kDmc || m == CacheMethod::kDms || m == CacheMethod::kLoma;
+  };
+  std::stable_partition(methods.begin(), methods.end(), compresses);
   const bool has_compressor = !methods.empty() && compresses(methods[0]);
   const bool has_loma = std::count(methods.begin(), methods.end(), CacheMethod::kLoma) > 0;
   if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_compressor &&
@@ -126,7 +126,8 @@ int main(int argc, char** argv) {
         return m == CacheMethod::kH2O || m == CacheMethod::kTova;
       }))
     return Fail(absl::InvalidArgumentError(
-        "h2o and tova need a budget: pass --baseline_cr or include dmc or loma in --methods"));
+        "h2o and tova need a budget: pass --baseline_cr or include dmc, dms or loma in "
+        "--methods"));
 
   auto model = dmc::inference::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
@@ -139,6 +140,17 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--methods=dmc: %s is not a DMC model (its config.json has \"dmc\": {\"enabled\": "
         "false}); evaluate it with vanilla, h2o or tova",
+        model_dir)));
+  if (std::count(methods.begin(), methods.end(), CacheMethod::kDms) > 0 && !c.dms.enabled)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--methods=dms: %s is not a DMS model with eviction on (its config.json has no \"dms\" "
+        "settings, or \"enabled\": false)",
+        model_dir)));
+  if (c.dms.enabled && std::any_of(methods.begin(), methods.end(),
+                                   [](CacheMethod m) { return m != CacheMethod::kDms; }))
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "%s is a DMS model: it decodes with its own evictions, --methods=dms (evaluate the "
+        "baselines on the model it was retrofitted from)",
         model_dir)));
   if (seq_len < 1 || seq_len > c.max_position_embeddings)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
@@ -171,10 +183,15 @@ int main(int argc, char** argv) {
     inputs.push_back(targets.back());
     windows.push_back(inputs);
   }
-  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s), %d windows of %d "
+  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s%s), %d windows of %d "
               "tokens from %s\n",
               model_dir.c_str(), c.num_hidden_layers, c.num_attention_heads,
               c.num_key_value_heads, c.dmc.enabled ? "on" : "off",
+              c.dms.enabled ? absl::StrFormat(", DMS %s window %d",
+                                              dmc::model::DmsVariantName(c.dms.variant),
+                                              c.dms.window)
+                                  .c_str()
+                            : "",
               c.loma.enabled()
                   ? absl::StrFormat(", LoMA t %d c %d", c.loma.zones.t, c.loma.zones.c).c_str()
                   : "",
@@ -252,10 +269,11 @@ int main(int argc, char** argv) {
   }
 
   for (const EvalResult& r : results) {
-    if (r.policy.method != CacheMethod::kDmc) continue;
-    std::printf("\ndmc CR per layer:");
+    if (r.policy.method != CacheMethod::kDmc && r.policy.method != CacheMethod::kDms) continue;
+    const char* name = dmc::inference::CacheMethodName(r.policy.method);
+    std::printf("\n%s CR per layer:", name);
     for (double x : r.layer_cr) std::printf(" %.2f", x);
-    std::printf("\ndmc CR per head (rows: layers, columns: KV heads):\n");
+    std::printf("\n%s CR per head (rows: layers, columns: KV heads):\n", name);
     for (int l = 0; l < c.num_hidden_layers; ++l) {
       std::printf("  layer %2d:", l);
       for (int h = 0; h < c.num_key_value_heads; ++h)

@@ -30,7 +30,8 @@ ABSL_FLAG(double, temperature, 0.0, "0: greedy; > 0: sample from softmax(logits 
 ABSL_FLAG(double, top_p, 1.0, "nucleus: sample among the most likely tokens of this total mass");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
-ABSL_FLAG(std::string, method, "", "cache method: dmc (default for a DMC model) or vanilla");
+ABSL_FLAG(std::string, method, "",
+          "cache method: dmc (default for a DMC model), dms (default for a DMS model) or vanilla");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda (the GPU engine)");
 
 namespace {
@@ -60,13 +61,17 @@ int main(int argc, char** argv) {
   auto model = inf::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
   const dmc::model::LlamaConfig& c = (*model)->config();
+  // A DMS model decodes with its own evictions (the dms cache), a DMC model with dmc.
   const std::string method_name =
-      absl::GetFlag(FLAGS_method).empty() ? (c.dmc.enabled ? "dmc" : "vanilla")
-                                          : absl::GetFlag(FLAGS_method);
+      absl::GetFlag(FLAGS_method).empty()
+          ? (c.dms.enabled ? "dms" : c.dmc.enabled ? "dmc" : "vanilla")
+          : absl::GetFlag(FLAGS_method);
   absl::StatusOr<inf::CacheMethod> method = inf::ParseCacheMethod(method_name);
   if (!method.ok()) return Fail(method.status());
-  if (*method != inf::CacheMethod::kDmc && *method != inf::CacheMethod::kVanilla)
-    return Fail(absl::InvalidArgumentError("--method=" + method_name + ": expected dmc or vanilla"));
+  if (*method != inf::CacheMethod::kDmc && *method != inf::CacheMethod::kDms &&
+      *method != inf::CacheMethod::kVanilla)
+    return Fail(absl::InvalidArgumentError("--method=" + method_name +
+                                           ": expected dmc, dms or vanilla"));
   if (*method == inf::CacheMethod::kDmc && !c.dmc.enabled)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--method=dmc: %s is not a DMC model; use --method=vanilla", model_dir)));

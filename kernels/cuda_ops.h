@@ -219,17 +219,20 @@ void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float 
 
 // ---- DMC attention (kernels/dmc_attention.h): fused flash-style kernels ----
 // q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;
-// mask [B, T, Hkv] fp32 or null; lse [B, H, T] fp32 (natural log, may be null in the forward).
+// mask [B, T, Hkv] fp32 or null, added where query - key > mask_window (DMC 0, DMS its window w;
+// -inf allowed: DMS's hard mask); lse [B, H, T] fp32 (natural log, may be null in the forward).
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
-                           bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
+                           bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
+                           int mask_window = 0);
 // Accumulates dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch for the fp32 dq
 // accumulator [B, T, H, D] and the row statistics [B, H, T].
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
-                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
+                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
+                            int mask_window = 0);
 
 // ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
 // Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;

@@ -82,8 +82,8 @@ double Trainer::FlopsPerToken() const {
 }
 
 void Trainer::EnterPhase(const ScheduleState& state) {
-  model_->set_dmc_enabled(state.dmc_enabled());
-  backend_->SetDmcEnabled(state.dmc_enabled());
+  model_->set_compression_enabled(state.dmc_enabled());
+  backend_->SetCompressionEnabled(state.dmc_enabled());
   if (!state.phase_start || step_ == 0) return;
   // The reference carries no optimizer state from one stage to the next.
   backend_->ResetOptimizer();
@@ -117,7 +117,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   const int B = config_.micro_batch, T = config_.seq_len;
   std::vector<int32_t> inputs, targets;
   backend_->ZeroGrad();
-  double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, merge = 0;
+  double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, distill = 0, merge = 0;
   for (int micro = 0; micro < config_.grad_accum; ++micro) {
     if (absl::Status s = batches_(&inputs, &targets); !s.ok()) return s;
     if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size())
@@ -144,18 +144,20 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     lm_loss += r->lm_loss / config_.grad_accum;
     cr_loss += r->cr_loss / config_.grad_accum;
     rep_loss += r->rep_loss / config_.grad_accum;
+    distill += r->distill_loss / config_.grad_accum;
     merge += r->merge_fraction / config_.grad_accum;
   }
 
   // Data parallel: average the reported statistics over ranks (the gradients were, in Backward).
   if (dp_->size() > 1) {
-    double stats[5] = {loss, lm_loss, cr_loss, rep_loss, merge};
-    if (absl::Status s = dp_->AllReduceSum(stats, 5); !s.ok()) return s;
+    double stats[6] = {loss, lm_loss, cr_loss, rep_loss, merge, distill};
+    if (absl::Status s = dp_->AllReduceSum(stats, 6); !s.ok()) return s;
     loss = stats[0] / dp_->size();
     lm_loss = stats[1] / dp_->size();
     cr_loss = stats[2] / dp_->size();
     rep_loss = stats[3] / dp_->size();
     merge = stats[4] / dp_->size();
+    distill = stats[5] / dp_->size();
   }
   absl::StatusOr<double> norm = backend_->OptimizerStep(sched.lr);
   if (!norm.ok()) return norm.status();
@@ -173,6 +175,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   m.lm_loss = lm_loss;
   m.cr_loss = cr_loss;
   m.rep_loss = rep_loss;
+  m.distill_loss = distill;
   m.lr = sched.lr;
   m.grad_norm = *norm;
   // LoMA: a window of whole segments ends with 1/c of its tokens' slots, by construction.
@@ -208,6 +211,7 @@ std::string FormatProgress(const StepMetrics& m, int total_steps) {
       "step %5d/%d | %-8s | loss %.4f (lm %.4f, %s %.4f) | lr %.2e | grad %.3f | ", m.step,
       total_steps, PhaseName(m.phase), m.loss, m.lm_loss, loma ? "rep" : "cr",
       loma ? m.rep_loss : m.cr_loss, m.lr, m.grad_norm);
+  if (m.distill_loss > 0) line += absl::StrFormat("kl %.4f | ", m.distill_loss);
   line += loma ? absl::StrFormat("CR %.2f", m.achieved_cr)
                : absl::StrFormat("CR target %.2f achieved %.2f", m.cr_target, m.achieved_cr);
   line += absl::StrFormat(" | %.0f tok/s", m.tokens_per_second);
