@@ -215,7 +215,7 @@ int main(int argc, char** argv) {
   const LlamaConfig& c = model->config();
   if (!absl::GetFlag(FLAGS_export_dir).empty()) {
     dmc::model::Llama<float> plain = *model;
-    plain.set_dmc_enabled(false);
+    plain.set_compression_enabled(false);
     if (absl::Status s = dmc::trainer::ExportModel(plain, absl::GetFlag(FLAGS_export_dir),
                                                    dmc::model::DType::kBF16, 4L << 30);
         !s.ok()) {
