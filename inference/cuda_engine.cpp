@@ -28,6 +28,9 @@ using c::bf16;
 
 namespace {
 
+// Flash-decoding chunks of a fixed size, so the attention's scratch has a known largest size.
+constexpr int kSplitSlots = 256;
+
 // The layer's tensors in the flat layout, in model/llama.cpp's order.
 enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
 
@@ -83,7 +86,6 @@ struct CudaEngine::Device {
   float *prstd, *pgates;  // gates: logit, alpha, merge, mask, omega, each [max_context, Hkv]
   int32_t* ptokens = nullptr;
   std::map<int, cudaGraphExec_t> graphs;  // by batch size
-  std::vector<bool> warmed;               // batch sizes run once eagerly
 
   size_t W(int layer, LayerTensor t) const { return layer_offsets[layer * kLayerTensors + t]; }
 };
@@ -270,7 +272,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.prstd = Alloc<float>(P);
   d.pgates = Alloc<float>(size_t(5) * P * Hkv);
   d.ptokens = Alloc<int32_t>(P);
-  d.warmed.assign(R + 1, false);
+  // The attention's scratch at its largest now, so that no step moves it under a captured graph.
+  c::paged_decode_attention_reserve(R, H, D, max_pages_, opt_.page_size, kSplitSlots);
 }
 
 absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
@@ -448,8 +451,6 @@ void CudaEngine::EnqueueStep(int n) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const kernels::DmcGateParams gates{cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
                                      kernels::DmcDecisionMode::kHard};
-  // Flash-decoding chunks of a fixed size, so the attention's scratch only grows with n.
-  constexpr int kSplitSlots = 256;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
@@ -512,14 +513,9 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       d.in_host.seed[r] = s.sampling.seed;
     }
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
-    // The first step of a batch size runs eagerly (it sizes the kernels' scratch, which may move
-    // buffers that captured graphs point to: those are dropped); later ones replay its graph.
-    if (!opt_.cuda_graphs || !d.warmed[n]) {
-      if (!d.warmed[n]) {
-        for (auto& [size, g] : d.graphs) ENGINE_CUDA(cudaGraphExecDestroy(g));
-        d.graphs.clear();
-        d.warmed[n] = true;
-      }
+    // One graph per batch size, captured at its first step (the kernels' scratch was sized for
+    // the largest batch up front, so no later call moves a buffer a graph points to).
+    if (!opt_.cuda_graphs) {
       EnqueueStep(n);
     } else {
       auto it = d.graphs.find(n);

@@ -1,6 +1,7 @@
 #include "inference/page_allocator.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "absl/strings/str_format.h"
 
@@ -17,10 +18,10 @@ absl::StatusOr<int32_t> PageAllocator::Allocate() {
         budget_, used_, pages_in_use_, page_bytes_, page_bytes_));
   int32_t page;
   if (!free_list_.empty()) {
-    // Lowest freed id first: keeps the pool compact.
-    auto lowest = std::min_element(free_list_.begin(), free_list_.end());
-    page = *lowest;
-    *lowest = free_list_.back();
+    // Lowest freed id first: keeps the pool compact. A min-heap: a GPU-sized budget holds
+    // millions of pages, and a prefill takes tens of thousands at once.
+    std::pop_heap(free_list_.begin(), free_list_.end(), std::greater<int32_t>());
+    page = free_list_.back();
     free_list_.pop_back();
   } else {
     page = high_water_++;
@@ -42,6 +43,7 @@ absl::Status PageAllocator::Free(int32_t page) {
     return absl::FailedPreconditionError(absl::StrFormat("double free of page %d", page));
   in_use_[page] = false;
   free_list_.push_back(page);
+  std::push_heap(free_list_.begin(), free_list_.end(), std::greater<int32_t>());
   --pages_in_use_;
   used_ -= page_bytes_;
   return absl::OkStatus();

@@ -41,7 +41,7 @@ class PageAllocator {
   long budget_, page_bytes_;
   long used_ = 0, peak_ = 0, pages_in_use_ = 0;
   int32_t high_water_ = 0;
-  std::vector<int32_t> free_list_;  // freed ids, reused before new ones
+  std::vector<int32_t> free_list_;  // freed ids, reused before new ones: a min-heap
   std::vector<bool> in_use_;
 };
 

@@ -143,8 +143,11 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
     targets[i] = pos + 1 < static_cast<int>(tokens.size()) ? tokens[pos + 1] : -1;
   }
   std::vector<TokenOutput> outs;
-  if (absl::Status s = engine_.Step(active_, step_tokens.data(), targets.data(), &outs); !s.ok())
-    return s;
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status stepped = engine_.Step(active_, step_tokens.data(), targets.data(), &outs);
+  stats_.step_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!stepped.ok()) return stepped;
   ++stats_.steps;
   stats_.tokens += static_cast<long>(n);
   stats_.max_concurrent = std::max(stats_.max_concurrent, static_cast<int>(n));

@@ -54,6 +54,7 @@ struct SchedulerStats {
   long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
   double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
+  double step_seconds = 0;     // spent in DecodeEngine::Step
   int max_concurrent = 0;   // most sequences in one step
   double seconds = 0;       // wall time of RunBatched
 };

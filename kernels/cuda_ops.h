@@ -269,6 +269,10 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale,
                             cudaStream_t stream = nullptr, int split_slots = 0);
+// Grows the split partials' scratch to what calls of up to B sequences with this split_slots need,
+// so that such calls never reallocate it (a captured CUDA graph keeps pointing at it).
+void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
+                                    int split_slots);
 
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
 using PagedKv = kernels::PagedKvLayer<bf16>;

@@ -287,6 +287,13 @@ void launch_main(const Params& p, int GT, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
+void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
+                                    int split_slots) {
+  const long max_len = static_cast<long>(max_pages) * page_size;
+  const long splits = (max_len + split_slots - 1) / split_slots;
+  scratch(kScratchSlot, sizeof(float) * static_cast<size_t>(B) * H * splits * (D + 2));
+}
+
 void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf16* q,
                             const bf16* k_pool, const bf16* v_pool, const int32_t* page_table,
                             const int* lengths, int max_pages, int page_size, int B, int H,

@@ -57,6 +57,7 @@ ABSL_FLAG(int, max_batch, 1024, "sequences at once at most (the budget usually b
 ABSL_FLAG(int, page_size, 16, "slots per KV page");
 ABSL_FLAG(std::string, export_dir, "", "write the random vanilla model here (dmc-export layout)");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
+ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 
 namespace {
 namespace inf = dmc::inference;
@@ -243,8 +244,8 @@ int main(int argc, char** argv) {
               c.num_key_value_heads, c.head_dim(), n, p_lo, p_hi, g_lo, g_hi,
               absl::GetFlag(FLAGS_budget_gb), absl::GetFlag(FLAGS_page_size));
   std::printf("| method | CR reached | max concurrent | decode tok/s | prefill tok/s | TTFT p50 s | "
-              "TTFT p99 s | token p50 ms | token p99 ms | run s |\n| --- | --- | --- | --- | --- "
-              "| --- | --- | --- | --- | --- |\n");
+              "TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | in prefill s | steps "
+              "|\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
 
   const std::vector<std::string> specs = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
@@ -258,6 +259,7 @@ int main(int argc, char** argv) {
     o.page_size = absl::GetFlag(FLAGS_page_size);
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
+    o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
     if (o.policy.method == inf::CacheMethod::kDmc && absl::GetFlag(FLAGS_model).empty())
       Calibrate(model.get(), o, base, cr, seed + 3);
     auto engine = inf::CudaEngine::Create(*model, o);
@@ -293,12 +295,13 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_generate: %s\n", stats.status().ToString().c_str());
       return 1;
     }
-    std::printf("| %s | %.2f | %d | %.0f | %.0f | %.2f | %.2f | %.1f | %.1f | %.1f |\n",
+    std::printf("| %s | %.2f | %d | %.0f | %.0f | %.2f | %.2f | %.1f | %.1f | %.1f | %.1f | %.1f | %ld |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, generated / stats->seconds,
                 stats->prefill_tokens / std::max(1e-9, stats->prefill_seconds),
                 Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(gaps, 0.5),
-                Percentile(gaps, 0.99), stats->seconds);
+                Percentile(gaps, 0.99), stats->seconds, stats->step_seconds, stats->prefill_seconds,
+                stats->steps);
     std::fflush(stdout);
   }
   return 0;
