@@ -61,6 +61,14 @@ void ServeEngineLoop::Shutdown() {
     wake_.notify_one();
   }
   if (thread_.joinable()) thread_.join();
+  // Jobs of a loop never started end here.
+  std::vector<Live> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(inbox_);
+    outstanding_ -= static_cast<int>(left.size());
+  }
+  for (Live& l : left) l.job.on_finish(FinishReason::kShutdown, "");
 }
 
 ServeMetrics ServeEngineLoop::metrics() const {
