@@ -1,6 +1,7 @@
 #include "inference/server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -96,6 +97,10 @@ CompletionServer::CompletionServer(ServeEngineLoop& loop, const data::Tokenizer&
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   http_->set_payload_max_length(options_.max_body_bytes);
   http_->set_keep_alive_timeout(1);  // idle connections must not hold up a shutdown
+  http_->set_socket_options([this](int sock) {
+    httplib::default_socket_options(sock);
+    listen_socket_ = sock;
+  });
   Routes();
 }
 
@@ -109,6 +114,9 @@ absl::StatusOr<int> CompletionServer::Bind() {
   if (port < 0)
     return absl::UnavailableError(
         absl::StrFormat("cannot listen on %s:%d", options_.host, options_.port));
+  // cpp-httplib listens with a backlog of 5: a burst of clients (a load test's) would overflow
+  // it and see dropped connections. Listening again on the socket only raises the backlog.
+  if (listen_socket_ >= 0) ::listen(listen_socket_, SOMAXCONN);
   return port;
 }
 

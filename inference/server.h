@@ -55,6 +55,7 @@ class CompletionServer {
   std::unique_ptr<httplib::Server> http_;
   std::atomic<bool> draining_{false};
   std::atomic<long> next_id_{0};
+  int listen_socket_ = -1;
 };
 
 }  // namespace dmc::inference
