@@ -29,6 +29,21 @@ void SetError(httplib::Response& res, int status, const std::string& message) {
                   "application/json");
 }
 
+// The OpenAI completion object (a whole answer, or one event of a stream); token_ids is ours.
+json CompletionJson(const std::string& id, long created, const std::string& model,
+                    const std::string& text, const std::vector<int32_t>& ids, const json& finish) {
+  return {{"id", id},
+          {"object", "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices",
+           {{{"index", 0},
+             {"text", text},
+             {"token_ids", ids},
+             {"logprobs", nullptr},
+             {"finish_reason", finish}}}}};
+}
+
 // What the engine thread hands a request's HTTP handler.
 struct Channel {
   Channel(const data::Tokenizer& tokenizer, std::vector<std::string> stop)
@@ -196,38 +211,18 @@ void CompletionServer::Routes() {
       if (ch->reason == FinishReason::kShutdown)
         return SetError(res, 503, "the server shut down before the completion finished");
       const int n = static_cast<int>(ch->text.tokens().size());
-      res.set_content(
-          Dump({{"id", id},
-                {"object", "text_completion"},
-                {"created", created},
-                {"model", options_.model_name},
-                {"choices",
-                 {{{"index", 0},
-                   {"text", ch->text.Release(true)},
-                   {"token_ids", ch->text.tokens()},
-                   {"logprobs", nullptr},
-                   {"finish_reason", FinishName(*ch)}}}},
-                {"usage",
-                 {{"prompt_tokens", prompt_tokens},
-                  {"completion_tokens", n},
-                  {"total_tokens", prompt_tokens + n}}}}),
-          "application/json");
+      json whole = CompletionJson(id, created, options_.model_name, ch->text.Release(true),
+                                  ch->text.tokens(), FinishName(*ch));
+      whole["usage"] = {{"prompt_tokens", prompt_tokens},
+                        {"completion_tokens", n},
+                        {"total_tokens", prompt_tokens + n}};
+      res.set_content(Dump(whole), "application/json");
       return;
     }
 
     auto event = [=](const std::string& text, const std::vector<int32_t>& ids,
                      const json& finish) {
-      return "data: " +
-             Dump({{"id", id},
-                   {"object", "text_completion"},
-                   {"created", created},
-                   {"model", options_.model_name},
-                   {"choices",
-                    {{{"index", 0},
-                      {"text", text},
-                      {"token_ids", ids},
-                      {"logprobs", nullptr},
-                      {"finish_reason", finish}}}}}) +
+      return "data: " + Dump(CompletionJson(id, created, options_.model_name, text, ids, finish)) +
              "\n\n";
     };
     res.set_header("Cache-Control", "no-cache");
