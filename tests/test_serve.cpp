@@ -267,9 +267,15 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   const std::string out = Shell(kBin + "dmc-serve-load --port=" + std::to_string(server.port()) +
                               " --clients=64 --requests=128 --max_tokens=24 --disconnect_every=4"
                               " --timeout_s=60");
-  EXPECT_NE(out.find("96 completed, 32 disconnected on purpose, 0 rejected (503), 0 failed"),
-            std::string::npos)
-      << out;
+  std::fprintf(stderr, "%s", out.c_str());
+  // Every request completed or hung up (one meant to hang up may finish first), none failed.
+  int completed = 0, disconnected = 0;
+  ASSERT_EQ(std::sscanf(out.c_str(),
+                        "dmc-serve-load: 128 requests from 64 clients in %*f s: %d completed, %d",
+                        &completed, &disconnected), 2) << out;
+  EXPECT_EQ(completed + disconnected, 128) << out;
+  EXPECT_GE(disconnected, 1) << out;
+  EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
   auto m = server.client().Get("/metrics");
   ASSERT_TRUE(m);
   EXPECT_NE(m->body.find("\ndmc_serve_kv_used_bytes 0\n"), std::string::npos) << m->body;
