@@ -14,15 +14,15 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "data/tokenizer.h"
-#include "inference/cpu_engine.h"
+#include "inference/engine_setup.h"
 #include "inference/hf_model.h"
+#include "inference/paged_decoder.h"
 #include "inference/scheduler.h"
-#if defined(DMC_HAVE_CUDA)
-#include "inference/cuda_engine.h"
-#endif
 
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (dmc-export output)");
-ABSL_FLAG(std::string, tokenizer, "byte", "\"byte\" or a SentencePiece tokenizer.model");
+ABSL_FLAG(std::string, tokenizer, "",
+          "\"byte\" or a SentencePiece tokenizer.model; default: the model directory's "
+          "tokenizer.model, else byte");
 ABSL_FLAG(std::string, prompt, "", "text to continue");
 ABSL_FLAG(bool, bos, false, "prepend the BOS token to the prompt");
 ABSL_FLAG(int, max_new_tokens, 200, "tokens to generate at most (stops early at EOS)");
@@ -61,26 +61,12 @@ int main(int argc, char** argv) {
   auto model = inf::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
   const dmc::model::LlamaConfig& c = (*model)->config();
-  // A DMS model decodes with its own evictions (the dms cache), a DMC model with dmc.
-  const std::string method_name =
-      absl::GetFlag(FLAGS_method).empty()
-          ? (c.dms.enabled ? "dms" : c.dmc.enabled ? "dmc" : "vanilla")
-          : absl::GetFlag(FLAGS_method);
-  absl::StatusOr<inf::CacheMethod> method = inf::ParseCacheMethod(method_name);
+  absl::StatusOr<inf::CacheMethod> method =
+      inf::ChooseCacheMethod(c, absl::GetFlag(FLAGS_method), model_dir, "dmc,dms,vanilla");
   if (!method.ok()) return Fail(method.status());
-  if (*method != inf::CacheMethod::kDmc && *method != inf::CacheMethod::kDms &&
-      *method != inf::CacheMethod::kVanilla)
-    return Fail(absl::InvalidArgumentError("--method=" + method_name +
-                                           ": expected dmc, dms or vanilla"));
-  if (*method == inf::CacheMethod::kDmc && !c.dmc.enabled)
-    return Fail(absl::InvalidArgumentError(absl::StrFormat(
-        "--method=dmc: %s is not a DMC model; use --method=vanilla", model_dir)));
-  auto tokenizer = dmc::data::LoadTokenizer(absl::GetFlag(FLAGS_tokenizer));
+  const std::string method_name = inf::CacheMethodName(*method);
+  auto tokenizer = inf::ChooseTokenizer(absl::GetFlag(FLAGS_tokenizer), model_dir, c.vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
-  if ((*tokenizer)->vocab_size() != c.vocab_size)
-    return Fail(absl::InvalidArgumentError(absl::StrFormat(
-        "tokenizer %s has %d tokens, the model in %s has vocab_size %d",
-        absl::GetFlag(FLAGS_tokenizer), (*tokenizer)->vocab_size(), model_dir, c.vocab_size)));
 
   std::vector<int32_t> prompt;
   if (absl::GetFlag(FLAGS_bos)) prompt.push_back((*tokenizer)->bos_id());
@@ -102,27 +88,16 @@ int main(int argc, char** argv) {
   const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, page_size);
   const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
   const long budget = inf::KvSequenceBytes<float>(shape, std::vector<int>(heads, length));
-  std::unique_ptr<inf::DecodeEngine> engine;
-  if (device == "cuda") {
-#if defined(DMC_HAVE_CUDA)
-    inf::CudaEngineOptions o;
-    o.policy = policy;
-    o.budget_bytes = budget;
-    o.page_size = page_size;
-    o.max_batch = 1;
-    o.max_context = length;
-    auto e = inf::CudaEngine::Create(**model, o);
-    if (!e.ok()) return Fail(e.status());
-    engine = *std::move(e);
-#else
-    return Fail(absl::InvalidArgumentError(
-        "--device=cuda: this dmc-generate was built without the CUDA backend"));
-#endif
-  } else {
-    auto e = inf::CpuEngine<float>::Create(**model, policy, budget, page_size);
-    if (!e.ok()) return Fail(e.status());
-    engine = *std::move(e);
-  }
+  inf::EngineSpec spec;
+  spec.device = device;
+  spec.policy = policy;
+  spec.budget_bytes = budget;
+  spec.page_size = page_size;
+  spec.max_batch = 1;
+  spec.max_context = length;
+  absl::StatusOr<std::unique_ptr<inf::DecodeEngine>> created = inf::CreateEngine(**model, spec);
+  if (!created.ok()) return Fail(created.status());
+  std::unique_ptr<inf::DecodeEngine> engine = *std::move(created);
 
   inf::Request request;
   request.tokens = prompt;

@@ -1,0 +1,146 @@
+#include "inference/completion.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
+
+namespace dmc::inference {
+namespace {
+
+using nlohmann::json;
+
+absl::Status Bad(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+// Bytes at the end of s that begin a UTF-8 character not complete yet.
+size_t IncompleteUtf8Tail(const std::string& s) {
+  for (size_t back = 1; back <= std::min<size_t>(3, s.size()); ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[s.size() - back]);
+    if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
+    const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
+}  // namespace
+
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body,
+                                                         const data::Tokenizer& tokenizer,
+                                                         int context) {
+  const json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad("the body is not valid JSON");
+  if (!j.is_object()) return Bad("the body must be a JSON object");
+  CompletionRequest r;
+  bool has_prompt = false;
+  for (const auto& [key, v] : j.items()) {
+    if (key == "prompt") {
+      has_prompt = true;
+      if (v.is_string()) {
+        r.prompt = tokenizer.Encode(v.get<std::string>());
+      } else if (v.is_array()) {
+        for (const json& t : v) {
+          if (!t.is_number_integer())
+            return Bad("\"prompt\" must be a string or an array of token ids (integers)");
+          const int64_t id = t.get<int64_t>();
+          if (id < 0 || id >= tokenizer.vocab_size())
+            return Bad(absl::StrFormat("\"prompt\" token id %d is outside the vocabulary [0, %d)",
+                                       id, tokenizer.vocab_size()));
+          r.prompt.push_back(static_cast<int32_t>(id));
+        }
+      } else {
+        return Bad("\"prompt\" must be a string or an array of token ids");
+      }
+    } else if (key == "max_tokens") {
+      if (!v.is_number_integer()) return Bad("\"max_tokens\" must be an integer");
+      const int64_t n = v.get<int64_t>();
+      if (n < 1 || n > context)
+        return Bad(absl::StrFormat("\"max_tokens\" must be in [1, %d] (the context), got %d",
+                                   context, n));
+      r.max_tokens = static_cast<int>(n);
+    } else if (key == "temperature") {
+      if (!v.is_number() || v.get<double>() < 0)
+        return Bad("\"temperature\" must be a number >= 0");
+      r.sampling.temperature = v.get<float>();
+    } else if (key == "top_p") {
+      if (!v.is_number() || !(v.get<double>() > 0 && v.get<double>() <= 1))
+        return Bad("\"top_p\" must be a number in (0, 1]");
+      r.sampling.top_p = v.get<float>();
+    } else if (key == "seed") {
+      if (!v.is_number_integer() || (v.is_number_integer() && !v.is_number_unsigned()))
+        return Bad("\"seed\" must be an integer >= 0");
+      r.sampling.seed = v.get<uint64_t>();
+    } else if (key == "stop") {
+      if (v.is_string()) {
+        r.stop.push_back(v.get<std::string>());
+      } else if (v.is_array() && v.size() <= 4 &&
+                 std::all_of(v.begin(), v.end(), [](const json& s) { return s.is_string(); })) {
+        for (const json& s : v) r.stop.push_back(s.get<std::string>());
+      } else if (!v.is_null()) {
+        return Bad("\"stop\" must be a string or an array of at most 4 strings");
+      }
+      for (const std::string& s : r.stop)
+        if (s.empty()) return Bad("\"stop\" strings must not be empty");
+    } else if (key == "stream") {
+      if (!v.is_boolean()) return Bad("\"stream\" must be true or false");
+      r.stream = v.get<bool>();
+    } else if (key == "model" || key == "user") {
+      if (!v.is_string()) return Bad("\"" + key + "\" must be a string");  // one model: ignored
+    } else if (key == "n") {
+      if (!v.is_number_integer() || v.get<int64_t>() != 1) return Bad("\"n\" must be 1");
+    } else {
+      return Bad("unknown field \"" + key + "\"");
+    }
+  }
+  if (!has_prompt) return Bad("\"prompt\" is required");
+  if (r.prompt.empty()) return Bad("\"prompt\" is empty");
+  const int P = static_cast<int>(r.prompt.size());
+  if (P >= context)
+    return Bad(absl::StrFormat("the prompt has %d tokens; the context of %d leaves no room to "
+                               "generate", P, context));
+  if (P + r.max_tokens > context)
+    return Bad(absl::StrFormat("the prompt's %d tokens and \"max_tokens\" %d exceed the context "
+                               "of %d tokens",
+                               P, r.max_tokens, context));
+  return r;
+}
+
+bool CompletionText::Add(int32_t token) {
+  if (stopped_) return false;
+  if (token == tokenizer_.eos_id()) {
+    stopped_ = true;
+    return false;
+  }
+  tokens_.push_back(token);
+  // Decoding the whole generation each time keeps SentencePiece's spacing right; it is short.
+  text_ = tokenizer_.Decode(tokens_);
+  size_t cut = std::string::npos;
+  for (const std::string& s : stop_) cut = std::min(cut, text_.find(s));
+  if (cut != std::string::npos) {
+    text_.resize(cut);
+    stopped_ = true;
+  }
+  return !stopped_;
+}
+
+std::string CompletionText::Release(bool finished) {
+  size_t end = text_.size();
+  if (!finished && !stopped_) {
+    end -= IncompleteUtf8Tail(text_);
+    size_t hold = 0;  // the longest tail that is a proper prefix of a stop string
+    for (const std::string& s : stop_)
+      for (size_t k = std::min(s.size() - 1, end); k > hold; --k)
+        if (text_.compare(end - k, k, s, 0, k) == 0) {
+          hold = k;
+          break;
+        }
+    end -= hold;
+  }
+  if (end <= released_) return "";
+  std::string out = text_.substr(released_, end - released_);
+  released_ = end;
+  return out;
+}
+
+}  // namespace dmc::inference

@@ -1,0 +1,54 @@
+// The OpenAI-style completion request of dmc-serve, apart from HTTP: parsing and checking the
+// JSON body, and the text a generation turns into (incremental UTF-8-safe decoding, stop
+// strings, EOS). Parsing is strict: a field of the wrong type, an unknown field or a value out
+// of range is an InvalidArgument that names it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "data/tokenizer.h"
+#include "inference/decode_engine.h"
+
+namespace dmc::inference {
+
+struct CompletionRequest {
+  std::vector<int32_t> prompt;     // token ids (a text prompt encoded by the server's tokenizer)
+  int max_tokens = 16;             // tokens to generate at most
+  SamplingOptions sampling;
+  std::vector<std::string> stop;   // up to 4 strings; the text ends before the first one
+  bool stream = false;
+};
+
+// body: the request's JSON. context: max_position_embeddings (prompt + max_tokens must fit).
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body,
+                                                         const data::Tokenizer& tokenizer,
+                                                         int context);
+
+// The text of one generation as tokens arrive. Text is released only where it is final: not
+// the trailing bytes of an incomplete UTF-8 character, nor a tail that could still begin a stop
+// string.
+class CompletionText {
+ public:
+  CompletionText(const data::Tokenizer& tokenizer, std::vector<std::string> stop)
+      : tokenizer_(tokenizer), stop_(std::move(stop)) {}
+  // Adds a generated token; false when the generation ends there (EOS or a stop string).
+  bool Add(int32_t token);
+  // Text not released yet that is final; everything left when `finished`.
+  std::string Release(bool finished);
+  const std::string& text() const { return text_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  bool stopped() const { return stopped_; }
+
+ private:
+  const data::Tokenizer& tokenizer_;
+  std::vector<std::string> stop_;
+  std::vector<int32_t> tokens_;
+  std::string text_;       // the decoded tokens, cut at a stop string
+  size_t released_ = 0;
+  bool stopped_ = false;
+};
+
+}  // namespace dmc::inference

@@ -1,0 +1,61 @@
+// The HTTP front end of dmc-serve (cpp-httplib): POST /v1/completions (OpenAI-style, JSON or
+// server-sent events), GET /health, GET /metrics (Prometheus text). It only parses and prints:
+// requests go to the engine thread (inference/serve_engine_loop.h) and tokens come back through
+// a per-request channel. Every error is a JSON body {"error": {"message", "type", "code"}}.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "data/tokenizer.h"
+#include "inference/serve_engine_loop.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace dmc::inference {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 8000;                      // 0: any free port (Bind returns it)
+  size_t max_body_bytes = 1 << 20;
+  int threads = 96;                     // connections served at once (streams hold one each)
+  std::string model_name = "dmc";       // the "model" of responses
+};
+
+// The Prometheus exposition of a metrics snapshot.
+std::string PrometheusText(const ServeMetrics& m);
+
+class CompletionServer {
+ public:
+  // The loop and the tokenizer must outlive the server. context: max_position_embeddings.
+  CompletionServer(ServeEngineLoop& loop, const data::Tokenizer& tokenizer, int context,
+                   ServerOptions options);
+  ~CompletionServer();
+
+  // Binds the listening socket; returns the port.
+  absl::StatusOr<int> Bind();
+  // Serves until Stop (blocks).
+  void Listen();
+  // New completions get 503 from now on (the first step of a graceful shutdown).
+  void Drain() { draining_ = true; }
+  // Closes the listening socket; Listen returns once the handlers have finished.
+  void Stop();
+
+ private:
+  void Routes();
+
+  ServeEngineLoop& loop_;
+  const data::Tokenizer& tokenizer_;
+  const int context_;
+  const ServerOptions options_;
+  std::unique_ptr<httplib::Server> http_;
+  std::atomic<bool> draining_{false};
+  std::atomic<long> next_id_{0};
+  int listen_socket_ = -1;
+};
+
+}  // namespace dmc::inference

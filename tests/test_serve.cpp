@@ -1,0 +1,350 @@
+// dmc-serve end to end on a tiny DMC model exported here, over loopback: greedy and seeded
+// completions equal dmc-generate's, streams equal whole answers, bad input gets a 4xx JSON error
+// while the server keeps serving, 64 streaming clients (some hanging up) all get correct answers
+// and leave no KV bytes in use, SIGTERM ends streams and exits 0. The engine thread's queue
+// bound is checked in process.
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "inference/cpu_engine.h"
+#include "inference/serve_engine_loop.h"
+#include "nlohmann/json.hpp"
+#include "tests/tiny_models.h"
+#include "parallel/communicator.h"
+#include "trainer/checkpoint.h"
+#include "trainer/export.h"
+#include "trainer/optimizer.h"
+
+namespace dmc {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+const std::string kBin = DMC_BINARY_DIR "/inference/";
+
+model::LlamaConfig ServeConfig() {
+  model::LlamaConfig c = tiny_models::TinyLlama(259, 2);  // the byte tokenizer's vocabulary
+  c.max_position_embeddings = 96;
+  c.bos_token_id = 256;
+  c.eos_token_id = 257;
+  c.dmc.enabled = true;
+  c.dmc.window = 4;
+  return c;
+}
+
+// A tiny DMC model in Hugging Face layout, made once for the whole suite and removed at exit.
+struct TempRoot {
+  fs::path path = fs::temp_directory_path() / ("dmc_serve_" + std::to_string(getpid()));
+  ~TempRoot() { fs::remove_all(path); }
+};
+
+const std::string& ModelDir() {
+  static TempRoot temp;
+  static const std::string dir = [] {
+    const fs::path root = temp.path;
+    fs::remove_all(root);
+    model::Llama<float> m(ServeConfig(), nullptr);
+    tiny_models::RandomizeParams(m, 5);
+    trainer::AdamW opt(trainer::OptimizerConfig{}, m.params().size());
+    parallel::LocalCommunicator local;
+    trainer::Checkpointer ckpt((root / "ckpt").string(), 1, &local, 0, 1, 0);
+    EXPECT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1}).ok());
+    EXPECT_TRUE(trainer::ExportCheckpoint((root / "ckpt").string(), (root / "hf").string(),
+                                          model::DType::kF32, int64_t(1) << 30).ok());
+    return (root / "hf").string();
+  }();
+  return dir;
+}
+
+// dmc-serve as a child process on a free loopback port (it prints the port once bound).
+class Server {
+ public:
+  explicit Server(std::vector<std::string> flags) {
+    flags.insert(flags.begin(), {kBin + "dmc-serve", "--model=" + ModelDir(), "--port=0"});
+    int out[2];
+    EXPECT_EQ(pipe(out), 0);
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], 1);
+      close(out[0]);
+      std::vector<char*> argv;
+      for (std::string& f : flags) argv.push_back(f.data());
+      argv.push_back(nullptr);
+      setenv("OMP_NUM_THREADS", "1", 1);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    close(out[1]);
+    FILE* f = fdopen(out[0], "r");
+    char line[512] = {0};
+    EXPECT_NE(fgets(line, sizeof line, f), nullptr) << "dmc-serve exited before listening";
+    fclose(f);
+    const std::string s = line;
+    const size_t colon = s.find(':', s.find("127.0.0.1"));
+    EXPECT_NE(colon, std::string::npos) << s;
+    port_ = std::stoi(s.substr(colon + 1));
+    // Bound and listening already; /health answers once the accept loop runs.
+    httplib::Client c = client();
+    bool healthy = false;
+    for (int attempt = 0; attempt < 200 && !healthy; ++attempt) {
+      auto r = c.Get("/health");
+      healthy = r && r->status == 200;
+    }
+    EXPECT_TRUE(healthy);
+  }
+  ~Server() {
+    if (pid_ > 0) Terminate();
+  }
+  // SIGTERM; the exit status.
+  int Terminate() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port_);
+    c.set_read_timeout(60, 0);
+    return c;
+  }
+  int port() const { return port_; }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+std::string Shell(const std::string& command) {
+  std::string out;
+  FILE* p = popen(command.c_str(), "r");
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+  EXPECT_EQ(pclose(p), 0) << command;
+  return out;
+}
+
+// Text as a JSON string carries it: invalid UTF-8 replaced.
+std::string AsJsonText(const std::string& s) {
+  return json::parse(json(s).dump(-1, ' ', false, json::error_handler_t::replace)).get<std::string>();
+}
+
+json Complete(const Server& server, const json& body, int expect_status = 200) {
+  auto r = server.client().Post("/v1/completions", body.dump(), "application/json");
+  EXPECT_TRUE(r);
+  if (!r) return {};
+  EXPECT_EQ(r->status, expect_status) << r->body;
+  json j = json::parse(r->body, nullptr, false);
+  EXPECT_FALSE(j.is_discarded()) << r->body;
+  return j;
+}
+
+// The events of a streamed completion.
+std::vector<std::string> StreamEvents(const Server& server, json body) {
+  body["stream"] = true;
+  auto r = server.client().Post("/v1/completions", body.dump(), "application/json");
+  EXPECT_TRUE(r && r->status == 200);
+  std::vector<std::string> events;
+  if (!r) return events;
+  const std::string& s = r->body;
+  for (size_t at = 0, end; (end = s.find("\n\n", at)) != std::string::npos; at = end + 2) {
+    EXPECT_EQ(s.compare(at, 6, "data: "), 0);
+    events.push_back(s.substr(at + 6, end - at - 6));
+  }
+  return events;
+}
+
+TEST(Serve, CompletionsEqualDmcGenerate) {
+  Server server({"--max_batch=4"});
+  for (const std::string prompt : {"And God said, ", "In the beginning"}) {
+    for (const std::string sampling : {"", " --temperature=0.8 --top_p=0.9 --seed=7"}) {
+      const std::string generated =
+          Shell("OMP_NUM_THREADS=1 " + kBin + "dmc-generate --model=" + ModelDir() + " --prompt='" +
+              prompt + "' --max_new_tokens=20" + sampling + " 2>/dev/null");
+      ASSERT_EQ(generated.rfind(prompt, 0), 0u) << generated;
+      const std::string expected =
+          AsJsonText(generated.substr(prompt.size(), generated.size() - prompt.size() - 1));
+      json body = {{"prompt", prompt}, {"max_tokens", 20}};
+      if (!sampling.empty()) body.update({{"temperature", 0.8}, {"top_p", 0.9}, {"seed", 7}});
+      const json r = Complete(server, body);
+      const json& choice = r["choices"][0];
+      EXPECT_EQ(choice["text"], expected) << prompt << sampling;
+      EXPECT_EQ(r["usage"]["prompt_tokens"], prompt.size());
+
+      // Streamed: the same text and tokens, then a final event and [DONE].
+      const std::vector<std::string> events = StreamEvents(server, body);
+      ASSERT_GE(events.size(), 2u);
+      EXPECT_EQ(events.back(), "[DONE]");
+      std::string text;
+      std::vector<int32_t> ids;
+      for (size_t i = 0; i + 1 < events.size(); ++i) {
+        const json e = json::parse(events[i]);
+        text += e["choices"][0]["text"].get<std::string>();
+        for (int32_t t : e["choices"][0]["token_ids"]) ids.push_back(t);
+        EXPECT_EQ(e["choices"][0]["finish_reason"].is_null(), i + 2 < events.size());
+      }
+      EXPECT_EQ(AsJsonText(text), expected);
+      EXPECT_EQ(ids, choice["token_ids"].get<std::vector<int32_t>>());
+      EXPECT_EQ(json::parse(events[events.size() - 2])["choices"][0]["finish_reason"],
+                choice["finish_reason"]);
+
+      // The prompt as token ids (the byte tokenizer: its bytes) gives the same answer.
+      json by_ids = body;
+      by_ids["prompt"] = std::vector<int>(prompt.begin(), prompt.end());
+      EXPECT_EQ(Complete(server, by_ids)["choices"][0]["token_ids"], choice["token_ids"]);
+    }
+  }
+  // A stop string cuts the text before it.
+  const json whole = Complete(server, {{"prompt", "Blessed are "}, {"max_tokens", 20}});
+  const std::vector<int32_t> ids = whole["choices"][0]["token_ids"];
+  if (ids.size() >= 8 && ids[5] < 128 && ids[5] > 0) {
+    const std::string stop(1, static_cast<char>(ids[5]));
+    const json cut = Complete(server, {{"prompt", "Blessed are "}, {"max_tokens", 20}, {"stop", stop}});
+    EXPECT_EQ(cut["choices"][0]["finish_reason"], "stop");
+    EXPECT_EQ(cut["choices"][0]["text"].get<std::string>().find(stop), std::string::npos);
+  }
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+TEST(Serve, BadInputGetsA4xxJsonErrorAndTheServerGoesOn) {
+  Server server({"--max_body_kb=4"});
+  struct Case {
+    std::string body;
+    int status;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"{\"prompt\": \"abc\", ", 400, "not valid JSON"},
+      {"[1, 2]", 400, "JSON object"},
+      {R"({"prompt": "abc", "max_tokens": "ten"})", 400, "max_tokens"},
+      {R"({"prompt": "abc", "temperature": "hot"})", 400, "temperature"},
+      {R"({"prompt": "abc", "stream": 1})", 400, "stream"},
+      {R"({"prompt": 42})", 400, "prompt"},
+      {R"({"prompt": [1, 2, 300]})", 400, "vocabulary"},
+      {R"({"prompt": "abc", "colour": 3})", 400, "unknown field \"colour\""},
+      {R"({"prompt": "abc", "max_tokens": 0})", 400, "max_tokens"},
+      {R"({"prompt": "abc", "max_tokens": -3})", 400, "max_tokens"},
+      {R"({"prompt": "abc", "max_tokens": 1000})", 400, "context"},
+      {R"({"prompt": "abc", "top_p": 0})", 400, "top_p"},
+      {R"({"max_tokens": 4})", 400, "\"prompt\" is required"},
+      {R"({"prompt": ""})", 400, "empty"},
+      {json({{"prompt", std::string(100, 'a')}}).dump(), 400, "no room"},
+      {json({{"prompt", std::string(90, 'a')}, {"max_tokens", 10}}).dump(), 400, "exceed"},
+      {json({{"prompt", std::string(10000, 'a')}}).dump(), 413, "limit of 4096 bytes"},
+  };
+  for (const Case& k : cases) {
+    // A client each: a 413 may close the connection.
+    auto r = server.client().Post("/v1/completions", k.body, "application/json");
+    ASSERT_TRUE(r) << k.body.substr(0, 80);
+    EXPECT_EQ(r->status, k.status) << k.body.substr(0, 80) << " -> " << r->body;
+    const json e = json::parse(r->body, nullptr, false);
+    ASSERT_FALSE(e.is_discarded()) << r->body;
+    EXPECT_NE(e["error"]["message"].get<std::string>().find(k.says), std::string::npos)
+        << k.body.substr(0, 80) << " -> " << r->body;
+  }
+  auto r = server.client().Get("/v2/nothing");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 404);
+  EXPECT_NE(json::parse(r->body)["error"]["message"].get<std::string>().find("/v2/nothing"),
+            std::string::npos);
+  // Still serving.
+  EXPECT_EQ(Complete(server, {{"prompt", "abc"}, {"max_tokens", 3}})["choices"][0]["token_ids"].size(), 3u);
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
+  // A budget for a few full sequences only, so requests wait and are preempted under load.
+  Server server({"--max_batch=16", "--max_queue=64", "--kv_budget_mb=0.2"});
+  const std::string out = Shell(kBin + "dmc-serve-load --port=" + std::to_string(server.port()) +
+                              " --clients=64 --requests=128 --max_tokens=24 --disconnect_every=4"
+                              " --timeout_s=60");
+  std::fprintf(stderr, "%s", out.c_str());
+  // Every request completed or hung up (one meant to hang up may finish first), none failed.
+  int completed = 0, disconnected = 0;
+  ASSERT_EQ(std::sscanf(out.c_str(),
+                        "dmc-serve-load: 128 requests from 64 clients in %*f s: %d completed, %d",
+                        &completed, &disconnected), 2) << out;
+  EXPECT_EQ(completed + disconnected, 128) << out;
+  EXPECT_GE(disconnected, 1) << out;
+  EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
+  auto m = server.client().Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_NE(m->body.find("\ndmc_serve_kv_used_bytes 0\n"), std::string::npos) << m->body;
+  EXPECT_NE(m->body.find("\ndmc_serve_running_sequences 0\n"), std::string::npos) << m->body;
+  EXPECT_NE(m->body.find("dmc_serve_achieved_cr"), std::string::npos);
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+TEST(Serve, SigtermEndsAStreamWithAFinalEventAndExitsZero) {
+  Server server({});
+  httplib::Client c = server.client();
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body = json({{"prompt", "And"}, {"max_tokens", 90}, {"stream", true}}).dump();
+  req.set_header("Content-Type", "application/json");
+  std::string received;
+  bool signalled = false;
+  int exit_status = -1;
+  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+    received.append(data, n);
+    if (!signalled) {  // the stream runs: stop the server under it
+      signalled = true;
+      exit_status = server.Terminate();
+    }
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error err;
+  EXPECT_TRUE(c.send(req, res, err)) << httplib::to_string(err);
+  EXPECT_EQ(exit_status, 0);
+  const std::string done = "data: [DONE]\n\n";
+  ASSERT_GE(received.size(), done.size());
+  EXPECT_EQ(received.substr(received.size() - done.size()), done);
+  EXPECT_NE(received.find("\"finish_reason\":\""), std::string::npos) << received;
+}
+
+TEST(ServeEngineLoop, QueueBoundAndShutdownEndEveryJob) {
+  model::Llama<float> m(ServeConfig(), nullptr);
+  tiny_models::RandomizeParams(m, 5);
+  auto engine = inference::CpuEngine<float>::Create(m, {inference::CacheMethod::kDmc}, 1 << 20, 16);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  int ended = 0;
+  {
+    inference::ServeEngineLoop loop(**engine, 2, 3);  // not started: every job waits
+    for (int i = 0; i < 4; ++i) {
+      inference::ServeJob job;
+      job.request.tokens = {1, 2, 3};
+      job.request.length = 8;
+      job.on_token = [](const inference::TokenOutput&) { return true; };
+      job.on_finish = [&](inference::FinishReason r, const std::string&) {
+        EXPECT_EQ(r, inference::FinishReason::kShutdown);
+        ++ended;
+      };
+      absl::StatusOr<int64_t> h = loop.Submit(std::move(job));
+      if (i < 3) {
+        EXPECT_TRUE(h.ok()) << h.status();
+      } else {
+        EXPECT_TRUE(absl::IsUnavailable(h.status())) << h.status();
+        EXPECT_NE(h.status().message().find("at capacity"), std::string::npos);
+      }
+    }
+    EXPECT_EQ(loop.metrics().waiting, 3);
+    loop.Shutdown();
+    EXPECT_TRUE(absl::IsUnavailable(loop.Submit({}).status()));
+  }
+  EXPECT_EQ(ended, 3);
+  EXPECT_EQ((*engine)->used_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace dmc
