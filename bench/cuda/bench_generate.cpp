@@ -16,14 +16,16 @@
 // decisions). A random-weight model is built on the host (uniform weights of std 0.02, norms 1)
 // and, with --export, written by dmc-export's writer (trainer::ExportModel) for a peer to load.
 //
-// dmc:CR on random weights: the decisions still come from the model's own control channel. Row
-// D−1 of KV head h's k_proj is c_h · u_h, u_h a random unit vector, so k[D−1] = c_h · (x̂ · u_h)
-// with x̂ the RMS-normalised hidden state, whose projection on a random unit vector is close to
-// N(0, 1); the head merges when k[D−1] > init_val, i.e. with probability f_h = Q(init_val / c_h).
-// Each head gets f_h = 1 − r_h / CR with r_h = exp(N(0, 0.5²)) normalised to mean 1 over the
-// model (so the mean kept fraction is 1 / CR, and heads differ), clipped to [0, 0.995]; c_h
-// follows by inverting Q, corrected by a few calibration prefills (Calibrate) since the hidden
-// states of a random model are not isotropic. The achieved CR is measured and printed.
+// dmc:CR on random weights: the decisions still come from the model's own control channel. The
+// embedding's channel 0 is 1 for every token, so the RMS-normalised hidden state x̂ carries a
+// large, nearly constant component there; row D−1 of KV head h's k_proj is u_h + b_h · e_0, u_h a
+// random unit vector orthogonal to e_0, so k[D−1] = x̂ · u_h + b_h · x̂_0 is a spread around a mean
+// set by b_h, and the head merges where it exceeds init_val. (Without the e_0 term k[D−1] has
+// zero mean and no head could merge more than half its tokens: CR 2 at most.) Each head's target
+// merge fraction is f_h = 1 − r_h / CR, r_h = exp(N(0, 0.5²)) normalised to mean 1 over the model
+// (the mean kept fraction is 1 / CR, and heads differ), clipped to [0, 0.995]; b_h is found by
+// bisection on prefills of the run's own prompts (Calibrate), all heads at once, since earlier
+// layers' merges change later layers' inputs. The achieved CR is measured on the run and printed.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -81,7 +83,8 @@ LlamaConfig Shape(const std::string& name) {
   return c;
 }
 
-// Uniform weights of std 0.02 (norms 1) from a counter hash: fast and reproducible.
+// Uniform weights of std 0.02 (norms 1) from a counter hash: fast and reproducible; the
+// embedding's channel 0 is 1 (the decisions' offset, see the file comment).
 void RandomWeights(dmc::model::Llama<float>* m, uint64_t seed) {
   for (const auto& spec : m->param_specs()) {
     float* p = m->params().data() + spec.offset;
@@ -97,16 +100,9 @@ void RandomWeights(dmc::model::Llama<float>* m, uint64_t seed) {
       p[i] = norm ? 1.0f : (2 * u - 1) * 0.0346f;                   // std 0.02
     }
   }
-}
-
-// Q(x) = P(N(0,1) > x); its inverse by bisection.
-double InverseQ(double f) {
-  double lo = -10, hi = 10;
-  for (int i = 0; i < 100; ++i) {
-    const double mid = 0.5 * (lo + hi);
-    (0.5 * std::erfc(mid / std::sqrt(2.0)) > f ? lo : hi) = mid;
-  }
-  return 0.5 * (lo + hi);
+  const LlamaConfig& c = m->config();
+  float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
+  for (int v = 0; v < c.vocab_size; ++v) emb[static_cast<size_t>(v) * c.hidden_size] = 1.0f;
 }
 
 // Each head's target merge fraction for a mean CR (see the file comment).
@@ -120,8 +116,9 @@ std::vector<double> TargetMergeFractions(int heads, double cr, uint64_t seed) {
   return f;
 }
 
-// Row D−1 of every KV head's k_proj := scale[head] · u_head (u a fixed random unit vector).
-void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& scale, uint64_t seed) {
+// Row D−1 of every KV head's k_proj := u_head + bias[head] · e_0 (u a fixed random unit vector
+// orthogonal to e_0).
+void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias, uint64_t seed) {
   const LlamaConfig& c = m->config();
   const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
   std::mt19937_64 rng(seed);
@@ -132,29 +129,26 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& scal
     for (int h = 0; h < Hkv; ++h) {
       std::vector<double> u(C);
       double norm = 0;
-      for (double& x : u) norm += (x = normal(rng)) * x;
+      for (int j = 1; j < C; ++j) norm += (u[j] = normal(rng)) * u[j];
       float* row = wk + static_cast<size_t>(h * D + D - 1) * C;
-      for (int j = 0; j < C; ++j)
-        row[j] = static_cast<float>(scale[l * Hkv + h] * u[j] / std::sqrt(norm));
+      for (int j = 1; j < C; ++j) row[j] = static_cast<float>(u[j] / std::sqrt(norm));
+      row[0] = static_cast<float>(bias[l * Hkv + h]);
     }
   }
 }
 
-// The control rows for a target CR. Were x̂ · u exactly N(0, 1), scale_h = init_val / Q⁻¹(f_h)
-// would do; the hidden states of a random model are not that isotropic, so each head's spread
-// sigma_h is measured instead: prefill a few prompts, read every head's kept fraction, solve
-// f̂_h = Q(init_val / (scale_h · sigma_h)) for sigma_h, and set scale_h again; a few rounds, since
-// earlier layers' merges change later layers' inputs.
+// The control rows for a target CR: per head, bisection of b_h on [0, 1] (b_h = 1 puts the mean
+// of k[D−1] far above init_val) against the merge fraction that prefills of the run's first
+// prompts measure, 10 rounds (b_h to 1e-3).
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
                const std::vector<inf::Request>& requests, double cr, uint64_t seed) {
   const LlamaConfig& c = m->config();
   const int Hkv = c.num_key_value_heads, heads = c.num_hidden_layers * Hkv;
-  const std::vector<double> f = TargetMergeFractions(heads, cr, seed);
-  std::vector<double> sigma(heads, 1.0), scale(heads);
-  for (int round = 0; round < 4; ++round) {
-    for (int i = 0; i < heads; ++i)
-      scale[i] = f[i] <= 0 ? 0.0 : c.dmc.init_val / (sigma[i] * InverseQ(f[i]));
-    SetControlRows(m, scale, seed);
+  const std::vector<double> want = TargetMergeFractions(heads, cr, seed);
+  std::vector<double> lo(heads, 0.0), hi(heads, 1.0), bias(heads);
+  for (int round = 0; round < 10; ++round) {
+    for (int i = 0; i < heads; ++i) bias[i] = want[i] <= 0 ? 0.0 : 0.5 * (lo[i] + hi[i]);
+    SetControlRows(m, bias, seed);
     auto engine = inf::CudaEngine::Create(*m, o);
     if (!engine.ok()) return;
     std::vector<double> kept(heads, 0.0);
@@ -169,10 +163,7 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
         for (int h = 0; h < Hkv; ++h) kept[l * Hkv + h] += (*engine)->length(r, l, h);
       (*engine)->Free(r).IgnoreError();
     }
-    for (int i = 0; i < heads; ++i) {
-      const double measured = std::clamp(1.0 - kept[i] / fed, 1e-4, 1 - 1e-4);
-      if (scale[i] > 0) sigma[i] = c.dmc.init_val / (scale[i] * InverseQ(measured));
-    }
+    for (int i = 0; i < heads; ++i) (1.0 - kept[i] / fed < want[i] ? lo[i] : hi[i]) = bias[i];
   }
 }
 
