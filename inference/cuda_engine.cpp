@@ -157,6 +157,16 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->rows_ = options.max_batch + 1;  // one spare row for moves
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
+  e->shape_ = {cfg.hidden_size,
+               cfg.num_attention_heads,
+               cfg.num_key_value_heads,
+               cfg.head_dim(),
+               cfg.vocab_size,
+               cfg.rope_theta,
+               cfg.rms_norm_eps,
+               1.0f / std::sqrt(static_cast<float>(cfg.head_dim())),
+               {cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
+                kernels::DmcDecisionMode::kHard}};
   e->keep_ctrl_ = cfg.dmc.enabled;
   try {
     e->Upload(model);
@@ -442,36 +452,50 @@ kernels::SampleRows RowsOf(const StepIo& io) {
 
 }  // namespace
 
+c::PagedKv CudaEngine::CacheLayer(int l) const {
+  const Device& d = *dev_;
+  const size_t head0 = static_cast<size_t>(l) * rows_ * config_.num_key_value_heads;
+  c::PagedKv layer;
+  layer.k_pool = d.k_pool;
+  layer.v_pool = d.v_pool;
+  layer.page_table = d.page_table + head0 * max_pages_;
+  layer.lengths = d.lengths + head0;
+  layer.window =
+      d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) : nullptr;
+  layer.window_count = d.window_count + head0;
+  layer.max_pages = max_pages_;
+  layer.page_size = opt_.page_size;
+  layer.window_size = cache_opt_.dmc_window;
+  return layer;
+}
+
+void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate,
+                            bf16* up, bf16* h) {
+  const Device& d = *dev_;
+  const int C = config_.hidden_size, F = config_.intermediate_size;
+  const bf16* w = d.weights;
+  cudaStream_t st = d.stream;
+  c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kMlpNorm), rows, C, config_.rms_norm_eps, st);
+  c::matmul_forward(gate, xn, w + d.W(l, kGate), rows, C, F, st);
+  c::matmul_forward(up, xn, w + d.W(l, kUp), rows, C, F, st);
+  c::swiglu_forward(h, gate, up, static_cast<size_t>(rows) * F, st);
+  c::matmul_forward_add(x, h, w + d.W(l, kDown), rows, F, C, st);
+}
+
 void CudaEngine::EnqueueStep(int n) {
   Device& d = *dev_;
-  const model::LlamaConfig& cfg = config_;
-  const int C = cfg.hidden_size, H = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
-  const int D = cfg.head_dim(), F = cfg.intermediate_size, V = cfg.vocab_size;
-  const float theta = cfg.rope_theta, eps = cfg.rms_norm_eps;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const kernels::DmcGateParams gates{cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
-                                     kernels::DmcDecisionMode::kHard};
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
-  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
     c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
     c::matmul_forward(d.q, d.xn, w + d.W(l, kWq), n, C, H * D, st);
     c::matmul_forward(d.k, d.xn, w + d.W(l, kWk), n, C, Hkv * D, st);
     c::matmul_forward(d.v, d.xn, w + d.W(l, kWv), n, C, Hkv * D, st);
     if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, d.q, d.k,
                                    nullptr, 1, n, H, Hkv, D, gates, st);
-    const size_t head0 = static_cast<size_t>(l) * rows_ * Hkv;
-    c::PagedKv layer;
-    layer.k_pool = d.k_pool;
-    layer.v_pool = d.v_pool;
-    layer.page_table = d.page_table + head0 * max_pages_;
-    layer.lengths = d.lengths + head0;
-    layer.window = d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * D + 1) : nullptr;
-    layer.window_count = d.window_count + head0;
-    layer.max_pages = max_pages_;
-    layer.page_size = opt_.page_size;
-    layer.window_size = cache_opt_.dmc_window;
+    const c::PagedKv layer = CacheLayer(l);
     c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
                        d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
     c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
@@ -479,11 +503,7 @@ void CudaEngine::EnqueueStep(int n) {
                               layer.lengths, max_pages_, opt_.page_size, n, H, Hkv, D, keep_ctrl_,
                               scale, st, kSplitSlots);
     c::matmul_forward_add(d.x, d.att, w + d.W(l, kWo), n, H * D, C, st);
-    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kMlpNorm), n, C, eps, st);
-    c::matmul_forward(d.gate, d.xn, w + d.W(l, kGate), n, C, F, st);
-    c::matmul_forward(d.up, d.xn, w + d.W(l, kUp), n, C, F, st);
-    c::swiglu_forward(d.h, d.gate, d.up, static_cast<size_t>(n) * F, st);
-    c::matmul_forward_add(d.x, d.h, w + d.W(l, kDown), n, F, C, st);
+    EnqueueMlp(l, n, d.x, d.xn, d.rstd, d.gate, d.up, d.h);
   }
   c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.final_norm, n, C, eps, st);
   c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, n, C, V, st);
@@ -563,20 +583,14 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
 
 void CudaEngine::EnqueuePrefill(int row, int P) {
   Device& d = *dev_;
-  const model::LlamaConfig& cfg = config_;
-  const int C = cfg.hidden_size, H = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
-  const int D = cfg.head_dim(), F = cfg.intermediate_size, V = cfg.vocab_size;
-  const float theta = cfg.rope_theta, eps = cfg.rms_norm_eps;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const kernels::DmcGateParams gates{cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
-                                     kernels::DmcDecisionMode::kHard};
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   const size_t g = static_cast<size_t>(P) * Hkv;
   float *logit = d.pgates, *alpha = d.pgates + g, *merge = d.pgates + 2 * g;
   float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
   c::embedding_forward(d.px, d.ptokens, w + d.embed, P, C, 0, V, st);
-  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
     c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kAttnNorm), P, C, eps, st);
     c::matmul_forward(d.pq, d.pxn, w + d.W(l, kWq), P, C, H * D, st);
     c::matmul_forward(d.pk, d.pxn, w + d.W(l, kWk), P, C, Hkv * D, st);
@@ -586,7 +600,7 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
       c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, P, H, Hkv, D,
                            gates, st);
       c::dmc_scan_forward_kv(d.pkhat, d.pvhat, d.pgates /* denom over the logits: not read again */,
-                             d.pk, d.pv, alpha, omega, 1, P, Hkv, D, cfg.dmc.window, st);
+                             d.pk, d.pv, alpha, omega, 1, P, Hkv, D, config_.dmc.window, st);
       khat = d.pkhat;
       vhat = d.pvhat;
     }
@@ -594,25 +608,11 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
     c::rope_forward(d.pkr, khat, 1, P, Hkv, D, 0, theta, keep_ctrl_, st);
     c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ ? mask : nullptr, 1, P, H,
                              Hkv, D, keep_ctrl_, scale, st);
-    const size_t head0 = static_cast<size_t>(l) * rows_ * Hkv;
-    c::PagedKv layer;
-    layer.k_pool = d.k_pool;
-    layer.v_pool = d.v_pool;
-    layer.page_table = d.page_table + head0 * max_pages_;
-    layer.lengths = d.lengths + head0;
-    layer.window = d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * D + 1) : nullptr;
-    layer.window_count = d.window_count + head0;
-    layer.max_pages = max_pages_;
-    layer.page_size = opt_.page_size;
-    layer.window_size = cache_opt_.dmc_window;
+    const c::PagedKv layer = CacheLayer(l);
     c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
                         dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
-    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kMlpNorm), P, C, eps, st);
-    c::matmul_forward(d.pgate, d.pxn, w + d.W(l, kGate), P, C, F, st);
-    c::matmul_forward(d.pup, d.pxn, w + d.W(l, kUp), P, C, F, st);
-    c::swiglu_forward(d.ph, d.pgate, d.pup, static_cast<size_t>(P) * F, st);
-    c::matmul_forward_add(d.px, d.ph, w + d.W(l, kDown), P, F, C, st);
+    EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
   }
   // The last position only: its logits and token choice in row `row` of the step buffers.
   const bf16* last = d.px + static_cast<size_t>(P - 1) * C;

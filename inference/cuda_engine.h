@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "inference/decode_engine.h"
 #include "inference/page_allocator.h"
+#include "kernels/cuda_ops.h"
 #include "model/llama.h"
 
 namespace dmc::inference {
@@ -101,11 +102,24 @@ class CudaEngine : public DecodeEngine {
   absl::Status GrowPages(const std::vector<int>& seqs);
   // Returns the pages beyond ceil(length / page_size) of every head of seq to the allocator.
   absl::Status TrimPages(Sequence& s);
+  // Layer l of the device cache in the form of kernels/paged_kv_write.h.
+  kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;
+  // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
+  void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
+                  __nv_bfloat16* gate, __nv_bfloat16* up, __nv_bfloat16* h);
   // Enqueues the device work of a step of rows 0..n-1 (graph body).
   void EnqueueStep(int n);
   void EnqueuePrefill(int row, int P);
 
+  // What every enqueued op reads of the config (sizes, RoPE, RMSNorm, the hard decisions).
+  struct Shape {
+    int C, H, Hkv, D, V;
+    float theta, eps, scale;
+    kernels::DmcGateParams gates;
+  };
+
   model::LlamaConfig config_;
+  Shape shape_{};
   CudaEngineOptions opt_;
   PagedCacheOptions cache_opt_;
   PageAllocator alloc_;
