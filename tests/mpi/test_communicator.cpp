@@ -235,6 +235,32 @@ TEST(LocalCommunicator, CollectivesAreTheIdentity) {
   EXPECT_EQ(local.Broadcast(x.data(), 3, 1).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(local.Barrier().ok());
   EXPECT_TRUE(CheckSameOnAllRanks(local, "config", "anything").ok());
+  EXPECT_TRUE(AgreeOnStatus(local, absl::OkStatus()).ok());
+  EXPECT_EQ(AgreeOnStatus(local, absl::DataLossError("x")), absl::DataLossError("x"));
+}
+
+TEST(AgreeOnStatus, OkWhenEveryRankIsOk) {
+  auto comm = TestWorld();
+  ASSERT_NE(comm, nullptr);
+  EXPECT_TRUE(AgreeOnStatus(*comm, absl::OkStatus()).ok());
+}
+
+// The last rank (and, with 3 or more ranks, rank 1) fails: every rank gets the lowest failing
+// rank's code and message.
+TEST(AgreeOnStatus, EveryRankGetsTheLowestFailingRanksError) {
+  auto comm = TestWorld();
+  ASSERT_NE(comm, nullptr);
+  const int size = comm->size();
+  if (size < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int first = size > 2 ? 1 : size - 1;
+  absl::Status mine = absl::OkStatus();
+  if (comm->rank() == first) mine = absl::DataLossError("shard.h5: chunk 3 is damaged");
+  if (comm->rank() == size - 1 && first != size - 1) mine = absl::InternalError("later");
+  const absl::Status status = AgreeOnStatus(*comm, mine);
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_EQ(std::string(status.message()),
+            "rank " + std::to_string(first) + " of group '" + comm->name() +
+                "': shard.h5: chunk 3 is damaged");
 }
 
 TEST(CheckSameOnAllRanks, PassesWhenEveryRankAgrees) {
