@@ -352,7 +352,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     if (every > 0 && m.step % every == 0 && !m.skipped)
       if (absl::Status st = save(); !st.ok() && leader)
         std::fprintf(stderr, "dmc-train: WARNING: %s; training goes on, the next save is at step %d\n",
-                     std::string(st.message()).c_str(), m.step + every);
+                     std::string(st.message()).c_str(), std::min(m.step + every, s.total_steps()));
     return absl::OkStatus();
   });
   if (absl::IsCancelled(run)) {

@@ -18,8 +18,11 @@ cp -r "$work/full/step_00000010" "$work/step10.copy"
 
 # Resumed with the limit: the saves at steps 15 and 20 fail, the run reaches step 20 and fails.
 # SIGXFSZ is ignored so that an oversized write fails with EFBIG instead of killing the process.
-if (trap '' XFSZ; ulimit -f 100; exec "$train" "${common[@]}" --checkpoint_dir="$work/full" \
-      --log_jsonl="$work/full.jsonl" --resume) >/dev/null 2>"$work/full.err"; then
+# The limit is set in the rank alone, under mpirun: MPI's own start-up files must not be limited.
+# shellcheck disable=SC2016  # expanded by the rank's shell
+if "$mpiexec" "${mpi_flags[@]}" -np 1 bash -c 'trap "" XFSZ; ulimit -f 100; exec "$@"' limited \
+    "$train" "${common[@]}" --checkpoint_dir="$work/full" --log_jsonl="$work/full.jsonl" --resume \
+    >"$work/full.err" 2>&1; then
   fail "the run succeeded although its last checkpoint could not be written"
 fi
 grep -q "WARNING: checkpoint $work/full/step_00000015 not saved: .*File too large.*training goes on" \

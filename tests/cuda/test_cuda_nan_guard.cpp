@@ -20,7 +20,7 @@ namespace {
 
 constexpr int kSteps = 6, kNanStep = 3, kB = 2, kT = 33;
 
-struct Run {
+struct TrainedState {
   std::vector<float> params, m, v;
   std::vector<trainer::StepMetrics> metrics;
 };
@@ -42,7 +42,7 @@ trainer::BatchSource Batches(int vocab, int skipped_batch) {
 }
 
 // Trains kSteps steps on the GPU; `nan_step` > 0 injects the NaN there (layer 1).
-Run Train(int nan_step, int skipped_batch) {
+TrainedState Train(int nan_step, int skipped_batch) {
   const model::LlamaConfig config = SmallModelConfig(true, 128, 2, 2);
   trainer::TrainConfig t;
   t.seq_len = kT;
@@ -59,7 +59,7 @@ Run Train(int nan_step, int skipped_batch) {
   EXPECT_TRUE(backend.ok()) << backend.status();
   trainer::Trainer trainer(t, &host, Batches(config.vocab_size, skipped_batch), &dp, &tp,
                            std::move(*backend));
-  Run run;
+  TrainedState run;
   while (trainer.step() < kSteps) {
     const int before = trainer.optimizer().step();
     std::vector<float> params, m, v;
@@ -86,8 +86,8 @@ Run Train(int nan_step, int skipped_batch) {
 
 TEST(CudaNanGuard, SkippedStepEqualsARunWithoutThatBatch) {
   DMC_REQUIRE_GPU();
-  const Run nan = Train(kNanStep, -1);
-  const Run skip = Train(0, kNanStep - 1), again = Train(0, kNanStep - 1);
+  const TrainedState nan = Train(kNanStep, -1);
+  const TrainedState skip = Train(0, kNanStep - 1), again = Train(0, kNanStep - 1);
   ASSERT_EQ(nan.metrics.size(), kSteps + 1u);
   EXPECT_TRUE(nan.metrics[kNanStep - 1].skipped);
   EXPECT_EQ(nan.metrics[kNanStep - 1].step, kNanStep);
