@@ -39,6 +39,7 @@
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
+#include "bench/cuda/bench_shapes.h"
 #include "model/llama_cuda.h"
 
 ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)");
@@ -52,39 +53,10 @@ ABSL_FLAG(bool, queued, true,
 
 namespace {
 using dmc::cuda::bf16;
+using dmc::bench::MakeShape;
+using dmc::bench::Shape;
 
 constexpr double kPeakTflops = 989.0;
-
-struct Shape {
-  std::string name;
-  dmc::model::LlamaConfig config;
-  int T = 0;
-};
-
-Shape MakeShape(const std::string& name) {
-  Shape s;
-  s.name = name;
-  dmc::model::LlamaConfig& c = s.config;
-  if (name == "1b" || name == "1b-2l") {
-    c.vocab_size = 32000;
-    c.hidden_size = 2048;
-    c.intermediate_size = 5632;
-    // 1b-2l: two of its layers, for per-kernel profiles (a tenth of the kernels, same shapes).
-    c.num_hidden_layers = name == "1b" ? 24 : 2;
-    c.num_attention_heads = 16;
-    c.num_key_value_heads = 16;
-    c.max_position_embeddings = 4096;
-    s.T = 2048;
-  } else if (name == "medium") {
-    if (!dmc::model::PresetConfig("medium", &c).ok()) std::abort();
-    c.vocab_size = 8192;  // the GPU pipeline's SentencePiece vocabulary
-    s.T = 512;
-  } else {
-    std::fprintf(stderr, "bench_train_step: unknown shape %s (1b, 1b-2l, medium)\n", name.c_str());
-    std::exit(2);
-  }
-  return s;
-}
 
 float Elapsed(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
