@@ -124,21 +124,36 @@ TEST(Trainer, OverfitsARepeatedBatchDeterministically) {
   EXPECT_EQ(a, b) << "two runs with the same seed must agree exactly";
 }
 
+// Four short steps of the tiny model on a fixed batch, with the faults of `faults`
+// (trainer/fault_injection.h).
+struct FaultedRun {
+  static TrainConfig Config(const std::string& faults, int max_bad_steps) {
+    TrainConfig tc;
+    tc.seq_len = 8;
+    tc.micro_batch = 2;
+    tc.schedule.pretrain_steps = 4;
+    tc.max_bad_steps = max_bad_steps;
+    tc.faults = *FaultPlan::Parse(faults);
+    return tc;
+  }
+  explicit FaultedRun(const std::string& faults, int max_bad_steps = 10)
+      : tc(Config(faults, max_bad_steps)) {
+    EXPECT_TRUE(tc.Validate(mc).ok());
+    m.InitRandom(tc.seed);
+  }
+  TrainConfig tc;  // first: the members below are built from it
+  const model::LlamaConfig mc = TinyConfig();
+  model::Llama<float> m{mc, nullptr};
+  parallel::LocalCommunicator dp, tp;
+  Trainer trainer{tc, &m, FixedBatch(2, 8, mc.vocab_size, 5), &dp, &tp};
+};
+
 // A NaN in one gradient (the nan_grad fault) skips the step: weights, moments and counters stay
 // to the bit, the attempt is reported, and the next attempt trains again.
 TEST(Trainer, NonFiniteStepIsSkippedWithTheStateUnchanged) {
-  TrainConfig tc;
-  tc.seq_len = 8;
-  tc.micro_batch = 2;
-  tc.schedule.pretrain_steps = 4;
-  tc.faults.nan_step = 2;
-  tc.faults.nan_layer = 1;
-  const model::LlamaConfig mc = TinyConfig();
-  ASSERT_TRUE(tc.Validate(mc).ok());
-  model::Llama<float> m(mc, nullptr);
-  m.InitRandom(tc.seed);
-  parallel::LocalCommunicator dp, tp;
-  Trainer trainer(tc, &m, FixedBatch(tc.micro_batch, tc.seq_len, mc.vocab_size, 5), &dp, &tp);
+  FaultedRun run("nan_grad=2:1");
+  Trainer& trainer = run.trainer;
+  model::Llama<float>& m = run.m;
   ASSERT_TRUE(trainer.Step().ok());
   const std::vector<float> params = m.params(), m1 = trainer.optimizer().m(),
                            v1 = trainer.optimizer().v();
@@ -162,25 +177,16 @@ TEST(Trainer, NonFiniteStepIsSkippedWithTheStateUnchanged) {
 }
 
 TEST(Trainer, StopsAfterMaxBadStepsInARow) {
-  TrainConfig tc;
-  tc.seq_len = 8;
-  tc.micro_batch = 2;
-  tc.schedule.pretrain_steps = 4;
-  tc.max_bad_steps = 3;
-  tc.faults = *FaultPlan::Parse("nan_grad=1:0:3");
-  const model::LlamaConfig mc = TinyConfig();
-  model::Llama<float> m(mc, nullptr);
-  m.InitRandom(tc.seed);
-  parallel::LocalCommunicator dp, tp;
-  Trainer trainer(tc, &m, FixedBatch(tc.micro_batch, tc.seq_len, mc.vocab_size, 5), &dp, &tp);
+  FaultedRun run("nan_grad=1:0:3", 3);
+  Trainer& trainer = run.trainer;
   EXPECT_TRUE(trainer.Step()->skipped);
   EXPECT_TRUE(trainer.Step()->skipped);
   const absl::StatusOr<StepMetrics> third = trainer.Step();
   EXPECT_EQ(third.status().code(), absl::StatusCode::kAborted);
   EXPECT_NE(third.status().message().find("3 attempts in a row at step 1"), std::string::npos)
       << third.status();
-  tc.max_bad_steps = 0;
-  EXPECT_FALSE(tc.Validate(mc).ok());
+  run.tc.max_bad_steps = 0;
+  EXPECT_FALSE(run.tc.Validate(run.mc).ok());
 }
 
 TEST(FaultPlan, ParsesTheTestHooksAndRejectsTypos) {

@@ -7,8 +7,7 @@
 //   mpirun -np N bench_scaling [--shape=1b] [--batch=4] [--tp=1] [--dmc=false] [--zero1=false]
 //                              [--reps=5] [--warmup=2]
 //
-// Every rank times the same steps between two barriers; the weights are arbitrary (timing does not
-// depend on their values), the tokens a fixed pseudo-random sequence.
+// Every rank times the same steps between two barriers, on arbitrary weights and tokens.
 #include <cuda_runtime_api.h>
 
 #include <chrono>
@@ -58,21 +57,10 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   const int B = absl::GetFlag(FLAGS_batch), T = shape.T;
   dmc::parallel::Communicator* dp = layout.dp_size > 1 ? &groups.dp() : nullptr;
   dmc::model::LlamaCuda model(config, &groups.tp(), absl::GetFlag(FLAGS_zero1) ? dp : nullptr);
-  std::vector<float> weights(model.num_params());
-  uint32_t s = 777 + groups.world().rank();
-  for (float& w : weights) {
-    s = s * 1664525u + 1013904223u;
-    w = ((s >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
-  }
-  model.CopyParamsFromHost(weights);
+  model.CopyParamsFromHost(dmc::bench::ArbitraryWeights(model.num_params(), 777 + groups.world().rank()));
   // Each replica its own tokens (the same on the TP ranks of a replica, as the loader gives them).
-  std::vector<int32_t> in(static_cast<size_t>(B) * T), tgt(in.size());
-  uint32_t r = 99 + layout.dp_rank;
-  for (size_t i = 0; i < in.size(); ++i) {
-    r = r * 1664525u + 1013904223u;
-    in[i] = static_cast<int32_t>((r >> 8) % config.vocab_size);
-    tgt[i] = static_cast<int32_t>((r >> 4) % config.vocab_size);
-  }
+  std::vector<int32_t> in, tgt;
+  dmc::bench::ArbitraryTokens(B, T, config.vocab_size, 99 + layout.dp_rank, &in, &tgt);
   dmc::model::StepOptions options;
   options.noise_seed = 1;
   options.cr_prior = config.dmc.enabled ? 0.5f : 0.0f;

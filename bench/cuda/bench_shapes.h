@@ -1,4 +1,5 @@
-// The model shapes the CUDA training benchmarks time (bench_train_step, bench_scaling):
+// The model shapes the CUDA training benchmarks time (bench_train_step, bench_scaling), and their
+// arbitrary inputs (timing does not depend on the values):
 //   1b     a 1.36B Llama (24 layers, d 2048, 16 heads of 128, ffn 5632, vocab 32000, T 2048);
 //   1b-2l  two of its layers (for per-kernel profiles);
 //   medium the `medium` preset with the GPU pipeline's 8k vocabulary (17M parameters, T 512).
@@ -6,7 +7,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 
@@ -41,6 +44,29 @@ inline Shape MakeShape(const std::string& name) {
     std::exit(2);
   }
   return s;
+}
+
+// n small uniform weights from an LCG (the host model's InitRandom draws normals, too slow at 1.4B
+// for a benchmark set-up).
+inline std::vector<float> ArbitraryWeights(size_t n, uint32_t seed) {
+  std::vector<float> w(n);
+  for (float& x : w) {
+    seed = seed * 1664525u + 1013904223u;
+    x = ((seed >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
+  }
+  return w;
+}
+
+// B × T input and target tokens from an LCG.
+inline void ArbitraryTokens(int B, int T, int vocab, uint32_t seed, std::vector<int32_t>* in,
+                            std::vector<int32_t>* tgt) {
+  in->resize(static_cast<size_t>(B) * T);
+  tgt->resize(in->size());
+  for (size_t i = 0; i < in->size(); ++i) {
+    seed = seed * 1664525u + 1013904223u;
+    (*in)[i] = static_cast<int32_t>((seed >> 8) % vocab);
+    (*tgt)[i] = static_cast<int32_t>((seed >> 4) % vocab);
+  }
 }
 
 }  // namespace dmc::bench

@@ -181,25 +181,14 @@ int main(int argc, char** argv) {
                 shape.name.c_str(), params / 1e6, config.num_hidden_layers, config.hidden_size,
                 config.num_attention_heads, config.head_dim(), config.intermediate_size,
                 config.vocab_size, B, T);
-    // Weights: small uniform values from an LCG (the host model's InitRandom draws normals, too
-    // slow at 1.4B for a benchmark set-up; timing does not depend on the values).
-    std::vector<float> weights(static_cast<size_t>(params));  // the flat layout's size at TP 1
-    uint32_t s = 777;
-    for (auto& w : weights) {
-      s = s * 1664525u + 1013904223u;
-      w = ((s >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
-    }
+    // the flat layout's size at TP 1
+    const std::vector<float> weights = dmc::bench::ArbitraryWeights(static_cast<size_t>(params), 777);
     for (const bool dmc : dmc_settings) {
       config.dmc.enabled = dmc;
       auto model = std::make_unique<dmc::model::LlamaCuda>(config);
       model->CopyParamsFromHost(weights);
-      std::vector<int32_t> in(static_cast<size_t>(B) * T), tgt(in.size());
-      uint32_t r = 99;
-      for (size_t i = 0; i < in.size(); ++i) {
-        r = r * 1664525u + 1013904223u;
-        in[i] = static_cast<int32_t>((r >> 8) % config.vocab_size);
-        tgt[i] = static_cast<int32_t>((r >> 4) % config.vocab_size);
-      }
+      std::vector<int32_t> in, tgt;
+      dmc::bench::ArbitraryTokens(B, T, config.vocab_size, 99, &in, &tgt);
       dmc::model::StepOptions opt;
       opt.noise_seed = 1;
       opt.cr_prior = dmc ? 0.5f : 0.0f;

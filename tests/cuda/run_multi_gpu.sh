@@ -63,7 +63,7 @@ run_case() {
   fi
   local log="$OUT/multi_$(echo "$name" | tr -c 'A-Za-z0-9\n' '_').log" t0 rc
   t0=$(date +%s)
-  timeout 300 "$@" >"$log" 2>&1
+  timeout 300 "$@" </dev/null >"$log" 2>&1  # mpirun would read the case list on stdin
   rc=$?
   ran+=("$name")
   if grep -q '^\[  PASSED  \] 0 tests' "$log" && grep -q '^\[  SKIPPED \]' "$log"; then
@@ -79,28 +79,22 @@ run_case() {
   fi
 }
 
-mpi_tests="$BUILD/tests/mpi/dmc_mpi_tests"
-cuda_mpi_tests="$BUILD/tests/mpi/dmc_cuda_mpi_tests"
 run_case "vocabulary-parallel kernels, 1 GPU" 1 \
   "$BUILD/tests/dmc_cuda_tests" --gtest_filter='CudaVocabParallel.*'
-for np in 2 4; do
-  run_case "NCCL communicator: collectives, groups, timeout of a stuck rank, $np GPUs" $np \
-    mpi $np "$mpi_tests" --gtest_filter='NcclCommunicator.*'
-done
-run_case "TP 2 over NCCL (vocabulary-parallel LM head)" 2 \
-  mpi 2 "$cuda_mpi_tests" --gtest_filter='*TensorParallelTwoOnNccl*'
-run_case "DP 2 over NCCL, bucketed and overlapped" 2 \
-  mpi 2 "$cuda_mpi_tests" --gtest_filter='*DataParallelOnNccl*:-CudaZero1.*'
-run_case "ZeRO-1 at DP 2 over NCCL" 2 \
-  mpi 2 "$cuda_mpi_tests" --gtest_filter='CudaZero1.DataParallelOnNccl*'
-run_case "TP 4 over NCCL (vocabulary-parallel LM head)" 4 \
-  mpi 4 "$cuda_mpi_tests" --gtest_filter='*TensorParallelFourOnNccl*'
-run_case "DP 4 over NCCL, bucketed and overlapped" 4 \
-  mpi 4 "$cuda_mpi_tests" --gtest_filter='*DataParallelOnNccl*:-CudaZero1.*'
-run_case "DP 2 x TP 2 over NCCL" 4 \
-  mpi 4 "$cuda_mpi_tests" --gtest_filter='*TensorParallelTwoOnNccl*'
-run_case "ZeRO-1 at DP 4 and DP 2 x TP 2 over NCCL" 4 \
-  mpi 4 "$cuda_mpi_tests" --gtest_filter='CudaZero1.*OnNccl*'
+# GPUS|BINARY (under tests/mpi)|GTEST FILTER|NAME: each under mpirun with one rank per GPU.
+while IFS='|' read -r np binary filter name; do
+  run_case "$name" "$np" mpi "$np" "$BUILD/tests/mpi/$binary" --gtest_filter="$filter"
+done <<'CASES'
+2|dmc_mpi_tests|NcclCommunicator.*|NCCL communicator: collectives, groups, timeout of a stuck rank, 2 GPUs
+4|dmc_mpi_tests|NcclCommunicator.*|NCCL communicator: collectives, groups, timeout of a stuck rank, 4 GPUs
+2|dmc_cuda_mpi_tests|*TensorParallelTwoOnNccl*|TP 2 over NCCL (vocabulary-parallel LM head)
+2|dmc_cuda_mpi_tests|*DataParallelOnNccl*:-CudaZero1.*|DP 2 over NCCL, bucketed and overlapped
+2|dmc_cuda_mpi_tests|CudaZero1.DataParallelOnNccl*|ZeRO-1 at DP 2 over NCCL
+4|dmc_cuda_mpi_tests|*TensorParallelFourOnNccl*|TP 4 over NCCL (vocabulary-parallel LM head)
+4|dmc_cuda_mpi_tests|*DataParallelOnNccl*:-CudaZero1.*|DP 4 over NCCL, bucketed and overlapped
+4|dmc_cuda_mpi_tests|*TensorParallelTwoOnNccl*|DP 2 x TP 2 over NCCL
+4|dmc_cuda_mpi_tests|CudaZero1.*OnNccl*|ZeRO-1 at DP 4 and DP 2 x TP 2 over NCCL
+CASES
 
 # Scaling: one table, a row per layout.
 shape="${DMC_SCALING_SHAPE:-1b}"
