@@ -146,6 +146,7 @@ TEST(MpiCommunicator, BarrierWaitsForTheLastRank) {
   auto comm = TestWorld();
   ASSERT_NE(comm, nullptr);
   if (comm->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  ASSERT_TRUE(comm->Barrier().ok());  // every rank starts its clock together, not a test apart
   const auto start = std::chrono::steady_clock::now();
   if (comm->rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
   ASSERT_TRUE(comm->Barrier().ok());
@@ -173,8 +174,9 @@ TEST(MpiCommunicator, ReportsRankSizeAndName) {
   EXPECT_FALSE(comm->device_buffers());
 }
 
-// The last rank is "stuck": it skips the collective for longer than the others' 1 s timeout. The
-// others must get DeadlineExceeded (not hang), naming the collective and the group, and their
+// The last rank is "stuck": it joins the collective only once the others have passed their 1 s
+// timeout (it waits for them on another communicator, so the order does not depend on timing).
+// The others must get DeadlineExceeded (not hang), naming the collective and the group, and their
 // communicator must refuse further work. Then the stuck rank joins late, which completes the
 // abandoned collective everywhere, so the test ends cleanly and the communicators can be freed.
 TEST(MpiCommunicator, TimeoutReturnsDeadlineExceededInsteadOfHanging) {
@@ -201,8 +203,10 @@ TEST(MpiCommunicator, TimeoutReturnsDeadlineExceededInsteadOfHanging) {
       absl::Status after = comm->Barrier();
       EXPECT_EQ(after.code(), absl::StatusCode::kFailedPrecondition) << after;
       EXPECT_NE(after.message().find("timed out"), std::string::npos) << after;
+      EXPECT_TRUE(sync->Barrier().ok());  // lets the stuck rank join
     } else {
-      std::this_thread::sleep_for(std::chrono::seconds(3));
+      // Late by construction, not by a sleep: it joins only after every other rank timed out.
+      EXPECT_TRUE(sync->Barrier().ok());
       absl::Status status = comm->AllReduceSum(x.data(), x.size());
       EXPECT_TRUE(status.ok()) << status;
       EXPECT_EQ(x[0], float(comm->size()));
