@@ -298,6 +298,8 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
                                           &groups.world(), layout.tp_rank, layout.tp_size,
                                           layout.dp_rank);
   checkpointer.set_faults(tc.faults);
+  // The step of the newest checkpoint that holds this run's state: the end saves unless it is.
+  int saved_step = -1;
   if (absl::GetFlag(FLAGS_resume)) {
     absl::StatusOr<dmc::trainer::TrainingState> state =
         checkpointer.LoadLatest(model, trainer.optimizer());
@@ -310,9 +312,9 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     if (absl::Status st = source->Restore(*cursor); !st.ok()) return st;
     trainer.set_step(state->step);
     trainer.set_tokens(state->tokens);
+    saved_step = state->step;
     if (leader) std::printf("dmc-train: resumed at step %d from %s\n", state->step, checkpoint_dir.c_str());
   }
-  int saved_step = -1;  // the step of the last checkpoint this run saved
   auto save = [&]() -> absl::Status {
     if (checkpoint_dir.empty()) return absl::OkStatus();
     // A device backend's weights and moments → the host model and optimizer the checkpoint reads.
