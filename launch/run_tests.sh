@@ -28,7 +28,10 @@ for _ in $(seq "$(nproc)"); do
   load+=($!)
 done
 trap 'kill "${load[@]}"' EXIT
+failed=0
 for run in $(seq "${DMC_LOADED_RUNS:-3}"); do
   echo "== run $run of ${DMC_LOADED_RUNS:-3}, with ${#load[@]} busy loops beside it"
-  suite
+  suite || failed=$((failed + 1))
 done
+echo "== $failed of ${DMC_LOADED_RUNS:-3} loaded runs had failures"
+[ "$failed" -eq 0 ]

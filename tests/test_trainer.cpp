@@ -199,6 +199,7 @@ TEST(FaultPlan, ParsesTheTestHooksAndRejectsTypos) {
   EXPECT_EQ(p->nan_layer, 1);
   EXPECT_EQ(p->nan_attempts, 2);
   EXPECT_EQ(FaultPlan::Parse("")->stop_after, 0);
+  FaultPlan{}.MaybeKillInSave(0, FaultPlan::SavePoint::kTensors);  // no fault: the test lives on
   for (const char* bad : {"nan_grad=4", "stop_after=x", "kill_in_save=3:middle", "stop=1"}) {
     const absl::Status s = FaultPlan::Parse(bad).status();
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;

@@ -47,7 +47,7 @@ absl::StatusOr<FaultPlan> FaultPlan::Parse(const std::string& text) {
 }
 
 void FaultPlan::MaybeKillInSave(int step, SavePoint point) const {
-  if (kill_in_save == step && kill_point == point) std::raise(SIGKILL);
+  if (kill_in_save > 0 && kill_in_save == step && kill_point == point) std::raise(SIGKILL);
 }
 
 }  // namespace dmc::trainer
