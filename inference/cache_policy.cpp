@@ -10,18 +10,20 @@ namespace dmc::inference {
 
 absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name) {
   if (name == "dmc") return CacheMethod::kDmc;
+  if (name == "dms") return CacheMethod::kDms;
   if (name == "vanilla") return CacheMethod::kVanilla;
   if (name == "h2o") return CacheMethod::kH2O;
   if (name == "tova") return CacheMethod::kTova;
   if (name == "loma") return CacheMethod::kLoma;
   return absl::InvalidArgumentError(absl::StrFormat(
-      "unknown cache method \"%s\" (expected dmc, vanilla, h2o, tova or loma)",
+      "unknown cache method \"%s\" (expected dmc, dms, vanilla, h2o, tova or loma)",
       std::string(name)));
 }
 
 const char* CacheMethodName(CacheMethod method) {
   switch (method) {
     case CacheMethod::kDmc: return "dmc";
+    case CacheMethod::kDms: return "dms";
     case CacheMethod::kVanilla: return "vanilla";
     case CacheMethod::kH2O: return "h2o";
     case CacheMethod::kTova: return "tova";
@@ -113,6 +115,21 @@ absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* pro
   return absl::OkStatus();
 }
 
+template <typename T>
+absl::Status DmsUpdate(PagedKvCache<T>& cache, int seq, int layer, int h, int t,
+                       bool evict_previous, int window) {
+  const int leaving = t - window - 1;  // w + 1 steps after its mark, a marked token is gone
+  int leaving_slot = -1;
+  for (int i = 0; i < cache.length(seq, layer, h); ++i) {
+    const int32_t pos = cache.position(seq, layer, h, i);
+    if (pos == t - 1 && evict_previous) cache.score(seq, layer, h, i) = 1.0f;
+    if (pos == leaving && cache.score(seq, layer, h, i) > 0) leaving_slot = i;
+  }
+  return leaving_slot < 0 ? absl::OkStatus() : cache.Evict(seq, layer, h, leaving_slot);
+}
+
+template absl::Status DmsUpdate<float>(PagedKvCache<float>&, int, int, int, int, bool, int);
+template absl::Status DmsUpdate<double>(PagedKvCache<double>&, int, int, int, int, bool, int);
 template absl::Status H2OUpdate<float>(PagedKvCache<float>&, int, int, int, const float*, int,
                                        int, const CachePolicy&);
 template absl::Status H2OUpdate<double>(PagedKvCache<double>&, int, int, int, const double*, int,

@@ -1,5 +1,9 @@
 // What the KV cache keeps, per method, all in the same paged cache (H2O: Zhang et al., NeurIPS 2023; TOVA: Oren et al., 2024; LoMA: model/README.md):
 //   dmc      the learned per-head append/accumulate decisions (model/DMC.md §6); no budget.
+//   dms      a DMS model's learned delayed eviction (DMS.md §5): every token appends its rotated
+//            key; token t's decision d_t marks token t-1 (the slot's score holds the mark), and a
+//            marked token leaves its head when it falls out of the window, at step t-1+w+1, before
+//            that step's attention — the hard mask of the training forward. No budget.
 //   vanilla  every token appends: the full cache (CR 1).
 //   h2o      Heavy-Hitter Oracle, head-wise: every slot of a KV head accumulates the attention it
 //            receives from each query (summed over the query heads of its GQA group); after the
@@ -24,7 +28,7 @@
 
 namespace dmc::inference {
 
-enum class CacheMethod { kDmc, kVanilla, kH2O, kTova, kLoma };
+enum class CacheMethod { kDmc, kDms, kVanilla, kH2O, kTova, kLoma };
 
 absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name);
 const char* CacheMethodName(CacheMethod method);
@@ -49,5 +53,12 @@ absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const 
 template <typename T>
 absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* probs,
                         int probs_stride, int H, const CachePolicy& policy);
+
+// DMS, after token t of sequence seq has been appended to head (layer, h) and before its
+// attention: marks token t-1 when evict_previous (d_t = 1), then evicts token t-window-1 if it is
+// marked, returning its slot (and, when a page empties, the page) to the cache.
+template <typename T>
+absl::Status DmsUpdate(PagedKvCache<T>& cache, int seq, int layer, int h, int t,
+                       bool evict_previous, int window);
 
 }  // namespace dmc::inference

@@ -3,8 +3,10 @@
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
-// --device=cuda computes dmc and vanilla by the CUDA model's parallel forward over whole windows
-// (inference/evaluate_cuda.h): the same figures, for models too large to decode on the CPU.
+// --device=cuda decodes dmc and vanilla token by token on the GPU engine (inference/cuda_engine.h),
+// the same figures as the CPU for models too large to decode there; with --parallel_forward it
+// computes them by the CUDA model's parallel forward over whole windows instead
+// (inference/evaluate_cuda.h), a cross-check of the decoder.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "inference/hf_model.h"
 #include "inference/png_writer.h"
 #if defined(DMC_HAVE_CUDA)
+#include "inference/cuda_engine.h"
 #include "inference/evaluate_cuda.h"
 #endif
 
@@ -30,7 +33,8 @@ ABSL_FLAG(std::string, data, "", "held-out shard index (val_index.json of dmc-pr
 ABSL_FLAG(int, seq_len, 256, "tokens per evaluated window");
 ABSL_FLAG(int, max_sequences, 32, "windows to evaluate (fewer if the shards hold fewer)");
 ABSL_FLAG(std::string, methods, "dmc",
-          "comma-separated cache methods: dmc, vanilla, h2o, tova, loma (LoMA models only)");
+          "comma-separated cache methods: dmc, dms (DMS models only), vanilla, h2o, tova, loma "
+          "(LoMA models only)");
 ABSL_FLAG(double, baseline_cr, 0.0,
           "compression ratio the h2o/tova budgets are matched to; 0: the CR dmc (or else loma) "
           "achieves in this run (dmc or loma must then be among --methods)");
@@ -43,8 +47,11 @@ ABSL_FLAG(std::string, append_tsv, "",
           "append one tab-separated line per method to this file: label, method, budget, CR, "
           "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
 ABSL_FLAG(std::string, device, "cpu",
-          "cpu: decode token by token over the paged cache; cuda: dmc and vanilla by one "
-          "parallel forward per batch of --max_batch windows on the GPU");
+          "cpu: decode token by token over the paged cache; cuda: dmc and vanilla decoded token "
+          "by token on the GPU engine");
+ABSL_FLAG(bool, parallel_forward, false,
+          "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "
+          "per batch of --max_batch windows instead of decoding (a cross-check)");
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 
 namespace {
@@ -107,12 +114,11 @@ int main(int argc, char** argv) {
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
   }
-  // dmc, then loma, first: the first one's achieved CR sets the baselines' budget.
-  std::stable_partition(methods.begin(), methods.end(),
-                        [](CacheMethod m) { return m == CacheMethod::kLoma; });
-  std::stable_partition(methods.begin(), methods.end(),
-                        [](CacheMethod m) { return m == CacheMethod::kDmc; });
-  auto compresses = [](CacheMethod m) { return m == CacheMethod::kDmc || m == CacheMethod::kLoma; };
+  // dmc, dms, then loma, first: the first one's achieved CR sets the baselines' budget.
+  auto compresses = [](CacheMethod m) {
+    return m == CacheMethod::kDmc || m == CacheMethod::kDms || m == CacheMethod::kLoma;
+  };
+  std::stable_partition(methods.begin(), methods.end(), compresses);
   const bool has_compressor = !methods.empty() && compresses(methods[0]);
   const bool has_loma = std::count(methods.begin(), methods.end(), CacheMethod::kLoma) > 0;
   if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_compressor &&
@@ -120,7 +126,8 @@ int main(int argc, char** argv) {
         return m == CacheMethod::kH2O || m == CacheMethod::kTova;
       }))
     return Fail(absl::InvalidArgumentError(
-        "h2o and tova need a budget: pass --baseline_cr or include dmc or loma in --methods"));
+        "h2o and tova need a budget: pass --baseline_cr or include dmc, dms or loma in "
+        "--methods"));
 
   auto model = dmc::inference::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
@@ -134,12 +141,24 @@ int main(int argc, char** argv) {
         "--methods=dmc: %s is not a DMC model (its config.json has \"dmc\": {\"enabled\": "
         "false}); evaluate it with vanilla, h2o or tova",
         model_dir)));
+  if (std::count(methods.begin(), methods.end(), CacheMethod::kDms) > 0 && !c.dms.enabled)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--methods=dms: %s is not a DMS model with eviction on (its config.json has no \"dms\" "
+        "settings, or \"enabled\": false)",
+        model_dir)));
+  if (c.dms.enabled && std::any_of(methods.begin(), methods.end(),
+                                   [](CacheMethod m) { return m != CacheMethod::kDms; }))
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "%s is a DMS model: it decodes with its own evictions, --methods=dms (evaluate the "
+        "baselines on the model it was retrofitted from)",
+        model_dir)));
   if (seq_len < 1 || seq_len > c.max_position_embeddings)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--seq_len=%d must be in [1, %d] (max_position_embeddings of %s)", seq_len,
         c.max_position_embeddings, model_dir)));
 #if defined(DMC_HAVE_CUDA)
-  if (device == "cuda")
+  const bool parallel_forward = absl::GetFlag(FLAGS_parallel_forward);
+  if (device == "cuda" && parallel_forward)
     for (CacheMethod m : methods)
       if (absl::Status s = dmc::inference::CudaEvalSupports(c, m); !s.ok()) return Fail(s);
 #endif
@@ -164,10 +183,15 @@ int main(int argc, char** argv) {
     inputs.push_back(targets.back());
     windows.push_back(inputs);
   }
-  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s), %d windows of %d "
+  std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s%s), %d windows of %d "
               "tokens from %s\n",
               model_dir.c_str(), c.num_hidden_layers, c.num_attention_heads,
               c.num_key_value_heads, c.dmc.enabled ? "on" : "off",
+              c.dms.enabled ? absl::StrFormat(", DMS %s window %d",
+                                              dmc::model::DmsVariantName(c.dms.variant),
+                                              c.dms.window)
+                                  .c_str()
+                            : "",
               c.loma.enabled()
                   ? absl::StrFormat(", LoMA t %d c %d", c.loma.zones.t, c.loma.zones.c).c_str()
                   : "",
@@ -196,9 +220,22 @@ int main(int argc, char** argv) {
                    dmc::inference::CacheMethodName(m), done, total, done / seconds);
     };
 #if defined(DMC_HAVE_CUDA)
-    absl::StatusOr<EvalResult> r = device == "cuda"
-                                       ? dmc::inference::EvaluateCuda(**model, windows, eo)
-                                       : dmc::inference::Evaluate(**model, windows, eo);
+    absl::StatusOr<EvalResult> r;
+    if (device == "cuda" && parallel_forward) {
+      r = dmc::inference::EvaluateCuda(**model, windows, eo);
+    } else if (device == "cuda") {
+      dmc::inference::CudaEngineOptions o;
+      o.policy = eo.policy;
+      o.budget_bytes = eo.budget_bytes;
+      o.page_size = eo.page_size;
+      o.max_batch = eo.max_batch;
+      o.max_context = seq_len;
+      auto engine = dmc::inference::CudaEngine::Create(**model, o);
+      if (!engine.ok()) return Fail(engine.status());
+      r = dmc::inference::Evaluate(**engine, windows, eo);
+    } else {
+      r = dmc::inference::Evaluate(**model, windows, eo);
+    }
 #else
     absl::StatusOr<EvalResult> r = dmc::inference::Evaluate(**model, windows, eo);
 #endif
@@ -215,8 +252,8 @@ int main(int argc, char** argv) {
                 r.policy.budget ? absl::StrFormat("%d", r.policy.budget).c_str() : "-", r.cr,
                 r.perplexity, r.accuracy, r.peak_kv_bytes, r.tokens_per_second,
                 r.max_concurrent);
-  if (device == "cuda")
-    std::printf("(--device=cuda: tokens/s of the parallel forward over whole windows, not a "
+  if (device == "cuda" && absl::GetFlag(FLAGS_parallel_forward))
+    std::printf("(--parallel_forward: tokens/s of the parallel forward over whole windows, not a "
                 "decode speed; KV memory with every window resident)\n");
 
   if (const std::string tsv = absl::GetFlag(FLAGS_append_tsv); !tsv.empty()) {
@@ -232,10 +269,11 @@ int main(int argc, char** argv) {
   }
 
   for (const EvalResult& r : results) {
-    if (r.policy.method != CacheMethod::kDmc) continue;
-    std::printf("\ndmc CR per layer:");
+    if (r.policy.method != CacheMethod::kDmc && r.policy.method != CacheMethod::kDms) continue;
+    const char* name = dmc::inference::CacheMethodName(r.policy.method);
+    std::printf("\n%s CR per layer:", name);
     for (double x : r.layer_cr) std::printf(" %.2f", x);
-    std::printf("\ndmc CR per head (rows: layers, columns: KV heads):\n");
+    std::printf("\n%s CR per head (rows: layers, columns: KV heads):\n", name);
     for (int l = 0; l < c.num_hidden_layers; ++l) {
       std::printf("  layer %2d:", l);
       for (int h = 0; h < c.num_key_value_heads; ++h)

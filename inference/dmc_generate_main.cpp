@@ -1,9 +1,11 @@
-// dmc-generate --model=HF_DIR --prompt="..." : continues a prompt with a DMC model, token by token
-// over the paged DMC cache (greedy by default; --temperature and --top_p sample, seeded), and
-// prints the compression ratio the cache reached.
+// dmc-generate --model=HF_DIR --prompt="..." : continues a prompt, the prompt in one parallel pass
+// that writes the compressed cache, then token by token (greedy by default; --temperature and
+// --top_p sample, seeded: kernels/sample.h), on the CPU engine or the GPU one (--device=cuda),
+// and prints the compression ratio the cache reached.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,9 +14,12 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "data/tokenizer.h"
+#include "inference/cpu_engine.h"
 #include "inference/hf_model.h"
-#include "inference/paged_decoder.h"
-#include "inference/sampler.h"
+#include "inference/scheduler.h"
+#if defined(DMC_HAVE_CUDA)
+#include "inference/cuda_engine.h"
+#endif
 
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (dmc-export output)");
 ABSL_FLAG(std::string, tokenizer, "byte", "\"byte\" or a SentencePiece tokenizer.model");
@@ -25,8 +30,13 @@ ABSL_FLAG(double, temperature, 0.0, "0: greedy; > 0: sample from softmax(logits 
 ABSL_FLAG(double, top_p, 1.0, "nucleus: sample among the most likely tokens of this total mass");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
+ABSL_FLAG(std::string, method, "",
+          "cache method: dmc (default for a DMC model), dms (default for a DMS model) or vanilla");
+ABSL_FLAG(std::string, device, "cpu", "cpu or cuda (the GPU engine)");
 
 namespace {
+
+namespace inf = dmc::inference;
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "dmc-generate: %s\n", std::string(s.message()).c_str());
@@ -36,19 +46,35 @@ int Fail(const absl::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("dmc-generate --model=HF_DIR --prompt=TEXT [--temperature=0.8]");
+  absl::SetProgramUsageMessage(
+      "dmc-generate --model=HF_DIR --prompt=TEXT [--temperature=0.8] [--device=cuda]");
   absl::ParseCommandLine(argc, argv);
-  namespace inf = dmc::inference;
-  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  const std::string model_dir = absl::GetFlag(FLAGS_model), device = absl::GetFlag(FLAGS_device);
   if (model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
   const double temperature = absl::GetFlag(FLAGS_temperature), top_p = absl::GetFlag(FLAGS_top_p);
   if (temperature < 0 || !(top_p > 0 && top_p <= 1))
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--temperature must be >= 0 and --top_p in (0, 1], got %g and %g", temperature, top_p)));
+  if (device != "cpu" && device != "cuda")
+    return Fail(absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda"));
 
   auto model = inf::LoadHfModel(model_dir);
   if (!model.ok()) return Fail(model.status());
   const dmc::model::LlamaConfig& c = (*model)->config();
+  // A DMS model decodes with its own evictions (the dms cache), a DMC model with dmc.
+  const std::string method_name =
+      absl::GetFlag(FLAGS_method).empty()
+          ? (c.dms.enabled ? "dms" : c.dmc.enabled ? "dmc" : "vanilla")
+          : absl::GetFlag(FLAGS_method);
+  absl::StatusOr<inf::CacheMethod> method = inf::ParseCacheMethod(method_name);
+  if (!method.ok()) return Fail(method.status());
+  if (*method != inf::CacheMethod::kDmc && *method != inf::CacheMethod::kDms &&
+      *method != inf::CacheMethod::kVanilla)
+    return Fail(absl::InvalidArgumentError("--method=" + method_name +
+                                           ": expected dmc, dms or vanilla"));
+  if (*method == inf::CacheMethod::kDmc && !c.dmc.enabled)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--method=dmc: %s is not a DMC model; use --method=vanilla", model_dir)));
   auto tokenizer = dmc::data::LoadTokenizer(absl::GetFlag(FLAGS_tokenizer));
   if (!tokenizer.ok()) return Fail(tokenizer.status());
   if ((*tokenizer)->vocab_size() != c.vocab_size)
@@ -60,44 +86,71 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_bos)) prompt.push_back((*tokenizer)->bos_id());
   for (int32_t t : (*tokenizer)->Encode(absl::GetFlag(FLAGS_prompt))) prompt.push_back(t);
   if (prompt.empty()) return Fail(absl::InvalidArgumentError("the prompt is empty (pass --prompt or --bos)"));
+  if (static_cast<int>(prompt.size()) >= c.max_position_embeddings)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "the prompt has %d tokens; max_position_embeddings %d leaves no room to generate",
+        prompt.size(), c.max_position_embeddings)));
+  if (absl::GetFlag(FLAGS_max_new_tokens) < 1)
+    return Fail(absl::InvalidArgumentError("--max_new_tokens must be >= 1"));
+  // The text's whole length; the last token is chosen, never fed.
   const int length = std::min<int>(c.max_position_embeddings,
                                    prompt.size() + absl::GetFlag(FLAGS_max_new_tokens));
-  if (static_cast<int>(prompt.size()) > length)
-    return Fail(absl::InvalidArgumentError(absl::StrFormat(
-        "the prompt has %d tokens, more than max_position_embeddings %d", prompt.size(),
-        c.max_position_embeddings)));
 
   // Budget: the whole context in every head, plus the window state (one sequence).
-  const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
   const int page_size = absl::GetFlag(FLAGS_page_size);
-  const long budget = heads * ((length + page_size - 1) / page_size * page_size * 2L *
-                                   c.head_dim() * long(sizeof(float)) +
-                               inf::DmcWindow<float>::Bytes(c.dmc.window, c.head_dim()));
-  inf::PagedKvCache<float> cache(
-      inf::CacheOptionsFor(c, inf::CacheMethod::kDmc, budget, page_size));
-  auto decoder = inf::PagedDecoder<float>::Create(**model, inf::CachePolicy{}, &cache);
-  if (!decoder.ok()) return Fail(decoder.status());
-
-  inf::Sampler sampler({static_cast<float>(temperature), static_cast<float>(top_p),
-                        absl::GetFlag(FLAGS_seed)});
-  if (absl::Status s = cache.AddSequence(0); !s.ok()) return Fail(s);
-  // The prompt in one parallel pass (its cache materialised from it), then token by token.
-  const auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<std::vector<float>> prompt_logits =
-      inf::Prefill(**model, inf::CacheMethod::kDmc, &cache, 0, prompt);
-  if (!prompt_logits.ok()) return Fail(prompt_logits.status());
-  const auto prefilled = std::chrono::steady_clock::now();
-  std::vector<int32_t> generated;
-  int32_t next = sampler.Sample(prompt_logits->data() + (prompt.size() - 1) * c.vocab_size,
-                                c.vocab_size);
-  std::vector<float> logits;
-  while (next != (*tokenizer)->eos_id() &&
-         static_cast<int>(prompt.size() + generated.size()) < length) {
-    generated.push_back(next);
-    if (static_cast<int>(prompt.size() + generated.size()) == length) break;
-    if (absl::Status s = (*decoder)->Step({0}, &next, &logits); !s.ok()) return Fail(s);
-    next = sampler.Sample(logits.data(), c.vocab_size);
+  const inf::CachePolicy policy{*method};
+  const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, page_size);
+  const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
+  const long budget = inf::KvSequenceBytes<float>(shape, std::vector<int>(heads, length));
+  std::unique_ptr<inf::DecodeEngine> engine;
+  if (device == "cuda") {
+#if defined(DMC_HAVE_CUDA)
+    inf::CudaEngineOptions o;
+    o.policy = policy;
+    o.budget_bytes = budget;
+    o.page_size = page_size;
+    o.max_batch = 1;
+    o.max_context = length;
+    auto e = inf::CudaEngine::Create(**model, o);
+    if (!e.ok()) return Fail(e.status());
+    engine = *std::move(e);
+#else
+    return Fail(absl::InvalidArgumentError(
+        "--device=cuda: this dmc-generate was built without the CUDA backend"));
+#endif
+  } else {
+    auto e = inf::CpuEngine<float>::Create(**model, policy, budget, page_size);
+    if (!e.ok()) return Fail(e.status());
+    engine = *std::move(e);
   }
+
+  inf::Request request;
+  request.tokens = prompt;
+  request.length = length - 1;
+  request.sampling = {static_cast<float>(temperature), static_cast<float>(top_p),
+                      absl::GetFlag(FLAGS_seed)};
+  request.prefill = true;
+  std::vector<int32_t> generated;
+  long slots = 0;
+  int fed = 0;
+  const auto start = std::chrono::steady_clock::now();
+  auto prefilled = start;
+  std::vector<inf::Request> requests = {request};
+  absl::StatusOr<inf::SchedulerStats> stats = inf::RunBatched(
+      *engine, requests, 1,
+      [&](int, int pos, const inf::TokenOutput& out) {
+        if (pos + 1 < static_cast<int>(prompt.size())) return true;
+        if (pos + 1 == static_cast<int>(prompt.size())) prefilled = std::chrono::steady_clock::now();
+        if (out.next == (*tokenizer)->eos_id()) return false;
+        generated.push_back(out.next);
+        return true;
+      },
+      [&](int r, bool) {
+        fed = engine->tokens(r);
+        for (int l = 0; l < c.num_hidden_layers; ++l)
+          for (int h = 0; h < c.num_key_value_heads; ++h) slots += engine->length(r, l, h);
+      });
+  if (!stats.ok()) return Fail(stats.status());
   const auto done = std::chrono::steady_clock::now();
   const double prefill_s = std::chrono::duration<double>(prefilled - start).count();
   const double decode_s = std::chrono::duration<double>(done - prefilled).count();
@@ -106,10 +159,10 @@ int main(int argc, char** argv) {
               (*tokenizer)->Decode(generated).c_str());
   std::fprintf(stderr,
                "dmc-generate: %zu prompt tokens prefilled at %.0f tokens/s, %zu generated at %.0f "
-               "tokens/s, cache CR %.2f (%ld slots over %ld layer-heads, DMC %s)\n",
+               "tokens/s on the %s, cache CR %.2f (%ld slots over %ld layer-heads, %s)\n",
                prompt.size(), prompt.size() / std::max(1e-9, prefill_s), generated.size(),
-               generated.size() / std::max(1e-9, decode_s),
-               double(cache.tokens(0)) * heads / double(cache.total_slots(0)),
-               cache.total_slots(0), heads, c.dmc.enabled ? "on" : "off");
+               generated.size() / std::max(1e-9, decode_s), device.c_str(),
+               double(fed) * heads / double(std::max(1L, slots)), slots, heads,
+               method_name.c_str());
   return 0;
 }

@@ -12,6 +12,11 @@
 
 namespace dmc::inference {
 
+// Bytes of one head's window state: w entries of a key, a value and an importance.
+inline long DmcWindowBytes(int window, int head_dim, int element_bytes) {
+  return static_cast<long>(window) * (2 * head_dim + 1) * element_bytes;
+}
+
 template <typename T>
 class DmcWindow {
  public:
@@ -26,9 +31,7 @@ class DmcWindow {
   void Mean(T* key, T* value) const;
 
   // Bytes of the ring buffer (keys, values, importances), charged to the cache budget.
-  static long Bytes(int window, int head_dim) {
-    return static_cast<long>(window) * (2 * head_dim + 1) * static_cast<long>(sizeof(T));
-  }
+  static long Bytes(int window, int head_dim) { return DmcWindowBytes(window, head_dim, sizeof(T)); }
 
  private:
   int window_ = 0, head_dim_ = 0;

@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_format.h"
 #include "inference/loma_decoder.h"
-#include "inference/paged_decoder.h"
+#include "inference/cpu_engine.h"
 #include "inference/scheduler.h"
 
 namespace dmc::inference {
@@ -116,49 +116,57 @@ EvalResult SummarizeEval(const CachePolicy& policy, double nll, long hits, long 
   return res;
 }
 
-absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
+absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
                                     const std::vector<std::vector<int32_t>>& windows,
                                     const EvalOptions& options) {
-  if (options.policy.method == CacheMethod::kLoma) return EvaluateLoma(model, windows, options);
-  const model::LlamaConfig& c = model.config();
-  const int L = c.num_hidden_layers, Hkv = c.num_key_value_heads, V = c.vocab_size;
-  PagedKvCache<float> cache(
-      CacheOptionsFor(c, options.policy.method, options.budget_bytes, options.page_size));
-  absl::StatusOr<std::unique_ptr<PagedDecoder<float>>> decoder =
-      PagedDecoder<float>::Create(model, options.policy, &cache);
-  if (!decoder.ok()) return decoder.status();
-
+  const model::LlamaConfig& c = engine.config();
+  const int L = c.num_hidden_layers, Hkv = c.num_key_value_heads;
   std::vector<Request> requests;
-  for (const auto& w : windows)
-    requests.push_back({std::vector<int32_t>(w.begin(), w.end() - 1),
-                        static_cast<int>(w.size()) - 1});
+  for (const auto& w : windows) {  // every position but the last fed, each scored by the next
+    Request q;
+    q.tokens = w;
+    q.length = static_cast<int>(w.size()) - 1;
+    requests.push_back(q);
+  }
   const long total = TotalPredictions(windows);
   double nll = 0;
   long hits = 0, predictions = 0;
   std::vector<double> tokens(size_t(L) * Hkv, 0.0), slots(size_t(L) * Hkv, 0.0);
-  absl::StatusOr<SchedulerStats> stats = RunBatched<float>(
-      **decoder, requests, options.max_batch,
-      [&](int r, int pos, const float* logits) {
-        Score(logits, V, windows[r][pos + 1], &nll, &hits);
+  absl::StatusOr<SchedulerStats> stats = RunBatched(
+      engine, requests, options.max_batch,
+      [&](int r, int pos, const TokenOutput& out) {
+        nll -= out.logprob;  // of windows[r][pos + 1], the step's target
+        hits += out.argmax == windows[r][pos + 1] ? 1 : 0;
         ++predictions;
         if (options.progress) options.progress(predictions, total);
-        return kStopRequest;
+        return true;
       },
-      [&](int r) {
+      [&](int r, bool) {
         for (int l = 0; l < L; ++l)
           for (int h = 0; h < Hkv; ++h) {
-            tokens[l * Hkv + h] += cache.tokens(r);
-            slots[l * Hkv + h] += cache.length(r, l, h);
+            tokens[l * Hkv + h] += engine.tokens(r);
+            slots[l * Hkv + h] += engine.length(r, l, h);
           }
       });
   if (!stats.ok()) return stats.status();
 
-  EvalResult res = SummarizeEval(options.policy, nll, hits, predictions, tokens, slots, L, Hkv);
-  res.peak_kv_bytes = cache.allocator().peak_bytes();
+  EvalResult res =
+      SummarizeEval(engine.policy(), nll, hits, predictions, tokens, slots, L, Hkv);
+  res.peak_kv_bytes = engine.peak_bytes();
   res.tokens_per_second = stats->tokens / std::max(1e-9, stats->seconds);
   res.max_concurrent = stats->max_concurrent;
   res.preemptions = stats->preemptions;
   return res;
+}
+
+absl::StatusOr<EvalResult> Evaluate(model::Llama<float>& model,
+                                    const std::vector<std::vector<int32_t>>& windows,
+                                    const EvalOptions& options) {
+  if (options.policy.method == CacheMethod::kLoma) return EvaluateLoma(model, windows, options);
+  absl::StatusOr<std::unique_ptr<CpuEngine<float>>> engine =
+      CpuEngine<float>::Create(model, options.policy, options.budget_bytes, options.page_size);
+  if (!engine.ok()) return engine.status();
+  return Evaluate(**engine, windows, options);
 }
 
 }  // namespace dmc::inference

@@ -22,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "inference/cache_policy.h"
+#include "inference/decode_engine.h"
 #include "model/llama.h"
 
 namespace dmc::inference {
@@ -57,7 +58,14 @@ EvalResult SummarizeEval(const CachePolicy& policy, double nll, long hits, long 
                          int L, int Hkv);
 
 // windows: token windows of seq_len + 1 (inputs and the last target), as ShardLoader yields.
-absl::StatusOr<EvalResult> Evaluate(const model::Llama<float>& model,
+// On the CPU engine (the loma method: LomaDecoder); the model's activations are overwritten.
+absl::StatusOr<EvalResult> Evaluate(model::Llama<float>& model,
+                                    const std::vector<std::vector<int32_t>>& windows,
+                                    const EvalOptions& options);
+
+// On any engine (the CPU one, or the GPU's: inference/cuda_engine.h); options.policy,
+// budget_bytes and page_size are the engine's own, max_batch and progress apply.
+absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
                                     const std::vector<std::vector<int32_t>>& windows,
                                     const EvalOptions& options);
 

@@ -43,6 +43,7 @@ absl::Status CudaEvalSupports(const model::LlamaConfig& config, CacheMethod meth
           "--device=cuda: %s evicts by each step's attention and needs the token-by-token "
           "decoder; run it on the CPU (--device=cpu)",
           name));
+    case CacheMethod::kDms:
     case CacheMethod::kLoma:
       break;
   }

@@ -5,6 +5,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/decode_attention.h"
 #include "kernels/dmc_gates.h"
+#include "kernels/dms_gates.h"
 #include "kernels/embedding.h"
 #include "kernels/matmul.h"
 #include "kernels/rmsnorm.h"
@@ -42,6 +43,13 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
         got.layers, got.kv_heads, got.head_dim, got.dmc_window, got.page_size,
         CacheMethodName(policy.method), want.layers, want.kv_heads, want.head_dim,
         want.dmc_window));
+  if ((policy.method == CacheMethod::kDms) != c.dms.enabled)
+    return absl::InvalidArgumentError(
+        policy.method == CacheMethod::kDms
+            ? "the dms cache needs a DMS model with eviction on (config.json \"dms\")"
+            : absl::StrFormat("a DMS model evicts by its own decisions: decode it with the dms "
+                              "cache, not %s",
+                              CacheMethodName(policy.method)));
   const bool evicts = policy.method == CacheMethod::kH2O || policy.method == CacheMethod::kTova;
   if (evicts && (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -68,7 +76,9 @@ absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config
   }
   std::vector<T> rotated(D);
   k::rope_forward(rotated.data(), raw.data(), 1, 1, 1, D, pos, config.rope_theta, dmc);
-  return cache.Append(seq, layer, h, rotated.data(), value, pos);
+  if (absl::Status s = cache.Append(seq, layer, h, rotated.data(), value, pos); !s.ok()) return s;
+  if (method != CacheMethod::kDms) return absl::OkStatus();
+  return DmsUpdate(cache, seq, layer, h, pos, pos > 0 && merge, config.dms.window);
 }
 
 template <typename T>
@@ -80,7 +90,8 @@ absl::Status PagedDecoder<T>::UpdateCache(const std::vector<int>& seqs, int laye
       const size_t r = (i * Hkv + h) * D, g = i * Hkv + h;
       if (absl::Status s = CacheToken(*cache_, c, policy_.method, seqs[i], layer, h,
                                       k_.data() + r, v_.data() + r, c.dmc.enabled ? omega_[g] : T(1),
-                                      c.dmc.enabled && alpha_[g] > T(0.5), cache_->tokens(seqs[i]));
+                                      c.compression_enabled() && alpha_[g] > T(0.5),
+                                      cache_->tokens(seqs[i]));
           !s.ok())
         return s;
     }
@@ -94,10 +105,11 @@ absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod metho
   const model::LlamaConfig& c = model.config();
   const int P = static_cast<int>(prompt.size()), L = c.num_hidden_layers;
   const int Hkv = c.num_key_value_heads, D = c.head_dim();
-  if (method != CacheMethod::kDmc && method != CacheMethod::kVanilla)
+  if (method != CacheMethod::kDmc && method != CacheMethod::kDms &&
+      method != CacheMethod::kVanilla)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "parallel prefill serves the dmc and vanilla caches, not %s (it evicts by each step's "
-        "attention: feed the prompt token by token)",
+        "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts by each "
+        "step's attention: feed the prompt token by token)",
         CacheMethodName(method)));
   if (!cache->contains(seq) || cache->tokens(seq) != 0)
     return absl::FailedPreconditionError(
@@ -127,7 +139,7 @@ absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod metho
         if (absl::Status s = CacheToken(*cache, c, method, seq, l, h, keys.data() + r,
                                         values.data() + r,
                                         c.dmc.enabled ? model.omega(l)[g] : T(1),
-                                        c.dmc.enabled && model.merge(l)[g] > T(0.5), t);
+                                        c.compression_enabled() && model.merge(l)[g] > T(0.5), t);
             !s.ok())
           return s;
       }
@@ -143,7 +155,7 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
   const int C = c.hidden_size, D = c.head_dim(), H = c.num_attention_heads;
   const int Hkv = c.num_key_value_heads, F = c.intermediate_size, V = c.vocab_size;
   const int n = static_cast<int>(seqs.size());
-  const bool dmc = c.dmc.enabled;
+  const bool dmc = c.dmc.enabled, dms = c.dms.enabled;
   for (int i = 0; i < n; ++i) {
     if (!cache_->contains(seqs[i]))
       return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seqs[i]));
@@ -160,12 +172,15 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const k::DmcGateParams gate_params{c.dmc.init_val, c.dmc.temperature, c.dmc.omega_eps,
                                      k::DmcDecisionMode::kHard};
+  const k::DmsGateParams dms_params{c.dms.scale, c.dms.offset, c.dms.temperature,
+                                    k::DmcDecisionMode::kHard};
+  const bool qchannel = dms && c.dms.variant == model::DmsVariant::kQueryChannel;
   const bool evicts = policy_.method == CacheMethod::kH2O || policy_.method == CacheMethod::kTova;
   for (auto* b : {&x_, &xn_, &o_, &x2_}) b->resize(size_t(n) * C);
   for (auto* b : {&q_, &qr_, &att_}) b->resize(size_t(n) * H * D);
   for (auto* b : {&k_, &v_, &kr_}) b->resize(size_t(n) * Hkv * D);
   for (auto* b : {&gate_, &up_, &h_}) b->resize(size_t(n) * F);
-  for (auto* b : {&logit_, &alpha_, &merge_, &mask_, &omega_}) b->resize(size_t(n) * Hkv);
+  for (auto* b : {&logit_, &alpha_, &merge_, &mask_, &omega_, &dms_x_}) b->resize(size_t(n) * Hkv);
   rstd_.resize(n);
 
   k::embedding_forward(x_.data(), tokens, model_.embedding(), n, C);
@@ -179,10 +194,20 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
       k::dmc_gates_forward<T>({logit_.data(), alpha_.data(), merge_.data(), mask_.data(),
                                omega_.data()},
                               q_.data(), k_.data(), nullptr, n, 1, H, Hkv, D, gate_params);
+    if (dms) {  // hard eviction decisions of these tokens
+      dms_xn_.resize(size_t(n) * C);
+      dms_rstd_.resize(n);
+      model_.DmsDecisionInput(l, x_.data(), q_.data(), dms_x_.data(), n, dms_rstd_.data(),
+                              dms_xn_.data());
+      if (qchannel) model::ZeroDmsQueryChannel(q_.data(), n, H, Hkv, D);
+      k::dms_gates_forward<T>(logit_.data(), alpha_.data(), merge_.data(), nullptr,
+                              dms_x_.data(), nullptr, n, 1, Hkv, dms_params);
+    }
     if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
     for (int i = 0; i < n; ++i)
       k::rope_forward(qr_.data() + size_t(i) * H * D, q_.data() + size_t(i) * H * D, 1, 1, H, D,
                       cache_->tokens(seqs[i]), c.rope_theta, dmc);
+    if (qchannel) model::ZeroDmsQueryChannel(qr_.data(), n, H, Hkv, D);
     int max_pages = 0;
     cache_->BlockTable(seqs, l, &page_table_, &lengths_, &max_pages);
     const int stride = max_pages * cache_->options().page_size;

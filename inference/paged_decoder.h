@@ -1,8 +1,9 @@
 // Token-by-token decoding of a batch of sequences over the paged KV cache (model/DMC.md §6): every step
 // feeds one token to each of a set of sequences (each at its own position), runs the layers with
 // all rows batched through the matmuls, and updates each sequence's cache by the method of
-// inference/cache_policy.h. With the dmc method the logits equal the training-mode forward with
-// hard decisions (Llama::Forward, DmcDecisionMode::kHard) to round-off.
+// inference/cache_policy.h. With the dmc method (and with dms on a DMS model) the logits equal
+// the training-mode forward with hard decisions (Llama::Forward, DmcDecisionMode::kHard) to
+// round-off.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +24,8 @@ PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod 
 
 // Adds one token's pre-RoPE key, value and importance to head (layer, h) of `seq` at position
 // `pos` by `method`: dmc appends or merges (`merge`, never for the first token) and rotates the
-// open slot's mean key at `pos`; the other methods append the rotated key.
+// open slot's mean key at `pos`; the other methods append the rotated key, and dms then marks
+// and evicts by the token's decision (`merge`: d_pos = 1; DmsUpdate).
 template <typename T>
 absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config, CacheMethod method,
                         int seq, int layer, int h, const T* key, const T* value, T omega,
@@ -33,7 +35,7 @@ absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config
 // forward with hard decisions — every position at once — and materialises its cache from that
 // pass's keys, values, importances and decisions. Returns the logits [prompt, V]; decoding then
 // continues with PagedDecoder::Step. Equal to feeding the prompt token by token, to round-off.
-// Only for the vanilla and dmc methods (H2O and TOVA evict by each step's attention). Refuses
+// Only for the vanilla, dmc and dms methods (H2O and TOVA evict by each step's attention). Refuses
 // with ResourceExhausted, changing nothing, when the budget cannot hold the prompt.
 template <typename T>
 absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod method,
@@ -69,6 +71,7 @@ class PagedDecoder {
   PagedKvCache<T>* cache_;
   std::vector<T> x_, xn_, rstd_, q_, k_, v_, qr_, kr_, att_, probs_, o_, x2_, gate_, up_, h_;
   std::vector<T> logit_, alpha_, merge_, mask_, omega_;
+  std::vector<T> dms_x_, dms_xn_, dms_rstd_;  // DMS: decision inputs, the adapter's norm
   std::vector<int32_t> page_table_;
   std::vector<int> lengths_;
 };

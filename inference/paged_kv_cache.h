@@ -39,28 +39,42 @@ struct PagedCacheOptions {
   int dmc_window = 0;      // w of the DMC window state; 0: no window (the baselines)
 };
 
-// What the cache charges, as functions of its options alone, so that a path which only counts
-// slots (the GPU evaluation, inference/evaluate_cuda.h) reports exactly what the cache would hold.
+// What the cache charges, as functions of its options and element sizes alone, so that a path
+// which only counts slots (the GPU evaluation, inference/evaluate_cuda.h) or keeps the cache
+// elsewhere (the GPU engine: bf16 pages, fp32 window state) reports exactly what this cache
+// would hold at that precision.
 // One page: page_size slots of a key and a value row of head_dim elements.
-template <typename T>
-long KvPageBytes(const PagedCacheOptions& o) {
-  return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * static_cast<long>(sizeof(T));
+inline long KvPageBytes(const PagedCacheOptions& o, int element_bytes) {
+  return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * element_bytes;
 }
 // The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head).
-template <typename T>
-long KvWindowBytes(const PagedCacheOptions& o) {
+inline long KvWindowBytes(const PagedCacheOptions& o, int element_bytes) {
   if (o.dmc_window <= 0) return 0;
-  return static_cast<long>(o.layers) * o.kv_heads * DmcWindow<T>::Bytes(o.dmc_window, o.head_dim);
+  return static_cast<long>(o.layers) * o.kv_heads *
+         DmcWindowBytes(o.dmc_window, o.head_dim, element_bytes);
 }
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)
 // plus its window state.
-template <typename T>
-long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots) {
+inline long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots,
+                            int page_element_bytes, int window_element_bytes) {
   const long page = std::max(1, o.page_size);
   long pages = 0;
   for (int slots : head_slots) pages += (slots + page - 1) / page;
-  return pages * KvPageBytes<T>(o) + KvWindowBytes<T>(o);
+  return pages * KvPageBytes(o, page_element_bytes) + KvWindowBytes(o, window_element_bytes);
+}
+// The CPU cache of element type T (pages and window state both T).
+template <typename T>
+long KvPageBytes(const PagedCacheOptions& o) {
+  return KvPageBytes(o, sizeof(T));
+}
+template <typename T>
+long KvWindowBytes(const PagedCacheOptions& o) {
+  return KvWindowBytes(o, sizeof(T));
+}
+template <typename T>
+long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots) {
+  return KvSequenceBytes(o, head_slots, sizeof(T), sizeof(T));
 }
 
 template <typename T>

@@ -1,50 +1,108 @@
-// Continuous batching over the paged KV cache: many requests decode together, one token each per
-// step; a finished request frees its pages at once and a waiting one is admitted in its place, so
-// a compressed cache (smaller per-sequence footprint) turns into more concurrent sequences.
+// Continuous batching over a decoding engine (inference/decode_engine.h, CPU or GPU): many
+// requests decode together, one token each per step; a finished request frees its pages at once
+// and a waiting one is admitted in its place, so a compressed cache (smaller per-sequence
+// footprint) turns into more concurrent sequences.
 //
-// Admission: requests enter in order while fewer than max_batch run and the cache admits them.
+// A request is a prompt and a total length. Its prompt goes in one parallel pass
+// (DecodeEngine::Prefill) when the request asks for it and the engine's method has one, else
+// token by token through the steps (evaluation scores every position that way). Each position
+// fed gives one TokenOutput, scored against the prompt's next token while there is one; past
+// the prompt the output's `next` token is appended, until the length or a stop.
+//
+// Admission: requests enter in order while fewer than max_batch run and, beside running ones,
+// the free budget holds the request's prompt at worst and then one step of every sequence at
+// worst (a page per head): a request admitted with less would be preempted at once and its
+// prefill redone, again and again, while the running ones stall.
 // Preemption: when the next step's worst-case growth does not fit the budget, the most recently
 // admitted request is freed and queued again at the front; it is recomputed from its tokens
-// later (decoding is deterministic, and logits of a position are reported only once, so callers
-// never see the recomputation). A request that does not fit even alone is an error.
+// later (decoding is deterministic, and each position is reported only once, so callers never
+// see the recomputation). A request that does not fit even alone is an error.
+// The scheduler is step-driven (StepOnce), so a server can submit and cancel between steps;
+// RunBatched runs a fixed set of requests to completion.
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "inference/paged_decoder.h"
+#include "inference/decode_engine.h"
 
 namespace dmc::inference {
 
 struct Request {
-  // The prompt (or a whole evaluation window); generated tokens are appended to it.
+  // The prompt (generated tokens are appended to it), or an evaluation window: tokens past
+  // `length` are the targets of the last positions only.
   std::vector<int32_t> tokens;
-  int length = 0;  // positions to run in all, >= tokens.size()
+  int length = 0;  // positions to feed in all (>= tokens.size() for a prefilled prompt)
+  SamplingOptions sampling;
+  bool prefill = false;         // the prompt in one pass when the engine has one
 };
 
-// The logits [V] of position pos of request r. Returns the token of position pos + 1 when that
-// one is to be generated (pos + 1 >= tokens.size() and < length), kStopRequest to end the request
-// there; the value is ignored otherwise.
-constexpr int32_t kStopRequest = -1;
-template <typename T>
-using LogitsFn = std::function<int32_t(int request, int pos, const T* logits)>;
-// Called once per request, before its cache is freed (to read its per-head lengths).
-using FinishFn = std::function<void(int request)>;
+// The output of position pos of request r (the token at pos + 1 is being predicted). Returns
+// false to end the request there.
+using TokenFn = std::function<bool(int request, int pos, const TokenOutput& out)>;
+// Called once per request, before its cache is freed (to read its per-head lengths);
+// cancelled: it ended by Cancel.
+using FinishFn = std::function<void(int request, bool cancelled)>;
 
 struct SchedulerStats {
   long steps = 0;
-  long tokens = 0;         // tokens fed, recomputation included
+  long tokens = 0;          // tokens fed, recomputation and prefill included
+  long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
-  int max_concurrent = 0;  // most sequences in one step
-  double seconds = 0;      // wall time of the run
+  double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
+  int max_concurrent = 0;   // most sequences in one step
+  double seconds = 0;       // wall time of RunBatched
 };
 
-// Runs requests[r] as cache sequence r, to completion; max_batch >= 1.
-template <typename T>
-absl::StatusOr<SchedulerStats> RunBatched(PagedDecoder<T>& decoder, std::vector<Request>& requests,
-                                          int max_batch, const LogitsFn<T>& on_logits,
+class Scheduler {
+ public:
+  Scheduler(DecodeEngine& engine, int max_batch) : engine_(engine), max_batch_(max_batch) {}
+
+  // Queues a request; returns its id (also its sequence id in the engine). InvalidArgument for an
+  // empty prompt, a length below it or past max_position_embeddings, or a token outside the
+  // vocabulary.
+  absl::StatusOr<int> Submit(Request request);
+  // Ends request id at the next StepOnce (its FinishFn gets cancelled = true); unknown ids and
+  // finished requests are ignored.
+  void Cancel(int id);
+  // Admits, prefills and steps once; outputs and ends go to the callbacks.
+  absl::Status StepOnce(const TokenFn& on_token, const FinishFn& on_finish);
+
+  bool idle() const { return pending_.empty() && active_.empty(); }
+  int running() const { return static_cast<int>(active_.size()); }
+  int waiting() const { return static_cast<int>(pending_.size()); }
+  const Request& request(int id) const { return requests_.at(id).request; }
+  const SchedulerStats& stats() const { return stats_; }
+  DecodeEngine& engine() { return engine_; }
+
+ private:
+  struct Entry {
+    Request request;
+    int reported = 0;  // positions whose output was given
+    bool cancelled = false;
+  };
+  // Reports the output of position pos of id and appends or stops; true while it goes on.
+  bool Deliver(int id, int pos, const TokenOutput& out, const TokenFn& on_token);
+  absl::Status Finish(int id, bool cancelled, const FinishFn& on_finish);
+  absl::Status Admit(const TokenFn& on_token, const FinishFn& on_finish);
+  bool Affordable(const Request& request) const;
+
+  DecodeEngine& engine_;
+  int max_batch_;
+  int next_id_ = 0;
+  std::map<int, Entry> requests_;
+  std::deque<int> pending_;
+  std::vector<int> active_;
+  SchedulerStats stats_;
+};
+
+// Runs requests[r] (as ids 0, 1, ... in order) to completion on a fresh scheduler.
+absl::StatusOr<SchedulerStats> RunBatched(DecodeEngine& engine, std::vector<Request>& requests,
+                                          int max_batch, const TokenFn& on_token,
                                           const FinishFn& on_finish);
 
 }  // namespace dmc::inference

@@ -27,6 +27,8 @@
 #include "kernels/adamw.h"
 #include "kernels/dmc_gates.h"
 #include "kernels/loma_mask.h"
+#include "kernels/paged_kv_write.h"
+#include "kernels/sample.h"
 
 namespace dmc::cuda {
 
@@ -90,6 +92,12 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream = nullptr);
+// out (bf16) += inp · weight^T: the residual add in the GEMM's epilogue (beta = 1).
+void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
+                        cudaStream_t stream = nullptr);
+// fp32 out (logits that are scored and sampled: bf16 would round them by up to 1/16 at |l| ~ 10).
+void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
+                        cudaStream_t stream = nullptr);
 // dinp (bf16) += dout · weight ; dweight (fp32) += dout^T · inp ; either may be null.
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                      const bf16* weight, int N, int IC, int OC, cudaStream_t stream = nullptr);
@@ -212,17 +220,20 @@ void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float 
 
 // ---- DMC attention (kernels/dmc_attention.h): fused flash-style kernels ----
 // q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;
-// mask [B, T, Hkv] fp32 or null; lse [B, H, T] fp32 (natural log, may be null in the forward).
+// mask [B, T, Hkv] fp32 or null, added where query - key > mask_window (DMC 0, DMS its window w;
+// -inf allowed: DMS's hard mask); lse [B, H, T] fp32 (natural log, may be null in the forward).
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
-                           bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
+                           bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
+                           int mask_window = 0);
 // Accumulates dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch for the fp32 dq
 // accumulator [B, T, H, D] and the row statistics [B, H, T].
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
-                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
+                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
+                            int mask_window = 0);
 
 // ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
 // Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;
@@ -259,5 +270,24 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale,
                             cudaStream_t stream = nullptr, int split_slots = 0);
+
+// ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
+using PagedKv = kernels::PagedKvLayer<bf16>;
+// k, v [n, Hkv, D] pre-RoPE; merge, omega [n, Hkv] (null: never merge / omega 1); positions [n].
+void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
+                     const float* omega, const int32_t* positions, int n, int Hkv, int D,
+                     float theta, bool keep_last_channel, cudaStream_t stream = nullptr);
+// page_table[index[j]] = page[j] (device arrays).
+void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n,
+                           cudaStream_t stream = nullptr);
+// One sequence (row) of P tokens; uses scratch slot 11 for the slot indices.
+void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf16* vhat,
+                      const bf16* k, const bf16* v, const float* merge, const float* omega, int P,
+                      int Hkv, int D, float theta, bool keep_last_channel,
+                      cudaStream_t stream = nullptr);
+
+// ---- token choice (kernels/sample.h): fp32 logits [n, V]; the row settings are device arrays ----
+void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,
+                   int V, const kernels::SampleRows& rows, cudaStream_t stream = nullptr);
 
 }  // namespace dmc::cuda

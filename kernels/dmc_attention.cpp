@@ -1,17 +1,19 @@
 // Causal grouped-query attention with the additive DMC mask (spec: kernels/dmc_attention.h,
 // model/DMC.md §3). For sequence b, query head g (KV head h = g / G, G = H / Hkv) and query t:
-//   s[i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (i < t ? mask[i] : 0)      for i <= t
+//   s[i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (t - i > w ? mask[i] : 0)      for i <= t
 //   p    = softmax(s),   out[t] = sum_i p[i] v[i],   lse[t] = log sum_i exp(s[i])
 // Dqk = D-1 with exclude_ctrl: channel D-1 of q and k is the DMC control channel and carries no
 // content. The diagonal is exempt from the mask: the newest (partially accumulated) state is
-// always visible to its own query, only older states that were merged forward are hidden.
+// always visible to its own query, only older states that were merged forward are hidden (w = 0).
+// DMS widens the exempt diagonal to the band t - i <= w (delayed eviction, DMS.md §3); a hard
+// mask of -inf then removes the key from the softmax entirely.
 //
 // Backward (the FlashAttention formulation): the probabilities are recomputed from the saved lse,
 // p[i] = exp(s[i] - lse[t]), and with dp[i] = dout[t]·v[i] and Delta = dout[t]·out[t]
 // (= sum_i p[i] dp[i]) the softmax backward is dS[i] = p[i] · (dp[i] - Delta). Then
 //   dv[i] += p[i] dout[t],   dq[t] += scale sum_i dS[i] k[i],   dk[i] += scale dS[i] q[t]
 // (channels c < Dqk only: the control channel gets no attention gradient under exclude_ctrl), and
-// since the mask enters s additively, dmask[i] += dS[i] for i < t, summed over queries and over
+// since the mask enters s additively, dmask[i] += dS[i] for t - i > w, summed over queries and over
 // the G query heads sharing the KV head.
 //
 // This is the plain O(T^2) reference with a full score row per query. Work is split over (b, KV
@@ -53,11 +55,11 @@ struct Layout {
 // Scores s[0..t] of query (b, t, g) against KV head h.
 template <typename T>
 void scores(double* s, const T* q, const T* k, const T* mask, const Layout& L, int b, int t, int g,
-            int h, int Dqk, double scale) {
+            int h, int Dqk, double scale, int window) {
   const T* qt = q + L.q(b, t, g);
   for (int i = 0; i <= t; ++i) {
     s[i] = scale * dot(qt, k + L.kv(b, i, h), Dqk);
-    if (mask && i < t) s[i] += mask[L.mask(b, i, h)];
+    if (mask && t - i > window) s[i] += mask[L.mask(b, i, h)];
   }
 }
 
@@ -65,7 +67,8 @@ void scores(double* s, const T* q, const T* k, const T* mask, const Layout& L, i
 
 template <typename T>
 void dmc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* mask, int B,
-                           int T_, int H, int Hkv, int D, bool exclude_ctrl, float scale) {
+                           int T_, int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                           int mask_window) {
   const Layout L{T_, H, Hkv, D};
   const int G = H / Hkv;
   const int Dqk = exclude_ctrl ? D - 1 : D;
@@ -80,7 +83,7 @@ void dmc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
     const int b = bg / H, g = bg % H, h = g / G;
     std::vector<double> s(T_), acc(D);
     for (int t = 0; t < T_; ++t) {
-      scores(s.data(), q, k, mask, L, b, t, g, h, Dqk, scale);
+      scores(s.data(), q, k, mask, L, b, t, g, h, Dqk, scale, mask_window);
       double mx = -std::numeric_limits<double>::infinity();
       for (int i = 0; i <= t; ++i) mx = std::max(mx, s[i]);
       double sum = 0;
@@ -101,7 +104,8 @@ void dmc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
 template <typename T>
 void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const T* q, const T* k,
                             const T* v, const T* mask, const T* out, const T* lse, int B, int T_,
-                            int H, int Hkv, int D, bool exclude_ctrl, float scale) {
+                            int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                            int mask_window) {
   const Layout L{T_, H, Hkv, D};
   const int G = H / Hkv;
   const int Dqk = exclude_ctrl ? D - 1 : D;
@@ -120,7 +124,7 @@ void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const 
         dv_h(static_cast<size_t>(T_) * D), dmask_h(T_);
     for (int g = h * G; g < (h + 1) * G; ++g)
       for (int t = 0; t < T_; ++t) {
-        scores(s.data(), q, k, mask, L, b, t, g, h, Dqk, sc);
+        scores(s.data(), q, k, mask, L, b, t, g, h, Dqk, sc, mask_window);
         const T* do_t = dout + L.q(b, t, g);
         const T* q_t = q + L.q(b, t, g);
         const double l = lse[L.lse(b, g, t)];
@@ -136,7 +140,7 @@ void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const 
           for (int c = 0; c < D; ++c) dv_i[c] += p * do_t[c];
           for (int c = 0; c < Dqk; ++c) dk_i[c] += dS * q_t[c];
           for (int c = 0; c < Dqk; ++c) dq_t[c] += dS * k_i[c];
-          if (i < t) dmask_h[i] += dS;
+          if (t - i > mask_window) dmask_h[i] += dS;
         }
         if (dq) {
           T* dq_p = dq + L.q(b, t, g);
@@ -156,17 +160,17 @@ void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const 
 }
 
 template void dmc_attention_forward<float>(float*, float*, const float*, const float*, const float*,
-                                           const float*, int, int, int, int, int, bool, float);
+                                           const float*, int, int, int, int, int, bool, float, int);
 template void dmc_attention_forward<double>(double*, double*, const double*, const double*,
                                             const double*, const double*, int, int, int, int, int,
-                                            bool, float);
+                                            bool, float, int);
 template void dmc_attention_backward<float>(float*, float*, float*, float*, const float*,
                                             const float*, const float*, const float*, const float*,
                                             const float*, const float*, int, int, int, int, int,
-                                            bool, float);
+                                            bool, float, int);
 template void dmc_attention_backward<double>(double*, double*, double*, double*, const double*,
                                              const double*, const double*, const double*,
                                              const double*, const double*, const double*, int, int,
-                                             int, int, int, bool, float);
+                                             int, int, int, bool, float, int);
 
 }  // namespace dmc::kernels

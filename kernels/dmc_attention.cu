@@ -4,13 +4,13 @@
 //
 // Forward (CTA = 128 queries of one head, 4 warps x 32 rows): for each 64-key tile up to the
 //   diagonal: S = Q K^T (with exclude_ctrl the control channel D-1 of Q is zeroed in the A
-//   fragments, so it drops out of the dot product), s = S·scale + mask[key]·[key < query]
-//   (diagonal exempt), causal and tail masks (only on edge tiles), online softmax in base 2,
+//   fragments, so it drops out of the dot product), s = S·scale + mask[key]·[query - key > w]
+//   (DMC: w = 0, the diagonal exempt; DMS: the band of w + 1 keys exempt), causal and tail masks (only on edge tiles), online softmax in base 2,
 //   O += P V. Saves lse (natural log) per row.
 // Backward: a pre-pass computes Delta = rowsum(dO · O) and lse·log2 e; the main kernel (CTA = 128
 //   keys of one KV head, 8 warps) loops over the G query heads of the group and the 64-row query
 //   tiles at or after the diagonal: recomputes S^T = K Q^T and P^T = exp(s - lse), dP^T = V dO^T,
-//   dS^T = P^T (dP^T - Delta), dmask[key] += sum_{query > key} dS^T (registers, exact, no
+//   dS^T = P^T (dP^T - Delta), dmask[key] += sum_{query > key + w} dS^T (registers, exact, no
 //   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
 //   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
 //   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
@@ -134,6 +134,7 @@ struct FwdParams {
   int B, T, H, Hkv;
   float scale_log2;
   bool exclude_ctrl;
+  int window;  // the mask applies where query - key > window (DMC: 0; DMS: w)
 };
 
 // MB m16 row blocks per warp (32 rows for MB = 2): each K/V fragment read from shared memory
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(NW * 32, 2) attn_fwd_kernel(const FwdParams p)
       // scale, DMC bias (keys strictly before the query), causal and tail masks, online softmax.
       // Branch-free per element; the bias values are loaded once per tile; interior tiles (all
       // keys before every row of the warp, none past T) skip the index tests entirely.
-      const bool edge = kbase + BN - 1 >= q0 + wrow0 || kbase + BN > T;
+      const bool edge = kbase + BN - 1 + p.window >= q0 + wrow0 || kbase + BN > T;
       float2 mk[BN / 8];
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb)
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(NW * 32, 2) attn_fwd_kernel(const FwdParams p)
               const int col = kbase + nb * 8 + 2 * (lane % 4) + (e & 1);
               const int row = row_a + mb * 16 + (e >> 1) * 8;
               const float bias = (e & 1) ? mk[nb].y : mk[nb].x;
-              const float x = fmaf(s[mb][nb][e], p.scale_log2, col < row ? bias : 0.f);
+              const float x = fmaf(s[mb][nb][e], p.scale_log2, row - col > p.window ? bias : 0.f);
               s[mb][nb][e] = (col > row || col >= T) ? -INFINITY : x;
             }
       }
@@ -276,8 +277,10 @@ __global__ void __launch_bounds__(NW * 32, 2) attn_fwd_kernel(const FwdParams p)
         for (int hh = 0; hh < 2; ++hh) {
           mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
           mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+          // A row whose keys so far are all masked (the causal mask, or DMS's hard -inf) keeps
+          // m = -inf; it is taken as 0 there so that no -inf - -inf turns into NaN.
           const float m_new = fmaxf(m_i[mb][hh], mx[hh]);
-          corr[hh] = ex2(m_i[mb][hh] - m_new);  // rows never end a tile at -inf (see below)
+          corr[hh] = m_new == -INFINITY ? 1.f : ex2(m_i[mb][hh] - m_new);
           m_i[mb][hh] = m_new;
           l_i[mb][hh] *= corr[hh];
         }
@@ -288,12 +291,14 @@ __global__ void __launch_bounds__(NW * 32, 2) attn_fwd_kernel(const FwdParams p)
           o[mb][i][2] *= corr[1];
           o[mb][i][3] *= corr[1];
         }
+        const float m0 = m_i[mb][0] == -INFINITY ? 0.f : m_i[mb][0];
+        const float m1 = m_i[mb][1] == -INFINITY ? 0.f : m_i[mb][1];
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb) {
-          s[mb][nb][0] = ex2(s[mb][nb][0] - m_i[mb][0]);
-          s[mb][nb][1] = ex2(s[mb][nb][1] - m_i[mb][0]);
-          s[mb][nb][2] = ex2(s[mb][nb][2] - m_i[mb][1]);
-          s[mb][nb][3] = ex2(s[mb][nb][3] - m_i[mb][1]);
+          s[mb][nb][0] = ex2(s[mb][nb][0] - m0);
+          s[mb][nb][1] = ex2(s[mb][nb][1] - m0);
+          s[mb][nb][2] = ex2(s[mb][nb][2] - m1);
+          s[mb][nb][3] = ex2(s[mb][nb][3] - m1);
           l_i[mb][0] += s[mb][nb][0] + s[mb][nb][1];
           l_i[mb][1] += s[mb][nb][2] + s[mb][nb][3];
         }
@@ -364,6 +369,7 @@ struct BwdParams {
   int B, T, H, Hkv;
   float scale, scale_log2;
   bool exclude_ctrl;
+  int window;  // as FwdParams::window
 };
 
 // Pre-pass: Delta[b, h, t] = sum_d dout · out and lse2 = lse · log2 e; 8 lanes per row, each
@@ -574,7 +580,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
               } else {
                 const int qrow = qw0 + nb * 8 + 2 * (lane % 4) + (e & 1);
                 const int key = kw0 + mb * 16 + hh * 8 + lane / 4;
-                before = key < qrow;
+                before = qrow - key > p.window;
                 const float x = ex2(fmaf(s[mb][nb][e], p.scale_log2, (before ? mk[mb][hh] : 0.f) - l));
                 pv = (qrow >= key && qrow < T) ? x : 0.f;
               }
@@ -585,7 +591,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
             }
         }
       };
-      if (qw0 > kw0 + 31 && qbase + BM <= T)
+      if (qw0 > kw0 + 31 + p.window && qbase + BM <= T)
         softmax_grad(std::true_type{});
       else
         softmax_grad(std::false_type{});
@@ -763,10 +769,10 @@ void check_shape(int T, int H, int Hkv, int D) {
 
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
-                           bool exclude_ctrl, float scale, cudaStream_t stream) {
+                           bool exclude_ctrl, float scale, cudaStream_t stream, int mask_window) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
-  FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl};
+  FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
     launch_fwd<64>(p, stream);
   else
@@ -776,7 +782,8 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
-                            bool exclude_ctrl, float scale, cudaStream_t stream) {
+                            bool exclude_ctrl, float scale, cudaStream_t stream,
+                            int mask_window) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
   const long nq = static_cast<long>(B) * T * H * D;
@@ -794,7 +801,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                                                                        B, T, H);
   DMC_CUDA_CHECK_LAUNCH();
   BwdParams p{q,  k,  v,      mask, dout, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
-              scale, scale * kLog2e, exclude_ctrl};
+              scale, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
     launch_bwd<64>(p, stream);
   else

@@ -1,9 +1,12 @@
 // Causal grouped-query attention over DMC-accumulated keys/values with the additive DMC mask.
 // q [B, T, H, D]; k, v [B, T, Hkv, D]; query head g reads KV head g / (H / Hkv).
-//   s[t, i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (i < t ? mask[b, i, h_kv] : 0),  i <= t
+//   s[t, i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (t - i > w ? mask[b, i, h_kv] : 0),  i <= t
 //   out[t]  = sum_i softmax_i(s[t, :]) v[i]
-// The diagonal (i = t) is exempt from the mask (model/DMC.md §3). Dqk = D - 1 when exclude_ctrl (the DMC
-// control channel carries no content), D otherwise. mask [B, T, Hkv] may be null (vanilla).
+// w = mask_window. DMC (w = 0): the diagonal (i = t) is exempt from the mask (model/DMC.md §3).
+// DMS (w > 0, DMS.md §3): the band t - i <= w is exempt, so a key marked for eviction stays
+// visible to itself and the next w queries (delayed eviction); m = -inf is the hard form.
+// Dqk = D - 1 when exclude_ctrl (the DMC control channel carries no content), D otherwise.
+// mask [B, T, Hkv] may be null (vanilla).
 // lse [B, H, T] = logsumexp_i s[t, i] is saved for the backward pass, as FlashAttention does.
 #pragma once
 
@@ -11,13 +14,15 @@ namespace dmc::kernels {
 
 template <typename T>
 void dmc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const T* mask,
-                           int B, int T_, int H, int Hkv, int D, bool exclude_ctrl, float scale);
+                           int B, int T_, int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                           int mask_window = 0);
 
-// Accumulates dq, dk, dv and dmask (dmask[b, i, h_kv] += sum over queries t > i and the G query
-// heads of the group of dS[t, i]); dmask may be null.
+// Accumulates dq, dk, dv and dmask (dmask[b, i, h_kv] += sum over queries t > i + w and the G
+// query heads of the group of dS[t, i]); dmask may be null.
 template <typename T>
 void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const T* q, const T* k,
                             const T* v, const T* mask, const T* out, const T* lse, int B, int T_,
-                            int H, int Hkv, int D, bool exclude_ctrl, float scale);
+                            int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                            int mask_window = 0);
 
 }  // namespace dmc::kernels

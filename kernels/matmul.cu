@@ -34,15 +34,31 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   return handle;
 }
 
+// out [N, OC] (type out_type) = inp [N, IC] · weight^T + beta · out.
+void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const bf16* weight,
+            int N, int IC, int OC, cudaStream_t stream) {
+  if (N <= 0 || OC <= 0) return;
+  const float alpha = 1.f;
+  DMC_CUBLAS_CHECK(cublasGemmEx(handle_for(stream), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha,
+                                weight, CUDA_R_16BF, IC, inp, CUDA_R_16BF, IC, &beta, out,
+                                out_type, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace
 
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream) {
-  if (N <= 0 || OC <= 0) return;
-  const float alpha = 1.f, beta = 0.f;
-  DMC_CUBLAS_CHECK(cublasGemmEx(handle_for(stream), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha,
-                                weight, CUDA_R_16BF, IC, inp, CUDA_R_16BF, IC, &beta, out,
-                                CUDA_R_16BF, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  linear(out, CUDA_R_16BF, 0.f, inp, weight, N, IC, OC, stream);
+}
+
+void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
+                        cudaStream_t stream) {
+  linear(out, CUDA_R_16BF, 1.f, inp, weight, N, IC, OC, stream);
+}
+
+void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
+                        cudaStream_t stream) {
+  linear(out, CUDA_R_32F, 0.f, inp, weight, N, IC, OC, stream);
 }
 
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole retrofitting experiment in one command: tokenize → pre-train a base Llama (DMC off)
-# → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each), and continue it as many steps with
-# DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
+# → retrofit it with DMC to CR 2, 4 and 8 (stages 1–3 each) and with DMS to the same targets (its
+# adapter distilled from the base, as many steps: the ramp over stages 1+2, then stage 3), and
+# continue it as many steps with DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
 # held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
 # TOVA at the budget DMC achieved; the control with the vanilla cache) → (GPU) decode throughput
 # at a fixed KV budget → OUT/results/ with the side-by-side table, the training curves and the
@@ -17,6 +18,9 @@
 #                                 (budgets below)
 #   DMC_PIPELINE_OUT=DIR          where runs and results go (default runs/pipeline-CONFIG)
 #   DMC_PIPELINE_CRS="2 4 8"      the retrofit targets
+#   DMC_PIPELINE_METHODS="dmc dms"
+#                                 the retrofit methods (default: both on the CPU; dmc on the GPU,
+#                                 where DMS has no CUDA training step yet)
 #   DMC_PIPELINE_STAGES="S1 S2 S3"
 #                                 the steps of the three DMC stages (default: the config's below)
 #   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"
@@ -49,6 +53,7 @@ cd "$(dirname "$0")/.."
 config=${DMC_PIPELINE_CONFIG:-cpu}
 out=${DMC_PIPELINE_OUT:-runs/pipeline-$config}
 crs=${DMC_PIPELINE_CRS:-2 4 8}
+
 bin=${DMC_BUILD_DIR:-build}
 results="$out/results" logs="$out/logs"
 mkdir -p "$results" "$logs"
@@ -62,15 +67,22 @@ done
 case "$config" in
   cpu)
     # 500 pre-training steps × 1024 tokens = 512k tokens (~0.3 epochs of the 1.6M training bytes;
-    # ~2.5 minutes at ~3,400 tokens/s on an idle core); 380 steps per retrofit (76% of the base's
-    # tokens; the three side by side ~3.5 minutes on two cores): the learned merging lags the CR
-    # ramp, and a shorter ramp leaves it further behind
+    # ~2.5 minutes at ~3,400 tokens/s on an idle core); 260 steps per retrofit (52% of the base's
+    # tokens), the six retrofits and the control side by side on two cores: the learned
+    # merging lags the CR ramp, and a shorter ramp leaves it further behind
     shards="$out/shards"
     parallel_retrofits=1
     train_common=(--device=cpu --seq_len=128 --micro_batch=8)
     pretrain=(--model=small --pretrain_steps=500 --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
-    stages=(20 300 60)
+    stages=(20 200 40)
     retrofit_lr=(1e-3 1e-4)
+    default_methods="dmc dms"
+    # DMS keeps a marked token for w more queries, which counts against the memory CR
+    # L / ((1 - f)(L - w - 1) + w + 1) (DMS.md §5): at 128 tokens and CR 8, w = 1 costs 10%.
+    # The paper's variant (query channel, every weight trained) reaches CR 8 in these steps;
+    # the released code's adapter on a frozen base stalls near CR 5 on this 0.9M model.
+    dms_variant=query_channel
+    dms_window=1
     windows=32
     eval_common=(--seq_len=128 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
@@ -98,6 +110,9 @@ case "$config" in
     pretrain=(--model=medium --pretrain_steps=8000 --warmup_steps=200 --lr=2e-3 --min_lr=2e-4)
     stages=(100 4000 1600)
     retrofit_lr=(1e-3 1e-4)
+    default_methods="dmc"
+    dms_variant=adapter
+    dms_window=16
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
     if [ ! -f "$shards/train_index.json" ]; then
@@ -124,6 +139,11 @@ case "$config" in
     ;;
   *) echo "pipeline: DMC_PIPELINE_CONFIG must be cpu or gpu, got '$config'" >&2; exit 2 ;;
 esac
+read -r -a methods <<<"${DMC_PIPELINE_METHODS:-$default_methods}"
+for m in "${methods[@]}"; do
+  [ "$m" = dmc ] || [ "$m" = dms ] ||
+    { echo "pipeline: DMC_PIPELINE_METHODS holds '$m' (expected dmc, dms)" >&2; exit 2; }
+done
 if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
   log "data in $shards ($(du -sh "$shards" | cut -f1)); stopping (DMC_PIPELINE_PREP_ONLY)"
   exit 0
@@ -133,6 +153,16 @@ train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=
 [ -z "${DMC_PIPELINE_RETROFIT_LR:-}" ] || read -r -a retrofit_lr <<<"$DMC_PIPELINE_RETROFIT_LR"
 retrofit=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]}
           --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]})
+# DMS (DMS.md): the decision logit in `dms_variant`, on the stages DMC runs (the query channel
+# is freed by stage 1 as DMC's control channel is; the adapter has none, so its ramp takes
+# stage 1's steps too): the same number of steps
+if [ "$dms_variant" = adapter ]; then
+  dms_stages=(--stage2_steps=$((stages[0] + stages[1])) --stage3_steps=${stages[2]})
+else
+  dms_stages=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]})
+fi
+retrofit_dms=(--method=dms --dms_variant=$dms_variant --dms_window=$dms_window "${dms_stages[@]}"
+              --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]})
 # The same-compute control: the retrofits' steps and learning rates with DMC off (a cosine from
 # the retrofit LR to its floor: the retrofits hold the LR through stages 1-2 and decay it in 3)
 control=(--pretrain_steps=$((stages[0] + stages[1] + stages[2])) --warmup_steps=0
@@ -164,25 +194,27 @@ evaluate() {  # NAME MODEL LABEL dmc-eval-flags...: one dmc-eval into its own TS
   $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
       --append_tsv="$results/eval_$name.tsv" "$@"
 }
-evaluate_cr() {  # CR: DMC, then H2O and TOVA on the base model at the CR DMC achieved
-  local cr=$1 achieved
-  evaluate "dmc_cr$cr" "$out/dmc_cr$cr" "$cr" --methods=dmc --heatmap="$results/head_cr_$cr.png"
-  achieved=$(cut -f4 "$results/eval_dmc_cr$cr.tsv")
+evaluate_cr() {  # METHOD CR: the retrofit, then (DMC) H2O and TOVA on the base at its achieved CR
+  local method=$1 cr=$2 name=$1_cr$2 achieved
+  evaluate "$name" "$out/$name" "$cr" --methods="$method" --heatmap="$results/head_cr_$name.png"
+  [ "$method" = dmc ] || return 0
+  achieved=$(cut -f4 "$results/eval_$name.tsv")
   evaluate "h2o_cr$cr" "$out/base" "$cr" --methods=h2o --baseline_cr="$achieved" &
   evaluate "tova_cr$cr" "$out/base" "$cr" --methods=tova --baseline_cr="$achieved"
   wait $! || return 1  # the H2O process
 }
-retrofit_cr() {  # CR: stages 1–3 from the base, exported in fp32
-  local cr=$1
-  if [ ! -f "$out/dmc_cr$cr/config.json" ]; then
-    rm -rf "$out/retrofit_cr$cr" "$out/retrofit_cr$cr.jsonl"
-    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${retrofit[@]}" \
-        --pretrain_steps=0 --cr_target="$cr" --checkpoint_dir="$out/retrofit_cr$cr" \
-        --log_jsonl="$out/retrofit_cr$cr.jsonl" "${extra[@]}"
-    $bin/trainer/dmc-export "$out/retrofit_cr$cr" "$out/dmc_cr$cr" --dtype=fp32
+retrofit_cr() {  # METHOD CR: from the base, exported in fp32
+  local method=$1 cr=$2 name=$1_cr$2 flags
+  if [ "$method" = dms ]; then flags=("${retrofit_dms[@]}"); else flags=("${retrofit[@]}"); fi
+  if [ ! -f "$out/$name/config.json" ]; then
+    rm -rf "$out/retrofit_$name" "$out/retrofit_$name.jsonl"
+    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${flags[@]}" \
+        --pretrain_steps=0 --cr_target="$cr" --checkpoint_dir="$out/retrofit_$name" \
+        --log_jsonl="$out/retrofit_$name.jsonl" "${extra[@]}"
+    $bin/trainer/dmc-export "$out/retrofit_$name" "$out/$name" --dtype=fp32
   fi
 }
-retrofit_and_evaluate() { retrofit_cr "$1"; evaluate_cr "$1"; }
+retrofit_and_evaluate() { retrofit_cr "$1" "$2"; evaluate_cr "$1" "$2"; }
 continue_base() {  # the same-compute control from the base, DMC off, exported in fp32
   if [ ! -f "$out/control/config.json" ]; then
     rm -rf "$out/continued" "$out/continued.jsonl"
@@ -207,15 +239,17 @@ fi
 spawn eval_base evaluate base "$out/base" base --methods=vanilla
 
 # 3. retrofits from the same base, each followed by its evaluations (4.)
-for cr in $crs; do
-  if ((parallel_retrofits)); then
-    log "retrofitting to CR $cr (in the background: $logs/retrofit_cr$cr.log)"
-    spawn "retrofit_cr$cr" retrofit_and_evaluate "$cr"
-  else
-    log "retrofitting to CR $cr"
-    retrofit_cr "$cr"
-    spawn "eval_cr$cr" evaluate_cr "$cr"
-  fi
+for method in "${methods[@]}"; do
+  for cr in $crs; do
+    if ((parallel_retrofits)); then
+      log "retrofitting with $method to CR $cr (in the background: $logs/retrofit_${method}_cr$cr.log)"
+      spawn "retrofit_${method}_cr$cr" retrofit_and_evaluate "$method" "$cr"
+    else
+      log "retrofitting with $method to CR $cr"
+      retrofit_cr "$method" "$cr"
+      spawn "eval_${method}_cr$cr" evaluate_cr "$method" "$cr"
+    fi
+  done
 done
 if ((parallel_retrofits)); then
   log "continuing the base with DMC off, the same steps (in the background: $logs/control.log)"
@@ -227,13 +261,14 @@ else
 fi
 log "waiting for the retrofits and evaluations"
 finish
-plots=()
-for cr in $crs; do plots+=("CR$cr=$out/retrofit_cr$cr.jsonl"); done
-plots+=("DMC-off=$out/continued.jsonl")
-head_maps=()  # the dmc-eval logs with each retrofit's per-head CR table
-for cr in $crs; do
-  head_maps+=("CR $cr=$logs/$( ((parallel_retrofits)) && echo retrofit || echo eval)_cr$cr.log")
+plots=() head_maps=()  # head_maps: the dmc-eval logs with each retrofit's per-head CR table
+for method in "${methods[@]}"; do
+  for cr in $crs; do
+    plots+=("${method^^} CR$cr=$out/retrofit_${method}_cr$cr.jsonl")
+    head_maps+=("${method^^} CR $cr=$logs/$( ((parallel_retrofits)) && echo retrofit || echo eval)_${method}_cr$cr.log")
+  done
 done
+plots+=("DMC-off=$out/continued.jsonl")
 if command -v gnuplot >/dev/null; then
   # a plot that fails is reported and does not cost the table
   bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl" ||
@@ -253,7 +288,10 @@ tsv="$results/eval.tsv"
 : >"$tsv"
 cat "$results/eval_base.tsv" "$results/eval_control.tsv" >>"$tsv"
 for cr in $crs; do
-  cat "$results/eval_dmc_cr$cr.tsv" "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
+  for method in "${methods[@]}"; do cat "$results/eval_${method}_cr$cr.tsv" >>"$tsv"; done
+  if [[ " ${methods[*]} " == *" dmc "* ]]; then
+    cat "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
+  fi
 done
 {
   echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | Δ vs control | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"

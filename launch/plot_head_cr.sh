@@ -2,8 +2,8 @@
 # The learned compression of every attention head, one panel per retrofit: rows are layers,
 # columns KV heads, colour and label the head's achieved CR on held-out text (log scale: a head
 # that merges every token of a 512-token window reaches 512; labels dark on the light end of
-# the scale). Reads the "dmc CR per head" table
-# that dmc-eval prints for --methods=dmc.
+# the scale). Reads the "dmc CR per head" (or "dms CR per head") table
+# that dmc-eval prints for --methods=dmc (dms).
 #
 #   launch/plot_head_cr.sh OUT.png NAME=dmc-eval.log [NAME=dmc-eval.log ...]
 set -euo pipefail
@@ -19,10 +19,10 @@ for run in "$@"; do
   name=${run%%=*} file=${run#*=}
   i=$((i + 1))
   # "  layer  L:  cr cr ..." rows after the header → "layer head cr" lines
-  awk '/^dmc CR per head/ { on = 1; next }
+  awk '/^(dmc|dms) CR per head/ { on = 1; next }
        on && /^ +layer +[0-9]+:/ { sub(":", "", $2); for (h = 3; h <= NF; h++) print $2, h - 3, $h; next }
        on { on = 0 }' "$file" >"$tmp/$i.dat"
-  [ -s "$tmp/$i.dat" ] || { echo "plot_head_cr: $file has no 'dmc CR per head' table" >&2; exit 1; }
+  [ -s "$tmp/$i.dat" ] || { echo "plot_head_cr: $file has no 'dmc CR per head' or 'dms CR per head' table" >&2; exit 1; }
   layers=$(awk 'END { print $1 + 1 }' "$tmp/$i.dat")
   heads=$(awk '$2 + 1 > n { n = $2 + 1 } END { print n }' "$tmp/$i.dat")
   panels+="set title '$name'

@@ -2,7 +2,7 @@
 # The README's main job, from a fresh machine: set up and build (launch/setup.sh), then the whole
 # retrofitting pipeline in its tiny CPU configuration (launch/pipeline.sh, DMC_PIPELINE_CONFIG=cpu):
 # tokenize the embedded King James text, pre-train a 0.9M-parameter Llama with DMC off, retrofit
-# it with DMC to CR 2, 4 and 8, export the models, evaluate them on held-out books beside the
+# it with DMC and with DMS to CR 2, 4 and 8, export the models, evaluate them on held-out books beside the
 # vanilla cache, H2O and TOVA, and print the table. Outputs go to runs/quickstart/ (results/ in
 # it); a rerun redoes only what is missing there. Arguments go to every dmc-train call.
 set -euo pipefail

@@ -41,6 +41,16 @@ absl::Status LlamaConfig::Validate() const {
   if (dmc.window <= 0) return bad(absl::StrFormat("dmc window must be > 0, got %d", dmc.window));
   if (!(dmc.omega_eps >= 0))
     return bad(absl::StrFormat("dmc omega_eps must be >= 0, got %g", dmc.omega_eps));
+  if (dms.is_dms()) {
+    if (dms.window < 0) return bad(absl::StrFormat("dms window must be >= 0, got %d", dms.window));
+    if (!(dms.temperature > 0))
+      return bad(absl::StrFormat("dms temperature must be > 0, got %g", dms.temperature));
+    if (!(dms.scale > 0)) return bad(absl::StrFormat("dms scale must be > 0, got %g", dms.scale));
+    if (dmc.enabled) return bad("dms and dmc.enabled do not combine (one compression per model)");
+    if (loma.enabled()) return bad("dms and loma do not combine");
+  } else if (dms.enabled) {
+    return bad("dms.enabled needs a dms variant (adapter or query_channel)");
+  }
   if (loma.zones.t < 0) return bad(absl::StrFormat("loma t must be >= 0, got %d", loma.zones.t));
   if (loma.enabled()) {
     if (loma.zones.c < 1) return bad(absl::StrFormat("loma c must be >= 1, got %d", loma.zones.c));
@@ -58,9 +68,20 @@ long LlamaConfig::num_parameters() const {
   const long C = hidden_size, F = intermediate_size, D = head_dim();
   const long attn = C * (num_attention_heads * D) * 2 + C * (num_key_value_heads * D) * 2;
   const long mlp = 3 * C * F;
-  const long per_layer = attn + mlp + 2 * C;
+  // the DMS adapter: RMSNorm(C) and Linear(C -> Hkv)
+  const long adapter = dms.variant == DmsVariant::kAdapter ? C + C * num_key_value_heads : 0;
+  const long per_layer = attn + mlp + 2 * C + adapter;
   const long embed = static_cast<long>(vocab_size) * C;
   return num_hidden_layers * per_layer + C + embed * (tie_word_embeddings ? 1 : 2);
+}
+
+const char* DmsVariantName(DmsVariant variant) {
+  switch (variant) {
+    case DmsVariant::kNone: return "none";
+    case DmsVariant::kAdapter: return "adapter";
+    case DmsVariant::kQueryChannel: return "query_channel";
+  }
+  return "?";
 }
 
 absl::Status PresetConfig(const std::string& name, LlamaConfig* c) {

@@ -96,6 +96,37 @@ absl::Status ParseDmc(const std::string& path, const json& d, DmcConfig* dmc) {
   return absl::OkStatus();
 }
 
+// The DMS settings (DMS.md); a model without the key is not a DMS model.
+absl::Status ParseDms(const std::string& path, const json& d, DmsConfig* dms) {
+  if (!d.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": field 'dms' must be an object, got ", d.dump()));
+  for (const auto& [key, value] : d.items())
+    if (key != "variant" && key != "enabled" && key != "window" && key != "scale" &&
+        key != "offset" && key != "temperature")
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": unknown key 'dms.", key,
+          "' (known: variant, enabled, window, scale, offset, temperature)"));
+  if (!d.contains("variant") || !d["variant"].is_string())
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": field 'dms.variant' must be \"adapter\" or \"query_channel\""));
+  const std::string variant = d["variant"].get<std::string>();
+  if (variant == DmsVariantName(DmsVariant::kAdapter))
+    dms->variant = DmsVariant::kAdapter;
+  else if (variant == DmsVariantName(DmsVariant::kQueryChannel))
+    dms->variant = DmsVariant::kQueryChannel;
+  else
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": dms.variant '", variant, "' is not \"adapter\" or \"query_channel\""));
+  const std::string where = absl::StrCat(path, " (dms)");
+  const Fields f(where, d);
+  DMC_RETURN_IF_ERROR(f.Bool("enabled", &dms->enabled));
+  DMC_RETURN_IF_ERROR(f.Int("window", &dms->window, /*required=*/true));
+  DMC_RETURN_IF_ERROR(f.Float("scale", &dms->scale));
+  DMC_RETURN_IF_ERROR(f.Float("offset", &dms->offset));
+  DMC_RETURN_IF_ERROR(f.Float("temperature", &dms->temperature));
+  return absl::OkStatus();
+}
+
 // The LoMA layout; every key required (a model either is a LoMA model or has no "loma" key).
 absl::Status ParseLoma(const std::string& path, const json& d, LomaConfig* loma) {
   if (!d.is_object())
@@ -191,6 +222,7 @@ absl::Status Parse(const std::string& path, const json& j, LlamaConfig* c) {
                                   c->head_dim(), "; only the derived head_dim is supported"));
   }
   if (f.Has("dmc")) DMC_RETURN_IF_ERROR(ParseDmc(path, j["dmc"], &c->dmc));
+  if (f.Has("dms")) DMC_RETURN_IF_ERROR(ParseDms(path, j["dms"], &c->dms));
   if (f.Has("loma")) DMC_RETURN_IF_ERROR(ParseLoma(path, j["loma"], &c->loma));
 
   if (auto s = c->Validate(); !s.ok()) return f.Error(std::string(s.message()));
@@ -267,6 +299,13 @@ absl::Status WriteHfConfig(const std::string& path, const LlamaConfig& c, DType 
               {"temperature", ShortestDecimal(c.dmc.temperature)},
               {"window", c.dmc.window},
               {"omega_eps", ShortestDecimal(c.dmc.omega_eps)}};
+  if (c.dms.is_dms())
+    j["dms"] = {{"variant", DmsVariantName(c.dms.variant)},
+                {"enabled", c.dms.enabled},
+                {"window", c.dms.window},
+                {"scale", ShortestDecimal(c.dms.scale)},
+                {"offset", ShortestDecimal(c.dms.offset)},
+                {"temperature", ShortestDecimal(c.dms.temperature)}};
   if (c.loma.enabled())
     j["loma"] = {{"t", c.loma.zones.t},
                  {"c", c.loma.zones.c},

@@ -1,5 +1,6 @@
 #include "model/hf_weights.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -27,9 +28,17 @@ template absl::Status ReadSlice<SafetensorsFile>(const SafetensorsFile&, const P
 absl::Status ImportHfWeights(const std::string& dir, Llama<float>* model) {
   absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> ckpt = SafetensorsCheckpoint::Open(dir);
   if (!ckpt.ok()) return ckpt.status();
-  for (const ParamSpec& spec : model->param_specs())
+  for (const ParamSpec& spec : model->param_specs()) {
+    // A base model retrofitted with the DMS adapter has none yet: it starts as Llama::InitRandom
+    // starts it, a unit norm and a zero projection (DMS.md §1).
+    if (spec.name.find(".dms_proj_alpha") != std::string::npos && !(*ckpt)->contains(spec.name)) {
+      float* w = model->params().data() + spec.offset;
+      std::fill(w, w + spec.size, spec.shape.size() == 1 ? 1.0f : 0.0f);
+      continue;
+    }
     if (absl::Status s = ReadSlice(**ckpt, spec, model->params().data() + spec.offset); !s.ok())
       return s;
+  }
   return absl::OkStatus();
 }
 

@@ -15,7 +15,8 @@ namespace dmc::model {
 
 // Loads every parameter of model (this TP rank's slice) from an HF checkpoint directory
 // (model.safetensors or a sharded index). With tied embeddings an lm_head.weight in the file is
-// ignored; without, it must be present. Errors name the file, the tensor and the problem.
+// ignored; without, it must be present. A DMS adapter the file lacks starts at unit norm and
+// zero projection (a base model being retrofitted). Errors name the file, the tensor and the problem.
 absl::Status ImportHfWeights(const std::string& dir, Llama<float>* model);
 
 // Reads tensor spec.name of shape spec.full_shape from reader and copies the slice that spec

@@ -10,7 +10,9 @@
 #include "kernels/cross_entropy.h"
 #include "kernels/dmc_attention.h"
 #include "kernels/dmc_scan.h"
+#include "kernels/dms_gates.h"
 #include "kernels/embedding.h"
+#include "kernels/kl_distill.h"
 #include "kernels/loma_attention.h"
 #include "kernels/matmul.h"
 #include "kernels/noise.h"
@@ -73,6 +75,15 @@ void RopeBackward(T* dinp, const T* dout, int B, int T_, int H, int D,
 
 }  // namespace
 
+template <typename T>
+void ZeroDmsQueryChannel(T* q, long N, int H, int Hkv, int D) {
+  const int G = H / Hkv;
+  for (long n = 0; n < N; ++n)
+    for (int h = 0; h < Hkv; ++h) q[(n * H + h * G) * D + D - 1] = T(0);
+}
+template void ZeroDmsQueryChannel<float>(float*, long, int, int, int);
+template void ZeroDmsQueryChannel<double>(double*, long, int, int, int);
+
 TpSlice TpShard(int64_t full, int rank, int ranks) {
   const int64_t base = full / ranks, extra = full % ranks;
   return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
@@ -117,6 +128,15 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
   final_norm_offset_ = AddParam("model.norm.weight", {C}, -1, false);
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_
                                                 : AddParam("lm_head.weight", {V, C}, 0, true);
+  // The DMS adapter comes after the base tensors, which keep their layout, and alone is trained.
+  if (config_.dms.variant == DmsVariant::kAdapter) {
+    for (ParamSpec& spec : specs_) spec.frozen = true;
+    for (int l = 0; l < config_.num_hidden_layers; ++l) {
+      const std::string p = absl::StrFormat("model.layers.%d.self_attn.", l);
+      dms_offsets_.push_back(AddParam(p + "dms_proj_alpha_norm.weight", {C}, -1, false));
+      dms_offsets_.push_back(AddParam(p + "dms_proj_alpha.weight", {Hkv, C}, 0, false));
+    }
+  }
   size_t total = 0;
   for (const auto& s : specs_) total = std::max(total, s.offset + s.size);
   params_.assign(total, T(0));
@@ -160,6 +180,11 @@ void Llama<T>::InitRandom(uint64_t seed) {
       for (size_t i = 0; i < s.size; ++i) w[i] = T(1);
       continue;
     }
+    if (s.name.find("dms_proj_alpha.weight") != std::string::npos) {
+      // zero, so every decision logit starts at -offset (DMS.md §1: no eviction at first)
+      std::fill(w, w + s.size, T(0));
+      continue;
+    }
     const bool output_proj = s.name.find("o_proj") != std::string::npos ||
                              s.name.find("down_proj") != std::string::npos;
     const double stddev = 0.02 * (output_proj ? out_scale : 1.0);
@@ -191,8 +216,41 @@ template <typename T>
 typename Llama<T>::LayerWeights Llama<T>::layer(int l) const {
   const T* p = params_.data();
   const size_t* o = &layer_offsets_[l * kLayerTensors];
+  const bool adapter = !dms_offsets_.empty();
   return {p + o[kAttnNorm], p + o[kWq], p + o[kWk],      p + o[kWv],  p + o[kWo],
-          p + o[kMlpNorm],  p + o[kGate], p + o[kUp], p + o[kDown]};
+          p + o[kMlpNorm],  p + o[kGate], p + o[kUp], p + o[kDown],
+          adapter ? p + dms_offsets_[2 * l] : nullptr,
+          adapter ? p + dms_offsets_[2 * l + 1] : nullptr};
+}
+
+template <typename T>
+void Llama<T>::set_compression_enabled(bool enabled) {
+  if (config_.dms.is_dms())
+    config_.dms.enabled = enabled;
+  else
+    config_.dmc.enabled = enabled;
+}
+
+template <typename T>
+void Llama<T>::SetDistillationTarget(const std::vector<T>& logits, const std::vector<T>& lse) {
+  teacher_logits_ = logits;
+  teacher_lse_ = lse;
+  distill_next_ = true;
+}
+
+template <typename T>
+void Llama<T>::DmsDecisionInput(int l, const T* x_res, const T* q, T* out, int N, T* rstd,
+                                T* xn) const {
+  const int C = config_.hidden_size, D = head_dim_, G = heads_ / kv_heads_;
+  if (config_.dms.variant == DmsVariant::kAdapter) {
+    const LayerWeights w = layer(l);
+    k::rmsnorm_forward(xn, rstd, x_res, w.dms_norm, N, C, config_.rms_norm_eps);
+    k::matmul_forward(out, xn, w.dms_proj, N, C, kv_heads_);
+  } else {
+    for (long n = 0; n < N; ++n)
+      for (int h = 0; h < kv_heads_; ++h)
+        out[n * kv_heads_ + h] = q[(n * heads_ + h * G) * D + D - 1];
+  }
 }
 
 template <typename T>
@@ -248,11 +306,22 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
   options_ = options;
   const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
-  const bool dmc = config_.dmc.enabled;
+  const bool dmc = config_.dmc.enabled, dms = config_.dms.enabled;
+  const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T fade = static_cast<T>(options.control_fade);
   k::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps,
                                options.mode};
+  const k::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
+                                    config_.dms.temperature, options.mode};
+  distilling_ = distill_next_;
+  distill_next_ = false;
+  if (distilling_ && !dms)
+    throw std::invalid_argument("a distillation target was set, but DMS eviction is off");
+  if (distilling_ && teacher_logits_.size() != size_t(N) * V)
+    throw std::invalid_argument(absl::StrFormat(
+        "the distillation target has %d logits, the batch %d × %d local vocabulary rows",
+        teacher_logits_.size(), N, V));
   tokens_.assign(tokens, tokens + N);
   targets_.assign(targets, targets + N);
   acts_.resize(L);
@@ -303,13 +372,30 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
                           a.omega.data(), B, T_, Hkv, D, config_.dmc.window);
       keys = a.khat.data();
       values = a.vhat.data();
+    }
+    if (dms) {
+      const size_t G = size_t(N) * Hkv;
+      for (auto* buf : {&a.noise, &a.logit, &a.alpha, &a.merge, &a.mask, &a.dms_x}) Resize(*buf, G);
+      Resize(a.dms_rstd, dms_offsets_.empty() ? 0 : N);
+      Resize(a.dms_xn, dms_offsets_.empty() ? 0 : size_t(N) * C);
+      DmsDecisionInput(l, a.x.data(), a.q.data(), a.dms_x.data(), N, a.dms_rstd.data(),
+                       a.dms_xn.data());
+      if (qchannel) ZeroDmsQueryChannel(a.q.data(), N, H, Hkv, D);
+      if (options.mode == k::DmcDecisionMode::kRelaxed)
+        k::logistic_noise(a.noise.data(), B, T_, Hkv, options.noise_seed,
+                          (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
+                          tp_->rank() * Hkv, config_.num_key_value_heads);
+      k::dms_gates_forward(a.logit.data(), a.alpha.data(), a.merge.data(), a.mask.data(),
+                           a.dms_x.data(), a.noise.data(), B, T_, Hkv, dms_params);
+    }
+    if (dmc || dms)
       k::cr_accumulate_merge(mean_merge_.data(), a.merge.data(), B, T_, Hkv,
                              T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
-    }
     Resize(a.qr, a.q.size());
     Resize(a.kr, a.k.size());
     Rope(a.qr.data(), a.q.data(), B, T_, H, D, positions, config_.rope_theta, dmc);
     Rope(a.kr.data(), keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc);
+    if (qchannel) ZeroDmsQueryChannel(a.qr.data(), N, H, Hkv, D);
     if (fade != T(1)) {
       k::scale_last_channel(a.qr.data(), long(N) * H, D, fade);
       k::scale_last_channel(a.kr.data(), long(N) * Hkv, D, fade);
@@ -321,7 +407,8 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
                                 T_, H, Hkv, D, options.loma, scale);
     else
       k::dmc_attention_forward(a.att.data(), a.lse.data(), a.qr.data(), a.kr.data(), values,
-                               dmc ? a.mask.data() : nullptr, B, T_, H, Hkv, D, dmc, scale);
+                               dmc || dms ? a.mask.data() : nullptr, B, T_, H, Hkv, D, dmc, scale,
+                               dms ? config_.dms.window : 0);
     std::vector<T> o(size_t(N) * C);
     k::matmul_forward(o.data(), a.att.data(), w.wo, N, H * D, C);
     AllReduce(o);
@@ -360,7 +447,20 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
       label_count_ += 1;
     }
   result.lm_loss = label_count_ > 0 ? loss_sum / label_count_ : 0.0;
-  if (dmc) {
+  if (distilling_) {
+    // DMS.md §4: the mean over labelled positions whose input is not EOS of KL(student || teacher)
+    Resize(distill_weight_, N);
+    double count = 0;
+    for (int i = 0; i < N; ++i) count += targets[i] >= 0 && tokens[i] != config_.eos_token_id;
+    for (int i = 0; i < N; ++i)
+      if (targets[i] >= 0 && tokens[i] != config_.eos_token_id) distill_weight_[i] = T(1.0 / count);
+    Resize(distill_kl_, N);
+    k::kl_distill_shard(distill_kl_.data(), logits_.data(), teacher_logits_.data(), lse_.data(),
+                        teacher_lse_.data(), distill_weight_.data(), N, V);
+    AllReduce(distill_kl_);  // each rank summed its vocabulary rows' terms
+    for (int i = 0; i < N; ++i) result.distill_loss += double(distill_weight_[i]) * distill_kl_[i];
+  }
+  if (dmc || dms) {
     // Each TP rank summed its own heads; the hinge needs all heads of a sequence (model/DMC.md §4 [ours]).
     AllReduce(mean_merge_);
     if (options.cr_prior > 0)
@@ -382,7 +482,8 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
     result.lm_loss = zones.reading;
     result.rep_loss = zones.repetition;
   }
-  result.loss = result.lm_loss + result.cr_loss + result.rep_loss;
+  result.loss = (distilling_ ? result.distill_loss : result.lm_loss) + result.cr_loss +
+                result.rep_loss;
   return result;
 }
 
@@ -396,11 +497,14 @@ void Llama<T>::Backward(double loss_scale) {
   const int B = batch_, T_ = seq_;
   const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
-  const bool dmc = config_.dmc.enabled;
+  const bool dmc = config_.dmc.enabled, dms = config_.dms.enabled;
+  const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T fade = static_cast<T>(options_.control_fade);
   k::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps,
                                options_.mode};
+  const k::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
+                                    config_.dms.temperature, options_.mode};
   auto grad_of = [&](size_t offset) { return grads_.data() + offset; };
   const bool loma = options_.loma.enabled();
   const std::vector<int32_t> positions =
@@ -412,13 +516,18 @@ void Llama<T>::Backward(double loss_scale) {
     std::vector<double> weights;
     LomaZoneLosses(losses_.data(), targets_.data(), B, T_, options_.loma, &weights);
     for (int i = 0; i < N; ++i) dlosses[i] = T(loss_scale * weights[i]);
-  } else {
+  } else if (!distilling_) {
     for (int i = 0; i < N; ++i)
       if (targets_[i] >= 0) dlosses[i] = T(loss_scale / label_count_);
   }
   std::vector<T> dlogits(size_t(N) * V, T(0));
-  k::cross_entropy_shard_backward(dlogits.data(), logits_.data(), lse_.data(), targets_.data(),
-                                  dlosses.data(), N, V, vocab_begin_);
+  if (distilling_)
+    k::kl_distill_shard_backward(dlogits.data(), logits_.data(), teacher_logits_.data(),
+                                 lse_.data(), teacher_lse_.data(), distill_kl_.data(),
+                                 distill_weight_.data(), T(loss_scale), N, V);
+  else
+    k::cross_entropy_shard_backward(dlogits.data(), logits_.data(), lse_.data(), targets_.data(),
+                                    dlosses.data(), N, V, vocab_begin_);
   std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
   k::matmul_backward(dxn.data(), grad_of(lm_head_offset_), dlogits.data(), xn_final_.data(),
                      lm_head(), N, C, V);
@@ -428,12 +537,12 @@ void Llama<T>::Backward(double loss_scale) {
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction (replicated over TP ranks).
   std::vector<T> dmean_merge(B, T(0));
-  if (dmc && options_.cr_prior > 0)
+  if ((dmc || dms) && options_.cr_prior > 0)
     k::cr_loss_backward(dmean_merge.data(), mean_merge_.data(), B,
                         static_cast<T>(options_.cr_prior), T(loss_scale));
 
   std::vector<T> dh, dgate, dup, datt, dqr, dkr, dq, dk, dv, dkhat, dvhat;
-  std::vector<T> dalpha, dmerge, dmask, domega;
+  std::vector<T> dalpha, dmerge, dmask, domega, ddec, dxn_dms;
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_[l];
     const LayerWeights w = layer(l);
@@ -458,7 +567,7 @@ void Llama<T>::Backward(double loss_scale) {
     Resize(dqr, a.q.size());
     Resize(dkr, a.k.size());
     Resize(dvhat, a.v.size());
-    Resize(dmask, dmc ? a.mask.size() : 0);
+    Resize(dmask, dmc || dms ? a.mask.size() : 0);
     const T* values = dmc ? a.vhat.data() : a.v.data();
     if (loma)
       k::loma_attention_backward(dqr.data(), dkr.data(), dvhat.data(), datt.data(), a.qr.data(),
@@ -466,9 +575,11 @@ void Llama<T>::Backward(double loss_scale) {
                                  D, options_.loma, scale);
     else
       k::dmc_attention_backward(dqr.data(), dkr.data(), dvhat.data(),
-                                dmc ? dmask.data() : nullptr, datt.data(), a.qr.data(),
-                                a.kr.data(), values, dmc ? a.mask.data() : nullptr, a.att.data(),
-                                a.lse.data(), B, T_, H, Hkv, D, dmc, scale);
+                                dmc || dms ? dmask.data() : nullptr, datt.data(), a.qr.data(),
+                                a.kr.data(), values, dmc || dms ? a.mask.data() : nullptr,
+                                a.att.data(), a.lse.data(), B, T_, H, Hkv, D, dmc, scale,
+                                dms ? config_.dms.window : 0);
+    if (qchannel) ZeroDmsQueryChannel(dqr.data(), N, H, Hkv, D);
     if (fade != T(1)) {
       k::scale_last_channel(dqr.data(), long(N) * H, D, fade);
       k::scale_last_channel(dkr.data(), long(N) * Hkv, D, fade);
@@ -498,6 +609,20 @@ void Llama<T>::Backward(double loss_scale) {
       dk.swap(dkhat);
       dv.swap(dvhat);
     }
+    if (dms) {
+      Resize(dmerge, a.merge.size());
+      k::cr_accumulate_merge_backward(dmerge.data(), dmean_merge.data(), B, T_, Hkv,
+                                      T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
+      Resize(ddec, a.dms_x.size());
+      k::dms_gates_backward(ddec.data(), dmerge.data(), dmask.data(), a.logit.data(),
+                            a.alpha.data(), B, T_, Hkv, dms_params);
+      if (qchannel) {
+        // the channel was zeroed for attention, so the decision is its only use
+        const int G = H / Hkv;
+        for (long n = 0; n < N; ++n)
+          for (int h = 0; h < Hkv; ++h) dq[(n * H + h * G) * D + D - 1] = ddec[n * Hkv + h];
+      }
+    }
     if (fade != T(1)) {
       k::scale_last_channel(dq.data(), long(N) * H, D, fade);
       k::scale_last_channel(dk.data(), long(N) * Hkv, D, fade);
@@ -507,6 +632,14 @@ void Llama<T>::Backward(double loss_scale) {
     k::matmul_backward(dxn.data(), grad_of(o[kWk]), dk.data(), a.xn.data(), w.wk, N, C, Hkv * D);
     k::matmul_backward(dxn.data(), grad_of(o[kWv]), dv.data(), a.xn.data(), w.wv, N, C, Hkv * D);
     AllReduce(dxn);
+    if (dms && w.dms_proj) {  // the adapter reads the residual through its own norm
+      Resize(dxn_dms, size_t(N) * C);
+      k::matmul_backward(dxn_dms.data(), grad_of(dms_offsets_[2 * l + 1]), ddec.data(),
+                         a.dms_xn.data(), w.dms_proj, N, C, Hkv);
+      AllReduce(dxn_dms);  // column-parallel over KV heads
+      k::rmsnorm_backward(dres.data(), grad_of(dms_offsets_[2 * l]), dxn_dms.data(), a.x.data(),
+                          w.dms_norm, a.dms_rstd.data(), N, C);
+    }
     k::rmsnorm_backward(dres.data(), grad_of(o[kAttnNorm]), dxn.data(), a.x.data(), w.attn_norm,
                         a.rstd.data(), N, C);
   }

@@ -10,6 +10,15 @@
 // VocabParallelCrossEntropy): the embedding output is all-reduced, the cross-entropy exchanges
 // per-row statistics instead of logits, and the LM head's input gradient is all-reduced. Norms
 // are replicated.
+//
+// DMS (model/config.h DmsConfig, DMS.md): with eviction on, each layer computes one decision input
+// x per (token, KV head) — the adapter Linear(RMSNorm(residual)) (its projection split by KV
+// heads over TP, its norm replicated) or the query channel q[h·G, D-1] (then zeroed in that head
+// before and after RoPE) — turns it into decisions (kernels/dms_gates.h) and attends under the
+// delayed-eviction mask (kernels/dmc_attention.h with window w). Given a teacher's logits on the
+// same batch (SetDistillationTarget), the loss is KL(student || teacher) (kernels/kl_distill.h,
+// vocabulary-parallel) + the compression loss; the LM loss is then only reported. The adapter
+// variant freezes every other parameter (ParamSpec::frozen).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +42,7 @@ struct ParamSpec {
   size_t offset = 0;            // into params()/grads()
   size_t size = 0;
   bool weight_decay = false;    // matrices decay, norms do not
+  bool frozen = false;          // not trained: the base of a DMS adapter model
 };
 
 // The contiguous part [begin, begin + size) of a dimension of `full` indices that TP rank `rank`
@@ -60,11 +70,19 @@ struct ForwardResult {
   double lm_loss = 0;        // mean cross-entropy over labelled positions (LoMA: reading zones)
   double cr_loss = 0;        // DMC compression-ratio loss (0 when DMC is off)
   double rep_loss = 0;       // LoMA reconstruction loss on the repetition zones (0 when off)
-  double loss = 0;           // lm_loss + cr_loss + rep_loss: what backward differentiates
-  double merge_fraction = 0; // mean hard merge decision over layers, heads, positions, sequences
+  double distill_loss = 0;   // DMS: KL(student || teacher) when distilling (0 otherwise)
+  // distill_loss (when distilling) or lm_loss, + cr_loss + rep_loss: what backward differentiates
+  double loss = 0;
+  // mean hard merge (DMC) or eviction (DMS) decision over layers, heads, positions, sequences
+  double merge_fraction = 0;
   std::vector<double> layer_merge_fraction;  // per layer
   double achieved_cr() const { return 1.0 / (1.0 - merge_fraction); }
 };
+
+// DMS query-channel variant: q [N, H, D] → q[n, h·G, D-1] = 0 for every KV head h, before and
+// after RoPE (the channel carries the decision, not attention content; DMS.md §1).
+template <typename T>
+void ZeroDmsQueryChannel(T* q, long N, int H, int Hkv, int D);
 
 template <typename T>
 class Llama {
@@ -94,14 +112,26 @@ class Llama {
   // Accumulates loss_scale · d(loss)/d(params) of the last Forward into grads(); loss_scale is
   // 1/micro_batches under gradient accumulation.
   void Backward(double loss_scale = 1.0);
-  // Enables or disables the DMC head logic (the trainer switches it on at stage 2).
-  void set_dmc_enabled(bool enabled) { config_.dmc.enabled = enabled; }
+  // Enables or disables the model's compression, DMC merging or (a DMS model) DMS eviction; the
+  // trainer switches it on at stage 2.
+  void set_compression_enabled(bool enabled);
+  // DMS: the teacher's logits [B, T, V_local] (this rank's vocabulary rows) and logsumexps [B·T]
+  // on the batch of the next Forward, which then distils (ForwardResult::distill_loss) and
+  // consumes them. A teacher's Forward leaves both in its logits() and lse().
+  void SetDistillationTarget(const std::vector<T>& logits, const std::vector<T>& lse);
+  // DMS: the decision input x [N, Hkv_local] of layer l for rows with residual input `x_res`
+  // [N, C] and pre-RoPE queries q [N, H_local, D] (kAdapter reads x_res, keeping rstd [N] and
+  // xn [N, C] for the backward; kQueryChannel reads q). Shared with the decoder.
+  void DmsDecisionInput(int l, const T* x_res, const T* q, T* out, int N, T* rstd, T* xn) const;
   void ZeroGrad();
 
   // Logits [B, T, V_local] of the last Forward: the vocabulary rows [vocab_begin(),
   // vocab_begin() + vocab_rows()) of this rank (all of them for a single process).
   const std::vector<T>& logits() const { return logits_; }
-  // Hard merge decisions [B, T, Hkv_local] of layer l in the last Forward (DMC on).
+  // Global logsumexp of each labelled row's logits in the last Forward (0 for unlabelled rows).
+  const std::vector<T>& lse() const { return lse_; }
+  // Hard merge (DMC) or eviction (DMS) decisions [B, T, Hkv_local] of layer l in the last
+  // Forward (compression on).
   const std::vector<T>& merge(int layer) const { return acts_[layer].merge; }
   // Pre-RoPE keys and values [B, T, Hkv_local, D] and importances [B, T, Hkv_local] (DMC on) of
   // layer l in the last Forward: what a parallel prefill builds the inference cache from.
@@ -119,6 +149,7 @@ class Llama {
   // Weights of one layer, for code that runs the same layer token by token (the decoder).
   struct LayerWeights {
     const T *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;
+    const T *dms_norm, *dms_proj;  // the DMS adapter (null unless kAdapter)
   };
   LayerWeights layer(int l) const;
   const T* embedding() const { return params_.data() + embed_offset_; }
@@ -134,6 +165,8 @@ class Llama {
     std::vector<T> x, xn, rstd, q, k, v, qr, kr, att, lse, x2, xn2, rstd2, gate, up, h;
     // DMC: gates, accumulated keys/values, scan denominators
     std::vector<T> noise, logit, alpha, merge, mask, omega, khat, vhat, denom;
+    // DMS: the decision input, and the adapter's norm statistics (merge holds the evictions)
+    std::vector<T> dms_x, dms_xn, dms_rstd;
   };
   size_t AddParam(const std::string& name, std::vector<int64_t> full_shape, int split_dim,
                   bool decay);
@@ -149,6 +182,7 @@ class Llama {
   std::vector<T> params_, grads_;
   size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0;
   std::vector<size_t> layer_offsets_;  // per layer: attn_norm, wq, wk, wv, wo, mlp_norm, gate, up, down
+  std::vector<size_t> dms_offsets_;    // per layer: the DMS adapter's norm and projection
 
   // Last forward.
   int batch_ = 0, seq_ = 0;
@@ -157,6 +191,10 @@ class Llama {
   std::vector<LayerActivations> acts_;
   std::vector<T> x_final_, xn_final_, rstd_final_, logits_, losses_, lse_, mean_merge_;
   double label_count_ = 0;
+  // DMS distillation: the teacher's logits and logsumexps, whether the next / the last Forward
+  // distils, the per-row loss weights and KL values of the last Forward
+  std::vector<T> teacher_logits_, teacher_lse_, distill_weight_, distill_kl_;
+  bool distill_next_ = false, distilling_ = false;
 };
 
 }  // namespace dmc::model

@@ -7,6 +7,7 @@
 
 #include "inference/dmc_window.h"
 #include "inference/paged_decoder.h"
+#include "inference/cpu_engine.h"
 #include "inference/scheduler.h"
 #include "model/llama.h"
 #include "tests/tiny_models.h"
@@ -77,33 +78,36 @@ RunResult DecodeAndCompare(Llama<T>& m, const Reference& ref, int B, int T_, int
                            long budget, int max_batch, double tol) {
   const LlamaConfig& c = m.config();
   const int V = c.vocab_size, Hkv = c.num_key_value_heads;
-  PagedKvCache<T> cache(inference::CacheOptionsFor(c, CacheMethod::kDmc, budget, page_size));
-  auto decoder = PagedDecoder<T>::Create(m, CachePolicy{}, &cache);
-  EXPECT_TRUE(decoder.ok()) << decoder.status();
+  auto engine = inference::CpuEngine<T>::Create(m, CachePolicy{}, budget, page_size);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  const inference::CpuEngine<T>& e = **engine;
   std::vector<Request> requests(B);
-  for (int b = 0; b < B; ++b)
-    requests[b] = {{ref.tokens.begin() + size_t(b) * T_, ref.tokens.begin() + size_t(b + 1) * T_},
-                   T_};
+  for (int b = 0; b < B; ++b) {
+    requests[b].tokens.assign(ref.tokens.begin() + size_t(b) * T_,
+                              ref.tokens.begin() + size_t(b + 1) * T_);
+    requests[b].length = T_;
+  }
   RunResult out;
-  auto stats = inference::RunBatched<T>(
-      **decoder, requests, max_batch,
-      [&](int r, int pos, const T* logits) {
+  auto stats = inference::RunBatched(
+      **engine, requests, max_batch,
+      [&](int r, int pos, const inference::TokenOutput&) {
+        const T* logits = e.last_logits(r);
         for (int v = 0; v < V; ++v)
           EXPECT_NEAR(logits[v], ref.logits[(size_t(r) * T_ + pos) * V + v], tol)
               << "sequence " << r << " position " << pos;
         ++out.compared;
-        return inference::kStopRequest;
+        return true;
       },
-      [&](int r) {
+      [&](int r, bool) {
         for (int l = 0; l < c.num_hidden_layers; ++l)
           for (int h = 0; h < Hkv; ++h)
-            EXPECT_EQ(cache.length(r, l, h), ref.appends[r][l * Hkv + h])
+            EXPECT_EQ(e.length(r, l, h), ref.appends[r][l * Hkv + h])
                 << "sequence " << r << " layer " << l << " head " << h;
       });
   EXPECT_TRUE(stats.ok()) << stats.status();
   if (stats.ok()) out.stats = *stats;
-  EXPECT_EQ(cache.num_sequences(), 0);
-  EXPECT_EQ(cache.allocator().used_bytes(), 0) << "pages or window state leaked";
+  EXPECT_EQ(e.num_sequences(), 0);
+  EXPECT_EQ(e.used_bytes(), 0) << "pages or window state leaked";
   return out;
 }
 
@@ -172,26 +176,29 @@ TEST(InferenceAdmission, ABudgetTooSmallIsRefusedWithAClearError) {
   const long page_bytes = page_size * 2 * c.head_dim() * long(sizeof(double));
   const long window = long(c.num_hidden_layers) * c.num_key_value_heads *
                       inference::DmcWindow<double>::Bytes(c.dmc.window, c.head_dim());
-  PagedKvCache<double> small(
-      inference::CacheOptionsFor(c, CacheMethod::kDmc, window + 8 * page_bytes, page_size));
-  auto decoder = PagedDecoder<double>::Create(m, CachePolicy{}, &small);
-  ASSERT_TRUE(decoder.ok()) << decoder.status();
-  std::vector<Request> requests = {{std::vector<int32_t>(40, 3), 40}};
-  auto stats = inference::RunBatched<double>(
-      **decoder, requests, 1, [](int, int, const double*) { return 0; }, [](int) {});
+  auto small = inference::CpuEngine<double>::Create(m, CachePolicy{}, window + 8 * page_bytes,
+                                                    page_size);
+  ASSERT_TRUE(small.ok()) << small.status();
+  std::vector<Request> requests(1);
+  requests[0].tokens.assign(40, 3);
+  requests[0].length = 40;
+  auto stats = inference::RunBatched(
+      **small, requests, 1, [](int, int, const inference::TokenOutput&) { return true; },
+      [](int, bool) {});
   ASSERT_FALSE(stats.ok());
   EXPECT_TRUE(absl::IsResourceExhausted(stats.status())) << stats.status();
   EXPECT_NE(stats.status().message().find("does not fit the KV cache even alone"),
             std::string::npos)
       << stats.status();
-  ASSERT_TRUE(small.contains(0));
-  const int fed = small.tokens(0);
-  const long slots = small.total_slots(0);
-  std::vector<double> logits;
+  const PagedKvCache<double>& cache = (*small)->cache();
+  ASSERT_TRUE(cache.contains(0));
+  const int fed = cache.tokens(0);
+  const long slots = cache.total_slots(0);
+  std::vector<inference::TokenOutput> outs;
   const int32_t token = 3;
-  EXPECT_TRUE(absl::IsResourceExhausted((*decoder)->Step({0}, &token, &logits)));
-  EXPECT_EQ(small.tokens(0), fed);
-  EXPECT_EQ(small.total_slots(0), slots);
+  EXPECT_TRUE(absl::IsResourceExhausted((*small)->Step({0}, &token, nullptr, &outs)));
+  EXPECT_EQ(cache.tokens(0), fed);
+  EXPECT_EQ(cache.total_slots(0), slots);
 }
 
 TEST(InferenceAdmission, EvictionPolicyNeedsAValidBudget) {

@@ -1,44 +1,73 @@
-// Pieces of the inference tools: next-token sampling and the PNG writer of the CR heat maps.
+// Pieces of the inference tools: next-token choice (kernels/sample.h) and the PNG writer of the
+// CR heat maps.
 #include <gtest/gtest.h>
 #include <zlib.h>
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <map>
 
 #include "inference/png_writer.h"
-#include "inference/sampler.h"
+#include "kernels/sample.h"
 
 namespace dmc {
 namespace {
 
-using inference::Sampler;
+// One row through kernels::sample_tokens: the token at `position` for these settings.
+int32_t Sample(const std::vector<float>& logits, float temperature, float top_p, uint64_t seed,
+               int32_t position) {
+  int32_t next = -1;
+  const kernels::SampleRows rows{&temperature, &top_p, &seed, &position, nullptr};
+  kernels::sample_tokens(&next, nullptr, nullptr, logits.data(), 1, static_cast<int>(logits.size()),
+                         rows);
+  return next;
+}
 
 TEST(InferenceSampler, GreedyNucleusAndSeeds) {
   const std::vector<float> logits = {0.1f, 2.0f, 1.9f, -1.0f};
-  EXPECT_EQ(Sampler({0.0f, 1.0f, 7}).Sample(logits.data(), 4), 1);
+  EXPECT_EQ(Sample(logits, 0.0f, 1.0f, 7, 0), 1);
   // A nucleus smaller than the top token's mass leaves only the top token.
-  Sampler narrow({1.0f, 0.01f, 7});
-  for (int i = 0; i < 50; ++i) EXPECT_EQ(narrow.Sample(logits.data(), 4), 1);
-  // Full sampling visits the likely tokens in proportion; the same seed repeats the draws.
-  Sampler a({1.0f, 1.0f, 42}), b({1.0f, 1.0f, 42});
+  for (int pos = 0; pos < 50; ++pos) EXPECT_EQ(Sample(logits, 1.0f, 0.01f, 7, pos), 1);
+  // Full sampling visits the likely tokens in proportion; a draw is a function of (seed,
+  // position) alone, and other seeds give other draws.
   std::map<int, int> counts;
-  for (int i = 0; i < 4000; ++i) {
-    const int x = a.Sample(logits.data(), 4);
-    EXPECT_EQ(x, b.Sample(logits.data(), 4));
+  int differ = 0;
+  for (int pos = 0; pos < 4000; ++pos) {
+    const int x = Sample(logits, 1.0f, 1.0f, 42, pos);
+    EXPECT_EQ(x, Sample(logits, 1.0f, 1.0f, 42, pos));
+    differ += x != Sample(logits, 1.0f, 1.0f, 43, pos);
     ++counts[x];
   }
+  EXPECT_GT(differ, 1000);
   // softmax: p1 ≈ 0.47, p2 ≈ 0.43, p0 ≈ 0.07, p3 ≈ 0.02
   EXPECT_NEAR(counts[1] / 4000.0, 0.47, 0.04);
   EXPECT_NEAR(counts[2] / 4000.0, 0.43, 0.04);
   EXPECT_GT(counts[3], 0);
   // top_p 0.9 drops the two unlikely tokens.
-  Sampler nucleus({1.0f, 0.9f, 1});
-  for (int i = 0; i < 500; ++i) {
-    const int x = nucleus.Sample(logits.data(), 4);
+  for (int pos = 0; pos < 500; ++pos) {
+    const int x = Sample(logits, 1.0f, 0.9f, 1, pos);
     EXPECT_TRUE(x == 1 || x == 2) << x;
   }
+}
+
+TEST(InferenceSampler, LogprobOfTargetOrChoiceAndArgmax) {
+  const std::vector<float> logits = {0.5f, -1.0f, 3.0f, 3.0f, 1.0f, 0.0f};  // [2 rows, 3]
+  const float temperature[2] = {0.0f, 0.0f}, top_p[2] = {1.0f, 1.0f};
+  const uint64_t seed[2] = {0, 0};
+  const int32_t position[2] = {0, 0}, target[2] = {1, -1};
+  int32_t next[2], argmax[2];
+  float logprob[2];
+  kernels::sample_tokens(next, logprob, argmax, logits.data(), 2, 3,
+                         {temperature, top_p, seed, position, target});
+  EXPECT_EQ(argmax[0], 2);
+  EXPECT_EQ(argmax[1], 0);  // ties go to the lowest id
+  EXPECT_EQ(next[1], 0);
+  const double z0 = std::exp(0.5) + std::exp(-1.0) + std::exp(3.0);
+  const double z1 = std::exp(3.0) + std::exp(1.0) + std::exp(0.0);
+  EXPECT_NEAR(logprob[0], -1.0 - std::log(z0), 1e-6);  // the target's
+  EXPECT_NEAR(logprob[1], 3.0 - std::log(z1), 1e-6);   // the chosen token's
 }
 
 uint32_t ReadU32(const std::string& s, size_t at) {

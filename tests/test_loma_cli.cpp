@@ -165,7 +165,7 @@ TEST(LomaTrainCli, FlagErrorsNameTheFlag) {
   const std::string binary = std::string(DMC_BINARY_DIR) + "/trainer/dmc-train";
   if (!std::filesystem::exists(binary)) GTEST_SKIP() << binary << " is not built";
   const std::pair<const char*, const char*> cases[] = {
-      {"--method=lomax", "--method=lomax: expected dmc or loma"},
+      {"--method=lomax", "--method=lomax: expected dmc, dms or loma"},
       {"--method=loma --loma_t=2", "--method=loma needs --loma_t >= 1 and --loma_c >= 1"},
       {"--loma_t=2 --loma_c=4", "--loma_t and --loma_c apply only with --method=loma"},
       {"--method=loma --loma_t=2 --loma_c=4 --model=tiny --seq_len=30 --pretrain_steps=1",

@@ -19,6 +19,7 @@ using model::LlamaConfig;
 using kernels::DmcDecisionMode;
 
 using tiny_models::RandomizeParams;
+using tiny_models::RandomTokens;
 
 LlamaConfig TestConfig(bool dmc, int kv_heads = 2, bool tied = false) {
   LlamaConfig c = tiny_models::TinyLlama(11, kv_heads, tied);
@@ -27,13 +28,6 @@ LlamaConfig TestConfig(bool dmc, int kv_heads = 2, bool tied = false) {
   return c;
 }
 
-
-std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
-  return t;
-}
 
 struct GradCase {
   bool dmc;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <random>
+#include <vector>
 
 #include "model/llama.h"
 
@@ -33,6 +34,14 @@ void RandomizeParams(model::Llama<T>& m, uint64_t seed, double scale = 0.4) {
   for (const auto& s : m.param_specs())
     for (size_t i = 0; i < s.size; ++i)
       m.params()[s.offset + i] = static_cast<T>(s.shape.size() == 1 ? 1.0 + dist(rng) : dist(rng));
+}
+
+// n token ids uniform in [0, vocab), from `seed`.
+inline std::vector<int32_t> RandomTokens(int n, int vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % vocab);
+  return t;
 }
 
 }  // namespace dmc::tiny_models

@@ -2,6 +2,21 @@
 
 namespace dmc::trainer {
 
+model::ForwardResult CpuBackend::Forward(const int32_t* tokens, const int32_t* targets, int B,
+                                         int seq_len, const model::StepOptions& options) {
+  if (model_->config().dms.enabled) {
+    // The teacher: the frozen copy, or this model with eviction off (DMS.md §4).
+    model::Llama<float>& teacher = teacher_ ? *teacher_ : *model_;
+    if (!teacher_) model_->set_compression_enabled(false);
+    model::StepOptions plain = options;
+    plain.cr_prior = 0;
+    teacher.Forward(tokens, targets, B, seq_len, plain);
+    if (!teacher_) model_->set_compression_enabled(true);
+    model_->SetDistillationTarget(teacher.logits(), teacher.lse());
+  }
+  return model_->Forward(tokens, targets, B, seq_len, options);
+}
+
 absl::Status CpuBackend::Backward(double loss_scale, bool average_gradients) {
   model_->Backward(loss_scale);
   if (!average_gradients || dp_->size() == 1) return absl::OkStatus();

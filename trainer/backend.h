@@ -22,12 +22,19 @@ class TrainBackend {
 
   // "cpu", "cuda": for messages.
   virtual const char* name() const = 0;
-  virtual void SetDmcEnabled(bool enabled) = 0;
+  // DMC merging or DMS eviction on or off (the model's compression; stages 2 and 3 on).
+  virtual void SetCompressionEnabled(bool enabled) = 0;
+  // DMS: the frozen copy of the original model whose logits the query-channel variant distils
+  // (DMS.md §4); it must outlive the backend. Without one, the model itself with eviction off is
+  // the teacher (the adapter variant: its base is frozen, so that is exactly the original model).
+  virtual absl::Status SetTeacher(model::Llama<float>* teacher) = 0;
   // End of DMC stage 1 (Llama::ZeroControlChannelRows) on the weights being trained.
   virtual void ZeroControlChannelRows() = 0;
   virtual void ZeroGrad() = 0;
   virtual model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B,
                                        int seq_len, const model::StepOptions& options) = 0;
+  // With DMS eviction on, the teacher's forward on the same batch comes first and the loss is the
+  // distillation loss (model/llama.h).
   // Accumulates loss_scale · d(loss)/d(params) of the last Forward into the gradients. With
   // average_gradients (the trainer sets it on the last micro-batch of a step) the gradients are
   // then averaged over the backend's data-parallel group; the GPU backend reduces them in buckets
@@ -66,13 +73,15 @@ class CpuBackend : public TrainBackend {
              parallel::Communicator* dp)
       : model_(model), optimizer_(optimizer), tp_(tp), dp_(dp) {}
   const char* name() const override { return "cpu"; }
-  void SetDmcEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
+  void SetCompressionEnabled(bool enabled) override { model_->set_compression_enabled(enabled); }
+  absl::Status SetTeacher(model::Llama<float>* teacher) override {
+    teacher_ = teacher;
+    return absl::OkStatus();
+  }
   void ZeroControlChannelRows() override { model_->ZeroControlChannelRows(); }
   void ZeroGrad() override { model_->ZeroGrad(); }
   model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
-                               const model::StepOptions& options) override {
-    return model_->Forward(tokens, targets, B, seq_len, options);
-  }
+                               const model::StepOptions& options) override;
   absl::Status Backward(double loss_scale, bool average_gradients) override;
   absl::StatusOr<double> OptimizerStep(float lr) override {
     return optimizer_->Step(*model_, lr, *tp_);
@@ -86,6 +95,7 @@ class CpuBackend : public TrainBackend {
 
  private:
   model::Llama<float>* model_;
+  model::Llama<float>* teacher_ = nullptr;
   AdamW* optimizer_;
   parallel::Communicator *tp_, *dp_;
 };

@@ -15,8 +15,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The first field in which two model configs differ ("" when they agree). dmc.enabled is left
-// out: the trainer switches it by phase.
+// The first field in which two model configs differ ("" when they agree). dmc.enabled and
+// dms.enabled are left out: the trainer switches them by phase.
 std::string ConfigMismatch(const model::LlamaConfig& a, const model::LlamaConfig& b) {
   const std::pair<const char*, bool> fields[] = {
       // first: a LoMA model also differs in vocab_size, and this says why
@@ -34,6 +34,11 @@ std::string ConfigMismatch(const model::LlamaConfig& a, const model::LlamaConfig
       {"dmc.window", a.dmc.window != b.dmc.window},
       {"dmc.init_val", a.dmc.init_val != b.dmc.init_val},
       {"dmc.temperature", a.dmc.temperature != b.dmc.temperature},
+      {"dms.variant", a.dms.variant != b.dms.variant},
+      {"dms.window", a.dms.window != b.dms.window},
+      {"dms.scale", a.dms.scale != b.dms.scale},
+      {"dms.offset", a.dms.offset != b.dms.offset},
+      {"dms.temperature", a.dms.temperature != b.dms.temperature},
   };
   for (const auto& [name, differs] : fields)
     if (differs) return name;
@@ -53,6 +58,13 @@ Checkpointer::Checkpointer(std::string dir, int keep_last, parallel::Communicato
                            int tp_rank, int tp_size, int dp_rank)
     : dir_(std::move(dir)), keep_last_(keep_last), world_(world), tp_rank_(tp_rank),
       tp_size_(tp_size), dp_rank_(dp_rank) {}
+
+std::string WeightsHash(const std::vector<float>& weights) {
+  uint64_t h = 1469598103934665603ULL;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(weights.data());
+  for (size_t i = 0; i < weights.size() * sizeof(float); ++i) h = (h ^ bytes[i]) * 1099511628211ULL;
+  return absl::StrFormat("%016x", h);
+}
 
 std::string Checkpointer::StepDirName(int step) { return absl::StrFormat("step_%08d", step); }
 
@@ -116,6 +128,7 @@ absl::Status Checkpointer::WriteFiles(const fs::path& tmp, const model::Llama<fl
                       {"optimizer_step", state.optimizer_step},
                       {"loader_cursor", state.loader_cursor},
                       {"seed", state.seed},
+                      {"teacher", state.teacher},
                       {"tp_size", tp_size_}};
   if (absl::Status s = model::WriteFileAtomically((tmp / "trainer.json").string(), j.dump(2));
       !s.ok())
@@ -188,6 +201,7 @@ absl::StatusOr<TrainingState> Checkpointer::LoadLatest(model::Llama<float>& mode
     state.optimizer_step = j.at("optimizer_step").get<int>();
     state.loader_cursor = j.at("loader_cursor").get<std::string>();
     state.seed = j.at("seed").get<uint64_t>();
+    state.teacher = j.value("teacher", std::string());
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(trainer_path + ": malformed trainer state: " + e.what());
   }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -38,7 +39,14 @@ struct TrainingState {
   int optimizer_step = 0;
   std::string loader_cursor;  // data::LoaderCursor::ToString()
   uint64_t seed = 0;
+  // DMS query-channel variant: a hash of the teacher's weights (the --init_from model, which is
+  // not saved again); "" when the run has no separate teacher.
+  std::string teacher;
 };
+
+// FNV-1a over the bytes of a weight buffer, as 16 hex digits: how a checkpoint records weights it
+// does not hold (TrainingState::teacher).
+std::string WeightsHash(const std::vector<float>& weights);
 
 class Checkpointer {
  public:

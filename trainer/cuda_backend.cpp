@@ -8,6 +8,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Ll
                                                                  const OptimizerConfig& optimizer,
                                                                  parallel::Communicator* tp,
                                                                  parallel::Communicator* dp) {
+  if (host.config().dms.is_dms())
+    return absl::UnimplementedError(
+        "--method=dms --device=cuda: the CUDA model has no DMS step yet; train DMS with "
+        "--device=cpu");
   std::unique_ptr<model::LlamaCuda> device;
   try {
     device =

@@ -29,7 +29,10 @@ class CudaBackend : public TrainBackend {
                                                              parallel::Communicator* dp = nullptr);
 
   const char* name() const override { return "cuda"; }
-  void SetDmcEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
+  void SetCompressionEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
+  absl::Status SetTeacher(model::Llama<float>*) override {
+    return absl::UnimplementedError("DMS distillation runs on the CPU backend only (--device=cpu)");
+  }
   void ZeroControlChannelRows() override { model_->ZeroControlChannelRows(); }
   void ZeroGrad() override { model_->ZeroGrad(); }
   model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,

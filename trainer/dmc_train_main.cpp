@@ -42,8 +42,17 @@
 #endif
 
 ABSL_FLAG(std::string, method, "dmc",
-          "dmc (pre-training and the DMC stages) or loma (LoMA retrofitting on the pre-training "
-          "schedule; needs --loma_t and --loma_c)");
+          "dmc (pre-training and the DMC stages), dms (Dynamic Memory Sparsification: stages 2-3 "
+          "retrofit --init_from with learned delayed eviction, distilled from it) or loma (LoMA "
+          "retrofitting on the pre-training schedule; needs --loma_t and --loma_c)");
+ABSL_FLAG(std::string, dms_variant, "adapter",
+          "DMS decision logit: adapter (a zero-initialised Linear(RMSNorm(residual)) per layer, "
+          "the base frozen: the released code) or query_channel (channel d-1 of each group's "
+          "first query head, every weight trained: the paper)");
+ABSL_FLAG(int, dms_window, 512, "DMS: a token marked for eviction stays for this many queries");
+ABSL_FLAG(float, dms_scale, 100.0f, "DMS: decision logit a = scale · x - offset");
+ABSL_FLAG(float, dms_offset, 5.0f, "DMS: decision logit offset");
+ABSL_FLAG(float, dms_temperature, 0.1f, "DMS: Gumbel-sigmoid temperature");
 ABSL_FLAG(int, loma_t, 0, "LoMA: memory slots per segment (--method=loma)");
 ABSL_FLAG(int, loma_c, 0, "LoMA: compression ratio; a segment is loma_t × loma_c tokens");
 ABSL_FLAG(std::string, model, "small", "model preset (tiny, small, small-d64, medium) when not importing weights; its vocabulary is the one --data records");
@@ -122,9 +131,20 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     return absl::InvalidArgumentError("--device=" + device + ": expected cpu or cuda");
   const std::string method = absl::GetFlag(FLAGS_method);
   const int loma_t = absl::GetFlag(FLAGS_loma_t), loma_c = absl::GetFlag(FLAGS_loma_c);
-  if (method != "dmc" && method != "loma")
-    return absl::InvalidArgumentError("--method=" + method + ": expected dmc or loma");
-  const bool loma = method == "loma";
+  if (method != "dmc" && method != "dms" && method != "loma")
+    return absl::InvalidArgumentError("--method=" + method + ": expected dmc, dms or loma");
+  const bool loma = method == "loma", dms = method == "dms";
+  const std::string dms_variant = absl::GetFlag(FLAGS_dms_variant);
+  if (dms_variant != "adapter" && dms_variant != "query_channel")
+    return absl::InvalidArgumentError("--dms_variant=" + dms_variant +
+                                      ": expected adapter or query_channel");
+  if (dms && (absl::GetFlag(FLAGS_init_from).empty() || absl::GetFlag(FLAGS_pretrain_steps) != 0))
+    return absl::InvalidArgumentError(
+        "--method=dms retrofits a pre-trained model: it needs --init_from (the teacher) and "
+        "--pretrain_steps=0");
+  if (dms && dms_variant == "adapter" && absl::GetFlag(FLAGS_stage1_steps) != 0)
+    return absl::InvalidArgumentError(
+        "--stage1_steps must be 0 with --dms_variant=adapter (it has no control channel to free)");
   if (loma && (loma_t < 1 || loma_c < 1))
     return absl::InvalidArgumentError(absl::StrFormat(
         "--method=loma needs --loma_t >= 1 and --loma_c >= 1, got --loma_t=%d --loma_c=%d",
@@ -165,6 +185,21 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   model_config.dmc.window = absl::GetFlag(FLAGS_dmc_window);
   model_config.dmc.temperature = absl::GetFlag(FLAGS_dmc_temperature);
   model_config.dmc.init_val = absl::GetFlag(FLAGS_dmc_init_val);
+  // The teacher (DMS.md §4) is the model the retrofit starts from, before DMS is added.
+  const LlamaConfig teacher_config = model_config;
+  if (dms) {
+    if (model_config.dms.is_dms() || model_config.dmc.enabled)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--init_from=%s is already a %s model: --method=dms retrofits a model without "
+          "compression (continue a DMS run with --resume)",
+          init_from, model_config.dms.is_dms() ? "DMS" : "DMC"));
+    model_config.dms.variant = dms_variant == "adapter" ? dmc::model::DmsVariant::kAdapter
+                                                        : dmc::model::DmsVariant::kQueryChannel;
+    model_config.dms.window = absl::GetFlag(FLAGS_dms_window);
+    model_config.dms.scale = absl::GetFlag(FLAGS_dms_scale);
+    model_config.dms.offset = absl::GetFlag(FLAGS_dms_offset);
+    model_config.dms.temperature = absl::GetFlag(FLAGS_dms_temperature);
+  }
   if (absl::Status s = model_config.Validate(); !s.ok()) return s;
 
   const auto& layout = groups.layout();
@@ -241,6 +276,16 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   // LoMA: grow the vocabulary by <m> and <r> (before a resume loads the grown checkpoint).
   if (loma) model_ptr = dmc::model::AddLomaTokens(*model_ptr, &groups.host_tp(), tc.loma.zones);
   dmc::model::Llama<float>& model = *model_ptr;
+  // DMS query-channel variant: a frozen copy of the original model is the teacher; the adapter
+  // variant's teacher is the model itself with eviction off (its base is frozen).
+  std::unique_ptr<dmc::model::Llama<float>> teacher;
+  std::string teacher_hash;
+  if (dms && model_config.dms.variant == dmc::model::DmsVariant::kQueryChannel) {
+    teacher = std::make_unique<dmc::model::Llama<float>>(teacher_config, &groups.host_tp());
+    if (absl::Status st = dmc::model::ImportHfWeights(init_from, teacher.get()); !st.ok())
+      return st;
+    teacher_hash = dmc::trainer::WeightsHash(teacher->params());
+  }
   std::unique_ptr<dmc::trainer::TrainBackend> backend;  // null: the CPU
 #if defined(DMC_HAVE_CUDA)
   if (device == "cuda") {
@@ -294,6 +339,8 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
       tc, &model,
       [source](std::vector<int32_t>* in, std::vector<int32_t>* tgt) { return source->Next(in, tgt); },
       &groups.host_dp(), &groups.host_tp(), std::move(backend));
+  if (teacher)
+    if (absl::Status st = trainer.backend().SetTeacher(teacher.get()); !st.ok()) return st;
   dmc::trainer::Checkpointer checkpointer(checkpoint_dir, absl::GetFlag(FLAGS_keep_last),
                                           &groups.world(), layout.tp_rank, layout.tp_size,
                                           layout.dp_rank);
@@ -304,6 +351,15 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     absl::StatusOr<dmc::trainer::TrainingState> state =
         checkpointer.LoadLatest(model, trainer.optimizer());
     if (!state.ok()) return state.status();
+    // The teacher is not in the checkpoint: --init_from must still hold the same weights. Rank
+    // 0's shard is what was recorded; every rank learns its verdict.
+    double changed = leader && state->teacher != teacher_hash ? 1.0 : 0.0;
+    if (absl::Status st = groups.world().AllReduceMax(&changed, 1); !st.ok()) return st;
+    if (changed > 0)
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "--init_from=%s: the teacher's weights differ from those the checkpoint in %s was "
+          "trained against (hash %s, recorded %s)",
+          init_from, checkpoint_dir, teacher_hash, leader ? state->teacher : "on rank 0"));
     // A device backend trains its own copy: hand it the loaded weights and moments.
     if (absl::Status st = trainer.SyncFromHost(); !st.ok()) return st;
     absl::StatusOr<dmc::data::LoaderCursor> cursor =
@@ -320,7 +376,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     // A device backend's weights and moments → the host model and optimizer the checkpoint reads.
     if (absl::Status st = trainer.SyncToHost(); !st.ok()) return st;
     dmc::trainer::TrainingState state{trainer.step(), trainer.tokens(), trainer.optimizer().step(),
-                                      source->cursor().ToString(), tc.seed};
+                                      source->cursor().ToString(), tc.seed, teacher_hash};
     absl::Status st = checkpointer.Save(model, trainer.optimizer(), state);
     if (st.ok()) saved_step = trainer.step();
     if (st.ok() && leader)

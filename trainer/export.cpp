@@ -69,13 +69,18 @@ absl::Status ExportCheckpoint(const std::string& checkpoint, const std::string& 
                   dst + (row0 + i) * full_cols + col0);
     }
   }
+  return ExportModel(full, out_dir, dtype, max_shard_bytes);
+}
+
+absl::Status ExportModel(const model::Llama<float>& full, const std::string& out_dir,
+                         model::DType dtype, int64_t max_shard_bytes) {
   std::vector<model::TensorToWrite> tensors;
   for (const model::ParamSpec& spec : full.param_specs())
     tensors.push_back({spec.name, spec.full_shape, full.params().data() + spec.offset});
   if (absl::Status s = model::WriteShardedSafetensors(out_dir, tensors, dtype, max_shard_bytes);
       !s.ok())
     return s;
-  return model::WriteHfConfig((fs::path(out_dir) / "config.json").string(), *config, dtype);
+  return model::WriteHfConfig((fs::path(out_dir) / "config.json").string(), full.config(), dtype);
 }
 
 }  // namespace dmc::trainer

@@ -20,6 +20,7 @@ absl::Status MetricsLog::Write(const StepMetrics& m) {
   nlohmann::json j = {{"step", m.step},           {"phase", PhaseName(m.phase)},
                       {"loss", m.loss},           {"lm_loss", m.lm_loss},
                       {"cr_loss", m.cr_loss},     {"rep_loss", m.rep_loss},
+                      {"distill_loss", m.distill_loss},
                       {"lr", m.lr},
                       {"grad_norm", m.grad_norm}, {"cr_target", m.cr_target},
                       {"achieved_cr", m.achieved_cr}, {"tokens_per_second", m.tokens_per_second},

@@ -39,6 +39,7 @@ absl::StatusOr<double> AdamW::GradNorm(const model::Llama<float>& model,
   // all-reduce counts them once.
   double sum = 0;
   for (const auto& spec : model.param_specs()) {
+    if (spec.frozen) continue;
     const double ss = kernels::sum_of_squares(grads.data() + spec.offset, spec.size);
     sum += spec.split_dim < 0 ? ss / tp.size() : ss;
   }
@@ -57,6 +58,7 @@ absl::StatusOr<double> AdamW::Step(model::Llama<float>& model, float lr,
   ++step_;
   const size_t first = shard_.slice.begin;  // m_[i] is the moment of parameter first + i
   for (const auto& spec : model.param_specs()) {
+    if (spec.frozen) continue;  // a DMS adapter model trains its adapter only
     const model::FlatRange part = shard_.Overlap(spec.offset, spec.size);
     if (part.size == 0) continue;
     kernels::AdamWHyper hyper{lr, config_.beta1, config_.beta2, config_.eps,

@@ -89,8 +89,8 @@ double Trainer::FlopsPerToken() const {
 }
 
 void Trainer::EnterPhase(const ScheduleState& state) {
-  model_->set_dmc_enabled(state.dmc_enabled());
-  backend_->SetDmcEnabled(state.dmc_enabled());
+  model_->set_compression_enabled(state.dmc_enabled());
+  backend_->SetCompressionEnabled(state.dmc_enabled());
   if (!state.phase_start || step_ == 0) return;
   // The reference carries no optimizer state from one stage to the next.
   backend_->ResetOptimizer();
@@ -133,7 +133,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   const bool inject_nan = InjectNanNow();
   std::vector<int32_t> inputs, targets;
   backend_->ZeroGrad();
-  double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, merge = 0;
+  double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, distill = 0, merge = 0;
   for (int micro = 0; micro < config_.grad_accum; ++micro) {
     // A batch that fails to load (a damaged shard) on one data-parallel rank stops every rank,
     // with that rank's error, before any of them uses its batch.
@@ -170,18 +170,20 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     lm_loss += r->lm_loss / config_.grad_accum;
     cr_loss += r->cr_loss / config_.grad_accum;
     rep_loss += r->rep_loss / config_.grad_accum;
+    distill += r->distill_loss / config_.grad_accum;
     merge += r->merge_fraction / config_.grad_accum;
   }
 
   // Data parallel: average the reported statistics over ranks (the gradients were, in Backward).
   if (dp_->size() > 1) {
-    double stats[5] = {loss, lm_loss, cr_loss, rep_loss, merge};
-    if (absl::Status s = dp_->AllReduceSum(stats, 5); !s.ok()) return s;
+    double stats[6] = {loss, lm_loss, cr_loss, rep_loss, merge, distill};
+    if (absl::Status s = dp_->AllReduceSum(stats, 6); !s.ok()) return s;
     loss = stats[0] / dp_->size();
     lm_loss = stats[1] / dp_->size();
     cr_loss = stats[2] / dp_->size();
     rep_loss = stats[3] / dp_->size();
     merge = stats[4] / dp_->size();
+    distill = stats[5] / dp_->size();
   }
   // Non-finite steps. The loss is averaged over dp above; over tp it is taken as bad when it is
   // on any rank. The gradient norm needs no vote: the gradients are averaged over dp and the norm
@@ -223,6 +225,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   m.lm_loss = lm_loss;
   m.cr_loss = cr_loss;
   m.rep_loss = rep_loss;
+  m.distill_loss = distill;
   m.lr = sched.lr;
   m.grad_norm = grad_norm;
   // LoMA: a window of whole segments ends with 1/c of its tokens' slots, by construction.
@@ -259,6 +262,7 @@ std::string FormatProgress(const StepMetrics& m, int total_steps) {
       "step %5d/%d | %-8s | loss %.4f (lm %.4f, %s %.4f) | lr %.2e | grad %.3f | ", m.step,
       total_steps, PhaseName(m.phase), m.loss, m.lm_loss, loma ? "rep" : "cr",
       loma ? m.rep_loss : m.cr_loss, m.lr, m.grad_norm);
+  if (m.distill_loss > 0) line += absl::StrFormat("kl %.4f | ", m.distill_loss);
   line += loma ? absl::StrFormat("CR %.2f", m.achieved_cr)
                : absl::StrFormat("CR target %.2f achieved %.2f", m.cr_target, m.achieved_cr);
   line += absl::StrFormat(" | %.0f tok/s", m.tokens_per_second);

@@ -56,6 +56,7 @@ struct StepMetrics {
   Phase phase = Phase::kDone;
   double loss = 0, lm_loss = 0, cr_loss = 0;
   double rep_loss = 0;  // LoMA repetition-zone loss (0 without LoMA)
+  double distill_loss = 0;  // DMS: KL(student || teacher) (0 without DMS)
   double lr = 0, grad_norm = 0;
   double cr_target = 1, achieved_cr = 1;  // LoMA: both its fixed ratio c
   double tokens_per_second = 0;

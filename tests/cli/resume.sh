@@ -7,7 +7,9 @@
 #      not published; the step directory published but `latest` not yet moved) → --resume each
 #      time → the same final bytes again: an interrupted save never damages the previous checkpoint;
 #   4. a run on 2 data-parallel ranks, stopped by SIGTERM and resumed on 1 rank with the same global
-#      batch: the checkpoint does not depend on the data-parallel layout.
+#      batch: the checkpoint does not depend on the data-parallel layout;
+#   5. DMS (query-channel variant, retrofitting a short pre-training): SIGTERM -> --resume is
+#      bit-exact, and a resume against other teacher weights is refused.
 # Every stop comes at an exact step or point of a save, from dmc-train's fault injection
 # (DMC_FAULTS, trainer/fault_injection.h), never from a timer: the test does not depend on speed.
 # Usage: resume.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
@@ -81,3 +83,39 @@ last_dp=$(losses "$work/dp.jsonl" | tail -1 | cut -d' ' -f2)
 awk -v a="$last_straight" -v b="$last_dp" 'BEGIN { d = (a - b) / a; exit !(d < 0.02 && d > -0.02) }' ||
   fail "after resuming a 2-rank checkpoint on 1 rank the last loss is $last_dp, straight $last_straight"
 echo "2 ranks -> 1 rank: final loss $last_dp (straight $last_straight)"
+
+# 5. DMS, query-channel variant (every weight trained, a frozen teacher that the checkpoint
+#    records by hash): SIGTERM -> --resume is bit-exact, and a resume whose --init_from holds
+#    other weights is refused
+export_tool="$(dirname "$train")/dmc-export"
+for seed in 1 2; do  # two short pre-trainings: the teacher, and other weights
+  "$train" --model=tiny --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=4 \
+      --pretrain_steps=30 --lr=3e-3 --seed=$seed --log_every=100000 \
+      --checkpoint_dir="$work/pre$seed" >/dev/null
+  "$export_tool" "$work/pre$seed" "$work/base$seed" --dtype=fp32 >/dev/null
+done
+total=60
+dms=(--method=dms --dms_variant=query_channel --dms_window=4 --init_from="$work/base1"
+     --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=4 --stage1_steps=10
+     --stage2_steps=40 --stage3_steps=10 --cr_target=4 --retrofit_lr=3e-3 --retrofit_min_lr=3e-4
+     --log_every=100000 --keep_last=2)
+"$train" "${dms[@]}" --checkpoint_dir="$work/dms_straight" --log_jsonl="$work/dms_straight.jsonl" \
+    >/dev/null
+grep -q '"distill_loss":0,' <(tail -1 "$work/dms_straight.jsonl") && fail "DMS did not distil"
+DMC_FAULTS=stop_after=25 "$train" "${dms[@]}" --checkpoint_dir="$work/dms_term" \
+    --log_jsonl="$work/dms_term.jsonl" >/dev/null
+[ "$(cat "$work/dms_term/latest")" = step_00000025 ] || fail "DMS: SIGTERM after step 25 left $(cat "$work/dms_term/latest")"
+"$train" "${dms[@]}" --checkpoint_dir="$work/dms_term" --log_jsonl="$work/dms_term.jsonl" \
+    --resume >/dev/null
+diff <(losses "$work/dms_straight.jsonl") <(losses "$work/dms_term.jsonl") >/dev/null ||
+  fail "DMS losses after the SIGTERM resume (stopped after step 25) differ from the straight run"
+same_state "$work/dms_straight" "$work/dms_term"
+echo "DMS: SIGTERM after step 25, resumed: bit-exact"
+# (of two --init_from flags the last counts)
+if "$train" "${dms[@]}" --init_from="$work/base2" --checkpoint_dir="$work/dms_term" \
+    --resume >"$work/teacher.log" 2>&1; then
+  fail "a DMS resume against other teacher weights was accepted"
+fi
+grep -q "teacher's weights differ" "$work/teacher.log" ||
+  fail "the other-teacher resume failed without naming the teacher: $(cat "$work/teacher.log")"
+echo "DMS: a resume against other teacher weights is refused"

@@ -8,7 +8,10 @@
 
 #include <cmath>
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <numeric>
+#include <vector>
 #include <random>
 #include <string>
 
@@ -58,6 +61,46 @@ inline void ShapeWeights(model::Llama<float>* m, uint64_t seed) {
     }
   }
   for (float& w : m->params()) w = RoundBf16(w);
+}
+
+// The evaluation tests' model (test_cuda_eval.cpp, test_cuda_engine.cpp): ShapeWeights, with the decision channel of odd layers negated (those heads merge where the
+// others append, so every layer has a CR of its own), then LM head row v = 8 × embedding row σ(v)
+// with the decision channels zeroed.
+inline std::vector<int32_t> ShapeEvalModel(model::Llama<float>* m, uint64_t seed) {
+  ShapeWeights(m, seed);
+  const model::LlamaConfig& c = m->config();
+  const int C = c.hidden_size, V = c.vocab_size, D = c.head_dim();
+  for (int l = 1; l < c.num_hidden_layers; l += 2) {
+    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.k_proj.weight";
+    float* wk = m->params().data() + m->FindParam(name)->offset;
+    for (int h = 0; h < c.num_key_value_heads; ++h) wk[size_t(h * D + D - 1) * C + h] *= -1.0f;
+  }
+  std::vector<int32_t> sigma(V);
+  std::iota(sigma.begin(), sigma.end(), 0);
+  std::shuffle(sigma.begin(), sigma.end(), std::mt19937_64(seed + 1));
+  const float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
+  float* head = m->params().data() + m->FindParam("lm_head.weight")->offset;
+  for (int v = 0; v < V; ++v)
+    for (int j = 0; j < C; ++j)
+      head[size_t(v) * C + j] =
+          j < c.num_key_value_heads ? 0.0f : RoundBf16(8.0f * emb[size_t(sigma[v]) * C + j]);
+  std::vector<int32_t> predicted(V);  // σ⁻¹: the token the model predicts after each token
+  for (int v = 0; v < V; ++v) predicted[sigma[v]] = v;
+  return predicted;
+}
+
+// n windows of T + 1 tokens that follow the shaped model's prediction three times in four.
+inline std::vector<std::vector<int32_t>> PredictableWindows(int n, int T, const std::vector<int32_t>& predicted,
+                                              uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int V = static_cast<int>(predicted.size());
+  std::vector<std::vector<int32_t>> windows(n, std::vector<int32_t>(T + 1));
+  for (auto& w : windows) {
+    w[0] = static_cast<int32_t>(rng() % V);
+    for (int t = 1; t <= T; ++t)
+      w[t] = rng() % 4 ? predicted[w[t - 1]] : static_cast<int32_t>(rng() % V);
+  }
+  return windows;
 }
 
 // ||got - want|| / ||want|| (the absolute norm when want is 0); infinite for a non-finite value.

@@ -1,5 +1,6 @@
 // GPU vs CPU reference for the fused DMC attention kernels: causal, GQA, the on-the-fly DMC bias
-// (soft log(1 - alpha) values, hard -50000 values, or none), exclude_ctrl, head dims 64 and 128,
+// (soft log(1 - alpha) values, hard -50000 values, or none), DMS's mask mode (the bias only where
+// query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128,
 // sequence lengths that are not multiples of the tiles. Forward (out, lse) and backward
 // (dq, dk, dv, dmask, all accumulated into random initial values).
 #include <cmath>
@@ -14,20 +15,25 @@ namespace {
 namespace K = dmc::kernels;
 namespace C = dmc::cuda;
 
-enum class MaskKind { kNone, kSoft, kHard };
+enum class MaskKind { kNone, kSoft, kHard, kEvicted };  // kEvicted: DMS's hard -inf
 
 struct Case {
   int B, T, H, Hkv, D;
   bool exclude_ctrl;
   MaskKind mask;
   double q_scale;  // larger values give peakier softmax rows
+  int window = 0;  // DMS: the mask applies where query - key > window
 };
 
 std::string name_of(const Case& c) {
   return "B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " H" + std::to_string(c.H) +
          "/" + std::to_string(c.Hkv) + " D" + std::to_string(c.D) +
          (c.exclude_ctrl ? " xctrl" : "") +
-         (c.mask == MaskKind::kNone ? " nomask" : c.mask == MaskKind::kSoft ? " soft" : " hard");
+         (c.mask == MaskKind::kNone   ? " nomask"
+          : c.mask == MaskKind::kSoft ? " soft"
+          : c.mask == MaskKind::kHard ? " hard"
+                                      : " evicted") +
+         (c.window > 0 ? " w" + std::to_string(c.window) : "");
 }
 
 void run_case(const Case& c) {
@@ -44,6 +50,9 @@ void run_case(const Case& c) {
   } else if (c.mask == MaskKind::kHard) {
     auto a = randu(nm, 0.0, 1.0);
     for (size_t i = 0; i < nm; ++i) mask[i] = a[i] < 0.3 ? -50000.0 : 0.0;
+  } else if (c.mask == MaskKind::kEvicted) {
+    auto a = randu(nm, 0.0, 1.0);
+    for (size_t i = 0; i < nm; ++i) mask[i] = a[i] < 0.6 ? -INFINITY : 0.0;
   }
   auto qb = to_bf16(q), kb = to_bf16(k), vb = to_bf16(v);
   auto mf = to_f32(mask);
@@ -53,11 +62,11 @@ void run_case(const Case& c) {
   dlse.poison();
   const float* mptr = c.mask == MaskKind::kNone ? nullptr : dmask.ptr;
   C::dmc_attention_forward(dout, dlse, dq, dk, dv, mptr, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl,
-                           scale);
+                           scale, nullptr, c.window);
   std::vector<double> out(nq), lse(nl);
   const double* mref = c.mask == MaskKind::kNone ? nullptr : mask.data();
   K::dmc_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), mref, c.B,
-                                   c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+                                   c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, c.window);
   const std::string n = name_of(c);
   expect_close(("attn fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
   expect_close(("attn fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
@@ -70,10 +79,12 @@ void run_case(const Case& c) {
   DevBuf<bf16> dgo(gob), dgq(gqb), dgk(gkb), dgv(gvb);
   DevBuf<float> dgm(gmf);
   C::dmc_attention_backward(dgq, dgk, dgv, mptr ? dgm.ptr : nullptr, dgo, dq, dk, dv, mptr, dout,
-                            dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+                            dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, nullptr,
+                            c.window);
   K::dmc_attention_backward<double>(gq.data(), gk.data(), gv.data(), mref ? gm.data() : nullptr,
                                     go.data(), q.data(), k.data(), v.data(), mref, out.data(),
-                                    lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale);
+                                    lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
+                                    c.window);
   expect_close(("attn bwd dq   " + n).c_str(), dgq.download(), gq, kBf16Tol);
   expect_close(("attn bwd dk   " + n).c_str(), dgk.download(), gk, kBf16Tol);
   expect_close(("attn bwd dv   " + n).c_str(), dgv.download(), gv, kBf16Tol);
@@ -95,7 +106,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1, 1100, 2, 1, 128, true, MaskKind::kSoft, 2.0},
                       Case{1, 257, 8, 2, 64, false, MaskKind::kSoft, 3.0},
                       Case{1, 1, 2, 1, 64, true, MaskKind::kSoft, 1.0},
-                      Case{3, 17, 2, 2, 128, true, MaskKind::kSoft, 1.0}),
+                      Case{3, 17, 2, 2, 128, true, MaskKind::kSoft, 1.0},
+                      // DMS: bands narrower than, across and wider than a tile
+                      Case{2, 300, 4, 2, 64, false, MaskKind::kSoft, 1.0, 5},
+                      Case{1, 257, 4, 1, 128, false, MaskKind::kSoft, 2.0, 70},
+                      Case{2, 200, 4, 2, 64, false, MaskKind::kEvicted, 1.0, 3},
+                      Case{1, 129, 2, 2, 128, false, MaskKind::kEvicted, 1.0, 100}),
     [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
 
 }  // namespace

@@ -48,45 +48,6 @@ model::LlamaConfig MakeConfig(const Case& c) {
   return m;
 }
 
-// ShapeWeights, with the decision channel of odd layers negated (those heads merge where the
-// others append, so every layer has a CR of its own), then LM head row v = 8 × embedding row σ(v)
-// with the decision channels zeroed.
-std::vector<int32_t> ShapeModel(model::Llama<float>* m, uint64_t seed) {
-  ShapeWeights(m, seed);
-  const model::LlamaConfig& c = m->config();
-  const int C = c.hidden_size, V = c.vocab_size, D = c.head_dim();
-  for (int l = 1; l < c.num_hidden_layers; l += 2) {
-    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.k_proj.weight";
-    float* wk = m->params().data() + m->FindParam(name)->offset;
-    for (int h = 0; h < c.num_key_value_heads; ++h) wk[size_t(h * D + D - 1) * C + h] *= -1.0f;
-  }
-  std::vector<int32_t> sigma(V);
-  std::iota(sigma.begin(), sigma.end(), 0);
-  std::shuffle(sigma.begin(), sigma.end(), std::mt19937_64(seed + 1));
-  const float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
-  float* head = m->params().data() + m->FindParam("lm_head.weight")->offset;
-  for (int v = 0; v < V; ++v)
-    for (int j = 0; j < C; ++j)
-      head[size_t(v) * C + j] =
-          j < c.num_key_value_heads ? 0.0f : RoundBf16(8.0f * emb[size_t(sigma[v]) * C + j]);
-  std::vector<int32_t> predicted(V);  // σ⁻¹: the token the model predicts after each token
-  for (int v = 0; v < V; ++v) predicted[sigma[v]] = v;
-  return predicted;
-}
-
-std::vector<std::vector<int32_t>> MakeWindows(int n, int T, const std::vector<int32_t>& predicted,
-                                              uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  const int V = static_cast<int>(predicted.size());
-  std::vector<std::vector<int32_t>> windows(n, std::vector<int32_t>(T + 1));
-  for (auto& w : windows) {
-    w[0] = static_cast<int32_t>(rng() % V);
-    for (int t = 1; t <= T; ++t)
-      w[t] = rng() % 4 ? predicted[w[t - 1]] : static_cast<int32_t>(rng() % V);
-  }
-  return windows;
-}
-
 class CudaEval : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override { DMC_REQUIRE_GPU(); }
@@ -97,9 +58,9 @@ TEST_P(CudaEval, MatchesTokenByTokenEvaluation) {
   const model::LlamaConfig config = MakeConfig(tc);
   const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads;
   model::Llama<float> host(config, nullptr);
-  const std::vector<int32_t> predicted = ShapeModel(&host, 7);
+  const std::vector<int32_t> predicted = ShapeEvalModel(&host, 7);
   const int n = 10, T = 32;
-  const std::vector<std::vector<int32_t>> windows = MakeWindows(n, T, predicted, 11);
+  const std::vector<std::vector<int32_t>> windows = PredictableWindows(n, T, predicted, 11);
 
   EvalOptions cpu_options;
   cpu_options.policy.method = tc.dmc ? CacheMethod::kDmc : CacheMethod::kVanilla;

@@ -1,0 +1,697 @@
+#include "inference/cuda_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "absl/strings/str_format.h"
+#include "inference/paged_decoder.h"
+#include "kernels/cuda_ops.h"
+
+namespace dmc::model::cuda_model_detail {
+void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);  // llama_cuda.cu
+}
+
+namespace dmc::inference {
+namespace c = dmc::cuda;
+using c::bf16;
+
+#define ENGINE_CUDA(expr)                                                                  \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                               \
+      throw std::runtime_error(absl::StrFormat("CUDA error %s at %s:%d: %s",               \
+                                               cudaGetErrorName(err_), __FILE__, __LINE__, \
+                                               cudaGetErrorString(err_)));                 \
+  } while (0)
+
+namespace {
+
+// The layer's tensors in the flat layout, in model/llama.cpp's order.
+enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
+
+template <typename X>
+X* Alloc(size_t n) {
+  X* p = nullptr;
+  ENGINE_CUDA(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(1, n) * sizeof(X)));
+  return p;
+}
+
+}  // namespace
+
+// Step inputs and outputs travel in one pinned block each way.
+struct StepIo {
+  int32_t* tokens;
+  int32_t* positions;
+  int32_t* targets;
+  int32_t* sample_pos;
+  float* temperature;
+  float* top_p;
+  uint64_t* seed;
+};
+
+struct CudaEngine::Device {
+  cudaStream_t stream = nullptr;
+  bf16* weights = nullptr;
+  std::vector<size_t> layer_offsets;  // [layer · kLayerTensors + tensor]
+  size_t embed = 0, final_norm = 0, lm_head = 0;
+  // The cache (kernels/paged_kv_write.h), all layers: tables [L, R, Hkv, max_pages], lengths and
+  // window counts [L, R, Hkv], window [L, R, Hkv, w, 2D + 1].
+  bf16 *k_pool = nullptr, *v_pool = nullptr;
+  int32_t *page_table = nullptr, *lengths = nullptr, *window_count = nullptr;
+  float* window = nullptr;
+  // Step activations, [R, ...].
+  bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate, *up, *h;
+  float *rstd, *merge, *omega, *logits;
+  // Step inputs (device and pinned host), outputs.
+  char* io_dev = nullptr;
+  char* io_host = nullptr;
+  size_t io_bytes = 0;
+  StepIo in_dev, in_host;
+  int32_t *next, *argmax;
+  float* logprob;
+  int32_t* out_host = nullptr;  // [3, R] next, argmax, logprob bits; then lengths [L, R, Hkv]
+  // Page hand-outs of a step.
+  int64_t* assign_index = nullptr;
+  int32_t* assign_page = nullptr;
+  int64_t* assign_index_host = nullptr;
+  int32_t* assign_page_host = nullptr;
+  size_t assign_cap = 0;
+  // Prefill activations, [max_context, ...].
+  bf16 *px, *pxn, *pq, *pk, *pv, *pkhat, *pvhat, *pkr, *patt, *pgate, *pup, *ph;
+  float *prstd, *pgates;  // gates: logit, alpha, merge, mask, omega, each [max_context, Hkv]
+  int32_t* ptokens = nullptr;
+  std::map<int, cudaGraphExec_t> graphs;  // by batch size
+  std::vector<bool> warmed;               // batch sizes run once eagerly
+
+  size_t W(int layer, LayerTensor t) const { return layer_offsets[layer * kLayerTensors + t]; }
+};
+
+CudaEngine::CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options)
+    : config_(config),
+      opt_(options),
+      cache_opt_(CacheOptionsFor(config, options.policy.method, options.budget_bytes,
+                                 options.page_size)),
+      alloc_(options.budget_bytes, KvPageBytes(cache_opt_, 2)),
+      dev_(new Device) {}
+
+CudaEngine::~CudaEngine() {
+  if (!dev_) return;
+  Device& d = *dev_;
+  for (auto& [n, g] : d.graphs) cudaGraphExecDestroy(g);
+  for (void* p : {(void*)d.weights, (void*)d.k_pool, (void*)d.v_pool, (void*)d.page_table,
+                  (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.x,
+                  (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
+                  (void*)d.gate, (void*)d.up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
+                  (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
+                  (void*)d.argmax, (void*)d.logprob, (void*)d.assign_index, (void*)d.assign_page,
+                  (void*)d.px, (void*)d.pxn, (void*)d.pq, (void*)d.pk, (void*)d.pv,
+                  (void*)d.pkhat, (void*)d.pvhat, (void*)d.pkr, (void*)d.patt, (void*)d.pgate,
+                  (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens})
+    if (p) cudaFree(p);
+  for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
+                  (void*)d.assign_page_host})
+    if (p) cudaFreeHost(p);
+  if (d.stream) cudaStreamDestroy(d.stream);
+}
+
+absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llama<float>& model,
+                                                               const CudaEngineOptions& options) {
+  const model::LlamaConfig& cfg = model.config();
+  const CacheMethod method = options.policy.method;
+  if (!c::device_available())
+    return absl::FailedPreconditionError("the GPU engine needs a CUDA device, and none is usable");
+  if (model.local_heads() != cfg.num_attention_heads)
+    return absl::InvalidArgumentError("the GPU engine needs a tensor-parallel size 1 model");
+  if (cfg.head_dim() != 64 && cfg.head_dim() != 128)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the GPU engine needs head_dim 64 or 128 (the attention kernels' sizes); this model has %d",
+        cfg.head_dim()));
+  if (cfg.dms.enabled)
+    return absl::UnimplementedError(
+        "the GPU engine has no DMS eviction yet: decode DMS models on the CPU engine");
+  if (method != CacheMethod::kDmc && method != CacheMethod::kVanilla)
+    return absl::UnimplementedError(absl::StrFormat(
+        "the GPU engine serves the dmc and vanilla caches; %s runs on the CPU engine",
+        CacheMethodName(method)));
+  if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
+    return absl::InvalidArgumentError(
+        "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "
+        "use the vanilla method");
+  if (options.max_batch < 1 || options.page_size < 1)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "max_batch and page_size must be >= 1, got %d and %d", options.max_batch,
+        options.page_size));
+  const int max_context =
+      options.max_context > 0 ? options.max_context : cfg.max_position_embeddings;
+  if (max_context > cfg.max_position_embeddings)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "max_context %d exceeds the model's max_position_embeddings %d", max_context,
+        cfg.max_position_embeddings));
+  std::unique_ptr<CudaEngine> e(new CudaEngine(cfg, options));
+  e->max_context_ = max_context;
+  e->max_pages_ = (max_context + options.page_size - 1) / options.page_size;
+  e->rows_ = options.max_batch + 1;  // one spare row for moves
+  e->row_seq_.assign(e->rows_, -1);
+  e->dmc_ = method == CacheMethod::kDmc;
+  e->keep_ctrl_ = cfg.dmc.enabled;
+  try {
+    e->Upload(model);
+  } catch (const std::runtime_error& err) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the GPU engine could not allocate its buffers (budget %d bytes, max_batch %d, "
+        "max_context %d): %s",
+        options.budget_bytes, options.max_batch, max_context, err.what()));
+  }
+  return e;
+}
+
+void CudaEngine::Upload(const model::Llama<float>& model) {
+  Device& d = *dev_;
+  const model::LlamaConfig& cfg = config_;
+  const int L = cfg.num_hidden_layers, C = cfg.hidden_size, H = cfg.num_attention_heads;
+  const int Hkv = cfg.num_key_value_heads, D = cfg.head_dim(), F = cfg.intermediate_size;
+  const int V = cfg.vocab_size, R = rows_, P = max_context_;
+  ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
+
+  // Weights: the host layout, converted to bf16 through a staging buffer.
+  size_t num_params = 0;
+  for (const auto& s : model.param_specs()) num_params = std::max(num_params, s.offset + s.size);
+  auto offset_of = [&](const std::string& name) { return model.FindParam(name)->offset; };
+  d.embed = offset_of("model.embed_tokens.weight");
+  for (int l = 0; l < L; ++l) {
+    const std::string p = absl::StrFormat("model.layers.%d.", l);
+    for (const char* name : {"input_layernorm.weight", "self_attn.q_proj.weight",
+                             "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                             "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
+      d.layer_offsets.push_back(offset_of(p + name));
+  }
+  d.final_norm = offset_of("model.norm.weight");
+  d.lm_head = cfg.tie_word_embeddings ? d.embed : offset_of("lm_head.weight");
+  d.weights = Alloc<bf16>(num_params);
+  {
+    const size_t chunk = 64u << 20;
+    float* staging = Alloc<float>(std::min(chunk, num_params));
+    for (size_t at = 0; at < num_params; at += chunk) {
+      const size_t n = std::min(chunk, num_params - at);
+      ENGINE_CUDA(cudaMemcpyAsync(staging, model.params().data() + at, n * sizeof(float),
+                                  cudaMemcpyHostToDevice, d.stream));
+      model::cuda_model_detail::to_bf16(d.weights + at, staging, n, d.stream);
+    }
+    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+    ENGINE_CUDA(cudaFree(staging));
+  }
+
+  // The cache: as many pages as the budget pays for (window state reserved from the same budget
+  // lives in its own per-row buffer).
+  const size_t pages = static_cast<size_t>(std::max(1L, alloc_.budget_bytes() / alloc_.page_bytes()));
+  const size_t page_elems = static_cast<size_t>(opt_.page_size) * D;
+  d.k_pool = Alloc<bf16>(pages * page_elems);
+  d.v_pool = Alloc<bf16>(pages * page_elems);
+  const size_t heads = static_cast<size_t>(L) * R * Hkv;
+  d.page_table = Alloc<int32_t>(heads * max_pages_);
+  d.lengths = Alloc<int32_t>(heads);
+  d.window_count = Alloc<int32_t>(heads);
+  ENGINE_CUDA(cudaMemset(d.page_table, 0, heads * max_pages_ * sizeof(int32_t)));
+  ENGINE_CUDA(cudaMemset(d.lengths, 0, heads * sizeof(int32_t)));
+  ENGINE_CUDA(cudaMemset(d.window_count, 0, heads * sizeof(int32_t)));
+  if (cache_opt_.dmc_window > 0)
+    d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
+
+  d.x = Alloc<bf16>(size_t(R) * C);
+  d.xn = Alloc<bf16>(size_t(R) * C);
+  d.q = Alloc<bf16>(size_t(R) * H * D);
+  d.qr = Alloc<bf16>(size_t(R) * H * D);
+  d.att = Alloc<bf16>(size_t(R) * H * D);
+  d.k = Alloc<bf16>(size_t(R) * Hkv * D);
+  d.v = Alloc<bf16>(size_t(R) * Hkv * D);
+  d.gate = Alloc<bf16>(size_t(R) * F);
+  d.up = Alloc<bf16>(size_t(R) * F);
+  d.h = Alloc<bf16>(size_t(R) * F);
+  d.rstd = Alloc<float>(R);
+  d.merge = Alloc<float>(size_t(R) * Hkv);
+  d.omega = Alloc<float>(size_t(R) * Hkv);
+  d.logits = Alloc<float>(size_t(R) * V);
+  d.next = Alloc<int32_t>(R);
+  d.argmax = Alloc<int32_t>(R);
+  d.logprob = Alloc<float>(R);
+  // Inputs: 4 int32 arrays, 2 float, 1 uint64, each padded to 8 bytes per row.
+  d.io_bytes = size_t(R) * 8 * 7;
+  d.io_dev = Alloc<char>(d.io_bytes);
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.io_host), d.io_bytes));
+  auto carve = [&](char* base) {
+    StepIo io;
+    io.tokens = reinterpret_cast<int32_t*>(base);
+    io.positions = reinterpret_cast<int32_t*>(base + size_t(R) * 8);
+    io.targets = reinterpret_cast<int32_t*>(base + size_t(R) * 16);
+    io.sample_pos = reinterpret_cast<int32_t*>(base + size_t(R) * 24);
+    io.temperature = reinterpret_cast<float*>(base + size_t(R) * 32);
+    io.top_p = reinterpret_cast<float*>(base + size_t(R) * 40);
+    io.seed = reinterpret_cast<uint64_t*>(base + size_t(R) * 48);
+    return io;
+  };
+  d.in_dev = carve(d.io_dev);
+  d.in_host = carve(d.io_host);
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host), (3 * size_t(R) + heads) * sizeof(int32_t)));
+  d.assign_cap = heads;
+  d.assign_index = Alloc<int64_t>(d.assign_cap);
+  d.assign_page = Alloc<int32_t>(d.assign_cap);
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.assign_index_host), d.assign_cap * sizeof(int64_t)));
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.assign_page_host), d.assign_cap * sizeof(int32_t)));
+
+  d.px = Alloc<bf16>(size_t(P) * C);
+  d.pxn = Alloc<bf16>(size_t(P) * C);
+  d.pq = Alloc<bf16>(size_t(P) * H * D);
+  d.patt = Alloc<bf16>(size_t(P) * H * D);
+  for (bf16** b : {&d.pk, &d.pv, &d.pkhat, &d.pvhat, &d.pkr}) *b = Alloc<bf16>(size_t(P) * Hkv * D);
+  for (bf16** b : {&d.pgate, &d.pup, &d.ph}) *b = Alloc<bf16>(size_t(P) * F);
+  d.prstd = Alloc<float>(P);
+  d.pgates = Alloc<float>(size_t(5) * P * Hkv);
+  d.ptokens = Alloc<int32_t>(P);
+  d.warmed.assign(R + 1, false);
+}
+
+absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
+  if (seqs_.count(seq))
+    return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
+  const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
+  const long window = KvWindowBytes(cache_opt_, sizeof(float));
+  const long need = window + heads * alloc_.page_bytes();
+  if (need > alloc_.free_bytes())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "KV cache budget of %d bytes cannot admit sequence %d: its first token needs %d bytes, "
+        "%d of %d bytes are in use by %d sequences",
+        alloc_.budget_bytes(), seq, need, alloc_.used_bytes(), alloc_.budget_bytes(),
+        num_sequences()));
+  if (num_sequences() >= opt_.max_batch)
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the GPU engine holds max_batch %d sequences already", opt_.max_batch));
+  if (absl::Status s = alloc_.Reserve(window); !s.ok()) return s;
+  Sequence& sq = seqs_[seq];
+  sq.row = static_cast<int>(std::find(row_seq_.begin(), row_seq_.end() - 1, -1) - row_seq_.begin());
+  row_seq_[sq.row] = seq;
+  sq.sampling = sampling;
+  sq.pages.assign(heads, {});
+  sq.lengths.assign(heads, 0);
+  // The row starts empty on the device (lengths and window counts of every layer).
+  Device& d = *dev_;
+  const size_t Hkv = config_.num_key_value_heads, R = rows_;
+  ENGINE_CUDA(cudaMemset2DAsync(d.lengths + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
+                                Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
+  ENGINE_CUDA(cudaMemset2DAsync(d.window_count + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
+                                Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Free(int seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end())
+    return absl::NotFoundError(absl::StrFormat("free of sequence %d, which is not in the cache", seq));
+  for (const auto& head : it->second.pages)
+    for (int32_t page : head)
+      if (absl::Status s = alloc_.Free(page); !s.ok()) return s;
+  if (absl::Status s = alloc_.Release(KvWindowBytes(cache_opt_, sizeof(float))); !s.ok()) return s;
+  const int row = it->second.row;
+  row_seq_[row] = -1;
+  seqs_.erase(it);
+  // Keep the rows dense: the highest used row moves into the hole.
+  int last = -1;
+  for (int r = 0; r < rows_ - 1; ++r)
+    if (row_seq_[r] >= 0) last = r;
+  if (last > row) MoveRow(last, row);
+  return absl::OkStatus();
+}
+
+void CudaEngine::MoveRow(int from, int to) {
+  Device& d = *dev_;
+  const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads, R = rows_;
+  const size_t table = Hkv * max_pages_ * sizeof(int32_t), heads = Hkv * sizeof(int32_t);
+  auto move = [&](void* base, size_t row_bytes) {
+    char* b = static_cast<char*>(base);
+    ENGINE_CUDA(cudaMemcpy2DAsync(b + to * row_bytes, R * row_bytes, b + from * row_bytes,
+                                  R * row_bytes, row_bytes, L, cudaMemcpyDeviceToDevice,
+                                  d.stream));
+  };
+  move(d.page_table, table);
+  move(d.lengths, heads);
+  move(d.window_count, heads);
+  if (d.window) move(d.window, Hkv * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) * sizeof(float));
+  const int seq = row_seq_[from];
+  row_seq_[to] = seq;
+  row_seq_[from] = -1;
+  if (seq >= 0) seqs_.at(seq).row = to;
+}
+
+void CudaEngine::ArrangeRows(const std::vector<int>& seqs) {
+  const int n = static_cast<int>(seqs.size()), spare = rows_ - 1;
+  std::vector<bool> stepped(rows_, false);
+  for (int seq : seqs) stepped[seqs_.at(seq).row] = true;
+  for (int seq : seqs) {
+    const int row = seqs_.at(seq).row;
+    if (row < n) continue;
+    // A row below n that is not stepped (or free) takes this one's place: swap through the spare.
+    int hole = 0;
+    while (stepped[hole]) ++hole;
+    stepped[hole] = true;
+    stepped[row] = false;
+    if (row_seq_[hole] >= 0) MoveRow(hole, spare);
+    MoveRow(row, hole);
+    if (row_seq_[spare] >= 0) MoveRow(spare, row);
+  }
+}
+
+absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
+  long pages = 0;
+  for (int seq : seqs) {
+    const Sequence& s = seqs_.at(seq);
+    for (size_t i = 0; i < s.pages.size(); ++i)
+      pages += s.lengths[i] == static_cast<int>(s.pages[i].size()) * opt_.page_size ? 1 : 0;
+  }
+  if (pages > alloc_.free_pages())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the next step may need %d more KV pages; the budget of %d bytes has %d free", pages,
+        alloc_.budget_bytes(), alloc_.free_pages()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
+  Device& d = *dev_;
+  const int Hkv = config_.num_key_value_heads;
+  int n = 0;
+  for (int seq : seqs) {
+    Sequence& s = seqs_.at(seq);
+    for (size_t i = 0; i < s.pages.size(); ++i) {
+      const int need = s.lengths[i] / opt_.page_size + 1;  // room for one more slot
+      while (static_cast<int>(s.pages[i].size()) < need) {
+        absl::StatusOr<int32_t> page = alloc_.Allocate();
+        if (!page.ok()) return page.status();
+        const int layer = static_cast<int>(i) / Hkv, h = static_cast<int>(i) % Hkv;
+        d.assign_index_host[n] =
+            ((static_cast<int64_t>(layer) * rows_ + s.row) * Hkv + h) * max_pages_ +
+            static_cast<int64_t>(s.pages[i].size());
+        d.assign_page_host[n++] = *page;
+        s.pages[i].push_back(*page);
+      }
+    }
+  }
+  if (n == 0) return absl::OkStatus();
+  ENGINE_CUDA(cudaMemcpyAsync(d.assign_index, d.assign_index_host, n * sizeof(int64_t),
+                              cudaMemcpyHostToDevice, d.stream));
+  ENGINE_CUDA(cudaMemcpyAsync(d.assign_page, d.assign_page_host, n * sizeof(int32_t),
+                              cudaMemcpyHostToDevice, d.stream));
+  c::paged_kv_assign_pages(d.page_table, d.assign_index, d.assign_page, n, d.stream);
+  // The pinned lists are rewritten by the next call: wait for the copies.
+  ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::TrimPages(Sequence& s) {
+  for (size_t i = 0; i < s.pages.size(); ++i) {
+    const size_t keep = (s.lengths[i] + opt_.page_size - 1) / opt_.page_size;
+    while (s.pages[i].size() > keep) {
+      if (absl::Status st = alloc_.Free(s.pages[i].back()); !st.ok()) return st;
+      s.pages[i].pop_back();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Validate(int seq, int32_t token) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end())
+    return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seq));
+  if (it->second.tokens >= max_context_)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "sequence %d is full: the engine's context is %d tokens", seq, max_context_));
+  if (token < 0 || token >= config_.vocab_size)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "token id %d is outside the vocabulary [0, %d)", token, config_.vocab_size));
+  return absl::OkStatus();
+}
+
+namespace {
+
+kernels::SampleRows RowsOf(const StepIo& io) {
+  return {io.temperature, io.top_p, io.seed, io.sample_pos, io.targets};
+}
+
+}  // namespace
+
+void CudaEngine::EnqueueStep(int n) {
+  Device& d = *dev_;
+  const model::LlamaConfig& cfg = config_;
+  const int C = cfg.hidden_size, H = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int D = cfg.head_dim(), F = cfg.intermediate_size, V = cfg.vocab_size;
+  const float theta = cfg.rope_theta, eps = cfg.rms_norm_eps;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const kernels::DmcGateParams gates{cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
+                                     kernels::DmcDecisionMode::kHard};
+  // Flash-decoding chunks of a fixed size, so the attention's scratch only grows with n.
+  constexpr int kSplitSlots = 256;
+  cudaStream_t st = d.stream;
+  const bf16* w = d.weights;
+  c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
+  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
+    c::matmul_forward(d.q, d.xn, w + d.W(l, kWq), n, C, H * D, st);
+    c::matmul_forward(d.k, d.xn, w + d.W(l, kWk), n, C, Hkv * D, st);
+    c::matmul_forward(d.v, d.xn, w + d.W(l, kWv), n, C, Hkv * D, st);
+    if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, d.q, d.k,
+                                   nullptr, 1, n, H, Hkv, D, gates, st);
+    const size_t head0 = static_cast<size_t>(l) * rows_ * Hkv;
+    c::PagedKv layer;
+    layer.k_pool = d.k_pool;
+    layer.v_pool = d.v_pool;
+    layer.page_table = d.page_table + head0 * max_pages_;
+    layer.lengths = d.lengths + head0;
+    layer.window = d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * D + 1) : nullptr;
+    layer.window_count = d.window_count + head0;
+    layer.max_pages = max_pages_;
+    layer.page_size = opt_.page_size;
+    layer.window_size = cache_opt_.dmc_window;
+    c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
+                       d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
+    c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
+    c::paged_decode_attention(d.att, nullptr, 0, d.qr, d.k_pool, d.v_pool, layer.page_table,
+                              layer.lengths, max_pages_, opt_.page_size, n, H, Hkv, D, keep_ctrl_,
+                              scale, st, kSplitSlots);
+    c::matmul_forward_add(d.x, d.att, w + d.W(l, kWo), n, H * D, C, st);
+    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kMlpNorm), n, C, eps, st);
+    c::matmul_forward(d.gate, d.xn, w + d.W(l, kGate), n, C, F, st);
+    c::matmul_forward(d.up, d.xn, w + d.W(l, kUp), n, C, F, st);
+    c::swiglu_forward(d.h, d.gate, d.up, static_cast<size_t>(n) * F, st);
+    c::matmul_forward_add(d.x, d.h, w + d.W(l, kDown), n, F, C, st);
+  }
+  c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.final_norm, n, C, eps, st);
+  c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, n, C, V, st);
+  c::sample_tokens(d.next, d.logprob, d.argmax, d.logits, n, V, RowsOf(d.in_dev), st);
+}
+
+absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* tokens,
+                              const int32_t* targets, std::vector<TokenOutput>* out) {
+  const int n = static_cast<int>(seqs.size());
+  if (n == 0) return absl::InvalidArgumentError("a step needs at least one sequence");
+  for (int i = 0; i < n; ++i)
+    if (absl::Status s = Validate(seqs[i], tokens[i]); !s.ok()) return s;
+  if (absl::Status s = CanStep(seqs); !s.ok()) return s;
+  Device& d = *dev_;
+  try {
+    ArrangeRows(seqs);
+    if (absl::Status s = GrowPages(seqs); !s.ok()) return s;
+    for (int i = 0; i < n; ++i) {
+      const Sequence& s = seqs_.at(seqs[i]);
+      const int r = s.row;
+      d.in_host.tokens[r] = tokens[i];
+      d.in_host.positions[r] = s.tokens;
+      d.in_host.targets[r] = targets ? targets[i] : -1;
+      d.in_host.sample_pos[r] = s.tokens + 1;
+      d.in_host.temperature[r] = s.sampling.temperature;
+      d.in_host.top_p[r] = s.sampling.top_p;
+      d.in_host.seed[r] = s.sampling.seed;
+    }
+    ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
+    // The first step of a batch size runs eagerly (it sizes the kernels' scratch, which may move
+    // buffers that captured graphs point to: those are dropped); later ones replay its graph.
+    if (!opt_.cuda_graphs || !d.warmed[n]) {
+      if (!d.warmed[n]) {
+        for (auto& [size, g] : d.graphs) ENGINE_CUDA(cudaGraphExecDestroy(g));
+        d.graphs.clear();
+        d.warmed[n] = true;
+      }
+      EnqueueStep(n);
+    } else {
+      auto it = d.graphs.find(n);
+      if (it == d.graphs.end()) {
+        cudaGraph_t graph;
+        ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+        EnqueueStep(n);
+        ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
+        cudaGraphExec_t exec;
+        ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+        ENGINE_CUDA(cudaGraphDestroy(graph));
+        it = d.graphs.emplace(n, exec).first;
+      }
+      ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
+    }
+    // Outputs of rows 0..n-1 and every head length of those rows.
+    const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
+    int32_t* host = d.out_host;
+    ENGINE_CUDA(cudaMemcpyAsync(host, d.next, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaMemcpyAsync(host + rows_, d.argmax, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
+    int32_t* lengths = host + 3 * rows_;
+    ENGINE_CUDA(cudaMemcpy2DAsync(lengths, n * Hkv * sizeof(int32_t), d.lengths,
+                                  rows_ * Hkv * sizeof(int32_t), n * Hkv * sizeof(int32_t), L,
+                                  cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+    out->resize(n);
+    for (int i = 0; i < n; ++i) {
+      Sequence& s = seqs_.at(seqs[i]);
+      const int r = s.row;
+      float logprob;
+      std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
+      (*out)[i] = {host[r], logprob, host[rows_ + r]};
+      for (size_t l = 0; l < L; ++l)
+        for (size_t h = 0; h < Hkv; ++h)
+          s.lengths[l * Hkv + h] = lengths[(l * n + r) * Hkv + h];
+      ++s.tokens;
+      if (absl::Status st = TrimPages(s); !st.ok()) return st;
+    }
+  } catch (const std::runtime_error& err) {
+    return absl::InternalError(err.what());
+  }
+  return absl::OkStatus();
+}
+
+void CudaEngine::EnqueuePrefill(int row, int P) {
+  Device& d = *dev_;
+  const model::LlamaConfig& cfg = config_;
+  const int C = cfg.hidden_size, H = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const int D = cfg.head_dim(), F = cfg.intermediate_size, V = cfg.vocab_size;
+  const float theta = cfg.rope_theta, eps = cfg.rms_norm_eps;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const kernels::DmcGateParams gates{cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
+                                     kernels::DmcDecisionMode::kHard};
+  cudaStream_t st = d.stream;
+  const bf16* w = d.weights;
+  const size_t g = static_cast<size_t>(P) * Hkv;
+  float *logit = d.pgates, *alpha = d.pgates + g, *merge = d.pgates + 2 * g;
+  float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
+  c::embedding_forward(d.px, d.ptokens, w + d.embed, P, C, 0, V, st);
+  for (int l = 0; l < cfg.num_hidden_layers; ++l) {
+    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kAttnNorm), P, C, eps, st);
+    c::matmul_forward(d.pq, d.pxn, w + d.W(l, kWq), P, C, H * D, st);
+    c::matmul_forward(d.pk, d.pxn, w + d.W(l, kWk), P, C, Hkv * D, st);
+    c::matmul_forward(d.pv, d.pxn, w + d.W(l, kWv), P, C, Hkv * D, st);
+    const bf16 *khat = d.pk, *vhat = d.pv;
+    if (dmc_) {
+      c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, P, H, Hkv, D,
+                           gates, st);
+      c::dmc_scan_forward_kv(d.pkhat, d.pvhat, d.pgates /* denom over the logits: not read again */,
+                             d.pk, d.pv, alpha, omega, 1, P, Hkv, D, cfg.dmc.window, st);
+      khat = d.pkhat;
+      vhat = d.pvhat;
+    }
+    c::rope_forward(d.pq, d.pq, 1, P, H, D, 0, theta, keep_ctrl_, st);
+    c::rope_forward(d.pkr, khat, 1, P, Hkv, D, 0, theta, keep_ctrl_, st);
+    c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ ? mask : nullptr, 1, P, H,
+                             Hkv, D, keep_ctrl_, scale, st);
+    const size_t head0 = static_cast<size_t>(l) * rows_ * Hkv;
+    c::PagedKv layer;
+    layer.k_pool = d.k_pool;
+    layer.v_pool = d.v_pool;
+    layer.page_table = d.page_table + head0 * max_pages_;
+    layer.lengths = d.lengths + head0;
+    layer.window = d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * D + 1) : nullptr;
+    layer.window_count = d.window_count + head0;
+    layer.max_pages = max_pages_;
+    layer.page_size = opt_.page_size;
+    layer.window_size = cache_opt_.dmc_window;
+    c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
+                        dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
+    c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
+    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kMlpNorm), P, C, eps, st);
+    c::matmul_forward(d.pgate, d.pxn, w + d.W(l, kGate), P, C, F, st);
+    c::matmul_forward(d.pup, d.pxn, w + d.W(l, kUp), P, C, F, st);
+    c::swiglu_forward(d.ph, d.pgate, d.pup, static_cast<size_t>(P) * F, st);
+    c::matmul_forward_add(d.px, d.ph, w + d.W(l, kDown), P, F, C, st);
+  }
+  // The last position only: its logits and token choice in row `row` of the step buffers.
+  const bf16* last = d.px + static_cast<size_t>(P - 1) * C;
+  c::rmsnorm_forward(d.xn, d.rstd, last, w + d.final_norm, 1, C, eps, st);
+  c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, 1, C, V, st);
+  kernels::SampleRows rows = RowsOf(d.in_dev);
+  rows.temperature += row;
+  rows.top_p += row;
+  rows.seed += row;
+  rows.position += row;
+  rows.target += row;
+  c::sample_tokens(d.next, d.logprob, d.argmax, d.logits, 1, V, rows, st);
+}
+
+absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
+                                 TokenOutput* out) {
+  const int P = static_cast<int>(prompt.size());
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end() || it->second.tokens != 0)
+    return absl::FailedPreconditionError(
+        absl::StrFormat("prefill needs sequence %d admitted to the cache and still empty", seq));
+  if (P < 1 || P > max_context_)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the prompt has %d tokens; it must have 1 to %d (the engine's context)", P, max_context_));
+  for (int32_t t : prompt)
+    if (absl::Status s = Validate(seq, t); !s.ok()) return s;
+  Sequence& s = it->second;
+  const long heads = static_cast<long>(s.pages.size());
+  const long worst = heads * ((P + opt_.page_size - 1) / opt_.page_size);
+  if (worst > alloc_.free_pages())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "a prompt of %d tokens may need %d more KV pages; the budget has %d free", P, worst,
+        alloc_.free_pages()));
+  Device& d = *dev_;
+  try {
+    // Worst-case pages (every token its own slot), then the prompt.
+    for (long i = 0; i < heads; ++i) s.lengths[i] = P - 1;
+    if (absl::Status st = GrowPages({seq}); !st.ok()) return st;
+    ENGINE_CUDA(cudaMemcpyAsync(d.ptokens, prompt.data(), P * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, d.stream));
+    const int r = s.row;
+    d.in_host.targets[r] = target;
+    d.in_host.sample_pos[r] = P;
+    d.in_host.temperature[r] = s.sampling.temperature;
+    d.in_host.top_p[r] = s.sampling.top_p;
+    d.in_host.seed[r] = s.sampling.seed;
+    ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
+    EnqueuePrefill(r, P);
+    const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
+    int32_t* host = d.out_host;
+    ENGINE_CUDA(cudaMemcpyAsync(host, d.next, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaMemcpyAsync(host + 1, d.argmax, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaMemcpyAsync(host + 2, d.logprob, sizeof(float), cudaMemcpyDeviceToHost, d.stream));
+    int32_t* lengths = host + 3 * rows_;
+    ENGINE_CUDA(cudaMemcpy2DAsync(lengths, Hkv * sizeof(int32_t), d.lengths + r * Hkv,
+                                  rows_ * Hkv * sizeof(int32_t), Hkv * sizeof(int32_t), L,
+                                  cudaMemcpyDeviceToHost, d.stream));
+    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+    float logprob;
+    std::memcpy(&logprob, host + 2, sizeof(float));
+    *out = {host[0], logprob, host[1]};
+    std::copy(lengths, lengths + heads, s.lengths.begin());
+    s.tokens = P;
+    return TrimPages(s);
+  } catch (const std::runtime_error& err) {
+    return absl::InternalError(err.what());
+  }
+}
+
+int CudaEngine::length(int seq, int layer, int h) const {
+  return seqs_.at(seq).lengths[static_cast<size_t>(layer) * config_.num_key_value_heads + h];
+}
+
+long CudaEngine::bytes(int seq) const {
+  return KvSequenceBytes(cache_opt_, seqs_.at(seq).lengths, 2, sizeof(float));
+}
+
+}  // namespace dmc::inference

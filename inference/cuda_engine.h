@@ -1,0 +1,120 @@
+// The decoding engine on one GPU (inference/decode_engine.h), checked against the CPU engine
+// (inference/cpu_engine.h, the specification) by tests/cuda/test_cuda_engine.cpp.
+//
+// What lives on the device: the model's weights in bf16 (no master copy, gradients or moments:
+// a 7B model takes 13.5 GB), the paged cache (bf16 key and value pools carved from the byte
+// budget, per-(layer, row, KV head) page tables and lengths, the DMC window state in fp32) in the
+// flat layout of kernels/paged_kv_write.h, and the activations of one step of up to max_batch
+// sequences and of one prefill of up to max_context tokens.
+//
+// A decode step of n sequences (rows 0..n-1; a sequence keeps its row while it lives, and the
+// last row moves into a freed one) is: the host hands every head whose last page is full a page
+// (the worst case of the step, as the CPU cache's CanStep counts), the step runs on the device
+// (per layer RMSNorm, Q/K/V GEMMs, the hard DMC decisions, the append-or-merge write of all heads
+// of all rows in one kernel, RoPE of the queries at each row's position, the paged decode
+// attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
+// the token choice, kernels/sample.h) as one CUDA graph replay per batch size, and one copy brings
+// back the chosen tokens and every head's length, with which the host returns the pages that
+// heads did not fill. The cache therefore holds exactly ceil(slots / page_size) pages per head
+// between steps, as the CPU cache does, and bytes() is KvSequenceBytes at bf16 pages and fp32
+// window state.
+//
+// Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
+// graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
+// max_context tokens needs no chunking) and writes its compressed cache directly
+// (kernels::paged_kv_prefill).
+//
+// Methods: dmc (a DMC model) and vanilla (any model; on a DMC model the control channel stays out
+// of q·k as in training). H2O, TOVA and LoMA are refused with a clear error: their eviction runs
+// on the CPU engine.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "inference/decode_engine.h"
+#include "inference/page_allocator.h"
+#include "model/llama.h"
+
+namespace dmc::inference {
+
+struct CudaEngineOptions {
+  CachePolicy policy;
+  long budget_bytes = 1L << 30;  // pages and window state
+  int page_size = 16;
+  int max_batch = 64;    // sequences admitted at once, at most
+  int max_context = 0;   // the longest sequence (prompt + generated); 0: max_position_embeddings
+  bool cuda_graphs = true;
+};
+
+class CudaEngine : public DecodeEngine {
+ public:
+  // Uploads the weights of `model` (tensor-parallel size 1) in bf16; the model may be freed after.
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(const model::Llama<float>& model,
+                                                            const CudaEngineOptions& options);
+  ~CudaEngine() override;
+  CudaEngine(const CudaEngine&) = delete;
+  CudaEngine& operator=(const CudaEngine&) = delete;
+
+  const model::LlamaConfig& config() const override { return config_; }
+  const CachePolicy& policy() const override { return opt_.policy; }
+  const PagedCacheOptions& cache_options() const override { return cache_opt_; }
+  int element_bytes() const override { return 2; }
+  absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
+  absl::Status Free(int seq) override;
+  bool contains(int seq) const override { return seqs_.count(seq) > 0; }
+  int num_sequences() const override { return static_cast<int>(seqs_.size()); }
+  int tokens(int seq) const override { return seqs_.at(seq).tokens; }
+  absl::Status CanStep(const std::vector<int>& seqs) const override;
+  bool parallel_prefill() const override { return true; }
+  absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
+                       TokenOutput* out) override;
+  absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
+                    std::vector<TokenOutput>* out) override;
+  int length(int seq, int layer, int h) const override;
+  long bytes(int seq) const override;
+  long used_bytes() const override { return alloc_.used_bytes(); }
+  long peak_bytes() const override { return alloc_.peak_bytes(); }
+
+  int max_context() const { return max_context_; }
+  int max_batch() const { return opt_.max_batch; }
+
+ private:
+  struct Device;  // device buffers, streams, graphs (inference/cuda_engine.cpp)
+  struct Sequence {
+    int row = 0;
+    int tokens = 0;
+    SamplingOptions sampling;
+    std::vector<std::vector<int32_t>> pages;  // [layer · Hkv + h]
+    std::vector<int32_t> lengths;             // [layer · Hkv + h]
+  };
+  CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options);
+  void Upload(const model::Llama<float>& model);
+  absl::Status Validate(int seq, int32_t token) const;
+  // Makes the sequences of `seqs` occupy rows 0..n-1 (moving others out of the way).
+  void ArrangeRows(const std::vector<int>& seqs);
+  void MoveRow(int from, int to);
+  // Hands a page to every head of `seqs` whose last page is full; device table updated.
+  absl::Status GrowPages(const std::vector<int>& seqs);
+  // Returns the pages beyond ceil(length / page_size) of every head of seq to the allocator.
+  absl::Status TrimPages(Sequence& s);
+  // Enqueues the device work of a step of rows 0..n-1 (graph body).
+  void EnqueueStep(int n);
+  void EnqueuePrefill(int row, int P);
+
+  model::LlamaConfig config_;
+  CudaEngineOptions opt_;
+  PagedCacheOptions cache_opt_;
+  PageAllocator alloc_;
+  int max_context_ = 0, max_pages_ = 0, rows_ = 0;
+  bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
+  bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
+  std::map<int, Sequence> seqs_;
+  std::vector<int> row_seq_;  // row → sequence id, -1 free
+  std::unique_ptr<Device> dev_;
+};
+
+}  // namespace dmc::inference

@@ -1,0 +1,81 @@
+// The decoding engine: one interface over the CPU decoder (the specification: PagedDecoder over
+// PagedKvCache, inference/cpu_engine.h) and the CUDA one (inference/cuda_engine.h), so that the
+// scheduler and every front end (dmc-eval, dmc-generate, dmc-serve) run on either.
+//
+// An engine holds a model, a paged KV cache under a byte budget and a cache method. Sequences are
+// admitted (AddSequence: window state reserved, first token checked against the budget), fed
+// (Prefill: a whole prompt; Step: one token each for a batch) and freed. A step returns per
+// sequence what callers use rather than the logits [n, V], which on a GPU would cost a copy:
+// the next token by the sequence's SamplingOptions, a log-probability and the argmax
+// (kernels/sample.h defines all three). Memory is accounted as KvSequenceBytes does, so the CPU
+// and the GPU report the same bytes for the same cache content (at their storage precision).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "inference/cache_policy.h"
+#include "inference/paged_kv_cache.h"
+#include "model/config.h"
+
+namespace dmc::inference {
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0: greedy
+  float top_p = 1.0f;        // (0, 1]
+  uint64_t seed = 0;
+};
+
+struct TokenOutput {
+  int32_t next = -1;     // the chosen next token
+  float logprob = 0;     // log p(target) when a target was given, else log p(next)
+  int32_t argmax = -1;   // the most likely next token
+};
+
+class DecodeEngine {
+ public:
+  virtual ~DecodeEngine() = default;
+
+  virtual const model::LlamaConfig& config() const = 0;
+  virtual const CachePolicy& policy() const = 0;
+  virtual const PagedCacheOptions& cache_options() const = 0;
+  // Bytes of one cache element (pages) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16).
+  virtual int element_bytes() const = 0;
+
+  // Admits sequence `seq` (an id not admitted): ResourceExhausted, nothing changed, when the
+  // budget cannot hold its window state and first token.
+  virtual absl::Status AddSequence(int seq, const SamplingOptions& sampling) = 0;
+  // Returns all of its pages and reservations.
+  virtual absl::Status Free(int seq) = 0;
+  virtual bool contains(int seq) const = 0;
+  virtual int num_sequences() const = 0;
+  // Tokens fed to `seq` so far: the position of its next token.
+  virtual int tokens(int seq) const = 0;
+  // Whether one more token of each of `seqs` fits the budget at worst (every head opens a slot).
+  virtual absl::Status CanStep(const std::vector<int>& seqs) const = 0;
+
+  // Whether Prefill runs the prompt in one parallel pass (dmc and vanilla); H2O and TOVA evict by
+  // each step's attention, so their prompts go token by token through Step.
+  virtual bool parallel_prefill() const = 0;
+  // Feeds the whole prompt of `seq` (admitted, empty) in one pass with hard decisions and writes
+  // its compressed cache; *out is the output at the prompt's last position (target: scored when
+  // >= 0). ResourceExhausted, nothing changed, when the budget cannot hold the prompt at worst.
+  virtual absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
+                               TokenOutput* out) = 0;
+  // Feeds tokens[i] to seqs[i] (each admitted, at most once); targets null or [n] (< 0: none).
+  // out gets one entry per sequence. ResourceExhausted with nothing changed when the step's
+  // worst-case growth does not fit; InvalidArgument for a token outside the vocabulary;
+  // OutOfRange for a sequence at max_position_embeddings.
+  virtual absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens,
+                            const int32_t* targets, std::vector<TokenOutput>* out) = 0;
+
+  // Slots of head (layer, h) of `seq`; bytes of `seq` (KvSequenceBytes); the cache's totals.
+  virtual int length(int seq, int layer, int h) const = 0;
+  virtual long bytes(int seq) const = 0;
+  virtual long used_bytes() const = 0;
+  virtual long peak_bytes() const = 0;
+  long budget_bytes() const { return cache_options().budget_bytes; }
+};
+
+}  // namespace dmc::inference

@@ -1,0 +1,135 @@
+#include "kernels/paged_kv_write.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/rope.h"
+
+namespace dmc::kernels {
+namespace {
+
+template <typename T>
+long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
+  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
+         slot % c.page_size;
+}
+
+// Stores key (rotated at pos) and value as slot `slot` of head `head`.
+template <typename T>
+void StoreSlot(const PagedKvLayer<T>& c, long head, int slot, const float* key, const float* value,
+               int pos, int D, float theta, bool keep_last) {
+  std::vector<float> rotated(D);
+  rope_forward(rotated.data(), key, 1, 1, 1, D, pos, theta, keep_last);
+  const long row = SlotRow(c, head, slot);
+  for (int d = 0; d < D; ++d) {
+    c.k_pool[row * D + d] = static_cast<T>(rotated[d]);
+    c.v_pool[row * D + d] = static_cast<T>(value[d]);
+  }
+  if (c.slot_pos) c.slot_pos[row] = pos;
+}
+
+}  // namespace
+
+template <typename T>
+void paged_kv_append(const PagedKvLayer<T>& c, const T* k, const T* v, const float* merge,
+                     const float* omega, const int32_t* positions, int n, int Hkv, int D,
+                     float theta, bool keep_last_channel) {
+  const int w = c.window_size;
+  const long entry = 2L * D + 1;
+  std::vector<float> key(D), value(D);
+  for (int i = 0; i < n; ++i)
+    for (int h = 0; h < Hkv; ++h) {
+      const long head = static_cast<long>(i) * Hkv + h;
+      const int pos = positions[i];
+      const bool m = merge && c.lengths[head] > 0 && pos > 0 && merge[head] > 0.5f;
+      if (!m) {
+        ++c.lengths[head];
+        if (w > 0) c.window_count[head] = 0;
+      }
+      const int slot = c.lengths[head] - 1;
+      const T* kt = k + head * D;
+      const T* vt = v + head * D;
+      if (w > 0) {
+        float* ring = c.window + head * w * entry;
+        float* e = ring + (pos % w) * entry;
+        for (int d = 0; d < D; ++d) {
+          e[d] = static_cast<float>(kt[d]);
+          e[D + d] = static_cast<float>(vt[d]);
+        }
+        e[2 * D] = omega ? omega[head] : 1.0f;
+        const int count = c.window_count[head] = std::min(c.window_count[head] + 1, w);
+        double denom = 0;
+        std::vector<double> ks(D, 0.0), vs(D, 0.0);
+        for (int p = pos - count + 1; p <= pos; ++p) {
+          const float* r = ring + (p % w) * entry;
+          denom += r[2 * D];
+          for (int d = 0; d < D; ++d) {
+            ks[d] += static_cast<double>(r[2 * D]) * r[d];
+            vs[d] += static_cast<double>(r[2 * D]) * r[D + d];
+          }
+        }
+        for (int d = 0; d < D; ++d) {
+          key[d] = static_cast<float>(ks[d] / denom);
+          value[d] = static_cast<float>(vs[d] / denom);
+        }
+      } else {
+        for (int d = 0; d < D; ++d) {
+          key[d] = static_cast<float>(kt[d]);
+          value[d] = static_cast<float>(vt[d]);
+        }
+      }
+      StoreSlot(c, head, slot, key.data(), value.data(), pos, D, theta, keep_last_channel);
+    }
+}
+
+template <typename T>
+void paged_kv_prefill(const PagedKvLayer<T>& c, int row, const T* khat, const T* vhat, const T* k,
+                      const T* v, const float* merge, const float* omega, int P, int Hkv, int D,
+                      float theta, bool keep_last_channel) {
+  const int w = c.window_size;
+  std::vector<float> key(D), value(D);
+  for (int h = 0; h < Hkv; ++h) {
+    const long head = static_cast<long>(row) * Hkv + h;
+    auto appends = [&](int t) { return t == 0 || !merge || merge[static_cast<long>(t) * Hkv + h] <= 0.5f; };
+    int slots = 0, last_append = 0;
+    for (int t = 0; t < P; ++t) {
+      if (appends(t)) {
+        ++slots;
+        last_append = t;
+      }
+      if (t + 1 < P && !appends(t + 1)) continue;  // the slot is still open at t
+      const long src = (static_cast<long>(t) * Hkv + h) * D;
+      for (int d = 0; d < D; ++d) {
+        key[d] = static_cast<float>(khat[src + d]);
+        value[d] = static_cast<float>(vhat[src + d]);
+      }
+      StoreSlot(c, head, slots - 1, key.data(), value.data(), t, D, theta, keep_last_channel);
+    }
+    c.lengths[head] = slots;
+    if (w == 0) continue;
+    const int first = std::max(last_append, P - w);
+    c.window_count[head] = P - first;
+    for (int p = first; p < P; ++p) {
+      float* e = c.window + (head * w + p % w) * (2L * D + 1);
+      const long src = (static_cast<long>(p) * Hkv + h) * D;
+      for (int d = 0; d < D; ++d) {
+        e[d] = static_cast<float>(k[src + d]);
+        e[D + d] = static_cast<float>(v[src + d]);
+      }
+      e[2 * D] = omega ? omega[static_cast<long>(p) * Hkv + h] : 1.0f;
+    }
+  }
+}
+
+void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n) {
+  for (int j = 0; j < n; ++j) page_table[index[j]] = page[j];
+}
+
+template void paged_kv_append<float>(const PagedKvLayer<float>&, const float*, const float*,
+                                     const float*, const float*, const int32_t*, int, int, int,
+                                     float, bool);
+template void paged_kv_prefill<float>(const PagedKvLayer<float>&, int, const float*, const float*,
+                                      const float*, const float*, const float*, const float*, int,
+                                      int, int, float, bool);
+
+}  // namespace dmc::kernels

@@ -1,0 +1,72 @@
+// Writes into the paged KV cache on the device's terms: flat arrays that the CUDA decoder keeps
+// on the GPU and the kernels fill, one layer at a time (the CPU decoder's PagedKvCache holds the
+// same content as objects; inference/paged_kv_cache.h). model/DMC.md §6.
+//
+// Layout of one layer (R rows: the sequences of the running batch, row i = batch entry i):
+//   k_pool, v_pool  [pages, page_size, D]  rotated keys, values; page ids are shared by all
+//                   layers (one pool)
+//   slot_pos        [pages, page_size]     the token position of each slot (may be null)
+//   page_table      [R, Hkv, max_pages]    slot s of head (i, h) is row s % page_size of page
+//                   page_table[(i·Hkv + h)·max_pages + s / page_size]; the host assigns pages
+//                   before a write can need them
+//   lengths         [R, Hkv]               slots held
+//   window          [R, Hkv, w, 2D + 1]    DMC only (w > 0): the open slot's window state in
+//                   fp32, a ring indexed by token position mod w: the raw (pre-RoPE) key, value
+//                   and importance omega of the newest tokens merged into the open slot
+//   window_count    [R, Hkv]               how many of those the ring holds (<= w)
+//
+// paged_kv_append: one new token per row i (at positions[i]) and KV head h, the decode step:
+//   merge_ih = merge[i, h] > 0.5 and lengths[i, h] > 0 and positions[i] > 0   (merge null: never)
+//   append:  s = lengths[i, h]++, the window forgets the previous slot (count = 0)
+//   merge:   s = lengths[i, h] − 1 (the open slot)
+//   w > 0:   the token enters the ring (count = min(count + 1, w)); the slot's key and value are
+//            the omega-weighted means over the ring (oldest first), omega = 1 when omega is null
+//   w = 0:   the slot's key and value are the token's
+//   the key is stored rotated at positions[i] (RoPE, control channel D−1 kept when
+//   keep_last_channel), slot_pos = positions[i].
+// With merge null and w = 0 this is the vanilla cache (and the append of H2O and TOVA).
+//
+// paged_kv_prefill: a whole prompt of P tokens of row `row` at positions 0..P−1, from the
+// parallel forward with hard decisions (inputs [P, Hkv, D] and [P, Hkv]), the state the same P
+// appends would leave:
+//   token t appends when t = 0 or merge[t, h] <= 0.5; slot(t) = appends in [0, t] − 1;
+//   the slot of t is final at t when t = P − 1 or token t + 1 appends; it holds
+//   RoPE(khat[t], t) and vhat[t] (the scan's windowed means, kernels/dmc_scan.h, which equal the
+//   ring means above), slot_pos = t;
+//   w > 0: the ring holds the raw k, v, omega of positions max(t0, P − w) .. P − 1, t0 the last
+//   append, count = min(P − t0, w).
+// Without DMC (merge null), khat = k and vhat = v.
+//
+// paged_kv_assign_pages: page_table[index[j]] = page[j] for j < n, the pages the host hands out
+// before a step (flat indices into the page tables of all layers).
+#pragma once
+
+#include <cstdint>
+
+namespace dmc::kernels {
+
+template <typename T>
+struct PagedKvLayer {
+  T* k_pool = nullptr;
+  T* v_pool = nullptr;
+  int32_t* slot_pos = nullptr;
+  const int32_t* page_table = nullptr;
+  int32_t* lengths = nullptr;
+  float* window = nullptr;
+  int32_t* window_count = nullptr;
+  int max_pages = 0, page_size = 0, window_size = 0;
+};
+
+template <typename T>
+void paged_kv_append(const PagedKvLayer<T>& cache, const T* k, const T* v, const float* merge,
+                     const float* omega, const int32_t* positions, int n, int Hkv, int D,
+                     float theta, bool keep_last_channel);
+
+template <typename T>
+void paged_kv_prefill(const PagedKvLayer<T>& cache, int row, const T* khat, const T* vhat,
+                      const T* k, const T* v, const float* merge, const float* omega, int P,
+                      int Hkv, int D, float theta, bool keep_last_channel);
+
+void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n);
+
+}  // namespace dmc::kernels

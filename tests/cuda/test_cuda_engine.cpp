@@ -1,0 +1,448 @@
+// The GPU decoding engine (inference/cuda_engine.h) against the CPU engine, its specification:
+// the kernels it adds (token choice, the paged cache writes) against their CPU references on
+// random inputs, then whole evaluations and generations of the shaped model of model_test_util.h
+// (hard decisions far from the threshold, so none flips between fp32 and bf16: slot counts must
+// agree exactly) under continuous batching, parallel prefill against token-by-token feeding, and
+// bad input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "inference/cpu_engine.h"
+#include "inference/cuda_engine.h"
+#include "inference/evaluate.h"
+#include "inference/scheduler.h"
+#include "kernels/paged_kv_write.h"
+#include "kernels/sample.h"
+#include "model/llama.h"
+#include "tests/cuda/cuda_test_util.h"
+#include "tests/cuda/model_test_util.h"
+
+namespace dmc::cuda_test {
+namespace {
+
+using inference::CacheMethod;
+using inference::TokenOutput;
+
+template <typename X>
+X* Upload(const std::vector<X>& host) {
+  X* d = nullptr;
+  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(1, host.size()) * sizeof(X)), cudaSuccess);
+  cudaMemcpy(d, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice);
+  return d;
+}
+template <typename X>
+std::vector<X> Download(const X* d, size_t n) {
+  std::vector<X> host(n);
+  cudaMemcpy(host.data(), d, n * sizeof(X), cudaMemcpyDeviceToHost);
+  return host;
+}
+
+TEST(CudaSample, MatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  const int n = 48, V = 5000;
+  std::vector<double> ld = randn(size_t(n) * V, 2.0);
+  std::vector<float> logits(ld.begin(), ld.end());
+  std::vector<float> temperature(n), top_p(n);
+  std::vector<uint64_t> seed(n);
+  std::vector<int32_t> position(n), target(n);
+  for (int i = 0; i < n; ++i) {
+    temperature[i] = i % 3 == 0 ? 0.0f : 0.5f + 0.1f * (i % 7);
+    top_p[i] = i % 4 == 0 ? 1.0f : 0.3f + 0.15f * (i % 5);
+    seed[i] = 1000 + i;
+    position[i] = 7 * i;
+    target[i] = i % 2 ? static_cast<int32_t>(rng()() % V) : -1;
+  }
+  std::vector<int32_t> next(n), argmax(n);
+  std::vector<float> logprob(n);
+  kernels::sample_tokens(next.data(), logprob.data(), argmax.data(), logits.data(), n, V,
+                         {temperature.data(), top_p.data(), seed.data(), position.data(),
+                          target.data()});
+  float *dl = Upload(logits), *dt = Upload(temperature), *dp = Upload(top_p);
+  uint64_t* ds = Upload(seed);
+  int32_t *dpos = Upload(position), *dtg = Upload(target);
+  int32_t *dn = Upload(next), *da = Upload(argmax);
+  float* dlp = Upload(logprob);
+  cuda::sample_tokens(dn, dlp, da, dl, n, V, {dt, dp, ds, dpos, dtg});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<int32_t> gnext = Download(dn, n), gargmax = Download(da, n);
+  const std::vector<float> glogprob = Download(dlp, n);
+  int differ = 0;
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(gargmax[i], argmax[i]) << "row " << i;
+    EXPECT_NEAR(glogprob[i], logprob[i], 1e-3) << "row " << i;
+    if (temperature[i] == 0.0f) EXPECT_EQ(gnext[i], next[i]) << "greedy row " << i;
+    differ += gnext[i] != next[i];
+  }
+  // Sampled rows may differ only where fp32 sums put the draw on the other side of a boundary.
+  EXPECT_LE(differ, 1) << "sampled tokens differ in " << differ << " of " << n << " rows";
+  for (void* p : {(void*)dl, (void*)dt, (void*)dp, (void*)ds, (void*)dpos, (void*)dtg, (void*)dn,
+                  (void*)da, (void*)dlp})
+    cudaFree(p);
+}
+
+// One layer of a paged cache, host and device copies, with random page assignments.
+struct CacheLayer {
+  int R, Hkv, D, page_size, max_pages, window, pages;
+  std::vector<float> k_pool, v_pool, win;
+  std::vector<int32_t> slot_pos, table, lengths, count;
+  kernels::PagedKvLayer<float> Host() {
+    return {k_pool.data(), v_pool.data(), slot_pos.data(), table.data(), lengths.data(),
+            window ? win.data() : nullptr, count.data(), max_pages, page_size, window};
+  }
+};
+
+CacheLayer MakeLayer(int R, int Hkv, int D, int page_size, int max_pages, int window) {
+  CacheLayer c{R, Hkv, D, page_size, max_pages, window, R * Hkv * max_pages};
+  c.k_pool.assign(size_t(c.pages) * page_size * D, 0.f);
+  c.v_pool = c.k_pool;
+  c.win.assign(size_t(R) * Hkv * std::max(1, window) * (2 * D + 1), 0.f);
+  c.slot_pos.assign(size_t(c.pages) * page_size, -1);
+  c.table.resize(size_t(R) * Hkv * max_pages);
+  for (size_t i = 0; i < c.table.size(); ++i) c.table[i] = static_cast<int32_t>(i);
+  std::shuffle(c.table.begin(), c.table.end(), rng());
+  c.lengths.assign(size_t(R) * Hkv, 0);
+  c.count.assign(size_t(R) * Hkv, 0);
+  return c;
+}
+
+// Uploads c's state, runs fn on the device layer, and compares with the host layer after the
+// reference ran on it.
+template <typename Fn>
+void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
+  std::vector<double> kd(before.k_pool.begin(), before.k_pool.end());
+  std::vector<double> vd(before.v_pool.begin(), before.v_pool.end());
+  bf16 *dk = Upload(to_bf16(kd)), *dv = Upload(to_bf16(vd));
+  int32_t *dpos = Upload(before.slot_pos), *dtab = Upload(before.table);
+  int32_t *dlen = Upload(before.lengths), *dcnt = Upload(before.count);
+  float* dwin = Upload(before.win);
+  cuda::PagedKv layer{dk, dv, dpos, dtab, dlen, c.window ? dwin : nullptr, dcnt,
+                      c.max_pages, c.page_size, c.window};
+  device_fn(layer);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(Download(dlen, c.lengths.size()), c.lengths);
+  EXPECT_EQ(Download(dpos, c.slot_pos.size()), c.slot_pos);
+  if (c.window) EXPECT_EQ(Download(dcnt, c.count.size()), c.count);
+  const std::vector<bf16> gk = Download(dk, c.k_pool.size()), gv = Download(dv, c.v_pool.size());
+  double worst = 0;
+  for (size_t i = 0; i < gk.size(); ++i) {
+    worst = std::max(worst, std::fabs(__bfloat162float(gk[i]) - c.k_pool[i]) /
+                                (std::fabs(c.k_pool[i]) + 1e-2));
+    worst = std::max(worst, std::fabs(__bfloat162float(gv[i]) - c.v_pool[i]) /
+                                (std::fabs(c.v_pool[i]) + 1e-2));
+  }
+  EXPECT_LT(worst, 2e-2) << "slot rows differ beyond bf16 rounding";
+  if (c.window) {
+    const std::vector<float> gw = Download(dwin, c.win.size());
+    for (size_t i = 0; i < gw.size(); ++i) ASSERT_NEAR(gw[i], c.win[i], 1e-6) << "ring " << i;
+  }
+  for (void* p : {(void*)dk, (void*)dv, (void*)dpos, (void*)dtab, (void*)dlen, (void*)dcnt,
+                  (void*)dwin})
+    cudaFree(p);
+}
+
+TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
+  DMC_REQUIRE_GPU();
+  for (int window : {0, 5})
+    for (int D : {64, 128}) {
+      SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
+      const int R = 5, Hkv = 3, page = 4, steps = 23;
+      CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, window);
+      CacheLayer start = host;
+      // Run the reference step by step on the host; the device replays the same inputs.
+      std::vector<std::vector<float>> ks, vs, merges, omegas;
+      std::vector<std::vector<int32_t>> positions;
+      for (int s = 0; s < steps; ++s) {
+        std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
+        to_bf16(k);
+        to_bf16(v);
+        ks.emplace_back(k.begin(), k.end());
+        vs.emplace_back(v.begin(), v.end());
+        std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
+        for (auto& x : m) x = rng()() % 3 ? 1.0f : 0.0f;
+        for (auto& x : o) x = 0.05f + (rng()() % 1000) / 1000.0f;
+        merges.push_back(m);
+        omegas.push_back(o);
+        positions.emplace_back(R, s);
+        kernels::paged_kv_append(host.Host(), ks[s].data(), vs[s].data(),
+                                 window ? m.data() : nullptr, window ? o.data() : nullptr,
+                                 positions[s].data(), R, Hkv, D, 10000.0f, window > 0);
+      }
+      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+        for (int s = 0; s < steps; ++s) {
+          std::vector<double> k(ks[s].begin(), ks[s].end()), v(vs[s].begin(), vs[s].end());
+          bf16 *dk = Upload(to_bf16(k)), *dv = Upload(to_bf16(v));
+          float *dm = Upload(merges[s]), *dom = Upload(omegas[s]);
+          int32_t* dp = Upload(positions[s]);
+          cuda::paged_kv_append(layer, dk, dv, window ? dm : nullptr, window ? dom : nullptr, dp, R,
+                                Hkv, D, 10000.0f, window > 0);
+          cudaDeviceSynchronize();
+          for (void* p : {(void*)dk, (void*)dv, (void*)dm, (void*)dom, (void*)dp}) cudaFree(p);
+        }
+      });
+    }
+}
+
+TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (int window : {0, 6})
+    for (int P : {1, 17, 300}) {
+      SCOPED_TRACE(testing::Message() << "window " << window << " P " << P);
+      const int R = 3, Hkv = 2, D = 128, page = 16, row = 1;
+      CacheLayer host = MakeLayer(R, Hkv, D, page, (P + page - 1) / page, window);
+      CacheLayer start = host;
+      std::vector<double> khat = randn(size_t(P) * Hkv * D), vhat = randn(size_t(P) * Hkv * D);
+      std::vector<double> k = randn(size_t(P) * Hkv * D), v = randn(size_t(P) * Hkv * D);
+      const std::vector<bf16> bkhat = to_bf16(khat), bvhat = to_bf16(vhat), bk = to_bf16(k),
+                              bv = to_bf16(v);
+      const std::vector<float> fkhat(khat.begin(), khat.end()), fvhat(vhat.begin(), vhat.end()),
+          fk(k.begin(), k.end()), fv(v.begin(), v.end());
+      std::vector<float> merge(size_t(P) * Hkv), omega(size_t(P) * Hkv);
+      for (auto& x : merge) x = rng()() % 4 ? 1.0f : 0.0f;
+      for (auto& x : omega) x = 0.05f + (rng()() % 1000) / 1000.0f;
+      const float* m = window ? merge.data() : nullptr;
+      kernels::paged_kv_prefill(host.Host(), row, fkhat.data(), fvhat.data(), fk.data(), fv.data(),
+                                m, window ? omega.data() : nullptr, P, Hkv, D, 10000.0f,
+                                window > 0);
+      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+        bf16 *dkh = Upload(bkhat), *dvh = Upload(bvhat), *dk = Upload(bk), *dv = Upload(bv);
+        float *dm = Upload(merge), *dom = Upload(omega);
+        cuda::paged_kv_prefill(layer, row, dkh, dvh, dk, dv, window ? dm : nullptr,
+                               window ? dom : nullptr, P, Hkv, D, 10000.0f, window > 0);
+        cudaDeviceSynchronize();
+        for (void* p : {(void*)dkh, (void*)dvh, (void*)dk, (void*)dv, (void*)dm, (void*)dom})
+          cudaFree(p);
+      });
+    }
+}
+
+struct EngineCase {
+  const char* name;
+  bool dmc;
+  int hidden, heads, kv_heads;
+  CacheMethod method;
+};
+
+model::LlamaConfig EngineConfig(const EngineCase& c) {
+  model::LlamaConfig m = SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
+  m.vocab_size = 256;
+  m.num_hidden_layers = 3;
+  return m;
+}
+
+class CudaEngineVsCpu : public ::testing::TestWithParam<EngineCase> {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+// Every window evaluated token by token on both engines under continuous batching (more windows
+// than max_batch, a budget that makes requests wait): per-token log-probabilities within bf16
+// bounds, the same argmax almost everywhere, every head's slot count equal, the same CR, and
+// every page returned.
+TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
+  const EngineCase& tc = GetParam();
+  const model::LlamaConfig config = EngineConfig(tc);
+  const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads, T = 40, n = 12;
+  model::Llama<float> host(config, nullptr);
+  const std::vector<int32_t> predicted = ShapeEvalModel(&host, 5);
+  const auto windows = PredictableWindows(n, T, predicted, 9);
+  const inference::CachePolicy policy{tc.method};
+  const int page = 4;
+  // Room for 5 full windows at bf16 (the GPU's pages), so requests wait for pages to free.
+  const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, tc.method, 0, page);
+  const long budget = 5 * inference::KvSequenceBytes(shape, std::vector<int>(L * Hkv, T), 2, 4);
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 2 * budget, page);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  inference::CudaEngineOptions o;
+  o.policy = policy;
+  o.budget_bytes = budget;
+  o.page_size = page;
+  o.max_batch = 8;
+  o.max_context = T;
+  auto gpu = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+
+  struct Run {
+    std::map<std::pair<int, int>, TokenOutput> outs;
+    std::map<int, std::vector<int>> lengths;
+    inference::SchedulerStats stats;
+  };
+  auto run = [&](inference::DecodeEngine& e, int max_batch) {
+    Run r;
+    std::vector<inference::Request> requests(n);
+    for (int i = 0; i < n; ++i) {
+      requests[i].tokens = windows[i];
+      requests[i].length = T;
+    }
+    auto stats = inference::RunBatched(
+        e, requests, max_batch,
+        [&](int q, int pos, const TokenOutput& out) {
+          r.outs[{q, pos}] = out;
+          return true;
+        },
+        [&](int q, bool) {
+          for (int l = 0; l < L; ++l)
+            for (int h = 0; h < Hkv; ++h) r.lengths[q].push_back(e.length(q, l, h));
+          EXPECT_EQ(e.bytes(q), inference::KvSequenceBytes(e.cache_options(), r.lengths[q],
+                                                           e.element_bytes(),
+                                                           sizeof(float)));
+        });
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    if (stats.ok()) r.stats = *stats;
+    EXPECT_EQ(e.num_sequences(), 0);
+    EXPECT_EQ(e.used_bytes(), 0) << "pages or window state leaked";
+    return r;
+  };
+  const Run want = run(**cpu, n);
+  const Run got = run(**gpu, 8);
+  ASSERT_EQ(got.outs.size(), size_t(n) * T);
+  double worst = 0, sum = 0;
+  int argmax_differ = 0;
+  for (const auto& [key, out] : want.outs) {
+    const TokenOutput& g = got.outs.at(key);
+    const double d = std::fabs(g.logprob - out.logprob);
+    worst = std::max(worst, d);
+    sum += d;
+    argmax_differ += g.argmax != out.argmax;
+  }
+  std::printf("[ engine ] %-8s logprob |gpu - cpu| max %.4f mean %.5f, argmax differs at %d of "
+              "%zu, %ld steps, %d concurrent at most, %ld preemptions\n",
+              tc.name, worst, sum / want.outs.size(), argmax_differ, want.outs.size(),
+              got.stats.steps, got.stats.max_concurrent, got.stats.preemptions);
+  EXPECT_LT(worst, 0.15);
+  EXPECT_LT(sum / want.outs.size(), 0.02);
+  EXPECT_LE(argmax_differ, static_cast<int>(want.outs.size() / 100));
+  EXPECT_GT(got.stats.max_concurrent, 1);
+  EXPECT_LT(got.stats.max_concurrent, n) << "the budget should have made requests wait";
+  long merged = 0;
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
+    for (int x : want.lengths.at(i)) merged += T - x;
+  }
+  if (tc.method == CacheMethod::kDmc) EXPECT_GT(merged, 0) << "no merges to exercise";
+}
+
+// A prompt in one parallel pass leaves the cache and the next output that feeding it token by
+// token gives, and greedy generation continues identically on both engines.
+TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
+  const EngineCase& tc = GetParam();
+  const model::LlamaConfig config = EngineConfig(tc);
+  const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads;
+  model::Llama<float> host(config, nullptr);
+  const std::vector<int32_t> predicted = ShapeEvalModel(&host, 6);
+  const auto prompts = PredictableWindows(3, 29, predicted, 10);
+  const inference::CachePolicy policy{tc.method};
+  inference::CudaEngineOptions o;
+  o.policy = policy;
+  o.budget_bytes = 1L << 24;
+  o.page_size = 8;
+  o.max_batch = 4;
+  auto gpu = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+
+  // On the GPU: sequence 0 by prefill, sequence 1 token by token; same prompt.
+  const std::vector<int32_t>& p = prompts[0];
+  ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+  ASSERT_TRUE((*gpu)->AddSequence(1, {}).ok());
+  TokenOutput pre;
+  ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &pre).ok());
+  std::vector<TokenOutput> outs;
+  for (int32_t t : p) ASSERT_TRUE((*gpu)->Step({1}, &t, nullptr, &outs).ok());
+  EXPECT_EQ(pre.next, outs[0].next);
+  EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
+  // Both continue together in one batch, greedy: the same tokens.
+  int32_t tok[2] = {pre.next, outs[0].next};
+  for (int s = 0; s < 8; ++s) {
+    ASSERT_TRUE((*gpu)->Step({1, 0}, tok, nullptr, &outs).ok());
+    EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
+    tok[0] = outs[0].next;
+    tok[1] = outs[1].next;
+  }
+  ASSERT_TRUE((*gpu)->Free(0).ok());
+  ASSERT_TRUE((*gpu)->Free(1).ok());
+
+  // Greedy generation of all prompts through the scheduler, both engines: the same text.
+  auto generate = [&](inference::DecodeEngine& e) {
+    std::vector<inference::Request> requests(prompts.size());
+    std::vector<std::vector<int32_t>> text(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      requests[i].tokens = prompts[i];
+      requests[i].length = 29 + 24;
+      requests[i].prefill = true;
+    }
+    auto stats = inference::RunBatched(
+        e, requests, 3,
+        [&](int q, int pos, const TokenOutput& out) {
+          if (pos + 1 >= static_cast<int>(prompts[q].size())) text[q].push_back(out.next);
+          return true;
+        },
+        [](int, bool) {});
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    return text;
+  };
+  EXPECT_EQ(generate(**gpu), generate(**cpu));
+  EXPECT_EQ((*gpu)->used_bytes(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaEngineVsCpu,
+    ::testing::Values(EngineCase{"vanilla", false, 128, 2, 2, CacheMethod::kVanilla},
+                      EngineCase{"dmc", true, 128, 2, 2, CacheMethod::kDmc},
+                      EngineCase{"dmc_gqa", true, 256, 4, 2, CacheMethod::kDmc},
+                      EngineCase{"dmc_d64", true, 256, 4, 4, CacheMethod::kDmc},
+                      EngineCase{"vanilla_on_dmc", true, 128, 2, 2, CacheMethod::kVanilla}),
+    [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
+
+// Bad input is a clear error that changes nothing, and the other sequences go on.
+TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
+  DMC_REQUIRE_GPU();
+  model::LlamaConfig config = EngineConfig({"dmc", true, 128, 2, 2, CacheMethod::kDmc});
+  model::Llama<float> host(config, nullptr);
+  ShapeEvalModel(&host, 3);
+  inference::CudaEngineOptions o;
+  o.policy.method = CacheMethod::kDmc;
+  o.budget_bytes = 1L << 22;
+  o.max_context = 32;
+  auto e = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  inference::DecodeEngine& engine = **e;
+  ASSERT_TRUE(engine.AddSequence(0, {}).ok());
+  ASSERT_TRUE(engine.AddSequence(1, {}).ok());
+  std::vector<TokenOutput> outs;
+  const int32_t good[2] = {5, 6}, bad[2] = {5, 9999};
+  ASSERT_TRUE(engine.Step({0, 1}, good, nullptr, &outs).ok());
+  const absl::Status s = engine.Step({0, 1}, bad, nullptr, &outs);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("9999"), std::string::npos) << s;
+  EXPECT_EQ(engine.tokens(0), 1);
+  ASSERT_TRUE(engine.Step({0}, good, nullptr, &outs).ok());
+  EXPECT_EQ(engine.tokens(0), 2);
+  TokenOutput out;
+  const absl::Status too_long = engine.Prefill(1, std::vector<int32_t>(33, 1), -1, &out);
+  EXPECT_FALSE(too_long.ok());
+  ASSERT_TRUE(engine.AddSequence(2, {}).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(engine.Prefill(2, std::vector<int32_t>(33, 1), -1, &out)));
+
+  // A budget smaller than one sequence's first token; dmc on a model without DMC.
+  o.budget_bytes = 1000;
+  auto tiny = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(tiny.ok());
+  EXPECT_TRUE(absl::IsResourceExhausted((*tiny)->AddSequence(0, {})));
+  config.dmc.enabled = false;
+  model::Llama<float> plain(config, nullptr);
+  o.budget_bytes = 1L << 22;
+  auto refused = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+}
+
+}  // namespace
+}  // namespace dmc::cuda_test
