@@ -33,7 +33,9 @@ struct PrepOptions {
   bool add_bos = false;                     // also put BOS before each document
   std::string text_field = "text";          // JSONL field holding the document
   bool progress = true;                     // progress line on stderr
-  int64_t chunk_tokens = int64_t{1} << 16;  // HDF5 chunk length of /tokens (<= shard_tokens)
+  // HDF5 chunk length of /tokens (<= shard_tokens): a read moves and checksums whole chunks, so
+  // they are kept small next to a shard (64 KiB).
+  int64_t chunk_tokens = int64_t{1} << 14;
 };
 
 struct PrepResult {

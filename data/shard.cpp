@@ -1,5 +1,6 @@
 #include "data/shard.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <system_error>
@@ -16,7 +17,7 @@ using h5::H5Guard;
 using h5::Handle;
 
 constexpr char kFormat[] = "dmc-shard";
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;  // 2: Fletcher-32 checksums on the token chunks
 
 absl::Status WriteStringAttr(hid_t obj, const char* name, const std::string& value, const std::string& file) {
   Handle type(H5Tcopy(H5T_C_S1), Handle::kType);
@@ -155,6 +156,8 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
   Handle space(H5Screate_simple(1, dims, maxdims), Handle::kDataspace);
   Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), Handle::kPlist);
   H5Pset_chunk(dcpl.get(), 1, chunk);
+  if (H5Pset_fletcher32(dcpl.get()) < 0)
+    return H5Error(absl::StatusCode::kInternal, w->tmp_path_, "cannot add the Fletcher-32 filter");
   w->tokens_ = Handle(
       H5Dcreate2(w->file_.get(), "tokens", H5T_STD_U32LE, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
       Handle::kDataset);
@@ -275,6 +278,11 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
         absl::StrCat(path, ": attribute format is '", *fmt, "', expected '", kFormat, "'"));
   auto ver = ReadInt64Attr(root, "format_version", path);
   if (!ver.ok()) return ver.status();
+  if (*ver == 1)
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": format_version 1, written by an older dmc-prep without checksums of the token "
+              "data; re-make the shards with this dmc-prep (the same --input, --tokenizer and "
+              "flags) so that damaged data is caught"));
   if (*ver != kFormatVersion)
     return absl::DataLossError(absl::StrCat(path, ": unsupported format_version ", *ver));
   ShardMeta& m = r->meta_;
@@ -295,13 +303,25 @@ absl::StatusOr<std::unique_ptr<ShardReader>> ShardReader::Open(const std::string
   auto attr_tokens = ReadInt64Attr(root, "num_tokens", path);
   if (!attr_tokens.ok()) return attr_tokens.status();
 
-  // Chunk cache off: reads of an uncompressed chunked dataset then go straight to the file and
-  // move only the selected bytes (random windows would otherwise pull whole chunks).
+  // Chunk cache off: the loader's windows are random, so a cached chunk would rarely serve a
+  // second read, and each read still moves whole chunks, as the checksum needs them.
   Handle dapl(H5Pcreate(H5P_DATASET_ACCESS), Handle::kPlist);
   H5Pset_chunk_cache(dapl.get(), H5D_CHUNK_CACHE_NSLOTS_DEFAULT, 0, 1.0);
   auto tokens = Open1D(root, "tokens", 4, dapl.get(), path, &m.num_tokens);
   if (!tokens.ok()) return tokens.status();
   r->tokens_ = std::move(*tokens);
+  Handle dcpl(H5Dget_create_plist(r->tokens_.get()), Handle::kPlist);
+  hsize_t chunk[1] = {0};
+  unsigned flags = 0;
+  size_t nvalues = 0;
+  if (!dcpl.valid() || H5Pget_chunk(dcpl.get(), 1, chunk) != 1 || chunk[0] == 0 ||
+      H5Pget_filter_by_id2(dcpl.get(), H5Z_FILTER_FLETCHER32, &flags, &nvalues, nullptr, 0,
+                           nullptr, nullptr) < 0) {
+    H5ErrorText();  // clear
+    return absl::DataLossError(
+        absl::StrCat(path, ": dataset tokens is not chunked with Fletcher-32 checksums"));
+  }
+  r->chunk_tokens_ = static_cast<int64_t>(chunk[0]);
   if (m.num_tokens != *attr_tokens)
     return absl::DataLossError(absl::StrFormat(
         "%s: dataset tokens holds %d tokens but attribute num_tokens says %d (truncated shard?)", path,
@@ -336,12 +356,34 @@ absl::Status ShardReader::Read(int64_t offset, int64_t count, uint32_t* out) {
                                                  path_, offset, offset + count, meta_.num_tokens));
   if (count == 0) return absl::OkStatus();
   H5Guard g;
+  absl::Status s = ReadTokens(offset, count, out);
+  if (s.ok()) return s;
+  absl::Status damaged = NameDamagedChunk(offset, count);
+  return damaged.ok() ? s : damaged;
+}
+
+absl::Status ShardReader::ReadTokens(int64_t offset, int64_t count, uint32_t* out) {
   hsize_t start[1] = {static_cast<hsize_t>(offset)}, cnt[1] = {static_cast<hsize_t>(count)};
   Handle mspace(H5Screate_simple(1, cnt, nullptr), Handle::kDataspace);
   if (H5Sselect_hyperslab(filespace_.get(), H5S_SELECT_SET, start, nullptr, cnt, nullptr) < 0 ||
       H5Dread(tokens_.get(), H5T_NATIVE_UINT32, mspace.get(), filespace_.get(), H5P_DEFAULT, out) < 0)
     return H5Error(absl::StatusCode::kDataLoss, path_,
                    absl::StrFormat("cannot read tokens[%d, %d)", offset, offset + count));
+  return absl::OkStatus();
+}
+
+absl::Status ShardReader::NameDamagedChunk(int64_t offset, int64_t count) {
+  std::vector<uint32_t> chunk(static_cast<size_t>(chunk_tokens_));
+  for (int64_t c = offset / chunk_tokens_; c <= (offset + count - 1) / chunk_tokens_; ++c) {
+    const int64_t begin = c * chunk_tokens_;
+    const int64_t end = std::min(begin + chunk_tokens_, meta_.num_tokens);
+    if (ReadTokens(begin, end - begin, chunk.data()).ok()) continue;
+    H5ErrorText();  // clear
+    return absl::DataLossError(absl::StrFormat(
+        "%s: token chunk %d (tokens [%d, %d)) fails its Fletcher-32 checksum: the shard is damaged "
+        "on disk; re-make it with dmc-prep",
+        path_, c, begin, end));
+  }
   return absl::OkStatus();
 }
 

@@ -1,15 +1,21 @@
 // Token shards: one HDF5 file per shard.
 //
-//   /tokens       uint32, 1-D, chunked (unlimited max size), the concatenated token stream
+//   /tokens       uint32, 1-D, chunked (unlimited max size), the concatenated token stream, each
+//                 chunk with HDF5's Fletcher-32 checksum (filter H5Z_FILTER_FLETCHER32)
 //   /doc_offsets  uint64, 1-D, start offset of every document segment in the shard, then the
 //                 number of tokens (so segment i is [doc_offsets[i], doc_offsets[i+1]))
 //   attributes on the root group:
-//     format "dmc-shard", format_version 1, tokenizer (string), vocab_size, bos_id, eos_id (int64),
+//     format "dmc-shard", format_version 2, tokenizer (string), vocab_size, bos_id, eos_id (int64),
 //     num_tokens (int64), continues_document (int64 0/1: segment 0 continues a document of the
 //     previous shard, because dmc-prep cuts shards at exactly --shard_tokens tokens)
 //
-// The reader reads [offset, offset+count) by hyperslab with the chunk cache off, so a read moves
-// only the bytes it asks for and no shard is ever held in memory whole.
+// The reader reads [offset, offset+count) by hyperslab with the chunk cache off: a read moves the
+// chunks it touches, whose checksums HDF5 verifies, and no shard is ever held in memory whole. A
+// chunk whose bytes changed on disk fails its checksum: DataLoss naming the file and the chunk,
+// whether or not the damaged tokens still lie inside the vocabulary.
+//
+// Version 1 (before the checksum) is refused with a message that says to re-make the shards with
+// dmc-prep: data that cannot be checked is not trained on silently.
 #pragma once
 
 #include <cstdint>
@@ -74,14 +80,20 @@ class ShardReader {
 
   const ShardMeta& meta() const { return meta_; }
   const std::string& path() const { return path_; }
-  // Reads tokens [offset, offset + count) into out (hyperslab read).
+  // Reads tokens [offset, offset + count) into out (hyperslab read). A chunk that fails its
+  // checksum: DataLoss naming the file and that chunk.
   absl::Status Read(int64_t offset, int64_t count, uint32_t* out);
   absl::StatusOr<std::vector<uint64_t>> ReadDocOffsets();
 
  private:
   ShardReader() = default;
+  // Reads [offset, offset + count) without naming a damaged chunk.
+  absl::Status ReadTokens(int64_t offset, int64_t count, uint32_t* out);
+  // After a failed read of [offset, offset + count): the first chunk of it that fails alone.
+  absl::Status NameDamagedChunk(int64_t offset, int64_t count);
   std::string path_;
   ShardMeta meta_;
+  int64_t chunk_tokens_ = 0;
   h5::Handle file_, tokens_, filespace_;
 };
 

@@ -41,6 +41,9 @@ __global__ void mt_adamw_kernel(float* param, const float* grad, float* mom1, fl
   const AdamWStepArgs a = *args;
   // trainer::AdamW::Step's clipping: the norm in double, the scale rounded to fp32.
   const double norm = sqrt(*sumsq);
+  // A non-finite norm (an overflow or a NaN anywhere in the gradients) skips the whole update,
+  // which the trainer then counts as a skipped step (trainer::AdamW::Step does the same).
+  if (!isfinite(norm)) return;
   const float gs =
       a.max_norm > 0.f && norm > a.max_norm ? static_cast<float>(a.max_norm / norm) : 1.f;
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {

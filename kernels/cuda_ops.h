@@ -155,7 +155,8 @@ struct AdamWStepArgs {
 AdamWStepArgs adamw_step_args(const kernels::AdamWHyper& hyper, float max_norm);
 // One AdamW step (kernels::adamw_update) of every tensor of the layout, in one launch:
 //   grad_scale = max_norm / sqrt(*sumsq) when max_norm > 0 and sqrt(*sumsq) > max_norm, else 1
-// (the clipping of trainer::AdamW::Step, decided on the device), weight decay on the decaying
+// (the clipping of trainer::AdamW::Step, decided on the device; a non-finite norm skips the update
+// and leaves every buffer as it was), weight decay on the decaying
 // chunks only, the updated parameter also written to param_bf16 in bf16 (the compute copy).
 // args and sumsq are device pointers.
 void multi_tensor_adamw(float* param, const float* grad, float* m, float* v, bf16* param_bf16,

@@ -284,6 +284,11 @@ void LlamaCuda::ZeroControlChannelRows() {
 
 void LlamaCuda::ZeroGrad() { Zero(grads_, num_params_, stream_); }
 
+void LlamaCuda::SetGradient(size_t offset, float value) {
+  if (offset >= num_params_) throw std::invalid_argument("SetGradient: offset past the parameters");
+  Transfer(grads_ + offset, &value, 1, cudaMemcpyHostToDevice);
+}
+
 // ---- forward and backward ----
 
 void LlamaCuda::Allocate(int B, int T) {

@@ -120,10 +120,13 @@ class LlamaCuda {
   // overlaps with the rest of the backward. Throws std::runtime_error if a collective fails.
   void Backward(double loss_scale = 1.0, parallel::Communicator* average_over = nullptr);
   void ZeroGrad();
+  // gradient[offset] = value (fp32, flat layout), in stream order: the trainer's fault injection.
+  void SetGradient(size_t offset, float value);
 
   // Clip to settings.grad_clip by the global gradient L2 norm (replicated tensors counted once over
   // TP), then one AdamW update of every tensor (weight decay on the tensors that decay) writing
-  // the fp32 master and the bf16 copy. Returns the norm before clipping. = OptimizerStepAsync,
+  // the fp32 master and the bf16 copy. Returns the norm before clipping. A non-finite norm skips
+  // the update on the device (master, bf16 copy and moments unchanged) and the update count. = OptimizerStepAsync,
   // then OptimizerStepNorm (model/llama_cuda_optimizer.cpp).
   double OptimizerStep(const CudaAdamWSettings& settings);
   // Enqueues the step: the norm and the clipping scale on the device, one multi-tensor AdamW

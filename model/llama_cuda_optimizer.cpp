@@ -144,7 +144,9 @@ double LlamaCuda::OptimizerStepNorm() {
   Zero1Synchronize();
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   opt_->pending = false;
-  return std::sqrt(*opt_->sumsq_host);
+  const double norm = std::sqrt(*opt_->sumsq_host);
+  if (!std::isfinite(norm)) --adam_step_;  // the AdamW launch skipped the update
+  return norm;
 }
 
 double LlamaCuda::OptimizerStep(const CudaAdamWSettings& settings) {

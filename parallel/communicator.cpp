@@ -294,4 +294,33 @@ absl::Status CheckSameOnAllRanks(Communicator& comm, const std::string& what,
       absl::StrJoin(ranks_by_hash[majority], ", "), comm.rank(), shown));
 }
 
+absl::Status AgreeOnStatus(Communicator& comm, const absl::Status& mine) {
+  if (comm.size() == 1) return mine;
+  if (comm.device_buffers())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "AgreeOnStatus needs a host communicator, not the device group '%s'", comm.name()));
+  // Every rank's status code (0 = OK), then the message of the lowest failing rank, one byte per
+  // double (messages are short and this is off the hot path).
+  const double code = static_cast<double>(mine.code());
+  std::vector<double> codes(static_cast<size_t>(comm.size()));
+  if (absl::Status s = comm.AllGather(&code, codes.data(), 1); !s.ok()) return s;
+  int failed = -1;
+  for (int r = 0; r < comm.size() && failed < 0; ++r)
+    if (codes[r] != 0) failed = r;
+  if (failed < 0) return absl::OkStatus();
+  constexpr size_t kMaxMessage = 4000;
+  const absl::string_view text = mine.message().substr(0, kMaxMessage);
+  double length = static_cast<double>(text.size());
+  if (absl::Status s = comm.Broadcast(&length, 1, failed); !s.ok()) return s;
+  std::vector<double> bytes(static_cast<size_t>(length));
+  if (comm.rank() == failed)
+    for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<unsigned char>(text[i]);
+  if (!bytes.empty())
+    if (absl::Status s = comm.Broadcast(bytes.data(), bytes.size(), failed); !s.ok()) return s;
+  std::string message(bytes.size(), '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) message[i] = static_cast<char>(bytes[i]);
+  return absl::Status(static_cast<absl::StatusCode>(codes[failed]),
+                      absl::StrFormat("rank %d of group '%s': %s", failed, comm.name(), message));
+}
+
 }  // namespace dmc::parallel

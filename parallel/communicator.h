@@ -218,4 +218,11 @@ std::string MpiErrorString(int code);
 absl::Status CheckSameOnAllRanks(Communicator& comm, const std::string& what,
                                  const std::string& value);
 
+// Turns each rank's own outcome into one outcome for the group, so that no rank goes on to a
+// collective that a failed rank will never join (it would wait out the deadline, then abort with
+// a message that hides the cause). Collective. OK on every rank when `mine` is OK on every rank;
+// otherwise every rank returns the status of the lowest failing rank: its code, and its message
+// (at most 4000 bytes) prefixed with "rank R of group 'G': ". `comm` must use host buffers.
+absl::Status AgreeOnStatus(Communicator& comm, const absl::Status& mine);
+
 }  // namespace dmc::parallel

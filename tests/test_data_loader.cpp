@@ -7,6 +7,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 #include <string>
@@ -307,6 +308,70 @@ TEST(DataLoaderBadInput, CorruptShard) {
   }
   auto L = ShardLoader::Open(Opts(index, 8, 2));
   ExpectErrorNaming(L.status(), dir + "/train_0.h5");
+}
+
+// Flips the lowest bit of the first byte of token `at` of shard 0 in the file itself, found by the
+// raw bytes of tokens [at, at + 8): a damage that leaves the token inside the vocabulary.
+void FlipTokenInFile(const std::string& shard, int64_t at) {
+  std::string pattern;
+  for (int64_t i = at; i < at + 8; ++i) {
+    const uint32_t t = static_cast<uint32_t>(TokenAt(0, i));
+    pattern.append(reinterpret_cast<const char*>(&t), 4);  // little-endian, as the file stores it
+  }
+  std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t pos = bytes.find(pattern);
+  ASSERT_NE(pos, std::string::npos);
+  ASSERT_EQ(bytes.find(pattern, pos + 1), std::string::npos);
+  ASSERT_LT((TokenAt(0, at) ^ 1), 259);
+  f.seekp(static_cast<std::streamoff>(pos));
+  f.put(static_cast<char>(bytes[pos] ^ 1));
+}
+
+// In-vocabulary damage inside the token data is caught by the chunk checksum: a read touching
+// the chunk fails with DataLoss naming the file and the chunk; the other chunks still read.
+TEST(DataLoaderBadInput, DamagedTokenChunkFailsItsChecksum) {
+  std::string dir = NewTempDir("checksum");
+  std::string index = MakeShards(dir, {300});  // chunks of 50 tokens
+  const std::string shard = dir + "/train_0.h5";
+  FlipTokenInFile(shard, 120);
+  auto reader = ShardReader::Open(shard);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::vector<uint32_t> out(60);
+  EXPECT_TRUE((*reader)->Read(0, 50, out.data()).ok());
+  EXPECT_TRUE((*reader)->Read(150, 60, out.data()).ok());
+  const absl::Status s = (*reader)->Read(90, 20, out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  ExpectErrorNaming(s, shard, "token chunk 2 (tokens [100, 150)) fails its Fletcher-32 checksum");
+
+  // Through the loader: some batch of the epoch reads the chunk and fails the same way.
+  auto L = ShardLoader::Open(Opts(index, 8, 2));
+  ASSERT_TRUE(L.ok()) << L.status();
+  std::vector<int32_t> in, tgt;
+  absl::Status first_error;
+  for (int64_t b = 0; b < (*L)->batches_per_epoch() && first_error.ok(); ++b)
+    first_error = (*L)->Next(&in, &tgt);
+  EXPECT_EQ(first_error.code(), absl::StatusCode::kDataLoss) << first_error;
+  ExpectErrorNaming(first_error, shard, "token chunk 2");
+}
+
+// A shard of format 1 (no checksums) is refused with the way to re-make it.
+TEST(DataLoaderBadInput, ShardWithoutChecksumsIsRefused) {
+  std::string dir = NewTempDir("v1");
+  std::string index = MakeShards(dir, {300});
+  const std::string shard = dir + "/train_0.h5";
+  {
+    hid_t file = H5Fopen(shard.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(file, 0);
+    hid_t attr = H5Aopen(file, "format_version", H5P_DEFAULT);
+    const int64_t v1 = 1;
+    EXPECT_GE(H5Awrite(attr, H5T_NATIVE_INT64, &v1), 0);
+    H5Aclose(attr);
+    H5Fclose(file);
+  }
+  auto L = ShardLoader::Open(Opts(index, 8, 2));
+  EXPECT_EQ(L.status().code(), absl::StatusCode::kFailedPrecondition);
+  ExpectErrorNaming(L.status(), shard, "re-make the shards with this dmc-prep");
 }
 
 TEST(DataLoaderBadInput, TruncatedShard) {

@@ -124,6 +124,89 @@ TEST(Trainer, OverfitsARepeatedBatchDeterministically) {
   EXPECT_EQ(a, b) << "two runs with the same seed must agree exactly";
 }
 
+// Four short steps of the tiny model on a fixed batch, with the faults of `faults`
+// (trainer/fault_injection.h).
+struct FaultedRun {
+  static TrainConfig Config(const std::string& faults, int max_bad_steps) {
+    TrainConfig tc;
+    tc.seq_len = 8;
+    tc.micro_batch = 2;
+    tc.schedule.pretrain_steps = 4;
+    tc.max_bad_steps = max_bad_steps;
+    tc.faults = *FaultPlan::Parse(faults);
+    return tc;
+  }
+  explicit FaultedRun(const std::string& faults, int max_bad_steps = 10)
+      : tc(Config(faults, max_bad_steps)) {
+    EXPECT_TRUE(tc.Validate(mc).ok());
+    m.InitRandom(tc.seed);
+  }
+  TrainConfig tc;  // first: the members below are built from it
+  const model::LlamaConfig mc = TinyConfig();
+  model::Llama<float> m{mc, nullptr};
+  parallel::LocalCommunicator dp, tp;
+  Trainer trainer{tc, &m, FixedBatch(2, 8, mc.vocab_size, 5), &dp, &tp};
+};
+
+// A NaN in one gradient (the nan_grad fault) skips the step: weights, moments and counters stay
+// to the bit, the attempt is reported, and the next attempt trains again.
+TEST(Trainer, NonFiniteStepIsSkippedWithTheStateUnchanged) {
+  FaultedRun run("nan_grad=2:1");
+  Trainer& trainer = run.trainer;
+  model::Llama<float>& m = run.m;
+  ASSERT_TRUE(trainer.Step().ok());
+  const std::vector<float> params = m.params(), m1 = trainer.optimizer().m(),
+                           v1 = trainer.optimizer().v();
+  absl::StatusOr<StepMetrics> bad = trainer.Step();
+  ASSERT_TRUE(bad.ok()) << bad.status();
+  EXPECT_TRUE(bad->skipped);
+  EXPECT_EQ(bad->step, 2);
+  EXPECT_EQ(bad->bad_steps, 1);
+  EXPECT_FALSE(std::isfinite(bad->grad_norm));
+  EXPECT_NE(FormatProgress(*bad, 4).find("SKIPPED"), std::string::npos);
+  EXPECT_EQ(trainer.step(), 1);
+  EXPECT_EQ(trainer.optimizer().step(), 1);
+  EXPECT_EQ(m.params(), params);
+  EXPECT_EQ(trainer.optimizer().m(), m1);
+  EXPECT_EQ(trainer.optimizer().v(), v1);
+  absl::StatusOr<StepMetrics> good = trainer.Step();
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_FALSE(good->skipped);
+  EXPECT_EQ(good->step, 2);
+  EXPECT_NE(m.params(), params);
+}
+
+TEST(Trainer, StopsAfterMaxBadStepsInARow) {
+  FaultedRun run("nan_grad=1:0:3", 3);
+  Trainer& trainer = run.trainer;
+  EXPECT_TRUE(trainer.Step()->skipped);
+  EXPECT_TRUE(trainer.Step()->skipped);
+  const absl::StatusOr<StepMetrics> third = trainer.Step();
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kAborted);
+  EXPECT_NE(third.status().message().find("3 attempts in a row at step 1"), std::string::npos)
+      << third.status();
+  run.tc.max_bad_steps = 0;
+  EXPECT_FALSE(run.tc.Validate(run.mc).ok());
+}
+
+TEST(FaultPlan, ParsesTheTestHooksAndRejectsTypos) {
+  absl::StatusOr<FaultPlan> p = FaultPlan::Parse("stop_after=5,kill_in_save=3:renamed,nan_grad=4:1:2");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->stop_after, 5);
+  EXPECT_EQ(p->kill_in_save, 3);
+  EXPECT_EQ(p->kill_point, FaultPlan::SavePoint::kRenamed);
+  EXPECT_EQ(p->nan_step, 4);
+  EXPECT_EQ(p->nan_layer, 1);
+  EXPECT_EQ(p->nan_attempts, 2);
+  EXPECT_EQ(FaultPlan::Parse("")->stop_after, 0);
+  FaultPlan{}.MaybeKillInSave(0, FaultPlan::SavePoint::kTensors);  // no fault: the test lives on
+  for (const char* bad : {"nan_grad=4", "stop_after=x", "kill_in_save=3:middle", "stop=1"}) {
+    const absl::Status s = FaultPlan::Parse(bad).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(s.message().find(std::string("DMC_FAULTS: cannot parse '") + bad), std::string::npos) << s;
+  }
+}
+
 TEST(Trainer, GradientAccumulationEqualsTheLargerBatch) {
   // 2 micro-batches of the same fixed batch average to the gradient of that batch.
   TrainConfig tc;

@@ -5,6 +5,7 @@
 // SyncFromHost.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -52,8 +53,11 @@ class TrainBackend {
     if (absl::Status s = Backward(loss_scale, average_gradients); !s.ok()) return s;
     return r;
   }
-  // Clip + one AdamW update at rate lr; returns the gradient norm before clipping.
+  // Clip + one AdamW update at rate lr; returns the gradient norm before clipping. A non-finite
+  // norm skips the update: weights, moments and the update count stay as they were.
   virtual absl::StatusOr<double> OptimizerStep(float lr) = 0;
+  // gradient[offset] = value: the nan_grad fault of trainer/fault_injection.h.
+  virtual void SetGradient(size_t offset, float value) = 0;
   // Forget the optimizer moments (between DMC stages).
   virtual void ResetOptimizer() = 0;
   // Device state → the host model and AdamW (before a checkpoint or export), and back (after a
@@ -82,6 +86,7 @@ class CpuBackend : public TrainBackend {
   absl::StatusOr<double> OptimizerStep(float lr) override {
     return optimizer_->Step(*model_, lr, *tp_);
   }
+  void SetGradient(size_t offset, float value) override { model_->grads()[offset] = value; }
   void ResetOptimizer() override { optimizer_->Reset(); }
   absl::Status SyncToHost(model::Llama<float>*, AdamW*) override { return absl::OkStatus(); }
   absl::Status SyncFromHost(const model::Llama<float>&, AdamW&) override {

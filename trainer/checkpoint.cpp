@@ -8,6 +8,7 @@
 #include "model/hf_config.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
+#include "parallel/communicator.h"
 
 namespace dmc::trainer {
 namespace fs = std::filesystem;
@@ -72,15 +73,36 @@ absl::Status Checkpointer::Save(const model::Llama<float>& model, const AdamW& o
   const bool leader = world_->rank() == 0;
   const std::string name = StepDirName(state.step);
   const fs::path tmp = fs::path(dir_) / (".tmp-" + name);
-  const fs::path final_dir = fs::path(dir_) / name;
+  absl::Status status = absl::OkStatus();
   std::error_code ec;
   if (leader) {
     fs::remove_all(tmp, ec);  // left over from a save that was interrupted
-    if (!fs::create_directories(tmp, ec) && ec) return FsError("cannot create", tmp, ec);
+    if (!fs::create_directories(tmp, ec) && ec) status = FsError("cannot create", tmp, ec);
   }
-  if (absl::Status s = world_->Barrier(); !s.ok()) return s;
+  if (absl::Status s = parallel::AgreeOnStatus(*world_, status); !s.ok()) return SaveFailed(name, s);
 
   // Every DP rank takes part: with ZeRO-1 the moments are gathered from the slices.
+  status = WriteFiles(tmp, model, optimizer, state);
+  // Every rank learns whether every rank wrote its files before any of them is published.
+  if (absl::Status s = parallel::AgreeOnStatus(*world_, status); !s.ok()) {
+    if (leader) fs::remove_all(tmp, ec);  // best effort: the failure may be the disk itself
+    return SaveFailed(name, s);
+  }
+  faults_.MaybeKillInSave(state.step, FaultPlan::SavePoint::kTensors);
+  if (leader) status = Publish(tmp, name, state.step);
+  if (absl::Status s = parallel::AgreeOnStatus(*world_, status); !s.ok()) return SaveFailed(name, s);
+  return absl::OkStatus();
+}
+
+absl::Status Checkpointer::SaveFailed(const std::string& name, const absl::Status& cause) const {
+  return absl::Status(cause.code(),
+                      absl::StrFormat("checkpoint %s/%s not saved: %s (%s/latest and the "
+                                      "checkpoints it names are unchanged)",
+                                      dir_, name, cause.message(), dir_));
+}
+
+absl::Status Checkpointer::WriteFiles(const fs::path& tmp, const model::Llama<float>& model,
+                                      const AdamW& optimizer, const TrainingState& state) const {
   std::vector<float> m, v;
   if (absl::Status s = optimizer.GatherMoments(&m, &v); !s.ok()) return s;
   if (dp_rank_ == 0) {  // every DP replica holds the same state: the first one writes it
@@ -100,33 +122,32 @@ absl::Status Checkpointer::Save(const model::Llama<float>& model, const AdamW& o
         !s.ok())
       return s;
   }
-  if (leader) {
-    nlohmann::json j = {{"step", state.step},
-                        {"tokens", state.tokens},
-                        {"optimizer_step", state.optimizer_step},
-                        {"loader_cursor", state.loader_cursor},
-                        {"seed", state.seed},
-                        {"teacher", state.teacher},
-                        {"tp_size", tp_size_}};
-    if (absl::Status s = model::WriteFileAtomically((tmp / "trainer.json").string(), j.dump(2));
-        !s.ok())
-      return s;
-    if (absl::Status s = model::WriteHfConfig((tmp / "config.json").string(), model.config(),
-                                              model::DType::kF32);
-        !s.ok())
-      return s;
-  }
-  if (absl::Status s = world_->Barrier(); !s.ok()) return s;
-  if (leader) {
-    fs::remove_all(final_dir, ec);
-    fs::rename(tmp, final_dir, ec);
-    if (ec) return FsError("cannot rename the finished checkpoint", tmp, ec);
-    if (absl::Status s = model::WriteFileAtomically((fs::path(dir_) / "latest").string(), name + "\n");
-        !s.ok())
-      return s;
-    if (absl::Status s = Prune(); !s.ok()) return s;
-  }
-  return world_->Barrier();
+  if (world_->rank() != 0) return absl::OkStatus();
+  nlohmann::json j = {{"step", state.step},
+                      {"tokens", state.tokens},
+                      {"optimizer_step", state.optimizer_step},
+                      {"loader_cursor", state.loader_cursor},
+                      {"seed", state.seed},
+                      {"teacher", state.teacher},
+                      {"tp_size", tp_size_}};
+  if (absl::Status s = model::WriteFileAtomically((tmp / "trainer.json").string(), j.dump(2));
+      !s.ok())
+    return s;
+  return model::WriteHfConfig((tmp / "config.json").string(), model.config(), model::DType::kF32);
+}
+
+absl::Status Checkpointer::Publish(const fs::path& tmp, const std::string& name, int step) const {
+  const fs::path final_dir = fs::path(dir_) / name;
+  std::error_code ec;
+  fs::remove_all(final_dir, ec);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) return FsError("cannot rename the finished checkpoint", tmp, ec);
+  faults_.MaybeKillInSave(step, FaultPlan::SavePoint::kRenamed);
+  if (absl::Status s =
+          model::WriteFileAtomically((fs::path(dir_) / "latest").string(), name + "\n");
+      !s.ok())
+    return s;
+  return Prune();
 }
 
 absl::Status Checkpointer::Prune() const {

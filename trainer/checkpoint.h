@@ -13,9 +13,14 @@
 // cursor is needed. Optimizer and model state are independent of the data-parallel size and of
 // ZeRO-1: with sharded moments (trainer/optimizer.h) a save gathers them over the DP group for the
 // writer, and a load reads the full moments and keeps this rank's slice.
+//
+// A save that fails part-way (a full disk, a write error, on any rank) returns the same error on
+// every rank and removes its temporary directory; `latest` and the checkpoints it names are left
+// as they were. What the run does then is the trainer's rule (README: "Checkpoints").
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -23,6 +28,7 @@
 #include "absl/status/statusor.h"
 #include "model/llama.h"
 #include "parallel/communicator.h"
+#include "trainer/fault_injection.h"
 #include "trainer/optimizer.h"
 
 namespace dmc::trainer {
@@ -57,14 +63,25 @@ class Checkpointer {
   absl::StatusOr<TrainingState> LoadLatest(model::Llama<float>& model, AdamW& optimizer) const;
 
   static std::string StepDirName(int step);
+  // Test hook: kill this process at a chosen point of a chosen save (trainer/fault_injection.h).
+  void set_faults(const FaultPlan& faults) { faults_ = faults; }
 
  private:
   absl::Status Prune() const;
+  // Writes this rank's part of the checkpoint into tmp (the tensor files on the first DP replica,
+  // the trainer state and config on the leader).
+  absl::Status WriteFiles(const std::filesystem::path& tmp, const model::Llama<float>& model,
+                          const AdamW& optimizer, const TrainingState& state) const;
+  // The error of a save that failed, naming the checkpoint and saying what was kept.
+  absl::Status SaveFailed(const std::string& name, const absl::Status& cause) const;
+  // The leader's part after every rank wrote: tmp → the step directory, then `latest`, then prune.
+  absl::Status Publish(const std::filesystem::path& tmp, const std::string& name, int step) const;
 
   std::string dir_;
   int keep_last_;
   parallel::Communicator* world_;
   int tp_rank_, tp_size_, dp_rank_;
+  FaultPlan faults_;
 };
 
 }  // namespace dmc::trainer

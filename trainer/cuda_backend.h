@@ -48,6 +48,7 @@ class CudaBackend : public TrainBackend {
                                                        double loss_scale,
                                                        bool average_gradients) override;
   absl::StatusOr<double> OptimizerStep(float lr) override;
+  void SetGradient(size_t offset, float value) override { model_->SetGradient(offset, value); }
   void ResetOptimizer() override { model_->ResetOptimizer(); }
   absl::Status SyncToHost(model::Llama<float>* host, AdamW* optimizer) override;
   absl::Status SyncFromHost(const model::Llama<float>& host, AdamW& optimizer) override;

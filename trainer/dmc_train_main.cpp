@@ -92,6 +92,9 @@ ABSL_FLAG(int, dmc_window, 12, "DMC partial-accumulation window");
 ABSL_FLAG(float, dmc_temperature, 0.1f, "DMC Gumbel-sigmoid temperature");
 ABSL_FLAG(float, dmc_init_val, 5.0f, "DMC decision offset");
 ABSL_FLAG(uint64_t, seed, 1234, "seed of weights, data order and DMC noise");
+ABSL_FLAG(int, max_bad_steps, 10,
+          "attempts in a row with a non-finite loss or gradient norm (each skipped on every rank, "
+          "its batch consumed) after which the run stops with an error, saving nothing");
 ABSL_FLAG(int, log_every, 10, "steps between progress lines");
 ABSL_FLAG(std::string, log_jsonl, "", "append per-step metrics as JSON lines to this file");
 ABSL_FLAG(double, peak_tflops, 0, "peak TFLOP/s per rank for the MFU column (0: not shown)");
@@ -236,6 +239,10 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   tc.optimizer.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   tc.optimizer.grad_clip = absl::GetFlag(FLAGS_grad_clip);
   tc.optimizer.zero1 = absl::GetFlag(FLAGS_zero1);
+  tc.max_bad_steps = absl::GetFlag(FLAGS_max_bad_steps);
+  absl::StatusOr<dmc::trainer::FaultPlan> faults = dmc::trainer::FaultPlan::FromEnv();
+  if (!faults.ok()) return faults.status();
+  tc.faults = *faults;
   if (absl::Status st = tc.Validate(model_config); !st.ok()) return st;
   if (model_config.num_key_value_heads % layout.tp_size != 0)
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -337,6 +344,9 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   dmc::trainer::Checkpointer checkpointer(checkpoint_dir, absl::GetFlag(FLAGS_keep_last),
                                           &groups.world(), layout.tp_rank, layout.tp_size,
                                           layout.dp_rank);
+  checkpointer.set_faults(tc.faults);
+  // The step of the newest checkpoint that holds this run's state: the end saves unless it is.
+  int saved_step = -1;
   if (absl::GetFlag(FLAGS_resume)) {
     absl::StatusOr<dmc::trainer::TrainingState> state =
         checkpointer.LoadLatest(model, trainer.optimizer());
@@ -358,6 +368,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     if (absl::Status st = source->Restore(*cursor); !st.ok()) return st;
     trainer.set_step(state->step);
     trainer.set_tokens(state->tokens);
+    saved_step = state->step;
     if (leader) std::printf("dmc-train: resumed at step %d from %s\n", state->step, checkpoint_dir.c_str());
   }
   auto save = [&]() -> absl::Status {
@@ -367,6 +378,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     dmc::trainer::TrainingState state{trainer.step(), trainer.tokens(), trainer.optimizer().step(),
                                       source->cursor().ToString(), tc.seed, teacher_hash};
     absl::Status st = checkpointer.Save(model, trainer.optimizer(), state);
+    if (st.ok()) saved_step = trainer.step();
     if (st.ok() && leader)
       std::printf("dmc-train: checkpoint %s/%s\n", checkpoint_dir.c_str(),
                   dmc::trainer::Checkpointer::StepDirName(trainer.step()).c_str());
@@ -380,18 +392,25 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     if (!opened.ok()) return opened.status();
     log = std::move(*opened);
   }
+  // A failed interval save (a full disk, a write error) is reported and the run goes on: the next
+  // interval tries again, and the checkpoints already saved stay as they were. The last save (at
+  // the end, or on a stop signal) must succeed, or the run fails with its error.
   const int every = absl::GetFlag(FLAGS_checkpoint_every);
   absl::Status run = trainer.Run([&](const dmc::trainer::StepMetrics& m) -> absl::Status {
     if (log)
       if (absl::Status st = log->Write(m); !st.ok()) return st;
+    if (tc.faults.stop_after == m.step && !m.skipped) std::raise(SIGTERM);
     // Every rank must agree to stop at the same step: take the max of the signal flags.
     double stop = g_stop_signal.load() != 0 ? 1.0 : 0.0;
     if (absl::Status st = groups.world().AllReduceMax(&stop, 1); !st.ok()) return st;
     if (stop > 0) {
       if (absl::Status st = save(); !st.ok()) return st;
-      return absl::CancelledError(absl::StrFormat("stopped by a signal after step %d", m.step));
+      return absl::CancelledError(absl::StrFormat("stopped by a signal after step %d", trainer.step()));
     }
-    if (every > 0 && m.step % every == 0) return save();
+    if (every > 0 && m.step % every == 0 && !m.skipped)
+      if (absl::Status st = save(); !st.ok() && leader)
+        std::fprintf(stderr, "dmc-train: WARNING: %s; training goes on, the next save is at step %d\n",
+                     std::string(st.message()).c_str(), std::min(m.step + every, s.total_steps()));
     return absl::OkStatus();
   });
   if (absl::IsCancelled(run)) {
@@ -399,7 +418,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
     return absl::OkStatus();
   }
   if (!run.ok()) return run;
-  if (every == 0 || trainer.step() % every != 0) return save();
+  if (saved_step != trainer.step()) return save();
   return absl::OkStatus();
 }
 

@@ -24,7 +24,8 @@ absl::Status MetricsLog::Write(const StepMetrics& m) {
                       {"lr", m.lr},
                       {"grad_norm", m.grad_norm}, {"cr_target", m.cr_target},
                       {"achieved_cr", m.achieved_cr}, {"tokens_per_second", m.tokens_per_second},
-                      {"mfu", m.mfu},             {"tokens", m.tokens}};
+                      {"mfu", m.mfu},             {"tokens", m.tokens},
+                      {"skipped", m.skipped},     {"bad_steps", m.bad_steps}};
   const std::string line = j.dump() + "\n";
   if (std::fputs(line.c_str(), file_) < 0 || std::fflush(file_) != 0)
     return absl::DataLossError(std::string("metrics log write failed: ") + std::strerror(errno));

@@ -51,7 +51,7 @@ absl::StatusOr<double> AdamW::GradNorm(const model::Llama<float>& model,
 absl::StatusOr<double> AdamW::Step(model::Llama<float>& model, float lr,
                                    parallel::Communicator& tp) {
   absl::StatusOr<double> norm = GradNorm(model, model.grads(), tp);
-  if (!norm.ok()) return norm.status();
+  if (!norm.ok() || !std::isfinite(*norm)) return norm;
   float grad_scale = 1.0f;
   if (config_.grad_clip > 0 && *norm > config_.grad_clip)
     grad_scale = static_cast<float>(config_.grad_clip / *norm);

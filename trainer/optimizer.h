@@ -40,7 +40,9 @@ class AdamW {
                                          parallel::Communicator& tp);
 
   // One update at learning rate lr; returns the gradient norm before clipping. Sharded: updates
-  // this rank's slice, then all-gathers the parameters over dp (collective).
+  // this rank's slice, then all-gathers the parameters over dp (collective). A non-finite norm
+  // (the same on every rank: see Trainer::Step) skips the update: parameters, moments and step()
+  // are left as they were.
   absl::StatusOr<double> Step(model::Llama<float>& model, float lr, parallel::Communicator& tp);
 
   // Forget the moments (between DMC stages, as the reference does).

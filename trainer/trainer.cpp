@@ -1,7 +1,9 @@
 #include "trainer/trainer.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "absl/strings/str_format.h"
 
@@ -53,6 +55,11 @@ absl::Status TrainConfig::Validate(const model::LlamaConfig& model) const {
   if ((s.stage2_steps > 0 || s.stage3_steps > 0) && s.cr_target == 1.0f)
     return bad("DMC stages need --cr_target > 1");
   if (log_every <= 0) return bad(absl::StrFormat("--log_every must be > 0, got %d", log_every));
+  if (max_bad_steps <= 0)
+    return bad(absl::StrFormat("--max_bad_steps must be > 0, got %d", max_bad_steps));
+  if (faults.nan_step > 0 && faults.nan_layer >= model.num_hidden_layers)
+    return bad(absl::StrFormat("DMC_FAULTS nan_grad: layer %d of a model of %d layers",
+                               faults.nan_layer, model.num_hidden_layers));
   return absl::OkStatus();
 }
 
@@ -91,6 +98,14 @@ void Trainer::EnterPhase(const ScheduleState& state) {
   if (state.phase == Phase::kStage2) backend_->ZeroControlChannelRows();
 }
 
+bool Trainer::InjectNanNow() {
+  const FaultPlan& f = config_.faults;
+  const bool last_rank = dp_->rank() == dp_->size() - 1 && tp_->rank() == tp_->size() - 1;
+  if (f.nan_step != step_ + 1 || nan_injected_ >= f.nan_attempts) return false;
+  ++nan_injected_;
+  return last_rank;
+}
+
 absl::StatusOr<StepMetrics> Trainer::Step() {
   const ScheduleState sched = ScheduleAt(config_.schedule, step_);
   if (sched.phase == Phase::kDone) return absl::OutOfRangeError("the schedule is finished");
@@ -115,11 +130,15 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   options.loma = loma.zones;
 
   const int B = config_.micro_batch, T = config_.seq_len;
+  const bool inject_nan = InjectNanNow();
   std::vector<int32_t> inputs, targets;
   backend_->ZeroGrad();
   double loss = 0, lm_loss = 0, cr_loss = 0, rep_loss = 0, distill = 0, merge = 0;
   for (int micro = 0; micro < config_.grad_accum; ++micro) {
-    if (absl::Status s = batches_(&inputs, &targets); !s.ok()) return s;
+    // A batch that fails to load (a damaged shard) on one data-parallel rank stops every rank,
+    // with that rank's error, before any of them uses its batch.
+    if (absl::Status s = parallel::AgreeOnStatus(*dp_, batches_(&inputs, &targets)); !s.ok())
+      return s;
     if (inputs.size() != static_cast<size_t>(B) * T || targets.size() != inputs.size())
       return absl::InternalError(absl::StrFormat("batch source gave %d tokens, expected %d × %d",
                                                  inputs.size(), B, T));
@@ -137,6 +156,13 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     }
     // The last micro-batch also averages the gradients over dp (overlapped on the GPU).
     const bool last = micro + 1 == config_.grad_accum;
+    // Backward adds to the gradients, so the NaN survives it and then the average over dp.
+    if (last && inject_nan)
+      backend_->SetGradient(
+          model_->FindParam(absl::StrFormat("model.layers.%d.input_layernorm.weight",
+                                            config_.faults.nan_layer))
+              ->offset,
+          std::numeric_limits<float>::quiet_NaN());
     const absl::StatusOr<model::ForwardResult> r = backend_->ForwardBackward(
         inputs.data(), targets.data(), B, seq_len, options, 1.0 / config_.grad_accum, last);
     if (!r.ok()) return r.status();
@@ -159,17 +185,41 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
     merge = stats[4] / dp_->size();
     distill = stats[5] / dp_->size();
   }
-  absl::StatusOr<double> norm = backend_->OptimizerStep(sched.lr);
-  if (!norm.ok()) return norm.status();
+  // Non-finite steps. The loss is averaged over dp above; over tp it is taken as bad when it is
+  // on any rank. The gradient norm needs no vote: the gradients are averaged over dp and the norm
+  // summed over tp, so a NaN on any rank reaches every rank's norm, and a backend skips the
+  // update itself when its norm is not finite.
+  double bad_loss = std::isfinite(loss) ? 0.0 : 1.0;
+  if (tp_->size() > 1)
+    if (absl::Status s = tp_->AllReduceMax(&bad_loss, 1); !s.ok()) return s;
+  double grad_norm = std::numeric_limits<double>::quiet_NaN();
+  if (bad_loss == 0) {
+    absl::StatusOr<double> norm = backend_->OptimizerStep(sched.lr);
+    if (!norm.ok()) return norm.status();
+    grad_norm = *norm;
+  }
+  const bool skipped = !std::isfinite(grad_norm);
+  bad_in_a_row_ = skipped ? bad_in_a_row_ + 1 : 0;
+  bad_steps_ += skipped ? 1 : 0;
+  if (bad_in_a_row_ >= config_.max_bad_steps)
+    return absl::AbortedError(absl::StrFormat(
+        "%d attempts in a row at step %d had a non-finite loss or gradient norm (loss %g, "
+        "gradient norm %g): stopped without saving (--max_bad_steps=%d); the last checkpoint is "
+        "the last good state: resume from it with a lower learning rate, or check the data",
+        bad_in_a_row_, step_ + 1, loss, grad_norm, config_.max_bad_steps));
 
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const int64_t step_tokens = static_cast<int64_t>(B) * T * config_.grad_accum * dp_->size();
-  ++step_;
-  tokens_ += step_tokens;
+  if (!skipped) {
+    ++step_;
+    tokens_ += step_tokens;
+  }
 
   StepMetrics m;
-  m.step = step_;
+  m.step = skipped ? step_ + 1 : step_;
+  m.skipped = skipped;
+  m.bad_steps = bad_steps_;
   m.phase = loma.enabled() ? Phase::kLoma : sched.phase;
   m.loss = loss;
   m.lm_loss = lm_loss;
@@ -177,7 +227,7 @@ absl::StatusOr<StepMetrics> Trainer::Step() {
   m.rep_loss = rep_loss;
   m.distill_loss = distill;
   m.lr = sched.lr;
-  m.grad_norm = *norm;
+  m.grad_norm = grad_norm;
   // LoMA: a window of whole segments ends with 1/c of its tokens' slots, by construction.
   m.cr_target = loma.enabled() ? loma.zones.c : sched.cr_target;
   m.achieved_cr = loma.enabled() ? loma.zones.c : 1.0 / (1.0 - merge);
@@ -195,7 +245,8 @@ absl::Status Trainer::Run(const std::function<absl::Status(const StepMetrics&)>&
   while (step_ < total) {
     absl::StatusOr<StepMetrics> m = Step();
     if (!m.ok()) return m.status();
-    if (leader && (m->step % config_.log_every == 0 || m->step == total || m->step == 1)) {
+    if (leader && (m->step % config_.log_every == 0 || m->step == total || m->step == 1 ||
+                   m->skipped)) {
       std::printf("%s\n", FormatProgress(*m, total).c_str());
       std::fflush(stdout);
     }
@@ -216,6 +267,8 @@ std::string FormatProgress(const StepMetrics& m, int total_steps) {
                : absl::StrFormat("CR target %.2f achieved %.2f", m.cr_target, m.achieved_cr);
   line += absl::StrFormat(" | %.0f tok/s", m.tokens_per_second);
   if (m.mfu > 0) line += absl::StrFormat(" | MFU %.1f%%", 100 * m.mfu);
+  if (m.skipped) line += " | SKIPPED: non-finite loss or gradient norm, weights unchanged";
+  if (m.bad_steps > 0) line += absl::StrFormat(" | %d non-finite skipped", m.bad_steps);
   return line;
 }
 

@@ -15,6 +15,7 @@
 #include "model/loma.h"
 #include "parallel/communicator.h"
 #include "trainer/backend.h"
+#include "trainer/fault_injection.h"
 #include "trainer/optimizer.h"
 #include "trainer/schedules.h"
 
@@ -33,6 +34,12 @@ struct TrainConfig {
   // into the LoMA layout (model::LomaTransform) and trained with StepOptions::loma on the
   // pre-training schedule. The model must carry this layout (model::AddLomaTokens with its zones).
   model::LomaLayout loma;
+  // Non-finite steps: an attempt whose loss or gradient norm is not finite on any rank is skipped
+  // on every rank (weights, moments and the step counter unchanged; its batch is consumed, so the
+  // data cursor moves on). This many in a row stop the run with an error (Step fails).
+  int max_bad_steps = 10;
+  // Test hooks (trainer/fault_injection.h): the NaN of nan_grad is injected by Step.
+  FaultPlan faults;
 
   // Rejects inconsistent values (non-positive sizes, CR < 1, a sequence longer than the model's
   // positions, a LoMA window that is not whole segments, DMC stages with LoMA, ...) with a
@@ -55,6 +62,10 @@ struct StepMetrics {
   double tokens_per_second = 0;
   double mfu = 0;
   int64_t tokens = 0;  // tokens consumed so far, all ranks (LoMA: text tokens)
+  // The attempt had a non-finite loss or gradient norm and was skipped (step is then the step it
+  // attempted, which the next attempt takes again).
+  bool skipped = false;
+  int bad_steps = 0;  // attempts skipped since this Trainer was made
 };
 
 class Trainer {
@@ -67,8 +78,11 @@ class Trainer {
           parallel::Communicator* dp, parallel::Communicator* tp,
           std::unique_ptr<TrainBackend> backend = nullptr);
 
-  // Runs one optimizer step; the step counter advances only on success. With LoMA, fails if the
-  // model does not carry config.loma (its vocabulary would not hold <m> and <r>).
+  // Runs one optimizer step; the step counter advances only on success. A non-finite attempt is
+  // skipped (StepMetrics::skipped; see TrainConfig::max_bad_steps), and the max_bad_steps-th in a
+  // row returns Aborted. A batch that fails to load on any data-parallel rank fails the step on
+  // every rank with that rank's error. With LoMA, fails if the model does not carry config.loma
+  // (its vocabulary would not hold <m> and <r>).
   absl::StatusOr<StepMetrics> Step();
   // Runs until the schedule is done, printing a progress line every log_every steps (rank 0).
   absl::Status Run(const std::function<absl::Status(const StepMetrics&)>& after_step = nullptr);
@@ -93,6 +107,8 @@ class Trainer {
  private:
   // Applies the phase changes of the schedule at the start of a phase.
   void EnterPhase(const ScheduleState& state);
+  // The nan_grad fault: whether this attempt poisons a gradient here (and counts it).
+  bool InjectNanNow();
 
   TrainConfig config_;
   model::Llama<float>* model_;
@@ -104,6 +120,8 @@ class Trainer {
   int step_ = 0;
   int64_t tokens_ = 0;
   bool dmc_on_ = false;
+  int bad_steps_ = 0, bad_in_a_row_ = 0;
+  int nan_injected_ = 0;  // attempts poisoned by the nan_grad fault
 };
 
 // The progress line every log_every steps; LoMA steps show the repetition loss and the fixed CR

@@ -39,6 +39,7 @@
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
+#include "bench/cuda/bench_shapes.h"
 #include "model/llama_cuda.h"
 
 ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)");
@@ -52,39 +53,10 @@ ABSL_FLAG(bool, queued, true,
 
 namespace {
 using dmc::cuda::bf16;
+using dmc::bench::MakeShape;
+using dmc::bench::Shape;
 
 constexpr double kPeakTflops = 989.0;
-
-struct Shape {
-  std::string name;
-  dmc::model::LlamaConfig config;
-  int T = 0;
-};
-
-Shape MakeShape(const std::string& name) {
-  Shape s;
-  s.name = name;
-  dmc::model::LlamaConfig& c = s.config;
-  if (name == "1b" || name == "1b-2l") {
-    c.vocab_size = 32000;
-    c.hidden_size = 2048;
-    c.intermediate_size = 5632;
-    // 1b-2l: two of its layers, for per-kernel profiles (a tenth of the kernels, same shapes).
-    c.num_hidden_layers = name == "1b" ? 24 : 2;
-    c.num_attention_heads = 16;
-    c.num_key_value_heads = 16;
-    c.max_position_embeddings = 4096;
-    s.T = 2048;
-  } else if (name == "medium") {
-    if (!dmc::model::PresetConfig("medium", &c).ok()) std::abort();
-    c.vocab_size = 8192;  // the GPU pipeline's SentencePiece vocabulary
-    s.T = 512;
-  } else {
-    std::fprintf(stderr, "bench_train_step: unknown shape %s (1b, 1b-2l, medium)\n", name.c_str());
-    std::exit(2);
-  }
-  return s;
-}
 
 float Elapsed(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
@@ -209,25 +181,14 @@ int main(int argc, char** argv) {
                 shape.name.c_str(), params / 1e6, config.num_hidden_layers, config.hidden_size,
                 config.num_attention_heads, config.head_dim(), config.intermediate_size,
                 config.vocab_size, B, T);
-    // Weights: small uniform values from an LCG (the host model's InitRandom draws normals, too
-    // slow at 1.4B for a benchmark set-up; timing does not depend on the values).
-    std::vector<float> weights(static_cast<size_t>(params));  // the flat layout's size at TP 1
-    uint32_t s = 777;
-    for (auto& w : weights) {
-      s = s * 1664525u + 1013904223u;
-      w = ((s >> 9) * (1.0f / 8388608.0f) - 0.5f) * 0.04f;
-    }
+    // the flat layout's size at TP 1
+    const std::vector<float> weights = dmc::bench::ArbitraryWeights(static_cast<size_t>(params), 777);
     for (const bool dmc : dmc_settings) {
       config.dmc.enabled = dmc;
       auto model = std::make_unique<dmc::model::LlamaCuda>(config);
       model->CopyParamsFromHost(weights);
-      std::vector<int32_t> in(static_cast<size_t>(B) * T), tgt(in.size());
-      uint32_t r = 99;
-      for (size_t i = 0; i < in.size(); ++i) {
-        r = r * 1664525u + 1013904223u;
-        in[i] = static_cast<int32_t>((r >> 8) % config.vocab_size);
-        tgt[i] = static_cast<int32_t>((r >> 4) % config.vocab_size);
-      }
+      std::vector<int32_t> in, tgt;
+      dmc::bench::ArbitraryTokens(B, T, config.vocab_size, 99, &in, &tgt);
       dmc::model::StepOptions opt;
       opt.noise_seed = 1;
       opt.cr_prior = dmc ? 0.5f : 0.0f;

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # End-to-end resume test of the dmc-train binary on the embedded text (byte tokenizer, tiny model):
 #   1. straight: the whole schedule in one run;
-#   2. SIGTERM at an arbitrary step → checkpoint and clean exit → --resume: every later step's loss
-#      and the final weights and AdamW state equal the straight run's bit for bit;
-#   3. SIGKILL at arbitrary moments while a checkpoint is written every step (so most kills land
-#      inside a save) → --resume each time → the same final bytes again: an interrupted save never
-#      damages the previous checkpoint;
+#   2. SIGTERM after step 120 → checkpoint and clean exit → --resume: every later step's loss and
+#      the final weights and AdamW state equal the straight run's bit for bit;
+#   3. SIGKILL inside saves, at both points where a save can be cut (the tensor files written but
+#      not published; the step directory published but `latest` not yet moved) → --resume each
+#      time → the same final bytes again: an interrupted save never damages the previous checkpoint;
 #   4. a run on 2 data-parallel ranks, stopped by SIGTERM and resumed on 1 rank with the same global
 #      batch: the checkpoint does not depend on the data-parallel layout;
 #   5. DMS (query-channel variant, retrofitting a short pre-training): SIGTERM -> --resume is
 #      bit-exact, and a resume against other teacher weights is refused.
+# Every stop comes at an exact step or point of a save, from dmc-train's fault injection
+# (DMC_FAULTS, trainer/fault_injection.h), never from a timer: the test does not depend on speed.
 # Usage: resume.sh DMC_TRAIN DMC_PREP SOURCE_DIR MPIEXEC [MPIEXEC_FLAGS...]
 books="kjv_08_ruth kjv_32_jonah"
 source "$(dirname "$0")/mpi_test_setup.sh" "$@"
@@ -31,57 +33,49 @@ same_state() {  # same_state DIR_A DIR_B: weights and optimizer state identical 
   cmp -s "$a/model-tp0.safetensors" "$b/model-tp0.safetensors" || fail "$2: weights differ"
   cmp -s "$a/optim-tp0.safetensors" "$b/optim-tp0.safetensors" || fail "$2: AdamW state differs"
 }
-# Starts dmc-train in the background; waits until its log has $2 lines (or it ended), then $3.
-run_and_signal() {
-  local log=$1 lines=$2 signal=$3
-  shift 3
-  "$@" &
-  local pid=$!
-  while kill -0 "$pid" 2>/dev/null && [ "$(wc -l 2>/dev/null <"$log" || echo 0)" -lt "$lines" ]; do
-    sleep 0.005
-  done
-  kill -s "$signal" "$pid" 2>/dev/null || true
-  wait "$pid" || true
-}
-
 # 1. straight
 "$train" "${common[@]}" --micro_batch=4 --checkpoint_dir="$work/straight" \
     --log_jsonl="$work/straight.jsonl" >/dev/null
 [ "$(wc -l <"$work/straight.jsonl")" -eq $total ] || fail "straight run logged $(wc -l <"$work/straight.jsonl") steps"
 
-# 2. SIGTERM, then resume
-run_and_signal "$work/term.jsonl" 120 TERM "$train" "${common[@]}" --micro_batch=4 \
-    --checkpoint_dir="$work/term" --log_jsonl="$work/term.jsonl" >/dev/null
-stopped=$(wc -l <"$work/term.jsonl")
-[ "$stopped" -lt $total ] || fail "the SIGTERM came after the last step; make the run longer"
-[ -f "$work/term/latest" ] || fail "SIGTERM left no checkpoint"
+# 2. SIGTERM after step 120, then resume
+DMC_FAULTS=stop_after=120 "$train" "${common[@]}" --micro_batch=4 --checkpoint_dir="$work/term" \
+    --log_jsonl="$work/term.jsonl" >/dev/null
+[ "$(cat "$work/term/latest")" = step_00000120 ] || fail "SIGTERM after step 120 left $(cat "$work/term/latest")"
 "$train" "${common[@]}" --micro_batch=4 --checkpoint_dir="$work/term" --log_jsonl="$work/term.jsonl" \
     --resume >/dev/null
 diff <(losses "$work/straight.jsonl") <(losses "$work/term.jsonl") >/dev/null ||
-  fail "losses after the SIGTERM resume (stopped at step $stopped) differ from the straight run"
+  fail "losses after the SIGTERM resume (stopped after step 120) differ from the straight run"
 same_state "$work/straight" "$work/term"
-echo "SIGTERM after step $stopped, resumed: bit-exact"
+echo "SIGTERM after step 120, resumed: bit-exact"
 
-# 3. SIGKILL at arbitrary moments while checkpointing every step
-kills=0
-for lines in 60 140 230 330; do
+# 3. SIGKILL inside the saves of a run that checkpoints every step
+for kill in 60:tensors 140:renamed 230:tensors 330:renamed; do
+  step=${kill%:*} point=${kill#*:}
   resume=()
   [ -f "$work/kill/latest" ] && resume=(--resume)
-  run_and_signal "$work/kill.jsonl" "$lines" KILL "$train" "${common[@]}" --micro_batch=4 \
+  DMC_FAULTS=kill_in_save=$kill "$train" "${common[@]}" --micro_batch=4 \
       --checkpoint_dir="$work/kill" --checkpoint_every=1 --log_jsonl="$work/kill.jsonl" \
-      "${resume[@]}" >/dev/null 2>&1
-  kills=$((kills + 1))
+      "${resume[@]}" >/dev/null 2>&1 && fail "kill_in_save=$kill: dmc-train was not killed"
+  previous=step_$(printf %08d $((step - 1)))
+  [ "$(cat "$work/kill/latest")" = "$previous" ] ||
+    fail "killed in the save of step $step ($point): latest names $(cat "$work/kill/latest")"
+  if [ "$point" = tensors ]; then
+    [ -d "$work/kill/.tmp-step_$(printf %08d "$step")" ] || fail "kill_in_save=$kill: no temporary directory"
+  else
+    [ -d "$work/kill/step_$(printf %08d "$step")" ] || fail "kill_in_save=$kill: step directory missing"
+  fi
 done
 "$train" "${common[@]}" --micro_batch=4 --checkpoint_dir="$work/kill" --checkpoint_every=1 \
     --log_jsonl="$work/kill.jsonl" --resume >/dev/null
 same_state "$work/straight" "$work/kill"
 ls -a "$work/kill" | grep -q '^\.tmp' && fail "a temporary checkpoint directory was left behind"
-echo "$kills SIGKILLs during per-step checkpointing, resumed each time: bit-exact"
+echo "4 SIGKILLs inside per-step saves (before and after publishing), resumed each time: bit-exact"
 
-# 4. 2 data-parallel ranks (2 sequences each) -> SIGTERM -> resume on 1 rank (4 sequences)
-run_and_signal "$work/dp.jsonl" 120 TERM "$mpiexec" "${mpi_flags[@]}" -np 2 "$train" \
-    "${common[@]}" --micro_batch=2 --checkpoint_dir="$work/dp" --log_jsonl="$work/dp.jsonl" >/dev/null
-[ -f "$work/dp/latest" ] || fail "the 2-rank run left no checkpoint"
+# 4. 2 data-parallel ranks (2 sequences each) -> SIGTERM after step 120 -> resume on 1 rank (4 sequences)
+DMC_FAULTS=stop_after=120 "$mpiexec" "${mpi_flags[@]}" -np 2 "$train" "${common[@]}" --micro_batch=2 \
+    --checkpoint_dir="$work/dp" --log_jsonl="$work/dp.jsonl" >/dev/null
+[ "$(cat "$work/dp/latest")" = step_00000120 ] || fail "the 2-rank run stopped at $(cat "$work/dp/latest")"
 "$train" "${common[@]}" --micro_batch=4 --checkpoint_dir="$work/dp" --log_jsonl="$work/dp.jsonl" \
     --resume >/dev/null
 last_straight=$(losses "$work/straight.jsonl" | tail -1 | cut -d' ' -f2)
@@ -108,16 +102,15 @@ dms=(--method=dms --dms_variant=query_channel --dms_window=4 --init_from="$work/
 "$train" "${dms[@]}" --checkpoint_dir="$work/dms_straight" --log_jsonl="$work/dms_straight.jsonl" \
     >/dev/null
 grep -q '"distill_loss":0,' <(tail -1 "$work/dms_straight.jsonl") && fail "DMS did not distil"
-run_and_signal "$work/dms_term.jsonl" 25 TERM "$train" "${dms[@]}" \
-    --checkpoint_dir="$work/dms_term" --log_jsonl="$work/dms_term.jsonl" >/dev/null
-stopped=$(wc -l <"$work/dms_term.jsonl")
-[ "$stopped" -lt $total ] || fail "the DMS SIGTERM came after the last step; make the run longer"
+DMC_FAULTS=stop_after=25 "$train" "${dms[@]}" --checkpoint_dir="$work/dms_term" \
+    --log_jsonl="$work/dms_term.jsonl" >/dev/null
+[ "$(cat "$work/dms_term/latest")" = step_00000025 ] || fail "DMS: SIGTERM after step 25 left $(cat "$work/dms_term/latest")"
 "$train" "${dms[@]}" --checkpoint_dir="$work/dms_term" --log_jsonl="$work/dms_term.jsonl" \
     --resume >/dev/null
 diff <(losses "$work/dms_straight.jsonl") <(losses "$work/dms_term.jsonl") >/dev/null ||
-  fail "DMS losses after the SIGTERM resume (stopped at step $stopped) differ from the straight run"
+  fail "DMS losses after the SIGTERM resume (stopped after step 25) differ from the straight run"
 same_state "$work/dms_straight" "$work/dms_term"
-echo "DMS: SIGTERM after step $stopped, resumed: bit-exact"
+echo "DMS: SIGTERM after step 25, resumed: bit-exact"
 # (of two --init_from flags the last counts)
 if "$train" "${dms[@]}" --init_from="$work/base2" --checkpoint_dir="$work/dms_term" \
     --resume >"$work/teacher.log" 2>&1; then

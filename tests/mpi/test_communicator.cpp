@@ -146,6 +146,7 @@ TEST(MpiCommunicator, BarrierWaitsForTheLastRank) {
   auto comm = TestWorld();
   ASSERT_NE(comm, nullptr);
   if (comm->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  ASSERT_TRUE(comm->Barrier().ok());  // every rank starts its clock together, not a test apart
   const auto start = std::chrono::steady_clock::now();
   if (comm->rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
   ASSERT_TRUE(comm->Barrier().ok());
@@ -173,8 +174,9 @@ TEST(MpiCommunicator, ReportsRankSizeAndName) {
   EXPECT_FALSE(comm->device_buffers());
 }
 
-// The last rank is "stuck": it skips the collective for longer than the others' 1 s timeout. The
-// others must get DeadlineExceeded (not hang), naming the collective and the group, and their
+// The last rank is "stuck": it joins the collective only once the others have passed their 1 s
+// timeout (it waits for them on another communicator, so the order does not depend on timing).
+// The others must get DeadlineExceeded (not hang), naming the collective and the group, and their
 // communicator must refuse further work. Then the stuck rank joins late, which completes the
 // abandoned collective everywhere, so the test ends cleanly and the communicators can be freed.
 TEST(MpiCommunicator, TimeoutReturnsDeadlineExceededInsteadOfHanging) {
@@ -201,8 +203,10 @@ TEST(MpiCommunicator, TimeoutReturnsDeadlineExceededInsteadOfHanging) {
       absl::Status after = comm->Barrier();
       EXPECT_EQ(after.code(), absl::StatusCode::kFailedPrecondition) << after;
       EXPECT_NE(after.message().find("timed out"), std::string::npos) << after;
+      EXPECT_TRUE(sync->Barrier().ok());  // lets the stuck rank join
     } else {
-      std::this_thread::sleep_for(std::chrono::seconds(3));
+      // Late by construction, not by a sleep: it joins only after every other rank timed out.
+      EXPECT_TRUE(sync->Barrier().ok());
       absl::Status status = comm->AllReduceSum(x.data(), x.size());
       EXPECT_TRUE(status.ok()) << status;
       EXPECT_EQ(x[0], float(comm->size()));
@@ -235,6 +239,32 @@ TEST(LocalCommunicator, CollectivesAreTheIdentity) {
   EXPECT_EQ(local.Broadcast(x.data(), 3, 1).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(local.Barrier().ok());
   EXPECT_TRUE(CheckSameOnAllRanks(local, "config", "anything").ok());
+  EXPECT_TRUE(AgreeOnStatus(local, absl::OkStatus()).ok());
+  EXPECT_EQ(AgreeOnStatus(local, absl::DataLossError("x")), absl::DataLossError("x"));
+}
+
+TEST(AgreeOnStatus, OkWhenEveryRankIsOk) {
+  auto comm = TestWorld();
+  ASSERT_NE(comm, nullptr);
+  EXPECT_TRUE(AgreeOnStatus(*comm, absl::OkStatus()).ok());
+}
+
+// The last rank (and, with 3 or more ranks, rank 1) fails: every rank gets the lowest failing
+// rank's code and message.
+TEST(AgreeOnStatus, EveryRankGetsTheLowestFailingRanksError) {
+  auto comm = TestWorld();
+  ASSERT_NE(comm, nullptr);
+  const int size = comm->size();
+  if (size < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int first = size > 2 ? 1 : size - 1;
+  absl::Status mine = absl::OkStatus();
+  if (comm->rank() == first) mine = absl::DataLossError("shard.h5: chunk 3 is damaged");
+  if (comm->rank() == size - 1 && first != size - 1) mine = absl::InternalError("later");
+  const absl::Status status = AgreeOnStatus(*comm, mine);
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_EQ(std::string(status.message()),
+            "rank " + std::to_string(first) + " of group '" + comm->name() +
+                "': shard.h5: chunk 3 is damaged");
 }
 
 TEST(CheckSameOnAllRanks, PassesWhenEveryRankAgrees) {

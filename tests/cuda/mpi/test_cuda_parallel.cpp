@@ -387,6 +387,19 @@ TEST(CudaZero1, DataTimesTensorParallelOnMpiEqualsUnsharded) {
   ExpectZero1MatchesUnsharded(2, Comms::kMpi);
 }
 TEST(CudaZero1, DataParallelOnNcclEqualsUnsharded) { ExpectZero1MatchesUnsharded(1, Comms::kNccl); }
+TEST(CudaZero1, DataTimesTensorParallelOnNcclEqualsUnsharded) {
+  ExpectZero1MatchesUnsharded(2, Comms::kNccl);
+}
+
+// TP 4 needs 4 KV heads (the parameterised cases have 2): 4 ranks, one head and a quarter of the
+// MLP and of the vocabulary each.
+constexpr Case kFourKvHeads{"tp4", true, DmcDecisionMode::kRelaxed, 256, 4, 4, false};
+TEST(CudaParallelStepTp4, TensorParallelFourOnMpiEqualsCpu) {
+  ExpectStepMatchesCpu(kFourKvHeads, 4, Comms::kMpi);
+}
+TEST(CudaParallelStepTp4, TensorParallelFourOnNcclEqualsCpu) {
+  ExpectStepMatchesCpu(kFourKvHeads, 4, Comms::kNccl);
+}
 
 class CudaParallelStep : public ::testing::TestWithParam<Case> {};
 
