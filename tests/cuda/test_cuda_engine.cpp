@@ -76,7 +76,9 @@ TEST(CudaSample, MatchesCpuReference) {
   for (int i = 0; i < n; ++i) {
     EXPECT_EQ(gargmax[i], argmax[i]) << "row " << i;
     EXPECT_NEAR(glogprob[i], logprob[i], 1e-3) << "row " << i;
-    if (temperature[i] == 0.0f) EXPECT_EQ(gnext[i], next[i]) << "greedy row " << i;
+    if (temperature[i] == 0.0f) {
+      EXPECT_EQ(gnext[i], next[i]) << "greedy row " << i;
+    }
     differ += gnext[i] != next[i];
   }
   // Sampled rows may differ only where fp32 sums put the draw on the other side of a boundary.
@@ -88,7 +90,7 @@ TEST(CudaSample, MatchesCpuReference) {
 
 // One layer of a paged cache, host and device copies, with random page assignments.
 struct CacheLayer {
-  int R, Hkv, D, page_size, max_pages, window, pages;
+  int R = 0, Hkv = 0, D = 0, page_size = 0, max_pages = 0, window = 0, pages = 0;
   std::vector<float> k_pool, v_pool, win;
   std::vector<int32_t> slot_pos, table, lengths, count;
   kernels::PagedKvLayer<float> Host() {
@@ -98,7 +100,14 @@ struct CacheLayer {
 };
 
 CacheLayer MakeLayer(int R, int Hkv, int D, int page_size, int max_pages, int window) {
-  CacheLayer c{R, Hkv, D, page_size, max_pages, window, R * Hkv * max_pages};
+  CacheLayer c;
+  c.R = R;
+  c.Hkv = Hkv;
+  c.D = D;
+  c.page_size = page_size;
+  c.max_pages = max_pages;
+  c.window = window;
+  c.pages = R * Hkv * max_pages;
   c.k_pool.assign(size_t(c.pages) * page_size * D, 0.f);
   c.v_pool = c.k_pool;
   c.win.assign(size_t(R) * Hkv * std::max(1, window) * (2 * D + 1), 0.f);
