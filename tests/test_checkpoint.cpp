@@ -97,7 +97,7 @@ TEST_F(CheckpointTest, ResumeContinuesBitExactlyAcrossPhases) {
               &local_);
     for (int s = 0; s < half; ++s) ASSERT_TRUE(b.Step().ok());
     TrainingState state{b.step(), b.tokens(), b.optimizer().step(), std::to_string(batches.next),
-                        tc.seed};
+                        tc.seed, ""};
     ASSERT_TRUE(ckpt.Save(first, b.optimizer(), state).ok());
   }
   model::Llama<float> resumed(mc, nullptr);
@@ -126,7 +126,7 @@ TEST_F(CheckpointTest, InterruptedSaveKeepsThePreviousCheckpointAndPrunes) {
   m.InitRandom(3);
   AdamW opt(OptimizerConfig{}, m.params().size());
   Checkpointer ckpt(dir_.string(), 2, &local_, 0, 1, 0);
-  for (int step : {1, 2, 3}) ASSERT_TRUE(ckpt.Save(m, opt, {step, 0, 0, "c", 1}).ok());
+  for (int step : {1, 2, 3}) ASSERT_TRUE(ckpt.Save(m, opt, {step, 0, 0, "c", 1, ""}).ok());
   EXPECT_FALSE(fs::exists(dir_ / Checkpointer::StepDirName(1))) << "keep_last = 2";
   EXPECT_TRUE(fs::exists(dir_ / Checkpointer::StepDirName(2)));
 
@@ -141,7 +141,7 @@ TEST_F(CheckpointTest, InterruptedSaveKeepsThePreviousCheckpointAndPrunes) {
   EXPECT_EQ(st->step, 3);
   EXPECT_EQ(loaded.params(), m.params());
   // The next save replaces the leftover.
-  ASSERT_TRUE(ckpt.Save(m, opt, {4, 0, 0, "c", 1}).ok());
+  ASSERT_TRUE(ckpt.Save(m, opt, {4, 0, 0, "c", 1, ""}).ok());
   EXPECT_FALSE(fs::exists(partial));
   EXPECT_EQ(ckpt.LoadLatest(loaded, loaded_opt)->step, 4);
 }
@@ -156,7 +156,7 @@ TEST_F(CheckpointTest, BadCheckpointsGiveClearErrors) {
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.status().message().find("latest"), std::string::npos) << st.status();
 
-  ASSERT_TRUE(ckpt.Save(m, opt, {7, 0, 0, "c", 1}).ok());
+  ASSERT_TRUE(ckpt.Save(m, opt, {7, 0, 0, "c", 1, ""}).ok());
   model::LlamaConfig other = mc;
   other.hidden_size = 32;
   model::Llama<float> different(other, nullptr);
@@ -180,7 +180,7 @@ TEST_F(CheckpointTest, ExportRoundTripsThroughImport) {
   m.InitRandom(11);
   AdamW opt(OptimizerConfig{}, m.params().size());
   Checkpointer ckpt((dir_ / "ckpt").string(), 1, &local_, 0, 1, 0);
-  ASSERT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1}).ok());
+  ASSERT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1, ""}).ok());
 
   // fp32, forced into several shards: bit-exact.
   const fs::path out = dir_ / "hf32";
@@ -210,7 +210,7 @@ TEST_F(CheckpointTest, ImportRejectsAShapeThatDoesNotMatchTheConfig) {
   m.InitRandom(1);
   AdamW opt(OptimizerConfig{}, m.params().size());
   Checkpointer ckpt((dir_ / "ckpt").string(), 1, &local_, 0, 1, 0);
-  ASSERT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1}).ok());
+  ASSERT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1, ""}).ok());
   ASSERT_TRUE(ExportCheckpoint((dir_ / "ckpt").string(), (dir_ / "hf").string(),
                                model::DType::kBF16, int64_t(1) << 30).ok());
   model::LlamaConfig wider = mc;

@@ -57,7 +57,7 @@ const std::string& ModelDir() {
     trainer::AdamW opt(trainer::OptimizerConfig{}, m.params().size());
     parallel::LocalCommunicator local;
     trainer::Checkpointer ckpt((root / "ckpt").string(), 1, &local, 0, 1, 0);
-    EXPECT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1}).ok());
+    EXPECT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1, ""}).ok());
     EXPECT_TRUE(trainer::ExportCheckpoint((root / "ckpt").string(), (root / "hf").string(),
                                           model::DType::kF32, int64_t(1) << 30).ok());
     return (root / "hf").string();
