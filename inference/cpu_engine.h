@@ -26,6 +26,7 @@ class CpuEngine : public DecodeEngine {
   const CachePolicy& policy() const override { return decoder_->policy(); }
   const PagedCacheOptions& cache_options() const override { return cache_.options(); }
   int element_bytes() const override { return sizeof(T); }
+  int window_element_bytes() const override { return sizeof(T); }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return cache_.contains(seq); }

@@ -687,7 +687,8 @@ int CudaEngine::length(int seq, int layer, int h) const {
 }
 
 long CudaEngine::bytes(int seq) const {
-  return KvSequenceBytes(cache_opt_, seqs_.at(seq).lengths, 2, sizeof(float));
+  return KvSequenceBytes(cache_opt_, seqs_.at(seq).lengths, element_bytes(),
+                         window_element_bytes());
 }
 
 }  // namespace dmc::inference

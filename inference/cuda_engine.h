@@ -64,6 +64,7 @@ class CudaEngine : public DecodeEngine {
   const CachePolicy& policy() const override { return opt_.policy; }
   const PagedCacheOptions& cache_options() const override { return cache_opt_; }
   int element_bytes() const override { return 2; }
+  int window_element_bytes() const override { return sizeof(float); }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return seqs_.count(seq) > 0; }

@@ -40,8 +40,10 @@ class DecodeEngine {
   virtual const model::LlamaConfig& config() const = 0;
   virtual const CachePolicy& policy() const = 0;
   virtual const PagedCacheOptions& cache_options() const = 0;
-  // Bytes of one cache element (pages) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16).
+  // Bytes of one cache element (pages) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16);
+  // and of one element of the DMC window state (the CPU model's precision; fp32 on the GPU).
   virtual int element_bytes() const = 0;
+  virtual int window_element_bytes() const = 0;
 
   // Admits sequence `seq` (an id not admitted): ResourceExhausted, nothing changed, when the
   // budget cannot hold its window state and first token.

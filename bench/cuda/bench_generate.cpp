@@ -150,14 +150,20 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
     for (int i = 0; i < heads; ++i) bias[i] = want[i] <= 0 ? 0.0 : 0.5 * (lo[i] + hi[i]);
     SetControlRows(m, bias, seed);
     auto engine = inf::CudaEngine::Create(*m, o);
-    if (!engine.ok()) return;
+    if (!engine.ok()) {
+      std::fprintf(stderr, "bench_generate: calibration: %s\n", engine.status().ToString().c_str());
+      std::exit(1);
+    }
     std::vector<double> kept(heads, 0.0);
     double fed = 0;
     for (int r = 0; r < std::min<int>(8, requests.size()); ++r) {
       inf::TokenOutput out;
-      if (!(*engine)->AddSequence(r, {}).ok() ||
-          !(*engine)->Prefill(r, requests[r].tokens, -1, &out).ok())
-        return;
+      absl::Status s = (*engine)->AddSequence(r, {});
+      if (s.ok()) s = (*engine)->Prefill(r, requests[r].tokens, -1, &out);
+      if (!s.ok()) {
+        std::fprintf(stderr, "bench_generate: calibration prefill: %s\n", s.ToString().c_str());
+        std::exit(1);
+      }
       fed += requests[r].tokens.size();
       for (int l = 0; l < c.num_hidden_layers; ++l)
         for (int h = 0; h < Hkv; ++h) kept[l * Hkv + h] += (*engine)->length(r, l, h);

@@ -136,7 +136,9 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(Download(dlen, c.lengths.size()), c.lengths);
   EXPECT_EQ(Download(dpos, c.slot_pos.size()), c.slot_pos);
-  if (c.window) EXPECT_EQ(Download(dcnt, c.count.size()), c.count);
+  if (c.window) {
+    EXPECT_EQ(Download(dcnt, c.count.size()), c.count);
+  }
   const std::vector<bf16> gk = Download(dk, c.k_pool.size()), gv = Download(dv, c.v_pool.size());
   double worst = 0;
   for (size_t i = 0; i < gk.size(); ++i) {
@@ -299,7 +301,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
             for (int h = 0; h < Hkv; ++h) r.lengths[q].push_back(e.length(q, l, h));
           EXPECT_EQ(e.bytes(q), inference::KvSequenceBytes(e.cache_options(), r.lengths[q],
                                                            e.element_bytes(),
-                                                           sizeof(float)));
+                                                           e.window_element_bytes()));
         });
     EXPECT_TRUE(stats.ok()) << stats.status();
     if (stats.ok()) r.stats = *stats;
@@ -333,7 +335,9 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
     EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
     for (int x : want.lengths.at(i)) merged += T - x;
   }
-  if (tc.method == CacheMethod::kDmc) EXPECT_GT(merged, 0) << "no merges to exercise";
+  if (tc.method == CacheMethod::kDmc) {
+    EXPECT_GT(merged, 0) << "no merges to exercise";
+  }
 }
 
 // A prompt in one parallel pass leaves the cache and the next output that feeding it token by
