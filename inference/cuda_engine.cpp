@@ -284,6 +284,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.ptokens = Alloc<int32_t>(P);
   // The attention's scratch at its largest now, so that no step moves it under a captured graph.
   c::paged_decode_attention_reserve(R, H, D, max_pages_, opt_.page_size, kSplitSlots);
+  c::matmul_reserve(d.stream);
 }
 
 absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {

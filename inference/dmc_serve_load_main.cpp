@@ -11,7 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <map>
+#include <random>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -27,6 +27,10 @@ ABSL_FLAG(int, port, 8000, "the server's port");
 ABSL_FLAG(int, clients, 64, "concurrent streaming clients");
 ABSL_FLAG(int, requests, 0, "requests in all (0: 2 per client)");
 ABSL_FLAG(int, max_tokens, 32, "max_tokens of every request");
+ABSL_FLAG(int, prompt_tokens, 0,
+          "0: the built-in text prompts; N: as many prompts of N token ids each (pseudo-random ids "
+          "below --vocab, fixed per prompt), for long-context load");
+ABSL_FLAG(int, vocab, 256, "with --prompt_tokens: token ids are drawn below this");
 ABSL_FLAG(double, temperature, 0.0, "temperature of every request (seeded: still checkable)");
 ABSL_FLAG(uint64_t, seed, 0, "seed of every request");
 ABSL_FLAG(int, disconnect_every, 0, "every K-th request hangs up mid-stream (0: none)");
@@ -53,14 +57,31 @@ struct Outcome {
   std::vector<double> token_gaps;  // seconds per token, event by event
 };
 
-json Body(const std::string& prompt, bool stream) {
+// The prompts the clients cycle through: the texts, or token-id lists of --prompt_tokens ids.
+std::vector<json> Prompts() {
+  std::vector<json> prompts;
+  const int n = absl::GetFlag(FLAGS_prompt_tokens);
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    if (n <= 0) {
+      prompts.push_back(kPrompts[i]);
+      continue;
+    }
+    std::mt19937 rng(static_cast<uint32_t>(i));
+    std::vector<int32_t> ids(n);
+    for (int32_t& id : ids) id = static_cast<int32_t>(rng() % absl::GetFlag(FLAGS_vocab));
+    prompts.push_back(ids);
+  }
+  return prompts;
+}
+
+json Body(const json& prompt, bool stream) {
   return {{"prompt", prompt}, {"max_tokens", absl::GetFlag(FLAGS_max_tokens)},
           {"temperature", absl::GetFlag(FLAGS_temperature)}, {"seed", absl::GetFlag(FLAGS_seed)},
           {"stream", stream}};
 }
 
 // One streaming request; hangs up after `hang_up_after` token events when >= 0.
-Outcome Stream(const std::string& prompt, int hang_up_after) {
+Outcome Stream(const json& prompt, int hang_up_after) {
   Outcome o;
   httplib::Client client(absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_port));
   client.set_read_timeout(absl::GetFlag(FLAGS_timeout_s), 0);
@@ -153,10 +174,11 @@ int main(int argc, char** argv) {
   probe.set_read_timeout(absl::GetFlag(FLAGS_timeout_s), 0);
 
   // References: each prompt alone, not streamed.
-  std::map<std::string, json> reference;
+  const std::vector<json> prompts = Prompts();
+  std::vector<json> reference(prompts.size());
   if (absl::GetFlag(FLAGS_check))
-    for (const std::string& p : kPrompts) {
-      auto res = probe.Post("/v1/completions", Body(p, false).dump(), "application/json");
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      auto res = probe.Post("/v1/completions", Body(prompts[p], false).dump(), "application/json");
       if (!res || res->status != 200) {
         std::fprintf(stderr, "dmc-serve-load: the reference request failed: %s\n",
                      res ? res->body.c_str() : httplib::to_string(res.error()).c_str());
@@ -173,7 +195,7 @@ int main(int argc, char** argv) {
     threads.emplace_back([&] {
       for (int i; (i = next++) < total && Clock::now() < deadline;) {
         const bool hang_up = every > 0 && i % every == every - 1;
-        outcomes[i] = Stream(kPrompts[i % kPrompts.size()],
+        outcomes[i] = Stream(prompts[i % prompts.size()],
                              hang_up ? absl::GetFlag(FLAGS_disconnect_after) : -1);
       }
     });
@@ -185,7 +207,7 @@ int main(int argc, char** argv) {
   std::vector<double> ttft, gaps;
   for (int i = 0; i < total; ++i) {
     Outcome& o = outcomes[i];
-    const std::string& p = kPrompts[i % kPrompts.size()];
+    const size_t p = i % prompts.size();
     if (o.completed && absl::GetFlag(FLAGS_check) &&
         (o.ids != reference[p]["token_ids"].get<std::vector<int32_t>>() ||
          o.text != reference[p]["text"].get<std::string>()))

@@ -42,9 +42,12 @@ absl::StatusOr<std::unique_ptr<data::Tokenizer>> ChooseTokenizer(const std::stri
   }
   absl::StatusOr<std::unique_ptr<data::Tokenizer>> tokenizer = data::LoadTokenizer(chosen);
   if (!tokenizer.ok()) return tokenizer.status();
-  if ((*tokenizer)->vocab_size() != vocab_size)
+  // A model may pad its embedding past the tokenizer (many checkpoints round vocab_size up);
+  // ids the tokenizer lacks decode to nothing. A tokenizer larger than the embedding would feed
+  // ids the model has no row for.
+  if ((*tokenizer)->vocab_size() > vocab_size)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "tokenizer %s has %d tokens, the model in %s has vocab_size %d", chosen,
+        "tokenizer %s has %d tokens, more than the model in %s has (vocab_size %d)", chosen,
         (*tokenizer)->vocab_size(), model_dir, vocab_size));
   return tokenizer;
 }

@@ -90,6 +90,9 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
                                   int vocab_begin, cudaStream_t stream = nullptr);
 
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
+// Creates cuBLAS's handle now: a first GEMM inside a stream capture would create it there, and
+// cublasCreate cannot run under capture. Call before capturing a graph that holds GEMMs.
+void matmul_reserve(cudaStream_t stream = nullptr);
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream = nullptr);
 // out (bf16) += inp · weight^T: the residual add in the GEMM's epilogue (beta = 1).

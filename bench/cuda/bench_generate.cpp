@@ -8,17 +8,18 @@
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR] [--methods=vanilla,dmc:2,dmc:4,dmc:8]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
-//                  [--max_batch=1024] [--export=DIR] [--seed=1]
+//                  [--max_batch=1024] [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
 // context 4096 + 1024); 1b = a 0.97B GQA Llama (22 layers, hidden 2048, 32 heads / 4 KV heads,
 // ffn 5632); tiny for a quick check. --model loads a dmc-export checkpoint instead (its own
 // decisions). A random-weight model is built on the host (uniform weights of std 0.02, norms 1)
-// and, with --export, written by dmc-export's writer (trainer::ExportModel) for a peer to load.
+// and, with --export_dir, written by dmc-export's writer (trainer::ExportModel): DIR/vanilla for
+// a peer to load, DIR/dmcCR (the calibrated control channel) for dmc-eval and dmc-serve.
 //
 // dmc:CR on random weights: the decisions still come from the model's own control channel. The
-// embedding's channel 0 is 1 for every token, so the RMS-normalised hidden state x̂ carries a
-// large, nearly constant component there; row D−1 of KV head h's k_proj is u_h + b_h · e_0, u_h a
+// embedding's channel 0 is 1 for every token and no layer writes to it, so the RMS-normalised
+// hidden state x̂ carries a large, nearly constant component there; row D−1 of KV head h's k_proj is u_h + b_h · e_0, u_h a
 // random unit vector orthogonal to e_0, so k[D−1] = x̂ · u_h + b_h · x̂_0 is a spread around a mean
 // set by b_h, and the head merges where it exceeds init_val. (Without the e_0 term k[D−1] has
 // zero mean and no head could merge more than half its tokens: CR 2 at most.) Each head's target
@@ -57,7 +58,9 @@ ABSL_FLAG(std::string, prompt, "512:4096", "prompt lengths, uniform in LO:HI");
 ABSL_FLAG(std::string, generate, "256:1024", "generated tokens per request, uniform in LO:HI");
 ABSL_FLAG(int, max_batch, 1024, "sequences at once at most (the budget usually binds first)");
 ABSL_FLAG(int, page_size, 16, "slots per KV page");
-ABSL_FLAG(std::string, export_dir, "", "write the random vanilla model here (dmc-export layout)");
+ABSL_FLAG(std::string, export_dir, "",
+          "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR as each "
+          "dmc:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 
@@ -103,6 +106,13 @@ void RandomWeights(dmc::model::Llama<float>* m, uint64_t seed) {
   const LlamaConfig& c = m->config();
   float* emb = m->params().data() + m->FindParam("model.embed_tokens.weight")->offset;
   for (int v = 0; v < c.vocab_size; ++v) emb[static_cast<size_t>(v) * c.hidden_size] = 1.0f;
+  // No layer writes channel 0 (row 0 of o_proj and down_proj is zero), so it stays 1 in the
+  // residual stream at every depth, as trained models' massive activations do.
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    for (const char* name : {"self_attn.o_proj.weight", "mlp.down_proj.weight"}) {
+      const auto* spec = m->FindParam(absl::StrFormat("model.layers.%d.%s", l, name));
+      std::fill_n(m->params().data() + spec->offset, spec->size / c.hidden_size, 0.0f);
+    }
 }
 
 // Each head's target merge fraction for a mean CR (see the file comment).
@@ -137,17 +147,22 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias
   }
 }
 
-// The control rows for a target CR: per head, bisection of b_h on [0, 1] (b_h = 1 puts the mean
-// of k[D−1] far above init_val) against the merge fraction that prefills of the run's first
-// prompts measure, 10 rounds (b_h to 1e-3).
+// The control rows for a target CR: per head, bisection of log2 b_h on [-6, 8] against the merge
+// fraction that prefills of the run's first prompts measure, 14 rounds (b_h to 0.1%). The
+// residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
+// of the 1b shape to below 1 in deep ones: b_h spans orders of magnitude across layers.
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
                const std::vector<inf::Request>& requests, double cr, uint64_t seed) {
   const LlamaConfig& c = m->config();
   const int Hkv = c.num_key_value_heads, heads = c.num_hidden_layers * Hkv;
   const std::vector<double> want = TargetMergeFractions(heads, cr, seed);
-  std::vector<double> lo(heads, 0.0), hi(heads, 1.0), bias(heads);
-  for (int round = 0; round < 10; ++round) {
-    for (int i = 0; i < heads; ++i) bias[i] = want[i] <= 0 ? 0.0 : 0.5 * (lo[i] + hi[i]);
+  constexpr int kRounds = 14;
+  std::vector<double> lo(heads, -6.0), hi(heads, 8.0), log_bias(heads), bias(heads);
+  for (int round = 0; round < kRounds; ++round) {
+    for (int i = 0; i < heads; ++i) {
+      log_bias[i] = 0.5 * (lo[i] + hi[i]);
+      bias[i] = want[i] <= 0 ? 0.0 : std::exp2(log_bias[i]);
+    }
     SetControlRows(m, bias, seed);
     auto engine = inf::CudaEngine::Create(*m, o);
     if (!engine.ok()) {
@@ -169,7 +184,25 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
         for (int h = 0; h < Hkv; ++h) kept[l * Hkv + h] += (*engine)->length(r, l, h);
       (*engine)->Free(r).IgnoreError();
     }
-    for (int i = 0; i < heads; ++i) (1.0 - kept[i] / fed < want[i] ? lo[i] : hi[i]) = bias[i];
+    double merged = 0, target = 0;
+    for (int i = 0; i < heads; ++i) {
+      (1.0 - kept[i] / fed < want[i] ? lo[i] : hi[i]) = log_bias[i];
+      merged += (1.0 - kept[i] / fed) / heads;
+      target += want[i] / heads;
+    }
+    std::fprintf(stderr, "calibrating dmc:%g, round %d/%d: merged fraction %.3f (target %.3f)\n",
+                 cr, round + 1, kRounds, merged, target);
+  }
+}
+
+// dmc-export's writer, in bf16; `dmc` says whether config.json enables the control channel.
+void Export(const dmc::model::Llama<float>& model, bool dmc, const std::string& dir) {
+  dmc::model::Llama<float> copy = model;
+  copy.set_compression_enabled(dmc);
+  if (absl::Status s = dmc::trainer::ExportModel(copy, dir, dmc::model::DType::kBF16, 4L << 30);
+      !s.ok()) {
+    std::fprintf(stderr, "bench_generate: %s\n", s.ToString().c_str());
+    std::exit(1);
   }
 }
 
@@ -211,16 +244,8 @@ int main(int argc, char** argv) {
     RandomWeights(model.get(), seed);
   }
   const LlamaConfig& c = model->config();
-  if (!absl::GetFlag(FLAGS_export_dir).empty()) {
-    dmc::model::Llama<float> plain = *model;
-    plain.set_compression_enabled(false);
-    if (absl::Status s = dmc::trainer::ExportModel(plain, absl::GetFlag(FLAGS_export_dir),
-                                                   dmc::model::DType::kBF16, 4L << 30);
-        !s.ok()) {
-      std::fprintf(stderr, "bench_generate: %s\n", s.ToString().c_str());
-      return 1;
-    }
-  }
+  const std::string export_dir = absl::GetFlag(FLAGS_export_dir);
+  if (!export_dir.empty()) Export(*model, false, export_dir + "/vanilla");
   const auto [p_lo, p_hi] = Range(absl::GetFlag(FLAGS_prompt));
   const auto [g_lo, g_hi] = Range(absl::GetFlag(FLAGS_generate));
   const int n = absl::GetFlag(FLAGS_requests);
@@ -257,8 +282,10 @@ int main(int argc, char** argv) {
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-    if (o.policy.method == inf::CacheMethod::kDmc && absl::GetFlag(FLAGS_model).empty())
+    if (o.policy.method == inf::CacheMethod::kDmc && absl::GetFlag(FLAGS_model).empty()) {
       Calibrate(model.get(), o, base, cr, seed + 3);
+      if (!export_dir.empty()) Export(*model, true, export_dir + "/dmc" + parts[1]);
+    }
     auto engine = inf::CudaEngine::Create(*model, o);
     if (!engine.ok()) {
       std::fprintf(stderr, "bench_generate: %s\n", engine.status().ToString().c_str());

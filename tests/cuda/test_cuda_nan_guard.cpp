@@ -61,10 +61,12 @@ TrainedState Train(int nan_step, int skipped_batch) {
                            std::move(*backend));
   TrainedState run;
   while (trainer.step() < kSteps) {
-    const int before = trainer.optimizer().step();
+    // The host's optimizer state is stale until SyncToHost: read it only after one.
+    int before = -1;
     std::vector<float> params, m, v;
     if (nan_step == trainer.step() + 1) {
       EXPECT_TRUE(trainer.SyncToHost().ok());
+      before = trainer.optimizer().step();
       params = host.params(), m = trainer.optimizer().m(), v = trainer.optimizer().v();
     }
     absl::StatusOr<trainer::StepMetrics> step = trainer.Step();
