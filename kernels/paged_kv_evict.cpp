@@ -55,7 +55,8 @@ void paged_kv_evict(const PagedKvLayer<T>& c, float* scores, float* probs, int p
         for (int s = 0; s < c.lengths[head]; ++s) {
           const long r = SlotRow(c, head, s);
           float acc = c.slot_pos[r] == t ? 0.0f : scores[r];
-          for (int g = h * G; g < (h + 1) * G; ++g) acc += row_probs[static_cast<long>(g) * probs_stride + s];
+          for (int g = h * G; g < (h + 1) * G; ++g)
+            acc += row_probs[static_cast<long>(g) * probs_stride + s];
           scores[r] = acc;
         }
         while (c.lengths[head] > policy.budget) {
