@@ -88,7 +88,8 @@ __global__ void __launch_bounds__(kThreads)
   const int i = static_cast<int>(head / Hkv), h = static_cast<int>(head % Hkv), G = H / Hkv;
   const int t = positions[i];
   const float* p = probs + (static_cast<long>(i) * H + static_cast<long>(h) * G) * stride;
-  int len = c.lengths[head];
+  const int held = c.lengths[head];
+  int len = held;
   for (int s = threadIdx.x; s < len; s += blockDim.x) {
     const long r = slot_row(c, head, s);
     float acc = c.slot_pos[r] == t ? 0.f : scores[r];
@@ -109,7 +110,8 @@ __global__ void __launch_bounds__(kThreads)
     --len;
     __syncthreads();  // the move is complete before the next search reads the slots
   }
-  if (threadIdx.x == 0) c.lengths[head] = len;
+  // Written only after an eviction, so never while another thread still reads the old length.
+  if (threadIdx.x == 0 && len != held) c.lengths[head] = len;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -117,7 +119,8 @@ __global__ void __launch_bounds__(kThreads)
   const int i = blockIdx.x;
   const long head0 = static_cast<long>(i) * Hkv;
   float* p = probs + static_cast<long>(i) * H * stride;
-  int len = c.lengths[head0];
+  const int held = c.lengths[head0];
+  int len = held;
   while (len > budget) {
     Candidate<double> best{0.0, 0, -1};
     for (int s = threadIdx.x; s < len; s += blockDim.x) {
@@ -136,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
     --len;
     __syncthreads();
   }
-  for (int h = threadIdx.x; h < Hkv; h += blockDim.x) c.lengths[head0 + h] = len;
+  if (len != held)
+    for (int h = threadIdx.x; h < Hkv; h += blockDim.x) c.lengths[head0 + h] = len;
 }
 
 }  // namespace
