@@ -28,7 +28,8 @@
 // weights, and kernels::paged_kv_evict drops the slots the policy rejects in every head of every
 // row, layer by layer, as the CPU decoder's H2OUpdate and TovaUpdate do (H2O's accumulated scores
 // and every slot's position live beside the pools on the device, so the step stays one graph).
-// The host then returns the pages that emptied, as TrimPages does for DMC merges. Their prompts
+// The host then returns the pages that emptied (TrimPages), as the CPU cache does at each
+// eviction, so bytes() and used_bytes() equal the CPU engine's at bf16 pages. Their prompts
 // go token by token through Step, as on the CPU engine (parallel_prefill() is false, Prefill
 // refuses): eviction follows each step's attention, and H2O's scores sum the attention of every
 // query, which the parallel forward does not produce; so the cache holds what the CPU engine's
