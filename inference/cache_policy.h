@@ -15,7 +15,8 @@
 //            current query averaged over all query heads of the layer is evicted from every KV
 //            head (one shared token set per layer; no window, no sinks). Memoryless.
 // Both evict every step, the prompt included (every token is fed one by one), ties going to the
-// oldest token. Keys are cached rotated at their true positions (no re-indexing).
+// oldest token. Keys are cached rotated at their true positions (no re-indexing). The GPU engine
+// applies the same rules to its flat device cache with kernels/paged_kv_evict.h.
 //   loma     a LoMA-retrofitted model (config.loma) compressing every t·c tokens into t memory
 //            slots (inference/loma_decoder.h); it has its own cache, not the paged one.
 #pragma once

@@ -64,6 +64,11 @@ struct CudaEngine::Device {
   bf16 *k_pool = nullptr, *v_pool = nullptr;
   int32_t *page_table = nullptr, *lengths = nullptr, *window_count = nullptr;
   float* window = nullptr;
+  // H2O and TOVA (kernels/paged_kv_evict.h): every slot's token position and H2O's accumulated
+  // score, [pages, page_size] beside the pools (so both travel with their page, whatever row it
+  // serves), and the step's attention weights [R, H, max_pages · page_size].
+  int32_t* slot_pos = nullptr;
+  float *scores = nullptr, *probs = nullptr;
   // Step activations, [R, ...].
   bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate, *up, *h;
   float *rstd, *merge, *omega, *logits;
@@ -103,7 +108,8 @@ CudaEngine::~CudaEngine() {
   Device& d = *dev_;
   for (auto& [n, g] : d.graphs) cudaGraphExecDestroy(g);
   for (void* p : {(void*)d.weights, (void*)d.k_pool, (void*)d.v_pool, (void*)d.page_table,
-                  (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.x,
+                  (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.slot_pos,
+                  (void*)d.scores, (void*)d.probs, (void*)d.x,
                   (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
                   (void*)d.gate, (void*)d.up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
                   (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
@@ -133,10 +139,16 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   if (cfg.dms.enabled)
     return absl::UnimplementedError(
         "the GPU engine has no DMS eviction yet: decode DMS models on the CPU engine");
-  if (method != CacheMethod::kDmc && method != CacheMethod::kVanilla)
+  if (method == CacheMethod::kDms || method == CacheMethod::kLoma)
     return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine serves the dmc and vanilla caches; %s runs on the CPU engine",
+        "the GPU engine serves the dmc, vanilla, h2o and tova caches; %s runs on the CPU engine",
         CacheMethodName(method)));
+  const CachePolicy& policy = options.policy;
+  if ((method == CacheMethod::kH2O || method == CacheMethod::kTova) &&
+      (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
+        CacheMethodName(method), policy.budget, policy.recent));
   if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "
@@ -157,6 +169,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->rows_ = options.max_batch + 1;  // one spare row for moves
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
+  e->evicts_ = method == CacheMethod::kH2O || method == CacheMethod::kTova;
   e->shape_ = {cfg.hidden_size,
                cfg.num_attention_heads,
                cfg.num_key_value_heads,
@@ -231,6 +244,11 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   ENGINE_CUDA(cudaMemset(d.window_count, 0, heads * sizeof(int32_t)));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
+  if (evicts_) {
+    d.slot_pos = Alloc<int32_t>(pages * opt_.page_size);
+    if (opt_.policy.method == CacheMethod::kH2O) d.scores = Alloc<float>(pages * opt_.page_size);
+    d.probs = Alloc<float>(size_t(R) * H * max_pages_ * opt_.page_size);
+  }
 
   d.x = Alloc<bf16>(size_t(R) * C);
   d.xn = Alloc<bf16>(size_t(R) * C);
@@ -451,6 +469,11 @@ kernels::SampleRows RowsOf(const StepIo& io) {
   return {io.temperature, io.top_p, io.seed, io.sample_pos, io.targets};
 }
 
+kernels::EvictPolicy EvictPolicyOf(const CachePolicy& policy) {
+  return {policy.method == CacheMethod::kH2O ? kernels::EvictRule::kH2O : kernels::EvictRule::kTova,
+          policy.budget, policy.recent};
+}
+
 }  // namespace
 
 c::PagedKv CudaEngine::CacheLayer(int l) const {
@@ -464,6 +487,7 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
   layer.window =
       d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) : nullptr;
   layer.window_count = d.window_count + head0;
+  layer.slot_pos = d.slot_pos;
   layer.max_pages = max_pages_;
   layer.page_size = opt_.page_size;
   layer.window_size = cache_opt_.dmc_window;
@@ -500,9 +524,15 @@ void CudaEngine::EnqueueStep(int n) {
     c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
                        d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
     c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
-    c::paged_decode_attention(d.att, nullptr, 0, d.qr, d.k_pool, d.v_pool, layer.page_table,
-                              layer.lengths, max_pages_, opt_.page_size, n, H, Hkv, D, keep_ctrl_,
-                              scale, st, kSplitSlots);
+    const int probs_stride = max_pages_ * opt_.page_size;
+    c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
+                              layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
+                              Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+    // H2O and TOVA evict by this attention, after it and before the next layer, as the CPU
+    // decoder does; the host returns the pages that empty after the step.
+    if (evicts_)
+      c::paged_kv_evict(layer, d.scores, d.probs, probs_stride, d.in_dev.positions, n, H, Hkv, D,
+                        EvictPolicyOf(opt_.policy), st);
     c::matmul_forward_add(d.x, d.att, w + d.W(l, kWo), n, H * D, C, st);
     EnqueueMlp(l, n, d.x, d.xn, d.rstd, d.gate, d.up, d.h);
   }
@@ -630,6 +660,11 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
 
 absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                                  TokenOutput* out) {
+  if (!parallel_prefill())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "parallel prefill serves the dmc and vanilla caches, not %s (it evicts by each step's "
+        "attention: feed the prompt token by token)",
+        CacheMethodName(opt_.policy.method)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);
   if (it == seqs_.end() || it->second.tokens != 0)

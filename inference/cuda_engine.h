@@ -24,9 +24,20 @@
 // max_context tokens needs no chunking) and writes its compressed cache directly
 // (kernels::paged_kv_prefill).
 //
-// Methods: dmc (a DMC model) and vanilla (any model; on a DMC model the control channel stays out
-// of q·k as in training). H2O, TOVA and LoMA are refused with a clear error: their eviction runs
-// on the CPU engine.
+// H2O and TOVA: the step appends every token (the vanilla write), the attention also writes its
+// weights, and kernels::paged_kv_evict drops the slots the policy rejects in every head of every
+// row, layer by layer, as the CPU decoder's H2OUpdate and TovaUpdate do (H2O's accumulated scores
+// and every slot's position live beside the pools on the device, so the step stays one graph).
+// The host then returns the pages that emptied (TrimPages), as the CPU cache does at each
+// eviction, so bytes() and used_bytes() equal the CPU engine's at bf16 pages. Their prompts
+// go token by token through Step, as on the CPU engine (parallel_prefill() is false, Prefill
+// refuses): eviction follows each step's attention, and H2O's scores sum the attention of every
+// query, which the parallel forward does not produce; so the cache holds what the CPU engine's
+// does, exactly the same slots when the weights rank them the same.
+//
+// Methods: dmc (a DMC model), vanilla (any model; on a DMC model the control channel stays out
+// of q·k as in training), h2o and tova (any model, the control channel likewise). DMS and LoMA
+// are refused with a clear error: they run on the CPU engine.
 #pragma once
 
 #include <cstdint>
@@ -71,7 +82,7 @@ class CudaEngine : public DecodeEngine {
   int num_sequences() const override { return static_cast<int>(seqs_.size()); }
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
-  bool parallel_prefill() const override { return true; }
+  bool parallel_prefill() const override { return !evicts_; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
@@ -126,6 +137,7 @@ class CudaEngine : public DecodeEngine {
   PageAllocator alloc_;
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
+  bool evicts_ = false;       // h2o or tova: eviction by each step's attention
   bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free

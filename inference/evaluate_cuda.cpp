@@ -40,8 +40,9 @@ absl::Status CudaEvalSupports(const model::LlamaConfig& config, CacheMethod meth
     case CacheMethod::kH2O:
     case CacheMethod::kTova:
       return absl::InvalidArgumentError(absl::StrFormat(
-          "--device=cuda: %s evicts by each step's attention and needs the token-by-token "
-          "decoder; run it on the CPU (--device=cpu)",
+          "--device=cuda --parallel_forward: %s evicts by each step's attention and needs the "
+          "token-by-token decoder; leave out --parallel_forward (the GPU engine) or run it on the "
+          "CPU (--device=cpu)",
           name));
     case CacheMethod::kDms:
     case CacheMethod::kLoma:

@@ -27,6 +27,7 @@
 #include "kernels/adamw.h"
 #include "kernels/dmc_gates.h"
 #include "kernels/loma_mask.h"
+#include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
 
@@ -292,6 +293,13 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
                       const bf16* k, const bf16* v, const float* merge, const float* omega, int P,
                       int Hkv, int D, float theta, bool keep_last_channel,
                       cudaStream_t stream = nullptr);
+
+// ---- eviction by attention (kernels/paged_kv_evict.h): H2O and TOVA on the flat cache layer ----
+// probs [n, H, probs_stride] fp32 as paged_decode_attention writes them (TOVA permutes them);
+// scores [pages, page_size] fp32 (H2O; null for TOVA); positions [n]; cache.slot_pos set.
+void paged_kv_evict(const PagedKv& cache, float* scores, float* probs, int probs_stride,
+                    const int32_t* positions, int n, int H, int Hkv, int D,
+                    const kernels::EvictPolicy& policy, cudaStream_t stream = nullptr);
 
 // ---- token choice (kernels/sample.h): fp32 logits [n, V]; the row settings are device arrays ----
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,

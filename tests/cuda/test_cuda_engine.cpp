@@ -17,6 +17,7 @@
 #include "inference/cuda_engine.h"
 #include "inference/evaluate.h"
 #include "inference/scheduler.h"
+#include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
 #include "model/llama.h"
@@ -232,12 +233,99 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
     }
 }
 
+// H2O and TOVA over many steps of appends (the vanilla write, which also records every slot's
+// position) and evictions, the first after a burst of tokens (several victims per head), with
+// weights on a coarse grid (multiples of 1/8: equal scores are common, so the tie rule decides):
+// the same victims as the reference, so the same slots in the same order, lengths, rows and H2O
+// scores (fp32 sums of the same weights in the same order: bit-equal).
+TEST(CudaPagedKvEvict, MatchesCpuReferenceOverManySteps) {
+  DMC_REQUIRE_GPU();
+  struct Shape {
+    int H, Hkv, D;
+  };
+  for (kernels::EvictRule rule : {kernels::EvictRule::kH2O, kernels::EvictRule::kTova})
+    for (const Shape& sh : {Shape{8, 2, 128}, Shape{3, 3, 64}}) {
+      const bool h2o = rule == kernels::EvictRule::kH2O;
+      SCOPED_TRACE(testing::Message() << (h2o ? "h2o" : "tova") << " H " << sh.H << " Hkv "
+                                      << sh.Hkv << " D " << sh.D);
+      const kernels::EvictPolicy policy{rule, 9, h2o ? 4 : 0};
+      const int R = 5, H = sh.H, Hkv = sh.Hkv, D = sh.D, page = 4, burst = 14, steps = 25;
+      CacheLayer host = MakeLayer(R, Hkv, D, page, (burst + page - 1) / page, 0);
+      CacheLayer start = host;
+      const int stride = host.max_pages * page;
+      std::vector<float> scores(host.slot_pos.size(), 0.0f);  // as fresh slots score
+      // The reference runs now; the device replays the same calls.
+      struct Call {
+        std::vector<float> k, v, probs;  // an append (k, v) or an eviction (probs)
+        std::vector<int32_t> positions;
+      };
+      std::vector<Call> calls;
+      int pos = 0;
+      for (int s = 0; s < steps; ++s) {
+        for (int b = 0; b < (s == 0 ? burst : 1); ++b, ++pos) {
+          std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
+          to_bf16(k);
+          to_bf16(v);
+          Call c{{k.begin(), k.end()}, {v.begin(), v.end()}, {}, {}};
+          for (int i = 0; i < R; ++i) c.positions.push_back(pos + 3 * i);
+          kernels::paged_kv_append(host.Host(), c.k.data(), c.v.data(), nullptr, nullptr,
+                                   c.positions.data(), R, Hkv, D, 10000.0f, false);
+          calls.push_back(c);
+        }
+        Call e{{}, {}, std::vector<float>(size_t(R) * H * stride, -1.0f), calls.back().positions};
+        for (int i = 0; i < R; ++i)
+          for (int g = 0; g < H; ++g)
+            for (int x = 0; x < host.lengths[i * Hkv + g / (H / Hkv)]; ++x)
+              e.probs[(size_t(i) * H + g) * stride + x] = (rng()() % 8) / 8.0f;
+        calls.push_back(e);
+        std::vector<float> consumed = e.probs;
+        kernels::paged_kv_evict(host.Host(), h2o ? scores.data() : nullptr, consumed.data(),
+                                stride, e.positions.data(), R, H, Hkv, D, policy);
+      }
+      for (int i = 0; i < R * Hkv; ++i) ASSERT_EQ(host.lengths[i], policy.budget);
+      float* dscores = Upload(std::vector<float>(scores.size(), 0.0f));
+      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+        for (const Call& c : calls) {
+          int32_t* dp = Upload(c.positions);
+          if (c.probs.empty()) {
+            std::vector<double> k(c.k.begin(), c.k.end()), v(c.v.begin(), c.v.end());
+            bf16 *dk = Upload(to_bf16(k)), *dv = Upload(to_bf16(v));
+            cuda::paged_kv_append(layer, dk, dv, nullptr, nullptr, dp, R, Hkv, D, 10000.0f,
+                                  false);
+            cudaDeviceSynchronize();
+            cudaFree(dk);
+            cudaFree(dv);
+          } else {
+            float* dprobs = Upload(c.probs);
+            cuda::paged_kv_evict(layer, h2o ? dscores : nullptr, dprobs, stride, dp, R, H, Hkv, D,
+                                 policy);
+            cudaDeviceSynchronize();
+            cudaFree(dprobs);
+          }
+          cudaFree(dp);
+        }
+      });
+      if (h2o) {
+        EXPECT_EQ(Download(dscores, scores.size()), scores);
+      }
+      cudaFree(dscores);
+    }
+}
+
 struct EngineCase {
   const char* name;
   bool dmc;
   int hidden, heads, kv_heads;
   CacheMethod method;
+  double cr = 1;  // h2o, tova: the compression ratio their budget is matched to
 };
+
+// The case's policy over sequences of seq_len tokens (inference::PolicyForCr).
+inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
+  absl::StatusOr<inference::CachePolicy> p = inference::PolicyForCr(c.method, seq_len, c.cr);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? *p : inference::CachePolicy{c.method};
+}
 
 model::LlamaConfig EngineConfig(const EngineCase& c) {
   model::LlamaConfig m = SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
@@ -262,7 +350,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   model::Llama<float> host(config, nullptr);
   const std::vector<int32_t> predicted = ShapeEvalModel(&host, 5);
   const auto windows = PredictableWindows(n, T, predicted, 9);
-  const inference::CachePolicy policy{tc.method};
+  const inference::CachePolicy policy = PolicyOf(tc, T);
   const int page = 4;
   // Room for 5 full windows at bf16 (the GPU's pages), so requests wait for pages to free.
   const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, tc.method, 0, page);
@@ -335,13 +423,15 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
     EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
     for (int x : want.lengths.at(i)) merged += T - x;
   }
-  if (tc.method == CacheMethod::kDmc) {
-    EXPECT_GT(merged, 0) << "no merges to exercise";
+  if (tc.method != CacheMethod::kVanilla) {
+    EXPECT_GT(merged, 0) << "no merges or evictions to exercise";
   }
 }
 
 // A prompt in one parallel pass leaves the cache and the next output that feeding it token by
-// token gives, and greedy generation continues identically on both engines.
+// token gives, and greedy generation continues identically on both engines. H2O and TOVA have no
+// parallel prefill on either engine (their prompts go token by token through the scheduler): the
+// GPU engine refuses it as the CPU one does.
 TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -349,7 +439,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   model::Llama<float> host(config, nullptr);
   const std::vector<int32_t> predicted = ShapeEvalModel(&host, 6);
   const auto prompts = PredictableWindows(3, 29, predicted, 10);
-  const inference::CachePolicy policy{tc.method};
+  const inference::CachePolicy policy = PolicyOf(tc, 29 + 24);
   inference::CudaEngineOptions o;
   o.policy = policy;
   o.budget_bytes = 1L << 24;
@@ -360,28 +450,39 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
 
-  // On the GPU: sequence 0 by prefill, sequence 1 token by token; same prompt.
   const std::vector<int32_t>& p = prompts[0];
-  ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
-  ASSERT_TRUE((*gpu)->AddSequence(1, {}).ok());
-  TokenOutput pre;
-  ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &pre).ok());
-  std::vector<TokenOutput> outs;
-  for (int32_t t : p) ASSERT_TRUE((*gpu)->Step({1}, &t, nullptr, &outs).ok());
-  EXPECT_EQ(pre.next, outs[0].next);
-  EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
-  // Both continue together in one batch, greedy: the same tokens.
-  int32_t tok[2] = {pre.next, outs[0].next};
-  for (int s = 0; s < 8; ++s) {
-    ASSERT_TRUE((*gpu)->Step({1, 0}, tok, nullptr, &outs).ok());
-    EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
-    tok[0] = outs[0].next;
-    tok[1] = outs[1].next;
+  if (tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova) {
+    EXPECT_FALSE((*gpu)->parallel_prefill());
+    EXPECT_FALSE((*cpu)->parallel_prefill());
+    ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+    TokenOutput refused;
+    const absl::Status s = (*gpu)->Prefill(0, p, -1, &refused);
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+    EXPECT_EQ((*gpu)->tokens(0), 0);
+    ASSERT_TRUE((*gpu)->Free(0).ok());
+  } else {
+    // On the GPU: sequence 0 by prefill, sequence 1 token by token; same prompt.
+    ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+    ASSERT_TRUE((*gpu)->AddSequence(1, {}).ok());
+    TokenOutput pre;
+    ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &pre).ok());
+    std::vector<TokenOutput> outs;
+    for (int32_t t : p) ASSERT_TRUE((*gpu)->Step({1}, &t, nullptr, &outs).ok());
+    EXPECT_EQ(pre.next, outs[0].next);
+    EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
+    // Both continue together in one batch, greedy: the same tokens.
+    int32_t tok[2] = {pre.next, outs[0].next};
+    for (int s = 0; s < 8; ++s) {
+      ASSERT_TRUE((*gpu)->Step({1, 0}, tok, nullptr, &outs).ok());
+      EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
+      tok[0] = outs[0].next;
+      tok[1] = outs[1].next;
+    }
+    ASSERT_TRUE((*gpu)->Free(0).ok());
+    ASSERT_TRUE((*gpu)->Free(1).ok());
   }
-  ASSERT_TRUE((*gpu)->Free(0).ok());
-  ASSERT_TRUE((*gpu)->Free(1).ok());
 
   // Greedy generation of all prompts through the scheduler, both engines: the same text.
   auto generate = [&](inference::DecodeEngine& e) {
@@ -412,7 +513,11 @@ INSTANTIATE_TEST_SUITE_P(
                       EngineCase{"dmc", true, 128, 2, 2, CacheMethod::kDmc},
                       EngineCase{"dmc_gqa", true, 256, 4, 2, CacheMethod::kDmc},
                       EngineCase{"dmc_d64", true, 256, 4, 4, CacheMethod::kDmc},
-                      EngineCase{"vanilla_on_dmc", true, 128, 2, 2, CacheMethod::kVanilla}),
+                      EngineCase{"vanilla_on_dmc", true, 128, 2, 2, CacheMethod::kVanilla},
+                      EngineCase{"h2o_cr2_gqa", false, 256, 4, 2, CacheMethod::kH2O, 2.0},
+                      EngineCase{"h2o_cr4_on_dmc", true, 256, 4, 2, CacheMethod::kH2O, 4.0},
+                      EngineCase{"tova_cr2_gqa", false, 256, 4, 2, CacheMethod::kTova, 2.0},
+                      EngineCase{"tova_cr4_d128", false, 256, 2, 2, CacheMethod::kTova, 4.0}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.
@@ -455,6 +560,31 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   o.budget_bytes = 1L << 22;
   auto refused = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+
+  // DMS and LoMA stay on the CPU engine, named in the refusal; h2o and tova are served, given a
+  // budget with a recent window below it.
+  for (CacheMethod m : {CacheMethod::kDms, CacheMethod::kLoma}) {
+    o.policy = {m};
+    auto cpu_only = inference::CudaEngine::Create(plain, o);
+    EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
+    EXPECT_NE(cpu_only.status().message().find(inference::CacheMethodName(m)), std::string::npos)
+        << cpu_only.status();
+  }
+  using inference::CachePolicy;
+  for (const CachePolicy& bad : {CachePolicy{CacheMethod::kH2O, 8, 8},
+                                 CachePolicy{CacheMethod::kTova, 0, 0}}) {
+    o.policy = bad;
+    auto invalid = inference::CudaEngine::Create(plain, o);
+    EXPECT_TRUE(absl::IsInvalidArgument(invalid.status())) << invalid.status();
+  }
+  for (CacheMethod m : {CacheMethod::kH2O, CacheMethod::kTova}) {
+    auto policy = inference::PolicyForCr(m, 32, 4.0);
+    ASSERT_TRUE(policy.ok());
+    o.policy = *policy;
+    auto served = inference::CudaEngine::Create(plain, o);
+    ASSERT_TRUE(served.ok()) << served.status();
+    EXPECT_FALSE((*served)->parallel_prefill());
+  }
 }
 
 }  // namespace
