@@ -13,9 +13,13 @@
 // 16-key step moves 2 atoms down, and the descriptor's leading offset jumps between its column
 // blocks.
 //
-// CTA = one warpgroup, 64 queries of one head; 64-key K/V tiles double-buffered by cp.async.
-// exclude_ctrl: channel D-1 of the Q tile is zeroed in shared memory once, so it drops out of
-// every score.
+// The tiles arrive by TMA (cp.async.bulk.tensor, which writes this swizzle itself) on mbarriers,
+// issued by a producer warp ahead of two consumer warpgroups (the kernel's comment below), the
+// arrangement of FlashAttention-3's forward. exclude_ctrl: channel D-1 of the Q tile is zeroed in
+// shared memory once, so it drops out of every score.
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes via the runtime)
+#include <cudaTypedefs.h>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -87,16 +91,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b,
                                          bool accumulate);
 template <>
-__device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], uint64_t a, uint64_t b,
-                                             bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " DMC_REGS32
-      ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : DMC_ACC32
-      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
-}
-template <>
 __device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t a, uint64_t b,
                                               bool accumulate) {
   asm volatile(
@@ -139,10 +133,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 // ---------------------------------------------------------------- the warpgroup's tile step
-struct FwdParams {
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
+struct FwdParams {  // q, k and v reach the kernel as tensor maps
   const float* mask;
   bf16* out;
   float* lse;
@@ -273,92 +264,211 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float 
   }
 }
 
-// ---------------------------------------------------------------- the kernel
-// rows [row0, row0 + R) of a [T][stride] global matrix into a swizzled [R][D] tile; rows past T
-// are zero-filled.
-template <int R, int D, int NT>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* g, int row0, int T,
-                                          long stride) {
-  constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < R * kChunks; i += NT) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool valid = row0 + r < T;
-    cp_async16(tile + swizzled<R>(r, c * 8),
-               valid ? g + static_cast<long>(row0 + r) * stride + c * 8 : g, valid);
-  }
+// ---------------------------------------------------------------- TMA and mbarriers
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+// Announces bytes that copies will deliver in the current phase (no arrival).
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Waits until the phase of the given parity (0 for the first completion, 1 for the second, ...)
+// has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+}
+// One box of a 4-D tensor map ({channel, head, position, batch}, see make_tile_map) into shared
+// memory, completing on bar.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int c, int h, int t,
+                                         int b, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(c), "r"(h), "r"(t), "r"(b), "r"(smem_u32(bar))
+      : "memory");
+}
+template <int N>
+__device__ __forceinline__ void named_barrier(int id) {  // the N threads that name barrier id
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(N) : "memory");
 }
 
-constexpr int kBM = 64, kBN = 64, kThreads = 128;
+// ---------------------------------------------------------------- the kernel
+// CTA = 3 warpgroups, 128 queries of one head. Warpgroup 0 is the producer: one warp issues the
+// TMA loads of the Q tile and of the K and V tiles (kStages deep) and writes each tile's bias row;
+// the other warpgroups are consumers, each owning 64 query rows, running scores -> softmax -> P V
+// per tile and handing the stage back. Registers move from the producer to the consumers
+// (setmaxnreg), which hold S and O in registers.
+// Barriers per stage: k_full (K landed and the bias written), v_full (V landed), empty (every
+// consumer thread is done with the stage); q_full for the Q tile.
+constexpr int kBM = 128, kBN = 128, kThreads = 384;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
 
 template <int D>
-__global__ void __launch_bounds__(kThreads) attn_fwd_sm90_kernel(const FwdParams p) {
+struct Smem {
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  bf16 q[kBM * D];
+  bf16 k[kStages][kBN * D];
+  bf16 v[kStages][kBN * D];
+  float bias[kStages][kBN];  // mask[key] · log2 e
+  uint64_t q_full, k_full[kStages], v_full[kStages], empty[kStages];
+};
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
+                         const __grid_constant__ CUtensorMap k_map,
+                         const __grid_constant__ CUtensorMap v_map, const FwdParams p) {
+  constexpr int kStages = Smem<D>::kStages;
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
-  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
-  bf16* sQ = reinterpret_cast<bf16*>(smem);                  // [BM][D]
-  bf16* sK = sQ + kBM * D;                                   // [2][BN][D]
-  bf16* sV = sK + 2 * kBN * D;                               // [2][BN][D]
-  float* sMask = reinterpret_cast<float*>(sV + 2 * kBN * D);  // [2][BN], times log2 e
+  Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
 
-  const int T = p.T, H = p.H, Hkv = p.Hkv;
+  const int T = p.T, Hkv = p.Hkv;
   const int mt = gridDim.x - 1 - blockIdx.x;  // longest rows of the head first
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (H / Hkv);
+  const int hk = h / (p.H / Hkv);
   const int q0 = mt * kBM;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const long qstride = static_cast<long>(H) * D, kstride = static_cast<long>(Hkv) * D;
-  const bf16* qb = p.q + static_cast<long>(b) * T * qstride + static_cast<long>(h) * D;
-  const bf16* kb = p.k + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
-  const bf16* vb = p.v + static_cast<long>(b) * T * kstride + static_cast<long>(hk) * D;
-  const float* mb = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
   const int ntiles = (min(T, q0 + kBM) + kBN - 1) / kBN;
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
 
-  auto load_kv = [&](int n, int stage) {
-    load_tile<kBN, D, kThreads>(sK + stage * kBN * D, kb, n * kBN, T, kstride);
-    load_tile<kBN, D, kThreads>(sV + stage * kBN * D, vb, n * kBN, T, kstride);
-    for (int i = tid; i < kBN; i += kThreads) {
-      const int key = n * kBN + i;
-      sMask[stage * kBN + i] = (mb && key < T) ? mb[static_cast<long>(key) * Hkv] * kLog2e : 0.f;
+  if (threadIdx.x == 0) {
+    mbar_init(&sm.q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&sm.k_full[i], 1);
+      mbar_init(&sm.v_full[i], 1);
+      mbar_init(&sm.empty[i], kThreads - 128);
     }
-  };
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 
-  load_tile<kBM, D, kThreads>(sQ, qb, q0, T, qstride);
-  cp_async_commit();
-  load_kv(0, 0);
-  cp_async_commit();
-  if (p.exclude_ctrl) {  // once the whole Q tile is in: zero its control channel
-    cp_async_wait<1>();
-    __syncthreads();
-    if (tid < kBM) sQ[swizzled<kBM>(tid, D - 1)] = __float2bfloat16(0.f);
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (warp != 0) return;
+    const float* mb = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
+      for (int c = 0; c < D / 64; ++c) tma_load(sm.q + c * kBM * 64, &q_map, c * 64, h, q0, b, &sm.q_full);
+    }
+    for (int n = 0; n < ntiles; ++n) {
+      const int stage = n % kStages;
+      if (n >= kStages) mbar_wait(&sm.empty[stage], (n / kStages - 1) & 1);
+      if (lane == 0) {
+        mbar_expect_tx(&sm.k_full[stage], sizeof(sm.k[0]));
+        for (int c = 0; c < D / 64; ++c)
+          tma_load(sm.k[stage] + c * kBN * 64, &k_map, c * 64, hk, n * kBN, b, &sm.k_full[stage]);
+        mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
+        for (int c = 0; c < D / 64; ++c)
+          tma_load(sm.v[stage] + c * kBN * 64, &v_map, c * 64, hk, n * kBN, b, &sm.v_full[stage]);
+      }
+      // the bias row: mask values lie Hkv apart, too sparse for a TMA box
+#pragma unroll
+      for (int i = lane; i < kBN; i += 32) {
+        const int key = n * kBN + i;
+        sm.bias[stage][i] = (mb && key < T) ? mb[static_cast<long>(key) * Hkv] * kLog2e : 0.f;
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.k_full[stage]);
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int wg = warpgroup - 1;  // this consumer's rows: q0 + 64 wg + [0, 64)
+  mbar_wait(&sm.q_full, 0);
+  if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's Q rows
+    if (threadIdx.x % 128 < 64) {
+      const int r = wg * 64 + threadIdx.x % 128;
+      sm.q[swizzled<kBM>(r, D - 1)] = __float2bfloat16(0.f);
+    }
+    fence_proxy_async();  // read next by the tensor cores
+    named_barrier<128>(1 + wg);
   }
 
   float o[D / 2], s[kBN / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int row = q0 + warp * 16 + lane / 4;  // the thread's rows: row, row + 8
-  const uint32_t uQ = smem_u32(sQ);
+  const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
+  const int row = wrow0 + lane / 4;            // the thread's rows: row, row + 8
+  const uint32_t uQ = smem_u32(sm.q + wg * 64 * 64);  // row 64 wg of every column block
 
   for (int n = 0; n < ntiles; ++n) {
-    const int stage = n & 1;
-    if (n + 1 < ntiles) load_kv(n + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();  // the tiles (and the zeroed channel) are read by the tensor cores
-    __syncthreads();
+    const int stage = n % kStages, parity = (n / kStages) & 1;
     const int kbase = n * kBN;
-    scores<D, kBN, kBM>(s, uQ, smem_u32(sK + stage * kBN * D));
-    const bool edge = kbase + kBN - 1 + p.window >= q0 + warp * 16 || kbase + kBN > T;
-    softmax_tile<D, kBN>(s, o, m, l, sMask + stage * kBN, kbase, row, edge, p);
-    accumulate_pv<D, kBN>(o, s, smem_u32(sV + stage * kBN * D));
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    mbar_wait(&sm.k_full[stage], parity);
+    scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
+    const bool edge = kbase + kBN - 1 + p.window >= wrow0 || kbase + kBN > T;
+    softmax_tile<D, kBN>(s, o, m, l, sm.bias[stage], kbase, row, edge, p);
+    mbar_wait(&sm.v_full[stage], parity);
+    accumulate_pv<D, kBN>(o, s, smem_u32(sm.v[stage]));
+    mbar_arrive(&sm.empty[stage]);
   }
   store_rows<D>(o, m, l, row, b, h, p);
 }
 
+// The driver's tensor-map encoder, reached through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    DMC_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                    cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      std::fprintf(stderr, "dmc_attention_forward: the driver has no cuTensorMapEncodeTiled\n");
+      std::abort();
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// Tensor map of a [B, T, heads, D] bf16 tensor, dimensions innermost first {D, heads, T, B}; a box
+// is 64 channels x 1 head x rows positions x 1 sequence, 128-byte swizzled: one column block of a
+// tile. Positions past T (within the sequence) arrive as zeros.
+CUtensorMap make_tile_map(const bf16* base, int B, int T, int heads, int D, int rows) {
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[3] = {sizeof(bf16) * D, sizeof(bf16) * D * heads,
+                                 sizeof(bf16) * D * heads * T};  // bytes, dimensions 1..3
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr,
+                 "dmc_attention_forward: cuTensorMapEncodeTiled failed (error %d) for a "
+                 "[%d, %d, %d, %d] tensor (16-byte aligned?)\n",
+                 static_cast<int>(r), B, T, heads, D);
+    std::abort();
+  }
+  return map;
+}
+
 template <int D>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  const size_t smem = 1024 + sizeof(bf16) * (kBM * D + 4 * kBN * D) + sizeof(float) * 2 * kBN;
+void launch_fwd(const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
+                cudaStream_t stream) {
+  const size_t smem = 1024 + sizeof(Smem<D>);
   auto kernel = attn_fwd_sm90_kernel<D>;
   static bool configured = false;
   if (!configured) {
@@ -366,8 +476,11 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
                                         static_cast<int>(smem)));
     configured = true;
   }
+  const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
+  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
+  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
   dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -381,11 +494,11 @@ void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16
     std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
-  FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
+  const FwdParams p{mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
-    launch_fwd<64>(p, stream);
+    launch_fwd<64>(q, k, v, p, stream);
   else
-    launch_fwd<128>(p, stream);
+    launch_fwd<128>(q, k, v, p, stream);
 }
 
 }  // namespace dmc::cuda
