@@ -149,42 +149,42 @@ __device__ __forceinline__ int swizzled(int row, int col) {
   return (col / 64) * R * 64 + row * 64 + ((((col % 64) / 8) ^ (row & 7)) << 3) + col % 8;
 }
 
-// S = Q K^T for the warpgroup's 64 query rows (at q, in a Q tile of QR rows) and BN keys.
+// Issues S = Q K^T for the warpgroup's 64 query rows (at q, in a Q tile of QR rows) and BN keys.
 template <int D, int BN, int QR>
-__device__ __forceinline__ void scores(float (&s)[BN / 2], uint32_t q, uint32_t k) {
-  wgmma_fence();
+__device__ __forceinline__ void issue_scores(float (&s)[BN / 2], uint32_t q, uint32_t k) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     wgmma_ss<BN>(s, kmajor_desc<QR>(q, kk), kmajor_desc<BN>(k, kk), kk > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(s);
 }
 
-// O += P V: P (the probabilities in s) rounded to bf16 A fragments, V the BN-key tile at v.
+// Issues O += P V: P as bf16 A fragments (pack_probabilities), V the BN-key tile at v.
 template <int D, int BN>
-__device__ __forceinline__ void accumulate_pv(float (&o)[D / 2], const float (&s)[BN / 2],
-                                              uint32_t v) {
-  uint32_t a[BN / 16][4];
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[BN / 16][4],
+                                         uint32_t v) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_nmajor<D>(o, pa[kk], nmajor_desc<BN>(v, kk));
+}
+
+// The probabilities in s rounded to bf16, laid out as A fragments of the 16-key steps: the S
+// accumulator layout is the A-fragment layout, two columns per register.
+template <int BN>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&pa)[BN / 16][4],
+                                                   const float (&s)[BN / 2]) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) a[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_nmajor<D>(o, a[kk], nmajor_desc<BN>(v, kk));
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(o);
+    for (int r = 0; r < 4; ++r) pa[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 }
 
 // Online softmax over one tile for the thread's rows row and row + 8: scale, the DMC bias
 // (bias[key] where query - key > window), causal and tail masks (edge tiles only), the running
-// maximum m and sum l (base 2), O rescaled; s becomes the unnormalised probabilities.
-template <int D, int BN>
-__device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&o)[D / 2], float (&m)[2],
-                                             float (&l)[2], const float* bias, int kbase, int row,
-                                             bool edge, const FwdParams& p) {
+// maximum m and sum l (base 2); s becomes the unnormalised probabilities and corr the factor by
+// which O must be rescaled before this tile's P V is added (rescale_rows). Does not touch O, so
+// it may run while the previous tile's P V is still in the tensor cores.
+template <int BN>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&m)[2], float (&l)[2],
+                                             float (&corr)[2], const float* bias, int kbase,
+                                             int row, bool edge, const FwdParams& p) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
@@ -209,7 +209,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&o)[D / 
     mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
     mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
   }
-  float corr[2], base[2];
+  float base[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -223,13 +223,6 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&o)[D / 
     base[h] = m_new == -INFINITY ? 0.f : m_new;
   }
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    o[4 * j] *= corr[0];
-    o[4 * j + 1] *= corr[0];
-    o[4 * j + 2] *= corr[1];
-    o[4 * j + 3] *= corr[1];
-  }
-#pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
     s[4 * j] = ex2(s[4 * j] - base[0]);
     s[4 * j + 1] = ex2(s[4 * j + 1] - base[0]);
@@ -237,6 +230,17 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&o)[D / 
     s[4 * j + 3] = ex2(s[4 * j + 3] - base[1]);
     l[0] += s[4 * j] + s[4 * j + 1];
     l[1] += s[4 * j + 2] + s[4 * j + 3];
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&corr)[2]) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    o[4 * j] *= corr[0];
+    o[4 * j + 1] *= corr[0];
+    o[4 * j + 2] *= corr[1];
+    o[4 * j + 3] *= corr[1];
   }
 }
 
@@ -313,7 +317,8 @@ __device__ __forceinline__ void named_barrier(int id) {  // the N threads that n
 // CTA = 3 warpgroups, 128 queries of one head. Warpgroup 0 is the producer: one warp issues the
 // TMA loads of the Q tile and of the K and V tiles (kStages deep) and writes each tile's bias row;
 // the other warpgroups are consumers, each owning 64 query rows, running scores -> softmax -> P V
-// per tile and handing the stage back. Registers move from the producer to the consumers
+// per tile (the softmax of one tile overlapping the tensor cores' work on the next) and handing
+// each stage back once its P V has landed. Registers move from the producer to the consumers
 // (setmaxnreg), which hold S and O in registers.
 // Barriers per stage: k_full (K landed and the bias written), v_full (V landed), empty (every
 // consumer thread is done with the stage); q_full for the Q tile.
@@ -402,25 +407,57 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_barrier<128>(1 + wg);
   }
 
-  float o[D / 2], s[kBN / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
   const int row = wrow0 + lane / 4;            // the thread's rows: row, row + 8
   const uint32_t uQ = smem_u32(sm.q + wg * 64 * 64);  // row 64 wg of every column block
-
-  for (int n = 0; n < ntiles; ++n) {
-    const int stage = n % kStages, parity = (n / kStages) & 1;
+  float o[D / 2], s[kBN / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, corr[2];
+  uint32_t pa[kBN / 16][4];  // P of the tile whose P V is next
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  // S of tile n, masked per warp where its keys reach the band or past T
+  auto softmax_of = [&](int n) {
     const int kbase = n * kBN;
-    mbar_wait(&sm.k_full[stage], parity);
-    scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
     const bool edge = kbase + kBN - 1 + p.window >= wrow0 || kbase + kBN > T;
-    softmax_tile<D, kBN>(s, o, m, l, sm.bias[stage], kbase, row, edge, p);
-    mbar_wait(&sm.v_full[stage], parity);
-    accumulate_pv<D, kBN>(o, s, smem_u32(sm.v[stage]));
-    mbar_arrive(&sm.empty[stage]);
+    softmax_tile<kBN>(s, m, l, corr, sm.bias[n % kStages], kbase, row, edge, p);
+  };
+
+  // FlashAttention-3's in-warpgroup overlap: the tensor cores compute S of tile n and P V of tile
+  // n - 1 while the warpgroup runs the softmax of tile n; O is rescaled once P V has landed.
+  mbar_wait(&sm.k_full[0], 0);
+  wgmma_fence();
+  issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[0]));
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin(s);
+  softmax_of(0);
+  pack_probabilities<kBN>(pa, s);
+  for (int n = 1; n < ntiles; ++n) {
+    const int stage = n % kStages, prev = (n - 1) % kStages;
+    mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
+    wgmma_fence();
+    issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
+    wgmma_commit();
+    mbar_wait(&sm.v_full[prev], ((n - 1) / kStages) & 1);
+    wgmma_fence();
+    issue_pv<D, kBN>(o, pa, smem_u32(sm.v[prev]));
+    wgmma_commit();
+    wgmma_wait<1>();  // S of tile n; P V of tile n - 1 may still run
+    pin(s);
+    softmax_of(n);
+    wgmma_wait<0>();
+    pin(o);
+    mbar_arrive(&sm.empty[prev]);
+    rescale_rows<D>(o, corr);
+    pack_probabilities<kBN>(pa, s);
   }
+  const int last = (ntiles - 1) % kStages;
+  mbar_wait(&sm.v_full[last], ((ntiles - 1) / kStages) & 1);
+  wgmma_fence();
+  issue_pv<D, kBN>(o, pa, smem_u32(sm.v[last]));
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin(o);
+  mbar_arrive(&sm.empty[last]);
   store_rows<D>(o, m, l, row, b, h, p);
 }
 
