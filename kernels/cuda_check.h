@@ -1,10 +1,12 @@
 // CUDA-only helpers shared by the kernels/*.cu files and the GPU tests: error checking, a grow-only
-// scratch allocator, block reductions, bf16 <-> fp32 vector helpers. Never included by CPU code.
+// scratch allocator, block reductions, bf16 <-> fp32 vector helpers, the PTX wrappers the
+// attention kernels share. Never included by CPU code.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 
@@ -25,6 +27,10 @@
 namespace dmc::cuda::detail {
 
 inline int ceil_div(long a, long b) { return static_cast<int>((a + b - 1) / b); }
+
+// The softmax kernels work in base 2 (one MUFU ex2 per exponential) and convert at the edges.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // Grow-only device scratch, one per slot. The first call with a larger size allocates (and so
 // synchronises); later calls of the same size reuse the buffer, so a warmed-up step can be
@@ -70,6 +76,33 @@ __device__ __forceinline__ float block_max(float v) {
   __syncthreads();
   v = lane < nwarps ? partial[lane] : -INFINITY;
   return warp_max(v);
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ float ex2(float x) {  // 2^x, one MUFU instruction; ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
 }
 __device__ __forceinline__ float bf(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ __nv_bfloat16 tobf(float x) { return __float2bfloat16_rn(x); }

@@ -15,6 +15,17 @@ bool device_available() {
   return n > 0;
 }
 
+bool device_is_sm90() {
+  static const bool sm90 = [] {
+    int dev = 0, major = 0, minor = 0;
+    DMC_CUDA_CHECK(cudaGetDevice(&dev));
+    DMC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    DMC_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    return major == 9 && minor == 0;
+  }();
+  return sm90;
+}
+
 namespace detail {
 
 void* scratch(int slot, size_t bytes) {

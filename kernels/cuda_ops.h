@@ -37,6 +37,9 @@ using bf16 = __nv_bfloat16;
 
 // True when a CUDA device is usable (cudaGetDeviceCount succeeds and returns > 0).
 bool device_available();
+// True when the current device is a Hopper GPU (compute capability 9.0), which runs the sm_90a
+// kernels (wgmma, TMA).
+bool device_is_sm90();
 
 // ---- embedding (kernels/embedding.h; wte holds the vocabulary rows [vocab_begin, vocab_begin +
 // vocab_rows), tokens outside them give zero rows and no gradient) ----
@@ -227,10 +230,19 @@ void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float 
 // mask [B, T, Hkv] fp32 or null, added where query - key > mask_window (DMC 0, DMS its window w;
 // -inf allowed: DMS's hard mask); lse [B, H, T] fp32 (natural log, may be null in the forward).
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
+// Two forward kernels compute it: the Hopper one (wgmma, TMA; kernels/dmc_attention_sm90.cu) and
+// the portable mma.sync one. kAuto takes the Hopper kernel on sm_90 devices, unless the
+// environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
+enum class AttentionKernel { kAuto, kMmaSync, kSm90 };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
-                           int mask_window = 0);
+                           int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
+// The Hopper forward kernel, as dmc_attention_forward with kSm90 (shapes already checked there).
+void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16* k,
+                                const bf16* v, const float* mask, int B, int T, int H, int Hkv,
+                                int D, bool exclude_ctrl, float scale, cudaStream_t stream,
+                                int mask_window);
 // Accumulates dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch for the fp32 dq
 // accumulator [B, T, H, D] and the row statistics [B, H, T].
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,

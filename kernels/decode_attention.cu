@@ -34,7 +34,6 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;          // rows per thread in flight

@@ -14,9 +14,13 @@
 //   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
 //   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
 //   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
+// On Hopper the forward runs kernels/dmc_attention_sm90.cu's kernel instead (wgmma; the choice:
+// dmc_attention_forward below); this one serves every other GPU and stays tested beside it.
 // Versions, timings and the measurements behind each choice: bench/RESULTS.md.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "kernels/cuda_check.h"
@@ -26,28 +30,7 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 // ---------------------------------------------------------------- PTX wrappers
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 4 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -58,11 +41,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-__device__ __forceinline__ float ex2(float x) {  // 2^x, one MUFU instruction; ex2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 // c += a (16x16, row) * b (16x8, col); bf16 in, fp32 accumulate.
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
@@ -71,10 +49,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Element offset of (row, 16-byte chunk) in a [rows][COLS] bf16 tile whose chunks are XOR-swizzled
@@ -765,13 +739,36 @@ void check_shape(int T, int H, int Hkv, int D) {
   }
 }
 
+// kAuto's choice, made once per process: the Hopper kernel where it runs, unless
+// DMC_ATTENTION_KERNEL=mma_sync keeps the portable one (to compare the two in a whole step).
+AttentionKernel auto_kernel() {
+  static const AttentionKernel chosen = [] {
+    const char* env = std::getenv("DMC_ATTENTION_KERNEL");
+    const std::string name = env ? env : "";
+    if (name == "mma_sync") return AttentionKernel::kMmaSync;
+    if (!name.empty() && name != "auto") {
+      std::fprintf(stderr, "DMC_ATTENTION_KERNEL=%s: unknown value (auto or mma_sync)\n", env);
+      std::abort();
+    }
+    return device_is_sm90() ? AttentionKernel::kSm90 : AttentionKernel::kMmaSync;
+  }();
+  return chosen;
+}
+
 }  // namespace
 
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
-                           bool exclude_ctrl, float scale, cudaStream_t stream, int mask_window) {
+                           bool exclude_ctrl, float scale, cudaStream_t stream, int mask_window,
+                           AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
+  if (kernel == AttentionKernel::kAuto) kernel = auto_kernel();
+  if (kernel == AttentionKernel::kSm90) {
+    dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
+                               stream, mask_window);
+    return;
+  }
   FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
     launch_fwd<64>(p, stream);

@@ -34,8 +34,6 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kLanes = 8;                 // lanes per row
 constexpr int kRows = 32;                 // rows (queries or keys) a CTA owns
 constexpr int kThreads = kRows * kLanes;  // 256

@@ -1,6 +1,8 @@
 // DMC attention forward + backward on the GPU: time (median of CUDA-event timings after warm-up)
 // and TFLOP/s, on random bf16 inputs with a soft DMC mask and the control channel excluded.
 // FLOPs counted as for causal FlashAttention: forward 4·B·H·T²·D / 2, backward 2.5x forward.
+// The forward is timed for each kernel side by side: mma.sync ("fwd") and, on Hopper, the sm90
+// kernel ("fwd90"); f+b is the forward dmc_attention_forward picks (kAuto) plus the backward.
 //   usage: bench_dmc_attention [reps]      (prints one table; shapes fixed below)
 #include <algorithm>
 #include <cmath>
@@ -44,8 +46,9 @@ int main(int argc, char** argv) {
   std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   const Shape shapes[] = {{4, 32, 32, 1024, 128}, {4, 32, 32, 4096, 128}, {4, 32, 32, 8192, 128},
                           {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
-  std::printf("%-28s %10s %10s %10s %9s %9s %9s\n", "shape (B H/Hkv T D)", "fwd ms", "bwd ms",
-              "f+b ms", "fwd TF/s", "bwd TF/s", "f+b TF/s");
+  const bool sm90 = dmc::cuda::device_is_sm90();
+  std::printf("%-28s %10s %10s %10s %10s %9s %10s %9s %9s\n", "shape (B H/Hkv T D)", "fwd ms",
+              "fwd90 ms", "bwd ms", "f+b ms", "fwd TF/s", "fwd90 TF/s", "bwd TF/s", "f+b TF/s");
   for (const Shape& s : shapes) {
     const size_t nq = static_cast<size_t>(s.B) * s.T * s.H * s.D;
     const size_t nk = static_cast<size_t>(s.B) * s.T * s.Hkv * s.D;
@@ -75,10 +78,11 @@ int main(int argc, char** argv) {
     DMC_CUDA_CHECK(cudaMemset(dmask, 0, nm * 4));
     DMC_CUDA_CHECK_LAUNCH();
     const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    auto fwd = [&] {
+    auto fwd_with = [&](dmc::cuda::AttentionKernel kernel) {
       dmc::cuda::dmc_attention_forward(o, lse, q, k, v, mask, s.B, s.T, s.H, s.Hkv, s.D, true,
-                                       scale);
+                                       scale, nullptr, 0, kernel);
     };
+    auto fwd = [&] { fwd_with(dmc::cuda::AttentionKernel::kAuto); };
     auto bwd = [&] {
       dmc::cuda::dmc_attention_backward(dq, dk, dv, dmask, dout, q, k, v, mask, o, lse, s.B, s.T,
                                         s.H, s.Hkv, s.D, true, scale);
@@ -87,12 +91,29 @@ int main(int argc, char** argv) {
     DMC_CUDA_CHECK(cudaEventCreate(&e0));
     DMC_CUDA_CHECK(cudaEventCreate(&e1));
     DMC_CUDA_CHECK(cudaEventCreate(&e2));
+    // median forward time of one kernel (NaN where it cannot run)
+    auto time_forward = [&](dmc::cuda::AttentionKernel kernel) {
+      for (int i = 0; i < 3; ++i) fwd_with(kernel);
+      std::vector<float> t;
+      for (int i = 0; i < reps; ++i) {
+        DMC_CUDA_CHECK(cudaEventRecord(e0));
+        fwd_with(kernel);
+        DMC_CUDA_CHECK(cudaEventRecord(e1));
+        DMC_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms;
+        DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+      }
+      return median(t);
+    };
+    const float mf = time_forward(dmc::cuda::AttentionKernel::kMmaSync);
+    const float mf90 = sm90 ? time_forward(dmc::cuda::AttentionKernel::kSm90) : NAN;
     for (int i = 0; i < 3; ++i) {
       fwd();
       bwd();
     }
     DMC_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<float> tf, tb, tfb;
+    std::vector<float> tb, tfb;
     for (int i = 0; i < reps; ++i) {
       DMC_CUDA_CHECK(cudaEventRecord(e0));
       fwd();
@@ -103,17 +124,17 @@ int main(int argc, char** argv) {
       float a, b2;
       DMC_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e1));
       DMC_CUDA_CHECK(cudaEventElapsedTime(&b2, e1, e2));
-      tf.push_back(a);
       tb.push_back(b2);
       tfb.push_back(a + b2);
     }
     const double flops_f = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.D / 2.0;
     const double flops_b = 2.5 * flops_f;
-    const float mf = median(tf), mb = median(tb), mfb = median(tfb);
+    const float mb = median(tb), mfb = median(tfb);
     char label[64];
     std::snprintf(label, sizeof(label), "B%d H%d/%d T%d D%d", s.B, s.H, s.Hkv, s.T, s.D);
-    std::printf("%-28s %10.3f %10.3f %10.3f %9.1f %9.1f %9.1f\n", label, mf, mb, mfb,
-                flops_f / mf * 1e-9, flops_b / mb * 1e-9, (flops_f + flops_b) / mfb * 1e-9);
+    std::printf("%-28s %10.3f %10.3f %10.3f %10.3f %9.1f %10.1f %9.1f %9.1f\n", label, mf, mf90,
+                mb, mfb, flops_f / mf * 1e-9, flops_f / mf90 * 1e-9, flops_b / mb * 1e-9,
+                (flops_f + flops_b) / mfb * 1e-9);
     std::fflush(stdout);
     for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(o), static_cast<void*>(dout), static_cast<void*>(dq),

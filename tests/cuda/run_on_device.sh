@@ -178,9 +178,10 @@ fi
 
 if has_step sass; then  # instruction mix of the attention kernels, from the built library
   obj=$(find "$BUILD" -name 'dmc_attention.cu.o' | head -1)
-  cuobjdump -sass "$obj" >"$OUT/sass_full.txt" 2>&1
-  awk '/Function :/ {f=$3} /HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|RED|ATOM/ {
-         split($0, a, /;/); n=split(a[1], w, " "); for (i=1;i<=n;i++) if (w[i] ~ /^(HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|RED|ATOM)/) {c[f" "w[i]]++; break} }
+  obj90=$(find "$BUILD" -name 'dmc_attention_sm90.cu.o' | head -1)  # the Hopper forward: HGMMA
+  { cuobjdump -sass "$obj"; cuobjdump -sass "$obj90"; } >"$OUT/sass_full.txt" 2>&1
+  awk '/Function :/ {f=$3} /HGMMA|HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|UTMALDG|SYNCS|RED|ATOM/ {
+         split($0, a, /;/); n=split(a[1], w, " "); for (i=1;i<=n;i++) if (w[i] ~ /^(HGMMA|HMMA|LDSM|MUFU|LDL|STL|BAR|SHFL|LDGSTS|UTMALDG|SYNCS|RED|ATOM)/) {c[f" "w[i]]++; break} }
        /^ +\/\*[0-9a-f]+\*\// {tot[f]++}
        END {for (k in c) print k, c[k]; for (f in tot) print f, "TOTAL", tot[f]}' "$OUT/sass_full.txt" | sort >"$OUT/sass.txt"
   fwd=$(grep -o 'Function : [^ ]*attn_fwd_kernelILi128ELi64E[^ ]*' "$OUT/sass_full.txt" | head -1 | cut -d' ' -f3)

@@ -1,10 +1,12 @@
 // GPU vs CPU reference for the fused DMC attention kernels: causal, GQA, the on-the-fly DMC bias
 // (soft log(1 - alpha) values, hard -50000 values, or none), DMS's mask mode (the bias only where
 // query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128,
-// sequence lengths that are not multiples of the tiles. Forward (out, lse) and backward
-// (dq, dk, dv, dmask, all accumulated into random initial values).
+// sequence lengths that are not multiples of the tiles. Forward (out, lse) by each forward kernel
+// (the portable mma.sync one and, on Hopper, the sm90 one), then the backward from that forward's
+// out and lse (dq, dk, dv, dmask, all accumulated into random initial values).
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/dmc_attention.h"
@@ -36,7 +38,7 @@ std::string name_of(const Case& c) {
          (c.window > 0 ? " w" + std::to_string(c.window) : "");
 }
 
-void run_case(const Case& c) {
+void run_case(const Case& c, C::AttentionKernel kernel) {
   const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
   const size_t nk = static_cast<size_t>(c.B) * c.T * c.Hkv * c.D;
   const size_t nm = static_cast<size_t>(c.B) * c.T * c.Hkv;
@@ -62,12 +64,13 @@ void run_case(const Case& c) {
   dlse.poison();
   const float* mptr = c.mask == MaskKind::kNone ? nullptr : dmask.ptr;
   C::dmc_attention_forward(dout, dlse, dq, dk, dv, mptr, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl,
-                           scale, nullptr, c.window);
+                           scale, nullptr, c.window, kernel);
   std::vector<double> out(nq), lse(nl);
   const double* mref = c.mask == MaskKind::kNone ? nullptr : mask.data();
   K::dmc_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), mref, c.B,
                                    c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, c.window);
-  const std::string n = name_of(c);
+  const std::string n =
+      name_of(c) + (kernel == C::AttentionKernel::kSm90 ? " sm90" : " mma_sync");
   expect_close(("attn fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
   expect_close(("attn fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
 
@@ -91,28 +94,39 @@ void run_case(const Case& c) {
   if (mref) expect_close(("attn bwd dmask " + n).c_str(), dgm.download(), gm, kBf16Tol);
 }
 
-class CudaAttention : public ::testing::TestWithParam<Case> {
+class CudaAttention : public ::testing::TestWithParam<std::tuple<Case, C::AttentionKernel>> {
  protected:
-  void SetUp() override { DMC_REQUIRE_GPU(); }
+  void SetUp() override {
+    DMC_REQUIRE_GPU();
+    if (std::get<1>(GetParam()) == C::AttentionKernel::kSm90 && !C::device_is_sm90())
+      GTEST_SKIP() << "the sm90 kernel needs a Hopper GPU";
+  }
 };
 
-TEST_P(CudaAttention, MatchesCpuReference) { run_case(GetParam()); }
+TEST_P(CudaAttention, MatchesCpuReference) {
+  run_case(std::get<0>(GetParam()), std::get<1>(GetParam()));
+}
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaAttention,
-    ::testing::Values(Case{2, 200, 4, 2, 64, true, MaskKind::kSoft, 1.0},
-                      Case{1, 333, 2, 1, 128, false, MaskKind::kNone, 1.0},
-                      Case{2, 130, 4, 4, 128, true, MaskKind::kHard, 1.0},
-                      Case{1, 1100, 2, 1, 128, true, MaskKind::kSoft, 2.0},
-                      Case{1, 257, 8, 2, 64, false, MaskKind::kSoft, 3.0},
-                      Case{1, 1, 2, 1, 64, true, MaskKind::kSoft, 1.0},
-                      Case{3, 17, 2, 2, 128, true, MaskKind::kSoft, 1.0},
-                      // DMS: bands narrower than, across and wider than a tile
-                      Case{2, 300, 4, 2, 64, false, MaskKind::kSoft, 1.0, 5},
-                      Case{1, 257, 4, 1, 128, false, MaskKind::kSoft, 2.0, 70},
-                      Case{2, 200, 4, 2, 64, false, MaskKind::kEvicted, 1.0, 3},
-                      Case{1, 129, 2, 2, 128, false, MaskKind::kEvicted, 1.0, 100}),
-    [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
+    ::testing::Combine(
+        ::testing::Values(Case{2, 200, 4, 2, 64, true, MaskKind::kSoft, 1.0},
+                          Case{1, 333, 2, 1, 128, false, MaskKind::kNone, 1.0},
+                          Case{2, 130, 4, 4, 128, true, MaskKind::kHard, 1.0},
+                          Case{1, 1100, 2, 1, 128, true, MaskKind::kSoft, 2.0},
+                          Case{1, 257, 8, 2, 64, false, MaskKind::kSoft, 3.0},
+                          Case{1, 1, 2, 1, 64, true, MaskKind::kSoft, 1.0},
+                          Case{3, 17, 2, 2, 128, true, MaskKind::kSoft, 1.0},
+                          // DMS: bands narrower than, across and wider than a tile
+                          Case{2, 300, 4, 2, 64, false, MaskKind::kSoft, 1.0, 5},
+                          Case{1, 257, 4, 1, 128, false, MaskKind::kSoft, 2.0, 70},
+                          Case{2, 200, 4, 2, 64, false, MaskKind::kEvicted, 1.0, 3},
+                          Case{1, 129, 2, 2, 128, false, MaskKind::kEvicted, 1.0, 100}),
+        ::testing::Values(C::AttentionKernel::kMmaSync, C::AttentionKernel::kSm90)),
+    [](const ::testing::TestParamInfo<std::tuple<Case, C::AttentionKernel>>& info) {
+      return "case" + std::to_string(info.index / 2) +
+             (std::get<1>(info.param) == C::AttentionKernel::kSm90 ? "_sm90" : "_mma_sync");
+    });
 
 }  // namespace
 }  // namespace dmc::cuda_test
