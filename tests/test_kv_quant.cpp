@@ -286,13 +286,13 @@ std::vector<T> DecodeLogits(model::Llama<T>& m, const CachePolicy& policy,
       },
       [&](int r, bool) {
         const auto& c = m.config();
+        long quantized = 0;
         for (int l = 0; l < c.num_hidden_layers; ++l)
           for (int h = 0; h < c.num_key_value_heads; ++h) {
-            if (policy.quant.bits > 0) {
-              EXPECT_GT(e.cache().quantized_length(r, l, h), 0) << "nothing was quantized";
-            }
+            quantized += e.cache().quantized_length(r, l, h);
             if (lengths) lengths->push_back(e.length(r, l, h));
           }
+        EXPECT_TRUE(policy.quant.bits == 0 || quantized > 0) << "nothing was quantized";
       });
   EXPECT_TRUE(stats.ok()) << stats.status();
   return logits;
@@ -331,6 +331,84 @@ TEST(KvQuantDecode, Int8VanillaCloseToFullPrecision) {
   model::Llama<double> m(tiny_models::TinyLlama(11, 2), nullptr);
   tiny_models::RandomizeParams(m, 31);
   ExpectInt8CloseToFullPrecision(m, CacheMethod::kVanilla);
+}
+
+// Composition with DMC: a DMC model's merged slots are quantized once they close; the open slot
+// stays the full-precision omega-weighted mean of its window state.
+TEST(KvQuantDecode, Int8DmcCloseToFullPrecision) {
+  model::LlamaConfig c = tiny_models::TinyLlama(11, 2);
+  c.dmc.enabled = true;
+  c.dmc.window = 3;
+  c.dmc.init_val = -0.5f;  // plenty of merges
+  model::Llama<double> m(c, nullptr);
+  tiny_models::RandomizeParams(m, 23);
+  ExpectInt8CloseToFullPrecision(m, CacheMethod::kDmc);
+}
+
+// Composition with DMS: a token is quantized once it is past the eviction window (and was not
+// evicted); the evictions are those of the full-precision cache.
+TEST(KvQuantDecode, Int8DmsCloseToFullPrecision) {
+  model::LlamaConfig c = tiny_models::TinyLlama(11, 2);
+  c.dms.enabled = true;
+  c.dms.variant = model::DmsVariant::kAdapter;
+  c.dms.window = 3;
+  c.dms.offset = 0.2f;  // about half of the tokens marked
+  model::Llama<double> m(c, nullptr);
+  tiny_models::RandomizeParams(m, 42);
+  ExpectInt8CloseToFullPrecision(m, CacheMethod::kDms);
+}
+
+// At the cache: DMC slots leave the full-precision residual only once closed, and then hold the
+// quantized final mean of their tokens; the open slot is the exact mean at all times. DMS
+// (settle_lag) keeps the tokens still inside the window at full precision.
+TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = 1;
+  o.head_dim = 4;
+  o.page_size = 2;
+  o.dmc_window = 2;
+  o.budget_bytes = 1 << 20;
+  o.quant = {8, 0, 0, 0};
+  PagedKvCache<double> dmc(o);
+  ASSERT_TRUE(dmc.AddSequence(0).ok());
+  std::vector<double> closed_means;  // the final mean of every slot, in slot order
+  double prev = 0;
+  for (int t = 0; t < 23; ++t) {
+    const double x = std::sin(1.3 * t);
+    const std::vector<double> row(o.head_dim, x);
+    const bool merge = t % 3 != 0;  // slots of three tokens: window 2 keeps the last two
+    ASSERT_TRUE(dmc.AddDmc(0, 0, 0, row.data(), row.data(), 1.0, merge, t).ok());
+    const double mean = merge ? 0.5 * (prev + x) : x;
+    if (!merge) closed_means.push_back(mean);
+    closed_means.back() = mean;
+    prev = x;
+    const int n = dmc.length(0, 0, 0);
+    EXPECT_LE(dmc.quantized_length(0, 0, 0), n - 1) << "the open slot was quantized";
+    std::vector<double> key(o.head_dim), value(o.head_dim);
+    dmc.ReadSlot(0, 0, 0, n - 1, key.data(), value.data());
+    EXPECT_DOUBLE_EQ(value[0], mean) << "the open slot is not the exact window mean";
+  }
+  EXPECT_EQ(dmc.quantized_length(0, 0, 0), 6);  // 8 slots: 7 closed, 3 full pages of 2
+  std::vector<double> key(o.head_dim), value(o.head_dim);
+  for (int i = 0; i < dmc.quantized_length(0, 0, 0); ++i) {
+    dmc.ReadSlot(0, 0, 0, i, key.data(), value.data());
+    // A constant row quantizes exactly, up to its zero point stored as a float.
+    EXPECT_NEAR(value[0], closed_means[i], 1e-7) << "slot " << i;
+  }
+
+  o.dmc_window = 0;
+  o.settle_lag = 3;  // a DMS window of 2
+  PagedKvCache<double> dms(o);
+  ASSERT_TRUE(dms.AddSequence(0).ok());
+  for (int t = 0; t < 12; ++t) {
+    const std::vector<double> row(o.head_dim, t);
+    ASSERT_TRUE(dms.Append(0, 0, 0, row.data(), row.data(), t).ok());
+    // Settled: positions below t − 3; quantized: whole pages of them.
+    EXPECT_EQ(dms.quantized_length(0, 0, 0), std::max(0, t - 3) / 2 * 2) << "t " << t;
+    for (int i = dms.quantized_length(0, 0, 0); i < dms.length(0, 0, 0); ++i)
+      EXPECT_GE(dms.position(0, 0, 0, i), t - 3 - 1);
+  }
 }
 
 }  // namespace
