@@ -411,5 +411,76 @@ TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
   }
 }
 
+// ZipCache's salient tokens (§4.2): the normalized attention score of token i is its
+// accumulated attention over the number of queries that saw it, sum_k A[k, i] / nnz(A[:, i]),
+// with A the lower-triangular attention matrix; the S highest of a page are stored at the high
+// precision. A direct implementation on a hand-made matrix whose accumulated-score winner
+// (token 0, seen by every query) is not the normalized winner.
+TEST(KvQuantZipCache, SalientSlotsAreTheHighestNormalizedAttentionScores) {
+  const std::vector<std::vector<double>> A = {
+      {1.0}, {0.5, 0.5}, {0.4, 0.2, 0.4}, {0.2, 0.1, 0.1, 0.6}};
+  const int P = 4;
+  std::vector<double> normalized(P), accumulated(P);
+  for (int i = 0; i < P; ++i) {
+    int nnz = 0;
+    for (int k = i; k < P; ++k) accumulated[i] += A[k][i], ++nnz;
+    normalized[i] = accumulated[i] / nnz;
+  }
+  ASSERT_NE(std::max_element(accumulated.begin(), accumulated.end()) - accumulated.begin(),
+            std::max_element(normalized.begin(), normalized.end()) - normalized.begin());
+  for (int S : {1, 2, 3}) {
+    PagedCacheOptions o;
+    o.layers = 1;
+    o.kv_heads = 1;
+    o.head_dim = 4;
+    o.page_size = P;
+    o.budget_bytes = 1 << 20;
+    o.quant = {2, 0, 8, S};
+    PagedKvCache<double> cache(o);
+    ASSERT_TRUE(cache.AddSequence(0).ok());
+    for (int t = 0; t <= P; ++t) {  // token P settles tokens 0..P-1 into a page
+      const std::vector<double> row(o.head_dim, t);
+      ASSERT_TRUE(cache.Append(0, 0, 0, row.data(), row.data(), t).ok());
+      if (t == P) break;
+      std::vector<double> probs(P + 1, 0.0);  // query t attends slots 0..t (slot i: token i)
+      for (int i = 0; i <= t; ++i) probs[i] = A[t][i];
+      inference::AccumulateAttention(cache, 0, 0, probs.data(), P + 1, 1);
+    }
+    ASSERT_EQ(cache.quantized_length(0, 0, 0), P);
+    std::vector<int> want(P);
+    for (int i = 0; i < P; ++i) want[i] = i;
+    std::stable_sort(want.begin(), want.end(),
+                     [&](int a, int b) { return normalized[a] > normalized[b]; });
+    std::vector<int> got_salient, want_salient(want.begin(), want.begin() + S);
+    for (int r = 0; r < S; ++r) got_salient.push_back(cache.position(0, 0, 0, r));
+    std::sort(got_salient.begin(), got_salient.end());
+    std::sort(want_salient.begin(), want_salient.end());
+    EXPECT_EQ(got_salient, want_salient) << "S " << S;
+  }
+}
+
+// Decoding with ZipCache's mixed precision: every slot salient at 8 bits is exactly int8; a
+// few salient slots at 8 bits over int4 lie between int4 and int8.
+TEST(KvQuantZipCache, MixedPrecisionDecodeSpansInt4ToInt8) {
+  model::Llama<double> m(tiny_models::TinyLlama(11, 2), nullptr);
+  tiny_models::RandomizeParams(m, 31);
+  std::vector<std::vector<int32_t>> tokens;
+  for (int b = 0; b < 2; ++b) tokens.push_back(tiny_models::RandomTokens(30, 11, 5 + b));
+  CachePolicy policy;
+  policy.method = CacheMethod::kVanilla;
+  const std::vector<double> full = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {8, 0, 0, 0};
+  const std::vector<double> int8 = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {4, 0, 0, 0};
+  const std::vector<double> int4 = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {4, 0, 8, 4};
+  // (to round-off: the page's rows are in saliency order, so attention sums in another order)
+  EXPECT_LT(MaxAbsDiff(DecodeLogits(m, policy, tokens, 4), int8), 1e-12);
+  policy.quant = {4, 0, 8, 2};
+  const double mixed = MaxAbsDiff(full, DecodeLogits(m, policy, tokens, 4));
+  EXPECT_LT(mixed, MaxAbsDiff(full, int4));
+  EXPECT_GT(mixed, MaxAbsDiff(full, int8));
+}
+
 }  // namespace
 }  // namespace dmc
