@@ -89,6 +89,69 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
   return absl::OkStatus();
 }
 
+absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
+                                           const PagedCacheOptions& shape, int element_bytes,
+                                           int seq_len, long budget_bytes,
+                                           const std::vector<int>& head_slots) {
+  const bool quant = method == "quant", zipcache = method == "zipcache";
+  absl::StatusOr<CacheMethod> parsed =
+      quant || zipcache ? CacheMethod::kVanilla : ParseCacheMethod(method);
+  if (!parsed.ok()) return parsed.status();
+  const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
+  // Candidates from the least compressed on, each with the slots its heads hold.
+  std::vector<std::pair<CachePolicy, std::vector<int>>> candidates;
+  CachePolicy base;
+  base.method = *parsed;
+  const std::vector<int> whole(heads, seq_len);
+  switch (*parsed) {
+    case CacheMethod::kVanilla:
+      if (!quant && !zipcache) candidates.push_back({base, whole});
+      for (int bits : {8, 4, 2}) {
+        if (!quant) break;
+        base.quant = {bits, 0, 0, 0};
+        candidates.push_back({base, whole});
+      }
+      for (auto [high, low] : {std::pair{8, 4}, std::pair{4, 2}})
+        for (int salient = P - 1; zipcache && salient >= 1; --salient) {
+          base.quant = {low, 0, high, salient};
+          candidates.push_back({base, whole});
+        }
+      break;
+    case CacheMethod::kH2O:
+    case CacheMethod::kTova:
+      for (int budget = seq_len; budget >= 1; --budget) {
+        base.budget = budget;
+        base.recent = *parsed == CacheMethod::kH2O ? budget / 2 : 0;
+        candidates.push_back({base, std::vector<int>(heads, budget)});
+      }
+      break;
+    case CacheMethod::kDmc:
+    case CacheMethod::kDms:
+      if (static_cast<int>(head_slots.size()) != heads)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: its slots per head at full precision are needed (%d heads, got %d)",
+            CacheMethodName(*parsed), heads, head_slots.size()));
+      for (int bits : {0, 8, 4, 2}) {
+        base.quant = {bits, 0, 0, 0};
+        candidates.push_back({base, head_slots});
+      }
+      break;
+    case CacheMethod::kLoma:
+      return absl::InvalidArgumentError("loma has its own cache: no byte budget knob");
+  }
+  long smallest = -1;
+  for (const auto& [policy, slots] : candidates) {
+    PagedCacheOptions o = shape;
+    o.quant = policy.quant;
+    const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
+    if (bytes <= budget_bytes) return policy;
+    smallest = smallest < 0 ? bytes : std::min(smallest, bytes);
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache holds %d",
+      std::string(method), budget_bytes, seq_len, smallest));
+}
+
 namespace {
 
 // The slot with the lowest score among the candidates, ties to the oldest position; -1 if none.

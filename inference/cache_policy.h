@@ -30,6 +30,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "inference/paged_kv_cache.h"
@@ -62,6 +63,20 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 // budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
 // of it (rounded down, so at least one heavy hitter).
 absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double cr);
+
+// The policy of `method` whose cache meets a byte budget per sequence of seq_len tokens, by
+// KvSequenceBytes at element_bytes (shape: the method's cache options, settle_lag as its
+// quantized cache would have it), with
+// the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
+// or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
+// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); h2o and tova the most
+// slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
+// head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
+// no setting of the knob meets the budget, naming the smallest cache it reaches.
+absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
+                                           const PagedCacheOptions& shape, int element_bytes,
+                                           int seq_len, long budget_bytes,
+                                           const std::vector<int>& head_slots);
 
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i

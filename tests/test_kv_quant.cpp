@@ -482,5 +482,57 @@ TEST(KvQuantZipCache, MixedPrecisionDecodeSpansInt4ToInt8) {
   EXPECT_GT(mixed, MaxAbsDiff(full, int8));
 }
 
+// dmc-eval --kv_fraction: each method's knob is the least compression whose KvSequenceBytes
+// meets the budget (the next setting up does not), and a budget no setting meets is an error.
+TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
+  PagedCacheOptions shape;
+  shape.layers = 2;
+  shape.kv_heads = 2;
+  shape.head_dim = 16;
+  shape.page_size = 16;
+  const int T = 512, heads = 4;
+  const std::vector<int> whole(heads, T);
+  const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
+  auto bytes = [&](const CachePolicy& p, const std::vector<int>& slots) {
+    PagedCacheOptions o = shape;
+    o.quant = p.quant;
+    return inference::KvSequenceBytes(o, slots, 4, 4);
+  };
+  for (double f : {0.5, 0.25}) {
+    const long budget = static_cast<long>(f * vanilla);
+    auto quant = inference::PolicyForBytes("quant", shape, 4, T, budget, {});
+    ASSERT_TRUE(quant.ok()) << quant.status();
+    EXPECT_LE(bytes(*quant, whole), budget);
+    if (quant->quant.bits < 8) {
+      CachePolicy more = *quant;
+      more.quant.bits *= 2;
+      EXPECT_GT(bytes(more, whole), budget);
+    }
+    auto h2o = inference::PolicyForBytes("h2o", shape, 4, T, budget, {});
+    ASSERT_TRUE(h2o.ok()) << h2o.status();
+    EXPECT_LE(bytes(*h2o, std::vector<int>(heads, h2o->budget)), budget);
+    EXPECT_GT(bytes(*h2o, std::vector<int>(heads, h2o->budget + 1)), budget);
+    EXPECT_EQ(h2o->recent, h2o->budget / 2);
+    // Two tiers of key scales per page of 16: the mixture reaches 1/2 of fp32, not 1/4.
+    auto zip = inference::PolicyForBytes("zipcache", shape, 4, T, budget, {});
+    ASSERT_EQ(zip.ok(), f == 0.5) << zip.status();
+    if (zip.ok()) {
+      EXPECT_LE(bytes(*zip, whole), budget);
+      EXPECT_GT(zip->quant.salient_slots, 0);
+    }
+    const std::vector<int> dmc_slots(heads, T / 3);
+    auto dmc = inference::PolicyForBytes("dmc", shape, 4, T, budget, dmc_slots);
+    ASSERT_TRUE(dmc.ok()) << dmc.status();
+    EXPECT_LE(bytes(*dmc, dmc_slots), budget);
+  }
+  const absl::StatusOr<CachePolicy> vanilla_half =
+      inference::PolicyForBytes("vanilla", shape, 4, T, vanilla / 2, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(vanilla_half.status()));
+  const absl::StatusOr<CachePolicy> tiny = inference::PolicyForBytes("quant", shape, 4, T, 100, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
+  EXPECT_NE(tiny.status().message().find("no setting of quant meets 100 bytes"), std::string::npos)
+      << tiny.status();
+}
+
 }  // namespace
 }  // namespace dmc
