@@ -44,6 +44,114 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
   return p;
 }
 
+std::string PolicyName(const CachePolicy& p) {
+  std::string name = CacheMethodName(p.method);
+  if (p.quant.bits > 0 && p.quant.salient_slots > 0)
+    return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
+                                  p.quant.salient_slots);
+  if (p.quant.bits > 0) return name + absl::StrFormat("-int%d", p.quant.bits);
+  return name;
+}
+
+absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size) {
+  const kernels::KvQuantOptions& q = policy.quant;
+  if (q.bits == 0) {
+    if (q.salient_slots != 0)
+      return absl::InvalidArgumentError("ZipCache's salient slots need a quantized cache (bits)");
+    return absl::OkStatus();
+  }
+  const char* method = CacheMethodName(policy.method);
+  if (policy.method != CacheMethod::kVanilla && policy.method != CacheMethod::kDmc &&
+      policy.method != CacheMethod::kDms)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KV quantization serves the vanilla, dmc and dms caches, not %s (its quantized pages "
+        "never move, and %s evicts from anywhere)",
+        method, method));
+  for (int bits : {q.bits, q.salient_slots > 0 ? q.salient_bits : 8})
+    if ((bits != 2 && bits != 4 && bits != 8) || head_dim * bits % 8 != 0)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KV quantization to %d bits: expected 2, 4 or 8 bits with head_dim (%d) x bits a whole "
+          "number of bytes",
+          bits, head_dim));
+  if (q.value_group < 0 || (q.value_group > 0 && head_dim % q.value_group != 0))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "value group of %d channels does not divide head_dim %d", q.value_group, head_dim));
+  if (q.salient_slots < 0 || q.salient_slots > page_size)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ZipCache: %d salient slots per page of %d slots", q.salient_slots, page_size));
+  if (q.salient_slots > 0 && policy.method != CacheMethod::kVanilla)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ZipCache's mixed precision serves the vanilla cache, not %s", method));
+  if (q.salient_slots > 0 && q.salient_bits <= q.bits)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ZipCache: salient tokens at %d bits must have more bits than the others (%d)",
+        q.salient_bits, q.bits));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
+                                           const PagedCacheOptions& shape, int element_bytes,
+                                           int seq_len, long budget_bytes,
+                                           const std::vector<int>& head_slots) {
+  const bool quant = method == "quant", zipcache = method == "zipcache";
+  absl::StatusOr<CacheMethod> parsed =
+      quant || zipcache ? CacheMethod::kVanilla : ParseCacheMethod(method);
+  if (!parsed.ok()) return parsed.status();
+  const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
+  // Candidates from the least compressed on, each with the slots its heads hold.
+  std::vector<std::pair<CachePolicy, std::vector<int>>> candidates;
+  CachePolicy base;
+  base.method = *parsed;
+  const std::vector<int> whole(heads, seq_len);
+  switch (*parsed) {
+    case CacheMethod::kVanilla:
+      if (!quant && !zipcache) candidates.push_back({base, whole});
+      for (int bits : {8, 4, 2}) {
+        if (!quant) break;
+        base.quant = {bits, 0, 0, 0};
+        candidates.push_back({base, whole});
+      }
+      for (auto [high, low] : {std::pair{8, 4}, std::pair{4, 2}})
+        for (int salient = P - 1; zipcache && salient >= 1; --salient) {
+          base.quant = {low, 0, high, salient};
+          candidates.push_back({base, whole});
+        }
+      break;
+    case CacheMethod::kH2O:
+    case CacheMethod::kTova:
+      for (int budget = seq_len; budget >= 1; --budget) {
+        base.budget = budget;
+        base.recent = *parsed == CacheMethod::kH2O ? budget / 2 : 0;
+        candidates.push_back({base, std::vector<int>(heads, budget)});
+      }
+      break;
+    case CacheMethod::kDmc:
+    case CacheMethod::kDms:
+      if (static_cast<int>(head_slots.size()) != heads)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: its slots per head at full precision are needed (%d heads, got %d)",
+            CacheMethodName(*parsed), heads, head_slots.size()));
+      for (int bits : {0, 8, 4, 2}) {
+        base.quant = {bits, 0, 0, 0};
+        candidates.push_back({base, head_slots});
+      }
+      break;
+    case CacheMethod::kLoma:
+      return absl::InvalidArgumentError("loma has its own cache: no byte budget knob");
+  }
+  long smallest = -1;
+  for (const auto& [policy, slots] : candidates) {
+    PagedCacheOptions o = shape;
+    o.quant = policy.quant;
+    const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
+    if (bytes <= budget_bytes) return policy;
+    smallest = smallest < 0 ? bytes : std::min(smallest, bytes);
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache holds %d",
+      std::string(method), budget_bytes, seq_len, smallest));
+}
+
 namespace {
 
 // The slot with the lowest score among the candidates, ties to the oldest position; -1 if none.
@@ -70,14 +178,20 @@ std::vector<int32_t> Positions(const PagedKvCache<T>& cache, int seq, int layer,
 }  // namespace
 
 template <typename T>
-absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
-                       int probs_stride, int H, const CachePolicy& policy) {
+void AccumulateAttention(PagedKvCache<T>& cache, int seq, int layer, const T* probs,
+                         int probs_stride, int H) {
   const int Hkv = cache.options().kv_heads, group = H / Hkv;
-  for (int h = 0; h < Hkv; ++h) {
-    const int n = cache.length(seq, layer, h);
-    for (int i = 0; i < n; ++i)
+  for (int h = 0; h < Hkv; ++h)
+    for (int i = 0; i < cache.length(seq, layer, h); ++i)
       for (int g = h * group; g < (h + 1) * group; ++g)
         cache.score(seq, layer, h, i) += static_cast<float>(probs[g * probs_stride + i]);
+}
+
+template <typename T>
+absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
+                       int probs_stride, int H, const CachePolicy& policy) {
+  AccumulateAttention(cache, seq, layer, probs, probs_stride, H);
+  for (int h = 0; h < cache.options().kv_heads; ++h) {
     while (cache.length(seq, layer, h) > policy.budget) {
       const std::vector<int32_t> pos = Positions(cache, seq, layer, h);
       const int victim = ArgminSlot(
@@ -130,6 +244,10 @@ absl::Status DmsUpdate(PagedKvCache<T>& cache, int seq, int layer, int h, int t,
 
 template absl::Status DmsUpdate<float>(PagedKvCache<float>&, int, int, int, int, bool, int);
 template absl::Status DmsUpdate<double>(PagedKvCache<double>&, int, int, int, int, bool, int);
+template void AccumulateAttention<float>(PagedKvCache<float>&, int, int, const float*, int,
+                                         int);
+template void AccumulateAttention<double>(PagedKvCache<double>&, int, int, const double*, int,
+                                          int);
 template absl::Status H2OUpdate<float>(PagedKvCache<float>&, int, int, int, const float*, int,
                                        int, const CachePolicy&);
 template absl::Status H2OUpdate<double>(PagedKvCache<double>&, int, int, int, const double*, int,

@@ -19,10 +19,19 @@
 // applies the same rules to its flat device cache with kernels/paged_kv_evict.h.
 //   loma     a LoMA-retrofitted model (config.loma) compressing every t·c tokens into t memory
 //            slots (inference/loma_decoder.h); it has its own cache, not the paged one.
+// KV quantization (policy.quant, inference/paged_kv_cache.h, kernels/kv_quant.h) stores the
+// vanilla, dmc or dms cache in b-bit pages: KIVI's granularity (keys per channel over a page,
+// values per token), settled slots only (DMC's window state and open slot, and DMS's tokens
+// still inside its eviction window, stay full precision). ZipCache's mixed precision
+// (quant.salient_slots > 0, vanilla only): every slot accumulates the attention it receives, as
+// H2O's score (summed over the query heads of its KV head), and the page_size slots quantized
+// together keep their salient_slots highest normalized scores (accumulated attention / queries
+// that saw the slot) at salient_bits.
 #pragma once
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "inference/paged_kv_cache.h"
@@ -38,16 +47,46 @@ struct CachePolicy {
   CacheMethod method = CacheMethod::kDmc;
   int budget = 0;  // h2o, tova: slots per KV head (tova: per layer, shared by its heads)
   int recent = 0;  // h2o: the recent window, part of the budget
+  kernels::KvQuantOptions quant = {};  // bits 0: full precision
 };
+
+// The policy's name in results: the method, then "-int8" for KV quantization, "-zip4/2x6" for
+// ZipCache's mixed precision (salient bits / bits, salient slots per page).
+std::string PolicyName(const CachePolicy& policy);
+
+// Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
+// in pages of page_size: bits 2, 4 or 8 (head_dim · bits a whole number of bytes), value_group
+// dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
+// vanilla only. InvalidArgument naming the problem.
+absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
 // budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
 // of it (rounded down, so at least one heavy hitter).
 absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double cr);
 
+// The policy of `method` whose cache meets a byte budget per sequence of seq_len tokens, by
+// KvSequenceBytes at element_bytes (shape: the method's cache options, settle_lag as its
+// quantized cache would have it), with
+// the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
+// or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
+// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); h2o and tova the most
+// slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
+// head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
+// no setting of the knob meets the budget, naming the smallest cache it reaches.
+absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
+                                           const PagedCacheOptions& shape, int element_bytes,
+                                           int seq_len, long budget_bytes,
+                                           const std::vector<int>& head_slots);
+
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i
-// (kernels::paged_decode_attention's layout for one sequence). Updates scores and evicts.
+// (kernels::paged_decode_attention's layout for one sequence). AccumulateAttention adds to every
+// slot's score the attention it received from the query heads of its KV head (H2O's score,
+// ZipCache's accumulated attention); H2OUpdate does that and evicts, TovaUpdate evicts.
+template <typename T>
+void AccumulateAttention(PagedKvCache<T>& cache, int seq, int layer, const T* probs,
+                         int probs_stride, int H);
 template <typename T>
 absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
                        int probs_stride, int H, const CachePolicy& policy);

@@ -10,7 +10,7 @@ absl::StatusOr<std::unique_ptr<CpuEngine<T>>> CpuEngine<T>::Create(model::Llama<
                                                              const CachePolicy& policy,
                                                              long budget_bytes, int page_size) {
   std::unique_ptr<CpuEngine<T>> engine(new CpuEngine<T>(
-      model, CacheOptionsFor(model.config(), policy.method, budget_bytes, page_size)));
+      model, CacheOptionsFor(model.config(), policy, budget_bytes, page_size)));
   absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> decoder =
       PagedDecoder<T>::Create(model, policy, &engine->cache_);
   if (!decoder.ok()) return decoder.status();
@@ -36,6 +36,8 @@ template <typename T>
 bool CpuEngine<T>::parallel_prefill() const {
   // inference::Prefill runs the training forward, which on a DMC model merges and on a DMS model
   // evicts: it serves the dmc and dms caches, and the vanilla one only of a model without either.
+  // ZipCache's mixed precision ranks slots by each step's attention: token by token.
+  if (policy().quant.salient_slots > 0) return false;
   return policy().method == CacheMethod::kDmc || policy().method == CacheMethod::kDms ||
          (policy().method == CacheMethod::kVanilla && !config().compression_enabled());
 }

@@ -11,17 +11,20 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "data/loader.h"
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
+#include "inference/paged_decoder.h"
 #include "inference/png_writer.h"
 #if defined(DMC_HAVE_CUDA)
 #include "inference/cuda_engine.h"
@@ -53,6 +56,11 @@ ABSL_FLAG(bool, parallel_forward, false,
           "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "
           "per batch of --max_batch windows instead of decoding (a cross-check)");
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
+ABSL_FLAG(std::string, kv_fraction, "",
+          "comma-separated KV byte budgets per sequence relative to the vanilla cache (1/2,1/4 or "
+          "0.5): each method of --methods (vanilla, quant, zipcache, h2o, tova, dmc, dms) gets the "
+          "knob that meets each budget (bits, salient slots, slots per head), one table per "
+          "budget; CPU only");
 
 namespace {
 
@@ -87,6 +95,86 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
+absl::StatusOr<double> ParseFraction(absl::string_view text) {
+  const std::vector<std::string> parts = absl::StrSplit(text, '/');
+  double num = 0, den = 1;
+  if (parts.size() > 2 || !absl::SimpleAtod(parts[0], &num) ||
+      (parts.size() == 2 && !absl::SimpleAtod(parts[1], &den)) || !(num > 0) || !(den > 0) ||
+      num / den > 1)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--kv_fraction: \"%s\" is not a fraction in (0, 1] such as 1/4 or 0.25",
+        std::string(text)));
+  return num / den;
+}
+
+// --kv_fraction: every method at every budget, the knob set by PolicyForBytes; dmc and dms are
+// first run at full precision to measure their slots per head.
+int EvaluateAtBudgets(dmc::model::Llama<float>& model,
+                      const std::vector<std::vector<int32_t>>& windows,
+                      const dmc::inference::EvalOptions& base, int seq_len) {
+  namespace inf = dmc::inference;
+  const dmc::model::LlamaConfig& c = model.config();
+  std::vector<double> fractions;
+  for (absl::string_view f : absl::StrSplit(absl::GetFlag(FLAGS_kv_fraction), ',')) {
+    absl::StatusOr<double> x = ParseFraction(f);
+    if (!x.ok()) return Fail(x.status());
+    fractions.push_back(*x);
+  }
+  const std::vector<std::string> methods = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
+  const int heads = c.num_hidden_layers * c.num_key_value_heads;
+  auto run = [&](const inf::CachePolicy& policy) {
+    inf::EvalOptions eo = base;
+    eo.policy = policy;
+    return inf::Evaluate(model, windows, eo);
+  };
+  auto shape_of = [&](const std::string& name) {
+    inf::CachePolicy p;
+    p.method = name == "dms" ? CacheMethod::kDms : name == "dmc" ? CacheMethod::kDmc
+                                                                 : CacheMethod::kVanilla;
+    p.quant.bits = 8;  // the quantized shape (settle_lag); the knob sets the bits
+    inf::PagedCacheOptions o = inf::CacheOptionsFor(c, p, 0, base.page_size);
+    o.quant = {};
+    return o;
+  };
+  const long vanilla_bytes = inf::KvSequenceBytes<float>(
+      shape_of("vanilla"), std::vector<int>(heads, seq_len));
+  absl::StatusOr<EvalResult> reference = run(inf::CachePolicy{CacheMethod::kVanilla});
+  if (!reference.ok()) return Fail(reference.status());
+  std::map<std::string, std::vector<int>> measured;  // dmc, dms: slots per head at fp32
+  for (const std::string& m : methods) {
+    if (m != "dmc" && m != "dms") continue;
+    absl::StatusOr<CacheMethod> method = inf::ParseCacheMethod(m);
+    absl::StatusOr<EvalResult> r = run(inf::CachePolicy{*method});
+    if (!r.ok()) return Fail(r.status());
+    for (double cr : r->head_cr) measured[m].push_back(static_cast<int>(std::ceil(seq_len / cr)));
+  }
+  for (double f : fractions) {
+    const long budget = static_cast<long>(f * vanilla_bytes);
+    std::printf("\nKV budget %.4g of vanilla: %ld bytes per sequence of %d tokens\n", f, budget,
+                seq_len);
+    std::printf("%-20s %14s %11s %9s %9s %10s\n", "method", "KV bytes/seq", "perplexity",
+                "vs base", "accuracy", "tokens/s");
+    for (const std::string& m : methods) {
+      absl::StatusOr<inf::CachePolicy> policy = inf::PolicyForBytes(
+          m, shape_of(m), sizeof(float), seq_len, budget, measured[m]);
+      if (!policy.ok())
+        return Fail(absl::InvalidArgumentError(absl::StrFormat(
+            "--kv_fraction=%g: %s", f, std::string(policy.status().message()))));
+      absl::StatusOr<EvalResult> r = run(*policy);
+      if (!r.ok()) return Fail(r.status());
+      std::printf("%-20s %14ld %11.4f %+8.1f%% %9.4f %10.0f\n", inf::PolicyName(r->policy).c_str(),
+                  r->max_sequence_bytes, r->perplexity,
+                  100.0 * (r->perplexity / reference->perplexity - 1), r->accuracy,
+                  r->tokens_per_second);
+      if (r->max_sequence_bytes > budget)  // dmc, dms: their CR varies over sequences
+        std::printf("  (%s: a sequence held %ld bytes, over the budget: its CR there was below "
+                    "the mean the knob was set by)\n",
+                    m.c_str(), r->max_sequence_bytes);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -108,8 +196,13 @@ int main(int argc, char** argv) {
         "-DDMC_CUDA=ON on a machine with the CUDA toolkit)"));
 #endif
 
+  const bool at_budgets = !absl::GetFlag(FLAGS_kv_fraction).empty();
+  if (at_budgets && device != "cpu")
+    return Fail(absl::InvalidArgumentError(
+        "--kv_fraction runs on the CPU only (the GPU engine has no quantized cache yet)"));
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
+    if (at_budgets && (name == "quant" || name == "zipcache")) continue;
     absl::StatusOr<CacheMethod> m = dmc::inference::ParseCacheMethod(std::string(name));
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
@@ -121,7 +214,7 @@ int main(int argc, char** argv) {
   std::stable_partition(methods.begin(), methods.end(), compresses);
   const bool has_compressor = !methods.empty() && compresses(methods[0]);
   const bool has_loma = std::count(methods.begin(), methods.end(), CacheMethod::kLoma) > 0;
-  if (absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_compressor &&
+  if (!at_budgets && absl::GetFlag(FLAGS_baseline_cr) <= 0 && !has_compressor &&
       std::any_of(methods.begin(), methods.end(), [](CacheMethod m) {
         return m == CacheMethod::kH2O || m == CacheMethod::kTova;
       }))
@@ -197,6 +290,14 @@ int main(int argc, char** argv) {
                   : "",
               n, seq_len, data.c_str());
   std::fflush(stdout);  // the progress lines below go to stderr; keep the order in a shared log
+
+  if (at_budgets) {
+    dmc::inference::EvalOptions eo;
+    eo.budget_bytes = absl::GetFlag(FLAGS_kv_budget_mb) << 20;
+    eo.page_size = absl::GetFlag(FLAGS_page_size);
+    eo.max_batch = absl::GetFlag(FLAGS_max_batch);
+    return EvaluateAtBudgets(**model, windows, eo, seq_len);
+  }
 
   std::vector<EvalResult> results;
   double baseline_cr = absl::GetFlag(FLAGS_baseline_cr);

@@ -1,6 +1,7 @@
 #include "inference/paged_decoder.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "absl/strings/str_format.h"
 #include "kernels/decode_attention.h"
@@ -26,6 +27,16 @@ PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod 
   return o;
 }
 
+PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, const CachePolicy& policy,
+                                  long budget_bytes, int page_size) {
+  PagedCacheOptions o = CacheOptionsFor(config, policy.method, budget_bytes, page_size);
+  o.quant = policy.quant;
+  // DmsUpdate removes token t - w - 1 at step t at the latest: older ones stay for good.
+  const bool dms = policy.method == CacheMethod::kDms && config.dms.enabled;
+  o.settle_lag = KvQuantized(o) && dms ? config.dms.window + 1 : 0;
+  return o;
+}
+
 template <typename T>
 absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
     const model::Llama<T>& model, const CachePolicy& policy, PagedKvCache<T>* cache) {
@@ -33,16 +44,22 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
   if (model.local_heads() != c.num_attention_heads)
     return absl::InvalidArgumentError("the paged decoder needs a tensor-parallel size 1 model");
   const PagedCacheOptions want =
-      CacheOptionsFor(c, policy.method, cache->options().budget_bytes, cache->options().page_size);
+      CacheOptionsFor(c, policy, cache->options().budget_bytes, cache->options().page_size);
   const PagedCacheOptions& got = cache->options();
+  const auto quant = [](const kernels::KvQuantOptions& q) {
+    return std::make_tuple(q.bits, q.value_group, q.salient_bits, q.salient_slots);
+  };
   if (got.layers != want.layers || got.kv_heads != want.kv_heads ||
-      got.head_dim != want.head_dim || got.dmc_window != want.dmc_window || got.page_size < 1)
+      got.head_dim != want.head_dim || got.dmc_window != want.dmc_window || got.page_size < 1 ||
+      quant(got.quant) != quant(want.quant) || got.settle_lag != want.settle_lag)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "cache shape (layers %d, KV heads %d, head dim %d, window %d, page size %d) does not fit "
-        "the model and method %s (layers %d, KV heads %d, head dim %d, window %d)",
-        got.layers, got.kv_heads, got.head_dim, got.dmc_window, got.page_size,
-        CacheMethodName(policy.method), want.layers, want.kv_heads, want.head_dim,
-        want.dmc_window));
+        "cache shape (layers %d, KV heads %d, head dim %d, window %d, page size %d, %d-bit, "
+        "settle lag %d) does not fit the model and policy %s (layers %d, KV heads %d, head dim "
+        "%d, window %d, %d-bit, settle lag %d)",
+        got.layers, got.kv_heads, got.head_dim, got.dmc_window, got.page_size, got.quant.bits,
+        got.settle_lag, PolicyName(policy), want.layers, want.kv_heads, want.head_dim,
+        want.dmc_window, want.quant.bits, want.settle_lag));
+  if (absl::Status s = ValidateKvQuant(policy, c.head_dim(), got.page_size); !s.ok()) return s;
   if ((policy.method == CacheMethod::kDms) != c.dms.enabled)
     return absl::InvalidArgumentError(
         policy.method == CacheMethod::kDms
@@ -118,6 +135,10 @@ absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod metho
     return absl::InvalidArgumentError(absl::StrFormat(
         "the prompt has %d tokens; it must have 1 to %d (max_position_embeddings)", P,
         c.max_position_embeddings));
+  if (cache->options().quant.salient_slots > 0)
+    return absl::InvalidArgumentError(
+        "parallel prefill does not serve ZipCache's mixed precision (it ranks slots by each "
+        "step's attention): feed the prompt token by token");
   // Worst case, every token opens a slot: check the pages before anything changes.
   const int page = cache->options().page_size;
   const long pages = static_cast<long>(L) * Hkv * ((P + page - 1) / page);
@@ -176,6 +197,8 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
                                     k::DmcDecisionMode::kHard};
   const bool qchannel = dms && c.dms.variant == model::DmsVariant::kQueryChannel;
   const bool evicts = policy_.method == CacheMethod::kH2O || policy_.method == CacheMethod::kTova;
+  const bool quantized = KvQuantized(cache_->options());
+  const bool salient = policy_.quant.salient_slots > 0;  // ZipCache scores every slot
   for (auto* b : {&x_, &xn_, &o_, &x2_}) b->resize(size_t(n) * C);
   for (auto* b : {&q_, &qr_, &att_}) b->resize(size_t(n) * H * D);
   for (auto* b : {&k_, &v_, &kr_}) b->resize(size_t(n) * Hkv * D);
@@ -210,12 +233,24 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
     if (qchannel) model::ZeroDmsQueryChannel(qr_.data(), n, H, Hkv, D);
     int max_pages = 0;
     cache_->BlockTable(seqs, l, &page_table_, &lengths_, &max_pages);
-    const int stride = max_pages * cache_->options().page_size;
-    if (evicts) probs_.resize(size_t(n) * H * stride);
-    k::paged_decode_attention<T>(att_.data(), evicts ? probs_.data() : nullptr, stride,
-                                 qr_.data(), cache_->k_pool(), cache_->v_pool(),
-                                 page_table_.data(), lengths_.data(), max_pages,
-                                 cache_->options().page_size, n, H, Hkv, D, dmc, scale);
+    const int residual = KvResidualSlots(cache_->options());
+    const int stride = max_pages * cache_->options().page_size + (quantized ? residual : 0);
+    if (evicts || salient) probs_.resize(size_t(n) * H * stride);
+    T* probs = evicts || salient ? probs_.data() : nullptr;
+    if (quantized) {
+      cache_->ResidualTable(seqs, l, &residual_blocks_, &residual_lengths_);
+      k::paged_decode_attention_quantized<T>(
+          att_.data(), probs, stride, qr_.data(), cache_->q_pool(), cache_->quant_layout(),
+          page_table_.data(), lengths_.data(), max_pages, cache_->r_k_pool(), cache_->r_v_pool(),
+          residual_blocks_.data(), residual_lengths_.data(), residual, n, H, Hkv, D, dmc, scale);
+    } else {
+      k::paged_decode_attention<T>(att_.data(), probs, stride, qr_.data(), cache_->k_pool(),
+                                   cache_->v_pool(), page_table_.data(), lengths_.data(),
+                                   max_pages, cache_->options().page_size, n, H, Hkv, D, dmc,
+                                   scale);
+    }
+    for (int i = 0; salient && i < n; ++i)
+      AccumulateAttention(*cache_, seqs[i], l, probs + size_t(i) * H * stride, stride, H);
     for (int i = 0; evicts && i < n; ++i) {
       const T* p = probs_.data() + size_t(i) * H * stride;
       const absl::Status s =

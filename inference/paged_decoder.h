@@ -21,6 +21,10 @@ namespace dmc::inference {
 // Cache shape for `config` under `method` (the window state only for dmc on a DMC model).
 PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
                                   long budget_bytes, int page_size);
+// The same under `policy`, with its KV quantization (a dms cache settles a token once it is
+// past the eviction window: settle_lag w + 1).
+PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, const CachePolicy& policy,
+                                  long budget_bytes, int page_size);
 
 // Adds one token's pre-RoPE key, value and importance to head (layer, h) of `seq` at position
 // `pos` by `method`: dmc appends or merges (`merge`, never for the first token) and rotates the
@@ -35,7 +39,10 @@ absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config
 // forward with hard decisions — every position at once — and materialises its cache from that
 // pass's keys, values, importances and decisions. Returns the logits [prompt, V]; decoding then
 // continues with PagedDecoder::Step. Equal to feeding the prompt token by token, to round-off.
-// Only for the vanilla, dmc and dms methods (H2O and TOVA evict by each step's attention). Refuses
+// Only for the vanilla, dmc and dms methods (H2O and TOVA evict by each step's attention, and
+// ZipCache's mixed precision ranks slots by it). The prompt's own logits see its keys and values
+// at full precision; the cache it leaves is quantized as token-by-token feeding would leave it.
+// Refuses
 // with ResourceExhausted, changing nothing, when the budget cannot hold the prompt.
 template <typename T>
 absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod method,
@@ -72,8 +79,8 @@ class PagedDecoder {
   std::vector<T> x_, xn_, rstd_, q_, k_, v_, qr_, kr_, att_, probs_, o_, x2_, gate_, up_, h_;
   std::vector<T> logit_, alpha_, merge_, mask_, omega_;
   std::vector<T> dms_x_, dms_xn_, dms_rstd_;  // DMS: decision inputs, the adapter's norm
-  std::vector<int32_t> page_table_;
-  std::vector<int> lengths_;
+  std::vector<int32_t> page_table_, residual_blocks_;
+  std::vector<int> lengths_, residual_lengths_;
 };
 
 }  // namespace dmc::inference

@@ -9,26 +9,43 @@ namespace dmc::inference {
 template <typename T>
 PagedKvCache<T>::PagedKvCache(const PagedCacheOptions& options)
     : opt_(options),
-      alloc_(options.budget_bytes, KvPageBytes<T>(options)) {}
+      alloc_(options.budget_bytes, KvPageBytes<T>(options)),
+      layout_(KvQuantized(options) ? kernels::kv_quant_page_layout(options.quant, options.page_size,
+                                                                   options.head_dim)
+                                   : kernels::KvQuantPageLayout{}) {}
 
 template <typename T>
 absl::Status PagedKvCache<T>::AddSequence(int seq) {
   if (seqs_.count(seq))
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
-  const long first_pages = static_cast<long>(opt_.layers) * opt_.kv_heads;
-  const long need = window_bytes() + first_pages * alloc_.page_bytes();
+  const long heads = static_cast<long>(opt_.layers) * opt_.kv_heads;
+  const long first_pages = KvQuantized(opt_) ? 0 : heads;  // quantized: the residual holds it
+  const long need = window_bytes() + residual_bytes() + first_pages * alloc_.page_bytes();
   if (need > alloc_.free_bytes())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache budget of %d bytes cannot admit sequence %d: its first token needs %d bytes "
-        "(%d pages of %d bytes%s), %d of %d bytes are in use by %d sequences",
+        "(%d pages of %d bytes%s%s), %d of %d bytes are in use by %d sequences",
         alloc_.budget_bytes(), seq, need, first_pages, alloc_.page_bytes(),
-        window_bytes() ? absl::StrFormat(" and %d bytes of DMC window state", window_bytes()) : "",
+        window_bytes() ? absl::StrFormat(", %d bytes of DMC window state", window_bytes()) : "",
+        residual_bytes()
+            ? absl::StrFormat(", %d bytes of full-precision residual", residual_bytes())
+            : "",
         alloc_.used_bytes(), alloc_.budget_bytes(), num_sequences()));
-  if (absl::Status s = alloc_.Reserve(window_bytes()); !s.ok()) return s;
+  if (absl::Status s = alloc_.Reserve(window_bytes() + residual_bytes()); !s.ok()) return s;
   Sequence& sq = seqs_[seq];
-  sq.heads.resize(first_pages);
-  if (opt_.dmc_window > 0)
-    for (Head& hd : sq.heads) hd.window = DmcWindow<T>(opt_.dmc_window, opt_.head_dim);
+  sq.heads.resize(heads);
+  for (Head& hd : sq.heads) {
+    if (opt_.dmc_window > 0) hd.window = DmcWindow<T>(opt_.dmc_window, opt_.head_dim);
+    if (!KvQuantized(opt_)) continue;
+    if (free_blocks_.empty()) {
+      free_blocks_.push_back(blocks_++);
+      const size_t pool = static_cast<size_t>(blocks_) * KvResidualSlots(opt_) * opt_.head_dim;
+      r_k_pool_.resize(pool);
+      r_v_pool_.resize(pool);
+    }
+    hd.block = free_blocks_.back();
+    free_blocks_.pop_back();
+  }
   return absl::OkStatus();
 }
 
@@ -37,10 +54,12 @@ absl::Status PagedKvCache<T>::Free(int seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end())
     return absl::NotFoundError(absl::StrFormat("free of sequence %d, which is not in the cache", seq));
-  for (const Head& hd : it->second.heads)
+  for (const Head& hd : it->second.heads) {
     for (int32_t page : hd.pages)
       if (absl::Status s = alloc_.Free(page); !s.ok()) return s;
-  if (absl::Status s = alloc_.Release(window_bytes()); !s.ok()) return s;
+    if (hd.block >= 0) free_blocks_.push_back(hd.block);
+  }
+  if (absl::Status s = alloc_.Release(window_bytes() + residual_bytes()); !s.ok()) return s;
   seqs_.erase(it);
   return absl::OkStatus();
 }
@@ -50,7 +69,12 @@ long PagedKvCache<T>::PagesForStep(const std::vector<int>& seqs) const {
   long pages = 0;
   for (int seq : seqs)
     for (const Head& hd : seq_at(seq).heads)
-      pages += hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size ? 1 : 0;
+      // Quantized: a head settles at most one more slot per token, so it fills a page only if
+      // its residual holds page_size slots.
+      pages += (KvQuantized(opt_) ? hd.length - hd.quantized >= opt_.page_size
+                                  : hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size)
+                   ? 1
+                   : 0;
   return pages;
 }
 
@@ -66,8 +90,72 @@ absl::Status PagedKvCache<T>::CanStep(const std::vector<int>& seqs) const {
 }
 
 template <typename T>
-absl::StatusOr<long> PagedKvCache<T>::NewSlot(Head& hd, int32_t position) {
-  if (hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size) {
+absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
+  const int P = opt_.page_size, D = opt_.head_dim, S = layout_.salient_slots;
+  for (;;) {
+    std::vector<int> settled;  // residual slots that can no longer change or leave
+    for (int i = hd.quantized; i < hd.length; ++i)
+      if (hd.positions[i] < position - opt_.settle_lag) settled.push_back(i);
+    if (static_cast<int>(settled.size()) < P) return absl::OkStatus();
+    // The page takes the oldest page_size; ZipCache's salient ones go first, to the
+    // high-precision rows. Normalized attention score: accumulated attention / queries that saw
+    // the slot (tokens pos .. position − 1), ties to the older slot.
+    std::sort(settled.begin(), settled.end(),
+              [&](int a, int b) { return hd.positions[a] < hd.positions[b]; });
+    settled.resize(P);
+    if (S > 0) {
+      auto saliency = [&](int i) {
+        return static_cast<double>(hd.scores[i]) / (position - hd.positions[i]);
+      };
+      std::stable_sort(settled.begin(), settled.end(),
+                       [&](int a, int b) { return saliency(a) > saliency(b); });
+    }
+    absl::StatusOr<int32_t> page = alloc_.Allocate();
+    if (!page.ok()) return page.status();
+    const size_t pool = static_cast<size_t>(alloc_.high_water()) * layout_.bytes;
+    if (q_pool_.size() < pool) q_pool_.resize(pool);
+    std::vector<T> keys(static_cast<size_t>(P) * D), values(keys.size());
+    for (int r = 0; r < P; ++r) {
+      std::copy_n(key_row(hd, settled[r]), D, keys.begin() + static_cast<long>(r) * D);
+      std::copy_n(value_row(hd, settled[r]), D, values.begin() + static_cast<long>(r) * D);
+    }
+    kernels::kv_quantize_page(q_pool_.data() + static_cast<long>(*page) * layout_.bytes, layout_,
+                              keys.data(), values.data());
+    // New slot order: the page's rows, then the rest of the residual as it was.
+    std::vector<int> order(settled);
+    std::vector<bool> taken(hd.length, false);
+    for (int i : settled) taken[i] = true;
+    for (int i = hd.quantized; i < hd.length; ++i)
+      if (!taken[i]) order.push_back(i);
+    std::vector<T> rest_k, rest_v;
+    for (size_t j = P; j < order.size(); ++j) {
+      rest_k.insert(rest_k.end(), key_row(hd, order[j]), key_row(hd, order[j]) + D);
+      rest_v.insert(rest_v.end(), value_row(hd, order[j]), value_row(hd, order[j]) + D);
+    }
+    std::vector<int32_t> positions(hd.positions.begin(), hd.positions.begin() + hd.quantized);
+    std::vector<float> scores(hd.scores.begin(), hd.scores.begin() + hd.quantized);
+    for (int i : order) {
+      positions.push_back(hd.positions[i]);
+      scores.push_back(hd.scores[i]);
+    }
+    hd.positions = std::move(positions);
+    hd.scores = std::move(scores);
+    hd.pages.push_back(*page);
+    hd.quantized += P;
+    std::copy(rest_k.begin(), rest_k.end(), key_row(hd, hd.quantized));
+    std::copy(rest_v.begin(), rest_v.end(), value_row(hd, hd.quantized));
+  }
+}
+
+template <typename T>
+absl::StatusOr<int> PagedKvCache<T>::NewSlot(Head& hd, int32_t position) {
+  if (KvQuantized(opt_)) {
+    if (absl::Status s = Settle(hd, position); !s.ok()) return s;
+    if (hd.length - hd.quantized >= KvResidualSlots(opt_))
+      return absl::InternalError(absl::StrFormat(
+          "the full-precision residual of %d slots is full (settle lag %d)",
+          KvResidualSlots(opt_), opt_.settle_lag));
+  } else if (hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size) {
     absl::StatusOr<int32_t> page = alloc_.Allocate();
     if (!page.ok()) return page.status();
     hd.pages.push_back(*page);
@@ -79,17 +167,18 @@ absl::StatusOr<long> PagedKvCache<T>::NewSlot(Head& hd, int32_t position) {
   }
   hd.positions.push_back(position);
   hd.scores.push_back(0.0f);
-  return row(hd, hd.length++);
+  return hd.length++;
 }
 
 template <typename T>
 absl::Status PagedKvCache<T>::Append(int seq, int layer, int h, const T* key, const T* value,
                                      int32_t position) {
   const int D = opt_.head_dim;
-  absl::StatusOr<long> r = NewSlot(head(seq, layer, h), position);
-  if (!r.ok()) return r.status();
-  std::copy(key, key + D, k_pool_.begin() + *r * D);
-  std::copy(value, value + D, v_pool_.begin() + *r * D);
+  Head& hd = head(seq, layer, h);
+  absl::StatusOr<int> slot = NewSlot(hd, position);
+  if (!slot.ok()) return slot.status();
+  std::copy(key, key + D, key_row(hd, *slot));
+  std::copy(value, value + D, value_row(hd, *slot));
   return absl::OkStatus();
 }
 
@@ -97,20 +186,19 @@ template <typename T>
 absl::StatusOr<T*> PagedKvCache<T>::AddDmc(int seq, int layer, int h, const T* key,
                                            const T* value, T omega, bool merge, int32_t position) {
   Head& hd = head(seq, layer, h);
-  long r;
+  int slot;
   if (merge && hd.length > 0) {
-    r = row(hd, hd.length - 1);
+    slot = hd.length - 1;  // open, so never settled: in the residual when quantized
     hd.positions.back() = position;  // the slot's key is rotated at its newest token
   } else {
-    absl::StatusOr<long> fresh = NewSlot(hd, position);
+    absl::StatusOr<int> fresh = NewSlot(hd, position);
     if (!fresh.ok()) return fresh.status();
-    r = *fresh;
+    slot = *fresh;
     hd.window.Reset();
   }
   hd.window.Push(key, value, omega);
-  T* k_row = k_pool_.data() + r * opt_.head_dim;
-  hd.window.Mean(k_row, v_pool_.data() + r * opt_.head_dim);
-  return k_row;
+  hd.window.Mean(key_row(hd, slot), value_row(hd, slot));
+  return key_row(hd, slot);
 }
 
 template <typename T>
@@ -120,19 +208,23 @@ absl::Status PagedKvCache<T>::Evict(int seq, int layer, int h, int slot) {
     return absl::OutOfRangeError(absl::StrFormat(
         "evict of slot %d of sequence %d layer %d head %d, which holds %d slots", slot, seq, layer,
         h, hd.length));
+  if (slot < hd.quantized)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "evict of slot %d of sequence %d layer %d head %d, which is quantized (the first %d "
+        "slots are): a quantized cache evicts only full-precision slots",
+        slot, seq, layer, h, hd.quantized));
   const int last = hd.length - 1;
   if (slot != last) {
     const int D = opt_.head_dim;
-    const long to = row(hd, slot), from = row(hd, last);
-    std::copy_n(k_pool_.begin() + from * D, D, k_pool_.begin() + to * D);
-    std::copy_n(v_pool_.begin() + from * D, D, v_pool_.begin() + to * D);
+    std::copy_n(key_row(hd, last), D, key_row(hd, slot));
+    std::copy_n(value_row(hd, last), D, value_row(hd, slot));
     hd.positions[slot] = hd.positions[last];
     hd.scores[slot] = hd.scores[last];
   }
   hd.positions.pop_back();
   hd.scores.pop_back();
   --hd.length;
-  if (hd.length == static_cast<int>(hd.pages.size() - 1) * opt_.page_size) {
+  if (!KvQuantized(opt_) && hd.length == static_cast<int>(hd.pages.size() - 1) * opt_.page_size) {
     if (absl::Status s = alloc_.Free(hd.pages.back()); !s.ok()) return s;
     hd.pages.pop_back();
   }
@@ -154,9 +246,41 @@ void PagedKvCache<T>::BlockTable(const std::vector<int>& seqs, int layer,
     for (int h = 0; h < Hkv; ++h) {
       const Head& hd = head(seqs[i], layer, h);
       std::copy(hd.pages.begin(), hd.pages.end(), page_table->begin() + (i * Hkv + h) * widest);
-      (*lengths)[i * Hkv + h] = hd.length;
+      (*lengths)[i * Hkv + h] = KvQuantized(opt_) ? hd.quantized : hd.length;
     }
   *max_pages = widest;
+}
+
+template <typename T>
+void PagedKvCache<T>::ResidualTable(const std::vector<int>& seqs, int layer,
+                                    std::vector<int32_t>* blocks, std::vector<int>* lengths) const {
+  const int Hkv = opt_.kv_heads;
+  blocks->assign(seqs.size() * Hkv, 0);
+  lengths->assign(seqs.size() * Hkv, 0);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (int h = 0; h < Hkv; ++h) {
+      const Head& hd = head(seqs[i], layer, h);
+      (*blocks)[i * Hkv + h] = hd.block;
+      (*lengths)[i * Hkv + h] = hd.length - hd.quantized;
+    }
+}
+
+template <typename T>
+void PagedKvCache<T>::ReadSlot(int seq, int layer, int h, int slot, T* key, T* value) const {
+  const Head& hd = head(seq, layer, h);
+  const int D = opt_.head_dim;
+  if (slot < hd.quantized) {
+    kernels::kv_dequantize_row(
+        key, value,
+        q_pool_.data() + static_cast<long>(hd.pages[slot / opt_.page_size]) * layout_.bytes,
+        layout_, slot % opt_.page_size);
+    return;
+  }
+  const long r = row(hd, slot) * D;
+  const std::vector<T>& k = KvQuantized(opt_) ? r_k_pool_ : k_pool_;
+  const std::vector<T>& v = KvQuantized(opt_) ? r_v_pool_ : v_pool_;
+  std::copy_n(k.begin() + r, D, key);
+  std::copy_n(v.begin() + r, D, value);
 }
 
 template <typename T>
@@ -177,7 +301,7 @@ template <typename T>
 long PagedKvCache<T>::bytes(int seq) const {
   long pages = 0;
   for (const Head& hd : seq_at(seq).heads) pages += static_cast<long>(hd.pages.size());
-  return pages * alloc_.page_bytes() + window_bytes();
+  return pages * alloc_.page_bytes() + window_bytes() + residual_bytes();
 }
 
 template class PagedKvCache<float>;

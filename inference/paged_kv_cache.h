@@ -12,8 +12,20 @@
 // Every slot also carries a score (H2O's accumulated attention). A head is used either the DMC
 // way or the append/evict way: the window state belongs to the slot AddDmc last opened.
 //
-// Memory: a page is page_size × (key + value) × head_dim × sizeof(T) bytes; DMC sequences also
-// reserve their window ring buffers (DmcWindow::Bytes per head) at admission. Admission
+// Quantized (options.quant.bits > 0; kernels/kv_quant.h, KIVI and ZipCache): pages hold b-bit
+// codes with their scales and zero points, one page per page_size slots (the key's per-channel
+// group). A head's slots are [0, quantized) in full pages, then the residual at full precision
+// (T) in a block of its own: the slots that may still change or leave (DMC's open slot, whose
+// window state stays full precision; DMS's tokens not yet past its eviction window, settle_lag)
+// and the settled ones waiting for a page to fill. A slot settles when a token more than
+// settle_lag positions newer arrives; every page_size settled slots are quantized into a page at
+// once (ZipCache: the salient_slots with the highest normalized attention score, score /
+// queries that saw the slot, go to the page's high-precision rows). Quantized slots are never
+// moved or evicted, so eviction baselines (H2O, TOVA) refuse a quantized cache.
+//
+// Memory: a page is page_size × (key + value) × head_dim × sizeof(T) bytes (quantized: the
+// layout's bytes); DMC sequences also reserve their window ring buffers (DmcWindow::Bytes per
+// head) at admission, quantized sequences their residual blocks. Admission
 // (AddSequence) and every step's worst-case growth (CanStep) are checked against the budget
 // before anything changes, so running out is a clear absl error and never a half-done step.
 #pragma once
@@ -27,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "inference/dmc_window.h"
 #include "inference/page_allocator.h"
+#include "kernels/kv_quant.h"
 
 namespace dmc::inference {
 
@@ -37,14 +50,23 @@ struct PagedCacheOptions {
   int page_size = 16;      // slots per page
   long budget_bytes = 0;   // pages and window state together
   int dmc_window = 0;      // w of the DMC window state; 0: no window (the baselines)
+  kernels::KvQuantOptions quant = {};  // bits 0: pages hold T
+  int settle_lag = 0;  // quantized: positions a slot may still change or leave after (DMS: w + 1)
 };
+
+inline bool KvQuantized(const PagedCacheOptions& o) { return o.quant.bits > 0; }
+// Slots a quantized head holds at full precision at most: page_size − 1 settled ones waiting for
+// their page, and the 1 + settle_lag newest ones.
+inline int KvResidualSlots(const PagedCacheOptions& o) { return o.page_size + o.settle_lag; }
 
 // What the cache charges, as functions of its options and element sizes alone, so that a path
 // which only counts slots (the GPU evaluation, inference/evaluate_cuda.h) or keeps the cache
 // elsewhere (the GPU engine: bf16 pages, fp32 window state) reports exactly what this cache
 // would hold at that precision.
-// One page: page_size slots of a key and a value row of head_dim elements.
+// One page: page_size slots of a key and a value row of head_dim elements (quantized: codes,
+// scales and zero points, kernels/kv_quant.h).
 inline long KvPageBytes(const PagedCacheOptions& o, int element_bytes) {
+  if (KvQuantized(o)) return kernels::kv_quant_page_layout(o.quant, o.page_size, o.head_dim).bytes;
   return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * element_bytes;
 }
 // The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head).
@@ -53,15 +75,25 @@ inline long KvWindowBytes(const PagedCacheOptions& o, int element_bytes) {
   return static_cast<long>(o.layers) * o.kv_heads *
          DmcWindowBytes(o.dmc_window, o.head_dim, element_bytes);
 }
+// The residual blocks a quantized sequence reserves at admission: one per (layer, KV head).
+inline long KvResidualBytes(const PagedCacheOptions& o, int element_bytes) {
+  if (!KvQuantized(o)) return 0;
+  return static_cast<long>(o.layers) * o.kv_heads * KvResidualSlots(o) * 2 * o.head_dim *
+         element_bytes;
+}
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)
-// plus its window state.
+// plus its window state. Quantized: (slots − 1) / page_size pages per head (every slot but the
+// newest has settled: exact for vanilla and DMC, a bound for DMS, which settles later) plus the
+// window state and the residual blocks.
 inline long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots,
                             int page_element_bytes, int window_element_bytes) {
   const long page = std::max(1, o.page_size);
   long pages = 0;
-  for (int slots : head_slots) pages += (slots + page - 1) / page;
-  return pages * KvPageBytes(o, page_element_bytes) + KvWindowBytes(o, window_element_bytes);
+  for (int slots : head_slots)
+    pages += KvQuantized(o) ? std::max(0, slots - 1) / page : (slots + page - 1) / page;
+  return pages * KvPageBytes(o, page_element_bytes) + KvWindowBytes(o, window_element_bytes) +
+         KvResidualBytes(o, page_element_bytes);
 }
 // The CPU cache of element type T (pages and window state both T).
 template <typename T>
@@ -83,8 +115,8 @@ class PagedKvCache {
   explicit PagedKvCache(const PagedCacheOptions& options);
   const PagedCacheOptions& options() const { return opt_; }
 
-  // Admits sequence `seq` (an id not in the cache): reserves its window state and checks that
-  // its first token fits (one page per head). ResourceExhausted when the budget refuses it.
+  // Admits sequence `seq` (an id not in the cache): reserves its window state (and residual
+  // blocks) and checks that its first token fits (one page per head; quantized: none). ResourceExhausted when the budget refuses it.
   absl::Status AddSequence(int seq);
   // Returns every page and reservation of `seq` to the allocator.
   absl::Status Free(int seq);
@@ -96,13 +128,15 @@ class PagedKvCache {
   long PagesForStep(const std::vector<int>& seqs) const;
   absl::Status CanStep(const std::vector<int>& seqs) const;
 
-  // Adds a slot holding (key, value) of the token at `position`.
+  // Adds a slot holding (key, value) of the token at `position` (quantized: first settles the
+  // slots it leaves behind, which may fill a page).
   absl::Status Append(int seq, int layer, int h, const T* key, const T* value, int32_t position);
   // DMC: appends (merge = false, or an empty head) or accumulates into the open slot; returns the
   // open slot's key row, which holds the pre-RoPE mean and must be rotated by the caller.
   absl::StatusOr<T*> AddDmc(int seq, int layer, int h, const T* key, const T* value, T omega,
                             bool merge, int32_t position);
-  // Removes slot `slot` of a head (the last slot moves into its place).
+  // Removes slot `slot` of a head (the last slot moves into its place); quantized: only a slot of
+  // the residual (FailedPrecondition for a quantized one).
   absl::Status Evict(int seq, int layer, int h, int slot);
 
   // Tokens fed so far to `seq` (its next position); advanced by the decoder after a step.
@@ -114,13 +148,10 @@ class PagedKvCache {
     return head(seq, layer, h).positions[slot];
   }
   float& score(int seq, int layer, int h, int slot) { return head(seq, layer, h).scores[slot]; }
-  // Rows of one slot; valid until the next Append or AddDmc (the pool may grow).
-  const T* key(int seq, int layer, int h, int slot) const {
-    return k_pool_.data() + row(seq, layer, h, slot) * opt_.head_dim;
-  }
-  const T* value(int seq, int layer, int h, int slot) const {
-    return v_pool_.data() + row(seq, layer, h, slot) * opt_.head_dim;
-  }
+  // The key and value of one slot (dequantized when it is in a quantized page).
+  void ReadSlot(int seq, int layer, int h, int slot, T* key, T* value) const;
+  // Slots of head (layer, h) of `seq` in quantized pages (the first ones).
+  int quantized_length(int seq, int layer, int h) const { return head(seq, layer, h).quantized; }
 
   // The block table of `seqs` at `layer` for kernels::paged_decode_attention: lengths [n, Hkv],
   // page_table [n, Hkv, *max_pages].
@@ -128,13 +159,22 @@ class PagedKvCache {
                   std::vector<int>* lengths, int* max_pages) const;
   const T* k_pool() const { return k_pool_.data(); }
   const T* v_pool() const { return v_pool_.data(); }
+  // Quantized: BlockTable gives the quantized slots and their pages, in q_pool() of pages of
+  // quant_layout().bytes; ResidualTable the residual block and length [n, Hkv] of each head, rows
+  // in r_k_pool() / r_v_pool() [blocks, KvResidualSlots, D] (kernels/decode_attention.h).
+  void ResidualTable(const std::vector<int>& seqs, int layer, std::vector<int32_t>* blocks,
+                     std::vector<int>* lengths) const;
+  const kernels::KvQuantPageLayout& quant_layout() const { return layout_; }
+  const uint8_t* q_pool() const { return q_pool_.data(); }
+  const T* r_k_pool() const { return r_k_pool_.data(); }
+  const T* r_v_pool() const { return r_v_pool_.data(); }
 
   // Slots of one sequence / of all sequences, over layers and heads.
   long total_slots(int seq) const;
   long total_slots() const;
   const PageAllocator& allocator() const { return alloc_; }
   long page_bytes() const { return alloc_.page_bytes(); }
-  // Bytes of one sequence: its pages and its window state.
+  // Bytes of one sequence: its pages, its window state and its residual blocks.
   long bytes(int seq) const;
 
  private:
@@ -144,6 +184,8 @@ class PagedKvCache {
     std::vector<float> scores;
     int length = 0;
     DmcWindow<T> window;
+    int quantized = 0;   // slots in pages; the rest are rows of the residual block
+    int32_t block = -1;  // quantized: the residual block
   };
   struct Sequence {
     std::vector<Head> heads;  // [layer, KV head]
@@ -156,18 +198,37 @@ class PagedKvCache {
   const Head& head(int seq, int layer, int h) const {
     return seqs_.at(seq).heads[static_cast<size_t>(layer) * opt_.kv_heads + h];
   }
+  // The full-precision key row of a slot: in the pool, or (quantized) in the residual block; the
+  // value row is at the same offset of the value pool.
   long row(const Head& hd, int slot) const {
+    if (KvQuantized(opt_))
+      return static_cast<long>(hd.block) * KvResidualSlots(opt_) + slot - hd.quantized;
     return static_cast<long>(hd.pages[slot / opt_.page_size]) * opt_.page_size +
            slot % opt_.page_size;
   }
-  long row(int seq, int layer, int h, int slot) const { return row(head(seq, layer, h), slot); }
-  // Opens a new slot at the end of a head (a new page when the last one is full).
-  absl::StatusOr<long> NewSlot(Head& hd, int32_t position);
+  T* key_row(const Head& hd, int slot) {
+    return (KvQuantized(opt_) ? r_k_pool_ : k_pool_).data() + row(hd, slot) * opt_.head_dim;
+  }
+  T* value_row(const Head& hd, int slot) {
+    return (KvQuantized(opt_) ? r_v_pool_ : v_pool_).data() + row(hd, slot) * opt_.head_dim;
+  }
+  // Opens a new slot at the end of a head (a new page when the last one is full; quantized: in
+  // the residual, after settling); returns its index.
+  absl::StatusOr<int> NewSlot(Head& hd, int32_t position);
+  // Quantized: settles the residual slots older than position − settle_lag and quantizes every
+  // page_size of them into a page.
+  absl::Status Settle(Head& hd, int32_t position);
   long window_bytes() const { return KvWindowBytes<T>(opt_); }
+  long residual_bytes() const { return KvResidualBytes(opt_, sizeof(T)); }
 
   PagedCacheOptions opt_;
   PageAllocator alloc_;
   std::vector<T> k_pool_, v_pool_;  // [alloc_.high_water(), page_size, D]
+  kernels::KvQuantPageLayout layout_;
+  std::vector<uint8_t> q_pool_;         // quantized: [alloc_.high_water(), layout_.bytes]
+  std::vector<T> r_k_pool_, r_v_pool_;  // quantized: [blocks, KvResidualSlots, D]
+  std::vector<int32_t> free_blocks_;    // residual blocks of freed sequences
+  int32_t blocks_ = 0;                  // residual blocks ever handed out
   std::map<int, Sequence> seqs_;
 };
 

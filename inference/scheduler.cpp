@@ -61,6 +61,7 @@ bool Scheduler::Affordable(const Request& request) const {
   const long page = KvPageBytes(o, engine_.element_bytes());
   const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
   const long need = KvWindowBytes(o, engine_.window_element_bytes()) +
+                    KvResidualBytes(o, engine_.element_bytes()) +
                     heads * page * ((prompt + o.page_size - 1) / o.page_size) +
                     heads * page * static_cast<long>(active_.size() + 1);
   return engine_.budget_bytes() - engine_.used_bytes() >= need;

@@ -6,9 +6,35 @@
 #include <vector>
 
 namespace dmc::kernels {
+namespace {
 
-// Plain two-pass softmax per (sequence, query head) in double: the reference the CUDA paged
-// decode kernel is checked against, and the CPU decoder's inner loop.
+// Plain two-pass softmax of one query head over the rows krow[i], vrow[i], in double: the
+// reference the CUDA paged decode kernel is checked against, and the CPU decoder's inner loop.
+template <typename T>
+void AttendRows(T* og, T* probs, const T* qg, const std::vector<const T*>& krow,
+                const std::vector<const T*>& vrow, int D, int dqk, float scale) {
+  const int n = static_cast<int>(krow.size());
+  std::vector<double> s(n, 0.0);
+  double max_s = -std::numeric_limits<double>::infinity();
+  for (int i = 0; i < n; ++i) {
+    double dot = 0;
+    for (int c = 0; c < dqk; ++c) dot += static_cast<double>(qg[c]) * krow[i][c];
+    s[i] = dot * scale;
+    max_s = std::max(max_s, s[i]);
+  }
+  double sum = 0;
+  for (int i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - max_s));
+  for (int c = 0; c < D; ++c) {
+    double acc = 0;
+    for (int i = 0; i < n; ++i) acc += s[i] * vrow[i][c];
+    og[c] = static_cast<T>(acc / sum);
+  }
+  if (probs)
+    for (int i = 0; i < n; ++i) probs[i] = static_cast<T>(s[i] / sum);
+}
+
+}  // namespace
+
 template <typename T>
 void paged_decode_attention(T* out, T* probs, int probs_stride, const T* q, const T* k_pool,
                             const T* v_pool, const int32_t* page_table, const int* lengths,
@@ -16,7 +42,6 @@ void paged_decode_attention(T* out, T* probs, int probs_stride, const T* q, cons
                             bool exclude_ctrl, float scale) {
   const int group = H / Hkv;
   const int dqk = exclude_ctrl ? D - 1 : D;
-  std::vector<double> s;
   std::vector<const T*> krow, vrow;
   for (int b = 0; b < B; ++b)
     for (int g = 0; g < H; ++g) {
@@ -30,26 +55,50 @@ void paged_decode_attention(T* out, T* probs, int probs_stride, const T* q, cons
         krow[i] = k_pool + row * D;
         vrow[i] = v_pool + row * D;
       }
-      const T* qg = q + (static_cast<long>(b) * H + g) * D;
-      s.assign(n, 0.0);
-      double max_s = -std::numeric_limits<double>::infinity();
-      for (int i = 0; i < n; ++i) {
-        double dot = 0;
-        for (int c = 0; c < dqk; ++c) dot += static_cast<double>(qg[c]) * krow[i][c];
-        s[i] = dot * scale;
-        max_s = std::max(max_s, s[i]);
+      const long bg = static_cast<long>(b) * H + g;
+      AttendRows(out + bg * D, probs ? probs + bg * probs_stride : nullptr, q + bg * D, krow,
+                 vrow, D, dqk, scale);
+    }
+}
+
+template <typename T>
+void paged_decode_attention_quantized(T* out, T* probs, int probs_stride, const T* q,
+                                      const uint8_t* pages, const KvQuantPageLayout& layout,
+                                      const int32_t* page_table, const int* q_lengths,
+                                      int max_pages, const T* r_k_pool, const T* r_v_pool,
+                                      const int32_t* residual_block, const int* r_lengths,
+                                      int residual_slots, int B, int H, int Hkv, int D,
+                                      bool exclude_ctrl, float scale) {
+  const int group = H / Hkv, P = layout.page_size;
+  const int dqk = exclude_ctrl ? D - 1 : D;
+  std::vector<T> keys, values;  // the dequantized rows of one KV head
+  std::vector<const T*> krow, vrow;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hkv; ++h) {
+      const int head = b * Hkv + h;
+      const int nq = q_lengths[head], nr = r_lengths[head];
+      keys.resize(static_cast<size_t>(nq) * D);
+      values.resize(keys.size());
+      krow.resize(nq + nr);
+      vrow.resize(nq + nr);
+      for (int i = 0; i < nq; ++i) {
+        const uint8_t* page = pages + page_table[static_cast<long>(head) * max_pages + i / P] *
+                                          layout.bytes;
+        kv_dequantize_row(keys.data() + static_cast<long>(i) * D,
+                          values.data() + static_cast<long>(i) * D, page, layout, i % P);
+        krow[i] = keys.data() + static_cast<long>(i) * D;
+        vrow[i] = values.data() + static_cast<long>(i) * D;
       }
-      double sum = 0;
-      for (int i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - max_s));
-      T* og = out + (static_cast<long>(b) * H + g) * D;
-      for (int c = 0; c < D; ++c) {
-        double acc = 0;
-        for (int i = 0; i < n; ++i) acc += s[i] * vrow[i][c];
-        og[c] = static_cast<T>(acc / sum);
+      const long block = static_cast<long>(residual_block[head]) * residual_slots;
+      for (int j = 0; j < nr; ++j) {
+        krow[nq + j] = r_k_pool + (block + j) * D;
+        vrow[nq + j] = r_v_pool + (block + j) * D;
       }
-      if (probs)
-        for (int i = 0; i < n; ++i)
-          probs[(static_cast<long>(b) * H + g) * probs_stride + i] = static_cast<T>(s[i] / sum);
+      for (int g = h * group; g < (h + 1) * group; ++g) {
+        const long bg = static_cast<long>(b) * H + g;
+        AttendRows(out + bg * D, probs ? probs + bg * probs_stride : nullptr, q + bg * D, krow,
+                   vrow, D, dqk, scale);
+      }
     }
 }
 
@@ -59,5 +108,13 @@ template void paged_decode_attention<float>(float*, float*, int, const float*, c
 template void paged_decode_attention<double>(double*, double*, int, const double*, const double*,
                                              const double*, const int32_t*, const int*, int, int,
                                              int, int, int, int, bool, float);
+template void paged_decode_attention_quantized<float>(
+    float*, float*, int, const float*, const uint8_t*, const KvQuantPageLayout&, const int32_t*,
+    const int*, int, const float*, const float*, const int32_t*, const int*, int, int, int, int,
+    int, bool, float);
+template void paged_decode_attention_quantized<double>(
+    double*, double*, int, const double*, const uint8_t*, const KvQuantPageLayout&,
+    const int32_t*, const int*, int, const double*, const double*, const int32_t*, const int*,
+    int, int, int, int, int, bool, float);
 
 }  // namespace dmc::kernels

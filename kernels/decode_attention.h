@@ -14,9 +14,18 @@
 //   product when exclude_ctrl: it is DMC's control channel)
 // probs, when not null, receives the attention weights: probs[(b·H + g)·probs_stride + i] for
 // i < lengths[b, g / G]; the eviction baselines score tokens with them.
+//
+// paged_decode_attention_quantized: the same attention over a quantized cache (kernels/kv_quant.h):
+// head (b, h) holds q_lengths[b, h] slots in full quantized pages (slot i: row i % page_size of
+// page page_table[(b·Hkv + h)·max_pages + i / page_size] of `pages`, each layout.bytes long), then
+// r_lengths[b, h] slots at full precision in its residual block: slot q_lengths + j is row j of
+// block residual_block[b, h] of r_k_pool / r_v_pool [blocks, residual_slots, D]. Quantized rows
+// are dequantized as they are read, one KV head at a time; probs index slots in that order.
 #pragma once
 
 #include <cstdint>
+
+#include "kernels/kv_quant.h"
 
 namespace dmc::kernels {
 
@@ -25,5 +34,14 @@ void paged_decode_attention(T* out, T* probs, int probs_stride, const T* q, cons
                             const T* v_pool, const int32_t* page_table, const int* lengths,
                             int max_pages, int page_size, int B, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale);
+
+template <typename T>
+void paged_decode_attention_quantized(T* out, T* probs, int probs_stride, const T* q,
+                                      const uint8_t* pages, const KvQuantPageLayout& layout,
+                                      const int32_t* page_table, const int* q_lengths,
+                                      int max_pages, const T* r_k_pool, const T* r_v_pool,
+                                      const int32_t* residual_block, const int* r_lengths,
+                                      int residual_slots, int B, int H, int Hkv, int D,
+                                      bool exclude_ctrl, float scale);
 
 }  // namespace dmc::kernels

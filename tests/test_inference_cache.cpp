@@ -170,10 +170,12 @@ TEST(InferenceAllocator, RandomCacheOperationsNeverLeakOrDoubleFree) {
     for (int l = 0; l < o.layers; ++l)
       for (int h = 0; h < o.kv_heads; ++h) {
         const auto& slots = heads[l * o.kv_heads + h].slots;
+        std::vector<double> key(o.head_dim), value(o.head_dim);
         for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
           EXPECT_EQ(cache.position(seq, l, h, i), slots[i].position);
-          EXPECT_DOUBLE_EQ(cache.key(seq, l, h, i)[0], slots[i].tag);
-          EXPECT_DOUBLE_EQ(cache.value(seq, l, h, i)[o.head_dim - 1], slots[i].tag);
+          cache.ReadSlot(seq, l, h, i, key.data(), value.data());
+          EXPECT_DOUBLE_EQ(key[0], slots[i].tag);
+          EXPECT_DOUBLE_EQ(value[o.head_dim - 1], slots[i].tag);
         }
       }
   EXPECT_GT(frees, 50);

@@ -1,0 +1,68 @@
+// Quantization of KV cache pages to b-bit integers (b = 2, 4 or 8), with the granularities of
+// KIVI (Liu et al., ICML 2024) and ZipCache (He et al., NeurIPS 2024, arXiv 2405.14256): keys
+// per channel, values per token.
+//
+// One group x_1..x_n of reals is quantized asymmetrically (min-max, round to nearest):
+//   lo = min x, hi = max x, scale = (hi − lo) / (2^b − 1)   (scale = 1 when hi = lo)
+//   q_j = clamp(round((x_j − lo) / scale), 0, 2^b − 1),  x̂_j = lo + q_j · scale
+// so |x̂_j − x_j| <= scale / 2 (up to float round-off).
+// Groups of a page of P slots (rows) of head dimension D:
+//   keys    per channel: for each channel c, the group is the keys' channel c over the rows of
+//           one tier (below): keys have outlier channels, and a channel varies little over tokens
+//           (KIVI §3, ZipCache Fig. 2), so each channel gets its own scale and zero point;
+//   values  per token: for each row, groups of `value_group` consecutive channels (D when 0).
+// Mixed precision (ZipCache §4.2): the first S = salient_slots rows of a page (its salient tokens,
+// chosen by the cache) are stored at salient_bits, the other P − S at bits; each tier has its own
+// per-channel key scales (ZipCache quantizes salient and other tokens separately).
+//
+// Page layout in bytes (every page of a cache has the same size, so pages come from one pool):
+//   key codes     S rows of D·salient_bits/8 bytes, then P − S rows of D·bits/8 bytes; each row
+//                 packs its codes little end first (channel c of an 4-bit row: byte c/2, low
+//                 nibble for even c)
+//   value codes   the same
+//   key params    float scale[tiers][D], then float zero[tiers][D]; tiers: the salient and the
+//                 other rows, each only when it has rows
+//   value params  float scale[P][D/value_group], then float zero[P][D/value_group]
+// Scales and zero points are fp32 (the papers keep them in fp16; ours, on the CPU).
+#pragma once
+
+#include <cstdint>
+
+namespace dmc::kernels {
+
+struct KvQuantOptions {
+  int bits = 0;           // 8, 4 or 2; 0: the cache is not quantized
+  int value_group = 0;    // channels per value group; 0: the whole head
+  int salient_bits = 0;   // ZipCache: bits of the salient rows (0: none)
+  int salient_slots = 0;  // ZipCache: salient rows of every page
+};
+
+struct KvQuantPageLayout {
+  int page_size = 0, head_dim = 0, bits = 0, salient_bits = 0, salient_slots = 0;
+  int value_groups = 0, value_group = 0, key_tiers = 0;
+  long key_codes = 0, value_codes = 0, key_params = 0, value_params = 0;  // byte offsets
+  long bytes = 0;                                                         // of one page
+};
+
+// Bytes of one packed row of n codes of `bits` bits.
+inline long KvCodeRowBytes(int n, int bits) { return (static_cast<long>(n) * bits + 7) / 8; }
+
+// The layout of a page of page_size rows; options must be valid (inference/cache_policy.h checks).
+KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& options, int page_size, int head_dim);
+
+// Quantizes n values x[i · stride] as one group: codes[i] (unpacked, one per byte), *scale, *zero.
+template <typename T>
+void kv_quantize_group(uint8_t* codes, float* scale, float* zero, const T* x, int n, long stride,
+                       int bits);
+
+// Writes a page from keys and values [P, D] (rows [0, S) the salient tier).
+template <typename T>
+void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& layout, const T* keys,
+                      const T* values);
+
+// Dequantizes row `row` of a page into key[D] and value[D].
+template <typename T>
+void kv_dequantize_row(T* key, T* value, const uint8_t* page, const KvQuantPageLayout& layout,
+                       int row);
+
+}  // namespace dmc::kernels

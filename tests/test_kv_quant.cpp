@@ -1,0 +1,538 @@
+// KV quantization (kernels/kv_quant.h, the quantized PagedKvCache): pages against a direct
+// implementation of KIVI's and ZipCache's rule (keys per channel, values per token, min-max
+// round to nearest) and its round-off bound; the quantized decode attention against attention
+// over the dequantized rows; byte accounting against the bytes a page really spans and the
+// allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "inference/cache_policy.h"
+#include "inference/cpu_engine.h"
+#include "inference/paged_decoder.h"
+#include "inference/paged_kv_cache.h"
+#include "inference/scheduler.h"
+#include "kernels/decode_attention.h"
+#include "kernels/kv_quant.h"
+#include "model/llama.h"
+#include "tests/tiny_models.h"
+
+namespace dmc {
+namespace {
+
+using inference::CacheMethod;
+using inference::CachePolicy;
+using inference::PagedCacheOptions;
+using inference::PagedKvCache;
+using kernels::KvQuantOptions;
+
+// Rows of D channels with an outlier channel (keys have them: KIVI Fig. 2).
+std::vector<double> RandomRows(int rows, int D, std::mt19937_64& rng) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  std::vector<double> x(static_cast<size_t>(rows) * D);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < D; ++c) x[size_t(r) * D + c] = n(rng) * (c == 1 ? 20.0 : 1.0) + c;
+  return x;
+}
+
+// The rule, directly: the group's min and max, scale = (max − min) / (2^b − 1), the nearest
+// level. Returns the dequantized group and its scale.
+std::vector<double> DirectRoundTrip(const std::vector<double>& group, int bits, double* scale) {
+  const double lo = *std::min_element(group.begin(), group.end());
+  const double hi = *std::max_element(group.begin(), group.end());
+  const double s = hi > lo ? (hi - lo) / ((1 << bits) - 1) : 1.0;
+  std::vector<double> out;
+  for (double x : group) out.push_back(lo + std::nearbyint((x - lo) / s) * s);
+  *scale = s;
+  return out;
+}
+
+struct PageCase {
+  int D, P, bits, value_group, salient_bits, salient_slots;
+};
+
+class KvQuantPage : public ::testing::TestWithParam<PageCase> {};
+
+TEST_P(KvQuantPage, MatchesTheDirectRuleWithinHalfAStep) {
+  const PageCase pc = GetParam();
+  KvQuantOptions o{pc.bits, pc.value_group, pc.salient_bits, pc.salient_slots};
+  const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o, pc.P, pc.D);
+  std::mt19937_64 rng(pc.bits * 100 + pc.salient_slots);
+  const std::vector<double> keys = RandomRows(pc.P, pc.D, rng), values = RandomRows(pc.P, pc.D, rng);
+  // The page spans exactly layout.bytes: a guard after it stays untouched.
+  std::vector<uint8_t> page(layout.bytes + 64, 0xA5);
+  kernels::kv_quantize_page(page.data(), layout, keys.data(), values.data());
+  for (long i = layout.bytes; i < layout.bytes + 64; ++i) ASSERT_EQ(page[i], 0xA5);
+  std::vector<double> k(pc.P * pc.D), v(pc.P * pc.D);
+  for (int r = 0; r < pc.P; ++r)
+    kernels::kv_dequantize_row(k.data() + r * pc.D, v.data() + r * pc.D, page.data(), layout, r);
+  const int G = pc.value_group > 0 ? pc.value_group : pc.D;
+  // Keys: per channel over each tier's rows (salient rows [0, S) at salient_bits).
+  const int tiers[3] = {0, pc.salient_slots, pc.P};
+  for (int t = 0; t < 2; ++t) {
+    if (tiers[t] == tiers[t + 1]) continue;
+    const int bits = t == 0 ? pc.salient_bits : pc.bits;
+    for (int c = 0; c < pc.D; ++c) {
+      std::vector<double> group;
+      for (int r = tiers[t]; r < tiers[t + 1]; ++r) group.push_back(keys[r * pc.D + c]);
+      double s;
+      const std::vector<double> want = DirectRoundTrip(group, bits, &s);
+      for (int r = tiers[t]; r < tiers[t + 1]; ++r) {
+        const double got = k[r * pc.D + c], x = keys[r * pc.D + c];
+        EXPECT_NEAR(got, want[r - tiers[t]], 1e-5 * (1 + std::abs(x)) + 1e-3 * s)
+            << "key row " << r << " channel " << c;
+        EXPECT_LE(std::abs(got - x), s / 2 * (1 + 1e-4) + 1e-5 * std::abs(x));
+      }
+    }
+  }
+  // Values: per row, groups of G channels, at the row's tier bits.
+  for (int r = 0; r < pc.P; ++r)
+    for (int g = 0; g < pc.D / G; ++g) {
+      const std::vector<double> group(values.begin() + r * pc.D + g * G,
+                                      values.begin() + r * pc.D + (g + 1) * G);
+      double s;
+      const std::vector<double> want =
+          DirectRoundTrip(group, r < pc.salient_slots ? pc.salient_bits : pc.bits, &s);
+      for (int c = 0; c < G; ++c) {
+        const double got = v[r * pc.D + g * G + c], x = group[c];
+        EXPECT_NEAR(got, want[c], 1e-5 * (1 + std::abs(x)) + 1e-3 * s) << "value row " << r;
+        EXPECT_LE(std::abs(got - x), s / 2 * (1 + 1e-4) + 1e-5 * std::abs(x));
+      }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, KvQuantPage,
+                         ::testing::Values(PageCase{8, 4, 8, 0, 0, 0}, PageCase{8, 5, 4, 4, 0, 0},
+                                           PageCase{16, 6, 2, 8, 0, 0},
+                                           PageCase{8, 6, 2, 4, 4, 2},
+                                           PageCase{8, 4, 4, 0, 8, 4},
+                                           PageCase{6, 3, 4, 3, 8, 1}));
+
+// The layout by hand: D 8, 4 rows, int4 with 2 salient rows at int8, value groups of 4.
+TEST(KvQuantPage, LayoutBytesByHand) {
+  const kernels::KvQuantPageLayout l = kernels::kv_quant_page_layout({4, 4, 8, 2}, 4, 8);
+  EXPECT_EQ(l.value_codes, 2 * 8 + 2 * 4);      // key codes: 2 rows of 8 bytes, 2 of 4
+  EXPECT_EQ(l.key_params, 2 * 24);              // value codes the same
+  EXPECT_EQ(l.value_params, 48 + 2 * 2 * 8 * 4);  // scale and zero per tier per channel
+  EXPECT_EQ(l.bytes, 176 + 2 * 4 * 2 * 4);        // scale and zero per row per group
+}
+
+// Attention over a quantized cache equals attention over its dequantized rows, laid out in a
+// full-precision pool (the unquantized kernel, itself checked against the training forward).
+TEST(KvQuantAttention, EqualsAttentionOverTheDequantizedRows) {
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = 2;
+  o.head_dim = 8;
+  o.page_size = 3;
+  o.budget_bytes = 1 << 20;
+  o.quant = {4, 4, 0, 0};
+  PagedKvCache<double> cache(o);
+  std::mt19937_64 rng(7);
+  const int H = 4, B = 2, D = o.head_dim;
+  for (int seq = 0; seq < B; ++seq) {
+    ASSERT_TRUE(cache.AddSequence(seq).ok());
+    for (int h = 0; h < o.kv_heads; ++h) {
+      const int n = 5 + 4 * seq + h;
+      const std::vector<double> rows = RandomRows(n, D, rng);
+      for (int t = 0; t < n; ++t)
+        ASSERT_TRUE(cache.Append(seq, 0, h, &rows[t * D], &rows[t * D], t).ok());
+      ASSERT_GT(cache.quantized_length(seq, 0, h), 0);
+      ASSERT_LT(cache.quantized_length(seq, 0, h), n);
+    }
+  }
+  const std::vector<double> q = RandomRows(B * H, D, rng);
+  std::vector<int32_t> table, blocks;
+  std::vector<int> q_lengths, r_lengths;
+  int max_pages = 0;
+  cache.BlockTable({0, 1}, 0, &table, &q_lengths, &max_pages);
+  cache.ResidualTable({0, 1}, 0, &blocks, &r_lengths);
+  const int stride = 32;
+  std::vector<double> out(B * H * D), probs(B * H * stride);
+  kernels::paged_decode_attention_quantized(
+      out.data(), probs.data(), stride, q.data(), cache.q_pool(), cache.quant_layout(),
+      table.data(), q_lengths.data(), max_pages, cache.r_k_pool(), cache.r_v_pool(), blocks.data(),
+      r_lengths.data(), inference::KvResidualSlots(o), B, H, o.kv_heads, D, false, 0.35f);
+  // The reference: every slot read back (dequantized) into one page per head of a plain pool.
+  std::vector<double> k_pool(B * o.kv_heads * stride * D), v_pool(k_pool.size());
+  std::vector<int32_t> plain_table(B * o.kv_heads);
+  std::vector<int> lengths(B * o.kv_heads);
+  for (int seq = 0; seq < B; ++seq)
+    for (int h = 0; h < o.kv_heads; ++h) {
+      const int head = seq * o.kv_heads + h;
+      plain_table[head] = head;
+      lengths[head] = cache.length(seq, 0, h);
+      for (int i = 0; i < lengths[head]; ++i)
+        cache.ReadSlot(seq, 0, h, i, &k_pool[(head * stride + i) * D],
+                       &v_pool[(head * stride + i) * D]);
+    }
+  std::vector<double> want(out.size()), want_probs(probs.size());
+  kernels::paged_decode_attention(want.data(), want_probs.data(), stride, q.data(), k_pool.data(),
+                                  v_pool.data(), plain_table.data(), lengths.data(), 1, stride, B,
+                                  H, o.kv_heads, D, false, 0.35f);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-12);
+  for (int bg = 0; bg < B * H; ++bg)
+    for (int i = 0; i < lengths[(bg / H) * o.kv_heads + (bg % H) / 2]; ++i)
+      EXPECT_NEAR(probs[bg * stride + i], want_probs[bg * stride + i], 1e-12);
+}
+
+// Random appends, DMC accumulations and (residual) evictions on a quantized cache: the allocator
+// holds exactly the pages of the quantized slots and the reservations, each sequence's bytes are
+// KvSequenceBytes of its heads' lengths while only appends and DMC steps happened, and every
+// slot reads back within the bound (exactly while at full precision).
+TEST(KvQuantCache, ByteAccountingEqualsWhatIsAllocated) {
+  PagedCacheOptions o;
+  o.layers = 2;
+  o.kv_heads = 2;
+  o.head_dim = 8;
+  o.page_size = 3;
+  o.dmc_window = 2;
+  o.budget_bytes = 1 << 20;
+  o.quant = {8, 4, 0, 0};
+  PagedKvCache<double> cache(o);
+  const long page_bytes = kernels::kv_quant_page_layout(o.quant, o.page_size, o.head_dim).bytes;
+  EXPECT_EQ(cache.page_bytes(), page_bytes);
+  EXPECT_EQ(inference::KvResidualBytes(o, sizeof(double)),
+            2L * 2 * o.page_size * 2 * o.head_dim * sizeof(double));
+  std::mt19937_64 rng(11);
+  std::vector<std::vector<int>> pos(3, std::vector<int>(o.layers * o.kv_heads, 0));
+  for (int seq = 0; seq < 3; ++seq) ASSERT_TRUE(cache.AddSequence(seq).ok());
+  std::vector<double> row(o.head_dim);
+  for (int op = 0; op < 600; ++op) {
+    const int seq = rng() % 3, l = rng() % o.layers, h = rng() % o.kv_heads;
+    int& t = pos[seq][l * o.kv_heads + h];
+    for (double& x : row) x = std::sin(op + 0.7 * (&x - row.data()));
+    if (seq == 2) {  // DMC: merges keep the open slot in the residual
+      ASSERT_TRUE(cache.AddDmc(seq, l, h, row.data(), row.data(), 1.0, rng() % 2 == 0, t++).ok());
+    } else {
+      ASSERT_TRUE(cache.Append(seq, l, h, row.data(), row.data(), t++).ok());
+    }
+    long pages = 0, charged = 0;
+    for (int s = 0; s < 3; ++s) {
+      std::vector<int> head_slots;
+      for (int ll = 0; ll < o.layers; ++ll)
+        for (int hh = 0; hh < o.kv_heads; ++hh) {
+          head_slots.push_back(cache.length(s, ll, hh));
+          ASSERT_EQ(cache.quantized_length(s, ll, hh) % o.page_size, 0);
+          pages += cache.quantized_length(s, ll, hh) / o.page_size;
+        }
+      ASSERT_EQ(cache.bytes(s), inference::KvSequenceBytes<double>(o, head_slots)) << "op " << op;
+      charged += cache.bytes(s);
+    }
+    ASSERT_EQ(cache.allocator().pages_in_use(), pages);
+    ASSERT_EQ(cache.allocator().used_bytes(), charged);
+    ASSERT_EQ(charged, pages * page_bytes + 3 * (inference::KvWindowBytes<double>(o) +
+                                                 inference::KvResidualBytes(o, sizeof(double))));
+  }
+  // The residual takes evictions; quantized slots refuse them.
+  const int n = cache.length(0, 0, 0), nq = cache.quantized_length(0, 0, 0);
+  ASSERT_GT(nq, 0);
+  ASSERT_LT(nq, n);
+  EXPECT_TRUE(absl::IsFailedPrecondition(cache.Evict(0, 0, 0, 0)));
+  EXPECT_TRUE(cache.Evict(0, 0, 0, n - 1).ok());
+  EXPECT_EQ(cache.length(0, 0, 0), n - 1);
+  for (int s = 0; s < 3; ++s) ASSERT_TRUE(cache.Free(s).ok());
+  EXPECT_EQ(cache.allocator().used_bytes(), 0);
+  EXPECT_EQ(cache.allocator().pages_in_use(), 0);
+}
+
+TEST(KvQuantCache, RefusesWhatItCannotServe) {
+  CachePolicy p;
+  p.method = CacheMethod::kVanilla;
+  p.quant = {3, 0, 0, 0};
+  EXPECT_TRUE(absl::IsInvalidArgument(inference::ValidateKvQuant(p, 8, 4)));
+  p.quant = {4, 3, 0, 0};
+  EXPECT_TRUE(absl::IsInvalidArgument(inference::ValidateKvQuant(p, 8, 4)));
+  p.quant = {4, 0, 4, 2};
+  EXPECT_TRUE(absl::IsInvalidArgument(inference::ValidateKvQuant(p, 8, 4)));
+  p.quant = {4, 0, 8, 5};
+  EXPECT_TRUE(absl::IsInvalidArgument(inference::ValidateKvQuant(p, 8, 4)));
+  p.quant = {4, 0, 8, 2};
+  EXPECT_TRUE(inference::ValidateKvQuant(p, 8, 4).ok());
+  p.method = CacheMethod::kDmc;
+  EXPECT_TRUE(absl::IsInvalidArgument(inference::ValidateKvQuant(p, 8, 4)));
+  p.method = CacheMethod::kH2O;
+  p.quant = {8, 0, 0, 0};
+  const absl::Status s = inference::ValidateKvQuant(p, 8, 4);
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_NE(s.message().find("h2o"), std::string::npos) << s;
+}
+
+// Greedy decoding of B sequences token by token (prompt fed step by step) on the CPU engine;
+// returns the logits of every position [B, T, V] and the peak bytes per sequence.
+template <typename T>
+std::vector<T> DecodeLogits(model::Llama<T>& m, const CachePolicy& policy,
+                            const std::vector<std::vector<int32_t>>& tokens, int page_size,
+                            std::vector<int>* lengths = nullptr) {
+  const int V = m.config().vocab_size;
+  auto engine = inference::CpuEngine<T>::Create(m, policy, 1L << 24, page_size);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  std::vector<inference::Request> requests(tokens.size());
+  for (size_t b = 0; b < tokens.size(); ++b) {
+    requests[b].tokens = tokens[b];
+    requests[b].length = static_cast<int>(tokens[b].size());
+  }
+  const size_t T_ = tokens[0].size();
+  std::vector<T> logits(tokens.size() * T_ * V);
+  const inference::CpuEngine<T>& e = **engine;
+  auto stats = inference::RunBatched(
+      **engine, requests, 2,
+      [&](int r, int p, const inference::TokenOutput&) {
+        std::copy_n(e.last_logits(r), V, logits.begin() + (r * T_ + p) * V);
+        return true;
+      },
+      [&](int r, bool) {
+        const auto& c = m.config();
+        long quantized = 0;
+        for (int l = 0; l < c.num_hidden_layers; ++l)
+          for (int h = 0; h < c.num_key_value_heads; ++h) {
+            quantized += e.cache().quantized_length(r, l, h);
+            if (lengths) lengths->push_back(e.length(r, l, h));
+          }
+        EXPECT_TRUE(policy.quant.bits == 0 || quantized > 0) << "nothing was quantized";
+      });
+  EXPECT_TRUE(stats.ok()) << stats.status();
+  return logits;
+}
+
+double MaxAbsDiff(const std::vector<double>& a, const std::vector<double>& b) {
+  double d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
+  return d;
+}
+
+// Every method the quantization serves: int8 stays close to full precision (and int4 further
+// off), and the cache keeps each head's slots: the same lengths as the full-precision run.
+void ExpectInt8CloseToFullPrecision(model::Llama<double>& m, CacheMethod method) {
+  std::vector<std::vector<int32_t>> tokens;
+  for (int b = 0; b < 3; ++b)
+    tokens.push_back(tiny_models::RandomTokens(30, m.config().vocab_size, 5 + b));
+  CachePolicy policy;
+  policy.method = method;
+  std::vector<int> full_lengths, int8_lengths, int4_lengths;
+  const std::vector<double> full = DecodeLogits(m, policy, tokens, 4, &full_lengths);
+  policy.quant = {8, 0, 0, 0};
+  const std::vector<double> int8 = DecodeLogits(m, policy, tokens, 4, &int8_lengths);
+  policy.quant = {4, 0, 0, 0};
+  const std::vector<double> int4 = DecodeLogits(m, policy, tokens, 4, &int4_lengths);
+  const double d8 = MaxAbsDiff(full, int8), d4 = MaxAbsDiff(full, int4);
+  double scale = 0;
+  for (double x : full) scale = std::max(scale, std::abs(x));
+  EXPECT_GT(d8, 0.0) << "int8 changed nothing: was anything quantized?";
+  EXPECT_LT(d8, 5e-3 * scale) << "int8 logits far from full precision";
+  EXPECT_GT(d4, d8);
+  EXPECT_EQ(int8_lengths, full_lengths);
+}
+
+TEST(KvQuantDecode, Int8VanillaCloseToFullPrecision) {
+  model::Llama<double> m(tiny_models::TinyLlama(11, 2), nullptr);
+  tiny_models::RandomizeParams(m, 31);
+  ExpectInt8CloseToFullPrecision(m, CacheMethod::kVanilla);
+}
+
+// Composition with DMC: a DMC model's merged slots are quantized once they close; the open slot
+// stays the full-precision omega-weighted mean of its window state.
+TEST(KvQuantDecode, Int8DmcCloseToFullPrecision) {
+  model::LlamaConfig c = tiny_models::TinyLlama(11, 2);
+  c.dmc.enabled = true;
+  c.dmc.window = 3;
+  c.dmc.init_val = -0.5f;  // plenty of merges
+  model::Llama<double> m(c, nullptr);
+  tiny_models::RandomizeParams(m, 23);
+  ExpectInt8CloseToFullPrecision(m, CacheMethod::kDmc);
+}
+
+// Composition with DMS: a token is quantized once it is past the eviction window (and was not
+// evicted); the evictions are those of the full-precision cache.
+TEST(KvQuantDecode, Int8DmsCloseToFullPrecision) {
+  model::LlamaConfig c = tiny_models::TinyLlama(11, 2);
+  c.dms.enabled = true;
+  c.dms.variant = model::DmsVariant::kAdapter;
+  c.dms.window = 3;
+  c.dms.offset = 0.2f;  // about half of the tokens marked
+  model::Llama<double> m(c, nullptr);
+  tiny_models::RandomizeParams(m, 42);
+  ExpectInt8CloseToFullPrecision(m, CacheMethod::kDms);
+}
+
+// At the cache: DMC slots leave the full-precision residual only once closed, and then hold the
+// quantized final mean of their tokens; the open slot is the exact mean at all times. DMS
+// (settle_lag) keeps the tokens still inside the window at full precision.
+TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = 1;
+  o.head_dim = 4;
+  o.page_size = 2;
+  o.dmc_window = 2;
+  o.budget_bytes = 1 << 20;
+  o.quant = {8, 0, 0, 0};
+  PagedKvCache<double> dmc(o);
+  ASSERT_TRUE(dmc.AddSequence(0).ok());
+  std::vector<double> closed_means;  // the final mean of every slot, in slot order
+  double prev = 0;
+  for (int t = 0; t < 23; ++t) {
+    const double x = std::sin(1.3 * t);
+    const std::vector<double> row(o.head_dim, x);
+    const bool merge = t % 3 != 0;  // slots of three tokens: window 2 keeps the last two
+    ASSERT_TRUE(dmc.AddDmc(0, 0, 0, row.data(), row.data(), 1.0, merge, t).ok());
+    const double mean = merge ? 0.5 * (prev + x) : x;
+    if (!merge) closed_means.push_back(mean);
+    closed_means.back() = mean;
+    prev = x;
+    const int n = dmc.length(0, 0, 0);
+    EXPECT_LE(dmc.quantized_length(0, 0, 0), n - 1) << "the open slot was quantized";
+    std::vector<double> key(o.head_dim), value(o.head_dim);
+    dmc.ReadSlot(0, 0, 0, n - 1, key.data(), value.data());
+    EXPECT_DOUBLE_EQ(value[0], mean) << "the open slot is not the exact window mean";
+  }
+  EXPECT_EQ(dmc.quantized_length(0, 0, 0), 6);  // 8 slots: 7 closed, 3 full pages of 2
+  std::vector<double> key(o.head_dim), value(o.head_dim);
+  for (int i = 0; i < dmc.quantized_length(0, 0, 0); ++i) {
+    dmc.ReadSlot(0, 0, 0, i, key.data(), value.data());
+    // A constant row quantizes exactly, up to its zero point stored as a float.
+    EXPECT_NEAR(value[0], closed_means[i], 1e-7) << "slot " << i;
+  }
+
+  o.dmc_window = 0;
+  o.settle_lag = 3;  // a DMS window of 2
+  PagedKvCache<double> dms(o);
+  ASSERT_TRUE(dms.AddSequence(0).ok());
+  for (int t = 0; t < 12; ++t) {
+    const std::vector<double> row(o.head_dim, t);
+    ASSERT_TRUE(dms.Append(0, 0, 0, row.data(), row.data(), t).ok());
+    // Settled: positions below t − 3; quantized: whole pages of them.
+    EXPECT_EQ(dms.quantized_length(0, 0, 0), std::max(0, t - 3) / 2 * 2) << "t " << t;
+    for (int i = dms.quantized_length(0, 0, 0); i < dms.length(0, 0, 0); ++i)
+      EXPECT_GE(dms.position(0, 0, 0, i), t - 3 - 1);
+  }
+}
+
+// ZipCache's salient tokens (§4.2): the normalized attention score of token i is its
+// accumulated attention over the number of queries that saw it, sum_k A[k, i] / nnz(A[:, i]),
+// with A the lower-triangular attention matrix; the S highest of a page are stored at the high
+// precision. A direct implementation on a hand-made matrix whose accumulated-score winner
+// (token 0, seen by every query) is not the normalized winner.
+TEST(KvQuantZipCache, SalientSlotsAreTheHighestNormalizedAttentionScores) {
+  const std::vector<std::vector<double>> A = {
+      {1.0}, {0.5, 0.5}, {0.4, 0.2, 0.4}, {0.2, 0.1, 0.1, 0.6}};
+  const int P = 4;
+  std::vector<double> normalized(P), accumulated(P);
+  for (int i = 0; i < P; ++i) {
+    int nnz = 0;
+    for (int k = i; k < P; ++k) accumulated[i] += A[k][i], ++nnz;
+    normalized[i] = accumulated[i] / nnz;
+  }
+  ASSERT_NE(std::max_element(accumulated.begin(), accumulated.end()) - accumulated.begin(),
+            std::max_element(normalized.begin(), normalized.end()) - normalized.begin());
+  for (int S : {1, 2, 3}) {
+    PagedCacheOptions o;
+    o.layers = 1;
+    o.kv_heads = 1;
+    o.head_dim = 4;
+    o.page_size = P;
+    o.budget_bytes = 1 << 20;
+    o.quant = {2, 0, 8, S};
+    PagedKvCache<double> cache(o);
+    ASSERT_TRUE(cache.AddSequence(0).ok());
+    for (int t = 0; t <= P; ++t) {  // token P settles tokens 0..P-1 into a page
+      const std::vector<double> row(o.head_dim, t);
+      ASSERT_TRUE(cache.Append(0, 0, 0, row.data(), row.data(), t).ok());
+      if (t == P) break;
+      std::vector<double> probs(P + 1, 0.0);  // query t attends slots 0..t (slot i: token i)
+      for (int i = 0; i <= t; ++i) probs[i] = A[t][i];
+      inference::AccumulateAttention(cache, 0, 0, probs.data(), P + 1, 1);
+    }
+    ASSERT_EQ(cache.quantized_length(0, 0, 0), P);
+    std::vector<int> want(P);
+    for (int i = 0; i < P; ++i) want[i] = i;
+    std::stable_sort(want.begin(), want.end(),
+                     [&](int a, int b) { return normalized[a] > normalized[b]; });
+    std::vector<int> got_salient, want_salient(want.begin(), want.begin() + S);
+    for (int r = 0; r < S; ++r) got_salient.push_back(cache.position(0, 0, 0, r));
+    std::sort(got_salient.begin(), got_salient.end());
+    std::sort(want_salient.begin(), want_salient.end());
+    EXPECT_EQ(got_salient, want_salient) << "S " << S;
+  }
+}
+
+// Decoding with ZipCache's mixed precision: every slot salient at 8 bits is exactly int8; a
+// few salient slots at 8 bits over int4 lie between int4 and int8.
+TEST(KvQuantZipCache, MixedPrecisionDecodeSpansInt4ToInt8) {
+  model::Llama<double> m(tiny_models::TinyLlama(11, 2), nullptr);
+  tiny_models::RandomizeParams(m, 31);
+  std::vector<std::vector<int32_t>> tokens;
+  for (int b = 0; b < 2; ++b) tokens.push_back(tiny_models::RandomTokens(30, 11, 5 + b));
+  CachePolicy policy;
+  policy.method = CacheMethod::kVanilla;
+  const std::vector<double> full = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {8, 0, 0, 0};
+  const std::vector<double> int8 = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {4, 0, 0, 0};
+  const std::vector<double> int4 = DecodeLogits(m, policy, tokens, 4);
+  policy.quant = {4, 0, 8, 4};
+  // (to round-off: the page's rows are in saliency order, so attention sums in another order)
+  EXPECT_LT(MaxAbsDiff(DecodeLogits(m, policy, tokens, 4), int8), 1e-12);
+  policy.quant = {4, 0, 8, 2};
+  const double mixed = MaxAbsDiff(full, DecodeLogits(m, policy, tokens, 4));
+  EXPECT_LT(mixed, MaxAbsDiff(full, int4));
+  EXPECT_GT(mixed, MaxAbsDiff(full, int8));
+}
+
+// dmc-eval --kv_fraction: each method's knob is the least compression whose KvSequenceBytes
+// meets the budget (the next setting up does not), and a budget no setting meets is an error.
+TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
+  PagedCacheOptions shape;
+  shape.layers = 2;
+  shape.kv_heads = 2;
+  shape.head_dim = 16;
+  shape.page_size = 16;
+  const int T = 512, heads = 4;
+  const std::vector<int> whole(heads, T);
+  const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
+  auto bytes = [&](const CachePolicy& p, const std::vector<int>& slots) {
+    PagedCacheOptions o = shape;
+    o.quant = p.quant;
+    return inference::KvSequenceBytes(o, slots, 4, 4);
+  };
+  for (double f : {0.5, 0.25}) {
+    const long budget = static_cast<long>(f * vanilla);
+    auto quant = inference::PolicyForBytes("quant", shape, 4, T, budget, {});
+    ASSERT_TRUE(quant.ok()) << quant.status();
+    EXPECT_LE(bytes(*quant, whole), budget);
+    if (quant->quant.bits < 8) {
+      CachePolicy more = *quant;
+      more.quant.bits *= 2;
+      EXPECT_GT(bytes(more, whole), budget);
+    }
+    auto h2o = inference::PolicyForBytes("h2o", shape, 4, T, budget, {});
+    ASSERT_TRUE(h2o.ok()) << h2o.status();
+    EXPECT_LE(bytes(*h2o, std::vector<int>(heads, h2o->budget)), budget);
+    EXPECT_GT(bytes(*h2o, std::vector<int>(heads, h2o->budget + 1)), budget);
+    EXPECT_EQ(h2o->recent, h2o->budget / 2);
+    // Two tiers of key scales per page of 16: the mixture reaches 1/2 of fp32, not 1/4.
+    auto zip = inference::PolicyForBytes("zipcache", shape, 4, T, budget, {});
+    ASSERT_EQ(zip.ok(), f == 0.5) << zip.status();
+    if (zip.ok()) {
+      EXPECT_LE(bytes(*zip, whole), budget);
+      EXPECT_GT(zip->quant.salient_slots, 0);
+    }
+    const std::vector<int> dmc_slots(heads, T / 3);
+    auto dmc = inference::PolicyForBytes("dmc", shape, 4, T, budget, dmc_slots);
+    ASSERT_TRUE(dmc.ok()) << dmc.status();
+    EXPECT_LE(bytes(*dmc, dmc_slots), budget);
+  }
+  const absl::StatusOr<CachePolicy> vanilla_half =
+      inference::PolicyForBytes("vanilla", shape, 4, T, vanilla / 2, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(vanilla_half.status()));
+  const absl::StatusOr<CachePolicy> tiny = inference::PolicyForBytes("quant", shape, 4, T, 100, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
+  EXPECT_NE(tiny.status().message().find("no setting of quant meets 100 bytes"), std::string::npos)
+      << tiny.status();
+}
+
+}  // namespace
+}  // namespace dmc
