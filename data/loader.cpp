@@ -120,10 +120,12 @@ absl::StatusOr<std::unique_ptr<ShardLoader>> ShardLoader::Open(const LoaderOptio
   L->index_path_ = ip;
   L->index_ = std::move(*idx);
   const ShardIndex& x = L->index_;
-  if (o.expected_vocab_size > 0 && x.vocab_size != o.expected_vocab_size)
-    return absl::FailedPreconditionError(
-        absl::StrFormat("%s: vocabulary mismatch: the shards have vocab_size %d, the model expects %d", ip,
-                        x.vocab_size, o.expected_vocab_size));
+  // A model may pad its embedding past the tokenizer's vocabulary; ids past the model's own
+  // vocabulary would index no embedding row.
+  if (o.expected_vocab_size > 0 && x.vocab_size > o.expected_vocab_size)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: vocabulary mismatch: the shards have vocab_size %d, more than the model's %d", ip,
+        x.vocab_size, o.expected_vocab_size));
   if (!o.expected_tokenizer.empty() && x.tokenizer != o.expected_tokenizer)
     return absl::FailedPreconditionError(
         absl::StrFormat("%s: tokenizer mismatch: the shards were made with '%s', the model expects '%s'", ip,
