@@ -3,9 +3,9 @@
 // conventions:
 //   - Activations, weights in compute form and activation gradients are bf16 (__nv_bfloat16);
 //     arithmetic is fp32. Parameter gradients (dwte, RMSNorm dweight, matmul dweight) are fp32,
-//     as are optimizer state and master weights, and the small per-(b, t, KV head) DMC tensors
-//     (noise, logit, alpha, merge, mask, omega, denom and their gradients) and saved statistics
-//     (rstd, lse, losses).
+//     as are optimizer state and master weights, and the small per-(b, t, KV head) DMC and DMS
+//     tensors (noise, logit, alpha, merge, mask, omega, denom, the DMS decision input and their
+//     gradients) and saved statistics (rstd, lse, losses, KL partials).
 //   - Every backward ACCUMULATES (+=) into its gradient outputs, as the CPU references do.
 //   - All work is enqueued on `stream` (default: the legacy default stream); nothing synchronises
 //     with the host except the first use of a scratch size (allocation). Results that are scalars
@@ -26,6 +26,7 @@
 
 #include "kernels/adamw.h"
 #include "kernels/dmc_gates.h"
+#include "kernels/dms_gates.h"
 #include "kernels/loma_mask.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_write.h"
@@ -224,6 +225,26 @@ void cr_loss_forward(float* loss, const float* mean_merge, int B, float prior,
                      cudaStream_t stream = nullptr);
 void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float prior, float dloss,
                       cudaStream_t stream = nullptr);
+
+// ---- DMS (kernels/dms_gates.h, kernels/kl_distill.h) ----
+// x (the decision input), noise, logit, alpha, evict, mask, dx: [B, T, Hkv] fp32; evict and mask
+// may be null, noise is read only in kRelaxed mode. The hard mask is -inf (dmc_attention takes it).
+void dms_gates_forward(float* logit, float* alpha, float* evict, float* mask, const float* x,
+                       const float* noise, int B, int T, int Hkv,
+                       const kernels::DmsGateParams& params, cudaStream_t stream = nullptr);
+// Accumulates dx; devict and dmask may be null.
+void dms_gates_backward(float* dx, const float* devict, const float* dmask, const float* logit,
+                        const float* alpha, int B, int T, int Hkv,
+                        const kernels::DmsGateParams& params, cudaStream_t stream = nullptr);
+// Vocabulary-parallel KL(student || teacher): s, u [N, V] bf16 (this shard's rows of the student's
+// and the teacher's logits); lse_s, lse_u (global logsumexps), weight, partial, kl [N] fp32.
+void kl_distill_shard(float* partial, const bf16* s, const bf16* u, const float* lse_s,
+                      const float* lse_u, const float* weight, int N, int V,
+                      cudaStream_t stream = nullptr);
+// ds (bf16) += dloss · weight[n] · p (log p - log p_t - kl[n]), kl the all-reduced partials.
+void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const float* lse_s,
+                               const float* lse_u, const float* kl, const float* weight,
+                               float dloss, int N, int V, cudaStream_t stream = nullptr);
 
 // ---- DMC attention (kernels/dmc_attention.h): fused flash-style kernels ----
 // q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;

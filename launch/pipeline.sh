@@ -20,7 +20,8 @@
 #   DMC_PIPELINE_CRS="2 4 8"      the retrofit targets
 #   DMC_PIPELINE_METHODS="dmc dms"
 #                                 the retrofit methods (default: both on the CPU; dmc on the GPU,
-#                                 where DMS has no CUDA training step yet)
+#                                 whose budgets below were measured for DMC; add dms to train it
+#                                 there too)
 #   DMC_PIPELINE_STAGES="S1 S2 S3"
 #                                 the steps of the three DMC stages (default: the config's below)
 #   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"

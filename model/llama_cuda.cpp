@@ -16,7 +16,18 @@ namespace dmc::model {
 namespace cuda_model_detail {
 void add(cuda::bf16* out, const cuda::bf16* a, const cuda::bf16* b, size_t n, cudaStream_t stream);
 void masked_sum(float* out, const float* losses, const int32_t* targets, int N, cudaStream_t stream);
-void fill_labelled(float* dlosses, const int32_t* targets, int N, float value, cudaStream_t stream);
+// *out = sum_i w[i] · x[i] (written, on the device).
+void weighted_sum(float* out, const float* x, const float* w, int N, cudaStream_t stream);
+// d[i] = value where targets[i] >= 0 and tokens[i] != skip_input, else 0 (token ids are >= 0, so
+// skip_input -1 leaves no input out).
+void fill_labelled(float* d, const int32_t* targets, const int32_t* tokens, int32_t skip_input,
+                   int N, float value, cudaStream_t stream);
+// DMS's decision channel q[n, h·G, D-1] of q [N, H, D], for every KV head h: read into x [N, Hkv]
+// (fp32), or set from value [N, Hkv] (null: zeroed).
+void get_dms_query_channel(float* x, const cuda::bf16* q, long N, int H, int Hkv, int D,
+                           cudaStream_t stream);
+void set_dms_query_channel(cuda::bf16* q, const float* value, long N, int H, int Hkv, int D,
+                           cudaStream_t stream);
 void scale(float* x, size_t n, float s, cudaStream_t stream);
 void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);
 }  // namespace cuda_model_detail
@@ -84,6 +95,11 @@ struct LlamaCuda::Buffers {
     bf16 *x, *xn, *q, *k, *v, *khat, *vhat, *qr, *kr, *att, *x2, *xn2, *gate, *up, *h;
     float *rstd, *lse, *rstd2;
     float *noise, *logit, *alpha, *merge, *mask, *omega, *denom;  // DMC, [B, T, Hkv]
+    // DMS: the decision input [B, T, Hkv] (merge holds the evictions); the adapter's norm output
+    // [N, C] and statistics [N] (null for the query-channel variant)
+    float* dms_x;
+    bf16* dms_xn;
+    float* dms_rstd;
   };
   int B = 0, T = 0;
   std::vector<void*> owned;
@@ -94,9 +110,14 @@ struct LlamaCuda::Buffers {
   // [tp, 2, N], and the global logsumexp [N] the backward reads.
   float *ce_stats, *ce_all_stats, *ce_lse;
   float *rstd_final, *losses;
-  // [2 + B + L·B]: labelled loss sum, CR loss, mean_merge[B], per-layer merge fraction [L][B];
-  // one buffer so Forward reads its results back in one copy, into stats_host (pinned), after
-  // which stats_ready is recorded.
+  // DMS distillation: the teacher's logits [N, vocab_rows_] and global logsumexps [N], the
+  // per-position loss weights [N] and KL(student || teacher) per position [N] (all-reduced).
+  bf16* teacher_logits = nullptr;
+  float *teacher_lse = nullptr, *distill_weight = nullptr, *distill_kl = nullptr;
+  // [kStatsHeader + B + L·B]: the header (labelled loss sum, CR loss, distillation loss),
+  // mean_merge[B], per-layer merge fraction [L][B]; one buffer so Forward reads its results back
+  // in one copy, into stats_host (pinned), after which stats_ready is recorded.
+  enum { kLmLossSum, kCrLoss, kDistillLoss, kStatsHeader };
   float* stats = nullptr;
   float* stats_host = nullptr;
   cudaEvent_t stats_ready = nullptr;
@@ -106,6 +127,8 @@ struct LlamaCuda::Buffers {
   // Backward work buffers, reused by every layer.
   bf16 *dlogits, *dres, *dxn, *dh, *dgate, *dup, *datt, *dqr, *dkr, *dq, *dkhat, *dk, *dvhat, *dv;
   float *dlosses, *dalpha, *domega, *dmerge, *dmask, *dmean_merge;
+  float* ddec;  // DMS: the decision input's gradient [B, T, Hkv] (fp32, and its bf16 copy)
+  bf16* ddec_bf16;
 
   template <typename X>
   X* Alloc(size_t n) {
@@ -164,7 +187,19 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
   }
   final_norm_offset_ = offset_of("model.norm.weight");
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_ : offset_of("lm_head.weight");
-  for (const auto& s : specs_) num_params_ = std::max(num_params_, s.offset + s.size);
+  if (config_.dms.variant == DmsVariant::kAdapter)
+    for (int l = 0; l < config_.num_hidden_layers; ++l) {
+      const std::string p = absl::StrFormat("model.layers.%d.self_attn.", l);
+      dms_offsets_.push_back(offset_of(p + "dms_proj_alpha_norm.weight"));
+      dms_offsets_.push_back(offset_of(p + "dms_proj_alpha.weight"));
+    }
+  for (const auto& s : specs_) {
+    num_params_ = std::max(num_params_, s.offset + s.size);
+    if (s.frozen) frozen_end_ = std::max(frozen_end_, s.offset + s.size);
+  }
+  for (const auto& s : specs_)
+    if (!s.frozen && s.offset < frozen_end_)
+      throw std::logic_error("trained tensor " + s.name + " lies among the frozen ones");
 
   const size_t P = num_params_;
   moment_shard_ = zero1_dp_ ? Zero1Shard::Make(P, zero1_dp_->rank(), zero1_dp_->size())
@@ -187,13 +222,13 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
 LlamaCuda::~LlamaCuda() {
   buf_.reset();
   for (void* p : {static_cast<void*>(master_), static_cast<void*>(weights_),
-                  static_cast<void*>(grads_), static_cast<void*>(adam_m_),
-                  static_cast<void*>(adam_v_)})
+                  static_cast<void*>(teacher_weights_), static_cast<void*>(grads_),
+                  static_cast<void*>(adam_m_), static_cast<void*>(adam_v_)})
     if (p) DMC_CUDA_CHECK(cudaFree(p));
 }
 
 const bf16* LlamaCuda::W(size_t offset) const { return weights_ + offset; }
-float* LlamaCuda::G(size_t offset) const { return grads_ + offset; }
+float* LlamaCuda::G(size_t offset) const { return offset < frozen_end_ ? nullptr : grads_ + offset; }
 
 // ---- parameters and optimizer state ----
 
@@ -216,6 +251,27 @@ void LlamaCuda::CopyParamsFromHost(const Llama<float>& host) {
       throw std::invalid_argument("CopyParamsFromHost: host parameter " + hs[i].name +
                                   " differs from the device layout");
   CopyParamsFromHost(host.params());
+}
+
+void LlamaCuda::SetTeacher(const Llama<float>& teacher) {
+  const auto& ts = teacher.param_specs();
+  if (ts.size() > specs_.size())
+    throw std::invalid_argument("SetTeacher: the teacher has more tensors than the student");
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (ts[i].name != specs_[i].name || ts[i].offset != specs_[i].offset ||
+        ts[i].size != specs_[i].size)
+      throw std::invalid_argument("SetTeacher: the teacher's parameter " + ts[i].name +
+                                  " differs from the student's layout");
+  const size_t n = teacher.params().size();
+  if (teacher_weights_) DMC_CUDA_CHECK(cudaFree(teacher_weights_));
+  DMC_CUDA_CHECK(cudaMalloc(&teacher_weights_, n * sizeof(bf16)));
+  // Rounded on the device, as the student's own bf16 copy is.
+  float* staging = nullptr;
+  DMC_CUDA_CHECK(cudaMalloc(&staging, n * sizeof(float)));
+  Transfer(staging, teacher.params().data(), n, cudaMemcpyHostToDevice);
+  h::to_bf16(teacher_weights_, staging, n, stream_);
+  DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  DMC_CUDA_CHECK(cudaFree(staging));
 }
 
 void LlamaCuda::Transfer(float* dst, const float* src, size_t n, cudaMemcpyKind kind) const {
@@ -302,6 +358,7 @@ void LlamaCuda::Allocate(int B, int T) {
   const size_t D = head_dim_, Q = N * heads_ * D, K = N * kv_heads_ * D, F = N * ffn_;
   const size_t G = N * kv_heads_;
   const int L = config_.num_hidden_layers;
+  const bool dms = config_.dms.is_dms(), adapter = !dms_offsets_.empty();
   b->layers.resize(L);
   for (auto& a : b->layers) {
     a.x = b->Alloc<bf16>(N * C);
@@ -324,6 +381,9 @@ void LlamaCuda::Allocate(int B, int T) {
     a.rstd2 = b->Alloc<float>(N);
     for (float** p : {&a.noise, &a.logit, &a.alpha, &a.merge, &a.mask, &a.omega, &a.denom})
       *p = b->Alloc<float>(G);
+    a.dms_x = dms ? b->Alloc<float>(G) : nullptr;
+    a.dms_xn = adapter ? b->Alloc<bf16>(N * C) : nullptr;
+    a.dms_rstd = adapter ? b->Alloc<float>(N) : nullptr;
   }
   b->tokens = b->Alloc<int32_t>(N);
   b->targets = b->Alloc<int32_t>(N);
@@ -336,8 +396,15 @@ void LlamaCuda::Allocate(int B, int T) {
   b->tmp = b->Alloc<bf16>(N * C);
   b->rstd_final = b->Alloc<float>(N);
   b->losses = b->Alloc<float>(N);
-  b->stats = b->Alloc<float>(2 + B + static_cast<size_t>(L) * B);
-  DMC_CUDA_CHECK(cudaMallocHost(&b->stats_host, sizeof(float) * (2 + B + static_cast<size_t>(L) * B)));
+  if (dms) {
+    b->teacher_logits = b->Alloc<bf16>(N * V);
+    b->teacher_lse = b->Alloc<float>(N);
+    b->distill_weight = b->Alloc<float>(N);
+    b->distill_kl = b->Alloc<float>(N);
+  }
+  const size_t nstats = Buffers::kStatsHeader + B + static_cast<size_t>(L) * B;
+  b->stats = b->Alloc<float>(nstats);
+  DMC_CUDA_CHECK(cudaMallocHost(&b->stats_host, sizeof(float) * nstats));
   DMC_CUDA_CHECK(cudaEventCreateWithFlags(&b->stats_ready, cudaEventDisableTiming));
   b->positions = b->Alloc<int32_t>(T);
   b->loma_dlosses = b->Alloc<float>(N);
@@ -362,6 +429,8 @@ void LlamaCuda::Allocate(int B, int T) {
   b->dmerge = b->dalpha + 2 * G;
   b->dmask = b->dalpha + 3 * G;
   b->dmean_merge = b->Alloc<float>(B);
+  b->ddec = dms ? b->Alloc<float>(G) : nullptr;
+  b->ddec_bf16 = adapter ? b->Alloc<bf16>(G) : nullptr;
   buf_ = std::move(b);
 }
 
@@ -393,19 +462,17 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
   seq_ = T_;
   options_ = options;
   forward_dmc_ = config_.dmc.enabled;
-  const int N = B * T_, C = config_.hidden_size, D = head_dim_;
-  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
-  const bool dmc = forward_dmc_;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float fade = options.control_fade;
-  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
-                                           config_.dmc.omega_eps, options.mode};
-  const float eps = config_.rms_norm_eps;
+  forward_dms_ = config_.dms.enabled;
+  distilling_ = forward_dms_ && distillation_;
+  const int N = B * T_, L = config_.num_hidden_layers;
   cudaStream_t s = stream_;
 
   label_count_ = 0;
-  for (int i = 0; i < N; ++i)
+  double distilled = 0;  // DMS.md §4: labelled positions whose input is not EOS
+  for (int i = 0; i < N; ++i) {
     if (targets[i] >= 0) label_count_ += 1;
+    if (targets[i] >= 0 && tokens[i] != config_.eos_token_id) distilled += 1;
+  }
   DMC_CUDA_CHECK(cudaMemcpyAsync(b.tokens, tokens, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
   DMC_CUDA_CHECK(cudaMemcpyAsync(b.targets, targets, sizeof(int32_t) * N, cudaMemcpyHostToDevice, s));
   // Lives until LomaStepLosses waits for the stream at the end of ForwardAsync, so the
@@ -416,88 +483,34 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
     DMC_CUDA_CHECK(cudaMemcpyAsync(b.positions, loma_positions.data(), sizeof(int32_t) * T_,
                                    cudaMemcpyHostToDevice, s));
   const int32_t* positions = loma ? b.positions : nullptr;
-  const size_t nstats = 2 + B + static_cast<size_t>(L) * B;
+  const size_t nstats = Buffers::kStatsHeader + B + static_cast<size_t>(L) * B;
   Zero(b.stats, nstats, s);
-  float* mean_merge = b.stats + 2;
-  float* layer_merge = b.stats + 2 + B;
+  float* mean_merge = b.stats + Buffers::kStatsHeader;
 
-  c::embedding_forward(b.layers[0].x, b.tokens, W(embed_offset_), N, C, vocab_begin_, vocab_rows_,
-                       s);
-  TpAllReduce(b.layers[0].x, size_t(N) * C);  // vocabulary-parallel: each rank filled its tokens' rows
-  for (int l = 0; l < L; ++l) {
-    Buffers::Layer& a = b.layers[l];
-    const size_t* o = &layer_offsets_[l * kLayerTensors];
-    bf16* x_out = l + 1 < L ? b.layers[l + 1].x : b.x_final;
-    c::rmsnorm_forward(a.xn, a.rstd, a.x, W(o[kAttnNorm]), N, C, eps, s);
-    c::matmul_forward(a.q, a.xn, W(o[kWq]), N, C, H * D, s);
-    c::matmul_forward(a.k, a.xn, W(o[kWk]), N, C, Hkv * D, s);
-    c::matmul_forward(a.v, a.xn, W(o[kWv]), N, C, Hkv * D, s);
-    if (fade != 1.0f) {
-      c::scale_last_channel(a.q, long(N) * H, D, fade, s);
-      c::scale_last_channel(a.k, long(N) * Hkv, D, fade, s);
-    }
-    const bf16* keys = a.k;
-    const bf16* values = a.v;
-    if (dmc) {
-      // Hard decisions read no noise (the CPU model's is 0 there), so it is left unwritten.
-      if (options.mode == kernels::DmcDecisionMode::kRelaxed)
-        c::logistic_noise(a.noise, B, T_, Hkv, options.noise_seed,
-                          (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
-                          tp_->rank() * Hkv, config_.num_key_value_heads, s);
-      c::dmc_gates_forward({a.logit, a.alpha, a.merge, a.mask, a.omega}, a.q, a.k, a.noise, B, T_,
-                           H, Hkv, D, gate_params, s);
-      c::dmc_scan_forward_kv(a.khat, a.vhat, a.denom, a.k, a.v, a.alpha, a.omega, B, T_, Hkv, D,
-                             config_.dmc.window, s);
-      keys = a.khat;
-      values = a.vhat;
-      c::cr_accumulate_merge(mean_merge, a.merge, B, T_, Hkv,
-                             static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads)),
-                             s);
-      // Per-layer statistics: f[l, b] = mean over positions and heads of merge.
-      c::cr_accumulate_merge(layer_merge + static_cast<size_t>(l) * B, a.merge, B, T_, Hkv,
-                             static_cast<float>(1.0 / (double(T_) * config_.num_key_value_heads)),
-                             s);
-    }
-    Rope(a.qr, a.q, B, T_, H, D, positions, config_.rope_theta, dmc, s);
-    Rope(a.kr, keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc, s);
-    if (fade != 1.0f) {
-      c::scale_last_channel(a.qr, long(N) * H, D, fade, s);
-      c::scale_last_channel(a.kr, long(N) * Hkv, D, fade, s);
-    }
-    if (loma)
-      c::loma_attention_forward(a.att, a.lse, a.qr, a.kr, values, B, T_, H, Hkv, D, options.loma,
-                                scale, s);
-    else
-      c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc ? a.mask : nullptr, B, T_, H,
-                               Hkv, D, dmc, scale, s);
-    c::matmul_forward(b.tmp, a.att, W(o[kWo]), N, H * D, C, s);
-    TpAllReduce(b.tmp, size_t(N) * C);
-    h::add(a.x2, a.x, b.tmp, size_t(N) * C, s);
-
-    // MLP half (Llama::MlpForward).
-    c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, W(o[kMlpNorm]), N, C, eps, s);
-    c::matmul_forward(a.gate, a.xn2, W(o[kGate]), N, C, F, s);
-    c::matmul_forward(a.up, a.xn2, W(o[kUp]), N, C, F, s);
-    c::swiglu_forward(a.h, a.gate, a.up, size_t(N) * F, s);
-    c::matmul_forward(b.tmp, a.h, W(o[kDown]), N, F, C, s);
-    TpAllReduce(b.tmp, size_t(N) * C);
-    h::add(x_out, a.x2, b.tmp, size_t(N) * C, s);
+  if (distilling_) {
+    // The teacher first (CpuBackend::Forward's order), without the CR loss; of its pass only the
+    // logits and logsumexps are kept, the student's overwrites the rest.
+    StepOptions plain = options;
+    plain.cr_prior = 0;
+    ForwardLogits(teacher_weights_ ? teacher_weights_ : weights_, false, false, plain, positions,
+                  b.teacher_logits, b.teacher_lse);
   }
-  c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, W(final_norm_offset_), N, C, eps, s);
-  // Vocabulary-parallel LM head and cross-entropy (as llama.cpp): the ranks exchange 2·N
-  // statistics, not the logits.
-  c::matmul_forward(b.logits, b.xn_final, W(lm_head_offset_), N, C, vocab_rows_, s);
-  c::cross_entropy_shard_stats(b.ce_stats, b.logits, b.targets, N, vocab_rows_, vocab_begin_, s);
-  const float* all_stats = b.ce_stats;
-  if (tp_->size() > 1) {
-    TpAllGather(b.ce_stats, b.ce_all_stats, 2 * size_t(N));
-    all_stats = b.ce_all_stats;
+  ForwardLogits(weights_, forward_dmc_, forward_dms_, options, positions, b.logits, b.ce_lse);
+  h::masked_sum(b.stats + Buffers::kLmLossSum, b.losses, b.targets, N, s);
+  if (distilling_) {
+    h::fill_labelled(b.distill_weight, b.targets, b.tokens, config_.eos_token_id, N,
+                     distilled > 0 ? static_cast<float>(1.0 / distilled) : 0.0f, s);
+    c::kl_distill_shard(b.distill_kl, b.logits, b.teacher_logits, b.ce_lse, b.teacher_lse,
+                        b.distill_weight, N, vocab_rows_, s);
+    TpAllReduce(b.distill_kl, size_t(N));  // each rank summed its vocabulary rows' terms
+    h::weighted_sum(b.stats + Buffers::kDistillLoss, b.distill_kl, b.distill_weight, N, s);
   }
-  c::cross_entropy_combine_shards(b.losses, b.ce_lse, all_stats, b.targets, N, tp_->size(), s);
-  h::masked_sum(b.stats + 0, b.losses, b.targets, N, s);
   // Each TP rank summed its own heads; the hinge needs all heads of a sequence (as llama.cpp).
-  if (dmc) TpAllReduce(mean_merge, nstats - 2);  // mean_merge[B] and the per-layer fractions
-  if (dmc && options.cr_prior > 0) c::cr_loss_forward(b.stats + 1, mean_merge, B, options.cr_prior, s);
+  if (forward_dmc_ || forward_dms_) {
+    TpAllReduce(mean_merge, nstats - Buffers::kStatsHeader);  // and the per-layer fractions
+    if (options.cr_prior > 0)
+      c::cr_loss_forward(b.stats + Buffers::kCrLoss, mean_merge, B, options.cr_prior, s);
+  }
 
   DMC_CUDA_CHECK(cudaMemcpyAsync(b.stats_host, b.stats, sizeof(float) * nstats,
                                  cudaMemcpyDeviceToHost, s));
@@ -506,6 +519,117 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
   // the per-token losses: a LoMA step waits here.
   if (loma)
     loma_losses_ = LomaStepLosses(b.losses, targets, B, T_, options.loma, b.loma_dlosses, s);
+}
+
+void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const StepOptions& options,
+                              const int32_t* positions, bf16* logits, float* lse) {
+  Buffers& b = *buf_;
+  const int B = b.B, T_ = b.T;
+  const int N = B * T_, C = config_.hidden_size, D = head_dim_;
+  const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
+  const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float fade = options.control_fade;
+  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
+                                           config_.dmc.omega_eps, options.mode};
+  const kernels::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
+                                          config_.dms.temperature, options.mode};
+  const float eps = config_.rms_norm_eps;
+  cudaStream_t s = stream_;
+  auto w = [weights](size_t offset) { return weights + offset; };
+  float* mean_merge = b.stats + Buffers::kStatsHeader;
+  float* layer_merge = mean_merge + B;
+  // 1 / (L · T · Hkv of the whole model): each sequence's mean merge (eviction) fraction.
+  const float merge_scale =
+      static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads));
+
+  c::embedding_forward(b.layers[0].x, b.tokens, w(embed_offset_), N, C, vocab_begin_, vocab_rows_,
+                       s);
+  TpAllReduce(b.layers[0].x, size_t(N) * C);  // vocabulary-parallel: each rank filled its tokens' rows
+  for (int l = 0; l < L; ++l) {
+    Buffers::Layer& a = b.layers[l];
+    const size_t* o = &layer_offsets_[l * kLayerTensors];
+    bf16* x_out = l + 1 < L ? b.layers[l + 1].x : b.x_final;
+    c::rmsnorm_forward(a.xn, a.rstd, a.x, w(o[kAttnNorm]), N, C, eps, s);
+    c::matmul_forward(a.q, a.xn, w(o[kWq]), N, C, H * D, s);
+    c::matmul_forward(a.k, a.xn, w(o[kWk]), N, C, Hkv * D, s);
+    c::matmul_forward(a.v, a.xn, w(o[kWv]), N, C, Hkv * D, s);
+    if (fade != 1.0f) {
+      c::scale_last_channel(a.q, long(N) * H, D, fade, s);
+      c::scale_last_channel(a.k, long(N) * Hkv, D, fade, s);
+    }
+    const bf16* keys = a.k;
+    const bf16* values = a.v;
+    // Hard decisions read no noise (the CPU model's is 0 there), so it is left unwritten.
+    if ((dmc || dms) && options.mode == kernels::DmcDecisionMode::kRelaxed)
+      c::logistic_noise(a.noise, B, T_, Hkv, options.noise_seed,
+                        (options.step << 16) | static_cast<uint64_t>(l), options.seq0,
+                        tp_->rank() * Hkv, config_.num_key_value_heads, s);
+    if (dmc) {
+      c::dmc_gates_forward({a.logit, a.alpha, a.merge, a.mask, a.omega}, a.q, a.k, a.noise, B, T_,
+                           H, Hkv, D, gate_params, s);
+      c::dmc_scan_forward_kv(a.khat, a.vhat, a.denom, a.k, a.v, a.alpha, a.omega, B, T_, Hkv, D,
+                             config_.dmc.window, s);
+      keys = a.khat;
+      values = a.vhat;
+    }
+    if (dms) {
+      // The decision input (Llama::DmsDecisionInput): the adapter on the residual input, or the
+      // query channel, which is then zeroed for attention (before RoPE here, after it below).
+      if (qchannel) {
+        h::get_dms_query_channel(a.dms_x, a.q, N, H, Hkv, D, s);
+        h::set_dms_query_channel(a.q, nullptr, N, H, Hkv, D, s);
+      } else {
+        c::rmsnorm_forward(a.dms_xn, a.dms_rstd, a.x, w(dms_offsets_[2 * l]), N, C, eps, s);
+        c::matmul_forward_f32(a.dms_x, a.dms_xn, w(dms_offsets_[2 * l + 1]), N, C, Hkv, s);
+      }
+      c::dms_gates_forward(a.logit, a.alpha, a.merge, a.mask, a.dms_x, a.noise, B, T_, Hkv,
+                           dms_params, s);
+    }
+    if (dmc || dms) {
+      c::cr_accumulate_merge(mean_merge, a.merge, B, T_, Hkv, merge_scale, s);
+      // Per-layer statistics: f[l, b] = mean over positions and heads of merge.
+      c::cr_accumulate_merge(layer_merge + static_cast<size_t>(l) * B, a.merge, B, T_, Hkv,
+                             static_cast<float>(1.0 / (double(T_) * config_.num_key_value_heads)),
+                             s);
+    }
+    Rope(a.qr, a.q, B, T_, H, D, positions, config_.rope_theta, dmc, s);
+    Rope(a.kr, keys, B, T_, Hkv, D, positions, config_.rope_theta, dmc, s);
+    if (qchannel) h::set_dms_query_channel(a.qr, nullptr, N, H, Hkv, D, s);
+    if (fade != 1.0f) {
+      c::scale_last_channel(a.qr, long(N) * H, D, fade, s);
+      c::scale_last_channel(a.kr, long(N) * Hkv, D, fade, s);
+    }
+    if (options.loma.enabled())
+      c::loma_attention_forward(a.att, a.lse, a.qr, a.kr, values, B, T_, H, Hkv, D, options.loma,
+                                scale, s);
+    else
+      c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc || dms ? a.mask : nullptr, B,
+                               T_, H, Hkv, D, dmc, scale, s, dms ? config_.dms.window : 0);
+    c::matmul_forward(b.tmp, a.att, w(o[kWo]), N, H * D, C, s);
+    TpAllReduce(b.tmp, size_t(N) * C);
+    h::add(a.x2, a.x, b.tmp, size_t(N) * C, s);
+
+    // MLP half (Llama::MlpForward).
+    c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, w(o[kMlpNorm]), N, C, eps, s);
+    c::matmul_forward(a.gate, a.xn2, w(o[kGate]), N, C, F, s);
+    c::matmul_forward(a.up, a.xn2, w(o[kUp]), N, C, F, s);
+    c::swiglu_forward(a.h, a.gate, a.up, size_t(N) * F, s);
+    c::matmul_forward(b.tmp, a.h, w(o[kDown]), N, F, C, s);
+    TpAllReduce(b.tmp, size_t(N) * C);
+    h::add(x_out, a.x2, b.tmp, size_t(N) * C, s);
+  }
+  c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, w(final_norm_offset_), N, C, eps, s);
+  // Vocabulary-parallel LM head and cross-entropy (as llama.cpp): the ranks exchange 2·N
+  // statistics, not the logits.
+  c::matmul_forward(logits, b.xn_final, w(lm_head_offset_), N, C, vocab_rows_, s);
+  c::cross_entropy_shard_stats(b.ce_stats, logits, b.targets, N, vocab_rows_, vocab_begin_, s);
+  const float* all_stats = b.ce_stats;
+  if (tp_->size() > 1) {
+    TpAllGather(b.ce_stats, b.ce_all_stats, 2 * size_t(N));
+    all_stats = b.ce_all_stats;
+  }
+  c::cross_entropy_combine_shards(b.losses, lse, all_stats, b.targets, N, tp_->size(), s);
 }
 
 ForwardResult LlamaCuda::Forward(const int32_t* tokens, const int32_t* targets, int B, int T_,
@@ -518,23 +642,24 @@ ForwardResult LlamaCuda::ForwardResults() {
   if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::ForwardResults without a Forward");
   const Buffers& b = *buf_;
   const int B = batch_, L = config_.num_hidden_layers;
-  const bool dmc = forward_dmc_;
   const StepOptions& options = options_;
   TpSynchronize();
   DMC_CUDA_CHECK(cudaEventSynchronize(b.stats_ready));
   const float* stats = b.stats_host;
+  const float* mean_merge = stats + Buffers::kStatsHeader;
 
   ForwardResult result;
-  result.lm_loss = label_count_ > 0 ? stats[0] / label_count_ : 0.0;
-  if (dmc) {
-    if (options.cr_prior > 0) result.cr_loss = stats[1];
+  result.lm_loss = label_count_ > 0 ? stats[Buffers::kLmLossSum] / label_count_ : 0.0;
+  if (distilling_) result.distill_loss = stats[Buffers::kDistillLoss];
+  if (forward_dmc_ || forward_dms_) {
+    if (options.cr_prior > 0) result.cr_loss = stats[Buffers::kCrLoss];
     double total = 0;
-    for (int i = 0; i < B; ++i) total += stats[2 + i];
+    for (int i = 0; i < B; ++i) total += mean_merge[i];
     result.merge_fraction = total / B;
     result.layer_merge_fraction.assign(L, 0.0);
     for (int l = 0; l < L; ++l) {
       double sum = 0;
-      for (int i = 0; i < B; ++i) sum += stats[2 + B + static_cast<size_t>(l) * B + i];
+      for (int i = 0; i < B; ++i) sum += mean_merge[B + static_cast<size_t>(l) * B + i];
       result.layer_merge_fraction[l] = sum / B;
     }
   }
@@ -542,40 +667,62 @@ ForwardResult LlamaCuda::ForwardResults() {
     result.lm_loss = loma_losses_.reading;
     result.rep_loss = loma_losses_.repetition;
   }
-  result.loss = result.lm_loss + result.cr_loss + result.rep_loss;
+  result.loss = (distilling_ ? result.distill_loss : result.lm_loss) + result.cr_loss +
+                result.rep_loss;
   return result;
 }
 
 void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over) {
   if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::Backward without a Forward");
-  GradientBuckets buckets(DpReducer(average_over), grads_, num_params_, dp_bucket_floats_);
+  // Only the trained tensors are averaged: a frozen one has no gradient. They follow the frozen
+  // ones, so the buckets cover [frozen_end_, num_params_), and a layer's tensors are reported
+  // done only when they lie there (an adapter model's adapters come last in the layout but are
+  // finished layer by layer: its buckets all start at Finish).
+  GradientBuckets buckets(DpReducer(average_over), grads_ + frozen_end_, num_params_ - frozen_end_,
+                          dp_bucket_floats_);
+  auto ready = [&](size_t offset) {
+    if (offset >= frozen_end_ && dms_offsets_.empty()) buckets.Ready(offset - frozen_end_);
+  };
   Buffers& b = *buf_;
   const int B = batch_, T_ = seq_;
   const int N = B * T_, C = config_.hidden_size, V = vocab_rows_, D = head_dim_;
   const int H = heads_, Hkv = kv_heads_, F = ffn_, L = config_.num_hidden_layers;
-  const bool dmc = forward_dmc_;
+  const bool dmc = forward_dmc_, dms = forward_dms_;
+  const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float fade = options_.control_fade;
   const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
                                            config_.dmc.omega_eps, options_.mode};
+  const kernels::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
+                                          config_.dms.temperature, options_.mode};
   cudaStream_t s = stream_;
   const size_t Q = size_t(N) * H * D, K = size_t(N) * Hkv * D, NG = size_t(N) * Hkv;
-  float* mean_merge = b.stats + 2;
+  float* mean_merge = b.stats + Buffers::kStatsHeader;
+  const float merge_scale =
+      static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads));
   const bool loma = options_.loma.enabled();
   const int32_t* positions = loma ? b.positions : nullptr;
 
-  // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed).
-  if (loma) {
-    DMC_CUDA_CHECK(cudaMemcpyAsync(b.dlosses, b.loma_dlosses, sizeof(float) * N,
-                                   cudaMemcpyDeviceToDevice, s));
-    h::scale(b.dlosses, N, static_cast<float>(loss_scale), s);
-  } else {
-    h::fill_labelled(b.dlosses, b.targets, N,
-                     label_count_ > 0 ? static_cast<float>(loss_scale / label_count_) : 0.0f, s);
-  }
+  // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed),
+  // or, distilling, the weighted KL(student || teacher).
   Zero(b.dlogits, size_t(N) * V, s);
-  c::cross_entropy_shard_backward(b.dlogits, b.logits, b.ce_lse, b.targets, b.dlosses, N, V,
-                                  vocab_begin_, s);
+  if (distilling_) {
+    c::kl_distill_shard_backward(b.dlogits, b.logits, b.teacher_logits, b.ce_lse, b.teacher_lse,
+                                 b.distill_kl, b.distill_weight, static_cast<float>(loss_scale),
+                                 N, V, s);
+  } else {
+    if (loma) {
+      DMC_CUDA_CHECK(cudaMemcpyAsync(b.dlosses, b.loma_dlosses, sizeof(float) * N,
+                                     cudaMemcpyDeviceToDevice, s));
+      h::scale(b.dlosses, N, static_cast<float>(loss_scale), s);
+    } else {
+      h::fill_labelled(b.dlosses, b.targets, b.tokens, -1, N,
+                       label_count_ > 0 ? static_cast<float>(loss_scale / label_count_) : 0.0f,
+                       s);
+    }
+    c::cross_entropy_shard_backward(b.dlogits, b.logits, b.ce_lse, b.targets, b.dlosses, N, V,
+                                    vocab_begin_, s);
+  }
   Zero(b.dxn, size_t(N) * C, s);
   Zero(b.dres, size_t(N) * C, s);
   c::matmul_backward(b.dxn, G(lm_head_offset_), b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
@@ -583,11 +730,11 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   TpAllReduce(b.dxn, size_t(N) * C);  // vocabulary-parallel LM head: a share of the sum per rank
   c::rmsnorm_backward(b.dres, G(final_norm_offset_), b.dxn, b.x_final, W(final_norm_offset_),
                       b.rstd_final, N, C, s);
-  buckets.Ready(final_norm_offset_);  // the final norm and an untied LM head are done
+  ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction.
   Zero(b.dmean_merge, B, s);
-  if (dmc && options_.cr_prior > 0)
+  if ((dmc || dms) && options_.cr_prior > 0)
     c::cr_loss_backward(b.dmean_merge, mean_merge, B, options_.cr_prior,
                         static_cast<float>(loss_scale), s);
 
@@ -613,15 +760,16 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     Zero(b.dqr, Q, s);
     Zero(b.dkr, K, s);
     Zero(b.dvhat, K, s);
-    if (dmc) Zero(b.dalpha, 4 * NG, s);  // dalpha, domega, dmerge, dmask (contiguous)
+    if (dmc || dms) Zero(b.dalpha, 4 * NG, s);  // dalpha, domega, dmerge, dmask (contiguous)
     const bf16* values = dmc ? a.vhat : a.v;
     if (loma)
       c::loma_attention_backward(b.dqr, b.dkr, b.dvhat, b.datt, a.qr, a.kr, values, a.att, a.lse,
                                  B, T_, H, Hkv, D, options_.loma, scale, s);
     else
-      c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc ? b.dmask : nullptr, b.datt, a.qr,
-                                a.kr, values, dmc ? a.mask : nullptr, a.att, a.lse, B, T_, H, Hkv,
-                                D, dmc, scale, s);
+      c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc || dms ? b.dmask : nullptr, b.datt,
+                                a.qr, a.kr, values, dmc || dms ? a.mask : nullptr, a.att, a.lse, B,
+                                T_, H, Hkv, D, dmc, scale, s, dms ? config_.dms.window : 0);
+    if (qchannel) h::set_dms_query_channel(b.dqr, nullptr, N, H, Hkv, D, s);
     if (fade != 1.0f) {
       c::scale_last_channel(b.dqr, long(N) * H, D, fade, s);
       c::scale_last_channel(b.dkr, long(N) * Hkv, D, fade, s);
@@ -637,13 +785,19 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
       c::dmc_scan_backward_kv(b.dk, b.dv, b.dalpha, b.domega, b.dkhat, b.dvhat, a.k, a.v, a.khat,
                               a.vhat, a.alpha, a.omega, a.denom, B, T_, Hkv, D, config_.dmc.window,
                               s);
-      c::cr_accumulate_merge_backward(
-          b.dmerge, b.dmean_merge, B, T_, Hkv,
-          static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads)), s);
+      c::cr_accumulate_merge_backward(b.dmerge, b.dmean_merge, B, T_, Hkv, merge_scale, s);
       c::dmc_gates_backward(b.dq, b.dk, b.dalpha, b.dmerge, b.dmask, b.domega, a.q, a.logit,
                             a.alpha, B, T_, H, Hkv, D, gate_params, s);
       dk = b.dk;
       dv = b.dv;
+    }
+    if (dms) {
+      c::cr_accumulate_merge_backward(b.dmerge, b.dmean_merge, B, T_, Hkv, merge_scale, s);
+      Zero(b.ddec, NG, s);
+      c::dms_gates_backward(b.ddec, b.dmerge, b.dmask, a.logit, a.alpha, B, T_, Hkv, dms_params,
+                            s);
+      // The channel was zeroed for attention, so the decision is its only use.
+      if (qchannel) h::set_dms_query_channel(b.dq, b.ddec, N, H, Hkv, D, s);
     }
     if (fade != 1.0f) {
       c::scale_last_channel(b.dq, long(N) * H, D, fade, s);
@@ -655,9 +809,18 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     c::matmul_backward(b.dxn, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
     TpAllReduce(b.dxn, size_t(N) * C);
     c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C, s);
-    buckets.Ready(o[kAttnNorm]);  // layer l's tensors are done
+    if (dms && !dms_offsets_.empty()) {  // the adapter reads the residual through its own norm
+      const size_t norm = dms_offsets_[2 * l], proj = dms_offsets_[2 * l + 1];
+      h::to_bf16(b.ddec_bf16, b.ddec, NG, s);
+      Zero(b.dxn, size_t(N) * C, s);
+      c::matmul_backward(b.dxn, G(proj), b.ddec_bf16, a.dms_xn, W(proj), N, C, Hkv, s);
+      TpAllReduce(b.dxn, size_t(N) * C);  // column-parallel over KV heads
+      c::rmsnorm_backward(b.dres, G(norm), b.dxn, a.x, W(norm), a.dms_rstd, N, C, s);
+    }
+    ready(o[kAttnNorm]);  // layer l's tensors are done
   }
-  c::embedding_backward(G(embed_offset_), b.dres, b.tokens, N, C, vocab_begin_, vocab_rows_, s);
+  if (float* dwte = G(embed_offset_))
+    c::embedding_backward(dwte, b.dres, b.tokens, N, C, vocab_begin_, vocab_rows_, s);
   // The embedding (holding a tied LM head's gradient too) is done only now.
   if (absl::Status st = buckets.Finish(); !st.ok())
     throw std::runtime_error("data-parallel gradient all-reduce failed: " + st.ToString());

@@ -1,6 +1,7 @@
 // Element-wise helpers of the CUDA model (model/llama_cuda.h): the residual add, the labelled
-// loss sum, the loss gradient fill, gradient scaling and the fp32 → bf16 weight copy. Declared
-// where they are used (model/llama_cuda.cpp), so this file needs no host-only headers.
+// loss sum, the per-position loss weights, a weighted sum, gradient scaling, the fp32 → bf16
+// copy, and the DMS query channel's reads and writes. Declared where they are used
+// (model/llama_cuda.cpp), so this file needs no host-only headers.
 #include <cstdint>
 
 #include "kernels/cuda_check.h"
@@ -34,9 +35,37 @@ __global__ void masked_sum_kernel(float* out, const float* losses, const int32_t
   if (threadIdx.x == 0) *out = static_cast<float>(acc);
 }
 
-__global__ void fill_labelled_kernel(float* d, const int32_t* targets, int N, float value) {
+__global__ void weighted_sum_kernel(float* out, const float* x, const float* w, int N) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x)
+    acc += static_cast<double>(w[i]) * static_cast<double>(x[i]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = static_cast<float>(acc);
+}
+
+__global__ void fill_labelled_kernel(float* d, const int32_t* targets, const int32_t* tokens,
+                                     int32_t skip_input, int N, float value) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < N) d[i] = targets[i] >= 0 ? value : 0.f;
+  if (i < N) d[i] = targets[i] >= 0 && tokens[i] != skip_input ? value : 0.f;
+}
+
+// Channel D-1 of query head h·G of row n, the DMS decision channel of KV head h (DMS.md §1).
+__device__ __forceinline__ long dms_channel(long n, int h, int H, int G, int D) {
+  return (n * H + static_cast<long>(h) * G) * D + D - 1;
+}
+
+__global__ void get_dms_query_channel_kernel(float* x, const bf16* q, long total, int H, int Hkv,
+                                             int D) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) x[i] = bf(q[dms_channel(i / Hkv, static_cast<int>(i % Hkv), H, H / Hkv, D)]);
+}
+
+__global__ void set_dms_query_channel_kernel(bf16* q, const float* value, long total, int H,
+                                             int Hkv, int D) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total)
+    q[dms_channel(i / Hkv, static_cast<int>(i % Hkv), H, H / Hkv, D)] =
+        tobf(value ? value[i] : 0.f);
 }
 
 __global__ void scale_kernel(float* x, size_t n, float s) {
@@ -65,10 +94,34 @@ void masked_sum(float* out, const float* losses, const int32_t* targets, int N,
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-void fill_labelled(float* dlosses, const int32_t* targets, int N, float value,
-                   cudaStream_t stream) {
+void weighted_sum(float* out, const float* x, const float* w, int N, cudaStream_t stream) {
+  weighted_sum_kernel<<<1, 1024, 0, stream>>>(out, x, w, N);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void fill_labelled(float* d, const int32_t* targets, const int32_t* tokens, int32_t skip_input,
+                   int N, float value, cudaStream_t stream) {
   if (N <= 0) return;
-  fill_labelled_kernel<<<ceil_div(N, kThreads), kThreads, 0, stream>>>(dlosses, targets, N, value);
+  fill_labelled_kernel<<<ceil_div(N, kThreads), kThreads, 0, stream>>>(d, targets, tokens,
+                                                                      skip_input, N, value);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void get_dms_query_channel(float* x, const bf16* q, long N, int H, int Hkv, int D,
+                           cudaStream_t stream) {
+  const long total = N * Hkv;
+  if (total <= 0) return;
+  get_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(x, q, total, H,
+                                                                                  Hkv, D);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void set_dms_query_channel(bf16* q, const float* value, long N, int H, int Hkv, int D,
+                           cudaStream_t stream) {
+  const long total = N * Hkv;
+  if (total <= 0) return;
+  set_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+      q, value, total, H, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,8 +1,19 @@
 // The Llama decoder with DMC heads on one CUDA device: the same layer graph, forward and
 // hand-written backward as model::Llama<T> (model/llama.h), op by op, on the kernels of
-// kernels/cuda_ops.h, LoMA steps (StepOptions::loma) included. The CPU model is the
-// specification; tests/cuda/test_cuda_model.cpp (DMC) and tests/cuda/test_cuda_loma.cpp (LoMA)
-// check losses, merge statistics and every gradient tensor of this one against it.
+// kernels/cuda_ops.h, LoMA steps (StepOptions::loma) and DMS steps included. The CPU model is the
+// specification; tests/cuda/test_cuda_model.cpp (DMC), tests/cuda/test_cuda_loma.cpp (LoMA) and
+// tests/cuda/test_cuda_dms.cpp (DMS) check losses, merge statistics and every gradient tensor of
+// this one against it.
+//
+// DMS (model/llama.h, DMS.md): with eviction on and distillation on (set_distillation, what the
+// trainer's step does), a Forward first runs the teacher on the same batch — the frozen bf16 copy
+// of SetTeacher (the query-channel variant's), or this model's own weights with eviction off (the
+// adapter variant's: its base is frozen) — and keeps its logits (this rank's vocabulary rows) and
+// logsumexps; the student's pass then attends under the delayed-eviction mask and the loss is
+// KL(student || teacher) (kernels/kl_distill.h, vocabulary-parallel: the ranks all-reduce N
+// per-row sums, never logits) + the compression loss, the LM loss only reported, as
+// Llama::SetDistillationTarget makes the CPU model do. Frozen tensors (the adapter variant's base)
+// get no gradient here (the CPU model computes and ignores them) and the optimizer skips them.
 //
 // What lives on the device (all allocated once; activations again only when B·T grows):
 //   - fp32 master weights, their bf16 compute copy, fp32 gradients, fp32 AdamW moments, all in
@@ -80,7 +91,21 @@ class LlamaCuda {
   const LlamaConfig& config() const { return config_; }
   const std::vector<ParamSpec>& param_specs() const { return specs_; }
   size_t num_params() const { return num_params_; }
-  void set_dmc_enabled(bool enabled) { config_.dmc.enabled = enabled; }
+  // DMC merging or (a DMS model) DMS eviction on or off, as Llama::set_compression_enabled.
+  void set_compression_enabled(bool enabled) {
+    if (config_.dms.is_dms())
+      config_.dms.enabled = enabled;
+    else
+      config_.dmc.enabled = enabled;
+  }
+  // DMS: whether a Forward with eviction on distils from the teacher (above); off (the default),
+  // it is the plain forward with eviction, whose loss is the LM loss + the compression loss.
+  void set_distillation(bool on) { distillation_ = on; }
+  // DMS query-channel variant: the teacher, a frozen bf16 copy of `teacher`'s weights (the model
+  // the retrofit started from, built with the same TP group). Its parameter layout must be this
+  // model's without DMS: the same tensors at the same offsets, or the base tensors of an adapter
+  // model. Throws std::invalid_argument otherwise. Without one the teacher is this model itself.
+  void SetTeacher(const Llama<float>& teacher);
 
   // Parameters (fp32 master and bf16 copy) from / to a host model of the same config. The host
   // model's layout must match (same param_specs); throws std::invalid_argument otherwise.
@@ -103,8 +128,9 @@ class LlamaCuda {
   void ZeroControlChannelRows();
 
   // tokens, targets: host arrays [B, T] (targets < 0 unlabelled). Same semantics and results as
-  // Llama<T>::Forward; keeps the activations for Backward. Waits for the device at the end:
-  // = ForwardAsync, then ForwardResults.
+  // Llama<T>::Forward (with distillation, as the CPU model given the teacher's logits on the same
+  // batch); keeps the activations for Backward. Waits for the device at the end: = ForwardAsync,
+  // then ForwardResults.
   ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
                         const StepOptions& options);
   // Enqueues the forward without waiting; its statistics go to pinned host memory.
@@ -182,7 +208,14 @@ class LlamaCuda {
   // ZeRO-1 with NCCL: waits for that all-gather under the group's deadline, as TpSynchronize.
   void Zero1Synchronize();
   const cuda::bf16* W(size_t offset) const;
+  // The gradient of the tensor at offset; null for a frozen tensor, whose gradient is not formed.
   float* G(size_t offset) const;
+  // The layer graph from the embedding to the logits [N, vocab_rows_] and the cross-entropy on
+  // the uploaded batch, with the bf16 weights `weights` (this model's layout, or a prefix of it:
+  // the teacher's) and compression as dmc / dms say; the global logsumexps go to lse, the
+  // per-position losses to buf_->losses, the compression statistics to buf_->stats.
+  void ForwardLogits(const cuda::bf16* weights, bool dmc, bool dms, const StepOptions& options,
+                     const int32_t* positions, cuda::bf16* logits, float* lse);
   // Multi-tensor table, AdamW arguments, norm and the optimizer's CUDA graph; made at the first
   // OptimizerStepAsync (model/llama_cuda_optimizer.cpp).
   struct OptimizerState;
@@ -197,10 +230,16 @@ class LlamaCuda {
   std::vector<ParamSpec> specs_;
   std::vector<size_t> layer_offsets_;  // per layer: attn_norm, wq, wk, wv, wo, mlp_norm, gate, up, down
   size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0, num_params_ = 0;
+  std::vector<size_t> dms_offsets_;  // per layer: the DMS adapter's norm and projection
+  // Frozen tensors all lie in [0, frozen_end_) and trained ones after it (model/llama.cpp puts the
+  // DMS adapter after the base); 0 without frozen tensors.
+  size_t frozen_end_ = 0;
 
   cudaStream_t stream_ = nullptr;
   float* master_ = nullptr;          // fp32 [num_params]
   cuda::bf16* weights_ = nullptr;  // bf16 [num_params]
+  cuda::bf16* teacher_weights_ = nullptr;  // bf16, SetTeacher's layout; null: no frozen teacher
+  bool distillation_ = false;
   float* grads_ = nullptr;           // fp32 [num_params]
   parallel::Communicator* zero1_dp_;  // the ZeRO-1 group (null: moments not sharded)
   Zero1Shard moment_shard_;           // whose moments adam_m_ / adam_v_ hold
@@ -217,7 +256,7 @@ class LlamaCuda {
   int batch_ = 0, seq_ = 0;
   StepOptions options_;
   double label_count_ = 0;
-  bool forward_dmc_ = false;
+  bool forward_dmc_ = false, forward_dms_ = false, distilling_ = false;
   LomaLosses loma_losses_;  // of a LoMA step, formed in ForwardAsync
 };
 

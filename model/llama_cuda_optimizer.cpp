@@ -51,16 +51,21 @@ struct LlamaCuda::OptimizerState {
     DMC_CUDA_CHECK(cudaFree(sumsq));
     DMC_CUDA_CHECK(cudaFreeHost(sumsq_host));
   }
+  // The trained tensors: frozen ones (a DMS adapter model's base) are neither in the norm nor
+  // updated, as trainer/optimizer.cpp.
   static std::vector<c::FlatTensor> Tensors(const std::vector<ParamSpec>& specs) {
     std::vector<c::FlatTensor> t;
-    for (const ParamSpec& s : specs) t.push_back({s.offset, s.size, s.weight_decay, s.split_dim >= 0});
+    for (const ParamSpec& s : specs)
+      if (!s.frozen) t.push_back({s.offset, s.size, s.weight_decay, s.split_dim >= 0});
     return t;
   }
-  // Each tensor's part of the slice, offsets from the slice's start (all of it without ZeRO-1).
+  // Each trained tensor's part of the slice, offsets from the slice's start (all of it without
+  // ZeRO-1).
   static std::vector<c::FlatTensor> SliceTensors(const std::vector<ParamSpec>& specs,
                                                  const Zero1Shard& shard) {
     std::vector<c::FlatTensor> t;
     for (const ParamSpec& s : specs) {
+      if (s.frozen) continue;
       const FlatRange part = shard.Overlap(s.offset, s.size);
       if (part.size > 0)
         t.push_back({part.begin - shard.slice.begin, part.size, s.weight_decay, s.split_dim >= 0});

@@ -8,21 +8,27 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const model::Ll
                                                                  const OptimizerConfig& optimizer,
                                                                  parallel::Communicator* tp,
                                                                  parallel::Communicator* dp) {
-  if (host.config().dms.is_dms())
-    return absl::UnimplementedError(
-        "--method=dms --device=cuda: the CUDA model has no DMS step yet; train DMS with "
-        "--device=cpu");
   std::unique_ptr<model::LlamaCuda> device;
   try {
     device =
         std::make_unique<model::LlamaCuda>(host.config(), tp, optimizer.zero1 ? dp : nullptr);
     device->CopyParamsFromHost(host);
+    device->set_distillation(true);  // a DMS step distils, as CpuBackend::Forward
   } catch (const std::invalid_argument& e) {
     return absl::InvalidArgumentError(std::string("--device=cuda: ") + e.what());
   } catch (const std::runtime_error& e) {
     return absl::FailedPreconditionError(std::string("--device=cuda: ") + e.what());
   }
   return std::unique_ptr<CudaBackend>(new CudaBackend(std::move(device), optimizer, dp));
+}
+
+absl::Status CudaBackend::SetTeacher(model::Llama<float>* teacher) {
+  try {
+    model_->SetTeacher(*teacher);
+  } catch (const std::invalid_argument& e) {
+    return absl::InvalidArgumentError(std::string("DMS teacher on the GPU: ") + e.what());
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Backward(double loss_scale, bool average_gradients) {

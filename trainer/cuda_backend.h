@@ -3,7 +3,8 @@
 // backend (library dmc_trainer_cuda). Tensor parallelism splits the model over the tp group as
 // the CPU model does; data parallelism averages the gradients over the dp group in buckets that
 // overlap with the backward pass. Either group may be NCCL (device buffers, on its own stream) or
-// MPI (host copies: ranks sharing one GPU); see model/llama_cuda_parallel.h.
+// MPI (host copies: ranks sharing one GPU); see model/llama_cuda_parallel.h. DMS steps distil on
+// the device: the teacher's forward runs inside the model's (LlamaCuda::set_distillation).
 #pragma once
 
 #include <memory>
@@ -29,10 +30,9 @@ class CudaBackend : public TrainBackend {
                                                              parallel::Communicator* dp = nullptr);
 
   const char* name() const override { return "cuda"; }
-  void SetCompressionEnabled(bool enabled) override { model_->set_dmc_enabled(enabled); }
-  absl::Status SetTeacher(model::Llama<float>*) override {
-    return absl::UnimplementedError("DMS distillation runs on the CPU backend only (--device=cpu)");
-  }
+  void SetCompressionEnabled(bool enabled) override { model_->set_compression_enabled(enabled); }
+  // A frozen bf16 copy of the teacher's weights on the device (LlamaCuda::SetTeacher).
+  absl::Status SetTeacher(model::Llama<float>* teacher) override;
   void ZeroControlChannelRows() override { model_->ZeroControlChannelRows(); }
   void ZeroGrad() override { model_->ZeroGrad(); }
   model::ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
