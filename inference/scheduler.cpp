@@ -1,6 +1,5 @@
 #include "inference/scheduler.h"
 
-#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_format.h"
@@ -60,10 +59,19 @@ bool Scheduler::Affordable(const Request& request) const {
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long page = KvPageBytes(o, engine_.element_bytes());
   const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
+  long growth_pages = heads;  // the new request's first step
+  for (int id : active_) {
+    long slots = 0;
+    for (int l = 0; l < o.layers; ++l)
+      for (int h = 0; h < o.kv_heads; ++h) slots += engine_.length(id, l, h);
+    const long tokens = engine_.tokens(id);
+    // heads × kept fraction, rounded up; a sequence not fed yet: a page per head
+    growth_pages += tokens == 0 ? heads : (slots + tokens - 1) / tokens;
+  }
   const long need = KvWindowBytes(o, engine_.window_element_bytes()) +
                     KvResidualBytes(o, engine_.element_bytes()) +
                     heads * page * ((prompt + o.page_size - 1) / o.page_size) +
-                    heads * page * static_cast<long>(active_.size() + 1);
+                    page * growth_pages;
   return engine_.budget_bytes() - engine_.used_bytes() >= need;
 }
 

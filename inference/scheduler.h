@@ -10,9 +10,12 @@
 // the prompt the output's `next` token is appended, until the length or a stop.
 //
 // Admission: requests enter in order while fewer than max_batch run and, beside running ones,
-// the free budget holds the request's prompt at worst and then one step of every sequence at
-// worst (a page per head): a request admitted with less would be preempted at once and its
-// prefill redone, again and again, while the running ones stall.
+// the free budget holds the request's prompt at worst, its first step at worst (a page per
+// head) and each running sequence's expected growth over its next page_size tokens: a page per
+// head scaled by the fraction of its tokens the sequence keeps (vanilla: a page per head, the
+// worst case; a DMC sequence at CR 4: a quarter of that). Less would see a request preempted
+// at once and its prefill redone, again and again, while the running ones stall; the worst
+// case for every running sequence would hold a compressed cache to vanilla's concurrency.
 // Preemption: when the next step's worst-case growth does not fit the budget, the most recently
 // admitted request is freed and queued again at the front; it is recomputed from its tokens
 // later (decoding is deterministic, and each position is reported only once, so callers never

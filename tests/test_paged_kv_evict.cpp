@@ -138,9 +138,11 @@ void Compare(const CachePolicy& policy, uint64_t seed) {
         for (int s = 0; s < n; ++s) {
           const long r = flat.Row(i, h, s);
           ASSERT_EQ(flat.slot_pos[r], cache.position(i, 0, h, s)) << "slot " << s;
+          std::vector<float> key(kD), value(kD);
+          cache.ReadSlot(i, 0, h, s, key.data(), value.data());
           for (int d = 0; d < kD; ++d) {
-            ASSERT_EQ(flat.k_pool[r * kD + d], cache.key(i, 0, h, s)[d]);
-            ASSERT_EQ(flat.v_pool[r * kD + d], cache.value(i, 0, h, s)[d]);
+            ASSERT_EQ(flat.k_pool[r * kD + d], key[d]);
+            ASSERT_EQ(flat.v_pool[r * kD + d], value[d]);
           }
           if (policy.method == CacheMethod::kH2O) {
             ASSERT_EQ(flat.scores[r], cache.score(i, 0, h, s)) << "slot " << s;
