@@ -6,20 +6,48 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <numeric>
-#include <vector>
 #include <random>
 #include <string>
+#include <vector>
 
+#include "absl/status/status.h"
 #include "model/llama.h"
 
 namespace dmc::cuda_test {
 
 inline float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// Random tokens and targets [B, T] from `seed`; two targets unlabelled (left out of the means).
+inline void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
+                      std::vector<int32_t>* tgt) {
+  std::mt19937_64 rng(seed);
+  in->resize(static_cast<size_t>(B) * T);
+  tgt->resize(in->size());
+  for (size_t i = 0; i < in->size(); ++i) {
+    (*in)[i] = static_cast<int32_t>(rng() % V);
+    (*tgt)[i] = static_cast<int32_t>(rng() % V);
+  }
+  (*tgt)[3] = -1;
+  (*tgt)[in->size() - 2] = -1;
+}
+
+// A trainer's batch source for the tests that follow a GPU Trainer against a CPU one: three fixed
+// batches of 2 × 33 tokens in turn (a new source starts again from the first).
+inline std::function<absl::Status(std::vector<int32_t>*, std::vector<int32_t>*)> CyclingBatches(
+    int vocab_size) {
+  auto n = std::make_shared<int>(0);
+  return [n, vocab_size](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
+    MakeBatch(2, 33, vocab_size, 100 + (*n)++ % 3, in, tgt);
+    return absl::OkStatus();
+  };
+}
 
 // The small model the GPU model tests compare: 2 layers, vocabulary 64, MLP 2·hidden; DMC with a
 // small decision offset (mixed decisions from the start), soft relaxed decisions (temperature 1:

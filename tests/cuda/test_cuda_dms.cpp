@@ -303,19 +303,6 @@ void ShapeDmsWeights(model::Llama<float>* m, uint64_t seed) {
   }
 }
 
-void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
-               std::vector<int32_t>* tgt) {
-  std::mt19937_64 rng(seed);
-  in->resize(static_cast<size_t>(B) * T);
-  tgt->resize(in->size());
-  for (size_t i = 0; i < in->size(); ++i) {
-    (*in)[i] = static_cast<int32_t>(rng() % V);
-    (*tgt)[i] = static_cast<int32_t>(rng() % V);
-  }
-  (*tgt)[3] = -1;  // unlabelled positions are left out of the means
-  (*tgt)[in->size() - 2] = -1;
-}
-
 struct StepCase {
   const char* name;
   DmsVariant variant;
@@ -488,13 +475,6 @@ TEST_P(CudaDmsTrainer, TracksCpuThroughTheStages) {
   t.schedule.retrofit_lr = 1e-3f;
   t.schedule.retrofit_min_lr = 1e-3f;
   ASSERT_TRUE(t.Validate(config).ok());
-  auto batches = [&]() {
-    auto n = std::make_shared<int>(0);
-    return [n, &config](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
-      MakeBatch(2, 33, config.vocab_size, 100 + (*n)++ % 3, in, tgt);
-      return absl::OkStatus();
-    };
-  };
   model::Llama<float> cpu_model(config, nullptr), gpu_host(config, nullptr);
   ShapeDmsWeights(&cpu_model, 8);
   gpu_host.params() = cpu_model.params();
@@ -507,8 +487,8 @@ TEST_P(CudaDmsTrainer, TracksCpuThroughTheStages) {
   absl::StatusOr<std::unique_ptr<trainer::CudaBackend>> backend =
       trainer::CudaBackend::Create(gpu_host, t.optimizer, &tp);
   ASSERT_TRUE(backend.ok()) << backend.status();
-  trainer::Trainer cpu(t, &cpu_model, batches(), &dp, &tp);
-  trainer::Trainer gpu(t, &gpu_host, batches(), &dp, &tp, std::move(*backend));
+  trainer::Trainer cpu(t, &cpu_model, CyclingBatches(config.vocab_size), &dp, &tp);
+  trainer::Trainer gpu(t, &gpu_host, CyclingBatches(config.vocab_size), &dp, &tp, std::move(*backend));
   if (!adapter) {
     ASSERT_TRUE(cpu.backend().SetTeacher(&teacher).ok());
     ASSERT_TRUE(gpu.backend().SetTeacher(&teacher).ok());
