@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "gtest/gtest.h"
 #include "model/llama.h"
 
 namespace dmc::cuda_test {
@@ -36,6 +37,43 @@ inline void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* 
   }
   (*tgt)[3] = -1;
   (*tgt)[in->size() - 2] = -1;
+}
+
+// Hard decisions of every layer (merge for DMC, evict for DMS), the CUDA model's (MergeToHost)
+// against the CPU model's: how many differ, and how many the CPU model takes.
+struct DecisionCount {
+  int flips = 0, taken = 0;
+};
+template <typename CudaModel>
+DecisionCount CompareDecisions(const CudaModel& gpu, const model::Llama<float>& cpu, int layers) {
+  DecisionCount n;
+  for (int l = 0; l < layers; ++l) {
+    const std::vector<float> g = gpu.MergeToHost(l);
+    const std::vector<float>& c = cpu.merge(l);
+    EXPECT_EQ(g.size(), c.size());
+    for (size_t i = 0; i < std::min(g.size(), c.size()); ++i) {
+      n.flips += g[i] != c[i];
+      n.taken += c[i] > 0.5f;
+    }
+  }
+  return n;
+}
+
+// The CR loss and the decision fractions of the two models agree up to what `flips` flipped
+// decisions can move: one flip moves one sequence's mean by 1 / (L·T·Hkv), a layer's by
+// 1 / (B·T·Hkv).
+inline void ExpectStatisticsWithinFlips(const model::ForwardResult& gpu,
+                                        const model::ForwardResult& cpu, int flips, int L, int B,
+                                        int T, int Hkv) {
+  const double flip_bound = flips / (L * T * Hkv * 1.0) + 1e-5;
+  EXPECT_GT(cpu.cr_loss, 0.0);
+  EXPECT_LE(std::fabs(gpu.cr_loss - cpu.cr_loss), flip_bound / B + 1e-5);
+  EXPECT_LE(std::fabs(gpu.merge_fraction - cpu.merge_fraction), flip_bound / B + 1e-5);
+  ASSERT_EQ(gpu.layer_merge_fraction.size(), static_cast<size_t>(L));
+  for (int l = 0; l < L; ++l)
+    EXPECT_LE(std::fabs(gpu.layer_merge_fraction[l] - cpu.layer_merge_fraction[l]),
+              flips / (B * T * Hkv * 1.0) + 1e-5)
+        << "layer " << l;
 }
 
 // A trainer's batch source for the tests that follow a GPU Trainer against a CPU one: three fixed
