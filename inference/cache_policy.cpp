@@ -45,6 +45,7 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 }
 
 std::string PolicyName(const CachePolicy& p) {
+  if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
@@ -89,13 +90,30 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
   return absl::OkStatus();
 }
 
+absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
+  if (policy.think_channels == 0) return absl::OkStatus();
+  if (policy.method != CacheMethod::kVanilla || policy.quant.bits > 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ThinK prunes the key channels of the full-precision vanilla cache, not of %s",
+        PolicyName(CachePolicy{policy.method, 0, 0, policy.quant})));
+  if (policy.think_channels < 0 || policy.think_channels > head_dim)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ThinK keeps %d key channels of head_dim %d: expected 1 to %d", policy.think_channels,
+        head_dim, head_dim));
+  return absl::OkStatus();
+}
+
+bool IsBudgetOnlyMethod(std::string_view name) {
+  return name == "quant" || name == "zipcache" || name == "think";
+}
+
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots) {
-  const bool quant = method == "quant", zipcache = method == "zipcache";
+  const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
   absl::StatusOr<CacheMethod> parsed =
-      quant || zipcache ? CacheMethod::kVanilla : ParseCacheMethod(method);
+      IsBudgetOnlyMethod(method) ? CacheMethod::kVanilla : ParseCacheMethod(method);
   if (!parsed.ok()) return parsed.status();
   const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
   // Candidates from the least compressed on, each with the slots its heads hold.
@@ -105,7 +123,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   const std::vector<int> whole(heads, seq_len);
   switch (*parsed) {
     case CacheMethod::kVanilla:
-      if (!quant && !zipcache) candidates.push_back({base, whole});
+      if (!quant && !zipcache && !think) candidates.push_back({base, whole});
       for (int bits : {8, 4, 2}) {
         if (!quant) break;
         base.quant = {bits, 0, 0, 0};
@@ -116,6 +134,10 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
           base.quant = {low, 0, high, salient};
           candidates.push_back({base, whole});
         }
+      for (int kept = shape.head_dim; think && kept >= 1; --kept) {
+        base.think_channels = kept;
+        candidates.push_back({base, whole});
+      }
       break;
     case CacheMethod::kH2O:
     case CacheMethod::kTova:
@@ -143,6 +165,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   for (const auto& [policy, slots] : candidates) {
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
+    o.think_channels = policy.think_channels;
     const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
     if (bytes <= budget_bytes) return policy;
     smallest = smallest < 0 ? bytes : std::min(smallest, bytes);

@@ -27,6 +27,9 @@
 // H2O's score (summed over the query heads of its KV head), and the page_size slots quantized
 // together keep their salient_slots highest normalized scores (accumulated attention / queries
 // that saw the slot) at salient_bits.
+// ThinK (policy.think_channels > 0, vanilla only; arXiv 2407.21018, kernels/think_channels.h):
+// the vanilla cache whose settled pages keep think_channels key channels per head, chosen per page
+// by the query-driven score; attention reads the kept channels of those pages.
 #pragma once
 
 #include <string>
@@ -48,10 +51,12 @@ struct CachePolicy {
   int budget = 0;  // h2o, tova: slots per KV head (tova: per layer, shared by its heads)
   int recent = 0;  // h2o: the recent window, part of the budget
   kernels::KvQuantOptions quant = {};  // bits 0: full precision
+  int think_channels = 0;  // ThinK: key channels kept per page; 0: every channel
 };
 
 // The policy's name in results: the method, then "-int8" for KV quantization, "-zip4/2x6" for
-// ZipCache's mixed precision (salient bits / bits, salient slots per page).
+// ZipCache's mixed precision (salient bits / bits, salient slots per page); "think-k24" for ThinK
+// keeping 24 key channels.
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
@@ -59,6 +64,12 @@ std::string PolicyName(const CachePolicy& policy);
 // dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
 // vanilla only. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
+// Whether policy.think_channels is valid for head dimension head_dim: 0, or 1 to head_dim on the
+// vanilla cache at full precision. InvalidArgument naming the problem.
+absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
+
+// The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think".
+bool IsBudgetOnlyMethod(std::string_view name);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
 // budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
@@ -70,7 +81,8 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // quantized cache would have it), with
 // the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
 // or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
-// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); h2o and tova the most
+// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); "think" the most key
+// channels kept (head_dim to 1; keys only, so never below half of vanilla); h2o and tova the most
 // slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
 // head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
 // no setting of the knob meets the budget, naming the smallest cache it reaches.

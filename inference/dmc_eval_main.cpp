@@ -58,9 +58,9 @@ ABSL_FLAG(bool, parallel_forward, false,
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 ABSL_FLAG(std::string, kv_fraction, "",
           "comma-separated KV byte budgets per sequence relative to the vanilla cache (1/2,1/4 or "
-          "0.5): each method of --methods (vanilla, quant, zipcache, h2o, tova, dmc, dms) gets the "
-          "knob that meets each budget (bits, salient slots, slots per head), one table per "
-          "budget; CPU only");
+          "0.5): each method of --methods (vanilla, quant, zipcache, think, h2o, tova, dmc, dms) "
+          "gets the knob that meets each budget (bits, salient slots, kept key channels, slots "
+          "per head), one table per budget; CPU only");
 
 namespace {
 
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
         "--kv_fraction runs on the CPU only (the GPU engine has no quantized cache yet)"));
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
-    if (at_budgets && (name == "quant" || name == "zipcache")) continue;
+    if (at_budgets && dmc::inference::IsBudgetOnlyMethod(std::string(name))) continue;
     absl::StatusOr<CacheMethod> m = dmc::inference::ParseCacheMethod(std::string(name));
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
