@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "inference/layer_budgets.h"
 
 namespace dmc::inference {
 
@@ -44,9 +45,20 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
   return p;
 }
 
+int LayerBudget(const CachePolicy& policy, int layer) {
+  return policy.layer_budget.empty() ? policy.budget : policy.layer_budget[layer];
+}
+
+int LayerRecent(const CachePolicy& policy, int layer) {
+  if (policy.method != CacheMethod::kH2O) return 0;
+  return policy.layer_budget.empty() ? policy.recent : policy.layer_budget[layer] / 2;
+}
+
 std::string PolicyName(const CachePolicy& p) {
   if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
+  if (p.allocation == LayerAllocation::kPyramidInfer) return name + "-pyramid";
+  if (p.allocation == LayerAllocation::kZigZag) return name + "-zigzag";
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
                                   p.quant.salient_slots);
@@ -103,17 +115,47 @@ absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// "h2o_pyramid" → (h2o, kPyramidInfer); a plain method name → kUniform.
+std::pair<std::string_view, LayerAllocation> SplitAllocation(std::string_view name) {
+  for (auto [suffix, allocation] : {std::pair{std::string_view("_pyramid"),
+                                              LayerAllocation::kPyramidInfer},
+                                    std::pair{std::string_view("_zigzag"),
+                                              LayerAllocation::kZigZag}})
+    if (name.size() > suffix.size() && name.substr(name.size() - suffix.size()) == suffix)
+      return {name.substr(0, name.size() - suffix.size()), allocation};
+  return {name, LayerAllocation::kUniform};
+}
+
+}  // namespace
+
 bool IsBudgetOnlyMethod(std::string_view name) {
-  return name == "quant" || name == "zipcache" || name == "think";
+  const auto [base, allocation] = SplitAllocation(name);
+  return name == "quant" || name == "zipcache" || name == "think" ||
+         (allocation != LayerAllocation::kUniform && (base == "h2o" || base == "tova"));
 }
 
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
-                                           const std::vector<int>& head_slots) {
+                                           const std::vector<int>& head_slots,
+                                           const std::vector<double>& layer_lmba) {
   const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
-  absl::StatusOr<CacheMethod> parsed =
-      IsBudgetOnlyMethod(method) ? CacheMethod::kVanilla : ParseCacheMethod(method);
+  const auto [base_name, allocation] = SplitAllocation(method);
+  absl::StatusOr<CacheMethod> parsed = quant || zipcache || think
+                                           ? CacheMethod::kVanilla
+                                           : ParseCacheMethod(base_name);
+  if (!parsed.ok()) return parsed.status();
+  if (allocation != LayerAllocation::kUniform && *parsed != CacheMethod::kH2O &&
+      *parsed != CacheMethod::kTova)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: per-layer budgets (_pyramid, _zigzag) serve h2o and tova only", std::string(method)));
+  if (allocation == LayerAllocation::kZigZag &&
+      static_cast<int>(layer_lmba.size()) != shape.layers)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: ZigZagKV needs the LMBA of every layer from a calibration (%d layers, got %d)",
+        std::string(method), shape.layers, layer_lmba.size()));
   if (!parsed.ok()) return parsed.status();
   const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
   // Candidates from the least compressed on, each with the slots its heads hold.
@@ -144,7 +186,14 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       for (int budget = seq_len; budget >= 1; --budget) {
         base.budget = budget;
         base.recent = *parsed == CacheMethod::kH2O ? budget / 2 : 0;
-        candidates.push_back({base, std::vector<int>(heads, budget)});
+        base.allocation = allocation;
+        if (allocation == LayerAllocation::kPyramidInfer)
+          base.layer_budget = PyramidInferBudgets(shape.layers, budget, seq_len);
+        if (allocation == LayerAllocation::kZigZag)
+          base.layer_budget = ZigZagBudgets(layer_lmba, budget, seq_len);
+        std::vector<int> slots(heads);
+        for (int i = 0; i < heads; ++i) slots[i] = LayerBudget(base, i / shape.kv_heads);
+        candidates.push_back({base, slots});
       }
       break;
     case CacheMethod::kDmc:
@@ -214,16 +263,16 @@ template <typename T>
 absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
                        int probs_stride, int H, const CachePolicy& policy) {
   AccumulateAttention(cache, seq, layer, probs, probs_stride, H);
+  const int budget = LayerBudget(policy, layer), recent = LayerRecent(policy, layer);
   for (int h = 0; h < cache.options().kv_heads; ++h) {
-    while (cache.length(seq, layer, h) > policy.budget) {
+    while (cache.length(seq, layer, h) > budget) {
       const std::vector<int32_t> pos = Positions(cache, seq, layer, h);
       const int victim = ArgminSlot(
           static_cast<int>(pos.size()), [&](int i) { return cache.score(seq, layer, h, i); },
-          [&](int i) { return pos[i] <= t - policy.recent; }, pos);
+          [&](int i) { return pos[i] <= t - recent; }, pos);
       if (victim < 0)
         return absl::InternalError(
-            absl::StrFormat("h2o: no evictable slot (budget %d, recent %d)", policy.budget,
-                            policy.recent));
+            absl::StrFormat("h2o: no evictable slot (budget %d, recent %d)", budget, recent));
       if (absl::Status s = cache.Evict(seq, layer, h, victim); !s.ok()) return s;
     }
   }
@@ -239,7 +288,7 @@ absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* pro
   std::vector<double> mean(n, 0.0);
   for (int g = 0; g < H; ++g)
     for (int i = 0; i < n; ++i) mean[i] += probs[g * probs_stride + i] / H;
-  while (cache.length(seq, layer, 0) > policy.budget) {
+  while (cache.length(seq, layer, 0) > LayerBudget(policy, layer)) {
     const std::vector<int32_t> pos = Positions(cache, seq, layer, 0);
     const int victim = ArgminSlot(
         static_cast<int>(pos.size()), [&](int i) { return mean[i]; }, [](int) { return true; },

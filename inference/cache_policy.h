@@ -42,6 +42,8 @@
 namespace dmc::inference {
 
 enum class CacheMethod { kDmc, kDms, kVanilla, kH2O, kTova, kLoma };
+// How h2o and tova spread their slots over layers (inference/layer_budgets.h).
+enum class LayerAllocation { kUniform, kPyramidInfer, kZigZag };
 
 absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name);
 const char* CacheMethodName(CacheMethod method);
@@ -52,11 +54,19 @@ struct CachePolicy {
   int recent = 0;  // h2o: the recent window, part of the budget
   kernels::KvQuantOptions quant = {};  // bits 0: full precision
   int think_channels = 0;  // ThinK: key channels kept per page; 0: every channel
+  // h2o, tova: the budget of each layer, as `budget` is of every layer when empty (h2o's recent
+  // window: half of it, rounded down), and the rule that set them.
+  std::vector<int> layer_budget = {};
+  LayerAllocation allocation = LayerAllocation::kUniform;
 };
+
+// The budget and h2o's recent window at `layer`.
+int LayerBudget(const CachePolicy& policy, int layer);
+int LayerRecent(const CachePolicy& policy, int layer);
 
 // The policy's name in results: the method, then "-int8" for KV quantization, "-zip4/2x6" for
 // ZipCache's mixed precision (salient bits / bits, salient slots per page); "think-k24" for ThinK
-// keeping 24 key channels.
+// keeping 24 key channels; "h2o-pyramid", "tova-zigzag" for per-layer budgets.
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
@@ -68,7 +78,8 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 // vanilla cache at full precision. InvalidArgument naming the problem.
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
 
-// The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think".
+// The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think",
+// "h2o_pyramid", "tova_pyramid", "h2o_zigzag", "tova_zigzag".
 bool IsBudgetOnlyMethod(std::string_view name);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
@@ -83,13 +94,16 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
 // of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); "think" the most key
 // channels kept (head_dim to 1; keys only, so never below half of vanilla); h2o and tova the most
-// slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
-// head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
-// no setting of the knob meets the budget, naming the smallest cache it reaches.
+// slots per head; their _pyramid and _zigzag variants the largest mean budget per layer whose
+// per-layer budgets meet it (zigzag: from layer_lmba, CalibrateZigZag's); dmc and dms, whose CR
+// the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
+// head) measured at full precision). InvalidArgument when no setting of the knob meets the
+// budget, naming the smallest cache it reaches.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
-                                           const std::vector<int>& head_slots);
+                                           const std::vector<int>& head_slots,
+                                           const std::vector<double>& layer_lmba = {});
 
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i
