@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -54,7 +55,36 @@ int LayerRecent(const CachePolicy& policy, int layer) {
   return policy.layer_budget.empty() ? policy.recent : policy.layer_budget[layer] / 2;
 }
 
+int KvSourceLayer(const CachePolicy& policy, int layer) {
+  return policy.kv_source.empty() ? layer : policy.kv_source[layer];
+}
+
+absl::Status ValidateKvSharing(const CachePolicy& policy, int layers) {
+  if (policy.kv_source.empty()) return absl::OkStatus();
+  if (policy.method != CacheMethod::kVanilla || policy.quant.bits > 0 ||
+      policy.think_channels > 0)
+    return absl::InvalidArgumentError(
+        "KVSharer shares the layers of the full-precision vanilla cache only");
+  if (static_cast<int>(policy.kv_source.size()) != layers)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVSharer: %d cache sources for a model of %d layers", policy.kv_source.size(), layers));
+  for (int l = 0; l < layers; ++l) {
+    const int s = policy.kv_source[l];
+    if (s < 0 || s > l || policy.kv_source[s] != s)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVSharer: layer %d reads the cache of layer %d; a layer reads its own or that of an "
+          "earlier layer which keeps its own",
+          l, s));
+  }
+  return absl::OkStatus();
+}
+
 std::string PolicyName(const CachePolicy& p) {
+  if (!p.kv_source.empty()) {
+    int shared = 0;
+    for (int l = 0; l < static_cast<int>(p.kv_source.size()); ++l) shared += p.kv_source[l] != l;
+    return absl::StrFormat("kvsharer-%d", shared);
+  }
   if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
   if (p.allocation == LayerAllocation::kPyramidInfer) return name + "-pyramid";
@@ -132,7 +162,7 @@ std::pair<std::string_view, LayerAllocation> SplitAllocation(std::string_view na
 
 bool IsBudgetOnlyMethod(std::string_view name) {
   const auto [base, allocation] = SplitAllocation(name);
-  return name == "quant" || name == "zipcache" || name == "think" ||
+  return name == "quant" || name == "zipcache" || name == "think" || name == "kvsharer" ||
          (allocation != LayerAllocation::kUniform && (base == "h2o" || base == "tova"));
 }
 
@@ -140,10 +170,11 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
-                                           const std::vector<double>& layer_lmba) {
+                                           const LayerCalibration& calibration) {
   const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
   const auto [base_name, allocation] = SplitAllocation(method);
-  absl::StatusOr<CacheMethod> parsed = quant || zipcache || think
+  const bool kvsharer = method == "kvsharer";
+  absl::StatusOr<CacheMethod> parsed = quant || zipcache || think || kvsharer
                                            ? CacheMethod::kVanilla
                                            : ParseCacheMethod(base_name);
   if (!parsed.ok()) return parsed.status();
@@ -152,10 +183,10 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s: per-layer budgets (_pyramid, _zigzag) serve h2o and tova only", std::string(method)));
   if (allocation == LayerAllocation::kZigZag &&
-      static_cast<int>(layer_lmba.size()) != shape.layers)
+      static_cast<int>(calibration.lmba.size()) != shape.layers)
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s: ZigZagKV needs the LMBA of every layer from a calibration (%d layers, got %d)",
-        std::string(method), shape.layers, layer_lmba.size()));
+        std::string(method), shape.layers, calibration.lmba.size()));
   if (!parsed.ok()) return parsed.status();
   const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
   // Candidates from the least compressed on, each with the slots its heads hold.
@@ -165,7 +196,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   const std::vector<int> whole(heads, seq_len);
   switch (*parsed) {
     case CacheMethod::kVanilla:
-      if (!quant && !zipcache && !think) candidates.push_back({base, whole});
+      if (!quant && !zipcache && !think && !kvsharer) candidates.push_back({base, whole});
       for (int bits : {8, 4, 2}) {
         if (!quant) break;
         base.quant = {bits, 0, 0, 0};
@@ -176,6 +207,17 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
           base.quant = {low, 0, high, salient};
           candidates.push_back({base, whole});
         }
+      for (size_t shared = 0; kvsharer && shared <= calibration.shared.size(); ++shared) {
+        base.kv_source.resize(shape.layers);
+        std::iota(base.kv_source.begin(), base.kv_source.end(), 0);
+        std::vector<int> slots = whole;  // a shared layer stores nothing
+        for (size_t i = 0; i < shared; ++i) {
+          const auto [layer, source] = calibration.shared[i];
+          base.kv_source[layer] = source;
+          std::fill_n(slots.begin() + layer * shape.kv_heads, shape.kv_heads, 0);
+        }
+        candidates.push_back({base, slots});
+      }
       for (int kept = shape.head_dim; think && kept >= 1; --kept) {
         base.think_channels = kept;
         candidates.push_back({base, whole});
@@ -190,7 +232,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
         if (allocation == LayerAllocation::kPyramidInfer)
           base.layer_budget = PyramidInferBudgets(shape.layers, budget, seq_len);
         if (allocation == LayerAllocation::kZigZag)
-          base.layer_budget = ZigZagBudgets(layer_lmba, budget, seq_len);
+          base.layer_budget = ZigZagBudgets(calibration.lmba, budget, seq_len);
         std::vector<int> slots(heads);
         for (int i = 0; i < heads; ++i) slots[i] = LayerBudget(base, i / shape.kv_heads);
         candidates.push_back({base, slots});

@@ -58,6 +58,23 @@ struct CachePolicy {
   // window: half of it, rounded down), and the rule that set them.
   std::vector<int> layer_budget = {};
   LayerAllocation allocation = LayerAllocation::kUniform;
+  // KVSharer (vanilla only): the layer whose cache each layer's attention reads; a layer that
+  // reads an earlier one's stores nothing. Empty: every layer its own.
+  std::vector<int> kv_source = {};
+};
+
+int KvSourceLayer(const CachePolicy& policy, int layer);
+// Whether policy.kv_source is valid for a model of `layers` layers: empty, or one entry per
+// layer, each the layer itself or an earlier layer that reads its own cache, on the
+// full-precision vanilla cache. InvalidArgument naming the problem.
+absl::Status ValidateKvSharing(const CachePolicy& policy, int layers);
+
+// What the byte budgets of the calibrated methods need: ZigZagKV's LMBA per layer
+// (inference/layer_budgets.h) and KVSharer's accepted (layer, source) pairs in the order its
+// search accepted them (inference/kv_sharer.h).
+struct LayerCalibration {
+  std::vector<double> lmba;
+  std::vector<std::pair<int, int>> shared;
 };
 
 // The budget and h2o's recent window at `layer`.
@@ -79,7 +96,7 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
 
 // The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think",
-// "h2o_pyramid", "tova_pyramid", "h2o_zigzag", "tova_zigzag".
+// "h2o_pyramid", "tova_pyramid", "h2o_zigzag", "tova_zigzag", "kvsharer".
 bool IsBudgetOnlyMethod(std::string_view name);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
@@ -95,7 +112,8 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); "think" the most key
 // channels kept (head_dim to 1; keys only, so never below half of vanilla); h2o and tova the most
 // slots per head; their _pyramid and _zigzag variants the largest mean budget per layer whose
-// per-layer budgets meet it (zigzag: from layer_lmba, CalibrateZigZag's); dmc and dms, whose CR
+// per-layer budgets meet it (zigzag: from calibration.lmba); "kvsharer" the fewest shared layers,
+// the first pairs of calibration.shared; dmc and dms, whose CR
 // the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
 // head) measured at full precision). InvalidArgument when no setting of the knob meets the
 // budget, naming the smallest cache it reaches.
@@ -103,7 +121,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
-                                           const std::vector<double>& layer_lmba = {});
+                                           const LayerCalibration& calibration = {});
 
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i

@@ -25,6 +25,7 @@
 #include "data/loader.h"
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
+#include "inference/kv_sharer.h"
 #include "inference/layer_budgets.h"
 #include "inference/paged_decoder.h"
 #include "inference/png_writer.h"
@@ -62,11 +63,12 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "comma-separated KV byte budgets per sequence relative to the vanilla cache (1/2,1/4 or "
           "0.5): each method of --methods (vanilla, quant, zipcache, think, h2o, tova, dmc, dms) "
           "gets the knob that meets each budget (bits, salient slots, kept key channels, slots "
-          "per head; h2o_pyramid, tova_pyramid, h2o_zigzag, tova_zigzag: mean slots per layer), "
+          "per head; h2o_pyramid, tova_pyramid, h2o_zigzag, tova_zigzag: mean slots per layer; "
+          "kvsharer: shared layers), "
           "one table per budget; CPU only");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
-          "need a calibration (the _zigzag budgets) calibrate");
+          "need a calibration (the _zigzag budgets, kvsharer) calibrate");
 
 namespace {
 
@@ -155,15 +157,24 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     if (!r.ok()) return Fail(r.status());
     for (double cr : r->head_cr) measured[m].push_back(static_cast<int>(std::ceil(seq_len / cr)));
   }
-  std::vector<double> lmba;  // ZigZagKV's layer uncertainty, from the calibration windows
+  inf::LayerCalibration calibrated;  // on the held-out calibration windows
   if (std::any_of(methods.begin(), methods.end(), [](const std::string& m) {
         return absl::EndsWith(m, "_zigzag");
       })) {
-    absl::StatusOr<std::vector<double>> calibrated = inf::CalibrateZigZag(model, calibration);
-    if (!calibrated.ok()) return Fail(calibrated.status());
-    lmba = *calibrated;
+    absl::StatusOr<std::vector<double>> lmba = inf::CalibrateZigZag(model, calibration);
+    if (!lmba.ok()) return Fail(lmba.status());
+    calibrated.lmba = *lmba;
     std::printf("ZigZagKV LMBA per layer (%zu calibration windows):", calibration.size());
-    for (double x : lmba) std::printf(" %.1f", x);
+    for (double x : calibrated.lmba) std::printf(" %.1f", x);
+    std::printf("\n");
+  }
+  if (std::count(methods.begin(), methods.end(), "kvsharer") > 0) {
+    absl::StatusOr<std::vector<std::pair<int, int>>> shared =
+        inf::CalibrateKvSharer(model, calibration, base.page_size, inf::kKvSharerSimilarity);
+    if (!shared.ok()) return Fail(shared.status());
+    calibrated.shared = *shared;
+    std::printf("KVSharer pairs (layer reads source), in the order accepted:");
+    for (auto [layer, source] : calibrated.shared) std::printf(" %d<-%d", layer, source);
     std::printf("\n");
   }
   for (double f : fractions) {
@@ -174,7 +185,7 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
                 "vs base", "accuracy", "tokens/s");
     for (const std::string& m : methods) {
       absl::StatusOr<inf::CachePolicy> policy = inf::PolicyForBytes(
-          m, shape_of(m), sizeof(float), seq_len, budget, measured[m], lmba);
+          m, shape_of(m), sizeof(float), seq_len, budget, measured[m], calibrated);
       if (!policy.ok())
         return Fail(absl::InvalidArgumentError(absl::StrFormat(
             "--kv_fraction=%g: %s", f, std::string(policy.status().message()))));

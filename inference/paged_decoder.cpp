@@ -63,6 +63,7 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
         want.head_dim, want.dmc_window, want.quant.bits, want.settle_lag, want.think_channels));
   if (absl::Status s = ValidateKvQuant(policy, c.head_dim(), got.page_size); !s.ok()) return s;
   if (absl::Status s = ValidateThink(policy, c.head_dim()); !s.ok()) return s;
+  if (absl::Status s = ValidateKvSharing(policy, c.num_hidden_layers); !s.ok()) return s;
   if ((policy.method == CacheMethod::kDms) != c.dms.enabled)
     return absl::InvalidArgumentError(
         policy.method == CacheMethod::kDms
@@ -241,7 +242,9 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
       k::dms_gates_forward<T>(logit_.data(), alpha_.data(), merge_.data(), nullptr,
                               dms_x_.data(), nullptr, n, 1, Hkv, dms_params);
     }
-    if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
+    const int source = KvSourceLayer(policy_, l);  // KVSharer: a shared layer reads another's
+    if (source == l)
+      if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
     for (int i = 0; i < n; ++i)
       k::rope_forward(qr_.data() + size_t(i) * H * D, q_.data() + size_t(i) * H * D, 1, 1, H, D,
                       cache_->tokens(seqs[i]), c.rope_theta, dmc);
@@ -249,14 +252,14 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
     for (int i = 0; think && i < n; ++i)
       cache_->ObserveQuery(seqs[i], l, qr_.data() + size_t(i) * H * D, H);
     int max_pages = 0;
-    cache_->BlockTable(seqs, l, &page_table_, &lengths_, &max_pages);
+    cache_->BlockTable(seqs, source, &page_table_, &lengths_, &max_pages);
     const int residual = KvResidualSlots(cache_->options());
     const int stride =
         max_pages * cache_->options().page_size + (KvSettles(cache_->options()) ? residual : 0);
     if (evicts || salient) probs_.resize(size_t(n) * H * stride);
     T* probs = evicts || salient ? probs_.data() : nullptr;
     if (KvSettles(cache_->options()))
-      cache_->ResidualTable(seqs, l, &residual_blocks_, &residual_lengths_);
+      cache_->ResidualTable(seqs, source, &residual_blocks_, &residual_lengths_);
     if (think) {
       k::paged_decode_attention_think<T>(
           att_.data(), probs, stride, qr_.data(), cache_->k_pool(), cache_->v_pool(),

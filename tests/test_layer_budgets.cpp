@@ -37,9 +37,13 @@ TEST(LayerBudgets, PyramidInferFollowsItsCosineDecay) {
       EXPECT_EQ(Sum(b), static_cast<long>(L) * B);
       for (int l = 0; l < L; ++l) {
         EXPECT_LT(std::abs(b[l] - L * B * w[l] / sum), 1.0) << "L " << L << " B " << B;
-        if (l > 0) EXPECT_LE(b[l], b[l - 1]);
+        if (l > 0) {
+          EXPECT_LE(b[l], b[l - 1]);
+        }
       }
-      if (B >= 40) EXPECT_LT(b[L - 1], b[0]) << "no pyramid at L " << L << " B " << B;
+      if (B >= 40) {
+        EXPECT_LT(b[L - 1], b[0]) << "no pyramid at L " << L << " B " << B;
+      }
     }
   }
 }
@@ -134,7 +138,7 @@ TEST(LayerBudgets, BudgetKnobIsTheMeanSlotsPerLayer) {
   };
   for (const char* method : {"h2o_pyramid", "tova_zigzag"}) {
     const auto policy =
-        inference::PolicyForBytes(method, shape, 4, T, vanilla / 4, {}, lmba);
+        inference::PolicyForBytes(method, shape, 4, T, vanilla / 4, {}, {lmba, {}});
     ASSERT_TRUE(policy.ok()) << policy.status();
     EXPECT_EQ(Sum(policy->layer_budget), 4L * policy->budget);
     EXPECT_LE(bytes(policy->layer_budget), vanilla / 4);
