@@ -24,7 +24,8 @@ template <typename T>
 void think_prune_rows(T* pruned, const T* rows, const uint8_t* mask, int n, int D, int kept) {
   for (int i = 0; i < n; ++i)
     for (int j = 0, c = 0; j < D; ++j)
-      if (ThinkKept(mask, j)) pruned[static_cast<long>(i) * kept + c++] = rows[static_cast<long>(i) * D + j];
+      if (ThinkKept(mask, j))
+        pruned[static_cast<long>(i) * kept + c++] = rows[static_cast<long>(i) * D + j];
 }
 
 template void think_select_channels<float>(uint8_t*, const float*, const float*, int, int, int);
