@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # dmc-eval end to end on a tiny model trained here: the side-by-side table for a model without
-# DMC, and the clear refusals (a method the model cannot run, a missing model directory, shards
+# DMC, the KV compressors at a byte budget, and the clear refusals (a method the model cannot run, a missing model directory, shards
 # of another vocabulary).
 # Usage: eval.sh DMC_TRAIN DMC_PREP DMC_EXPORT DMC_EVAL SOURCE_DIR
 set -euo pipefail
@@ -30,6 +30,22 @@ for method in vanilla h2o tova; do
   grep -qE "^$method +" <<<"$table" || fail "no $method row in: $table"
 done
 awk '$1 == "h2o" && $3 < 1.5 { exit 1 }' <<<"$table" || fail "h2o at --baseline_cr=2 did not compress: $table"
+
+# --kv_fraction: the comparators at 3/4 of vanilla's bytes; KVSharer's calibration (this
+# under-trained model may share no layer); ThinK (keys only) cannot reach 1/2.
+budgets=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=4 --calibration_sequences=2 --page_size=4 --kv_fraction=3/4 \
+    --methods=think,h2o_pyramid,tova_zigzag)
+for method in think-k h2o-pyramid tova-zigzag; do
+  grep -qE "^$method" <<<"$budgets" || fail "no $method row at --kv_fraction=3/4: $budgets"
+done
+shared=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=2 --calibration_sequences=2 --kv_fraction=1 --methods=kvsharer)
+grep -q "^KVSharer pairs" <<<"$shared" && grep -qE "^kvsharer-[0-9]" <<<"$shared" ||
+  fail "no KVSharer calibration or row: $shared"
+expect_error "no setting of think meets" "$eval_" --model="$work/hf" \
+    --data="$work/shards/val_index.json" --seq_len=32 --max_sequences=2 --kv_fraction=1/2 \
+    --methods=think
 
 expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=dmc
