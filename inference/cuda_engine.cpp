@@ -9,8 +9,14 @@
 #include "inference/paged_decoder.h"
 #include "kernels/cuda_ops.h"
 
+// llama_cuda.cu's helpers: the bf16 conversion, and DMS's query channel (read into x [N, Hkv], or
+// set from value, null: zeroed).
 namespace dmc::model::cuda_model_detail {
-void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);  // llama_cuda.cu
+void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);
+void get_dms_query_channel(float* x, const cuda::bf16* q, long N, int H, int Hkv, int D,
+                           cudaStream_t stream);
+void set_dms_query_channel(cuda::bf16* q, const float* value, long N, int H, int Hkv, int D,
+                           cudaStream_t stream);
 }
 
 namespace dmc::inference {
@@ -69,6 +75,12 @@ struct CudaEngine::Device {
   // serves), and the step's attention weights [R, H, max_pages · page_size].
   int32_t* slot_pos = nullptr;
   float *scores = nullptr, *probs = nullptr;
+  // DMS (kernels/paged_kv_dms_evict.h): every slot's mark, [pages, page_size] beside slot_pos; the
+  // adapter's norm and projection offsets per layer; the step's decision input, logit and alpha
+  // [3, R, Hkv] (its evictions go to merge) and the prefill's decision input [max_context, Hkv].
+  uint8_t* marks = nullptr;
+  std::vector<size_t> dms_adapter;  // [layer · 2 + (0 norm, 1 projection)]
+  float *dms = nullptr, *pdms_x = nullptr;
   // Step activations, [R, ...].
   bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate, *up, *h;
   float *rstd, *merge, *omega, *logits;
@@ -109,7 +121,8 @@ CudaEngine::~CudaEngine() {
   for (auto& [n, g] : d.graphs) cudaGraphExecDestroy(g);
   for (void* p : {(void*)d.weights, (void*)d.k_pool, (void*)d.v_pool, (void*)d.page_table,
                   (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.slot_pos,
-                  (void*)d.scores, (void*)d.probs, (void*)d.x,
+                  (void*)d.scores, (void*)d.probs, (void*)d.marks, (void*)d.dms,
+                  (void*)d.pdms_x, (void*)d.x,
                   (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
                   (void*)d.gate, (void*)d.up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
                   (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
@@ -136,13 +149,18 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "the GPU engine needs head_dim 64 or 128 (the attention kernels' sizes); this model has %d",
         cfg.head_dim()));
-  if (cfg.dms.enabled)
+  if (method == CacheMethod::kLoma)
     return absl::UnimplementedError(
-        "the GPU engine has no DMS eviction yet: decode DMS models on the CPU engine");
-  if (method == CacheMethod::kDms || method == CacheMethod::kLoma)
-    return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine serves the dmc, vanilla, h2o and tova caches; %s runs on the CPU engine",
-        CacheMethodName(method)));
+        "the GPU engine serves the dmc, dms, vanilla, h2o and tova caches; loma runs on the CPU "
+        "engine");
+  // As the CPU decoder (PagedDecoder::Create): a DMS model and the dms cache go together.
+  if ((method == CacheMethod::kDms) != cfg.dms.enabled)
+    return absl::InvalidArgumentError(
+        method == CacheMethod::kDms
+            ? "the dms cache needs a DMS model with eviction on (config.json \"dms\")"
+            : absl::StrFormat("a DMS model evicts by its own decisions: decode it with the dms "
+                              "cache, not %s",
+                              CacheMethodName(method)));
   const CachePolicy& policy = options.policy;
   if ((method == CacheMethod::kH2O || method == CacheMethod::kTova) &&
       (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
@@ -170,6 +188,8 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
   e->evicts_ = method == CacheMethod::kH2O || method == CacheMethod::kTova;
+  e->dms_ = method == CacheMethod::kDms;
+  e->dms_qchannel_ = e->dms_ && cfg.dms.variant == model::DmsVariant::kQueryChannel;
   e->shape_ = {cfg.hidden_size,
                cfg.num_attention_heads,
                cfg.num_key_value_heads,
@@ -179,6 +199,8 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
                cfg.rms_norm_eps,
                1.0f / std::sqrt(static_cast<float>(cfg.head_dim())),
                {cfg.dmc.init_val, cfg.dmc.temperature, cfg.dmc.omega_eps,
+                kernels::DmcDecisionMode::kHard},
+               {cfg.dms.scale, cfg.dms.offset, cfg.dms.temperature,
                 kernels::DmcDecisionMode::kHard}};
   e->keep_ctrl_ = cfg.dmc.enabled;
   try {
@@ -213,6 +235,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
                              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
       d.layer_offsets.push_back(offset_of(p + name));
   }
+  if (dms_ && !dms_qchannel_)
+    for (int l = 0; l < L; ++l) {
+      const std::string p = absl::StrFormat("model.layers.%d.self_attn.", l);
+      d.dms_adapter.push_back(offset_of(p + "dms_proj_alpha_norm.weight"));
+      d.dms_adapter.push_back(offset_of(p + "dms_proj_alpha.weight"));
+    }
   d.final_norm = offset_of("model.norm.weight");
   d.lm_head = cfg.tie_word_embeddings ? d.embed : offset_of("lm_head.weight");
   d.weights = Alloc<bf16>(num_params);
@@ -244,8 +272,13 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   ENGINE_CUDA(cudaMemset(d.window_count, 0, heads * sizeof(int32_t)));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
+  if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(pages * opt_.page_size);
+  if (dms_) {
+    d.marks = Alloc<uint8_t>(pages * opt_.page_size);
+    d.dms = Alloc<float>(size_t(3) * R * Hkv);
+    d.pdms_x = Alloc<float>(size_t(P) * Hkv);
+  }
   if (evicts_) {
-    d.slot_pos = Alloc<int32_t>(pages * opt_.page_size);
     if (opt_.policy.method == CacheMethod::kH2O) d.scores = Alloc<float>(pages * opt_.page_size);
     d.probs = Alloc<float>(size_t(R) * H * max_pages_ * opt_.page_size);
   }
@@ -507,9 +540,27 @@ void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf1
   c::matmul_forward_add(x, h, w + d.W(l, kDown), rows, F, C, st);
 }
 
+void CudaEngine::EnqueueDmsDecisions(int l, int rows, const bf16* x, bf16* q, bf16* xn,
+                                     float* rstd, float* input, float* logit, float* alpha,
+                                     float* evict, float* mask) {
+  const Device& d = *dev_;
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
+  cudaStream_t st = d.stream;
+  if (dms_qchannel_) {
+    model::cuda_model_detail::get_dms_query_channel(input, q, rows, H, Hkv, D, st);
+    model::cuda_model_detail::set_dms_query_channel(q, nullptr, rows, H, Hkv, D, st);
+  } else {
+    const bf16* w = d.weights;
+    c::rmsnorm_forward(xn, rstd, x, w + d.dms_adapter[2 * l], rows, C, eps, st);
+    c::matmul_forward_f32(input, xn, w + d.dms_adapter[2 * l + 1], rows, C, Hkv, st);
+  }
+  // The rows as one sequence: only the mask reads across positions, and a step passes none.
+  c::dms_gates_forward(logit, alpha, evict, mask, input, nullptr, 1, rows, Hkv, dms_gates, st);
+}
+
 void CudaEngine::EnqueueStep(int n) {
   Device& d = *dev_;
-  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates] = shape_;
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
@@ -520,10 +571,20 @@ void CudaEngine::EnqueueStep(int n) {
     c::matmul_forward(d.v, d.xn, w + d.W(l, kWv), n, C, Hkv * D, st);
     if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, d.q, d.k,
                                    nullptr, 1, n, H, Hkv, D, gates, st);
+    const size_t g = size_t(rows_) * Hkv;
+    if (dms_)
+      EnqueueDmsDecisions(l, n, d.x, d.q, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g, d.merge,
+                          nullptr);
     const c::PagedKv layer = CacheLayer(l);
     c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
                        d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
+    // DMS: the marked token that leaves now is gone before this step's attention.
+    if (dms_)
+      c::paged_kv_dms_evict(layer, d.marks, d.merge, d.in_dev.positions, n, Hkv, D,
+                            config_.dms.window, st);
     c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
+    if (dms_qchannel_)
+      model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D, st);
     const int probs_stride = max_pages_ * opt_.page_size;
     c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
                               layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
@@ -614,7 +675,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
 
 void CudaEngine::EnqueuePrefill(int row, int P) {
   Device& d = *dev_;
-  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates] = shape_;
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   const size_t g = static_cast<size_t>(P) * Hkv;
@@ -635,13 +696,22 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
       khat = d.pkhat;
       vhat = d.pvhat;
     }
+    if (dms_)
+      EnqueueDmsDecisions(l, P, d.px, d.pq, d.pxn, d.prstd, d.pdms_x, logit, alpha, merge, mask);
     c::rope_forward(d.pq, d.pq, 1, P, H, D, 0, theta, keep_ctrl_, st);
     c::rope_forward(d.pkr, khat, 1, P, Hkv, D, 0, theta, keep_ctrl_, st);
-    c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ ? mask : nullptr, 1, P, H,
-                             Hkv, D, keep_ctrl_, scale, st);
+    if (dms_qchannel_)
+      model::cuda_model_detail::set_dms_query_channel(d.pq, nullptr, P, H, Hkv, D, st);
+    // DMC's mask on the diagonal; DMS's hard mask (−inf for a marked key) past the band of w + 1.
+    c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ || dms_ ? mask : nullptr, 1,
+                             P, H, Hkv, D, keep_ctrl_, scale, st, dms_ ? config_.dms.window : 0);
     const c::PagedKv layer = CacheLayer(l);
-    c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
-                        dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
+    if (dms_)
+      c::paged_kv_dms_prefill(layer, d.marks, row, d.pk, d.pv, merge, P, Hkv, D,
+                              config_.dms.window, theta, st);
+    else
+      c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
+                          dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
     EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
   }
@@ -662,7 +732,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
                                  TokenOutput* out) {
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
-        "parallel prefill serves the dmc and vanilla caches, not %s (it evicts by each step's "
+        "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts by each step's "
         "attention: feed the prompt token by token)",
         CacheMethodName(opt_.policy.method)));
   const int P = static_cast<int>(prompt.size());

@@ -35,9 +35,23 @@
 // query, which the parallel forward does not produce; so the cache holds what the CPU engine's
 // does, exactly the same slots when the weights rank them the same.
 //
-// Methods: dmc (a DMC model), vanilla (any model; on a DMC model the control channel stays out
-// of q·k as in training), h2o and tova (any model, the control channel likewise). DMS and LoMA
-// are refused with a clear error: they run on the CPU engine.
+// DMS (a DMS model, the dms method; DMS.md §5): every layer of the step computes each row's hard
+// eviction decisions on the device (the adapter, Linear(RMSNorm(residual)), or the query channel,
+// which is then zeroed in q before and after RoPE, as Llama::DmsDecisionInput; then
+// kernels/dms_gates.h), appends every token (the vanilla write) and runs
+// kernels::paged_kv_dms_evict before the attention: token t's decision marks token t−1, and a
+// marked token leaves its head w + 1 steps later, its last slot moving into the hole, as the CPU
+// cache's DmsUpdate does. Each slot's mark lives beside its position in [pages, page_size], so the
+// step stays one graph; the host returns the pages that emptied (TrimPages). The prompt goes
+// through the parallel forward with the hard training mask (the fused attention's band of w + 1
+// keys; the CPU engine's prefill is the same forward, and it equals token-by-token decoding) and
+// kernels::paged_kv_dms_prefill writes the tokens that are still held, with their marks, so
+// lengths, held tokens and bytes() equal the CPU engine's.
+//
+// Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
+// engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
+// training), h2o and tova (likewise). LoMA is refused with a clear error: it runs on the CPU
+// engine.
 #pragma once
 
 #include <cstdint>
@@ -119,6 +133,13 @@ class CudaEngine : public DecodeEngine {
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* gate, __nv_bfloat16* up, __nv_bfloat16* h);
+  // DMS: the hard eviction decisions evict [rows, Hkv] of layer l for rows of residual input x
+  // and queries q (the query channel is read, then zeroed), through input, logit and alpha
+  // [rows, Hkv]; the adapter's norm goes to xn and rstd, which are free between the Q/K/V GEMMs
+  // and the MLP. mask (null in a step): the prefill's hard attention mask, rows one sequence.
+  void EnqueueDmsDecisions(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* q,
+                           __nv_bfloat16* xn, float* rstd, float* input, float* logit,
+                           float* alpha, float* evict, float* mask);
   // Enqueues the device work of a step of rows 0..n-1 (graph body).
   void EnqueueStep(int n);
   void EnqueuePrefill(int row, int P);
@@ -128,6 +149,7 @@ class CudaEngine : public DecodeEngine {
     int C, H, Hkv, D, V;
     float theta, eps, scale;
     kernels::DmcGateParams gates;
+    kernels::DmsGateParams dms_gates;
   };
 
   model::LlamaConfig config_;
@@ -138,6 +160,8 @@ class CudaEngine : public DecodeEngine {
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
   bool evicts_ = false;       // h2o or tova: eviction by each step's attention
+  bool dms_ = false;          // dms on a DMS model: eviction by the model's own decisions
+  bool dms_qchannel_ = false; // its decision input is the query channel (else the adapter)
   bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free

@@ -28,6 +28,7 @@
 #include "kernels/dmc_gates.h"
 #include "kernels/dms_gates.h"
 #include "kernels/loma_mask.h"
+#include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
@@ -333,6 +334,16 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
 void paged_kv_evict(const PagedKv& cache, float* scores, float* probs, int probs_stride,
                     const int32_t* positions, int n, int H, int Hkv, int D,
                     const kernels::EvictPolicy& policy, cudaStream_t stream = nullptr);
+
+// ---- DMS's delayed eviction (kernels/paged_kv_dms_evict.h) on the flat cache layer ----
+// marks [pages, page_size] beside slot_pos (set); evict [n, Hkv] / [P, Hkv] fp32 hard decisions;
+// positions [n]. The prefill uses scratch slot 14 for merge' and slot 11 (paged_kv_prefill).
+void paged_kv_dms_evict(const PagedKv& cache, uint8_t* marks, const float* evict,
+                        const int32_t* positions, int n, int Hkv, int D, int window,
+                        cudaStream_t stream = nullptr);
+void paged_kv_dms_prefill(const PagedKv& cache, uint8_t* marks, int row, const bf16* k,
+                          const bf16* v, const float* evict, int P, int Hkv, int D, int window,
+                          float theta, cudaStream_t stream = nullptr);
 
 // ---- token choice (kernels/sample.h): fp32 logits [n, V]; the row settings are device arrays ----
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,

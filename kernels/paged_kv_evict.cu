@@ -18,11 +18,6 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ long slot_row(const PagedKv& c, long head, int slot) {
-  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
-         slot % c.page_size;
-}
-
 template <typename K>
 struct Candidate {
   K score;
@@ -70,7 +65,7 @@ __device__ Candidate<K> block_lowest(Candidate<K> c) {
 __device__ void move_last_into(const PagedKv& c, float* scores, long head, int slot, int last,
                                int D) {
   if (slot == last) return;
-  const long to = slot_row(c, head, slot), from = slot_row(c, head, last);
+  const long to = kernels::SlotRow(c, head, slot), from = kernels::SlotRow(c, head, last);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     c.k_pool[to * D + d] = c.k_pool[from * D + d];
     c.v_pool[to * D + d] = c.v_pool[from * D + d];
@@ -91,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
   const int held = c.lengths[head];
   int len = held;
   for (int s = threadIdx.x; s < len; s += blockDim.x) {
-    const long r = slot_row(c, head, s);
+    const long r = kernels::SlotRow(c, head, s);
     float acc = c.slot_pos[r] == t ? 0.f : scores[r];
     for (int g = 0; g < G; ++g) acc += p[static_cast<long>(g) * stride + s];
     scores[r] = acc;
@@ -100,7 +95,7 @@ __global__ void __launch_bounds__(kThreads)
   while (len > budget) {
     Candidate<float> best{0.f, 0, -1};
     for (int s = threadIdx.x; s < len; s += blockDim.x) {
-      const long r = slot_row(c, head, s);
+      const long r = kernels::SlotRow(c, head, s);
       const Candidate<float> x{scores[r], c.slot_pos[r], s};
       if (x.pos <= t - recent && lower(x, best)) best = x;
     }
@@ -126,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int s = threadIdx.x; s < len; s += blockDim.x) {
       double mean = 0;
       for (int g = 0; g < H; ++g) mean += p[static_cast<long>(g) * stride + s] / H;
-      const Candidate<double> x{mean, c.slot_pos[slot_row(c, head0, s)], s};
+      const Candidate<double> x{mean, c.slot_pos[kernels::SlotRow(c, head0, s)], s};
       if (lower(x, best)) best = x;
     }
     best = block_lowest(best);

@@ -17,11 +17,6 @@ using namespace detail;
 constexpr int kScanThreads = 256;
 constexpr int kSlotScratch = 11;  // detail::scratch slot: the prefill's slot index per token
 
-__device__ __forceinline__ long slot_row(const PagedKv& c, long head, int slot) {
-  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
-         slot % c.page_size;
-}
-
 // Thread c < D/2: rotates the pair (key[c], key[c + D/2]) at pos (as kernels/rope.cu) and stores
 // it with the value pair in slot `row` of the pools.
 __device__ __forceinline__ void store_pair(const PagedKv& c, long row, int D, int ch, float k1,
@@ -60,7 +55,7 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
     count_s = count;
   }
   __syncthreads();
-  const long row = slot_row(c, head, slot_s);
+  const long row = kernels::SlotRow(c, head, slot_s);
   const bf16* kt = k + head * D;
   const bf16* vt = v + head * D;
   float k1 = bf(kt[ch]), k2 = bf(kt[ch + half]), v1 = bf(vt[ch]), v2 = bf(vt[ch + half]);
@@ -134,7 +129,7 @@ __global__ void prefill_slots_kernel(PagedKv c, int row, const int32_t* slot, co
   const long head = static_cast<long>(row) * Hkv + h;
   const long src = (static_cast<long>(t) * Hkv + h) * D;
   const int ch = threadIdx.x, half = D / 2;
-  const long r = slot_row(c, head, slot[static_cast<long>(t) * Hkv + h]);
+  const long r = kernels::SlotRow(c, head, slot[static_cast<long>(t) * Hkv + h]);
   store_pair(c, r, D, ch, bf(khat[src + ch]), bf(khat[src + ch + half]), bf(vhat[src + ch]),
              bf(vhat[src + ch + half]), t, theta, keep_last);
   if (ch == 0 && c.slot_pos) c.slot_pos[r] = t;

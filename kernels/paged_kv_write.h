@@ -57,9 +57,13 @@ struct PagedKvLayer {
   int max_pages = 0, page_size = 0, window_size = 0;
 };
 
-// The pool row of `slot` of (row, KV head) `head` = row · Hkv + h: its page's row plus its offset.
+// The pool row of `slot` of (row, KV head) `head` = row · Hkv + h: its page's row plus its offset
+// (the CPU references and the CUDA kernels read the layout through this one function).
 template <typename T>
-long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
   return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
          slot % c.page_size;
 }
