@@ -11,6 +11,7 @@
 #include "inference/cache_policy.h"
 #include "inference/paged_kv_cache.h"
 #include "kernels/paged_kv_evict.h"
+#include "tests/flat_kv_layer.h"
 
 namespace dmc {
 namespace {
@@ -20,52 +21,6 @@ using inference::CachePolicy;
 
 constexpr int kRows = 3, kH = 4, kHkv = 2, kD = 4, kPage = 3, kSteps = 30;
 
-// One layer in kernels/paged_kv_write.h's flat form, pages in shuffled order, and H2O's scores.
-struct FlatLayer {
-  int max_pages = 0;
-  std::vector<float> k_pool, v_pool, scores;
-  std::vector<int32_t> slot_pos, table, lengths;
-  kernels::PagedKvLayer<float> View() {
-    kernels::PagedKvLayer<float> c;
-    c.k_pool = k_pool.data();
-    c.v_pool = v_pool.data();
-    c.slot_pos = slot_pos.data();
-    c.page_table = table.data();
-    c.lengths = lengths.data();
-    c.max_pages = max_pages;
-    c.page_size = kPage;
-    return c;
-  }
-  // Appends (key, value) at `pos` as the next slot of head (row, h).
-  void Append(int row, int h, const float* key, const float* value, int pos) {
-    const long head = static_cast<long>(row) * kHkv + h;
-    const int s = lengths[head]++;
-    const long r = static_cast<long>(table[head * max_pages + s / kPage]) * kPage + s % kPage;
-    std::copy_n(key, kD, k_pool.begin() + r * kD);
-    std::copy_n(value, kD, v_pool.begin() + r * kD);
-    slot_pos[r] = pos;
-  }
-  long Row(int row, int h, int s) const {
-    const long head = static_cast<long>(row) * kHkv + h;
-    return static_cast<long>(table[head * max_pages + s / kPage]) * kPage + s % kPage;
-  }
-};
-
-FlatLayer MakeFlat(int max_slots, std::mt19937_64& rng) {
-  FlatLayer f;
-  f.max_pages = (max_slots + kPage - 1) / kPage;
-  const int pages = kRows * kHkv * f.max_pages;
-  f.k_pool.assign(size_t(pages) * kPage * kD, 0.f);
-  f.v_pool = f.k_pool;
-  f.scores.assign(size_t(pages) * kPage, 0.0f);  // as a fresh cache's slots
-  f.slot_pos.assign(size_t(pages) * kPage, -1);
-  f.table.resize(size_t(kRows) * kHkv * f.max_pages);
-  for (size_t i = 0; i < f.table.size(); ++i) f.table[i] = static_cast<int32_t>(i);
-  std::shuffle(f.table.begin(), f.table.end(), rng);
-  f.lengths.assign(size_t(kRows) * kHkv, 0);
-  return f;
-}
-
 // Feeds both caches `burst` tokens per row (row i at positions 3i, 3i + 1, ...), then one
 // eviction call (several victims per head) with weights on a coarse grid (multiples of 1/8, so
 // equal scores are common and the tie rule is exercised), and compares everything; then kSteps
@@ -74,7 +29,8 @@ void Compare(const CachePolicy& policy, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01;
   const int burst = policy.budget + 3, max_slots = burst + 1;
-  FlatLayer flat = MakeFlat(max_slots, rng);
+  test_util::FlatKvLayer flat(kRows, kHkv, kD, kPage, max_slots, rng);
+  std::vector<float> scores(flat.slot_pos.size(), 0.0f);  // H2O's, as a fresh cache's slots
   inference::PagedCacheOptions o;
   o.layers = 1;
   o.kv_heads = kHkv;
@@ -118,7 +74,7 @@ void Compare(const CachePolicy& policy, uint64_t seed) {
       }
 
     std::vector<float> kernel_probs = probs;
-    kernels::paged_kv_evict(flat.View(), flat.scores.data(), kernel_probs.data(), stride,
+    kernels::paged_kv_evict(flat.View(), scores.data(), kernel_probs.data(), stride,
                             positions.data(), kRows, kH, kHkv, kD, rule);
     for (int i = 0; i < kRows; ++i) {
       const float* p = probs.data() + size_t(i) * kH * stride;
@@ -145,19 +101,19 @@ void Compare(const CachePolicy& policy, uint64_t seed) {
             ASSERT_EQ(flat.v_pool[r * kD + d], value[d]);
           }
           if (policy.method == CacheMethod::kH2O) {
-            ASSERT_EQ(flat.scores[r], cache.score(i, 0, h, s)) << "slot " << s;
+            ASSERT_EQ(scores[r], cache.score(i, 0, h, s)) << "slot " << s;
           }
           kept_oldest = kept_oldest || flat.slot_pos[r] == oldest[i * kHkv + h];
         }
         not_oldest += kept_oldest && step > 0 ? 1 : 0;
       }
     // Rows no slot holds get garbage scores: a slot appended there later must start from 0.
-    std::vector<bool> held(flat.scores.size(), false);
+    std::vector<bool> held(scores.size(), false);
     for (int i = 0; i < kRows; ++i)
       for (int h = 0; h < kHkv; ++h)
         for (int s = 0; s < flat.lengths[i * kHkv + h]; ++s) held[flat.Row(i, h, s)] = true;
     for (size_t r = 0; r < held.size(); ++r)
-      if (!held[r]) flat.scores[r] = 123.0f;
+      if (!held[r]) scores[r] = 123.0f;
   }
   EXPECT_GT(not_oldest, 0) << "every eviction took the oldest token: the scores never mattered";
 }
