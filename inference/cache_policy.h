@@ -3,7 +3,9 @@
 //   dms      a DMS model's learned delayed eviction (DMS.md §5): every token appends its rotated
 //            key; token t's decision d_t marks token t-1 (the slot's score holds the mark), and a
 //            marked token leaves its head when it falls out of the window, at step t-1+w+1, before
-//            that step's attention — the hard mask of the training forward. No budget.
+//            that step's attention — the hard mask of the training forward. No budget. The GPU
+//            engine applies the same rule to its flat device cache with
+//            kernels/paged_kv_dms_evict.h.
 //   vanilla  every token appends: the full cache (CR 1).
 //   h2o      Heavy-Hitter Oracle, head-wise: every slot of a KV head accumulates the attention it
 //            receives from each query (summed over the query heads of its GQA group); after the

@@ -3,7 +3,7 @@
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
-// --device=cuda decodes dmc, vanilla, h2o and tova token by token on the GPU engine
+// --device=cuda decodes dmc, dms, vanilla, h2o and tova token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there;
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
 // windows instead (inference/evaluate_cuda.h), a cross-check of the decoder.
@@ -53,7 +53,7 @@ ABSL_FLAG(std::string, append_tsv, "",
           "append one tab-separated line per method to this file: label, method, budget, CR, "
           "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
 ABSL_FLAG(std::string, device, "cpu",
-          "cpu: decode token by token over the paged cache; cuda: dmc, vanilla, h2o and tova "
+          "cpu: decode token by token over the paged cache; cuda: dmc, dms, vanilla, h2o and tova "
           "decoded token by token on the GPU engine");
 ABSL_FLAG(bool, parallel_forward, false,
           "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "

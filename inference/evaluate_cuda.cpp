@@ -45,6 +45,9 @@ absl::Status CudaEvalSupports(const model::LlamaConfig& config, CacheMethod meth
           "CPU (--device=cpu)",
           name));
     case CacheMethod::kDms:
+      return absl::InvalidArgumentError(
+          "--device=cuda --parallel_forward: dms is evaluated by decoding; leave out "
+          "--parallel_forward (the GPU engine) or run it on the CPU (--device=cpu)");
     case CacheMethod::kLoma:
       break;
   }

@@ -1,7 +1,7 @@
 // Helpers of the GPU tests that compare a whole CUDA model step with the CPU model
 // (test_cuda_model.cpp, test_cuda_loma.cpp, test_cuda_eval.cpp, mpi/test_cuda_parallel.cpp): their
-// small model, bf16-exact weights with decisions far from their threshold, the relative error of a
-// flat tensor, and the tolerances.
+// small model, bf16-exact weights with decisions (DMC's and DMS's) far from their threshold, the
+// relative error of a flat tensor, and the tolerances.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -127,6 +127,48 @@ inline void ShapeWeights(model::Llama<float>* m, uint64_t seed) {
     }
   }
   for (float& w : m->params()) w = RoundBf16(w);
+}
+
+// A DMS model of SmallModelConfig's shape (DMC off): window 3, shorter than the sequences, so
+// most keys are past it; a soft regime (as SmallModelConfig's DMC), scale 1 and offset 0.5, so
+// that the relaxed decisions are mixed and the gradients of every size.
+inline model::LlamaConfig DmsModelConfig(model::DmsVariant variant, int hidden, int heads,
+                                         int kv_heads) {
+  model::LlamaConfig c = SmallModelConfig(false, hidden, heads, kv_heads);
+  c.dms.variant = variant;
+  c.dms.enabled = true;
+  c.dms.window = 3;
+  c.dms.scale = 1.0f;
+  c.dms.offset = 0.5f;
+  c.dms.temperature = 1.0f;
+  return c;
+}
+
+// After ShapeWeights on a DMS model: KV head h's decision input reads only residual channel h
+// (±1 in every embedding): the query channel's weight row (head h·G) or the adapter projection's
+// row h = ±0.5 · e_h, negated in odd layers when `alternate` (those layers evict the tokens the
+// others keep). The channel is ±4 to ±8 after RMSNorm, so a = x − 0.5 is mixed but far from 0 and
+// no decision flips between the fp32 CPU model and the bf16 GPU one.
+inline void ShapeDmsDecisions(model::Llama<float>* m, bool alternate) {
+  const model::LlamaConfig& c = m->config();
+  const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
+  const int G = c.num_attention_heads / Hkv;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+    float* row0 = nullptr;  // the decision row of KV head 0; head h's is `stride` further
+    size_t stride = 0;
+    if (c.dms.variant == model::DmsVariant::kQueryChannel) {
+      row0 = m->params().data() + m->FindParam(p + "q_proj.weight")->offset + size_t(D - 1) * C;
+      stride = size_t(G) * D * C;
+    } else if (c.dms.variant == model::DmsVariant::kAdapter) {
+      row0 = m->params().data() + m->FindParam(p + "dms_proj_alpha.weight")->offset;
+      stride = C;
+    }
+    if (!row0) continue;
+    const float weight = alternate && l % 2 ? -0.5f : 0.5f;
+    for (int h = 0; h < Hkv; ++h)
+      for (int j = 0; j < C; ++j) row0[h * stride + j] = j == h ? weight : 0.0f;
+  }
 }
 
 // The evaluation tests' model (test_cuda_eval.cpp, test_cuda_engine.cpp): ShapeWeights, with the decision channel of odd layers negated (those heads merge where the

@@ -248,18 +248,6 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaKlDistill,
 
 // ---- the model ----
 
-model::LlamaConfig DmsModelConfig(DmsVariant variant, int hidden, int heads, int kv_heads) {
-  model::LlamaConfig c = SmallModelConfig(false, hidden, heads, kv_heads);
-  c.dms.variant = variant;
-  c.dms.enabled = true;
-  c.dms.window = 3;  // shorter than the sequences: most keys are past it
-  // A soft regime (as SmallModelConfig's DMC): mixed relaxed decisions, gradients of every size.
-  c.dms.scale = 1.0f;
-  c.dms.offset = 0.5f;
-  c.dms.temperature = 1.0f;
-  return c;
-}
-
 // The config the retrofit starts from (the teacher's): the same model without DMS.
 model::LlamaConfig WithoutDms(model::LlamaConfig c) {
   c.dms = model::DmsConfig();
@@ -269,16 +257,12 @@ model::LlamaConfig WithoutDms(model::LlamaConfig c) {
 // ShapeWeights, then (all × 4, exact in bf16) the LM head, so that the logits are far from
 // uniform, and the value and output projections, so that eviction moves the logits well beyond
 // their bf16 rounding even where the teacher is the student itself (the adapter variant: KL
-// 0.1-0.5 on these shapes, against 5e-4 unscaled). For a DMS model, KV head h's decision input
-// then reads only residual channel h: the query channel's weight row (head h·G) or the adapter
-// projection's row h = 0.5 · e_h. That channel is ±4 to ±8 after RMSNorm, so a = x - 0.5 stays
-// at least 0.1 from 0 on every decision of these tests (checked on the CPU model by moving the
-// offset by ±0.1).
+// 0.1-0.5 on these shapes, against 5e-4 unscaled); then (a DMS model) ShapeDmsDecisions, the same
+// in every layer. Every decision of these tests stays at least 0.1 from the threshold (checked on
+// the CPU model by moving the offset by ±0.1).
 void ShapeDmsWeights(model::Llama<float>* m, uint64_t seed) {
   ShapeWeights(m, seed);
   const model::LlamaConfig& c = m->config();
-  const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
-  const int G = c.num_attention_heads / Hkv;
   auto scale = [m](const std::string& name) {
     const model::ParamSpec* spec = m->FindParam(name);
     for (size_t i = 0; i < spec->size; ++i) m->params()[spec->offset + i] *= 4.0f;
@@ -288,19 +272,8 @@ void ShapeDmsWeights(model::Llama<float>* m, uint64_t seed) {
     const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
     scale(p + "v_proj.weight");
     scale(p + "o_proj.weight");
-    float* row0 = nullptr;  // the decision row of KV head 0; head h's is `stride` further
-    size_t stride = 0;
-    if (c.dms.variant == DmsVariant::kQueryChannel) {
-      row0 = m->params().data() + m->FindParam(p + "q_proj.weight")->offset + size_t(D - 1) * C;
-      stride = size_t(G) * D * C;
-    } else if (c.dms.variant == DmsVariant::kAdapter) {
-      row0 = m->params().data() + m->FindParam(p + "dms_proj_alpha.weight")->offset;
-      stride = C;
-    }
-    if (!row0) continue;
-    for (int h = 0; h < Hkv; ++h)
-      for (int j = 0; j < C; ++j) row0[h * stride + j] = j == h ? 0.5f : 0.0f;
   }
+  ShapeDmsDecisions(m, false);
 }
 
 struct StepCase {

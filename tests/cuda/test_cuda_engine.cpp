@@ -1,9 +1,9 @@
 // The GPU decoding engine (inference/cuda_engine.h) against the CPU engine, its specification:
-// the kernels it adds (token choice, the paged cache writes) against their CPU references on
-// random inputs, then whole evaluations and generations of the shaped model of model_test_util.h
-// (hard decisions far from the threshold, so none flips between fp32 and bf16: slot counts must
-// agree exactly) under continuous batching, parallel prefill against token-by-token feeding, and
-// bad input.
+// the kernels it adds (token choice, the paged cache writes, H2O/TOVA's and DMS's evictions)
+// against their CPU references on random inputs, then whole evaluations and generations of the
+// shaped model of model_test_util.h (hard DMC and DMS decisions far from the threshold, so none
+// flips between fp32 and bf16: slot counts must agree exactly) under continuous batching,
+// parallel prefill against token-by-token feeding, and bad input.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include "inference/cuda_engine.h"
 #include "inference/evaluate.h"
 #include "inference/scheduler.h"
+#include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
@@ -29,6 +30,7 @@ namespace {
 
 using inference::CacheMethod;
 using inference::TokenOutput;
+using model::DmsVariant;
 
 template <typename X>
 X* Upload(const std::vector<X>& host) {
@@ -312,12 +314,97 @@ TEST(CudaPagedKvEvict, MatchesCpuReferenceOverManySteps) {
     }
 }
 
+// DMS's delayed eviction over many decode steps (the vanilla append, then the eviction; rows at
+// their own positions; every slot's mark starting as garbage), and its prefill form: the same
+// lengths, positions, marks and slot order as the reference, rows to bf16 rounding.
+TEST(CudaPagedKvDmsEvict, DecodeMatchesCpuReferenceOverManySteps) {
+  DMC_REQUIRE_GPU();
+  for (int window : {0, 2, 5})
+    for (int D : {64, 128}) {
+      SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
+      const int R = 5, Hkv = 3, page = 4, steps = 40;
+      CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, 0);
+      CacheLayer start = host;
+      std::vector<uint8_t> marks(host.slot_pos.size(), 1);
+      const std::vector<uint8_t> marks_start = marks;
+      std::vector<std::vector<float>> ks, vs, evicts;
+      std::vector<std::vector<int32_t>> positions;
+      for (int s = 0; s < steps; ++s) {
+        std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
+        to_bf16(k);
+        to_bf16(v);
+        ks.emplace_back(k.begin(), k.end());
+        vs.emplace_back(v.begin(), v.end());
+        std::vector<float> e(size_t(R) * Hkv);
+        for (auto& x : e) x = rng()() % 2 ? 1.0f : 0.0f;
+        evicts.push_back(e);
+        std::vector<int32_t> p(R);
+        for (int i = 0; i < R; ++i) p[i] = s + 3 * i;
+        positions.push_back(p);
+        kernels::paged_kv_append(host.Host(), ks[s].data(), vs[s].data(), nullptr, nullptr,
+                                 p.data(), R, Hkv, D, 10000.0f, false);
+        kernels::paged_kv_dms_evict(host.Host(), marks.data(), e.data(), p.data(), R, Hkv, D,
+                                    window);
+      }
+      int held = 0;
+      for (int x : host.lengths) held += x;
+      // About half of the tokens are marked, and all but the last w + 1 of those have left.
+      ASSERT_LT(held, R * Hkv * (steps - (steps - window) / 4)) << "too few evictions";
+      uint8_t* dmarks = Upload(marks_start);
+      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+        for (int s = 0; s < steps; ++s) {
+          std::vector<double> k(ks[s].begin(), ks[s].end()), v(vs[s].begin(), vs[s].end());
+          bf16 *dk = Upload(to_bf16(k)), *dv = Upload(to_bf16(v));
+          float* de = Upload(evicts[s]);
+          int32_t* dp = Upload(positions[s]);
+          cuda::paged_kv_append(layer, dk, dv, nullptr, nullptr, dp, R, Hkv, D, 10000.0f, false);
+          cuda::paged_kv_dms_evict(layer, dmarks, de, dp, R, Hkv, D, window);
+          cudaDeviceSynchronize();
+          for (void* p : {(void*)dk, (void*)dv, (void*)de, (void*)dp}) cudaFree(p);
+        }
+      });
+      EXPECT_EQ(Download(dmarks, marks.size()), marks);
+      cudaFree(dmarks);
+    }
+}
+
+TEST(CudaPagedKvDmsEvict, PrefillMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (int window : {0, 3, 40})
+    for (int P : {1, 17, 300}) {
+      SCOPED_TRACE(testing::Message() << "window " << window << " P " << P);
+      const int R = 3, Hkv = 2, D = 128, page = 16, row = 1;
+      CacheLayer host = MakeLayer(R, Hkv, D, page, (P + page - 1) / page, 0);
+      CacheLayer start = host;
+      std::vector<double> k = randn(size_t(P) * Hkv * D), v = randn(size_t(P) * Hkv * D);
+      const std::vector<bf16> bk = to_bf16(k), bv = to_bf16(v);
+      const std::vector<float> fk(k.begin(), k.end()), fv(v.begin(), v.end());
+      std::vector<float> evict(size_t(P) * Hkv);
+      for (auto& x : evict) x = rng()() % 2 ? 1.0f : 0.0f;
+      std::vector<uint8_t> marks(host.slot_pos.size(), 1);
+      const std::vector<uint8_t> marks_start = marks;
+      kernels::paged_kv_dms_prefill(host.Host(), marks.data(), row, fk.data(), fv.data(),
+                                    evict.data(), P, Hkv, D, window, 10000.0f);
+      uint8_t* dmarks = Upload(marks_start);
+      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+        bf16 *dk = Upload(bk), *dv = Upload(bv);
+        float* de = Upload(evict);
+        cuda::paged_kv_dms_prefill(layer, dmarks, row, dk, dv, de, P, Hkv, D, window, 10000.0f);
+        cudaDeviceSynchronize();
+        for (void* p : {(void*)dk, (void*)dv, (void*)de}) cudaFree(p);
+      });
+      EXPECT_EQ(Download(dmarks, marks.size()), marks);
+      cudaFree(dmarks);
+    }
+}
+
 struct EngineCase {
   const char* name;
   bool dmc;
   int hidden, heads, kv_heads;
   CacheMethod method;
   double cr = 1;  // h2o, tova: the compression ratio their budget is matched to
+  DmsVariant dms = DmsVariant::kNone;  // a DMS model's decision input (method dms)
 };
 
 // The case's policy over sequences of seq_len tokens (inference::PolicyForCr).
@@ -328,10 +415,19 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
 }
 
 model::LlamaConfig EngineConfig(const EngineCase& c) {
-  model::LlamaConfig m = SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
+  model::LlamaConfig m = c.dms != DmsVariant::kNone
+                             ? DmsModelConfig(c.dms, c.hidden, c.heads, c.kv_heads)
+                             : SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
   m.vocab_size = 256;
   m.num_hidden_layers = 3;
   return m;
+}
+
+// ShapeEvalModel; a DMS model's decisions then alternate by layer, as the DMC model's do.
+std::vector<int32_t> ShapeEngineModel(model::Llama<float>* m, uint64_t seed) {
+  std::vector<int32_t> predicted = ShapeEvalModel(m, seed);
+  if (m->config().dms.enabled) ShapeDmsDecisions(m, true);
+  return predicted;
 }
 
 class CudaEngineVsCpu : public ::testing::TestWithParam<EngineCase> {
@@ -348,7 +444,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   const model::LlamaConfig config = EngineConfig(tc);
   const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads, T = 40, n = 12;
   model::Llama<float> host(config, nullptr);
-  const std::vector<int32_t> predicted = ShapeEvalModel(&host, 5);
+  const std::vector<int32_t> predicted = ShapeEngineModel(&host, 5);
   const auto windows = PredictableWindows(n, T, predicted, 9);
   const inference::CachePolicy policy = PolicyOf(tc, T);
   const int page = 4;
@@ -443,7 +539,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   const model::LlamaConfig config = EngineConfig(tc);
   const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads;
   model::Llama<float> host(config, nullptr);
-  const std::vector<int32_t> predicted = ShapeEvalModel(&host, 6);
+  const std::vector<int32_t> predicted = ShapeEngineModel(&host, 6);
   const auto prompts = PredictableWindows(3, 29, predicted, 10);
   const inference::CachePolicy policy = PolicyOf(tc, 29 + 24);
   inference::CudaEngineOptions o;
@@ -523,7 +619,15 @@ INSTANTIATE_TEST_SUITE_P(
                       EngineCase{"h2o_cr2_gqa", false, 256, 4, 2, CacheMethod::kH2O, 2.0},
                       EngineCase{"h2o_cr4_on_dmc", true, 256, 4, 2, CacheMethod::kH2O, 4.0},
                       EngineCase{"tova_cr2_gqa", false, 256, 4, 2, CacheMethod::kTova, 2.0},
-                      EngineCase{"tova_cr4_d128", false, 256, 2, 2, CacheMethod::kTova, 4.0}),
+                      EngineCase{"tova_cr4_d128", false, 256, 2, 2, CacheMethod::kTova, 4.0},
+                      EngineCase{"dms_adapter", false, 128, 2, 2, CacheMethod::kDms, 1,
+                                 DmsVariant::kAdapter},
+                      EngineCase{"dms_adapter_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
+                                 DmsVariant::kAdapter},
+                      EngineCase{"dms_qchannel_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
+                                 DmsVariant::kQueryChannel},
+                      EngineCase{"dms_qchannel_d128", false, 256, 2, 2, CacheMethod::kDms, 1,
+                                 DmsVariant::kQueryChannel}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.
@@ -567,15 +671,26 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto refused = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
 
-  // DMS and LoMA stay on the CPU engine, named in the refusal; h2o and tova are served, given a
+  // LoMA stays on the CPU engine, named in the refusal. The dms cache needs a DMS model, and a
+  // DMS model decodes with nothing else, as on the CPU engine; h2o and tova are served, given a
   // budget with a recent window below it.
-  for (CacheMethod m : {CacheMethod::kDms, CacheMethod::kLoma}) {
-    o.policy = {m};
-    auto cpu_only = inference::CudaEngine::Create(plain, o);
-    EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
-    EXPECT_NE(cpu_only.status().message().find(inference::CacheMethodName(m)), std::string::npos)
-        << cpu_only.status();
+  o.policy = {CacheMethod::kLoma};
+  auto cpu_only = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
+  EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
+  o.policy = {CacheMethod::kDms};
+  auto no_dms = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(no_dms.status())) << no_dms.status();
+  model::Llama<float> dms(DmsModelConfig(DmsVariant::kAdapter, 128, 2, 2), nullptr);
+  for (CacheMethod m : {CacheMethod::kVanilla, CacheMethod::kH2O}) {
+    o.policy = {m, 8, 4};
+    auto other = inference::CudaEngine::Create(dms, o);
+    EXPECT_TRUE(absl::IsInvalidArgument(other.status())) << other.status();
   }
+  o.policy = {CacheMethod::kDms};
+  auto served_dms = inference::CudaEngine::Create(dms, o);
+  ASSERT_TRUE(served_dms.ok()) << served_dms.status();
+  EXPECT_TRUE((*served_dms)->parallel_prefill());
   using inference::CachePolicy;
   for (const CachePolicy& bad : {CachePolicy{CacheMethod::kH2O, 8, 8},
                                  CachePolicy{CacheMethod::kTova, 0, 0}}) {
