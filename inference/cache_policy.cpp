@@ -46,6 +46,7 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 
 std::string PolicyName(const CachePolicy& p) {
   std::string name = CacheMethodName(p.method);
+  if (p.budget > 0) name += absl::StrFormat("-%d", p.budget);
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
                                   p.quant.salient_slots);
@@ -140,16 +141,23 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       return absl::InvalidArgumentError("loma has its own cache: no byte budget knob");
   }
   long smallest = -1;
+  CachePolicy smallest_policy;
   for (const auto& [policy, slots] : candidates) {
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
     const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
     if (bytes <= budget_bytes) return policy;
-    smallest = smallest < 0 ? bytes : std::min(smallest, bytes);
+    if (smallest < 0 || bytes < smallest) smallest = bytes, smallest_policy = policy;
   }
+  // What the smallest cache spends its bytes on, so the reader sees which fixed cost is in the way.
+  PagedCacheOptions o = shape;
+  o.quant = smallest_policy.quant;
+  const long residual = KvResidualBytes(o, element_bytes), window = KvWindowBytes(o, element_bytes);
   return absl::InvalidArgumentError(absl::StrFormat(
-      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache holds %d",
-      std::string(method), budget_bytes, seq_len, smallest));
+      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache, %s, holds "
+      "%d (pages %d, full-precision residual %d, DMC window state %d)",
+      std::string(method), budget_bytes, seq_len, PolicyName(smallest_policy), smallest,
+      smallest - residual - window, residual, window));
 }
 
 namespace {

@@ -50,8 +50,9 @@ struct CachePolicy {
   kernels::KvQuantOptions quant = {};  // bits 0: full precision
 };
 
-// The policy's name in results: the method, then "-int8" for KV quantization, "-zip4/2x6" for
-// ZipCache's mixed precision (salient bits / bits, salient slots per page).
+// The policy's name in results: the method, its slots per head for h2o and tova ("h2o-32"), then
+// "-int8" for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits,
+// salient slots per page).
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
@@ -73,7 +74,8 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); h2o and tova the most
 // slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
 // head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
-// no setting of the knob meets the budget, naming the smallest cache it reaches.
+// no setting of the knob meets the budget, naming the smallest cache it reaches and its bytes in
+// pages, full-precision residual and DMC window state.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,

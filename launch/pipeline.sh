@@ -4,9 +4,11 @@
 # adapter distilled from the base, as many steps: the ramp over stages 1+2, then stage 3), and
 # continue it as many steps with DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
 # held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
-# TOVA at the budget DMC achieved; the control with the vanilla cache) → (GPU) decode throughput
-# at a fixed KV budget → OUT/results/ with the side-by-side table, the training curves and the
-# per-head CR heat maps.
+# TOVA at the budget DMC achieved; the control with the vanilla cache) → the KV compressors at
+# equal bytes (1/2, 1/4 and 1/8 of the vanilla cache: quantization, ZipCache, H2O, TOVA and every
+# retrofit, alone and composed with quantization) → (GPU) decode throughput at a fixed KV budget
+# → OUT/results/ with the side-by-side table, the training curves, the per-head CR heat maps,
+# and the tables and plot at equal bytes (kv_budget.md, kv_budget.png).
 #
 #   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
 #                                 the embedded King James text, byte tokenizer, "small" preset
@@ -96,6 +98,13 @@ case "$config" in
     dms_window=1
     windows=32
     eval_common=(--seq_len=128 --max_sequences=$windows)
+    # The comparison at equal bytes (6.): pages of 8 slots, where the most methods meet the
+    # budgets on 128-token windows (the model's training length: at 256 its perplexity rises
+    # from 5.0 to 6.5). A quantized cache keeps a full-precision page per head and fp32 scales
+    # and zero points per page, DMC its window state: fixed costs that a short window does not
+    # amortize. The budgets between the tables' trace each knob in the plot.
+    budget_page_size=8
+    plot_fractions=(0.84 0.71 0.59 0.42 0.35 0.3 0.21 0.18 0.15)
     if [ ! -f "$shards/train_index.json" ]; then
       log "tokenizing data/corpus"
       $bin/data/dmc-prep --input=data/corpus --output="$shards" --tokenizer=byte \
@@ -126,6 +135,8 @@ case "$config" in
     dms_window=16
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
+    budget_page_size=16
+    plot_fractions=()
     if [ ! -f "$shards/train_index.json" ]; then
       corpus=${DMC_PIPELINE_CORPUS:-$out/corpus}
       tokenizer=${DMC_PIPELINE_TOKENIZER:-$out/bpe8k.model}
@@ -322,7 +333,89 @@ done
 } >"$results/table.md"
 cat "$results/table.md"
 
-# 6. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
+# 6. the KV compressors at equal bytes (issue 19): at 1/2, 1/4 and 1/8 of the vanilla cache's
+#    bytes per sequence, each method with the knob dmc-eval --kv_fraction sets (quantization's
+#    bits, ZipCache's salient slots, H2O's and TOVA's slots, on the base; every DMC and DMS
+#    retrofit at full precision or composed with 8, 4 or 2 bits), or the reason none meets the
+#    budget; one process per model and method, on the CPU (the GPU engine has no quantized cache)
+budget_eval() {  # NAME MODEL LABEL METHOD
+  local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
+  rm -f "$results/budget_$name.tsv"
+  $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
+      --page_size=$budget_page_size --kv_fraction="$(IFS=,; echo "${fractions[*]}")" \
+      --methods="$method" --append_tsv="$results/budget_$name.tsv"
+}
+log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
+budget_runs=(vanilla quant zipcache h2o tova)
+for m in "${budget_runs[@]}"; do spawn "budget_$m" budget_eval "$m" "$out/base" base "$m"; done
+for method in "${methods[@]}"; do
+  for cr in $crs; do
+    spawn "budget_${method}_cr$cr" budget_eval "${method}_cr$cr" "$out/${method}_cr$cr" \
+        "${method^^} CR$cr" "$method"
+    budget_runs+=("${method}_cr$cr")
+  done
+done
+finish
+budget_tsvs=()
+for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
+cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
+# One table per budget: the vanilla reference, then every method in the order above. KV bytes
+# are a sequence's at the end of its window (the mean over windows: a learned CR varies).
+awk -F'\t' -v page=$budget_page_size '
+  function kib(b) { return sprintf("%.1f", b / 1024) }
+  function name(r) {
+    if (r[3] == "dmc" || r[3] == "dms") return r[1]
+    if (r[3] == "quant") return "quantization"
+    if (r[3] == "zipcache") return "ZipCache"
+    return r[3] == "vanilla" ? "vanilla (the reference)" : toupper(r[3])
+  }
+  function setting(r,   p) {
+    p = r[4]
+    if (p == "-") return "-"
+    if (p ~ /^(h2o|tova)-/) { sub(/^[a-z0-9]+-/, "", p); return p " slots per head" }
+    if (p ~ /-zip/) { split(p, z, /zip|\/|x/); return z[4] " of " page " slots per page at " z[2] " bits, the rest " z[3] }
+    if (p ~ /-int/) { sub(/^[a-z]+-/, "", p); return r[3] == "quant" ? p : p " slots" }
+    return r[3] == "vanilla" ? "fp32" : "fp32 slots"
+  }
+  # dmc-eval: "no setting of M meets B bytes ...: its smallest cache, POLICY, holds N (pages P,
+  # full-precision residual R, DMC window state W)" → the same in KiB and of vanilla
+  function unmet(r,   why, at, n) {
+    why = r[11]
+    at = index(why, "its smallest cache, ")
+    if (at == 0) return why
+    why = substr(why, at + 20)
+    s[3] = r[3]; s[4] = substr(why, 1, index(why, ",") - 1)
+    split(substr(why, index(why, " holds ")), n, /[^0-9]+/)
+    return sprintf("its smallest setting, %s, holds %s KiB (%.3f): %s in pages, %s in the full-precision residual%s",
+                   setting(s), kib(n[2]), n[2] / full, kib(n[3]), kib(n[4]),
+                   n[5] > 0 ? ", " kib(n[5]) " in DMC window state" : "")
+  }
+  function row(r,   note) {
+    note = r[11] == "-" ? "" : r[11]
+    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | not met: %s |", name(r), unmet(r))
+    return sprintf("| %s | %s | %s (%.3f) | %.3f | %s | %.3f | %s |", name(r), setting(r), kib(r[6]),
+                   r[6] / full, r[8], (r[3] == "vanilla" ? "-" : sprintf("%+.1f%%", 100 * (r[8] / base - 1))),
+                   r[9], note)
+  }
+  { lines[NR] = $0; budget[$2] = $5 }
+  $2 == "1" && $3 == "vanilla" { base = $8; full = $6; reference = NR }
+  END {
+    nb = split("1/2 1/4 1/8", budgets, " ")
+    for (b = 1; b <= nb; b++) {
+      printf "%s### %s of the vanilla cache: %s KiB per sequence\n\n", (b > 1 ? "\n" : ""), budgets[b], kib(budget[budgets[b]])
+      print "| method | setting | KV KiB per sequence (of vanilla) | held-out perplexity | Δ vs base | next-token accuracy | note |"
+      print "| --- | --- | --- | --- | --- | --- | --- |"
+      split(lines[reference], r, "\t"); print row(r)
+      for (i = 1; i <= NR; i++) { split(lines[i], r, "\t"); if (r[2] == budgets[b]) print row(r) }
+    }
+  }' "$results/kv_budget.tsv" >"$results/kv_budget.md"
+cat "$results/kv_budget.md"
+if command -v gnuplot >/dev/null; then
+  bash launch/plot_kv_budget.sh "$results/kv_budget.png" "$results/kv_budget.tsv" ||
+    log "the perplexity-against-bytes plot failed (above)"
+fi
+
+# 7. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
 #    Llama-2-7B-shaped model, vanilla against DMC at CR 2, 4 and 8 (bench/cuda/bench_decode.cu)
 if [ "$config" = gpu ] && [ -x "$bin/bench/bench_decode" ]; then
   log "decode throughput at a fixed KV budget (bench_decode)"
@@ -330,4 +423,4 @@ if [ "$config" = gpu ] && [ -x "$bin/bench/bench_decode" ]; then
   cat "$results/decode_bench.md"
 fi
 log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr.png," \
-    "head_cr_*.png$([ -f "$results/decode_bench.md" ] && echo ", decode_bench.md")"
+    "head_cr_*.png, kv_budget.md, kv_budget.png$([ -f "$results/decode_bench.md" ] && echo ", decode_bench.md")"
