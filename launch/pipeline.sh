@@ -12,7 +12,7 @@
 #
 #   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
 #                                 the embedded King James text, byte tokenizer, "small" preset
-#                                 (0.9M parameters); ~15 minutes on two cores
+#                                 (0.9M parameters); ~10 minutes on two cores
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
 #                                 seq 512, on the ~100 MB English corpus of
 #                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
