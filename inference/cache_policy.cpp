@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "inference/layer_budgets.h"
 
 namespace dmc::inference {
 
@@ -44,8 +46,49 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
   return p;
 }
 
+int LayerBudget(const CachePolicy& policy, int layer) {
+  return policy.layer_budget.empty() ? policy.budget : policy.layer_budget[layer];
+}
+
+int LayerRecent(const CachePolicy& policy, int layer) {
+  if (policy.method != CacheMethod::kH2O) return 0;
+  return policy.layer_budget.empty() ? policy.recent : policy.layer_budget[layer] / 2;
+}
+
+int KvSourceLayer(const CachePolicy& policy, int layer) {
+  return policy.kv_source.empty() ? layer : policy.kv_source[layer];
+}
+
+absl::Status ValidateKvSharing(const CachePolicy& policy, int layers) {
+  if (policy.kv_source.empty()) return absl::OkStatus();
+  if (policy.method != CacheMethod::kVanilla || policy.quant.bits > 0 ||
+      policy.think_channels > 0)
+    return absl::InvalidArgumentError(
+        "KVSharer shares the layers of the full-precision vanilla cache only");
+  if (static_cast<int>(policy.kv_source.size()) != layers)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "KVSharer: %d cache sources for a model of %d layers", policy.kv_source.size(), layers));
+  for (int l = 0; l < layers; ++l) {
+    const int s = policy.kv_source[l];
+    if (s < 0 || s > l || policy.kv_source[s] != s)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVSharer: layer %d reads the cache of layer %d; a layer reads its own or that of an "
+          "earlier layer which keeps its own",
+          l, s));
+  }
+  return absl::OkStatus();
+}
+
 std::string PolicyName(const CachePolicy& p) {
+  if (!p.kv_source.empty()) {
+    int shared = 0;
+    for (int l = 0; l < static_cast<int>(p.kv_source.size()); ++l) shared += p.kv_source[l] != l;
+    return absl::StrFormat("kvsharer-%d", shared);
+  }
+  if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
+  if (p.allocation == LayerAllocation::kPyramidInfer) name += "-pyramid";
+  if (p.allocation == LayerAllocation::kZigZag) name += "-zigzag";
   if (p.budget > 0) name += absl::StrFormat("-%d", p.budget);
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
@@ -90,13 +133,61 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
   return absl::OkStatus();
 }
 
+absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
+  if (policy.think_channels == 0) return absl::OkStatus();
+  if (policy.method != CacheMethod::kVanilla || policy.quant.bits > 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ThinK prunes the key channels of the full-precision vanilla cache, not of %s",
+        PolicyName(CachePolicy{policy.method, 0, 0, policy.quant})));
+  if (policy.think_channels < 0 || policy.think_channels > head_dim)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ThinK keeps %d key channels of head_dim %d: expected 1 to %d", policy.think_channels,
+        head_dim, head_dim));
+  return absl::OkStatus();
+}
+
+namespace {
+
+// "h2o_pyramid" → (h2o, kPyramidInfer); a plain method name → kUniform.
+std::pair<std::string_view, LayerAllocation> SplitAllocation(std::string_view name) {
+  for (auto [suffix, allocation] : {std::pair{std::string_view("_pyramid"),
+                                              LayerAllocation::kPyramidInfer},
+                                    std::pair{std::string_view("_zigzag"),
+                                              LayerAllocation::kZigZag}})
+    if (name.size() > suffix.size() && name.substr(name.size() - suffix.size()) == suffix)
+      return {name.substr(0, name.size() - suffix.size()), allocation};
+  return {name, LayerAllocation::kUniform};
+}
+
+}  // namespace
+
+bool IsBudgetOnlyMethod(std::string_view name) {
+  const auto [base, allocation] = SplitAllocation(name);
+  return name == "quant" || name == "zipcache" || name == "think" || name == "kvsharer" ||
+         (allocation != LayerAllocation::kUniform && (base == "h2o" || base == "tova"));
+}
+
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
-                                           const std::vector<int>& head_slots) {
-  const bool quant = method == "quant", zipcache = method == "zipcache";
-  absl::StatusOr<CacheMethod> parsed =
-      quant || zipcache ? CacheMethod::kVanilla : ParseCacheMethod(method);
+                                           const std::vector<int>& head_slots,
+                                           const LayerCalibration& calibration) {
+  const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
+  const auto [base_name, allocation] = SplitAllocation(method);
+  const bool kvsharer = method == "kvsharer";
+  absl::StatusOr<CacheMethod> parsed = quant || zipcache || think || kvsharer
+                                           ? CacheMethod::kVanilla
+                                           : ParseCacheMethod(base_name);
+  if (!parsed.ok()) return parsed.status();
+  if (allocation != LayerAllocation::kUniform && *parsed != CacheMethod::kH2O &&
+      *parsed != CacheMethod::kTova)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: per-layer budgets (_pyramid, _zigzag) serve h2o and tova only", std::string(method)));
+  if (allocation == LayerAllocation::kZigZag &&
+      static_cast<int>(calibration.lmba.size()) != shape.layers)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: ZigZagKV needs the LMBA of every layer from a calibration (%d layers, got %d)",
+        std::string(method), shape.layers, calibration.lmba.size()));
   if (!parsed.ok()) return parsed.status();
   const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
   // Candidates from the least compressed on, each with the slots its heads hold.
@@ -106,7 +197,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   const std::vector<int> whole(heads, seq_len);
   switch (*parsed) {
     case CacheMethod::kVanilla:
-      if (!quant && !zipcache) candidates.push_back({base, whole});
+      if (!quant && !zipcache && !think && !kvsharer) candidates.push_back({base, whole});
       for (int bits : {8, 4, 2}) {
         if (!quant) break;
         base.quant = {bits, 0, 0, 0};
@@ -117,13 +208,35 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
           base.quant = {low, 0, high, salient};
           candidates.push_back({base, whole});
         }
+      for (size_t shared = 0; kvsharer && shared <= calibration.shared.size(); ++shared) {
+        base.kv_source.resize(shape.layers);
+        std::iota(base.kv_source.begin(), base.kv_source.end(), 0);
+        std::vector<int> slots = whole;  // a shared layer stores nothing
+        for (size_t i = 0; i < shared; ++i) {
+          const auto [layer, source] = calibration.shared[i];
+          base.kv_source[layer] = source;
+          std::fill_n(slots.begin() + layer * shape.kv_heads, shape.kv_heads, 0);
+        }
+        candidates.push_back({base, slots});
+      }
+      for (int kept = shape.head_dim; think && kept >= 1; --kept) {
+        base.think_channels = kept;
+        candidates.push_back({base, whole});
+      }
       break;
     case CacheMethod::kH2O:
     case CacheMethod::kTova:
       for (int budget = seq_len; budget >= 1; --budget) {
         base.budget = budget;
         base.recent = *parsed == CacheMethod::kH2O ? budget / 2 : 0;
-        candidates.push_back({base, std::vector<int>(heads, budget)});
+        base.allocation = allocation;
+        if (allocation == LayerAllocation::kPyramidInfer)
+          base.layer_budget = PyramidInferBudgets(shape.layers, budget, seq_len);
+        if (allocation == LayerAllocation::kZigZag)
+          base.layer_budget = ZigZagBudgets(calibration.lmba, budget, seq_len);
+        std::vector<int> slots(heads);
+        for (int i = 0; i < heads; ++i) slots[i] = LayerBudget(base, i / shape.kv_heads);
+        candidates.push_back({base, slots});
       }
       break;
     case CacheMethod::kDmc:
@@ -145,6 +258,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   for (const auto& [policy, slots] : candidates) {
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
+    o.think_channels = policy.think_channels;
     const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
     if (bytes <= budget_bytes) return policy;
     if (smallest < 0 || bytes < smallest) smallest = bytes, smallest_policy = policy;
@@ -152,12 +266,14 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   // What the smallest cache spends its bytes on, so the reader sees which fixed cost is in the way.
   PagedCacheOptions o = shape;
   o.quant = smallest_policy.quant;
-  const long residual = KvResidualBytes(o, element_bytes), window = KvWindowBytes(o, element_bytes);
+  o.think_channels = smallest_policy.think_channels;
   return absl::InvalidArgumentError(absl::StrFormat(
       "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache, %s, holds "
-      "%d (pages %d, full-precision residual %d, DMC window state %d)",
+      "%d (pages %d, full-precision residual %d, DMC window state %d, ThinK query energy %d)",
       std::string(method), budget_bytes, seq_len, PolicyName(smallest_policy), smallest,
-      smallest - residual - window, residual, window));
+      smallest - KvReservedBytes(o, element_bytes, element_bytes),
+      KvResidualBytes(o, element_bytes), KvWindowBytes(o, element_bytes),
+      KvObservationBytes(o, element_bytes)));
 }
 
 namespace {
@@ -199,16 +315,16 @@ template <typename T>
 absl::Status H2OUpdate(PagedKvCache<T>& cache, int seq, int layer, int t, const T* probs,
                        int probs_stride, int H, const CachePolicy& policy) {
   AccumulateAttention(cache, seq, layer, probs, probs_stride, H);
+  const int budget = LayerBudget(policy, layer), recent = LayerRecent(policy, layer);
   for (int h = 0; h < cache.options().kv_heads; ++h) {
-    while (cache.length(seq, layer, h) > policy.budget) {
+    while (cache.length(seq, layer, h) > budget) {
       const std::vector<int32_t> pos = Positions(cache, seq, layer, h);
       const int victim = ArgminSlot(
           static_cast<int>(pos.size()), [&](int i) { return cache.score(seq, layer, h, i); },
-          [&](int i) { return pos[i] <= t - policy.recent; }, pos);
+          [&](int i) { return pos[i] <= t - recent; }, pos);
       if (victim < 0)
         return absl::InternalError(
-            absl::StrFormat("h2o: no evictable slot (budget %d, recent %d)", policy.budget,
-                            policy.recent));
+            absl::StrFormat("h2o: no evictable slot (budget %d, recent %d)", budget, recent));
       if (absl::Status s = cache.Evict(seq, layer, h, victim); !s.ok()) return s;
     }
   }
@@ -224,7 +340,7 @@ absl::Status TovaUpdate(PagedKvCache<T>& cache, int seq, int layer, const T* pro
   std::vector<double> mean(n, 0.0);
   for (int g = 0; g < H; ++g)
     for (int i = 0; i < n; ++i) mean[i] += probs[g * probs_stride + i] / H;
-  while (cache.length(seq, layer, 0) > policy.budget) {
+  while (cache.length(seq, layer, 0) > LayerBudget(policy, layer)) {
     const std::vector<int32_t> pos = Positions(cache, seq, layer, 0);
     const int victim = ArgminSlot(
         static_cast<int>(pos.size()), [&](int i) { return mean[i]; }, [](int) { return true; },

@@ -27,6 +27,9 @@
 // H2O's score (summed over the query heads of its KV head), and the page_size slots quantized
 // together keep their salient_slots highest normalized scores (accumulated attention / queries
 // that saw the slot) at salient_bits.
+// ThinK (policy.think_channels > 0, vanilla only; arXiv 2407.21018, kernels/think_channels.h):
+// the vanilla cache whose settled pages keep think_channels key channels per head, chosen per page
+// by the query-driven score; attention reads the kept channels of those pages.
 #pragma once
 
 #include <string>
@@ -39,6 +42,8 @@
 namespace dmc::inference {
 
 enum class CacheMethod { kDmc, kDms, kVanilla, kH2O, kTova, kLoma };
+// How h2o and tova spread their slots over layers (inference/layer_budgets.h).
+enum class LayerAllocation { kUniform, kPyramidInfer, kZigZag };
 
 absl::StatusOr<CacheMethod> ParseCacheMethod(std::string_view name);
 const char* CacheMethodName(CacheMethod method);
@@ -48,11 +53,39 @@ struct CachePolicy {
   int budget = 0;  // h2o, tova: slots per KV head (tova: per layer, shared by its heads)
   int recent = 0;  // h2o: the recent window, part of the budget
   kernels::KvQuantOptions quant = {};  // bits 0: full precision
+  int think_channels = 0;  // ThinK: key channels kept per page; 0: every channel
+  // h2o, tova: the budget of each layer, as `budget` is of every layer when empty (h2o's recent
+  // window: half of it, rounded down), and the rule that set them.
+  std::vector<int> layer_budget = {};
+  LayerAllocation allocation = LayerAllocation::kUniform;
+  // KVSharer (vanilla only): the layer whose cache each layer's attention reads; a layer that
+  // reads an earlier one's stores nothing. Empty: every layer its own.
+  std::vector<int> kv_source = {};
 };
 
-// The policy's name in results: the method, its slots per head for h2o and tova ("h2o-32"), then
-// "-int8" for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits,
-// salient slots per page).
+int KvSourceLayer(const CachePolicy& policy, int layer);
+// Whether policy.kv_source is valid for a model of `layers` layers: empty, or one entry per
+// layer, each the layer itself or an earlier layer that reads its own cache, on the
+// full-precision vanilla cache. InvalidArgument naming the problem.
+absl::Status ValidateKvSharing(const CachePolicy& policy, int layers);
+
+// What the byte budgets of the calibrated methods need: ZigZagKV's LMBA per layer
+// (inference/layer_budgets.h) and KVSharer's accepted (layer, source) pairs in the order its
+// search accepted them (inference/kv_sharer.h).
+struct LayerCalibration {
+  std::vector<double> lmba;
+  std::vector<std::pair<int, int>> shared;
+};
+
+// The budget and h2o's recent window at `layer`.
+int LayerBudget(const CachePolicy& policy, int layer);
+int LayerRecent(const CachePolicy& policy, int layer);
+
+// The policy's name in results, one per setting: the method, "-pyramid" or "-zigzag" for per-layer
+// budgets, its (mean) slots per head for h2o and tova ("h2o-32", "h2o-pyramid-32"), then "-int8"
+// for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits, salient
+// slots per page); "think-k24" for ThinK keeping 24 key channels; "kvsharer-2" for 2 layers
+// reading another's cache.
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
@@ -60,6 +93,13 @@ std::string PolicyName(const CachePolicy& policy);
 // dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
 // vanilla only. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
+// Whether policy.think_channels is valid for head dimension head_dim: 0, or 1 to head_dim on the
+// vanilla cache at full precision. InvalidArgument naming the problem.
+absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
+
+// The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think",
+// "h2o_pyramid", "tova_pyramid", "h2o_zigzag", "tova_zigzag", "kvsharer".
+bool IsBudgetOnlyMethod(std::string_view name);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
 // budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
@@ -71,15 +111,20 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // quantized cache would have it), with
 // the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
 // or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
-// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); h2o and tova the most
-// slots per head; dmc and dms, whose CR the model learned, full precision or 8, 4, 2 bits over
-// head_slots (their slots per (layer, KV head) measured at full precision). InvalidArgument when
-// no setting of the knob meets the budget, naming the smallest cache it reaches and its bytes in
-// pages, full-precision residual and DMC window state.
+// of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); "think" the most key
+// channels kept (head_dim to 1; keys only, so never below half of vanilla); h2o and tova the most
+// slots per head; their _pyramid and _zigzag variants the largest mean budget per layer whose
+// per-layer budgets meet it (zigzag: from calibration.lmba); "kvsharer" the fewest shared layers,
+// the first pairs of calibration.shared; dmc and dms, whose CR
+// the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
+// head) measured at full precision). InvalidArgument when no setting of the knob meets the
+// budget, naming the smallest cache it reaches and its bytes in pages and in what a sequence
+// reserves: full-precision residual, DMC window state, ThinK's query energy.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,
-                                           const std::vector<int>& head_slots);
+                                           const std::vector<int>& head_slots,
+                                           const LayerCalibration& calibration = {});
 
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i

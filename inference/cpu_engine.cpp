@@ -36,8 +36,12 @@ template <typename T>
 bool CpuEngine<T>::parallel_prefill() const {
   // inference::Prefill runs the training forward, which on a DMC model merges and on a DMS model
   // evicts: it serves the dmc and dms caches, and the vanilla one only of a model without either.
-  // ZipCache's mixed precision ranks slots by each step's attention: token by token.
-  if (policy().quant.salient_slots > 0) return false;
+  // ZipCache's mixed precision ranks slots by each step's attention, ThinK channels by each
+  // step's query: token by token.
+  // KVSharer's layers read other layers' caches, which the training forward does not.
+  if (policy().quant.salient_slots > 0 || policy().think_channels > 0 ||
+      !policy().kv_source.empty())
+    return false;
   return policy().method == CacheMethod::kDmc || policy().method == CacheMethod::kDms ||
          (policy().method == CacheMethod::kVanilla && !config().compression_enabled());
 }

@@ -19,12 +19,15 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "data/loader.h"
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
+#include "inference/kv_sharer.h"
+#include "inference/layer_budgets.h"
 #include "inference/paged_decoder.h"
 #include "inference/png_writer.h"
 #if defined(DMC_HAVE_CUDA)
@@ -59,9 +62,14 @@ ABSL_FLAG(bool, parallel_forward, false,
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 ABSL_FLAG(std::string, kv_fraction, "",
           "comma-separated KV byte budgets per sequence relative to the vanilla cache (1/2,1/4 or "
-          "0.5): each method of --methods (vanilla, quant, zipcache, h2o, tova, dmc, dms) gets the "
-          "knob that meets each budget (bits, salient slots, slots per head), one table per "
-          "budget; CPU only");
+          "0.5): each method of --methods (vanilla, quant, zipcache, think, h2o, tova, dmc, dms) "
+          "gets the knob that meets each budget (bits, salient slots, kept key channels, slots "
+          "per head; h2o_pyramid, tova_pyramid, h2o_zigzag, tova_zigzag: mean slots per layer; "
+          "kvsharer: shared layers), "
+          "one table per budget; CPU only");
+ABSL_FLAG(int, calibration_sequences, 8,
+          "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
+          "need a calibration (the _zigzag budgets, kvsharer) calibrate");
 
 namespace {
 
@@ -110,13 +118,15 @@ absl::StatusOr<double> ParseFraction(absl::string_view text) {
 
 // --kv_fraction: vanilla, the reference, once at its full size; every other method at every
 // budget with the knob PolicyForBytes sets (dmc and dms first run at full precision to measure
-// their slots per head). A setting picked at several budgets is decoded once. A method that no
+// their slots per head; the _zigzag budgets and kvsharer first calibrate on the calibration
+// windows). A setting picked at several budgets is decoded once. A method that no
 // setting fits into a budget gets the reason instead of figures, and the run goes on.
 // --append_tsv: one line per (budget, method): label, budget ("1" for the reference), method,
 // policy, budget bytes, mean and max bytes a sequence held at its end, perplexity, accuracy,
 // tokens/s, and a note ("-", or why the budget was not met).
 int EvaluateAtBudgets(dmc::model::Llama<float>& model,
                       const std::vector<std::vector<int32_t>>& windows,
+                      const std::vector<std::vector<int32_t>>& calibration,
                       const dmc::inference::EvalOptions& base, int seq_len) {
   namespace inf = dmc::inference;
   const dmc::model::LlamaConfig& c = model.config();
@@ -196,6 +206,26 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     if (!r.ok()) return Fail(r.status());
     for (double cr : r->head_cr) measured[m].push_back(static_cast<int>(std::ceil(seq_len / cr)));
   }
+  inf::LayerCalibration calibrated;  // on the held-out calibration windows
+  if (std::any_of(methods.begin(), methods.end(), [](const std::string& m) {
+        return absl::EndsWith(m, "_zigzag");
+      })) {
+    absl::StatusOr<std::vector<double>> lmba = inf::CalibrateZigZag(model, calibration);
+    if (!lmba.ok()) return Fail(lmba.status());
+    calibrated.lmba = *lmba;
+    std::printf("ZigZagKV LMBA per layer (%zu calibration windows):", calibration.size());
+    for (double x : calibrated.lmba) std::printf(" %.1f", x);
+    std::printf("\n");
+  }
+  if (std::count(methods.begin(), methods.end(), "kvsharer") > 0) {
+    absl::StatusOr<std::vector<std::pair<int, int>>> shared =
+        inf::CalibrateKvSharer(model, calibration, base.page_size, inf::kKvSharerSimilarity);
+    if (!shared.ok()) return Fail(shared.status());
+    calibrated.shared = *shared;
+    std::printf("KVSharer pairs (layer reads source), in the order accepted:");
+    for (auto [layer, source] : calibrated.shared) std::printf(" %d<-%d", layer, source);
+    std::printf("\n");
+  }
   for (const auto& [fraction, f] : fractions) {
     const long budget = static_cast<long>(f * vanilla_bytes);
     std::printf("\nKV budget %s of vanilla: %ld bytes per sequence of %d tokens\n",
@@ -204,7 +234,7 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     for (const std::string& m : methods) {
       if (m == "vanilla") continue;
       absl::StatusOr<inf::CachePolicy> policy = inf::PolicyForBytes(
-          m, shape_of(m), sizeof(float), seq_len, budget, measured[m]);
+          m, shape_of(m), sizeof(float), seq_len, budget, measured[m], calibrated);
       if (!policy.ok()) {
         const std::string why(policy.status().message());
         std::printf("%-10s cannot meet it: %s\n", m.c_str(), why.c_str());
@@ -258,7 +288,7 @@ int main(int argc, char** argv) {
         "--kv_fraction runs on the CPU only (the GPU engine has no quantized cache yet)"));
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
-    if (at_budgets && (name == "quant" || name == "zipcache")) continue;
+    if (at_budgets && dmc::inference::IsBudgetOnlyMethod(std::string(name))) continue;
     absl::StatusOr<CacheMethod> m = dmc::inference::ParseCacheMethod(std::string(name));
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
@@ -322,15 +352,19 @@ int main(int argc, char** argv) {
   if (!loader.ok()) return Fail(loader.status());
   const int n = static_cast<int>(
       std::min<int64_t>(absl::GetFlag(FLAGS_max_sequences), (*loader)->batches_per_epoch()));
+  const int calibration_n =
+      at_budgets ? static_cast<int>(std::min<int64_t>(absl::GetFlag(FLAGS_calibration_sequences),
+                                                      (*loader)->batches_per_epoch() - n))
+                 : 0;
   if (n < 1)
     return Fail(absl::InvalidArgumentError(
         absl::StrFormat("%s: holds no window of %d tokens", data, seq_len + 1)));
-  std::vector<std::vector<int32_t>> windows;
+  std::vector<std::vector<int32_t>> windows, calibration;
   std::vector<int32_t> inputs, targets;
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < n + calibration_n; ++i) {
     if (absl::Status s = (*loader)->Next(&inputs, &targets); !s.ok()) return Fail(s);
     inputs.push_back(targets.back());
-    windows.push_back(inputs);
+    (i < n ? windows : calibration).push_back(inputs);
   }
   std::printf("dmc-eval: %s (%d layers, %d heads, %d KV heads, DMC %s%s%s), %d windows of %d "
               "tokens from %s\n",
@@ -352,7 +386,7 @@ int main(int argc, char** argv) {
     eo.budget_bytes = absl::GetFlag(FLAGS_kv_budget_mb) << 20;
     eo.page_size = absl::GetFlag(FLAGS_page_size);
     eo.max_batch = absl::GetFlag(FLAGS_max_batch);
-    return EvaluateAtBudgets(**model, windows, eo, seq_len);
+    return EvaluateAtBudgets(**model, windows, calibration, eo, seq_len);
   }
 
   std::vector<EvalResult> results;

@@ -31,6 +31,7 @@ PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, const CacheP
                                   long budget_bytes, int page_size) {
   PagedCacheOptions o = CacheOptionsFor(config, policy.method, budget_bytes, page_size);
   o.quant = policy.quant;
+  o.think_channels = policy.think_channels;
   // DmsUpdate removes token t - w - 1 at step t at the latest: older ones stay for good.
   const bool dms = policy.method == CacheMethod::kDms && config.dms.enabled;
   o.settle_lag = KvQuantized(o) && dms ? config.dms.window + 1 : 0;
@@ -51,15 +52,18 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
   };
   if (got.layers != want.layers || got.kv_heads != want.kv_heads ||
       got.head_dim != want.head_dim || got.dmc_window != want.dmc_window || got.page_size < 1 ||
-      quant(got.quant) != quant(want.quant) || got.settle_lag != want.settle_lag)
+      quant(got.quant) != quant(want.quant) || got.settle_lag != want.settle_lag ||
+      got.think_channels != want.think_channels)
     return absl::InvalidArgumentError(absl::StrFormat(
         "cache shape (layers %d, KV heads %d, head dim %d, window %d, page size %d, %d-bit, "
-        "settle lag %d) does not fit the model and policy %s (layers %d, KV heads %d, head dim "
-        "%d, window %d, %d-bit, settle lag %d)",
+        "settle lag %d, ThinK channels %d) does not fit the model and policy %s (layers %d, KV "
+        "heads %d, head dim %d, window %d, %d-bit, settle lag %d, ThinK channels %d)",
         got.layers, got.kv_heads, got.head_dim, got.dmc_window, got.page_size, got.quant.bits,
-        got.settle_lag, PolicyName(policy), want.layers, want.kv_heads, want.head_dim,
-        want.dmc_window, want.quant.bits, want.settle_lag));
+        got.settle_lag, got.think_channels, PolicyName(policy), want.layers, want.kv_heads,
+        want.head_dim, want.dmc_window, want.quant.bits, want.settle_lag, want.think_channels));
   if (absl::Status s = ValidateKvQuant(policy, c.head_dim(), got.page_size); !s.ok()) return s;
+  if (absl::Status s = ValidateThink(policy, c.head_dim()); !s.ok()) return s;
+  if (absl::Status s = ValidateKvSharing(policy, c.num_hidden_layers); !s.ok()) return s;
   if ((policy.method == CacheMethod::kDms) != c.dms.enabled)
     return absl::InvalidArgumentError(
         policy.method == CacheMethod::kDms
@@ -68,10 +72,18 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
                               "cache, not %s",
                               CacheMethodName(policy.method)));
   const bool evicts = policy.method == CacheMethod::kH2O || policy.method == CacheMethod::kTova;
-  if (evicts && (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
+  if (evicts && !policy.layer_budget.empty() &&
+      static_cast<int>(policy.layer_budget.size()) != c.num_hidden_layers)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
-        CacheMethodName(policy.method), policy.budget, policy.recent));
+        "%s: %d per-layer budgets for a model of %d layers", PolicyName(policy),
+        policy.layer_budget.size(), c.num_hidden_layers));
+  for (int l = 0; evicts && l < c.num_hidden_layers; ++l)
+    if (LayerBudget(policy, l) < 1 || LayerRecent(policy, l) < 0 ||
+        LayerRecent(policy, l) >= LayerBudget(policy, l))
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d at "
+          "layer %d",
+          PolicyName(policy), LayerBudget(policy, l), LayerRecent(policy, l), l));
   return std::unique_ptr<PagedDecoder<T>>(new PagedDecoder<T>(model, policy, cache));
 }
 
@@ -139,6 +151,10 @@ absl::StatusOr<std::vector<T>> Prefill(model::Llama<T>& model, CacheMethod metho
     return absl::InvalidArgumentError(
         "parallel prefill does not serve ZipCache's mixed precision (it ranks slots by each "
         "step's attention): feed the prompt token by token");
+  if (KvThink(cache->options()))
+    return absl::InvalidArgumentError(
+        "parallel prefill does not serve ThinK (it scores key channels by the queries each step "
+        "observes): feed the prompt token by token");
   // Worst case, every token opens a slot: check the pages before anything changes.
   const int page = cache->options().page_size;
   const long pages = static_cast<long>(L) * Hkv * ((P + page - 1) / page);
@@ -197,7 +213,7 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
                                     k::DmcDecisionMode::kHard};
   const bool qchannel = dms && c.dms.variant == model::DmsVariant::kQueryChannel;
   const bool evicts = policy_.method == CacheMethod::kH2O || policy_.method == CacheMethod::kTova;
-  const bool quantized = KvQuantized(cache_->options());
+  const bool quantized = KvQuantized(cache_->options()), think = KvThink(cache_->options());
   const bool salient = policy_.quant.salient_slots > 0;  // ZipCache scores every slot
   for (auto* b : {&x_, &xn_, &o_, &x2_}) b->resize(size_t(n) * C);
   for (auto* b : {&q_, &qr_, &att_}) b->resize(size_t(n) * H * D);
@@ -226,19 +242,32 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
       k::dms_gates_forward<T>(logit_.data(), alpha_.data(), merge_.data(), nullptr,
                               dms_x_.data(), nullptr, n, 1, Hkv, dms_params);
     }
-    if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
+    const int source = KvSourceLayer(policy_, l);  // KVSharer: a shared layer reads another's
+    if (source == l)
+      if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
     for (int i = 0; i < n; ++i)
       k::rope_forward(qr_.data() + size_t(i) * H * D, q_.data() + size_t(i) * H * D, 1, 1, H, D,
                       cache_->tokens(seqs[i]), c.rope_theta, dmc);
     if (qchannel) model::ZeroDmsQueryChannel(qr_.data(), n, H, Hkv, D);
+    for (int i = 0; think && i < n; ++i)
+      cache_->ObserveQuery(seqs[i], l, qr_.data() + size_t(i) * H * D, H);
     int max_pages = 0;
-    cache_->BlockTable(seqs, l, &page_table_, &lengths_, &max_pages);
+    cache_->BlockTable(seqs, source, &page_table_, &lengths_, &max_pages);
     const int residual = KvResidualSlots(cache_->options());
-    const int stride = max_pages * cache_->options().page_size + (quantized ? residual : 0);
+    const int stride =
+        max_pages * cache_->options().page_size + (KvSettles(cache_->options()) ? residual : 0);
     if (evicts || salient) probs_.resize(size_t(n) * H * stride);
     T* probs = evicts || salient ? probs_.data() : nullptr;
-    if (quantized) {
-      cache_->ResidualTable(seqs, l, &residual_blocks_, &residual_lengths_);
+    if (KvSettles(cache_->options()))
+      cache_->ResidualTable(seqs, source, &residual_blocks_, &residual_lengths_);
+    if (think) {
+      k::paged_decode_attention_think<T>(
+          att_.data(), probs, stride, qr_.data(), cache_->k_pool(), cache_->v_pool(),
+          cache_->mask_pool(), cache_->options().think_channels, page_table_.data(),
+          lengths_.data(), max_pages, cache_->options().page_size, cache_->r_k_pool(),
+          cache_->r_v_pool(), residual_blocks_.data(), residual_lengths_.data(), residual, n, H,
+          Hkv, D, dmc, scale);
+    } else if (quantized) {
       k::paged_decode_attention_quantized<T>(
           att_.data(), probs, stride, qr_.data(), cache_->q_pool(), cache_->quant_layout(),
           page_table_.data(), lengths_.data(), max_pages, cache_->r_k_pool(), cache_->r_v_pool(),

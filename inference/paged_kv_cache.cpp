@@ -19,24 +19,25 @@ absl::Status PagedKvCache<T>::AddSequence(int seq) {
   if (seqs_.count(seq))
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
   const long heads = static_cast<long>(opt_.layers) * opt_.kv_heads;
-  const long first_pages = KvQuantized(opt_) ? 0 : heads;  // quantized: the residual holds it
-  const long need = window_bytes() + residual_bytes() + first_pages * alloc_.page_bytes();
+  const long first_pages = KvSettles(opt_) ? 0 : heads;  // settling: the residual holds it
+  const long need = reserved_bytes() + first_pages * alloc_.page_bytes();
   if (need > alloc_.free_bytes())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache budget of %d bytes cannot admit sequence %d: its first token needs %d bytes "
-        "(%d pages of %d bytes%s%s), %d of %d bytes are in use by %d sequences",
+        "(%d pages of %d bytes%s), %d of %d bytes are in use by %d sequences",
         alloc_.budget_bytes(), seq, need, first_pages, alloc_.page_bytes(),
-        window_bytes() ? absl::StrFormat(", %d bytes of DMC window state", window_bytes()) : "",
-        residual_bytes()
-            ? absl::StrFormat(", %d bytes of full-precision residual", residual_bytes())
-            : "",
+        reserved_bytes() ? absl::StrFormat(", %d bytes of window state, residual and ThinK "
+                                           "observation",
+                                           reserved_bytes())
+                         : "",
         alloc_.used_bytes(), alloc_.budget_bytes(), num_sequences()));
-  if (absl::Status s = alloc_.Reserve(window_bytes() + residual_bytes()); !s.ok()) return s;
+  if (absl::Status s = alloc_.Reserve(reserved_bytes()); !s.ok()) return s;
   Sequence& sq = seqs_[seq];
   sq.heads.resize(heads);
   for (Head& hd : sq.heads) {
     if (opt_.dmc_window > 0) hd.window = DmcWindow<T>(opt_.dmc_window, opt_.head_dim);
-    if (!KvQuantized(opt_)) continue;
+    if (KvThink(opt_)) hd.query_energy.assign(opt_.head_dim, T(0));
+    if (!KvSettles(opt_)) continue;
     if (free_blocks_.empty()) {
       free_blocks_.push_back(blocks_++);
       const size_t pool = static_cast<size_t>(blocks_) * KvResidualSlots(opt_) * opt_.head_dim;
@@ -59,7 +60,7 @@ absl::Status PagedKvCache<T>::Free(int seq) {
       if (absl::Status s = alloc_.Free(page); !s.ok()) return s;
     if (hd.block >= 0) free_blocks_.push_back(hd.block);
   }
-  if (absl::Status s = alloc_.Release(window_bytes() + residual_bytes()); !s.ok()) return s;
+  if (absl::Status s = alloc_.Release(reserved_bytes()); !s.ok()) return s;
   seqs_.erase(it);
   return absl::OkStatus();
 }
@@ -69,9 +70,9 @@ long PagedKvCache<T>::PagesForStep(const std::vector<int>& seqs) const {
   long pages = 0;
   for (int seq : seqs)
     for (const Head& hd : seq_at(seq).heads)
-      // Quantized: a head settles at most one more slot per token, so it fills a page only if
+      // Settling: a head settles at most one more slot per token, so it fills a page only if
       // its residual holds page_size slots.
-      pages += (KvQuantized(opt_) ? hd.length - hd.quantized >= opt_.page_size
+      pages += (KvSettles(opt_) ? hd.length - hd.compressed >= opt_.page_size
                                   : hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size)
                    ? 1
                    : 0;
@@ -94,7 +95,7 @@ absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
   const int P = opt_.page_size, D = opt_.head_dim, S = layout_.salient_slots;
   for (;;) {
     std::vector<int> settled;  // residual slots that can no longer change or leave
-    for (int i = hd.quantized; i < hd.length; ++i)
+    for (int i = hd.compressed; i < hd.length; ++i)
       if (hd.positions[i] < position - opt_.settle_lag) settled.push_back(i);
     if (static_cast<int>(settled.size()) < P) return absl::OkStatus();
     // The page takes the oldest page_size; ZipCache's salient ones go first, to the
@@ -112,28 +113,25 @@ absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
     }
     absl::StatusOr<int32_t> page = alloc_.Allocate();
     if (!page.ok()) return page.status();
-    const size_t pool = static_cast<size_t>(alloc_.high_water()) * layout_.bytes;
-    if (q_pool_.size() < pool) q_pool_.resize(pool);
     std::vector<T> keys(static_cast<size_t>(P) * D), values(keys.size());
     for (int r = 0; r < P; ++r) {
       std::copy_n(key_row(hd, settled[r]), D, keys.begin() + static_cast<long>(r) * D);
       std::copy_n(value_row(hd, settled[r]), D, values.begin() + static_cast<long>(r) * D);
     }
-    kernels::kv_quantize_page(q_pool_.data() + static_cast<long>(*page) * layout_.bytes, layout_,
-                              keys.data(), values.data());
+    WritePage(hd, *page, keys, values);
     // New slot order: the page's rows, then the rest of the residual as it was.
     std::vector<int> order(settled);
     std::vector<bool> taken(hd.length, false);
     for (int i : settled) taken[i] = true;
-    for (int i = hd.quantized; i < hd.length; ++i)
+    for (int i = hd.compressed; i < hd.length; ++i)
       if (!taken[i]) order.push_back(i);
     std::vector<T> rest_k, rest_v;
     for (size_t j = P; j < order.size(); ++j) {
       rest_k.insert(rest_k.end(), key_row(hd, order[j]), key_row(hd, order[j]) + D);
       rest_v.insert(rest_v.end(), value_row(hd, order[j]), value_row(hd, order[j]) + D);
     }
-    std::vector<int32_t> positions(hd.positions.begin(), hd.positions.begin() + hd.quantized);
-    std::vector<float> scores(hd.scores.begin(), hd.scores.begin() + hd.quantized);
+    std::vector<int32_t> positions(hd.positions.begin(), hd.positions.begin() + hd.compressed);
+    std::vector<float> scores(hd.scores.begin(), hd.scores.begin() + hd.compressed);
     for (int i : order) {
       positions.push_back(hd.positions[i]);
       scores.push_back(hd.scores[i]);
@@ -141,17 +139,53 @@ absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
     hd.positions = std::move(positions);
     hd.scores = std::move(scores);
     hd.pages.push_back(*page);
-    hd.quantized += P;
-    std::copy(rest_k.begin(), rest_k.end(), key_row(hd, hd.quantized));
-    std::copy(rest_v.begin(), rest_v.end(), value_row(hd, hd.quantized));
+    hd.compressed += P;
+    std::copy(rest_k.begin(), rest_k.end(), key_row(hd, hd.compressed));
+    std::copy(rest_v.begin(), rest_v.end(), value_row(hd, hd.compressed));
+  }
+}
+
+template <typename T>
+void PagedKvCache<T>::WritePage(Head& hd, int32_t page, const std::vector<T>& keys,
+                                const std::vector<T>& values) {
+  const size_t pages = alloc_.high_water();
+  if (KvQuantized(opt_)) {
+    if (q_pool_.size() < pages * layout_.bytes) q_pool_.resize(pages * layout_.bytes);
+    kernels::kv_quantize_page(q_pool_.data() + static_cast<long>(page) * layout_.bytes, layout_,
+                              keys.data(), values.data());
+    return;
+  }
+  const int P = opt_.page_size, D = opt_.head_dim, K = opt_.think_channels;
+  const int mask_bytes = kernels::ThinkMaskBytes(D);
+  if (mask_pool_.size() < pages * mask_bytes) {
+    k_pool_.resize(pages * P * K);
+    v_pool_.resize(pages * P * D);
+    mask_pool_.resize(pages * mask_bytes);
+  }
+  uint8_t* mask = mask_pool_.data() + static_cast<long>(page) * mask_bytes;
+  kernels::think_select_channels(mask, hd.query_energy.data(), keys.data(), P, D, K);
+  kernels::think_prune_rows(k_pool_.data() + static_cast<long>(page) * P * K, keys.data(), mask, P,
+                            D, K);
+  std::copy(values.begin(), values.end(), v_pool_.begin() + static_cast<long>(page) * P * D);
+  // The next page is scored by the queries that come after this one was written.
+  std::fill(hd.query_energy.begin(), hd.query_energy.end(), T(0));
+}
+
+template <typename T>
+void PagedKvCache<T>::ObserveQuery(int seq, int layer, const T* q, int H) {
+  const int Hkv = opt_.kv_heads, D = opt_.head_dim, group = H / Hkv;
+  for (int h = 0; h < Hkv; ++h) {
+    std::vector<T>& energy = head(seq, layer, h).query_energy;
+    for (int g = h * group; g < (h + 1) * group; ++g)
+      for (int j = 0; j < D; ++j) energy[j] += q[g * D + j] * q[g * D + j];
   }
 }
 
 template <typename T>
 absl::StatusOr<int> PagedKvCache<T>::NewSlot(Head& hd, int32_t position) {
-  if (KvQuantized(opt_)) {
+  if (KvSettles(opt_)) {
     if (absl::Status s = Settle(hd, position); !s.ok()) return s;
-    if (hd.length - hd.quantized >= KvResidualSlots(opt_))
+    if (hd.length - hd.compressed >= KvResidualSlots(opt_))
       return absl::InternalError(absl::StrFormat(
           "the full-precision residual of %d slots is full (settle lag %d)",
           KvResidualSlots(opt_), opt_.settle_lag));
@@ -188,7 +222,7 @@ absl::StatusOr<T*> PagedKvCache<T>::AddDmc(int seq, int layer, int h, const T* k
   Head& hd = head(seq, layer, h);
   int slot;
   if (merge && hd.length > 0) {
-    slot = hd.length - 1;  // open, so never settled: in the residual when quantized
+    slot = hd.length - 1;  // open, so never settled: in the residual when settling
     hd.positions.back() = position;  // the slot's key is rotated at its newest token
   } else {
     absl::StatusOr<int> fresh = NewSlot(hd, position);
@@ -208,11 +242,11 @@ absl::Status PagedKvCache<T>::Evict(int seq, int layer, int h, int slot) {
     return absl::OutOfRangeError(absl::StrFormat(
         "evict of slot %d of sequence %d layer %d head %d, which holds %d slots", slot, seq, layer,
         h, hd.length));
-  if (slot < hd.quantized)
+  if (slot < hd.compressed)
     return absl::FailedPreconditionError(absl::StrFormat(
-        "evict of slot %d of sequence %d layer %d head %d, which is quantized (the first %d "
-        "slots are): a quantized cache evicts only full-precision slots",
-        slot, seq, layer, h, hd.quantized));
+        "evict of slot %d of sequence %d layer %d head %d, which is in a compressed page (the "
+        "first %d slots are): a quantized or ThinK cache evicts only full-precision slots",
+        slot, seq, layer, h, hd.compressed));
   const int last = hd.length - 1;
   if (slot != last) {
     const int D = opt_.head_dim;
@@ -224,7 +258,7 @@ absl::Status PagedKvCache<T>::Evict(int seq, int layer, int h, int slot) {
   hd.positions.pop_back();
   hd.scores.pop_back();
   --hd.length;
-  if (!KvQuantized(opt_) && hd.length == static_cast<int>(hd.pages.size() - 1) * opt_.page_size) {
+  if (!KvSettles(opt_) && hd.length == static_cast<int>(hd.pages.size() - 1) * opt_.page_size) {
     if (absl::Status s = alloc_.Free(hd.pages.back()); !s.ok()) return s;
     hd.pages.pop_back();
   }
@@ -246,7 +280,7 @@ void PagedKvCache<T>::BlockTable(const std::vector<int>& seqs, int layer,
     for (int h = 0; h < Hkv; ++h) {
       const Head& hd = head(seqs[i], layer, h);
       std::copy(hd.pages.begin(), hd.pages.end(), page_table->begin() + (i * Hkv + h) * widest);
-      (*lengths)[i * Hkv + h] = KvQuantized(opt_) ? hd.quantized : hd.length;
+      (*lengths)[i * Hkv + h] = KvSettles(opt_) ? hd.compressed : hd.length;
     }
   *max_pages = widest;
 }
@@ -261,7 +295,7 @@ void PagedKvCache<T>::ResidualTable(const std::vector<int>& seqs, int layer,
     for (int h = 0; h < Hkv; ++h) {
       const Head& hd = head(seqs[i], layer, h);
       (*blocks)[i * Hkv + h] = hd.block;
-      (*lengths)[i * Hkv + h] = hd.length - hd.quantized;
+      (*lengths)[i * Hkv + h] = hd.length - hd.compressed;
     }
 }
 
@@ -269,7 +303,16 @@ template <typename T>
 void PagedKvCache<T>::ReadSlot(int seq, int layer, int h, int slot, T* key, T* value) const {
   const Head& hd = head(seq, layer, h);
   const int D = opt_.head_dim;
-  if (slot < hd.quantized) {
+  if (slot < hd.compressed && KvThink(opt_)) {
+    const int P = opt_.page_size, K = opt_.think_channels;
+    const long page = hd.pages[slot / P], r = page * P + slot % P;
+    const uint8_t* mask = mask_pool_.data() + page * kernels::ThinkMaskBytes(D);
+    for (int j = 0, c = 0; j < D; ++j)
+      key[j] = kernels::ThinkKept(mask, j) ? k_pool_[r * K + c++] : T(0);
+    std::copy_n(v_pool_.begin() + r * D, D, value);
+    return;
+  }
+  if (slot < hd.compressed) {
     kernels::kv_dequantize_row(
         key, value,
         q_pool_.data() + static_cast<long>(hd.pages[slot / opt_.page_size]) * layout_.bytes,
@@ -277,8 +320,8 @@ void PagedKvCache<T>::ReadSlot(int seq, int layer, int h, int slot, T* key, T* v
     return;
   }
   const long r = row(hd, slot) * D;
-  const std::vector<T>& k = KvQuantized(opt_) ? r_k_pool_ : k_pool_;
-  const std::vector<T>& v = KvQuantized(opt_) ? r_v_pool_ : v_pool_;
+  const std::vector<T>& k = KvSettles(opt_) ? r_k_pool_ : k_pool_;
+  const std::vector<T>& v = KvSettles(opt_) ? r_v_pool_ : v_pool_;
   std::copy_n(k.begin() + r, D, key);
   std::copy_n(v.begin() + r, D, value);
 }
@@ -301,7 +344,7 @@ template <typename T>
 long PagedKvCache<T>::bytes(int seq) const {
   long pages = 0;
   for (const Head& hd : seq_at(seq).heads) pages += static_cast<long>(hd.pages.size());
-  return pages * alloc_.page_bytes() + window_bytes() + residual_bytes();
+  return pages * alloc_.page_bytes() + reserved_bytes();
 }
 
 template class PagedKvCache<float>;

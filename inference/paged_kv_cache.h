@@ -23,6 +23,13 @@
 // queries that saw the slot, go to the page's high-precision rows). Quantized slots are never
 // moved or evicted, so eviction baselines (H2O, TOVA) refuse a quantized cache.
 //
+// ThinK (options.think_channels > 0; kernels/think_channels.h, arXiv 2407.21018): the same
+// residual, and pages of page_size settled slots whose keys keep only think_channels channels,
+// chosen for that page by the query-driven score of its keys and of the queries observed since
+// the head's previous page (ObserveQuery: their energy per channel, summed over the query heads
+// of the KV head, a D-vector per head reserved at admission); the values stay whole. A page
+// stores its pruned keys [page_size, think_channels], its values and its channel mask.
+//
 // Memory: a page is page_size × (key + value) × head_dim × sizeof(T) bytes (quantized: the
 // layout's bytes); DMC sequences also reserve their window ring buffers (DmcWindow::Bytes per
 // head) at admission, quantized sequences their residual blocks. Admission
@@ -40,6 +47,7 @@
 #include "inference/dmc_window.h"
 #include "inference/page_allocator.h"
 #include "kernels/kv_quant.h"
+#include "kernels/think_channels.h"
 
 namespace dmc::inference {
 
@@ -52,10 +60,15 @@ struct PagedCacheOptions {
   int dmc_window = 0;      // w of the DMC window state; 0: no window (the baselines)
   kernels::KvQuantOptions quant = {};  // bits 0: pages hold T
   int settle_lag = 0;  // quantized: positions a slot may still change or leave after (DMS: w + 1)
+  int think_channels = 0;  // ThinK: key channels a page keeps; 0: pages keep every channel
 };
 
 inline bool KvQuantized(const PagedCacheOptions& o) { return o.quant.bits > 0; }
-// Slots a quantized head holds at full precision at most: page_size − 1 settled ones waiting for
+inline bool KvThink(const PagedCacheOptions& o) { return o.think_channels > 0; }
+// Whether settled slots are written into compressed pages (quantized or ThinK-pruned), the
+// newest ones waiting in a full-precision residual.
+inline bool KvSettles(const PagedCacheOptions& o) { return KvQuantized(o) || KvThink(o); }
+// Slots a settling head holds at full precision at most: page_size − 1 settled ones waiting for
 // their page, and the 1 + settle_lag newest ones.
 inline int KvResidualSlots(const PagedCacheOptions& o) { return o.page_size + o.settle_lag; }
 
@@ -64,9 +77,13 @@ inline int KvResidualSlots(const PagedCacheOptions& o) { return o.page_size + o.
 // elsewhere (the GPU engine: bf16 pages, fp32 window state) reports exactly what this cache
 // would hold at that precision.
 // One page: page_size slots of a key and a value row of head_dim elements (quantized: codes,
-// scales and zero points, kernels/kv_quant.h).
+// scales and zero points, kernels/kv_quant.h; ThinK: the kept key channels, the whole values and
+// the channel mask).
 inline long KvPageBytes(const PagedCacheOptions& o, int element_bytes) {
   if (KvQuantized(o)) return kernels::kv_quant_page_layout(o.quant, o.page_size, o.head_dim).bytes;
+  if (KvThink(o))
+    return static_cast<long>(o.page_size) * (o.think_channels + o.head_dim) * element_bytes +
+           kernels::ThinkMaskBytes(o.head_dim);
   return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * element_bytes;
 }
 // The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head).
@@ -75,25 +92,36 @@ inline long KvWindowBytes(const PagedCacheOptions& o, int element_bytes) {
   return static_cast<long>(o.layers) * o.kv_heads *
          DmcWindowBytes(o.dmc_window, o.head_dim, element_bytes);
 }
-// The residual blocks a quantized sequence reserves at admission: one per (layer, KV head).
+// The residual blocks a settling sequence reserves at admission: one per (layer, KV head).
 inline long KvResidualBytes(const PagedCacheOptions& o, int element_bytes) {
-  if (!KvQuantized(o)) return 0;
+  if (!KvSettles(o)) return 0;
   return static_cast<long>(o.layers) * o.kv_heads * KvResidualSlots(o) * 2 * o.head_dim *
          element_bytes;
 }
+// ThinK's observed query energy [D] per (layer, KV head), reserved at admission.
+inline long KvObservationBytes(const PagedCacheOptions& o, int element_bytes) {
+  if (!KvThink(o)) return 0;
+  return static_cast<long>(o.layers) * o.kv_heads * o.head_dim * element_bytes;
+}
+// Everything a sequence reserves at admission, beside its pages.
+inline long KvReservedBytes(const PagedCacheOptions& o, int page_element_bytes,
+                            int window_element_bytes) {
+  return KvWindowBytes(o, window_element_bytes) + KvResidualBytes(o, page_element_bytes) +
+         KvObservationBytes(o, page_element_bytes);
+}
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)
-// plus its window state. Quantized: (slots − 1) / page_size pages per head (every slot but the
-// newest has settled: exact for vanilla and DMC, a bound for DMS, which settles later) plus the
-// window state and the residual blocks.
+// plus its window state. Settling (quantized, ThinK): (slots − 1) / page_size pages per head
+// (every slot but the newest has settled: exact for vanilla and DMC, a bound for DMS, which
+// settles later) plus the reservations (window state, residual blocks, ThinK's query energy).
 inline long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots,
                             int page_element_bytes, int window_element_bytes) {
   const long page = std::max(1, o.page_size);
   long pages = 0;
   for (int slots : head_slots)
-    pages += KvQuantized(o) ? std::max(0, slots - 1) / page : (slots + page - 1) / page;
-  return pages * KvPageBytes(o, page_element_bytes) + KvWindowBytes(o, window_element_bytes) +
-         KvResidualBytes(o, page_element_bytes);
+    pages += KvSettles(o) ? std::max(0, slots - 1) / page : (slots + page - 1) / page;
+  return pages * KvPageBytes(o, page_element_bytes) +
+         KvReservedBytes(o, page_element_bytes, window_element_bytes);
 }
 // The CPU cache of element type T (pages and window state both T).
 template <typename T>
@@ -128,15 +156,15 @@ class PagedKvCache {
   long PagesForStep(const std::vector<int>& seqs) const;
   absl::Status CanStep(const std::vector<int>& seqs) const;
 
-  // Adds a slot holding (key, value) of the token at `position` (quantized: first settles the
+  // Adds a slot holding (key, value) of the token at `position` (settling: first settles the
   // slots it leaves behind, which may fill a page).
   absl::Status Append(int seq, int layer, int h, const T* key, const T* value, int32_t position);
   // DMC: appends (merge = false, or an empty head) or accumulates into the open slot; returns the
   // open slot's key row, which holds the pre-RoPE mean and must be rotated by the caller.
   absl::StatusOr<T*> AddDmc(int seq, int layer, int h, const T* key, const T* value, T omega,
                             bool merge, int32_t position);
-  // Removes slot `slot` of a head (the last slot moves into its place); quantized: only a slot of
-  // the residual (FailedPrecondition for a quantized one).
+  // Removes slot `slot` of a head (the last slot moves into its place); settling: only a slot of
+  // the residual (FailedPrecondition for one in a compressed page).
   absl::Status Evict(int seq, int layer, int h, int slot);
 
   // Tokens fed so far to `seq` (its next position); advanced by the decoder after a step.
@@ -148,10 +176,14 @@ class PagedKvCache {
     return head(seq, layer, h).positions[slot];
   }
   float& score(int seq, int layer, int h, int slot) { return head(seq, layer, h).scores[slot]; }
-  // The key and value of one slot (dequantized when it is in a quantized page).
+  // The key and value of one slot (dequantized when it is in a quantized page; a ThinK page's
+  // pruned channels read 0).
   void ReadSlot(int seq, int layer, int h, int slot, T* key, T* value) const;
-  // Slots of head (layer, h) of `seq` in quantized pages (the first ones).
-  int quantized_length(int seq, int layer, int h) const { return head(seq, layer, h).quantized; }
+  // Slots of head (layer, h) of `seq` in compressed pages (the first ones).
+  int compressed_length(int seq, int layer, int h) const { return head(seq, layer, h).compressed; }
+  // ThinK: adds the energy per channel of the rotated queries q [H, D] of `seq`'s newest token in
+  // `layer` to each KV head's observation (the query heads of its group).
+  void ObserveQuery(int seq, int layer, const T* q, int H);
 
   // The block table of `seqs` at `layer` for kernels::paged_decode_attention: lengths [n, Hkv],
   // page_table [n, Hkv, *max_pages].
@@ -159,13 +191,16 @@ class PagedKvCache {
                   std::vector<int>* lengths, int* max_pages) const;
   const T* k_pool() const { return k_pool_.data(); }
   const T* v_pool() const { return v_pool_.data(); }
-  // Quantized: BlockTable gives the quantized slots and their pages, in q_pool() of pages of
-  // quant_layout().bytes; ResidualTable the residual block and length [n, Hkv] of each head, rows
-  // in r_k_pool() / r_v_pool() [blocks, KvResidualSlots, D] (kernels/decode_attention.h).
+  // Settling: BlockTable gives the compressed slots and their pages; ResidualTable the residual
+  // block and length [n, Hkv] of each head, rows in r_k_pool() / r_v_pool() [blocks,
+  // KvResidualSlots, D] (kernels/decode_attention.h). Quantized pages are in q_pool(), of
+  // quant_layout().bytes each; ThinK pages are rows of k_pool() [pages, page_size,
+  // think_channels] and v_pool() [pages, page_size, D], with masks in mask_pool().
   void ResidualTable(const std::vector<int>& seqs, int layer, std::vector<int32_t>* blocks,
                      std::vector<int>* lengths) const;
   const kernels::KvQuantPageLayout& quant_layout() const { return layout_; }
   const uint8_t* q_pool() const { return q_pool_.data(); }
+  const uint8_t* mask_pool() const { return mask_pool_.data(); }
   const T* r_k_pool() const { return r_k_pool_.data(); }
   const T* r_v_pool() const { return r_v_pool_.data(); }
 
@@ -174,7 +209,7 @@ class PagedKvCache {
   long total_slots() const;
   const PageAllocator& allocator() const { return alloc_; }
   long page_bytes() const { return alloc_.page_bytes(); }
-  // Bytes of one sequence: its pages, its window state and its residual blocks.
+  // Bytes of one sequence: its pages and its reservations.
   long bytes(int seq) const;
 
  private:
@@ -184,8 +219,9 @@ class PagedKvCache {
     std::vector<float> scores;
     int length = 0;
     DmcWindow<T> window;
-    int quantized = 0;   // slots in pages; the rest are rows of the residual block
-    int32_t block = -1;  // quantized: the residual block
+    int compressed = 0;  // settling: slots in pages; the rest are rows of the residual block
+    int32_t block = -1;  // settling: the residual block
+    std::vector<T> query_energy;  // ThinK: Σ q_j² of the queries since the head's last page
   };
   struct Sequence {
     std::vector<Head> heads;  // [layer, KV head]
@@ -198,35 +234,37 @@ class PagedKvCache {
   const Head& head(int seq, int layer, int h) const {
     return seqs_.at(seq).heads[static_cast<size_t>(layer) * opt_.kv_heads + h];
   }
-  // The full-precision key row of a slot: in the pool, or (quantized) in the residual block; the
+  // The full-precision key row of a slot: in the pool, or (settling) in the residual block; the
   // value row is at the same offset of the value pool.
   long row(const Head& hd, int slot) const {
-    if (KvQuantized(opt_))
-      return static_cast<long>(hd.block) * KvResidualSlots(opt_) + slot - hd.quantized;
+    if (KvSettles(opt_))
+      return static_cast<long>(hd.block) * KvResidualSlots(opt_) + slot - hd.compressed;
     return static_cast<long>(hd.pages[slot / opt_.page_size]) * opt_.page_size +
            slot % opt_.page_size;
   }
   T* key_row(const Head& hd, int slot) {
-    return (KvQuantized(opt_) ? r_k_pool_ : k_pool_).data() + row(hd, slot) * opt_.head_dim;
+    return (KvSettles(opt_) ? r_k_pool_ : k_pool_).data() + row(hd, slot) * opt_.head_dim;
   }
   T* value_row(const Head& hd, int slot) {
-    return (KvQuantized(opt_) ? r_v_pool_ : v_pool_).data() + row(hd, slot) * opt_.head_dim;
+    return (KvSettles(opt_) ? r_v_pool_ : v_pool_).data() + row(hd, slot) * opt_.head_dim;
   }
-  // Opens a new slot at the end of a head (a new page when the last one is full; quantized: in
+  // Opens a new slot at the end of a head (a new page when the last one is full; settling: in
   // the residual, after settling); returns its index.
   absl::StatusOr<int> NewSlot(Head& hd, int32_t position);
-  // Quantized: settles the residual slots older than position − settle_lag and quantizes every
-  // page_size of them into a page.
+  // Settling: settles the residual slots older than position − settle_lag and writes every
+  // page_size of them into a compressed page.
   absl::Status Settle(Head& hd, int32_t position);
-  long window_bytes() const { return KvWindowBytes<T>(opt_); }
-  long residual_bytes() const { return KvResidualBytes(opt_, sizeof(T)); }
+  // Writes keys and values [page_size, D] into `page` (quantized or ThinK-pruned).
+  void WritePage(Head& hd, int32_t page, const std::vector<T>& keys, const std::vector<T>& values);
+  long reserved_bytes() const { return KvReservedBytes(opt_, sizeof(T), sizeof(T)); }
 
   PagedCacheOptions opt_;
   PageAllocator alloc_;
-  std::vector<T> k_pool_, v_pool_;  // [alloc_.high_water(), page_size, D]
+  std::vector<T> k_pool_, v_pool_;  // [alloc_.high_water(), page_size, D] (ThinK keys: kept)
   kernels::KvQuantPageLayout layout_;
   std::vector<uint8_t> q_pool_;         // quantized: [alloc_.high_water(), layout_.bytes]
-  std::vector<T> r_k_pool_, r_v_pool_;  // quantized: [blocks, KvResidualSlots, D]
+  std::vector<uint8_t> mask_pool_;      // ThinK: [alloc_.high_water(), ThinkMaskBytes(D)]
+  std::vector<T> r_k_pool_, r_v_pool_;  // settling: [blocks, KvResidualSlots, D]
   std::vector<int32_t> free_blocks_;    // residual blocks of freed sequences
   int32_t blocks_ = 0;                  // residual blocks ever handed out
   std::map<int, Sequence> seqs_;

@@ -68,8 +68,7 @@ bool Scheduler::Affordable(const Request& request) const {
     // heads × kept fraction, rounded up; a sequence not fed yet: a page per head
     growth_pages += tokens == 0 ? heads : (slots + tokens - 1) / tokens;
   }
-  const long need = KvWindowBytes(o, engine_.window_element_bytes()) +
-                    KvResidualBytes(o, engine_.element_bytes()) +
+  const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.window_element_bytes()) +
                     heads * page * ((prompt + o.page_size - 1) / o.page_size) +
                     page * growth_pages;
   return engine_.budget_bytes() - engine_.used_bytes() >= need;

@@ -40,6 +40,12 @@ void* scratch(int slot, size_t bytes);
 int num_sms();
 
 #if defined(__CUDACC__)
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+// log(sigmoid(x)) without overflow for large |x|.
+__device__ __forceinline__ float logsigmoidf_(float x) {
+  return fminf(x, 0.f) - log1pf(expf(-fabsf(x)));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

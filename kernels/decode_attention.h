@@ -21,11 +21,20 @@
 // r_lengths[b, h] slots at full precision in its residual block: slot q_lengths + j is row j of
 // block residual_block[b, h] of r_k_pool / r_v_pool [blocks, residual_slots, D]. Quantized rows
 // are dequantized as they are read, one KV head at a time; probs index slots in that order.
+//
+// paged_decode_attention_think: the same over a ThinK cache (kernels/think_channels.h): head
+// (b, h) holds p_lengths[b, h] slots in pruned pages (slot i: row i % page_size of page
+// p = page_table[(b·Hkv + h)·max_pages + i / page_size]; its key, the `kept` channels of mask
+// p, is row i % page_size of k_pages [pages, page_size, kept], its value the same row of
+// v_pages [pages, page_size, D], its mask masks[p · ceil(D / 8) ...]), then r_lengths[b, h]
+// whole rows in its residual block, as above. A pruned slot's score is the dot product over its
+// kept channels only: scale · Σ_{j kept} q[j] · k[j].
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/kv_quant.h"
+#include "kernels/think_channels.h"
 
 namespace dmc::kernels {
 
@@ -43,5 +52,14 @@ void paged_decode_attention_quantized(T* out, T* probs, int probs_stride, const 
                                       const int32_t* residual_block, const int* r_lengths,
                                       int residual_slots, int B, int H, int Hkv, int D,
                                       bool exclude_ctrl, float scale);
+
+template <typename T>
+void paged_decode_attention_think(T* out, T* probs, int probs_stride, const T* q,
+                                  const T* k_pages, const T* v_pages, const uint8_t* masks,
+                                  int kept, const int32_t* page_table, const int* p_lengths,
+                                  int max_pages, int page_size, const T* r_k_pool,
+                                  const T* r_v_pool, const int32_t* residual_block,
+                                  const int* r_lengths, int residual_slots, int B, int H, int Hkv,
+                                  int D, bool exclude_ctrl, float scale);
 
 }  // namespace dmc::kernels

@@ -8,11 +8,6 @@ namespace {
 using namespace detail;
 using kernels::DmcDecisionMode;
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float logsigmoidf_(float x) {
-  return fminf(x, 0.f) - log1pf(expf(-fabsf(x)));
-}
-
 struct GateArgs {
   float init_val, temperature, omega_eps;
   bool relaxed;

@@ -5,12 +5,6 @@
 namespace dmc::kernels {
 namespace {
 
-template <typename T>
-long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
-  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
-         slot % c.page_size;
-}
-
 // The slot of lowest score(s) among those that candidate(s) admits, ties to the lowest position;
 // -1 if none.
 template <typename T, typename Score, typename Candidate>

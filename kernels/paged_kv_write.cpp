@@ -8,12 +8,6 @@
 namespace dmc::kernels {
 namespace {
 
-template <typename T>
-long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
-  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
-         slot % c.page_size;
-}
-
 // Stores key (rotated at pos) and value as slot `slot` of head `head`.
 template <typename T>
 void StoreSlot(const PagedKvLayer<T>& c, long head, int slot, const float* key, const float* value,

@@ -57,6 +57,13 @@ struct PagedKvLayer {
   int max_pages = 0, page_size = 0, window_size = 0;
 };
 
+// The pool row of `slot` of (row, KV head) `head` = row · Hkv + h: its page's row plus its offset.
+template <typename T>
+long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
+  return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
+         slot % c.page_size;
+}
+
 template <typename T>
 void paged_kv_append(const PagedKvLayer<T>& cache, const T* k, const T* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,

@@ -138,6 +138,11 @@ class Llama {
   const std::vector<T>& keys(int layer) const { return acts_[layer].k; }
   const std::vector<T>& values(int layer) const { return acts_[layer].v; }
   const std::vector<T>& omega(int layer) const { return acts_[layer].omega; }
+  // Rotated queries [B, T, H_local, D] and keys [B, T, Hkv_local, D] of layer l in the last
+  // Forward of a model without compression: what the calibrations of inference/layer_budgets.h
+  // read.
+  const std::vector<T>& rotated_queries(int layer) const { return acts_[layer].qr; }
+  const std::vector<T>& rotated_keys(int layer) const { return acts_[layer].kr; }
 
   int local_heads() const { return heads_; }
   int local_kv_heads() const { return kv_heads_; }

@@ -530,10 +530,8 @@ void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const Ste
   const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float fade = options.control_fade;
-  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
-                                           config_.dmc.omega_eps, options.mode};
-  const kernels::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
-                                          config_.dms.temperature, options.mode};
+  const kernels::DmcGateParams gate_params = DmcGates(options.mode);
+  const kernels::DmsGateParams dms_params = DmsGates(options.mode);
   const float eps = config_.rms_norm_eps;
   cudaStream_t s = stream_;
   auto w = [weights](size_t offset) { return weights + offset; };
@@ -691,10 +689,8 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   const bool qchannel = dms && config_.dms.variant == DmsVariant::kQueryChannel;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float fade = options_.control_fade;
-  const kernels::DmcGateParams gate_params{config_.dmc.init_val, config_.dmc.temperature,
-                                           config_.dmc.omega_eps, options_.mode};
-  const kernels::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
-                                          config_.dms.temperature, options_.mode};
+  const kernels::DmcGateParams gate_params = DmcGates(options_.mode);
+  const kernels::DmsGateParams dms_params = DmsGates(options_.mode);
   cudaStream_t s = stream_;
   const size_t Q = size_t(N) * H * D, K = size_t(N) * Hkv * D, NG = size_t(N) * Hkv;
   float* mean_merge = b.stats + Buffers::kStatsHeader;

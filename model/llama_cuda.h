@@ -187,6 +187,13 @@ class LlamaCuda {
   cudaStream_t stream() const { return stream_; }
 
  private:
+  // The decision kernels' constants from the config, in `mode`.
+  kernels::DmcGateParams DmcGates(kernels::DmcDecisionMode mode) const {
+    return {config_.dmc.init_val, config_.dmc.temperature, config_.dmc.omega_eps, mode};
+  }
+  kernels::DmsGateParams DmsGates(kernels::DmcDecisionMode mode) const {
+    return {config_.dms.scale, config_.dms.offset, config_.dms.temperature, mode};
+  }
   // Copies n floats and waits for the copy.
   void Transfer(float* dst, const float* src, size_t n, cudaMemcpyKind kind) const;
   struct Buffers;

@@ -19,6 +19,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/kv_quant.h"
 #include "model/llama.h"
+#include "tests/decode_util.h"
 #include "tests/tiny_models.h"
 
 namespace dmc {
@@ -141,8 +142,8 @@ TEST(KvQuantAttention, EqualsAttentionOverTheDequantizedRows) {
       const std::vector<double> rows = RandomRows(n, D, rng);
       for (int t = 0; t < n; ++t)
         ASSERT_TRUE(cache.Append(seq, 0, h, &rows[t * D], &rows[t * D], t).ok());
-      ASSERT_GT(cache.quantized_length(seq, 0, h), 0);
-      ASSERT_LT(cache.quantized_length(seq, 0, h), n);
+      ASSERT_GT(cache.compressed_length(seq, 0, h), 0);
+      ASSERT_LT(cache.compressed_length(seq, 0, h), n);
     }
   }
   const std::vector<double> q = RandomRows(B * H, D, rng);
@@ -217,8 +218,8 @@ TEST(KvQuantCache, ByteAccountingEqualsWhatIsAllocated) {
       for (int ll = 0; ll < o.layers; ++ll)
         for (int hh = 0; hh < o.kv_heads; ++hh) {
           head_slots.push_back(cache.length(s, ll, hh));
-          ASSERT_EQ(cache.quantized_length(s, ll, hh) % o.page_size, 0);
-          pages += cache.quantized_length(s, ll, hh) / o.page_size;
+          ASSERT_EQ(cache.compressed_length(s, ll, hh) % o.page_size, 0);
+          pages += cache.compressed_length(s, ll, hh) / o.page_size;
         }
       ASSERT_EQ(cache.bytes(s), inference::KvSequenceBytes<double>(o, head_slots)) << "op " << op;
       charged += cache.bytes(s);
@@ -229,7 +230,7 @@ TEST(KvQuantCache, ByteAccountingEqualsWhatIsAllocated) {
                                                  inference::KvResidualBytes(o, sizeof(double))));
   }
   // The residual takes evictions; quantized slots refuse them.
-  const int n = cache.length(0, 0, 0), nq = cache.quantized_length(0, 0, 0);
+  const int n = cache.length(0, 0, 0), nq = cache.compressed_length(0, 0, 0);
   ASSERT_GT(nq, 0);
   ASSERT_LT(nq, n);
   EXPECT_TRUE(absl::IsFailedPrecondition(cache.Evict(0, 0, 0, 0)));
@@ -262,49 +263,6 @@ TEST(KvQuantCache, RefusesWhatItCannotServe) {
   EXPECT_NE(s.message().find("h2o"), std::string::npos) << s;
 }
 
-// Greedy decoding of B sequences token by token (prompt fed step by step) on the CPU engine;
-// returns the logits of every position [B, T, V] and the peak bytes per sequence.
-template <typename T>
-std::vector<T> DecodeLogits(model::Llama<T>& m, const CachePolicy& policy,
-                            const std::vector<std::vector<int32_t>>& tokens, int page_size,
-                            std::vector<int>* lengths = nullptr) {
-  const int V = m.config().vocab_size;
-  auto engine = inference::CpuEngine<T>::Create(m, policy, 1L << 24, page_size);
-  EXPECT_TRUE(engine.ok()) << engine.status();
-  std::vector<inference::Request> requests(tokens.size());
-  for (size_t b = 0; b < tokens.size(); ++b) {
-    requests[b].tokens = tokens[b];
-    requests[b].length = static_cast<int>(tokens[b].size());
-  }
-  const size_t T_ = tokens[0].size();
-  std::vector<T> logits(tokens.size() * T_ * V);
-  const inference::CpuEngine<T>& e = **engine;
-  auto stats = inference::RunBatched(
-      **engine, requests, 2,
-      [&](int r, int p, const inference::TokenOutput&) {
-        std::copy_n(e.last_logits(r), V, logits.begin() + (r * T_ + p) * V);
-        return true;
-      },
-      [&](int r, bool) {
-        const auto& c = m.config();
-        long quantized = 0;
-        for (int l = 0; l < c.num_hidden_layers; ++l)
-          for (int h = 0; h < c.num_key_value_heads; ++h) {
-            quantized += e.cache().quantized_length(r, l, h);
-            if (lengths) lengths->push_back(e.length(r, l, h));
-          }
-        EXPECT_TRUE(policy.quant.bits == 0 || quantized > 0) << "nothing was quantized";
-      });
-  EXPECT_TRUE(stats.ok()) << stats.status();
-  return logits;
-}
-
-double MaxAbsDiff(const std::vector<double>& a, const std::vector<double>& b) {
-  double d = 0;
-  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
-  return d;
-}
-
 // Every method the quantization serves: int8 stays close to full precision (and int4 further
 // off), and the cache keeps each head's slots: the same lengths as the full-precision run.
 void ExpectInt8CloseToFullPrecision(model::Llama<double>& m, CacheMethod method) {
@@ -314,12 +272,12 @@ void ExpectInt8CloseToFullPrecision(model::Llama<double>& m, CacheMethod method)
   CachePolicy policy;
   policy.method = method;
   std::vector<int> full_lengths, int8_lengths, int4_lengths;
-  const std::vector<double> full = DecodeLogits(m, policy, tokens, 4, &full_lengths);
+  const std::vector<double> full = tiny_models::DecodeLogits(m, policy, tokens, 4, &full_lengths);
   policy.quant = {8, 0, 0, 0};
-  const std::vector<double> int8 = DecodeLogits(m, policy, tokens, 4, &int8_lengths);
+  const std::vector<double> int8 = tiny_models::DecodeLogits(m, policy, tokens, 4, &int8_lengths);
   policy.quant = {4, 0, 0, 0};
-  const std::vector<double> int4 = DecodeLogits(m, policy, tokens, 4, &int4_lengths);
-  const double d8 = MaxAbsDiff(full, int8), d4 = MaxAbsDiff(full, int4);
+  const std::vector<double> int4 = tiny_models::DecodeLogits(m, policy, tokens, 4, &int4_lengths);
+  const double d8 = tiny_models::MaxAbsDiff(full, int8), d4 = tiny_models::MaxAbsDiff(full, int4);
   double scale = 0;
   for (double x : full) scale = std::max(scale, std::abs(x));
   EXPECT_GT(d8, 0.0) << "int8 changed nothing: was anything quantized?";
@@ -385,14 +343,14 @@ TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
     closed_means.back() = mean;
     prev = x;
     const int n = dmc.length(0, 0, 0);
-    EXPECT_LE(dmc.quantized_length(0, 0, 0), n - 1) << "the open slot was quantized";
+    EXPECT_LE(dmc.compressed_length(0, 0, 0), n - 1) << "the open slot was quantized";
     std::vector<double> key(o.head_dim), value(o.head_dim);
     dmc.ReadSlot(0, 0, 0, n - 1, key.data(), value.data());
     EXPECT_DOUBLE_EQ(value[0], mean) << "the open slot is not the exact window mean";
   }
-  EXPECT_EQ(dmc.quantized_length(0, 0, 0), 6);  // 8 slots: 7 closed, 3 full pages of 2
+  EXPECT_EQ(dmc.compressed_length(0, 0, 0), 6);  // 8 slots: 7 closed, 3 full pages of 2
   std::vector<double> key(o.head_dim), value(o.head_dim);
-  for (int i = 0; i < dmc.quantized_length(0, 0, 0); ++i) {
+  for (int i = 0; i < dmc.compressed_length(0, 0, 0); ++i) {
     dmc.ReadSlot(0, 0, 0, i, key.data(), value.data());
     // A constant row quantizes exactly, up to its zero point stored as a float.
     EXPECT_NEAR(value[0], closed_means[i], 1e-7) << "slot " << i;
@@ -406,8 +364,8 @@ TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
     const std::vector<double> row(o.head_dim, t);
     ASSERT_TRUE(dms.Append(0, 0, 0, row.data(), row.data(), t).ok());
     // Settled: positions below t − 3; quantized: whole pages of them.
-    EXPECT_EQ(dms.quantized_length(0, 0, 0), std::max(0, t - 3) / 2 * 2) << "t " << t;
-    for (int i = dms.quantized_length(0, 0, 0); i < dms.length(0, 0, 0); ++i)
+    EXPECT_EQ(dms.compressed_length(0, 0, 0), std::max(0, t - 3) / 2 * 2) << "t " << t;
+    for (int i = dms.compressed_length(0, 0, 0); i < dms.length(0, 0, 0); ++i)
       EXPECT_GE(dms.position(0, 0, 0, i), t - 3 - 1);
   }
 }
@@ -447,7 +405,7 @@ TEST(KvQuantZipCache, SalientSlotsAreTheHighestNormalizedAttentionScores) {
       for (int i = 0; i <= t; ++i) probs[i] = A[t][i];
       inference::AccumulateAttention(cache, 0, 0, probs.data(), P + 1, 1);
     }
-    ASSERT_EQ(cache.quantized_length(0, 0, 0), P);
+    ASSERT_EQ(cache.compressed_length(0, 0, 0), P);
     std::vector<int> want(P);
     for (int i = 0; i < P; ++i) want[i] = i;
     std::stable_sort(want.begin(), want.end(),
@@ -469,18 +427,18 @@ TEST(KvQuantZipCache, MixedPrecisionDecodeSpansInt4ToInt8) {
   for (int b = 0; b < 2; ++b) tokens.push_back(tiny_models::RandomTokens(30, 11, 5 + b));
   CachePolicy policy;
   policy.method = CacheMethod::kVanilla;
-  const std::vector<double> full = DecodeLogits(m, policy, tokens, 4);
+  const std::vector<double> full = tiny_models::DecodeLogits(m, policy, tokens, 4);
   policy.quant = {8, 0, 0, 0};
-  const std::vector<double> int8 = DecodeLogits(m, policy, tokens, 4);
+  const std::vector<double> int8 = tiny_models::DecodeLogits(m, policy, tokens, 4);
   policy.quant = {4, 0, 0, 0};
-  const std::vector<double> int4 = DecodeLogits(m, policy, tokens, 4);
+  const std::vector<double> int4 = tiny_models::DecodeLogits(m, policy, tokens, 4);
   policy.quant = {4, 0, 8, 4};
   // (to round-off: the page's rows are in saliency order, so attention sums in another order)
-  EXPECT_LT(MaxAbsDiff(DecodeLogits(m, policy, tokens, 4), int8), 1e-12);
+  EXPECT_LT(tiny_models::MaxAbsDiff(tiny_models::DecodeLogits(m, policy, tokens, 4), int8), 1e-12);
   policy.quant = {4, 0, 8, 2};
-  const double mixed = MaxAbsDiff(full, DecodeLogits(m, policy, tokens, 4));
-  EXPECT_LT(mixed, MaxAbsDiff(full, int4));
-  EXPECT_GT(mixed, MaxAbsDiff(full, int8));
+  const double mixed = tiny_models::MaxAbsDiff(full, tiny_models::DecodeLogits(m, policy, tokens, 4));
+  EXPECT_LT(mixed, tiny_models::MaxAbsDiff(full, int4));
+  EXPECT_GT(mixed, tiny_models::MaxAbsDiff(full, int8));
 }
 
 // dmc-eval --kv_fraction: each method's knob is the least compression whose KvSequenceBytes
@@ -533,8 +491,9 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
   EXPECT_NE(tiny.status().message().find("no setting of quant meets 100 bytes"), std::string::npos)
       << tiny.status();
-  // The error names the smallest setting and splits its bytes into pages and the fixed costs:
-  // int2 pages and the full-precision residual (a page per head); DMC's also its window state.
+  // The error names the smallest setting and splits its bytes into pages and what a sequence
+  // reserves: int2 pages and the full-precision residual (a page per head); DMC's also its window
+  // state.
   CachePolicy int2;
   int2.method = CacheMethod::kVanilla;
   int2.quant.bits = 2;
@@ -543,7 +502,7 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   const long residual = inference::KvResidualBytes(int2_shape, 4);
   EXPECT_NE(tiny.status().message().find(absl::StrFormat(
                 "its smallest cache, vanilla-int2, holds %d (pages %d, full-precision residual %d, "
-                "DMC window state 0)",
+                "DMC window state 0, ThinK query energy 0)",
                 bytes(int2, whole), bytes(int2, whole) - residual, residual)),
             std::string::npos)
       << tiny.status();
@@ -551,8 +510,9 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   dmc_shape.dmc_window = 4;
   const absl::StatusOr<CachePolicy> dmc_tiny = inference::PolicyForBytes(
       "dmc", dmc_shape, 4, T, 100, std::vector<int>(heads, T / 3));
-  EXPECT_NE(dmc_tiny.status().message().find(absl::StrFormat(
-                "DMC window state %d)", inference::KvWindowBytes(dmc_shape, 4))),
+  EXPECT_NE(dmc_tiny.status().message().find(
+                absl::StrFormat("DMC window state %d, ThinK query energy 0)",
+                                inference::KvWindowBytes(dmc_shape, 4))),
             std::string::npos)
       << dmc_tiny.status();
   // Eviction budgets are part of the policy's name in results.

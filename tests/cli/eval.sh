@@ -31,6 +31,23 @@ for method in vanilla h2o tova; do
 done
 awk '$1 == "h2o" && $3 < 1.5 { exit 1 }' <<<"$table" || fail "h2o at --baseline_cr=2 did not compress: $table"
 
+# --kv_fraction: the comparators at 3/4 of vanilla's bytes; KVSharer's calibration (this
+# under-trained model may share no layer); ThinK (keys only) cannot reach 1/2.
+budgets=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=4 --calibration_sequences=2 --page_size=4 --kv_fraction=3/4 \
+    --methods=think,h2o_pyramid,tova_zigzag)
+for method in think-k h2o-pyramid-[0-9]+ tova-zigzag-[0-9]+; do
+  grep -qE "^[a-z0-9_]+ +$method" <<<"$budgets" || fail "no $method row at --kv_fraction=3/4: $budgets"
+done
+shared=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=2 --calibration_sequences=2 --kv_fraction=1 --methods=kvsharer)
+grep -q "^KVSharer pairs" <<<"$shared" && grep -qE "^kvsharer +kvsharer-[0-9]" <<<"$shared" ||
+  fail "no KVSharer calibration or row: $shared"
+think=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=2 --kv_fraction=1/2 --methods=think) || fail "--methods=think at 1/2: $think"
+grep -qE "^think +cannot meet it: no setting of think meets" <<<"$think" ||
+  fail "think at 1/2: no reason given: $think"
+
 expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=dmc
 expect_error "is not a LoMA model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \

@@ -6,20 +6,86 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <numeric>
-#include <vector>
 #include <random>
 #include <string>
+#include <vector>
 
+#include "absl/status/status.h"
+#include "gtest/gtest.h"
 #include "model/llama.h"
 
 namespace dmc::cuda_test {
 
 inline float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// Random tokens and targets [B, T] from `seed`; two targets unlabelled (left out of the means).
+inline void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
+                      std::vector<int32_t>* tgt) {
+  std::mt19937_64 rng(seed);
+  in->resize(static_cast<size_t>(B) * T);
+  tgt->resize(in->size());
+  for (size_t i = 0; i < in->size(); ++i) {
+    (*in)[i] = static_cast<int32_t>(rng() % V);
+    (*tgt)[i] = static_cast<int32_t>(rng() % V);
+  }
+  (*tgt)[3] = -1;
+  (*tgt)[in->size() - 2] = -1;
+}
+
+// Hard decisions of every layer (merge for DMC, evict for DMS), the CUDA model's (MergeToHost)
+// against the CPU model's: how many differ, and how many the CPU model takes.
+struct DecisionCount {
+  int flips = 0, taken = 0;
+};
+template <typename CudaModel>
+DecisionCount CompareDecisions(const CudaModel& gpu, const model::Llama<float>& cpu, int layers) {
+  DecisionCount n;
+  for (int l = 0; l < layers; ++l) {
+    const std::vector<float> g = gpu.MergeToHost(l);
+    const std::vector<float>& c = cpu.merge(l);
+    EXPECT_EQ(g.size(), c.size());
+    for (size_t i = 0; i < std::min(g.size(), c.size()); ++i) {
+      n.flips += g[i] != c[i];
+      n.taken += c[i] > 0.5f;
+    }
+  }
+  return n;
+}
+
+// The CR loss and the decision fractions of the two models agree up to what `flips` flipped
+// decisions can move: one flip moves one sequence's mean by 1 / (L·T·Hkv), a layer's by
+// 1 / (B·T·Hkv).
+inline void ExpectStatisticsWithinFlips(const model::ForwardResult& gpu,
+                                        const model::ForwardResult& cpu, int flips, int L, int B,
+                                        int T, int Hkv) {
+  const double flip_bound = flips / (L * T * Hkv * 1.0) + 1e-5;
+  EXPECT_GT(cpu.cr_loss, 0.0);
+  EXPECT_LE(std::fabs(gpu.cr_loss - cpu.cr_loss), flip_bound / B + 1e-5);
+  EXPECT_LE(std::fabs(gpu.merge_fraction - cpu.merge_fraction), flip_bound / B + 1e-5);
+  ASSERT_EQ(gpu.layer_merge_fraction.size(), static_cast<size_t>(L));
+  for (int l = 0; l < L; ++l)
+    EXPECT_LE(std::fabs(gpu.layer_merge_fraction[l] - cpu.layer_merge_fraction[l]),
+              flips / (B * T * Hkv * 1.0) + 1e-5)
+        << "layer " << l;
+}
+
+// A trainer's batch source for the tests that follow a GPU Trainer against a CPU one: three fixed
+// batches of 2 × 33 tokens in turn (a new source starts again from the first).
+inline std::function<absl::Status(std::vector<int32_t>*, std::vector<int32_t>*)> CyclingBatches(
+    int vocab_size) {
+  auto n = std::make_shared<int>(0);
+  return [n, vocab_size](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
+    MakeBatch(2, 33, vocab_size, 100 + (*n)++ % 3, in, tgt);
+    return absl::OkStatus();
+  };
+}
 
 // The small model the GPU model tests compare: 2 layers, vocabulary 64, MLP 2·hidden; DMC with a
 // small decision offset (mixed decisions from the start), soft relaxed decisions (temperature 1:

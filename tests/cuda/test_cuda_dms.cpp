@@ -303,19 +303,6 @@ void ShapeDmsWeights(model::Llama<float>* m, uint64_t seed) {
   }
 }
 
-void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
-               std::vector<int32_t>* tgt) {
-  std::mt19937_64 rng(seed);
-  in->resize(static_cast<size_t>(B) * T);
-  tgt->resize(in->size());
-  for (size_t i = 0; i < in->size(); ++i) {
-    (*in)[i] = static_cast<int32_t>(rng() % V);
-    (*tgt)[i] = static_cast<int32_t>(rng() % V);
-  }
-  (*tgt)[3] = -1;  // unlabelled positions are left out of the means
-  (*tgt)[in->size() - 2] = -1;
-}
-
 struct StepCase {
   const char* name;
   DmsVariant variant;
@@ -374,16 +361,7 @@ TEST_P(CudaDmsStep, LossesEvictionsAndTrainedGradientsMatchCpu) {
       gpu_backend.ForwardBackward(in.data(), tgt.data(), B, T, opt, 0.5, false);
   ASSERT_TRUE(rg.ok()) << rg.status();
 
-  int flips = 0, evictions = 0;
-  for (int l = 0; l < L; ++l) {
-    const std::vector<float> eg = gpu.MergeToHost(l);
-    const std::vector<float>& ec = cpu.merge(l);
-    ASSERT_EQ(eg.size(), ec.size());
-    for (size_t i = 0; i < eg.size(); ++i) {
-      flips += eg[i] != ec[i];
-      evictions += ec[i] > 0.5f;
-    }
-  }
+  const auto [flips, evictions] = CompareDecisions(gpu, cpu, L);
   const double decisions = static_cast<double>(L) * B * T * Hkv;
   std::printf("[ dms   ] %-18s kl %.6f / %.6f  lm %.6f / %.6f  cr %.6f / %.6f  evict %.4f / %.4f "
               "(gpu / cpu), %d of %.0f decisions evict, %d flips\n",
@@ -396,15 +374,7 @@ TEST_P(CudaDmsStep, LossesEvictionsAndTrainedGradientsMatchCpu) {
   EXPECT_GT(rc.distill_loss, 0.0);
   EXPECT_LE(std::fabs(rg->distill_loss - rc.distill_loss) / rc.distill_loss, 3e-2);
   EXPECT_LE(std::fabs(rg->lm_loss - rc.lm_loss) / rc.lm_loss, kLossTol);
-  const double flip_bound = flips / (L * T * Hkv * 1.0) + 1e-5;  // one flip moves one sequence
-  EXPECT_GT(rc.cr_loss, 0.0);
-  EXPECT_LE(std::fabs(rg->cr_loss - rc.cr_loss), flip_bound / B + 1e-5);
-  EXPECT_LE(std::fabs(rg->merge_fraction - rc.merge_fraction), flip_bound / B + 1e-5);
-  ASSERT_EQ(rg->layer_merge_fraction.size(), static_cast<size_t>(L));
-  for (int l = 0; l < L; ++l)
-    EXPECT_LE(std::fabs(rg->layer_merge_fraction[l] - rc.layer_merge_fraction[l]),
-              flips / (B * T * Hkv * 1.0) + 1e-5)
-        << "layer " << l;
+  ExpectStatisticsWithinFlips(*rg, rc, flips, L, B, T, Hkv);
   EXPECT_NEAR(rg->loss, rg->distill_loss + rg->cr_loss, 1e-12);  // the LM loss is only reported
 
   const std::vector<float> logits = gpu.LogitsToHost();
@@ -488,13 +458,6 @@ TEST_P(CudaDmsTrainer, TracksCpuThroughTheStages) {
   t.schedule.retrofit_lr = 1e-3f;
   t.schedule.retrofit_min_lr = 1e-3f;
   ASSERT_TRUE(t.Validate(config).ok());
-  auto batches = [&]() {
-    auto n = std::make_shared<int>(0);
-    return [n, &config](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
-      MakeBatch(2, 33, config.vocab_size, 100 + (*n)++ % 3, in, tgt);
-      return absl::OkStatus();
-    };
-  };
   model::Llama<float> cpu_model(config, nullptr), gpu_host(config, nullptr);
   ShapeDmsWeights(&cpu_model, 8);
   gpu_host.params() = cpu_model.params();
@@ -507,8 +470,8 @@ TEST_P(CudaDmsTrainer, TracksCpuThroughTheStages) {
   absl::StatusOr<std::unique_ptr<trainer::CudaBackend>> backend =
       trainer::CudaBackend::Create(gpu_host, t.optimizer, &tp);
   ASSERT_TRUE(backend.ok()) << backend.status();
-  trainer::Trainer cpu(t, &cpu_model, batches(), &dp, &tp);
-  trainer::Trainer gpu(t, &gpu_host, batches(), &dp, &tp, std::move(*backend));
+  trainer::Trainer cpu(t, &cpu_model, CyclingBatches(config.vocab_size), &dp, &tp);
+  trainer::Trainer gpu(t, &gpu_host, CyclingBatches(config.vocab_size), &dp, &tp, std::move(*backend));
   if (!adapter) {
     ASSERT_TRUE(cpu.backend().SetTeacher(&teacher).ok());
     ASSERT_TRUE(gpu.backend().SetTeacher(&teacher).ok());

@@ -45,19 +45,6 @@ model::LlamaConfig MakeConfig(const Case& c) {
   return SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
 }
 
-void MakeBatch(int B, int T, int V, uint64_t seed, std::vector<int32_t>* in,
-               std::vector<int32_t>* tgt) {
-  std::mt19937_64 rng(seed);
-  in->resize(static_cast<size_t>(B) * T);
-  tgt->resize(in->size());
-  for (size_t i = 0; i < in->size(); ++i) {
-    (*in)[i] = static_cast<int32_t>(rng() % V);
-    (*tgt)[i] = static_cast<int32_t>(rng() % V);
-  }
-  (*tgt)[3] = -1;  // unlabelled positions are left out of the mean
-  (*tgt)[in->size() - 2] = -1;
-}
-
 class CudaModelStep : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override { DMC_REQUIRE_GPU(); }
@@ -91,17 +78,7 @@ TEST_P(CudaModelStep, LossesMergeStatisticsAndGradientsMatchCpu) {
   gpu.Backward(0.5);
 
   // Decision flips between the two models (hard decisions, layer by layer).
-  int flips = 0, merges = 0;
-  if (tc.dmc)
-    for (int l = 0; l < L; ++l) {
-      const std::vector<float> mg = gpu.MergeToHost(l);
-      const std::vector<float>& mc = cpu.merge(l);
-      ASSERT_EQ(mg.size(), mc.size());
-      for (size_t i = 0; i < mg.size(); ++i) {
-        flips += mg[i] != mc[i];
-        merges += mc[i] > 0.5f;
-      }
-    }
+  const auto [flips, merges] = tc.dmc ? CompareDecisions(gpu, cpu, L) : DecisionCount{};
   const double decisions = static_cast<double>(L) * B * T * Hkv;
   std::printf("[ model ] %-14s lm %.6f / %.6f  cr %.6f / %.6f  merge %.4f / %.4f  (gpu / cpu), "
               "%d of %.0f decisions merge, %d flips\n",
@@ -114,15 +91,7 @@ TEST_P(CudaModelStep, LossesMergeStatisticsAndGradientsMatchCpu) {
     EXPECT_GT(merges, decisions * 0.15);
     EXPECT_LT(merges, decisions * 0.85);
     EXPECT_LE(flips, tc.mode == DmcDecisionMode::kHard ? 0 : 4);
-    const double flip_bound = flips / (L * T * Hkv * 1.0) + 1e-5;  // one flip moves one sequence's mean
-    EXPECT_GT(rc.cr_loss, 0.0);
-    EXPECT_LE(std::fabs(rg.cr_loss - rc.cr_loss), flip_bound / B + 1e-5);
-    EXPECT_LE(std::fabs(rg.merge_fraction - rc.merge_fraction), flip_bound / B + 1e-5);
-    ASSERT_EQ(rg.layer_merge_fraction.size(), static_cast<size_t>(L));
-    for (int l = 0; l < L; ++l)
-      EXPECT_LE(std::fabs(rg.layer_merge_fraction[l] - rc.layer_merge_fraction[l]),
-                flips / (B * T * Hkv * 1.0) + 1e-5)
-          << "layer " << l;
+    ExpectStatisticsWithinFlips(rg, rc, flips, L, B, T, Hkv);
   } else {
     EXPECT_EQ(rg.cr_loss, 0.0);
     EXPECT_EQ(rg.merge_fraction, 0.0);
@@ -363,13 +332,6 @@ TEST_F(CudaModel, TrainerOnCudaTracksCpuThroughThePhases) {
   t.schedule.retrofit_lr = 1e-3f;
   t.schedule.retrofit_min_lr = 1e-3f;
   ASSERT_TRUE(t.Validate(config).ok());
-  auto batches = [&]() {
-    auto n = std::make_shared<int>(0);
-    return [n, &config](std::vector<int32_t>* in, std::vector<int32_t>* tgt) {
-      MakeBatch(2, 33, config.vocab_size, 100 + (*n)++ % 3, in, tgt);
-      return absl::OkStatus();
-    };
-  };
   model::Llama<float> cpu_model(config, nullptr), gpu_host(config, nullptr);
   ShapeWeights(&cpu_model, 8);
   gpu_host.params() = cpu_model.params();
@@ -377,8 +339,8 @@ TEST_F(CudaModel, TrainerOnCudaTracksCpuThroughThePhases) {
   absl::StatusOr<std::unique_ptr<trainer::CudaBackend>> backend =
       trainer::CudaBackend::Create(gpu_host, t.optimizer, &tp);
   ASSERT_TRUE(backend.ok()) << backend.status();
-  trainer::Trainer cpu(t, &cpu_model, batches(), &dp, &tp);
-  trainer::Trainer gpu(t, &gpu_host, batches(), &dp, &tp, std::move(*backend));
+  trainer::Trainer cpu(t, &cpu_model, CyclingBatches(config.vocab_size), &dp, &tp);
+  trainer::Trainer gpu(t, &gpu_host, CyclingBatches(config.vocab_size), &dp, &tp, std::move(*backend));
   EXPECT_STREQ(gpu.backend().name(), "cuda");
   for (int step = 0; step < t.schedule.total_steps(); ++step) {
     absl::StatusOr<trainer::StepMetrics> mc = cpu.Step();
