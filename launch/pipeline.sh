@@ -337,10 +337,12 @@ done
 cat "$results/table.md"
 
 # 6. the KV compressors at equal bytes (issue 19): at 1/2, 1/4 and 1/8 of the vanilla cache's
-#    bytes per sequence, each method with the knob dmc-eval --kv_fraction sets (quantization's
-#    bits, ZipCache's salient slots, H2O's and TOVA's slots, on the base; every DMC and DMS
-#    retrofit at full precision or composed with 8, 4 or 2 bits), or the reason none meets the
-#    budget; one process per model and method, on the CPU (the GPU engine has no quantized cache)
+#    bytes per sequence, each method with the knob dmc-eval --kv_fraction sets, or the reason none
+#    meets the budget. On the base: quantization's bits, ZipCache's salient slots, ThinK's key
+#    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),
+#    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
+#    4 or 2 bits. One process per model and method, on the CPU (the GPU engine has no quantized
+#    cache); tables and plot by launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
   rm -f "$results/budget_$name.tsv"
@@ -349,7 +351,8 @@ budget_eval() {  # NAME MODEL LABEL METHOD
       --methods="$method" --append_tsv="$results/budget_$name.tsv"
 }
 log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
-budget_runs=(vanilla quant zipcache h2o tova)
+budget_runs=(vanilla quant zipcache think h2o tova h2o_pyramid tova_pyramid h2o_zigzag tova_zigzag
+             kvsharer)
 for m in "${budget_runs[@]}"; do spawn "budget_$m" budget_eval "$m" "$out/base" base "$m"; done
 for method in "${methods[@]}"; do
   for cr in $crs; do
@@ -362,61 +365,8 @@ finish
 budget_tsvs=()
 for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
 cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
-# One table per budget: the vanilla reference, then every method in the order above. KV bytes
-# are a sequence's at the end of its window (the mean over windows: a learned CR varies).
-awk -F'\t' -v page=$budget_page_size '
-  function kib(b) { return sprintf("%.1f", b / 1024) }
-  function name(r) {
-    if (r[3] == "dmc" || r[3] == "dms") return r[1]
-    if (r[3] == "quant") return "quantization"
-    if (r[3] == "zipcache") return "ZipCache"
-    return r[3] == "vanilla" ? "vanilla (the reference)" : toupper(r[3])
-  }
-  function setting(r,   p) {
-    p = r[4]
-    if (p == "-") return "-"
-    if (p ~ /^(h2o|tova)-/) { sub(/^[a-z0-9]+-/, "", p); return p " slots per head" }
-    if (p ~ /-zip/) { split(p, z, /zip|\/|x/); return z[4] " of " page " slots per page at " z[2] " bits, the rest " z[3] }
-    if (p ~ /-int/) { sub(/^[a-z]+-/, "", p); return r[3] == "quant" ? p : p " slots" }
-    return r[3] == "vanilla" ? "fp32" : "fp32 slots"
-  }
-  # dmc-eval: "no setting of M meets B bytes ...: its smallest cache, POLICY, holds N (pages P,
-  # full-precision residual R, DMC window state W)" → the same in KiB and of vanilla
-  function unmet(r,   why, at, n) {
-    why = r[11]
-    at = index(why, "its smallest cache, ")
-    if (at == 0) return why
-    why = substr(why, at + 20)
-    s[3] = r[3]; s[4] = substr(why, 1, index(why, ",") - 1)
-    split(substr(why, index(why, " holds ")), n, /[^0-9]+/)
-    return sprintf("its smallest setting, %s, holds %s KiB (%.3f): %s in pages, %s in the full-precision residual%s",
-                   setting(s), kib(n[2]), n[2] / full, kib(n[3]), kib(n[4]),
-                   n[5] > 0 ? ", " kib(n[5]) " in DMC window state" : "")
-  }
-  function row(r,   note) {
-    note = r[11] == "-" ? "" : r[11]
-    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | not met: %s |", name(r), unmet(r))
-    return sprintf("| %s | %s | %s (%.3f) | %.3f | %s | %.3f | %s |", name(r), setting(r), kib(r[6]),
-                   r[6] / full, r[8], (r[3] == "vanilla" ? "-" : sprintf("%+.1f%%", 100 * (r[8] / base - 1))),
-                   r[9], note)
-  }
-  { lines[NR] = $0; budget[$2] = $5 }
-  $2 == "1" && $3 == "vanilla" { base = $8; full = $6; reference = NR }
-  END {
-    nb = split("1/2 1/4 1/8", budgets, " ")
-    for (b = 1; b <= nb; b++) {
-      printf "%s### %s of the vanilla cache: %s KiB per sequence\n\n", (b > 1 ? "\n" : ""), budgets[b], kib(budget[budgets[b]])
-      print "| method | setting | KV KiB per sequence (of vanilla) | held-out perplexity | Δ vs base | next-token accuracy | note |"
-      print "| --- | --- | --- | --- | --- | --- | --- |"
-      split(lines[reference], r, "\t"); print row(r)
-      for (i = 1; i <= NR; i++) { split(lines[i], r, "\t"); if (r[2] == budgets[b]) print row(r) }
-    }
-  }' "$results/kv_budget.tsv" >"$results/kv_budget.md"
+bash launch/kv_budget_report.sh "$results/kv_budget" $budget_page_size "$results/kv_budget.tsv"
 cat "$results/kv_budget.md"
-if command -v gnuplot >/dev/null; then
-  bash launch/plot_kv_budget.sh "$results/kv_budget.png" "$results/kv_budget.tsv" ||
-    log "the perplexity-against-bytes plot failed (above)"
-fi
 
 # 7. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
 #    Llama-2-7B-shaped model, vanilla against DMC at CR 2, 4 and 8 (bench/cuda/bench_decode.cu)
