@@ -5,8 +5,9 @@
 # continue it as many steps with DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
 # held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
 # TOVA at the budget DMC achieved; the control with the vanilla cache) → the KV compressors at
-# equal bytes (1/2, 1/4 and 1/8 of the vanilla cache: quantization, ZipCache, H2O, TOVA and every
-# retrofit, alone and composed with quantization) → (GPU) decode throughput at a fixed KV budget
+# equal bytes (1/2, 1/4 and 1/8 of the vanilla cache: quantization, ZipCache, ThinK, H2O and TOVA
+# with uniform and per-layer budgets, KVSharer, and every retrofit alone and composed with
+# quantization) → (GPU) decode throughput at a fixed KV budget
 # → OUT/results/ with the side-by-side table, the training curves, the per-head CR heat maps,
 # and the tables and plot at equal bytes (kv_budget.md, kv_budget.png).
 #
