@@ -138,7 +138,8 @@ case "$config" in
     eval_common=(--seq_len=512 --max_sequences=$windows)
     # The comparison at equal bytes (6.): at 512 tokens a page of 16 per head is 1/32 of the
     # cache, so the default pages serve; only the tables' budgets (~40 s per evaluation on one
-    # core, eight processes side by side after the training: a few minutes, not yet measured)
+    # core, fourteen processes side by side after the training, KVSharer's calibration the
+    # longest: minutes, not yet measured)
     budget_page_size=16
     plot_fractions=()
     if [ ! -f "$shards/train_index.json" ]; then
