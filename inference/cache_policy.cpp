@@ -87,8 +87,9 @@ std::string PolicyName(const CachePolicy& p) {
   }
   if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
-  if (p.allocation == LayerAllocation::kPyramidInfer) return name + "-pyramid";
-  if (p.allocation == LayerAllocation::kZigZag) return name + "-zigzag";
+  if (p.allocation == LayerAllocation::kPyramidInfer) name += "-pyramid";
+  if (p.allocation == LayerAllocation::kZigZag) name += "-zigzag";
+  if (p.budget > 0) name += absl::StrFormat("-%d", p.budget);
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
                                   p.quant.salient_slots);
@@ -253,17 +254,26 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       return absl::InvalidArgumentError("loma has its own cache: no byte budget knob");
   }
   long smallest = -1;
+  CachePolicy smallest_policy;
   for (const auto& [policy, slots] : candidates) {
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
     o.think_channels = policy.think_channels;
     const long bytes = KvSequenceBytes(o, slots, element_bytes, element_bytes);
     if (bytes <= budget_bytes) return policy;
-    smallest = smallest < 0 ? bytes : std::min(smallest, bytes);
+    if (smallest < 0 || bytes < smallest) smallest = bytes, smallest_policy = policy;
   }
+  // What the smallest cache spends its bytes on, so the reader sees which fixed cost is in the way.
+  PagedCacheOptions o = shape;
+  o.quant = smallest_policy.quant;
+  o.think_channels = smallest_policy.think_channels;
   return absl::InvalidArgumentError(absl::StrFormat(
-      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache holds %d",
-      std::string(method), budget_bytes, seq_len, smallest));
+      "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache, %s, holds "
+      "%d (pages %d, full-precision residual %d, DMC window state %d, ThinK query energy %d)",
+      std::string(method), budget_bytes, seq_len, PolicyName(smallest_policy), smallest,
+      smallest - KvReservedBytes(o, element_bytes, element_bytes),
+      KvResidualBytes(o, element_bytes), KvWindowBytes(o, element_bytes),
+      KvObservationBytes(o, element_bytes)));
 }
 
 namespace {

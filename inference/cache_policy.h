@@ -83,9 +83,11 @@ struct LayerCalibration {
 int LayerBudget(const CachePolicy& policy, int layer);
 int LayerRecent(const CachePolicy& policy, int layer);
 
-// The policy's name in results: the method, then "-int8" for KV quantization, "-zip4/2x6" for
-// ZipCache's mixed precision (salient bits / bits, salient slots per page); "think-k24" for ThinK
-// keeping 24 key channels; "h2o-pyramid", "tova-zigzag" for per-layer budgets.
+// The policy's name in results, one per setting: the method, "-pyramid" or "-zigzag" for per-layer
+// budgets, its (mean) slots per head for h2o and tova ("h2o-32", "h2o-pyramid-32"), then "-int8"
+// for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits, salient
+// slots per page); "think-k24" for ThinK keeping 24 key channels; "kvsharer-2" for 2 layers
+// reading another's cache.
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
@@ -118,7 +120,8 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // the first pairs of calibration.shared; dmc and dms, whose CR
 // the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
 // head) measured at full precision). InvalidArgument when no setting of the knob meets the
-// budget, naming the smallest cache it reaches.
+// budget, naming the smallest cache it reaches and its bytes in pages and in what a sequence
+// reserves: full-precision residual, DMC window state, ThinK's query energy.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape, int element_bytes,
                                            int seq_len, long budget_bytes,

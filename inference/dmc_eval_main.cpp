@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -115,26 +116,37 @@ absl::StatusOr<double> ParseFraction(absl::string_view text) {
   return num / den;
 }
 
-// --kv_fraction: every method at every budget, the knob set by PolicyForBytes; dmc and dms are
-// first run at full precision to measure their slots per head.
+// --kv_fraction: vanilla, the reference, once at its full size; every other method at every
+// budget with the knob PolicyForBytes sets (dmc and dms first run at full precision to measure
+// their slots per head; the _zigzag budgets and kvsharer first calibrate on the calibration
+// windows). A setting picked at several budgets is decoded once. A method that no
+// setting fits into a budget gets the reason instead of figures, and the run goes on.
+// --append_tsv: one line per (budget, method): label, budget ("1" for the reference), method,
+// policy, budget bytes, mean and max bytes a sequence held at its end, perplexity, accuracy,
+// tokens/s, and a note ("-", or why the budget was not met).
 int EvaluateAtBudgets(dmc::model::Llama<float>& model,
                       const std::vector<std::vector<int32_t>>& windows,
                       const std::vector<std::vector<int32_t>>& calibration,
                       const dmc::inference::EvalOptions& base, int seq_len) {
   namespace inf = dmc::inference;
   const dmc::model::LlamaConfig& c = model.config();
-  std::vector<double> fractions;
+  std::vector<std::pair<std::string, double>> fractions;  // as written, and its value
   for (absl::string_view f : absl::StrSplit(absl::GetFlag(FLAGS_kv_fraction), ',')) {
     absl::StatusOr<double> x = ParseFraction(f);
     if (!x.ok()) return Fail(x.status());
-    fractions.push_back(*x);
+    fractions.push_back({std::string(f), *x});
   }
   const std::vector<std::string> methods = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
   const int heads = c.num_hidden_layers * c.num_key_value_heads;
-  auto run = [&](const inf::CachePolicy& policy) {
+  std::map<std::string, EvalResult> decoded;  // by PolicyName
+  auto run = [&](const inf::CachePolicy& policy) -> absl::StatusOr<EvalResult> {
+    const std::string name = inf::PolicyName(policy);
+    if (auto it = decoded.find(name); it != decoded.end()) return it->second;
     inf::EvalOptions eo = base;
     eo.policy = policy;
-    return inf::Evaluate(model, windows, eo);
+    absl::StatusOr<EvalResult> r = inf::Evaluate(model, windows, eo);
+    if (r.ok()) decoded[name] = *r;
+    return r;
   };
   auto shape_of = [&](const std::string& name) {
     inf::CachePolicy p;
@@ -147,8 +159,45 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
   };
   const long vanilla_bytes = inf::KvSequenceBytes<float>(
       shape_of("vanilla"), std::vector<int>(heads, seq_len));
-  absl::StatusOr<EvalResult> reference = run(inf::CachePolicy{CacheMethod::kVanilla});
-  if (!reference.ok()) return Fail(reference.status());
+
+  std::FILE* tsv = nullptr;
+  if (const std::string path = absl::GetFlag(FLAGS_append_tsv); !path.empty()) {
+    tsv = std::fopen(path.c_str(), "a");
+    if (tsv == nullptr) return Fail(absl::NotFoundError(path + ": cannot open for appending"));
+  }
+  const std::string label =
+      absl::GetFlag(FLAGS_label).empty() ? absl::GetFlag(FLAGS_model) : absl::GetFlag(FLAGS_label);
+  std::optional<double> reference;  // vanilla's perplexity, when it is among the methods
+  auto report = [&](const std::string& fraction, const std::string& method, long budget,
+                    const EvalResult& r, const std::string& note) {
+    std::printf("%-10s %-20s %12.0f %9.3f %11.4f %10s %9.4f %10.0f\n", method.c_str(),
+                inf::PolicyName(r.policy).c_str(), r.mean_sequence_bytes,
+                r.mean_sequence_bytes / vanilla_bytes, r.perplexity,
+                reference ? absl::StrFormat("%+.1f%%", 100 * (r.perplexity / *reference - 1)).c_str()
+                          : "-",
+                r.accuracy, r.tokens_per_second);
+    if (note != "-") std::printf("  (%s)\n", note.c_str());
+    if (tsv != nullptr)
+      std::fprintf(tsv, "%s\t%s\t%s\t%s\t%ld\t%.0f\t%ld\t%.4f\t%.4f\t%.1f\t%s\n",
+                   label.c_str(), fraction.c_str(), method.c_str(),
+                   inf::PolicyName(r.policy).c_str(), budget, r.mean_sequence_bytes,
+                   r.max_sequence_bytes, r.perplexity, r.accuracy, r.tokens_per_second,
+                   note.c_str());
+  };
+  auto header = [] {
+    std::printf("%-10s %-20s %12s %9s %11s %10s %9s %10s\n", "method", "setting", "KV bytes/seq",
+                "/vanilla", "perplexity", "vs vanilla", "accuracy", "tokens/s");
+  };
+
+  if (std::count(methods.begin(), methods.end(), "vanilla") > 0) {
+    absl::StatusOr<EvalResult> r = run(inf::CachePolicy{CacheMethod::kVanilla});
+    if (!r.ok()) return Fail(r.status());
+    reference = r->perplexity;
+    std::printf("\nthe reference: the vanilla cache at full precision, %ld bytes per sequence of %d "
+                "tokens\n", vanilla_bytes, seq_len);
+    header();
+    report("1", "vanilla", vanilla_bytes, *r, "-");
+  }
   std::map<std::string, std::vector<int>> measured;  // dmc, dms: slots per head at fp32
   for (const std::string& m : methods) {
     if (m != "dmc" && m != "dms") continue;
@@ -177,30 +226,38 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     for (auto [layer, source] : calibrated.shared) std::printf(" %d<-%d", layer, source);
     std::printf("\n");
   }
-  for (double f : fractions) {
+  for (const auto& [fraction, f] : fractions) {
     const long budget = static_cast<long>(f * vanilla_bytes);
-    std::printf("\nKV budget %.4g of vanilla: %ld bytes per sequence of %d tokens\n", f, budget,
-                seq_len);
-    std::printf("%-20s %14s %11s %9s %9s %10s\n", "method", "KV bytes/seq", "perplexity",
-                "vs base", "accuracy", "tokens/s");
+    std::printf("\nKV budget %s of vanilla: %ld bytes per sequence of %d tokens\n",
+                fraction.c_str(), budget, seq_len);
+    header();
     for (const std::string& m : methods) {
+      if (m == "vanilla") continue;
       absl::StatusOr<inf::CachePolicy> policy = inf::PolicyForBytes(
           m, shape_of(m), sizeof(float), seq_len, budget, measured[m], calibrated);
-      if (!policy.ok())
-        return Fail(absl::InvalidArgumentError(absl::StrFormat(
-            "--kv_fraction=%g: %s", f, std::string(policy.status().message()))));
+      if (!policy.ok()) {
+        const std::string why(policy.status().message());
+        std::printf("%-10s cannot meet it: %s\n", m.c_str(), why.c_str());
+        if (tsv != nullptr)
+          std::fprintf(tsv, "%s\t%s\t%s\t-\t%ld\t-\t-\t-\t-\t-\t%s\n", label.c_str(),
+                       fraction.c_str(), m.c_str(), budget, why.c_str());
+        continue;
+      }
       absl::StatusOr<EvalResult> r = run(*policy);
       if (!r.ok()) return Fail(r.status());
-      std::printf("%-20s %14ld %11.4f %+8.1f%% %9.4f %10.0f\n", inf::PolicyName(r->policy).c_str(),
-                  r->max_sequence_bytes, r->perplexity,
-                  100.0 * (r->perplexity / reference->perplexity - 1), r->accuracy,
-                  r->tokens_per_second);
-      if (r->max_sequence_bytes > budget)  // dmc, dms: their CR varies over sequences
-        std::printf("  (%s: a sequence held %ld bytes, over the budget: its CR there was below "
-                    "the mean the knob was set by)\n",
-                    m.c_str(), r->max_sequence_bytes);
+      // dmc, dms: their CR varies over sequences, and the knob was set by the mean slots per head
+      std::string note = "-";
+      if (r->mean_sequence_bytes > budget)
+        note = absl::StrFormat("over the budget on average: the knob was set by the mean slots "
+                               "per head, but pages are whole per sequence");
+      else if (r->max_sequence_bytes > budget)
+        note = absl::StrFormat("met on average; one sequence held %ld bytes, its CR below the mean",
+                               r->max_sequence_bytes);
+      report(fraction, m, budget, *r, note);
     }
   }
+  if (tsv != nullptr && std::fclose(tsv) != 0)
+    return Fail(absl::InternalError(absl::GetFlag(FLAGS_append_tsv) + ": write failed"));
   return 0;
 }
 

@@ -131,6 +131,7 @@ absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
   const long total = TotalPredictions(windows);
   double nll = 0;
   long hits = 0, predictions = 0, max_sequence_bytes = 0;
+  double sum_sequence_bytes = 0;
   std::vector<double> tokens(size_t(L) * Hkv, 0.0), slots(size_t(L) * Hkv, 0.0);
   absl::StatusOr<SchedulerStats> stats = RunBatched(
       engine, requests, options.max_batch,
@@ -143,6 +144,7 @@ absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
       },
       [&](int r, bool) {
         max_sequence_bytes = std::max(max_sequence_bytes, engine.bytes(r));
+        sum_sequence_bytes += engine.bytes(r);
         for (int l = 0; l < L; ++l)
           for (int h = 0; h < Hkv; ++h) {
             tokens[l * Hkv + h] += engine.tokens(r);
@@ -155,6 +157,7 @@ absl::StatusOr<EvalResult> Evaluate(DecodeEngine& engine,
       SummarizeEval(engine.policy(), nll, hits, predictions, tokens, slots, L, Hkv);
   res.peak_kv_bytes = engine.peak_bytes();
   res.max_sequence_bytes = max_sequence_bytes;
+  res.mean_sequence_bytes = sum_sequence_bytes / std::max<size_t>(1, windows.size());
   res.tokens_per_second = stats->tokens / std::max(1e-9, stats->seconds);
   res.max_concurrent = stats->max_concurrent;
   res.preemptions = stats->preemptions;

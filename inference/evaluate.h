@@ -46,6 +46,7 @@ struct EvalResult {
   std::vector<double> head_cr;   // [L, Hkv]
   long peak_kv_bytes = 0;
   long max_sequence_bytes = 0;  // the most one sequence held at its end (DecodeEngine::bytes)
+  double mean_sequence_bytes = 0;  // what a sequence held at its end, on average
   double tokens_per_second = 0;
   int max_concurrent = 0;
   long preemptions = 0;

@@ -54,27 +54,32 @@ absl::Status Scheduler::Finish(int id, bool cancelled, const FinishFn& on_finish
   return s;
 }
 
-bool Scheduler::Affordable(const Request& request) const {
+long Scheduler::GrowthPages(int id) const {
+  const PagedCacheOptions& o = engine_.cache_options();
+  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  const long tokens = engine_.tokens(id);
+  if (tokens == 0) return heads;  // not fed yet: a page per head
+  long slots = 0;
+  for (int l = 0; l < o.layers; ++l)
+    for (int h = 0; h < o.kv_heads; ++h) slots += engine_.length(id, l, h);
+  return (slots + tokens - 1) / tokens;  // heads × kept fraction, rounded up
+}
+
+bool Scheduler::Affordable(const Request& request, long running_growth_pages) const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long page = KvPageBytes(o, engine_.element_bytes());
   const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
-  long growth_pages = heads;  // the new request's first step
-  for (int id : active_) {
-    long slots = 0;
-    for (int l = 0; l < o.layers; ++l)
-      for (int h = 0; h < o.kv_heads; ++h) slots += engine_.length(id, l, h);
-    const long tokens = engine_.tokens(id);
-    // heads × kept fraction, rounded up; a sequence not fed yet: a page per head
-    growth_pages += tokens == 0 ? heads : (slots + tokens - 1) / tokens;
-  }
   const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.window_element_bytes()) +
                     heads * page * ((prompt + o.page_size - 1) / o.page_size) +
-                    page * growth_pages;
+                    page * (heads /* the new request's first step */ + running_growth_pages);
   return engine_.budget_bytes() - engine_.used_bytes() >= need;
 }
 
 absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish) {
+  // The running sequences' reserve, summed once and grown as requests join (a head loop each).
+  long growth_pages = 0;
+  for (int id : active_) growth_pages += GrowthPages(id);
   while (static_cast<int>(active_.size()) < max_batch_ && !pending_.empty()) {
     const int id = pending_.front();
     Entry& e = requests_.at(id);
@@ -83,7 +88,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (absl::Status s = Finish(id, true, on_finish); !s.ok()) return s;
       continue;
     }
-    if (!active_.empty() && !Affordable(e.request)) break;  // wait for memory to free
+    if (!active_.empty() && !Affordable(e.request, growth_pages)) break;  // wait for memory to free
     if (absl::Status s = engine_.AddSequence(id, e.request.sampling); !s.ok()) {
       if (absl::IsResourceExhausted(s) && !active_.empty()) break;  // wait for memory to free
       return s;
@@ -111,6 +116,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
     }
     pending_.pop_front();
     active_.push_back(id);
+    growth_pages += GrowthPages(id);
   }
   return absl::OkStatus();
 }

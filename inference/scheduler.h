@@ -93,7 +93,9 @@ class Scheduler {
   bool Deliver(int id, int pos, const TokenOutput& out, const TokenFn& on_token);
   absl::Status Finish(int id, bool cancelled, const FinishFn& on_finish);
   absl::Status Admit(const TokenFn& on_token, const FinishFn& on_finish);
-  bool Affordable(const Request& request) const;
+  // A running sequence's expected new pages over its next page_size tokens (see Admission).
+  long GrowthPages(int id) const;
+  bool Affordable(const Request& request, long running_growth_pages) const;
 
   DecodeEngine& engine_;
   int max_batch_;

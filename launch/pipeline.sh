@@ -4,13 +4,16 @@
 # adapter distilled from the base, as many steps: the ramp over stages 1+2, then stage 3), and
 # continue it as many steps with DMC off (the same-compute control) → export every model in Hugging Face layout → evaluate on
 # held-out text (DMC with hard decisions; the base model with the vanilla cache and with H2O and
-# TOVA at the budget DMC achieved; the control with the vanilla cache) → (GPU) decode throughput
-# at a fixed KV budget → OUT/results/ with the side-by-side table, the training curves and the
-# per-head CR heat maps.
+# TOVA at the budget DMC achieved; the control with the vanilla cache) → the KV compressors at
+# equal bytes (1/2, 1/4 and 1/8 of the vanilla cache: quantization, ZipCache, ThinK, H2O and TOVA
+# with uniform and per-layer budgets, KVSharer, and every retrofit alone and composed with
+# quantization) → (GPU) decode throughput at a fixed KV budget
+# → OUT/results/ with the side-by-side table, the training curves, the per-head CR heat maps,
+# and the tables and plot at equal bytes (kv_budget.md, kv_budget.png).
 #
 #   launch/pipeline.sh            DMC_PIPELINE_CONFIG=cpu (default; launch/quickstart.sh runs it):
 #                                 the embedded King James text, byte tokenizer, "small" preset
-#                                 (0.9M parameters); ~15 minutes on two cores
+#                                 (0.9M parameters); ~10 minutes on two cores
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
 #                                 seq 512, on the ~100 MB English corpus of
 #                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
@@ -96,6 +99,13 @@ case "$config" in
     dms_window=1
     windows=32
     eval_common=(--seq_len=128 --max_sequences=$windows)
+    # The comparison at equal bytes (6.): pages of 8 slots, where the most methods meet the
+    # budgets on 128-token windows (the model's training length: at 256 its perplexity rises
+    # from 5.0 to 6.5). A quantized cache keeps a full-precision page per head and fp32 scales
+    # and zero points per page, DMC its window state: fixed costs that a short window does not
+    # amortize. The budgets between the tables' trace each knob in the plot.
+    budget_page_size=8
+    plot_fractions=(0.84 0.71 0.59 0.42 0.35 0.3 0.21 0.18 0.15)
     if [ ! -f "$shards/train_index.json" ]; then
       log "tokenizing data/corpus"
       $bin/data/dmc-prep --input=data/corpus --output="$shards" --tokenizer=byte \
@@ -126,6 +136,12 @@ case "$config" in
     dms_window=16
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
+    # The comparison at equal bytes (6.): at 512 tokens a page of 16 per head is 1/32 of the
+    # cache, so the default pages serve; only the tables' budgets (~40 s per evaluation on one
+    # core, fourteen processes side by side after the training, KVSharer's calibration the
+    # longest: minutes, not yet measured)
+    budget_page_size=16
+    plot_fractions=()
     if [ ! -f "$shards/train_index.json" ]; then
       corpus=${DMC_PIPELINE_CORPUS:-$out/corpus}
       tokenizer=${DMC_PIPELINE_TOKENIZER:-$out/bpe8k.model}
@@ -322,7 +338,39 @@ done
 } >"$results/table.md"
 cat "$results/table.md"
 
-# 6. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
+# 6. the KV compressors at equal bytes (issue 19): at 1/2, 1/4 and 1/8 of the vanilla cache's
+#    bytes per sequence, each method with the knob dmc-eval --kv_fraction sets, or the reason none
+#    meets the budget. On the base: quantization's bits, ZipCache's salient slots, ThinK's key
+#    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),
+#    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
+#    4 or 2 bits. One process per model and method, on the CPU (the GPU engine has no quantized
+#    cache); tables and plot by launch/kv_budget_report.sh.
+budget_eval() {  # NAME MODEL LABEL METHOD
+  local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
+  rm -f "$results/budget_$name.tsv"
+  $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
+      --page_size=$budget_page_size --kv_fraction="$(IFS=,; echo "${fractions[*]}")" \
+      --methods="$method" --append_tsv="$results/budget_$name.tsv"
+}
+log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
+budget_runs=(vanilla quant zipcache think h2o tova h2o_pyramid tova_pyramid h2o_zigzag tova_zigzag
+             kvsharer)
+for m in "${budget_runs[@]}"; do spawn "budget_$m" budget_eval "$m" "$out/base" base "$m"; done
+for method in "${methods[@]}"; do
+  for cr in $crs; do
+    spawn "budget_${method}_cr$cr" budget_eval "${method}_cr$cr" "$out/${method}_cr$cr" \
+        "${method^^} CR$cr" "$method"
+    budget_runs+=("${method}_cr$cr")
+  done
+done
+finish
+budget_tsvs=()
+for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
+cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
+bash launch/kv_budget_report.sh "$results/kv_budget" $budget_page_size "$results/kv_budget.tsv"
+cat "$results/kv_budget.md"
+
+# 7. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
 #    Llama-2-7B-shaped model, vanilla against DMC at CR 2, 4 and 8 (bench/cuda/bench_decode.cu)
 if [ "$config" = gpu ] && [ -x "$bin/bench/bench_decode" ]; then
   log "decode throughput at a fixed KV budget (bench_decode)"
@@ -330,4 +378,4 @@ if [ "$config" = gpu ] && [ -x "$bin/bench/bench_decode" ]; then
   cat "$results/decode_bench.md"
 fi
 log "results in $results: table.md, pretraining.png, retrofit_training.png, head_cr.png," \
-    "head_cr_*.png$([ -f "$results/decode_bench.md" ] && echo ", decode_bench.md")"
+    "head_cr_*.png, kv_budget.md, kv_budget.png$([ -f "$results/decode_bench.md" ] && echo ", decode_bench.md")"

@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "inference/cache_policy.h"
 #include "inference/cpu_engine.h"
 #include "inference/paged_decoder.h"
@@ -490,6 +491,32 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
   EXPECT_NE(tiny.status().message().find("no setting of quant meets 100 bytes"), std::string::npos)
       << tiny.status();
+  // The error names the smallest setting and splits its bytes into pages and what a sequence
+  // reserves: int2 pages and the full-precision residual (a page per head); DMC's also its window
+  // state.
+  CachePolicy int2;
+  int2.method = CacheMethod::kVanilla;
+  int2.quant.bits = 2;
+  PagedCacheOptions int2_shape = shape;
+  int2_shape.quant = int2.quant;
+  const long residual = inference::KvResidualBytes(int2_shape, 4);
+  EXPECT_NE(tiny.status().message().find(absl::StrFormat(
+                "its smallest cache, vanilla-int2, holds %d (pages %d, full-precision residual %d, "
+                "DMC window state 0, ThinK query energy 0)",
+                bytes(int2, whole), bytes(int2, whole) - residual, residual)),
+            std::string::npos)
+      << tiny.status();
+  PagedCacheOptions dmc_shape = shape;
+  dmc_shape.dmc_window = 4;
+  const absl::StatusOr<CachePolicy> dmc_tiny = inference::PolicyForBytes(
+      "dmc", dmc_shape, 4, T, 100, std::vector<int>(heads, T / 3));
+  EXPECT_NE(dmc_tiny.status().message().find(
+                absl::StrFormat("DMC window state %d, ThinK query energy 0)",
+                                inference::KvWindowBytes(dmc_shape, 4))),
+            std::string::npos)
+      << dmc_tiny.status();
+  // Eviction budgets are part of the policy's name in results.
+  EXPECT_EQ(inference::PolicyName(*inference::PolicyForCr(CacheMethod::kH2O, 128, 4)), "h2o-32");
 }
 
 }  // namespace

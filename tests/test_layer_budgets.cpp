@@ -9,6 +9,7 @@
 #include <numeric>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "inference/cache_policy.h"
 #include "inference/layer_budgets.h"
 #include "tests/decode_util.h"
@@ -148,9 +149,10 @@ TEST(LayerBudgets, BudgetKnobIsTheMeanSlotsPerLayer) {
             : inference::ZigZagBudgets(lmba, policy->budget + 1, T);
     EXPECT_GT(bytes(next), vanilla / 4) << method;
   }
-  EXPECT_EQ(inference::PolicyName(*inference::PolicyForBytes("h2o_pyramid", shape, 4, T,
-                                                             vanilla / 4, {})),
-            "h2o-pyramid");
+  // The name carries the mean budget per layer: each setting has its own.
+  const auto pyramid = inference::PolicyForBytes("h2o_pyramid", shape, 4, T, vanilla / 4, {});
+  ASSERT_TRUE(pyramid.ok()) << pyramid.status();
+  EXPECT_EQ(inference::PolicyName(*pyramid), absl::StrFormat("h2o-pyramid-%d", pyramid->budget));
   EXPECT_TRUE(absl::IsInvalidArgument(
       inference::PolicyForBytes("h2o_zigzag", shape, 4, T, vanilla / 4, {}).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dmc-eval end to end on a tiny model trained here: the side-by-side table for a model without
-# DMC, the KV compressors at a byte budget, and the clear refusals (a method the model cannot run, a missing model directory, shards
-# of another vocabulary).
+# DMC, the comparison at byte budgets (--kv_fraction), and the clear refusals (a method the model
+# cannot run, a missing model directory, shards of another vocabulary).
 # Usage: eval.sh DMC_TRAIN DMC_PREP DMC_EXPORT DMC_EVAL SOURCE_DIR
 set -euo pipefail
 train=$1 prep=$2 export_=$3 eval_=$4 src=$5
@@ -36,16 +36,17 @@ awk '$1 == "h2o" && $3 < 1.5 { exit 1 }' <<<"$table" || fail "h2o at --baseline_
 budgets=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
     --max_sequences=4 --calibration_sequences=2 --page_size=4 --kv_fraction=3/4 \
     --methods=think,h2o_pyramid,tova_zigzag)
-for method in think-k h2o-pyramid tova-zigzag; do
-  grep -qE "^$method" <<<"$budgets" || fail "no $method row at --kv_fraction=3/4: $budgets"
+for method in think-k h2o-pyramid-[0-9]+ tova-zigzag-[0-9]+; do
+  grep -qE "^[a-z0-9_]+ +$method" <<<"$budgets" || fail "no $method row at --kv_fraction=3/4: $budgets"
 done
 shared=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
     --max_sequences=2 --calibration_sequences=2 --kv_fraction=1 --methods=kvsharer)
-grep -q "^KVSharer pairs" <<<"$shared" && grep -qE "^kvsharer-[0-9]" <<<"$shared" ||
+grep -q "^KVSharer pairs" <<<"$shared" && grep -qE "^kvsharer +kvsharer-[0-9]" <<<"$shared" ||
   fail "no KVSharer calibration or row: $shared"
-expect_error "no setting of think meets" "$eval_" --model="$work/hf" \
-    --data="$work/shards/val_index.json" --seq_len=32 --max_sequences=2 --kv_fraction=1/2 \
-    --methods=think
+think=$("$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=2 --kv_fraction=1/2 --methods=think) || fail "--methods=think at 1/2: $think"
+grep -qE "^think +cannot meet it: no setting of think meets" <<<"$think" ||
+  fail "think at 1/2: no reason given: $think"
 
 expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=dmc
@@ -57,4 +58,20 @@ expect_error "$work/missing" "$eval_" --model="$work/missing" --data="$work/shar
 sed -i 's/"vocab_size": *259/"vocab_size": 300/' "$work/other/val_index.json"
 expect_error "vocab" "$eval_" --model="$work/hf" --data="$work/other/val_index.json" --seq_len=32 \
     --methods=vanilla
+# --kv_fraction: the reference once, then each method's knob at each budget, or the reason none
+# meets it (a line of its own; the run goes on). TSV: label, budget, method, policy, budget bytes,
+# mean and max bytes per sequence, perplexity, accuracy, tokens/s, note.
+"$eval_" --model="$work/hf" --data="$work/shards/val_index.json" --seq_len=64 --page_size=8 \
+    --max_sequences=4 --methods=vanilla,quant,h2o --kv_fraction=1/2,1/8 --label=tiny \
+    --append_tsv="$work/budget.tsv" >"$work/budget.log" 2>&1 || fail "--kv_fraction: $(cat "$work/budget.log")"
+[ "$(wc -l <"$work/budget.tsv")" = 5 ] || fail "--kv_fraction: expected 5 lines: $(cat "$work/budget.tsv")"
+awk -F'\t' '$1 != "tiny" { exit 1 }
+    $2 == "1" && $3 == "vanilla" && $6 == $5 && $11 == "-" { reference++ }
+    $2 == "1/2" && $3 == "quant" && $4 ~ /^vanilla-int[248]$/ && $6 <= $5 && $8 > 0 { met++ }
+    $3 == "h2o" && $4 ~ /^h2o-[0-9]+$/ && $6 <= $5 && $8 > 0 { met++ }
+    $2 == "1/8" && $3 == "quant" && $8 == "-" && $11 ~ /^no setting of quant meets/ { refused++ }
+    END { exit !(reference == 1 && met == 3 && refused == 1) }' "$work/budget.tsv" ||
+  fail "--kv_fraction: unexpected lines: $(cat "$work/budget.tsv")"
+grep -q "quant      cannot meet it: no setting of quant meets" "$work/budget.log" ||
+  fail "--kv_fraction: no reason printed for quant at 1/8: $(cat "$work/budget.log")"
 echo "dmc-eval: table and refusals as expected"

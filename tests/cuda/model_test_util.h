@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <numeric>
@@ -221,6 +222,16 @@ inline double RelError(const float* got, const float* want, size_t n) {
     den += static_cast<double>(want[i]) * want[i];
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The CUDA model's logits (LogitsToHost) against the CPU model's, printed and within `tol`.
+template <typename CudaModel>
+void ExpectLogitsClose(const CudaModel& gpu, const model::Llama<float>& cpu, const char* name,
+                       const char* what, double tol) {
+  const std::vector<float> logits = gpu.LogitsToHost();
+  const double err = RelError(logits.data(), cpu.logits().data(), logits.size());
+  std::printf("[ error ] %-18s %-52s rel %.3e\n", name, what, err);
+  EXPECT_LE(err, tol);
 }
 
 // bf16 compute against the fp32 CPU model. RMSNorm weight gradients are sums over every token of

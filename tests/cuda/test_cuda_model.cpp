@@ -99,10 +99,7 @@ TEST_P(CudaModelStep, LossesMergeStatisticsAndGradientsMatchCpu) {
   }
   EXPECT_NEAR(rg.loss, rg.lm_loss + rg.cr_loss, 1e-12);
 
-  const std::vector<float> logits = gpu.LogitsToHost();
-  const double logit_err = RelError(logits.data(), cpu.logits().data(), logits.size());
-  std::printf("[ error ] %-14s %-52s rel %.3e\n", tc.name, "logits", logit_err);
-  EXPECT_LE(logit_err, kLossTol);
+  ExpectLogitsClose(gpu, cpu, tc.name, "logits", kLossTol);
 
   const std::vector<float> gg = gpu.GradsToHost();
   const std::vector<float>& gc = cpu.grads();
