@@ -113,6 +113,56 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ float bf(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ __nv_bfloat16 tobf(float x) { return __float2bfloat16_rn(x); }
 
+// ldmatrix and mma.sync (m16n8k16, bf16 in, fp32 accumulate) on XOR-swizzled shared tiles: the
+// Ampere-style tensor-core path of the attention kernels (training forward/backward, GQA decode).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// c += a (16x16, row) * b (16x8, col); bf16 in, fp32 accumulate.
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Element offset of (row, 16-byte chunk) in a [rows][COLS] bf16 tile whose chunks are XOR-swizzled
+// by row, so that the 8 rows an ldmatrix reads fall into 8 different bank groups.
+template <int COLS>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  static_assert(COLS % 64 == 0, "swizzle needs at least 8 chunks per row");
+  return row * COLS + ((chunk ^ (row & 7)) << 3);
+}
+
+// Fragment addresses without per-load index arithmetic. An ldmatrix.x4 reads a 16-row x 2-chunk
+// block at rows row0 + [0, 16) (row0 a multiple of 8, so row & 7 == lane % 8) and chunks 2J, 2J+1.
+// Lane l supplies one row address; two lane patterns cover every operand used here:
+//   pattern A (A operands, and B operands read with .trans): row l%8 + 8·((l/8)%2), chunk +l/16
+//   pattern B (B operands, and A operands read with .trans): row l%8 + 8·(l/16),    chunk +(l/8)%2
+// With chunk = 2J + c (c in {0,1}) the swizzled byte offset in the row is (J << 5) ^ ((c ^ l%8) << 4),
+// so a lane's address is base + row0·rowbytes + (lane_off ^ (J << 5)): one XOR and one add.
+template <int COLS>
+__device__ __forceinline__ uint32_t lane_off_a(int lane) {
+  return ((lane % 8) + ((lane / 8) % 2) * 8) * (COLS * 2) + (((lane / 16) ^ (lane % 8)) << 4);
+}
+template <int COLS>
+__device__ __forceinline__ uint32_t lane_off_b(int lane) {
+  return ((lane % 8) + (lane / 16) * 8) * (COLS * 2) + ((((lane / 8) % 2) ^ (lane % 8)) << 4);
+}
+template <int COLS>
+__device__ __forceinline__ uint32_t frag(uint32_t base, uint32_t lane_off, int row0, int J) {
+  return base + row0 * (COLS * 2) + (lane_off ^ (static_cast<uint32_t>(J) << 5));
+}
+
 // 8 bf16 = 16 bytes, the unit of vectorised loads and stores.
 struct alignas(16) Bf16x8 {
   __nv_bfloat162 h[4];

@@ -1,6 +1,8 @@
-// Decode throughput of a Llama-2-7B-shaped model (32 layers, 32 heads of 128, hidden 4096, MLP
-// 11008, vocabulary 32000; random bf16 weights) at a fixed KV-cache memory budget: vanilla (every
-// head holds every token) against DMC at compression ratios 2, 4 and 8.
+// Decode throughput of a Llama-shaped model (random bf16 weights) at a fixed KV-cache memory
+// budget: vanilla (every head holds every token) against DMC at compression ratios 2, 4 and 8.
+// Shapes: 7b = Llama 2 7B (32 layers, 32 heads of 128, hidden 4096, MLP 11008, vocabulary 32000);
+// 1b = TinyLlama 1.1B (22 layers, 32 query heads and 4 KV heads of 64, hidden 2048, MLP 5632),
+// whose GQA groups of 8 take the decode attention's tensor-core kernel.
 //
 // For each method the cache is filled with as many sequences as the budget holds (pages of
 // --page_size slots, K and V in bf16; DMC sequences are also charged their fp32 window state,
@@ -18,7 +20,7 @@
 // sequence a further log-normal jitter (sigma 0.25) on the compressed heads. The table gives the
 // achieved CR (tokens over slots) of the admitted batch. Pages are shuffled in the pool.
 //
-//   usage: bench_decode [--budget_gib=60] [--ctx=4096] [--page_size=16] [--reps=10]
+//   usage: bench_decode [--shape=7b|1b] [--budget_gib=60] [--ctx=4096] [--page_size=16] [--reps=10]
 //                       [--dmc_window=12] [--max_batch=0 (no cap)] [--seed=1]
 #include <algorithm>
 #include <cmath>
@@ -41,9 +43,18 @@ using dmc::cuda::bf16;
 using dmc::bench::dalloc;
 using dmc::bench::rand_bf16;
 
-// Model shape: Llama 2 7B.
-constexpr int kLayers = 32, kHeads = 32, kKvHeads = 32, kHeadDim = 128, kHidden = 4096,
-              kMlp = 11008, kVocab = 32000;
+struct Shape {
+  const char* name;
+  const char* description;
+  int layers, heads, kv_heads, head_dim, hidden, mlp, vocab;
+};
+constexpr Shape kShapes[] = {
+    {"7b", "Llama-2-7B shape (32 layers, 32 heads of 128, hidden 4096, MLP 11008, vocab 32000)",
+     32, 32, 32, 128, 4096, 11008, 32000},
+    {"1b", "TinyLlama-1.1B shape (22 layers, 32 query / 4 KV heads of 64, hidden 2048, MLP 5632, "
+           "vocab 32000)",
+     22, 32, 4, 64, 2048, 5632, 32000},
+};
 
 __global__ void add_inplace(bf16* x, const bf16* y, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
@@ -77,13 +88,24 @@ struct Method {
 
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
-    static const char* known[] = {"--budget_gib=", "--ctx=", "--page_size=", "--reps=",
+    static const char* known[] = {"--shape=", "--budget_gib=", "--ctx=", "--page_size=", "--reps=",
                                   "--dmc_window=", "--max_batch=", "--seed="};
     bool ok = false;
     for (const char* k : known) ok |= std::strncmp(argv[i], k, std::strlen(k)) == 0;
     if (!ok) {
       std::fprintf(stderr, "unknown argument %s (see the usage line at the top of the source)\n",
                    argv[i]);
+      return 2;
+    }
+  }
+  const Shape* shape = &kShapes[0];
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--shape=", 8) != 0) continue;
+    shape = nullptr;
+    for (const Shape& s : kShapes)
+      if (std::strcmp(argv[i] + 8, s.name) == 0) shape = &s;
+    if (shape == nullptr) {
+      std::fprintf(stderr, "%s: unknown shape (7b or 1b)\n", argv[i]);
       return 2;
     }
   }
@@ -108,8 +130,8 @@ int main(int argc, char** argv) {
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::localtime(&now));
 
-  const int L = kLayers, H = kHeads, Hkv = kKvHeads, D = kHeadDim, C = kHidden, F = kMlp,
-            V = kVocab;
+  const int L = shape->layers, H = shape->heads, Hkv = shape->kv_heads, D = shape->head_dim,
+            C = shape->hidden, F = shape->mlp, V = shape->vocab, CKV = Hkv * D;
   const long budget = static_cast<long>(budget_gib * 1024.0 * 1024.0 * 1024.0);
   const long page_bytes = 2L * ps * D * static_cast<long>(sizeof(bf16));  // K and V
   const long window_bytes = static_cast<long>(window) * (2 * D + 1) * 4;  // fp32 ring buffer
@@ -139,8 +161,8 @@ int main(int argc, char** argv) {
     ly.ln1 = rand_bf16(C, 0.3f);
     ly.ln2 = rand_bf16(C, 0.3f);
     ly.wq = rand_bf16(size_t(C) * C, 0.02f);
-    ly.wk = rand_bf16(size_t(C) * C, 0.02f);
-    ly.wv = rand_bf16(size_t(C) * C, 0.02f);
+    ly.wk = rand_bf16(size_t(CKV) * C, 0.02f);
+    ly.wv = rand_bf16(size_t(CKV) * C, 0.02f);
     ly.wo = rand_bf16(size_t(C) * C, 0.02f);
     ly.wg = rand_bf16(size_t(F) * C, 0.02f);
     ly.wu = rand_bf16(size_t(F) * C, 0.02f);
@@ -149,19 +171,20 @@ int main(int argc, char** argv) {
   bf16* ln_f = rand_bf16(C, 0.3f);
   bf16* lm_head = rand_bf16(size_t(V) * C, 0.02f);
   const double weight_bytes =
-      2.0 * (double(L) * (4.0 * C * C + 3.0 * C * F + 2.0 * C) + double(V) * C + C);
+      2.0 * (double(L) * (2.0 * C * C + 2.0 * C * CKV + 3.0 * C * F + 2.0 * C) + double(V) * C +
+             C);
   const size_t pool_elems = static_cast<size_t>(pool_pages) * ps * D;
   bf16* k_pool = rand_bf16(pool_elems, 1.f);
   bf16* v_pool = rand_bf16(pool_elems, 1.f);
   DMC_CUDA_CHECK(cudaDeviceSynchronize());
 
   std::printf("## Decode throughput at a fixed KV budget\n\n");
-  std::printf("GPU: %s (%d SMs), %s. Llama-2-7B shape (32 layers, 32 heads of 128, hidden 4096, "
-              "MLP 11008, vocab 32000), random bf16 weights (%.2f GB). KV budget %.1f GiB in "
+  std::printf("GPU: %s (%d SMs), %s. %s, random bf16 weights (%.2f GB). KV budget %.1f GiB in "
               "pages of %d slots, context %d tokens, DMC window state w=%d (fp32) charged per "
               "head. One decode step timed end to end, eager launches (no CUDA graph), median of "
               "%d. Device copy: %.0f GB/s (read + write).\n\n",
-              prop.name, prop.multiProcessorCount, date, weight_bytes * 1e-9, budget_gib, ps, ctx,
+              prop.name, prop.multiProcessorCount, date, shape->description, weight_bytes * 1e-9,
+              budget_gib, ps, ctx,
               window, g_reps, copy_gbs);
 
   // One global page order (pages shuffled in the pool), taken in turn by every head.
@@ -256,8 +279,8 @@ int main(int argc, char** argv) {
 
     // Activations.
     bf16 *x = rand_bf16(size_t(B) * C, 1.f), *xn = dalloc<bf16>(size_t(B) * C);
-    bf16 *q = dalloc<bf16>(size_t(B) * C), *k = dalloc<bf16>(size_t(B) * C),
-         *v = dalloc<bf16>(size_t(B) * C), *att = dalloc<bf16>(size_t(B) * C),
+    bf16 *q = dalloc<bf16>(size_t(B) * C), *k = dalloc<bf16>(size_t(B) * CKV),
+         *v = dalloc<bf16>(size_t(B) * CKV), *att = dalloc<bf16>(size_t(B) * C),
          *y = dalloc<bf16>(size_t(B) * C);
     bf16 *g = dalloc<bf16>(size_t(B) * F), *u = dalloc<bf16>(size_t(B) * F),
          *hmid = dalloc<bf16>(size_t(B) * F), *logits = dalloc<bf16>(size_t(B) * V);
@@ -277,8 +300,8 @@ int main(int argc, char** argv) {
         const Layer& w = layers[l];
         dmc::cuda::rmsnorm_forward(xn, rstd, x, w.ln1, B, C, 1e-5f);
         dmc::cuda::matmul_forward(q, xn, w.wq, B, C, C);
-        dmc::cuda::matmul_forward(k, xn, w.wk, B, C, C);
-        dmc::cuda::matmul_forward(v, xn, w.wv, B, C, C);
+        dmc::cuda::matmul_forward(k, xn, w.wk, B, C, CKV);
+        dmc::cuda::matmul_forward(v, xn, w.wv, B, C, CKV);
         dmc::cuda::rope_forward(q, q, B, 1, H, D, ctx, theta, dmc);
         dmc::cuda::rope_forward(k, k, B, 1, Hkv, D, ctx, theta, dmc);
         attention(l);
@@ -332,8 +355,8 @@ int main(int argc, char** argv) {
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const auto& r : rows) std::printf("%s\n", r.c_str());
   std::printf("\nHBM floor: (weights + K/V of the batch) / device-copy bandwidth. Attention: the "
-              "32 layers' paged decode attention alone (main + combine kernels), bytes = K/V "
-              "slots read.\n\n");
+              "%d layers' paged decode attention alone (main + combine kernels), bytes = K/V "
+              "slots read.\n\n", L);
   for (const auto& l : bw_lines) std::printf("%s\n", l.c_str());
   return 0;
 }

@@ -28,7 +28,7 @@
 #include "parallel/nccl_communicator.h"
 #endif
 
-ABSL_FLAG(std::string, shape, "1b", "model shape: 1b, 1b-2l or medium (bench/cuda/bench_shapes.h)");
+ABSL_FLAG(std::string, shape, "1b", "model shape: 1b, 1b-2l, 7b-8l or medium (bench/cuda/bench_shapes.h)");
 ABSL_FLAG(int, batch, 4, "sequences per data-parallel replica per step");
 ABSL_FLAG(int, tp, 1, "tensor-parallel size (divides the number of ranks)");
 ABSL_FLAG(bool, dmc, false, "DMC on (relaxed decisions, CR loss)");

@@ -44,12 +44,10 @@ if [ $rc -ne 0 ]; then grep -E "error|FAILED|Error" "$OUT/multi_build.log" | hea
 # NVLink multicast stays off on these shared machines (see launch/mpirun.sh); large messages
 # between processes go through shared memory, not CMA, which containers forbid.
 export NCCL_DEBUG=WARN NCCL_NVLS_ENABLE=0 OMPI_MCA_btl_vader_single_copy_mechanism=none
-mpi() {  # mpi NP COMMAND...: one rank per GPU
-  local np=$1
-  shift
-  mpirun --allow-run-as-root -np "$np" --bind-to none -x NCCL_DEBUG -x NCCL_NVLS_ENABLE \
-    -x OMPI_MCA_btl_vader_single_copy_mechanism -x LD_LIBRARY_PATH "$@"
-}
+# mpirun's arguments before -np (one rank per GPU); an array, not a function, since run_case runs
+# its command under `timeout`, which cannot call shell functions.
+mpi=(mpirun --allow-run-as-root --bind-to none -x NCCL_DEBUG -x NCCL_NVLS_ENABLE
+  -x OMPI_MCA_btl_vader_single_copy_mechanism -x LD_LIBRARY_PATH)
 ran=() passed=() failed=() skipped=()
 # run_case NAME GPUS COMMAND...: runs COMMAND (5 minutes at most) when the machine has GPUS GPUs.
 # A gtest run that only skipped counts as skipped, with gtest's reason.
@@ -83,7 +81,7 @@ run_case "vocabulary-parallel kernels, 1 GPU" 1 \
   "$BUILD/tests/dmc_cuda_tests" --gtest_filter='CudaVocabParallel.*'
 # GPUS|BINARY (under tests/mpi)|GTEST FILTER|NAME: each under mpirun with one rank per GPU.
 while IFS='|' read -r np binary filter name; do
-  run_case "$name" "$np" mpi "$np" "$BUILD/tests/mpi/$binary" --gtest_filter="$filter"
+  run_case "$name" "$np" "${mpi[@]}" -np "$np" "$BUILD/tests/mpi/$binary" --gtest_filter="$filter"
 done <<'CASES'
 2|dmc_mpi_tests|NcclCommunicator.*|NCCL communicator: collectives, groups, timeout of a stuck rank, 2 GPUs
 4|dmc_mpi_tests|NcclCommunicator.*|NCCL communicator: collectives, groups, timeout of a stuck rank, 4 GPUs
@@ -103,7 +101,7 @@ for layout in "1 1" "2 1" "4 1" "2 2" "4 4"; do
   read -r np tp <<<"$layout"
   what="DP $((np / tp))"
   [ "$tp" -gt 1 ] && what="TP $tp"
-  run_case "scaling $shape, $np GPU(s), $what" "$np" mpi "$np" "${bench[@]}" --tp="$tp"
+  run_case "scaling $shape, $np GPU(s), $what" "$np" "${mpi[@]}" -np "$np" "${bench[@]}" --tp="$tp"
 done
 
 {

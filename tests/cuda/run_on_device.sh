@@ -8,7 +8,8 @@
 # sentencepiece, nlohmann_json). Carry them as Debian packages:
 #   here, once:  echo /.debs/ >> .git/info/exclude; mkdir -p .debs; (cd .debs && apt-get download \
 #                libabsl-dev libabsl20220623 libsentencepiece-dev libsentencepiece0 \
-#                nlohmann-json3-dev pkgconf pkgconf-bin libpkgconf3)
+#                nlohmann-json3-dev pkgconf pkgconf-bin libpkgconf3 \
+#                libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1)
 #   device call: run with carry [".debs"] and command `bash tests/cuda/run_on_device.sh`
 # They are unpacked under /tmp/dev (never into /) and found through CMAKE_PREFIX_PATH and
 # PKG_CONFIG_PATH.

@@ -238,7 +238,9 @@ TEST_F(CudaOps, MultiTensorAdamWMatchesPerTensorCpu) {
       (t.sharded ? shard : rep) += K::sum_of_squares(g.data() + t.offset, t.size);
     const double ss = rep_weight * rep + shard, norm = std::sqrt(ss);
     const float gs = max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / norm) : 1.0f;
-    if (max_norm == 0.5f) EXPECT_LT(gs, 1.0f) << "clipping should be active";
+    if (max_norm == 0.5f) {
+      EXPECT_LT(gs, 1.0f) << "clipping should be active";
+    }
     for (const auto& t : tensors) {
       K::AdamWHyper th = hy;
       th.weight_decay = t.decay ? hy.weight_decay : 0.0f;
