@@ -38,6 +38,9 @@ ABSL_FLAG(double, kv_budget_mb, 64, "KV cache budget in MiB (pages and window st
 ABSL_FLAG(int, max_batch, 32, "sequences decoded together at most");
 ABSL_FLAG(int, max_queue, 64, "accepted requests that may wait for room; past it: HTTP 503");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
+ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
+          "prompt tokens prefilled between two decode steps at most while sequences run (at "
+          "least one prompt); bounds the running streams' per-token latency. 0: no bound");
 ABSL_FLAG(int, max_body_kb, 1024, "largest request body in KiB; past it: HTTP 413");
 
 namespace {
@@ -104,7 +107,10 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up is a failed write, not a crash
 
-  inf::ServeEngineLoop loop(**engine, max_batch, max_queue);
+  if (absl::GetFlag(FLAGS_prefill_tokens_per_step) < 0)
+    return Fail(absl::InvalidArgumentError("--prefill_tokens_per_step must be >= 0"));
+  inf::ServeEngineLoop loop(**engine, max_batch, max_queue,
+                            absl::GetFlag(FLAGS_prefill_tokens_per_step));
   inf::ServerOptions options;
   options.host = absl::GetFlag(FLAGS_host);
   options.port = absl::GetFlag(FLAGS_port);

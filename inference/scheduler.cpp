@@ -80,6 +80,8 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
   // The running sequences' reserve, summed once and grown as requests join (a head loop each).
   long growth_pages = 0;
   for (int id : active_) growth_pages += GrowthPages(id);
+  const bool decoding = !active_.empty();
+  long prefilled = 0;  // prompt tokens prefilled by this call
   while (static_cast<int>(active_.size()) < max_batch_ && !pending_.empty()) {
     const int id = pending_.front();
     Entry& e = requests_.at(id);
@@ -89,13 +91,17 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       continue;
     }
     if (!active_.empty() && !Affordable(e.request, growth_pages)) break;  // wait for memory to free
+    const bool parallel = e.request.prefill && engine_.parallel_prefill();
+    const long P = static_cast<long>(e.request.tokens.size());
+    if (parallel && decoding && prefill_tokens_per_step_ > 0 && prefilled > 0 &&
+        prefilled + P > prefill_tokens_per_step_)
+      break;  // the running sequences have waited long enough: next step first
     if (absl::Status s = engine_.AddSequence(id, e.request.sampling); !s.ok()) {
       if (absl::IsResourceExhausted(s) && !active_.empty()) break;  // wait for memory to free
       return s;
     }
     const std::vector<int32_t>& tokens = e.request.tokens;
-    if (e.request.prefill && engine_.parallel_prefill()) {
-      const int P = static_cast<int>(tokens.size());
+    if (parallel) {
       TokenOutput out;  // of the prompt's last position, whose next token is not known yet
       const auto start = std::chrono::steady_clock::now();
       absl::Status s = engine_.Prefill(id, tokens, -1, &out);
@@ -108,7 +114,8 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       }
       stats_.tokens += P;
       stats_.prefill_tokens += P;
-      if (!Deliver(id, P - 1, out, on_token)) {
+      prefilled += P;
+      if (!Deliver(id, static_cast<int>(P) - 1, out, on_token)) {
         pending_.pop_front();
         if (absl::Status s = Finish(id, false, on_finish); !s.ok()) return s;
         continue;
@@ -181,9 +188,10 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
 
 absl::StatusOr<SchedulerStats> RunBatched(DecodeEngine& engine, std::vector<Request>& requests,
                                           int max_batch, const TokenFn& on_token,
-                                          const FinishFn& on_finish) {
+                                          const FinishFn& on_finish,
+                                          long prefill_tokens_per_step) {
   const auto start = std::chrono::steady_clock::now();
-  Scheduler scheduler(engine, max_batch);
+  Scheduler scheduler(engine, max_batch, prefill_tokens_per_step);
   for (size_t r = 0; r < requests.size(); ++r) {
     absl::StatusOr<int> id = scheduler.Submit(requests[r]);
     if (!id.ok()) return absl::InvalidArgumentError(absl::StrFormat("request %d: %s", r, id.status().message()));

@@ -16,6 +16,11 @@
 // worst case; a DMC sequence at CR 4: a quarter of that). Less would see a request preempted
 // at once and its prefill redone, again and again, while the running ones stall; the worst
 // case for every running sequence would hold a compressed cache to vanilla's concurrency.
+// Prefill budget: a prompt prefilled between two steps stalls every running sequence for its
+// pass. With prefill_tokens_per_step > 0, while sequences are running, admission prefills prompts
+// of at most that many tokens in all before the next step (always at least one prompt, so a long
+// one still enters); the rest wait a step. This bounds the per-token latency of the running
+// sequences (the p99 of a server) at some cost in time to first token. 0: no bound.
 // Preemption: when the next step's worst-case growth does not fit the budget, the most recently
 // admitted request is freed and queued again at the front; it is recomputed from its tokens
 // later (decoding is deterministic, and each position is reported only once, so callers never
@@ -64,7 +69,8 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  Scheduler(DecodeEngine& engine, int max_batch) : engine_(engine), max_batch_(max_batch) {}
+  Scheduler(DecodeEngine& engine, int max_batch, long prefill_tokens_per_step = 0)
+      : engine_(engine), max_batch_(max_batch), prefill_tokens_per_step_(prefill_tokens_per_step) {}
 
   // Queues a request; returns its id (also its sequence id in the engine). InvalidArgument for an
   // empty prompt, a length below it or past max_position_embeddings, or a token outside the
@@ -99,6 +105,7 @@ class Scheduler {
 
   DecodeEngine& engine_;
   int max_batch_;
+  long prefill_tokens_per_step_;
   int next_id_ = 0;
   std::map<int, Entry> requests_;
   std::deque<int> pending_;
@@ -109,6 +116,7 @@ class Scheduler {
 // Runs requests[r] (as ids 0, 1, ... in order) to completion on a fresh scheduler.
 absl::StatusOr<SchedulerStats> RunBatched(DecodeEngine& engine, std::vector<Request>& requests,
                                           int max_batch, const TokenFn& on_token,
-                                          const FinishFn& on_finish);
+                                          const FinishFn& on_finish,
+                                          long prefill_tokens_per_step = 0);
 
 }  // namespace dmc::inference

@@ -18,11 +18,13 @@ const char* FinishReasonName(FinishReason reason) {
   return "?";
 }
 
-ServeEngineLoop::ServeEngineLoop(DecodeEngine& engine, int max_batch, int max_queue)
+ServeEngineLoop::ServeEngineLoop(DecodeEngine& engine, int max_batch, int max_queue,
+                                 long prefill_tokens_per_step)
     : engine_(engine),
       max_batch_(max_batch),
       max_queue_(max_queue),
-      scheduler_(std::make_unique<Scheduler>(engine, max_batch)) {
+      prefill_tokens_per_step_(prefill_tokens_per_step),
+      scheduler_(std::make_unique<Scheduler>(engine, max_batch, prefill_tokens_per_step)) {
   m_.kv_budget_bytes = engine.budget_bytes();
   published_ = m_;
 }
@@ -184,7 +186,7 @@ void ServeEngineLoop::Run() {
       // A bug or a broken device: end every job with the error and start a fresh scheduler on
       // the emptied engine, so later requests are served.
       EndAll(FinishReason::kError, std::string(s.message()));
-      scheduler_ = std::make_unique<Scheduler>(engine_, max_batch_);
+      scheduler_ = std::make_unique<Scheduler>(engine_, max_batch_, prefill_tokens_per_step_);
     }
     Publish();
   }

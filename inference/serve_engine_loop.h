@@ -56,8 +56,9 @@ struct ServeMetrics {
 
 class ServeEngineLoop {
  public:
-  // The engine must outlive the loop.
-  ServeEngineLoop(DecodeEngine& engine, int max_batch, int max_queue);
+  // The engine must outlive the loop; prefill_tokens_per_step: the Scheduler's prefill budget.
+  ServeEngineLoop(DecodeEngine& engine, int max_batch, int max_queue,
+                  long prefill_tokens_per_step = 0);
   ~ServeEngineLoop();  // Shutdown()
 
   // Starts the engine thread.
@@ -89,6 +90,7 @@ class ServeEngineLoop {
 
   DecodeEngine& engine_;
   const int max_batch_, max_queue_;
+  const long prefill_tokens_per_step_;
   std::unique_ptr<Scheduler> scheduler_;  // engine thread only
   std::map<int, Live> live_;              // scheduler id → job; engine thread only
   std::map<int64_t, int> ids_;            // handle → scheduler id; engine thread only

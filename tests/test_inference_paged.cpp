@@ -3,6 +3,7 @@
 // length is its number of appends; a budget too small is refused with a clear error.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <random>
 
 #include "inference/dmc_window.h"
@@ -256,6 +257,61 @@ TEST(InferencePrefill, ParallelPrefillThenDecodeEqualsTrainingForward) {
       for (int h = 0; h < Hkv; ++h)
         EXPECT_EQ(cache.length(0, l, h), ref.appends[0][l * Hkv + h]) << "layer " << l;
   }
+}
+
+// The prefill budget: while sequences run, the prompts prefilled between two steps add up to at
+// most prefill_tokens_per_step tokens (one prompt at least), and the generated tokens are those of
+// an unbounded run (the budget moves admissions by a step, never what a sequence computes).
+// Request 0 runs throughout; requests 1.. finish in pairs, so pairs of places open at once.
+TEST(InferenceAdmission, PrefillBudgetBoundsThePromptsBetweenSteps) {
+  Llama<double> m(DmcConfig(2), nullptr);
+  RandomizeParams(m, 17);
+  const int P = 6, V = m.config().vocab_size;
+  std::mt19937_64 rng(5);
+  std::vector<Request> requests(7);
+  for (size_t r = 0; r < requests.size(); ++r) {
+    for (int t = 0; t < P; ++t) requests[r].tokens.push_back(static_cast<int32_t>(rng() % V));
+    requests[r].length = r == 0 ? P + 24 : P + 3;
+    requests[r].prefill = true;
+  }
+  struct Outcome {
+    std::vector<std::vector<int32_t>> tokens;
+    std::map<long, int> prefills_after_step;  // steps done -> prompts prefilled then
+  };
+  auto run = [&](long budget) {
+    auto engine = inference::CpuEngine<double>::Create(m, CachePolicy{}, kAmple, 4);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    inference::Scheduler scheduler(**engine, 3, budget);
+    for (const Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
+    Outcome o;
+    o.tokens.resize(requests.size());
+    while (!scheduler.idle()) {
+      const absl::Status s = scheduler.StepOnce(
+          [&](int r, int pos, const inference::TokenOutput&) {
+            if (pos == P - 1) ++o.prefills_after_step[scheduler.stats().steps];
+            return true;
+          },
+          [&](int r, bool) { o.tokens[r] = scheduler.request(r).tokens; });
+      EXPECT_TRUE(s.ok()) << s;
+      if (!s.ok()) break;
+    }
+    EXPECT_EQ(scheduler.stats().prefill_tokens, static_cast<long>(requests.size()) * P);
+    return o;
+  };
+  const Outcome unbounded = run(0), bounded = run(P + 1);
+  EXPECT_EQ(bounded.tokens, unbounded.tokens);
+  bool pair_unbounded = false, later_bounded = false;
+  for (const auto& [steps, n] : unbounded.prefills_after_step) pair_unbounded |= steps > 0 && n > 1;
+  for (const auto& [steps, n] : bounded.prefills_after_step) {
+    if (steps == 0) continue;  // nothing ran yet: no one to stall
+    EXPECT_EQ(n, 1) << "prompts prefilled after step " << steps;
+    later_bounded = true;
+  }
+  EXPECT_TRUE(pair_unbounded) << "the test needs two places opening at once";
+  EXPECT_TRUE(later_bounded) << "the test needs admissions while request 0 runs";
+  for (size_t r = 0; r < requests.size(); ++r)
+    EXPECT_EQ(bounded.tokens[r].size(), static_cast<size_t>(requests[r].length))
+        << "request " << r << " generated every token";
 }
 
 TEST(InferencePrefill, RefusesWhatItCannotServe) {

@@ -10,7 +10,7 @@
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR] [--methods=vanilla,dmc:2,dmc:4,dmc:8]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
-//                  [--max_batch=1024] [--export_dir=DIR] [--seed=1]
+//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
 // context 4096 + 1024); 1b = a 0.97B GQA Llama (22 layers, hidden 2048, 32 heads / 4 KV heads,
@@ -60,6 +60,8 @@ ABSL_FLAG(std::string, prompt, "512:4096", "prompt lengths, uniform in LO:HI");
 ABSL_FLAG(std::string, generate, "256:1024", "generated tokens per request, uniform in LO:HI");
 ABSL_FLAG(int, max_batch, 1024, "sequences at once at most (the budget usually binds first)");
 ABSL_FLAG(int, page_size, 16, "slots per KV page");
+ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
+          "the scheduler's prefill budget between two steps while sequences run (0: none)");
 ABSL_FLAG(std::string, export_dir, "",
           "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR as each "
           "dmc:CR calibrates it");
@@ -317,7 +319,8 @@ int main(int argc, char** argv) {
           tokens_held += static_cast<long>((*engine)->tokens(r)) * heads;
           for (int l = 0; l < c.num_hidden_layers; ++l)
             for (int h = 0; h < c.num_key_value_heads; ++h) slots_held += (*engine)->length(r, l, h);
-        });
+        },
+        absl::GetFlag(FLAGS_prefill_tokens_per_step));
     if (!stats.ok()) {
       std::fprintf(stderr, "bench_generate: %s\n", stats.status().ToString().c_str());
       return 1;
