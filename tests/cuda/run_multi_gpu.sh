@@ -13,11 +13,11 @@
 #   Scaling (bench/cuda/bench_scaling.cpp): the 1.36B training step at 1, 2 and 4 GPUs, DP weak
 #   scaling (B 4 × 2048 per replica) and TP 2 and 4 (B 4 × 2048 in all).
 #
-# Dependencies missing on the device image travel as Debian packages in .debs (the list and the
-# apt-get download line are in tests/cuda/run_on_device.sh). Device call:
-#   run(kind nvidia-h200-x4, carry [".debs"], command "bash tests/cuda/run_multi_gpu.sh")
+# Dependencies missing on the GPU machine's image travel as Debian packages in .debs (the list and
+# the apt-get download line are in tests/cuda/run_on_device.sh).
 # Knobs: DMC_DEVICE_BUILD (build folder, default build-device-multi; binaries built there before
-# are reused), DMC_SCALING_SHAPE (default 1b), DMC_SCALING_REPS (default 5).
+# are reused), DMC_SCALING_SHAPE (default 1b; 7b-8l for tensor parallelism at the 7B width),
+# DMC_SCALING_REPS (default 5).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT="${OUT:-$PWD/device-out}"
