@@ -176,7 +176,9 @@ TEST(KernelsDms, KlDistillationMatchesDefinitionAndFiniteDifferences) {
       expect += p * std::log(p / pt);
     }
     EXPECT_NEAR(kl[n], weight[n] != 0 ? expect : 0.0, 1e-12) << "row " << n;
-    if (weight[n] != 0) EXPECT_GT(kl[n], 0.0);
+    if (weight[n] != 0) {
+      EXPECT_GT(kl[n], 0.0);
+    }
   }
   // vocabulary shards [0, 3) and [3, 7): the partial sums add up to the whole
   Vec s0, s1, u0, u1;

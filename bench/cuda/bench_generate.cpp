@@ -8,7 +8,7 @@
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
 // the cache reached and the scheduler's preemptions.
 //
-//   bench_generate --shape=7b|1b|tiny [--model=HF_DIR] [--methods=vanilla,dmc:2,dmc:4,dmc:8]
+//   bench_generate --shape=7b|1b|tiny [--model=HF_DIR] [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
@@ -29,6 +29,12 @@
 // (the mean kept fraction is 1 / CR, and heads differ), clipped to [0, 0.995]; b_h is found by
 // bisection on prefills of the run's own prompts (Calibrate), all heads at once, since earlier
 // layers' merges change later layers' inputs. The achieved CR is measured on the run and printed.
+//
+// dms:CR on random weights: a second copy of the model with DMS's query-channel variant
+// (model/config.h; eviction window --dms_window) and the same weights, whose decision input is
+// channel D−1 of each group's first query head before RoPE: row D−1 of that head's q_proj is set
+// and calibrated exactly as k_proj's above, against the fraction of a prefill's tokens evicted.
+// The window's tokens stay in the cache, so a head keeps at least w of n tokens.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -53,7 +59,9 @@
 
 ABSL_FLAG(std::string, shape, "tiny", "7b, 1b or tiny (random weights); ignored with --model");
 ABSL_FLAG(std::string, model, "", "a dmc-export checkpoint to run instead of random weights");
-ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8", "vanilla or dmc:CR, comma-separated");
+ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
+          "vanilla, dmc:CR or dms:CR, comma-separated");
+ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
 ABSL_FLAG(std::string, prompt, "512:4096", "prompt lengths, uniform in LO:HI");
@@ -63,8 +71,8 @@ ABSL_FLAG(int, page_size, 16, "slots per KV page");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
           "the scheduler's prefill budget between two steps while sequences run (0: none)");
 ABSL_FLAG(std::string, export_dir, "",
-          "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR as each "
-          "dmc:CR calibrates it");
+          "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR or "
+          "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 
@@ -130,21 +138,25 @@ std::vector<double> TargetMergeFractions(int heads, double cr, uint64_t seed) {
   return f;
 }
 
-// Row D−1 of every KV head's k_proj := u_head + bias[head] · e_0 (u a fixed random unit vector
-// orthogonal to e_0).
+// The decision input's row := u_head + bias[head] · e_0 (u a fixed random unit vector orthogonal
+// to e_0) for every KV head: row D−1 of the head's k_proj (DMC), or of its group's first query
+// head's q_proj (DMS, query-channel variant).
 void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias, uint64_t seed) {
   const LlamaConfig& c = m->config();
   const int C = c.hidden_size, D = c.head_dim(), Hkv = c.num_key_value_heads;
+  const bool dms = c.dms.is_dms();
+  const int head_stride = dms ? c.num_attention_heads / Hkv : 1;  // rows of D per KV head
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    float* wk = m->params().data() +
-                m->FindParam(absl::StrFormat("model.layers.%d.self_attn.k_proj.weight", l))->offset;
+    float* w = m->params().data() +
+               m->FindParam(absl::StrFormat("model.layers.%d.self_attn.%s.weight", l,
+                                            dms ? "q_proj" : "k_proj"))->offset;
     for (int h = 0; h < Hkv; ++h) {
       std::vector<double> u(C);
       double norm = 0;
       for (int j = 1; j < C; ++j) norm += (u[j] = normal(rng)) * u[j];
-      float* row = wk + static_cast<size_t>(h * D + D - 1) * C;
+      float* row = w + static_cast<size_t>(h * head_stride * D + D - 1) * C;
       for (int j = 1; j < C; ++j) row[j] = static_cast<float>(u[j] / std::sqrt(norm));
       row[0] = static_cast<float>(bias[l * Hkv + h]);
     }
@@ -194,8 +206,9 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
       merged += (1.0 - kept[i] / fed) / heads;
       target += want[i] / heads;
     }
-    std::fprintf(stderr, "calibrating dmc:%g, round %d/%d: merged fraction %.3f (target %.3f)\n",
-                 cr, round + 1, kRounds, merged, target);
+    std::fprintf(stderr, "calibrating %s:%g, round %d/%d: %s fraction %.3f (target %.3f)\n",
+                 c.dms.is_dms() ? "dms" : "dmc", cr, round + 1, kRounds,
+                 c.dms.is_dms() ? "evicted" : "merged", merged, target);
   }
 }
 
@@ -275,23 +288,48 @@ int main(int argc, char** argv) {
               "--- | --- | --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
 
+  std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
   const std::vector<std::string> specs = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
   for (const std::string& spec : specs) {
     std::vector<std::string> parts = absl::StrSplit(spec, ':');
     double cr = 1;
     if (parts.size() == 2) absl::SimpleAtod(parts[1], &cr);
     inf::CudaEngineOptions o;
-    o.policy.method = parts[0] == "dmc" ? inf::CacheMethod::kDmc : inf::CacheMethod::kVanilla;
+    if (parts[0] == "dmc") {
+      o.policy.method = inf::CacheMethod::kDmc;
+    } else if (parts[0] == "dms") {
+      o.policy.method = inf::CacheMethod::kDms;
+    } else if (parts[0] == "vanilla") {
+      o.policy.method = inf::CacheMethod::kVanilla;
+    } else {
+      std::fprintf(stderr, "bench_generate: --methods: unknown method %s (vanilla, dmc:CR, dms:CR)\n",
+                   spec.c_str());
+      return 1;
+    }
+    const bool random = absl::GetFlag(FLAGS_model).empty();
+    dmc::model::Llama<float>* run_model = model.get();
+    if (o.policy.method == inf::CacheMethod::kDms && random) {
+      if (dms_model == nullptr) {  // the same weights, DMS's query-channel decisions
+        LlamaConfig cd = c;
+        cd.dmc.enabled = false;
+        cd.dms.variant = dmc::model::DmsVariant::kQueryChannel;
+        cd.dms.enabled = true;
+        cd.dms.window = absl::GetFlag(FLAGS_dms_window);
+        dms_model = std::make_unique<dmc::model::Llama<float>>(cd, nullptr);
+        RandomWeights(dms_model.get(), seed);
+      }
+      run_model = dms_model.get();
+    }
     o.budget_bytes = static_cast<long>(absl::GetFlag(FLAGS_budget_gb) * (1L << 30));
     o.page_size = absl::GetFlag(FLAGS_page_size);
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-    if (o.policy.method == inf::CacheMethod::kDmc && absl::GetFlag(FLAGS_model).empty()) {
-      Calibrate(model.get(), o, base, cr, seed + 3);
-      if (!export_dir.empty()) Export(*model, true, export_dir + "/dmc" + parts[1]);
+    if (o.policy.method != inf::CacheMethod::kVanilla && random) {
+      Calibrate(run_model, o, base, cr, seed + 3);
+      if (!export_dir.empty()) Export(*run_model, true, export_dir + "/" + parts[0] + parts[1]);
     }
-    auto engine = inf::CudaEngine::Create(*model, o);
+    auto engine = inf::CudaEngine::Create(*run_model, o);
     if (!engine.ok()) {
       std::fprintf(stderr, "bench_generate: %s\n", engine.status().ToString().c_str());
       return 1;
