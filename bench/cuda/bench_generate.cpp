@@ -173,11 +173,18 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
   const int Hkv = c.num_key_value_heads, heads = c.num_hidden_layers * Hkv;
   const std::vector<double> want = TargetMergeFractions(heads, cr, seed);
   constexpr int kRounds = 14;
-  std::vector<double> lo(heads, -6.0), hi(heads, 8.0), log_bias(heads), bias(heads);
+  // DMC: b = 2^t, t in [-6, 8] (a head with no merges wanted: b = 0). DMS: a decision is the hard
+  // threshold x > c/s, near the mean of the random part of x, so b = 0 already evicts about half;
+  // fewer needs b < 0: b = ±(2^|t| − 1), t in [-8, 8], monotone through 0.
+  const bool dms = c.dms.is_dms();
+  std::vector<double> lo(heads, dms ? -8.0 : -6.0), hi(heads, 8.0), log_bias(heads), bias(heads);
   for (int round = 0; round < kRounds; ++round) {
     for (int i = 0; i < heads; ++i) {
       log_bias[i] = 0.5 * (lo[i] + hi[i]);
-      bias[i] = want[i] <= 0 ? 0.0 : std::exp2(log_bias[i]);
+      const double t = log_bias[i];
+      bias[i] = dms               ? std::copysign(std::exp2(std::fabs(t)) - 1.0, t)
+                : want[i] <= 0 ? 0.0
+                               : std::exp2(t);
     }
     SetControlRows(m, bias, seed);
     auto engine = inf::CudaEngine::Create(*m, o);
