@@ -85,8 +85,11 @@ std::string PolicyName(const CachePolicy& p) {
     for (int l = 0; l < static_cast<int>(p.kv_source.size()); ++l) shared += p.kv_source[l] != l;
     return absl::StrFormat("kvsharer-%d", shared);
   }
-  if (p.think_channels > 0) return absl::StrFormat("think-k%d", p.think_channels);
   std::string name = CacheMethodName(p.method);
+  if (p.think_channels > 0)
+    return p.method == CacheMethod::kVanilla
+               ? absl::StrFormat("think-k%d", p.think_channels)
+               : absl::StrFormat("%s-think-k%d", name, p.think_channels);
   if (p.allocation == LayerAllocation::kPyramidInfer) name += "-pyramid";
   if (p.allocation == LayerAllocation::kZigZag) name += "-zigzag";
   if (p.budget > 0) name += absl::StrFormat("-%d", p.budget);
@@ -135,9 +138,20 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
   if (policy.think_channels == 0) return absl::OkStatus();
-  if (policy.method != CacheMethod::kVanilla || policy.quant.bits > 0)
+  const char* method = CacheMethodName(policy.method);
+  if (policy.method == CacheMethod::kLoma)
+    return absl::InvalidArgumentError(
+        "ThinK prunes the key channels of the vanilla, dmc and dms caches, not of loma (it has "
+        "its own cache, not the paged one)");
+  if (policy.method != CacheMethod::kVanilla && policy.method != CacheMethod::kDmc &&
+      policy.method != CacheMethod::kDms)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "ThinK prunes the key channels of the full-precision vanilla cache, not of %s",
+        "ThinK prunes the key channels of the vanilla, dmc and dms caches, not of %s (its pruned "
+        "pages never move, and %s evicts from anywhere)",
+        method, method));
+  if (policy.quant.bits > 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ThinK prunes pages at full precision: it does not compose with KV quantization (%s)",
         PolicyName(CachePolicy{policy.method, 0, 0, policy.quant})));
   if (policy.think_channels < 0 || policy.think_channels > head_dim)
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -161,10 +175,18 @@ std::pair<std::string_view, LayerAllocation> SplitAllocation(std::string_view na
 
 }  // namespace
 
-bool IsBudgetOnlyMethod(std::string_view name) {
+absl::StatusOr<CacheMethod> BudgetCacheMethod(std::string_view name) {
+  if (name == "quant" || name == "zipcache" || name == "think" || name == "kvsharer")
+    return CacheMethod::kVanilla;
+  if (name == "dmc_think") return CacheMethod::kDmc;
+  if (name == "dms_think") return CacheMethod::kDms;
   const auto [base, allocation] = SplitAllocation(name);
-  return name == "quant" || name == "zipcache" || name == "think" || name == "kvsharer" ||
-         (allocation != LayerAllocation::kUniform && (base == "h2o" || base == "tova"));
+  absl::StatusOr<CacheMethod> method = ParseCacheMethod(base);
+  if (method.ok() && allocation != LayerAllocation::kUniform && *method != CacheMethod::kH2O &&
+      *method != CacheMethod::kTova)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: per-layer budgets (_pyramid, _zigzag) serve h2o and tova only", std::string(name)));
+  return method;
 }
 
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
@@ -173,22 +195,16 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const std::vector<int>& head_slots,
                                            const LayerCalibration& calibration) {
   const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
-  const auto [base_name, allocation] = SplitAllocation(method);
   const bool kvsharer = method == "kvsharer";
-  absl::StatusOr<CacheMethod> parsed = quant || zipcache || think || kvsharer
-                                           ? CacheMethod::kVanilla
-                                           : ParseCacheMethod(base_name);
+  const bool think_composed = method == "dmc_think" || method == "dms_think";
+  const LayerAllocation allocation = SplitAllocation(method).second;
+  absl::StatusOr<CacheMethod> parsed = BudgetCacheMethod(method);
   if (!parsed.ok()) return parsed.status();
-  if (allocation != LayerAllocation::kUniform && *parsed != CacheMethod::kH2O &&
-      *parsed != CacheMethod::kTova)
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: per-layer budgets (_pyramid, _zigzag) serve h2o and tova only", std::string(method)));
   if (allocation == LayerAllocation::kZigZag &&
       static_cast<int>(calibration.lmba.size()) != shape.layers)
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s: ZigZagKV needs the LMBA of every layer from a calibration (%d layers, got %d)",
         std::string(method), shape.layers, calibration.lmba.size()));
-  if (!parsed.ok()) return parsed.status();
   const int heads = shape.layers * shape.kv_heads, P = shape.page_size;
   // Candidates from the least compressed on, each with the slots its heads hold.
   std::vector<std::pair<CachePolicy, std::vector<int>>> candidates;
@@ -246,7 +262,12 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
             "%s: its slots per head at full precision are needed (%d heads, got %d)",
             CacheMethodName(*parsed), heads, head_slots.size()));
       for (int bits : {0, 8, 4, 2}) {
+        if (think_composed) break;
         base.quant = {bits, 0, 0, 0};
+        candidates.push_back({base, head_slots});
+      }
+      for (int kept = shape.head_dim; think_composed && kept >= 1; --kept) {
+        base.think_channels = kept;
         candidates.push_back({base, head_slots});
       }
       break;

@@ -29,9 +29,10 @@
 // H2O's score (summed over the query heads of its KV head), and the page_size slots quantized
 // together keep their salient_slots highest normalized scores (accumulated attention / queries
 // that saw the slot) at salient_bits.
-// ThinK (policy.think_channels > 0, vanilla only; arXiv 2407.21018, kernels/think_channels.h):
-// the vanilla cache whose settled pages keep think_channels key channels per head, chosen per page
-// by the query-driven score; attention reads the kept channels of those pages.
+// ThinK (policy.think_channels > 0; arXiv 2407.21018, kernels/think_channels.h): the vanilla,
+// dmc or dms cache at full precision whose settled pages keep think_channels key channels per
+// head, chosen per page by the query-driven score; attention reads the kept channels of those
+// pages. Slots settle as for quantization: DMC's once closed, DMS's once past the eviction window.
 #pragma once
 
 #include <string>
@@ -86,7 +87,8 @@ int LayerRecent(const CachePolicy& policy, int layer);
 // The policy's name in results, one per setting: the method, "-pyramid" or "-zigzag" for per-layer
 // budgets, its (mean) slots per head for h2o and tova ("h2o-32", "h2o-pyramid-32"), then "-int8"
 // for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits, salient
-// slots per page); "think-k24" for ThinK keeping 24 key channels; "kvsharer-2" for 2 layers
+// slots per page); "think-k24" for ThinK keeping 24 key channels of the vanilla cache,
+// "dmc-think-k24" and "dms-think-k24" of the dmc and dms caches; "kvsharer-2" for 2 layers
 // reading another's cache.
 std::string PolicyName(const CachePolicy& policy);
 
@@ -96,12 +98,14 @@ std::string PolicyName(const CachePolicy& policy);
 // vanilla only. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
 // Whether policy.think_channels is valid for head dimension head_dim: 0, or 1 to head_dim on the
-// vanilla cache at full precision. InvalidArgument naming the problem.
+// vanilla, dmc or dms cache at full precision. InvalidArgument naming the problem.
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
 
-// The names PolicyForBytes takes beside the cache methods: "quant", "zipcache", "think",
-// "h2o_pyramid", "tova_pyramid", "h2o_zigzag", "tova_zigzag", "kvsharer".
-bool IsBudgetOnlyMethod(std::string_view name);
+// The cache that a method name of PolicyForBytes decodes with: a cache method's own, and for the
+// names it takes beside them "quant", "zipcache", "think", "kvsharer" the vanilla cache,
+// "h2o_pyramid", "h2o_zigzag" h2o's, "tova_pyramid", "tova_zigzag" tova's, "dmc_think" dmc's and
+// "dms_think" dms's. InvalidArgument for an unknown name.
+absl::StatusOr<CacheMethod> BudgetCacheMethod(std::string_view name);
 
 // The eviction baselines' budget matched to a compression ratio over sequences of seq_len tokens:
 // budget = ceil(seq_len / cr) slots per head (CR = tokens / KV length), h2o's recent window half
@@ -110,7 +114,7 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 
 // The policy of `method` whose cache meets a byte budget per sequence of seq_len tokens, by
 // KvSequenceBytes at element_bytes (shape: the method's cache options, settle_lag as its
-// quantized cache would have it), with
+// quantized or ThinK cache would have it), with
 // the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
 // or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
 // of 4 over 2 bits (1 to page_size − 1: every mixture, none of its ends); "think" the most key
@@ -119,7 +123,8 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // per-layer budgets meet it (zigzag: from calibration.lmba); "kvsharer" the fewest shared layers,
 // the first pairs of calibration.shared; dmc and dms, whose CR
 // the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
-// head) measured at full precision). InvalidArgument when no setting of the knob meets the
+// head) measured at full precision); "dmc_think" and "dms_think" the most key channels kept over
+// head_slots. InvalidArgument when no setting of the knob meets the
 // budget, naming the smallest cache it reaches and its bytes in pages and in what a sequence
 // reserves: full-precision residual, DMC window state, ThinK's query energy.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,

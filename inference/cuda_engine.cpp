@@ -167,6 +167,13 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
         CacheMethodName(method), policy.budget, policy.recent));
+  // The CPU engine's compressors beside the methods: refused, not run uncompressed.
+  if (policy.quant.bits > 0 || policy.think_channels > 0 || !policy.layer_budget.empty() ||
+      !policy.kv_source.empty())
+    return absl::UnimplementedError(absl::StrFormat(
+        "the GPU engine does not run %s (KV quantization, ZipCache, ThinK, per-layer budgets and "
+        "KVSharer run on the CPU engine)",
+        PolicyName(policy)));
   if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "

@@ -65,7 +65,8 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "0.5): each method of --methods (vanilla, quant, zipcache, think, h2o, tova, dmc, dms) "
           "gets the knob that meets each budget (bits, salient slots, kept key channels, slots "
           "per head; h2o_pyramid, tova_pyramid, h2o_zigzag, tova_zigzag: mean slots per layer; "
-          "kvsharer: shared layers), "
+          "kvsharer: shared layers; dmc_think, dms_think: kept key channels of the dmc and dms "
+          "caches), "
           "one table per budget; CPU only");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
@@ -150,9 +151,8 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
   };
   auto shape_of = [&](const std::string& name) {
     inf::CachePolicy p;
-    p.method = name == "dms" ? CacheMethod::kDms : name == "dmc" ? CacheMethod::kDmc
-                                                                 : CacheMethod::kVanilla;
-    p.quant.bits = 8;  // the quantized shape (settle_lag); the knob sets the bits
+    p.method = *inf::BudgetCacheMethod(name);  // main has parsed every name
+    p.quant.bits = 8;  // the settling shape (settle_lag); the knob sets bits or ThinK
     inf::PagedCacheOptions o = inf::CacheOptionsFor(c, p, 0, base.page_size);
     o.quant = {};
     return o;
@@ -198,13 +198,15 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     header();
     report("1", "vanilla", vanilla_bytes, *r, "-");
   }
-  std::map<std::string, std::vector<int>> measured;  // dmc, dms: slots per head at fp32
+  std::map<CacheMethod, std::vector<int>> measured;  // dmc, dms caches: slots per head at fp32
   for (const std::string& m : methods) {
-    if (m != "dmc" && m != "dms") continue;
-    absl::StatusOr<CacheMethod> method = inf::ParseCacheMethod(m);
-    absl::StatusOr<EvalResult> r = run(inf::CachePolicy{*method});
+    const CacheMethod cache = *inf::BudgetCacheMethod(m);
+    if ((cache != CacheMethod::kDmc && cache != CacheMethod::kDms) || measured.count(cache) > 0)
+      continue;
+    absl::StatusOr<EvalResult> r = run(inf::CachePolicy{cache});
     if (!r.ok()) return Fail(r.status());
-    for (double cr : r->head_cr) measured[m].push_back(static_cast<int>(std::ceil(seq_len / cr)));
+    for (double cr : r->head_cr)
+      measured[cache].push_back(static_cast<int>(std::ceil(seq_len / cr)));
   }
   inf::LayerCalibration calibrated;  // on the held-out calibration windows
   if (std::any_of(methods.begin(), methods.end(), [](const std::string& m) {
@@ -233,8 +235,9 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     header();
     for (const std::string& m : methods) {
       if (m == "vanilla") continue;
-      absl::StatusOr<inf::CachePolicy> policy = inf::PolicyForBytes(
-          m, shape_of(m), sizeof(float), seq_len, budget, measured[m], calibrated);
+      absl::StatusOr<inf::CachePolicy> policy =
+          inf::PolicyForBytes(m, shape_of(m), sizeof(float), seq_len, budget,
+                              measured[*inf::BudgetCacheMethod(m)], calibrated);
       if (!policy.ok()) {
         const std::string why(policy.status().message());
         std::printf("%-10s cannot meet it: %s\n", m.c_str(), why.c_str());
@@ -288,8 +291,10 @@ int main(int argc, char** argv) {
         "--kv_fraction runs on the CPU only (the GPU engine has no quantized cache yet)"));
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
-    if (at_budgets && dmc::inference::IsBudgetOnlyMethod(std::string(name))) continue;
-    absl::StatusOr<CacheMethod> m = dmc::inference::ParseCacheMethod(std::string(name));
+    // --kv_fraction: the cache each name decodes with, checked against the model below
+    const std::string text(name);
+    absl::StatusOr<CacheMethod> m = at_budgets ? dmc::inference::BudgetCacheMethod(text)
+                                               : dmc::inference::ParseCacheMethod(text);
     if (!m.ok()) return Fail(m.status());
     methods.push_back(*m);
   }

@@ -34,7 +34,7 @@ PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, const CacheP
   o.think_channels = policy.think_channels;
   // DmsUpdate removes token t - w - 1 at step t at the latest: older ones stay for good.
   const bool dms = policy.method == CacheMethod::kDms && config.dms.enabled;
-  o.settle_lag = KvQuantized(o) && dms ? config.dms.window + 1 : 0;
+  o.settle_lag = KvSettles(o) && dms ? config.dms.window + 1 : 0;
   return o;
 }
 
@@ -250,7 +250,7 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
                       cache_->tokens(seqs[i]), c.rope_theta, dmc);
     if (qchannel) model::ZeroDmsQueryChannel(qr_.data(), n, H, Hkv, D);
     for (int i = 0; think && i < n; ++i)
-      cache_->ObserveQuery(seqs[i], l, qr_.data() + size_t(i) * H * D, H);
+      cache_->ObserveQuery(seqs[i], l, qr_.data() + size_t(i) * H * D, H, dmc);
     int max_pages = 0;
     cache_->BlockTable(seqs, source, &page_table_, &lengths_, &max_pages);
     const int residual = KvResidualSlots(cache_->options());

@@ -21,8 +21,8 @@ namespace dmc::inference {
 // Cache shape for `config` under `method` (the window state only for dmc on a DMC model).
 PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
                                   long budget_bytes, int page_size);
-// The same under `policy`, with its KV quantization (a dms cache settles a token once it is
-// past the eviction window: settle_lag w + 1).
+// The same under `policy`, with its KV quantization or ThinK (a dms cache settles a token once
+// it is past the eviction window: settle_lag w + 1).
 PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, const CachePolicy& policy,
                                   long budget_bytes, int page_size);
 

@@ -24,11 +24,12 @@
 // moved or evicted, so eviction baselines (H2O, TOVA) refuse a quantized cache.
 //
 // ThinK (options.think_channels > 0; kernels/think_channels.h, arXiv 2407.21018): the same
-// residual, and pages of page_size settled slots whose keys keep only think_channels channels,
-// chosen for that page by the query-driven score of its keys and of the queries observed since
-// the head's previous page (ObserveQuery: their energy per channel, summed over the query heads
-// of the KV head, a D-vector per head reserved at admission); the values stay whole. A page
-// stores its pruned keys [page_size, think_channels], its values and its channel mask.
+// residual, settling as above (so DMC's open slot and DMS's window stay whole), and pages of
+// page_size settled slots whose keys keep only think_channels channels, chosen for that page by
+// the query-driven score of its keys and of the queries observed since the head's previous page
+// (ObserveQuery: their energy per channel, summed over the query heads of the KV head, a D-vector
+// per head reserved at admission); the values stay whole. A page stores its pruned keys
+// [page_size, think_channels], its values and its channel mask.
 //
 // Memory: a page is page_size × (key + value) × head_dim × sizeof(T) bytes (quantized: the
 // layout's bytes); DMC sequences also reserve their window ring buffers (DmcWindow::Bytes per
@@ -182,8 +183,10 @@ class PagedKvCache {
   // Slots of head (layer, h) of `seq` in compressed pages (the first ones).
   int compressed_length(int seq, int layer, int h) const { return head(seq, layer, h).compressed; }
   // ThinK: adds the energy per channel of the rotated queries q [H, D] of `seq`'s newest token in
-  // `layer` to each KV head's observation (the query heads of its group).
-  void ObserveQuery(int seq, int layer, const T* q, int H);
+  // `layer` to each KV head's observation (the query heads of its group). exclude_ctrl: channel
+  // D-1 is DMC's control channel, which attention never reads; it gets no energy, so it scores 0
+  // and takes a kept channel's place only when fewer than think_channels channels score above 0.
+  void ObserveQuery(int seq, int layer, const T* q, int H, bool exclude_ctrl);
 
   // The block table of `seqs` at `layer` for kernels::paged_decode_attention: lengths [n, Hkv],
   // page_table [n, Hkv, *max_pages].

@@ -23,11 +23,7 @@ void paged_kv_dms_evict(const PagedKvLayer<T>& c, uint8_t* marks, const float* e
       if (leaving_slot < 0) continue;
       const int last = --c.lengths[head];
       if (leaving_slot == last) continue;
-      const long to = SlotRow(c, head, leaving_slot), from = SlotRow(c, head, last);
-      std::copy_n(c.k_pool + from * D, D, c.k_pool + to * D);
-      std::copy_n(c.v_pool + from * D, D, c.v_pool + to * D);
-      c.slot_pos[to] = c.slot_pos[from];
-      marks[to] = marks[from];
+      MoveSlot(c, marks, SlotRow(c, head, leaving_slot), SlotRow(c, head, last), D, 0, 1);
     }
 }
 

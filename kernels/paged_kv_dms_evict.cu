@@ -35,17 +35,9 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int victim = leaving_s, last = len - 1;
   if (victim < 0) return;
-  if (victim != last) {
-    const long to = kernels::SlotRow(c, head, victim), from = kernels::SlotRow(c, head, last);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      c.k_pool[to * D + d] = c.k_pool[from * D + d];
-      c.v_pool[to * D + d] = c.v_pool[from * D + d];
-    }
-    if (threadIdx.x == 0) {
-      c.slot_pos[to] = c.slot_pos[from];
-      marks[to] = marks[from];
-    }
-  }
+  if (victim != last)
+    kernels::MoveSlot(c, marks, kernels::SlotRow(c, head, victim), kernels::SlotRow(c, head, last),
+                      D, threadIdx.x, blockDim.x);
   // Every thread read the old length before the barrier above.
   if (threadIdx.x == 0) c.lengths[head] = last;
 }

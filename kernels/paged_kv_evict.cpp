@@ -1,7 +1,5 @@
 #include "kernels/paged_kv_evict.h"
 
-#include <algorithm>
-
 namespace dmc::kernels {
 namespace {
 
@@ -26,11 +24,7 @@ template <typename T>
 void MoveLastInto(const PagedKvLayer<T>& c, float* scores, long head, int slot, int D) {
   const int last = --c.lengths[head];
   if (slot == last) return;
-  const long to = SlotRow(c, head, slot), from = SlotRow(c, head, last);
-  std::copy_n(c.k_pool + from * D, D, c.k_pool + to * D);
-  std::copy_n(c.v_pool + from * D, D, c.v_pool + to * D);
-  c.slot_pos[to] = c.slot_pos[from];
-  if (scores) scores[to] = scores[from];
+  MoveSlot(c, scores, SlotRow(c, head, slot), SlotRow(c, head, last), D, 0, 1);
 }
 
 }  // namespace

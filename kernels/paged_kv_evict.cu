@@ -65,15 +65,8 @@ __device__ Candidate<K> block_lowest(Candidate<K> c) {
 __device__ void move_last_into(const PagedKv& c, float* scores, long head, int slot, int last,
                                int D) {
   if (slot == last) return;
-  const long to = kernels::SlotRow(c, head, slot), from = kernels::SlotRow(c, head, last);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    c.k_pool[to * D + d] = c.k_pool[from * D + d];
-    c.v_pool[to * D + d] = c.v_pool[from * D + d];
-  }
-  if (threadIdx.x == 0) {
-    c.slot_pos[to] = c.slot_pos[from];
-    if (scores) scores[to] = scores[from];
-  }
+  kernels::MoveSlot(c, scores, kernels::SlotRow(c, head, slot), kernels::SlotRow(c, head, last), D,
+                    threadIdx.x, blockDim.x);
 }
 
 __global__ void __launch_bounds__(kThreads)

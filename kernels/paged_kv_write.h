@@ -68,6 +68,26 @@ inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
          slot % c.page_size;
 }
 
+// Copies slot `from`'s key and value rows, position and per-slot value (H2O's score, DMS's mark;
+// none when extra is null) into slot `to` (pool rows): how the eviction kernels close a hole with
+// a head's last slot. Channels first, first + step, ... are this thread's (CPU: 0 and 1; CUDA: the
+// block's threads), and thread 0 moves the position and the extra.
+template <typename T, typename Extra>
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline void MoveSlot(const PagedKvLayer<T>& c, Extra* extra, long to, long from, int D, int first,
+                     int step) {
+  for (int d = first; d < D; d += step) {
+    c.k_pool[to * D + d] = c.k_pool[from * D + d];
+    c.v_pool[to * D + d] = c.v_pool[from * D + d];
+  }
+  if (first == 0) {
+    c.slot_pos[to] = c.slot_pos[from];
+    if (extra != nullptr) extra[to] = extra[from];
+  }
+}
+
 template <typename T>
 void paged_kv_append(const PagedKvLayer<T>& cache, const T* k, const T* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,

@@ -8,7 +8,8 @@
 #            setting met the budget;
 #   OUT.png  (with gnuplot) perplexity against KV bytes on a log scale: one line per method
 #            through the settings its knob took at every budget of the TSV, and for DMC and DMS
-#            one per retrofit (the TSV's label) through fp32 and the bits composed with it; the
+#            one per retrofit (the TSV's label) through fp32 and the bits composed with it (and
+#            one through the key channels ThinK kept, for dmc_think and dms_think); the
 #            vanilla cache a point, dotted verticals at the tables' budgets, the y axis up to +12%
 #            of the vanilla cache's perplexity.
 #
@@ -26,6 +27,7 @@ cat "$@" >"$tmp/all.tsv"
 names='
   function name(method, label) {
     if (method == "dmc" || method == "dms") return label
+    if (method == "dmc_think" || method == "dms_think") return label ", ThinK"
     if (method == "quant") return "quantization"
     if (method == "zipcache") return "ZipCache"
     if (method == "think") return "ThinK"
@@ -41,7 +43,7 @@ awk -F'\t' -v page="$page" "$names"'
   function setting(method, p,   z) {
     if (p ~ /^(h2o|tova)-(pyramid|zigzag)-/) { sub(/^.*-/, "", p); return p " slots per head, the mean over layers" }
     if (p ~ /^(h2o|tova)-/) { sub(/^[a-z0-9]+-/, "", p); return p " slots per head" }
-    if (p ~ /^think-k/) { sub(/^think-k/, "", p); return p (p == 1 ? " key channel" : " key channels") " kept" }
+    if (p ~ /^(dmc-|dms-)?think-k/) { sub(/^.*think-k/, "", p); return p (p == 1 ? " key channel" : " key channels") " kept" }
     if (p ~ /^kvsharer-/) { sub(/^kvsharer-/, "", p); return p " layers read another one'"'"'s cache" }
     if (p ~ /-zip/) { split(p, z, /zip|\/|x/); return z[4] " of " page " slots per page at " z[2] " bits, the rest " z[3] }
     if (p ~ /-int/) { sub(/^[a-z]+-/, "", p); return method == "quant" ? p : p " slots" }

@@ -1,6 +1,8 @@
 // One full training step (forward, backward, gradient norm + clip + AdamW) through
 // model::LlamaCuda, in the trainer's order (ForwardAsync, Backward, OptimizerStepAsync, then the
-// reads), with DMC on (relaxed decisions, CR loss) and off: ms per step (and its forward /
+// reads), with DMC on (relaxed decisions, CR loss), off, or DMS (the query-channel variant, the
+// paper's recipe: relaxed eviction decisions, the delayed-eviction mask, the CR loss and the
+// distillation from a frozen bf16 teacher whose forward runs inside the step): ms per step (and its forward /
 // backward / optimizer parts), tokens/s, model TFLOP/s and MFU, against the bf16 dense peak
 // (989 TFLOP/s, H100/H200 SXM datasheet) and against a cuBLAS GEMM ceiling measured in the same
 // run.
@@ -10,7 +12,7 @@
 // function, so the device runs it back to back with no launch gaps. ms/step ≈ queued ms means the
 // device is the limit; ms/step ≈ host ms > queued ms means launches are (CUDA graphs would pay).
 //
-//   bench_train_step [--reps=10] [--warmup=2] [--shapes=1b:2,1b:4,medium:32] [--dmc=off,on]
+//   bench_train_step [--reps=10] [--warmup=2] [--shapes=1b:2,1b:4,medium:32] [--dmc=off,on,dms]
 //                    [--gemm=true] [--queued=true]
 //
 // Shapes: 1b = a 1.36B Llama (24 layers, d 2048, 16 heads of 128, ffn 5632, vocab 32000, T 2048);
@@ -18,7 +20,8 @@
 // medium = the `medium` preset with the GPU pipeline's 8k vocabulary (17M parameters, T 512);
 // NAME:B sets the batch. Model FLOPs per token: 6 · (parameters − the embedding table, a lookup)
 // + 6 · L · T · C for causal attention (QKᵀ and PV, half of the T×T products, forward + 2×
-// backward), the figure dmc-train's MFU column uses. The DMC ops add no matrix FLOPs.
+// backward), the figure dmc-train's MFU column uses. The DMC ops add no matrix FLOPs; DMS's
+// teacher forward is not counted (it is overhead, which the comparison with off shows).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -40,12 +43,13 @@
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
 #include "bench/cuda/bench_shapes.h"
+#include "model/llama.h"
 #include "model/llama_cuda.h"
 
 ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)");
 ABSL_FLAG(int, warmup, 2, "untimed steps first (allocation, cuBLAS heuristics, graph capture)");
 ABSL_FLAG(std::string, shapes, "1b:2,1b:4,medium:32", "NAME:BATCH list; NAME is 1b, 1b-2l or medium");
-ABSL_FLAG(std::string, dmc, "off,on", "DMC settings to run, off and/or on");
+ABSL_FLAG(std::string, dmc, "off,on", "compression settings to run: off, on (DMC) and/or dms");
 ABSL_FLAG(bool, gemm, true, "measure the cuBLAS bf16 GEMM ceiling (8192³) first");
 ABSL_FLAG(bool, queued, true,
           "also time the steps queued ahead of the device (off under a profiler, which serialises "
@@ -122,10 +126,15 @@ struct StreamGate {
   }
 };
 
+enum class Compression { kOff, kDmc, kDms };
+const char* CompressionName(Compression c) {
+  return c == Compression::kOff ? "off" : c == Compression::kDmc ? "on" : "dms";
+}
+
 struct Row {
   std::string shape;
   int batch, T;
-  bool dmc;
+  Compression compression;
   double ms, fwd_ms, bwd_ms, opt_ms, host_ms, queued_ms, tokens_per_s, tflops, loss;
   bool gate_timed_out;
 };
@@ -140,14 +149,16 @@ int main(int argc, char** argv) {
   }
   const int reps = std::max(1, absl::GetFlag(FLAGS_reps));
   const int warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
-  std::vector<bool> dmc_settings;
+  std::vector<Compression> settings;
   for (const std::string& d :
        std::vector<std::string>(absl::StrSplit(absl::GetFlag(FLAGS_dmc), ','))) {
-    if (d != "on" && d != "off") {
-      std::fprintf(stderr, "bench_train_step: --dmc takes off and/or on, got %s\n", d.c_str());
+    if (d != "on" && d != "off" && d != "dms") {
+      std::fprintf(stderr, "bench_train_step: --dmc takes off, on and/or dms, got %s\n",
+                   d.c_str());
       return 2;
     }
-    dmc_settings.push_back(d == "on");
+    settings.push_back(d == "on" ? Compression::kDmc : d == "dms" ? Compression::kDms
+                                                                  : Compression::kOff);
   }
 
   cudaDeviceProp prop;
@@ -183,15 +194,27 @@ int main(int argc, char** argv) {
                 config.vocab_size, B, T);
     // the flat layout's size at TP 1
     const std::vector<float> weights = dmc::bench::ArbitraryWeights(static_cast<size_t>(params), 777);
-    for (const bool dmc : dmc_settings) {
-      config.dmc.enabled = dmc;
-      auto model = std::make_unique<dmc::model::LlamaCuda>(config);
+    for (const Compression compression : settings) {
+      const bool dmc = compression == Compression::kDmc, dms = compression == Compression::kDms;
+      dmc::model::LlamaConfig run_config = config;
+      run_config.dmc.enabled = dmc;
+      if (dms) {  // no new parameters: the same layout and weights as off
+        run_config.dms.variant = dmc::model::DmsVariant::kQueryChannel;
+        run_config.dms.enabled = true;
+      }
+      auto model = std::make_unique<dmc::model::LlamaCuda>(run_config);
       model->CopyParamsFromHost(weights);
+      if (dms) {  // the teacher: the retrofit's starting model, a frozen bf16 copy on the device
+        dmc::model::Llama<float> teacher(config, nullptr);
+        std::copy(weights.begin(), weights.end(), teacher.params().begin());
+        model->SetTeacher(teacher);
+        model->set_distillation(true);
+      }
       std::vector<int32_t> in, tgt;
       dmc::bench::ArbitraryTokens(B, T, config.vocab_size, 99, &in, &tgt);
       dmc::model::StepOptions opt;
       opt.noise_seed = 1;
-      opt.cr_prior = dmc ? 0.5f : 0.0f;
+      opt.cr_prior = dmc || dms ? 0.5f : 0.0f;
       dmc::model::CudaAdamWSettings adam;
       adam.lr = 1e-5f;
       cudaEvent_t e0, e1, e2, e3;
@@ -246,7 +269,7 @@ int main(int argc, char** argv) {
       row.shape = shape.name;
       row.batch = B;
       row.T = T;
-      row.dmc = dmc;
+      row.compression = compression;
       row.ms = Median(total);
       row.fwd_ms = Median(fwd);
       row.bwd_ms = Median(bwd);
@@ -260,7 +283,7 @@ int main(int argc, char** argv) {
       rows.push_back(row);
       std::printf("  %s B %d DMC %-3s: %.2f ms/step, host enqueue %.2f ms, queued %.2f ms (loss "
                   "%.4f)\n",
-                  shape.name.c_str(), B, dmc ? "on" : "off", row.ms, row.host_ms, row.queued_ms,
+                  shape.name.c_str(), B, CompressionName(compression), row.ms, row.host_ms, row.queued_ms,
                   row.loss);
       std::fflush(stdout);
     }
@@ -273,15 +296,16 @@ int main(int argc, char** argv) {
   for (const Row& r : rows)
     std::printf("| %s | %d × %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f%s | %.0f | %.0f | "
                 "%.1f%% | %.1f%% |\n",
-                r.shape.c_str(), r.batch, r.T, r.dmc ? "on" : "off", r.ms, r.fwd_ms, r.bwd_ms,
+                r.shape.c_str(), r.batch, r.T, CompressionName(r.compression), r.ms, r.fwd_ms, r.bwd_ms,
                 r.opt_ms, r.host_ms, r.queued_ms, r.gate_timed_out ? " (gate timed out)" : "",
                 r.tokens_per_s, r.tflops, 100 * r.tflops / kPeakTflops,
                 gemm > 0 ? 100 * r.tflops / gemm : 0.0);
   for (const Row& r : rows)
-    if (r.dmc)
+    if (r.compression != Compression::kOff)
       for (const Row& o : rows)
-        if (!o.dmc && o.batch == r.batch && o.shape == r.shape)
-          std::printf("%s B %d: DMC on costs %.1f%% more time per step than off\n",
-                      r.shape.c_str(), r.batch, 100 * (r.ms / o.ms - 1));
+        if (o.compression == Compression::kOff && o.batch == r.batch && o.shape == r.shape)
+          std::printf("%s B %d: %s costs %.1f%% more time per step than off\n", r.shape.c_str(),
+                      r.batch, r.compression == Compression::kDmc ? "DMC" : "DMS (teacher included)",
+                      100 * (r.ms / o.ms - 1));
   return 0;
 }

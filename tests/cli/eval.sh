@@ -50,6 +50,8 @@ grep -qE "^think +cannot meet it: no setting of think meets" <<<"$think" ||
 
 expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=dmc
+expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
+    --seq_len=32 --kv_fraction=1/2 --methods=dmc_think
 expect_error "is not a LoMA model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=loma
 expect_error "$work/missing" "$eval_" --model="$work/missing" --data="$work/shards/val_index.json"

@@ -1,7 +1,8 @@
 // GPU vs CPU reference: paged decode attention (kernels/decode_attention.h). Fresh random inputs
 // on every run: random lengths per (sequence, KV head) from 1 to several pages (length 1, exactly
 // full pages and one past a page boundary always included), pages shuffled in the pool, page
-// sizes 1, 16 and 64, head dims 64 and 128, GQA groups 1, 2, 3, 4 and 8, one chunk per head and
+// sizes 1, 16 and 64, head dims 64 and 128, GQA groups 1, 2, 3, 4, 8, 16 and 32 (the CUDA-core
+// kernel and the tensor-core one, which takes groups of 4 to 16), one chunk per head and
 // several (flash-decoding), with and without the control channel and the attention weights.
 // Every pool slot that no head owns, and every unused page-table entry (pointing at such a page),
 // is NaN, so a read past a head's length or through a wrong page shows up as a failed
@@ -162,10 +163,11 @@ TEST_F(CudaDecode, PagedShapes) {
         }
 }
 
-// Other group sizes: 2 (two heads per CTA), 3 (one per CTA, three CTAs), 8 (two CTAs of four);
-// sharp softmax (scale x 4) so a wrong maximum or merge shows.
+// Other group sizes: on CUDA cores 2 (two heads per CTA), 3 (one per CTA, three CTAs) and 32
+// (eight CTAs of four); on tensor cores 8 and 16 (the whole M = 16 of the mma); sharp softmax
+// (scale x 4) so a wrong maximum or merge shows.
 TEST_F(CudaDecode, PagedGroups) {
-  for (int G : {2, 3, 8})
+  for (int G : {2, 3, 8, 16, 32})
     for (int D : {64, 128}) {
       run_case(Case{2, 2, G, D, 16, 150, 0, false, false, 4.0});
       run_case(Case{2, 2, G, D, 16, 150, 48, true, true, 4.0});

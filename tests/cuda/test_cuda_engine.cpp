@@ -678,6 +678,17 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto cpu_only = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
   EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
+  // The CPU engine's other compressors are refused by name, never run uncompressed.
+  for (const char* knob : {"int8", "think"}) {
+    o.policy = {CacheMethod::kVanilla};
+    if (std::string(knob) == "int8")
+      o.policy.quant.bits = 8;
+    else
+      o.policy.think_channels = 8;
+    auto cpu_knob = inference::CudaEngine::Create(plain, o);
+    EXPECT_TRUE(absl::IsUnimplemented(cpu_knob.status())) << cpu_knob.status();
+    EXPECT_NE(cpu_knob.status().message().find(knob), std::string::npos) << cpu_knob.status();
+  }
   o.policy = {CacheMethod::kDms};
   auto no_dms = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(no_dms.status())) << no_dms.status();
