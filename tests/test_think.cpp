@@ -281,14 +281,20 @@ TEST(Think, RefusesWhatItCannotServe) {
   EXPECT_EQ(inference::PolicyName(p), "dms-think-k24");
 }
 
-// dmc-eval --kv_fraction=F --methods=think: the most channels whose bytes meet the budget (one
-// more does not); ThinK prunes keys only, so half of vanilla is out of reach: a clear error.
-TEST(Think, BudgetKnobIsTheKeptChannels) {
+// The cache shape of the budget tests: 2 layers, 2 KV heads of 16, pages of 16.
+PagedCacheOptions BudgetShape() {
   PagedCacheOptions shape;
   shape.layers = 2;
   shape.kv_heads = 2;
   shape.head_dim = 16;
   shape.page_size = 16;
+  return shape;
+}
+
+// dmc-eval --kv_fraction=F --methods=think: the most channels whose bytes meet the budget (one
+// more does not); ThinK prunes keys only, so half of vanilla is out of reach: a clear error.
+TEST(Think, BudgetKnobIsTheKeptChannels) {
+  const PagedCacheOptions shape = BudgetShape();
   const int T = 512;
   const std::vector<int> whole(4, T);
   const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
@@ -552,11 +558,7 @@ TEST(ThinkComposedCache, ByteAccountingEqualsWhatIsHeld) {
 // over the retrofit's measured slots per head meet the budget (one more does not), in the
 // method's own cache shape (DMC's window state, DMS's longer residual).
 TEST(ThinkComposedCache, BudgetKnobIsTheKeptChannels) {
-  PagedCacheOptions shape;
-  shape.layers = 2;
-  shape.kv_heads = 2;
-  shape.head_dim = 16;
-  shape.page_size = 16;
+  const PagedCacheOptions shape = BudgetShape();
   const int T = 512;
   const long vanilla = inference::KvSequenceBytes<float>(shape, std::vector<int>(4, T));
   const std::vector<int> slots = {200, 150, 260, 90};
