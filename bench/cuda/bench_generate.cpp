@@ -314,9 +314,9 @@ int main(int argc, char** argv) {
                    spec.c_str());
       return 1;
     }
-    const bool random = absl::GetFlag(FLAGS_model).empty();
+    const bool random_weights = absl::GetFlag(FLAGS_model).empty();
     dmc::model::Llama<float>* run_model = model.get();
-    if (o.policy.method == inf::CacheMethod::kDms && random) {
+    if (o.policy.method == inf::CacheMethod::kDms && random_weights) {
       if (dms_model == nullptr) {  // the same weights, DMS's query-channel decisions
         LlamaConfig cd = c;
         cd.dmc.enabled = false;
@@ -333,7 +333,7 @@ int main(int argc, char** argv) {
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-    if (o.policy.method != inf::CacheMethod::kVanilla && random) {
+    if (o.policy.method != inf::CacheMethod::kVanilla && random_weights) {
       Calibrate(run_model, o, base, cr, seed + 3);
       if (!export_dir.empty()) Export(*run_model, true, export_dir + "/" + parts[0] + parts[1]);
     }
