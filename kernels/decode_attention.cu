@@ -95,8 +95,8 @@ struct MmaLayout {
 
 template <int D>
 __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params p) {
-  using L_ = MmaLayout<D>;
-  constexpr int NS = L_::kStages;
+  using Layout = MmaLayout<D>;
+  constexpr int NS = Layout::kStages;
   constexpr int CPR = D / 8;     // 16-byte chunks per row
   constexpr int RPP = 32 / CPR;  // rows a warp copies per pass
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params
     return;
   }
   const int s1 = static_cast<int>(min(static_cast<long>(len), s0 + p.chunk));
-  bf16* stages = sQ + 16 * D + warp * L_::kWarpElems;
+  bf16* stages = sQ + 16 * D + warp * Layout::kWarpElems;
 
   for (int i = tid; i < 16 * CPR; i += kMmaWarps * 32) {
     const int r = i / CPR, c = i - r * CPR;
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params
   const int lc = lane % CPR, lr = lane / CPR;
   auto tile_start = [&](int i) { return static_cast<int>(s0) + (warp + i * kMmaWarps) * kTileRows; };
   auto load = [&](int i) {  // the warp's i-th tile into stage i % NS; slots past s1 zero-filled
-    bf16* sK = stages + (i % NS) * L_::kStageElems;
+    bf16* sK = stages + (i % NS) * Layout::kStageElems;
     bf16* sV = sK + kTileRows * D;
     const int t0 = tile_start(i);
 #pragma unroll
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params
     cp_async_commit();
     cp_async_wait<NS - 1>();
     __syncwarp();  // the other lanes' copies of tile i are visible
-    const uint32_t uK = smem_u32(stages + (i % NS) * L_::kStageElems);
+    const uint32_t uK = smem_u32(stages + (i % NS) * Layout::kStageElems);
     const uint32_t uV = uK + kTileRows * D * sizeof(bf16);
     float s[2][4] = {};
 #pragma unroll
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params
     const float* part[kMmaWarps];
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w)
-      part[w] = reinterpret_cast<const float*>(sQ + 16 * D + w * L_::kWarpElems);
+      part[w] = reinterpret_cast<const float*>(sQ + 16 * D + w * Layout::kWarpElems);
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, part[w][16 * D + j]);

@@ -38,60 +38,59 @@ void rope_tables(std::vector<double>& cs, std::vector<double>& sn, int T_, int D
   }
 }
 
+// Calls fn(base, c, s) for every (b, t, h) row of a [B, T, H, D] tensor: base the row's offset,
+// c and s the cos and sin tables at position pos0 + t.
+template <typename Fn>
+void ForEachRow(int B, int T_, int H, int D, int pos0, float theta, const Fn& fn) {
+  const int half = D / 2;
+  std::vector<double> cs, sn;
+  rope_tables(cs, sn, T_, D, pos0, theta);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T_; ++t) {
+      const double* c = cs.data() + static_cast<size_t>(t) * half;
+      const double* s = sn.data() + static_cast<size_t>(t) * half;
+      for (int h = 0; h < H; ++h) fn(((static_cast<long>(b) * T_ + t) * H + h) * D, c, s);
+    }
+}
+
 }  // namespace
 
 template <typename T>
 void rope_forward(T* out, const T* inp, int B, int T_, int H, int D, int pos0, float theta,
                   bool keep_last_channel) {
   const int half = D / 2;
-  std::vector<double> cs, sn;
-  rope_tables(cs, sn, T_, D, pos0, theta);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < T_; ++t) {
-      const double* c = cs.data() + static_cast<size_t>(t) * half;
-      const double* s = sn.data() + static_cast<size_t>(t) * half;
-      for (int h = 0; h < H; ++h) {
-        const long base = ((static_cast<long>(b) * T_ + t) * H + h) * D;
-        const T* x = inp + base;
-        T* o = out + base;
-        for (int i = 0; i < half; ++i) {
-          const bool ctrl = keep_last_channel && i == half - 1;
-          const double x1 = x[i];
-          const double x2 = ctrl ? 0.0 : static_cast<double>(x[i + half]);
-          const T keep = x[i + half];
-          o[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
-          o[i + half] = ctrl ? keep : static_cast<T>(x1 * s[i] + x2 * c[i]);
-        }
-      }
+  ForEachRow(B, T_, H, D, pos0, theta, [&](long base, const double* c, const double* s) {
+    const T* x = inp + base;
+    T* o = out + base;
+    for (int i = 0; i < half; ++i) {
+      const bool ctrl = keep_last_channel && i == half - 1;
+      const double x1 = x[i];
+      const double x2 = ctrl ? 0.0 : static_cast<double>(x[i + half]);
+      const T keep = x[i + half];
+      o[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+      o[i + half] = ctrl ? keep : static_cast<T>(x1 * s[i] + x2 * c[i]);
     }
+  });
 }
 
 template <typename T>
 void rope_backward(T* dinp, const T* dout, int B, int T_, int H, int D, int pos0, float theta,
                    bool keep_last_channel) {
   const int half = D / 2;
-  std::vector<double> cs, sn;
-  rope_tables(cs, sn, T_, D, pos0, theta);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < T_; ++t) {
-      const double* c = cs.data() + static_cast<size_t>(t) * half;
-      const double* s = sn.data() + static_cast<size_t>(t) * half;
-      for (int h = 0; h < H; ++h) {
-        const long base = ((static_cast<long>(b) * T_ + t) * H + h) * D;
-        const T* d = dout + base;
-        T* dx = dinp + base;
-        for (int i = 0; i < half; ++i) {
-          const double d1 = d[i], d2 = d[i + half];
-          if (keep_last_channel && i == half - 1) {
-            dx[i] += static_cast<T>(d1 * c[i]);
-            dx[i + half] += static_cast<T>(d2);
-          } else {
-            dx[i] += static_cast<T>(d1 * c[i] + d2 * s[i]);
-            dx[i + half] += static_cast<T>(-d1 * s[i] + d2 * c[i]);
-          }
-        }
+  ForEachRow(B, T_, H, D, pos0, theta, [&](long base, const double* c, const double* s) {
+    const T* d = dout + base;
+    T* dx = dinp + base;
+    for (int i = 0; i < half; ++i) {
+      const double d1 = d[i], d2 = d[i + half];
+      if (keep_last_channel && i == half - 1) {
+        dx[i] += static_cast<T>(d1 * c[i]);
+        dx[i + half] += static_cast<T>(d2);
+      } else {
+        dx[i] += static_cast<T>(d1 * c[i] + d2 * s[i]);
+        dx[i + half] += static_cast<T>(-d1 * s[i] + d2 * c[i]);
       }
     }
+  });
 }
 
 template void rope_forward<float>(float*, const float*, int, int, int, int, int, float, bool);

@@ -287,6 +287,23 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   EXPECT_EQ(server.Terminate(), 0);
 }
 
+// Bad server flags: exit status 1 and a message naming the flag, before anything listens.
+TEST(Serve, BadFlagsAreRefusedByName) {
+  for (const std::string flag : {"--max_batch=0", "--prefill_tokens_per_step=-1"}) {
+    const std::string command = kBin + "dmc-serve --model=" + ModelDir() + " --port=0 " + flag +
+                                " 2>&1";
+    FILE* f = popen(command.c_str(), "r");
+    ASSERT_NE(f, nullptr);
+    std::string output;
+    char buf[256];
+    while (fgets(buf, sizeof buf, f) != nullptr) output += buf;
+    const int status = pclose(f);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << flag << ": " << output;
+    const std::string name = flag.substr(0, flag.find('='));
+    EXPECT_NE(output.find(name), std::string::npos) << flag << ": " << output;
+  }
+}
+
 TEST(Serve, SigtermEndsAStreamWithAFinalEventAndExitsZero) {
   Server server({});
   httplib::Client c = server.client();

@@ -162,6 +162,31 @@ TEST(Think, PagesKeepTheChannelsOfThePapersScore) {
   }
 }
 
+// After every operation of the accounting tests: each of the 3 sequences' bytes against
+// KvSequenceBytes of its heads' lengths (exactly, or at most when `exact` is false), and the
+// allocator holding exactly the pruned pages and the sequences' charges. Returns the pages.
+long CheckHeldBytes(const PagedKvCache<double>& cache, const PagedCacheOptions& o, bool exact,
+                    int op) {
+  long pages = 0, charged = 0;
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int> slots;
+    for (int l = 0; l < o.layers; ++l)
+      for (int h = 0; h < kHkv; ++h) {
+        slots.push_back(cache.length(s, l, h));
+        pages += cache.compressed_length(s, l, h) / kP;
+      }
+    const long bound = inference::KvSequenceBytes<double>(o, slots);
+    EXPECT_LE(cache.bytes(s), bound) << "op " << op;
+    if (exact) {
+      EXPECT_EQ(cache.bytes(s), bound) << "op " << op;
+    }
+    charged += cache.bytes(s);
+  }
+  EXPECT_EQ(cache.allocator().pages_in_use(), pages) << "op " << op;
+  EXPECT_EQ(cache.allocator().used_bytes(), charged) << "op " << op;
+  return pages;
+}
+
 // Random appends over three sequences and two layers: each sequence's bytes are KvSequenceBytes
 // of its heads' lengths, the allocator holds exactly the pages written and the reservations,
 // and a page is its kept key channels, its values and a D-bit mask.
@@ -180,19 +205,8 @@ TEST(Think, ByteAccountingEqualsWhatIsAllocated) {
     const std::vector<double> row = Random(kD, rng), q = Random(kH * kD, rng);
     ASSERT_TRUE(cache.Append(seq, l, h, row.data(), row.data(), pos[seq][l * kHkv + h]++).ok());
     cache.ObserveQuery(seq, l, q.data(), kH, false);
-    long pages = 0, charged = 0;
-    for (int s = 0; s < 3; ++s) {
-      std::vector<int> slots;
-      for (int ll = 0; ll < o.layers; ++ll)
-        for (int hh = 0; hh < kHkv; ++hh) {
-          slots.push_back(cache.length(s, ll, hh));
-          pages += cache.compressed_length(s, ll, hh) / kP;
-        }
-      ASSERT_EQ(cache.bytes(s), inference::KvSequenceBytes<double>(o, slots)) << "op " << op;
-      charged += cache.bytes(s);
-    }
-    ASSERT_EQ(cache.allocator().pages_in_use(), pages);
-    ASSERT_EQ(cache.allocator().used_bytes(), charged);
+    CheckHeldBytes(cache, o, /*exact=*/true, op);
+    if (HasFailure()) return;
   }
   EXPECT_TRUE(absl::IsFailedPrecondition(cache.Evict(0, 0, 0, 0)));
   for (int s = 0; s < 3; ++s) ASSERT_TRUE(cache.Free(s).ok());
@@ -267,14 +281,20 @@ TEST(Think, RefusesWhatItCannotServe) {
   EXPECT_EQ(inference::PolicyName(p), "dms-think-k24");
 }
 
-// dmc-eval --kv_fraction=F --methods=think: the most channels whose bytes meet the budget (one
-// more does not); ThinK prunes keys only, so half of vanilla is out of reach: a clear error.
-TEST(Think, BudgetKnobIsTheKeptChannels) {
+// The cache shape of the budget tests: 2 layers, 2 KV heads of 16, pages of 16.
+PagedCacheOptions BudgetShape() {
   PagedCacheOptions shape;
   shape.layers = 2;
   shape.kv_heads = 2;
   shape.head_dim = 16;
   shape.page_size = 16;
+  return shape;
+}
+
+// dmc-eval --kv_fraction=F --methods=think: the most channels whose bytes meet the budget (one
+// more does not); ThinK prunes keys only, so half of vanilla is out of reach: a clear error.
+TEST(Think, BudgetKnobIsTheKeptChannels) {
+  const PagedCacheOptions shape = BudgetShape();
   const int T = 512;
   const std::vector<int> whole(4, T);
   const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
@@ -522,23 +542,11 @@ TEST(ThinkComposedCache, ByteAccountingEqualsWhatIsHeld) {
       for (int i = 0; i < pruned; ++i)
         ASSERT_LT(cache.position(seq, l, h, i), t - o.settle_lag) << "a slot inside the window";
       ++t;
-      long pages = 0, charged = 0;
-      for (int s = 0; s < 3; ++s) {
-        std::vector<int> slots;
-        for (int ll = 0; ll < o.layers; ++ll)
-          for (int hh = 0; hh < kHkv; ++hh) {
-            slots.push_back(cache.length(s, ll, hh));
-            pages += cache.compressed_length(s, ll, hh) / kP;
-          }
-        const long bound = inference::KvSequenceBytes<double>(o, slots);
-        ASSERT_LE(cache.bytes(s), bound) << "op " << op;
-        ASSERT_TRUE(!dmc || cache.bytes(s) == bound) << "op " << op;
-        charged += cache.bytes(s);
-      }
-      ASSERT_EQ(cache.allocator().pages_in_use(), pages);
-      ASSERT_EQ(cache.allocator().used_bytes(), charged);
-      ASSERT_EQ(charged, pages * cache.page_bytes() +
-                             3 * inference::KvReservedBytes(o, sizeof(double), sizeof(double)));
+      const long pages = CheckHeldBytes(cache, o, /*exact=*/dmc, op);
+      ASSERT_EQ(cache.allocator().used_bytes(),
+                pages * cache.page_bytes() +
+                    3 * inference::KvReservedBytes(o, sizeof(double), sizeof(double)));
+      if (HasFailure()) return;
     }
     EXPECT_GT(cache.allocator().pages_in_use(), 0);
     for (int s = 0; s < 3; ++s) ASSERT_TRUE(cache.Free(s).ok());
@@ -550,11 +558,7 @@ TEST(ThinkComposedCache, ByteAccountingEqualsWhatIsHeld) {
 // over the retrofit's measured slots per head meet the budget (one more does not), in the
 // method's own cache shape (DMC's window state, DMS's longer residual).
 TEST(ThinkComposedCache, BudgetKnobIsTheKeptChannels) {
-  PagedCacheOptions shape;
-  shape.layers = 2;
-  shape.kv_heads = 2;
-  shape.head_dim = 16;
-  shape.page_size = 16;
+  const PagedCacheOptions shape = BudgetShape();
   const int T = 512;
   const long vanilla = inference::KvSequenceBytes<float>(shape, std::vector<int>(4, T));
   const std::vector<int> slots = {200, 150, 260, 90};

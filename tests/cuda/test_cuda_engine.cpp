@@ -125,6 +125,18 @@ CacheLayer MakeLayer(int R, int Hkv, int D, int page_size, int max_pages, int wi
 
 // Uploads c's state, runs fn on the device layer, and compares with the host layer after the
 // reference ran on it.
+// One step's random keys and values for n (row, KV head) pairs of D channels, rounded to bf16
+// (what the device pools can hold), as floats.
+struct StepRows {
+  std::vector<float> k, v;
+};
+StepRows RandomStepRows(size_t n, int D) {
+  std::vector<double> k = randn(n * D), v = randn(n * D);
+  to_bf16(k);
+  to_bf16(v);
+  return {{k.begin(), k.end()}, {v.begin(), v.end()}};
+}
+
 template <typename Fn>
 void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   std::vector<double> kd(before.k_pool.begin(), before.k_pool.end());
@@ -172,11 +184,9 @@ TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
       std::vector<std::vector<float>> ks, vs, merges, omegas;
       std::vector<std::vector<int32_t>> positions;
       for (int s = 0; s < steps; ++s) {
-        std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
-        to_bf16(k);
-        to_bf16(v);
-        ks.emplace_back(k.begin(), k.end());
-        vs.emplace_back(v.begin(), v.end());
+        StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
+        ks.push_back(std::move(rows.k));
+        vs.push_back(std::move(rows.v));
         std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
         for (auto& x : m) x = rng()() % 3 ? 1.0f : 0.0f;
         for (auto& x : o) x = 0.05f + (rng()() % 1000) / 1000.0f;
@@ -265,10 +275,8 @@ TEST(CudaPagedKvEvict, MatchesCpuReferenceOverManySteps) {
       int pos = 0;
       for (int s = 0; s < steps; ++s) {
         for (int b = 0; b < (s == 0 ? burst : 1); ++b, ++pos) {
-          std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
-          to_bf16(k);
-          to_bf16(v);
-          Call c{{k.begin(), k.end()}, {v.begin(), v.end()}, {}, {}};
+          StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
+          Call c{std::move(rows.k), std::move(rows.v), {}, {}};
           for (int i = 0; i < R; ++i) c.positions.push_back(pos + 3 * i);
           kernels::paged_kv_append(host.Host(), c.k.data(), c.v.data(), nullptr, nullptr,
                                    c.positions.data(), R, Hkv, D, 10000.0f, false);
@@ -330,11 +338,9 @@ TEST(CudaPagedKvDmsEvict, DecodeMatchesCpuReferenceOverManySteps) {
       std::vector<std::vector<float>> ks, vs, evicts;
       std::vector<std::vector<int32_t>> positions;
       for (int s = 0; s < steps; ++s) {
-        std::vector<double> k = randn(size_t(R) * Hkv * D), v = randn(size_t(R) * Hkv * D);
-        to_bf16(k);
-        to_bf16(v);
-        ks.emplace_back(k.begin(), k.end());
-        vs.emplace_back(v.begin(), v.end());
+        StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
+        ks.push_back(std::move(rows.k));
+        vs.push_back(std::move(rows.v));
         std::vector<float> e(size_t(R) * Hkv);
         for (auto& x : e) x = rng()() % 2 ? 1.0f : 0.0f;
         evicts.push_back(e);
