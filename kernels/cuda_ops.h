@@ -27,6 +27,7 @@
 #include "kernels/adamw.h"
 #include "kernels/dmc_gates.h"
 #include "kernels/dms_gates.h"
+#include "kernels/kv_quant.h"
 #include "kernels/loma_mask.h"
 #include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
@@ -312,6 +313,37 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
 // so that such calls never reallocate it (a captured CUDA graph keeps pointing at it).
 void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
                                     int split_slots);
+
+// The same attention over a quantized cache, as kernels::paged_decode_attention_quantized reads
+// it: head (b, h) holds q_lengths[b, h] slots in full quantized pages (pages: uint8, layout.bytes
+// each, in the layout of kernels/kv_quant.h; page_table [B, Hkv, max_pages]), then
+// r_lengths[b, h] bf16 slots in its residual block residual_block[b, h] of r_k_pool, r_v_pool
+// [blocks, residual_slots, D]. Quantized rows are dequantized as they are read (fp32, as the CPU
+// reference rounds them); out, probs and the arithmetic as above (probs index slots in that
+// order), CUDA cores for every GQA group. Requirements as above with lengths = q_lengths +
+// r_lengths (at most max_pages·page_size + residual_slots), r_k_pool/r_v_pool 16-byte aligned,
+// pages 4-byte aligned, layout from kernels::kv_quant_page_layout. Partial results share scratch
+// slot 10 with paged_decode_attention: paged_decode_attention_reserve(B, H, D, max_pages +
+// ceil(residual_slots / page_size), page_size, split_slots) reserves for both.
+void paged_decode_attention_quantized(bf16* out, float* probs, int probs_stride, const bf16* q,
+                                      const uint8_t* pages,
+                                      const kernels::KvQuantPageLayout& layout,
+                                      const int32_t* page_table, const int* q_lengths,
+                                      int max_pages, const bf16* r_k_pool, const bf16* r_v_pool,
+                                      const int32_t* residual_block, const int* r_lengths,
+                                      int residual_slots, int B, int H, int Hkv, int D,
+                                      bool exclude_ctrl, float scale,
+                                      cudaStream_t stream = nullptr, int split_slots = 0);
+
+// ---- KV quantization (kernels/kv_quant.h) ----
+// Writes n pages: page page_ids[j] of `pages` (layout.bytes each) from the bf16 rows
+// k_rows[rows[j·P + r]], v_rows[rows[j·P + r]] (each [D]; r < P = layout.page_size, rows [0, S)
+// the salient tier), the same bytes kernels::kv_quantize_page writes from those rows. Gathering
+// by row index lets a closing page take its rows straight from a residual block, in any order
+// (ZipCache's salient rows first). pages 4-byte aligned; page_ids, rows device arrays.
+void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
+                       const int32_t* page_ids, const bf16* k_rows, const bf16* v_rows,
+                       const int32_t* rows, int n, cudaStream_t stream = nullptr);
 
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
 using PagedKv = kernels::PagedKvLayer<bf16>;

@@ -29,6 +29,9 @@
 //   (one CTA per query head) merges the head's chunks in order and normalises; with probs, the
 //   main kernel stores the base-2 scores and the combine kernel turns them into weights.
 // Every reduction has a fixed order, so results are deterministic.
+// The CUDA-core kernel, the chunking and the combine kernel live in decode_attention_cuda.h,
+// shared with the quantized cache's attention (decode_attention_quantized.cu); this file gives
+// them its bf16 pool as the source of rows.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -38,226 +41,45 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
+#include "kernels/decode_attention_cuda.h"
 
 namespace dmc::cuda {
 namespace {
 using namespace detail;
+using namespace decode;
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kUnroll = 4;          // rows per thread in flight
-constexpr int kMaxChunk = 512;      // slots per CTA chosen automatically, at most
-constexpr int kMinChunk = 64;       // ... and at least
-constexpr int kScratchSlot = 10;    // detail::scratch slot of the split partials
-constexpr int kCombineThreads = 128;
+// A bf16 pool: slot i of a head is row i % page_size of page pages[i / page_size].
+template <int D>
+struct PoolRows {
+  const bf16* k_pool;
+  const bf16* v_pool;
+  const int32_t* pages;  // the head's page table
+  int page_size;
+  struct Raw {
+    uint4 k, v;
+  };
+  __device__ __forceinline__ Raw fetch(int slot, int cl) const {
+    const long off =
+        (static_cast<long>(pages[slot / page_size]) * page_size + slot % page_size) * D + cl * 8;
+    return Raw{*reinterpret_cast<const uint4*>(k_pool + off),
+               *reinterpret_cast<const uint4*>(v_pool + off)};
+  }
+  __device__ __forceinline__ void key(const Raw& r, float (&f)[8]) const { unpack8(f, r.k); }
+  __device__ __forceinline__ void value(const Raw& r, float (&f)[8]) const { unpack8(f, r.v); }
+};
 
-struct Params {
-  bf16* out;
-  float* part_o;   // [B·H, splits, D] unnormalised outputs of the chunks
-  float* part_ml;  // [B·H, splits, 2] (max, sum) of the chunks, base 2
-  float* probs;
-  long probs_stride;
-  const bf16* q;
+struct Params : Common {
   const bf16* k_pool;
   const bf16* v_pool;
   const int32_t* page_table;
   const int* lengths;
-  int max_pages, page_size, H, Hkv, G, chunk, splits;
-  float scale_log2;
-  bool exclude_ctrl;
-  bool direct;  // one chunk per head and no probs: write out from the main kernel
+  int max_pages, page_size;
+  __device__ __forceinline__ int length(long head) const { return lengths[head]; }
+  template <int D>
+  __device__ __forceinline__ PoolRows<D> rows(long head) const {
+    return PoolRows<D>{k_pool, v_pool, page_table + head * max_pages, page_size};
+  }
 };
-
-// 8 bf16 packed in a uint4 -> fp32 (a bf16 is the high half of an fp32).
-__device__ __forceinline__ void unpack8(float (&f)[8], const uint4& v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-
-// A chunk past the head's length does nothing, except that the first chunk of an empty head
-// writes zeros when nothing else will.
-__device__ __forceinline__ void zero_empty_heads(const Params& p, long qh0, int heads, int D,
-                                                 int len) {
-  if (len <= 0 && blockIdx.y == 0 && p.direct)
-    for (int i = threadIdx.x; i < heads * D; i += blockDim.x) p.out[qh0 * D + i] = tobf(0.f);
-}
-
-// Channel c of query head qh, merged over the CTA (max M, sum L, unnormalised output O): out
-// directly, or this chunk's partials for the combine kernel.
-__device__ __forceinline__ void store_chunk_result(const Params& p, long qh, int c, int D, float M,
-                                                   float L, float O) {
-  if (p.direct) {
-    p.out[qh * D + c] = tobf(O / L);
-  } else {
-    const long slot = qh * p.splits + blockIdx.y;
-    p.part_o[slot * D + c] = O;
-    if (c == 0) {
-      p.part_ml[2 * slot] = M;
-      p.part_ml[2 * slot + 1] = L;
-    }
-  }
-}
-
-template <int D, int GT>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
-  constexpr int TPR = D / 8;         // threads per key row
-  constexpr int RPW = 32 / TPR;      // rows per warp per step
-  constexpr int RG = kWarps * RPW;   // row groups per CTA
-  constexpr int STEP = RG * kUnroll; // rows per loop iteration
-  __shared__ float sm_acc[RG][GT][D];
-  __shared__ float sm_m[RG][GT];
-  __shared__ float sm_l[RG][GT];
-
-  const int GC = p.G / GT;
-  const int head = blockIdx.x / GC;  // b·Hkv + KV head
-  const int gc = blockIdx.x - head * GC;
-  const int b = head / p.Hkv;
-  const int kvh = head - b * p.Hkv;
-  const long qh0 = static_cast<long>(b) * p.H + static_cast<long>(kvh) * p.G + gc * GT;
-  const int len = p.lengths[head];
-  const long s0 = static_cast<long>(blockIdx.y) * p.chunk;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int cl = lane % TPR;                   // which 8 channels
-  const int rg = warp * RPW + lane / TPR;      // which row group
-
-  if (s0 >= len) {  // uniform over the CTA
-    zero_empty_heads(p, qh0, GT, D, len);
-    return;
-  }
-  const int s1 = static_cast<int>(min(static_cast<long>(len), s0 + p.chunk));
-
-  float qf[GT][8];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-    unpack8(qf[j], *reinterpret_cast<const uint4*>(p.q + (qh0 + j) * D + cl * 8));
-#pragma unroll
-    for (int c = 0; c < 8; ++c) qf[j][c] *= p.scale_log2;
-    if (p.exclude_ctrl && cl == TPR - 1) qf[j][7] = 0.f;  // channel D-1
-  }
-  float m[GT], l[GT], acc[GT][8];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-    m[j] = -INFINITY;
-    l[j] = 0.f;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) acc[j][c] = 0.f;
-  }
-  const int32_t* pages = p.page_table + static_cast<long>(head) * p.max_pages;
-
-  for (int base = static_cast<int>(s0); base < s1; base += STEP) {
-    uint4 kr[kUnroll], vr[kUnroll];
-    int row[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      row[u] = base + u * RG + rg;
-      valid[u] = row[u] < s1;
-      kr[u] = make_uint4(0u, 0u, 0u, 0u);
-      vr[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (valid[u]) {
-        const int page = pages[row[u] / p.page_size];
-        const long off =
-            (static_cast<long>(page) * p.page_size + row[u] % p.page_size) * D + cl * 8;
-        kr[u] = *reinterpret_cast<const uint4*>(p.k_pool + off);
-        vr[u] = *reinterpret_cast<const uint4*>(p.v_pool + off);
-      }
-    }
-    float s[kUnroll][GT];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float kf[8];
-      unpack8(kf, kr[u]);
-#pragma unroll
-      for (int j = 0; j < GT; ++j) {
-        float d = 0.f;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) d = fmaf(qf[j][c], kf[c], d);
-        s[u][j] = d;
-      }
-    }
-    // Sum over the TPR threads of each row (lanes of a row group are contiguous; every lane
-    // takes part, invalid rows hold zeros).
-#pragma unroll
-    for (int o = TPR / 2; o > 0; o >>= 1)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int j = 0; j < GT; ++j) s[u][j] += __shfl_xor_sync(0xffffffffu, s[u][j], o);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int j = 0; j < GT; ++j)
-        if (!valid[u]) s[u][j] = -INFINITY;
-    if (p.probs != nullptr && cl == 0) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (valid[u])
-#pragma unroll
-          for (int j = 0; j < GT; ++j) p.probs[(qh0 + j) * p.probs_stride + row[u]] = s[u][j];
-    }
-    // Online softmax (base 2). m_use keeps exp2 away from (-inf) - (-inf) while nothing valid
-    // has been seen: then every weight and the correction are exp2(-inf) = 0.
-#pragma unroll
-    for (int j = 0; j < GT; ++j) {
-      float mx = s[0][j];
-#pragma unroll
-      for (int u = 1; u < kUnroll; ++u) mx = fmaxf(mx, s[u][j]);
-      const float m_new = fmaxf(m[j], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[j] - m_use);
-      float psum = 0.f;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        s[u][j] = exp2f(s[u][j] - m_use);
-        psum += s[u][j];
-      }
-      l[j] = l[j] * corr + psum;
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[j][c] *= corr;
-      m[j] = m_new;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float vf[8];
-      unpack8(vf, vr[u]);
-#pragma unroll
-      for (int j = 0; j < GT; ++j)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) acc[j][c] = fmaf(s[u][j], vf[c], acc[j][c]);
-    }
-  }
-
-  // Merge the CTA's row groups (a group that saw no valid row has m = -inf, l = 0, acc = 0).
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) sm_acc[rg][j][cl * 8 + c] = acc[j][c];
-    if (cl == 0) {
-      sm_m[rg][j] = m[j];
-      sm_l[rg][j] = l[j];
-    }
-  }
-  __syncthreads();
-  for (int i = tid; i < GT * D; i += kThreads) {
-    const int j = i / D, c = i - j * D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < RG; ++r) M = fmaxf(M, sm_m[r][j]);
-    // M is finite: slot s0 < s1 went to row group 0.
-    float L = 0.f, O = 0.f;
-#pragma unroll
-    for (int r = 0; r < RG; ++r) {
-      const float w = exp2f(sm_m[r][j] - M);
-      L = fmaf(w, sm_l[r][j], L);
-      O = fmaf(w, sm_acc[r][j][c], O);
-    }
-    store_chunk_result(p, qh0 + j, c, D, M, L, O);
-  }
-}
 
 constexpr int kMmaWarps = 4;
 constexpr int kTileRows = 16;  // slots per warp tile: the two n8 score tiles of one m16n8k16 row
@@ -443,49 +265,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const Params
   }
 }
 
-// One CTA per (sequence, query head): merges the head's chunks in chunk order, writes out, and
-// turns the stored base-2 scores into attention weights.
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const Params p, int D) {
-  const long bh = blockIdx.x;
-  const int b = static_cast<int>(bh / p.H);
-  const int g = static_cast<int>(bh - static_cast<long>(b) * p.H);
-  const int len = p.lengths[static_cast<long>(b) * p.Hkv + g / p.G];
-  const int n = len <= 0 ? 0
-                         : static_cast<int>(min(static_cast<long>(p.splits),
-                                                (static_cast<long>(len) + p.chunk - 1) / p.chunk));
-  bf16* out = p.out + bh * D;
-  if (n == 0) {
-    for (int c = threadIdx.x; c < D; c += blockDim.x) out[c] = tobf(0.f);
-    return;
-  }
-  const float* ml = p.part_ml + bh * p.splits * 2;
-  const float* po = p.part_o + bh * p.splits * D;
-  float M = -INFINITY;
-  for (int s = 0; s < n; ++s) M = fmaxf(M, ml[2 * s]);
-  float L = 0.f;
-  for (int s = 0; s < n; ++s) L = fmaf(exp2f(ml[2 * s] - M), ml[2 * s + 1], L);
-  const float inv = 1.f / L;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    float O = 0.f;
-    for (int s = 0; s < n; ++s) O = fmaf(exp2f(ml[2 * s] - M), po[static_cast<long>(s) * D + c], O);
-    out[c] = tobf(O * inv);
-  }
-  if (p.probs != nullptr) {
-    float* pr = p.probs + bh * p.probs_stride;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) pr[i] = exp2f(pr[i] - M) * inv;
-  }
-}
-
-template <int D>
-void launch_main(const Params& p, int GT, dim3 grid, cudaStream_t stream) {
-  switch (GT) {
-    case 4: decode_kernel<D, 4><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: decode_kernel<D, 2><<<grid, kThreads, 0, stream>>>(p); break;
-    default: decode_kernel<D, 1><<<grid, kThreads, 0, stream>>>(p); break;
-  }
-  DMC_CUDA_CHECK_LAUNCH();
-}
-
 // The tensor-core kernel's shared memory exceeds the 48 KiB default; set once, before any
 // graph capture (the engine's reserve call comes first).
 void configure_mma_kernels() {
@@ -507,11 +286,6 @@ void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-[[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "paged_decode_attention: %s\n", what);
-  std::abort();
-}
-
 }  // namespace
 
 void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
@@ -527,35 +301,20 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale, cudaStream_t stream,
                             int split_slots) {
+  constexpr const char* kOp = "paged_decode_attention";
   if (B <= 0 || H <= 0) return;
-  if (D != 64 && D != 128) fail("head dim must be 64 or 128");
-  if (Hkv <= 0 || H % Hkv != 0) fail("H must be a multiple of Hkv");
-  if (page_size <= 0 || max_pages <= 0) fail("page_size and max_pages must be positive");
-  if (probs != nullptr && probs_stride <= 0) fail("probs_stride must be positive");
+  if (D != 64 && D != 128) fail(kOp, "head dim must be 64 or 128");
+  if (Hkv <= 0 || H % Hkv != 0) fail(kOp, "H must be a multiple of Hkv");
+  if (page_size <= 0 || max_pages <= 0) fail(kOp, "page_size and max_pages must be positive");
+  if (probs != nullptr && probs_stride <= 0) fail(kOp, "probs_stride must be positive");
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(out) |
        reinterpret_cast<uintptr_t>(k_pool) | reinterpret_cast<uintptr_t>(v_pool)) & 15u)
-    fail("q, out, k_pool and v_pool must be 16-byte aligned");
+    fail(kOp, "q, out, k_pool and v_pool must be 16-byte aligned");
   const int G = H / Hkv;
   const bool tensor_cores = G >= 4 && G <= 16;
-  const int GT = tensor_cores ? G : G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;
+  const int GT = tensor_cores ? G : cuda_core_heads(G);
   const long ctas = static_cast<long>(B) * Hkv * (G / GT);
-  if (ctas > 0x7fffffffL) fail("too many (sequence, KV head) pairs for one launch");
-  const long max_len = static_cast<long>(max_pages) * page_size;
-
-  long chunk;
-  if (split_slots > 0) {
-    chunk = split_slots;
-  } else {
-    // Enough CTAs to fill the GPU a few times over (counting every chunk up to max_len), with
-    // no CTA longer than kMaxChunk slots, so one long head does not hold up the tail.
-    const long target = 16L * num_sms();
-    chunk = kMaxChunk;
-    while (chunk > kMinChunk && ctas * ((max_len + chunk - 1) / chunk) < target) chunk /= 2;
-  }
-  chunk = std::max(chunk, (max_len + 65534) / 65535);  // gridDim.y <= 65535
-  if (chunk > max_len) chunk = max_len;
-  if (chunk > 0x7fffffffL) fail("chunk too long");
-  const int splits = static_cast<int>((max_len + chunk - 1) / chunk);
+  if (ctas > 0x7fffffffL) fail(kOp, "too many (sequence, KV head) pairs for one launch");
 
   Params p{};
   p.out = out;
@@ -571,31 +330,19 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
   p.H = H;
   p.Hkv = Hkv;
   p.G = G;
-  p.chunk = static_cast<int>(chunk);
-  p.splits = splits;
   p.scale_log2 = scale * kLog2e;
   p.exclude_ctrl = exclude_ctrl;
-  p.direct = splits == 1 && probs == nullptr;
-  if (!p.direct) {
-    const size_t n = static_cast<size_t>(B) * H * splits;
-    float* part = static_cast<float*>(scratch(kScratchSlot, sizeof(float) * n * (D + 2)));
-    p.part_o = part;
-    p.part_ml = part + n * D;
-  }
-  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(splits));
+  plan_chunks(p, kOp, ctas, static_cast<long>(max_pages) * page_size, split_slots, B, D);
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
   if (tensor_cores && D == 64)
     launch_mma<64>(p, grid, stream);
   else if (tensor_cores)
     launch_mma<128>(p, grid, stream);
   else if (D == 64)
-    launch_main<64>(p, GT, grid, stream);
+    launch_cuda_cores<64>(p, GT, grid, stream);
   else
-    launch_main<128>(p, GT, grid, stream);
-  if (!p.direct) {
-    combine_kernel<<<static_cast<unsigned>(static_cast<long>(B) * H), kCombineThreads, 0,
-                     stream>>>(p, D);
-    DMC_CUDA_CHECK_LAUNCH();
-  }
+    launch_cuda_cores<128>(p, GT, grid, stream);
+  launch_combine(p, B, D, stream);
 }
 
 }  // namespace dmc::cuda

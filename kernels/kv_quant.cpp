@@ -27,20 +27,6 @@ const float* Floats(const uint8_t* page, long offset) {
   return reinterpret_cast<const float*>(page + offset);
 }
 
-// Rows [0, S) are the salient tier, [S, P) the other one.
-int RowBits(const KvQuantPageLayout& l, int row) {
-  return row < l.salient_slots ? l.salient_bits : l.bits;
-}
-long RowOffset(const KvQuantPageLayout& l, int row) {
-  const int salient = std::min(row, l.salient_slots);
-  return salient * KvCodeRowBytes(l.head_dim, l.salient_bits) +
-         (row - salient) * KvCodeRowBytes(l.head_dim, l.bits);
-}
-// Index of the key tier of a row among the tiers present.
-int KeyTier(const KvQuantPageLayout& l, int row) {
-  return row < l.salient_slots || l.salient_slots == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& o, int page_size, int head_dim) {
@@ -53,7 +39,7 @@ KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& o, int page_size, i
   l.value_group = o.value_group > 0 ? o.value_group : head_dim;
   l.value_groups = head_dim / l.value_group;
   l.key_tiers = (l.salient_slots > 0 ? 1 : 0) + (l.salient_slots < page_size ? 1 : 0);
-  const long codes = RowOffset(l, page_size);
+  const long codes = KvRowOffset(l, page_size);
   l.key_codes = 0;
   l.value_codes = codes;
   l.key_params = (2 * codes + 3) / 4 * 4;  // the params are floats: 4-byte aligned
@@ -70,17 +56,10 @@ void kv_quantize_group(uint8_t* codes, float* scale, float* zero, const T* x, in
     lo = std::min<double>(lo, x[i * stride]);
     hi = std::max<double>(hi, x[i * stride]);
   }
-  const int top = (1 << bits) - 1;
   // Stored as floats: the codes are chosen against the stored scale and zero point, so the
   // bound holds for what dequantization reads.
-  const float z = static_cast<float>(lo);
-  const float s = hi > lo ? static_cast<float>((hi - lo) / top) : 1.0f;
-  for (int i = 0; i < n; ++i) {
-    const double q = std::nearbyint((static_cast<double>(x[i * stride]) - z) / s);
-    codes[i] = static_cast<uint8_t>(std::clamp(q, 0.0, static_cast<double>(top)));
-  }
-  *scale = s;
-  *zero = z;
+  KvGroupParams(lo, hi, bits, scale, zero);
+  for (int i = 0; i < n; ++i) codes[i] = KvCode(x[i * stride], *scale, *zero, bits);
 }
 
 template <typename T>
@@ -106,8 +85,8 @@ void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& l, const T* keys, 
     ++index;
   }
   for (int r = 0; r < P; ++r)
-    PackRow(page + l.key_codes + RowOffset(l, r), codes.data() + static_cast<size_t>(r) * D, D,
-            RowBits(l, r));
+    PackRow(page + l.key_codes + KvRowOffset(l, r), codes.data() + static_cast<size_t>(r) * D, D,
+            KvRowBits(l, r));
   // Values: each row, per group of channels.
   float* value_scale = Floats(page, l.value_params);
   float* value_zero = value_scale + static_cast<long>(P) * l.value_groups;
@@ -115,23 +94,23 @@ void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& l, const T* keys, 
     for (int g = 0; g < l.value_groups; ++g) {
       const long p = static_cast<long>(r) * l.value_groups + g;
       kv_quantize_group(codes.data() + g * G, value_scale + p, value_zero + p,
-                        values + static_cast<long>(r) * D + g * G, G, 1, RowBits(l, r));
+                        values + static_cast<long>(r) * D + g * G, G, 1, KvRowBits(l, r));
     }
-    PackRow(page + l.value_codes + RowOffset(l, r), codes.data(), D, RowBits(l, r));
+    PackRow(page + l.value_codes + KvRowOffset(l, r), codes.data(), D, KvRowBits(l, r));
   }
 }
 
 template <typename T>
 void kv_dequantize_row(T* key, T* value, const uint8_t* page, const KvQuantPageLayout& l,
                        int row) {
-  const int D = l.head_dim, bits = RowBits(l, row);
-  const float* key_scale = Floats(page, l.key_params) + KeyTier(l, row) * D;
-  const float* key_zero = Floats(page, l.key_params) + (l.key_tiers + KeyTier(l, row)) * D;
+  const int D = l.head_dim, bits = KvRowBits(l, row);
+  const float* key_scale = Floats(page, l.key_params) + KvKeyTier(l, row) * D;
+  const float* key_zero = Floats(page, l.key_params) + (l.key_tiers + KvKeyTier(l, row)) * D;
   const float* value_scale =
       Floats(page, l.value_params) + static_cast<long>(row) * l.value_groups;
   const float* value_zero = value_scale + static_cast<long>(l.page_size) * l.value_groups;
-  const uint8_t* k = page + l.key_codes + RowOffset(l, row);
-  const uint8_t* v = page + l.value_codes + RowOffset(l, row);
+  const uint8_t* k = page + l.key_codes + KvRowOffset(l, row);
+  const uint8_t* v = page + l.value_codes + KvRowOffset(l, row);
   for (int c = 0; c < D; ++c) {
     key[c] = static_cast<T>(key_zero[c] + UnpackCode(k, c, bits) * key_scale[c]);
     const int g = c / l.value_group;

@@ -23,10 +23,22 @@
 //   key params    float scale[tiers][D], then float zero[tiers][D]; tiers: the salient and the
 //                 other rows, each only when it has rows
 //   value params  float scale[P][D/value_group], then float zero[P][D/value_group]
-// Scales and zero points are fp32 (the papers keep them in fp16; ours, on the CPU).
+// Scales and zero points are fp32 (the papers keep them in fp16).
+// The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, paged_decode_attention_quantized)
+// read and write the same bytes through the layout helpers below.
 #pragma once
 
+#include <math.h>
+
 #include <cstdint>
+
+#ifndef DMC_HOST_DEVICE
+#if defined(__CUDACC__)
+#define DMC_HOST_DEVICE __host__ __device__
+#else
+#define DMC_HOST_DEVICE
+#endif
+#endif
 
 namespace dmc::kernels {
 
@@ -45,7 +57,37 @@ struct KvQuantPageLayout {
 };
 
 // Bytes of one packed row of n codes of `bits` bits.
-inline long KvCodeRowBytes(int n, int bits) { return (static_cast<long>(n) * bits + 7) / 8; }
+DMC_HOST_DEVICE inline long KvCodeRowBytes(int n, int bits) {
+  return (static_cast<long>(n) * bits + 7) / 8;
+}
+
+// Rows [0, S) of a page are the salient tier, [S, P) the other one: the bits of row `row`, the
+// byte offset of its codes within the key (or value) codes, and the index of its key tier among
+// the tiers present.
+DMC_HOST_DEVICE inline int KvRowBits(const KvQuantPageLayout& l, int row) {
+  return row < l.salient_slots ? l.salient_bits : l.bits;
+}
+DMC_HOST_DEVICE inline long KvRowOffset(const KvQuantPageLayout& l, int row) {
+  const int salient = row < l.salient_slots ? row : l.salient_slots;
+  return salient * KvCodeRowBytes(l.head_dim, l.salient_bits) +
+         (row - salient) * KvCodeRowBytes(l.head_dim, l.bits);
+}
+DMC_HOST_DEVICE inline int KvKeyTier(const KvQuantPageLayout& l, int row) {
+  return row < l.salient_slots || l.salient_slots == 0 ? 0 : 1;
+}
+
+// The rule of one group (above) in the precision both versions compute it in: the group's min lo
+// and max hi give the stored zero point and scale, and x its code against them (round half to
+// even, in double).
+DMC_HOST_DEVICE inline void KvGroupParams(double lo, double hi, int bits, float* scale,
+                                          float* zero) {
+  *zero = static_cast<float>(lo);
+  *scale = hi > lo ? static_cast<float>((hi - lo) / ((1 << bits) - 1)) : 1.0f;
+}
+DMC_HOST_DEVICE inline uint8_t KvCode(double x, float scale, float zero, int bits) {
+  const double q = nearbyint((x - zero) / scale), top = (1 << bits) - 1;
+  return static_cast<uint8_t>(q < 0.0 ? 0.0 : q > top ? top : q);
+}
 
 // The layout of a page of page_size rows; options must be valid (inference/cache_policy.h checks).
 KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& options, int page_size, int head_dim);

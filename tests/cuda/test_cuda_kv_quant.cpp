@@ -1,0 +1,336 @@
+// GPU vs CPU reference: the quantized KV cache (kernels/kv_quant.h) and the decode attention over
+// it (kernels/decode_attention.h, paged_decode_attention_quantized). Fresh random inputs on every
+// run; int8, int4, int2 and three ZipCache mixtures (a quarter of the rows at 8 bits, the rest 4;
+// one row at 4, the rest 2; every row salient), value groups of the whole head down to 4
+// channels (two groups inside one thread's 8 channels), head dims 64 and 128, page sizes 16 and
+// 12.
+//   Quantization: the pages kv_quantize_pages writes from rows gathered in shuffled order are
+//   compared byte for byte with kernels::kv_quantize_page on the same rows. Every source row no
+//   page takes is 1e30 (a read of one moves a group's min or max, and so its bytes), and every
+//   pool page no page id names stays as poisoned, as in the CPU's pool.
+//   Attention: pages written by the CPU quantizer, GQA groups 1, 4 and 8, heads of random
+//   lengths in pages and in their residual blocks (always among them: full table and full
+//   residual, no page and one residual slot, one page and no residual, no page and a full
+//   residual), split chunks of the kernel's choice, 37 slots (off every page and residual
+//   boundary) or one per head, with and without probs and the control channel. Every spare page
+//   is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and every
+//   residual row no head holds is NaN, so a wrong read fails the comparison; outputs and probs
+//   are NaN-poisoned, so an unwritten element fails; a second identical call is bit-identical.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/decode_attention.h"
+#include "kernels/kv_quant.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace dmc::cuda_test {
+namespace {
+namespace K = dmc::kernels;
+namespace C = dmc::cuda;
+
+class CudaKvQuant : public ::testing::Test {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+struct Mode {
+  const char* name;
+  int bits, salient_bits;
+  int salient_slots;  // -1: every row of the page; -4: a quarter of them
+};
+const Mode kModes[] = {{"int8", 8, 0, 0},        {"int4", 4, 0, 0},
+                       {"int2", 2, 0, 0},        {"zip8/4 P/4", 4, 8, -4},
+                       {"zip4/2 1", 2, 4, 1},    {"zip8/2 all", 2, 8, -1}};
+
+K::KvQuantOptions options_of(const Mode& m, int page_size, int value_group) {
+  const int salient = m.salient_slots == -1   ? page_size
+                      : m.salient_slots == -4 ? page_size / 4
+                                              : m.salient_slots;
+  return K::KvQuantOptions{m.bits, value_group, m.salient_bits, salient};
+}
+
+std::string name_of(const Mode& m, int D, int P, int value_group) {
+  return std::string(m.name) + " D" + std::to_string(D) + " ps" + std::to_string(P) + " vg" +
+         std::to_string(value_group);
+}
+
+// Rows as keys and values look: unit normals, an outlier channel (KIVI Fig. 2), a channel
+// offset, and channel 2 constant over the whole set (a group with max = min: scale 1).
+std::vector<double> random_rows(int rows, int D) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  std::vector<double> x(static_cast<size_t>(rows) * D);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < D; ++c)
+      x[static_cast<size_t>(r) * D + c] =
+          c == 2 ? 0.75 : n(rng()) * (c == 1 ? 4.0 : 1.0) + 0.01 * c;
+  return x;
+}
+
+// ---- quantize-on-write: kv_quantize_pages against kv_quantize_page, byte for byte ----
+
+void run_quantize(const Mode& m, int D, int P, int value_group) {
+  const K::KvQuantPageLayout layout =
+      K::kv_quant_page_layout(options_of(m, P, value_group), P, D);
+  const std::string what = name_of(m, D, P, value_group);
+  const int n = 7, spare_pages = 4, spare_rows = 2 * P + 3;
+  const int src_rows = n * P + spare_rows;
+
+  // Sources: the rows the pages take, then rows no page takes (1e30), shuffled together.
+  std::vector<double> kd = random_rows(src_rows, D), vd = random_rows(src_rows, D);
+  std::vector<int32_t> order(src_rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng());
+  for (int i = n * P; i < src_rows; ++i)
+    for (int c = 0; c < D; ++c) {
+      kd[static_cast<size_t>(order[i]) * D + c] = 1e30;
+      vd[static_cast<size_t>(order[i]) * D + c] = -1e30;
+    }
+  const std::vector<int32_t> rows(order.begin(), order.begin() + n * P);
+  auto kb = to_bf16(kd), vb = to_bf16(vd);
+
+  std::vector<int32_t> pool_pages(n + spare_pages);
+  std::iota(pool_pages.begin(), pool_pages.end(), 0);
+  std::shuffle(pool_pages.begin(), pool_pages.end(), rng());
+  const std::vector<int32_t> page_ids(pool_pages.begin(), pool_pages.begin() + n);
+  const size_t pool_bytes = static_cast<size_t>(n + spare_pages) * layout.bytes;
+
+  std::vector<uint8_t> want(pool_bytes, 0xFF);
+  std::vector<double> keys(static_cast<size_t>(P) * D), values(keys.size());
+  for (int j = 0; j < n; ++j) {
+    for (int r = 0; r < P; ++r)
+      for (int c = 0; c < D; ++c) {
+        keys[static_cast<size_t>(r) * D + c] = kd[static_cast<size_t>(rows[j * P + r]) * D + c];
+        values[static_cast<size_t>(r) * D + c] = vd[static_cast<size_t>(rows[j * P + r]) * D + c];
+      }
+    K::kv_quantize_page(want.data() + static_cast<size_t>(page_ids[j]) * layout.bytes, layout,
+                        keys.data(), values.data());
+  }
+
+  DevBuf<uint8_t> dpages(pool_bytes), dpages2(pool_bytes);
+  DevBuf<bf16> dk(kb), dv(vb);
+  DevBuf<int32_t> drows(rows), dids(page_ids);
+  dpages.poison();
+  dpages2.poison();
+  C::kv_quantize_pages(dpages, layout, dids, dk, dv, drows, n);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<uint8_t> got = dpages.download();
+  long differ = 0, first = -1;
+  for (size_t i = 0; i < pool_bytes; ++i)
+    if (got[i] != want[i]) {
+      if (first < 0) first = static_cast<long>(i);
+      ++differ;
+    }
+  if (first >= 0) {
+    const long offset = first % layout.bytes;
+    const char* region = offset < layout.value_codes    ? "key codes"
+                         : offset < layout.key_params   ? "value codes"
+                         : offset < layout.value_params ? "key scales/zeros"
+                                                        : "value scales/zeros";
+    ADD_FAILURE() << what << ": " << differ << " of " << pool_bytes
+                  << " bytes differ from the CPU's; the first at byte " << offset << " ("
+                  << region << ") of pool page " << first / layout.bytes << ": "
+                  << int(got[first]) << " vs " << int(want[first]);
+  }
+  std::printf("[ bytes ] quantize %-34s %ld of %zu bytes differ\n", what.c_str(), differ,
+              pool_bytes);
+
+  C::kv_quantize_pages(dpages2, layout, dids, dk, dv, drows, n);
+  const std::vector<uint8_t> got2 = dpages2.download();
+  EXPECT_EQ(std::memcmp(got.data(), got2.data(), pool_bytes), 0) << what << ": two runs differ";
+}
+
+TEST_F(CudaKvQuant, QuantizePagesBitExact) {
+  for (const Mode& m : kModes)
+    for (int D : {64, 128})
+      for (int P : {16, 12})
+        for (int value_group : {0, 32, 4}) run_quantize(m, D, P, value_group);
+}
+
+// ---- the decode attention over a quantized cache ----
+
+struct Case {
+  Mode mode;
+  int B, Hkv, G, D, page_size, value_group;
+  int max_pages, settle_lag;  // residual blocks of page_size + settle_lag slots, as the cache's
+  int split_slots;            // 0: the kernel chooses
+  bool probs, exclude_ctrl;
+};
+
+std::string name_of(const Case& c, const char* what) {
+  return std::string("qdecode ") + what + " " +
+         name_of(c.mode, c.D, c.page_size, c.value_group) + " B" + std::to_string(c.B) +
+         " Hkv" + std::to_string(c.Hkv) + " G" + std::to_string(c.G) + " pages<=" +
+         std::to_string(c.max_pages) +
+         (c.split_slots ? " split" + std::to_string(c.split_slots) : std::string(" split auto")) +
+         (c.probs ? " probs" : "") + (c.exclude_ctrl ? " ctrl" : "");
+}
+
+void run_case(const Case& c) {
+  const int H = c.Hkv * c.G, D = c.D, P = c.page_size, heads = c.B * c.Hkv;
+  const int residual = P + c.settle_lag;
+  const K::KvQuantPageLayout layout =
+      K::kv_quant_page_layout(options_of(c.mode, P, c.value_group), P, D);
+
+  // Lengths in pages and residual slots, at least one slot per head; the four edge heads first.
+  std::vector<int> pages_of(heads), r_len(heads);
+  std::uniform_int_distribution<int> any_pages(0, c.max_pages), any_residual(0, residual);
+  for (int h = 0; h < heads; ++h) {
+    pages_of[h] = any_pages(rng());
+    r_len[h] = any_residual(rng());
+    if (pages_of[h] == 0 && r_len[h] == 0) r_len[h] = 1;
+  }
+  const int edge[4][2] = {{c.max_pages, residual}, {0, 1}, {1, 0}, {0, residual}};
+  for (int h = 0; h < std::min(heads, 4); ++h) {
+    pages_of[h] = edge[h][0];
+    r_len[h] = edge[h][1];
+  }
+  std::vector<int> q_len(heads);
+  for (int h = 0; h < heads; ++h) q_len[h] = pages_of[h] * P;
+
+  // Pages: the used ones in shuffled order among spare ones (0xFF bytes); every unused
+  // page-table entry names a spare page.
+  const int used = std::accumulate(pages_of.begin(), pages_of.end(), 0);
+  const int npages = used + 3;
+  std::vector<int32_t> perm(npages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng());
+  std::vector<int32_t> table(static_cast<size_t>(heads) * c.max_pages, perm[npages - 1]);
+  std::vector<uint8_t> pool(static_cast<size_t>(npages) * layout.bytes, 0xFF);
+  int next = 0;
+  for (int h = 0; h < heads; ++h)
+    for (int pg = 0; pg < pages_of[h]; ++pg) {
+      const int32_t page = perm[next++];
+      table[static_cast<size_t>(h) * c.max_pages + pg] = page;
+      const std::vector<double> keys = random_rows(P, D), values = random_rows(P, D);
+      K::kv_quantize_page(pool.data() + static_cast<size_t>(page) * layout.bytes, layout,
+                          keys.data(), values.data());
+    }
+
+  // Residual blocks: one per head, shuffled among spare ones; rows no head holds are NaN.
+  const int nblocks = heads + 2;
+  std::vector<int32_t> block_perm(nblocks);
+  std::iota(block_perm.begin(), block_perm.end(), 0);
+  std::shuffle(block_perm.begin(), block_perm.end(), rng());
+  const std::vector<int32_t> blocks(block_perm.begin(), block_perm.begin() + heads);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::vector<double> rkd(static_cast<size_t>(nblocks) * residual * D, nan), rvd(rkd.size(), nan);
+  for (int h = 0; h < heads; ++h) {
+    const std::vector<double> keys = random_rows(r_len[h], D), values = random_rows(r_len[h], D);
+    const size_t base = static_cast<size_t>(blocks[h]) * residual * D;
+    std::copy(keys.begin(), keys.end(), rkd.begin() + base);
+    std::copy(values.begin(), values.end(), rvd.begin() + base);
+  }
+
+  auto qd = randn(static_cast<size_t>(c.B) * H * D);
+  if (c.exclude_ctrl)  // a large control channel: counting it in q·k would change everything
+    for (int bh = 0; bh < c.B * H; ++bh) qd[static_cast<size_t>(bh) * D + D - 1] = 40.0;
+  auto qb = to_bf16(qd), rkb = to_bf16(rkd), rvb = to_bf16(rvd);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const int stride = c.max_pages * P + residual + 3;
+  const size_t out_n = static_cast<size_t>(c.B) * H * D;
+  const size_t probs_n = c.probs ? static_cast<size_t>(c.B) * H * stride : 1;
+
+  DevBuf<bf16> dq(qb), drk(rkb), drv(rvb), dout(out_n), dout2(out_n);
+  DevBuf<uint8_t> dpool(pool);
+  DevBuf<int32_t> dtable(table), dblocks(blocks);
+  DevBuf<int> dqlen(q_len), drlen(r_len);
+  DevBuf<float> dprobs(probs_n), dprobs2(probs_n);
+  auto launch = [&](bf16* out, float* probs) {
+    C::paged_decode_attention_quantized(out, c.probs ? probs : nullptr, stride, dq, dpool, layout,
+                                        dtable, dqlen, c.max_pages, drk, drv, dblocks, drlen,
+                                        residual, c.B, H, c.Hkv, D, c.exclude_ctrl, scale,
+                                        nullptr, c.split_slots);
+  };
+  dout.poison();
+  dprobs.poison();
+  launch(dout, dprobs);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  const auto out = dout.download();
+  const auto probs = dprobs.download();
+
+  std::vector<double> ref(out_n);
+  std::vector<double> ref_probs(c.probs ? probs_n : 0, 0.0);
+  K::paged_decode_attention_quantized<double>(
+      ref.data(), c.probs ? ref_probs.data() : nullptr, stride, qd.data(), pool.data(), layout,
+      table.data(), q_len.data(), c.max_pages, rkd.data(), rvd.data(), blocks.data(), r_len.data(),
+      residual, c.B, H, c.Hkv, D, c.exclude_ctrl, scale);
+  expect_close(name_of(c, "out").c_str(), out, ref, kBf16Tol);
+
+  if (c.probs) {  // the weights of the head's slots; everything past them stays untouched
+    std::vector<double> got, want;
+    long touched = 0;
+    for (int b = 0; b < c.B; ++b)
+      for (int g = 0; g < H; ++g) {
+        const int head = b * c.Hkv + g / c.G, n = q_len[head] + r_len[head];
+        const size_t base = (static_cast<size_t>(b) * H + g) * stride;
+        for (int i = 0; i < stride; ++i) {
+          if (i < n) {
+            got.push_back(probs[base + i]);
+            want.push_back(ref_probs[base + i]);
+          } else {
+            uint32_t bits;
+            std::memcpy(&bits, &probs[base + i], sizeof bits);
+            touched += bits != 0xFFFFFFFFu;
+          }
+        }
+      }
+    expect_close(name_of(c, "probs").c_str(), got, want, 1e-4);
+    EXPECT_EQ(touched, 0) << name_of(c, "probs") << ": written past a head's length";
+  }
+
+  // The same call again: bit-identical (fixed chunks, fixed reduction order, no races).
+  dout2.poison();
+  dprobs2.poison();
+  launch(dout2, dprobs2);
+  const auto out2 = dout2.download();
+  EXPECT_EQ(std::memcmp(out.data(), out2.data(), sizeof(bf16) * out_n), 0)
+      << name_of(c, "out") << ": two runs differ";
+  if (c.probs) {
+    const auto probs2 = dprobs2.download();
+    EXPECT_EQ(std::memcmp(probs.data(), probs2.data(), sizeof(float) * probs_n), 0)
+        << name_of(c, "probs") << ": two runs differ";
+  }
+}
+
+// Every mode x D 64, 128 x GQA 1, 4, 8 x page size 16, 12; the split, the value group, probs and
+// the control channel cycle over the cases, so that every mode meets each of them.
+TEST_F(CudaKvQuant, DecodeModesAndShapes) {
+  const int value_groups[4] = {0, 32, 4, 8};
+  int index = 0;
+  for (const Mode& m : kModes)
+    for (int D : {64, 128})
+      for (int G : {1, 4, 8})
+        for (int P : {16, 12}) {
+          const int split = index % 3 == 0 ? 0 : index % 3 == 1 ? 37 : 1 << 20;
+          const int value_group = value_groups[index % 4];
+          run_case(Case{m, 3, 2, G, D, P, value_group, 5, 3, split, index % 2 == 0,
+                        (index / 2) % 2 == 1});
+          ++index;
+        }
+}
+
+// Long heads (up to 200 pages): the kernel's split gives many chunks per head; with and without
+// probs, and one KV head per sequence only.
+TEST_F(CudaKvQuant, DecodeLongHeads) {
+  for (int D : {64, 128}) {
+    run_case(Case{kModes[1], 2, 2, 4, D, 16, 32, 190, 2, 0, false, true});
+    run_case(Case{kModes[3], 2, 2, 1, D, 16, 0, 190, 2, 0, true, false});
+    run_case(Case{kModes[2], 5, 1, 8, D, 12, 4, 120, 0, 0, true, true});
+  }
+}
+
+// A Llama-3-8B-like batch (8 KV heads of 128, G = 4) at page size 16, up to 60 pages a head:
+// the kernel's own split choice at a realistic size.
+TEST_F(CudaKvQuant, DecodeModelSized) {
+  run_case(Case{kModes[1], 4, 8, 4, 128, 16, 0, 60, 1, 0, false, false});
+  run_case(Case{kModes[3], 4, 8, 4, 128, 16, 0, 60, 1, 0, true, false});
+}
+
+}  // namespace
+}  // namespace dmc::cuda_test
