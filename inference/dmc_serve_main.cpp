@@ -55,6 +55,17 @@ int Fail(const absl::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Signals go to one waiting thread; every other thread blocks them. The mask is set before
+  // anything starts a thread (the model loader's pool, the CUDA runtime's own threads, httplib's),
+  // since threads inherit it: a SIGTERM delivered to a thread that does not block it would kill
+  // the process instead of draining it.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up is a failed write, not a crash
+
   absl::SetProgramUsageMessage(
       "dmc-serve --model=HF_DIR [--device=cuda] [--port=8000] [--kv_budget_mb=64] "
       "[--max_batch=32] [--method=dmc|dms|vanilla|h2o|tova]");
@@ -98,14 +109,6 @@ int main(int argc, char** argv) {
         absl::GetFlag(FLAGS_kv_budget_mb), context, one / double(1 << 20))));
   auto engine = inf::CreateEngine(**model, spec);
   if (!engine.ok()) return Fail(engine.status());
-
-  // Signals go to one waiting thread; every other thread (httplib's, the engine's) blocks them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up is a failed write, not a crash
 
   if (absl::GetFlag(FLAGS_prefill_tokens_per_step) < 0)
     return Fail(absl::InvalidArgumentError("--prefill_tokens_per_step must be >= 0"));
