@@ -744,10 +744,14 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     Zero(b.dgate, size_t(N) * F, s);
     Zero(b.dup, size_t(N) * F, s);
     c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, s);
+    // The input gradient first, summed over TP while the weight gradients run.
     Zero(b.dxn, size_t(N) * C, s);
-    c::matmul_backward(b.dxn, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
-    c::matmul_backward(b.dxn, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, s);
-    TpAllReduce(b.dxn, size_t(N) * C);
+    c::matmul_backward(b.dxn, nullptr, b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
+    c::matmul_backward(b.dxn, nullptr, b.dup, a.xn2, W(o[kUp]), N, C, F, s);
+    TpStartAllReduce(b.dxn, size_t(N) * C);
+    c::matmul_backward(nullptr, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
+    c::matmul_backward(nullptr, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, s);
+    TpJoin();
     c::rmsnorm_backward(b.dres, G(o[kMlpNorm]), b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C, s);
 
     // Attention half.
@@ -800,10 +804,14 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
       c::scale_last_channel(dk, long(N) * Hkv, D, fade, s);
     }
     Zero(b.dxn, size_t(N) * C, s);
-    c::matmul_backward(b.dxn, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
-    c::matmul_backward(b.dxn, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
-    c::matmul_backward(b.dxn, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
-    TpAllReduce(b.dxn, size_t(N) * C);
+    c::matmul_backward(b.dxn, nullptr, b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
+    c::matmul_backward(b.dxn, nullptr, dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
+    c::matmul_backward(b.dxn, nullptr, dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    TpStartAllReduce(b.dxn, size_t(N) * C);
+    c::matmul_backward(nullptr, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
+    c::matmul_backward(nullptr, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
+    c::matmul_backward(nullptr, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    TpJoin();
     c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C, s);
     if (dms && !dms_offsets_.empty()) {  // the adapter reads the residual through its own norm
       const size_t norm = dms_offsets_[2 * l], proj = dms_offsets_[2 * l + 1];

@@ -37,7 +37,8 @@
 // holds its share of the heads, KV heads, MLP hidden units and vocabulary. TpAllReduce sums the
 // embedding output and the row-parallel outputs after o_proj and down_proj in the forward pass,
 // and in the backward pass dxn, the input gradient of the column-parallel projections and of the
-// LM head; the cross-entropy all-gathers 2·N per-row statistics (TpAllGather); the DMC statistics (each sequence's mean merge and the per-layer merge
+// LM head (in the backward pass started before the weight gradients of those projections, which
+// run while it is in flight: Megatron-LM's asynchronous input-gradient all-reduce); the cross-entropy all-gathers 2·N per-row statistics (TpAllGather); the DMC statistics (each sequence's mean merge and the per-layer merge
 // fractions) are summed over TP before the CR loss, so the loss and its gradient equal the single
 // process's. Data parallelism: Backward(loss_scale, dp) averages the gradients over dp in buckets
 // that overlap with the backward pass. The collectives and their stream ordering (NCCL on its own
@@ -202,6 +203,11 @@ class LlamaCuda {
   // throws std::runtime_error on failure, as model/llama.cpp does (llama_cuda_parallel.cpp).
   template <typename X>
   void TpAllReduce(X* x, size_t n) const;
+  // TpAllReduce in two halves, so that work which neither reads nor writes x (the weight
+  // gradients of the projections that produced it) runs while x is summed: the sum is in x for
+  // the work enqueued after TpJoin().
+  void TpStartAllReduce(cuda::bf16* x, size_t n) const;
+  void TpJoin() const;
   // NCCL: waits for the TP group's collectives under its deadline (a failed peer would otherwise
   // leave the compute stream waiting forever); before each wait of the host for the device.
   void TpSynchronize() const;

@@ -93,10 +93,15 @@ template absl::Status DeviceReducer::Start(float* x, size_t n);
 template absl::Status DeviceReducer::Start(double* x, size_t n);
 
 void DeviceReducer::Join() {
-  if (!started_) return;
-  DMC_CUDA_CHECK(cudaEventRecord(done_, comm_.device_stream()));
-  DMC_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
-  started_ = false;
+  if (started_) {
+    DMC_CUDA_CHECK(cudaEventRecord(done_, comm_.device_stream()));
+    DMC_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
+    started_ = false;
+  }
+  if (pending_bf16_) {
+    h::to_bf16(pending_bf16_, scratch_, pending_n_, compute_);
+    pending_bf16_ = nullptr;
+  }
 }
 
 // Partial sums in bf16 are reduced in fp32: converted into an fp32 scratch buffer, summed, and
@@ -105,13 +110,15 @@ void DeviceReducer::Join() {
 // rounds its output once); a bf16 sum would round at every step of NCCL's ring, an error that grows
 // with the TP size. The price, twice the bytes of a bf16 all-reduce and two element-wise passes
 // over N·C values, is small next to the projections that produce these sums.
-absl::Status DeviceReducer::AllReduceSum(cuda::bf16* x, size_t n) {
+absl::Status DeviceReducer::Start(cuda::bf16* x, size_t n) {
   if (n == 0 || comm_.size() == 1) return absl::OkStatus();
+  if (pending_bf16_)
+    return absl::FailedPreconditionError("a bf16 sum is already in flight: Join() it first");
   float* sum = Scratch(n);
   h::to_f32(sum, x, n, compute_);
-  absl::Status status = AllReduceSum(sum, n);
-  h::to_bf16(x, sum, n, compute_);
-  return status;
+  pending_bf16_ = x;
+  pending_n_ = n;
+  return Start(sum, n);
 }
 
 absl::Status DeviceReducer::AllGather(const float* send, float* recv, size_t n) {
@@ -209,6 +216,13 @@ void LlamaCuda::TpAllReduce(X* x, size_t n) const {
 template void LlamaCuda::TpAllReduce(cuda::bf16* x, size_t n) const;
 template void LlamaCuda::TpAllReduce(float* x, size_t n) const;
 template void LlamaCuda::TpAllReduce(double* x, size_t n) const;
+
+void LlamaCuda::TpStartAllReduce(cuda::bf16* x, size_t n) const {
+  if (absl::Status s = tp_reduce_->Start(x, n); !s.ok())
+    throw std::runtime_error("tensor-parallel all-reduce failed: " + s.ToString());
+}
+
+void LlamaCuda::TpJoin() const { tp_reduce_->Join(); }
 
 void LlamaCuda::TpAllGather(const float* send, float* recv, size_t n) const {
   if (absl::Status s = tp_reduce_->AllGather(send, recv, n); !s.ok())

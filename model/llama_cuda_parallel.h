@@ -38,6 +38,10 @@ class DeviceReducer {
   // when it returns.
   template <typename X>
   absl::Status Start(X* x, size_t n);
+  // bf16 partial sums (the row-parallel outputs, the inputs' gradients of the column-parallel
+  // projections): summed in fp32 (see llama_cuda_parallel.cpp) and rounded back into x by the
+  // next Join(); one at a time.
+  absl::Status Start(cuda::bf16* x, size_t n);
   // Makes later work on the compute stream see every sum started so far (no host wait).
   void Join();
   // Start + Join.
@@ -47,9 +51,6 @@ class DeviceReducer {
     Join();
     return status;
   }
-  // bf16 partial sums (the row-parallel outputs, the inputs' gradients of the column-parallel
-  // projections): summed in fp32, see llama_cuda_parallel.cpp.
-  absl::Status AllReduceSum(cuda::bf16* x, size_t n);
   // recv [size · n] = every rank's send [n] in rank order (device memory, send and recv apart), in
   // the compute stream's order; for small buffers (the vocabulary-parallel cross-entropy's
   // per-row statistics).
@@ -73,6 +74,8 @@ class DeviceReducer {
   cudaEvent_t ready_ = nullptr;  // on the compute stream, before a device collective
   cudaEvent_t done_ = nullptr;   // on the communicator's stream, after the last one
   bool started_ = false;         // a device collective the compute stream does not wait for yet
+  cuda::bf16* pending_bf16_ = nullptr;  // a bf16 sum in scratch_, rounded back by Join()
+  size_t pending_n_ = 0;
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;
   float* scratch_ = nullptr;
