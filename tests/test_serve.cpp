@@ -5,31 +5,21 @@
 // bound is checked in process.
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdio>
-#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "inference/cpu_engine.h"
 #include "inference/serve_engine_loop.h"
 #include "nlohmann/json.hpp"
+#include "tests/serve_process.h"
 #include "tests/tiny_models.h"
-#include "parallel/communicator.h"
-#include "trainer/checkpoint.h"
-#include "trainer/export.h"
-#include "trainer/optimizer.h"
 
 namespace dmc {
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
-
-const std::string kBin = DMC_BINARY_DIR "/inference/";
 
 model::LlamaConfig ServeConfig() {
   model::LlamaConfig c = tiny_models::TinyLlama(259, 2);  // the byte tokenizer's vocabulary
@@ -42,86 +32,17 @@ model::LlamaConfig ServeConfig() {
 }
 
 // A tiny DMC model in Hugging Face layout, made once for the whole suite and removed at exit.
-struct TempRoot {
-  fs::path path = fs::temp_directory_path() / ("dmc_serve_" + std::to_string(getpid()));
-  ~TempRoot() { fs::remove_all(path); }
-};
-
 const std::string& ModelDir() {
-  static TempRoot temp;
-  static const std::string dir = [] {
-    const fs::path root = temp.path;
-    fs::remove_all(root);
-    model::Llama<float> m(ServeConfig(), nullptr);
-    tiny_models::RandomizeParams(m, 5);
-    trainer::AdamW opt(trainer::OptimizerConfig{}, m.params().size());
-    parallel::LocalCommunicator local;
-    trainer::Checkpointer ckpt((root / "ckpt").string(), 1, &local, 0, 1, 0);
-    EXPECT_TRUE(ckpt.Save(m, opt, {1, 0, 0, "c", 1, ""}).ok());
-    EXPECT_TRUE(trainer::ExportCheckpoint((root / "ckpt").string(), (root / "hf").string(),
-                                          model::DType::kF32, int64_t(1) << 30).ok());
-    return (root / "hf").string();
-  }();
+  static serve_test::TempRoot temp("dmc_serve");
+  static const std::string dir = serve_test::ExportRandomModel(ServeConfig(), 5, temp.path);
   return dir;
 }
 
-// dmc-serve as a child process on a free loopback port (it prints the port once bound).
-class Server {
+// dmc-serve on that model.
+class Server : public serve_test::Server {
  public:
-  explicit Server(std::vector<std::string> flags) {
-    flags.insert(flags.begin(), {kBin + "dmc-serve", "--model=" + ModelDir(), "--port=0"});
-    int out[2];
-    EXPECT_EQ(pipe(out), 0);
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], 1);
-      close(out[0]);
-      std::vector<char*> argv;
-      for (std::string& f : flags) argv.push_back(f.data());
-      argv.push_back(nullptr);
-      setenv("OMP_NUM_THREADS", "1", 1);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(out[1]);
-    FILE* f = fdopen(out[0], "r");
-    char line[512] = {0};
-    EXPECT_NE(fgets(line, sizeof line, f), nullptr) << "dmc-serve exited before listening";
-    fclose(f);
-    const std::string s = line;
-    const size_t colon = s.find(':', s.find("127.0.0.1"));
-    EXPECT_NE(colon, std::string::npos) << s;
-    port_ = std::stoi(s.substr(colon + 1));
-    // Bound and listening already; /health answers once the accept loop runs.
-    httplib::Client c = client();
-    bool healthy = false;
-    for (int attempt = 0; attempt < 200 && !healthy; ++attempt) {
-      auto r = c.Get("/health");
-      healthy = r && r->status == 200;
-    }
-    EXPECT_TRUE(healthy);
-  }
-  ~Server() {
-    if (pid_ > 0) Terminate();
-  }
-  // SIGTERM; the exit status.
-  int Terminate() {
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  httplib::Client client() const {
-    httplib::Client c("127.0.0.1", port_);
-    c.set_read_timeout(60, 0);
-    return c;
-  }
-  int port() const { return port_; }
-
- private:
-  pid_t pid_ = -1;
-  int port_ = 0;
+  explicit Server(std::vector<std::string> flags)
+      : serve_test::Server(ModelDir(), std::move(flags)) {}
 };
 
 std::string Shell(const std::string& command) {
@@ -168,8 +89,9 @@ TEST(Serve, CompletionsEqualDmcGenerate) {
   for (const std::string prompt : {"And God said, ", "In the beginning"}) {
     for (const std::string sampling : {"", " --temperature=0.8 --top_p=0.9 --seed=7"}) {
       const std::string generated =
-          Shell("OMP_NUM_THREADS=1 " + kBin + "dmc-generate --model=" + ModelDir() + " --prompt='" +
-              prompt + "' --max_new_tokens=20" + sampling + " 2>/dev/null");
+          Shell("OMP_NUM_THREADS=1 " + serve_test::InferenceBinary("dmc-generate") +
+                " --model=" + ModelDir() + " --prompt='" + prompt + "' --max_new_tokens=20" +
+                sampling + " 2>/dev/null");
       ASSERT_EQ(generated.rfind(prompt, 0), 0u) << generated;
       const std::string expected =
           AsJsonText(generated.substr(prompt.size(), generated.size() - prompt.size() - 1));
@@ -267,9 +189,10 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   // has noticed, so 64 clients can briefly have 65 outstanding (the bound has its own test,
   // ServeEngineLoop.QueueBoundAndShutdownEndEveryJob).
   Server server({"--max_batch=16", "--max_queue=128", "--kv_budget_mb=0.2"});
-  const std::string out = Shell(kBin + "dmc-serve-load --port=" + std::to_string(server.port()) +
-                              " --clients=64 --requests=128 --max_tokens=24 --disconnect_every=4"
-                              " --timeout_s=60");
+  const std::string out = Shell(serve_test::InferenceBinary("dmc-serve-load") +
+                                " --port=" + std::to_string(server.port()) +
+                                " --clients=64 --requests=128 --max_tokens=24"
+                                " --disconnect_every=4 --timeout_s=60");
   std::fprintf(stderr, "%s", out.c_str());
   // Every request completed or hung up (one meant to hang up may finish first), none failed.
   int completed = 0, disconnected = 0;
@@ -290,8 +213,8 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
 // Bad server flags: exit status 1 and a message naming the flag, before anything listens.
 TEST(Serve, BadFlagsAreRefusedByName) {
   for (const std::string flag : {"--max_batch=0", "--prefill_tokens_per_step=-1"}) {
-    const std::string command = kBin + "dmc-serve --model=" + ModelDir() + " --port=0 " + flag +
-                                " 2>&1";
+    const std::string command = serve_test::InferenceBinary("dmc-serve") +
+                                " --model=" + ModelDir() + " --port=0 " + flag + " 2>&1";
     FILE* f = popen(command.c_str(), "r");
     ASSERT_NE(f, nullptr);
     std::string output;
@@ -306,31 +229,7 @@ TEST(Serve, BadFlagsAreRefusedByName) {
 
 TEST(Serve, SigtermEndsAStreamWithAFinalEventAndExitsZero) {
   Server server({});
-  httplib::Client c = server.client();
-  httplib::Request req;
-  req.method = "POST";
-  req.path = "/v1/completions";
-  req.body = json({{"prompt", "And"}, {"max_tokens", 90}, {"stream", true}}).dump();
-  req.set_header("Content-Type", "application/json");
-  std::string received;
-  bool signalled = false;
-  int exit_status = -1;
-  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
-    received.append(data, n);
-    if (!signalled) {  // the stream runs: stop the server under it
-      signalled = true;
-      exit_status = server.Terminate();
-    }
-    return true;
-  };
-  httplib::Response res;
-  httplib::Error err;
-  EXPECT_TRUE(c.send(req, res, err)) << httplib::to_string(err);
-  EXPECT_EQ(exit_status, 0);
-  const std::string done = "data: [DONE]\n\n";
-  ASSERT_GE(received.size(), done.size());
-  EXPECT_EQ(received.substr(received.size() - done.size()), done);
-  EXPECT_NE(received.find("\"finish_reason\":\""), std::string::npos) << received;
+  serve_test::ExpectSigtermEndsAStreamAndExitsZero(server, 90);
 }
 
 TEST(ServeEngineLoop, QueueBoundAndShutdownEndEveryJob) {
