@@ -102,6 +102,17 @@ struct CudaEngine::Device {
   bf16 *px, *pxn, *pq, *pk, *pv, *pkhat, *pvhat, *pkr, *patt, *pgate, *pup, *ph;
   float *prstd, *pgates;  // gates: logit, alpha, merge, mask, omega, each [max_context, Hkv]
   int32_t* ptokens = nullptr;
+  // KV quantization (kernels/kv_quant.h, kernels/paged_kv_settle.h): the quantized pages
+  // [pages, layout bytes] (k_pool and v_pool stay null), every head's quantized slots [L, R, Hkv]
+  // (lengths then count the residual's), the residual blocks [L, R, Hkv, residual_slots, D] (head
+  // (row, h)'s is block row·Hkv + h of its layer: r_blocks is the identity [R·Hkv]), the
+  // prefill's staging table (head (row, h) → h, its rows in pkr and pq) and the pages a step or a
+  // prefill closes: page ids and gathered rows.
+  uint8_t* q_pages = nullptr;
+  int32_t* q_lengths = nullptr;
+  bf16 *r_k = nullptr, *r_v = nullptr;
+  int32_t *r_blocks = nullptr, *stage_table = nullptr;
+  int32_t *close_ids = nullptr, *close_rows = nullptr;
   std::map<int, cudaGraphExec_t> graphs;  // by batch size
 
   size_t W(int layer, LayerTensor t) const { return layer_offsets[layer * kLayerTensors + t]; }
@@ -110,7 +121,7 @@ struct CudaEngine::Device {
 CudaEngine::CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options)
     : config_(config),
       opt_(options),
-      cache_opt_(CacheOptionsFor(config, options.policy.method, options.budget_bytes,
+      cache_opt_(CacheOptionsFor(config, options.policy, options.budget_bytes,
                                  options.page_size)),
       alloc_(options.budget_bytes, KvPageBytes(cache_opt_, 2)),
       dev_(new Device) {}
@@ -129,7 +140,10 @@ CudaEngine::~CudaEngine() {
                   (void*)d.argmax, (void*)d.logprob, (void*)d.assign_index, (void*)d.assign_page,
                   (void*)d.px, (void*)d.pxn, (void*)d.pq, (void*)d.pk, (void*)d.pv,
                   (void*)d.pkhat, (void*)d.pvhat, (void*)d.pkr, (void*)d.patt, (void*)d.pgate,
-                  (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens})
+                  (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
+                  (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
+                  (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
+                  (void*)d.close_rows})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host})
@@ -167,13 +181,15 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
         CacheMethodName(method), policy.budget, policy.recent));
-  // The CPU engine's compressors beside the methods: refused, not run uncompressed.
-  if (policy.quant.bits > 0 || policy.think_channels > 0 || !policy.layer_budget.empty() ||
-      !policy.kv_source.empty())
+  // The CPU engine's other compressors: refused, not run uncompressed.
+  if (policy.quant.salient_slots > 0 || (policy.quant.bits > 0 && method == CacheMethod::kDms) ||
+      policy.think_channels > 0 || !policy.layer_budget.empty() || !policy.kv_source.empty())
     return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine does not run %s (KV quantization, ZipCache, ThinK, per-layer budgets and "
-        "KVSharer run on the CPU engine)",
+        "the GPU engine does not run %s (ZipCache, the quantized dms cache, ThinK, per-layer "
+        "budgets and KVSharer run on the CPU engine; it quantizes the vanilla and dmc caches)",
         PolicyName(policy)));
+  if (absl::Status s = ValidateKvQuant(policy, cfg.head_dim(), options.page_size); !s.ok())
+    return s;
   if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "
@@ -210,6 +226,11 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
                {cfg.dms.scale, cfg.dms.offset, cfg.dms.temperature,
                 kernels::DmcDecisionMode::kHard}};
   e->keep_ctrl_ = cfg.dmc.enabled;
+  e->quant_ = KvQuantized(e->cache_opt_);
+  if (e->quant_) {
+    e->layout_ = kernels::kv_quant_page_layout(policy.quant, options.page_size, cfg.head_dim());
+    e->residual_slots_ = KvResidualSlots(e->cache_opt_);
+  }
   try {
     e->Upload(model);
   } catch (const std::runtime_error& err) {
@@ -268,9 +289,32 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   // lives in its own per-row buffer).
   const size_t pages = static_cast<size_t>(std::max(1L, alloc_.budget_bytes() / alloc_.page_bytes()));
   const size_t page_elems = static_cast<size_t>(opt_.page_size) * D;
-  d.k_pool = Alloc<bf16>(pages * page_elems);
-  d.v_pool = Alloc<bf16>(pages * page_elems);
   const size_t heads = static_cast<size_t>(L) * R * Hkv;
+  if (quant_) {
+    d.q_pages = Alloc<uint8_t>(pages * layout_.bytes);
+    d.q_lengths = Alloc<int32_t>(heads);
+    ENGINE_CUDA(cudaMemset(d.q_lengths, 0, heads * sizeof(int32_t)));
+    d.r_k = Alloc<bf16>(heads * residual_slots_ * D);
+    d.r_v = Alloc<bf16>(heads * residual_slots_ * D);
+    std::vector<int32_t> blocks(size_t(R) * Hkv), stage(size_t(R) * Hkv);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      blocks[i] = static_cast<int32_t>(i);
+      stage[i] = static_cast<int32_t>(i % Hkv);
+    }
+    d.r_blocks = Alloc<int32_t>(blocks.size());
+    d.stage_table = Alloc<int32_t>(stage.size());
+    ENGINE_CUDA(cudaMemcpy(d.r_blocks, blocks.data(), blocks.size() * sizeof(int32_t),
+                           cudaMemcpyHostToDevice));
+    ENGINE_CUDA(cudaMemcpy(d.stage_table, stage.data(), stage.size() * sizeof(int32_t),
+                           cudaMemcpyHostToDevice));
+    // A step closes at most one page per head of its rows, a prefill at most max_pages per head.
+    const size_t lists = std::max(size_t(R) * Hkv, size_t(Hkv) * max_pages_);
+    d.close_ids = Alloc<int32_t>(lists);
+    d.close_rows = Alloc<int32_t>(lists * opt_.page_size);
+  } else {
+    d.k_pool = Alloc<bf16>(pages * page_elems);
+    d.v_pool = Alloc<bf16>(pages * page_elems);
+  }
   d.page_table = Alloc<int32_t>(heads * max_pages_);
   d.lengths = Alloc<int32_t>(heads);
   d.window_count = Alloc<int32_t>(heads);
@@ -324,7 +368,10 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   };
   d.in_dev = carve(d.io_dev);
   d.in_host = carve(d.io_host);
-  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host), (3 * size_t(R) + heads) * sizeof(int32_t)));
+  // Outputs: next, argmax, logprob [R] each, then the lengths [L, R, Hkv] and (quantized) the
+  // quantized slot counts [L, R, Hkv].
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host),
+                             (3 * size_t(R) + 2 * heads) * sizeof(int32_t)));
   d.assign_cap = heads;
   d.assign_index = Alloc<int64_t>(d.assign_cap);
   d.assign_page = Alloc<int32_t>(d.assign_cap);
@@ -341,7 +388,10 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.pgates = Alloc<float>(size_t(5) * P * Hkv);
   d.ptokens = Alloc<int32_t>(P);
   // The attention's scratch at its largest now, so that no step moves it under a captured graph.
-  c::paged_decode_attention_reserve(R, H, D, max_pages_, opt_.page_size, kSplitSlots);
+  // (Quantized: the residual's rows after the pages.)
+  const int residual_pages = (residual_slots_ + opt_.page_size - 1) / opt_.page_size;
+  c::paged_decode_attention_reserve(R, H, D, max_pages_ + residual_pages, opt_.page_size,
+                                    kSplitSlots);
   c::matmul_reserve(d.stream);
 }
 
@@ -349,8 +399,8 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   if (seqs_.count(seq))
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
   const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
-  const long window = KvWindowBytes(cache_opt_, sizeof(float));
-  const long need = window + heads * alloc_.page_bytes();
+  const long reserved = ReservedBytes();
+  const long need = reserved + heads * PagesToGrow(0) * alloc_.page_bytes();
   if (need > alloc_.free_bytes())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache budget of %d bytes cannot admit sequence %d: its first token needs %d bytes, "
@@ -360,7 +410,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   if (num_sequences() >= opt_.max_batch)
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the GPU engine holds max_batch %d sequences already", opt_.max_batch));
-  if (absl::Status s = alloc_.Reserve(window); !s.ok()) return s;
+  if (absl::Status s = alloc_.Reserve(reserved); !s.ok()) return s;
   Sequence& sq = seqs_[seq];
   sq.row = static_cast<int>(std::find(row_seq_.begin(), row_seq_.end() - 1, -1) - row_seq_.begin());
   row_seq_[sq.row] = seq;
@@ -374,6 +424,9 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
                                 Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
   ENGINE_CUDA(cudaMemset2DAsync(d.window_count + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
                                 Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
+  if (quant_)
+    ENGINE_CUDA(cudaMemset2DAsync(d.q_lengths + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
+                                  Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
   return absl::OkStatus();
 }
 
@@ -384,7 +437,7 @@ absl::Status CudaEngine::Free(int seq) {
   for (const auto& head : it->second.pages)
     for (int32_t page : head)
       if (absl::Status s = alloc_.Free(page); !s.ok()) return s;
-  if (absl::Status s = alloc_.Release(KvWindowBytes(cache_opt_, sizeof(float))); !s.ok()) return s;
+  if (absl::Status s = alloc_.Release(ReservedBytes()); !s.ok()) return s;
   const int row = it->second.row;
   row_seq_[row] = -1;
   seqs_.erase(it);
@@ -410,6 +463,11 @@ void CudaEngine::MoveRow(int from, int to) {
   move(d.lengths, heads);
   move(d.window_count, heads);
   if (d.window) move(d.window, Hkv * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) * sizeof(float));
+  if (quant_) {
+    move(d.q_lengths, heads);
+    move(d.r_k, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
+    move(d.r_v, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
+  }
   const int seq = row_seq_[from];
   row_seq_[to] = seq;
   row_seq_[from] = -1;
@@ -439,7 +497,7 @@ absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   for (int seq : seqs) {
     const Sequence& s = seqs_.at(seq);
     for (size_t i = 0; i < s.pages.size(); ++i)
-      pages += s.lengths[i] == static_cast<int>(s.pages[i].size()) * opt_.page_size ? 1 : 0;
+      pages += PagesToGrow(s.lengths[i]) - static_cast<int>(s.pages[i].size());
   }
   if (pages > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -455,7 +513,7 @@ absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
   for (int seq : seqs) {
     Sequence& s = seqs_.at(seq);
     for (size_t i = 0; i < s.pages.size(); ++i) {
-      const int need = s.lengths[i] / opt_.page_size + 1;  // room for one more slot
+      const int need = PagesToGrow(s.lengths[i]);
       while (static_cast<int>(s.pages[i].size()) < need) {
         absl::StatusOr<int32_t> page = alloc_.Allocate();
         if (!page.ok()) return page.status();
@@ -479,9 +537,14 @@ absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
   return absl::OkStatus();
 }
 
+int CudaEngine::PagesHeld(int slots) const {
+  const int P = opt_.page_size;
+  return quant_ ? std::max(0, slots - 1) / P : (slots + P - 1) / P;
+}
+
 absl::Status CudaEngine::TrimPages(Sequence& s) {
   for (size_t i = 0; i < s.pages.size(); ++i) {
-    const size_t keep = (s.lengths[i] + opt_.page_size - 1) / opt_.page_size;
+    const size_t keep = PagesHeld(s.lengths[i]);
     while (s.pages[i].size() > keep) {
       if (absl::Status st = alloc_.Free(s.pages[i].back()); !st.ok()) return st;
       s.pages[i].pop_back();
@@ -531,7 +594,22 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
   layer.max_pages = max_pages_;
   layer.page_size = opt_.page_size;
   layer.window_size = cache_opt_.dmc_window;
+  if (quant_) {
+    const size_t block = static_cast<size_t>(residual_slots_) * config_.head_dim();
+    layer.k_pool = d.r_k + head0 * block;
+    layer.v_pool = d.r_v + head0 * block;
+    layer.page_table = d.r_blocks;
+    layer.max_pages = 1;
+    layer.page_size = residual_slots_;
+  }
   return layer;
+}
+
+kernels::KvSettleLayer CudaEngine::SettleLayer(int l) const {
+  const Device& d = *dev_;
+  const size_t head0 = static_cast<size_t>(l) * rows_ * config_.num_key_value_heads;
+  return {d.page_table + head0 * max_pages_, d.q_lengths + head0, d.lengths + head0, max_pages_,
+          opt_.page_size, residual_slots_};
 }
 
 void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate,
@@ -583,6 +661,14 @@ void CudaEngine::EnqueueStep(int n) {
       EnqueueDmsDecisions(l, n, d.x, d.q, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g, d.merge,
                           nullptr);
     const c::PagedKv layer = CacheLayer(l);
+    // Quantized: the heads whose token opens a slot while their residual is full close it into a
+    // page first, one quantizer launch for all heads of the step.
+    if (quant_) {
+      c::paged_kv_settle_step(d.close_ids, d.close_rows, SettleLayer(l), dmc_ ? d.merge : nullptr,
+                              d.in_dev.positions, n, Hkv, st);
+      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, layer.k_pool, layer.v_pool,
+                           d.close_rows, n * Hkv, st);
+    }
     c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
                        d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
     // DMS: the marked token that leaves now is gone before this step's attention.
@@ -593,9 +679,18 @@ void CudaEngine::EnqueueStep(int n) {
     if (dms_qchannel_)
       model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D, st);
     const int probs_stride = max_pages_ * opt_.page_size;
-    c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
-                              layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
-                              Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+    if (quant_) {
+      const kernels::KvSettleLayer q = SettleLayer(l);
+      c::paged_decode_attention_quantized(d.att, nullptr, 0, d.qr, d.q_pages, layout_,
+                                          q.page_table, q.q_lengths, max_pages_, layer.k_pool,
+                                          layer.v_pool, d.r_blocks, layer.lengths,
+                                          residual_slots_, n, H, Hkv, D, keep_ctrl_, scale, st,
+                                          kSplitSlots);
+    } else {
+      c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
+                                layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
+                                Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+    }
     // H2O and TOVA evict by this attention, after it and before the next layer, as the CPU
     // decoder does; the host returns the pages that empty after the step.
     if (evicts_)
@@ -657,9 +752,12 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
     ENGINE_CUDA(cudaMemcpyAsync(host + rows_, d.argmax, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
     int32_t* lengths = host + 3 * rows_;
-    ENGINE_CUDA(cudaMemcpy2DAsync(lengths, n * Hkv * sizeof(int32_t), d.lengths,
-                                  rows_ * Hkv * sizeof(int32_t), n * Hkv * sizeof(int32_t), L,
-                                  cudaMemcpyDeviceToHost, d.stream));
+    int32_t* quantized = lengths + L * rows_ * Hkv;
+    for (auto [to, from] : {std::pair{lengths, d.lengths}, std::pair{quantized, d.q_lengths}})
+      if (from)
+        ENGINE_CUDA(cudaMemcpy2DAsync(to, n * Hkv * sizeof(int32_t), from,
+                                      rows_ * Hkv * sizeof(int32_t), n * Hkv * sizeof(int32_t), L,
+                                      cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
     out->resize(n);
     for (int i = 0; i < n; ++i) {
@@ -669,8 +767,10 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
       (*out)[i] = {host[r], logprob, host[rows_ + r]};
       for (size_t l = 0; l < L; ++l)
-        for (size_t h = 0; h < Hkv; ++h)
-          s.lengths[l * Hkv + h] = lengths[(l * n + r) * Hkv + h];
+        for (size_t h = 0; h < Hkv; ++h) {
+          const size_t at = (l * n + r) * Hkv + h;
+          s.lengths[l * Hkv + h] = lengths[at] + (quant_ ? quantized[at] : 0);
+        }
       ++s.tokens;
       if (absl::Status st = TrimPages(s); !st.ok()) return st;
     }
@@ -713,12 +813,29 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
     c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ || dms_ ? mask : nullptr, 1,
                              P, H, Hkv, D, keep_ctrl_, scale, st, dms_ ? config_.dms.window : 0);
     const c::PagedKv layer = CacheLayer(l);
-    if (dms_)
+    if (dms_) {
       c::paged_kv_dms_prefill(layer, d.marks, row, d.pk, d.pv, merge, P, Hkv, D,
                               config_.dms.window, theta, st);
-    else
+    } else if (quant_) {
+      // The prompt's slots into staging rows of pkr and pq (the attention has read them: free
+      // now), slot s of head h at row h·max_context + s; then all but the residual's into pages.
+      c::PagedKv stage = layer;
+      stage.k_pool = d.pkr;
+      stage.v_pool = d.pq;
+      stage.page_table = d.stage_table;
+      stage.page_size = max_context_;
+      c::paged_kv_prefill(stage, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
+                          dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
+      const int max_closed = (P - 1) / opt_.page_size;
+      c::paged_kv_settle_prefill(d.close_ids, d.close_rows, max_closed, SettleLayer(l),
+                                 layer.k_pool, layer.v_pool, d.pkr, d.pq, max_context_, row, Hkv,
+                                 D, st);
+      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.pkr, d.pq, d.close_rows,
+                           Hkv * max_closed, st);
+    } else {
       c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
                           dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
+    }
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
     EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
   }
@@ -754,7 +871,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     if (absl::Status s = Validate(seq, t); !s.ok()) return s;
   Sequence& s = it->second;
   const long heads = static_cast<long>(s.pages.size());
-  const long worst = heads * ((P + opt_.page_size - 1) / opt_.page_size);
+  const long worst = heads * PagesToGrow(P - 1);
   if (worst > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "a prompt of %d tokens may need %d more KV pages; the budget has %d free", P, worst,
@@ -780,14 +897,17 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     ENGINE_CUDA(cudaMemcpyAsync(host + 1, d.argmax, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 2, d.logprob, sizeof(float), cudaMemcpyDeviceToHost, d.stream));
     int32_t* lengths = host + 3 * rows_;
-    ENGINE_CUDA(cudaMemcpy2DAsync(lengths, Hkv * sizeof(int32_t), d.lengths + r * Hkv,
-                                  rows_ * Hkv * sizeof(int32_t), Hkv * sizeof(int32_t), L,
-                                  cudaMemcpyDeviceToHost, d.stream));
+    int32_t* quantized = lengths + heads;
+    for (auto [to, from] : {std::pair{lengths, d.lengths}, std::pair{quantized, d.q_lengths}})
+      if (from)
+        ENGINE_CUDA(cudaMemcpy2DAsync(to, Hkv * sizeof(int32_t), from + r * Hkv,
+                                      rows_ * Hkv * sizeof(int32_t), Hkv * sizeof(int32_t), L,
+                                      cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
     float logprob;
     std::memcpy(&logprob, host + 2, sizeof(float));
     *out = {host[0], logprob, host[1]};
-    std::copy(lengths, lengths + heads, s.lengths.begin());
+    for (long i = 0; i < heads; ++i) s.lengths[i] = lengths[i] + (quant_ ? quantized[i] : 0);
     s.tokens = P;
     return TrimPages(s);
   } catch (const std::runtime_error& err) {

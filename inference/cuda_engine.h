@@ -48,10 +48,31 @@
 // kernels::paged_kv_dms_prefill writes the tokens that are still held, with their marks, so
 // lengths, held tokens and bytes() equal the CPU engine's.
 //
+// KV quantization (policy.quant: int8, int4 or int2 of the vanilla and dmc caches; KIVI's
+// granularity, kernels/kv_quant.h): the cache of inference/paged_kv_cache.h's settling, on the
+// device. Every head keeps its newest slots at bf16 in a residual block of page_size rows of its
+// own (DMC's open slot among them, its window state in fp32) and the older ones in quantized
+// pages of the budget's pool; there is no bf16 pool. Each layer of a step runs
+// kernels::paged_kv_settle_step (the heads whose token opens a slot while their residual is full
+// close it into a page, the page the host handed out as the worst case) and one
+// cuda::kv_quantize_pages launch over all heads of the step (the heads that close nothing skip),
+// then the append into the residual and the attention over the pages, dequantized as they are
+// read, and the residual (cuda::paged_decode_attention_quantized): still one graph, no host
+// sync. The prefill writes the prompt's slots into staging rows (the prefill's rotated keys and
+// queries, free once its attention has read them), closes all but the last 1..page_size of them
+// into pages in one launch per layer (kernels::paged_kv_settle_prefill, kv_quantize_pages) and
+// copies the rest into the residual, so it leaves what feeding the prompt token by token leaves.
+// bytes() is KvSequenceBytes at quantized pages, bf16 residual blocks and fp32 window state, the
+// figure the CPU cache would report at those element sizes. ZipCache's mixed precision ranks a
+// page's slots by their accumulated attention (every step's weights kept per slot), and DMS's
+// quantized cache settles a slot only once past the eviction window (a residual that evictions
+// reorder): both are refused with a clear error and run on the CPU engine, as ThinK, per-layer
+// budgets and KVSharer do.
+//
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
-// training), h2o and tova (likewise). LoMA is refused with a clear error: it runs on the CPU
-// engine.
+// training), h2o and tova (likewise); vanilla and dmc also quantized. LoMA is refused with a
+// clear error: it runs on the CPU engine.
 #pragma once
 
 #include <cstdint>
@@ -126,10 +147,21 @@ class CudaEngine : public DecodeEngine {
   void MoveRow(int from, int to);
   // Hands a page to every head of `seqs` whose last page is full; device table updated.
   absl::Status GrowPages(const std::vector<int>& seqs);
-  // Returns the pages beyond ceil(length / page_size) of every head of seq to the allocator.
+  // Returns the pages beyond PagesHeld of every head of seq to the allocator.
   absl::Status TrimPages(Sequence& s);
-  // Layer l of the device cache in the form of kernels/paged_kv_write.h.
+  // Pages a head of `slots` slots holds between steps: ceil(slots / page_size), quantized
+  // floor((slots − 1) / page_size) (KvSequenceBytes's count); and those it needs at most to take
+  // one more token: the unquantized head opens a page when its last one is full, the quantized
+  // one closes its residual into one when the residual is full.
+  int PagesHeld(int slots) const;
+  int PagesToGrow(int slots) const { return slots / opt_.page_size + (quant_ ? 0 : 1); }
+  // What a sequence reserves at admission beside its pages: window state, residual blocks.
+  long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), window_element_bytes()); }
+  // Layer l of the device cache in the form of kernels/paged_kv_write.h (quantized: the residual
+  // blocks, each one page of residual_slots rows, where the appends go).
   kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;
+  // Quantized: layer l's quantized pages and lengths (kernels/paged_kv_settle.h).
+  kernels::KvSettleLayer SettleLayer(int l) const;
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* gate, __nv_bfloat16* up, __nv_bfloat16* h);
@@ -163,6 +195,9 @@ class CudaEngine : public DecodeEngine {
   bool dms_ = false;          // dms on a DMS model: eviction by the model's own decisions
   bool dms_qchannel_ = false; // its decision input is the query channel (else the adapter)
   bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
+  bool quant_ = false;        // quantized pages (policy.quant.bits > 0)
+  kernels::KvQuantPageLayout layout_{};  // of a quantized page
+  int residual_slots_ = 0;    // rows of a quantized head's residual block
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free
   std::unique_ptr<Device> dev_;

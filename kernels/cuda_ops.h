@@ -31,6 +31,7 @@
 #include "kernels/loma_mask.h"
 #include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
+#include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
 
@@ -340,7 +341,9 @@ void paged_decode_attention_quantized(bf16* out, float* probs, int probs_stride,
 // k_rows[rows[j·P + r]], v_rows[rows[j·P + r]] (each [D]; r < P = layout.page_size, rows [0, S)
 // the salient tier), the same bytes kernels::kv_quantize_page writes from those rows. Gathering
 // by row index lets a closing page take its rows straight from a residual block, in any order
-// (ZipCache's salient rows first). pages 4-byte aligned; page_ids, rows device arrays.
+// (ZipCache's salient rows first). An entry whose page id is negative writes nothing, so a
+// captured step can launch one entry per head and let the device decide which heads close a page
+// (kernels/paged_kv_settle.h). pages 4-byte aligned; page_ids, rows device arrays.
 void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
                        const int32_t* page_ids, const bf16* k_rows, const bf16* v_rows,
                        const int32_t* rows, int n, cudaStream_t stream = nullptr);
@@ -359,6 +362,17 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
                       const bf16* k, const bf16* v, const float* merge, const float* omega, int P,
                       int Hkv, int D, float theta, bool keep_last_channel,
                       cudaStream_t stream = nullptr);
+
+// ---- closing the pages of a quantized cache (kernels/paged_kv_settle.h); bf16 rows ----
+// page_ids [n·Hkv], rows [n·Hkv·page_size]; merge [n, Hkv] fp32 (null: never merge); positions [n].
+void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const kernels::KvSettleLayer& layer,
+                          const float* merge, const int32_t* positions, int n, int Hkv,
+                          cudaStream_t stream = nullptr);
+// page_ids [Hkv·max_closed], rows [Hkv·max_closed·page_size].
+void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
+                             const kernels::KvSettleLayer& layer, bf16* r_k, bf16* r_v,
+                             const bf16* stage_k, const bf16* stage_v, int stage_stride, int row,
+                             int Hkv, int D, cudaStream_t stream = nullptr);
 
 // ---- eviction by attention (kernels/paged_kv_evict.h): H2O and TOVA on the flat cache layer ----
 // probs [n, H, probs_stride] fp32 as paged_decode_attention writes them (TOVA permutes them);

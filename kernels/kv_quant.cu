@@ -1,6 +1,6 @@
 // Quantization of KV cache pages on the GPU (spec: kernels/kv_quant.h): the page a head's
 // full-precision residual closes, written in the layout the quantized decode attention reads.
-// One CTA per page, in two passes:
+// One CTA per page (an entry of negative page id returns at once), in two passes:
 //   1. the groups' scales and zero points: a thread per (key tier, channel), then per (row,
 //      value group), each taking its group's min and max and storing KvGroupParams into the page;
 //   2. the codes: a thread per byte of packed codes, which codes its 8 / bits channels against
@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kThreads)
     quantize_page_kernel(uint8_t* pages, const KvQuantPageLayout l, const int32_t* page_ids,
                          const Sources src) {
   const int P = l.page_size, D = l.head_dim, G = l.value_group;
+  if (page_ids[blockIdx.x] < 0) return;  // this entry's head closes no page
   uint8_t* page = pages + static_cast<long>(page_ids[blockIdx.x]) * l.bytes;
   const int32_t* rows = src.rows + static_cast<long>(blockIdx.x) * P;
   auto key = [&](int r, int c) { return bf(src.k_rows[static_cast<long>(rows[r]) * D + c]); };

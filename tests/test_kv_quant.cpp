@@ -2,11 +2,14 @@
 // implementation of KIVI's and ZipCache's rule (keys per channel, values per token, min-max
 // round to nearest) and its round-off bound; the quantized decode attention against attention
 // over the dequantized rows; byte accounting against the bytes a page really spans and the
-// allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS.
+// allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS; the
+// GPU engine's flat form of the cache against the cache.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -18,6 +21,8 @@
 #include "inference/scheduler.h"
 #include "kernels/decode_attention.h"
 #include "kernels/kv_quant.h"
+#include "kernels/paged_kv_settle.h"
+#include "kernels/paged_kv_write.h"
 #include "model/llama.h"
 #include "tests/decode_util.h"
 #include "tests/tiny_models.h"
@@ -367,6 +372,106 @@ TEST(KvQuantCache, DmcOpenSlotAndDmsWindowStayFullPrecision) {
     EXPECT_EQ(dms.compressed_length(0, 0, 0), std::max(0, t - 3) / 2 * 2) << "t " << t;
     for (int i = dms.compressed_length(0, 0, 0); i < dms.length(0, 0, 0); ++i)
       EXPECT_GE(dms.position(0, 0, 0, i), t - 3 - 1);
+  }
+}
+
+// The GPU engine's form of the quantized cache (kernels/paged_kv_settle.h: pages closed by
+// paged_kv_settle_step and written by the quantizer from the rows it lists, appends into residual
+// blocks by paged_kv_append) holds what the quantized PagedKvCache, the specification, holds:
+// after every token of a random vanilla or DMC sequence, every head's quantized and residual slot
+// counts, its residual rows, and its pages byte for byte. The cache is handed the keys the flat
+// form rotated (the decoder's RoPE), so both hold the same rows.
+TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
+  for (bool dmc : {false, true}) {
+    SCOPED_TRACE(dmc ? "dmc" : "vanilla");
+    std::mt19937_64 rng(dmc ? 11 : 12);
+    PagedCacheOptions o;
+    o.layers = 1;
+    o.kv_heads = 3;
+    o.head_dim = 16;
+    o.page_size = 4;
+    o.dmc_window = dmc ? 3 : 0;
+    o.budget_bytes = 1 << 22;
+    o.quant = {4, 0, 0, 0};
+    const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, w = o.dmc_window, steps = 40;
+    PagedKvCache<float> cache(o);
+    ASSERT_TRUE(cache.AddSequence(0).ok());
+    const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
+    const int residual = inference::KvResidualSlots(o), max_pages = steps / P + 1;
+    std::vector<float> r_k(size_t(Hkv) * residual * D), r_v(r_k.size());
+    std::vector<float> window(size_t(Hkv) * std::max(1, w) * (2 * D + 1));
+    std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0), count(Hkv, 0), blocks(Hkv);
+    std::vector<int32_t> table(size_t(Hkv) * max_pages), ids(Hkv), rows(size_t(Hkv) * P);
+    std::iota(blocks.begin(), blocks.end(), 0);
+    std::iota(table.begin(), table.end(), 0);
+    std::vector<uint8_t> pages(table.size() * layout.bytes);
+    const kernels::PagedKvLayer<float> flat{r_k.data(), r_v.data(), nullptr,
+                                            blocks.data(), r_len.data(),
+                                            w ? window.data() : nullptr, count.data(),
+                                            1, residual, w};
+    const kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
+                                        residual};
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> k(size_t(Hkv) * D), v(k.size()), merge(Hkv), omega(Hkv);
+    std::vector<float> gk(size_t(P) * D), gv(gk.size()), key(D), value(D);
+    for (int32_t t = 0; t < steps; ++t) {
+      for (float& x : k) x = normal(rng);
+      for (float& x : v) x = normal(rng);
+      for (int h = 0; h < Hkv; ++h) {
+        merge[h] = dmc && rng() % 3 ? 1.0f : 0.0f;
+        omega[h] = 0.2f + (rng() % 100) / 100.0f;
+      }
+      const float* m = dmc ? merge.data() : nullptr;
+      kernels::paged_kv_settle_step(ids.data(), rows.data(), settle, m, &t, 1, Hkv);
+      for (int h = 0; h < Hkv; ++h) {
+        if (ids[h] < 0) continue;
+        for (int r = 0; r < P; ++r) {
+          std::copy_n(r_k.begin() + size_t(rows[h * P + r]) * D, D, gk.begin() + r * D);
+          std::copy_n(r_v.begin() + size_t(rows[h * P + r]) * D, D, gv.begin() + r * D);
+        }
+        kernels::kv_quantize_page(pages.data() + size_t(ids[h]) * layout.bytes, layout, gk.data(),
+                                  gv.data());
+      }
+      kernels::paged_kv_append(flat, k.data(), v.data(), m, dmc ? omega.data() : nullptr, &t, 1,
+                               Hkv, D, 10000.0f, dmc);
+      for (int h = 0; h < Hkv; ++h) {
+        const float* stored = r_k.data() + (size_t(h) * residual + r_len[h] - 1) * D;
+        if (dmc) {
+          absl::StatusOr<float*> row = cache.AddDmc(0, 0, h, k.data() + h * D, v.data() + h * D,
+                                                    omega[h], merge[h] > 0.5f, t);
+          ASSERT_TRUE(row.ok()) << row.status();
+          std::copy_n(stored, D, *row);
+        } else {
+          ASSERT_TRUE(cache.Append(0, 0, h, stored, v.data() + h * D, t).ok());
+        }
+        ASSERT_EQ(cache.compressed_length(0, 0, h), q_len[h]) << "t " << t << " head " << h;
+        ASSERT_EQ(cache.length(0, 0, h), q_len[h] + r_len[h]) << "t " << t << " head " << h;
+        for (int j = 0; j < r_len[h]; ++j) {
+          cache.ReadSlot(0, 0, h, q_len[h] + j, key.data(), value.data());
+          const size_t at = (size_t(h) * residual + j) * D;
+          for (int c = 0; c < D; ++c) {
+            ASSERT_EQ(key[c], r_k[at + c]) << "t " << t << " head " << h << " row " << j;
+            // DMC: the window means of both, summed in their own order
+            ASSERT_NEAR(value[c], r_v[at + c], 1e-5) << "t " << t << " head " << h << " row " << j;
+          }
+        }
+      }
+      cache.AdvanceToken(0);
+    }
+    std::vector<int32_t> cache_table;
+    std::vector<int> lengths;
+    int cache_pages = 0;
+    cache.BlockTable({0}, 0, &cache_table, &lengths, &cache_pages);
+    int closed = 0;
+    for (int h = 0; h < Hkv; ++h)
+      for (int i = 0; i < q_len[h] / P; ++i, ++closed) {
+        EXPECT_EQ(std::memcmp(cache.q_pool() + size_t(cache_table[h * cache_pages + i]) * layout.bytes,
+                              pages.data() + size_t(table[h * max_pages + i]) * layout.bytes,
+                              layout.bytes),
+                  0)
+            << "head " << h << " page " << i;
+      }
+    EXPECT_GE(closed, Hkv * (dmc ? 1 : 9));
   }
 }
 

@@ -9,7 +9,8 @@
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
 // the cache reached and the scheduler's preemptions.
 //
-//   bench_generate --shape=7b|1b|tiny [--model=HF_DIR] [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4]
+//   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
+//                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
@@ -36,6 +37,10 @@
 // channel D−1 of each group's first query head before RoPE: row D−1 of that head's q_proj is set
 // and calibrated exactly as k_proj's above, against the fraction of a prefill's tokens evicted.
 // The window's tokens stay in the cache, so a head keeps at least w of n tokens.
+//
+// +int8, +int4, +int2 after vanilla or dmc:CR store that cache quantized (inference/cuda_engine.h;
+// per-channel keys, per-token values, a bf16 residual of the newest slots), so that methods
+// compare at the same --budget_gb: a quantized cache fits more sequences in it.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -61,7 +66,8 @@
 ABSL_FLAG(std::string, shape, "tiny", "7b, 1b or tiny (random weights); ignored with --model");
 ABSL_FLAG(std::string, model, "", "a dmc-export checkpoint to run instead of random weights");
 ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
-          "vanilla, dmc:CR or dms:CR, comma-separated");
+          "vanilla, dmc:CR or dms:CR, comma-separated; vanilla and dmc:CR may end in +int8, +int4 "
+          "or +int2 (the cache quantized)");
 ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
@@ -299,10 +305,21 @@ int main(int argc, char** argv) {
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
   const std::vector<std::string> specs = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
   for (const std::string& spec : specs) {
-    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    const std::vector<std::string> method_quant = absl::StrSplit(spec, absl::MaxSplits('+', 1));
+    std::vector<std::string> parts = absl::StrSplit(method_quant[0], ':');
     double cr = 1;
     if (parts.size() == 2) absl::SimpleAtod(parts[1], &cr);
     inf::CudaEngineOptions o;
+    if (method_quant.size() == 2) {
+      const std::string& q = method_quant[1];
+      if (q == "int8" || q == "int4" || q == "int2") {
+        o.policy.quant.bits = q == "int8" ? 8 : q == "int4" ? 4 : 2;
+      } else {
+        std::fprintf(stderr, "bench_generate: --methods: %s: unknown quantization +%s (+int8, "
+                     "+int4 or +int2)\n", spec.c_str(), q.c_str());
+        return 1;
+      }
+    }
     if (parts[0] == "dmc") {
       o.policy.method = inf::CacheMethod::kDmc;
     } else if (parts[0] == "dms") {
@@ -310,8 +327,8 @@ int main(int argc, char** argv) {
     } else if (parts[0] == "vanilla") {
       o.policy.method = inf::CacheMethod::kVanilla;
     } else {
-      std::fprintf(stderr, "bench_generate: --methods: unknown method %s (vanilla, dmc:CR, dms:CR)\n",
-                   spec.c_str());
+      std::fprintf(stderr, "bench_generate: --methods: unknown method %s (vanilla, dmc:CR, dms:CR, "
+                   "each optionally +int8, +int4 or +int2)\n", spec.c_str());
       return 1;
     }
     const bool random_weights = absl::GetFlag(FLAGS_model).empty();
