@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   mbar_wait(&sm.kv_full, 0);
   if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's K rows
-    if (threadIdx.x % 128 < 64) sm.k[swizzled<kBN>(wg * 64 + threadIdx.x % 128, kD - 1)] = __float2bfloat16(0.f);
+    if (threadIdx.x % 128 < 64)
+      sm.k[swizzled<kBN>(wg * 64 + threadIdx.x % 128, kD - 1)] = __float2bfloat16(0.f);
     fence_proxy_async();  // read next by the tensor cores
     named_barrier<128>(kBarKZeroed + wg);
   }

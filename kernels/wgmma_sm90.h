@@ -220,8 +220,8 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
 }
 // A [rows][D] tile (D/64 boxes) of rows t0.. of head h, sequence b, into the swizzled tile dst.
 template <int ROWS, int D>
-__device__ __forceinline__ void tma_load_tile(__nv_bfloat16* dst, const CUtensorMap* map, int h, int t0,
-                                              int b, uint64_t* bar) {
+__device__ __forceinline__ void tma_load_tile(__nv_bfloat16* dst, const CUtensorMap* map, int h,
+                                              int t0, int b, uint64_t* bar) {
 #pragma unroll
   for (int c = 0; c < D / 64; ++c) tma_load(dst + c * ROWS * 64, map, c * 64, h, t0, b, bar);
 }
@@ -246,17 +246,19 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // Tensor map of a [B, T, heads, D] bf16 tensor, dimensions innermost first {D, heads, T, B}; a box
 // is 64 channels x 1 head x rows positions x 1 sequence, 128-byte swizzled: one column block of a
 // tile. Positions past T (within the sequence) arrive as zeros.
-inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int heads, int D, int rows) {
+inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int heads, int D,
+                                 int rows) {
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
-  const cuuint64_t strides[3] = {sizeof(__nv_bfloat16) * D, sizeof(__nv_bfloat16) * D * heads,
-                                 sizeof(__nv_bfloat16) * D * heads * T};  // bytes, dimensions 1..3
+  const cuuint64_t elem = sizeof(__nv_bfloat16);
+  const cuuint64_t strides[3] = {elem * D, elem * D * heads,
+                                 elem * D * heads * T};  // bytes, dimensions 1..3
   const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
   const CUresult r = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<__nv_bfloat16*>(base), dims, strides, box,
-      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<__nv_bfloat16*>(base), dims, strides,
+      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::fprintf(stderr,
