@@ -8,8 +8,8 @@
 // first key). Per tile, consumer warpgroup w (keys 64w + [0, 64)) computes
 //   S^T  = K_w Q^T                  (64 keys x 64 queries; K, Q K-major in shared memory)
 //   dP^T = V_w dO^T                 (V, dO K-major)
-//   P^T  = exp2(S^T·scale·log2 e + bias[key]·[query - key > w] - lse2[query]), causal / past-T
-//          entries 0 (lse2 = lse · log2 e, so P is the forward's normalised probability)
+//   P^T  = exp2(S^T·scale·log2 e + bias[key]·[query - key > window] - lse2[query]), causal and
+//          past-T entries 0 (lse2 = lse · log2 e: P is the forward's normalised probability)
 //   dS^T = P^T ∘ (dP^T - Delta[query]);  dmask[key] += Σ_query dS^T where the bias applies
 //   dV_w += P^T dO,  dK_w += dS^T Q  (P^T, dS^T from registers as A; dO, Q N-major; fp32
 //          accumulators held in registers over the whole loop, written once at the end)
@@ -51,7 +51,7 @@ constexpr int kBN = 128;       // keys per CTA: 64 per consumer warpgroup, the M
 constexpr int kBM = 64;        // queries per tile: N of S^T and dP^T, reduction of dV and dK
 constexpr int kStages = 2;     // Q / dO tiles in flight
 constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // as the forward; 24 spills
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // as the forward (24: spills)
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
 static_assert(kBN == 2 * 64, "one 64-row wgmma tile of keys per consumer warpgroup");
 static_assert(kBM == 64,
