@@ -254,9 +254,11 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // mask [B, T, Hkv] fp32 or null, added where query - key > mask_window (DMC 0, DMS its window w;
 // -inf allowed: DMS's hard mask); lse [B, H, T] fp32 (natural log, may be null in the forward).
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
-// Two forward kernels compute it: the Hopper one (wgmma, TMA; kernels/dmc_attention_sm90.cu) and
-// the portable mma.sync one. kAuto takes the Hopper kernel on sm_90 devices, unless the
-// environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
+// Two kernels compute each direction: the Hopper ones (wgmma, TMA; kernels/dmc_attention_sm90.cu,
+// kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
+// kernels on sm_90 devices at head dim 128, unless the environment sets
+// DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts, as does the Hopper backward at
+// head dim 64.
 enum class AttentionKernel { kAuto, kMmaSync, kSm90 };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
@@ -273,7 +275,15 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
-                            int mask_window = 0);
+                            int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
+// The Hopper backward's main kernel (head dim 128), called by dmc_attention_backward between its
+// pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T]) and its post-pass
+// (dq += dq_acc): adds scale · dQ into the fp32 dq_acc [B, T, H, D] and accumulates dk, dv, dmask.
+void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
+                                 const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                                 const float* mask, const float* lse2, const float* delta, int B,
+                                 int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                                 cudaStream_t stream, int mask_window);
 
 // ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
 // Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;

@@ -14,8 +14,10 @@
 //   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
 //   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
 //   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
-// On Hopper the forward runs kernels/dmc_attention_sm90.cu's kernel instead (wgmma; the choice:
-// dmc_attention_forward below); this one serves every other GPU and stays tested beside it.
+// On Hopper at head dim 128 the forward runs kernels/dmc_attention_sm90.cu's kernel and the
+// backward kernels/dmc_attention_bwd_sm90.cu's main kernel (between the same pre- and post-pass)
+// instead (wgmma; the choice: resolve_kernel below); these serve every other case and stay tested
+// beside them.
 // Versions, timings and the measurements behind each choice: bench/RESULTS.md.
 #include <cuda_bf16.h>
 
@@ -692,7 +694,6 @@ void check_shape(int T, int H, int Hkv, int D) {
 
 // kAuto's choice of device kernel, made once per process: the Hopper kernel where it runs, unless
 // DMC_ATTENTION_KERNEL=mma_sync keeps the portable one (to compare the two in a whole step).
-// Head dim 64 stays on the portable kernel (see dmc_attention_forward).
 AttentionKernel auto_kernel() {
   static const AttentionKernel chosen = [] {
     const char* env = std::getenv("DMC_ATTENTION_KERNEL");
@@ -707,6 +708,15 @@ AttentionKernel auto_kernel() {
   return chosen;
 }
 
+// The kernel that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 64. The
+// forward measured on the H200 (bench/RESULTS.md): the Hopper kernel 3-6% faster at head dim 128,
+// 14% slower at 64; the Hopper backward exists at head dim 128 only.
+AttentionKernel resolve_kernel(AttentionKernel kernel, int D) {
+  if (kernel == AttentionKernel::kAuto)
+    return D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
+  return kernel;
+}
+
 }  // namespace
 
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
@@ -715,11 +725,7 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
-  // Measured on the H200 (bench/RESULTS.md): the Hopper kernel is 3-6% faster at head dim 128
-  // and 14% slower at 64, so kAuto keeps the portable kernel there.
-  if (kernel == AttentionKernel::kAuto)
-    kernel = D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
-  if (kernel == AttentionKernel::kSm90) {
+  if (resolve_kernel(kernel, D) == AttentionKernel::kSm90) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
                                stream, mask_window);
     return;
@@ -735,7 +741,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream,
-                            int mask_window) {
+                            int mask_window, AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
   const long nq = static_cast<long>(B) * T * H * D;
@@ -752,12 +758,17 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
     attn_bwd_prepass<128><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out,
                                                                        B, T, H);
   DMC_CUDA_CHECK_LAUNCH();
-  BwdParams p{q,  k,  v,      mask, dout, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
-              scale, scale * kLog2e, exclude_ctrl, mask_window};
-  if (D == 64)
-    launch_bwd<64>(p, stream);
-  else
-    launch_bwd<128>(p, stream);
+  if (resolve_kernel(kernel, D) == AttentionKernel::kSm90) {
+    dmc_attention_backward_sm90(dq_acc, dk, dv, dmask, dout, q, k, v, mask, lse2, delta, B, T, H,
+                                Hkv, D, exclude_ctrl, scale, stream, mask_window);
+  } else {
+    BwdParams p{q,  k,  v,      mask, dout, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
+                scale, scale * kLog2e, exclude_ctrl, mask_window};
+    if (D == 64)
+      launch_bwd<64>(p, stream);
+    else
+      launch_bwd<128>(p, stream);
+  }
   attn_bwd_dq_add<<<ceil_div(nq / 8, 256), 256, 0, stream>>>(dq, dq_acc, nq);
   DMC_CUDA_CHECK_LAUNCH();
 }

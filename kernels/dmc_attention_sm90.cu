@@ -4,133 +4,21 @@
 // tile per warpgroup (4 warps), with S = Q K^T taking both operands from shared memory and
 // O += P V taking P from registers (the S accumulators, rounded to bf16) and V from shared memory.
 //
-// Shared-memory tiles are stored as the tensor cores read them with 128-byte swizzling: a
-// [rows][D] bf16 tile is D/64 column blocks of [rows][64] (128 bytes a row), and within every
-// 8-row, 1024-byte atom the 16-byte chunk c of row r sits at chunk c ^ (r % 8). The tile base is
-// 1024-byte aligned. A matrix descriptor then walks it: Q and K are "K-major" (the reduction
-// dimension, channels, is contiguous), so a 16-channel step moves 32 bytes along the row within a
-// column block; V is "N-major" for O += P V (its rows are the reduction dimension, keys), so a
-// 16-key step moves 2 atoms down, and the descriptor's leading offset jumps between its column
-// blocks.
+// Shared-memory tiles are stored as the tensor cores read them, 128-byte swizzled (the layout and
+// the descriptors that walk it: kernels/wgmma_sm90.h): Q and K are K-major operands of S = Q K^T,
+// V an N-major operand of O += P V.
 //
 // The tiles arrive by TMA (cp.async.bulk.tensor, which writes this swizzle itself) on mbarriers,
 // issued by a producer warp ahead of two consumer warpgroups (the kernel's comment below), the
 // arrangement of FlashAttention-3's forward. exclude_ctrl: channel D-1 of the Q tile is zeroed in
 // shared memory once, so it drops out of every score.
-#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes via the runtime)
-#include <cudaTypedefs.h>
-
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
-
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "kernels/dmc_attention_sm90.cu uses sm_90a instructions (wgmma): build it for sm_90a only"
-#endif
+#include "kernels/wgmma_sm90.h"
 
 namespace dmc::cuda {
 namespace {
 using namespace detail;
-
-// ---------------------------------------------------------------- wgmma wrappers
-// Descriptor of a 128-byte-swizzled shared-memory operand (PTX ISA, "matrix descriptor"): start
-// address, leading and stride byte offsets in 16-byte units, swizzle mode 1 (128 bytes).
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes,
-                                              uint32_t stride_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         static_cast<uint64_t>(lead_bytes >> 4) << 16 |
-         static_cast<uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;
-}
-// K-major operand of R rows (Q, K): the 16-channel step kk is 32 bytes into the row of column
-// block kk / 4; the stride offset is one 8-row atom, the leading offset unused with swizzling.
-template <int R>
-__device__ __forceinline__ uint64_t kmajor_desc(uint32_t tile, int kk) {
-  return smem_desc(tile + (kk / 4) * R * 128 + (kk % 4) * 32, 16, 1024);
-}
-// N-major operand of R rows (V as B of P V): the 16-key step kk is two atoms down; the leading
-// offset is the next column block of 64 channels, the stride offset the next 8 keys.
-template <int R>
-__device__ __forceinline__ uint64_t nmajor_desc(uint32_t tile, int kk) {
-  return smem_desc(tile + kk * 2048, R * 128, 1024);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Ties accumulator registers to this point of the program: reads after a wgmma_wait stay after it.
-template <int N>
-__device__ __forceinline__ void pin(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-#define DMC_ACC8(i)                                                                          \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-      "+f"(d[i + 6]), "+f"(d[i + 7])
-#define DMC_ACC32 DMC_ACC8(0), DMC_ACC8(8), DMC_ACC8(16), DMC_ACC8(24)
-#define DMC_ACC64 DMC_ACC32, DMC_ACC8(32), DMC_ACC8(40), DMC_ACC8(48), DMC_ACC8(56)
-#define DMC_REGS32                                                                          \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define DMC_REGS64                                                                            \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "   \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "    \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "    \
-  "%56, %57, %58, %59, %60, %61, %62, %63}"
-
-// d (64 x N, fp32) = (accumulate ? d : 0) + A B, A (64 x 16) and B (16 x N) K-major in shared
-// memory. Accumulator layout (per warp w of the warpgroup, as mma.sync's m16n8): d[4j + e] is row
-// 16w + lane/4 + 8(e/2), column 8j + 2(lane%4) + e%2.
-template <int N>
-__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b,
-                                         bool accumulate);
-template <>
-__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t a, uint64_t b,
-                                              bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DMC_REGS64
-      ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : DMC_ACC64
-      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
-}
-// d (64 x N) += A B, A (64 x 16 bf16) in registers in mma.sync's m16n8k16 A-fragment layout per
-// warp, B (16 x N) N-major in shared memory (the transposed read).
-template <int N>
-__device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4],
-                                                uint64_t b);
-template <>
-__device__ __forceinline__ void wgmma_rs_nmajor<64>(float (&d)[32], const uint32_t (&a)[4],
-                                                    uint64_t b) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " DMC_REGS32
-               ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-               : DMC_ACC32
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs_nmajor<128>(float (&d)[64], const uint32_t (&a)[4],
-                                                     uint64_t b) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DMC_REGS64
-               ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-               : DMC_ACC64
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-#undef DMC_ACC8
-#undef DMC_ACC32
-#undef DMC_ACC64
-#undef DMC_REGS32
-#undef DMC_REGS64
-
-// Makes this thread's ordinary shared-memory writes visible to the tensor cores (async proxy).
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 
 // ---------------------------------------------------------------- the warpgroup's tile step
 struct FwdParams {  // q, k and v reach the kernel as tensor maps
@@ -143,12 +31,6 @@ struct FwdParams {  // q, k and v reach the kernel as tensor maps
   int window;  // the mask applies where query - key > window (DMC: 0; DMS: w)
 };
 
-// Element offset of (row, col) in a swizzled [R][D] tile (see the top of the file).
-template <int R>
-__device__ __forceinline__ int swizzled(int row, int col) {
-  return (col / 64) * R * 64 + row * 64 + ((((col % 64) / 8) ^ (row & 7)) << 3) + col % 8;
-}
-
 // Issues S = Q K^T for the warpgroup's 64 query rows (at q, in a Q tile of QR rows) and BN keys.
 template <int D, int BN, int QR>
 __device__ __forceinline__ void issue_scores(float (&s)[BN / 2], uint32_t q, uint32_t k) {
@@ -157,23 +39,12 @@ __device__ __forceinline__ void issue_scores(float (&s)[BN / 2], uint32_t q, uin
     wgmma_ss<BN>(s, kmajor_desc<QR>(q, kk), kmajor_desc<BN>(k, kk), kk > 0);
 }
 
-// Issues O += P V: P as bf16 A fragments (pack_probabilities), V the BN-key tile at v.
+// Issues O += P V: P as bf16 A fragments (pack_a_fragments), V the BN-key tile at v.
 template <int D, int BN>
 __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[BN / 16][4],
                                          uint32_t v) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_nmajor<D>(o, pa[kk], nmajor_desc<BN>(v, kk));
-}
-
-// The probabilities in s rounded to bf16, laid out as A fragments of the 16-key steps: the S
-// accumulator layout is the A-fragment layout, two columns per register.
-template <int BN>
-__device__ __forceinline__ void pack_probabilities(uint32_t (&pa)[BN / 16][4],
-                                                   const float (&s)[BN / 2]) {
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) pa[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 }
 
 // Online softmax over one tile for the thread's rows row and row + 8: scale, the DMC bias
@@ -268,51 +139,6 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float 
   }
 }
 
-// ---------------------------------------------------------------- TMA and mbarriers
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-// Announces bytes that copies will deliver in the current phase (no arrival).
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// Waits until the phase of the given parity (0 for the first completion, 1 for the second, ...)
-// has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-}
-// One box of a 4-D tensor map ({channel, head, position, batch}, see make_tile_map) into shared
-// memory, completing on bar.
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int c, int h, int t,
-                                         int b, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(dst)),
-      "l"(map), "r"(c), "r"(h), "r"(t), "r"(b), "r"(smem_u32(bar))
-      : "memory");
-}
-template <int N>
-__device__ __forceinline__ void named_barrier(int id) {  // the N threads that name barrier id
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(N) : "memory");
-}
-
 // ---------------------------------------------------------------- the kernel
 // CTA = 3 warpgroups, 128 queries of one head. Warpgroup 0 is the producer: one warp issues the
 // TMA loads of the Q tile and of the K and V tiles (kStages deep) and writes each tile's bias row;
@@ -360,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&sm.v_full[i], 1);
       mbar_init(&sm.empty[i], kThreads - 128);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
 
@@ -370,18 +196,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* mb = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
     if (lane == 0) {
       mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
-      for (int c = 0; c < D / 64; ++c) tma_load(sm.q + c * kBM * 64, &q_map, c * 64, h, q0, b, &sm.q_full);
+      tma_load_tile<kBM, D>(sm.q, &q_map, h, q0, b, &sm.q_full);
     }
     for (int n = 0; n < ntiles; ++n) {
       const int stage = n % kStages;
       if (n >= kStages) mbar_wait(&sm.empty[stage], (n / kStages - 1) & 1);
       if (lane == 0) {
         mbar_expect_tx(&sm.k_full[stage], sizeof(sm.k[0]));
-        for (int c = 0; c < D / 64; ++c)
-          tma_load(sm.k[stage] + c * kBN * 64, &k_map, c * 64, hk, n * kBN, b, &sm.k_full[stage]);
+        tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, b, &sm.k_full[stage]);
         mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
-        for (int c = 0; c < D / 64; ++c)
-          tma_load(sm.v[stage] + c * kBN * 64, &v_map, c * 64, hk, n * kBN, b, &sm.v_full[stage]);
+        tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, b, &sm.v_full[stage]);
       }
       // the bias row: mask values lie Hkv apart, too sparse for a TMA box
 #pragma unroll
@@ -430,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   wgmma_wait<0>();
   pin(s);
   softmax_of(0);
-  pack_probabilities<kBN>(pa, s);
+  pack_a_fragments<kBN>(pa, s);
   for (int n = 1; n < ntiles; ++n) {
     const int stage = n % kStages, prev = (n - 1) % kStages;
     mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
@@ -448,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(o);
     mbar_arrive(&sm.empty[prev]);
     rescale_rows<D>(o, corr);
-    pack_probabilities<kBN>(pa, s);
+    pack_a_fragments<kBN>(pa, s);
   }
   const int last = (ntiles - 1) % kStages;
   mbar_wait(&sm.v_full[last], ((ntiles - 1) / kStages) & 1);
@@ -459,47 +283,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   pin(o);
   mbar_arrive(&sm.empty[last]);
   store_rows<D>(o, m, l, row, b, h, p);
-}
-
-// The driver's tensor-map encoder, reached through the runtime (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    DMC_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                    cudaEnableDefault, &found));
-    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
-      std::fprintf(stderr, "dmc_attention_forward: the driver has no cuTensorMapEncodeTiled\n");
-      std::abort();
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// Tensor map of a [B, T, heads, D] bf16 tensor, dimensions innermost first {D, heads, T, B}; a box
-// is 64 channels x 1 head x rows positions x 1 sequence, 128-byte swizzled: one column block of a
-// tile. Positions past T (within the sequence) arrive as zeros.
-CUtensorMap make_tile_map(const bf16* base, int B, int T, int heads, int D, int rows) {
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
-  const cuuint64_t strides[3] = {sizeof(bf16) * D, sizeof(bf16) * D * heads,
-                                 sizeof(bf16) * D * heads * T};  // bytes, dimensions 1..3
-  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  CUtensorMap map;
-  const CUresult r = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base), dims, strides, box,
-      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    std::fprintf(stderr,
-                 "dmc_attention_forward: cuTensorMapEncodeTiled failed (error %d) for a "
-                 "[%d, %d, %d, %d] tensor (16-byte aligned?)\n",
-                 static_cast<int>(r), B, T, heads, D);
-    std::abort();
-  }
-  return map;
 }
 
 template <int D>

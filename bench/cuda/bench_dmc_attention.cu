@@ -1,8 +1,9 @@
 // DMC attention forward + backward on the GPU: time (median of CUDA-event timings after warm-up)
 // and TFLOP/s, on random bf16 inputs with a soft DMC mask and the control channel excluded.
 // FLOPs counted as for causal FlashAttention: forward 4·B·H·T²·D / 2, backward 2.5x forward.
-// The forward is timed for each kernel side by side: mma.sync ("fwd") and, on Hopper, the sm90
-// kernel ("fwd90"); f+b is the forward dmc_attention_forward picks (kAuto) plus the backward.
+// Forward and backward are timed for each kernel side by side: mma.sync ("fwd", "bwd") and, on
+// Hopper, the sm90 kernels ("fwd90", "bwd90"; the sm90 backward exists at head dim 128 only); f+b
+// is the forward and backward that dmc_attention_forward/backward pick (kAuto).
 //   usage: bench_dmc_attention [reps]      (prints one table; shapes fixed below)
 #include <algorithm>
 #include <cmath>
@@ -47,8 +48,9 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{4, 32, 32, 1024, 128}, {4, 32, 32, 4096, 128}, {4, 32, 32, 8192, 128},
                           {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
   const bool sm90 = dmc::cuda::device_is_sm90();
-  std::printf("%-28s %10s %10s %10s %10s %9s %10s %9s %9s\n", "shape (B H/Hkv T D)", "fwd ms",
-              "fwd90 ms", "bwd ms", "f+b ms", "fwd TF/s", "fwd90 TF/s", "bwd TF/s", "f+b TF/s");
+  std::printf("%-28s %9s %9s %9s %9s %9s %9s %10s %9s %10s %9s\n", "shape (B H/Hkv T D)", "fwd ms",
+              "fwd90 ms", "bwd ms", "bwd90 ms", "f+b ms", "fwd TF/s", "fwd90 TF/s", "bwd TF/s",
+              "bwd90 TF/s", "f+b TF/s");
   for (const Shape& s : shapes) {
     const size_t nq = static_cast<size_t>(s.B) * s.T * s.H * s.D;
     const size_t nk = static_cast<size_t>(s.B) * s.T * s.Hkv * s.D;
@@ -78,26 +80,25 @@ int main(int argc, char** argv) {
     DMC_CUDA_CHECK(cudaMemset(dmask, 0, nm * 4));
     DMC_CUDA_CHECK_LAUNCH();
     const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    auto fwd_with = [&](dmc::cuda::AttentionKernel kernel) {
+    using dmc::cuda::AttentionKernel;
+    auto fwd = [&](AttentionKernel kernel) {
       dmc::cuda::dmc_attention_forward(o, lse, q, k, v, mask, s.B, s.T, s.H, s.Hkv, s.D, true,
                                        scale, nullptr, 0, kernel);
     };
-    auto fwd = [&] { fwd_with(dmc::cuda::AttentionKernel::kAuto); };
-    auto bwd = [&] {
+    auto bwd = [&](AttentionKernel kernel) {
       dmc::cuda::dmc_attention_backward(dq, dk, dv, dmask, dout, q, k, v, mask, o, lse, s.B, s.T,
-                                        s.H, s.Hkv, s.D, true, scale);
+                                        s.H, s.Hkv, s.D, true, scale, nullptr, 0, kernel);
     };
-    cudaEvent_t e0, e1, e2;
+    cudaEvent_t e0, e1;
     DMC_CUDA_CHECK(cudaEventCreate(&e0));
     DMC_CUDA_CHECK(cudaEventCreate(&e1));
-    DMC_CUDA_CHECK(cudaEventCreate(&e2));
-    // median forward time of one kernel (NaN where it cannot run)
-    auto time_forward = [&](dmc::cuda::AttentionKernel kernel) {
-      for (int i = 0; i < 3; ++i) fwd_with(kernel);
+    // median time of run() after 3 warm-ups
+    auto time_ms = [&](auto run) {
+      for (int i = 0; i < 3; ++i) run();
       std::vector<float> t;
       for (int i = 0; i < reps; ++i) {
         DMC_CUDA_CHECK(cudaEventRecord(e0));
-        fwd_with(kernel);
+        run();
         DMC_CUDA_CHECK(cudaEventRecord(e1));
         DMC_CUDA_CHECK(cudaEventSynchronize(e1));
         float ms;
@@ -106,41 +107,30 @@ int main(int argc, char** argv) {
       }
       return median(t);
     };
-    const float mf = time_forward(dmc::cuda::AttentionKernel::kMmaSync);
-    const float mf90 = sm90 ? time_forward(dmc::cuda::AttentionKernel::kSm90) : NAN;
-    for (int i = 0; i < 3; ++i) {
-      fwd();
-      bwd();
-    }
-    DMC_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<float> tb, tfb;
-    for (int i = 0; i < reps; ++i) {
-      DMC_CUDA_CHECK(cudaEventRecord(e0));
-      fwd();
-      DMC_CUDA_CHECK(cudaEventRecord(e1));
-      bwd();
-      DMC_CUDA_CHECK(cudaEventRecord(e2));
-      DMC_CUDA_CHECK(cudaEventSynchronize(e2));
-      float a, b2;
-      DMC_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e1));
-      DMC_CUDA_CHECK(cudaEventElapsedTime(&b2, e1, e2));
-      tb.push_back(b2);
-      tfb.push_back(a + b2);
-    }
+    // the backward reads the out and lse of the last forward timed before it
+    const float mf = time_ms([&] { fwd(AttentionKernel::kMmaSync); });
+    const float mb = time_ms([&] { bwd(AttentionKernel::kMmaSync); });
+    const float mf90 = sm90 ? time_ms([&] { fwd(AttentionKernel::kSm90); }) : NAN;
+    const float mb90 = sm90 && s.D == 128 ? time_ms([&] { bwd(AttentionKernel::kSm90); }) : NAN;
+    const float mfb = time_ms([&] {
+      fwd(AttentionKernel::kAuto);
+      bwd(AttentionKernel::kAuto);
+    });
     const double flops_f = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.D / 2.0;
     const double flops_b = 2.5 * flops_f;
-    const float mb = median(tb), mfb = median(tfb);
     char label[64];
     std::snprintf(label, sizeof(label), "B%d H%d/%d T%d D%d", s.B, s.H, s.Hkv, s.T, s.D);
-    std::printf("%-28s %10.3f %10.3f %10.3f %10.3f %9.1f %10.1f %9.1f %9.1f\n", label, mf, mf90,
-                mb, mfb, flops_f / mf * 1e-9, flops_f / mf90 * 1e-9, flops_b / mb * 1e-9,
-                (flops_f + flops_b) / mfb * 1e-9);
+    std::printf("%-28s %9.3f %9.3f %9.3f %9.3f %9.3f %9.1f %10.1f %9.1f %10.1f %9.1f\n", label,
+                mf, mf90, mb, mb90, mfb, flops_f / mf * 1e-9, flops_f / mf90 * 1e-9,
+                flops_b / mb * 1e-9, flops_b / mb90 * 1e-9, (flops_f + flops_b) / mfb * 1e-9);
     std::fflush(stdout);
     for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(o), static_cast<void*>(dout), static_cast<void*>(dq),
                     static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(mask),
                     static_cast<void*>(dmask), static_cast<void*>(lse)})
       DMC_CUDA_CHECK(cudaFree(p));
+    DMC_CUDA_CHECK(cudaEventDestroy(e0));
+    DMC_CUDA_CHECK(cudaEventDestroy(e1));
   }
   return 0;
 }

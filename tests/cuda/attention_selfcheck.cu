@@ -1,8 +1,8 @@
 // Stand-alone check of the fused DMC attention kernels against a direct double-precision
 // implementation of kernels/dmc_attention.h's formulas (no CMake, no CPU library needed):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I. kernels/dmc_attention.cu \
-//        kernels/dmc_attention_sm90.cu kernels/cuda_common.cu tests/cuda/attention_selfcheck.cu \
-//        -o attention_selfcheck
+//        kernels/dmc_attention_sm90.cu kernels/dmc_attention_bwd_sm90.cu kernels/cuda_common.cu \
+//        tests/cuda/attention_selfcheck.cu -o attention_selfcheck
 // Prints the relative error of every output; exit status 1 if any exceeds 1e-2 or is NaN.
 #include <cmath>
 #include <cstdio>

@@ -130,7 +130,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"dmc_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 128, 2, 2},
                       Case{"dmc_hard", true, DmcDecisionMode::kHard, 1.0f, 128, 2, 2},
                       Case{"gqa_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 256, 4, 2},
-                      Case{"gqa_hard", true, DmcDecisionMode::kHard, 1.0f, 256, 4, 2}),
+                      Case{"gqa_hard", true, DmcDecisionMode::kHard, 1.0f, 256, 4, 2},
+                      // head dim 128: on Hopper the sm90 attention kernels, forward and backward
+                      Case{"gqa_d128_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 256, 2, 1}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 class CudaModel : public ::testing::Test {

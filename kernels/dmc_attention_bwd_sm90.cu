@@ -1,0 +1,366 @@
+// Fused DMC attention backward for Hopper (sm_90a; spec: kernels/dmc_attention.h): the main
+// kernel of kernels/dmc_attention.cu's backward (its pre-pass computes Delta = rowsum(dO · O) and
+// lse · log2 e, its post-pass adds the fp32 dQ accumulator into dq) on Hopper's warpgroup MMA,
+// in FlashAttention-3's backward layout.
+//
+// CTA = 128 keys of one KV head (grid: key tiles x KV heads x sequences), looping over the G query
+// heads of the group and, for each, the 64-query tiles that reach its keys (at or after the
+// first key). Per tile, consumer warpgroup w (keys 64w + [0, 64)) computes
+//   S^T  = K_w Q^T                  (64 keys x 64 queries; K, Q K-major in shared memory)
+//   dP^T = V_w dO^T                 (V, dO K-major)
+//   P^T  = exp2(S^T·scale·log2 e + bias[key]·[query - key > window] - lse2[query]), causal and
+//          past-T entries 0 (lse2 = lse · log2 e: P is the forward's normalised probability)
+//   dS^T = P^T ∘ (dP^T - Delta[query]);  dmask[key] += Σ_query dS^T where the bias applies
+//   dV_w += P^T dO,  dK_w += dS^T Q  (P^T, dS^T from registers as A; dO, Q N-major; fp32
+//          accumulators held in registers over the whole loop, written once at the end)
+//   dQ[:, 64w + [0, 64)] = dS K[:, 64w + [0, 64)] over all 128 keys: dS^T of both warpgroups goes
+//          through shared memory (read M-major as A), K N-major as B; added into the fp32 dQ
+//          accumulator with atomics (FlashAttention's scheme: not bit-reproducible run to run).
+// dmask needs no atomics: every key of the CTA belongs to one quad of one warp, which sums its
+// row over all query tiles and heads in registers. exclude_ctrl: channel D-1 of the K tile is
+// zeroed in shared memory once, so it drops out of every score; dK and dQ skip that channel.
+//
+// A producer warp issues the TMA loads (K, V once; Q and dO tiles kStages deep) and writes each
+// tile's lse2 and Delta rows; each stage has a full mbarrier (the tiles landed, the rows written)
+// and an empty one (every consumer thread is done with the stage), as in the sm90 forward. Shared
+// tiles, descriptors and the wgmma wrappers: kernels/wgmma_sm90.h. Head dim 128 only.
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/wgmma_sm90.h"
+
+namespace dmc::cuda {
+namespace {
+using namespace detail;
+
+struct BwdParams {  // q, k, v and dout reach the kernel as tensor maps
+  const float* mask;   // [B, T, Hkv] or null
+  const float* lse2;   // [B, H, T]: lse · log2 e
+  const float* delta;  // [B, H, T]: rowsum(dout · out)
+  float* dq_acc;       // [B, T, H, D] fp32, added to with atomics
+  bf16* dk;            // [B, T, Hkv, D], accumulated
+  bf16* dv;
+  float* dmask;        // [B, T, Hkv] or null, accumulated
+  int B, T, H, Hkv;
+  float scale, scale_log2;
+  bool exclude_ctrl;
+  int window;  // the mask applies where query - key > window (DMC: 0; DMS: w)
+};
+
+constexpr int kD = 128;        // head dim
+constexpr int kBN = 128;       // keys per CTA: 64 per consumer warpgroup, the M of its wgmmas
+constexpr int kBM = 64;        // queries per tile: N of S^T and dP^T, reduction of dV and dK
+constexpr int kStages = 2;     // Q / dO tiles in flight
+constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // as the forward (24: spills)
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
+static_assert(kBN == 2 * 64, "one 64-row wgmma tile of keys per consumer warpgroup");
+static_assert(kBM == 64,
+              "the dS^T tile is one 128-byte column block of queries, and dQ = dS K has M = 64");
+static_assert(kD == 2 * 64, "dQ: each consumer warpgroup owns one 64-channel column block");
+// named barriers (0 is __syncthreads)
+constexpr int kBarKZeroed = 1;  // + consumer warpgroup: its K rows' control channel zeroed
+constexpr int kBarDsStored = 3;  // both consumer warpgroups: their halves of dS^T stored
+
+struct BwdSmem {
+  bf16 k[kBN * kD];              // A (K-major) of S^T = K Q^T; B (N-major) of dQ = dS K
+  bf16 v[kBN * kD];              // A (K-major) of dP^T = V dO^T
+  bf16 q[kStages][kBM * kD];     // B (K-major) of S^T; B (N-major) of dK += dS^T Q
+  bf16 dout[kStages][kBM * kD];  // B (K-major) of dP^T; B (N-major) of dV += P^T dO
+  // dS^T [keys][queries], A (M-major) of dQ = dS K. Two buffers: a warpgroup writes tile i + 1's
+  // half while the other may still read tile i's in its dQ wgmma (the dS barrier of tile i + 1
+  // orders the write of tile i + 2 after that read).
+  bf16 ds[2][kBN * kBM];
+  float lse2[kStages][kBM];
+  float delta[kStages][kBM];
+  uint64_t kv_full, full[kStages], empty[kStages];
+};
+static_assert((sizeof(bf16) * kBN * kD) % 1024 == 0 && (sizeof(bf16) * kBM * kD) % 1024 == 0 &&
+                  (sizeof(bf16) * kBN * kBM) % 1024 == 0,
+              "every tile starts on a 1024-byte swizzle atom");
+
+// P^T for the thread's keys key_lo, key_lo + 8 (rows) and the tile's queries (columns): s holds
+// S^T on entry, the probabilities on return. Off the edge (every query after every key of the
+// warp by more than the window, none past T) no index test is needed.
+__device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* lse2,
+                                              const float (&bias)[2], int key_lo, int q0,
+                                              bool edge, const BwdParams& p) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kBM / 8; ++j) {
+    const float2 l = *reinterpret_cast<const float2*>(lse2 + j * 8 + 2 * (lane % 4));
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int hh = e >> 1;
+      const float lq = (e & 1) ? l.y : l.x;
+      float& x = s[4 * j + e];
+      if (!edge) {
+        x = ex2(fmaf(x, p.scale_log2, bias[hh] - lq));
+      } else {
+        const int query = q0 + j * 8 + 2 * (lane % 4) + (e & 1), key = key_lo + 8 * hh;
+        const float y = ex2(fmaf(x, p.scale_log2, (query - key > p.window ? bias[hh] : 0.f) - lq));
+        x = (query >= key && query < p.T) ? y : 0.f;  // keys past T fail query >= key
+      }
+    }
+  }
+}
+
+// dS^T = P^T ∘ (dP^T - Delta) into dp; dm[hh] += the sum over the queries where the bias applies
+// (its gradient) of row key_lo + 8 hh. P^T is 0 wherever the key is not visible, so is dS^T.
+__device__ __forceinline__ void score_grads(float (&dp)[kBM / 2], const float (&pt)[kBM / 2],
+                                            const float* delta, float (&dm)[2], int key_lo, int q0,
+                                            bool edge, const BwdParams& p) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kBM / 8; ++j) {
+    const float2 d = *reinterpret_cast<const float2*>(delta + j * 8 + 2 * (lane % 4));
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int hh = e >> 1;
+      const float ds = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d.y : d.x));
+      dp[4 * j + e] = ds;
+      if (!edge) {
+        dm[hh] += ds;
+      } else {
+        const int query = q0 + j * 8 + 2 * (lane % 4) + (e & 1), key = key_lo + 8 * hh;
+        dm[hh] += query - key > p.window ? ds : 0.f;
+      }
+    }
+  }
+}
+
+// The thread's dS^T values, packed as A fragments (pack_a_fragments: da[kk][r] holds row
+// row_lo + 8 (r % 2), columns 16 kk + 8 (r / 2) + 2 (lane % 4) + {0, 1}), into the swizzled
+// [kBN][kBM] tile ds.
+__device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&da)[kBM / 16][4], int row_lo) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      *reinterpret_cast<uint32_t*>(
+          ds + swizzled<kBN>(row_lo + 8 * (r % 2), 16 * kk + 8 * (r / 2) + 2 * (lane % 4))) =
+          da[kk][r];
+}
+
+// dq_acc += scale · dQ for the thread's rows of a 64-query x 64-channel block (query q0 + row,
+// channel c0 + column) of head h; channel D-1 gets nothing under exclude_ctrl.
+__device__ __forceinline__ void add_dq(const float (&dq)[32], int q0, int c0, int b, int h,
+                                       const BwdParams& p) {
+  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int query = q0 + warp * 16 + lane / 4 + 8 * hh;
+    if (query >= p.T) continue;
+    float* dst = p.dq_acc + ((static_cast<long>(b) * p.T + query) * p.H + h) * kD + c0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = j * 8 + 2 * (lane % 4);
+      const float v0 = dq[4 * j + 2 * hh] * p.scale;
+      float v1 = dq[4 * j + 2 * hh + 1] * p.scale;
+      if (p.exclude_ctrl && c0 + c + 1 == kD - 1) v1 = 0.f;
+      atomicAdd(reinterpret_cast<float2*>(dst + c), make_float2(v0, v1));
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
+                         const __grid_constant__ CUtensorMap k_map,
+                         const __grid_constant__ CUtensorMap v_map,
+                         const __grid_constant__ CUtensorMap dout_map, const BwdParams p) {
+  extern __shared__ unsigned char smem_raw[];
+  // the swizzle atoms must be 1024-byte aligned in the shared address space
+  BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
+
+  const int T = p.T, H = p.H, Hkv = p.Hkv, G = H / Hkv;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int k0 = blockIdx.x * kBN;  // the CTA's keys: k0 + [0, kBN)
+  // query tiles m_first.. reach the CTA's keys (queries before k0 see none of them)
+  const int m_first = k0 / kBM;
+  const int n_m = (T + kBM - 1) / kBM - m_first;
+  const int iters = G * n_m;  // tile it: query head hk G + it / n_m, query tile m_first + it % n_m
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) {
+    mbar_init(&sm.kv_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&sm.full[i], 1);
+      mbar_init(&sm.empty[i], kThreads - 128);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (warp != 0) return;
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
+      tma_load_tile<kBN, kD>(sm.k, &k_map, hk, k0, b, &sm.kv_full);
+      tma_load_tile<kBN, kD>(sm.v, &v_map, hk, k0, b, &sm.kv_full);
+    }
+    for (int it = 0; it < iters; ++it) {
+      const int stage = it % kStages;
+      if (it >= kStages) mbar_wait(&sm.empty[stage], (it / kStages - 1) & 1);
+      const int h = hk * G + it / n_m, q0 = (m_first + it % n_m) * kBM;
+      if (lane == 0) {
+        mbar_expect_tx(&sm.full[stage], sizeof(sm.q[0]) + sizeof(sm.dout[0]));
+        tma_load_tile<kBM, kD>(sm.q[stage], &q_map, h, q0, b, &sm.full[stage]);
+        tma_load_tile<kBM, kD>(sm.dout[stage], &dout_map, h, q0, b, &sm.full[stage]);
+      }
+      // the rows' statistics: [B, H, T] rows start at any 4-byte offset, too unaligned for TMA
+      const long row0 = (static_cast<long>(b) * H + h) * T;
+      for (int i = lane; i < kBM; i += 32) {
+        const int t = q0 + i;
+        sm.lse2[stage][i] = t < T ? p.lse2[row0 + t] : 0.f;
+        sm.delta[stage][i] = t < T ? p.delta[row0 + t] : 0.f;
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&sm.full[stage]);
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int wg = warpgroup - 1;                      // this consumer's keys: k0 + 64 wg + [0, 64)
+  const int row_lo = wg * 64 + warp * 16 + lane / 4;  // the thread's tile rows: row_lo, row_lo + 8
+  const int key_lo = k0 + row_lo;
+  const int warp_key0 = k0 + wg * 64 + warp * 16;    // the warp's keys: warp_key0 + [0, 16)
+  float bias[2];  // mask · log2 e of the thread's keys
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int key = key_lo + 8 * hh;
+    bias[hh] = (p.mask && key < T) ? p.mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e
+                                   : 0.f;
+  }
+  mbar_wait(&sm.kv_full, 0);
+  if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's K rows
+    if (threadIdx.x % 128 < 64)
+      sm.k[swizzled<kBN>(wg * 64 + threadIdx.x % 128, kD - 1)] = __float2bfloat16(0.f);
+    fence_proxy_async();  // read next by the tensor cores
+    named_barrier<128>(kBarKZeroed + wg);
+  }
+
+  // A operands of S^T and dP^T: row 64 wg of every column block of K, V (kmajor_desc<kBN> steps
+  // across the column blocks). B operand of dQ: column block wg of K (channels 64 wg + [0, 64)).
+  const uint32_t uK = smem_u32(sm.k + wg * 64 * 64), uV = smem_u32(sm.v + wg * 64 * 64);
+  const uint32_t uKcols = smem_u32(sm.k + wg * kBN * 64);
+  float dk[kD / 2], dv[kD / 2], dm[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  for (int it = 0; it < iters; ++it) {
+    const int stage = it % kStages;
+    const int h = hk * G + it / n_m, q0 = (m_first + it % n_m) * kBM;
+    const uint32_t uQ = smem_u32(sm.q[stage]), uO = smem_u32(sm.dout[stage]);
+    bf16* ds = sm.ds[it & 1];
+    const bool edge = !(q0 > warp_key0 + 15 + p.window && q0 + kBM <= T);
+
+    float s[kBM / 2], dp[kBM / 2];
+    mbar_wait(&sm.full[stage], (it / kStages) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kBM>(s, kmajor_desc<kBN>(uK, kk), kmajor_desc<kBM>(uQ, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kBM>(dp, kmajor_desc<kBN>(uV, kk), kmajor_desc<kBM>(uO, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();  // S^T landed; dP^T may still run
+    pin(s);
+    probabilities(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
+    wgmma_wait<0>();
+    pin(dp);
+    score_grads(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
+
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
+    pack_a_fragments<kBM>(pa, s);
+    pack_a_fragments<kBM>(da, dp);
+    store_ds(ds, da, row_lo);
+    fence_proxy_async();  // read next by the tensor cores
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_nmajor<kD>(dv, pa[kk], nmajor_desc<kBM>(uO, kk));
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+    wgmma_commit();
+    named_barrier<256>(kBarDsStored);
+    float dq[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds), kk), nmajor_desc<kBN>(uKcols, kk),
+                         kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(dv);
+    pin(dk);
+    pin(dq);
+    mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
+    add_dq(dq, q0, wg * 64, b, h, p);
+  }
+
+  // dmask: each key's sum lies spread over the 4 lanes of its quad
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 1);
+    dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 2);
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int key = key_lo + 8 * hh;
+    if (key >= T) continue;
+    if (p.dmask && (lane % 4) == 0) p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk] += dm[hh];
+    const long off = ((static_cast<long>(b) * T + key) * Hkv + hk) * kD;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      const int c = j * 8 + 2 * (lane % 4);
+      const float dk0 = dk[4 * j + 2 * hh] * p.scale;
+      const float dk1 = p.exclude_ctrl && c + 1 == kD - 1 ? 0.f : dk[4 * j + 2 * hh + 1] * p.scale;
+      __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
+      const float2 ok = __bfloat1622float2(*pk);
+      *pk = __floats2bfloat162_rn(ok.x + dk0, ok.y + dk1);
+      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
+      const float2 ov = __bfloat1622float2(*pv);
+      *pv = __floats2bfloat162_rn(ov.x + dv[4 * j + 2 * hh], ov.y + dv[4 * j + 2 * hh + 1]);
+    }
+  }
+}
+
+}  // namespace
+
+void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
+                                 const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                                 const float* mask, const float* lse2, const float* delta, int B,
+                                 int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                                 cudaStream_t stream, int mask_window) {
+  if (!device_is_sm90()) {
+    std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
+    std::abort();
+  }
+  if (D != kD) {
+    std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel takes head dim %d only, not %d\n",
+                 kD, D);
+    std::abort();
+  }
+  const size_t smem = 1024 + sizeof(BwdSmem);
+  static bool configured = false;
+  if (!configured) {
+    DMC_CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_sm90_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    configured = true;
+  }
+  const CUtensorMap q_map = make_tile_map(q, B, T, H, kD, kBM);
+  const CUtensorMap dout_map = make_tile_map(dout, B, T, H, kD, kBM);
+  const CUtensorMap k_map = make_tile_map(k, B, T, Hkv, kD, kBN);
+  const CUtensorMap v_map = make_tile_map(v, B, T, Hkv, kD, kBN);
+  const BwdParams p{mask, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
+                    scale, scale * kLog2e, exclude_ctrl, mask_window};
+  dim3 grid(ceil_div(T, kBN), Hkv, B);
+  attn_bwd_sm90_kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dmc::cuda
