@@ -3,8 +3,8 @@
 // products are formed once, and the backward's gate gradients, which are linear in dc, run once on
 // dc_k + dc_v instead of once per tensor.
 //
-// Forward: one thread per (t, 8-channel group) of a tile walks its window backwards with a
-// running product of alphas: c[t, j] = omega[j] · prod_{m=j+1..t} alpha[m].
+// Forward: one thread per (b, t, h, 8-channel group) walks its window backwards with a running
+// product of alphas: c[t, j] = omega[j] · prod_{m=j+1..t} alpha[m].
 //
 // Backward, without dividing by alpha and without atomics:
 //   dc[t, j] = (dxhat[t]·x[j] - dxhat[t]·xhat[t]) / denom[t]        (kernel 1, 8 lanes per (b,t,h),
@@ -20,153 +20,75 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-// Tiling: a block takes kTile consecutive tokens of one (b, h) and first stages in shared memory
-// every row its windows reach, so a row is read from global memory once per tile (plus a halo of
-// w - 1 rows) instead of once per window that holds it: the untiled kernels re-read each row w
-// times through L2 and ran at 19–31% of the copy bandwidth.
-constexpr int kTile = 64;
-constexpr int kThreads = 256;
-
-// A tile's shared memory: two scalar rows (rows floats each, padded to 4 so the bf16 rows that
-// follow stay 16-byte aligned), then [rows][D] bf16 of one or two tensors.
-__host__ __device__ inline int padded(int rows) { return (rows + 3) & ~3; }
-inline size_t tile_bytes(int rows, int D, bool pair) {
-  return 2 * padded(rows) * sizeof(float) + static_cast<size_t>(pair ? 2 : 1) * rows * D * 2;
-}
-struct Tile {
-  float* s0;
-  float* s1;
-  bf16* x;
-  bf16* y;
-};
-__device__ __forceinline__ Tile tile_at(unsigned char* smem, int rows, int D) {
-  Tile t;
-  t.s0 = reinterpret_cast<float*>(smem);
-  t.s1 = t.s0 + padded(rows);
-  t.x = reinterpret_cast<bf16*>(t.s1 + padded(rows));
-  t.y = t.x + static_cast<long>(rows) * D;
-  return t;
-}
-
-// Rows t = first .. first + rows - 1 of (b, h) (base = the scalar index of (b, 0, h); x is
-// [B, T, Hkv, D]) into dst [rows][D]; rows outside [0, T) are zeroed (their coefficients are
-// never used). kVec: D % 8 == 0, 16-byte moves.
-template <bool kVec>
-__device__ __forceinline__ void stage_rows(bf16* dst, const bf16* src, long base, int first,
-                                           int rows, int T, int Hkv, int D) {
-  const int per_row = kVec ? D / 8 : D;
-  for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
-    const int r = i / per_row, c = i % per_row, t = first + r;
-    const bool inside = t >= 0 && t < T;
-    const long at = (base + static_cast<long>(t) * Hkv) * D;
-    if (kVec) {
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (inside) v = *reinterpret_cast<const uint4*>(src + at + c * 8);
-      *reinterpret_cast<uint4*>(dst + r * D + c * 8) = v;
-    } else {
-      dst[r * D + c] = inside ? src[at + c] : tobf(0.f);
-    }
-  }
-}
-__device__ __forceinline__ void stage_scalars(float* dst, const float* src, long base, int first,
-                                              int rows, int T, int Hkv) {
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-    const int t = first + r;
-    dst[r] = t >= 0 && t < T ? src[base + static_cast<long>(t) * Hkv] : 0.f;
-  }
-}
-
-// acc[i] += c · row[c0 + i] for the nc (<= 8) channels of a thread.
-template <bool kVec>
-__device__ __forceinline__ void axpy8(float (&acc)[8], float c, const bf16* row, int nc) {
-  if (kVec) {
-    float v[8];
-    load8(v, row);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += c * v[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nc) acc[i] += c * bf(row[i]);
-  }
-}
-
-template <bool kVec>
-__device__ __forceinline__ void store_row8(bf16* o, const float (&a)[8], int nc) {
-  if (kVec) {
-    store8(o, a);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nc) o[i] = tobf(a[i]);
-  }
-}
-
-template <bool kVec>
-__device__ __forceinline__ void add_row8(bf16* o, const float (&a)[8], int nc) {
-  if (kVec) {
-    float v[8];
-    load8(v, o);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] += a[i];
-    store8(o, v);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nc) o[i] = tobf(bf(o[i]) + a[i]);
-  }
-}
-
-// Forward: the tile holds rows t0 - w + 1 .. t0 + kTile - 1 of x (and y), alpha (s0) and omega
-// (s1); a thread per (t, 8-channel group) walks its window backwards with a running product of
-// alphas: c[t, j] = omega[j] · prod_{m=j+1..t} alpha[m]. kPair: y → yhat too.
+// x index of (b, t, h, c) with x [B, T, Hkv, D]; scalar arrays [B, T, Hkv].
+// kVec (D % 8 == 0): the 8 channels of a thread move as one 16-byte vector. kPair: y → yhat too.
 template <bool kVec, bool kPair>
-__global__ void __launch_bounds__(kThreads)
-    scan_forward_kernel(bf16* xhat, bf16* yhat, float* denom, const bf16* x, const bf16* y,
-                        const float* alpha, const float* omega, int T, int Hkv, int D,
-                        int window) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int t0 = blockIdx.x * kTile, rows = kTile + window - 1, first = t0 - (window - 1);
-  const long base = static_cast<long>(blockIdx.z) * T * Hkv + blockIdx.y;
-  const Tile tile = tile_at(smem, rows, D);
-  stage_scalars(tile.s0, alpha, base, first, rows, T, Hkv);
-  stage_scalars(tile.s1, omega, base, first, rows, T, Hkv);
-  stage_rows<kVec>(tile.x, x, base, first, rows, T, Hkv, D);
-  if (kPair) stage_rows<kVec>(tile.y, y, base, first, rows, T, Hkv, D);
-  __syncthreads();
+__global__ void scan_forward_kernel(bf16* xhat, bf16* yhat, float* denom, const bf16* x,
+                                    const bf16* y, const float* alpha, const float* omega, int B,
+                                    int T, int Hkv, int D, int window) {
   const int groups = (D + 7) / 8;
-  for (int item = threadIdx.x; item < kTile * groups; item += blockDim.x) {
-    const int tl = item / groups, g = item % groups, t = t0 + tl;
-    if (t >= T) break;  // items run in token order: so do all later ones
-    const int c0 = g * 8, nc = min(8, D - c0);
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, acc2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    float den = 0.f, prod = 1.f;
-    const int last = tl + window - 1;  // t's row in the tile
-    for (int r = last; r > last - min(window, t + 1); --r) {
-      const float cj = tile.s1[r] * prod;
-      den += cj;
-      axpy8<kVec>(acc, cj, tile.x + r * D + c0, nc);
-      if (kPair) axpy8<kVec>(acc2, cj, tile.y + r * D + c0, nc);
-      prod *= tile.s0[r];
-    }
-    const float inv = 1.f / den;
+  const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long>(B) * T * Hkv * groups) return;
+  const int g = static_cast<int>(idx % groups);
+  const long s = idx / groups;  // (b, t, h) scalar index
+  const int t = static_cast<int>((s / Hkv) % T);
+  const int c0 = g * 8;
+  const int nc = min(8, D - c0);
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, acc2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float den = 0.f, prod = 1.f;
+  const int jmin = max(0, t - window + 1);
+  for (int j = t; j >= jmin; --j) {
+    const long sj = s - static_cast<long>(t - j) * Hkv;
+    const float cj = omega[sj] * prod;
+    den += cj;
+    const bf16* xr = x + sj * D + c0;
+    const bf16* yr = kPair ? y + sj * D + c0 : nullptr;
+    if (kVec) {
+      float v[8];
+      load8(v, xr);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      acc[i] *= inv;
-      acc2[i] *= inv;
+      for (int i = 0; i < 8; ++i) acc[i] += cj * v[i];
+      if (kPair) {
+        load8(v, yr);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc2[i] += cj * v[i];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < nc) {
+          acc[i] += cj * bf(xr[i]);
+          if (kPair) acc2[i] += cj * bf(yr[i]);
+        }
     }
-    const long s = base + static_cast<long>(t) * Hkv;
-    store_row8<kVec>(xhat + s * D + c0, acc, nc);
-    if (kPair) store_row8<kVec>(yhat + s * D + c0, acc2, nc);
-    if (g == 0 && denom) denom[s] = den;
+    prod *= alpha[sj];
   }
+  const float inv = 1.f / den;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    acc[i] *= inv;
+    acc2[i] *= inv;
+  }
+  bf16* o = xhat + s * D + c0;
+  bf16* o2 = kPair ? yhat + s * D + c0 : nullptr;
+  if (kVec) {
+    store8(o, acc);
+    if (kPair) store8(o2, acc2);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nc) {
+        o[i] = tobf(acc[i]);
+        if (kPair) o2[i] = tobf(acc2[i]);
+      }
+  }
+  if (g == 0 && denom) denom[s] = den;
 }
 
 // dc[s, k] for j = t - k, k < window (0 where j < 0); with kPair the sum of the x and y terms.
-// The tile holds x (and y) as the forward's does; kDcLanes lanes per token row: each dot product
-// ends in 3 shuffles, not a warp's 5. kChunks (D = 64 kChunks): each lane holds 8·kChunks
-// channels of dxhat (and dyhat) in registers and reads rows as 16-byte vectors; kChunks 0 is the
-// scalar path for any D.
+// kDcLanes lanes per (b, t, h) row: each dot product ends in 3 shuffles, not a warp's 5. kChunks
+// (D = 64 kChunks): each lane holds 8·kChunks channels of dxhat (and dyhat) in registers and reads
+// rows as 16-byte vectors; kChunks 0 is the scalar path for any D.
 constexpr int kDcLanes = 8;
 
 template <int kChunks>
@@ -202,104 +124,97 @@ __device__ __forceinline__ void load_row(float (&a)[kChunks > 0 ? 8 * kChunks : 
 }
 
 template <int kChunks, bool kPair>
-__global__ void __launch_bounds__(kThreads)
-    scan_backward_dc(float* dc, const bf16* dxhat, const bf16* x, const bf16* xhat,
-                     const bf16* dyhat, const bf16* y, const bf16* yhat, const float* denom,
-                     int T, int Hkv, int D, int window) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int t0 = blockIdx.x * kTile, rows = kTile + window - 1, first = t0 - (window - 1);
-  const long base = static_cast<long>(blockIdx.z) * T * Hkv + blockIdx.y;
-  const Tile tile = tile_at(smem, rows, D);
-  stage_rows<(kChunks > 0)>(tile.x, x, base, first, rows, T, Hkv, D);
-  if (kPair) stage_rows<(kChunks > 0)>(tile.y, y, base, first, rows, T, Hkv, D);
-  __syncthreads();
+__global__ void scan_backward_dc(float* dc, const bf16* dxhat, const bf16* x, const bf16* xhat,
+                                 const bf16* dyhat, const bf16* y, const bf16* yhat,
+                                 const float* denom, int B, int T, int Hkv, int D, int window) {
+  const long s = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / kDcLanes;
   const int sub = threadIdx.x % kDcLanes;
+  if (s >= static_cast<long>(B) * T * Hkv) return;  // whole groups leave: blockDim % 8 == 0
   const unsigned group = 0xFFu << (threadIdx.x & 31 & ~(kDcLanes - 1));
   auto group_sum = [group](float v) {
 #pragma unroll
     for (int o = kDcLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(group, v, o);
     return v;
   };
-  for (int tl = threadIdx.x / kDcLanes; tl < kTile; tl += blockDim.x / kDcLanes) {
-    const int t = t0 + tl;
-    if (t >= T) break;  // the same for the whole group
-    const long s = base + static_cast<long>(t) * Hkv;
-    const bf16* dx_row = dxhat + s * D;
-    const bf16* dy_row = kPair ? dyhat + s * D : nullptr;
-    float gx[kChunks > 0 ? 8 * kChunks : 1], gy[kChunks > 0 ? 8 * kChunks : 1];
-    load_row<kChunks>(gx, dx_row, sub);
-    if (kPair) load_row<kChunks>(gy, dy_row, sub);
-    float gself = row_dot<kChunks>(gx, xhat + s * D, sub, dx_row, D);
-    if (kPair) gself += row_dot<kChunks>(gy, yhat + s * D, sub, dy_row, D);
-    gself = group_sum(gself);
-    const float inv = 1.f / denom[s];
-    const int last = tl + window - 1;  // t's row in the tile
-    for (int k = 0; k < window; ++k) {
-      float v = 0.f;
-      if (t - k >= 0) {
-        float d = row_dot<kChunks>(gx, tile.x + (last - k) * D, sub, dx_row, D);
-        if (kPair) d += row_dot<kChunks>(gy, tile.y + (last - k) * D, sub, dy_row, D);
-        v = (group_sum(d) - gself) * inv;
-      }
-      if (sub == 0) dc[s * window + k] = v;
+  const int t = static_cast<int>((s / Hkv) % T);
+  const bf16* dx_row = dxhat + s * D;
+  const bf16* dy_row = kPair ? dyhat + s * D : nullptr;
+  float gx[kChunks > 0 ? 8 * kChunks : 1], gy[kChunks > 0 ? 8 * kChunks : 1];
+  load_row<kChunks>(gx, dx_row, sub);
+  if (kPair) load_row<kChunks>(gy, dy_row, sub);
+  float gself = row_dot<kChunks>(gx, xhat + s * D, sub, dx_row, D);
+  if (kPair) gself += row_dot<kChunks>(gy, yhat + s * D, sub, dy_row, D);
+  gself = group_sum(gself);
+  const float inv = 1.f / denom[s];
+  for (int k = 0; k < window; ++k) {
+    float v = 0.f;
+    if (t - k >= 0) {  // uniform over the group
+      const long sj = s - static_cast<long>(k) * Hkv;
+      float d = row_dot<kChunks>(gx, x + sj * D, sub, dx_row, D);
+      if (kPair) d += row_dot<kChunks>(gy, y + sj * D, sub, dy_row, D);
+      v = (group_sum(d) - gself) * inv;
     }
+    if (sub == 0) dc[s * window + k] = v;
   }
 }
 
-// dx[j] += sum_{t=j}^{j+w-1} omega[j] · prod_{j+1..t} alpha / denom[t] · dxhat[t]: the tile holds
-// rows j0 .. j0 + kTile + w - 2 of dxhat (and dyhat), alpha (s0) and denom (s1), the rows a
-// tile's tokens gather from.
 template <bool kVec, bool kPair>
-__global__ void __launch_bounds__(kThreads)
-    scan_backward_dx(bf16* dx, bf16* dy, const bf16* dxhat, const bf16* dyhat,
-                     const float* alpha, const float* omega, const float* denom, int T, int Hkv,
-                     int D, int window) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int j0 = blockIdx.x * kTile, rows = kTile + window - 1;
-  const long base = static_cast<long>(blockIdx.z) * T * Hkv + blockIdx.y;
-  const Tile tile = tile_at(smem, rows, D);
-  stage_scalars(tile.s0, alpha, base, j0, rows, T, Hkv);
-  stage_scalars(tile.s1, denom, base, j0, rows, T, Hkv);
-  stage_rows<kVec>(tile.x, dxhat, base, j0, rows, T, Hkv, D);
-  if (kPair) stage_rows<kVec>(tile.y, dyhat, base, j0, rows, T, Hkv, D);
-  __syncthreads();
+__global__ void scan_backward_dx(bf16* dx, bf16* dy, const bf16* dxhat, const bf16* dyhat,
+                                 const float* alpha, const float* omega, const float* denom, int B,
+                                 int T, int Hkv, int D, int window) {
   const int groups = (D + 7) / 8;
-  for (int item = threadIdx.x; item < kTile * groups; item += blockDim.x) {
-    const int jl = item / groups, g = item % groups, j = j0 + jl;
-    if (j >= T) break;
-    const int c0 = g * 8, nc = min(8, D - c0);
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, acc2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const long s = base + static_cast<long>(j) * Hkv;
-    const float w = omega[s];
-    float prod = 1.f;
-    for (int r = jl; r < jl + min(window, T - j); ++r) {  // r: row of t = j0 + r
-      if (r > jl) prod *= tile.s0[r];
-      const float coef = w * prod / tile.s1[r];
-      axpy8<kVec>(acc, coef, tile.x + r * D + c0, nc);
-      if (kPair) axpy8<kVec>(acc2, coef, tile.y + r * D + c0, nc);
+  const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long>(B) * T * Hkv * groups) return;
+  const int g = static_cast<int>(idx % groups);
+  const long s = idx / groups;  // (b, j, h)
+  const int j = static_cast<int>((s / Hkv) % T);
+  const int c0 = g * 8;
+  const int nc = min(8, D - c0);
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, acc2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const float w = omega[s];
+  float prod = 1.f;
+  const int tmax = min(T - 1, j + window - 1);
+  for (int t = j; t <= tmax; ++t) {
+    const long st = s + static_cast<long>(t - j) * Hkv;
+    if (t > j) prod *= alpha[st];
+    const float coef = w * prod / denom[st];
+    const bf16* gr = dxhat + st * D + c0;
+    const bf16* gr2 = kPair ? dyhat + st * D + c0 : nullptr;
+    if (kVec) {
+      float v[8];
+      load8(v, gr);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += coef * v[i];
+      if (kPair) {
+        load8(v, gr2);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc2[i] += coef * v[i];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < nc) {
+          acc[i] += coef * bf(gr[i]);
+          if (kPair) acc2[i] += coef * bf(gr2[i]);
+        }
     }
-    add_row8<kVec>(dx + s * D + c0, acc, nc);
-    if (kPair) add_row8<kVec>(dy + s * D + c0, acc2, nc);
   }
-}
-
-// One block per (kTile tokens, KV head, sequence), with the tile's shared memory.
-template <typename Kernel, typename... Args>
-void launch_tiled(Kernel kernel, size_t bytes, int B, int T, int Hkv, cudaStream_t stream,
-                  Args... args) {
-  constexpr size_t kDefaultSmem = 48 << 10, kMaxSmem = 227 << 10;
-  if (bytes > kMaxSmem) {
-    std::fprintf(stderr,
-                 "dmc_scan: a tile of %d tokens plus the window needs %zu bytes of shared memory "
-                 "(at most %zu): the window is too large\n",
-                 kTile, bytes, kMaxSmem);
-    std::abort();
-  }
-  if (bytes > kDefaultSmem)
-    DMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  kernel<<<dim3(ceil_div(T, kTile), Hkv, B), kThreads, bytes, stream>>>(args...);
-  DMC_CUDA_CHECK_LAUNCH();
+  auto add_to = [&](bf16* out, const float(&a)[8]) {
+    bf16* o = out + s * D + c0;
+    if (kVec) {
+      float v[8];
+      load8(v, o);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += a[i];
+      store8(o, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < nc) o[i] = tobf(bf(o[i]) + a[i]);
+    }
+  };
+  add_to(dx, acc);
+  if (kPair) add_to(dy, acc2);
 }
 
 // One thread per (b, m, h).
@@ -343,22 +258,25 @@ template <bool kPair>
 void scan_forward(bf16* xhat, bf16* yhat, float* denom, const bf16* x, const bf16* y,
                   const float* alpha, const float* omega, int B, int T, int Hkv, int D, int window,
                   cudaStream_t stream) {
-  if (static_cast<long>(B) * T * Hkv * D <= 0) return;
-  const size_t bytes = tile_bytes(kTile + window - 1, D, kPair);
+  const long total = static_cast<long>(B) * T * Hkv * ((D + 7) / 8);
+  if (total <= 0) return;
   if (D % 8 == 0)
-    launch_tiled(scan_forward_kernel<true, kPair>, bytes, B, T, Hkv, stream, xhat, yhat, denom, x,
-                 y, alpha, omega, T, Hkv, D, window);
+    scan_forward_kernel<true, kPair><<<ceil_div(total, 256), 256, 0, stream>>>(
+        xhat, yhat, denom, x, y, alpha, omega, B, T, Hkv, D, window);
   else
-    launch_tiled(scan_forward_kernel<false, kPair>, bytes, B, T, Hkv, stream, xhat, yhat, denom, x,
-                 y, alpha, omega, T, Hkv, D, window);
+    scan_forward_kernel<false, kPair><<<ceil_div(total, 256), 256, 0, stream>>>(
+        xhat, yhat, denom, x, y, alpha, omega, B, T, Hkv, D, window);
+  DMC_CUDA_CHECK_LAUNCH();
 }
 
 template <int kChunks, bool kPair>
 void launch_dc(float* dc, const bf16* dxhat, const bf16* x, const bf16* xhat, const bf16* dyhat,
                const bf16* y, const bf16* yhat, const float* denom, int B, int T, int Hkv, int D,
                int window, cudaStream_t stream) {
-  launch_tiled(scan_backward_dc<kChunks, kPair>, tile_bytes(kTile + window - 1, D, kPair), B, T,
-               Hkv, stream, dc, dxhat, x, xhat, dyhat, y, yhat, denom, T, Hkv, D, window);
+  const long threads = static_cast<long>(B) * T * Hkv * kDcLanes;
+  scan_backward_dc<kChunks, kPair><<<ceil_div(threads, 256), 256, 0, stream>>>(
+      dc, dxhat, x, xhat, dyhat, y, yhat, denom, B, T, Hkv, D, window);
+  DMC_CUDA_CHECK_LAUNCH();
 }
 
 template <bool kPair>
@@ -381,13 +299,14 @@ void scan_backward(bf16* dx, bf16* dy, float* dalpha, float* domega, const bf16*
     DMC_CUDA_CHECK_LAUNCH();
   }
   if (dx) {
-    const size_t bytes = tile_bytes(kTile + window - 1, D, kPair);
+    const long total = scalars * ((D + 7) / 8);
     if (D % 8 == 0)
-      launch_tiled(scan_backward_dx<true, kPair>, bytes, B, T, Hkv, stream, dx, dy, dxhat, dyhat,
-                   alpha, omega, denom, T, Hkv, D, window);
+      scan_backward_dx<true, kPair><<<ceil_div(total, 256), 256, 0, stream>>>(
+          dx, dy, dxhat, dyhat, alpha, omega, denom, B, T, Hkv, D, window);
     else
-      launch_tiled(scan_backward_dx<false, kPair>, bytes, B, T, Hkv, stream, dx, dy, dxhat, dyhat,
-                   alpha, omega, denom, T, Hkv, D, window);
+      scan_backward_dx<false, kPair><<<ceil_div(total, 256), 256, 0, stream>>>(
+          dx, dy, dxhat, dyhat, alpha, omega, denom, B, T, Hkv, D, window);
+    DMC_CUDA_CHECK_LAUNCH();
   }
 }
 
