@@ -272,11 +272,12 @@ TEST_F(CudaOps, MultiTensorAdamWMatchesPerTensorCpu) {
 
 // Keys and values through one scan launch (the model's call): against the CPU reference applied
 // to each, dalpha and domega receiving both contributions. D 64 and 128 take the vector paths of
-// the dc pass (8 and 16 channels per lane), D 20 the scalar one.
+// the dc pass (8 and 16 channels per lane), D 20 the scalar one; window 70 spans most of T.
 TEST_F(CudaOps, DmcScanKeysAndValuesTogether) {
   const int B = 2, T = 77, Hkv = 3;
-  for (auto [window, hard, D] : {std::tuple{12, false, 64}, std::tuple{12, true, 128},
-                                 std::tuple{5, false, 128}, std::tuple{12, false, 20}}) {
+  for (auto [window, hard, D] :
+       {std::tuple{12, false, 64}, std::tuple{12, true, 128}, std::tuple{5, false, 128},
+        std::tuple{12, false, 20}, std::tuple{70, false, 64}}) {
     const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
     auto k = randn(nx), v = randn(nx);
     auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
