@@ -343,7 +343,7 @@ cat "$results/table.md"
 #    meets the budget. On the base: quantization's bits, ZipCache's salient slots, ThinK's key
 #    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),
 #    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
-#    4 or 2 bits. One process per model and method, on the CPU (the GPU engine has no quantized
+#    4 or 2 bits, and with ThinK's key channels pruned on its settled slots. One process per model and method, on the CPU (the GPU engine has no quantized
 #    cache); tables and plot by launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
@@ -360,7 +360,10 @@ for method in "${methods[@]}"; do
   for cr in $crs; do
     spawn "budget_${method}_cr$cr" budget_eval "${method}_cr$cr" "$out/${method}_cr$cr" \
         "${method^^} CR$cr" "$method"
-    budget_runs+=("${method}_cr$cr")
+    # and with ThinK's key-channel pruning on its settled slots
+    spawn "budget_${method}_think_cr$cr" budget_eval "${method}_think_cr$cr" \
+        "$out/${method}_cr$cr" "${method^^} CR$cr" "${method}_think"
+    budget_runs+=("${method}_cr$cr" "${method}_think_cr$cr")
   done
 done
 finish
