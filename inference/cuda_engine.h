@@ -97,6 +97,7 @@ class CudaEngine : public DecodeEngine {
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
   bool parallel_prefill() const override { return !evicts_; }
+  bool chunked_prefill() const override { return false; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
