@@ -4,16 +4,19 @@
 // slots per head, the same cache contents (keys, values, positions), the same next-token logits
 // and choice, and decoding after it goes on the same (DMC's window state and DMS's marks carried).
 // The scheduler then prefills long prompts in chunks between decode steps without changing what
-// any sequence generates.
+// any sequence generates. The GPU engine's chunk attention has its reference checked here too.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <map>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "inference/cpu_engine.h"
+#include "kernels/chunk_attention.h"
+#include "kernels/decode_attention.h"
 #include "inference/scheduler.h"
 #include "model/llama.h"
 #include "tests/tiny_models.h"
@@ -275,6 +278,68 @@ TEST_P(ChunkedPrefill, SchedulerChunksLongPromptsBetweenDecodeSteps) {
   EXPECT_GT(whole.most_prefilled, 16) << "the test needs prompts longer than the budget";
   for (size_t r = 0; r < requests.size(); ++r)
     EXPECT_EQ(whole.tokens[r].size(), static_cast<size_t>(requests[r].length)) << "request " << r;
+}
+
+// The chunk attention's reference (kernels/chunk_attention.h, which the GPU engine's chunked
+// prefill computes) is the decode attention of each query over exactly the keys it sees: its
+// prefix of cached slots and the chunk's keys i <= t that the hard mask leaves visible.
+TEST(ChunkAttention, EachQueryIsADecodeOverTheKeysItSees) {
+  const int n = 9, H = 4, Hkv = 2, D = 8, page = 4, max_pages = 5;
+  const float scale = 0.35f;
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto random = [&](size_t count) {
+    std::vector<float> x(count);
+    for (float& e : x) e = normal(rng);
+    return x;
+  };
+  const int pages = Hkv * max_pages;
+  const std::vector<float> k_pool = random(size_t(pages) * page * D), v_pool = random(k_pool.size());
+  const std::vector<float> q = random(size_t(n) * H * D), k = random(size_t(n) * Hkv * D);
+  const std::vector<float> v = random(k.size());
+  std::vector<int32_t> table(pages);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  std::vector<int> prefix(size_t(n) * Hkv);
+  for (int t = 0; t < n; ++t) prefix[t * Hkv] = 13, prefix[t * Hkv + 1] = t % 3 == 0 ? 0 : 7;
+  std::vector<float> mask(size_t(n) * Hkv);
+  for (float& m : mask) m = rng() % 2 ? -50000.f : 0.f;
+  for (bool exclude : {false, true}) {
+    std::vector<float> got(q.size());
+    kernels::chunk_attention(got.data(), q.data(), k_pool.data(), v_pool.data(), table.data(),
+                             max_pages, page, prefix.data(), k.data(), v.data(), mask.data(), n, H,
+                             Hkv, D, exclude, scale);
+    for (int t = 0; t < n; ++t) {
+      // The keys query t sees, one slot per page of one slot.
+      std::vector<float> keys, values;
+      std::vector<int32_t> slots;
+      std::vector<int> lengths(Hkv, 0);
+      const int most = max_pages * page + n;
+      for (int h = 0; h < Hkv; ++h) {
+        auto add = [&](const float* key, const float* value) {
+          slots.push_back(static_cast<int32_t>(keys.size() / D));
+          keys.insert(keys.end(), key, key + D);
+          values.insert(values.end(), value, value + D);
+          ++lengths[h];
+        };
+        for (int j = 0; j < prefix[t * Hkv + h]; ++j) {
+          const long row = static_cast<long>(table[h * max_pages + j / page]) * page + j % page;
+          add(k_pool.data() + row * D, v_pool.data() + row * D);
+        }
+        for (int i = 0; i <= t; ++i)
+          if (i == t || mask[i * Hkv + h] == 0.f)
+            add(k.data() + (size_t(i) * Hkv + h) * D, v.data() + (size_t(i) * Hkv + h) * D);
+        slots.resize(size_t(h + 1) * most, 0);
+      }
+      std::vector<float> want(size_t(H) * D);
+      kernels::paged_decode_attention(want.data(), static_cast<float*>(nullptr), 0,
+                                      q.data() + size_t(t) * H * D, keys.data(), values.data(),
+                                      slots.data(), lengths.data(), most, 1, 1, H, Hkv, D,
+                                      exclude, scale);
+      for (int i = 0; i < H * D; ++i)
+        ASSERT_NEAR(got[size_t(t) * H * D + i], want[i], 1e-5) << "query " << t << " element " << i;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, ChunkedPrefill,
