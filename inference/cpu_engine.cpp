@@ -76,11 +76,23 @@ absl::Status CpuEngine<T>::Prefill(int seq, const std::vector<int32_t>& prompt, 
     if (t < 0 || t >= config().vocab_size)
       return absl::InvalidArgumentError(absl::StrFormat(
           "token id %d is outside the vocabulary [0, %d)", t, config().vocab_size));
-  absl::StatusOr<std::vector<T>> logits =
-      inference::Prefill(model_, policy().method, &cache_, seq, prompt);
-  if (!logits.ok()) return logits.status();
-  const int V = config().vocab_size;
-  logits_.assign(logits->end() - V, logits->end());
+  if (cache_.contains(seq) && cache_.tokens(seq) > 0) {  // a chunk continuing the sequence
+    if (!chunked_prefill())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "chunked prefill serves the caches of parallel prefill, not %s: feed the prompt token "
+          "by token",
+          PolicyName(policy())));
+    if (absl::Status s =
+            decoder_->Extend(seq, prompt.data(), static_cast<int>(prompt.size()), &logits_);
+        !s.ok())
+      return s;
+  } else {
+    absl::StatusOr<std::vector<T>> logits =
+        inference::Prefill(model_, policy().method, &cache_, seq, prompt);
+    if (!logits.ok()) return logits.status();
+    const int V = config().vocab_size;
+    logits_.assign(logits->end() - V, logits->end());
+  }
   std::vector<TokenOutput> outs;
   Choose({seq}, logits_.data(), &target, &outs);
   *out = outs[0];

@@ -34,6 +34,11 @@ class CpuEngine : public DecodeEngine {
   int tokens(int seq) const override { return cache_.tokens(seq); }
   absl::Status CanStep(const std::vector<int>& seqs) const override { return cache_.CanStep(seqs); }
   bool parallel_prefill() const override;
+  // A chunk continues a sequence through PagedDecoder::Extend (token by token within each layer,
+  // the matmuls batched over the chunk), which is Step's arithmetic, so it serves every method
+  // that parallel_prefill() serves. The first chunk of an empty sequence goes through the
+  // training forward (inference::Prefill), as a whole prompt does.
+  bool chunked_prefill() const override { return parallel_prefill(); }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,

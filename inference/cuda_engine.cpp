@@ -113,6 +113,7 @@ struct CudaEngine::Device {
   bf16 *r_k = nullptr, *r_v = nullptr;
   int32_t *r_blocks = nullptr, *stage_table = nullptr;
   int32_t *close_ids = nullptr, *close_rows = nullptr;
+  int32_t* pprefix = nullptr;  // a chunk's cached slots per (query, KV head) [max_context, Hkv]
   std::map<int, cudaGraphExec_t> graphs;  // by batch size
 
   size_t W(int layer, LayerTensor t) const { return layer_offsets[layer * kLayerTensors + t]; }
@@ -143,7 +144,7 @@ CudaEngine::~CudaEngine() {
                   (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
-                  (void*)d.close_rows})
+                  (void*)d.close_rows, (void*)d.pprefix})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host})
@@ -372,7 +373,9 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   // quantized slot counts [L, R, Hkv].
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host),
                              (3 * size_t(R) + 2 * heads) * sizeof(int32_t)));
-  d.assign_cap = heads;
+  // A step hands out at most a page per head of every row, a prefill of up to max_context
+  // tokens at most max_pages per head of its row.
+  d.assign_cap = static_cast<size_t>(L) * Hkv * std::max<size_t>(R, max_pages_);
   d.assign_index = Alloc<int64_t>(d.assign_cap);
   d.assign_page = Alloc<int32_t>(d.assign_cap);
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.assign_index_host), d.assign_cap * sizeof(int64_t)));
@@ -387,6 +390,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.prstd = Alloc<float>(P);
   d.pgates = Alloc<float>(size_t(5) * P * Hkv);
   d.ptokens = Alloc<int32_t>(P);
+  d.pprefix = Alloc<int32_t>(size_t(P) * Hkv);
   // The attention's scratch at its largest now, so that no step moves it under a captured graph.
   // (Quantized: the residual's rows after the pages.)
   const int residual_pages = (residual_slots_ + opt_.page_size - 1) / opt_.page_size;
@@ -839,8 +843,50 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
     EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
   }
+  EnqueueSample(row, P);
+}
+
+void CudaEngine::EnqueueChunk(int row, int start, int n) {
+  Device& d = *dev_;
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
+  cudaStream_t st = d.stream;
+  const bf16* w = d.weights;
+  const size_t g = static_cast<size_t>(n) * Hkv;
+  float *logit = d.pgates, *alpha = d.pgates + g, *merge = d.pgates + 2 * g;
+  float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
+  c::embedding_forward(d.px, d.ptokens, w + d.embed, n, C, 0, V, st);
+  for (int l = 0; l < config_.num_hidden_layers; ++l) {
+    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kAttnNorm), n, C, eps, st);
+    c::matmul_forward(d.pq, d.pxn, w + d.W(l, kWq), n, C, H * D, st);
+    c::matmul_forward(d.pk, d.pxn, w + d.W(l, kWk), n, C, Hkv * D, st);
+    c::matmul_forward(d.pv, d.pxn, w + d.W(l, kWv), n, C, Hkv * D, st);
+    // The chunk's hard decisions and, off the diagonal, its hard mask (kernels/dmc_gates.h).
+    if (dmc_)
+      c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, n, H, Hkv,
+                           D, gates, st);
+    // Token by token into the cache, as n steps would write it; k̂, v̂ of every token and the
+    // cached slots the chunk's queries see come back (kernels/paged_kv_write.h).
+    const c::PagedKv layer = CacheLayer(l);
+    c::paged_kv_extend(layer, row, d.pk, d.pv, dmc_ ? merge : nullptr, dmc_ ? omega : nullptr,
+                       start, n, Hkv, D, theta, keep_ctrl_, d.pkhat, d.pvhat, d.pprefix, st);
+    c::rope_forward(d.pq, d.pq, 1, n, H, D, start, theta, keep_ctrl_, st);
+    c::chunk_attention(d.patt, d.pq, d.k_pool, d.v_pool,
+                       layer.page_table + static_cast<size_t>(row) * Hkv * max_pages_, max_pages_,
+                       opt_.page_size, d.pprefix, d.pkhat, d.pvhat, dmc_ ? mask : nullptr, n, H,
+                       Hkv, D, keep_ctrl_, scale, st);
+    c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), n, H * D, C, st);
+    EnqueueMlp(l, n, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
+  }
+  EnqueueSample(row, n);
+}
+
+void CudaEngine::EnqueueSample(int row, int n) {
+  Device& d = *dev_;
+  const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
+  cudaStream_t st = d.stream;
+  const bf16* w = d.weights;
   // The last position only: its logits and token choice in row `row` of the step buffers.
-  const bf16* last = d.px + static_cast<size_t>(P - 1) * C;
+  const bf16* last = d.px + static_cast<size_t>(n - 1) * C;
   c::rmsnorm_forward(d.xn, d.rstd, last, w + d.final_norm, 1, C, eps, st);
   c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, 1, C, V, st);
   kernels::SampleRows rows = RowsOf(d.in_dev);
@@ -861,36 +907,55 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
         CacheMethodName(opt_.policy.method)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);
-  if (it == seqs_.end() || it->second.tokens != 0)
+  if (it == seqs_.end())
     return absl::FailedPreconditionError(
-        absl::StrFormat("prefill needs sequence %d admitted to the cache and still empty", seq));
-  if (P < 1 || P > max_context_)
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the prompt has %d tokens; it must have 1 to %d (the engine's context)", P, max_context_));
-  for (int32_t t : prompt)
-    if (absl::Status s = Validate(seq, t); !s.ok()) return s;
+        absl::StrFormat("prefill needs sequence %d admitted to the cache", seq));
   Sequence& s = it->second;
   const long heads = static_cast<long>(s.pages.size());
-  const long worst = heads * PagesToGrow(P - 1);
+  const int start = s.tokens;
+  if (start > 0 && !chunked_prefill())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "sequence %d holds %d tokens: the GPU engine's chunked prefill serves the dmc and vanilla "
+        "caches at bf16, not dms (its eviction window across a chunk's start is not written on "
+        "the GPU) or a quantized cache; prefill the whole prompt at once, or feed the rest token "
+        "by token",
+        seq, start));
+  if (P < 1 || start + P > max_context_)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "a prompt (chunk) of %d tokens after %d: it must have 1 to %d tokens (the engine's "
+        "context is %d)",
+        P, start, max_context_ - start, max_context_));
+  for (int32_t t : prompt)
+    if (absl::Status st = Validate(seq, t); !st.ok()) return st;
+  // Worst case, every token a slot of every head.
+  long worst = 0;
+  for (long i = 0; i < heads; ++i)
+    worst += std::max(0, PagesToGrow(s.lengths[i] + P - 1) - static_cast<int>(s.pages[i].size()));
   if (worst > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "a prompt of %d tokens may need %d more KV pages; the budget has %d free", P, worst,
-        alloc_.free_pages()));
+        "a prompt (chunk) of %d tokens may need %d more KV pages; the budget has %d free", P,
+        worst, alloc_.free_pages()));
   Device& d = *dev_;
   try {
-    // Worst-case pages (every token its own slot), then the prompt.
-    for (long i = 0; i < heads; ++i) s.lengths[i] = P - 1;
-    if (absl::Status st = GrowPages({seq}); !st.ok()) return st;
+    // Worst-case pages (every token its own slot), then the tokens.
+    const std::vector<int32_t> held = s.lengths;
+    for (size_t i = 0; i < held.size(); ++i) s.lengths[i] = held[i] + P - 1;
+    absl::Status grown = GrowPages({seq});
+    s.lengths = held;
+    if (!grown.ok()) return grown;
     ENGINE_CUDA(cudaMemcpyAsync(d.ptokens, prompt.data(), P * sizeof(int32_t),
                                 cudaMemcpyHostToDevice, d.stream));
     const int r = s.row;
     d.in_host.targets[r] = target;
-    d.in_host.sample_pos[r] = P;
+    d.in_host.sample_pos[r] = start + P;
     d.in_host.temperature[r] = s.sampling.temperature;
     d.in_host.top_p[r] = s.sampling.top_p;
     d.in_host.seed[r] = s.sampling.seed;
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
-    EnqueuePrefill(r, P);
+    if (start == 0)
+      EnqueuePrefill(r, P);
+    else
+      EnqueueChunk(r, start, P);
     const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
     int32_t* host = d.out_host;
     ENGINE_CUDA(cudaMemcpyAsync(host, d.next, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
@@ -908,7 +973,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     std::memcpy(&logprob, host + 2, sizeof(float));
     *out = {host[0], logprob, host[1]};
     for (long i = 0; i < heads; ++i) s.lengths[i] = lengths[i] + (quant_ ? quantized[i] : 0);
-    s.tokens = P;
+    s.tokens = start + P;
     return TrimPages(s);
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());

@@ -22,7 +22,14 @@
 // Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
 // max_context tokens needs no chunking) and writes its compressed cache directly
-// (kernels::paged_kv_prefill).
+// (kernels::paged_kv_prefill). Chunked prefill (dmc, vanilla; a sequence that holds tokens):
+// per layer the chunk's Q/K/V GEMMs and hard decisions, kernels::paged_kv_extend appending its
+// tokens in order as the steps would (which gives every token's k̂, v̂ as stored and the cached
+// slots the chunk sees: less DMC's open slot for a head whose first chunk token merges into
+// it), then kernels::chunk_attention: the queries over those cached slots (the paged decode
+// attention, each query a row sharing the sequence's page table) and over the chunk under the
+// hard mask (the fused DMC attention), combined by their log-sum-exps. DMS refuses a chunk
+// after the first: its eviction window across the chunk's start is not written on the GPU.
 //
 // H2O and TOVA: the step appends every token (the vanilla write), the attention also writes its
 // weights, and kernels::paged_kv_evict drops the slots the policy rejects in every head of every
@@ -118,6 +125,8 @@ class CudaEngine : public DecodeEngine {
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
   bool parallel_prefill() const override { return !evicts_; }
+  // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
+  bool chunked_prefill() const override { return !evicts_ && !dms_ && !quant_; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
@@ -175,6 +184,10 @@ class CudaEngine : public DecodeEngine {
   // Enqueues the device work of a step of rows 0..n-1 (graph body).
   void EnqueueStep(int n);
   void EnqueuePrefill(int row, int P);
+  // A chunk of n tokens (in ptokens) continuing row `row` at position start (chunked prefill).
+  void EnqueueChunk(int row, int start, int n);
+  // The logits and token choice of the last of the n prefill rows, into row `row`'s outputs.
+  void EnqueueSample(int row, int n);
 
   // What every enqueued op reads of the config (sizes, RoPE, RMSNorm, the hard decisions).
   struct Shape {

@@ -4,7 +4,7 @@
 //
 // An engine holds a model, a paged KV cache under a byte budget and a cache method. Sequences are
 // admitted (AddSequence: window state reserved, first token checked against the budget), fed
-// (Prefill: a whole prompt; Step: one token each for a batch) and freed. A step returns per
+// (Prefill: a prompt, or a chunk of one; Step: one token each for a batch) and freed. A step returns per
 // sequence what callers use rather than the logits [n, V], which on a GPU would cost a copy:
 // the next token by the sequence's SamplingOptions, a log-probability and the argmax
 // (kernels/sample.h defines all three). Memory is accounted as KvSequenceBytes does, so the CPU
@@ -60,9 +60,38 @@ class DecodeEngine {
   // Whether Prefill runs the prompt in one parallel pass (dmc and vanilla); H2O and TOVA evict by
   // each step's attention, so their prompts go token by token through Step.
   virtual bool parallel_prefill() const = 0;
-  // Feeds the whole prompt of `seq` (admitted, empty) in one pass with hard decisions and writes
-  // its compressed cache; *out is the output at the prompt's last position (target: scored when
-  // >= 0). ResourceExhausted, nothing changed, when the budget cannot hold the prompt at worst.
+  // Whether Prefill also continues a sequence that holds tokens (chunked prefill, below).
+  virtual bool chunked_prefill() const = 0;
+  // Feeds the tokens of `prompt` to `seq` (admitted) in one pass with hard decisions and writes
+  // its compressed cache; *out is the output at the last token's position (target: scored when
+  // >= 0). ResourceExhausted, nothing changed, when the budget cannot hold the tokens at worst.
+  //
+  // Chunked prefill: `seq` may already hold p0 tokens (an earlier chunk, or decoded ones, when
+  // chunked_prefill()); the chunk x_{p0} .. x_{p0+n−1} then continues it, and the result (every
+  // output, every head's slots and the cache's contents, to round-off) is exactly that of
+  // feeding the chunk's tokens one by one through Step, the same hard decisions included. So a
+  // prompt prefilled whole, in chunks of any sizes, or token by token leaves the same cache.
+  // Position t of the chunk (p0 <= t < p0 + n) sees, per KV head:
+  //   vanilla  every slot of the prefix and the chunk's keys at positions <= t.
+  //   dmc      (model/DMC.md §6; α_t the hard decision of token t, α = 1 merges) the prefix's
+  //            slots but its last, which is DMC's open slot: its window state holds the raw
+  //            keys, values and importances of the (at most w) newest tokens merged into it.
+  //            If α_{p0} = 0, the open slot is closed as it is and seen by every chunk query;
+  //            if α_{p0} = 1, token p0 merges into it and it is seen only through the chunk's
+  //            key k̂_{p0}. Then the chunk's k̂_i, p0 <= i <= t, under the hard mask: k̂_i is
+  //            seen by t iff i = t or α_{i+1} = 0 (the slot closed at i). k̂_i is the
+  //            ω-weighted mean of the run of merged tokens ending at i (tokens j <= i with
+  //            α_{j+1..i} all 1), truncated to its w newest tokens; a run that reaches back to
+  //            p0 with α_{p0} = 1 continues into the window state's tokens. k̂_i is rotated at
+  //            position i, the value v̂_i likewise averaged, not rotated. Per head the prefix
+  //            part is thus its first length − α_{p0} slots (α_{p0} = 0 for p0 = 0).
+  //   dms      (DMS.md §3, §5; d_t the hard decision of token t, which marks token t − 1) the
+  //            hard mask of the whole sequence: key j <= t is seen iff t − j <= w or
+  //            d_{j+1} = 0, across the chunk boundary: the prefix's held slots include its last
+  //            w + 1 tokens with their marks, a marked one leaves when a chunk query is more
+  //            than w past it, and d_{p0} marks the prefix's last token p0 − 1.
+  // Then the cache holds what Step would leave: dmc's window state is that of the run open
+  // at the chunk's end, dms's marks those of its last w + 1 tokens.
   virtual absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                                TokenOutput* out) = 0;
   // Feeds tokens[i] to seqs[i] (each admitted, at most once); targets null or [n] (< 0: none).

@@ -39,8 +39,9 @@ ABSL_FLAG(int, max_batch, 32, "sequences decoded together at most");
 ABSL_FLAG(int, max_queue, 64, "accepted requests that may wait for room; past it: HTTP 503");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
-          "prompt tokens prefilled between two decode steps at most while sequences run (at "
-          "least one prompt); bounds the running streams' per-token latency. 0: no bound");
+          "prompt tokens prefilled per scheduler step at most: longer prompts go in chunks over "
+          "successive steps, between decode steps (an engine without chunked prefill: at least "
+          "one whole prompt a step); bounds the running streams' per-token latency. 0: no bound");
 ABSL_FLAG(int, max_body_kb, 1024, "largest request body in KiB; past it: HTTP 413");
 
 namespace {

@@ -1,5 +1,6 @@
 #include "inference/paged_decoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -14,6 +15,15 @@
 
 namespace dmc::inference {
 namespace k = dmc::kernels;
+
+namespace {
+absl::Status CheckToken(int32_t token, int vocab_size) {
+  if (token < 0 || token >= vocab_size)
+    return absl::InvalidArgumentError(
+        absl::StrFormat("token id %d is outside the vocabulary [0, %d)", token, vocab_size));
+  return absl::OkStatus();
+}
+}  // namespace
 
 PagedCacheOptions CacheOptionsFor(const model::LlamaConfig& config, CacheMethod method,
                                   long budget_bytes, int page_size) {
@@ -111,16 +121,16 @@ absl::Status CacheToken(PagedKvCache<T>& cache, const model::LlamaConfig& config
 }
 
 template <typename T>
-absl::Status PagedDecoder<T>::UpdateCache(const std::vector<int>& seqs, int layer) {
+absl::Status PagedDecoder<T>::UpdateCache(const std::vector<int>& seqs, const int* positions,
+                                          int first_row, int layer) {
   const model::LlamaConfig& c = model_.config();
   const int D = c.head_dim(), Hkv = c.num_key_value_heads;
   for (size_t i = 0; i < seqs.size(); ++i)
     for (int h = 0; h < Hkv; ++h) {
-      const size_t r = (i * Hkv + h) * D, g = i * Hkv + h;
+      const size_t g = (first_row + i) * Hkv + h, r = g * D;
       if (absl::Status s = CacheToken(*cache_, c, policy_.method, seqs[i], layer, h,
                                       k_.data() + r, v_.data() + r, c.dmc.enabled ? omega_[g] : T(1),
-                                      c.compression_enabled() && alpha_[g] > T(0.5),
-                                      cache_->tokens(seqs[i]));
+                                      c.compression_enabled() && alpha_[g] > T(0.5), positions[i]);
           !s.ok())
         return s;
     }
@@ -189,10 +199,8 @@ template <typename T>
 absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* tokens,
                                    std::vector<T>* logits) {
   const model::LlamaConfig& c = model_.config();
-  const int C = c.hidden_size, D = c.head_dim(), H = c.num_attention_heads;
-  const int Hkv = c.num_key_value_heads, F = c.intermediate_size, V = c.vocab_size;
   const int n = static_cast<int>(seqs.size());
-  const bool dmc = c.dmc.enabled, dms = c.dms.enabled;
+  std::vector<int> positions(n);
   for (int i = 0; i < n; ++i) {
     if (!cache_->contains(seqs[i]))
       return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seqs[i]));
@@ -200,12 +208,63 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
       return absl::OutOfRangeError(absl::StrFormat(
           "sequence %d is full: max_position_embeddings is %d", seqs[i],
           c.max_position_embeddings));
-    if (tokens[i] < 0 || tokens[i] >= V)
-      return absl::InvalidArgumentError(
-          absl::StrFormat("token id %d is outside the vocabulary [0, %d)", tokens[i], V));
+    if (absl::Status s = CheckToken(tokens[i], c.vocab_size); !s.ok()) return s;
+    positions[i] = cache_->tokens(seqs[i]);
   }
   if (absl::Status s = cache_->CanStep(seqs); !s.ok()) return s;
+  if (absl::Status s = Run(seqs, positions, tokens, n); !s.ok()) return s;
+  for (int seq : seqs) cache_->AdvanceToken(seq);
+  Logits(0, n, logits);
+  return absl::OkStatus();
+}
 
+template <typename T>
+absl::Status PagedDecoder<T>::Extend(int seq, const int32_t* tokens, int n,
+                                     std::vector<T>* logits) {
+  const model::LlamaConfig& c = model_.config();
+  if (!cache_->contains(seq))
+    return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seq));
+  const int start = cache_->tokens(seq);
+  if (n < 1 || start + n > c.max_position_embeddings)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "a chunk of %d tokens after %d of sequence %d: it must have 1 to %d tokens "
+        "(max_position_embeddings %d)",
+        n, start, seq, c.max_position_embeddings - start, c.max_position_embeddings));
+  for (int i = 0; i < n; ++i)
+    if (absl::Status s = CheckToken(tokens[i], c.vocab_size); !s.ok()) return s;
+  const long pages = cache_->PagesForTokens(seq, n);
+  if (pages > cache_->allocator().free_pages())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "a chunk of %d tokens of sequence %d may need %d more KV pages; the budget has %d free",
+        n, seq, pages, cache_->allocator().free_pages()));
+  const std::vector<int> rows(n, seq);
+  std::vector<int> positions(n);
+  for (int i = 0; i < n; ++i) positions[i] = start + i;
+  // One row per wave: token i's cache update and attention come after token i - 1's, as in Step.
+  if (absl::Status s = Run(rows, positions, tokens, 1); !s.ok()) return s;
+  for (int i = 0; i < n; ++i) cache_->AdvanceToken(seq);
+  Logits(n - 1, 1, logits);
+  return absl::OkStatus();
+}
+
+template <typename T>
+void PagedDecoder<T>::Logits(int first, int count, std::vector<T>* logits) {
+  const model::LlamaConfig& c = model_.config();
+  const int C = c.hidden_size, V = c.vocab_size;
+  k::rmsnorm_forward(xn_.data(), rstd_.data(), x_.data() + size_t(first) * C, model_.final_norm(),
+                     count, C, c.rms_norm_eps);
+  logits->resize(size_t(count) * V);
+  k::matmul_forward(logits->data(), xn_.data(), model_.lm_head(), count, C, V);
+}
+
+template <typename T>
+absl::Status PagedDecoder<T>::Run(const std::vector<int>& seqs, const std::vector<int>& positions,
+                                  const int32_t* tokens, int wave) {
+  const model::LlamaConfig& c = model_.config();
+  const int C = c.hidden_size, D = c.head_dim(), H = c.num_attention_heads;
+  const int Hkv = c.num_key_value_heads, F = c.intermediate_size;
+  const int n = static_cast<int>(seqs.size());
+  const bool dmc = c.dmc.enabled, dms = c.dms.enabled;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const k::DmcGateParams gate_params{c.dmc.init_val, c.dmc.temperature, c.dmc.omega_eps,
                                      k::DmcDecisionMode::kHard};
@@ -242,62 +301,64 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
       k::dms_gates_forward<T>(logit_.data(), alpha_.data(), merge_.data(), nullptr,
                               dms_x_.data(), nullptr, n, 1, Hkv, dms_params);
     }
-    const int source = KvSourceLayer(policy_, l);  // KVSharer: a shared layer reads another's
-    if (source == l)
-      if (absl::Status s = UpdateCache(seqs, l); !s.ok()) return s;
     for (int i = 0; i < n; ++i)
       k::rope_forward(qr_.data() + size_t(i) * H * D, q_.data() + size_t(i) * H * D, 1, 1, H, D,
-                      cache_->tokens(seqs[i]), c.rope_theta, dmc);
+                      positions[i], c.rope_theta, dmc);
     if (qchannel) model::ZeroDmsQueryChannel(qr_.data(), n, H, Hkv, D);
-    for (int i = 0; think && i < n; ++i)
-      cache_->ObserveQuery(seqs[i], l, qr_.data() + size_t(i) * H * D, H, dmc);
-    int max_pages = 0;
-    cache_->BlockTable(seqs, source, &page_table_, &lengths_, &max_pages);
-    const int residual = KvResidualSlots(cache_->options());
-    const int stride =
-        max_pages * cache_->options().page_size + (KvSettles(cache_->options()) ? residual : 0);
-    if (evicts || salient) probs_.resize(size_t(n) * H * stride);
-    T* probs = evicts || salient ? probs_.data() : nullptr;
-    if (KvSettles(cache_->options()))
-      cache_->ResidualTable(seqs, source, &residual_blocks_, &residual_lengths_);
-    if (think) {
-      k::paged_decode_attention_think<T>(
-          att_.data(), probs, stride, qr_.data(), cache_->k_pool(), cache_->v_pool(),
-          cache_->mask_pool(), cache_->options().think_channels, page_table_.data(),
-          lengths_.data(), max_pages, cache_->options().page_size, cache_->r_k_pool(),
-          cache_->r_v_pool(), residual_blocks_.data(), residual_lengths_.data(), residual, n, H,
-          Hkv, D, dmc, scale);
-    } else if (quantized) {
-      k::paged_decode_attention_quantized<T>(
-          att_.data(), probs, stride, qr_.data(), cache_->q_pool(), cache_->quant_layout(),
-          page_table_.data(), lengths_.data(), max_pages, cache_->r_k_pool(), cache_->r_v_pool(),
-          residual_blocks_.data(), residual_lengths_.data(), residual, n, H, Hkv, D, dmc, scale);
-    } else {
-      k::paged_decode_attention<T>(att_.data(), probs, stride, qr_.data(), cache_->k_pool(),
-                                   cache_->v_pool(), page_table_.data(), lengths_.data(),
-                                   max_pages, cache_->options().page_size, n, H, Hkv, D, dmc,
-                                   scale);
-    }
-    for (int i = 0; salient && i < n; ++i)
-      AccumulateAttention(*cache_, seqs[i], l, probs + size_t(i) * H * stride, stride, H);
-    for (int i = 0; evicts && i < n; ++i) {
-      const T* p = probs_.data() + size_t(i) * H * stride;
-      const absl::Status s =
-          policy_.method == CacheMethod::kH2O
-              ? H2OUpdate(*cache_, seqs[i], l, cache_->tokens(seqs[i]), p, stride, H, policy_)
-              : TovaUpdate(*cache_, seqs[i], l, p, stride, H, policy_);
-      if (!s.ok()) return s;
+    const int source = KvSourceLayer(policy_, l);  // KVSharer: a shared layer reads another's
+    // The rows of a wave update the cache together, then attend to it.
+    for (int r0 = 0; r0 < n; r0 += wave) {
+      const int m = std::min(wave, n - r0);
+      const std::vector<int> rows(seqs.begin() + r0, seqs.begin() + r0 + m);
+      if (source == l)
+        if (absl::Status s = UpdateCache(rows, positions.data() + r0, r0, l); !s.ok()) return s;
+      const T* q = qr_.data() + size_t(r0) * H * D;
+      T* att = att_.data() + size_t(r0) * H * D;
+      for (int i = 0; think && i < m; ++i)
+        cache_->ObserveQuery(rows[i], l, q + size_t(i) * H * D, H, dmc);
+      int max_pages = 0;
+      cache_->BlockTable(rows, source, &page_table_, &lengths_, &max_pages);
+      const int residual = KvResidualSlots(cache_->options());
+      const int stride =
+          max_pages * cache_->options().page_size + (KvSettles(cache_->options()) ? residual : 0);
+      if (evicts || salient) probs_.resize(size_t(m) * H * stride);
+      T* probs = evicts || salient ? probs_.data() : nullptr;
+      if (KvSettles(cache_->options()))
+        cache_->ResidualTable(rows, source, &residual_blocks_, &residual_lengths_);
+      if (think) {
+        k::paged_decode_attention_think<T>(
+            att, probs, stride, q, cache_->k_pool(), cache_->v_pool(), cache_->mask_pool(),
+            cache_->options().think_channels, page_table_.data(), lengths_.data(), max_pages,
+            cache_->options().page_size, cache_->r_k_pool(), cache_->r_v_pool(),
+            residual_blocks_.data(), residual_lengths_.data(), residual, m, H, Hkv, D, dmc,
+            scale);
+      } else if (quantized) {
+        k::paged_decode_attention_quantized<T>(
+            att, probs, stride, q, cache_->q_pool(), cache_->quant_layout(), page_table_.data(),
+            lengths_.data(), max_pages, cache_->r_k_pool(), cache_->r_v_pool(),
+            residual_blocks_.data(), residual_lengths_.data(), residual, m, H, Hkv, D, dmc,
+            scale);
+      } else {
+        k::paged_decode_attention<T>(att, probs, stride, q, cache_->k_pool(), cache_->v_pool(),
+                                     page_table_.data(), lengths_.data(), max_pages,
+                                     cache_->options().page_size, m, H, Hkv, D, dmc, scale);
+      }
+      for (int i = 0; salient && i < m; ++i)
+        AccumulateAttention(*cache_, rows[i], l, probs + size_t(i) * H * stride, stride, H);
+      for (int i = 0; evicts && i < m; ++i) {
+        const T* p = probs_.data() + size_t(i) * H * stride;
+        const absl::Status s =
+            policy_.method == CacheMethod::kH2O
+                ? H2OUpdate(*cache_, rows[i], l, positions[r0 + i], p, stride, H, policy_)
+                : TovaUpdate(*cache_, rows[i], l, p, stride, H, policy_);
+        if (!s.ok()) return s;
+      }
     }
     k::matmul_forward(o_.data(), att_.data(), w.wo, n, H * D, C);
     for (size_t i = 0; i < x2_.size(); ++i) x2_[i] = x_[i] + o_[i];
     model_.MlpForward(l, x2_.data(), x_.data(), n, rstd_.data(), xn_.data(), gate_.data(),
                       up_.data(), h_.data());
   }
-  for (int seq : seqs) cache_->AdvanceToken(seq);
-  k::rmsnorm_forward(xn_.data(), rstd_.data(), x_.data(), model_.final_norm(), n, C,
-                     c.rms_norm_eps);
-  logits->resize(size_t(n) * V);
-  k::matmul_forward(logits->data(), xn_.data(), model_.lm_head(), n, C, V);
   return absl::OkStatus();
 }
 

@@ -62,6 +62,13 @@ class PagedDecoder {
   // most once); logits [n, V] gets the next-token logits, row i for seqs[i]. If the cache cannot
   // hold the step's worst-case growth, returns ResourceExhausted with nothing changed.
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, std::vector<T>* logits);
+  // Chunked prefill: feeds tokens [n] to `seq` (admitted, empty or not) at its next n positions,
+  // exactly as n Steps of `seq` alone would (the semantics are DecodeEngine::Prefill's), with the
+  // matmuls batched over the chunk: layer by layer, token i's cache update and attention follow
+  // token i − 1's. logits [V] gets the last token's next-token logits. ResourceExhausted with
+  // nothing changed when the chunk's worst case (every token a slot) does not fit; a chunk past
+  // max_position_embeddings or a token outside the vocabulary is InvalidArgument.
+  absl::Status Extend(int seq, const int32_t* tokens, int n, std::vector<T>* logits);
 
   PagedKvCache<T>& cache() { return *cache_; }
   const PagedKvCache<T>& cache() const { return *cache_; }
@@ -70,8 +77,18 @@ class PagedDecoder {
  private:
   PagedDecoder(const model::Llama<T>& model, const CachePolicy& policy, PagedKvCache<T>* cache)
       : model_(model), policy_(policy), cache_(cache) {}
-  // Adds the tokens' keys and values of `layer` to the cache.
-  absl::Status UpdateCache(const std::vector<int>& seqs, int layer);
+  // Feeds tokens[i] to seqs[i] at positions[i] through every layer; within a layer the rows go
+  // in waves of `wave` (the last may be shorter), each updating the cache and then attending to
+  // it. A step's rows are distinct sequences (one wave); a chunk's rows are one sequence's
+  // consecutive tokens (waves of one). Leaves the last hidden states in x_.
+  absl::Status Run(const std::vector<int>& seqs, const std::vector<int>& positions,
+                   const int32_t* tokens, int wave);
+  // The next-token logits [count, V] of rows first .. first + count − 1 of the last Run.
+  void Logits(int first, int count, std::vector<T>* logits);
+  // Adds the keys and values of `layer` of rows first_row .. to the cache: seqs[i] at
+  // positions[i] from row first_row + i.
+  absl::Status UpdateCache(const std::vector<int>& seqs, const int* positions, int first_row,
+                           int layer);
 
   const model::Llama<T>& model_;
   CachePolicy policy_;

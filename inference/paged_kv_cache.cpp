@@ -68,14 +68,25 @@ absl::Status PagedKvCache<T>::Free(int seq) {
 template <typename T>
 long PagedKvCache<T>::PagesForStep(const std::vector<int>& seqs) const {
   long pages = 0;
-  for (int seq : seqs)
-    for (const Head& hd : seq_at(seq).heads)
-      // Settling: a head settles at most one more slot per token, so it fills a page only if
-      // its residual holds page_size slots.
-      pages += (KvSettles(opt_) ? hd.length - hd.compressed >= opt_.page_size
-                                  : hd.length == static_cast<int>(hd.pages.size()) * opt_.page_size)
-                   ? 1
-                   : 0;
+  for (int seq : seqs) pages += PagesForTokens(seq, 1);
+  return pages;
+}
+
+template <typename T>
+long PagedKvCache<T>::PagesForTokens(int seq, int n) const {
+  const long P = opt_.page_size;
+  long pages = 0;
+  for (const Head& hd : seq_at(seq).heads) {
+    if (KvSettles(opt_)) {
+      // Settling: fewer than page_size settled slots wait in the residual, and each token
+      // settles at most one more slot (the newest never): the residual's slots and n − 1 of the
+      // new ones may settle, at most page_size − 1 + n of them.
+      const long residual = hd.length - hd.compressed;
+      pages += std::min(residual + n - 1, P - 1 + n) / P;
+    } else {
+      pages += std::max(0L, (hd.length + n + P - 1) / P - static_cast<long>(hd.pages.size()));
+    }
+  }
   return pages;
 }
 

@@ -155,6 +155,8 @@ class PagedKvCache {
   // Pages that one more token of each of `seqs` may need at worst (every head whose last page is
   // full, or that has none, opens a page), and whether the budget holds them.
   long PagesForStep(const std::vector<int>& seqs) const;
+  // Pages that n more tokens of `seq` may need at worst (every token opens a slot in every head).
+  long PagesForTokens(int seq, int n) const;
   absl::Status CanStep(const std::vector<int>& seqs) const;
 
   // Adds a slot holding (key, value) of the token at `position` (settling: first settles the

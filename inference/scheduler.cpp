@@ -76,13 +76,77 @@ bool Scheduler::Affordable(const Request& request, long running_growth_pages) co
   return engine_.budget_bytes() - engine_.used_bytes() >= need;
 }
 
+absl::Status Scheduler::Preempt(int id) {
+  if (absl::Status s = engine_.Free(id); !s.ok()) return s;
+  pending_.push_front(id);
+  ++stats_.preemptions;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Scheduler::PrefillChunk(int id, long budget_left, const TokenFn& on_token,
+                                             const FinishFn& on_finish) {
+  Entry& e = requests_.at(id);
+  const std::vector<int32_t>& tokens = e.request.tokens;
+  const long P = static_cast<long>(tokens.size()), fed = engine_.tokens(id);
+  const long n = std::min(P - fed, budget_left);
+  TokenOutput out;  // of the chunk's last position (the prompt's: its next token is not known yet)
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Status s = engine_.Prefill(
+      id, std::vector<int32_t>(tokens.begin() + fed, tokens.begin() + fed + n), -1, &out);
+  stats_.prefill_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!s.ok()) return s;
+  stats_.tokens += n;
+  stats_.prefill_tokens += n;
+  prefilled_this_step_ += n;
+  if (fed + n < P) return false;
+  if (!Deliver(id, static_cast<int>(P) - 1, out, on_token)) {
+    if (absl::Status f = Finish(id, false, on_finish); !f.ok()) return f;
+    return false;
+  }
+  return true;
+}
+
 absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish) {
-  // The running sequences' reserve, summed once and grown as requests join (a head loop each).
+  const PagedCacheOptions& o = engine_.cache_options();
+  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  // The running sequences' reserve, summed once and grown as requests join (a head loop each);
+  // a prompt under way also holds the worst case of its rest.
   long growth_pages = 0;
   for (int id : active_) growth_pages += GrowthPages(id);
+  for (int id : prefilling_)
+    growth_pages += GrowthPages(id) +
+                    heads * ((static_cast<long>(requests_.at(id).request.tokens.size()) -
+                              engine_.tokens(id) + o.page_size - 1) /
+                             o.page_size);
   const bool decoding = !active_.empty();
-  long prefilled = 0;  // prompt tokens prefilled by this call
-  while (static_cast<int>(active_.size()) < max_batch_ && !pending_.empty()) {
+  const bool chunking = prefill_tokens_per_step_ > 0 && engine_.chunked_prefill();
+  const long budget = prefill_tokens_per_step_;
+  prefilled_this_step_ = 0;
+  // The prompts under way first, in admission order: each goes on by a chunk of what is left.
+  std::vector<int> under_way;
+  under_way.swap(prefilling_);
+  for (size_t i = 0; i < under_way.size(); ++i) {
+    const int id = under_way[i];
+    if (prefilled_this_step_ >= budget) {
+      prefilling_.push_back(id);
+      continue;
+    }
+    absl::StatusOr<bool> done = PrefillChunk(id, budget - prefilled_this_step_, on_token, on_finish);
+    if (!done.ok()) {
+      if (!absl::IsResourceExhausted(done.status()) || (active_.empty() && i == 0))
+        return done.status();
+      // No room for its next chunk now: this and the later ones start again when there is.
+      for (size_t j = under_way.size(); j-- > i;)
+        if (absl::Status s = Preempt(under_way[j]); !s.ok()) return s;
+      return absl::OkStatus();
+    }
+    if (*done)
+      active_.push_back(id);
+    else if (requests_.count(id) > 0)
+      prefilling_.push_back(id);
+  }
+  while (static_cast<int>(active_.size() + prefilling_.size()) < max_batch_ && !pending_.empty()) {
     const int id = pending_.front();
     Entry& e = requests_.at(id);
     if (e.cancelled) {
@@ -90,38 +154,37 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (absl::Status s = Finish(id, true, on_finish); !s.ok()) return s;
       continue;
     }
-    if (!active_.empty() && !Affordable(e.request, growth_pages)) break;  // wait for memory to free
+    const bool others = !active_.empty() || !prefilling_.empty();
+    if (others && !Affordable(e.request, growth_pages)) break;  // wait for memory to free
     const bool parallel = e.request.prefill && engine_.parallel_prefill();
     const long P = static_cast<long>(e.request.tokens.size());
-    if (parallel && decoding && prefill_tokens_per_step_ > 0 && prefilled > 0 &&
-        prefilled + P > prefill_tokens_per_step_)
+    if (parallel && chunking && prefilled_this_step_ >= budget) break;
+    if (parallel && !chunking && decoding && budget > 0 && prefilled_this_step_ > 0 &&
+        prefilled_this_step_ + P > budget)
       break;  // the running sequences have waited long enough: next step first
     if (absl::Status s = engine_.AddSequence(id, e.request.sampling); !s.ok()) {
-      if (absl::IsResourceExhausted(s) && !active_.empty()) break;  // wait for memory to free
+      if (absl::IsResourceExhausted(s) && others) break;  // wait for memory to free
       return s;
     }
-    const std::vector<int32_t>& tokens = e.request.tokens;
+    pending_.pop_front();
     if (parallel) {
-      TokenOutput out;  // of the prompt's last position, whose next token is not known yet
-      const auto start = std::chrono::steady_clock::now();
-      absl::Status s = engine_.Prefill(id, tokens, -1, &out);
-      stats_.prefill_seconds +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (!s.ok()) {
+      absl::StatusOr<bool> done = PrefillChunk(
+          id, chunking ? budget - prefilled_this_step_ : P, on_token, on_finish);
+      if (!done.ok()) {
         if (absl::Status f = engine_.Free(id); !f.ok()) return f;
-        if (absl::IsResourceExhausted(s) && !active_.empty()) break;
-        return s;
+        pending_.push_front(id);
+        if (absl::IsResourceExhausted(done.status()) && others) break;
+        return done.status();
       }
-      stats_.tokens += P;
-      stats_.prefill_tokens += P;
-      prefilled += P;
-      if (!Deliver(id, static_cast<int>(P) - 1, out, on_token)) {
-        pending_.pop_front();
-        if (absl::Status s = Finish(id, false, on_finish); !s.ok()) return s;
+      if (!*done) {
+        if (requests_.count(id) > 0) {  // the rest of its prompt in the next steps
+          prefilling_.push_back(id);
+          growth_pages += GrowthPages(id) + heads * ((P - engine_.tokens(id) + o.page_size - 1) /
+                                                     o.page_size);
+        }
         continue;
       }
     }
-    pending_.pop_front();
     active_.push_back(id);
     growth_pages += GrowthPages(id);
   }
@@ -130,24 +193,29 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
 
 absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_finish) {
   // Cancelled requests leave first, so their pages serve this step's admissions.
-  std::vector<int> kept;
-  for (int id : active_)
-    if (requests_.at(id).cancelled) {
-      if (absl::Status s = Finish(id, true, on_finish); !s.ok()) return s;
-    } else {
-      kept.push_back(id);
-    }
-  active_.swap(kept);
+  for (std::vector<int>* ids : {&active_, &prefilling_}) {
+    std::vector<int> kept;
+    for (int id : *ids)
+      if (requests_.at(id).cancelled) {
+        if (absl::Status s = Finish(id, true, on_finish); !s.ok()) return s;
+      } else {
+        kept.push_back(id);
+      }
+    ids->swap(kept);
+  }
   if (absl::Status s = Admit(on_token, on_finish); !s.ok()) return s;
   if (active_.empty()) return absl::OkStatus();
 
+  // Preemption frees the most recently admitted first: prompts under way, then running ones.
   absl::Status fits = engine_.CanStep(active_);
+  while (!fits.ok() && !prefilling_.empty()) {
+    if (absl::Status s = Preempt(prefilling_.back()); !s.ok()) return s;
+    prefilling_.pop_back();
+    fits = engine_.CanStep(active_);
+  }
   while (!fits.ok() && active_.size() > 1) {
-    const int id = active_.back();
-    if (absl::Status s = engine_.Free(id); !s.ok()) return s;
+    if (absl::Status s = Preempt(active_.back()); !s.ok()) return s;
     active_.pop_back();
-    pending_.push_front(id);
-    ++stats_.preemptions;
     fits = engine_.CanStep(active_);
   }
   if (!fits.ok())

@@ -17,12 +17,18 @@
 // at once and its prefill redone, again and again, while the running ones stall; the worst
 // case for every running sequence would hold a compressed cache to vanilla's concurrency.
 // Prefill budget: a prompt prefilled between two steps stalls every running sequence for its
-// pass. With prefill_tokens_per_step > 0, while sequences are running, admission prefills prompts
-// of at most that many tokens in all before the next step (always at least one prompt, so a long
-// one still enters); the rest wait a step. This bounds the per-token latency of the running
-// sequences (the p99 of a server) at some cost in time to first token. 0: no bound.
-// Preemption: when the next step's worst-case growth does not fit the budget, the most recently
-// admitted request is freed and queued again at the front; it is recomputed from its tokens
+// pass. With prefill_tokens_per_step > 0 and an engine that continues sequences
+// (DecodeEngine::chunked_prefill), every step prefills at most that many prompt tokens in all:
+// the prompts under way go on first, in admission order, then new ones start, each by a chunk
+// of what the budget has left (chunked prefill), and a prompt joins the decoding sequences after
+// its last chunk. Chunks change nothing a sequence computes (the engine's chunked prefill equals
+// the whole prompt's). This bounds the per-token latency of the running sequences (the p99 of a
+// server) at some cost in time to first token. On an engine without chunked prefill, while
+// sequences run, the prompts prefilled between two steps add up to at most the budget (always at
+// least one whole prompt, so a long one still enters). 0: no bound, whole prompts.
+// Preemption: when the next step's worst-case growth does not fit the budget (or a prompt under
+// way has no room for its next chunk), the most recently admitted request is freed and queued
+// again at the front; it is recomputed from its tokens
 // later (decoding is deterministic, and each position is reported only once, so callers never
 // see the recomputation). A request that does not fit even alone is an error.
 // The scheduler is step-driven (StepOnce), so a server can submit and cancel between steps;
@@ -82,8 +88,9 @@ class Scheduler {
   // Admits, prefills and steps once; outputs and ends go to the callbacks.
   absl::Status StepOnce(const TokenFn& on_token, const FinishFn& on_finish);
 
-  bool idle() const { return pending_.empty() && active_.empty(); }
-  int running() const { return static_cast<int>(active_.size()); }
+  bool idle() const { return pending_.empty() && active_.empty() && prefilling_.empty(); }
+  // Admitted requests: decoding, or with their prompts under way.
+  int running() const { return static_cast<int>(active_.size() + prefilling_.size()); }
   int waiting() const { return static_cast<int>(pending_.size()); }
   const Request& request(int id) const { return requests_.at(id).request; }
   const SchedulerStats& stats() const { return stats_; }
@@ -98,7 +105,14 @@ class Scheduler {
   // Reports the output of position pos of id and appends or stops; true while it goes on.
   bool Deliver(int id, int pos, const TokenOutput& out, const TokenFn& on_token);
   absl::Status Finish(int id, bool cancelled, const FinishFn& on_finish);
+  // Prompts under way first (a chunk each), then new requests, within the prefill budget.
   absl::Status Admit(const TokenFn& on_token, const FinishFn& on_finish);
+  // Prefills the next chunk of id's prompt, at most budget_left tokens; true when the prompt is
+  // done and the request goes on decoding (false: more to prefill, or it ended there).
+  absl::StatusOr<bool> PrefillChunk(int id, long budget_left, const TokenFn& on_token,
+                                    const FinishFn& on_finish);
+  // Frees id's cache and queues it again at the front, to be recomputed.
+  absl::Status Preempt(int id);
   // A running sequence's expected new pages over its next page_size tokens (see Admission).
   long GrowthPages(int id) const;
   bool Affordable(const Request& request, long running_growth_pages) const;
@@ -110,6 +124,8 @@ class Scheduler {
   std::map<int, Entry> requests_;
   std::deque<int> pending_;
   std::vector<int> active_;
+  std::vector<int> prefilling_;  // admitted, their prompts partly prefilled, in admission order
+  long prefilled_this_step_ = 0;  // prompt tokens prefilled by the current Admit
   SchedulerStats stats_;
 };
 

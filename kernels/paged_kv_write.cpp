@@ -115,6 +115,36 @@ void paged_kv_prefill(const PagedKvLayer<T>& c, int row, const T* khat, const T*
   }
 }
 
+template <typename T>
+void paged_kv_extend(const PagedKvLayer<T>& c, int row, const T* k, const T* v, const float* merge,
+                     const float* omega, int start, int n, int Hkv, int D, float theta,
+                     bool keep_last_channel, T* khat, T* vhat, int* prefix) {
+  // The row alone, as a batch of one: each token one paged_kv_append.
+  PagedKvLayer<T> r = c;
+  const long head0 = static_cast<long>(row) * Hkv;
+  r.page_table += head0 * c.max_pages;
+  r.lengths += head0;
+  if (c.window_size > 0) {
+    r.window += head0 * c.window_size * (2L * D + 1);
+    r.window_count += head0;
+  }
+  for (int h = 0; h < Hkv; ++h) {
+    const bool merges = merge && r.lengths[h] > 0 && start > 0 && merge[h] > 0.5f;
+    for (int t = 0; t < n; ++t) prefix[t * Hkv + h] = r.lengths[h] - (merges ? 1 : 0);
+  }
+  for (int t = 0; t < n; ++t) {
+    const int32_t pos = start + t;
+    const long at = static_cast<long>(t) * Hkv;
+    paged_kv_append(r, k + at * D, v + at * D, merge ? merge + at : nullptr,
+                    omega ? omega + at : nullptr, &pos, 1, Hkv, D, theta, keep_last_channel);
+    for (int h = 0; h < Hkv; ++h) {
+      const long slot = SlotRow(r, h, r.lengths[h] - 1);
+      std::copy(c.k_pool + slot * D, c.k_pool + (slot + 1) * D, khat + (at + h) * D);
+      std::copy(c.v_pool + slot * D, c.v_pool + (slot + 1) * D, vhat + (at + h) * D);
+    }
+  }
+}
+
 void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n) {
   for (int j = 0; j < n; ++j) page_table[index[j]] = page[j];
 }
@@ -125,5 +155,9 @@ template void paged_kv_append<float>(const PagedKvLayer<float>&, const float*, c
 template void paged_kv_prefill<float>(const PagedKvLayer<float>&, int, const float*, const float*,
                                       const float*, const float*, const float*, const float*, int,
                                       int, int, float, bool);
+
+template void paged_kv_extend<float>(const PagedKvLayer<float>&, int, const float*, const float*,
+                                     const float*, const float*, int, int, int, int, float, bool,
+                                     float*, float*, int*);
 
 }  // namespace dmc::kernels

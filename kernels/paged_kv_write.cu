@@ -2,6 +2,8 @@
 // append:  one CTA of D/2 threads per (row, KV head); thread c owns the RoPE pair (c, c + D/2),
 //          so the ring mean, the rotation and the stores of a channel pair stay in registers.
 //          Thread 0 decides append or merge and the slot; the others wait for it in shared memory.
+// extend:  one such CTA per KV head of the row walks the chunk's tokens in order (each token's
+//          slot depends on the previous one's), appending each as append does.
 // prefill: (1) one CTA per KV head scans the append flags over the prompt (CUB block scan) into
 //          each token's slot index and the head's length; (2) one CTA per (token, KV head) whose
 //          slot is final there writes it; (3) the ring entries of the open slot.
@@ -34,17 +36,18 @@ __device__ __forceinline__ void store_pair(const PagedKv& c, long row, int D, in
   c.v_pool[row * D + ch + half] = tobf(v2);
 }
 
-__global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge,
-                              const float* omega, const int32_t* positions, int Hkv, int D,
-                              float theta, bool keep_last) {
-  const long head = blockIdx.x;  // i · Hkv + h
-  const int i = static_cast<int>(head / Hkv);
-  const int pos = positions[i];
+// Appends or merges one token (kt, vt, its merge decision at *merge_h, null: append; its omega)
+// at pos into head `head`, as kernels::paged_kv_append: one CTA of D/2 threads, thread c the
+// channel pair (c, c + D/2); slot_s and count_s are the CTA's shared words. Returns the pool row
+// written.
+__device__ __forceinline__ long append_token(const PagedKv& c, long head, const bf16* kt,
+                                             const bf16* vt, const float* merge_h, float omega,
+                                             int pos, int D, float theta, bool keep_last,
+                                             int& slot_s, int& count_s) {
   const int w = c.window_size, half = D / 2, ch = threadIdx.x;
-  __shared__ int slot_s, count_s;
   if (threadIdx.x == 0) {
     int len = c.lengths[head];
-    const bool m = merge && len > 0 && pos > 0 && merge[head] > 0.5f;
+    const bool m = merge_h && len > 0 && pos > 0 && *merge_h > 0.5f;
     int count = w > 0 ? c.window_count[head] : 0;
     if (!m) {
       c.lengths[head] = ++len;
@@ -56,8 +59,6 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
   }
   __syncthreads();
   const long row = kernels::SlotRow(c, head, slot_s);
-  const bf16* kt = k + head * D;
-  const bf16* vt = v + head * D;
   float k1 = bf(kt[ch]), k2 = bf(kt[ch + half]), v1 = bf(vt[ch]), v2 = bf(vt[ch + half]);
   if (w > 0) {
     const long entry = 2L * D + 1;
@@ -67,7 +68,7 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
     e[ch + half] = k2;
     e[D + ch] = v1;
     e[D + ch + half] = v2;
-    if (ch == 0) e[2 * D] = omega ? omega[head] : 1.f;
+    if (ch == 0) e[2 * D] = omega;
     __syncthreads();  // the omega of this token
     float denom = 0.f, sk1 = 0.f, sk2 = 0.f, sv1 = 0.f, sv2 = 0.f;
     for (int p = pos - count_s + 1; p <= pos; ++p) {  // oldest first, as the reference
@@ -87,6 +88,42 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
   }
   store_pair(c, row, D, ch, k1, k2, v1, v2, pos, theta, keep_last);
   if (ch == 0 && c.slot_pos) c.slot_pos[row] = pos;
+  return row;
+}
+
+__global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge,
+                              const float* omega, const int32_t* positions, int Hkv, int D,
+                              float theta, bool keep_last) {
+  const long head = blockIdx.x;  // i · Hkv + h
+  __shared__ int slot_s, count_s;
+  append_token(c, head, k + head * D, v + head * D, merge ? merge + head : nullptr,
+               omega ? omega[head] : 1.f, positions[head / Hkv], D, theta, keep_last, slot_s,
+               count_s);
+}
+
+// One CTA of D/2 threads per KV head of the row: the chunk's tokens in order, each written as
+// append_kernel writes it, then read back (this thread's channels) into khat and vhat.
+__global__ void extend_kernel(PagedKv c, int row, const bf16* k, const bf16* v, const float* merge,
+                              const float* omega, int start, int n, int Hkv, int D, float theta,
+                              bool keep_last, bf16* khat, bf16* vhat, int* prefix) {
+  const int h = blockIdx.x, half = D / 2, ch = threadIdx.x;
+  const long head = static_cast<long>(row) * Hkv + h;
+  __shared__ int slot_s, count_s;
+  const int before = c.lengths[head];
+  const bool merges = merge && before > 0 && start > 0 && merge[h] > 0.5f;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) prefix[t * Hkv + h] = before - (merges ? 1 : 0);
+  __syncthreads();  // every thread has read the length before the first token changes it
+  for (int t = 0; t < n; ++t) {
+    const long g = static_cast<long>(t) * Hkv + h, src = g * D;
+    const long r = append_token(c, head, k + src, v + src, merge ? merge + g : nullptr,
+                                omega ? omega[g] : 1.f, start + t, D, theta, keep_last, slot_s,
+                                count_s);
+    khat[src + ch] = c.k_pool[r * D + ch];
+    khat[src + ch + half] = c.k_pool[r * D + ch + half];
+    vhat[src + ch] = c.v_pool[r * D + ch];
+    vhat[src + ch + half] = c.v_pool[r * D + ch + half];
+    __syncthreads();  // the next token rewrites slot_s, count_s and a ring entry
+  }
 }
 
 __device__ __forceinline__ bool appends(const float* merge, int t, int Hkv, int h) {
@@ -173,6 +210,16 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
   if (n <= 0) return;
   append_kernel<<<n * Hkv, D / 2, 0, stream>>>(cache, k, v, merge, omega, positions, Hkv, D,
                                                 theta, keep_last_channel);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v,
+                     const float* merge, const float* omega, int start, int n, int Hkv, int D,
+                     float theta, bool keep_last_channel, bf16* khat, bf16* vhat, int* prefix,
+                     cudaStream_t stream) {
+  if (n <= 0) return;
+  extend_kernel<<<Hkv, D / 2, 0, stream>>>(cache, row, k, v, merge, omega, start, n, Hkv, D, theta,
+                                           keep_last_channel, khat, vhat, prefix);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -37,6 +37,16 @@
 //   append, count = min(P − t0, w).
 // Without DMC (merge null), khat = k and vhat = v.
 //
+// paged_kv_extend: a chunk of n tokens continuing row `row` (which may hold slots) at positions
+// start .. start + n − 1 (chunked prefill): token t is appended exactly as paged_kv_append
+// appends it, in order, and leaves the state the same n steps would. It also gives what the
+// chunk's attention (kernels/chunk_attention.h) reads:
+//   khat[t, h], vhat[t, h]   the slot token t wrote, as stored (rotated key, value): the open
+//                            slot as it stood after token t (DMC's k̂_t)
+//   prefix[t, h]             = lengths[row, h] before the chunk, less 1 when the chunk's first
+//                            token merges into the open slot (which it rewrites); the same for
+//                            every t: the cached slots the chunk's queries see
+//
 // paged_kv_assign_pages: page_table[index[j]] = page[j] for j < n, the pages the host hands out
 // before a step (flat indices into the page tables of all layers).
 #pragma once
@@ -97,6 +107,11 @@ template <typename T>
 void paged_kv_prefill(const PagedKvLayer<T>& cache, int row, const T* khat, const T* vhat,
                       const T* k, const T* v, const float* merge, const float* omega, int P,
                       int Hkv, int D, float theta, bool keep_last_channel);
+
+template <typename T>
+void paged_kv_extend(const PagedKvLayer<T>& cache, int row, const T* k, const T* v,
+                     const float* merge, const float* omega, int start, int n, int Hkv, int D,
+                     float theta, bool keep_last_channel, T* khat, T* vhat, int* prefix);
 
 void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n);
 

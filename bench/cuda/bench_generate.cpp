@@ -76,7 +76,9 @@ ABSL_FLAG(std::string, generate, "256:1024", "generated tokens per request, unif
 ABSL_FLAG(int, max_batch, 1024, "sequences at once at most (the budget usually binds first)");
 ABSL_FLAG(int, page_size, 16, "slots per KV page");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
-          "the scheduler's prefill budget between two steps while sequences run (0: none)");
+          "prompt tokens prefilled per scheduler step at most: longer prompts go in chunks over "
+          "successive steps, between decode steps (an engine without chunked prefill: at least "
+          "one whole prompt a step); bounds the running streams' per-token latency. 0: no bound");
 ABSL_FLAG(std::string, export_dir, "",
           "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR or "
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");

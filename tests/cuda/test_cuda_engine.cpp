@@ -18,6 +18,7 @@
 #include "inference/cuda_engine.h"
 #include "inference/evaluate.h"
 #include "inference/scheduler.h"
+#include "kernels/chunk_attention.h"
 #include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_settle.h"
@@ -245,6 +246,122 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
           cudaFree(p);
       });
     }
+}
+
+// A chunk continuing a row that already holds tokens (chunked prefill): the same cache state as
+// the reference's token-by-token appends, every token's stored slot (k̂, v̂) and the cached slots
+// the chunk sees (the open slot left out where the chunk's first token merges into it: KV head 0
+// merges, KV head 1 appends).
+TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (int window : {0, 6})
+    for (int D : {64, 128})
+      for (int n : {1, 19, 70}) {
+        SCOPED_TRACE(testing::Message() << "window " << window << " D " << D << " n " << n);
+        const int R = 3, Hkv = 2, page = 8, row = 2, before = 13;
+        CacheLayer host = MakeLayer(R, Hkv, D, page, (before + n + page - 1) / page, window);
+        for (int t = 0; t < before; ++t) {  // the rows' first tokens
+          StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
+          std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
+          for (auto& x : m) x = rng()() % 3 ? 1.0f : 0.0f;
+          for (auto& x : o) x = 0.05f + (rng()() % 1000) / 1000.0f;
+          const std::vector<int32_t> positions(R, t);
+          kernels::paged_kv_append(host.Host(), rows.k.data(), rows.v.data(),
+                                   window ? m.data() : nullptr, window ? o.data() : nullptr,
+                                   positions.data(), R, Hkv, D, 10000.0f, window > 0);
+        }
+        CacheLayer start = host;
+        StepRows chunk = RandomStepRows(size_t(n) * Hkv, D);
+        std::vector<float> merge(size_t(n) * Hkv), omega(size_t(n) * Hkv);
+        for (auto& x : merge) x = rng()() % 4 ? 1.0f : 0.0f;
+        for (auto& x : omega) x = 0.05f + (rng()() % 1000) / 1000.0f;
+        merge[0] = 1.0f;
+        merge[1] = 0.0f;
+        const float* m = window ? merge.data() : nullptr;
+        const float* o = window ? omega.data() : nullptr;
+        std::vector<float> khat(size_t(n) * Hkv * D), vhat(khat.size());
+        std::vector<int> prefix(size_t(n) * Hkv);
+        const std::vector<int32_t> lengths_before = host.lengths;
+        kernels::paged_kv_extend(host.Host(), row, chunk.k.data(), chunk.v.data(), m, o, before, n,
+                                 Hkv, D, 10000.0f, window > 0, khat.data(), vhat.data(),
+                                 prefix.data());
+        for (int h = 0; h < Hkv; ++h)
+          EXPECT_EQ(prefix[h], lengths_before[row * Hkv + h] - (window && h == 0 ? 1 : 0));
+        CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+          std::vector<double> kd(chunk.k.begin(), chunk.k.end()), vd(chunk.v.begin(), chunk.v.end());
+          bf16 *dk = Upload(to_bf16(kd)), *dv = Upload(to_bf16(vd));
+          float *dm = Upload(merge), *dom = Upload(omega);
+          DevBuf<bf16> dkh(khat.size()), dvh(vhat.size());
+          DevBuf<int> dpre(prefix.size());
+          cuda::paged_kv_extend(layer, row, dk, dv, window ? dm : nullptr, window ? dom : nullptr,
+                                before, n, Hkv, D, 10000.0f, window > 0, dkh.ptr, dvh.ptr,
+                                dpre.ptr);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          EXPECT_EQ(Download(dpre.ptr, prefix.size()), prefix);
+          const std::vector<bf16> gk = Download(dkh.ptr, khat.size());
+          const std::vector<bf16> gv = Download(dvh.ptr, vhat.size());
+          for (size_t i = 0; i < khat.size(); ++i) {
+            ASSERT_NEAR(__bfloat162float(gk[i]), khat[i], 2e-2 * (std::fabs(khat[i]) + 1e-2))
+                << "k̂ element " << i;
+            ASSERT_NEAR(__bfloat162float(gv[i]), vhat[i], 2e-2 * (std::fabs(vhat[i]) + 1e-2))
+                << "v̂ element " << i;
+          }
+          for (void* p : {(void*)dk, (void*)dv, (void*)dm, (void*)dom}) cudaFree(p);
+        });
+      }
+}
+
+// A chunk's attention over its sequence's cache and itself (kernels/chunk_attention.h): random
+// pools, page tables, per-(query, head) prefixes (0 included) and a hard mask, against the CPU
+// reference; GQA groups on tensor cores (G 4 to 16) and CUDA cores, both head dims.
+TEST(CudaChunkAttention, MatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  struct Shape {
+    int H, Hkv, D;
+  };
+  for (const Shape& sh : {Shape{8, 2, 128}, Shape{8, 1, 64}, Shape{3, 3, 64}, Shape{2, 2, 128}})
+    for (bool exclude : {false, true})
+      for (bool masked : {false, true})
+        for (int n : {1, 37, 129}) {
+          SCOPED_TRACE(testing::Message() << "H " << sh.H << " Hkv " << sh.Hkv << " D " << sh.D
+                                          << " exclude " << exclude << " mask " << masked
+                                          << " n " << n);
+          const int H = sh.H, Hkv = sh.Hkv, D = sh.D, page = 16, max_pages = 10;
+          const int pages = Hkv * max_pages + 3;
+          std::vector<double> kp = randn(size_t(pages) * page * D), vp = randn(kp.size());
+          std::vector<double> q = randn(size_t(n) * H * D, 2.0), k = randn(size_t(n) * Hkv * D);
+          std::vector<double> v = randn(k.size());
+          const std::vector<bf16> bkp = to_bf16(kp), bvp = to_bf16(vp), bq = to_bf16(q),
+                                  bk = to_bf16(k), bv = to_bf16(v);
+          std::vector<int32_t> table(static_cast<size_t>(pages));
+          for (int i = 0; i < pages; ++i) table[i] = i;
+          std::shuffle(table.begin(), table.end(), rng());
+          table.resize(size_t(Hkv) * max_pages);
+          std::vector<int> prefix(size_t(n) * Hkv);
+          for (auto& x : prefix) x = rng()() % 5 == 0 ? 0 : static_cast<int>(rng()() % 161);
+          std::vector<float> mask(size_t(n) * Hkv);
+          for (auto& x : mask) x = rng()() % 2 ? -50000.0f : 0.0f;
+          const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+          auto f32 = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+          const std::vector<float> fkp = f32(kp), fvp = f32(vp), fq = f32(q), fk = f32(k), fv = f32(v);
+          std::vector<float> want(size_t(n) * H * D);
+          kernels::chunk_attention(want.data(), fq.data(), fkp.data(), fvp.data(), table.data(),
+                                   max_pages, page, prefix.data(), fk.data(), fv.data(),
+                                   masked ? mask.data() : nullptr, n, H, Hkv, D, exclude, scale);
+          DevBuf<bf16> dkp(bkp), dvp(bvp), dq(bq), dk(bk), dv(bv), dout(want.size());
+          DevBuf<int32_t> dtable(table);
+          DevBuf<int> dprefix(prefix);
+          DevBuf<float> dmask(mask);
+          cuda::chunk_attention(dout.ptr, dq.ptr, dkp.ptr, dvp.ptr, dtable.ptr, max_pages, page,
+                                dprefix.ptr, dk.ptr, dv.ptr, masked ? dmask.ptr : nullptr, n, H,
+                                Hkv, D, exclude, scale);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<bf16> got = Download(dout.ptr, want.size());
+          double worst = 0;
+          for (size_t i = 0; i < want.size(); ++i)
+            worst = std::max(worst, std::fabs(double(__bfloat162float(got[i])) - want[i]));
+          EXPECT_LT(worst, 3e-2);
+        }
 }
 
 // H2O and TOVA over many steps of appends (the vanilla write, which also records every slot's
@@ -742,6 +859,122 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
     return text;
   };
   EXPECT_EQ(generate(**gpu), generate(**cpu));
+  EXPECT_EQ((*gpu)->used_bytes(), 0);
+}
+
+// Chunked prefill (a prompt fed as chunks, decode steps between some): on the GPU it leaves the
+// slots and the next output that the whole prompt's prefill and the CPU engine's chunked prefill
+// leave, and greedy decoding goes on identically; the scheduler's chunks under a prefill budget
+// generate the CPU engine's text. DMS refuses a chunk after the first by name on the GPU (and its
+// scheduler falls back to whole prompts); H2O and TOVA have no prefill at all.
+TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
+  const EngineCase& tc = GetParam();
+  const model::LlamaConfig config = EngineConfig(tc);
+  const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads, T = 45;
+  model::Llama<float> host(config, nullptr);
+  const std::vector<int32_t> predicted = ShapeEngineModel(&host, 7);
+  const auto prompts = PredictableWindows(3, T, predicted, 11);
+  const inference::CachePolicy policy = PolicyOf(tc, T + 16);
+  inference::CudaEngineOptions o;
+  o.policy = policy;
+  o.budget_bytes = 1L << 24;
+  o.page_size = 8;
+  o.max_batch = 4;
+  auto gpu = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  if (tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova) {
+    EXPECT_FALSE((*gpu)->chunked_prefill());
+    return;
+  }
+  const std::vector<int32_t>& p = prompts[0];
+  TokenOutput out;
+  if (tc.method == CacheMethod::kDms) {
+    EXPECT_FALSE((*gpu)->chunked_prefill());
+    ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+    ASSERT_TRUE((*gpu)->Prefill(0, {p.begin(), p.begin() + 10}, -1, &out).ok());
+    const long used = (*gpu)->used_bytes();
+    const absl::Status s = (*gpu)->Prefill(0, {p.begin() + 10, p.end()}, -1, &out);
+    EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+    EXPECT_NE(s.message().find("dms"), std::string::npos) << s;
+    EXPECT_EQ((*gpu)->tokens(0), 10);
+    EXPECT_EQ((*gpu)->used_bytes(), used);
+    ASSERT_TRUE((*gpu)->Free(0).ok());
+  } else {
+    EXPECT_TRUE((*gpu)->chunked_prefill());
+    // GPU sequence 0: the whole prompt; GPU sequence 1 and CPU sequence 1: chunks, 0 = a step.
+    const std::vector<int> plan = {7, 0, 1, 13, 0, 0, 16, 6};
+    ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+    TokenOutput whole;
+    ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &whole).ok());
+    TokenOutput chunked[2];
+    int e = 0;
+    for (inference::DecodeEngine* engine :
+         std::vector<inference::DecodeEngine*>{gpu->get(), cpu->get()}) {
+      ASSERT_TRUE(engine->AddSequence(1, {}).ok());
+      int fed = 0;
+      for (int n : plan) {
+        if (n == 0) {
+          std::vector<TokenOutput> outs;
+          ASSERT_TRUE(engine->Step({1}, &p[fed], nullptr, &outs).ok());
+          chunked[e] = outs[0];
+          ++fed;
+        } else {
+          const absl::Status s =
+              engine->Prefill(1, {p.begin() + fed, p.begin() + fed + n}, -1, &chunked[e]);
+          ASSERT_TRUE(s.ok()) << s;
+          fed += n;
+        }
+      }
+      ASSERT_EQ(fed, T);
+      ++e;
+    }
+    EXPECT_EQ(chunked[0].next, whole.next);
+    EXPECT_EQ(chunked[0].next, chunked[1].next);
+    EXPECT_NEAR(chunked[0].logprob, whole.logprob, 0.1);
+    EXPECT_NEAR(chunked[0].logprob, chunked[1].logprob, 0.15);
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < Hkv; ++h) {
+        EXPECT_EQ((*gpu)->length(1, l, h), (*gpu)->length(0, l, h)) << "layer " << l;
+        EXPECT_EQ((*gpu)->length(1, l, h), (*cpu)->length(1, l, h)) << "layer " << l;
+      }
+    EXPECT_EQ((*gpu)->bytes(1), (*gpu)->bytes(0));
+    // Both GPU sequences go on together in one batch, greedy: the same tokens.
+    int32_t tok[2] = {whole.next, chunked[0].next};
+    std::vector<TokenOutput> outs;
+    for (int s = 0; s < 8; ++s) {
+      ASSERT_TRUE((*gpu)->Step({0, 1}, tok, nullptr, &outs).ok());
+      EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
+      tok[0] = outs[0].next;
+      tok[1] = outs[1].next;
+    }
+    ASSERT_TRUE((*gpu)->Free(0).ok());
+    ASSERT_TRUE((*gpu)->Free(1).ok());
+    ASSERT_TRUE((*cpu)->Free(1).ok());
+  }
+
+  // Greedy generation through the scheduler with a prefill budget below a prompt (the GPU's
+  // prompts in chunks, or whole for DMS) against the CPU engine's whole prompts.
+  auto generate = [&](inference::DecodeEngine& engine, long budget) {
+    std::vector<inference::Request> requests(prompts.size());
+    std::vector<std::vector<int32_t>> text(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      requests[i].tokens = prompts[i];
+      requests[i].length = T + 16;
+      requests[i].prefill = true;
+    }
+    auto stats = inference::RunBatched(
+        engine, requests, 3,
+        [&](int q, int pos, const TokenOutput& out) {
+          if (pos + 1 >= static_cast<int>(prompts[q].size())) text[q].push_back(out.next);
+          return true;
+        },
+        [](int, bool) {}, budget);
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    return text;
+  };
+  EXPECT_EQ(generate(**gpu, 12), generate(**cpu, 0));
   EXPECT_EQ((*gpu)->used_bytes(), 0);
 }
 
