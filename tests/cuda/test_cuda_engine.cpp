@@ -865,8 +865,8 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
 // Chunked prefill (a prompt fed as chunks, decode steps between some): on the GPU it leaves the
 // slots and the next output that the whole prompt's prefill and the CPU engine's chunked prefill
 // leave, and greedy decoding goes on identically; the scheduler's chunks under a prefill budget
-// generate the CPU engine's text. DMS refuses a chunk after the first by name on the GPU (and its
-// scheduler falls back to whole prompts); H2O and TOVA have no prefill at all.
+// generate the CPU engine's text. DMS and the quantized caches refuse a chunk after the first by
+// name on the GPU (and the scheduler falls back to whole prompts); H2O and TOVA have no prefill.
 TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -890,21 +890,21 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   }
   const std::vector<int32_t>& p = prompts[0];
   TokenOutput out;
-  if (tc.method == CacheMethod::kDms) {
+  if (tc.method == CacheMethod::kDms || tc.bits > 0) {
     EXPECT_FALSE((*gpu)->chunked_prefill());
     ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
     ASSERT_TRUE((*gpu)->Prefill(0, {p.begin(), p.begin() + 10}, -1, &out).ok());
     const long used = (*gpu)->used_bytes();
     const absl::Status s = (*gpu)->Prefill(0, {p.begin() + 10, p.end()}, -1, &out);
     EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
-    EXPECT_NE(s.message().find("dms"), std::string::npos) << s;
+    EXPECT_NE(s.message().find(tc.bits > 0 ? "quantized" : "dms"), std::string::npos) << s;
     EXPECT_EQ((*gpu)->tokens(0), 10);
     EXPECT_EQ((*gpu)->used_bytes(), used);
     ASSERT_TRUE((*gpu)->Free(0).ok());
   } else {
     EXPECT_TRUE((*gpu)->chunked_prefill());
     // GPU sequence 0: the whole prompt; GPU sequence 1 and CPU sequence 1: chunks, 0 = a step.
-    const std::vector<int> plan = {7, 0, 1, 13, 0, 0, 16, 6};
+    const std::vector<int> plan = {7, 0, 1, 13, 0, 0, 16, 5};  // 45 tokens in all
     ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
     TokenOutput whole;
     ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &whole).ok());
@@ -915,6 +915,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
       ASSERT_TRUE(engine->AddSequence(1, {}).ok());
       int fed = 0;
       for (int n : plan) {
+        ASSERT_LE(fed + std::max(n, 1), T) << "the plan feeds more than the prompt";
         if (n == 0) {
           std::vector<TokenOutput> outs;
           ASSERT_TRUE(engine->Step({1}, &p[fed], nullptr, &outs).ok());
