@@ -629,6 +629,19 @@ void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf1
   c::matmul_forward_add(x, h, w + d.W(l, kDown), rows, F, C, st);
 }
 
+void CudaEngine::EnqueueQkv(int l, int rows, const bf16* x, bf16* xn, float* rstd, bf16* q,
+                            bf16* k, bf16* v) {
+  const Device& d = *dev_;
+  const int C = config_.hidden_size, H = config_.num_attention_heads,
+            Hkv = config_.num_key_value_heads, D = config_.head_dim();
+  const bf16* w = d.weights;
+  cudaStream_t st = d.stream;
+  c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kAttnNorm), rows, C, config_.rms_norm_eps, st);
+  c::matmul_forward(q, xn, w + d.W(l, kWq), rows, C, H * D, st);
+  c::matmul_forward(k, xn, w + d.W(l, kWk), rows, C, Hkv * D, st);
+  c::matmul_forward(v, xn, w + d.W(l, kWv), rows, C, Hkv * D, st);
+}
+
 void CudaEngine::EnqueueDmsDecisions(int l, int rows, const bf16* x, bf16* q, bf16* xn,
                                      float* rstd, float* input, float* logit, float* alpha,
                                      float* evict, float* mask) {
@@ -654,10 +667,7 @@ void CudaEngine::EnqueueStep(int n) {
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
-    c::matmul_forward(d.q, d.xn, w + d.W(l, kWq), n, C, H * D, st);
-    c::matmul_forward(d.k, d.xn, w + d.W(l, kWk), n, C, Hkv * D, st);
-    c::matmul_forward(d.v, d.xn, w + d.W(l, kWv), n, C, Hkv * D, st);
+    EnqueueQkv(l, n, d.x, d.xn, d.rstd, d.q, d.k, d.v);
     if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, d.q, d.k,
                                    nullptr, 1, n, H, Hkv, D, gates, st);
     const size_t g = size_t(rows_) * Hkv;
@@ -794,10 +804,7 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
   float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
   c::embedding_forward(d.px, d.ptokens, w + d.embed, P, C, 0, V, st);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kAttnNorm), P, C, eps, st);
-    c::matmul_forward(d.pq, d.pxn, w + d.W(l, kWq), P, C, H * D, st);
-    c::matmul_forward(d.pk, d.pxn, w + d.W(l, kWk), P, C, Hkv * D, st);
-    c::matmul_forward(d.pv, d.pxn, w + d.W(l, kWv), P, C, Hkv * D, st);
+    EnqueueQkv(l, P, d.px, d.pxn, d.prstd, d.pq, d.pk, d.pv);
     const bf16 *khat = d.pk, *vhat = d.pv;
     if (dmc_) {
       c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, P, H, Hkv, D,
@@ -856,10 +863,7 @@ void CudaEngine::EnqueueChunk(int row, int start, int n) {
   float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
   c::embedding_forward(d.px, d.ptokens, w + d.embed, n, C, 0, V, st);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    c::rmsnorm_forward(d.pxn, d.prstd, d.px, w + d.W(l, kAttnNorm), n, C, eps, st);
-    c::matmul_forward(d.pq, d.pxn, w + d.W(l, kWq), n, C, H * D, st);
-    c::matmul_forward(d.pk, d.pxn, w + d.W(l, kWk), n, C, Hkv * D, st);
-    c::matmul_forward(d.pv, d.pxn, w + d.W(l, kWv), n, C, Hkv * D, st);
+    EnqueueQkv(l, n, d.px, d.pxn, d.prstd, d.pq, d.pk, d.pv);
     // The chunk's hard decisions and, off the diagonal, its hard mask (kernels/dmc_gates.h).
     if (dmc_)
       c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, n, H, Hkv,

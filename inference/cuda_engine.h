@@ -171,6 +171,9 @@ class CudaEngine : public DecodeEngine {
   kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;
   // Quantized: layer l's quantized pages and lengths (kernels/paged_kv_settle.h).
   kernels::KvSettleLayer SettleLayer(int l) const;
+  // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
+  void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
+                  __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* gate, __nv_bfloat16* up, __nv_bfloat16* h);
