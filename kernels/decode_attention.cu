@@ -29,9 +29,9 @@
 //   (one CTA per query head) merges the head's chunks in order and normalises; with probs, the
 //   main kernel stores the base-2 scores and the combine kernel turns them into weights.
 // Every reduction has a fixed order, so results are deterministic.
-// The CUDA-core kernel, the chunking and the combine kernel live in decode_attention_cuda.h,
-// shared with the quantized cache's attention (decode_attention_quantized.cu); this file gives
-// them its bf16 pool as the source of rows.
+// Both kernels, the chunking and the combine kernel live in decode_attention_cuda.h, shared with
+// the quantized cache's attention (decode_attention_quantized.cu); this file gives them its bf16
+// pool as the source of rows (CUDA cores) and of cp.async tiles (tensor cores).
 #include <cuda_bf16.h>
 
 #include <algorithm>

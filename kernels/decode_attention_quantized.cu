@@ -95,6 +95,17 @@ __device__ __forceinline__ void load8f(float (&f)[8], const float* p) {  // p 4-
 #pragma unroll
   for (int c = 0; c < 8; ++c) f[c] = p[c];
 }
+__device__ __forceinline__ void load8f_16(float (&f)[8], const float* p) {  // 16-byte aligned
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = a.z;
+  f[3] = a.w;
+  f[4] = b.x;
+  f[5] = b.y;
+  f[6] = b.z;
+  f[7] = b.w;
+}
 
 // One head for the CUDA-core kernel: slot i < quantized is row i % P of page table[i / P];
 // slot quantized + j is row j of the head's residual block.
@@ -262,8 +273,8 @@ struct QuantTiles {
         const int t = kernels::KvKeyTier(l, row);
         if (t != tier) {
           tier = t;
-          load8f(ks, key_scale + t * D + lc * 8);
-          load8f(kz, key_zero + t * D + lc * 8);
+          load8f_16(ks, key_scale + t * D + lc * 8);
+          load8f_16(kz, key_zero + t * D + lc * 8);
         }
         const int bits = kernels::KvRowBits(l, row);
         const long codes = kernels::KvRowOffset(l, row) - c0 + lc * bits;
