@@ -11,8 +11,8 @@
 //   Attention: pages written by the CPU quantizer, GQA groups 1, 4, 8 and 16, heads of random
 //   lengths in pages and in their residual blocks (always among them: full table and full
 //   residual, no page and one residual slot, one page and no residual, no page and a full
-//   residual), split chunks of the kernel's choice, 37 or 24 slots (off every page, tile and
-//   residual boundary) or one per head, with and without probs and the control channel. Groups
+//   residual), split chunks of the kernel's choice, 37 slots (off every page, tile and residual
+//   boundary), 24 (a 16-slot tile straddles every other chunk boundary) or one per head, with and without probs and the control channel. Groups
 //   of 4 to 16 at page sizes 16, 32 and 48 take the tensor-core path (one to three 16-slot tiles
 //   a page, the ZipCache tiers split inside a tile or between tiles), the others and page size
 //   12 the CUDA-core path. Every spare page
