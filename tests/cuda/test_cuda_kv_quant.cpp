@@ -2,8 +2,8 @@
 // it (kernels/decode_attention.h, paged_decode_attention_quantized). Fresh random inputs on every
 // run; int8, int4, int2 and three ZipCache mixtures (a quarter of the rows at 8 bits, the rest 4;
 // one row at 4, the rest 2; every row salient), value groups of the whole head down to 4
-// channels (two groups inside one thread's 8 channels), head dims 64 and 128, page sizes 16 and
-// 12.
+// channels (two groups inside one thread's 8 channels), head dims 64 and 128, page sizes 12, 16,
+// 32 and 48.
 //   Quantization: the pages kv_quantize_pages writes from rows gathered in shuffled order are
 //   compared byte for byte with kernels::kv_quantize_page on the same rows. Every source row no
 //   page takes is 1e30 (a read of one moves a group's min or max, and so its bytes), and every
@@ -12,13 +12,14 @@
 //   lengths in pages and in their residual blocks (always among them: full table and full
 //   residual, no page and one residual slot, one page and no residual, no page and a full
 //   residual), split chunks of the kernel's choice, 37 slots (off every page, tile and residual
-//   boundary), 24 (a 16-slot tile straddles every other chunk boundary) or one per head, with and without probs and the control channel. Groups
-//   of 4 to 16 at page sizes 16, 32 and 48 take the tensor-core path (one to three 16-slot tiles
-//   a page, the ZipCache tiers split inside a tile or between tiles), the others and page size
-//   12 the CUDA-core path. Every spare page
-//   is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and every
-//   residual row no head holds is NaN, so a wrong read fails the comparison; outputs and probs
-//   are NaN-poisoned, so an unwritten element fails; a second identical call is bit-identical.
+//   boundary), 24 (a 16-slot tile straddles every other chunk boundary) or one per head, with
+//   and without probs and the control channel. Groups of 4 to 16 at page sizes 16, 32 and 48
+//   take the tensor-core path (one to three 16-slot tiles a page, the ZipCache tiers split
+//   inside a tile or between tiles), the others and page size 12 the CUDA-core path. Every spare
+//   page is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and
+//   every residual row no head holds is NaN, so a wrong read fails the comparison; outputs and
+//   probs are NaN-poisoned, so an unwritten element fails; a second identical call is
+//   bit-identical.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
