@@ -1,12 +1,21 @@
 // CUDA-only pieces shared by the paged decode attention kernels (spec: kernels/decode_attention.h):
 // decode_attention.cu reads bf16 pools, decode_attention_quantized.cu quantized pages, and both
-// run the same CUDA-core kernel over their own source of rows, the same chunking (flash-decoding)
-// and the same combine kernel; the design is described at the top of decode_attention.cu.
+// run the same CUDA-core kernel over their own source of rows, the same tensor-core kernel over
+// their own source of tiles (below, before decode_mma_kernel), the same chunking
+// (flash-decoding) and the same combine kernel; the design is described at the top of
+// decode_attention.cu.
 // A kernel's parameters derive from Common and add
 //   __device__ int length(long head) const     the slots of (sequence, KV head) `head`
 //   template <int D> __device__ Rows rows(long head) const   the source of that head's rows:
-//     Raw fetch(int slot, int cl) const        loads channels [8·cl, 8·cl + 8) of the slot's key
-//                                              and value (slot < length)
+//     kConsecutive                             the order of a loop step's rows: row group rg
+//                                              takes slots base + rg·kUnroll + u (consecutive,
+//                                              so a page's parameters are loaded once for them)
+//                                              or base + u·RG + rg (neighbouring row groups read
+//                                              neighbouring rows)
+//     void fetch(Raw (&)[kUnroll], const int (&slot)[kUnroll], const bool (&valid)[kUnroll],
+//                int cl) const                 loads channels [8·cl, 8·cl + 8) of each valid
+//                                              slot's key and value, a value-initialised Raw for
+//                                              the others
 //     void key(const Raw&, float (&)[8]) const, value(...)   those channels in fp32; a
 //                                              value-initialised Raw gives zeros (slots past the
 //                                              chunk)
@@ -140,11 +149,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const P p) {
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      row[u] = base + u * RG + rg;
+      row[u] = Rows::kConsecutive ? base + rg * kUnroll + u : base + u * RG + rg;
       valid[u] = row[u] < s1;
-      raw[u] = Raw{};
-      if (valid[u]) raw[u] = rows.fetch(row[u], cl);
     }
+    rows.fetch(raw, row, valid, cl);
     float s[kUnroll][GT];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -274,6 +282,192 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const P p, int
   }
 }
 
+// The tensor-core kernel (GQA groups of 4 to 16; design at the top of decode_attention.cu): the
+// whole group and one chunk per CTA, 16-slot tiles per warp through a private ring of kStages
+// stages. A kernel's parameters for it also give
+//   template <int D> __device__ int mma_warp_bytes() const   shared bytes of one warp (stages,
+//                                            and the epilogue's fp32 O [16][D], m [16], l [16])
+//   template <int D> __device__ Tiles tiles(long head) const   the source of that head's tiles:
+//     kStages, kAligned                      ring depth; whether tiles start at multiples of 16
+//                                            of the head's slots (else at the chunk's start)
+//     void load(warp_smem, stage, t0, s0, s1, lane)   issues the cp.async copies of tile
+//                                            [t0, t0 + 16) into stage `stage` (one commit group)
+//     uint32_t ready(warp_smem, stage, t0, s0, s1, lane)   once those copies landed: the shared
+//                                            address of the tile's keys, [16][D] bf16 swizzled
+//                                            (swz<D>), values right after; slots outside
+//                                            [s0, s1) finite (their scores are masked)
+constexpr int kMmaWarps = 4;
+constexpr int kTileRows = 16;  // slots per warp tile: the two n8 score tiles of one m16n8k16 row
+
+// Shared bytes of the tensor-core kernel: the queries [16][D] bf16, then the warps' regions.
+constexpr size_t mma_smem_bytes(int D, int warp_bytes) {
+  return sizeof(bf16) * 16 * D + static_cast<size_t>(kMmaWarps) * warp_bytes;
+}
+// What the epilogue needs of a warp's region.
+constexpr int mma_epilogue_bytes(int D) { return static_cast<int>(sizeof(float)) * (16 * D + 32); }
+
+template <int D, class P>
+__global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const P p) {
+  using Tiles = decltype(p.template tiles<D>(0));
+  constexpr int NS = Tiles::kStages;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [16][D], swizzled
+  const int warp_bytes = p.template mma_warp_bytes<D>();
+
+  const int head = blockIdx.x;  // b·Hkv + KV head
+  const int b = head / p.Hkv;
+  const int kvh = head - b * p.Hkv;
+  const long qh0 = static_cast<long>(b) * p.H + static_cast<long>(kvh) * p.G;
+  const int len = p.length(head);
+  const long s0 = static_cast<long>(blockIdx.y) * p.chunk;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (s0 >= len) {  // uniform over the CTA
+    zero_empty_heads(p, qh0, p.G, D, len);
+    return;
+  }
+  const int s1 = static_cast<int>(min(static_cast<long>(len), s0 + p.chunk));
+  unsigned char* warp_smem = smem_raw + sizeof(bf16) * 16 * D + warp * warp_bytes;
+
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  for (int i = tid; i < 16 * CPR; i += kMmaWarps * 32) {
+    const int r = i / CPR, c = i - r * CPR;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < p.G) v = *reinterpret_cast<const uint4*>(p.q + (qh0 + r) * D + c * 8);
+    *reinterpret_cast<uint4*>(sQ + detail::swz<D>(r, c)) = v;
+  }
+  __syncthreads();
+  const uint32_t offA = detail::lane_off_a<D>(lane), offB = detail::lane_off_b<D>(lane);
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    detail::ldsm_x4(qa[kk], detail::frag<D>(detail::smem_u32(sQ), offA, 0, kk));
+  if (p.exclude_ctrl && (lane % 4) == 3) {  // channel D-1: the high half of a[2], a[3]
+    qa[D / 16 - 1][2] &= 0x0000ffffu;
+    qa[D / 16 - 1][3] &= 0x0000ffffu;
+  }
+
+  const Tiles tiles = p.template tiles<D>(head);
+  const int first = Tiles::kAligned ? static_cast<int>(s0) & ~(kTileRows - 1)
+                                    : static_cast<int>(s0);
+  const int ntiles = (s1 - first + kTileRows - 1) / kTileRows;
+  const int my_tiles = ntiles > warp ? (ntiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+  auto tile_start = [&](int i) { return first + (warp + i * kMmaWarps) * kTileRows; };
+  auto load = [&](int i) {  // the warp's i-th tile into stage i % NS
+    tiles.load(warp_smem, i % NS, tile_start(i), static_cast<int>(s0), s1, lane);
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < my_tiles) load(i);
+    detail::cp_async_commit();  // empty groups too, so the wait below counts the same every time
+  }
+  for (int i = 0; i < my_tiles; ++i) {
+    if (i + NS - 1 < my_tiles) load(i + NS - 1);  // into the stage tile i - 1 used
+    detail::cp_async_commit();
+    detail::cp_async_wait<NS - 1>();
+    __syncwarp();  // the other lanes' copies of tile i are visible
+    const int t0 = tile_start(i);
+    const uint32_t uK = tiles.ready(warp_smem, i % NS, t0, static_cast<int>(s0), s1, lane);
+    const uint32_t uV = uK + kTileRows * D * sizeof(bf16);
+    float s[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t bb[4];
+      detail::ldsm_x4(bb, detail::frag<D>(uK, offB, 0, kk));
+      detail::mma16816(s[0], qa[kk], bb[0], bb[1]);
+      detail::mma16816(s[1], qa[kk], bb[2], bb[3]);
+    }
+    // s[nb][e]: query head lane/4 + 8·(e/2), slot t0 + 8·nb + 2·(lane%4) + e%2
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int slot = t0 + nb * 8 + 2 * (lane % 4) + (e & 1);
+        const bool valid = (!Tiles::kAligned || slot >= s0) && slot < s1;
+        s[nb][e] = valid ? s[nb][e] * p.scale_log2 : -INFINITY;
+        const int g = lane / 4 + 8 * (e >> 1);
+        if (p.probs != nullptr && valid && g < p.G)
+          p.probs[(qh0 + g) * p.probs_stride + slot] = s[nb][e];
+      }
+    // Online softmax (base 2) of rows lane/4 and lane/4 + 8; every tile holds a slot of
+    // [s0, s1), so the maxima are finite from the first tile on.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = fmaxf(fmaxf(s[0][2 * hh], s[0][2 * hh + 1]), fmaxf(s[1][2 * hh], s[1][2 * hh + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_i[hh], mx);
+      const float corr = detail::ex2(m_i[hh] - m_new);
+      m_i[hh] = m_new;
+      l_i[hh] *= corr;
+#pragma unroll
+      for (int nb = 0; nb < D / 8; ++nb) {
+        o[nb][2 * hh] *= corr;
+        o[nb][2 * hh + 1] *= corr;
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        s[nb][2 * hh] = detail::ex2(s[nb][2 * hh] - m_new);
+        s[nb][2 * hh + 1] = detail::ex2(s[nb][2 * hh + 1] - m_new);
+        l_i[hh] += s[nb][2 * hh] + s[nb][2 * hh + 1];
+      }
+    }
+    const uint32_t pa[4] = {detail::pack_bf16(s[0][0], s[0][1]), detail::pack_bf16(s[0][2], s[0][3]),
+                            detail::pack_bf16(s[1][0], s[1][1]), detail::pack_bf16(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bb[4];
+      detail::ldsm_x4_t(bb, detail::frag<D>(uV, offA, 0, dp));
+      detail::mma16816(o[2 * dp], pa, bb[0], bb[1]);
+      detail::mma16816(o[2 * dp + 1], pa, bb[2], bb[3]);
+    }
+    __syncwarp();  // every lane is done with this tile before its memory is refilled
+  }
+
+  // Each warp's state into its own region (all of its copies have landed: every tile it loaded
+  // was waited for), then the CTA merges the 4 warps (a warp with no tile: m = -inf, l = 0).
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l_i[hh] += __shfl_xor_sync(0xffffffffu, l_i[hh], 1);
+    l_i[hh] += __shfl_xor_sync(0xffffffffu, l_i[hh], 2);
+  }
+  float* wO = reinterpret_cast<float*>(warp_smem);
+#pragma unroll
+  for (int nb = 0; nb < D / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      wO[(lane / 4 + 8 * (e >> 1)) * D + nb * 8 + 2 * (lane % 4) + (e & 1)] = o[nb][e];
+  if (lane % 4 == 0)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      wO[16 * D + lane / 4 + 8 * hh] = m_i[hh];
+      wO[16 * D + 16 + lane / 4 + 8 * hh] = l_i[hh];
+    }
+  __syncthreads();
+  for (int i = tid; i < p.G * D; i += kMmaWarps * 32) {
+    const int j = i / D, c = i - j * D;
+    const float* part[kMmaWarps];
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w)
+      part[w] = reinterpret_cast<const float*>(smem_raw + sizeof(bf16) * 16 * D + w * warp_bytes);
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, part[w][16 * D + j]);
+    float L = 0.f, O = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float wt = exp2f(part[w][16 * D + j] - M);
+      L = fmaf(wt, part[w][16 * D + 16 + j], L);
+      O = fmaf(wt, part[w][j * D + c], O);
+    }
+    store_chunk_result(p, qh0 + j, c, D, M, L, O);
+  }
+}
+
 [[noreturn]] inline void fail(const char* op, const char* what) {
   std::fprintf(stderr, "%s: %s\n", op, what);
   std::abort();
@@ -320,6 +514,25 @@ void launch_cuda_cores(const P& p, int GT, dim3 grid, cudaStream_t stream) {
   }
   DMC_CUDA_CHECK_LAUNCH();
 }
+
+// Lets the tensor-core kernel over P take up to `bytes` of shared memory (beyond the 48 KiB
+// default); called once per kernel, before any graph capture.
+template <int D, class P>
+void allow_mma_smem(size_t bytes) {
+  DMC_CUDA_CHECK(cudaFuncSetAttribute(decode_mma_kernel<D, P>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+template <int D, class P>
+void launch_mma(const P& p, dim3 grid, size_t smem_bytes, cudaStream_t stream) {
+  decode_mma_kernel<D><<<grid, kMmaWarps * 32, smem_bytes, stream>>>(p);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+// Sets the quantized cache's tensor-core kernels' shared-memory limit (decode_attention_quantized.cu)
+// once; paged_decode_attention_reserve calls it, so that it happens before any graph capture.
+void configure_quantized_mma_kernels();
 
 // The second pass of split heads (nothing when the main kernel wrote out directly).
 template <class P>

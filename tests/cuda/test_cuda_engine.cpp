@@ -635,6 +635,7 @@ struct EngineCase {
   double cr = 1;  // h2o, tova: the compression ratio their budget is matched to
   DmsVariant dms = DmsVariant::kNone;  // a DMS model's decision input (method dms)
   int bits = 0;  // KV quantization (vanilla, dmc): 8, 4 or 2; 0: none
+  int page_size = 0;  // 0: each test's own (4 or 8)
 };
 
 // The case's policy over sequences of seq_len tokens (inference::PolicyForCr), quantized to
@@ -696,7 +697,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   const std::vector<int32_t> predicted = ShapeEngineModel(&host, 5);
   const auto windows = PredictableWindows(n, T, predicted, 9);
   const inference::CachePolicy policy = PolicyOf(tc, T);
-  const int page = 4;
+  const int page = tc.page_size > 0 ? tc.page_size : 4;
   // Room for 5 full windows at bf16 (the GPU's pages), so requests wait for pages to free.
   const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, policy, 0, page);
   const long budget = 5 * inference::KvSequenceBytes(shape, std::vector<int>(L * Hkv, T), 2, 4);
@@ -798,11 +799,11 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   inference::CudaEngineOptions o;
   o.policy = policy;
   o.budget_bytes = 1L << 24;
-  o.page_size = 8;
+  o.page_size = tc.page_size > 0 ? tc.page_size : 8;
   o.max_batch = 4;
   auto gpu = inference::CudaEngine::Create(host, o);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, o.page_size);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
 
   const std::vector<int32_t>& p = prompts[0];
@@ -1012,7 +1013,12 @@ INSTANTIATE_TEST_SUITE_P(
         EngineCase{"dmc_int8", true, 128, 2, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 8},
         EngineCase{"dmc_int4", true, 128, 2, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 4},
         EngineCase{"dmc_int4_gqa", true, 256, 4, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 4},
-        EngineCase{"dmc_int8_d64", true, 256, 4, 4, CacheMethod::kDmc, 1, DmsVariant::kNone, 8}),
+        EngineCase{"dmc_int8_d64", true, 256, 4, 4, CacheMethod::kDmc, 1, DmsVariant::kNone, 8},
+        // GQA groups of 4 at head dim 64 in pages of 16: the attention's tensor-core path
+        EngineCase{"vanilla_int4_g4", false, 512, 8, 2, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 4, 16},
+        EngineCase{"dmc_int8_g4", true, 512, 8, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 8,
+                   16}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.

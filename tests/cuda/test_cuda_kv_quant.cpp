@@ -2,20 +2,24 @@
 // it (kernels/decode_attention.h, paged_decode_attention_quantized). Fresh random inputs on every
 // run; int8, int4, int2 and three ZipCache mixtures (a quarter of the rows at 8 bits, the rest 4;
 // one row at 4, the rest 2; every row salient), value groups of the whole head down to 4
-// channels (two groups inside one thread's 8 channels), head dims 64 and 128, page sizes 16 and
-// 12.
+// channels (two groups inside one thread's 8 channels), head dims 64 and 128, page sizes 12, 16,
+// 32 and 48.
 //   Quantization: the pages kv_quantize_pages writes from rows gathered in shuffled order are
 //   compared byte for byte with kernels::kv_quantize_page on the same rows. Every source row no
 //   page takes is 1e30 (a read of one moves a group's min or max, and so its bytes), and every
 //   pool page no page id names stays as poisoned, as in the CPU's pool.
-//   Attention: pages written by the CPU quantizer, GQA groups 1, 4 and 8, heads of random
+//   Attention: pages written by the CPU quantizer, GQA groups 1, 4, 8 and 16, heads of random
 //   lengths in pages and in their residual blocks (always among them: full table and full
 //   residual, no page and one residual slot, one page and no residual, no page and a full
-//   residual), split chunks of the kernel's choice, 37 slots (off every page and residual
-//   boundary) or one per head, with and without probs and the control channel. Every spare page
-//   is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and every
-//   residual row no head holds is NaN, so a wrong read fails the comparison; outputs and probs
-//   are NaN-poisoned, so an unwritten element fails; a second identical call is bit-identical.
+//   residual), split chunks of the kernel's choice, 37 slots (off every page, tile and residual
+//   boundary), 24 (a 16-slot tile straddles every other chunk boundary) or one per head, with
+//   and without probs and the control channel. Groups of 4 to 16 at page sizes 16, 32 and 48
+//   take the tensor-core path (one to three 16-slot tiles a page, the ZipCache tiers split
+//   inside a tile or between tiles), the others and page size 12 the CUDA-core path. Every spare
+//   page is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and
+//   every residual row no head holds is NaN, so a wrong read fails the comparison; outputs and
+//   probs are NaN-poisoned, so an unwritten element fails; a second identical call is
+//   bit-identical.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -262,6 +266,13 @@ void run_case(const Case& c) {
       residual, c.B, H, c.Hkv, D, c.exclude_ctrl, scale);
   expect_close(name_of(c, "out").c_str(), out, ref, kBf16Tol);
 
+  // The tensor-core path (decode_attention_quantized.cu) takes groups of 4 to 16 when a page
+  // holds whole 16-slot tiles; it rounds the dequantized keys to bf16 (relative error <= 2^-9 per
+  // element), which moves a score by about 1e-3 at these shapes (scale · |q| |k| 2^-9 / sqrt 3)
+  // and the weights relatively as much; the CUDA-core path keeps them fp32, as the reference.
+  const bool tensor_cores = c.G >= 4 && c.G <= 16 && P % 16 == 0;
+  const double probs_tol = tensor_cores ? 5e-3 : 1e-4;
+
   if (c.probs) {  // the weights of the head's slots; everything past them stays untouched
     std::vector<double> got, want;
     long touched = 0;
@@ -280,7 +291,7 @@ void run_case(const Case& c) {
           }
         }
       }
-    expect_close(name_of(c, "probs").c_str(), got, want, 1e-4);
+    expect_close(name_of(c, "probs").c_str(), got, want, probs_tol);
     EXPECT_EQ(touched, 0) << name_of(c, "probs") << ": written past a head's length";
   }
 
@@ -298,19 +309,37 @@ void run_case(const Case& c) {
   }
 }
 
-// Every mode x D 64, 128 x GQA 1, 4, 8 x page size 16, 12; the split, the value group, probs and
-// the control channel cycle over the cases, so that every mode meets each of them.
+// Every mode x D 64, 128 x GQA 1, 4, 8, 16 x page size 16, 12; the split, the value group, probs
+// and the control channel cycle over the cases, so that every mode meets each of them.
 TEST_F(CudaKvQuant, DecodeModesAndShapes) {
   const int value_groups[4] = {0, 32, 4, 8};
   int index = 0;
   for (const Mode& m : kModes)
     for (int D : {64, 128})
-      for (int G : {1, 4, 8})
+      for (int G : {1, 4, 8, 16})
         for (int P : {16, 12}) {
           const int split = index % 3 == 0 ? 0 : index % 3 == 1 ? 37 : 1 << 20;
           const int value_group = value_groups[index % 4];
           run_case(Case{m, 3, 2, G, D, P, value_group, 5, 3, split, index % 2 == 0,
                         (index / 2) % 2 == 1});
+          ++index;
+        }
+}
+
+// The tensor-core path at pages of several tiles: page sizes 32 and 48 (a tile starts at row 16
+// or 32 of its page, so its codes, its value parameters and its ZipCache tier start there too;
+// the "P/4" mixture splits the tiers inside the first tile), every mode, D 64 and 128, groups 4,
+// 8 and 16; chunks of the kernel's choice, 24 slots (a tile straddles every other chunk
+// boundary), 37 and one per head.
+TEST_F(CudaKvQuant, DecodeTensorCoreTiles) {
+  const int value_groups[4] = {0, 32, 4, 8}, splits[4] = {0, 24, 37, 1 << 20};
+  int index = 0;
+  for (const Mode& m : kModes)
+    for (int D : {64, 128})
+      for (int G : {4, 8, 16})
+        for (int P : {32, 48}) {
+          run_case(Case{m, 2, 2, G, D, P, value_groups[index % 4], 4, 2, splits[index % 4],
+                        index % 2 == 0, (index / 2) % 2 == 1});
           ++index;
         }
 }
@@ -322,6 +351,9 @@ TEST_F(CudaKvQuant, DecodeLongHeads) {
     run_case(Case{kModes[1], 2, 2, 4, D, 16, 32, 190, 2, 0, false, true});
     run_case(Case{kModes[3], 2, 2, 1, D, 16, 0, 190, 2, 0, true, false});
     run_case(Case{kModes[2], 5, 1, 8, D, 12, 4, 120, 0, 0, true, true});
+    run_case(Case{kModes[2], 5, 1, 8, D, 16, 4, 150, 0, 0, true, true});
+    run_case(Case{kModes[4], 2, 2, 16, D, 32, 8, 90, 5, 0, false, false});
+    run_case(Case{kModes[0], 3, 2, 4, D, 16, 0, 190, 2, 0, true, false});
   }
 }
 
