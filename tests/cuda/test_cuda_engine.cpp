@@ -905,7 +905,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   } else {
     EXPECT_TRUE((*gpu)->chunked_prefill());
     // GPU sequence 0: the whole prompt; GPU sequence 1 and CPU sequence 1: chunks, 0 = a step.
-    const std::vector<int> plan = {7, 0, 1, 13, 0, 0, 16, 5};  // 45 tokens in all
+    const std::vector<int> plan = {7, 0, 1, 13, 0, 0, 16, 6};  // the prompt's 46 tokens
     ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
     TokenOutput whole;
     ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &whole).ok());
@@ -916,7 +916,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
       ASSERT_TRUE(engine->AddSequence(1, {}).ok());
       int fed = 0;
       for (int n : plan) {
-        ASSERT_LE(fed + std::max(n, 1), T) << "the plan feeds more than the prompt";
+        ASSERT_LE(fed + std::max(n, 1), static_cast<int>(p.size())) << "the plan overruns the prompt";
         if (n == 0) {
           std::vector<TokenOutput> outs;
           ASSERT_TRUE(engine->Step({1}, &p[fed], nullptr, &outs).ok());
@@ -929,7 +929,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
           fed += n;
         }
       }
-      ASSERT_EQ(fed, T);
+      ASSERT_EQ(fed, static_cast<int>(p.size()));
       ++e;
     }
     EXPECT_EQ(chunked[0].next, whole.next);
