@@ -76,12 +76,14 @@ absl::Status CpuEngine<T>::Prefill(int seq, const std::vector<int32_t>& prompt, 
     if (t < 0 || t >= config().vocab_size)
       return absl::InvalidArgumentError(absl::StrFormat(
           "token id %d is outside the vocabulary [0, %d)", t, config().vocab_size));
+  // Refused, not run wrong: the training forward of a DMC model merges whatever the method.
+  if (!parallel_prefill())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the CPU engine's prefill (whole or chunked) serves the dmc and dms caches and the "
+        "vanilla cache of a model without compression, not %s here: feed the prompt token by "
+        "token",
+        PolicyName(policy())));
   if (cache_.contains(seq) && cache_.tokens(seq) > 0) {  // a chunk continuing the sequence
-    if (!chunked_prefill())
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "chunked prefill serves the caches of parallel prefill, not %s: feed the prompt token "
-          "by token",
-          PolicyName(policy())));
     if (absl::Status s =
             decoder_->Extend(seq, prompt.data(), static_cast<int>(prompt.size()), &logits_);
         !s.ok())

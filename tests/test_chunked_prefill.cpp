@@ -185,7 +185,8 @@ TEST_P(ChunkedPrefill, EqualsWholePromptAndTokenByToken) {
 }
 
 // A chunk that may not fit is refused with nothing changed; H2O and TOVA, which evict by each
-// step's attention, have no parallel prefill and refuse a chunk by name.
+// step's attention, have no parallel prefill and refuse a chunk by name; so does the vanilla
+// cache of a DMC model.
 TEST_P(ChunkedPrefill, RefusesWhatItCannotServe) {
   const LlamaConfig& c = model_->config();
   const auto options = inference::CacheOptionsFor(c, CachePolicy{GetParam().method}, kAmple, 4);
@@ -206,6 +207,16 @@ TEST_P(ChunkedPrefill, RefusesWhatItCannotServe) {
   const absl::Status past = (*engine)->Prefill(0, std::vector<int32_t>(153, 1), -1, &out);
   EXPECT_TRUE(absl::IsInvalidArgument(past)) << past;
 
+  if (GetParam().method == CacheMethod::kDmc) {
+    // The vanilla cache of a DMC model: its training forward would merge, so no prefill at all.
+    auto v = CpuEngine<double>::Create(*model_, CachePolicy{CacheMethod::kVanilla}, kAmple, 4);
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_FALSE((*v)->parallel_prefill());
+    ASSERT_TRUE((*v)->AddSequence(0, {}).ok());
+    const absl::Status refused = (*v)->Prefill(0, {tokens_.begin(), tokens_.begin() + 8}, -1, &out);
+    EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+    EXPECT_EQ((*v)->tokens(0), 0);
+  }
   if (GetParam().method != CacheMethod::kVanilla) return;
   for (CacheMethod evicting : {CacheMethod::kH2O, CacheMethod::kTova}) {
     CachePolicy policy{evicting};

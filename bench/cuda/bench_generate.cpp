@@ -41,6 +41,7 @@
 // +int8, +int4, +int2 after vanilla or dmc:CR store that cache quantized (inference/cuda_engine.h;
 // per-channel keys, per-token values, a bf16 residual of the newest slots), so that methods
 // compare at the same --budget_gb: a quantized cache fits more sequences in it.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -84,6 +85,9 @@ ABSL_FLAG(std::string, export_dir, "",
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
+ABSL_FLAG(std::string, profile_tokens, "",
+          "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
+          "--profile-from-start off) from the LO-th to the HI-th token each method generates");
 
 namespace {
 namespace inf = dmc::inference;
@@ -366,6 +370,9 @@ int main(int argc, char** argv) {
     std::vector<double> ttft, gaps;
     long generated = 0, tokens_held = 0, slots_held = 0;
     const int heads = c.num_hidden_layers * c.num_key_value_heads;
+    std::pair<int, int> capture = {-1, -1};
+    if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty())
+      capture = Range(range);
     const auto start = Clock::now();
     auto stats = inf::RunBatched(
         **engine, requests, o.max_batch,
@@ -378,6 +385,9 @@ int main(int argc, char** argv) {
           }
           last[r] = now;
           ++generated;
+          // between steps: the capture holds whole steps
+          if (generated == capture.first) cudaProfilerStart();
+          if (generated == capture.second) cudaProfilerStop();
           return true;
         },
         [&](int r, bool) {
