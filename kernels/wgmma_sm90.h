@@ -173,6 +173,12 @@ template <int N>
 __device__ __forceinline__ void named_barrier(int id) {  // the N threads that name barrier id
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(N) : "memory");
 }
+// Counts the calling threads towards barrier id's N without waiting (the other side's bar.sync
+// waits for them).
+template <int N>
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(N) : "memory");
+}
 
 // ---------------------------------------------------------------- mbarriers and TMA
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
