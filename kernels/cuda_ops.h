@@ -256,9 +256,8 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
 // Two kernels compute each direction: the Hopper ones (wgmma, TMA; kernels/dmc_attention_sm90.cu,
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
-// kernels on sm_90 devices at head dim 128, unless the environment sets
-// DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts, as does the Hopper backward at
-// head dim 64.
+// kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128), unless
+// the environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
 enum class AttentionKernel { kAuto, kMmaSync, kSm90 };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
@@ -276,7 +275,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
                             int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
-// The Hopper backward's main kernel (head dim 128), called by dmc_attention_backward between its
+// The Hopper backward's main kernel, called by dmc_attention_backward between its
 // pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T]) and its post-pass
 // (dq += dq_acc): adds scale · dQ into the fp32 dq_acc [B, T, H, D] and accumulates dk, dv, dmask.
 void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,

@@ -14,10 +14,10 @@
 //   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
 //   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
 //   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
-// On Hopper at head dim 128 the forward runs kernels/dmc_attention_sm90.cu's kernel and the
+// On Hopper the forward at head dim 128 runs kernels/dmc_attention_sm90.cu's kernel and the
 // backward kernels/dmc_attention_bwd_sm90.cu's main kernel (between the same pre- and post-pass)
-// instead (wgmma; the choice: resolve_kernel below); these serve every other case and stay tested
-// beside them.
+// instead (wgmma; the choice: resolve_forward_kernel, resolve_backward_kernel below); these serve
+// every other case and stay tested beside them.
 // Versions, timings and the measurements behind each choice: bench/RESULTS.md.
 #include <cuda_bf16.h>
 
@@ -708,13 +708,17 @@ AttentionKernel auto_kernel() {
   return chosen;
 }
 
-// The kernel that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 64. The
-// forward measured on the H200 (bench/RESULTS.md): the Hopper kernel 3-6% faster at head dim 128,
-// 14% slower at 64; the Hopper backward exists at head dim 128 only.
-AttentionKernel resolve_kernel(AttentionKernel kernel, int D) {
+// The forward that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 64
+// (measured on the H200, bench/RESULTS.md: the Hopper forward 3-6% faster at head dim 128, 14%
+// slower at 64).
+AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
   if (kernel == AttentionKernel::kAuto)
     return D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
   return kernel;
+}
+// The backward that runs: kAuto is auto_kernel() at both head dims.
+AttentionKernel resolve_backward_kernel(AttentionKernel kernel) {
+  return kernel == AttentionKernel::kAuto ? auto_kernel() : kernel;
 }
 
 }  // namespace
@@ -725,7 +729,7 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
-  if (resolve_kernel(kernel, D) == AttentionKernel::kSm90) {
+  if (resolve_forward_kernel(kernel, D) == AttentionKernel::kSm90) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
                                stream, mask_window);
     return;
@@ -758,7 +762,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
     attn_bwd_prepass<128><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out,
                                                                        B, T, H);
   DMC_CUDA_CHECK_LAUNCH();
-  if (resolve_kernel(kernel, D) == AttentionKernel::kSm90) {
+  if (resolve_backward_kernel(kernel) == AttentionKernel::kSm90) {
     dmc_attention_backward_sm90(dq_acc, dk, dv, dmask, dout, q, k, v, mask, lse2, delta, B, T, H,
                                 Hkv, D, exclude_ctrl, scale, stream, mask_window);
   } else {

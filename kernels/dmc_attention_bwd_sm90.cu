@@ -4,18 +4,21 @@
 // in FlashAttention-3's backward layout.
 //
 // CTA = 128 keys of one KV head (grid: key tiles x KV heads x sequences), looping over the G query
-// heads of the group and, for each, the 64-query tiles that reach its keys (at or after the
-// first key). Per tile, consumer warpgroup w (keys 64w + [0, 64)) computes
-//   S^T  = K_w Q^T                  (64 keys x 64 queries; K, Q K-major in shared memory)
+// heads of the group and, for each, the BM-query tiles that reach its keys (at or after the
+// first key); BM = 64 at head dim 128, 128 at head dim 64 (BwdTiles). Per tile, consumer
+// warpgroup w (keys 64w + [0, 64)) computes
+//   S^T  = K_w Q^T                  (64 keys x BM queries; K, Q K-major in shared memory)
 //   dP^T = V_w dO^T                 (V, dO K-major)
 //   P^T  = exp2(S^T·scale·log2 e + bias[key]·[query - key > window] - lse2[query]), causal and
 //          past-T entries 0 (lse2 = lse · log2 e: P is the forward's normalised probability)
 //   dS^T = P^T ∘ (dP^T - Delta[query]);  dmask[key] += Σ_query dS^T where the bias applies
 //   dV_w += P^T dO,  dK_w += dS^T Q  (P^T, dS^T from registers as A; dO, Q N-major; fp32
 //          accumulators held in registers over the whole loop, written once at the end)
-//   dQ[:, 64w + [0, 64)] = dS K[:, 64w + [0, 64)] over all 128 keys: dS^T of both warpgroups goes
-//          through shared memory (read M-major as A), K N-major as B; added into the fp32 dQ
-//          accumulator with atomics (FlashAttention's scheme: not bit-reproducible run to run).
+//   dQ   = dS K over all 128 keys, one 64-query x 64-channel block per warpgroup (BM x D holds
+//          two: at head dim 128 warpgroup w takes channels 64w + [0, 64) of all 64 queries, at 64
+//          queries 64w + [0, 64) of all channels): dS^T of both warpgroups goes through shared
+//          memory (read M-major as A), K N-major as B; added into the fp32 dQ accumulator with
+//          atomics (FlashAttention's scheme: not bit-reproducible run to run).
 // dmask needs no atomics: every key of the CTA belongs to one quad of one warp, which sums its
 // row over all query tiles and heads in registers. exclude_ctrl: channel D-1 of the K tile is
 // zeroed in shared memory once, so it drops out of every score; dK and dQ skip that channel.
@@ -23,7 +26,7 @@
 // A producer warp issues the TMA loads (K, V once; Q and dO tiles kStages deep) and writes each
 // tile's lse2 and Delta rows; each stage has a full mbarrier (the tiles landed, the rows written)
 // and an empty one (every consumer thread is done with the stage), as in the sm90 forward. Shared
-// tiles, descriptors and the wgmma wrappers: kernels/wgmma_sm90.h. Head dim 128 only.
+// tiles, descriptors and the wgmma wrappers: kernels/wgmma_sm90.h. Head dims 64 and 128.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/wgmma_sm90.h"
@@ -46,26 +49,39 @@ struct BwdParams {  // q, k, v and dout reach the kernel as tensor maps
   int window;  // the mask applies where query - key > window (DMC: 0; DMS: w)
 };
 
-constexpr int kD = 128;        // head dim
 constexpr int kBN = 128;       // keys per CTA: 64 per consumer warpgroup, the M of its wgmmas
-constexpr int kBM = 64;        // queries per tile: N of S^T and dP^T, reduction of dV and dK
 constexpr int kStages = 2;     // Q / dO tiles in flight
 constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // as the forward (24: spills)
-static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
 static_assert(kBN == 2 * 64, "one 64-row wgmma tile of keys per consumer warpgroup");
-static_assert(kBM == 64,
-              "the dS^T tile is one 128-byte column block of queries, and dQ = dS K has M = 64");
-static_assert(kD == 2 * 64, "dQ: each consumer warpgroup owns one 64-channel column block");
+
+// Queries per tile (N of S^T and dP^T, the reduction of dV and dK), as FlashAttention-3's Hopper
+// backward chooses them: 64 at head dim 128, 128 at 64, where the dK and dV accumulators (D/2
+// registers each) are half as large and leave room for S^T and dP^T twice as wide (BM/2 each),
+// so each Q / dO tile brought in carries twice the work. Either way BM x D is two 64 x 64 blocks
+// of dQ, one per consumer warpgroup.
+template <int D>
+struct BwdTiles {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  static constexpr int kBM = D == 64 ? 128 : 64;
+  static constexpr int kQBlocks = kBM / 64;  // 64-query blocks of dQ (the other factor: D / 64)
+  static_assert(kQBlocks * (D / 64) == 2, "one 64 x 64 block of dQ per consumer warpgroup");
+  // Registers per thread moved by setmaxnreg, the fewest that spill nothing (ptxas -v): at head
+  // dim 128 the producer needs 40 (24 spills), at 64 the consumers need 240 (232 spills).
+  static constexpr int kProducerRegs = D == 64 ? 24 : 40;
+  static constexpr int kConsumerRegs = D == 64 ? 240 : 232;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
+};
 // named barriers (0 is __syncthreads)
 constexpr int kBarKZeroed = 1;  // + consumer warpgroup: its K rows' control channel zeroed
 constexpr int kBarDsStored = 3;  // both consumer warpgroups: their halves of dS^T stored
 
+template <int D>
 struct BwdSmem {
-  bf16 k[kBN * kD];              // A (K-major) of S^T = K Q^T; B (N-major) of dQ = dS K
-  bf16 v[kBN * kD];              // A (K-major) of dP^T = V dO^T
-  bf16 q[kStages][kBM * kD];     // B (K-major) of S^T; B (N-major) of dK += dS^T Q
-  bf16 dout[kStages][kBM * kD];  // B (K-major) of dP^T; B (N-major) of dV += P^T dO
+  static constexpr int kBM = BwdTiles<D>::kBM;
+  bf16 k[kBN * D];              // A (K-major) of S^T = K Q^T; B (N-major) of dQ = dS K
+  bf16 v[kBN * D];              // A (K-major) of dP^T = V dO^T
+  bf16 q[kStages][kBM * D];     // B (K-major) of S^T; B (N-major) of dK += dS^T Q
+  bf16 dout[kStages][kBM * D];  // B (K-major) of dP^T; B (N-major) of dV += P^T dO
   // dS^T [keys][queries], A (M-major) of dQ = dS K. Two buffers: a warpgroup writes tile i + 1's
   // half while the other may still read tile i's in its dQ wgmma (the dS barrier of tile i + 1
   // orders the write of tile i + 2 after that read).
@@ -73,14 +89,15 @@ struct BwdSmem {
   float lse2[kStages][kBM];
   float delta[kStages][kBM];
   uint64_t kv_full, full[kStages], empty[kStages];
+  static_assert((sizeof(bf16) * kBN * D) % 1024 == 0 && (sizeof(bf16) * kBM * D) % 1024 == 0 &&
+                    (sizeof(bf16) * kBN * kBM) % 1024 == 0,
+                "every tile starts on a 1024-byte swizzle atom");
 };
-static_assert((sizeof(bf16) * kBN * kD) % 1024 == 0 && (sizeof(bf16) * kBM * kD) % 1024 == 0 &&
-                  (sizeof(bf16) * kBN * kBM) % 1024 == 0,
-              "every tile starts on a 1024-byte swizzle atom");
 
 // P^T for the thread's keys key_lo, key_lo + 8 (rows) and the tile's queries (columns): s holds
 // S^T on entry, the probabilities on return. Off the edge (every query after every key of the
 // warp by more than the window, none past T) no index test is needed.
+template <int kBM>
 __device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* lse2,
                                               const float (&bias)[2], int key_lo, int q0,
                                               bool edge, const BwdParams& p) {
@@ -106,6 +123,7 @@ __device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* 
 
 // dS^T = P^T ∘ (dP^T - Delta) into dp; dm[hh] += the sum over the queries where the bias applies
 // (its gradient) of row key_lo + 8 hh. P^T is 0 wherever the key is not visible, so is dS^T.
+template <int kBM>
 __device__ __forceinline__ void score_grads(float (&dp)[kBM / 2], const float (&pt)[kBM / 2],
                                             const float* delta, float (&dm)[2], int key_lo, int q0,
                                             bool edge, const BwdParams& p) {
@@ -131,6 +149,7 @@ __device__ __forceinline__ void score_grads(float (&dp)[kBM / 2], const float (&
 // The thread's dS^T values, packed as A fragments (pack_a_fragments: da[kk][r] holds row
 // row_lo + 8 (r % 2), columns 16 kk + 8 (r / 2) + 2 (lane % 4) + {0, 1}), into the swizzled
 // [kBN][kBM] tile ds.
+template <int kBM>
 __device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&da)[kBM / 16][4], int row_lo) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -144,6 +163,7 @@ __device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&da)[kBM / 16
 
 // dq_acc += scale · dQ for the thread's rows of a 64-query x 64-channel block (query q0 + row,
 // channel c0 + column) of head h; channel D-1 gets nothing under exclude_ctrl.
+template <int kD>
 __device__ __forceinline__ void add_dq(const float (&dq)[32], int q0, int c0, int b, int h,
                                        const BwdParams& p) {
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
@@ -163,6 +183,7 @@ __device__ __forceinline__ void add_dq(const float (&dq)[32], int q0, int c0, in
   }
 }
 
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
                          const __grid_constant__ CUtensorMap k_map,
@@ -170,7 +191,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const __grid_constant__ CUtensorMap dout_map, const BwdParams p) {
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
-  BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
+  BwdSmem<kD>& sm =
+      *reinterpret_cast<BwdSmem<kD>*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
+  constexpr int kBM = BwdTiles<kD>::kBM;
 
   const int T = p.T, H = p.H, Hkv = p.Hkv, G = H / Hkv;
   const int hk = blockIdx.y, b = blockIdx.z;
@@ -192,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kProducerRegs));
     if (warp != 0) return;
     if (lane == 0) {
       mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
@@ -221,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kConsumerRegs));
   const int wg = warpgroup - 1;                      // this consumer's keys: k0 + 64 wg + [0, 64)
   const int row_lo = wg * 64 + warp * 16 + lane / 4;  // the thread's tile rows: row_lo, row_lo + 8
   const int key_lo = k0 + row_lo;
@@ -242,9 +265,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // A operands of S^T and dP^T: row 64 wg of every column block of K, V (kmajor_desc<kBN> steps
-  // across the column blocks). B operand of dQ: column block wg of K (channels 64 wg + [0, 64)).
+  // across the column blocks). This warpgroup's block of dQ: queries 64 dq_qb + [0, 64) (A: that
+  // column block of the dS^T tile), channels 64 dq_cb + [0, 64) (B: that column block of K).
   const uint32_t uK = smem_u32(sm.k + wg * 64 * 64), uV = smem_u32(sm.v + wg * 64 * 64);
-  const uint32_t uKcols = smem_u32(sm.k + wg * kBN * 64);
+  const int dq_qb = wg % BwdTiles<kD>::kQBlocks, dq_cb = wg / BwdTiles<kD>::kQBlocks;
+  const uint32_t uKcols = smem_u32(sm.k + dq_cb * kBN * 64);
   float dk[kD / 2], dv[kD / 2], dm[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -269,15 +294,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     wgmma_wait<1>();  // S^T landed; dP^T may still run
     pin(s);
-    probabilities(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
+    probabilities<kBM>(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
     wgmma_wait<0>();
     pin(dp);
-    score_grads(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
+    score_grads<kBM>(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
 
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
     pack_a_fragments<kBM>(pa, s);
     pack_a_fragments<kBM>(da, dp);
-    store_ds(ds, da, row_lo);
+    store_ds<kBM>(ds, da, row_lo);
     fence_proxy_async();  // read next by the tensor cores
     wgmma_fence();
 #pragma unroll
@@ -290,15 +315,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds), kk), nmajor_desc<kBN>(uKcols, kk),
-                         kk > 0);
+      wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds + dq_qb * kBN * 64), kk),
+                         nmajor_desc<kBN>(uKcols, kk), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
     pin(dv);
     pin(dk);
     pin(dq);
     mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
-    add_dq(dq, q0, wg * 64, b, h, p);
+    add_dq<kD>(dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h, p);
   }
 
   // dmask: each key's sum lies spread over the 4 lanes of its quad
@@ -328,6 +353,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+template <int D>
+void launch_bwd(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const BwdParams& p,
+                cudaStream_t stream) {
+  constexpr int kBM = BwdTiles<D>::kBM;
+  const size_t smem = 1024 + sizeof(BwdSmem<D>);
+  auto kernel = attn_bwd_sm90_kernel<D>;
+  static bool configured = false;
+  if (!configured) {
+    DMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    configured = true;
+  }
+  const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
+  const CUtensorMap dout_map = make_tile_map(dout, p.B, p.T, p.H, D, kBM);
+  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
+  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
+  dim3 grid(ceil_div(p.T, kBN), p.Hkv, p.B);
+  kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
@@ -339,28 +385,12 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
     std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
-  if (D != kD) {
-    std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel takes head dim %d only, not %d\n",
-                 kD, D);
-    std::abort();
-  }
-  const size_t smem = 1024 + sizeof(BwdSmem);
-  static bool configured = false;
-  if (!configured) {
-    DMC_CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_sm90_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    configured = true;
-  }
-  const CUtensorMap q_map = make_tile_map(q, B, T, H, kD, kBM);
-  const CUtensorMap dout_map = make_tile_map(dout, B, T, H, kD, kBM);
-  const CUtensorMap k_map = make_tile_map(k, B, T, Hkv, kD, kBN);
-  const CUtensorMap v_map = make_tile_map(v, B, T, Hkv, kD, kBN);
   const BwdParams p{mask, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
                     scale, scale * kLog2e, exclude_ctrl, mask_window};
-  dim3 grid(ceil_div(T, kBN), Hkv, B);
-  attn_bwd_sm90_kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
-  DMC_CUDA_CHECK_LAUNCH();
+  if (D == 64)
+    launch_bwd<64>(q, k, v, dout, p, stream);
+  else
+    launch_bwd<128>(q, k, v, dout, p, stream);
 }
 
 }  // namespace dmc::cuda

@@ -147,12 +147,21 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float 
 // each stage back once its P V has landed. Registers move from the producer to the consumers
 // (setmaxnreg), which hold S and O in registers.
 // Barriers per stage: k_full (K landed and the bias written), v_full (V landed), empty (every
-// consumer thread is done with the stage); q_full for the Q tile.
-constexpr int kBM = 128, kBN = 128, kThreads = 384;
+// consumer thread is done with the stage); q_full for the Q tile. Named barriers: kBarQZeroed + wg
+// (the warpgroup's Q rows ready), kBarTurn + wg (the warpgroup's turn to issue its GEMMs: the
+// ping-pong of the main loop).
+constexpr int kBM = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
+constexpr int kBarQZeroed = 1, kBarTurn = 3;  // 0 is __syncthreads
 
+// Keys per tile: 128 at head dim 128; 192 at 64, where a tile's GEMMs are half as long for the
+// same softmax work, so the per-tile costs (barrier waits, the row maxima's shuffles, the rescale
+// of O) weigh twice as much and are spread over 1.5x the keys (S and P of 192 keys fit the
+// consumers' registers beside the 64-channel O; the wider diagonal tile computes ~3% more
+// masked scores at T 4096). kStages: K / V tiles in flight.
 template <int D>
 struct Smem {
+  static constexpr int kBN = D == 64 ? 192 : 128;
   static constexpr int kStages = D == 64 ? 3 : 2;
   bf16 q[kBM * D];
   bf16 k[kStages][kBN * D];
@@ -166,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
                          const __grid_constant__ CUtensorMap k_map,
                          const __grid_constant__ CUtensorMap v_map, const FwdParams p) {
-  constexpr int kStages = Smem<D>::kStages;
+  constexpr int kStages = Smem<D>::kStages, kBN = Smem<D>::kBN;
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
   Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
@@ -228,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.q[swizzled<kBM>(r, D - 1)] = __float2bfloat16(0.f);
     }
     fence_proxy_async();  // read next by the tensor cores
-    named_barrier<128>(1 + wg);
+    named_barrier<128>(kBarQZeroed + wg);
   }
 
   const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
@@ -245,8 +254,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     softmax_tile<kBN>(s, m, l, corr, sm.bias[n % kStages], kbase, row, edge, p);
   };
 
-  // FlashAttention-3's in-warpgroup overlap: the tensor cores compute S of tile n and P V of tile
-  // n - 1 while the warpgroup runs the softmax of tile n; O is rescaled once P V has landed.
+  // FlashAttention-3's two overlaps. Within the warpgroup: the tensor cores compute S of tile n and
+  // P V of tile n - 1 while the warpgroup runs the softmax of tile n; O is rescaled once P V has
+  // landed. Between the two consumer warpgroups (ping-pong): they take turns to issue those GEMMs
+  // (kBarTurn), so one's softmax runs while the tensor cores work for the other, rather than both
+  // softmaxes at once with the tensor cores idle (at head dim 64 the exponentials take as long as
+  // the GEMMs). Warpgroup 0 goes first; each hands the turn over once its GEMMs are issued. The
+  // turns are counted so that every barrier phase completes: warpgroup 1 gives warpgroup 0 its
+  // first turn and does not hand over after its last.
+  const int other = 1 - wg;
+  if (wg == 1 && ntiles > 1) named_barrier_arrive<256>(kBarTurn + other);
   mbar_wait(&sm.k_full[0], 0);
   wgmma_fence();
   issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[0]));
@@ -258,6 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int n = 1; n < ntiles; ++n) {
     const int stage = n % kStages, prev = (n - 1) % kStages;
     mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
+    named_barrier<256>(kBarTurn + wg);
     wgmma_fence();
     issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
     wgmma_commit();
@@ -265,6 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
     issue_pv<D, kBN>(o, pa, smem_u32(sm.v[prev]));
     wgmma_commit();
+    if (wg == 0 || n + 1 < ntiles) named_barrier_arrive<256>(kBarTurn + other);
     wgmma_wait<1>();  // S of tile n; P V of tile n - 1 may still run
     pin(s);
     softmax_of(n);
@@ -297,8 +316,8 @@ void launch_fwd(const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
     configured = true;
   }
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
-  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
-  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
+  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, Smem<D>::kBN);
+  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, Smem<D>::kBN);
   dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
   kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
   DMC_CUDA_CHECK_LAUNCH();

@@ -4,8 +4,7 @@
 // sequence lengths that are not multiples of the tiles. Each case runs with each kernel forced
 // (the portable mma.sync ones and, on Hopper, the sm90 ones): the forward (out, lse), then the
 // backward from that forward's out and lse (dq, dk, dv, dmask, all accumulated into random initial
-// values). The sm90 backward exists at head dim 128 only; at 64 the sm90 cases check the sm90
-// forward's lse through the mma.sync backward.
+// values).
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -83,10 +82,9 @@ void run_case(const Case& c, C::AttentionKernel kernel) {
   auto gmf = to_f32(gm);
   DevBuf<bf16> dgo(gob), dgq(gqb), dgk(gkb), dgv(gvb);
   DevBuf<float> dgm(gmf);
-  const C::AttentionKernel bwd_kernel = c.D == 128 ? kernel : C::AttentionKernel::kMmaSync;
   C::dmc_attention_backward(dgq, dgk, dgv, mptr ? dgm.ptr : nullptr, dgo, dq, dk, dv, mptr, dout,
                             dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, nullptr,
-                            c.window, bwd_kernel);
+                            c.window, kernel);
   K::dmc_attention_backward<double>(gq.data(), gk.data(), gv.data(), mref ? gm.data() : nullptr,
                                     go.data(), q.data(), k.data(), v.data(), mref, out.data(),
                                     lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
@@ -136,7 +134,23 @@ INSTANTIATE_TEST_SUITE_P(
                           Case{2, 256, 4, 2, 128, true, MaskKind::kSoft, 1.0},
                           Case{2, 64, 4, 1, 128, true, MaskKind::kSoft, 1.0},
                           Case{2, 1, 4, 2, 128, true, MaskKind::kSoft, 1.0},
-                          Case{2, 333, 4, 2, 128, true, MaskKind::kEvicted, 1.0, 3}),
+                          Case{2, 333, 4, 2, 128, true, MaskKind::kEvicted, 1.0, 3},
+                          // head dim 64 (the sm90 backward's 128-query tiles): MHA and GQA up to
+                          // 8 query heads a KV head, T short of, at and past the 128 x 128 tiles,
+                          // each mask kind and DMS's bands, exclude_ctrl on and off
+                          Case{2, 333, 4, 1, 64, true, MaskKind::kSoft, 1.0},
+                          Case{2, 200, 4, 4, 64, false, MaskKind::kSoft, 2.0},
+                          Case{2, 333, 4, 2, 64, true, MaskKind::kHard, 1.0},
+                          Case{2, 130, 4, 4, 64, false, MaskKind::kHard, 1.0},
+                          Case{2, 200, 4, 2, 64, false, MaskKind::kNone, 1.0},
+                          Case{2, 333, 4, 4, 64, true, MaskKind::kNone, 3.0},
+                          Case{2, 256, 8, 1, 64, true, MaskKind::kSoft, 1.0},
+                          Case{2, 128, 4, 2, 64, true, MaskKind::kSoft, 1.0},
+                          Case{3, 17, 2, 2, 64, true, MaskKind::kSoft, 1.0},
+                          Case{1, 1100, 2, 1, 64, true, MaskKind::kSoft, 2.0},
+                          Case{1, 257, 4, 1, 64, false, MaskKind::kSoft, 2.0, 70},
+                          Case{1, 333, 2, 2, 64, false, MaskKind::kEvicted, 1.0, 150},
+                          Case{2, 333, 4, 2, 64, true, MaskKind::kEvicted, 1.0, 3}),
         ::testing::Values(C::AttentionKernel::kMmaSync, C::AttentionKernel::kSm90)),
     [](const ::testing::TestParamInfo<std::tuple<Case, C::AttentionKernel>>& info) {
       return "case" + std::to_string(info.index / 2) +
