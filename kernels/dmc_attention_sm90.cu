@@ -150,18 +150,12 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float 
 // consumer thread is done with the stage); q_full for the Q tile. Named barriers: kBarQZeroed + wg
 // (the warpgroup's Q rows ready), kBarTurn + wg (the warpgroup's turn to issue its GEMMs: the
 // ping-pong of the main loop).
-constexpr int kBM = 128, kThreads = 384;
+constexpr int kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
 constexpr int kBarQZeroed = 1, kBarTurn = 3;  // 0 is __syncthreads
 
-// Keys per tile: 128 at head dim 128; 192 at 64, where a tile's GEMMs are half as long for the
-// same softmax work, so the per-tile costs (barrier waits, the row maxima's shuffles, the rescale
-// of O) weigh twice as much and are spread over 1.5x the keys (S and P of 192 keys fit the
-// consumers' registers beside the 64-channel O; the wider diagonal tile computes ~3% more
-// masked scores at T 4096). kStages: K / V tiles in flight.
 template <int D>
 struct Smem {
-  static constexpr int kBN = D == 64 ? 192 : 128;
   static constexpr int kStages = D == 64 ? 3 : 2;
   bf16 q[kBM * D];
   bf16 k[kStages][kBN * D];
@@ -175,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
                          const __grid_constant__ CUtensorMap k_map,
                          const __grid_constant__ CUtensorMap v_map, const FwdParams p) {
-  constexpr int kStages = Smem<D>::kStages, kBN = Smem<D>::kBN;
+  constexpr int kStages = Smem<D>::kStages;
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
   Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
@@ -316,8 +310,8 @@ void launch_fwd(const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
     configured = true;
   }
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
-  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, Smem<D>::kBN);
-  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, Smem<D>::kBN);
+  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
+  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
   dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
   kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
   DMC_CUDA_CHECK_LAUNCH();

@@ -80,7 +80,6 @@ __device__ __forceinline__ void pin(float (&r)[N]) {
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define DMC_ACC32 DMC_ACC8(0), DMC_ACC8(8), DMC_ACC8(16), DMC_ACC8(24)
 #define DMC_ACC64 DMC_ACC32, DMC_ACC8(32), DMC_ACC8(40), DMC_ACC8(48), DMC_ACC8(56)
-#define DMC_ACC96 DMC_ACC64, DMC_ACC8(64), DMC_ACC8(72), DMC_ACC8(80), DMC_ACC8(88)
 #define DMC_REGS32                                                                          \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -89,13 +88,6 @@ __device__ __forceinline__ void pin(float (&r)[N]) {
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "    \
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "    \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
-#define DMC_REGS96                                                                            \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "   \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "    \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "    \
-  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "    \
-  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "    \
-  "%92, %93, %94, %95}"
 
 // d (64 x N, fp32) = (accumulate ? d : 0) + A B with A (64 x 16) and B (16 x N) in shared memory,
 // K-major by default; kTransA / kTransB = 1 reads A / B MN-major (nmajor_desc). Accumulator layout
@@ -134,16 +126,6 @@ __device__ __forceinline__ void wgmma_ss<128, 0, 0>(float (&d)[64], uint64_t a, 
       : DMC_ACC64
       : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
 }
-template <>
-__device__ __forceinline__ void wgmma_ss<192, 0, 0>(float (&d)[96], uint64_t a, uint64_t b,
-                                                    bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 " DMC_REGS96
-      ", %96, %97, p, 1, 1, 0, 0;\n}\n"
-      : DMC_ACC96
-      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
-}
 // d (64 x N) += A B, A (64 x 16 bf16) in registers in mma.sync's m16n8k16 A-fragment layout per
 // warp (pack_a_fragments), B (16 x N) N-major in shared memory (the transposed read).
 template <int N>
@@ -168,10 +150,8 @@ __device__ __forceinline__ void wgmma_rs_nmajor<128>(float (&d)[64], const uint3
 #undef DMC_ACC8
 #undef DMC_ACC32
 #undef DMC_ACC64
-#undef DMC_ACC96
 #undef DMC_REGS32
 #undef DMC_REGS64
-#undef DMC_REGS96
 
 // The accumulator values of s (64 x N), rounded to bf16, as A fragments of the N/16 16-column
 // steps of a following wgmma_rs_nmajor: the accumulator layout is the A-fragment layout, two
