@@ -1015,6 +1015,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
     EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
+    EXPECT_EQ((*gpu)->bytes(0), (*gpu)->bytes(1)) << "the prefill closed other pages";
     // Both continue together in one batch, greedy: the same tokens.
     int32_t tok[2] = {pre.next, outs[0].next};
     for (int s = 0; s < 8; ++s) {
