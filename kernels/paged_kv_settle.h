@@ -38,12 +38,12 @@
 //
 // paged_kv_settle_lagged_step (settle lag L = settle_lag > 0, DMS; r_pos and r_marks set): before
 // the append of the token at t = positions[i], per head: the residual slots j < r_lengths with
-// r_pos[j] < t − L have settled. When page_size of them have, they close into page m =
-// q_lengths / page_size in position order (r-th oldest → page row r): its rows are copied to
-// rows head·page_size + r of stage_k and stage_v [n·Hkv·page_size, D], page_ids[head] =
-// page_table[head·max_pages + m], rows[head·page_size + r] = head·page_size + r; the residual's
-// other slots move up in their order (key and value rows, r_pos, r_marks), q_lengths +=
-// page_size and r_lengths −= page_size. Otherwise page_ids[head] = −1. This is
+// r_pos[j] < t − L have settled. When page_size of them have (or more), the page_size oldest
+// close into page m = q_lengths / page_size in position order (r-th oldest → page row r): their
+// rows are copied to rows head·page_size + r of stage_k and stage_v [n·Hkv·page_size, D],
+// page_ids[head] = page_table[head·max_pages + m], rows[head·page_size + r] = head·page_size + r;
+// the residual's other slots move up in their order (key and value rows, r_pos, r_marks),
+// q_lengths += page_size and r_lengths −= page_size. Otherwise page_ids[head] = −1. This is
 // PagedKvCache::Settle at settle lag L: its page takes the oldest settled slots, and the rest of
 // the residual keeps its order.
 //
