@@ -107,12 +107,19 @@ struct CudaEngine::Device {
   // (lengths then count the residual's), the residual blocks [L, R, Hkv, residual_slots, D] (head
   // (row, h)'s is block row·Hkv + h of its layer: r_blocks is the identity [R·Hkv]), the
   // prefill's staging table (head (row, h) → h, its rows in pkr and pq) and the pages a step or a
-  // prefill closes: page ids and gathered rows.
+  // prefill closes: page ids and gathered rows. DMS: slot_pos and marks are [L, R, Hkv,
+  // residual_slots] beside the residual rows, the prefill's staged positions and marks
+  // [Hkv, max_context], and a step's closing rows are staged in close_k, close_v [R, Hkv,
+  // page_size, D]. ZipCache: the residual slots' scores [L, R, Hkv, residual_slots] and the
+  // step's attention weights in probs.
   uint8_t* q_pages = nullptr;
   int32_t* q_lengths = nullptr;
   bf16 *r_k = nullptr, *r_v = nullptr;
   int32_t *r_blocks = nullptr, *stage_table = nullptr;
   int32_t *close_ids = nullptr, *close_rows = nullptr;
+  int32_t* stage_pos = nullptr;
+  uint8_t* stage_marks = nullptr;
+  bf16 *close_k = nullptr, *close_v = nullptr;
   int32_t* pprefix = nullptr;  // a chunk's cached slots per (query, KV head) [max_context, Hkv]
   std::map<int, cudaGraphExec_t> graphs;  // by batch size
 
@@ -144,7 +151,8 @@ CudaEngine::~CudaEngine() {
                   (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
-                  (void*)d.close_rows, (void*)d.pprefix})
+                  (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
+                  (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host})
@@ -183,11 +191,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
         "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
         CacheMethodName(method), policy.budget, policy.recent));
   // The CPU engine's other compressors: refused, not run uncompressed.
-  if (policy.quant.salient_slots > 0 || (policy.quant.bits > 0 && method == CacheMethod::kDms) ||
-      policy.think_channels > 0 || !policy.layer_budget.empty() || !policy.kv_source.empty())
+  if (policy.think_channels > 0 || !policy.layer_budget.empty() || !policy.kv_source.empty())
     return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine does not run %s (ZipCache, the quantized dms cache, ThinK, per-layer "
-        "budgets and KVSharer run on the CPU engine; it quantizes the vanilla and dmc caches)",
+        "the GPU engine does not run %s (ThinK, per-layer budgets and KVSharer run on the CPU "
+        "engine; it quantizes the vanilla, dmc and dms caches, ZipCache included)",
         PolicyName(policy)));
   if (absl::Status s = ValidateKvQuant(policy, cfg.head_dim(), options.page_size); !s.ok())
     return s;
@@ -228,6 +235,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
                 kernels::DmcDecisionMode::kHard}};
   e->keep_ctrl_ = cfg.dmc.enabled;
   e->quant_ = KvQuantized(e->cache_opt_);
+  e->zip_ = policy.quant.salient_slots > 0;
   if (e->quant_) {
     e->layout_ = kernels::kv_quant_page_layout(policy.quant, options.page_size, cfg.head_dim());
     e->residual_slots_ = KvResidualSlots(e->cache_opt_);
@@ -312,6 +320,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
     const size_t lists = std::max(size_t(R) * Hkv, size_t(Hkv) * max_pages_);
     d.close_ids = Alloc<int32_t>(lists);
     d.close_rows = Alloc<int32_t>(lists * opt_.page_size);
+    if (dms_) {
+      d.stage_pos = Alloc<int32_t>(size_t(Hkv) * P);
+      d.stage_marks = Alloc<uint8_t>(size_t(Hkv) * P);
+      d.close_k = Alloc<bf16>(size_t(R) * Hkv * page_elems);
+      d.close_v = Alloc<bf16>(size_t(R) * Hkv * page_elems);
+    }
   } else {
     d.k_pool = Alloc<bf16>(pages * page_elems);
     d.v_pool = Alloc<bf16>(pages * page_elems);
@@ -324,15 +338,21 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   ENGINE_CUDA(cudaMemset(d.window_count, 0, heads * sizeof(int32_t)));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
-  if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(pages * opt_.page_size);
+  // Per slot of the pages, or (quantized) of the residual blocks.
+  const size_t slots = quant_ ? heads * residual_slots_ : pages * opt_.page_size;
+  if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(slots);
   if (dms_) {
-    d.marks = Alloc<uint8_t>(pages * opt_.page_size);
+    d.marks = Alloc<uint8_t>(slots);
     d.dms = Alloc<float>(size_t(3) * R * Hkv);
     d.pdms_x = Alloc<float>(size_t(P) * Hkv);
   }
   if (evicts_) {
     if (opt_.policy.method == CacheMethod::kH2O) d.scores = Alloc<float>(pages * opt_.page_size);
     d.probs = Alloc<float>(size_t(R) * H * max_pages_ * opt_.page_size);
+  }
+  if (zip_) {
+    d.scores = Alloc<float>(heads * residual_slots_);
+    d.probs = Alloc<float>(size_t(R) * H * ProbsStride());
   }
 
   d.x = Alloc<bf16>(size_t(R) * C);
@@ -404,7 +424,8 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
   const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
   const long reserved = ReservedBytes();
-  const long need = reserved + heads * PagesToGrow(0) * alloc_.page_bytes();
+  const long first_pages = quant_ ? 0 : heads;  // quantized: the residual holds the first token
+  const long need = reserved + first_pages * alloc_.page_bytes();
   if (need > alloc_.free_bytes())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache budget of %d bytes cannot admit sequence %d: its first token needs %d bytes, "
@@ -421,6 +442,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   sq.sampling = sampling;
   sq.pages.assign(heads, {});
   sq.lengths.assign(heads, 0);
+  sq.quantized.assign(heads, 0);
   // The row starts empty on the device (lengths and window counts of every layer).
   Device& d = *dev_;
   const size_t Hkv = config_.num_key_value_heads, R = rows_;
@@ -471,6 +493,10 @@ void CudaEngine::MoveRow(int from, int to) {
     move(d.q_lengths, heads);
     move(d.r_k, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
     move(d.r_v, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
+    // The residual slots' state: DMS's positions and marks, ZipCache's scores.
+    if (d.slot_pos) move(d.slot_pos, Hkv * residual_slots_ * sizeof(int32_t));
+    if (d.marks) move(d.marks, Hkv * residual_slots_ * sizeof(uint8_t));
+    if (d.scores) move(d.scores, Hkv * residual_slots_ * sizeof(float));
   }
   const int seq = row_seq_[from];
   row_seq_[to] = seq;
@@ -501,7 +527,7 @@ absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   for (int seq : seqs) {
     const Sequence& s = seqs_.at(seq);
     for (size_t i = 0; i < s.pages.size(); ++i)
-      pages += PagesToGrow(s.lengths[i]) - static_cast<int>(s.pages[i].size());
+      pages += PagesToGrow(s, i, 1) - static_cast<int>(s.pages[i].size());
   }
   if (pages > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -510,14 +536,14 @@ absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
+absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs, int tokens) {
   Device& d = *dev_;
   const int Hkv = config_.num_key_value_heads;
   int n = 0;
   for (int seq : seqs) {
     Sequence& s = seqs_.at(seq);
     for (size_t i = 0; i < s.pages.size(); ++i) {
-      const int need = PagesToGrow(s.lengths[i]);
+      const int need = PagesToGrow(s, i, tokens);
       while (static_cast<int>(s.pages[i].size()) < need) {
         absl::StatusOr<int32_t> page = alloc_.Allocate();
         if (!page.ok()) return page.status();
@@ -541,14 +567,21 @@ absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
   return absl::OkStatus();
 }
 
-int CudaEngine::PagesHeld(int slots) const {
+int CudaEngine::PagesHeld(const Sequence& s, size_t i) const {
   const int P = opt_.page_size;
-  return quant_ ? std::max(0, slots - 1) / P : (slots + P - 1) / P;
+  return quant_ ? s.quantized[i] / P : (s.lengths[i] + P - 1) / P;
+}
+
+int CudaEngine::PagesToGrow(const Sequence& s, size_t i, int tokens) const {
+  const int P = opt_.page_size;
+  if (!quant_) return (s.lengths[i] + tokens + P - 1) / P;
+  const int residual = s.lengths[i] - s.quantized[i];
+  return s.quantized[i] / P + std::min(residual + tokens - 1, P - 1 + tokens) / P;
 }
 
 absl::Status CudaEngine::TrimPages(Sequence& s) {
   for (size_t i = 0; i < s.pages.size(); ++i) {
-    const size_t keep = PagesHeld(s.lengths[i]);
+    const size_t keep = PagesHeld(s, i);
     while (s.pages[i].size() > keep) {
       if (absl::Status st = alloc_.Free(s.pages[i].back()); !st.ok()) return st;
       s.pages[i].pop_back();
@@ -602,6 +635,7 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
     const size_t block = static_cast<size_t>(residual_slots_) * config_.head_dim();
     layer.k_pool = d.r_k + head0 * block;
     layer.v_pool = d.r_v + head0 * block;
+    layer.slot_pos = d.slot_pos ? d.slot_pos + head0 * residual_slots_ : nullptr;
     layer.page_table = d.r_blocks;
     layer.max_pages = 1;
     layer.page_size = residual_slots_;
@@ -612,8 +646,16 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
 kernels::KvSettleLayer CudaEngine::SettleLayer(int l) const {
   const Device& d = *dev_;
   const size_t head0 = static_cast<size_t>(l) * rows_ * config_.num_key_value_heads;
+  const size_t slot0 = head0 * residual_slots_;
   return {d.page_table + head0 * max_pages_, d.q_lengths + head0, d.lengths + head0, max_pages_,
-          opt_.page_size, residual_slots_};
+          opt_.page_size, residual_slots_, cache_opt_.settle_lag,
+          d.slot_pos ? d.slot_pos + slot0 : nullptr, d.marks ? d.marks + slot0 : nullptr,
+          d.scores ? d.scores + slot0 : nullptr};
+}
+
+uint8_t* CudaEngine::Marks(int l) const {
+  const size_t head0 = static_cast<size_t>(l) * rows_ * config_.num_key_value_heads;
+  return dev_->marks + (quant_ ? head0 * residual_slots_ : 0);
 }
 
 void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate,
@@ -675,9 +717,16 @@ void CudaEngine::EnqueueStep(int n) {
       EnqueueDmsDecisions(l, n, d.x, d.q, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g, d.merge,
                           nullptr);
     const c::PagedKv layer = CacheLayer(l);
-    // Quantized: the heads whose token opens a slot while their residual is full close it into a
-    // page first, one quantizer launch for all heads of the step.
-    if (quant_) {
+    // Quantized: the heads whose token opens a slot while page_size slots of their residual
+    // have settled close them into a page first, one quantizer launch for all heads of the step.
+    // DMS's slots settle past its window, the page's rows staged as the residual closes up.
+    if (quant_ && cache_opt_.settle_lag > 0) {
+      c::paged_kv_settle_lagged_step(d.close_ids, d.close_rows, d.close_k, d.close_v,
+                                     SettleLayer(l), layer.k_pool, layer.v_pool,
+                                     d.in_dev.positions, n, Hkv, D, st);
+      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.close_k, d.close_v, d.close_rows,
+                           n * Hkv, st);
+    } else if (quant_) {
       c::paged_kv_settle_step(d.close_ids, d.close_rows, SettleLayer(l), dmc_ ? d.merge : nullptr,
                               d.in_dev.positions, n, Hkv, st);
       c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, layer.k_pool, layer.v_pool,
@@ -687,19 +736,21 @@ void CudaEngine::EnqueueStep(int n) {
                        d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
     // DMS: the marked token that leaves now is gone before this step's attention.
     if (dms_)
-      c::paged_kv_dms_evict(layer, d.marks, d.merge, d.in_dev.positions, n, Hkv, D,
+      c::paged_kv_dms_evict(layer, Marks(l), d.merge, d.in_dev.positions, n, Hkv, D,
                             config_.dms.window, st);
     c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
     if (dms_qchannel_)
       model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D, st);
-    const int probs_stride = max_pages_ * opt_.page_size;
+    const int probs_stride = ProbsStride();
     if (quant_) {
       const kernels::KvSettleLayer q = SettleLayer(l);
-      c::paged_decode_attention_quantized(d.att, nullptr, 0, d.qr, d.q_pages, layout_,
-                                          q.page_table, q.q_lengths, max_pages_, layer.k_pool,
-                                          layer.v_pool, d.r_blocks, layer.lengths,
-                                          residual_slots_, n, H, Hkv, D, keep_ctrl_, scale, st,
-                                          kSplitSlots);
+      c::paged_decode_attention_quantized(d.att, zip_ ? d.probs : nullptr, probs_stride, d.qr,
+                                          d.q_pages, layout_, q.page_table, q.q_lengths,
+                                          max_pages_, layer.k_pool, layer.v_pool, d.r_blocks,
+                                          layer.lengths, residual_slots_, n, H, Hkv, D,
+                                          keep_ctrl_, scale, st, kSplitSlots);
+      // ZipCache: every residual slot's score adds the attention it just received.
+      if (zip_) c::paged_kv_settle_scores(q, d.probs, probs_stride, n, H, Hkv, st);
     } else {
       c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
                                 layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
@@ -728,7 +779,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
   Device& d = *dev_;
   try {
     ArrangeRows(seqs);
-    if (absl::Status s = GrowPages(seqs); !s.ok()) return s;
+    if (absl::Status s = GrowPages(seqs, 1); !s.ok()) return s;
     for (int i = 0; i < n; ++i) {
       const Sequence& s = seqs_.at(seqs[i]);
       const int r = s.row;
@@ -783,7 +834,8 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       for (size_t l = 0; l < L; ++l)
         for (size_t h = 0; h < Hkv; ++h) {
           const size_t at = (l * n + r) * Hkv + h;
-          s.lengths[l * Hkv + h] = lengths[at] + (quant_ ? quantized[at] : 0);
+          s.quantized[l * Hkv + h] = quant_ ? quantized[at] : 0;
+          s.lengths[l * Hkv + h] = lengths[at] + s.quantized[l * Hkv + h];
         }
       ++s.tokens;
       if (absl::Status st = TrimPages(s); !st.ok()) return st;
@@ -824,25 +876,31 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
     c::dmc_attention_forward(d.patt, nullptr, d.pq, d.pkr, vhat, dmc_ || dms_ ? mask : nullptr, 1,
                              P, H, Hkv, D, keep_ctrl_, scale, st, dms_ ? config_.dms.window : 0);
     const c::PagedKv layer = CacheLayer(l);
-    if (dms_) {
-      c::paged_kv_dms_prefill(layer, d.marks, row, d.pk, d.pv, merge, P, Hkv, D,
-                              config_.dms.window, theta, st);
-    } else if (quant_) {
+    if (quant_) {
       // The prompt's slots into staging rows of pkr and pq (the attention has read them: free
-      // now), slot s of head h at row h·max_context + s; then all but the residual's into pages.
+      // now), slot s of head h at row h·max_context + s (DMS: its position and mark beside it);
+      // then the settled ones into pages, the rest into the residual.
       c::PagedKv stage = layer;
       stage.k_pool = d.pkr;
       stage.v_pool = d.pq;
+      stage.slot_pos = d.stage_pos;
       stage.page_table = d.stage_table;
       stage.page_size = max_context_;
-      c::paged_kv_prefill(stage, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
-                          dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
+      if (dms_)
+        c::paged_kv_dms_prefill(stage, d.stage_marks, row, d.pk, d.pv, merge, P, Hkv, D,
+                                config_.dms.window, theta, st);
+      else
+        c::paged_kv_prefill(stage, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
+                            dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
       const int max_closed = (P - 1) / opt_.page_size;
       c::paged_kv_settle_prefill(d.close_ids, d.close_rows, max_closed, SettleLayer(l),
-                                 layer.k_pool, layer.v_pool, d.pkr, d.pq, max_context_, row, Hkv,
-                                 D, st);
+                                 layer.k_pool, layer.v_pool, d.pkr, d.pq, d.stage_pos,
+                                 d.stage_marks, max_context_, row, P, Hkv, D, st);
       c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.pkr, d.pq, d.close_rows,
                            Hkv * max_closed, st);
+    } else if (dms_) {
+      c::paged_kv_dms_prefill(layer, d.marks, row, d.pk, d.pv, merge, P, Hkv, D,
+                              config_.dms.window, theta, st);
     } else {
       c::paged_kv_prefill(layer, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
                           dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
@@ -906,9 +964,9 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
                                  TokenOutput* out) {
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
-        "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts by each step's "
-        "attention: feed the prompt token by token)",
-        CacheMethodName(opt_.policy.method)));
+        "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts or ranks "
+        "slots by each step's attention: feed the prompt token by token)",
+        PolicyName(opt_.policy)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);
   if (it == seqs_.end())
@@ -934,7 +992,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
   // Worst case, every token a slot of every head.
   long worst = 0;
   for (long i = 0; i < heads; ++i)
-    worst += std::max(0, PagesToGrow(s.lengths[i] + P - 1) - static_cast<int>(s.pages[i].size()));
+    worst += std::max(0, PagesToGrow(s, i, P) - static_cast<int>(s.pages[i].size()));
   if (worst > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "a prompt (chunk) of %d tokens may need %d more KV pages; the budget has %d free", P,
@@ -942,11 +1000,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
   Device& d = *dev_;
   try {
     // Worst-case pages (every token its own slot), then the tokens.
-    const std::vector<int32_t> held = s.lengths;
-    for (size_t i = 0; i < held.size(); ++i) s.lengths[i] = held[i] + P - 1;
-    absl::Status grown = GrowPages({seq});
-    s.lengths = held;
-    if (!grown.ok()) return grown;
+    if (absl::Status grown = GrowPages({seq}, P); !grown.ok()) return grown;
     ENGINE_CUDA(cudaMemcpyAsync(d.ptokens, prompt.data(), P * sizeof(int32_t),
                                 cudaMemcpyHostToDevice, d.stream));
     const int r = s.row;
@@ -976,7 +1030,10 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     float logprob;
     std::memcpy(&logprob, host + 2, sizeof(float));
     *out = {host[0], logprob, host[1]};
-    for (long i = 0; i < heads; ++i) s.lengths[i] = lengths[i] + (quant_ ? quantized[i] : 0);
+    for (long i = 0; i < heads; ++i) {
+      s.quantized[i] = quant_ ? quantized[i] : 0;
+      s.lengths[i] = lengths[i] + s.quantized[i];
+    }
     s.tokens = start + P;
     return TrimPages(s);
   } catch (const std::runtime_error& err) {
@@ -989,8 +1046,9 @@ int CudaEngine::length(int seq, int layer, int h) const {
 }
 
 long CudaEngine::bytes(int seq) const {
-  return KvSequenceBytes(cache_opt_, seqs_.at(seq).lengths, element_bytes(),
-                         window_element_bytes());
+  long pages = 0;
+  for (const auto& head : seqs_.at(seq).pages) pages += static_cast<long>(head.size());
+  return pages * alloc_.page_bytes() + ReservedBytes();
 }
 
 }  // namespace dmc::inference

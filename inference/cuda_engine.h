@@ -55,9 +55,9 @@
 // kernels::paged_kv_dms_prefill writes the tokens that are still held, with their marks, so
 // lengths, held tokens and bytes() equal the CPU engine's.
 //
-// KV quantization (policy.quant: int8, int4 or int2 of the vanilla and dmc caches; KIVI's
-// granularity, kernels/kv_quant.h): the cache of inference/paged_kv_cache.h's settling, on the
-// device. Every head keeps its newest slots at bf16 in a residual block of page_size rows of its
+// KV quantization (policy.quant: int8, int4 or int2 of the vanilla, dmc and dms caches; KIVI's
+// granularity, kernels/kv_quant.h; ZipCache's mixed precision on the vanilla cache): the cache of
+// inference/paged_kv_cache.h's settling, on the device. Every head keeps its newest slots at bf16 in a residual block of page_size rows of its
 // own (DMC's open slot among them, its window state in fp32) and the older ones in quantized
 // pages of the budget's pool; there is no bf16 pool. Each layer of a step runs
 // kernels::paged_kv_settle_step (the heads whose token opens a slot while their residual is full
@@ -69,17 +69,28 @@
 // queries, free once its attention has read them), closes all but the last 1..page_size of them
 // into pages in one launch per layer (kernels::paged_kv_settle_prefill, kv_quantize_pages) and
 // copies the rest into the residual, so it leaves what feeding the prompt token by token leaves.
-// bytes() is KvSequenceBytes at quantized pages, bf16 residual blocks and fp32 window state, the
-// figure the CPU cache would report at those element sizes. ZipCache's mixed precision ranks a
-// page's slots by their accumulated attention (every step's weights kept per slot), and DMS's
-// quantized cache settles a slot only once past the eviction window (a residual that evictions
-// reorder): both are refused with a clear error and run on the CPU engine, as ThinK, per-layer
-// budgets and KVSharer do.
+// bytes() counts the pages held and the reservations, as the CPU cache does, at quantized pages,
+// bf16 residual blocks and fp32 window state: KvSequenceBytes for vanilla, dmc and ZipCache.
+// DMS's quantized cache settles a slot only once past the eviction window (settle lag w + 1):
+// its residual block holds page_size + w + 1 rows, each with its position and mark beside it,
+// and evictions reorder it; kernels::paged_kv_settle_lagged_step closes the page_size oldest
+// settled slots into a page (copied to a staging block for the quantizer) and moves the rest up
+// in order, as PagedKvCache::Settle does, before the append and the eviction. Its prefill writes
+// the prompt's held tokens into the staging rows with their positions and marks
+// (paged_kv_dms_prefill) and closes the settled ones. Its bytes() is the CPU cache's (fewer
+// pages than KvSequenceBytes's bound while the window holds settled-later slots). ZipCache
+// (quant.salient_slots > 0, vanilla) ranks a page's slots by their normalized accumulated
+// attention: the step's quantized attention also writes its weights, and
+// kernels::paged_kv_settle_scores adds them to the residual slots' scores [L, R, Hkv,
+// residual_slots], which paged_kv_settle_step reads to order a closing page's rows (the salient
+// ones first, into the high-precision tier). Like the CPU engine, ZipCache has no parallel
+// prefill (its scores need every query's attention): prompts go token by token. ThinK,
+// per-layer budgets and KVSharer are refused with a clear error and run on the CPU engine.
 //
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
-// training), h2o and tova (likewise); vanilla and dmc also quantized. LoMA is refused with a
-// clear error: it runs on the CPU engine.
+// training), h2o and tova (likewise); vanilla, dmc and dms also quantized, vanilla also with
+// ZipCache's mixed precision. LoMA is refused with a clear error: it runs on the CPU engine.
 #pragma once
 
 #include <cstdint>
@@ -124,7 +135,8 @@ class CudaEngine : public DecodeEngine {
   int num_sequences() const override { return static_cast<int>(seqs_.size()); }
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
-  bool parallel_prefill() const override { return !evicts_; }
+  // Not for h2o, tova and ZipCache: they rank slots by every step's attention.
+  bool parallel_prefill() const override { return !evicts_ && !zip_; }
   // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
   bool chunked_prefill() const override { return !evicts_ && !dms_ && !quant_; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
@@ -147,6 +159,7 @@ class CudaEngine : public DecodeEngine {
     SamplingOptions sampling;
     std::vector<std::vector<int32_t>> pages;  // [layer · Hkv + h]
     std::vector<int32_t> lengths;             // [layer · Hkv + h]
+    std::vector<int32_t> quantized;           // [layer · Hkv + h] slots in quantized pages
   };
   CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options);
   void Upload(const model::Llama<float>& model);
@@ -154,23 +167,31 @@ class CudaEngine : public DecodeEngine {
   // Makes the sequences of `seqs` occupy rows 0..n-1 (moving others out of the way).
   void ArrangeRows(const std::vector<int>& seqs);
   void MoveRow(int from, int to);
-  // Hands a page to every head of `seqs` whose last page is full; device table updated.
-  absl::Status GrowPages(const std::vector<int>& seqs);
+  // Hands every head of `seqs` the pages that `tokens` more tokens may need (PagesToGrow);
+  // device table updated.
+  absl::Status GrowPages(const std::vector<int>& seqs, int tokens);
   // Returns the pages beyond PagesHeld of every head of seq to the allocator.
   absl::Status TrimPages(Sequence& s);
-  // Pages a head of `slots` slots holds between steps: ceil(slots / page_size), quantized
-  // floor((slots − 1) / page_size) (KvSequenceBytes's count); and those it needs at most to take
-  // one more token: the unquantized head opens a page when its last one is full, the quantized
-  // one closes its residual into one when the residual is full.
-  int PagesHeld(int slots) const;
-  int PagesToGrow(int slots) const { return slots / opt_.page_size + (quant_ ? 0 : 1); }
+  // Pages head i of s holds between steps: ceil(slots / page_size), quantized its quantized
+  // slots / page_size (the CPU cache's count); and those it holds at most after `tokens` more
+  // tokens, as the CPU cache's PagesForTokens counts them: the unquantized head's slots may all
+  // be new, the quantized one's residual holds fewer than page_size settled slots and each token
+  // settles at most one more (the newest never).
+  int PagesHeld(const Sequence& s, size_t i) const;
+  int PagesToGrow(const Sequence& s, size_t i, int tokens) const;
   // What a sequence reserves at admission beside its pages: window state, residual blocks.
   long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), window_element_bytes()); }
   // Layer l of the device cache in the form of kernels/paged_kv_write.h (quantized: the residual
   // blocks, each one page of residual_slots rows, where the appends go).
   kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;
-  // Quantized: layer l's quantized pages and lengths (kernels/paged_kv_settle.h).
+  // Quantized: layer l's quantized pages, lengths and residual slot state
+  // (kernels/paged_kv_settle.h).
   kernels::KvSettleLayer SettleLayer(int l) const;
+  // DMS: layer l's marks (kernels/paged_kv_dms_evict.h; quantized: beside the residual rows).
+  uint8_t* Marks(int l) const;
+  // The stride of a step's attention weights per query head: a head's pages, then (quantized)
+  // its residual block.
+  int ProbsStride() const { return max_pages_ * opt_.page_size + (quant_ ? residual_slots_ : 0); }
   // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
@@ -212,6 +233,7 @@ class CudaEngine : public DecodeEngine {
   bool dms_qchannel_ = false; // its decision input is the query channel (else the adapter)
   bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
   bool quant_ = false;        // quantized pages (policy.quant.bits > 0)
+  bool zip_ = false;          // ZipCache's salient slots (policy.quant.salient_slots > 0)
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a quantized head's residual block
   std::map<int, Sequence> seqs_;

@@ -5,8 +5,8 @@
 // model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
 // --device=cuda decodes dmc, dms, vanilla, h2o and tova token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there
-// (with --kv_fraction: the methods the GPU engine serves, KV quantization of vanilla and dmc
-// among them, each budget met at its bf16 pages);
+// (with --kv_fraction: the methods the GPU engine serves, KV quantization of vanilla, dmc and dms
+// and ZipCache among them, each budget met at its bf16 pages);
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
 // windows instead (inference/evaluate_cuda.h), a cross-check of the decoder.
 #include <algorithm>
@@ -70,8 +70,8 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "kvsharer: shared layers; dmc_think, dms_think: kept key channels of the dmc and dms "
           "caches), "
           "one table per budget; --device=cuda: bytes at bf16 (window state counted at bf16, "
-          "held in fp32), and the methods the GPU engine refuses (zipcache, think, the _pyramid "
-          "and _zigzag budgets, kvsharer, quantized dms) are reported as such");
+          "held in fp32), and the methods the GPU engine refuses (think, the _pyramid and _zigzag "
+          "budgets, kvsharer) are reported as such");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
           "need a calibration (the _zigzag budgets, kvsharer) calibrate");

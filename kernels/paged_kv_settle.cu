@@ -1,9 +1,18 @@
 // Which slots of a quantized paged KV cache close into pages, on the GPU (spec:
 // kernels/paged_kv_settle.h).
-// step:    one thread per (row, KV head); a closing head writes its page_size row indices.
-// prefill: one CTA per KV head of the row: its threads fill the head's page list and copy its
-//          residual rows from the staging pool, all having read S before thread 0 rewrites the
-//          lengths.
+// step:    one thread per (row, KV head); a closing head writes its page_size row indices
+//          (ZipCache: row j goes to page row rank(j), the slots of higher saliency, or equal
+//          saliency and older, before it: the reference's stable sort).
+// lagged:  one CTA per (row, KV head): its threads count the settled slots (a shared counter);
+//          where page_size have settled, each settled slot's page row is its rank by position
+//          (positions are distinct), kept in shared memory; then each thread takes channels and
+//          walks the residual in order, copying a closing row to the stage and moving a kept one
+//          up (a column per thread, rows in increasing order: no row is written before it is
+//          read), and thread 0 moves the positions and marks the same way.
+// prefill: one CTA per KV head of the row: its threads count the settled slots (settle lag > 0),
+//          fill the head's page list and copy its residual rows from the staging pool, all
+//          having read S before thread 0 rewrites the lengths.
+// scores:  one thread per (row, KV head, residual slot).
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -23,18 +32,96 @@ __global__ void settle_step_kernel(int32_t* page_ids, int32_t* rows, KvSettleLay
   page_ids[head] = -1;
   if (merges || r != P) return;
   page_ids[head] = c.page_table[head * c.max_pages + c.q_lengths[head] / P];
-  for (int j = 0; j < P; ++j) rows[head * P + j] = static_cast<int32_t>(head * c.residual_slots + j);
+  const float* score = c.r_scores ? c.r_scores + head * c.residual_slots : nullptr;
+  for (int j = 0; j < P; ++j) {
+    int rank = j;
+    if (score) {
+      const double saliency = static_cast<double>(score[j]) / (P - j);
+      rank = 0;
+      for (int k = 0; k < P; ++k) {
+        const double other = static_cast<double>(score[k]) / (P - k);
+        rank += other > saliency || (other == saliency && k < j);
+      }
+    }
+    rows[head * P + rank] = static_cast<int32_t>(head * c.residual_slots + j);
+  }
   c.q_lengths[head] += P;
   c.r_lengths[head] = 0;
+}
+
+// Dynamic shared memory: the page row of each residual slot (−1: it stays).
+__global__ void __launch_bounds__(kThreads)
+    settle_lagged_kernel(int32_t* page_ids, int32_t* rows, bf16* stage_k, bf16* stage_v,
+                         KvSettleLayer c, bf16* r_k, bf16* r_v, const int32_t* positions, int Hkv,
+                         int D) {
+  extern __shared__ int page_row[];
+  __shared__ int settled;
+  const long head = blockIdx.x;  // i · Hkv + h
+  const int P = c.page_size, r = c.r_lengths[head], cut = positions[head / Hkv] - c.settle_lag;
+  int32_t* pos = c.r_pos + head * c.residual_slots;
+  if (threadIdx.x == 0) settled = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < r; j += blockDim.x)
+    if (pos[j] < cut) atomicAdd(&settled, 1);
+  __syncthreads();
+  if (settled < P) {
+    if (threadIdx.x == 0) page_ids[head] = -1;
+    return;
+  }
+  for (int j = threadIdx.x; j < r; j += blockDim.x) {
+    int rank = -1;
+    if (pos[j] < cut) {
+      rank = 0;
+      for (int k = 0; k < r; ++k) rank += pos[k] < cut && pos[k] < pos[j];
+    }
+    page_row[j] = rank < P ? rank : -1;
+  }
+  __syncthreads();
+  bf16* k = r_k + head * c.residual_slots * D;
+  bf16* v = r_v + head * c.residual_slots * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    for (int j = 0, kept = 0; j < r; ++j) {
+      const long from = static_cast<long>(j) * D + d;
+      if (page_row[j] >= 0) {
+        const long to = (head * P + page_row[j]) * D + d;
+        stage_k[to] = k[from];
+        stage_v[to] = v[from];
+      } else {
+        k[static_cast<long>(kept) * D + d] = k[from];
+        v[static_cast<long>(kept) * D + d] = v[from];
+        ++kept;
+      }
+    }
+  if (threadIdx.x != 0) return;
+  uint8_t* marks = c.r_marks + head * c.residual_slots;
+  int kept = 0;
+  for (int j = 0; j < r; ++j) {
+    if (page_row[j] >= 0) continue;
+    pos[kept] = pos[j];
+    marks[kept] = marks[j];
+    ++kept;
+  }
+  for (int x = 0; x < P; ++x) rows[head * P + x] = static_cast<int32_t>(head * P + x);
+  page_ids[head] = c.page_table[head * c.max_pages + c.q_lengths[head] / P];
+  c.q_lengths[head] += P;
+  c.r_lengths[head] = kept;  // only thread 0 reads r after the barriers above
 }
 
 __global__ void __launch_bounds__(kThreads)
     settle_prefill_kernel(int32_t* page_ids, int32_t* rows, int max_closed, KvSettleLayer c,
                           bf16* r_k, bf16* r_v, const bf16* stage_k, const bf16* stage_v,
-                          int stage_stride, int row, int Hkv, int D) {
+                          const int32_t* stage_pos, const uint8_t* stage_marks, int stage_stride,
+                          int row, int tokens, int Hkv, int D) {
+  __shared__ int settled_s;
   const int h = blockIdx.x, P = c.page_size;
-  const long head = static_cast<long>(row) * Hkv + h;
-  const int S = c.r_lengths[head], closed = max(0, S - 1) / P, C = closed * P;
+  const long head = static_cast<long>(row) * Hkv + h, first = static_cast<long>(h) * stage_stride;
+  const int S = c.r_lengths[head];
+  if (threadIdx.x == 0) settled_s = c.settle_lag > 0 ? 0 : max(0, S - 1);
+  __syncthreads();
+  for (int s = threadIdx.x; c.settle_lag > 0 && s < S; s += blockDim.x)
+    if (stage_pos[first + s] < tokens - 1 - c.settle_lag) atomicAdd(&settled_s, 1);
+  __syncthreads();
+  const int closed = settled_s / P, C = closed * P;
   for (int m = threadIdx.x; m < max_closed; m += blockDim.x)
     page_ids[static_cast<long>(h) * max_closed + m] =
         m < closed ? c.page_table[head * c.max_pages + m] : -1;
@@ -43,17 +130,35 @@ __global__ void __launch_bounds__(kThreads)
     rows[(static_cast<long>(h) * max_closed + m) * P + (i - m * P)] =
         static_cast<int32_t>(static_cast<long>(h) * stage_stride + i);
   }
-  const long from = (static_cast<long>(h) * stage_stride + C) * D;
+  const long from = (first + C) * D;
   const long to = head * c.residual_slots * D;
   for (long i = threadIdx.x; i < static_cast<long>(S - C) * D; i += blockDim.x) {
     r_k[to + i] = stage_k[from + i];
     r_v[to + i] = stage_v[from + i];
+  }
+  for (int s = threadIdx.x; c.settle_lag > 0 && s < S - C; s += blockDim.x) {
+    c.r_pos[head * c.residual_slots + s] = stage_pos[first + C + s];
+    c.r_marks[head * c.residual_slots + s] = stage_marks[first + C + s];
   }
   __syncthreads();  // every thread has read S
   if (threadIdx.x == 0) {
     c.q_lengths[head] = C;
     c.r_lengths[head] = S - C;
   }
+}
+
+__global__ void settle_scores_kernel(KvSettleLayer c, const float* probs, int probs_stride,
+                                     long n_slots, int H, int Hkv) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_slots) return;
+  const long head = i / c.residual_slots, row = head / Hkv, h = head % Hkv;
+  const int j = static_cast<int>(i % c.residual_slots), r = c.r_lengths[head];
+  if (j >= r) return;
+  const int G = H / Hkv;
+  const float* p = probs + (row * H + h * G) * probs_stride + c.q_lengths[head] + j;
+  float s = j == r - 1 ? 0.0f : c.r_scores[i];
+  for (int g = 0; g < G; ++g) s += p[static_cast<long>(g) * probs_stride];
+  c.r_scores[i] = s;
 }
 
 }  // namespace
@@ -67,12 +172,34 @@ void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const KvSettleLayer&
   DMC_CUDA_CHECK_LAUNCH();
 }
 
+void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, bf16* stage_k, bf16* stage_v,
+                                 const KvSettleLayer& layer, bf16* r_k, bf16* r_v,
+                                 const int32_t* positions, int n, int Hkv, int D,
+                                 cudaStream_t stream) {
+  if (n <= 0) return;
+  const size_t smem = static_cast<size_t>(layer.residual_slots) * sizeof(int);
+  settle_lagged_kernel<<<static_cast<unsigned>(n * Hkv), kThreads, smem, stream>>>(
+      page_ids, rows, stage_k, stage_v, layer, r_k, r_v, positions, Hkv, D);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
 void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
                              const KvSettleLayer& layer, bf16* r_k, bf16* r_v,
-                             const bf16* stage_k, const bf16* stage_v, int stage_stride, int row,
+                             const bf16* stage_k, const bf16* stage_v, const int32_t* stage_pos,
+                             const uint8_t* stage_marks, int stage_stride, int row, int tokens,
                              int Hkv, int D, cudaStream_t stream) {
   settle_prefill_kernel<<<Hkv, kThreads, 0, stream>>>(page_ids, rows, max_closed, layer, r_k, r_v,
-                                                      stage_k, stage_v, stage_stride, row, Hkv, D);
+                                                      stage_k, stage_v, stage_pos, stage_marks,
+                                                      stage_stride, row, tokens, Hkv, D);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void paged_kv_settle_scores(const KvSettleLayer& layer, const float* probs, int probs_stride,
+                            int n, int H, int Hkv, cudaStream_t stream) {
+  const long n_slots = static_cast<long>(n) * Hkv * layer.residual_slots;
+  if (n_slots <= 0) return;
+  settle_scores_kernel<<<ceil_div(n_slots, kThreads), kThreads, 0, stream>>>(
+      layer, probs, probs_stride, n_slots, H, Hkv);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -3,7 +3,7 @@
 // round to nearest) and its round-off bound; the quantized decode attention against attention
 // over the dequantized rows; byte accounting against the bytes a page really spans and the
 // allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS; the
-// GPU engine's flat form of the cache against the cache.
+// GPU engine's flat form of the cache (vanilla, DMC, DMS, ZipCache) against the cache.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,8 +21,10 @@
 #include "inference/scheduler.h"
 #include "kernels/decode_attention.h"
 #include "kernels/kv_quant.h"
+#include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
+#include "kernels/rope.h"
 #include "model/llama.h"
 #include "tests/decode_util.h"
 #include "tests/tiny_models.h"
@@ -473,6 +475,266 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
       }
     EXPECT_GE(closed, Hkv * (dmc ? 1 : 9));
   }
+}
+
+// Gathers the page_size rows a closing page lists (kernels/paged_kv_settle.h) from k_rows, v_rows
+// and writes the page as the device quantizer does.
+void QuantizeListedPage(uint8_t* page, const kernels::KvQuantPageLayout& layout,
+                        const int32_t* rows, const std::vector<float>& k_rows,
+                        const std::vector<float>& v_rows) {
+  const int P = layout.page_size, D = layout.head_dim;
+  std::vector<float> k(size_t(P) * D), v(k.size());
+  for (int r = 0; r < P; ++r) {
+    std::copy_n(k_rows.begin() + size_t(rows[r]) * D, D, k.begin() + size_t(r) * D);
+    std::copy_n(v_rows.begin() + size_t(rows[r]) * D, D, v.begin() + size_t(r) * D);
+  }
+  kernels::kv_quantize_page(page, layout, k.data(), v.data());
+}
+
+// Every page the cache's head h of layer 0 holds, byte for byte against the flat form's (its
+// page m is pages[table[h · max_pages + m]]).
+void ExpectSamePages(const PagedKvCache<float>& cache, const std::vector<uint8_t>& pages,
+                     const std::vector<int32_t>& table, int max_pages, int h, int quantized) {
+  const kernels::KvQuantPageLayout& layout = cache.quant_layout();
+  std::vector<int32_t> cache_table;
+  std::vector<int> lengths;
+  int cache_pages = 0;
+  cache.BlockTable({0}, 0, &cache_table, &lengths, &cache_pages);
+  for (int m = 0; m < quantized / layout.page_size; ++m)
+    EXPECT_EQ(std::memcmp(cache.q_pool() + size_t(cache_table[h * cache_pages + m]) * layout.bytes,
+                          pages.data() + size_t(table[h * max_pages + m]) * layout.bytes,
+                          layout.bytes),
+              0)
+        << "head " << h << " page " << m;
+}
+
+// DMS's quantized cache in the GPU engine's form (kernels/paged_kv_settle.h at settle lag w + 1:
+// paged_kv_settle_lagged_step closes page_size settled slots, staged for the quantizer, and moves
+// the residual up; paged_kv_append, then paged_kv_dms_evict on the residual blocks) holds what
+// the quantized PagedKvCache with DmsUpdate, the specification, holds after every token of random
+// decisions: every head's quantized and residual slot counts, the residual's positions and rows
+// in the same order, its pages byte for byte. Its prefill form (paged_kv_dms_prefill into
+// staging rows with positions and marks, then paged_kv_settle_prefill) leaves what feeding the
+// prompt token by token leaves: the same counts and pages, and the same row at each position of
+// the residual, with the mark that makes the next steps evict as the cache does.
+TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
+  for (int window : {0, 2, 6}) {
+    SCOPED_TRACE(testing::Message() << "window " << window);
+    std::mt19937_64 rng(20 + window);
+    PagedCacheOptions o;
+    o.layers = 1;
+    o.kv_heads = 3;
+    o.head_dim = 16;
+    o.page_size = 4;
+    o.budget_bytes = 1 << 22;
+    o.quant = {4, 0, 0, 0};
+    o.settle_lag = window + 1;
+    const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, steps = 48;
+    const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
+    const int residual = inference::KvResidualSlots(o), max_pages = steps / P + 1;
+    std::vector<int32_t> table(size_t(Hkv) * max_pages), blocks(Hkv), count(Hkv, 0);
+    std::iota(table.begin(), table.end(), 0);
+    std::iota(blocks.begin(), blocks.end(), 0);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> ks(size_t(steps) * Hkv * D), vs(ks.size()), evict(size_t(steps) * Hkv);
+    for (float& x : ks) x = normal(rng);
+    for (float& x : vs) x = normal(rng);
+    for (float& x : evict) x = rng() % 2 ? 1.0f : 0.0f;
+    // The flat form of one row: residual blocks with positions and marks, quantized pages.
+    struct Flat {
+      std::vector<float> r_k, r_v;
+      std::vector<int32_t> r_pos, r_len, q_len, ids, rows;
+      std::vector<uint8_t> r_marks, pages;
+    };
+    auto make_flat = [&]() {
+      Flat f;
+      f.r_k.assign(size_t(Hkv) * residual * D, 0.0f);
+      f.r_v = f.r_k;
+      f.r_pos.assign(size_t(Hkv) * residual, -1);
+      f.r_marks.assign(f.r_pos.size(), 1);
+      f.r_len.assign(Hkv, 0);
+      f.q_len.assign(Hkv, 0);
+      f.ids.assign(size_t(Hkv) * max_pages, -1);
+      f.rows.assign(f.ids.size() * P, 0);
+      f.pages.assign(table.size() * layout.bytes, 0);
+      return f;
+    };
+    auto settle_of = [&](Flat& f) {
+      return kernels::KvSettleLayer{table.data(), f.q_len.data(), f.r_len.data(), max_pages, P,
+                                    residual, o.settle_lag, f.r_pos.data(), f.r_marks.data()};
+    };
+    // Head h of the cache against the flat form; by_position: the residual's slots matched by
+    // position (the prefill keeps them in position order, the steps' evictions reorder them).
+    auto expect_same = [&](PagedKvCache<float>& cache, const Flat& f, int h, bool by_position,
+                           int t) {
+      ASSERT_EQ(cache.compressed_length(0, 0, h), f.q_len[h]) << "t " << t << " head " << h;
+      ASSERT_EQ(cache.length(0, 0, h), f.q_len[h] + f.r_len[h]) << "t " << t << " head " << h;
+      std::vector<float> key(D), value(D);
+      for (int j = 0; j < f.r_len[h]; ++j) {
+        int slot = f.q_len[h] + j;
+        const int32_t pos = f.r_pos[size_t(h) * residual + j];
+        for (int i = f.q_len[h]; by_position && i < cache.length(0, 0, h); ++i)
+          if (cache.position(0, 0, h, i) == pos) slot = i;
+        ASSERT_EQ(cache.position(0, 0, h, slot), pos) << "t " << t << " head " << h << " row " << j;
+        cache.ReadSlot(0, 0, h, slot, key.data(), value.data());
+        const size_t at = (size_t(h) * residual + j) * D;
+        for (int c = 0; c < D; ++c) {
+          ASSERT_EQ(key[c], f.r_k[at + c]) << "t " << t << " head " << h << " row " << j;
+          ASSERT_EQ(value[c], f.r_v[at + c]) << "t " << t << " head " << h << " row " << j;
+        }
+        // The mark: whether the next token's decision marked this one (DmsUpdate's score).
+        ASSERT_EQ(cache.score(0, 0, h, slot) > 0, f.r_marks[size_t(h) * residual + j] == 1)
+            << "t " << t << " head " << h << " position " << pos;
+      }
+      ExpectSamePages(cache, f.pages, table, max_pages, h, f.q_len[h]);
+    };
+    // Token by token, both forms.
+    PagedKvCache<float> cache(o);
+    ASSERT_TRUE(cache.AddSequence(0).ok());
+    Flat f = make_flat();
+    const kernels::KvSettleLayer settle = settle_of(f);
+    const kernels::PagedKvLayer<float> flat{f.r_k.data(), f.r_v.data(), f.r_pos.data(),
+                                            blocks.data(), f.r_len.data(), nullptr, count.data(),
+                                            1, residual, 0};
+    std::vector<float> stage_k(size_t(Hkv) * P * D), stage_v(stage_k.size());
+    int closed = 0, evicted = 0;
+    for (int32_t t = 0; t < steps; ++t) {
+      const float* k = ks.data() + size_t(t) * Hkv * D;
+      const float* v = vs.data() + size_t(t) * Hkv * D;
+      const float* e = evict.data() + size_t(t) * Hkv;
+      kernels::paged_kv_settle_lagged_step(f.ids.data(), f.rows.data(), stage_k.data(),
+                                           stage_v.data(), settle, f.r_k.data(), f.r_v.data(), &t,
+                                           1, Hkv, D);
+      for (int h = 0; h < Hkv; ++h)
+        if (f.ids[h] >= 0) {
+          QuantizeListedPage(f.pages.data() + size_t(f.ids[h]) * layout.bytes, layout,
+                             f.rows.data() + h * P, stage_k, stage_v);
+          ++closed;
+        }
+      kernels::paged_kv_append(flat, k, v, nullptr, nullptr, &t, 1, Hkv, D, 10000.0f, false);
+      for (int h = 0; h < Hkv; ++h) {  // the key as the flat form rotated it
+        const float* stored = f.r_k.data() + (size_t(h) * residual + f.r_len[h] - 1) * D;
+        ASSERT_TRUE(cache.Append(0, 0, h, stored, v + h * D, t).ok());
+        ASSERT_TRUE(inference::DmsUpdate(cache, 0, 0, h, t, t > 0 && e[h] > 0.5f, window).ok());
+      }
+      kernels::paged_kv_dms_evict(flat, f.r_marks.data(), e, &t, 1, Hkv, D, window);
+      for (int h = 0; h < Hkv; ++h) expect_same(cache, f, h, false, t);
+      cache.AdvanceToken(0);
+    }
+    for (int h = 0; h < Hkv; ++h) evicted += steps - cache.length(0, 0, h);
+    EXPECT_GE(closed, Hkv * 4);
+    EXPECT_GT(evicted, Hkv * 4);
+
+    // The prefill form against the prompt fed token by token, prompts around a page's edge.
+    for (int prompt : {1, window + 2, window + 2 + P, 17, steps}) {
+      SCOPED_TRACE(testing::Message() << "prompt " << prompt);
+      PagedKvCache<float> fed(o);
+      ASSERT_TRUE(fed.AddSequence(0).ok());
+      std::vector<float> rotated(D);
+      for (int t = 0; t < prompt; ++t)
+        for (int h = 0; h < Hkv; ++h) {
+          const size_t at = (size_t(t) * Hkv + h) * D;
+          kernels::rope_forward(rotated.data(), ks.data() + at, 1, 1, 1, D, t, 10000.0f, false);
+          ASSERT_TRUE(fed.Append(0, 0, h, rotated.data(), vs.data() + at, t).ok());
+          ASSERT_TRUE(inference::DmsUpdate(fed, 0, 0, h, t,
+                                           t > 0 && evict[size_t(t) * Hkv + h] > 0.5f, window)
+                          .ok());
+        }
+      Flat g = make_flat();
+      std::vector<float> sk(size_t(Hkv) * prompt * D), sv(sk.size());
+      std::vector<int32_t> stage_pos(size_t(Hkv) * prompt), stage_table(Hkv);
+      std::vector<uint8_t> stage_marks(stage_pos.size());
+      std::iota(stage_table.begin(), stage_table.end(), 0);
+      const kernels::PagedKvLayer<float> stage{sk.data(), sv.data(), stage_pos.data(),
+                                               stage_table.data(), g.r_len.data(), nullptr,
+                                               count.data(), 1, prompt, 0};
+      kernels::paged_kv_dms_prefill(stage, stage_marks.data(), 0, ks.data(), vs.data(),
+                                    evict.data(), prompt, Hkv, D, window, 10000.0f);
+      const int max_closed = (prompt - 1) / P;
+      kernels::paged_kv_settle_prefill(g.ids.data(), g.rows.data(), max_closed, settle_of(g),
+                                       g.r_k.data(), g.r_v.data(), sk.data(), sv.data(),
+                                       stage_pos.data(), stage_marks.data(), prompt, 0, prompt,
+                                       Hkv, D);
+      for (int j = 0; j < Hkv * max_closed; ++j)
+        if (g.ids[j] >= 0)
+          QuantizeListedPage(g.pages.data() + size_t(g.ids[j]) * layout.bytes, layout,
+                             g.rows.data() + j * P, sk, sv);
+      for (int h = 0; h < Hkv; ++h) expect_same(fed, g, h, true, prompt);
+    }
+  }
+}
+
+// ZipCache in the GPU engine's form (kernels/paged_kv_settle.h: paged_kv_settle_scores adds each
+// step's attention to the residual slots' scores, paged_kv_settle_step orders a closing page's
+// rows by their normalized scores) holds what the quantized PagedKvCache with
+// AccumulateAttention holds after every token of a vanilla sequence with random attention
+// weights: the same residual scores, exactly, and the same mixed-precision pages, byte for byte.
+TEST(KvQuantZipCache, DeviceFormHoldsWhatTheCacheHolds) {
+  std::mt19937_64 rng(13);
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = 2;
+  o.head_dim = 16;
+  o.page_size = 8;
+  o.budget_bytes = 1 << 22;
+  o.quant = {2, 0, 8, 3};
+  const int Hkv = o.kv_heads, H = 2 * Hkv, D = o.head_dim, P = o.page_size, steps = 50;
+  PagedKvCache<float> cache(o);
+  ASSERT_TRUE(cache.AddSequence(0).ok());
+  const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
+  const int residual = inference::KvResidualSlots(o), max_pages = steps / P + 1;
+  const int stride = max_pages * P + residual;
+  std::vector<float> r_k(size_t(Hkv) * residual * D), r_v(r_k.size());
+  std::vector<float> r_scores(size_t(Hkv) * residual, -1.0f);
+  std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0), count(Hkv, 0), blocks(Hkv);
+  std::vector<int32_t> table(size_t(Hkv) * max_pages), ids(Hkv), rows(size_t(Hkv) * P);
+  std::iota(blocks.begin(), blocks.end(), 0);
+  std::iota(table.begin(), table.end(), 0);
+  std::vector<uint8_t> pages(table.size() * layout.bytes);
+  const kernels::PagedKvLayer<float> flat{r_k.data(), r_v.data(), nullptr, blocks.data(),
+                                          r_len.data(), nullptr, count.data(), 1, residual, 0};
+  kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P, residual};
+  settle.r_scores = r_scores.data();
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> weight(0.0f, 1.0f);
+  std::vector<float> k(size_t(Hkv) * D), v(k.size()), probs(size_t(H) * stride);
+  int closed = 0;
+  for (int32_t t = 0; t < steps; ++t) {
+    for (float& x : k) x = normal(rng);
+    for (float& x : v) x = normal(rng);
+    kernels::paged_kv_settle_step(ids.data(), rows.data(), settle, nullptr, &t, 1, Hkv);
+    for (int h = 0; h < Hkv; ++h)
+      if (ids[h] >= 0) {
+        QuantizeListedPage(pages.data() + size_t(ids[h]) * layout.bytes, layout,
+                           rows.data() + h * P, r_k, r_v);
+        ++closed;
+      }
+    kernels::paged_kv_append(flat, k.data(), v.data(), nullptr, nullptr, &t, 1, Hkv, D, 10000.0f,
+                             false);
+    for (int h = 0; h < Hkv; ++h) {
+      const float* stored = r_k.data() + (size_t(h) * residual + r_len[h] - 1) * D;
+      ASSERT_TRUE(cache.Append(0, 0, h, stored, v.data() + h * D, t).ok());
+    }
+    // The step's attention weights over each head's slots (quantized, then residual), as both
+    // forms index them.
+    for (float& p : probs) p = weight(rng);
+    kernels::paged_kv_settle_scores(settle, probs.data(), stride, 1, H, Hkv);
+    inference::AccumulateAttention(cache, 0, 0, probs.data(), stride, H);
+    for (int h = 0; h < Hkv; ++h) {
+      ASSERT_EQ(cache.compressed_length(0, 0, h), q_len[h]) << "t " << t;
+      ASSERT_EQ(cache.length(0, 0, h), q_len[h] + r_len[h]) << "t " << t;
+      for (int j = 0; j < r_len[h]; ++j)
+        ASSERT_EQ(cache.score(0, 0, h, q_len[h] + j), r_scores[size_t(h) * residual + j])
+            << "t " << t << " head " << h << " slot " << j;
+    }
+    cache.AdvanceToken(0);
+  }
+  for (int h = 0; h < Hkv; ++h) ExpectSamePages(cache, pages, table, max_pages, h, q_len[h]);
+  EXPECT_EQ(closed, Hkv * ((steps - 1) / P));
+  // The saliency order is not the position order (else the test shows nothing).
+  bool reordered = false;
+  for (int j = 0; j < P; ++j) reordered |= rows[j] != j;
+  EXPECT_TRUE(reordered);
 }
 
 // ZipCache's salient tokens (§4.2): the normalized attention score of token i is its

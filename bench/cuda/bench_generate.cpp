@@ -10,7 +10,8 @@
 // the cache reached and the scheduler's preemptions.
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
-//                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8]
+//                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
+//                   dms:4+int8,vanilla+zip8/4x4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
@@ -38,9 +39,13 @@
 // and calibrated exactly as k_proj's above, against the fraction of a prefill's tokens evicted.
 // The window's tokens stay in the cache, so a head keeps at least w of n tokens.
 //
-// +int8, +int4, +int2 after vanilla or dmc:CR store that cache quantized (inference/cuda_engine.h;
-// per-channel keys, per-token values, a bf16 residual of the newest slots), so that methods
-// compare at the same --budget_gb: a quantized cache fits more sequences in it.
+// +int8, +int4, +int2 after vanilla, dmc:CR or dms:CR store that cache quantized
+// (inference/cuda_engine.h; per-channel keys, per-token values, a bf16 residual of the newest
+// slots, and for dms of the tokens still inside the eviction window), so that methods compare at
+// the same --budget_gb: a quantized cache fits more sequences in it. +zipH/LxS after vanilla is
+// ZipCache's mixed precision: the S slots of each page with the highest normalized attention at
+// H bits, the others at L (vanilla+zip8/4x4); it has no parallel prefill, so its prompts go token
+// by token through the decode steps.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -67,8 +72,9 @@
 ABSL_FLAG(std::string, shape, "tiny", "7b, 1b or tiny (random weights); ignored with --model");
 ABSL_FLAG(std::string, model, "", "a dmc-export checkpoint to run instead of random weights");
 ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
-          "vanilla, dmc:CR or dms:CR, comma-separated; vanilla and dmc:CR may end in +int8, +int4 "
-          "or +int2 (the cache quantized)");
+          "vanilla, dmc:CR or dms:CR, comma-separated; each may end in +int8, +int4 or +int2 (the "
+          "cache quantized), vanilla also in +zipH/LxS (ZipCache: S salient slots a page at H "
+          "bits over L)");
 ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
@@ -318,11 +324,15 @@ int main(int argc, char** argv) {
     inf::CudaEngineOptions o;
     if (method_quant.size() == 2) {
       const std::string& q = method_quant[1];
+      int high = 0, low = 0, salient = 0;
+      char rest = 0;
       if (q == "int8" || q == "int4" || q == "int2") {
         o.policy.quant.bits = q == "int8" ? 8 : q == "int4" ? 4 : 2;
+      } else if (std::sscanf(q.c_str(), "zip%d/%dx%d%c", &high, &low, &salient, &rest) == 3) {
+        o.policy.quant = {low, 0, high, salient};
       } else {
         std::fprintf(stderr, "bench_generate: --methods: %s: unknown quantization +%s (+int8, "
-                     "+int4 or +int2)\n", spec.c_str(), q.c_str());
+                     "+int4, +int2 or +zipH/LxS)\n", spec.c_str(), q.c_str());
         return 1;
       }
     }
@@ -334,7 +344,7 @@ int main(int argc, char** argv) {
       o.policy.method = inf::CacheMethod::kVanilla;
     } else {
       std::fprintf(stderr, "bench_generate: --methods: unknown method %s (vanilla, dmc:CR, dms:CR, "
-                   "each optionally +int8, +int4 or +int2)\n", spec.c_str());
+                   "each optionally +int8, +int4 or +int2, vanilla +zipH/LxS)\n", spec.c_str());
       return 1;
     }
     const bool random_weights = absl::GetFlag(FLAGS_model).empty();

@@ -525,7 +525,9 @@ TEST(CudaPagedKvDmsEvict, PrefillMatchesCpuReference) {
 
 // The quantized cache's page closing (kernels/paged_kv_settle.h) against its CPU reference: a
 // decode step over heads in every state (residual full or not, merging or not, the first token),
-// with and without DMC's merges: the same pages closing from the same rows, the same lengths.
+// with and without DMC's merges, and with ZipCache's scores (saliencies with many ties, which go
+// to the older slot): the same pages closing from the same rows in the same order, the same
+// lengths.
 TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   const int R = 7, Hkv = 3, P = 4, max_pages = 5, residual = P, heads = R * Hkv;
@@ -540,11 +542,17 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     merge[head] = rng()() % 2 ? 1.0f : 0.0f;
   }
   for (int i = 0; i < R; ++i) positions[i] = i == 0 ? 0 : q[i * Hkv] + r[i * Hkv];
-  for (bool dmc : {false, true}) {
-    SCOPED_TRACE(dmc ? "dmc" : "vanilla");
+  // ZipCache: residual slot j's score k·(P − j), k in {0, 1, 2}: saliency k.
+  std::vector<float> scores(size_t(heads) * residual);
+  for (size_t i = 0; i < scores.size(); ++i)
+    scores[i] = static_cast<float>(rng()() % 3) * static_cast<float>(P - static_cast<int>(i % residual));
+  for (const char* mode : {"vanilla", "dmc", "zipcache"}) {
+    SCOPED_TRACE(mode);
+    const bool dmc = std::string(mode) == "dmc", zip = std::string(mode) == "zipcache";
     std::vector<int32_t> want_q = q, want_r = r, want_ids(heads), want_rows(size_t(heads) * P);
     kernels::KvSettleLayer host{table.data(), want_q.data(), want_r.data(), max_pages, P,
                                 residual};
+    if (zip) host.r_scores = scores.data();
     kernels::paged_kv_settle_step(want_ids.data(), want_rows.data(), host,
                                   dmc ? merge.data() : nullptr, positions.data(), R, Hkv);
     const int closed = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
@@ -553,9 +561,10 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dpos = Upload(positions);
     int32_t *dids = Upload(std::vector<int32_t>(heads, 7)),
             *drows = Upload(std::vector<int32_t>(size_t(heads) * P, 0));
-    float* dmerge = Upload(merge);
-    cuda::paged_kv_settle_step(dids, drows, {dtable, dq, dr, max_pages, P, residual},
-                               dmc ? dmerge : nullptr, dpos, R, Hkv);
+    float *dmerge = Upload(merge), *dscores = Upload(scores);
+    kernels::KvSettleLayer device{dtable, dq, dr, max_pages, P, residual};
+    if (zip) device.r_scores = dscores;
+    cuda::paged_kv_settle_step(dids, drows, device, dmc ? dmerge : nullptr, dpos, R, Hkv);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(Download(dids, heads), want_ids);
     EXPECT_EQ(Download(dq, heads), want_q);
@@ -564,67 +573,225 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     for (int head = 0; head < heads; ++head)
       for (int j = 0; want_ids[head] >= 0 && j < P; ++j)
         EXPECT_EQ(rows[head * P + j], want_rows[head * P + j]) << "head " << head;
+    if (zip) {  // some closing page is not in slot order
+      bool reordered = false;
+      for (int head = 0; head < heads; ++head)
+        for (int j = 0; want_ids[head] >= 0 && j < P; ++j)
+          reordered |= want_rows[head * P + j] != head * residual + j;
+      EXPECT_TRUE(reordered);
+    }
     for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dpos, (void*)dids, (void*)drows,
-                    (void*)dmerge})
+                    (void*)dmerge, (void*)dscores})
       cudaFree(p);
   }
 }
 
-// The prefill form: prompts whose heads hold from 1 slot to whole pages and a remainder, the
-// staging rows random: the same page lists, lengths and residual blocks as the reference.
-TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
+// DMS's lagged closing (paged_kv_settle_lagged_step) against its CPU reference: residual blocks
+// of random lengths whose slots hold distinct positions in random order (evictions reorder
+// them), settled (older than t − settle_lag) or not, so that some heads close a page and others
+// do not: the same page ids and lengths, the staged rows (copies, bit-equal) of the closing pages
+// in position order, and the residual moved up with its positions and marks.
+TEST(CudaPagedKvSettle, LaggedStepMatchesCpuReference) {
   DMC_REQUIRE_GPU();
-  for (int prompt : {1, 4, 9, 13, 16}) {
-    SCOPED_TRACE(testing::Message() << "prompt " << prompt);
-    const int R = 3, Hkv = 3, P = 4, D = 64, row = 1, stride = 16, max_pages = 4;
-    const int residual = P, max_closed = (prompt - 1) / P, heads = R * Hkv;
-    std::vector<int32_t> table(size_t(heads) * max_pages);
+  for (int D : {64, 128}) {
+    SCOPED_TRACE(testing::Message() << "D " << D);
+    const int R = 6, Hkv = 3, P = 4, lag = 5, residual = P + lag, max_pages = 6, heads = R * Hkv;
+    std::vector<int32_t> table(size_t(heads) * max_pages), q(heads), r(heads), positions(R);
     std::iota(table.begin(), table.end(), 0);
     std::shuffle(table.begin(), table.end(), rng());
-    std::vector<int32_t> q(heads, 99), r(heads, 0);
-    for (int h = 0; h < Hkv; ++h)
-      r[row * Hkv + h] = h == 0 ? prompt : 1 + static_cast<int>(rng()() % prompt);
-    std::vector<double> sk = randn(size_t(Hkv) * stride * D), sv = randn(sk.size());
-    const std::vector<bf16> bsk = to_bf16(sk), bsv = to_bf16(sv);
-    const std::vector<float> fsk(sk.begin(), sk.end()), fsv(sv.begin(), sv.end());
-    const size_t pool = size_t(heads) * residual * D;
-    std::vector<float> rk(pool, 0.0f), rv(pool, 0.0f);
-    std::vector<int32_t> want_q = q, want_r = r;
-    std::vector<int32_t> want_ids(std::max(1, Hkv * max_closed)),
-        want_rows(size_t(std::max(1, Hkv * max_closed)) * P);
-    kernels::paged_kv_settle_prefill(want_ids.data(), want_rows.data(), max_closed,
-                                     {table.data(), want_q.data(), want_r.data(), max_pages, P,
-                                      residual},
-                                     rk.data(), rv.data(), fsk.data(), fsv.data(), stride, row,
-                                     Hkv, D);
-    int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r);
-    int32_t *dids = Upload(std::vector<int32_t>(want_ids.size(), 7)),
-            *drows = Upload(std::vector<int32_t>(want_rows.size(), 0));
-    bf16 *dsk = Upload(bsk), *dsv = Upload(bsv);
-    bf16 *drk = Upload(std::vector<bf16>(pool, __float2bfloat16(0.0f))),
-         *drv = Upload(std::vector<bf16>(pool, __float2bfloat16(0.0f)));
-    cuda::paged_kv_settle_prefill(dids, drows, max_closed, {dtable, dq, dr, max_pages, P, residual},
-                                  drk, drv, dsk, dsv, stride, row, Hkv, D);
+    std::vector<int32_t> pos(size_t(heads) * residual, -7);
+    std::vector<uint8_t> marks(pos.size());
+    for (auto& m : marks) m = rng()() % 2;
+    for (int i = 0; i < R; ++i) positions[i] = 100 + 3 * i;
+    for (int head = 0; head < heads; ++head) {
+      q[head] = P * static_cast<int>(rng()() % (max_pages - 1));
+      r[head] = static_cast<int>(rng()() % (residual + 1));
+      // r distinct positions among the residual + 2 before t, in random order.
+      std::vector<int32_t> candidates(residual + 2);
+      std::iota(candidates.begin(), candidates.end(), positions[head / Hkv] - residual - 2);
+      std::shuffle(candidates.begin(), candidates.end(), rng());
+      std::copy_n(candidates.begin(), r[head], pos.begin() + size_t(head) * residual);
+    }
+    std::vector<double> k = randn(size_t(heads) * residual * D), v = randn(k.size());
+    const std::vector<bf16> bk = to_bf16(k), bv = to_bf16(v);
+    std::vector<float> hk(k.begin(), k.end()), hv(v.begin(), v.end());
+    const size_t stage = size_t(heads) * P * D;
+    std::vector<float> sk(stage, 0.0f), sv(stage, 0.0f);
+    std::vector<int32_t> want_q = q, want_r = r, want_pos = pos, want_ids(heads),
+                         want_rows(size_t(heads) * P);
+    std::vector<uint8_t> want_marks = marks;
+    kernels::KvSettleLayer host{table.data(), want_q.data(), want_r.data(), max_pages, P,
+                                residual, lag, want_pos.data(), want_marks.data()};
+    kernels::paged_kv_settle_lagged_step(want_ids.data(), want_rows.data(), sk.data(), sv.data(),
+                                         host, hk.data(), hv.data(), positions.data(), R, Hkv, D);
+    const int closed = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
+    EXPECT_GT(closed, 0);
+    EXPECT_LT(closed, heads);
+    int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dp = Upload(positions);
+    int32_t *dpos = Upload(pos), *dids = Upload(std::vector<int32_t>(heads, 7)),
+            *drows = Upload(std::vector<int32_t>(size_t(heads) * P, 0));
+    uint8_t* dmarks = Upload(marks);
+    bf16 *dk = Upload(bk), *dv = Upload(bv);
+    bf16 *dsk = Upload(std::vector<bf16>(stage, __float2bfloat16(0.0f))),
+         *dsv = Upload(std::vector<bf16>(stage, __float2bfloat16(0.0f)));
+    cuda::paged_kv_settle_lagged_step(
+        dids, drows, dsk, dsv,
+        {dtable, dq, dr, max_pages, P, residual, lag, dpos, dmarks}, dk, dv, dp, R, Hkv, D);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download(dids, heads), want_ids);
     EXPECT_EQ(Download(dq, heads), want_q);
     EXPECT_EQ(Download(dr, heads), want_r);
-    const std::vector<int32_t> ids = Download(dids, want_ids.size());
-    const std::vector<int32_t> rows = Download(drows, want_rows.size());
-    for (int j = 0; j < Hkv * max_closed; ++j) {
-      EXPECT_EQ(ids[j], want_ids[j]) << "entry " << j;
-      for (int x = 0; want_ids[j] >= 0 && x < P; ++x)
-        EXPECT_EQ(rows[j * P + x], want_rows[j * P + x]) << "entry " << j;
+    const std::vector<int32_t> rows = Download(drows, size_t(heads) * P);
+    const std::vector<int32_t> got_pos = Download(dpos, pos.size());
+    const std::vector<uint8_t> got_marks = Download(dmarks, marks.size());
+    const std::vector<bf16> gk = Download(dk, bk.size()), gv = Download(dv, bv.size());
+    const std::vector<bf16> gsk = Download(dsk, stage), gsv = Download(dsv, stage);
+    for (int head = 0; head < heads; ++head) {
+      for (int j = 0; want_ids[head] >= 0 && j < P; ++j) {
+        EXPECT_EQ(rows[head * P + j], want_rows[head * P + j]) << "head " << head;
+        for (int c = 0; c < D; ++c) {
+          const size_t at = (size_t(head) * P + j) * D + c;
+          ASSERT_EQ(__bfloat162float(gsk[at]), sk[at]) << "head " << head << " page row " << j;
+          ASSERT_EQ(__bfloat162float(gsv[at]), sv[at]) << "head " << head << " page row " << j;
+        }
+      }
+      for (int j = 0; j < want_r[head]; ++j) {
+        const size_t slot = size_t(head) * residual + j;
+        EXPECT_EQ(got_pos[slot], want_pos[slot]) << "head " << head << " slot " << j;
+        EXPECT_EQ(got_marks[slot], want_marks[slot]) << "head " << head << " slot " << j;
+        for (int c = 0; c < D; ++c) {
+          ASSERT_EQ(__bfloat162float(gk[slot * D + c]), hk[slot * D + c]) << "head " << head;
+          ASSERT_EQ(__bfloat162float(gv[slot * D + c]), hv[slot * D + c]) << "head " << head;
+        }
+      }
     }
-    // Residual rows are copies: bit-equal to the bf16 staging rows the reference copied.
-    const std::vector<bf16> grk = Download(drk, pool), grv = Download(drv, pool);
-    for (size_t i = 0; i < pool; ++i) {
-      ASSERT_EQ(__bfloat162float(grk[i]), rk[i]) << "key element " << i;
-      ASSERT_EQ(__bfloat162float(grv[i]), rv[i]) << "value element " << i;
-    }
-    for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dids, (void*)drows, (void*)dsk,
-                    (void*)dsv, (void*)drk, (void*)drv})
+    for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dp, (void*)dpos, (void*)dids,
+                    (void*)drows, (void*)dmarks, (void*)dk, (void*)dv, (void*)dsk, (void*)dsv})
       cudaFree(p);
   }
+}
+
+// ZipCache's score accumulation (paged_kv_settle_scores) against its CPU reference: heads with
+// empty to full residuals after random quantized slots, GQA groups of 1 to 4, random attention
+// weights: the same scores, bit for bit (the same fp32 sums in the same order), and the newest
+// slot's started from 0.
+TEST(CudaPagedKvSettle, ScoresMatchCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (int G : {1, 4}) {
+    SCOPED_TRACE(testing::Message() << "group " << G);
+    const int R = 5, Hkv = 3, H = G * Hkv, P = 8, residual = P, max_pages = 4;
+    const int heads = R * Hkv, stride = max_pages * P + residual;
+    std::vector<int32_t> q(heads), r(heads);
+    for (int head = 0; head < heads; ++head) {
+      q[head] = P * static_cast<int>(rng()() % max_pages);
+      r[head] = static_cast<int>(rng()() % (residual + 1));
+    }
+    std::vector<double> p = randn(size_t(R) * H * stride), sc = randn(size_t(heads) * residual);
+    std::vector<float> probs(p.size()), scores(sc.size());
+    for (size_t i = 0; i < p.size(); ++i) probs[i] = static_cast<float>(std::fabs(p[i]));
+    for (size_t i = 0; i < sc.size(); ++i) scores[i] = static_cast<float>(std::fabs(sc[i]));
+    std::vector<float> want = scores;
+    kernels::KvSettleLayer host{nullptr, q.data(), r.data(), max_pages, P, residual};
+    host.r_scores = want.data();
+    kernels::paged_kv_settle_scores(host, probs.data(), stride, R, H, Hkv);
+    int32_t *dq = Upload(q), *dr = Upload(r);
+    float *dprobs = Upload(probs), *dscores = Upload(scores);
+    kernels::KvSettleLayer device{nullptr, dq, dr, max_pages, P, residual};
+    device.r_scores = dscores;
+    cuda::paged_kv_settle_scores(device, dprobs, stride, R, H, Hkv);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download(dscores, scores.size()), want);
+    EXPECT_NE(want, scores);
+    for (void* x : {(void*)dq, (void*)dr, (void*)dprobs, (void*)dscores}) cudaFree(x);
+  }
+}
+
+// The prefill form: prompts whose heads hold from 1 slot to whole pages and a remainder, the
+// staging rows random; at settle lag 0, and at a lag (DMS) with the held tokens' positions
+// (ascending, some left out) and marks: the same page lists, lengths and residual blocks (with
+// their positions and marks) as the reference.
+TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (int lag : {0, 3})
+    for (int prompt : {1, 4, 9, 13, 16}) {
+      SCOPED_TRACE(testing::Message() << "lag " << lag << " prompt " << prompt);
+      const int R = 3, Hkv = 3, P = 4, D = 64, row = 1, stride = 16, max_pages = 4;
+      const int residual = P + lag, max_closed = (prompt - 1) / P, heads = R * Hkv;
+      std::vector<int32_t> table(size_t(heads) * max_pages);
+      std::iota(table.begin(), table.end(), 0);
+      std::shuffle(table.begin(), table.end(), rng());
+      std::vector<int32_t> q(heads, 99), r(heads, 0);
+      for (int h = 0; h < Hkv; ++h)
+        r[row * Hkv + h] = h == 0 ? prompt : 1 + static_cast<int>(rng()() % prompt);
+      // Head h's S slots hold S of the prompt's positions, ascending, the last one always.
+      std::vector<int32_t> stage_pos(size_t(Hkv) * stride, -1);
+      std::vector<uint8_t> stage_marks(stage_pos.size());
+      for (auto& m : stage_marks) m = rng()() % 2;
+      for (int h = 0; h < Hkv; ++h) {
+        std::vector<int32_t> held(prompt - 1);
+        std::iota(held.begin(), held.end(), 0);
+        std::shuffle(held.begin(), held.end(), rng());
+        held.resize(r[row * Hkv + h] - 1);
+        held.push_back(prompt - 1);
+        std::sort(held.begin(), held.end());
+        std::copy(held.begin(), held.end(), stage_pos.begin() + size_t(h) * stride);
+      }
+      std::vector<int32_t> r_pos(size_t(heads) * residual, -1);
+      std::vector<uint8_t> r_marks(r_pos.size(), 2);
+      std::vector<int32_t> want_pos = r_pos;
+      std::vector<uint8_t> want_marks = r_marks;
+      std::vector<double> sk = randn(size_t(Hkv) * stride * D), sv = randn(sk.size());
+      const std::vector<bf16> bsk = to_bf16(sk), bsv = to_bf16(sv);
+      const std::vector<float> fsk(sk.begin(), sk.end()), fsv(sv.begin(), sv.end());
+      const size_t pool = size_t(heads) * residual * D;
+      std::vector<float> rk(pool, 0.0f), rv(pool, 0.0f);
+      std::vector<int32_t> want_q = q, want_r = r;
+      std::vector<int32_t> want_ids(std::max(1, Hkv * max_closed)),
+          want_rows(size_t(std::max(1, Hkv * max_closed)) * P);
+      kernels::paged_kv_settle_prefill(want_ids.data(), want_rows.data(), max_closed,
+                                       {table.data(), want_q.data(), want_r.data(), max_pages, P,
+                                        residual, lag, want_pos.data(), want_marks.data()},
+                                       rk.data(), rv.data(), fsk.data(), fsv.data(),
+                                       stage_pos.data(), stage_marks.data(), stride, row, prompt,
+                                       Hkv, D);
+      int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r);
+      int32_t *dids = Upload(std::vector<int32_t>(want_ids.size(), 7)),
+              *drows = Upload(std::vector<int32_t>(want_rows.size(), 0));
+      bf16 *dsk = Upload(bsk), *dsv = Upload(bsv);
+      bf16 *drk = Upload(std::vector<bf16>(pool, __float2bfloat16(0.0f))),
+           *drv = Upload(std::vector<bf16>(pool, __float2bfloat16(0.0f)));
+      int32_t *dstage_pos = Upload(stage_pos), *dr_pos = Upload(r_pos);
+      uint8_t *dstage_marks = Upload(stage_marks), *dr_marks = Upload(r_marks);
+      cuda::paged_kv_settle_prefill(
+          dids, drows, max_closed,
+          {dtable, dq, dr, max_pages, P, residual, lag, dr_pos, dr_marks}, drk, drv, dsk, dsv,
+          dstage_pos, dstage_marks, stride, row, prompt, Hkv, D);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(Download(dr_pos, r_pos.size()), want_pos);
+      EXPECT_EQ(Download(dr_marks, r_marks.size()), want_marks);
+      if (lag > 0 && prompt == 13) {  // the lag holds back a page the lag-0 rule would close
+        EXPECT_LT(want_q[row * Hkv], P * ((prompt - 1) / P));
+      }
+      EXPECT_EQ(Download(dq, heads), want_q);
+      EXPECT_EQ(Download(dr, heads), want_r);
+      const std::vector<int32_t> ids = Download(dids, want_ids.size());
+      const std::vector<int32_t> rows = Download(drows, want_rows.size());
+      for (int j = 0; j < Hkv * max_closed; ++j) {
+        EXPECT_EQ(ids[j], want_ids[j]) << "entry " << j;
+        for (int x = 0; want_ids[j] >= 0 && x < P; ++x)
+          EXPECT_EQ(rows[j * P + x], want_rows[j * P + x]) << "entry " << j;
+      }
+      // Residual rows are copies: bit-equal to the bf16 staging rows the reference copied.
+      const std::vector<bf16> grk = Download(drk, pool), grv = Download(drv, pool);
+      for (size_t i = 0; i < pool; ++i) {
+        ASSERT_EQ(__bfloat162float(grk[i]), rk[i]) << "key element " << i;
+        ASSERT_EQ(__bfloat162float(grv[i]), rv[i]) << "value element " << i;
+      }
+      for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dids, (void*)drows, (void*)dsk,
+                      (void*)dsv, (void*)drk, (void*)drv, (void*)dstage_pos, (void*)dr_pos,
+                      (void*)dstage_marks, (void*)dr_marks})
+        cudaFree(p);
+    }
 }
 
 struct EngineCase {
@@ -634,18 +801,25 @@ struct EngineCase {
   CacheMethod method;
   double cr = 1;  // h2o, tova: the compression ratio their budget is matched to
   DmsVariant dms = DmsVariant::kNone;  // a DMS model's decision input (method dms)
-  int bits = 0;  // KV quantization (vanilla, dmc): 8, 4 or 2; 0: none
+  int bits = 0;  // KV quantization (vanilla, dmc, dms): 8, 4 or 2; 0: none
   int page_size = 0;  // 0: each test's own (4 or 8)
+  int salient = 0;  // ZipCache (vanilla): salient slots per page, at 8 bits over `bits`
 };
 
 // The case's policy over sequences of seq_len tokens (inference::PolicyForCr), quantized to
-// c.bits.
+// c.bits (ZipCache: c.salient slots of a page at 8 bits).
 inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
   absl::StatusOr<inference::CachePolicy> p = inference::PolicyForCr(c.method, seq_len, c.cr);
   EXPECT_TRUE(p.ok()) << p.status();
   inference::CachePolicy policy = p.ok() ? *p : inference::CachePolicy{c.method};
-  policy.quant.bits = c.bits;
+  policy.quant = {c.bits, 0, c.salient > 0 ? 8 : 0, c.salient};
   return policy;
+}
+
+// Whether the case ranks slots by each step's attention (H2O, TOVA, ZipCache): no parallel
+// prefill on either engine.
+bool RanksByAttention(const EngineCase& c) {
+  return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.salient > 0;
 }
 
 // How far the engines' per-token log-probabilities may drift apart: the largest and the mean
@@ -656,7 +830,9 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
 // stayed below 0.007 and every argmax agreed. A quantized cache is quantized from fp32 rows on the
 // CPU and from bf16 rows on the GPU: where the bf16 rounding crosses a code boundary the code
 // differs by one step, the group's range / (2^bits − 1), which at 4 and 2 bits is well above the
-// bf16 rounding it stems from (the quantizer itself is exact, CudaKvQuant).
+// bf16 rounding it stems from (the quantizer itself is exact, CudaKvQuant). ZipCache ranks a
+// page's slots by attention weights computed from bf16 keys, as H2O does: where two slots'
+// normalized scores lie within that rounding, the engines may store different ones at 8 bits.
 std::pair<double, double> LogprobTolerance(const EngineCase& c) {
   if (c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova) return {0.3, 0.02};
   if (c.bits == 8) return {0.2, 0.03};
@@ -734,10 +910,19 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
         [&](int q, bool) {
           for (int l = 0; l < L; ++l)
             for (int h = 0; h < Hkv; ++h) r.lengths[q].push_back(e.length(q, l, h));
-          EXPECT_EQ(e.bytes(q), inference::KvSequenceBytes(e.cache_options(), r.lengths[q],
-                                                           e.element_bytes(),
-                                                           e.window_element_bytes()));
-          r.bytes[q] = e.bytes(q);
+          // KvSequenceBytes is exact, and a bound for DMS's quantized cache (settle lag > 0),
+          // whose slots settle later.
+          const long counted = inference::KvSequenceBytes(
+              e.cache_options(), r.lengths[q], e.element_bytes(), e.window_element_bytes());
+          if (e.cache_options().settle_lag == 0) {
+            EXPECT_EQ(e.bytes(q), counted);
+          } else {
+            EXPECT_LE(e.bytes(q), counted);
+          }
+          // Its pages: what the bytes hold beside the reservations.
+          r.bytes[q] = e.bytes(q) - inference::KvReservedBytes(
+                                        e.cache_options(), e.element_bytes(),
+                                        e.window_element_bytes());
         });
     EXPECT_TRUE(stats.ok()) << stats.status();
     if (stats.ok()) r.stats = *stats;
@@ -772,11 +957,13 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   long merged = 0;
   for (int i = 0; i < n; ++i) {
     EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
-    // What the CPU cache would hold at the GPU's element sizes (bf16 pages or quantized pages
-    // with bf16 residual blocks, fp32 window state).
-    EXPECT_EQ(got.bytes.at(i), inference::KvSequenceBytes((*cpu)->cache_options(),
-                                                          want.lengths.at(i), 2, 4))
-        << "window " << i;
+    // The same pages: what the CPU cache would hold at the GPU's element sizes (bf16 pages or
+    // quantized pages; the reservations, bf16 residual blocks and fp32 window state, aside).
+    if (tc.bits == 0) {
+      EXPECT_EQ(got.bytes.at(i), want.bytes.at(i) / 2) << "window " << i;
+    } else {
+      EXPECT_EQ(got.bytes.at(i), want.bytes.at(i)) << "window " << i;
+    }
     for (int x : want.lengths.at(i)) merged += T - x;
   }
   if (tc.method != CacheMethod::kVanilla) {
@@ -785,9 +972,9 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
 }
 
 // A prompt in one parallel pass leaves the cache and the next output that feeding it token by
-// token gives, and greedy generation continues identically on both engines. H2O and TOVA have no
-// parallel prefill on either engine (their prompts go token by token through the scheduler): the
-// GPU engine refuses it as the CPU one does.
+// token gives, and greedy generation continues identically on both engines. H2O, TOVA and
+// ZipCache have no parallel prefill on either engine (their prompts go token by token through the
+// scheduler): the GPU engine refuses it as the CPU one does.
 TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -807,7 +994,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   ASSERT_TRUE(cpu.ok()) << cpu.status();
 
   const std::vector<int32_t>& p = prompts[0];
-  if (tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova) {
+  if (RanksByAttention(tc)) {
     EXPECT_FALSE((*gpu)->parallel_prefill());
     EXPECT_FALSE((*cpu)->parallel_prefill());
     ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
@@ -828,6 +1015,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
     EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
+    EXPECT_EQ((*gpu)->bytes(0), (*gpu)->bytes(1)) << "the prefill closed other pages";
     // Both continue together in one batch, greedy: the same tokens.
     int32_t tok[2] = {pre.next, outs[0].next};
     for (int s = 0; s < 8; ++s) {
@@ -867,7 +1055,8 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
 // slots and the next output that the whole prompt's prefill and the CPU engine's chunked prefill
 // leave, and greedy decoding goes on identically; the scheduler's chunks under a prefill budget
 // generate the CPU engine's text. DMS and the quantized caches refuse a chunk after the first by
-// name on the GPU (and the scheduler falls back to whole prompts); H2O and TOVA have no prefill.
+// name on the GPU (and the scheduler falls back to whole prompts); H2O, TOVA and ZipCache have no
+// prefill.
 TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -885,7 +1074,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  if (tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova) {
+  if (RanksByAttention(tc)) {
     EXPECT_FALSE((*gpu)->chunked_prefill());
     return;
   }
@@ -1005,7 +1194,8 @@ INSTANTIATE_TEST_SUITE_P(
                                  DmsVariant::kQueryChannel}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
-// The quantized vanilla and dmc caches (KV quantization, int8 to int2) against the CPU engine's.
+// The quantized vanilla, dmc and dms caches (KV quantization, int8 to int2; ZipCache's mixed
+// precision on the vanilla cache) against the CPU engine's.
 INSTANTIATE_TEST_SUITE_P(
     Quantized, CudaEngineVsCpu,
     ::testing::Values(
@@ -1022,7 +1212,23 @@ INSTANTIATE_TEST_SUITE_P(
         EngineCase{"vanilla_int4_g4", false, 512, 8, 2, CacheMethod::kVanilla, 1,
                    DmsVariant::kNone, 4, 16},
         EngineCase{"dmc_int8_g4", true, 512, 8, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 8,
-                   16}),
+                   16},
+        // DMS: tokens quantized once past the eviction window (w = 3: a residual of page + 4)
+        EngineCase{"dms_adapter_int8", false, 128, 2, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kAdapter, 8},
+        EngineCase{"dms_qchannel_int4_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kQueryChannel, 4},
+        EngineCase{"dms_adapter_int4_d128", false, 256, 2, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kAdapter, 4},
+        EngineCase{"dms_qchannel_int8_g4", false, 512, 8, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kQueryChannel, 8, 16},
+        // ZipCache: salient slots of a page at 8 bits over int4 or int2
+        EngineCase{"zip8_4x2", false, 128, 2, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone, 4,
+                   0, 2},
+        EngineCase{"zip8_2x1_gqa", false, 256, 4, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone,
+                   2, 0, 1},
+        EngineCase{"zip8_4x4_g4", false, 512, 8, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone,
+                   4, 16, 4}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.
@@ -1073,15 +1279,19 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto cpu_only = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
   EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
-  // The CPU engine's other compressors are refused by name, never run uncompressed: ZipCache
-  // and ThinK here, the quantized dms cache below. KV quantization of the vanilla cache is
-  // served; of h2o, or at 3 bits, it is invalid on either engine.
-  for (const char* knob : {"zip", "think"}) {
+  // The CPU engine's other compressors are refused by name, never run uncompressed: ThinK,
+  // per-layer budgets and KVSharer. KV quantization of the vanilla cache is served, ZipCache's
+  // mixed precision too (token by token), and the quantized dms cache below; quantization of
+  // h2o, or at 3 bits, is invalid on either engine.
+  for (const char* knob : {"think", "pyramid", "kvsharer"}) {
     o.policy = {CacheMethod::kVanilla};
-    if (std::string(knob) == "zip")
-      o.policy.quant = {4, 0, 8, 2};
-    else
-      o.policy.think_channels = 8;
+    if (std::string(knob) == "think") o.policy.think_channels = 8;
+    if (std::string(knob) == "pyramid") {
+      o.policy = {CacheMethod::kH2O, 8, 4};
+      o.policy.layer_budget = {12, 8, 4};
+      o.policy.allocation = inference::LayerAllocation::kPyramidInfer;
+    }
+    if (std::string(knob) == "kvsharer") o.policy.kv_source = {0, 0, 2};
     auto cpu_knob = inference::CudaEngine::Create(plain, o);
     EXPECT_TRUE(absl::IsUnimplemented(cpu_knob.status())) << cpu_knob.status();
     EXPECT_NE(cpu_knob.status().message().find(knob), std::string::npos) << cpu_knob.status();
@@ -1091,6 +1301,11 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto quantized = inference::CudaEngine::Create(plain, o);
   ASSERT_TRUE(quantized.ok()) << quantized.status();
   EXPECT_TRUE((*quantized)->parallel_prefill());
+  o.policy.quant = {4, 0, 8, 2};
+  auto zipcache = inference::CudaEngine::Create(plain, o);
+  ASSERT_TRUE(zipcache.ok()) << zipcache.status();
+  EXPECT_FALSE((*zipcache)->parallel_prefill());
+  EXPECT_FALSE((*zipcache)->chunked_prefill());
   o.policy.quant.bits = 3;
   auto three_bits = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(three_bits.status())) << three_bits.status();
@@ -1113,9 +1328,9 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   EXPECT_TRUE((*served_dms)->parallel_prefill());
   o.policy.quant.bits = 8;
   auto quantized_dms = inference::CudaEngine::Create(dms, o);
-  EXPECT_TRUE(absl::IsUnimplemented(quantized_dms.status())) << quantized_dms.status();
-  EXPECT_NE(quantized_dms.status().message().find("dms-int8"), std::string::npos)
-      << quantized_dms.status();
+  ASSERT_TRUE(quantized_dms.ok()) << quantized_dms.status();
+  EXPECT_TRUE((*quantized_dms)->parallel_prefill());
+  EXPECT_FALSE((*quantized_dms)->chunked_prefill());
   using inference::CachePolicy;
   for (const CachePolicy& bad : {CachePolicy{CacheMethod::kH2O, 8, 8},
                                  CachePolicy{CacheMethod::kTova, 0, 0}}) {
