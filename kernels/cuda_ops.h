@@ -382,6 +382,7 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
                       cudaStream_t stream = nullptr);
 // A chunk of n tokens continuing row `row` at positions start .. start + n − 1: k, v [n, Hkv, D]
 // pre-RoPE, merge, omega [n, Hkv] (null as above); khat, vhat [n, Hkv, D] and prefix [n, Hkv] out.
+// Uses scratch slot 11 for the slot indices and ring counts.
 void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v,
                      const float* merge, const float* omega, int start, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, bf16* khat, bf16* vhat, int* prefix,
@@ -389,10 +390,8 @@ void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v
 
 // ---- attention of a chunk continuing one sequence's cache (kernels/chunk_attention.h) ----
 // q, out [n, H, D], k, v [n, Hkv, D] bf16 (16-byte aligned); page_table [Hkv, max_pages] and
-// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 64 or 128. The prefix part runs
-// paged_decode_attention unsplit (one CTA per query row and KV head, so it needs no scratch of
-// its own and leaves slot 10, which captured decode steps point to, alone); the two partial
-// outputs and their log-sum-exps use scratch slot 15.
+// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 64 or 128, any GQA group. One
+// kernel, no scratch.
 void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v_pool,
                      const int32_t* page_table, int max_pages, int page_size, const int* prefix,
                      const bf16* k, const bf16* v, const float* mask, int n, int H, int Hkv, int D,
