@@ -315,16 +315,11 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
 // Long heads are split into chunks of split_slots slots (flash-decoding; 0 chooses from B, Hkv,
 // max_pages and the SM count) combined by a second pass; partial results live in scratch slot 10.
 // Deterministic: fixed chunks, fixed reduction order.
-// lse, when not null, receives each query head's log-sum-exp of its scaled scores [B, H]
-// (natural log; −inf for a head of length 0, whose out is zeros). shared_table: every row b reads
-// the page table of row 0 (page_table [Hkv, max_pages]), with its own lengths[b, ·]: the queries
-// of one sequence's chunk over its cache (kernels/chunk_attention.h).
 void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf16* q,
                             const bf16* k_pool, const bf16* v_pool, const int32_t* page_table,
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale,
-                            cudaStream_t stream = nullptr, int split_slots = 0,
-                            float* lse = nullptr, bool shared_table = false);
+                            cudaStream_t stream = nullptr, int split_slots = 0);
 // Grows the split partials' scratch to what calls of up to B sequences with this split_slots need,
 // so that such calls never reallocate it (a captured CUDA graph keeps pointing at it).
 void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
