@@ -53,7 +53,7 @@ struct Params {
 // Shared bytes: the CTA's queries [kRows][D], then each stage's K and V tiles [kKeys][D] (bf16).
 template <int D>
 constexpr size_t smem_bytes() {
-  return sizeof(bf16) * (static_cast<size_t>(kRows) * D + static_cast<size_t>(kStages) * 2 * kKeys * D);
+  return sizeof(bf16) * static_cast<size_t>(D) * (kRows + kStages * 2 * kKeys);
 }
 
 template <int D>
@@ -171,7 +171,8 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attention_kernel(const Para
           valid = j < seen[hh];
         } else {
           valid = j <= token[hh];
-          if (p.mask != nullptr && j < token[hh]) x += p.mask[static_cast<long>(j) * p.Hkv + h] * kLog2e;
+          if (p.mask != nullptr && j < token[hh])
+            x += p.mask[static_cast<long>(j) * p.Hkv + h] * kLog2e;
         }
         s[nb][e] = valid ? x : -INFINITY;
       }
@@ -180,7 +181,8 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attention_kernel(const Para
     for (int hh = 0; hh < 2; ++hh) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int nb = 0; nb < kKeys / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * hh], s[nb][2 * hh + 1]));
+      for (int nb = 0; nb < kKeys / 8; ++nb)
+        mx = fmaxf(mx, fmaxf(s[nb][2 * hh], s[nb][2 * hh + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_i[hh], mx);

@@ -9,9 +9,9 @@
 //              chunk, from empty for a prompt) into each token's slot index (and, for a chunk, the
 //              ring count after it), the head's length and ring count after the run;
 //          (2) one CTA per (token, KV head): a prompt writes the slot that is final there from
-//              the scan's k̂, v̂; a chunk forms the slot as it stands after the token (the ring mean
-//              over the count newest positions, those before the chunk read from the row's ring)
-//              into k̂, v̂, and into the pool where it is final;
+//              the scan's k̂, v̂; a chunk forms the slot as it stands after the token (the ring
+//              mean over the count newest positions, those before the chunk read from the row's
+//              ring) into k̂, v̂, and into the pool where it is final;
 //          (3) the ring entries the run leaves: the open slot's tokens (a prompt), every token of
 //              the last w (a chunk, as its appends write them).
 #include <cub/block/block_scan.cuh>
@@ -24,7 +24,7 @@ namespace {
 using namespace detail;
 
 constexpr int kScanThreads = 256;
-constexpr int kSlotScratch = 11;  // detail::scratch slot: a run's slot index (and ring count) per token
+constexpr int kSlotScratch = 11;  // detail::scratch slot: a run's slot (and ring count) per token
 
 // Thread c < D/2: rotates the pair (key[c], key[c + D/2]) at pos (as kernels/rope.cu) and stores
 // it in k_row, the value pair in v_row (a slot's rows of the pools, or of k̂ and v̂).
@@ -234,9 +234,10 @@ __global__ void prefill_slots_kernel(PagedKv c, int row, const int32_t* slot, co
   if (ch == 0 && c.slot_pos) c.slot_pos[r] = t;
 }
 
-// Pass (3), one CTA per (ring entry e < w, h): the raw token of position start + n − 1 − e (token
-// n − 1 − e of the run) into the ring, for e below the head's ring count (a prompt: the open
-// slot's tokens) or below n (a chunk: each of its tokens entered the ring, as its append does).
+// Pass (3), one CTA per (ring entry e < w, h): the raw token of position start + n − 1 − e
+// (token n − 1 − e of the run) into the ring, for e below the head's ring count (a prompt: the
+// open slot's tokens) or below n (a chunk: each of its tokens entered the ring, as its append
+// does).
 __global__ void window_kernel(PagedKv c, int row, const bf16* k, const bf16* v, const float* omega,
                               int start, int n, int Hkv, int D, bool every_token) {
   const int w = c.window_size;

@@ -251,9 +251,10 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
 // Chunks continuing rows that already hold tokens (chunked prefill), three in turn: row 1, row 4,
 // then row 1 again (its ring as the first chunk left it); chunks of 1 token to several scan tiles
 // (256 tokens each). The same cache state as the reference's token-by-token appends, every
-// token's stored slot (k̂, v̂) and the cached slots each chunk sees. KV head 0's first token merges
-// into the open slot (left out of the prefix), head 1's appends, head 2 merges every token (its
-// slots read the ring from before the chunk, the count saturates at w); the others merge at random.
+// token's stored slot (k̂, v̂) and the cached slots each chunk sees. KV head 0's first token
+// merges into the open slot (left out of the prefix), head 1's appends, head 2 merges every token
+// (its slots read the ring from before the chunk, the count saturates at w); the others merge at
+// random.
 TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 6})
@@ -377,13 +378,17 @@ TEST(CudaChunkAttention, MatchesCpuReference) {
           for (int t = 0; t < n; ++t)
             for (int h = 0; h < Hkv; ++h) prefix[t * Hkv + h] = head_lengths[h % 6];
         } else {
-          for (auto& x : prefix) x = rng()() % 5 == 0 ? 0 : static_cast<int>(rng()() % (longest + 1));
+          for (auto& x : prefix)
+            x = rng()() % 5 == 0 ? 0 : static_cast<int>(rng()() % (longest + 1));
         }
         std::vector<float> mask(size_t(n) * Hkv);
         for (auto& x : mask) x = rng()() % 2 ? -50000.0f : 0.0f;
         const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-        auto f32 = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-        const std::vector<float> fkp = f32(kp), fvp = f32(vp), fq = f32(q), fk = f32(k), fv = f32(v);
+        auto f32 = [](const std::vector<double>& x) {
+          return std::vector<float>(x.begin(), x.end());
+        };
+        const std::vector<float> fkp = f32(kp), fvp = f32(vp), fq = f32(q), fk = f32(k),
+                                 fv = f32(v);
         std::vector<float> want(size_t(n) * H * D);
         kernels::chunk_attention(want.data(), fq.data(), fkp.data(), fvp.data(), table.data(),
                                  max_pages, page, prefix.data(), fk.data(), fv.data(),
