@@ -47,6 +47,13 @@ X* Alloc(size_t n) {
   return p;
 }
 
+// A prompt's (or chunk's) gate arrays for `rows` tokens, carved from the engine's gate buffer
+// (five arrays of [max_context, Hkv]), each [rows, Hkv].
+kernels::DmcGateTensors<float> PromptGates(float* buffer, int rows, int Hkv) {
+  const size_t g = static_cast<size_t>(rows) * Hkv;
+  return {buffer, buffer + g, buffer + 2 * g, buffer + 3 * g, buffer + 4 * g};
+}
+
 }  // namespace
 
 // Step inputs and outputs travel in one pinned block each way.
@@ -851,9 +858,7 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
   const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
-  const size_t g = static_cast<size_t>(P) * Hkv;
-  float *logit = d.pgates, *alpha = d.pgates + g, *merge = d.pgates + 2 * g;
-  float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
+  const auto [logit, alpha, merge, mask, omega] = PromptGates(d.pgates, P, Hkv);
   c::embedding_forward(d.px, d.ptokens, w + d.embed, P, C, 0, V, st);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     EnqueueQkv(l, P, d.px, d.pxn, d.prstd, d.pq, d.pk, d.pv);
@@ -861,7 +866,7 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
     if (dmc_) {
       c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, P, H, Hkv, D,
                            gates, st);
-      c::dmc_scan_forward_kv(d.pkhat, d.pvhat, d.pgates /* denom over the logits: not read again */,
+      c::dmc_scan_forward_kv(d.pkhat, d.pvhat, logit /* denom over the logits: not read again */,
                              d.pk, d.pv, alpha, omega, 1, P, Hkv, D, config_.dmc.window, st);
       khat = d.pkhat;
       vhat = d.pvhat;
@@ -916,9 +921,7 @@ void CudaEngine::EnqueueChunk(int row, int start, int n) {
   const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
-  const size_t g = static_cast<size_t>(n) * Hkv;
-  float *logit = d.pgates, *alpha = d.pgates + g, *merge = d.pgates + 2 * g;
-  float *mask = d.pgates + 3 * g, *omega = d.pgates + 4 * g;
+  const auto [logit, alpha, merge, mask, omega] = PromptGates(d.pgates, n, Hkv);
   c::embedding_forward(d.px, d.ptokens, w + d.embed, n, C, 0, V, st);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     EnqueueQkv(l, n, d.px, d.pxn, d.prstd, d.pq, d.pk, d.pv);
@@ -926,8 +929,9 @@ void CudaEngine::EnqueueChunk(int row, int start, int n) {
     if (dmc_)
       c::dmc_gates_forward({logit, alpha, merge, mask, omega}, d.pq, d.pk, nullptr, 1, n, H, Hkv,
                            D, gates, st);
-    // Token by token into the cache, as n steps would write it; k̂, v̂ of every token and the
-    // cached slots the chunk's queries see come back (kernels/paged_kv_write.h).
+    // Into the cache as n steps would write it (in parallel over the chunk, from the row's
+    // window state); k̂, v̂ of every token and the cached slots the chunk's queries see come back
+    // (kernels/paged_kv_write.h).
     const c::PagedKv layer = CacheLayer(l);
     c::paged_kv_extend(layer, row, d.pk, d.pv, dmc_ ? merge : nullptr, dmc_ ? omega : nullptr,
                        start, n, Hkv, D, theta, keep_ctrl_, d.pkhat, d.pvhat, d.pprefix, st);

@@ -23,13 +23,13 @@
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
 // max_context tokens needs no chunking) and writes its compressed cache directly
 // (kernels::paged_kv_prefill). Chunked prefill (dmc, vanilla; a sequence that holds tokens):
-// per layer the chunk's Q/K/V GEMMs and hard decisions, kernels::paged_kv_extend appending its
-// tokens in order as the steps would (which gives every token's k̂, v̂ as stored and the cached
-// slots the chunk sees: less DMC's open slot for a head whose first chunk token merges into
-// it), then kernels::chunk_attention: the queries over those cached slots (the paged decode
-// attention, each query a row sharing the sequence's page table) and over the chunk under the
-// hard mask (the fused DMC attention), combined by their log-sum-exps. DMS refuses a chunk
-// after the first: its eviction window across the chunk's start is not written on the GPU.
+// per layer the chunk's Q/K/V GEMMs and hard decisions, kernels::paged_kv_extend writing its
+// tokens' slots as the steps would, in parallel over the chunk (a scan from the sequence's
+// length and DMC window state; it gives every token's k̂, v̂ as stored and the cached slots the
+// chunk sees: less DMC's open slot for a head whose first chunk token merges into it), then
+// kernels::chunk_attention: the queries over those cached slots and over the chunk under the
+// hard mask, one tensor-core pass. DMS refuses a chunk after the first: its eviction window
+// across the chunk's start is not written on the GPU.
 //
 // H2O and TOVA: the step appends every token (the vanilla write), the attention also writes its
 // weights, and kernels::paged_kv_evict drops the slots the policy rejects in every head of every

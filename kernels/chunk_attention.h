@@ -20,9 +20,8 @@
 // sequence's slots before the chunk, less its open slot when the chunk's first token merges into
 // it (kernels/paged_kv_write.h, paged_kv_extend).
 //
-// The CUDA version splits the sum: the paged decode attention over the prefix (each query a row
-// sharing the page table) and the fused DMC attention over the chunk, each with its log-sum-exp,
-// then combines the two partial softmaxes by their log-sum-exps.
+// The CUDA version is one FlashAttention-2 pass on tensor cores over the prefix's pages and then
+// the chunk's keys, the query heads of a KV head together (kernels/chunk_attention.cu).
 #pragma once
 
 #include <cstdint>

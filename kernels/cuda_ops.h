@@ -314,16 +314,11 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
 // Long heads are split into chunks of split_slots slots (flash-decoding; 0 chooses from B, Hkv,
 // max_pages and the SM count) combined by a second pass; partial results live in scratch slot 10.
 // Deterministic: fixed chunks, fixed reduction order.
-// lse, when not null, receives each query head's log-sum-exp of its scaled scores [B, H]
-// (natural log; −inf for a head of length 0, whose out is zeros). shared_table: every row b reads
-// the page table of row 0 (page_table [Hkv, max_pages]), with its own lengths[b, ·]: the queries
-// of one sequence's chunk over its cache (kernels/chunk_attention.h).
 void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf16* q,
                             const bf16* k_pool, const bf16* v_pool, const int32_t* page_table,
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale,
-                            cudaStream_t stream = nullptr, int split_slots = 0,
-                            float* lse = nullptr, bool shared_table = false);
+                            cudaStream_t stream = nullptr, int split_slots = 0);
 // Grows the split partials' scratch to what calls of up to B sequences with this split_slots need,
 // so that such calls never reallocate it (a captured CUDA graph keeps pointing at it).
 void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page_size,
@@ -381,6 +376,7 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
                       cudaStream_t stream = nullptr);
 // A chunk of n tokens continuing row `row` at positions start .. start + n − 1: k, v [n, Hkv, D]
 // pre-RoPE, merge, omega [n, Hkv] (null as above); khat, vhat [n, Hkv, D] and prefix [n, Hkv] out.
+// Uses scratch slot 11 for the slot indices and ring counts.
 void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v,
                      const float* merge, const float* omega, int start, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, bf16* khat, bf16* vhat, int* prefix,
@@ -388,10 +384,8 @@ void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v
 
 // ---- attention of a chunk continuing one sequence's cache (kernels/chunk_attention.h) ----
 // q, out [n, H, D], k, v [n, Hkv, D] bf16 (16-byte aligned); page_table [Hkv, max_pages] and
-// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 64 or 128. The prefix part runs
-// paged_decode_attention unsplit (one CTA per query row and KV head, so it needs no scratch of
-// its own and leaves slot 10, which captured decode steps point to, alone); the two partial
-// outputs and their log-sum-exps use scratch slot 15.
+// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 64 or 128, any GQA group. One
+// kernel, no scratch.
 void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v_pool,
                      const int32_t* page_table, int max_pages, int page_size, const int* prefix,
                      const bf16* k, const bf16* v, const float* mask, int n, int H, int Hkv, int D,

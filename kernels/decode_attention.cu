@@ -121,10 +121,9 @@ struct Params : Common {
   const int32_t* page_table;
   const int* lengths;
   int max_pages, page_size;
-  bool shared_table;  // every row reads the page table of row 0 (a chunk's queries)
   __device__ __forceinline__ int length(long head) const { return lengths[head]; }
   __device__ __forceinline__ const int32_t* pages(long head) const {
-    return page_table + (shared_table ? head % Hkv : head) * max_pages;
+    return page_table + head * max_pages;
   }
   template <int D>
   __device__ __forceinline__ PoolRows<D> rows(long head) const {
@@ -170,7 +169,7 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
                             const bf16* k_pool, const bf16* v_pool, const int32_t* page_table,
                             const int* lengths, int max_pages, int page_size, int B, int H,
                             int Hkv, int D, bool exclude_ctrl, float scale, cudaStream_t stream,
-                            int split_slots, float* lse, bool shared_table) {
+                            int split_slots) {
   constexpr const char* kOp = "paged_decode_attention";
   if (B <= 0 || H <= 0) return;
   if (D != 64 && D != 128) fail(kOp, "head dim must be 64 or 128");
@@ -193,9 +192,7 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
   p.q = q;
   p.k_pool = k_pool;
   p.v_pool = v_pool;
-  p.lse = lse;
   p.page_table = page_table;
-  p.shared_table = shared_table;
   p.lengths = lengths;
   p.max_pages = max_pages;
   p.page_size = page_size;

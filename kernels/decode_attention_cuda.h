@@ -47,7 +47,6 @@ struct Common {
   float* part_ml;  // [B·H, splits, 2] (max, sum) of the chunks, base 2
   float* probs;
   long probs_stride;
-  float* lse;  // [B·H] natural-log log-sum-exp of each query head's scores, or null
   const bf16* q;
   int H, Hkv, G, chunk, splits;
   float scale_log2;
@@ -66,15 +65,12 @@ __device__ __forceinline__ void unpack8(float (&f)[8], const uint4& v) {
 }
 
 // A chunk past the head's length does nothing, except that the first chunk of an empty head
-// writes zeros (and a log-sum-exp of −inf: no scores) when nothing else will.
+// writes zeros when nothing else will.
 __device__ __forceinline__ void zero_empty_heads(const Common& p, long qh0, int heads, int D,
                                                  int len) {
-  if (len <= 0 && blockIdx.y == 0 && p.direct) {
+  if (len <= 0 && blockIdx.y == 0 && p.direct)
     for (int i = threadIdx.x; i < heads * D; i += blockDim.x)
       p.out[qh0 * D + i] = detail::tobf(0.f);
-    if (p.lse != nullptr)
-      for (int j = threadIdx.x; j < heads; j += blockDim.x) p.lse[qh0 + j] = -INFINITY;
-  }
 }
 
 // Channel c of query head qh, merged over the CTA (max M, sum L, unnormalised output O): out
@@ -83,7 +79,6 @@ __device__ __forceinline__ void store_chunk_result(const Common& p, long qh, int
                                                    float M, float L, float O) {
   if (p.direct) {
     p.out[qh * D + c] = detail::tobf(O / L);
-    if (c == 0 && p.lse != nullptr) p.lse[qh] = (M + log2f(L)) * detail::kLn2;
   } else {
     const long slot = qh * p.splits + blockIdx.y;
     p.part_o[slot * D + c] = O;
@@ -260,7 +255,6 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const P p, int
   bf16* out = p.out + bh * D;
   if (n == 0) {
     for (int c = threadIdx.x; c < D; c += blockDim.x) out[c] = detail::tobf(0.f);
-    if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bh] = -INFINITY;
     return;
   }
   const float* ml = p.part_ml + bh * p.splits * 2;
@@ -270,7 +264,6 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const P p, int
   float L = 0.f;
   for (int s = 0; s < n; ++s) L = fmaf(exp2f(ml[2 * s] - M), ml[2 * s + 1], L);
   const float inv = 1.f / L;
-  if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bh] = (M + log2f(L)) * detail::kLn2;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float O = 0.f;
     for (int s = 0; s < n; ++s) O = fmaf(exp2f(ml[2 * s] - M), po[static_cast<long>(s) * D + c], O);

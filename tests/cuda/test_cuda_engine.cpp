@@ -248,18 +248,26 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
     }
 }
 
-// A chunk continuing a row that already holds tokens (chunked prefill): the same cache state as
-// the reference's token-by-token appends, every token's stored slot (k̂, v̂) and the cached slots
-// the chunk sees (the open slot left out where the chunk's first token merges into it: KV head 0
-// merges, KV head 1 appends).
+// Chunks continuing rows that already hold tokens (chunked prefill), three in turn: row 1, row 4,
+// then row 1 again (its ring as the first chunk left it); chunks of 1 token to several scan tiles
+// (256 tokens each). The same cache state as the reference's token-by-token appends, every
+// token's stored slot (k̂, v̂) and the cached slots each chunk sees. KV head 0's first token
+// merges into the open slot (left out of the prefix), head 1's appends, head 2 merges every token
+// (its slots read the ring from before the chunk, the count saturates at w); the others merge at
+// random.
 TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 6})
     for (int D : {64, 128})
-      for (int n : {1, 19, 70}) {
+      for (int n : {1, 19, 300, 700}) {
         SCOPED_TRACE(testing::Message() << "window " << window << " D " << D << " n " << n);
-        const int R = 3, Hkv = 2, page = 8, row = 2, before = 13;
-        CacheLayer host = MakeLayer(R, Hkv, D, page, (before + n + page - 1) / page, window);
+        const int R = 6, Hkv = 3, page = 8, before = 13;
+        struct Chunk {
+          int row, start, n;
+        };
+        const int n2 = n / 3 + 1;
+        const std::vector<Chunk> chunks = {{1, before, n}, {4, before, n2}, {1, before + n, n2}};
+        CacheLayer host = MakeLayer(R, Hkv, D, page, (before + n + n2 + page - 1) / page, window);
         for (int t = 0; t < before; ++t) {  // the rows' first tokens
           StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
           std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
@@ -271,97 +279,141 @@ TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
                                    positions.data(), R, Hkv, D, 10000.0f, window > 0);
         }
         CacheLayer start = host;
-        StepRows chunk = RandomStepRows(size_t(n) * Hkv, D);
-        std::vector<float> merge(size_t(n) * Hkv), omega(size_t(n) * Hkv);
-        for (auto& x : merge) x = rng()() % 4 ? 1.0f : 0.0f;
-        for (auto& x : omega) x = 0.05f + (rng()() % 1000) / 1000.0f;
-        merge[0] = 1.0f;
-        merge[1] = 0.0f;
-        const float* m = window ? merge.data() : nullptr;
-        const float* o = window ? omega.data() : nullptr;
-        std::vector<float> khat(size_t(n) * Hkv * D), vhat(khat.size());
-        std::vector<int> prefix(size_t(n) * Hkv);
-        const std::vector<int32_t> lengths_before = host.lengths;
-        kernels::paged_kv_extend(host.Host(), row, chunk.k.data(), chunk.v.data(), m, o, before, n,
-                                 Hkv, D, 10000.0f, window > 0, khat.data(), vhat.data(),
-                                 prefix.data());
-        for (int h = 0; h < Hkv; ++h)
-          EXPECT_EQ(prefix[h], lengths_before[row * Hkv + h] - (window && h == 0 ? 1 : 0));
+        struct Inputs {
+          StepRows kv;
+          std::vector<float> merge, omega, khat, vhat;
+          std::vector<int> prefix;
+        };
+        std::vector<Inputs> in;
+        for (const Chunk& c : chunks) {
+          Inputs x{RandomStepRows(size_t(c.n) * Hkv, D), std::vector<float>(size_t(c.n) * Hkv),
+                   std::vector<float>(size_t(c.n) * Hkv), {}, {}, {}};
+          for (int t = 0; t < c.n; ++t)
+            for (int h = 0; h < Hkv; ++h)
+              x.merge[t * Hkv + h] =
+                  t == 0 ? (h == 1 ? 0.0f : 1.0f) : h == 2 || rng()() % 4 ? 1.0f : 0.0f;
+          for (auto& o : x.omega) o = 0.05f + (rng()() % 1000) / 1000.0f;
+          x.khat.resize(size_t(c.n) * Hkv * D);
+          x.vhat.resize(x.khat.size());
+          x.prefix.resize(size_t(c.n) * Hkv);
+          const std::vector<int32_t> lengths_before = host.lengths;
+          kernels::paged_kv_extend(host.Host(), c.row, x.kv.k.data(), x.kv.v.data(),
+                                   window ? x.merge.data() : nullptr,
+                                   window ? x.omega.data() : nullptr, c.start, c.n, Hkv, D,
+                                   10000.0f, window > 0, x.khat.data(), x.vhat.data(),
+                                   x.prefix.data());
+          for (int h = 0; h < Hkv; ++h)
+            EXPECT_EQ(x.prefix[h], lengths_before[c.row * Hkv + h] - (window && h != 1 ? 1 : 0));
+          in.push_back(std::move(x));
+        }
         CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
-          std::vector<double> kd(chunk.k.begin(), chunk.k.end()), vd(chunk.v.begin(), chunk.v.end());
-          bf16 *dk = Upload(to_bf16(kd)), *dv = Upload(to_bf16(vd));
-          float *dm = Upload(merge), *dom = Upload(omega);
-          DevBuf<bf16> dkh(khat.size()), dvh(vhat.size());
-          DevBuf<int> dpre(prefix.size());
-          cuda::paged_kv_extend(layer, row, dk, dv, window ? dm : nullptr, window ? dom : nullptr,
-                                before, n, Hkv, D, 10000.0f, window > 0, dkh.ptr, dvh.ptr,
-                                dpre.ptr);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          EXPECT_EQ(Download(dpre.ptr, prefix.size()), prefix);
-          const std::vector<bf16> gk = Download(dkh.ptr, khat.size());
-          const std::vector<bf16> gv = Download(dvh.ptr, vhat.size());
-          for (size_t i = 0; i < khat.size(); ++i) {
-            ASSERT_NEAR(__bfloat162float(gk[i]), khat[i], 2e-2 * (std::fabs(khat[i]) + 1e-2))
-                << "k̂ element " << i;
-            ASSERT_NEAR(__bfloat162float(gv[i]), vhat[i], 2e-2 * (std::fabs(vhat[i]) + 1e-2))
-                << "v̂ element " << i;
+          for (size_t i = 0; i < chunks.size(); ++i) {
+            const Chunk& c = chunks[i];
+            const Inputs& x = in[i];
+            std::vector<double> kd(x.kv.k.begin(), x.kv.k.end()), vd(x.kv.v.begin(), x.kv.v.end());
+            DevBuf<bf16> dk(to_bf16(kd)), dv(to_bf16(vd)), dkh(x.khat.size()), dvh(x.vhat.size());
+            DevBuf<float> dm(x.merge), dom(x.omega);
+            DevBuf<int> dpre(x.prefix.size());
+            cuda::paged_kv_extend(layer, c.row, dk.ptr, dv.ptr, window ? dm.ptr : nullptr,
+                                  window ? dom.ptr : nullptr, c.start, c.n, Hkv, D, 10000.0f,
+                                  window > 0, dkh.ptr, dvh.ptr, dpre.ptr);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            EXPECT_EQ(Download(dpre.ptr, x.prefix.size()), x.prefix) << "chunk " << i;
+            const std::vector<bf16> gk = Download(dkh.ptr, x.khat.size());
+            const std::vector<bf16> gv = Download(dvh.ptr, x.vhat.size());
+            for (size_t j = 0; j < x.khat.size(); ++j) {
+              ASSERT_NEAR(__bfloat162float(gk[j]), x.khat[j], 2e-2 * (std::fabs(x.khat[j]) + 1e-2))
+                  << "chunk " << i << " k̂ element " << j;
+              ASSERT_NEAR(__bfloat162float(gv[j]), x.vhat[j], 2e-2 * (std::fabs(x.vhat[j]) + 1e-2))
+                  << "chunk " << i << " v̂ element " << j;
+            }
           }
-          for (void* p : {(void*)dk, (void*)dv, (void*)dm, (void*)dom}) cudaFree(p);
         });
       }
 }
 
 // A chunk's attention over its sequence's cache and itself (kernels/chunk_attention.h): random
-// pools, page tables, per-(query, head) prefixes (0 included) and a hard mask, against the CPU
-// reference; GQA groups on tensor cores (G 4 to 16) and CUDA cores, both head dims.
+// pools, page tables and a hard mask against the CPU reference. Short chunks with random
+// per-(query, head) prefixes (0 included); long chunks (several query tiles of 64 rows, several
+// key tiles of prefix and chunk) whose KV heads hold very different lengths, as DMC's do, the
+// same for every query (as paged_kv_extend gives them). GQA groups of 1, 3, 4, 6, 8 and 16 (a
+// tile's 16 rows then hold whole groups, or split one), both head dims.
 TEST(CudaChunkAttention, MatchesCpuReference) {
   DMC_REQUIRE_GPU();
-  struct Shape {
-    int H, Hkv, D;
+  struct Case {
+    int H, Hkv, D, n;
+    bool long_prefix;  // per-head lengths up to 700, else per-(query, head) up to 160
   };
-  for (const Shape& sh : {Shape{8, 2, 128}, Shape{8, 1, 64}, Shape{3, 3, 64}, Shape{2, 2, 128}})
+  std::vector<Case> cases;
+  for (int n : {1, 37, 129})
+    for (Case c : {Case{8, 2, 128, n, false}, Case{16, 2, 64, n, false},
+                   Case{16, 1, 128, n, false}, Case{6, 1, 64, n, false}, Case{3, 1, 64, n, false},
+                   Case{2, 2, 128, n, false}})
+      cases.push_back(c);
+  for (Case c : {Case{8, 2, 128, 300, true}, Case{32, 4, 64, 200, true},
+                 Case{16, 1, 128, 150, true}, Case{12, 2, 64, 260, true},
+                 Case{4, 4, 128, 90, true}})
+    cases.push_back(c);
+  for (const Case& cs : cases)
     for (bool exclude : {false, true})
-      for (bool masked : {false, true})
-        for (int n : {1, 37, 129}) {
-          SCOPED_TRACE(testing::Message() << "H " << sh.H << " Hkv " << sh.Hkv << " D " << sh.D
-                                          << " exclude " << exclude << " mask " << masked
-                                          << " n " << n);
-          const int H = sh.H, Hkv = sh.Hkv, D = sh.D, page = 16, max_pages = 10;
-          const int pages = Hkv * max_pages + 3;
-          std::vector<double> kp = randn(size_t(pages) * page * D), vp = randn(kp.size());
-          std::vector<double> q = randn(size_t(n) * H * D, 2.0), k = randn(size_t(n) * Hkv * D);
-          std::vector<double> v = randn(k.size());
-          const std::vector<bf16> bkp = to_bf16(kp), bvp = to_bf16(vp), bq = to_bf16(q),
-                                  bk = to_bf16(k), bv = to_bf16(v);
-          std::vector<int32_t> table(static_cast<size_t>(pages));
-          for (int i = 0; i < pages; ++i) table[i] = i;
-          std::shuffle(table.begin(), table.end(), rng());
-          table.resize(size_t(Hkv) * max_pages);
-          std::vector<int> prefix(size_t(n) * Hkv);
-          for (auto& x : prefix) x = rng()() % 5 == 0 ? 0 : static_cast<int>(rng()() % 161);
-          std::vector<float> mask(size_t(n) * Hkv);
-          for (auto& x : mask) x = rng()() % 2 ? -50000.0f : 0.0f;
-          const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-          auto f32 = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-          const std::vector<float> fkp = f32(kp), fvp = f32(vp), fq = f32(q), fk = f32(k), fv = f32(v);
-          std::vector<float> want(size_t(n) * H * D);
-          kernels::chunk_attention(want.data(), fq.data(), fkp.data(), fvp.data(), table.data(),
-                                   max_pages, page, prefix.data(), fk.data(), fv.data(),
-                                   masked ? mask.data() : nullptr, n, H, Hkv, D, exclude, scale);
-          DevBuf<bf16> dkp(bkp), dvp(bvp), dq(bq), dk(bk), dv(bv), dout(want.size());
-          DevBuf<int32_t> dtable(table);
-          DevBuf<int> dprefix(prefix);
-          DevBuf<float> dmask(mask);
-          cuda::chunk_attention(dout.ptr, dq.ptr, dkp.ptr, dvp.ptr, dtable.ptr, max_pages, page,
-                                dprefix.ptr, dk.ptr, dv.ptr, masked ? dmask.ptr : nullptr, n, H,
-                                Hkv, D, exclude, scale);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          const std::vector<bf16> got = Download(dout.ptr, want.size());
-          double worst = 0;
-          for (size_t i = 0; i < want.size(); ++i)
-            worst = std::max(worst, std::fabs(double(__bfloat162float(got[i])) - want[i]));
-          EXPECT_LT(worst, 3e-2);
+      for (bool masked : {false, true}) {
+        const int H = cs.H, Hkv = cs.Hkv, D = cs.D, n = cs.n, page = 16;
+        SCOPED_TRACE(testing::Message() << "H " << H << " Hkv " << Hkv << " D " << D << " n " << n
+                                        << " exclude " << exclude << " mask " << masked
+                                        << " long " << cs.long_prefix);
+        const int longest = cs.long_prefix ? 700 : 160, max_pages = (longest + page - 1) / page;
+        const int pages = Hkv * max_pages + 3;
+        std::vector<double> kp = randn(size_t(pages) * page * D), vp = randn(kp.size());
+        std::vector<double> q = randn(size_t(n) * H * D, 2.0), k = randn(size_t(n) * Hkv * D);
+        std::vector<double> v = randn(k.size());
+        const std::vector<bf16> bkp = to_bf16(kp), bvp = to_bf16(vp), bq = to_bf16(q),
+                                bk = to_bf16(k), bv = to_bf16(v);
+        std::vector<int32_t> table(static_cast<size_t>(pages));
+        for (int i = 0; i < pages; ++i) table[i] = i;
+        std::shuffle(table.begin(), table.end(), rng());
+        table.resize(size_t(Hkv) * max_pages);
+        std::vector<int> prefix(size_t(n) * Hkv);
+        if (cs.long_prefix) {
+          const int head_lengths[] = {longest, 0, 333, 64, 1, 517};
+          for (int t = 0; t < n; ++t)
+            for (int h = 0; h < Hkv; ++h) prefix[t * Hkv + h] = head_lengths[h % 6];
+        } else {
+          for (auto& x : prefix)
+            x = rng()() % 5 == 0 ? 0 : static_cast<int>(rng()() % (longest + 1));
         }
+        std::vector<float> mask(size_t(n) * Hkv);
+        for (auto& x : mask) x = rng()() % 2 ? -50000.0f : 0.0f;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+        auto f32 = [](const std::vector<double>& x) {
+          return std::vector<float>(x.begin(), x.end());
+        };
+        const std::vector<float> fkp = f32(kp), fvp = f32(vp), fq = f32(q), fk = f32(k),
+                                 fv = f32(v);
+        std::vector<float> want(size_t(n) * H * D);
+        kernels::chunk_attention(want.data(), fq.data(), fkp.data(), fvp.data(), table.data(),
+                                 max_pages, page, prefix.data(), fk.data(), fv.data(),
+                                 masked ? mask.data() : nullptr, n, H, Hkv, D, exclude, scale);
+        DevBuf<bf16> dkp(bkp), dvp(bvp), dq(bq), dk(bk), dv(bv), dout(want.size());
+        DevBuf<int32_t> dtable(table);
+        DevBuf<int> dprefix(prefix);
+        DevBuf<float> dmask(mask);
+        cuda::chunk_attention(dout.ptr, dq.ptr, dkp.ptr, dvp.ptr, dtable.ptr, max_pages, page,
+                              dprefix.ptr, dk.ptr, dv.ptr, masked ? dmask.ptr : nullptr, n, H,
+                              Hkv, D, exclude, scale);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<bf16> got = Download(dout.ptr, want.size());
+        double worst = 0;
+        size_t worst_at = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+          const double err = std::fabs(double(__bfloat162float(got[i])) - want[i]);
+          if (!(err <= worst)) {  // a NaN counts as the worst
+            worst = std::isnan(err) ? INFINITY : err;
+            worst_at = i;
+          }
+        }
+        EXPECT_LT(worst, 3e-2) << "at query " << worst_at / (size_t(H) * D) << " head "
+                               << worst_at / D % H << " channel " << worst_at % D;
+      }
 }
 
 // H2O and TOVA over many steps of appends (the vanilla write, which also records every slot's
