@@ -176,32 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_attention_kernel(const Para
         }
         s[nb][e] = valid ? x : -INFINITY;
       }
-    // Online softmax (base 2) of the lane's two rows, over the quad that holds each row.
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < kKeys / 8; ++nb)
-        mx = fmaxf(mx, fmaxf(s[nb][2 * hh], s[nb][2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_i[hh], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: weights 0
-      const float corr = ex2(m_i[hh] - m_use);
-      m_i[hh] = m_new;
-      l_i[hh] *= corr;
-#pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        o[nb][2 * hh] *= corr;
-        o[nb][2 * hh + 1] *= corr;
-      }
-#pragma unroll
-      for (int nb = 0; nb < kKeys / 8; ++nb) {
-        s[nb][2 * hh] = ex2(s[nb][2 * hh] - m_use);
-        s[nb][2 * hh + 1] = ex2(s[nb][2 * hh + 1] - m_use);
-        l_i[hh] += s[nb][2 * hh] + s[nb][2 * hh + 1];
-      }
-    }
+    online_softmax_tile<kKeys / 8, D>(s, o, m_i, l_i);
 #pragma unroll
     for (int kg = 0; kg < kKeys / 16; ++kg) {
       const uint32_t pa[4] = {pack_bf16(s[2 * kg][0], s[2 * kg][1]),

@@ -113,6 +113,39 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ float bf(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ __nv_bfloat16 tobf(float x) { return __float2bfloat16_rn(x); }
 
+// One key tile of an online softmax (base 2) over mma.sync m16n8 accumulators: a lane holds rows
+// lane/4 and lane/4 + 8 (hh = 0, 1), columns spread over its quad. The rows' maxima m and sums l
+// advance, the output o [D/8 n-blocks] is rescaled, and s [KeyBlocks n-blocks of 8 keys] becomes
+// the tile's unnormalized weights. A row with nothing visible yet (max −inf) keeps weight 0.
+template <int KeyBlocks, int D>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[KeyBlocks][4], float (&o)[D / 8][4],
+                                                    float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < KeyBlocks; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * hh], s[nb][2 * hh + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[hh], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float corr = ex2(m[hh] - m_use);
+    m[hh] = m_new;
+    l[hh] *= corr;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      o[nb][2 * hh] *= corr;
+      o[nb][2 * hh + 1] *= corr;
+    }
+#pragma unroll
+    for (int nb = 0; nb < KeyBlocks; ++nb) {
+      s[nb][2 * hh] = ex2(s[nb][2 * hh] - m_use);
+      s[nb][2 * hh + 1] = ex2(s[nb][2 * hh + 1] - m_use);
+      l[hh] += s[nb][2 * hh] + s[nb][2 * hh + 1];
+    }
+  }
+}
+
 // ldmatrix and mma.sync (m16n8k16, bf16 in, fp32 accumulate) on XOR-swizzled shared tiles: the
 // Ampere-style tensor-core path of the attention kernels (training forward/backward, GQA decode).
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {

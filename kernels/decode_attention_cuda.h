@@ -386,29 +386,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const P p) {
         if (p.probs != nullptr && valid && g < p.G)
           p.probs[(qh0 + g) * p.probs_stride + slot] = s[nb][e];
       }
-    // Online softmax (base 2) of rows lane/4 and lane/4 + 8; every tile holds a slot of
-    // [s0, s1), so the maxima are finite from the first tile on.
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = fmaxf(fmaxf(s[0][2 * hh], s[0][2 * hh + 1]), fmaxf(s[1][2 * hh], s[1][2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_i[hh], mx);
-      const float corr = detail::ex2(m_i[hh] - m_new);
-      m_i[hh] = m_new;
-      l_i[hh] *= corr;
-#pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        o[nb][2 * hh] *= corr;
-        o[nb][2 * hh + 1] *= corr;
-      }
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-        s[nb][2 * hh] = detail::ex2(s[nb][2 * hh] - m_new);
-        s[nb][2 * hh + 1] = detail::ex2(s[nb][2 * hh + 1] - m_new);
-        l_i[hh] += s[nb][2 * hh] + s[nb][2 * hh + 1];
-      }
-    }
+    detail::online_softmax_tile<2, D>(s, o, m_i, l_i);
     const uint32_t pa[4] = {detail::pack_bf16(s[0][0], s[0][1]), detail::pack_bf16(s[0][2], s[0][3]),
                             detail::pack_bf16(s[1][0], s[1][1]), detail::pack_bf16(s[1][2], s[1][3])};
 #pragma unroll

@@ -177,7 +177,9 @@ void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, bf16* stage_k
                                  const int32_t* positions, int n, int Hkv, int D,
                                  cudaStream_t stream) {
   if (n <= 0) return;
-  const size_t smem = static_cast<size_t>(layer.residual_slots) * sizeof(int);
+  // Rounded up to whole 16-byte words: ptxas may merge the guarded reads of consecutive rows
+  // into one wider load, which compute-sanitizer flags past a 36-byte array.
+  const size_t smem = static_cast<size_t>((layer.residual_slots + 3) / 4 * 4) * sizeof(int);
   settle_lagged_kernel<<<static_cast<unsigned>(n * Hkv), kThreads, smem, stream>>>(
       page_ids, rows, stage_k, stage_v, layer, r_k, r_v, positions, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
