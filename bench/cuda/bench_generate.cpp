@@ -387,8 +387,11 @@ int main(int argc, char** argv) {
     auto stats = inf::RunBatched(
         **engine, requests, o.max_batch,
         [&](int r, int pos, const inf::TokenOutput&) {
+          const int prompt = static_cast<int>(base[r].tokens.size());
+          // a prompt token fed by a step (a cache without parallel prefill): nothing generated
+          if (pos + 1 < prompt) return true;
           const auto now = Clock::now();
-          if (pos + 1 == static_cast<int>(base[r].tokens.size())) {
+          if (pos + 1 == prompt) {
             ttft.push_back(std::chrono::duration<double>(now - start).count());
           } else {
             gaps.push_back(std::chrono::duration<double, std::milli>(now - last[r]).count());
