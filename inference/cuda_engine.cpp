@@ -69,6 +69,8 @@ struct StepIo {
 
 struct CudaEngine::Device {
   cudaStream_t stream = nullptr;
+  // Around each step's device work: the GPU's share of the time Step takes (step_gpu_seconds).
+  cudaEvent_t step_begin = nullptr, step_end = nullptr;
   bf16* weights = nullptr;
   std::vector<size_t> layer_offsets;  // [layer · kLayerTensors + tensor]
   size_t embed = 0, final_norm = 0, lm_head = 0;
@@ -164,6 +166,8 @@ CudaEngine::~CudaEngine() {
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host})
     if (p) cudaFreeHost(p);
+  for (cudaEvent_t e : {d.step_begin, d.step_end})
+    if (e) cudaEventDestroy(e);
   if (d.stream) cudaStreamDestroy(d.stream);
 }
 
@@ -265,6 +269,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   const int Hkv = cfg.num_key_value_heads, D = cfg.head_dim(), F = cfg.intermediate_size;
   const int V = cfg.vocab_size, R = rows_, P = max_context_;
   ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
+  ENGINE_CUDA(cudaEventCreate(&d.step_begin));
+  ENGINE_CUDA(cudaEventCreate(&d.step_end));
 
   // Weights: the host layout, converted to bf16 through a staging buffer.
   size_t num_params = 0;
@@ -798,6 +804,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       d.in_host.top_p[r] = s.sampling.top_p;
       d.in_host.seed[r] = s.sampling.seed;
     }
+    ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
     // One graph per batch size, captured at its first step (the kernels' scratch was sized for
     // the largest batch up front, so no later call moves a buffer a graph points to).
@@ -817,6 +824,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       }
       ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
     }
+    ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
     // Outputs of rows 0..n-1 and every head length of those rows.
     const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
     int32_t* host = d.out_host;
@@ -831,6 +839,9 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
                                       rows_ * Hkv * sizeof(int32_t), n * Hkv * sizeof(int32_t), L,
                                       cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+    float gpu_ms = 0;
+    ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, d.step_begin, d.step_end));
+    step_gpu_seconds_ += 1e-3 * gpu_ms;
     out->resize(n);
     for (int i = 0; i < n; ++i) {
       Sequence& s = seqs_.at(seqs[i]);

@@ -150,6 +150,9 @@ class CudaEngine : public DecodeEngine {
 
   int max_context() const { return max_context_; }
   int max_batch() const { return opt_.max_batch; }
+  // Device time of every Step so far, from its inputs' upload to its last kernel (graph capture
+  // included); the rest of the wall time in Step is the host's (page bookkeeping, copies back).
+  double step_gpu_seconds() const { return step_gpu_seconds_; }
 
  private:
   struct Device;  // device buffers, streams, graphs (inference/cuda_engine.cpp)
@@ -227,6 +230,7 @@ class CudaEngine : public DecodeEngine {
   PagedCacheOptions cache_opt_;
   PageAllocator alloc_;
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
+  double step_gpu_seconds_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
   bool evicts_ = false;       // h2o or tova: eviction by each step's attention
   bool dms_ = false;          // dms on a DMS model: eviction by the model's own decisions

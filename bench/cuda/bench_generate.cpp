@@ -7,7 +7,8 @@
 // generated token over the wall time of the whole run, prefill included), prefill tokens/s
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
-// the cache reached and the scheduler's preemptions.
+// the cache reached and the scheduler's preemptions; the wall time in the engine's steps and the
+// GPU's part of it (the rest is the host's work between two steps' device work).
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
@@ -310,8 +311,9 @@ int main(int argc, char** argv) {
               absl::GetFlag(FLAGS_budget_gb), absl::GetFlag(FLAGS_page_size));
   std::printf("| method | CR reached | max concurrent | mean batch | decode tok/s | output tok/s | "
               "prefill tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in "
-              "steps s | in prefill s | steps | preemptions |\n| --- | --- | --- | --- | --- | --- "
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+              "steps s | GPU in steps s | in prefill s | steps | preemptions |\n| --- | --- | --- "
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "|\n");
   std::fflush(stdout);
 
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
@@ -417,14 +419,15 @@ int main(int argc, char** argv) {
     // requests and the admission pace keep it under max concurrent)
     const long decoded = generated - static_cast<long>(ttft.size());
     std::printf("| %s | %.2f | %d | %.1f | %.0f | %.0f | %.0f | %.2f | %.2f | %.1f | %.1f | %.1f | "
-                "%.1f | %.1f | %ld | %ld |\n",
+                "%.1f | %.1f | %.1f | %ld | %ld |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
                 generated / stats->seconds,
                 stats->prefill_tokens / std::max(1e-9, stats->prefill_seconds),
                 Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(gaps, 0.5),
-                Percentile(gaps, 0.99), stats->seconds, stats->step_seconds, stats->prefill_seconds,
+                Percentile(gaps, 0.99), stats->seconds, stats->step_seconds,
+                (*engine)->step_gpu_seconds(), stats->prefill_seconds,
                 stats->steps, stats->preemptions);
     std::fflush(stdout);
   }
