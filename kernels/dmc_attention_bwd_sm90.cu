@@ -358,19 +358,13 @@ void launch_bwd(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, c
                 cudaStream_t stream) {
   constexpr int kBM = BwdTiles<D>::kBM;
   const size_t smem = 1024 + sizeof(BwdSmem<D>);
-  auto kernel = attn_bwd_sm90_kernel<D>;
-  static bool configured = false;
-  if (!configured) {
-    DMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    configured = true;
-  }
+  allow_dynamic_smem<attn_bwd_sm90_kernel<D>>(smem);
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
   const CUtensorMap dout_map = make_tile_map(dout, p.B, p.T, p.H, D, kBM);
   const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
   const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
   dim3 grid(ceil_div(p.T, kBN), p.Hkv, p.B);
-  kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
+  attn_bwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -302,18 +302,12 @@ template <int D>
 void launch_fwd(const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
                 cudaStream_t stream) {
   const size_t smem = 1024 + sizeof(Smem<D>);
-  auto kernel = attn_fwd_sm90_kernel<D>;
-  static bool configured = false;
-  if (!configured) {
-    DMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    configured = true;
-  }
+  allow_dynamic_smem<attn_fwd_sm90_kernel<D>>(smem);
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
   const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
   const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
   dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
-  kernel<<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
+  attn_fwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

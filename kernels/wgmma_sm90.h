@@ -276,4 +276,16 @@ inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int he
   return map;
 }
 
+// Lets Kernel take `bytes` of dynamic shared memory (past the 48 KiB default): set once per
+// kernel, at its first launch.
+template <auto Kernel>
+void allow_dynamic_smem(size_t bytes) {
+  static const bool configured = [bytes] {
+    DMC_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+    return true;
+  }();
+  (void)configured;
+}
+
 }  // namespace dmc::cuda::detail
