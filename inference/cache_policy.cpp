@@ -55,6 +55,23 @@ int LayerRecent(const CachePolicy& policy, int layer) {
   return policy.layer_budget.empty() ? policy.recent : policy.layer_budget[layer] / 2;
 }
 
+absl::Status ValidateEvictionBudgets(const CachePolicy& policy, int layers) {
+  if (policy.method != CacheMethod::kH2O && policy.method != CacheMethod::kTova)
+    return absl::OkStatus();
+  if (!policy.layer_budget.empty() && static_cast<int>(policy.layer_budget.size()) != layers)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: %d per-layer budgets for a model of %d layers", PolicyName(policy),
+        policy.layer_budget.size(), layers));
+  for (int l = 0; l < layers; ++l)
+    if (LayerBudget(policy, l) < 1 || LayerRecent(policy, l) < 0 ||
+        LayerRecent(policy, l) >= LayerBudget(policy, l))
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d at "
+          "layer %d",
+          PolicyName(policy), LayerBudget(policy, l), LayerRecent(policy, l), l));
+  return absl::OkStatus();
+}
+
 int KvSourceLayer(const CachePolicy& policy, int layer) {
   return policy.kv_source.empty() ? layer : policy.kv_source[layer];
 }

@@ -83,6 +83,10 @@ struct LayerCalibration {
 // The budget and h2o's recent window at `layer`.
 int LayerBudget(const CachePolicy& policy, int layer);
 int LayerRecent(const CachePolicy& policy, int layer);
+// Whether h2o's and tova's budgets are valid for a model of `layers` layers: policy.layer_budget
+// empty or one per layer, and every layer's budget >= 1 with its recent window in [0, budget).
+// OK for the other methods. InvalidArgument naming the problem and the layer.
+absl::Status ValidateEvictionBudgets(const CachePolicy& policy, int layers);
 
 // The policy's name in results, one per setting: the method, "-pyramid" or "-zigzag" for per-layer
 // budgets, its (mean) slots per head for h2o and tova ("h2o-32", "h2o-pyramid-32"), then "-int8"

@@ -196,16 +196,13 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
                               "cache, not %s",
                               CacheMethodName(method)));
   const CachePolicy& policy = options.policy;
-  if ((method == CacheMethod::kH2O || method == CacheMethod::kTova) &&
-      (policy.budget < 1 || policy.recent < 0 || policy.recent >= policy.budget))
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d",
-        CacheMethodName(method), policy.budget, policy.recent));
-  // The CPU engine's other compressors: refused, not run uncompressed.
-  if (policy.think_channels > 0 || !policy.layer_budget.empty() || !policy.kv_source.empty())
+  if (absl::Status s = ValidateEvictionBudgets(policy, cfg.num_hidden_layers); !s.ok()) return s;
+  if (absl::Status s = ValidateKvSharing(policy, cfg.num_hidden_layers); !s.ok()) return s;
+  // The CPU engine's other compressor: refused, not run uncompressed.
+  if (policy.think_channels > 0)
     return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine does not run %s (ThinK, per-layer budgets and KVSharer run on the CPU "
-        "engine; it quantizes the vanilla, dmc and dms caches, ZipCache included)",
+        "the GPU engine does not run %s (ThinK runs on the CPU engine; the GPU engine quantizes "
+        "the vanilla, dmc and dms caches, ZipCache included)",
         PolicyName(policy)));
   if (absl::Status s = ValidateKvQuant(policy, cfg.head_dim(), options.page_size); !s.ok())
     return s;
@@ -586,7 +583,8 @@ int CudaEngine::PagesHeld(const Sequence& s, size_t i) const {
 }
 
 int CudaEngine::PagesToGrow(const Sequence& s, size_t i, int tokens) const {
-  const int P = opt_.page_size;
+  const int P = opt_.page_size, layer = static_cast<int>(i) / config_.num_key_value_heads;
+  if (KvSourceLayer(opt_.policy, layer) != layer) return 0;  // KVSharer: it writes nothing
   if (!quant_) return (s.lengths[i] + tokens + P - 1) / P;
   const int residual = s.lengths[i] - s.quantized[i];
   return s.quantized[i] / P + std::min(residual + tokens - 1, P - 1 + tokens) / P;
@@ -622,9 +620,10 @@ kernels::SampleRows RowsOf(const StepIo& io) {
   return {io.temperature, io.top_p, io.seed, io.sample_pos, io.targets};
 }
 
-kernels::EvictPolicy EvictPolicyOf(const CachePolicy& policy) {
+// Layer l's eviction: its own budget under per-layer budgets (LayerBudget), as on the CPU.
+kernels::EvictPolicy EvictPolicyOf(const CachePolicy& policy, int layer) {
   return {policy.method == CacheMethod::kH2O ? kernels::EvictRule::kH2O : kernels::EvictRule::kTova,
-          policy.budget, policy.recent};
+          LayerBudget(policy, layer), LayerRecent(policy, layer)};
 }
 
 }  // namespace
@@ -730,6 +729,10 @@ void CudaEngine::EnqueueStep(int n) {
       EnqueueDmsDecisions(l, n, d.x, d.q, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g, d.merge,
                           nullptr);
     const c::PagedKv layer = CacheLayer(l);
+    // KVSharer: a layer that reads an earlier one's cache writes nothing and attends to that
+    // layer's slots (only the bf16 vanilla cache shares, ValidateKvSharing).
+    const int source = KvSourceLayer(opt_.policy, l);
+    const c::PagedKv read = source == l ? layer : CacheLayer(source);
     // Quantized: the heads whose token opens a slot while page_size slots of their residual
     // have settled close them into a page first, one quantizer launch for all heads of the step.
     // DMS's slots settle past its window, the page's rows staged as the residual closes up.
@@ -745,8 +748,9 @@ void CudaEngine::EnqueueStep(int n) {
       c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, layer.k_pool, layer.v_pool,
                            d.close_rows, n * Hkv, st);
     }
-    c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
-                       d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
+    if (source == l)
+      c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
+                         d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
     // DMS: the marked token that leaves now is gone before this step's attention.
     if (dms_)
       c::paged_kv_dms_evict(layer, Marks(l), d.merge, d.in_dev.positions, n, Hkv, D,
@@ -766,14 +770,14 @@ void CudaEngine::EnqueueStep(int n) {
       if (zip_) c::paged_kv_settle_scores(q, d.probs, probs_stride, n, H, Hkv, st);
     } else {
       c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
-                                layer.page_table, layer.lengths, max_pages_, opt_.page_size, n, H,
+                                read.page_table, read.lengths, max_pages_, opt_.page_size, n, H,
                                 Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
     }
     // H2O and TOVA evict by this attention, after it and before the next layer, as the CPU
     // decoder does; the host returns the pages that empty after the step.
     if (evicts_)
       c::paged_kv_evict(layer, d.scores, d.probs, probs_stride, d.in_dev.positions, n, H, Hkv, D,
-                        EvictPolicyOf(opt_.policy), st);
+                        EvictPolicyOf(opt_.policy, l), st);
     c::matmul_forward_add(d.x, d.att, w + d.W(l, kWo), n, H * D, C, st);
     EnqueueMlp(l, n, d.x, d.xn, d.rstd, d.gate, d.up, d.h);
   }
@@ -980,7 +984,8 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
         "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts or ranks "
-        "slots by each step's attention: feed the prompt token by token)",
+        "slots by each step's attention, or its layers share caches: feed the prompt token by "
+        "token)",
         PolicyName(opt_.policy)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);

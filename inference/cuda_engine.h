@@ -40,7 +40,16 @@
 // go token by token through Step, as on the CPU engine (parallel_prefill() is false, Prefill
 // refuses): eviction follows each step's attention, and H2O's scores sum the attention of every
 // query, which the parallel forward does not produce; so the cache holds what the CPU engine's
-// does, exactly the same slots when the weights rank them the same.
+// does, exactly the same slots when the weights rank them the same. Per-layer budgets
+// (PyramidInfer, ZigZagKV; inference/layer_budgets.h): each layer's eviction launch gets that
+// layer's budget and recent window (LayerBudget, LayerRecent), and since pages are handed out and
+// returned per head by its length, each layer holds the pages of its own budget.
+//
+// KVSharer (policy.kv_source, the bf16 vanilla cache): a layer that reads an earlier layer's
+// cache appends nothing and its attention reads that layer's page tables and lengths; its heads
+// are never handed a page, so they hold no slot and bytes() is KvSequenceBytes with 0 slots for
+// them, as on the CPU engine. Its prompts go token by token (no parallel prefill, as on the CPU
+// engine: the parallel forward does not read another layer's cache).
 //
 // DMS (a DMS model, the dms method; DMS.md §5): every layer of the step computes each row's hard
 // eviction decisions on the device (the adapter, Linear(RMSNorm(residual)), or the query channel,
@@ -84,13 +93,13 @@
 // kernels::paged_kv_settle_scores adds them to the residual slots' scores [L, R, Hkv,
 // residual_slots], which paged_kv_settle_step reads to order a closing page's rows (the salient
 // ones first, into the high-precision tier). Like the CPU engine, ZipCache has no parallel
-// prefill (its scores need every query's attention): prompts go token by token. ThinK,
-// per-layer budgets and KVSharer are refused with a clear error and run on the CPU engine.
+// prefill (its scores need every query's attention): prompts go token by token. ThinK
+// is refused with a clear error and runs on the CPU engine.
 //
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
-// training), h2o and tova (likewise); vanilla, dmc and dms also quantized, vanilla also with
-// ZipCache's mixed precision. LoMA is refused with a clear error: it runs on the CPU engine.
+// training), h2o and tova (likewise, uniform or per-layer budgets); vanilla, dmc and dms also
+// quantized, vanilla also with ZipCache's mixed precision or KVSharer's shared layers. LoMA is refused with a clear error: it runs on the CPU engine.
 #pragma once
 
 #include <cstdint>
@@ -135,10 +144,11 @@ class CudaEngine : public DecodeEngine {
   int num_sequences() const override { return static_cast<int>(seqs_.size()); }
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
-  // Not for h2o, tova and ZipCache: they rank slots by every step's attention.
-  bool parallel_prefill() const override { return !evicts_ && !zip_; }
+  // Not for h2o, tova and ZipCache: they rank slots by every step's attention; nor for KVSharer,
+  // whose layers read other layers' caches, which the parallel forward does not (as on the CPU).
+  bool parallel_prefill() const override { return !evicts_ && !zip_ && opt_.policy.kv_source.empty(); }
   // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
-  bool chunked_prefill() const override { return !evicts_ && !dms_ && !quant_; }
+  bool chunked_prefill() const override { return parallel_prefill() && !dms_ && !quant_; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,

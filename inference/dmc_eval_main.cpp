@@ -70,8 +70,7 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "kvsharer: shared layers; dmc_think, dms_think: kept key channels of the dmc and dms "
           "caches), "
           "one table per budget; --device=cuda: bytes at bf16 (window state counted at bf16, "
-          "held in fp32), and the methods the GPU engine refuses (think, the _pyramid and _zigzag "
-          "budgets, kvsharer) are reported as such");
+          "held in fp32), and the method the GPU engine refuses (think) is reported as such");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
           "need a calibration (the _zigzag budgets, kvsharer) calibrate");

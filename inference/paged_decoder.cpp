@@ -81,19 +81,7 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
             : absl::StrFormat("a DMS model evicts by its own decisions: decode it with the dms "
                               "cache, not %s",
                               CacheMethodName(policy.method)));
-  const bool evicts = policy.method == CacheMethod::kH2O || policy.method == CacheMethod::kTova;
-  if (evicts && !policy.layer_budget.empty() &&
-      static_cast<int>(policy.layer_budget.size()) != c.num_hidden_layers)
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: %d per-layer budgets for a model of %d layers", PolicyName(policy),
-        policy.layer_budget.size(), c.num_hidden_layers));
-  for (int l = 0; evicts && l < c.num_hidden_layers; ++l)
-    if (LayerBudget(policy, l) < 1 || LayerRecent(policy, l) < 0 ||
-        LayerRecent(policy, l) >= LayerBudget(policy, l))
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s needs a budget >= 1 and a recent window below it, got budget %d, recent %d at "
-          "layer %d",
-          PolicyName(policy), LayerBudget(policy, l), LayerRecent(policy, l), l));
+  if (absl::Status s = ValidateEvictionBudgets(policy, c.num_hidden_layers); !s.ok()) return s;
   return std::unique_ptr<PagedDecoder<T>>(new PagedDecoder<T>(model, policy, cache));
 }
 

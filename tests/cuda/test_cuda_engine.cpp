@@ -12,11 +12,13 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "inference/cpu_engine.h"
 #include "inference/cuda_engine.h"
 #include "inference/evaluate.h"
+#include "inference/layer_budgets.h"
 #include "inference/scheduler.h"
 #include "kernels/chunk_attention.h"
 #include "kernels/paged_kv_dms_evict.h"
@@ -32,6 +34,7 @@ namespace dmc::cuda_test {
 namespace {
 
 using inference::CacheMethod;
+using inference::LayerAllocation;
 using inference::TokenOutput;
 using model::DmsVariant;
 
@@ -856,22 +859,44 @@ struct EngineCase {
   int bits = 0;  // KV quantization (vanilla, dmc, dms): 8, 4 or 2; 0: none
   int page_size = 0;  // 0: each test's own (4 or 8)
   int salient = 0;  // ZipCache (vanilla): salient slots per page, at 8 bits over `bits`
+  LayerAllocation allocation = LayerAllocation::kUniform;  // h2o, tova: per-layer budgets
+  std::vector<int> kv_source = {};  // KVSharer (vanilla): the cache each layer reads
 };
 
+model::LlamaConfig EngineConfig(const EngineCase& c) {
+  model::LlamaConfig m = c.dms != DmsVariant::kNone
+                             ? DmsModelConfig(c.dms, c.hidden, c.heads, c.kv_heads)
+                             : SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
+  m.vocab_size = 256;
+  m.num_hidden_layers = 3;
+  return m;
+}
+
 // The case's policy over sequences of seq_len tokens (inference::PolicyForCr), quantized to
-// c.bits (ZipCache: c.salient slots of a page at 8 bits).
+// c.bits (ZipCache: c.salient slots of a page at 8 bits); per-layer budgets at that mean budget
+// (ZigZagKV's from a fixed, uneven LMBA per layer: the engines follow whatever budgets a
+// calibration gives, so the test needs none); KVSharer's sources.
 inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
   absl::StatusOr<inference::CachePolicy> p = inference::PolicyForCr(c.method, seq_len, c.cr);
   EXPECT_TRUE(p.ok()) << p.status();
   inference::CachePolicy policy = p.ok() ? *p : inference::CachePolicy{c.method};
   policy.quant = {c.bits, 0, c.salient > 0 ? 8 : 0, c.salient};
+  const int L = EngineConfig(c).num_hidden_layers;
+  policy.allocation = c.allocation;
+  if (c.allocation == LayerAllocation::kPyramidInfer)
+    policy.layer_budget = inference::PyramidInferBudgets(L, policy.budget, seq_len);
+  if (c.allocation == LayerAllocation::kZigZag)
+    policy.layer_budget = inference::ZigZagBudgets({6.0, 1.5, 3.0}, policy.budget, seq_len);
+  policy.kv_source = c.kv_source;
   return policy;
 }
 
-// Whether the case ranks slots by each step's attention (H2O, TOVA, ZipCache): no parallel
-// prefill on either engine.
-bool RanksByAttention(const EngineCase& c) {
-  return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.salient > 0;
+// Whether the case's prompts go token by token on both engines (no parallel prefill): H2O, TOVA
+// and ZipCache rank slots by each step's attention, and KVSharer's layers read other layers'
+// caches, which the parallel forward does not.
+bool PromptsTokenByToken(const EngineCase& c) {
+  return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.salient > 0 ||
+         !c.kv_source.empty();
 }
 
 // How far the engines' per-token log-probabilities may drift apart: the largest and the mean
@@ -890,15 +915,6 @@ std::pair<double, double> LogprobTolerance(const EngineCase& c) {
   if (c.bits == 8) return {0.2, 0.03};
   if (c.bits > 0) return {0.5, 0.06};
   return {0.15, 0.02};
-}
-
-model::LlamaConfig EngineConfig(const EngineCase& c) {
-  model::LlamaConfig m = c.dms != DmsVariant::kNone
-                             ? DmsModelConfig(c.dms, c.hidden, c.heads, c.kv_heads)
-                             : SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
-  m.vocab_size = 256;
-  m.num_hidden_layers = 3;
-  return m;
 }
 
 // ShapeEvalModel; a DMS model's decisions then alternate by layer, as the DMC model's do.
@@ -1021,12 +1037,22 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   if (tc.method != CacheMethod::kVanilla) {
     EXPECT_GT(merged, 0) << "no merges or evictions to exercise";
   }
+  // H2O and TOVA end every window holding each layer's own budget in each head (per-layer
+  // budgets included); KVSharer's reading layers hold nothing, the others every token.
+  const bool evicts = tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova;
+  for (int i = 0; i < n && (evicts || !policy.kv_source.empty()); ++i)
+    for (int l = 0; l < L; ++l)
+      for (int h = 0; h < Hkv; ++h) {
+        const int holds = evicts ? std::min(T, inference::LayerBudget(policy, l))
+                                 : inference::KvSourceLayer(policy, l) == l ? T : 0;
+        EXPECT_EQ(got.lengths.at(i)[l * Hkv + h], holds) << "window " << i << " layer " << l;
+      }
 }
 
 // A prompt in one parallel pass leaves the cache and the next output that feeding it token by
-// token gives, and greedy generation continues identically on both engines. H2O, TOVA and
-// ZipCache have no parallel prefill on either engine (their prompts go token by token through the
-// scheduler): the GPU engine refuses it as the CPU one does.
+// token gives, and greedy generation continues identically on both engines. H2O, TOVA, ZipCache
+// and KVSharer have no parallel prefill on either engine (their prompts go token by token through
+// the scheduler): the GPU engine refuses it as the CPU one does.
 TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -1046,7 +1072,7 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   ASSERT_TRUE(cpu.ok()) << cpu.status();
 
   const std::vector<int32_t>& p = prompts[0];
-  if (RanksByAttention(tc)) {
+  if (PromptsTokenByToken(tc)) {
     EXPECT_FALSE((*gpu)->parallel_prefill());
     EXPECT_FALSE((*cpu)->parallel_prefill());
     ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
@@ -1107,8 +1133,8 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
 // slots and the next output that the whole prompt's prefill and the CPU engine's chunked prefill
 // leave, and greedy decoding goes on identically; the scheduler's chunks under a prefill budget
 // generate the CPU engine's text. DMS and the quantized caches refuse a chunk after the first by
-// name on the GPU (and the scheduler falls back to whole prompts); H2O, TOVA and ZipCache have no
-// prefill.
+// name on the GPU (and the scheduler falls back to whole prompts); H2O, TOVA, ZipCache and
+// KVSharer have no prefill.
 TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
@@ -1126,7 +1152,7 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 8);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  if (RanksByAttention(tc)) {
+  if (PromptsTokenByToken(tc)) {
     EXPECT_FALSE((*gpu)->chunked_prefill());
     return;
   }
@@ -1283,6 +1309,27 @@ INSTANTIATE_TEST_SUITE_P(
                    4, 16, 4}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
+// H2O and TOVA with PyramidInfer's and ZigZagKV's per-layer budgets, and KVSharer's shared layers
+// of the vanilla cache, against the CPU engine.
+INSTANTIATE_TEST_SUITE_P(
+    LayerBudgets, CudaEngineVsCpu,
+    ::testing::Values(
+        EngineCase{"h2o_pyramid_cr2_gqa", false, 256, 4, 2, CacheMethod::kH2O, 2.0,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kPyramidInfer},
+        EngineCase{"tova_pyramid_cr4_d128", false, 256, 2, 2, CacheMethod::kTova, 4.0,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kPyramidInfer},
+        EngineCase{"h2o_zigzag_cr4_on_dmc", true, 256, 4, 2, CacheMethod::kH2O, 4.0,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kZigZag},
+        EngineCase{"tova_zigzag_cr2_gqa", false, 256, 4, 2, CacheMethod::kTova, 2.0,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kZigZag},
+        EngineCase{"kvsharer_1", false, 128, 2, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone,
+                   0, 0, 0, LayerAllocation::kUniform, {0, 0, 2}},
+        EngineCase{"kvsharer_1_gqa", false, 256, 4, 2, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {0, 1, 0}},
+        EngineCase{"kvsharer_2_d128", false, 256, 2, 2, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {0, 0, 0}}),
+    [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
+
 // Bad input is a clear error that changes nothing, and the other sequences go on.
 TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   DMC_REQUIRE_GPU();
@@ -1331,22 +1378,42 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto cpu_only = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
   EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
-  // The CPU engine's other compressors are refused by name, never run uncompressed: ThinK,
-  // per-layer budgets and KVSharer. KV quantization of the vanilla cache is served, ZipCache's
-  // mixed precision too (token by token), and the quantized dms cache below; quantization of
-  // h2o, or at 3 bits, is invalid on either engine.
-  for (const char* knob : {"think", "pyramid", "kvsharer"}) {
-    o.policy = {CacheMethod::kVanilla};
-    if (std::string(knob) == "think") o.policy.think_channels = 8;
-    if (std::string(knob) == "pyramid") {
-      o.policy = {CacheMethod::kH2O, 8, 4};
-      o.policy.layer_budget = {12, 8, 4};
-      o.policy.allocation = inference::LayerAllocation::kPyramidInfer;
-    }
-    if (std::string(knob) == "kvsharer") o.policy.kv_source = {0, 0, 2};
-    auto cpu_knob = inference::CudaEngine::Create(plain, o);
-    EXPECT_TRUE(absl::IsUnimplemented(cpu_knob.status())) << cpu_knob.status();
-    EXPECT_NE(cpu_knob.status().message().find(knob), std::string::npos) << cpu_knob.status();
+  // The CPU engine's other compressor is refused by name, never run uncompressed: ThinK. KV
+  // quantization of the vanilla cache is served, ZipCache's mixed precision too (token by token),
+  // and the quantized dms cache below; quantization of h2o, or at 3 bits, is invalid on either
+  // engine.
+  o.policy = {CacheMethod::kVanilla};
+  o.policy.think_channels = 8;
+  auto think = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsUnimplemented(think.status())) << think.status();
+  EXPECT_NE(think.status().message().find("think"), std::string::npos) << think.status();
+  // Per-layer budgets and KVSharer are served, token by token. Budgets not one per layer, a
+  // layer's budget below 1, KVSharer on h2o or reading a layer that shares are invalid on either
+  // engine.
+  o.policy = {CacheMethod::kH2O, 8, 4};
+  o.policy.layer_budget = {12, 8, 4};
+  o.policy.allocation = inference::LayerAllocation::kPyramidInfer;
+  auto layered = inference::CudaEngine::Create(plain, o);
+  ASSERT_TRUE(layered.ok()) << layered.status();
+  EXPECT_FALSE((*layered)->parallel_prefill());
+  o.policy = {CacheMethod::kVanilla};
+  o.policy.kv_source = {0, 0, 2};
+  auto shared = inference::CudaEngine::Create(plain, o);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_FALSE((*shared)->parallel_prefill());
+  EXPECT_FALSE((*shared)->chunked_prefill());
+  for (auto [method, layer_budget, kv_source] :
+       {std::tuple{CacheMethod::kH2O, std::vector<int>{12, 8}, std::vector<int>{}},
+        std::tuple{CacheMethod::kTova, std::vector<int>{12, 0, 4}, std::vector<int>{}},
+        std::tuple{CacheMethod::kH2O, std::vector<int>{}, std::vector<int>{0, 0, 2}},
+        std::tuple{CacheMethod::kVanilla, std::vector<int>{}, std::vector<int>{0, 0, 1}}}) {
+    o.policy = {method, 8, method == CacheMethod::kH2O ? 4 : 0};
+    o.policy.layer_budget = layer_budget;
+    o.policy.kv_source = kv_source;
+    auto gpu_invalid = inference::CudaEngine::Create(plain, o);
+    EXPECT_TRUE(absl::IsInvalidArgument(gpu_invalid.status())) << gpu_invalid.status();
+    auto cpu_invalid = inference::CpuEngine<float>::Create(plain, o.policy, 1L << 22, 16);
+    EXPECT_TRUE(absl::IsInvalidArgument(cpu_invalid.status())) << cpu_invalid.status();
   }
   o.policy = {CacheMethod::kVanilla};
   o.policy.quant.bits = 4;
