@@ -93,13 +93,14 @@
 // kernels::paged_kv_settle_scores adds them to the residual slots' scores [L, R, Hkv,
 // residual_slots], which paged_kv_settle_step reads to order a closing page's rows (the salient
 // ones first, into the high-precision tier). Like the CPU engine, ZipCache has no parallel
-// prefill (its scores need every query's attention): prompts go token by token. ThinK
-// is refused with a clear error and runs on the CPU engine.
+// prefill (its scores need every query's attention): prompts go token by token. ThinK is
+// refused with a clear error and runs on the CPU engine.
 //
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
 // training), h2o and tova (likewise, uniform or per-layer budgets); vanilla, dmc and dms also
-// quantized, vanilla also with ZipCache's mixed precision or KVSharer's shared layers. LoMA is refused with a clear error: it runs on the CPU engine.
+// quantized, vanilla also with ZipCache's mixed precision or KVSharer's shared layers. LoMA is
+// refused with a clear error: it runs on the CPU engine.
 #pragma once
 
 #include <cstdint>
@@ -146,7 +147,9 @@ class CudaEngine : public DecodeEngine {
   absl::Status CanStep(const std::vector<int>& seqs) const override;
   // Not for h2o, tova and ZipCache: they rank slots by every step's attention; nor for KVSharer,
   // whose layers read other layers' caches, which the parallel forward does not (as on the CPU).
-  bool parallel_prefill() const override { return !evicts_ && !zip_ && opt_.policy.kv_source.empty(); }
+  bool parallel_prefill() const override {
+    return !evicts_ && !zip_ && opt_.policy.kv_source.empty();
+  }
   // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
   bool chunked_prefill() const override { return parallel_prefill() && !dms_ && !quant_; }
   absl::Status Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
@@ -189,7 +192,8 @@ class CudaEngine : public DecodeEngine {
   // slots / page_size (the CPU cache's count); and those it holds at most after `tokens` more
   // tokens, as the CPU cache's PagesForTokens counts them: the unquantized head's slots may all
   // be new, the quantized one's residual holds fewer than page_size settled slots and each token
-  // settles at most one more (the newest never).
+  // settles at most one more (the newest never). A KVSharer reading layer's heads need none (the
+  // CPU cache's count reserves them a page it never takes).
   int PagesHeld(const Sequence& s, size_t i) const;
   int PagesToGrow(const Sequence& s, size_t i, int tokens) const;
   // What a sequence reserves at admission beside its pages: window state, residual blocks.
