@@ -338,7 +338,7 @@ done
 } >"$results/table.md"
 cat "$results/table.md"
 
-# 6. the KV compressors at equal bytes (issue 19): at 1/2, 1/4 and 1/8 of the vanilla cache's
+# 6. the KV compressors at equal bytes: at 1/2, 1/4 and 1/8 of the vanilla cache's
 #    bytes per sequence, each method with the knob dmc-eval --kv_fraction sets, or the reason none
 #    meets the budget. On the base: quantization's bits, ZipCache's salient slots, ThinK's key
 #    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),

@@ -910,8 +910,12 @@ bool PromptsTokenByToken(const EngineCase& c) {
 // bf16 rounding it stems from (the quantizer itself is exact, CudaKvQuant). ZipCache ranks a
 // page's slots by attention weights computed from bf16 keys, as H2O does: where two slots'
 // normalized scores lie within that rounding, the engines may store different ones at 8 bits.
+// Per-layer budgets leave the deep layers of a pyramid a few slots each, where one such victim
+// weighs more: on the H200 a TOVA pyramid case at CR 4 moved one log-probability by 0.50 (mean
+// 0.009, every argmax equal, every head's slot count equal).
 std::pair<double, double> LogprobTolerance(const EngineCase& c) {
-  if (c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova) return {0.3, 0.02};
+  if (c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova)
+    return {c.allocation == LayerAllocation::kUniform ? 0.3 : 0.6, 0.02};
   if (c.bits == 8) return {0.2, 0.03};
   if (c.bits > 0) return {0.5, 0.06};
   return {0.15, 0.02};
