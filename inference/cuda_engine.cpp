@@ -100,7 +100,18 @@ struct CudaEngine::Device {
   StepIo in_dev, in_host;
   int32_t *next, *argmax;
   float* logprob;
-  int32_t* out_host = nullptr;  // [3, R] next, argmax, logprob bits; then lengths [L, R, Hkv]
+  // [3, R] next, argmax, logprob bits; then the host mirrors of lengths and (quantized) q_lengths
+  // [L, R, Hkv] each; then the count of page changes.
+  int32_t* out_host = nullptr;
+  int32_t *lengths_host = nullptr, *q_lengths_host = nullptr, *change_count_host = nullptr;
+  // Page bookkeeping (kernels/paged_kv_pages.h): pages in each head's table [L, R, Hkv], the
+  // layers that write a cache (KVSharer; null: all), the change count, and the changes and rows'
+  // slots in mapped host memory (up to a change per head, R rows).
+  int32_t* held = nullptr;
+  uint8_t* writes = nullptr;
+  int32_t* change_count = nullptr;
+  kernels::PageChange* changes_host = nullptr;
+  int32_t* row_slots_host = nullptr;
   // Page hand-outs of a step.
   int64_t* assign_index = nullptr;
   int32_t* assign_page = nullptr;
@@ -161,10 +172,11 @@ CudaEngine::~CudaEngine() {
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
                   (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
-                  (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v})
+                  (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v, (void*)d.held,
+                  (void*)d.writes, (void*)d.change_count})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
-                  (void*)d.assign_page_host})
+                  (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.row_slots_host})
     if (p) cudaFreeHost(p);
   for (cudaEvent_t e : {d.step_begin, d.step_end})
     if (e) cudaEventDestroy(e);
@@ -343,9 +355,21 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.page_table = Alloc<int32_t>(heads * max_pages_);
   d.lengths = Alloc<int32_t>(heads);
   d.window_count = Alloc<int32_t>(heads);
+  d.held = Alloc<int32_t>(heads);
+  d.change_count = Alloc<int32_t>(1);
   ENGINE_CUDA(cudaMemset(d.page_table, 0, heads * max_pages_ * sizeof(int32_t)));
-  ENGINE_CUDA(cudaMemset(d.lengths, 0, heads * sizeof(int32_t)));
-  ENGINE_CUDA(cudaMemset(d.window_count, 0, heads * sizeof(int32_t)));
+  for (int32_t* a : {d.lengths, d.window_count, d.held})
+    ENGINE_CUDA(cudaMemset(a, 0, heads * sizeof(int32_t)));
+  if (!opt_.policy.kv_source.empty()) {
+    std::vector<uint8_t> writes(L);
+    for (int l = 0; l < L; ++l) writes[l] = KvSourceLayer(opt_.policy, l) == l;
+    d.writes = Alloc<uint8_t>(L);
+    ENGINE_CUDA(cudaMemcpy(d.writes, writes.data(), L, cudaMemcpyHostToDevice));
+  }
+  ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&d.changes_host),
+                            heads * sizeof(kernels::PageChange), cudaHostAllocMapped));
+  ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&d.row_slots_host), R * sizeof(int32_t),
+                            cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
   // Per slot of the pages, or (quantized) of the residual blocks.
@@ -399,10 +423,13 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   };
   d.in_dev = carve(d.io_dev);
   d.in_host = carve(d.io_host);
-  // Outputs: next, argmax, logprob [R] each, then the lengths [L, R, Hkv] and (quantized) the
-  // quantized slot counts [L, R, Hkv].
+  // Outputs: next, argmax, logprob [R] each, the mirrors [L, R, Hkv] each, the change count.
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host),
-                             (3 * size_t(R) + 2 * heads) * sizeof(int32_t)));
+                             (3 * size_t(R) + 2 * heads + 1) * sizeof(int32_t)));
+  std::fill_n(d.out_host, 3 * size_t(R) + 2 * heads + 1, 0);
+  d.lengths_host = d.out_host + 3 * size_t(R);
+  d.q_lengths_host = d.lengths_host + heads;
+  d.change_count_host = d.q_lengths_host + heads;
   // A step hands out at most a page per head of every row, a prefill of up to max_context
   // tokens at most max_pages per head of its row.
   d.assign_cap = static_cast<size_t>(L) * Hkv * std::max<size_t>(R, max_pages_);
@@ -451,18 +478,26 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   row_seq_[sq.row] = seq;
   sq.sampling = sampling;
   sq.pages.assign(heads, {});
-  sq.lengths.assign(heads, 0);
-  sq.quantized.assign(heads, 0);
-  // The row starts empty on the device (lengths and window counts of every layer).
+  // Empty heads: the first token needs a page in every head that writes (quantized: none, the
+  // residual holds it).
+  const int Hkv = config_.num_key_value_heads, L = config_.num_hidden_layers;
+  for (int i = 0; i < heads; ++i) {
+    const bool writes = KvSourceLayer(opt_.policy, i / Hkv) == i / Hkv;
+    const int grow = writes ? kernels::KvPagesToGrow(0, 0, 1, opt_.page_size, quant_) : 0;
+    if (grow > 0) sq.growth.emplace_back(i, grow);
+    sq.growth_pages += grow;
+  }
+  // The row starts empty on the device (lengths, window counts and pages of every layer) and in
+  // the host's mirror.
   Device& d = *dev_;
-  const size_t Hkv = config_.num_key_value_heads, R = rows_;
-  ENGINE_CUDA(cudaMemset2DAsync(d.lengths + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
-                                Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
-  ENGINE_CUDA(cudaMemset2DAsync(d.window_count + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
-                                Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
-  if (quant_)
-    ENGINE_CUDA(cudaMemset2DAsync(d.q_lengths + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
-                                  Hkv * sizeof(int32_t), config_.num_hidden_layers, d.stream));
+  const size_t R = rows_;
+  for (int32_t* a : {d.lengths, d.window_count, d.held, d.q_lengths})
+    if (a)
+      ENGINE_CUDA(cudaMemset2DAsync(a + sq.row * Hkv, R * Hkv * sizeof(int32_t), 0,
+                                    Hkv * sizeof(int32_t), L, d.stream));
+  for (int l = 0; l < L; ++l)
+    for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
+      std::fill_n(mirror + (l * R + sq.row) * Hkv, Hkv, 0);
   return absl::OkStatus();
 }
 
@@ -498,6 +533,10 @@ void CudaEngine::MoveRow(int from, int to) {
   move(d.page_table, table);
   move(d.lengths, heads);
   move(d.window_count, heads);
+  move(d.held, heads);
+  for (size_t l = 0; l < L; ++l)
+    for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
+      std::copy_n(mirror + (l * R + from) * Hkv, Hkv, mirror + (l * R + to) * Hkv);
   if (d.window) move(d.window, Hkv * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) * sizeof(float));
   if (quant_) {
     move(d.q_lengths, heads);
@@ -534,11 +573,7 @@ void CudaEngine::ArrangeRows(const std::vector<int>& seqs) {
 
 absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   long pages = 0;
-  for (int seq : seqs) {
-    const Sequence& s = seqs_.at(seq);
-    for (size_t i = 0; i < s.pages.size(); ++i)
-      pages += PagesToGrow(s, i, 1) - static_cast<int>(s.pages[i].size());
-  }
+  for (int seq : seqs) pages += seqs_.at(seq).growth_pages;
   if (pages > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the next step may need %d more KV pages; the budget of %d bytes has %d free", pages,
@@ -546,57 +581,87 @@ absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs, int tokens) {
+absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
   Device& d = *dev_;
   const int Hkv = config_.num_key_value_heads;
   int n = 0;
   for (int seq : seqs) {
     Sequence& s = seqs_.at(seq);
-    for (size_t i = 0; i < s.pages.size(); ++i) {
-      const int need = PagesToGrow(s, i, tokens);
-      while (static_cast<int>(s.pages[i].size()) < need) {
+    for (auto [i, count] : s.growth)
+      for (int j = 0; j < count; ++j) {
         absl::StatusOr<int32_t> page = alloc_.Allocate();
         if (!page.ok()) return page.status();
-        const int layer = static_cast<int>(i) / Hkv, h = static_cast<int>(i) % Hkv;
+        const int layer = i / Hkv, h = i % Hkv;
         d.assign_index_host[n] =
             ((static_cast<int64_t>(layer) * rows_ + s.row) * Hkv + h) * max_pages_ +
             static_cast<int64_t>(s.pages[i].size());
         d.assign_page_host[n++] = *page;
         s.pages[i].push_back(*page);
+        ++s.num_pages;
       }
-    }
+    s.growth.clear();
+    s.growth_pages = 0;
   }
   if (n == 0) return absl::OkStatus();
+  // The pinned lists are next rewritten after the step's (or prefill's) synchronisation.
   ENGINE_CUDA(cudaMemcpyAsync(d.assign_index, d.assign_index_host, n * sizeof(int64_t),
                               cudaMemcpyHostToDevice, d.stream));
   ENGINE_CUDA(cudaMemcpyAsync(d.assign_page, d.assign_page_host, n * sizeof(int32_t),
                               cudaMemcpyHostToDevice, d.stream));
-  c::paged_kv_assign_pages(d.page_table, d.assign_index, d.assign_page, n, d.stream);
-  // The pinned lists are rewritten by the next call: wait for the copies.
-  ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+  c::paged_kv_assign_pages(d.page_table, d.held, d.assign_index, d.assign_page, n, max_pages_,
+                           d.stream);
   return absl::OkStatus();
 }
 
-int CudaEngine::PagesHeld(const Sequence& s, size_t i) const {
-  const int P = opt_.page_size;
-  return quant_ ? s.quantized[i] / P : (s.lengths[i] + P - 1) / P;
+void CudaEngine::EnqueuePageChanges(int row0, int n, int tokens) {
+  Device& d = *dev_;
+  const int L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
+  const kernels::PagedKvPages pages{d.lengths, d.q_lengths, d.writes, d.held,
+                                    L,         rows_,       Hkv,      opt_.page_size};
+  c::paged_kv_page_changes(pages, row0, n, tokens, d.changes_host, d.change_count,
+                           d.row_slots_host, d.stream);
 }
 
-int CudaEngine::PagesToGrow(const Sequence& s, size_t i, int tokens) const {
-  const int P = opt_.page_size, layer = static_cast<int>(i) / config_.num_key_value_heads;
-  if (KvSourceLayer(opt_.policy, layer) != layer) return 0;  // KVSharer: it writes nothing
-  if (!quant_) return (s.lengths[i] + tokens + P - 1) / P;
-  const int residual = s.lengths[i] - s.quantized[i];
-  return s.quantized[i] / P + std::min(residual + tokens - 1, P - 1 + tokens) / P;
+void CudaEngine::EnqueueCopyBack(int row0, int n) {
+  Device& d = *dev_;
+  const size_t pitch = static_cast<size_t>(rows_) * config_.num_key_value_heads * sizeof(int32_t);
+  const size_t at = static_cast<size_t>(row0) * config_.num_key_value_heads;
+  for (auto [to, from] : {std::pair{d.lengths_host, d.lengths}, std::pair{d.q_lengths_host, d.q_lengths}})
+    if (from)
+      ENGINE_CUDA(cudaMemcpy2DAsync(to + at, pitch, from + at, pitch,
+                                    n * config_.num_key_value_heads * sizeof(int32_t),
+                                    config_.num_hidden_layers, cudaMemcpyDeviceToHost, d.stream));
+  ENGINE_CUDA(cudaMemcpyAsync(d.change_count_host, d.change_count, sizeof(int32_t),
+                              cudaMemcpyDeviceToHost, d.stream));
 }
 
-absl::Status CudaEngine::TrimPages(Sequence& s) {
-  for (size_t i = 0; i < s.pages.size(); ++i) {
-    const size_t keep = PagesHeld(s, i);
-    while (s.pages[i].size() > keep) {
-      if (absl::Status st = alloc_.Free(s.pages[i].back()); !st.ok()) return st;
-      s.pages[i].pop_back();
+absl::Status CudaEngine::ApplyPageChanges(int row0, int n) {
+  Device& d = *dev_;
+  const int Hkv = config_.num_key_value_heads;
+  for (int r = row0; r < row0 + n; ++r) {
+    Sequence& s = seqs_.at(row_seq_[r]);
+    s.growth.clear();
+    s.growth_pages = 0;
+    s.slots = d.row_slots_host[r - row0];
+  }
+  // In head order (layer, row, KV head), so every growth list is ordered by head and pages are
+  // handed out in the same order on every run.
+  kernels::PageChange* changes = d.changes_host;
+  const int count = *d.change_count_host;
+  std::sort(changes, changes + count,
+            [](const kernels::PageChange& a, const kernels::PageChange& b) { return a.head < b.head; });
+  for (int j = 0; j < count; ++j) {
+    const auto [head, trim, grow] = changes[j];
+    const int layer = head / (rows_ * Hkv), row = head / Hkv % rows_, h = head % Hkv;
+    Sequence& s = seqs_.at(row_seq_[row]);
+    std::vector<int32_t>& pages = s.pages[layer * Hkv + h];
+    for (int k = 0; k < trim; ++k) {
+      if (absl::Status st = alloc_.Free(pages.back()); !st.ok()) return st;
+      pages.pop_back();
+      --s.num_pages;
     }
+    if (grow > 0) s.growth.emplace_back(layer * Hkv + h, grow);
+    s.growth_pages += grow;
   }
   return absl::OkStatus();
 }
@@ -784,6 +849,7 @@ void CudaEngine::EnqueueStep(int n) {
   c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.final_norm, n, C, eps, st);
   c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, n, C, V, st);
   c::sample_tokens(d.next, d.logprob, d.argmax, d.logits, n, V, RowsOf(d.in_dev), st);
+  EnqueuePageChanges(0, n, 1);
 }
 
 absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* tokens,
@@ -796,7 +862,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
   Device& d = *dev_;
   try {
     ArrangeRows(seqs);
-    if (absl::Status s = GrowPages(seqs, 1); !s.ok()) return s;
+    if (absl::Status s = GrowPages(seqs); !s.ok()) return s;
     for (int i = 0; i < n; ++i) {
       const Sequence& s = seqs_.at(seqs[i]);
       const int r = s.row;
@@ -829,19 +895,12 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
     }
     ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
-    // Outputs of rows 0..n-1 and every head length of those rows.
-    const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
+    // Outputs of rows 0..n-1, their heads' lengths and the page changes.
     int32_t* host = d.out_host;
     ENGINE_CUDA(cudaMemcpyAsync(host, d.next, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + rows_, d.argmax, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
-    int32_t* lengths = host + 3 * rows_;
-    int32_t* quantized = lengths + L * rows_ * Hkv;
-    for (auto [to, from] : {std::pair{lengths, d.lengths}, std::pair{quantized, d.q_lengths}})
-      if (from)
-        ENGINE_CUDA(cudaMemcpy2DAsync(to, n * Hkv * sizeof(int32_t), from,
-                                      rows_ * Hkv * sizeof(int32_t), n * Hkv * sizeof(int32_t), L,
-                                      cudaMemcpyDeviceToHost, d.stream));
+    EnqueueCopyBack(0, n);
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
     float gpu_ms = 0;
     ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, d.step_begin, d.step_end));
@@ -853,15 +912,9 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       float logprob;
       std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
       (*out)[i] = {host[r], logprob, host[rows_ + r]};
-      for (size_t l = 0; l < L; ++l)
-        for (size_t h = 0; h < Hkv; ++h) {
-          const size_t at = (l * n + r) * Hkv + h;
-          s.quantized[l * Hkv + h] = quant_ ? quantized[at] : 0;
-          s.lengths[l * Hkv + h] = lengths[at] + s.quantized[l * Hkv + h];
-        }
       ++s.tokens;
-      if (absl::Status st = TrimPages(s); !st.ok()) return st;
     }
+    if (absl::Status st = ApplyPageChanges(0, n); !st.ok()) return st;
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());
   }
@@ -993,7 +1046,6 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     return absl::FailedPreconditionError(
         absl::StrFormat("prefill needs sequence %d admitted to the cache", seq));
   Sequence& s = it->second;
-  const long heads = static_cast<long>(s.pages.size());
   const int start = s.tokens;
   if (start > 0 && !chunked_prefill())
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -1009,21 +1061,28 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
         P, start, max_context_ - start, max_context_));
   for (int32_t t : prompt)
     if (absl::Status st = Validate(seq, t); !st.ok()) return st;
-  // Worst case, every token a slot of every head.
-  long worst = 0;
-  for (long i = 0; i < heads; ++i)
-    worst += std::max(0, PagesToGrow(s, i, P) - static_cast<int>(s.pages[i].size()));
-  if (worst > alloc_.free_pages())
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "a prompt (chunk) of %d tokens may need %d more KV pages; the budget has %d free", P,
-        worst, alloc_.free_pages()));
   Device& d = *dev_;
   try {
-    // Worst-case pages (every token its own slot), then the tokens.
-    if (absl::Status grown = GrowPages({seq}, P); !grown.ok()) return grown;
+    // Worst-case pages (every token its own slot): the growth for P tokens replaces the next
+    // step's, which stays if they do not fit (the heads return nothing between steps).
+    const int r = s.row;
+    EnqueuePageChanges(r, 1, P);
+    EnqueueCopyBack(r, 1);
+    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+    std::vector<std::pair<int32_t, int32_t>> next_step = s.growth;
+    const long next_step_pages = s.growth_pages;
+    if (absl::Status st = ApplyPageChanges(r, 1); !st.ok()) return st;
+    if (s.growth_pages > alloc_.free_pages()) {
+      const long worst = s.growth_pages;
+      s.growth = std::move(next_step);
+      s.growth_pages = next_step_pages;
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "a prompt (chunk) of %d tokens may need %d more KV pages; the budget has %d free", P,
+          worst, alloc_.free_pages()));
+    }
+    if (absl::Status grown = GrowPages({seq}); !grown.ok()) return grown;
     ENGINE_CUDA(cudaMemcpyAsync(d.ptokens, prompt.data(), P * sizeof(int32_t),
                                 cudaMemcpyHostToDevice, d.stream));
-    const int r = s.row;
     d.in_host.targets[r] = target;
     d.in_host.sample_pos[r] = start + P;
     d.in_host.temperature[r] = s.sampling.temperature;
@@ -1034,41 +1093,31 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
       EnqueuePrefill(r, P);
     else
       EnqueueChunk(r, start, P);
-    const size_t L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
+    EnqueuePageChanges(r, 1, 1);
     int32_t* host = d.out_host;
     ENGINE_CUDA(cudaMemcpyAsync(host, d.next, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 1, d.argmax, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 2, d.logprob, sizeof(float), cudaMemcpyDeviceToHost, d.stream));
-    int32_t* lengths = host + 3 * rows_;
-    int32_t* quantized = lengths + heads;
-    for (auto [to, from] : {std::pair{lengths, d.lengths}, std::pair{quantized, d.q_lengths}})
-      if (from)
-        ENGINE_CUDA(cudaMemcpy2DAsync(to, Hkv * sizeof(int32_t), from + r * Hkv,
-                                      rows_ * Hkv * sizeof(int32_t), Hkv * sizeof(int32_t), L,
-                                      cudaMemcpyDeviceToHost, d.stream));
+    EnqueueCopyBack(r, 1);
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
     float logprob;
     std::memcpy(&logprob, host + 2, sizeof(float));
     *out = {host[0], logprob, host[1]};
-    for (long i = 0; i < heads; ++i) {
-      s.quantized[i] = quant_ ? quantized[i] : 0;
-      s.lengths[i] = lengths[i] + s.quantized[i];
-    }
     s.tokens = start + P;
-    return TrimPages(s);
+    return ApplyPageChanges(r, 1);
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());
   }
 }
 
 int CudaEngine::length(int seq, int layer, int h) const {
-  return seqs_.at(seq).lengths[static_cast<size_t>(layer) * config_.num_key_value_heads + h];
+  const size_t at =
+      (static_cast<size_t>(layer) * rows_ + seqs_.at(seq).row) * config_.num_key_value_heads + h;
+  return dev_->lengths_host[at] + (quant_ ? dev_->q_lengths_host[at] : 0);
 }
 
 long CudaEngine::bytes(int seq) const {
-  long pages = 0;
-  for (const auto& head : seqs_.at(seq).pages) pages += static_cast<long>(head.size());
-  return pages * alloc_.page_bytes() + ReservedBytes();
+  return seqs_.at(seq).num_pages * alloc_.page_bytes() + ReservedBytes();
 }
 
 }  // namespace dmc::inference

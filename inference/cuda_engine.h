@@ -13,11 +13,13 @@
 // (per layer RMSNorm, Q/K/V GEMMs, the hard DMC decisions, the append-or-merge write of all heads
 // of all rows in one kernel, RoPE of the queries at each row's position, the paged decode
 // attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
-// the token choice, kernels/sample.h) as one CUDA graph replay per batch size, and one copy brings
-// back the chosen tokens and every head's length, with which the host returns the pages that
-// heads did not fill. The cache therefore holds exactly ceil(slots / page_size) pages per head
-// between steps, as the CPU cache does, and bytes() is KvSequenceBytes at bf16 pages and fp32
-// window state.
+// the token choice, kernels/sample.h; last, kernels/paged_kv_pages.h finds the heads whose pages
+// change) as one CUDA graph replay per batch size. Copies bring back the chosen tokens, every
+// head's length (a host mirror that length() reads) and the few heads that return pages they did
+// not fill or need one before the next step; the host touches only those heads, not every head
+// of every sequence (1,024 a sequence at Llama-2-7B's shape). The cache therefore holds exactly
+// ceil(slots / page_size) pages per head between steps, as the CPU cache does, and bytes() is
+// KvSequenceBytes at bf16 pages and fp32 window state.
 //
 // Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
@@ -35,7 +37,7 @@
 // weights, and kernels::paged_kv_evict drops the slots the policy rejects in every head of every
 // row, layer by layer, as the CPU decoder's H2OUpdate and TovaUpdate do (H2O's accumulated scores
 // and every slot's position live beside the pools on the device, so the step stays one graph).
-// The host then returns the pages that emptied (TrimPages), as the CPU cache does at each
+// The host then returns the pages that emptied (kernels/paged_kv_pages.h), as the CPU cache does at each
 // eviction, so bytes() and used_bytes() equal the CPU engine's at bf16 pages. Their prompts
 // go token by token through Step, as on the CPU engine (parallel_prefill() is false, Prefill
 // refuses): eviction follows each step's attention, and H2O's scores sum the attention of every
@@ -58,7 +60,7 @@
 // kernels::paged_kv_dms_evict before the attention: token t's decision marks token t−1, and a
 // marked token leaves its head w + 1 steps later, its last slot moving into the hole, as the CPU
 // cache's DmsUpdate does. Each slot's mark lives beside its position in [pages, page_size], so the
-// step stays one graph; the host returns the pages that emptied (TrimPages). The prompt goes
+// step stays one graph; the host returns the pages that emptied. The prompt goes
 // through the parallel forward with the hard training mask (the fused attention's band of w + 1
 // keys; the CPU engine's prefill is the same forward, and it equals token-by-token decoding) and
 // kernels::paged_kv_dms_prefill writes the tokens that are still held, with their marks, so
@@ -157,6 +159,7 @@ class CudaEngine : public DecodeEngine {
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
                     std::vector<TokenOutput>* out) override;
   int length(int seq, int layer, int h) const override;
+  long slots(int seq) const override { return seqs_.at(seq).slots; }
   long bytes(int seq) const override;
   long used_bytes() const override { return alloc_.used_bytes(); }
   long peak_bytes() const override { return alloc_.peak_bytes(); }
@@ -173,9 +176,12 @@ class CudaEngine : public DecodeEngine {
     int row = 0;
     int tokens = 0;
     SamplingOptions sampling;
-    std::vector<std::vector<int32_t>> pages;  // [layer · Hkv + h]
-    std::vector<int32_t> lengths;             // [layer · Hkv + h]
-    std::vector<int32_t> quantized;           // [layer · Hkv + h] slots in quantized pages
+    std::vector<std::vector<int32_t>> pages;  // [layer · Hkv + h], in page-table order
+    long num_pages = 0;                       // Σ pages
+    long slots = 0;                           // Σ every head's slots
+    // The pages the next step may need (head layer · Hkv + h, count), ordered by head.
+    std::vector<std::pair<int32_t, int32_t>> growth;
+    long growth_pages = 0;
   };
   CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options);
   void Upload(const model::Llama<float>& model);
@@ -183,19 +189,16 @@ class CudaEngine : public DecodeEngine {
   // Makes the sequences of `seqs` occupy rows 0..n-1 (moving others out of the way).
   void ArrangeRows(const std::vector<int>& seqs);
   void MoveRow(int from, int to);
-  // Hands every head of `seqs` the pages that `tokens` more tokens may need (PagesToGrow);
-  // device table updated.
-  absl::Status GrowPages(const std::vector<int>& seqs, int tokens);
-  // Returns the pages beyond PagesHeld of every head of seq to the allocator.
-  absl::Status TrimPages(Sequence& s);
-  // Pages head i of s holds between steps: ceil(slots / page_size), quantized its quantized
-  // slots / page_size (the CPU cache's count); and those it holds at most after `tokens` more
-  // tokens, as the CPU cache's PagesForTokens counts them: the unquantized head's slots may all
-  // be new, the quantized one's residual holds fewer than page_size settled slots and each token
-  // settles at most one more (the newest never). A KVSharer reading layer's heads need none (the
-  // CPU cache's count reserves them a page it never takes).
-  int PagesHeld(const Sequence& s, size_t i) const;
-  int PagesToGrow(const Sequence& s, size_t i, int tokens) const;
+  // Hands the heads of `seqs` the pages of their growth lists; device tables updated.
+  absl::Status GrowPages(const std::vector<int>& seqs);
+  // Enqueues kernels::paged_kv_page_changes for rows row0 .. row0 + n − 1 before `tokens` more
+  // tokens.
+  void EnqueuePageChanges(int row0, int n, int tokens);
+  // Copies those rows' lengths into the host mirror, and the change count.
+  void EnqueueCopyBack(int row0, int n);
+  // After the stream's synchronisation: the pages those rows' heads return go back to the
+  // allocator, their growth lists and slot counts are replaced.
+  absl::Status ApplyPageChanges(int row0, int n);
   // What a sequence reserves at admission beside its pages: window state, residual blocks.
   long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), window_element_bytes()); }
   // Layer l of the device cache in the form of kernels/paged_kv_write.h (quantized: the residual

@@ -103,6 +103,13 @@ class DecodeEngine {
 
   // Slots of head (layer, h) of `seq`; bytes of `seq` (KvSequenceBytes); the cache's totals.
   virtual int length(int seq, int layer, int h) const = 0;
+  // Slots of every head of `seq` together (an engine that knows the sum overrides the walk).
+  virtual long slots(int seq) const {
+    long sum = 0;
+    for (int l = 0; l < config().num_hidden_layers; ++l)
+      for (int h = 0; h < config().num_key_value_heads; ++h) sum += length(seq, l, h);
+    return sum;
+  }
   virtual long bytes(int seq) const = 0;
   virtual long used_bytes() const = 0;
   virtual long peak_bytes() const = 0;

@@ -129,8 +129,7 @@ int main(int argc, char** argv) {
       },
       [&](int r, bool) {
         fed = engine->tokens(r);
-        for (int l = 0; l < c.num_hidden_layers; ++l)
-          for (int h = 0; h < c.num_key_value_heads; ++h) slots += engine->length(r, l, h);
+        slots = engine->slots(r);
       });
   if (!stats.ok()) return Fail(stats.status());
   const auto done = std::chrono::steady_clock::now();

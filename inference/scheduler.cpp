@@ -59,10 +59,7 @@ long Scheduler::GrowthPages(int id) const {
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long tokens = engine_.tokens(id);
   if (tokens == 0) return heads;  // not fed yet: a page per head
-  long slots = 0;
-  for (int l = 0; l < o.layers; ++l)
-    for (int h = 0; h < o.kv_heads; ++h) slots += engine_.length(id, l, h);
-  return (slots + tokens - 1) / tokens;  // heads × kept fraction, rounded up
+  return (engine_.slots(id) + tokens - 1) / tokens;  // heads × kept fraction, rounded up
 }
 
 bool Scheduler::Affordable(const Request& request, long running_growth_pages) const {
@@ -234,11 +231,17 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
   std::vector<TokenOutput> outs;
   const auto start = std::chrono::steady_clock::now();
   absl::Status stepped = engine_.Step(active_, step_tokens.data(), targets.data(), &outs);
-  stats_.step_seconds +=
+  const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  stats_.step_seconds += seconds;
   if (!stepped.ok()) return stepped;
   ++stats_.steps;
   stats_.tokens += static_cast<long>(n);
+  if (!pending_.empty()) {
+    ++stats_.saturated_steps;
+    stats_.saturated_tokens += static_cast<long>(n);
+    stats_.saturated_seconds += seconds;
+  }
   stats_.max_concurrent = std::max(stats_.max_concurrent, static_cast<int>(n));
 
   std::vector<int> still;

@@ -71,6 +71,10 @@ struct SchedulerStats {
   double step_seconds = 0;     // spent in DecodeEngine::Step
   int max_concurrent = 0;   // most sequences in one step
   double seconds = 0;       // wall time of RunBatched
+  // The steps taken while requests waited for admission: the batch as large as the cache budget
+  // (or max_batch) allows, the engine's rate at saturation without the drain of the last ones.
+  long saturated_steps = 0, saturated_tokens = 0;
+  double saturated_seconds = 0;
 };
 
 class Scheduler {

@@ -158,11 +158,8 @@ void ServeEngineLoop::Run() {
       reasons_.erase(r);
     }
     if (engine_.contains(id)) {  // the cache it reached, before the scheduler frees it
-      long slots = 0;
-      for (int layer = 0; layer < c.num_hidden_layers; ++layer)
-        for (int h = 0; h < c.num_key_value_heads; ++h) slots += engine_.length(id, layer, h);
       m_.tokens_fed += long(engine_.tokens(id)) * heads;
-      m_.slots += slots;
+      m_.slots += engine_.slots(id);
     }
     it->second.job.on_finish(reason, "");
     ++m_.finished[FinishReasonName(reason)];

@@ -31,6 +31,7 @@
 #include "kernels/loma_mask.h"
 #include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
+#include "kernels/paged_kv_pages.h"
 #include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
@@ -366,8 +367,13 @@ using PagedKv = kernels::PagedKvLayer<bf16>;
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream = nullptr);
-// page_table[index[j]] = page[j] (device arrays).
-void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n,
+// The page bookkeeping (kernels/paged_kv_pages.h). changes, row_slots: device-visible (mapped
+// host memory serves); count a device int, zeroed here.
+void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,
+                           kernels::PageChange* changes, int32_t* count, int32_t* row_slots,
+                           cudaStream_t stream = nullptr);
+void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
+                           const int32_t* page, int n, int max_pages,
                            cudaStream_t stream = nullptr);
 // One sequence (row) of P tokens; uses scratch slot 11 for the slot indices.
 void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf16* vhat,

@@ -145,10 +145,6 @@ void paged_kv_extend(const PagedKvLayer<T>& c, int row, const T* k, const T* v, 
   }
 }
 
-void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n) {
-  for (int j = 0; j < n; ++j) page_table[index[j]] = page[j];
-}
-
 template void paged_kv_append<float>(const PagedKvLayer<float>&, const float*, const float*,
                                      const float*, const float*, const int32_t*, int, int, int,
                                      float, bool);

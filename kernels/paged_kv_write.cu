@@ -254,20 +254,7 @@ __global__ void window_kernel(PagedKv c, int row, const bf16* k, const bf16* v, 
   if (threadIdx.x == 0) dst[2 * D] = omega ? omega[static_cast<long>(t) * Hkv + h] : 1.f;
 }
 
-__global__ void assign_pages_kernel(int32_t* page_table, const int64_t* index, const int32_t* page,
-                                    int n) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j < n) page_table[index[j]] = page[j];
-}
-
 }  // namespace
-
-void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n,
-                           cudaStream_t stream) {
-  if (n <= 0) return;
-  assign_pages_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(page_table, index, page, n);
-  DMC_CUDA_CHECK_LAUNCH();
-}
 
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,

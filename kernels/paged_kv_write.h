@@ -47,8 +47,7 @@
 //                            token merges into the open slot (which it rewrites); the same for
 //                            every t: the cached slots the chunk's queries see
 //
-// paged_kv_assign_pages: page_table[index[j]] = page[j] for j < n, the pages the host hands out
-// before a step (flat indices into the page tables of all layers).
+// The host's hand-out of pages into the tables: kernels/paged_kv_pages.h.
 #pragma once
 
 #include <cstdint>
@@ -112,7 +111,5 @@ template <typename T>
 void paged_kv_extend(const PagedKvLayer<T>& cache, int row, const T* k, const T* v,
                      const float* merge, const float* omega, int start, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, T* khat, T* vhat, int* prefix);
-
-void paged_kv_assign_pages(int32_t* page_table, const int64_t* index, const int32_t* page, int n);
 
 }  // namespace dmc::kernels

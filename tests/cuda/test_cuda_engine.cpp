@@ -23,6 +23,7 @@
 #include "kernels/chunk_attention.h"
 #include "kernels/paged_kv_dms_evict.h"
 #include "kernels/paged_kv_evict.h"
+#include "kernels/paged_kv_pages.h"
 #include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
@@ -333,6 +334,76 @@ TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
           }
         });
       }
+}
+
+// The page bookkeeping (kernels/paged_kv_pages.h) against its CPU reference: random lengths
+// (bf16 and quantized heads, a layer that writes no cache), pages held from what the lengths
+// keep to two more, a middle range of rows, one token and a prompt's worth; then the hand-out of
+// pages into random table slots. The same entries (the device's in any order), held pages and
+// rows' slots.
+TEST(CudaPagedKvPages, MatchCpuReference) {
+  DMC_REQUIRE_GPU();
+  const int L = 3, R = 7, Hkv = 4, page = 16, max_pages = 40, row0 = 2, n = 4;
+  const size_t heads = size_t(L) * R * Hkv;
+  for (bool quant : {false, true})
+    for (int tokens : {1, 37}) {
+      SCOPED_TRACE(testing::Message() << (quant ? "quantized" : "bf16") << " tokens " << tokens);
+      std::vector<int32_t> lengths(heads), q_lengths(heads), held(heads);
+      const std::vector<uint8_t> writes = {1, 0, 1};
+      for (size_t i = 0; i < heads; ++i) {
+        lengths[i] = static_cast<int32_t>(rng()() % (quant ? page + 3 : 200));
+        q_lengths[i] = static_cast<int32_t>(rng()() % 300);
+        const int keep = kernels::KvPagesKept(lengths[i], q_lengths[i], page, quant);
+        held[i] = keep + static_cast<int32_t>(rng()() % 3);
+      }
+      kernels::PagedKvPages host{lengths.data(), quant ? q_lengths.data() : nullptr,
+                                 writes.data(), held.data(), L, R, Hkv, page};
+      const std::vector<int32_t> held_before = held;
+      std::vector<kernels::PageChange> want(heads);
+      std::vector<int32_t> want_slots(n);
+      int32_t want_count = 0;
+      kernels::paged_kv_page_changes(host, row0, n, tokens, want.data(), &want_count,
+                                     want_slots.data());
+      ASSERT_GT(want_count, 0);
+
+      DevBuf<int32_t> dlengths(lengths), dq(q_lengths), dheld(held_before), dcount(size_t{1}),
+          dslots(size_t{n});
+      DevBuf<uint8_t> dwrites(writes);
+      DevBuf<kernels::PageChange> dchanges(heads);
+      cuda::paged_kv_page_changes({dlengths, quant ? dq.ptr : nullptr, dwrites, dheld, L, R, Hkv,
+                                   page},
+                                  row0, n, tokens, dchanges, dcount, dslots);
+      const int32_t count = dcount.download()[0];
+      ASSERT_EQ(count, want_count);
+      std::vector<kernels::PageChange> got = dchanges.download();
+      got.resize(count);
+      std::sort(got.begin(), got.end(), [](auto& a, auto& b) { return a.head < b.head; });
+      for (int j = 0; j < count; ++j) {
+        EXPECT_EQ(got[j].head, want[j].head) << "entry " << j;
+        EXPECT_EQ(got[j].trim, want[j].trim) << "head " << want[j].head;
+        EXPECT_EQ(got[j].grow, want[j].grow) << "head " << want[j].head;
+      }
+      EXPECT_EQ(dheld.download(), held);
+      EXPECT_EQ(dslots.download(), want_slots);
+
+      // Pages handed out into every head's next table slots, several to some heads.
+      std::vector<int64_t> index;
+      std::vector<int32_t> ids, table(heads * max_pages, -1);
+      for (size_t i = 0; i < heads; ++i)
+        for (int k = 0, extra = static_cast<int>(rng()() % 3); k < extra; ++k) {
+          index.push_back(static_cast<int64_t>(i) * max_pages + held[i] + k);
+          ids.push_back(static_cast<int32_t>(rng()() % 100000));
+        }
+      std::vector<int32_t> want_table = table, want_held = held;
+      kernels::paged_kv_assign_pages(want_table.data(), want_held.data(), index.data(), ids.data(),
+                                     static_cast<int>(index.size()), max_pages);
+      DevBuf<int32_t> dtable(table), dids(ids);
+      DevBuf<int64_t> dindex(index);
+      cuda::paged_kv_assign_pages(dtable, dheld, dindex, dids, static_cast<int>(index.size()),
+                                  max_pages);
+      EXPECT_EQ(dtable.download(), want_table);
+      EXPECT_EQ(dheld.download(), want_held);
+    }
 }
 
 // A chunk's attention over its sequence's cache and itself (kernels/chunk_attention.h): random

@@ -1,0 +1,41 @@
+// CPU reference of the page bookkeeping (spec: kernels/paged_kv_pages.h).
+#include "kernels/paged_kv_pages.h"
+
+#include <algorithm>
+
+namespace dmc::kernels {
+
+void paged_kv_page_changes(const PagedKvPages& p, int row0, int n, int tokens,
+                           PageChange* changes, int32_t* count, int32_t* row_slots) {
+  const bool quant = p.q_lengths != nullptr;
+  *count = 0;
+  for (int i = 0; i < n; ++i) {
+    int32_t slots = 0;
+    for (int l = 0; l < p.L; ++l)
+      for (int h = 0; h < p.Hkv; ++h) {
+        const int head = (l * p.R + row0 + i) * p.Hkv + h;
+        const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
+        slots += residual + quantized;
+        const bool writes = p.writes == nullptr || p.writes[l];
+        const int keep = writes ? KvPagesKept(residual, quantized, p.page_size, quant) : 0;
+        const int grow =
+            writes ? KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
+        if (p.held[head] > keep || grow > keep) {
+          changes[(*count)++] = {head, std::max(0, p.held[head] - keep), std::max(0, grow - keep)};
+          p.held[head] = keep;
+        }
+      }
+    row_slots[i] = slots;
+  }
+}
+
+void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
+                           const int32_t* page, int n, int max_pages) {
+  for (int j = 0; j < n; ++j) {
+    page_table[index[j]] = page[j];
+    int32_t& h = held[index[j] / max_pages];
+    h = std::max<int32_t>(h, static_cast<int32_t>(index[j] % max_pages) + 1);
+  }
+}
+
+}  // namespace dmc::kernels

@@ -1,0 +1,70 @@
+// The paged cache's page bookkeeping on the device's terms (kernels/paged_kv_write.h's layout):
+// which heads must be handed a page before a step and which return pages after it, found on the
+// device so the host touches only those heads, never every head of every sequence.
+//
+// Per head (layer l, row r, KV head h; flat index head = (l·R + r)·Hkv + h) of a cache with page
+// size P:
+//   residual  = lengths[head]    a bf16 head's slots; a quantized head's residual block's
+//   quantized = q_lengths[head]  a quantized head's slots in quantized pages (q_lengths null: 0)
+//   keep      = quantized cache: ⌊quantized / P⌋; else ⌈residual / P⌉
+//               the pages the head holds between steps (the CPU cache's count)
+//   grow(t)   = quantized cache: ⌊quantized / P⌋ + ⌊min(residual + t − 1, P − 1 + t) / P⌋;
+//               else ⌈(residual + t) / P⌉
+//               the most it holds after t more tokens (the CPU cache's PagesForTokens: each token
+//               may be a new slot; a quantized head's residual holds fewer than P settled slots
+//               and each token settles at most one more, the newest never)
+//   a layer that writes no cache (writes[l] = 0: it reads another layer's, KVSharer) keeps and
+//   grows 0.
+//
+// paged_kv_page_changes, rows row0 .. row0 + n − 1 of L layers, after a step or a prefill and
+// before one of t tokens: every head with held > keep or grow(t) > keep gets one entry
+//   {head, trim = held − keep, grow = grow(t) − keep}     (entries in any order, *count of them)
+// and held = keep: the host returns the last `trim` pages of the head's table and hands out
+// `grow` more before the next step. row_slots[i] = Σ_{l, h} residual + quantized of row row0 + i.
+//
+// paged_kv_assign_pages: page_table[index[j]] = page[j] (flat into the tables [L, R, Hkv,
+// max_pages]) and held[index[j] / max_pages] = max(held, index[j] mod max_pages + 1): the pages
+// the host hands out, in table order.
+#pragma once
+
+#include <cstdint>
+
+namespace dmc::kernels {
+
+struct PageChange {
+  int32_t head, trim, grow;
+};
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int KvPagesKept(int residual, int quantized, int page_size, bool quant) {
+  return quant ? quantized / page_size : (residual + page_size - 1) / page_size;
+}
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int KvPagesToGrow(int residual, int quantized, int tokens, int page_size, bool quant) {
+  if (!quant) return (residual + tokens + page_size - 1) / page_size;
+  const int settled = residual + tokens - 1 < page_size - 1 + tokens ? residual + tokens - 1
+                                                                     : page_size - 1 + tokens;
+  return quantized / page_size + settled / page_size;
+}
+
+// The heads' lengths and pages, rows [row0, row0 + n) of R, L layers of Hkv heads.
+struct PagedKvPages {
+  const int32_t* lengths = nullptr;    // [L, R, Hkv]
+  const int32_t* q_lengths = nullptr;  // [L, R, Hkv], null: not quantized
+  const uint8_t* writes = nullptr;     // [L], null: every layer writes its cache
+  int32_t* held = nullptr;             // [L, R, Hkv] pages in each head's table
+  int L = 0, R = 0, Hkv = 0, page_size = 0;
+};
+
+void paged_kv_page_changes(const PagedKvPages& pages, int row0, int n, int tokens,
+                           PageChange* changes, int32_t* count, int32_t* row_slots);
+
+void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
+                           const int32_t* page, int n, int max_pages);
+
+}  // namespace dmc::kernels
