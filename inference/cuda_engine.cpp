@@ -101,17 +101,16 @@ struct CudaEngine::Device {
   int32_t *next, *argmax;
   float* logprob;
   // [3, R] next, argmax, logprob bits; then the host mirrors of lengths and (quantized) q_lengths
-  // [L, R, Hkv] each; then the count of page changes.
+  // [L, R, Hkv] each.
   int32_t* out_host = nullptr;
-  int32_t *lengths_host = nullptr, *q_lengths_host = nullptr, *change_count_host = nullptr;
+  int32_t *lengths_host = nullptr, *q_lengths_host = nullptr;
   // Page bookkeeping (kernels/paged_kv_pages.h): pages in each head's table [L, R, Hkv], the
-  // layers that write a cache (KVSharer; null: all), the change count, and the changes and rows'
-  // slots in mapped host memory (up to a change per head, R rows).
+  // layers that write a cache (KVSharer; null: all), and in mapped host memory the rows' change
+  // lists [R, L·Hkv], their counts and the rows' slots [R].
   int32_t* held = nullptr;
   uint8_t* writes = nullptr;
-  int32_t* change_count = nullptr;
   kernels::PageChange* changes_host = nullptr;
-  int32_t* row_slots_host = nullptr;
+  int32_t *change_counts_host = nullptr, *row_slots_host = nullptr;
   // Page hand-outs of a step.
   int64_t* assign_index = nullptr;
   int32_t* assign_page = nullptr;
@@ -173,10 +172,11 @@ CudaEngine::~CudaEngine() {
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
                   (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
                   (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v, (void*)d.held,
-                  (void*)d.writes, (void*)d.change_count})
+                  (void*)d.writes})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
-                  (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.row_slots_host})
+                  (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,
+                  (void*)d.row_slots_host})
     if (p) cudaFreeHost(p);
   for (cudaEvent_t e : {d.step_begin, d.step_end})
     if (e) cudaEventDestroy(e);
@@ -356,7 +356,6 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.lengths = Alloc<int32_t>(heads);
   d.window_count = Alloc<int32_t>(heads);
   d.held = Alloc<int32_t>(heads);
-  d.change_count = Alloc<int32_t>(1);
   ENGINE_CUDA(cudaMemset(d.page_table, 0, heads * max_pages_ * sizeof(int32_t)));
   for (int32_t* a : {d.lengths, d.window_count, d.held})
     ENGINE_CUDA(cudaMemset(a, 0, heads * sizeof(int32_t)));
@@ -368,8 +367,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   }
   ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&d.changes_host),
                             heads * sizeof(kernels::PageChange), cudaHostAllocMapped));
-  ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&d.row_slots_host), R * sizeof(int32_t),
-                            cudaHostAllocMapped));
+  for (int32_t** a : {&d.change_counts_host, &d.row_slots_host})
+    ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(a), R * sizeof(int32_t), cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
   // Per slot of the pages, or (quantized) of the residual blocks.
@@ -423,13 +422,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   };
   d.in_dev = carve(d.io_dev);
   d.in_host = carve(d.io_host);
-  // Outputs: next, argmax, logprob [R] each, the mirrors [L, R, Hkv] each, the change count.
+  // Outputs: next, argmax, logprob [R] each, the mirrors [L, R, Hkv] each.
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host),
-                             (3 * size_t(R) + 2 * heads + 1) * sizeof(int32_t)));
-  std::fill_n(d.out_host, 3 * size_t(R) + 2 * heads + 1, 0);
+                             (3 * size_t(R) + 2 * heads) * sizeof(int32_t)));
+  std::fill_n(d.out_host, 3 * size_t(R) + 2 * heads, 0);
   d.lengths_host = d.out_host + 3 * size_t(R);
   d.q_lengths_host = d.lengths_host + heads;
-  d.change_count_host = d.q_lengths_host + heads;
   // A step hands out at most a page per head of every row, a prefill of up to max_context
   // tokens at most max_pages per head of its row.
   d.assign_cap = static_cast<size_t>(L) * Hkv * std::max<size_t>(R, max_pages_);
@@ -618,7 +616,7 @@ void CudaEngine::EnqueuePageChanges(int row0, int n, int tokens) {
   const int L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
   const kernels::PagedKvPages pages{d.lengths, d.q_lengths, d.writes, d.held,
                                     L,         rows_,       Hkv,      opt_.page_size};
-  c::paged_kv_page_changes(pages, row0, n, tokens, d.changes_host, d.change_count,
+  c::paged_kv_page_changes(pages, row0, n, tokens, d.changes_host, d.change_counts_host,
                            d.row_slots_host, d.stream);
 }
 
@@ -631,37 +629,28 @@ void CudaEngine::EnqueueCopyBack(int row0, int n) {
       ENGINE_CUDA(cudaMemcpy2DAsync(to + at, pitch, from + at, pitch,
                                     n * config_.num_key_value_heads * sizeof(int32_t),
                                     config_.num_hidden_layers, cudaMemcpyDeviceToHost, d.stream));
-  ENGINE_CUDA(cudaMemcpyAsync(d.change_count_host, d.change_count, sizeof(int32_t),
-                              cudaMemcpyDeviceToHost, d.stream));
 }
 
 absl::Status CudaEngine::ApplyPageChanges(int row0, int n) {
   Device& d = *dev_;
-  const int Hkv = config_.num_key_value_heads;
-  for (int r = row0; r < row0 + n; ++r) {
-    Sequence& s = seqs_.at(row_seq_[r]);
+  const size_t heads = static_cast<size_t>(config_.num_hidden_layers) * config_.num_key_value_heads;
+  for (int j = 0; j < n; ++j) {
+    Sequence& s = seqs_.at(row_seq_[row0 + j]);
+    s.slots = d.row_slots_host[j];
     s.growth.clear();
     s.growth_pages = 0;
-    s.slots = d.row_slots_host[r - row0];
-  }
-  // In head order (layer, row, KV head), so every growth list is ordered by head and pages are
-  // handed out in the same order on every run.
-  kernels::PageChange* changes = d.changes_host;
-  const int count = *d.change_count_host;
-  std::sort(changes, changes + count,
-            [](const kernels::PageChange& a, const kernels::PageChange& b) { return a.head < b.head; });
-  for (int j = 0; j < count; ++j) {
-    const auto [head, trim, grow] = changes[j];
-    const int layer = head / (rows_ * Hkv), row = head / Hkv % rows_, h = head % Hkv;
-    Sequence& s = seqs_.at(row_seq_[row]);
-    std::vector<int32_t>& pages = s.pages[layer * Hkv + h];
-    for (int k = 0; k < trim; ++k) {
-      if (absl::Status st = alloc_.Free(pages.back()); !st.ok()) return st;
-      pages.pop_back();
-      --s.num_pages;
+    const kernels::PageChange* list = d.changes_host + j * heads;
+    for (int k = 0; k < d.change_counts_host[j]; ++k) {
+      const auto [i, trim, grow] = list[k];
+      std::vector<int32_t>& pages = s.pages[i];
+      for (int t = 0; t < trim; ++t) {
+        if (absl::Status st = alloc_.Free(pages.back()); !st.ok()) return st;
+        pages.pop_back();
+        --s.num_pages;
+      }
+      if (grow > 0) s.growth.emplace_back(i, grow);
+      s.growth_pages += grow;
     }
-    if (grow > 0) s.growth.emplace_back(layer * Hkv + h, grow);
-    s.growth_pages += grow;
   }
   return absl::OkStatus();
 }

@@ -194,7 +194,7 @@ class CudaEngine : public DecodeEngine {
   // Enqueues kernels::paged_kv_page_changes for rows row0 .. row0 + n − 1 before `tokens` more
   // tokens.
   void EnqueuePageChanges(int row0, int n, int tokens);
-  // Copies those rows' lengths into the host mirror, and the change count.
+  // Copies those rows' lengths into the host mirror.
   void EnqueueCopyBack(int row0, int n);
   // After the stream's synchronisation: the pages those rows' heads return go back to the
   // allocator, their growth lists and slot counts are replaced.

@@ -1,7 +1,6 @@
 #include "inference/page_allocator.h"
 
 #include <algorithm>
-#include <functional>
 
 #include "absl/strings/str_format.h"
 
@@ -18,9 +17,9 @@ absl::StatusOr<int32_t> PageAllocator::Allocate() {
         budget_, used_, pages_in_use_, page_bytes_, page_bytes_));
   int32_t page;
   if (!free_list_.empty()) {
-    // Lowest freed id first: keeps the pool compact. A min-heap: a GPU-sized budget holds
-    // millions of pages, and a prefill takes tens of thousands at once.
-    std::pop_heap(free_list_.begin(), free_list_.end(), std::greater<int32_t>());
+    // The last freed first, in O(1): a GPU engine's step returns and takes thousands of pages
+    // (heads whose worst-case page went unfilled), and the pool grows past its peak use only
+    // when no freed page is left, whatever the order.
     page = free_list_.back();
     free_list_.pop_back();
   } else {
@@ -43,7 +42,6 @@ absl::Status PageAllocator::Free(int32_t page) {
     return absl::FailedPreconditionError(absl::StrFormat("double free of page %d", page));
   in_use_[page] = false;
   free_list_.push_back(page);
-  std::push_heap(free_list_.begin(), free_list_.end(), std::greater<int32_t>());
   --pages_in_use_;
   used_ -= page_bytes_;
   return absl::OkStatus();

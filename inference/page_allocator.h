@@ -2,8 +2,8 @@
 //
 // The budget pays for pages (page_bytes each) and for reservations of other per-sequence state
 // (DMC's window ring buffers), so that what the cache reports is everything it holds. Page ids
-// are dense, [0, budget / page_bytes), handed out lowest-first after reuse of freed ones, so the
-// backing pool only grows as far as the peak use. Running out is an absl error, never a crash;
+// are dense, [0, budget / page_bytes), freed ones reused (the last freed first) before new ones,
+// so the backing pool only grows as far as the peak use. Running out is an absl error, never a crash;
 // freeing a page twice or one never handed out is an error too (the tests count on it).
 #pragma once
 
@@ -41,7 +41,7 @@ class PageAllocator {
   long budget_, page_bytes_;
   long used_ = 0, peak_ = 0, pages_in_use_ = 0;
   int32_t high_water_ = 0;
-  std::vector<int32_t> free_list_;  // freed ids, reused before new ones: a min-heap
+  std::vector<int32_t> free_list_;  // freed ids, reused before new ones: a stack
   std::vector<bool> in_use_;
 };
 

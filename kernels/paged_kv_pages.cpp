@@ -6,26 +6,26 @@
 namespace dmc::kernels {
 
 void paged_kv_page_changes(const PagedKvPages& p, int row0, int n, int tokens,
-                           PageChange* changes, int32_t* count, int32_t* row_slots) {
+                           PageChange* changes, int32_t* counts, int32_t* row_slots) {
   const bool quant = p.q_lengths != nullptr;
-  *count = 0;
-  for (int i = 0; i < n; ++i) {
-    int32_t slots = 0;
-    for (int l = 0; l < p.L; ++l)
-      for (int h = 0; h < p.Hkv; ++h) {
-        const int head = (l * p.R + row0 + i) * p.Hkv + h;
-        const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
-        slots += residual + quantized;
-        const bool writes = p.writes == nullptr || p.writes[l];
-        const int keep = writes ? KvPagesKept(residual, quantized, p.page_size, quant) : 0;
-        const int grow =
-            writes ? KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
-        if (p.held[head] > keep || grow > keep) {
-          changes[(*count)++] = {head, std::max(0, p.held[head] - keep), std::max(0, grow - keep)};
-          p.held[head] = keep;
-        }
+  for (int j = 0; j < n; ++j) {
+    PageChange* list = changes + static_cast<long>(j) * p.L * p.Hkv;
+    int32_t slots = 0, count = 0;
+    for (int i = 0; i < p.L * p.Hkv; ++i) {
+      const int l = i / p.Hkv;
+      const long head = (static_cast<long>(l) * p.R + row0 + j) * p.Hkv + i % p.Hkv;
+      const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
+      slots += residual + quantized;
+      const bool writes = p.writes == nullptr || p.writes[l];
+      const int keep = writes ? KvPagesKept(residual, quantized, p.page_size, quant) : 0;
+      const int grow = writes ? KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
+      if (p.held[head] > keep || grow > keep) {
+        list[count++] = {i, std::max(0, p.held[head] - keep), std::max(0, grow - keep)};
+        p.held[head] = keep;
       }
-    row_slots[i] = slots;
+    }
+    counts[j] = count;
+    row_slots[j] = slots;
   }
 }
 

@@ -1,10 +1,12 @@
 // The page bookkeeping on the GPU (spec: kernels/paged_kv_pages.h).
-// page_changes: one CTA per row walks that row's L · Hkv heads; a head that changes takes an
-//   entry by one atomic on the count (few heads change in a step: a DMC head at CR 8 needs a page
-//   about once in 16 steps), and the row's slots are summed by a block reduction. The entries
-//   may be host memory mapped into the device's address space, so the host reads them after the
-//   stream's synchronisation without another copy.
+// page_changes: one CTA per row walks that row's L · Hkv heads, kThreads at a time; a block scan
+//   of the changing heads' flags places each entry in the row's list in head order (the host
+//   then hands out pages in the same order on every run), and a block reduction sums the row's
+//   slots. Few heads change in a step (a DMC head at CR 8 needs a page about once in 16 steps).
+//   The lists may be host memory mapped into the device's address space, so the host reads them
+//   after the stream's synchronisation without another copy.
 #include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -16,30 +18,48 @@ using namespace detail;
 constexpr int kThreads = 256;
 
 __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int tokens,
-                                    kernels::PageChange* changes, int32_t* count,
+                                    kernels::PageChange* changes, int32_t* counts,
                                     int32_t* row_slots) {
-  const int row = row0 + blockIdx.x;
-  const bool quant = p.q_lengths != nullptr;
-  int32_t slots = 0;
-  for (int j = threadIdx.x; j < p.L * p.Hkv; j += blockDim.x) {
-    const int l = j / p.Hkv, h = j % p.Hkv;
-    const int head = (l * p.R + row) * p.Hkv + h;
-    const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
-    slots += residual + quantized;
-    const bool writes = p.writes == nullptr || p.writes[l];
-    const int keep = writes ? kernels::KvPagesKept(residual, quantized, p.page_size, quant) : 0;
-    const int grow =
-        writes ? kernels::KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
-    const int held = p.held[head];
-    if (held > keep || grow > keep) {
-      changes[atomicAdd(count, 1)] = {head, max(0, held - keep), max(0, grow - keep)};
-      p.held[head] = keep;
-    }
-  }
+  using Scan = cub::BlockScan<int32_t, kThreads>;
   using Reduce = cub::BlockReduce<int32_t, kThreads>;
-  __shared__ typename Reduce::TempStorage scratch;
-  const int32_t total = Reduce(scratch).Sum(slots);
-  if (threadIdx.x == 0) row_slots[blockIdx.x] = total;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } scratch;
+  const int row = row0 + blockIdx.x, heads = p.L * p.Hkv;
+  const bool quant = p.q_lengths != nullptr;
+  kernels::PageChange* list = changes + static_cast<long>(blockIdx.x) * heads;
+  int32_t slots = 0, count = 0;
+  for (int base = 0; base < heads; base += kThreads) {
+    const int i = base + threadIdx.x;
+    kernels::PageChange change{i, 0, 0};
+    int32_t changes_here = 0;
+    long head = 0;
+    if (i < heads) {
+      const int l = i / p.Hkv;
+      head = (static_cast<long>(l) * p.R + row) * p.Hkv + i % p.Hkv;
+      const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
+      slots += residual + quantized;
+      const bool writes = p.writes == nullptr || p.writes[l];
+      const int keep = writes ? kernels::KvPagesKept(residual, quantized, p.page_size, quant) : 0;
+      const int grow =
+          writes ? kernels::KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
+      const int held = p.held[head];
+      changes_here = held > keep || grow > keep;
+      change = {i, max(0, held - keep), max(0, grow - keep)};
+      if (changes_here) p.held[head] = keep;
+    }
+    int32_t at, total;
+    Scan(scratch.scan).ExclusiveSum(changes_here, at, total);
+    if (changes_here) list[count + at] = change;
+    count += total;
+    __syncthreads();  // the scan's storage is reused by the next round
+  }
+  const int32_t total = Reduce(scratch.reduce).Sum(slots);
+  if (threadIdx.x == 0) {
+    counts[blockIdx.x] = count;
+    row_slots[blockIdx.x] = total;
+  }
 }
 
 __global__ void assign_pages_kernel(int32_t* page_table, int32_t* held, const int64_t* index,
@@ -53,11 +73,10 @@ __global__ void assign_pages_kernel(int32_t* page_table, int32_t* held, const in
 }  // namespace
 
 void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,
-                           kernels::PageChange* changes, int32_t* count, int32_t* row_slots,
+                           kernels::PageChange* changes, int32_t* counts, int32_t* row_slots,
                            cudaStream_t stream) {
-  DMC_CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(int32_t), stream));
   if (n <= 0) return;
-  page_changes_kernel<<<n, kThreads, 0, stream>>>(pages, row0, tokens, changes, count, row_slots);
+  page_changes_kernel<<<n, kThreads, 0, stream>>>(pages, row0, tokens, changes, counts, row_slots);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -17,10 +17,11 @@
 //   grows 0.
 //
 // paged_kv_page_changes, rows row0 .. row0 + n − 1 of L layers, after a step or a prefill and
-// before one of t tokens: every head with held > keep or grow(t) > keep gets one entry
-//   {head, trim = held − keep, grow = grow(t) − keep}     (entries in any order, *count of them)
+// before one of t tokens: every head i = l·Hkv + h of row row0 + j with held > keep or
+// grow(t) > keep gets an entry, in order of i, in that row's list changes[j · L·Hkv + ...]
+//   {i, trim = held − keep, grow = grow(t) − keep}          (counts[j] of them)
 // and held = keep: the host returns the last `trim` pages of the head's table and hands out
-// `grow` more before the next step. row_slots[i] = Σ_{l, h} residual + quantized of row row0 + i.
+// `grow` more before the next step. row_slots[j] = Σ_{l, h} residual + quantized of that row.
 //
 // paged_kv_assign_pages: page_table[index[j]] = page[j] (flat into the tables [L, R, Hkv,
 // max_pages]) and held[index[j] / max_pages] = max(held, index[j] mod max_pages + 1): the pages
@@ -32,7 +33,7 @@
 namespace dmc::kernels {
 
 struct PageChange {
-  int32_t head, trim, grow;
+  int32_t head, trim, grow;  // head: l · Hkv + h of its row
 };
 
 #if defined(__CUDACC__)
@@ -62,7 +63,7 @@ struct PagedKvPages {
 };
 
 void paged_kv_page_changes(const PagedKvPages& pages, int row0, int n, int tokens,
-                           PageChange* changes, int32_t* count, int32_t* row_slots);
+                           PageChange* changes, int32_t* counts, int32_t* row_slots);
 
 void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
                            const int32_t* page, int n, int max_pages);

@@ -184,7 +184,8 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias
 }
 
 // The control rows for a target CR: per head, bisection of log2 b_h on [-6, 8] against the merge
-// fraction that prefills of the run's first prompts measure, 14 rounds (b_h to 0.1%). The
+// fraction that the run's first 8 requests measure (prompt and generated tokens), 14 rounds (b_h
+// to 0.1%). The
 // residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
 // of the 1b shape to below 1 in deep ones: b_h spans orders of magnitude across layers.
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
@@ -212,20 +213,23 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
       std::fprintf(stderr, "bench_generate: calibration: %s\n", engine.status().ToString().c_str());
       std::exit(1);
     }
+    // The first requests run as the benchmark runs them, prompt and generated tokens: the
+    // generated ones merge less than random prompt tokens, so prompts alone overshoot the CR.
     std::vector<double> kept(heads, 0.0);
     double fed = 0;
-    for (int r = 0; r < std::min<int>(8, requests.size()); ++r) {
-      inf::TokenOutput out;
-      absl::Status s = (*engine)->AddSequence(r, {});
-      if (s.ok()) s = (*engine)->Prefill(r, requests[r].tokens, -1, &out);
-      if (!s.ok()) {
-        std::fprintf(stderr, "bench_generate: calibration prefill: %s\n", s.ToString().c_str());
-        std::exit(1);
-      }
-      fed += requests[r].tokens.size();
-      for (int l = 0; l < c.num_hidden_layers; ++l)
-        for (int h = 0; h < Hkv; ++h) kept[l * Hkv + h] += (*engine)->length(r, l, h);
-      (*engine)->Free(r).IgnoreError();
+    std::vector<inf::Request> sample(requests.begin(),
+                                     requests.begin() + std::min<size_t>(8, requests.size()));
+    absl::StatusOr<inf::SchedulerStats> run = inf::RunBatched(
+        **engine, sample, static_cast<int>(sample.size()),
+        [](int, int, const inf::TokenOutput&) { return true; },
+        [&](int r, bool) {
+          fed += (*engine)->tokens(r);
+          for (int l = 0; l < c.num_hidden_layers; ++l)
+            for (int h = 0; h < Hkv; ++h) kept[l * Hkv + h] += (*engine)->length(r, l, h);
+        });
+    if (!run.ok()) {
+      std::fprintf(stderr, "bench_generate: calibration run: %s\n", run.status().ToString().c_str());
+      std::exit(1);
     }
     double merged = 0, target = 0;
     for (int i = 0; i < heads; ++i) {

@@ -339,12 +339,11 @@ TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
 // The page bookkeeping (kernels/paged_kv_pages.h) against its CPU reference: random lengths
 // (bf16 and quantized heads, a layer that writes no cache), pages held from what the lengths
 // keep to two more, a middle range of rows, one token and a prompt's worth; then the hand-out of
-// pages into random table slots. The same entries (the device's in any order), held pages and
-// rows' slots.
+// pages into random table slots. The same lists in the same order, held pages and rows' slots.
 TEST(CudaPagedKvPages, MatchCpuReference) {
   DMC_REQUIRE_GPU();
-  const int L = 3, R = 7, Hkv = 4, page = 16, max_pages = 40, row0 = 2, n = 4;
-  const size_t heads = size_t(L) * R * Hkv;
+  const int L = 3, R = 7, Hkv = 100, page = 16, max_pages = 40, row0 = 2, n = 4;
+  const size_t heads = size_t(L) * R * Hkv, row_heads = size_t(L) * Hkv;
   for (bool quant : {false, true})
     for (int tokens : {1, 37}) {
       SCOPED_TRACE(testing::Message() << (quant ? "quantized" : "bf16") << " tokens " << tokens);
@@ -359,29 +358,28 @@ TEST(CudaPagedKvPages, MatchCpuReference) {
       kernels::PagedKvPages host{lengths.data(), quant ? q_lengths.data() : nullptr,
                                  writes.data(), held.data(), L, R, Hkv, page};
       const std::vector<int32_t> held_before = held;
-      std::vector<kernels::PageChange> want(heads);
-      std::vector<int32_t> want_slots(n);
-      int32_t want_count = 0;
-      kernels::paged_kv_page_changes(host, row0, n, tokens, want.data(), &want_count,
+      std::vector<kernels::PageChange> want(n * row_heads);
+      std::vector<int32_t> want_counts(n), want_slots(n);
+      kernels::paged_kv_page_changes(host, row0, n, tokens, want.data(), want_counts.data(),
                                      want_slots.data());
-      ASSERT_GT(want_count, 0);
 
-      DevBuf<int32_t> dlengths(lengths), dq(q_lengths), dheld(held_before), dcount(size_t{1}),
+      DevBuf<int32_t> dlengths(lengths), dq(q_lengths), dheld(held_before), dcounts(size_t{n}),
           dslots(size_t{n});
       DevBuf<uint8_t> dwrites(writes);
-      DevBuf<kernels::PageChange> dchanges(heads);
+      DevBuf<kernels::PageChange> dchanges(n * row_heads);
       cuda::paged_kv_page_changes({dlengths, quant ? dq.ptr : nullptr, dwrites, dheld, L, R, Hkv,
                                    page},
-                                  row0, n, tokens, dchanges, dcount, dslots);
-      const int32_t count = dcount.download()[0];
-      ASSERT_EQ(count, want_count);
-      std::vector<kernels::PageChange> got = dchanges.download();
-      got.resize(count);
-      std::sort(got.begin(), got.end(), [](auto& a, auto& b) { return a.head < b.head; });
-      for (int j = 0; j < count; ++j) {
-        EXPECT_EQ(got[j].head, want[j].head) << "entry " << j;
-        EXPECT_EQ(got[j].trim, want[j].trim) << "head " << want[j].head;
-        EXPECT_EQ(got[j].grow, want[j].grow) << "head " << want[j].head;
+                                  row0, n, tokens, dchanges, dcounts, dslots);
+      ASSERT_EQ(dcounts.download(), want_counts);
+      const std::vector<kernels::PageChange> got = dchanges.download();
+      for (int j = 0; j < n; ++j) {
+        ASSERT_GT(want_counts[j], 0);
+        for (int k = 0; k < want_counts[j]; ++k) {
+          const kernels::PageChange &g = got[j * row_heads + k], &w = want[j * row_heads + k];
+          EXPECT_EQ(g.head, w.head) << "row " << j << " entry " << k;
+          EXPECT_EQ(g.trim, w.trim) << "row " << j << " head " << w.head;
+          EXPECT_EQ(g.grow, w.grow) << "row " << j << " head " << w.head;
+        }
       }
       EXPECT_EQ(dheld.download(), held);
       EXPECT_EQ(dslots.download(), want_slots);
