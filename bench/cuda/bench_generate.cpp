@@ -184,8 +184,9 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias
 }
 
 // The control rows for a target CR: per head, bisection of log2 b_h on [-6, 8] against the merge
-// fraction that the run's first 8 requests measure (prompt and generated tokens), 14 rounds (b_h
-// to 0.1%). The
+// fraction that the run's first 32 requests measure, at once (prompt and generated tokens; a
+// head merges more or less with the sequence's length, so 8 requests missed the run's CR by 7%),
+// 14 rounds (b_h to 0.1%). The
 // residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
 // of the 1b shape to below 1 in deep ones: b_h spans orders of magnitude across layers.
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
@@ -218,7 +219,7 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
     std::vector<double> kept(heads, 0.0);
     double fed = 0;
     std::vector<inf::Request> sample(requests.begin(),
-                                     requests.begin() + std::min<size_t>(8, requests.size()));
+                                     requests.begin() + std::min<size_t>(32, requests.size()));
     absl::StatusOr<inf::SchedulerStats> run = inf::RunBatched(
         **engine, sample, static_cast<int>(sample.size()),
         [](int, int, const inf::TokenOutput&) { return true; },
