@@ -384,7 +384,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
                             cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
-  // Per slot of the pages, or (quantized) of the residual blocks.
+  // Per slot of the pages, or (settling) of the residual blocks.
   const size_t slots = settles_ ? heads * residual_slots_ : pages * opt_.page_size;
   if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(slots);
   if (dms_) {
@@ -510,10 +510,12 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   for (int l = 0; l < L; ++l)
     for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
       std::fill_n(mirror + (l * R + sq.row) * Hkv, Hkv, 0);
-  const size_t D = config_.head_dim();
+  // ThinK: no query observed yet.
+  const size_t energy_row = static_cast<size_t>(Hkv) * config_.head_dim();
   if (think_)
-    ENGINE_CUDA(cudaMemset2DAsync(d.think_energy + sq.row * Hkv * D, R * Hkv * D * sizeof(float), 0,
-                                  Hkv * D * sizeof(float), L, d.stream));
+    ENGINE_CUDA(cudaMemset2DAsync(d.think_energy + sq.row * energy_row,
+                                  R * energy_row * sizeof(float), 0, energy_row * sizeof(float), L,
+                                  d.stream));
   return absl::OkStatus();
 }
 

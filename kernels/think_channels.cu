@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kThreads)
 void think_observe_queries(float* energy, const bf16* q, int n, int H, int Hkv, int D,
                            bool exclude_ctrl, cudaStream_t stream) {
   if (n <= 0) return;
-  if (Hkv <= 0 || H % Hkv != 0 || D <= 0) fail("think_observe_queries", "H must be a multiple of Hkv");
+  if (Hkv <= 0 || H % Hkv != 0 || D <= 0)
+    fail("think_observe_queries", "H must be a multiple of Hkv, D positive");
   const long threads = static_cast<long>(n) * Hkv * D;
   observe_queries_kernel<<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0,
                            stream>>>(energy, q, n, H, Hkv, D, exclude_ctrl);

@@ -61,7 +61,8 @@ TEST_F(CudaThink, ObserveQueriesAddsEachGroupsEnergy) {
           K::think_observe_queries(want.data() + (static_cast<size_t>(i) * Hkv + h) * D,
                                    qf.data() + (static_cast<size_t>(i) * H + h * G) * D, G, D,
                                    exclude_ctrl);
-      const std::string what = "think observe G" + std::to_string(G) + (exclude_ctrl ? " ctrl" : "");
+      const std::string what =
+          "think observe G" + std::to_string(G) + (exclude_ctrl ? " ctrl" : "");
       expect_close(what.c_str(), got, as_double(want), kF32Tol);
       for (size_t head = 0; exclude_ctrl && head < static_cast<size_t>(n) * Hkv; ++head)
         EXPECT_EQ(got[head * D + D - 1], energy[head * D + D - 1])
