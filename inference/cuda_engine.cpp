@@ -133,6 +133,13 @@ struct CudaEngine::Device {
   // step's attention weights in probs.
   uint8_t* q_pages = nullptr;
   int32_t* q_lengths = nullptr;
+  // ThinK (kernels/think_channels.h), settling as the quantized cache does (q_lengths then count
+  // each head's slots in pruned pages): the pages' kept key channels [pages, page_size, kept],
+  // their values [pages, page_size, D] and channel masks [pages, ceil(D / 8)], and every head's
+  // query energy since its last page [L, R, Hkv, D].
+  bf16 *think_k = nullptr, *think_v = nullptr;
+  uint8_t* think_masks = nullptr;
+  float* think_energy = nullptr;
   bf16 *r_k = nullptr, *r_v = nullptr;
   int32_t *r_blocks = nullptr, *stage_table = nullptr;
   int32_t *close_ids = nullptr, *close_rows = nullptr;
@@ -172,7 +179,8 @@ CudaEngine::~CudaEngine() {
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
                   (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
                   (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v, (void*)d.held,
-                  (void*)d.writes})
+                  (void*)d.writes, (void*)d.think_k, (void*)d.think_v, (void*)d.think_masks,
+                  (void*)d.think_energy})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,
@@ -210,12 +218,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   const CachePolicy& policy = options.policy;
   if (absl::Status s = ValidateEvictionBudgets(policy, cfg.num_hidden_layers); !s.ok()) return s;
   if (absl::Status s = ValidateKvSharing(policy, cfg.num_hidden_layers); !s.ok()) return s;
-  // The CPU engine's other compressor: refused, not run uncompressed.
-  if (policy.think_channels > 0)
-    return absl::UnimplementedError(absl::StrFormat(
-        "the GPU engine does not run %s (ThinK runs on the CPU engine; the GPU engine quantizes "
-        "the vanilla, dmc and dms caches, ZipCache included)",
-        PolicyName(policy)));
+  if (absl::Status s = ValidateThink(policy, cfg.head_dim()); !s.ok()) return s;
   if (absl::Status s = ValidateKvQuant(policy, cfg.head_dim(), options.page_size); !s.ok())
     return s;
   if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
@@ -255,11 +258,12 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
                 kernels::DmcDecisionMode::kHard}};
   e->keep_ctrl_ = cfg.dmc.enabled;
   e->quant_ = KvQuantized(e->cache_opt_);
+  e->think_ = KvThink(e->cache_opt_);
+  e->settles_ = KvSettles(e->cache_opt_);
   e->zip_ = policy.quant.salient_slots > 0;
-  if (e->quant_) {
+  if (e->quant_)
     e->layout_ = kernels::kv_quant_page_layout(policy.quant, options.page_size, cfg.head_dim());
-    e->residual_slots_ = KvResidualSlots(e->cache_opt_);
-  }
+  if (e->settles_) e->residual_slots_ = KvResidualSlots(e->cache_opt_);
   try {
     e->Upload(model);
   } catch (const std::runtime_error& err) {
@@ -321,8 +325,16 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   const size_t pages = static_cast<size_t>(std::max(1L, alloc_.budget_bytes() / alloc_.page_bytes()));
   const size_t page_elems = static_cast<size_t>(opt_.page_size) * D;
   const size_t heads = static_cast<size_t>(L) * R * Hkv;
-  if (quant_) {
-    d.q_pages = Alloc<uint8_t>(pages * layout_.bytes);
+  if (settles_) {
+    if (quant_) {
+      d.q_pages = Alloc<uint8_t>(pages * layout_.bytes);
+    } else {
+      d.think_k = Alloc<bf16>(pages * opt_.page_size * cache_opt_.think_channels);
+      d.think_v = Alloc<bf16>(pages * page_elems);
+      d.think_masks = Alloc<uint8_t>(pages * kernels::ThinkMaskBytes(D));
+      d.think_energy = Alloc<float>(heads * D);
+      ENGINE_CUDA(cudaMemset(d.think_energy, 0, heads * D * sizeof(float)));
+    }
     d.q_lengths = Alloc<int32_t>(heads);
     ENGINE_CUDA(cudaMemset(d.q_lengths, 0, heads * sizeof(int32_t)));
     d.r_k = Alloc<bf16>(heads * residual_slots_ * D);
@@ -371,8 +383,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
     ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(a), R * sizeof(int32_t), cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
-  // Per slot of the pages, or (quantized) of the residual blocks.
-  const size_t slots = quant_ ? heads * residual_slots_ : pages * opt_.page_size;
+  // Per slot of the pages, or (settling) of the residual blocks.
+  const size_t slots = settles_ ? heads * residual_slots_ : pages * opt_.page_size;
   if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(slots);
   if (dms_) {
     d.marks = Alloc<uint8_t>(slots);
@@ -459,7 +471,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
   const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
   const long reserved = ReservedBytes();
-  const long first_pages = quant_ ? 0 : heads;  // quantized: the residual holds the first token
+  const long first_pages = settles_ ? 0 : heads;  // settling: the residual holds the first token
   const long need = reserved + first_pages * alloc_.page_bytes();
   if (need > alloc_.free_bytes())
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -481,7 +493,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   const int Hkv = config_.num_key_value_heads, L = config_.num_hidden_layers;
   for (int i = 0; i < heads; ++i) {
     const bool writes = KvSourceLayer(opt_.policy, i / Hkv) == i / Hkv;
-    const int grow = writes ? kernels::KvPagesToGrow(0, 0, 1, opt_.page_size, quant_) : 0;
+    const int grow = writes ? kernels::KvPagesToGrow(0, 0, 1, opt_.page_size, settles_) : 0;
     if (grow > 0) sq.growth.emplace_back(i, grow);
     sq.growth_pages += grow;
   }
@@ -496,6 +508,12 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   for (int l = 0; l < L; ++l)
     for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
       std::fill_n(mirror + (l * R + sq.row) * Hkv, Hkv, 0);
+  // ThinK: no query observed yet.
+  const size_t energy_row = static_cast<size_t>(Hkv) * config_.head_dim();
+  if (think_)
+    ENGINE_CUDA(cudaMemset2DAsync(d.think_energy + sq.row * energy_row,
+                                  R * energy_row * sizeof(float), 0, energy_row * sizeof(float), L,
+                                  d.stream));
   return absl::OkStatus();
 }
 
@@ -536,7 +554,7 @@ void CudaEngine::MoveRow(int from, int to) {
     for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
       std::copy_n(mirror + (l * R + from) * Hkv, Hkv, mirror + (l * R + to) * Hkv);
   if (d.window) move(d.window, Hkv * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) * sizeof(float));
-  if (quant_) {
+  if (settles_) {
     move(d.q_lengths, heads);
     move(d.r_k, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
     move(d.r_v, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
@@ -544,6 +562,7 @@ void CudaEngine::MoveRow(int from, int to) {
     if (d.slot_pos) move(d.slot_pos, Hkv * residual_slots_ * sizeof(int32_t));
     if (d.marks) move(d.marks, Hkv * residual_slots_ * sizeof(uint8_t));
     if (d.scores) move(d.scores, Hkv * residual_slots_ * sizeof(float));
+    if (think_) move(d.think_energy, Hkv * config_.head_dim() * sizeof(float));
   }
   const int seq = row_seq_[from];
   row_seq_[to] = seq;
@@ -697,7 +716,7 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
   layer.max_pages = max_pages_;
   layer.page_size = opt_.page_size;
   layer.window_size = cache_opt_.dmc_window;
-  if (quant_) {
+  if (settles_) {
     const size_t block = static_cast<size_t>(residual_slots_) * config_.head_dim();
     layer.k_pool = d.r_k + head0 * block;
     layer.v_pool = d.r_v + head0 * block;
@@ -719,9 +738,14 @@ kernels::KvSettleLayer CudaEngine::SettleLayer(int l) const {
           d.scores ? d.scores + slot0 : nullptr};
 }
 
+float* CudaEngine::ThinkEnergy(int l) const {
+  return dev_->think_energy +
+         static_cast<size_t>(l) * rows_ * config_.num_key_value_heads * config_.head_dim();
+}
+
 uint8_t* CudaEngine::Marks(int l) const {
   const size_t head0 = static_cast<size_t>(l) * rows_ * config_.num_key_value_heads;
-  return dev_->marks + (quant_ ? head0 * residual_slots_ : 0);
+  return dev_->marks + (settles_ ? head0 * residual_slots_ : 0);
 }
 
 void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate,
@@ -787,20 +811,28 @@ void CudaEngine::EnqueueStep(int n) {
     // layer's slots (only the bf16 vanilla cache shares, ValidateKvSharing).
     const int source = KvSourceLayer(opt_.policy, l);
     const c::PagedKv read = source == l ? layer : CacheLayer(source);
-    // Quantized: the heads whose token opens a slot while page_size slots of their residual
-    // have settled close them into a page first, one quantizer launch for all heads of the step.
-    // DMS's slots settle past its window, the page's rows staged as the residual closes up.
-    if (quant_ && cache_opt_.settle_lag > 0) {
-      c::paged_kv_settle_lagged_step(d.close_ids, d.close_rows, d.close_k, d.close_v,
-                                     SettleLayer(l), layer.k_pool, layer.v_pool,
-                                     d.in_dev.positions, n, Hkv, D, st);
-      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.close_k, d.close_v, d.close_rows,
-                           n * Hkv, st);
-    } else if (quant_) {
-      c::paged_kv_settle_step(d.close_ids, d.close_rows, SettleLayer(l), dmc_ ? d.merge : nullptr,
-                              d.in_dev.positions, n, Hkv, st);
-      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, layer.k_pool, layer.v_pool,
-                           d.close_rows, n * Hkv, st);
+    // Settling: the heads whose token opens a slot while page_size slots of their residual
+    // have settled close them into a page first, one quantizer (or ThinK pruning) launch for all
+    // heads of the step. DMS's slots settle past its window, the page's rows staged as the
+    // residual closes up.
+    if (settles_) {
+      const bool lagged = cache_opt_.settle_lag > 0;
+      if (lagged)
+        c::paged_kv_settle_lagged_step(d.close_ids, d.close_rows, d.close_k, d.close_v,
+                                       SettleLayer(l), layer.k_pool, layer.v_pool,
+                                       d.in_dev.positions, n, Hkv, D, st);
+      else
+        c::paged_kv_settle_step(d.close_ids, d.close_rows, SettleLayer(l),
+                                dmc_ ? d.merge : nullptr, d.in_dev.positions, n, Hkv, st);
+      const bf16* k_rows = lagged ? d.close_k : layer.k_pool;
+      const bf16* v_rows = lagged ? d.close_v : layer.v_pool;
+      if (quant_)
+        c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, k_rows, v_rows, d.close_rows,
+                             n * Hkv, st);
+      else
+        c::think_prune_pages(d.think_k, d.think_v, d.think_masks, ThinkEnergy(l), d.close_ids,
+                             k_rows, v_rows, d.close_rows, n * Hkv, opt_.page_size, D,
+                             cache_opt_.think_channels, st);
     }
     if (source == l)
       c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
@@ -812,8 +844,18 @@ void CudaEngine::EnqueueStep(int n) {
     c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
     if (dms_qchannel_)
       model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D, st);
+    // ThinK: after the settle (a page closing now is scored by the queries before this one), as
+    // PagedDecoder::Run observes each token's query after its cache update.
+    if (think_) c::think_observe_queries(ThinkEnergy(l), d.qr, n, H, Hkv, D, keep_ctrl_, st);
     const int probs_stride = ProbsStride();
-    if (quant_) {
+    if (think_) {
+      const kernels::KvSettleLayer pruned = SettleLayer(l);
+      c::paged_decode_attention_think(d.att, nullptr, probs_stride, d.qr, d.think_k, d.think_v,
+                                      d.think_masks, cache_opt_.think_channels, pruned.page_table,
+                                      pruned.q_lengths, max_pages_, opt_.page_size, layer.k_pool,
+                                      layer.v_pool, d.r_blocks, layer.lengths, residual_slots_, n,
+                                      H, Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+    } else if (quant_) {
       const kernels::KvSettleLayer q = SettleLayer(l);
       c::paged_decode_attention_quantized(d.att, zip_ ? d.probs : nullptr, probs_stride, d.qr,
                                           d.q_pages, layout_, q.page_table, q.q_lengths,
@@ -1026,8 +1068,8 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
         "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts or ranks "
-        "slots by each step's attention, or its layers share caches: feed the prompt token by "
-        "token)",
+        "slots by each step's attention, scores key channels by each step's query, or its layers "
+        "share caches: feed the prompt token by token)",
         PolicyName(opt_.policy)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);
@@ -1102,7 +1144,7 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
 int CudaEngine::length(int seq, int layer, int h) const {
   const size_t at =
       (static_cast<size_t>(layer) * rows_ + seqs_.at(seq).row) * config_.num_key_value_heads + h;
-  return dev_->lengths_host[at] + (quant_ ? dev_->q_lengths_host[at] : 0);
+  return dev_->lengths_host[at] + (settles_ ? dev_->q_lengths_host[at] : 0);
 }
 
 long CudaEngine::bytes(int seq) const {

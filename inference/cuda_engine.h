@@ -95,13 +95,24 @@
 // kernels::paged_kv_settle_scores adds them to the residual slots' scores [L, R, Hkv,
 // residual_slots], which paged_kv_settle_step reads to order a closing page's rows (the salient
 // ones first, into the high-precision tier). Like the CPU engine, ZipCache has no parallel
-// prefill (its scores need every query's attention): prompts go token by token. ThinK is
-// refused with a clear error and runs on the CPU engine.
+// prefill (its scores need every query's attention): prompts go token by token.
+//
+// ThinK (policy.think_channels: the vanilla, dmc and dms caches; kernels/think_channels.h): the
+// same settling with bf16 residual blocks, whose closing pages keep think_channels key channels.
+// Every layer of a step adds its rows' rotated queries' energy per channel to their KV heads'
+// [L, R, Hkv, D] fp32 (cuda::think_observe_queries, after the settle, as the CPU decoder observes
+// a token's query after its cache update), and the settle's launch over all heads of the step is
+// cuda::think_prune_pages: a closing page's channels are chosen by its keys and its head's
+// energy, its keys pruned to them, its values kept whole, and the energy reset. The attention
+// (cuda::paged_decode_attention_think) reads the pruned keys with zeros at the pruned channels.
+// As on the CPU engine the prompt goes token by token (the channels are scored by each step's
+// query); bytes() counts pages and reservations (query energy included) as the CPU cache does.
 //
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
 // training), h2o and tova (likewise, uniform or per-layer budgets); vanilla, dmc and dms also
-// quantized, vanilla also with ZipCache's mixed precision or KVSharer's shared layers. LoMA is
+// quantized or with ThinK's pruned keys, vanilla also with ZipCache's mixed precision or
+// KVSharer's shared layers. LoMA is
 // refused with a clear error: it runs on the CPU engine.
 #pragma once
 
@@ -147,10 +158,11 @@ class CudaEngine : public DecodeEngine {
   int num_sequences() const override { return static_cast<int>(seqs_.size()); }
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
-  // Not for h2o, tova and ZipCache: they rank slots by every step's attention; nor for KVSharer,
-  // whose layers read other layers' caches, which the parallel forward does not (as on the CPU).
+  // Not for h2o, tova and ZipCache: they rank slots by every step's attention; nor ThinK, which
+  // scores channels by every step's query; nor KVSharer, whose layers read other layers' caches,
+  // which the parallel forward does not (as on the CPU).
   bool parallel_prefill() const override {
-    return !evicts_ && !zip_ && opt_.policy.kv_source.empty();
+    return !evicts_ && !zip_ && !think_ && opt_.policy.kv_source.empty();
   }
   // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
   bool chunked_prefill() const override { return parallel_prefill() && !dms_ && !quant_; }
@@ -199,19 +211,22 @@ class CudaEngine : public DecodeEngine {
   // After the stream's synchronisation: the pages those rows' heads return go back to the
   // allocator, their growth lists and slot counts are replaced.
   absl::Status ApplyPageChanges(int row0, int n);
-  // What a sequence reserves at admission beside its pages: window state, residual blocks.
+  // What a sequence reserves at admission beside its pages: window state, residual blocks,
+  // ThinK's query energy.
   long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), window_element_bytes()); }
-  // Layer l of the device cache in the form of kernels/paged_kv_write.h (quantized: the residual
+  // Layer l of the device cache in the form of kernels/paged_kv_write.h (settling: the residual
   // blocks, each one page of residual_slots rows, where the appends go).
   kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;
-  // Quantized: layer l's quantized pages, lengths and residual slot state
+  // Settling: layer l's compressed pages, lengths and residual slot state
   // (kernels/paged_kv_settle.h).
   kernels::KvSettleLayer SettleLayer(int l) const;
-  // DMS: layer l's marks (kernels/paged_kv_dms_evict.h; quantized: beside the residual rows).
+  // DMS: layer l's marks (kernels/paged_kv_dms_evict.h; settling: beside the residual rows).
   uint8_t* Marks(int l) const;
-  // The stride of a step's attention weights per query head: a head's pages, then (quantized)
+  // ThinK: layer l's query energy [R, Hkv, D].
+  float* ThinkEnergy(int l) const;
+  // The stride of a step's attention weights per query head: a head's pages, then (settling)
   // its residual block.
-  int ProbsStride() const { return max_pages_ * opt_.page_size + (quant_ ? residual_slots_ : 0); }
+  int ProbsStride() const { return max_pages_ * opt_.page_size + (settles_ ? residual_slots_ : 0); }
   // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
@@ -255,8 +270,10 @@ class CudaEngine : public DecodeEngine {
   bool keep_ctrl_ = false;    // channel D-1 is a control channel (a DMC model)
   bool quant_ = false;        // quantized pages (policy.quant.bits > 0)
   bool zip_ = false;          // ZipCache's salient slots (policy.quant.salient_slots > 0)
+  bool think_ = false;        // ThinK's pruned pages (policy.think_channels > 0)
+  bool settles_ = false;      // quantized or ThinK: a bf16 residual closing into pages
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
-  int residual_slots_ = 0;    // rows of a quantized head's residual block
+  int residual_slots_ = 0;    // rows of a settling head's residual block
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free
   std::unique_ptr<Device> dev_;

@@ -41,7 +41,8 @@ class DecodeEngine {
   virtual const CachePolicy& policy() const = 0;
   virtual const PagedCacheOptions& cache_options() const = 0;
   // Bytes of one cache element (pages) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16);
-  // and of one element of the DMC window state (the CPU model's precision; fp32 on the GPU).
+  // and of one element of the DMC window state and ThinK's query energy (the CPU model's
+  // precision; fp32 on the GPU).
   virtual int element_bytes() const = 0;
   virtual int window_element_bytes() const = 0;
 

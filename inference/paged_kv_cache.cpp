@@ -185,12 +185,9 @@ void PagedKvCache<T>::WritePage(Head& hd, int32_t page, const std::vector<T>& ke
 template <typename T>
 void PagedKvCache<T>::ObserveQuery(int seq, int layer, const T* q, int H, bool exclude_ctrl) {
   const int Hkv = opt_.kv_heads, D = opt_.head_dim, group = H / Hkv;
-  const int observed = exclude_ctrl ? D - 1 : D;
-  for (int h = 0; h < Hkv; ++h) {
-    std::vector<T>& energy = head(seq, layer, h).query_energy;
-    for (int g = h * group; g < (h + 1) * group; ++g)
-      for (int j = 0; j < observed; ++j) energy[j] += q[g * D + j] * q[g * D + j];
-  }
+  for (int h = 0; h < Hkv; ++h)
+    kernels::think_observe_queries(head(seq, layer, h).query_energy.data(),
+                                   q + static_cast<long>(h) * group * D, group, D, exclude_ctrl);
 }
 
 template <typename T>

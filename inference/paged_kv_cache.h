@@ -99,7 +99,8 @@ inline long KvResidualBytes(const PagedCacheOptions& o, int element_bytes) {
   return static_cast<long>(o.layers) * o.kv_heads * KvResidualSlots(o) * 2 * o.head_dim *
          element_bytes;
 }
-// ThinK's observed query energy [D] per (layer, KV head), reserved at admission.
+// ThinK's observed query energy [D] per (layer, KV head), reserved at admission. A running sum,
+// it is kept at the window state's precision (fp32 on the GPU engine, whose pages are bf16).
 inline long KvObservationBytes(const PagedCacheOptions& o, int element_bytes) {
   if (!KvThink(o)) return 0;
   return static_cast<long>(o.layers) * o.kv_heads * o.head_dim * element_bytes;
@@ -108,7 +109,7 @@ inline long KvObservationBytes(const PagedCacheOptions& o, int element_bytes) {
 inline long KvReservedBytes(const PagedCacheOptions& o, int page_element_bytes,
                             int window_element_bytes) {
   return KvWindowBytes(o, window_element_bytes) + KvResidualBytes(o, page_element_bytes) +
-         KvObservationBytes(o, page_element_bytes);
+         KvObservationBytes(o, window_element_bytes);
 }
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)

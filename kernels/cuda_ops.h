@@ -35,6 +35,7 @@
 #include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/sample.h"
+#include "kernels/think_channels.h"
 
 namespace dmc::cuda {
 
@@ -348,6 +349,42 @@ void paged_decode_attention_quantized(bf16* out, float* probs, int probs_stride,
                                       int residual_slots, int B, int H, int Hkv, int D,
                                       bool exclude_ctrl, float scale,
                                       cudaStream_t stream = nullptr, int split_slots = 0);
+
+// The same attention over a ThinK cache, as kernels::paged_decode_attention_think reads it: head
+// (b, h) holds p_lengths[b, h] slots in pruned pages (page p = page_table[(b·Hkv + h)·max_pages +
+// i / page_size] holds the `kept` channels of mask p, masks [pages, ceil(D / 8)], of its keys in
+// k_pages [pages, page_size, kept] and its whole values in v_pages [pages, page_size, D], bf16),
+// then r_lengths[b, h] bf16 slots in its residual block, as above. A pruned key enters q·k with
+// zeros at its pruned channels. GQA groups of 4 to 16 with page_size a multiple of 16 run on
+// paged_decode_attention's tensor-core kernel (the keys expanded into its bf16 tiles), the
+// others on its CUDA-core kernel; out, probs, the rest of the arithmetic and the requirements as
+// for paged_decode_attention_quantized, with lengths = p_lengths + r_lengths, v_pages 16-byte
+// aligned.
+void paged_decode_attention_think(bf16* out, float* probs, int probs_stride, const bf16* q,
+                                  const bf16* k_pages, const bf16* v_pages, const uint8_t* masks,
+                                  int kept, const int32_t* page_table, const int* p_lengths,
+                                  int max_pages, int page_size, const bf16* r_k_pool,
+                                  const bf16* r_v_pool, const int32_t* residual_block,
+                                  const int* r_lengths, int residual_slots, int B, int H, int Hkv,
+                                  int D, bool exclude_ctrl, float scale,
+                                  cudaStream_t stream = nullptr, int split_slots = 0);
+
+// ---- ThinK (kernels/think_channels.h) ----
+// energy [n·Hkv, D] fp32, row i's KV head h at i·Hkv + h: adds kernels::think_observe_queries of
+// its query heads in q [n, H, D] (bf16, rotated), in the same order and rounding.
+void think_observe_queries(float* energy, const bf16* q, int n, int H, int Hkv, int D,
+                           bool exclude_ctrl, cudaStream_t stream = nullptr);
+// Closes n ThinK pages from the lists of kernels/paged_kv_settle.h: entry j whose page id
+// p = page_ids[j] is not negative takes the bf16 rows k_rows[rows[j·P + r]], v_rows[rows[j·P + r]]
+// (each [D], r < P = page_size) and writes masks[p] (ceil(D / 8) bytes) =
+// kernels::think_select_channels(energy + j·D, those keys, kept), k_pages[p] [P, kept] =
+// kernels::think_prune_rows of them, v_pages[p] [P, D] = the values, then energy[j·D ..] = 0.
+// The same masks and rows as the CPU functions on the same rows and energy (scores in fp64, in the
+// same order). D <= 128; kept in [1, D].
+void think_prune_pages(bf16* k_pages, bf16* v_pages, uint8_t* masks, float* energy,
+                       const int32_t* page_ids, const bf16* k_rows, const bf16* v_rows,
+                       const int32_t* rows, int n, int page_size, int D, int kept,
+                       cudaStream_t stream = nullptr);
 
 // ---- KV quantization (kernels/kv_quant.h) ----
 // Writes n pages: page page_ids[j] of `pages` (layout.bytes each) from the bf16 rows

@@ -1,5 +1,6 @@
 // CUDA-only pieces shared by the paged decode attention kernels (spec: kernels/decode_attention.h):
-// decode_attention.cu reads bf16 pools, decode_attention_quantized.cu quantized pages, and both
+// decode_attention.cu reads bf16 pools, decode_attention_quantized.cu quantized pages,
+// decode_attention_think.cu ThinK's pruned pages, and all
 // run the same CUDA-core kernel over their own source of rows, the same tensor-core kernel over
 // their own source of tiles (below, before decode_mma_kernel), the same chunking
 // (flash-decoding) and the same combine kernel; the design is described at the top of
@@ -501,9 +502,11 @@ void launch_mma(const P& p, dim3 grid, size_t smem_bytes, cudaStream_t stream) {
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-// Sets the quantized cache's tensor-core kernels' shared-memory limit (decode_attention_quantized.cu)
-// once; paged_decode_attention_reserve calls it, so that it happens before any graph capture.
+// Set the quantized and the ThinK cache's tensor-core kernels' shared-memory limits
+// (decode_attention_quantized.cu, decode_attention_think.cu) once; paged_decode_attention_reserve
+// calls them, so that it happens before any graph capture.
 void configure_quantized_mma_kernels();
+void configure_think_mma_kernels();
 
 // The second pass of split heads (nothing when the main kernel wrote out directly).
 template <class P>

@@ -3,12 +3,16 @@
 // step:    one thread per (row, KV head); a closing head writes its page_size row indices
 //          (ZipCache: row j goes to page row rank(j), the slots of higher saliency, or equal
 //          saliency and older, before it: the reference's stable sort).
-// lagged:  one CTA per (row, KV head): its threads count the settled slots (a shared counter);
-//          where page_size have settled, each settled slot's page row is its rank by position
-//          (positions are distinct), kept in shared memory; then each thread takes channels and
-//          walks the residual in order, copying a closing row to the stage and moving a kept one
-//          up (a column per thread, rows in increasing order: no row is written before it is
-//          read), and thread 0 moves the positions and marks the same way.
+// lagged:  one CTA per (row, KV head): its threads gather the settled slots' positions and
+//          indices into shared memory (a shared counter hands out places, in any order); where
+//          page_size have settled, each settled slot's page row is its rank by position among
+//          the settled ones (positions are distinct, so the gathering order does not matter):
+//          settled² comparisons, page_size² when a page closes (a step settles at most one more
+//          slot), where ranking among all r residual slots took r · page_size, DMS's window
+//          being in the residual. Then each thread takes channels and walks the residual in
+//          order, copying a closing row to the stage and moving a kept one up (a column per
+//          thread, rows in increasing order: no row is written before it is read), and thread 0
+//          moves the positions and marks the same way.
 // prefill: one CTA per KV head of the row: its threads count the settled slots (settle lag > 0),
 //          fill the head's page list and copy its residual rows from the staging pool, all
 //          having read S before thread 0 rewrites the lengths.
@@ -49,32 +53,39 @@ __global__ void settle_step_kernel(int32_t* page_ids, int32_t* rows, KvSettleLay
   c.r_lengths[head] = 0;
 }
 
-// Dynamic shared memory: the page row of each residual slot (−1: it stays).
+// Dynamic shared memory, three arrays of `stride` ints: the page row of each residual slot (−1:
+// it stays), then the settled slots' positions and their residual indices.
 __global__ void __launch_bounds__(kThreads)
     settle_lagged_kernel(int32_t* page_ids, int32_t* rows, bf16* stage_k, bf16* stage_v,
                          KvSettleLayer c, bf16* r_k, bf16* r_v, const int32_t* positions, int Hkv,
-                         int D) {
-  extern __shared__ int page_row[];
+                         int D, int stride) {
+  extern __shared__ int lagged_smem[];
+  int* page_row = lagged_smem;
+  int* settled_pos = lagged_smem + stride;
+  int* settled_slot = lagged_smem + 2 * stride;
   __shared__ int settled;
   const long head = blockIdx.x;  // i · Hkv + h
   const int P = c.page_size, r = c.r_lengths[head], cut = positions[head / Hkv] - c.settle_lag;
   int32_t* pos = c.r_pos + head * c.residual_slots;
   if (threadIdx.x == 0) settled = 0;
   __syncthreads();
-  for (int j = threadIdx.x; j < r; j += blockDim.x)
-    if (pos[j] < cut) atomicAdd(&settled, 1);
+  for (int j = threadIdx.x; j < r; j += blockDim.x) {
+    page_row[j] = -1;
+    if (pos[j] < cut) {
+      const int at = atomicAdd(&settled, 1);
+      settled_pos[at] = pos[j];
+      settled_slot[at] = j;
+    }
+  }
   __syncthreads();
   if (settled < P) {
     if (threadIdx.x == 0) page_ids[head] = -1;
     return;
   }
-  for (int j = threadIdx.x; j < r; j += blockDim.x) {
-    int rank = -1;
-    if (pos[j] < cut) {
-      rank = 0;
-      for (int k = 0; k < r; ++k) rank += pos[k] < cut && pos[k] < pos[j];
-    }
-    page_row[j] = rank < P ? rank : -1;
+  for (int i = threadIdx.x; i < settled; i += blockDim.x) {
+    int rank = 0;
+    for (int k = 0; k < settled; ++k) rank += settled_pos[k] < settled_pos[i];
+    if (rank < P) page_row[settled_slot[i]] = rank;
   }
   __syncthreads();
   bf16* k = r_k + head * c.residual_slots * D;
@@ -177,11 +188,12 @@ void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, bf16* stage_k
                                  const int32_t* positions, int n, int Hkv, int D,
                                  cudaStream_t stream) {
   if (n <= 0) return;
-  // Rounded up to whole 16-byte words: ptxas may merge the guarded reads of consecutive rows
-  // into one wider load, which compute-sanitizer flags past a 36-byte array.
-  const size_t smem = static_cast<size_t>((layer.residual_slots + 3) / 4 * 4) * sizeof(int);
+  // Each array rounded up to whole 16-byte words: ptxas may merge the guarded reads of
+  // consecutive rows into one wider load, which compute-sanitizer flags past a 36-byte array.
+  const int stride = (layer.residual_slots + 3) / 4 * 4;
+  const size_t smem = static_cast<size_t>(3 * stride) * sizeof(int);
   settle_lagged_kernel<<<static_cast<unsigned>(n * Hkv), kThreads, smem, stream>>>(
-      page_ids, rows, stage_k, stage_v, layer, r_k, r_v, positions, Hkv, D);
+      page_ids, rows, stage_k, stage_v, layer, r_k, r_v, positions, Hkv, D, stride);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -21,6 +21,16 @@ void think_select_channels(uint8_t* mask, const T* query_energy, const T* keys, 
 }
 
 template <typename T>
+void think_observe_queries(T* energy, const T* q, int G, int D, bool exclude_ctrl) {
+  const int observed = exclude_ctrl ? D - 1 : D;
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < observed; ++j) {
+      const T square = q[static_cast<long>(g) * D + j] * q[static_cast<long>(g) * D + j];
+      energy[j] += square;
+    }
+}
+
+template <typename T>
 void think_prune_rows(T* pruned, const T* rows, const uint8_t* mask, int n, int D, int kept) {
   for (int i = 0; i < n; ++i)
     for (int j = 0, c = 0; j < D; ++j)
@@ -31,6 +41,8 @@ void think_prune_rows(T* pruned, const T* rows, const uint8_t* mask, int n, int 
 template void think_select_channels<float>(uint8_t*, const float*, const float*, int, int, int);
 template void think_select_channels<double>(uint8_t*, const double*, const double*, int, int,
                                             int);
+template void think_observe_queries<float>(float*, const float*, int, int, bool);
+template void think_observe_queries<double>(double*, const double*, int, int, bool);
 template void think_prune_rows<float>(float*, const float*, const uint8_t*, int, int, int);
 template void think_prune_rows<double>(double*, const double*, const uint8_t*, int, int, int);
 

@@ -197,6 +197,8 @@ TEST(Think, ByteAccountingEqualsWhatIsAllocated) {
   EXPECT_EQ(cache.page_bytes(), page_bytes);
   EXPECT_EQ(inference::KvReservedBytes(o, sizeof(double), sizeof(double)),
             2L * kHkv * (kP * 2 * kD + kD) * sizeof(double));
+  // The GPU engine's: bf16 residual blocks, the query energy at fp32 as its window state.
+  EXPECT_EQ(inference::KvReservedBytes(o, 2, 4), 2L * kHkv * (kP * 2 * kD * 2 + kD * 4));
   std::mt19937_64 rng(5);
   std::vector<std::vector<int>> pos(3, std::vector<int>(o.layers * kHkv, 0));
   for (int seq = 0; seq < 3; ++seq) ASSERT_TRUE(cache.AddSequence(seq).ok());

@@ -930,6 +930,7 @@ struct EngineCase {
   int salient = 0;  // ZipCache (vanilla): salient slots per page, at 8 bits over `bits`
   LayerAllocation allocation = LayerAllocation::kUniform;  // h2o, tova: per-layer budgets
   std::vector<int> kv_source = {};  // KVSharer (vanilla): the cache each layer reads
+  int think = 0;  // ThinK (vanilla, dmc, dms): key channels a page keeps; 0: every channel
 };
 
 model::LlamaConfig EngineConfig(const EngineCase& c) {
@@ -944,7 +945,7 @@ model::LlamaConfig EngineConfig(const EngineCase& c) {
 // The case's policy over sequences of seq_len tokens (inference::PolicyForCr), quantized to
 // c.bits (ZipCache: c.salient slots of a page at 8 bits); per-layer budgets at that mean budget
 // (ZigZagKV's from a fixed, uneven LMBA per layer: the engines follow whatever budgets a
-// calibration gives, so the test needs none); KVSharer's sources.
+// calibration gives, so the test needs none); KVSharer's sources; ThinK's kept channels.
 inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
   absl::StatusOr<inference::CachePolicy> p = inference::PolicyForCr(c.method, seq_len, c.cr);
   EXPECT_TRUE(p.ok()) << p.status();
@@ -957,15 +958,16 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
   if (c.allocation == LayerAllocation::kZigZag)
     policy.layer_budget = inference::ZigZagBudgets({6.0, 1.5, 3.0}, policy.budget, seq_len);
   policy.kv_source = c.kv_source;
+  policy.think_channels = c.think;
   return policy;
 }
 
 // Whether the case's prompts go token by token on both engines (no parallel prefill): H2O, TOVA
-// and ZipCache rank slots by each step's attention, and KVSharer's layers read other layers'
-// caches, which the parallel forward does not.
+// and ZipCache rank slots by each step's attention, ThinK scores key channels by each step's
+// query, and KVSharer's layers read other layers' caches, which the parallel forward does not.
 bool PromptsTokenByToken(const EngineCase& c) {
   return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.salient > 0 ||
-         !c.kv_source.empty();
+         c.think > 0 || !c.kv_source.empty();
 }
 
 // How far the engines' per-token log-probabilities may drift apart: the largest and the mean
@@ -981,9 +983,13 @@ bool PromptsTokenByToken(const EngineCase& c) {
 // normalized scores lie within that rounding, the engines may store different ones at 8 bits.
 // Per-layer budgets leave the deep layers of a pyramid a few slots each, where one such victim
 // weighs more: on the H200 a TOVA pyramid case at CR 4 moved one log-probability by 0.50 (mean
-// 0.009, every argmax equal, every head's slot count equal).
+// 0.009, every argmax equal, every head's slot count equal). ThinK chooses a page's channels by
+// scores from bf16 keys and queries on the GPU (the selection itself is exact, CudaThink): where
+// two channels' scores lie within that rounding, the engines may keep different ones, and every
+// later query of that head reads those keys otherwise (not yet measured on the H200: the bound
+// is H2O's).
 std::pair<double, double> LogprobTolerance(const EngineCase& c) {
-  if (c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova)
+  if (c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.think > 0)
     return {c.allocation == LayerAllocation::kUniform ? 0.3 : 0.6, 0.02};
   if (c.bits == 8) return {0.2, 0.03};
   if (c.bits > 0) return {0.5, 0.06};
@@ -1100,7 +1106,12 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
     EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
     // The same pages: what the CPU cache would hold at the GPU's element sizes (bf16 pages or
     // quantized pages; the reservations, bf16 residual blocks and fp32 window state, aside).
-    if (tc.bits == 0) {
+    // ThinK's pages hold their channel mask beside the rows: the same number of them.
+    if (tc.think > 0) {
+      EXPECT_EQ(got.bytes.at(i) * inference::KvPageBytes(shape, 4),
+                want.bytes.at(i) * inference::KvPageBytes(shape, 2))
+          << "window " << i;
+    } else if (tc.bits == 0) {
       EXPECT_EQ(got.bytes.at(i), want.bytes.at(i) / 2) << "window " << i;
     } else {
       EXPECT_EQ(got.bytes.at(i), want.bytes.at(i)) << "window " << i;
@@ -1403,6 +1414,36 @@ INSTANTIATE_TEST_SUITE_P(
                    DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {0, 0, 0}}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
+// ThinK's pruned pages on the vanilla, dmc and dms caches against the CPU engine's: every channel
+// kept (the selection cannot differ), half, three eighths and a quarter of them (a single kept
+// channel is CudaThink's: here a choice flipped by bf16 rounding would weigh a whole score); the
+// attention's CUDA-core path (pages of 4 and 8) and its tensor-core path (GQA groups of 4 in
+// pages of 16); DMS's pages settle past its eviction window.
+INSTANTIATE_TEST_SUITE_P(
+    Think, CudaEngineVsCpu,
+    ::testing::Values(
+        EngineCase{"think_k32", false, 128, 2, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone, 0,
+                   0, 0, LayerAllocation::kUniform, {}, 32},
+        EngineCase{"think_k64_all_d64", false, 256, 4, 4, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {}, 64},
+        EngineCase{"think_k16_gqa", false, 256, 4, 2, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {}, 16},
+        EngineCase{"think_k24_g4", false, 512, 8, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone,
+                   0, 16, 0, LayerAllocation::kUniform, {}, 24},
+        EngineCase{"dmc_think_k32", true, 128, 2, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 0,
+                   0, 0, LayerAllocation::kUniform, {}, 32},
+        EngineCase{"dmc_think_k24_gqa", true, 256, 4, 2, CacheMethod::kDmc, 1, DmsVariant::kNone,
+                   0, 0, 0, LayerAllocation::kUniform, {}, 24},
+        EngineCase{"dmc_think_k16_g4", true, 512, 8, 2, CacheMethod::kDmc, 1, DmsVariant::kNone,
+                   0, 16, 0, LayerAllocation::kUniform, {}, 16},
+        EngineCase{"dms_adapter_think_k32", false, 128, 2, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kAdapter, 0, 0, 0, LayerAllocation::kUniform, {}, 32},
+        EngineCase{"dms_qchannel_think_k64_d128", false, 256, 2, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kQueryChannel, 0, 0, 0, LayerAllocation::kUniform, {}, 64},
+        EngineCase{"dms_qchannel_think_k24_g4", false, 512, 8, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kQueryChannel, 0, 16, 0, LayerAllocation::kUniform, {}, 24}),
+    [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
+
 // Bad input is a clear error that changes nothing, and the other sequences go on.
 TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   DMC_REQUIRE_GPU();
@@ -1451,15 +1492,25 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto cpu_only = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
   EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
-  // The CPU engine's other compressor is refused by name, never run uncompressed: ThinK. KV
-  // quantization of the vanilla cache is served, ZipCache's mixed precision too (token by token),
-  // and the quantized dms cache below; quantization of h2o, or at 3 bits, is invalid on either
-  // engine.
+  // ThinK is served (token by token); ThinK of h2o, composed with quantization, or keeping more
+  // channels than head_dim is invalid on either engine, by name. KV quantization of the vanilla
+  // cache is served, ZipCache's mixed precision too (token by token), and the quantized dms cache
+  // below; quantization of h2o, or at 3 bits, is invalid on either engine.
   o.policy = {CacheMethod::kVanilla};
   o.policy.think_channels = 8;
   auto think = inference::CudaEngine::Create(plain, o);
-  EXPECT_TRUE(absl::IsUnimplemented(think.status())) << think.status();
-  EXPECT_NE(think.status().message().find("think"), std::string::npos) << think.status();
+  ASSERT_TRUE(think.ok()) << think.status();
+  EXPECT_FALSE((*think)->parallel_prefill());
+  EXPECT_FALSE((*think)->chunked_prefill());
+  for (const inference::CachePolicy& bad :
+       {inference::CachePolicy{CacheMethod::kH2O, 8, 4, {}, 8},
+        inference::CachePolicy{CacheMethod::kVanilla, 0, 0, {8}, 8},
+        inference::CachePolicy{CacheMethod::kVanilla, 0, 0, {}, config.head_dim() + 1}}) {
+    o.policy = bad;
+    auto invalid = inference::CudaEngine::Create(plain, o);
+    EXPECT_TRUE(absl::IsInvalidArgument(invalid.status())) << invalid.status();
+    EXPECT_NE(invalid.status().message().find("ThinK"), std::string::npos) << invalid.status();
+  }
   // Per-layer budgets and KVSharer are served, token by token. Budgets not one per layer, a
   // layer's budget below 1, KVSharer on h2o or reading a layer that shares are invalid on either
   // engine.
