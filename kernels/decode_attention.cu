@@ -181,39 +181,17 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
        reinterpret_cast<uintptr_t>(k_pool) | reinterpret_cast<uintptr_t>(v_pool)) & 15u)
     fail(kOp, "q, out, k_pool and v_pool must be 16-byte aligned");
   const int G = H / Hkv;
-  const bool tensor_cores = G >= 4 && G <= 16;
-  const int GT = tensor_cores ? G : cuda_core_heads(G);
-  const long ctas = static_cast<long>(B) * Hkv * (G / GT);
-  if (ctas > 0x7fffffffL) fail(kOp, "too many (sequence, KV head) pairs for one launch");
-
+  configure_mma_kernels();
   Params p{};
-  p.out = out;
-  p.probs = probs;
-  p.probs_stride = probs_stride;
-  p.q = q;
   p.k_pool = k_pool;
   p.v_pool = v_pool;
   p.page_table = page_table;
   p.lengths = lengths;
   p.max_pages = max_pages;
   p.page_size = page_size;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.G = G;
-  p.scale_log2 = scale * kLog2e;
-  p.exclude_ctrl = exclude_ctrl;
-  plan_chunks(p, kOp, ctas, static_cast<long>(max_pages) * page_size, split_slots, B, D);
-  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
-  configure_mma_kernels();
-  if (tensor_cores && D == 64)
-    launch_mma<64>(p, grid, pool_mma_smem<64>(), stream);
-  else if (tensor_cores)
-    launch_mma<128>(p, grid, pool_mma_smem<128>(), stream);
-  else if (D == 64)
-    launch_cuda_cores<64>(p, GT, grid, stream);
-  else
-    launch_cuda_cores<128>(p, GT, grid, stream);
-  launch_combine(p, B, D, stream);
+  launch_decode(p, kOp, out, probs, probs_stride, q, B, H, Hkv, D, exclude_ctrl, scale,
+                G >= 4 && G <= 16, static_cast<long>(max_pages) * page_size, split_slots,
+                D == 64 ? pool_mma_smem<64>() : pool_mma_smem<128>(), stream);
 }
 
 }  // namespace dmc::cuda

@@ -517,4 +517,38 @@ void launch_combine(const P& p, int B, int D, cudaStream_t stream) {
   DMC_CUDA_CHECK_LAUNCH();
 }
 
+// What every paged decode attention's launch shares once its Params hold the cache's source:
+// the fields of Common, CTAs of a whole GQA group on tensor cores (when the source allows them)
+// or of cuda_core_heads(G) heads on CUDA cores, the chunk plan over heads of up to max_len
+// slots, the main kernel (mma_smem bytes of shared memory on tensor cores) and the combine.
+template <class P>
+void launch_decode(P& p, const char* op, bf16* out, float* probs, int probs_stride, const bf16* q,
+                   int B, int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                   bool tensor_cores, long max_len, int split_slots, size_t mma_smem,
+                   cudaStream_t stream) {
+  p.out = out;
+  p.probs = probs;
+  p.probs_stride = probs_stride;
+  p.q = q;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.G = H / Hkv;
+  p.scale_log2 = scale * detail::kLog2e;
+  p.exclude_ctrl = exclude_ctrl;
+  const int GT = tensor_cores ? p.G : cuda_core_heads(p.G);
+  const long ctas = static_cast<long>(B) * Hkv * (p.G / GT);
+  if (ctas > 0x7fffffffL) fail(op, "too many (sequence, KV head) pairs for one launch");
+  plan_chunks(p, op, ctas, max_len, split_slots, B, D);
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
+  if (tensor_cores && D == 64)
+    launch_mma<64>(p, grid, mma_smem, stream);
+  else if (tensor_cores)
+    launch_mma<128>(p, grid, mma_smem, stream);
+  else if (D == 64)
+    launch_cuda_cores<64>(p, GT, grid, stream);
+  else
+    launch_cuda_cores<128>(p, GT, grid, stream);
+  launch_combine(p, B, D, stream);
+}
+
 }  // namespace dmc::cuda::decode

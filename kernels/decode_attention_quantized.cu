@@ -401,15 +401,7 @@ void paged_decode_attention_quantized(bf16* out, float* probs, int probs_stride,
       (layout.bytes | layout.key_codes | layout.value_codes | layout.key_params |
        layout.value_params) % 16 == 0 &&
       smem <= static_cast<size_t>(g_max_mma_smem);
-  const int GT = tensor_cores ? G : cuda_core_heads(G);
-  const long ctas = static_cast<long>(B) * Hkv * (G / GT);
-  if (ctas > 0x7fffffffL) fail(kOp, "too many (sequence, KV head) pairs for one launch");
-
   Params p{};
-  p.out = out;
-  p.probs = probs;
-  p.probs_stride = probs_stride;
-  p.q = q;
   p.pages = pages;
   p.layout = layout;
   p.page_table = page_table;
@@ -423,23 +415,9 @@ void paged_decode_attention_quantized(bf16* out, float* probs, int probs_stride,
   p.value_group_shift = value_group_shift;
   p.stage_geometry = stage;
   p.warp_bytes = warp_bytes;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.G = G;
-  p.scale_log2 = scale * kLog2e;
-  p.exclude_ctrl = exclude_ctrl;
-  plan_chunks(p, kOp, ctas,
-              static_cast<long>(max_pages) * layout.page_size + residual_slots, split_slots, B, D);
-  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
-  if (tensor_cores && D == 64)
-    launch_mma<64>(p, grid, smem, stream);
-  else if (tensor_cores)
-    launch_mma<128>(p, grid, smem, stream);
-  else if (D == 64)
-    launch_cuda_cores<64>(p, GT, grid, stream);
-  else
-    launch_cuda_cores<128>(p, GT, grid, stream);
-  launch_combine(p, B, D, stream);
+  launch_decode(p, kOp, out, probs, probs_stride, q, B, H, Hkv, D, exclude_ctrl, scale,
+                tensor_cores, static_cast<long>(max_pages) * layout.page_size + residual_slots,
+                split_slots, smem, stream);
 }
 
 }  // namespace dmc::cuda

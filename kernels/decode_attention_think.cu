@@ -235,16 +235,8 @@ void paged_decode_attention_think(bf16* out, float* probs, int probs_stride, con
        reinterpret_cast<uintptr_t>(r_v_pool)) & 15u)
     fail(kOp, "q, out, v_pages, r_k_pool and r_v_pool must be 16-byte aligned");
   const int G = H / Hkv;
-  const bool tensor_cores = G >= 4 && G <= 16 && page_size % kTileRows == 0;
-  const int GT = tensor_cores ? G : cuda_core_heads(G);
-  const long ctas = static_cast<long>(B) * Hkv * (G / GT);
-  if (ctas > 0x7fffffffL) fail(kOp, "too many (sequence, KV head) pairs for one launch");
-
+  decode::configure_think_mma_kernels();
   Params p{};
-  p.out = out;
-  p.probs = probs;
-  p.probs_stride = probs_stride;
-  p.q = q;
   p.k_pages = reinterpret_cast<const uint16_t*>(k_pages);
   p.v_pages = v_pages;
   p.masks = masks;
@@ -259,24 +251,10 @@ void paged_decode_attention_think(bf16* out, float* probs, int probs_stride, con
   p.residual_block = residual_block;
   p.r_lengths = r_lengths;
   p.residual_slots = residual_slots;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.G = G;
-  p.scale_log2 = scale * kLog2e;
-  p.exclude_ctrl = exclude_ctrl;
-  plan_chunks(p, kOp, ctas, static_cast<long>(max_pages) * page_size + residual_slots,
-              split_slots, B, D);
-  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
-  decode::configure_think_mma_kernels();
-  if (tensor_cores && D == 64)
-    launch_mma<64>(p, grid, think_mma_smem<64>(), stream);
-  else if (tensor_cores)
-    launch_mma<128>(p, grid, think_mma_smem<128>(), stream);
-  else if (D == 64)
-    launch_cuda_cores<64>(p, GT, grid, stream);
-  else
-    launch_cuda_cores<128>(p, GT, grid, stream);
-  launch_combine(p, B, D, stream);
+  launch_decode(p, kOp, out, probs, probs_stride, q, B, H, Hkv, D, exclude_ctrl, scale,
+                G >= 4 && G <= 16 && page_size % kTileRows == 0,
+                static_cast<long>(max_pages) * page_size + residual_slots, split_slots,
+                D == 64 ? think_mma_smem<64>() : think_mma_smem<128>(), stream);
 }
 
 }  // namespace dmc::cuda

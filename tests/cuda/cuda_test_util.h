@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -125,6 +126,71 @@ inline void expect_close(const char* what, const std::vector<Dev>& out,
   std::fflush(stdout);
   ::testing::Test::RecordProperty(what, std::to_string(err));
   EXPECT_LE(err, tol) << what;
+}
+
+// A paged decode attention's weights (B rows of H query heads, G to a KV head, `stride` apart)
+// against the reference's: compared over each head's slots (slots[b · Hkv + h] of KV head h),
+// and nothing written past them into the buffer poisoned with 0xFF bytes.
+inline void expect_probs(const std::string& what, const std::vector<float>& probs,
+                         const std::vector<double>& ref, const std::vector<int>& slots, int B,
+                         int H, int G, int stride, double tol) {
+  std::vector<double> got, want;
+  long touched = 0;
+  for (int b = 0; b < B; ++b)
+    for (int g = 0; g < H; ++g) {
+      const int n = slots[b * (H / G) + g / G];
+      const size_t base = (static_cast<size_t>(b) * H + g) * stride;
+      for (int i = 0; i < stride; ++i) {
+        if (i < n) {
+          got.push_back(probs[base + i]);
+          want.push_back(ref[base + i]);
+        } else {
+          uint32_t bits;
+          std::memcpy(&bits, &probs[base + i], sizeof bits);
+          touched += bits != 0xFFFFFFFFu;
+        }
+      }
+    }
+  expect_close(what.c_str(), got, want, tol);
+  EXPECT_EQ(touched, 0) << what << ": written past a head's slots";
+}
+
+// A decode attention run again on the same inputs (launch(out, probs) into fresh buffers) gives
+// bit-identical outputs and weights: fixed chunks, a fixed reduction order, no races.
+template <typename Launch>
+void expect_rerun_identical(const std::string& what, const Launch& launch,
+                            const std::vector<bf16>& out, const std::vector<float>& probs) {
+  DevBuf<bf16> out2(out.size());
+  DevBuf<float> probs2(probs.size());
+  out2.poison();
+  probs2.poison();
+  launch(out2.ptr, probs2.ptr);
+  const std::vector<bf16> again = out2.download();
+  EXPECT_EQ(std::memcmp(out.data(), again.data(), sizeof(bf16) * out.size()), 0)
+      << what << ": two runs differ";
+  const std::vector<float> probs_again = probs2.download();  // bits: unwritten ones are NaN
+  EXPECT_EQ(std::memcmp(probs.data(), probs_again.data(), sizeof(float) * probs.size()), 0)
+      << what << ": two runs' weights differ";
+}
+
+// Per head of a settling cache, settled pages (0..max_pages) and residual slots (0..residual),
+// at least one slot a head; the first four heads the edge cases (full, one residual slot, one
+// page, a full residual).
+inline void random_settled_lengths(int heads, int max_pages, int residual,
+                                   std::vector<int>* pages_of, std::vector<int>* r_len) {
+  pages_of->resize(heads);
+  r_len->resize(heads);
+  std::uniform_int_distribution<int> any_pages(0, max_pages), any_residual(0, residual);
+  for (int h = 0; h < heads; ++h) {
+    (*pages_of)[h] = any_pages(rng());
+    (*r_len)[h] = any_residual(rng());
+    if ((*pages_of)[h] == 0 && (*r_len)[h] == 0) (*r_len)[h] = 1;
+  }
+  const int edge[4][2] = {{max_pages, residual}, {0, 1}, {1, 0}, {0, residual}};
+  for (int h = 0; h < std::min(heads, 4); ++h) {
+    (*pages_of)[h] = edge[h][0];
+    (*r_len)[h] = edge[h][1];
+  }
 }
 
 // METHOD.md: bf16 operands land between 1e-3 and 1e-2; fp32 arithmetic far under 1e-3.
