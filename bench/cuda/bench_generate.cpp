@@ -12,7 +12,7 @@
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
-//                   dms:4+int8,vanilla+zip8/4x4]
+//                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
@@ -75,7 +75,7 @@ ABSL_FLAG(std::string, model, "", "a dmc-export checkpoint to run instead of ran
 ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
           "vanilla, dmc:CR or dms:CR, comma-separated; each may end in +int8, +int4 or +int2 (the "
           "cache quantized), vanilla also in +zipH/LxS (ZipCache: S salient slots a page at H "
-          "bits over L)");
+          "bits over L), any of them in +thinkK (ThinK: K key channels a settled page keeps)");
 ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
@@ -331,15 +331,17 @@ int main(int argc, char** argv) {
     inf::CudaEngineOptions o;
     if (method_quant.size() == 2) {
       const std::string& q = method_quant[1];
-      int high = 0, low = 0, salient = 0;
+      int high = 0, low = 0, salient = 0, kept = 0;
       char rest = 0;
       if (q == "int8" || q == "int4" || q == "int2") {
         o.policy.quant.bits = q == "int8" ? 8 : q == "int4" ? 4 : 2;
       } else if (std::sscanf(q.c_str(), "zip%d/%dx%d%c", &high, &low, &salient, &rest) == 3) {
         o.policy.quant = {low, 0, high, salient};
+      } else if (std::sscanf(q.c_str(), "think%d%c", &kept, &rest) == 1) {
+        o.policy.think_channels = kept;
       } else {
-        std::fprintf(stderr, "bench_generate: --methods: %s: unknown quantization +%s (+int8, "
-                     "+int4, +int2 or +zipH/LxS)\n", spec.c_str(), q.c_str());
+        std::fprintf(stderr, "bench_generate: --methods: %s: unknown compression +%s (+int8, "
+                     "+int4, +int2, +zipH/LxS or +thinkK)\n", spec.c_str(), q.c_str());
         return 1;
       }
     }
