@@ -51,10 +51,10 @@ using namespace detail;
 
 // q, k, v, dout, lse2, delta and dq_acc reach the kernel as tensor maps (BwdMaps)
 struct BwdParams {
-  const float* mask;   // [B, T, Hkv] or null
-  bf16* dk;            // [B, T, Hkv, D], accumulated
+  const float* mask;  // [B, T, Hkv] or null
+  bf16* dk;           // [B, T, Hkv, D], accumulated
   bf16* dv;
-  float* dmask;        // [B, T, Hkv] or null, accumulated
+  float* dmask;  // [B, T, Hkv] or null, accumulated
   int B, T, H, Hkv;
   float scale, scale_log2;
   bool exclude_ctrl;
@@ -188,8 +188,8 @@ __device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&da)[kBM / 16
 }
 
 // Float offset of (row, column) of a warp's dQ staging buffer (BwdSmem::dq): box column / 32, in
-// it the 16-byte chunk c of row r at chunk c ^ (r % 8), the layout the tensor map's 128-byte swizzle
-// reads.
+// it the 16-byte chunk c of row r at chunk c ^ (r % 8), the layout the tensor map's 128-byte
+// swizzle reads.
 __device__ __forceinline__ int dq_staged(int row, int col) {
   return (col / 32) * 16 * 32 + row * 32 + ((((col % 32) / 4) ^ (row % 8)) << 2) + col % 4;
 }

@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the *_sm90.cu attention kernels: warpgroup MMA
 // (wgmma) on 128-byte-swizzled shared-memory tiles, mbarriers, TMA tile loads and reduce-adds and
-// the tensor maps that describe them. Included only by files built for sm_90a (kernels/CMakeLists.txt).
+// the tensor maps that describe them. Included only by files built for sm_90a
+// (kernels/CMakeLists.txt).
 //
 // Tile layout. A [rows][D] bf16 tile is stored as D/64 column blocks of [rows][64] (128 bytes a
 // row); within every 8-row, 1024-byte atom the 16-byte chunk c of row r sits at chunk c ^ (r % 8)
@@ -244,8 +245,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 // Global += one box of shared memory, at {c, h, t, b} of a 4-D fp32 tensor map, element by element
 // in the L2 (cp.reduce.async.bulk.tensor: no thread waits on it; elements outside the tensor are
 // skipped). Joins the calling thread's current bulk group (bulk_commit).
-__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c, int h,
-                                               int t, int b) {
+__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c,
+                                               int h, int t, int b) {
   asm volatile(
       "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
       " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
@@ -287,7 +288,7 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // A tiled tensor map of `rank` dimensions (innermost first; strides in bytes of dimensions
 // 1..rank-1), unit element strides, positions outside the tensor read as zeros. `what` names the
-// tensor in the error.
+// tensor in the error, beside its dimensions.
 inline CUtensorMap encode_tensor_map(CUtensorMapDataType type, int rank, const void* base,
                                      const cuuint64_t* dims, const cuuint64_t* strides,
                                      const cuuint32_t* box, CUtensorMapSwizzle swizzle,
@@ -299,10 +300,11 @@ inline CUtensorMap encode_tensor_map(CUtensorMapDataType type, int rank, const v
       CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
-    std::fprintf(stderr,
-                 "dmc attention (sm90): cuTensorMapEncodeTiled failed (error %d) for %s "
-                 "(16-byte aligned?)\n",
+    std::fprintf(stderr, "dmc attention (sm90): cuTensorMapEncodeTiled failed (error %d) for %s {",
                  static_cast<int>(r), what);
+    for (int i = 0; i < rank; ++i)
+      std::fprintf(stderr, "%s%llu", i ? ", " : "", static_cast<unsigned long long>(dims[i]));
+    std::fprintf(stderr, "} (innermost first; 16-byte aligned?)\n");
     std::abort();
   }
   return map;
@@ -318,10 +320,8 @@ inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int he
   const cuuint64_t elem = sizeof(__nv_bfloat16);
   const cuuint64_t strides[3] = {elem * D, elem * D * heads, elem * D * heads * T};
   const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
-  char what[80];
-  std::snprintf(what, sizeof(what), "a [%d, %d, %d, %d] bf16 tensor", B, T, heads, D);
   return encode_tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, base, dims, strides, box,
-                           CU_TENSOR_MAP_SWIZZLE_128B, what);
+                           CU_TENSOR_MAP_SWIZZLE_128B, "a [B, T, heads, D] bf16 tensor");
 }
 
 // Lets Kernel take `bytes` of dynamic shared memory (past the 48 KiB default): set once per
