@@ -271,15 +271,20 @@ void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16
                                 int D, bool exclude_ctrl, float scale, cudaStream_t stream,
                                 int mask_window);
 // Accumulates dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch for the fp32 dq
-// accumulator [B, T, H, D] and the row statistics [B, H, T].
+// accumulator [B, T, H, D] and the row statistics [B, H, T] (rows attention_stats_stride(T) apart).
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
                             bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
                             int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
+// Floats between the rows of the backward's row statistics: T rounded up to 4, so every row starts
+// 16-byte aligned, as the Hopper kernel's TMA loads of them need.
+inline int attention_stats_stride(int T) { return (T + 3) / 4 * 4; }
 // The Hopper backward's main kernel, called by dmc_attention_backward between its
-// pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T]) and its post-pass
-// (dq += dq_acc): adds scale · dQ into the fp32 dq_acc [B, T, H, D] and accumulates dk, dv, dmask.
+// pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T] with rows
+// attention_stats_stride(T) apart, 16-byte aligned) and its post-pass (dq += dq_acc): adds
+// scale · dQ into the fp32 dq_acc [B, T, H, D] (16-byte aligned; by TMA reduce-adds, the kernel's
+// file says why) and accumulates dk, dv, dmask.
 void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,

@@ -289,6 +289,7 @@ struct BwdParams {
   const bf16* dout;
   const float* lse2;  // lse · log2 e, written by the pre-pass
   const float* delta;
+  int stats_stride;   // of lse2 and delta: attention_stats_stride(T)
   float* dq_acc;
   bf16* dk;
   bf16* dv;
@@ -299,11 +300,11 @@ struct BwdParams {
   int window;  // as FwdParams::window
 };
 
-// Pre-pass: Delta[b, h, t] = sum_d dout · out and lse2 = lse · log2 e; 8 lanes per row, each
-// reading D/64 16-byte vectors of dout and of out.
+// Pre-pass: Delta[b, h, t] = sum_d dout · out and lse2 = lse · log2 e (rows stats_stride apart);
+// 8 lanes per row, each reading D/64 16-byte vectors of dout and of out.
 template <int D>
 __global__ void attn_bwd_prepass(float* delta, float* lse2, const float* lse, const bf16* dout,
-                                 const bf16* out, int B, int T, int H) {
+                                 const bf16* out, int B, int T, int H, int stats_stride) {
   constexpr int kLanes = 8, kVec = D / 8 / kLanes;
   const long row = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;  // (b,t,h)
   const int sub = threadIdx.x % kLanes;
@@ -323,9 +324,9 @@ __global__ void attn_bwd_prepass(float* delta, float* lse2, const float* lse, co
     const int h = static_cast<int>(row % H);
     const long bt = row / H;
     const int t = static_cast<int>(bt % T), b = static_cast<int>(bt / T);
-    const long r = (static_cast<long>(b) * H + h) * T + t;
-    delta[r] = acc;
-    lse2[r] = lse[r] * kLog2e;
+    const long row_bh = static_cast<long>(b) * H + h;
+    delta[row_bh * stats_stride + t] = acc;
+    lse2[row_bh * stats_stride + t] = lse[row_bh * T + t] * kLog2e;
   }
 }
 
@@ -386,7 +387,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
     // lse2 (= lse · log2 e) and Delta rows of the tile, asynchronously like the tiles (zero past T)
     for (int i = tid; i < 2 * BM; i += NT) {
       const int t = mt * BM + (i % BM);
-      const long r = (static_cast<long>(b) * H + h) * T + t;
+      const long r = (static_cast<long>(b) * H + h) * p.stats_stride + t;
       const float* src = i < BM ? p.lse2 : p.delta;
       cp_async4((i < BM ? sLse : sDelta) + stage * BM + (i % BM), t < T ? src + r : src, t < T);
     }
@@ -750,24 +751,26 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
   check_shape(T, H, Hkv, D);
   const long nq = static_cast<long>(B) * T * H * D;
   const long rows = static_cast<long>(B) * T * H;
+  const int stats_stride = attention_stats_stride(T);
+  const long stats_size = static_cast<long>(B) * H * stats_stride;
   float* dq_acc = static_cast<float*>(scratch(4, sizeof(float) * nq));
-  float* stats = static_cast<float*>(scratch(5, sizeof(float) * 2 * rows));
+  float* stats = static_cast<float*>(scratch(5, sizeof(float) * 2 * stats_size));
   float* delta = stats;
-  float* lse2 = stats + rows;
+  float* lse2 = stats + stats_size;
   DMC_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, sizeof(float) * nq, stream));
   if (D == 64)
     attn_bwd_prepass<64><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out, B,
-                                                                      T, H);
+                                                                      T, H, stats_stride);
   else
     attn_bwd_prepass<128><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out,
-                                                                       B, T, H);
+                                                                       B, T, H, stats_stride);
   DMC_CUDA_CHECK_LAUNCH();
   if (resolve_backward_kernel(kernel) == AttentionKernel::kSm90) {
     dmc_attention_backward_sm90(dq_acc, dk, dv, dmask, dout, q, k, v, mask, lse2, delta, B, T, H,
                                 Hkv, D, exclude_ctrl, scale, stream, mask_window);
   } else {
-    BwdParams p{q,  k,  v,      mask, dout, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
-                scale, scale * kLog2e, exclude_ctrl, mask_window};
+    BwdParams p{q,  k,  v,  mask,  dout, lse2, delta, stats_stride, dq_acc, dk, dv, dmask, B, T, H,
+                Hkv, scale, scale * kLog2e, exclude_ctrl, mask_window};
     if (D == 64)
       launch_bwd<64>(p, stream);
     else

@@ -17,16 +17,30 @@
 //   dQ   = dS K over all 128 keys, one 64-query x 64-channel block per warpgroup (BM x D holds
 //          two: at head dim 128 warpgroup w takes channels 64w + [0, 64) of all 64 queries, at 64
 //          queries 64w + [0, 64) of all channels): dS^T of both warpgroups goes through shared
-//          memory (read M-major as A), K N-major as B; added into the fp32 dQ accumulator with
-//          atomics (FlashAttention's scheme: not bit-reproducible run to run).
+//          memory (read M-major as A), K N-major as B; added into the fp32 dQ accumulator by TMA
+//          (below; not bit-reproducible run to run, as with FlashAttention's atomics).
 // dmask needs no atomics: every key of the CTA belongs to one quad of one warp, which sums its
 // row over all query tiles and heads in registers. exclude_ctrl: channel D-1 of the K tile is
 // zeroed in shared memory once, so it drops out of every score; dK and dQ skip that channel.
 //
-// A producer warp issues the TMA loads (K, V once; Q and dO tiles kStages deep) and writes each
-// tile's lse2 and Delta rows; each stage has a full mbarrier (the tiles landed, the rows written)
-// and an empty one (every consumer thread is done with the stage), as in the sm90 forward. Shared
-// tiles, descriptors and the wgmma wrappers: kernels/wgmma_sm90.h. Head dims 64 and 128.
+// The dQ path (FlashAttention-3's): no consumer thread adds dQ into global memory itself, so none
+// issues and waits on 16 vector atomics per tile (its 32 values of the block). Each consumer warp
+// stores its 16 queries x 64 channels of scale · dQ into its own shared staging buffer (fp32,
+// 128-byte swizzled: conflict-free stores from the accumulator layout), and its lane 0 issues TMA
+// reduce-adds of the buffer into dq_acc, addressed by a tensor map over [B, T, H, D] fp32 (the
+// layout the portable kernel and the post-pass share; queries past T are clipped by the TMA unit).
+// The reduce-adds run in the L2 while the warp goes on to the next tile; before rewriting the
+// buffer a tile later, lane 0 waits until the previous ones have read it
+// (cp.async.bulk.wait_group.read, long done by then), so one buffer per warp suffices. Per warp,
+// not per warpgroup as in FlashAttention-3 (there a producer warp issues one bulk reduce of the
+// warpgroup's block into a dQ accumulator laid out tile by tile): a warp's rows are its own, so
+// only __syncwarp orders its stores and its reduce-adds, and dq_acc keeps the row layout.
+//
+// A producer warp issues the TMA loads: K, V once; Q and dO tiles, and the tiles' rows of lse2 and
+// Delta (rows of [B·H, T] fp32, attention_stats_stride(T) apart), kStages deep. Each stage has a
+// full mbarrier (all four landed: expect_tx counts their bytes) and an empty one (every consumer
+// thread is done with the stage), as in the sm90 forward. Shared tiles, descriptors and the wgmma
+// and TMA wrappers: kernels/wgmma_sm90.h. Head dims 64 and 128.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/wgmma_sm90.h"
@@ -35,14 +49,12 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-struct BwdParams {  // q, k, v and dout reach the kernel as tensor maps
-  const float* mask;   // [B, T, Hkv] or null
-  const float* lse2;   // [B, H, T]: lse · log2 e
-  const float* delta;  // [B, H, T]: rowsum(dout · out)
-  float* dq_acc;       // [B, T, H, D] fp32, added to with atomics
-  bf16* dk;            // [B, T, Hkv, D], accumulated
+// q, k, v, dout, lse2, delta and dq_acc reach the kernel as tensor maps (BwdMaps)
+struct BwdParams {
+  const float* mask;  // [B, T, Hkv] or null
+  bf16* dk;           // [B, T, Hkv, D], accumulated
   bf16* dv;
-  float* dmask;        // [B, T, Hkv] or null, accumulated
+  float* dmask;  // [B, T, Hkv] or null, accumulated
   int B, T, H, Hkv;
   float scale, scale_log2;
   bool exclude_ctrl;
@@ -65,9 +77,10 @@ struct BwdTiles {
   static constexpr int kBM = D == 64 ? 128 : 64;
   static constexpr int kQBlocks = kBM / 64;  // 64-query blocks of dQ (the other factor: D / 64)
   static_assert(kQBlocks * (D / 64) == 2, "one 64 x 64 block of dQ per consumer warpgroup");
-  // Registers per thread moved by setmaxnreg, the fewest that spill nothing (ptxas -v): at head
-  // dim 128 the producer needs 40 (24 spills), at 64 the consumers need 240 (232 spills).
-  static constexpr int kProducerRegs = D == 64 ? 24 : 40;
+  // Registers per thread moved by setmaxnreg (ptxas -v): the producer takes setmaxnreg's least, 24;
+  // the consumers at head dim 128 the fewest that spill nothing, 232 (224 spill); at 64 they would
+  // need 248, past the register file beside the producer's 24, and spill 20 bytes at 240.
+  static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = D == 64 ? 240 : 232;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
 };
@@ -86,12 +99,25 @@ struct BwdSmem {
   // half while the other may still read tile i's in its dQ wgmma (the dS barrier of tile i + 1
   // orders the write of tile i + 2 after that read).
   bf16 ds[2][kBN * kBM];
-  float lse2[kStages][kBM];
+  // scale · dQ of each consumer warp's 16 queries x 64 channels, the source of its TMA reduce-adds:
+  // two boxes of [16][32] fp32 (channels 32 half + [0, 32)), 128-byte swizzled (dq_staged)
+  float dq[8][2][16 * 32];
+  float lse2[kStages][kBM];  // TMA destinations: each stage's row 128-byte aligned
   float delta[kStages][kBM];
   uint64_t kv_full, full[kStages], empty[kStages];
   static_assert((sizeof(bf16) * kBN * D) % 1024 == 0 && (sizeof(bf16) * kBM * D) % 1024 == 0 &&
-                    (sizeof(bf16) * kBN * kBM) % 1024 == 0,
-                "every tile starts on a 1024-byte swizzle atom");
+                    (sizeof(bf16) * kBN * kBM) % 1024 == 0 && sizeof(dq[0][0]) % 1024 == 0 &&
+                    sizeof(lse2[0]) % 128 == 0,
+                "every tile and dQ box starts on a 1024-byte swizzle atom, every row on 128 bytes");
+};
+// 1024 bytes of slack align the tiles (launch_bwd); the opt-in maximum per block is 227 KiB
+static_assert(1024 + sizeof(BwdSmem<64>) <= 227 * 1024 && 1024 + sizeof(BwdSmem<128>) <= 227 * 1024,
+              "shared memory per block");
+
+struct BwdMaps {
+  CUtensorMap q, k, v, dout;  // bf16 [B, T, heads, D] tiles (make_tile_map)
+  CUtensorMap lse2, delta;    // fp32 [B·H][T] rows, one box: a tile's kBM queries (zeros past T)
+  CUtensorMap dq_acc;         // fp32 [B, T, H, D], one box: 16 queries x 32 channels, swizzled
 };
 
 // P^T for the thread's keys key_lo, key_lo + 8 (rows) and the tile's queries (columns): s holds
@@ -161,34 +187,46 @@ __device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&da)[kBM / 16
           da[kk][r];
 }
 
-// dq_acc += scale · dQ for the thread's rows of a 64-query x 64-channel block (query q0 + row,
-// channel c0 + column) of head h; channel D-1 gets nothing under exclude_ctrl.
+// Float offset of (row, column) of a warp's dQ staging buffer (BwdSmem::dq): box column / 32, in
+// it the 16-byte chunk c of row r at chunk c ^ (r % 8), the layout the tensor map's 128-byte
+// swizzle reads.
+__device__ __forceinline__ int dq_staged(int row, int col) {
+  return (col / 32) * 16 * 32 + row * 32 + ((((col % 32) / 4) ^ (row % 8)) << 2) + col % 4;
+}
+
+// dq_acc += scale · dQ for the warp's 16 rows of a 64-query x 64-channel block: query q0 + 16 warp
+// + row, channel c0 + column, head h. The thread's accumulator values go to the warp's staging
+// buffer; lane 0 then issues the reduce-adds. Channel D-1 gets nothing under exclude_ctrl.
 template <int kD>
-__device__ __forceinline__ void add_dq(const float (&dq)[32], int q0, int c0, int b, int h,
-                                       const BwdParams& p) {
+__device__ __forceinline__ void add_dq(float* staged, const float (&dq)[32], int q0, int c0, int b,
+                                       int h, const CUtensorMap* dq_map, const BwdParams& p) {
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduce-adds have read the buffer
+  __syncwarp();
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int query = q0 + warp * 16 + lane / 4 + 8 * hh;
-    if (query >= p.T) continue;
-    float* dst = p.dq_acc + ((static_cast<long>(b) * p.T + query) * p.H + h) * kD + c0;
+    const int row = lane / 4 + 8 * hh;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int c = j * 8 + 2 * (lane % 4);
       const float v0 = dq[4 * j + 2 * hh] * p.scale;
       float v1 = dq[4 * j + 2 * hh + 1] * p.scale;
       if (p.exclude_ctrl && c0 + c + 1 == kD - 1) v1 = 0.f;
-      atomicAdd(reinterpret_cast<float2*>(dst + c), make_float2(v0, v1));
+      *reinterpret_cast<float2*>(staged + dq_staged(row, c)) = make_float2(v0, v1);
     }
+  }
+  fence_proxy_async();  // read next by the TMA unit
+  __syncwarp();
+  if (lane == 0) {
+    tma_reduce_add(dq_map, staged, c0, h, q0 + 16 * warp, b);
+    tma_reduce_add(dq_map, staged + 16 * 32, c0 + 32, h, q0 + 16 * warp, b);
+    bulk_commit();
   }
 }
 
 template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
-    attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
-                         const __grid_constant__ CUtensorMap k_map,
-                         const __grid_constant__ CUtensorMap v_map,
-                         const __grid_constant__ CUtensorMap dout_map, const BwdParams p) {
+    attn_bwd_sm90_kernel(const __grid_constant__ BwdMaps maps, const BwdParams p) {
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
   BwdSmem<kD>& sm =
@@ -216,30 +254,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kProducerRegs));
-    if (warp != 0) return;
-    if (lane == 0) {
-      mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
-      tma_load_tile<kBN, kD>(sm.k, &k_map, hk, k0, b, &sm.kv_full);
-      tma_load_tile<kBN, kD>(sm.v, &v_map, hk, k0, b, &sm.kv_full);
-    }
+    if (warp != 0 || lane != 0) return;  // one thread issues every load
+    mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
+    tma_load_tile<kBN, kD>(sm.k, &maps.k, hk, k0, b, &sm.kv_full);
+    tma_load_tile<kBN, kD>(sm.v, &maps.v, hk, k0, b, &sm.kv_full);
     for (int it = 0; it < iters; ++it) {
       const int stage = it % kStages;
       if (it >= kStages) mbar_wait(&sm.empty[stage], (it / kStages - 1) & 1);
       const int h = hk * G + it / n_m, q0 = (m_first + it % n_m) * kBM;
-      if (lane == 0) {
-        mbar_expect_tx(&sm.full[stage], sizeof(sm.q[0]) + sizeof(sm.dout[0]));
-        tma_load_tile<kBM, kD>(sm.q[stage], &q_map, h, q0, b, &sm.full[stage]);
-        tma_load_tile<kBM, kD>(sm.dout[stage], &dout_map, h, q0, b, &sm.full[stage]);
-      }
-      // the rows' statistics: [B, H, T] rows start at any 4-byte offset, too unaligned for TMA
-      const long row0 = (static_cast<long>(b) * H + h) * T;
-      for (int i = lane; i < kBM; i += 32) {
-        const int t = q0 + i;
-        sm.lse2[stage][i] = t < T ? p.lse2[row0 + t] : 0.f;
-        sm.delta[stage][i] = t < T ? p.delta[row0 + t] : 0.f;
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&sm.full[stage]);
+      mbar_arrive_expect_tx(&sm.full[stage], sizeof(sm.q[0]) + sizeof(sm.dout[0]) +
+                                                 sizeof(sm.lse2[0]) + sizeof(sm.delta[0]));
+      tma_load_tile<kBM, kD>(sm.q[stage], &maps.q, h, q0, b, &sm.full[stage]);
+      tma_load_tile<kBM, kD>(sm.dout[stage], &maps.dout, h, q0, b, &sm.full[stage]);
+      tma_load_2d(sm.lse2[stage], &maps.lse2, q0, b * H + h, &sm.full[stage]);
+      tma_load_2d(sm.delta[stage], &maps.delta, q0, b * H + h, &sm.full[stage]);
     }
     return;
   }
@@ -323,7 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(dk);
     pin(dq);
     mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
-    add_dq<kD>(dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h, p);
+    add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h, &maps.dq_acc,
+               p);
   }
 
   // dmask: each key's sum lies spread over the 4 lanes of its quad
@@ -351,20 +380,52 @@ __global__ void __launch_bounds__(kThreads, 1)
       *pv = __floats2bfloat162_rn(ov.x + dv[4 * j + 2 * hh], ov.y + dv[4 * j + 2 * hh + 1]);
     }
   }
+  // the staging buffer must outlive the last reduce-adds' reads of it (the CTA's shared memory
+  // goes with its exit); waiting for their completion costs no more at this point
+  if (lane == 0) bulk_wait<0>();
+}
+
+// Tensor map of the rows of a [rows][T] fp32 matrix whose rows lie stride floats apart (16-byte
+// multiples); a box is one row's kBM positions from a tile's first query, zeros past T.
+template <int kBM>
+CUtensorMap make_row_map(const float* base, long rows, int T, int stride, const char* what) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {sizeof(float) * static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {kBM, 1};
+  return encode_tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, base, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_NONE, what);
+}
+
+// Tensor map of the fp32 dQ accumulator [B, T, H, D], dimensions innermost first {D, H, T, B}; a
+// box is 32 channels (128 bytes, the widest a 128-byte swizzle takes) x 1 head x 16 queries (a
+// warp's rows of the dQ block) x 1 sequence.
+CUtensorMap make_dq_map(float* dq_acc, int B, int T, int H, int D) {
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(H),
+                              static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
+  const cuuint64_t elem = sizeof(float);
+  const cuuint64_t strides[3] = {elem * D, elem * D * H, elem * D * H * T};
+  const cuuint32_t box[4] = {32, 1, 16, 1};
+  return encode_tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, dq_acc, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B, "the fp32 dQ accumulator");
 }
 
 template <int D>
-void launch_bwd(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const BwdParams& p,
-                cudaStream_t stream) {
+void launch_bwd(float* dq_acc, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                const float* lse2, const float* delta, const BwdParams& p, cudaStream_t stream) {
   constexpr int kBM = BwdTiles<D>::kBM;
   const size_t smem = 1024 + sizeof(BwdSmem<D>);
   allow_dynamic_smem<attn_bwd_sm90_kernel<D>>(smem);
-  const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
-  const CUtensorMap dout_map = make_tile_map(dout, p.B, p.T, p.H, D, kBM);
-  const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
-  const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
+  const long stat_rows = static_cast<long>(p.B) * p.H;
+  const int stats_stride = attention_stats_stride(p.T);
+  const BwdMaps maps{make_tile_map(q, p.B, p.T, p.H, D, kBM),
+                     make_tile_map(k, p.B, p.T, p.Hkv, D, kBN),
+                     make_tile_map(v, p.B, p.T, p.Hkv, D, kBN),
+                     make_tile_map(dout, p.B, p.T, p.H, D, kBM),
+                     make_row_map<kBM>(lse2, stat_rows, p.T, stats_stride, "lse2"),
+                     make_row_map<kBM>(delta, stat_rows, p.T, stats_stride, "Delta"),
+                     make_dq_map(dq_acc, p.B, p.T, p.H, D)};
   dim3 grid(ceil_div(p.T, kBN), p.Hkv, p.B);
-  attn_bwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, dout_map, p);
+  attn_bwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(maps, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -379,12 +440,12 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
     std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
-  const BwdParams p{mask, lse2, delta, dq_acc, dk, dv, dmask, B, T, H, Hkv,
-                    scale, scale * kLog2e, exclude_ctrl, mask_window};
+  const BwdParams p{mask, dk, dv, dmask, B, T, H, Hkv, scale, scale * kLog2e, exclude_ctrl,
+                    mask_window};
   if (D == 64)
-    launch_bwd<64>(q, k, v, dout, p, stream);
+    launch_bwd<64>(dq_acc, q, k, v, dout, lse2, delta, p, stream);
   else
-    launch_bwd<128>(q, k, v, dout, p, stream);
+    launch_bwd<128>(dq_acc, q, k, v, dout, lse2, delta, p, stream);
 }
 
 }  // namespace dmc::cuda

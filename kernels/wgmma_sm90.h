@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the *_sm90.cu attention kernels: warpgroup MMA
-// (wgmma) on 128-byte-swizzled shared-memory tiles, mbarriers, TMA tile loads and the tensor maps
-// that describe them. Included only by files built for sm_90a (kernels/CMakeLists.txt).
+// (wgmma) on 128-byte-swizzled shared-memory tiles, mbarriers, TMA tile loads and reduce-adds and
+// the tensor maps that describe them. Included only by files built for sm_90a
+// (kernels/CMakeLists.txt).
 //
 // Tile layout. A [rows][D] bf16 tile is stored as D/64 column blocks of [rows][64] (128 bytes a
 // row); within every 8-row, 1024-byte atom the 16-byte chunk c of row r sits at chunk c ^ (r % 8)
@@ -232,6 +233,42 @@ __device__ __forceinline__ void tma_load_tile(__nv_bfloat16* dst, const CUtensor
   for (int c = 0; c < D / 64; ++c) tma_load(dst + c * ROWS * 64, map, c * 64, h, t0, b, bar);
 }
 
+// One box of a 2-D tensor map ({x, y}, innermost first) into shared memory, completing on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
+}
+// Global += one box of shared memory, at {c, h, t, b} of a 4-D fp32 tensor map, element by element
+// in the L2 (cp.reduce.async.bulk.tensor: no thread waits on it; elements outside the tensor are
+// skipped). Joins the calling thread's current bulk group (bulk_commit).
+__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c,
+                                               int h, int t, int b) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
+      "r"(c), "r"(h), "r"(t), "r"(b), "r"(smem_u32(src))
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of the calling thread's bulk groups still read their shared memory (the
+// source may be rewritten after that).
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of the calling thread's bulk groups are still incomplete (their writes to
+// global memory included).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // ---------------------------------------------------------------- tensor maps (host)
 // The driver's tensor-map encoder, reached through the runtime (no link against libcuda).
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -249,6 +286,30 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
+// A tiled tensor map of `rank` dimensions (innermost first; strides in bytes of dimensions
+// 1..rank-1), unit element strides, positions outside the tensor read as zeros. `what` names the
+// tensor in the error, beside its dimensions.
+inline CUtensorMap encode_tensor_map(CUtensorMapDataType type, int rank, const void* base,
+                                     const cuuint64_t* dims, const cuuint64_t* strides,
+                                     const cuuint32_t* box, CUtensorMapSwizzle swizzle,
+                                     const char* what) {
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = tensor_map_encoder()(
+      &map, type, rank, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "dmc attention (sm90): cuTensorMapEncodeTiled failed (error %d) for %s {",
+                 static_cast<int>(r), what);
+    for (int i = 0; i < rank; ++i)
+      std::fprintf(stderr, "%s%llu", i ? ", " : "", static_cast<unsigned long long>(dims[i]));
+    std::fprintf(stderr, "} (innermost first; 16-byte aligned?)\n");
+    std::abort();
+  }
+  return map;
+}
+
 // Tensor map of a [B, T, heads, D] bf16 tensor, dimensions innermost first {D, heads, T, B}; a box
 // is 64 channels x 1 head x rows positions x 1 sequence, 128-byte swizzled: one column block of a
 // tile. Positions past T (within the sequence) arrive as zeros.
@@ -257,23 +318,10 @@ inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int he
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
   const cuuint64_t elem = sizeof(__nv_bfloat16);
-  const cuuint64_t strides[3] = {elem * D, elem * D * heads,
-                                 elem * D * heads * T};  // bytes, dimensions 1..3
+  const cuuint64_t strides[3] = {elem * D, elem * D * heads, elem * D * heads * T};
   const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  CUtensorMap map;
-  const CUresult r = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<__nv_bfloat16*>(base), dims, strides,
-      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    std::fprintf(stderr,
-                 "dmc attention (sm90): cuTensorMapEncodeTiled failed (error %d) for a "
-                 "[%d, %d, %d, %d] tensor (16-byte aligned?)\n",
-                 static_cast<int>(r), B, T, heads, D);
-    std::abort();
-  }
-  return map;
+  return encode_tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, base, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B, "a [B, T, heads, D] bf16 tensor");
 }
 
 // Lets Kernel take `bytes` of dynamic shared memory (past the 48 KiB default): set once per
