@@ -185,8 +185,9 @@ TEST(LomaTrainCli, FlagErrorsNameTheFlag) {
   }
 }
 
-// The loma row of dmc-eval equals what the training-layout forward computes at the reading
-// positions (in double), and reports the cache the decoder really keeps.
+// The loma row of dmc-eval (the CPU engine's loma method under the scheduler) equals what the
+// training-layout forward computes at the reading positions (in double), and reports the cache
+// the engine really keeps.
 TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   model::Llama<float> base(TinyConfig(), nullptr);
   base.InitRandom(5);
@@ -204,7 +205,8 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   EXPECT_STREQ(inference::CacheMethodName(*method), "loma");
   inference::EvalOptions eo;
   eo.policy = *inference::PolicyForCr(*method, seq_len, 1.0);
-  eo.max_batch = 2;  // batches of 2, 2 and 1 windows
+  eo.max_batch = 2;  // 2 windows at a time
+  eo.page_size = 1;  // pages of one slot: the bytes count slots exactly
   // Progress: one call per prediction, counting up to the total.
   long calls = 0;
   const auto count_progress = [&](long done, long total) {
@@ -245,16 +247,29 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   // two whole segments per window: 4 memory slots for 12 tokens in every head
   EXPECT_DOUBLE_EQ(r->cr, 3.0);
   for (double x : r->head_cr) EXPECT_DOUBLE_EQ(x, 3.0);
-  // peak per sequence: 2 memory slots + a full segment + the 2 <m> of its compression
+  // peak per sequence: 2 memory slots + a full segment + the 2 <m> of its compression, for the
+  // two windows decoded together
   const long slot_bytes = 2L * 2 * 2 * 8 * sizeof(float);  // K and V × layers × KV heads × D
   EXPECT_EQ(r->peak_kv_bytes, 2 * 10 * slot_bytes);
+  EXPECT_EQ(r->max_sequence_bytes, 4 * slot_bytes);  // what a window holds at its end
   EXPECT_EQ(r->max_concurrent, 2);
+  EXPECT_EQ(r->preemptions, 0);
   EXPECT_GT(r->tokens_per_second, 0);
 
+  // One slot short of two peaks: the second window is preempted at its second compression and
+  // recomputed, the figures unchanged; short of one peak, the window cannot run at all.
   eo.budget_bytes = 2 * 10 * slot_bytes - 1;
+  absl::StatusOr<inference::EvalResult> tight = inference::Evaluate(*m, windows, eo);
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  EXPECT_GT(tight->preemptions, 0);
+  EXPECT_LE(tight->peak_kv_bytes, eo.budget_bytes);
+  EXPECT_NEAR(tight->perplexity, r->perplexity, 1e-9 * r->perplexity);
+  EXPECT_DOUBLE_EQ(tight->accuracy, r->accuracy);
+  eo.budget_bytes = 10 * slot_bytes - 1;
   r = inference::Evaluate(*m, windows, eo);
   ASSERT_FALSE(r.ok());
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "--kv_budget_mb")) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "does not fit the KV cache even alone"))
+      << r.status();
   r = inference::Evaluate(base, windows, eo);
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::StrContains(r.status().message(), "needs a LoMA model")) << r.status();
