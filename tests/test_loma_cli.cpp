@@ -1,5 +1,6 @@
 // LoMA through the tools: the trainer's LoMA step (dmc-train --method=loma) and its flag checks,
-// and the loma method of dmc-eval against the training-layout forward.
+// the loma method of dmc-eval against the training-layout forward, and dmc-generate on a LoMA
+// model.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,11 +10,17 @@
 #include <string>
 
 #include "absl/strings/match.h"
+#include "data/tokenizer.h"
 #include "inference/cache_policy.h"
+#include "inference/cpu_engine.h"
 #include "inference/evaluate.h"
+#include "inference/hf_model.h"
+#include "inference/scheduler.h"
 #include "model/llama.h"
 #include "model/loma.h"
 #include "parallel/communicator.h"
+#include "tests/serve_process.h"
+#include "tests/tiny_models.h"
 #include "trainer/trainer.h"
 
 namespace dmc {
@@ -282,6 +289,69 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   r = inference::Evaluate(base, windows, eo);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(calls, n * seq_len);
+}
+
+// dmc-generate on an exported LoMA model decodes with the loma method by default (token by token
+// on the CPU engine, several compressions) and prints what the engine generates greedily under
+// the scheduler; --method=loma on a model without the layout is refused by name.
+TEST(LomaGenerateCli, DefaultsToTheLomaCacheAndEqualsTheEngine) {
+  const std::string binary = serve_test::InferenceBinary("dmc-generate");
+  if (!std::filesystem::exists(binary)) GTEST_SKIP() << binary << " is not built";
+  serve_test::TempRoot temp("dmc_loma_generate");
+  model::LlamaConfig config = tiny_models::TinyLlama(259 + 2, 2);  // bytes, BOS, EOS, <m>, <r>
+  config.bos_token_id = 256;
+  config.eos_token_id = 257;
+  absl::StatusOr<model::LomaLayout> layout = model::MakeLomaLayout(259, 2, 3);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  config.loma = *layout;
+  const std::string dir = serve_test::ExportRandomModel(config, 4, temp.path / "loma");
+  const std::string prompt = "In the beginning";
+  const int new_tokens = 20;
+  const auto run = [&](const std::string& flags) {
+    std::FILE* p = popen((binary + " " + flags + " 2>&1").c_str(), "r");
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    return std::make_pair(pclose(p), out);
+  };
+  const auto [rc, out] = run("--model=" + dir + " --prompt='" + prompt +
+                             "' --max_new_tokens=" + std::to_string(new_tokens));
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "layer-heads, loma)")) << out;
+
+  absl::StatusOr<std::unique_ptr<model::Llama<float>>> m = inference::LoadHfModel(dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto tokenizer = data::LoadTokenizer("byte");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  inference::CachePolicy policy;
+  policy.method = inference::CacheMethod::kLoma;
+  auto engine = inference::CpuEngine<float>::Create(**m, policy, 1L << 24, 16);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<inference::Request> requests(1);
+  requests[0].tokens = (*tokenizer)->Encode(prompt);
+  requests[0].length = static_cast<int>(prompt.size()) + new_tokens - 1;
+  requests[0].prefill = true;
+  std::vector<int32_t> generated;
+  auto stats = inference::RunBatched(
+      **engine, requests, 1,
+      [&](int, int pos, const inference::TokenOutput& o) {
+        if (pos + 1 < static_cast<int>(prompt.size())) return true;
+        if (o.next == (*tokenizer)->eos_id()) return false;
+        generated.push_back(o.next);
+        return true;
+      },
+      [](int, bool) {});
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->prefill_tokens, 0) << "loma prompts go token by token";
+  // (stderr's summary line may come first: stdout is buffered until exit)
+  EXPECT_TRUE(absl::StrContains(out, prompt + (*tokenizer)->Decode(generated) + "\n")) << out;
+
+  model::LlamaConfig plain = config;
+  plain.loma = {};
+  const std::string plain_dir = serve_test::ExportRandomModel(plain, 4, temp.path / "plain");
+  const auto [refused, message] = run("--model=" + plain_dir + " --prompt=x --method=loma");
+  EXPECT_NE(refused, 0);
+  EXPECT_TRUE(absl::StrContains(message, "is not a LoMA model")) << message;
 }
 
 }  // namespace
