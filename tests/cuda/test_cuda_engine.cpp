@@ -1549,13 +1549,14 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto refused = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
 
-  // LoMA stays on the CPU engine, named in the refusal. The dms cache needs a DMS model, and a
-  // DMS model decodes with nothing else, as on the CPU engine; h2o and tova are served, given a
-  // budget with a recent window below it.
+  // The loma cache needs a LoMA model, as on the CPU engine. The dms cache needs a DMS model,
+  // and a DMS model decodes with nothing else; h2o and tova are served, given a budget with a
+  // recent window below it.
   o.policy = {CacheMethod::kLoma};
-  auto cpu_only = inference::CudaEngine::Create(plain, o);
-  EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
-  EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
+  auto not_loma = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(not_loma.status())) << not_loma.status();
+  EXPECT_NE(not_loma.status().message().find("needs a LoMA model"), std::string::npos)
+      << not_loma.status();
   // ThinK is served (token by token); ThinK of h2o, composed with quantization, or keeping more
   // channels than head_dim is invalid on either engine, by name. KV quantization of the vanilla
   // cache is served, ZipCache's mixed precision too (token by token), and the quantized dms cache
