@@ -115,7 +115,10 @@
 // attending to every slot before it, and kernels::paged_kv_drop_span moves the t new slots over
 // the segment in every head; the pages that emptied go back, so bytes() is the CPU engine's at
 // bf16 pages. CanStep counts the t slots of a compression beside the step's. Prompts go token by
-// token, as on the CPU engine.
+// token, as on the CPU engine. Steps rather than one chunk (EnqueueChunk): the <m> positions are
+// c apart, not consecutive as paged_kv_extend rotates a chunk's keys, and the step's graph is
+// already the CPU decoder's arithmetic (it too runs the <m> tokens as waves of a step); the cost
+// is t steps of the compressing rows every t·c tokens, one host synchronisation each.
 //
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
 // engine), loma (a LoMA model), vanilla (any other model; on a DMC model the control channel
