@@ -444,9 +444,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   std::fill_n(d.out_host, 3 * size_t(R) + 2 * heads, 0);
   d.lengths_host = d.out_host + 3 * size_t(R);
   d.q_lengths_host = d.lengths_host + heads;
-  // A step hands out at most a page per head of every row, a prefill of up to max_context
-  // tokens at most max_pages per head of its row.
-  d.assign_cap = static_cast<size_t>(L) * Hkv * std::max<size_t>(R, max_pages_);
+  // A step hands out at most a page per head of every row (a LoMA compression's t slots at most
+  // ceil(t / page_size)), a prefill of up to max_context tokens at most max_pages per head of its
+  // row.
+  const int per_row = loma_ ? (cfg.loma.zones.t + opt_.page_size - 1) / opt_.page_size : 1;
+  d.assign_cap =
+      static_cast<size_t>(L) * Hkv * std::max<size_t>(size_t(R) * per_row, max_pages_);
   d.assign_index = Alloc<int64_t>(d.assign_cap);
   d.assign_page = Alloc<int32_t>(d.assign_cap);
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.assign_index_host), d.assign_cap * sizeof(int64_t)));
