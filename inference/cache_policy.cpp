@@ -129,7 +129,7 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
       policy.method != CacheMethod::kDms)
     return absl::InvalidArgumentError(absl::StrFormat(
         "KV quantization serves the vanilla, dmc and dms caches, not %s (its quantized pages "
-        "never move, and %s evicts from anywhere)",
+        "never move, and %s removes slots from within a head)",
         method, method));
   for (int bits : {q.bits, q.salient_slots > 0 ? q.salient_bits : 8})
     if ((bits != 2 && bits != 4 && bits != 8) || head_dim * bits % 8 != 0)
@@ -156,15 +156,11 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
   if (policy.think_channels == 0) return absl::OkStatus();
   const char* method = CacheMethodName(policy.method);
-  if (policy.method == CacheMethod::kLoma)
-    return absl::InvalidArgumentError(
-        "ThinK prunes the key channels of the vanilla, dmc and dms caches, not of loma (it has "
-        "its own cache, not the paged one)");
   if (policy.method != CacheMethod::kVanilla && policy.method != CacheMethod::kDmc &&
       policy.method != CacheMethod::kDms)
     return absl::InvalidArgumentError(absl::StrFormat(
         "ThinK prunes the key channels of the vanilla, dmc and dms caches, not of %s (its pruned "
-        "pages never move, and %s evicts from anywhere)",
+        "pages never move, and %s removes slots from within a head)",
         method, method));
   if (policy.quant.bits > 0)
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -289,7 +285,8 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       }
       break;
     case CacheMethod::kLoma:
-      return absl::InvalidArgumentError("loma has its own cache: no byte budget knob");
+      return absl::InvalidArgumentError(
+          "loma compresses by the (t, c) the model was trained with: no byte budget knob");
   }
   long smallest = -1;
   CachePolicy smallest_policy;

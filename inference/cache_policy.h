@@ -19,8 +19,8 @@
 // Both evict every step, the prompt included (every token is fed one by one), ties going to the
 // oldest token. Keys are cached rotated at their true positions (no re-indexing). The GPU engine
 // applies the same rules to its flat device cache with kernels/paged_kv_evict.h.
-//   loma     a LoMA-retrofitted model (config.loma) compressing every t·c tokens into t memory
-//            slots (inference/loma_decoder.h); it has its own cache, not the paged one.
+//   loma     a LoMA-retrofitted model (config.loma): every t·c tokens the t <m> tokens run over
+//            the head's slots and their KVs replace the segment's (inference/paged_decoder.h).
 // KV quantization (policy.quant, inference/paged_kv_cache.h, kernels/kv_quant.h) stores the
 // vanilla, dmc or dms cache in b-bit pages: KIVI's granularity (keys per channel over a page,
 // values per token), settled slots only (DMC's window state and open slot, and DMS's tokens

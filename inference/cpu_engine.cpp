@@ -38,7 +38,8 @@ bool CpuEngine<T>::parallel_prefill() const {
   // evicts: it serves the dmc and dms caches, and the vanilla one only of a model without either.
   // ZipCache's mixed precision ranks slots by each step's attention, ThinK channels by each
   // step's query: token by token.
-  // KVSharer's layers read other layers' caches, which the training forward does not.
+  // KVSharer's layers read other layers' caches, which the training forward does not. LoMA
+  // compresses each segment between two steps: token by token.
   if (policy().quant.salient_slots > 0 || policy().think_channels > 0 ||
       !policy().kv_source.empty())
     return false;

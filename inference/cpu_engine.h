@@ -32,7 +32,9 @@ class CpuEngine : public DecodeEngine {
   bool contains(int seq) const override { return cache_.contains(seq); }
   int num_sequences() const override { return cache_.num_sequences(); }
   int tokens(int seq) const override { return cache_.tokens(seq); }
-  absl::Status CanStep(const std::vector<int>& seqs) const override { return cache_.CanStep(seqs); }
+  absl::Status CanStep(const std::vector<int>& seqs) const override {
+    return decoder_->CanStep(seqs);
+  }
   bool parallel_prefill() const override;
   // A chunk continues a sequence through PagedDecoder::Extend (token by token within each layer,
   // the matmuls batched over the chunk), which is Step's arithmetic, so it serves every method

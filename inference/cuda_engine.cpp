@@ -203,10 +203,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "the GPU engine needs head_dim 64 or 128 (the attention kernels' sizes); this model has %d",
         cfg.head_dim()));
-  if (method == CacheMethod::kLoma)
-    return absl::UnimplementedError(
-        "the GPU engine serves the dmc, dms, vanilla, h2o and tova caches; loma runs on the CPU "
-        "engine");
+  // As the CPU decoder: the loma method on a LoMA model only (whose config has DMC and DMS off).
+  if (method == CacheMethod::kLoma && !cfg.loma.enabled())
+    return absl::InvalidArgumentError(
+        "the loma method needs a LoMA model (a config with \"loma\" settings)");
   // As the CPU decoder (PagedDecoder::Create): a DMS model and the dms cache go together.
   if ((method == CacheMethod::kDms) != cfg.dms.enabled)
     return absl::InvalidArgumentError(
@@ -237,7 +237,11 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
         cfg.max_position_embeddings));
   std::unique_ptr<CudaEngine> e(new CudaEngine(cfg, options));
   e->max_context_ = max_context;
-  e->max_pages_ = (max_context + options.page_size - 1) / options.page_size;
+  e->loma_ = method == CacheMethod::kLoma;
+  // A LoMA head holds at most t more slots than tokens: at a compression, the full segment and
+  // its t new memory slots (t·k + tc + t <= (k + 1)·tc + t).
+  const int head_slots = max_context + (e->loma_ ? cfg.loma.zones.t : 0);
+  e->max_pages_ = (head_slots + options.page_size - 1) / options.page_size;
   e->rows_ = options.max_batch + 1;  // one spare row for moves
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
@@ -440,9 +444,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   std::fill_n(d.out_host, 3 * size_t(R) + 2 * heads, 0);
   d.lengths_host = d.out_host + 3 * size_t(R);
   d.q_lengths_host = d.lengths_host + heads;
-  // A step hands out at most a page per head of every row, a prefill of up to max_context
-  // tokens at most max_pages per head of its row.
-  d.assign_cap = static_cast<size_t>(L) * Hkv * std::max<size_t>(R, max_pages_);
+  // A step hands out at most a page per head of every row (a LoMA compression's t slots at most
+  // ceil(t / page_size)), a prefill of up to max_context tokens at most max_pages per head of its
+  // row.
+  const int per_row = loma_ ? (cfg.loma.zones.t + opt_.page_size - 1) / opt_.page_size : 1;
+  d.assign_cap =
+      static_cast<size_t>(L) * Hkv * std::max<size_t>(size_t(R) * per_row, max_pages_);
   d.assign_index = Alloc<int64_t>(d.assign_cap);
   d.assign_page = Alloc<int32_t>(d.assign_cap);
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.assign_index_host), d.assign_cap * sizeof(int64_t)));
@@ -590,12 +597,23 @@ void CudaEngine::ArrangeRows(const std::vector<int>& seqs) {
 
 absl::Status CudaEngine::CanStep(const std::vector<int>& seqs) const {
   long pages = 0;
-  for (int seq : seqs) pages += seqs_.at(seq).growth_pages;
+  for (int seq : seqs) pages += seqs_.at(seq).growth_pages + LomaCompressionPages(seq);
   if (pages > alloc_.free_pages())
     return absl::ResourceExhaustedError(absl::StrFormat(
         "the next step may need %d more KV pages; the budget of %d bytes has %d free", pages,
         alloc_.budget_bytes(), alloc_.free_pages()));
   return absl::OkStatus();
+}
+
+long CudaEngine::LomaCompressionPages(int seq) const {
+  const Sequence& s = seqs_.at(seq);
+  const kernels::LomaZones& z = config_.loma.zones;
+  if (!loma_ || (s.tokens + 1) % z.segment() != 0) return 0;
+  // Every head holds the same slots (each appends every token and compresses with the others).
+  const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
+  const int after_step = static_cast<int>(s.slots / heads) + 1;
+  return heads * (kernels::KvPagesToGrow(after_step, 0, z.t, opt_.page_size, false) -
+                  kernels::KvPagesKept(after_step, 0, opt_.page_size, false));
 }
 
 absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
@@ -907,24 +925,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
     }
     ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
-    // One graph per batch size, captured at its first step (the kernels' scratch was sized for
-    // the largest batch up front, so no later call moves a buffer a graph points to).
-    if (!opt_.cuda_graphs) {
-      EnqueueStep(n);
-    } else {
-      auto it = d.graphs.find(n);
-      if (it == d.graphs.end()) {
-        cudaGraph_t graph;
-        ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
-        EnqueueStep(n);
-        ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
-        cudaGraphExec_t exec;
-        ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-        ENGINE_CUDA(cudaGraphDestroy(graph));
-        it = d.graphs.emplace(n, exec).first;
-      }
-      ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
-    }
+    LaunchStep(n);
     ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
     // Outputs of rows 0..n-1, their heads' lengths and the page changes.
     int32_t* host = d.out_host;
@@ -946,10 +947,78 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       ++s.tokens;
     }
     if (absl::Status st = ApplyPageChanges(0, n); !st.ok()) return st;
+    if (loma_) return CompressSegments(seqs);
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());
   }
   return absl::OkStatus();
+}
+
+void CudaEngine::LaunchStep(int n) {
+  Device& d = *dev_;
+  // One graph per batch size, captured at its first step (the kernels' scratch was sized for
+  // the largest batch up front, so no later call moves a buffer a graph points to).
+  if (!opt_.cuda_graphs) {
+    EnqueueStep(n);
+    return;
+  }
+  auto it = d.graphs.find(n);
+  if (it == d.graphs.end()) {
+    cudaGraph_t graph;
+    ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+    EnqueueStep(n);
+    ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
+    cudaGraphExec_t exec;
+    ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    ENGINE_CUDA(cudaGraphDestroy(graph));
+    it = d.graphs.emplace(n, exec).first;
+  }
+  ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
+}
+
+absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
+  Device& d = *dev_;
+  const kernels::LomaZones& z = config_.loma.zones;
+  const int tc = z.segment(), Hkv = config_.num_key_value_heads, D = config_.head_dim();
+  std::vector<int> full;
+  for (int seq : seqs)
+    if (seqs_.at(seq).tokens % tc == 0) full.push_back(seq);
+  if (full.empty()) return absl::OkStatus();
+  const int k = static_cast<int>(full.size());
+  ArrangeRows(full);
+  // Every head's t new slots at worst, as a prefill's tokens (CanStep counted them).
+  EnqueuePageChanges(0, k, z.t);
+  ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+  if (absl::Status s = ApplyPageChanges(0, k); !s.ok()) return s;
+  if (absl::Status s = GrowPages(full); !s.ok()) return s;
+  // <m> number m of every compressing row as one step of rows 0..k-1, each appending its KVs and
+  // attending to every slot before it; the host writes the next pass's inputs once the stream
+  // has read this one's.
+  ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
+  for (int m = 0; m < z.t; ++m) {
+    for (int seq : full) {
+      const Sequence& s = seqs_.at(seq);
+      const int chunk = s.tokens / tc - 1;  // the segment just completed
+      d.in_host.tokens[s.row] = config_.loma.memory_token;
+      d.in_host.positions[s.row] = kernels::loma_position(chunk * z.chunk() + tc + m, z);
+      d.in_host.targets[s.row] = -1;
+    }
+    ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice,
+                                d.stream));
+    LaunchStep(k);
+    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+  }
+  // [memory | segment of tc | t new memory] → [memory | t new memory] in every head.
+  for (int l = 0; l < config_.num_hidden_layers; ++l)
+    c::paged_kv_drop_span(CacheLayer(l), k, Hkv, D, tc, z.t, d.stream);
+  ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
+  EnqueuePageChanges(0, k, 1);
+  EnqueueCopyBack(0, k);
+  ENGINE_CUDA(cudaStreamSynchronize(d.stream));
+  float gpu_ms = 0;
+  ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, d.step_begin, d.step_end));
+  step_gpu_seconds_ += 1e-3 * gpu_ms;
+  return ApplyPageChanges(0, k);
 }
 
 void CudaEngine::EnqueuePrefill(int row, int P) {
@@ -1068,8 +1137,8 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
         "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts or ranks "
-        "slots by each step's attention, scores key channels by each step's query, or its layers "
-        "share caches: feed the prompt token by token)",
+        "slots by each step's attention, scores key channels by each step's query, compresses "
+        "between steps, or its layers share caches: feed the prompt token by token)",
         PolicyName(opt_.policy)));
   const int P = static_cast<int>(prompt.size());
   auto it = seqs_.find(seq);

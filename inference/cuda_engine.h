@@ -108,12 +108,23 @@
 // As on the CPU engine the prompt goes token by token (the channels are scored by each step's
 // query); bytes() counts pages and reservations (query energy included) as the CPU cache does.
 //
+// LoMA (the loma method, a LoMA model; inference/paged_decoder.h): the step appends every token
+// (the vanilla write); for the rows whose token completed a segment (every t·c tokens) the host
+// then hands every head its t new slots' pages (as a prefill's), runs the t <m> tokens as t steps
+// of those rows (the step's graph) at their layout positions, each appending its KVs and
+// attending to every slot before it, and kernels::paged_kv_drop_span moves the t new slots over
+// the segment in every head; the pages that emptied go back, so bytes() is the CPU engine's at
+// bf16 pages. CanStep counts the t slots of a compression beside the step's. Prompts go token by
+// token, as on the CPU engine. Steps rather than one chunk (EnqueueChunk): the <m> positions are
+// c apart, not consecutive as paged_kv_extend rotates a chunk's keys, and the step's graph is
+// already the CPU decoder's arithmetic (it too runs the <m> tokens as waves of a step); the cost
+// is t steps of the compressing rows every t·c tokens, one host synchronisation each.
+//
 // Methods: dmc (a DMC model), dms (a DMS model, which decodes with nothing else, as on the CPU
-// engine), vanilla (any other model; on a DMC model the control channel stays out of q·k as in
-// training), h2o and tova (likewise, uniform or per-layer budgets); vanilla, dmc and dms also
-// quantized or with ThinK's pruned keys, vanilla also with ZipCache's mixed precision or
-// KVSharer's shared layers. LoMA is
-// refused with a clear error: it runs on the CPU engine.
+// engine), loma (a LoMA model), vanilla (any other model; on a DMC model the control channel
+// stays out of q·k as in training), h2o and tova (likewise, uniform or per-layer budgets);
+// vanilla, dmc and dms also quantized or with ThinK's pruned keys, vanilla also with ZipCache's
+// mixed precision or KVSharer's shared layers.
 #pragma once
 
 #include <cstdint>
@@ -159,10 +170,11 @@ class CudaEngine : public DecodeEngine {
   int tokens(int seq) const override { return seqs_.at(seq).tokens; }
   absl::Status CanStep(const std::vector<int>& seqs) const override;
   // Not for h2o, tova and ZipCache: they rank slots by every step's attention; nor ThinK, which
-  // scores channels by every step's query; nor KVSharer, whose layers read other layers' caches,
-  // which the parallel forward does not (as on the CPU).
+  // scores channels by every step's query; nor loma, which compresses between steps; nor
+  // KVSharer, whose layers read other layers' caches, which the parallel forward does not (as on
+  // the CPU).
   bool parallel_prefill() const override {
-    return !evicts_ && !zip_ && !think_ && opt_.policy.kv_source.empty();
+    return !evicts_ && !zip_ && !think_ && !loma_ && opt_.policy.kv_source.empty();
   }
   // dmc and vanilla: a chunk continues a sequence (EnqueueChunk); dms refuses by name.
   bool chunked_prefill() const override { return parallel_prefill() && !dms_ && !quant_; }
@@ -203,6 +215,11 @@ class CudaEngine : public DecodeEngine {
   void MoveRow(int from, int to);
   // Hands the heads of `seqs` the pages of their growth lists; device tables updated.
   absl::Status GrowPages(const std::vector<int>& seqs);
+  // LoMA: the pages the t memory slots of a compression add to seq's next step (0 unless its
+  // next token completes a segment).
+  long LomaCompressionPages(int seq) const;
+  // LoMA, after a step of `seqs`: those whose token completed a segment compress it (above).
+  absl::Status CompressSegments(const std::vector<int>& seqs);
   // Enqueues kernels::paged_kv_page_changes for rows row0 .. row0 + n − 1 before `tokens` more
   // tokens.
   void EnqueuePageChanges(int row0, int n, int tokens);
@@ -242,6 +259,8 @@ class CudaEngine : public DecodeEngine {
                            float* alpha, float* evict, float* mask);
   // Enqueues the device work of a step of rows 0..n-1 (graph body).
   void EnqueueStep(int n);
+  // Runs it: the batch size's CUDA graph (captured at its first use), or the kernels directly.
+  void LaunchStep(int n);
   void EnqueuePrefill(int row, int P);
   // A chunk of n tokens (in ptokens) continuing row `row` at position start (chunked prefill).
   void EnqueueChunk(int row, int start, int n);
@@ -272,6 +291,7 @@ class CudaEngine : public DecodeEngine {
   bool zip_ = false;          // ZipCache's salient slots (policy.quant.salient_slots > 0)
   bool think_ = false;        // ThinK's pruned pages (policy.think_channels > 0)
   bool settles_ = false;      // quantized or ThinK: a bf16 residual closing into pages
+  bool loma_ = false;         // loma on a LoMA model: every t·c tokens the segment compresses
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a settling head's residual block
   std::map<int, Sequence> seqs_;

@@ -59,7 +59,8 @@ class DecodeEngine {
   virtual absl::Status CanStep(const std::vector<int>& seqs) const = 0;
 
   // Whether Prefill runs the prompt in one parallel pass (dmc and vanilla); H2O and TOVA evict by
-  // each step's attention, so their prompts go token by token through Step.
+  // each step's attention and LoMA compresses between steps, so their prompts go token by token
+  // through Step.
   virtual bool parallel_prefill() const = 0;
   // Whether Prefill also continues a sequence that holds tokens (chunked prefill, below).
   virtual bool chunked_prefill() const = 0;

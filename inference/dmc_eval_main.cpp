@@ -2,8 +2,8 @@
 // achieved compression ratio (overall, per layer, per head, and a PNG heat map of the heads) of a
 // DMC model with hard decisions, side by side with the vanilla cache and the H2O and TOVA
 // eviction baselines at a matched compression ratio, all over the same paged cache; for a LoMA
-// model (config.json with "loma" settings) also its own compressed cache (--methods=loma).
-// --device=cuda decodes dmc, dms, vanilla, h2o and tova token by token on the GPU engine
+// model (config.json with "loma" settings) also its memory compression (--methods=loma).
+// --device=cuda decodes dmc, dms, vanilla, h2o, tova and loma token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there
 // (with --kv_fraction: the methods the GPU engine serves, KV quantization of vanilla, dmc and dms
 // and ZipCache among them, each budget met at its bf16 pages);

@@ -1,6 +1,6 @@
 // dmc-generate --model=HF_DIR --prompt="..." : continues a prompt, the prompt in one parallel pass
-// that writes the compressed cache (h2o and tova, which evict by each step's attention: token by
-// token), then token by token (greedy by default; --temperature and --top_p sample, seeded:
+// that writes the compressed cache (h2o and tova, which evict by each step's attention, and loma,
+// which compresses between steps: token by token), then token by token (greedy by default; --temperature and --top_p sample, seeded:
 // kernels/sample.h), on the CPU engine or the GPU one (--device=cuda), and prints the compression
 // ratio the cache reached.
 #include <algorithm>
@@ -32,8 +32,8 @@ ABSL_FLAG(double, top_p, 1.0, "nucleus: sample among the most likely tokens of t
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(int, page_size, 16, "slots per KV cache page");
 ABSL_FLAG(std::string, method, "",
-          "cache method: dmc (default for a DMC model), dms (default for a DMS model), vanilla, "
-          "h2o or tova");
+          "cache method: dmc (default for a DMC model), dms (default for a DMS model), loma "
+          "(default for a LoMA model), vanilla, h2o or tova");
 ABSL_FLAG(double, baseline_cr, 2.0,
           "h2o and tova: the compression ratio their budget is set to, over the whole text");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda (the GPU engine)");
@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   const dmc::model::LlamaConfig& c = (*model)->config();
   absl::StatusOr<inf::CacheMethod> method =
       inf::ChooseCacheMethod(c, absl::GetFlag(FLAGS_method), model_dir,
-                             "dmc,dms,vanilla,h2o,tova");
+                             "dmc,dms,vanilla,h2o,tova,loma");
   if (!method.ok()) return Fail(method.status());
   const std::string method_name = inf::CacheMethodName(*method);
   auto tokenizer = inf::ChooseTokenizer(absl::GetFlag(FLAGS_tokenizer), model_dir, c.vocab_size);
@@ -87,14 +87,15 @@ int main(int argc, char** argv) {
   const int length = std::min<int>(c.max_position_embeddings,
                                    prompt.size() + absl::GetFlag(FLAGS_max_new_tokens));
 
-  // Budget: the whole context in every head, plus the window state (one sequence).
+  // Budget: the whole context in every head (LoMA's compression peak), plus the window state.
   const int page_size = absl::GetFlag(FLAGS_page_size);
   absl::StatusOr<inf::CachePolicy> policy =
       inf::PolicyForCr(*method, length, absl::GetFlag(FLAGS_baseline_cr));
   if (!policy.ok()) return Fail(policy.status());
   const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, page_size);
   const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
-  const long budget = inf::KvSequenceBytes<float>(shape, std::vector<int>(heads, length));
+  const long budget = inf::KvSequenceBytes<float>(
+      shape, std::vector<int>(heads, inf::MaxHeadSlots(c, *method, length)));
   inf::EngineSpec spec;
   spec.device = device;
   spec.policy = *policy;

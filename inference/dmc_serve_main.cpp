@@ -1,5 +1,5 @@
 // dmc-serve --model=HF_DIR [--device=cuda] [--port=8000] [--kv_budget_mb=...] [--max_batch=...]
-// [--method=dmc|dms|vanilla|h2o|tova]: serves a retrofitted model over HTTP (OpenAI-style
+// [--method=dmc|dms|vanilla|h2o|tova|loma]: serves a retrofitted model over HTTP (OpenAI-style
 // /v1/completions, /health, /metrics) with continuous batching. This file only reads flags and
 // wires the pieces: the engine (engine_setup.h), the engine thread (serve_engine_loop.h) and the
 // HTTP layer (server.h). SIGTERM or SIGINT: stop accepting, end running streams with a final
@@ -29,8 +29,8 @@ ABSL_FLAG(std::string, tokenizer, "",
           "tokenizer.model, else byte");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda (the GPU engine)");
 ABSL_FLAG(std::string, method, "",
-          "cache method: dmc (default for a DMC model), dms (default for a DMS model), vanilla, "
-          "h2o, tova");
+          "cache method: dmc (default for a DMC model), dms (default for a DMS model), loma "
+          "(default for a LoMA model), vanilla, h2o, tova");
 ABSL_FLAG(double, baseline_cr, 2.0, "h2o and tova: the compression ratio their budget is set to");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 8000, "port to listen on; 0: any free port (printed on stdout)");
@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
 
   absl::SetProgramUsageMessage(
       "dmc-serve --model=HF_DIR [--device=cuda] [--port=8000] [--kv_budget_mb=64] "
-      "[--max_batch=32] [--method=dmc|dms|vanilla|h2o|tova]");
+      "[--max_batch=32] [--method=dmc|dms|vanilla|h2o|tova|loma]");
   absl::ParseCommandLine(argc, argv);
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   const dmc::model::LlamaConfig& c = (*model)->config();
   const int context = c.max_position_embeddings;
   auto method = inf::ChooseCacheMethod(c, absl::GetFlag(FLAGS_method), model_dir,
-                                       "dmc,dms,vanilla,h2o,tova");
+                                       "dmc,dms,vanilla,h2o,tova,loma");
   if (!method.ok()) return Fail(method.status());
   auto tokenizer = inf::ChooseTokenizer(absl::GetFlag(FLAGS_tokenizer), model_dir, c.vocab_size);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
@@ -102,7 +102,8 @@ int main(int argc, char** argv) {
   // One request of the whole context must fit alone, so that no request is refused mid-way.
   const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, spec.page_size);
   const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
-  const long one = inf::KvSequenceBytes<float>(shape, std::vector<int>(heads, context));
+  const long one = inf::KvSequenceBytes<float>(
+      shape, std::vector<int>(heads, inf::MaxHeadSlots(c, *method, context)));
   if (spec.budget_bytes < one)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--kv_budget_mb=%g holds less than one sequence of the whole context (%d tokens, %.3f "

@@ -16,9 +16,13 @@ absl::StatusOr<CacheMethod> ChooseCacheMethod(const model::LlamaConfig& config,
                                               const std::string& name,
                                               const std::string& model_dir,
                                               const std::string& allowed) {
-  // A DMS model decodes with its own evictions (the dms cache), a DMC model with dmc.
-  const std::string chosen =
-      !name.empty() ? name : config.dms.enabled ? "dms" : config.dmc.enabled ? "dmc" : "vanilla";
+  // A DMS model decodes with its own evictions (the dms cache), a DMC model with dmc, a LoMA
+  // model with its memory compression.
+  const std::string chosen = !name.empty()          ? name
+                             : config.dms.enabled   ? "dms"
+                             : config.dmc.enabled   ? "dmc"
+                             : config.loma.enabled() ? "loma"
+                                                    : "vanilla";
   absl::StatusOr<CacheMethod> method = ParseCacheMethod(chosen);
   if (!method.ok()) return method.status();
   bool ok = false;
@@ -29,7 +33,16 @@ absl::StatusOr<CacheMethod> ChooseCacheMethod(const model::LlamaConfig& config,
   if (*method == CacheMethod::kDmc && !config.dmc.enabled)
     return absl::InvalidArgumentError(absl::StrFormat(
         "--method=dmc: %s is not a DMC model; use --method=vanilla", model_dir));
+  if (*method == CacheMethod::kLoma && !config.loma.enabled())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--method=loma: %s is not a LoMA model (its config.json has no \"loma\" settings); use "
+        "--method=vanilla",
+        model_dir));
   return method;
+}
+
+int MaxHeadSlots(const model::LlamaConfig& config, CacheMethod method, int context) {
+  return context + (method == CacheMethod::kLoma ? config.loma.zones.t : 0);
 }
 
 absl::StatusOr<std::unique_ptr<data::Tokenizer>> ChooseTokenizer(const std::string& spec,

@@ -14,12 +14,18 @@
 
 namespace dmc::inference {
 
-// `name` empty: dms for a DMS model, dmc for a DMC model, else vanilla. Refuses dmc on a model without DMC, and
-// methods outside `allowed` (a comma-separated list of names) naming `tool`.
+// `name` empty: dms for a DMS model, dmc for a DMC model, loma for a LoMA model, else vanilla.
+// Refuses dmc on a model without DMC, loma on one without LoMA, and methods outside `allowed` (a
+// comma-separated list of names).
 absl::StatusOr<CacheMethod> ChooseCacheMethod(const model::LlamaConfig& config,
                                               const std::string& name,
                                               const std::string& model_dir,
                                               const std::string& allowed);
+
+// Slots a head holds at most over a sequence of `context` tokens, what a budget for one whole
+// sequence must hold: context, and for loma t more (a compression's new memory slots join the
+// full segment before it goes; t·k + tc + t <= (k + 1)·tc + t).
+int MaxHeadSlots(const model::LlamaConfig& config, CacheMethod method, int context);
 
 // spec: "byte", a tokenizer.model path, or empty: MODEL_DIR/tokenizer.model when there is one,
 // else byte. Checks that its vocabulary is the model's.

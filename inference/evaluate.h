@@ -6,11 +6,9 @@
 //   CR = tokens fed × heads / slots held at the end of each sequence (summed over sequences),
 //   overall, per layer and per (layer, KV head); for DMC this is 1 / (1 − merge fraction);
 //   KV memory = peak bytes the cache held (pages and window state) at the run's concurrency.
-// The loma method (a LoMA model, config.loma) decodes with inference::LomaDecoder instead, up to
-// max_batch windows at a time in lockstep: the same perplexity and accuracy over every text
-// position (the reading zones of the training layout), CR = tokens / slots at the end of each
-// window, KV memory = the peak slots of the concurrent sequences × keys and values of every layer
-// and KV head (an error if over budget_bytes); page_size does not apply.
+// For the loma method (a LoMA model, config.loma) every text position is scored (the reading
+// zones of the training layout), and the memory peaks at each compression, when a head holds the
+// segment beside its t new memory slots.
 // EvaluateCuda (inference/evaluate_cuda.h) computes the dmc and vanilla figures by the CUDA
 // model's parallel forward instead, by the same definitions (SummarizeEval, KvSequenceBytes).
 #pragma once
@@ -60,7 +58,7 @@ EvalResult SummarizeEval(const CachePolicy& policy, double nll, long hits, long 
                          int L, int Hkv);
 
 // windows: token windows of seq_len + 1 (inputs and the last target), as ShardLoader yields.
-// On the CPU engine (the loma method: LomaDecoder); the model's activations are overwritten.
+// On the CPU engine; the model's activations are overwritten.
 absl::StatusOr<EvalResult> Evaluate(model::Llama<float>& model,
                                     const std::vector<std::vector<int32_t>>& windows,
                                     const EvalOptions& options);

@@ -52,8 +52,8 @@ absl::Status CudaEvalSupports(const model::LlamaConfig& config, CacheMethod meth
       break;
   }
   return absl::InvalidArgumentError(absl::StrFormat(
-      "--device=cuda: %s decodes with its own compressed cache, token by token; run it on the CPU "
-      "(--device=cpu)",
+      "--device=cuda --parallel_forward: %s compresses its cache between decoding steps; leave "
+      "out --parallel_forward (the GPU engine) or run it on the CPU (--device=cpu)",
       name));
 }
 

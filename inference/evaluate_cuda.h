@@ -14,9 +14,9 @@
 //   tokens/s = tokens through the parallel forward passes per second (not a decode speed).
 // Up to max_batch windows go through one forward, which bounds the host copy of the logits
 // (max_batch × seq_len × vocabulary floats) and the device activations.
-// h2o, tova (they evict by each step's attention) and loma (its own decoder) need token-by-token
-// decoding and are refused, as are vanilla on a DMC model (the forward has no way to append every
-// token of DMC heads) and models split by tensor parallelism.
+// h2o, tova (they evict by each step's attention) and loma (it compresses between steps) need
+// token-by-token decoding and are refused, as are vanilla on a DMC model (the forward has no way
+// to append every token of DMC heads) and models split by tensor parallelism.
 #pragma once
 
 #include <cstdint>

@@ -9,6 +9,7 @@
 #include "kernels/dmc_gates.h"
 #include "kernels/dms_gates.h"
 #include "kernels/embedding.h"
+#include "kernels/loma_mask.h"
 #include "kernels/matmul.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
@@ -82,6 +83,10 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
                               "cache, not %s",
                               CacheMethodName(policy.method)));
   if (absl::Status s = ValidateEvictionBudgets(policy, c.num_hidden_layers); !s.ok()) return s;
+  // The model's config is valid (Llama checks it): a LoMA model has DMC and DMS off.
+  if (policy.method == CacheMethod::kLoma && !c.loma.enabled())
+    return absl::InvalidArgumentError(
+        "the loma method needs a LoMA model (a config with \"loma\" settings)");
   return std::unique_ptr<PagedDecoder<T>>(new PagedDecoder<T>(model, policy, cache));
 }
 
@@ -199,10 +204,59 @@ absl::Status PagedDecoder<T>::Step(const std::vector<int>& seqs, const int32_t* 
     if (absl::Status s = CheckToken(tokens[i], c.vocab_size); !s.ok()) return s;
     positions[i] = cache_->tokens(seqs[i]);
   }
-  if (absl::Status s = cache_->CanStep(seqs); !s.ok()) return s;
+  if (absl::Status s = CanStep(seqs); !s.ok()) return s;
   if (absl::Status s = Run(seqs, positions, tokens, n); !s.ok()) return s;
   for (int seq : seqs) cache_->AdvanceToken(seq);
   Logits(0, n, logits);
+  return policy_.method == CacheMethod::kLoma ? CompressSegments(seqs) : absl::OkStatus();
+}
+
+template <typename T>
+absl::Status PagedDecoder<T>::CanStep(const std::vector<int>& seqs) const {
+  if (policy_.method != CacheMethod::kLoma) return cache_->CanStep(seqs);
+  const kernels::LomaZones& z = model_.config().loma.zones;
+  long pages = 0;
+  for (int seq : seqs)
+    pages += cache_->PagesForTokens(seq, (cache_->tokens(seq) + 1) % z.segment() ? 1 : 1 + z.t);
+  if (pages > cache_->allocator().free_pages())
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "KV cache budget of %d bytes exhausted: the next token of %d sequences (with the t = %d "
+        "memory slots of each segment it completes) may need %d new pages of %d bytes, only %d "
+        "are free",
+        cache_->allocator().budget_bytes(), seqs.size(), z.t, pages,
+        cache_->allocator().page_bytes(), cache_->allocator().free_pages()));
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status PagedDecoder<T>::CompressSegments(const std::vector<int>& seqs) {
+  const model::LlamaConfig& c = model_.config();
+  const kernels::LomaZones& z = c.loma.zones;
+  const int tc = z.segment();
+  std::vector<int> full;
+  for (int seq : seqs)
+    if (cache_->tokens(seq) % tc == 0) full.push_back(seq);
+  if (full.empty()) return absl::OkStatus();
+  // One Run over every <m> of every compressing sequence: wave m holds <m> number m of each
+  // (distinct sequences), so within a sequence <m> m is cached and attends after <m> m − 1.
+  const int n = static_cast<int>(full.size());
+  std::vector<int> rows, positions;
+  for (int m = 0; m < z.t; ++m)
+    for (int seq : full) {
+      const int chunk = cache_->tokens(seq) / tc - 1;  // the segment just completed
+      rows.push_back(seq);
+      positions.push_back(kernels::loma_position(chunk * z.chunk() + tc + m, z));
+    }
+  const std::vector<int32_t> memory_tokens(rows.size(), c.loma.memory_token);
+  if (absl::Status s = Run(rows, positions, memory_tokens.data(), n); !s.ok()) return s;
+  // Every head holds [memory | segment of tc | t new memory]: the segment goes.
+  for (int seq : full)
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      for (int h = 0; h < c.num_key_value_heads; ++h)
+        if (absl::Status s =
+                cache_->Remove(seq, l, h, cache_->length(seq, l, h) - z.t - tc, tc);
+            !s.ok())
+          return s;
   return absl::OkStatus();
 }
 
@@ -212,6 +266,10 @@ absl::Status PagedDecoder<T>::Extend(int seq, const int32_t* tokens, int n,
   const model::LlamaConfig& c = model_.config();
   if (!cache_->contains(seq))
     return absl::NotFoundError(absl::StrFormat("sequence %d is not in the cache", seq));
+  if (policy_.method == CacheMethod::kLoma)
+    return absl::InvalidArgumentError(
+        "the loma cache compresses each segment between two steps: feed its tokens one by one "
+        "(Step)");
   const int start = cache_->tokens(seq);
   if (n < 1 || start + n > c.max_position_embeddings)
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -4,6 +4,18 @@
 // inference/cache_policy.h. With the dmc method (and with dms on a DMS model) the logits equal
 // the training-mode forward with hard decisions (Llama::Forward, DmcDecisionMode::kHard) to
 // round-off.
+//
+// LoMA (the loma method, a LoMA model: model/loma.h): a head's slots are the memory slots of the
+// finished segments, then the KVs of the current segment, each token's key rotated at its text
+// position. The step whose token completes a segment (every t·c tokens) then compresses it: the
+// t <m> tokens run one after another over that cache at their layout positions
+// (kernels/loma_mask.h: <m> number m of chunk i at i·tc + (m+1)·c − 1), each appending its KVs
+// and attending to every slot before it, and the segment's slots are removed, the t new ones
+// moving down over them, its pages returned. The training mask never needs evaluating: the cache
+// holds exactly what it lets a reading or memory token see (the earlier memory zones, the
+// current segment and, for <m>, the earlier <m> of its event), so the logits of every token equal
+// the training forward's at its reading-zone position, and after n tokens a head holds
+// t·⌊n/(tc)⌋ + n mod tc slots (t·k + tc + t at the peak of a compression).
 #pragma once
 
 #include <cstdint>
@@ -62,12 +74,16 @@ class PagedDecoder {
   // most once); logits [n, V] gets the next-token logits, row i for seqs[i]. If the cache cannot
   // hold the step's worst-case growth, returns ResourceExhausted with nothing changed.
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, std::vector<T>* logits);
+  // Whether the cache holds one more step of `seqs` at worst: every head opens a slot (LoMA: and
+  // the t of a compression, for a sequence whose next token completes its segment).
+  absl::Status CanStep(const std::vector<int>& seqs) const;
   // Chunked prefill: feeds tokens [n] to `seq` (admitted, empty or not) at its next n positions,
   // exactly as n Steps of `seq` alone would (the semantics are DecodeEngine::Prefill's), with the
   // matmuls batched over the chunk: layer by layer, token i's cache update and attention follow
   // token i − 1's. logits [V] gets the last token's next-token logits. ResourceExhausted with
   // nothing changed when the chunk's worst case (every token a slot) does not fit; a chunk past
-  // max_position_embeddings or a token outside the vocabulary is InvalidArgument.
+  // max_position_embeddings or a token outside the vocabulary is InvalidArgument, and so is the
+  // loma method (its compressions run between steps: feed it token by token).
   absl::Status Extend(int seq, const int32_t* tokens, int n, std::vector<T>* logits);
 
   PagedKvCache<T>& cache() { return *cache_; }
@@ -85,6 +101,8 @@ class PagedDecoder {
                    const int32_t* tokens, int wave);
   // The next-token logits [count, V] of rows first .. first + count − 1 of the last Run.
   void Logits(int first, int count, std::vector<T>* logits);
+  // LoMA: the sequences of `seqs` whose last token completed a segment compress it (above).
+  absl::Status CompressSegments(const std::vector<int>& seqs);
   // Adds the keys and values of `layer` of rows first_row .. to the cache: seqs[i] at
   // positions[i] from row first_row + i.
   absl::Status UpdateCache(const std::vector<int>& seqs, const int* positions, int first_row,

@@ -275,6 +275,33 @@ absl::Status PagedKvCache<T>::Evict(int seq, int layer, int h, int slot) {
 }
 
 template <typename T>
+absl::Status PagedKvCache<T>::Remove(int seq, int layer, int h, int first, int count) {
+  Head& hd = head(seq, layer, h);
+  if (KvSettles(opt_))
+    return absl::FailedPreconditionError(
+        "removing slots of a quantized or ThinK cache: its compressed pages never move");
+  if (first < 0 || count < 0 || first + count > hd.length)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "remove of slots [%d, %d) of sequence %d layer %d head %d, which holds %d slots", first,
+        first + count, seq, layer, h, hd.length));
+  const int D = opt_.head_dim;
+  for (int i = first; i + count < hd.length; ++i) {
+    std::copy_n(key_row(hd, i + count), D, key_row(hd, i));
+    std::copy_n(value_row(hd, i + count), D, value_row(hd, i));
+  }
+  hd.positions.erase(hd.positions.begin() + first, hd.positions.begin() + first + count);
+  hd.scores.erase(hd.scores.begin() + first, hd.scores.begin() + first + count);
+  hd.length -= count;
+  // A head holds ceil(length / page_size) pages, as Evict leaves it.
+  while (!hd.pages.empty() &&
+         static_cast<int>(hd.pages.size() - 1) * opt_.page_size >= hd.length) {
+    if (absl::Status s = alloc_.Free(hd.pages.back()); !s.ok()) return s;
+    hd.pages.pop_back();
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
 void PagedKvCache<T>::BlockTable(const std::vector<int>& seqs, int layer,
                                  std::vector<int32_t>* page_table, std::vector<int>* lengths,
                                  int* max_pages) const {

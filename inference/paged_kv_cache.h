@@ -170,6 +170,10 @@ class PagedKvCache {
   // Removes slot `slot` of a head (the last slot moves into its place); settling: only a slot of
   // the residual (FailedPrecondition for one in a compressed page).
   absl::Status Evict(int seq, int layer, int h, int slot);
+  // Removes slots [first, first + count) of a head, the later ones moving down in order, and
+  // returns the pages left empty (LoMA's compression drops a segment lying between the memory
+  // slots and its new ones). Not on a settling cache, whose pages never move (FailedPrecondition).
+  absl::Status Remove(int seq, int layer, int h, int first, int count);
 
   // Tokens fed so far to `seq` (its next position); advanced by the decoder after a step.
   int tokens(int seq) const { return seq_at(seq).tokens; }

@@ -30,6 +30,7 @@
 #include "kernels/kv_quant.h"
 #include "kernels/loma_mask.h"
 #include "kernels/paged_kv_dms_evict.h"
+#include "kernels/paged_kv_drop.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_pages.h"
 #include "kernels/paged_kv_settle.h"
@@ -469,6 +470,10 @@ void paged_kv_settle_scores(const kernels::KvSettleLayer& layer, const float* pr
 void paged_kv_evict(const PagedKv& cache, float* scores, float* probs, int probs_stride,
                     const int32_t* positions, int n, int H, int Hkv, int D,
                     const kernels::EvictPolicy& policy, cudaStream_t stream = nullptr);
+
+// ---- LoMA's segment removal (kernels/paged_kv_drop.h) on the flat cache layer ----
+void paged_kv_drop_span(const PagedKv& cache, int n, int Hkv, int D, int count, int keep,
+                        cudaStream_t stream = nullptr);
 
 // ---- DMS's delayed eviction (kernels/paged_kv_dms_evict.h) on the flat cache layer ----
 // marks [pages, page_size] beside slot_pos (set); evict [n, Hkv] / [P, Hkv] fp32 hard decisions;

@@ -77,10 +77,11 @@ inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
          slot % c.page_size;
 }
 
-// Copies slot `from`'s key and value rows, position and per-slot value (H2O's score, DMS's mark;
-// none when extra is null) into slot `to` (pool rows): how the eviction kernels close a hole with
-// a head's last slot. Channels first, first + step, ... are this thread's (CPU: 0 and 1; CUDA: the
-// block's threads), and thread 0 moves the position and the extra.
+// Copies slot `from`'s key and value rows, position (none when slot_pos is null) and per-slot
+// value (H2O's score, DMS's mark; none when extra is null) into slot `to` (pool rows): how the
+// eviction kernels close a hole with a head's last slot, and LoMA's compression moves its memory
+// slots (kernels/paged_kv_drop.h). Channels first, first + step, ... are this thread's (CPU: 0
+// and 1; CUDA: the block's threads), and thread 0 moves the position and the extra.
 template <typename T, typename Extra>
 #if defined(__CUDACC__)
 __host__ __device__
@@ -92,7 +93,7 @@ inline void MoveSlot(const PagedKvLayer<T>& c, Extra* extra, long to, long from,
     c.v_pool[to * D + d] = c.v_pool[from * D + d];
   }
   if (first == 0) {
-    c.slot_pos[to] = c.slot_pos[from];
+    if (c.slot_pos != nullptr) c.slot_pos[to] = c.slot_pos[from];
     if (extra != nullptr) extra[to] = extra[from];
   }
 }

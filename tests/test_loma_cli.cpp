@@ -1,5 +1,6 @@
 // LoMA through the tools: the trainer's LoMA step (dmc-train --method=loma) and its flag checks,
-// and the loma method of dmc-eval against the training-layout forward.
+// the loma method of dmc-eval against the training-layout forward, and dmc-generate on a LoMA
+// model.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,11 +10,17 @@
 #include <string>
 
 #include "absl/strings/match.h"
+#include "data/tokenizer.h"
 #include "inference/cache_policy.h"
+#include "inference/cpu_engine.h"
 #include "inference/evaluate.h"
+#include "inference/hf_model.h"
+#include "inference/scheduler.h"
 #include "model/llama.h"
 #include "model/loma.h"
 #include "parallel/communicator.h"
+#include "tests/serve_process.h"
+#include "tests/tiny_models.h"
 #include "trainer/trainer.h"
 
 namespace dmc {
@@ -185,8 +192,9 @@ TEST(LomaTrainCli, FlagErrorsNameTheFlag) {
   }
 }
 
-// The loma row of dmc-eval equals what the training-layout forward computes at the reading
-// positions (in double), and reports the cache the decoder really keeps.
+// The loma row of dmc-eval (the CPU engine's loma method under the scheduler) equals what the
+// training-layout forward computes at the reading positions (in double), and reports the cache
+// the engine really keeps.
 TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   model::Llama<float> base(TinyConfig(), nullptr);
   base.InitRandom(5);
@@ -204,7 +212,8 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   EXPECT_STREQ(inference::CacheMethodName(*method), "loma");
   inference::EvalOptions eo;
   eo.policy = *inference::PolicyForCr(*method, seq_len, 1.0);
-  eo.max_batch = 2;  // batches of 2, 2 and 1 windows
+  eo.max_batch = 2;  // 2 windows at a time
+  eo.page_size = 1;  // pages of one slot: the bytes count slots exactly
   // Progress: one call per prediction, counting up to the total.
   long calls = 0;
   const auto count_progress = [&](long done, long total) {
@@ -245,16 +254,29 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   // two whole segments per window: 4 memory slots for 12 tokens in every head
   EXPECT_DOUBLE_EQ(r->cr, 3.0);
   for (double x : r->head_cr) EXPECT_DOUBLE_EQ(x, 3.0);
-  // peak per sequence: 2 memory slots + a full segment + the 2 <m> of its compression
+  // peak per sequence: 2 memory slots + a full segment + the 2 <m> of its compression, for the
+  // two windows decoded together
   const long slot_bytes = 2L * 2 * 2 * 8 * sizeof(float);  // K and V × layers × KV heads × D
   EXPECT_EQ(r->peak_kv_bytes, 2 * 10 * slot_bytes);
+  EXPECT_EQ(r->max_sequence_bytes, 4 * slot_bytes);  // what a window holds at its end
   EXPECT_EQ(r->max_concurrent, 2);
+  EXPECT_EQ(r->preemptions, 0);
   EXPECT_GT(r->tokens_per_second, 0);
 
+  // One slot short of two peaks: the second window is preempted at its second compression and
+  // recomputed, the figures unchanged; short of one peak, the window cannot run at all.
   eo.budget_bytes = 2 * 10 * slot_bytes - 1;
+  absl::StatusOr<inference::EvalResult> tight = inference::Evaluate(*m, windows, eo);
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  EXPECT_GT(tight->preemptions, 0);
+  EXPECT_LE(tight->peak_kv_bytes, eo.budget_bytes);
+  EXPECT_NEAR(tight->perplexity, r->perplexity, 1e-9 * r->perplexity);
+  EXPECT_DOUBLE_EQ(tight->accuracy, r->accuracy);
+  eo.budget_bytes = 10 * slot_bytes - 1;
   r = inference::Evaluate(*m, windows, eo);
   ASSERT_FALSE(r.ok());
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "--kv_budget_mb")) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "does not fit the KV cache even alone"))
+      << r.status();
   r = inference::Evaluate(base, windows, eo);
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(absl::StrContains(r.status().message(), "needs a LoMA model")) << r.status();
@@ -267,6 +289,69 @@ TEST(LomaEval, PerplexityEqualsTheTrainingForwardOnReadingZones) {
   r = inference::Evaluate(base, windows, eo);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(calls, n * seq_len);
+}
+
+// dmc-generate on an exported LoMA model decodes with the loma method by default (token by token
+// on the CPU engine, several compressions) and prints what the engine generates greedily under
+// the scheduler; --method=loma on a model without the layout is refused by name.
+TEST(LomaGenerateCli, DefaultsToTheLomaCacheAndEqualsTheEngine) {
+  const std::string binary = serve_test::InferenceBinary("dmc-generate");
+  if (!std::filesystem::exists(binary)) GTEST_SKIP() << binary << " is not built";
+  serve_test::TempRoot temp("dmc_loma_generate");
+  model::LlamaConfig config = tiny_models::TinyLlama(259 + 2, 2);  // bytes, BOS, EOS, <m>, <r>
+  config.bos_token_id = 256;
+  config.eos_token_id = 257;
+  absl::StatusOr<model::LomaLayout> layout = model::MakeLomaLayout(259, 2, 3);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  config.loma = *layout;
+  const std::string dir = serve_test::ExportRandomModel(config, 4, temp.path / "loma");
+  const std::string prompt = "In the beginning";
+  const int new_tokens = 20;
+  const auto run = [&](const std::string& flags) {
+    std::FILE* p = popen((binary + " " + flags + " 2>&1").c_str(), "r");
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    return std::make_pair(pclose(p), out);
+  };
+  const auto [rc, out] = run("--model=" + dir + " --prompt='" + prompt +
+                             "' --max_new_tokens=" + std::to_string(new_tokens));
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "layer-heads, loma)")) << out;
+
+  absl::StatusOr<std::unique_ptr<model::Llama<float>>> m = inference::LoadHfModel(dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto tokenizer = data::LoadTokenizer("byte");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  inference::CachePolicy policy;
+  policy.method = inference::CacheMethod::kLoma;
+  auto engine = inference::CpuEngine<float>::Create(**m, policy, 1L << 24, 16);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<inference::Request> requests(1);
+  requests[0].tokens = (*tokenizer)->Encode(prompt);
+  requests[0].length = static_cast<int>(prompt.size()) + new_tokens - 1;
+  requests[0].prefill = true;
+  std::vector<int32_t> generated;
+  auto stats = inference::RunBatched(
+      **engine, requests, 1,
+      [&](int, int pos, const inference::TokenOutput& o) {
+        if (pos + 1 < static_cast<int>(prompt.size())) return true;
+        if (o.next == (*tokenizer)->eos_id()) return false;
+        generated.push_back(o.next);
+        return true;
+      },
+      [](int, bool) {});
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->prefill_tokens, 0) << "loma prompts go token by token";
+  // (stderr's summary line may come first: stdout is buffered until exit)
+  EXPECT_TRUE(absl::StrContains(out, prompt + (*tokenizer)->Decode(generated) + "\n")) << out;
+
+  model::LlamaConfig plain = config;
+  plain.loma = {};
+  const std::string plain_dir = serve_test::ExportRandomModel(plain, 4, temp.path / "plain");
+  const auto [refused, message] = run("--model=" + plain_dir + " --prompt=x --method=loma");
+  EXPECT_NE(refused, 0);
+  EXPECT_TRUE(absl::StrContains(message, "is not a LoMA model")) << message;
 }
 
 }  // namespace

@@ -1,13 +1,13 @@
 // LoMA in the whole model (model/loma.h): the window transform, the two-term loss and its
-// gradient through every parameter, the vocabulary extension, and cached LoMA decoding against
-// the training-layout forward.
+// gradient through every parameter, the vocabulary extension, and LoMA decoding on the CPU
+// engine (the loma cache method) against the training-layout forward.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <random>
 #include <string>
 
-#include "inference/loma_decoder.h"
+#include "inference/cpu_engine.h"
 #include "model/llama.h"
 #include "tests/tiny_models.h"
 #include "model/loma.h"
@@ -182,53 +182,125 @@ TEST(LomaVocabulary, AddsTwoMeanRowsAndKeepsBaseLogits) {
   }
 }
 
-// Cached decoding (memory KVs kept, segment KVs dropped every t·c tokens) gives the logits of the
-// training-layout forward at every reading position, and the cache holds t·⌊n/tc⌋ + n mod tc
-// slots after n tokens.
+// The loma method of the CPU decoding engine, several sequences interleaved over the paged cache
+// (pages of 3 slots, so segments straddle pages and compressions return some): every token's
+// logits equal the training-layout forward's at its reading position, and every head holds
+// t·⌊n/tc⌋ + n mod tc slots after n tokens, the bytes KvSequenceBytes gives.
+// Sequences 0 and 1 compress in the same steps, sequence 2 one step later.
 template <typename T>
-void ExpectDecodeMatchesTrainingForward(int kv_heads, int t, int c, double tol) {
+void ExpectEngineMatchesTrainingForward(int kv_heads, int t, int c, double tol) {
   LlamaConfig config = BaseConfig(kv_heads);
   config.vocab_size += 2;
+  const LomaLayout layout = Layout(t, c);
+  config.loma = layout;
   Llama<T> m(config, nullptr);
   RandomizeParams(m, 21);
-  const LomaLayout layout = Layout(t, c);
-  const int tc = layout.zones.segment(), n = 3 * tc;
+  const int tc = layout.zones.segment(), n = 3 * tc, B = 3, V = config.vocab_size;
   std::vector<int32_t> tokens, targets;
-  RandomWindow(1, n, 8, &tokens, &targets);
+  RandomWindow(B, n, 8, &tokens, &targets);
   absl::StatusOr<model::LomaBatch> batch =
-      model::LomaTransform(layout, tokens.data(), targets.data(), 1, n);
+      model::LomaTransform(layout, tokens.data(), targets.data(), B, n);
   ASSERT_TRUE(batch.ok()) << batch.status();
   model::StepOptions opt;
   opt.loma = layout.zones;
-  m.Forward(batch->tokens.data(), batch->targets.data(), 1, batch->seq_len, opt);
+  m.Forward(batch->tokens.data(), batch->targets.data(), B, batch->seq_len, opt);
+  const std::vector<T> reference = m.logits();
 
-  inference::LomaDecoder<T> decoder(m, layout);
-  const int V = config.vocab_size;
-  for (int j = 0; j < n; ++j) {
-    const std::vector<T>& logits = decoder.Step(tokens[j]);
-    const int p = j / tc * layout.zones.chunk() + j % tc;  // its reading-zone position
-    for (int v = 0; v < V; ++v)
-      ASSERT_NEAR(logits[v], m.logits()[size_t(p) * V + v], tol)
-          << "token " << j << " (t " << t << ", c " << c << ", kv heads " << kv_heads << ")";
-    const int fed = j + 1;
-    EXPECT_EQ(decoder.cache_slots(), t * (fed / tc) + fed % tc) << "after " << fed << " tokens";
+  inference::CachePolicy policy;
+  policy.method = inference::CacheMethod::kLoma;
+  auto engine = inference::CpuEngine<T>::Create(m, policy, 1L << 22, 3);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_FALSE((*engine)->parallel_prefill());
+  const int ids[B] = {7, 2, 11}, start[B] = {0, 0, 1};
+  for (int b = 0; b < B; ++b) ASSERT_TRUE((*engine)->AddSequence(ids[b], {}).ok());
+  for (int step = 0; step < n + 1; ++step) {
+    std::vector<int> seqs;
+    std::vector<int32_t> fed;
+    for (int b = 0; b < B; ++b) {
+      const int j = step - start[b];
+      if (j < 0 || j >= n) continue;
+      seqs.push_back(ids[b]);
+      fed.push_back(tokens[size_t(b) * n + j]);
+    }
+    std::vector<inference::TokenOutput> out;
+    ASSERT_TRUE((*engine)->Step(seqs, fed.data(), nullptr, &out).ok()) << "step " << step;
+    for (int b = 0; b < B; ++b) {
+      const int j = step - start[b];
+      if (j < 0 || j >= n) continue;
+      const int p = j / tc * layout.zones.chunk() + j % tc;  // its reading-zone position
+      const T* logits = (*engine)->last_logits(ids[b]);
+      for (int v = 0; v < V; ++v)
+        ASSERT_NEAR(logits[v], reference[(size_t(b) * batch->seq_len + p) * V + v], tol)
+            << "sequence " << b << " token " << j << " (t " << t << ", c " << c << ")";
+      const int tokens_fed = j + 1, slots = t * (tokens_fed / tc) + tokens_fed % tc;
+      for (int l = 0; l < config.num_hidden_layers; ++l)
+        for (int h = 0; h < kv_heads; ++h)
+          ASSERT_EQ((*engine)->length(ids[b], l, h), slots)
+              << "sequence " << b << " after " << tokens_fed << " tokens";
+      EXPECT_EQ((*engine)->bytes(ids[b]),
+                inference::KvSequenceBytes<T>(
+                    (*engine)->cache_options(),
+                    std::vector<int>(config.num_hidden_layers * kv_heads, slots)));
+    }
   }
-  EXPECT_EQ(decoder.memory_slots(), 3 * t);
+  for (int id : ids) ASSERT_TRUE((*engine)->Free(id).ok());
+  EXPECT_EQ((*engine)->used_bytes(), 0);
 }
 
-TEST(LomaDecode, EqualsTrainingLayoutForwardDouble) {
-  ExpectDecodeMatchesTrainingForward<double>(2, 2, 2, 1e-10);
-  ExpectDecodeMatchesTrainingForward<double>(4, 1, 4, 1e-10);
-  ExpectDecodeMatchesTrainingForward<double>(1, 3, 2, 1e-10);
+TEST(LomaEngine, EqualsTrainingLayoutForwardDouble) {
+  ExpectEngineMatchesTrainingForward<double>(2, 2, 2, 1e-10);
+  ExpectEngineMatchesTrainingForward<double>(4, 1, 4, 1e-10);
+  ExpectEngineMatchesTrainingForward<double>(1, 3, 2, 1e-10);
 }
 
-TEST(LomaDecode, EqualsTrainingLayoutForwardFloat) {
-  ExpectDecodeMatchesTrainingForward<float>(2, 2, 4, 2e-4);
+TEST(LomaEngine, EqualsTrainingLayoutForwardFloat) {
+  ExpectEngineMatchesTrainingForward<float>(2, 2, 4, 2e-4);
 }
 
-TEST(LomaDecode, RejectsAModelWithoutTheSpecialTokens) {
-  Llama<double> base(BaseConfig(), nullptr);
-  EXPECT_THROW(inference::LomaDecoder<double>(base, Layout(2, 2)), std::invalid_argument);
+// A step that completes a segment also holds its t memory slots before the segment goes: with
+// pages of one slot the budget must hold tc + t slots per head, and one short of that refuses
+// the step with nothing changed. A model without the layout, and prefill, are refused.
+TEST(LomaEngine, BudgetsTheCompressionPeakAndRefusesWhatItCannotServe) {
+  LlamaConfig config = BaseConfig(2);
+  config.vocab_size += 2;
+  const LomaLayout layout = Layout(2, 3);
+  config.loma = layout;
+  Llama<double> m(config, nullptr);
+  RandomizeParams(m, 4);
+  inference::CachePolicy policy;
+  policy.method = inference::CacheMethod::kLoma;
+  const int heads = config.num_hidden_layers * config.num_key_value_heads, tc = 6, t = 2;
+  const long page = inference::KvPageBytes<double>(
+      inference::CacheOptionsFor(config, policy, 0, 1));
+  for (const int peak_slots : {tc + t - 1, tc + t}) {
+    auto engine = inference::CpuEngine<double>::Create(m, policy, heads * peak_slots * page, 1);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    ASSERT_TRUE((*engine)->AddSequence(0, {}).ok());
+    std::vector<inference::TokenOutput> out;
+    for (int j = 0; j < tc - 1; ++j) {
+      const int32_t token = j % kBaseVocab;
+      ASSERT_TRUE((*engine)->Step({0}, &token, nullptr, &out).ok());
+    }
+    const int32_t token = 1;
+    const absl::Status s = (*engine)->Step({0}, &token, nullptr, &out);
+    if (peak_slots == tc + t) {
+      EXPECT_TRUE(s.ok()) << s;
+      EXPECT_EQ((*engine)->length(0, 0, 0), t);
+      EXPECT_EQ((*engine)->peak_bytes(), heads * (tc + t) * page);
+      continue;
+    }
+    EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+    EXPECT_NE(s.message().find("memory slots"), std::string::npos) << s;
+    EXPECT_EQ((*engine)->tokens(0), tc - 1);
+    EXPECT_EQ((*engine)->length(0, 1, 1), tc - 1);
+    inference::TokenOutput one;
+    EXPECT_TRUE(absl::IsInvalidArgument((*engine)->Prefill(1, {1, 2}, -1, &one)));
+  }
+  Llama<double> plain(BaseConfig(2), nullptr);
+  auto refused = inference::CpuEngine<double>::Create(plain, policy, 1L << 20, 4);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("needs a LoMA model"), std::string::npos)
+      << refused.status();
 }
 
 }  // namespace

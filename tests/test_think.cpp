@@ -240,7 +240,8 @@ TEST(Think, DecodingWithEveryChannelKeptIsVanilla) {
 }
 
 // ThinK serves the vanilla, dmc and dms caches at full precision; the eviction baselines, whose
-// every slot may leave, LoMA's own cache and quantized pages are refused, naming the problem.
+// every slot may leave, LoMA, which removes each segment it compresses, and quantized pages are
+// refused, naming the problem.
 TEST(Think, RefusesWhatItCannotServe) {
   CachePolicy p;
   for (CacheMethod method : {CacheMethod::kVanilla, CacheMethod::kDmc, CacheMethod::kDms}) {

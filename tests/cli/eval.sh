@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dmc-eval end to end on a tiny model trained here: the side-by-side table for a model without
-# DMC, the comparison at byte budgets (--kv_fraction), and the clear refusals (a method the model
-# cannot run, a missing model directory, shards of another vocabulary).
+# DMC, the comparison at byte budgets (--kv_fraction), the clear refusals (a method the model
+# cannot run, a missing model directory, shards of another vocabulary), and a LoMA retrofit's row.
 # Usage: eval.sh DMC_TRAIN DMC_PREP DMC_EXPORT DMC_EVAL SOURCE_DIR
 set -euo pipefail
 train=$1 prep=$2 export_=$3 eval_=$4 src=$5
@@ -76,4 +76,14 @@ awk -F'\t' '$1 != "tiny" { exit 1 }
   fail "--kv_fraction: unexpected lines: $(cat "$work/budget.tsv")"
 grep -q "quant      cannot meet it: no setting of quant meets" "$work/budget.log" ||
   fail "--kv_fraction: no reason printed for quant at 1/8: $(cat "$work/budget.log")"
+# A LoMA retrofit of the model (t 2, c 4): --methods=loma decodes through the engine, every
+# window of 32 tokens ending as 4 compressed segments of 2 slots (CR 4), and h2o's budget follows.
+"$train" --method=loma --loma_t=2 --loma_c=4 --init_from="$work/hf" \
+    --data="$work/shards/train_index.json" --seq_len=32 --micro_batch=4 --pretrain_steps=4 \
+    --log_every=1000 --checkpoint_dir="$work/loma_ckpt" >/dev/null
+"$export_" "$work/loma_ckpt" "$work/loma_hf" --dtype=fp32 >/dev/null
+loma=$("$eval_" --model="$work/loma_hf" --data="$work/shards/val_index.json" --seq_len=32 \
+    --max_sequences=4 --methods=loma,h2o)
+grep -qE "^loma +- +4\.00 " <<<"$loma" && grep -qE "^h2o +8 +4\.00 " <<<"$loma" ||
+  fail "--methods=loma,h2o on a LoMA model: $loma"
 echo "dmc-eval: table and refusals as expected"

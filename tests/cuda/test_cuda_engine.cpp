@@ -1,9 +1,9 @@
 // The GPU decoding engine (inference/cuda_engine.h) against the CPU engine, its specification:
-// the kernels it adds (token choice, the paged cache writes, H2O/TOVA's and DMS's evictions)
-// against their CPU references on random inputs, then whole evaluations and generations of the
-// shaped model of model_test_util.h (hard DMC and DMS decisions far from the threshold, so none
-// flips between fp32 and bf16: slot counts must agree exactly) under continuous batching,
-// parallel prefill against token-by-token feeding, and bad input.
+// the kernels it adds (token choice, the paged cache writes, H2O/TOVA's and DMS's evictions,
+// LoMA's segment removal) against their CPU references on random inputs, then whole evaluations
+// and generations of the shaped model of model_test_util.h (hard DMC and DMS decisions far from
+// the threshold, so none flips between fp32 and bf16: slot counts must agree exactly) under
+// continuous batching, parallel prefill against token-by-token feeding, and bad input.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -22,6 +22,7 @@
 #include "inference/scheduler.h"
 #include "kernels/chunk_attention.h"
 #include "kernels/paged_kv_dms_evict.h"
+#include "kernels/paged_kv_drop.h"
 #include "kernels/paged_kv_evict.h"
 #include "kernels/paged_kv_pages.h"
 #include "kernels/paged_kv_settle.h"
@@ -565,6 +566,62 @@ TEST(CudaPagedKvEvict, MatchesCpuReferenceOverManySteps) {
     }
 }
 
+// LoMA's segment removal between appends: rows of different lengths (the later appends feed the
+// first rows only), spans shaped as LoMA's (a segment of 6 before 2 new slots, on a subset of
+// rows) and with the moves overlapping (3 slots over a span of 3 after a span of 1): the same
+// lengths, slot order, positions and rows as the reference.
+TEST(CudaPagedKvDrop, MatchesCpuReferenceBetweenAppends) {
+  DMC_REQUIRE_GPU();
+  for (int D : {64, 128}) {
+    SCOPED_TRACE(testing::Message() << "D " << D);
+    const int R = 5, Hkv = 3, page = 4, most = 24;
+    CacheLayer host = MakeLayer(R, Hkv, D, page, (most + page - 1) / page, 0);
+    CacheLayer start = host;
+    // The reference runs now; the device replays the same calls.
+    struct Call {
+      int rows;
+      std::vector<float> k, v;  // an append, or empty: a drop of `count` slots under `keep`
+      std::vector<int32_t> positions;
+      int count = 0, keep = 0;
+    };
+    std::vector<Call> calls;
+    auto append = [&](int rows, int pos) {
+      StepRows r = RandomStepRows(size_t(rows) * Hkv, D);
+      Call c{rows, std::move(r.k), std::move(r.v), std::vector<int32_t>(rows, pos)};
+      kernels::paged_kv_append(host.Host(), c.k.data(), c.v.data(), nullptr, nullptr,
+                               c.positions.data(), rows, Hkv, D, 10000.0f, false);
+      calls.push_back(std::move(c));
+    };
+    auto drop = [&](int rows, int count, int keep) {
+      kernels::paged_kv_drop_span(host.Host(), rows, Hkv, D, count, keep);
+      calls.push_back({rows, {}, {}, {}, count, keep});
+    };
+    int pos = 0;
+    for (; pos < 11; ++pos) append(R, pos);
+    for (; pos < 14; ++pos) append(R - 2, pos);
+    drop(R - 1, 6, 2);
+    for (; pos < 19; ++pos) append(R, pos);
+    drop(R, 1, 3);
+    drop(R, 3, 3);
+    CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+      for (const Call& c : calls) {
+        if (c.k.empty()) {
+          cuda::paged_kv_drop_span(layer, c.rows, Hkv, D, c.count, c.keep);
+          cudaDeviceSynchronize();
+          continue;
+        }
+        std::vector<double> k(c.k.begin(), c.k.end()), v(c.v.begin(), c.v.end());
+        bf16 *dk = Upload(to_bf16(k)), *dv = Upload(to_bf16(v));
+        int32_t* dp = Upload(c.positions);
+        cuda::paged_kv_append(layer, dk, dv, nullptr, nullptr, dp, c.rows, Hkv, D, 10000.0f,
+                              false);
+        cudaDeviceSynchronize();
+        for (void* p : {(void*)dk, (void*)dv, (void*)dp}) cudaFree(p);
+      }
+    });
+  }
+}
+
 // DMS's delayed eviction over many decode steps (the vanilla append, then the eviction; rows at
 // their own positions; every slot's mark starting as garbage), and its prefill form: the same
 // lengths, positions, marks and slot order as the reference, rows to bf16 rounding.
@@ -923,7 +980,7 @@ struct EngineCase {
   bool dmc;
   int hidden, heads, kv_heads;
   CacheMethod method;
-  double cr = 1;  // h2o, tova: the compression ratio their budget is matched to
+  double cr = 1;  // h2o, tova: the compression ratio their budget is matched to; loma: its c
   DmsVariant dms = DmsVariant::kNone;  // a DMS model's decision input (method dms)
   int bits = 0;  // KV quantization (vanilla, dmc, dms): 8, 4 or 2; 0: none
   int page_size = 0;  // 0: each test's own (4 or 8)
@@ -939,6 +996,8 @@ model::LlamaConfig EngineConfig(const EngineCase& c) {
                              : SmallModelConfig(c.dmc, c.hidden, c.heads, c.kv_heads);
   m.vocab_size = 256;
   m.num_hidden_layers = 3;
+  // LoMA: 2 memory slots per segment of 2·cr tokens, <m> and <r> the last two ids.
+  if (c.method == CacheMethod::kLoma) m.loma = {{2, static_cast<int>(c.cr)}, 254, 255};
   return m;
 }
 
@@ -964,10 +1023,11 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
 
 // Whether the case's prompts go token by token on both engines (no parallel prefill): H2O, TOVA
 // and ZipCache rank slots by each step's attention, ThinK scores key channels by each step's
-// query, and KVSharer's layers read other layers' caches, which the parallel forward does not.
+// query, LoMA compresses between steps, and KVSharer's layers read other layers' caches, which
+// the parallel forward does not.
 bool PromptsTokenByToken(const EngineCase& c) {
-  return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova || c.salient > 0 ||
-         c.think > 0 || !c.kv_source.empty();
+  return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova ||
+         c.method == CacheMethod::kLoma || c.salient > 0 || c.think > 0 || !c.kv_source.empty();
 }
 
 // How far the engines' per-token log-probabilities may drift apart: the largest and the mean
@@ -1353,7 +1413,11 @@ INSTANTIATE_TEST_SUITE_P(
                       EngineCase{"dms_qchannel_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
                                  DmsVariant::kQueryChannel},
                       EngineCase{"dms_qchannel_d128", false, 256, 2, 2, CacheMethod::kDms, 1,
-                                 DmsVariant::kQueryChannel}),
+                                 DmsVariant::kQueryChannel},
+                      // LoMA: segments of 8 over pages of 4 (compressions return whole pages),
+                      // and of 4 with GQA (pages of 4: every compression returns one)
+                      EngineCase{"loma_c4", false, 128, 2, 2, CacheMethod::kLoma, 4.0},
+                      EngineCase{"loma_c2_gqa", false, 256, 4, 2, CacheMethod::kLoma, 2.0}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // The quantized vanilla, dmc and dms caches (KV quantization, int8 to int2; ZipCache's mixed
@@ -1485,13 +1549,14 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto refused = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
 
-  // LoMA stays on the CPU engine, named in the refusal. The dms cache needs a DMS model, and a
-  // DMS model decodes with nothing else, as on the CPU engine; h2o and tova are served, given a
-  // budget with a recent window below it.
+  // The loma cache needs a LoMA model, as on the CPU engine. The dms cache needs a DMS model,
+  // and a DMS model decodes with nothing else; h2o and tova are served, given a budget with a
+  // recent window below it.
   o.policy = {CacheMethod::kLoma};
-  auto cpu_only = inference::CudaEngine::Create(plain, o);
-  EXPECT_TRUE(absl::IsUnimplemented(cpu_only.status())) << cpu_only.status();
-  EXPECT_NE(cpu_only.status().message().find("loma"), std::string::npos) << cpu_only.status();
+  auto not_loma = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(not_loma.status())) << not_loma.status();
+  EXPECT_NE(not_loma.status().message().find("needs a LoMA model"), std::string::npos)
+      << not_loma.status();
   // ThinK is served (token by token); ThinK of h2o, composed with quantization, or keeping more
   // channels than head_dim is invalid on either engine, by name. KV quantization of the vanilla
   // cache is served, ZipCache's mixed precision too (token by token), and the quantized dms cache
