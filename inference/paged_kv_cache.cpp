@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_format.h"
+#include "kernels/paged_kv_pages.h"
 
 namespace dmc::inference {
 
@@ -74,18 +75,17 @@ long PagedKvCache<T>::PagesForStep(const std::vector<int>& seqs) const {
 
 template <typename T>
 long PagedKvCache<T>::PagesForTokens(int seq, int n) const {
-  const long P = opt_.page_size;
+  const int P = opt_.page_size;
   long pages = 0;
+  // kernels/paged_kv_pages.h states the count (the GPU engine's page bookkeeping uses it too);
+  // settling, the pages beyond the settled ones it holds, else beyond the pages it has.
+  const bool settles = KvSettles(opt_);
   for (const Head& hd : seq_at(seq).heads) {
-    if (KvSettles(opt_)) {
-      // Settling: fewer than page_size settled slots wait in the residual, and each token
-      // settles at most one more slot (the newest never): the residual's slots and n − 1 of the
-      // new ones may settle, at most page_size − 1 + n of them.
-      const long residual = hd.length - hd.compressed;
-      pages += std::min(residual + n - 1, P - 1 + n) / P;
-    } else {
-      pages += std::max(0L, (hd.length + n + P - 1) / P - static_cast<long>(hd.pages.size()));
-    }
+    const int residual = settles ? hd.length - hd.compressed : hd.length;
+    const int settled = settles ? hd.compressed : 0;
+    const long held = settles ? kernels::KvPagesKept(residual, settled, P, true)
+                              : static_cast<long>(hd.pages.size());
+    pages += std::max(0L, kernels::KvPagesToGrow(residual, settled, n, P, settles) - held);
   }
   return pages;
 }
