@@ -106,11 +106,11 @@ struct CudaEngine::Device {
   int32_t *lengths_host = nullptr, *q_lengths_host = nullptr;
   // Page bookkeeping (kernels/paged_kv_pages.h): pages in each head's table [L, R, Hkv], the
   // layers that write a cache (KVSharer; null: all), and in mapped host memory the rows' change
-  // lists [R, L·Hkv], their counts and the rows' slots [R].
+  // lists [R, L·Hkv], their counts, the rows' slots and spare pages [R].
   int32_t* held = nullptr;
   uint8_t* writes = nullptr;
   kernels::PageChange* changes_host = nullptr;
-  int32_t *change_counts_host = nullptr, *row_slots_host = nullptr;
+  int32_t *change_counts_host = nullptr, *row_slots_host = nullptr, *row_spare_host = nullptr;
   // Page hand-outs of a step.
   int64_t* assign_index = nullptr;
   int32_t* assign_page = nullptr;
@@ -184,7 +184,7 @@ CudaEngine::~CudaEngine() {
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,
-                  (void*)d.row_slots_host})
+                  (void*)d.row_slots_host, (void*)d.row_spare_host})
     if (p) cudaFreeHost(p);
   for (cudaEvent_t e : {d.step_begin, d.step_end})
     if (e) cudaEventDestroy(e);
@@ -383,7 +383,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   }
   ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&d.changes_host),
                             heads * sizeof(kernels::PageChange), cudaHostAllocMapped));
-  for (int32_t** a : {&d.change_counts_host, &d.row_slots_host})
+  for (int32_t** a : {&d.change_counts_host, &d.row_slots_host, &d.row_spare_host})
     ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(a), R * sizeof(int32_t), cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0)
     d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
@@ -654,7 +654,7 @@ void CudaEngine::EnqueuePageChanges(int row0, int n, int tokens) {
   const kernels::PagedKvPages pages{d.lengths, d.q_lengths, d.writes, d.held,
                                     L,         rows_,       Hkv,      opt_.page_size};
   c::paged_kv_page_changes(pages, row0, n, tokens, d.changes_host, d.change_counts_host,
-                           d.row_slots_host, d.stream);
+                           d.row_slots_host, d.row_spare_host, d.stream);
 }
 
 void CudaEngine::EnqueueCopyBack(int row0, int n) {
@@ -674,6 +674,7 @@ absl::Status CudaEngine::ApplyPageChanges(int row0, int n) {
   for (int j = 0; j < n; ++j) {
     Sequence& s = seqs_.at(row_seq_[row0 + j]);
     s.slots = d.row_slots_host[j];
+    s.spare_pages = d.row_spare_host[j];
     s.growth.clear();
     s.growth_pages = 0;
     const kernels::PageChange* list = d.changes_host + j * heads;
@@ -898,7 +899,6 @@ void CudaEngine::EnqueueStep(int n) {
   c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.final_norm, n, C, eps, st);
   c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, n, C, V, st);
   c::sample_tokens(d.next, d.logprob, d.argmax, d.logits, n, V, RowsOf(d.in_dev), st);
-  EnqueuePageChanges(0, n, 1);
 }
 
 absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* tokens,
@@ -926,6 +926,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
     ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
     LaunchStep(n);
+    EnqueuePageChanges(0, n, 1);
     ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
     // Outputs of rows 0..n-1, their heads' lengths and the page changes.
     int32_t* host = d.out_host;
@@ -934,9 +935,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
     ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
     EnqueueCopyBack(0, n);
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
-    float gpu_ms = 0;
-    ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, d.step_begin, d.step_end));
-    step_gpu_seconds_ += 1e-3 * gpu_ms;
+    AddStepGpuTime();
     out->resize(n);
     for (int i = 0; i < n; ++i) {
       Sequence& s = seqs_.at(seqs[i]);
@@ -952,6 +951,12 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
     return absl::InternalError(err.what());
   }
   return absl::OkStatus();
+}
+
+void CudaEngine::AddStepGpuTime() {
+  float gpu_ms = 0;
+  ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, dev_->step_begin, dev_->step_end));
+  step_gpu_seconds_ += 1e-3 * gpu_ms;
 }
 
 void CudaEngine::LaunchStep(int n) {
@@ -1015,9 +1020,7 @@ absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
   EnqueuePageChanges(0, k, 1);
   EnqueueCopyBack(0, k);
   ENGINE_CUDA(cudaStreamSynchronize(d.stream));
-  float gpu_ms = 0;
-  ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, d.step_begin, d.step_end));
-  step_gpu_seconds_ += 1e-3 * gpu_ms;
+  AddStepGpuTime();
   return ApplyPageChanges(0, k);
 }
 
@@ -1217,7 +1220,9 @@ int CudaEngine::length(int seq, int layer, int h) const {
 }
 
 long CudaEngine::bytes(int seq) const {
-  return seqs_.at(seq).num_pages * alloc_.page_bytes() + ReservedBytes();
+  // The kept pages: those held, less the spares held (those not yet handed out are not held).
+  const Sequence& s = seqs_.at(seq);
+  return (s.num_pages - s.spare_pages + s.growth_pages) * alloc_.page_bytes() + ReservedBytes();
 }
 
 }  // namespace dmc::inference

@@ -8,18 +8,21 @@
 // sequences and of one prefill of up to max_context tokens.
 //
 // A decode step of n sequences (rows 0..n-1; a sequence keeps its row while it lives, and the
-// last row moves into a freed one) is: the host hands every head whose last page is full a page
-// (the worst case of the step, as the CPU cache's CanStep counts), the step runs on the device
+// last row moves into a freed one) is: every head whose last page is full holds a page more (the
+// worst case of the step, as the CPU cache's CanStep counts; the host hands it out when the head
+// fills its page, and the head keeps it until the head's next slot needs it), the step runs on the device
 // (per layer RMSNorm, Q/K/V GEMMs, the hard DMC decisions, the append-or-merge write of all heads
 // of all rows in one kernel, RoPE of the queries at each row's position, the paged decode
 // attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
-// the token choice, kernels/sample.h; last, kernels/paged_kv_pages.h finds the heads whose pages
-// change) as one CUDA graph replay per batch size. Copies bring back the chosen tokens, every
-// head's length (a host mirror that length() reads) and the few heads that return pages they did
-// not fill or need one before the next step; the host touches only those heads, not every head
-// of every sequence (1,024 a sequence at Llama-2-7B's shape). The cache therefore holds exactly
-// ceil(slots / page_size) pages per head between steps, as the CPU cache does, and bytes() is
-// KvSequenceBytes at bf16 pages and fp32 window state.
+// the token choice, kernels/sample.h) as one CUDA graph replay per batch size, then
+// kernels/paged_kv_pages.h finds the heads whose pages change. Copies bring back the chosen tokens, every
+// head's length (a host mirror that length() reads) and the few heads that return pages (an
+// eviction emptied them, or a prefill's worst case left them unfilled) or need one before the
+// next step; the host touches only those heads, not every head
+// of every sequence (1,024 a sequence at Llama-2-7B's shape). Between steps a head holds
+// ceil(slots / page_size) pages, as the CPU cache does, and the spare one if its last page is
+// full; bytes() counts the kept pages only, KvSequenceBytes at bf16 pages and fp32 window state,
+// while used_bytes() (the allocator's) includes the spares.
 //
 // Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
@@ -203,6 +206,9 @@ class CudaEngine : public DecodeEngine {
     std::vector<std::vector<int32_t>> pages;  // [layer · Hkv + h], in page-table order
     long num_pages = 0;                       // Σ pages
     long slots = 0;                           // Σ every head's slots
+    // Σ pages beyond the kept ones that the worst case of the next step needs (held once the
+    // growth lists are handed out; kernels/paged_kv_pages.h).
+    long spare_pages = 0;
     // The pages the next step may need (head layer · Hkv + h, count), ordered by head.
     std::vector<std::pair<int32_t, int32_t>> growth;
     long growth_pages = 0;
@@ -257,10 +263,13 @@ class CudaEngine : public DecodeEngine {
   void EnqueueDmsDecisions(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* q,
                            __nv_bfloat16* xn, float* rstd, float* input, float* logit,
                            float* alpha, float* evict, float* mask);
-  // Enqueues the device work of a step of rows 0..n-1 (graph body).
+  // Enqueues the device work of a step of rows 0..n-1 (graph body; the page changes follow it
+  // outside the graph, so that LoMA's <m> passes, which are steps too, leave the pages alone).
   void EnqueueStep(int n);
   // Runs it: the batch size's CUDA graph (captured at its first use), or the kernels directly.
   void LaunchStep(int n);
+  // Adds the device time between the step_begin and step_end events (synchronised).
+  void AddStepGpuTime();
   void EnqueuePrefill(int row, int P);
   // A chunk of n tokens (in ptokens) continuing row `row` at position start (chunked prefill).
   void EnqueueChunk(int row, int start, int n);

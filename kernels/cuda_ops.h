@@ -410,11 +410,11 @@ using PagedKv = kernels::PagedKvLayer<bf16>;
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream = nullptr);
-// The page bookkeeping (kernels/paged_kv_pages.h). changes [n, L·Hkv], counts and row_slots
-// [n]: device-visible (mapped host memory serves).
+// The page bookkeeping (kernels/paged_kv_pages.h). changes [n, L·Hkv], counts, row_slots and
+// row_spare [n]: device-visible (mapped host memory serves).
 void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,
                            kernels::PageChange* changes, int32_t* counts, int32_t* row_slots,
-                           cudaStream_t stream = nullptr);
+                           int32_t* row_spare, cudaStream_t stream = nullptr);
 void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
                            const int32_t* page, int n, int max_pages,
                            cudaStream_t stream = nullptr);

@@ -6,11 +6,12 @@
 namespace dmc::kernels {
 
 void paged_kv_page_changes(const PagedKvPages& p, int row0, int n, int tokens,
-                           PageChange* changes, int32_t* counts, int32_t* row_slots) {
+                           PageChange* changes, int32_t* counts, int32_t* row_slots,
+                           int32_t* row_spare) {
   const bool quant = p.q_lengths != nullptr;
   for (int j = 0; j < n; ++j) {
     PageChange* list = changes + static_cast<long>(j) * p.L * p.Hkv;
-    int32_t slots = 0, count = 0;
+    int32_t slots = 0, spare = 0, count = 0;
     for (int i = 0; i < p.L * p.Hkv; ++i) {
       const int l = i / p.Hkv;
       const long head = (static_cast<long>(l) * p.R + row0 + j) * p.Hkv + i % p.Hkv;
@@ -19,13 +20,15 @@ void paged_kv_page_changes(const PagedKvPages& p, int row0, int n, int tokens,
       const bool writes = p.writes == nullptr || p.writes[l];
       const int keep = writes ? KvPagesKept(residual, quantized, p.page_size, quant) : 0;
       const int grow = writes ? KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
-      if (p.held[head] > keep || grow > keep) {
-        list[count++] = {i, std::max(0, p.held[head] - keep), std::max(0, grow - keep)};
-        p.held[head] = keep;
+      spare += grow - keep;
+      if (p.held[head] != grow) {
+        list[count++] = {i, std::max(0, p.held[head] - grow), std::max(0, grow - p.held[head])};
+        p.held[head] = std::min(p.held[head], grow);
       }
     }
     counts[j] = count;
     row_slots[j] = slots;
+    row_spare[j] = spare;
   }
 }
 

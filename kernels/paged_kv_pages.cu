@@ -1,8 +1,9 @@
 // The page bookkeeping on the GPU (spec: kernels/paged_kv_pages.h).
 // page_changes: one CTA per row walks that row's L · Hkv heads, kThreads at a time; a block scan
 //   of the changing heads' flags places each entry in the row's list in head order (the host
-//   then hands out pages in the same order on every run), and a block reduction sums the row's
-//   slots. Few heads change in a step (a DMC head at CR 8 needs a page about once in 16 steps).
+//   then hands out pages in the same order on every run), and block reductions sum the row's
+//   slots and spare pages. Few heads change in a step (a DMC head at CR 8 fills a page about
+//   once in 128 tokens).
 //   The lists may be host memory mapped into the device's address space, so the host reads them
 //   after the stream's synchronisation without another copy.
 #include <cub/block/block_reduce.cuh>
@@ -19,7 +20,7 @@ constexpr int kThreads = 256;
 
 __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int tokens,
                                     kernels::PageChange* changes, int32_t* counts,
-                                    int32_t* row_slots) {
+                                    int32_t* row_slots, int32_t* row_spare) {
   using Scan = cub::BlockScan<int32_t, kThreads>;
   using Reduce = cub::BlockReduce<int32_t, kThreads>;
   __shared__ union {
@@ -29,7 +30,7 @@ __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int token
   const int row = row0 + blockIdx.x, heads = p.L * p.Hkv;
   const bool quant = p.q_lengths != nullptr;
   kernels::PageChange* list = changes + static_cast<long>(blockIdx.x) * heads;
-  int32_t slots = 0, count = 0;
+  int32_t slots = 0, spare = 0, count = 0;
   for (int base = 0; base < heads; base += kThreads) {
     const int i = base + threadIdx.x;
     kernels::PageChange change{i, 0, 0};
@@ -45,9 +46,10 @@ __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int token
       const int grow =
           writes ? kernels::KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
       const int held = p.held[head];
-      changes_here = held > keep || grow > keep;
-      change = {i, max(0, held - keep), max(0, grow - keep)};
-      if (changes_here) p.held[head] = keep;
+      spare += grow - keep;
+      changes_here = held != grow;
+      change = {i, max(0, held - grow), max(0, grow - held)};
+      if (changes_here) p.held[head] = min(held, grow);
     }
     int32_t at, total;
     Scan(scratch.scan).ExclusiveSum(changes_here, at, total);
@@ -56,9 +58,12 @@ __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int token
     __syncthreads();  // the scan's storage is reused by the next round
   }
   const int32_t total = Reduce(scratch.reduce).Sum(slots);
+  __syncthreads();  // the reduction's storage is reused by the next
+  const int32_t spare_total = Reduce(scratch.reduce).Sum(spare);
   if (threadIdx.x == 0) {
     counts[blockIdx.x] = count;
     row_slots[blockIdx.x] = total;
+    row_spare[blockIdx.x] = spare_total;
   }
 }
 
@@ -74,9 +79,10 @@ __global__ void assign_pages_kernel(int32_t* page_table, int32_t* held, const in
 
 void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,
                            kernels::PageChange* changes, int32_t* counts, int32_t* row_slots,
-                           cudaStream_t stream) {
+                           int32_t* row_spare, cudaStream_t stream) {
   if (n <= 0) return;
-  page_changes_kernel<<<n, kThreads, 0, stream>>>(pages, row0, tokens, changes, counts, row_slots);
+  page_changes_kernel<<<n, kThreads, 0, stream>>>(pages, row0, tokens, changes, counts, row_slots,
+                                                  row_spare);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -17,11 +17,17 @@
 //   grows 0.
 //
 // paged_kv_page_changes, rows row0 .. row0 + n − 1 of L layers, after a step or a prefill and
-// before one of t tokens: every head i = l·Hkv + h of row row0 + j with held > keep or
-// grow(t) > keep gets an entry, in order of i, in that row's list changes[j · L·Hkv + ...]
-//   {i, trim = held − keep, grow = grow(t) − keep}          (counts[j] of them)
-// and held = keep: the host returns the last `trim` pages of the head's table and hands out
-// `grow` more before the next step. row_slots[j] = Σ_{l, h} residual + quantized of that row.
+// before one of t tokens: every head i = l·Hkv + h of row row0 + j with held ≠ grow(t) gets an
+// entry, in order of i, in that row's list changes[j · L·Hkv + ...]
+//   {i, trim = max(0, held − grow(t)), grow = max(0, grow(t) − held)}    (counts[j] of them)
+// and held = min(held, grow(t)): the host returns the last `trim` pages of the head's table and
+// hands out `grow` more before the next step. A head keeps the pages its worst case needs: one
+// whose last page is full holds the next page while it merges, rather than returning it after
+// every step and taking it back before the next (at CR 8 most of a step's heads with a full last
+// page merge, and the round trip was ~7,000 pages a step at Llama-2-7B's shape).
+// row_slots[j] = Σ_{l, h} residual + quantized of that row; row_spare[j] = Σ_{l, h} grow(t) − keep,
+// the pages beyond the kept ones that the row holds once the host has handed them out (the bytes
+// a sequence is charged, KvSequenceBytes, count only the kept ones).
 //
 // paged_kv_assign_pages: page_table[index[j]] = page[j] (flat into the tables [L, R, Hkv,
 // max_pages]) and held[index[j] / max_pages] = max(held, index[j] mod max_pages + 1): the pages
@@ -63,7 +69,8 @@ struct PagedKvPages {
 };
 
 void paged_kv_page_changes(const PagedKvPages& pages, int row0, int n, int tokens,
-                           PageChange* changes, int32_t* counts, int32_t* row_slots);
+                           PageChange* changes, int32_t* counts, int32_t* row_slots,
+                           int32_t* row_spare);
 
 void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
                            const int32_t* page, int n, int max_pages);

@@ -64,6 +64,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/cuda/kernel_trace.h"
 #include "inference/cuda_engine.h"
 #include "inference/hf_model.h"
 #include "inference/scheduler.h"
@@ -95,6 +96,9 @@ ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 ABSL_FLAG(std::string, profile_tokens, "",
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
+ABSL_FLAG(bool, kernel_table, false,
+          "with --profile_tokens: trace that range with CUPTI instead (no profiler) and print "
+          "every kernel's time per decode step (bench/cuda/kernel_trace.h)");
 
 namespace {
 namespace inf = dmc::inference;
@@ -392,6 +396,10 @@ int main(int argc, char** argv) {
     std::pair<int, int> capture = {-1, -1};
     if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty())
       capture = Range(range);
+    dmc::bench::KernelTrace trace;
+    const bool kernel_table = absl::GetFlag(FLAGS_kernel_table);
+    long traced_steps = 0;
+    double step_gpu_seen = 0;
     const auto start = Clock::now();
     auto stats = inf::RunBatched(
         **engine, requests, o.max_batch,
@@ -407,9 +415,12 @@ int main(int argc, char** argv) {
           }
           last[r] = now;
           ++generated;
+          // a step adds to the engine's device time, a prefill does not
+          if (trace.recording() && (*engine)->step_gpu_seconds() != step_gpu_seen) ++traced_steps;
+          step_gpu_seen = (*engine)->step_gpu_seconds();
           // between steps: the capture holds whole steps
-          if (generated == capture.first) cudaProfilerStart();
-          if (generated == capture.second) cudaProfilerStop();
+          if (generated == capture.first) kernel_table ? trace.Start() : void(cudaProfilerStart());
+          if (generated == capture.second) kernel_table ? trace.Stop() : void(cudaProfilerStop());
           return true;
         },
         [&](int r, bool) {
@@ -439,6 +450,10 @@ int main(int argc, char** argv) {
                 (*engine)->step_gpu_seconds(), stats->prefill_seconds,
                 stats->steps, stats->preemptions);
     std::fflush(stdout);
+    if (kernel_table && traced_steps > 0)
+      trace.Print(absl::StrFormat("%s, tokens %d to %d, %ld steps", spec, capture.first,
+                                  capture.second, traced_steps).c_str(),
+                  traced_steps);
   }
   return 0;
 }

@@ -38,11 +38,13 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "model/config.h"
 #include "bench/cuda/bench_shapes.h"
+#include "bench/cuda/kernel_trace.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 
@@ -50,6 +52,9 @@ ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)")
 ABSL_FLAG(int, warmup, 2, "untimed steps first (allocation, cuBLAS heuristics, graph capture)");
 ABSL_FLAG(std::string, shapes, "1b:2,1b:4,medium:32", "NAME:BATCH list; NAME is 1b, 1b-2l or medium");
 ABSL_FLAG(std::string, dmc, "off,on", "compression settings to run: off, on (DMC) and/or dms");
+ABSL_FLAG(bool, kernel_table, false,
+          "after the timed steps, trace one more with CUPTI and print its kernels "
+          "(bench/cuda/kernel_trace.h)");
 ABSL_FLAG(bool, gemm, true, "measure the cuBLAS bf16 GEMM ceiling (8192³) first");
 ABSL_FLAG(bool, queued, true,
           "also time the steps queued ahead of the device (off under a profiler, which serialises "
@@ -263,6 +268,18 @@ int main(int argc, char** argv) {
         // gives up: nothing is measured then, so stop.
         if (gate.timed_out) break;
         queued.push_back(Elapsed(e0, e3));
+      }
+      if (absl::GetFlag(FLAGS_kernel_table)) {
+        dmc::bench::KernelTrace trace;
+        trace.Start();
+        enqueue(step++);
+        model->ForwardResults();
+        model->OptimizerStepNorm();
+        DMC_CUDA_CHECK(cudaStreamSynchronize(st));
+        trace.Stop();
+        trace.Print(absl::StrFormat("%s B %d DMC %s, one step", shape.name, B,
+                                    CompressionName(compression)).c_str(),
+                    1);
       }
       for (cudaEvent_t e : {e0, e1, e2, e3}) DMC_CUDA_CHECK(cudaEventDestroy(e));
       Row row;

@@ -360,17 +360,17 @@ TEST(CudaPagedKvPages, MatchCpuReference) {
                                  writes.data(), held.data(), L, R, Hkv, page};
       const std::vector<int32_t> held_before = held;
       std::vector<kernels::PageChange> want(n * row_heads);
-      std::vector<int32_t> want_counts(n), want_slots(n);
+      std::vector<int32_t> want_counts(n), want_slots(n), want_spare(n);
       kernels::paged_kv_page_changes(host, row0, n, tokens, want.data(), want_counts.data(),
-                                     want_slots.data());
+                                     want_slots.data(), want_spare.data());
 
       DevBuf<int32_t> dlengths(lengths), dq(q_lengths), dheld(held_before), dcounts(size_t{n}),
-          dslots(size_t{n});
+          dslots(size_t{n}), dspare(size_t{n});
       DevBuf<uint8_t> dwrites(writes);
       DevBuf<kernels::PageChange> dchanges(n * row_heads);
       cuda::paged_kv_page_changes({dlengths, quant ? dq.ptr : nullptr, dwrites, dheld, L, R, Hkv,
                                    page},
-                                  row0, n, tokens, dchanges, dcounts, dslots);
+                                  row0, n, tokens, dchanges, dcounts, dslots, dspare);
       ASSERT_EQ(dcounts.download(), want_counts);
       const std::vector<kernels::PageChange> got = dchanges.download();
       for (int j = 0; j < n; ++j) {
@@ -384,6 +384,7 @@ TEST(CudaPagedKvPages, MatchCpuReference) {
       }
       EXPECT_EQ(dheld.download(), held);
       EXPECT_EQ(dslots.download(), want_slots);
+      EXPECT_EQ(dspare.download(), want_spare);
 
       // Pages handed out into every head's next table slots, several to some heads.
       std::vector<int64_t> index;

@@ -1,0 +1,27 @@
+// A kernel table without a profiler: CUPTI's activity records (the same ones Nsight Systems
+// reads) of every kernel and copy the GPU ran between Start and Stop, CUDA graph nodes included,
+// at the program's own speed. Print lists them by total time with their share of the window's
+// wall time, and the share of the window in which the GPU ran nothing (the host's part).
+#pragma once
+
+#include <cstdint>
+
+namespace dmc::bench {
+
+class KernelTrace {
+ public:
+  void Start();  // begins recording (idempotent while recording)
+  void Stop();   // flushes the records and ends the window
+  // A markdown table: kernel (demangled, without namespaces and arguments), calls, total ms, ms
+  // per `per` (e.g. per decode step; 0: not printed), share of the window; then the GPU's busy
+  // share of the window.
+  void Print(const char* title, long per) const;
+  bool recording() const { return recording_; }
+
+ private:
+  bool recording_ = false;
+  double window_ns_ = 0;
+  uint64_t start_ns_ = 0;
+};
+
+}  // namespace dmc::bench
