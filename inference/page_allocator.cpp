@@ -17,9 +17,8 @@ absl::StatusOr<int32_t> PageAllocator::Allocate() {
         budget_, used_, pages_in_use_, page_bytes_, page_bytes_));
   int32_t page;
   if (!free_list_.empty()) {
-    // The last freed first, in O(1): a GPU engine's step returns and takes thousands of pages
-    // (heads whose worst-case page went unfilled), and the pool grows past its peak use only
-    // when no freed page is left, whatever the order.
+    // The last freed first, in O(1) (a finished sequence returns thousands of pages at once);
+    // the pool grows past its peak use only when no freed page is left, whatever the order.
     page = free_list_.back();
     free_list_.pop_back();
   } else {

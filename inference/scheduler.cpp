@@ -189,6 +189,8 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
 }
 
 absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_finish) {
+  const auto loop_start = std::chrono::steady_clock::now();
+  const double prefill_before = stats_.prefill_seconds;
   // Cancelled requests leave first, so their pages serve this step's admissions.
   for (std::vector<int>* ids : {&active_, &prefilling_}) {
     std::vector<int> kept;
@@ -237,10 +239,10 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
   if (!stepped.ok()) return stepped;
   ++stats_.steps;
   stats_.tokens += static_cast<long>(n);
-  if (!pending_.empty()) {
+  const bool saturated = !pending_.empty();
+  if (saturated) {
     ++stats_.saturated_steps;
     stats_.saturated_tokens += static_cast<long>(n);
-    stats_.saturated_seconds += seconds;
   }
   stats_.max_concurrent = std::max(stats_.max_concurrent, static_cast<int>(n));
 
@@ -254,6 +256,10 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
     }
   }
   active_.swap(still);
+  if (saturated)
+    stats_.saturated_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count() -
+        (stats_.prefill_seconds - prefill_before);
   return absl::OkStatus();
 }
 

@@ -73,6 +73,8 @@ struct SchedulerStats {
   double seconds = 0;       // wall time of RunBatched
   // The steps taken while requests waited for admission: the batch as large as the cache budget
   // (or max_batch) allows, the engine's rate at saturation without the drain of the last ones.
+  // Their seconds are the wall time of those scheduler rounds (the step, the deliveries, the
+  // finished requests' release), less the prefills in them.
   long saturated_steps = 0, saturated_tokens = 0;
   double saturated_seconds = 0;
 };

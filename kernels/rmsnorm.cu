@@ -1,5 +1,5 @@
-// RMSNorm on the GPU (spec: kernels/rmsnorm.h). One warp per row, fp32 statistics, 16-byte
-// vector accesses when C is a multiple of 8 (scalar otherwise).
+// RMSNorm on the GPU (spec: kernels/rmsnorm.h), fp32 statistics. Forward: a block per row with
+// 16-byte vector accesses when C is a multiple of 8 (up to 8192), else a warp per row (scalar).
 // Backward: dinp by one warp per row; dweight deterministically in two passes (fixed row chunks
 // into fp32 partials in scratch slot 1, then an in-order sum per column).
 #include "kernels/cuda_check.h"
@@ -9,7 +9,42 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-template <bool kVec>
+// A row per block of kRowThreads, each thread holding up to kMaxChunks 16-byte chunks of the
+// row in registers: the row is read once, and a decode step's few rows (one per sequence) still
+// spread over many SMs (a warp per row left 16 blocks for 124 rows at hidden 4096, latency-bound).
+constexpr int kRowThreads = 128, kMaxChunks = 8;  // C <= 8192 at 16-byte vectors
+
+__global__ void rmsnorm_forward_row_kernel(bf16* out, float* rstd, const bf16* inp,
+                                           const bf16* weight, int C, float eps) {
+  const long row = blockIdx.x;
+  const bf16* x = inp + row * C;
+  float v[kMaxChunks][8];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kMaxChunks; ++k) {
+    const int c = (k * kRowThreads + threadIdx.x) * 8;
+    if (c < C) {
+      load8(v[k], x + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += v[k][i] * v[k][i];
+    }
+  }
+  const float r = rsqrtf(block_sum(ss) / C + eps);
+#pragma unroll
+  for (int k = 0; k < kMaxChunks; ++k) {
+    const int c = (k * kRowThreads + threadIdx.x) * 8;
+    if (c < C) {
+      float w[8];
+      load8(w, weight + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[k][i] = v[k][i] * r * w[i];
+      store8(out + row * C + c, v[k]);
+    }
+  }
+  if (threadIdx.x == 0 && rstd) rstd[row] = r;
+}
+
+// Any C: a warp per row, scalar accesses.
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, const bf16* weight,
                                        int N, int C, float eps) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -18,30 +53,9 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
   const bf16* x = inp + static_cast<long>(row) * C;
   bf16* o = out + static_cast<long>(row) * C;
   float ss = 0.f;
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float v[8];
-      load8(v, x + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
-  }
-  ss = warp_sum(ss);
-  const float r = rsqrtf(ss / C + eps);
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float v[8], w[8];
-      load8(v, x + c);
-      load8(w, weight + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = v[i] * r * w[i];
-      store8(o + c, v);
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
-  }
+  for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
+  const float r = rsqrtf(warp_sum(ss) / C + eps);
+  for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
   if (lane == 0 && rstd) rstd[row] = r;
 }
 
@@ -133,10 +147,10 @@ __global__ void column_sum_accumulate(float* out, const float* partial, int chun
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                      float eps, cudaStream_t stream) {
   if (N <= 0) return;
-  if (C % 8 == 0)
-    rmsnorm_forward_kernel<true><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+  if (C % 8 == 0 && C <= kRowThreads * kMaxChunks * 8)
+    rmsnorm_forward_row_kernel<<<N, kRowThreads, 0, stream>>>(out, rstd, inp, weight, C, eps);
   else
-    rmsnorm_forward_kernel<false><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

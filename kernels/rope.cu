@@ -1,7 +1,7 @@
 // Rotary position embedding on the GPU (spec: kernels/rope.h, and kernels/rope_positions.h for
 // explicit positions), rotate-half layout, fp32 angles as Hugging Face computes them. One thread
-// per (b, t, channel pair i) computes the angle's sin/cos once and rotates the pair (i, i + D/2) of
-// every head. Token t sits at positions[t] when there is a position array (LoMA's layout), else at
+// per (b, t, channel pair i, group of heads) computes the angle's sin/cos once and rotates the
+// pair (i, i + D/2) of the group's heads. Token t sits at positions[t] when there is a position array (LoMA's layout), else at
 // pos0 + t: one kernel for both, so the two agree to the bit where the positions do.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -9,6 +9,12 @@
 namespace dmc::cuda {
 namespace {
 using namespace detail;
+
+// A thread rotates channel pair (i, i + D/2) of one token in kHeadsPerThread heads (blockIdx.y
+// picks them), so the angle's sine and cosine serve several heads while a decode step's few
+// tokens still spread over the GPU (one token per sequence: B·T·D/2 threads alone would fill a
+// few dozen blocks).
+constexpr int kHeadsPerThread = 4;
 
 template <bool kBackward>
 __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
@@ -26,7 +32,8 @@ __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int
   float s, c;
   sincosf(angle, &s, &c);
   const bool ctrl = keep_last && i == half - 1;  // channel D-1 is the control channel
-  for (int h = 0; h < H; ++h) {
+  const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * kHeadsPerThread);
+  for (int h = blockIdx.y * kHeadsPerThread; h < h_end; ++h) {
     const long base = (bt * H + h) * D;
     const float x1 = bf(inp[base + i]);
     const float x2raw = bf(inp[base + i + half]);
@@ -47,8 +54,9 @@ void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos
                  const int32_t* positions, float theta, bool keep_last, cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * (D / 2);
   if (total <= 0 || H <= 0) return;
-  rope_kernel<kBackward><<<ceil_div(total, 256), 256, 0, stream>>>(out, inp, B, T, H, D, pos0,
-                                                                  positions, theta, keep_last);
+  const dim3 grid(ceil_div(total, 256), ceil_div(H, kHeadsPerThread));
+  rope_kernel<kBackward><<<grid, 256, 0, stream>>>(out, inp, B, T, H, D, pos0, positions, theta,
+                                                   keep_last);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
