@@ -1,8 +1,7 @@
 // Paged KV cache writes on the GPU (spec: kernels/paged_kv_write.h).
 // append:  one CTA of D/2 threads per (row, KV head); thread c owns the RoPE pair (c, c + D/2),
 //          so the ring mean, the rotation and the stores of a channel pair stay in registers.
-//          Every thread reads the head's length and ring count and decides append or merge;
-//          thread 0 writes them back.
+//          Thread 0 decides append or merge and the slot; the others wait for it in shared memory.
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
 //          row) in three passes, each parallel over the run's tokens:
 //          (1) one CTA per KV head scans the append flags over the run (CUB block scans, a sum
@@ -46,24 +45,26 @@ __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int 
 
 // Appends or merges one token (kt, vt, its merge decision at *merge_h, null: append; its omega)
 // at pos into head `head`, as kernels::paged_kv_append: one CTA of D/2 threads, thread c the
-// channel pair (c, c + D/2). Every thread reads the head's state and decides for itself (the
-// same reads give the same decision), so the only barrier is the one before thread 0 writes the
-// new state back; the ring's older entries are read four at a time and the token's own entry
-// comes from registers, newest last, the reference's order.
+// channel pair (c, c + D/2); slot_s and count_s are the CTA's shared words.
 __device__ __forceinline__ void append_token(const PagedKv& c, long head, const bf16* kt,
                                              const bf16* vt, const float* merge_h, float omega,
-                                             int pos, int D, float theta, bool keep_last) {
+                                             int pos, int D, float theta, bool keep_last,
+                                             int& slot_s, int& count_s) {
   const int w = c.window_size, half = D / 2, ch = threadIdx.x;
-  const int len_before = c.lengths[head];
-  const bool m = merge_h && len_before > 0 && pos > 0 && *merge_h > 0.5f;
-  const int len = m ? len_before : len_before + 1;
-  const int count = w > 0 ? min((m ? c.window_count[head] : 0) + 1, w) : 0;
-  __syncthreads();  // every thread has read the state
   if (threadIdx.x == 0) {
-    c.lengths[head] = len;
-    if (w > 0) c.window_count[head] = count;
+    int len = c.lengths[head];
+    const bool m = merge_h && len > 0 && pos > 0 && *merge_h > 0.5f;
+    int count = w > 0 ? c.window_count[head] : 0;
+    if (!m) {
+      c.lengths[head] = ++len;
+      count = 0;
+    }
+    if (w > 0) c.window_count[head] = count = min(count + 1, w);
+    slot_s = len - 1;
+    count_s = count;
   }
-  const long row = kernels::SlotRow(c, head, len - 1);
+  __syncthreads();
+  const long row = kernels::SlotRow(c, head, slot_s);
   float k1 = bf(kt[ch]), k2 = bf(kt[ch + half]), v1 = bf(vt[ch]), v2 = bf(vt[ch + half]);
   if (w > 0) {
     const long entry = 2L * D + 1;
@@ -74,9 +75,9 @@ __device__ __forceinline__ void append_token(const PagedKv& c, long head, const 
     e[D + ch] = v1;
     e[D + ch + half] = v2;
     if (ch == 0) e[2 * D] = omega;
+    __syncthreads();  // the omega of this token
     float denom = 0.f, sk1 = 0.f, sk2 = 0.f, sv1 = 0.f, sv2 = 0.f;
-#pragma unroll 4
-    for (int p = pos - count + 1; p < pos; ++p) {  // oldest first, as the reference
+    for (int p = pos - count_s + 1; p <= pos; ++p) {  // oldest first, as the reference
       const float* r = ring + (p % w) * entry;
       const float om = r[2 * D];
       denom += om;
@@ -85,12 +86,11 @@ __device__ __forceinline__ void append_token(const PagedKv& c, long head, const 
       sv1 = fmaf(om, r[D + ch], sv1);
       sv2 = fmaf(om, r[D + ch + half], sv2);
     }
-    denom += omega;
     const float inv = 1.f / denom;
-    k1 = fmaf(omega, k1, sk1) * inv;
-    k2 = fmaf(omega, k2, sk2) * inv;
-    v1 = fmaf(omega, v1, sv1) * inv;
-    v2 = fmaf(omega, v2, sv2) * inv;
+    k1 = sk1 * inv;
+    k2 = sk2 * inv;
+    v1 = sv1 * inv;
+    v2 = sv2 * inv;
   }
   store_pair(c.k_pool + row * D, c.v_pool + row * D, D, ch, k1, k2, v1, v2, pos, theta, keep_last);
   if (ch == 0 && c.slot_pos) c.slot_pos[row] = pos;
@@ -100,8 +100,10 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
                               const float* omega, const int32_t* positions, int Hkv, int D,
                               float theta, bool keep_last) {
   const long head = blockIdx.x;  // i · Hkv + h
+  __shared__ int slot_s, count_s;
   append_token(c, head, k + head * D, v + head * D, merge ? merge + head : nullptr,
-               omega ? omega[head] : 1.f, positions[head / Hkv], D, theta, keep_last);
+               omega ? omega[head] : 1.f, positions[head / Hkv], D, theta, keep_last, slot_s,
+               count_s);
 }
 
 // Whether token t of a run (a prompt, or a chunk continuing a row) appends a slot. open: the row

@@ -1,5 +1,6 @@
-// RMSNorm on the GPU (spec: kernels/rmsnorm.h), fp32 statistics. Forward: a block per row with
-// 16-byte vector accesses when C is a multiple of 8 (up to 8192), else a warp per row (scalar).
+// RMSNorm on the GPU (spec: kernels/rmsnorm.h), fp32 statistics, 16-byte vector accesses when C
+// is a multiple of 8 (scalar otherwise). Forward: a block per row for a few rows, a warp per row
+// for many.
 // Backward: dinp by one warp per row; dweight deterministically in two passes (fixed row chunks
 // into fp32 partials in scratch slot 1, then an in-order sum per column).
 #include "kernels/cuda_check.h"
@@ -13,6 +14,7 @@ using namespace detail;
 // row in registers: the row is read once, and a decode step's few rows (one per sequence) still
 // spread over many SMs (a warp per row left 16 blocks for 124 rows at hidden 4096, latency-bound).
 constexpr int kRowThreads = 128, kMaxChunks = 8;  // C <= 8192 at 16-byte vectors
+constexpr int kRowBlockMaxRows = 2048;  // a warp per row fills 132 SMs twice from here
 
 __global__ void rmsnorm_forward_row_kernel(bf16* out, float* rstd, const bf16* inp,
                                            const bf16* weight, int C, float eps) {
@@ -44,7 +46,8 @@ __global__ void rmsnorm_forward_row_kernel(bf16* out, float* rstd, const bf16* i
   if (threadIdx.x == 0 && rstd) rstd[row] = r;
 }
 
-// Any C: a warp per row, scalar accesses.
+// A warp per row (16-byte vectors when C is a multiple of 8): rows enough to fill the GPU.
+template <bool kVec>
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, const bf16* weight,
                                        int N, int C, float eps) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -53,9 +56,30 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
   const bf16* x = inp + static_cast<long>(row) * C;
   bf16* o = out + static_cast<long>(row) * C;
   float ss = 0.f;
-  for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
-  const float r = rsqrtf(warp_sum(ss) / C + eps);
-  for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
+  if (kVec) {
+    for (int c = lane * 8; c < C; c += 256) {
+      float v[8];
+      load8(v, x + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+    }
+  } else {
+    for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / C + eps);
+  if (kVec) {
+    for (int c = lane * 8; c < C; c += 256) {
+      float v[8], w[8];
+      load8(v, x + c);
+      load8(w, weight + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] * r * w[i];
+      store8(o + c, v);
+    }
+  } else {
+    for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
+  }
   if (lane == 0 && rstd) rstd[row] = r;
 }
 
@@ -147,10 +171,14 @@ __global__ void column_sum_accumulate(float* out, const float* partial, int chun
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                      float eps, cudaStream_t stream) {
   if (N <= 0) return;
-  if (C % 8 == 0 && C <= kRowThreads * kMaxChunks * 8)
+  // Few rows (a decode step's sequences): a block per row; many (a prefill, a training batch):
+  // a warp per row, measured faster there (H200: 24 against 35 µs at 8192 × 2048).
+  if (C % 8 == 0 && C <= kRowThreads * kMaxChunks * 8 && N < kRowBlockMaxRows)
     rmsnorm_forward_row_kernel<<<N, kRowThreads, 0, stream>>>(out, rstd, inp, weight, C, eps);
+  else if (C % 8 == 0)
+    rmsnorm_forward_kernel<true><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
   else
-    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+    rmsnorm_forward_kernel<false><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -3,6 +3,8 @@
 // per (b, t, channel pair i, group of heads) computes the angle's sin/cos once and rotates the
 // pair (i, i + D/2) of the group's heads. Token t sits at positions[t] when there is a position array (LoMA's layout), else at
 // pos0 + t: one kernel for both, so the two agree to the bit where the positions do.
+#include <algorithm>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -10,15 +12,16 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-// A thread rotates channel pair (i, i + D/2) of one token in kHeadsPerThread heads (blockIdx.y
-// picks them), so the angle's sine and cosine serve several heads while a decode step's few
-// tokens still spread over the GPU (one token per sequence: B·T·D/2 threads alone would fill a
-// few dozen blocks).
-constexpr int kHeadsPerThread = 4;
+// A thread rotates channel pair (i, i + D/2) of one token in `heads_per_thread` heads (blockIdx.y
+// picks them): the angle's sine and cosine serve every head of a training batch's tokens, and a
+// decode step's few tokens (one per sequence: B·T·D/2 threads alone fill a few dozen blocks)
+// spread their heads over more threads.
+constexpr long kEnoughThreads = 128 * 1024;
 
 template <bool kBackward>
 __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
-                            const int32_t* positions, float theta, bool keep_last) {
+                            const int32_t* positions, float theta, bool keep_last,
+                            int heads_per_thread) {
   const int half = D / 2;
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long total = static_cast<long>(B) * T * half;
@@ -32,8 +35,8 @@ __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int
   float s, c;
   sincosf(angle, &s, &c);
   const bool ctrl = keep_last && i == half - 1;  // channel D-1 is the control channel
-  const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * kHeadsPerThread);
-  for (int h = blockIdx.y * kHeadsPerThread; h < h_end; ++h) {
+  const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * heads_per_thread);
+  for (int h = blockIdx.y * heads_per_thread; h < h_end; ++h) {
     const long base = (bt * H + h) * D;
     const float x1 = bf(inp[base + i]);
     const float x2raw = bf(inp[base + i + half]);
@@ -54,9 +57,10 @@ void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos
                  const int32_t* positions, float theta, bool keep_last, cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * (D / 2);
   if (total <= 0 || H <= 0) return;
-  const dim3 grid(ceil_div(total, 256), ceil_div(H, kHeadsPerThread));
+  const int heads_per_thread = ceil_div(H, std::min<long>(H, ceil_div(kEnoughThreads, total)));
+  const dim3 grid(ceil_div(total, 256), ceil_div(H, heads_per_thread));
   rope_kernel<kBackward><<<grid, 256, 0, stream>>>(out, inp, B, T, H, D, pos0, positions, theta,
-                                                   keep_last);
+                                                   keep_last, heads_per_thread);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
