@@ -1,6 +1,7 @@
 #include "inference/cuda_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -923,6 +924,7 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       d.in_host.top_p[r] = s.sampling.top_p;
       d.in_host.seed[r] = s.sampling.seed;
     }
+    if (opt_.cuda_graphs) StepGraph(n);  // a first capture stays out of the device time
     ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
     LaunchStep(n);
@@ -959,26 +961,33 @@ void CudaEngine::AddStepGpuTime() {
   step_gpu_seconds_ += 1e-3 * gpu_ms;
 }
 
-void CudaEngine::LaunchStep(int n) {
+cudaGraphExec_t CudaEngine::StepGraph(int n) {
   Device& d = *dev_;
   // One graph per batch size, captured at its first step (the kernels' scratch was sized for
   // the largest batch up front, so no later call moves a buffer a graph points to).
-  if (!opt_.cuda_graphs) {
-    EnqueueStep(n);
-    return;
-  }
   auto it = d.graphs.find(n);
-  if (it == d.graphs.end()) {
-    cudaGraph_t graph;
-    ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+  if (it != d.graphs.end()) return it->second;
+  const auto start = std::chrono::steady_clock::now();
+  cudaGraph_t graph;
+  ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+  EnqueueStep(n);
+  ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
+  cudaGraphExec_t exec;
+  ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  ENGINE_CUDA(cudaGraphDestroy(graph));
+  d.graphs.emplace(n, exec);
+  graph_capture_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return exec;
+}
+
+int CudaEngine::graphs() const { return static_cast<int>(dev_->graphs.size()); }
+
+void CudaEngine::LaunchStep(int n) {
+  if (opt_.cuda_graphs)
+    ENGINE_CUDA(cudaGraphLaunch(StepGraph(n), dev_->stream));
+  else
     EnqueueStep(n);
-    ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
-    cudaGraphExec_t exec;
-    ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-    ENGINE_CUDA(cudaGraphDestroy(graph));
-    it = d.graphs.emplace(n, exec).first;
-  }
-  ENGINE_CUDA(cudaGraphLaunch(it->second, d.stream));
 }
 
 absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {

@@ -196,6 +196,10 @@ class CudaEngine : public DecodeEngine {
   // Device time of every Step so far, from its inputs' upload to its last kernel (graph capture
   // included); the rest of the wall time in Step is the host's (page bookkeeping, copies back).
   double step_gpu_seconds() const { return step_gpu_seconds_; }
+  // Host time spent capturing and instantiating step graphs (one per batch size, at its first
+  // step), and how many there are.
+  double graph_capture_seconds() const { return graph_capture_seconds_; }
+  int graphs() const;
 
  private:
   struct Device;  // device buffers, streams, graphs (inference/cuda_engine.cpp)
@@ -266,8 +270,10 @@ class CudaEngine : public DecodeEngine {
   // Enqueues the device work of a step of rows 0..n-1 (graph body; the page changes follow it
   // outside the graph, so that LoMA's <m> passes, which are steps too, leave the pages alone).
   void EnqueueStep(int n);
-  // Runs it: the batch size's CUDA graph (captured at its first use), or the kernels directly.
+  // Runs it: the batch size's CUDA graph (StepGraph), or the kernels directly.
   void LaunchStep(int n);
+  // The step graph of batch size n, captured at its first use.
+  cudaGraphExec_t StepGraph(int n);
   // Adds the device time between the step_begin and step_end events (synchronised).
   void AddStepGpuTime();
   void EnqueuePrefill(int row, int P);
@@ -290,7 +296,7 @@ class CudaEngine : public DecodeEngine {
   PagedCacheOptions cache_opt_;
   PageAllocator alloc_;
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
-  double step_gpu_seconds_ = 0;
+  double step_gpu_seconds_ = 0, graph_capture_seconds_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
   bool evicts_ = false;       // h2o or tova: eviction by each step's attention
   bool dms_ = false;          // dms on a DMS model: eviction by the model's own decisions
