@@ -8,10 +8,22 @@
 // the descriptors that walk it: kernels/wgmma_sm90.h): Q and K are K-major operands of S = Q K^T,
 // V an N-major operand of O += P V.
 //
-// The tiles arrive by TMA (cp.async.bulk.tensor, which writes this swizzle itself) on mbarriers,
-// issued by a producer warp ahead of two consumer warpgroups (the kernel's comment below), the
-// arrangement of FlashAttention-3's forward. exclude_ctrl: channel D-1 of the Q tile is zeroed in
-// shared memory once, so it drops out of every score.
+// What arrives how. The tiles arrive by TMA (cp.async.bulk.tensor, which writes this swizzle
+// itself) on mbarriers, issued by one producer thread ahead of two consumer warpgroups (the
+// kernel's comment below), the arrangement of FlashAttention-3's forward. Each key tile's DMC bias
+// row arrives with it, on the same barrier, as one plain bulk copy (cp.async.bulk) of 512 bytes:
+// in the mask's [B, T, Hkv] layout a head's values lie Hkv floats apart, so a pre-pass
+// (bias_rows_kernel) writes them once per call transposed, scaled by log2 e and zero-padded to
+// whole tiles, [B, Hkv, T rounded up to kBN] (the attention's scratch). Read from the mask
+// itself, they were 128 scattered loads per tile, 4 useful bytes of every 32-byte sector, which
+// the producer had to wait for before it could hand the stage over. exclude_ctrl: channel D-1 of
+// the Q tile is zeroed in shared memory once, so it drops out of every score.
+//
+// O leaves by TMA too: each consumer warpgroup writes its 64 normalised rows as bf16 into its own
+// 64 rows of the Q tile in shared memory (only it reads them, and not after its last S GEMM), in
+// the swizzled layout of the output's tensor-map box, and one of its threads stores them (whole
+// 128-byte lines, rows past T skipped by the TMA unit) instead of 4-byte stores rows apart from
+// the registers.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/wgmma_sm90.h"
@@ -21,9 +33,8 @@ namespace {
 using namespace detail;
 
 // ---------------------------------------------------------------- the warpgroup's tile step
-struct FwdParams {  // q, k and v reach the kernel as tensor maps
-  const float* mask;
-  bf16* out;
+struct FwdParams {  // q, k, v and out reach the kernel as tensor maps
+  const float* bias;  // [B, Hkv, padded_keys(T)], mask · log2 e (bias_rows_kernel), or null
   float* lse;
   int B, T, H, Hkv;
   float scale_log2;
@@ -115,44 +126,51 @@ __device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&co
   }
 }
 
-// out = O / l and lse = (m + log2 l) ln 2 for the thread's rows row, row + 8 of head h. Every row
-// sees its own key unmasked, so l > 0.
-template <int D>
-__device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float (&m)[2],
-                                           float (&l)[2], int row, int b, int h,
-                                           const FwdParams& p) {
+// O / l as bf16 into rows tile_row, tile_row + 8 of the swizzled [R][D] tile (the thread's rows
+// row, row + 8 of the sequence), and lse = (m + log2 l) ln 2 of head h. Every row before T sees
+// its own key unmasked, so l > 0 there; rows past T are not stored.
+template <int D, int R>
+__device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 2],
+                                               const float (&m)[2], float (&l)[2], int tile_row,
+                                               int row, int b, int h, const FwdParams& p) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
     l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-    const int r = row + hh * 8;
-    if (r >= p.T) continue;
     const float inv = 1.f / l[hh];
-    bf16* orow = p.out + (static_cast<long>(b) * p.T + r) * p.H * D + static_cast<long>(h) * D;
+    // the 8 rows of a warp's store fall into 8 different 16-byte chunks: no bank conflicts
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(orow + j * 8 + 2 * (lane % 4)) =
+      *reinterpret_cast<__nv_bfloat162*>(tile +
+                                         swizzled<R>(tile_row + hh * 8, j * 8 + 2 * (lane % 4))) =
           __floats2bfloat162_rn(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
-    if ((lane % 4) == 0 && p.lse)
+    const int r = row + hh * 8;
+    if ((lane % 4) == 0 && p.lse && r < p.T)
       p.lse[(static_cast<long>(b) * p.H + h) * p.T + r] = (m[hh] + log2f(l[hh])) * kLn2;
   }
 }
 
 // ---------------------------------------------------------------- the kernel
-// CTA = 3 warpgroups, 128 queries of one head. Warpgroup 0 is the producer: one warp issues the
-// TMA loads of the Q tile and of the K and V tiles (kStages deep) and writes each tile's bias row;
-// the other warpgroups are consumers, each owning 64 query rows, running scores -> softmax -> P V
-// per tile (the softmax of one tile overlapping the tensor cores' work on the next) and handing
-// each stage back once its P V has landed. Registers move from the producer to the consumers
-// (setmaxnreg), which hold S and O in registers.
-// Barriers per stage: k_full (K landed and the bias written), v_full (V landed), empty (every
-// consumer thread is done with the stage); q_full for the Q tile. Named barriers: kBarQZeroed + wg
-// (the warpgroup's Q rows ready), kBarTurn + wg (the warpgroup's turn to issue its GEMMs: the
-// ping-pong of the main loop).
+// CTA = 3 warpgroups, 128 queries of one head. Warpgroup 0 is the producer: one thread issues the
+// TMA loads of the Q tile and of the K and V tiles (kStages deep) and the bulk copies of the K
+// tiles' bias rows, and never waits on anything but the stages' barriers; the other warpgroups
+// are consumers, each owning 64 query rows, running scores -> softmax -> P V per tile (the
+// softmax of one tile overlapping the tensor cores' work on the next), handing each stage back
+// once its P V has landed, and storing their O rows by TMA (stage_out_rows). Registers move from
+// the producer to the consumers (setmaxnreg), which hold S and O in registers.
+// Barriers per stage: k_full (K and its bias row landed), v_full (V landed), empty (every
+// consumer thread is done with the stage); q_full for the Q tile. Named barriers: kBarWarpgroup +
+// wg (the warpgroup's own rows of the Q tile written: the zeroed control channel, then its O),
+// kBarTurn + wg (the warpgroup's turn to issue its GEMMs: the ping-pong of the main loop).
 constexpr int kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
-constexpr int kBarQZeroed = 1, kBarTurn = 3;  // 0 is __syncthreads
+constexpr int kBarWarpgroup = 1, kBarTurn = 3;  // 0 is __syncthreads
+constexpr int kBiasSlot = 6;  // detail::scratch slot of the bias rows
+
+// Keys of a bias row: T rounded up to whole key tiles, so that every tile's row is one 512-byte
+// bulk copy, 16-byte aligned.
+inline __host__ __device__ int padded_keys(int T) { return (T + kBN - 1) / kBN * kBN; }
 
 template <int D>
 struct Smem {
@@ -160,7 +178,7 @@ struct Smem {
   bf16 q[kBM * D];
   bf16 k[kStages][kBN * D];
   bf16 v[kStages][kBN * D];
-  float bias[kStages][kBN];  // mask[key] · log2 e
+  float bias[kStages][kBN];  // mask[key] · log2 e (zeros without a mask)
   uint64_t q_full, k_full[kStages], v_full[kStages], empty[kStages];
 };
 
@@ -168,7 +186,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
                          const __grid_constant__ CUtensorMap k_map,
-                         const __grid_constant__ CUtensorMap v_map, const FwdParams p) {
+                         const __grid_constant__ CUtensorMap v_map,
+                         const __grid_constant__ CUtensorMap out_map, const FwdParams p) {
   constexpr int kStages = Smem<D>::kStages;
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
@@ -191,33 +210,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     mbar_init_fence();
   }
+  if (!p.bias)  // no mask: the bias rows stay zero, and no copy rewrites them
+    for (int i = threadIdx.x; i < kStages * kBN; i += kThreads) sm.bias[i / kBN][i % kBN] = 0.f;
   __syncthreads();
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (warp != 0) return;
-    const float* mb = p.mask ? p.mask + static_cast<long>(b) * T * Hkv + hk : nullptr;
-    if (lane == 0) {
-      mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
-      tma_load_tile<kBM, D>(sm.q, &q_map, h, q0, b, &sm.q_full);
-    }
+    if (threadIdx.x != 0) return;
+    const float* bias_row =
+        p.bias ? p.bias + (static_cast<long>(b) * Hkv + hk) * padded_keys(T) : nullptr;
+    mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
+    tma_load_tile<kBM, D>(sm.q, &q_map, h, q0, b, &sm.q_full);
     for (int n = 0; n < ntiles; ++n) {
       const int stage = n % kStages;
       if (n >= kStages) mbar_wait(&sm.empty[stage], (n / kStages - 1) & 1);
-      if (lane == 0) {
-        mbar_expect_tx(&sm.k_full[stage], sizeof(sm.k[0]));
-        tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, b, &sm.k_full[stage]);
-        mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
-        tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, b, &sm.v_full[stage]);
-      }
-      // the bias row: mask values lie Hkv apart, too sparse for a TMA box
-#pragma unroll
-      for (int i = lane; i < kBN; i += 32) {
-        const int key = n * kBN + i;
-        sm.bias[stage][i] = (mb && key < T) ? mb[static_cast<long>(key) * Hkv] * kLog2e : 0.f;
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&sm.k_full[stage]);
+      mbar_arrive_expect_tx(&sm.k_full[stage],
+                            sizeof(sm.k[0]) + (bias_row ? sizeof(sm.bias[0]) : 0));
+      tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, b, &sm.k_full[stage]);
+      if (bias_row)
+        bulk_load(sm.bias[stage], bias_row + n * kBN, sizeof(sm.bias[0]), &sm.k_full[stage]);
+      mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
+      tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, b, &sm.v_full[stage]);
     }
     return;
   }
@@ -231,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.q[swizzled<kBM>(r, D - 1)] = __float2bfloat16(0.f);
     }
     fence_proxy_async();  // read next by the tensor cores
-    named_barrier<128>(kBarQZeroed + wg);
+    named_barrier<128>(kBarWarpgroup + wg);
   }
 
   const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
@@ -295,19 +308,51 @@ __global__ void __launch_bounds__(kThreads, 1)
   wgmma_wait<0>();
   pin(o);
   mbar_arrive(&sm.empty[last]);
-  store_rows<D>(o, m, l, row, b, h, p);
+  // Every GEMM of this warpgroup has completed, so its Q rows are free for its O rows.
+  bf16* out_tile = sm.q + wg * 64 * 64;  // row 64 wg of every column block, 1024-byte aligned
+  stage_out_rows<D, kBM>(sm.q, o, m, l, wg * 64 + warp * 16 + lane / 4, row, b, h, p);
+  fence_proxy_async();  // read next by the TMA unit
+  named_barrier<128>(kBarWarpgroup + wg);
+  if (threadIdx.x % 128 == 0 && q0 + wg * 64 < T) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+      tma_store(&out_map, out_tile + c * kBM * 64, c * 64, h, q0 + wg * 64, b);
+    bulk_commit();
+    bulk_wait_read<0>();  // the shared memory must outlive the store's reads of it
+  }
+}
+
+// bias[b, hk, key] = mask[b, key, hk] · log2 e, zero for keys past T up to padded_keys(T): a
+// transpose through a 32 x 32 tile in shared memory, so that both the reads (along the heads) and
+// the writes (along the keys) are coalesced. Block 32 x 8, grid (padded keys / 32, Hkv / 32
+// rounded up, B).
+__global__ void bias_rows_kernel(float* bias, const float* mask, int T, int Hkv) {
+  __shared__ float tile[32][33];  // [key][head]; the padding spares the transposed read conflicts
+  const int key0 = blockIdx.x * 32, hk0 = blockIdx.y * 32, b = blockIdx.z;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int i = ty; i < 32; i += 8) {
+    const int key = key0 + i, hk = hk0 + tx;
+    tile[i][tx] =
+        key < T && hk < Hkv ? mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e : 0.f;
+  }
+  __syncthreads();
+  for (int i = ty; i < 32; i += 8) {
+    const int hk = hk0 + i, key = key0 + tx;
+    if (hk < Hkv) bias[(static_cast<long>(b) * Hkv + hk) * padded_keys(T) + key] = tile[tx][i];
+  }
 }
 
 template <int D>
-void launch_fwd(const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
+void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
                 cudaStream_t stream) {
   const size_t smem = 1024 + sizeof(Smem<D>);
   allow_dynamic_smem<attn_fwd_sm90_kernel<D>>(smem);
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
   const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
   const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
+  const CUtensorMap out_map = make_tile_map(out, p.B, p.T, p.H, D, 64);  // a warpgroup's rows
   dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
-  attn_fwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, p);
+  attn_fwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, out_map, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -321,11 +366,19 @@ void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16
     std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
-  const FwdParams p{mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
+  float* bias = nullptr;
+  if (mask) {
+    bias = static_cast<float*>(
+        scratch(kBiasSlot, sizeof(float) * static_cast<size_t>(B) * Hkv * padded_keys(T)));
+    bias_rows_kernel<<<dim3(padded_keys(T) / 32, ceil_div(Hkv, 32), B), dim3(32, 8), 0, stream>>>(
+        bias, mask, T, Hkv);
+    DMC_CUDA_CHECK_LAUNCH();
+  }
+  const FwdParams p{bias, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
-    launch_fwd<64>(q, k, v, p, stream);
+    launch_fwd<64>(out, q, k, v, p, stream);
   else
-    launch_fwd<128>(q, k, v, p, stream);
+    launch_fwd<128>(out, q, k, v, p, stream);
 }
 
 }  // namespace dmc::cuda

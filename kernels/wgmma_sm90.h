@@ -1,7 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the *_sm90.cu attention kernels: warpgroup MMA
-// (wgmma) on 128-byte-swizzled shared-memory tiles, mbarriers, TMA tile loads and reduce-adds and
-// the tensor maps that describe them. Included only by files built for sm_90a
-// (kernels/CMakeLists.txt).
+// (wgmma) on 128-byte-swizzled shared-memory tiles, mbarriers, TMA tile loads, stores and
+// reduce-adds, plain bulk copies, and the tensor maps that describe them. Included only by files
+// built for sm_90a (kernels/CMakeLists.txt).
 //
 // Tile layout. A [rows][D] bf16 tile is stored as D/64 column blocks of [rows][64] (128 bytes a
 // row); within every 8-row, 1024-byte atom the 16-byte chunk c of row r sits at chunk c ^ (r % 8)
@@ -189,12 +189,8 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
-// Announces bytes that copies will deliver in the current phase (no arrival).
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
+// Arrives and announces the bytes that copies will deliver in the current phase: the phase
+// completes once they have landed.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
                "r"(bytes)
@@ -233,6 +229,17 @@ __device__ __forceinline__ void tma_load_tile(__nv_bfloat16* dst, const CUtensor
   for (int c = 0; c < D / 64; ++c) tma_load(dst + c * ROWS * 64, map, c * 64, h, t0, b, bar);
 }
 
+// `bytes` contiguous bytes of global memory into shared memory by the bulk-copy engine (no tensor
+// map: a plain row), completing on bar. Both addresses 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1], %2, [%3];\n" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
 // One box of a 2-D tensor map ({x, y}, innermost first) into shared memory, completing on bar.
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y,
                                             uint64_t* bar) {
@@ -249,6 +256,18 @@ __device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const voi
                                                int h, int t, int b) {
   asm volatile(
       "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
+      "r"(c), "r"(h), "r"(t), "r"(b), "r"(smem_u32(src))
+      : "memory");
+}
+// Global = one box of shared memory, at {c, h, t, b} of a 4-D tensor map (cp.async.bulk.tensor:
+// the store's inverse of tma_load; elements outside the tensor are skipped). Joins the calling
+// thread's current bulk group (bulk_commit). The writing threads' fence_proxy_async and a barrier
+// must come first.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int c, int h,
+                                          int t, int b) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group"
       " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
       "r"(c), "r"(h), "r"(t), "r"(b), "r"(smem_u32(src))
       : "memory");
@@ -312,7 +331,7 @@ inline CUtensorMap encode_tensor_map(CUtensorMapDataType type, int rank, const v
 
 // Tensor map of a [B, T, heads, D] bf16 tensor, dimensions innermost first {D, heads, T, B}; a box
 // is 64 channels x 1 head x rows positions x 1 sequence, 128-byte swizzled: one column block of a
-// tile. Positions past T (within the sequence) arrive as zeros.
+// tile. Positions past T (within the sequence) arrive as zeros; a store skips them.
 inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int heads, int D,
                                  int rows) {
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(heads),

@@ -135,6 +135,9 @@ INSTANTIATE_TEST_SUITE_P(
                           Case{2, 64, 4, 1, 128, true, MaskKind::kSoft, 1.0},
                           Case{2, 1, 4, 2, 128, true, MaskKind::kSoft, 1.0},
                           Case{2, 333, 4, 2, 128, true, MaskKind::kEvicted, 1.0, 3},
+                          // more than 32 KV heads: the sm90 forward's bias rows are transposed
+                          // from the mask in 32-head blocks, the last one partial
+                          Case{1, 150, 48, 48, 128, true, MaskKind::kSoft, 1.0},
                           // head dim 64 (the sm90 backward's 128-query tiles): MHA and GQA up to
                           // 8 query heads a KV head, T short of, at and past the 128 x 128 tiles,
                           // each mask kind and DMS's bands, exclude_ctrl on and off
