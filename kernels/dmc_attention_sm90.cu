@@ -156,13 +156,18 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 // TMA loads of the Q tile and of the K and V tiles (kStages deep) and the bulk copies of the K
 // tiles' bias rows, and never waits on anything but the stages' barriers; the other warpgroups
 // are consumers, each owning 64 query rows, running scores -> softmax -> P V per tile (the
-// softmax of one tile overlapping the tensor cores' work on the next), handing each stage back
-// once its P V has landed, and storing their O rows by TMA (stage_out_rows). Registers move from
+// softmax of one tile overlapping the tensor cores' work on the next), handing K and V back as
+// they finish with them, and storing their O rows by TMA (stage_out_rows). Registers move from
 // the producer to the consumers (setmaxnreg), which hold S and O in registers.
-// Barriers per stage: k_full (K and its bias row landed), v_full (V landed), empty (every
-// consumer thread is done with the stage); q_full for the Q tile. Named barriers: kBarWarpgroup +
-// wg (the warpgroup's own rows of the Q tile written: the zeroed control channel, then its O),
-// kBarTurn + wg (the warpgroup's turn to issue its GEMMs: the ping-pong of the main loop).
+// Barriers per stage: k_full (K and its bias row landed), v_full (V landed), k_empty and v_empty
+// (every consumer thread is done with them); q_full for the Q tile. K is handed back once its
+// tile's softmax has read the bias row, V once its P V has landed, a tile later, and the producer
+// loads K a tile ahead of V, in that order. One barrier for both would free the stage of tile
+// n - 1 only after P V of n - 1, which the consumers wait for just before they need tile n + 1 in
+// that stage: every tile would wait out the latency of its loads; apart, each load has about a
+// tile's time to land. Named barriers: kBarWarpgroup + wg (the warpgroup's own rows of the Q tile
+// written: the zeroed control channel, then its O), kBarTurn + wg (the warpgroup's turn to issue
+// its GEMMs: the ping-pong of the main loop).
 constexpr int kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
 constexpr int kBarWarpgroup = 1, kBarTurn = 3;  // 0 is __syncthreads
@@ -179,7 +184,7 @@ struct Smem {
   bf16 k[kStages][kBN * D];
   bf16 v[kStages][kBN * D];
   float bias[kStages][kBN];  // mask[key] · log2 e (zeros without a mask)
-  uint64_t q_full, k_full[kStages], v_full[kStages], empty[kStages];
+  uint64_t q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
 };
 
 template <int D>
@@ -206,7 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&sm.k_full[i], 1);
       mbar_init(&sm.v_full[i], 1);
-      mbar_init(&sm.empty[i], kThreads - 128);
+      mbar_init(&sm.k_empty[i], kThreads - 128);
+      mbar_init(&sm.v_empty[i], kThreads - 128);
     }
     mbar_init_fence();
   }
@@ -221,17 +227,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         p.bias ? p.bias + (static_cast<long>(b) * Hkv + hk) * padded_keys(T) : nullptr;
     mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
     tma_load_tile<kBM, D>(sm.q, &q_map, h, q0, b, &sm.q_full);
-    for (int n = 0; n < ntiles; ++n) {
+    auto load_k = [&](int n) {  // K of tile n and its bias row
       const int stage = n % kStages;
-      if (n >= kStages) mbar_wait(&sm.empty[stage], (n / kStages - 1) & 1);
+      if (n >= kStages) mbar_wait(&sm.k_empty[stage], (n / kStages - 1) & 1);
       mbar_arrive_expect_tx(&sm.k_full[stage],
                             sizeof(sm.k[0]) + (bias_row ? sizeof(sm.bias[0]) : 0));
       tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, b, &sm.k_full[stage]);
       if (bias_row)
         bulk_load(sm.bias[stage], bias_row + n * kBN, sizeof(sm.bias[0]), &sm.k_full[stage]);
+    };
+    auto load_v = [&](int n) {
+      const int stage = n % kStages;
+      if (n >= kStages) mbar_wait(&sm.v_empty[stage], (n / kStages - 1) & 1);
       mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
       tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, b, &sm.v_full[stage]);
+    };
+    for (int n = 0; n < ntiles; ++n) {
+      load_k(n);
+      if (n > 0) load_v(n - 1);
     }
+    load_v(ntiles - 1);
     return;
   }
 
@@ -278,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   wgmma_wait<0>();
   pin(s);
   softmax_of(0);
+  mbar_arrive(&sm.k_empty[0]);
   pack_a_fragments<kBN>(pa, s);
   for (int n = 1; n < ntiles; ++n) {
     const int stage = n % kStages, prev = (n - 1) % kStages;
@@ -294,9 +310,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<1>();  // S of tile n; P V of tile n - 1 may still run
     pin(s);
     softmax_of(n);
+    mbar_arrive(&sm.k_empty[stage]);
     wgmma_wait<0>();
     pin(o);
-    mbar_arrive(&sm.empty[prev]);
+    mbar_arrive(&sm.v_empty[prev]);
     rescale_rows<D>(o, corr);
     pack_a_fragments<kBN>(pa, s);
   }
@@ -307,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   wgmma_commit();
   wgmma_wait<0>();
   pin(o);
-  mbar_arrive(&sm.empty[last]);
+  mbar_arrive(&sm.v_empty[last]);
   // Every GEMM of this warpgroup has completed, so its Q rows are free for its O rows.
   bf16* out_tile = sm.q + wg * 64 * 64;  // row 64 wg of every column block, 1024-byte aligned
   stage_out_rows<D, kBM>(sm.q, o, m, l, wg * 64 + warp * 16 + lane / 4, row, b, h, p);
