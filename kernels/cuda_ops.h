@@ -267,6 +267,8 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
                            int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
 // The Hopper forward kernel, as dmc_attention_forward with kSm90 (shapes already checked there).
+// With a mask it first writes it transposed into scratch as bias rows (fp32 [B, Hkv, T rounded
+// up to 128]; allocated at the first call of a larger size only).
 void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16* k,
                                 const bf16* v, const float* mask, int B, int T, int H, int Hkv,
                                 int D, bool exclude_ctrl, float scale, cudaStream_t stream,
