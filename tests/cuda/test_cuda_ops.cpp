@@ -57,8 +57,10 @@ TEST_F(CudaOps, Embedding) {
 }
 
 TEST_F(CudaOps, RmsNorm) {
-  for (int C_ : {96, 1001, 4096}) {  // 1001: the scalar (non-vector) path
-    const int N = 67;
+  // 1001: the scalar (non-vector) path; N 67: a block per row (a decode step), 2100: a warp per
+  // row (a prefill, a training batch)
+  for (int N : {67, 2100})
+  for (int C_ : {96, 1001, 4096}) {
     const size_t n = static_cast<size_t>(N) * C_;
     auto x = randn(n, 2.0, 0.3), w = randn(C_, 0.5, 1.0);
     auto xb = to_bf16(x), wb = to_bf16(w);
@@ -86,9 +88,11 @@ TEST_F(CudaOps, RmsNorm) {
 }
 
 TEST_F(CudaOps, Rope) {
+  // T 37: a thread per head (few tokens, as a decode step's); 1100: a thread for all 3 heads
+  for (int T : {37, 1100})
   for (bool keep : {false, true}) {
     for (int D : {64, 128}) {
-      const int B = 2, T = 37, H = 3, pos0 = 5;
+      const int B = 2, H = 3, pos0 = 5;
       const size_t n = static_cast<size_t>(B) * T * H * D;
       auto x = randn(n);
       auto xb = to_bf16(x);
