@@ -86,11 +86,14 @@ TEST(CudaSample, MatchesCpuReference) {
   int differ = 0;
   for (int i = 0; i < n; ++i) {
     EXPECT_EQ(gargmax[i], argmax[i]) << "row " << i;
-    EXPECT_NEAR(glogprob[i], logprob[i], 1e-3) << "row " << i;
     if (temperature[i] == 0.0f) {
       EXPECT_EQ(gnext[i], next[i]) << "greedy row " << i;
     }
     differ += gnext[i] != next[i];
+    // the log-probability of the target, or else of the token drawn: comparable where both
+    // engines drew the same one
+    if (target[i] >= 0 || gnext[i] == next[i])
+      EXPECT_NEAR(glogprob[i], logprob[i], 1e-3) << "row " << i;
   }
   // Sampled rows may differ only where fp32 sums put the draw on the other side of a boundary.
   EXPECT_LE(differ, 1) << "sampled tokens differ in " << differ << " of " << n << " rows";
