@@ -21,8 +21,8 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <tuple>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
