@@ -1,38 +1,50 @@
-// dmc-serve-load --port=P [--clients=64] [--requests=128] [--max_tokens=32]
-// [--disconnect_every=4]: a bounded load generator for dmc-serve. Many concurrent streaming
-// clients (their own HTTP connections) send completions; every K-th one hangs up mid-stream.
-// It checks that each completed stream is whole and equal to a reference completion of the same
-// prompt asked alone first (outputs do not depend on the batch), that the server ends idle with
-// no KV bytes in use, and prints requests/s, tokens/s, time to first token and per-token latency
-// (p50/p99) and the most sequences the server decoded at once. Exit status 1 on any failure.
+// dmc-serve-load --port=P [--clients=64] [--requests=128] [--max_tokens=32 | A-B]
+// [--prompt_tokens=N | A-B] [--disconnect_every=4]: a bounded load generator for dmc-serve. Many
+// concurrent streaming clients (their own HTTP connections) send completions; every K-th one
+// hangs up mid-stream. A length given as a range A-B is drawn per request (inference/load_stats.h),
+// so a run can carry a realistic mix. It checks that each completed stream is whole and equal to
+// a reference completion of the same request asked alone first (outputs do not depend on the
+// batch), that the server ends idle with no KV bytes in use, and prints requests/s, tokens/s, time
+// to first token and per-token latency (p50/p99) and the most sequences the server decoded at
+// once. A second line gives tokens/s, the mean running batch and per-token latency over the
+// window in which the server was saturated (requests waiting for admission), read from its
+// /metrics every 50 ms. Exit status 1 on any failure.
 #include <httplib.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <optional>
 #include <random>
-#include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "inference/load_stats.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, host, "127.0.0.1", "the server's address");
 ABSL_FLAG(int, port, 8000, "the server's port");
 ABSL_FLAG(int, clients, 64, "concurrent streaming clients");
 ABSL_FLAG(int, requests, 0, "requests in all (0: 2 per client)");
-ABSL_FLAG(int, max_tokens, 32, "max_tokens of every request");
-ABSL_FLAG(int, prompt_tokens, 0,
-          "0: the built-in text prompts; N: as many prompts of N token ids each (pseudo-random ids "
-          "below --vocab, fixed per prompt), for long-context load");
+ABSL_FLAG(std::string, max_tokens, "32",
+          "max_tokens of every request: N, or A-B: each request draws its own, uniformly in [A, B] "
+          "(from --seed and the request's index, so a run's mix is reproducible)");
+ABSL_FLAG(std::string, prompt_tokens, "0",
+          "0: the built-in text prompts; N: prompts of N token ids each (pseudo-random ids below "
+          "--vocab, fixed per prompt), for long-context load; A-B: each request draws its "
+          "prompt's length as --max_tokens=A-B does (the first ids of the same prompts)");
 ABSL_FLAG(int, vocab, 256, "with --prompt_tokens: token ids are drawn below this");
 ABSL_FLAG(double, temperature, 0.0, "temperature of every request (seeded: still checkable)");
-ABSL_FLAG(uint64_t, seed, 0, "seed of every request");
+ABSL_FLAG(uint64_t, seed, 0, "seed of every request, and of the lengths drawn from ranges");
 ABSL_FLAG(int, disconnect_every, 0, "every K-th request hangs up mid-stream (0: none)");
 ABSL_FLAG(int, disconnect_after, 2, "...after this many events with tokens");
 ABSL_FLAG(bool, check, true, "compare completed streams with a reference completion each");
@@ -40,6 +52,11 @@ ABSL_FLAG(int, timeout_s, 60, "the whole run's bound; past it: failure");
 
 namespace {
 
+using dmc::inference::LengthRange;
+using dmc::inference::ServerSample;
+using dmc::inference::TimeWindow;
+using dmc::inference::TokenEvent;
+using dmc::inference::WindowTokens;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
@@ -48,53 +65,88 @@ const std::vector<std::string> kPrompts = {
     "And Ruth said, ", "Blessed are ", "Now it came to pass", "A soft answer ",
 };
 
+// The /metrics poll's period: short against a run of seconds, long against a request's answer.
+constexpr auto kPollPeriod = std::chrono::milliseconds(50);
+
+// Streams of the length draws (DrawLength), one per flag, so the two lengths are independent.
+enum LengthStream : uint64_t { kPromptLengths = 1, kMaxTokens = 2 };
+
+// What one request asks: the prompt it takes (of Prompts()), the first `prompt_tokens` of its ids
+// (0: the text prompt whole), and its max_tokens. Equal shapes get equal completions.
+struct RequestShape {
+  size_t prompt = 0;
+  int prompt_tokens = 0, max_tokens = 0;
+  auto key() const { return std::tie(prompt, prompt_tokens, max_tokens); }
+  bool operator<(const RequestShape& o) const { return key() < o.key(); }
+};
+
 struct Outcome {
   bool completed = false, disconnected = false, rejected = false;
   std::string error;  // non-empty: a failure
   std::string text;
   std::vector<int32_t> ids;
   double ttft = -1;
-  std::vector<double> token_gaps;  // seconds per token, event by event
+  std::vector<TokenEvent> events;  // the events that carried tokens, as they arrived
 };
 
-// The prompts the clients cycle through: the texts, or token-id lists of --prompt_tokens ids.
-std::vector<json> Prompts() {
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// A length flag as a range; exits with status 1 and the flag's name when it is not one.
+LengthRange LengthFlag(const char* name, const std::string& value) {
+  absl::StatusOr<LengthRange> range = dmc::inference::ParseLengthRange(value);
+  if (!range.ok()) {
+    std::fprintf(stderr, "dmc-serve-load: --%s: %s\n", name,
+                 std::string(range.status().message()).c_str());
+    std::exit(1);
+  }
+  return *range;
+}
+
+// The prompts the clients cycle through: the texts, or token-id lists of `ids` ids each (the
+// longest a request draws; a shorter one takes the first ids).
+std::vector<json> Prompts(int ids) {
   std::vector<json> prompts;
-  const int n = absl::GetFlag(FLAGS_prompt_tokens);
   for (size_t i = 0; i < kPrompts.size(); ++i) {
-    if (n <= 0) {
+    if (ids <= 0) {
       prompts.push_back(kPrompts[i]);
       continue;
     }
     std::mt19937 rng(static_cast<uint32_t>(i));
-    std::vector<int32_t> ids(n);
-    for (int32_t& id : ids) id = static_cast<int32_t>(rng() % absl::GetFlag(FLAGS_vocab));
-    prompts.push_back(ids);
+    std::vector<int32_t> prompt(ids);
+    for (int32_t& id : prompt) id = static_cast<int32_t>(rng() % absl::GetFlag(FLAGS_vocab));
+    prompts.push_back(prompt);
   }
   return prompts;
 }
 
-json Body(const json& prompt, bool stream) {
-  return {{"prompt", prompt}, {"max_tokens", absl::GetFlag(FLAGS_max_tokens)},
+json Body(const std::vector<json>& prompts, const RequestShape& shape, bool stream) {
+  const json& whole = prompts[shape.prompt];
+  const json prompt =
+      shape.prompt_tokens == 0
+          ? whole
+          : json(std::vector<json>(whole.begin(), whole.begin() + shape.prompt_tokens));
+  return {{"prompt", prompt}, {"max_tokens", shape.max_tokens},
           {"temperature", absl::GetFlag(FLAGS_temperature)}, {"seed", absl::GetFlag(FLAGS_seed)},
           {"stream", stream}};
 }
 
-// One streaming request; hangs up after `hang_up_after` token events when >= 0.
-Outcome Stream(const json& prompt, int hang_up_after) {
+// One streaming request; hangs up after `hang_up_after` token events when >= 0. Its events are
+// timed from `run_start`.
+Outcome Stream(const json& body, int hang_up_after, Clock::time_point run_start) {
   Outcome o;
   httplib::Client client(absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_port));
   client.set_read_timeout(absl::GetFlag(FLAGS_timeout_s), 0);
   httplib::Request req;
   req.method = "POST";
   req.path = "/v1/completions";
-  req.body = Body(prompt, true).dump();
+  req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   std::string buffer;
   bool done = false, finished = false;
   int events = 0;
   const auto start = Clock::now();
-  auto last = start;
   req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
     buffer.append(data, n);
     for (size_t end; (end = buffer.find("\n\n")) != std::string::npos; buffer.erase(0, end + 2)) {
@@ -112,12 +164,9 @@ Outcome Stream(const json& prompt, int hang_up_after) {
       }
       const json& c = e["choices"][0];
       const auto ids = c["token_ids"].get<std::vector<int32_t>>();
-      const auto now = Clock::now();
       if (!ids.empty()) {
-        if (o.ttft < 0) o.ttft = std::chrono::duration<double>(now - start).count();
-        else
-          o.token_gaps.push_back(std::chrono::duration<double>(now - last).count() / ids.size());
-        last = now;
+        if (o.ttft < 0) o.ttft = SecondsSince(start);
+        o.events.push_back({SecondsSince(run_start), static_cast<int>(ids.size())});
         ++events;
       }
       o.text += c["text"].get<std::string>();
@@ -161,57 +210,127 @@ double Gauge(const std::string& metrics, const std::string& name) {
   return at == std::string::npos ? -1 : std::stod(metrics.substr(at + name.size() + 2));
 }
 
+// Reads the server's running and waiting gauges every kPollPeriod until `stop`; a sample is timed
+// at the middle of its request. A failed read is skipped: the clients' own checks report a server
+// that stopped answering.
+std::vector<ServerSample> PollMetrics(const std::atomic<bool>& stop, Clock::time_point run_start) {
+  httplib::Client client(absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_port));
+  client.set_read_timeout(absl::GetFlag(FLAGS_timeout_s), 0);
+  std::vector<ServerSample> samples;
+  while (!stop) {
+    const auto asked = Clock::now();
+    auto res = client.Get("/metrics");
+    const double answered = SecondsSince(run_start);
+    const double at = (std::chrono::duration<double>(asked - run_start).count() + answered) / 2;
+    if (res && res->status == 200)
+      samples.push_back({at, Gauge(res->body, "dmc_serve_running_sequences"),
+                         Gauge(res->body, "dmc_serve_waiting_requests")});
+    std::this_thread::sleep_until(asked + kPollPeriod);
+  }
+  return samples;
+}
+
+// The figures over the window in which requests waited for admission, or why there are none.
+void PrintSaturated(const std::vector<ServerSample>& samples, const std::vector<Outcome>& outcomes) {
+  // The first decode step's delivery: the earliest event that follows a stream's first.
+  double decoding_from = std::numeric_limits<double>::infinity();
+  for (const Outcome& o : outcomes)
+    if (o.error.empty() && o.events.size() > 1)
+      decoding_from = std::min(decoding_from, o.events[1].seconds);
+  const std::optional<TimeWindow> window = dmc::inference::SaturatedWindow(samples, decoding_from);
+  if (!window) {
+    std::printf("saturated: the run did not saturate the server (no request waited for admission "
+                "while streams were decoding, in %zu /metrics samples)\n", samples.size());
+    return;
+  }
+  if (window->seconds() <= 0) {
+    std::printf("saturated: a request waited for admission in one /metrics sample only (at %.2f "
+                "s): too short a window to measure\n", window->begin);
+    return;
+  }
+  WindowTokens inside;
+  for (const Outcome& o : outcomes)
+    if (o.error.empty()) inside.AddStream(o.events, *window);
+  std::printf("saturated (requests waiting, %.2f s from %.2f s to %.2f s): tokens/s %.0f  mean "
+              "running batch %.1f  per-token latency p50 %.2f ms p99 %.2f ms\n",
+              window->seconds(), window->begin, window->end, inside.tokens / window->seconds(),
+              dmc::inference::MeanRunning(samples, *window), 1e3 * Quantile(inside.gaps, 0.5),
+              1e3 * Quantile(inside.gaps, 0.99));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("dmc-serve-load --port=PORT [--clients=64] [--disconnect_every=4]");
+  absl::SetProgramUsageMessage(
+      "dmc-serve-load --port=PORT [--clients=64] [--max_tokens=N|A-B] [--prompt_tokens=N|A-B] "
+      "[--disconnect_every=4]");
   absl::ParseCommandLine(argc, argv);
   const int clients = absl::GetFlag(FLAGS_clients);
   const int total = absl::GetFlag(FLAGS_requests) > 0 ? absl::GetFlag(FLAGS_requests) : 2 * clients;
   const int every = absl::GetFlag(FLAGS_disconnect_every);
+  const uint64_t seed = absl::GetFlag(FLAGS_seed);
+  const LengthRange max_tokens = LengthFlag("max_tokens", absl::GetFlag(FLAGS_max_tokens));
+  // 0 alone is the built-in text prompts; every other value is a length or a range of them.
+  const bool text_prompts = absl::GetFlag(FLAGS_prompt_tokens) == "0";
+  const LengthRange prompt_tokens =
+      text_prompts ? LengthRange{} : LengthFlag("prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens));
+
+  // Every request's shape, drawn up front: the run's mix does not depend on its timing.
+  const std::vector<json> prompts = Prompts(text_prompts ? 0 : prompt_tokens.most);
+  std::vector<RequestShape> shapes(total);
+  for (int i = 0; i < total; ++i)
+    shapes[i] = {i % prompts.size(),
+                 text_prompts ? 0 : dmc::inference::DrawLength(prompt_tokens, seed, kPromptLengths, i),
+                 dmc::inference::DrawLength(max_tokens, seed, kMaxTokens, i)};
+
   const auto deadline = Clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
   httplib::Client probe(absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_port));
   probe.set_read_timeout(absl::GetFlag(FLAGS_timeout_s), 0);
 
-  // References: each prompt alone, not streamed.
-  const std::vector<json> prompts = Prompts();
-  std::vector<json> reference(prompts.size());
+  // References: each distinct shape alone, not streamed.
+  std::map<RequestShape, json> reference;
   if (absl::GetFlag(FLAGS_check))
-    for (size_t p = 0; p < prompts.size(); ++p) {
-      auto res = probe.Post("/v1/completions", Body(prompts[p], false).dump(), "application/json");
+    for (const RequestShape& shape : shapes) {
+      if (reference.count(shape)) continue;
+      auto res = probe.Post("/v1/completions", Body(prompts, shape, false).dump(), "application/json");
       if (!res || res->status != 200) {
         std::fprintf(stderr, "dmc-serve-load: the reference request failed: %s\n",
                      res ? res->body.c_str() : httplib::to_string(res.error()).c_str());
         return 1;
       }
-      reference[p] = json::parse(res->body)["choices"][0];
+      reference[shape] = json::parse(res->body)["choices"][0];
     }
 
   std::vector<Outcome> outcomes(total);
   std::atomic<int> next{0};
+  std::atomic<bool> load_done{false};
   const auto start = Clock::now();
+  std::vector<ServerSample> samples;
+  std::thread monitor([&] { samples = PollMetrics(load_done, start); });
   std::vector<std::thread> threads;
   for (int t = 0; t < clients; ++t)
     threads.emplace_back([&] {
       for (int i; (i = next++) < total && Clock::now() < deadline;) {
         const bool hang_up = every > 0 && i % every == every - 1;
-        outcomes[i] = Stream(prompts[i % prompts.size()],
-                             hang_up ? absl::GetFlag(FLAGS_disconnect_after) : -1);
+        outcomes[i] = Stream(Body(prompts, shapes[i], true),
+                             hang_up ? absl::GetFlag(FLAGS_disconnect_after) : -1, start);
       }
     });
   for (std::thread& t : threads) t.join();
-  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const double seconds = SecondsSince(start);
+  load_done = true;
+  monitor.join();
 
   int completed = 0, disconnected = 0, rejected = 0, failed = 0;
-  long tokens = 0;
-  std::vector<double> ttft, gaps;
+  const TimeWindow whole_run{0, std::numeric_limits<double>::infinity()};
+  WindowTokens all;
+  std::vector<double> ttft;
   for (int i = 0; i < total; ++i) {
     Outcome& o = outcomes[i];
-    const size_t p = i % prompts.size();
     if (o.completed && absl::GetFlag(FLAGS_check) &&
-        (o.ids != reference[p]["token_ids"].get<std::vector<int32_t>>() ||
-         o.text != reference[p]["text"].get<std::string>()))
-      o.error = "the stream differs from the reference completion of its prompt";
+        (o.ids != reference[shapes[i]]["token_ids"].get<std::vector<int32_t>>() ||
+         o.text != reference[shapes[i]]["text"].get<std::string>()))
+      o.error = "the stream differs from the reference completion of its request";
     if (!o.completed && !o.disconnected && !o.rejected && o.error.empty())
       o.error = "not run before the deadline";
     if (!o.error.empty()) {
@@ -221,9 +340,8 @@ int main(int argc, char** argv) {
     completed += o.completed;
     disconnected += o.disconnected;
     rejected += o.rejected;
-    tokens += static_cast<long>(o.ids.size());
+    all.AddStream(o.events, whole_run);
     if (o.ttft >= 0) ttft.push_back(o.ttft);
-    gaps.insert(gaps.end(), o.token_gaps.begin(), o.token_gaps.end());
   }
 
   // The server must end idle with every page back; it frees a hung-up request once it notices,
@@ -246,10 +364,12 @@ int main(int argc, char** argv) {
   std::printf("requests/s %.1f  tokens/s %.0f  time to first token p50 %.1f ms p99 %.1f ms  "
               "per-token latency p50 %.2f ms p99 %.2f ms  max concurrent sequences %.0f  "
               "achieved CR %.2f\n",
-              completed / seconds, tokens / seconds, 1e3 * Quantile(ttft, 0.5),
-              1e3 * Quantile(ttft, 0.99), 1e3 * Quantile(gaps, 0.5), 1e3 * Quantile(gaps, 0.99),
+              completed / seconds, all.tokens / seconds, 1e3 * Quantile(ttft, 0.5),
+              1e3 * Quantile(ttft, 0.99), 1e3 * Quantile(all.gaps, 0.5),
+              1e3 * Quantile(all.gaps, 0.99),
               Gauge(metrics, "dmc_serve_max_concurrent_sequences"),
               Gauge(metrics, "dmc_serve_achieved_cr"));
+  PrintSaturated(samples, outcomes);
   if (!idle)
     std::fprintf(stderr, "dmc-serve-load: the server did not end idle with no KV bytes used:\n%s",
                  metrics.c_str());

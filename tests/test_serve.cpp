@@ -1,13 +1,14 @@
 // dmc-serve end to end on a tiny DMC model exported here, over loopback: greedy and seeded
 // completions equal dmc-generate's, streams equal whole answers, bad input gets a 4xx JSON error
-// while the server keeps serving, 64 streaming clients (some hanging up) all get correct answers
-// and leave no KV bytes in use, SIGTERM ends streams and exits 0. The engine thread's queue
-// bound is checked in process.
+// while the server keeps serving, 64 streaming clients (some hanging up; then a mix of prompt and
+// answer lengths) all get correct answers and leave no KV bytes in use, bad flags are refused by
+// name, SIGTERM ends streams and exits 0. The engine thread's queue bound is checked in process.
 #include <gtest/gtest.h>
 #include <httplib.h>
 
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "inference/cpu_engine.h"
@@ -202,6 +203,9 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   EXPECT_EQ(completed + disconnected, 128) << out;
   EXPECT_GE(disconnected, 1) << out;
   EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
+  // The saturated line: figures, or why there are none (whether a 50 ms sample catches the queue
+  // depends on timing).
+  EXPECT_NE(out.find("\nsaturated"), std::string::npos) << out;
   auto m = server.client().Get("/metrics");
   ASSERT_TRUE(m);
   EXPECT_NE(m->body.find("\ndmc_serve_kv_used_bytes 0\n"), std::string::npos) << m->body;
@@ -210,11 +214,39 @@ TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   EXPECT_EQ(server.Terminate(), 0);
 }
 
-// Bad server flags: exit status 1 and a message naming the flag, before anything listens.
+TEST(Serve, StreamingClientsOnAMixOfPromptAndAnswerLengths) {
+  // Each request draws its prompt's and its answer's length; every distinct request is checked
+  // against its own reference completion.
+  Server server({"--max_batch=8", "--max_queue=64", "--kv_budget_mb=0.2"});
+  const std::string out = Shell(serve_test::InferenceBinary("dmc-serve-load") +
+                                " --port=" + std::to_string(server.port()) +
+                                " --clients=32 --requests=64 --prompt_tokens=4-40 --max_tokens=4-40"
+                                " --disconnect_every=8 --seed=3 --timeout_s=60");
+  std::fprintf(stderr, "%s", out.c_str());
+  int completed = 0, disconnected = 0;
+  ASSERT_EQ(std::sscanf(out.c_str(),
+                        "dmc-serve-load: 64 requests from 32 clients in %*f s: %d completed, %d",
+                        &completed, &disconnected), 2) << out;
+  EXPECT_EQ(completed + disconnected, 64) << out;
+  EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
+  EXPECT_NE(out.find("\nsaturated"), std::string::npos) << out;
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+// Bad flags of the server and of its load generator: exit status 1 and a message naming the
+// flag, before anything listens or connects.
 TEST(Serve, BadFlagsAreRefusedByName) {
-  for (const std::string flag : {"--max_batch=0", "--prefill_tokens_per_step=-1"}) {
-    const std::string command = serve_test::InferenceBinary("dmc-serve") +
-                                " --model=" + ModelDir() + " --port=0 " + flag + " 2>&1";
+  const std::string serve =
+      serve_test::InferenceBinary("dmc-serve") + " --model=" + ModelDir() + " --port=0";
+  const std::string load = serve_test::InferenceBinary("dmc-serve-load") + " --port=1";
+  for (const auto& [tool, flag] : std::vector<std::pair<std::string, std::string>>{
+           {serve, "--max_batch=0"},
+           {serve, "--prefill_tokens_per_step=-1"},
+           {load, "--max_tokens=5-2"},
+           {load, "--max_tokens=0"},
+           {load, "--prompt_tokens=abc"},
+           {load, "--prompt_tokens=0-8"}}) {
+    const std::string command = tool + " " + flag + " 2>&1";
     FILE* f = popen(command.c_str(), "r");
     ASSERT_NE(f, nullptr);
     std::string output;

@@ -1,0 +1,83 @@
+#include "inference/load_stats.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <string>
+#include <system_error>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "kernels/noise.h"
+
+namespace dmc::inference {
+namespace {
+
+// A whole number of at least 1, its digits and nothing else (from_chars takes no sign or space).
+bool ParsePositive(std::string_view text, int& value) {
+  const char* end = text.data() + text.size();
+  const auto [stop, error] = std::from_chars(text.data(), end, value);
+  return error == std::errc() && stop == end && value >= 1;
+}
+
+}  // namespace
+
+absl::StatusOr<LengthRange> ParseLengthRange(std::string_view text) {
+  const auto refuse = [&](std::string_view why) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "\"%s\" is not a length or a range of lengths (N, or A-B with 1 <= A <= B): %s",
+        std::string(text), std::string(why)));
+  };
+  LengthRange range;
+  const size_t dash = text.find('-');
+  if (dash == std::string_view::npos) {
+    if (!ParsePositive(text, range.least)) return refuse("not a whole number of at least 1");
+    range.most = range.least;
+    return range;
+  }
+  if (!ParsePositive(text.substr(0, dash), range.least) ||
+      !ParsePositive(text.substr(dash + 1), range.most))
+    return refuse("its ends must be whole numbers of at least 1");
+  if (range.least > range.most) return refuse("its lower end is above its upper end");
+  return range;
+}
+
+int DrawLength(const LengthRange& range, uint64_t seed, uint64_t stream, uint64_t request) {
+  // hash_uniform is in (0, 1), so the product stays below the count of lengths.
+  const int lengths = range.most - range.least + 1;
+  const float u = kernels::hash_uniform(seed, stream, request);
+  return range.least + std::min(lengths - 1, static_cast<int>(std::floor(u * lengths)));
+}
+
+std::optional<TimeWindow> SaturatedWindow(const std::vector<ServerSample>& samples,
+                                          double decoding_from) {
+  std::optional<TimeWindow> window;
+  for (const ServerSample& s : samples) {
+    if (s.waiting <= 0 || s.seconds < decoding_from) continue;
+    if (!window) window = TimeWindow{s.seconds, s.seconds};
+    window->begin = std::min(window->begin, s.seconds);
+    window->end = std::max(window->end, s.seconds);
+  }
+  return window;
+}
+
+double MeanRunning(const std::vector<ServerSample>& samples, const TimeWindow& window) {
+  double sum = 0;
+  int inside = 0;
+  for (const ServerSample& s : samples)
+    if (window.Contains(s.seconds)) {
+      sum += s.running;
+      ++inside;
+    }
+  return inside > 0 ? sum / inside : 0;
+}
+
+void WindowTokens::AddStream(const std::vector<TokenEvent>& events, const TimeWindow& window) {
+  for (size_t k = 0; k < events.size(); ++k) {
+    if (!window.Contains(events[k].seconds)) continue;
+    tokens += events[k].tokens;
+    if (k > 0) gaps.push_back((events[k].seconds - events[k - 1].seconds) / events[k].tokens);
+  }
+}
+
+}  // namespace dmc::inference
