@@ -1,7 +1,7 @@
-// dmc-serve-load --port=P [--clients=64] [--requests=128] [--max_tokens=32 | A-B]
-// [--prompt_tokens=N | A-B] [--disconnect_every=4]: a bounded load generator for dmc-serve. Many
+// dmc-serve-load --port=P [--clients=64] [--requests=128] [--max_tokens=32 | A:B]
+// [--prompt_tokens=N | A:B] [--disconnect_every=4]: a bounded load generator for dmc-serve. Many
 // concurrent streaming clients (their own HTTP connections) send completions; every K-th one
-// hangs up mid-stream. A length given as a range A-B is drawn per request (inference/load_stats.h),
+// hangs up mid-stream. A length given as a range A:B is drawn per request (inference/load_stats.h),
 // so a run can carry a realistic mix. It checks that each completed stream is whole and equal to
 // a reference completion of the same request asked alone first (outputs do not depend on the
 // batch), that the server ends idle with no KV bytes in use, and prints requests/s, tokens/s, time
@@ -36,12 +36,12 @@ ABSL_FLAG(int, port, 8000, "the server's port");
 ABSL_FLAG(int, clients, 64, "concurrent streaming clients");
 ABSL_FLAG(int, requests, 0, "requests in all (0: 2 per client)");
 ABSL_FLAG(std::string, max_tokens, "32",
-          "max_tokens of every request: N, or A-B: each request draws its own, uniformly in [A, B] "
+          "max_tokens of every request: N, or A:B: each request draws its own, uniformly in [A, B] "
           "(from --seed and the request's index, so a run's mix is reproducible)");
 ABSL_FLAG(std::string, prompt_tokens, "0",
           "0: the built-in text prompts; N: prompts of N token ids each (pseudo-random ids below "
-          "--vocab, fixed per prompt), for long-context load; A-B: each request draws its "
-          "prompt's length as --max_tokens=A-B does (the first ids of the same prompts)");
+          "--vocab, fixed per prompt), for long-context load; A:B: each request draws its "
+          "prompt's length as --max_tokens=A:B does (the first ids of the same prompts)");
 ABSL_FLAG(int, vocab, 256, "with --prompt_tokens: token ids are drawn below this");
 ABSL_FLAG(double, temperature, 0.0, "temperature of every request (seeded: still checkable)");
 ABSL_FLAG(uint64_t, seed, 0, "seed of every request, and of the lengths drawn from ranges");
@@ -262,7 +262,7 @@ void PrintSaturated(const std::vector<ServerSample>& samples, const std::vector<
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "dmc-serve-load --port=PORT [--clients=64] [--max_tokens=N|A-B] [--prompt_tokens=N|A-B] "
+      "dmc-serve-load --port=PORT [--clients=64] [--max_tokens=N|A:B] [--prompt_tokens=N|A:B] "
       "[--disconnect_every=4]");
   absl::ParseCommandLine(argc, argv);
   const int clients = absl::GetFlag(FLAGS_clients);

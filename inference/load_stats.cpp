@@ -25,18 +25,18 @@ bool ParsePositive(std::string_view text, int& value) {
 absl::StatusOr<LengthRange> ParseLengthRange(std::string_view text) {
   const auto refuse = [&](std::string_view why) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "\"%s\" is not a length or a range of lengths (N, or A-B with 1 <= A <= B): %s",
+        "\"%s\" is not a length or a range of lengths (N, or A:B with 1 <= A <= B): %s",
         std::string(text), std::string(why)));
   };
   LengthRange range;
-  const size_t dash = text.find('-');
-  if (dash == std::string_view::npos) {
+  const size_t colon = text.find(':');
+  if (colon == std::string_view::npos) {
     if (!ParsePositive(text, range.least)) return refuse("not a whole number of at least 1");
     range.most = range.least;
     return range;
   }
-  if (!ParsePositive(text.substr(0, dash), range.least) ||
-      !ParsePositive(text.substr(dash + 1), range.most))
+  if (!ParsePositive(text.substr(0, colon), range.least) ||
+      !ParsePositive(text.substr(colon + 1), range.most))
     return refuse("its ends must be whole numbers of at least 1");
   if (range.least > range.most) return refuse("its lower end is above its upper end");
   return range;

@@ -30,7 +30,7 @@ struct LengthRange {
   int least = 1, most = 1;
 };
 
-// "N" or "A-B" with 1 <= A <= B; anything else is refused with a message quoting it.
+// "N" or "A:B" with 1 <= A <= B; anything else is refused with a message quoting it.
 absl::StatusOr<LengthRange> ParseLengthRange(std::string_view text);
 
 // Request `request`'s length, uniform in the range: a pure function of (seed, stream, request),

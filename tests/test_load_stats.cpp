@@ -20,7 +20,7 @@ namespace {
 TEST(LoadStats, ParsesALengthOrARange) {
   for (const auto& [text, least, most] :
        std::vector<std::tuple<std::string, int, int>>{
-           {"32", 32, 32}, {"1", 1, 1}, {"512-2048", 512, 2048}, {"7-7", 7, 7}, {"007", 7, 7}}) {
+           {"32", 32, 32}, {"1", 1, 1}, {"512:2048", 512, 2048}, {"7:7", 7, 7}, {"007", 7, 7}}) {
     absl::StatusOr<LengthRange> r = ParseLengthRange(text);
     ASSERT_TRUE(r.ok()) << text << ": " << r.status();
     EXPECT_EQ(r->least, least) << text;
@@ -31,10 +31,10 @@ TEST(LoadStats, ParsesALengthOrARange) {
 TEST(LoadStats, RefusesBadLengthsByQuotingThem) {
   const std::map<std::string, std::string> says = {
       {"", "at least 1"},          {"0", "at least 1"},         {"abc", "at least 1"},
-      {"-3", "ends must be"},      {"3-", "ends must be"},      {"-", "ends must be"},
-      {"0-4", "ends must be"},     {"1-2-3", "ends must be"},   {"+5", "at least 1"},
+      {":3", "ends must be"},      {"3:", "ends must be"},      {":", "ends must be"},
+      {"0:4", "ends must be"},     {"1:2:3", "ends must be"},   {"+5", "at least 1"},
       {" 5", "at least 1"},        {"2.5", "at least 1"},       {"99999999999", "at least 1"},
-      {"5-2", "lower end is above its upper end"},
+      {"5:2", "lower end is above its upper end"},
   };
   for (const auto& [text, why] : says) {
     absl::StatusOr<LengthRange> r = ParseLengthRange(text);

@@ -220,7 +220,7 @@ TEST(Serve, StreamingClientsOnAMixOfPromptAndAnswerLengths) {
   Server server({"--max_batch=8", "--max_queue=64", "--kv_budget_mb=0.2"});
   const std::string out = Shell(serve_test::InferenceBinary("dmc-serve-load") +
                                 " --port=" + std::to_string(server.port()) +
-                                " --clients=32 --requests=64 --prompt_tokens=4-40 --max_tokens=4-40"
+                                " --clients=32 --requests=64 --prompt_tokens=4:40 --max_tokens=4:40"
                                 " --disconnect_every=8 --seed=3 --timeout_s=60");
   std::fprintf(stderr, "%s", out.c_str());
   int completed = 0, disconnected = 0;
@@ -242,10 +242,10 @@ TEST(Serve, BadFlagsAreRefusedByName) {
   for (const auto& [tool, flag] : std::vector<std::pair<std::string, std::string>>{
            {serve, "--max_batch=0"},
            {serve, "--prefill_tokens_per_step=-1"},
-           {load, "--max_tokens=5-2"},
+           {load, "--max_tokens=5:2"},
            {load, "--max_tokens=0"},
            {load, "--prompt_tokens=abc"},
-           {load, "--prompt_tokens=0-8"}}) {
+           {load, "--prompt_tokens=0:8"}}) {
     const std::string command = tool + " " + flag + " 2>&1";
     FILE* f = popen(command.c_str(), "r");
     ASSERT_NE(f, nullptr);

@@ -67,6 +67,7 @@
 #include "bench/cuda/kernel_trace.h"
 #include "inference/cuda_engine.h"
 #include "inference/hf_model.h"
+#include "inference/load_stats.h"
 #include "inference/scheduler.h"
 #include "model/llama.h"
 #include "trainer/export.h"
@@ -259,15 +260,15 @@ void Export(const dmc::model::Llama<float>& model, bool dmc, const std::string& 
   }
 }
 
-std::pair<int, int> Range(const std::string& s) {
-  std::vector<std::string> p = absl::StrSplit(s, ':');
-  int lo = 0, hi = 0;
-  if (p.size() != 2 || !absl::SimpleAtoi(p[0], &lo) || !absl::SimpleAtoi(p[1], &hi) || lo < 1 ||
-      hi < lo) {
-    std::fprintf(stderr, "bench_generate: bad range %s (LO:HI)\n", s.c_str());
+// A flag N or LO:HI (inference/load_stats.h's form, as dmc-serve-load's lengths), or exit.
+inf::LengthRange Range(const char* flag, const std::string& text) {
+  absl::StatusOr<inf::LengthRange> range = inf::ParseLengthRange(text);
+  if (!range.ok()) {
+    std::fprintf(stderr, "bench_generate: --%s: %s\n", flag,
+                 std::string(range.status().message()).c_str());
     std::exit(1);
   }
-  return {lo, hi};
+  return *range;
 }
 
 double Percentile(std::vector<double> v, double q) {
@@ -299,8 +300,8 @@ int main(int argc, char** argv) {
   const LlamaConfig& c = model->config();
   const std::string export_dir = absl::GetFlag(FLAGS_export_dir);
   if (!export_dir.empty()) Export(*model, false, export_dir + "/vanilla");
-  const auto [p_lo, p_hi] = Range(absl::GetFlag(FLAGS_prompt));
-  const auto [g_lo, g_hi] = Range(absl::GetFlag(FLAGS_generate));
+  const auto [p_lo, p_hi] = Range("prompt", absl::GetFlag(FLAGS_prompt));
+  const auto [g_lo, g_hi] = Range("generate", absl::GetFlag(FLAGS_generate));
   const int n = absl::GetFlag(FLAGS_requests);
   std::mt19937_64 rng(seed + 7);
   std::vector<inf::Request> base(n);
@@ -394,8 +395,10 @@ int main(int argc, char** argv) {
     long generated = 0, tokens_held = 0, slots_held = 0;
     const int heads = c.num_hidden_layers * c.num_key_value_heads;
     std::pair<int, int> capture = {-1, -1};
-    if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty())
-      capture = Range(range);
+    if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty()) {
+      const inf::LengthRange tokens = Range("profile_tokens", range);
+      capture = {tokens.least, tokens.most};
+    }
     dmc::bench::KernelTrace trace;
     const bool kernel_table = absl::GetFlag(FLAGS_kernel_table);
     long traced_steps = 0;
