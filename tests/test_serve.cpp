@@ -184,28 +184,39 @@ TEST(Serve, BadInputGetsA4xxJsonErrorAndTheServerGoesOn) {
   EXPECT_EQ(server.Terminate(), 0);
 }
 
+// dmc-serve-load against `server`: `clients` clients sending `requests` requests with `args`;
+// its output, and how many completed and hung up by its summary line.
+struct LoadRun {
+  std::string out;
+  int completed = 0, disconnected = 0;
+};
+LoadRun RunLoad(Server& server, int clients, int requests, const std::string& args) {
+  LoadRun run;
+  run.out = Shell(serve_test::InferenceBinary("dmc-serve-load") + " --port=" +
+                  std::to_string(server.port()) + " --clients=" + std::to_string(clients) +
+                  " --requests=" + std::to_string(requests) + " " + args);
+  std::fprintf(stderr, "%s", run.out.c_str());
+  const std::string summary = "dmc-serve-load: " + std::to_string(requests) + " requests from " +
+                              std::to_string(clients) + " clients in %*f s: %d completed, %d";
+  EXPECT_EQ(std::sscanf(run.out.c_str(), summary.c_str(), &run.completed, &run.disconnected), 2)
+      << run.out;
+  EXPECT_EQ(run.completed + run.disconnected, requests) << run.out;
+  EXPECT_NE(run.out.find("0 rejected (503), 0 failed"), std::string::npos) << run.out;
+  // The saturated line: figures, or why there are none (whether a 50 ms sample catches the queue
+  // depends on timing).
+  EXPECT_NE(run.out.find("\nsaturated"), std::string::npos) << run.out;
+  return run;
+}
+
 TEST(Serve, SixtyFourStreamingClientsSomeHangingUp) {
   // A budget for a few full sequences only, so requests wait and are preempted under load. The
   // queue holds every request: a client that hung up may send its next request before the server
   // has noticed, so 64 clients can briefly have 65 outstanding (the bound has its own test,
   // ServeEngineLoop.QueueBoundAndShutdownEndEveryJob).
   Server server({"--max_batch=16", "--max_queue=128", "--kv_budget_mb=0.2"});
-  const std::string out = Shell(serve_test::InferenceBinary("dmc-serve-load") +
-                                " --port=" + std::to_string(server.port()) +
-                                " --clients=64 --requests=128 --max_tokens=24"
-                                " --disconnect_every=4 --timeout_s=60");
-  std::fprintf(stderr, "%s", out.c_str());
   // Every request completed or hung up (one meant to hang up may finish first), none failed.
-  int completed = 0, disconnected = 0;
-  ASSERT_EQ(std::sscanf(out.c_str(),
-                        "dmc-serve-load: 128 requests from 64 clients in %*f s: %d completed, %d",
-                        &completed, &disconnected), 2) << out;
-  EXPECT_EQ(completed + disconnected, 128) << out;
-  EXPECT_GE(disconnected, 1) << out;
-  EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
-  // The saturated line: figures, or why there are none (whether a 50 ms sample catches the queue
-  // depends on timing).
-  EXPECT_NE(out.find("\nsaturated"), std::string::npos) << out;
+  const LoadRun run = RunLoad(server, 64, 128, "--max_tokens=24 --disconnect_every=4 --timeout_s=60");
+  EXPECT_GE(run.disconnected, 1) << run.out;
   auto m = server.client().Get("/metrics");
   ASSERT_TRUE(m);
   EXPECT_NE(m->body.find("\ndmc_serve_kv_used_bytes 0\n"), std::string::npos) << m->body;
@@ -218,18 +229,8 @@ TEST(Serve, StreamingClientsOnAMixOfPromptAndAnswerLengths) {
   // Each request draws its prompt's and its answer's length; every distinct request is checked
   // against its own reference completion.
   Server server({"--max_batch=8", "--max_queue=64", "--kv_budget_mb=0.2"});
-  const std::string out = Shell(serve_test::InferenceBinary("dmc-serve-load") +
-                                " --port=" + std::to_string(server.port()) +
-                                " --clients=32 --requests=64 --prompt_tokens=4:40 --max_tokens=4:40"
-                                " --disconnect_every=8 --seed=3 --timeout_s=60");
-  std::fprintf(stderr, "%s", out.c_str());
-  int completed = 0, disconnected = 0;
-  ASSERT_EQ(std::sscanf(out.c_str(),
-                        "dmc-serve-load: 64 requests from 32 clients in %*f s: %d completed, %d",
-                        &completed, &disconnected), 2) << out;
-  EXPECT_EQ(completed + disconnected, 64) << out;
-  EXPECT_NE(out.find("0 rejected (503), 0 failed"), std::string::npos) << out;
-  EXPECT_NE(out.find("\nsaturated"), std::string::npos) << out;
+  RunLoad(server, 32, 64,
+          "--prompt_tokens=4:40 --max_tokens=4:40 --disconnect_every=8 --seed=3 --timeout_s=60");
   EXPECT_EQ(server.Terminate(), 0);
 }
 
