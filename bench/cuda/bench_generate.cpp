@@ -281,6 +281,11 @@ double Percentile(std::vector<double> v, double q) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_kernel_table) && absl::GetFlag(FLAGS_profile_tokens).empty()) {
+    std::fprintf(stderr, "bench_generate: --kernel_table traces the --profile_tokens=LO:HI range; "
+                         "give one\n");
+    return 1;
+  }
   using Clock = std::chrono::steady_clock;
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
   std::unique_ptr<dmc::model::Llama<float>> model;
