@@ -286,6 +286,11 @@ int main(int argc, char** argv) {
                          "give one\n");
     return 1;
   }
+  std::pair<int, int> capture = {-1, -1};  // the generated tokens a profiler capture spans
+  if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty()) {
+    const inf::LengthRange tokens = Range("profile_tokens", range);
+    capture = {tokens.least, tokens.most};
+  }
   using Clock = std::chrono::steady_clock;
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
   std::unique_ptr<dmc::model::Llama<float>> model;
@@ -399,11 +404,6 @@ int main(int argc, char** argv) {
     std::vector<double> ttft, gaps;
     long generated = 0, tokens_held = 0, slots_held = 0;
     const int heads = c.num_hidden_layers * c.num_key_value_heads;
-    std::pair<int, int> capture = {-1, -1};
-    if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty()) {
-      const inf::LengthRange tokens = Range("profile_tokens", range);
-      capture = {tokens.least, tokens.most};
-    }
     dmc::bench::KernelTrace trace;
     const bool kernel_table = absl::GetFlag(FLAGS_kernel_table);
     long traced_steps = 0;
