@@ -1,8 +1,9 @@
 // Rotary position embedding on the GPU (spec: kernels/rope.h, and kernels/rope_positions.h for
 // explicit positions), rotate-half layout, fp32 angles as Hugging Face computes them. One thread
 // per (b, t, channel pair i, group of heads) computes the angle's sin/cos once and rotates the
-// pair (i, i + D/2) of the group's heads. Token t sits at positions[t] when there is a position array (LoMA's layout), else at
-// pos0 + t: one kernel for both, so the two agree to the bit where the positions do.
+// pair (i, i + D/2) of the group's heads. Token t sits at positions[t] when there is a position
+// array (LoMA's layout), else at pos0 + t: one kernel for both, so the two agree to the bit
+// where the positions do.
 #include <algorithm>
 
 #include "kernels/cuda_check.h"
