@@ -1182,12 +1182,13 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     EnqueueCopyBack(r, 1);
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
     std::vector<std::pair<int32_t, int32_t>> next_step = s.growth;
-    const long next_step_pages = s.growth_pages;
+    const long next_step_pages = s.growth_pages, next_step_spare = s.spare_pages;
     if (absl::Status st = ApplyPageChanges(r, 1); !st.ok()) return st;
     if (s.growth_pages > alloc_.free_pages()) {
       const long worst = s.growth_pages;
       s.growth = std::move(next_step);
       s.growth_pages = next_step_pages;
+      s.spare_pages = next_step_spare;
       return absl::ResourceExhaustedError(absl::StrFormat(
           "a prompt (chunk) of %d tokens may need %d more KV pages; the budget has %d free", P,
           worst, alloc_.free_pages()));
