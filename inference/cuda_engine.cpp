@@ -505,6 +505,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
     if (grow > 0) sq.growth.emplace_back(i, grow);
     sq.growth_pages += grow;
   }
+  sq.spare_pages = sq.growth_pages;  // the first token's worst case; nothing is kept yet
   // The row starts empty on the device (lengths, window counts and pages of every layer) and in
   // the host's mirror.
   Device& d = *dev_;

@@ -1547,6 +1547,28 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   auto tiny = inference::CudaEngine::Create(host, o);
   ASSERT_TRUE(tiny.ok());
   EXPECT_TRUE(absl::IsResourceExhausted((*tiny)->AddSequence(0, {})));
+  // A prompt whose worst case does not fit (two pages a head; the budget has one and a page) is
+  // refused, and the sequence's bytes and next step stay as they were.
+  const inference::PagedCacheOptions& co = (*tiny)->cache_options();
+  const long heads = static_cast<long>(co.layers) * co.kv_heads;
+  const int page_bytes = (*tiny)->element_bytes(), window_bytes = (*tiny)->window_element_bytes();
+  o.budget_bytes = inference::KvReservedBytes(co, page_bytes, window_bytes) +
+                   (heads + 1) * inference::KvPageBytes(co, page_bytes);
+  auto small = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(small.ok()) << small.status();
+  ASSERT_TRUE((*small)->AddSequence(0, {}).ok());
+  // an empty sequence holds no slot: its bytes are its reservations
+  EXPECT_EQ((*small)->bytes(0), inference::KvReservedBytes(co, page_bytes, window_bytes));
+  const long bytes_before = (*small)->bytes(0), used_before = (*small)->used_bytes();
+  const absl::Status no_room = (*small)->Prefill(0, std::vector<int32_t>(co.page_size + 4, 1), -1, &out);
+  EXPECT_TRUE(absl::IsResourceExhausted(no_room)) << no_room;
+  EXPECT_EQ((*small)->bytes(0), bytes_before);
+  EXPECT_EQ((*small)->used_bytes(), used_before);
+  ASSERT_TRUE((*small)->Step({0}, good, nullptr, &outs).ok());
+  std::vector<int> held;
+  for (int l = 0; l < co.layers; ++l)
+    for (int h = 0; h < co.kv_heads; ++h) held.push_back((*small)->length(0, l, h));
+  EXPECT_EQ((*small)->bytes(0), inference::KvSequenceBytes(co, held, page_bytes, window_bytes));
   config.dmc.enabled = false;
   model::Llama<float> plain(config, nullptr);
   o.budget_bytes = 1L << 22;
