@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -191,6 +192,32 @@ inline void random_settled_lengths(int heads, int max_pages, int residual,
     (*pages_of)[h] = edge[h][0];
     (*r_len)[h] = edge[h][1];
   }
+}
+
+// 0..n-1 in random order.
+inline std::vector<int32_t> shuffled_ids(int n) {
+  std::vector<int32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng());
+  return ids;
+}
+
+// A settling cache's page tables [heads, max_pages]: head h's pages_of[h] pages taken in
+// shuffled order from a pool of those plus `spare` unused pages (Σ pages_of + spare in all),
+// every unused entry naming a spare one; fill(page) writes each used page, in head order.
+template <typename Fill>
+void shuffled_page_tables(const std::vector<int>& pages_of, int max_pages, int spare,
+                         std::vector<int32_t>* table, Fill fill) {
+  const int npages = std::accumulate(pages_of.begin(), pages_of.end(), 0) + spare;
+  const std::vector<int32_t> perm = shuffled_ids(npages);
+  table->assign(pages_of.size() * max_pages, perm[npages - 1]);
+  int next = 0;
+  for (size_t h = 0; h < pages_of.size(); ++h)
+    for (int pg = 0; pg < pages_of[h]; ++pg) {
+      const int32_t page = perm[next++];
+      (*table)[h * max_pages + pg] = page;
+      fill(page);
+    }
 }
 
 // METHOD.md: bf16 operands land between 1e-3 and 1e-2; fp32 arithmetic far under 1e-3.

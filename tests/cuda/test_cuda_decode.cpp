@@ -64,9 +64,7 @@ void run_case(const Case& c) {
   for (int n : len) used += (n + ps - 1) / ps;
   const int spare = 3 + used / 4;
   const int npages = used + spare;
-  std::vector<int32_t> perm(npages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
+  const std::vector<int32_t> perm = shuffled_ids(npages);
   const int32_t nan_page = perm[npages - 1];
   std::vector<int32_t> table(static_cast<size_t>(heads) * max_pages, nan_page);
   const size_t pool_n = static_cast<size_t>(npages) * ps * D;

@@ -716,9 +716,7 @@ TEST(CudaPagedKvDmsEvict, PrefillMatchesCpuReference) {
 TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   const int R = 7, Hkv = 3, P = 4, max_pages = 5, residual = P, heads = R * Hkv;
-  std::vector<int32_t> table(size_t(heads) * max_pages);
-  std::iota(table.begin(), table.end(), 0);
-  std::shuffle(table.begin(), table.end(), rng());
+  const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
   std::vector<int32_t> q(heads), r(heads), positions(R);
   std::vector<float> merge(heads);
   for (int head = 0; head < heads; ++head) {
@@ -781,9 +779,8 @@ TEST(CudaPagedKvSettle, LaggedStepMatchesCpuReference) {
   for (int D : {64, 128}) {
     SCOPED_TRACE(testing::Message() << "D " << D);
     const int R = 6, Hkv = 3, P = 4, lag = 5, residual = P + lag, max_pages = 6, heads = R * Hkv;
-    std::vector<int32_t> table(size_t(heads) * max_pages), q(heads), r(heads), positions(R);
-    std::iota(table.begin(), table.end(), 0);
-    std::shuffle(table.begin(), table.end(), rng());
+    const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
+    std::vector<int32_t> q(heads), r(heads), positions(R);
     std::vector<int32_t> pos(size_t(heads) * residual, -7);
     std::vector<uint8_t> marks(pos.size());
     for (auto& m : marks) m = rng()() % 2;
@@ -902,9 +899,7 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       SCOPED_TRACE(testing::Message() << "lag " << lag << " prompt " << prompt);
       const int R = 3, Hkv = 3, P = 4, D = 64, row = 1, stride = 16, max_pages = 4;
       const int residual = P + lag, max_closed = (prompt - 1) / P, heads = R * Hkv;
-      std::vector<int32_t> table(size_t(heads) * max_pages);
-      std::iota(table.begin(), table.end(), 0);
-      std::shuffle(table.begin(), table.end(), rng());
+      const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
       std::vector<int32_t> q(heads, 99), r(heads, 0);
       for (int h = 0; h < Hkv; ++h)
         r[row * Hkv + h] = h == 0 ? prompt : 1 + static_cast<int>(rng()() % prompt);
@@ -913,9 +908,7 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       std::vector<uint8_t> stage_marks(stage_pos.size());
       for (auto& m : stage_marks) m = rng()() % 2;
       for (int h = 0; h < Hkv; ++h) {
-        std::vector<int32_t> held(prompt - 1);
-        std::iota(held.begin(), held.end(), 0);
-        std::shuffle(held.begin(), held.end(), rng());
+        std::vector<int32_t> held = shuffled_ids(prompt - 1);
         held.resize(r[row * Hkv + h] - 1);
         held.push_back(prompt - 1);
         std::sort(held.begin(), held.end());

@@ -87,9 +87,7 @@ void run_quantize(const Mode& m, int D, int P, int value_group) {
 
   // Sources: the rows the pages take, then rows no page takes (1e30), shuffled together.
   std::vector<double> kd = random_rows(src_rows, D), vd = random_rows(src_rows, D);
-  std::vector<int32_t> order(src_rows);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng());
+  const std::vector<int32_t> order = shuffled_ids(src_rows);
   for (int i = n * P; i < src_rows; ++i)
     for (int c = 0; c < D; ++c) {
       kd[static_cast<size_t>(order[i]) * D + c] = 1e30;
@@ -98,9 +96,7 @@ void run_quantize(const Mode& m, int D, int P, int value_group) {
   const std::vector<int32_t> rows(order.begin(), order.begin() + n * P);
   auto kb = to_bf16(kd), vb = to_bf16(vd);
 
-  std::vector<int32_t> pool_pages(n + spare_pages);
-  std::iota(pool_pages.begin(), pool_pages.end(), 0);
-  std::shuffle(pool_pages.begin(), pool_pages.end(), rng());
+  const std::vector<int32_t> pool_pages = shuffled_ids(n + spare_pages);
   const std::vector<int32_t> page_ids(pool_pages.begin(), pool_pages.begin() + n);
   const size_t pool_bytes = static_cast<size_t>(n + spare_pages) * layout.bytes;
 
@@ -189,28 +185,19 @@ void run_case(const Case& c) {
 
   // Pages: the used ones in shuffled order among spare ones (0xFF bytes); every unused
   // page-table entry names a spare page.
-  const int used = std::accumulate(pages_of.begin(), pages_of.end(), 0);
-  const int npages = used + 3;
-  std::vector<int32_t> perm(npages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
-  std::vector<int32_t> table(static_cast<size_t>(heads) * c.max_pages, perm[npages - 1]);
+  const int spare = 3;
+  const int npages = std::accumulate(pages_of.begin(), pages_of.end(), 0) + spare;
   std::vector<uint8_t> pool(static_cast<size_t>(npages) * layout.bytes, 0xFF);
-  int next = 0;
-  for (int h = 0; h < heads; ++h)
-    for (int pg = 0; pg < pages_of[h]; ++pg) {
-      const int32_t page = perm[next++];
-      table[static_cast<size_t>(h) * c.max_pages + pg] = page;
-      const std::vector<double> keys = random_rows(P, D), values = random_rows(P, D);
-      K::kv_quantize_page(pool.data() + static_cast<size_t>(page) * layout.bytes, layout,
-                          keys.data(), values.data());
-    }
+  std::vector<int32_t> table;
+  shuffled_page_tables(pages_of, c.max_pages, spare, &table, [&](int32_t page) {
+    const std::vector<double> keys = random_rows(P, D), values = random_rows(P, D);
+    K::kv_quantize_page(pool.data() + static_cast<size_t>(page) * layout.bytes, layout,
+                        keys.data(), values.data());
+  });
 
   // Residual blocks: one per head, shuffled among spare ones; rows no head holds are NaN.
   const int nblocks = heads + 2;
-  std::vector<int32_t> block_perm(nblocks);
-  std::iota(block_perm.begin(), block_perm.end(), 0);
-  std::shuffle(block_perm.begin(), block_perm.end(), rng());
+  const std::vector<int32_t> block_perm = shuffled_ids(nblocks);
   const std::vector<int32_t> blocks(block_perm.begin(), block_perm.begin() + heads);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<double> rkd(static_cast<size_t>(nblocks) * residual * D, nan), rvd(rkd.size(), nan);

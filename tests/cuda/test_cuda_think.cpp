@@ -75,17 +75,13 @@ void run_prune(int D, int P, int kept) {
                            " kept" + std::to_string(kept);
   const int entries = 6, npages = entries + 2, mask_bytes = K::ThinkMaskBytes(D);
   // Entries 1 and 4 close nothing; the others take pages in shuffled order.
-  std::vector<int32_t> perm(npages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
+  const std::vector<int32_t> perm = shuffled_ids(npages);
   std::vector<int32_t> page_ids(entries);
   for (int j = 0; j < entries; ++j) page_ids[j] = j == 1 || j == 4 ? -1 : perm[j];
 
   // The source pool: every entry's P rows somewhere among spare rows of 1e30.
   const int pool_rows = entries * P + 7;
-  std::vector<int32_t> order(pool_rows);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng());
+  const std::vector<int32_t> order = shuffled_ids(pool_rows);
   std::vector<int32_t> rows(order.begin(), order.begin() + static_cast<long>(entries) * P);
   std::vector<double> kd(static_cast<size_t>(pool_rows) * D, 1e30), vd(kd.size(), 1e30);
   auto energy_d = randu(static_cast<size_t>(entries) * D, 0.0, 2.0);
@@ -197,37 +193,28 @@ void run_decode(const Case& c) {
 
   // Pages in shuffled order among spare ones (NaN rows, every unused table entry names one);
   // each page's mask keeps `kept` channels at random.
-  const int used = std::accumulate(pages_of.begin(), pages_of.end(), 0);
-  const int npages = used + 3;
-  std::vector<int32_t> perm(npages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng());
-  std::vector<int32_t> table(static_cast<size_t>(heads) * c.max_pages, perm[npages - 1]);
+  const int spare = 3;
+  const int npages = std::accumulate(pages_of.begin(), pages_of.end(), 0) + spare;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<double> kd(static_cast<size_t>(npages) * P * c.kept, nan);
   std::vector<double> vd(static_cast<size_t>(npages) * P * D, nan);
   std::vector<uint8_t> masks(static_cast<size_t>(npages) * mask_bytes, 0xFF);
   std::vector<int> channels(D);
   std::iota(channels.begin(), channels.end(), 0);
-  int next = 0;
-  for (int h = 0; h < heads; ++h)
-    for (int pg = 0; pg < pages_of[h]; ++pg) {
-      const int32_t page = perm[next++];
-      table[static_cast<size_t>(h) * c.max_pages + pg] = page;
-      std::shuffle(channels.begin(), channels.end(), rng());
-      uint8_t* mask = masks.data() + static_cast<size_t>(page) * mask_bytes;
-      std::fill_n(mask, mask_bytes, uint8_t{0});
-      for (int k = 0; k < c.kept; ++k) mask[channels[k] / 8] |= uint8_t(1u << (channels[k] % 8));
-      const std::vector<double> keys = randn(static_cast<size_t>(P) * c.kept);
-      const std::vector<double> values = randn(static_cast<size_t>(P) * D);
-      std::copy(keys.begin(), keys.end(), kd.begin() + static_cast<size_t>(page) * P * c.kept);
-      std::copy(values.begin(), values.end(), vd.begin() + static_cast<size_t>(page) * P * D);
-    }
+  std::vector<int32_t> table;
+  shuffled_page_tables(pages_of, c.max_pages, spare, &table, [&](int32_t page) {
+    std::shuffle(channels.begin(), channels.end(), rng());
+    uint8_t* mask = masks.data() + static_cast<size_t>(page) * mask_bytes;
+    std::fill_n(mask, mask_bytes, uint8_t{0});
+    for (int k = 0; k < c.kept; ++k) mask[channels[k] / 8] |= uint8_t(1u << (channels[k] % 8));
+    const std::vector<double> keys = randn(static_cast<size_t>(P) * c.kept);
+    const std::vector<double> values = randn(static_cast<size_t>(P) * D);
+    std::copy(keys.begin(), keys.end(), kd.begin() + static_cast<size_t>(page) * P * c.kept);
+    std::copy(values.begin(), values.end(), vd.begin() + static_cast<size_t>(page) * P * D);
+  });
   // Residual blocks: one per head, shuffled among spare ones; rows no head holds are NaN.
   const int nblocks = heads + 2;
-  std::vector<int32_t> block_perm(nblocks);
-  std::iota(block_perm.begin(), block_perm.end(), 0);
-  std::shuffle(block_perm.begin(), block_perm.end(), rng());
+  const std::vector<int32_t> block_perm = shuffled_ids(nblocks);
   const std::vector<int32_t> blocks(block_perm.begin(), block_perm.begin() + heads);
   std::vector<double> rkd(static_cast<size_t>(nblocks) * residual * D, nan), rvd(rkd.size(), nan);
   for (int h = 0; h < heads; ++h) {
