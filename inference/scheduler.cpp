@@ -243,6 +243,11 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
   if (saturated) {
     ++stats_.saturated_steps;
     stats_.saturated_tokens += static_cast<long>(n);
+    const double budget = static_cast<double>(engine_.budget_bytes());
+    long kept = 0;
+    for (int id : active_) kept += engine_.bytes(id);
+    stats_.saturated_used_share += static_cast<double>(engine_.used_bytes()) / budget;
+    stats_.saturated_kept_share += static_cast<double>(kept) / budget;
   }
   stats_.max_concurrent = std::max(stats_.max_concurrent, static_cast<int>(n));
 

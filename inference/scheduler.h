@@ -77,6 +77,9 @@ struct SchedulerStats {
   // finished requests' release), less the prefills in them.
   long saturated_steps = 0, saturated_tokens = 0;
   double saturated_seconds = 0;
+  // Σ over those steps of the budget's share in pages (DecodeEngine::used_bytes) and of the
+  // share the sequences keep (Σ bytes(seq)): their means say where a full cache's bytes go.
+  double saturated_used_share = 0, saturated_kept_share = 0;
 };
 
 class Scheduler {

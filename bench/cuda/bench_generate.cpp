@@ -330,10 +330,11 @@ int main(int argc, char** argv) {
               c.num_key_value_heads, c.head_dim(), n, p_lo, p_hi, g_lo, g_hi,
               absl::GetFlag(FLAGS_budget_gb), absl::GetFlag(FLAGS_page_size));
   std::printf("| method | CR reached | max concurrent | mean batch | decode tok/s | saturated "
-              "batch | saturated tok/s | output tok/s | prefill tok/s | TTFT p50 s | TTFT p99 s | "
-              "token p50 ms | token p99 ms | run s | in steps s | GPU in steps s | in prefill s | "
-              "steps | preemptions | graphs (capture s) |\n| --- | --- | --- | --- | --- | --- | --- "
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+              "batch | saturated tok/s | saturated KV used / kept %% | output tok/s | prefill "
+              "tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | "
+              "GPU in steps s | in prefill s | steps | preemptions | graphs (capture s) |\n| --- "
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- | --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
 
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
@@ -444,13 +445,15 @@ int main(int argc, char** argv) {
     // requests and the admission pace keep it under max concurrent); saturated: the steps while
     // requests waited, the budget full
     const long decoded = generated - static_cast<long>(ttft.size());
-    std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.0f | %.0f | %.2f | %.2f | %.1f "
+    const double sat = static_cast<double>(std::max(1L, stats->saturated_steps));
+    std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.1f / %.1f | %.0f | %.0f | %.2f | %.2f | %.1f "
                 "| %.1f | %.1f | %.1f | %.1f | %.1f | %ld | %ld | %d (%.2f) |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
                 double(stats->saturated_tokens) / std::max(1L, stats->saturated_steps),
                 stats->saturated_tokens / std::max(1e-9, stats->saturated_seconds),
+                100 * stats->saturated_used_share / sat, 100 * stats->saturated_kept_share / sat,
                 generated / stats->seconds,
                 stats->prefill_tokens / std::max(1e-9, stats->prefill_seconds),
                 Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(gaps, 0.5),
