@@ -145,7 +145,9 @@ TEST(KernelsBasic, EmbeddingVocabShardsSumToTheWholeTable) {
     for (int n = 0; n < N; ++n) {
       const bool mine = tokens[n] >= begin && tokens[n] < begin + rows;
       for (int c = 0; c < C; ++c) {
-        if (!mine) EXPECT_EQ(part[n * C + c], 0.0) << "row of another shard, token " << tokens[n];
+        if (!mine) {
+          EXPECT_EQ(part[n * C + c], 0.0) << "row of another shard, token " << tokens[n];
+        }
         summed[n * C + c] += part[n * C + c];
       }
     }

@@ -92,8 +92,9 @@ TEST(CudaSample, MatchesCpuReference) {
     differ += gnext[i] != next[i];
     // the log-probability of the target, or else of the token drawn: comparable where both
     // engines drew the same one
-    if (target[i] >= 0 || gnext[i] == next[i])
+    if (target[i] >= 0 || gnext[i] == next[i]) {
       EXPECT_NEAR(glogprob[i], logprob[i], 1e-3) << "row " << i;
+    }
   }
   // Sampled rows may differ only where fp32 sums put the draw on the other side of a boundary.
   EXPECT_LE(differ, 1) << "sampled tokens differ in " << differ << " of " << n << " rows";
