@@ -8,7 +8,9 @@
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
 // the cache reached and the scheduler's preemptions; the wall time in the engine's steps and the
-// GPU's part of it (the rest is the host's work between two steps' device work).
+// GPU's part of it (the rest is the host's work between two steps' device work). Saturated: the
+// steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
+// their scheduler rounds, and the budget's mean share in pages (used) and kept by the sequences.
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
