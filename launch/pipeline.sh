@@ -25,6 +25,7 @@
 #                                 the retrofit methods (default: both on the CPU; dmc on the GPU,
 #                                 whose budgets below were measured for DMC; add dms to train it
 #                                 there too)
+#   DMC_PIPELINE_PRETRAIN_STEPS=N the base's pre-training steps (default: the config's below)
 #   DMC_PIPELINE_STAGES="S1 S2 S3"
 #                                 the steps of the three DMC stages (default: the config's below)
 #   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"
@@ -38,7 +39,8 @@
 #   DMC_SKIP_SETUP=1              use an existing build (a machine where apt cannot run), in
 #   DMC_BUILD_DIR=DIR             DIR (default build)
 # Steps whose output exists (shards, base/, dmc_crN/, control/) are not redone: delete OUT to
-# start over.
+# start over. A training that was interrupted (a signal, a lost machine) resumes from its last
+# checkpoint (every checkpoint_every steps below) when the pipeline runs again.
 # Extra arguments go to every dmc-train call.
 #
 # A GPU machine without network: prepare the text and the tokenizer where the registries can be
@@ -79,7 +81,9 @@ case "$config" in
     shards="$out/shards"
     parallel_retrofits=1
     train_common=(--device=cpu --seq_len=128 --micro_batch=8)
-    pretrain=(--model=small --pretrain_steps=500 --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
+    pretrain_steps=500
+    pretrain=(--model=small --warmup_steps=20 --lr=3e-3 --min_lr=3e-4)
+    checkpoint_every=100
     stages=(20 200 40)
     retrofit_lr=(1e-3 1e-4)
     # DMC's retrofits: decision offset 1 instead of 5 and a rate of 3e-3, so that the 0.9M model
@@ -128,7 +132,9 @@ case "$config" in
     shards=${DMC_PIPELINE_SHARDS:-$out/shards}
     parallel_retrofits=0
     train_common=(--device=cuda --seq_len=512 --micro_batch=32)
-    pretrain=(--model=medium --pretrain_steps=8000 --warmup_steps=200 --lr=2e-3 --min_lr=2e-4)
+    pretrain_steps=8000
+    pretrain=(--model=medium --warmup_steps=200 --lr=2e-3 --min_lr=2e-4)
+    checkpoint_every=1000  # ~11 s of training; a checkpoint of the 17M model is ~200 MB
     stages=(100 4000 1600)
     retrofit_lr=(1e-3 1e-4)
     default_methods="dmc"
@@ -177,6 +183,9 @@ if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
 fi
 train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=1.0 --log_every=50)
 [ -z "${DMC_PIPELINE_STAGES:-}" ] || read -r -a stages <<<"$DMC_PIPELINE_STAGES"
+pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
+pretrain+=(--pretrain_steps=$pretrain_steps)
+retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control
 [ -z "${DMC_PIPELINE_RETROFIT_LR:-}" ] || read -r -a retrofit_lr <<<"$DMC_PIPELINE_RETROFIT_LR"
 retrofit=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]}
           --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]} "${dmc_flags[@]}")
@@ -194,7 +203,7 @@ retrofit_dms=(--method=dms --dms_variant=$dms_variant --dms_window=$dms_window "
               --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]})
 # The same-compute control: the retrofits' steps and learning rates with DMC off (a cosine from
 # the retrofit LR to its floor: the retrofits hold the LR through stages 1-2 and decay it in 3)
-control=(--pretrain_steps=$((stages[0] + stages[1] + stages[2])) --warmup_steps=0
+control=(--pretrain_steps=$retrofit_steps --warmup_steps=0
          --lr=${retrofit_lr[0]} --min_lr=${retrofit_lr[1]})
 # all windows decoded together, so the peak KV memory / windows is the memory of one sequence
 eval_common+=(--data="$shards/val_index.json" --max_batch=$windows --kv_budget_mb=4096)
@@ -232,23 +241,47 @@ evaluate_cr() {  # METHOD CR: the retrofit, then (DMC) H2O and TOVA on the base 
   evaluate "tova_cr$cr" "$out/base" "$cr" --methods=tova --baseline_cr="$achieved"
   wait $! || return 1  # the H2O process
 }
+checkpoint_step() { local name; name=$(cat "$1/latest"); echo $((10#${name#step_})); }
+# Trains into checkpoint directory DIR (metrics in DIR.jsonl) until it holds STEPS steps. A
+# checkpoint left there by an interrupted run is resumed, its metrics log cut back to the
+# checkpoint's step (the steps after it run again). dmc-train exits cleanly when a signal stops
+# it, so the checkpoint's step says whether the run finished: one that did not stops the pipeline
+# rather than export a model trained part of the way.
+train() {  # DIR STEPS dmc-train-flags...
+  local dir=$1 steps=$2 resume=() done_steps; shift 2
+  if [ -f "$dir/latest" ]; then
+    done_steps=$(checkpoint_step "$dir")
+    log "resuming $dir at step $done_steps of $steps"
+    awk -v s="$done_steps" 'match($0, /"step":[0-9]+/) &&
+        substr($0, RSTART + 7, RLENGTH - 7) + 0 > s { next } { print }' "$dir.jsonl" >"$dir.jsonl.cut"
+    mv "$dir.jsonl.cut" "$dir.jsonl"
+    resume=(--resume)
+  else
+    rm -rf "$dir" "$dir.jsonl"
+  fi
+  $bin/trainer/dmc-train "$@" --checkpoint_dir="$dir" --log_jsonl="$dir.jsonl" \
+      --checkpoint_every=$checkpoint_every "${resume[@]}" "${extra[@]}" || return
+  done_steps=$( [ -f "$dir/latest" ] && checkpoint_step "$dir" || echo 0)
+  [ "$done_steps" = "$steps" ] || {
+    echo "pipeline: the training in $dir stopped at step $done_steps of $steps; run the" \
+         "pipeline again to resume it" >&2
+    return 1
+  }
+}
 retrofit_cr() {  # METHOD CR: from the base, exported in fp32
   local method=$1 cr=$2 name=$1_cr$2 flags
   if [ "$method" = dms ]; then flags=("${retrofit_dms[@]}"); else flags=("${retrofit[@]}"); fi
   if [ ! -f "$out/$name/config.json" ]; then
-    rm -rf "$out/retrofit_$name" "$out/retrofit_$name.jsonl"
-    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${flags[@]}" \
-        --pretrain_steps=0 --cr_target="$cr" --checkpoint_dir="$out/retrofit_$name" \
-        --log_jsonl="$out/retrofit_$name.jsonl" "${extra[@]}"
+    train "$out/retrofit_$name" $retrofit_steps --init_from="$out/base" "${train_common[@]}" \
+        "${flags[@]}" --pretrain_steps=0 --cr_target="$cr" || return 1
     $bin/trainer/dmc-export "$out/retrofit_$name" "$out/$name" --dtype=fp32
   fi
 }
 retrofit_and_evaluate() { retrofit_cr "$1" "$2"; evaluate_cr "$1" "$2"; }
 continue_base() {  # the same-compute control from the base, DMC off, exported in fp32
   if [ ! -f "$out/control/config.json" ]; then
-    rm -rf "$out/continued" "$out/continued.jsonl"
-    $bin/trainer/dmc-train --init_from="$out/base" "${train_common[@]}" "${control[@]}" \
-        --checkpoint_dir="$out/continued" --log_jsonl="$out/continued.jsonl" "${extra[@]}"
+    train "$out/continued" $retrofit_steps --init_from="$out/base" "${train_common[@]}" \
+        "${control[@]}" || return 1
     $bin/trainer/dmc-export "$out/continued" "$out/control" --dtype=fp32
   fi
 }
@@ -260,9 +293,7 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 # 2. pre-training (DMC off), exported in fp32 so the retrofits start from exactly these weights
 if [ ! -f "$out/base/config.json" ]; then
   log "pre-training the base model"
-  rm -rf "$out/pretrain" "$out/pretrain.jsonl"
-  $bin/trainer/dmc-train "${train_common[@]}" "${pretrain[@]}" --checkpoint_dir="$out/pretrain" \
-      --log_jsonl="$out/pretrain.jsonl" "${extra[@]}"
+  train "$out/pretrain" $pretrain_steps "${train_common[@]}" "${pretrain[@]}"
   $bin/trainer/dmc-export "$out/pretrain" "$out/base" --dtype=fp32
 fi
 spawn eval_base evaluate base "$out/base" base --methods=vanilla
