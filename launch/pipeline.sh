@@ -26,6 +26,9 @@
 #                                 whose budgets below were measured for DMC; add dms to train it
 #                                 there too)
 #   DMC_PIPELINE_PRETRAIN_STEPS=N the base's pre-training steps (default: the config's below)
+#   DMC_PIPELINE_DMS_VARIANT=V    DMS's decision logit: query_channel (the paper's: every weight
+#                                 trained) or adapter (the released code's: a frozen base); default
+#                                 query_channel on the CPU, adapter on the GPU
 #   DMC_PIPELINE_STAGES="S1 S2 S3"
 #                                 the steps of the three DMC stages (default: the config's below)
 #   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"
@@ -183,6 +186,7 @@ if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
 fi
 train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=1.0 --log_every=50)
 [ -z "${DMC_PIPELINE_STAGES:-}" ] || read -r -a stages <<<"$DMC_PIPELINE_STAGES"
+dms_variant=${DMC_PIPELINE_DMS_VARIANT:-$dms_variant}
 pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
 pretrain+=(--pretrain_steps=$pretrain_steps)
 retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control
