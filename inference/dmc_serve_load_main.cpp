@@ -35,11 +35,11 @@ ABSL_FLAG(std::string, host, "127.0.0.1", "the server's address");
 ABSL_FLAG(int, port, 8000, "the server's port");
 ABSL_FLAG(int, clients, 64, "concurrent streaming clients");
 ABSL_FLAG(int, requests, 0, "requests in all (0: 2 per client)");
-ABSL_FLAG(std::string, max_tokens, "32",
+ABSL_FLAG(dmc::inference::LengthRange, max_tokens, (dmc::inference::LengthRange{32, 32}),
           "max_tokens of every request: N, or A:B: each request draws its own, uniformly in [A, B] "
           "(from --seed and the request's index, so a run's mix is reproducible)");
-ABSL_FLAG(std::string, prompt_tokens, "0",
-          "0: the built-in text prompts; N: prompts of N token ids each (pseudo-random ids below "
+ABSL_FLAG(std::optional<dmc::inference::LengthRange>, prompt_tokens, std::nullopt,
+          "unset: the built-in text prompts; N: prompts of N token ids each (pseudo-random ids below "
           "--vocab, fixed per prompt), for long-context load; A:B: each request draws its "
           "prompt's length as --max_tokens=A:B does (the first ids of the same prompts)");
 ABSL_FLAG(int, vocab, 256, "with --prompt_tokens: token ids are drawn below this");
@@ -93,16 +93,6 @@ double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// A length flag as a range; exits with status 1 and the flag's name when it is not one.
-LengthRange LengthFlag(const char* name, const std::string& value) {
-  absl::StatusOr<LengthRange> range = dmc::inference::ParseLengthRange(value);
-  if (!range.ok()) {
-    std::fprintf(stderr, "dmc-serve-load: --%s: %s\n", name,
-                 std::string(range.status().message()).c_str());
-    std::exit(1);
-  }
-  return *range;
-}
 
 // The prompts the clients cycle through: the texts, or token-id lists of `ids` ids each (the
 // longest a request draws; a shorter one takes the first ids).
@@ -269,11 +259,10 @@ int main(int argc, char** argv) {
   const int total = absl::GetFlag(FLAGS_requests) > 0 ? absl::GetFlag(FLAGS_requests) : 2 * clients;
   const int every = absl::GetFlag(FLAGS_disconnect_every);
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
-  const LengthRange max_tokens = LengthFlag("max_tokens", absl::GetFlag(FLAGS_max_tokens));
-  // 0 alone is the built-in text prompts; every other value is a length or a range of them.
-  const bool text_prompts = absl::GetFlag(FLAGS_prompt_tokens) == "0";
-  const LengthRange prompt_tokens =
-      text_prompts ? LengthRange{} : LengthFlag("prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens));
+  const LengthRange max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  const std::optional<LengthRange> prompt_ids = absl::GetFlag(FLAGS_prompt_tokens);
+  const bool text_prompts = !prompt_ids;
+  const LengthRange prompt_tokens = prompt_ids.value_or(LengthRange{});
 
   // Every request's shape, drawn up front: the run's mix does not depend on its timing.
   const std::vector<json> prompts = Prompts(text_prompts ? 0 : prompt_tokens.most);

@@ -7,6 +7,7 @@
 #include <system_error>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/noise.h"
 
@@ -40,6 +41,21 @@ absl::StatusOr<LengthRange> ParseLengthRange(std::string_view text) {
     return refuse("its ends must be whole numbers of at least 1");
   if (range.least > range.most) return refuse("its lower end is above its upper end");
   return range;
+}
+
+bool AbslParseFlag(absl::string_view text, LengthRange* range, std::string* error) {
+  absl::StatusOr<LengthRange> parsed = ParseLengthRange(std::string_view(text.data(), text.size()));
+  if (!parsed.ok()) {
+    *error = std::string(parsed.status().message());
+    return false;
+  }
+  *range = *parsed;
+  return true;
+}
+
+std::string AbslUnparseFlag(const LengthRange& range) {
+  return range.least == range.most ? absl::StrCat(range.least)
+                                   : absl::StrCat(range.least, ":", range.most);
 }
 
 int DrawLength(const LengthRange& range, uint64_t seed, uint64_t stream, uint64_t request) {

@@ -18,10 +18,12 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace dmc::inference {
 
@@ -32,6 +34,9 @@ struct LengthRange {
 
 // "N" or "A:B" with 1 <= A <= B; anything else is refused with a message quoting it.
 absl::StatusOr<LengthRange> ParseLengthRange(std::string_view text);
+// The same as a flag type (ABSL_FLAG(LengthRange, ...)): absl refuses a bad value by the flag's name.
+bool AbslParseFlag(absl::string_view text, LengthRange* range, std::string* error);
+std::string AbslUnparseFlag(const LengthRange& range);
 
 // Request `request`'s length, uniform in the range: a pure function of (seed, stream, request),
 // so a run's mix is reproducible; distinct streams give independent draws for distinct flags.

@@ -57,6 +57,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -83,8 +84,10 @@ ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
 ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
-ABSL_FLAG(std::string, prompt, "512:4096", "prompt lengths, uniform in LO:HI");
-ABSL_FLAG(std::string, generate, "256:1024", "generated tokens per request, uniform in LO:HI");
+ABSL_FLAG(dmc::inference::LengthRange, prompt, (dmc::inference::LengthRange{512, 4096}),
+          "prompt lengths, uniform in LO:HI");
+ABSL_FLAG(dmc::inference::LengthRange, generate, (dmc::inference::LengthRange{256, 1024}),
+          "generated tokens per request, uniform in LO:HI");
 ABSL_FLAG(int, max_batch, 1024, "sequences at once at most (the budget usually binds first)");
 ABSL_FLAG(int, page_size, 16, "slots per KV page");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
@@ -96,7 +99,7 @@ ABSL_FLAG(std::string, export_dir, "",
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
-ABSL_FLAG(std::string, profile_tokens, "",
+ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
 ABSL_FLAG(bool, kernel_table, false,
@@ -262,17 +265,6 @@ void Export(const dmc::model::Llama<float>& model, bool dmc, const std::string& 
   }
 }
 
-// A flag N or LO:HI (inference/load_stats.h's form, as dmc-serve-load's lengths), or exit.
-inf::LengthRange Range(const char* flag, const std::string& text) {
-  absl::StatusOr<inf::LengthRange> range = inf::ParseLengthRange(text);
-  if (!range.ok()) {
-    std::fprintf(stderr, "bench_generate: --%s: %s\n", flag,
-                 std::string(range.status().message()).c_str());
-    std::exit(1);
-  }
-  return *range;
-}
-
 double Percentile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -283,16 +275,14 @@ double Percentile(std::vector<double> v, double q) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  if (absl::GetFlag(FLAGS_kernel_table) && absl::GetFlag(FLAGS_profile_tokens).empty()) {
+  if (absl::GetFlag(FLAGS_kernel_table) && !absl::GetFlag(FLAGS_profile_tokens)) {
     std::fprintf(stderr, "bench_generate: --kernel_table traces the --profile_tokens=LO:HI range; "
                          "give one\n");
     return 1;
   }
   std::pair<int, int> capture = {-1, -1};  // the generated tokens a profiler capture spans
-  if (const std::string range = absl::GetFlag(FLAGS_profile_tokens); !range.empty()) {
-    const inf::LengthRange tokens = Range("profile_tokens", range);
-    capture = {tokens.least, tokens.most};
-  }
+  if (const std::optional<inf::LengthRange> tokens = absl::GetFlag(FLAGS_profile_tokens))
+    capture = {tokens->least, tokens->most};
   using Clock = std::chrono::steady_clock;
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
   std::unique_ptr<dmc::model::Llama<float>> model;
@@ -312,8 +302,8 @@ int main(int argc, char** argv) {
   const LlamaConfig& c = model->config();
   const std::string export_dir = absl::GetFlag(FLAGS_export_dir);
   if (!export_dir.empty()) Export(*model, false, export_dir + "/vanilla");
-  const auto [p_lo, p_hi] = Range("prompt", absl::GetFlag(FLAGS_prompt));
-  const auto [g_lo, g_hi] = Range("generate", absl::GetFlag(FLAGS_generate));
+  const auto [p_lo, p_hi] = absl::GetFlag(FLAGS_prompt);
+  const auto [g_lo, g_hi] = absl::GetFlag(FLAGS_generate);
   const int n = absl::GetFlag(FLAGS_requests);
   std::mt19937_64 rng(seed + 7);
   std::vector<inf::Request> base(n);
