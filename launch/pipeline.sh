@@ -41,8 +41,8 @@
 #   DMC_PIPELINE_PREP_ONLY=1      stop after the data
 #   DMC_SKIP_SETUP=1              use an existing build (a machine where apt cannot run), in
 #   DMC_BUILD_DIR=DIR             DIR (default build)
-# Steps whose output exists (shards, base/, dmc_crN/, control/) are not redone: delete OUT to
-# start over. A training that was interrupted (a signal, a lost machine) resumes from its last
+# Steps whose output exists (shards, base/, dmc_crN/, control/, an evaluation newer than its
+# model) are not redone: delete OUT to start over. A training that was interrupted (a signal, a lost machine) resumes from its last
 # checkpoint (every checkpoint_every steps below) when the pipeline runs again.
 # Extra arguments go to every dmc-train call.
 #
@@ -230,17 +230,33 @@ finish() {
   for name in "${failed[@]}"; do echo "pipeline: $name failed; the end of $logs/$name.log:" >&2; tail -20 "$logs/$name.log" >&2; done
   ((${#failed[@]} == 0)) || exit 1
 }
-evaluate() {  # NAME MODEL LABEL dmc-eval-flags...: one dmc-eval into its own TSV
+# One dmc-eval of MODEL into TSV, its output kept beside it (TSV.log), both put in place whole
+# when it succeeds. While the TSV is newer than the model's export, a rerun of the pipeline shows
+# the kept output instead of evaluating again.
+run_eval() {  # TSV MODEL dmc-eval-flags...
+  local tsv=$1 model=$2; shift 2
+  if [ ! "$tsv" -nt "$model/config.json" ] || [ ! -f "$tsv.log" ]; then
+    rm -f "$tsv" "$tsv.part"
+    $bin/inference/dmc-eval --model="$model" "${eval_common[@]}" --append_tsv="$tsv.part" "$@" \
+        2>&1 | tee "$tsv.log.part" || return
+    mv "$tsv.log.part" "$tsv.log"
+    mv "$tsv.part" "$tsv"
+  else
+    cat "$tsv.log"
+  fi
+}
+evaluate() {  # NAME MODEL LABEL dmc-eval-flags...: into results/eval_NAME.tsv
   local name=$1 model=$2 label=$3; shift 3
-  rm -f "$results/eval_$name.tsv"
-  $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
-      --append_tsv="$results/eval_$name.tsv" "$@"
+  run_eval "$results/eval_$name.tsv" "$model" --label="$label" "$@"
 }
 evaluate_cr() {  # METHOD CR: the retrofit, then (DMC) H2O and TOVA on the base at its achieved CR
-  local method=$1 cr=$2 name=$1_cr$2 achieved
+  local method=$1 cr=$2 name=$1_cr$2 achieved m
   evaluate "$name" "$out/$name" "$cr" --methods="$method" --heatmap="$results/head_cr_$name.png"
   [ "$method" = dmc ] || return 0
   achieved=$(cut -f4 "$results/eval_$name.tsv")
+  for m in h2o tova; do  # evaluated at another CR than the retrofit's evaluation now gives
+    [ "$results/eval_${m}_cr$cr.tsv" -nt "$results/eval_$name.tsv" ] || rm -f "$results/eval_${m}_cr$cr.tsv"
+  done
   evaluate "h2o_cr$cr" "$out/base" "$cr" --methods=h2o --baseline_cr="$achieved" &
   evaluate "tova_cr$cr" "$out/base" "$cr" --methods=tova --baseline_cr="$achieved"
   wait $! || return 1  # the H2O process
@@ -382,10 +398,8 @@ cat "$results/table.md"
 #    cache); tables and plot by launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
-  rm -f "$results/budget_$name.tsv"
-  $bin/inference/dmc-eval --model="$model" --label="$label" "${eval_common[@]}" \
-      --page_size=$budget_page_size --kv_fraction="$(IFS=,; echo "${fractions[*]}")" \
-      --methods="$method" --append_tsv="$results/budget_$name.tsv"
+  run_eval "$results/budget_$name.tsv" "$model" --label="$label" --page_size=$budget_page_size \
+      --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method"
 }
 log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
 budget_runs=(vanilla quant zipcache think h2o tova h2o_pyramid tova_pyramid h2o_zigzag tova_zigzag

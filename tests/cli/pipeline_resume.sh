@@ -7,7 +7,9 @@
 #      pre-training resumes at step 10, and the pipeline stops, naming the step, rather than
 #      export a base trained 25 of 30 steps;
 #   3. run again without faults: it resumes at step 25 and runs to the table. Its metrics log
-#      holds steps 1..30 once each (the steps after the killed save's checkpoint ran twice).
+#      holds steps 1..30 once each (the steps after the killed save's checkpoint ran twice);
+#   4. run again: nothing is trained or evaluated again (every evaluation is newer than its model),
+#      and the table is the same.
 # The faults come at exact steps (DMC_FAULTS, trainer/fault_injection.h), never from a timer.
 # Usage: pipeline_resume.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
@@ -40,4 +42,13 @@ steps=$(sed -E 's/.*"step":([0-9]+).*/\1/' "$out/pretrain.jsonl" | tr '\n' ' ')
 [ "$steps" = "$(seq -s ' ' 1 30) " ] || fail "the pre-training log's steps: $steps"
 [ "$(cat "$out/retrofit_dmc_cr2/latest")" = step_00000010 ] || fail "the retrofit did not finish"
 grep -q '^| 2 | dmc |' "$out/results/table.md" || fail "no DMC row in the table: $(cat "$out/results/table.md")"
-echo "pipeline resume: killed at 20 and stopped at 25, resumed both times, finished with the table"
+
+# 4.
+stamps() { stat -c '%n %.9Y' "$out"/results/eval_*_*.tsv "$out"/results/budget_*.tsv "$out"/*/latest; }
+before=$(stamps)
+cp "$out/results/table.md" "$work/table.md"
+pipeline again || fail "the rerun failed: $(tail -30 "$work/again.log")"
+[ "$(stamps)" = "$before" ] || fail "the rerun trained or evaluated again: $(diff <(echo "$before") <(stamps))"
+cmp -s "$out/results/table.md" "$work/table.md" || fail "the rerun's table differs"
+echo "pipeline resume: killed at 20 and stopped at 25, resumed both times, finished with the table;" \
+     "a rerun redid nothing"
