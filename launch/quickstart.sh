@@ -7,8 +7,8 @@
 # ZipCache, ThinK, H2O and TOVA with uniform and per-layer budgets, KVSharer, the retrofits alone
 # and composed with quantization) at 1/2, 1/4 and 1/8 of the vanilla cache's bytes, one table
 # per budget and a plot. Outputs go to runs/quickstart/
-# (results/ in it); a rerun redoes only the training that is missing there. Arguments go to
-# every dmc-train call.
+# (results/ in it); a rerun redoes only what is missing there (an interrupted training resumes
+# from its last checkpoint). Arguments go to every dmc-train call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DMC_PIPELINE_CONFIG=cpu DMC_PIPELINE_OUT="${DMC_PIPELINE_OUT:-runs/quickstart}" \
