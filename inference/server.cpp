@@ -107,7 +107,8 @@ CompletionServer::CompletionServer(ServeEngineLoop& loop, const data::Tokenizer&
       tokenizer_(tokenizer),
       context_(context),
       options_(std::move(options)),
-      http_(std::make_unique<httplib::Server>()) {
+      http_(std::make_unique<httplib::Server>()),
+      started_(static_cast<long>(std::time(nullptr))) {
   const int threads = options_.threads;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   http_->set_payload_max_length(options_.max_body_bytes);
@@ -165,6 +166,13 @@ void CompletionServer::Routes() {
   http_->Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     if (draining_) return SetError(res, 503, "the server is shutting down");
     res.set_content(Dump({{"status", "ok"}}), "application/json");
+  });
+  // The model's length limit as vLLM reports it: prompt and completion together.
+  http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    const json model = {{"id", options_.model_name},     {"object", "model"},
+                        {"created", started_},          {"owned_by", "dmc"},
+                        {"max_model_len", context_}};
+    res.set_content(Dump({{"object", "list"}, {"data", json::array({model})}}), "application/json");
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(PrometheusText(loop_.metrics()), "text/plain; version=0.0.4");

@@ -1,5 +1,6 @@
 // The HTTP front end of dmc-serve (cpp-httplib): POST /v1/completions (OpenAI-style, JSON or
-// server-sent events), GET /health, GET /metrics (Prometheus text). It only parses and prints:
+// server-sent events), GET /v1/models (the one model served, as OpenAI clients list models),
+// GET /health, GET /metrics (Prometheus text). It only parses and prints:
 // requests go to the engine thread (inference/serve_engine_loop.h) and tokens come back through
 // a per-request channel. Every error is a JSON body {"error": {"message", "type", "code"}}.
 #pragma once
@@ -55,6 +56,7 @@ class CompletionServer {
   std::unique_ptr<httplib::Server> http_;
   std::atomic<bool> draining_{false};
   std::atomic<long> next_id_{0};
+  const long started_ = 0;  // Unix time the server was made: the model's "created"
   int listen_socket_ = -1;
 };
 

@@ -87,6 +87,14 @@ std::vector<std::string> StreamEvents(const Server& server, json body) {
 
 TEST(Serve, CompletionsEqualDmcGenerate) {
   Server server({"--max_batch=4"});
+  // The one model served, named as the completions name it, with its context.
+  auto listed = server.client().Get("/v1/models");
+  ASSERT_TRUE(listed && listed->status == 200);
+  const json models = json::parse(listed->body);
+  ASSERT_EQ(models["data"].size(), 1u) << models;
+  EXPECT_EQ(models["data"][0]["max_model_len"], ServeConfig().max_position_embeddings);
+  const std::string model_name = models["data"][0]["id"];
+  EXPECT_EQ(Complete(server, {{"prompt", "In"}, {"max_tokens", 2}})["model"], model_name);
   for (const std::string prompt : {"And God said, ", "In the beginning"}) {
     for (const std::string sampling : {"", " --temperature=0.8 --top_p=0.9 --seed=7"}) {
       const std::string generated =
