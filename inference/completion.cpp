@@ -13,6 +13,35 @@ using nlohmann::json;
 
 absl::Status Bad(const std::string& message) { return absl::InvalidArgumentError(message); }
 
+// OpenAI's other completion fields that clients send explicitly at their defaults (LangChain's
+// OpenAI sends both penalties 0, best_of 1 and logit_bias {}): accepted at the value that changes
+// nothing, refused at any other, naming the feature.
+absl::Status CheckNeutral(const std::string& key, const json& v) {
+  if (key == "frequency_penalty" || key == "presence_penalty") {
+    if (v.is_number() && v.get<double>() == 0) return absl::OkStatus();
+    return Bad("\"" + key + "\" is not supported: only 0 (no penalty)");
+  }
+  if (key == "best_of") {
+    if (v.is_number_integer() && v.get<int64_t>() == 1) return absl::OkStatus();
+    return Bad("\"best_of\" is not supported: only 1");
+  }
+  if (key == "logit_bias") {
+    if (v.is_object() && v.empty()) return absl::OkStatus();
+    return Bad("\"logit_bias\" is not supported: only {}");
+  }
+  if (key == "echo") {
+    if (v.is_boolean() && !v.get<bool>()) return absl::OkStatus();
+    return Bad("\"echo\" is not supported: only false");
+  }
+  // logprobs, suffix: only null (above)
+  return Bad("\"" + key + "\" is not supported: only null");
+}
+
+bool IsNeutralField(const std::string& key) {
+  return key == "frequency_penalty" || key == "presence_penalty" || key == "best_of" ||
+         key == "logit_bias" || key == "echo" || key == "logprobs" || key == "suffix";
+}
+
 // Bytes at the end of s that begin a UTF-8 character not complete yet.
 size_t IncompleteUtf8Tail(const std::string& s) {
   for (size_t back = 1; back <= std::min<size_t>(3, s.size()); ++back) {
@@ -35,6 +64,12 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
   CompletionRequest r;
   bool has_prompt = false;
   for (const auto& [key, v] : j.items()) {
+    // null is the field's default, as OpenAI takes it (some clients send every field)
+    if (v.is_null() && key != "prompt" &&
+        (IsNeutralField(key) || key == "max_tokens" || key == "temperature" || key == "top_p" ||
+         key == "seed" || key == "stop" || key == "stream" || key == "model" || key == "user" ||
+         key == "n"))
+      continue;
     if (key == "prompt") {
       has_prompt = true;
       if (v.is_string()) {
@@ -77,7 +112,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
       } else if (v.is_array() && v.size() <= 4 &&
                  std::all_of(v.begin(), v.end(), [](const json& s) { return s.is_string(); })) {
         for (const json& s : v) r.stop.push_back(s.get<std::string>());
-      } else if (!v.is_null()) {
+      } else {
         return Bad("\"stop\" must be a string or an array of at most 4 strings");
       }
       for (const std::string& s : r.stop)
@@ -89,6 +124,8 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
       if (!v.is_string()) return Bad("\"" + key + "\" must be a string");  // one model: ignored
     } else if (key == "n") {
       if (!v.is_number_integer() || v.get<int64_t>() != 1) return Bad("\"n\" must be 1");
+    } else if (IsNeutralField(key)) {
+      if (absl::Status s = CheckNeutral(key, v); !s.ok()) return s;
     } else {
       return Bad("unknown field \"" + key + "\"");
     }

@@ -1,7 +1,9 @@
 // The OpenAI-style completion request of dmc-serve, apart from HTTP: parsing and checking the
 // JSON body, and the text a generation turns into (incremental UTF-8-safe decoding, stop
 // strings, EOS). Parsing is strict: a field of the wrong type, an unknown field or a value out
-// of range is an InvalidArgument that names it.
+// of range is an InvalidArgument that names it. A known field's null is its default; OpenAI's
+// fields for what is not served (penalties, best_of, logit_bias, echo, logprobs, suffix) are
+// accepted at the value that changes nothing (0, 1, {}, false, null) and refused at any other.
 #pragma once
 
 #include <cstdint>

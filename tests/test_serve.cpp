@@ -162,6 +162,11 @@ TEST(Serve, BadInputGetsA4xxJsonErrorAndTheServerGoesOn) {
       {R"({"prompt": 42})", 400, "prompt"},
       {R"({"prompt": [1, 2, 300]})", 400, "vocabulary"},
       {R"({"prompt": "abc", "colour": 3})", 400, "unknown field \"colour\""},
+      {R"({"prompt": "abc", "frequency_penalty": 0.5})", 400, "penalty\" is not supported"},
+      {R"({"prompt": "abc", "logprobs": 2})", 400, "\"logprobs\" is not supported"},
+      {R"({"prompt": "abc", "echo": true})", 400, "\"echo\" is not supported"},
+      {R"({"prompt": "abc", "logit_bias": {"5": 10}})", 400, "\"logit_bias\" is not supported"},
+      {R"({"prompt": null})", 400, "prompt"},
       {R"({"prompt": "abc", "max_tokens": 0})", 400, "max_tokens"},
       {R"({"prompt": "abc", "max_tokens": -3})", 400, "max_tokens"},
       {R"({"prompt": "abc", "max_tokens": 1000})", 400, "context"},
@@ -187,8 +192,15 @@ TEST(Serve, BadInputGetsA4xxJsonErrorAndTheServerGoesOn) {
   EXPECT_EQ(r->status, 404);
   EXPECT_NE(json::parse(r->body)["error"]["message"].get<std::string>().find("/v2/nothing"),
             std::string::npos);
-  // Still serving.
-  EXPECT_EQ(Complete(server, {{"prompt", "abc"}, {"max_tokens", 3}})["choices"][0]["token_ids"].size(), 3u);
+  // Still serving; OpenAI's other fields at their neutral values and nulls change nothing.
+  const json plain = Complete(server, {{"prompt", "abc"}, {"max_tokens", 3}});
+  EXPECT_EQ(plain["choices"][0]["token_ids"].size(), 3u);
+  const json neutral = Complete(
+      server, json::parse(R"({"prompt": "abc", "max_tokens": 3, "frequency_penalty": 0,
+          "presence_penalty": 0, "best_of": 1, "logit_bias": {}, "echo": false, "logprobs": null,
+          "suffix": null, "temperature": null, "top_p": null, "seed": null, "stop": null,
+          "stream": null, "n": 1, "user": null})"));
+  EXPECT_EQ(neutral["choices"][0]["token_ids"], plain["choices"][0]["token_ids"]) << neutral;
   EXPECT_EQ(server.Terminate(), 0);
 }
 
