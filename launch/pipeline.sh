@@ -41,9 +41,10 @@
 #   DMC_PIPELINE_PREP_ONLY=1      stop after the data
 #   DMC_SKIP_SETUP=1              use an existing build (a machine where apt cannot run), in
 #   DMC_BUILD_DIR=DIR             DIR (default build)
-# Steps whose output exists (shards, base/, dmc_crN/, control/, an evaluation newer than its
-# model) are not redone: delete OUT to start over. A training that was interrupted (a signal, a lost machine) resumes from its last
-# checkpoint (every checkpoint_every steps below) when the pipeline runs again.
+# Steps whose output exists (shards, base/, dmc_crN/, control/, an evaluation of the same model
+# export with the same flags) are not redone: delete OUT to start over. A training that was
+# interrupted (a signal, a lost machine) resumes from its last checkpoint (every
+# checkpoint_every steps below) when the pipeline runs again.
 # Extra arguments go to every dmc-train call.
 #
 # A GPU machine without network: prepare the text and the tokenizer where the registries can be
@@ -230,33 +231,34 @@ finish() {
   for name in "${failed[@]}"; do echo "pipeline: $name failed; the end of $logs/$name.log:" >&2; tail -20 "$logs/$name.log" >&2; done
   ((${#failed[@]} == 0)) || exit 1
 }
-# One dmc-eval of MODEL into TSV, its output kept beside it (TSV.log), both put in place whole
-# when it succeeds. While the TSV is newer than the model's export, a rerun of the pipeline shows
-# the kept output instead of evaluating again.
+# One dmc-eval of MODEL into TSV, its output (TSV.log) and flags (TSV.flags) kept beside it, all
+# put in place when it succeeds. While the TSV is newer than the model's export and was made with
+# the same flags (H2O's and TOVA's carry the CR a retrofit's evaluation gave), a rerun of the
+# pipeline shows the kept output instead of evaluating again.
 run_eval() {  # TSV MODEL dmc-eval-flags...
   local tsv=$1 model=$2; shift 2
-  if [ ! "$tsv" -nt "$model/config.json" ] || [ ! -f "$tsv.log" ]; then
-    rm -f "$tsv" "$tsv.part"
-    $bin/inference/dmc-eval --model="$model" "${eval_common[@]}" --append_tsv="$tsv.part" "$@" \
-        2>&1 | tee "$tsv.log.part" || return
-    mv "$tsv.log.part" "$tsv.log"
-    mv "$tsv.part" "$tsv"
-  else
+  local flags="$model ${eval_common[*]} $*"
+  if [ "$tsv" -nt "$model/config.json" ] && [ -f "$tsv.log" ] &&
+     [ "$(cat "$tsv.flags" 2>/dev/null)" = "$flags" ]; then
     cat "$tsv.log"
+    return
   fi
+  rm -f "$tsv" "$tsv.part"
+  $bin/inference/dmc-eval --model="$model" "${eval_common[@]}" --append_tsv="$tsv.part" "$@" \
+      2>&1 | tee "$tsv.log.part" || return
+  echo "$flags" >"$tsv.flags"
+  mv "$tsv.log.part" "$tsv.log"
+  mv "$tsv.part" "$tsv"
 }
 evaluate() {  # NAME MODEL LABEL dmc-eval-flags...: into results/eval_NAME.tsv
   local name=$1 model=$2 label=$3; shift 3
   run_eval "$results/eval_$name.tsv" "$model" --label="$label" "$@"
 }
 evaluate_cr() {  # METHOD CR: the retrofit, then (DMC) H2O and TOVA on the base at its achieved CR
-  local method=$1 cr=$2 name=$1_cr$2 achieved m
+  local method=$1 cr=$2 name=$1_cr$2 achieved
   evaluate "$name" "$out/$name" "$cr" --methods="$method" --heatmap="$results/head_cr_$name.png"
   [ "$method" = dmc ] || return 0
   achieved=$(cut -f4 "$results/eval_$name.tsv")
-  for m in h2o tova; do  # evaluated at another CR than the retrofit's evaluation now gives
-    [ "$results/eval_${m}_cr$cr.tsv" -nt "$results/eval_$name.tsv" ] || rm -f "$results/eval_${m}_cr$cr.tsv"
-  done
   evaluate "h2o_cr$cr" "$out/base" "$cr" --methods=h2o --baseline_cr="$achieved" &
   evaluate "tova_cr$cr" "$out/base" "$cr" --methods=tova --baseline_cr="$achieved"
   wait $! || return 1  # the H2O process
@@ -272,9 +274,11 @@ train() {  # DIR STEPS dmc-train-flags...
   if [ -f "$dir/latest" ]; then
     done_steps=$(checkpoint_step "$dir")
     log "resuming $dir at step $done_steps of $steps"
-    awk -v s="$done_steps" 'match($0, /"step":[0-9]+/) &&
-        substr($0, RSTART + 7, RLENGTH - 7) + 0 > s { next } { print }' "$dir.jsonl" >"$dir.jsonl.cut"
-    mv "$dir.jsonl.cut" "$dir.jsonl"
+    if [ -f "$dir.jsonl" ]; then
+      awk -v s="$done_steps" 'match($0, /"step":[0-9]+/) &&
+          substr($0, RSTART + 7, RLENGTH - 7) + 0 > s { next } { print }' "$dir.jsonl" >"$dir.jsonl.cut"
+      mv "$dir.jsonl.cut" "$dir.jsonl"
+    fi
     resume=(--resume)
   else
     rm -rf "$dir" "$dir.jsonl"
