@@ -1,6 +1,7 @@
 #include "inference/completion.h"
 
 #include <algorithm>
+#include <iterator>
 #include <limits>
 
 #include "absl/strings/str_format.h"
@@ -13,33 +14,42 @@ using nlohmann::json;
 
 absl::Status Bad(const std::string& message) { return absl::InvalidArgumentError(message); }
 
-// OpenAI's other completion fields that clients send explicitly at their defaults (LangChain's
-// OpenAI sends both penalties 0, best_of 1 and logit_bias {}): accepted at the value that changes
-// nothing, refused at any other, naming the feature.
-absl::Status CheckNeutral(const std::string& key, const json& v) {
-  if (key == "frequency_penalty" || key == "presence_penalty") {
-    if (v.is_number() && v.get<double>() == 0) return absl::OkStatus();
-    return Bad("\"" + key + "\" is not supported: only 0 (no penalty)");
-  }
-  if (key == "best_of") {
-    if (v.is_number_integer() && v.get<int64_t>() == 1) return absl::OkStatus();
-    return Bad("\"best_of\" is not supported: only 1");
-  }
-  if (key == "logit_bias") {
-    if (v.is_object() && v.empty()) return absl::OkStatus();
-    return Bad("\"logit_bias\" is not supported: only {}");
-  }
-  if (key == "echo") {
-    if (v.is_boolean() && !v.get<bool>()) return absl::OkStatus();
-    return Bad("\"echo\" is not supported: only false");
-  }
-  // logprobs, suffix: only null (above)
-  return Bad("\"" + key + "\" is not supported: only null");
+// The fields the request itself uses; a null one is its default, as OpenAI takes it (some
+// clients send every field).
+constexpr const char* kFields[] = {"max_tokens", "temperature", "top_p", "seed", "stop",
+                                   "stream",     "model",       "user",  "n"};
+
+// OpenAI's other completion fields, for what is not served, which clients send explicitly at
+// their defaults (LangChain's OpenAI sends both penalties 0, best_of 1 and logit_bias {}):
+// accepted null or at the value that changes nothing, refused at any other, naming the feature.
+struct NeutralField {
+  const char* name;
+  bool (*neutral)(const json& v);
+  const char* only;  // the value accepted besides null, as the refusal says it
+};
+constexpr NeutralField kNeutralFields[] = {
+    {"frequency_penalty", [](const json& v) { return v.is_number() && v.get<double>() == 0; },
+     "0 (no penalty)"},
+    {"presence_penalty", [](const json& v) { return v.is_number() && v.get<double>() == 0; },
+     "0 (no penalty)"},
+    {"best_of", [](const json& v) { return v.is_number_integer() && v.get<int64_t>() == 1; },
+     "1"},
+    {"logit_bias", [](const json& v) { return v.is_object() && v.empty(); }, "{}"},
+    {"echo", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }, "false"},
+    {"logprobs", [](const json&) { return false; }, "null"},
+    {"suffix", [](const json&) { return false; }, "null"},
+};
+
+const NeutralField* FindNeutralField(const std::string& key) {
+  for (const NeutralField& f : kNeutralFields)
+    if (key == f.name) return &f;
+  return nullptr;
 }
 
-bool IsNeutralField(const std::string& key) {
-  return key == "frequency_penalty" || key == "presence_penalty" || key == "best_of" ||
-         key == "logit_bias" || key == "echo" || key == "logprobs" || key == "suffix";
+bool IsOptionalField(const std::string& key) {
+  return FindNeutralField(key) ||
+         std::any_of(std::begin(kFields), std::end(kFields),
+                     [&](const char* name) { return key == name; });
 }
 
 // Bytes at the end of s that begin a UTF-8 character not complete yet.
@@ -64,12 +74,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
   CompletionRequest r;
   bool has_prompt = false;
   for (const auto& [key, v] : j.items()) {
-    // null is the field's default, as OpenAI takes it (some clients send every field)
-    if (v.is_null() && key != "prompt" &&
-        (IsNeutralField(key) || key == "max_tokens" || key == "temperature" || key == "top_p" ||
-         key == "seed" || key == "stop" || key == "stream" || key == "model" || key == "user" ||
-         key == "n"))
-      continue;
+    if (v.is_null() && IsOptionalField(key)) continue;  // its default
     if (key == "prompt") {
       has_prompt = true;
       if (v.is_string()) {
@@ -124,8 +129,8 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
       if (!v.is_string()) return Bad("\"" + key + "\" must be a string");  // one model: ignored
     } else if (key == "n") {
       if (!v.is_number_integer() || v.get<int64_t>() != 1) return Bad("\"n\" must be 1");
-    } else if (IsNeutralField(key)) {
-      if (absl::Status s = CheckNeutral(key, v); !s.ok()) return s;
+    } else if (const NeutralField* f = FindNeutralField(key)) {
+      if (!f->neutral(v)) return Bad("\"" + key + "\" is not supported: only " + f->only);
     } else {
       return Bad("unknown field \"" + key + "\"");
     }
