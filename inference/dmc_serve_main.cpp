@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dmc-serve: %s: finishing\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
     server.Drain();   // new requests: 503
     loop.Shutdown();  // running streams get their final event
-    server.Stop();
+    server.Stop();    // once each stream has sent it
   });
   std::printf("dmc-serve: listening on http://%s:%d (%s, %s cache, %.1f MiB KV budget, "
               "max batch %d)\n",

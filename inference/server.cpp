@@ -138,7 +138,26 @@ absl::StatusOr<int> CompletionServer::Bind() {
 
 void CompletionServer::Listen() { http_->listen_after_bind(); }
 
-void CompletionServer::Stop() { http_->stop(); }
+void CompletionServer::Stop() {
+  // Once httplib's listening socket is closed, a stream's writer quits at its next turn, between
+  // two writes, without the final event or the chunked body's end: the streams end first. (A
+  // client that stops reading holds this up for httplib's write timeout at most.)
+  {
+    std::unique_lock<std::mutex> lock(streams_mu_);
+    streams_closed_.wait(lock, [this] { return open_streams_ == 0; });
+  }
+  http_->stop();
+}
+
+void CompletionServer::OpenStream() {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  ++open_streams_;
+}
+
+void CompletionServer::CloseStream() {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  if (--open_streams_ == 0) streams_closed_.notify_all();
+}
 
 void CompletionServer::Routes() {
   http_->set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -202,8 +221,13 @@ void CompletionServer::Routes() {
       ch->error = error;
       ch->cv.notify_all();
     };
+    // Open before the loop can accept the job: every job the loop takes, Stop waits for.
+    if (r.stream) OpenStream();
     absl::StatusOr<int64_t> handle = loop_.Submit(std::move(job));
-    if (!handle.ok()) return SetError(res, 503, std::string(handle.status().message()));
+    if (!handle.ok()) {
+      if (r.stream) CloseStream();
+      return SetError(res, 503, std::string(handle.status().message()));
+    }
     {
       std::lock_guard<std::mutex> lock(ch->mu);
       ch->handle = *handle;
@@ -276,8 +300,9 @@ void CompletionServer::Routes() {
           }
           return true;
         },
-        [this, ch](bool success) {
+        [this, ch](bool success) {  // as httplib destroys the response, after its last write
           if (!success) loop_.Cancel(ch->handle);
+          CloseStream();
         });
   });
 }

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -43,11 +45,17 @@ class CompletionServer {
   void Listen();
   // New completions get 503 from now on (the first step of a graceful shutdown).
   void Drain() { draining_ = true; }
-  // Closes the listening socket; Listen returns once the handlers have finished.
+  // Waits until every open stream has written its end, then closes the listening socket; Listen
+  // returns once the handlers have finished. Called after the loop's Shutdown, which ends every
+  // stream's job, so that each stream's final event and [DONE] go out.
   void Stop();
 
  private:
   void Routes();
+  // A stream is open from before its job is submitted until httplib destroys its response,
+  // after the last write.
+  void OpenStream();
+  void CloseStream();
 
   ServeEngineLoop& loop_;
   const data::Tokenizer& tokenizer_;
@@ -58,6 +66,9 @@ class CompletionServer {
   std::atomic<long> next_id_{0};
   const long started_ = 0;  // Unix time the server was made: the model's "created"
   int listen_socket_ = -1;
+  std::mutex streams_mu_;
+  std::condition_variable streams_closed_;
+  int open_streams_ = 0;
 };
 
 }  // namespace dmc::inference
