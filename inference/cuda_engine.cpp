@@ -148,7 +148,13 @@ struct CudaEngine::Device {
   uint8_t* stage_marks = nullptr;
   bf16 *close_k = nullptr, *close_v = nullptr;
   int32_t* pprefix = nullptr;  // a chunk's cached slots per (query, KV head) [max_context, Hkv]
-  std::map<int, cudaGraphExec_t> graphs;  // by batch size
+  // Step graphs by the rows they run: the steps of that number so far, and the graph once
+  // captured (at the second).
+  struct Graph {
+    int steps = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<int, Graph> graphs;
 
   size_t W(int layer, LayerTensor t) const { return layer_offsets[layer * kLayerTensors + t]; }
 };
@@ -164,7 +170,8 @@ CudaEngine::CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions
 CudaEngine::~CudaEngine() {
   if (!dev_) return;
   Device& d = *dev_;
-  for (auto& [n, g] : d.graphs) cudaGraphExecDestroy(g);
+  for (auto& [rows, g] : d.graphs)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
   for (void* p : {(void*)d.weights, (void*)d.k_pool, (void*)d.v_pool, (void*)d.page_table,
                   (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.slot_pos,
                   (void*)d.scores, (void*)d.probs, (void*)d.marks, (void*)d.dms,
@@ -326,8 +333,9 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   }
 
   // The cache: as many pages as the budget pays for (window state reserved from the same budget
-  // lives in its own per-row buffer).
-  const size_t pages = static_cast<size_t>(std::max(1L, alloc_.budget_bytes() / alloc_.page_bytes()));
+  // lives in its own per-row buffer), then the padding rows' sink page (StepRows).
+  sink_page_ = static_cast<int32_t>(std::max(1L, alloc_.budget_bytes() / alloc_.page_bytes()));
+  const size_t pages = static_cast<size_t>(sink_page_) + 1;
   const size_t page_elems = static_cast<size_t>(opt_.page_size) * D;
   const size_t heads = static_cast<size_t>(L) * R * Hkv;
   if (settles_) {
@@ -925,10 +933,24 @@ absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* token
       d.in_host.top_p[r] = s.sampling.top_p;
       d.in_host.seed[r] = s.sampling.seed;
     }
-    if (opt_.cuda_graphs) StepGraph(n);  // a first capture stays out of the device time
+    // Padding rows: token 0 at position 0, greedy, in heads emptied onto the sink page.
+    const int rows = StepRows(n);
+    for (int r = n; r < rows; ++r) {
+      d.in_host.tokens[r] = 0;
+      d.in_host.positions[r] = 0;
+      d.in_host.targets[r] = -1;
+      d.in_host.sample_pos[r] = 1;
+      d.in_host.temperature[r] = 0.0f;
+      d.in_host.top_p[r] = 1.0f;
+      d.in_host.seed[r] = 0;
+    }
+    const cudaGraphExec_t graph = StepGraph(rows);  // a capture stays out of the device time
     ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
-    LaunchStep(n);
+    c::paged_kv_clear_rows(d.page_table, d.lengths, d.q_lengths, d.window_count, sink_page_,
+                           config_.num_hidden_layers, rows_, config_.num_key_value_heads,
+                           max_pages_, n, rows - n, d.stream);
+    RunStep(rows, graph);
     EnqueuePageChanges(0, n, 1);
     ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
     // Outputs of rows 0..n-1, their heads' lengths and the page changes.
@@ -962,33 +984,41 @@ void CudaEngine::AddStepGpuTime() {
   step_gpu_seconds_ += 1e-3 * gpu_ms;
 }
 
-cudaGraphExec_t CudaEngine::StepGraph(int n) {
-  Device& d = *dev_;
-  // One graph per batch size, captured at its first step (the kernels' scratch was sized for
-  // the largest batch up front, so no later call moves a buffer a graph points to).
-  auto it = d.graphs.find(n);
-  if (it != d.graphs.end()) return it->second;
-  const auto start = std::chrono::steady_clock::now();
-  cudaGraph_t graph;
-  ENGINE_CUDA(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
-  EnqueueStep(n);
-  ENGINE_CUDA(cudaStreamEndCapture(d.stream, &graph));
-  cudaGraphExec_t exec;
-  ENGINE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  ENGINE_CUDA(cudaGraphDestroy(graph));
-  d.graphs.emplace(n, exec);
-  graph_capture_seconds_ +=
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return exec;
+int CudaEngine::StepRows(int n) const {
+  if (!opt_.cuda_graphs || n < num_sequences()) return n;
+  return std::min((n + kStepBucket - 1) / kStepBucket * kStepBucket, opt_.max_batch);
 }
 
-int CudaEngine::graphs() const { return static_cast<int>(dev_->graphs.size()); }
+cudaGraphExec_t CudaEngine::StepGraph(int rows) {
+  if (!opt_.cuda_graphs) return nullptr;
+  Device::Graph& g = dev_->graphs[rows];
+  // Captured at its second step (the kernels' scratch was sized for the most rows up front, so
+  // no later call moves a buffer a graph points to).
+  if (g.exec != nullptr || ++g.steps < 2) return g.exec;
+  const auto start = std::chrono::steady_clock::now();
+  cudaStream_t stream = dev_->stream;
+  cudaGraph_t graph;
+  ENGINE_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  EnqueueStep(rows);
+  ENGINE_CUDA(cudaStreamEndCapture(stream, &graph));
+  ENGINE_CUDA(cudaGraphInstantiate(&g.exec, graph, 0));
+  ENGINE_CUDA(cudaGraphDestroy(graph));
+  graph_capture_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return g.exec;
+}
 
-void CudaEngine::LaunchStep(int n) {
-  if (opt_.cuda_graphs)
-    ENGINE_CUDA(cudaGraphLaunch(StepGraph(n), dev_->stream));
+int CudaEngine::graphs() const {
+  int captured = 0;
+  for (const auto& [rows, g] : dev_->graphs) captured += g.exec != nullptr;
+  return captured;
+}
+
+void CudaEngine::RunStep(int rows, cudaGraphExec_t graph) {
+  if (graph != nullptr)
+    ENGINE_CUDA(cudaGraphLaunch(graph, dev_->stream));
   else
-    EnqueueStep(n);
+    EnqueueStep(rows);
 }
 
 absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
@@ -1008,7 +1038,8 @@ absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
   if (absl::Status s = GrowPages(full); !s.ok()) return s;
   // <m> number m of every compressing row as one step of rows 0..k-1, each appending its KVs and
   // attending to every slot before it; the host writes the next pass's inputs once the stream
-  // has read this one's.
+  // has read this one's. Rows k.. hold other sequences: no padding.
+  const cudaGraphExec_t graph = StepGraph(k);
   ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
   for (int m = 0; m < z.t; ++m) {
     for (int seq : full) {
@@ -1020,7 +1051,7 @@ absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
     }
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice,
                                 d.stream));
-    LaunchStep(k);
+    RunStep(k, graph);
     ENGINE_CUDA(cudaStreamSynchronize(d.stream));
   }
   // [memory | segment of tc | t new memory] → [memory | t new memory] in every head.

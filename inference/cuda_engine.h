@@ -14,7 +14,7 @@
 // (per layer RMSNorm, Q/K/V GEMMs, the hard DMC decisions, the append-or-merge write of all heads
 // of all rows in one kernel, RoPE of the queries at each row's position, the paged decode
 // attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
-// the token choice, kernels/sample.h) as one CUDA graph replay per batch size, then
+// the token choice, kernels/sample.h) as one CUDA graph replay (below), then
 // kernels/paged_kv_pages.h finds the heads whose pages change. Copies bring back the chosen tokens, every
 // head's length (a host mirror that length() reads) and the few heads that return pages (an
 // eviction emptied them, or a prefill's worst case left them unfilled) or need one before the
@@ -23,6 +23,19 @@
 // ceil(slots / page_size) pages, as the CPU cache does, and the spare one if its last page is
 // full; bytes() counts the kept pages only, KvSequenceBytes at bf16 pages and fp32 window state,
 // while used_bytes() (the allocator's) includes the spares.
+//
+// Step graphs, as vLLM's: a step replays the CUDA graph of its number of rows, captured at the
+// second step of that number (the first runs the kernels directly: a number met once costs no
+// capture). A step of every sequence held (its rows 0..n-1 are all the used rows) is padded to
+// a multiple of kStepBucket rows, or to max_batch, so that a saturated batch, whose size moves by
+// a few sequences as they finish and join, replays a few graphs instead of capturing one for
+// each size. The padding rows hold no sequence; before the step kernels::paged_kv_clear_rows
+// empties their heads and points their page tables at a sink page, one past the budget's pages,
+// which no sequence holds: their tokens (id 0 at position 0, greedy) append into the sink's
+// slot 0 (settling: into their own residual blocks) and attend to it alone, touch no other row's
+// pages and nothing the allocator counts, and the host ignores their outputs. A step of some of
+// the sequences (LoMA's compressions, a step beside chunked prefills) runs at its own number of
+// rows.
 //
 // Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
@@ -149,11 +162,15 @@ struct CudaEngineOptions {
   int page_size = 16;
   int max_batch = 64;    // sequences admitted at once, at most
   int max_context = 0;   // the longest sequence (prompt + generated); 0: max_position_embeddings
-  bool cuda_graphs = true;
+  bool cuda_graphs = true;  // steps as CUDA graphs, padded to buckets of rows (above)
 };
 
 class CudaEngine : public DecodeEngine {
  public:
+  // A step of every sequence runs a multiple of this many rows, or max_batch (with CUDA graphs;
+  // above).
+  static constexpr int kStepBucket = 8;
+
   // Uploads the weights of `model` (tensor-parallel size 1) in bf16; the model may be freed after.
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(const model::Llama<float>& model,
                                                             const CudaEngineOptions& options);
@@ -193,11 +210,11 @@ class CudaEngine : public DecodeEngine {
 
   int max_context() const { return max_context_; }
   int max_batch() const { return opt_.max_batch; }
-  // Device time of every Step so far, from its inputs' upload to its last kernel (graph capture
-  // included); the rest of the wall time in Step is the host's (page bookkeeping, copies back).
+  // Device time of every Step so far, from its inputs' upload to its last kernel (graph captures
+  // left out); the rest of the wall time in Step is the host's (page bookkeeping, copies back).
   double step_gpu_seconds() const { return step_gpu_seconds_; }
-  // Host time spent capturing and instantiating step graphs (one per batch size, at its first
-  // step), and how many there are.
+  // Host time spent capturing and instantiating step graphs (one per number of rows run, padded
+  // to buckets, at its second step), and how many there are.
   double graph_capture_seconds() const { return graph_capture_seconds_; }
   int graphs() const;
 
@@ -270,10 +287,15 @@ class CudaEngine : public DecodeEngine {
   // Enqueues the device work of a step of rows 0..n-1 (graph body; the page changes follow it
   // outside the graph, so that LoMA's <m> passes, which are steps too, leave the pages alone).
   void EnqueueStep(int n);
-  // Runs it: the batch size's CUDA graph (StepGraph), or the kernels directly.
-  void LaunchStep(int n);
-  // The step graph of batch size n, captured at its first use.
-  cudaGraphExec_t StepGraph(int n);
+  // The rows a step of n sequences runs: padded to a multiple of kStepBucket, or to max_batch,
+  // when graphs are on and the step holds every sequence (the rows after n are then free), else
+  // n.
+  int StepRows(int n) const;
+  // The step graph of `rows` rows: null at its first use (run the kernels directly), captured at
+  // the second (the capture's time goes to graph_capture_seconds, not to the step's).
+  cudaGraphExec_t StepGraph(int rows);
+  // Runs a step of `rows` rows: the graph when there is one, else the kernels directly.
+  void RunStep(int rows, cudaGraphExec_t graph);
   // Adds the device time between the step_begin and step_end events (synchronised).
   void AddStepGpuTime();
   void EnqueuePrefill(int row, int P);
@@ -296,6 +318,7 @@ class CudaEngine : public DecodeEngine {
   PagedCacheOptions cache_opt_;
   PageAllocator alloc_;
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
+  int32_t sink_page_ = 0;  // the padding rows' page, one past the budget's (StepRows)
   double step_gpu_seconds_ = 0, graph_capture_seconds_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
   bool evicts_ = false;       // h2o or tova: eviction by each step's attention

@@ -420,6 +420,9 @@ void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, 
 void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
                            const int32_t* page, int n, int max_pages,
                            cudaStream_t stream = nullptr);
+void paged_kv_clear_rows(int32_t* page_table, int32_t* lengths, int32_t* q_lengths,
+                         int32_t* window_count, int32_t sink, int L, int R, int Hkv,
+                         int max_pages, int row0, int n, cudaStream_t stream = nullptr);
 // One sequence (row) of P tokens; uses scratch slot 11 for the slot indices.
 void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf16* vhat,
                       const bf16* k, const bf16* v, const float* merge, const float* omega, int P,

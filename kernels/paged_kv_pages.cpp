@@ -41,4 +41,18 @@ void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* in
   }
 }
 
+void paged_kv_clear_rows(int32_t* page_table, int32_t* lengths, int32_t* q_lengths,
+                         int32_t* window_count, int32_t sink, int L, int R, int Hkv,
+                         int max_pages, int row0, int n) {
+  for (int l = 0; l < L; ++l) {
+    const long first = (static_cast<long>(l) * R + row0) * Hkv;
+    for (long head = first; head < first + static_cast<long>(n) * Hkv; ++head) {
+      lengths[head] = 0;
+      if (q_lengths != nullptr) q_lengths[head] = 0;
+      window_count[head] = 0;
+      page_table[head * max_pages] = sink;
+    }
+  }
+}
+
 }  // namespace dmc::kernels

@@ -75,6 +75,19 @@ __global__ void assign_pages_kernel(int32_t* page_table, int32_t* held, const in
   atomicMax(&held[index[j] / max_pages], static_cast<int32_t>(index[j] % max_pages) + 1);
 }
 
+// One thread per head of the padding rows: (layer, head within the rows) = (blockIdx.y, j).
+__global__ void clear_rows_kernel(int32_t* page_table, int32_t* lengths, int32_t* q_lengths,
+                                  int32_t* window_count, int32_t sink, int R, int Hkv,
+                                  int max_pages, int row0, int n) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n * Hkv) return;
+  const long head = (static_cast<long>(blockIdx.y) * R + row0) * Hkv + j;
+  lengths[head] = 0;
+  if (q_lengths != nullptr) q_lengths[head] = 0;
+  window_count[head] = 0;
+  page_table[head * max_pages] = sink;
+}
+
 }  // namespace
 
 void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,
@@ -91,6 +104,16 @@ void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* in
   if (n <= 0) return;
   assign_pages_kernel<<<ceil_div(n, kThreads), kThreads, 0, stream>>>(page_table, held, index,
                                                                       page, n, max_pages);
+  DMC_CUDA_CHECK_LAUNCH();
+}
+
+void paged_kv_clear_rows(int32_t* page_table, int32_t* lengths, int32_t* q_lengths,
+                         int32_t* window_count, int32_t sink, int L, int R, int Hkv,
+                         int max_pages, int row0, int n, cudaStream_t stream) {
+  if (n <= 0 || L <= 0) return;
+  const dim3 grid(ceil_div(static_cast<long>(n) * Hkv, kThreads), L);
+  clear_rows_kernel<<<grid, kThreads, 0, stream>>>(page_table, lengths, q_lengths, window_count,
+                                                   sink, R, Hkv, max_pages, row0, n);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -32,6 +32,14 @@
 // paged_kv_assign_pages: page_table[index[j]] = page[j] (flat into the tables [L, R, Hkv,
 // max_pages]) and held[index[j] / max_pages] = max(held, index[j] mod max_pages + 1): the pages
 // the host hands out, in table order.
+//
+// paged_kv_clear_rows: rows row0 .. row0 + n − 1 of L layers, which hold no sequence, become a
+// step's padding rows (inference/cuda_engine.h runs a step of a few batch sizes, its free rows
+// inert): every head's lengths, q_lengths (when not null) and window_count = 0, and the first
+// entry of its page table = sink, a page no sequence holds. A step's append then writes each of
+// their heads' token into slot 0 of the sink page (or of its own residual block), and its
+// attention, eviction and settling see a head of that one slot: none of them reads or writes
+// another row's pages. held is left alone: a sequence admitted to the row starts from 0.
 #pragma once
 
 #include <cstdint>
@@ -74,5 +82,9 @@ void paged_kv_page_changes(const PagedKvPages& pages, int row0, int n, int token
 
 void paged_kv_assign_pages(int32_t* page_table, int32_t* held, const int64_t* index,
                            const int32_t* page, int n, int max_pages);
+
+void paged_kv_clear_rows(int32_t* page_table, int32_t* lengths, int32_t* q_lengths,
+                         int32_t* window_count, int32_t sink, int L, int R, int Hkv,
+                         int max_pages, int row0, int n);
 
 }  // namespace dmc::kernels

@@ -410,6 +410,45 @@ TEST(CudaPagedKvPages, MatchCpuReference) {
     }
 }
 
+// The padding rows' reset (kernels/paged_kv_pages.h) against its CPU reference: random tables,
+// lengths and ring counts, a middle range of rows of every layer, with and without quantized
+// lengths; nothing outside those rows' heads and their first table entries changes.
+TEST(CudaPagedKvPages, ClearRowsMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  const int L = 3, R = 11, Hkv = 100, max_pages = 5, row0 = 4, n = 6;
+  const int32_t sink = 4321;
+  const size_t heads = size_t(L) * R * Hkv;
+  for (bool quant : {false, true}) {
+    SCOPED_TRACE(quant ? "quantized" : "bf16");
+    std::vector<int32_t> table(heads * max_pages), lengths(heads), q_lengths(heads), count(heads);
+    for (std::vector<int32_t>* a : {&table, &lengths, &q_lengths, &count})
+      for (int32_t& x : *a) x = 1 + static_cast<int32_t>(rng()() % 1000);
+    DevBuf<int32_t> dtable(table), dlengths(lengths), dq(q_lengths), dcount(count);
+    kernels::paged_kv_clear_rows(table.data(), lengths.data(), quant ? q_lengths.data() : nullptr,
+                                 count.data(), sink, L, R, Hkv, max_pages, row0, n);
+    cuda::paged_kv_clear_rows(dtable, dlengths, quant ? dq.ptr : nullptr, dcount, sink, L, R, Hkv,
+                              max_pages, row0, n);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dtable.download(), table);
+    EXPECT_EQ(dlengths.download(), lengths);
+    EXPECT_EQ(dq.download(), q_lengths);
+    EXPECT_EQ(dcount.download(), count);
+    // The reference itself: exactly the rows' heads, every layer.
+    long cleared = 0;
+    for (size_t head = 0; head < heads; ++head) {
+      const int row = static_cast<int>(head / Hkv % R);
+      const bool padding = row >= row0 && row < row0 + n;
+      cleared += padding;
+      EXPECT_EQ(lengths[head] == 0, padding) << "head " << head;
+      EXPECT_EQ(count[head] == 0, padding) << "head " << head;
+      EXPECT_EQ(q_lengths[head] == 0, padding && quant) << "head " << head;
+      EXPECT_EQ(table[head * max_pages] == sink, padding) << "head " << head;
+      EXPECT_NE(table[head * max_pages + 1], sink) << "head " << head;
+    }
+    EXPECT_EQ(cleared, long(L) * n * Hkv);
+  }
+}
+
 // A chunk's attention over its sequence's cache and itself (kernels/chunk_attention.h): random
 // pools, page tables and a hard mask against the CPU reference. Short chunks with random
 // per-(query, head) prefixes (0 included); long chunks (several query tiles of 64 rows, several
@@ -1054,6 +1093,25 @@ std::pair<double, double> LogprobTolerance(const EngineCase& c) {
   return {0.15, 0.02};
 }
 
+// How far two runs' outputs for the same tokens, (request, position) → output, lie apart: the
+// largest and the mean difference of the log-probabilities, and how many argmaxes differ.
+struct OutputDrift {
+  double worst = 0, mean = 0;
+  int argmax_differ = 0;
+};
+OutputDrift Drift(const std::map<std::pair<int, int>, TokenOutput>& want,
+                  const std::map<std::pair<int, int>, TokenOutput>& got) {
+  OutputDrift drift;
+  for (const auto& [key, out] : want) {
+    const TokenOutput& g = got.at(key);
+    const double d = std::fabs(g.logprob - out.logprob);
+    drift.worst = std::max(drift.worst, d);
+    drift.mean += d / want.size();
+    drift.argmax_differ += g.argmax != out.argmax;
+  }
+  return drift;
+}
+
 // ShapeEvalModel; a DMS model's decisions then alternate by layer, as the DMC model's do.
 std::vector<int32_t> ShapeEngineModel(model::Llama<float>* m, uint64_t seed) {
   std::vector<int32_t> predicted = ShapeEvalModel(m, seed);
@@ -1138,25 +1196,17 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   const Run want = run(**cpu, n);
   const Run got = run(**gpu, 8);
   ASSERT_EQ(got.outs.size(), size_t(n) * T);
-  double worst = 0, sum = 0;
-  int argmax_differ = 0;
-  for (const auto& [key, out] : want.outs) {
-    const TokenOutput& g = got.outs.at(key);
-    const double d = std::fabs(g.logprob - out.logprob);
-    worst = std::max(worst, d);
-    sum += d;
-    argmax_differ += g.argmax != out.argmax;
-  }
+  const OutputDrift drift = Drift(want.outs, got.outs);
   std::printf("[ engine ] %-8s logprob |gpu - cpu| max %.4f mean %.5f, argmax differs at %d of "
               "%zu, %ld steps, %d concurrent at most, %ld preemptions\n",
-              tc.name, worst, sum / want.outs.size(), argmax_differ, want.outs.size(),
+              tc.name, drift.worst, drift.mean, drift.argmax_differ, want.outs.size(),
               got.stats.steps, got.stats.max_concurrent, got.stats.preemptions);
   const auto [worst_tol, mean_tol] = LogprobTolerance(tc);
-  EXPECT_LT(worst, worst_tol);
-  EXPECT_LT(sum / want.outs.size(), mean_tol);
+  EXPECT_LT(drift.worst, worst_tol);
+  EXPECT_LT(drift.mean, mean_tol);
   // The argmax may differ at 1 token in 100 (1 in 50 at 4 and 2 bits, as above).
   const bool coarse = tc.bits > 0 && tc.bits < 8;
-  EXPECT_LE(argmax_differ, static_cast<int>(want.outs.size()) / (coarse ? 50 : 100));
+  EXPECT_LE(drift.argmax_differ, static_cast<int>(want.outs.size()) / (coarse ? 50 : 100));
   EXPECT_GT(got.stats.max_concurrent, 1);
   EXPECT_LT(got.stats.max_concurrent, n) << "the budget should have made requests wait";
   long merged = 0;
@@ -1504,6 +1554,166 @@ INSTANTIATE_TEST_SUITE_P(
                    DmsVariant::kQueryChannel, 0, 0, 0, LayerAllocation::kUniform, {}, 64},
         EngineCase{"dms_qchannel_think_k24_g4", false, 512, 8, 2, CacheMethod::kDms, 1,
                    DmsVariant::kQueryChannel, 0, 16, 0, LayerAllocation::kUniform, {}, 24}),
+    [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
+
+class CudaEngineGraphs : public CudaEngineVsCpu {};
+
+// Step graphs with padded batches (inference/cuda_engine.h) against the same engine without
+// graphs, every step at its own rows: the same requests, joining and finishing between steps
+// (so freed rows, and rows the last sequence moved out of, serve as padding while their old
+// pages go to other sequences), a sequence sitting a step out now and then (a step of some of
+// the sequences, unpadded), prompts by parallel prefill where the cache has it, every token
+// teacher-forced (the same inputs whatever the outputs). After every step the same slots in every
+// head, the same bytes() per sequence and used_bytes(); for every token the same argmax and
+// log-probabilities within the bounds below. The number of graphs is the number of row counts
+// stepped at least twice: buckets of kStepBucket rows (the last one max_batch) for the steps of
+// every sequence.
+//
+// The bounds: padding changes the rows each GEMM multiplies, and cuBLAS may choose another kernel
+// (another summation order) for another row count, so a bf16 activation may round the other way
+// (bit-identical outputs pass trivially). Where that moves nothing discrete, the log-probabilities
+// stay within 0.02 (mean 0.001) and an argmax may flip at a near tie, 1 token in 200 at most. A
+// cache that ranks slots or channels by bf16 attention weights or queries (H2O, TOVA, ZipCache,
+// ThinK) may then keep another one, and a quantized one may round a value to the next code, as
+// between the GPU and CPU engines: their bounds (LogprobTolerance), 1 argmax in 100.
+TEST_P(CudaEngineGraphs, PaddedBatchesMatchUnpaddedSteps) {
+  const EngineCase& tc = GetParam();
+  const model::LlamaConfig config = EngineConfig(tc);
+  const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads, T = 40, n = 34;
+  const int max_batch = 20, bucket = inference::CudaEngine::kStepBucket;
+  model::Llama<float> host(config, nullptr);
+  const std::vector<int32_t> predicted = ShapeEngineModel(&host, 8);
+  const auto windows = PredictableWindows(n, T, predicted, 12);
+  inference::CudaEngineOptions o;
+  o.policy = PolicyOf(tc, T);
+  o.budget_bytes = 1L << 25;
+  o.page_size = tc.page_size > 0 ? tc.page_size : 4;
+  o.max_batch = max_batch;
+  o.max_context = T;
+  // Request i: arrives at step i (later while max_batch run), runs 8 to 40 tokens, the first
+  // 2 to 7 of them its prompt: the batch grows to max_batch, stays there while requests wait,
+  // and drains.
+  auto arrival = [](int i) { return i; };
+  auto length = [](int i) { return 8 + (i * 13) % 33; };
+  auto prompt = [](int i) { return 2 + (i * 5) % 6; };
+
+  struct Run {
+    std::map<std::pair<int, int>, TokenOutput> outs;  // (request, position)
+    std::vector<std::vector<int>> slots;               // every head of every running request
+    std::vector<long> bytes;                           // after each step: bytes(), used_bytes()
+    std::map<int, int> row_steps;                      // steps (and passes) by the rows they run
+    long steps = 0, padded = 0;
+    int graphs = 0;
+  };
+  auto run = [&](bool graphs) {
+    Run r;
+    o.cuda_graphs = graphs;
+    auto made = inference::CudaEngine::Create(host, o);
+    EXPECT_TRUE(made.ok()) << made.status();
+    if (!made.ok()) return r;
+    inference::CudaEngine& e = **made;
+    std::vector<int> running;
+    int next = 0;
+    for (int step = 0; next < n || !running.empty(); ++step) {
+      while (next < n && arrival(next) <= step && static_cast<int>(running.size()) < max_batch) {
+        const int q = next++;
+        EXPECT_TRUE(e.AddSequence(q, {}).ok());
+        if (e.parallel_prefill()) {
+          const std::vector<int32_t> p(windows[q].begin(), windows[q].begin() + prompt(q));
+          TokenOutput out;
+          EXPECT_TRUE(e.Prefill(q, p, windows[q][prompt(q)], &out).ok());
+          r.outs[{q, prompt(q) - 1}] = out;
+        }
+        running.push_back(q);
+      }
+      if (running.empty()) continue;
+      // Every fifth step the longest-running request sits out.
+      std::vector<int> stepped = running;
+      if (step % 5 == 3 && running.size() > 1) stepped.erase(stepped.begin());
+      std::vector<int32_t> tokens, targets;
+      for (int q : stepped) {
+        tokens.push_back(windows[q][e.tokens(q)]);
+        targets.push_back(windows[q][e.tokens(q) + 1]);
+      }
+      std::vector<TokenOutput> outs;
+      const absl::Status s = e.Step(stepped, tokens.data(), targets.data(), &outs);
+      EXPECT_TRUE(s.ok()) << s;
+      if (!s.ok()) return r;
+      const int m = static_cast<int>(stepped.size());
+      const bool every = m == static_cast<int>(running.size());
+      const int rows = every ? std::min((m + bucket - 1) / bucket * bucket, max_batch) : m;
+      ++r.row_steps[rows];
+      ++r.steps;
+      r.padded += rows > m;
+      int compressing = 0;  // LoMA: the requests whose token completed a segment
+      for (int i = 0; i < m; ++i) {
+        r.outs[{stepped[i], e.tokens(stepped[i]) - 1}] = outs[i];
+        if (tc.method == CacheMethod::kLoma)
+          compressing += e.tokens(stepped[i]) % config.loma.zones.segment() == 0;
+      }
+      if (compressing > 0) ++r.row_steps[compressing];
+      std::vector<int> done;
+      for (int q : running) {
+        std::vector<int> heads;
+        for (int l = 0; l < L; ++l)
+          for (int h = 0; h < Hkv; ++h) heads.push_back(e.length(q, l, h));
+        r.slots.push_back(heads);
+        r.bytes.push_back(e.bytes(q));
+        if (e.tokens(q) == length(q)) done.push_back(q);
+      }
+      r.bytes.push_back(e.used_bytes());
+      for (int q : done) {
+        EXPECT_TRUE(e.Free(q).ok());
+        running.erase(std::find(running.begin(), running.end(), q));
+      }
+    }
+    EXPECT_EQ(e.used_bytes(), 0) << "pages or window state leaked";
+    r.graphs = e.graphs();
+    return r;
+  };
+  const Run want = run(false), got = run(true);
+  ASSERT_EQ(got.outs.size(), want.outs.size());
+  EXPECT_EQ(want.graphs, 0);
+  int expected_graphs = 0;
+  for (const auto& [rows, steps] : got.row_steps) expected_graphs += steps >= 2;
+  EXPECT_EQ(got.graphs, expected_graphs);
+  const OutputDrift drift = Drift(want.outs, got.outs);
+  std::printf("[ graphs ] %-16s %ld steps (%ld padded), %zu row counts, %d graphs; logprob "
+              "|padded - unpadded| max %.2e mean %.2e, argmax differs at %d of %zu\n",
+              tc.name, got.steps, got.padded, got.row_steps.size(), got.graphs, drift.worst,
+              drift.mean, drift.argmax_differ, want.outs.size());
+  EXPECT_GT(got.padded, got.steps / 3) << "the schedule pads too few steps to test padding";
+  EXPECT_GT(static_cast<int>(got.row_steps.size()), got.graphs);
+  EXPECT_EQ(got.slots, want.slots);
+  EXPECT_EQ(got.bytes, want.bytes);
+  const bool coarse = tc.method == CacheMethod::kH2O || tc.method == CacheMethod::kTova ||
+                      tc.salient > 0 || tc.think > 0 || tc.bits > 0;
+  const auto [worst_tol, mean_tol] = coarse ? LogprobTolerance(tc) : std::pair{0.02, 0.001};
+  EXPECT_LT(drift.worst, worst_tol);
+  EXPECT_LT(drift.mean, mean_tol);
+  EXPECT_LE(drift.argmax_differ, static_cast<int>(want.outs.size()) / (coarse ? 100 : 200));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaEngineGraphs,
+    ::testing::Values(
+        EngineCase{"vanilla", false, 128, 2, 2, CacheMethod::kVanilla},
+        EngineCase{"dmc", true, 128, 2, 2, CacheMethod::kDmc},
+        EngineCase{"dmc_gqa", true, 256, 4, 2, CacheMethod::kDmc},
+        EngineCase{"h2o_cr2_gqa", false, 256, 4, 2, CacheMethod::kH2O, 2.0},
+        EngineCase{"tova_cr4_d128", false, 256, 2, 2, CacheMethod::kTova, 4.0},
+        EngineCase{"dms_adapter_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kAdapter},
+        EngineCase{"dmc_int4", true, 128, 2, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 4},
+        EngineCase{"dms_qchannel_int4_gqa", false, 256, 4, 2, CacheMethod::kDms, 1,
+                   DmsVariant::kQueryChannel, 4},
+        EngineCase{"zip8_4x2", false, 128, 2, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone, 4,
+                   0, 2},
+        EngineCase{"dmc_think_k32", true, 128, 2, 2, CacheMethod::kDmc, 1, DmsVariant::kNone, 0,
+                   0, 0, LayerAllocation::kUniform, {}, 32},
+        EngineCase{"loma_c4", false, 128, 2, 2, CacheMethod::kLoma, 4.0},
+        EngineCase{"kvsharer_1_gqa", false, 256, 4, 2, CacheMethod::kVanilla, 1,
+                   DmsVariant::kNone, 0, 0, 0, LayerAllocation::kUniform, {0, 1, 0}}),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.
