@@ -76,10 +76,10 @@ struct CudaEngine::Device {
   std::vector<size_t> layer_offsets;  // [layer · kLayerTensors + tensor]
   size_t embed = 0, final_norm = 0, lm_head = 0;
   // The cache (kernels/paged_kv_write.h), all layers: tables [L, R, Hkv, max_pages], lengths and
-  // window counts [L, R, Hkv], window [L, R, Hkv, w, 2D + 1].
+  // window counts [L, R, Hkv], window [L, R, Hkv, w, 2D] and window_omega [L, R, Hkv, w].
   bf16 *k_pool = nullptr, *v_pool = nullptr;
   int32_t *page_table = nullptr, *lengths = nullptr, *window_count = nullptr;
-  float* window = nullptr;
+  float *window = nullptr, *window_omega = nullptr;
   // H2O and TOVA (kernels/paged_kv_evict.h): every slot's token position and H2O's accumulated
   // score, [pages, page_size] beside the pools (so both travel with their page, whatever row it
   // serves), and the step's attention weights [R, H, max_pages · page_size].
@@ -173,9 +173,9 @@ CudaEngine::~CudaEngine() {
   for (auto& [rows, g] : d.graphs)
     if (g.exec) cudaGraphExecDestroy(g.exec);
   for (void* p : {(void*)d.weights, (void*)d.k_pool, (void*)d.v_pool, (void*)d.page_table,
-                  (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.slot_pos,
-                  (void*)d.scores, (void*)d.probs, (void*)d.marks, (void*)d.dms,
-                  (void*)d.pdms_x, (void*)d.x,
+                  (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.window_omega,
+                  (void*)d.slot_pos, (void*)d.scores, (void*)d.probs, (void*)d.marks,
+                  (void*)d.dms, (void*)d.pdms_x, (void*)d.x,
                   (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
                   (void*)d.gate, (void*)d.up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
                   (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
@@ -394,8 +394,10 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
                             heads * sizeof(kernels::PageChange), cudaHostAllocMapped));
   for (int32_t** a : {&d.change_counts_host, &d.row_slots_host, &d.row_spare_host})
     ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(a), R * sizeof(int32_t), cudaHostAllocMapped));
-  if (cache_opt_.dmc_window > 0)
-    d.window = Alloc<float>(heads * cache_opt_.dmc_window * (2 * D + 1));
+  if (cache_opt_.dmc_window > 0) {
+    d.window = Alloc<float>(heads * cache_opt_.dmc_window * 2 * D);
+    d.window_omega = Alloc<float>(heads * cache_opt_.dmc_window);
+  }
   // Per slot of the pages, or (settling) of the residual blocks.
   const size_t slots = settles_ ? heads * residual_slots_ : pages * opt_.page_size;
   if (evicts_ || dms_) d.slot_pos = Alloc<int32_t>(slots);
@@ -570,7 +572,10 @@ void CudaEngine::MoveRow(int from, int to) {
   for (size_t l = 0; l < L; ++l)
     for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
       std::copy_n(mirror + (l * R + from) * Hkv, Hkv, mirror + (l * R + to) * Hkv);
-  if (d.window) move(d.window, Hkv * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) * sizeof(float));
+  if (d.window) {
+    move(d.window, Hkv * cache_opt_.dmc_window * 2 * config_.head_dim() * sizeof(float));
+    move(d.window_omega, Hkv * cache_opt_.dmc_window * sizeof(float));
+  }
   if (settles_) {
     move(d.q_lengths, heads);
     move(d.r_k, Hkv * residual_slots_ * config_.head_dim() * sizeof(bf16));
@@ -738,8 +743,10 @@ c::PagedKv CudaEngine::CacheLayer(int l) const {
   layer.v_pool = d.v_pool;
   layer.page_table = d.page_table + head0 * max_pages_;
   layer.lengths = d.lengths + head0;
-  layer.window =
-      d.window ? d.window + head0 * cache_opt_.dmc_window * (2 * config_.head_dim() + 1) : nullptr;
+  if (d.window) {
+    layer.window = d.window + head0 * cache_opt_.dmc_window * 2 * config_.head_dim();
+    layer.window_omega = d.window_omega + head0 * cache_opt_.dmc_window;
+  }
   layer.window_count = d.window_count + head0;
   layer.slot_pos = d.slot_pos;
   layer.max_pages = max_pages_;

@@ -409,6 +409,7 @@ void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
 using PagedKv = kernels::PagedKvLayer<bf16>;
 // k, v [n, Hkv, D] pre-RoPE; merge, omega [n, Hkv] (null: never merge / omega 1); positions [n].
+// D 64 or 128; k, v, the pools and the window 16-byte aligned.
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream = nullptr);

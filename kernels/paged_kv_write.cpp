@@ -29,7 +29,6 @@ void paged_kv_append(const PagedKvLayer<T>& c, const T* k, const T* v, const flo
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel) {
   const int w = c.window_size;
-  const long entry = 2L * D + 1;
   std::vector<float> key(D), value(D);
   for (int i = 0; i < n; ++i)
     for (int h = 0; h < Hkv; ++h) {
@@ -44,22 +43,24 @@ void paged_kv_append(const PagedKvLayer<T>& c, const T* k, const T* v, const flo
       const T* kt = k + head * D;
       const T* vt = v + head * D;
       if (w > 0) {
-        float* ring = c.window + head * w * entry;
-        float* e = ring + (pos % w) * entry;
+        float* ring = c.window + head * w * 2 * D;
+        float* ring_omega = c.window_omega + head * w;
+        float* e = ring + (pos % w) * 2 * D;
         for (int d = 0; d < D; ++d) {
           e[d] = static_cast<float>(kt[d]);
           e[D + d] = static_cast<float>(vt[d]);
         }
-        e[2 * D] = omega ? omega[head] : 1.0f;
+        ring_omega[pos % w] = omega ? omega[head] : 1.0f;
         const int count = c.window_count[head] = std::min(c.window_count[head] + 1, w);
         double denom = 0;
         std::vector<double> ks(D, 0.0), vs(D, 0.0);
         for (int p = pos - count + 1; p <= pos; ++p) {
-          const float* r = ring + (p % w) * entry;
-          denom += r[2 * D];
+          const float* r = ring + (p % w) * 2 * D;
+          const double om = ring_omega[p % w];
+          denom += om;
           for (int d = 0; d < D; ++d) {
-            ks[d] += static_cast<double>(r[2 * D]) * r[d];
-            vs[d] += static_cast<double>(r[2 * D]) * r[D + d];
+            ks[d] += om * r[d];
+            vs[d] += om * r[D + d];
           }
         }
         for (int d = 0; d < D; ++d) {
@@ -104,13 +105,13 @@ void paged_kv_prefill(const PagedKvLayer<T>& c, int row, const T* khat, const T*
     const int first = std::max(last_append, P - w);
     c.window_count[head] = P - first;
     for (int p = first; p < P; ++p) {
-      float* e = c.window + (head * w + p % w) * (2L * D + 1);
+      float* e = c.window + (head * w + p % w) * 2 * D;
       const long src = (static_cast<long>(p) * Hkv + h) * D;
       for (int d = 0; d < D; ++d) {
         e[d] = static_cast<float>(k[src + d]);
         e[D + d] = static_cast<float>(v[src + d]);
       }
-      e[2 * D] = omega ? omega[static_cast<long>(p) * Hkv + h] : 1.0f;
+      c.window_omega[head * w + p % w] = omega ? omega[static_cast<long>(p) * Hkv + h] : 1.0f;
     }
   }
 }
@@ -125,7 +126,8 @@ void paged_kv_extend(const PagedKvLayer<T>& c, int row, const T* k, const T* v, 
   r.page_table += head0 * c.max_pages;
   r.lengths += head0;
   if (c.window_size > 0) {
-    r.window += head0 * c.window_size * (2L * D + 1);
+    r.window += head0 * c.window_size * 2 * D;
+    r.window_omega += head0 * c.window_size;
     r.window_count += head0;
   }
   for (int h = 0; h < Hkv; ++h) {

@@ -1,7 +1,11 @@
 // Paged KV cache writes on the GPU (spec: kernels/paged_kv_write.h).
-// append:  one CTA of D/2 threads per (row, KV head); thread c owns the RoPE pair (c, c + D/2),
-//          so the ring mean, the rotation and the stores of a channel pair stay in registers.
-//          Thread 0 decides append or merge and the slot; the others wait for it in shared memory.
+// append:  a warp per (row, KV head), kAppendWarps to a CTA, no block barrier (D 64 or 128).
+//          Every lane reads the head's state and decides append or merge, the slot and the ring
+//          count alike (lane 0 writes them back); lane l holds channels l·D/32 .. (l + 1)·D/32 − 1
+//          of the key and the value, so a ring entry's key and value come in as one 16-byte
+//          (D 128) or 8-byte (D 64) load each per lane, kRingBatch entries in flight, summed
+//          oldest first as the reference sums them, the token's own term last, from registers.
+//          RoPE pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
 //          row) in three passes, each parallel over the run's tokens:
 //          (1) one CTA per KV head scans the append flags over the run (CUB block scans, a sum
@@ -16,6 +20,9 @@
 //              the last w (a chunk, as its appends write them).
 #include <cub/block/block_scan.cuh>
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -23,87 +30,163 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
+constexpr int kAppendWarps = 4;  // heads per CTA of the append, a warp each
+constexpr int kRingBatch = 8;    // ring entries a lane of the append loads before it sums them
 constexpr int kScanThreads = 256;
 constexpr int kSlotScratch = 11;  // detail::scratch slot: a run's slot (and ring count) per token
 
-// Thread c < D/2: rotates the pair (key[c], key[c + D/2]) at pos (as kernels/rope.cu) and stores
-// it in k_row, the value pair in v_row (a slot's rows of the pools, or of k̂ and v̂).
+// The key channel pair (x1, x2) = (ch, ch + D/2) rotated at pos, as kernels/rope.cu (the control
+// channel D − 1 kept, and left out of its pair's rotation, when keep_last).
+__device__ __forceinline__ float2 rotate_pair(float x1, float x2, int D, int ch, int pos,
+                                              float theta, bool keep_last) {
+  const float inv_freq = powf(theta, -2.0f * ch / D);
+  float s, co;
+  sincosf(static_cast<float>(pos) * inv_freq, &s, &co);
+  const bool ctrl = keep_last && ch == D / 2 - 1;
+  const float x2r = ctrl ? 0.f : x2;
+  return make_float2(x1 * co - x2r * s, ctrl ? x2 : x2r * co + x1 * s);
+}
+
+// Thread c < D/2: rotates the pair (key[c], key[c + D/2]) at pos and stores it in k_row, the value
+// pair in v_row (a slot's rows of the pools, or of k̂ and v̂).
 __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int ch, float k1,
                                            float k2, float v1, float v2, int pos, float theta,
                                            bool keep_last) {
   const int half = D / 2;
-  const float inv_freq = powf(theta, -2.0f * ch / D);
-  float s, co;
-  sincosf(static_cast<float>(pos) * inv_freq, &s, &co);
-  const bool ctrl = keep_last && ch == half - 1;
-  const float k2r = ctrl ? 0.f : k2;
-  k_row[ch] = tobf(k1 * co - k2r * s);
-  k_row[ch + half] = ctrl ? tobf(k2) : tobf(k2r * co + k1 * s);
+  const float2 r = rotate_pair(k1, k2, D, ch, pos, theta, keep_last);
+  k_row[ch] = tobf(r.x);
+  k_row[ch + half] = tobf(r.y);
   v_row[ch] = tobf(v1);
   v_row[ch + half] = tobf(v2);
 }
 
-// Appends or merges one token (kt, vt, its merge decision at *merge_h, null: append; its omega)
-// at pos into head `head`, as kernels::paged_kv_append: one CTA of D/2 threads, thread c the
-// channel pair (c, c + D/2); slot_s and count_s are the CTA's shared words.
-__device__ __forceinline__ void append_token(const PagedKv& c, long head, const bf16* kt,
-                                             const bf16* vt, const float* merge_h, float omega,
-                                             int pos, int D, float theta, bool keep_last,
-                                             int& slot_s, int& count_s) {
-  const int w = c.window_size, half = D / 2, ch = threadIdx.x;
-  if (threadIdx.x == 0) {
-    int len = c.lengths[head];
-    const bool m = merge_h && len > 0 && pos > 0 && *merge_h > 0.5f;
-    int count = w > 0 ? c.window_count[head] : 0;
-    if (!m) {
-      c.lengths[head] = ++len;
-      count = 0;
-    }
-    if (w > 0) c.window_count[head] = count = min(count + 1, w);
-    slot_s = len - 1;
-    count_s = count;
+// C = 2 or 4 consecutive values in one access: floats (8- or 16-byte aligned), bf16 (4 or 8).
+template <int C>
+__device__ __forceinline__ void load_floats(const float* p, float (&x)[C]) {
+  if constexpr (C == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+  } else {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    x[0] = t.x, x[1] = t.y;
   }
-  __syncthreads();
-  const long row = kernels::SlotRow(c, head, slot_s);
-  float k1 = bf(kt[ch]), k2 = bf(kt[ch + half]), v1 = bf(vt[ch]), v2 = bf(vt[ch + half]);
-  if (w > 0) {
-    const long entry = 2L * D + 1;
-    float* ring = c.window + head * w * entry;
-    float* e = ring + (pos % w) * entry;
-    e[ch] = k1;
-    e[ch + half] = k2;
-    e[D + ch] = v1;
-    e[D + ch + half] = v2;
-    if (ch == 0) e[2 * D] = omega;
-    __syncthreads();  // the omega of this token
-    float denom = 0.f, sk1 = 0.f, sk2 = 0.f, sv1 = 0.f, sv2 = 0.f;
-    for (int p = pos - count_s + 1; p <= pos; ++p) {  // oldest first, as the reference
-      const float* r = ring + (p % w) * entry;
-      const float om = r[2 * D];
-      denom += om;
-      sk1 = fmaf(om, r[ch], sk1);
-      sk2 = fmaf(om, r[ch + half], sk2);
-      sv1 = fmaf(om, r[D + ch], sv1);
-      sv2 = fmaf(om, r[D + ch + half], sv2);
-    }
-    const float inv = 1.f / denom;
-    k1 = sk1 * inv;
-    k2 = sk2 * inv;
-    v1 = sv1 * inv;
-    v2 = sv2 * inv;
+}
+// (__stcg: a plain store of a float4 built from an array was split into four.)
+template <int C>
+__device__ __forceinline__ void store_floats(float* p, const float (&x)[C]) {
+  if constexpr (C == 4)
+    __stcg(reinterpret_cast<float4*>(p), make_float4(x[0], x[1], x[2], x[3]));
+  else
+    __stcg(reinterpret_cast<float2*>(p), make_float2(x[0], x[1]));
+}
+template <int C>
+__device__ __forceinline__ void load_bf16s(const bf16* p, float (&x)[C]) {
+  alignas(8) __nv_bfloat162 h[C / 2];
+  if constexpr (C == 4)
+    *reinterpret_cast<uint2*>(h) = *reinterpret_cast<const uint2*>(p);
+  else
+    h[0] = *reinterpret_cast<const __nv_bfloat162*>(p);
+#pragma unroll
+  for (int j = 0; j < C / 2; ++j) {
+    x[2 * j] = __low2float(h[j]);
+    x[2 * j + 1] = __high2float(h[j]);
   }
-  store_pair(c.k_pool + row * D, c.v_pool + row * D, D, ch, k1, k2, v1, v2, pos, theta, keep_last);
-  if (ch == 0 && c.slot_pos) c.slot_pos[row] = pos;
+}
+template <int C>
+__device__ __forceinline__ void store_bf16s(bf16* p, const float (&x)[C]) {
+  alignas(8) __nv_bfloat162 h[C / 2];
+#pragma unroll
+  for (int j = 0; j < C / 2; ++j) h[j] = __floats2bfloat162_rn(x[2 * j], x[2 * j + 1]);
+  if constexpr (C == 4)
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
+  else
+    *reinterpret_cast<__nv_bfloat162*>(p) = h[0];
 }
 
-__global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge,
-                              const float* omega, const int32_t* positions, int Hkv, int D,
-                              float theta, bool keep_last) {
-  const long head = blockIdx.x;  // i · Hkv + h
-  __shared__ int slot_s, count_s;
-  append_token(c, head, k + head * D, v + head * D, merge ? merge + head : nullptr,
-               omega ? omega[head] : 1.f, positions[head / Hkv], D, theta, keep_last, slot_s,
-               count_s);
+// One ring entry's (or the token's own) term of the omega-weighted sums.
+template <int C>
+__device__ __forceinline__ void accumulate(float om, const float (&kx)[C], const float (&vx)[C],
+                                           float& denom, float (&sk)[C], float (&sv)[C]) {
+  denom += om;
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    sk[j] = fmaf(om, kx[j], sk[j]);
+    sv[j] = fmaf(om, vx[j], sv[j]);
+  }
+}
+
+// kernels::paged_kv_append, a warp per head = i · Hkv + h < heads; lane l holds channels
+// l·C .. l·C + C − 1 of the token's key and value, then of the slot's.
+template <int D>
+__global__ void __launch_bounds__(32 * kAppendWarps)
+    append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge, const float* omega,
+                  const int32_t* positions, int heads, int Hkv, float theta, bool keep_last) {
+  constexpr int C = D / 32;
+  const long head = static_cast<long>(blockIdx.x) * kAppendWarps + threadIdx.x / 32;
+  if (head >= heads) return;  // the whole warp
+  const int lane = threadIdx.x % 32, w = c.window_size;
+  // Every load of the head's state (and the token's) is issued before any result is needed.
+  const int pos = positions[static_cast<int>(head) / Hkv], len = c.lengths[head];
+  const int held = w > 0 ? c.window_count[head] : 0;
+  const float merge_h = merge != nullptr ? merge[head] : 0.f;
+  const float om = omega != nullptr ? omega[head] : 1.f;
+  float kx[C], vx[C];
+  load_bf16s(k + head * D + lane * C, kx);
+  load_bf16s(v + head * D + lane * C, vx);
+  const bool m = len > 0 && pos > 0 && merge_h > 0.5f;
+  const int count = m ? min(held + 1, w) : 1;  // the ring's entries with this token (w > 0)
+  const long row = kernels::SlotRow(c, head, m ? len - 1 : len);
+  __syncwarp();  // every lane has read lengths and window_count before lane 0 rewrites them
+  if (lane == 0) {
+    if (!m) c.lengths[head] = len + 1;
+    if (w > 0) c.window_count[head] = count;
+  }
+  if (w > 0) {
+    // The omega-weighted means over the ring's positions pos − count + 1 .. pos, oldest first as
+    // the reference sums: the older ones read kRingBatch at a time, then this token's.
+    float* ring = c.window + head * w * 2 * D;
+    float* ring_omega = c.window_omega + head * w;
+    float denom = 0.f, sk[C] = {}, sv[C] = {};
+    for (int p0 = pos - count + 1; p0 < pos; p0 += kRingBatch) {
+      float eo[kRingBatch] = {}, ek[kRingBatch][C] = {}, ev[kRingBatch][C] = {};
+#pragma unroll
+      for (int e = 0; e < kRingBatch; ++e)
+        if (p0 + e < pos) {
+          const int s = (p0 + e) % w;
+          eo[e] = ring_omega[s];
+          load_floats(ring + s * 2 * D + lane * C, ek[e]);
+          load_floats(ring + s * 2 * D + D + lane * C, ev[e]);
+        }
+#pragma unroll
+      for (int e = 0; e < kRingBatch; ++e)
+        if (p0 + e < pos) accumulate(eo[e], ek[e], ev[e], denom, sk, sv);
+    }
+    accumulate(om, kx, vx, denom, sk, sv);
+    // The token enters the ring at pos mod w: the entry of pos − w, which the sums left out.
+    const int s = pos % w;
+    store_floats(ring + s * 2 * D + lane * C, kx);
+    store_floats(ring + s * 2 * D + D + lane * C, vx);
+    if (lane == 0) ring_omega[s] = om;
+    const float inv = 1.f / denom;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      kx[j] = sk[j] * inv;
+      vx[j] = sv[j] * inv;
+    }
+  }
+  // RoPE pairs channel ch < D/2 (lane < 16) with ch + D/2 (lane + 16).
+  const bool first_half = lane < 16;
+  float kr[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    const float other = __shfl_xor_sync(0xffffffffu, kx[j], 16);
+    const float2 r = rotate_pair(first_half ? kx[j] : other, first_half ? other : kx[j], D,
+                                 (lane % 16) * C + j, pos, theta, keep_last);
+    kr[j] = first_half ? r.x : r.y;
+  }
+  store_bf16s(c.k_pool + row * D + lane * C, kr);
+  store_bf16s(c.v_pool + row * D + lane * C, vx);
+  if (lane == 0 && c.slot_pos) c.slot_pos[row] = pos;
 }
 
 // Whether token t of a run (a prompt, or a chunk continuing a row) appends a slot. open: the row
@@ -111,6 +194,11 @@ __global__ void append_kernel(PagedKv c, const bf16* k, const bf16* v, const flo
 // slots); a prompt's first token always appends.
 __device__ __forceinline__ bool appends(const float* merge, int t, int Hkv, int h, bool open) {
   return (t == 0 && !open) || merge == nullptr || merge[static_cast<long>(t) * Hkv + h] <= 0.5f;
+}
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "paged_kv_append: %s\n", what);
+  std::abort();
 }
 
 struct MaxOp {
@@ -179,8 +267,7 @@ __global__ void extend_slots_kernel(PagedKv c, int row, const int32_t* slot, con
   float k1 = bf(k[g * D + ch]), k2 = bf(k[g * D + ch + half]);
   float v1 = bf(v[g * D + ch]), v2 = bf(v[g * D + ch + half]);
   if (w > 0) {
-    const long entry = 2L * D + 1;
-    const float* ring = c.window + head * w * entry;
+    const float* ring = c.window + head * w * 2 * D;
     float denom = 0.f, sk1 = 0.f, sk2 = 0.f, sv1 = 0.f, sv2 = 0.f;
     for (int p = pos - count[g] + 1; p <= pos; ++p) {
       float om, a1, a2, b1, b2;
@@ -192,8 +279,8 @@ __global__ void extend_slots_kernel(PagedKv c, int row, const int32_t* slot, con
         b1 = bf(v[src * D + ch]);
         b2 = bf(v[src * D + ch + half]);
       } else {
-        const float* r = ring + (p % w) * entry;
-        om = r[2 * D];
+        const float* r = ring + (p % w) * 2 * D;
+        om = c.window_omega[head * w + p % w];
         a1 = r[ch];
         a2 = r[ch + half];
         b1 = r[D + ch];
@@ -245,13 +332,15 @@ __global__ void window_kernel(PagedKv c, int row, const bf16* k, const bf16* v, 
   const long head = static_cast<long>(row) * Hkv + h;
   if (e >= (every_token ? n : c.window_count[head])) return;
   const int t = n - 1 - e;
-  float* dst = c.window + (head * w + (start + t) % w) * (2L * D + 1);
+  const long entry = head * w + (start + t) % w;
+  float* dst = c.window + entry * 2 * D;
   const long src = (static_cast<long>(t) * Hkv + h) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     dst[d] = bf(k[src + d]);
     dst[D + d] = bf(v[src + d]);
   }
-  if (threadIdx.x == 0) dst[2 * D] = omega ? omega[static_cast<long>(t) * Hkv + h] : 1.f;
+  if (threadIdx.x == 0)
+    c.window_omega[entry] = omega ? omega[static_cast<long>(t) * Hkv + h] : 1.f;
 }
 
 }  // namespace
@@ -260,8 +349,17 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream) {
   if (n <= 0) return;
-  append_kernel<<<n * Hkv, D / 2, 0, stream>>>(cache, k, v, merge, omega, positions, Hkv, D,
-                                                theta, keep_last_channel);
+  if (D != 64 && D != 128) fail("head dim must be 64 or 128");
+  const uintptr_t window = cache.window_size > 0 ? reinterpret_cast<uintptr_t>(cache.window) : 0;
+  if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |
+       reinterpret_cast<uintptr_t>(cache.k_pool) | reinterpret_cast<uintptr_t>(cache.v_pool) |
+       window) & 15u)
+    fail("k, v, the pools and the window must be 16-byte aligned");
+  const int heads = n * Hkv;
+  const unsigned grid = (heads + kAppendWarps - 1) / kAppendWarps;
+  auto kernel = D == 128 ? append_kernel<128> : append_kernel<64>;
+  kernel<<<grid, 32 * kAppendWarps, 0, stream>>>(cache, k, v, merge, omega, positions, heads, Hkv,
+                                                 theta, keep_last_channel);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

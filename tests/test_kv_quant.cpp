@@ -401,7 +401,8 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
     const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
     const int residual = inference::KvResidualSlots(o), max_pages = steps / P + 1;
     std::vector<float> r_k(size_t(Hkv) * residual * D), r_v(r_k.size());
-    std::vector<float> window(size_t(Hkv) * std::max(1, w) * (2 * D + 1));
+    std::vector<float> window(size_t(Hkv) * std::max(1, w) * 2 * D);
+    std::vector<float> window_omega(size_t(Hkv) * std::max(1, w));
     std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0), count(Hkv, 0), blocks(Hkv);
     std::vector<int32_t> table(size_t(Hkv) * max_pages), ids(Hkv), rows(size_t(Hkv) * P);
     std::iota(blocks.begin(), blocks.end(), 0);
@@ -409,7 +410,8 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
     std::vector<uint8_t> pages(table.size() * layout.bytes);
     const kernels::PagedKvLayer<float> flat{r_k.data(), r_v.data(), nullptr,
                                             blocks.data(), r_len.data(),
-                                            w ? window.data() : nullptr, count.data(),
+                                            w ? window.data() : nullptr,
+                                            w ? window_omega.data() : nullptr, count.data(),
                                             1, residual, w};
     const kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
                                         residual};
@@ -594,8 +596,8 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
     Flat f = make_flat();
     const kernels::KvSettleLayer settle = settle_of(f);
     const kernels::PagedKvLayer<float> flat{f.r_k.data(), f.r_v.data(), f.r_pos.data(),
-                                            blocks.data(), f.r_len.data(), nullptr, count.data(),
-                                            1, residual, 0};
+                                            blocks.data(), f.r_len.data(), nullptr, nullptr,
+                                            count.data(), 1, residual, 0};
     std::vector<float> stage_k(size_t(Hkv) * P * D), stage_v(stage_k.size());
     int closed = 0, evicted = 0;
     for (int32_t t = 0; t < steps; ++t) {
@@ -647,7 +649,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
       std::iota(stage_table.begin(), stage_table.end(), 0);
       const kernels::PagedKvLayer<float> stage{sk.data(), sv.data(), stage_pos.data(),
                                                stage_table.data(), g.r_len.data(), nullptr,
-                                               count.data(), 1, prompt, 0};
+                                               nullptr, count.data(), 1, prompt, 0};
       kernels::paged_kv_dms_prefill(stage, stage_marks.data(), 0, ks.data(), vs.data(),
                                     evict.data(), prompt, Hkv, D, window, 10000.0f);
       const int max_closed = (prompt - 1) / P;
@@ -692,7 +694,8 @@ TEST(KvQuantZipCache, DeviceFormHoldsWhatTheCacheHolds) {
   std::iota(table.begin(), table.end(), 0);
   std::vector<uint8_t> pages(table.size() * layout.bytes);
   const kernels::PagedKvLayer<float> flat{r_k.data(), r_v.data(), nullptr, blocks.data(),
-                                          r_len.data(), nullptr, count.data(), 1, residual, 0};
+                                          r_len.data(), nullptr, nullptr, count.data(), 1,
+                                          residual, 0};
   kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P, residual};
   settle.r_scores = r_scores.data();
   std::normal_distribution<float> normal(0.0f, 1.0f);

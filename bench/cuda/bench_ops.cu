@@ -1,17 +1,22 @@
 // Bandwidth / throughput of the non-attention CUDA kernels on Llama-1B-like shapes (8192 tokens,
 // d = 2048, 16 heads of 128, MLP 5632, vocabulary 32000): median of CUDA-event timings after
 // warm-up, bytes counted as each input read once and each output written once, against a
-// device-to-device copy measured in the same run. Matmuls report TFLOP/s.
+// device-to-device copy measured in the same run. Matmuls report TFLOP/s. Last, the decode step's
+// cache append at Llama 2 7B's decode shape.
 //   usage: bench_ops [reps]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <numeric>
+#include <random>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "bench/cuda/bench_util.cuh"
+#include "model/config.h"
 
 namespace {
 using dmc::cuda::bf16;
@@ -137,6 +142,59 @@ int main(int argc, char** argv) {
     row_bw("dmc_scan_kv bwd w12 (dk, dv, dalpha, domega)", E * 10 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward_kv(dy, dy2, logit, merge, y, y2, x, x2, y, y2, alpha, omega, den, B, T, Hkv, D, 12); });
     cudaFree(x2), cudaFree(y2), cudaFree(dy2);
     cudaFree(noise), cudaFree(logit), cudaFree(alpha), cudaFree(merge), cudaFree(mask), cudaFree(omega), cudaFree(den);
+  }
+  // A decode step's cache append (kernels/paged_kv_write.h) in one layer at Llama 2 7B's shape
+  // and DMC's saturated batch (124 rows of 32 KV heads of 128, pages of 16), rows at 16 slots:
+  // vanilla, then DMC at the default window with half the heads merging, their rings full (each
+  // merge reads w - 1 entries, each token writes one).
+  {
+    const int R = 124, KvH = 32, Dh = 128, page = 16, w = dmc::model::DmcConfig{}.window;
+    const int heads = R * KvH, calls = g_reps + 3;  // time_ms's warm-up and timed calls
+    const int max_pages = (page + calls + page - 1) / page;
+    std::vector<int32_t> table(size_t(heads) * max_pages), lengths(heads, page), counts(heads, w),
+        positions(R);
+    std::iota(table.begin(), table.end(), 0);
+    std::iota(positions.begin(), positions.end(), 1000);
+    std::vector<float> merges(heads);
+    std::mt19937 draw(1);
+    for (auto& m : merges) m = draw() % 2 ? 1.f : 0.f;
+    const double merging = std::count(merges.begin(), merges.end(), 1.f);
+    auto upload = [](const auto& host) {
+      auto* d = dalloc<std::decay_t<decltype(host[0])>>(host.size());
+      DMC_CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+      return d;
+    };
+    dmc::cuda::PagedKv c;
+    c.k_pool = rand_bf16(size_t(heads) * max_pages * page * Dh);
+    c.v_pool = rand_bf16(size_t(heads) * max_pages * page * Dh);
+    c.page_table = upload(table);
+    c.lengths = dalloc<int32_t>(heads);
+    c.window_count = upload(counts);
+    c.max_pages = max_pages;
+    c.page_size = page;
+    int32_t* pos = upload(positions);
+    bf16 *k = rand_bf16(size_t(heads) * Dh), *v = rand_bf16(size_t(heads) * Dh);
+    float *merge = upload(merges), *omega = rand_f32(heads, 0.5f, 1.f);
+    const double token = 2.0 * Dh * E + 4.0 * 2;  // k, v in; length, position
+    DMC_CUDA_CHECK(cudaMemcpy(c.lengths, lengths.data(), heads * sizeof(int32_t), cudaMemcpyHostToDevice));
+    row_bw("paged_kv_append vanilla R124 Hkv32 D128", heads * (token + 2.0 * Dh * E), [&] {
+      dmc::cuda::paged_kv_append(c, k, v, nullptr, nullptr, pos, R, KvH, Dh, 10000.f, false);
+    });
+    c.window = rand_f32(size_t(heads) * w * 2 * Dh, -1.f, 1.f);
+    c.window_omega = rand_f32(size_t(heads) * w, 0.5f, 1.f);
+    c.window_size = w;
+    const double entry = 2.0 * Dh * 4 + 4;  // a ring entry: fp32 key, value, omega
+    const double dmc_bytes = heads * (token + 4.0 * 3 + entry + 2.0 * Dh * E) + merging * (w - 1) * entry;
+    DMC_CUDA_CHECK(cudaMemcpy(c.lengths, lengths.data(), heads * sizeof(int32_t), cudaMemcpyHostToDevice));
+    char name[64];
+    std::snprintf(name, sizeof name, "paged_kv_append dmc w%d R124 Hkv32 D128", w);
+    row_bw(name, dmc_bytes, [&] {
+      dmc::cuda::paged_kv_append(c, k, v, merge, omega, pos, R, KvH, Dh, 10000.f, true);
+    });
+    for (void* p : {(void*)c.k_pool, (void*)c.v_pool, (void*)c.page_table, (void*)c.lengths,
+                    (void*)c.window_count, (void*)c.window, (void*)c.window_omega, (void*)pos,
+                    (void*)k, (void*)v, (void*)merge, (void*)omega})
+      cudaFree(p);
   }
   return 0;
 }

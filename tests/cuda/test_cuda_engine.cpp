@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -106,11 +107,12 @@ TEST(CudaSample, MatchesCpuReference) {
 // One layer of a paged cache, host and device copies, with random page assignments.
 struct CacheLayer {
   int R = 0, Hkv = 0, D = 0, page_size = 0, max_pages = 0, window = 0, pages = 0;
-  std::vector<float> k_pool, v_pool, win;
+  std::vector<float> k_pool, v_pool, win, win_omega;
   std::vector<int32_t> slot_pos, table, lengths, count;
   kernels::PagedKvLayer<float> Host() {
     return {k_pool.data(), v_pool.data(), slot_pos.data(), table.data(), lengths.data(),
-            window ? win.data() : nullptr, count.data(), max_pages, page_size, window};
+            window ? win.data() : nullptr, window ? win_omega.data() : nullptr, count.data(),
+            max_pages, page_size, window};
   }
 };
 
@@ -125,7 +127,8 @@ CacheLayer MakeLayer(int R, int Hkv, int D, int page_size, int max_pages, int wi
   c.pages = R * Hkv * max_pages;
   c.k_pool.assign(size_t(c.pages) * page_size * D, 0.f);
   c.v_pool = c.k_pool;
-  c.win.assign(size_t(R) * Hkv * std::max(1, window) * (2 * D + 1), 0.f);
+  c.win.assign(size_t(R) * Hkv * std::max(1, window) * 2 * D, 0.f);
+  c.win_omega.assign(size_t(R) * Hkv * std::max(1, window), 0.f);
   c.slot_pos.assign(size_t(c.pages) * page_size, -1);
   c.table.resize(size_t(R) * Hkv * max_pages);
   for (size_t i = 0; i < c.table.size(); ++i) c.table[i] = static_cast<int32_t>(i);
@@ -156,9 +159,9 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   bf16 *dk = Upload(to_bf16(kd)), *dv = Upload(to_bf16(vd));
   int32_t *dpos = Upload(before.slot_pos), *dtab = Upload(before.table);
   int32_t *dlen = Upload(before.lengths), *dcnt = Upload(before.count);
-  float* dwin = Upload(before.win);
-  cuda::PagedKv layer{dk, dv, dpos, dtab, dlen, c.window ? dwin : nullptr, dcnt,
-                      c.max_pages, c.page_size, c.window};
+  float *dwin = Upload(before.win), *domega = Upload(before.win_omega);
+  cuda::PagedKv layer{dk, dv, dpos, dtab, dlen, c.window ? dwin : nullptr,
+                      c.window ? domega : nullptr, dcnt, c.max_pages, c.page_size, c.window};
   device_fn(layer);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(Download(dlen, c.lengths.size()), c.lengths);
@@ -178,10 +181,57 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   if (c.window) {
     const std::vector<float> gw = Download(dwin, c.win.size());
     for (size_t i = 0; i < gw.size(); ++i) ASSERT_NEAR(gw[i], c.win[i], 1e-6) << "ring " << i;
+    EXPECT_EQ(Download(domega, c.win_omega.size()), c.win_omega) << "ring omegas";
   }
   for (void* p : {(void*)dk, (void*)dv, (void*)dpos, (void*)dtab, (void*)dlen, (void*)dcnt,
-                  (void*)dwin})
+                  (void*)dwin, (void*)domega})
     cudaFree(p);
+}
+
+// `steps` decode steps of random tokens appended to R rows of Hkv KV heads (window w; 0: no DMC,
+// merge and omega null), the reference on the host and the device from the same start, then the
+// layers compared. Row i's token of step s is at position s + stride·i (rows whose rings wrap at
+// different steps); merges(h) draws KV head h's decision for a step. The pools start poisoned
+// (4096, bf16-exact, which no write leaves) and the ring random, so a slot the kernel leaves
+// unwritten, or a stale ring entry it reads, shows.
+void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int stride,
+                  const std::function<float(int h)>& merges) {
+  CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, window);
+  std::fill(host.k_pool.begin(), host.k_pool.end(), 4096.0f);
+  std::fill(host.v_pool.begin(), host.v_pool.end(), 4096.0f);
+  const std::vector<double> ring = randn(host.win.size());
+  host.win.assign(ring.begin(), ring.end());
+  for (auto& x : host.win_omega) x = 0.05f + (rng()() % 1000) / 1000.0f;
+  CacheLayer start = host;
+  // Run the reference step by step on the host; the device replays the same inputs.
+  std::vector<std::vector<float>> ks, vs, merge, omega;
+  std::vector<std::vector<int32_t>> positions;
+  for (int s = 0; s < steps; ++s) {
+    StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
+    ks.push_back(std::move(rows.k));
+    vs.push_back(std::move(rows.v));
+    std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
+    for (size_t i = 0; i < m.size(); ++i) m[i] = merges(static_cast<int>(i % Hkv));
+    for (auto& x : o) x = 0.05f + (rng()() % 1000) / 1000.0f;
+    merge.push_back(m);
+    omega.push_back(o);
+    positions.emplace_back(R);
+    for (int i = 0; i < R; ++i) positions[s][i] = s + stride * i;
+    kernels::paged_kv_append(host.Host(), ks[s].data(), vs[s].data(),
+                             window ? m.data() : nullptr, window ? o.data() : nullptr,
+                             positions[s].data(), R, Hkv, D, 10000.0f, window > 0);
+  }
+  CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
+    for (int s = 0; s < steps; ++s) {
+      std::vector<double> k(ks[s].begin(), ks[s].end()), v(vs[s].begin(), vs[s].end());
+      DevBuf<bf16> dk(to_bf16(k)), dv(to_bf16(v));
+      DevBuf<float> dm(merge[s]), dom(omega[s]);
+      DevBuf<int32_t> dp(positions[s]);
+      cuda::paged_kv_append(layer, dk.ptr, dv.ptr, window ? dm.ptr : nullptr,
+                            window ? dom.ptr : nullptr, dp.ptr, R, Hkv, D, 10000.0f, window > 0);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+  });
 }
 
 TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
@@ -189,39 +239,26 @@ TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
   for (int window : {0, 5})
     for (int D : {64, 128}) {
       SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
-      const int R = 5, Hkv = 3, page = 4, steps = 23;
-      CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, window);
-      CacheLayer start = host;
-      // Run the reference step by step on the host; the device replays the same inputs.
-      std::vector<std::vector<float>> ks, vs, merges, omegas;
-      std::vector<std::vector<int32_t>> positions;
-      for (int s = 0; s < steps; ++s) {
-        StepRows rows = RandomStepRows(size_t(R) * Hkv, D);
-        ks.push_back(std::move(rows.k));
-        vs.push_back(std::move(rows.v));
-        std::vector<float> m(size_t(R) * Hkv), o(size_t(R) * Hkv);
-        for (auto& x : m) x = rng()() % 3 ? 1.0f : 0.0f;
-        for (auto& x : o) x = 0.05f + (rng()() % 1000) / 1000.0f;
-        merges.push_back(m);
-        omegas.push_back(o);
-        positions.emplace_back(R, s);
-        kernels::paged_kv_append(host.Host(), ks[s].data(), vs[s].data(),
-                                 window ? m.data() : nullptr, window ? o.data() : nullptr,
-                                 positions[s].data(), R, Hkv, D, 10000.0f, window > 0);
-      }
-      CompareLayer(host, start, [&](const cuda::PagedKv& layer) {
-        for (int s = 0; s < steps; ++s) {
-          std::vector<double> k(ks[s].begin(), ks[s].end()), v(vs[s].begin(), vs[s].end());
-          bf16 *dk = Upload(to_bf16(k)), *dv = Upload(to_bf16(v));
-          float *dm = Upload(merges[s]), *dom = Upload(omegas[s]);
-          int32_t* dp = Upload(positions[s]);
-          cuda::paged_kv_append(layer, dk, dv, window ? dm : nullptr, window ? dom : nullptr, dp, R,
-                                Hkv, D, 10000.0f, window > 0);
-          cudaDeviceSynchronize();
-          for (void* p : {(void*)dk, (void*)dv, (void*)dm, (void*)dom, (void*)dp}) cudaFree(p);
-        }
-      });
+      CheckAppends(5, 3, D, window, 4, 23, 0, [](int) { return rng()() % 3 ? 1.0f : 0.0f; });
     }
+}
+
+// A decode step's shape: 124 rows of 32 KV heads at D 128 (Llama 2 7B's batch at DMC's
+// saturation), 61 rows of 8 at D 64, the engine's window of 12, over 30 steps. KV head h % 4 = 0
+// merges every token after its row's first (its ring full and wrapping), 1 never merges, 2 and
+// 3 merge at random, half or seven in eight of the time.
+TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceAtDecodeShape) {
+  DMC_REQUIRE_GPU();
+  struct Shape {
+    int R, Hkv, D;
+  };
+  for (const Shape& sh : {Shape{124, 32, 128}, Shape{61, 8, 64}}) {
+    SCOPED_TRACE(testing::Message() << "R " << sh.R << " Hkv " << sh.Hkv << " D " << sh.D);
+    CheckAppends(sh.R, sh.Hkv, sh.D, model::DmcConfig{}.window, 16, 30, 5, [](int h) {
+      const bool merges = h % 4 == 0 || (h % 4 == 2 && rng()() % 2) || (h % 4 == 3 && rng()() % 8);
+      return merges ? 1.0f : 0.0f;
+    });
+  }
 }
 
 TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
