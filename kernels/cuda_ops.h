@@ -6,7 +6,8 @@
 //     as are optimizer state and master weights, and the small per-(b, t, KV head) DMC and DMS
 //     tensors (noise, logit, alpha, merge, mask, omega, denom, the DMS decision input and their
 //     gradients) and saved statistics (rstd, lse, losses, KL partials).
-//   - Every backward ACCUMULATES (+=) into its gradient outputs, as the CPU references do.
+//   - Every backward ACCUMULATES (+=) into its gradient outputs, as the CPU references do, except
+//     where an `accumulate` argument says otherwise (the same one as its CPU reference's).
 //   - All work is enqueued on `stream` (default: the legacy default stream); nothing synchronises
 //     with the host except the first use of a scratch size (allocation). Results that are scalars
 //     (loss, sum of squares) stay on the device.
@@ -204,15 +205,16 @@ void dmc_gates_backward(bf16* dq, bf16* dk, const float* dalpha, const float* dm
 void dmc_scan_forward(bf16* xhat, float* denom, const bf16* x, const float* alpha,
                       const float* omega, int B, int T, int Hkv, int D, int window,
                       cudaStream_t stream = nullptr);
-// Accumulates dx (bf16), dalpha, domega (fp32; either may be null).
+// dx (bf16) is written (accumulate false: no memset needed first) or accumulated; dalpha and
+// domega (fp32; either may be null) always accumulate. Head dims up to 512 (256 for the _kv pair).
 void dmc_scan_backward(bf16* dx, float* dalpha, float* domega, const bf16* dxhat, const bf16* x,
                        const bf16* xhat, const float* alpha, const float* omega,
                        const float* denom, int B, int T, int Hkv, int D, int window,
-                       cudaStream_t stream = nullptr);
+                       bool accumulate, cudaStream_t stream = nullptr);
 // Keys and values of one layer at once (they share alpha, omega and denom): the same results as
 // dmc_scan_forward on each, and as dmc_scan_backward on each with dalpha/domega receiving the sum
-// of both contributions (up to fp32 summation order). 1 launch instead of 2 forward, 3 instead of
-// 6 backward, and the backward's O(window²) gate-gradient pass runs once.
+// of both contributions (up to fp32 summation order). 1 launch instead of 2 forward, 2 instead of
+// 4 backward, and the gate gradients' pass runs once.
 void dmc_scan_forward_kv(bf16* khat, bf16* vhat, float* denom, const bf16* k, const bf16* v,
                          const float* alpha, const float* omega, int B, int T, int Hkv, int D,
                          int window, cudaStream_t stream = nullptr);
@@ -220,7 +222,7 @@ void dmc_scan_backward_kv(bf16* dk, bf16* dv, float* dalpha, float* domega, cons
                           const bf16* dvhat, const bf16* k, const bf16* v, const bf16* khat,
                           const bf16* vhat, const float* alpha, const float* omega,
                           const float* denom, int B, int T, int Hkv, int D, int window,
-                          cudaStream_t stream = nullptr);
+                          bool accumulate, cudaStream_t stream = nullptr);
 
 void cr_accumulate_merge(float* mean_merge, const float* merge, int B, int T, int Hkv, float scale,
                          cudaStream_t stream = nullptr);

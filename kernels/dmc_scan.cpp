@@ -65,7 +65,7 @@ void dmc_scan_forward(T* xhat, T* denom, const T* x, const T* alpha, const T* om
 template <typename T>
 void dmc_scan_backward(T* dx, T* dalpha, T* domega, const T* dxhat, const T* x, const T* xhat,
                        const T* alpha, const T* omega, const T* denom, int B, int T_, int Hkv,
-                       int D, int window) {
+                       int D, int window, bool accumulate) {
   const int BH = B * Hkv;
   // one thread below this much work: thread start-up would dominate
   const bool parallel = static_cast<long>(BH) * T_ * window * D >= (1L << 18);
@@ -76,6 +76,8 @@ void dmc_scan_backward(T* dx, T* dalpha, T* domega, const T* dxhat, const T* x, 
   for (int bh = 0; bh < BH; ++bh) {
     const int b = bh / Hkv, h = bh % Hkv;
     auto s = [&](int t) { return (static_cast<long>(b) * T_ + t) * Hkv + h; };
+    if (dx && !accumulate)
+      for (int t = 0; t < T_; ++t) std::fill(dx + s(t) * D, dx + s(t) * D + D, T(0));
     // Per-t scratch, indexed by k = t - j in [0, window): dc[t, t-k] and P[k] = prod_{t-k+1..t}.
     std::vector<double> dc(window), P(window);
     for (int t = 0; t < T_; ++t) {
@@ -120,9 +122,9 @@ template void dmc_scan_forward<double>(double*, double*, const double*, const do
                                        const double*, int, int, int, int, int);
 template void dmc_scan_backward<float>(float*, float*, float*, const float*, const float*,
                                        const float*, const float*, const float*, const float*, int,
-                                       int, int, int, int);
+                                       int, int, int, int, bool);
 template void dmc_scan_backward<double>(double*, double*, double*, const double*, const double*,
                                         const double*, const double*, const double*, const double*,
-                                        int, int, int, int, int);
+                                        int, int, int, int, int, bool);
 
 }  // namespace dmc::kernels

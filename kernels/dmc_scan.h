@@ -12,11 +12,12 @@ template <typename T>
 void dmc_scan_forward(T* xhat, T* denom, const T* x, const T* alpha, const T* omega, int B,
                       int T_, int Hkv, int D, int window);
 
-// Accumulates dx, dalpha, domega (dalpha/domega may be null). Must not divide by alpha: hard
-// decisions make alpha exactly 0.
+// Writes dx (accumulate false) or adds to it (true); always accumulates dalpha, domega (which may
+// be null), so that keys and values, scanned one after the other, each add their part. Must not
+// divide by alpha: hard decisions make alpha exactly 0.
 template <typename T>
 void dmc_scan_backward(T* dx, T* dalpha, T* domega, const T* dxhat, const T* x, const T* xhat,
                        const T* alpha, const T* omega, const T* denom, int B, int T_, int Hkv, int D,
-                       int window);
+                       int window, bool accumulate);
 
 }  // namespace dmc::kernels

@@ -596,10 +596,10 @@ void Llama<T>::Backward(double loss_scale) {
       Resize(dmerge, a.merge.size());
       k::dmc_scan_backward(dk.data(), dalpha.data(), domega.data(), dkhat.data(), a.k.data(),
                            a.khat.data(), a.alpha.data(), a.omega.data(), a.denom.data(), B, T_,
-                           Hkv, D, config_.dmc.window);
+                           Hkv, D, config_.dmc.window, /*accumulate=*/false);
       k::dmc_scan_backward(dv.data(), dalpha.data(), domega.data(), dvhat.data(), a.v.data(),
                            a.vhat.data(), a.alpha.data(), a.omega.data(), a.denom.data(), B, T_,
-                           Hkv, D, config_.dmc.window);
+                           Hkv, D, config_.dmc.window, /*accumulate=*/false);
       k::cr_accumulate_merge_backward(dmerge.data(), dmean_merge.data(), B, T_, Hkv,
                                       T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
       k::dmc_gates_backward(dq.data(), dk.data(), dalpha.data(), dmerge.data(), dmask.data(),

@@ -419,9 +419,9 @@ void LlamaCuda::Allocate(int B, int T) {
   b->dq = b->Alloc<bf16>(Q);
   b->dkr = b->Alloc<bf16>(K);
   b->dkhat = b->Alloc<bf16>(K);
-  b->dk = b->Alloc<bf16>(2 * K);  // dk then dv: the DMC backward zeroes both in one memset
+  b->dk = b->Alloc<bf16>(K);
   b->dvhat = b->Alloc<bf16>(K);
-  b->dv = b->dk + K;
+  b->dv = b->Alloc<bf16>(K);
   b->dlosses = b->Alloc<float>(N);
   // dalpha, domega, dmerge, dmask in one allocation, in this order: one memset per layer.
   b->dalpha = b->Alloc<float>(4 * G);
@@ -781,10 +781,10 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     bf16* dk = b.dkhat;
     bf16* dv = b.dvhat;
     if (dmc) {
-      Zero(b.dk, 2 * K, s);  // dk and dv (contiguous)
+      // writes dk and dv (no memset first), adds to dalpha and domega
       c::dmc_scan_backward_kv(b.dk, b.dv, b.dalpha, b.domega, b.dkhat, b.dvhat, a.k, a.v, a.khat,
                               a.vhat, a.alpha, a.omega, a.denom, B, T_, Hkv, D, config_.dmc.window,
-                              s);
+                              /*accumulate=*/false, s);
       c::cr_accumulate_merge_backward(b.dmerge, b.dmean_merge, B, T_, Hkv, merge_scale, s);
       c::dmc_gates_backward(b.dq, b.dk, b.dalpha, b.dmerge, b.dmask, b.domega, a.q, a.logit,
                             a.alpha, B, T_, H, Hkv, D, gate_params, s);

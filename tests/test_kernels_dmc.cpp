@@ -225,7 +225,7 @@ void scan_gradcheck(Vec x, Vec alpha, Vec omega, int B, int T, int Hkv, int D, i
   };
   AccumulatedGrad dx(x.size(), rng), da(alpha.size(), rng), dom(omega.size(), rng);
   dmc_scan_backward(dx.data(), da.data(), dom.data(), wo.data(), x.data(), xhat.data(),
-                    alpha.data(), omega.data(), denom.data(), B, T, Hkv, D, w);
+                    alpha.data(), omega.data(), denom.data(), B, T, Hkv, D, w, /*accumulate=*/true);
   const Vec ga = da.delta();
   for (double g : ga) EXPECT_TRUE(std::isfinite(g));
   expect_gradient_matches(loss, x, dx.delta(), (std::string(name) + " dx").c_str());
@@ -239,8 +239,18 @@ void scan_gradcheck(Vec x, Vec alpha, Vec omega, int B, int T, int Hkv, int D, i
   AccumulatedGrad dx2(x.size(), rng);
   dmc_scan_backward(dx2.data(), static_cast<double*>(nullptr), static_cast<double*>(nullptr),
                     wo.data(), x.data(), xhat.data(), alpha.data(), omega.data(), denom.data(), B,
-                    T, Hkv, D, w);
+                    T, Hkv, D, w, /*accumulate=*/true);
   expect_all_near(dx2.delta(), dx.delta(), 1e-12, (std::string(name) + " dx alone").c_str());
+
+  // accumulate false writes dx over whatever it held; the gate gradients still accumulate
+  Vec dx3 = random_vector(x.size(), rng);
+  AccumulatedGrad da3(alpha.size(), rng), dom3(omega.size(), rng);
+  dmc_scan_backward(dx3.data(), da3.data(), dom3.data(), wo.data(), x.data(), xhat.data(),
+                    alpha.data(), omega.data(), denom.data(), B, T, Hkv, D, w,
+                    /*accumulate=*/false);
+  expect_all_near(dx3, dx.delta(), 1e-12, (std::string(name) + " dx written").c_str());
+  expect_all_near(da3.delta(), ga, 1e-12, (std::string(name) + " dalpha (+=)").c_str());
+  expect_all_near(dom3.delta(), dom.delta(), 1e-12, (std::string(name) + " domega (+=)").c_str());
 }
 
 TEST(KernelsDmc, ScanGradientsSoft) {

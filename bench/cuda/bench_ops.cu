@@ -136,10 +136,10 @@ int main(int argc, char** argv) {
     fill_f32<<<1024, 256>>>(alpha, ns, 7, 0.f, 1.f);
     fill_f32<<<1024, 256>>>(omega, ns, 8, 0.5f, 1.f);
     row_bw("dmc_scan fwd w12 (k or v)", E * 2 * N * C + 12.0 * ns, [&] { dmc::cuda::dmc_scan_forward(y, den, x, alpha, omega, B, T, Hkv, D, 12); });
-    row_bw("dmc_scan bwd w12 (dx, dalpha, domega)", E * 5 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward(dy, logit, merge, y, x, y, alpha, omega, den, B, T, Hkv, D, 12); });
+    row_bw("dmc_scan bwd w12 (dx, dalpha, domega)", E * 4 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward(dy, logit, merge, y, x, y, alpha, omega, den, B, T, Hkv, D, 12, false); });
     bf16 *x2 = rand_bf16(size_t(N) * C), *y2 = rand_bf16(size_t(N) * C), *dy2 = rand_bf16(size_t(N) * C);
     row_bw("dmc_scan_kv fwd w12 (k and v)", E * 4 * N * C + 12.0 * ns, [&] { dmc::cuda::dmc_scan_forward_kv(y, y2, den, x, x2, alpha, omega, B, T, Hkv, D, 12); });
-    row_bw("dmc_scan_kv bwd w12 (dk, dv, dalpha, domega)", E * 10 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward_kv(dy, dy2, logit, merge, y, y2, x, x2, y, y2, alpha, omega, den, B, T, Hkv, D, 12); });
+    row_bw("dmc_scan_kv bwd w12 (dk, dv, dalpha, domega)", E * 8 * N * C + 20.0 * ns, [&] { dmc::cuda::dmc_scan_backward_kv(dy, dy2, logit, merge, y, y2, x, x2, y, y2, alpha, omega, den, B, T, Hkv, D, 12, false); });
     cudaFree(x2), cudaFree(y2), cudaFree(dy2);
     cudaFree(noise), cudaFree(logit), cudaFree(alpha), cudaFree(merge), cudaFree(mask), cudaFree(omega), cudaFree(den);
   }

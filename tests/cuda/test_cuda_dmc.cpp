@@ -1,6 +1,7 @@
 // GPU vs CPU reference for the DMC head logic: logistic noise, gates (relaxed and hard), the
 // windowed scan (forward and reverse mode), the compression-ratio loss.
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -101,47 +102,122 @@ TEST_F(CudaDmc, Gates) {
   }
 }
 
-TEST_F(CudaDmc, Scan) {
-  const int B = 2, T = 77, Hkv = 3;
-  for (auto [window, hard, D] : {std::tuple{12, false, 64}, std::tuple{12, true, 64},
-                                 std::tuple{5, false, 64}, std::tuple{5, true, 64},
-                                 std::tuple{12, false, 20}}) {  // D = 20: the scalar path
-    {
-      const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
-      auto x = randn(nx);
-      auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
-      if (hard)
-        for (auto& a : alpha) a = a > 0.5 ? 1.0 : 0.0;
-      auto xb = to_bf16(x);
-      auto af = to_f32(alpha), of = to_f32(omega);
-      DevBuf<bf16> dx(xb), dxhat(nx);
-      DevBuf<float> da(af), dom(of), dden(ns);
-      dxhat.poison();
-      dden.poison();
-      C::dmc_scan_forward(dxhat, dden, dx, da, dom, B, T, Hkv, D, window);
-      std::vector<double> xhat(nx), den(ns);
-      K::dmc_scan_forward<double>(xhat.data(), den.data(), x.data(), alpha.data(), omega.data(), B,
-                                  T, Hkv, D, window);
-      const std::string tag =
-          "w" + std::to_string(window) + (hard ? " hard" : " soft") + " D" + std::to_string(D);
-      expect_close(("scan fwd xhat " + tag).c_str(), dxhat.download(), xhat, kBf16Tol);
-      expect_close(("scan fwd denom " + tag).c_str(), dden.download(), den, kF32Tol);
+// One tensor (pair false) or keys and values in one launch (true) against the CPU reference per
+// tensor, dalpha and domega receiving both tensors' contributions. The kernels take tiles of 64
+// tokens and stage the window in chunks of 80 rows (one chunk up to w = 17, three from w = 98), so
+// the cases cross those edges: T not a multiple of 64 and T < w, w from 1 to 100, D 20 (the
+// scalar path), 64 and 128, alpha exactly 0 or 1. dx is written into a poisoned buffer
+// (accumulate false, the model's call), then added to random values with the gate gradients left
+// out, and the gate gradients are accumulated alone (dx null).
+struct ScanCase {
+  int T, window, D;
+  bool hard;
+};
 
-      auto gy = randn(nx), gx = randn(nx, 0.1), ga = randn(ns), go = randn(ns);
-      auto gyb = to_bf16(gy), gxb = to_bf16(gx);
-      auto gaf = to_f32(ga), gof = to_f32(go);
-      DevBuf<bf16> dgy(gyb), dgx(gxb);
-      DevBuf<float> dga(gaf), dgo(gof);
-      C::dmc_scan_backward(dgx, dga, dgo, dgy, dx, dxhat, da, dom, dden, B, T, Hkv, D, window);
-      // the reference gets the kernel's xhat and denom, as the model would pass them
-      auto xh = as_double(dxhat.download()), dn = as_double(dden.download());
-      K::dmc_scan_backward<double>(gx.data(), ga.data(), go.data(), gy.data(), x.data(), xh.data(),
-                                   alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
-      expect_close(("scan bwd dx " + tag).c_str(), dgx.download(), gx, kBf16Tol);
-      expect_close(("scan bwd dalpha " + tag).c_str(), dga.download(), ga, 1e-4);
-      expect_close(("scan bwd domega " + tag).c_str(), dgo.download(), go, 1e-4);
-    }
+void check_scan(const ScanCase& sc, bool pair) {
+  const int B = 2, Hkv = 3, T = sc.T, D = sc.D, window = sc.window, nv = pair ? 2 : 1;
+  const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
+  const std::string tag = std::string(pair ? "kv" : "x") + " T" + std::to_string(T) + " w" +
+                          std::to_string(window) + (sc.hard ? " hard" : " soft") + " D" +
+                          std::to_string(D);
+  auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
+  if (sc.hard)
+    for (auto& a : alpha) a = a > 0.5 ? 1.0 : 0.0;
+  auto af = to_f32(alpha), of = to_f32(omega);
+  DevBuf<float> da(af), dom(of), dden(ns);
+  dden.poison();
+
+  std::vector<double> x[2], hat[2], den(ns);
+  DevBuf<bf16> dev_x[2] = {DevBuf<bf16>(nx), DevBuf<bf16>(nx)};
+  DevBuf<bf16> dev_hat[2] = {DevBuf<bf16>(nx), DevBuf<bf16>(nx)};
+  for (int i = 0; i < nv; ++i) {
+    x[i] = randn(nx);
+    dev_x[i].upload(to_bf16(x[i]));
+    dev_hat[i].poison();
   }
+  if (pair)
+    C::dmc_scan_forward_kv(dev_hat[0], dev_hat[1], dden, dev_x[0], dev_x[1], da, dom, B, T, Hkv, D,
+                           window);
+  else
+    C::dmc_scan_forward(dev_hat[0], dden, dev_x[0], da, dom, B, T, Hkv, D, window);
+  for (int i = 0; i < nv; ++i) {
+    hat[i].resize(nx);
+    K::dmc_scan_forward<double>(hat[i].data(), den.data(), x[i].data(), alpha.data(), omega.data(),
+                                B, T, Hkv, D, window);
+    expect_close(("scan fwd hat " + std::to_string(i) + " " + tag).c_str(), dev_hat[i].download(),
+                 hat[i], kBf16Tol);
+  }
+  expect_close(("scan fwd denom " + tag).c_str(), dden.download(), den, kF32Tol);
+
+  // the reference gets the kernel's hats and denom, as the model would pass them
+  const auto dn = as_double(dden.download());
+  std::vector<double> g[2], dx_ref[2];
+  DevBuf<bf16> dev_g[2] = {DevBuf<bf16>(nx), DevBuf<bf16>(nx)};
+  DevBuf<bf16> dev_dx[2] = {DevBuf<bf16>(nx), DevBuf<bf16>(nx)};
+  auto ga = randn(ns), go = randn(ns);
+  DevBuf<float> dga(to_f32(ga)), dgo(to_f32(go));
+  const auto ga0 = ga, go0 = go;
+  for (int i = 0; i < nv; ++i) {
+    g[i] = randn(nx);
+    dev_g[i].upload(to_bf16(g[i]));
+    dev_dx[i].poison();
+    const auto h = as_double(dev_hat[i].download());
+    dx_ref[i].resize(nx);
+    K::dmc_scan_backward<double>(dx_ref[i].data(), ga.data(), go.data(), g[i].data(), x[i].data(),
+                                 h.data(), alpha.data(), omega.data(), dn.data(), B, T, Hkv, D,
+                                 window, /*accumulate=*/false);
+  }
+  auto backward = [&](bf16* dx0, bf16* dx1, float* dalpha, float* domega, bool accumulate) {
+    if (pair)
+      C::dmc_scan_backward_kv(dx0, dx1, dalpha, domega, dev_g[0], dev_g[1], dev_x[0], dev_x[1],
+                              dev_hat[0], dev_hat[1], da, dom, dden, B, T, Hkv, D, window,
+                              accumulate);
+    else
+      C::dmc_scan_backward(dx0, dalpha, domega, dev_g[0], dev_x[0], dev_hat[0], da, dom, dden, B,
+                           T, Hkv, D, window, accumulate);
+  };
+  backward(dev_dx[0], dev_dx[1], dga, dgo, false);
+  for (int i = 0; i < nv; ++i)
+    expect_close(("scan bwd dx (written) " + std::to_string(i) + " " + tag).c_str(),
+                 dev_dx[i].download(), dx_ref[i], kBf16Tol);
+  expect_close(("scan bwd dalpha (+=) " + tag).c_str(), dga.download(), ga, 1e-4);
+  expect_close(("scan bwd domega (+=) " + tag).c_str(), dgo.download(), go, 1e-4);
+
+  // dx added to what it held, without the gate gradients
+  for (int i = 0; i < nv; ++i) {
+    auto start = randn(nx, 0.1);
+    dev_dx[i].upload(to_bf16(start));
+    for (size_t n = 0; n < nx; ++n) dx_ref[i][n] += start[n];
+  }
+  backward(dev_dx[0], dev_dx[1], nullptr, nullptr, true);
+  for (int i = 0; i < nv; ++i)
+    expect_close(("scan bwd dx (+=) " + std::to_string(i) + " " + tag).c_str(),
+                 dev_dx[i].download(), dx_ref[i], kBf16Tol);
+
+  // the gate gradients alone, from zero
+  DevBuf<float> dga2(std::vector<float>(ns, 0.f)), dgo2(std::vector<float>(ns, 0.f));
+  backward(nullptr, nullptr, dga2, dgo2, false);
+  for (size_t n = 0; n < ns; ++n) {
+    ga[n] -= ga0[n];
+    go[n] -= go0[n];
+  }
+  expect_close(("scan bwd dalpha alone " + tag).c_str(), dga2.download(), ga, 1e-4);
+  expect_close(("scan bwd domega alone " + tag).c_str(), dgo2.download(), go, 1e-4);
+}
+
+const ScanCase kScanCases[] = {
+    {77, 12, 64, false},  {77, 12, 128, true},  {128, 12, 128, false}, {200, 5, 128, false},
+    {77, 12, 20, false},  {77, 1, 64, false},   {150, 17, 128, false}, {150, 18, 64, true},
+    {130, 33, 20, false}, {77, 70, 64, false},  {300, 98, 64, true},   {200, 100, 128, false},
+    {60, 100, 64, true},  {5, 12, 128, false},  {33, 40, 20, true},
+};
+
+TEST_F(CudaDmc, Scan) {
+  for (const ScanCase& sc : kScanCases) check_scan(sc, false);
+}
+
+TEST_F(CudaDmc, ScanKeysAndValuesTogether) {
+  for (const ScanCase& sc : kScanCases) check_scan(sc, true);
 }
 
 TEST_F(CudaDmc, CrLoss) {

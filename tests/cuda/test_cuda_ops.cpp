@@ -1,5 +1,5 @@
 // GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, the multi-tensor
-// AdamW and sum of squares, the DMC scan of keys and values together. Forward and backward, odd
+// AdamW and sum of squares (the DMC scan is in test_cuda_dmc.cpp). Forward and backward, odd
 // shapes, fresh random inputs, poisoned outputs.
 #include <cmath>
 #include <string>
@@ -8,7 +8,6 @@
 
 #include "kernels/adamw.h"
 #include "kernels/cross_entropy.h"
-#include "kernels/dmc_scan.h"
 #include "kernels/embedding.h"
 #include "kernels/grad_norm.h"
 #include "kernels/matmul.h"
@@ -271,60 +270,6 @@ TEST_F(CudaOps, MultiTensorAdamWMatchesPerTensorCpu) {
       EXPECT_TRUE(std::isnan(__bfloat162float(pb[i]))) << i;
       EXPECT_EQ(pg[i], p0[i]) << i;
     }
-  }
-}
-
-// Keys and values through one scan launch (the model's call): against the CPU reference applied
-// to each, dalpha and domega receiving both contributions. D 64 and 128 take the vector paths of
-// the dc pass (8 and 16 channels per lane), D 20 the scalar one; window 70 spans most of T.
-TEST_F(CudaOps, DmcScanKeysAndValuesTogether) {
-  const int B = 2, T = 77, Hkv = 3;
-  for (auto [window, hard, D] :
-       {std::tuple{12, false, 64}, std::tuple{12, true, 128}, std::tuple{5, false, 128},
-        std::tuple{12, false, 20}, std::tuple{70, false, 64}}) {
-    const size_t ns = static_cast<size_t>(B) * T * Hkv, nx = ns * D;
-    auto k = randn(nx), v = randn(nx);
-    auto alpha = randu(ns, 0.0, 1.0), omega = randu(ns, 0.3, 1.0);
-    if (hard)
-      for (auto& a : alpha) a = a > 0.5 ? 1.0 : 0.0;
-    auto kb = to_bf16(k), vb = to_bf16(v);
-    auto af = to_f32(alpha), of = to_f32(omega);
-    DevBuf<bf16> dk(kb), dv(vb), dkhat(nx), dvhat(nx);
-    DevBuf<float> da(af), dom(of), dden(ns);
-    dkhat.poison();
-    dvhat.poison();
-    dden.poison();
-    C::dmc_scan_forward_kv(dkhat, dvhat, dden, dk, dv, da, dom, B, T, Hkv, D, window);
-    std::vector<double> khat(nx), vhat(nx), den(ns);
-    K::dmc_scan_forward<double>(khat.data(), den.data(), k.data(), alpha.data(), omega.data(), B, T,
-                                Hkv, D, window);
-    K::dmc_scan_forward<double>(vhat.data(), den.data(), v.data(), alpha.data(), omega.data(), B, T,
-                                Hkv, D, window);
-    const std::string tag =
-        " w" + std::to_string(window) + (hard ? " hard" : " soft") + " D" + std::to_string(D);
-    expect_close(("scan kv fwd khat" + tag).c_str(), dkhat.download(), khat, kBf16Tol);
-    expect_close(("scan kv fwd vhat" + tag).c_str(), dvhat.download(), vhat, kBf16Tol);
-    expect_close(("scan kv fwd denom" + tag).c_str(), dden.download(), den, kF32Tol);
-
-    auto gk = randn(nx), gv = randn(nx), gx = randn(nx, 0.1), gy = randn(nx, 0.1);
-    auto ga = randn(ns), go = randn(ns);
-    auto gkb = to_bf16(gk), gvb = to_bf16(gv), gxb = to_bf16(gx), gyb = to_bf16(gy);
-    auto gaf = to_f32(ga), gof = to_f32(go);
-    DevBuf<bf16> dgk(gkb), dgv(gvb), dgx(gxb), dgy(gyb);
-    DevBuf<float> dga(gaf), dgo(gof);
-    C::dmc_scan_backward_kv(dgx, dgy, dga, dgo, dgk, dgv, dk, dv, dkhat, dvhat, da, dom, dden, B,
-                            T, Hkv, D, window);
-    // the reference gets the kernel's khat, vhat and denom, as the model would pass them
-    auto kh = as_double(dkhat.download()), vh = as_double(dvhat.download());
-    auto dn = as_double(dden.download());
-    K::dmc_scan_backward<double>(gx.data(), ga.data(), go.data(), gk.data(), k.data(), kh.data(),
-                                 alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
-    K::dmc_scan_backward<double>(gy.data(), ga.data(), go.data(), gv.data(), v.data(), vh.data(),
-                                 alpha.data(), omega.data(), dn.data(), B, T, Hkv, D, window);
-    expect_close(("scan kv bwd dk" + tag).c_str(), dgx.download(), gx, kBf16Tol);
-    expect_close(("scan kv bwd dv" + tag).c_str(), dgy.download(), gy, kBf16Tol);
-    expect_close(("scan kv bwd dalpha" + tag).c_str(), dga.download(), ga, 1e-4);
-    expect_close(("scan kv bwd domega" + tag).c_str(), dgo.download(), go, 1e-4);
   }
 }
 
