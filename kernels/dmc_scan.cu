@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(1024) scan_backward_kernel(
                  min(kChunk - 1, t0 + r0 + kRows - 1 + w - 1 - lo));
   };
 
-  // The first chunk of each: gradient rows [t0, t0 + kChunk), x rows [t0 + kTile - kChunk, t0 + kTile).
+  // The first chunks: gradient rows [t0, t0 + kChunk), x rows [t0 + kTile - kChunk, t0 + kTile).
   const int x_lo = t0 + kTile - kChunk;
   if (dc) stage_rows<kNV, kVec>(x_rows, x, y, base, x_lo, sh);
   stage_chunk<kNV, kVec>(g_rows, gx, gy, s_alpha, alpha, s_inv_den, denom, true, coef, base, t0,
@@ -532,9 +532,8 @@ void scan_backward(bf16* dx, bf16* dy, float* dalpha, float* domega, const bf16*
                    cudaStream_t stream) {
   if (static_cast<long>(B) * T * Hkv * D <= 0 || !(dx || dalpha || domega)) return;
   const Shape sh = make_shape(kNV, T, Hkv, D, window);
-  float* dc = dalpha || domega ? static_cast<float*>(scratch(
-                                     3, sizeof(float) * B * Hkv * static_cast<size_t>(sh.window) * T))
-                               : nullptr;
+  const size_t dc_bytes = sizeof(float) * B * Hkv * static_cast<size_t>(sh.window) * T;
+  float* dc = dalpha || domega ? static_cast<float*>(scratch(3, dc_bytes)) : nullptr;
   if (D % 8 == 0)
     launch_backward<kNV, true>(dx, dy, dc, gx, gy, x, y, xhat, yhat, alpha, omega, denom, sh, B,
                                accumulate, stream);
