@@ -72,13 +72,38 @@ size_t backward_smem(int stride) {
          sizeof(float) * (kChunk * kCoefStride + 2 * kChunk + 3 * kTile);
 }
 
+// 16-byte accesses, written out: the compiler splits load8/store8's (and, in shared memory, a
+// float4's) into 4-byte pieces, which quadruples the instructions of the loops below.
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+// The 8 bf16 of a 16-byte load as floats (a bf16 is the top half of its float).
+__device__ __forceinline__ void unpack8(float (&f)[8], uint4 v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
+                    pack_bf16(f[6], f[7]));
+}
+
 // Column col of a staged row is channel col % D of x (col < D) or y: these move the 8 columns
 // from col on between a tensor in global memory and registers (kVec: one 16-byte access each).
 template <int kNV, bool kVec>
 __device__ __forceinline__ void load_group(float (&v)[8], const bf16* x, const bf16* y, long s,
                                            int col, int D) {
   if (kVec) {
-    load8(v, kNV == 2 && col >= D ? y + s * D + col - D : x + s * D + col);
+    unpack8(v, *reinterpret_cast<const uint4*>(kNV == 2 && col >= D ? y + s * D + col - D
+                                                                   : x + s * D + col));
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -92,14 +117,15 @@ template <int kNV, bool kVec>
 __device__ __forceinline__ void store_group(bf16* x, bf16* y, long s, int col, int D,
                                             float (&v)[8], bool accumulate) {
   if (kVec) {
-    bf16* p = kNV == 2 && col >= D ? y + s * D + col - D : x + s * D + col;
+    uint4* p =
+        reinterpret_cast<uint4*>(kNV == 2 && col >= D ? y + s * D + col - D : x + s * D + col);
     if (accumulate) {
       float old[8];
-      load8(old, p);
+      unpack8(old, *p);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] += old[i];
     }
-    store8(p, v);
+    *p = pack8(v);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -132,7 +158,7 @@ __device__ void stage_rows(bf16* rows, const bf16* x, const bf16* y, long base, 
     } else {
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (valid) load_group<kNV, false>(v, x, y, base + static_cast<long>(t) * sh.Hkv, col, sh.D);
-      store8(dst, v);
+      *reinterpret_cast<uint4*>(dst) = pack8(v);
     }
   }
 }
@@ -170,12 +196,14 @@ __device__ void stage_chunk(bf16* rows, const bf16* x, const bf16* y, float* s1,
 // acc[i] += sum over staged rows jj in [lo, hi] of coef[jj][r0 + i] · rows[jj][col .. col+7].
 __device__ __forceinline__ void accumulate(float (&acc)[kRows][8], const bf16* rows, int stride,
                                            const float* coef, int r0, int col, int lo, int hi) {
-  static_assert(kRows == 4, "one float4 of coefficients per staged row");
+  static_assert(kRows == 4, "one 16-byte load of coefficients per staged row");
+  const uint32_t row_at = smem_u32(rows + col), coef_at = smem_u32(coef + r0);
   for (int jj = lo; jj <= hi; ++jj) {
     float v[8];
-    load8(v, rows + jj * stride + col);
-    const float4 c4 = *reinterpret_cast<const float4*>(coef + jj * kCoefStride + r0);
-    const float c[kRows] = {c4.x, c4.y, c4.z, c4.w};
+    unpack8(v, lds128(row_at + jj * stride * sizeof(bf16)));
+    const uint4 c4 = lds128(coef_at + jj * kCoefStride * sizeof(float));
+    const float c[kRows] = {__uint_as_float(c4.x), __uint_as_float(c4.y), __uint_as_float(c4.z),
+                            __uint_as_float(c4.w)};
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
 #pragma unroll
@@ -328,7 +356,7 @@ __global__ void __launch_bounds__(1024) scan_backward_kernel(
                  min(kChunk - 1, t0 + r0 + kRows - 1 + w - 1 - lo));
   };
 
-  // The first chunk of each: gradient rows [t0, t0 + kChunk), x rows [t0 + kTile - kChunk, t0 + kTile).
+  // The first chunks: gradient rows [t0, t0 + kChunk), x rows [t0 + kTile - kChunk, t0 + kTile).
   const int x_lo = t0 + kTile - kChunk;
   if (dc) stage_rows<kNV, kVec>(x_rows, x, y, base, x_lo, sh);
   stage_chunk<kNV, kVec>(g_rows, gx, gy, s_alpha, alpha, s_inv_den, denom, true, coef, base, t0,
@@ -342,7 +370,7 @@ __global__ void __launch_bounds__(1024) scan_backward_kernel(
         for (int col8 = threadIdx.x % 32 * 8; col8 < sh.width; col8 += 256) {
           float yv[8], gv[8];
           load_group<kNV, kVec>(yv, xhat, yhat, base + static_cast<long>(t) * sh.Hkv, col8, sh.D);
-          load8(gv, g_rows + r * sh.stride + col8);
+          unpack8(gv, lds128(smem_u32(g_rows + r * sh.stride + col8)));
 #pragma unroll
           for (int i = 0; i < 8; ++i) sum = fmaf(gv[i], yv[i], sum);
         }
@@ -532,9 +560,8 @@ void scan_backward(bf16* dx, bf16* dy, float* dalpha, float* domega, const bf16*
                    cudaStream_t stream) {
   if (static_cast<long>(B) * T * Hkv * D <= 0 || !(dx || dalpha || domega)) return;
   const Shape sh = make_shape(kNV, T, Hkv, D, window);
-  float* dc = dalpha || domega ? static_cast<float*>(scratch(
-                                     3, sizeof(float) * B * Hkv * static_cast<size_t>(sh.window) * T))
-                               : nullptr;
+  const size_t dc_bytes = sizeof(float) * B * Hkv * static_cast<size_t>(sh.window) * T;
+  float* dc = dalpha || domega ? static_cast<float*>(scratch(3, dc_bytes)) : nullptr;
   if (D % 8 == 0)
     launch_backward<kNV, true>(dx, dy, dc, gx, gy, x, y, xhat, yhat, alpha, omega, denom, sh, B,
                                accumulate, stream);
