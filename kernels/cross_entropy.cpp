@@ -8,6 +8,7 @@
 // single shard, so the two can never disagree.
 #include "kernels/cross_entropy.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cmath>
 #include <vector>
@@ -69,21 +70,25 @@ void cross_entropy_combine_shards(T* losses, T* lse, const T* shard_stats,
 template <typename T>
 void cross_entropy_shard_backward(T* dlogits, const T* logits, const T* lse,
                                   const int32_t* targets, const T* dlosses, int N, int V,
-                                  int vocab_begin) {
+                                  int vocab_begin, bool accumulate) {
   const bool parallel = worth_threads(N, V);
   (void)parallel;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (parallel)
 #endif
   for (int n = 0; n < N; ++n) {
-    if (targets[n] < 0) continue;
-    const T* x = logits + static_cast<long>(n) * V;
     T* dx = dlogits + static_cast<long>(n) * V;
+    if (targets[n] < 0) {  // no label, no gradient
+      if (!accumulate) std::fill(dx, dx + V, T(0));
+      continue;
+    }
+    const T* x = logits + static_cast<long>(n) * V;
     const long t = static_cast<long>(targets[n]) - vocab_begin;
     const double dl = dlosses[n], row_lse = lse[n];
     for (int v = 0; v < V; ++v) {
       const double p = std::exp(x[v] - row_lse);
-      dx[v] += static_cast<T>(dl * (p - (v == t ? 1.0 : 0.0)));
+      const T g = static_cast<T>(dl * (p - (v == t ? 1.0 : 0.0)));
+      dx[v] = accumulate ? dx[v] + g : g;
     }
   }
 }
@@ -98,20 +103,22 @@ void cross_entropy_forward(T* losses, const T* logits, const int32_t* targets, i
 
 template <typename T>
 void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets, const T* dlosses,
-                            int N, int V) {
+                            int N, int V, bool accumulate) {
   std::vector<T> stats(2 * static_cast<size_t>(N));
   cross_entropy_shard_stats(stats.data(), logits, targets, N, V, 0);
   // One shard: the shard's logsumexp (stats[0, :]) is the global one.
-  cross_entropy_shard_backward(dlogits, logits, stats.data(), targets, dlosses, N, V, 0);
+  cross_entropy_shard_backward(dlogits, logits, stats.data(), targets, dlosses, N, V, 0,
+                               accumulate);
 }
 
 #define DMC_CROSS_ENTROPY(T)                                                                  \
   template void cross_entropy_forward<T>(T*, const T*, const int32_t*, int, int);            \
-  template void cross_entropy_backward<T>(T*, const T*, const int32_t*, const T*, int, int); \
+  template void cross_entropy_backward<T>(T*, const T*, const int32_t*, const T*, int, int,  \
+                                          bool);                                             \
   template void cross_entropy_shard_stats<T>(T*, const T*, const int32_t*, int, int, int);   \
   template void cross_entropy_combine_shards<T>(T*, T*, const T*, const int32_t*, int, int); \
   template void cross_entropy_shard_backward<T>(T*, const T*, const T*, const int32_t*,      \
-                                                const T*, int, int, int);
+                                                const T*, int, int, int, bool);
 DMC_CROSS_ENTROPY(float)
 DMC_CROSS_ENTROPY(double)
 #undef DMC_CROSS_ENTROPY

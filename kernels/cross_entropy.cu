@@ -1,7 +1,7 @@
 // Fused softmax + cross-entropy over the vocabulary on the GPU (spec: kernels/cross_entropy.h).
 // One block per row: an online max/sum-exp pass (fp32) gives the shard's logsumexp; the shards'
 // statistics combine into the losses and the global logsumexp, which the backward reads (no
-// recompute) to write dlogits += dloss · (softmax - onehot). 16-byte vectors when V is a
+// recompute) to write dlogits (+)= dloss · (softmax - onehot). 16-byte vectors when V is a
 // multiple of 8 (rows stay 16-byte aligned), scalar otherwise.
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -87,21 +87,29 @@ __global__ void ce_combine_kernel(float* losses, float* lse, const float* shard_
   losses[n] = total - target_logit;
 }
 
+// A row of zeros (no gradient, written when not accumulating).
+__device__ void zero_row(bf16* x, int V) {
+  for (int v = threadIdx.x; v < V; v += blockDim.x) x[v] = __float2bfloat16(0.f);
+}
+
 template <bool kVec>
 __global__ void ce_shard_backward_kernel(bf16* dlogits, const bf16* logits, const float* lse,
                                          const int32_t* targets, const float* dlosses, int V,
-                                         int vocab_begin) {
+                                         int vocab_begin, bool accumulate) {
   const int n = blockIdx.x;
-  if (targets[n] < 0) return;  // no label, no gradient
+  bf16* dx = dlogits + static_cast<long>(n) * V;
+  if (targets[n] < 0) {  // no label, no gradient
+    if (!accumulate) zero_row(dx, V);
+    return;
+  }
   const long tgt = static_cast<long>(targets[n]) - vocab_begin;  // outside [0, V): another shard
   const bf16* x = logits + static_cast<long>(n) * V;
   const float row_lse = lse[n], d = dlosses[n];
-  bf16* dx = dlogits + static_cast<long>(n) * V;
   if (kVec) {
     for (int v = threadIdx.x * 8; v < V; v += blockDim.x * 8) {
-      float z[8], g[8];
+      float z[8], g[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       load8(z, x + v);
-      load8(g, dx + v);
+      if (accumulate) load8(g, dx + v);
 #pragma unroll
       for (int i = 0; i < 8; ++i) g[i] += d * (__expf(z[i] - row_lse) - (v + i == tgt ? 1.f : 0.f));
       store8(dx + v, g);
@@ -109,7 +117,8 @@ __global__ void ce_shard_backward_kernel(bf16* dlogits, const bf16* logits, cons
   } else {
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
       const float p = __expf(bf(x[v]) - row_lse);
-      dx[v] = tobf(bf(dx[v]) + d * (p - (v == tgt ? 1.f : 0.f)));
+      const float g = d * (p - (v == tgt ? 1.f : 0.f));
+      dx[v] = tobf(accumulate ? bf(dx[v]) + g : g);
     }
   }
 }
@@ -138,14 +147,14 @@ void cross_entropy_combine_shards(float* losses, float* lse, const float* shard_
 
 void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float* lse,
                                   const int32_t* targets, const float* dlosses, int N, int V,
-                                  int vocab_begin, cudaStream_t stream) {
+                                  int vocab_begin, bool accumulate, cudaStream_t stream) {
   if (N <= 0) return;
   if (V % 8 == 0)
     ce_shard_backward_kernel<true><<<N, kThreads, 0, stream>>>(dlogits, logits, lse, targets,
-                                                               dlosses, V, vocab_begin);
+                                                               dlosses, V, vocab_begin, accumulate);
   else
-    ce_shard_backward_kernel<false><<<N, kThreads, 0, stream>>>(dlogits, logits, lse, targets,
-                                                                dlosses, V, vocab_begin);
+    ce_shard_backward_kernel<false><<<N, kThreads, 0, stream>>>(
+        dlogits, logits, lse, targets, dlosses, V, vocab_begin, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -159,12 +168,14 @@ void cross_entropy_forward(float* losses, const bf16* logits, const int32_t* tar
 }
 
 void cross_entropy_backward(bf16* dlogits, const bf16* logits, const int32_t* targets,
-                            const float* dlosses, int N, int V, cudaStream_t stream) {
+                            const float* dlosses, int N, int V, bool accumulate,
+                            cudaStream_t stream) {
   if (N <= 0) return;
   float* stats = static_cast<float*>(scratch(kStatsSlot, 2 * static_cast<size_t>(N) * sizeof(float)));
   cross_entropy_shard_stats(stats, logits, targets, N, V, 0, stream);
   // One shard: its logsumexp (stats[0, :]) is the global one.
-  cross_entropy_shard_backward(dlogits, logits, stats, targets, dlosses, N, V, 0, stream);
+  cross_entropy_shard_backward(dlogits, logits, stats, targets, dlosses, N, V, 0, accumulate,
+                               stream);
 }
 
 }  // namespace dmc::cuda

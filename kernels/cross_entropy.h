@@ -16,10 +16,11 @@ namespace dmc::kernels {
 template <typename T>
 void cross_entropy_forward(T* losses, const T* logits, const int32_t* targets, int N, int V);
 
-// dlogits[n, :] += dlosses[n] · (softmax(logits[n, :]) - onehot(targets[n]))
+// dlogits[n, :] += dlosses[n] · (softmax(logits[n, :]) - onehot(targets[n])) with accumulate;
+// without, = (and rows without a label are set to 0).
 template <typename T>
 void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets,
-                            const T* dlosses, int N, int V);
+                            const T* dlosses, int N, int V, bool accumulate);
 
 // stats [2, N]: stats[n] = logsumexp of this shard's row n, stats[N + n] = logits[n, target -
 // vocab_begin] when the target is in the shard, else 0. Rows without a label get 0, 0.
@@ -33,10 +34,11 @@ template <typename T>
 void cross_entropy_combine_shards(T* losses, T* lse, const T* shard_stats,
                                   const int32_t* targets, int N, int shards);
 
-// This shard's dlogits [N, V] += dlosses[n] · (exp(logits - lse[n]) - onehot(target)).
+// This shard's dlogits [N, V] += dlosses[n] · (exp(logits - lse[n]) - onehot(target)) with
+// accumulate; without, = (and rows without a label are set to 0).
 template <typename T>
 void cross_entropy_shard_backward(T* dlogits, const T* logits, const T* lse,
                                   const int32_t* targets, const T* dlosses, int N, int V,
-                                  int vocab_begin);
+                                  int vocab_begin, bool accumulate);
 
 }  // namespace dmc::kernels

@@ -6,8 +6,11 @@
 //     as are optimizer state and master weights, and the small per-(b, t, KV head) DMC and DMS
 //     tensors (noise, logit, alpha, merge, mask, omega, denom, the DMS decision input and their
 //     gradients) and saved statistics (rstd, lse, losses, KL partials).
-//   - Every backward ACCUMULATES (+=) into its gradient outputs, as the CPU references do, except
-//     where an `accumulate` argument says otherwise (the same one as its CPU reference's).
+//   - Every backward ACCUMULATES (+=) into its parameter gradients, as the CPU references do. Its
+//     activation gradients follow its `accumulate` argument, the same one as its CPU reference's:
+//     false writes them without reading them (no memset needed first), true adds into them.
+//     Outputs an argument does not cover (the DMC gate gradients, dmc_gates_backward's dq and dk
+//     control channel, cr_loss's) always accumulate.
 //   - All work is enqueued on `stream` (default: the legacy default stream); nothing synchronises
 //     with the host except the first use of a scratch size (allocation). Results that are scalars
 //     (loss, sum of squares) stay on the device.
@@ -63,14 +66,14 @@ void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, in
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                      float eps, cudaStream_t stream = nullptr);
 void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                      const bf16* weight, const float* rstd, int N, int C,
+                      const bf16* weight, const float* rstd, int N, int C, bool accumulate,
                       cudaStream_t stream = nullptr);
 
 // ---- RoPE (kernels/rope.h); out may alias inp, dinp must not alias dout ----
 void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0, float theta,
                   bool keep_last_channel, cudaStream_t stream = nullptr);
 void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int pos0, float theta,
-                   bool keep_last_channel, cudaStream_t stream = nullptr);
+                   bool keep_last_channel, bool accumulate, cudaStream_t stream = nullptr);
 // At explicit positions (kernels/rope_positions.h): positions is a device array [T], shared by
 // the B sequences.
 void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
@@ -78,19 +81,20 @@ void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int
                             cudaStream_t stream = nullptr);
 void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
                              const int32_t* positions, float theta, bool keep_last_channel,
-                             cudaStream_t stream = nullptr);
+                             bool accumulate, cudaStream_t stream = nullptr);
 
 // ---- SwiGLU (kernels/swiglu.h) ----
 void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n,
                     cudaStream_t stream = nullptr);
 void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
-                     size_t n, cudaStream_t stream = nullptr);
+                     size_t n, bool accumulate, cudaStream_t stream = nullptr);
 
 // ---- softmax cross-entropy over the vocabulary (kernels/cross_entropy.h) ----
 void cross_entropy_forward(float* losses, const bf16* logits, const int32_t* targets, int N, int V,
                            cudaStream_t stream = nullptr);
 void cross_entropy_backward(bf16* dlogits, const bf16* logits, const int32_t* targets,
-                            const float* dlosses, int N, int V, cudaStream_t stream = nullptr);
+                            const float* dlosses, int N, int V, bool accumulate,
+                            cudaStream_t stream = nullptr);
 // Vocabulary-parallel form; stats [2, N], shard_stats [shards, 2, N], losses and lse [N] fp32.
 void cross_entropy_shard_stats(float* stats, const bf16* logits, const int32_t* targets, int N,
                                int V, int vocab_begin, cudaStream_t stream = nullptr);
@@ -99,7 +103,8 @@ void cross_entropy_combine_shards(float* losses, float* lse, const float* shard_
                                   cudaStream_t stream = nullptr);
 void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float* lse,
                                   const int32_t* targets, const float* dlosses, int N, int V,
-                                  int vocab_begin, cudaStream_t stream = nullptr);
+                                  int vocab_begin, bool accumulate,
+                                  cudaStream_t stream = nullptr);
 
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
 // Creates cuBLAS's handle now: a first GEMM inside a stream capture would create it there, and
@@ -113,9 +118,11 @@ void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, i
 // fp32 out (logits that are scored and sampled: bf16 would round them by up to 1/16 at |l| ~ 10).
 void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                         cudaStream_t stream = nullptr);
-// dinp (bf16) += dout · weight ; dweight (fp32) += dout^T · inp ; either may be null.
+// dinp (bf16) = or += (accumulate) dout · weight ; dweight (fp32) += dout^T · inp ; either may be
+// null.
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                     const bf16* weight, int N, int IC, int OC, cudaStream_t stream = nullptr);
+                     const bf16* weight, int N, int IC, int OC, bool accumulate,
+                     cudaStream_t stream = nullptr);
 
 // ---- optimizer over a flat parameter layout (kernels/adamw.h, kernels/grad_norm.h) ----
 // One tensor of a flat layout (model::ParamSpec: offset, size, weight_decay, split_dim >= 0).
@@ -240,19 +247,22 @@ void cr_loss_backward(float* dmean_merge, const float* mean_merge, int B, float 
 void dms_gates_forward(float* logit, float* alpha, float* evict, float* mask, const float* x,
                        const float* noise, int B, int T, int Hkv,
                        const kernels::DmsGateParams& params, cudaStream_t stream = nullptr);
-// Accumulates dx; devict and dmask may be null.
+// Writes or accumulates (accumulate) dx; devict and dmask may be null.
 void dms_gates_backward(float* dx, const float* devict, const float* dmask, const float* logit,
                         const float* alpha, int B, int T, int Hkv,
-                        const kernels::DmsGateParams& params, cudaStream_t stream = nullptr);
+                        const kernels::DmsGateParams& params, bool accumulate,
+                        cudaStream_t stream = nullptr);
 // Vocabulary-parallel KL(student || teacher): s, u [N, V] bf16 (this shard's rows of the student's
 // and the teacher's logits); lse_s, lse_u (global logsumexps), weight, partial, kl [N] fp32.
 void kl_distill_shard(float* partial, const bf16* s, const bf16* u, const float* lse_s,
                       const float* lse_u, const float* weight, int N, int V,
                       cudaStream_t stream = nullptr);
-// ds (bf16) += dloss · weight[n] · p (log p - log p_t - kl[n]), kl the all-reduced partials.
+// ds (bf16) = or += (accumulate) dloss · weight[n] · p (log p - log p_t - kl[n]), kl the
+// all-reduced partials.
 void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const float* lse_s,
                                const float* lse_u, const float* kl, const float* weight,
-                               float dloss, int N, int V, cudaStream_t stream = nullptr);
+                               float dloss, int N, int V, bool accumulate,
+                               cudaStream_t stream = nullptr);
 
 // ---- DMC attention (kernels/dmc_attention.h): fused flash-style kernels ----
 // q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;
@@ -275,26 +285,28 @@ void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16
                                 const bf16* v, const float* mask, int B, int T, int H, int Hkv,
                                 int D, bool exclude_ctrl, float scale, cudaStream_t stream,
                                 int mask_window);
-// Accumulates dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch for the fp32 dq
-// accumulator [B, T, H, D] and the row statistics [B, H, T] (rows attention_stats_stride(T) apart).
+// Writes or accumulates (accumulate) dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch
+// for the fp32 dq accumulator [B, T, H, D] and the row statistics [B, H, T] (rows
+// attention_stats_stride(T) apart).
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
-                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
-                            int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
+                            bool exclude_ctrl, float scale, bool accumulate,
+                            cudaStream_t stream = nullptr, int mask_window = 0,
+                            AttentionKernel kernel = AttentionKernel::kAuto);
 // Floats between the rows of the backward's row statistics: T rounded up to 4, so every row starts
 // 16-byte aligned, as the Hopper kernel's TMA loads of them need.
 inline int attention_stats_stride(int T) { return (T + 3) / 4 * 4; }
 // The Hopper backward's main kernel, called by dmc_attention_backward between its
 // pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T] with rows
-// attention_stats_stride(T) apart, 16-byte aligned) and its post-pass (dq += dq_acc): adds
+// attention_stats_stride(T) apart, 16-byte aligned) and its post-pass (dq = or += dq_acc): adds
 // scale · dQ into the fp32 dq_acc [B, T, H, D] (16-byte aligned; by TMA reduce-adds, the kernel's
-// file says why) and accumulates dk, dv, dmask.
+// file says why) and writes or accumulates (accumulate) dk, dv, dmask.
 void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,
                                  int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
-                                 cudaStream_t stream, int mask_window);
+                                 bool accumulate, cudaStream_t stream, int mask_window);
 
 // ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
 // Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;
@@ -304,12 +316,12 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
 void loma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                             int B, int T, int H, int Hkv, int D, const kernels::LomaZones& z,
                             float scale, cudaStream_t stream = nullptr);
-// Accumulates dq, dk, dv (bf16; any may be null). Deterministic (no atomics); uses scratch for
-// Delta = rowsum(dout · out) [B, H, T].
+// Writes or accumulates (accumulate) dq, dk, dv (bf16; any may be null). Deterministic (no
+// atomics); uses scratch for Delta = rowsum(dout · out) [B, H, T].
 void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
                              const bf16* k, const bf16* v, const bf16* out, const float* lse,
                              int B, int T, int H, int Hkv, int D, const kernels::LomaZones& z,
-                             float scale, cudaStream_t stream = nullptr);
+                             float scale, bool accumulate, cudaStream_t stream = nullptr);
 
 // ---- paged decode attention (kernels/decode_attention.h) ----
 // One new query token per sequence over a paged KV cache whose (sequence, KV head) pairs hold

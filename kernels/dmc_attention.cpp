@@ -105,12 +105,16 @@ template <typename T>
 void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const T* q, const T* k,
                             const T* v, const T* mask, const T* out, const T* lse, int B, int T_,
                             int H, int Hkv, int D, bool exclude_ctrl, float scale,
-                            int mask_window) {
+                            bool accumulate, int mask_window) {
   const Layout L{T_, H, Hkv, D};
   const int G = H / Hkv;
   const int Dqk = exclude_ctrl ? D - 1 : D;
   const int BH = B * Hkv;
   const double sc = scale;
+  // out[i] = g, or += g; channel D-1 of dq/dk (Dqk = D - 1) receives g = 0
+  auto put = [accumulate](T* out, long i, double g) {
+    out[i] = accumulate ? out[i] + static_cast<T>(g) : static_cast<T>(g);
+  };
   // one thread below this much work: thread start-up would dominate
   const bool parallel = static_cast<long>(B) * H * T_ * T_ * D >= (1L << 18);
   (void)parallel;
@@ -142,19 +146,17 @@ void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const 
           for (int c = 0; c < Dqk; ++c) dq_t[c] += dS * k_i[c];
           if (t - i > mask_window) dmask_h[i] += dS;
         }
-        if (dq) {
-          T* dq_p = dq + L.q(b, t, g);
-          for (int c = 0; c < Dqk; ++c) dq_p[c] += static_cast<T>(sc * dq_t[c]);
-        }
+        if (dq)
+          for (int c = 0; c < D; ++c) put(dq, L.q(b, t, g) + c, sc * dq_t[c]);
       }
     for (int i = 0; i < T_; ++i) {
       const double* dk_i = dk_h.data() + static_cast<size_t>(i) * D;
       const double* dv_i = dv_h.data() + static_cast<size_t>(i) * D;
       if (dk)
-        for (int c = 0; c < Dqk; ++c) dk[L.kv(b, i, h) + c] += static_cast<T>(sc * dk_i[c]);
+        for (int c = 0; c < D; ++c) put(dk, L.kv(b, i, h) + c, sc * dk_i[c]);
       if (dv)
-        for (int c = 0; c < D; ++c) dv[L.kv(b, i, h) + c] += static_cast<T>(dv_i[c]);
-      if (dmask) dmask[L.mask(b, i, h)] += static_cast<T>(dmask_h[i]);
+        for (int c = 0; c < D; ++c) put(dv, L.kv(b, i, h) + c, dv_i[c]);
+      if (dmask) put(dmask, L.mask(b, i, h), dmask_h[i]);
     }
   }
 }
@@ -167,10 +169,10 @@ template void dmc_attention_forward<double>(double*, double*, const double*, con
 template void dmc_attention_backward<float>(float*, float*, float*, float*, const float*,
                                             const float*, const float*, const float*, const float*,
                                             const float*, const float*, int, int, int, int, int,
-                                            bool, float, int);
+                                            bool, float, bool, int);
 template void dmc_attention_backward<double>(double*, double*, double*, double*, const double*,
                                              const double*, const double*, const double*,
                                              const double*, const double*, const double*, int, int,
-                                             int, int, int, bool, float, int);
+                                             int, int, int, bool, float, bool, int);
 
 }  // namespace dmc::kernels

@@ -13,7 +13,10 @@
 //   dS^T = P^T (dP^T - Delta), dmask[key] += sum_{query > key + w} dS^T (registers, exact, no
 //   atomics); P^T and dS^T go through shared memory so the accumulations re-tile: dV += P^T dO,
 //   dK += dS^T Q (registers, written once at the end), dQ += dS K into an fp32 accumulator with
-//   atomics (FlashAttention's scheme); a post-pass adds it into the bf16 dq.
+//   atomics (FlashAttention's scheme); a post-pass writes it into (or adds it to) the bf16 dq.
+//   Each key's dk, dv and dmask are written by one thread, so without `accumulate` they are
+//   stored without reading the outputs: only the fp32 dQ accumulator, summed by atomics from
+//   every key tile's CTA, is zeroed first.
 // On Hopper the forward at head dim 128 runs kernels/dmc_attention_sm90.cu's kernel and the
 // backward kernels/dmc_attention_bwd_sm90.cu's main kernel (between the same pre- and post-pass)
 // instead (wgmma; the choice: resolve_forward_kernel, resolve_backward_kernel below); these serve
@@ -297,7 +300,8 @@ struct BwdParams {
   int B, T, H, Hkv;
   float scale, scale_log2;
   bool exclude_ctrl;
-  int window;  // as FwdParams::window
+  int window;       // as FwdParams::window
+  bool accumulate;  // add into dk, dv, dmask (else write them)
 };
 
 // Pre-pass: Delta[b, h, t] = sum_d dout · out and lse2 = lse · log2 e (rows stats_stride apart);
@@ -330,12 +334,12 @@ __global__ void attn_bwd_prepass(float* delta, float* lse2, const float* lse, co
   }
 }
 
-// dq[i..i+7] += dq_acc[i..i+7] (n is a multiple of 8: D is)
-__global__ void attn_bwd_dq_add(bf16* dq, const float* dq_acc, long n) {
+// dq[i..i+7] = (accumulate: +=) dq_acc[i..i+7] (n is a multiple of 8: D is)
+__global__ void attn_bwd_dq_out(bf16* dq, const float* dq_acc, long n, bool accumulate) {
   const long i = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   if (i >= n) return;
-  float d[8];
-  load8(d, dq + i);
+  float d[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (accumulate) load8(d, dq + i);
   const float4 a = *reinterpret_cast<const float4*>(dq_acc + i);
   const float4 c = *reinterpret_cast<const float4*>(dq_acc + i + 4);
   d[0] += a.x, d[1] += a.y, d[2] += a.z, d[3] += a.w, d[4] += c.x, d[5] += c.y, d[6] += c.z,
@@ -624,8 +628,10 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
       const int kl = kr * 32 + mb * 16 + hh * 8 + lane / 4;
       const int key = k0 + kl;
       if (key >= T) continue;
-      if (qc == 0 && (lane % 4) == 0 && p.dmask)
-        p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk] += dm[mb][hh] + sDm[kl];
+      if (qc == 0 && (lane % 4) == 0 && p.dmask) {
+        float& dst = p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk];
+        dst = (p.accumulate ? dst : 0.f) + (dm[mb][hh] + sDm[kl]);
+      }
       const long off = (static_cast<long>(b) * T + key) * kstride + static_cast<long>(hk) * D + qc * kDV;
 #pragma unroll
       for (int nb = 0; nb < kDV / 8; ++nb) {
@@ -634,10 +640,10 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_kernel(const BwdParams p) {
         float k1v = dk[mb][nb][2 * hh + 1] * p.scale;
         if (p.exclude_ctrl && qc * kDV + c + 1 == D - 1) k1v = 0.f;
         __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
-        const float2 ok = __bfloat1622float2(*pk);
+        const float2 ok = p.accumulate ? __bfloat1622float2(*pk) : make_float2(0.f, 0.f);
         *pk = __floats2bfloat162_rn(ok.x + k0v, ok.y + k1v);
         __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
-        const float2 ov = __bfloat1622float2(*pv);
+        const float2 ov = p.accumulate ? __bfloat1622float2(*pv) : make_float2(0.f, 0.f);
         *pv = __floats2bfloat162_rn(ov.x + dv[mb][nb][2 * hh], ov.y + dv[mb][nb][2 * hh + 1]);
       }
     }
@@ -745,7 +751,7 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
 void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf16* dout,
                             const bf16* q, const bf16* k, const bf16* v, const float* mask,
                             const bf16* out, const float* lse, int B, int T, int H, int Hkv, int D,
-                            bool exclude_ctrl, float scale, cudaStream_t stream,
+                            bool exclude_ctrl, float scale, bool accumulate, cudaStream_t stream,
                             int mask_window, AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
@@ -757,6 +763,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
   float* stats = static_cast<float*>(scratch(5, sizeof(float) * 2 * stats_size));
   float* delta = stats;
   float* lse2 = stats + stats_size;
+  // Summed by atomics (or TMA reduce-adds) from every key tile's CTA: it must start at zero.
   DMC_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, sizeof(float) * nq, stream));
   if (D == 64)
     attn_bwd_prepass<64><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out, B,
@@ -767,16 +774,16 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
   DMC_CUDA_CHECK_LAUNCH();
   if (resolve_backward_kernel(kernel) == AttentionKernel::kSm90) {
     dmc_attention_backward_sm90(dq_acc, dk, dv, dmask, dout, q, k, v, mask, lse2, delta, B, T, H,
-                                Hkv, D, exclude_ctrl, scale, stream, mask_window);
+                                Hkv, D, exclude_ctrl, scale, accumulate, stream, mask_window);
   } else {
     BwdParams p{q,  k,  v,  mask,  dout, lse2, delta, stats_stride, dq_acc, dk, dv, dmask, B, T, H,
-                Hkv, scale, scale * kLog2e, exclude_ctrl, mask_window};
+                Hkv, scale, scale * kLog2e, exclude_ctrl, mask_window, accumulate};
     if (D == 64)
       launch_bwd<64>(p, stream);
     else
       launch_bwd<128>(p, stream);
   }
-  attn_bwd_dq_add<<<ceil_div(nq / 8, 256), 256, 0, stream>>>(dq, dq_acc, nq);
+  attn_bwd_dq_out<<<ceil_div(nq / 8, 256), 256, 0, stream>>>(dq, dq_acc, nq, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

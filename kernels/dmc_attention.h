@@ -17,12 +17,13 @@ void dmc_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, c
                            int B, int T_, int H, int Hkv, int D, bool exclude_ctrl, float scale,
                            int mask_window = 0);
 
-// Accumulates dq, dk, dv and dmask (dmask[b, i, h_kv] += sum over queries t > i + w and the G
-// query heads of the group of dS[t, i]); dmask may be null.
+// Writes (accumulate false) or accumulates (true) dq, dk, dv and dmask (dmask[b, i, h_kv] = the
+// sum over queries t > i + w and the G query heads of the group of dS[t, i]); any may be null.
+// With exclude_ctrl, dq's and dk's channel D-1 get no gradient (written 0, or left as they are).
 template <typename T>
 void dmc_attention_backward(T* dq, T* dk, T* dv, T* dmask, const T* dout, const T* q, const T* k,
                             const T* v, const T* mask, const T* out, const T* lse, int B, int T_,
-                            int H, int Hkv, int D, bool exclude_ctrl, float scale,
+                            int H, int Hkv, int D, bool exclude_ctrl, float scale, bool accumulate,
                             int mask_window = 0);
 
 }  // namespace dmc::kernels

@@ -1,7 +1,7 @@
 // Fused DMC attention backward for Hopper (sm_90a; spec: kernels/dmc_attention.h): the main
 // kernel of kernels/dmc_attention.cu's backward (its pre-pass computes Delta = rowsum(dO · O) and
-// lse · log2 e, its post-pass adds the fp32 dQ accumulator into dq) on Hopper's warpgroup MMA,
-// in FlashAttention-3's backward layout.
+// lse · log2 e, its post-pass writes or adds the fp32 dQ accumulator into dq) on Hopper's
+// warpgroup MMA, in FlashAttention-3's backward layout.
 //
 // CTA = 128 keys of one KV head (grid: key tiles x KV heads x sequences), looping over the G query
 // heads of the group and, for each, the BM-query tiles that reach its keys (at or after the
@@ -52,13 +52,14 @@ using namespace detail;
 // q, k, v, dout, lse2, delta and dq_acc reach the kernel as tensor maps (BwdMaps)
 struct BwdParams {
   const float* mask;  // [B, T, Hkv] or null
-  bf16* dk;           // [B, T, Hkv, D], accumulated
+  bf16* dk;           // [B, T, Hkv, D], written or accumulated (accumulate)
   bf16* dv;
-  float* dmask;  // [B, T, Hkv] or null, accumulated
+  float* dmask;  // [B, T, Hkv] or null, written or accumulated
   int B, T, H, Hkv;
   float scale, scale_log2;
   bool exclude_ctrl;
   int window;  // the mask applies where query - key > window (DMC: 0; DMS: w)
+  bool accumulate;  // add into dk, dv, dmask (else write them: one thread owns each element)
 };
 
 constexpr int kBN = 128;       // keys per CTA: 64 per consumer warpgroup, the M of its wgmmas
@@ -365,7 +366,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int hh = 0; hh < 2; ++hh) {
     const int key = key_lo + 8 * hh;
     if (key >= T) continue;
-    if (p.dmask && (lane % 4) == 0) p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk] += dm[hh];
+    if (p.dmask && (lane % 4) == 0) {
+      float& dst = p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk];
+      dst = (p.accumulate ? dst : 0.f) + dm[hh];
+    }
     const long off = ((static_cast<long>(b) * T + key) * Hkv + hk) * kD;
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
@@ -373,10 +377,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float dk0 = dk[4 * j + 2 * hh] * p.scale;
       const float dk1 = p.exclude_ctrl && c + 1 == kD - 1 ? 0.f : dk[4 * j + 2 * hh + 1] * p.scale;
       __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
-      const float2 ok = __bfloat1622float2(*pk);
+      const float2 ok = p.accumulate ? __bfloat1622float2(*pk) : make_float2(0.f, 0.f);
       *pk = __floats2bfloat162_rn(ok.x + dk0, ok.y + dk1);
       __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
-      const float2 ov = __bfloat1622float2(*pv);
+      const float2 ov = p.accumulate ? __bfloat1622float2(*pv) : make_float2(0.f, 0.f);
       *pv = __floats2bfloat162_rn(ov.x + dv[4 * j + 2 * hh], ov.y + dv[4 * j + 2 * hh + 1]);
     }
   }
@@ -435,13 +439,13 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,
                                  int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
-                                 cudaStream_t stream, int mask_window) {
+                                 bool accumulate, cudaStream_t stream, int mask_window) {
   if (!device_is_sm90()) {
     std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
   const BwdParams p{mask, dk, dv, dmask, B, T, H, Hkv, scale, scale * kLog2e, exclude_ctrl,
-                    mask_window};
+                    mask_window, accumulate};
   if (D == 64)
     launch_bwd<64>(dq_acc, q, k, v, dout, lse2, delta, p, stream);
   else

@@ -49,7 +49,7 @@ void dms_gates_forward(T* logit, T* alpha, T* evict, T* mask, const T* x, const 
 
 template <typename T>
 void dms_gates_backward(T* dx, const T* devict, const T* dmask, const T* logit, const T* alpha,
-                        int B, int T_, int Hkv, const DmsGateParams& params) {
+                        int B, int T_, int Hkv, const DmsGateParams& params, bool accumulate) {
   const bool relaxed = params.mode == DmcDecisionMode::kRelaxed;
   const long row = Hkv;
   const double dlogit_dx = relaxed ? params.scale / params.temperature : params.scale;
@@ -59,7 +59,8 @@ void dms_gates_backward(T* dx, const T* devict, const T* dmask, const T* logit, 
     double dlogit = devict ? devict[i] * s * (1.0 - s) : 0.0;
     // mask[t-1] = logsigmoid(-logit[t]):  d/dlogit[t] = -sigmoid(logit[t]) = -alpha[t]
     if (dmask && relaxed && t >= 1) dlogit -= dmask[i - row] * static_cast<double>(alpha[i]);
-    dx[i] += static_cast<T>(dlogit * dlogit_dx);
+    const T g = static_cast<T>(dlogit * dlogit_dx);
+    dx[i] = accumulate ? dx[i] + g : g;
   }
 }
 
@@ -68,8 +69,9 @@ template void dms_gates_forward<float>(float*, float*, float*, float*, const flo
 template void dms_gates_forward<double>(double*, double*, double*, double*, const double*,
                                         const double*, int, int, int, const DmsGateParams&);
 template void dms_gates_backward<float>(float*, const float*, const float*, const float*,
-                                        const float*, int, int, int, const DmsGateParams&);
+                                        const float*, int, int, int, const DmsGateParams&, bool);
 template void dms_gates_backward<double>(double*, const double*, const double*, const double*,
-                                         const double*, int, int, int, const DmsGateParams&);
+                                         const double*, int, int, int, const DmsGateParams&,
+                                         bool);
 
 }  // namespace dmc::kernels

@@ -43,7 +43,7 @@ __global__ void dms_gates_forward_kernel(float* logit, float* alpha, float* evic
 
 __global__ void dms_gates_backward_kernel(float* dx, const float* devict, const float* dmask,
                                           const float* logit, const float* alpha, int T, int Hkv,
-                                          long total, GateArgs p) {
+                                          long total, GateArgs p, bool accumulate) {
   const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
   const int t = static_cast<int>((i / Hkv) % T);
@@ -52,7 +52,8 @@ __global__ void dms_gates_backward_kernel(float* dx, const float* devict, const 
   float dlogit = devict ? devict[i] * s * (1.f - s) : 0.f;
   // mask[t-1] = logsigmoid(-logit[t]): d/dlogit[t] = -alpha[t]; the hard mask is a constant.
   if (dmask && p.relaxed && t >= 1) dlogit -= dmask[i - Hkv] * alpha[i];
-  dx[i] += dlogit * (p.relaxed ? p.scale / p.temperature : p.scale);
+  const float g = dlogit * (p.relaxed ? p.scale / p.temperature : p.scale);
+  dx[i] = accumulate ? dx[i] + g : g;
 }
 
 GateArgs args_of(const kernels::DmsGateParams& params) {
@@ -74,11 +75,12 @@ void dms_gates_forward(float* logit, float* alpha, float* evict, float* mask, co
 
 void dms_gates_backward(float* dx, const float* devict, const float* dmask, const float* logit,
                         const float* alpha, int B, int T, int Hkv,
-                        const kernels::DmsGateParams& params, cudaStream_t stream) {
+                        const kernels::DmsGateParams& params, bool accumulate,
+                        cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * Hkv;
   if (total <= 0) return;
   dms_gates_backward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(
-      dx, devict, dmask, logit, alpha, T, Hkv, total, args_of(params));
+      dx, devict, dmask, logit, alpha, T, Hkv, total, args_of(params), accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -37,8 +37,9 @@ template <typename T>
 void dms_gates_forward(T* logit, T* alpha, T* evict, T* mask, const T* x, const T* noise, int B,
                        int T_, int Hkv, const DmsGateParams& params);
 
+// dx = the decision input's gradient (accumulate: +=); devict and dmask may be null.
 template <typename T>
 void dms_gates_backward(T* dx, const T* devict, const T* dmask, const T* logit, const T* alpha,
-                        int B, int T_, int Hkv, const DmsGateParams& params);
+                        int B, int T_, int Hkv, const DmsGateParams& params, bool accumulate);
 
 }  // namespace dmc::kernels

@@ -48,12 +48,17 @@ __global__ void kl_shard_kernel(float* partial, const bf16* s, const bf16* u, co
 template <bool kVec>
 __global__ void kl_shard_backward_kernel(bf16* ds, const bf16* s, const bf16* u,
                                          const float* lse_s, const float* lse_u, const float* kl,
-                                         const float* weight, float dloss, int V) {
+                                         const float* weight, float dloss, int V,
+                                         bool accumulate) {
   const int n = blockIdx.x;
-  if (weight[n] == 0.f) return;
+  bf16* dn = ds + static_cast<long>(n) * V;
+  if (weight[n] == 0.f) {  // no gradient: a row of zeros when not accumulating
+    if (!accumulate)
+      for (int v = threadIdx.x; v < V; v += blockDim.x) dn[v] = __float2bfloat16(0.f);
+    return;
+  }
   const bf16* sn = s + static_cast<long>(n) * V;
   const bf16* un = u + static_cast<long>(n) * V;
-  bf16* dn = ds + static_cast<long>(n) * V;
   const float ls = lse_s[n], lu = lse_u[n], row_kl = kl[n], g = dloss * weight[n];
   auto grad = [&](float zs, float zu) {
     const float log_p = zs - ls;
@@ -61,17 +66,17 @@ __global__ void kl_shard_backward_kernel(bf16* ds, const bf16* s, const bf16* u,
   };
   if (kVec) {
     for (int v = threadIdx.x * 8; v < V; v += blockDim.x * 8) {
-      float zs[8], zu[8], d[8];
+      float zs[8], zu[8], d[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       load8(zs, sn + v);
       load8(zu, un + v);
-      load8(d, dn + v);
+      if (accumulate) load8(d, dn + v);
 #pragma unroll
       for (int i = 0; i < 8; ++i) d[i] += grad(zs[i], zu[i]);
       store8(dn + v, d);
     }
   } else {
     for (int v = threadIdx.x; v < V; v += blockDim.x)
-      dn[v] = tobf(bf(dn[v]) + grad(bf(sn[v]), bf(un[v])));
+      dn[v] = tobf((accumulate ? bf(dn[v]) : 0.f) + grad(bf(sn[v]), bf(un[v])));
   }
 }
 
@@ -90,14 +95,15 @@ void kl_distill_shard(float* partial, const bf16* s, const bf16* u, const float*
 
 void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const float* lse_s,
                                const float* lse_u, const float* kl, const float* weight,
-                               float dloss, int N, int V, cudaStream_t stream) {
+                               float dloss, int N, int V, bool accumulate,
+                               cudaStream_t stream) {
   if (N <= 0) return;
   if (V % 8 == 0)
     kl_shard_backward_kernel<true><<<N, kThreads, 0, stream>>>(ds, s, u, lse_s, lse_u, kl, weight,
-                                                               dloss, V);
+                                                               dloss, V, accumulate);
   else
     kl_shard_backward_kernel<false><<<N, kThreads, 0, stream>>>(ds, s, u, lse_s, lse_u, kl, weight,
-                                                                dloss, V);
+                                                                dloss, V, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

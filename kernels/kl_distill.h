@@ -19,9 +19,11 @@ template <typename T>
 void kl_distill_shard(T* partial, const T* s, const T* u, const T* lse_s, const T* lse_u,
                       const T* weight, int N, int V);
 
-// ds[n, :] += dloss · weight[n] · p_v (log p_v - log p_t,v - kl[n]), kl the all-reduced partials.
+// ds[n, :] += dloss · weight[n] · p_v (log p_v - log p_t,v - kl[n]), kl the all-reduced partials,
+// with accumulate; without, = (and rows of weight 0 are set to 0).
 template <typename T>
 void kl_distill_shard_backward(T* ds, const T* s, const T* u, const T* lse_s, const T* lse_u,
-                               const T* kl, const T* weight, T dloss, int N, int V);
+                               const T* kl, const T* weight, T dloss, int N, int V,
+                               bool accumulate);
 
 }  // namespace dmc::kernels

@@ -100,10 +100,13 @@ void loma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, 
 template <typename T>
 void loma_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
                              const T* v, const T* out, const T* lse, int B, int T_, int H, int Hkv,
-                             int D, const LomaZones& z, float scale) {
+                             int D, const LomaZones& z, float scale, bool accumulate) {
   const Layout L{T_, H, Hkv, D};
   const int G = H / Hkv;
   const double sc = scale;
+  auto put = [accumulate](T* out, long i, double g) {  // out[i] = g, or += g
+    out[i] = accumulate ? out[i] + static_cast<T>(g) : static_cast<T>(g);
+  };
   const bool parallel = worth_threads(B, H, T_, D);
   (void)parallel;
 #if defined(_OPENMP)
@@ -137,15 +140,13 @@ void loma_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, con
             dq_t[c] += dS * k_i[c];
           }
         }
-        if (dq) {
-          T* dq_p = dq + L.q(b, t, g);
-          for (int c = 0; c < D; ++c) dq_p[c] += static_cast<T>(sc * dq_t[c]);
-        }
+        if (dq)
+          for (int c = 0; c < D; ++c) put(dq, L.q(b, t, g) + c, sc * dq_t[c]);
       }
     for (int i = 0; i < T_; ++i)
       for (int c = 0; c < D; ++c) {
-        if (dk) dk[L.kv(b, i, h) + c] += static_cast<T>(sc * dk_h[static_cast<size_t>(i) * D + c]);
-        if (dv) dv[L.kv(b, i, h) + c] += static_cast<T>(dv_h[static_cast<size_t>(i) * D + c]);
+        if (dk) put(dk, L.kv(b, i, h) + c, sc * dk_h[static_cast<size_t>(i) * D + c]);
+        if (dv) put(dv, L.kv(b, i, h) + c, dv_h[static_cast<size_t>(i) * D + c]);
       }
   }
 }
@@ -159,10 +160,10 @@ template void loma_attention_forward<double>(double*, double*, const double*, co
 template void loma_attention_backward<float>(float*, float*, float*, const float*, const float*,
                                              const float*, const float*, const float*,
                                              const float*, int, int, int, int, int,
-                                             const LomaZones&, float);
+                                             const LomaZones&, float, bool);
 template void loma_attention_backward<double>(double*, double*, double*, const double*,
                                               const double*, const double*, const double*,
                                               const double*, const double*, int, int, int, int,
-                                              int, const LomaZones&, float);
+                                              int, const LomaZones&, float, bool);
 
 }  // namespace dmc::kernels

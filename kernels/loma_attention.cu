@@ -24,7 +24,8 @@
 // more than skipping the tiles the mask hides whole, which almost no tile is when chunks are
 // short (every 32-key tile holds memory slots once S = t·(2c+1) <= 32).
 // The backward runs dq and dk/dv as two passes that each sum complete rows, so there are no
-// atomics and the result is deterministic; the dq pass also stores Delta = rowsum(dout · out).
+// atomics and the result is deterministic (and each output row, written once, needs no zeroing
+// when not accumulated); the dq pass also stores Delta = rowsum(dout · out).
 #include <climits>
 
 #include "kernels/cuda_check.h"
@@ -233,7 +234,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads)
     loma_bwd_dq_kernel(bf16* dq, float* delta, const bf16* dout, const bf16* q, const bf16* k,
                        const bf16* v, const bf16* out, const float* lse, int T, int H, int Hkv,
-                       Zones z, float scale, float scale_log2) {
+                       Zones z, float scale, float scale_log2, bool accumulate) {
   constexpr int kPer = D / kLanes;
   __shared__ __align__(16) KeyTile<D> tile;
   const QueryTile<D> qt(k, v, T, H, Hkv, z);
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       bf16& d = dq[qt.qoff + sub + kLanes * u];
-      d = tobf(bf(d) + scale * acc[u]);
+      d = tobf((accumulate ? bf(d) : 0.f) + scale * acc[u]);
     }
 }
 
@@ -289,7 +290,7 @@ __global__ void __launch_bounds__(kThreads)
     loma_bwd_dkdv_kernel(bf16* dk, bf16* dv, const bf16* dout, const bf16* q, const bf16* k,
                          const bf16* v, const float* lse, const float* delta, int T, int H,
                          int Hkv, Zones z, int memories, int memory_ctas, float scale,
-                         float scale_log2) {
+                         float scale_log2, bool accumulate) {
   constexpr int kPer = D / kLanes;
   __shared__ __align__(16) float sQ[kTile][D];
   __shared__ __align__(16) float sdO[kTile][D];
@@ -363,8 +364,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const long i = koff + sub + kLanes * u;
-    if (dk) dk[i] = tobf(bf(dk[i]) + scale * gk[u]);
-    if (dv) dv[i] = tobf(bf(dv[i]) + gv[u]);
+    if (dk) dk[i] = tobf((accumulate ? bf(dk[i]) : 0.f) + scale * gk[u]);
+    if (dv) dv[i] = tobf((accumulate ? bf(dv[i]) : 0.f) + gv[u]);
   }
 }
 
@@ -404,7 +405,7 @@ void loma_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
 void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
                              const bf16* k, const bf16* v, const bf16* out, const float* lse,
                              int B, int T, int H, int Hkv, int D, const kernels::LomaZones& z,
-                             float scale, cudaStream_t stream) {
+                             float scale, bool accumulate, cudaStream_t stream) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(H, Hkv, D, z);
   const Zones zones = zones_of(z);
@@ -414,10 +415,12 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
   const dim3 grid_q(ceil_div(T, kRows), H, B);
   if (D == 64)
     loma_bwd_dq_kernel<64><<<grid_q, kThreads, 0, stream>>>(dq, delta, dout, q, k, v, out, lse, T,
-                                                             H, Hkv, zones, scale, scale_log2);
+                                                             H, Hkv, zones, scale, scale_log2,
+                                                             accumulate);
   else
     loma_bwd_dq_kernel<128><<<grid_q, kThreads, 0, stream>>>(dq, delta, dout, q, k, v, out, lse, T,
-                                                              H, Hkv, zones, scale, scale_log2);
+                                                              H, Hkv, zones, scale, scale_log2,
+                                                              accumulate);
   DMC_CUDA_CHECK_LAUNCH();
   if (!dk && !dv) return;
   const int memories = zones.memories_before(T), memory_ctas = ceil_div(memories, kRows);
@@ -425,11 +428,11 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
   if (D == 64)
     loma_bwd_dkdv_kernel<64><<<grid_kv, kThreads, 0, stream>>>(
         dk, dv, dout, q, k, v, lse, delta, T, H, Hkv, zones, memories, memory_ctas, scale,
-        scale_log2);
+        scale_log2, accumulate);
   else
     loma_bwd_dkdv_kernel<128><<<grid_kv, kThreads, 0, stream>>>(
         dk, dv, dout, q, k, v, lse, delta, T, H, Hkv, zones, memories, memory_ctas, scale,
-        scale_log2);
+        scale_log2, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

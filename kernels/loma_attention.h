@@ -14,10 +14,11 @@ template <typename T>
 void loma_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, int B, int T_,
                             int H, int Hkv, int D, const LomaZones& z, float scale);
 
-// Accumulates dq, dk, dv (+=) from dout and the forward's out and lse; any of them may be null.
+// Writes (accumulate false) or accumulates (+=, true) dq, dk, dv from dout and the forward's out
+// and lse; any of them may be null.
 template <typename T>
 void loma_attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
                              const T* v, const T* out, const T* lse, int B, int T_, int H, int Hkv,
-                             int D, const LomaZones& z, float scale);
+                             int D, const LomaZones& z, float scale, bool accumulate);
 
 }  // namespace dmc::kernels

@@ -1,6 +1,6 @@
 // Linear layer, nn.Linear layout (spec: kernels/matmul.h):
 //   out[n, o]     = sum_i inp[n, i] · weight[o, i]
-//   dinp[n, i]   += sum_o dout[n, o] · weight[o, i]
+//   dinp[n, i]   += sum_o dout[n, o] · weight[o, i]   (or =, without accumulate)
 //   dweight[o, i] += sum_n dout[n, o] · inp[n, i]
 //
 // This is the hot loop of CPU training, so unlike the other references it is arranged for speed,
@@ -67,10 +67,11 @@ DMC_MATMUL_CLONES void forward_rows(T* out, const T* inp, const T* weight, int r
   }
 }
 
-// dinp[r, :] += sum_o dout[r, o] · weight[o, :] for rows r0..r0+nr-1 (nr <= kRows).
+// dinp[r, :] (+)= sum_o dout[r, o] · weight[o, :] for rows r0..r0+nr-1 (nr <= kRows).
 template <typename T>
 DMC_MATMUL_CLONES void backward_inp_rows(T* dinp, const T* dout, const T* weight, int r0, int nr,
-                                         int IC, int OC, double* acc /* [kRows, IC] */) {
+                                         int IC, int OC, bool accumulate,
+                                         double* acc /* [kRows, IC] */) {
   std::fill(acc, acc + static_cast<long>(kRows) * IC, 0.0);
   for (int o = 0; o < OC; ++o) {
     const T* w = weight + static_cast<long>(o) * IC;
@@ -83,7 +84,10 @@ DMC_MATMUL_CLONES void backward_inp_rows(T* dinp, const T* dout, const T* weight
   for (int r = 0; r < nr; ++r) {
     T* dr = dinp + static_cast<long>(r0 + r) * IC;
     const double* ar = acc + static_cast<long>(r) * IC;
-    for (int i = 0; i < IC; ++i) dr[i] = static_cast<T>(dr[i] + ar[i]);
+    if (accumulate)
+      for (int i = 0; i < IC; ++i) dr[i] = static_cast<T>(dr[i] + ar[i]);
+    else
+      for (int i = 0; i < IC; ++i) dr[i] = static_cast<T>(ar[i]);
   }
 }
 
@@ -127,8 +131,8 @@ void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC
 
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, int N,
-                     int IC, int OC) {
-  if (N <= 0 || IC <= 0 || OC <= 0) return;
+                     int IC, int OC, bool accumulate) {
+  if (N <= 0 || IC <= 0) return;  // OC 0 still writes dinp (zeros) when not accumulating
   const bool parallel = static_cast<long>(N) * IC * OC >= kParallelWork;
   (void)parallel;
   if (dinp) {
@@ -143,7 +147,8 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 #endif
       for (int blk = 0; blk < blocks; ++blk) {
         const int r0 = blk * kRows;
-        backward_inp_rows(dinp, dout, weight, r0, std::min(kRows, N - r0), IC, OC, acc.data());
+        backward_inp_rows(dinp, dout, weight, r0, std::min(kRows, N - r0), IC, OC, accumulate,
+                          acc.data());
       }
     }
   }
@@ -172,8 +177,8 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 template void matmul_forward<float>(float*, const float*, const float*, int, int, int);
 template void matmul_forward<double>(double*, const double*, const double*, int, int, int);
 template void matmul_backward<float>(float*, float*, const float*, const float*, const float*, int,
-                                     int, int);
+                                     int, int, bool);
 template void matmul_backward<double>(double*, double*, const double*, const double*, const double*,
-                                      int, int, int);
+                                      int, int, int, bool);
 
 }  // namespace dmc::kernels

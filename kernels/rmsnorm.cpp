@@ -2,7 +2,7 @@
 //   rstd = 1 / sqrt(mean_c x_c^2 + eps),   out_c = x_c · rstd · w_c
 // Backward, with g_c = dout_c · w_c (the gradient reaching the normalised value x_c · rstd):
 //   dw_c += dout_c · x_c · rstd
-//   dx_c += rstd · g_c  -  x_c · rstd^3 · (sum_j g_j x_j) / C
+//   dx_c += rstd · g_c  -  x_c · rstd^3 · (sum_j g_j x_j) / C     (= without accumulate)
 // The second term is the path through rstd: d rstd / d x_c = -rstd^3 · x_c / C. Unlike LayerNorm
 // there is no mean to subtract, hence no "mean of g" term. rstd is saved by the forward so the
 // backward does not recompute it.
@@ -27,7 +27,7 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int 
 
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int N, int C) {
+                      const T* rstd, int N, int C, bool accumulate) {
   for (int n = 0; n < N; ++n) {
     const T* x = inp + static_cast<long>(n) * C;
     const T* d = dout + static_cast<long>(n) * C;
@@ -40,8 +40,10 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
       for (int c = 0; c < C; ++c) gx += static_cast<double>(d[c]) * weight[c] * x[c];
       const double k = r * r * r * gx / C;
       T* dx = dinp + static_cast<long>(n) * C;
-      for (int c = 0; c < C; ++c)
-        dx[c] += static_cast<T>(r * static_cast<double>(d[c]) * weight[c] - k * x[c]);
+      for (int c = 0; c < C; ++c) {
+        const T g = static_cast<T>(r * static_cast<double>(d[c]) * weight[c] - k * x[c]);
+        dx[c] = accumulate ? dx[c] + g : g;
+      }
     }
   }
 }
@@ -50,8 +52,8 @@ template void rmsnorm_forward<float>(float*, float*, const float*, const float*,
 template void rmsnorm_forward<double>(double*, double*, const double*, const double*, int, int,
                                       float);
 template void rmsnorm_backward<float>(float*, float*, const float*, const float*, const float*,
-                                      const float*, int, int);
+                                      const float*, int, int, bool);
 template void rmsnorm_backward<double>(double*, double*, const double*, const double*,
-                                       const double*, const double*, int, int);
+                                       const double*, const double*, int, int, bool);
 
 }  // namespace dmc::kernels

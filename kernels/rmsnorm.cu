@@ -85,7 +85,8 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
 
 template <bool kVec>
 __global__ void rmsnorm_backward_dinp(bf16* dinp, const bf16* dout, const bf16* inp,
-                                      const bf16* weight, const float* rstd, int N, int C) {
+                                      const bf16* weight, const float* rstd, int N, int C,
+                                      bool accumulate) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= N) return;
@@ -108,11 +109,11 @@ __global__ void rmsnorm_backward_dinp(bf16* dinp, const bf16* dout, const bf16* 
   const float k = r * r * r * dot / C;
   if (kVec) {
     for (int c = lane * 8; c < C; c += 256) {
-      float g[8], w[8], x[8], d[8];
+      float g[8], w[8], x[8], d[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       load8(g, dout + off + c);
       load8(w, weight + c);
       load8(x, inp + off + c);
-      load8(d, dinp + off + c);
+      if (accumulate) load8(d, dinp + off + c);
 #pragma unroll
       for (int i = 0; i < 8; ++i) d[i] += r * w[i] * g[i] - k * x[i];
       store8(dinp + off + c, d);
@@ -120,7 +121,7 @@ __global__ void rmsnorm_backward_dinp(bf16* dinp, const bf16* dout, const bf16* 
   } else {
     for (int c = lane; c < C; c += 32) {
       const float g = r * bf(weight[c]) * bf(dout[off + c]) - k * bf(inp[off + c]);
-      dinp[off + c] = tobf(bf(dinp[off + c]) + g);
+      dinp[off + c] = tobf(accumulate ? bf(dinp[off + c]) + g : g);
     }
   }
 }
@@ -183,14 +184,17 @@ void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight
 }
 
 void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                      const bf16* weight, const float* rstd, int N, int C, cudaStream_t stream) {
+                      const bf16* weight, const float* rstd, int N, int C, bool accumulate,
+                      cudaStream_t stream) {
   if (N <= 0) return;
   const bool vec = C % 8 == 0;
   if (dinp) {
     if (vec)
-      rmsnorm_backward_dinp<true><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, rstd, N, C);
+      rmsnorm_backward_dinp<true><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, rstd,
+                                                                      N, C, accumulate);
     else
-      rmsnorm_backward_dinp<false><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, rstd, N, C);
+      rmsnorm_backward_dinp<false><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight,
+                                                                       rstd, N, C, accumulate);
     DMC_CUDA_CHECK_LAUNCH();
   }
   if (dweight) {

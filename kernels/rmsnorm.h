@@ -7,9 +7,10 @@ namespace dmc::kernels {
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int C, float eps);
 
-// dinp[N, C] += ..., dweight[C] += ...
+// dinp[N, C] = ... (accumulate: += ...), dweight[C] += ... (always accumulated); either may be
+// null.
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
-                      const T* rstd, int N, int C);
+                      const T* rstd, int N, int C, bool accumulate);
 
 }  // namespace dmc::kernels

@@ -10,7 +10,7 @@
 // unchanged. It is treated as 0 inside the rotation of pair (half-1, D-1) and copied through:
 //   out[half-1] = x[half-1] cos,   out[D-1] = x[D-1]
 // so in the backward dinp[half-1] += dout[half-1] cos (no contribution from dout[D-1], which does
-// not depend on x[half-1]) and dinp[D-1] += dout[D-1].
+// not depend on x[half-1]) and dinp[D-1] += dout[D-1]. (Without accumulate, = instead of +=.)
 //
 // Angles are computed in double here (the CUDA kernel uses fp32, as Hugging Face does).
 // out may alias inp (each pair is read before it is written); dinp must not alias dout.
@@ -75,19 +75,22 @@ void rope_forward(T* out, const T* inp, int B, int T_, int H, int D, int pos0, f
 
 template <typename T>
 void rope_backward(T* dinp, const T* dout, int B, int T_, int H, int D, int pos0, float theta,
-                   bool keep_last_channel) {
+                   bool keep_last_channel, bool accumulate) {
   const int half = D / 2;
   ForEachRow(B, T_, H, D, pos0, theta, [&](long base, const double* c, const double* s) {
     const T* d = dout + base;
     T* dx = dinp + base;
+    auto put = [&](int i, double g) {
+      dx[i] = accumulate ? dx[i] + static_cast<T>(g) : static_cast<T>(g);
+    };
     for (int i = 0; i < half; ++i) {
       const double d1 = d[i], d2 = d[i + half];
       if (keep_last_channel && i == half - 1) {
-        dx[i] += static_cast<T>(d1 * c[i]);
-        dx[i + half] += static_cast<T>(d2);
+        put(i, d1 * c[i]);
+        put(i + half, d2);
       } else {
-        dx[i] += static_cast<T>(d1 * c[i] + d2 * s[i]);
-        dx[i + half] += static_cast<T>(-d1 * s[i] + d2 * c[i]);
+        put(i, d1 * c[i] + d2 * s[i]);
+        put(i + half, -d1 * s[i] + d2 * c[i]);
       }
     }
   });
@@ -95,7 +98,9 @@ void rope_backward(T* dinp, const T* dout, int B, int T_, int H, int D, int pos0
 
 template void rope_forward<float>(float*, const float*, int, int, int, int, int, float, bool);
 template void rope_forward<double>(double*, const double*, int, int, int, int, int, float, bool);
-template void rope_backward<float>(float*, const float*, int, int, int, int, int, float, bool);
-template void rope_backward<double>(double*, const double*, int, int, int, int, int, float, bool);
+template void rope_backward<float>(float*, const float*, int, int, int, int, int, float, bool,
+                                   bool);
+template void rope_backward<double>(double*, const double*, int, int, int, int, int, float, bool,
+                                    bool);
 
 }  // namespace dmc::kernels

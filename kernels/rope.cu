@@ -19,10 +19,11 @@ using namespace detail;
 // spread their heads over more threads.
 constexpr long kEnoughThreads = 128 * 1024;
 
+// The backward writes its output (accumulate false) or adds into it (true).
 template <bool kBackward>
 __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
                             const int32_t* positions, float theta, bool keep_last,
-                            int heads_per_thread) {
+                            int heads_per_thread, bool accumulate) {
   const int half = D / 2;
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long total = static_cast<long>(B) * T * half;
@@ -46,22 +47,24 @@ __global__ void rope_kernel(bf16* out, const bf16* inp, int B, int T, int H, int
       out[base + i] = tobf(x1 * c - x2 * s);
       out[base + i + half] = ctrl ? inp[base + i + half] : tobf(x2 * c + x1 * s);
     } else {
-      out[base + i] = tobf(bf(out[base + i]) + x1 * c + x2 * s);
+      const float d1 = x1 * c + x2 * s;
       const float d2 = ctrl ? x2raw : x2 * c - x1 * s;
-      out[base + i + half] = tobf(bf(out[base + i + half]) + d2);
+      out[base + i] = tobf(accumulate ? bf(out[base + i]) + d1 : d1);
+      out[base + i + half] = tobf(accumulate ? bf(out[base + i + half]) + d2 : d2);
     }
   }
 }
 
 template <bool kBackward>
 void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
-                 const int32_t* positions, float theta, bool keep_last, cudaStream_t stream) {
+                 const int32_t* positions, float theta, bool keep_last, bool accumulate,
+                 cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * (D / 2);
   if (total <= 0 || H <= 0) return;
   const int heads_per_thread = ceil_div(H, std::min<long>(H, ceil_div(kEnoughThreads, total)));
   const dim3 grid(ceil_div(total, 256), ceil_div(H, heads_per_thread));
   rope_kernel<kBackward><<<grid, 256, 0, stream>>>(out, inp, B, T, H, D, pos0, positions, theta,
-                                                   keep_last, heads_per_thread);
+                                                   keep_last, heads_per_thread, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -69,24 +72,27 @@ void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos
 
 void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0, float theta,
                   bool keep_last_channel, cudaStream_t stream) {
-  launch_rope<false>(out, inp, B, T, H, D, pos0, nullptr, theta, keep_last_channel, stream);
+  launch_rope<false>(out, inp, B, T, H, D, pos0, nullptr, theta, keep_last_channel, false,
+                     stream);
 }
 
 void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int pos0, float theta,
-                   bool keep_last_channel, cudaStream_t stream) {
-  launch_rope<true>(dinp, dout, B, T, H, D, pos0, nullptr, theta, keep_last_channel, stream);
+                   bool keep_last_channel, bool accumulate, cudaStream_t stream) {
+  launch_rope<true>(dinp, dout, B, T, H, D, pos0, nullptr, theta, keep_last_channel, accumulate,
+                    stream);
 }
 
 void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
                             const int32_t* positions, float theta, bool keep_last_channel,
                             cudaStream_t stream) {
-  launch_rope<false>(out, inp, B, T, H, D, 0, positions, theta, keep_last_channel, stream);
+  launch_rope<false>(out, inp, B, T, H, D, 0, positions, theta, keep_last_channel, false, stream);
 }
 
 void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
                              const int32_t* positions, float theta, bool keep_last_channel,
-                             cudaStream_t stream) {
-  launch_rope<true>(dinp, dout, B, T, H, D, 0, positions, theta, keep_last_channel, stream);
+                             bool accumulate, cudaStream_t stream) {
+  launch_rope<true>(dinp, dout, B, T, H, D, 0, positions, theta, keep_last_channel, accumulate,
+                    stream);
 }
 
 }  // namespace dmc::cuda

@@ -15,9 +15,10 @@ template <typename T>
 void rope_forward(T* out, const T* inp, int B, int T_, int H, int D, int pos0, float theta,
                   bool keep_last_channel);
 
-// dinp += J^T dout (the inverse rotation, with the same control-channel exemption).
+// dinp = J^T dout (the inverse rotation, with the same control-channel exemption), or += with
+// accumulate.
 template <typename T>
 void rope_backward(T* dinp, const T* dout, int B, int T_, int H, int D, int pos0, float theta,
-                   bool keep_last_channel);
+                   bool keep_last_channel, bool accumulate);
 
 }  // namespace dmc::kernels

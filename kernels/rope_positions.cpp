@@ -20,11 +20,13 @@ void rope_forward_positions(T* out, const T* inp, int B, int T_, int H, int D,
 
 template <typename T>
 void rope_backward_positions(T* dinp, const T* dout, int B, int T_, int H, int D,
-                             const int32_t* positions, float theta, bool keep_last_channel) {
+                             const int32_t* positions, float theta, bool keep_last_channel,
+                             bool accumulate) {
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T_; ++t) {
       const long base = (static_cast<long>(b) * T_ + t) * H * D;
-      rope_backward(dinp + base, dout + base, 1, 1, H, D, positions[t], theta, keep_last_channel);
+      rope_backward(dinp + base, dout + base, 1, 1, H, D, positions[t], theta, keep_last_channel,
+                    accumulate);
     }
 }
 
@@ -33,8 +35,8 @@ template void rope_forward_positions<float>(float*, const float*, int, int, int,
 template void rope_forward_positions<double>(double*, const double*, int, int, int, int,
                                              const int32_t*, float, bool);
 template void rope_backward_positions<float>(float*, const float*, int, int, int, int,
-                                             const int32_t*, float, bool);
+                                             const int32_t*, float, bool, bool);
 template void rope_backward_positions<double>(double*, const double*, int, int, int, int,
-                                              const int32_t*, float, bool);
+                                              const int32_t*, float, bool, bool);
 
 }  // namespace dmc::kernels

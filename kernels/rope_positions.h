@@ -13,9 +13,10 @@ template <typename T>
 void rope_forward_positions(T* out, const T* inp, int B, int T_, int H, int D,
                             const int32_t* positions, float theta, bool keep_last_channel);
 
-// dinp += J^T dout, the inverse rotation at each token's position.
+// dinp = J^T dout, the inverse rotation at each token's position (+= with accumulate).
 template <typename T>
 void rope_backward_positions(T* dinp, const T* dout, int B, int T_, int H, int D,
-                             const int32_t* positions, float theta, bool keep_last_channel);
+                             const int32_t* positions, float theta, bool keep_last_channel,
+                             bool accumulate);
 
 }  // namespace dmc::kernels

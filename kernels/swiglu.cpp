@@ -18,19 +18,22 @@ void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
 }
 
 template <typename T>
-void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n) {
+void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n,
+                     bool accumulate) {
   for (size_t i = 0; i < n; ++i) {
     const double g = gate[i], s = sigmoid(g), d = dout[i];
-    if (dgate) dgate[i] += static_cast<T>(d * up[i] * s * (1.0 + g * (1.0 - s)));
-    if (dup) dup[i] += static_cast<T>(d * g * s);
+    const T dg = static_cast<T>(d * up[i] * s * (1.0 + g * (1.0 - s)));
+    const T du = static_cast<T>(d * g * s);
+    if (dgate) dgate[i] = accumulate ? dgate[i] + dg : dg;
+    if (dup) dup[i] = accumulate ? dup[i] + du : du;
   }
 }
 
 template void swiglu_forward<float>(float*, const float*, const float*, size_t);
 template void swiglu_forward<double>(double*, const double*, const double*, size_t);
 template void swiglu_backward<float>(float*, float*, const float*, const float*, const float*,
-                                     size_t);
+                                     size_t, bool);
 template void swiglu_backward<double>(double*, double*, const double*, const double*, const double*,
-                                      size_t);
+                                      size_t, bool);
 
 }  // namespace dmc::kernels

@@ -19,15 +19,15 @@ __global__ void swiglu_forward_kernel(bf16* out, const bf16* gate, const bf16* u
 }
 
 __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
-                                       const bf16* up, size_t n) {
+                                       const bf16* up, size_t n, bool accumulate) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const float g = bf(gate[i]), u = bf(up[i]), d = bf(dout[i]);
     const float sg = 1.f / (1.f + expf(-g));
     const float silu = g * sg;
     const float dsilu = sg * (1.f + g * (1.f - sg));
-    if (dgate) dgate[i] = tobf(bf(dgate[i]) + d * u * dsilu);
-    if (dup) dup[i] = tobf(bf(dup[i]) + d * silu);
+    if (dgate) dgate[i] = tobf((accumulate ? bf(dgate[i]) : 0.f) + d * u * dsilu);
+    if (dup) dup[i] = tobf((accumulate ? bf(dup[i]) : 0.f) + d * silu);
   }
 }
 
@@ -47,7 +47,7 @@ __global__ void swiglu_forward_vec(bf16* out, const bf16* gate, const bf16* up, 
 }
 
 __global__ void swiglu_backward_vec(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
-                                    const bf16* up, size_t n8) {
+                                    const bf16* up, size_t n8, bool accumulate) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const size_t o = 8 * i;
@@ -55,8 +55,8 @@ __global__ void swiglu_backward_vec(bf16* dgate, bf16* dup, const bf16* dout, co
     load8(g, gate + o);
     load8(u, up + o);
     load8(d, dout + o);
-    if (dgate) load8(a, dgate + o);
-    if (dup) load8(b, dup + o);
+    if (dgate && accumulate) load8(a, dgate + o);
+    if (dup && accumulate) load8(b, dup + o);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float sg = 1.f / (1.f + __expf(-g[k]));
@@ -88,13 +88,15 @@ void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n, cudaS
 }
 
 void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
-                     size_t n, cudaStream_t stream) {
+                     size_t n, bool accumulate, cudaStream_t stream) {
   if (n == 0) return;
   if (n % 8 == 0 && aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) &&
       aligned16(up))
-    swiglu_backward_vec<<<grid_for(n / 8), 256, 0, stream>>>(dgate, dup, dout, gate, up, n / 8);
+    swiglu_backward_vec<<<grid_for(n / 8), 256, 0, stream>>>(dgate, dup, dout, gate, up, n / 8,
+                                                             accumulate);
   else
-    swiglu_backward_kernel<<<grid_for(n), 256, 0, stream>>>(dgate, dup, dout, gate, up, n);
+    swiglu_backward_kernel<<<grid_for(n), 256, 0, stream>>>(dgate, dup, dout, gate, up, n,
+                                                            accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -7,8 +7,10 @@ namespace dmc::kernels {
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, size_t n);
 
-// dgate += dout · up · silu'(gate);  dup += dout · silu(gate)
+// dgate = dout · up · silu'(gate);  dup = dout · silu(gate)  (accumulate: += instead); either
+// output may be null.
 template <typename T>
-void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n);
+void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n,
+                     bool accumulate);
 
 }  // namespace dmc::kernels

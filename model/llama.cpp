@@ -63,14 +63,15 @@ void Rope(T* out, const T* inp, int B, int T_, int H, int D,
     k::rope_forward_positions(out, inp, B, T_, H, D, positions.data(), theta, keep_last_channel);
 }
 
+// Writes dinp (the first writer of the q and k gradients: nothing to add to).
 template <typename T>
 void RopeBackward(T* dinp, const T* dout, int B, int T_, int H, int D,
                   const std::vector<int32_t>& positions, float theta, bool keep_last_channel) {
   if (positions.empty())
-    k::rope_backward(dinp, dout, B, T_, H, D, 0, theta, keep_last_channel);
+    k::rope_backward(dinp, dout, B, T_, H, D, 0, theta, keep_last_channel, /*accumulate=*/false);
   else
     k::rope_backward_positions(dinp, dout, B, T_, H, D, positions.data(), theta,
-                               keep_last_channel);
+                               keep_last_channel, /*accumulate=*/false);
 }
 
 }  // namespace
@@ -524,16 +525,19 @@ void Llama<T>::Backward(double loss_scale) {
   if (distilling_)
     k::kl_distill_shard_backward(dlogits.data(), logits_.data(), teacher_logits_.data(),
                                  lse_.data(), teacher_lse_.data(), distill_kl_.data(),
-                                 distill_weight_.data(), T(loss_scale), N, V);
+                                 distill_weight_.data(), T(loss_scale), N, V,
+                                 /*accumulate=*/false);
   else
     k::cross_entropy_shard_backward(dlogits.data(), logits_.data(), lse_.data(), targets_.data(),
-                                    dlosses.data(), N, V, vocab_begin_);
+                                    dlosses.data(), N, V, vocab_begin_, /*accumulate=*/false);
+  // As in the CUDA model, each activation gradient is written by its first writer (accumulate
+  // false) and added into by the later ones (true).
   std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
   k::matmul_backward(dxn.data(), grad_of(lm_head_offset_), dlogits.data(), xn_final_.data(),
-                     lm_head(), N, C, V);
+                     lm_head(), N, C, V, /*accumulate=*/false);
   AllReduce(dxn);  // vocabulary-parallel LM head: each rank holds its rows' share of the sum
   k::rmsnorm_backward(dres.data(), grad_of(final_norm_offset_), dxn.data(), x_final_.data(),
-                      final_norm(), rstd_final_.data(), N, C);
+                      final_norm(), rstd_final_.data(), N, C, /*accumulate=*/false);
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction (replicated over TP ranks).
   std::vector<T> dmean_merge(B, T(0));
@@ -550,20 +554,25 @@ void Llama<T>::Backward(double loss_scale) {
 
     // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
     Resize(dh, size_t(N) * F);
-    k::matmul_backward(dh.data(), grad_of(o[kDown]), dres.data(), a.h.data(), w.w_down, N, F, C);
+    k::matmul_backward(dh.data(), grad_of(o[kDown]), dres.data(), a.h.data(), w.w_down, N, F, C,
+                       /*accumulate=*/false);
     Resize(dgate, dh.size());
     Resize(dup, dh.size());
-    k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), dh.size());
+    k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), dh.size(),
+                       /*accumulate=*/false);
     Resize(dxn, size_t(N) * C);
-    k::matmul_backward(dxn.data(), grad_of(o[kGate]), dgate.data(), a.xn2.data(), w.w_gate, N, C, F);
-    k::matmul_backward(dxn.data(), grad_of(o[kUp]), dup.data(), a.xn2.data(), w.w_up, N, C, F);
+    k::matmul_backward(dxn.data(), grad_of(o[kGate]), dgate.data(), a.xn2.data(), w.w_gate, N, C, F,
+                       /*accumulate=*/false);
+    k::matmul_backward(dxn.data(), grad_of(o[kUp]), dup.data(), a.xn2.data(), w.w_up, N, C, F,
+                       /*accumulate=*/true);
     AllReduce(dxn);  // column-parallel input: every rank holds a partial sum
     k::rmsnorm_backward(dres.data(), grad_of(o[kMlpNorm]), dxn.data(), a.x2.data(), w.mlp_norm,
-                        a.rstd2.data(), N, C);
+                        a.rstd2.data(), N, C, /*accumulate=*/true);
 
     // Attention half.
     Resize(datt, a.att.size());
-    k::matmul_backward(datt.data(), grad_of(o[kWo]), dres.data(), a.att.data(), w.wo, N, H * D, C);
+    k::matmul_backward(datt.data(), grad_of(o[kWo]), dres.data(), a.att.data(), w.wo, N, H * D, C,
+                       /*accumulate=*/false);
     Resize(dqr, a.q.size());
     Resize(dkr, a.k.size());
     Resize(dvhat, a.v.size());
@@ -572,13 +581,13 @@ void Llama<T>::Backward(double loss_scale) {
     if (loma)
       k::loma_attention_backward(dqr.data(), dkr.data(), dvhat.data(), datt.data(), a.qr.data(),
                                  a.kr.data(), values, a.att.data(), a.lse.data(), B, T_, H, Hkv,
-                                 D, options_.loma, scale);
+                                 D, options_.loma, scale, /*accumulate=*/false);
     else
       k::dmc_attention_backward(dqr.data(), dkr.data(), dvhat.data(),
                                 dmc || dms ? dmask.data() : nullptr, datt.data(), a.qr.data(),
                                 a.kr.data(), values, dmc || dms ? a.mask.data() : nullptr,
                                 a.att.data(), a.lse.data(), B, T_, H, Hkv, D, dmc, scale,
-                                dms ? config_.dms.window : 0);
+                                /*accumulate=*/false, dms ? config_.dms.window : 0);
     if (qchannel) ZeroDmsQueryChannel(dqr.data(), N, H, Hkv, D);
     if (fade != T(1)) {
       k::scale_last_channel(dqr.data(), long(N) * H, D, fade);
@@ -615,7 +624,7 @@ void Llama<T>::Backward(double loss_scale) {
                                       T(1.0 / (double(L) * T_ * config_.num_key_value_heads)));
       Resize(ddec, a.dms_x.size());
       k::dms_gates_backward(ddec.data(), dmerge.data(), dmask.data(), a.logit.data(),
-                            a.alpha.data(), B, T_, Hkv, dms_params);
+                            a.alpha.data(), B, T_, Hkv, dms_params, /*accumulate=*/false);
       if (qchannel) {
         // the channel was zeroed for attention, so the decision is its only use
         const int G = H / Hkv;
@@ -628,20 +637,23 @@ void Llama<T>::Backward(double loss_scale) {
       k::scale_last_channel(dk.data(), long(N) * Hkv, D, fade);
     }
     Resize(dxn, size_t(N) * C);
-    k::matmul_backward(dxn.data(), grad_of(o[kWq]), dq.data(), a.xn.data(), w.wq, N, C, H * D);
-    k::matmul_backward(dxn.data(), grad_of(o[kWk]), dk.data(), a.xn.data(), w.wk, N, C, Hkv * D);
-    k::matmul_backward(dxn.data(), grad_of(o[kWv]), dv.data(), a.xn.data(), w.wv, N, C, Hkv * D);
+    k::matmul_backward(dxn.data(), grad_of(o[kWq]), dq.data(), a.xn.data(), w.wq, N, C, H * D,
+                       /*accumulate=*/false);
+    k::matmul_backward(dxn.data(), grad_of(o[kWk]), dk.data(), a.xn.data(), w.wk, N, C, Hkv * D,
+                       /*accumulate=*/true);
+    k::matmul_backward(dxn.data(), grad_of(o[kWv]), dv.data(), a.xn.data(), w.wv, N, C, Hkv * D,
+                       /*accumulate=*/true);
     AllReduce(dxn);
     if (dms && w.dms_proj) {  // the adapter reads the residual through its own norm
       Resize(dxn_dms, size_t(N) * C);
       k::matmul_backward(dxn_dms.data(), grad_of(dms_offsets_[2 * l + 1]), ddec.data(),
-                         a.dms_xn.data(), w.dms_proj, N, C, Hkv);
+                         a.dms_xn.data(), w.dms_proj, N, C, Hkv, /*accumulate=*/false);
       AllReduce(dxn_dms);  // column-parallel over KV heads
       k::rmsnorm_backward(dres.data(), grad_of(dms_offsets_[2 * l]), dxn_dms.data(), a.x.data(),
-                          w.dms_norm, a.dms_rstd.data(), N, C);
+                          w.dms_norm, a.dms_rstd.data(), N, C, /*accumulate=*/true);
     }
     k::rmsnorm_backward(dres.data(), grad_of(o[kAttnNorm]), dxn.data(), a.x.data(), w.attn_norm,
-                        a.rstd.data(), N, C);
+                        a.rstd.data(), N, C, /*accumulate=*/true);
   }
   k::embedding_backward(grad_of(embed_offset_), dres.data(), tokens_.data(), N, C, vocab_begin_,
                        vocab_rows_);

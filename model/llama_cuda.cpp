@@ -60,12 +60,14 @@ void Rope(bf16* out, const bf16* inp, int B, int T, int H, int D, const int32_t*
     c::rope_forward(out, inp, B, T, H, D, 0, theta, keep_last_channel, s);
 }
 
+// Writes dinp (the first writer of the q and k gradients: nothing to add to).
 void RopeBackward(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
                   const int32_t* positions, float theta, bool keep_last_channel, cudaStream_t s) {
   if (positions)
-    c::rope_backward_positions(dinp, dout, B, T, H, D, positions, theta, keep_last_channel, s);
+    c::rope_backward_positions(dinp, dout, B, T, H, D, positions, theta, keep_last_channel,
+                               /*accumulate=*/false, s);
   else
-    c::rope_backward(dinp, dout, B, T, H, D, 0, theta, keep_last_channel, s);
+    c::rope_backward(dinp, dout, B, T, H, D, 0, theta, keep_last_channel, /*accumulate=*/false, s);
 }
 
 // LoMA's two loss terms from the per-position losses (device [B, T]), computed by the CPU
@@ -692,7 +694,7 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   const kernels::DmcGateParams gate_params = DmcGates(options_.mode);
   const kernels::DmsGateParams dms_params = DmsGates(options_.mode);
   cudaStream_t s = stream_;
-  const size_t Q = size_t(N) * H * D, K = size_t(N) * Hkv * D, NG = size_t(N) * Hkv;
+  const size_t NG = size_t(N) * Hkv;
   float* mean_merge = b.stats + Buffers::kStatsHeader;
   const float merge_scale =
       static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads));
@@ -701,11 +703,12 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
 
   // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed),
   // or, distilling, the weighted KL(student || teacher).
-  Zero(b.dlogits, size_t(N) * V, s);
+  // Each activation gradient below is written by its first writer (accumulate false) and added
+  // into by the later ones (true), so none of them is zeroed first.
   if (distilling_) {
     c::kl_distill_shard_backward(b.dlogits, b.logits, b.teacher_logits, b.ce_lse, b.teacher_lse,
                                  b.distill_kl, b.distill_weight, static_cast<float>(loss_scale),
-                                 N, V, s);
+                                 N, V, /*accumulate=*/false, s);
   } else {
     if (loma) {
       DMC_CUDA_CHECK(cudaMemcpyAsync(b.dlosses, b.loma_dlosses, sizeof(float) * N,
@@ -717,15 +720,14 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
                        s);
     }
     c::cross_entropy_shard_backward(b.dlogits, b.logits, b.ce_lse, b.targets, b.dlosses, N, V,
-                                    vocab_begin_, s);
+                                    vocab_begin_, /*accumulate=*/false, s);
   }
-  Zero(b.dxn, size_t(N) * C, s);
-  Zero(b.dres, size_t(N) * C, s);
   c::matmul_backward(b.dxn, G(lm_head_offset_), b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
-                     s);
+                     /*accumulate=*/false, s);
   TpAllReduce(b.dxn, size_t(N) * C);  // vocabulary-parallel LM head: a share of the sum per rank
+  // dres, the residual stream's gradient, is written here; every norm below adds its branch.
   c::rmsnorm_backward(b.dres, G(final_norm_offset_), b.dxn, b.x_final, W(final_norm_offset_),
-                      b.rstd_final, N, C, s);
+                      b.rstd_final, N, C, /*accumulate=*/false, s);
   ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction.
@@ -739,43 +741,44 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     const size_t* o = &layer_offsets_[l * kLayerTensors];
 
     // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
-    Zero(b.dh, size_t(N) * F, s);
-    c::matmul_backward(b.dh, G(o[kDown]), b.dres, a.h, W(o[kDown]), N, F, C, s);
-    Zero(b.dgate, size_t(N) * F, s);
-    Zero(b.dup, size_t(N) * F, s);
-    c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, s);
+    c::matmul_backward(b.dh, G(o[kDown]), b.dres, a.h, W(o[kDown]), N, F, C,
+                       /*accumulate=*/false, s);
+    c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, /*accumulate=*/false,
+                       s);
     // The input gradient first, summed over TP while the weight gradients run.
-    Zero(b.dxn, size_t(N) * C, s);
-    c::matmul_backward(b.dxn, nullptr, b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
-    c::matmul_backward(b.dxn, nullptr, b.dup, a.xn2, W(o[kUp]), N, C, F, s);
+    c::matmul_backward(b.dxn, nullptr, b.dgate, a.xn2, W(o[kGate]), N, C, F,
+                       /*accumulate=*/false, s);
+    c::matmul_backward(b.dxn, nullptr, b.dup, a.xn2, W(o[kUp]), N, C, F, /*accumulate=*/true, s);
     TpStartAllReduce(b.dxn, size_t(N) * C);
-    c::matmul_backward(nullptr, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F, s);
-    c::matmul_backward(nullptr, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, s);
+    c::matmul_backward(nullptr, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F,
+                       /*accumulate=*/true, s);
+    c::matmul_backward(nullptr, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, /*accumulate=*/true,
+                       s);
     TpJoin();
-    c::rmsnorm_backward(b.dres, G(o[kMlpNorm]), b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C, s);
+    c::rmsnorm_backward(b.dres, G(o[kMlpNorm]), b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C,
+                        /*accumulate=*/true, s);
 
     // Attention half.
-    Zero(b.datt, Q, s);
-    c::matmul_backward(b.datt, G(o[kWo]), b.dres, a.att, W(o[kWo]), N, H * D, C, s);
-    Zero(b.dqr, Q, s);
-    Zero(b.dkr, K, s);
-    Zero(b.dvhat, K, s);
-    if (dmc || dms) Zero(b.dalpha, 4 * NG, s);  // dalpha, domega, dmerge, dmask (contiguous)
+    c::matmul_backward(b.datt, G(o[kWo]), b.dres, a.att, W(o[kWo]), N, H * D, C,
+                       /*accumulate=*/false, s);
+    // dalpha, domega and dmerge (contiguous, then dmask) start at zero: the DMC scan's gate pass
+    // and cr_accumulate_merge_backward only add into them (small [B, T, Hkv] buffers). The
+    // attention writes dmask, except LoMA's, which has no mask: there it stays zero.
+    if (dmc || dms) Zero(b.dalpha, (loma ? 4 : 3) * NG, s);
     const bf16* values = dmc ? a.vhat : a.v;
     if (loma)
       c::loma_attention_backward(b.dqr, b.dkr, b.dvhat, b.datt, a.qr, a.kr, values, a.att, a.lse,
-                                 B, T_, H, Hkv, D, options_.loma, scale, s);
+                                 B, T_, H, Hkv, D, options_.loma, scale, /*accumulate=*/false, s);
     else
       c::dmc_attention_backward(b.dqr, b.dkr, b.dvhat, dmc || dms ? b.dmask : nullptr, b.datt,
                                 a.qr, a.kr, values, dmc || dms ? a.mask : nullptr, a.att, a.lse, B,
-                                T_, H, Hkv, D, dmc, scale, s, dms ? config_.dms.window : 0);
+                                T_, H, Hkv, D, dmc, scale, /*accumulate=*/false, s,
+                                dms ? config_.dms.window : 0);
     if (qchannel) h::set_dms_query_channel(b.dqr, nullptr, N, H, Hkv, D, s);
     if (fade != 1.0f) {
       c::scale_last_channel(b.dqr, long(N) * H, D, fade, s);
       c::scale_last_channel(b.dkr, long(N) * Hkv, D, fade, s);
     }
-    Zero(b.dq, Q, s);
-    Zero(b.dkhat, K, s);
     RopeBackward(b.dq, b.dqr, B, T_, H, D, positions, config_.rope_theta, dmc, s);
     RopeBackward(b.dkhat, b.dkr, B, T_, Hkv, D, positions, config_.rope_theta, dmc, s);
     bf16* dk = b.dkhat;
@@ -793,9 +796,8 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     }
     if (dms) {
       c::cr_accumulate_merge_backward(b.dmerge, b.dmean_merge, B, T_, Hkv, merge_scale, s);
-      Zero(b.ddec, NG, s);
       c::dms_gates_backward(b.ddec, b.dmerge, b.dmask, a.logit, a.alpha, B, T_, Hkv, dms_params,
-                            s);
+                            /*accumulate=*/false, s);
       // The channel was zeroed for attention, so the decision is its only use.
       if (qchannel) h::set_dms_query_channel(b.dq, b.ddec, N, H, Hkv, D, s);
     }
@@ -803,23 +805,28 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
       c::scale_last_channel(b.dq, long(N) * H, D, fade, s);
       c::scale_last_channel(dk, long(N) * Hkv, D, fade, s);
     }
-    Zero(b.dxn, size_t(N) * C, s);
-    c::matmul_backward(b.dxn, nullptr, b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
-    c::matmul_backward(b.dxn, nullptr, dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
-    c::matmul_backward(b.dxn, nullptr, dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    c::matmul_backward(b.dxn, nullptr, b.dq, a.xn, W(o[kWq]), N, C, H * D, /*accumulate=*/false,
+                       s);
+    c::matmul_backward(b.dxn, nullptr, dk, a.xn, W(o[kWk]), N, C, Hkv * D, /*accumulate=*/true, s);
+    c::matmul_backward(b.dxn, nullptr, dv, a.xn, W(o[kWv]), N, C, Hkv * D, /*accumulate=*/true, s);
     TpStartAllReduce(b.dxn, size_t(N) * C);
-    c::matmul_backward(nullptr, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D, s);
-    c::matmul_backward(nullptr, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D, s);
-    c::matmul_backward(nullptr, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D, s);
+    c::matmul_backward(nullptr, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D,
+                       /*accumulate=*/true, s);
+    c::matmul_backward(nullptr, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D,
+                       /*accumulate=*/true, s);
+    c::matmul_backward(nullptr, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D,
+                       /*accumulate=*/true, s);
     TpJoin();
-    c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C, s);
+    c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C,
+                        /*accumulate=*/true, s);
     if (dms && !dms_offsets_.empty()) {  // the adapter reads the residual through its own norm
       const size_t norm = dms_offsets_[2 * l], proj = dms_offsets_[2 * l + 1];
       h::to_bf16(b.ddec_bf16, b.ddec, NG, s);
-      Zero(b.dxn, size_t(N) * C, s);
-      c::matmul_backward(b.dxn, G(proj), b.ddec_bf16, a.dms_xn, W(proj), N, C, Hkv, s);
+      c::matmul_backward(b.dxn, G(proj), b.ddec_bf16, a.dms_xn, W(proj), N, C, Hkv,
+                         /*accumulate=*/false, s);
       TpAllReduce(b.dxn, size_t(N) * C);  // column-parallel over KV heads
-      c::rmsnorm_backward(b.dres, G(norm), b.dxn, a.x, W(norm), a.dms_rstd, N, C, s);
+      c::rmsnorm_backward(b.dres, G(norm), b.dxn, a.x, W(norm), a.dms_rstd, N, C,
+                          /*accumulate=*/true, s);
     }
     ready(o[kAttnNorm]);  // layer l's tensors are done
   }

@@ -83,4 +83,28 @@ void expect_all_near(const A& a, const B& b, double tol, const char* what) {
   }
 }
 
+// The two modes of a backward's activation gradients: run(outs, accumulate) fills the buffers
+// outs[i] (sizes[i] values each; a null entry stands for an output left out). Written
+// (accumulate false) into buffers poisoned with NaN, so a kernel that reads them or skips an
+// element fails, they must equal what is added (true) onto random values.
+template <typename Run>
+void expect_written_equals_added(const std::vector<size_t>& sizes, std::mt19937_64& rng,
+                                 const Run& run, const char* what) {
+  std::vector<std::vector<double>> written;
+  std::vector<AccumulatedGrad> added;
+  std::vector<double*> w, a;
+  for (size_t n : sizes) {
+    written.emplace_back(n, std::nan(""));
+    added.emplace_back(n, rng);
+  }
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    w.push_back(sizes[i] ? written[i].data() : nullptr);
+    a.push_back(sizes[i] ? added[i].data() : nullptr);
+  }
+  run(w.data(), false);
+  run(a.data(), true);
+  for (size_t i = 0; i < sizes.size(); ++i)
+    expect_all_near(written[i], added[i].delta(), 1e-12, what);
+}
+
 }  // namespace dmc::testing

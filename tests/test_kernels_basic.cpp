@@ -1,6 +1,7 @@
 // CPU reference kernels, the plain-transformer ops: finite-difference gradient checks in double on
 // tiny odd shapes, plus semantic checks against direct formulas. Every gradient check starts the
-// gradient buffers from random values (AccumulatedGrad), so it also verifies the += convention.
+// gradient buffers from random values (AccumulatedGrad), so it also verifies the += convention;
+// expect_written_equals_added checks the activation gradients' written (accumulate false) mode.
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -52,18 +53,28 @@ TEST(KernelsBasic, MatmulGradients) {
     return dot(wo, out);
   };
   AccumulatedGrad dinp(inp.size(), rng), dw(w.size(), rng);
-  matmul_backward(dinp.data(), dw.data(), wo.data(), inp.data(), w.data(), N, IC, OC);
+  matmul_backward(dinp.data(), dw.data(), wo.data(), inp.data(), w.data(), N, IC, OC,
+                  /*accumulate=*/true);
   expect_gradient_matches(loss, inp, dinp.delta(), "matmul dinp");
   expect_gradient_matches(loss, w, dw.delta(), "matmul dweight");
 
   // Either output may be null, and each alone gives the same as both together.
   AccumulatedGrad only_dinp(inp.size(), rng), only_dw(w.size(), rng);
   matmul_backward(only_dinp.data(), static_cast<double*>(nullptr), wo.data(), inp.data(), w.data(),
-                  N, IC, OC);
+                  N, IC, OC, /*accumulate=*/true);
   matmul_backward(static_cast<double*>(nullptr), only_dw.data(), wo.data(), inp.data(), w.data(), N,
-                  IC, OC);
+                  IC, OC, /*accumulate=*/true);
   expect_all_near(only_dinp.delta(), dinp.delta(), 1e-12, "matmul dinp alone");
   expect_all_near(only_dw.delta(), dw.delta(), 1e-12, "matmul dweight alone");
+
+  // Without accumulate dinp is written (dweight still accumulates: it is given nothing here).
+  testing::expect_written_equals_added(
+      {inp.size()}, rng,
+      [&](double* const* out, bool accumulate) {
+        matmul_backward(out[0], static_cast<double*>(nullptr), wo.data(), inp.data(), w.data(), N,
+                        IC, OC, accumulate);
+      },
+      "matmul dinp written");
 }
 
 TEST(KernelsBasic, MatmulMatchesNaiveOnLargerShapes) {
@@ -86,7 +97,8 @@ TEST(KernelsBasic, MatmulMatchesNaiveOnLargerShapes) {
 
     // backward against the transposed products
     Vec dinp(N * IC, 0.0), dw(OC * IC, 0.0);
-    matmul_backward(dinp.data(), dw.data(), dout.data(), inp.data(), w.data(), N, IC, OC);
+    matmul_backward(dinp.data(), dw.data(), dout.data(), inp.data(), w.data(), N, IC, OC,
+                    /*accumulate=*/false);
     Vec rdinp(N * IC, 0.0), rdw(OC * IC, 0.0);
     for (int n = 0; n < N; ++n)
       for (int o = 0; o < OC; ++o)
@@ -182,9 +194,17 @@ TEST(KernelsBasic, RmsnormForwardAndGradients) {
     return dot(wo, o);
   };
   AccumulatedGrad dinp(inp.size(), rng), dw(w.size(), rng);
-  rmsnorm_backward(dinp.data(), dw.data(), wo.data(), inp.data(), w.data(), rstd.data(), N, C);
+  rmsnorm_backward(dinp.data(), dw.data(), wo.data(), inp.data(), w.data(), rstd.data(), N, C,
+                   /*accumulate=*/true);
   expect_gradient_matches(loss, inp, dinp.delta(), "rmsnorm dinp");
   expect_gradient_matches(loss, w, dw.delta(), "rmsnorm dweight");
+  testing::expect_written_equals_added(
+      {inp.size()}, rng,
+      [&](double* const* out, bool accumulate) {
+        rmsnorm_backward(out[0], static_cast<double*>(nullptr), wo.data(), inp.data(), w.data(),
+                         rstd.data(), N, C, accumulate);
+      },
+      "rmsnorm dinp written");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,8 +226,15 @@ TEST(KernelsBasic, RopeGradients) {
     };
     AccumulatedGrad dx(n, rng);
     rope_backward(dx.data(), wo.data(), kRopeB, kRopeT, kRopeH, kRopeD, kRopePos0, kRopeTheta,
-                  keep);
+                  keep, /*accumulate=*/true);
     expect_gradient_matches(loss, x, dx.delta(), keep ? "rope dinp (keep)" : "rope dinp");
+    testing::expect_written_equals_added(
+        {x.size()}, rng,
+        [&](double* const* out, bool accumulate) {
+          rope_backward(out[0], wo.data(), kRopeB, kRopeT, kRopeH, kRopeD, kRopePos0, kRopeTheta,
+                        keep, accumulate);
+        },
+        keep ? "rope dinp written (keep)" : "rope dinp written");
   }
 }
 
@@ -241,7 +268,8 @@ TEST(KernelsBasic, RopeSemantics) {
   // The backward is the inverse rotation: without the control channel the map is orthogonal,
   // so J^T (J x) = x.
   Vec back(n, 0.0);
-  rope_backward(back.data(), plain.data(), kRopeB, kRopeT, kRopeH, D, kRopePos0, kRopeTheta, false);
+  rope_backward(back.data(), plain.data(), kRopeB, kRopeT, kRopeH, D, kRopePos0, kRopeTheta, false,
+                /*accumulate=*/false);
   expect_all_near(back, x, 1e-12, "rope backward inverts forward");
 
   // out may alias inp
@@ -269,9 +297,16 @@ TEST(KernelsBasic, SwigluForwardAndGradients) {
     return dot(wo, o);
   };
   AccumulatedGrad dgate(n, rng), dup(n, rng);
-  swiglu_backward(dgate.data(), dup.data(), wo.data(), gate.data(), up.data(), n);
+  swiglu_backward(dgate.data(), dup.data(), wo.data(), gate.data(), up.data(), n,
+                  /*accumulate=*/true);
   expect_gradient_matches(loss, gate, dgate.delta(), "swiglu dgate");
   expect_gradient_matches(loss, up, dup.delta(), "swiglu dup");
+  testing::expect_written_equals_added(
+      {n, n}, rng,
+      [&](double* const* out, bool accumulate) {
+        swiglu_backward(out[0], out[1], wo.data(), gate.data(), up.data(), n, accumulate);
+      },
+      "swiglu dgate, dup written");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,10 +340,18 @@ TEST(KernelsBasic, CrossEntropyForwardAndGradient) {
     return dot(wl, l);
   };
   AccumulatedGrad dlogits(logits.size(), rng);
-  cross_entropy_backward(dlogits.data(), logits.data(), targets.data(), wl.data(), N, V);
+  cross_entropy_backward(dlogits.data(), logits.data(), targets.data(), wl.data(), N, V,
+                         /*accumulate=*/true);
   const Vec d = dlogits.delta();
   expect_gradient_matches(loss, logits, d, "cross_entropy dlogits");
   for (int v = 0; v < V; ++v) EXPECT_EQ(d[1 * V + v], 0.0) << "ignored row got a gradient";
+  // Written, the row without a label is set to 0.
+  testing::expect_written_equals_added(
+      {logits.size()}, rng,
+      [&](double* const* out, bool accumulate) {
+        cross_entropy_backward(out[0], logits.data(), targets.data(), wl.data(), N, V, accumulate);
+      },
+      "cross_entropy dlogits written");
 }
 
 // Vocabulary-parallel: split the vocabulary unevenly into shards, combine their statistics (in
@@ -323,7 +366,8 @@ TEST(KernelsBasic, CrossEntropyVocabShardsMatchTheWholeVocabulary) {
   const Vec dlosses = random_vector(N, rng);
   Vec want(N), want_grad(N * V, 0.0);
   cross_entropy_forward(want.data(), logits.data(), targets.data(), N, V);
-  cross_entropy_backward(want_grad.data(), logits.data(), targets.data(), dlosses.data(), N, V);
+  cross_entropy_backward(want_grad.data(), logits.data(), targets.data(), dlosses.data(), N, V,
+                         /*accumulate=*/false);
 
   const std::vector<std::pair<int, int>> shards = {{0, 4}, {4, 4}, {8, 3}};  // begin, rows
   auto shard_logits = [&](int begin, int rows) {
@@ -344,9 +388,10 @@ TEST(KernelsBasic, CrossEntropyVocabShardsMatchTheWholeVocabulary) {
   cross_entropy_combine_shards(losses.data(), lse.data(), stats.data(), targets.data(), N, 3);
   expect_all_near(losses, want, 1e-12, "combined losses");
   for (const auto& [begin, rows] : shards) {
-    Vec grad(N * rows, 0.0);
+    Vec grad(N * rows, std::nan(""));  // written whole: the row without a label too
     cross_entropy_shard_backward(grad.data(), shard_logits(begin, rows).data(), lse.data(),
-                                 targets.data(), dlosses.data(), N, rows, begin);
+                                 targets.data(), dlosses.data(), N, rows, begin,
+                                 /*accumulate=*/false);
     for (int n = 0; n < N; ++n)
       for (int v = 0; v < rows; ++v)
         EXPECT_NEAR(grad[n * rows + v], want_grad[n * V + begin + v], 1e-12)

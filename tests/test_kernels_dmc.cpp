@@ -389,7 +389,7 @@ void attention_gradcheck(const AttnShape& s, bool use_mask, bool exclude_ctrl, u
   AccumulatedGrad dq(s.nq(), rng), dk(s.nk(), rng), dv(s.nk(), rng), dmask(s.ns(), rng);
   dmc_attention_backward(dq.data(), dk.data(), dv.data(), use_mask ? dmask.data() : nullptr,
                          wo.data(), q.data(), k.data(), v.data(), mptr, out.data(), lse.data(), s.B,
-                         s.T, s.H, s.Hkv, s.D, exclude_ctrl, float(scale));
+                         s.T, s.H, s.Hkv, s.D, exclude_ctrl, float(scale), /*accumulate=*/true);
   const std::string tag = std::string(use_mask ? " mask" : " nomask") +
                           (exclude_ctrl ? " exclude_ctrl" : "") +
                           " G=" + std::to_string(s.H / s.Hkv);
@@ -407,6 +407,15 @@ void attention_gradcheck(const AttnShape& s, bool use_mask, bool exclude_ctrl, u
     for (size_t r = 0; r < s.nq() / s.D; ++r) EXPECT_EQ(gq[r * s.D + s.D - 1], 0.0);
     for (size_t r = 0; r < s.nk() / s.D; ++r) EXPECT_EQ(gk[r * s.D + s.D - 1], 0.0);
   }
+  // Written whole (the control channel's zeros too) without accumulate.
+  testing::expect_written_equals_added(
+      {s.nq(), s.nk(), s.nk(), use_mask ? s.ns() : 0}, rng,
+      [&](double* const* g, bool accumulate) {
+        dmc_attention_backward(g[0], g[1], g[2], g[3], wo.data(), q.data(), k.data(), v.data(),
+                               mptr, out.data(), lse.data(), s.B, s.T, s.H, s.Hkv, s.D,
+                               exclude_ctrl, float(scale), accumulate);
+      },
+      ("attention gradients written" + tag).c_str());
 }
 
 TEST(KernelsDmc, AttentionGradientsGqaMaskExcludeCtrl) {

@@ -51,8 +51,15 @@ TEST(KernelsDms, GatesBackwardMatchesFiniteDifferences) {
       EXPECT_EQ(mask[(size_t(b) * T + T - 1) * Hkv + h], 0.0);
   AccumulatedGrad dx(n, rng);
   kernels::dms_gates_backward(dx.data(), we.data(), wm.data(), logit.data(), alpha.data(), B, T,
-                              Hkv, p);
+                              Hkv, p, /*accumulate=*/true);
   expect_gradient_matches(loss, x, dx.delta(), "dms gates dx");
+  testing::expect_written_equals_added(
+      {n}, rng,
+      [&](double* const* out, bool accumulate) {
+        kernels::dms_gates_backward(out[0], we.data(), wm.data(), logit.data(), alpha.data(), B, T,
+                                    Hkv, p, accumulate);
+      },
+      "dms gates dx written");
 }
 
 // Hard decisions: d = 1[s·x - c > 0]; key j is removed (-inf) iff d[j+1] = 1.
@@ -126,7 +133,8 @@ TEST(KernelsDms, WindowedAttentionBackwardMatchesFiniteDifferences) {
   AccumulatedGrad dq(nq, rng), dk(nk, rng), dv(nk, rng), dmask(ns, rng);
   kernels::dmc_attention_backward(dq.data(), dk.data(), dv.data(), dmask.data(), wo.data(),
                                   q.data(), k.data(), v.data(), mask.data(), out.data(),
-                                  lse.data(), B, T, H, Hkv, D, false, scale, w);
+                                  lse.data(), B, T, H, Hkv, D, false, scale, /*accumulate=*/true,
+                                  w);
   const Vec gm = dmask.delta();
   expect_gradient_matches(loss, q, dq.delta(), "windowed attention dq");
   expect_gradient_matches(loss, k, dk.delta(), "windowed attention dk");
@@ -135,6 +143,14 @@ TEST(KernelsDms, WindowedAttentionBackwardMatchesFiniteDifferences) {
   for (int b = 0; b < B; ++b)
     for (int j = T - 1 - w; j < T; ++j)
       for (int h = 0; h < Hkv; ++h) EXPECT_EQ(gm[(size_t(b) * T + j) * Hkv + h], 0.0) << j;
+  testing::expect_written_equals_added(
+      {nq, nk, nk, ns}, rng,
+      [&](double* const* g, bool accumulate) {
+        kernels::dmc_attention_backward(g[0], g[1], g[2], g[3], wo.data(), q.data(), k.data(),
+                                        v.data(), mask.data(), out.data(), lse.data(), B, T, H,
+                                        Hkv, D, false, scale, accumulate, w);
+      },
+      "windowed attention dq, dk, dv, dmask written");
 }
 
 double LogSumExp(const double* x, int V) {
@@ -196,8 +212,15 @@ TEST(KernelsDms, KlDistillationMatchesDefinitionAndFiniteDifferences) {
 
   AccumulatedGrad ds(s.size(), rng);
   kernels::kl_distill_shard_backward(ds.data(), s.data(), u.data(), lse_s.data(), lse_u.data(),
-                                     kl.data(), weight.data(), 1.0, N, V);
+                                     kl.data(), weight.data(), 1.0, N, V, /*accumulate=*/true);
   expect_gradient_matches(loss, s, ds.delta(), "kl dstudent");
+  testing::expect_written_equals_added(
+      {s.size()}, rng,
+      [&](double* const* out, bool accumulate) {
+        kernels::kl_distill_shard_backward(out[0], s.data(), u.data(), lse_s.data(), lse_u.data(),
+                                           kl.data(), weight.data(), 1.0, N, V, accumulate);
+      },
+      "kl dstudent written");
 }
 
 }  // namespace

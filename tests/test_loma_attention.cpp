@@ -85,7 +85,15 @@ TEST(LomaAttention, BackwardMatchesFiniteDifferences) {
     testing::AccumulatedGrad dq(nq, rng), dk(nkv, rng), dv(nkv, rng);
     kernels::loma_attention_backward(dq.data(), dk.data(), dv.data(), w.data(), q.data(), k.data(),
                                      v.data(), out.data(), lse.data(), s.B, s.T(), s.H, s.Hkv,
-                                     s.D, s.z, scale);
+                                     s.D, s.z, scale, /*accumulate=*/true);
+    testing::expect_written_equals_added(
+        {nq, nkv, nkv}, rng,
+        [&](double* const* g, bool accumulate) {
+          kernels::loma_attention_backward(g[0], g[1], g[2], w.data(), q.data(), k.data(),
+                                           v.data(), out.data(), lse.data(), s.B, s.T(), s.H,
+                                           s.Hkv, s.D, s.z, scale, accumulate);
+        },
+        "dq, dk, dv written");
     testing::expect_gradient_matches(loss, q, dq.delta(), "dq");
     testing::expect_gradient_matches(loss, k, dk.delta(), "dk");
     testing::expect_gradient_matches(loss, v, dv.delta(), "dv");
@@ -120,8 +128,15 @@ TEST(LomaRopePositions, MatchesRopeAtEachPositionAndBackwardIsAdjoint) {
     };
     testing::AccumulatedGrad dx(x.size(), rng);
     kernels::rope_backward_positions(dx.data(), w.data(), B, T, H, D, positions.data(), 100.0f,
-                                     keep);
+                                     keep, /*accumulate=*/true);
     testing::expect_gradient_matches(loss, x, dx.delta(), "dx");
+    testing::expect_written_equals_added(
+        {x.size()}, rng,
+        [&](double* const* g, bool accumulate) {
+          kernels::rope_backward_positions(g[0], w.data(), B, T, H, D, positions.data(), 100.0f,
+                                           keep, accumulate);
+        },
+        "dx written");
   }
 }
 

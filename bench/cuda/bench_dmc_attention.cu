@@ -87,7 +87,8 @@ int main(int argc, char** argv) {
     };
     auto bwd = [&](AttentionKernel kernel) {
       dmc::cuda::dmc_attention_backward(dq, dk, dv, dmask, dout, q, k, v, mask, o, lse, s.B, s.T,
-                                        s.H, s.Hkv, s.D, true, scale, nullptr, 0, kernel);
+                                        s.H, s.Hkv, s.D, true, scale, /*accumulate=*/false,
+                                        nullptr, 0, kernel);  // written, as the model calls it
     };
     cudaEvent_t e0, e1;
     DMC_CUDA_CHECK(cudaEventCreate(&e0));

@@ -70,15 +70,20 @@ int main(int argc, char** argv) {
   float* rstd = dalloc<float>(N);
   float* dw = rand_f32(C, 0, 0);
   row_bw("rmsnorm fwd N8192 C2048", E * 2 * N * C, [&] { dmc::cuda::rmsnorm_forward(y, rstd, x, w, N, C, 1e-5f); });
-  row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C); });
+  row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, true); });
+  row_bw("rmsnorm bwd (dinp = ; dweight +=)", E * 3 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, false); });
   // RoPE on q [B, T, H, D]
   row_bw("rope fwd q B4 T2048 H16 D128", E * 2 * N * C, [&] { dmc::cuda::rope_forward(y, x, B, T, H, D, 0, 10000.f, true); });
-  row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true); });
+  row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, true); });
+  row_bw("rope bwd (dinp =)", E * 2 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, false); });
   // SwiGLU
   const size_t nf = size_t(N) * F;
   bf16 *g = rand_bf16(nf, 3.f), *u = rand_bf16(nf), *o = rand_bf16(nf), *dg = rand_bf16(nf), *du = rand_bf16(nf);
   row_bw("swiglu fwd N8192 F5632", E * 3 * nf, [&] { dmc::cuda::swiglu_forward(o, g, u, nf); });
-  row_bw("swiglu bwd (dgate += ; dup +=)", E * 7 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf); });
+  row_bw("swiglu bwd (dgate += ; dup +=)", E * 7 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf, true); });
+  row_bw("swiglu bwd (dgate = ; dup =)", E * 5 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf, false); });
+  // What the step spent before each written gradient: zeroing it (dgate's size here).
+  row_bw("memset N8192 F5632 bf16", E * nf, [&] { DMC_CUDA_CHECK(cudaMemsetAsync(dg, 0, sizeof(bf16) * nf)); });
   cudaFree(g), cudaFree(u), cudaFree(o), cudaFree(dg), cudaFree(du);
   // Matmuls (QKV, MLP up, LM head)
   {
@@ -86,7 +91,9 @@ int main(int argc, char** argv) {
     bf16* out = rand_bf16(size_t(N) * 3 * C);
     float* dwq = rand_f32(size_t(3 * C) * C, 0, 0);
     row_flops("matmul fwd N8192 IC2048 OC6144", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_forward(out, x, wq, N, C, 3 * C); });
-    row_flops("matmul bwd (dinp and dweight)", 4.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, dwq, out, x, wq, N, C, 3 * C); });
+    row_flops("matmul bwd (dinp and dweight)", 4.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, dwq, out, x, wq, N, C, 3 * C, true); });
+    row_flops("matmul bwd dinp (+=, beta 1)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, nullptr, out, x, wq, N, C, 3 * C, true); });
+    row_flops("matmul bwd dinp (=, beta 0)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, nullptr, out, x, wq, N, C, 3 * C, false); });
     cudaFree(wq), cudaFree(out), cudaFree(dwq);
   }
   // Cross-entropy over V = 32000
@@ -100,7 +107,8 @@ int main(int argc, char** argv) {
     float* losses = dalloc<float>(N);
     float* dl = rand_f32(N, 1.f / N, 1.f / N);
     row_bw("cross_entropy fwd N8192 V32000", E * nl, [&] { dmc::cuda::cross_entropy_forward(losses, logits, tgt, N, V); });
-    row_bw("cross_entropy bwd (dlogits +=)", E * 3 * nl, [&] { dmc::cuda::cross_entropy_backward(dlogits, logits, tgt, dl, N, V); });
+    row_bw("cross_entropy bwd (dlogits +=)", E * 3 * nl, [&] { dmc::cuda::cross_entropy_backward(dlogits, logits, tgt, dl, N, V, true); });
+    row_bw("cross_entropy bwd (dlogits =)", E * 2 * nl, [&] { dmc::cuda::cross_entropy_backward(dlogits, logits, tgt, dl, N, V, false); });
     // embedding
     bf16* wte = rand_bf16(size_t(V) * C);
     float* dwte = rand_f32(size_t(V) * C, 0, 0);

@@ -175,8 +175,14 @@ int main(int argc, char** argv) {
     std::vector<float> zmf(nm, 0.f);
     bf16 *gq = upload(zqb), *gk = upload(zkb), *gv = upload(zkb);
     float* gm = upload(zmf);
+    // written, not accumulated: NaN bytes in the outputs must not survive
+    DMC_CUDA_CHECK(cudaMemset(gq, 0xFF, nq * 2));
+    DMC_CUDA_CHECK(cudaMemset(gk, 0xFF, nk * 2));
+    DMC_CUDA_CHECK(cudaMemset(gv, 0xFF, nk * 2));
+    DMC_CUDA_CHECK(cudaMemset(gm, 0xFF, nm * 4));
     dmc::cuda::dmc_attention_backward(gq, gk, gv, c.mask ? gm : nullptr, dgo, dq_, dk_, dv_, mp, dout, dlse,
-                                      c.B, c.T, c.H, c.Hkv, c.D, c.xctrl, static_cast<float>(scale));
+                                      c.B, c.T, c.H, c.Hkv, c.D, c.xctrl, static_cast<float>(scale),
+                                      /*accumulate=*/false);
     ref_backward(zq, zk, zv, c.mask ? &zm : nullptr, go, q, k, v, c.mask ? &mask : nullptr, out, lse, c, scale);
     const double e[6] = {rel(download(dout, nq), out), rel(download(dlse, nl), lse),
                          rel(download(gq, nq), zq),    rel(download(gk, nk), zk),

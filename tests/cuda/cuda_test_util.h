@@ -48,6 +48,16 @@ inline std::vector<double> randu(size_t n, double lo, double hi) {
   return v;
 }
 
+// The starting values of a backward's activation gradient: random values to add onto
+// (accumulate), or NaN, which a kernel that writes (accumulate false) must never read.
+inline std::vector<double> grad_start(size_t n, bool accumulate, double stddev = 1.0) {
+  return accumulate ? randn(n, stddev) : std::vector<double>(n, std::nan(""));
+}
+// A check's name with the mode: "what (+=)" or "what (=)".
+inline std::string with_mode(const std::string& what, bool accumulate) {
+  return what + (accumulate ? " (+=)" : " (=)");
+}
+
 // Round to bf16 in place (so the reference sees what the kernel sees) and return the bf16 copy.
 inline std::vector<bf16> to_bf16(std::vector<double>& v) {
   std::vector<bf16> out(v.size());
@@ -127,6 +137,11 @@ inline void expect_close(const char* what, const std::vector<Dev>& out,
   std::fflush(stdout);
   ::testing::Test::RecordProperty(what, std::to_string(err));
   EXPECT_LE(err, tol) << what;
+}
+template <typename Dev>
+inline void expect_close(const std::string& what, const std::vector<Dev>& out,
+                         const std::vector<double>& ref, double tol) {
+  expect_close(what.c_str(), out, ref, tol);
 }
 
 // A paged decode attention's weights (B rows of H query heads, G to a KV head, `stride` apart)

@@ -77,22 +77,29 @@ void run_case(const Case& c, C::AttentionKernel kernel) {
 
   auto go = randn(nq);
   auto gob = to_bf16(go);
-  auto gq = randn(nq, 0.01), gk = randn(nk, 0.01), gv = randn(nk, 0.01), gm = randn(nm, 0.01);
-  auto gqb = to_bf16(gq), gkb = to_bf16(gk), gvb = to_bf16(gv);
-  auto gmf = to_f32(gm);
-  DevBuf<bf16> dgo(gob), dgq(gqb), dgk(gkb), dgv(gvb);
-  DevBuf<float> dgm(gmf);
-  C::dmc_attention_backward(dgq, dgk, dgv, mptr ? dgm.ptr : nullptr, dgo, dq, dk, dv, mptr, dout,
-                            dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, nullptr,
-                            c.window, kernel);
-  K::dmc_attention_backward<double>(gq.data(), gk.data(), gv.data(), mref ? gm.data() : nullptr,
-                                    go.data(), q.data(), k.data(), v.data(), mref, out.data(),
-                                    lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
-                                    c.window);
-  expect_close(("attn bwd dq   " + n).c_str(), dgq.download(), gq, kBf16Tol);
-  expect_close(("attn bwd dk   " + n).c_str(), dgk.download(), gk, kBf16Tol);
-  expect_close(("attn bwd dv   " + n).c_str(), dgv.download(), gv, kBf16Tol);
-  if (mref) expect_close(("attn bwd dmask " + n).c_str(), dgm.download(), gm, kBf16Tol);
+  DevBuf<bf16> dgo(gob);
+  // Added onto random values (+=), and written (=) into NaN: every element of dq, dk, dv and
+  // dmask must be stored, the control channel's zeros too.
+  for (bool accumulate : {true, false}) {
+    auto gq = grad_start(nq, accumulate, 0.01), gk = grad_start(nk, accumulate, 0.01),
+         gv = grad_start(nk, accumulate, 0.01), gm = grad_start(nm, accumulate, 0.01);
+    auto gqb = to_bf16(gq), gkb = to_bf16(gk), gvb = to_bf16(gv);
+    auto gmf = to_f32(gm);
+    DevBuf<bf16> dgq(gqb), dgk(gkb), dgv(gvb);
+    DevBuf<float> dgm(gmf);
+    C::dmc_attention_backward(dgq, dgk, dgv, mptr ? dgm.ptr : nullptr, dgo, dq, dk, dv, mptr,
+                              dout, dlse, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
+                              accumulate, nullptr, c.window, kernel);
+    K::dmc_attention_backward<double>(gq.data(), gk.data(), gv.data(), mref ? gm.data() : nullptr,
+                                      go.data(), q.data(), k.data(), v.data(), mref, out.data(),
+                                      lse.data(), c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
+                                      accumulate, c.window);
+    expect_close(with_mode("attn bwd dq   " + n, accumulate), dgq.download(), gq, kBf16Tol);
+    expect_close(with_mode("attn bwd dk   " + n, accumulate), dgk.download(), gk, kBf16Tol);
+    expect_close(with_mode("attn bwd dv   " + n, accumulate), dgv.download(), gv, kBf16Tol);
+    if (mref)
+      expect_close(with_mode("attn bwd dmask " + n, accumulate), dgm.download(), gm, kBf16Tol);
+  }
 }
 
 class CudaAttention : public ::testing::TestWithParam<std::tuple<Case, C::AttentionKernel>> {

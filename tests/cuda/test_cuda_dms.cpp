@@ -59,9 +59,9 @@ TEST_P(CudaDmsGates, RelaxedForwardAndBackwardMatchCpu) {
   const size_t n = size_t(g.B) * g.T * g.Hkv;
   const kernels::DmsGateParams p{100.0f, 5.0f, 0.1f, DmcDecisionMode::kRelaxed};
   std::vector<double> x = randn(n, 0.03, 0.05), noise = randn(n, 1.5);
-  std::vector<double> devict = randn(n), dmask = randn(n), dx = randn(n);
+  std::vector<double> devict = randn(n), dmask = randn(n);
   const std::vector<float> xf = to_f32(x), nf = to_f32(noise), ef = to_f32(devict),
-                           mf = to_f32(dmask), df = to_f32(dx);
+                           mf = to_f32(dmask);
   std::vector<double> logit(n), alpha(n), evict(n), mask(n);
   kernels::dms_gates_forward<double>(logit.data(), alpha.data(), evict.data(), mask.data(),
                                      x.data(), noise.data(), g.B, g.T, g.Hkv, p);
@@ -82,16 +82,22 @@ TEST_P(CudaDmsGates, RelaxedForwardAndBackwardMatchCpu) {
     }
   }
 
-  // Backward from the kernel's logit and alpha on both sides, accumulating onto dx: the
-  // gradient scales by s / tau = 1000, so the forwards' fp32 round-off alone would reach 1e-4
-  // near a saturated alpha; from the same inputs the comparison measures the backward kernel.
-  std::vector<double> dx_ref = dx;
+  // Backward from the kernel's logit and alpha on both sides, adding onto dx (+=) or writing it
+  // (=, into NaN): the gradient scales by s / tau = 1000, so the forwards' fp32 round-off alone
+  // would reach 1e-4 near a saturated alpha; from the same inputs the comparison measures the
+  // backward kernel.
   const std::vector<double> logit_g = as_double(d_logit.download()), alpha_d = as_double(alpha_g);
-  kernels::dms_gates_backward<double>(dx_ref.data(), devict.data(), dmask.data(), logit_g.data(),
-                                      alpha_d.data(), g.B, g.T, g.Hkv, p);
-  DevBuf<float> d_devict(ef), d_dmask(mf), d_dx(df);
-  cuda::dms_gates_backward(d_dx, d_devict, d_dmask, d_logit, d_alpha, g.B, g.T, g.Hkv, p);
-  expect_close("dms relaxed dx", d_dx.download(), dx_ref, 1e-4);
+  DevBuf<float> d_devict(ef), d_dmask(mf);
+  for (bool accumulate : {true, false}) {
+    std::vector<double> dx_ref = grad_start(n, accumulate);
+    DevBuf<float> d_dx(to_f32(dx_ref));
+    kernels::dms_gates_backward<double>(dx_ref.data(), devict.data(), dmask.data(),
+                                        logit_g.data(), alpha_d.data(), g.B, g.T, g.Hkv, p,
+                                        accumulate);
+    cuda::dms_gates_backward(d_dx, d_devict, d_dmask, d_logit, d_alpha, g.B, g.T, g.Hkv, p,
+                             accumulate);
+    expect_close(with_mode("dms relaxed dx", accumulate), d_dx.download(), dx_ref, 1e-4);
+  }
 }
 
 // Hard decisions with |a| >= 0.05 (no threshold case for fp32 to round differently): decisions
@@ -103,9 +109,8 @@ TEST_P(CudaDmsGates, HardForwardAndBackwardMatchCpu) {
   const kernels::DmsGateParams p{100.0f, 5.0f, 0.1f, DmcDecisionMode::kHard};
   std::vector<double> a = randu(n, 0.05, 5.0), sign = randu(n, -1.0, 1.0), x(n);
   for (size_t i = 0; i < n; ++i) x[i] = ((sign[i] < 0 ? -a[i] : a[i]) + p.offset) / p.scale;
-  std::vector<double> devict = randn(n), dmask = randn(n), dx = randn(n);
-  const std::vector<float> xf = to_f32(x), ef = to_f32(devict), mf = to_f32(dmask),
-                           df = to_f32(dx);
+  std::vector<double> devict = randn(n), dmask = randn(n);
+  const std::vector<float> xf = to_f32(x), ef = to_f32(devict), mf = to_f32(dmask);
   std::vector<double> logit(n), alpha(n), evict(n), mask(n);
   kernels::dms_gates_forward<double>(logit.data(), alpha.data(), evict.data(), mask.data(),
                                      x.data(), nullptr, g.B, g.T, g.Hkv, p);
@@ -127,12 +132,16 @@ TEST_P(CudaDmsGates, HardForwardAndBackwardMatchCpu) {
     EXPECT_GT(evicted, 0);
   }
 
-  std::vector<double> dx_ref = dx;
-  kernels::dms_gates_backward<double>(dx_ref.data(), devict.data(), dmask.data(), logit.data(),
-                                      alpha.data(), g.B, g.T, g.Hkv, p);
-  DevBuf<float> d_devict(ef), d_dmask(mf), d_dx(df);
-  cuda::dms_gates_backward(d_dx, d_devict, d_dmask, d_logit, d_alpha, g.B, g.T, g.Hkv, p);
-  expect_close("dms hard dx", d_dx.download(), dx_ref, 1e-4);
+  DevBuf<float> d_devict(ef), d_dmask(mf);
+  for (bool accumulate : {true, false}) {  // added onto random values, or written into NaN
+    std::vector<double> dx_ref = grad_start(n, accumulate);
+    DevBuf<float> d_dx(to_f32(dx_ref));
+    kernels::dms_gates_backward<double>(dx_ref.data(), devict.data(), dmask.data(), logit.data(),
+                                        alpha.data(), g.B, g.T, g.Hkv, p, accumulate);
+    cuda::dms_gates_backward(d_dx, d_devict, d_dmask, d_logit, d_alpha, g.B, g.T, g.Hkv, p,
+                             accumulate);
+    expect_close(with_mode("dms hard dx", accumulate), d_dx.download(), dx_ref, 1e-4);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDmsGates,
@@ -220,23 +229,28 @@ TEST_P(CudaKlDistill, ShardForwardAndBackwardMatchCpu) {
       gpu_total[n] += partial_g[n];
     }
 
-    std::vector<double> ds = randn(ss.size());
-    const std::vector<bf16> ds0 = to_bf16(ds);
-    const double dloss = 0.5;  // a loss scale other than 1
-    kernels::kl_distill_shard_backward<double>(ds.data(), ss.data(), us.data(), lse_s.data(),
-                                               lse_u.data(), kl.data(), weight.data(), dloss, N,
-                                               sh.width);
-    DevBuf<bf16> d_ds(ds0);
-    cuda::kl_distill_shard_backward(d_ds, d_s, d_u, d_lse_s, d_lse_u, d_kl, d_weight,
-                                    static_cast<float>(dloss), N, sh.width);
-    const std::vector<bf16> ds_g = d_ds.download();
-    expect_close(("kl ds" + tag).c_str(), ds_g, ds, kBf16Tol);
-    for (int n = 0; n < N; ++n)
-      if (weight[n] == 0)
-        for (int v = 0; v < sh.width; ++v) {
-          const size_t i = size_t(n) * sh.width + v;
-          ASSERT_EQ(__bfloat162float(ds_g[i]), __bfloat162float(ds0[i])) << "row " << n;
-        }
+    // Added onto random values (+=): a row that is not distilled keeps its values exactly;
+    // written into NaN (=): it is set to zeros.
+    for (bool accumulate : {true, false}) {
+      std::vector<double> ds = grad_start(ss.size(), accumulate);
+      const std::vector<bf16> ds0 = to_bf16(ds);
+      const double dloss = 0.5;  // a loss scale other than 1
+      kernels::kl_distill_shard_backward<double>(ds.data(), ss.data(), us.data(), lse_s.data(),
+                                                 lse_u.data(), kl.data(), weight.data(), dloss, N,
+                                                 sh.width, accumulate);
+      DevBuf<bf16> d_ds(ds0);
+      cuda::kl_distill_shard_backward(d_ds, d_s, d_u, d_lse_s, d_lse_u, d_kl, d_weight,
+                                      static_cast<float>(dloss), N, sh.width, accumulate);
+      const std::vector<bf16> ds_g = d_ds.download();
+      expect_close(with_mode("kl ds" + tag, accumulate), ds_g, ds, kBf16Tol);
+      for (int n = 0; n < N; ++n)
+        if (weight[n] == 0)
+          for (int v = 0; v < sh.width; ++v) {
+            const size_t i = size_t(n) * sh.width + v;
+            ASSERT_EQ(__bfloat162float(ds_g[i]), accumulate ? __bfloat162float(ds0[i]) : 0.0f)
+                << "row " << n;
+          }
+    }
   }
   // The partials of the shards sum to the whole row's KL (the vocabulary-parallel form).
   std::vector<double> kl_weighted(N);

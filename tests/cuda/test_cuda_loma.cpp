@@ -65,21 +65,25 @@ void run_attention_case(const AttnCase& a) {
   expect_close(("loma fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
   expect_close(("loma fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
 
-  // The backward accumulates into random values; it reads the kernel's own out and lse, as the
-  // model does, and the reference reads its own.
+  // The backward adds onto random values (+=) or writes into NaN (=); it reads the kernel's own
+  // out and lse, as the model does, and the reference reads its own.
   auto go = randn(nq);
   auto gob = to_bf16(go);
-  auto gq = randn(nq, 0.01), gk = randn(nk, 0.01), gv = randn(nk, 0.01);
-  auto gqb = to_bf16(gq), gkb = to_bf16(gk), gvb = to_bf16(gv);
-  DevBuf<bf16> dgo(gob), dgq(gqb), dgk(gkb), dgv(gvb);
-  C::loma_attention_backward(dgq, dgk, dgv, dgo, dq, dk, dv, dout, dlse, a.B, a.T, a.H, a.Hkv,
-                             a.D, z, scale);
-  K::loma_attention_backward<double>(gq.data(), gk.data(), gv.data(), go.data(), q.data(),
-                                     k.data(), v.data(), out.data(), lse.data(), a.B, a.T, a.H,
-                                     a.Hkv, a.D, z, scale);
-  expect_close(("loma bwd dq   " + n).c_str(), dgq.download(), gq, kBf16Tol);
-  expect_close(("loma bwd dk   " + n).c_str(), dgk.download(), gk, kBf16Tol);
-  expect_close(("loma bwd dv   " + n).c_str(), dgv.download(), gv, kBf16Tol);
+  DevBuf<bf16> dgo(gob);
+  for (bool accumulate : {true, false}) {
+    auto gq = grad_start(nq, accumulate, 0.01), gk = grad_start(nk, accumulate, 0.01),
+         gv = grad_start(nk, accumulate, 0.01);
+    auto gqb = to_bf16(gq), gkb = to_bf16(gk), gvb = to_bf16(gv);
+    DevBuf<bf16> dgq(gqb), dgk(gkb), dgv(gvb);
+    C::loma_attention_backward(dgq, dgk, dgv, dgo, dq, dk, dv, dout, dlse, a.B, a.T, a.H, a.Hkv,
+                               a.D, z, scale, accumulate);
+    K::loma_attention_backward<double>(gq.data(), gk.data(), gv.data(), go.data(), q.data(),
+                                       k.data(), v.data(), out.data(), lse.data(), a.B, a.T, a.H,
+                                       a.Hkv, a.D, z, scale, accumulate);
+    expect_close(with_mode("loma bwd dq   " + n, accumulate), dgq.download(), gq, kBf16Tol);
+    expect_close(with_mode("loma bwd dk   " + n, accumulate), dgk.download(), gk, kBf16Tol);
+    expect_close(with_mode("loma bwd dv   " + n, accumulate), dgv.download(), gv, kBf16Tol);
+  }
 }
 
 class CudaLomaAttention : public ::testing::TestWithParam<AttnCase> {
@@ -138,13 +142,15 @@ TEST_F(CudaLoma, RopeAtPositionsMatchesCpu) {
                                           10000.f, keep);
         expect_close(("rope fwd " + what).c_str(), dout.download(), ref, kBf16Tol);
 
-        auto g = randn(n), acc = randn(n);
-        auto gb = to_bf16(g), accb = to_bf16(acc);
-        DevBuf<bf16> dg(gb), dacc(accb);
-        C::rope_backward_positions(dacc, dg, B, T, H, D, dpos, 10000.f, keep);
-        K::rope_backward_positions<double>(acc.data(), g.data(), B, T, H, D, positions.data(),
-                                           10000.f, keep);
-        expect_close(("rope bwd (+=) " + what).c_str(), dacc.download(), acc, kBf16Tol);
+        for (bool accumulate : {true, false}) {
+          auto g = randn(n), acc = grad_start(n, accumulate);
+          auto gb = to_bf16(g), accb = to_bf16(acc);
+          DevBuf<bf16> dg(gb), dacc(accb);
+          C::rope_backward_positions(dacc, dg, B, T, H, D, dpos, 10000.f, keep, accumulate);
+          K::rope_backward_positions<double>(acc.data(), g.data(), B, T, H, D, positions.data(),
+                                             10000.f, keep, accumulate);
+          expect_close(with_mode("rope bwd " + what, accumulate), dacc.download(), acc, kBf16Tol);
+        }
       }
   }
 }

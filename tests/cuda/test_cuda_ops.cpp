@@ -1,6 +1,7 @@
 // GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, the multi-tensor
 // AdamW and sum of squares (the DMC scan is in test_cuda_dmc.cpp). Forward and backward, odd
-// shapes, fresh random inputs, poisoned outputs.
+// shapes, fresh random inputs, poisoned outputs; activation gradients both added onto random
+// values (+=) and written (=) into NaN.
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -73,16 +74,18 @@ TEST_F(CudaOps, RmsNorm) {
     expect_close("rmsnorm fwd out", dout.download(), ref, kBf16Tol);
     expect_close("rmsnorm fwd rstd", drstd.download(), rstd, kF32Tol);
 
-    auto g = randn(n), dinp = randn(n), dwt = randn(C_);
-    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
-    auto dwtf = to_f32(dwt);
-    DevBuf<bf16> dg(gb), ddinp(dinpb);
-    DevBuf<float> ddw(dwtf);
-    C::rmsnorm_backward(ddinp, ddw, dg, dx, dw, drstd, N, C_);
-    K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), rstd.data(),
-                                N, C_);
-    expect_close("rmsnorm bwd dinp (+=)", ddinp.download(), dinp, kBf16Tol);
-    expect_close("rmsnorm bwd dweight (+=)", ddw.download(), dwt, 1e-4);
+    for (bool accumulate : {true, false}) {
+      auto g = randn(n), dinp = grad_start(n, accumulate), dwt = randn(C_);
+      auto gb = to_bf16(g), dinpb = to_bf16(dinp);
+      auto dwtf = to_f32(dwt);
+      DevBuf<bf16> dg(gb), ddinp(dinpb);
+      DevBuf<float> ddw(dwtf);
+      C::rmsnorm_backward(ddinp, ddw, dg, dx, dw, drstd, N, C_, accumulate);
+      K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(),
+                                  rstd.data(), N, C_, accumulate);
+      expect_close(with_mode("rmsnorm bwd dinp", accumulate), ddinp.download(), dinp, kBf16Tol);
+      expect_close("rmsnorm bwd dweight (+=)", ddw.download(), dwt, 1e-4);
+    }
   }
 }
 
@@ -102,13 +105,16 @@ TEST_F(CudaOps, Rope) {
       K::rope_forward<double>(ref.data(), x.data(), B, T, H, D, pos0, 10000.f, keep);
       expect_close(keep ? "rope fwd keep_last" : "rope fwd", dout.download(), ref, kBf16Tol);
 
-      auto g = randn(n), acc = randn(n);
-      auto gb = to_bf16(g), accb = to_bf16(acc);
-      DevBuf<bf16> dg(gb), dacc(accb);
-      C::rope_backward(dacc, dg, B, T, H, D, pos0, 10000.f, keep);
-      K::rope_backward<double>(acc.data(), g.data(), B, T, H, D, pos0, 10000.f, keep);
-      expect_close(keep ? "rope bwd keep_last (+=)" : "rope bwd (+=)", dacc.download(), acc,
-                   kBf16Tol);
+      for (bool accumulate : {true, false}) {
+        auto g = randn(n), acc = grad_start(n, accumulate);
+        auto gb = to_bf16(g), accb = to_bf16(acc);
+        DevBuf<bf16> dg(gb), dacc(accb);
+        C::rope_backward(dacc, dg, B, T, H, D, pos0, 10000.f, keep, accumulate);
+        K::rope_backward<double>(acc.data(), g.data(), B, T, H, D, pos0, 10000.f, keep,
+                                 accumulate);
+        expect_close(with_mode(keep ? "rope bwd keep_last" : "rope bwd", accumulate),
+                     dacc.download(), acc, kBf16Tol);
+      }
     }
   }
   // in place forward (out aliases inp)
@@ -134,13 +140,16 @@ TEST_F(CudaOps, SwiGlu) {
     K::swiglu_forward<double>(ref.data(), gt.data(), up.data(), n);
     expect_close("swiglu fwd", dout.download(), ref, kBf16Tol);
 
-    auto g = randn(n), dgate = randn(n), dup = randn(n);
-    auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
-    DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
-    C::swiglu_backward(ddg, ddu, dgo, dg, du, n);
-    K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n);
-    expect_close("swiglu bwd dgate (+=)", ddg.download(), dgate, kBf16Tol);
-    expect_close("swiglu bwd dup (+=)", ddu.download(), dup, kBf16Tol);
+    for (bool accumulate : {true, false}) {
+      auto g = randn(n), dgate = grad_start(n, accumulate), dup = grad_start(n, accumulate);
+      auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
+      DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
+      C::swiglu_backward(ddg, ddu, dgo, dg, du, n, accumulate);
+      K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n,
+                                 accumulate);
+      expect_close(with_mode("swiglu bwd dgate", accumulate), ddg.download(), dgate, kBf16Tol);
+      expect_close(with_mode("swiglu bwd dup", accumulate), ddu.download(), dup, kBf16Tol);
+    }
   }
 }
 
@@ -164,14 +173,19 @@ TEST_F(CudaOps, CrossEntropy) {
   K::cross_entropy_forward<double>(ref.data(), logits.data(), tgt.data(), N, V);
   expect_close("cross_entropy fwd losses", dloss.download(), ref, 1e-5);
 
-  auto dls = randu(N, 0.1, 1.0), acc = randn(n, 1e-4);
-  auto dlsf = to_f32(dls);
-  auto accb = to_bf16(acc);
-  DevBuf<float> ddls(dlsf);
-  DevBuf<bf16> dacc(accb);
-  C::cross_entropy_backward(dacc, dl, dt, ddls, N, V);
-  K::cross_entropy_backward<double>(acc.data(), logits.data(), tgt.data(), dls.data(), N, V);
-  expect_close("cross_entropy bwd dlogits (+=)", dacc.download(), acc, kBf16Tol);
+  // Written (=), the unlabelled row must come out as zeros.
+  for (bool accumulate : {true, false}) {
+    auto dls = randu(N, 0.1, 1.0), acc = grad_start(n, accumulate, 1e-4);
+    auto dlsf = to_f32(dls);
+    auto accb = to_bf16(acc);
+    DevBuf<float> ddls(dlsf);
+    DevBuf<bf16> dacc(accb);
+    C::cross_entropy_backward(dacc, dl, dt, ddls, N, V, accumulate);
+    K::cross_entropy_backward<double>(acc.data(), logits.data(), tgt.data(), dls.data(), N, V,
+                                      accumulate);
+    expect_close(with_mode("cross_entropy bwd dlogits", accumulate),
+                 dacc.download(), acc, kBf16Tol);
+  }
   }
 }
 
@@ -186,16 +200,21 @@ TEST_F(CudaOps, Matmul) {
     K::matmul_forward<double>(ref.data(), x.data(), w.data(), N, IC, OC);
     expect_close("matmul fwd", dout.download(), ref, kBf16Tol);
 
-    auto g = randn(static_cast<size_t>(N) * OC), dinp = randn(static_cast<size_t>(N) * IC),
-         dwt = randn(static_cast<size_t>(OC) * IC);
-    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
-    auto dwtf = to_f32(dwt);
-    DevBuf<bf16> dg(gb), ddinp(dinpb);
-    DevBuf<float> ddw(dwtf);
-    C::matmul_backward(ddinp, ddw, dg, dx, dw, N, IC, OC);
-    K::matmul_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), N, IC, OC);
-    expect_close("matmul bwd dinp (+=)", ddinp.download(), dinp, kBf16Tol);
-    expect_close("matmul bwd dweight fp32 (+=)", ddw.download(), dwt, 1e-5);
+    // Written (=): cuBLAS with beta 0 must not read dinp, whose NaN would show.
+    for (bool accumulate : {true, false}) {
+      auto g = randn(static_cast<size_t>(N) * OC),
+           dinp = grad_start(static_cast<size_t>(N) * IC, accumulate),
+           dwt = randn(static_cast<size_t>(OC) * IC);
+      auto gb = to_bf16(g), dinpb = to_bf16(dinp);
+      auto dwtf = to_f32(dwt);
+      DevBuf<bf16> dg(gb), ddinp(dinpb);
+      DevBuf<float> ddw(dwtf);
+      C::matmul_backward(ddinp, ddw, dg, dx, dw, N, IC, OC, accumulate);
+      K::matmul_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), N, IC, OC,
+                                 accumulate);
+      expect_close(with_mode("matmul bwd dinp", accumulate), ddinp.download(), dinp, kBf16Tol);
+      expect_close("matmul bwd dweight fp32 (+=)", ddw.download(), dwt, 1e-5);
+    }
   }
 }
 

@@ -98,16 +98,20 @@ TEST_F(CudaVocabParallel, CrossEntropyShards) {
   auto dls = randu(N, 0.1, 1.0);
   auto dlsf = to_f32(dls);
   DevBuf<float> ddls(dlsf);
-  auto acc = randn(static_cast<size_t>(N) * kVocab, 1e-4);
-  auto accb = to_bf16(acc);
-  std::vector<double> want = acc;
-  K::cross_entropy_backward<double>(want.data(), logits.data(), tgt.data(), dls.data(), N, kVocab);
-  for (size_t s = 0; s < kShards.size(); ++s) {
-    const auto [begin, rows] = kShards[s];
-    DevBuf<bf16> dacc(shard_of(accb, begin, rows));
-    C::cross_entropy_shard_backward(dacc, *shard_logits[s], dlse, dt, ddls, N, rows, begin);
-    expect_close("cross_entropy shard bwd dlogits (+=)", dacc.download(),
-                 shard_of(want, begin, rows), kBf16Tol);
+  for (bool accumulate : {true, false}) {  // added onto random values, or written into NaN
+    auto acc = grad_start(static_cast<size_t>(N) * kVocab, accumulate, 1e-4);
+    auto accb = to_bf16(acc);
+    std::vector<double> want = acc;
+    K::cross_entropy_backward<double>(want.data(), logits.data(), tgt.data(), dls.data(), N,
+                                      kVocab, accumulate);
+    for (size_t s = 0; s < kShards.size(); ++s) {
+      const auto [begin, rows] = kShards[s];
+      DevBuf<bf16> dacc(shard_of(accb, begin, rows));
+      C::cross_entropy_shard_backward(dacc, *shard_logits[s], dlse, dt, ddls, N, rows, begin,
+                                      accumulate);
+      expect_close(with_mode("cross_entropy shard bwd dlogits", accumulate),
+                   dacc.download(), shard_of(want, begin, rows), kBf16Tol);
+    }
   }
 }
 
