@@ -730,11 +730,14 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
                       b.rstd_final, N, C, /*accumulate=*/false, s);
   ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
-  // CR loss gradient w.r.t. each sequence's mean merge fraction.
-  Zero(b.dmean_merge, B, s);
-  if ((dmc || dms) && options_.cr_prior > 0)
-    c::cr_loss_backward(b.dmean_merge, mean_merge, B, options_.cr_prior,
-                        static_cast<float>(loss_scale), s);
+  // CR loss gradient w.r.t. each sequence's mean merge fraction (read by DMC and DMS layers only;
+  // cr_loss_backward adds into it, and without a prior it stays zero).
+  if (dmc || dms) {
+    Zero(b.dmean_merge, B, s);
+    if (options_.cr_prior > 0)
+      c::cr_loss_backward(b.dmean_merge, mean_merge, B, options_.cr_prior,
+                          static_cast<float>(loss_scale), s);
+  }
 
   for (int l = L - 1; l >= 0; --l) {
     Buffers::Layer& a = b.layers[l];
