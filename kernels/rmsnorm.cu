@@ -21,7 +21,7 @@ using namespace detail;
 constexpr int kThreads = 128;
 constexpr int kMaxChunks = 8;    // 16-byte words per thread and tensor: C <= 8192 with a block
 constexpr int kWarpMaxC = 32 * kMaxChunks * 8;  // widest row of a warp team: 2048
-constexpr int kManyRows = 2048;  // a warp per row fills 132 SMs twice from here
+constexpr int kManyRows = 2048;  // from here a warp per row still gives each of 132 SMs 15 rows
 
 // Sum over a row's team: a warp, or the whole block.
 template <int kTeam>
