@@ -55,15 +55,7 @@ struct Common {
   bool direct;  // one chunk per head and no probs: write out from the main kernel
 };
 
-// 8 bf16 packed in a uint4 -> fp32 (a bf16 is the high half of an fp32).
-__device__ __forceinline__ void unpack8(float (&f)[8], const uint4& v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
+using detail::unpack8;  // 8 bf16 packed in a uint4 -> fp32
 
 // A chunk past the head's length does nothing, except that the first chunk of an empty head
 // writes zeros when nothing else will.

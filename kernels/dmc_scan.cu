@@ -72,30 +72,6 @@ size_t backward_smem(int stride) {
          sizeof(float) * (kChunk * kCoefStride + 2 * kChunk + 3 * kTile);
 }
 
-// 16-byte accesses, written out: the compiler splits load8/store8's (and, in shared memory, a
-// float4's) into 4-byte pieces, which quadruples the instructions of the loops below.
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
-// The 8 bf16 of a 16-byte load as floats (a bf16 is the top half of its float).
-__device__ __forceinline__ void unpack8(float (&f)[8], uint4 v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
-                    pack_bf16(f[6], f[7]));
-}
-
 // Column col of a staged row is channel col % D of x (col < D) or y: these move the 8 columns
 // from col on between a tensor in global memory and registers (kVec: one 16-byte access each).
 template <int kNV, bool kVec>

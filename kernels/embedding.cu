@@ -1,6 +1,7 @@
 // Token embedding on the GPU (spec: kernels/embedding.h).
 // Forward: one 16-byte vector per thread, a copy of the token's row (zeros for a token of another
-// tensor-parallel rank's vocabulary rows).
+// tensor-parallel rank's vocabulary rows); one bf16 per thread where C is not a multiple of 8 or a
+// buffer not 16-byte aligned.
 // Backward, deterministic without atomics: the token ids are radix-sorted (stable, with their
 // positions), and one warp per run of equal tokens sums that run's dout rows in position order
 // into fp32 dwte. Scratch slot 0 holds the sort buffers.
@@ -26,14 +27,9 @@ __global__ void embedding_forward_kernel(bf16* out, const int32_t* tokens, const
   if (idx >= static_cast<long>(N) * vecs) return;
   const int n = static_cast<int>(idx / vecs), c = static_cast<int>(idx % vecs) * 8;
   const long row = local_row(tokens[n], vocab_begin, vocab_rows);
-  Bf16x8 v;
-  if (row >= 0) {
-    v = *reinterpret_cast<const Bf16x8*>(wte + row * C + c);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v.h[i] = __float2bfloat162_rn(0.f);
-  }
-  *reinterpret_cast<Bf16x8*>(out + static_cast<long>(n) * C + c) = v;
+  const uint4 v = row >= 0 ? *reinterpret_cast<const uint4*>(wte + row * C + c)
+                           : make_uint4(0, 0, 0, 0);  // bf16 zeros
+  *reinterpret_cast<uint4*>(out + static_cast<long>(n) * C + c) = v;
 }
 
 __global__ void embedding_forward_scalar(bf16* out, const int32_t* tokens, const bf16* wte, int N,
@@ -76,7 +72,7 @@ __global__ void embedding_backward_runs(float* dwte, const bf16* dout, const int
 void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N, int C,
                        int vocab_begin, int vocab_rows, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
-  if (C % 8 == 0) {
+  if (C % 8 == 0 && aligned16(out, wte)) {
     const long total = static_cast<long>(N) * (C / 8);
     embedding_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C,
                                                                         vocab_begin, vocab_rows);

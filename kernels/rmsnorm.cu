@@ -1,8 +1,14 @@
-// RMSNorm on the GPU (spec: kernels/rmsnorm.h), fp32 statistics, 16-byte vector accesses when C
-// is a multiple of 8 (scalar otherwise). Forward: a block per row for a few rows, a warp per row
-// for many.
-// Backward: dinp by one warp per row; dweight deterministically in two passes (fixed row chunks
+// RMSNorm on the GPU (spec: kernels/rmsnorm.h), fp32 statistics.
+// Vector path (C a multiple of 8 and at most 8192, every buffer 16-byte aligned): a team of
+// threads per row, a warp for a training batch's many rows of up to 2048 channels, a block of 128
+// threads otherwise (a decode step's few rows, or wider ones). Each thread issues all its 16-byte
+// loads of the row before the first use and keeps them in registers, so a row is read once and a
+// thread has up to 8 loads in flight (24 in the backward: dout, inp and, when it adds, dinp).
+// Scalar path otherwise: a warp per row, one bf16 per lane.
+// Backward: dinp by the row teams; dweight deterministically in two passes (fixed row chunks
 // into fp32 partials in scratch slot 1, then an in-order sum per column).
+#include <type_traits>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -10,45 +16,69 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-// A row per block of kRowThreads, each thread holding up to kMaxChunks 16-byte chunks of the
-// row in registers: the row is read once, and a decode step's few rows (one per sequence) still
-// spread over many SMs (a warp per row left 16 blocks for 124 rows at hidden 4096, latency-bound).
-constexpr int kRowThreads = 128, kMaxChunks = 8;  // C <= 8192 at 16-byte vectors
-constexpr int kRowBlockMaxRows = 2048;  // a warp per row fills 132 SMs twice from here
+// A block: 4 warp teams or one block-wide team. Small blocks, so that the backward's 168
+// registers a thread still let 3 blocks share an SM.
+constexpr int kThreads = 128;
+constexpr int kMaxChunks = 8;    // 16-byte words per thread and tensor: C <= 8192 with a block
+constexpr int kWarpMaxC = 32 * kMaxChunks * 8;  // widest row of a warp team: 2048
+constexpr int kManyRows = 2048;  // from here a warp per row still gives each of 132 SMs 15 rows
 
-__global__ void rmsnorm_forward_row_kernel(bf16* out, float* rstd, const bf16* inp,
-                                           const bf16* weight, int C, float eps) {
-  const long row = blockIdx.x;
-  const bf16* x = inp + row * C;
-  float v[kMaxChunks][8];
-  float ss = 0.f;
-#pragma unroll
-  for (int k = 0; k < kMaxChunks; ++k) {
-    const int c = (k * kRowThreads + threadIdx.x) * 8;
-    if (c < C) {
-      load8(v[k], x + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[k][i] * v[k][i];
-    }
-  }
-  const float r = rsqrtf(block_sum(ss) / C + eps);
-#pragma unroll
-  for (int k = 0; k < kMaxChunks; ++k) {
-    const int c = (k * kRowThreads + threadIdx.x) * 8;
-    if (c < C) {
-      float w[8];
-      load8(w, weight + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[k][i] = v[k][i] * r * w[i];
-      store8(out + row * C + c, v[k]);
-    }
-  }
-  if (threadIdx.x == 0 && rstd) rstd[row] = r;
+// Sum over a row's team: a warp, or the whole block.
+template <int kTeam>
+__device__ __forceinline__ float team_sum(float v) {
+  if constexpr (kTeam == 32) return warp_sum(v);
+  else return block_sum(v);
 }
 
-// A warp per row (16-byte vectors when C is a multiple of 8): rows enough to fill the GPU.
-template <bool kVec>
-__global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, const bf16* weight,
+// Thread t of a team holds words k = 0 .. kChunks-1 of the row, the 8 channels from
+// (k · kTeam + t) · 8 on: consecutive threads read consecutive 16 bytes.
+template <int kTeam>
+__device__ __forceinline__ int chunk_col(int k) {
+  return (k * kTeam + static_cast<int>(threadIdx.x) % kTeam) * 8;
+}
+
+template <int kTeam, int kChunks>
+__device__ __forceinline__ void load_row(uint4 (&v)[kChunks], const bf16* row, int C) {
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int c = chunk_col<kTeam>(k);
+    v[k] = c < C ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int kTeam, int kChunks>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_forward_vec(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
+                        float eps) {
+  const long row = static_cast<long>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+  if (row >= N) return;  // a whole team (a block team's row is always < N)
+  uint4 x[kChunks];
+  load_row<kTeam>(x, inp + row * C, C);
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    float v[8];
+    unpack8(v, x[k]);  // zeros past C
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+  }
+  const float r = rsqrtf(team_sum<kTeam>(ss) / C + eps);
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int c = chunk_col<kTeam>(k);
+    if (c < C) {
+      float v[8], w[8];
+      unpack8(v, x[k]);
+      load8(w, weight + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] * r * w[i];
+      store8(out + row * C + c, v);
+    }
+  }
+  if (threadIdx.x % kTeam == 0 && rstd) rstd[row] = r;
+}
+
+__global__ void rmsnorm_forward_scalar(bf16* out, float* rstd, const bf16* inp, const bf16* weight,
                                        int N, int C, float eps) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -56,78 +86,82 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* inp, 
   const bf16* x = inp + static_cast<long>(row) * C;
   bf16* o = out + static_cast<long>(row) * C;
   float ss = 0.f;
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float v[8];
-      load8(v, x + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
-  }
-  ss = warp_sum(ss);
-  const float r = rsqrtf(ss / C + eps);
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float v[8], w[8];
-      load8(v, x + c);
-      load8(w, weight + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = v[i] * r * w[i];
-      store8(o + c, v);
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
-  }
+  for (int c = lane; c < C; c += 32) ss += bf(x[c]) * bf(x[c]);
+  const float r = rsqrtf(warp_sum(ss) / C + eps);
+  for (int c = lane; c < C; c += 32) o[c] = tobf(bf(x[c]) * r * bf(weight[c]));
   if (lane == 0 && rstd) rstd[row] = r;
 }
 
-template <bool kVec>
-__global__ void rmsnorm_backward_dinp(bf16* dinp, const bf16* dout, const bf16* inp,
-                                      const bf16* weight, const float* rstd, int N, int C,
-                                      bool accumulate) {
+// dinp (+)= rstd · w · g - rstd^3 · (sum_j g_j w_j x_j) / C · x, with g = dout: added into dinp
+// when accumulate, else written (dinp not read).
+template <int kTeam, int kChunks>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_backward_dinp_vec(bf16* dinp, const bf16* dout, const bf16* inp, const bf16* weight,
+                              const float* rstd, int N, int C, bool accumulate) {
+  const long row = static_cast<long>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+  if (row >= N) return;
+  const long off = row * C;
+  uint4 g[kChunks], x[kChunks], d[kChunks];
+  load_row<kTeam>(g, dout + off, C);
+  load_row<kTeam>(x, inp + off, C);
+  if (accumulate) {
+    load_row<kTeam>(d, dinp + off, C);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) d[k] = make_uint4(0, 0, 0, 0);  // bf16 zeros
+  }
+  const float r = rstd[row];
+  float dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int c = chunk_col<kTeam>(k);
+    if (c < C) {
+      float gv[8], xv[8], w[8];
+      unpack8(gv, g[k]);
+      unpack8(xv, x[k]);
+      load8(w, weight + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot += gv[i] * w[i] * xv[i];
+    }
+  }
+  dot = team_sum<kTeam>(dot);
+  const float kx = r * r * r * dot / C;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int c = chunk_col<kTeam>(k);
+    if (c < C) {
+      float gv[8], xv[8], dv[8], w[8];
+      unpack8(gv, g[k]);
+      unpack8(xv, x[k]);
+      unpack8(dv, d[k]);
+      load8(w, weight + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dv[i] += r * w[i] * gv[i] - kx * xv[i];
+      store8(dinp + off + c, dv);
+    }
+  }
+}
+
+__global__ void rmsnorm_backward_dinp_scalar(bf16* dinp, const bf16* dout, const bf16* inp,
+                                             const bf16* weight, const float* rstd, int N, int C,
+                                             bool accumulate) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= N) return;
   const long off = static_cast<long>(row) * C;
   float dot = 0.f;
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float g[8], w[8], x[8];
-      load8(g, dout + off + c);
-      load8(w, weight + c);
-      load8(x, inp + off + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) dot += g[i] * w[i] * x[i];
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) dot += bf(dout[off + c]) * bf(weight[c]) * bf(inp[off + c]);
-  }
+  for (int c = lane; c < C; c += 32) dot += bf(dout[off + c]) * bf(weight[c]) * bf(inp[off + c]);
   dot = warp_sum(dot);
   const float r = rstd[row];
   const float k = r * r * r * dot / C;
-  if (kVec) {
-    for (int c = lane * 8; c < C; c += 256) {
-      float g[8], w[8], x[8], d[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      load8(g, dout + off + c);
-      load8(w, weight + c);
-      load8(x, inp + off + c);
-      if (accumulate) load8(d, dinp + off + c);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) d[i] += r * w[i] * g[i] - k * x[i];
-      store8(dinp + off + c, d);
-    }
-  } else {
-    for (int c = lane; c < C; c += 32) {
-      const float g = r * bf(weight[c]) * bf(dout[off + c]) - k * bf(inp[off + c]);
-      dinp[off + c] = tobf(accumulate ? bf(dinp[off + c]) + g : g);
-    }
+  for (int c = lane; c < C; c += 32) {
+    const float g = r * bf(weight[c]) * bf(dout[off + c]) - k * bf(inp[off + c]);
+    dinp[off + c] = tobf(accumulate ? bf(dinp[off + c]) + g : g);
   }
 }
 
 // partial[chunk, c] = sum over the chunk's rows of dout[n, c] · inp[n, c] · rstd[n];
-// kVec: each thread owns 8 consecutive columns (16-byte loads).
+// kVec: each thread owns 8 consecutive columns (16-byte loads, 8 rows' worth in flight).
 template <bool kVec>
 __global__ void rmsnorm_backward_dweight_partial(float* partial, const bf16* dout, const bf16* inp,
                                                  const float* rstd, int N, int C, int rows_per) {
@@ -137,7 +171,7 @@ __global__ void rmsnorm_backward_dweight_partial(float* partial, const bf16* dou
   float* dst = partial + static_cast<long>(blockIdx.y) * C + c;
   if (kVec) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll 4
+#pragma unroll 8
     for (int n = n0; n < n1; ++n) {
       const long off = static_cast<long>(n) * C + c;
       float g[8], x[8];
@@ -159,12 +193,41 @@ __global__ void rmsnorm_backward_dweight_partial(float* partial, const bf16* dou
   }
 }
 
+// out[c] += the chunks' partials in chunk order; 16 loads in flight (a few thousand threads read
+// 128 chunks at 8192 rows, one L2 round trip each without the unrolling).
 __global__ void column_sum_accumulate(float* out, const float* partial, int chunks, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float acc = 0.f;
+#pragma unroll 16
   for (int i = 0; i < chunks; ++i) acc += partial[static_cast<long>(i) * C + c];
   out[c] += acc;
+}
+
+// Calls launch(team, chunks) with the row team of an N × C vector-path problem (a warp or a block
+// of kThreads, as std::integral_constant) and the fewest words per thread, a power of 2, that
+// hold a row: kernels are instantiated for 1, 2, 4 and kMaxChunks words.
+template <typename Launch>
+void with_row_team(int N, int C, const Launch& launch) {
+  auto pick_chunks = [&](auto team) {
+    const int words = ceil_div(C, decltype(team)::value * 8);
+    if (words <= 1) launch(team, std::integral_constant<int, 1>());
+    else if (words <= 2) launch(team, std::integral_constant<int, 2>());
+    else if (words <= 4) launch(team, std::integral_constant<int, 4>());
+    else launch(team, std::integral_constant<int, kMaxChunks>());
+  };
+  if (N >= kManyRows && C <= kWarpMaxC) pick_chunks(std::integral_constant<int, 32>());
+  else pick_chunks(std::integral_constant<int, kThreads>());
+}
+
+// The vector path's conditions; anything else takes the scalar kernels.
+bool vector_rows(int C, const void* a, const void* b, const void* c, const void* d = nullptr) {
+  return C % 8 == 0 && C <= kThreads * kMaxChunks * 8 && aligned16(a, b, c, d);
+}
+
+template <int kTeam>
+int team_blocks(int N) {
+  return ceil_div(N, kThreads / kTeam);
 }
 
 }  // namespace
@@ -172,14 +235,15 @@ __global__ void column_sum_accumulate(float* out, const float* partial, int chun
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                      float eps, cudaStream_t stream) {
   if (N <= 0) return;
-  // Few rows (a decode step's sequences): a block per row; many (a prefill, a training batch):
-  // a warp per row, measured faster there (H200: 24 against 35 µs at 8192 × 2048).
-  if (C % 8 == 0 && C <= kRowThreads * kMaxChunks * 8 && N < kRowBlockMaxRows)
-    rmsnorm_forward_row_kernel<<<N, kRowThreads, 0, stream>>>(out, rstd, inp, weight, C, eps);
-  else if (C % 8 == 0)
-    rmsnorm_forward_kernel<true><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
-  else
-    rmsnorm_forward_kernel<false><<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+  if (vector_rows(C, out, inp, weight)) {
+    with_row_team(N, C, [&](auto team, auto chunks) {
+      constexpr int kTeam = decltype(team)::value, kChunks = decltype(chunks)::value;
+      rmsnorm_forward_vec<kTeam, kChunks><<<team_blocks<kTeam>(N), kThreads, 0, stream>>>(
+          out, rstd, inp, weight, N, C, eps);
+    });
+  } else {
+    rmsnorm_forward_scalar<<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+  }
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -187,21 +251,24 @@ void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* 
                       const bf16* weight, const float* rstd, int N, int C, bool accumulate,
                       cudaStream_t stream) {
   if (N <= 0) return;
-  const bool vec = C % 8 == 0;
   if (dinp) {
-    if (vec)
-      rmsnorm_backward_dinp<true><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, rstd,
-                                                                      N, C, accumulate);
-    else
-      rmsnorm_backward_dinp<false><<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight,
+    if (vector_rows(C, dinp, dout, inp, weight)) {
+      with_row_team(N, C, [&](auto team, auto chunks) {
+        constexpr int kTeam = decltype(team)::value, kChunks = decltype(chunks)::value;
+        rmsnorm_backward_dinp_vec<kTeam, kChunks><<<team_blocks<kTeam>(N), kThreads, 0, stream>>>(
+            dinp, dout, inp, weight, rstd, N, C, accumulate);
+      });
+    } else {
+      rmsnorm_backward_dinp_scalar<<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight,
                                                                        rstd, N, C, accumulate);
+    }
     DMC_CUDA_CHECK_LAUNCH();
   }
   if (dweight) {
     const int rows_per = 64;  // fixed: the summation order does not depend on the device
     const int chunks = ceil_div(N, rows_per);
     float* partial = static_cast<float*>(scratch(1, sizeof(float) * chunks * static_cast<size_t>(C)));
-    if (vec)
+    if (C % 8 == 0 && aligned16(dout, inp))
       rmsnorm_backward_dweight_partial<true><<<dim3(ceil_div(C / 8, 128), chunks), 128, 0, stream>>>(
           partial, dout, inp, rstd, N, C, rows_per);
     else

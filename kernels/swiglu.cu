@@ -1,7 +1,5 @@
 // SwiGLU on the GPU (spec: kernels/swiglu.h), elementwise, fp32 arithmetic; 16-byte vectors when
 // n is a multiple of 8 and every buffer is 16-byte aligned (scalar otherwise).
-#include <cstdint>
-
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
@@ -74,13 +72,11 @@ int grid_for(size_t n) {
   return static_cast<int>(blocks < cap ? blocks : cap);
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 }  // namespace
 
 void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  if (n % 8 == 0 && aligned16(out) && aligned16(gate) && aligned16(up))
+  if (n % 8 == 0 && aligned16(out, gate, up))
     swiglu_forward_vec<<<grid_for(n / 8), 256, 0, stream>>>(out, gate, up, n / 8);
   else
     swiglu_forward_kernel<<<grid_for(n), 256, 0, stream>>>(out, gate, up, n);
@@ -90,8 +86,7 @@ void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n, cudaS
 void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
                      size_t n, bool accumulate, cudaStream_t stream) {
   if (n == 0) return;
-  if (n % 8 == 0 && aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) &&
-      aligned16(up))
+  if (n % 8 == 0 && aligned16(dgate, dup, dout, gate, up))
     swiglu_backward_vec<<<grid_for(n / 8), 256, 0, stream>>>(dgate, dup, dout, gate, up, n / 8,
                                                              accumulate);
   else

@@ -56,67 +56,97 @@ TEST_F(CudaOps, Embedding) {
   }
 }
 
-TEST_F(CudaOps, RmsNorm) {
-  // 1001: the scalar (non-vector) path; N 67: a block per row (a decode step), 2100: a warp per
-  // row (a prefill, a training batch)
-  for (int N : {67, 2100})
-  for (int C_ : {96, 1001, 4096}) {
-    const size_t n = static_cast<size_t>(N) * C_;
-    auto x = randn(n, 2.0, 0.3), w = randn(C_, 0.5, 1.0);
-    auto xb = to_bf16(x), wb = to_bf16(w);
-    DevBuf<bf16> dx(xb), dw(wb), dout(n);
-    DevBuf<float> drstd(N);
-    dout.poison();
-    drstd.poison();
-    C::rmsnorm_forward(dout, drstd, dx, dw, N, C_, 1e-5f);
-    std::vector<double> ref(n), rstd(N);
-    K::rmsnorm_forward<double>(ref.data(), rstd.data(), x.data(), w.data(), N, C_, 1e-5f);
-    expect_close("rmsnorm fwd out", dout.download(), ref, kBf16Tol);
-    expect_close("rmsnorm fwd rstd", drstd.download(), rstd, kF32Tol);
+// One RMSNorm forward and backward against the reference; `shift` elements past 16-byte aligned
+// starts for the row buffers (1: the scalar path however wide the rows).
+void check_rmsnorm(int N, int C_, int shift) {
+  const std::string shape = "N" + std::to_string(N) + " C" + std::to_string(C_) +
+                            (shift ? " unaligned" : "");
+  const size_t n = static_cast<size_t>(N) * C_;
+  auto x = randn(n, 2.0, 0.3), w = randn(C_, 0.5, 1.0);
+  auto xb = to_bf16(x), wb = to_bf16(w);
+  xb.insert(xb.begin(), shift, bf16());
+  DevBuf<bf16> dx(xb), dw(wb), dout(n + shift);
+  DevBuf<float> drstd(N);
+  dout.poison();
+  drstd.poison();
+  C::rmsnorm_forward(dout + shift, drstd, dx + shift, dw, N, C_, 1e-5f);
+  std::vector<double> ref(n), rstd(N);
+  K::rmsnorm_forward<double>(ref.data(), rstd.data(), x.data(), w.data(), N, C_, 1e-5f);
+  std::vector<bf16> out = dout.download();
+  out.erase(out.begin(), out.begin() + shift);
+  expect_close(("rmsnorm fwd out " + shape).c_str(), out, ref, kBf16Tol);
+  expect_close(("rmsnorm fwd rstd " + shape).c_str(), drstd.download(), rstd, kF32Tol);
 
-    for (bool accumulate : {true, false}) {
-      auto g = randn(n), dinp = grad_start(n, accumulate), dwt = randn(C_);
-      auto gb = to_bf16(g), dinpb = to_bf16(dinp);
-      auto dwtf = to_f32(dwt);
-      DevBuf<bf16> dg(gb), ddinp(dinpb);
-      DevBuf<float> ddw(dwtf);
-      C::rmsnorm_backward(ddinp, ddw, dg, dx, dw, drstd, N, C_, accumulate);
-      K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(),
-                                  rstd.data(), N, C_, accumulate);
-      expect_close(with_mode("rmsnorm bwd dinp", accumulate), ddinp.download(), dinp, kBf16Tol);
-      expect_close("rmsnorm bwd dweight (+=)", ddw.download(), dwt, 1e-4);
-    }
+  for (bool accumulate : {true, false}) {
+    auto g = randn(n), dinp = grad_start(n, accumulate), dwt = randn(C_);
+    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
+    auto dwtf = to_f32(dwt);
+    gb.insert(gb.begin(), shift, bf16());
+    dinpb.insert(dinpb.begin(), shift, bf16());
+    DevBuf<bf16> dg(gb), ddinp(dinpb);
+    DevBuf<float> ddw(dwtf);
+    C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, accumulate);
+    K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), rstd.data(),
+                                N, C_, accumulate);
+    std::vector<bf16> dinp_out = ddinp.download();
+    dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
+    expect_close(with_mode("rmsnorm bwd dinp " + shape, accumulate), dinp_out, dinp, kBf16Tol);
+    expect_close("rmsnorm bwd dweight (+=) " + shape, ddw.download(), dwt, 1e-4);
+  }
+}
+
+TEST_F(CudaOps, RmsNorm) {
+  // N 1 and 67: a block per row (a decode step); 2100: a warp per row up to 2048 channels (a
+  // prefill, a training batch), a block beyond. C: head dims to Llama widths, 1000 a partial
+  // 16-byte word per thread, 1001 and 8200 (past the register-resident rows) the scalar path.
+  for (int N : {1, 67, 2100})
+    for (int C_ : {64, 96, 1000, 1001, 2048, 4096, 8192, 8200}) check_rmsnorm(N, C_, 0);
+  for (int N : {67, 2100}) check_rmsnorm(N, 2048, 1);
+}
+
+// One RoPE forward and backward against the reference, buffers `shift` elements past 16-byte
+// aligned starts (1: the scalar path).
+void check_rope(int B, int T, int H, int D, bool keep, int shift) {
+  const std::string shape = "B" + std::to_string(B) + " T" + std::to_string(T) + " H" +
+                            std::to_string(H) + " D" + std::to_string(D) +
+                            (keep ? " keep_last" : "") + (shift ? " unaligned" : "");
+  const int pos0 = 5;
+  const size_t n = static_cast<size_t>(B) * T * H * D;
+  auto x = randn(n);
+  auto xb = to_bf16(x);
+  xb.insert(xb.begin(), shift, bf16());
+  DevBuf<bf16> dx(xb), dout(n + shift);
+  dout.poison();
+  C::rope_forward(dout + shift, dx + shift, B, T, H, D, pos0, 10000.f, keep);
+  std::vector<double> ref(n);
+  K::rope_forward<double>(ref.data(), x.data(), B, T, H, D, pos0, 10000.f, keep);
+  std::vector<bf16> out = dout.download();
+  out.erase(out.begin(), out.begin() + shift);
+  expect_close(("rope fwd " + shape).c_str(), out, ref, kBf16Tol);
+
+  for (bool accumulate : {true, false}) {
+    auto g = randn(n), acc = grad_start(n, accumulate);
+    auto gb = to_bf16(g), accb = to_bf16(acc);
+    gb.insert(gb.begin(), shift, bf16());
+    accb.insert(accb.begin(), shift, bf16());
+    DevBuf<bf16> dg(gb), dacc(accb);
+    C::rope_backward(dacc + shift, dg + shift, B, T, H, D, pos0, 10000.f, keep, accumulate);
+    K::rope_backward<double>(acc.data(), g.data(), B, T, H, D, pos0, 10000.f, keep, accumulate);
+    std::vector<bf16> dacc_out = dacc.download();
+    dacc_out.erase(dacc_out.begin(), dacc_out.begin() + shift);
+    expect_close(with_mode("rope bwd " + shape, accumulate), dacc_out, acc, kBf16Tol);
   }
 }
 
 TEST_F(CudaOps, Rope) {
-  // T 37: a thread per head (few tokens, as a decode step's); 1100: a thread for all 3 heads
+  // T 37: a thread per head (few tokens, as a decode step's); 1100: 2 heads a thread on the
+  // scalar path. D 64, 80, 128: 16-byte words (80: an odd count of them a half); 72: scalar.
   for (int T : {37, 1100})
-  for (bool keep : {false, true}) {
-    for (int D : {64, 128}) {
-      const int B = 2, H = 3, pos0 = 5;
-      const size_t n = static_cast<size_t>(B) * T * H * D;
-      auto x = randn(n);
-      auto xb = to_bf16(x);
-      DevBuf<bf16> dx(xb), dout(n);
-      dout.poison();
-      C::rope_forward(dout, dx, B, T, H, D, pos0, 10000.f, keep);
-      std::vector<double> ref(n);
-      K::rope_forward<double>(ref.data(), x.data(), B, T, H, D, pos0, 10000.f, keep);
-      expect_close(keep ? "rope fwd keep_last" : "rope fwd", dout.download(), ref, kBf16Tol);
-
-      for (bool accumulate : {true, false}) {
-        auto g = randn(n), acc = grad_start(n, accumulate);
-        auto gb = to_bf16(g), accb = to_bf16(acc);
-        DevBuf<bf16> dg(gb), dacc(accb);
-        C::rope_backward(dacc, dg, B, T, H, D, pos0, 10000.f, keep, accumulate);
-        K::rope_backward<double>(acc.data(), g.data(), B, T, H, D, pos0, 10000.f, keep,
-                                 accumulate);
-        expect_close(with_mode(keep ? "rope bwd keep_last" : "rope bwd", accumulate),
-                     dacc.download(), acc, kBf16Tol);
-      }
-    }
-  }
+    for (bool keep : {false, true})
+      for (int D : {64, 72, 80, 128}) check_rope(2, T, 3, D, keep, 0);
+  // Many tokens: a thread's heads in groups of 4 and a partial last group (7 heads, 4 a thread).
+  check_rope(2, 4100, 7, 128, true, 0);
+  check_rope(2, 1100, 3, 128, true, 1);
   // in place forward (out aliases inp)
   const int B = 1, T = 9, H = 2, D = 64;
   const size_t n = static_cast<size_t>(B) * T * H * D;
