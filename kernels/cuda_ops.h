@@ -209,6 +209,11 @@ void dmc_gates_backward(bf16* dq, bf16* dk, const float* dalpha, const float* dm
                         const float* alpha, int B, int T, int H, int Hkv, int D,
                         const kernels::DmcGateParams& params, cudaStream_t stream = nullptr);
 
+// Whether the scan's backward can stage the gates of a window over sequences of T tokens on this
+// device (shared memory per block); a longer window aborts it. dmc_scan_max_window: the longest
+// window that fits whatever T.
+bool dmc_scan_window_fits(int T, int window);
+int dmc_scan_max_window();
 void dmc_scan_forward(bf16* xhat, float* denom, const bf16* x, const float* alpha,
                       const float* omega, int B, int T, int Hkv, int D, int window,
                       cudaStream_t stream = nullptr);

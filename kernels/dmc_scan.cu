@@ -494,8 +494,13 @@ void launch_backward(bf16* dx, bf16* dy, float* dc, const bf16* gx, const bf16* 
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-void launch_gates(float* dalpha, float* domega, const float* dc, const float* alpha,
-                  const float* omega, const Shape& sh, int B, cudaStream_t stream) {
+// The gate kernel's shared memory: alpha and omega of its tokens and the window on both sides.
+size_t gate_staging_bytes(int T, int window) {
+  return 2 * sizeof(float) * std::min<long>(T, kGateThreads + 2L * (std::min(window, T) - 1));
+}
+
+// The device's opt-in shared memory per block, granted to the gate kernel on the first call.
+int gate_staging_limit() {
   static const int limit = [] {
     int dev = 0, optin = 0;
     DMC_CUDA_CHECK(cudaGetDevice(&dev));
@@ -503,9 +508,13 @@ void launch_gates(float* dalpha, float* domega, const float* dc, const float* al
     allow_smem(scan_gates_kernel, optin);
     return optin;
   }();
-  const size_t bytes =
-      2 * sizeof(float) * std::min<long>(sh.T, kGateThreads + 2L * (sh.window - 1));
-  if (bytes > static_cast<size_t>(limit)) {
+  return limit;
+}
+
+void launch_gates(float* dalpha, float* domega, const float* dc, const float* alpha,
+                  const float* omega, const Shape& sh, int B, cudaStream_t stream) {
+  const size_t bytes = gate_staging_bytes(sh.T, sh.window);
+  if (bytes > static_cast<size_t>(gate_staging_limit())) {
     std::fprintf(stderr, "dmc_scan: window %d too long for the gate gradients' staging\n",
                  sh.window);
     std::abort();
@@ -548,6 +557,14 @@ void scan_backward(bf16* dx, bf16* dy, float* dalpha, float* domega, const bf16*
 }
 
 }  // namespace
+
+bool dmc_scan_window_fits(int T, int window) {
+  return gate_staging_bytes(T, window) <= static_cast<size_t>(gate_staging_limit());
+}
+
+int dmc_scan_max_window() {
+  return static_cast<int>((gate_staging_limit() / (2 * sizeof(float)) - kGateThreads) / 2 + 1);
+}
 
 void dmc_scan_forward(bf16* xhat, float* denom, const bf16* x, const float* alpha,
                       const float* omega, int B, int T, int Hkv, int D, int window,

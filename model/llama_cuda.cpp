@@ -448,6 +448,12 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
     throw std::invalid_argument(absl::StrFormat(
         "sequence length %d exceeds max_position_embeddings %d", T_, config_.max_position_embeddings));
   }
+  if (config_.dmc.enabled && !c::dmc_scan_window_fits(T_, config_.dmc.window))
+    throw std::invalid_argument(absl::StrFormat(
+        "DMC window %d over sequences of %d tokens is too long for the CUDA scan on this GPU (its "
+        "backward holds a window's gates on both sides of a tile in shared memory): use a window "
+        "of at most %d",
+        config_.dmc.window, T_, c::dmc_scan_max_window()));
   const int V = config_.vocab_size;
   for (long i = 0; i < static_cast<long>(B) * T_; ++i) {
     // The kernels index the embedding and the logits with these: refuse bad ids on the host.
