@@ -16,7 +16,7 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
-// A block: 4 warp teams or one block-wide team. Small blocks, so that the backward's 168
+// A block: 4 warp teams or one block-wide team. Small blocks, so that the backward's ~160
 // registers a thread still let 3 blocks share an SM.
 constexpr int kThreads = 128;
 constexpr int kMaxChunks = 8;    // 16-byte words per thread and tensor: C <= 8192 with a block

@@ -448,12 +448,6 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
     throw std::invalid_argument(absl::StrFormat(
         "sequence length %d exceeds max_position_embeddings %d", T_, config_.max_position_embeddings));
   }
-  if (config_.dmc.enabled && !c::dmc_scan_window_fits(T_, config_.dmc.window))
-    throw std::invalid_argument(absl::StrFormat(
-        "DMC window %d over sequences of %d tokens is too long for the CUDA scan on this GPU (its "
-        "backward holds a window's gates on both sides of a tile in shared memory): use a window "
-        "of at most %d",
-        config_.dmc.window, T_, c::dmc_scan_max_window()));
   const int V = config_.vocab_size;
   for (long i = 0; i < static_cast<long>(B) * T_; ++i) {
     // The kernels index the embedding and the logits with these: refuse bad ids on the host.
@@ -680,6 +674,13 @@ ForwardResult LlamaCuda::ForwardResults() {
 
 void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over) {
   if (!buf_ || batch_ == 0) throw std::logic_error("LlamaCuda::Backward without a Forward");
+  // Checked here, not in the forward, which runs any window (evaluation needs no gradients).
+  if (forward_dmc_ && !c::dmc_scan_window_fits(seq_, config_.dmc.window))
+    throw std::invalid_argument(absl::StrFormat(
+        "DMC window %d over sequences of %d tokens is too long for the CUDA scan's backward on "
+        "this GPU (it holds a window's gates on both sides of a tile in shared memory): train "
+        "with a window of at most %d",
+        config_.dmc.window, seq_, c::dmc_scan_max_window()));
   // Only the trained tensors are averaged: a frozen one has no gradient. They follow the frozen
   // ones, so the buckets cover [frozen_end_, num_params_), and a layer's tensors are reported
   // done only when they lie there (an adapter model's adapters come last in the layout but are

@@ -373,19 +373,21 @@ TEST_F(CudaModel, RefusesUnsupportedHeadDim) {
   EXPECT_THROW(model::LlamaCuda m(c), std::invalid_argument);
 }
 
-// A DMC window longer than the scan can stage on this GPU is refused before any work, naming the
-// window, not left to abort the scan.
-TEST_F(CudaModel, RefusesADmcWindowTooLongForTheScan) {
+// A DMC window longer than the scan's backward can stage on this GPU is refused by the backward,
+// naming the window, not left to abort the scan; the forward (evaluation) runs it.
+TEST_F(CudaModel, RefusesToTrainADmcWindowTooLongForTheScan) {
   model::LlamaConfig c = SmallModelConfig(true, 64, 1, 1);
-  const int T = 3 * cuda::dmc_scan_max_window();
+  const int T = cuda::dmc_scan_max_window() + 1000;
   c.max_position_embeddings = T;
   c.dmc.window = T;
   ASSERT_FALSE(cuda::dmc_scan_window_fits(T, c.dmc.window));
   ASSERT_TRUE(cuda::dmc_scan_window_fits(T, cuda::dmc_scan_max_window()));
   model::LlamaCuda m(c);
   const std::vector<int32_t> tokens(T, 1);
+  const model::ForwardResult r = m.Forward(tokens.data(), tokens.data(), 1, T, {});
+  EXPECT_TRUE(std::isfinite(r.loss));
   try {
-    m.ForwardAsync(tokens.data(), tokens.data(), 1, T, {});
+    m.Backward();
     FAIL() << "a window of " << T << " tokens was accepted";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("DMC window " + std::to_string(T)), std::string::npos)
