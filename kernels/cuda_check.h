@@ -202,6 +202,12 @@ __device__ __forceinline__ uint32_t frag(uint32_t base, uint32_t lane_off, int r
   return base + row0 * (COLS * 2) + (lane_off ^ (static_cast<uint32_t>(J) << 5));
 }
 
+// RoPE's angle of channel pair (ch, ch + D/2) at position pos (kernels/rope.h): one expression
+// for the training RoPE and the decode cache's writes, so that both rotate a key alike.
+__device__ __forceinline__ float rope_angle(int pos, int ch, int D, float theta) {
+  return static_cast<float>(pos) * powf(theta, -2.0f * ch / D);
+}
+
 // 8 bf16 = 16 bytes, the unit of vectorised loads and stores, moved as one uint4: a copy of a
 // struct of bf16 pairs compiles to four 4-byte accesses (ld.global.v2.u16), which quadruples the
 // memory instructions and the L1 wavefronts of a streaming kernel. The address must be 16-byte

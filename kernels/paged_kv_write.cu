@@ -39,9 +39,8 @@ constexpr int kSlotScratch = 11;  // detail::scratch slot: a run's slot (and rin
 // channel D − 1 kept, and left out of its pair's rotation, when keep_last).
 __device__ __forceinline__ float2 rotate_pair(float x1, float x2, int D, int ch, int pos,
                                               float theta, bool keep_last) {
-  const float inv_freq = powf(theta, -2.0f * ch / D);
   float s, co;
-  sincosf(static_cast<float>(pos) * inv_freq, &s, &co);
+  sincosf(rope_angle(pos, ch, D, theta), &s, &co);
   const bool ctrl = keep_last && ch == D / 2 - 1;
   const float x2r = ctrl ? 0.f : x2;
   return make_float2(x1 * co - x2r * s, ctrl ? x2 : x2r * co + x1 * s);

@@ -17,12 +17,10 @@ using namespace detail;
 
 constexpr long kEnoughThreads = 128 * 1024;
 
-// The rotation angle of pair i at the position of token t.
-__device__ __forceinline__ float rope_angle(int t, int i, int D, int pos0, const int32_t* positions,
-                                            float theta) {
-  const float inv_freq = powf(theta, -2.0f * i / D);
-  const int pos = positions ? positions[t] : pos0 + t;
-  return static_cast<float>(pos) * inv_freq;
+// The rotation angle of pair i at the position of token t (explicit positions, or pos0 + t).
+__device__ __forceinline__ float token_angle(int t, int i, int D, int pos0,
+                                             const int32_t* positions, float theta) {
+  return rope_angle(positions ? positions[t] : pos0 + t, i, D, theta);
 }
 
 // The backward writes its output (accumulate false) or adds into it (true).
@@ -38,7 +36,7 @@ __global__ void rope_scalar(bf16* out, const bf16* inp, int B, int T, int H, int
   const long bt = idx / half;  // (b, t)
   const int t = static_cast<int>(bt % T);
   float s, c;
-  sincosf(rope_angle(t, i, D, pos0, positions, theta), &s, &c);
+  sincosf(token_angle(t, i, D, pos0, positions, theta), &s, &c);
   const bool ctrl = keep_last && i == half - 1;  // channel D-1 is the control channel
   const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * heads_per_thread);
   for (int h = blockIdx.y * heads_per_thread; h < h_end; ++h) {
@@ -74,7 +72,7 @@ __global__ void rope_vec(bf16* out, const bf16* inp, int B, int T, int H, int D,
   float s[8], c[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e)
-    sincosf(rope_angle(t, i0 + e, D, pos0, positions, theta), &s[e], &c[e]);
+    sincosf(token_angle(t, i0 + e, D, pos0, positions, theta), &s[e], &c[e]);
   // Pair half-1 (element 7 of the last word) holds the control channel D-1.
   const bool ctrl = keep_last && i0 + 8 == half;
   const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * heads_per_thread);
