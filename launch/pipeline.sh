@@ -34,6 +34,8 @@
 #   DMC_PIPELINE_RETROFIT_LR="PEAK FINAL"
 #                                 the retrofits' (and the control's) learning rates (default
 #                                 "1e-3 1e-4")
+#   DMC_PIPELINE_DMC_FLAGS="..."  extra dmc-train flags of the DMC retrofits, after the config's
+#                                 (e.g. "--dmc_init_val=1 --retrofit_lr=2e-3")
 #   DMC_PIPELINE_SHARDS=DIR       (gpu) a dmc-prep output to use instead of preparing the data
 #   DMC_PIPELINE_CORPUS=DIR       (gpu) the fetched text (default OUT/corpus, fetched if missing)
 #   DMC_PIPELINE_TOKENIZER=FILE   (gpu) a SentencePiece model (default OUT/bpe8k.model, trained
@@ -196,6 +198,7 @@ pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
 pretrain+=(--pretrain_steps=$pretrain_steps)
 retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control
 [ -z "${DMC_PIPELINE_RETROFIT_LR:-}" ] || read -r -a retrofit_lr <<<"$DMC_PIPELINE_RETROFIT_LR"
+[ -z "${DMC_PIPELINE_DMC_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_DMC_FLAGS"; dmc_flags+=("${more[@]}"); }
 retrofit=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]}
           --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]} "${dmc_flags[@]}")
 # DMS (DMS.md): the decision logit in `dms_variant`, on the stages DMC runs (the query channel
