@@ -377,20 +377,23 @@ TEST_F(CudaModel, RefusesUnsupportedHeadDim) {
 // naming the window, not left to abort the scan; the forward (evaluation) runs it.
 TEST_F(CudaModel, RefusesToTrainADmcWindowTooLongForTheScan) {
   model::LlamaConfig c = SmallModelConfig(true, 64, 1, 1);
-  const int T = cuda::dmc_scan_max_window() + 1000;
+  // The staging holds min(T, one block's rows + twice the window) gates: a window one past the
+  // longest fails only over sequences long enough to need all of it.
+  const int window = cuda::dmc_scan_max_window() + 1;
+  const int T = 2 * window + 1024;
   c.max_position_embeddings = T;
-  c.dmc.window = T;
-  ASSERT_FALSE(cuda::dmc_scan_window_fits(T, c.dmc.window));
-  ASSERT_TRUE(cuda::dmc_scan_window_fits(T, cuda::dmc_scan_max_window()));
+  c.dmc.window = window;
+  ASSERT_FALSE(cuda::dmc_scan_window_fits(T, window));
+  ASSERT_TRUE(cuda::dmc_scan_window_fits(T, window - 1));
   model::LlamaCuda m(c);
   const std::vector<int32_t> tokens(T, 1);
   const model::ForwardResult r = m.Forward(tokens.data(), tokens.data(), 1, T, {});
   EXPECT_TRUE(std::isfinite(r.loss));
   try {
     m.Backward();
-    FAIL() << "a window of " << T << " tokens was accepted";
+    FAIL() << "a window of " << window << " tokens was accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("DMC window " + std::to_string(T)), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("DMC window " + std::to_string(window)), std::string::npos)
         << e.what();
   }
 }
