@@ -4,19 +4,31 @@
 # per sequence, perplexity, accuracy, tokens/s, note):
 #   OUT.md   one table per budget of 1/2, 1/4 and 1/8: the vanilla reference, then every method
 #            in the order of the lines, with its setting, KV bytes (the mean over windows: a
-#            learned CR varies), perplexity, Δ against the reference, accuracy, or the reason no
-#            setting met the budget;
+#            learned CR varies), perplexity, Δ against the reference, accuracy, decode tokens/s,
+#            or the reason no setting met the budget (or the engine did not run the method);
+#            above the tables the device the lines were decoded on, which sets the element
+#            type of the full-precision pages;
 #   OUT.png  (with gnuplot) perplexity against KV bytes on a log scale: one line per method
 #            through the settings its knob took at every budget of the TSV, and for DMC and DMS
-#            one per retrofit (the TSV's label) through fp32 and the bits composed with it (and
-#            one through the key channels ThinK kept, for dmc_think and dms_think); the
+#            one per retrofit (the TSV's label) through full precision and the bits composed with
+#            it (and one through the key channels ThinK kept, for dmc_think and dms_think); the
 #            vanilla cache a point, dotted verticals at the tables' budgets, the y axis up to +12%
 #            of the vanilla cache's perplexity.
 #
-#   launch/kv_budget_report.sh OUT PAGE_SIZE budget.tsv [budget.tsv ...]
+#   launch/kv_budget_report.sh [--device=cpu|cuda] OUT PAGE_SIZE budget.tsv [budget.tsv ...]
+# --device: dmc-eval's --device of the lines (default cpu): the CPU decoder's pages are fp32, the
+# GPU engine's bf16 (the budgets then fractions of its bf16 vanilla cache).
 set -euo pipefail
-out=${1:?usage: kv_budget_report.sh OUT PAGE_SIZE budget.tsv ...}
-page=${2:?usage: kv_budget_report.sh OUT PAGE_SIZE budget.tsv ...}
+usage="usage: kv_budget_report.sh [--device=cpu|cuda] OUT PAGE_SIZE budget.tsv ..."
+device=cpu
+case ${1:-} in --device=*) device=${1#--device=}; shift ;; esac
+case $device in
+  cpu) element=fp32 decoder="the CPU decoder" ;;
+  cuda) element=bf16 decoder="the GPU engine" ;;
+  *) echo "kv_budget_report: --device=$device: expected cpu or cuda" >&2; exit 2 ;;
+esac
+out=${1:?$usage}
+page=${2:?$usage}
 shift 2
 (($#)) || { echo "kv_budget_report: no TSV files given" >&2; exit 2; }
 tmp=$(mktemp -d)
@@ -38,7 +50,7 @@ names='
     return toupper(method)
   }'
 
-awk -F'\t' -v page="$page" "$names"'
+awk -F'\t' -v page="$page" -v element="$element" -v device="$device" -v decoder="$decoder" "$names"'
   function kib(b) { return sprintf("%.1f", b / 1024) }
   function setting(method, p,   z) {
     if (p ~ /^(h2o|tova)-(pyramid|zigzag)-/) { sub(/^.*-/, "", p); return p " slots per head, the mean over layers" }
@@ -47,7 +59,7 @@ awk -F'\t' -v page="$page" "$names"'
     if (p ~ /^kvsharer-/) { sub(/^kvsharer-/, "", p); return p " layers read another one'"'"'s cache" }
     if (p ~ /-zip/) { split(p, z, /zip|\/|x/); return z[4] " of " page " slots per page at " z[2] " bits, the rest " z[3] }
     if (p ~ /-int/) { sub(/^[a-z]+-/, "", p); return method == "quant" ? p : p " slots" }
-    return method == "vanilla" ? "fp32" : "fp32 slots"
+    return method == "vanilla" ? element : element " slots"
   }
   # dmc-eval: "no setting of M meets B bytes ...: its smallest cache, POLICY, holds N (pages P,
   # full-precision residual R, DMC window state W, ThinK query energy E)" → KiB and of vanilla
@@ -63,23 +75,27 @@ awk -F'\t' -v page="$page" "$names"'
                    n[5] > 0 ? ", " kib(n[5]) " in DMC window state" : "",
                    n[6] > 0 ? ", " kib(n[6]) " in ThinK query energy" : "")
   }
+  # no figures: no setting met the budget (no policy), or the engine does not run the one that did
   function row(r) {
-    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | not met: %s |", name(r[3], r[1]), unmet(r))
-    return sprintf("| %s | %s | %s (%.3f) | %.3f | %s | %.3f | %s |",
+    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | - | %s |", name(r[3], r[1]),
+                                    r[4] == "-" ? "not met: " unmet(r) : "not run: " r[11])
+    return sprintf("| %s | %s | %s (%.3f) | %.3f | %s | %.3f | %.0f | %s |",
                    name(r[3], r[1]) (r[3] == "vanilla" ? " (the reference)" : ""), setting(r[3], r[4]),
                    kib(r[6]), r[6] / full, r[8],
                    r[3] == "vanilla" ? "-" : sprintf("%+.1f%%", 100 * (r[8] / base - 1)), r[9],
-                   r[11] == "-" ? "" : r[11])
+                   r[10], r[11] == "-" ? "" : r[11])
   }
   { lines[NR] = $0; budget[$2] = $5 }
   $2 == "1" && $3 == "vanilla" { base = $8; full = $6; reference = NR }
   END {
     if (!reference) { print "kv_budget_report: no vanilla reference line (budget 1)" > "/dev/stderr"; exit 1 }
+    printf "KV bytes at %s and decode tokens/s of %s (dmc-eval --device=%s).\n\n",
+           element, decoder, device
     nb = split("1/2 1/4 1/8", budgets, " ")
     for (b = 1; b <= nb; b++) {
       printf "%s### %s of the vanilla cache: %s KiB per sequence\n\n", (b > 1 ? "\n" : ""), budgets[b], kib(budget[budgets[b]])
-      print "| method | setting | KV KiB per sequence (of vanilla) | held-out perplexity | Δ vs base | next-token accuracy | note |"
-      print "| --- | --- | --- | --- | --- | --- | --- |"
+      print "| method | setting | KV KiB per sequence (of vanilla) | held-out perplexity | Δ vs base | next-token accuracy | decode tokens/s | note |"
+      print "| --- | --- | --- | --- | --- | --- | --- | --- |"
       split(lines[reference], r, "\t"); print row(r)
       for (i = 1; i <= NR; i++) { split(lines[i], r, "\t"); if (r[2] == budgets[b]) print row(r) }
     }

@@ -58,7 +58,8 @@
 # as parallel processes and start as soon as their model exists: the base model's during the
 # retrofits, each CR's while the next one trains. On the CPU configuration the retrofits and the
 # control themselves also run side by side (one thread each); on the GPU they take turns on the
-# one device.
+# one device. The GPU configuration's comparison at equal bytes (6.) runs on the GPU engine, one
+# evaluation at a time after the others, so that each one's decode tokens/s is the device's alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -78,6 +79,7 @@ done
 # 1. data and the configuration
 dmc_flags=()        # extra dmc-train flags of the DMC retrofits
 dms_stage_split=()  # DMS's split of the same retrofit steps into stages 1-3 (empty: DMC's)
+budget_device=()    # dmc-eval's device at equal bytes (6.; empty: the CPU, processes side by side)
 case "$config" in
   cpu)
     # 500 pre-training steps × 1024 tokens = 512k tokens (~0.3 epochs of the 1.6M training bytes;
@@ -134,7 +136,7 @@ case "$config" in
     #                 7-9% worse in held-out perplexity (results/README.md)      ~75 s, ×3
     #   the control   5700 steps with DMC off                                      ~65 s
     #   evaluation    32 windows × 512 tokens per model and method on the CPU, one thread each,
-    #                 beside the training
+    #                 beside the training; at equal bytes (6.) on the GPU, one at a time
     # Measured on one H200: 448 s from the text to the table with the 8000-step base; the
     # 20,000-step base adds ~130 s (results/README.md).
     shards=${DMC_PIPELINE_SHARDS:-$out/shards}
@@ -153,11 +155,13 @@ case "$config" in
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
     # The comparison at equal bytes (6.): at 512 tokens a page of 16 per head is 1/32 of the
-    # cache, so the default pages serve; only the tables' budgets (~40 s per evaluation on one
-    # core, fourteen processes side by side after the training, KVSharer's calibration the
-    # longest: minutes, not yet measured)
+    # cache, so the default pages serve; only the tables' budgets. On the GPU engine (bytes at
+    # bf16, the budgets fractions of its bf16 vanilla cache), one evaluation at a time, so that
+    # each decode tokens/s is measured alone on the device (seventeen evaluations with dmc alone;
+    # KVSharer's and ZigZagKV's calibrations run on the CPU; the time not yet measured)
     budget_page_size=16
     plot_fractions=()
+    budget_device=(--device=cuda)
     if [ ! -f "$shards/train_index.json" ]; then
       corpus=${DMC_PIPELINE_CORPUS:-$out/corpus}
       tokenizer=${DMC_PIPELINE_TOKENIZER:-$out/bpe8k.model}
@@ -231,12 +235,22 @@ spawn() {
   (export OMP_NUM_THREADS=1; "$@") >"$logs/$name.log" 2>&1 &
   pids[$name]=$!
 }
+show_failure() {
+  echo "pipeline: $1 failed; the end of $logs/$1.log:" >&2
+  tail -20 "$logs/$1.log" >&2
+}
 finish() {
   local failed=() name
   for name in "${!pids[@]}"; do wait "${pids[$name]}" || failed+=("$name"); done
   pids=()
-  for name in "${failed[@]}"; do echo "pipeline: $name failed; the end of $logs/$name.log:" >&2; tail -20 "$logs/$name.log" >&2; done
+  for name in "${failed[@]}"; do show_failure "$name"; done
   ((${#failed[@]} == 0)) || exit 1
+}
+# A job in the foreground, with nothing else running: OUT/logs/NAME.log as spawn's, and the
+# OpenMP threads left at their default (all cores); a failure ends the run.
+run_alone() {  # NAME COMMAND...
+  local name=$1; shift
+  "$@" >"$logs/$name.log" 2>&1 || { show_failure "$name"; exit 1; }
 }
 # One dmc-eval of MODEL into TSV, its output (TSV.log) and flags (TSV.flags) kept beside it, all
 # put in place when it succeeds. While the TSV is newer than the model's export and was made with
@@ -405,32 +419,45 @@ cat "$results/table.md"
 #    meets the budget. On the base: quantization's bits, ZipCache's salient slots, ThinK's key
 #    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),
 #    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
-#    4 or 2 bits, and with ThinK's key channels pruned on its settled slots. One process per model and method, on the CPU (the GPU engine has no quantized
-#    cache); tables and plot by launch/kv_budget_report.sh.
+#    4 or 2 bits, and with ThinK's key channels pruned on its settled slots. One dmc-eval per model
+#    and method: on the CPU configuration processes side by side, one thread each; on the GPU
+#    configuration on the GPU engine (--device=cuda: bytes at bf16, the budgets fractions of its
+#    bf16 vanilla cache), one at a time, so that each one's decode tokens/s is measured with
+#    nothing else on the device (the GPU engine serves every method here). Tables and plot by
+#    launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
   run_eval "$results/budget_$name.tsv" "$model" --label="$label" --page_size=$budget_page_size \
-      --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method"
+      --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method" "${budget_device[@]}"
+}
+budget_runs=()
+budget_job() {  # NAME MODEL LABEL METHOD: in the background on the CPU, now and alone on the GPU
+  if ((${#budget_device[@]})); then
+    log "at equal bytes on the GPU: $3, $4"
+    run_alone "budget_$1" budget_eval "$@"
+  else
+    spawn "budget_$1" budget_eval "$@"
+  fi
+  budget_runs+=("$1")
 }
 log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
-budget_runs=(vanilla quant zipcache think h2o tova h2o_pyramid tova_pyramid h2o_zigzag tova_zigzag
-             kvsharer)
-for m in "${budget_runs[@]}"; do spawn "budget_$m" budget_eval "$m" "$out/base" base "$m"; done
+for m in vanilla quant zipcache think h2o tova h2o_pyramid tova_pyramid h2o_zigzag tova_zigzag \
+         kvsharer; do
+  budget_job "$m" "$out/base" base "$m"
+done
 for method in "${methods[@]}"; do
   for cr in $crs; do
-    spawn "budget_${method}_cr$cr" budget_eval "${method}_cr$cr" "$out/${method}_cr$cr" \
-        "${method^^} CR$cr" "$method"
+    budget_job "${method}_cr$cr" "$out/${method}_cr$cr" "${method^^} CR$cr" "$method"
     # and with ThinK's key-channel pruning on its settled slots
-    spawn "budget_${method}_think_cr$cr" budget_eval "${method}_think_cr$cr" \
-        "$out/${method}_cr$cr" "${method^^} CR$cr" "${method}_think"
-    budget_runs+=("${method}_cr$cr" "${method}_think_cr$cr")
+    budget_job "${method}_think_cr$cr" "$out/${method}_cr$cr" "${method^^} CR$cr" "${method}_think"
   done
 done
 finish
 budget_tsvs=()
 for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
 cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
-bash launch/kv_budget_report.sh "$results/kv_budget" $budget_page_size "$results/kv_budget.tsv"
+bash launch/kv_budget_report.sh "${budget_device[@]}" "$results/kv_budget" $budget_page_size \
+    "$results/kv_budget.tsv"
 cat "$results/kv_budget.md"
 
 # 7. decode throughput at a fixed KV budget on the GPU, when the CUDA benchmarks are built: a
