@@ -6,11 +6,11 @@
 //     as are optimizer state and master weights, and the small per-(b, t, KV head) DMC and DMS
 //     tensors (noise, logit, alpha, merge, mask, omega, denom, the DMS decision input and their
 //     gradients) and saved statistics (rstd, lse, losses, KL partials).
-//   - Every backward ACCUMULATES (+=) into its parameter gradients, as the CPU references do. Its
-//     activation gradients follow its `accumulate` argument, the same one as its CPU reference's:
-//     false writes them without reading them (no memset needed first), true adds into them.
-//     Outputs an argument does not cover (the DMC gate gradients, dmc_gates_backward's dq and dk
-//     control channel, cr_loss's) always accumulate.
+//   - Every backward's gradients, parameter and activation alike, follow its `accumulate`
+//     argument, the same one as its CPU reference's: false writes them without reading them (no
+//     memset needed first), true adds into them. Outputs an argument does not cover (dwte of the
+//     embedding's scatter, the DMC gate gradients, dmc_gates_backward's dq and dk control
+//     channel, cr_loss's) always accumulate.
 //   - All work is enqueued on `stream` (default: the legacy default stream); nothing synchronises
 //     with the host except the first use of a scratch size (allocation). Results that are scalars
 //     (loss, sum of squares) stay on the device.
@@ -56,8 +56,8 @@ bool device_is_sm90();
 // vocab_rows), tokens outside them give zero rows and no gradient) ----
 void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N, int C,
                        int vocab_begin = 0, int vocab_rows = INT_MAX, cudaStream_t stream = nullptr);
-// dwte[tokens[n] - vocab_begin, :] += dout[n, :]; deterministic (tokens are sorted on the device,
-// one warp per distinct token sums its rows in order).
+// dwte[tokens[n] - vocab_begin, :] += dout[n, :] (always adds); deterministic (tokens are sorted on
+// the device, one warp per distinct token sums its rows in order).
 void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, int N, int C,
                         int vocab_begin = 0, int vocab_rows = INT_MAX,
                         cudaStream_t stream = nullptr);
@@ -118,8 +118,8 @@ void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, i
 // fp32 out (logits that are scored and sampled: bf16 would round them by up to 1/16 at |l| ~ 10).
 void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                         cudaStream_t stream = nullptr);
-// dinp (bf16) = or += (accumulate) dout · weight ; dweight (fp32) += dout^T · inp ; either may be
-// null.
+// dinp (bf16) = dout · weight ; dweight (fp32) = dout^T · inp ; both = or += (accumulate); either
+// may be null.
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                      const bf16* weight, int N, int IC, int OC, bool accumulate,
                      cudaStream_t stream = nullptr);

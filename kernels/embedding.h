@@ -14,7 +14,9 @@ template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* wte, int N, int C,
                        int vocab_begin = 0, int vocab_rows = INT_MAX);
 
-// dwte[tokens[n] - vocab_begin, :] += dout[n, :] for the tokens of this rank's rows
+// dwte[tokens[n] - vocab_begin, :] += dout[n, :] for the tokens of this rank's rows. Always adds
+// (a scatter reaches only the rows of the tokens present): as the first writer of dwte, the caller
+// zeroes it first.
 template <typename T>
 void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int N, int C,
                         int vocab_begin = 0, int vocab_rows = INT_MAX);

@@ -1,7 +1,7 @@
 // Linear layer, nn.Linear layout (spec: kernels/matmul.h):
 //   out[n, o]     = sum_i inp[n, i] · weight[o, i]
 //   dinp[n, i]   += sum_o dout[n, o] · weight[o, i]   (or =, without accumulate)
-//   dweight[o, i] += sum_n dout[n, o] · inp[n, i]
+//   dweight[o, i] += sum_n dout[n, o] · inp[n, i]      (likewise)
 //
 // This is the hot loop of CPU training, so unlike the other references it is arranged for speed,
 // while each output element is still one plain sum accumulated in double:
@@ -91,10 +91,11 @@ DMC_MATMUL_CLONES void backward_inp_rows(T* dinp, const T* dout, const T* weight
   }
 }
 
-// dweight[o, :] += sum_n dout[n, o] · inp[n, :] for weight rows o0..o0+no-1.
+// dweight[o, :] (+)= sum_n dout[n, o] · inp[n, :] for weight rows o0..o0+no-1.
 template <typename T>
 DMC_MATMUL_CLONES void backward_weight_rows(T* dweight, const T* dout, const T* inp, int o0, int no,
-                                            int N, int IC, int OC, double* acc /* [no, IC] */) {
+                                            int N, int IC, int OC, bool accumulate,
+                                            double* acc /* [no, IC] */) {
   std::fill(acc, acc + static_cast<long>(no) * IC, 0.0);
   for (int n = 0; n < N; ++n) {
     const T* x = inp + static_cast<long>(n) * IC;
@@ -108,7 +109,10 @@ DMC_MATMUL_CLONES void backward_weight_rows(T* dweight, const T* dout, const T* 
   for (int o = 0; o < no; ++o) {
     T* dw = dweight + static_cast<long>(o0 + o) * IC;
     const double* ao = acc + static_cast<long>(o) * IC;
-    for (int i = 0; i < IC; ++i) dw[i] = static_cast<T>(dw[i] + ao[i]);
+    if (accumulate)
+      for (int i = 0; i < IC; ++i) dw[i] = static_cast<T>(dw[i] + ao[i]);
+    else
+      for (int i = 0; i < IC; ++i) dw[i] = static_cast<T>(ao[i]);
   }
 }
 
@@ -132,7 +136,7 @@ void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, int N,
                      int IC, int OC, bool accumulate) {
-  if (N <= 0 || IC <= 0) return;  // OC 0 still writes dinp (zeros) when not accumulating
+  if (N < 0 || IC <= 0) return;  // N 0 or OC 0 still write zeros (empty sums) when not accumulating
   const bool parallel = static_cast<long>(N) * IC * OC >= kParallelWork;
   (void)parallel;
   if (dinp) {
@@ -168,7 +172,7 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
       for (int blk = 0; blk < blocks; ++blk) {
         const int o0 = blk * rows_per_block;
         backward_weight_rows(dweight, dout, inp, o0, std::min(rows_per_block, OC - o0), N, IC, OC,
-                             acc.data());
+                             accumulate, acc.data());
       }
     }
   }

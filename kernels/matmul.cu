@@ -2,7 +2,7 @@
 // (CUBLAS_COMPUTE_32F). Row-major nn.Linear buffers are read as their column-major transposes:
 //   out^T[OC, N]   = W^T^T · inp^T        (W [OC, IC] row-major is a column-major IC x OC matrix)
 //   dinp^T[IC, N] (+)= W^T · dout^T       (beta 1 accumulates, 0 writes without reading dinp)
-//   dW^T[IC, OC]  += inp^T · dout         (fp32 output, beta = 1)
+//   dW^T[IC, OC]  (+)= inp^T · dout        (fp32 output; beta likewise)
 #include <cublas_v2.h>
 
 #include <cstdio>
@@ -66,17 +66,22 @@ void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, 
 void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                      const bf16* weight, int N, int IC, int OC, bool accumulate,
                      cudaStream_t stream) {
-  if (N <= 0) return;
-  // cuBLAS reads no C when beta is 0 (NaN in dinp does not propagate), so no memset is needed.
-  const float alpha = 1.f, beta_inp = accumulate ? 1.f : 0.f, beta_weight = 1.f;
+  if (N <= 0) {  // empty sums: a written dweight is zeros (dinp has no rows)
+    if (dweight && !accumulate && OC > 0 && IC > 0)
+      DMC_CUDA_CHECK(cudaMemsetAsync(dweight, 0, sizeof(float) * OC * IC, stream));
+    return;
+  }
+  // cuBLAS reads no C when beta is 0 (NaN in dinp or dweight does not propagate), so no memset is
+  // needed: the first micro-batch of a step writes the weight gradients, later ones add.
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   cublasHandle_t h = handle_for(stream);
   if (dinp)
     DMC_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &alpha, weight,
-                                  CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &beta_inp, dinp,
+                                  CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &beta, dinp,
                                   CUDA_R_16BF, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (dweight)
     DMC_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &alpha, inp, CUDA_R_16BF,
-                                  IC, dout, CUDA_R_16BF, OC, &beta_weight, dweight, CUDA_R_32F, IC,
+                                  IC, dout, CUDA_R_16BF, OC, &beta, dweight, CUDA_R_32F, IC,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 

@@ -1,11 +1,11 @@
 // RMSNorm (spec: kernels/rmsnorm.h), per row of C channels:
 //   rstd = 1 / sqrt(mean_c x_c^2 + eps),   out_c = x_c · rstd · w_c
 // Backward, with g_c = dout_c · w_c (the gradient reaching the normalised value x_c · rstd):
-//   dw_c += dout_c · x_c · rstd
-//   dx_c += rstd · g_c  -  x_c · rstd^3 · (sum_j g_j x_j) / C     (= without accumulate)
-// The second term is the path through rstd: d rstd / d x_c = -rstd^3 · x_c / C. Unlike LayerNorm
-// there is no mean to subtract, hence no "mean of g" term. rstd is saved by the forward so the
-// backward does not recompute it.
+//   dw_c += dout_c · x_c · rstd   (summed over the rows)
+//   dx_c += rstd · g_c  -  x_c · rstd^3 · (sum_j g_j x_j) / C
+// (both = without accumulate). The second term of dx is the path through rstd:
+// d rstd / d x_c = -rstd^3 · x_c / C. Unlike LayerNorm there is no mean to subtract, hence no
+// "mean of g" term. rstd is saved by the forward so the backward does not recompute it.
 #include "kernels/rmsnorm.h"
 
 #include <cmath>
@@ -28,6 +28,8 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int 
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
                       const T* rstd, int N, int C, bool accumulate) {
+  if (dweight && !accumulate)
+    for (int c = 0; c < C; ++c) dweight[c] = T(0);  // then the rows' terms are summed into it
   for (int n = 0; n < N; ++n) {
     const T* x = inp + static_cast<long>(n) * C;
     const T* d = dout + static_cast<long>(n) * C;

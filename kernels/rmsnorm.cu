@@ -6,7 +6,7 @@
 // thread has up to 8 loads in flight (24 in the backward: dout, inp and, when it adds, dinp).
 // Scalar path otherwise: a warp per row, one bf16 per lane.
 // Backward: dinp by the row teams; dweight deterministically in two passes (fixed row chunks
-// into fp32 partials in scratch slot 1, then an in-order sum per column).
+// into fp32 partials in scratch slot 1, then an in-order sum per column, written or added).
 #include <type_traits>
 
 #include "kernels/cuda_check.h"
@@ -193,15 +193,16 @@ __global__ void rmsnorm_backward_dweight_partial(float* partial, const bf16* dou
   }
 }
 
-// out[c] += the chunks' partials in chunk order; 16 loads in flight (a few thousand threads read
-// 128 chunks at 8192 rows, one L2 round trip each without the unrolling).
-__global__ void column_sum_accumulate(float* out, const float* partial, int chunks, int C) {
+// out[c] (+)= the chunks' partials in chunk order (out not read unless accumulate); 16 loads in
+// flight (a few thousand threads read 128 chunks at 8192 rows, one L2 round trip each without
+// the unrolling).
+__global__ void column_sum(float* out, const float* partial, int chunks, int C, bool accumulate) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float acc = 0.f;
 #pragma unroll 16
   for (int i = 0; i < chunks; ++i) acc += partial[static_cast<long>(i) * C + c];
-  out[c] += acc;
+  out[c] = accumulate ? out[c] + acc : acc;
 }
 
 // Calls launch(team, chunks) with the row team of an N × C vector-path problem (a warp or a block
@@ -250,7 +251,11 @@ void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight
 void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
                       const bf16* weight, const float* rstd, int N, int C, bool accumulate,
                       cudaStream_t stream) {
-  if (N <= 0) return;
+  if (N <= 0) {  // empty sums: a written dweight is zeros (dinp has no rows)
+    if (dweight && !accumulate && C > 0)
+      DMC_CUDA_CHECK(cudaMemsetAsync(dweight, 0, sizeof(float) * C, stream));
+    return;
+  }
   if (dinp) {
     if (vector_rows(C, dinp, dout, inp, weight)) {
       with_row_team(N, C, [&](auto team, auto chunks) {
@@ -275,7 +280,7 @@ void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* 
       rmsnorm_backward_dweight_partial<false><<<dim3(ceil_div(C, 128), chunks), 128, 0, stream>>>(
           partial, dout, inp, rstd, N, C, rows_per);
     DMC_CUDA_CHECK_LAUNCH();
-    column_sum_accumulate<<<ceil_div(C, 128), 128, 0, stream>>>(dweight, partial, chunks, C);
+    column_sum<<<ceil_div(C, 128), 128, 0, stream>>>(dweight, partial, chunks, C, accumulate);
     DMC_CUDA_CHECK_LAUNCH();
   }
 }

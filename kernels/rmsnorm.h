@@ -7,8 +7,8 @@ namespace dmc::kernels {
 template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int C, float eps);
 
-// dinp[N, C] = ... (accumulate: += ...), dweight[C] += ... (always accumulated); either may be
-// null.
+// dinp[N, C] = ..., dweight[C] = ..., both written (accumulate false) or added into (true); either
+// may be null.
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
                       const T* rstd, int N, int C, bool accumulate);

@@ -488,9 +488,20 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
   return result;
 }
 
+std::vector<ParamSpec> UnwrittenGradients(const std::vector<ParamSpec>& specs,
+                                          const LlamaConfig& config, bool eviction) {
+  std::vector<ParamSpec> unwritten;
+  for (const ParamSpec& s : specs) {
+    const bool table = s.name == "model.embed_tokens.weight" && !config.tie_word_embeddings;
+    const bool adapter = s.name.find(".dms_proj_alpha") != std::string::npos && !eviction;
+    if (table || adapter) unwritten.push_back(s);
+  }
+  return unwritten;
+}
+
 template <typename T>
 void Llama<T>::ZeroGrad() {
-  std::fill(grads_.begin(), grads_.end(), T(0));
+  zero_grad_pending_ = true;
 }
 
 template <typename T>
@@ -506,7 +517,23 @@ void Llama<T>::Backward(double loss_scale) {
                                options_.mode};
   const k::DmsGateParams dms_params{config_.dms.scale, config_.dms.offset,
                                     config_.dms.temperature, options_.mode};
+  // Each parameter's gradient is written (the first Backward after ZeroGrad: accumulate false) or
+  // added into by one call below: the *_dweight helpers, the embedding's scatter excepted.
+  const bool add = !zero_grad_pending_;
+  if (zero_grad_pending_)
+    for (const ParamSpec& s : UnwrittenGradients(specs_, config_, dms))
+      std::fill_n(grads_.begin() + s.offset, s.size, T(0));
+  zero_grad_pending_ = false;
   auto grad_of = [&](size_t offset) { return grads_.data() + offset; };
+  T* const no_grad = nullptr;
+  auto linear_dweight = [&](size_t offset, const T* dout, const T* inp, int IC, int OC) {
+    k::matmul_backward(no_grad, grad_of(offset), dout, inp, params_.data() + offset, N, IC, OC,
+                       add);
+  };
+  auto norm_dweight = [&](size_t offset, const T* dout, const T* inp, const T* rstd) {
+    k::rmsnorm_backward(no_grad, grad_of(offset), dout, inp, params_.data() + offset, rstd, N, C,
+                        add);
+  };
   const bool loma = options_.loma.enabled();
   const std::vector<int32_t> positions =
       loma ? LomaPositions(options_.loma, T_) : std::vector<int32_t>();
@@ -533,11 +560,14 @@ void Llama<T>::Backward(double loss_scale) {
   // As in the CUDA model, each activation gradient is written by its first writer (accumulate
   // false) and added into by the later ones (true).
   std::vector<T> dxn(size_t(N) * C, T(0)), dres(size_t(N) * C, T(0));
-  k::matmul_backward(dxn.data(), grad_of(lm_head_offset_), dlogits.data(), xn_final_.data(),
-                     lm_head(), N, C, V, /*accumulate=*/false);
+  k::matmul_backward(dxn.data(), no_grad, dlogits.data(), xn_final_.data(), lm_head(), N, C, V,
+                     /*accumulate=*/false);
+  // A tied LM head's gradient is the embedding's: written here, before the lookup's scatter.
+  linear_dweight(lm_head_offset_, dlogits.data(), xn_final_.data(), C, V);
   AllReduce(dxn);  // vocabulary-parallel LM head: each rank holds its rows' share of the sum
-  k::rmsnorm_backward(dres.data(), grad_of(final_norm_offset_), dxn.data(), x_final_.data(),
-                      final_norm(), rstd_final_.data(), N, C, /*accumulate=*/false);
+  k::rmsnorm_backward(dres.data(), no_grad, dxn.data(), x_final_.data(), final_norm(),
+                      rstd_final_.data(), N, C, /*accumulate=*/false);
+  norm_dweight(final_norm_offset_, dxn.data(), x_final_.data(), rstd_final_.data());
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction (replicated over TP ranks).
   std::vector<T> dmean_merge(B, T(0));
@@ -554,25 +584,30 @@ void Llama<T>::Backward(double loss_scale) {
 
     // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
     Resize(dh, size_t(N) * F);
-    k::matmul_backward(dh.data(), grad_of(o[kDown]), dres.data(), a.h.data(), w.w_down, N, F, C,
+    k::matmul_backward(dh.data(), no_grad, dres.data(), a.h.data(), w.w_down, N, F, C,
                        /*accumulate=*/false);
+    linear_dweight(o[kDown], dres.data(), a.h.data(), F, C);
     Resize(dgate, dh.size());
     Resize(dup, dh.size());
     k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), dh.size(),
                        /*accumulate=*/false);
     Resize(dxn, size_t(N) * C);
-    k::matmul_backward(dxn.data(), grad_of(o[kGate]), dgate.data(), a.xn2.data(), w.w_gate, N, C, F,
+    k::matmul_backward(dxn.data(), no_grad, dgate.data(), a.xn2.data(), w.w_gate, N, C, F,
                        /*accumulate=*/false);
-    k::matmul_backward(dxn.data(), grad_of(o[kUp]), dup.data(), a.xn2.data(), w.w_up, N, C, F,
+    k::matmul_backward(dxn.data(), no_grad, dup.data(), a.xn2.data(), w.w_up, N, C, F,
                        /*accumulate=*/true);
+    linear_dweight(o[kGate], dgate.data(), a.xn2.data(), C, F);
+    linear_dweight(o[kUp], dup.data(), a.xn2.data(), C, F);
     AllReduce(dxn);  // column-parallel input: every rank holds a partial sum
-    k::rmsnorm_backward(dres.data(), grad_of(o[kMlpNorm]), dxn.data(), a.x2.data(), w.mlp_norm,
-                        a.rstd2.data(), N, C, /*accumulate=*/true);
+    k::rmsnorm_backward(dres.data(), no_grad, dxn.data(), a.x2.data(), w.mlp_norm, a.rstd2.data(),
+                        N, C, /*accumulate=*/true);
+    norm_dweight(o[kMlpNorm], dxn.data(), a.x2.data(), a.rstd2.data());
 
     // Attention half.
     Resize(datt, a.att.size());
-    k::matmul_backward(datt.data(), grad_of(o[kWo]), dres.data(), a.att.data(), w.wo, N, H * D, C,
+    k::matmul_backward(datt.data(), no_grad, dres.data(), a.att.data(), w.wo, N, H * D, C,
                        /*accumulate=*/false);
+    linear_dweight(o[kWo], dres.data(), a.att.data(), H * D, C);
     Resize(dqr, a.q.size());
     Resize(dkr, a.k.size());
     Resize(dvhat, a.v.size());
@@ -637,24 +672,32 @@ void Llama<T>::Backward(double loss_scale) {
       k::scale_last_channel(dk.data(), long(N) * Hkv, D, fade);
     }
     Resize(dxn, size_t(N) * C);
-    k::matmul_backward(dxn.data(), grad_of(o[kWq]), dq.data(), a.xn.data(), w.wq, N, C, H * D,
+    k::matmul_backward(dxn.data(), no_grad, dq.data(), a.xn.data(), w.wq, N, C, H * D,
                        /*accumulate=*/false);
-    k::matmul_backward(dxn.data(), grad_of(o[kWk]), dk.data(), a.xn.data(), w.wk, N, C, Hkv * D,
+    k::matmul_backward(dxn.data(), no_grad, dk.data(), a.xn.data(), w.wk, N, C, Hkv * D,
                        /*accumulate=*/true);
-    k::matmul_backward(dxn.data(), grad_of(o[kWv]), dv.data(), a.xn.data(), w.wv, N, C, Hkv * D,
+    k::matmul_backward(dxn.data(), no_grad, dv.data(), a.xn.data(), w.wv, N, C, Hkv * D,
                        /*accumulate=*/true);
+    linear_dweight(o[kWq], dq.data(), a.xn.data(), C, H * D);
+    linear_dweight(o[kWk], dk.data(), a.xn.data(), C, Hkv * D);
+    linear_dweight(o[kWv], dv.data(), a.xn.data(), C, Hkv * D);
     AllReduce(dxn);
     if (dms && w.dms_proj) {  // the adapter reads the residual through its own norm
       Resize(dxn_dms, size_t(N) * C);
-      k::matmul_backward(dxn_dms.data(), grad_of(dms_offsets_[2 * l + 1]), ddec.data(),
-                         a.dms_xn.data(), w.dms_proj, N, C, Hkv, /*accumulate=*/false);
+      k::matmul_backward(dxn_dms.data(), no_grad, ddec.data(), a.dms_xn.data(), w.dms_proj, N, C,
+                         Hkv, /*accumulate=*/false);
+      linear_dweight(dms_offsets_[2 * l + 1], ddec.data(), a.dms_xn.data(), C, Hkv);
       AllReduce(dxn_dms);  // column-parallel over KV heads
-      k::rmsnorm_backward(dres.data(), grad_of(dms_offsets_[2 * l]), dxn_dms.data(), a.x.data(),
-                          w.dms_norm, a.dms_rstd.data(), N, C, /*accumulate=*/true);
+      k::rmsnorm_backward(dres.data(), no_grad, dxn_dms.data(), a.x.data(), w.dms_norm,
+                          a.dms_rstd.data(), N, C, /*accumulate=*/true);
+      norm_dweight(dms_offsets_[2 * l], dxn_dms.data(), a.x.data(), a.dms_rstd.data());
     }
-    k::rmsnorm_backward(dres.data(), grad_of(o[kAttnNorm]), dxn.data(), a.x.data(), w.attn_norm,
-                        a.rstd.data(), N, C, /*accumulate=*/true);
+    k::rmsnorm_backward(dres.data(), no_grad, dxn.data(), a.x.data(), w.attn_norm, a.rstd.data(),
+                        N, C, /*accumulate=*/true);
+    norm_dweight(o[kAttnNorm], dxn.data(), a.x.data(), a.rstd.data());
   }
+  // A scatter, which adds: after ZeroGrad, the tied LM head's product wrote the table, or the
+  // zeroing at the start did.
   k::embedding_backward(grad_of(embed_offset_), dres.data(), tokens_.data(), N, C, vocab_begin_,
                        vocab_rows_);
 }

@@ -21,6 +21,7 @@
 // variant freezes every other parameter (ParamSpec::frozen).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -79,6 +80,13 @@ struct ForwardResult {
   double achieved_cr() const { return 1.0 / (1.0 - merge_fraction); }
 };
 
+// The tensors whose gradients a Backward that follows ZeroGrad does not write, so it zeroes them:
+// the embedding table unless the LM head shares it (the lookup's backward is a scatter that only
+// adds, so the tied LM head's product, which comes first, writes the table), and the DMS adapter
+// while eviction is off (its branch does not run).
+std::vector<ParamSpec> UnwrittenGradients(const std::vector<ParamSpec>& specs,
+                                          const LlamaConfig& config, bool eviction);
+
 // DMS query-channel variant: q [N, H, D] → q[n, h·G, D-1] = 0 for every KV head h, before and
 // after RoPE (the channel carries the decision, not attention content; DMS.md §1).
 template <typename T>
@@ -95,7 +103,12 @@ class Llama {
   const ParamSpec* FindParam(const std::string& name) const;
   std::vector<T>& params() { return params_; }
   const std::vector<T>& params() const { return params_; }
-  std::vector<T>& grads() { return grads_; }
+  // The gradients; a ZeroGrad still pending (below) is carried out first.
+  std::vector<T>& grads() {
+    if (zero_grad_pending_) std::fill(grads_.begin(), grads_.end(), T(0));
+    zero_grad_pending_ = false;
+    return grads_;
+  }
 
   // Normal(0, 0.02) matrices (output projections scaled by 1/sqrt(2L), as GPT-2/llm.c do), unit
   // norms; every value a function of (seed, tensor, full-tensor index), so every TP layout draws
@@ -110,7 +123,7 @@ class Llama {
   ForwardResult Forward(const int32_t* tokens, const int32_t* targets, int B, int seq_len,
                         const StepOptions& options);
   // Accumulates loss_scale · d(loss)/d(params) of the last Forward into grads(); loss_scale is
-  // 1/micro_batches under gradient accumulation.
+  // 1/micro_batches under gradient accumulation. The first Backward after ZeroGrad writes them.
   void Backward(double loss_scale = 1.0);
   // Enables or disables the model's compression, DMC merging or (a DMS model) DMS eviction; the
   // trainer switches it on at stage 2.
@@ -123,6 +136,11 @@ class Llama {
   // [N, C] and pre-RoPE queries q [N, H_local, D] (kAdapter reads x_res, keeping rstd [N] and
   // xn [N, C] for the backward; kQueryChannel reads q). Shared with the decoder.
   void DmsDecisionInput(int l, const T* x_res, const T* q, T* out, int N, T* rstd, T* xn) const;
+  // The gradients are zero from here on, without a pass over them: the next Backward's first
+  // writer of each gradient writes it (accumulate false) instead of adding to it, and that
+  // Backward zeroes only the tensors none of its writers write (UnwrittenGradients); a use of
+  // grads() before it zeroes them all. LlamaCuda::ZeroGrad does the same, sparing a training step
+  // a memory pass over every gradient.
   void ZeroGrad();
 
   // Logits [B, T, V_local] of the last Forward: the vocabulary rows [vocab_begin(),
@@ -185,6 +203,7 @@ class Llama {
   int vocab_begin_ = 0, vocab_rows_ = 0;  // this rank's rows of the embedding and LM head
   std::vector<ParamSpec> specs_;
   std::vector<T> params_, grads_;
+  bool zero_grad_pending_ = false;  // ZeroGrad was called, and neither Backward nor grads() since
   size_t embed_offset_ = 0, final_norm_offset_ = 0, lm_head_offset_ = 0;
   std::vector<size_t> layer_offsets_;  // per layer: attn_norm, wq, wk, wv, wo, mlp_norm, gate, up, down
   std::vector<size_t> dms_offsets_;    // per layer: the DMS adapter's norm and projection

@@ -294,14 +294,16 @@ void LlamaCuda::CopyParamsToHost(Llama<float>* host) const {
 }
 
 std::vector<float> LlamaCuda::GradsToHost() const {
-  std::vector<float> out(num_params_);
-  Transfer(out.data(), grads_, num_params_, cudaMemcpyDeviceToHost);
+  std::vector<float> out(num_params_, 0.0f);
+  if (!zero_grad_pending_) Transfer(out.data(), grads_, num_params_, cudaMemcpyDeviceToHost);
   return out;
 }
 
 void LlamaCuda::GradsFromHost(const std::vector<float>& grads) {
   if (grads.size() != num_params_) throw std::invalid_argument("GradsFromHost: wrong size");
   Transfer(grads_, grads.data(), num_params_, cudaMemcpyHostToDevice);
+  zero_grad_pending_ = false;
+  frozen_grads_zero_ = false;
 }
 
 void LlamaCuda::OptimizerStateToHost(std::vector<float>* m, std::vector<float>* v) const {
@@ -340,11 +342,20 @@ void LlamaCuda::ZeroControlChannelRows() {
   DMC_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void LlamaCuda::ZeroGrad() { Zero(grads_, num_params_, stream_); }
+void LlamaCuda::ZeroGrad() { zero_grad_pending_ = true; }
+
+void LlamaCuda::FlushZeroGrad() {
+  if (!zero_grad_pending_) return;
+  Zero(grads_, num_params_, stream_);
+  zero_grad_pending_ = false;
+  frozen_grads_zero_ = true;
+}
 
 void LlamaCuda::SetGradient(size_t offset, float value) {
   if (offset >= num_params_) throw std::invalid_argument("SetGradient: offset past the parameters");
+  FlushZeroGrad();
   Transfer(grads_ + offset, &value, 1, cudaMemcpyHostToDevice);
+  if (offset < frozen_end_) frozen_grads_zero_ = false;
 }
 
 // ---- forward and backward ----
@@ -708,6 +719,26 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   const bool loma = options_.loma.enabled();
   const int32_t* positions = loma ? b.positions : nullptr;
 
+  // Each trained parameter's gradient is written (the first Backward after ZeroGrad: accumulate
+  // false, so the step needs no memset of all of them) or added into by one call below: the
+  // *_dweight helpers, the embedding's scatter excepted. What none of them writes is zeroed here:
+  // the tensors of UnwrittenGradients, and the frozen ones (no gradient is formed for them) when
+  // something other than Backward wrote there since they were last zeroed.
+  const bool add = !zero_grad_pending_;
+  if (zero_grad_pending_) {
+    if (!frozen_grads_zero_) Zero(grads_, frozen_end_, s);
+    for (const ParamSpec& spec : UnwrittenGradients(specs_, config_, dms))
+      if (float* g = G(spec.offset)) Zero(g, spec.size, s);
+    zero_grad_pending_ = false;
+    frozen_grads_zero_ = true;
+  }
+  auto linear_dweight = [&](size_t offset, const bf16* dout, const bf16* inp, int IC, int OC) {
+    c::matmul_backward(nullptr, G(offset), dout, inp, W(offset), N, IC, OC, add, s);
+  };
+  auto norm_dweight = [&](size_t offset, const bf16* dout, const bf16* inp, const float* rstd) {
+    c::rmsnorm_backward(nullptr, G(offset), dout, inp, W(offset), rstd, N, C, add, s);
+  };
+
   // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed),
   // or, distilling, the weighted KL(student || teacher).
   // Each activation gradient below is written by its first writer (accumulate false) and added
@@ -729,12 +760,15 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     c::cross_entropy_shard_backward(b.dlogits, b.logits, b.ce_lse, b.targets, b.dlosses, N, V,
                                     vocab_begin_, /*accumulate=*/false, s);
   }
-  c::matmul_backward(b.dxn, G(lm_head_offset_), b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
+  c::matmul_backward(b.dxn, nullptr, b.dlogits, b.xn_final, W(lm_head_offset_), N, C, V,
                      /*accumulate=*/false, s);
+  // A tied LM head's gradient is the embedding's: written here, before the lookup's scatter.
+  linear_dweight(lm_head_offset_, b.dlogits, b.xn_final, C, V);
   TpAllReduce(b.dxn, size_t(N) * C);  // vocabulary-parallel LM head: a share of the sum per rank
   // dres, the residual stream's gradient, is written here; every norm below adds its branch.
-  c::rmsnorm_backward(b.dres, G(final_norm_offset_), b.dxn, b.x_final, W(final_norm_offset_),
-                      b.rstd_final, N, C, /*accumulate=*/false, s);
+  c::rmsnorm_backward(b.dres, nullptr, b.dxn, b.x_final, W(final_norm_offset_), b.rstd_final, N,
+                      C, /*accumulate=*/false, s);
+  norm_dweight(final_norm_offset_, b.dxn, b.x_final, b.rstd_final);
   ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction (read by DMC and DMS layers only;
@@ -751,8 +785,8 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     const size_t* o = &layer_offsets_[l * kLayerTensors];
 
     // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
-    c::matmul_backward(b.dh, G(o[kDown]), b.dres, a.h, W(o[kDown]), N, F, C,
-                       /*accumulate=*/false, s);
+    c::matmul_backward(b.dh, nullptr, b.dres, a.h, W(o[kDown]), N, F, C, /*accumulate=*/false, s);
+    linear_dweight(o[kDown], b.dres, a.h, F, C);
     c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, /*accumulate=*/false,
                        s);
     // The input gradient first, summed over TP while the weight gradients run.
@@ -760,17 +794,17 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
                        /*accumulate=*/false, s);
     c::matmul_backward(b.dxn, nullptr, b.dup, a.xn2, W(o[kUp]), N, C, F, /*accumulate=*/true, s);
     TpStartAllReduce(b.dxn, size_t(N) * C);
-    c::matmul_backward(nullptr, G(o[kGate]), b.dgate, a.xn2, W(o[kGate]), N, C, F,
-                       /*accumulate=*/true, s);
-    c::matmul_backward(nullptr, G(o[kUp]), b.dup, a.xn2, W(o[kUp]), N, C, F, /*accumulate=*/true,
-                       s);
+    linear_dweight(o[kGate], b.dgate, a.xn2, C, F);
+    linear_dweight(o[kUp], b.dup, a.xn2, C, F);
     TpJoin();
-    c::rmsnorm_backward(b.dres, G(o[kMlpNorm]), b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C,
+    c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C,
                         /*accumulate=*/true, s);
+    norm_dweight(o[kMlpNorm], b.dxn, a.x2, a.rstd2);
 
     // Attention half.
-    c::matmul_backward(b.datt, G(o[kWo]), b.dres, a.att, W(o[kWo]), N, H * D, C,
+    c::matmul_backward(b.datt, nullptr, b.dres, a.att, W(o[kWo]), N, H * D, C,
                        /*accumulate=*/false, s);
+    linear_dweight(o[kWo], b.dres, a.att, H * D, C);
     // dalpha, domega and dmerge (contiguous, then dmask) start at zero: the DMC scan's gate pass
     // and cr_accumulate_merge_backward only add into them (small [B, T, Hkv] buffers). The
     // attention writes dmask, except LoMA's, which has no mask: there it stays zero.
@@ -820,26 +854,28 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     c::matmul_backward(b.dxn, nullptr, dk, a.xn, W(o[kWk]), N, C, Hkv * D, /*accumulate=*/true, s);
     c::matmul_backward(b.dxn, nullptr, dv, a.xn, W(o[kWv]), N, C, Hkv * D, /*accumulate=*/true, s);
     TpStartAllReduce(b.dxn, size_t(N) * C);
-    c::matmul_backward(nullptr, G(o[kWq]), b.dq, a.xn, W(o[kWq]), N, C, H * D,
-                       /*accumulate=*/true, s);
-    c::matmul_backward(nullptr, G(o[kWk]), dk, a.xn, W(o[kWk]), N, C, Hkv * D,
-                       /*accumulate=*/true, s);
-    c::matmul_backward(nullptr, G(o[kWv]), dv, a.xn, W(o[kWv]), N, C, Hkv * D,
-                       /*accumulate=*/true, s);
+    linear_dweight(o[kWq], b.dq, a.xn, C, H * D);
+    linear_dweight(o[kWk], dk, a.xn, C, Hkv * D);
+    linear_dweight(o[kWv], dv, a.xn, C, Hkv * D);
     TpJoin();
-    c::rmsnorm_backward(b.dres, G(o[kAttnNorm]), b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C,
+    c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C,
                         /*accumulate=*/true, s);
+    norm_dweight(o[kAttnNorm], b.dxn, a.x, a.rstd);
     if (dms && !dms_offsets_.empty()) {  // the adapter reads the residual through its own norm
       const size_t norm = dms_offsets_[2 * l], proj = dms_offsets_[2 * l + 1];
       h::to_bf16(b.ddec_bf16, b.ddec, NG, s);
-      c::matmul_backward(b.dxn, G(proj), b.ddec_bf16, a.dms_xn, W(proj), N, C, Hkv,
+      c::matmul_backward(b.dxn, nullptr, b.ddec_bf16, a.dms_xn, W(proj), N, C, Hkv,
                          /*accumulate=*/false, s);
+      linear_dweight(proj, b.ddec_bf16, a.dms_xn, C, Hkv);
       TpAllReduce(b.dxn, size_t(N) * C);  // column-parallel over KV heads
-      c::rmsnorm_backward(b.dres, G(norm), b.dxn, a.x, W(norm), a.dms_rstd, N, C,
+      c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x, W(norm), a.dms_rstd, N, C,
                           /*accumulate=*/true, s);
+      norm_dweight(norm, b.dxn, a.x, a.dms_rstd);
     }
     ready(o[kAttnNorm]);  // layer l's tensors are done
   }
+  // A scatter, which adds: after ZeroGrad, the tied LM head's product above wrote dwte, or the
+  // zeroing at the start did.
   if (float* dwte = G(embed_offset_))
     c::embedding_backward(dwte, b.dres, b.tokens, N, C, vocab_begin_, vocab_rows_, s);
   // The embedding (holding a tied LM head's gradient too) is done only now.

@@ -114,7 +114,7 @@ class LlamaCuda {
   void CopyParamsToHost(Llama<float>* host) const;
   void CopyParamsFromHost(const std::vector<float>& params);
   std::vector<float> ParamsToHost() const;
-  // fp32 gradients of the last Backward(s), in the flat layout.
+  // fp32 gradients of the last Backward(s), in the flat layout (zeros after ZeroGrad).
   std::vector<float> GradsToHost() const;
   void GradsFromHost(const std::vector<float>& grads);
   // AdamW moments of optimizer_shard().slice (the whole layout without ZeRO-1) and the number of
@@ -145,7 +145,15 @@ class LlamaCuda {
   // averaged over that group as AverageGradients does, but in buckets of dp_bucket_floats() that
   // start as soon as the backward pass has finished them, so that with NCCL the communication
   // overlaps with the rest of the backward. Throws std::runtime_error if a collective fails.
+  // The first Backward after ZeroGrad writes the gradients instead.
   void Backward(double loss_scale = 1.0, parallel::Communicator* average_over = nullptr);
+  // The gradients are zero from here on, as Llama::ZeroGrad says, without the memset of all of
+  // them (4 bytes a parameter: 5.5 GB a step at 1.36B): the next Backward's first
+  // writer of each gradient writes it (cuBLAS beta 0, which also spares the GEMM's read of it),
+  // and that Backward zeroes only what none of its writers writes (UnwrittenGradients, and frozen
+  // tensors written by something else since they were last zeroed). Any other use of the
+  // gradients before it (SetGradient, AverageGradients, the optimizer step) zeroes them all first;
+  // GradsToHost returns zeros.
   void ZeroGrad();
   // gradient[offset] = value (fp32, flat layout), in stream order: the trainer's fault injection.
   void SetGradient(size_t offset, float value);
@@ -220,6 +228,8 @@ class LlamaCuda {
   void Zero1AllGatherMaster();
   // ZeRO-1 with NCCL: waits for that all-gather under the group's deadline, as TpSynchronize.
   void Zero1Synchronize();
+  // Carries out a pending ZeroGrad on every gradient (a use of them other than Backward's).
+  void FlushZeroGrad();
   const cuda::bf16* W(size_t offset) const;
   // The gradient of the tensor at offset; null for a frozen tensor, whose gradient is not formed.
   float* G(size_t offset) const;
@@ -254,6 +264,12 @@ class LlamaCuda {
   cuda::bf16* teacher_weights_ = nullptr;  // bf16, SetTeacher's layout; null: no frozen teacher
   bool distillation_ = false;
   float* grads_ = nullptr;           // fp32 [num_params]
+  // ZeroGrad was called, and nothing has used the gradients since: they are zero, whatever grads_
+  // holds (ZeroGrad).
+  bool zero_grad_pending_ = false;
+  // grads_[0, frozen_end_) is known to hold zeros: Backward never writes there, only
+  // GradsFromHost, SetGradient and AverageGradients do.
+  bool frozen_grads_zero_ = true;
   parallel::Communicator* zero1_dp_;  // the ZeRO-1 group (null: moments not sharded)
   Zero1Shard moment_shard_;           // whose moments adam_m_ / adam_v_ hold
   float* adam_m_ = nullptr;           // fp32 [moment_shard_.slice.size]

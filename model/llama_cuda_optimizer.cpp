@@ -94,6 +94,7 @@ void LlamaCuda::ResetOptimizer() {
 
 void LlamaCuda::OptimizerStepAsync(const CudaAdamWSettings& s) {
   if (!opt_) opt_.reset(new OptimizerState(specs_, moment_shard_));
+  FlushZeroGrad();  // a step with no Backward since ZeroGrad reads zero gradients
   OptimizerState& o = *opt_;
   // The previous step's copy of args_host must have run before it is overwritten.
   if (o.pending) OptimizerStepNorm();

@@ -256,6 +256,8 @@ DeviceReducer* LlamaCuda::DpReducer(parallel::Communicator* dp) {
 }
 
 absl::Status LlamaCuda::AverageGradients(parallel::Communicator& dp) {
+  FlushZeroGrad();
+  frozen_grads_zero_ = false;  // they are summed with the other ranks'
   // One bucket of everything: the reduction Backward(loss_scale, &dp) overlaps, after the fact.
   return GradientBuckets(DpReducer(&dp), grads_, num_params_, num_params_).Finish();
 }

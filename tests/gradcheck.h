@@ -83,7 +83,7 @@ void expect_all_near(const A& a, const B& b, double tol, const char* what) {
   }
 }
 
-// The two modes of a backward's activation gradients: run(outs, accumulate) fills the buffers
+// The two modes of a backward's gradients: run(outs, accumulate) fills the buffers
 // outs[i] (sizes[i] values each; a null entry stands for an output left out). Written
 // (accumulate false) into buffers poisoned with NaN, so a kernel that reads them or skips an
 // element fails, they must equal what is added (true) onto random values.

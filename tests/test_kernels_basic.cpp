@@ -1,7 +1,8 @@
 // CPU reference kernels, the plain-transformer ops: finite-difference gradient checks in double on
 // tiny odd shapes, plus semantic checks against direct formulas. Every gradient check starts the
 // gradient buffers from random values (AccumulatedGrad), so it also verifies the += convention;
-// expect_written_equals_added checks the activation gradients' written (accumulate false) mode.
+// expect_written_equals_added checks the written (accumulate false) mode of the gradients, weight
+// gradients included.
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -67,14 +68,18 @@ TEST(KernelsBasic, MatmulGradients) {
   expect_all_near(only_dinp.delta(), dinp.delta(), 1e-12, "matmul dinp alone");
   expect_all_near(only_dw.delta(), dw.delta(), 1e-12, "matmul dweight alone");
 
-  // Without accumulate dinp is written (dweight still accumulates: it is given nothing here).
+  // Without accumulate both are written.
   testing::expect_written_equals_added(
-      {inp.size()}, rng,
+      {inp.size(), w.size()}, rng,
       [&](double* const* out, bool accumulate) {
-        matmul_backward(out[0], static_cast<double*>(nullptr), wo.data(), inp.data(), w.data(), N,
-                        IC, OC, accumulate);
+        matmul_backward(out[0], out[1], wo.data(), inp.data(), w.data(), N, IC, OC, accumulate);
       },
-      "matmul dinp written");
+      "matmul dinp and dweight written");
+  // An empty batch writes zeros.
+  Vec empty_dw(w.size(), std::nan(""));
+  matmul_backward(static_cast<double*>(nullptr), empty_dw.data(), wo.data(), inp.data(), w.data(),
+                  0, IC, OC, /*accumulate=*/false);
+  expect_all_near(empty_dw, Vec(w.size(), 0.0), 0.0, "matmul dweight of no rows");
 }
 
 TEST(KernelsBasic, MatmulMatchesNaiveOnLargerShapes) {
@@ -199,12 +204,12 @@ TEST(KernelsBasic, RmsnormForwardAndGradients) {
   expect_gradient_matches(loss, inp, dinp.delta(), "rmsnorm dinp");
   expect_gradient_matches(loss, w, dw.delta(), "rmsnorm dweight");
   testing::expect_written_equals_added(
-      {inp.size()}, rng,
+      {inp.size(), w.size()}, rng,
       [&](double* const* out, bool accumulate) {
-        rmsnorm_backward(out[0], static_cast<double*>(nullptr), wo.data(), inp.data(), w.data(),
-                         rstd.data(), N, C, accumulate);
+        rmsnorm_backward(out[0], out[1], wo.data(), inp.data(), w.data(), rstd.data(), N, C,
+                         accumulate);
       },
-      "rmsnorm dinp written");
+      "rmsnorm dinp and dweight written");
 }
 
 // ---------------------------------------------------------------------------------------------

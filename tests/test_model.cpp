@@ -3,13 +3,17 @@
 // with hard decisions and token-by-token decoding over a real per-head cache.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "inference/dmc_decoder.h"
 #include "model/llama.h"
 #include "tests/tiny_models.h"
 #include "tests/gradcheck.h"
+#include "tests/zero_grad_cases.h"
 
 namespace dmc {
 namespace {
@@ -89,6 +93,89 @@ INSTANTIATE_TEST_SUITE_P(Configs, ModelGradient,
                                            GradCase{true, 2, false, 1.0f},
                                            GradCase{true, 1, true, 1.0f},
                                            GradCase{true, 4, false, 1.0f}));
+
+// ZeroGrad without a pass over the gradients (model/llama.h): the first Backward after it writes
+// each gradient, the later ones add, and the tensors no writer writes are zeroed. So gradients
+// that held NaN before ZeroGrad give, over two micro-batches, exactly the gradients of a buffer
+// set to zeros (whose Backwards all add: a written sum and 0 plus it are the same value), and the
+// sum of the two micro-batches' own gradients, in each configuration whose writers differ
+// (tests/zero_grad_cases.h; the batches look up 8 of the table's 32 rows).
+class ModelZeroGrad : public ::testing::TestWithParam<testing::ZeroGradCase> {};
+
+TEST_P(ModelZeroGrad, NanBeforeZeroGradGivesTheGradientsOfZeros) {
+  const testing::ZeroGradCase zc = GetParam();
+  LlamaConfig config = TestConfig(zc.dmc, 2, zc.tied);
+  config.vocab_size = 32;
+  config.dms.variant = zc.dms;
+  config.dms.enabled = zc.eviction;
+  config.dms.window = 2;
+  const int B = 2, T = 7, used_rows = 8;
+  // The gradients of Backward on micro-batches `micros`, the buffer holding NaN then ZeroGrad, or
+  // set to zeros.
+  auto gradients = [&](std::vector<int> micros, bool nan_then_zero_grad) {
+    Llama<float> m(config, nullptr);
+    RandomizeParams(m, 7);
+    std::vector<float>& g = m.grads();
+    std::fill(g.begin(), g.end(), nan_then_zero_grad ? std::nanf("") : 0.0f);
+    if (nan_then_zero_grad) m.ZeroGrad();
+    model::StepOptions opt;
+    opt.noise_seed = 99;
+    opt.cr_prior = 0.5f;
+    for (int micro : micros) {
+      const std::vector<int32_t> tokens = RandomTokens(B * T, used_rows, 1 + micro);
+      const std::vector<int32_t> targets = RandomTokens(B * T, config.vocab_size, 11 + micro);
+      m.Forward(tokens.data(), targets.data(), B, T, opt);
+      m.Backward(0.5);
+    }
+    return m.grads();
+  };
+  const std::vector<float> lazy = gradients({0, 1}, true), zeroed = gradients({0, 1}, false);
+  const std::vector<float> first = gradients({0}, true), second = gradients({1}, true);
+  const std::vector<model::ParamSpec> specs = Llama<float>(config, nullptr).param_specs();
+  for (const model::ParamSpec& s : specs) {
+    double diff = 0, norm = 0;  // to the sum, up to fp32 rounding
+    for (size_t i = s.offset; i < s.offset + s.size; ++i) {
+      ASSERT_EQ(lazy[i], zeroed[i]) << zc.name << ": " << s.name << " element " << i - s.offset;
+      const double sum = double(first[i]) + second[i];
+      diff += (lazy[i] - sum) * (lazy[i] - sum);
+      norm += sum * sum;
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << zc.name << ": " << s.name;
+  }
+  // The test reaches the zeroing: the rows of the untied table that no token looks up are zero,
+  // the others are not.
+  const model::ParamSpec& table = specs.front();
+  ASSERT_EQ(table.name, "model.embed_tokens.weight");
+  const size_t used_end = table.offset + size_t(used_rows) * config.hidden_size;
+  double looked_up = 0;
+  for (size_t i = table.offset; i < used_end; ++i) looked_up += std::fabs(lazy[i]);
+  EXPECT_GT(looked_up, 0.0);
+  for (size_t i = used_end; !zc.tied && i < table.offset + table.size; ++i)
+    ASSERT_EQ(lazy[i], 0.0f) << "table element " << i - table.offset;
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, ModelZeroGrad,
+                         ::testing::ValuesIn(testing::kZeroGradCases),
+                         testing::ZeroGradCaseName);
+
+// After ZeroGrad, a write through grads() lands on zeros and the next Backward adds to it (the
+// trainer's NaN injection).
+TEST(Model, GradientWrittenAfterZeroGradSurvivesBackward) {
+  Llama<float> m(TestConfig(false), nullptr);
+  RandomizeParams(m, 3);
+  std::fill(m.grads().begin(), m.grads().end(), 1.0f);
+  m.ZeroGrad();
+  m.grads()[5] = std::nanf("");
+  for (size_t i = 0; i < m.grads().size(); ++i) {
+    if (i == 5) continue;
+    ASSERT_EQ(m.grads()[i], 0.0f) << i;
+  }
+  const std::vector<int32_t> tokens = RandomTokens(14, 11, 1), targets = RandomTokens(14, 11, 2);
+  m.Forward(tokens.data(), targets.data(), 2, 7, model::StepOptions());
+  m.Backward();
+  EXPECT_TRUE(std::isnan(m.grads()[5]));
+  EXPECT_FALSE(std::isnan(m.grads()[6]));
+}
 
 // Stage 2 starts exactly where stage 1 ended: a model whose control channel was faded out
 // (m = 0) and a DMC model with the control rows zeroed (so alpha = 0: every token appends, the

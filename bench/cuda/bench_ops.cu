@@ -71,7 +71,7 @@ int main(int argc, char** argv) {
   float* dw = rand_f32(C, 0, 0);
   row_bw("rmsnorm fwd N8192 C2048", E * 2 * N * C, [&] { dmc::cuda::rmsnorm_forward(y, rstd, x, w, N, C, 1e-5f); });
   row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, true); });
-  row_bw("rmsnorm bwd (dinp = ; dweight +=)", E * 3 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, false); });
+  row_bw("rmsnorm bwd (dinp = ; dweight =)", E * 3 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, false); });
   // RoPE on q [B, T, H, D]
   row_bw("rope fwd q B4 T2048 H16 D128", E * 2 * N * C, [&] { dmc::cuda::rope_forward(y, x, B, T, H, D, 0, 10000.f, true); });
   row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, true); });
@@ -94,6 +94,11 @@ int main(int argc, char** argv) {
     row_flops("matmul bwd (dinp and dweight)", 4.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, dwq, out, x, wq, N, C, 3 * C, true); });
     row_flops("matmul bwd dinp (+=, beta 1)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, nullptr, out, x, wq, N, C, 3 * C, true); });
     row_flops("matmul bwd dinp (=, beta 0)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(y, nullptr, out, x, wq, N, C, 3 * C, false); });
+    // The fp32 weight gradient: added into (a later micro-batch) or written (the first after
+    // ZeroGrad, which then needs no memset of it: the row below it is that memset).
+    row_flops("matmul bwd dweight fp32 (+=, beta 1)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(nullptr, dwq, out, x, wq, N, C, 3 * C, true); });
+    row_flops("matmul bwd dweight fp32 (=, beta 0)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(nullptr, dwq, out, x, wq, N, C, 3 * C, false); });
+    row_bw("memset dweight fp32 2048x6144", 4.0 * 3 * C * C, [&] { DMC_CUDA_CHECK(cudaMemsetAsync(dwq, 0, sizeof(float) * 3 * C * C)); });
     cudaFree(wq), cudaFree(out), cudaFree(dwq);
   }
   // Cross-entropy over V = 32000

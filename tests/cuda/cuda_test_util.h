@@ -48,7 +48,7 @@ inline std::vector<double> randu(size_t n, double lo, double hi) {
   return v;
 }
 
-// The starting values of a backward's activation gradient: random values to add onto
+// The starting values of a backward's gradient: random values to add onto
 // (accumulate), or NaN, which a kernel that writes (accumulate false) must never read.
 inline std::vector<double> grad_start(size_t n, bool accumulate, double stddev = 1.0) {
   return accumulate ? randn(n, stddev) : std::vector<double>(n, std::nan(""));

@@ -24,6 +24,7 @@
 #include "parallel/communicator.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/cuda/model_test_util.h"
+#include "tests/zero_grad_cases.h"
 #include "trainer/cuda_backend.h"
 #include "trainer/optimizer.h"
 #include "trainer/trainer.h"
@@ -134,6 +135,112 @@ INSTANTIATE_TEST_SUITE_P(
                       // head dim 128: on Hopper the sm90 attention kernels, forward and backward
                       Case{"gqa_d128_relaxed", true, DmcDecisionMode::kRelaxed, 1.0f, 256, 2, 1}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
+
+// ZeroGrad without the memset of every gradient (model/llama_cuda.h): the first Backward after it
+// writes each gradient (cuBLAS beta 0 for the weights), the later ones add, and the tensors no
+// writer writes are zeroed. Gradients filled with NaN before ZeroGrad (GradsFromHost) must give,
+// over two micro-batches, the gradients of a buffer set to zeros (whose Backwards all add), the
+// sum of the two micro-batches' own gradients, and (without DMS) the CPU model's, in each
+// configuration whose writers differ (tests/zero_grad_cases.h, as the CPU test ModelZeroGrad; the
+// batches look up 16 of the table's 64 rows, the rest of an untied one must be zero, a frozen base
+// exactly zero). A second step from ZeroGrad, the frozen range now known to hold zeros, gives the
+// first step's gradients again.
+class CudaModelZeroGrad : public ::testing::TestWithParam<testing::ZeroGradCase> {
+ protected:
+  void SetUp() override { DMC_REQUIRE_GPU(); }
+};
+
+TEST_P(CudaModelZeroGrad, NanBeforeZeroGradGivesTheGradientsOfZeros) {
+  const testing::ZeroGradCase& zc = GetParam();
+  const bool dms = zc.dms != model::DmsVariant::kNone;
+  model::LlamaConfig config =
+      dms ? DmsModelConfig(zc.dms, 128, 2, 2) : SmallModelConfig(zc.dmc, 128, 2, 2);
+  config.dms.enabled = zc.eviction;
+  config.tie_word_embeddings = zc.tied;
+  model::Llama<float> cpu(config, nullptr);
+  ShapeWeights(&cpu, 7);
+  ShapeDmsDecisions(&cpu, false);
+  const size_t P = cpu.params().size();
+  const int B = 2, T = 33, used_rows = 16;
+  std::vector<int32_t> in[2], tgt[2];
+  for (int m = 0; m < 2; ++m) {
+    MakeBatch(B, T, config.vocab_size, 11 + m, &in[m], &tgt[m]);
+    for (int32_t& t : in[m]) t %= used_rows;
+  }
+  model::StepOptions opt;
+  opt.mode = DmcDecisionMode::kHard;  // no decision flips between the CPU and the GPU model
+  opt.noise_seed = 1234;
+  opt.cr_prior = 0.75f;
+  auto run = [&](auto& model, std::vector<int> micros) {
+    for (int m : micros) {
+      opt.seq0 = m * B;
+      model.Forward(in[m].data(), tgt[m].data(), B, T, opt);
+      model.Backward(0.5);
+    }
+  };
+  const std::vector<float> nan(P, std::nanf("")), zeros(P, 0.0f);
+  // The gradients of the GPU model on micro-batches `micros`, from NaN then ZeroGrad or from zeros.
+  auto gpu_gradients = [&](std::vector<int> micros, bool nan_then_zero_grad) {
+    model::LlamaCuda gpu(config);
+    gpu.CopyParamsFromHost(cpu);
+    gpu.GradsFromHost(nan_then_zero_grad ? nan : zeros);
+    if (nan_then_zero_grad) {
+      gpu.ZeroGrad();
+      EXPECT_EQ(gpu.GradsToHost(), zeros) << "the gradients after ZeroGrad";
+    }
+    run(gpu, micros);
+    std::vector<float> g = gpu.GradsToHost();
+    if (nan_then_zero_grad && micros.size() == 2) {  // a second step
+      gpu.ZeroGrad();
+      run(gpu, micros);
+      const std::vector<float> again = gpu.GradsToHost();
+      EXPECT_LE(RelError(again.data(), g.data(), P), 1e-2) << "a second step from ZeroGrad";
+    }
+    return g;
+  };
+  const std::vector<float> lazy = gpu_gradients({0, 1}, true);
+  const std::vector<float> zeroed = gpu_gradients({0, 1}, false);
+  const std::vector<float> first = gpu_gradients({0}, true), second = gpu_gradients({1}, true);
+  std::vector<float> sum(P);
+  for (size_t i = 0; i < P; ++i) sum[i] = first[i] + second[i];
+  std::fill(cpu.grads().begin(), cpu.grads().end(), std::nanf(""));
+  cpu.ZeroGrad();
+  run(cpu, {0, 1});
+  const std::vector<float>& gc = cpu.grads();
+
+  // The GPU runs differ only by the order of the attention backward's fp32 atomics (a dq element
+  // may round to the other bf16 neighbour), far below what a lost or doubled micro-batch moves.
+  constexpr double kSameTol = 1e-2;
+  for (const model::ParamSpec& spec : cpu.param_specs()) {
+    const float* g = lazy.data() + spec.offset;
+    if (spec.frozen) {
+      for (size_t i = 0; i < spec.size; ++i)
+        ASSERT_EQ(g[i], 0.0f) << zc.name << ": frozen " << spec.name << " element " << i;
+      continue;
+    }
+    const double vs_zeroed = RelError(g, zeroed.data() + spec.offset, spec.size);
+    const double vs_sum = RelError(g, sum.data() + spec.offset, spec.size);
+    const double vs_cpu = RelError(g, gc.data() + spec.offset, spec.size);
+    std::printf("[ error ] %-16s grad %-47s rel %.3e vs zeros, %.3e vs sum, %.3e vs cpu\n",
+                zc.name, spec.name.c_str(), vs_zeroed, vs_sum, vs_cpu);
+    EXPECT_LE(vs_zeroed, kSameTol) << zc.name << ": " << spec.name;
+    EXPECT_LE(vs_sum, kSameTol) << zc.name << ": " << spec.name;
+    if (!dms) {  // the CPU model's DMS step without a teacher is not compared elsewhere either
+      EXPECT_LE(vs_cpu, spec.shape.size() == 1 ? kNormGradTol : kGradTol) << spec.name;
+    }
+  }
+  // The test reaches the zeroing: the rows of the untied table that no token looks up are zero.
+  const model::ParamSpec* table = cpu.FindParam("model.embed_tokens.weight");
+  if (!zc.tied && !table->frozen) {
+    for (size_t i = size_t(used_rows) * config.hidden_size; i < table->size; ++i)
+      ASSERT_EQ(lazy[table->offset + i], 0.0f) << zc.name << ": table element " << i;
+  }
+  std::fflush(stdout);
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, CudaModelZeroGrad,
+                         ::testing::ValuesIn(testing::kZeroGradCases),
+                         testing::ZeroGradCaseName);
 
 class CudaModel : public ::testing::Test {
  protected:

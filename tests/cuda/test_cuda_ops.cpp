@@ -1,7 +1,7 @@
 // GPU vs CPU reference: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, matmul, the multi-tensor
 // AdamW and sum of squares (the DMC scan is in test_cuda_dmc.cpp). Forward and backward, odd
-// shapes, fresh random inputs, poisoned outputs; activation gradients both added onto random
-// values (+=) and written (=) into NaN.
+// shapes, fresh random inputs, poisoned outputs; gradients, weight gradients included, both added
+// onto random values (+=) and written (=) into NaN.
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -78,7 +78,7 @@ void check_rmsnorm(int N, int C_, int shift) {
   expect_close(("rmsnorm fwd rstd " + shape).c_str(), drstd.download(), rstd, kF32Tol);
 
   for (bool accumulate : {true, false}) {
-    auto g = randn(n), dinp = grad_start(n, accumulate), dwt = randn(C_);
+    auto g = randn(n), dinp = grad_start(n, accumulate), dwt = grad_start(C_, accumulate);
     auto gb = to_bf16(g), dinpb = to_bf16(dinp);
     auto dwtf = to_f32(dwt);
     gb.insert(gb.begin(), shift, bf16());
@@ -91,7 +91,8 @@ void check_rmsnorm(int N, int C_, int shift) {
     std::vector<bf16> dinp_out = ddinp.download();
     dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
     expect_close(with_mode("rmsnorm bwd dinp " + shape, accumulate), dinp_out, dinp, kBf16Tol);
-    expect_close("rmsnorm bwd dweight (+=) " + shape, ddw.download(), dwt, 1e-4);
+    expect_close(with_mode("rmsnorm bwd dweight " + shape, accumulate), ddw.download(), dwt,
+                 1e-4);
   }
 }
 
@@ -230,11 +231,11 @@ TEST_F(CudaOps, Matmul) {
     K::matmul_forward<double>(ref.data(), x.data(), w.data(), N, IC, OC);
     expect_close("matmul fwd", dout.download(), ref, kBf16Tol);
 
-    // Written (=): cuBLAS with beta 0 must not read dinp, whose NaN would show.
+    // Written (=): cuBLAS with beta 0 must not read dinp or dweight, whose NaN would show.
     for (bool accumulate : {true, false}) {
       auto g = randn(static_cast<size_t>(N) * OC),
            dinp = grad_start(static_cast<size_t>(N) * IC, accumulate),
-           dwt = randn(static_cast<size_t>(OC) * IC);
+           dwt = grad_start(static_cast<size_t>(OC) * IC, accumulate);
       auto gb = to_bf16(g), dinpb = to_bf16(dinp);
       auto dwtf = to_f32(dwt);
       DevBuf<bf16> dg(gb), ddinp(dinpb);
@@ -243,8 +244,25 @@ TEST_F(CudaOps, Matmul) {
       K::matmul_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), N, IC, OC,
                                  accumulate);
       expect_close(with_mode("matmul bwd dinp", accumulate), ddinp.download(), dinp, kBf16Tol);
-      expect_close("matmul bwd dweight fp32 (+=)", ddw.download(), dwt, 1e-5);
+      expect_close(with_mode("matmul bwd dweight fp32", accumulate), ddw.download(), dwt, 1e-5);
     }
+  }
+  // No rows: a written weight gradient is zeros (empty sums), an added one is left as it was.
+  for (bool accumulate : {true, false}) {
+    const int IC = 96, OC = 130;
+    auto dwt = grad_start(static_cast<size_t>(OC) * IC, accumulate),
+         dnt = grad_start(IC, accumulate);
+    auto dwtf = to_f32(dwt), dntf = to_f32(dnt);
+    DevBuf<float> ddw(dwtf), ddn(dntf);
+    DevBuf<bf16> dummy(static_cast<size_t>(OC) * IC);
+    C::matmul_backward(nullptr, ddw, dummy, dummy, dummy, 0, IC, OC, accumulate);
+    C::rmsnorm_backward(nullptr, ddn, dummy, dummy, dummy, nullptr, 0, IC, accumulate);
+    if (!accumulate) {
+      std::fill(dwt.begin(), dwt.end(), 0.0);
+      std::fill(dnt.begin(), dnt.end(), 0.0);
+    }
+    expect_close(with_mode("matmul bwd dweight of no rows", accumulate), ddw.download(), dwt, 0.0);
+    expect_close(with_mode("rmsnorm bwd dweight of no rows", accumulate), ddn.download(), dnt, 0.0);
   }
 }
 

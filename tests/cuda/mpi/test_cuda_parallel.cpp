@@ -6,8 +6,9 @@
 // Every rank also runs the CPU model on the whole global batch by itself. One training step of two
 // micro-batches (gradient accumulation: only the last one averages over DP) must give the same
 // losses, merge statistics and, gathered over TP, every gradient tensor, within the bf16 bounds of
-// tests/cuda/test_cuda_model.cpp; the bucketed DP reduction overlapped with the backward pass
-// (Backward(loss_scale, dp)) must agree with the plain one after it (AverageGradients).
+// tests/cuda/test_cuda_model.cpp, from gradients that held NaN before ZeroGrad; the bucketed DP
+// reduction overlapped with the backward pass (Backward(loss_scale, dp)) must agree with the
+// plain one after it (AverageGradients).
 //
 // The Mpi cases put every rank on one GPU (rank % GPUs: all on device 0 of a one-GPU machine) with
 // MPI communicators, which the model stages through host memory; the Nccl cases need one GPU per
@@ -208,6 +209,11 @@ void ExpectStepMatchesCpu(const Case& tc, int tp_size, Comms comms) {
   opt.noise_seed = 1234;
   opt.step = 3;
   opt.cr_prior = tc.dmc ? 0.75f : 0.0f;  // above the merge fractions: the hinge is active
+  // NaN before ZeroGrad: the first micro-batch's Backward must write every gradient of this
+  // rank's shard (or zero it) without reading it (model/llama_cuda.h ZeroGrad).
+  const std::vector<float> nan(bucketed.num_params(), std::nanf(""));
+  bucketed.GradsFromHost(nan);
+  plain.GradsFromHost(nan);
   cpu.ZeroGrad();
   bucketed.ZeroGrad();
   plain.ZeroGrad();
