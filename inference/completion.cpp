@@ -67,7 +67,7 @@ size_t IncompleteUtf8Tail(const std::string& s) {
 
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body,
                                                          const data::Tokenizer& tokenizer,
-                                                         int context) {
+                                                         const ModelLimits& limits) {
   const json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad("the body is not valid JSON");
   if (!j.is_object()) return Bad("the body must be a JSON object");
@@ -84,9 +84,9 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
           if (!t.is_number_integer())
             return Bad("\"prompt\" must be a string or an array of token ids (integers)");
           const int64_t id = t.get<int64_t>();
-          if (id < 0 || id >= tokenizer.vocab_size())
+          if (id < 0 || id >= limits.vocab_size)
             return Bad(absl::StrFormat("\"prompt\" token id %d is outside the vocabulary [0, %d)",
-                                       id, tokenizer.vocab_size()));
+                                       id, limits.vocab_size));
           r.prompt.push_back(static_cast<int32_t>(id));
         }
       } else {
@@ -95,9 +95,9 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
     } else if (key == "max_tokens") {
       if (!v.is_number_integer()) return Bad("\"max_tokens\" must be an integer");
       const int64_t n = v.get<int64_t>();
-      if (n < 1 || n > context)
+      if (n < 1 || n > limits.context)
         return Bad(absl::StrFormat("\"max_tokens\" must be in [1, %d] (the context), got %d",
-                                   context, n));
+                                   limits.context, n));
       r.max_tokens = static_cast<int>(n);
     } else if (key == "temperature") {
       if (!v.is_number() || v.get<double>() < 0)
@@ -138,13 +138,13 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
   if (!has_prompt) return Bad("\"prompt\" is required");
   if (r.prompt.empty()) return Bad("\"prompt\" is empty");
   const int P = static_cast<int>(r.prompt.size());
-  if (P >= context)
+  if (P >= limits.context)
     return Bad(absl::StrFormat("the prompt has %d tokens; the context of %d leaves no room to "
-                               "generate", P, context));
-  if (P + r.max_tokens > context)
+                               "generate", P, limits.context));
+  if (P + r.max_tokens > limits.context)
     return Bad(absl::StrFormat("the prompt's %d tokens and \"max_tokens\" %d exceed the context "
                                "of %d tokens",
-                               P, r.max_tokens, context));
+                               P, r.max_tokens, limits.context));
   return r;
 }
 

@@ -24,10 +24,17 @@ struct CompletionRequest {
   bool stream = false;
 };
 
-// body: the request's JSON. context: max_position_embeddings (prompt + max_tokens must fit).
+// What a request must fit: the model's embedding rows (prompt token ids below vocab_size, which
+// may pad past the tokenizer's) and max_position_embeddings (prompt + max_tokens within context).
+struct ModelLimits {
+  int vocab_size = 0;
+  int context = 0;
+};
+
+// body: the request's JSON; a text prompt is encoded by `tokenizer`.
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body,
                                                          const data::Tokenizer& tokenizer,
-                                                         int context);
+                                                         const ModelLimits& limits);
 
 // The text of one generation as tokens arrive. Text is released only where it is final: not
 // the trailing bytes of an incomplete UTF-8 character, nor a tail that could still begin a stop

@@ -182,7 +182,8 @@ Outcome Stream(const json& body, int hang_up_after, Clock::time_point run_start)
     return o;
   }
   if (!ok) o.error = "HTTP error: " + httplib::to_string(err);
-  else if (res.status != 200) o.error = "status " + std::to_string(res.status) + ": " + res.body;
+  // an error's JSON body arrives through the content receiver, as the stream's events would
+  else if (res.status != 200) o.error = "status " + std::to_string(res.status) + ": " + buffer;
   else if (!finished || !done) o.error = "the stream ended without its final event";
   o.completed = o.error.empty();
   return o;

@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
   options.max_body_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_body_kb)) * 1024;
   options.threads = max_batch + max_queue + 8;  // every stream holds a thread; a few for the rest
   options.model_name = std::filesystem::path(model_dir).filename().string();
-  inf::CompletionServer server(loop, **tokenizer, context, options);
+  inf::CompletionServer server(loop, **tokenizer, {c.vocab_size, context}, options);
   absl::StatusOr<int> port = server.Bind();
   if (!port.ok()) return Fail(port.status());
   loop.Start();

@@ -102,10 +102,10 @@ std::string PrometheusText(const ServeMetrics& m) {
 }
 
 CompletionServer::CompletionServer(ServeEngineLoop& loop, const data::Tokenizer& tokenizer,
-                                   int context, ServerOptions options)
+                                   ModelLimits limits, ServerOptions options)
     : loop_(loop),
       tokenizer_(tokenizer),
-      context_(context),
+      limits_(limits),
       options_(std::move(options)),
       http_(std::make_unique<httplib::Server>()),
       started_(static_cast<long>(std::time(nullptr))) {
@@ -190,7 +190,7 @@ void CompletionServer::Routes() {
   http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     const json model = {{"id", options_.model_name},     {"object", "model"},
                         {"created", started_},          {"owned_by", "dmc"},
-                        {"max_model_len", context_}};
+                        {"max_model_len", limits_.context}};
     res.set_content(Dump({{"object", "list"}, {"data", json::array({model})}}), "application/json");
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -198,7 +198,7 @@ void CompletionServer::Routes() {
   });
   http_->Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
     if (draining_) return SetError(res, 503, "the server is shutting down");
-    absl::StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, tokenizer_, context_);
+    absl::StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, tokenizer_, limits_);
     if (!parsed.ok()) return SetError(res, 400, std::string(parsed.status().message()));
     const CompletionRequest& r = *parsed;
     auto ch = std::make_shared<Channel>(tokenizer_, r.stop);

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "data/tokenizer.h"
+#include "inference/completion.h"
 #include "inference/serve_engine_loop.h"
 
 namespace httplib {
@@ -34,8 +35,8 @@ std::string PrometheusText(const ServeMetrics& m);
 
 class CompletionServer {
  public:
-  // The loop and the tokenizer must outlive the server. context: max_position_embeddings.
-  CompletionServer(ServeEngineLoop& loop, const data::Tokenizer& tokenizer, int context,
+  // The loop and the tokenizer must outlive the server; requests are checked against `limits`.
+  CompletionServer(ServeEngineLoop& loop, const data::Tokenizer& tokenizer, ModelLimits limits,
                    ServerOptions options);
   ~CompletionServer();
 
@@ -59,7 +60,7 @@ class CompletionServer {
 
   ServeEngineLoop& loop_;
   const data::Tokenizer& tokenizer_;
-  const int context_;
+  const ModelLimits limits_;
   const ServerOptions options_;
   std::unique_ptr<httplib::Server> http_;
   std::atomic<bool> draining_{false};

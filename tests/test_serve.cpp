@@ -60,7 +60,7 @@ std::string AsJsonText(const std::string& s) {
   return json::parse(json(s).dump(-1, ' ', false, json::error_handler_t::replace)).get<std::string>();
 }
 
-json Complete(const Server& server, const json& body, int expect_status = 200) {
+json Complete(const serve_test::Server& server, const json& body, int expect_status = 200) {
   auto r = server.client().Post("/v1/completions", body.dump(), "application/json");
   EXPECT_TRUE(r);
   if (!r) return {};
@@ -251,6 +251,33 @@ TEST(Serve, StreamingClientsOnAMixOfPromptAndAnswerLengths) {
   Server server({"--max_batch=8", "--max_queue=64", "--kv_budget_mb=0.2"});
   RunLoad(server, 32, 64,
           "--prompt_tokens=4:40 --max_tokens=4:40 --disconnect_every=8 --seed=3 --timeout_s=60");
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+// A model whose embedding is padded past its tokenizer (the byte tokenizer's 259 ids, 300 rows,
+// as a random benchmark model or a checkpoint with vocab_size rounded up): a prompt of token ids
+// may use every row the model has; past them is refused, and dmc-serve-load reports the server's
+// message, not just the status.
+TEST(Serve, PromptIdsMayUseEveryEmbeddingRowOfAPaddedVocabulary) {
+  model::LlamaConfig c = ServeConfig();
+  c.vocab_size = 300;
+  serve_test::TempRoot temp("dmc_serve_padded");
+  serve_test::Server server(serve_test::ExportRandomModel(c, 6, temp.path), {});
+  const json ok = Complete(server, {{"prompt", {1, 280, 299}}, {"max_tokens", 4}});
+  EXPECT_EQ(ok["choices"][0]["token_ids"].size(), 4u) << ok;
+  const json bad = Complete(server, {{"prompt", {1, 300}}, {"max_tokens", 4}}, 400);
+  EXPECT_NE(bad.dump().find("outside the vocabulary [0, 300)"), std::string::npos) << bad;
+  const std::string load = serve_test::InferenceBinary("dmc-serve-load") +
+                           " --port=" + std::to_string(server.port()) +
+                           " --clients=2 --requests=2 --prompt_tokens=8 --vocab=100000 --check=false 2>&1";
+  FILE* f = popen(load.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  std::string output;
+  char buf[512];
+  while (fgets(buf, sizeof buf, f) != nullptr) output += buf;
+  EXPECT_NE(pclose(f), 0) << output;
+  EXPECT_NE(output.find("status 400: "), std::string::npos) << output;
+  EXPECT_NE(output.find("outside the vocabulary [0, 300)"), std::string::npos) << output;
   EXPECT_EQ(server.Terminate(), 0);
 }
 
