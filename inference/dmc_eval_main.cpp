@@ -5,8 +5,7 @@
 // model (config.json with "loma" settings) also its memory compression (--methods=loma).
 // --device=cuda decodes dmc, dms, vanilla, h2o, tova and loma token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there
-// (with --kv_fraction: the methods the GPU engine serves, KV quantization of vanilla, dmc and dms
-// and ZipCache among them, each budget met at its bf16 pages);
+// (with --kv_fraction: every compressor, each budget met at its bf16 pages);
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
 // windows instead (inference/evaluate_cuda.h), a cross-check of the decoder.
 #include <algorithm>
@@ -70,7 +69,7 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "kvsharer: shared layers; dmc_think, dms_think: kept key channels of the dmc and dms "
           "caches), "
           "one table per budget; --device=cuda: bytes at bf16 (window state counted at bf16, "
-          "held in fp32), and the method the GPU engine refuses (think) is reported as such");
+          "held in fp32)");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
           "need a calibration (the _zigzag budgets, kvsharer) calibrate");
@@ -274,15 +273,6 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
         continue;
       }
       absl::StatusOr<EvalResult> r = run(*policy);
-      if (absl::IsUnimplemented(r.status())) {  // a compressor the GPU engine does not run
-        const std::string why(r.status().message());
-        std::printf("%-10s not run: %s\n", m.c_str(), why.c_str());
-        if (tsv != nullptr)
-          std::fprintf(tsv, "%s\t%s\t%s\t%s\t%ld\t-\t-\t-\t-\t-\t%s\n", label.c_str(),
-                       fraction.c_str(), m.c_str(), inf::PolicyName(*policy).c_str(), budget,
-                       why.c_str());
-        continue;
-      }
       if (!r.ok()) return Fail(r.status());
       // dmc, dms: their CR varies over sequences, and the knob was set by the mean slots per head
       std::string note = "-";

@@ -5,7 +5,7 @@
 #   OUT.md   one table per budget of 1/2, 1/4 and 1/8: the vanilla reference, then every method
 #            in the order of the lines, with its setting, KV bytes (the mean over windows: a
 #            learned CR varies), perplexity, Δ against the reference, accuracy, decode tokens/s,
-#            or the reason no setting met the budget (or the engine did not run the method);
+#            or the reason no setting met the budget;
 #            above the tables the device the lines were decoded on, which sets the element
 #            type of the full-precision pages;
 #   OUT.png  (with gnuplot) perplexity against KV bytes on a log scale: one line per method
@@ -75,10 +75,9 @@ awk -F'\t' -v page="$page" -v element="$element" -v device="$device" -v decoder=
                    n[5] > 0 ? ", " kib(n[5]) " in DMC window state" : "",
                    n[6] > 0 ? ", " kib(n[6]) " in ThinK query energy" : "")
   }
-  # no figures: no setting met the budget (no policy), or the engine does not run the one that did
+  # no figures: no setting met the budget
   function row(r) {
-    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | - | %s |", name(r[3], r[1]),
-                                    r[4] == "-" ? "not met: " unmet(r) : "not run: " r[11])
+    if (r[8] == "-") return sprintf("| %s | - | - | - | - | - | - | not met: %s |", name(r[3], r[1]), unmet(r))
     return sprintf("| %s | %s | %s (%.3f) | %.3f | %s | %.3f | %.0f | %s |",
                    name(r[3], r[1]) (r[3] == "vanilla" ? " (the reference)" : ""), setting(r[3], r[4]),
                    kib(r[6]), r[6] / full, r[8],
