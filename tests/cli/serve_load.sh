@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# bench/cuda/serve_load.sh on the CPU: two tiny models trained here (one with DMC) served one after
+# the other under a load that saturates a small cache; the table has a row per model with the
+# whole run's and the saturated window's figures, the first model's ratio 1.00×, and a server
+# that cannot start stops the script with its log.
+# Usage: serve_load.sh BUILD_DIR SOURCE_DIR
+set -euo pipefail
+build=$1 src=$2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+fail() { echo "FAIL: $*" >&2; exit 1; }
+mkdir "$work/corpus"
+cp "$src"/data/corpus/kjv_08_ruth.txt "$src"/data/corpus/kjv_32_jonah.txt "$work/corpus/"
+"$build/data/dmc-prep" --input="$work/corpus" --output="$work/shards" --tokenizer=byte \
+    --val_fraction=0.5 --shard_tokens=16384 >/dev/null 2>&1
+for m in vanilla dmc; do
+  flags=(--pretrain_steps=8)
+  [ $m = vanilla ] || flags=(--pretrain_steps=4 --stage1_steps=2 --stage2_steps=2 --stage3_steps=0 --cr_target=4)
+  "$build/trainer/dmc-train" --model=tiny --data="$work/shards/train_index.json" --seq_len=32 \
+      --micro_batch=4 "${flags[@]}" --log_every=1000 --checkpoint_dir="$work/ckpt_$m" >/dev/null
+  "$build/trainer/dmc-export" "$work/ckpt_$m" "$work/$m" --dtype=fp32 >/dev/null
+done
+export DMC_BUILD_DIR=$build DEVICE=cpu PORT=$((20000 + $$ % 20000))
+export SERVE_FLAGS="--kv_budget_mb=0.5 --max_batch=8 --max_queue=256"
+export LOAD_FLAGS="--clients=32 --requests=320 --prompt_tokens=8:24 --max_tokens=32:64 --vocab=256 --check=false --timeout_s=120"
+bash "$src/bench/cuda/serve_load.sh" "$work/table.md" vanilla="$work/vanilla" dmc="$work/dmc" \
+    >"$work/log" 2>&1 || fail "serve_load.sh: $(cat "$work/log")"
+table=$(cat "$work/table.md")
+grep -q "^dmc-serve --device=cpu --kv_budget_mb=0.5" <<<"$table" || fail "no flags line: $table"
+# model, requests/s, tokens/s, ..., CR, saturated tokens/s, ratio: numbers in every column
+awk -F' *\\| *' '$2 == "vanilla" || $2 == "dmc" {
+    rows++
+    for (i = 3; i <= 10; i++) if ($i !~ /^[0-9.]+$/) bad = bad " " $2 ":" i "=" $i
+    if ($2 == "vanilla" && $12 != "1.00×" && $11 != "-") bad = bad " ratio " $12 }
+  END { if (rows != 2 || bad != "") { print rows " rows;" bad; exit 1 } }' <<<"$table" ||
+  fail "unexpected table: $table"
+if bash "$src/bench/cuda/serve_load.sh" "$work/none.md" missing="$work/nowhere" >"$work/log" 2>&1; then
+  fail "a missing model was served"
+fi
+grep -q "nowhere: no config.json" "$work/log" || fail "no reason for the missing model: $(cat "$work/log")"
+echo "serve_load.sh: table as expected"
