@@ -25,8 +25,11 @@ class CpuEngine : public DecodeEngine {
   const model::LlamaConfig& config() const override { return model_.config(); }
   const CachePolicy& policy() const override { return decoder_->policy(); }
   const PagedCacheOptions& cache_options() const override { return cache_.options(); }
-  int element_bytes() const override { return sizeof(T); }
-  int window_element_bytes() const override { return sizeof(T); }
+  // Pages and window state both T (PagedKvCache<T>); static, as CudaEngine's.
+  static constexpr int kElementBytes = sizeof(T);
+  static constexpr int kWindowElementBytes = sizeof(T);
+  int element_bytes() const override { return kElementBytes; }
+  int window_element_bytes() const override { return kWindowElementBytes; }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return cache_.contains(seq); }

@@ -170,6 +170,11 @@ class CudaEngine : public DecodeEngine {
   // A step of every sequence runs a multiple of this many rows, or max_batch (with CUDA graphs;
   // above).
   static constexpr int kStepBucket = 8;
+  // Widths of what a sequence holds (DecodeEngine::element_bytes, window_element_bytes): bf16
+  // pages and residual blocks; the DMC window state and ThinK's query energy in fp32. Static, so
+  // that a plan made before the engine exists (dmc-eval --kv_fraction) counts the same bytes.
+  static constexpr int kElementBytes = 2;
+  static constexpr int kWindowElementBytes = sizeof(float);
 
   // Uploads the weights of `model` (tensor-parallel size 1) in bf16; the model may be freed after.
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(const model::Llama<float>& model,
@@ -181,8 +186,8 @@ class CudaEngine : public DecodeEngine {
   const model::LlamaConfig& config() const override { return config_; }
   const CachePolicy& policy() const override { return opt_.policy; }
   const PagedCacheOptions& cache_options() const override { return cache_opt_; }
-  int element_bytes() const override { return 2; }
-  int window_element_bytes() const override { return sizeof(float); }
+  int element_bytes() const override { return kElementBytes; }
+  int window_element_bytes() const override { return kWindowElementBytes; }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return seqs_.count(seq) > 0; }

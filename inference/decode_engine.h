@@ -40,9 +40,10 @@ class DecodeEngine {
   virtual const model::LlamaConfig& config() const = 0;
   virtual const CachePolicy& policy() const = 0;
   virtual const PagedCacheOptions& cache_options() const = 0;
-  // Bytes of one cache element (pages) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16);
-  // and of one element of the DMC window state and ThinK's query energy (the CPU model's
-  // precision; fp32 on the GPU).
+  // Bytes of one cache element (pages and residual blocks) on this engine: 4 on the CPU (fp32), 2
+  // on the GPU (bf16); and of one element of the DMC window state and ThinK's query energy (the
+  // CPU model's precision; fp32 on the GPU). Each engine also names them as the static
+  // kElementBytes and kWindowElementBytes, for plans made before it exists.
   virtual int element_bytes() const = 0;
   virtual int window_element_bytes() const = 0;
 

@@ -5,7 +5,8 @@
 // model (config.json with "loma" settings) also its memory compression (--methods=loma).
 // --device=cuda decodes dmc, dms, vanilla, h2o, tova and loma token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there
-// (with --kv_fraction: every compressor, each budget met at its bf16 pages);
+// (with --kv_fraction: every compressor, each budget met by the bytes the GPU engine holds: bf16
+// pages, fp32 window state);
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
 // windows instead (inference/evaluate_cuda.h), a cross-check of the decoder.
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -25,6 +27,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "data/loader.h"
+#include "inference/cpu_engine.h"
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
 #include "inference/kv_sharer.h"
@@ -68,8 +71,9 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "per head; h2o_pyramid, tova_pyramid, h2o_zigzag, tova_zigzag: mean slots per layer; "
           "kvsharer: shared layers; dmc_think, dms_think: kept key channels of the dmc and dms "
           "caches), "
-          "one table per budget; --device=cuda: bytes at bf16 (window state counted at bf16, "
-          "held in fp32)");
+          "one table per budget; a sequence's bytes are counted as its engine holds them: "
+          "pages, full-precision residual, DMC window state and ThinK query energy in fp32 on "
+          "the cpu; on cuda pages and residual in bf16, window state and query energy in fp32");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
           "need a calibration (the _zigzag budgets, kvsharer) calibrate");
@@ -128,6 +132,19 @@ absl::StatusOr<EvalResult> EvaluateOn(const std::string& device, dmc::model::Lla
   return dmc::inference::Evaluate(model, windows, eo);
 }
 
+// The widths at which EvaluateOn's engine for `device` holds a sequence: {pages and residual
+// blocks, DMC window state and ThinK's query energy} (DecodeEngine::element_bytes,
+// window_element_bytes).
+std::pair<int, int> EngineElementBytes(const std::string& device) {
+#if defined(DMC_HAVE_CUDA)
+  if (device == "cuda")
+    return {dmc::inference::CudaEngine::kElementBytes,
+            dmc::inference::CudaEngine::kWindowElementBytes};
+#endif
+  return {dmc::inference::CpuEngine<float>::kElementBytes,
+          dmc::inference::CpuEngine<float>::kWindowElementBytes};
+}
+
 absl::StatusOr<double> ParseFraction(absl::string_view text) {
   const std::vector<std::string> parts = absl::StrSplit(text, '/');
   double num = 0, den = 1;
@@ -181,10 +198,12 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     o.quant = {};
     return o;
   };
-  // The bytes of the engine's pages: fp32 on the CPU, bf16 on the GPU.
-  const int element_bytes = device == "cuda" ? 2 : sizeof(float);
-  const long vanilla_bytes = inf::KvSequenceBytes(
-      shape_of("vanilla"), std::vector<int>(heads, seq_len), element_bytes, element_bytes);
+  // Every budget is planned at the widths the engine holds: fp32 on the CPU; bf16 pages and fp32
+  // window state on the GPU.
+  const auto [page_element_bytes, window_element_bytes] = EngineElementBytes(device);
+  const long vanilla_bytes =
+      inf::KvSequenceBytes(shape_of("vanilla"), std::vector<int>(heads, seq_len),
+                           page_element_bytes, window_element_bytes);
 
   std::FILE* tsv = nullptr;
   if (const std::string path = absl::GetFlag(FLAGS_append_tsv); !path.empty()) {
@@ -262,8 +281,8 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     for (const std::string& m : methods) {
       if (m == "vanilla") continue;
       absl::StatusOr<inf::CachePolicy> policy =
-          inf::PolicyForBytes(m, shape_of(m), element_bytes, seq_len, budget,
-                              measured[*inf::BudgetCacheMethod(m)], calibrated);
+          inf::PolicyForBytes(m, shape_of(m), page_element_bytes, window_element_bytes, seq_len,
+                              budget, measured[*inf::BudgetCacheMethod(m)], calibrated);
       if (!policy.ok()) {
         const std::string why(policy.status().message());
         std::printf("%-10s cannot meet it: %s\n", m.c_str(), why.c_str());

@@ -1,4 +1,5 @@
-// Token-by-token decoding on the CPU engine, shared by the tests of the KV cache compressors.
+// Token-by-token decoding on the CPU engine, and the cache shape of the byte-budget tests
+// (dmc-eval --kv_fraction), shared by the tests of the KV cache compressors.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -59,6 +60,16 @@ inline double MaxAbsDiff(const std::vector<double>& a, const std::vector<double>
   double d = 0;
   for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
   return d;
+}
+
+// The cache shape of the byte-budget tests: 2 layers, 2 KV heads of 16, pages of 16.
+inline inference::PagedCacheOptions BudgetShape() {
+  inference::PagedCacheOptions shape;
+  shape.layers = 2;
+  shape.kv_heads = 2;
+  shape.head_dim = 16;
+  shape.page_size = 16;
+  return shape;
 }
 
 }  // namespace dmc::tiny_models

@@ -814,11 +814,7 @@ TEST(KvQuantZipCache, MixedPrecisionDecodeSpansInt4ToInt8) {
 // dmc-eval --kv_fraction: each method's knob is the least compression whose KvSequenceBytes
 // meets the budget (the next setting up does not), and a budget no setting meets is an error.
 TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
-  PagedCacheOptions shape;
-  shape.layers = 2;
-  shape.kv_heads = 2;
-  shape.head_dim = 16;
-  shape.page_size = 16;
+  const PagedCacheOptions shape = tiny_models::BudgetShape();
   const int T = 512, heads = 4;
   const std::vector<int> whole(heads, T);
   const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
@@ -829,7 +825,7 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   };
   for (double f : {0.5, 0.25}) {
     const long budget = static_cast<long>(f * vanilla);
-    auto quant = inference::PolicyForBytes("quant", shape, 4, T, budget, {});
+    auto quant = inference::PolicyForBytes("quant", shape, 4, 4, T, budget, {});
     ASSERT_TRUE(quant.ok()) << quant.status();
     EXPECT_LE(bytes(*quant, whole), budget);
     if (quant->quant.bits < 8) {
@@ -837,27 +833,28 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
       more.quant.bits *= 2;
       EXPECT_GT(bytes(more, whole), budget);
     }
-    auto h2o = inference::PolicyForBytes("h2o", shape, 4, T, budget, {});
+    auto h2o = inference::PolicyForBytes("h2o", shape, 4, 4, T, budget, {});
     ASSERT_TRUE(h2o.ok()) << h2o.status();
     EXPECT_LE(bytes(*h2o, std::vector<int>(heads, h2o->budget)), budget);
     EXPECT_GT(bytes(*h2o, std::vector<int>(heads, h2o->budget + 1)), budget);
     EXPECT_EQ(h2o->recent, h2o->budget / 2);
     // Two tiers of key scales per page of 16: the mixture reaches 1/2 of fp32, not 1/4.
-    auto zip = inference::PolicyForBytes("zipcache", shape, 4, T, budget, {});
+    auto zip = inference::PolicyForBytes("zipcache", shape, 4, 4, T, budget, {});
     ASSERT_EQ(zip.ok(), f == 0.5) << zip.status();
     if (zip.ok()) {
       EXPECT_LE(bytes(*zip, whole), budget);
       EXPECT_GT(zip->quant.salient_slots, 0);
     }
     const std::vector<int> dmc_slots(heads, T / 3);
-    auto dmc = inference::PolicyForBytes("dmc", shape, 4, T, budget, dmc_slots);
+    auto dmc = inference::PolicyForBytes("dmc", shape, 4, 4, T, budget, dmc_slots);
     ASSERT_TRUE(dmc.ok()) << dmc.status();
     EXPECT_LE(bytes(*dmc, dmc_slots), budget);
   }
   const absl::StatusOr<CachePolicy> vanilla_half =
-      inference::PolicyForBytes("vanilla", shape, 4, T, vanilla / 2, {});
+      inference::PolicyForBytes("vanilla", shape, 4, 4, T, vanilla / 2, {});
   EXPECT_TRUE(absl::IsInvalidArgument(vanilla_half.status()));
-  const absl::StatusOr<CachePolicy> tiny = inference::PolicyForBytes("quant", shape, 4, T, 100, {});
+  const absl::StatusOr<CachePolicy> tiny =
+      inference::PolicyForBytes("quant", shape, 4, 4, T, 100, {});
   EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
   EXPECT_NE(tiny.status().message().find("no setting of quant meets 100 bytes"), std::string::npos)
       << tiny.status();
@@ -879,7 +876,7 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
   PagedCacheOptions dmc_shape = shape;
   dmc_shape.dmc_window = 4;
   const absl::StatusOr<CachePolicy> dmc_tiny = inference::PolicyForBytes(
-      "dmc", dmc_shape, 4, T, 100, std::vector<int>(heads, T / 3));
+      "dmc", dmc_shape, 4, 4, T, 100, std::vector<int>(heads, T / 3));
   EXPECT_NE(dmc_tiny.status().message().find(
                 absl::StrFormat("DMC window state %d, ThinK query energy 0)",
                                 inference::KvWindowBytes(dmc_shape, 4))),
@@ -887,6 +884,80 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
       << dmc_tiny.status();
   // Eviction budgets are part of the policy's name in results.
   EXPECT_EQ(inference::PolicyName(*inference::PolicyForCr(CacheMethod::kH2O, 128, 4)), "h2o-32");
+}
+
+// The GPU engine holds pages and residual blocks in bf16 but DMC's window state and ThinK's query
+// energy in fp32: a budget is planned at both widths, as the engine then counts the sequence
+// (KvSequenceBytes), not at the pages' width alone, which undercounts the window state.
+TEST(KvQuantBudget, PlansPagesAndWindowStateAtTheEnginesTwoWidths) {
+  PagedCacheOptions shape = tiny_models::BudgetShape();
+  shape.dmc_window = 8;
+  const int T = 512, page_bytes = 2, window_bytes = 4;
+  const std::vector<int> slots(4, T / 3);
+  auto bytes = [&](int bits, int page, int window) {
+    PagedCacheOptions o = shape;
+    o.quant = {bits, 0, 0, 0};
+    return inference::KvSequenceBytes(o, slots, page, window);
+  };
+  ASSERT_GT(bytes(0, page_bytes, window_bytes), bytes(0, page_bytes, page_bytes));
+  // A budget that the full-precision dmc cache meets only with its window state at bf16: the
+  // single-width plan keeps full precision, the engine's widths need int8.
+  const long budget = bytes(0, page_bytes, page_bytes);
+  const absl::StatusOr<CachePolicy> single =
+      inference::PolicyForBytes("dmc", shape, page_bytes, page_bytes, T, budget, slots);
+  ASSERT_TRUE(single.ok()) << single.status();
+  EXPECT_EQ(single->quant.bits, 0);
+  const absl::StatusOr<CachePolicy> planned =
+      inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, budget, slots);
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  EXPECT_EQ(planned->quant.bits, 8);
+  EXPECT_LE(bytes(8, page_bytes, window_bytes), budget);
+  // The planned bytes are KvSequenceBytes at the two widths exactly: met at that budget, not a
+  // byte below it.
+  for (int bits : {0, 8, 4}) {
+    const long exact = bytes(bits, page_bytes, window_bytes);
+    const absl::StatusOr<CachePolicy> at =
+        inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, exact, slots);
+    ASSERT_TRUE(at.ok()) << at.status();
+    EXPECT_EQ(at->quant.bits, bits);
+    const absl::StatusOr<CachePolicy> below =
+        inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, exact - 1, slots);
+    ASSERT_TRUE(below.ok()) << below.status();
+    EXPECT_EQ(below->quant.bits, bits == 0 ? 8 : bits / 2);
+  }
+  // An unmet budget splits the smallest cache by the same widths: the residual at the pages',
+  // the window state and ThinK's query energy at the window state's.
+  PagedCacheOptions int2 = shape;
+  int2.quant = {2, 0, 0, 0};
+  const absl::StatusOr<CachePolicy> tiny =
+      inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, 100, slots);
+  EXPECT_NE(tiny.status().message().find(absl::StrFormat(
+                "holds %d (pages %d, full-precision residual %d, DMC window state %d, ThinK query "
+                "energy 0)",
+                bytes(2, page_bytes, window_bytes),
+                bytes(2, page_bytes, window_bytes) -
+                    inference::KvReservedBytes(int2, page_bytes, window_bytes),
+                inference::KvResidualBytes(int2, page_bytes),
+                inference::KvWindowBytes(int2, window_bytes))),
+            std::string::npos)
+      << tiny.status();
+  PagedCacheOptions think = shape;
+  think.think_channels = 1;
+  const long think_bytes = inference::KvSequenceBytes(think, slots, page_bytes, window_bytes);
+  const absl::StatusOr<CachePolicy> think_tiny =
+      inference::PolicyForBytes("dmc_think", shape, page_bytes, window_bytes, T, 100, slots);
+  EXPECT_NE(think_tiny.status().message().find(absl::StrFormat(
+                "holds %d (pages %d, full-precision residual %d, DMC window state %d, ThinK query "
+                "energy %d)",
+                think_bytes,
+                think_bytes - inference::KvReservedBytes(think, page_bytes, window_bytes),
+                inference::KvResidualBytes(think, page_bytes),
+                inference::KvWindowBytes(think, window_bytes),
+                inference::KvObservationBytes(think, window_bytes))),
+            std::string::npos)
+      << think_tiny.status();
+  EXPECT_NE(inference::KvObservationBytes(think, window_bytes),
+            inference::KvObservationBytes(think, page_bytes));
 }
 
 }  // namespace

@@ -125,15 +125,16 @@ TEST(KvSharer, BudgetKnobIsTheSharedLayers) {
   const long vanilla = inference::KvSequenceBytes<float>(shape, std::vector<int>(8, T));
   const inference::LayerCalibration calibration{{}, {{3, 0}, {2, 1}}};
   const auto half =
-      inference::PolicyForBytes("kvsharer", shape, 4, T, vanilla / 2, {}, calibration);
+      inference::PolicyForBytes("kvsharer", shape, 4, 4, T, vanilla / 2, {}, calibration);
   ASSERT_TRUE(half.ok()) << half.status();
   EXPECT_EQ(half->kv_source, (std::vector<int>{0, 1, 1, 0}));
   const auto three_quarters =
-      inference::PolicyForBytes("kvsharer", shape, 4, T, vanilla * 3 / 4, {}, calibration);
+      inference::PolicyForBytes("kvsharer", shape, 4, 4, T, vanilla * 3 / 4, {}, calibration);
   ASSERT_TRUE(three_quarters.ok());
   EXPECT_EQ(three_quarters->kv_source, (std::vector<int>{0, 1, 2, 0}));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      inference::PolicyForBytes("kvsharer", shape, 4, T, vanilla / 4, {}, calibration).status()));
+      inference::PolicyForBytes("kvsharer", shape, 4, 4, T, vanilla / 4, {}, calibration)
+          .status()));
 }
 
 }  // namespace

@@ -139,7 +139,7 @@ TEST(LayerBudgets, BudgetKnobIsTheMeanSlotsPerLayer) {
   };
   for (const char* method : {"h2o_pyramid", "tova_zigzag"}) {
     const auto policy =
-        inference::PolicyForBytes(method, shape, 4, T, vanilla / 4, {}, {lmba, {}});
+        inference::PolicyForBytes(method, shape, 4, 4, T, vanilla / 4, {}, {lmba, {}});
     ASSERT_TRUE(policy.ok()) << policy.status();
     EXPECT_EQ(Sum(policy->layer_budget), 4L * policy->budget);
     EXPECT_LE(bytes(policy->layer_budget), vanilla / 4);
@@ -150,13 +150,13 @@ TEST(LayerBudgets, BudgetKnobIsTheMeanSlotsPerLayer) {
     EXPECT_GT(bytes(next), vanilla / 4) << method;
   }
   // The name carries the mean budget per layer: each setting has its own.
-  const auto pyramid = inference::PolicyForBytes("h2o_pyramid", shape, 4, T, vanilla / 4, {});
+  const auto pyramid = inference::PolicyForBytes("h2o_pyramid", shape, 4, 4, T, vanilla / 4, {});
   ASSERT_TRUE(pyramid.ok()) << pyramid.status();
   EXPECT_EQ(inference::PolicyName(*pyramid), absl::StrFormat("h2o-pyramid-%d", pyramid->budget));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      inference::PolicyForBytes("h2o_zigzag", shape, 4, T, vanilla / 4, {}).status()));
+      inference::PolicyForBytes("h2o_zigzag", shape, 4, 4, T, vanilla / 4, {}).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      inference::PolicyForBytes("vanilla_pyramid", shape, 4, T, vanilla / 4, {}).status()));
+      inference::PolicyForBytes("vanilla_pyramid", shape, 4, 4, T, vanilla / 4, {}).status()));
 }
 
 }  // namespace

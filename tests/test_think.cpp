@@ -284,20 +284,10 @@ TEST(Think, RefusesWhatItCannotServe) {
   EXPECT_EQ(inference::PolicyName(p), "dms-think-k24");
 }
 
-// The cache shape of the budget tests: 2 layers, 2 KV heads of 16, pages of 16.
-PagedCacheOptions BudgetShape() {
-  PagedCacheOptions shape;
-  shape.layers = 2;
-  shape.kv_heads = 2;
-  shape.head_dim = 16;
-  shape.page_size = 16;
-  return shape;
-}
-
 // dmc-eval --kv_fraction=F --methods=think: the most channels whose bytes meet the budget (one
 // more does not); ThinK prunes keys only, so half of vanilla is out of reach: a clear error.
 TEST(Think, BudgetKnobIsTheKeptChannels) {
-  const PagedCacheOptions shape = BudgetShape();
+  const PagedCacheOptions shape = tiny_models::BudgetShape();
   const int T = 512;
   const std::vector<int> whole(4, T);
   const long vanilla = inference::KvSequenceBytes<float>(shape, whole);
@@ -307,13 +297,13 @@ TEST(Think, BudgetKnobIsTheKeptChannels) {
     return inference::KvSequenceBytes(o, whole, 4, 4);
   };
   const long budget = static_cast<long>(0.7 * vanilla);
-  auto think = inference::PolicyForBytes("think", shape, 4, T, budget, {});
+  auto think = inference::PolicyForBytes("think", shape, 4, 4, T, budget, {});
   ASSERT_TRUE(think.ok()) << think.status();
   EXPECT_EQ(inference::PolicyName(*think),
             absl::StrFormat("think-k%d", think->think_channels));
   EXPECT_LE(bytes(think->think_channels), budget);
   EXPECT_GT(bytes(think->think_channels + 1), budget);
-  const auto half = inference::PolicyForBytes("think", shape, 4, T, vanilla / 2, {});
+  const auto half = inference::PolicyForBytes("think", shape, 4, 4, T, vanilla / 2, {});
   EXPECT_TRUE(absl::IsInvalidArgument(half.status()));
   EXPECT_NE(half.status().message().find("no setting of think"), std::string::npos)
       << half.status();
@@ -561,7 +551,7 @@ TEST(ThinkComposedCache, ByteAccountingEqualsWhatIsHeld) {
 // over the retrofit's measured slots per head meet the budget (one more does not), in the
 // method's own cache shape (DMC's window state, DMS's longer residual).
 TEST(ThinkComposedCache, BudgetKnobIsTheKeptChannels) {
-  const PagedCacheOptions shape = BudgetShape();
+  const PagedCacheOptions shape = tiny_models::BudgetShape();
   const int T = 512;
   const long vanilla = inference::KvSequenceBytes<float>(shape, std::vector<int>(4, T));
   const std::vector<int> slots = {200, 150, 260, 90};
@@ -576,7 +566,7 @@ TEST(ThinkComposedCache, BudgetKnobIsTheKeptChannels) {
       return inference::KvSequenceBytes(with, slots, 4, 4);
     };
     const long budget = static_cast<long>(0.3 * vanilla);
-    auto think = inference::PolicyForBytes(name, o, 4, T, budget, slots);
+    auto think = inference::PolicyForBytes(name, o, 4, 4, T, budget, slots);
     ASSERT_TRUE(think.ok()) << think.status();
     EXPECT_EQ(think->method, dmc ? CacheMethod::kDmc : CacheMethod::kDms);
     EXPECT_EQ(think->quant.bits, 0);
@@ -584,12 +574,12 @@ TEST(ThinkComposedCache, BudgetKnobIsTheKeptChannels) {
     EXPECT_GT(bytes(think->think_channels + 1), budget);
     EXPECT_EQ(inference::PolicyName(*think),
               absl::StrFormat("%s-think-k%d", dmc ? "dmc" : "dms", think->think_channels));
-    const auto tiny = inference::PolicyForBytes(name, o, 4, T, 100, slots);
+    const auto tiny = inference::PolicyForBytes(name, o, 4, 4, T, 100, slots);
     EXPECT_NE(tiny.status().message().find(absl::StrFormat("no setting of %s", name)),
               std::string::npos)
         << tiny.status();
     EXPECT_TRUE(absl::IsInvalidArgument(
-        inference::PolicyForBytes(name, o, 4, T, budget, {100}).status()))
+        inference::PolicyForBytes(name, o, 4, 4, T, budget, {100}).status()))
         << "slots of every head are needed";
   }
   EXPECT_EQ(*inference::BudgetCacheMethod("dms_think"), CacheMethod::kDms);
