@@ -65,10 +65,8 @@ inline double MaxAbsDiff(const std::vector<double>& a, const std::vector<double>
 // The cache shape of the byte-budget tests: 2 layers, 2 KV heads of 16, pages of 16.
 inline inference::PagedCacheOptions BudgetShape() {
   inference::PagedCacheOptions shape;
-  shape.layers = 2;
-  shape.kv_heads = 2;
-  shape.head_dim = 16;
-  shape.page_size = 16;
+  shape.layers = shape.kv_heads = 2;
+  shape.head_dim = shape.page_size = 16;
   return shape;
 }
 
