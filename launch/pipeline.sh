@@ -155,8 +155,9 @@ case "$config" in
     windows=32
     eval_common=(--seq_len=512 --max_sequences=$windows)
     # The comparison at equal bytes (6.): at 512 tokens a page of 16 per head is 1/32 of the
-    # cache, so the default pages serve; only the tables' budgets. On the GPU engine (bytes at
-    # bf16, the budgets fractions of its bf16 vanilla cache), one evaluation at a time, so that
+    # cache, so the default pages serve; only the tables' budgets. On the GPU engine (its bytes:
+    # bf16 pages, fp32 window state; the budgets fractions of its bf16 vanilla cache), one
+    # evaluation at a time, so that
     # each decode tokens/s is measured alone on the device (seventeen evaluations with dmc alone;
     # KVSharer's and ZigZagKV's calibrations run on the CPU; the time not yet measured)
     budget_page_size=16
@@ -421,8 +422,8 @@ cat "$results/table.md"
 #    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
 #    4 or 2 bits, and with ThinK's key channels pruned on its settled slots. One dmc-eval per model
 #    and method: on the CPU configuration processes side by side, one thread each; on the GPU
-#    configuration on the GPU engine (--device=cuda: bytes at bf16, the budgets fractions of its
-#    bf16 vanilla cache), one at a time, so that each one's decode tokens/s is measured with
+#    configuration on the GPU engine (--device=cuda: the bytes it holds, bf16 pages and fp32
+#    window state; the budgets fractions of its bf16 vanilla cache), one at a time, so that each one's decode tokens/s is measured with
 #    nothing else on the device (the GPU engine serves every method here). Tables and plot by
 #    launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD

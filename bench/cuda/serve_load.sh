@@ -16,7 +16,7 @@
 #   LOAD_FLAGS     dmc-serve-load's flags (default below: 256 clients, each request a prompt of
 #                  512-1024 random token ids and 256-768 tokens to generate)
 #   PORT           the loopback port (default 8100)
-# A server that does not answer /health within 5 minutes, or a load run that fails, stops the
+# A server that is not listening within 5 minutes, or a load run that fails, stops the
 # script with the end of its log; each server gets SIGTERM after its run and must exit 0.
 set -euo pipefail
 out=${1:?usage: serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]}
@@ -40,7 +40,8 @@ run_model() {
       >"$logs/$name.serve" 2>&1 &
   server=$!
   local waited=0
-  until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
+  # dmc-serve says "listening on" once its socket is bound and the engine is up
+  until grep -q "listening on" "$logs/$name.serve"; do
     if ! kill -0 "$server" 2>/dev/null || ((waited >= 300)); then
       echo "serve_load: dmc-serve on $model did not come up; the end of its log:" >&2
       tail -20 "$logs/$name.serve" >&2
