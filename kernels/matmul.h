@@ -14,6 +14,16 @@ namespace dmc::kernels {
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC);
 
+// A projection added onto the residual stream, in one pass:
+//   out[N, OC] = residual[N, OC] + inp[N, IC] · weight[OC, IC]^T
+// Rounded once: the residual element joins the product's wide accumulator and only that sum is
+// rounded to T (the CUDA version: fp32 accumulation, one rounding to bf16), never the product
+// first and then the sum. out may be residual itself (the in-place update out += inp · weight^T)
+// but no other overlap of out with residual, and none with inp or weight.
+template <typename T>
+void matmul_forward_residual(T* out, const T* inp, const T* weight, const T* residual, int N,
+                             int IC, int OC);
+
 // dinp[N, IC] = dout · weight;  dweight[OC, IC] = dout^T · inp;  both written (accumulate false)
 // or added into (true).  Either output may be null.
 template <typename T>
