@@ -1,6 +1,7 @@
 // Linear layer in nn.Linear / Hugging Face layout: weight is [OC, IC], row-major.
 //   out[N, OC] = inp[N, IC] · weight[OC, IC]^T
-// The CPU reference is plain loops with a wide accumulator; the CUDA backend calls cuBLAS.
+// The CPU reference is plain loops with a wide accumulator; the CUDA backend calls cuBLAS (cuBLASLt
+// for the residual form).
 // A backward in kernels/ writes (accumulate false: nothing is read, so the buffer needs no zeroing
 // first) or adds into (accumulate true) every gradient it is given, parameter and activation
 // alike. A gradient is written by its first writer and added into by the later ones: a residual

@@ -271,9 +271,9 @@ TEST_F(CudaOps, Matmul) {
 // which the algorithm must be picked for). Beside the relative error, the share of outputs that
 // differ from the correctly rounded reference tells one rounding from two: with the product and
 // the residual of one size (weights of standard deviation 1/sqrt(IC)), rounding the product to
-// bf16 before the add moves about 30% of the outputs by an ulp, fp32 accumulation with one
-// rounding well under 1%. Checked where there are 10^4 outputs or more: in fewer, a few near-ties
-// would decide it.
+// bf16 before the add moves about 30% of the outputs by an ulp; with one rounding only the fp32
+// accumulation's error can, where the exact sum lies next to a rounding boundary (a few tenths of a
+// percent). Checked where there are 10^4 outputs or more: in fewer, a few such ties would decide.
 void check_matmul_residual(int N, int IC, int OC, bool in_place, int shift = 0) {
   const std::string shape = "matmul fwd + residual N" + std::to_string(N) + " IC" +
                             std::to_string(IC) + " OC" + std::to_string(OC) +
