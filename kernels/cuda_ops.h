@@ -107,14 +107,21 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
                                   cudaStream_t stream = nullptr);
 
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
-// Creates cuBLAS's handle now: a first GEMM inside a stream capture would create it there, and
-// cublasCreate cannot run under capture. Call before capturing a graph that holds GEMMs.
+// Creates the cuBLAS and cuBLASLt handles now: a first GEMM inside a stream capture would create
+// them there, and cublasCreate cannot run under capture. Call before capturing a graph that holds
+// GEMMs (and run a matmul_forward_residual before that capture: its workspace is a scratch buffer).
 void matmul_reserve(cudaStream_t stream = nullptr);
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream = nullptr);
 // out (bf16) += inp · weight^T: the residual add in the GEMM's epilogue (beta = 1).
 void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                         cudaStream_t stream = nullptr);
+// out = residual + inp · weight^T, added before the one rounding to bf16 (kernels/matmul.h): the
+// residual add in the epilogue of one cuBLASLt GEMM, whose algorithm is picked at the first call
+// of each shape and pointer alignment and then reused. out may be residual itself, no other
+// overlap.
+void matmul_forward_residual(bf16* out, const bf16* inp, const bf16* weight, const bf16* residual,
+                             int N, int IC, int OC, cudaStream_t stream = nullptr);
 // fp32 out (logits that are scored and sampled: bf16 would round them by up to 1/16 at |l| ~ 10).
 void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                         cudaStream_t stream = nullptr);

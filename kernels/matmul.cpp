@@ -1,5 +1,5 @@
 // Linear layer, nn.Linear layout (spec: kernels/matmul.h):
-//   out[n, o]     = sum_i inp[n, i] · weight[o, i]
+//   out[n, o]     = sum_i inp[n, i] · weight[o, i]             (+ residual[n, o], in the same sum)
 //   dinp[n, i]   += sum_o dout[n, o] · weight[o, i]   (or =, without accumulate)
 //   dweight[o, i] += sum_n dout[n, o] · inp[n, i]      (likewise)
 //
@@ -43,10 +43,11 @@ constexpr long kParallelWork = 1L << 18;
 constexpr int kLanes = 8;  // independent partial sums per dot product
 constexpr int kRows = 4;   // input rows that share one pass over a weight row
 
-// out[r, o] for the rows r0..r0+nr-1 (nr <= kRows) and every o.
+// out[r, o] for the rows r0..r0+nr-1 (nr <= kRows) and every o, plus residual[r, o] when there is
+// one (read just before out[r, o] is written, so the two may be one buffer).
 template <typename T>
-DMC_MATMUL_CLONES void forward_rows(T* out, const T* inp, const T* weight, int r0, int nr, int IC,
-                                    int OC) {
+DMC_MATMUL_CLONES void forward_rows(T* out, const T* inp, const T* weight, const T* residual,
+                                    int r0, int nr, int IC, int OC) {
   const T* a[kRows];
   for (int r = 0; r < kRows; ++r) a[r] = inp + static_cast<long>(r0 + std::min(r, nr - 1)) * IC;
   const int main_end = IC - IC % kLanes;
@@ -62,7 +63,9 @@ DMC_MATMUL_CLONES void forward_rows(T* out, const T* inp, const T* weight, int r
       for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
       for (int i = main_end; i < IC; ++i)
         sum += static_cast<double>(a[r][i]) * static_cast<double>(w[i]);
-      out[static_cast<long>(r0 + r) * OC + o] = static_cast<T>(sum);
+      const long at = static_cast<long>(r0 + r) * OC + o;
+      if (residual) sum += static_cast<double>(residual[at]);
+      out[at] = static_cast<T>(sum);
     }
   }
 }
@@ -116,10 +119,9 @@ DMC_MATMUL_CLONES void backward_weight_rows(T* dweight, const T* dout, const T* 
   }
 }
 
-}  // namespace
-
+// matmul_forward, and matmul_forward_residual when residual is not null.
 template <typename T>
-void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC) {
+void forward(T* out, const T* inp, const T* weight, const T* residual, int N, int IC, int OC) {
   if (N <= 0 || OC <= 0) return;
   const int blocks = (N + kRows - 1) / kRows;
   const bool parallel = static_cast<long>(N) * IC * OC >= kParallelWork;
@@ -129,8 +131,21 @@ void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC
 #endif
   for (int blk = 0; blk < blocks; ++blk) {
     const int r0 = blk * kRows;
-    forward_rows(out, inp, weight, r0, std::min(kRows, N - r0), IC, OC);
+    forward_rows(out, inp, weight, residual, r0, std::min(kRows, N - r0), IC, OC);
   }
+}
+
+}  // namespace
+
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC) {
+  forward<T>(out, inp, weight, nullptr, N, IC, OC);
+}
+
+template <typename T>
+void matmul_forward_residual(T* out, const T* inp, const T* weight, const T* residual, int N,
+                             int IC, int OC) {
+  forward(out, inp, weight, residual, N, IC, OC);
 }
 
 template <typename T>
@@ -180,6 +195,10 @@ void matmul_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* 
 
 template void matmul_forward<float>(float*, const float*, const float*, int, int, int);
 template void matmul_forward<double>(double*, const double*, const double*, int, int, int);
+template void matmul_forward_residual<float>(float*, const float*, const float*, const float*, int,
+                                             int, int);
+template void matmul_forward_residual<double>(double*, const double*, const double*, const double*,
+                                              int, int, int);
 template void matmul_backward<float>(float*, float*, const float*, const float*, const float*, int,
                                      int, int, bool);
 template void matmul_backward<double>(double*, double*, const double*, const double*, const double*,

@@ -3,10 +3,19 @@
 //   out^T[OC, N]   = W^T^T · inp^T        (W [OC, IC] row-major is a column-major IC x OC matrix)
 //   dinp^T[IC, N] (+)= W^T · dout^T       (beta 1 accumulates, 0 writes without reading dinp)
 //   dW^T[IC, OC]  (+)= inp^T · dout        (fp32 output; beta likewise)
+// The projection onto the residual stream, out = residual + inp · W^T with out != residual, is
+// one cuBLASLt call, D = A·B + C (cublasGemmEx's C is also its output, so it would need a copy of
+// the residual first). cuBLASLt converts the fp32 accumulator and C to the scale type (fp32 here),
+// adds them there and converts only that sum to D's bf16 (CUBLASLT_MATMUL_DESC_SCALE_TYPE in
+// cublasLt.h): the residual joins the sum before its one rounding, as in the reference.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <tuple>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -34,6 +43,89 @@ cublasHandle_t handle_for(cudaStream_t stream) {
   return handle;
 }
 
+cublasLtHandle_t lt_handle() {
+  static cublasLtHandle_t handle = nullptr;
+  if (!handle) DMC_CUBLAS_CHECK(cublasLtCreate(&handle));
+  return handle;
+}
+
+// cuBLASLt's workspace: 32 MiB, the size the cuBLAS documentation recommends for Hopper (its
+// cublasSetWorkspace). A detail::scratch buffer like the kernels' own: allocated at the first call.
+constexpr int kLtWorkspaceSlot = 14;
+constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
+
+// The largest power of two, up to 256, that divides the address: the heuristic may only offer
+// kernels whose vector accesses that alignment allows (its default assumes 256 for all four).
+uint32_t alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (a % align) align /= 2;
+  return align;
+}
+
+// One shape's descriptors and the algorithm the heuristic picked for it, made at its first call
+// and kept for the process: a training step asks the heuristic nothing.
+struct ResidualPlan {
+  cublasLtMatmulDesc_t op;
+  cublasLtMatrixLayout_t a, b, c, d;  // d is c itself in place (out == residual)
+  cublasLtMatmulAlgo_t algo;
+};
+
+// N, IC, OC, the alignments of weight, inp, residual and out, and whether out is the residual.
+using PlanKey = std::tuple<int, int, int, uint32_t, uint32_t, uint32_t, uint32_t, bool>;
+
+const ResidualPlan& residual_plan(const bf16* out, const bf16* inp, const bf16* weight,
+                                  const bf16* residual, int N, int IC, int OC) {
+  const bool in_place = out == residual;
+  const uint32_t align[4] = {alignment(weight), alignment(inp), alignment(residual),
+                             alignment(out)};
+  const PlanKey key{N, IC, OC, align[0], align[1], align[2], align[3], in_place};
+  static std::map<PlanKey, ResidualPlan> plans;  // like the handles: one host thread drives them
+  if (auto it = plans.find(key); it != plans.end()) return it->second;
+
+  ResidualPlan p;
+  DMC_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t transpose = CUBLAS_OP_T;
+  DMC_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &transpose,
+                                                  sizeof(transpose)));
+  // Column-major views, as in linear(): W is IC x OC (transposed by the op), inp IC x N, the
+  // residual and out OC x N.
+  DMC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, IC, OC, IC));
+  DMC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, IC, N, IC));
+  DMC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, OC, N, OC));
+  p.d = p.c;
+  if (!in_place) DMC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_16BF, OC, N, OC));
+
+  cublasLtMatmulPreference_t pref;
+  DMC_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t workspace = kLtWorkspaceBytes;
+  DMC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+  // A split-K sum may only meet in fp32: the INPLACE and OUTPUT_TYPE schemes add the parts in
+  // bf16, which would round the product (and the residual) more than once.
+  const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  DMC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction, sizeof(reduction)));
+  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i)
+    DMC_CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align[i], sizeof(align[i])));
+  cublasLtMatmulHeuristicResult_t found;
+  int count = 0;
+  DMC_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_handle(), p.op, p.a, p.b, p.c, p.d, pref, 1,
+                                                  &found, &count));
+  DMC_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+  if (count == 0) {
+    std::fprintf(stderr, "cuBLASLt has no algorithm for the residual GEMM N %d IC %d OC %d\n", N,
+                 IC, OC);
+    std::abort();
+  }
+  p.algo = found.algo;
+  return plans.emplace(key, p).first->second;
+}
+
 // out [N, OC] (type out_type) = inp [N, IC] · weight^T + beta · out.
 void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const bf16* weight,
             int N, int IC, int OC, cudaStream_t stream) {
@@ -46,7 +138,10 @@ void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const
 
 }  // namespace
 
-void matmul_reserve(cudaStream_t stream) { handle_for(stream); }
+void matmul_reserve(cudaStream_t stream) {
+  handle_for(stream);
+  lt_handle();
+}
 
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream) {
@@ -56,6 +151,23 @@ void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int I
 void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                         cudaStream_t stream) {
   linear(out, CUDA_R_16BF, 1.f, inp, weight, N, IC, OC, stream);
+}
+
+void matmul_forward_residual(bf16* out, const bf16* inp, const bf16* weight, const bf16* residual,
+                             int N, int IC, int OC, cudaStream_t stream) {
+  if (N <= 0 || OC <= 0) return;
+  if (IC <= 0) {  // an empty product: out is the residual
+    if (out != residual)
+      DMC_CUDA_CHECK(cudaMemcpyAsync(out, residual, sizeof(bf16) * N * OC,
+                                     cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  const ResidualPlan& p = residual_plan(out, inp, weight, residual, N, IC, OC);
+  void* workspace = detail::scratch(kLtWorkspaceSlot, kLtWorkspaceBytes);
+  const float alpha = 1.f, beta = 1.f;
+  DMC_CUBLAS_CHECK(cublasLtMatmul(lt_handle(), p.op, &alpha, weight, p.a, inp, p.b, &beta,
+                                  residual, p.c, out, p.d, &p.algo, workspace, kLtWorkspaceBytes,
+                                  stream));
 }
 
 void matmul_forward_f32(float* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,

@@ -107,7 +107,8 @@ struct LlamaCuda::Buffers {
   std::vector<void*> owned;
   std::vector<Layer> layers;
   int32_t *tokens = nullptr, *targets = nullptr;
-  bf16 *x_final, *xn_final, *logits, *tmp;  // logits [N, vocab_rows_]
+  bf16 *x_final, *xn_final, *logits;  // logits [N, vocab_rows_]
+  bf16* tmp = nullptr;  // TP > 1: a row-parallel projection's output, all-reduced before its add
   // Vocabulary-parallel cross-entropy: this rank's per-row statistics [2, N], every rank's
   // [tp, 2, N], and the global logsumexp [N] the backward reads.
   float *ce_stats, *ce_all_stats, *ce_lse;
@@ -406,7 +407,7 @@ void LlamaCuda::Allocate(int B, int T) {
   b->ce_stats = b->Alloc<float>(2 * N);
   b->ce_all_stats = b->Alloc<float>(2 * N * tp_->size());
   b->ce_lse = b->Alloc<float>(N);
-  b->tmp = b->Alloc<bf16>(N * C);
+  if (tp_->size() > 1) b->tmp = b->Alloc<bf16>(N * C);
   b->rstd_final = b->Alloc<float>(N);
   b->losses = b->Alloc<float>(N);
   if (dms) {
@@ -554,6 +555,20 @@ void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const Ste
   const float merge_scale =
       static_cast<float>(1.0 / (double(L) * T_ * config_.num_key_value_heads));
 
+  // out = residual + inp [N, IC] · W^T, a row-parallel projection (o_proj, down_proj) onto the
+  // residual stream. On one rank the GEMM adds the residual in its epilogue; under TP each rank's
+  // product is a partial sum, all-reduced before the add, which is then a kernel of its own.
+  auto project_onto = [&](bf16* out, const bf16* residual, const bf16* inp, size_t offset,
+                          int IC) {
+    if (tp_->size() == 1) {
+      c::matmul_forward_residual(out, inp, w(offset), residual, N, IC, C, s);
+      return;
+    }
+    c::matmul_forward(b.tmp, inp, w(offset), N, IC, C, s);
+    TpAllReduce(b.tmp, size_t(N) * C);
+    h::add(out, residual, b.tmp, size_t(N) * C, s);
+  };
+
   c::embedding_forward(b.layers[0].x, b.tokens, w(embed_offset_), N, C, vocab_begin_, vocab_rows_,
                        s);
   TpAllReduce(b.layers[0].x, size_t(N) * C);  // vocabulary-parallel: each rank filled its tokens' rows
@@ -617,18 +632,14 @@ void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const Ste
     else
       c::dmc_attention_forward(a.att, a.lse, a.qr, a.kr, values, dmc || dms ? a.mask : nullptr, B,
                                T_, H, Hkv, D, dmc, scale, s, dms ? config_.dms.window : 0);
-    c::matmul_forward(b.tmp, a.att, w(o[kWo]), N, H * D, C, s);
-    TpAllReduce(b.tmp, size_t(N) * C);
-    h::add(a.x2, a.x, b.tmp, size_t(N) * C, s);
+    project_onto(a.x2, a.x, a.att, o[kWo], H * D);
 
     // MLP half (Llama::MlpForward).
     c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, w(o[kMlpNorm]), N, C, eps, s);
     c::matmul_forward(a.gate, a.xn2, w(o[kGate]), N, C, F, s);
     c::matmul_forward(a.up, a.xn2, w(o[kUp]), N, C, F, s);
     c::swiglu_forward(a.h, a.gate, a.up, size_t(N) * F, s);
-    c::matmul_forward(b.tmp, a.h, w(o[kDown]), N, F, C, s);
-    TpAllReduce(b.tmp, size_t(N) * C);
-    h::add(x_out, a.x2, b.tmp, size_t(N) * C, s);
+    project_onto(x_out, a.x2, a.h, o[kDown], F);
   }
   c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, w(final_norm_offset_), N, C, eps, s);
   // Vocabulary-parallel LM head and cross-entropy (as llama.cpp): the ranks exchange 2·N

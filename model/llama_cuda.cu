@@ -1,4 +1,5 @@
-// Element-wise helpers of the CUDA model (model/llama_cuda.h): the residual add, the labelled
+// Element-wise helpers of the CUDA model (model/llama_cuda.h): the residual add (16-byte vectors
+// when n is a multiple of 8 and every buffer 16-byte aligned, scalar otherwise), the labelled
 // loss sum, the per-position loss weights, a weighted sum, gradient scaling, the fp32 → bf16
 // copy, and the DMS query channel's reads and writes. Declared where they are used
 // (model/llama_cuda.cpp), so this file needs no host-only headers.
@@ -25,6 +26,19 @@ __global__ void add_kernel(bf16* out, const bf16* a, const bf16* b, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     out[i] = tobf(bf(a[i]) + bf(b[i]));
+}
+
+// add_kernel 8 elements (16 bytes) a step: n8 = n / 8, every buffer 16-byte aligned.
+__global__ void add_vec(bf16* out, const bf16* a, const bf16* b, size_t n8) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float x[8], y[8];
+    load8(x, a + 8 * i);
+    load8(y, b + 8 * i);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] += y[k];
+    store8(out + 8 * i, x);
+  }
 }
 
 __global__ void masked_sum_kernel(float* out, const float* losses, const int32_t* targets, int N) {
@@ -84,7 +98,10 @@ __global__ void to_bf16_kernel(bf16* out, const float* in, size_t n) {
 
 void add(bf16* out, const bf16* a, const bf16* b, size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  add_kernel<<<Blocks(n), kThreads, 0, stream>>>(out, a, b, n);
+  if (n % 8 == 0 && aligned16(out, a, b))
+    add_vec<<<Blocks(n / 8), kThreads, 0, stream>>>(out, a, b, n / 8);
+  else
+    add_kernel<<<Blocks(n), kThreads, 0, stream>>>(out, a, b, n);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

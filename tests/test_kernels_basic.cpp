@@ -116,6 +116,35 @@ TEST(KernelsBasic, MatmulMatchesNaiveOnLargerShapes) {
   }
 }
 
+// The residual joins the product's sum before its one rounding: out = residual + inp · w^T, also
+// in place (out is the residual), and with an empty product (IC 0).
+TEST(KernelsBasic, MatmulResidualRoundsTheSumOnce) {
+  std::mt19937_64 rng(4);
+  for (auto [N, IC, OC] : {std::tuple{7, 3, 5}, std::tuple{66, 72, 65}, std::tuple{5, 0, 4}}) {
+    const Vec inp = random_vector(N * IC, rng), w = random_vector(OC * IC, rng);
+    const Vec r = random_vector(N * OC, rng);
+    Vec ref = naive_matmul(inp, w, N, IC, OC);
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] += r[i];
+    Vec out(N * OC);
+    matmul_forward_residual(out.data(), inp.data(), w.data(), r.data(), N, IC, OC);
+    expect_all_near(out, ref, 1e-12, "matmul forward + residual (double)");
+    Vec in_place = r;
+    matmul_forward_residual(in_place.data(), inp.data(), w.data(), in_place.data(), N, IC, OC);
+    expect_all_near(in_place, ref, 1e-12, "matmul forward + residual in place");
+
+    // float: the double sum rounded once, bit for bit (the kernel's summation order moves the
+    // double sum by ~1e-16, far under a float ulp); rounding the product first would not be.
+    std::vector<float> inpf(inp.begin(), inp.end()), wf(w.begin(), w.end());
+    std::vector<float> rf(r.begin(), r.end()), outf(N * OC);
+    matmul_forward_residual(outf.data(), inpf.data(), wf.data(), rf.data(), N, IC, OC);
+    const Vec prod =
+        naive_matmul(Vec(inpf.begin(), inpf.end()), Vec(wf.begin(), wf.end()), N, IC, OC);
+    std::vector<float> once(N * OC);
+    for (size_t i = 0; i < once.size(); ++i) once[i] = static_cast<float>(prod[i] + rf[i]);
+    expect_all_near(outf, once, 0.0, "matmul forward + residual (float, one rounding)");
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // embedding
 

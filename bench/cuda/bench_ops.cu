@@ -18,6 +18,13 @@
 #include "bench/cuda/bench_util.cuh"
 #include "model/config.h"
 
+// model/llama_cuda.cu's residual add, which the model keeps for the row-parallel projections under
+// TP (declared where it is used).
+namespace dmc::model::cuda_model_detail {
+void add(dmc::cuda::bf16* out, const dmc::cuda::bf16* a, const dmc::cuda::bf16* b, size_t n,
+         cudaStream_t stream);
+}
+
 namespace {
 using dmc::cuda::bf16;
 using dmc::bench::dalloc;
@@ -100,6 +107,30 @@ int main(int argc, char** argv) {
     row_flops("matmul bwd dweight fp32 (=, beta 0)", 2.0 * N * C * 3 * C, [&] { dmc::cuda::matmul_backward(nullptr, dwq, out, x, wq, N, C, 3 * C, false); });
     row_bw("memset dweight fp32 2048x6144", 4.0 * 3 * C * C, [&] { DMC_CUDA_CHECK(cudaMemsetAsync(dwq, 0, sizeof(float) * 3 * C * C)); });
     cudaFree(wq), cudaFree(out), cudaFree(dwq);
+  }
+  // A projection onto the residual stream, o_proj's (IC 2048) and down_proj's (IC 5632) at one
+  // rank: the GEMM into a temporary and the add (what the model does under TP), against the one
+  // GEMM that adds the residual in its epilogue. The difference is the add's traffic: 3 · N · C
+  // bf16 (the add reads the temporary and the residual, writes the sum), less the residual the
+  // fused GEMM reads.
+  {
+    bf16 *inp = rand_bf16(size_t(N) * F), *wo = rand_bf16(size_t(C) * F, 0.02f);
+    bf16 *proj = rand_bf16(size_t(N) * C), *x2 = rand_bf16(size_t(N) * C);
+    for (int IC : {C, F}) {
+      const double flops = 2.0 * N * IC * C;
+      char name[64];
+      std::snprintf(name, sizeof name, "matmul fwd N%d IC%d OC%d", N, IC, C);
+      row_flops(name, flops, [&] { dmc::cuda::matmul_forward(proj, inp, wo, N, IC, C); });
+      std::snprintf(name, sizeof name, "matmul fwd + add N%d IC%d OC%d", N, IC, C);
+      row_flops(name, flops, [&] {
+        dmc::cuda::matmul_forward(proj, inp, wo, N, IC, C);
+        dmc::model::cuda_model_detail::add(x2, x, proj, size_t(N) * C, nullptr);
+      });
+      std::snprintf(name, sizeof name, "matmul fwd + residual N%d IC%d OC%d", N, IC, C);
+      row_flops(name, flops, [&] { dmc::cuda::matmul_forward_residual(x2, inp, wo, x, N, IC, C); });
+    }
+    row_bw("residual add N8192 C2048", E * 3 * N * C, [&] { dmc::model::cuda_model_detail::add(x2, x, proj, size_t(N) * C, nullptr); });
+    cudaFree(inp), cudaFree(wo), cudaFree(proj), cudaFree(x2);
   }
   // Cross-entropy over V = 32000
   {

@@ -1,6 +1,7 @@
 // The CUDA model (model/llama_cuda.h) against the CPU model (model/llama.h, the specification):
 // one training step's losses, merge statistics and every gradient tensor, in vanilla, stage-1
-// fade, relaxed-DMC and hard-DMC modes (MHA and GQA), and a few optimizer steps side by side.
+// fade, relaxed-DMC and hard-DMC modes (MHA and GQA), and a few optimizer steps side by side;
+// also the model's residual add helper against the rounded sum.
 //
 // Both models get the same bf16-rounded weights, so the comparison measures the bf16 arithmetic
 // of the GPU path, not the rounding of its weights. The weights are shaped so that the hard DMC
@@ -16,6 +17,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda_ops.h"
@@ -28,6 +30,11 @@
 #include "trainer/cuda_backend.h"
 #include "trainer/optimizer.h"
 #include "trainer/trainer.h"
+
+// llama_cuda.cu's residual add, which the row-parallel projections keep under TP.
+namespace dmc::model::cuda_model_detail {
+void add(cuda::bf16* out, const cuda::bf16* a, const cuda::bf16* b, size_t n, cudaStream_t stream);
+}
 
 namespace dmc::cuda_test {
 namespace {
@@ -246,6 +253,28 @@ class CudaModel : public ::testing::Test {
  protected:
   void SetUp() override { DMC_REQUIRE_GPU(); }
 };
+
+// The residual add under TP is the bf16 rounding of the exact sum, bit for bit, on its 16-byte path
+// (n a multiple of 8, aligned buffers) and its scalar one (an odd n, or buffers 2 bytes past
+// alignment), into NaN.
+TEST_F(CudaModel, ResidualAddIsTheRoundedSum) {
+  for (auto [n, shift] : {std::pair{100000, 0}, std::pair{100003, 0}, std::pair{100000, 1}}) {
+    auto a = randn(n), b = randn(n);
+    auto ab = to_bf16(a), bb = to_bf16(b);
+    ab.insert(ab.begin(), shift, bf16());
+    bb.insert(bb.begin(), shift, bf16());
+    DevBuf<bf16> da(ab), db(bb), dout(n + shift);
+    dout.poison();
+    model::cuda_model_detail::add(dout + shift, da + shift, db + shift, n, nullptr);
+    std::vector<double> ref(n);
+    for (int i = 0; i < n; ++i)  // a + b is exact in double, so fp32 rounds it as the GPU does
+      ref[i] = __bfloat162float(__float2bfloat16(static_cast<float>(a[i] + b[i])));
+    std::vector<bf16> out = dout.download();
+    out.erase(out.begin(), out.begin() + shift);
+    expect_close("residual add n" + std::to_string(n) + (shift ? " unaligned" : ""), out, ref,
+                 0.0);
+  }
+}
 
 // Six full steps (forward, backward, AdamW; relaxed DMC with the CR loss, clipping active on some
 // steps) on both models: the losses and gradient norms track, and both models learn.
