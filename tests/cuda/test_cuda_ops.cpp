@@ -3,6 +3,7 @@
 // shapes, fresh random inputs, poisoned outputs; gradients, weight gradients included, both added
 // onto random values (+=) and written (=) into NaN.
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -57,7 +58,8 @@ TEST_F(CudaOps, Embedding) {
 }
 
 // One RMSNorm forward and backward against the reference; `shift` elements past 16-byte aligned
-// starts for the row buffers (1: the scalar path however wide the rows).
+// starts for the row buffers (1: the scalar path however wide the rows). The backward forms dinp
+// and dweight together and each alone, written into NaN and added onto random values.
 void check_rmsnorm(int N, int C_, int shift) {
   const std::string shape = "N" + std::to_string(N) + " C" + std::to_string(C_) +
                             (shift ? " unaligned" : "");
@@ -77,31 +79,62 @@ void check_rmsnorm(int N, int C_, int shift) {
   expect_close(("rmsnorm fwd out " + shape).c_str(), out, ref, kBf16Tol);
   expect_close(("rmsnorm fwd rstd " + shape).c_str(), drstd.download(), rstd, kF32Tol);
 
-  for (bool accumulate : {true, false}) {
-    auto g = randn(n), dinp = grad_start(n, accumulate), dwt = grad_start(C_, accumulate);
-    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
-    auto dwtf = to_f32(dwt);
-    gb.insert(gb.begin(), shift, bf16());
-    dinpb.insert(dinpb.begin(), shift, bf16());
-    DevBuf<bf16> dg(gb), ddinp(dinpb);
-    DevBuf<float> ddw(dwtf);
-    C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, accumulate);
-    K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), rstd.data(),
-                                N, C_, accumulate);
-    std::vector<bf16> dinp_out = ddinp.download();
-    dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
-    expect_close(with_mode("rmsnorm bwd dinp " + shape, accumulate), dinp_out, dinp, kBf16Tol);
-    expect_close(with_mode("rmsnorm bwd dweight " + shape, accumulate), ddw.download(), dwt,
-                 1e-4);
+  // One gradient and one set of starting values for every call below.
+  auto g = randn(n), dinp_start = randn(n), dw_start = randn(C_);
+  auto gb = to_bf16(g), dinp_startb = to_bf16(dinp_start);
+  auto dw_startf = to_f32(dw_start);
+  gb.insert(gb.begin(), shift, bf16());
+  dinp_startb.insert(dinp_startb.begin(), shift, bf16());
+  DevBuf<bf16> dg(gb), ddinp(n + shift);
+  DevBuf<float> ddw(C_);
+  for (int outputs : {0, 1, 2}) {  // both, dinp alone, dweight alone
+    const bool with_dinp = outputs != 2, with_dweight = outputs != 1;
+    for (bool accumulate : {true, false}) {
+      const std::string call = with_dinp && with_dweight ? "" : with_dinp ? " (dinp alone)"
+                                                                          : " (dweight alone)";
+      std::vector<double> dinp = accumulate ? dinp_start : std::vector<double>(n, std::nan(""));
+      std::vector<double> dwt = accumulate ? dw_start : std::vector<double>(C_, std::nan(""));
+      if (accumulate) {
+        ddinp.upload(dinp_startb);
+        ddw.upload(dw_startf);
+      } else {
+        ddinp.poison();
+        ddw.poison();
+      }
+      C::rmsnorm_backward(with_dinp ? ddinp + shift : nullptr, with_dweight ? ddw.ptr : nullptr,
+                          dg + shift, dx + shift, dw, drstd, N, C_, accumulate);
+      K::rmsnorm_backward<double>(with_dinp ? dinp.data() : nullptr,
+                                  with_dweight ? dwt.data() : nullptr, g.data(), x.data(),
+                                  w.data(), rstd.data(), N, C_, accumulate);
+      if (with_dinp) {
+        std::vector<bf16> dinp_out = ddinp.download();
+        dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
+        expect_close(with_mode("rmsnorm bwd dinp " + shape + call, accumulate), dinp_out, dinp,
+                     kBf16Tol);
+      }
+      if (!with_dweight) continue;
+      const std::vector<float> dw_out = ddw.download();
+      expect_close(with_mode("rmsnorm bwd dweight " + shape + call, accumulate), dw_out, dwt,
+                   1e-4);
+      if (with_dinp && !accumulate) {  // the same call again: bit-identical (fixed order)
+        C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, false);
+        EXPECT_EQ(std::memcmp(ddw.download().data(), dw_out.data(), sizeof(float) * C_), 0)
+            << "rmsnorm bwd dweight rerun " << shape;
+      }
+    }
   }
 }
 
 TEST_F(CudaOps, RmsNorm) {
-  // N 1 and 67: a block per row (a decode step); 2100: a warp per row up to 2048 channels (a
-  // prefill, a training batch), a block beyond. C: head dims to Llama widths, 1000 a partial
-  // 16-byte word per thread, 1001 and 8200 (past the register-resident rows) the scalar path.
-  for (int N : {1, 67, 2100})
-    for (int C_ : {64, 96, 1000, 1001, 2048, 4096, 8192, 8200}) check_rmsnorm(N, C_, 0);
+  // N up to 130: a block per row (a decode step); 2100 and 8195: a warp per row up to 2048
+  // channels (a prefill, a training batch), a block beyond. The backward sums dweight over
+  // chunks of ceil(N / 256) rows: one row up to 256 rows, 9 at 2100 and 33 at 8195, the last
+  // chunk shorter (3 and 11 rows; at 2100 one warp of its block has none).
+  // C: head dims to Llama widths, 1000 a partial 16-byte word per thread, 100, 1001 and 8200
+  // (past the register-resident rows) the scalar path.
+  for (int N : {1, 7, 67, 130, 2100})
+    for (int C_ : {64, 96, 100, 1000, 1001, 2048, 4096, 8192, 8200}) check_rmsnorm(N, C_, 0);
+  for (int C_ : {64, 100, 2048, 4096}) check_rmsnorm(8195, C_, 0);
   for (int N : {67, 2100}) check_rmsnorm(N, 2048, 1);
 }
 
