@@ -58,8 +58,7 @@ TEST_F(CudaOps, Embedding) {
 }
 
 // One RMSNorm forward and backward against the reference; `shift` elements past 16-byte aligned
-// starts for the row buffers (1: the scalar path however wide the rows). The backward forms dinp
-// and dweight together and each alone, written into NaN and added onto random values.
+// starts for the row buffers (1: the scalar path however wide the rows).
 void check_rmsnorm(int N, int C_, int shift) {
   const std::string shape = "N" + std::to_string(N) + " C" + std::to_string(C_) +
                             (shift ? " unaligned" : "");
@@ -87,37 +86,41 @@ void check_rmsnorm(int N, int C_, int shift) {
   dinp_startb.insert(dinp_startb.begin(), shift, bf16());
   DevBuf<bf16> dg(gb), ddinp(n + shift);
   DevBuf<float> ddw(C_);
-  for (int outputs : {0, 1, 2}) {  // both, dinp alone, dweight alone
-    const bool with_dinp = outputs != 2, with_dweight = outputs != 1;
-    for (bool accumulate : {true, false}) {
-      const std::string call = with_dinp && with_dweight ? "" : with_dinp ? " (dinp alone)"
-                                                                          : " (dweight alone)";
-      std::vector<double> dinp = accumulate ? dinp_start : std::vector<double>(n, std::nan(""));
-      std::vector<double> dwt = accumulate ? dw_start : std::vector<double>(C_, std::nan(""));
-      if (accumulate) {
-        ddinp.upload(dinp_startb);
-        ddw.upload(dw_startf);
-      } else {
-        ddinp.poison();
-        ddw.poison();
-      }
-      C::rmsnorm_backward(with_dinp ? ddinp + shift : nullptr, with_dweight ? ddw.ptr : nullptr,
-                          dg + shift, dx + shift, dw, drstd, N, C_, accumulate);
-      K::rmsnorm_backward<double>(with_dinp ? dinp.data() : nullptr,
-                                  with_dweight ? dwt.data() : nullptr, g.data(), x.data(),
-                                  w.data(), rstd.data(), N, C_, accumulate);
-      if (with_dinp) {
+  // Each of dinp and dweight absent, written into NaN or added onto random values, in any pairing
+  // (a training step adds dinp into the residual stream's gradient and may write dweight).
+  enum Grad { kAbsent, kWrite, kAdd };
+  const char* const kSymbol[] = {"-", "=", "+="};
+  for (Grad to_dinp : {kAbsent, kWrite, kAdd}) {
+    for (Grad to_dw : {kAbsent, kWrite, kAdd}) {
+      if (to_dinp == kAbsent && to_dw == kAbsent) continue;
+      const std::string call = shape + " (dinp " + kSymbol[to_dinp] + " ; dweight " +
+                               kSymbol[to_dw] + ")";
+      std::vector<double> dinp = to_dinp == kAdd ? dinp_start : std::vector<double>(n, NAN);
+      std::vector<double> dwt = to_dw == kAdd ? dw_start : std::vector<double>(C_, NAN);
+      if (to_dinp == kAdd) ddinp.upload(dinp_startb);
+      else ddinp.poison();
+      if (to_dw == kAdd) ddw.upload(dw_startf);
+      else ddw.poison();
+      C::rmsnorm_backward(to_dinp ? ddinp + shift : nullptr, to_dw ? ddw.ptr : nullptr, dg + shift,
+                          dx + shift, dw, drstd, N, C_, to_dinp == kAdd, to_dw == kAdd);
+      // The reference, one gradient at a time: it has one `accumulate` for both.
+      if (to_dinp)
+        K::rmsnorm_backward<double>(dinp.data(), nullptr, g.data(), x.data(), w.data(),
+                                    rstd.data(), N, C_, to_dinp == kAdd);
+      if (to_dw)
+        K::rmsnorm_backward<double>(nullptr, dwt.data(), g.data(), x.data(), w.data(),
+                                    rstd.data(), N, C_, to_dw == kAdd);
+      if (to_dinp) {
         std::vector<bf16> dinp_out = ddinp.download();
         dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
-        expect_close(with_mode("rmsnorm bwd dinp " + shape + call, accumulate), dinp_out, dinp,
-                     kBf16Tol);
+        expect_close("rmsnorm bwd dinp " + call, dinp_out, dinp, kBf16Tol);
       }
-      if (!with_dweight) continue;
+      if (!to_dw) continue;
       const std::vector<float> dw_out = ddw.download();
-      expect_close(with_mode("rmsnorm bwd dweight " + shape + call, accumulate), dw_out, dwt,
-                   1e-4);
-      if (with_dinp && !accumulate) {  // the same call again: bit-identical (fixed order)
-        C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, false);
+      expect_close("rmsnorm bwd dweight " + call, dw_out, dwt, 1e-4);
+      if (to_dinp == kWrite && to_dw == kWrite) {  // the same call again: bit-identical
+        C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, false,
+                            false);
         EXPECT_EQ(std::memcmp(ddw.download().data(), dw_out.data(), sizeof(float) * C_), 0)
             << "rmsnorm bwd dweight rerun " << shape;
       }
@@ -289,7 +292,8 @@ TEST_F(CudaOps, Matmul) {
     DevBuf<float> ddw(dwtf), ddn(dntf);
     DevBuf<bf16> dummy(static_cast<size_t>(OC) * IC);
     C::matmul_backward(nullptr, ddw, dummy, dummy, dummy, 0, IC, OC, accumulate);
-    C::rmsnorm_backward(nullptr, ddn, dummy, dummy, dummy, nullptr, 0, IC, accumulate);
+    C::rmsnorm_backward(nullptr, ddn, dummy, dummy, dummy, nullptr, 0, IC, accumulate,
+                        accumulate);
     if (!accumulate) {
       std::fill(dwt.begin(), dwt.end(), 0.0);
       std::fill(dnt.begin(), dnt.end(), 0.0);
