@@ -7,10 +7,10 @@
 //     tensors (noise, logit, alpha, merge, mask, omega, denom, the DMS decision input and their
 //     gradients) and saved statistics (rstd, lse, losses, KL partials).
 //   - Every backward's gradients, parameter and activation alike, follow its `accumulate`
-//     argument, the same one as its CPU reference's: false writes them without reading them (no
-//     memset needed first), true adds into them. Outputs an argument does not cover (dwte of the
-//     embedding's scatter, the DMC gate gradients, dmc_gates_backward's dq and dk control
-//     channel, cr_loss's) always accumulate.
+//     argument, the same one as its CPU reference's (RMSNorm's backward takes one per gradient):
+//     false writes them without reading them (no memset needed first), true adds into them.
+//     Outputs an argument does not cover (dwte of the embedding's scatter, the DMC gate
+//     gradients, dmc_gates_backward's dq and dk control channel, cr_loss's) always accumulate.
 //   - All work is enqueued on `stream` (default: the legacy default stream); nothing synchronises
 //     with the host except the first use of a scratch size (allocation). Results that are scalars
 //     (loss, sum of squares) stay on the device.
@@ -65,9 +65,13 @@ void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, in
 // ---- RMSNorm (kernels/rmsnorm.h) ----
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                      float eps, cudaStream_t stream = nullptr);
+// dinp and dweight (either may be null) are each written or added into: accumulate_dinp,
+// accumulate_dweight (the CPU reference's one `accumulate` covers both). Together they take one
+// pass over dout and inp, so a training step, which adds into the residual stream's gradient but
+// may write the weight's, forms both in one call.
 void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,
-                      const bf16* weight, const float* rstd, int N, int C, bool accumulate,
-                      cudaStream_t stream = nullptr);
+                      const bf16* weight, const float* rstd, int N, int C, bool accumulate_dinp,
+                      bool accumulate_dweight, cudaStream_t stream = nullptr);
 
 // ---- RoPE (kernels/rope.h); out may alias inp, dinp must not alias dout ----
 void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0, float theta,

@@ -732,9 +732,10 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
 
   // Each trained parameter's gradient is written (the first Backward after ZeroGrad: accumulate
   // false, so the step needs no memset of all of them) or added into by one call below: the
-  // *_dweight helpers, the embedding's scatter excepted. What none of them writes is zeroed here:
-  // the tensors of UnwrittenGradients, and the frozen ones (no gradient is formed for them) when
-  // something other than Backward wrote there since they were last zeroed.
+  // linear_dweight and norm_backward helpers, the embedding's scatter excepted. What none of
+  // them writes is zeroed here: the tensors of UnwrittenGradients, and the frozen ones (no
+  // gradient is formed for them) when something other than Backward wrote there since they were
+  // last zeroed.
   const bool add = !zero_grad_pending_;
   if (zero_grad_pending_) {
     if (!frozen_grads_zero_) Zero(grads_, frozen_end_, s);
@@ -746,8 +747,11 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   auto linear_dweight = [&](size_t offset, const bf16* dout, const bf16* inp, int IC, int OC) {
     c::matmul_backward(nullptr, G(offset), dout, inp, W(offset), N, IC, OC, add, s);
   };
-  auto norm_dweight = [&](size_t offset, const bf16* dout, const bf16* inp, const float* rstd) {
-    c::rmsnorm_backward(nullptr, G(offset), dout, inp, W(offset), rstd, N, C, add, s);
+  // A norm's backward in one pass over dout and inp: its input's gradient written into dres or
+  // added to it (add_dres), its weight's (none when frozen) written or added as above.
+  auto norm_backward = [&](size_t offset, const bf16* dout, const bf16* inp, const float* rstd,
+                           bool add_dres) {
+    c::rmsnorm_backward(b.dres, G(offset), dout, inp, W(offset), rstd, N, C, add_dres, add, s);
   };
 
   // Loss = mean over labelled positions of the cross-entropy (LoMA: one mean per zone, summed),
@@ -777,9 +781,7 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
   linear_dweight(lm_head_offset_, b.dlogits, b.xn_final, C, V);
   TpAllReduce(b.dxn, size_t(N) * C);  // vocabulary-parallel LM head: a share of the sum per rank
   // dres, the residual stream's gradient, is written here; every norm below adds its branch.
-  c::rmsnorm_backward(b.dres, nullptr, b.dxn, b.x_final, W(final_norm_offset_), b.rstd_final, N,
-                      C, /*accumulate=*/false, s);
-  norm_dweight(final_norm_offset_, b.dxn, b.x_final, b.rstd_final);
+  norm_backward(final_norm_offset_, b.dxn, b.x_final, b.rstd_final, /*add_dres=*/false);
   ready(final_norm_offset_);  // the final norm and an untied LM head are done
 
   // CR loss gradient w.r.t. each sequence's mean merge fraction (read by DMC and DMS layers only;
@@ -808,9 +810,7 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     linear_dweight(o[kGate], b.dgate, a.xn2, C, F);
     linear_dweight(o[kUp], b.dup, a.xn2, C, F);
     TpJoin();
-    c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x2, W(o[kMlpNorm]), a.rstd2, N, C,
-                        /*accumulate=*/true, s);
-    norm_dweight(o[kMlpNorm], b.dxn, a.x2, a.rstd2);
+    norm_backward(o[kMlpNorm], b.dxn, a.x2, a.rstd2, /*add_dres=*/true);
 
     // Attention half.
     c::matmul_backward(b.datt, nullptr, b.dres, a.att, W(o[kWo]), N, H * D, C,
@@ -869,9 +869,7 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     linear_dweight(o[kWk], dk, a.xn, C, Hkv * D);
     linear_dweight(o[kWv], dv, a.xn, C, Hkv * D);
     TpJoin();
-    c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x, W(o[kAttnNorm]), a.rstd, N, C,
-                        /*accumulate=*/true, s);
-    norm_dweight(o[kAttnNorm], b.dxn, a.x, a.rstd);
+    norm_backward(o[kAttnNorm], b.dxn, a.x, a.rstd, /*add_dres=*/true);
     if (dms && !dms_offsets_.empty()) {  // the adapter reads the residual through its own norm
       const size_t norm = dms_offsets_[2 * l], proj = dms_offsets_[2 * l + 1];
       h::to_bf16(b.ddec_bf16, b.ddec, NG, s);
@@ -879,9 +877,7 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
                          /*accumulate=*/false, s);
       linear_dweight(proj, b.ddec_bf16, a.dms_xn, C, Hkv);
       TpAllReduce(b.dxn, size_t(N) * C);  // column-parallel over KV heads
-      c::rmsnorm_backward(b.dres, nullptr, b.dxn, a.x, W(norm), a.dms_rstd, N, C,
-                          /*accumulate=*/true, s);
-      norm_dweight(norm, b.dxn, a.x, a.dms_rstd);
+      norm_backward(norm, b.dxn, a.x, a.dms_rstd, /*add_dres=*/true);
     }
     ready(o[kAttnNorm]);  // layer l's tensors are done
   }

@@ -77,8 +77,10 @@ int main(int argc, char** argv) {
   float* rstd = dalloc<float>(N);
   float* dw = rand_f32(C, 0, 0);
   row_bw("rmsnorm fwd N8192 C2048", E * 2 * N * C, [&] { dmc::cuda::rmsnorm_forward(y, rstd, x, w, N, C, 1e-5f); });
-  row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, true); });
-  row_bw("rmsnorm bwd (dinp = ; dweight =)", E * 3 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, false); });
+  // The backward reads dout and inp once for both gradients, and dinp when it adds; dinp is
+  // written. The dweight partials (256 × C floats, 2 MB, written and read back) are not counted.
+  row_bw("rmsnorm bwd (dinp += ; dweight +=)", E * 4 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, true, true); });
+  row_bw("rmsnorm bwd (dinp = ; dweight =)", E * 3 * N * C, [&] { dmc::cuda::rmsnorm_backward(y, dw, dy, x, w, rstd, N, C, false, false); });
   // RoPE on q [B, T, H, D]
   row_bw("rope fwd q B4 T2048 H16 D128", E * 2 * N * C, [&] { dmc::cuda::rope_forward(y, x, B, T, H, D, 0, 10000.f, true); });
   row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, true); });

@@ -3,6 +3,7 @@
 // shapes, fresh random inputs, poisoned outputs; gradients, weight gradients included, both added
 // onto random values (+=) and written (=) into NaN.
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -77,31 +78,66 @@ void check_rmsnorm(int N, int C_, int shift) {
   expect_close(("rmsnorm fwd out " + shape).c_str(), out, ref, kBf16Tol);
   expect_close(("rmsnorm fwd rstd " + shape).c_str(), drstd.download(), rstd, kF32Tol);
 
-  for (bool accumulate : {true, false}) {
-    auto g = randn(n), dinp = grad_start(n, accumulate), dwt = grad_start(C_, accumulate);
-    auto gb = to_bf16(g), dinpb = to_bf16(dinp);
-    auto dwtf = to_f32(dwt);
-    gb.insert(gb.begin(), shift, bf16());
-    dinpb.insert(dinpb.begin(), shift, bf16());
-    DevBuf<bf16> dg(gb), ddinp(dinpb);
-    DevBuf<float> ddw(dwtf);
-    C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, accumulate);
-    K::rmsnorm_backward<double>(dinp.data(), dwt.data(), g.data(), x.data(), w.data(), rstd.data(),
-                                N, C_, accumulate);
-    std::vector<bf16> dinp_out = ddinp.download();
-    dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
-    expect_close(with_mode("rmsnorm bwd dinp " + shape, accumulate), dinp_out, dinp, kBf16Tol);
-    expect_close(with_mode("rmsnorm bwd dweight " + shape, accumulate), ddw.download(), dwt,
-                 1e-4);
+  // One gradient and one set of starting values for every call below.
+  auto g = randn(n), dinp_start = randn(n), dw_start = randn(C_);
+  auto gb = to_bf16(g), dinp_startb = to_bf16(dinp_start);
+  auto dw_startf = to_f32(dw_start);
+  gb.insert(gb.begin(), shift, bf16());
+  dinp_startb.insert(dinp_startb.begin(), shift, bf16());
+  DevBuf<bf16> dg(gb), ddinp(n + shift);
+  DevBuf<float> ddw(C_);
+  // Each of dinp and dweight absent, written into NaN or added onto random values, in any pairing
+  // (a training step adds dinp into the residual stream's gradient and may write dweight).
+  enum Grad { kAbsent, kWrite, kAdd };
+  const char* const kSymbol[] = {"-", "=", "+="};
+  for (Grad to_dinp : {kAbsent, kWrite, kAdd}) {
+    for (Grad to_dw : {kAbsent, kWrite, kAdd}) {
+      if (to_dinp == kAbsent && to_dw == kAbsent) continue;
+      const std::string call = shape + " (dinp " + kSymbol[to_dinp] + " ; dweight " +
+                               kSymbol[to_dw] + ")";
+      std::vector<double> dinp = to_dinp == kAdd ? dinp_start : std::vector<double>(n, NAN);
+      std::vector<double> dwt = to_dw == kAdd ? dw_start : std::vector<double>(C_, NAN);
+      if (to_dinp == kAdd) ddinp.upload(dinp_startb);
+      else ddinp.poison();
+      if (to_dw == kAdd) ddw.upload(dw_startf);
+      else ddw.poison();
+      C::rmsnorm_backward(to_dinp ? ddinp + shift : nullptr, to_dw ? ddw.ptr : nullptr, dg + shift,
+                          dx + shift, dw, drstd, N, C_, to_dinp == kAdd, to_dw == kAdd);
+      // The reference, one gradient at a time: it has one `accumulate` for both.
+      if (to_dinp)
+        K::rmsnorm_backward<double>(dinp.data(), nullptr, g.data(), x.data(), w.data(),
+                                    rstd.data(), N, C_, to_dinp == kAdd);
+      if (to_dw)
+        K::rmsnorm_backward<double>(nullptr, dwt.data(), g.data(), x.data(), w.data(),
+                                    rstd.data(), N, C_, to_dw == kAdd);
+      if (to_dinp) {
+        std::vector<bf16> dinp_out = ddinp.download();
+        dinp_out.erase(dinp_out.begin(), dinp_out.begin() + shift);
+        expect_close("rmsnorm bwd dinp " + call, dinp_out, dinp, kBf16Tol);
+      }
+      if (!to_dw) continue;
+      const std::vector<float> dw_out = ddw.download();
+      expect_close("rmsnorm bwd dweight " + call, dw_out, dwt, 1e-4);
+      if (to_dinp == kWrite && to_dw == kWrite) {  // the same call again: bit-identical
+        C::rmsnorm_backward(ddinp + shift, ddw, dg + shift, dx + shift, dw, drstd, N, C_, false,
+                            false);
+        EXPECT_EQ(std::memcmp(ddw.download().data(), dw_out.data(), sizeof(float) * C_), 0)
+            << "rmsnorm bwd dweight rerun " << shape;
+      }
+    }
   }
 }
 
 TEST_F(CudaOps, RmsNorm) {
-  // N 1 and 67: a block per row (a decode step); 2100: a warp per row up to 2048 channels (a
-  // prefill, a training batch), a block beyond. C: head dims to Llama widths, 1000 a partial
-  // 16-byte word per thread, 1001 and 8200 (past the register-resident rows) the scalar path.
-  for (int N : {1, 67, 2100})
-    for (int C_ : {64, 96, 1000, 1001, 2048, 4096, 8192, 8200}) check_rmsnorm(N, C_, 0);
+  // N up to 130: a block per row (a decode step); 2100 and 8195: a warp per row up to 2048
+  // channels (a prefill, a training batch), a block beyond. The backward sums dweight over
+  // chunks of ceil(N / 256) rows: one row up to 256 rows, 9 at 2100 and 33 at 8195, the last
+  // chunk shorter (3 and 11 rows; at 2100 one warp of its block has none).
+  // C: head dims to Llama widths, 1000 a partial 16-byte word per thread, 100, 1001 and 8200
+  // (past the register-resident rows) the scalar path.
+  for (int N : {1, 7, 67, 130, 2100})
+    for (int C_ : {64, 96, 100, 1000, 1001, 2048, 4096, 8192, 8200}) check_rmsnorm(N, C_, 0);
+  for (int C_ : {64, 100, 2048, 4096}) check_rmsnorm(8195, C_, 0);
   for (int N : {67, 2100}) check_rmsnorm(N, 2048, 1);
 }
 
@@ -256,7 +292,8 @@ TEST_F(CudaOps, Matmul) {
     DevBuf<float> ddw(dwtf), ddn(dntf);
     DevBuf<bf16> dummy(static_cast<size_t>(OC) * IC);
     C::matmul_backward(nullptr, ddw, dummy, dummy, dummy, 0, IC, OC, accumulate);
-    C::rmsnorm_backward(nullptr, ddn, dummy, dummy, dummy, nullptr, 0, IC, accumulate);
+    C::rmsnorm_backward(nullptr, ddn, dummy, dummy, dummy, nullptr, 0, IC, accumulate,
+                        accumulate);
     if (!accumulate) {
       std::fill(dwt.begin(), dwt.end(), 0.0);
       std::fill(dnt.begin(), dnt.end(), 0.0);
