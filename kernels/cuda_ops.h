@@ -122,8 +122,8 @@ void matmul_forward_add(bf16* out, const bf16* inp, const bf16* weight, int N, i
                         cudaStream_t stream = nullptr);
 // out = residual + inp · weight^T, added before the one rounding to bf16 (kernels/matmul.h): the
 // residual add in the epilogue of one cuBLASLt GEMM, whose algorithm is picked at the first call
-// of each shape and pointer alignment and then reused. out may be residual itself, no other
-// overlap.
+// of each shape and pointer alignment and then reused. out overlaps no input (in place is
+// refused).
 void matmul_forward_residual(bf16* out, const bf16* inp, const bf16* weight, const bf16* residual,
                              int N, int IC, int OC, cudaStream_t stream = nullptr);
 // fp32 out (logits that are scored and sampled: bf16 would round them by up to 1/16 at |l| ~ 10).

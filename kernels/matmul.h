@@ -19,8 +19,8 @@ void matmul_forward(T* out, const T* inp, const T* weight, int N, int IC, int OC
 //   out[N, OC] = residual[N, OC] + inp[N, IC] · weight[OC, IC]^T
 // Rounded once: the residual element joins the product's wide accumulator and only that sum is
 // rounded to T (the CUDA version: fp32 accumulation, one rounding to bf16), never the product
-// first and then the sum. out may be residual itself (the in-place update out += inp · weight^T)
-// but no other overlap of out with residual, and none with inp or weight.
+// first and then the sum. out overlaps none of residual, inp and weight (in place, out ==
+// residual, cuBLASLt picked a kernel that rounds twice on the H100: refused).
 template <typename T>
 void matmul_forward_residual(T* out, const T* inp, const T* weight, const T* residual, int N,
                              int IC, int OC);

@@ -303,18 +303,17 @@ TEST_F(CudaOps, Matmul) {
   }
 }
 
-// The projection onto the residual stream, out = residual + inp · weight^T, into NaN (or over the
-// residual itself), every buffer `shift` elements past its allocation's start (1: 2-byte aligned,
+// The projection onto the residual stream, out = residual + inp · weight^T, into NaN, every buffer `shift` elements past its allocation's start (1: 2-byte aligned,
 // which the algorithm must be picked for). Beside the relative error, the share of outputs that
 // differ from the correctly rounded reference tells one rounding from two: with the product and
 // the residual of one size (weights of standard deviation 1/sqrt(IC)), rounding the product to
 // bf16 before the add moves about 30% of the outputs by an ulp; with one rounding only the fp32
 // accumulation's error can, where the exact sum lies next to a rounding boundary (a few tenths of a
 // percent). Checked where there are 10^4 outputs or more: in fewer, a few such ties would decide.
-void check_matmul_residual(int N, int IC, int OC, bool in_place, int shift = 0) {
+void check_matmul_residual(int N, int IC, int OC, int shift = 0) {
   const std::string shape = "matmul fwd + residual N" + std::to_string(N) + " IC" +
                             std::to_string(IC) + " OC" + std::to_string(OC) +
-                            (in_place ? " in place" : "") + (shift ? " unaligned" : "");
+                            (shift ? " unaligned" : "");
   const size_t n = static_cast<size_t>(N) * OC;
   auto x = randn(static_cast<size_t>(N) * IC), r = randn(n),
        w = randn(static_cast<size_t>(OC) * IC, 1.0 / std::sqrt(std::max(IC, 1)));
@@ -322,11 +321,10 @@ void check_matmul_residual(int N, int IC, int OC, bool in_place, int shift = 0) 
   for (auto* v : {&xb, &rb, &wb}) v->insert(v->begin(), shift, bf16());
   DevBuf<bf16> dx(xb), dw(wb), dr(rb), dout(n + shift);
   dout.poison();
-  bf16* out = (in_place ? dr : dout) + shift;
-  C::matmul_forward_residual(out, dx + shift, dw + shift, dr + shift, N, IC, OC);
+  C::matmul_forward_residual(dout + shift, dx + shift, dw + shift, dr + shift, N, IC, OC);
   std::vector<double> ref(n);
   K::matmul_forward_residual<double>(ref.data(), x.data(), w.data(), r.data(), N, IC, OC);
-  std::vector<bf16> got = (in_place ? dr : dout).download();
+  std::vector<bf16> got = dout.download();
   got.erase(got.begin(), got.begin() + shift);
   expect_close(shape, got, ref, kBf16Tol);
   if (n < 10000) return;
@@ -346,13 +344,11 @@ TEST_F(CudaOps, MatmulResidual) {
   // is the residual).
   for (int N : {1, 7, 130})
     for (int IC : {64, 2048, 100, 37})
-      for (int OC : {48, 6144, 33}) check_matmul_residual(N, IC, OC, false);
-  check_matmul_residual(8192, 2048, 2048, false);
-  check_matmul_residual(130, 5632, 2048, false);
-  check_matmul_residual(130, 2048, 2048, true);
-  check_matmul_residual(130, 2048, 2048, false, 1);
-  check_matmul_residual(130, 2048, 2048, true, 1);
-  check_matmul_residual(7, 0, 48, false);
+      for (int OC : {48, 6144, 33}) check_matmul_residual(N, IC, OC);
+  check_matmul_residual(8192, 2048, 2048);
+  check_matmul_residual(130, 5632, 2048);
+  check_matmul_residual(130, 2048, 2048, 1);
+  check_matmul_residual(7, 0, 48);
 }
 
 // The multi-tensor optimizer on a layout with odd sizes and offsets (the scalar path), aligned
