@@ -359,6 +359,12 @@ int main(int argc, char** argv) {
               1e3 * Quantile(all.gaps, 0.99),
               Gauge(metrics, "dmc_serve_max_concurrent_sequences"),
               Gauge(metrics, "dmc_serve_achieved_cr"));
+  // A client holds one request at a time, so a server that ran as many sequences as there are
+  // clients may have had room for more: its batch, and every rate above, may be the load's.
+  if (Gauge(metrics, "dmc_serve_max_concurrent_sequences") >= clients)
+    std::printf("load-bound: all %d clients had a sequence running at once, so the clients, not "
+                "the server's memory, may have bounded its batch (more --clients tells)\n",
+                clients);
   PrintSaturated(samples, outcomes);
   if (!idle)
     std::fprintf(stderr, "dmc-serve-load: the server did not end idle with no KV bytes used:\n%s",

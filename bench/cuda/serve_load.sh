@@ -3,7 +3,8 @@
 # table of what dmc-serve-load measured: the whole run (requests/s, tokens/s, time to first token,
 # per-token latency, the most sequences decoded together, the achieved CR) and the saturated
 # window (while requests waited for admission: tokens/s, mean running batch, per-token latency;
-# inference/load_stats.h), each model's ratio to the first one's tokens/s.
+# inference/load_stats.h), each model's ratio to the first one's tokens/s; below it, a note for each
+# model that ran as many sequences at once as there were clients (the load may have bounded it).
 #
 #   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 #
@@ -106,6 +107,13 @@ done
           printf " - | - | - | - | - |\n"
         }
       }' "$logs/$name.load"
+  done
+  # a row whose load ran every client's request at once may measure the load, not the server
+  for name in "${names[@]}"; do
+    if grep -q "^load-bound" "$logs/$name.load"; then
+      echo
+      echo "$name: every client had a sequence running at once (max concurrent = clients): the load may bound this row; more --clients tells."
+    fi
   done
 } >"$out"
 cat "$out"

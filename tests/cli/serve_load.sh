@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/cuda/serve_load.sh on the CPU: two tiny models trained here (one with DMC) served one after
 # the other under a load that saturates a small cache; the table has a row per model with the
-# whole run's and the saturated window's figures, the first model's ratio 1.00×, and a server
-# that cannot start stops the script with its log.
+# whole run's and the saturated window's figures, the first model's ratio 1.00×; a run of one
+# client carries the note that the load may bound it, the runs of more clients than the server
+# can batch do not; and a server that cannot start stops the script with its log.
 # Usage: serve_load.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -35,6 +36,14 @@ awk -F' *\\| *' '$2 == "vanilla" || $2 == "dmc" {
     if ($2 == "vanilla" && $12 != "1.00×" && $11 != "-") bad = bad " ratio " $12 }
   END { if (rows != 2 || bad != "") { print rows " rows;" bad; exit 1 } }' <<<"$table" ||
   fail "unexpected table: $table"
+grep -q "load-bound\|max concurrent = clients" <<<"$table" && fail "load-bound note on a saturated run: $table"
+# one client: its one sequence at a time is the most the server can run, whatever its room
+LOAD_FLAGS="--clients=1 --requests=2 --prompt_tokens=8 --max_tokens=16 --vocab=256 --check=false --timeout_s=60" \
+  SERVE_FLAGS="--kv_budget_mb=4 --max_batch=8 --max_queue=16" \
+  bash "$src/bench/cuda/serve_load.sh" "$work/few.md" vanilla="$work/vanilla" >"$work/log" 2>&1 ||
+  fail "serve_load.sh with one client: $(cat "$work/log")"
+grep -q "^vanilla: every client had a sequence running at once" "$work/few.md" ||
+  fail "no load-bound note with one client: $(cat "$work/few.md")"
 if bash "$src/bench/cuda/serve_load.sh" "$work/none.md" missing="$work/nowhere" >"$work/log" 2>&1; then
   fail "a missing model was served"
 fi
