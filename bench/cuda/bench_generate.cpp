@@ -98,6 +98,9 @@ ABSL_FLAG(std::string, export_dir, "",
           "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR or "
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
+ABSL_FLAG(int, calibration_rounds, 14,
+          "dmc:CR and dms:CR on random weights: bisection rounds of the control rows, each a new "
+          "engine (~10 s at 7b); 14 puts b_h within 0.1%, 8 within 2%");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
@@ -196,21 +199,20 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias
 // The control rows for a target CR: per head, bisection of log2 b_h on [-6, 8] against the merge
 // fraction that the run's first 32 requests measure, at once (prompt and generated tokens; a
 // head merges more or less with the sequence's length, so 8 requests missed the run's CR by 7%),
-// 14 rounds (b_h to 0.1%). The
+// `rounds` rounds (14: b_h to 0.1%). The
 // residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
 // of the 1b shape to below 1 in deep ones: b_h spans orders of magnitude across layers.
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
-               const std::vector<inf::Request>& requests, double cr, uint64_t seed) {
+               const std::vector<inf::Request>& requests, double cr, uint64_t seed, int rounds) {
   const LlamaConfig& c = m->config();
   const int Hkv = c.num_key_value_heads, heads = c.num_hidden_layers * Hkv;
   const std::vector<double> want = TargetMergeFractions(heads, cr, seed);
-  constexpr int kRounds = 14;
   // DMC: b = 2^t, t in [-6, 8] (a head with no merges wanted: b = 0). DMS: a decision is the hard
   // threshold x > c/s, near the mean of the random part of x, so b = 0 already evicts about half;
   // fewer needs b < 0: b = ±(2^|t| − 1), t in [-8, 8], monotone through 0.
   const bool dms = c.dms.is_dms();
   std::vector<double> lo(heads, dms ? -8.0 : -6.0), hi(heads, 8.0), log_bias(heads), bias(heads);
-  for (int round = 0; round < kRounds; ++round) {
+  for (int round = 0; round < rounds; ++round) {
     for (int i = 0; i < heads; ++i) {
       log_bias[i] = 0.5 * (lo[i] + hi[i]);
       const double t = log_bias[i];
@@ -249,7 +251,7 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
       target += want[i] / heads;
     }
     std::fprintf(stderr, "calibrating %s:%g, round %d/%d: %s fraction %.3f (target %.3f)\n",
-                 c.dms.is_dms() ? "dms" : "dmc", cr, round + 1, kRounds,
+                 c.dms.is_dms() ? "dms" : "dmc", cr, round + 1, rounds,
                  c.dms.is_dms() ? "evicted" : "merged", merged, target);
   }
 }
@@ -278,6 +280,11 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_kernel_table) && !absl::GetFlag(FLAGS_profile_tokens)) {
     std::fprintf(stderr, "bench_generate: --kernel_table traces the --profile_tokens=LO:HI range; "
                          "give one\n");
+    return 1;
+  }
+  if (absl::GetFlag(FLAGS_calibration_rounds) < 1) {
+    std::fprintf(stderr, "bench_generate: --calibration_rounds must be at least 1, got %d\n",
+                 absl::GetFlag(FLAGS_calibration_rounds));
     return 1;
   }
   std::pair<int, int> capture = {-1, -1};  // the generated tokens a profiler capture spans
@@ -384,7 +391,7 @@ int main(int argc, char** argv) {
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
     if (o.policy.method != inf::CacheMethod::kVanilla && random_weights) {
-      Calibrate(run_model, o, base, cr, seed + 3);
+      Calibrate(run_model, o, base, cr, seed + 3, absl::GetFlag(FLAGS_calibration_rounds));
       if (!export_dir.empty()) Export(*run_model, true, export_dir + "/" + parts[0] + parts[1]);
     }
     auto engine = inf::CudaEngine::Create(*run_model, o);
