@@ -4,6 +4,9 @@
 //   1b-2l  two of its layers (for per-kernel profiles);
 //   7b-8l  eight layers of Llama 2 7B's width (d 4096, 32 heads of 128, ffn 11008, vocab 32000,
 //          T 2048): tensor parallelism at the width it is meant for, on one GPU's memory;
+//   7b-8l-4k  the same at Llama 2's context, T 4096;
+//   1b-gqa a 0.97B GQA Llama (22 layers, d 2048, 32 heads / 4 KV heads of 64, ffn 5632, vocab
+//          32000, T 2048), the decoding benchmarks' 1B shape;
 //   medium the `medium` preset with the GPU pipeline's 8k vocabulary (17M parameters, T 512).
 #pragma once
 
@@ -37,7 +40,7 @@ inline Shape MakeShape(const std::string& name) {
     c.num_key_value_heads = 16;
     c.max_position_embeddings = 4096;
     s.T = 2048;
-  } else if (name == "7b-8l") {
+  } else if (name == "7b-8l" || name == "7b-8l-4k") {
     c.vocab_size = 32000;
     c.hidden_size = 4096;
     c.intermediate_size = 11008;
@@ -45,13 +48,22 @@ inline Shape MakeShape(const std::string& name) {
     c.num_attention_heads = 32;
     c.num_key_value_heads = 32;
     c.max_position_embeddings = 4096;
+    s.T = name == "7b-8l" ? 2048 : 4096;
+  } else if (name == "1b-gqa") {
+    c.vocab_size = 32000;
+    c.hidden_size = 2048;
+    c.intermediate_size = 5632;
+    c.num_hidden_layers = 22;
+    c.num_attention_heads = 32;
+    c.num_key_value_heads = 4;
+    c.max_position_embeddings = 4096;
     s.T = 2048;
   } else if (name == "medium") {
     if (!dmc::model::PresetConfig("medium", &c).ok()) std::abort();
     c.vocab_size = 8192;  // the GPU pipeline's SentencePiece vocabulary
     s.T = 512;
   } else {
-    std::fprintf(stderr, "unknown benchmark shape %s (1b, 1b-2l, 7b-8l, medium)\n", name.c_str());
+    std::fprintf(stderr, "unknown benchmark shape %s (1b, 1b-2l, 7b-8l, 7b-8l-4k, 1b-gqa, medium)\n", name.c_str());
     std::exit(2);
   }
   return s;

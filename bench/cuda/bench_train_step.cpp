@@ -15,10 +15,11 @@
 //   bench_train_step [--reps=10] [--warmup=2] [--shapes=1b:2,1b:4,medium:32] [--dmc=off,on,dms]
 //                    [--gemm=true] [--queued=true]
 //
-// Shapes: 1b = a 1.36B Llama (24 layers, d 2048, 16 heads of 128, ffn 5632, vocab 32000, T 2048);
-// 1b-2l = two of its layers (for per-kernel profiles);
-// medium = the `medium` preset with the GPU pipeline's 8k vocabulary (17M parameters, T 512);
-// NAME:B sets the batch. Model FLOPs per token: 6 · (parameters − the embedding table, a lookup)
+// Shapes (bench/cuda/bench_shapes.h): 1b = a 1.36B Llama (24 layers, d 2048, 16 heads of 128,
+// ffn 5632, vocab 32000, T 2048); 1b-2l = two of its layers (for per-kernel profiles); 7b-8l and
+// 7b-8l-4k = eight layers of Llama 2 7B's width at T 2048 and 4096; 1b-gqa = the decoding
+// benchmarks' 0.97B GQA shape (32 heads / 4 KV heads of 64); medium = the `medium` preset with
+// the GPU pipeline's 8k vocabulary (17M parameters, T 512); NAME:B sets the batch. Model FLOPs per token: 6 · (parameters − the embedding table, a lookup)
 // + 6 · L · T · C for causal attention (QKᵀ and PV, half of the T×T products, forward + 2×
 // backward), the figure dmc-train's MFU column uses. The DMC ops add no matrix FLOPs; DMS's
 // teacher forward is not counted (it is overhead, which the comparison with off shows).
@@ -50,7 +51,7 @@
 
 ABSL_FLAG(int, reps, 10, "timed steps per configuration (medians are reported)");
 ABSL_FLAG(int, warmup, 2, "untimed steps first (allocation, cuBLAS heuristics, graph capture)");
-ABSL_FLAG(std::string, shapes, "1b:2,1b:4,medium:32", "NAME:BATCH list; NAME is 1b, 1b-2l or medium");
+ABSL_FLAG(std::string, shapes, "1b:2,1b:4,medium:32", "NAME:BATCH list; NAME is a shape of bench/cuda/bench_shapes.h (1b, 1b-2l, 7b-8l, 7b-8l-4k, 1b-gqa, medium)");
 ABSL_FLAG(std::string, dmc, "off,on", "compression settings to run: off, on (DMC) and/or dms");
 ABSL_FLAG(bool, kernel_table, false,
           "after the timed steps, trace one more with CUPTI and print its kernels "
