@@ -13,7 +13,6 @@ using namespace detail;
 // partials in chunk order. One block per sequence would leave most SMs idle at small B.
 constexpr int kChunkElems = 4096;  // decisions per block of the first pass
 constexpr int kMaxChunks = 64;     // per sequence
-constexpr int kPartialsSlot = 13;  // detail::scratch slot of the partial sums
 
 __global__ void cr_partial_sums_kernel(float* partials, const float* merge, long per_seq,
                                        int chunks) {
@@ -64,7 +63,7 @@ void cr_accumulate_merge(float* mean_merge, const float* merge, int B, int T, in
   const int chunks = static_cast<int>(
       std::min<long>(kMaxChunks, (per_seq + kChunkElems - 1) / kChunkElems));
   float* partials =
-      static_cast<float*>(scratch(kPartialsSlot, sizeof(float) * static_cast<size_t>(B) * chunks));
+      static_cast<float*>(scratch(kScratchCrLossPartials, sizeof(float) * size_t(B) * chunks));
   cr_partial_sums_kernel<<<dim3(chunks, B), 256, 0, stream>>>(partials, merge, per_seq, chunks);
   DMC_CUDA_CHECK_LAUNCH();
   cr_add_partials_kernel<<<ceil_div(B, 128), 128, 0, stream>>>(mean_merge, partials, B, chunks,

@@ -11,7 +11,6 @@ namespace {
 using namespace detail;
 
 constexpr int kThreads = 512;
-constexpr int kStatsSlot = 12;  // detail::scratch slot of the whole-vocabulary functions' stats
 
 __device__ __forceinline__ void online_add(float& m, float& s, float z) {
   if (z > m) {
@@ -162,7 +161,8 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
 void cross_entropy_forward(float* losses, const bf16* logits, const int32_t* targets, int N, int V,
                            cudaStream_t stream) {
   if (N <= 0) return;
-  float* stats = static_cast<float*>(scratch(kStatsSlot, 3 * static_cast<size_t>(N) * sizeof(float)));
+  float* stats = static_cast<float*>(
+      scratch(kScratchCrossEntropyStats, 3 * static_cast<size_t>(N) * sizeof(float)));
   cross_entropy_shard_stats(stats, logits, targets, N, V, 0, stream);
   cross_entropy_combine_shards(losses, stats + 2 * N, stats, targets, N, 1, stream);
 }
@@ -171,7 +171,8 @@ void cross_entropy_backward(bf16* dlogits, const bf16* logits, const int32_t* ta
                             const float* dlosses, int N, int V, bool accumulate,
                             cudaStream_t stream) {
   if (N <= 0) return;
-  float* stats = static_cast<float*>(scratch(kStatsSlot, 2 * static_cast<size_t>(N) * sizeof(float)));
+  float* stats = static_cast<float*>(
+      scratch(kScratchCrossEntropyStats, 2 * static_cast<size_t>(N) * sizeof(float)));
   cross_entropy_shard_stats(stats, logits, targets, N, V, 0, stream);
   // One shard: its logsumexp (stats[0, :]) is the global one.
   cross_entropy_shard_backward(dlogits, logits, stats, targets, dlosses, N, V, 0, accumulate,

@@ -36,6 +36,24 @@ constexpr float kLn2 = 0.6931471805599453f;
 // synchronises); later calls of the same size reuse the buffer, so a warmed-up step can be
 // captured into a CUDA graph. Not thread-safe: one host thread drives one device.
 void* scratch(int slot, size_t bytes);
+// The slots, one per user: two users of one slot would share its buffer (and resize it, which
+// synchronises and so breaks a capture).
+enum ScratchSlot : int {
+  kScratchEmbeddingSort,          // embedding backward: the sorted tokens and their runs
+  kScratchRmsnormPartials,        // RMSNorm backward: the weight's per-chunk partial sums
+  kScratchDmcScanGates,           // DMC scan backward: the window coefficients' gradient
+  kScratchAttentionDq,            // DMC attention backward: the fp32 dq accumulator
+  kScratchAttentionStats,         // DMC attention backward: Delta and lse · log2 e
+  kScratchAttentionBiasRows,      // Hopper DMC attention forward: the transposed bias rows
+  kScratchAttentionTileCounter,   // Hopper DMC attention forward: the persistent tile counter
+  kScratchDecodeSplits,           // paged decode attention: the split partials
+  kScratchLomaDelta,              // LoMA attention backward: Delta
+  kScratchPagedKvSlots,           // paged KV writes: a run's slot (and ring count) per token
+  kScratchDmsMerge,               // DMS prefill: the merge' rows
+  kScratchCrossEntropyStats,      // whole-vocabulary cross-entropy: the row statistics
+  kScratchCrLossPartials,         // CR loss: the per-chunk partial sums
+  kScratchLtWorkspace,            // cuBLASLt: the GEMM workspace
+};
 
 int num_sms();
 

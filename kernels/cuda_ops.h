@@ -289,18 +289,21 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
 // kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128), unless
 // the environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
-enum class AttentionKernel { kAuto, kMmaSync, kSm90 };
+// kSm90Persistent: the Hopper forward on its persistent schedule (a CTA per SM taking row tiles
+// one after another; the backward as kSm90), chosen for kAuto by
+// DMC_ATTENTION_KERNEL=sm90_persistent, to be measured against the grid schedule.
+enum class AttentionKernel { kAuto, kMmaSync, kSm90, kSm90Persistent };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
                            bool exclude_ctrl, float scale, cudaStream_t stream = nullptr,
                            int mask_window = 0, AttentionKernel kernel = AttentionKernel::kAuto);
-// The Hopper forward kernel, as dmc_attention_forward with kSm90 (shapes already checked there).
-// With a mask it first writes it transposed into scratch as bias rows (fp32 [B, Hkv, T rounded
-// up to 128]; allocated at the first call of a larger size only).
+// The Hopper forward kernel, as dmc_attention_forward with kSm90 (persistent: kSm90Persistent;
+// shapes already checked there). With a mask it first writes it transposed into scratch as bias
+// rows (fp32 [B, Hkv, T rounded up to 128]; allocated at the first call of a larger size only).
 void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16* k,
                                 const bf16* v, const float* mask, int B, int T, int H, int Hkv,
                                 int D, bool exclude_ctrl, float scale, cudaStream_t stream,
-                                int mask_window);
+                                int mask_window, bool persistent);
 // Writes or accumulates (accumulate) dq, dk, dv (bf16) and dmask (fp32, may be null). Uses scratch
 // for the fp32 dq accumulator [B, T, H, D] and the row statistics [B, H, T] (rows
 // attention_stats_stride(T) apart).

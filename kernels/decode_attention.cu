@@ -163,7 +163,7 @@ void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page
   configure_think_mma_kernels();
   const long max_len = static_cast<long>(max_pages) * page_size;
   const long splits = (max_len + split_slots - 1) / split_slots;
-  scratch(kScratchSlot, sizeof(float) * static_cast<size_t>(B) * H * splits * (D + 2));
+  scratch(kScratchDecodeSplits, sizeof(float) * static_cast<size_t>(B) * H * splits * (D + 2));
 }
 
 void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf16* q,

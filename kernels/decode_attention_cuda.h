@@ -39,7 +39,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;          // rows per thread in flight
 constexpr int kMaxChunk = 512;      // slots per CTA chosen automatically, at most
 constexpr int kMinChunk = 64;       // ... and at least
-constexpr int kScratchSlot = 10;    // detail::scratch slot of the split partials
 constexpr int kCombineThreads = 128;
 
 struct Common {
@@ -463,7 +462,8 @@ inline void plan_chunks(Common& p, const char* op, long ctas, long max_len, int 
   p.direct = p.splits == 1 && p.probs == nullptr;
   if (!p.direct) {
     const size_t n = static_cast<size_t>(B) * p.H * p.splits;
-    float* part = static_cast<float*>(detail::scratch(kScratchSlot, sizeof(float) * n * (D + 2)));
+    float* part = static_cast<float*>(
+        detail::scratch(detail::kScratchDecodeSplits, sizeof(float) * n * (D + 2)));
     p.part_o = part;
     p.part_ml = part + n * D;
   }

@@ -700,17 +700,22 @@ void check_shape(int T, int H, int Hkv, int D) {
 }
 
 // kAuto's choice of device kernel, made once per process: the Hopper kernel where it runs, unless
-// DMC_ATTENTION_KERNEL=mma_sync keeps the portable one (to compare the two in a whole step).
+// DMC_ATTENTION_KERNEL=mma_sync keeps the portable one, or =sm90_persistent takes the Hopper
+// forward's persistent schedule (to compare them in a whole step).
 AttentionKernel auto_kernel() {
   static const AttentionKernel chosen = [] {
     const char* env = std::getenv("DMC_ATTENTION_KERNEL");
     const std::string name = env ? env : "";
     if (name == "mma_sync") return AttentionKernel::kMmaSync;
-    if (!name.empty() && name != "auto") {
-      std::fprintf(stderr, "DMC_ATTENTION_KERNEL=%s: unknown value (auto or mma_sync)\n", env);
+    const bool persistent = name == "sm90_persistent";
+    if (!name.empty() && name != "auto" && !persistent) {
+      std::fprintf(stderr,
+                   "DMC_ATTENTION_KERNEL=%s: unknown value (auto, mma_sync or sm90_persistent)\n",
+                   env);
       std::abort();
     }
-    return device_is_sm90() ? AttentionKernel::kSm90 : AttentionKernel::kMmaSync;
+    if (!device_is_sm90()) return AttentionKernel::kMmaSync;
+    return persistent ? AttentionKernel::kSm90Persistent : AttentionKernel::kSm90;
   }();
   return chosen;
 }
@@ -723,9 +728,11 @@ AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
     return D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
   return kernel;
 }
-// The backward that runs: kAuto is auto_kernel() at both head dims.
+// The backward that runs: kAuto is auto_kernel() at both head dims; the Hopper backward has one
+// schedule, so kSm90Persistent is kSm90 there.
 AttentionKernel resolve_backward_kernel(AttentionKernel kernel) {
-  return kernel == AttentionKernel::kAuto ? auto_kernel() : kernel;
+  if (kernel == AttentionKernel::kAuto) kernel = auto_kernel();
+  return kernel == AttentionKernel::kSm90Persistent ? AttentionKernel::kSm90 : kernel;
 }
 
 }  // namespace
@@ -736,9 +743,10 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D);
-  if (resolve_forward_kernel(kernel, D) == AttentionKernel::kSm90) {
+  const AttentionKernel chosen = resolve_forward_kernel(kernel, D);
+  if (chosen != AttentionKernel::kMmaSync) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
-                               stream, mask_window);
+                               stream, mask_window, chosen == AttentionKernel::kSm90Persistent);
     return;
   }
   FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
@@ -759,8 +767,9 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
   const long rows = static_cast<long>(B) * T * H;
   const int stats_stride = attention_stats_stride(T);
   const long stats_size = static_cast<long>(B) * H * stats_stride;
-  float* dq_acc = static_cast<float*>(scratch(4, sizeof(float) * nq));
-  float* stats = static_cast<float*>(scratch(5, sizeof(float) * 2 * stats_size));
+  float* dq_acc = static_cast<float*>(scratch(kScratchAttentionDq, sizeof(float) * nq));
+  float* stats =
+      static_cast<float*>(scratch(kScratchAttentionStats, sizeof(float) * 2 * stats_size));
   float* delta = stats;
   float* lse2 = stats + stats_size;
   // Summed by atomics (or TMA reduce-adds) from every key tile's CTA: it must start at zero.

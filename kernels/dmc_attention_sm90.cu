@@ -24,6 +24,8 @@
 // the swizzled layout of the output's tensor-map box, and one of its threads stores them (whole
 // 128-byte lines, rows past T skipped by the TMA unit) instead of 4-byte stores rows apart from
 // the registers.
+#include <algorithm>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/wgmma_sm90.h"
@@ -168,46 +170,84 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 // tile's time to land. Named barriers: kBarWarpgroup + wg (the warpgroup's own rows of the Q tile
 // written: the zeroed control channel, then its O), kBarTurn + wg (the warpgroup's turn to issue
 // its GEMMs: the ping-pong of the main loop).
+//
+// Two schedules (kPersistent). The grid one: a CTA per row tile, the longest rows of a head
+// first, the heads in order; O is staged in the Q tile's rows. The persistent one: a CTA per SM,
+// each taking row tiles one after another (persistent_tile's order, the next one claimed from a
+// counter in global memory by the producer), so that the producer loads the next tile's Q, K and
+// V while the consumers finish the current one (the Q tile is handed back by q_empty once their
+// last S GEMM has read it), and no CTA launch, barrier set-up or first load is waited for between
+// tiles; O then has a buffer of its own (the next Q lands in the Q tile meanwhile). At the
+// training step's T 2048 a CTA of the grid schedule spends about as long starting and ending as
+// on four or five key tiles of work (bench/RESULTS.md), which the persistent one overlaps.
+// The stages and their barrier phases run on across a CTA's tiles: key tile n of its i-th row
+// tile is the CTA's (g_i + n)-th, g_i the key tiles of its earlier row tiles.
 constexpr int kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
 constexpr int kBarWarpgroup = 1, kBarTurn = 3;  // 0 is __syncthreads
-constexpr int kBiasSlot = 6;  // detail::scratch slot of the bias rows
+// Bytes of K and V that a section of the persistent order may span, so that the tiles running at
+// once (about two sections' worth) find their keys in the 50 MB L2.
+constexpr long kSectionBytes = 16l << 20;
 
 // Keys of a bias row: T rounded up to whole key tiles, so that every tile's row is one 512-byte
 // bulk copy, 16-byte aligned.
 inline __host__ __device__ int padded_keys(int T) { return (T + kBN - 1) / kBN * kBN; }
 
-template <int D>
+template <int D, bool kPersistent>
 struct Smem {
   static constexpr int kStages = D == 64 ? 3 : 2;
   bf16 q[kBM * D];
   bf16 k[kStages][kBN * D];
   bf16 v[kStages][kBN * D];
+  bf16 o[kPersistent ? kBM * D : 8];  // the persistent schedule's O rows (unused by the grid one)
   float bias[kStages][kBN];  // mask[key] · log2 e (zeros without a mask)
-  uint64_t q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+  uint64_t q_full, q_empty, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+  int tile;  // the persistent schedule's current row tile (-1: none left), set with q_full
 };
 
-template <int D>
+struct RowTile {
+  int mt, h, b;  // 128 query rows from mt · kBM, of head h of sequence b
+};
+// Row tile i of the persistent order: the (b, h) heads (h fastest) in sections of `section`
+// heads, one section after another; within a section the longest row tiles first, every head's
+// tile of one length before any shorter one, so that the last tiles to start are the shortest
+// (the tail of the run), while the keys read at once stay those of about one section.
+__device__ __forceinline__ RowTile persistent_tile(int i, int mtiles, int heads, int section,
+                                                   int H) {
+  const int s = i / (mtiles * section);
+  const int j = i - s * mtiles * section;
+  const int in_section = min(section, heads - s * section);
+  const int bh = s * section + j % in_section;
+  return {mtiles - 1 - j / in_section, bh % H, bh / H};
+}
+
+template <int D, bool kPersistent>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap q_map,
                          const __grid_constant__ CUtensorMap k_map,
                          const __grid_constant__ CUtensorMap v_map,
-                         const __grid_constant__ CUtensorMap out_map, const FwdParams p) {
-  constexpr int kStages = Smem<D>::kStages;
+                         const __grid_constant__ CUtensorMap out_map, const FwdParams p,
+                         int* next_tile, int section) {
+  using S = Smem<D, kPersistent>;
+  constexpr int kStages = S::kStages;
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
-  Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
+  S& sm = *reinterpret_cast<S*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
 
   const int T = p.T, Hkv = p.Hkv;
-  const int mt = gridDim.x - 1 - blockIdx.x;  // longest rows of the head first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.H / Hkv);
-  const int q0 = mt * kBM;
-  const int ntiles = (min(T, q0 + kBM) + kBN - 1) / kBN;
+  const int mtiles = (T + kBM - 1) / kBM, heads = p.B * p.H;
+  const int num_tiles = mtiles * heads;
+  auto tile_of = [&](int i) -> RowTile {
+    if constexpr (kPersistent) return persistent_tile(i, mtiles, heads, section, p.H);
+    return {static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x),  // longest rows first
+            static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
+  };
+  auto key_tiles = [&](const RowTile& t) { return (min(T, t.mt * kBM + kBM) + kBN - 1) / kBN; };
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
 
   if (threadIdx.x == 0) {
     mbar_init(&sm.q_full, 1);
+    mbar_init(&sm.q_empty, kThreads - 128);
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&sm.k_full[i], 1);
       mbar_init(&sm.v_full[i], 1);
@@ -223,120 +263,153 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (threadIdx.x != 0) return;
-    const float* bias_row =
-        p.bias ? p.bias + (static_cast<long>(b) * Hkv + hk) * padded_keys(T) : nullptr;
-    mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
-    tma_load_tile<kBM, D>(sm.q, &q_map, h, q0, b, &sm.q_full);
-    auto load_k = [&](int n) {  // K of tile n and its bias row
-      const int stage = n % kStages;
-      if (n >= kStages) mbar_wait(&sm.k_empty[stage], (n / kStages - 1) & 1);
-      mbar_arrive_expect_tx(&sm.k_full[stage],
-                            sizeof(sm.k[0]) + (bias_row ? sizeof(sm.bias[0]) : 0));
-      tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, b, &sm.k_full[stage]);
-      if (bias_row)
-        bulk_load(sm.bias[stage], bias_row + n * kBN, sizeof(sm.bias[0]), &sm.k_full[stage]);
-    };
-    auto load_v = [&](int n) {
-      const int stage = n % kStages;
-      if (n >= kStages) mbar_wait(&sm.v_empty[stage], (n / kStages - 1) & 1);
-      mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
-      tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, b, &sm.v_full[stage]);
-    };
-    for (int n = 0; n < ntiles; ++n) {
-      load_k(n);
-      if (n > 0) load_v(n - 1);
+    int g = 0;   // key tiles loaded before this row tile's
+    int it = 0;  // row tiles before this one
+    for (int i = kPersistent ? blockIdx.x : 0; i < num_tiles; ++it) {
+      const RowTile t = tile_of(i);
+      const int hk = t.h / (p.H / Hkv), ntiles = key_tiles(t);
+      const float* bias_row =
+          p.bias ? p.bias + (static_cast<long>(t.b) * Hkv + hk) * padded_keys(T) : nullptr;
+      if (it > 0) mbar_wait(&sm.q_empty, (it - 1) & 1);  // the last S GEMM read the Q tile
+      sm.tile = i;  // released to the consumers by the arrival on q_full
+      mbar_arrive_expect_tx(&sm.q_full, sizeof(sm.q));
+      tma_load_tile<kBM, D>(sm.q, &q_map, t.h, t.mt * kBM, t.b, &sm.q_full);
+      auto load_k = [&](int n) {  // K of tile n and its bias row
+        const int c = g + n, stage = c % kStages;
+        if (c >= kStages) mbar_wait(&sm.k_empty[stage], (c / kStages - 1) & 1);
+        mbar_arrive_expect_tx(&sm.k_full[stage],
+                              sizeof(sm.k[0]) + (bias_row ? sizeof(sm.bias[0]) : 0));
+        tma_load_tile<kBN, D>(sm.k[stage], &k_map, hk, n * kBN, t.b, &sm.k_full[stage]);
+        if (bias_row)
+          bulk_load(sm.bias[stage], bias_row + n * kBN, sizeof(sm.bias[0]), &sm.k_full[stage]);
+      };
+      auto load_v = [&](int n) {
+        const int c = g + n, stage = c % kStages;
+        if (c >= kStages) mbar_wait(&sm.v_empty[stage], (c / kStages - 1) & 1);
+        mbar_arrive_expect_tx(&sm.v_full[stage], sizeof(sm.v[0]));
+        tma_load_tile<kBN, D>(sm.v[stage], &v_map, hk, n * kBN, t.b, &sm.v_full[stage]);
+      };
+      for (int n = 0; n < ntiles; ++n) {
+        load_k(n);
+        if (n > 0) load_v(n - 1);
+      }
+      load_v(ntiles - 1);
+      g += ntiles;
+      i = kPersistent ? static_cast<int>(gridDim.x) + atomicAdd(next_tile, 1) : num_tiles;
     }
-    load_v(ntiles - 1);
+    if (kPersistent) {  // none left: the consumers stop at the next q_full
+      if (it > 0) mbar_wait(&sm.q_empty, (it - 1) & 1);
+      sm.tile = -1;
+      mbar_arrive(&sm.q_full);
+    }
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
   const int wg = warpgroup - 1;  // this consumer's rows: q0 + 64 wg + [0, 64)
-  mbar_wait(&sm.q_full, 0);
-  if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's Q rows
-    if (threadIdx.x % 128 < 64) {
-      const int r = wg * 64 + threadIdx.x % 128;
-      sm.q[swizzled<kBM>(r, D - 1)] = __float2bfloat16(0.f);
-    }
-    fence_proxy_async();  // read next by the tensor cores
-    named_barrier<128>(kBarWarpgroup + wg);
-  }
-
-  const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
-  const int row = wrow0 + lane / 4;            // the thread's rows: row, row + 8
-  const uint32_t uQ = smem_u32(sm.q + wg * 64 * 64);  // row 64 wg of every column block
-  float o[D / 2], s[kBN / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, corr[2];
-  uint32_t pa[kBN / 16][4];  // P of the tile whose P V is next
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  // S of tile n, masked per warp where its keys reach the band or past T
-  auto softmax_of = [&](int n) {
-    const int kbase = n * kBN;
-    const bool edge = kbase + kBN - 1 + p.window >= wrow0 || kbase + kBN > T;
-    softmax_tile<kBN>(s, m, l, corr, sm.bias[n % kStages], kbase, row, edge, p);
-  };
-
-  // FlashAttention-3's two overlaps. Within the warpgroup: the tensor cores compute S of tile n and
-  // P V of tile n - 1 while the warpgroup runs the softmax of tile n; O is rescaled once P V has
-  // landed. Between the two consumer warpgroups (ping-pong): they take turns to issue those GEMMs
-  // (kBarTurn), so one's softmax runs while the tensor cores work for the other, rather than both
-  // softmaxes at once with the tensor cores idle (at head dim 64 the exponentials take as long as
-  // the GEMMs). Warpgroup 0 goes first; each hands the turn over once its GEMMs are issued. The
-  // turns are counted so that every barrier phase completes: warpgroup 1 gives warpgroup 0 its
-  // first turn and does not hand over after its last.
   const int other = 1 - wg;
-  if (wg == 1 && ntiles > 1) named_barrier_arrive<256>(kBarTurn + other);
-  mbar_wait(&sm.k_full[0], 0);
-  wgmma_fence();
-  issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[0]));
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(s);
-  softmax_of(0);
-  mbar_arrive(&sm.k_empty[0]);
-  pack_a_fragments<kBN>(pa, s);
-  for (int n = 1; n < ntiles; ++n) {
-    const int stage = n % kStages, prev = (n - 1) % kStages;
-    mbar_wait(&sm.k_full[stage], (n / kStages) & 1);
-    named_barrier<256>(kBarTurn + wg);
+  const uint32_t uQ = smem_u32(sm.q + wg * 64 * 64);  // row 64 wg of every column block
+  // O's rows of this warpgroup: row 64 wg of every column block, 1024-byte aligned
+  bf16* const out_tile = (kPersistent ? sm.o : sm.q) + wg * 64 * 64;
+  int g = 0;
+  for (int it = 0; kPersistent || it == 0; ++it) {
+    mbar_wait(&sm.q_full, it & 1);
+    const int i = sm.tile;
+    if (kPersistent && i < 0) break;
+    const RowTile t = tile_of(i);
+    const int q0 = t.mt * kBM, ntiles = key_tiles(t);
+    if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's Q rows
+      if (threadIdx.x % 128 < 64) {
+        const int r = wg * 64 + threadIdx.x % 128;
+        sm.q[swizzled<kBM>(r, D - 1)] = __float2bfloat16(0.f);
+      }
+      fence_proxy_async();  // read next by the tensor cores
+      named_barrier<128>(kBarWarpgroup + wg);
+    }
+
+    const int wrow0 = q0 + wg * 64 + warp * 16;  // first row of this warp
+    const int row = wrow0 + lane / 4;            // the thread's rows: row, row + 8
+    float o[D / 2], s[kBN / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, corr[2];
+    uint32_t pa[kBN / 16][4];  // P of the tile whose P V is next
+#pragma unroll
+    for (int j = 0; j < D / 2; ++j) o[j] = 0.f;
+    // S of tile n, masked per warp where its keys reach the band or past T
+    auto softmax_of = [&](int n) {
+      const int kbase = n * kBN;
+      const bool edge = kbase + kBN - 1 + p.window >= wrow0 || kbase + kBN > T;
+      softmax_tile<kBN>(s, m, l, corr, sm.bias[(g + n) % kStages], kbase, row, edge, p);
+    };
+
+    // FlashAttention-3's two overlaps. Within the warpgroup: the tensor cores compute S of tile n
+    // and P V of tile n - 1 while the warpgroup runs the softmax of tile n; O is rescaled once P V
+    // has landed. Between the two consumer warpgroups (ping-pong): they take turns to issue those
+    // GEMMs (kBarTurn), so one's softmax runs while the tensor cores work for the other, rather
+    // than both softmaxes at once with the tensor cores idle (at head dim 64 the exponentials take
+    // as long as the GEMMs). Warpgroup 0 goes first; each hands the turn over once its GEMMs are
+    // issued. The turns are counted so that every barrier phase completes within the row tile:
+    // warpgroup 1 gives warpgroup 0 its first turn and does not hand over after its last.
+    if (wg == 1 && ntiles > 1) named_barrier_arrive<256>(kBarTurn + other);
+    mbar_wait(&sm.k_full[g % kStages], (g / kStages) & 1);
     wgmma_fence();
-    issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
+    issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[g % kStages]));
     wgmma_commit();
-    mbar_wait(&sm.v_full[prev], ((n - 1) / kStages) & 1);
-    wgmma_fence();
-    issue_pv<D, kBN>(o, pa, smem_u32(sm.v[prev]));
-    wgmma_commit();
-    if (wg == 0 || n + 1 < ntiles) named_barrier_arrive<256>(kBarTurn + other);
-    wgmma_wait<1>();  // S of tile n; P V of tile n - 1 may still run
+    wgmma_wait<0>();
     pin(s);
-    softmax_of(n);
-    mbar_arrive(&sm.k_empty[stage]);
+    if (ntiles == 1) mbar_arrive(&sm.q_empty);  // the last S GEMM has read the Q tile
+    softmax_of(0);
+    mbar_arrive(&sm.k_empty[g % kStages]);
+    pack_a_fragments<kBN>(pa, s);
+    for (int n = 1; n < ntiles; ++n) {
+      const int stage = (g + n) % kStages, prev = (g + n - 1) % kStages;
+      mbar_wait(&sm.k_full[stage], ((g + n) / kStages) & 1);
+      named_barrier<256>(kBarTurn + wg);
+      wgmma_fence();
+      issue_scores<D, kBN, kBM>(s, uQ, smem_u32(sm.k[stage]));
+      wgmma_commit();
+      mbar_wait(&sm.v_full[prev], ((g + n - 1) / kStages) & 1);
+      wgmma_fence();
+      issue_pv<D, kBN>(o, pa, smem_u32(sm.v[prev]));
+      wgmma_commit();
+      if (wg == 0 || n + 1 < ntiles) named_barrier_arrive<256>(kBarTurn + other);
+      wgmma_wait<1>();  // S of tile n; P V of tile n - 1 may still run
+      pin(s);
+      if (n + 1 == ntiles) mbar_arrive(&sm.q_empty);
+      softmax_of(n);
+      mbar_arrive(&sm.k_empty[stage]);
+      wgmma_wait<0>();
+      pin(o);
+      mbar_arrive(&sm.v_empty[prev]);
+      rescale_rows<D>(o, corr);
+      pack_a_fragments<kBN>(pa, s);
+    }
+    const int last = (g + ntiles - 1) % kStages;
+    mbar_wait(&sm.v_full[last], ((g + ntiles - 1) / kStages) & 1);
+    wgmma_fence();
+    issue_pv<D, kBN>(o, pa, smem_u32(sm.v[last]));
+    wgmma_commit();
     wgmma_wait<0>();
     pin(o);
-    mbar_arrive(&sm.v_empty[prev]);
-    rescale_rows<D>(o, corr);
-    pack_a_fragments<kBN>(pa, s);
-  }
-  const int last = (ntiles - 1) % kStages;
-  mbar_wait(&sm.v_full[last], ((ntiles - 1) / kStages) & 1);
-  wgmma_fence();
-  issue_pv<D, kBN>(o, pa, smem_u32(sm.v[last]));
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(o);
-  mbar_arrive(&sm.v_empty[last]);
-  // Every GEMM of this warpgroup has completed, so its Q rows are free for its O rows.
-  bf16* out_tile = sm.q + wg * 64 * 64;  // row 64 wg of every column block, 1024-byte aligned
-  stage_out_rows<D, kBM>(sm.q, o, m, l, wg * 64 + warp * 16 + lane / 4, row, b, h, p);
-  fence_proxy_async();  // read next by the TMA unit
-  named_barrier<128>(kBarWarpgroup + wg);
-  if (threadIdx.x % 128 == 0 && q0 + wg * 64 < T) {
+    mbar_arrive(&sm.v_empty[last]);
+    g += ntiles;
+    // The grid schedule writes O into the warpgroup's Q rows, free now that every GEMM has
+    // completed; the persistent one into its O buffer, once the previous row tile's store has
+    // read it.
+    if (kPersistent) {
+      if (threadIdx.x % 128 == 0) bulk_wait_read<0>();
+      named_barrier<128>(kBarWarpgroup + wg);
+    }
+    stage_out_rows<D, kBM>(kPersistent ? sm.o : sm.q, o, m, l, wg * 64 + warp * 16 + lane / 4,
+                           row, t.b, t.h, p);
+    fence_proxy_async();  // read next by the TMA unit
+    named_barrier<128>(kBarWarpgroup + wg);
+    if (threadIdx.x % 128 == 0 && q0 + wg * 64 < T) {
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c)
-      tma_store(&out_map, out_tile + c * kBM * 64, c * 64, h, q0 + wg * 64, b);
-    bulk_commit();
-    bulk_wait_read<0>();  // the shared memory must outlive the store's reads of it
+      for (int c = 0; c < D / 64; ++c)
+        tma_store(&out_map, out_tile + c * kBM * 64, c * 64, t.h, q0 + wg * 64, t.b);
+      bulk_commit();
+    }
   }
+  if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the shared memory must outlive the stores
 }
 
 // bias[b, hk, key] = mask[b, key, hk] · log2 e, zero for keys past T up to padded_keys(T): a
@@ -359,18 +432,43 @@ __global__ void bias_rows_kernel(float* bias, const float* mask, int T, int Hkv)
   }
 }
 
-template <int D>
+template <int D, bool kPersistent>
 void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
                 cudaStream_t stream) {
-  const size_t smem = 1024 + sizeof(Smem<D>);
-  allow_dynamic_smem<attn_fwd_sm90_kernel<D>>(smem);
+  const size_t smem = 1024 + sizeof(Smem<D, kPersistent>);
+  allow_dynamic_smem<attn_fwd_sm90_kernel<D, kPersistent>>(smem);
   const CUtensorMap q_map = make_tile_map(q, p.B, p.T, p.H, D, kBM);
   const CUtensorMap k_map = make_tile_map(k, p.B, p.T, p.Hkv, D, kBN);
   const CUtensorMap v_map = make_tile_map(v, p.B, p.T, p.Hkv, D, kBN);
   const CUtensorMap out_map = make_tile_map(out, p.B, p.T, p.H, D, 64);  // a warpgroup's rows
-  dim3 grid(ceil_div(p.T, kBM), p.H, p.B);
-  attn_fwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, out_map, p);
+  const int mtiles = ceil_div(p.T, kBM);
+  if (!kPersistent) {
+    attn_fwd_sm90_kernel<D, false><<<dim3(mtiles, p.H, p.B), kThreads, smem, stream>>>(
+        q_map, k_map, v_map, out_map, p, nullptr, 0);
+    DMC_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  // the row tiles past the first one of each CTA are claimed from this counter
+  int* next_tile = static_cast<int*>(scratch(kScratchAttentionTileCounter, sizeof(int)));
+  DMC_CUDA_CHECK(cudaMemsetAsync(next_tile, 0, sizeof(int), stream));
+  const int heads = p.B * p.H;
+  // K and V bytes per query head (a KV head's, shared by the H / Hkv heads of its group)
+  const long head_bytes =
+      std::max<long>(1, static_cast<long>(p.T) * D * 2 * sizeof(bf16) * p.Hkv / p.H);
+  const int section = static_cast<int>(std::clamp<long>(kSectionBytes / head_bytes, 1, heads));
+  const int grid = std::min(mtiles * heads, num_sms());
+  attn_fwd_sm90_kernel<D, true><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, out_map, p,
+                                                                  next_tile, section);
   DMC_CUDA_CHECK_LAUNCH();
+}
+
+template <int D>
+void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const FwdParams& p,
+                bool persistent, cudaStream_t stream) {
+  if (persistent)
+    launch_fwd<D, true>(out, q, k, v, p, stream);
+  else
+    launch_fwd<D, false>(out, q, k, v, p, stream);
 }
 
 }  // namespace
@@ -378,24 +476,24 @@ void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const Fw
 void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16* k,
                                 const bf16* v, const float* mask, int B, int T, int H, int Hkv,
                                 int D, bool exclude_ctrl, float scale, cudaStream_t stream,
-                                int mask_window) {
+                                int mask_window, bool persistent) {
   if (!device_is_sm90()) {
     std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
   float* bias = nullptr;
   if (mask) {
-    bias = static_cast<float*>(
-        scratch(kBiasSlot, sizeof(float) * static_cast<size_t>(B) * Hkv * padded_keys(T)));
+    bias = static_cast<float*>(scratch(kScratchAttentionBiasRows,
+                                       sizeof(float) * size_t(B) * Hkv * padded_keys(T)));
     bias_rows_kernel<<<dim3(padded_keys(T) / 32, ceil_div(Hkv, 32), B), dim3(32, 8), 0, stream>>>(
         bias, mask, T, Hkv);
     DMC_CUDA_CHECK_LAUNCH();
   }
   const FwdParams p{bias, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
   if (D == 64)
-    launch_fwd<64>(out, q, k, v, p, stream);
+    launch_fwd<64>(out, q, k, v, p, persistent, stream);
   else
-    launch_fwd<128>(out, q, k, v, p, stream);
+    launch_fwd<128>(out, q, k, v, p, persistent, stream);
 }
 
 }  // namespace dmc::cuda

@@ -546,7 +546,8 @@ void scan_backward(bf16* dx, bf16* dy, float* dalpha, float* domega, const bf16*
   if (static_cast<long>(B) * T * Hkv * D <= 0 || !(dx || dalpha || domega)) return;
   const Shape sh = make_shape(kNV, T, Hkv, D, window);
   const size_t dc_bytes = sizeof(float) * B * Hkv * static_cast<size_t>(sh.window) * T;
-  float* dc = dalpha || domega ? static_cast<float*>(scratch(3, dc_bytes)) : nullptr;
+  float* dc =
+      dalpha || domega ? static_cast<float*>(scratch(kScratchDmcScanGates, dc_bytes)) : nullptr;
   if (D % 8 == 0)
     launch_backward<kNV, true>(dx, dy, dc, gx, gy, x, y, xhat, yhat, alpha, omega, denom, sh, B,
                                accumulate, stream);

@@ -93,7 +93,7 @@ void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, in
                                                  static_cast<int32_t*>(nullptr),
                                                  static_cast<int32_t*>(nullptr), N, 0, 32, stream));
   const size_t arr = (static_cast<size_t>(N) * sizeof(int32_t) + 255) / 256 * 256;
-  char* base = static_cast<char*>(scratch(0, 3 * arr + temp_bytes));
+  char* base = static_cast<char*>(scratch(kScratchEmbeddingSort, 3 * arr + temp_bytes));
   int32_t* pos_in = reinterpret_cast<int32_t*>(base);
   int32_t* tok_out = reinterpret_cast<int32_t*>(base + arr);
   int32_t* pos_out = reinterpret_cast<int32_t*>(base + 2 * arr);

@@ -39,7 +39,6 @@ constexpr int kLanes = 8;                 // lanes per row
 constexpr int kRows = 32;                 // rows (queries or keys) a CTA owns
 constexpr int kThreads = kRows * kLanes;  // 256
 constexpr int kTile = 32;                 // rows staged in shared memory per step
-constexpr int kDeltaSlot = 11;            // detail::scratch slot of Delta [B, H, T]
 
 // The zone arithmetic of kernels/loma_mask.h for device code (its functions are host-only).
 struct Zones {
@@ -410,7 +409,7 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
   check_shape(H, Hkv, D, z);
   const Zones zones = zones_of(z);
   const float scale_log2 = scale * kLog2e;
-  float* delta = static_cast<float*>(scratch(kDeltaSlot, sizeof(float) * B * H * T));
+  float* delta = static_cast<float*>(scratch(kScratchLomaDelta, sizeof(float) * B * H * T));
   // The dq pass always runs: it computes Delta, which the dk/dv pass needs.
   const dim3 grid_q(ceil_div(T, kRows), H, B);
   if (D == 64)

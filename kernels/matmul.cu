@@ -50,8 +50,8 @@ cublasLtHandle_t lt_handle() {
 }
 
 // cuBLASLt's workspace: 32 MiB, the size the cuBLAS documentation recommends for Hopper (its
-// cublasSetWorkspace). A detail::scratch buffer like the kernels' own: allocated at the first call.
-constexpr int kLtWorkspaceSlot = 14;
+// cublasSetWorkspace). A detail::scratch buffer like the kernels' own (kScratchLtWorkspace):
+// allocated at the first call.
 constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
 
 // The largest power of two, up to 256, that divides the address: the heuristic may only offer
@@ -164,7 +164,7 @@ void matmul_forward_residual(bf16* out, const bf16* inp, const bf16* weight, con
     return;
   }
   const ResidualPlan& p = residual_plan(out, inp, weight, residual, N, IC, OC);
-  void* workspace = detail::scratch(kLtWorkspaceSlot, kLtWorkspaceBytes);
+  void* workspace = detail::scratch(detail::kScratchLtWorkspace, kLtWorkspaceBytes);
   const float alpha = 1.f, beta = 1.f;
   DMC_CUBLAS_CHECK(cublasLtMatmul(lt_handle(), p.op, &alpha, weight, p.a, inp, p.b, &beta,
                                   residual, p.c, out, p.d, &p.algo, workspace, kLtWorkspaceBytes,

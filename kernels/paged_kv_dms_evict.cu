@@ -12,7 +12,6 @@ namespace {
 using namespace detail;
 
 constexpr int kThreads = 128;
-constexpr int kMergeScratch = 14;  // detail::scratch slot of the prefill's merge' [P, Hkv]
 
 __global__ void __launch_bounds__(kThreads)
     evict_kernel(PagedKv c, uint8_t* marks, const float* evict, const int32_t* positions, int Hkv,
@@ -78,7 +77,7 @@ void paged_kv_dms_prefill(const PagedKv& cache, uint8_t* marks, int row, const b
                           float theta, cudaStream_t stream) {
   if (P <= 0) return;
   const long total = static_cast<long>(P) * Hkv;
-  auto* merge = static_cast<float*>(scratch(kMergeScratch, sizeof(float) * total));
+  auto* merge = static_cast<float*>(scratch(kScratchDmsMerge, sizeof(float) * total));
   prefill_merge_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(merge, evict, P, Hkv, window);
   DMC_CUDA_CHECK_LAUNCH();
   paged_kv_prefill(cache, row, k, v, k, v, merge, nullptr, P, Hkv, D, theta, false, stream);

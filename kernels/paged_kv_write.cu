@@ -33,7 +33,6 @@ using namespace detail;
 constexpr int kAppendWarps = 4;  // heads per CTA of the append, a warp each
 constexpr int kRingBatch = 8;    // ring entries a lane of the append loads before it sums them
 constexpr int kScanThreads = 256;
-constexpr int kSlotScratch = 11;  // detail::scratch slot: a run's slot (and ring count) per token
 
 // The key channel pair (x1, x2) = (ch, ch + D/2) rotated at pos, as kernels/rope.cu (the control
 // channel D − 1 kept, and left out of its pair's rotation, when keep_last).
@@ -368,7 +367,7 @@ void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v
                      cudaStream_t stream) {
   if (n <= 0) return;
   const size_t tokens = static_cast<size_t>(n) * Hkv;
-  auto* slot = static_cast<int32_t*>(scratch(kSlotScratch, sizeof(int32_t) * 2 * tokens));
+  auto* slot = static_cast<int32_t*>(scratch(kScratchPagedKvSlots, sizeof(int32_t) * 2 * tokens));
   int32_t* count = slot + tokens;
   const bool window = cache.window_size > 0;
   slot_scan_kernel<<<Hkv, kScanThreads, 0, stream>>>(cache, row, /*continues=*/true, start, merge,
@@ -390,7 +389,7 @@ void paged_kv_prefill(const PagedKv& cache, int row, const bf16* khat, const bf1
                       const bf16* k, const bf16* v, const float* merge, const float* omega, int P,
                       int Hkv, int D, float theta, bool keep_last_channel, cudaStream_t stream) {
   if (P <= 0) return;
-  auto* slot = static_cast<int32_t*>(scratch(kSlotScratch, sizeof(int32_t) * P * Hkv));
+  auto* slot = static_cast<int32_t*>(scratch(kScratchPagedKvSlots, sizeof(int32_t) * P * Hkv));
   slot_scan_kernel<<<Hkv, kScanThreads, 0, stream>>>(cache, row, /*continues=*/false, 0, merge, P,
                                                      Hkv, slot, nullptr, nullptr);
   DMC_CUDA_CHECK_LAUNCH();

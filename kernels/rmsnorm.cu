@@ -313,7 +313,8 @@ void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* 
   if (!dinp && !dweight) return;
   const int rows = ceil_div(N, kRowChunks), chunks = ceil_div(N, rows);
   float* partial =
-      dweight ? static_cast<float*>(scratch(1, sizeof(float) * chunks * static_cast<size_t>(C)))
+      dweight ? static_cast<float*>(
+                    scratch(kScratchRmsnormPartials, sizeof(float) * chunks * size_t(C)))
               : nullptr;
   if (vector_rows(C, dinp, dout, inp, weight)) {
     with_row_team(N, C, [&](auto team, auto words) {

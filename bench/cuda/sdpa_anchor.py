@@ -40,9 +40,9 @@ def main():
     del a, b
     print(f"{'SDPA flash causal (B H/Hkv T D)':<34} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
           f"{'fwd TF/s':>9} {'f+b TF/s':>9}")
-    for (B, H, Hkv, T, D) in [(4, 32, 32, 1024, 128), (4, 32, 32, 4096, 128),
-                              (4, 32, 32, 8192, 128), (4, 32, 8, 4096, 128),
-                              (4, 32, 32, 4096, 64)]:
+    for (B, H, Hkv, T, D) in [(4, 32, 32, 1024, 128), (4, 16, 16, 2048, 128),
+                              (4, 32, 32, 4096, 128), (4, 32, 32, 8192, 128),
+                              (4, 32, 8, 4096, 128), (4, 32, 32, 4096, 64)]:
         q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)

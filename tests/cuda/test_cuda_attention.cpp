@@ -2,10 +2,11 @@
 // (soft log(1 - alpha) values, hard -50000 values, or none), DMS's mask mode (the bias only where
 // query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128,
 // sequence lengths that are not multiples of the tiles. Each case runs with each kernel forced
-// (the portable mma.sync ones and, on Hopper, the sm90 ones): the forward (out, lse), then the
-// backward from that forward's out and lse (dq, dk, dv, dmask, all accumulated into random initial
-// values).
+// (the portable mma.sync ones and, on Hopper, the sm90 ones, the forward on both its schedules):
+// the forward (out, lse), then the backward from that forward's out and lse (dq, dk, dv, dmask,
+// all accumulated into random initial values).
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -39,6 +40,12 @@ std::string name_of(const Case& c) {
          (c.window > 0 ? " w" + std::to_string(c.window) : "");
 }
 
+std::string kernel_suffix(C::AttentionKernel kernel) {
+  return kernel == C::AttentionKernel::kSm90             ? " sm90"
+         : kernel == C::AttentionKernel::kSm90Persistent ? " sm90_persistent"
+                                                         : " mma_sync";
+}
+
 void run_case(const Case& c, C::AttentionKernel kernel) {
   const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
   const size_t nk = static_cast<size_t>(c.B) * c.T * c.Hkv * c.D;
@@ -70,8 +77,7 @@ void run_case(const Case& c, C::AttentionKernel kernel) {
   const double* mref = c.mask == MaskKind::kNone ? nullptr : mask.data();
   K::dmc_attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), mref, c.B,
                                    c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale, c.window);
-  const std::string n =
-      name_of(c) + (kernel == C::AttentionKernel::kSm90 ? " sm90" : " mma_sync");
+  const std::string n = name_of(c) + kernel_suffix(kernel);
   expect_close(("attn fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
   expect_close(("attn fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
 
@@ -106,8 +112,8 @@ class CudaAttention : public ::testing::TestWithParam<std::tuple<Case, C::Attent
  protected:
   void SetUp() override {
     DMC_REQUIRE_GPU();
-    if (std::get<1>(GetParam()) == C::AttentionKernel::kSm90 && !C::device_is_sm90())
-      GTEST_SKIP() << "the sm90 kernel needs a Hopper GPU";
+    if (std::get<1>(GetParam()) != C::AttentionKernel::kMmaSync && !C::device_is_sm90())
+      GTEST_SKIP() << "the sm90 kernels need a Hopper GPU";
   }
 };
 
@@ -161,11 +167,59 @@ INSTANTIATE_TEST_SUITE_P(
                           Case{1, 257, 4, 1, 64, false, MaskKind::kSoft, 2.0, 70},
                           Case{1, 333, 2, 2, 64, false, MaskKind::kEvicted, 1.0, 150},
                           Case{2, 333, 4, 2, 64, true, MaskKind::kEvicted, 1.0, 3}),
-        ::testing::Values(C::AttentionKernel::kMmaSync, C::AttentionKernel::kSm90)),
+        ::testing::Values(C::AttentionKernel::kMmaSync, C::AttentionKernel::kSm90,
+                          C::AttentionKernel::kSm90Persistent)),
     [](const ::testing::TestParamInfo<std::tuple<Case, C::AttentionKernel>>& info) {
-      return "case" + std::to_string(info.index / 2) +
-             (std::get<1>(info.param) == C::AttentionKernel::kSm90 ? "_sm90" : "_mma_sync");
+      std::string suffix = kernel_suffix(std::get<1>(info.param));
+      suffix[0] = '_';
+      return "case" + std::to_string(info.index / 3) + suffix;
     });
+
+// The Hopper forward's persistent schedule against its grid schedule on shapes of many more row
+// tiles than SMs (so that each CTA of the persistent one takes several, across heads, sections
+// and the stages' phases): each row tile is computed by the same code in the same order, so out
+// and lse must be equal bit for bit. The CPU reference cases above have fewer row tiles than a
+// Hopper GPU has SMs.
+TEST(CudaAttentionSchedules, PersistentEqualsGrid) {
+  DMC_REQUIRE_GPU();
+  if (!C::device_is_sm90()) GTEST_SKIP() << "the sm90 kernels need a Hopper GPU";
+  const Case cases[] = {Case{4, 2048, 16, 16, 128, true, MaskKind::kSoft, 1.0},
+                        Case{2, 1100, 32, 8, 128, false, MaskKind::kEvicted, 1.0, 3},
+                        Case{1, 8192, 8, 8, 128, false, MaskKind::kNone, 2.0},
+                        Case{4, 1000, 16, 4, 64, true, MaskKind::kHard, 1.0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(name_of(c));
+    const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
+    const size_t nk = static_cast<size_t>(c.B) * c.T * c.Hkv * c.D;
+    const size_t nm = static_cast<size_t>(c.B) * c.T * c.Hkv;
+    const size_t nl = static_cast<size_t>(c.B) * c.H * c.T;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    auto u = randu(nm, 0.0, 1.0);
+    std::vector<float> mask(nm);
+    for (size_t i = 0; i < nm; ++i)
+      mask[i] = c.mask == MaskKind::kSoft    ? std::log1p(-0.999 * u[i])
+                : c.mask == MaskKind::kHard  ? (u[i] < 0.3 ? -50000.f : 0.f)
+                                             : (u[i] < 0.6 ? -INFINITY : 0.f);
+    auto qd = randn(nq, c.q_scale), kd = randn(nk), vd = randn(nk);
+    DevBuf<bf16> q(to_bf16(qd)), k(to_bf16(kd)), v(to_bf16(vd));
+    DevBuf<float> dmask(mask);
+    const float* mptr = c.mask == MaskKind::kNone ? nullptr : dmask.ptr;
+    std::vector<std::vector<bf16>> outs;
+    std::vector<std::vector<float>> lses;
+    for (auto kernel : {C::AttentionKernel::kSm90, C::AttentionKernel::kSm90Persistent}) {
+      DevBuf<bf16> out(nq);
+      DevBuf<float> lse(nl);
+      out.poison();
+      lse.poison();
+      C::dmc_attention_forward(out, lse, q, k, v, mptr, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl,
+                               scale, nullptr, c.window, kernel);
+      outs.push_back(out.download());
+      lses.push_back(lse.download());
+    }
+    EXPECT_EQ(0, std::memcmp(outs[0].data(), outs[1].data(), nq * sizeof(bf16)));
+    EXPECT_EQ(0, std::memcmp(lses[0].data(), lses[1].data(), nl * sizeof(float)));
+  }
+}
 
 }  // namespace
 }  // namespace dmc::cuda_test
