@@ -46,6 +46,7 @@ enum ScratchSlot : int {
   kScratchAttentionStats,         // DMC attention backward: Delta and lse · log2 e
   kScratchAttentionBiasRows,      // Hopper DMC attention forward: the transposed bias rows
   kScratchAttentionTileCounter,   // Hopper DMC attention forward: the persistent tile counter
+  kScratchAttentionBwdTileCounter,  // Hopper DMC attention backward: the persistent tile counter
   kScratchDecodeSplits,           // paged decode attention: the split partials
   kScratchLomaDelta,              // LoMA attention backward: Delta
   kScratchPagedKvSlots,           // paged KV writes: a run's slot (and ring count) per token

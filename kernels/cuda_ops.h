@@ -289,9 +289,9 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
 // kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128), unless
 // the environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
-// kSm90Persistent: the Hopper forward on its persistent schedule (a CTA per SM taking row tiles
-// one after another; the backward as kSm90), chosen for kAuto by
-// DMC_ATTENTION_KERNEL=sm90_persistent, to be measured against the grid schedule.
+// kSm90Persistent: the Hopper kernels on their persistent schedules (a CTA per SM taking tiles
+// one after another), chosen for kAuto by DMC_ATTENTION_KERNEL=sm90_persistent, to be measured
+// against the grid schedules.
 enum class AttentionKernel { kAuto, kMmaSync, kSm90, kSm90Persistent };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,
@@ -325,7 +325,8 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,
                                  int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
-                                 bool accumulate, cudaStream_t stream, int mask_window);
+                                 bool accumulate, cudaStream_t stream, int mask_window,
+                                 bool persistent);
 
 // ---- LoMA attention (kernels/loma_attention.h): the block mask of kernels/loma_mask.h ----
 // Same layouts as dmc_attention (q, out [B, T, H, D], k/v [B, T, Hkv, D] bf16, 16-byte aligned;

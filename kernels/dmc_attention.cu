@@ -701,7 +701,7 @@ void check_shape(int T, int H, int Hkv, int D) {
 
 // kAuto's choice of device kernel, made once per process: the Hopper kernel where it runs, unless
 // DMC_ATTENTION_KERNEL=mma_sync keeps the portable one, or =sm90_persistent takes the Hopper
-// forward's persistent schedule (to compare them in a whole step).
+// kernels' persistent schedules (to compare them in a whole step).
 AttentionKernel auto_kernel() {
   static const AttentionKernel chosen = [] {
     const char* env = std::getenv("DMC_ATTENTION_KERNEL");
@@ -728,11 +728,9 @@ AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
     return D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
   return kernel;
 }
-// The backward that runs: kAuto is auto_kernel() at both head dims; the Hopper backward has one
-// schedule, so kSm90Persistent is kSm90 there.
+// The backward that runs: kAuto is auto_kernel() at both head dims.
 AttentionKernel resolve_backward_kernel(AttentionKernel kernel) {
-  if (kernel == AttentionKernel::kAuto) kernel = auto_kernel();
-  return kernel == AttentionKernel::kSm90Persistent ? AttentionKernel::kSm90 : kernel;
+  return kernel == AttentionKernel::kAuto ? auto_kernel() : kernel;
 }
 
 }  // namespace
@@ -781,9 +779,11 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
     attn_bwd_prepass<128><<<ceil_div(rows * 8, 256), 256, 0, stream>>>(delta, lse2, lse, dout, out,
                                                                        B, T, H, stats_stride);
   DMC_CUDA_CHECK_LAUNCH();
-  if (resolve_backward_kernel(kernel) == AttentionKernel::kSm90) {
+  const AttentionKernel chosen = resolve_backward_kernel(kernel);
+  if (chosen != AttentionKernel::kMmaSync) {
     dmc_attention_backward_sm90(dq_acc, dk, dv, dmask, dout, q, k, v, mask, lse2, delta, B, T, H,
-                                Hkv, D, exclude_ctrl, scale, accumulate, stream, mask_window);
+                                Hkv, D, exclude_ctrl, scale, accumulate, stream, mask_window,
+                                chosen == AttentionKernel::kSm90Persistent);
   } else {
     BwdParams p{q,  k,  v,  mask,  dout, lse2, delta, stats_stride, dq_acc, dk, dv, dmask, B, T, H,
                 Hkv, scale, scale * kLog2e, exclude_ctrl, mask_window, accumulate};

@@ -41,6 +41,8 @@
 // full mbarrier (all four landed: expect_tx counts their bytes) and an empty one (every consumer
 // thread is done with the stage), as in the sm90 forward. Shared tiles, descriptors and the wgmma
 // and TMA wrappers: kernels/wgmma_sm90.h. Head dims 64 and 128.
+#include <algorithm>
+
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/wgmma_sm90.h"
@@ -105,7 +107,8 @@ struct BwdSmem {
   float dq[8][2][16 * 32];
   float lse2[kStages][kBM];  // TMA destinations: each stage's row 128-byte aligned
   float delta[kStages][kBM];
-  uint64_t kv_full, full[kStages], empty[kStages];
+  uint64_t kv_full, kv_empty, full[kStages], empty[kStages];
+  int tile;  // the persistent schedule's current key tile (-1: none left), set with kv_full
   static_assert((sizeof(bf16) * kBN * D) % 1024 == 0 && (sizeof(bf16) * kBM * D) % 1024 == 0 &&
                     (sizeof(bf16) * kBN * kBM) % 1024 == 0 && sizeof(dq[0][0]) % 1024 == 0 &&
                     sizeof(lse2[0]) % 128 == 0,
@@ -225,9 +228,18 @@ __device__ __forceinline__ void add_dq(float* staged, const float (&dq)[32], int
   }
 }
 
-template <int kD>
+// Two schedules (kPersistent), as the sm90 forward's: the grid one, a CTA per key tile (key tile
+// x KV head x sequence); the persistent one, a CTA per SM taking key tiles one after another
+// (persistent_tile's order over the (b, hk) KV heads, the first key tiles, whose query loops are
+// the longest, first), the next one claimed from a counter by the producer. The producer loads
+// the next key tile's K and V once the consumers' last GEMMs have read the current ones
+// (kv_empty), while they write the current tile's dK, dV and dmask; the Q / dO stages, their
+// barrier phases and the dS buffers' alternation run on across a CTA's key tiles (query tile it
+// of its i-th key tile is the CTA's (g_i + it)-th, g_i the query tiles of its earlier ones).
+template <int kD, bool kPersistent>
 __global__ void __launch_bounds__(kThreads, 1)
-    attn_bwd_sm90_kernel(const __grid_constant__ BwdMaps maps, const BwdParams p) {
+    attn_bwd_sm90_kernel(const __grid_constant__ BwdMaps maps, const BwdParams p, int* next_tile,
+                         int section) {
   extern __shared__ unsigned char smem_raw[];
   // the swizzle atoms must be 1024-byte aligned in the shared address space
   BwdSmem<kD>& sm =
@@ -235,16 +247,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kBM = BwdTiles<kD>::kBM;
 
   const int T = p.T, H = p.H, Hkv = p.Hkv, G = H / Hkv;
-  const int hk = blockIdx.y, b = blockIdx.z;
-  const int k0 = blockIdx.x * kBN;  // the CTA's keys: k0 + [0, kBN)
-  // query tiles m_first.. reach the CTA's keys (queries before k0 see none of them)
-  const int m_first = k0 / kBM;
-  const int n_m = (T + kBM - 1) / kBM - m_first;
-  const int iters = G * n_m;  // tile it: query head hk G + it / n_m, query tile m_first + it % n_m
+  const int ntiles = (T + kBN - 1) / kBN, heads = p.B * Hkv, num_tiles = ntiles * heads;
+  // Key tile i: keys k0 + [0, kBN) of KV head hk of sequence b; query tiles m_first.. reach them
+  // (queries before k0 see none), iters query tiles in all over the G query heads of the group
+  // (tile it: query head hk G + it / n_m, query tile m_first + it % n_m).
+  struct KeyTile {
+    int hk, b, k0, m_first, n_m, iters;
+  };
+  auto tile_of = [&](int i) {
+    KeyTile t;
+    if constexpr (kPersistent) {  // the (b, hk) heads, hk fastest; the first key tiles first
+      const PersistentTile w = persistent_tile(i, ntiles, heads, section);
+      t.k0 = w.rank * kBN, t.hk = w.head % Hkv, t.b = w.head / Hkv;
+    } else {
+      t.k0 = blockIdx.x * kBN, t.hk = blockIdx.y, t.b = blockIdx.z;
+    }
+    t.m_first = t.k0 / kBM;
+    t.n_m = (T + kBM - 1) / kBM - t.m_first;
+    t.iters = G * t.n_m;
+    return t;
+  };
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
 
   if (threadIdx.x == 0) {
     mbar_init(&sm.kv_full, 1);
+    mbar_init(&sm.kv_empty, kThreads - 128);
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&sm.full[i], 1);
       mbar_init(&sm.empty[i], kThreads - 128);
@@ -256,19 +283,33 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kProducerRegs));
     if (warp != 0 || lane != 0) return;  // one thread issues every load
-    mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
-    tma_load_tile<kBN, kD>(sm.k, &maps.k, hk, k0, b, &sm.kv_full);
-    tma_load_tile<kBN, kD>(sm.v, &maps.v, hk, k0, b, &sm.kv_full);
-    for (int it = 0; it < iters; ++it) {
-      const int stage = it % kStages;
-      if (it >= kStages) mbar_wait(&sm.empty[stage], (it / kStages - 1) & 1);
-      const int h = hk * G + it / n_m, q0 = (m_first + it % n_m) * kBM;
-      mbar_arrive_expect_tx(&sm.full[stage], sizeof(sm.q[0]) + sizeof(sm.dout[0]) +
-                                                 sizeof(sm.lse2[0]) + sizeof(sm.delta[0]));
-      tma_load_tile<kBM, kD>(sm.q[stage], &maps.q, h, q0, b, &sm.full[stage]);
-      tma_load_tile<kBM, kD>(sm.dout[stage], &maps.dout, h, q0, b, &sm.full[stage]);
-      tma_load_2d(sm.lse2[stage], &maps.lse2, q0, b * H + h, &sm.full[stage]);
-      tma_load_2d(sm.delta[stage], &maps.delta, q0, b * H + h, &sm.full[stage]);
+    int g = 0;   // query tiles loaded before this key tile's
+    int kt = 0;  // key tiles before this one
+    for (int i = kPersistent ? blockIdx.x : 0; i < num_tiles; ++kt) {
+      const KeyTile t = tile_of(i);
+      if (kt > 0) mbar_wait(&sm.kv_empty, (kt - 1) & 1);  // the last GEMMs read K and V
+      sm.tile = i;  // released to the consumers by the arrival on kv_full
+      mbar_arrive_expect_tx(&sm.kv_full, sizeof(sm.k) + sizeof(sm.v));
+      tma_load_tile<kBN, kD>(sm.k, &maps.k, t.hk, t.k0, t.b, &sm.kv_full);
+      tma_load_tile<kBN, kD>(sm.v, &maps.v, t.hk, t.k0, t.b, &sm.kv_full);
+      for (int it = 0; it < t.iters; ++it) {
+        const int c = g + it, stage = c % kStages;
+        if (c >= kStages) mbar_wait(&sm.empty[stage], (c / kStages - 1) & 1);
+        const int h = t.hk * G + it / t.n_m, q0 = (t.m_first + it % t.n_m) * kBM;
+        mbar_arrive_expect_tx(&sm.full[stage], sizeof(sm.q[0]) + sizeof(sm.dout[0]) +
+                                                   sizeof(sm.lse2[0]) + sizeof(sm.delta[0]));
+        tma_load_tile<kBM, kD>(sm.q[stage], &maps.q, h, q0, t.b, &sm.full[stage]);
+        tma_load_tile<kBM, kD>(sm.dout[stage], &maps.dout, h, q0, t.b, &sm.full[stage]);
+        tma_load_2d(sm.lse2[stage], &maps.lse2, q0, t.b * H + h, &sm.full[stage]);
+        tma_load_2d(sm.delta[stage], &maps.delta, q0, t.b * H + h, &sm.full[stage]);
+      }
+      g += t.iters;
+      i = kPersistent ? static_cast<int>(gridDim.x) + atomicAdd(next_tile, 1) : num_tiles;
+    }
+    if (kPersistent) {  // none left: the consumers stop at the next kv_full
+      if (kt > 0) mbar_wait(&sm.kv_empty, (kt - 1) & 1);
+      sm.tile = -1;
+      mbar_arrive(&sm.kv_full);
     }
     return;
   }
@@ -276,113 +317,125 @@ __global__ void __launch_bounds__(kThreads, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kConsumerRegs));
   const int wg = warpgroup - 1;                      // this consumer's keys: k0 + 64 wg + [0, 64)
   const int row_lo = wg * 64 + warp * 16 + lane / 4;  // the thread's tile rows: row_lo, row_lo + 8
-  const int key_lo = k0 + row_lo;
-  const int warp_key0 = k0 + wg * 64 + warp * 16;    // the warp's keys: warp_key0 + [0, 16)
-  float bias[2];  // mask · log2 e of the thread's keys
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int key = key_lo + 8 * hh;
-    bias[hh] = (p.mask && key < T) ? p.mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e
-                                   : 0.f;
-  }
-  mbar_wait(&sm.kv_full, 0);
-  if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's K rows
-    if (threadIdx.x % 128 < 64)
-      sm.k[swizzled<kBN>(wg * 64 + threadIdx.x % 128, kD - 1)] = __float2bfloat16(0.f);
-    fence_proxy_async();  // read next by the tensor cores
-    named_barrier<128>(kBarKZeroed + wg);
-  }
-
   // A operands of S^T and dP^T: row 64 wg of every column block of K, V (kmajor_desc<kBN> steps
   // across the column blocks). This warpgroup's block of dQ: queries 64 dq_qb + [0, 64) (A: that
   // column block of the dS^T tile), channels 64 dq_cb + [0, 64) (B: that column block of K).
   const uint32_t uK = smem_u32(sm.k + wg * 64 * 64), uV = smem_u32(sm.v + wg * 64 * 64);
   const int dq_qb = wg % BwdTiles<kD>::kQBlocks, dq_cb = wg / BwdTiles<kD>::kQBlocks;
   const uint32_t uKcols = smem_u32(sm.k + dq_cb * kBN * 64);
-  float dk[kD / 2], dv[kD / 2], dm[2] = {0.f, 0.f};
+  int g = 0;  // query tiles of this CTA's earlier key tiles
+  for (int kt = 0; kPersistent || kt == 0; ++kt) {
+    mbar_wait(&sm.kv_full, kt & 1);
+    const int tile = sm.tile;
+    if (kPersistent && tile < 0) break;
+    const KeyTile t = tile_of(tile);
+    const int hk = t.hk, b = t.b;
+    const int key_lo = t.k0 + row_lo;
+    const int warp_key0 = t.k0 + wg * 64 + warp * 16;  // the warp's keys: warp_key0 + [0, 16)
+    float bias[2];  // mask · log2 e of the thread's keys
 #pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-
-  for (int it = 0; it < iters; ++it) {
-    const int stage = it % kStages;
-    const int h = hk * G + it / n_m, q0 = (m_first + it % n_m) * kBM;
-    const uint32_t uQ = smem_u32(sm.q[stage]), uO = smem_u32(sm.dout[stage]);
-    bf16* ds = sm.ds[it & 1];
-    const bool edge = !(q0 > warp_key0 + 15 + p.window && q0 + kBM <= T);
-
-    float s[kBM / 2], dp[kBM / 2];
-    mbar_wait(&sm.full[stage], (it / kStages) & 1);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kBM>(s, kmajor_desc<kBN>(uK, kk), kmajor_desc<kBM>(uQ, kk), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kBM>(dp, kmajor_desc<kBN>(uV, kk), kmajor_desc<kBM>(uO, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<1>();  // S^T landed; dP^T may still run
-    pin(s);
-    probabilities<kBM>(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
-    wgmma_wait<0>();
-    pin(dp);
-    score_grads<kBM>(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
-
-    uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
-    pack_a_fragments<kBM>(pa, s);
-    pack_a_fragments<kBM>(da, dp);
-    store_ds<kBM>(ds, da, row_lo);
-    fence_proxy_async();  // read next by the tensor cores
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_nmajor<kD>(dv, pa[kk], nmajor_desc<kBM>(uO, kk));
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
-    wgmma_commit();
-    named_barrier<256>(kBarDsStored);
-    float dq[32];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds + dq_qb * kBN * 64), kk),
-                         nmajor_desc<kBN>(uKcols, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(dv);
-    pin(dk);
-    pin(dq);
-    mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
-    add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h, &maps.dq_acc,
-               p);
-  }
-
-  // dmask: each key's sum lies spread over the 4 lanes of its quad
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 1);
-    dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 2);
-  }
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int key = key_lo + 8 * hh;
-    if (key >= T) continue;
-    if (p.dmask && (lane % 4) == 0) {
-      float& dst = p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk];
-      dst = (p.accumulate ? dst : 0.f) + dm[hh];
+    for (int hh = 0; hh < 2; ++hh) {
+      const int key = key_lo + 8 * hh;
+      bias[hh] = (p.mask && key < T) ? p.mask[(static_cast<long>(b) * T + key) * Hkv + hk] * kLog2e
+                                     : 0.f;
     }
-    const long off = ((static_cast<long>(b) * T + key) * Hkv + hk) * kD;
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      const int c = j * 8 + 2 * (lane % 4);
-      const float dk0 = dk[4 * j + 2 * hh] * p.scale;
-      const float dk1 = p.exclude_ctrl && c + 1 == kD - 1 ? 0.f : dk[4 * j + 2 * hh + 1] * p.scale;
-      __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
-      const float2 ok = p.accumulate ? __bfloat1622float2(*pk) : make_float2(0.f, 0.f);
-      *pk = __floats2bfloat162_rn(ok.x + dk0, ok.y + dk1);
-      __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
-      const float2 ov = p.accumulate ? __bfloat1622float2(*pv) : make_float2(0.f, 0.f);
-      *pv = __floats2bfloat162_rn(ov.x + dv[4 * j + 2 * hh], ov.y + dv[4 * j + 2 * hh + 1]);
+    if (p.exclude_ctrl) {  // zero the control channel of the warpgroup's K rows
+      if (threadIdx.x % 128 < 64)
+        sm.k[swizzled<kBN>(wg * 64 + threadIdx.x % 128, kD - 1)] = __float2bfloat16(0.f);
+      fence_proxy_async();  // read next by the tensor cores
+      named_barrier<128>(kBarKZeroed + wg);
     }
+
+    float dk[kD / 2], dv[kD / 2], dm[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    for (int it = 0; it < t.iters; ++it) {
+      const int c = g + it, stage = c % kStages;
+      const int h = hk * G + it / t.n_m, q0 = (t.m_first + it % t.n_m) * kBM;
+      const uint32_t uQ = smem_u32(sm.q[stage]), uO = smem_u32(sm.dout[stage]);
+      bf16* ds = sm.ds[c & 1];
+      const bool edge = !(q0 > warp_key0 + 15 + p.window && q0 + kBM <= T);
+
+      float s[kBM / 2], dp[kBM / 2];
+      mbar_wait(&sm.full[stage], (c / kStages) & 1);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<kBM>(s, kmajor_desc<kBN>(uK, kk), kmajor_desc<kBM>(uQ, kk), kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<kBM>(dp, kmajor_desc<kBN>(uV, kk), kmajor_desc<kBM>(uO, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<1>();  // S^T landed; dP^T may still run
+      pin(s);
+      probabilities<kBM>(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
+      wgmma_wait<0>();
+      pin(dp);
+      score_grads<kBM>(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
+
+      uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
+      pack_a_fragments<kBM>(pa, s);
+      pack_a_fragments<kBM>(da, dp);
+      store_ds<kBM>(ds, da, row_lo);
+      fence_proxy_async();  // read next by the tensor cores
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk)
+        wgmma_rs_nmajor<kD>(dv, pa[kk], nmajor_desc<kBM>(uO, kk));
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk)
+        wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+      wgmma_commit();
+      named_barrier<256>(kBarDsStored);
+      float dq[32];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds + dq_qb * kBN * 64), kk),
+                           nmajor_desc<kBN>(uKcols, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(dv);
+      pin(dk);
+      pin(dq);
+      if (it + 1 == t.iters) mbar_arrive(&sm.kv_empty);  // K and V are no longer read
+      mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
+      add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h,
+                 &maps.dq_acc, p);
+    }
+
+    // dmask: each key's sum lies spread over the 4 lanes of its quad
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 1);
+      dm[hh] += __shfl_xor_sync(0xffffffffu, dm[hh], 2);
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int key = key_lo + 8 * hh;
+      if (key >= T) continue;
+      if (p.dmask && (lane % 4) == 0) {
+        float& dst = p.dmask[(static_cast<long>(b) * T + key) * Hkv + hk];
+        dst = (p.accumulate ? dst : 0.f) + dm[hh];
+      }
+      const long off = ((static_cast<long>(b) * T + key) * Hkv + hk) * kD;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        const int c = j * 8 + 2 * (lane % 4);
+        const float dk0 = dk[4 * j + 2 * hh] * p.scale;
+        const float dk1 =
+            p.exclude_ctrl && c + 1 == kD - 1 ? 0.f : dk[4 * j + 2 * hh + 1] * p.scale;
+        __nv_bfloat162* pk = reinterpret_cast<__nv_bfloat162*>(p.dk + off + c);
+        const float2 ok = p.accumulate ? __bfloat1622float2(*pk) : make_float2(0.f, 0.f);
+        *pk = __floats2bfloat162_rn(ok.x + dk0, ok.y + dk1);
+        __nv_bfloat162* pv = reinterpret_cast<__nv_bfloat162*>(p.dv + off + c);
+        const float2 ov = p.accumulate ? __bfloat1622float2(*pv) : make_float2(0.f, 0.f);
+        *pv = __floats2bfloat162_rn(ov.x + dv[4 * j + 2 * hh], ov.y + dv[4 * j + 2 * hh + 1]);
+      }
+    }
+    g += t.iters;
   }
   // the staging buffer must outlive the last reduce-adds' reads of it (the CTA's shared memory
   // goes with its exit); waiting for their completion costs no more at this point
@@ -413,12 +466,12 @@ CUtensorMap make_dq_map(float* dq_acc, int B, int T, int H, int D) {
                            CU_TENSOR_MAP_SWIZZLE_128B, "the fp32 dQ accumulator");
 }
 
-template <int D>
+template <int D, bool kPersistent>
 void launch_bwd(float* dq_acc, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                 const float* lse2, const float* delta, const BwdParams& p, cudaStream_t stream) {
   constexpr int kBM = BwdTiles<D>::kBM;
   const size_t smem = 1024 + sizeof(BwdSmem<D>);
-  allow_dynamic_smem<attn_bwd_sm90_kernel<D>>(smem);
+  allow_dynamic_smem<attn_bwd_sm90_kernel<D, kPersistent>>(smem);
   const long stat_rows = static_cast<long>(p.B) * p.H;
   const int stats_stride = attention_stats_stride(p.T);
   const BwdMaps maps{make_tile_map(q, p.B, p.T, p.H, D, kBM),
@@ -428,8 +481,22 @@ void launch_bwd(float* dq_acc, const bf16* q, const bf16* k, const bf16* v, cons
                      make_row_map<kBM>(lse2, stat_rows, p.T, stats_stride, "lse2"),
                      make_row_map<kBM>(delta, stat_rows, p.T, stats_stride, "Delta"),
                      make_dq_map(dq_acc, p.B, p.T, p.H, D)};
-  dim3 grid(ceil_div(p.T, kBN), p.Hkv, p.B);
-  attn_bwd_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(maps, p);
+  const int ntiles = ceil_div(p.T, kBN);
+  if (!kPersistent) {
+    attn_bwd_sm90_kernel<D, false>
+        <<<dim3(ntiles, p.Hkv, p.B), kThreads, smem, stream>>>(maps, p, nullptr, 0);
+    DMC_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  // the key tiles past the first one of each CTA are claimed from this counter
+  int* next_tile = static_cast<int*>(scratch(kScratchAttentionBwdTileCounter, sizeof(int)));
+  DMC_CUDA_CHECK(cudaMemsetAsync(next_tile, 0, sizeof(int), stream));
+  const int heads = p.B * p.Hkv;
+  // Q and dO bytes a KV head's key tiles read (its group's G query heads)
+  const int section =
+      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * (p.H / p.Hkv), heads);
+  const int grid = std::min(ntiles * heads, num_sms());
+  attn_bwd_sm90_kernel<D, true><<<grid, kThreads, smem, stream>>>(maps, p, next_tile, section);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -439,17 +506,17 @@ void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,
                                  int T, int H, int Hkv, int D, bool exclude_ctrl, float scale,
-                                 bool accumulate, cudaStream_t stream, int mask_window) {
+                                 bool accumulate, cudaStream_t stream, int mask_window,
+                                 bool persistent) {
   if (!device_is_sm90()) {
     std::fprintf(stderr, "dmc_attention_backward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
   const BwdParams p{mask, dk, dv, dmask, B, T, H, Hkv, scale, scale * kLog2e, exclude_ctrl,
                     mask_window, accumulate};
-  if (D == 64)
-    launch_bwd<64>(dq_acc, q, k, v, dout, lse2, delta, p, stream);
-  else
-    launch_bwd<128>(dq_acc, q, k, v, dout, lse2, delta, p, stream);
+  const auto launch = D == 64 ? (persistent ? launch_bwd<64, true> : launch_bwd<64, false>)
+                              : (persistent ? launch_bwd<128, true> : launch_bwd<128, false>);
+  launch(dq_acc, q, k, v, dout, lse2, delta, p, stream);
 }
 
 }  // namespace dmc::cuda

@@ -173,11 +173,12 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 //
 // Two schedules (kPersistent). The grid one: a CTA per row tile, the longest rows of a head
 // first, the heads in order; O is staged in the Q tile's rows. The persistent one: a CTA per SM,
-// each taking row tiles one after another (persistent_tile's order, the next one claimed from a
-// counter in global memory by the producer), so that the producer loads the next tile's Q, K and
-// V while the consumers finish the current one (the Q tile is handed back by q_empty once their
-// last S GEMM has read it), and no CTA launch, barrier set-up or first load is waited for between
-// tiles; O then has a buffer of its own (the next Q lands in the Q tile meanwhile). At the
+// each taking row tiles one after another (persistent_tile's order, kernels/wgmma_sm90.h, the
+// next one claimed from a counter in global memory by the producer), so that the producer loads
+// the next tile's Q, K and V while the consumers finish the current one (the Q tile is handed
+// back by q_empty once their last S GEMM has read it), and no CTA launch, barrier set-up or first
+// load is waited for between tiles; O then has a buffer of its own (the next Q lands in the Q
+// tile meanwhile). At the
 // training step's T 2048 a CTA of the grid schedule spends about as long starting and ending as
 // on four or five key tiles of work (bench/RESULTS.md), which the persistent one overlaps.
 // The stages and their barrier phases run on across a CTA's tiles: key tile n of its i-th row
@@ -185,10 +186,6 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 constexpr int kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
 constexpr int kBarWarpgroup = 1, kBarTurn = 3;  // 0 is __syncthreads
-// Bytes of K and V that a section of the persistent order may span, so that the tiles running at
-// once (about two sections' worth) find their keys in the 50 MB L2.
-constexpr long kSectionBytes = 16l << 20;
-
 // Keys of a bias row: T rounded up to whole key tiles, so that every tile's row is one 512-byte
 // bulk copy, 16-byte aligned.
 inline __host__ __device__ int padded_keys(int T) { return (T + kBN - 1) / kBN * kBN; }
@@ -208,18 +205,6 @@ struct Smem {
 struct RowTile {
   int mt, h, b;  // 128 query rows from mt · kBM, of head h of sequence b
 };
-// Row tile i of the persistent order: the (b, h) heads (h fastest) in sections of `section`
-// heads, one section after another; within a section the longest row tiles first, every head's
-// tile of one length before any shorter one, so that the last tiles to start are the shortest
-// (the tail of the run), while the keys read at once stay those of about one section.
-__device__ __forceinline__ RowTile persistent_tile(int i, int mtiles, int heads, int section,
-                                                   int H) {
-  const int s = i / (mtiles * section);
-  const int j = i - s * mtiles * section;
-  const int in_section = min(section, heads - s * section);
-  const int bh = s * section + j % in_section;
-  return {mtiles - 1 - j / in_section, bh % H, bh / H};
-}
 
 template <int D, bool kPersistent>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -238,7 +223,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int mtiles = (T + kBM - 1) / kBM, heads = p.B * p.H;
   const int num_tiles = mtiles * heads;
   auto tile_of = [&](int i) -> RowTile {
-    if constexpr (kPersistent) return persistent_tile(i, mtiles, heads, section, p.H);
+    if constexpr (kPersistent) {  // the (b, h) heads, h fastest; the longest rows last in a head
+      const PersistentTile w = persistent_tile(i, mtiles, heads, section);
+      return {mtiles - 1 - w.rank, w.head % p.H, w.head / p.H};
+    }
     return {static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x),  // longest rows first
             static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
   };
@@ -453,9 +441,8 @@ void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const Fw
   DMC_CUDA_CHECK(cudaMemsetAsync(next_tile, 0, sizeof(int), stream));
   const int heads = p.B * p.H;
   // K and V bytes per query head (a KV head's, shared by the H / Hkv heads of its group)
-  const long head_bytes =
-      std::max<long>(1, static_cast<long>(p.T) * D * 2 * sizeof(bf16) * p.Hkv / p.H);
-  const int section = static_cast<int>(std::clamp<long>(kSectionBytes / head_bytes, 1, heads));
+  const int section =
+      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * p.Hkv / p.H, heads);
   const int grid = std::min(mtiles * heads, num_sms());
   attn_fwd_sm90_kernel<D, true><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, out_map, p,
                                                                   next_tile, section);

@@ -175,11 +175,13 @@ INSTANTIATE_TEST_SUITE_P(
       return "case" + std::to_string(info.index / 3) + suffix;
     });
 
-// The Hopper forward's persistent schedule against its grid schedule on shapes of many more row
-// tiles than SMs (so that each CTA of the persistent one takes several, across heads, sections
-// and the stages' phases): each row tile is computed by the same code in the same order, so out
-// and lse must be equal bit for bit. The CPU reference cases above have fewer row tiles than a
-// Hopper GPU has SMs.
+// The Hopper kernels' persistent schedules against their grid schedules on shapes of many more
+// tiles than SMs (so that each CTA of a persistent kernel takes several, across heads, sections
+// and the stages' phases): each tile is computed by the same code in the same order, so the
+// forward's out and lse and the backward's dk, dv and dmask must be equal bit for bit; dq only
+// within bf16 round-off, as its fp32 accumulator takes the key tiles' TMA reduce-adds in the
+// order they happen to arrive. The CPU reference cases above have fewer tiles than a Hopper GPU
+// has SMs.
 TEST(CudaAttentionSchedules, PersistentEqualsGrid) {
   DMC_REQUIRE_GPU();
   if (!C::device_is_sm90()) GTEST_SKIP() << "the sm90 kernels need a Hopper GPU";
@@ -200,24 +202,38 @@ TEST(CudaAttentionSchedules, PersistentEqualsGrid) {
       mask[i] = c.mask == MaskKind::kSoft    ? std::log1p(-0.999 * u[i])
                 : c.mask == MaskKind::kHard  ? (u[i] < 0.3 ? -50000.f : 0.f)
                                              : (u[i] < 0.6 ? -INFINITY : 0.f);
-    auto qd = randn(nq, c.q_scale), kd = randn(nk), vd = randn(nk);
-    DevBuf<bf16> q(to_bf16(qd)), k(to_bf16(kd)), v(to_bf16(vd));
+    auto qd = randn(nq, c.q_scale), kd = randn(nk), vd = randn(nk), god = randn(nq);
+    DevBuf<bf16> q(to_bf16(qd)), k(to_bf16(kd)), v(to_bf16(vd)), gout(to_bf16(god));
     DevBuf<float> dmask(mask);
     const float* mptr = c.mask == MaskKind::kNone ? nullptr : dmask.ptr;
-    std::vector<std::vector<bf16>> outs;
-    std::vector<std::vector<float>> lses;
+    struct Outputs {
+      std::vector<bf16> out, dq, dk, dv;
+      std::vector<float> lse, dmask;
+    };
+    std::vector<Outputs> runs;
     for (auto kernel : {C::AttentionKernel::kSm90, C::AttentionKernel::kSm90Persistent}) {
-      DevBuf<bf16> out(nq);
-      DevBuf<float> lse(nl);
-      out.poison();
+      DevBuf<bf16> out(nq), gq(nq), gk(nk), gv(nk);
+      DevBuf<float> lse(nl), gm(nm);
+      for (auto* buf : {&out, &gq, &gk, &gv}) buf->poison();
       lse.poison();
+      gm.poison();
       C::dmc_attention_forward(out, lse, q, k, v, mptr, c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl,
                                scale, nullptr, c.window, kernel);
-      outs.push_back(out.download());
-      lses.push_back(lse.download());
+      C::dmc_attention_backward(gq, gk, gv, mptr ? gm.ptr : nullptr, gout, q, k, v, mptr, out, lse,
+                                c.B, c.T, c.H, c.Hkv, c.D, c.exclude_ctrl, scale,
+                                /*accumulate=*/false, nullptr, c.window, kernel);
+      runs.push_back({out.download(), gq.download(), gk.download(), gv.download(),
+                      lse.download(), mptr ? gm.download() : std::vector<float>()});
     }
-    EXPECT_EQ(0, std::memcmp(outs[0].data(), outs[1].data(), nq * sizeof(bf16)));
-    EXPECT_EQ(0, std::memcmp(lses[0].data(), lses[1].data(), nl * sizeof(float)));
+    const Outputs &grid = runs[0], &persistent = runs[1];
+    EXPECT_EQ(0, std::memcmp(grid.out.data(), persistent.out.data(), nq * sizeof(bf16)));
+    EXPECT_EQ(0, std::memcmp(grid.lse.data(), persistent.lse.data(), nl * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(grid.dk.data(), persistent.dk.data(), nk * sizeof(bf16)));
+    EXPECT_EQ(0, std::memcmp(grid.dv.data(), persistent.dv.data(), nk * sizeof(bf16)));
+    EXPECT_EQ(grid.dmask, persistent.dmask);
+    std::vector<double> dq_grid(nq);
+    for (size_t i = 0; i < nq; ++i) dq_grid[i] = __bfloat162float(grid.dq[i]);
+    expect_close("attn bwd dq persistent vs grid", persistent.dq, dq_grid, kBf16Tol);
   }
 }
 
