@@ -1,6 +1,7 @@
 // What the KV cache keeps, per method, all in the same paged cache (H2O: Zhang et al., NeurIPS 2023; TOVA: Oren et al., 2024; LoMA: model/README.md):
 //   dmc      the learned per-head append/accumulate decisions (model/DMC.md §6); no budget.
-//   dms      a DMS model's learned delayed eviction (DMS.md §5): every token appends its rotated
+//   dms      a DMS model's learned delayed eviction (model/DMS.md §5): every token appends its
+//            rotated
 //            key; token t's decision d_t marks token t-1 (the slot's score holds the mark), and a
 //            marked token leaves its head when it falls out of the window, at step t-1+w+1, before
 //            that step's attention — the hard mask of the training forward. No budget. The GPU

@@ -69,7 +69,8 @@
 // them, as on the CPU engine. Its prompts go token by token (no parallel prefill, as on the CPU
 // engine: the parallel forward does not read another layer's cache).
 //
-// DMS (a DMS model, the dms method; DMS.md §5): every layer of the step computes each row's hard
+// DMS (a DMS model, the dms method; model/DMS.md §5): every layer of the step computes each row's
+// hard
 // eviction decisions on the device (the adapter, Linear(RMSNorm(residual)), or the query channel,
 // which is then zeroed in q before and after RoPE, as Llama::DmsDecisionInput; then
 // kernels/dms_gates.h), appends every token (the vanilla write) and runs

@@ -88,7 +88,7 @@ class DecodeEngine {
   //            p0 with α_{p0} = 1 continues into the window state's tokens. k̂_i is rotated at
   //            position i, the value v̂_i likewise averaged, not rotated. Per head the prefix
   //            part is thus its first length − α_{p0} slots (α_{p0} = 0 for p0 = 0).
-  //   dms      (DMS.md §3, §5; d_t the hard decision of token t, which marks token t − 1) the
+  //   dms      (model/DMS.md §3, §5; d_t the hard decision of token t, which marks token t − 1) the
   //            hard mask of the whole sequence: key j <= t is seen iff t − j <= w or
   //            d_{j+1} = 0, across the chunk boundary: the prefix's held slots include its last
   //            w + 1 tokens with their marks, a marked one leaves when a chunk query is more

@@ -1,6 +1,6 @@
 // Attention of a chunk of n new tokens of ONE sequence that continues a paged KV cache (chunked
 // prefill, inference/decode_engine.h): each chunk query sees a prefix of its head's cached slots
-// and the chunk's own keys under the causal hard mask. model/DMC.md §6, DMS.md §3.
+// and the chunk's own keys under the causal hard mask. model/DMC.md §6, model/DMS.md §3.
 //
 // Layout:
 //   q, out        [n, H, D]    the chunk's queries (rotated at their positions), the output

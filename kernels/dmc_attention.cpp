@@ -5,7 +5,7 @@
 // Dqk = D-1 with exclude_ctrl: channel D-1 of q and k is the DMC control channel and carries no
 // content. The diagonal is exempt from the mask: the newest (partially accumulated) state is
 // always visible to its own query, only older states that were merged forward are hidden (w = 0).
-// DMS widens the exempt diagonal to the band t - i <= w (delayed eviction, DMS.md §3); a hard
+// DMS widens the exempt diagonal to the band t - i <= w (delayed eviction, model/DMS.md §3); a hard
 // mask of -inf then removes the key from the softmax entirely.
 //
 // Backward (the FlashAttention formulation): the probabilities are recomputed from the saved lse,

@@ -3,7 +3,7 @@
 //   s[t, i] = scale · sum_{c < Dqk} q[t, c] k[i, c]  +  (t - i > w ? mask[b, i, h_kv] : 0),  i <= t
 //   out[t]  = sum_i softmax_i(s[t, :]) v[i]
 // w = mask_window. DMC (w = 0): the diagonal (i = t) is exempt from the mask (model/DMC.md §3).
-// DMS (w > 0, DMS.md §3): the band t - i <= w is exempt, so a key marked for eviction stays
+// DMS (w > 0, model/DMS.md §3): the band t - i <= w is exempt, so a key marked for eviction stays
 // visible to itself and the next w queries (delayed eviction); m = -inf is the hard form.
 // Dqk = D - 1 when exclude_ctrl (the DMC control channel carries no content), D otherwise.
 // mask [B, T, Hkv] may be null (vanilla).

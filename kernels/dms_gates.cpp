@@ -1,4 +1,5 @@
-// DMS eviction decisions (spec: kernels/dms_gates.h, DMS.md §1–§3). Elementwise except the mask,
+// DMS eviction decisions (spec: kernels/dms_gates.h, model/DMS.md §1–§3). Elementwise except the
+// mask,
 // which reads the next position's logit: the key of token j is evicted by the decision of j+1.
 #include "kernels/dms_gates.h"
 

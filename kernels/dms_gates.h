@@ -1,5 +1,5 @@
-// DMS eviction decisions (DMS.md §1–§3). One scalar per (b, t, KV head h) of x [B, T, Hkv], the
-// decision channel: the query channel q[b, t, h·G, D-1] before RoPE, or the adapter's output
+// DMS eviction decisions (model/DMS.md §1–§3). One scalar per (b, t, KV head h) of x [B, T, Hkv],
+// the decision channel: the query channel q[b, t, h·G, D-1] before RoPE, or the adapter's output
 // Linear(RMSNorm(r_t)) (model/llama.h says which).
 //   a      = scale · x - offset                          decision logit (s = 100, c = 5)
 //   logit  = (a + noise) / temperature   (kRelaxed: noise logistic, tau = 0.1)
@@ -12,7 +12,7 @@
 //            logsigmoid(-logit[j+1]) = log(1 - alpha[j+1])   (kRelaxed)
 //            -inf · alpha[j+1]                               (kHard: the key is gone)
 //            0 for j = T-1 (alpha_0 marks nothing)
-// dmc_attention adds mask[j] only where t - j > window (the delayed eviction of DMS.md §3).
+// dmc_attention adds mask[j] only where t - j > window (the delayed eviction of model/DMS.md §3).
 //
 // Backward (devict and dmask may be null; the hard mask is a constant):
 //   dlogit[t] = devict[t] · s(1-s)  -  dmask[t-1] · alpha[t]        (t >= 1 for the mask term)

@@ -1,5 +1,5 @@
-// Logit distillation loss of DMS (DMS.md §4): per position n, with student logits s and teacher
-// logits u over the vocabulary, p = softmax(s), log p_t = u - lse(u),
+// Logit distillation loss of DMS (model/DMS.md §4): per position n, with student logits s and
+// teacher logits u over the vocabulary, p = softmax(s), log p_t = u - lse(u),
 //   kl[n] = sum_v p_v (log p_v - log p_t,v)        = KL(student || teacher), temperature 1
 //   L_D   = sum_n weight[n] · kl[n]                (weight = 1/count on the positions counted, 0
 //                                                   elsewhere: the caller's mean)

@@ -1,4 +1,5 @@
-// DMS's delayed eviction (DMS.md §5) in the paged KV cache on the device's terms (the flat layer
+// DMS's delayed eviction (model/DMS.md §5) in the paged KV cache on the device's terms (the flat
+// layer
 // of kernels/paged_kv_write.h): the rule of the CPU cache's DmsUpdate (inference/cache_policy.h)
 // on R rows at once. A token t marked by the next token's decision (d_{t+1} = 1) stays visible to
 // itself and the next w queries, then leaves its head; its slot is reused.

@@ -104,7 +104,7 @@ case "$config" in
     dms_stage_split=(20 170 70)
     default_methods="dmc dms"
     # DMS keeps a marked token for w more queries, which counts against the memory CR
-    # L / ((1 - f)(L - w - 1) + w + 1) (DMS.md §5): at 128 tokens and CR 8, w = 1 costs 10%.
+    # L / ((1 - f)(L - w - 1) + w + 1) (model/DMS.md §5): at 128 tokens and CR 8, w = 1 costs 10%.
     # The paper's variant (query channel, every weight trained) reaches CR 8 in these steps;
     # the released code's adapter on a frozen base stalls near CR 5 on this 0.9M model.
     dms_variant=query_channel
@@ -206,7 +206,7 @@ retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and t
 [ -z "${DMC_PIPELINE_DMC_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_DMC_FLAGS"; dmc_flags+=("${more[@]}"); }
 retrofit=(--stage1_steps=${stages[0]} --stage2_steps=${stages[1]} --stage3_steps=${stages[2]}
           --retrofit_lr=${retrofit_lr[0]} --retrofit_min_lr=${retrofit_lr[1]} "${dmc_flags[@]}")
-# DMS (DMS.md): the decision logit in `dms_variant`, on the stages DMC runs (the query channel
+# DMS (model/DMS.md): the decision logit in `dms_variant`, on the stages DMC runs (the query channel
 # is freed by stage 1 as DMC's control channel is; the adapter has none, so its ramp takes
 # stage 1's steps too): the same number of steps
 split=("${stages[@]}")

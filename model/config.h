@@ -18,8 +18,8 @@ struct DmcConfig {
   float omega_eps = 0.0078125f; // bf16 epsilon added to omega
 };
 
-// DMS (DMS.md): learned delayed eviction. A token t's decision d_t = 1[a_t > 0] marks token t-1
-// for eviction; a marked token stays visible while it is among the last window + 1 tokens, then
+// DMS (model/DMS.md): learned delayed eviction. A token t's decision d_t = 1[a_t > 0] marks token
+// t-1 for eviction; a marked token stays visible while it is among the last window + 1 tokens, then
 // leaves the cache. a_t = scale · x_t - offset, where x_t is
 //   kAdapter       Linear(RMSNorm(r_t)) of the layer's residual input r_t, per KV head: new
 //                  parameters (zero-initialised projection), the base frozen (released code)

@@ -96,7 +96,7 @@ absl::Status ParseDmc(const std::string& path, const json& d, DmcConfig* dmc) {
   return absl::OkStatus();
 }
 
-// The DMS settings (DMS.md); a model without the key is not a DMS model.
+// The DMS settings (model/DMS.md); a model without the key is not a DMS model.
 absl::Status ParseDms(const std::string& path, const json& d, DmsConfig* dms) {
   if (!d.is_object())
     return absl::InvalidArgumentError(absl::StrCat(path, ": field 'dms' must be an object, got ", d.dump()));

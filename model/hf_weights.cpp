@@ -30,7 +30,7 @@ absl::Status ImportHfWeights(const std::string& dir, Llama<float>* model) {
   if (!ckpt.ok()) return ckpt.status();
   for (const ParamSpec& spec : model->param_specs()) {
     // A base model retrofitted with the DMS adapter has none yet: it starts as Llama::InitRandom
-    // starts it, a unit norm and a zero projection (DMS.md §1).
+    // starts it, a unit norm and a zero projection (model/DMS.md §1).
     if (spec.name.find(".dms_proj_alpha") != std::string::npos && !(*ckpt)->contains(spec.name)) {
       float* w = model->params().data() + spec.offset;
       std::fill(w, w + spec.size, spec.shape.size() == 1 ? 1.0f : 0.0f);

@@ -182,7 +182,7 @@ void Llama<T>::InitRandom(uint64_t seed) {
       continue;
     }
     if (s.name.find("dms_proj_alpha.weight") != std::string::npos) {
-      // zero, so every decision logit starts at -offset (DMS.md §1: no eviction at first)
+      // zero, so every decision logit starts at -offset (model/DMS.md §1: no eviction at first)
       std::fill(w, w + s.size, T(0));
       continue;
     }
@@ -449,7 +449,8 @@ ForwardResult Llama<T>::Forward(const int32_t* tokens, const int32_t* targets, i
     }
   result.lm_loss = label_count_ > 0 ? loss_sum / label_count_ : 0.0;
   if (distilling_) {
-    // DMS.md §4: the mean over labelled positions whose input is not EOS of KL(student || teacher)
+    // model/DMS.md §4: the mean over labelled positions whose input is not EOS of KL(student ||
+    // teacher)
     Resize(distill_weight_, N);
     double count = 0;
     for (int i = 0; i < N; ++i) count += targets[i] >= 0 && tokens[i] != config_.eos_token_id;

@@ -11,8 +11,8 @@
 // per-row statistics instead of logits, and the LM head's input gradient is all-reduced. Norms
 // are replicated.
 //
-// DMS (model/config.h DmsConfig, DMS.md): with eviction on, each layer computes one decision input
-// x per (token, KV head) — the adapter Linear(RMSNorm(residual)) (its projection split by KV
+// DMS (model/config.h DmsConfig, model/DMS.md): with eviction on, each layer computes one decision
+// input x per (token, KV head) — the adapter Linear(RMSNorm(residual)) (its projection split by KV
 // heads over TP, its norm replicated) or the query channel q[h·G, D-1] (then zeroed in that head
 // before and after RoPE) — turns it into decisions (kernels/dms_gates.h) and attends under the
 // delayed-eviction mask (kernels/dmc_attention.h with window w). Given a teacher's logits on the
@@ -88,7 +88,7 @@ std::vector<ParamSpec> UnwrittenGradients(const std::vector<ParamSpec>& specs,
                                           const LlamaConfig& config, bool eviction);
 
 // DMS query-channel variant: q [N, H, D] → q[n, h·G, D-1] = 0 for every KV head h, before and
-// after RoPE (the channel carries the decision, not attention content; DMS.md §1).
+// after RoPE (the channel carries the decision, not attention content; model/DMS.md §1).
 template <typename T>
 void ZeroDmsQueryChannel(T* q, long N, int H, int Hkv, int D);
 

@@ -482,7 +482,7 @@ void LlamaCuda::ForwardAsync(const int32_t* tokens, const int32_t* targets, int 
   cudaStream_t s = stream_;
 
   label_count_ = 0;
-  double distilled = 0;  // DMS.md §4: labelled positions whose input is not EOS
+  double distilled = 0;  // model/DMS.md §4: labelled positions whose input is not EOS
   for (int i = 0; i < N; ++i) {
     if (targets[i] >= 0) label_count_ += 1;
     if (targets[i] >= 0 && tokens[i] != config_.eos_token_id) distilled += 1;

@@ -63,7 +63,7 @@ __global__ void fill_labelled_kernel(float* d, const int32_t* targets, const int
   if (i < N) d[i] = targets[i] >= 0 && tokens[i] != skip_input ? value : 0.f;
 }
 
-// Channel D-1 of query head h·G of row n, the DMS decision channel of KV head h (DMS.md §1).
+// Channel D-1 of query head h·G of row n, the DMS decision channel of KV head h (model/DMS.md §1).
 __device__ __forceinline__ long dms_channel(long n, int h, int H, int G, int D) {
   return (n * H + static_cast<long>(h) * G) * D + D - 1;
 }

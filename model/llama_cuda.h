@@ -5,7 +5,8 @@
 // tests/cuda/test_cuda_dms.cpp (DMS) check losses, merge statistics and every gradient tensor of
 // this one against it.
 //
-// DMS (model/llama.h, DMS.md): with eviction on and distillation on (set_distillation, what the
+// DMS (model/llama.h, model/DMS.md): with eviction on and distillation on (set_distillation, what
+// the
 // trainer's step does), a Forward first runs the teacher on the same batch — the frozen bf16 copy
 // of SetTeacher (the query-channel variant's), or this model's own weights with eviction off (the
 // adapter variant's: its base is frozen) — and keeps its logits (this rank's vocabulary rows) and

@@ -1,4 +1,4 @@
-// The central DMS test (DMS.md §8.7): the training-mode forward with hard decisions equals
+// The central DMS test (model/DMS.md §8.7): the training-mode forward with hard decisions equals
 // decoding token by token over the paged cache with the dms policy, and equals a parallel prefill
 // followed by decoding; every head ends with the tokens the hard mask leaves visible to the last
 // query, and evicted slots go back to the allocator.

@@ -1,5 +1,5 @@
-// The DMS model (model/llama.h, DMS.md): the whole step's gradient by finite differences in both
-// decision variants, distilling from a teacher; the adapter's start is the base model exactly.
+// The DMS model (model/llama.h, model/DMS.md): the whole step's gradient by finite differences in
+// both decision variants, distilling from a teacher; the adapter's start is the base model exactly.
 #include <gtest/gtest.h>
 
 #include <cmath>

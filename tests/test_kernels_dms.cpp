@@ -1,4 +1,4 @@
-// DMS kernels (DMS.md §1–§4): the decision gates, the delayed-eviction mask mode of the DMC
+// DMS kernels (model/DMS.md §1–§4): the decision gates, the delayed-eviction mask mode of the DMC
 // attention and the KL distillation loss, against finite differences and explicit references.
 #include <gtest/gtest.h>
 
@@ -65,7 +65,7 @@ TEST(KernelsDms, GatesBackwardMatchesFiniteDifferences) {
 // Hard decisions: d = 1[s·x - c > 0]; key j is removed (-inf) iff d[j+1] = 1.
 TEST(KernelsDms, HardMaskRemovesKeysMarkedByTheNextToken) {
   const int T = 6;
-  // DMS.md §3's example: d = (0, 1, 0, 1, 0, 0)
+  // model/DMS.md §3's example: d = (0, 1, 0, 1, 0, 0)
   const Vec x = {0.0, 0.06, 0.0, 0.06, 0.0, 0.0};
   Vec logit(T), alpha(T), evict(T), mask(T);
   const DmsGateParams p{100.0f, 5.0f, 0.1f, DmcDecisionMode::kHard};
@@ -76,8 +76,8 @@ TEST(KernelsDms, HardMaskRemovesKeysMarkedByTheNextToken) {
   EXPECT_EQ(mask, Vec({-inf, 0, -inf, 0, 0, 0}));
 }
 
-// The example of DMS.md §3 (T = 6, w = 2, d = (0,1,0,1,0,0)): each query attends exactly to the
-// keys the hard form leaves visible.
+// The example of model/DMS.md §3 (T = 6, w = 2, d = (0,1,0,1,0,0)): each query attends exactly to
+// the keys the hard form leaves visible.
 TEST(KernelsDms, WindowedHardMaskAttendsToTheVisibleKeysOnly) {
   const int T = 6, D = 4, w = 2;
   std::mt19937_64 rng(8);

@@ -5,7 +5,7 @@ namespace dmc::trainer {
 model::ForwardResult CpuBackend::Forward(const int32_t* tokens, const int32_t* targets, int B,
                                          int seq_len, const model::StepOptions& options) {
   if (model_->config().dms.enabled) {
-    // The teacher: the frozen copy, or this model with eviction off (DMS.md §4).
+    // The teacher: the frozen copy, or this model with eviction off (model/DMS.md §4).
     model::Llama<float>& teacher = teacher_ ? *teacher_ : *model_;
     if (!teacher_) model_->set_compression_enabled(false);
     model::StepOptions plain = options;

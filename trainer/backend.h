@@ -25,7 +25,8 @@ class TrainBackend {
   // DMC merging or DMS eviction on or off (the model's compression; stages 2 and 3 on).
   virtual void SetCompressionEnabled(bool enabled) = 0;
   // DMS: the frozen copy of the original model whose logits the query-channel variant distils
-  // (DMS.md §4); it must outlive the backend. Without one, the model itself with eviction off is
+  // (model/DMS.md §4); it must outlive the backend. Without one, the model itself with eviction off
+  // is
   // the teacher (the adapter variant: its base is frozen, so that is exactly the original model).
   virtual absl::Status SetTeacher(model::Llama<float>* teacher) = 0;
   // End of DMC stage 1 (Llama::ZeroControlChannelRows) on the weights being trained.

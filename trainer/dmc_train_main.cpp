@@ -185,7 +185,7 @@ absl::Status Run(dmc::parallel::ProcessGroups& groups) {
   model_config.dmc.window = absl::GetFlag(FLAGS_dmc_window);
   model_config.dmc.temperature = absl::GetFlag(FLAGS_dmc_temperature);
   model_config.dmc.init_val = absl::GetFlag(FLAGS_dmc_init_val);
-  // The teacher (DMS.md §4) is the model the retrofit starts from, before DMS is added.
+  // The teacher (model/DMS.md §4) is the model the retrofit starts from, before DMS is added.
   const LlamaConfig teacher_config = model_config;
   if (dms) {
     if (model_config.dms.is_dms() || model_config.dmc.enabled)
