@@ -320,7 +320,8 @@ inline int attention_stats_stride(int T) { return (T + 3) / 4 * 4; }
 // pre-pass (delta = rowsum(dout · out), lse2 = lse · log2 e, both [B, H, T] with rows
 // attention_stats_stride(T) apart, 16-byte aligned) and its post-pass (dq = or += dq_acc): adds
 // scale · dQ into the fp32 dq_acc [B, T, H, D] (16-byte aligned; by TMA reduce-adds, the kernel's
-// file says why) and writes or accumulates (accumulate) dk, dv, dmask.
+// file says why) and writes or accumulates (accumulate) dk, dv, dmask. persistent: the kernel's
+// persistent schedule (kSm90Persistent), else its grid one.
 void dmc_attention_backward_sm90(float* dq_acc, bf16* dk, bf16* dv, float* dmask,
                                  const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                                  const float* mask, const float* lse2, const float* delta, int B,

@@ -3,7 +3,8 @@
 // lse · log2 e, its post-pass writes or adds the fp32 dQ accumulator into dq) on Hopper's
 // warpgroup MMA, in FlashAttention-3's backward layout.
 //
-// CTA = 128 keys of one KV head (grid: key tiles x KV heads x sequences), looping over the G query
+// CTA = 128 keys of one KV head (a key tile; the grid schedule: a CTA per key tile, the persistent
+// one below: a CTA per SM taking key tiles one after another), looping over the G query
 // heads of the group and, for each, the BM-query tiles that reach its keys (at or after the
 // first key); BM = 64 at head dim 128, 128 at head dim 64 (BwdTiles). Per tile, consumer
 // warpgroup w (keys 64w + [0, 64)) computes
@@ -36,7 +37,7 @@
 // warpgroup's block into a dQ accumulator laid out tile by tile): a warp's rows are its own, so
 // only __syncwarp orders its stores and its reduce-adds, and dq_acc keeps the row layout.
 //
-// A producer warp issues the TMA loads: K, V once; Q and dO tiles, and the tiles' rows of lse2 and
+// A producer warp issues the TMA loads: K, V once per key tile; Q and dO tiles, and the tiles' rows of lse2 and
 // Delta (rows of [B·H, T] fp32, attention_stats_stride(T) apart), kStages deep. Each stage has a
 // full mbarrier (all four landed: expect_tx counts their bytes) and an empty one (every consumer
 // thread is done with the stage), as in the sm90 forward. Shared tiles, descriptors and the wgmma
@@ -281,7 +282,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kProducerRegs));
+    // the persistent producer also computes the tile order and claims tiles: 32 registers, which
+    // still leave the consumers theirs
+    constexpr int kProducerRegs = kPersistent ? 32 : BwdTiles<kD>::kProducerRegs;
+    static_assert(128 * kProducerRegs + 256 * BwdTiles<kD>::kConsumerRegs <= 65536,
+                  "the register file");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp != 0 || lane != 0) return;  // one thread issues every load
     int g = 0;   // query tiles loaded before this key tile's
     int kt = 0;  // key tiles before this one

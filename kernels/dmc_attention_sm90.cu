@@ -20,7 +20,8 @@
 // the Q tile is zeroed in shared memory once, so it drops out of every score.
 //
 // O leaves by TMA too: each consumer warpgroup writes its 64 normalised rows as bf16 into its own
-// 64 rows of the Q tile in shared memory (only it reads them, and not after its last S GEMM), in
+// 64 rows of the Q tile in shared memory (only it reads them, and not after its last S GEMM; the
+// persistent schedule, whose next Q tile may land there meanwhile, into a buffer of its own), in
 // the swizzled layout of the output's tensor-map box, and one of its threads stores them (whole
 // 128-byte lines, rows past T skipped by the TMA unit) instead of 4-byte stores rows apart from
 // the registers.

@@ -366,7 +366,7 @@ __device__ __forceinline__ PersistentTile persistent_tile(int i, int tiles_per_h
 // Heads per section: as many as keep a section's bytes (head_bytes each) within ~16 MB, so that
 // about two sections' worth, what runs at once across a section boundary, fits the 50 MB L2.
 inline int persistent_section(long head_bytes, int heads) {
-  constexpr long kSectionBytes = 16l << 20;
+  constexpr long kSectionBytes = 16L << 20;
   const long section = kSectionBytes / std::max(1l, head_bytes);
   return static_cast<int>(std::min<long>(std::max(1l, section), heads));
 }

@@ -2,8 +2,8 @@
 // and TFLOP/s, on random bf16 inputs with a soft DMC mask and the control channel excluded.
 // FLOPs counted as for causal FlashAttention: forward 4·B·H·T²·D / 2, backward 2.5x forward.
 // Forward and backward are timed for each kernel side by side: mma.sync ("fwd", "bwd") and, on
-// Hopper, the sm90 kernels ("fwd90", "bwd90"; "fwd90p" the forward's persistent schedule); f+b is
-// the forward and backward that dmc_attention_forward/backward pick (kAuto). B4 H16 T2048 D128 is
+// Hopper, the sm90 kernels ("fwd90", "bwd90"; "fwd90p", "bwd90p" on their persistent schedules);
+// f+b is the forward and backward that dmc_attention_forward/backward pick (kAuto). B4 H16 T2048 D128 is
 // the 1.36B training step's attention (bench_train_step's 1b:4).
 //   usage: bench_dmc_attention [reps]      (prints one table; shapes fixed below)
 #include <algorithm>
@@ -49,10 +49,10 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{4, 32, 32, 1024, 128}, {4, 16, 16, 2048, 128}, {4, 32, 32, 4096, 128},
                           {4, 32, 32, 8192, 128}, {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
   const bool sm90 = dmc::cuda::device_is_sm90();
-  std::printf("%-28s %9s %9s %10s %9s %9s %9s %9s %10s %11s %9s %10s %9s\n",
+  std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s\n",
               "shape (B H/Hkv T D)", "fwd ms", "fwd90 ms", "fwd90p ms", "bwd ms", "bwd90 ms",
-              "f+b ms", "fwd TF/s", "fwd90 TF/s", "fwd90p TF/s", "bwd TF/s", "bwd90 TF/s",
-              "f+b TF/s");
+              "bwd90p ms", "f+b ms", "fwd TF/s", "fwd90 TF/s", "fwd90p TF/s", "bwd TF/s",
+              "bwd90 TF/s", "bwd90p TF/s", "f+b TF/s");
   for (const Shape& s : shapes) {
     const size_t nq = static_cast<size_t>(s.B) * s.T * s.H * s.D;
     const size_t nk = static_cast<size_t>(s.B) * s.T * s.Hkv * s.D;
@@ -116,6 +116,7 @@ int main(int argc, char** argv) {
     const float mf90 = sm90 ? time_ms([&] { fwd(AttentionKernel::kSm90); }) : NAN;
     const float mf90p = sm90 ? time_ms([&] { fwd(AttentionKernel::kSm90Persistent); }) : NAN;
     const float mb90 = sm90 ? time_ms([&] { bwd(AttentionKernel::kSm90); }) : NAN;
+    const float mb90p = sm90 ? time_ms([&] { bwd(AttentionKernel::kSm90Persistent); }) : NAN;
     const float mfb = time_ms([&] {
       fwd(AttentionKernel::kAuto);
       bwd(AttentionKernel::kAuto);
@@ -124,11 +125,11 @@ int main(int argc, char** argv) {
     const double flops_b = 2.5 * flops_f;
     char label[64];
     std::snprintf(label, sizeof(label), "B%d H%d/%d T%d D%d", s.B, s.H, s.Hkv, s.T, s.D);
-    std::printf("%-28s %9.3f %9.3f %10.3f %9.3f %9.3f %9.3f %9.1f %10.1f %11.1f %9.1f %10.1f "
-                "%9.1f\n",
-                label, mf, mf90, mf90p, mb, mb90, mfb, flops_f / mf * 1e-9, flops_f / mf90 * 1e-9,
-                flops_f / mf90p * 1e-9, flops_b / mb * 1e-9, flops_b / mb90 * 1e-9,
-                (flops_f + flops_b) / mfb * 1e-9);
+    std::printf("%-28s %9.3f %9.3f %10.3f %9.3f %9.3f %10.3f %9.3f %9.1f %10.1f %11.1f %9.1f "
+                "%10.1f %11.1f %9.1f\n",
+                label, mf, mf90, mf90p, mb, mb90, mb90p, mfb, flops_f / mf * 1e-9,
+                flops_f / mf90 * 1e-9, flops_f / mf90p * 1e-9, flops_b / mb * 1e-9,
+                flops_b / mb90 * 1e-9, flops_b / mb90p * 1e-9, (flops_f + flops_b) / mfb * 1e-9);
     std::fflush(stdout);
     for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(o), static_cast<void*>(dout), static_cast<void*>(dq),

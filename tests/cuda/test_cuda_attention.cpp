@@ -2,7 +2,7 @@
 // (soft log(1 - alpha) values, hard -50000 values, or none), DMS's mask mode (the bias only where
 // query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128,
 // sequence lengths that are not multiples of the tiles. Each case runs with each kernel forced
-// (the portable mma.sync ones and, on Hopper, the sm90 ones, the forward on both its schedules):
+// (the portable mma.sync ones and, on Hopper, the sm90 ones on both their schedules):
 // the forward (out, lse), then the backward from that forward's out and lse (dq, dk, dv, dmask,
 // all accumulated into random initial values).
 #include <cmath>
@@ -180,15 +180,16 @@ INSTANTIATE_TEST_SUITE_P(
 // and the stages' phases): each tile is computed by the same code in the same order, so the
 // forward's out and lse and the backward's dk, dv and dmask must be equal bit for bit; dq only
 // within bf16 round-off, as its fp32 accumulator takes the key tiles' TMA reduce-adds in the
-// order they happen to arrive. The CPU reference cases above have fewer tiles than a Hopper GPU
-// has SMs.
+// order they happen to arrive. Odd query-tile counts per key tile (T 8000; G 3 at head dim 64)
+// start the backward's key tiles on either stage and dS buffer. The CPU reference cases above
+// have fewer tiles than a Hopper GPU has SMs.
 TEST(CudaAttentionSchedules, PersistentEqualsGrid) {
   DMC_REQUIRE_GPU();
   if (!C::device_is_sm90()) GTEST_SKIP() << "the sm90 kernels need a Hopper GPU";
   const Case cases[] = {Case{4, 2048, 16, 16, 128, true, MaskKind::kSoft, 1.0},
-                        Case{2, 1100, 32, 8, 128, false, MaskKind::kEvicted, 1.0, 3},
-                        Case{1, 8192, 8, 8, 128, false, MaskKind::kNone, 2.0},
-                        Case{4, 1000, 16, 4, 64, true, MaskKind::kHard, 1.0}};
+                        Case{4, 1100, 32, 8, 128, false, MaskKind::kEvicted, 1.0, 3},
+                        Case{1, 8000, 8, 8, 128, false, MaskKind::kNone, 2.0},
+                        Case{8, 2000, 12, 4, 64, true, MaskKind::kHard, 1.0}};
   for (const Case& c : cases) {
     SCOPED_TRACE(name_of(c));
     const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
@@ -230,10 +231,13 @@ TEST(CudaAttentionSchedules, PersistentEqualsGrid) {
     EXPECT_EQ(0, std::memcmp(grid.lse.data(), persistent.lse.data(), nl * sizeof(float)));
     EXPECT_EQ(0, std::memcmp(grid.dk.data(), persistent.dk.data(), nk * sizeof(bf16)));
     EXPECT_EQ(0, std::memcmp(grid.dv.data(), persistent.dv.data(), nk * sizeof(bf16)));
-    EXPECT_EQ(grid.dmask, persistent.dmask);
+    if (mptr) {
+      EXPECT_EQ(0, std::memcmp(grid.dmask.data(), persistent.dmask.data(), nm * sizeof(float)));
+    }
     std::vector<double> dq_grid(nq);
     for (size_t i = 0; i < nq; ++i) dq_grid[i] = __bfloat162float(grid.dq[i]);
-    expect_close("attn bwd dq persistent vs grid", persistent.dq, dq_grid, kBf16Tol);
+    // the order of fp32 additions rarely moves a bf16 rounding: a lost or doubled tile is far above
+    expect_close("attn bwd dq persistent vs grid", persistent.dq, dq_grid, 1e-3);
   }
 }
 
