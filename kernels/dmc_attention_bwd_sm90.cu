@@ -494,9 +494,7 @@ void launch_bwd(float* dq_acc, const bf16* q, const bf16* k, const bf16* v, cons
     DMC_CUDA_CHECK_LAUNCH();
     return;
   }
-  // the key tiles past the first one of each CTA are claimed from this counter
-  int* next_tile = static_cast<int*>(scratch(kScratchAttentionBwdTileCounter, sizeof(int)));
-  DMC_CUDA_CHECK(cudaMemsetAsync(next_tile, 0, sizeof(int), stream));
+  int* next_tile = persistent_counter(kScratchAttentionBwdTileCounter, stream);
   const int heads = p.B * p.Hkv;
   // Q and dO bytes a KV head's key tiles read (its group's G query heads)
   const int section =

@@ -437,9 +437,7 @@ void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const Fw
     DMC_CUDA_CHECK_LAUNCH();
     return;
   }
-  // the row tiles past the first one of each CTA are claimed from this counter
-  int* next_tile = static_cast<int*>(scratch(kScratchAttentionTileCounter, sizeof(int)));
-  DMC_CUDA_CHECK(cudaMemsetAsync(next_tile, 0, sizeof(int), stream));
+  int* next_tile = persistent_counter(kScratchAttentionTileCounter, stream);
   const int heads = p.B * p.H;
   // K and V bytes per query head (a KV head's, shared by the H / Hkv heads of its group)
   const int section =

@@ -363,6 +363,13 @@ __device__ __forceinline__ PersistentTile persistent_tile(int i, int tiles_per_h
   const int in_section = min(section, heads - s * section);
   return {j / in_section, s * section + j % in_section};
 }
+// The counter a persistent launch on `stream` claims its tiles past the first from (scratch slot
+// `slot`), zeroed in stream order.
+inline int* persistent_counter(int slot, cudaStream_t stream) {
+  int* counter = static_cast<int*>(scratch(slot, sizeof(int)));
+  DMC_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int), stream));
+  return counter;
+}
 // Heads per section: as many as keep a section's bytes (head_bytes each) within ~16 MB, so that
 // about two sections' worth, what runs at once across a section boundary, fits the 50 MB L2.
 inline int persistent_section(long head_bytes, int heads) {
