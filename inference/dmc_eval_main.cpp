@@ -58,8 +58,8 @@ ABSL_FLAG(std::string, append_tsv, "",
           "append one tab-separated line per method to this file: label, method, budget, CR, "
           "perplexity, accuracy, KV bytes, tokens/s, max batch (for results tables)");
 ABSL_FLAG(std::string, device, "cpu",
-          "cpu: decode token by token over the paged cache; cuda: dmc, dms, vanilla, h2o and tova "
-          "decoded token by token on the GPU engine");
+          "cpu: decode token by token over the paged cache; cuda: dmc, dms, vanilla, h2o, tova and "
+          "loma decoded token by token on the GPU engine");
 ABSL_FLAG(bool, parallel_forward, false,
           "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "
           "per batch of --max_batch windows instead of decoding (a cross-check)");
