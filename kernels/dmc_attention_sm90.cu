@@ -174,14 +174,14 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 //
 // Two schedules (kPersistent). The grid one: a CTA per row tile, the longest rows of a head
 // first, the heads in order; O is staged in the Q tile's rows. The persistent one: a CTA per SM,
-// each taking row tiles one after another (persistent_tile's order, kernels/wgmma_sm90.h, the
-// next one claimed from a counter in global memory by the producer), so that the producer loads
-// the next tile's Q, K and V while the consumers finish the current one (the Q tile is handed
-// back by q_empty once their last S GEMM has read it), and no CTA launch, barrier set-up or first
-// load is waited for between tiles; O then has a buffer of its own (the next Q lands in the Q
-// tile meanwhile). At the
-// training step's T 2048 a CTA of the grid schedule spends about as long starting and ending as
-// on four or five key tiles of work (bench/RESULTS.md), which the persistent one overlaps.
+// each taking row tiles one after another (persistent_tile's order,
+// kernels/persistent_schedule.h, the next one claimed from a counter in global memory by the
+// producer), so that the producer loads the next tile's Q, K and V while the consumers finish
+// the current one (the Q tile is handed back by q_empty once their last S GEMM has read it), and
+// no CTA launch, barrier set-up or first load is waited for between tiles; O then has a buffer
+// of its own (the next Q lands in the Q tile meanwhile). At the training step's T 2048 a CTA of
+// the grid schedule spends about as long starting and ending as on four or five key tiles of
+// work (bench/RESULTS.md), which the persistent one overlaps.
 // The stages and their barrier phases run on across a CTA's tiles: key tile n of its i-th row
 // tile is the CTA's (g_i + n)-th, g_i the key tiles of its earlier row tiles.
 constexpr int kBM = 128, kBN = 128, kThreads = 384;

@@ -20,9 +20,8 @@
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes via the runtime)
 #include <cudaTypedefs.h>
 
-#include <algorithm>
-
 #include "kernels/cuda_check.h"
+#include "kernels/persistent_schedule.h"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "kernels/wgmma_sm90.h uses sm_90a instructions (wgmma): build its users for sm_90a only"
@@ -346,36 +345,13 @@ inline CUtensorMap make_tile_map(const __nv_bfloat16* base, int B, int T, int he
 }
 
 // ---------------------------------------------------------------- persistent schedules
-// The attention kernels' persistent schedules (a CTA per SM taking work tiles one after another,
-// the next one claimed from a counter in global memory) share this order: the heads (index
-// `head`, the kernel's own flattening) in sections of `section` heads, one section after another;
-// within a section the longest tiles first, every head's tile of one length before any shorter
-// one, so that the last tiles to start are the shortest (the tail of the run), while the tiles
-// running at once read the K and V (or Q and dO) of about one section. Tile i of the order is a
-// head's tile of length rank `rank` (0: the longest).
-struct PersistentTile {
-  int rank, head;
-};
-__device__ __forceinline__ PersistentTile persistent_tile(int i, int tiles_per_head, int heads,
-                                                          int section) {
-  const int s = i / (tiles_per_head * section);
-  const int j = i - s * tiles_per_head * section;
-  const int in_section = min(section, heads - s * section);
-  return {j / in_section, s * section + j % in_section};
-}
+// The tile order and section size: kernels/persistent_schedule.h.
 // The counter a persistent launch on `stream` claims its tiles past the first from (scratch slot
 // `slot`), zeroed in stream order.
 inline int* persistent_counter(int slot, cudaStream_t stream) {
   int* counter = static_cast<int*>(scratch(slot, sizeof(int)));
   DMC_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int), stream));
   return counter;
-}
-// Heads per section: as many as keep a section's bytes (head_bytes each) within ~16 MB, so that
-// about two sections' worth, what runs at once across a section boundary, fits the 50 MB L2.
-inline int persistent_section(long head_bytes, int heads) {
-  constexpr long kSectionBytes = 16L << 20;
-  const long section = kSectionBytes / std::max(1l, head_bytes);
-  return static_cast<int>(std::min<long>(std::max(1l, section), heads));
 }
 
 // Lets Kernel take `bytes` of dynamic shared memory (past the 48 KiB default): set once per

@@ -1,0 +1,43 @@
+// The tile order of the attention kernels' persistent schedules (kernels/dmc_attention_sm90.cu,
+// kernels/dmc_attention_bwd_sm90.cu: a CTA per SM taking work tiles one after another, the next
+// one claimed from a counter in global memory), on the host for its tests and on the device.
+//
+// Each of `heads` heads (the kernel's own flattening of sequence and head) has tiles_per_head
+// tiles of decreasing work, rank 0 the longest. The heads go in sections of `section` heads, one
+// section after another (the last one may be smaller); within a section the longest tiles first,
+// every head's tile of one rank before any tile of the next rank, so that the last tiles to start
+// are the shortest (the tail of the run), while the tiles running at once read the K and V (or Q
+// and dO) of about one section. Tile i of the order, 0 <= i < tiles_per_head · heads, is
+//   s = i / (tiles_per_head · section),  j = i - s · tiles_per_head · section,
+//   n = min(section, heads - s · section)      (heads in section s)
+//   rank = j / n,  head = s · section + j % n.
+#pragma once
+
+#include <algorithm>
+
+namespace dmc::cuda::detail {
+
+struct PersistentTile {
+  int rank, head;
+};
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline PersistentTile persistent_tile(int i, int tiles_per_head, int heads, int section) {
+  const int s = i / (tiles_per_head * section);
+  const int j = i - s * tiles_per_head * section;
+  const int in_section = heads - s * section < section ? heads - s * section : section;
+  return {j / in_section, s * section + j % in_section};
+}
+
+// Heads per section: as many as keep a section's bytes (head_bytes each) within ~16 MB, so that
+// about two sections' worth, what runs at once across a section boundary, fits the 50 MB L2; at
+// least 1, at most heads.
+inline int persistent_section(long head_bytes, int heads) {
+  constexpr long kSectionBytes = 16L << 20;
+  const long section = kSectionBytes / std::max(1L, head_bytes);
+  return static_cast<int>(std::min<long>(std::max(1L, section), heads));
+}
+
+}  // namespace dmc::cuda::detail
