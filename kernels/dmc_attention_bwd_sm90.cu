@@ -86,7 +86,8 @@ struct BwdTiles {
   // need 248, past the register file beside the producer's 24, and spill 20 bytes at 240.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = D == 64 ? 240 : 232;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "the register file");
+  // setmaxnreg only moves registers within the CTA's allocation at launch (384 threads x 168)
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the CTA's registers");
 };
 // named barriers (0 is __syncthreads)
 constexpr int kBarKZeroed = 1;  // + consumer warpgroup: its K rows' control channel zeroed
@@ -282,11 +283,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    // the persistent producer also computes the tile order and claims tiles: 32 registers, which
-    // still leave the consumers theirs
-    constexpr int kProducerRegs = kPersistent ? 32 : BwdTiles<kD>::kProducerRegs;
-    static_assert(128 * kProducerRegs + 256 * BwdTiles<kD>::kConsumerRegs <= 65536,
-                  "the register file");
+    // The persistent producer also computes the tile order and claims tiles: 32 registers where
+    // the consumers leave room (head dim 128). setmaxnreg moves registers within the CTA's
+    // allocation at launch, 384 threads x 168, so more than that would leave the consumers'
+    // setmaxnreg.inc waiting for ever (as 32 beside 240 did at head dim 64).
+    constexpr int kProducerRegs = kPersistent && kD == 128 ? 32 : BwdTiles<kD>::kProducerRegs;
+    static_assert(128 * kProducerRegs + 256 * BwdTiles<kD>::kConsumerRegs <= kThreads * 168,
+                  "the CTA's registers at launch");
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp != 0 || lane != 0) return;  // one thread issues every load
     int g = 0;   // query tiles loaded before this key tile's

@@ -185,7 +185,8 @@ __device__ __forceinline__ void stage_out_rows(bf16* tile, const float (&o)[D / 
 // The stages and their barrier phases run on across a CTA's tiles: key tile n of its i-th row
 // tile is the CTA's (g_i + n)-th, g_i the key tiles of its earlier row tiles.
 constexpr int kBM = 128, kBN = 128, kThreads = 384;
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K registers
+// setmaxnreg moves registers within the CTA's allocation at launch: 128·40 + 256·232 = 384·168
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 constexpr int kBarWarpgroup = 1, kBarTurn = 3;  // 0 is __syncthreads
 // Keys of a bias row: T rounded up to whole key tiles, so that every tile's row is one 512-byte
 // bulk copy, 16-byte aligned.

@@ -31,11 +31,12 @@ inline PersistentTile persistent_tile(int i, int tiles_per_head, int heads, int 
   return {j / in_section, s * section + j % in_section};
 }
 
-// Heads per section: as many as keep a section's bytes (head_bytes each) within ~16 MB, so that
-// about two sections' worth, what runs at once across a section boundary, fits the 50 MB L2; at
-// least 1, at most heads.
+// Heads per section: as many as keep a section's bytes (head_bytes each) within ~8 MB, about what
+// the grid schedules' CTAs read at once (a head's tiles run together there); at 16 MB the
+// persistent forward at T 8192 ran 11% slower than the grid one on an H100 (bench/RESULTS.md,
+// entry 26). At least 1, at most heads.
 inline int persistent_section(long head_bytes, int heads) {
-  constexpr long kSectionBytes = 16L << 20;
+  constexpr long kSectionBytes = 8L << 20;
   const long section = kSectionBytes / std::max(1L, head_bytes);
   return static_cast<int>(std::min<long>(std::max(1L, section), heads));
 }

@@ -40,9 +40,9 @@ TEST(PersistentSchedule, EveryTileOnceSectionsInOrderLongestFirst) {
       }
 }
 
-TEST(PersistentSchedule, SectionHoldsAboutSixteenMegabytes) {
-  EXPECT_EQ(persistent_section(1L << 20, 64), 16);  // T 2048, D 128, MHA: 1 MB of K and V a head
-  EXPECT_EQ(persistent_section(4L << 20, 128), 4);
+TEST(PersistentSchedule, SectionHoldsAboutEightMegabytes) {
+  EXPECT_EQ(persistent_section(1L << 20, 64), 8);  // T 2048, D 128, MHA: 1 MB of K and V a head
+  EXPECT_EQ(persistent_section(4L << 20, 128), 2);
   EXPECT_EQ(persistent_section(1L << 10, 64), 64);   // at most every head
   EXPECT_EQ(persistent_section(64L << 20, 64), 1);   // at least one
   EXPECT_EQ(persistent_section(0, 8), 8);            // a degenerate size divides nothing by zero
