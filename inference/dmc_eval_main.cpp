@@ -8,7 +8,9 @@
 // (with --kv_fraction: every compressor, each budget met by the bytes the GPU engine holds: bf16
 // pages, fp32 window state);
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
-// windows instead (inference/evaluate_cuda.h), a cross-check of the decoder.
+// windows instead (inference/evaluate_cuda.h), a cross-check of the decoder; with --against_cpu
+// it decodes each method on the GPU and CPU engines in lockstep and reports how far they agree
+// (inference/engine_agreement.h): log-probabilities, DMC decisions, slots and bytes.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "data/loader.h"
 #include "inference/cpu_engine.h"
+#include "inference/engine_agreement.h"
 #include "inference/evaluate.h"
 #include "inference/hf_model.h"
 #include "inference/kv_sharer.h"
@@ -63,6 +66,11 @@ ABSL_FLAG(std::string, device, "cpu",
 ABSL_FLAG(bool, parallel_forward, false,
           "with --device=cuda: dmc and vanilla by one parallel forward of the CUDA training model "
           "per batch of --max_batch windows instead of decoding (a cross-check)");
+ABSL_FLAG(bool, against_cpu, false,
+          "with --device=cuda: decode each method on the GPU engine and the CPU engine (its "
+          "specification) in lockstep, and print how far they agree instead of the figures: "
+          "log-probabilities, argmax, DMC decisions (each flip with its margin in bf16 units), "
+          "slots and bytes");
 ABSL_FLAG(std::string, label, "", "first column of the --append_tsv lines (default: --model)");
 ABSL_FLAG(std::string, kv_fraction, "",
           "comma-separated KV byte budgets per sequence relative to the vanilla cache (1/2,1/4 or "
@@ -131,6 +139,26 @@ absl::StatusOr<EvalResult> EvaluateOn(const std::string& device, dmc::model::Lla
 #endif
   return dmc::inference::Evaluate(model, windows, eo);
 }
+
+#if defined(DMC_HAVE_CUDA)
+// --against_cpu: eo.policy decoded on the GPU engine and on the CPU one in lockstep.
+absl::StatusOr<dmc::inference::EngineAgreement> AgreementWithCpu(
+    dmc::model::Llama<float>& model, const std::vector<std::vector<int32_t>>& windows,
+    const dmc::inference::EvalOptions& eo, int seq_len) {
+  auto cpu = dmc::inference::CpuEngine<float>::Create(model, eo.policy, eo.budget_bytes,
+                                                      eo.page_size);
+  if (!cpu.ok()) return cpu.status();
+  dmc::inference::CudaEngineOptions o;
+  o.policy = eo.policy;
+  o.budget_bytes = eo.budget_bytes;
+  o.page_size = eo.page_size;
+  o.max_batch = eo.max_batch;
+  o.max_context = seq_len;
+  auto gpu = dmc::inference::CudaEngine::Create(model, o);
+  if (!gpu.ok()) return gpu.status();
+  return dmc::inference::CompareEngines(model, **cpu, **gpu, windows, eo.max_batch);
+}
+#endif
 
 // The widths at which EvaluateOn's engine for `device` holds a sequence: {pages and residual
 // blocks, DMC window state and ThinK's query energy} (DecodeEngine::element_bytes,
@@ -334,6 +362,11 @@ int main(int argc, char** argv) {
   if (at_budgets && device == "cuda" && absl::GetFlag(FLAGS_parallel_forward))
     return Fail(absl::InvalidArgumentError(
         "--kv_fraction decodes token by token: it does not take --parallel_forward"));
+  const bool against_cpu = absl::GetFlag(FLAGS_against_cpu);
+  if (against_cpu && (device != "cuda" || at_budgets || absl::GetFlag(FLAGS_parallel_forward)))
+    return Fail(absl::InvalidArgumentError(
+        "--against_cpu compares the GPU engine with the CPU one: it needs --device=cuda, and "
+        "takes neither --kv_fraction nor --parallel_forward"));
   std::vector<CacheMethod> methods;
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_methods), ',')) {
     // --kv_fraction: the cache each name decodes with, checked against the model below
@@ -441,6 +474,14 @@ int main(int argc, char** argv) {
 
   std::vector<EvalResult> results;
   double baseline_cr = absl::GetFlag(FLAGS_baseline_cr);
+  if (against_cpu) {
+    std::printf("\n| method | windows | predictions | max Δ log p | mean Δ log p | max Δ log p "
+                "before a flip | argmax differs | DMC decisions | flips (windows) | largest "
+                "flip margin (bf16 units) | CR cpu | CR cuda | KV bytes cpu (fp32) | KV bytes "
+                "cuda (bf16) |\n|");
+    for (int i = 0; i < 14; ++i) std::printf(" --- |");
+    std::printf("\n");
+  }
   for (CacheMethod m : methods) {
     dmc::inference::EvalOptions eo;
     eo.budget_bytes = absl::GetFlag(FLAGS_kv_budget_mb) << 20;
@@ -450,6 +491,24 @@ int main(int argc, char** argv) {
         dmc::inference::PolicyForCr(m, seq_len, baseline_cr > 0 ? baseline_cr : 1.0);
     if (!policy.ok()) return Fail(policy.status());
     eo.policy = *policy;
+#if defined(DMC_HAVE_CUDA)
+    if (against_cpu) {
+      absl::StatusOr<dmc::inference::EngineAgreement> a =
+          AgreementWithCpu(**model, windows, eo, seq_len);
+      if (!a.ok()) return Fail(a.status());
+      const double cr_cpu = double(a->head_tokens) / a->reference_slots,
+                   cr_cuda = double(a->head_tokens) / a->candidate_slots;
+      std::printf("| %s | %ld | %ld | %.4f | %.5f | %.4f | %ld | %ld | %ld (%ld) | %.1f | %.3f | "
+                  "%.3f | %ld | %ld |\n",
+                  dmc::inference::CacheMethodName(m), a->windows, a->predictions,
+                  a->max_logprob_diff, a->mean_logprob_diff, a->max_logprob_diff_before_flip,
+                  a->argmax_differ, a->decisions, a->flips, a->windows_flipped,
+                  a->max_flip_margin, cr_cpu, cr_cuda, a->reference_bytes, a->candidate_bytes);
+      std::fflush(stdout);
+      if (compresses(m) && baseline_cr <= 0) baseline_cr = cr_cpu;
+      continue;
+    }
+#endif
     const auto start = std::chrono::steady_clock::now();
     auto last_line = start;
     eo.progress = [&](long done, long total) {
@@ -472,6 +531,7 @@ int main(int argc, char** argv) {
     results.push_back(*r);
   }
 
+  if (against_cpu) return 0;
   std::printf("\n%-8s %7s %6s %11s %9s %18s %10s %9s\n", "method", "budget", "CR", "perplexity",
               "accuracy", "KV memory (bytes)", "tokens/s", "max batch");
   for (const EvalResult& r : results)

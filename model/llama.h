@@ -151,6 +151,9 @@ class Llama {
   // Hard merge (DMC) or eviction (DMS) decisions [B, T, Hkv_local] of layer l in the last
   // Forward (compression on).
   const std::vector<T>& merge(int layer) const { return acts_[layer].merge; }
+  // Their decision logits a [B, T, Hkv_local] (kHard: the decision is 1[a > 0]; DMC:
+  // a = k[D-1] - init_val, DMS: a = scale · x - offset, kernels/dmc_gates.h, dms_gates.h).
+  const std::vector<T>& decision_logits(int layer) const { return acts_[layer].logit; }
   // Pre-RoPE keys and values [B, T, Hkv_local, D] and importances [B, T, Hkv_local] (DMC on) of
   // layer l in the last Forward: what a parallel prefill builds the inference cache from.
   const std::vector<T>& keys(int layer) const { return acts_[layer].k; }

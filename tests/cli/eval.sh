@@ -55,6 +55,8 @@ expect_error "is not a DMC model" "$eval_" --model="$work/hf" --data="$work/shar
 expect_error "is not a LoMA model" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
     --seq_len=32 --methods=loma
 expect_error "$work/missing" "$eval_" --model="$work/missing" --data="$work/shards/val_index.json"
+expect_error "needs --device=cuda" "$eval_" --model="$work/hf" --data="$work/shards/val_index.json" \
+    --seq_len=32 --methods=vanilla --against_cpu
 "$prep" --input="$work/corpus" --output="$work/other" --tokenizer=byte --val_fraction=0.5 \
     --shard_tokens=16384 >/dev/null 2>&1
 sed -i 's/"vocab_size": *259/"vocab_size": 300/' "$work/other/val_index.json"
