@@ -18,6 +18,7 @@
 
 #include "inference/cpu_engine.h"
 #include "inference/cuda_engine.h"
+#include "inference/engine_agreement.h"
 #include "inference/evaluate.h"
 #include "inference/layer_budgets.h"
 #include "inference/scheduler.h"
@@ -1282,6 +1283,38 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
 // token gives, and greedy generation continues identically on both engines. H2O, TOVA, ZipCache
 // and KVSharer have no parallel prefill on either engine (their prompts go token by token through
 // the scheduler): the GPU engine refuses it as the CPU one does.
+// dmc-eval --against_cpu's comparison (inference/engine_agreement.h) on the shaped DMC model,
+// whose decisions lie far from the threshold: every decision equal, the log-probabilities within
+// the bounds of the evaluation above, the same slots.
+TEST(CudaEngineAgreement, NoDecisionFlipsFarFromTheThreshold) {
+  DMC_REQUIRE_GPU();
+  const EngineCase tc{"dmc_gqa", true, 256, 4, 2, CacheMethod::kDmc};
+  const model::LlamaConfig config = EngineConfig(tc);
+  const int heads = config.num_hidden_layers * config.num_key_value_heads, T = 40, n = 12;
+  model::Llama<float> host(config, nullptr);
+  const auto windows = PredictableWindows(n, T, ShapeEngineModel(&host, 5), 9);
+  const inference::CachePolicy policy = PolicyOf(tc, T);
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, 4);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  inference::CudaEngineOptions o;
+  o.policy = policy;
+  o.budget_bytes = 1L << 26;
+  o.page_size = 4;
+  o.max_batch = 8;
+  o.max_context = T;
+  auto gpu = inference::CudaEngine::Create(host, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto r = inference::CompareEngines(host, **cpu, **gpu, windows, o.max_batch);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->predictions, long(n) * T);
+  EXPECT_EQ(r->decisions, long(n) * T * heads);
+  EXPECT_EQ(r->flips, 0);
+  EXPECT_LT(r->max_logprob_diff, LogprobTolerance(tc).first);
+  EXPECT_LT(r->mean_logprob_diff, LogprobTolerance(tc).second);
+  EXPECT_EQ(r->reference_slots, r->candidate_slots);
+  EXPECT_LT(r->reference_slots, r->head_tokens) << "the model must merge";
+}
+
 TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
