@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -119,28 +120,19 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-// Token-by-token evaluation of eo.policy on the CPU decoder, or on the GPU engine (sized for
-// windows of seq_len tokens) when `device` is cuda.
-absl::StatusOr<EvalResult> EvaluateOn(const std::string& device, dmc::model::Llama<float>& model,
-                                      const std::vector<std::vector<int32_t>>& windows,
-                                      const dmc::inference::EvalOptions& eo, int seq_len) {
 #if defined(DMC_HAVE_CUDA)
-  if (device == "cuda") {
-    dmc::inference::CudaEngineOptions o;
-    o.policy = eo.policy;
-    o.budget_bytes = eo.budget_bytes;
-    o.page_size = eo.page_size;
-    o.max_batch = eo.max_batch;
-    o.max_context = seq_len;
-    auto engine = dmc::inference::CudaEngine::Create(model, o);
-    if (!engine.ok()) return engine.status();
-    return dmc::inference::Evaluate(**engine, windows, eo);
-  }
-#endif
-  return dmc::inference::Evaluate(model, windows, eo);
+// The GPU engine of eo's policy, budget and pages, sized for eo.max_batch windows of seq_len.
+absl::StatusOr<std::unique_ptr<dmc::inference::CudaEngine>> GpuEngine(
+    dmc::model::Llama<float>& model, const dmc::inference::EvalOptions& eo, int seq_len) {
+  dmc::inference::CudaEngineOptions o;
+  o.policy = eo.policy;
+  o.budget_bytes = eo.budget_bytes;
+  o.page_size = eo.page_size;
+  o.max_batch = eo.max_batch;
+  o.max_context = seq_len;
+  return dmc::inference::CudaEngine::Create(model, o);
 }
 
-#if defined(DMC_HAVE_CUDA)
 // --against_cpu: eo.policy decoded on the GPU engine and on the CPU one in lockstep.
 absl::StatusOr<dmc::inference::EngineAgreement> AgreementWithCpu(
     dmc::model::Llama<float>& model, const std::vector<std::vector<int32_t>>& windows,
@@ -148,17 +140,26 @@ absl::StatusOr<dmc::inference::EngineAgreement> AgreementWithCpu(
   auto cpu = dmc::inference::CpuEngine<float>::Create(model, eo.policy, eo.budget_bytes,
                                                       eo.page_size);
   if (!cpu.ok()) return cpu.status();
-  dmc::inference::CudaEngineOptions o;
-  o.policy = eo.policy;
-  o.budget_bytes = eo.budget_bytes;
-  o.page_size = eo.page_size;
-  o.max_batch = eo.max_batch;
-  o.max_context = seq_len;
-  auto gpu = dmc::inference::CudaEngine::Create(model, o);
+  auto gpu = GpuEngine(model, eo, seq_len);
   if (!gpu.ok()) return gpu.status();
   return dmc::inference::CompareEngines(model, **cpu, **gpu, windows, eo.max_batch);
 }
 #endif
+
+// Token-by-token evaluation of eo.policy on the CPU decoder, or on the GPU engine (sized for
+// windows of seq_len tokens) when `device` is cuda.
+absl::StatusOr<EvalResult> EvaluateOn(const std::string& device, dmc::model::Llama<float>& model,
+                                      const std::vector<std::vector<int32_t>>& windows,
+                                      const dmc::inference::EvalOptions& eo, int seq_len) {
+#if defined(DMC_HAVE_CUDA)
+  if (device == "cuda") {
+    auto engine = GpuEngine(model, eo, seq_len);
+    if (!engine.ok()) return engine.status();
+    return dmc::inference::Evaluate(**engine, windows, eo);
+  }
+#endif
+  return dmc::inference::Evaluate(model, windows, eo);
+}
 
 // The widths at which EvaluateOn's engine for `device` holds a sequence: {pages and residual
 // blocks, DMC window state and ThinK's query energy} (DecodeEngine::element_bytes,
