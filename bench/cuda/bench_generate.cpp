@@ -14,7 +14,7 @@
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
-//                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32]
+//                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
 //
@@ -49,6 +49,12 @@
 // ZipCache's mixed precision: the S slots of each page with the highest normalized attention at
 // H bits, the others at L (vanilla+zip8/4x4); it has no parallel prefill, so its prompts go token
 // by token through the decode steps.
+//
+// loma:T:C on random weights: a third copy of the model with LoMA's zones (T memory slots for
+// every T·C tokens, model/config.h) and two more vocabulary rows for <m> and <r>, whose cache
+// compresses every T·C tokens of a sequence into T slots (inference/cuda_engine.h); its CR is C
+// by construction, whatever the weights. LoMA has no parallel prefill: its prompts go token by
+// token through the decode steps too.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -78,9 +84,10 @@
 ABSL_FLAG(std::string, shape, "tiny", "7b, 1b or tiny (random weights); ignored with --model");
 ABSL_FLAG(std::string, model, "", "a dmc-export checkpoint to run instead of random weights");
 ABSL_FLAG(std::string, methods, "vanilla,dmc:2,dmc:4,dmc:8",
-          "vanilla, dmc:CR or dms:CR, comma-separated; each may end in +int8, +int4 or +int2 (the "
-          "cache quantized), vanilla also in +zipH/LxS (ZipCache: S salient slots a page at H "
-          "bits over L), any of them in +thinkK (ThinK: K key channels a settled page keeps)");
+          "vanilla, dmc:CR, dms:CR or loma:T:C, comma-separated; each but loma may end in +int8, "
+          "+int4 or +int2 (the cache quantized), vanilla also in +zipH/LxS (ZipCache: S salient "
+          "slots a page at H bits over L), any of them in +thinkK (ThinK: K key channels a "
+          "settled page keeps)");
 ABSL_FLAG(int, dms_window, 64, "dms:CR: the eviction window w of the random DMS model");
 ABSL_FLAG(double, budget_gb, 40, "KV cache budget (GiB), pages and window state");
 ABSL_FLAG(int, requests, 256, "requests, all submitted at the start");
@@ -337,12 +344,22 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
+  std::unique_ptr<dmc::model::Llama<float>> loma_model;  // made at each loma:T:C
   const std::vector<std::string> specs = absl::StrSplit(absl::GetFlag(FLAGS_methods), ',');
   for (const std::string& spec : specs) {
     const std::vector<std::string> method_quant = absl::StrSplit(spec, absl::MaxSplits('+', 1));
     std::vector<std::string> parts = absl::StrSplit(method_quant[0], ':');
     double cr = 1;
     if (parts.size() == 2) absl::SimpleAtod(parts[1], &cr);
+    dmc::kernels::LomaZones zones;
+    if (parts[0] == "loma" &&
+        (parts.size() != 3 || !absl::SimpleAtoi(parts[1], &zones.t) ||
+         !absl::SimpleAtoi(parts[2], &zones.c) || zones.t < 1 || zones.c < 2 ||
+         method_quant.size() != 1)) {
+      std::fprintf(stderr, "bench_generate: --methods: %s: expected loma:T:C (T >= 1 memory "
+                   "slots for every T·C tokens, C >= 2), with no +compression\n", spec.c_str());
+      return 1;
+    }
     inf::CudaEngineOptions o;
     if (method_quant.size() == 2) {
       const std::string& q = method_quant[1];
@@ -366,9 +383,12 @@ int main(int argc, char** argv) {
       o.policy.method = inf::CacheMethod::kDms;
     } else if (parts[0] == "vanilla") {
       o.policy.method = inf::CacheMethod::kVanilla;
+    } else if (parts[0] == "loma") {
+      o.policy.method = inf::CacheMethod::kLoma;
     } else {
       std::fprintf(stderr, "bench_generate: --methods: unknown method %s (vanilla, dmc:CR, dms:CR, "
-                   "each optionally +int8, +int4 or +int2, vanilla +zipH/LxS)\n", spec.c_str());
+                   "loma:T:C, each but loma optionally +int8, +int4 or +int2, vanilla "
+                   "+zipH/LxS)\n", spec.c_str());
       return 1;
     }
     const bool random_weights = absl::GetFlag(FLAGS_model).empty();
@@ -385,12 +405,30 @@ int main(int argc, char** argv) {
       }
       run_model = dms_model.get();
     }
+    if (o.policy.method == inf::CacheMethod::kLoma) {
+      if (!random_weights) {
+        std::fprintf(stderr, "bench_generate: --methods=%s: a checkpoint decodes with its own "
+                     "LoMA zones (dmc-eval --methods=loma); loma:T:C runs on random weights\n",
+                     spec.c_str());
+        return 1;
+      }
+      LlamaConfig cl = c;  // the same weights, two more vocabulary rows, LoMA's zones
+      cl.dmc.enabled = false;
+      cl.vocab_size = c.vocab_size + 2;
+      cl.loma.zones = zones;
+      cl.loma.memory_token = c.vocab_size;
+      cl.loma.repetition_token = c.vocab_size + 1;
+      loma_model = std::make_unique<dmc::model::Llama<float>>(cl, nullptr);
+      RandomWeights(loma_model.get(), seed);
+      run_model = loma_model.get();
+    }
     o.budget_bytes = static_cast<long>(absl::GetFlag(FLAGS_budget_gb) * (1L << 30));
     o.page_size = absl::GetFlag(FLAGS_page_size);
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-    if (o.policy.method != inf::CacheMethod::kVanilla && random_weights) {
+    if ((o.policy.method == inf::CacheMethod::kDmc || o.policy.method == inf::CacheMethod::kDms) &&
+        random_weights) {
       Calibrate(run_model, o, base, cr, seed + 3, absl::GetFlag(FLAGS_calibration_rounds));
       if (!export_dir.empty()) Export(*run_model, true, export_dir + "/" + parts[0] + parts[1]);
     }
