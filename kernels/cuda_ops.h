@@ -287,11 +287,11 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
 // Two kernels compute each direction: the Hopper ones (wgmma, TMA; kernels/dmc_attention_sm90.cu,
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
-// kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128), unless
-// the environment sets DMC_ATTENTION_KERNEL=mma_sync; kSm90 on another device aborts.
-// kSm90Persistent: the Hopper kernels on their persistent schedules (a CTA per SM taking tiles
-// one after another), chosen for kAuto by DMC_ATTENTION_KERNEL=sm90_persistent, to be measured
-// against the grid schedules.
+// kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128) on their
+// persistent schedules (kSm90Persistent: a CTA per SM taking tiles one after another), unless
+// the environment sets DMC_ATTENTION_KERNEL=mma_sync (the portable ones) or =sm90_grid (kSm90:
+// the Hopper kernels on grid schedules, a CTA per tile); kSm90 and kSm90Persistent on another
+// device abort.
 enum class AttentionKernel { kAuto, kMmaSync, kSm90, kSm90Persistent };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,

@@ -699,23 +699,23 @@ void check_shape(int T, int H, int Hkv, int D) {
   }
 }
 
-// kAuto's choice of device kernel, made once per process: the Hopper kernel where it runs, unless
-// DMC_ATTENTION_KERNEL=mma_sync keeps the portable one, or =sm90_persistent takes the Hopper
-// kernels' persistent schedules (to compare them in a whole step).
+// kAuto's choice of device kernel, made once per process: the Hopper kernels on their persistent
+// schedules where they run (the 1.36B step 1.6-2.1% faster than on the grid schedules on an H100,
+// bench/RESULTS.md entry 27), unless DMC_ATTENTION_KERNEL=mma_sync keeps the portable ones or
+// =sm90_grid takes the grid schedules.
 AttentionKernel auto_kernel() {
   static const AttentionKernel chosen = [] {
     const char* env = std::getenv("DMC_ATTENTION_KERNEL");
     const std::string name = env ? env : "";
     if (name == "mma_sync") return AttentionKernel::kMmaSync;
-    const bool persistent = name == "sm90_persistent";
-    if (!name.empty() && name != "auto" && !persistent) {
+    const bool grid = name == "sm90_grid";
+    if (!name.empty() && name != "auto" && !grid) {
       std::fprintf(stderr,
-                   "DMC_ATTENTION_KERNEL=%s: unknown value (auto, mma_sync or sm90_persistent)\n",
-                   env);
+                   "DMC_ATTENTION_KERNEL=%s: unknown value (auto, mma_sync or sm90_grid)\n", env);
       std::abort();
     }
     if (!device_is_sm90()) return AttentionKernel::kMmaSync;
-    return persistent ? AttentionKernel::kSm90Persistent : AttentionKernel::kSm90;
+    return grid ? AttentionKernel::kSm90 : AttentionKernel::kSm90Persistent;
   }();
   return chosen;
 }

@@ -501,7 +501,8 @@ void launch_bwd(float* dq_acc, const bf16* q, const bf16* k, const bf16* v, cons
   const int heads = p.B * p.Hkv;
   // Q and dO bytes a KV head's key tiles read (its group's G query heads)
   const int section =
-      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * (p.H / p.Hkv), heads);
+      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * (p.H / p.Hkv), heads,
+                         kBackwardSectionBytes);
   const int grid = std::min(ntiles * heads, num_sms());
   attn_bwd_sm90_kernel<D, true><<<grid, kThreads, smem, stream>>>(maps, p, next_tile, section);
   DMC_CUDA_CHECK_LAUNCH();

@@ -442,7 +442,8 @@ void launch_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const Fw
   const int heads = p.B * p.H;
   // K and V bytes per query head (a KV head's, shared by the H / Hkv heads of its group)
   const int section =
-      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * p.Hkv / p.H, heads);
+      persistent_section(static_cast<long>(p.T) * D * 2 * sizeof(bf16) * p.Hkv / p.H, heads,
+                         kForwardSectionBytes);
   const int grid = std::min(mtiles * heads, num_sms());
   attn_fwd_sm90_kernel<D, true><<<grid, kThreads, smem, stream>>>(q_map, k_map, v_map, out_map, p,
                                                                   next_tile, section);

@@ -31,13 +31,15 @@ inline PersistentTile persistent_tile(int i, int tiles_per_head, int heads, int 
   return {j / in_section, s * section + j % in_section};
 }
 
-// Heads per section: as many as keep a section's bytes (head_bytes each) within ~8 MB, about what
-// the grid schedules' CTAs read at once (a head's tiles run together there); at 16 MB the
-// persistent forward at T 8192 ran 11% slower than the grid one on an H100 (bench/RESULTS.md,
-// entry 26). At least 1, at most heads.
-inline int persistent_section(long head_bytes, int heads) {
-  constexpr long kSectionBytes = 8L << 20;
-  const long section = kSectionBytes / std::max(1L, head_bytes);
+// Heads per section: as many as keep a section's bytes (head_bytes each) within section_bytes,
+// at least 1, at most heads. The forward's sections hold ~8 MB of K and V, about what the grid
+// schedule's CTAs read at once (a head's tiles run together there): at 16 MB its T 8192 ran 11%
+// slower than the grid one, at 8 MB 2% faster. The backward's hold ~16 MB of Q and dO: at 16 MB
+// its T 8192 ran 9% faster than the grid one, at 8 MB 4% slower, the same within 1% at T 1024 to
+// 4096 (an H100, two calls: bench/RESULTS.md, entries 26 and 27).
+constexpr long kForwardSectionBytes = 8L << 20, kBackwardSectionBytes = 16L << 20;
+inline int persistent_section(long head_bytes, int heads, long section_bytes) {
+  const long section = section_bytes / std::max(1L, head_bytes);
   return static_cast<int>(std::min<long>(std::max(1L, section), heads));
 }
 

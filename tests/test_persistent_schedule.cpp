@@ -40,12 +40,17 @@ TEST(PersistentSchedule, EveryTileOnceSectionsInOrderLongestFirst) {
       }
 }
 
-TEST(PersistentSchedule, SectionHoldsAboutEightMegabytes) {
-  EXPECT_EQ(persistent_section(1L << 20, 64), 8);  // T 2048, D 128, MHA: 1 MB of K and V a head
-  EXPECT_EQ(persistent_section(4L << 20, 128), 2);
-  EXPECT_EQ(persistent_section(1L << 10, 64), 64);   // at most every head
-  EXPECT_EQ(persistent_section(64L << 20, 64), 1);   // at least one
-  EXPECT_EQ(persistent_section(0, 8), 8);            // a degenerate size divides nothing by zero
+TEST(PersistentSchedule, SectionHoldsItsBytes) {
+  using cuda::detail::kBackwardSectionBytes;
+  using cuda::detail::kForwardSectionBytes;
+  // T 2048, D 128, MHA: 1 MB of K and V (forward), of Q and dO (backward) a head
+  EXPECT_EQ(persistent_section(1L << 20, 64, kForwardSectionBytes), 8);
+  EXPECT_EQ(persistent_section(1L << 20, 64, kBackwardSectionBytes), 16);
+  EXPECT_EQ(persistent_section(4L << 20, 128, kForwardSectionBytes), 2);
+  EXPECT_EQ(persistent_section(1L << 10, 64, kBackwardSectionBytes), 64);  // at most every head
+  EXPECT_EQ(persistent_section(64L << 20, 64, kForwardSectionBytes), 1);   // at least one
+  // a degenerate size divides nothing by zero
+  EXPECT_EQ(persistent_section(0, 8, kForwardSectionBytes), 8);
 }
 
 }  // namespace
