@@ -55,7 +55,8 @@ absl::StatusOr<EngineAgreement> CompareEngines(model::Llama<float>& model, Decod
   const bool decisions = reference.policy().method == CacheMethod::kDmc && c.dmc.enabled;
   // bf16's unit at the decision channel's value k[D-1] = a + c
   auto margin = [&](float a) {
-    return std::fabs(a) / (std::ldexp(1.0, -8) * std::max(1e-30, std::fabs(double(a) + c.dmc.init_val)));
+    const double unit = std::ldexp(1.0, -8) * std::fabs(double(a) + c.dmc.init_val);
+    return std::fabs(a) / std::max(1e-30, unit);
   };
 
   EngineAgreement r;
@@ -78,16 +79,15 @@ absl::StatusOr<EngineAgreement> CompareEngines(model::Llama<float>& model, Decod
     std::vector<bool> flipped(n, false);
     std::vector<TokenOutput> ref_out, cand_out;
     for (size_t t = 0; t < steps; ++t) {
-      std::vector<int> active;
+      std::vector<int> active, step_seqs;  // indices into the group, and their sequences
       std::vector<int32_t> tokens, targets;
       for (int i = 0; i < n; ++i)
         if (t + 1 < windows[g0 + i].size()) {
           active.push_back(i);
+          step_seqs.push_back(seqs[i]);
           tokens.push_back(windows[g0 + i][t]);
           targets.push_back(windows[g0 + i][t + 1]);
         }
-      std::vector<int> step_seqs;
-      for (int i : active) step_seqs.push_back(seqs[i]);
       if (absl::Status s = reference.Step(step_seqs, tokens.data(), targets.data(), &ref_out);
           !s.ok())
         return s;
@@ -113,7 +113,8 @@ absl::StatusOr<EngineAgreement> CompareEngines(model::Llama<float>& model, Decod
         cand_len[i] = cl;
         const double diff = std::fabs(double(cand_out[k].logprob) - ref_out[k].logprob);
         r.max_logprob_diff = std::max(r.max_logprob_diff, diff);
-        if (!flipped[i]) r.max_logprob_diff_before_flip = std::max(r.max_logprob_diff_before_flip, diff);
+        if (!flipped[i])
+          r.max_logprob_diff_before_flip = std::max(r.max_logprob_diff_before_flip, diff);
         sum_diff += diff;
         r.argmax_differ += cand_out[k].argmax != ref_out[k].argmax ? 1 : 0;
         ++r.predictions;
