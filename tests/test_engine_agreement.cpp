@@ -2,7 +2,8 @@
 // a user's checkpoint, on two CPU engines: over the same model nothing differs; over a model
 // whose decision channel is shifted, the decisions that differ and the step at which each window
 // first differs are those of the two models' training forwards with hard decisions, and the
-// predictions before that step are equal.
+// predictions before that step are equal. Engines of other shapes or methods, an empty batch and
+// a window without a target are refused.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -127,12 +128,37 @@ TEST(EngineAgreement, FlipsAreThoseOfTheTwoForwards) {
   EXPECT_NE(r->reference_slots, r->candidate_slots);
 }
 
+void ExpectRefused(const absl::StatusOr<inference::EngineAgreement>& r, const char* why) {
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find(why), std::string::npos) << r.status();
+}
+
 TEST(EngineAgreement, RefusesEnginesOfDifferentMethods) {
   auto a = DmcModel();
   auto dmc = Engine(*a, CacheMethod::kDmc), vanilla = Engine(*a, CacheMethod::kVanilla);
-  auto r = inference::CompareEngines(*a, *dmc, *vanilla, Windows(), 2);
-  ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find("different cache methods"), std::string::npos);
+  ExpectRefused(inference::CompareEngines(*a, *dmc, *vanilla, Windows(), 2),
+                "different cache methods");
+}
+
+TEST(EngineAgreement, RefusesEnginesOfDifferentShapes) {
+  auto a = DmcModel();
+  model::LlamaConfig c = a->config();
+  c.num_hidden_layers += 1;
+  Llama<float> deeper(c, nullptr);
+  tiny_models::RandomizeParams(deeper, 8);
+  auto two = Engine(*a, CacheMethod::kDmc), three = Engine(deeper, CacheMethod::kDmc);
+  ExpectRefused(inference::CompareEngines(*a, *two, *three, Windows(), 2),
+                "models of different shapes");
+}
+
+TEST(EngineAgreement, RefusesAnEmptyBatchAndAWindowWithoutTarget) {
+  auto a = DmcModel();
+  auto r = Engine(*a, CacheMethod::kDmc), c = Engine(*a, CacheMethod::kDmc);
+  ExpectRefused(inference::CompareEngines(*a, *r, *c, Windows(), 0), "max_batch must be at least 1");
+  std::vector<std::vector<int32_t>> windows = Windows();
+  windows[2].resize(1);
+  ExpectRefused(inference::CompareEngines(*a, *r, *c, windows, 2),
+                "at least one input and its target");
 }
 
 }  // namespace
