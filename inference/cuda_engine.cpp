@@ -207,10 +207,21 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::FailedPreconditionError("the GPU engine needs a CUDA device, and none is usable");
   if (model.local_heads() != cfg.num_attention_heads)
     return absl::InvalidArgumentError("the GPU engine needs a tensor-parallel size 1 model");
-  if (cfg.head_dim() != 64 && cfg.head_dim() != 128)
+  const CachePolicy& policy = options.policy;
+  const int D = cfg.head_dim();
+  if (D != 32 && D != 64 && D != 128)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "the GPU engine needs head_dim 64 or 128 (the attention kernels' sizes); this model has %d",
-        cfg.head_dim()));
+        "the GPU engine needs head_dim 32, 64 or 128 (the attention kernels' sizes); this model "
+        "has %d",
+        D));
+  // The quantized, ThinK and LoMA attentions tile 64 or 128 channels.
+  const bool tiles_64 =
+      policy.quant.bits > 0 || policy.think_channels > 0 || method == CacheMethod::kLoma;
+  if (D == 32 && tiles_64)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s on the GPU needs head_dim 64 or 128; this model has 32 (the bf16 cache of vanilla, "
+        "dmc, dms, h2o and tova takes 32)",
+        PolicyName(policy)));
   // As the CPU decoder: the loma method on a LoMA model only (whose config has DMC and DMS off).
   if (method == CacheMethod::kLoma && !cfg.loma.enabled())
     return absl::InvalidArgumentError(
@@ -223,7 +234,6 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
             : absl::StrFormat("a DMS model evicts by its own decisions: decode it with the dms "
                               "cache, not %s",
                               CacheMethodName(method)));
-  const CachePolicy& policy = options.policy;
   if (absl::Status s = ValidateEvictionBudgets(policy, cfg.num_hidden_layers); !s.ok()) return s;
   if (absl::Status s = ValidateKvSharing(policy, cfg.num_hidden_layers); !s.ok()) return s;
   if (absl::Status s = ValidateThink(policy, cfg.head_dim()); !s.ok()) return s;

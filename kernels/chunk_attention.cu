@@ -234,7 +234,7 @@ void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v
                      const bf16* k, const bf16* v, const float* mask, int n, int H, int Hkv, int D,
                      bool exclude_ctrl, float scale, cudaStream_t stream) {
   if (n <= 0) return;
-  if (D != 64 && D != 128) fail("head dim must be 64 or 128");
+  if (D != 32 && D != 64 && D != 128) fail("head dim must be 32, 64 or 128");
   if (Hkv <= 0 || H % Hkv != 0) fail("H must be a multiple of Hkv");
   if (Hkv > 65535) fail("more than 65535 KV heads");
   if (page_size <= 0 || max_pages <= 0) fail("page_size and max_pages must be positive");
@@ -248,7 +248,9 @@ void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v
                  exclude_ctrl};
   const dim3 grid(static_cast<unsigned>((static_cast<long>(n) * p.G + kRows - 1) / kRows),
                   static_cast<unsigned>(Hkv));
-  if (D == 64)
+  if (D == 32)
+    launch<32>(p, grid, stream);
+  else if (D == 64)
     launch<64>(p, grid, stream);
   else
     launch<128>(p, grid, stream);

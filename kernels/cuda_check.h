@@ -194,11 +194,19 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 }
 
 // Element offset of (row, 16-byte chunk) in a [rows][COLS] bf16 tile whose chunks are XOR-swizzled
-// by row, so that the 8 rows an ldmatrix reads fall into 8 different bank groups.
+// by row, so that the 8 rows an ldmatrix reads fall into 8 different bank groups. A row of at
+// least 128 bytes (COLS >= 64) XORs its chunk with row & 7; a row of 64 bytes (COLS = 32, 4
+// chunks, two rows to a 128-byte bank line) with (row >> 1) & 3, so that rows 2i and 2i + 1 fill
+// the two halves of a line and the four lines differ in their XOR. Either key depends on row & 7
+// only.
+template <int COLS>
+__device__ __forceinline__ int swz_key(int row) {
+  static_assert(COLS == 32 || COLS % 64 == 0, "swizzle needs 4 or a multiple of 8 chunks per row");
+  return COLS == 32 ? (row >> 1) & 3 : row & 7;
+}
 template <int COLS>
 __device__ __forceinline__ int swz(int row, int chunk) {
-  static_assert(COLS % 64 == 0, "swizzle needs at least 8 chunks per row");
-  return row * COLS + ((chunk ^ (row & 7)) << 3);
+  return row * COLS + ((chunk ^ swz_key<COLS>(row)) << 3);
 }
 
 // Fragment addresses without per-load index arithmetic. An ldmatrix.x4 reads a 16-row x 2-chunk
@@ -206,15 +214,18 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // Lane l supplies one row address; two lane patterns cover every operand used here:
 //   pattern A (A operands, and B operands read with .trans): row l%8 + 8·((l/8)%2), chunk +l/16
 //   pattern B (B operands, and A operands read with .trans): row l%8 + 8·(l/16),    chunk +(l/8)%2
-// With chunk = 2J + c (c in {0,1}) the swizzled byte offset in the row is (J << 5) ^ ((c ^ l%8) << 4),
-// so a lane's address is base + row0·rowbytes + (lane_off ^ (J << 5)): one XOR and one add.
+// With chunk = 2J + c (c in {0,1}) and key = swz_key(l%8) the swizzled byte offset in the row is
+// ((2J + c) ^ key) << 4 = (J << 5) ^ ((c ^ key) << 4) (XOR is bitwise, 2J + c = 2J ^ c), so a
+// lane's address is base + row0·rowbytes + (lane_off ^ (J << 5)): one XOR and one add.
 template <int COLS>
 __device__ __forceinline__ uint32_t lane_off_a(int lane) {
-  return ((lane % 8) + ((lane / 8) % 2) * 8) * (COLS * 2) + (((lane / 16) ^ (lane % 8)) << 4);
+  return ((lane % 8) + ((lane / 8) % 2) * 8) * (COLS * 2) +
+         (((lane / 16) ^ swz_key<COLS>(lane % 8)) << 4);
 }
 template <int COLS>
 __device__ __forceinline__ uint32_t lane_off_b(int lane) {
-  return ((lane % 8) + (lane / 16) * 8) * (COLS * 2) + ((((lane / 8) % 2) ^ (lane % 8)) << 4);
+  return ((lane % 8) + (lane / 16) * 8) * (COLS * 2) +
+         ((((lane / 8) % 2) ^ swz_key<COLS>(lane % 8)) << 4);
 }
 template <int COLS>
 __device__ __forceinline__ uint32_t frag(uint32_t base, uint32_t lane_off, int row0, int J) {

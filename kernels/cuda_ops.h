@@ -284,7 +284,8 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // q [B, T, H, D], k/v [B, T, Hkv, D], out [B, T, H, D] bf16, contiguous and 16-byte aligned;
 // mask [B, T, Hkv] fp32 or null, added where query - key > mask_window (DMC 0, DMS its window w;
 // -inf allowed: DMS's hard mask); lse [B, H, T] fp32 (natural log, may be null in the forward).
-// D must be 64 or 128 (aborts otherwise); any T >= 1; H % Hkv == 0.
+// D must be 64 or 128, or 32 in the forward (inference's prompts: the portable kernel only);
+// other head dims abort; any T >= 1; H % Hkv == 0.
 // Two kernels compute each direction: the Hopper ones (wgmma, TMA; kernels/dmc_attention_sm90.cu,
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
 // kernels on sm_90 devices (the forward at head dim 128 only, the backward at 64 and 128) on their
@@ -353,9 +354,9 @@ void loma_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, con
 // Arithmetic is fp32 (online softmax in base 2); out is bf16. probs, when not null, receives the
 // attention weights in fp32 (saved statistics are fp32): probs[(b·H + g)·probs_stride + i] for
 // i < lengths[b, g / G]; nothing else of probs is written.
-// Requirements: D 64 or 128 (aborts otherwise), H % Hkv == 0, 1 <= lengths <= max_pages·page_size
-// (a head of length 0, which the cache never produces, gives zeros where the CPU reference gives
-// NaN), q/out/k_pool/v_pool 16-byte aligned.
+// Requirements: D 32, 64 or 128 (aborts otherwise), H % Hkv == 0,
+// 1 <= lengths <= max_pages·page_size (a head of length 0, which the cache never produces, gives
+// zeros where the CPU reference gives NaN), q/out/k_pool/v_pool 16-byte aligned.
 // Long heads are split into chunks of split_slots slots (flash-decoding; 0 chooses from B, Hkv,
 // max_pages and the SM count) combined by a second pass; partial results live in scratch slot 10.
 // Deterministic: fixed chunks, fixed reduction order.
@@ -378,7 +379,8 @@ void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page
 // multiple of 16 (and pages 16-byte aligned) run on paged_decode_attention's tensor-core kernel:
 // there the dequantized keys and values enter the products rounded to bf16, as the bf16 pool's
 // do; otherwise CUDA cores keep them fp32. out, probs and the rest of the arithmetic as above
-// (probs index slots in that order). Requirements as above with lengths = q_lengths + r_lengths
+// (probs index slots in that order). Requirements as above, D 64 or 128 only, with
+// lengths = q_lengths + r_lengths
 // (at most max_pages·page_size + residual_slots), r_k_pool/r_v_pool 16-byte aligned,
 // pages 4-byte aligned, layout from kernels::kv_quant_page_layout. Partial results share scratch
 // slot 10 with paged_decode_attention: paged_decode_attention_reserve(B, H, D, max_pages +
@@ -444,7 +446,7 @@ void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
 using PagedKv = kernels::PagedKvLayer<bf16>;
 // k, v [n, Hkv, D] pre-RoPE; merge, omega [n, Hkv] (null: never merge / omega 1); positions [n].
-// D 64 or 128; k, v, the pools and the window 16-byte aligned.
+// D 32, 64 or 128; k, v, the pools and the window 16-byte aligned.
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream = nullptr);
@@ -474,8 +476,8 @@ void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v
 
 // ---- attention of a chunk continuing one sequence's cache (kernels/chunk_attention.h) ----
 // q, out [n, H, D], k, v [n, Hkv, D] bf16 (16-byte aligned); page_table [Hkv, max_pages] and
-// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 64 or 128, any GQA group. One
-// kernel, no scratch.
+// prefix [n, Hkv] device arrays; mask [n, Hkv] fp32 or null. D 32, 64 or 128, any GQA group.
+// One kernel, no scratch.
 void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v_pool,
                      const int32_t* page_table, int max_pages, int page_size, const int* prefix,
                      const bf16* k, const bf16* v, const float* mask, int n, int H, int Hkv, int D,

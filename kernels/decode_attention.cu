@@ -6,10 +6,10 @@
 // CUDA-core kernel (groups of 1 to 3 query heads, or more than 16): grid (B·Hkv·(G/GT), splits).
 //   A CTA (4 warps) owns GT query heads of one KV head (GT = the largest of 4, 2, 1 dividing G,
 //   so those heads read each row once) and one chunk of `chunk` slots of that head; a CTA whose
-//   chunk starts past the head's length exits at once. D/8 threads share a key row, 8 channels (one 16-byte load)
-//   each, so a warp reads 32·16 contiguous bytes of a page per step (2 rows at D = 128, 4 at
-//   D = 64), and every thread issues the page-table lookups and the 16-byte K and V loads of 4
-//   rows before using them.
+//   chunk starts past the head's length exits at once. D/8 threads share a key row, 8 channels
+//   (one 16-byte load) each, so a warp reads 32·16 contiguous bytes of a page per step (2 rows at
+//   D = 128, 4 at D = 64, 8 at D = 32), and every thread issues the page-table lookups and the
+//   16-byte K and V loads of 4 rows before using them.
 //   Scores: fp32 dot products (q pre-scaled by scale·log2 e; channel D-1 zeroed when
 //   exclude_ctrl), summed over the row's threads with shuffles. Each row group keeps its own
 //   online-softmax state (max, sum, 8 output channels per head) in base 2; the CTA merges its
@@ -82,7 +82,7 @@ struct PoolRows {
 // chunk zero-filled), and the kernel reads them where they landed.
 template <int D>
 struct PoolTiles {
-  static constexpr int kStages = D == 64 ? 4 : 3;  // 3 CTAs per SM at 64, 2 at 128
+  static constexpr int kStages = D <= 64 ? 4 : 3;  // 3 CTAs per SM at 64, 2 at 128
   static constexpr bool kAligned = false;
   static constexpr int kStageBytes = static_cast<int>(sizeof(bf16)) * 2 * kTileRows * D;
   static_assert(kStages * kStageBytes >= mma_epilogue_bytes(D), "epilogue fits");
@@ -116,6 +116,7 @@ struct PoolTiles {
 };
 
 struct Params : Common {
+  static constexpr bool kHeadDim32 = true;
   const bf16* k_pool;
   const bf16* v_pool;
   const int32_t* page_table;
@@ -149,6 +150,7 @@ constexpr size_t pool_mma_smem() {
 void configure_mma_kernels() {
   static bool configured = false;
   if (configured) return;
+  allow_mma_smem<32, Params>(pool_mma_smem<32>());
   allow_mma_smem<64, Params>(pool_mma_smem<64>());
   allow_mma_smem<128, Params>(pool_mma_smem<128>());
   configured = true;
@@ -173,7 +175,7 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
                             int split_slots) {
   constexpr const char* kOp = "paged_decode_attention";
   if (B <= 0 || H <= 0) return;
-  if (D != 64 && D != 128) fail(kOp, "head dim must be 64 or 128");
+  if (D != 32 && D != 64 && D != 128) fail(kOp, "head dim must be 32, 64 or 128");
   if (Hkv <= 0 || H % Hkv != 0) fail(kOp, "H must be a multiple of Hkv");
   if (page_size <= 0 || max_pages <= 0) fail(kOp, "page_size and max_pages must be positive");
   if (probs != nullptr && probs_stride <= 0) fail(kOp, "probs_stride must be positive");
@@ -191,7 +193,9 @@ void paged_decode_attention(bf16* out, float* probs, int probs_stride, const bf1
   p.page_size = page_size;
   launch_decode(p, kOp, out, probs, probs_stride, q, B, H, Hkv, D, exclude_ctrl, scale,
                 G >= 4 && G <= 16, static_cast<long>(max_pages) * page_size, split_slots,
-                D == 64 ? pool_mma_smem<64>() : pool_mma_smem<128>(), stream);
+                D == 32 ? pool_mma_smem<32>()
+                        : D == 64 ? pool_mma_smem<64>() : pool_mma_smem<128>(),
+                stream);
 }
 
 }  // namespace dmc::cuda

@@ -52,6 +52,9 @@ struct Common {
   float scale_log2;
   bool exclude_ctrl;
   bool direct;  // one chunk per head and no probs: write out from the main kernel
+  // Whether the source takes head dim 32 (the bf16 pool does; the quantized and the ThinK pages
+  // take 64 and 128, so their kernels are not instantiated at 32).
+  static constexpr bool kHeadDim32 = false;
 };
 
 using detail::unpack8;  // 8 bf16 packed in a uint4 -> fp32
@@ -532,6 +535,16 @@ void launch_decode(P& p, const char* op, bf16* out, float* probs, int probs_stri
   if (ctas > 0x7fffffffL) fail(op, "too many (sequence, KV head) pairs for one launch");
   plan_chunks(p, op, ctas, max_len, split_slots, B, D);
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
+  if constexpr (P::kHeadDim32) {
+    if (D == 32) {
+      if (tensor_cores)
+        launch_mma<32>(p, grid, mma_smem, stream);
+      else
+        launch_cuda_cores<32>(p, GT, grid, stream);
+      launch_combine(p, B, D, stream);
+      return;
+    }
+  }
   if (tensor_cores && D == 64)
     launch_mma<64>(p, grid, mma_smem, stream);
   else if (tensor_cores)

@@ -688,9 +688,12 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-void check_shape(int T, int H, int Hkv, int D) {
-  if (D != 64 && D != 128) {
-    std::fprintf(stderr, "dmc_attention: head dim %d unsupported (64 or 128)\n", D);
+// The forward takes head dims 32 (the portable kernel only: the Hopper one's tiles are 64
+// channels wide), 64 and 128; the backward, which only training runs, 64 and 128.
+void check_shape(int T, int H, int Hkv, int D, bool forward) {
+  if (D != 64 && D != 128 && !(forward && D == 32)) {
+    std::fprintf(stderr, "dmc_attention: head dim %d unsupported (%s)\n", D,
+                 forward ? "32, 64 or 128" : "64 or 128");
     std::abort();
   }
   if (Hkv <= 0 || H % Hkv != 0) {
@@ -720,7 +723,8 @@ AttentionKernel auto_kernel() {
   return chosen;
 }
 
-// The forward that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 64
+// The forward that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 32
+// and 64
 // (measured on the H200, bench/RESULTS.md: the Hopper forward 3-6% faster at head dim 128, 14%
 // slower at 64).
 AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
@@ -740,15 +744,21 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            bool exclude_ctrl, float scale, cudaStream_t stream, int mask_window,
                            AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
-  check_shape(T, H, Hkv, D);
+  check_shape(T, H, Hkv, D, /*forward=*/true);
   const AttentionKernel chosen = resolve_forward_kernel(kernel, D);
+  if (chosen != AttentionKernel::kMmaSync && D == 32) {
+    std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel takes head dims 64 and 128\n");
+    std::abort();
+  }
   if (chosen != AttentionKernel::kMmaSync) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
                                stream, mask_window, chosen == AttentionKernel::kSm90Persistent);
     return;
   }
   FwdParams p{q, k, v, mask, out, lse, B, T, H, Hkv, scale * kLog2e, exclude_ctrl, mask_window};
-  if (D == 64)
+  if (D == 32)
+    launch_fwd<32>(p, stream);
+  else if (D == 64)
     launch_fwd<64>(p, stream);
   else
     launch_fwd<128>(p, stream);
@@ -760,7 +770,7 @@ void dmc_attention_backward(bf16* dq, bf16* dk, bf16* dv, float* dmask, const bf
                             bool exclude_ctrl, float scale, bool accumulate, cudaStream_t stream,
                             int mask_window, AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
-  check_shape(T, H, Hkv, D);
+  check_shape(T, H, Hkv, D, /*forward=*/false);
   const long nq = static_cast<long>(B) * T * H * D;
   const long rows = static_cast<long>(B) * T * H;
   const int stats_stride = attention_stats_stride(T);

@@ -1,9 +1,9 @@
 // Paged KV cache writes on the GPU (spec: kernels/paged_kv_write.h).
-// append:  a warp per (row, KV head), kAppendWarps to a CTA, no block barrier (D 64 or 128).
+// append:  a warp per (row, KV head), kAppendWarps to a CTA, no block barrier (D 32, 64 or 128).
 //          Every lane reads the head's state and decides append or merge, the slot and the ring
 //          count alike (lane 0 writes them back); lane l holds channels l·D/32 .. (l + 1)·D/32 − 1
 //          of the key and the value, so a ring entry's key and value come in as one 16-byte
-//          (D 128) or 8-byte (D 64) load each per lane, kRingBatch entries in flight, summed
+//          (D 128), 8-byte (D 64) or 4-byte (D 32) load each per lane, kRingBatch entries in flight, summed
 //          oldest first as the reference sums them, the token's own term last, from registers.
 //          RoPE pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
@@ -58,15 +58,18 @@ __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int 
   v_row[ch + half] = tobf(v2);
 }
 
-// C = 2 or 4 consecutive values in one access: floats (8- or 16-byte aligned), bf16 (4 or 8).
+// C = 1, 2 or 4 consecutive values in one access: floats (4-, 8- or 16-byte aligned), bf16 (2, 4
+// or 8).
 template <int C>
 __device__ __forceinline__ void load_floats(const float* p, float (&x)[C]) {
   if constexpr (C == 4) {
     const float4 t = *reinterpret_cast<const float4*>(p);
     x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
-  } else {
+  } else if constexpr (C == 2) {
     const float2 t = *reinterpret_cast<const float2*>(p);
     x[0] = t.x, x[1] = t.y;
+  } else {
+    x[0] = *p;
   }
 }
 // (__stcg: a plain store of a float4 built from an array was split into four.)
@@ -74,31 +77,41 @@ template <int C>
 __device__ __forceinline__ void store_floats(float* p, const float (&x)[C]) {
   if constexpr (C == 4)
     __stcg(reinterpret_cast<float4*>(p), make_float4(x[0], x[1], x[2], x[3]));
-  else
+  else if constexpr (C == 2)
     __stcg(reinterpret_cast<float2*>(p), make_float2(x[0], x[1]));
+  else
+    __stcg(p, x[0]);
 }
 template <int C>
 __device__ __forceinline__ void load_bf16s(const bf16* p, float (&x)[C]) {
-  alignas(8) __nv_bfloat162 h[C / 2];
-  if constexpr (C == 4)
-    *reinterpret_cast<uint2*>(h) = *reinterpret_cast<const uint2*>(p);
-  else
-    h[0] = *reinterpret_cast<const __nv_bfloat162*>(p);
+  if constexpr (C == 1) {
+    x[0] = __bfloat162float(*p);
+  } else {
+    alignas(8) __nv_bfloat162 h[C / 2];
+    if constexpr (C == 4)
+      *reinterpret_cast<uint2*>(h) = *reinterpret_cast<const uint2*>(p);
+    else
+      h[0] = *reinterpret_cast<const __nv_bfloat162*>(p);
 #pragma unroll
-  for (int j = 0; j < C / 2; ++j) {
-    x[2 * j] = __low2float(h[j]);
-    x[2 * j + 1] = __high2float(h[j]);
+    for (int j = 0; j < C / 2; ++j) {
+      x[2 * j] = __low2float(h[j]);
+      x[2 * j + 1] = __high2float(h[j]);
+    }
   }
 }
 template <int C>
 __device__ __forceinline__ void store_bf16s(bf16* p, const float (&x)[C]) {
-  alignas(8) __nv_bfloat162 h[C / 2];
+  if constexpr (C == 1) {
+    *p = tobf(x[0]);
+  } else {
+    alignas(8) __nv_bfloat162 h[C / 2];
 #pragma unroll
-  for (int j = 0; j < C / 2; ++j) h[j] = __floats2bfloat162_rn(x[2 * j], x[2 * j + 1]);
-  if constexpr (C == 4)
-    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
-  else
-    *reinterpret_cast<__nv_bfloat162*>(p) = h[0];
+    for (int j = 0; j < C / 2; ++j) h[j] = __floats2bfloat162_rn(x[2 * j], x[2 * j + 1]);
+    if constexpr (C == 4)
+      *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
+    else
+      *reinterpret_cast<__nv_bfloat162*>(p) = h[0];
+  }
 }
 
 // One ring entry's (or the token's own) term of the omega-weighted sums.
@@ -347,7 +360,7 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
                      float theta, bool keep_last_channel, cudaStream_t stream) {
   if (n <= 0) return;
-  if (D != 64 && D != 128) fail("head dim must be 64 or 128");
+  if (D != 32 && D != 64 && D != 128) fail("head dim must be 32, 64 or 128");
   const uintptr_t window = cache.window_size > 0 ? reinterpret_cast<uintptr_t>(cache.window) : 0;
   if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |
        reinterpret_cast<uintptr_t>(cache.k_pool) | reinterpret_cast<uintptr_t>(cache.v_pool) |
@@ -355,7 +368,7 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
     fail("k, v, the pools and the window must be 16-byte aligned");
   const int heads = n * Hkv;
   const unsigned grid = (heads + kAppendWarps - 1) / kAppendWarps;
-  auto kernel = D == 128 ? append_kernel<128> : append_kernel<64>;
+  auto kernel = D == 128 ? append_kernel<128> : D == 64 ? append_kernel<64> : append_kernel<32>;
   kernel<<<grid, 32 * kAppendWarps, 0, stream>>>(cache, k, v, merge, omega, positions, heads, Hkv,
                                                  theta, keep_last_channel);
   DMC_CUDA_CHECK_LAUNCH();

@@ -1,7 +1,8 @@
 // GPU vs CPU reference for the fused DMC attention kernels: causal, GQA, the on-the-fly DMC bias
 // (soft log(1 - alpha) values, hard -50000 values, or none), DMS's mask mode (the bias only where
-// query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128,
-// sequence lengths that are not multiples of the tiles. Each case runs with each kernel forced
+// query - key > w; soft values or the hard -inf), exclude_ctrl, head dims 64 and 128 (and 32 in
+// the forward, which inference's prompts run), sequence lengths that are not multiples of the
+// tiles. Each case runs with each kernel forced
 // (the portable mma.sync ones and, on Hopper, the sm90 ones on both their schedules):
 // the forward (out, lse), then the backward from that forward's out and lse (dq, dk, dv, dmask,
 // all accumulated into random initial values).
@@ -46,7 +47,8 @@ std::string kernel_suffix(C::AttentionKernel kernel) {
                                                          : " mma_sync";
 }
 
-void run_case(const Case& c, C::AttentionKernel kernel) {
+// The forward, then (with_backward) the backward.
+void run_case(const Case& c, C::AttentionKernel kernel, bool with_backward = true) {
   const size_t nq = static_cast<size_t>(c.B) * c.T * c.H * c.D;
   const size_t nk = static_cast<size_t>(c.B) * c.T * c.Hkv * c.D;
   const size_t nm = static_cast<size_t>(c.B) * c.T * c.Hkv;
@@ -80,6 +82,7 @@ void run_case(const Case& c, C::AttentionKernel kernel) {
   const std::string n = name_of(c) + kernel_suffix(kernel);
   expect_close(("attn fwd out  " + n).c_str(), dout.download(), out, kBf16Tol);
   expect_close(("attn fwd lse  " + n).c_str(), dlse.download(), lse, 1e-4);
+  if (!with_backward) return;
 
   auto go = randn(nq);
   auto gob = to_bf16(go);
@@ -174,6 +177,20 @@ INSTANTIATE_TEST_SUITE_P(
       suffix[0] = '_';
       return "case" + std::to_string(info.index / 3) + suffix;
     });
+
+// Head dim 32 (the quickstart's models, whose prompts the GPU engine prefills with this forward):
+// the portable kernel, whose 64-byte rows take the 4-chunk swizzle; MHA and GQA, each mask kind
+// and DMS's bands, exclude_ctrl on and off, T off the tiles.
+TEST(CudaAttentionHeadDim32, ForwardMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  for (const Case& c : {Case{2, 200, 4, 2, 32, true, MaskKind::kSoft, 1.0},
+                        Case{1, 333, 4, 4, 32, false, MaskKind::kNone, 2.0},
+                        Case{2, 130, 8, 2, 32, true, MaskKind::kHard, 1.0},
+                        Case{1, 1, 2, 1, 32, true, MaskKind::kSoft, 1.0},
+                        Case{1, 257, 4, 2, 32, false, MaskKind::kSoft, 2.0, 5},
+                        Case{2, 300, 4, 2, 32, false, MaskKind::kEvicted, 1.0, 3}})
+    run_case(c, C::AttentionKernel::kMmaSync, /*with_backward=*/false);
+}
 
 // The Hopper kernels' persistent schedules against their grid schedules on shapes of many more
 // tiles than SMs (so that each CTA of a persistent kernel takes several, across heads, sections

@@ -128,11 +128,11 @@ void run_case(const Case& c) {
   }
 }
 
-// Page sizes 1, 16, 64 x D 64, 128 x GQA 1, 4 x {kernel's choice, 37-slot chunks (off every
+// Page sizes 1, 16, 64 x D 32, 64, 128 x GQA 1, 4 x {kernel's choice, 37-slot chunks (off every
 // page and row-step boundary), one chunk per head}; the control channel on the odd ones.
 TEST_F(CudaDecode, PagedShapes) {
   for (int ps : {1, 16, 64})
-    for (int D : {64, 128})
+    for (int D : {32, 64, 128})
       for (int G : {1, 4})
         for (int split : {0, 37, 1 << 20}) {
           const int max_len = ps == 1 ? 200 : 5 * ps + (ps == 16 ? 7 : 0);
@@ -146,7 +146,7 @@ TEST_F(CudaDecode, PagedShapes) {
 // (scale x 4) so a wrong maximum or merge shows.
 TEST_F(CudaDecode, PagedGroups) {
   for (int G : {2, 3, 8, 16, 32})
-    for (int D : {64, 128}) {
+    for (int D : {32, 64, 128}) {
       run_case(Case{2, 2, G, D, 16, 150, 0, false, false, 4.0});
       run_case(Case{2, 2, G, D, 16, 150, 48, true, true, 4.0});
     }
@@ -155,7 +155,7 @@ TEST_F(CudaDecode, PagedGroups) {
 // Long heads (up to ~3000 slots): the automatic split gives many chunks per head; with and without
 // weights, and one head per sequence only (B = 5, Hkv = 1).
 TEST_F(CudaDecode, PagedLongHeads) {
-  for (int D : {64, 128}) {
+  for (int D : {32, 64, 128}) {
     run_case(Case{2, 2, 4, D, 16, 3000, 0, false, true, 1.0});
     run_case(Case{2, 2, 1, D, 64, 3000, 0, true, false, 1.0});
     run_case(Case{5, 1, 1, D, 1, 1500, 0, false, false, 2.0});

@@ -238,7 +238,7 @@ void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int st
 TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 5})
-    for (int D : {64, 128}) {
+    for (int D : {32, 64, 128}) {
       SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
       CheckAppends(5, 3, D, window, 4, 23, 0, [](int) { return rng()() % 3 ? 1.0f : 0.0f; });
     }
@@ -267,7 +267,7 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
   for (int window : {0, 6})
     for (int P : {1, 17, 300}) {
       SCOPED_TRACE(testing::Message() << "window " << window << " P " << P);
-      const int R = 3, Hkv = 2, D = 128, page = 16, row = 1;
+      const int R = 3, Hkv = 2, D = P == 17 ? 32 : 128, page = 16, row = 1;
       CacheLayer host = MakeLayer(R, Hkv, D, page, (P + page - 1) / page, window);
       CacheLayer start = host;
       std::vector<double> khat = randn(size_t(P) * Hkv * D), vhat = randn(size_t(P) * Hkv * D);
@@ -305,7 +305,7 @@ TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
 TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 6})
-    for (int D : {64, 128})
+    for (int D : {32, 64, 128})
       for (int n : {1, 19, 300, 700}) {
         SCOPED_TRACE(testing::Message() << "window " << window << " D " << D << " n " << n);
         const int R = 6, Hkv = 3, page = 8, before = 13;
@@ -492,7 +492,7 @@ TEST(CudaPagedKvPages, ClearRowsMatchesCpuReference) {
 // per-(query, head) prefixes (0 included); long chunks (several query tiles of 64 rows, several
 // key tiles of prefix and chunk) whose KV heads hold very different lengths, as DMC's do, the
 // same for every query (as paged_kv_extend gives them). GQA groups of 1, 3, 4, 6, 8 and 16 (a
-// tile's 16 rows then hold whole groups, or split one), both head dims.
+// tile's 16 rows then hold whole groups, or split one), head dims 32, 64 and 128.
 TEST(CudaChunkAttention, MatchesCpuReference) {
   DMC_REQUIRE_GPU();
   struct Case {
@@ -503,11 +503,11 @@ TEST(CudaChunkAttention, MatchesCpuReference) {
   for (int n : {1, 37, 129})
     for (Case c : {Case{8, 2, 128, n, false}, Case{16, 2, 64, n, false},
                    Case{16, 1, 128, n, false}, Case{6, 1, 64, n, false}, Case{3, 1, 64, n, false},
-                   Case{2, 2, 128, n, false}})
+                   Case{2, 2, 128, n, false}, Case{8, 2, 32, n, false}, Case{3, 3, 32, n, false}})
       cases.push_back(c);
   for (Case c : {Case{8, 2, 128, 300, true}, Case{32, 4, 64, 200, true},
                  Case{16, 1, 128, 150, true}, Case{12, 2, 64, 260, true},
-                 Case{4, 4, 128, 90, true}})
+                 Case{4, 4, 128, 90, true}, Case{12, 4, 32, 200, true}})
     cases.push_back(c);
   for (const Case& cs : cases)
     for (bool exclude : {false, true})
@@ -710,7 +710,7 @@ TEST(CudaPagedKvDrop, MatchesCpuReferenceBetweenAppends) {
 TEST(CudaPagedKvDmsEvict, DecodeMatchesCpuReferenceOverManySteps) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 2, 5})
-    for (int D : {64, 128}) {
+    for (int D : {32, 64, 128}) {
       SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
       const int R = 5, Hkv = 3, page = 4, steps = 40;
       CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, 0);
@@ -1519,6 +1519,13 @@ INSTANTIATE_TEST_SUITE_P(
                       EngineCase{"dmc", true, 128, 2, 2, CacheMethod::kDmc},
                       EngineCase{"dmc_gqa", true, 256, 4, 2, CacheMethod::kDmc},
                       EngineCase{"dmc_d64", true, 256, 4, 4, CacheMethod::kDmc},
+                      // head dim 32 (the quickstart's shape), GQA 4 on the tensor-core decode
+                      EngineCase{"dmc_d32", true, 128, 4, 4, CacheMethod::kDmc},
+                      EngineCase{"dmc_d32_g4", true, 256, 8, 2, CacheMethod::kDmc},
+                      EngineCase{"vanilla_d32_g4", false, 256, 8, 2, CacheMethod::kVanilla},
+                      EngineCase{"tova_cr2_d32", false, 128, 4, 2, CacheMethod::kTova, 2.0},
+                      EngineCase{"dms_adapter_d32", false, 128, 4, 2, CacheMethod::kDms, 1,
+                                 DmsVariant::kAdapter},
                       EngineCase{"vanilla_on_dmc", true, 128, 2, 2, CacheMethod::kVanilla},
                       EngineCase{"h2o_cr2_gqa", false, 256, 4, 2, CacheMethod::kH2O, 2.0},
                       EngineCase{"h2o_cr4_on_dmc", true, 256, 4, 2, CacheMethod::kH2O, 4.0},
@@ -1787,6 +1794,35 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // Bad input is a clear error that changes nothing, and the other sequences go on.
+// Head dim 32 is served on the bf16 cache (CudaEngineVsCpu's _d32 cases); KV quantization, ThinK
+// and LoMA at 32, and head dim 16, are refused by name.
+TEST(CudaEngineErrors, HeadDim32TakesTheBf16CacheOnly) {
+  DMC_REQUIRE_GPU();
+  inference::CudaEngineOptions o;
+  o.budget_bytes = 1L << 22;
+  o.max_context = 32;
+  model::Llama<float> d32(EngineConfig({"d32", false, 128, 4, 4, CacheMethod::kVanilla}), nullptr);
+  ASSERT_EQ(d32.config().head_dim(), 32);
+  o.policy = {CacheMethod::kVanilla};
+  EXPECT_TRUE(inference::CudaEngine::Create(d32, o).ok());
+  inference::CachePolicy int8{CacheMethod::kVanilla}, think{CacheMethod::kVanilla};
+  int8.quant.bits = 8;
+  think.think_channels = 16;
+  for (const inference::CachePolicy& bad : {int8, think}) {
+    o.policy = bad;
+    auto refused = inference::CudaEngine::Create(d32, o);
+    EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+    EXPECT_NE(refused.status().message().find("needs head_dim 64 or 128"), std::string::npos)
+        << refused.status();
+  }
+  o.policy = {CacheMethod::kVanilla};
+  model::Llama<float> d16(EngineConfig({"d16", false, 64, 4, 4, CacheMethod::kVanilla}), nullptr);
+  auto refused = inference::CudaEngine::Create(d16, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("head_dim 32, 64 or 128"), std::string::npos)
+      << refused.status();
+}
+
 TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   DMC_REQUIRE_GPU();
   model::LlamaConfig config = EngineConfig({"dmc", true, 128, 2, 2, CacheMethod::kDmc});
