@@ -99,18 +99,20 @@ int main(int argc, char** argv) {
   spec.page_size = absl::GetFlag(FLAGS_page_size);
   spec.max_batch = max_batch;
   spec.max_context = context;
-  // One request of the whole context must fit alone, so that no request is refused mid-way.
-  const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, spec.page_size);
-  const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
-  const long one = inf::KvSequenceBytes<float>(
-      shape, std::vector<int>(heads, inf::MaxHeadSlots(c, *method, context)));
-  if (spec.budget_bytes < one)
-    return Fail(absl::InvalidArgumentError(absl::StrFormat(
-        "--kv_budget_mb=%g holds less than one sequence of the whole context (%d tokens, %.3f "
-        "MiB)",
-        absl::GetFlag(FLAGS_kv_budget_mb), context, one / double(1 << 20))));
   auto engine = inf::CreateEngine(**model, spec);
   if (!engine.ok()) return Fail(engine.status());
+  // One request of the whole context must fit alone, so that no request is refused mid-way;
+  // counted at the engine's widths (the GPU engine's bf16 pages hold half the CPU's fp32 bytes).
+  const inf::PagedCacheOptions shape = inf::CacheOptionsFor(c, *method, 0, spec.page_size);
+  const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
+  const long one = inf::KvSequenceBytes(
+      shape, std::vector<int>(heads, inf::MaxHeadSlots(c, *method, context)),
+      (*engine)->element_bytes(), (*engine)->window_element_bytes());
+  if (spec.budget_bytes < one)
+    return Fail(absl::InvalidArgumentError(absl::StrFormat(
+        "--kv_budget_mb=%g holds less than one sequence of the whole context on --device=%s "
+        "(%d tokens, %.3f MiB)",
+        absl::GetFlag(FLAGS_kv_budget_mb), spec.device, context, one / double(1 << 20))));
 
   if (absl::GetFlag(FLAGS_prefill_tokens_per_step) < 0)
     return Fail(absl::InvalidArgumentError("--prefill_tokens_per_step must be >= 0"));

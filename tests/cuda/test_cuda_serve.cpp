@@ -1,9 +1,16 @@
 // dmc-serve --device=cuda as a process: SIGTERM in the middle of a stream ends it with a final
-// event and the server exits 0. On the GPU this needs the signal mask set before the CUDA runtime
+// event and the server exits 0; the budget for one sequence is counted at the engine's widths. On the GPU this needs the signal mask set before the CUDA runtime
 // starts its own threads (a thread that does not block SIGTERM takes it and the process dies:
 // exit 143, seen on an H200); the CPU suite's twin (tests/test_serve.cpp) cannot see that.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "inference/cuda_engine.h"
+#include "inference/paged_decoder.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/serve_process.h"
 
@@ -30,6 +37,44 @@ TEST(CudaServe, SigtermEndsAStreamWithAFinalEventAndExitsZero) {
   const std::string model_dir = serve_test::ExportRandomModel(GpuServeConfig(), 5, root.path);
   serve_test::Server server(model_dir, {"--device=cuda", "--kv_budget_mb=16"});
   serve_test::ExpectSigtermEndsAStreamAndExitsZero(server, 120);
+}
+
+// The budget check counts a whole-context sequence at the engine's widths: a budget between the
+// GPU engine's bytes of one (bf16 pages) and the CPU's (fp32) serves on --device=cuda and is
+// refused by name on --device=cpu.
+TEST(CudaServe, BudgetForOneSequenceCountsTheEnginesWidths) {
+  DMC_REQUIRE_GPU();
+  serve_test::TempRoot root("dmc_cuda_serve_budget");
+  const model::LlamaConfig c = GpuServeConfig();
+  const std::string model_dir = serve_test::ExportRandomModel(c, 6, root.path);
+  const inference::PagedCacheOptions shape =
+      inference::CacheOptionsFor(c, inference::CacheMethod::kDmc, 0, 16);
+  const std::vector<int> whole(size_t(c.num_hidden_layers) * c.num_key_value_heads,
+                               c.max_position_embeddings);
+  const double gpu_mib =
+      inference::KvSequenceBytes(shape, whole, inference::CudaEngine::kElementBytes,
+                                 inference::CudaEngine::kWindowElementBytes) /
+      double(1 << 20);
+  const double cpu_mib = inference::KvSequenceBytes<float>(shape, whole) / double(1 << 20);
+  ASSERT_LT(gpu_mib * 1.2, cpu_mib * 0.9);
+  const std::string budget =
+      "--kv_budget_mb=" + std::to_string((gpu_mib * 1.2 + cpu_mib * 0.9) / 2);
+  {
+    serve_test::Server server(model_dir, {"--device=cuda", budget});
+    EXPECT_EQ(server.Terminate(), 0);
+  }
+  const std::string serve = serve_test::InferenceBinary("dmc-serve") + " --model=" + model_dir +
+                            " --port=0 --device=cpu " + budget + " 2>&1";
+  FILE* p = popen(serve.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+  const int status = pclose(p);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << out;
+  EXPECT_NE(out.find("holds less than one sequence of the whole context on --device=cpu"),
+            std::string::npos)
+      << out;
 }
 
 }  // namespace
