@@ -3,8 +3,9 @@
 //          Every lane reads the head's state and decides append or merge, the slot and the ring
 //          count alike (lane 0 writes them back); lane l holds channels l·D/32 .. (l + 1)·D/32 − 1
 //          of the key and the value, so a ring entry's key and value come in as one 16-byte
-//          (D 128), 8-byte (D 64) or 4-byte (D 32) load each per lane, kRingBatch entries in flight, summed
-//          oldest first as the reference sums them, the token's own term last, from registers.
+//          (D 128), 8-byte (D 64) or 4-byte (D 32) load each per lane, kRingBatch entries in
+//          flight, summed oldest first as the reference sums them, the token's own term last,
+//          from registers.
 //          RoPE pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
 //          row) in three passes, each parallel over the run's tokens:

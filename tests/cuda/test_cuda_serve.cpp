@@ -1,7 +1,8 @@
 // dmc-serve --device=cuda as a process: SIGTERM in the middle of a stream ends it with a final
-// event and the server exits 0; the budget for one sequence is counted at the engine's widths. On the GPU this needs the signal mask set before the CUDA runtime
+// event and the server exits 0. On the GPU this needs the signal mask set before the CUDA runtime
 // starts its own threads (a thread that does not block SIGTERM takes it and the process dies:
-// exit 143, seen on an H200); the CPU suite's twin (tests/test_serve.cpp) cannot see that.
+// exit 143, seen on an H200); the CPU suite's twin (tests/test_serve.cpp) cannot see that. The
+// budget for one sequence is counted at the engine's widths.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
