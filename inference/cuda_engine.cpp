@@ -92,7 +92,7 @@ struct CudaEngine::Device {
   std::vector<size_t> dms_adapter;  // [layer · 2 + (0 norm, 1 projection)]
   float *dms = nullptr, *pdms_x = nullptr;
   // Step activations, [R, ...].
-  bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate, *up, *h;
+  bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate_up, *h;
   float *rstd, *merge, *omega, *logits;
   // Step inputs (device and pinned host), outputs.
   char* io_dev = nullptr;
@@ -119,7 +119,7 @@ struct CudaEngine::Device {
   int32_t* assign_page_host = nullptr;
   size_t assign_cap = 0;
   // Prefill activations, [max_context, ...].
-  bf16 *px, *pxn, *pq, *pk, *pv, *pkhat, *pvhat, *pkr, *patt, *pgate, *pup, *ph;
+  bf16 *px, *pxn, *pq, *pk, *pv, *pkhat, *pvhat, *pkr, *patt, *pgate_up, *ph;
   float *prstd, *pgates;  // gates: logit, alpha, merge, mask, omega, each [max_context, Hkv]
   int32_t* ptokens = nullptr;
   // KV quantization (kernels/kv_quant.h, kernels/paged_kv_settle.h): the quantized pages
@@ -177,12 +177,12 @@ CudaEngine::~CudaEngine() {
                   (void*)d.slot_pos, (void*)d.scores, (void*)d.probs, (void*)d.marks,
                   (void*)d.dms, (void*)d.pdms_x, (void*)d.x,
                   (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
-                  (void*)d.gate, (void*)d.up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
+                  (void*)d.gate_up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
                   (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
                   (void*)d.argmax, (void*)d.logprob, (void*)d.assign_index, (void*)d.assign_page,
                   (void*)d.px, (void*)d.pxn, (void*)d.pq, (void*)d.pk, (void*)d.pv,
-                  (void*)d.pkhat, (void*)d.pvhat, (void*)d.pkr, (void*)d.patt, (void*)d.pgate,
-                  (void*)d.pup, (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
+                  (void*)d.pkhat, (void*)d.pvhat, (void*)d.pkr, (void*)d.patt, (void*)d.pgate_up,
+                  (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
                   (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
@@ -319,6 +319,9 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
                              "self_attn.o_proj.weight", "post_attention_layernorm.weight",
                              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
       d.layer_offsets.push_back(offset_of(p + name));
+    // EnqueueMlp runs gate and up as one GEMM over their adjacent rows (model/llama.cpp's order).
+    if (d.W(l, kUp) != d.W(l, kGate) + size_t(F) * C)
+      throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
   }
   if (dms_ && !dms_qchannel_)
     for (int l = 0; l < L; ++l) {
@@ -432,8 +435,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.att = Alloc<bf16>(size_t(R) * H * D);
   d.k = Alloc<bf16>(size_t(R) * Hkv * D);
   d.v = Alloc<bf16>(size_t(R) * Hkv * D);
-  d.gate = Alloc<bf16>(size_t(R) * F);
-  d.up = Alloc<bf16>(size_t(R) * F);
+  d.gate_up = Alloc<bf16>(size_t(R) * 2 * F);
   d.h = Alloc<bf16>(size_t(R) * F);
   d.rstd = Alloc<float>(R);
   d.merge = Alloc<float>(size_t(R) * Hkv);
@@ -481,7 +483,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   d.pq = Alloc<bf16>(size_t(P) * H * D);
   d.patt = Alloc<bf16>(size_t(P) * H * D);
   for (bf16** b : {&d.pk, &d.pv, &d.pkhat, &d.pvhat, &d.pkr}) *b = Alloc<bf16>(size_t(P) * Hkv * D);
-  for (bf16** b : {&d.pgate, &d.pup, &d.ph}) *b = Alloc<bf16>(size_t(P) * F);
+  d.pgate_up = Alloc<bf16>(size_t(P) * 2 * F);
+  d.ph = Alloc<bf16>(size_t(P) * F);
   d.prstd = Alloc<float>(P);
   d.pgates = Alloc<float>(size_t(5) * P * Hkv);
   d.ptokens = Alloc<int32_t>(P);
@@ -794,16 +797,16 @@ uint8_t* CudaEngine::Marks(int l) const {
   return dev_->marks + (settles_ ? head0 * residual_slots_ : 0);
 }
 
-void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate,
-                            bf16* up, bf16* h) {
+void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf16* gate_up,
+                            bf16* h) {
   const Device& d = *dev_;
   const int C = config_.hidden_size, F = config_.intermediate_size;
   const bf16* w = d.weights;
   cudaStream_t st = d.stream;
   c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kMlpNorm), rows, C, config_.rms_norm_eps, st);
-  c::matmul_forward(gate, xn, w + d.W(l, kGate), rows, C, F, st);
-  c::matmul_forward(up, xn, w + d.W(l, kUp), rows, C, F, st);
-  c::swiglu_forward(h, gate, up, static_cast<size_t>(rows) * F, st);
+  // gate and up as one GEMM over their adjacent weight rows [2F, C] (checked at creation).
+  c::matmul_forward(gate_up, xn, w + d.W(l, kGate), rows, C, 2 * F, st);
+  c::swiglu_forward(h, gate_up, gate_up + F, rows, F, 2 * F, st);
   c::matmul_forward_add(x, h, w + d.W(l, kDown), rows, F, C, st);
 }
 
@@ -921,7 +924,7 @@ void CudaEngine::EnqueueStep(int n) {
       c::paged_kv_evict(layer, d.scores, d.probs, probs_stride, d.in_dev.positions, n, H, Hkv, D,
                         EvictPolicyOf(opt_.policy, l), st);
     c::matmul_forward_add(d.x, d.att, w + d.W(l, kWo), n, H * D, C, st);
-    EnqueueMlp(l, n, d.x, d.xn, d.rstd, d.gate, d.up, d.h);
+    EnqueueMlp(l, n, d.x, d.xn, d.rstd, d.gate_up, d.h);
   }
   c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.final_norm, n, C, eps, st);
   c::matmul_forward_f32(d.logits, d.xn, w + d.lm_head, n, C, V, st);
@@ -1140,7 +1143,7 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
                           dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
     }
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), P, H * D, C, st);
-    EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
+    EnqueueMlp(l, P, d.px, d.pxn, d.prstd, d.pgate_up, d.ph);
   }
   EnqueueSample(row, P);
 }
@@ -1170,7 +1173,7 @@ void CudaEngine::EnqueueChunk(int row, int start, int n) {
                        opt_.page_size, d.pprefix, d.pkhat, d.pvhat, dmc_ ? mask : nullptr, n, H,
                        Hkv, D, keep_ctrl_, scale, st);
     c::matmul_forward_add(d.px, d.patt, w + d.W(l, kWo), n, H * D, C, st);
-    EnqueueMlp(l, n, d.px, d.pxn, d.prstd, d.pgate, d.pup, d.ph);
+    EnqueueMlp(l, n, d.px, d.pxn, d.prstd, d.pgate_up, d.ph);
   }
   EnqueueSample(row, n);
 }

@@ -282,7 +282,7 @@ class CudaEngine : public DecodeEngine {
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
-                  __nv_bfloat16* gate, __nv_bfloat16* up, __nv_bfloat16* h);
+                  __nv_bfloat16* gate_up, __nv_bfloat16* h);
   // DMS: the hard eviction decisions evict [rows, Hkv] of layer l for rows of residual input x
   // and queries q (the query channel is read, then zeroed), through input, logit and alpha
   // [rows, Hkv]; the adapter's norm goes to xn and rstd, which are free between the Q/K/V GEMMs

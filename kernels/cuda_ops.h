@@ -87,11 +87,12 @@ void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, 
                              const int32_t* positions, float theta, bool keep_last_channel,
                              bool accumulate, cudaStream_t stream = nullptr);
 
-// ---- SwiGLU (kernels/swiglu.h) ----
-void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t n,
+// ---- SwiGLU (kernels/swiglu.h): rows × F, gate and up (and dgate, dup) rows ld apart ----
+void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t rows, size_t F, size_t ld,
                     cudaStream_t stream = nullptr);
 void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
-                     size_t n, bool accumulate, cudaStream_t stream = nullptr);
+                     size_t rows, size_t F, size_t ld, bool accumulate,
+                     cudaStream_t stream = nullptr);
 
 // ---- softmax cross-entropy over the vocabulary (kernels/cross_entropy.h) ----
 void cross_entropy_forward(float* losses, const bf16* logits, const int32_t* targets, int N, int V,

@@ -10,30 +10,34 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 }  // namespace
 
 template <typename T>
-void swiglu_forward(T* out, const T* gate, const T* up, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    const double g = gate[i];
-    out[i] = static_cast<T>(g * sigmoid(g) * up[i]);
-  }
+void swiglu_forward(T* out, const T* gate, const T* up, size_t rows, size_t F, size_t ld) {
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t f = 0; f < F; ++f) {
+      const double g = gate[r * ld + f];
+      out[r * F + f] = static_cast<T>(g * sigmoid(g) * up[r * ld + f]);
+    }
 }
 
 template <typename T>
-void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n,
-                     bool accumulate) {
-  for (size_t i = 0; i < n; ++i) {
-    const double g = gate[i], s = sigmoid(g), d = dout[i];
-    const T dg = static_cast<T>(d * up[i] * s * (1.0 + g * (1.0 - s)));
-    const T du = static_cast<T>(d * g * s);
-    if (dgate) dgate[i] = accumulate ? dgate[i] + dg : dg;
-    if (dup) dup[i] = accumulate ? dup[i] + du : du;
-  }
+void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t rows,
+                     size_t F, size_t ld, bool accumulate) {
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t f = 0; f < F; ++f) {
+      const size_t i = r * ld + f;
+      const double g = gate[i], s = sigmoid(g), d = dout[r * F + f];
+      const T dg = static_cast<T>(d * up[i] * s * (1.0 + g * (1.0 - s)));
+      const T du = static_cast<T>(d * g * s);
+      if (dgate) dgate[i] = accumulate ? dgate[i] + dg : dg;
+      if (dup) dup[i] = accumulate ? dup[i] + du : du;
+    }
 }
 
-template void swiglu_forward<float>(float*, const float*, const float*, size_t);
-template void swiglu_forward<double>(double*, const double*, const double*, size_t);
+template void swiglu_forward<float>(float*, const float*, const float*, size_t, size_t, size_t);
+template void swiglu_forward<double>(double*, const double*, const double*, size_t, size_t,
+                                     size_t);
 template void swiglu_backward<float>(float*, float*, const float*, const float*, const float*,
-                                     size_t, bool);
+                                     size_t, size_t, size_t, bool);
 template void swiglu_backward<double>(double*, double*, const double*, const double*, const double*,
-                                      size_t, bool);
+                                      size_t, size_t, size_t, bool);
 
 }  // namespace dmc::kernels

@@ -279,7 +279,7 @@ void Llama<T>::MlpForward(int l, const T* x, T* out, int N, T* rstd, T* xn, T* g
   k::rmsnorm_forward(xn, rstd, x, w.mlp_norm, N, C, config_.rms_norm_eps);
   k::matmul_forward(gate, xn, w.w_gate, N, C, F);
   k::matmul_forward(up, xn, w.w_up, N, C, F);
-  k::swiglu_forward(h, gate, up, static_cast<size_t>(N) * F);
+  k::swiglu_forward(h, gate, up, N, F, F);
   std::vector<T> down(static_cast<size_t>(N) * C);
   k::matmul_forward(down.data(), h, w.w_down, N, F, C);
   AllReduce(down);
@@ -590,7 +590,7 @@ void Llama<T>::Backward(double loss_scale) {
     linear_dweight(o[kDown], dres.data(), a.h.data(), F, C);
     Resize(dgate, dh.size());
     Resize(dup, dh.size());
-    k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), dh.size(),
+    k::swiglu_backward(dgate.data(), dup.data(), dh.data(), a.gate.data(), a.up.data(), N, F, F,
                        /*accumulate=*/false);
     Resize(dxn, size_t(N) * C);
     k::matmul_backward(dxn.data(), no_grad, dgate.data(), a.xn2.data(), w.w_gate, N, C, F,

@@ -94,7 +94,7 @@ LomaLosses LomaStepLosses(const float* losses, const int32_t* targets, int B, in
 // Device buffers of one (B, T): the activations Backward needs, per layer, and the work buffers.
 struct LlamaCuda::Buffers {
   struct Layer {
-    bf16 *x, *xn, *q, *k, *v, *khat, *vhat, *qr, *kr, *att, *x2, *xn2, *gate, *up, *h;
+    bf16 *x, *xn, *q, *k, *v, *khat, *vhat, *qr, *kr, *att, *x2, *xn2, *gate_up, *h;
     float *rstd, *lse, *rstd2;
     float *noise, *logit, *alpha, *merge, *mask, *omega, *denom;  // DMC, [B, T, Hkv]
     // DMS: the decision input [B, T, Hkv] (merge holds the evictions); the adapter's norm output
@@ -128,7 +128,7 @@ struct LlamaCuda::Buffers {
   int32_t* positions = nullptr;
   float* loma_dlosses = nullptr;
   // Backward work buffers, reused by every layer.
-  bf16 *dlogits, *dres, *dxn, *dh, *dgate, *dup, *datt, *dqr, *dkr, *dq, *dkhat, *dk, *dvhat, *dv;
+  bf16 *dlogits, *dres, *dxn, *dh, *dgate_up, *datt, *dqr, *dkr, *dq, *dkhat, *dk, *dvhat, *dv;
   float *dlosses, *dalpha, *domega, *dmerge, *dmask, *dmean_merge;
   float* ddec;  // DMS: the decision input's gradient [B, T, Hkv] (fp32, and its bf16 copy)
   bf16* ddec_bf16;
@@ -187,6 +187,10 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
                              "self_attn.o_proj.weight", "post_attention_layernorm.weight",
                              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
       layer_offsets_.push_back(offset_of(p + name));
+    // The MLP runs gate and up as one GEMM over their adjacent rows (model/llama.cpp's order).
+    const size_t* o = &layer_offsets_[size_t(l) * kLayerTensors];
+    if (o[kUp] != o[kGate] + size_t(ffn_) * config_.hidden_size)
+      throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
   }
   final_norm_offset_ = offset_of("model.norm.weight");
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_ : offset_of("lm_head.weight");
@@ -387,8 +391,7 @@ void LlamaCuda::Allocate(int B, int T) {
     a.att = b->Alloc<bf16>(Q);
     a.x2 = b->Alloc<bf16>(N * C);
     a.xn2 = b->Alloc<bf16>(N * C);
-    a.gate = b->Alloc<bf16>(F);
-    a.up = b->Alloc<bf16>(F);
+    a.gate_up = b->Alloc<bf16>(2 * F);  // [N, 2F]: the fused gate/up projection's rows
     a.h = b->Alloc<bf16>(F);
     a.rstd = b->Alloc<float>(N);
     a.lse = b->Alloc<float>(static_cast<size_t>(B) * heads_ * T);
@@ -426,8 +429,7 @@ void LlamaCuda::Allocate(int B, int T) {
   b->dres = b->Alloc<bf16>(N * C);
   b->dxn = b->Alloc<bf16>(N * C);
   b->dh = b->Alloc<bf16>(F);
-  b->dgate = b->Alloc<bf16>(F);
-  b->dup = b->Alloc<bf16>(F);
+  b->dgate_up = b->Alloc<bf16>(2 * F);
   b->datt = b->Alloc<bf16>(Q);
   b->dqr = b->Alloc<bf16>(Q);
   b->dq = b->Alloc<bf16>(Q);
@@ -636,9 +638,9 @@ void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const Ste
 
     // MLP half (Llama::MlpForward).
     c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, w(o[kMlpNorm]), N, C, eps, s);
-    c::matmul_forward(a.gate, a.xn2, w(o[kGate]), N, C, F, s);
-    c::matmul_forward(a.up, a.xn2, w(o[kUp]), N, C, F, s);
-    c::swiglu_forward(a.h, a.gate, a.up, size_t(N) * F, s);
+    // gate and up as one GEMM: their weights are adjacent rows [2F, C] (checked at creation).
+    c::matmul_forward(a.gate_up, a.xn2, w(o[kGate]), N, C, 2 * F, s);
+    c::swiglu_forward(a.h, a.gate_up, a.gate_up + F, N, F, 2 * F, s);
     project_onto(x_out, a.x2, a.h, o[kDown], F);
   }
   c::rmsnorm_forward(b.xn_final, b.rstd_final, b.x_final, w(final_norm_offset_), N, C, eps, s);
@@ -800,15 +802,14 @@ void LlamaCuda::Backward(double loss_scale, parallel::Communicator* average_over
     // MLP half: dres flows to x2 unchanged (residual) and through down ∘ swiglu ∘ gate/up ∘ norm.
     c::matmul_backward(b.dh, nullptr, b.dres, a.h, W(o[kDown]), N, F, C, /*accumulate=*/false, s);
     linear_dweight(o[kDown], b.dres, a.h, F, C);
-    c::swiglu_backward(b.dgate, b.dup, b.dh, a.gate, a.up, size_t(N) * F, /*accumulate=*/false,
-                       s);
-    // The input gradient first, summed over TP while the weight gradients run.
-    c::matmul_backward(b.dxn, nullptr, b.dgate, a.xn2, W(o[kGate]), N, C, F,
+    c::swiglu_backward(b.dgate_up, b.dgate_up + F, b.dh, a.gate_up, a.gate_up + F, N, F, 2 * F,
                        /*accumulate=*/false, s);
-    c::matmul_backward(b.dxn, nullptr, b.dup, a.xn2, W(o[kUp]), N, C, F, /*accumulate=*/true, s);
+    // The input gradient first, summed over TP while the weight gradients run; gate and up as
+    // one GEMM each way (their weights, and so their gradients, adjacent rows [2F, C]).
+    c::matmul_backward(b.dxn, nullptr, b.dgate_up, a.xn2, W(o[kGate]), N, C, 2 * F,
+                       /*accumulate=*/false, s);
     TpStartAllReduce(b.dxn, size_t(N) * C);
-    linear_dweight(o[kGate], b.dgate, a.xn2, C, F);
-    linear_dweight(o[kUp], b.dup, a.xn2, C, F);
+    linear_dweight(o[kGate], b.dgate_up, a.xn2, C, 2 * F);
     TpJoin();
     norm_backward(o[kMlpNorm], b.dxn, a.x2, a.rstd2, /*add_dres=*/true);
 

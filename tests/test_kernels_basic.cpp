@@ -315,29 +315,54 @@ TEST(KernelsBasic, RopeSemantics) {
 
 TEST(KernelsBasic, SwigluForwardAndGradients) {
   std::mt19937_64 rng(7);
-  const size_t n = 13;
+  const size_t n = 13;  // one row of separate gate and up arrays
   Vec gate = random_vector(n, rng, -3, 3), up = random_vector(n, rng);
   const Vec wo = random_vector(n, rng);
   Vec out(n);
-  swiglu_forward(out.data(), gate.data(), up.data(), n);
+  swiglu_forward(out.data(), gate.data(), up.data(), 1, n, n);
   for (size_t i = 0; i < n; ++i)
     EXPECT_NEAR(out[i], gate[i] / (1 + std::exp(-gate[i])) * up[i], 1e-12);
   auto loss = [&] {
     Vec o(n);
-    swiglu_forward(o.data(), gate.data(), up.data(), n);
+    swiglu_forward(o.data(), gate.data(), up.data(), 1, n, n);
     return dot(wo, o);
   };
   AccumulatedGrad dgate(n, rng), dup(n, rng);
-  swiglu_backward(dgate.data(), dup.data(), wo.data(), gate.data(), up.data(), n,
+  swiglu_backward(dgate.data(), dup.data(), wo.data(), gate.data(), up.data(), 1, n, n,
                   /*accumulate=*/true);
   expect_gradient_matches(loss, gate, dgate.delta(), "swiglu dgate");
   expect_gradient_matches(loss, up, dup.delta(), "swiglu dup");
   testing::expect_written_equals_added(
       {n, n}, rng,
       [&](double* const* out, bool accumulate) {
-        swiglu_backward(out[0], out[1], wo.data(), gate.data(), up.data(), n, accumulate);
+        swiglu_backward(out[0], out[1], wo.data(), gate.data(), up.data(), 1, n, n, accumulate);
       },
       "swiglu dgate, dup written");
+}
+
+// The fused gate/up projection's output [rows, 2F] read in place (gate = gu, up = gu + F,
+// ld = 2F), its gradient written in the same layout.
+TEST(KernelsBasic, SwigluReadsTheFusedProjectionInPlace) {
+  std::mt19937_64 rng(8);
+  const size_t rows = 3, F = 5;
+  Vec gu = random_vector(rows * 2 * F, rng, -3, 3);
+  const Vec wo = random_vector(rows * F, rng);
+  Vec out(rows * F);
+  swiglu_forward(out.data(), gu.data(), gu.data() + F, rows, F, 2 * F);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t f = 0; f < F; ++f) {
+      const double g = gu[r * 2 * F + f], u = gu[r * 2 * F + F + f];
+      EXPECT_NEAR(out[r * F + f], g / (1 + std::exp(-g)) * u, 1e-12);
+    }
+  auto loss = [&] {
+    Vec o(rows * F);
+    swiglu_forward(o.data(), gu.data(), gu.data() + F, rows, F, 2 * F);
+    return dot(wo, o);
+  };
+  AccumulatedGrad dgu(gu.size(), rng);
+  swiglu_backward(dgu.data(), dgu.data() + F, wo.data(), gu.data(), gu.data() + F, rows, F, 2 * F,
+                  /*accumulate=*/true);
+  expect_gradient_matches(loss, gu, dgu.delta(), "swiglu fused dgate, dup");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ int main(int argc, char** argv) {
         dmc::cuda::rmsnorm_forward(xn, rstd, x, w.ln2, B, C, 1e-5f);
         dmc::cuda::matmul_forward(g, xn, w.wg, B, C, F);
         dmc::cuda::matmul_forward(u, xn, w.wu, B, C, F);
-        dmc::cuda::swiglu_forward(hmid, g, u, size_t(B) * F);
+        dmc::cuda::swiglu_forward(hmid, g, u, B, F, F);
         dmc::cuda::matmul_forward(y, hmid, w.wd, B, F, C);
         add_inplace<<<add_blocks, 256>>>(x, y, nx);
         DMC_CUDA_CHECK_LAUNCH();

@@ -85,15 +85,15 @@ int main(int argc, char** argv) {
   row_bw("rope fwd q B4 T2048 H16 D128", E * 2 * N * C, [&] { dmc::cuda::rope_forward(y, x, B, T, H, D, 0, 10000.f, true); });
   row_bw("rope bwd (dinp +=)", E * 3 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, true); });
   row_bw("rope bwd (dinp =)", E * 2 * N * C, [&] { dmc::cuda::rope_backward(y, dy, B, T, H, D, 0, 10000.f, true, false); });
-  // SwiGLU
+  // SwiGLU on the fused gate/up projection's rows [N, 2F], as the model runs it
   const size_t nf = size_t(N) * F;
-  bf16 *g = rand_bf16(nf, 3.f), *u = rand_bf16(nf), *o = rand_bf16(nf), *dg = rand_bf16(nf), *du = rand_bf16(nf);
-  row_bw("swiglu fwd N8192 F5632", E * 3 * nf, [&] { dmc::cuda::swiglu_forward(o, g, u, nf); });
-  row_bw("swiglu bwd (dgate += ; dup +=)", E * 7 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf, true); });
-  row_bw("swiglu bwd (dgate = ; dup =)", E * 5 * nf, [&] { dmc::cuda::swiglu_backward(dg, du, o, g, u, nf, false); });
+  bf16 *gu = rand_bf16(2 * nf, 3.f), *o = rand_bf16(nf), *dg = rand_bf16(2 * nf);
+  row_bw("swiglu fwd N8192 F5632", E * 3 * nf, [&] { dmc::cuda::swiglu_forward(o, gu, gu + F, N, F, 2 * F); });
+  row_bw("swiglu bwd (dgate += ; dup +=)", E * 7 * nf, [&] { dmc::cuda::swiglu_backward(dg, dg + F, o, gu, gu + F, N, F, 2 * F, true); });
+  row_bw("swiglu bwd (dgate = ; dup =)", E * 5 * nf, [&] { dmc::cuda::swiglu_backward(dg, dg + F, o, gu, gu + F, N, F, 2 * F, false); });
   // What the step spent before each written gradient: zeroing it (dgate's size here).
   row_bw("memset N8192 F5632 bf16", E * nf, [&] { DMC_CUDA_CHECK(cudaMemsetAsync(dg, 0, sizeof(bf16) * nf)); });
-  cudaFree(g), cudaFree(u), cudaFree(o), cudaFree(dg), cudaFree(du);
+  cudaFree(gu), cudaFree(o), cudaFree(dg);
   // Matmuls (QKV, MLP up, LM head)
   {
     bf16* wq = rand_bf16(size_t(3 * C) * C, 0.02f);

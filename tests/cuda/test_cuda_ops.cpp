@@ -196,26 +196,38 @@ TEST_F(CudaOps, Rope) {
   expect_close("rope fwd in place", dx.download(), ref, kBf16Tol);
 }
 
+// Separate gate and up arrays (one row; scalar and 16-byte vector paths), and the fused
+// projection's output [rows, 2F] read in place (F a multiple of 8: vectors; else scalar).
 TEST_F(CudaOps, SwiGlu) {
-  for (size_t n : {size_t(100003), size_t(100000)}) {  // scalar and 16-byte vector paths
-    auto gt = randn(n, 2.0), up = randn(n);
-    auto gtb = to_bf16(gt), upb = to_bf16(up);
-    DevBuf<bf16> dg(gtb), du(upb), dout(n);
+  struct Layout {
+    size_t rows, F;
+    bool fused;
+  };
+  for (const Layout& c : {Layout{1, 100003, false}, Layout{1, 100000, false},
+                          Layout{37, 5632 / 4, true}, Layout{37, 1003, true}}) {
+    const size_t n = c.rows * c.F, ld = c.fused ? 2 * c.F : c.F, up_at = c.fused ? c.F : n;
+    // gate then up in one buffer: at [0, n) and [n, 2n) when separate, interleaved by rows fused
+    auto gu = randn(2 * n, 2.0);
+    auto gub = to_bf16(gu);
+    DevBuf<bf16> dgu(gub), dout(n);
     dout.poison();
-    C::swiglu_forward(dout, dg, du, n);
+    const std::string name = "swiglu rows " + std::to_string(c.rows) + " F " +
+                             std::to_string(c.F) + (c.fused ? " fused" : "");
+    C::swiglu_forward(dout, dgu, dgu.ptr + up_at, c.rows, c.F, ld);
     std::vector<double> ref(n);
-    K::swiglu_forward<double>(ref.data(), gt.data(), up.data(), n);
-    expect_close("swiglu fwd", dout.download(), ref, kBf16Tol);
+    K::swiglu_forward<double>(ref.data(), gu.data(), gu.data() + up_at, c.rows, c.F, ld);
+    expect_close((name + " fwd").c_str(), dout.download(), ref, kBf16Tol);
 
     for (bool accumulate : {true, false}) {
-      auto g = randn(n), dgate = grad_start(n, accumulate), dup = grad_start(n, accumulate);
-      auto gb = to_bf16(g), dgateb = to_bf16(dgate), dupb = to_bf16(dup);
-      DevBuf<bf16> dgo(gb), ddg(dgateb), ddu(dupb);
-      C::swiglu_backward(ddg, ddu, dgo, dg, du, n, accumulate);
-      K::swiglu_backward<double>(dgate.data(), dup.data(), g.data(), gt.data(), up.data(), n,
-                                 accumulate);
-      expect_close(with_mode("swiglu bwd dgate", accumulate), ddg.download(), dgate, kBf16Tol);
-      expect_close(with_mode("swiglu bwd dup", accumulate), ddu.download(), dup, kBf16Tol);
+      auto g = randn(n), dgate_up = grad_start(2 * n, accumulate);
+      auto gb = to_bf16(g), dgate_upb = to_bf16(dgate_up);
+      DevBuf<bf16> dgo(gb), ddgu(dgate_upb);
+      C::swiglu_backward(ddgu, ddgu.ptr + up_at, dgo, dgu, dgu.ptr + up_at, c.rows, c.F, ld,
+                         accumulate);
+      K::swiglu_backward<double>(dgate_up.data(), dgate_up.data() + up_at, g.data(), gu.data(),
+                                 gu.data() + up_at, c.rows, c.F, ld, accumulate);
+      expect_close(with_mode(name + " bwd dgate, dup", accumulate), ddgu.download(), dgate_up,
+                   kBf16Tol);
     }
   }
 }
