@@ -38,8 +38,9 @@ namespace {
 // Flash-decoding chunks of a fixed size, so the attention's scratch has a known largest size.
 constexpr int kSplitSlots = 256;
 
-// The layer's tensors in the flat layout, in model/llama.cpp's order.
-enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
+using model::LayerTensor;
+using model::kAttnNorm, model::kWq, model::kWk, model::kWv, model::kWo, model::kMlpNorm,
+    model::kGate, model::kDown, model::kLayerTensors;
 
 template <typename X>
 X* Alloc(size_t n) {
@@ -312,17 +313,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   for (const auto& s : model.param_specs()) num_params = std::max(num_params, s.offset + s.size);
   auto offset_of = [&](const std::string& name) { return model.FindParam(name)->offset; };
   d.embed = offset_of("model.embed_tokens.weight");
-  for (int l = 0; l < L; ++l) {
-    const std::string p = absl::StrFormat("model.layers.%d.", l);
-    for (const char* name : {"input_layernorm.weight", "self_attn.q_proj.weight",
-                             "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                             "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
-      d.layer_offsets.push_back(offset_of(p + name));
-    // EnqueueMlp runs gate and up as one GEMM over their adjacent rows (model/llama.cpp's order).
-    if (d.W(l, kUp) != d.W(l, kGate) + size_t(F) * C)
-      throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
-  }
+  d.layer_offsets = model.layer_offsets();
   if (dms_ && !dms_qchannel_)
     for (int l = 0; l < L; ++l) {
       const std::string p = absl::StrFormat("model.layers.%d.self_attn.", l);

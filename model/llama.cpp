@@ -27,9 +27,6 @@ namespace k = dmc::kernels;
 
 namespace {
 
-// Order of one layer's tensors inside layer_offsets_.
-enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
-
 uint64_t Fnv1a(const std::string& s) {
   uint64_t h = 1469598103934665603ULL;
   for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
@@ -125,6 +122,9 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
     layer_offsets_.push_back(AddParam(p + "mlp.gate_proj.weight", {F, C}, 0, true));
     layer_offsets_.push_back(AddParam(p + "mlp.up_proj.weight", {F, C}, 0, true));
     layer_offsets_.push_back(AddParam(p + "mlp.down_proj.weight", {C, F}, 1, true));
+    const size_t* o = &layer_offsets_[size_t(l) * kLayerTensors];
+    if (o[kUp] != o[kGate] + size_t(ffn_) * C)  // LayerTensor: one GEMM on the CUDA paths
+      throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
   }
   final_norm_offset_ = AddParam("model.norm.weight", {C}, -1, false);
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_

@@ -33,6 +33,11 @@
 
 namespace dmc::model {
 
+// A layer's tensors, in the order they lie in the flat parameter buffer. gate_proj and up_proj
+// are adjacent there, rows [2F, C] together: the CUDA model and the GPU engine run them as one
+// GEMM.
+enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
+
 // One parameter tensor of this rank, inside the flat parameter buffer.
 struct ParamSpec {
   std::string name;             // Hugging Face tensor name, e.g. model.layers.0.self_attn.q_proj.weight
@@ -101,6 +106,8 @@ class Llama {
   const LlamaConfig& config() const { return config_; }
   const std::vector<ParamSpec>& param_specs() const { return specs_; }
   const ParamSpec* FindParam(const std::string& name) const;
+  // The offsets of every layer's tensors, [layer · kLayerTensors + LayerTensor].
+  const std::vector<size_t>& layer_offsets() const { return layer_offsets_; }
   std::vector<T>& params() { return params_; }
   const std::vector<T>& params() const { return params_; }
   // The gradients; a ZeroGrad still pending (below) is carried out first.

@@ -37,8 +37,6 @@ namespace c = dmc::cuda;
 namespace h = cuda_model_detail;
 using c::bf16;
 
-// Order of one layer's tensors inside layer_offsets_ (as in model/llama.cpp).
-enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
 
 parallel::LocalCommunicator& SingleProcess() {
   static parallel::LocalCommunicator local;
@@ -173,6 +171,7 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
     specs_ = layout.param_specs();
     vocab_begin_ = layout.vocab_begin();
     vocab_rows_ = layout.vocab_rows();
+    layer_offsets_ = layout.layer_offsets();
   }
   auto offset_of = [&](const std::string& name) {
     for (const auto& s : specs_)
@@ -180,18 +179,6 @@ LlamaCuda::LlamaCuda(const LlamaConfig& config, parallel::Communicator* tp_comm,
     throw std::logic_error("no parameter " + name);
   };
   embed_offset_ = offset_of("model.embed_tokens.weight");
-  for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    const std::string p = absl::StrFormat("model.layers.%d.", l);
-    for (const char* name : {"input_layernorm.weight", "self_attn.q_proj.weight",
-                             "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                             "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
-      layer_offsets_.push_back(offset_of(p + name));
-    // The MLP runs gate and up as one GEMM over their adjacent rows (model/llama.cpp's order).
-    const size_t* o = &layer_offsets_[size_t(l) * kLayerTensors];
-    if (o[kUp] != o[kGate] + size_t(ffn_) * config_.hidden_size)
-      throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
-  }
   final_norm_offset_ = offset_of("model.norm.weight");
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_ : offset_of("lm_head.weight");
   if (config_.dms.variant == DmsVariant::kAdapter)
