@@ -795,7 +795,7 @@ void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf1
   const bf16* w = d.weights;
   cudaStream_t st = d.stream;
   c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kMlpNorm), rows, C, config_.rms_norm_eps, st);
-  // gate and up as one GEMM over their adjacent weight rows [2F, C] (checked at creation).
+  // gate and up as one GEMM over their adjacent weight rows [2F, C] (model::LayerTensor).
   c::matmul_forward(gate_up, xn, w + d.W(l, kGate), rows, C, 2 * F, st);
   c::swiglu_forward(h, gate_up, gate_up + F, rows, F, 2 * F, st);
   c::matmul_forward_add(x, h, w + d.W(l, kDown), rows, F, C, st);

@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -535,24 +536,23 @@ void launch_decode(P& p, const char* op, bf16* out, float* probs, int probs_stri
   if (ctas > 0x7fffffffL) fail(op, "too many (sequence, KV head) pairs for one launch");
   plan_chunks(p, op, ctas, max_len, split_slots, B, D);
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.splits));
-  if constexpr (P::kHeadDim32) {
+  auto launch = [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    if (tensor_cores)
+      launch_mma<kD>(p, grid, mma_smem, stream);
+    else
+      launch_cuda_cores<kD>(p, GT, grid, stream);
+  };
+  bool launched = false;
+  if constexpr (P::kHeadDim32)
     if (D == 32) {
-      if (tensor_cores)
-        launch_mma<32>(p, grid, mma_smem, stream);
-      else
-        launch_cuda_cores<32>(p, GT, grid, stream);
-      launch_combine(p, B, D, stream);
-      return;
+      launch(std::integral_constant<int, 32>{});
+      launched = true;
     }
-  }
-  if (tensor_cores && D == 64)
-    launch_mma<64>(p, grid, mma_smem, stream);
-  else if (tensor_cores)
-    launch_mma<128>(p, grid, mma_smem, stream);
-  else if (D == 64)
-    launch_cuda_cores<64>(p, GT, grid, stream);
-  else
-    launch_cuda_cores<128>(p, GT, grid, stream);
+  if (!launched && D == 64)
+    launch(std::integral_constant<int, 64>{});
+  else if (!launched)
+    launch(std::integral_constant<int, 128>{});
   launch_combine(p, B, D, stream);
 }
 

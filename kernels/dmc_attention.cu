@@ -746,10 +746,6 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D, /*forward=*/true);
   const AttentionKernel chosen = resolve_forward_kernel(kernel, D);
-  if (chosen != AttentionKernel::kMmaSync && D == 32) {
-    std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel takes head dims 64 and 128\n");
-    std::abort();
-  }
   if (chosen != AttentionKernel::kMmaSync) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
                                stream, mask_window, chosen == AttentionKernel::kSm90Persistent);

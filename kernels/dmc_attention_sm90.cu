@@ -469,6 +469,10 @@ void dmc_attention_forward_sm90(bf16* out, float* lse, const bf16* q, const bf16
     std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel needs a Hopper (sm_90) GPU\n");
     std::abort();
   }
+  if (D != 64 && D != 128) {
+    std::fprintf(stderr, "dmc_attention_forward: the sm90 kernel takes head dims 64 and 128\n");
+    std::abort();
+  }
   float* bias = nullptr;
   if (mask) {
     bias = static_cast<float*>(scratch(kScratchAttentionBiasRows,

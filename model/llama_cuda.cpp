@@ -37,7 +37,6 @@ namespace c = dmc::cuda;
 namespace h = cuda_model_detail;
 using c::bf16;
 
-
 parallel::LocalCommunicator& SingleProcess() {
   static parallel::LocalCommunicator local;
   return local;
@@ -625,7 +624,7 @@ void LlamaCuda::ForwardLogits(const bf16* weights, bool dmc, bool dms, const Ste
 
     // MLP half (Llama::MlpForward).
     c::rmsnorm_forward(a.xn2, a.rstd2, a.x2, w(o[kMlpNorm]), N, C, eps, s);
-    // gate and up as one GEMM: their weights are adjacent rows [2F, C] (checked at creation).
+    // gate and up as one GEMM: their weights are adjacent rows [2F, C] (model::LayerTensor).
     c::matmul_forward(a.gate_up, a.xn2, w(o[kGate]), N, C, 2 * F, s);
     c::swiglu_forward(a.h, a.gate_up, a.gate_up + F, N, F, 2 * F, s);
     project_onto(x_out, a.x2, a.h, o[kDown], F);

@@ -33,6 +33,22 @@ inline std::string InferenceBinary(const std::string& name) {
       .string();
 }
 
+// A shell command's exit status (as pclose gives it) and standard output.
+struct CommandRun {
+  int status = -1;
+  std::string out;
+};
+inline CommandRun RunCommand(const std::string& command) {
+  CommandRun run;
+  FILE* p = popen(command.c_str(), "r");
+  EXPECT_NE(p, nullptr) << command;
+  if (p == nullptr) return run;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) run.out.append(buf, n);
+  run.status = pclose(p);
+  return run;
+}
+
 // A folder removed when the process ends.
 struct TempRoot {
   explicit TempRoot(const std::string& name)

@@ -46,25 +46,9 @@ class Server : public serve_test::Server {
       : serve_test::Server(ModelDir(), std::move(flags)) {}
 };
 
-// A shell command's exit status (as pclose gives it) and standard output.
-struct CommandRun {
-  int status = -1;
-  std::string out;
-};
-CommandRun RunCommand(const std::string& command) {
-  CommandRun run;
-  FILE* p = popen(command.c_str(), "r");
-  EXPECT_NE(p, nullptr) << command;
-  if (p == nullptr) return run;
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) run.out.append(buf, n);
-  run.status = pclose(p);
-  return run;
-}
-
 // The output of a command that must succeed.
 std::string Shell(const std::string& command) {
-  const CommandRun run = RunCommand(command);
+  const serve_test::CommandRun run = serve_test::RunCommand(command);
   EXPECT_EQ(run.status, 0) << command;
   return run.out;
 }
@@ -284,7 +268,7 @@ TEST(Serve, PromptIdsMayUseEveryEmbeddingRowOfAPaddedVocabulary) {
   const std::string load = serve_test::InferenceBinary("dmc-serve-load") +
                            " --port=" + std::to_string(server.port()) +
                            " --clients=2 --requests=2 --prompt_tokens=8 --vocab=100000 --check=false 2>&1";
-  const CommandRun run = RunCommand(load);
+  const serve_test::CommandRun run = serve_test::RunCommand(load);
   EXPECT_NE(run.status, 0) << run.out;
   EXPECT_NE(run.out.find("status 400: "), std::string::npos) << run.out;
   EXPECT_NE(run.out.find("outside the vocabulary [0, 300)"), std::string::npos) << run.out;
@@ -306,7 +290,7 @@ TEST(Serve, BadFlagsAreRefusedByName) {
            {load, "--prompt_tokens=abc"},
            {load, "--prompt_tokens=0"},
            {load, "--prompt_tokens=0:8"}}) {
-    const CommandRun run = RunCommand(tool + " " + flag + " 2>&1");
+    const serve_test::CommandRun run = serve_test::RunCommand(tool + " " + flag + " 2>&1");
     EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 1) << flag << ": " << run.out;
     const std::string name = flag.substr(2, flag.find('=') - 2);  // absl names it without --
     EXPECT_NE(run.out.find(name), std::string::npos) << flag << ": " << run.out;

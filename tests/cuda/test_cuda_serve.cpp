@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -64,18 +63,13 @@ TEST(CudaServe, BudgetForOneSequenceCountsTheEnginesWidths) {
     serve_test::Server server(model_dir, {"--device=cuda", budget});
     EXPECT_EQ(server.Terminate(), 0);
   }
-  const std::string serve = serve_test::InferenceBinary("dmc-serve") + " --model=" + model_dir +
-                            " --port=0 --device=cpu " + budget + " 2>&1";
-  FILE* p = popen(serve.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
-  const int status = pclose(p);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << out;
-  EXPECT_NE(out.find("holds less than one sequence of the whole context on --device=cpu"),
+  const serve_test::CommandRun run = serve_test::RunCommand(
+      serve_test::InferenceBinary("dmc-serve") + " --model=" + model_dir +
+      " --port=0 --device=cpu " + budget + " 2>&1");
+  EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 1) << run.out;
+  EXPECT_NE(run.out.find("holds less than one sequence of the whole context on --device=cpu"),
             std::string::npos)
-      << out;
+      << run.out;
 }
 
 }  // namespace
