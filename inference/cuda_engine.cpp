@@ -995,9 +995,16 @@ void CudaEngine::AddStepGpuTime() {
   step_gpu_seconds_ += 1e-3 * gpu_ms;
 }
 
+int CudaEngine::PaddedRows(int n, int max_batch) {
+  int rows = 1;
+  while (rows < n && rows < kStepBucket) rows *= 2;
+  if (rows < n) rows = (n + kStepBucket - 1) / kStepBucket * kStepBucket;
+  return std::min(rows, max_batch);
+}
+
 int CudaEngine::StepRows(int n) const {
   if (!opt_.cuda_graphs || n < num_sequences()) return n;
-  return std::min((n + kStepBucket - 1) / kStepBucket * kStepBucket, opt_.max_batch);
+  return PaddedRows(n, opt_.max_batch);
 }
 
 cudaGraphExec_t CudaEngine::StepGraph(int rows) {

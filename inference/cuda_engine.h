@@ -26,10 +26,13 @@
 //
 // Step graphs, as vLLM's: a step replays the CUDA graph of its number of rows, captured at the
 // second step of that number (the first runs the kernels directly: a number met once costs no
-// capture). A step of every sequence held (its rows 0..n-1 are all the used rows) is padded to
-// a multiple of kStepBucket rows, or to max_batch, so that a saturated batch, whose size moves by
-// a few sequences as they finish and join, replays a few graphs instead of capturing one for
-// each size. The padding rows hold no sequence; before the step kernels::paged_kv_clear_rows
+// capture). A step of every sequence held (its rows 0..n-1 are all the used rows) is padded
+// (PaddedRows) to a multiple of kStepBucket rows, or to max_batch, so that a saturated batch,
+// whose size moves by a few sequences as they finish and join, replays a few graphs instead of
+// capturing one for each size; below kStepBucket, to the next power of two, so that a step of one
+// or two sequences keeps its rows and its projections the few-rows matmul (kernels/matmul.cu),
+// which reads the weights faster than cuBLAS at one or two rows and which a padded step would
+// miss. The padding rows hold no sequence; before the step kernels::paged_kv_clear_rows
 // empties their heads and points their page tables at a sink page, one past the budget's pages,
 // which no sequence holds: their tokens (id 0 at position 0, greedy) append into the sink's
 // slot 0 (settling: into their own residual blocks) and attend to it alone, touch no other row's
@@ -169,8 +172,11 @@ struct CudaEngineOptions {
 class CudaEngine : public DecodeEngine {
  public:
   // A step of every sequence runs a multiple of this many rows, or max_batch (with CUDA graphs;
-  // above).
+  // above); below it, a power of two.
   static constexpr int kStepBucket = 8;
+  // The rows a step of all n sequences held runs with graphs on: the next power of two below
+  // kStepBucket, else the next multiple of kStepBucket, at most max_batch.
+  static int PaddedRows(int n, int max_batch);
   // Widths of what a sequence holds (DecodeEngine::element_bytes, window_element_bytes): bf16
   // pages and residual blocks; the DMC window state and ThinK's query energy in fp32. Static, so
   // that a plan made before the engine exists (dmc-eval --kv_fraction) counts the same bytes.
@@ -293,9 +299,8 @@ class CudaEngine : public DecodeEngine {
   // Enqueues the device work of a step of rows 0..n-1 (graph body; the page changes follow it
   // outside the graph, so that LoMA's <m> passes, which are steps too, leave the pages alone).
   void EnqueueStep(int n);
-  // The rows a step of n sequences runs: padded to a multiple of kStepBucket, or to max_batch,
-  // when graphs are on and the step holds every sequence (the rows after n are then free), else
-  // n.
+  // The rows a step of n sequences runs: PaddedRows when graphs are on and the step holds every
+  // sequence (the rows after n are then free), else n.
   int StepRows(int n) const;
   // The step graph of `rows` rows: null at its first use (run the kernels directly), captured at
   // the second (the capture's time goes to graph_capture_seconds, not to the step's).

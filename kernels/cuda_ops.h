@@ -112,6 +112,8 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
                                   cudaStream_t stream = nullptr);
 
 // ---- matmul, nn.Linear layout (kernels/matmul.h), cuBLAS, bf16 in, fp32 accumulate ----
+// The forwards of at most 2 rows whose IC is a multiple of 8 (inp and weight 16-byte aligned) run
+// a weight-streaming kernel of ours instead: a decode step's projections are W's read.
 // Creates the cuBLAS and cuBLASLt handles now: a first GEMM inside a stream capture would create
 // them there, and cublasCreate cannot run under capture. Call before capturing a graph that holds
 // GEMMs (and run a matmul_forward_residual before that capture: its workspace is a scratch buffer).

@@ -1,5 +1,5 @@
 // Linear layers through cuBLAS (spec: kernels/matmul.h): bf16 operands, fp32 accumulation
-// (CUBLAS_COMPUTE_32F). Row-major nn.Linear buffers are read as their column-major transposes:
+// (CUBLAS_COMPUTE_32F); the forward of a few rows (a decode step) through its own kernel, below. Row-major nn.Linear buffers are read as their column-major transposes:
 //   out^T[OC, N]   = W^T^T · inp^T        (W [OC, IC] row-major is a column-major IC x OC matrix)
 //   dinp^T[IC, N] (+)= W^T · dout^T       (beta 1 accumulates, 0 writes without reading dinp)
 //   dW^T[IC, OC]  (+)= inp^T · dout        (fp32 output; beta likewise)
@@ -32,6 +32,7 @@
 
 namespace dmc::cuda {
 namespace {
+using namespace detail;
 
 cublasHandle_t handle_for(cudaStream_t stream) {
   static cublasHandle_t handle = nullptr;
@@ -124,10 +125,93 @@ const ResidualPlan& residual_plan(const bf16* out, const bf16* inp, const bf16* 
   return plans.emplace(key, p).first->second;
 }
 
+// ---- A few rows (a decode step's batch): the product is the read of the weights ----
+// With N rows every weight byte is used N times, so at N ≤ kFewRows the projection runs at the
+// speed W is read, and cuBLAS read a 7B decode step's weights at 40–84% of the copy bandwidth
+// (bench/RESULTS.md, entry 30). One warp per output column oc: the lanes read W's row oc in
+// 16-byte vectors, kInFlight apiece before the first is used (enough bytes in flight to cover
+// DRAM latency), streaming (each weight byte is read once per step, so it should not evict the
+// inputs), and keep N fp32 dot products; inp's N rows (a few KB, read by every warp of the SM)
+// come through L1. The lanes' sums meet by shuffles; lane r adds row r's addend (the residual,
+// or out itself for out +=) and rounds once, as the reference does. Each weight vector costs the
+// lanes ~17 instructions per row (x's load and unpacking, 8 FMAs), so more rows make the SM's
+// issue rate, not DRAM, the bound: at 8 rows the kernel ran below cuBLAS's tensor cores, at 4
+// the 7B decode step ran 9% slower than with cuBLAS, at 2 6% faster (bench/RESULTS.md entry 30).
+constexpr int kFewRows = 2;
+constexpr int kFewRowsWarps = 8;  // output columns per block
+constexpr int kInFlight = 4;
+
+template <int NR, typename Out>
+__global__ void __launch_bounds__(kFewRowsWarps * 32)
+    few_rows_kernel(Out* out, const bf16* __restrict__ inp, const bf16* __restrict__ weight,
+                    const bf16* addend, int IC, int OC) {
+  const int lane = threadIdx.x % 32;
+  const int oc = blockIdx.x * kFewRowsWarps + threadIdx.x / 32;
+  if (oc >= OC) return;
+  const uint4* w = reinterpret_cast<const uint4*>(weight + size_t(oc) * IC);
+  const uint4* x = reinterpret_cast<const uint4*>(inp);
+  const int vecs = IC / 8;  // 16-byte vectors in a row
+  float acc[NR] = {};
+  auto use = [&](uint4 wv, int v) {
+    float wf[8];
+    unpack8(wf, wv);
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      float xf[8];
+      unpack8(xf, __ldg(x + size_t(r) * vecs + v));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+    }
+  };
+  int v = lane;
+  for (; v + 32 * (kInFlight - 1) < vecs; v += 32 * kInFlight) {
+    uint4 wv[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) wv[u] = __ldcs(w + v + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) use(wv[u], v + 32 * u);
+  }
+  for (; v < vecs; v += 32) use(__ldcs(w + v), v);
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const float sum = warp_sum(acc[r]);
+    if (lane == r) {
+      const size_t i = size_t(r) * OC + oc;
+      out[i] = Out(addend ? sum + bf(addend[i]) : sum);
+    }
+  }
+}
+
+// Whether the few-rows kernel takes the product: N small, rows in whole 16-byte vectors.
+bool few_rows(const bf16* inp, const bf16* weight, int N, int IC) {
+  return N <= kFewRows && IC % 8 == 0 && aligned16(inp, weight);
+}
+
+// out [N, OC] = inp · weight^T (+ addend [N, OC] when given, bf16 out only), N ≤ kFewRows.
+template <typename Out, int NR = 1>
+void launch_few_rows(Out* out, const bf16* inp, const bf16* weight, const bf16* addend, int N,
+                     int IC, int OC, cudaStream_t stream) {
+  if constexpr (NR < kFewRows) {
+    if (N != NR) return launch_few_rows<Out, NR + 1>(out, inp, weight, addend, N, IC, OC, stream);
+  }
+  const int blocks = (OC + kFewRowsWarps - 1) / kFewRowsWarps;
+  few_rows_kernel<NR, Out>
+      <<<blocks, kFewRowsWarps * 32, 0, stream>>>(out, inp, weight, addend, IC, OC);
+  DMC_CUDA_CHECK(cudaGetLastError());
+}
+
 // out [N, OC] (type out_type) = inp [N, IC] · weight^T + beta · out.
 void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const bf16* weight,
             int N, int IC, int OC, cudaStream_t stream) {
   if (N <= 0 || OC <= 0) return;
+  if (few_rows(inp, weight, N, IC)) {
+    if (out_type == CUDA_R_32F && beta == 0.f)
+      return launch_few_rows(static_cast<float*>(out), inp, weight, nullptr, N, IC, OC, stream);
+    if (out_type == CUDA_R_16BF) {
+      bf16* o = static_cast<bf16*>(out);
+      return launch_few_rows(o, inp, weight, beta == 0.f ? nullptr : o, N, IC, OC, stream);
+    }
+  }
   const float alpha = 1.f;
   DMC_CUBLAS_CHECK(cublasGemmEx(handle_for(stream), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha,
                                 weight, CUDA_R_16BF, IC, inp, CUDA_R_16BF, IC, &beta, out,
@@ -163,6 +247,8 @@ void matmul_forward_residual(bf16* out, const bf16* inp, const bf16* weight, con
                                    stream));
     return;
   }
+  if (few_rows(inp, weight, N, IC))
+    return launch_few_rows(out, inp, weight, residual, N, IC, OC, stream);
   const ResidualPlan& p = residual_plan(out, inp, weight, residual, N, IC, OC);
   void* workspace = detail::scratch(detail::kScratchLtWorkspace, kLtWorkspaceBytes);
   const float alpha = 1.f, beta = 1.f;

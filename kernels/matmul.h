@@ -1,7 +1,8 @@
 // Linear layer in nn.Linear / Hugging Face layout: weight is [OC, IC], row-major.
 //   out[N, OC] = inp[N, IC] · weight[OC, IC]^T
 // The CPU reference is plain loops with a wide accumulator; the CUDA backend calls cuBLAS (cuBLASLt
-// for the residual form).
+// for the residual form), except a forward of at most 2 rows (a decode step), which reads the
+// weights in its own kernel (kernels/matmul.cu).
 // A backward in kernels/ writes (accumulate false: nothing is read, so the buffer needs no zeroing
 // first) or adds into (accumulate true) every gradient it is given, parameter and activation
 // alike. A gradient is written by its first writer and added into by the later ones: a residual

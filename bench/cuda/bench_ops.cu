@@ -1,8 +1,9 @@
 // Bandwidth / throughput of the non-attention CUDA kernels on Llama-1B-like shapes (8192 tokens,
 // d = 2048, 16 heads of 128, MLP 5632, vocabulary 32000): median of CUDA-event timings after
 // warm-up, bytes counted as each input read once and each output written once, against a
-// device-to-device copy measured in the same run. Matmuls report TFLOP/s. Last, the decode step's
-// cache append at Llama 2 7B's decode shape.
+// device-to-device copy measured in the same run. Matmuls report TFLOP/s, except a decode step's
+// projections at Llama 2 7B's shape (weight reads: GB/s). Last, the decode step's cache append at
+// that shape.
 //   usage: bench_ops [reps]
 #include <algorithm>
 #include <cstdio>
@@ -12,6 +13,8 @@
 #include <random>
 #include <type_traits>
 #include <vector>
+
+#include <cublas_v2.h>
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -133,6 +136,54 @@ int main(int argc, char** argv) {
     }
     row_bw("residual add N8192 C2048", E * 3 * N * C, [&] { dmc::model::cuda_model_detail::add(x2, x, proj, size_t(N) * C, nullptr); });
     cudaFree(inp), cudaFree(wo), cudaFree(proj), cudaFree(x2);
+  }
+  // A decode step's projections at Llama 2 7B's shape (d 4096, MLP 11008, vocabulary 32000) for
+  // batches of 1 to 8: matmul_forward's weight-streaming kernel (N ≤ 2; cuBLAS past it) against
+  // the cuBLAS GEMM, on the same operands. Bytes: weights, inputs and outputs once. Each call reads
+  // the next of enough weight copies to fill 256 MB, so no call finds its weights in L2 (in a
+  // step, the other layers' weights have evicted them).
+  {
+    cublasHandle_t handle;
+    if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) std::abort();
+    struct Projection {
+      const char* name;
+      int IC, OC;
+      bool f32_out;
+    };
+    for (const Projection& p : {Projection{"qkv", 4096, 12288, false}, {"o", 4096, 4096, false},
+                                {"gate+up", 4096, 22016, false}, {"down", 11008, 4096, false},
+                                {"lm_head fp32", 4096, 32000, true}}) {
+      const size_t weights = size_t(p.OC) * p.IC;
+      const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / (E * weights)));
+      bf16* wt = rand_bf16(weights * copies, 0.02f);
+      for (int R : {1, 2, 4, 8}) {
+        bf16* in = rand_bf16(size_t(R) * p.IC);
+        void* out = dalloc<float>(size_t(R) * p.OC);
+        const double bytes = E * (weights + size_t(R) * p.IC) + (p.f32_out ? 4 : E) * R * p.OC;
+        int next = 0;
+        auto weight = [&] { return wt + weights * (next++ % copies); };
+        char name[64];
+        std::snprintf(name, sizeof name, "decode %s N%d IC%d OC%d", p.name, R, p.IC, p.OC);
+        row_bw(name, bytes, [&] {
+          if (p.f32_out)
+            dmc::cuda::matmul_forward_f32(static_cast<float*>(out), in, weight(), R, p.IC, p.OC);
+          else
+            dmc::cuda::matmul_forward(static_cast<bf16*>(out), in, weight(), R, p.IC, p.OC);
+        });
+        std::snprintf(name, sizeof name, "  cuBLAS, same shape");
+        const float alpha = 1.f, beta = 0.f;
+        row_bw(name, bytes, [&] {
+          if (cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, p.OC, R, p.IC, &alpha, weight(),
+                           CUDA_R_16BF, p.IC, in, CUDA_R_16BF, p.IC, &beta, out,
+                           p.f32_out ? CUDA_R_32F : CUDA_R_16BF, p.OC, CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+            std::abort();
+        });
+        cudaFree(in), cudaFree(out);
+      }
+      cudaFree(wt);
+    }
+    cublasDestroy(handle);
   }
   // Cross-entropy over V = 32000
   {

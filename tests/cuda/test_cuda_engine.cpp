@@ -1643,12 +1643,12 @@ class CudaEngineGraphs : public CudaEngineVsCpu {};
 // teacher-forced (the same inputs whatever the outputs). After every step the same slots in every
 // head, the same bytes() per sequence and used_bytes(); for every token the same argmax and
 // log-probabilities within the bounds below. The number of graphs is the number of row counts
-// stepped at least twice: buckets of kStepBucket rows (the last one max_batch) for the steps of
-// every sequence.
+// stepped at least twice: CudaEngine::PaddedRows for the steps of every sequence.
 //
 // The bounds: padding changes the rows each GEMM multiplies, and cuBLAS may choose another kernel
 // (another summation order) for another row count, so a bf16 activation may round the other way
-// (bit-identical outputs pass trivially). Where that moves nothing discrete, the log-probabilities
+// (bit-identical outputs pass trivially). The few-rows matmul (1 or 2 rows, kernels/matmul.cu)
+// never meets its padded counterpart in cuBLAS: PaddedRows leaves such steps their rows. Where that moves nothing discrete, the log-probabilities
 // stay within 0.02 (mean 0.001) and an argmax may flip at a near tie, 1 token in 200 at most. A
 // cache that ranks slots or channels by bf16 attention weights or queries (H2O, TOVA, ZipCache,
 // ThinK) may then keep another one, and a quantized one may round a value to the next code, as
@@ -1657,7 +1657,7 @@ TEST_P(CudaEngineGraphs, PaddedBatchesMatchUnpaddedSteps) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
   const int L = config.num_hidden_layers, Hkv = config.num_key_value_heads, T = 40, n = 34;
-  const int max_batch = 20, bucket = inference::CudaEngine::kStepBucket;
+  const int max_batch = 20;
   model::Llama<float> host(config, nullptr);
   const std::vector<int32_t> predicted = ShapeEngineModel(&host, 8);
   const auto windows = PredictableWindows(n, T, predicted, 12);
@@ -1718,7 +1718,7 @@ TEST_P(CudaEngineGraphs, PaddedBatchesMatchUnpaddedSteps) {
       if (!s.ok()) return r;
       const int m = static_cast<int>(stepped.size());
       const bool every = m == static_cast<int>(running.size());
-      const int rows = every ? std::min((m + bucket - 1) / bucket * bucket, max_batch) : m;
+      const int rows = every ? inference::CudaEngine::PaddedRows(m, max_batch) : m;
       ++r.row_steps[rows];
       ++r.steps;
       r.padded += rows > m;

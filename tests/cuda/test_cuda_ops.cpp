@@ -315,6 +315,39 @@ TEST_F(CudaOps, Matmul) {
   }
 }
 
+// The forwards of a few rows (a decode step's batch: the weight-streaming kernel at N ≤ 2 when
+// IC is a multiple of 8, cuBLAS past it or otherwise) in their three forms: bf16 out, out += (the
+// engine's residual add) and fp32 out (the LM head), against the reference on the same
+// bf16-rounded operands. Row lengths of one vector per lane or less (136), of several vectors per
+// lane with a remainder (4104), of no 16-byte multiple (100); column counts that leave a block
+// part empty (33).
+TEST_F(CudaOps, MatmulFewRows) {
+  for (int N : {1, 2, 3, 4, 5, 8})
+    for (int IC : {136, 4104, 100})
+      for (int OC : {33, 384}) {
+        const std::string shape = " N" + std::to_string(N) + " IC" + std::to_string(IC) + " OC" +
+                                  std::to_string(OC);
+        const size_t n = static_cast<size_t>(N) * OC;
+        auto x = randn(static_cast<size_t>(N) * IC),
+             w = randn(static_cast<size_t>(OC) * IC, 1.0 / std::sqrt(IC)), r = randn(n);
+        auto xb = to_bf16(x), wb = to_bf16(w), rb = to_bf16(r);  // x, w, r rounded alike
+        DevBuf<bf16> dx(xb), dw(wb), dout(n), dadd(rb);
+        DevBuf<float> dlogits(n);
+        std::vector<double> ref(n), ref_add(n);
+        K::matmul_forward<double>(ref.data(), x.data(), w.data(), N, IC, OC);
+        K::matmul_forward_residual<double>(ref_add.data(), x.data(), w.data(), r.data(), N, IC,
+                                           OC);
+        dout.poison();
+        dlogits.poison();
+        C::matmul_forward(dout, dx, dw, N, IC, OC);
+        C::matmul_forward_add(dadd, dx, dw, N, IC, OC);
+        C::matmul_forward_f32(dlogits, dx, dw, N, IC, OC);
+        expect_close("matmul fwd" + shape, dout.download(), ref, kBf16Tol);
+        expect_close("matmul fwd +=" + shape, dadd.download(), ref_add, kBf16Tol);
+        expect_close("matmul fwd fp32 out" + shape, dlogits.download(), ref, 1e-5);
+      }
+}
+
 // The projection onto the residual stream, out = residual + inp · weight^T, into NaN, every buffer `shift` elements past its allocation's start (1: 2-byte aligned,
 // which the algorithm must be picked for). Beside the relative error, the share of outputs that
 // differ from the correctly rounded reference tells one rounding from two: with the product and
