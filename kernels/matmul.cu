@@ -1,5 +1,6 @@
 // Linear layers through cuBLAS (spec: kernels/matmul.h): bf16 operands, fp32 accumulation
-// (CUBLAS_COMPUTE_32F); the forward of a few rows (a decode step) through its own kernel, below. Row-major nn.Linear buffers are read as their column-major transposes:
+// (CUBLAS_COMPUTE_32F); the forward of a few rows (a decode step) through a kernel of ours, below.
+// Row-major nn.Linear buffers are read as their column-major transposes:
 //   out^T[OC, N]   = W^T^T · inp^T        (W [OC, IC] row-major is a column-major IC x OC matrix)
 //   dinp^T[IC, N] (+)= W^T · dout^T       (beta 1 accumulates, 0 writes without reading dinp)
 //   dW^T[IC, OC]  (+)= inp^T · dout        (fp32 output; beta likewise)
@@ -204,13 +205,13 @@ void launch_few_rows(Out* out, const bf16* inp, const bf16* weight, const bf16* 
 void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const bf16* weight,
             int N, int IC, int OC, cudaStream_t stream) {
   if (N <= 0 || OC <= 0) return;
-  if (few_rows(inp, weight, N, IC)) {
-    if (out_type == CUDA_R_32F && beta == 0.f)
+  // The few-rows kernel writes (beta 0, bf16 or fp32 out) or adds into (beta 1, bf16 out).
+  const bool written = beta == 0.f, added = beta == 1.f && out_type == CUDA_R_16BF;
+  if (few_rows(inp, weight, N, IC) && (written || added)) {
+    if (out_type == CUDA_R_32F)
       return launch_few_rows(static_cast<float*>(out), inp, weight, nullptr, N, IC, OC, stream);
-    if (out_type == CUDA_R_16BF) {
-      bf16* o = static_cast<bf16*>(out);
-      return launch_few_rows(o, inp, weight, beta == 0.f ? nullptr : o, N, IC, OC, stream);
-    }
+    bf16* o = static_cast<bf16*>(out);
+    return launch_few_rows(o, inp, weight, added ? o : nullptr, N, IC, OC, stream);
   }
   const float alpha = 1.f;
   DMC_CUBLAS_CHECK(cublasGemmEx(handle_for(stream), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha,
