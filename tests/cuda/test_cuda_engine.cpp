@@ -1648,11 +1648,12 @@ class CudaEngineGraphs : public CudaEngineVsCpu {};
 // The bounds: padding changes the rows each GEMM multiplies, and cuBLAS may choose another kernel
 // (another summation order) for another row count, so a bf16 activation may round the other way
 // (bit-identical outputs pass trivially). The few-rows matmul (1 or 2 rows, kernels/matmul.cu)
-// never meets its padded counterpart in cuBLAS: PaddedRows leaves such steps their rows. Where that moves nothing discrete, the log-probabilities
-// stay within 0.02 (mean 0.001) and an argmax may flip at a near tie, 1 token in 200 at most. A
-// cache that ranks slots or channels by bf16 attention weights or queries (H2O, TOVA, ZipCache,
-// ThinK) may then keep another one, and a quantized one may round a value to the next code, as
-// between the GPU and CPU engines: their bounds (LogprobTolerance), 1 argmax in 100.
+// never meets its padded counterpart in cuBLAS: PaddedRows leaves such steps their rows. Where
+// that moves nothing discrete, the log-probabilities stay within 0.02 (mean 0.001) and an argmax
+// may flip at a near tie, 1 token in 200 at most. A cache that ranks slots or channels by bf16
+// attention weights or queries (H2O, TOVA, ZipCache, ThinK) may then keep another one, and a
+// quantized one may round a value to the next code, as between the GPU and CPU engines: their
+// bounds (LogprobTolerance), 1 argmax in 100.
 TEST_P(CudaEngineGraphs, PaddedBatchesMatchUnpaddedSteps) {
   const EngineCase& tc = GetParam();
   const model::LlamaConfig config = EngineConfig(tc);
