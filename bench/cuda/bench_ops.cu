@@ -170,9 +170,8 @@ int main(int argc, char** argv) {
           else
             dmc::cuda::matmul_forward(static_cast<bf16*>(out), in, weight(), R, p.IC, p.OC);
         });
-        std::snprintf(name, sizeof name, "  cuBLAS, same shape");
         const float alpha = 1.f, beta = 0.f;
-        row_bw(name, bytes, [&] {
+        row_bw("  cuBLAS, same shape", bytes, [&] {
           if (cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, p.OC, R, p.IC, &alpha, weight(),
                            CUDA_R_16BF, p.IC, in, CUDA_R_16BF, p.IC, &beta, out,
                            p.f32_out ? CUDA_R_32F : CUDA_R_16BF, p.OC, CUBLAS_COMPUTE_32F,
