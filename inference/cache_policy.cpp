@@ -204,7 +204,7 @@ absl::StatusOr<CacheMethod> BudgetCacheMethod(std::string_view name) {
 
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape,
-                                           int page_element_bytes, int window_element_bytes,
+                                           int page_element_bytes, int state_element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
                                            const LayerCalibration& calibration) {
@@ -295,7 +295,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
     o.think_channels = policy.think_channels;
-    const long bytes = KvSequenceBytes(o, slots, page_element_bytes, window_element_bytes);
+    const long bytes = KvSequenceBytes(o, slots, page_element_bytes, state_element_bytes);
     if (bytes <= budget_bytes) return policy;
     if (smallest < 0 || bytes < smallest) smallest = bytes, smallest_policy = policy;
   }
@@ -307,9 +307,9 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       "no setting of %s meets %d bytes per sequence of %d tokens: its smallest cache, %s, holds "
       "%d (pages %d, full-precision residual %d, DMC window state %d, ThinK query energy %d)",
       std::string(method), budget_bytes, seq_len, PolicyName(smallest_policy), smallest,
-      smallest - KvReservedBytes(o, page_element_bytes, window_element_bytes),
-      KvResidualBytes(o, page_element_bytes), KvWindowBytes(o, window_element_bytes),
-      KvObservationBytes(o, window_element_bytes)));
+      smallest - KvReservedBytes(o, page_element_bytes, state_element_bytes),
+      KvResidualBytes(o, page_element_bytes), KvWindowBytes(o, page_element_bytes, state_element_bytes),
+      KvObservationBytes(o, state_element_bytes)));
 }
 
 namespace {

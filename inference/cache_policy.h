@@ -118,9 +118,9 @@ absl::StatusOr<CacheMethod> BudgetCacheMethod(std::string_view name);
 absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double cr);
 
 // The policy of `method` whose cache meets a byte budget per sequence of seq_len tokens, by
-// KvSequenceBytes at the engine's widths (DecodeEngine::element_bytes and window_element_bytes:
-// pages and the full-precision residual at page_element_bytes, DMC's window state and ThinK's
-// query energy at window_element_bytes; shape: the method's cache options, settle_lag as its
+// KvSequenceBytes at the engine's widths (DecodeEngine::element_bytes and state_element_bytes:
+// pages, the full-precision residual and DMC's windowed keys and values at page_element_bytes,
+// DMC's importances and ThinK's query energy at state_element_bytes; shape: the method's cache options, settle_lag as its
 // quantized or ThinK cache would have it), with
 // the knob that compresses least: vanilla has none; "quant" (the vanilla cache quantized) 8, 4
 // or 2 bits; "zipcache" the most salient slots per page of 8-bit salient over 4-bit slots, else
@@ -136,7 +136,7 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // reserves: full-precision residual, DMC window state, ThinK's query energy.
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape,
-                                           int page_element_bytes, int window_element_bytes,
+                                           int page_element_bytes, int state_element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
                                            const LayerCalibration& calibration = {});

@@ -27,9 +27,9 @@ class CpuEngine : public DecodeEngine {
   const PagedCacheOptions& cache_options() const override { return cache_.options(); }
   // Pages and window state both T (PagedKvCache<T>); static, as CudaEngine's.
   static constexpr int kElementBytes = sizeof(T);
-  static constexpr int kWindowElementBytes = sizeof(T);
+  static constexpr int kStateElementBytes = sizeof(T);
   int element_bytes() const override { return kElementBytes; }
-  int window_element_bytes() const override { return kWindowElementBytes; }
+  int state_element_bytes() const override { return kStateElementBytes; }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return cache_.contains(seq); }

@@ -80,7 +80,8 @@ struct CudaEngine::Device {
   // window counts [L, R, Hkv], window [L, R, Hkv, w, 2D] and window_omega [L, R, Hkv, w].
   bf16 *k_pool = nullptr, *v_pool = nullptr;
   int32_t *page_table = nullptr, *lengths = nullptr, *window_count = nullptr;
-  float *window = nullptr, *window_omega = nullptr;
+  bf16* window = nullptr;
+  float* window_omega = nullptr;
   // H2O and TOVA (kernels/paged_kv_evict.h): every slot's token position and H2O's accumulated
   // score, [pages, page_size] beside the pools (so both travel with their page, whatever row it
   // serves), and the step's attention weights [R, H, max_pages · page_size].
@@ -399,7 +400,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   for (int32_t** a : {&d.change_counts_host, &d.row_slots_host, &d.row_spare_host})
     ENGINE_CUDA(cudaHostAlloc(reinterpret_cast<void**>(a), R * sizeof(int32_t), cudaHostAllocMapped));
   if (cache_opt_.dmc_window > 0) {
-    d.window = Alloc<float>(heads * cache_opt_.dmc_window * 2 * D);
+    d.window = Alloc<bf16>(heads * cache_opt_.dmc_window * 2 * D);
     d.window_omega = Alloc<float>(heads * cache_opt_.dmc_window);
   }
   // Per slot of the pages, or (settling) of the residual blocks.
@@ -577,7 +578,7 @@ void CudaEngine::MoveRow(int from, int to) {
     for (int32_t* mirror : {d.lengths_host, d.q_lengths_host})
       std::copy_n(mirror + (l * R + from) * Hkv, Hkv, mirror + (l * R + to) * Hkv);
   if (d.window) {
-    move(d.window, Hkv * cache_opt_.dmc_window * 2 * config_.head_dim() * sizeof(float));
+    move(d.window, Hkv * cache_opt_.dmc_window * 2 * config_.head_dim() * sizeof(bf16));
     move(d.window_omega, Hkv * cache_opt_.dmc_window * sizeof(float));
   }
   if (settles_) {

@@ -3,9 +3,10 @@
 //
 // What lives on the device: the model's weights in bf16 (no master copy, gradients or moments:
 // a 7B model takes 13.5 GB), the paged cache (bf16 key and value pools carved from the byte
-// budget, per-(layer, row, KV head) page tables and lengths, the DMC window state in fp32) in the
-// flat layout of kernels/paged_kv_write.h, and the activations of one step of up to max_batch
-// sequences and of one prefill of up to max_context tokens.
+// budget, per-(layer, row, KV head) page tables and lengths, the DMC window state: raw keys and
+// values in bf16 as the projections give them, importances in fp32) in the flat layout of
+// kernels/paged_kv_write.h, and the activations of one step of up to max_batch sequences and of
+// one prefill of up to max_context tokens.
 //
 // A decode step of n sequences (rows 0..n-1; a sequence keeps its row while it lives, and the
 // last row moves into a freed one) is: every head whose last page is full holds a page more (the
@@ -21,7 +22,7 @@
 // next step; the host touches only those heads, not every head
 // of every sequence (1,024 a sequence at Llama-2-7B's shape). Between steps a head holds
 // ceil(slots / page_size) pages, as the CPU cache does, and the spare one if its last page is
-// full; bytes() counts the kept pages only, KvSequenceBytes at bf16 pages and fp32 window state,
+// full; bytes() counts the kept pages only, KvSequenceBytes at the engine's widths,
 // while used_bytes() (the allocator's) includes the spares.
 //
 // Step graphs, as vLLM's: a step replays the CUDA graph of its number of rows, captured at the
@@ -89,7 +90,7 @@
 // KV quantization (policy.quant: int8, int4 or int2 of the vanilla, dmc and dms caches; KIVI's
 // granularity, kernels/kv_quant.h; ZipCache's mixed precision on the vanilla cache): the cache of
 // inference/paged_kv_cache.h's settling, on the device. Every head keeps its newest slots at bf16 in a residual block of page_size rows of its
-// own (DMC's open slot among them, its window state in fp32) and the older ones in quantized
+// own (DMC's open slot among them, its window state beside) and the older ones in quantized
 // pages of the budget's pool; there is no bf16 pool. Each layer of a step runs
 // kernels::paged_kv_settle_step (the heads whose token opens a slot while their residual is full
 // close it into a page, the page the host handed out as the worst case) and one
@@ -101,7 +102,7 @@
 // into pages in one launch per layer (kernels::paged_kv_settle_prefill, kv_quantize_pages) and
 // copies the rest into the residual, so it leaves what feeding the prompt token by token leaves.
 // bytes() counts the pages held and the reservations, as the CPU cache does, at quantized pages,
-// bf16 residual blocks and fp32 window state: KvSequenceBytes for vanilla, dmc and ZipCache.
+// bf16 residual blocks and window state: KvSequenceBytes for vanilla, dmc and ZipCache.
 // DMS's quantized cache settles a slot only once past the eviction window (settle lag w + 1):
 // its residual block holds page_size + w + 1 rows, each with its position and mark beside it,
 // and evictions reorder it; kernels::paged_kv_settle_lagged_step closes the page_size oldest
@@ -177,11 +178,12 @@ class CudaEngine : public DecodeEngine {
   // The rows a step of all n sequences held runs with graphs on: the next power of two below
   // kStepBucket, else the next multiple of kStepBucket, at most max_batch.
   static int PaddedRows(int n, int max_batch);
-  // Widths of what a sequence holds (DecodeEngine::element_bytes, window_element_bytes): bf16
-  // pages and residual blocks; the DMC window state and ThinK's query energy in fp32. Static, so
-  // that a plan made before the engine exists (dmc-eval --kv_fraction) counts the same bytes.
+  // Widths of what a sequence holds (DecodeEngine::element_bytes, state_element_bytes): bf16
+  // pages, residual blocks and DMC's windowed keys and values; DMC's importances and ThinK's query
+  // energy in fp32. Static, so that a plan made before the engine exists (dmc-eval
+  // --kv_fraction) counts the same bytes.
   static constexpr int kElementBytes = 2;
-  static constexpr int kWindowElementBytes = sizeof(float);
+  static constexpr int kStateElementBytes = sizeof(float);
 
   // Uploads the weights of `model` (tensor-parallel size 1) in bf16; the model may be freed after.
   static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(const model::Llama<float>& model,
@@ -194,7 +196,7 @@ class CudaEngine : public DecodeEngine {
   const CachePolicy& policy() const override { return opt_.policy; }
   const PagedCacheOptions& cache_options() const override { return cache_opt_; }
   int element_bytes() const override { return kElementBytes; }
-  int window_element_bytes() const override { return kWindowElementBytes; }
+  int state_element_bytes() const override { return kStateElementBytes; }
   absl::Status AddSequence(int seq, const SamplingOptions& sampling) override;
   absl::Status Free(int seq) override;
   bool contains(int seq) const override { return seqs_.count(seq) > 0; }
@@ -269,7 +271,7 @@ class CudaEngine : public DecodeEngine {
   absl::Status ApplyPageChanges(int row0, int n);
   // What a sequence reserves at admission beside its pages: window state, residual blocks,
   // ThinK's query energy.
-  long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), window_element_bytes()); }
+  long ReservedBytes() const { return KvReservedBytes(cache_opt_, element_bytes(), state_element_bytes()); }
   // Layer l of the device cache in the form of kernels/paged_kv_write.h (settling: the residual
   // blocks, each one page of residual_slots rows, where the appends go).
   kernels::PagedKvLayer<__nv_bfloat16> CacheLayer(int l) const;

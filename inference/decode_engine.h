@@ -40,12 +40,13 @@ class DecodeEngine {
   virtual const model::LlamaConfig& config() const = 0;
   virtual const CachePolicy& policy() const = 0;
   virtual const PagedCacheOptions& cache_options() const = 0;
-  // Bytes of one cache element (pages and residual blocks) on this engine: 4 on the CPU (fp32), 2
-  // on the GPU (bf16); and of one element of the DMC window state and ThinK's query energy (the
-  // CPU model's precision; fp32 on the GPU). Each engine also names them as the static
-  // kElementBytes and kWindowElementBytes, for plans made before it exists.
+  // Bytes of one cache element (pages, residual blocks and the keys and values of DMC's window
+  // state, the model's activations) on this engine: 4 on the CPU (fp32), 2 on the GPU (bf16); and
+  // of one element of running state, DMC's importances and ThinK's query energy (the CPU model's
+  // precision; fp32 on the GPU). Each engine also names them as the static kElementBytes and
+  // kStateElementBytes, for plans made before it exists.
   virtual int element_bytes() const = 0;
-  virtual int window_element_bytes() const = 0;
+  virtual int state_element_bytes() const = 0;
 
   // Admits sequence `seq` (an id not admitted): ResourceExhausted, nothing changed, when the
   // budget cannot hold its window state and first token.

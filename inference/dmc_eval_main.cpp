@@ -6,7 +6,7 @@
 // --device=cuda decodes dmc, dms, vanilla, h2o, tova and loma token by token on the GPU engine
 // (inference/cuda_engine.h), the same figures as the CPU for models too large to decode there
 // (with --kv_fraction: every compressor, each budget met by the bytes the GPU engine holds: bf16
-// pages, fp32 window state);
+// pages and windowed keys and values, fp32 importances);
 // with --parallel_forward it computes them by the CUDA model's parallel forward over whole
 // windows instead (inference/evaluate_cuda.h), a cross-check of the decoder; with --against_cpu
 // it decodes each method on the GPU and CPU engines in lockstep and reports how far they agree
@@ -82,7 +82,8 @@ ABSL_FLAG(std::string, kv_fraction, "",
           "caches), "
           "one table per budget; a sequence's bytes are counted as its engine holds them: "
           "pages, full-precision residual, DMC window state and ThinK query energy in fp32 on "
-          "the cpu; on cuda pages and residual in bf16, window state and query energy in fp32");
+          "the cpu; on cuda pages, residual and DMC's windowed keys and values in bf16, its "
+          "importances and ThinK's query energy in fp32");
 ABSL_FLAG(int, calibration_sequences, 8,
           "--kv_fraction: held-out windows after the evaluated ones on which the methods that "
           "need a calibration (the _zigzag budgets, kvsharer) calibrate");
@@ -161,17 +162,17 @@ absl::StatusOr<EvalResult> EvaluateOn(const std::string& device, dmc::model::Lla
   return dmc::inference::Evaluate(model, windows, eo);
 }
 
-// The widths at which EvaluateOn's engine for `device` holds a sequence: {pages and residual
-// blocks, DMC window state and ThinK's query energy} (DecodeEngine::element_bytes,
-// window_element_bytes).
+// The widths at which EvaluateOn's engine for `device` holds a sequence: {pages, residual blocks
+// and DMC's windowed keys and values; DMC's importances and ThinK's query energy}
+// (DecodeEngine::element_bytes, state_element_bytes).
 std::pair<int, int> EngineElementBytes(const std::string& device) {
 #if defined(DMC_HAVE_CUDA)
   if (device == "cuda")
     return {dmc::inference::CudaEngine::kElementBytes,
-            dmc::inference::CudaEngine::kWindowElementBytes};
+            dmc::inference::CudaEngine::kStateElementBytes};
 #endif
   return {dmc::inference::CpuEngine<float>::kElementBytes,
-          dmc::inference::CpuEngine<float>::kWindowElementBytes};
+          dmc::inference::CpuEngine<float>::kStateElementBytes};
 }
 
 absl::StatusOr<double> ParseFraction(absl::string_view text) {
@@ -227,12 +228,12 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     o.quant = {};
     return o;
   };
-  // Every budget is planned at the widths the engine holds: fp32 on the CPU; bf16 pages and fp32
-  // window state on the GPU.
-  const auto [page_element_bytes, window_element_bytes] = EngineElementBytes(device);
+  // Every budget is planned at the widths the engine holds: fp32 on the CPU; on the GPU bf16
+  // pages and windowed keys and values, fp32 importances.
+  const auto [page_element_bytes, state_element_bytes] = EngineElementBytes(device);
   const long vanilla_bytes =
       inf::KvSequenceBytes(shape_of("vanilla"), std::vector<int>(heads, seq_len),
-                           page_element_bytes, window_element_bytes);
+                           page_element_bytes, state_element_bytes);
 
   std::FILE* tsv = nullptr;
   if (const std::string path = absl::GetFlag(FLAGS_append_tsv); !path.empty()) {
@@ -310,7 +311,7 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
     for (const std::string& m : methods) {
       if (m == "vanilla") continue;
       absl::StatusOr<inf::CachePolicy> policy =
-          inf::PolicyForBytes(m, shape_of(m), page_element_bytes, window_element_bytes, seq_len,
+          inf::PolicyForBytes(m, shape_of(m), page_element_bytes, state_element_bytes, seq_len,
                               budget, measured[*inf::BudgetCacheMethod(m)], calibrated);
       if (!policy.ok()) {
         const std::string why(policy.status().message());

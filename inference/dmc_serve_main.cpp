@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   const long heads = long(c.num_hidden_layers) * c.num_key_value_heads;
   const long one = inf::KvSequenceBytes(
       shape, std::vector<int>(heads, inf::MaxHeadSlots(c, *method, context)),
-      (*engine)->element_bytes(), (*engine)->window_element_bytes());
+      (*engine)->element_bytes(), (*engine)->state_element_bytes());
   if (spec.budget_bytes < one)
     return Fail(absl::InvalidArgumentError(absl::StrFormat(
         "--kv_budget_mb=%g holds less than one sequence of the whole context on --device=%s "

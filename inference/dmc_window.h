@@ -12,9 +12,10 @@
 
 namespace dmc::inference {
 
-// Bytes of one head's window state: w entries of a key, a value and an importance.
-inline long DmcWindowBytes(int window, int head_dim, int element_bytes) {
-  return static_cast<long>(window) * (2 * head_dim + 1) * element_bytes;
+// Bytes of one head's window state: w entries of a key and a value of element_bytes each (the
+// width the model's projections give them in) and an importance of state_bytes.
+inline long DmcWindowBytes(int window, int head_dim, int element_bytes, int state_bytes) {
+  return static_cast<long>(window) * (2L * head_dim * element_bytes + state_bytes);
 }
 
 template <typename T>
@@ -31,7 +32,9 @@ class DmcWindow {
   void Mean(T* key, T* value) const;
 
   // Bytes of the ring buffer (keys, values, importances), charged to the cache budget.
-  static long Bytes(int window, int head_dim) { return DmcWindowBytes(window, head_dim, sizeof(T)); }
+  static long Bytes(int window, int head_dim) {
+    return DmcWindowBytes(window, head_dim, sizeof(T), sizeof(T));
+  }
 
  private:
   int window_ = 0, head_dim_ = 0;

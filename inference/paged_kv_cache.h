@@ -75,8 +75,8 @@ inline int KvResidualSlots(const PagedCacheOptions& o) { return o.page_size + o.
 
 // What the cache charges, as functions of its options and element sizes alone, so that a path
 // which only counts slots (the GPU evaluation, inference/evaluate_cuda.h) or keeps the cache
-// elsewhere (the GPU engine: bf16 pages, fp32 window state) reports exactly what this cache
-// would hold at that precision.
+// elsewhere (the GPU engine: bf16 pages and window keys and values, fp32 importances) reports
+// exactly what this cache would hold at that precision.
 // One page: page_size slots of a key and a value row of head_dim elements (quantized: codes,
 // scales and zero points, kernels/kv_quant.h; ThinK: the kept key channels, the whole values and
 // the channel mask).
@@ -87,11 +87,14 @@ inline long KvPageBytes(const PagedCacheOptions& o, int element_bytes) {
            kernels::ThinkMaskBytes(o.head_dim);
   return static_cast<long>(std::max(1, o.page_size)) * 2 * o.head_dim * element_bytes;
 }
-// The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head).
-inline long KvWindowBytes(const PagedCacheOptions& o, int element_bytes) {
+// The window state a DMC sequence reserves at admission: a ring buffer per (layer, KV head) of raw
+// keys and values at the pages' width (the engine's activations: T on the CPU, bf16 on the GPU)
+// and importances at the state's width.
+inline long KvWindowBytes(const PagedCacheOptions& o, int page_element_bytes,
+                          int state_element_bytes) {
   if (o.dmc_window <= 0) return 0;
   return static_cast<long>(o.layers) * o.kv_heads *
-         DmcWindowBytes(o.dmc_window, o.head_dim, element_bytes);
+         DmcWindowBytes(o.dmc_window, o.head_dim, page_element_bytes, state_element_bytes);
 }
 // The residual blocks a settling sequence reserves at admission: one per (layer, KV head).
 inline long KvResidualBytes(const PagedCacheOptions& o, int element_bytes) {
@@ -100,16 +103,17 @@ inline long KvResidualBytes(const PagedCacheOptions& o, int element_bytes) {
          element_bytes;
 }
 // ThinK's observed query energy [D] per (layer, KV head), reserved at admission. A running sum,
-// it is kept at the window state's precision (fp32 on the GPU engine, whose pages are bf16).
+// it is kept at the state's width (fp32 on the GPU engine, whose pages are bf16).
 inline long KvObservationBytes(const PagedCacheOptions& o, int element_bytes) {
   if (!KvThink(o)) return 0;
   return static_cast<long>(o.layers) * o.kv_heads * o.head_dim * element_bytes;
 }
 // Everything a sequence reserves at admission, beside its pages.
 inline long KvReservedBytes(const PagedCacheOptions& o, int page_element_bytes,
-                            int window_element_bytes) {
-  return KvWindowBytes(o, window_element_bytes) + KvResidualBytes(o, page_element_bytes) +
-         KvObservationBytes(o, window_element_bytes);
+                            int state_element_bytes) {
+  return KvWindowBytes(o, page_element_bytes, state_element_bytes) +
+         KvResidualBytes(o, page_element_bytes) +
+         KvObservationBytes(o, state_element_bytes);
 }
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)
@@ -117,13 +121,13 @@ inline long KvReservedBytes(const PagedCacheOptions& o, int page_element_bytes,
 // (every slot but the newest has settled: exact for vanilla and DMC, a bound for DMS, which
 // settles later) plus the reservations (window state, residual blocks, ThinK's query energy).
 inline long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots,
-                            int page_element_bytes, int window_element_bytes) {
+                            int page_element_bytes, int state_element_bytes) {
   const long page = std::max(1, o.page_size);
   long pages = 0;
   for (int slots : head_slots)
     pages += KvSettles(o) ? std::max(0, slots - 1) / page : (slots + page - 1) / page;
   return pages * KvPageBytes(o, page_element_bytes) +
-         KvReservedBytes(o, page_element_bytes, window_element_bytes);
+         KvReservedBytes(o, page_element_bytes, state_element_bytes);
 }
 // The CPU cache of element type T (pages and window state both T).
 template <typename T>
@@ -132,7 +136,7 @@ long KvPageBytes(const PagedCacheOptions& o) {
 }
 template <typename T>
 long KvWindowBytes(const PagedCacheOptions& o) {
-  return KvWindowBytes(o, sizeof(T));
+  return KvWindowBytes(o, sizeof(T), sizeof(T));
 }
 template <typename T>
 long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots) {

@@ -67,7 +67,7 @@ bool Scheduler::Affordable(const Request& request, long running_growth_pages) co
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long page = KvPageBytes(o, engine_.element_bytes());
   const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
-  const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.window_element_bytes()) +
+  const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.state_element_bytes()) +
                     heads * page * ((prompt + o.page_size - 1) / o.page_size) +
                     page * (heads /* the new request's first step */ + running_growth_pages);
   return engine_.budget_bytes() - engine_.used_bytes() >= need;

@@ -446,7 +446,7 @@ void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
                        const int32_t* page_ids, const bf16* k_rows, const bf16* v_rows,
                        const int32_t* rows, int n, cudaStream_t stream = nullptr);
 
-// ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools, fp32 window state ----
+// ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools and window, fp32 omegas ----
 using PagedKv = kernels::PagedKvLayer<bf16>;
 // k, v [n, Hkv, D] pre-RoPE; merge, omega [n, Hkv] (null: never merge / omega 1); positions [n].
 // D 32, 64 or 128; k, v, the pools and the window 16-byte aligned.

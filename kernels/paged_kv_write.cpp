@@ -43,24 +43,22 @@ void paged_kv_append(const PagedKvLayer<T>& c, const T* k, const T* v, const flo
       const T* kt = k + head * D;
       const T* vt = v + head * D;
       if (w > 0) {
-        float* ring = c.window + head * w * 2 * D;
+        T* ring = c.window + head * w * 2 * D;
         float* ring_omega = c.window_omega + head * w;
-        float* e = ring + (pos % w) * 2 * D;
-        for (int d = 0; d < D; ++d) {
-          e[d] = static_cast<float>(kt[d]);
-          e[D + d] = static_cast<float>(vt[d]);
-        }
+        T* e = ring + (pos % w) * 2 * D;
+        std::copy(kt, kt + D, e);
+        std::copy(vt, vt + D, e + D);
         ring_omega[pos % w] = omega ? omega[head] : 1.0f;
         const int count = c.window_count[head] = std::min(c.window_count[head] + 1, w);
         double denom = 0;
         std::vector<double> ks(D, 0.0), vs(D, 0.0);
         for (int p = pos - count + 1; p <= pos; ++p) {
-          const float* r = ring + (p % w) * 2 * D;
+          const T* r = ring + (p % w) * 2 * D;
           const double om = ring_omega[p % w];
           denom += om;
           for (int d = 0; d < D; ++d) {
-            ks[d] += om * r[d];
-            vs[d] += om * r[D + d];
+            ks[d] += om * static_cast<double>(r[d]);
+            vs[d] += om * static_cast<double>(r[D + d]);
           }
         }
         for (int d = 0; d < D; ++d) {
@@ -105,12 +103,10 @@ void paged_kv_prefill(const PagedKvLayer<T>& c, int row, const T* khat, const T*
     const int first = std::max(last_append, P - w);
     c.window_count[head] = P - first;
     for (int p = first; p < P; ++p) {
-      float* e = c.window + (head * w + p % w) * 2 * D;
+      T* e = c.window + (head * w + p % w) * 2 * D;
       const long src = (static_cast<long>(p) * Hkv + h) * D;
-      for (int d = 0; d < D; ++d) {
-        e[d] = static_cast<float>(k[src + d]);
-        e[D + d] = static_cast<float>(v[src + d]);
-      }
+      std::copy(k + src, k + src + D, e);
+      std::copy(v + src, v + src + D, e + D);
       c.window_omega[head * w + p % w] = omega ? omega[static_cast<long>(p) * Hkv + h] : 1.0f;
     }
   }

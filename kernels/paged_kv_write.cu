@@ -2,9 +2,9 @@
 // append:  a warp per (row, KV head), kAppendWarps to a CTA, no block barrier (D 32, 64 or 128).
 //          Every lane reads the head's state and decides append or merge, the slot and the ring
 //          count alike (lane 0 writes them back); lane l holds channels l·D/32 .. (l + 1)·D/32 − 1
-//          of the key and the value, so a ring entry's key and value come in as one 16-byte
-//          (D 128), 8-byte (D 64) or 4-byte (D 32) load each per lane, kRingBatch entries in
-//          flight, summed oldest first as the reference sums them, the token's own term last,
+//          of the key and the value, so a ring entry's key and value (bf16: the projections'
+//          outputs as they are) come in as one 8-byte (D 128), 4-byte (D 64) or 2-byte (D 32)
+//          load each per lane, kRingBatch entries in flight, summed oldest first as the reference sums them, the token's own term last,
 //          from registers.
 //          RoPE pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
@@ -59,30 +59,7 @@ __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int 
   v_row[ch + half] = tobf(v2);
 }
 
-// C = 1, 2 or 4 consecutive values in one access: floats (4-, 8- or 16-byte aligned), bf16 (2, 4
-// or 8).
-template <int C>
-__device__ __forceinline__ void load_floats(const float* p, float (&x)[C]) {
-  if constexpr (C == 4) {
-    const float4 t = *reinterpret_cast<const float4*>(p);
-    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
-  } else if constexpr (C == 2) {
-    const float2 t = *reinterpret_cast<const float2*>(p);
-    x[0] = t.x, x[1] = t.y;
-  } else {
-    x[0] = *p;
-  }
-}
-// (__stcg: a plain store of a float4 built from an array was split into four.)
-template <int C>
-__device__ __forceinline__ void store_floats(float* p, const float (&x)[C]) {
-  if constexpr (C == 4)
-    __stcg(reinterpret_cast<float4*>(p), make_float4(x[0], x[1], x[2], x[3]));
-  else if constexpr (C == 2)
-    __stcg(reinterpret_cast<float2*>(p), make_float2(x[0], x[1]));
-  else
-    __stcg(p, x[0]);
-}
+// C = 1, 2 or 4 consecutive bf16 values in one access (2-, 4- or 8-byte aligned).
 template <int C>
 __device__ __forceinline__ void load_bf16s(const bf16* p, float (&x)[C]) {
   if constexpr (C == 1) {
@@ -156,7 +133,7 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
   if (w > 0) {
     // The omega-weighted means over the ring's positions pos − count + 1 .. pos, oldest first as
     // the reference sums: the older ones read kRingBatch at a time, then this token's.
-    float* ring = c.window + head * w * 2 * D;
+    bf16* ring = c.window + head * w * 2 * D;
     float* ring_omega = c.window_omega + head * w;
     float denom = 0.f, sk[C] = {}, sv[C] = {};
     for (int p0 = pos - count + 1; p0 < pos; p0 += kRingBatch) {
@@ -166,8 +143,8 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
         if (p0 + e < pos) {
           const int s = (p0 + e) % w;
           eo[e] = ring_omega[s];
-          load_floats(ring + s * 2 * D + lane * C, ek[e]);
-          load_floats(ring + s * 2 * D + D + lane * C, ev[e]);
+          load_bf16s(ring + s * 2 * D + lane * C, ek[e]);
+          load_bf16s(ring + s * 2 * D + D + lane * C, ev[e]);
         }
 #pragma unroll
       for (int e = 0; e < kRingBatch; ++e)
@@ -175,9 +152,10 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     }
     accumulate(om, kx, vx, denom, sk, sv);
     // The token enters the ring at pos mod w: the entry of pos − w, which the sums left out.
+    // kx, vx hold bf16 values, so the ring keeps them exactly.
     const int s = pos % w;
-    store_floats(ring + s * 2 * D + lane * C, kx);
-    store_floats(ring + s * 2 * D + D + lane * C, vx);
+    store_bf16s(ring + s * 2 * D + lane * C, kx);
+    store_bf16s(ring + s * 2 * D + D + lane * C, vx);
     if (lane == 0) ring_omega[s] = om;
     const float inv = 1.f / denom;
 #pragma unroll
@@ -279,7 +257,7 @@ __global__ void extend_slots_kernel(PagedKv c, int row, const int32_t* slot, con
   float k1 = bf(k[g * D + ch]), k2 = bf(k[g * D + ch + half]);
   float v1 = bf(v[g * D + ch]), v2 = bf(v[g * D + ch + half]);
   if (w > 0) {
-    const float* ring = c.window + head * w * 2 * D;
+    const bf16* ring = c.window + head * w * 2 * D;
     float denom = 0.f, sk1 = 0.f, sk2 = 0.f, sv1 = 0.f, sv2 = 0.f;
     for (int p = pos - count[g] + 1; p <= pos; ++p) {
       float om, a1, a2, b1, b2;
@@ -291,12 +269,12 @@ __global__ void extend_slots_kernel(PagedKv c, int row, const int32_t* slot, con
         b1 = bf(v[src * D + ch]);
         b2 = bf(v[src * D + ch + half]);
       } else {
-        const float* r = ring + (p % w) * 2 * D;
+        const bf16* r = ring + (p % w) * 2 * D;
         om = c.window_omega[head * w + p % w];
-        a1 = r[ch];
-        a2 = r[ch + half];
-        b1 = r[D + ch];
-        b2 = r[D + ch + half];
+        a1 = bf(r[ch]);
+        a2 = bf(r[ch + half]);
+        b1 = bf(r[D + ch]);
+        b2 = bf(r[D + ch + half]);
       }
       denom += om;
       sk1 = fmaf(om, a1, sk1);
@@ -345,11 +323,11 @@ __global__ void window_kernel(PagedKv c, int row, const bf16* k, const bf16* v, 
   if (e >= (every_token ? n : c.window_count[head])) return;
   const int t = n - 1 - e;
   const long entry = head * w + (start + t) % w;
-  float* dst = c.window + entry * 2 * D;
+  bf16* dst = c.window + entry * 2 * D;
   const long src = (static_cast<long>(t) * Hkv + h) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    dst[d] = bf(k[src + d]);
-    dst[D + d] = bf(v[src + d]);
+    dst[d] = k[src + d];
+    dst[D + d] = v[src + d];
   }
   if (threadIdx.x == 0)
     c.window_omega[entry] = omega ? omega[static_cast<long>(t) * Hkv + h] : 1.f;

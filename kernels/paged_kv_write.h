@@ -10,10 +10,11 @@
 //                   page_table[(i·Hkv + h)·max_pages + s / page_size]; the host assigns pages
 //                   before a write can need them
 //   lengths         [R, Hkv]               slots held
-//   window          [R, Hkv, w, 2D]        DMC only (w > 0): the open slot's window state in
-//                   fp32, a ring indexed by token position mod w: the raw (pre-RoPE) key and
-//                   value (channels 0..D−1, D..2D−1) of the newest tokens merged into the open
-//                   slot
+//   window          [R, Hkv, w, 2D]        DMC only (w > 0): the open slot's window state, a
+//                   ring indexed by token position mod w: the raw (pre-RoPE) key and value
+//                   (channels 0..D−1, D..2D−1) of the newest tokens merged into the open slot,
+//                   as the projections gave them (element type T: bf16 on the GPU holds them
+//                   exactly); the means over it are taken in fp32
 //   window_omega    [R, Hkv, w]            their importances omega, the same ring (kept apart so
 //                   that every entry's key and value start 16-byte aligned: vector loads)
 //   window_count    [R, Hkv]               how many of those the ring holds (<= w)
@@ -64,7 +65,7 @@ struct PagedKvLayer {
   int32_t* slot_pos = nullptr;
   const int32_t* page_table = nullptr;
   int32_t* lengths = nullptr;
-  float* window = nullptr;
+  T* window = nullptr;
   float* window_omega = nullptr;
   int32_t* window_count = nullptr;
   int max_pages = 0, page_size = 0, window_size = 0;

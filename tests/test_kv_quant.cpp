@@ -879,28 +879,29 @@ TEST(KvQuantBudget, KnobMeetsTheBudgetExactlyOrFailsClearly) {
       "dmc", dmc_shape, 4, 4, T, 100, std::vector<int>(heads, T / 3));
   EXPECT_NE(dmc_tiny.status().message().find(
                 absl::StrFormat("DMC window state %d, ThinK query energy 0)",
-                                inference::KvWindowBytes(dmc_shape, 4))),
+                                inference::KvWindowBytes(dmc_shape, 4, 4))),
             std::string::npos)
       << dmc_tiny.status();
   // Eviction budgets are part of the policy's name in results.
   EXPECT_EQ(inference::PolicyName(*inference::PolicyForCr(CacheMethod::kH2O, 128, 4)), "h2o-32");
 }
 
-// The GPU engine holds pages and residual blocks in bf16 but DMC's window state and ThinK's query
-// energy in fp32: a budget is planned at both widths, as the engine then counts the sequence
-// (KvSequenceBytes), not at the pages' width alone, which undercounts the window state.
+// The GPU engine holds pages, residual blocks and DMC's windowed keys and values in bf16 but DMC's
+// importances and ThinK's query energy in fp32: a budget is planned at both widths, as the engine
+// then counts the sequence (KvSequenceBytes), not at the pages' width alone, which undercounts
+// the running state.
 TEST(KvQuantBudget, PlansPagesAndWindowStateAtTheEnginesTwoWidths) {
   PagedCacheOptions shape = tiny_models::BudgetShape();
   shape.dmc_window = 8;
-  const int T = 512, page_bytes = 2, window_bytes = 4;
+  const int T = 512, page_bytes = 2, state_bytes = 4;
   const std::vector<int> slots(4, T / 3);
-  auto bytes = [&](int bits, int page, int window) {
+  auto bytes = [&](int bits, int page, int state) {
     PagedCacheOptions o = shape;
     o.quant = {bits, 0, 0, 0};
-    return inference::KvSequenceBytes(o, slots, page, window);
+    return inference::KvSequenceBytes(o, slots, page, state);
   };
-  ASSERT_GT(bytes(0, page_bytes, window_bytes), bytes(0, page_bytes, page_bytes));
-  // A budget that the full-precision dmc cache meets only with its window state at bf16: the
+  ASSERT_GT(bytes(0, page_bytes, state_bytes), bytes(0, page_bytes, page_bytes));
+  // A budget that the full-precision dmc cache meets only with its importances at bf16: the
   // single-width plan keeps full precision, the engine's widths need int8.
   const long budget = bytes(0, page_bytes, page_bytes);
   const absl::StatusOr<CachePolicy> single =
@@ -908,55 +909,55 @@ TEST(KvQuantBudget, PlansPagesAndWindowStateAtTheEnginesTwoWidths) {
   ASSERT_TRUE(single.ok()) << single.status();
   EXPECT_EQ(single->quant.bits, 0);
   const absl::StatusOr<CachePolicy> planned =
-      inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, budget, slots);
+      inference::PolicyForBytes("dmc", shape, page_bytes, state_bytes, T, budget, slots);
   ASSERT_TRUE(planned.ok()) << planned.status();
   EXPECT_EQ(planned->quant.bits, 8);
-  EXPECT_LE(bytes(8, page_bytes, window_bytes), budget);
+  EXPECT_LE(bytes(8, page_bytes, state_bytes), budget);
   // The planned bytes are KvSequenceBytes at the two widths exactly: met at that budget, not a
   // byte below it.
   for (int bits : {0, 8, 4}) {
-    const long exact = bytes(bits, page_bytes, window_bytes);
+    const long exact = bytes(bits, page_bytes, state_bytes);
     const absl::StatusOr<CachePolicy> at =
-        inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, exact, slots);
+        inference::PolicyForBytes("dmc", shape, page_bytes, state_bytes, T, exact, slots);
     ASSERT_TRUE(at.ok()) << at.status();
     EXPECT_EQ(at->quant.bits, bits);
     const absl::StatusOr<CachePolicy> below =
-        inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, exact - 1, slots);
+        inference::PolicyForBytes("dmc", shape, page_bytes, state_bytes, T, exact - 1, slots);
     ASSERT_TRUE(below.ok()) << below.status();
     EXPECT_EQ(below->quant.bits, bits == 0 ? 8 : bits / 2);
   }
-  // An unmet budget splits the smallest cache by the same widths: the residual at the pages',
-  // the window state and ThinK's query energy at the window state's.
+  // An unmet budget splits the smallest cache by the same widths: the residual and the window's
+  // keys and values at the pages', the importances and ThinK's query energy at the state's.
   PagedCacheOptions int2 = shape;
   int2.quant = {2, 0, 0, 0};
   const absl::StatusOr<CachePolicy> tiny =
-      inference::PolicyForBytes("dmc", shape, page_bytes, window_bytes, T, 100, slots);
+      inference::PolicyForBytes("dmc", shape, page_bytes, state_bytes, T, 100, slots);
   EXPECT_NE(tiny.status().message().find(absl::StrFormat(
                 "holds %d (pages %d, full-precision residual %d, DMC window state %d, ThinK query "
                 "energy 0)",
-                bytes(2, page_bytes, window_bytes),
-                bytes(2, page_bytes, window_bytes) -
-                    inference::KvReservedBytes(int2, page_bytes, window_bytes),
+                bytes(2, page_bytes, state_bytes),
+                bytes(2, page_bytes, state_bytes) -
+                    inference::KvReservedBytes(int2, page_bytes, state_bytes),
                 inference::KvResidualBytes(int2, page_bytes),
-                inference::KvWindowBytes(int2, window_bytes))),
+                inference::KvWindowBytes(int2, page_bytes, state_bytes))),
             std::string::npos)
       << tiny.status();
   PagedCacheOptions think = shape;
   think.think_channels = 1;
-  const long think_bytes = inference::KvSequenceBytes(think, slots, page_bytes, window_bytes);
+  const long think_bytes = inference::KvSequenceBytes(think, slots, page_bytes, state_bytes);
   const absl::StatusOr<CachePolicy> think_tiny =
-      inference::PolicyForBytes("dmc_think", shape, page_bytes, window_bytes, T, 100, slots);
+      inference::PolicyForBytes("dmc_think", shape, page_bytes, state_bytes, T, 100, slots);
   EXPECT_NE(think_tiny.status().message().find(absl::StrFormat(
                 "holds %d (pages %d, full-precision residual %d, DMC window state %d, ThinK query "
                 "energy %d)",
                 think_bytes,
-                think_bytes - inference::KvReservedBytes(think, page_bytes, window_bytes),
+                think_bytes - inference::KvReservedBytes(think, page_bytes, state_bytes),
                 inference::KvResidualBytes(think, page_bytes),
-                inference::KvWindowBytes(think, window_bytes),
-                inference::KvObservationBytes(think, window_bytes))),
+                inference::KvWindowBytes(think, page_bytes, state_bytes),
+                inference::KvObservationBytes(think, state_bytes))),
             std::string::npos)
       << think_tiny.status();
-  EXPECT_NE(inference::KvObservationBytes(think, window_bytes),
+  EXPECT_NE(inference::KvObservationBytes(think, state_bytes),
             inference::KvObservationBytes(think, page_bytes));
 }
 

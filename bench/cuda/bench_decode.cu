@@ -5,8 +5,9 @@
 // whose GQA groups of 8 take the decode attention's tensor-core kernel.
 //
 // For each method the cache is filled with as many sequences as the budget holds (pages of
-// --page_size slots, K and V in bf16; DMC sequences are also charged their fp32 window state,
-// w·(2D + 1)·4 bytes per layer and head, as the paged cache charges it), then one decode step for
+// --page_size slots, K and V in bf16; DMC sequences are also charged their window state, w raw
+// keys and values in bf16 and w fp32 importances per layer and head, as the GPU engine charges
+// it), then one decode step for
 // the whole batch is timed end to end: per layer RMSNorm, the Q, K, V GEMMs (cuBLAS through
 // dmc::cuda::matmul_forward), RoPE on q and k, the paged decode attention over the cache, the O
 // GEMM, the residual add, RMSNorm, the gate and up GEMMs, SwiGLU, the down GEMM, the residual add;
@@ -45,6 +46,7 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
+#include "inference/dmc_window.h"
 #include "kernels/kv_quant.h"
 #include "bench/cuda/bench_util.cuh"
 
@@ -155,7 +157,8 @@ int main(int argc, char** argv) {
             C = shape->hidden, F = shape->mlp, V = shape->vocab, CKV = Hkv * D;
   const long budget = static_cast<long>(budget_gib * 1024.0 * 1024.0 * 1024.0);
   const long page_bytes = 2L * ps * D * static_cast<long>(sizeof(bf16));  // K and V
-  const long window_bytes = static_cast<long>(window) * (2 * D + 1) * 4;  // fp32 ring buffer
+  const long window_bytes =
+      dmc::inference::DmcWindowBytes(window, D, sizeof(bf16), sizeof(float));  // the ring
   const long pool_pages = budget / page_bytes;
   if (pool_pages > 0x7fffffffL) {
     std::fprintf(stderr, "budget too large for int32 page ids at this page size\n");
@@ -202,8 +205,8 @@ int main(int argc, char** argv) {
 
   std::printf("## Decode throughput at a fixed KV budget\n\n");
   std::printf("GPU: %s (%d SMs), %s. %s, random bf16 weights (%.2f GB). KV budget %.1f GiB in "
-              "pages of %d slots, context %d tokens, DMC window state w=%d (fp32) charged per "
-              "head. One decode step timed end to end, eager launches (no CUDA graph), median of "
+              "pages of %d slots, context %d tokens, DMC window state w=%d (bf16 keys and values, fp32 "
+              "importances) charged per head. One decode step timed end to end, eager launches (no CUDA graph), median of "
               "%d. Device copy: %.0f GB/s (read + write).\n\n",
               prop.name, prop.multiProcessorCount, date, shape->description, weight_bytes * 1e-9,
               budget_gib, ps, ctx,

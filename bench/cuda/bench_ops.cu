@@ -3,7 +3,7 @@
 // warm-up, bytes counted as each input read once and each output written once, against a
 // device-to-device copy measured in the same run. Matmuls report TFLOP/s, except a decode step's
 // projections at Llama 2 7B's shape (weight reads: GB/s). Last, the decode step's cache append at
-// that shape.
+// that shape and the 1B shape's.
 //   usage: bench_ops [reps]
 #include <algorithm>
 #include <cstdio>
@@ -239,12 +239,16 @@ int main(int argc, char** argv) {
     cudaFree(x2), cudaFree(y2), cudaFree(dy2);
     cudaFree(noise), cudaFree(logit), cudaFree(alpha), cudaFree(merge), cudaFree(mask), cudaFree(omega), cudaFree(den);
   }
-  // A decode step's cache append (kernels/paged_kv_write.h) in one layer at Llama 2 7B's shape
-  // and DMC's saturated batch (124 rows of 32 KV heads of 128, pages of 16), rows at 16 slots:
-  // vanilla, then DMC at the default window with half the heads merging, their rings full (each
-  // merge reads w - 1 entries, each token writes one).
-  {
-    const int R = 124, KvH = 32, Dh = 128, page = 16, w = dmc::model::DmcConfig{}.window;
+  // A decode step's cache append (kernels/paged_kv_write.h) in one layer at DMC's saturated batch
+  // (pages of 16, rows at 16 slots): Llama 2 7B's 124 rows of 32 KV heads of 128, half the heads
+  // merging, and the 1B shape's 184 rows of 4 KV heads of 64, three in four merging (CR 4).
+  // Vanilla, then DMC at the default window with the merging heads' rings full (each merge reads
+  // w - 1 entries, each token writes one).
+  struct AppendShape {
+    int R, KvH, Dh, merge_in_4;
+  };
+  for (const AppendShape& sh : {AppendShape{124, 32, 128, 2}, AppendShape{184, 4, 64, 3}}) {
+    const int R = sh.R, KvH = sh.KvH, Dh = sh.Dh, page = 16, w = dmc::model::DmcConfig{}.window;
     const int heads = R * KvH, calls = g_reps + 3;  // time_ms's warm-up and timed calls
     const int max_pages = (page + calls + page - 1) / page;
     std::vector<int32_t> table(size_t(heads) * max_pages), lengths(heads, page), counts(heads, w),
@@ -253,7 +257,7 @@ int main(int argc, char** argv) {
     std::iota(positions.begin(), positions.end(), 1000);
     std::vector<float> merges(heads);
     std::mt19937 draw(1);
-    for (auto& m : merges) m = draw() % 2 ? 1.f : 0.f;
+    for (auto& m : merges) m = static_cast<int>(draw() % 4) < sh.merge_in_4 ? 1.f : 0.f;
     const double merging = std::count(merges.begin(), merges.end(), 1.f);
     auto upload = [](const auto& host) {
       auto* d = dalloc<std::decay_t<decltype(host[0])>>(host.size());
@@ -272,18 +276,19 @@ int main(int argc, char** argv) {
     bf16 *k = rand_bf16(size_t(heads) * Dh), *v = rand_bf16(size_t(heads) * Dh);
     float *merge = upload(merges), *omega = rand_f32(heads, 0.5f, 1.f);
     const double token = 2.0 * Dh * E + 4.0 * 2;  // k, v in; length, position
+    char name[64];
+    std::snprintf(name, sizeof name, "paged_kv_append vanilla R%d Hkv%d D%d", R, KvH, Dh);
     DMC_CUDA_CHECK(cudaMemcpy(c.lengths, lengths.data(), heads * sizeof(int32_t), cudaMemcpyHostToDevice));
-    row_bw("paged_kv_append vanilla R124 Hkv32 D128", heads * (token + 2.0 * Dh * E), [&] {
+    row_bw(name, heads * (token + 2.0 * Dh * E), [&] {
       dmc::cuda::paged_kv_append(c, k, v, nullptr, nullptr, pos, R, KvH, Dh, 10000.f, false);
     });
-    c.window = rand_f32(size_t(heads) * w * 2 * Dh, -1.f, 1.f);
+    c.window = rand_bf16(size_t(heads) * w * 2 * Dh);
     c.window_omega = rand_f32(size_t(heads) * w, 0.5f, 1.f);
     c.window_size = w;
-    const double entry = 2.0 * Dh * 4 + 4;  // a ring entry: fp32 key, value, omega
+    const double entry = 2.0 * Dh * E + 4;  // a ring entry: bf16 key and value, fp32 omega
     const double dmc_bytes = heads * (token + 4.0 * 3 + entry + 2.0 * Dh * E) + merging * (w - 1) * entry;
     DMC_CUDA_CHECK(cudaMemcpy(c.lengths, lengths.data(), heads * sizeof(int32_t), cudaMemcpyHostToDevice));
-    char name[64];
-    std::snprintf(name, sizeof name, "paged_kv_append dmc w%d R124 Hkv32 D128", w);
+    std::snprintf(name, sizeof name, "paged_kv_append dmc w%d R%d Hkv%d D%d", w, R, KvH, Dh);
     row_bw(name, dmc_bytes, [&] {
       dmc::cuda::paged_kv_append(c, k, v, merge, omega, pos, R, KvH, Dh, 10000.f, true);
     });

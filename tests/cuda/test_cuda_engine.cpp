@@ -160,7 +160,9 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   bf16 *dk = Upload(to_bf16(kd)), *dv = Upload(to_bf16(vd));
   int32_t *dpos = Upload(before.slot_pos), *dtab = Upload(before.table);
   int32_t *dlen = Upload(before.lengths), *dcnt = Upload(before.count);
-  float *dwin = Upload(before.win), *domega = Upload(before.win_omega);
+  std::vector<double> wd(before.win.begin(), before.win.end());
+  bf16* dwin = Upload(to_bf16(wd));
+  float* domega = Upload(before.win_omega);
   cuda::PagedKv layer{dk, dv, dpos, dtab, dlen, c.window ? dwin : nullptr,
                       c.window ? domega : nullptr, dcnt, c.max_pages, c.page_size, c.window};
   device_fn(layer);
@@ -180,8 +182,9 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   }
   EXPECT_LT(worst, 2e-2) << "slot rows differ beyond bf16 rounding";
   if (c.window) {
-    const std::vector<float> gw = Download(dwin, c.win.size());
-    for (size_t i = 0; i < gw.size(); ++i) ASSERT_NEAR(gw[i], c.win[i], 1e-6) << "ring " << i;
+    // The ring keeps the raw keys and values, bf16 exact: equal to the reference's.
+    const std::vector<bf16> gw = Download(dwin, c.win.size());
+    for (size_t i = 0; i < gw.size(); ++i) ASSERT_EQ(__bfloat162float(gw[i]), c.win[i]) << "ring " << i;
     EXPECT_EQ(Download(domega, c.win_omega.size()), c.win_omega) << "ring omegas";
   }
   for (void* p : {(void*)dk, (void*)dv, (void*)dpos, (void*)dtab, (void*)dlen, (void*)dcnt,
@@ -200,7 +203,8 @@ void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int st
   CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, window);
   std::fill(host.k_pool.begin(), host.k_pool.end(), 4096.0f);
   std::fill(host.v_pool.begin(), host.v_pool.end(), 4096.0f);
-  const std::vector<double> ring = randn(host.win.size());
+  std::vector<double> ring = randn(host.win.size());
+  to_bf16(ring);
   host.win.assign(ring.begin(), ring.end());
   for (auto& x : host.win_omega) x = 0.05f + (rng()() % 1000) / 1000.0f;
   CacheLayer start = host;
@@ -1214,7 +1218,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
           // KvSequenceBytes is exact, and a bound for DMS's quantized cache (settle lag > 0),
           // whose slots settle later.
           const long counted = inference::KvSequenceBytes(
-              e.cache_options(), r.lengths[q], e.element_bytes(), e.window_element_bytes());
+              e.cache_options(), r.lengths[q], e.element_bytes(), e.state_element_bytes());
           if (e.cache_options().settle_lag == 0) {
             EXPECT_EQ(e.bytes(q), counted);
           } else {
@@ -1223,7 +1227,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
           // Its pages: what the bytes hold beside the reservations.
           r.bytes[q] = e.bytes(q) - inference::KvReservedBytes(
                                         e.cache_options(), e.element_bytes(),
-                                        e.window_element_bytes());
+                                        e.state_element_bytes());
         });
     EXPECT_TRUE(stats.ok()) << stats.status();
     if (stats.ok()) r.stats = *stats;
@@ -1251,7 +1255,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   for (int i = 0; i < n; ++i) {
     EXPECT_EQ(got.lengths.at(i), want.lengths.at(i)) << "window " << i;
     // The same pages: what the CPU cache would hold at the GPU's element sizes (bf16 pages or
-    // quantized pages; the reservations, bf16 residual blocks and fp32 window state, aside).
+    // quantized pages; the reservations, bf16 residual blocks and window state, aside).
     // ThinK's pages hold their channel mask beside the rows: the same number of them.
     if (tc.think > 0) {
       EXPECT_EQ(got.bytes.at(i) * inference::KvPageBytes(shape, 4),
@@ -1862,14 +1866,14 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   // refused, and the sequence's bytes and next step stay as they were.
   const inference::PagedCacheOptions& co = (*tiny)->cache_options();
   const long heads = static_cast<long>(co.layers) * co.kv_heads;
-  const int page_bytes = (*tiny)->element_bytes(), window_bytes = (*tiny)->window_element_bytes();
-  o.budget_bytes = inference::KvReservedBytes(co, page_bytes, window_bytes) +
+  const int page_bytes = (*tiny)->element_bytes(), state_bytes = (*tiny)->state_element_bytes();
+  o.budget_bytes = inference::KvReservedBytes(co, page_bytes, state_bytes) +
                    (heads + 1) * inference::KvPageBytes(co, page_bytes);
   auto small = inference::CudaEngine::Create(host, o);
   ASSERT_TRUE(small.ok()) << small.status();
   ASSERT_TRUE((*small)->AddSequence(0, {}).ok());
   // an empty sequence holds no slot: its bytes are its reservations
-  EXPECT_EQ((*small)->bytes(0), inference::KvReservedBytes(co, page_bytes, window_bytes));
+  EXPECT_EQ((*small)->bytes(0), inference::KvReservedBytes(co, page_bytes, state_bytes));
   const long bytes_before = (*small)->bytes(0), used_before = (*small)->used_bytes();
   const absl::Status no_room = (*small)->Prefill(0, std::vector<int32_t>(co.page_size + 4, 1), -1, &out);
   EXPECT_TRUE(absl::IsResourceExhausted(no_room)) << no_room;
@@ -1879,7 +1883,7 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   std::vector<int> held;
   for (int l = 0; l < co.layers; ++l)
     for (int h = 0; h < co.kv_heads; ++h) held.push_back((*small)->length(0, l, h));
-  EXPECT_EQ((*small)->bytes(0), inference::KvSequenceBytes(co, held, page_bytes, window_bytes));
+  EXPECT_EQ((*small)->bytes(0), inference::KvSequenceBytes(co, held, page_bytes, state_bytes));
   config.dmc.enabled = false;
   model::Llama<float> plain(config, nullptr);
   o.budget_bytes = 1L << 22;

@@ -53,7 +53,7 @@ TEST(CudaServe, BudgetForOneSequenceCountsTheEnginesWidths) {
                                c.max_position_embeddings);
   const double gpu_mib =
       inference::KvSequenceBytes(shape, whole, inference::CudaEngine::kElementBytes,
-                                 inference::CudaEngine::kWindowElementBytes) /
+                                 inference::CudaEngine::kStateElementBytes) /
       double(1 << 20);
   const double cpu_mib = inference::KvSequenceBytes<float>(shape, whole) / double(1 << 20);
   ASSERT_LT(gpu_mib * 1.2, cpu_mib * 0.9);
