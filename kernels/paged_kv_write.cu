@@ -4,9 +4,10 @@
 //          count alike (lane 0 writes them back); lane l holds channels l·D/32 .. (l + 1)·D/32 − 1
 //          of the key and the value, so a ring entry's key and value (bf16: the projections'
 //          outputs as they are) come in as one 8-byte (D 128), 4-byte (D 64) or 2-byte (D 32)
-//          load each per lane, kRingBatch entries in flight, summed oldest first as the reference sums them, the token's own term last,
-//          from registers.
-//          RoPE pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
+//          load each per lane, 8 or 16 entries in flight, summed oldest first as the reference
+//          sums them, the token's own term last, from registers. The slot's RoPE sines and
+//          cosines are computed before the ring is read, so that they overlap its loads; RoPE
+//          pairs channel c < D/2 with c + D/2, lane l + 16's (a shuffle).
 // prefill and extend (a run of tokens of one row, the whole prompt or a chunk continuing the
 //          row) in three passes, each parallel over the run's tokens:
 //          (1) one CTA per KV head scans the append flags over the run (CUB block scans, a sum
@@ -33,17 +34,26 @@ using namespace detail;
 
 constexpr int kAppendWarps = 4;  // heads per CTA of the append, a warp each
 constexpr int kRingBatch = 8;    // ring entries a lane of the append loads before it sums them
+                                 // at head dim 128 (twice as many below: registers allow)
 constexpr int kScanThreads = 256;
 
-// The key channel pair (x1, x2) = (ch, ch + D/2) rotated at pos, as kernels/rope.cu (the control
-// channel D − 1 kept, and left out of its pair's rotation, when keep_last).
-__device__ __forceinline__ float2 rotate_pair(float x1, float x2, int D, int ch, int pos,
-                                              float theta, bool keep_last) {
-  float s, co;
-  sincosf(rope_angle(pos, ch, D, theta), &s, &co);
-  const bool ctrl = keep_last && ch == D / 2 - 1;
-  const float x2r = ctrl ? 0.f : x2;
-  return make_float2(x1 * co - x2r * s, ctrl ? x2 : x2r * co + x1 * s);
+// The rotation of key channel pair (ch, ch + D/2) at pos, as kernels/rope.cu: its sine and
+// cosine, and whether the pair holds the control channel D − 1, kept and left out of the rotation
+// when keep_last.
+struct PairRotation {
+  float sin, cos;
+  bool ctrl;
+};
+__device__ __forceinline__ PairRotation pair_rotation(int D, int ch, int pos, float theta,
+                                                      bool keep_last) {
+  PairRotation r;
+  sincosf(rope_angle(pos, ch, D, theta), &r.sin, &r.cos);
+  r.ctrl = keep_last && ch == D / 2 - 1;
+  return r;
+}
+__device__ __forceinline__ float2 rotate(float x1, float x2, PairRotation r) {
+  const float x2r = r.ctrl ? 0.f : x2;
+  return make_float2(x1 * r.cos - x2r * r.sin, r.ctrl ? x2 : x2r * r.cos + x1 * r.sin);
 }
 
 // Thread c < D/2: rotates the pair (key[c], key[c + D/2]) at pos and stores it in k_row, the value
@@ -52,7 +62,7 @@ __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int 
                                            float k2, float v1, float v2, int pos, float theta,
                                            bool keep_last) {
   const int half = D / 2;
-  const float2 r = rotate_pair(k1, k2, D, ch, pos, theta, keep_last);
+  const float2 r = rotate(k1, k2, pair_rotation(D, ch, pos, theta, keep_last));
   k_row[ch] = tobf(r.x);
   k_row[ch + half] = tobf(r.y);
   v_row[ch] = tobf(v1);
@@ -130,33 +140,45 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     if (!m) c.lengths[head] = len + 1;
     if (w > 0) c.window_count[head] = count;
   }
+  // The slot's rotation, worked out while the ring's loads are in flight (a warp's time here is
+  // its chain of dependent steps: few warps share a scheduler at a decode step's size).
+  const bool first_half = lane < 16;
+  PairRotation rot[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) rot[j] = pair_rotation(D, (lane % 16) * C + j, pos, theta, keep_last);
   if (w > 0) {
     // The omega-weighted means over the ring's positions pos − count + 1 .. pos, oldest first as
-    // the reference sums: the older ones read kRingBatch at a time, then this token's.
-    bf16* ring = c.window + head * w * 2 * D;
-    float* ring_omega = c.window_omega + head * w;
+    // the reference sums: the count − 1 older ones read kBatch at a time (entry s, then the next
+    // one round the ring), then this token's.
+    constexpr int kBatch = C == 4 ? kRingBatch : 2 * kRingBatch;  // registers at D 128
+    const bf16* ring = c.window + head * w * 2 * D + lane * C;
+    const float* ring_omega = c.window_omega + head * w;
+    const int older = count - 1;
+    int s = (pos - older) % w;
     float denom = 0.f, sk[C] = {}, sv[C] = {};
-    for (int p0 = pos - count + 1; p0 < pos; p0 += kRingBatch) {
-      float eo[kRingBatch] = {}, ek[kRingBatch][C] = {}, ev[kRingBatch][C] = {};
+    for (int e0 = 0; e0 < older; e0 += kBatch) {
+      float eo[kBatch] = {}, ek[kBatch][C] = {}, ev[kBatch][C] = {};
 #pragma unroll
-      for (int e = 0; e < kRingBatch; ++e)
-        if (p0 + e < pos) {
-          const int s = (p0 + e) % w;
+      for (int e = 0; e < kBatch; ++e) {
+        if (e0 + e < older) {
           eo[e] = ring_omega[s];
-          load_bf16s(ring + s * 2 * D + lane * C, ek[e]);
-          load_bf16s(ring + s * 2 * D + D + lane * C, ev[e]);
+          load_bf16s(ring + s * 2 * D, ek[e]);
+          load_bf16s(ring + s * 2 * D + D, ev[e]);
         }
+        s = s + 1 == w ? 0 : s + 1;
+      }
 #pragma unroll
-      for (int e = 0; e < kRingBatch; ++e)
-        if (p0 + e < pos) accumulate(eo[e], ek[e], ev[e], denom, sk, sv);
+      for (int e = 0; e < kBatch; ++e)
+        if (e0 + e < older) accumulate(eo[e], ek[e], ev[e], denom, sk, sv);
     }
     accumulate(om, kx, vx, denom, sk, sv);
     // The token enters the ring at pos mod w: the entry of pos − w, which the sums left out.
     // kx, vx hold bf16 values, so the ring keeps them exactly.
-    const int s = pos % w;
-    store_bf16s(ring + s * 2 * D + lane * C, kx);
-    store_bf16s(ring + s * 2 * D + D + lane * C, vx);
-    if (lane == 0) ring_omega[s] = om;
+    const int at = pos % w;
+    bf16* entry = c.window + head * w * 2 * D + at * 2 * D + lane * C;
+    store_bf16s(entry, kx);
+    store_bf16s(entry + D, vx);
+    if (lane == 0) c.window_omega[head * w + at] = om;
     const float inv = 1.f / denom;
 #pragma unroll
     for (int j = 0; j < C; ++j) {
@@ -165,13 +187,11 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     }
   }
   // RoPE pairs channel ch < D/2 (lane < 16) with ch + D/2 (lane + 16).
-  const bool first_half = lane < 16;
   float kr[C];
 #pragma unroll
   for (int j = 0; j < C; ++j) {
     const float other = __shfl_xor_sync(0xffffffffu, kx[j], 16);
-    const float2 r = rotate_pair(first_half ? kx[j] : other, first_half ? other : kx[j], D,
-                                 (lane % 16) * C + j, pos, theta, keep_last);
+    const float2 r = rotate(first_half ? kx[j] : other, first_half ? other : kx[j], rot[j]);
     kr[j] = first_half ? r.x : r.y;
   }
   store_bf16s(c.k_pool + row * D + lane * C, kr);
