@@ -37,6 +37,7 @@ TEST(InferenceAllocator, RefusesDoubleFreesAndUnknownPages) {
 // The accounting a slot-counting path (the GPU evaluation) uses, by hand: layers 2, one KV head,
 // head dim 4, pages of 3 slots, fp32; heads of 4 and 3 slots hold 2 + 1 pages of
 // 3 × (key + value) × 4 × 4 = 96 bytes; DMC with a window of 2 adds per head 2 × (4 + 4 + 1) × 4.
+// At bf16 pages (the GPU engine's), a page is 48 bytes.
 TEST(InferenceAllocator, KvSequenceBytesChargesPagesAndWindowState) {
   PagedCacheOptions o;
   o.layers = 2;
@@ -50,6 +51,10 @@ TEST(InferenceAllocator, KvSequenceBytesChargesPagesAndWindowState) {
   o.dmc_window = 2;
   EXPECT_EQ(inference::KvWindowBytes<float>(o), 2 * 72);
   EXPECT_EQ(inference::KvSequenceBytes<float>(o, {4, 3}), 3 * 96 + 144);
+  // At the GPU engine's widths the window's keys and values take the pages' bf16 and the
+  // importances fp32: per head 2 × ((4 + 4) × 2 + 4).
+  EXPECT_EQ(inference::KvWindowBytes(o, 2, 4), 2 * 2 * 20);
+  EXPECT_EQ(inference::KvSequenceBytes(o, {4, 3}, 2, 4), 3 * 48 + 80);
   // The cache itself charges the same once it holds those slots.
   o.budget_bytes = 1 << 16;
   PagedKvCache<float> cache(o);

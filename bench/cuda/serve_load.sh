@@ -9,8 +9,11 @@
 #   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 #
 # Models: dmc-export checkpoints, e.g. the random 7B pair that
-#   build/bench/bench_generate --shape=7b --methods=vanilla,dmc:4 --export_dir=DIR
-# writes (DIR/vanilla, DIR/dmc4: the control channel calibrated to CR 4). Environment:
+#   build/bench/bench_generate --shape=7b --methods=vanilla,dmc:4 --export_dir=DIR \
+#     --requests=32 --prompt=LO:HI --generate=LO:HI
+# writes (DIR/vanilla, DIR/dmc4: the control channel calibrated to CR 4 on that command's
+# requests; a random model's heads merge more or less with a sequence's length, so give it the
+# load's prompt and generated lengths for the CR to hold under the load). Environment:
 #   DMC_BUILD_DIR  the build (default build)
 #   DEVICE         dmc-serve's --device (default cuda; cpu serves a tiny model, as the test does)
 #   SERVE_FLAGS    dmc-serve's flags after --model and --device (default below)
