@@ -145,12 +145,14 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
   const bool first_half = lane < 16;
   PairRotation rot[C];
 #pragma unroll
-  for (int j = 0; j < C; ++j) rot[j] = pair_rotation(D, (lane % 16) * C + j, pos, theta, keep_last);
+  for (int j = 0; j < C; ++j)
+    rot[j] = pair_rotation(D, (lane % 16) * C + j, pos, theta, keep_last);
   if (w > 0) {
     // The omega-weighted means over the ring's positions pos − count + 1 .. pos, oldest first as
     // the reference sums: the count − 1 older ones read kBatch at a time (entry s, then the next
     // one round the ring), then this token's.
-    constexpr int kBatch = C == 4 ? kRingBatch : 2 * kRingBatch;  // registers at D 128
+    // 8 entries of 4 channels a lane at D 128 (16 would take too many registers), else 16
+    constexpr int kBatch = C == 4 ? kRingBatch : 2 * kRingBatch;
     const bf16* ring = c.window + head * w * 2 * D + lane * C;
     const float* ring_omega = c.window_omega + head * w;
     const int older = count - 1;
