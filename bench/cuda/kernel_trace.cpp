@@ -145,13 +145,26 @@ void KernelTrace::Print(const char* title, long per) const {
     t.ns += static_cast<double>(r.end - r.start);
     spans.emplace_back(r.start, r.end);
   }
-  // the GPU's busy time: the union of the intervals (graph nodes may overlap)
+  // the GPU's busy time: the union of the intervals (graph nodes may overlap); the idle gaps
+  // between them by length: a few µs is the device's own gap between dependent graph nodes, tens
+  // of µs a host round trip or a launch, more the host's work between steps
   std::sort(spans.begin(), spans.end());
+  constexpr double kGapBounds[] = {4e3, 50e3};  // ns
+  struct Gaps {
+    long count = 0;
+    double ns = 0;
+  } gaps[3];
   double busy = 0;
   unsigned long long open = 0, close = 0;
   for (auto [s, e] : spans) {
     if (s > close) {
       busy += static_cast<double>(close - open);
+      if (close > 0) {
+        const double gap = static_cast<double>(s - close);
+        Gaps& g = gaps[gap < kGapBounds[0] ? 0 : gap < kGapBounds[1] ? 1 : 2];
+        ++g.count;
+        g.ns += gap;
+      }
       open = s;
     }
     close = std::max(close, e);
@@ -160,8 +173,14 @@ void KernelTrace::Print(const char* title, long per) const {
   std::vector<std::pair<std::string, Total>> rows(totals.begin(), totals.end());
   std::sort(rows.begin(), rows.end(),
             [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
-  std::printf("\n%s: %.1f ms of wall time, the GPU busy %.1f%% of it\n\n", title,
+  std::printf("\n%s: %.1f ms of wall time, the GPU busy %.1f%% of it\n", title,
               window_ns_ * 1e-6, 100 * busy / std::max(1.0, window_ns_));
+  const double steps = per > 0 ? static_cast<double>(per) : 1.0;
+  std::printf("idle between the first and last record%s: %.3f ms in %.1f gaps under 4 µs, "
+              "%.3f ms in %.1f of 4–50 µs, %.3f ms in %.1f of 50 µs or more\n\n",
+              per > 0 ? ", per step" : "", gaps[0].ns * 1e-6 / steps, gaps[0].count / steps,
+              gaps[1].ns * 1e-6 / steps, gaps[1].count / steps, gaps[2].ns * 1e-6 / steps,
+              gaps[2].count / steps);
   std::printf("| kernel | calls | total ms |%s share of wall |\n| --- | ---: | ---: |%s ---: |\n",
               per > 0 ? " ms per step |" : "", per > 0 ? " ---: |" : "");
   for (const auto& [name, t] : rows) {
