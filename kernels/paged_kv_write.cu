@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     // one round the ring), then this token's.
     // 8 entries of 4 channels a lane at D 128 (16 would take too many registers), else 16
     constexpr int kBatch = C == 4 ? kRingBatch : 2 * kRingBatch;
-    const bf16* ring = c.window + head * w * 2 * D + lane * C;
+    bf16* ring = c.window + head * w * 2 * D + lane * C;  // this lane's channels of entry 0
     const float* ring_omega = c.window_omega + head * w;
     const int older = count - 1;
     int s = (pos - older) % w;
@@ -177,9 +177,8 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     // The token enters the ring at pos mod w: the entry of pos − w, which the sums left out.
     // kx, vx hold bf16 values, so the ring keeps them exactly.
     const int at = pos % w;
-    bf16* entry = c.window + head * w * 2 * D + at * 2 * D + lane * C;
-    store_bf16s(entry, kx);
-    store_bf16s(entry + D, vx);
+    store_bf16s(ring + at * 2 * D, kx);
+    store_bf16s(ring + at * 2 * D + D, vx);
     if (lane == 0) c.window_omega[head * w + at] = om;
     const float inv = 1.f / denom;
 #pragma unroll
