@@ -69,8 +69,18 @@ struct StepIo {
   uint64_t* seed;
 };
 
+// cuBLAS workspace of each of the engine's streams (matmul_bind_workspace): 32 MiB, as cuBLAS
+// recommends for Hopper.
+constexpr size_t kGemmWorkspaceBytes = size_t(32) << 20;
+
 struct CudaEngine::Device {
   cudaStream_t stream = nullptr;
+  // The K and V projections run on their own streams beside Q's (graph branches in a capture):
+  // at a decode step's rows each of the three GEMMs leaves most of the GPU idle. fork and join
+  // order them within the step; each stream has its own GEMM workspace.
+  cudaStream_t kv_streams[2] = {nullptr, nullptr};
+  cudaEvent_t fork = nullptr, joins[2] = {nullptr, nullptr};
+  char* gemm_workspaces = nullptr;  // [3, kGemmWorkspaceBytes]: stream, kv_streams
   // Around each step's device work: the GPU's share of the time Step takes (step_gpu_seconds).
   cudaEvent_t step_begin = nullptr, step_end = nullptr;
   bf16* weights = nullptr;
@@ -196,9 +206,14 @@ CudaEngine::~CudaEngine() {
                   (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,
                   (void*)d.row_slots_host, (void*)d.row_spare_host})
     if (p) cudaFreeHost(p);
-  for (cudaEvent_t e : {d.step_begin, d.step_end})
+  for (cudaEvent_t e : {d.step_begin, d.step_end, d.fork, d.joins[0], d.joins[1]})
     if (e) cudaEventDestroy(e);
-  if (d.stream) cudaStreamDestroy(d.stream);
+  for (cudaStream_t s : {d.stream, d.kv_streams[0], d.kv_streams[1]})
+    if (s) {
+      c::matmul_bind_workspace(s, nullptr, 0);
+      cudaStreamDestroy(s);
+    }
+  if (d.gemm_workspaces) cudaFree(d.gemm_workspaces);
 }
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llama<float>& model,
@@ -308,6 +323,15 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
   ENGINE_CUDA(cudaEventCreate(&d.step_begin));
   ENGINE_CUDA(cudaEventCreate(&d.step_end));
+  ENGINE_CUDA(cudaEventCreateWithFlags(&d.fork, cudaEventDisableTiming));
+  d.gemm_workspaces = Alloc<char>(3 * kGemmWorkspaceBytes);
+  c::matmul_bind_workspace(d.stream, d.gemm_workspaces, kGemmWorkspaceBytes);
+  for (int i = 0; i < 2; ++i) {
+    ENGINE_CUDA(cudaStreamCreateWithFlags(&d.kv_streams[i], cudaStreamNonBlocking));
+    ENGINE_CUDA(cudaEventCreateWithFlags(&d.joins[i], cudaEventDisableTiming));
+    c::matmul_bind_workspace(d.kv_streams[i], d.gemm_workspaces + (i + 1) * kGemmWorkspaceBytes,
+                             kGemmWorkspaceBytes);
+  }
 
   // Weights: the host layout, converted to bf16 through a staging buffer.
   size_t num_params = 0;
@@ -810,9 +834,15 @@ void CudaEngine::EnqueueQkv(int l, int rows, const bf16* x, bf16* xn, float* rst
   const bf16* w = d.weights;
   cudaStream_t st = d.stream;
   c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kAttnNorm), rows, C, config_.rms_norm_eps, st);
+  ENGINE_CUDA(cudaEventRecord(d.fork, st));
+  for (cudaStream_t kv : d.kv_streams) ENGINE_CUDA(cudaStreamWaitEvent(kv, d.fork));
+  c::matmul_forward(k, xn, w + d.W(l, kWk), rows, C, Hkv * D, d.kv_streams[0]);
+  c::matmul_forward(v, xn, w + d.W(l, kWv), rows, C, Hkv * D, d.kv_streams[1]);
   c::matmul_forward(q, xn, w + d.W(l, kWq), rows, C, H * D, st);
-  c::matmul_forward(k, xn, w + d.W(l, kWk), rows, C, Hkv * D, st);
-  c::matmul_forward(v, xn, w + d.W(l, kWv), rows, C, Hkv * D, st);
+  for (int i = 0; i < 2; ++i) {
+    ENGINE_CUDA(cudaEventRecord(d.joins[i], d.kv_streams[i]));
+    ENGINE_CUDA(cudaStreamWaitEvent(st, d.joins[i]));
+  }
 }
 
 void CudaEngine::EnqueueDmsDecisions(int l, int rows, const bf16* x, bf16* q, bf16* xn,
@@ -852,6 +882,16 @@ void CudaEngine::EnqueueStep(int n) {
     // layer's slots (only the bf16 vanilla cache shares, ValidateKvSharing).
     const int source = KvSourceLayer(opt_.policy, l);
     const c::PagedKv read = source == l ? layer : CacheLayer(source);
+    // The queries' rotation beside the cache's update, which reads neither q nor qr: a branch
+    // of the step's graph, joined before the attention.
+    ENGINE_CUDA(cudaEventRecord(d.fork, st));
+    ENGINE_CUDA(cudaStreamWaitEvent(d.kv_streams[0], d.fork));
+    c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_,
+                              d.kv_streams[0]);
+    if (dms_qchannel_)
+      model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D,
+                                                      d.kv_streams[0]);
+    ENGINE_CUDA(cudaEventRecord(d.joins[0], d.kv_streams[0]));
     // Settling: the heads whose token opens a slot while page_size slots of their residual
     // have settled close them into a page first, one quantizer (or ThinK pruning) launch for all
     // heads of the step. DMS's slots settle past its window, the page's rows staged as the
@@ -882,9 +922,7 @@ void CudaEngine::EnqueueStep(int n) {
     if (dms_)
       c::paged_kv_dms_evict(layer, Marks(l), d.merge, d.in_dev.positions, n, Hkv, D,
                             config_.dms.window, st);
-    c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_, st);
-    if (dms_qchannel_)
-      model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D, st);
+    ENGINE_CUDA(cudaStreamWaitEvent(st, d.joins[0]));
     // ThinK: after the settle (a page closing now is scored by the queries before this one), as
     // PagedDecoder::Run observes each token's query after its cache update.
     if (think_) c::think_observe_queries(ThinkEnergy(l), d.qr, n, H, Hkv, D, keep_ctrl_, st);

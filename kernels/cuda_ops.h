@@ -118,6 +118,10 @@ void cross_entropy_shard_backward(bf16* dlogits, const bf16* logits, const float
 // them there, and cublasCreate cannot run under capture. Call before capturing a graph that holds
 // GEMMs (and run a matmul_forward_residual before that capture: its workspace is a scratch buffer).
 void matmul_reserve(cudaStream_t stream = nullptr);
+// GEMMs enqueued on `stream` use `workspace` (bytes, 256-byte aligned) as cuBLAS's; null unbinds.
+// Streams whose GEMMs may run at once each take their own: cuBLAS's default pool then picks its
+// implementations by what else runs, so results would vary from run to run.
+void matmul_bind_workspace(cudaStream_t stream, void* workspace, size_t bytes);
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
                     cudaStream_t stream = nullptr);
 // out (bf16) += inp · weight^T: the residual add in the GEMM's epilogue (beta = 1).

@@ -24,10 +24,11 @@
 //   no CTA-wide barrier in the loop); it keeps its own online-softmax state, and the CTA merges
 //   the 4 warps' states through shared memory at the end, as the row groups above. P enters the
 //   second product in bf16 (as in the training forward); scores and softmax stay fp32.
-// One chunk per head and no probs: the CTA writes bf16 out directly. Otherwise (flash-decoding)
-//   it writes its unnormalised output and (max, sum) to fp32 scratch, and the combine kernel
-//   (one CTA per query head) merges the head's chunks in order and normalises; with probs, the
-//   main kernel stores the base-2 scores and the combine kernel turns them into weights.
+// A head of one chunk, no probs asked for: its CTA writes bf16 out directly. Otherwise
+//   (flash-decoding) each chunk's CTA writes its unnormalised output and (max, sum) to fp32
+//   scratch, and the combine kernel (one warp per query head) merges the head's chunks in order
+//   and normalises; with probs, the main kernel stores the base-2 scores and the combine kernel
+//   turns them into weights.
 // Every reduction has a fixed order, so results are deterministic.
 // Both kernels, the chunking and the combine kernel live in decode_attention_cuda.h, shared with
 // the quantized cache's attention (decode_attention_quantized.cu); this file gives them its bf16

@@ -40,7 +40,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;          // rows per thread in flight
 constexpr int kMaxChunk = 512;      // slots per CTA chosen automatically, at most
 constexpr int kMinChunk = 64;       // ... and at least
-constexpr int kCombineThreads = 128;
+constexpr int kCombineWarps = 8;    // heads per combine CTA, a warp each
 
 struct Common {
   bf16* out;
@@ -52,7 +52,7 @@ struct Common {
   int H, Hkv, G, chunk, splits;
   float scale_log2;
   bool exclude_ctrl;
-  bool direct;  // one chunk per head and no probs: write out from the main kernel
+  bool direct;  // one chunk for every head and no probs: no combine kernel at all
   // Whether the source takes head dim 32 (the bf16 pool does; the quantized and the ThinK pages
   // take 64 and 128, so their kernels are not instantiated at 32).
   static constexpr bool kHeadDim32 = false;
@@ -60,20 +60,27 @@ struct Common {
 
 using detail::unpack8;  // 8 bf16 packed in a uint4 -> fp32
 
+// Whether a head's slots fit one chunk (an empty head's too) and no weights are asked for: then
+// the main kernel writes the head's output directly and the combine kernel passes it by. Short
+// heads (a compressed cache's many) so skip the round trip through the fp32 partials.
+__device__ __forceinline__ bool single_chunk(const Common& p, int len) {
+  return p.probs == nullptr && len <= p.chunk;
+}
+
 // A chunk past the head's length does nothing, except that the first chunk of an empty head
 // writes zeros when nothing else will.
 __device__ __forceinline__ void zero_empty_heads(const Common& p, long qh0, int heads, int D,
                                                  int len) {
-  if (len <= 0 && blockIdx.y == 0 && p.direct)
+  if (len <= 0 && blockIdx.y == 0 && single_chunk(p, len))
     for (int i = threadIdx.x; i < heads * D; i += blockDim.x)
       p.out[qh0 * D + i] = detail::tobf(0.f);
 }
 
 // Channel c of query head qh, merged over the CTA (max M, sum L, unnormalised output O): out
-// directly, or this chunk's partials for the combine kernel.
+// directly when the head is one chunk (`single`), else this chunk's partials for the combine.
 __device__ __forceinline__ void store_chunk_result(const Common& p, long qh, int c, int D,
-                                                   float M, float L, float O) {
-  if (p.direct) {
+                                                   bool single, float M, float L, float O) {
+  if (single) {
     p.out[qh * D + c] = detail::tobf(O / L);
   } else {
     const long slot = qh * p.splits + blockIdx.y;
@@ -233,24 +240,29 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const P p) {
       L = fmaf(w, sm_l[r][j], L);
       O = fmaf(w, sm_acc[r][j][c], O);
     }
-    store_chunk_result(p, qh0 + j, c, D, M, L, O);
+    store_chunk_result(p, qh0 + j, c, D, single_chunk(p, len), M, L, O);
   }
 }
 
-// One CTA per (sequence, query head): merges the head's chunks in chunk order, writes out, and
-// turns the stored base-2 scores into attention weights.
+// One warp per (sequence, query head) of more than one chunk (or with weights asked for): merges
+// the head's chunks in chunk order, writes out, and turns the stored base-2 scores into attention
+// weights. A warp, not a CTA, per head: most heads need a few hundred bytes merged, and a CTA each
+// left the launch's waves of tiny CTAs, not the bytes, to set the time.
 template <class P>
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const P p, int D) {
-  const long bh = blockIdx.x;
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const P p, long heads, int D) {
+  const long bh = static_cast<long>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  if (bh >= heads) return;
+  const int lane = threadIdx.x & 31;
   const int b = static_cast<int>(bh / p.H);
   const int g = static_cast<int>(bh - static_cast<long>(b) * p.H);
   const int len = p.length(static_cast<long>(b) * p.Hkv + g / p.G);
+  if (single_chunk(p, len)) return;  // the main kernel wrote it
   const int n = len <= 0 ? 0
                          : static_cast<int>(min(static_cast<long>(p.splits),
                                                 (static_cast<long>(len) + p.chunk - 1) / p.chunk));
   bf16* out = p.out + bh * D;
   if (n == 0) {
-    for (int c = threadIdx.x; c < D; c += blockDim.x) out[c] = detail::tobf(0.f);
+    for (int c = lane; c < D; c += 32) out[c] = detail::tobf(0.f);
     return;
   }
   const float* ml = p.part_ml + bh * p.splits * 2;
@@ -260,14 +272,14 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const P p, int
   float L = 0.f;
   for (int s = 0; s < n; ++s) L = fmaf(exp2f(ml[2 * s] - M), ml[2 * s + 1], L);
   const float inv = 1.f / L;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+  for (int c = lane; c < D; c += 32) {
     float O = 0.f;
     for (int s = 0; s < n; ++s) O = fmaf(exp2f(ml[2 * s] - M), po[static_cast<long>(s) * D + c], O);
     out[c] = detail::tobf(O * inv);
   }
   if (p.probs != nullptr) {
     float* pr = p.probs + bh * p.probs_stride;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) pr[i] = exp2f(pr[i] - M) * inv;
+    for (int i = lane; i < len; i += 32) pr[i] = exp2f(pr[i] - M) * inv;
   }
 }
 
@@ -431,7 +443,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const P p) {
       L = fmaf(wt, part[w][16 * D + 16 + j], L);
       O = fmaf(wt, part[w][j * D + c], O);
     }
-    store_chunk_result(p, qh0 + j, c, D, M, L, O);
+    store_chunk_result(p, qh0 + j, c, D, single_chunk(p, len), M, L, O);
   }
 }
 
@@ -504,12 +516,13 @@ void launch_mma(const P& p, dim3 grid, size_t smem_bytes, cudaStream_t stream) {
 void configure_quantized_mma_kernels();
 void configure_think_mma_kernels();
 
-// The second pass of split heads (nothing when the main kernel wrote out directly).
+// The second pass of split heads (nothing when the main kernel wrote every head directly).
 template <class P>
 void launch_combine(const P& p, int B, int D, cudaStream_t stream) {
   if (p.direct) return;
-  combine_kernel<<<static_cast<unsigned>(static_cast<long>(B) * p.H), kCombineThreads, 0,
-                   stream>>>(p, D);
+  const long heads = static_cast<long>(B) * p.H;
+  combine_kernel<<<static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
+                   kCombineWarps * 32, 0, stream>>>(p, heads, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

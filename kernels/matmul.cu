@@ -35,13 +35,21 @@ namespace dmc::cuda {
 namespace {
 using namespace detail;
 
+// Workspaces bound to streams (matmul_bind_workspace); one host thread drives them.
+std::map<cudaStream_t, std::pair<void*, size_t>>& bound_workspaces() {
+  static std::map<cudaStream_t, std::pair<void*, size_t>> bound;
+  return bound;
+}
+
 cublasHandle_t handle_for(cudaStream_t stream) {
   static cublasHandle_t handle = nullptr;
   if (!handle) {
     DMC_CUBLAS_CHECK(cublasCreate(&handle));
     DMC_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
   }
-  DMC_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  DMC_CUBLAS_CHECK(cublasSetStream(handle, stream));  // back to cuBLAS's default pool, too
+  if (auto it = bound_workspaces().find(stream); it != bound_workspaces().end())
+    DMC_CUBLAS_CHECK(cublasSetWorkspace(handle, it->second.first, it->second.second));
   return handle;
 }
 
@@ -224,6 +232,13 @@ void linear(void* out, cudaDataType out_type, float beta, const bf16* inp, const
 void matmul_reserve(cudaStream_t stream) {
   handle_for(stream);
   lt_handle();
+}
+
+void matmul_bind_workspace(cudaStream_t stream, void* workspace, size_t bytes) {
+  if (workspace == nullptr)
+    bound_workspaces().erase(stream);
+  else
+    bound_workspaces()[stream] = {workspace, bytes};
 }
 
 void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int N, int IC, int OC,
