@@ -35,9 +35,6 @@ using c::bf16;
 
 namespace {
 
-// Flash-decoding chunks of a fixed size, so the attention's scratch has a known largest size.
-constexpr int kSplitSlots = 256;
-
 using model::LayerTensor;
 using model::kAttnNorm, model::kWq, model::kWk, model::kWv, model::kWo, model::kMlpNorm,
     model::kGate, model::kDown, model::kLayerTensors;
@@ -260,10 +257,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "
         "use the vanilla method");
-  if (options.max_batch < 1 || options.page_size < 1)
+  if (options.max_batch < 1 || options.page_size < 1 || options.attention_chunk < 1)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "max_batch and page_size must be >= 1, got %d and %d", options.max_batch,
-        options.page_size));
+        "max_batch, page_size and attention_chunk must be >= 1, got %d, %d and %d",
+        options.max_batch, options.page_size, options.attention_chunk));
   const int max_context =
       options.max_context > 0 ? options.max_context : cfg.max_position_embeddings;
   if (max_context > cfg.max_position_embeddings)
@@ -509,7 +506,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   // (Quantized: the residual's rows after the pages.)
   const int residual_pages = (residual_slots_ + opt_.page_size - 1) / opt_.page_size;
   c::paged_decode_attention_reserve(R, H, D, max_pages_ + residual_pages, opt_.page_size,
-                                    kSplitSlots);
+                                    opt_.attention_chunk);
   c::matmul_reserve(d.stream);
 }
 
@@ -933,20 +930,20 @@ void CudaEngine::EnqueueStep(int n) {
                                       d.think_masks, cache_opt_.think_channels, pruned.page_table,
                                       pruned.q_lengths, max_pages_, opt_.page_size, layer.k_pool,
                                       layer.v_pool, d.r_blocks, layer.lengths, residual_slots_, n,
-                                      H, Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+                                      H, Hkv, D, keep_ctrl_, scale, st, opt_.attention_chunk);
     } else if (quant_) {
       const kernels::KvSettleLayer q = SettleLayer(l);
       c::paged_decode_attention_quantized(d.att, zip_ ? d.probs : nullptr, probs_stride, d.qr,
                                           d.q_pages, layout_, q.page_table, q.q_lengths,
                                           max_pages_, layer.k_pool, layer.v_pool, d.r_blocks,
                                           layer.lengths, residual_slots_, n, H, Hkv, D,
-                                          keep_ctrl_, scale, st, kSplitSlots);
+                                          keep_ctrl_, scale, st, opt_.attention_chunk);
       // ZipCache: every residual slot's score adds the attention it just received.
       if (zip_) c::paged_kv_settle_scores(q, d.probs, probs_stride, n, H, Hkv, st);
     } else {
       c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
                                 read.page_table, read.lengths, max_pages_, opt_.page_size, n, H,
-                                Hkv, D, keep_ctrl_, scale, st, kSplitSlots);
+                                Hkv, D, keep_ctrl_, scale, st, opt_.attention_chunk);
     }
     // H2O and TOVA evict by this attention, after it and before the next layer, as the CPU
     // decoder does; the host returns the pages that empty after the step.

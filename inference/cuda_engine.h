@@ -168,6 +168,11 @@ struct CudaEngineOptions {
   int max_batch = 64;    // sequences admitted at once, at most
   int max_context = 0;   // the longest sequence (prompt + generated); 0: max_position_embeddings
   bool cuda_graphs = true;  // steps as CUDA graphs, padded to buckets of rows (above)
+  // The paged attention's flash-decoding chunk, in slots: each head's slots split into chunks of
+  // this many, a CTA each, merged by a second kernel (a head of one chunk skips it). Longer
+  // chunks leave a compressed cache's short heads one CTA and no merge; shorter ones spread a
+  // few long heads over more of the GPU. Fixed, so the merge's scratch has a known largest size.
+  int attention_chunk = 256;
 };
 
 class CudaEngine : public DecodeEngine {

@@ -16,7 +16,8 @@
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
-//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--export_dir=DIR] [--seed=1]
+//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=256]
+//                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
 // context 4096 + 1024); 1b = a 0.97B GQA Llama (22 layers, hidden 2048, 32 heads / 4 KV heads,
@@ -109,6 +110,8 @@ ABSL_FLAG(int, calibration_rounds, 14,
           "dmc:CR and dms:CR on random weights: bisection rounds of the control rows, each a new "
           "engine (~10 s at 7b); 14 puts b_h within 0.1%, 8 within 2%");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
+ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_chunk,
+          "the paged attention's flash-decoding chunk, in slots (CudaEngineOptions)");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
@@ -427,6 +430,7 @@ int main(int argc, char** argv) {
     o.max_batch = absl::GetFlag(FLAGS_max_batch);
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+    o.attention_chunk = absl::GetFlag(FLAGS_attention_chunk);
     if ((o.policy.method == inf::CacheMethod::kDmc || o.policy.method == inf::CacheMethod::kDms) &&
         random_weights) {
       Calibrate(run_model, o, base, cr, seed + 3, absl::GetFlag(FLAGS_calibration_rounds));
