@@ -34,6 +34,7 @@ struct Case {
   int split_slots;                       // 0: the kernel chooses
   bool probs, exclude_ctrl;
   double scale_mult;  // scale = scale_mult / sqrt(D)
+  bool empty_heads = false;  // heads 3 and 4 hold no slot: their outputs are zeros
 };
 
 std::string name_of(const Case& c, const char* what) {
@@ -58,6 +59,8 @@ void run_case(const Case& c) {
   len[0] = cap;
   if (heads > 1) len[1] = 1;
   if (heads > 2) len[2] = std::min(cap, ps + 1);
+  if (c.empty_heads)
+    for (int h = 3; h < std::min(heads, 5); ++h) len[h] = 0;
 
   // Pool: the used pages in shuffled order plus spare pages; spare pages are all NaN.
   int used = 0;
@@ -110,6 +113,10 @@ void run_case(const Case& c) {
   K::paged_decode_attention<double>(ref.data(), c.probs ? ref_probs.data() : nullptr, stride,
                                     qd.data(), kd.data(), vd.data(), table.data(), len.data(),
                                     max_pages, ps, c.B, H, c.Hkv, D, c.exclude_ctrl, scale);
+  // An empty head attends to nothing: the reference's 0 / 0, the kernel's defined zeros.
+  for (int bh = 0; bh < c.B * H; ++bh)
+    if (len[(bh / H) * c.Hkv + (bh % H) / c.G] == 0)
+      std::fill_n(ref.begin() + static_cast<size_t>(bh) * D, D, 0.0);
   expect_close(name_of(c, "out").c_str(), out, ref, kBf16Tol);
 
   if (c.probs) expect_probs(name_of(c, "probs"), probs, ref_probs, len, c.B, H, c.G, stride, 1e-4);
@@ -161,6 +168,16 @@ TEST_F(CudaDecode, PagedLongHeads) {
     run_case(Case{5, 1, 1, D, 1, 1500, 0, false, false, 2.0});
     run_case(Case{2, 4, 1, D, 16, 3000, 1 << 20, false, false, 1.0});  // one CTA per head
   }
+}
+
+// Heads with no slot among split and one-chunk heads, with and without weights, on CUDA cores
+// (G 1) and tensor cores (G 8): every chunk of an empty head is past its length, and its output
+// must still be written (zeros), by the main kernel or by the combine.
+TEST_F(CudaDecode, PagedEmptyHeads) {
+  for (int G : {1, 8})
+    for (int split : {48, 1 << 20})
+      for (bool probs : {false, true})
+        run_case(Case{3, 2, G, 64, 16, 200, split, probs, false, 1.0, /*empty_heads=*/true});
 }
 
 // A Llama-2-7B-like batch (32 KV heads of 128, no GQA) and a Llama-3-8B-like one (8 KV heads,
