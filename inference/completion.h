@@ -52,6 +52,10 @@ class CompletionText {
   bool stopped() const { return stopped_; }
 
  private:
+  // text_ = the tokenizer's Decode of tokens_, after tokens_ grew by one; returns where text_
+  // changed from (its old size, or 0 when it was decoded whole again).
+  size_t AppendDecoded();
+
   const data::Tokenizer& tokenizer_;
   std::vector<std::string> stop_;
   std::vector<int32_t> tokens_;
