@@ -44,12 +44,12 @@ json CompletionJson(const std::string& id, long created, const std::string& mode
              {"finish_reason", finish}}}}};
 }
 
-// What the engine thread hands a request's HTTP handler.
-struct Channel {
+// What the engine thread hands a request's HTTP handler; the handler waits on cv (WakeTarget)
+// under mu.
+struct Channel : WakeTarget {
   Channel(const data::Tokenizer& tokenizer, std::vector<std::string> stop)
       : text(tokenizer, std::move(stop)) {}
   std::mutex mu;
-  std::condition_variable cv;
   CompletionText text;
   bool finished = false;
   FinishReason reason = FinishReason::kLength;
@@ -108,6 +108,7 @@ CompletionServer::CompletionServer(ServeEngineLoop& loop, const data::Tokenizer&
       limits_(limits),
       options_(std::move(options)),
       http_(std::make_unique<httplib::Server>()),
+      waker_(std::make_shared<StreamWaker>()),
       started_(static_cast<long>(std::time(nullptr))) {
   const int threads = options_.threads;
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
@@ -208,10 +209,14 @@ void CompletionServer::Routes() {
     job.request.length = static_cast<int>(r.prompt.size()) + r.max_tokens - 1;
     job.request.sampling = r.sampling;
     job.request.prefill = true;
-    job.on_token = [ch](const TokenOutput& out) {
-      std::lock_guard<std::mutex> lock(ch->mu);
-      const bool go_on = ch->text.Add(out.next);
-      ch->cv.notify_all();
+    // The waker is shared with the job: it outlives the server while the loop holds the job.
+    job.on_token = [ch, waker = waker_](const TokenOutput& out) {
+      bool go_on;
+      {
+        std::lock_guard<std::mutex> lock(ch->mu);
+        go_on = ch->text.Add(out.next);
+      }
+      waker->Wake(ch);
       return go_on;
     };
     job.on_finish = [ch](FinishReason reason, const std::string& error) {

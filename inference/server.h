@@ -15,6 +15,7 @@
 #include "data/tokenizer.h"
 #include "inference/completion.h"
 #include "inference/serve_engine_loop.h"
+#include "inference/stream_waker.h"
 
 namespace httplib {
 class Server;
@@ -63,6 +64,7 @@ class CompletionServer {
   const ModelLimits limits_;
   const ServerOptions options_;
   std::unique_ptr<httplib::Server> http_;
+  std::shared_ptr<StreamWaker> waker_;
   std::atomic<bool> draining_{false};
   std::atomic<long> next_id_{0};
   const long started_ = 0;  // Unix time the server was made: the model's "created"
