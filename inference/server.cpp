@@ -277,20 +277,22 @@ void CompletionServer::Routes() {
           const std::vector<int32_t> ids(ch->text.tokens().begin() + ch->sent_tokens,
                                          ch->text.tokens().end());
           ch->sent_tokens = ch->text.tokens().size();
+          const bool failed = finished && ch->reason == FinishReason::kError;
+          const std::string finish = finished ? FinishName(*ch) : "", error = ch->error;
+          const int64_t handle = ch->handle;
+          lock.unlock();  // the JSON is made without the lock the engine thread takes per token
           std::string out;
           if (!finished && (!text.empty() || !ids.empty())) out = event(text, ids, nullptr);
           if (finished) {
-            if (ch->reason == FinishReason::kError)
+            if (failed)
               out = "data: " +
-                    Dump({{"error", {{"message", ch->error}, {"type", "server_error"},
+                    Dump({{"error", {{"message", error}, {"type", "server_error"},
                                      {"code", 500}}}}) +
                     "\n\n";
             else
-              out = event(text, ids, FinishName(*ch));
+              out = event(text, ids, finish);
             out += "data: [DONE]\n\n";
           }
-          const int64_t handle = ch->handle;
-          lock.unlock();
           if (!out.empty() && !sink.write(out.data(), out.size())) {
             loop_.Cancel(handle);  // the client went away: free its pages
             return false;
