@@ -1,6 +1,6 @@
 // Wakes the threads that wait on streams, from a thread of its own. dmc-serve's engine thread
 // hands every row's token to the HTTP handler streaming it, and waking a waiting thread is a
-// system call: made by the engine thread, 9-26 µs a token (bench/bench_stream_waker.cpp, two
+// system call: made by the engine thread, 8-29 µs a token (bench/bench_stream_waker.cpp, two
 // cores), so milliseconds of host time a step at hundreds of rows before the next step could
 // start. Wake only queues the target (a lock, well under a microsecond) and the waker's thread
 // wakes the queued targets while the next step runs. A target still queued is not queued again,
