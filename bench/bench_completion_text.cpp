@@ -6,6 +6,7 @@
 // mean µs per token over the generation and over its last 100 tokens.
 //
 //   bench_completion_text [--tokens=1024] [--vocab=8000] [--repeats=5]
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
