@@ -1,9 +1,10 @@
-// dmc-serve's text work per generated token (inference/completion.h, CompletionText::Add): the
-// engine thread runs it for every row of every step, under the stream's lock, so its cost times
-// the batch is host time each step. One generation of --tokens tokens of real text (a book of the
-// embedded corpus), through the byte tokenizer and through a SentencePiece BPE model with byte
-// fallback (Llama's kind) trained here on two books; with and without a stop string. Prints the
-// mean µs per token over the generation and over its last 100 tokens.
+// dmc-serve's text work per generated token (inference/completion.h): the engine thread runs Add
+// for every row of every step, under the stream's lock, so its cost times the batch is host time
+// each step; the thread streaming the request runs Release. One generation of --tokens tokens of
+// real text (a book of the embedded corpus), through the byte tokenizer and through a
+// SentencePiece BPE model with byte fallback (Llama's kind) trained here on two books; with and
+// without a stop string. Prints the µs per token of each, mean over the generation and over its
+// last 100 tokens.
 //
 //   bench_completion_text [--tokens=1024] [--vocab=8000] [--repeats=5]
 #include <algorithm>
@@ -36,27 +37,41 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-// Mean µs per Add over all tokens and over the last 100, the fastest of `repeats` generations.
-std::pair<double, double> TimeGeneration(const dmc::data::Tokenizer& tokenizer,
-                                         const std::vector<int32_t>& ids,
-                                         const std::vector<std::string>& stop, int repeats) {
-  double best_all = 1e30, best_tail = 1e30;
-  const size_t tail_from = ids.size() > 100 ? ids.size() - 100 : 0;
+// µs per token of Add (the engine thread's part) and of Release (the streaming thread's, called
+// after every token as a stream keeping up does): means over all tokens and over the last 100,
+// the fastest of `repeats` generations.
+struct Timing {
+  double add_all = 1e30, add_tail = 1e30, release_all = 1e30, release_tail = 1e30;
+};
+
+Timing TimeGeneration(const dmc::data::Tokenizer& tokenizer, const std::vector<int32_t>& ids,
+                      const std::vector<std::string>& stop, int repeats) {
+  Timing best;
+  const size_t n = ids.size(), tail_from = n > 100 ? n - 100 : 0;
   for (int r = 0; r < repeats; ++r) {
     dmc::inference::CompletionText text(tokenizer, stop);
-    const auto start = Clock::now();
-    auto tail_start = start;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      if (i == tail_from) tail_start = Clock::now();
+    double add = 0, add_tail = 0, release = 0, release_tail = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const auto t0 = Clock::now();
       text.Add(ids[i]);
+      const auto t1 = Clock::now();
+      text.Release(false);
+      const auto t2 = Clock::now();
+      const double a = std::chrono::duration<double, std::micro>(t1 - t0).count();
+      const double b = std::chrono::duration<double, std::micro>(t2 - t1).count();
+      add += a;
+      release += b;
+      if (i >= tail_from) {
+        add_tail += a;
+        release_tail += b;
+      }
     }
-    const auto end = Clock::now();
-    best_all = std::min(best_all, std::chrono::duration<double, std::micro>(end - start).count() /
-                                      ids.size());
-    best_tail = std::min(best_tail, std::chrono::duration<double, std::micro>(end - tail_start)
-                                            .count() / (ids.size() - tail_from));
+    best.add_all = std::min(best.add_all, add / n);
+    best.add_tail = std::min(best.add_tail, add_tail / (n - tail_from));
+    best.release_all = std::min(best.release_all, release / n);
+    best.release_tail = std::min(best.release_tail, release_tail / (n - tail_from));
   }
-  return {best_all, best_tail};
+  return best;
 }
 
 }  // namespace
@@ -89,7 +104,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("CompletionText::Add, %d generated tokens of Psalms, fastest of %d\n\n", n, repeats);
-  std::printf("| tokenizer | stop strings | µs per token (mean) | µs per token (last 100) |\n");
+  std::printf("| tokenizer | stop strings | Add µs (mean / last 100) | Release µs (mean / last 100) |\n");
   std::printf("| --- | --- | ---: | ---: |\n");
   for (const auto* tokenizer : {bytes->get(), spm->get()}) {
     std::vector<int32_t> ids = tokenizer->Encode(book);
@@ -100,10 +115,10 @@ int main(int argc, char** argv) {
     ids.resize(n);
     for (const std::vector<std::string>& stop :
          {std::vector<std::string>{}, std::vector<std::string>{"<|end|>"}}) {
-      const auto [all, tail] = TimeGeneration(*tokenizer, ids, stop, repeats);
-      std::printf("| %s | %zu | %.2f | %.2f |\n",
-                  tokenizer == bytes->get() ? "byte" : "SentencePiece BPE", stop.size(), all,
-                  tail);
+      const Timing t = TimeGeneration(*tokenizer, ids, stop, repeats);
+      std::printf("| %s | %zu | %.2f / %.2f | %.2f / %.2f |\n",
+                  tokenizer == bytes->get() ? "byte" : "SentencePiece BPE", stop.size(),
+                  t.add_all, t.add_tail, t.release_all, t.release_tail);
     }
   }
   fs::remove_all(dir);

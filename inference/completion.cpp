@@ -155,8 +155,9 @@ bool CompletionText::Add(int32_t token) {
     return false;
   }
   tokens_.push_back(token);
+  if (stop_.empty()) return true;
   // A stop string can only newly match where it ends in what changed.
-  const size_t changed = AppendDecoded();
+  const size_t changed = CatchUp();
   size_t cut = std::string::npos;
   for (const std::string& s : stop_)
     cut = std::min(cut, text_.find(s, changed - std::min(changed, s.size() - 1)));
@@ -167,18 +168,30 @@ bool CompletionText::Add(int32_t token) {
   return !stopped_;
 }
 
-size_t CompletionText::AppendDecoded() {
+const std::string& CompletionText::text() {
+  CatchUp();
+  return text_;
+}
+
+size_t CompletionText::CatchUp() {
+  size_t changed = text_.size();
+  // Past a stop string nothing is added (Add refuses tokens once stopped).
+  while (decoded_ < tokens_.size()) changed = std::min(changed, AppendDecoded(++decoded_));
+  return changed;
+}
+
+size_t CompletionText::AppendDecoded(size_t n) {
   // Decoding the whole generation at every token cost O(length) a token (160 µs at 1,024 tokens
-  // of a SentencePiece model, bench/bench_completion_text.cpp), on the engine thread, for every
-  // row of a step. A token's text depends only on the few tokens before it (SentencePiece drops
-  // the space of a text's first piece; byte pieces join into one UTF-8 character, at most 4), so
-  // as streaming detokenizers do, the text grows by Decode(context + token) less Decode(context)
-  // over kDecodeContext tokens of context. Where the context's text is not a prefix of that (the
-  // token completed a character begun in the context), the whole generation is decoded again,
-  // so text_ is always the whole generation's Decode.
+  // of a SentencePiece model, bench/bench_completion_text.cpp). A token's text depends only on
+  // the few tokens before it (SentencePiece drops the space of a text's first piece; byte pieces
+  // join into one UTF-8 character, at most 4), so as streaming detokenizers do, the text grows
+  // by Decode(context + token) less Decode(context) over kDecodeContext tokens of context. Where
+  // the context's text is not a prefix of that (the token completed a character begun in the
+  // context), the whole text is decoded again, so text_ is always the Decode of its tokens.
   constexpr size_t kDecodeContext = 6;
-  if (tokens_.size() > kDecodeContext + 1) {
-    std::vector<int32_t> window(tokens_.end() - (kDecodeContext + 1), tokens_.end());
+  const auto end = tokens_.begin() + n;
+  if (n > kDecodeContext + 1) {
+    std::vector<int32_t> window(end - (kDecodeContext + 1), end);
     const std::string with = tokenizer_.Decode(window);
     window.pop_back();
     const std::string context = tokenizer_.Decode(window);
@@ -188,11 +201,12 @@ size_t CompletionText::AppendDecoded() {
       return changed;
     }
   }
-  text_ = tokenizer_.Decode(tokens_);
+  text_ = tokenizer_.Decode(std::vector<int32_t>(tokens_.begin(), end));
   return 0;
 }
 
 std::string CompletionText::Release(bool finished) {
+  CatchUp();
   size_t end = text_.size();
   if (!finished && !stopped_) {
     end -= IncompleteUtf8Tail(text_);

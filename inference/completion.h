@@ -38,7 +38,10 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body
 
 // The text of one generation as tokens arrive. Text is released only where it is final: not
 // the trailing bytes of an incomplete UTF-8 character, nor a tail that could still begin a stop
-// string.
+// string. dmc-serve's engine thread adds the tokens, for every row of every step, and the thread
+// that streams the request releases the text: without stop strings a token is decoded when its
+// text is asked for (Release, text()), on that thread, so Add is a push; with stop strings, at
+// Add, which must say whether the text stops there.
 class CompletionText {
  public:
   CompletionText(const data::Tokenizer& tokenizer, std::vector<std::string> stop)
@@ -47,19 +50,23 @@ class CompletionText {
   bool Add(int32_t token);
   // Text not released yet that is final; everything left when `finished`.
   std::string Release(bool finished);
-  const std::string& text() const { return text_; }
+  // The tokenizer's Decode of tokens(), cut at a stop string.
+  const std::string& text();
   const std::vector<int32_t>& tokens() const { return tokens_; }
   bool stopped() const { return stopped_; }
 
  private:
-  // text_ = the tokenizer's Decode of tokens_, after tokens_ grew by one; returns where text_
-  // changed from (its old size, or 0 when it was decoded whole again).
-  size_t AppendDecoded();
+  // Decodes the tokens added since the last call into text_; returns where text_ changed from.
+  size_t CatchUp();
+  // text_ = the tokenizer's Decode of the first n tokens, from that of the first n - 1; returns
+  // where text_ changed from (its old size, or 0 when it was decoded whole again).
+  size_t AppendDecoded(size_t n);
 
   const data::Tokenizer& tokenizer_;
   std::vector<std::string> stop_;
   std::vector<int32_t> tokens_;
-  std::string text_;       // the decoded tokens, cut at a stop string
+  std::string text_;       // the first decoded_ tokens decoded, cut at a stop string
+  size_t decoded_ = 0;
   size_t released_ = 0;
   bool stopped_ = false;
 };

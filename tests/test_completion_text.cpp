@@ -1,6 +1,7 @@
 // CompletionText (inference/completion.h) decodes a generation token by token from a few tokens
-// of context: its text must be, after every token, the tokenizer's Decode of the whole
-// generation, and a stop string must cut it where the first match in that whole text begins.
+// of context, when the text is asked for (or at each token, with stop strings): its text must be
+// the tokenizer's Decode of the whole generation so far, and a stop string must cut it where the
+// first match in that whole text begins.
 // Checked on real text and on random ids (byte pieces that make broken and whole UTF-8
 // characters, SentencePiece's spaces at any position), for the byte tokenizer and for a
 // SentencePiece BPE model with byte fallback, Llama's kind.
@@ -67,15 +68,18 @@ std::vector<int32_t> RandomIds(const data::Tokenizer& t, int n, uint64_t seed) {
   return ids;
 }
 
-// Feeds ids one by one; after each, the text equals Decode of the tokens so far, and with a stop
-// string it ends where Decode's first match begins (and the generation with it).
+// Feeds ids one by one; after each (or each `every`-th: the text is then decoded for several
+// tokens at once), the text equals Decode of the tokens so far, and with a stop string it ends
+// where Decode's first match begins (and the generation with it).
 void ExpectWholeDecode(const data::Tokenizer& t, const std::vector<int32_t>& ids,
-                       const std::string& what, const std::vector<std::string>& stop = {}) {
+                       const std::string& what, const std::vector<std::string>& stop = {},
+                       size_t every = 1) {
   CompletionText text(t, stop);
   std::vector<int32_t> fed;
   for (size_t i = 0; i < ids.size(); ++i) {
     const bool go_on = text.Add(ids[i]);
     fed.push_back(ids[i]);
+    if ((i + 1) % every != 0 && go_on && i + 1 < ids.size()) continue;
     std::string whole = t.Decode(fed);
     size_t cut = std::string::npos;
     for (const std::string& s : stop) cut = std::min(cut, whole.find(s));
@@ -102,6 +106,9 @@ TEST(CompletionText, EveryTokenGivesTheWholeDecodeOfRandomIds) {
   for (uint64_t seed = 1; seed <= 20; ++seed) {
     ExpectWholeDecode(*Bytes(), RandomIds(*Bytes(), 300, seed), "byte, seed " + std::to_string(seed));
     ExpectWholeDecode(*spm, RandomIds(*spm, 300, seed), "SentencePiece, seed " + std::to_string(seed));
+    // The text asked for every 7 tokens: decoded for 7 at once, as a stream that fell behind.
+    ExpectWholeDecode(*spm, RandomIds(*spm, 300, seed),
+                      "SentencePiece, every 7th, seed " + std::to_string(seed), {}, 7);
   }
 }
 
