@@ -1828,6 +1828,23 @@ TEST(CudaEngineErrors, HeadDim32TakesTheBf16CacheOnly) {
       << refused.status();
 }
 
+// Sizes below 1 are refused by name, the attention's chunk among them.
+TEST(CudaEngineErrors, SizesBelowOneAreRefusedByName) {
+  DMC_REQUIRE_GPU();
+  model::Llama<float> m(EngineConfig({"d32", false, 128, 4, 4, CacheMethod::kVanilla}), nullptr);
+  inference::CudaEngineOptions o;
+  o.budget_bytes = 1L << 22;
+  o.max_context = 32;
+  o.policy = {CacheMethod::kVanilla};
+  o.attention_chunk = 0;
+  auto refused = inference::CudaEngine::Create(m, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("attention_chunk must be >= 1"), std::string::npos)
+      << refused.status();
+  o.attention_chunk = 37;  // any chunk of at least one slot serves
+  EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
+}
+
 TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   DMC_REQUIRE_GPU();
   model::LlamaConfig config = EngineConfig({"dmc", true, 128, 2, 2, CacheMethod::kDmc});
