@@ -258,10 +258,14 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "
         "use the vanilla method");
-  if (options.max_batch < 1 || options.page_size < 1 || options.attention_chunk < 1)
+  if (options.max_batch < 1 || options.page_size < 1)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "max_batch, page_size and attention_chunk must be >= 1, got %d, %d and %d",
-        options.max_batch, options.page_size, options.attention_chunk));
+        "max_batch and page_size must be >= 1, got %d and %d", options.max_batch,
+        options.page_size));
+  if (options.attention_chunk < 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "attention_chunk must be >= 0 (0: chosen by each step's rows), got %d",
+        options.attention_chunk));
   const int max_context =
       options.max_context > 0 ? options.max_context : cfg.max_position_embeddings;
   if (max_context > cfg.max_position_embeddings)
@@ -318,6 +322,9 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   const int L = cfg.num_hidden_layers, C = cfg.hidden_size, H = cfg.num_attention_heads;
   const int Hkv = cfg.num_key_value_heads, D = cfg.head_dim(), F = cfg.intermediate_size;
   const int V = cfg.vocab_size, R = rows_, P = max_context_;
+  int device = 0;
+  ENGINE_CUDA(cudaGetDevice(&device));
+  ENGINE_CUDA(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
   ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
   ENGINE_CUDA(cudaEventCreate(&d.step_begin));
   ENGINE_CUDA(cudaEventCreate(&d.step_end));
@@ -506,9 +513,29 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   // The attention's scratch at its largest now, so that no step moves it under a captured graph.
   // (Quantized: the residual's rows after the pages.)
   const int residual_pages = (residual_slots_ + opt_.page_size - 1) / opt_.page_size;
-  c::paged_decode_attention_reserve(R, H, D, max_pages_ + residual_pages, opt_.page_size,
-                                    opt_.attention_chunk);
+  // Chosen by rows, a smaller step may take a shorter chunk, and so more partials, than R rows:
+  // the reserve covers the step with the most.
+  int most_rows = R;
+  long most_partials = 0;
+  const long head_slots = static_cast<long>(max_pages_ + residual_pages) * opt_.page_size;
+  for (int rows = 1; rows <= R; ++rows) {
+    const long chunk = AttentionChunk(rows);
+    if (const long partials = rows * ((head_slots + chunk - 1) / chunk); partials >= most_partials)
+      most_rows = rows, most_partials = partials;
+  }
+  c::paged_decode_attention_reserve(most_rows, H, D, max_pages_ + residual_pages, opt_.page_size,
+                                    AttentionChunk(most_rows));
   c::matmul_reserve(d.stream);
+}
+
+// On an H100 (132 SMs; bench/RESULTS.md entry 34) 128 slots ran one or a few rows 1-2% faster
+// than 256 and 5-6% faster than 512 (1B and 7B shapes, one row: 4 and 32 pairs), 128 and 256
+// were even at 8 rows of the 7B (256 pairs), and at 178-313 rows of the 1B (712-1,252 pairs)
+// 512 shortened the DMC steps by 4%, its short heads then one CTA and no merge.
+int CudaEngine::AttentionChunk(int rows) const {
+  if (opt_.attention_chunk > 0) return opt_.attention_chunk;
+  const long pairs = static_cast<long>(rows) * config_.num_key_value_heads;
+  return pairs < sms_ ? 128 : pairs < 4L * sms_ ? 256 : 512;
 }
 
 absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
@@ -931,20 +958,20 @@ void CudaEngine::EnqueueStep(int n) {
                                       d.think_masks, cache_opt_.think_channels, pruned.page_table,
                                       pruned.q_lengths, max_pages_, opt_.page_size, layer.k_pool,
                                       layer.v_pool, d.r_blocks, layer.lengths, residual_slots_, n,
-                                      H, Hkv, D, keep_ctrl_, scale, st, opt_.attention_chunk);
+                                      H, Hkv, D, keep_ctrl_, scale, st, AttentionChunk(n));
     } else if (quant_) {
       const kernels::KvSettleLayer q = SettleLayer(l);
       c::paged_decode_attention_quantized(d.att, zip_ ? d.probs : nullptr, probs_stride, d.qr,
                                           d.q_pages, layout_, q.page_table, q.q_lengths,
                                           max_pages_, layer.k_pool, layer.v_pool, d.r_blocks,
                                           layer.lengths, residual_slots_, n, H, Hkv, D,
-                                          keep_ctrl_, scale, st, opt_.attention_chunk);
+                                          keep_ctrl_, scale, st, AttentionChunk(n));
       // ZipCache: every residual slot's score adds the attention it just received.
       if (zip_) c::paged_kv_settle_scores(q, d.probs, probs_stride, n, H, Hkv, st);
     } else {
       c::paged_decode_attention(d.att, d.probs, probs_stride, d.qr, d.k_pool, d.v_pool,
                                 read.page_table, read.lengths, max_pages_, opt_.page_size, n, H,
-                                Hkv, D, keep_ctrl_, scale, st, opt_.attention_chunk);
+                                Hkv, D, keep_ctrl_, scale, st, AttentionChunk(n));
     }
     // H2O and TOVA evict by this attention, after it and before the next layer, as the CPU
     // decoder does; the host returns the pages that empty after the step.

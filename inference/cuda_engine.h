@@ -171,8 +171,10 @@ struct CudaEngineOptions {
   // The paged attention's flash-decoding chunk, in slots: each head's slots split into chunks of
   // this many, a CTA each, merged by a second kernel (a head of one chunk skips it). Longer
   // chunks leave a compressed cache's short heads one CTA and no merge; shorter ones spread a
-  // few long heads over more of the GPU. Fixed, so the merge's scratch has a known largest size.
-  int attention_chunk = 256;
+  // few long heads over more of the GPU. 0: chosen per step by its (row, KV head) pairs against
+  // the GPU's SMs (AttentionChunk: 128 below one per SM, 256 below four, else 512; measured on
+  // an H100 at 1 to 313 rows, bench/RESULTS.md entries 33-34).
+  int attention_chunk = 0;
 };
 
 class CudaEngine : public DecodeEngine {
@@ -290,6 +292,8 @@ class CudaEngine : public DecodeEngine {
   // The stride of a step's attention weights per query head: a head's pages, then (settling)
   // its residual block.
   int ProbsStride() const { return max_pages_ * opt_.page_size + (settles_ ? residual_slots_ : 0); }
+  // The attention's chunk for a step of `rows` rows (CudaEngineOptions::attention_chunk).
+  int AttentionChunk(int rows) const;
   // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
@@ -350,6 +354,7 @@ class CudaEngine : public DecodeEngine {
   bool loma_ = false;         // loma on a LoMA model: every t·c tokens the segment compresses
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a settling head's residual block
+  int sms_ = 0;               // the GPU's multiprocessors (AttentionChunk)
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free
   std::unique_ptr<Device> dev_;

@@ -16,7 +16,7 @@
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
-//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=256]
+//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -34,7 +34,7 @@
 // zero mean and no head could merge more than half its tokens: CR 2 at most.) Each head's target
 // merge fraction is f_h = 1 − r_h / CR, r_h = exp(N(0, 0.5²)) normalised to mean 1 over the model
 // (the mean kept fraction is 1 / CR, and heads differ), clipped to [0, 0.995]; b_h is found by
-// bisection on prefills of the run's own prompts (Calibrate), all heads at once, since earlier
+// regula falsi on prefills of the run's own prompts (Calibrate), all heads at once, since earlier
 // layers' merges change later layers' inputs. The achieved CR is measured on the run and printed.
 //
 // dms:CR on random weights: a second copy of the model with DMS's query-channel variant
@@ -107,11 +107,12 @@ ABSL_FLAG(std::string, export_dir, "",
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
 ABSL_FLAG(uint64_t, seed, 1, "weights and request lengths");
 ABSL_FLAG(int, calibration_rounds, 14,
-          "dmc:CR and dms:CR on random weights: bisection rounds of the control rows, each a new "
-          "engine (~10 s at 7b); 14 puts b_h within 0.1%, 8 within 2%");
+          "dmc:CR and dms:CR on random weights: rounds of the control rows' search (regula falsi), "
+          "each a new engine running 32 of the requests");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_chunk,
-          "the paged attention's flash-decoding chunk, in slots (CudaEngineOptions)");
+          "the paged attention's flash-decoding chunk, in slots; 0: by each step's rows "
+          "(CudaEngineOptions)");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
@@ -206,11 +207,23 @@ void SetControlRows(dmc::model::Llama<float>* m, const std::vector<double>& bias
   }
 }
 
-// The control rows for a target CR: per head, bisection of log2 b_h on [-6, 8] against the merge
-// fraction that the run's first 32 requests measure, at once (prompt and generated tokens; a
-// head merges more or less with the sequence's length, so 8 requests missed the run's CR by 7%),
-// `rounds` rounds (14: b_h to 0.1%). The
-// residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
+// log(f / (1 − f)) with f clipped to [1e-4, 1 − 1e-4]: a measured fraction on the scale where
+// the search below interpolates (about a thousandth of a head's tokens in the calibration sample;
+// the ends of the search interval count as these clips).
+double Logit(double f) {
+  f = std::clamp(f, 1e-4, 1.0 - 1e-4);
+  return std::log(f / (1.0 - f));
+}
+
+// The control rows for a target CR: per head, a root of g(t) = logit(merge fraction) −
+// logit(target) in t = log2 b_h on [-6, 8], measured by the run's first 32 requests at once
+// (prompt and generated tokens; a head merges more or less with the sequence's length, so 8
+// requests missed the run's CR by 7%), `rounds` rounds, each a new engine. The search is regula
+// falsi with the Illinois rule (the end kept twice running has its g halved): a head's fraction
+// is a smooth sigmoid-like function of t, so the false position converges faster than the
+// bisection it replaced, whose 6 rounds at the 7B shape left the mean merged fraction at 0.721 of
+// 0.750 (bench/RESULTS.md entry 32). The interval's ends start as the clipped fractions 0 and 1.
+// The residual stream's RMS grows with depth, so x̂_0 = 1 / RMS shrinks from ~34 in the first layer
 // of the 1b shape to below 1 in deep ones: b_h spans orders of magnitude across layers.
 void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
                const std::vector<inf::Request>& requests, double cr, uint64_t seed, int rounds) {
@@ -222,13 +235,21 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
   // fewer needs b < 0: b = ±(2^|t| − 1), t in [-8, 8], monotone through 0.
   const bool dms = c.dms.is_dms();
   std::vector<double> lo(heads, dms ? -8.0 : -6.0), hi(heads, 8.0), log_bias(heads), bias(heads);
+  std::vector<double> g_lo(heads), g_hi(heads);
+  std::vector<int> last_moved(heads, 0);  // -1: lo moved last round, +1: hi, 0: neither yet
+  for (int i = 0; i < heads; ++i) {
+    g_lo[i] = Logit(0.0) - Logit(want[i]);
+    g_hi[i] = Logit(1.0) - Logit(want[i]);
+  }
   for (int round = 0; round < rounds; ++round) {
     for (int i = 0; i < heads; ++i) {
-      log_bias[i] = 0.5 * (lo[i] + hi[i]);
-      const double t = log_bias[i];
-      bias[i] = dms               ? std::copysign(std::exp2(std::fabs(t)) - 1.0, t)
+      // g_lo ≤ 0 ≤ g_hi; equal only where a head wants no merges and measured none (span 0)
+      const double span = g_hi[i] - g_lo[i];
+      log_bias[i] = span > 0 ? std::clamp(hi[i] - g_hi[i] * (hi[i] - lo[i]) / span, lo[i], hi[i])
+                             : lo[i];
+      bias[i] = dms               ? std::copysign(std::exp2(std::fabs(log_bias[i])) - 1.0, log_bias[i])
                 : want[i] <= 0 ? 0.0
-                               : std::exp2(t);
+                               : std::exp2(log_bias[i]);
     }
     SetControlRows(m, bias, seed);
     auto engine = inf::CudaEngine::Create(*m, o);
@@ -256,8 +277,18 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
     }
     double merged = 0, target = 0;
     for (int i = 0; i < heads; ++i) {
-      (1.0 - kept[i] / fed < want[i] ? lo[i] : hi[i]) = log_bias[i];
-      merged += (1.0 - kept[i] / fed) / heads;
+      const double fraction = 1.0 - kept[i] / fed;
+      const double g = Logit(fraction) - Logit(want[i]);
+      if (g < 0) {
+        lo[i] = log_bias[i], g_lo[i] = g;
+        if (last_moved[i] == -1) g_hi[i] *= 0.5;
+        last_moved[i] = -1;
+      } else {
+        hi[i] = log_bias[i], g_hi[i] = g;
+        if (last_moved[i] == 1) g_lo[i] *= 0.5;
+        last_moved[i] = 1;
+      }
+      merged += fraction / heads;
       target += want[i] / heads;
     }
     std::fprintf(stderr, "calibrating %s:%g, round %d/%d: %s fraction %.3f (target %.3f)\n",

@@ -1828,21 +1828,28 @@ TEST(CudaEngineErrors, HeadDim32TakesTheBf16CacheOnly) {
       << refused.status();
 }
 
-// Sizes below 1 are refused by name, the attention's chunk among them.
-TEST(CudaEngineErrors, SizesBelowOneAreRefusedByName) {
+// Sizes below 1 are refused by name, and the attention's chunk below 0 (0 chooses it by rows).
+TEST(CudaEngineErrors, BadSizesAreRefusedByName) {
   DMC_REQUIRE_GPU();
   model::Llama<float> m(EngineConfig({"d32", false, 128, 4, 4, CacheMethod::kVanilla}), nullptr);
   inference::CudaEngineOptions o;
   o.budget_bytes = 1L << 22;
   o.max_context = 32;
   o.policy = {CacheMethod::kVanilla};
-  o.attention_chunk = 0;
+  o.attention_chunk = -1;
   auto refused = inference::CudaEngine::Create(m, o);
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
-  EXPECT_NE(refused.status().message().find("attention_chunk must be >= 1"), std::string::npos)
+  EXPECT_NE(refused.status().message().find("attention_chunk must be >= 0"), std::string::npos)
       << refused.status();
   o.attention_chunk = 37;  // any chunk of at least one slot serves
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
+  o.attention_chunk = 0;  // chosen by each step's rows
+  EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
+  o.page_size = 0;
+  auto no_pages = inference::CudaEngine::Create(m, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(no_pages.status())) << no_pages.status();
+  EXPECT_NE(no_pages.status().message().find("page_size must be >= 1"), std::string::npos)
+      << no_pages.status();
 }
 
 TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
