@@ -173,7 +173,7 @@ struct CudaEngineOptions {
   // chunks leave a compressed cache's short heads one CTA and no merge; shorter ones spread a
   // few long heads over more of the GPU. 0: chosen per step by its (row, KV head) pairs against
   // the GPU's SMs (AttentionChunk: 128 below one per SM, 256 below four, else 512; measured on
-  // an H100 at 1 to 313 rows, bench/RESULTS.md entries 33-34).
+  // an H100 at 1 to 323 rows, bench/RESULTS.md entries 33-34).
   int attention_chunk = 0;
 };
 
