@@ -530,7 +530,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
 
 // On an H100 (132 SMs; bench/RESULTS.md entry 34) 128 slots ran one or a few rows 1-2% faster
 // than 256 and 5-6% faster than 512 (1B and 7B shapes, one row: 4 and 32 pairs), 128 and 256
-// were even at 8 rows of the 7B (256 pairs), and at 178-313 rows of the 1B (712-1,252 pairs)
+// were even at 8 rows of the 7B (256 pairs), and at 178-323 rows of the 1B (712-1,292 pairs)
 // 512 shortened the DMC steps by 4%, its short heads then one CTA and no merge.
 int CudaEngine::AttentionChunk(int rows) const {
   if (opt_.attention_chunk > 0) return opt_.attention_chunk;
