@@ -117,7 +117,9 @@ void ExpectParallelMatchesSingle(int tp_size,
     EXPECT_NEAR(got->distill_loss, want->distill_loss,
                 rel * std::fabs(want->distill_loss) + kl_roundoff)
         << "step " << step;
-    if (mc.dms.is_dms()) EXPECT_GT(want->distill_loss, 0.0) << "step " << step;
+    if (mc.dms.is_dms()) {
+      EXPECT_GT(want->distill_loss, 0.0) << "step " << step;
+    }
     EXPECT_NEAR(got->achieved_cr, want->achieved_cr, 1e-6) << "step " << step;
     EXPECT_NEAR(got->grad_norm, want->grad_norm, 1e-4 * want->grad_norm) << "step " << step;
     // One step from the same weights: the updated weights agree to fp32 round-off. (Later steps
