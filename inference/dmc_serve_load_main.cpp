@@ -8,7 +8,9 @@
 // to first token and per-token latency (p50/p99) and the most sequences the server decoded at
 // once. A second line gives tokens/s, the mean running batch and per-token latency over the
 // window in which the server was saturated (requests waiting for admission), read from its
-// /metrics every 50 ms. Exit status 1 on any failure.
+// /metrics every 50 ms. A third gives the server's rounds with and without a prompt's prefill
+// (count, mean, a bound of the p99) from its dmc_serve_round_seconds histogram. Exit status 1 on
+// any failure.
 #include <httplib.h>
 
 #include <algorithm>
@@ -249,6 +251,23 @@ void PrintSaturated(const std::vector<ServerSample>& samples, const std::vector<
               1e3 * Quantile(inside.gaps, 0.99));
 }
 
+// The server's scheduler rounds without and with a prompt's prefill (dmc_serve_round_seconds):
+// how many, their mean and an upper bound of their p99 (the histogram's bucket), or why not.
+void PrintRounds(const std::string& metrics) {
+  const auto without = dmc::inference::ReadHistogram(metrics, "dmc_serve_round_seconds",
+                                                     "prefill=\"false\"");
+  const auto with = dmc::inference::ReadHistogram(metrics, "dmc_serve_round_seconds",
+                                                  "prefill=\"true\"");
+  if (!without || !with) {
+    std::printf("rounds: the server's /metrics has no dmc_serve_round_seconds histogram\n");
+    return;
+  }
+  std::printf("rounds: %ld without a prefill, mean %.2f ms, p99 <= %.1f ms; %ld with one, mean "
+              "%.2f ms, p99 <= %.1f ms\n",
+              without->count, 1e3 * without->mean(), 1e3 * without->QuantileBound(0.99),
+              with->count, 1e3 * with->mean(), 1e3 * with->QuantileBound(0.99));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -366,6 +385,7 @@ int main(int argc, char** argv) {
                 "the server's memory, may have bounded its batch (more --clients tells)\n",
                 clients);
   PrintSaturated(samples, outcomes);
+  PrintRounds(metrics);
   if (!idle)
     std::fprintf(stderr, "dmc-serve-load: the server did not end idle with no KV bytes used:\n%s",
                  metrics.c_str());

@@ -3,12 +3,16 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <system_error>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "kernels/noise.h"
 
 namespace dmc::inference {
@@ -94,6 +98,44 @@ void WindowTokens::AddStream(const std::vector<TokenEvent>& events, const TimeWi
     tokens += events[k].tokens;
     if (k > 0) gaps.push_back((events[k].seconds - events[k - 1].seconds) / events[k].tokens);
   }
+}
+
+double MetricHistogram::QuantileBound(double q) const {
+  if (count <= 0) return 0;
+  const long need = static_cast<long>(std::ceil(q * static_cast<double>(count)));
+  for (size_t i = 0; i < bounds.size(); ++i)
+    if (at_most[i] >= need) return bounds[i];
+  return std::numeric_limits<double>::infinity();
+}
+
+std::optional<MetricHistogram> ReadHistogram(absl::string_view metrics, absl::string_view name,
+                                             absl::string_view labels) {
+  const std::string bucket = absl::StrCat(name, "_bucket{", labels, ",le=\"");
+  const std::string sum = absl::StrCat(name, "_sum{", labels, "} ");
+  const std::string count = absl::StrCat(name, "_count{", labels, "} ");
+  MetricHistogram h;
+  bool has_sum = false, has_count = false;
+  for (absl::string_view line : absl::StrSplit(metrics, '\n')) {
+    double value = 0;
+    if (absl::ConsumePrefix(&line, bucket)) {
+      const size_t close = line.find("\"} ");
+      if (close == absl::string_view::npos || !absl::SimpleAtod(line.substr(close + 3), &value))
+        return {};
+      const absl::string_view le = line.substr(0, close);
+      if (le == "+Inf") continue;  // the whole count, read from name_count
+      double bound = 0;
+      if (!absl::SimpleAtod(le, &bound)) return {};
+      h.bounds.push_back(bound);
+      h.at_most.push_back(static_cast<long>(value));
+    } else if (absl::ConsumePrefix(&line, sum)) {
+      if (!(has_sum = absl::SimpleAtod(line, &h.sum))) return {};
+    } else if (absl::ConsumePrefix(&line, count)) {
+      if (!(has_count = absl::SimpleAtod(line, &value))) return {};
+      h.count = static_cast<long>(value);
+    }
+  }
+  if (!has_sum || !has_count) return {};
+  return h;
 }
 
 }  // namespace dmc::inference

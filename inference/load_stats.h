@@ -78,4 +78,23 @@ struct WindowTokens {
   void AddStream(const std::vector<TokenEvent>& events, const TimeWindow& window);
 };
 
+// One series of a Prometheus histogram in the server's /metrics text: the cumulative count at
+// each finite bound, in order, then every observation's count and their sum.
+struct MetricHistogram {
+  std::vector<double> bounds;
+  std::vector<long> at_most;
+  long count = 0;
+  double sum = 0;
+  double mean() const { return count > 0 ? sum / count : 0; }
+  // The least bound with at least a fraction q of the observations at or under it: an upper
+  // bound of the q-quantile (+infinity past the last bound, 0 with no observations).
+  double QuantileBound(double q) const;
+};
+
+// The series of histogram `name` whose labels, before le, are `labels` (e.g. prefill="true"):
+// its name_bucket{labels,le="..."}, name_count{labels} and name_sum{labels} lines. None when a
+// line is missing or does not parse.
+std::optional<MetricHistogram> ReadHistogram(absl::string_view metrics, absl::string_view name,
+                                             absl::string_view labels);
+
 }  // namespace dmc::inference

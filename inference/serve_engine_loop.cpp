@@ -18,6 +18,13 @@ const char* FinishReasonName(FinishReason reason) {
   return "?";
 }
 
+void RoundHistogram::Add(double seconds) {
+  for (size_t i = 0; i < kBounds.size(); ++i)
+    if (seconds <= kBounds[i]) ++at_most[i];
+  sum += seconds;
+  ++count;
+}
+
 ServeEngineLoop::ServeEngineLoop(DecodeEngine& engine, int max_batch, int max_queue,
                                  long prefill_tokens_per_step)
     : engine_(engine),
@@ -174,10 +181,14 @@ void ServeEngineLoop::Run() {
       Publish();
       continue;
     }
+    const double prefill_before = scheduler_->stats().prefill_seconds;
     const auto start = std::chrono::steady_clock::now();
     absl::Status s = scheduler_->StepOnce(on_token, on_finish);
-    m_.busy_seconds +=
+    const double round =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    m_.busy_seconds += round;
+    (scheduler_->stats().prefill_seconds > prefill_before ? m_.prefill_rounds : m_.decode_rounds)
+        .Add(round);
     m_.max_concurrent = std::max(m_.max_concurrent, scheduler_->stats().max_concurrent);
     if (!s.ok()) {
       // A bug or a broken device: end every job with the error and start a fresh scheduler on

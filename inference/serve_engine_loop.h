@@ -7,6 +7,7 @@
 // ones are bounded by max_batch and the cache budget); past that Submit answers Unavailable.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -37,6 +38,18 @@ struct ServeJob {
   std::function<void(FinishReason reason, const std::string& error)> on_finish;
 };
 
+// Wall times of the engine thread's scheduler rounds, as a Prometheus histogram: at_most[i]
+// rounds took at most kBounds[i] seconds (cumulative, as Prometheus buckets are).
+struct RoundHistogram {
+  static constexpr std::array<double, 16> kBounds = {0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                                                     0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                                                     0.2, 0.5, 1.0, 2.0};
+  std::array<long, kBounds.size()> at_most{};
+  double sum = 0;  // seconds, over count rounds
+  long count = 0;
+  void Add(double seconds);
+};
+
 struct ServeMetrics {
   int running = 0;              // sequences in the batch
   int waiting = 0;              // accepted jobs not running yet
@@ -50,6 +63,10 @@ struct ServeMetrics {
   double busy_seconds = 0;      // wall time spent in steps
   double ttft_seconds_sum = 0;  // acceptance to first token, over ttft_count jobs
   long ttft_count = 0;
+  // A round is one Scheduler::StepOnce: the prompts' parallel prefills it admits, if any, then a
+  // decode step of the running batch. The rounds that prefilled hold up every running stream's
+  // next token by their prefill: apart, they show what prefill adds to the per-token latency.
+  RoundHistogram decode_rounds, prefill_rounds;  // without / with a parallel prefill
   std::map<std::string, long> finished;  // jobs ended, by FinishReasonName
   double achieved_cr() const { return slots > 0 ? double(tokens_fed) / double(slots) : 1.0; }
 };

@@ -94,6 +94,20 @@ std::string PrometheusText(const ServeMetrics& m) {
                         "dmc_serve_time_to_first_token_seconds_sum %.17g\n"
                         "dmc_serve_time_to_first_token_seconds_count %d\n",
                         m.ttft_seconds_sum, m.ttft_count);
+  out += "# HELP dmc_serve_round_seconds Wall time of a scheduler round: the prompts' parallel "
+         "prefills it admits (prefill=\"true\" when there were any), then one decode step.\n"
+         "# TYPE dmc_serve_round_seconds histogram\n";
+  for (const auto& [prefill, h] : {std::pair{"false", &m.decode_rounds},
+                                   std::pair{"true", &m.prefill_rounds}}) {
+    for (size_t i = 0; i < RoundHistogram::kBounds.size(); ++i)
+      absl::StrAppendFormat(&out, "dmc_serve_round_seconds_bucket{prefill=\"%s\",le=\"%g\"} %d\n",
+                            prefill, RoundHistogram::kBounds[i], h->at_most[i]);
+    absl::StrAppendFormat(&out,
+                          "dmc_serve_round_seconds_bucket{prefill=\"%s\",le=\"+Inf\"} %d\n"
+                          "dmc_serve_round_seconds_sum{prefill=\"%s\"} %.17g\n"
+                          "dmc_serve_round_seconds_count{prefill=\"%s\"} %d\n",
+                          prefill, h->count, prefill, h->sum, prefill, h->count);
+  }
   out += "# HELP dmc_serve_requests_finished_total Requests ended, by reason.\n"
          "# TYPE dmc_serve_requests_finished_total counter\n";
   for (const auto& [reason, n] : m.finished)

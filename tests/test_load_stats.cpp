@@ -1,6 +1,6 @@
 // dmc-serve-load's pure parts (inference/load_stats.h) on hand-made inputs: the length flags'
-// parsing and draws, the saturated window from /metrics samples, and the tokens and per-token
-// gaps of stream events inside a window.
+// parsing and draws, the saturated window from /metrics samples, the tokens and per-token gaps
+// of stream events inside a window, and a histogram read from /metrics text.
 #include "inference/load_stats.h"
 
 #include <gtest/gtest.h>
@@ -129,6 +129,45 @@ TEST(LoadStats, CountsTheTokensAndGapsOfEventsInsideTheWindow) {
   ASSERT_EQ(all.gaps.size(), 4u);
   EXPECT_DOUBLE_EQ(all.gaps[2], 1.4);     // 4.0 - 2.6 over 1 token
   EXPECT_DOUBLE_EQ(all.gaps[3], 1.5 / 3);  // 3.5 - 2.0 over 3 tokens
+}
+
+TEST(LoadStats, ReadsOneSeriesOfAHistogramAndBoundsItsQuantiles) {
+  const std::string text =
+      "# TYPE x histogram\n"
+      "x_bucket{a=\"1\",le=\"0.5\"} 2\n"
+      "x_bucket{a=\"2\",le=\"0.5\"} 0\n"
+      "x_bucket{a=\"1\",le=\"1\"} 5\n"
+      "x_bucket{a=\"2\",le=\"1\"} 1\n"
+      "x_bucket{a=\"1\",le=\"+Inf\"} 6\n"
+      "x_bucket{a=\"2\",le=\"+Inf\"} 1\n"
+      "x_sum{a=\"1\"} 4.5\n"
+      "x_count{a=\"1\"} 6\n"
+      "x_sum{a=\"2\"} 0.75\n"
+      "x_count{a=\"2\"} 1\n"
+      "xy_count{a=\"1\"} 99\n";
+  const std::optional<MetricHistogram> one = ReadHistogram(text, "x", "a=\"1\"");
+  ASSERT_TRUE(one.has_value());
+  EXPECT_EQ(one->bounds, (std::vector<double>{0.5, 1.0}));
+  EXPECT_EQ(one->at_most, (std::vector<long>{2, 5}));
+  EXPECT_EQ(one->count, 6);
+  EXPECT_DOUBLE_EQ(one->sum, 4.5);
+  EXPECT_DOUBLE_EQ(one->mean(), 0.75);
+  EXPECT_EQ(one->QuantileBound(1.0 / 3), 0.5);  // 2 of 6 at or under 0.5
+  EXPECT_EQ(one->QuantileBound(0.5), 1.0);
+  EXPECT_EQ(one->QuantileBound(5.0 / 6), 1.0);
+  EXPECT_EQ(one->QuantileBound(0.99), std::numeric_limits<double>::infinity());
+  const std::optional<MetricHistogram> two = ReadHistogram(text, "x", "a=\"2\"");
+  ASSERT_TRUE(two.has_value());
+  EXPECT_EQ(two->at_most, (std::vector<long>{0, 1}));
+  EXPECT_EQ(two->count, 1);
+  EXPECT_EQ(two->QuantileBound(0.99), 1.0);
+  EXPECT_EQ(MetricHistogram{}.QuantileBound(0.5), 0);  // no observations
+  EXPECT_FALSE(ReadHistogram(text, "x", "a=\"3\"").has_value());  // no such series
+  EXPECT_FALSE(ReadHistogram(text, "z", "a=\"1\"").has_value());
+  // A series without its count, or with a value that is not a number, is none.
+  EXPECT_FALSE(ReadHistogram("x_sum{a=\"1\"} 1\n", "x", "a=\"1\"").has_value());
+  EXPECT_FALSE(ReadHistogram("x_bucket{a=\"1\",le=\"0.5\"} two\nx_sum{a=\"1\"} 1\n"
+                             "x_count{a=\"1\"} 2\n", "x", "a=\"1\"").has_value());
 }
 
 }  // namespace

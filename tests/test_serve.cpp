@@ -6,13 +6,21 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_format.h"
+
 #include "inference/cpu_engine.h"
+#include "inference/load_stats.h"
 #include "inference/serve_engine_loop.h"
+#include "inference/server.h"
 #include "nlohmann/json.hpp"
 #include "tests/serve_process.h"
 #include "tests/tiny_models.h"
@@ -223,6 +231,9 @@ LoadRun RunLoad(Server& server, int clients, int requests, const std::string& ar
   // The saturated line: figures, or why there are none (whether a 50 ms sample catches the queue
   // depends on timing).
   EXPECT_NE(run.out.find("\nsaturated"), std::string::npos) << run.out;
+  // The server's rounds with and without a prefill, read back from its /metrics histogram.
+  EXPECT_NE(run.out.find("\nrounds: "), std::string::npos) << run.out;
+  EXPECT_EQ(run.out.find("no dmc_serve_round_seconds"), std::string::npos) << run.out;
   return run;
 }
 
@@ -333,6 +344,65 @@ TEST(ServeEngineLoop, QueueBoundAndShutdownEndEveryJob) {
   }
   EXPECT_EQ(ended, 3);
   EXPECT_EQ((*engine)->used_bytes(), 0);
+}
+
+// The engine thread's rounds land in the histogram of those that prefilled or of those that did
+// not, and /metrics says so in text that dmc-serve-load reads back to the same counts.
+TEST(ServeEngineLoop, RoundsWithAndWithoutAPrefillAreCountedApart) {
+  model::Llama<float> m(ServeConfig(), nullptr);
+  tiny_models::RandomizeParams(m, 5);
+  auto engine = inference::CpuEngine<float>::Create(m, {inference::CacheMethod::kDmc}, 1 << 20, 16);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->parallel_prefill());
+  inference::ServeEngineLoop loop(**engine, 4, 8);
+  loop.Start();
+  std::mutex mu;
+  std::condition_variable cv;
+  int ended = 0;
+  for (int i = 0; i < 3; ++i) {
+    inference::ServeJob job;
+    job.request.tokens = {1, 2, 3, 4, 5};
+    job.request.length = 5 + 8;
+    job.request.prefill = true;
+    job.on_token = [](const inference::TokenOutput&) { return true; };
+    job.on_finish = [&](inference::FinishReason r, const std::string& error) {
+      EXPECT_EQ(r, inference::FinishReason::kLength) << error;
+      std::lock_guard<std::mutex> lock(mu);
+      ++ended;
+      cv.notify_all();
+    };
+    ASSERT_TRUE(loop.Submit(std::move(job)).ok());
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return ended == 3; });
+  }
+  loop.Shutdown();
+  const inference::ServeMetrics metrics = loop.metrics();
+  // Every job's prompt went in a round that prefilled; its 8 further tokens need 7 more
+  // rounds at least, which did not.
+  EXPECT_GE(metrics.prefill_rounds.count, 1);
+  EXPECT_LE(metrics.prefill_rounds.count, 3);
+  EXPECT_GE(metrics.decode_rounds.count, 7);
+  const std::string text = inference::PrometheusText(metrics);
+  for (const auto& [labels, want] :
+       {std::pair{"prefill=\"false\"", &metrics.decode_rounds},
+        std::pair{"prefill=\"true\"", &metrics.prefill_rounds}}) {
+    const std::optional<inference::MetricHistogram> got =
+        inference::ReadHistogram(text, "dmc_serve_round_seconds", labels);
+    ASSERT_TRUE(got.has_value()) << labels << "\n" << text;
+    EXPECT_EQ(got->count, want->count) << labels;
+    EXPECT_DOUBLE_EQ(got->sum, want->sum) << labels;
+    EXPECT_EQ(got->bounds, std::vector<double>(inference::RoundHistogram::kBounds.begin(),
+                                               inference::RoundHistogram::kBounds.end()));
+    EXPECT_EQ(got->at_most, std::vector<long>(want->at_most.begin(), want->at_most.end()));
+    EXPECT_TRUE(std::is_sorted(got->at_most.begin(), got->at_most.end())) << labels;
+    EXPECT_LE(got->at_most.back(), got->count) << labels;
+    EXPECT_NE(text.find(absl::StrFormat("dmc_serve_round_seconds_bucket{%s,le=\"+Inf\"} %d\n",
+                                        labels, want->count)),
+              std::string::npos)
+        << text;
+  }
 }
 
 }  // namespace

@@ -3,8 +3,10 @@
 # table of what dmc-serve-load measured: the whole run (requests/s, tokens/s, time to first token,
 # per-token latency, the most sequences decoded together, the achieved CR) and the saturated
 # window (while requests waited for admission: tokens/s, mean running batch, per-token latency;
-# inference/load_stats.h), each model's ratio to the first one's tokens/s; below it, a note for each
-# model that ran as many sequences at once as there were clients (the load may have bounded it).
+# inference/load_stats.h), each model's ratio to the first one's tokens/s; below it, a table of
+# the servers' rounds with and without a prompt's prefill (the count, the mean and a bound of the
+# p99; dmc-serve's dmc_serve_round_seconds), then a note for each model that ran as many sequences
+# at once as there were clients (the load may have bounded it).
 #
 #   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 #
@@ -110,6 +112,13 @@ done
           printf " - | - | - | - | - |\n"
         }
       }' "$logs/$name.load"
+  done
+  # the server's rounds apart: a round that prefilled holds up every running stream's next token
+  echo
+  echo "| model | rounds without a prefill | mean ms | p99 ≤ ms | rounds with one | mean ms | p99 ≤ ms |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  for name in "${names[@]}"; do
+    sed -nE "s/^rounds: ([0-9]+) without a prefill, mean ([0-9.]+) ms, p99 <= ([0-9.a-z]+) ms; ([0-9]+) with one, mean ([0-9.]+) ms, p99 <= ([0-9.a-z]+) ms$/| $name | \1 | \2 | \3 | \4 | \5 | \6 |/p" "$logs/$name.load"
   done
   # a row whose load ran every client's request at once may measure the load, not the server
   for name in "${names[@]}"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/cuda/serve_load.sh on the CPU: two tiny models trained here (one with DMC) served one after
 # the other under a load that saturates a small cache; the table has a row per model with the
-# whole run's and the saturated window's figures, the first model's ratio 1.00×; a run of one
+# whole run's and the saturated window's figures, the first model's ratio 1.00×, and the rounds'
+# table a row per model with the server's rounds without and with a prefill; a run of one
 # client carries the note that the load may bound it, the runs of more clients than the server
 # can batch do not; and a server that cannot start stops the script with its log.
 # Usage: serve_load.sh BUILD_DIR SOURCE_DIR
@@ -30,11 +31,16 @@ bash "$src/bench/cuda/serve_load.sh" "$work/table.md" vanilla="$work/vanilla" dm
 table=$(cat "$work/table.md")
 grep -q "^dmc-serve --device=cpu --kv_budget_mb=0.5" <<<"$table" || fail "no flags line: $table"
 # model, requests/s, tokens/s, ..., CR, saturated tokens/s, ratio: numbers in every column
-awk -F' *\\| *' '$2 == "vanilla" || $2 == "dmc" {
+# then the rounds' table: model, without a prefill (count, mean ms, p99 bound), with one (the same)
+awk -F' *\\| *' '($2 == "vanilla" || $2 == "dmc") && NF > 12 {
     rows++
     for (i = 3; i <= 10; i++) if ($i !~ /^[0-9.]+$/) bad = bad " " $2 ":" i "=" $i
     if ($2 == "vanilla" && $12 != "1.00×" && $11 != "-") bad = bad " ratio " $12 }
-  END { if (rows != 2 || bad != "") { print rows " rows;" bad; exit 1 } }' <<<"$table" ||
+  ($2 == "vanilla" || $2 == "dmc") && NF == 9 {
+    rounds++
+    for (i = 3; i <= 8; i++) if ($i !~ /^([0-9.]+|inf)$/) bad = bad " rounds " $2 ":" i "=" $i
+    if ($3 + $6 < 32) bad = bad " " $2 ": " $3 " + " $6 " rounds for 32 tokens at least" }
+  END { if (rows != 2 || rounds != 2 || bad != "") { print rows " rows, " rounds " rounds rows;" bad; exit 1 } }' <<<"$table" ||
   fail "unexpected table: $table"
 grep -q "load-bound\|max concurrent = clients" <<<"$table" && fail "load-bound note on a saturated run: $table"
 # one client: its one sequence at a time is the most the server can run, whatever its room
