@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_format.h"
 #include "inference/paged_decoder.h"
+#include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
 
 // llama_cuda.cu's helpers: the bf16 conversion, and DMS's query channel (read into x [N, Hkv], or
@@ -322,9 +323,6 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   const int L = cfg.num_hidden_layers, C = cfg.hidden_size, H = cfg.num_attention_heads;
   const int Hkv = cfg.num_key_value_heads, D = cfg.head_dim(), F = cfg.intermediate_size;
   const int V = cfg.vocab_size, R = rows_, P = max_context_;
-  int device = 0;
-  ENGINE_CUDA(cudaGetDevice(&device));
-  ENGINE_CUDA(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
   ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
   ENGINE_CUDA(cudaEventCreate(&d.step_begin));
   ENGINE_CUDA(cudaEventCreate(&d.step_end));
@@ -535,7 +533,8 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
 int CudaEngine::AttentionChunk(int rows) const {
   if (opt_.attention_chunk > 0) return opt_.attention_chunk;
   const long pairs = static_cast<long>(rows) * config_.num_key_value_heads;
-  return pairs < sms_ ? 128 : pairs < 4L * sms_ ? 256 : 512;
+  const long sms = c::detail::num_sms();
+  return pairs < sms ? 128 : pairs < 4 * sms ? 256 : 512;
 }
 
 absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {

@@ -354,7 +354,6 @@ class CudaEngine : public DecodeEngine {
   bool loma_ = false;         // loma on a LoMA model: every t·c tokens the segment compresses
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a settling head's residual block
-  int sms_ = 0;               // the GPU's multiprocessors (AttentionChunk)
   std::map<int, Sequence> seqs_;
   std::vector<int> row_seq_;  // row → sequence id, -1 free
   std::unique_ptr<Device> dev_;
