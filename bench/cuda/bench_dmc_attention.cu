@@ -5,7 +5,8 @@
 // Hopper, the sm90 kernels ("fwd90", "bwd90"; "fwd90p", "bwd90p" on their persistent schedules);
 // f+b is the forward and backward that dmc_attention_forward/backward pick (kAuto). B4 H16 T2048 D128 is
 // the 1.36B training step's attention (bench_train_step's 1b:4).
-//   usage: bench_dmc_attention [reps]      (prints one table; shapes fixed below)
+//   usage: bench_dmc_attention [reps] [B,H,Hkv,T,D]   (one table: the shapes below, or the one
+//   named, e.g. for a profiler run on one shape)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -46,8 +47,19 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
-  const Shape shapes[] = {{4, 32, 32, 1024, 128}, {4, 16, 16, 2048, 128}, {4, 32, 32, 4096, 128},
-                          {4, 32, 32, 8192, 128}, {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
+  std::vector<Shape> shapes = {{4, 32, 32, 1024, 128}, {4, 16, 16, 2048, 128},
+                               {4, 32, 32, 4096, 128}, {4, 32, 32, 8192, 128},
+                               {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
+  if (argc > 2) {
+    Shape s;
+    if (std::sscanf(argv[2], "%d,%d,%d,%d,%d", &s.B, &s.H, &s.Hkv, &s.T, &s.D) != 5 || s.B < 1 ||
+        s.Hkv < 1 || s.H % s.Hkv != 0 || s.T < 1 || (s.D != 64 && s.D != 128)) {
+      std::fprintf(stderr, "bench_dmc_attention: shape '%s' is not B,H,Hkv,T,D (H a multiple of "
+                   "Hkv, D 64 or 128)\n", argv[2]);
+      return 1;
+    }
+    shapes = {s};
+  }
   const bool sm90 = dmc::cuda::device_is_sm90();
   std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s\n",
               "shape (B H/Hkv T D)", "fwd ms", "fwd90 ms", "fwd90p ms", "bwd ms", "bwd90 ms",
