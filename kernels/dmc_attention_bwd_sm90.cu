@@ -128,11 +128,13 @@ struct BwdMaps {
 
 // P^T for the thread's keys key_lo, key_lo + 8 (rows) and the tile's queries (columns): s holds
 // S^T on entry, the probabilities on return. Off the edge (every query after every key of the
-// warp by more than the window, none past T) no index test is needed.
-template <int kBM>
+// warp by more than the window, none past T) no index test is needed. kEdge is a template
+// argument (here and in score_grads) so that the caller branches once a tile, as in the sm90
+// forward's softmax_tile.
+template <int kBM, bool kEdge>
 __device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* lse2,
                                               const float (&bias)[2], int key_lo, int q0,
-                                              bool edge, const BwdParams& p) {
+                                              const BwdParams& p) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < kBM / 8; ++j) {
@@ -142,7 +144,7 @@ __device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* 
       const int hh = e >> 1;
       const float lq = (e & 1) ? l.y : l.x;
       float& x = s[4 * j + e];
-      if (!edge) {
+      if constexpr (!kEdge) {
         x = ex2(fmaf(x, p.scale_log2, bias[hh] - lq));
       } else {
         const int query = q0 + j * 8 + 2 * (lane % 4) + (e & 1), key = key_lo + 8 * hh;
@@ -155,10 +157,10 @@ __device__ __forceinline__ void probabilities(float (&s)[kBM / 2], const float* 
 
 // dS^T = P^T ∘ (dP^T - Delta) into dp; dm[hh] += the sum over the queries where the bias applies
 // (its gradient) of row key_lo + 8 hh. P^T is 0 wherever the key is not visible, so is dS^T.
-template <int kBM>
+template <int kBM, bool kEdge>
 __device__ __forceinline__ void score_grads(float (&dp)[kBM / 2], const float (&pt)[kBM / 2],
                                             const float* delta, float (&dm)[2], int key_lo, int q0,
-                                            bool edge, const BwdParams& p) {
+                                            const BwdParams& p) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < kBM / 8; ++j) {
@@ -168,7 +170,7 @@ __device__ __forceinline__ void score_grads(float (&dp)[kBM / 2], const float (&
       const int hh = e >> 1;
       const float ds = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d.y : d.x));
       dp[4 * j + e] = ds;
-      if (!edge) {
+      if constexpr (!kEdge) {
         dm[hh] += ds;
       } else {
         const int query = q0 + j * 8 + 2 * (lane % 4) + (e & 1), key = key_lo + 8 * hh;
@@ -379,10 +381,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();  // S^T landed; dP^T may still run
       pin(s);
-      probabilities<kBM>(s, sm.lse2[stage], bias, key_lo, q0, edge, p);
+      if (edge)
+        probabilities<kBM, true>(s, sm.lse2[stage], bias, key_lo, q0, p);
+      else
+        probabilities<kBM, false>(s, sm.lse2[stage], bias, key_lo, q0, p);
       wgmma_wait<0>();
       pin(dp);
-      score_grads<kBM>(dp, s, sm.delta[stage], dm, key_lo, q0, edge, p);
+      if (edge)
+        score_grads<kBM, true>(dp, s, sm.delta[stage], dm, key_lo, q0, p);
+      else
+        score_grads<kBM, false>(dp, s, sm.delta[stage], dm, key_lo, q0, p);
 
       uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
       pack_a_fragments<kBM>(pa, s);

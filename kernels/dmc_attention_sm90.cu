@@ -65,11 +65,14 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)
 // (bias[key] where query - key > window), causal and tail masks (edge tiles only), the running
 // maximum m and sum l (base 2); s becomes the unnormalised probabilities and corr the factor by
 // which O must be rescaled before this tile's P V is added (rescale_rows). Does not touch O, so
-// it may run while the previous tile's P V is still in the tensor cores.
-template <int BN>
+// it may run while the previous tile's P V is still in the tensor cores. kEdge is a template
+// argument, so that the caller branches once a tile: a test of edge per group of columns let the
+// compiler interleave both paths' code with a branch every 8 columns, and the tiles off the edge
+// (almost all) paid for the index tests too (bench/RESULTS.md, entry 35).
+template <int BN, bool kEdge>
 __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&m)[2], float (&l)[2],
                                              float (&corr)[2], const float* bias, int kbase,
-                                             int row, bool edge, const FwdParams& p) {
+                                             int row, const FwdParams& p) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
@@ -78,7 +81,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&m)[2], 
     for (int e = 0; e < 4; ++e) {
       float& x = s[4 * j + e];
       const float b = (e & 1) ? mk.y : mk.x;
-      if (!edge) {
+      if constexpr (!kEdge) {
         x = fmaf(x, p.scale_log2, b);
       } else {
         const int col = kbase + j * 8 + 2 * (lane % 4) + (e & 1);
@@ -327,7 +330,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto softmax_of = [&](int n) {
       const int kbase = n * kBN;
       const bool edge = kbase + kBN - 1 + p.window >= wrow0 || kbase + kBN > T;
-      softmax_tile<kBN>(s, m, l, corr, sm.bias[(g + n) % kStages], kbase, row, edge, p);
+      const float* bias = sm.bias[(g + n) % kStages];
+      if (edge)
+        softmax_tile<kBN, true>(s, m, l, corr, bias, kbase, row, p);
+      else
+        softmax_tile<kBN, false>(s, m, l, corr, bias, kbase, row, p);
     };
 
     // FlashAttention-3's two overlaps. Within the warpgroup: the tensor cores compute S of tile n
