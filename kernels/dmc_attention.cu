@@ -17,7 +17,7 @@
 //   Each key's dk, dv and dmask are written by one thread, so without `accumulate` they are
 //   stored without reading the outputs: only the fp32 dQ accumulator, summed by atomics from
 //   every key tile's CTA, is zeroed first.
-// On Hopper the forward at head dim 128 runs kernels/dmc_attention_sm90.cu's kernel and the
+// On Hopper the forward at head dims 64 and 128 runs kernels/dmc_attention_sm90.cu's kernel and the
 // backward kernels/dmc_attention_bwd_sm90.cu's main kernel (between the same pre- and post-pass)
 // instead (wgmma; the choice: resolve_forward_kernel, resolve_backward_kernel below); these serve
 // every other case and stay tested beside them.
@@ -723,13 +723,12 @@ AttentionKernel auto_kernel() {
   return chosen;
 }
 
-// The forward that runs: kAuto is auto_kernel() at head dim 128 and the portable kernel at 32
-// and 64
-// (measured on the H200, bench/RESULTS.md: the Hopper forward 3-6% faster at head dim 128, 14%
-// slower at 64).
+// The forward that runs: kAuto is auto_kernel() at head dims 64 and 128 (the Hopper forward takes
+// no other), the portable kernel at 32. Measured on an H100 (bench/RESULTS.md, entry 35): the
+// Hopper forward 1.4-1.8x the portable one at head dim 128 and 1.4x at 64.
 AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
   if (kernel == AttentionKernel::kAuto)
-    return D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
+    return D == 64 || D == 128 ? auto_kernel() : AttentionKernel::kMmaSync;
   return kernel;
 }
 // The backward that runs: kAuto is auto_kernel() at both head dims.
