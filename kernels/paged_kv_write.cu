@@ -33,6 +33,12 @@ namespace {
 using namespace detail;
 
 constexpr int kAppendWarps = 4;  // heads per CTA of the append, a warp each
+// CTAs of the append an SM must hold at once at head dim 128 (registers capped to fit): 24 warps
+// an SM, 3,168 on 132 SMs, one wave for a step's (row, KV head) pairs up to 99 rows of the 7B
+// shape's 32 KV heads, where 120 registers (4 CTAs) took 1.4 waves of the append's chain of
+// dependent loads at 91 rows (bench/RESULTS.md, entry 35). The GQA shapes' few KV heads fill a
+// wave without it.
+constexpr int kAppendBlocksPerSm = 6;
 constexpr int kRingBatch = 8;    // ring entries a lane of the append loads before it sums them
                                  // at head dim 128 (twice as many below: registers allow)
 constexpr int kScanThreads = 256;
@@ -102,6 +108,13 @@ __device__ __forceinline__ void store_bf16s(bf16* p, const float (&x)[C]) {
   }
 }
 
+// C bf16 values as one load brings them (8, 4 or 2 bytes), not yet widened: a ring entry in flight
+// holds half the registers its floats would.
+template <int C>
+struct alignas(2 * C) Bf16s {
+  bf16 x[C];
+};
+
 // One ring entry's (or the token's own) term of the omega-weighted sums.
 template <int C>
 __device__ __forceinline__ void accumulate(float om, const float (&kx)[C], const float (&vx)[C],
@@ -113,11 +126,21 @@ __device__ __forceinline__ void accumulate(float om, const float (&kx)[C], const
     sv[j] = fmaf(om, vx[j], sv[j]);
   }
 }
+template <int C>
+__device__ __forceinline__ void accumulate(float om, const Bf16s<C>& kx, const Bf16s<C>& vx,
+                                           float& denom, float (&sk)[C], float (&sv)[C]) {
+  denom += om;
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    sk[j] = fmaf(om, __bfloat162float(kx.x[j]), sk[j]);
+    sv[j] = fmaf(om, __bfloat162float(vx.x[j]), sv[j]);
+  }
+}
 
 // kernels::paged_kv_append, a warp per head = i · Hkv + h < heads; lane l holds channels
 // l·C .. l·C + C − 1 of the token's key and value, then of the slot's.
 template <int D>
-__global__ void __launch_bounds__(32 * kAppendWarps)
+__global__ void __launch_bounds__(32 * kAppendWarps, D == 128 ? kAppendBlocksPerSm : 1)
     append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge, const float* omega,
                   const int32_t* positions, int heads, int Hkv, float theta, bool keep_last) {
   constexpr int C = D / 32;
@@ -159,13 +182,14 @@ __global__ void __launch_bounds__(32 * kAppendWarps)
     int s = (pos - older) % w;
     float denom = 0.f, sk[C] = {}, sv[C] = {};
     for (int e0 = 0; e0 < older; e0 += kBatch) {
-      float eo[kBatch] = {}, ek[kBatch][C] = {}, ev[kBatch][C] = {};
+      float eo[kBatch] = {};
+      Bf16s<C> ek[kBatch] = {}, ev[kBatch] = {};
 #pragma unroll
       for (int e = 0; e < kBatch; ++e) {
         if (e0 + e < older) {
           eo[e] = ring_omega[s];
-          load_bf16s(ring + s * 2 * D, ek[e]);
-          load_bf16s(ring + s * 2 * D + D, ev[e]);
+          ek[e] = *reinterpret_cast<const Bf16s<C>*>(ring + s * 2 * D);
+          ev[e] = *reinterpret_cast<const Bf16s<C>*>(ring + s * 2 * D + D);
         }
         s = s + 1 == w ? 0 : s + 1;
       }
