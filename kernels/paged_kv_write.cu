@@ -115,25 +115,25 @@ struct alignas(2 * C) Bf16s {
   bf16 x[C];
 };
 
-// One ring entry's (or the token's own) term of the omega-weighted sums.
+// Channel j of a ring entry as loaded, or of the token's own key or value (already floats).
 template <int C>
-__device__ __forceinline__ void accumulate(float om, const float (&kx)[C], const float (&vx)[C],
-                                           float& denom, float (&sk)[C], float (&sv)[C]) {
-  denom += om;
-#pragma unroll
-  for (int j = 0; j < C; ++j) {
-    sk[j] = fmaf(om, kx[j], sk[j]);
-    sv[j] = fmaf(om, vx[j], sv[j]);
-  }
+__device__ __forceinline__ float channel(const Bf16s<C>& x, int j) {
+  return __bfloat162float(x.x[j]);
 }
 template <int C>
-__device__ __forceinline__ void accumulate(float om, const Bf16s<C>& kx, const Bf16s<C>& vx,
+__device__ __forceinline__ float channel(const float (&x)[C], int j) {
+  return x[j];
+}
+
+// One ring entry's (or the token's own) term of the omega-weighted sums.
+template <int C, typename Values>
+__device__ __forceinline__ void accumulate(float om, const Values& kx, const Values& vx,
                                            float& denom, float (&sk)[C], float (&sv)[C]) {
   denom += om;
 #pragma unroll
   for (int j = 0; j < C; ++j) {
-    sk[j] = fmaf(om, __bfloat162float(kx.x[j]), sk[j]);
-    sv[j] = fmaf(om, __bfloat162float(vx.x[j]), sv[j]);
+    sk[j] = fmaf(om, channel<C>(kx, j), sk[j]);
+    sv[j] = fmaf(om, channel<C>(vx, j), sv[j]);
   }
 }
 
