@@ -81,11 +81,16 @@ struct BwdTiles {
   static constexpr int kBM = D == 64 ? 128 : 64;
   static constexpr int kQBlocks = kBM / 64;  // 64-query blocks of dQ (the other factor: D / 64)
   static_assert(kQBlocks * (D / 64) == 2, "one 64 x 64 block of dQ per consumer warpgroup");
-  // Registers per thread moved by setmaxnreg (ptxas -v): the producer takes setmaxnreg's least, 24;
-  // the consumers at head dim 128 the fewest that spill nothing, 232 (224 spill); at 64 they would
-  // need 248, past the register file beside the producer's 24, and spill 20 bytes at 240.
+  // Registers per thread moved by setmaxnreg (ptxas -v): the producer takes setmaxnreg's least, 24
+  // (the persistent one's tile order and claims fit), the consumers the rest, 240.
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = D == 64 ? 240 : 232;
+  static constexpr int kConsumerRegs = 240;
+  // FlashAttention-3's order of a tile's GEMMs: dV, dQ, then dK, which runs on while the tile's dQ
+  // goes out and the next tile's S^T and dP^T are issued. Its A fragments (dS^T, 16 registers)
+  // then live across the loop beside the next tile's S^T and dP^T: at head dim 128 that fits in
+  // 240 registers; at 64 (S^T and dP^T twice as wide) ptxas serialises every wgmma (C7512), so dK
+  // goes beside dV and the tile waits for all three.
+  static constexpr bool kDkRunsOn = D == 128;
   // setmaxnreg only moves registers within the CTA's allocation at launch (384 threads x 168)
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the CTA's registers");
 };
@@ -285,14 +290,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    // The persistent producer also computes the tile order and claims tiles: 32 registers where
-    // the consumers leave room (head dim 128). setmaxnreg moves registers within the CTA's
-    // allocation at launch, 384 threads x 168, so more than that would leave the consumers'
-    // setmaxnreg.inc waiting for ever (as 32 beside 240 did at head dim 64).
-    constexpr int kProducerRegs = kPersistent && kD == 128 ? 32 : BwdTiles<kD>::kProducerRegs;
-    static_assert(128 * kProducerRegs + 256 * BwdTiles<kD>::kConsumerRegs <= kThreads * 168,
-                  "the CTA's registers at launch");
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    // setmaxnreg moves registers within the CTA's allocation at launch, 384 threads x 168 (the
+    // static_assert in BwdTiles): a producer above 24 beside consumers at 240 would leave their
+    // setmaxnreg.inc waiting for ever.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BwdTiles<kD>::kProducerRegs));
     if (warp != 0 || lane != 0) return;  // one thread issues every load
     int g = 0;   // query tiles loaded before this key tile's
     int kt = 0;  // key tiles before this one
@@ -333,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // column block of the dS^T tile), channels 64 dq_cb + [0, 64) (B: that column block of K).
   const uint32_t uK = smem_u32(sm.k + wg * 64 * 64), uV = smem_u32(sm.v + wg * 64 * 64);
   const int dq_qb = wg % BwdTiles<kD>::kQBlocks, dq_cb = wg / BwdTiles<kD>::kQBlocks;
+  constexpr bool kDkRunsOn = BwdTiles<kD>::kDkRunsOn;
   const uint32_t uKcols = smem_u32(sm.k + dq_cb * kBN * 64);
   int g = 0;  // query tiles of this CTA's earlier key tiles
   for (int kt = 0; kPersistent || kt == 0; ++kt) {
@@ -361,6 +363,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
 
+    // dS^T as A fragments. Under kDkRunsOn the dK GEMM that reads them is still running when the
+    // loop comes round, so they live across it.
+    uint32_t da[kBM / 16][4];
     for (int it = 0; it < t.iters; ++it) {
       const int c = g + it, stage = c % kStages;
       const int h = hk * G + it / t.n_m, q0 = (t.m_first + it % t.n_m) * kBM;
@@ -379,8 +384,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kD / 16; ++kk)
         wgmma_ss<kBM>(dp, kmajor_desc<kBN>(uV, kk), kmajor_desc<kBM>(uO, kk), kk > 0);
       wgmma_commit();
-      wgmma_wait<1>();  // S^T landed; dP^T may still run
+      wgmma_wait<1>();  // S^T landed (and the previous tile's dK); dP^T may still run
       pin(s);
+      if constexpr (kDkRunsOn) {
+        if (it > 0) {
+          pin(dk);
+          pin(da);
+          mbar_arrive(&sm.empty[(c - 1) % kStages]);  // the previous tile's Q is no longer read
+        }
+      }
       if (edge)
         probabilities<kBM, true>(s, sm.lse2[stage], bias, key_lo, q0, p);
       else
@@ -392,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       else
         score_grads<kBM, false>(dp, s, sm.delta[stage], dm, key_lo, q0, p);
 
-      uint32_t pa[kBM / 16][4], da[kBM / 16][4];  // P^T, dS^T as A fragments (kept until wait<0>)
+      uint32_t pa[kBM / 16][4];  // P^T as A fragments (kept until the dV GEMM is waited for)
       pack_a_fragments<kBM>(pa, s);
       pack_a_fragments<kBM>(da, dp);
       store_ds<kBM>(ds, da, row_lo);
@@ -401,9 +413,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk)
         wgmma_rs_nmajor<kD>(dv, pa[kk], nmajor_desc<kBM>(uO, kk));
+      if constexpr (!kDkRunsOn) {
 #pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk)
-        wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+      }
       wgmma_commit();
       named_barrier<256>(kBarDsStored);
       float dq[32];
@@ -413,14 +427,28 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds + dq_qb * kBN * 64), kk),
                            nmajor_desc<kBN>(uKcols, kk), kk > 0);
       wgmma_commit();
-      wgmma_wait<0>();
+      if constexpr (kDkRunsOn) {
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ landed; dK runs on
+      } else {
+        wgmma_wait<0>();
+        pin(dk);
+        mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
+      }
       pin(dv);
-      pin(dk);
       pin(dq);
+      pin(pa);
       if (it + 1 == t.iters) mbar_arrive(&sm.kv_empty);  // K and V are no longer read
-      mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
       add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h,
                  &maps.dq_acc, p);
+    }
+    if constexpr (kDkRunsOn) {
+      wgmma_wait<0>();  // the last tile's dK
+      pin(dk);
+      if (t.iters > 0) mbar_arrive(&sm.empty[(g + t.iters - 1) % kStages]);
     }
 
     // dmask: each key's sum lies spread over the 4 lanes of its quad
