@@ -20,6 +20,9 @@
 //          queries 64w + [0, 64) of all channels): dS^T of both warpgroups goes through shared
 //          memory (read M-major as A), K N-major as B; added into the fp32 dQ accumulator by TMA
 //          (below; not bit-reproducible run to run, as with FlashAttention's atomics).
+// At head dim 128 the tiles overlap (BwdTiles::kPipelined): a tile's dK runs on into the next
+// tile, and its dQ is issued a tile late, once the other warpgroup's half of dS^T is long stored,
+// so the two warpgroups are not held in step and one's softmax can run beside the other's GEMMs.
 // dmask needs no atomics: every key of the CTA belongs to one quad of one warp, which sums its
 // row over all query tiles and heads in registers. exclude_ctrl: channel D-1 of the K tile is
 // zeroed in shared memory once, so it drops out of every score; dK and dQ skip that channel.
@@ -85,18 +88,29 @@ struct BwdTiles {
   // (the persistent one's tile order and claims fit), the consumers the rest, 240.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  // FlashAttention-3's order of a tile's GEMMs: dV, dQ, then dK, which runs on while the tile's dQ
-  // goes out and the next tile's S^T and dP^T are issued. Its A fragments (dS^T, 16 registers)
-  // then live across the loop beside the next tile's S^T and dP^T: at head dim 128 that fits in
-  // 240 registers; at 64 (S^T and dP^T twice as wide) ptxas serialises every wgmma (C7512), so dK
-  // goes beside dV and the tile waits for all three.
-  static constexpr bool kDkRunsOn = D == 128;
+  // At head dim 128 the tiles overlap (kPipelined): a tile issues dV, then the previous tile's dQ,
+  // then its own dK, which runs on while that dQ goes out and the next tile's S^T and dP^T are
+  // issued. Its A fragments (dS^T, 16 registers) then live across the loop beside the next
+  // tile's S^T and dP^T, which fits in 240 registers. dQ needs both warpgroups' halves of dS^T;
+  // a tile later, the other warpgroup's half is long stored, so neither waits on the other's
+  // softmax and the two can drift apart, one's softmax beside the other's GEMMs. At head dim 64
+  // (S^T and dP^T twice as wide) ptxas serialises every wgmma (C7512) even so: there a tile
+  // issues dV and dK, then its own dQ once both halves are stored, and waits for all three.
+  static constexpr bool kPipelined = D == 128;
+  static constexpr int kDsBuffers = kPipelined ? 3 : 2;  // dS^T tiles (BwdSmem::ds)
   // setmaxnreg only moves registers within the CTA's allocation at launch (384 threads x 168)
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the CTA's registers");
 };
 // named barriers (0 is __syncthreads)
 constexpr int kBarKZeroed = 1;  // + consumer warpgroup: its K rows' control channel zeroed
 constexpr int kBarDsStored = 3;  // both consumer warpgroups: their halves of dS^T stored
+// kPipelined: warpgroup w's view of the other one, tile c: its half of dS^T stored and its dQ of
+// every earlier tile finished (it arrives, w waits); parity c % 2, so that it arrives for tile
+// c + 2 only after w has waited for tile c
+constexpr int kBarDsReady = 4;  // + 2 w + c % 2
+__device__ __forceinline__ int ds_ready_barrier(int wg, int c) {
+  return kBarDsReady + 2 * wg + c % 2;
+}
 
 template <int D>
 struct BwdSmem {
@@ -105,10 +119,13 @@ struct BwdSmem {
   bf16 v[kBN * D];              // A (K-major) of dP^T = V dO^T
   bf16 q[kStages][kBM * D];     // B (K-major) of S^T; B (N-major) of dK += dS^T Q
   bf16 dout[kStages][kBM * D];  // B (K-major) of dP^T; B (N-major) of dV += P^T dO
-  // dS^T [keys][queries], A (M-major) of dQ = dS K. Two buffers: a warpgroup writes tile i + 1's
-  // half while the other may still read tile i's in its dQ wgmma (the dS barrier of tile i + 1
-  // orders the write of tile i + 2 after that read).
-  bf16 ds[2][kBN * kBM];
+  // dS^T [keys][queries], A (M-major) of dQ = dS K. Otherwise two buffers: a warpgroup writes
+  // tile c + 1's half while the other may still read tile c's in its dQ wgmma (the dS barrier of
+  // tile c + 1 orders the write of tile c + 2 after that read). Under kPipelined three: tile c's
+  // dQ is issued in tile c + 1, so a warpgroup may write tile c + 2's half while the other still
+  // reads tile c's; it writes tile c + 3's only after waiting for the other's arrival of tile
+  // c + 1, which follows that read.
+  bf16 ds[BwdTiles<D>::kDsBuffers][kBN * kBM];
   // scale · dQ of each consumer warp's 16 queries x 64 channels, the source of its TMA reduce-adds:
   // two boxes of [16][32] fp32 (channels 32 half + [0, 32)), 128-byte swizzled (dq_staged)
   float dq[8][2][16 * 32];
@@ -334,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // column block of the dS^T tile), channels 64 dq_cb + [0, 64) (B: that column block of K).
   const uint32_t uK = smem_u32(sm.k + wg * 64 * 64), uV = smem_u32(sm.v + wg * 64 * 64);
   const int dq_qb = wg % BwdTiles<kD>::kQBlocks, dq_cb = wg / BwdTiles<kD>::kQBlocks;
-  constexpr bool kDkRunsOn = BwdTiles<kD>::kDkRunsOn;
+  constexpr bool kPipelined = BwdTiles<kD>::kPipelined;
   const uint32_t uKcols = smem_u32(sm.k + dq_cb * kBN * 64);
   int g = 0;  // query tiles of this CTA's earlier key tiles
   for (int kt = 0; kPersistent || kt == 0; ++kt) {
@@ -362,15 +379,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     float dk[kD / 2], dv[kD / 2], dm[2] = {0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+    pin(dk);  // zeroed before the first wgmma (ptxas serialises them otherwise, C7515)
+    pin(dv);
 
-    // dS^T as A fragments. Under kDkRunsOn the dK GEMM that reads them is still running when the
+    // dS^T as A fragments. Under kPipelined the dK GEMM that reads them is still running when the
     // loop comes round, so they live across it.
     uint32_t da[kBM / 16][4];
+    float dq[32];                 // kPipelined: one home across the loop for the dQ issued in it
+    int prev_q0 = 0, prev_h = 0;  // kPipelined: the previous tile's, whose dQ is issued a tile late
+    // This warpgroup's block of dQ = dS K (above) for tile c, from that tile's dS^T buffer
+    auto issue_dq = [&](float (&acc)[32], int c) {
+      const uint32_t uDs = smem_u32(sm.ds[c % BwdTiles<kD>::kDsBuffers] + dq_qb * kBN * 64);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss<64, 1, 1>(acc, nmajor_desc<kBN>(uDs, kk), nmajor_desc<kBN>(uKcols, kk), kk > 0);
+      wgmma_commit();
+    };
     for (int it = 0; it < t.iters; ++it) {
       const int c = g + it, stage = c % kStages;
       const int h = hk * G + it / t.n_m, q0 = (t.m_first + it % t.n_m) * kBM;
       const uint32_t uQ = smem_u32(sm.q[stage]), uO = smem_u32(sm.dout[stage]);
-      bf16* ds = sm.ds[c & 1];
       const bool edge = !(q0 > warp_key0 + 15 + p.window && q0 + kBM <= T);
 
       float s[kBM / 2], dp[kBM / 2];
@@ -386,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();  // S^T landed (and the previous tile's dK); dP^T may still run
       pin(s);
-      if constexpr (kDkRunsOn) {
+      if constexpr (kPipelined) {
         if (it > 0) {
           pin(dk);
           pin(da);
@@ -407,48 +436,66 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t pa[kBM / 16][4];  // P^T as A fragments (kept until the dV GEMM is waited for)
       pack_a_fragments<kBM>(pa, s);
       pack_a_fragments<kBM>(da, dp);
-      store_ds<kBM>(ds, da, row_lo);
+      store_ds<kBM>(sm.ds[c % BwdTiles<kD>::kDsBuffers], da, row_lo);
       fence_proxy_async();  // read next by the tensor cores
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk)
         wgmma_rs_nmajor<kD>(dv, pa[kk], nmajor_desc<kBM>(uO, kk));
-      if constexpr (!kDkRunsOn) {
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-          wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
-      }
-      wgmma_commit();
-      named_barrier<256>(kBarDsStored);
-      float dq[32];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_ss<64, 1, 1>(dq, nmajor_desc<kBN>(smem_u32(ds + dq_qb * kBN * 64), kk),
-                           nmajor_desc<kBN>(uKcols, kk), kk > 0);
-      wgmma_commit();
-      if constexpr (kDkRunsOn) {
+      if constexpr (kPipelined) {
+        wgmma_commit();
+        // The previous tile's dQ, from buffer (c - 1) % 3. The key tile's first has none, but
+        // issues it all the same, from whatever that buffer holds, and drops the result: ptxas
+        // serialises every wgmma around a conditional one (C7512/C7515), which costs far more
+        // than one dQ GEMM a key tile. No warpgroup writes that buffer before this one's arrival
+        // of tile c.
+        if (it > 0) named_barrier<256>(ds_ready_barrier(wg, c - 1));
+        issue_dq(dq, c + BwdTiles<kD>::kDsBuffers - 1);
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
           wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
         wgmma_commit();
-        wgmma_wait<1>();  // dV and dQ landed; dK runs on
+        wgmma_wait<1>();  // dV (and the previous tile's dQ) landed; dK runs on
+        pin(dv);
+        pin(pa);
+        if (it > 0) {
+          pin(dq);
+          add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, prev_q0 + 64 * dq_qb, 64 * dq_cb, b,
+                     prev_h, &maps.dq_acc, p);
+        }
+        named_barrier_arrive<256>(ds_ready_barrier(1 - wg, c));
+        prev_q0 = q0;
+        prev_h = h;
       } else {
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          wgmma_rs_nmajor<kD>(dk, da[kk], nmajor_desc<kBM>(uQ, kk));
+        wgmma_commit();
+        named_barrier<256>(kBarDsStored);
+        float dq[32];
+        issue_dq(dq, c);
         wgmma_wait<0>();
+        pin(dv);
         pin(dk);
+        pin(dq);
+        if (it + 1 == t.iters) mbar_arrive(&sm.kv_empty);  // K and V are no longer read
         mbar_arrive(&sm.empty[stage]);  // Q, dO and the rows of this stage are no longer read
+        add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h,
+                   &maps.dq_acc, p);
       }
-      pin(dv);
-      pin(dq);
-      pin(pa);
-      if (it + 1 == t.iters) mbar_arrive(&sm.kv_empty);  // K and V are no longer read
-      add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, q0 + 64 * dq_qb, 64 * dq_cb, b, h,
-                 &maps.dq_acc, p);
     }
-    if constexpr (kDkRunsOn) {
-      wgmma_wait<0>();  // the last tile's dK
+    if constexpr (kPipelined) {  // the last tile's dQ, and its dK
+      const int last = g + t.iters - 1;
+      named_barrier<256>(ds_ready_barrier(wg, last));
+      issue_dq(dq, last);
+      wgmma_wait<0>();
       pin(dk);
-      if (t.iters > 0) mbar_arrive(&sm.empty[(g + t.iters - 1) % kStages]);
+      pin(da);
+      pin(dq);
+      mbar_arrive(&sm.kv_empty);                  // K and V are no longer read
+      mbar_arrive(&sm.empty[last % kStages]);     // nor the last tile's Q
+      add_dq<kD>(sm.dq[threadIdx.x / 32 - 4][0], dq, prev_q0 + 64 * dq_qb, 64 * dq_cb, b, prev_h,
+                 &maps.dq_acc, p);
     }
 
     // dmask: each key's sum lies spread over the 4 lanes of its quad
