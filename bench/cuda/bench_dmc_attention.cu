@@ -40,13 +40,6 @@ struct Shape {
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
-  if (!dmc::cuda::device_available()) {
-    std::printf("no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop;
-  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   std::vector<Shape> shapes = {{4, 32, 32, 1024, 128}, {4, 16, 16, 2048, 128},
                                {4, 32, 32, 4096, 128}, {4, 32, 32, 8192, 128},
                                {4, 32, 8, 4096, 128},  {4, 32, 32, 4096, 64}};
@@ -60,6 +53,13 @@ int main(int argc, char** argv) {
     }
     shapes = {s};
   }
+  if (!dmc::cuda::device_available()) {
+    std::printf("no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop;
+  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   const bool sm90 = dmc::cuda::device_is_sm90();
   std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s\n",
               "shape (B H/Hkv T D)", "fwd ms", "fwd90 ms", "fwd90p ms", "bwd ms", "bwd90 ms",
