@@ -75,23 +75,19 @@ __device__ __forceinline__ void store_pair(bf16* k_row, bf16* v_row, int D, int 
   v_row[ch + half] = tobf(v2);
 }
 
-// C = 1, 2 or 4 consecutive bf16 values in one access (2-, 4- or 8-byte aligned).
+// C bf16 values as one load brings them (8, 4 or 2 bytes), not yet widened: a ring entry in flight
+// holds half the registers its floats would.
+template <int C>
+struct alignas(2 * C) Bf16s {
+  bf16 x[C];
+};
+
+// C = 1, 2 or 4 consecutive bf16 values in one access (2-, 4- or 8-byte aligned), widened.
 template <int C>
 __device__ __forceinline__ void load_bf16s(const bf16* p, float (&x)[C]) {
-  if constexpr (C == 1) {
-    x[0] = __bfloat162float(*p);
-  } else {
-    alignas(8) __nv_bfloat162 h[C / 2];
-    if constexpr (C == 4)
-      *reinterpret_cast<uint2*>(h) = *reinterpret_cast<const uint2*>(p);
-    else
-      h[0] = *reinterpret_cast<const __nv_bfloat162*>(p);
+  const Bf16s<C> raw = *reinterpret_cast<const Bf16s<C>*>(p);
 #pragma unroll
-    for (int j = 0; j < C / 2; ++j) {
-      x[2 * j] = __low2float(h[j]);
-      x[2 * j + 1] = __high2float(h[j]);
-    }
-  }
+  for (int j = 0; j < C; ++j) x[j] = __bfloat162float(raw.x[j]);
 }
 template <int C>
 __device__ __forceinline__ void store_bf16s(bf16* p, const float (&x)[C]) {
@@ -107,13 +103,6 @@ __device__ __forceinline__ void store_bf16s(bf16* p, const float (&x)[C]) {
       *reinterpret_cast<__nv_bfloat162*>(p) = h[0];
   }
 }
-
-// C bf16 values as one load brings them (8, 4 or 2 bytes), not yet widened: a ring entry in flight
-// holds half the registers its floats would.
-template <int C>
-struct alignas(2 * C) Bf16s {
-  bf16 x[C];
-};
 
 // Channel j of a ring entry as loaded, or of the token's own key or value (already floats).
 template <int C>
