@@ -724,15 +724,15 @@ AttentionKernel auto_kernel() {
 }
 
 // The forward that runs: kAuto is auto_kernel() at head dims 64 and 128 (the Hopper forward takes
-// no other), the portable kernel at 32; past T 4096 the Hopper forward's grid schedule rather than
-// the persistent one. Measured on an H100 (bench/RESULTS.md, entry 35): the Hopper forward
-// 1.4-1.8x the portable one at head dim 128 and 1.4x at 64; the persistent schedule 5-17% less
-// time than the grid one at T 1024-4096, the grid one 3-14% less at T 8192, in three runs.
-AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D, int T) {
+// no other), the portable kernel at 32. Measured on an H100 (bench/RESULTS.md, entries 35 and
+// 38): the Hopper forward 1.4-1.8x the portable one at head dim 128 and 1.4x at 64; the
+// persistent schedule 5-17% less time than the grid one at T 1024-4096 and 5% less at T 8192,
+// each timed from a GPU at rest (entry 35's grid lead at T 8192 came from the order of the
+// columns: the persistent one, timed after it, ran under the power cap's lower clocks).
+AttentionKernel resolve_forward_kernel(AttentionKernel kernel, int D) {
   if (kernel != AttentionKernel::kAuto) return kernel;
   if (D != 64 && D != 128) return AttentionKernel::kMmaSync;
-  const AttentionKernel chosen = auto_kernel();
-  return chosen == AttentionKernel::kSm90Persistent && T > 4096 ? AttentionKernel::kSm90 : chosen;
+  return auto_kernel();
 }
 // The backward that runs: kAuto is auto_kernel() at both head dims.
 AttentionKernel resolve_backward_kernel(AttentionKernel kernel) {
@@ -747,7 +747,7 @@ void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, 
                            AttentionKernel kernel) {
   if (B <= 0 || T <= 0 || H <= 0) return;
   check_shape(T, H, Hkv, D, /*forward=*/true);
-  const AttentionKernel chosen = resolve_forward_kernel(kernel, D, T);
+  const AttentionKernel chosen = resolve_forward_kernel(kernel, D);
   if (chosen != AttentionKernel::kMmaSync) {
     dmc_attention_forward_sm90(out, lse, q, k, v, mask, B, T, H, Hkv, D, exclude_ctrl, scale,
                                stream, mask_window, chosen == AttentionKernel::kSm90Persistent);

@@ -3,15 +3,18 @@
 // FLOPs counted as for causal FlashAttention: forward 4·B·H·T²·D / 2, backward 2.5x forward.
 // Forward and backward are timed for each kernel side by side: mma.sync ("fwd", "bwd") and, on
 // Hopper, the sm90 kernels ("fwd90", "bwd90"; "fwd90p", "bwd90p" on their persistent schedules);
-// f+b is the forward and backward that dmc_attention_forward/backward pick (kAuto). B4 H16 T2048 D128 is
+// f+b is the forward and backward that dmc_attention_forward/backward pick (kAuto), one after the
+// other, with the time of each half in that run ("f+b: fwd", "f+b: bwd"). B4 H16 T2048 D128 is
 // the 1.36B training step's attention (bench_train_step's 1b:4).
 //   usage: bench_dmc_attention [reps] [B,H,Hkv,T,D]   (one table: the shapes below, or the one
 //   named, e.g. for a profiler run on one shape)
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda_check.h"
@@ -26,6 +29,12 @@ __global__ void fill_mask(float* m, size_t n, uint64_t seed) {
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     m[i] = log1pf(-0.9f * dmc::bench::hash_uniform(seed, i));  // log(1 - alpha), alpha in (0, 0.9)
 }
+
+// A second of idle before each timing, so that every one starts from the same power state: an
+// H100 drawing past its power cap after about a second of full load lowers its clocks (1.35-1.65
+// GHz against 1.98 at T 8192, bench/RESULTS.md entry 38), and a column timed late in a shape's
+// run would pay for the columns before it. bench/cuda/sdpa_anchor.py rests the same way.
+void rest() { std::this_thread::sleep_for(std::chrono::seconds(1)); }
 
 float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -61,10 +70,10 @@ int main(int argc, char** argv) {
   DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   const bool sm90 = dmc::cuda::device_is_sm90();
-  std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s\n",
+  std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s %11s %11s\n",
               "shape (B H/Hkv T D)", "fwd ms", "fwd90 ms", "fwd90p ms", "bwd ms", "bwd90 ms",
               "bwd90p ms", "f+b ms", "fwd TF/s", "fwd90 TF/s", "fwd90p TF/s", "bwd TF/s",
-              "bwd90 TF/s", "bwd90p TF/s", "f+b TF/s");
+              "bwd90 TF/s", "bwd90p TF/s", "f+b TF/s", "f+b: fwd ms", "f+b: bwd ms");
   for (const Shape& s : shapes) {
     const size_t nq = static_cast<size_t>(s.B) * s.T * s.H * s.D;
     const size_t nk = static_cast<size_t>(s.B) * s.T * s.Hkv * s.D;
@@ -104,11 +113,13 @@ int main(int argc, char** argv) {
                                         s.H, s.Hkv, s.D, true, scale, /*accumulate=*/false,
                                         nullptr, 0, kernel);  // written, as the model calls it
     };
-    cudaEvent_t e0, e1;
+    cudaEvent_t e0, e_mid, e1;
     DMC_CUDA_CHECK(cudaEventCreate(&e0));
+    DMC_CUDA_CHECK(cudaEventCreate(&e_mid));
     DMC_CUDA_CHECK(cudaEventCreate(&e1));
-    // median time of run() after 3 warm-ups
+    // median time of run() after 3 warm-ups, from a GPU at rest (rest() above)
     auto time_ms = [&](auto run) {
+      rest();
       for (int i = 0; i < 3; ++i) run();
       std::vector<float> t;
       for (int i = 0; i < reps; ++i) {
@@ -129,19 +140,37 @@ int main(int argc, char** argv) {
     const float mf90p = sm90 ? time_ms([&] { fwd(AttentionKernel::kSm90Persistent); }) : NAN;
     const float mb90 = sm90 ? time_ms([&] { bwd(AttentionKernel::kSm90); }) : NAN;
     const float mb90p = sm90 ? time_ms([&] { bwd(AttentionKernel::kSm90Persistent); }) : NAN;
-    const float mfb = time_ms([&] {
-      fwd(AttentionKernel::kAuto);
-      bwd(AttentionKernel::kAuto);
-    });
+    // f+b as the model runs it, with an event between its two halves: each half in context
+    // (after the other) beside its time alone above
+    float mfb, mfb_f, mfb_b;
+    {
+      rest();
+      for (int i = 0; i < 3; ++i) fwd(AttentionKernel::kAuto), bwd(AttentionKernel::kAuto);
+      std::vector<float> total, first, second;
+      for (int i = 0; i < reps; ++i) {
+        DMC_CUDA_CHECK(cudaEventRecord(e0));
+        fwd(AttentionKernel::kAuto);
+        DMC_CUDA_CHECK(cudaEventRecord(e_mid));
+        bwd(AttentionKernel::kAuto);
+        DMC_CUDA_CHECK(cudaEventRecord(e1));
+        DMC_CUDA_CHECK(cudaEventSynchronize(e1));
+        float a, b;
+        DMC_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e_mid));
+        DMC_CUDA_CHECK(cudaEventElapsedTime(&b, e_mid, e1));
+        total.push_back(a + b), first.push_back(a), second.push_back(b);
+      }
+      mfb = median(total), mfb_f = median(first), mfb_b = median(second);
+    }
     const double flops_f = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.D / 2.0;
     const double flops_b = 2.5 * flops_f;
     char label[64];
     std::snprintf(label, sizeof(label), "B%d H%d/%d T%d D%d", s.B, s.H, s.Hkv, s.T, s.D);
     std::printf("%-28s %9.3f %9.3f %10.3f %9.3f %9.3f %10.3f %9.3f %9.1f %10.1f %11.1f %9.1f "
-                "%10.1f %11.1f %9.1f\n",
+                "%10.1f %11.1f %9.1f %11.3f %11.3f\n",
                 label, mf, mf90, mf90p, mb, mb90, mb90p, mfb, flops_f / mf * 1e-9,
                 flops_f / mf90 * 1e-9, flops_f / mf90p * 1e-9, flops_b / mb * 1e-9,
-                flops_b / mb90 * 1e-9, flops_b / mb90p * 1e-9, (flops_f + flops_b) / mfb * 1e-9);
+                flops_b / mb90 * 1e-9, flops_b / mb90p * 1e-9, (flops_f + flops_b) / mfb * 1e-9,
+                mfb_f, mfb_b);
     std::fflush(stdout);
     for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(o), static_cast<void*>(dout), static_cast<void*>(dq),
@@ -149,6 +178,7 @@ int main(int argc, char** argv) {
                     static_cast<void*>(dmask), static_cast<void*>(lse)})
       DMC_CUDA_CHECK(cudaFree(p));
     DMC_CUDA_CHECK(cudaEventDestroy(e0));
+    DMC_CUDA_CHECK(cudaEventDestroy(e_mid));
     DMC_CUDA_CHECK(cudaEventDestroy(e1));
   }
   return 0;

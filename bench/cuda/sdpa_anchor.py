@@ -1,8 +1,9 @@
 """PyTorch anchors for bench_dmc_attention, run in the same device call: the bf16 GEMM ceiling,
 SDPA flash causal attention fwd / bwd on the same shapes, and (T <= 4096, no GQA) SDPA with a dense
 additive DMC-style bias, the straightforward PyTorch route (median of CUDA-event timings after
-warm-up). FLOPs counted as in bench_dmc_attention: causal forward 4*B*H*T^2*D/2, backward 2.5x."""
+warm-up, each from a second of idle). FLOPs counted as in bench_dmc_attention: causal forward 4*B*H*T^2*D/2, backward 2.5x."""
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def median_ms(fn, reps=20, warmup=3):
+    # from a GPU at rest, as bench_dmc_attention times (its rest(): the power cap's clocks)
+    time.sleep(1.0)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
