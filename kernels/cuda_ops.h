@@ -297,9 +297,9 @@ void kl_distill_shard_backward(bf16* ds, const bf16* s, const bf16* u, const flo
 // kernels/dmc_attention_bwd_sm90.cu) and the portable mma.sync ones. kAuto takes the Hopper
 // kernels on sm_90 devices (at head dims 64 and 128; the forward at 32 is the portable one) on
 // their persistent schedules (kSm90Persistent: a CTA per SM taking tiles one after another),
-// unless the environment sets
-// DMC_ATTENTION_KERNEL=mma_sync (the portable ones) or =sm90_grid (kSm90: the Hopper kernels on
-// grid schedules, a CTA per tile); kSm90 and kSm90Persistent on another device abort.
+// unless the environment sets DMC_ATTENTION_KERNEL=mma_sync (the portable ones) or =sm90_grid
+// (kSm90: the Hopper kernels on grid schedules, a CTA per tile); kSm90 and kSm90Persistent on
+// another device abort.
 enum class AttentionKernel { kAuto, kMmaSync, kSm90, kSm90Persistent };
 void dmc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                            const float* mask, int B, int T, int H, int Hkv, int D,

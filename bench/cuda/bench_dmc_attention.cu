@@ -31,7 +31,7 @@ __global__ void fill_mask(float* m, size_t n, uint64_t seed) {
 }
 
 // A second of idle before each timing, so that every one starts from the same power state: an
-// H100 drawing past its power cap after about a second of full load lowers its clocks (1.35-1.65
+// H100 drawing past its power cap after about a second of full load lowers its clocks (1.4-1.8
 // GHz against 1.98 at T 8192, bench/RESULTS.md entry 38), and a column timed late in a shape's
 // run would pay for the columns before it. bench/cuda/sdpa_anchor.py rests the same way.
 void rest() { std::this_thread::sleep_for(std::chrono::seconds(1)); }

@@ -1,7 +1,8 @@
 """PyTorch anchors for bench_dmc_attention, run in the same device call: the bf16 GEMM ceiling,
 SDPA flash causal attention fwd / bwd on the same shapes, and (T <= 4096, no GQA) SDPA with a dense
 additive DMC-style bias, the straightforward PyTorch route (median of CUDA-event timings after
-warm-up, each from a second of idle). FLOPs counted as in bench_dmc_attention: causal forward 4*B*H*T^2*D/2, backward 2.5x."""
+warm-up, each from a second of idle). FLOPs counted as in bench_dmc_attention: causal forward
+4*B*H*T^2*D/2, backward 2.5x."""
 import sys
 import time
 
