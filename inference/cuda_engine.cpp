@@ -1096,10 +1096,15 @@ int CudaEngine::graphs() const {
 }
 
 void CudaEngine::RunStep(int rows, cudaGraphExec_t graph) {
-  if (graph != nullptr)
-    ENGINE_CUDA(cudaGraphLaunch(graph, dev_->stream));
-  else
+  if (graph == nullptr) {
     EnqueueStep(rows);
+    return;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  ENGINE_CUDA(cudaGraphLaunch(graph, dev_->stream));
+  graph_launch_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++graph_launches_;
 }
 
 absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {

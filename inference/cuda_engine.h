@@ -238,6 +238,10 @@ class CudaEngine : public DecodeEngine {
   // to buckets, at its second step), and how many there are.
   double graph_capture_seconds() const { return graph_capture_seconds_; }
   int graphs() const;
+  // Host time in cudaGraphLaunch over the steps that replayed a graph, and how many did: the
+  // GPU, which has run the step's input upload by then, waits for it.
+  double graph_launch_seconds() const { return graph_launch_seconds_; }
+  long graph_launches() const { return graph_launches_; }
 
  private:
   struct Device;  // device buffers, streams, graphs (inference/cuda_engine.cpp)
@@ -341,7 +345,8 @@ class CudaEngine : public DecodeEngine {
   PageAllocator alloc_;
   int max_context_ = 0, max_pages_ = 0, rows_ = 0;
   int32_t sink_page_ = 0;  // the padding rows' page, one past the budget's (StepRows)
-  double step_gpu_seconds_ = 0, graph_capture_seconds_ = 0;
+  double step_gpu_seconds_ = 0, graph_capture_seconds_ = 0, graph_launch_seconds_ = 0;
+  long graph_launches_ = 0;
   bool dmc_ = false;          // decisions from the control channel (method dmc on a DMC model)
   bool evicts_ = false;       // h2o or tova: eviction by each step's attention
   bool dms_ = false;          // dms on a DMS model: eviction by the model's own decisions

@@ -372,9 +372,9 @@ int main(int argc, char** argv) {
   std::printf("| method | CR reached | max concurrent | mean batch | decode tok/s | saturated "
               "batch | saturated tok/s | saturated KV used / kept %% | output tok/s | prefill "
               "tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | "
-              "GPU in steps s | in prefill s | steps | preemptions | graphs (capture s) |\n| --- "
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-              "| --- | --- | --- | --- | --- | --- |\n");
+              "GPU in steps s | in prefill s | steps | preemptions | graphs (capture s) | graph launch "
+              "µs |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
 
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
@@ -519,7 +519,7 @@ int main(int argc, char** argv) {
     const long decoded = generated - static_cast<long>(ttft.size());
     const double sat = static_cast<double>(std::max(1L, stats->saturated_steps));
     std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.1f / %.1f | %.0f | %.0f | %.2f | %.2f | %.1f "
-                "| %.1f | %.1f | %.1f | %.1f | %.1f | %ld | %ld | %d (%.2f) |\n",
+                "| %.1f | %.1f | %.1f | %.1f | %.1f | %ld | %ld | %d (%.2f) | %.1f |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
@@ -532,7 +532,9 @@ int main(int argc, char** argv) {
                 Percentile(gaps, 0.99), stats->seconds, stats->step_seconds,
                 (*engine)->step_gpu_seconds(), stats->prefill_seconds,
                 stats->steps, stats->preemptions, (*engine)->graphs(),
-                (*engine)->graph_capture_seconds());
+                (*engine)->graph_capture_seconds(),
+                1e6 * (*engine)->graph_launch_seconds() /
+                    std::max(1L, (*engine)->graph_launches()));
     std::fflush(stdout);
     if (kernel_table && traced_steps > 0)
       trace.Print(absl::StrFormat("%s, tokens %d to %d, %ld steps", spec, capture.first,
