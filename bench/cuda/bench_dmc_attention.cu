@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -62,13 +63,7 @@ int main(int argc, char** argv) {
     }
     shapes = {s};
   }
-  if (!dmc::cuda::device_available()) {
-    std::printf("no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop;
-  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  if (!dmc::bench::print_device()) return 0;
   const bool sm90 = dmc::cuda::device_is_sm90();
   std::printf("%-28s %9s %9s %10s %9s %9s %10s %9s %9s %10s %11s %9s %10s %11s %9s %11s %11s\n",
               "shape (B H/Hkv T D)", "fwd ms", "fwd90 ms", "fwd90p ms", "bwd ms", "bwd90 ms",
@@ -118,20 +113,9 @@ int main(int argc, char** argv) {
     DMC_CUDA_CHECK(cudaEventCreate(&e_mid));
     DMC_CUDA_CHECK(cudaEventCreate(&e1));
     // median time of run() after 3 warm-ups, from a GPU at rest (rest() above)
-    auto time_ms = [&](auto run) {
+    auto time_ms = [&](const std::function<void()>& run) {
       rest();
-      for (int i = 0; i < 3; ++i) run();
-      std::vector<float> t;
-      for (int i = 0; i < reps; ++i) {
-        DMC_CUDA_CHECK(cudaEventRecord(e0));
-        run();
-        DMC_CUDA_CHECK(cudaEventRecord(e1));
-        DMC_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms;
-        DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms);
-      }
-      return median(t);
+      return dmc::bench::median_ms(run, reps, 3);
     };
     // the backward reads the out and lse of the last forward timed before it
     const float mf = time_ms([&] { fwd(AttentionKernel::kMmaSync); });

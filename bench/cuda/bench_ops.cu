@@ -55,13 +55,7 @@ void row_flops(const char* name, double flops, const std::function<void()>& f) {
 
 int main(int argc, char** argv) {
   if (argc > 1) g_reps = std::atoi(argv[1]);
-  if (!dmc::cuda::device_available()) {
-    std::printf("no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp prop;
-  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  if (!dmc::bench::print_device()) return 0;
   const int B = 4, T = 2048, N = B * T, C = 2048, H = 16, Hkv = 16, D = 128, F = 5632, V = 32000;
   {
     const size_t n = size_t(1) << 30;  // 1 GiB each way

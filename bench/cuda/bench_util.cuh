@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <vector>
 
@@ -82,6 +83,19 @@ float median_ms(const std::function<void()>& f, int reps, int warmup) {
   DMC_CUDA_CHECK(cudaEventDestroy(b));
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// Prints the device's line ("GPU: name (N SMs)"), or "no CUDA device" and false: the benchmark
+// then has nothing to run (exit 0, as on a machine without a GPU).
+bool print_device() {
+  if (!cuda::device_available()) {
+    std::printf("no CUDA device\n");
+    return false;
+  }
+  cudaDeviceProp prop;
+  DMC_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("GPU: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  return true;
 }
 
 }  // namespace
