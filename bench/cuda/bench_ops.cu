@@ -2,8 +2,8 @@
 // d = 2048, 16 heads of 128, MLP 5632, vocabulary 32000): median of CUDA-event timings after
 // warm-up, bytes counted as each input read once and each output written once, against a
 // device-to-device copy measured in the same run. Matmuls report TFLOP/s, except a decode step's
-// projections at Llama 2 7B's shape (weight reads: GB/s). Last, the decode step's cache append at
-// that shape and the 1B shape's.
+// projections at Llama 2 7B's shape and the 1B GQA shape (weight reads: GB/s). Last, the decode
+// step's cache append at those two shapes.
 //   usage: bench_ops [reps]
 #include <algorithm>
 #include <cstdio>
@@ -39,6 +39,13 @@ int g_reps = 20;
 float time_ms(const std::function<void()>& f) { return dmc::bench::median_ms(f, g_reps, 3); }
 
 double g_copy_gbs = 0;
+
+// A decode step's projection: IC → OC, its output in bf16 or (the LM head) fp32.
+struct Projection {
+  const char* name;
+  int IC, OC;
+  bool f32_out;
+};
 void row_bw(const char* name, double bytes, const std::function<void()>& f) {
   const float ms = time_ms(f);
   const double gbs = bytes / ms * 1e-6;
@@ -139,11 +146,6 @@ int main(int argc, char** argv) {
   {
     cublasHandle_t handle;
     if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) std::abort();
-    struct Projection {
-      const char* name;
-      int IC, OC;
-      bool f32_out;
-    };
     for (const Projection& p : {Projection{"qkv", 4096, 12288, false}, {"o", 4096, 4096, false},
                                 {"gate+up", 4096, 22016, false}, {"down", 11008, 4096, false},
                                 {"lm_head fp32", 4096, 32000, true}}) {
@@ -177,6 +179,51 @@ int main(int argc, char** argv) {
       cudaFree(wt);
     }
     cublasDestroy(handle);
+  }
+  // The 1B GQA shape's projections (bench_generate --shape=1b: d 2048, 32 heads / 4 KV heads of
+  // 64, MLP 5632) at the rows its saturated steps run at 0.25 GiB (vanilla 11.6, CR 4 ~40, CR 8
+  // ~76, padded as CudaEngine::PaddedRows pads them): Q, K and V as the engine runs them, and as
+  // one GEMM over their adjacent weights. These calls are shorter than their launch, so each is
+  // timed inside a CUDA graph of 64 calls, as a step runs them (the event timing above would
+  // count the host's launch). Weight copies as above.
+  {
+    cudaStream_t stream;
+    DMC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const size_t workspace_bytes = size_t(32) << 20;
+    void* workspace = dalloc<char>(workspace_bytes);
+    dmc::cuda::matmul_bind_workspace(stream, workspace, workspace_bytes);
+    for (const Projection& p :
+         {Projection{"q", 2048, 2048, false}, {"k or v", 2048, 256, false},
+          {"q+k+v", 2048, 2560, false}, {"o", 2048, 2048, false}, {"gate+up", 2048, 11264, false},
+          {"down", 5632, 2048, false}, {"lm_head fp32", 2048, 32000, true}}) {
+      const size_t weights = size_t(p.OC) * p.IC;
+      const int copies = int(std::max<size_t>(1, (size_t(256) << 20) / (E * weights)));
+      bf16* wt = rand_bf16(weights * copies, 0.02f);
+      for (int R : {16, 40, 80}) {
+        bf16* in = rand_bf16(size_t(R) * p.IC);
+        void* out = dalloc<float>(size_t(R) * p.OC);
+        const double bytes = E * (weights + size_t(R) * p.IC) + (p.f32_out ? 4 : E) * R * p.OC;
+        int next = 0;
+        const float ms = dmc::bench::graph_ms_per_call(
+            [&](cudaStream_t s) {
+              const bf16* w = wt + weights * (next++ % copies);
+              if (p.f32_out)
+                dmc::cuda::matmul_forward_f32(static_cast<float*>(out), in, w, R, p.IC, p.OC, s);
+              else
+                dmc::cuda::matmul_forward(static_cast<bf16*>(out), in, w, R, p.IC, p.OC, s);
+            },
+            stream, 64, g_reps);
+        const double gbs = bytes / ms * 1e-6;
+        std::printf("decode 1b %-12s N%-2d IC%d OC%-5d       %9.4f ms %8.0f GB/s %5.0f%% of copy\n",
+                    p.name, R, p.IC, p.OC, ms, gbs, 100.0 * gbs / g_copy_gbs);
+        std::fflush(stdout);
+        cudaFree(in), cudaFree(out);
+      }
+      cudaFree(wt);
+    }
+    dmc::cuda::matmul_bind_workspace(stream, nullptr, 0);
+    DMC_CUDA_CHECK(cudaStreamDestroy(stream));
+    cudaFree(workspace);
   }
   // Cross-entropy over V = 32000
   {
