@@ -86,9 +86,10 @@ float median_ms(const std::function<void()>& f, int reps, int warmup) {
 }
 
 // The GPU time of one call of f, for calls shorter than their own launch: `calls` calls of
-// f(stream) captured into a CUDA graph, as a decode step runs them, and the median of `reps`
-// launches of that graph divided by `calls`. f must be capture-safe on `stream` (cuBLASLt:
-// matmul_bind_workspace first).
+// f(stream) captured into a CUDA graph, as a decode step runs them, and median_ms of that graph's
+// launch divided by `calls`. stream must be a blocking one (cudaStreamCreate), so that
+// median_ms's events on the legacy default stream bracket the graph; f must be capture-safe on it
+// (cuBLASLt: matmul_bind_workspace first).
 float graph_ms_per_call(const std::function<void(cudaStream_t)>& f, cudaStream_t stream,
                         int calls, int reps) {
   f(stream);  // outside the capture: lets a library settle its one-time set-up
@@ -100,24 +101,10 @@ float graph_ms_per_call(const std::function<void(cudaStream_t)>& f, cudaStream_t
   DMC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   DMC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   DMC_CUDA_CHECK(cudaGraphDestroy(graph));
-  cudaEvent_t a, b;
-  DMC_CUDA_CHECK(cudaEventCreate(&a));
-  DMC_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int i = 0; i < reps + 2; ++i) {  // two launches warm up
-    DMC_CUDA_CHECK(cudaEventRecord(a, stream));
-    DMC_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    DMC_CUDA_CHECK(cudaEventRecord(b, stream));
-    DMC_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    DMC_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (i >= 2) t.push_back(ms / calls);
-  }
-  DMC_CUDA_CHECK(cudaEventDestroy(a));
-  DMC_CUDA_CHECK(cudaEventDestroy(b));
+  const float ms =
+      median_ms([&] { DMC_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, reps, 2) / calls;
   DMC_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return ms;
 }
 
 // Prints the device's line ("GPU: name (N SMs)"), or "no CUDA device" and false: the benchmark
