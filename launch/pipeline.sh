@@ -58,8 +58,9 @@
 # as parallel processes and start as soon as their model exists: the base model's during the
 # retrofits, each CR's while the next one trains. On the CPU configuration the retrofits and the
 # control themselves also run side by side (one thread each); on the GPU they take turns on the
-# one device. The GPU configuration's comparison at equal bytes (6.) runs on the GPU engine, one
-# evaluation at a time after the others, so that each one's decode tokens/s is the device's alone.
+# one device. The table's decode tokens/s (5.) come from each evaluation run again alone, and the
+# comparison at equal bytes (6.) runs one evaluation at a time (the GPU configuration's on the GPU
+# engine), so that every decode tokens/s is the machine's alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -79,7 +80,7 @@ done
 # 1. data and the configuration
 dmc_flags=()        # extra dmc-train flags of the DMC retrofits
 dms_stage_split=()  # DMS's split of the same retrofit steps into stages 1-3 (empty: DMC's)
-budget_device=()    # dmc-eval's device at equal bytes (6.; empty: the CPU, processes side by side)
+budget_device=()    # dmc-eval's device at equal bytes (6.; empty: the CPU engine)
 case "$config" in
   cpu)
     # 500 pre-training steps × 1024 tokens = 512k tokens (~0.3 epochs of the 1.6M training bytes;
@@ -389,16 +390,33 @@ fi
 
 # 5. the side-by-side table; "max batch" = sequences whose KV cache fits in the memory that 16
 #    sequences take with the full cache (DMC's includes its window state). The decode tokens/s
-#    are the CPU reference decoder's, measured while the other evaluations ran beside it.
+#    are the CPU reference decoder's, each row's evaluation run again alone on the machine (all
+#    cores): the evaluations above ran beside the trainings and one another, one thread each, so
+#    their own tokens/s measure what else ran (on two cores DMS's came out 4× DMC's; alone the
+#    two are equal).
+timed_alone() {  # TSV: its row, with the decode tokens/s of the same evaluation run alone
+  local tsv=$1 flags=() args=() f
+  if [ ! "$tsv.alone" -nt "$tsv" ]; then  # a rerun keeps the timing of an evaluation it kept
+    read -r -a flags <"$tsv.flags"  # MODEL, then dmc-eval's flags (run_eval's record)
+    for f in "${flags[@]:1}"; do [[ $f == --heatmap=* ]] || args+=("$f"); done
+    rm -f "$tsv.alone.part"
+    run_alone "timed_$(basename "$tsv" .tsv)" \
+        $bin/inference/dmc-eval --model="${flags[0]}" "${args[@]}" --append_tsv="$tsv.alone.part"
+    mv "$tsv.alone.part" "$tsv.alone"
+  fi
+  awk -F'\t' -v OFS='\t' 'NR == FNR { alone = $8; next } { $8 = alone; print }' "$tsv.alone" "$tsv"
+}
+log "timing each evaluation alone"
 tsv="$results/eval.tsv"
 : >"$tsv"
-cat "$results/eval_base.tsv" "$results/eval_control.tsv" >>"$tsv"
+rows=("$results/eval_base.tsv" "$results/eval_control.tsv")
 for cr in $crs; do
-  for method in "${methods[@]}"; do cat "$results/eval_${method}_cr$cr.tsv" >>"$tsv"; done
+  for method in "${methods[@]}"; do rows+=("$results/eval_${method}_cr$cr.tsv"); done
   if [[ " ${methods[*]} " == *" dmc "* ]]; then
-    cat "$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv" >>"$tsv"
+    rows+=("$results/eval_h2o_cr$cr.tsv" "$results/eval_tova_cr$cr.tsv")
   fi
 done
+for row in "${rows[@]}"; do timed_alone "$row" >>"$tsv"; done
 {
   echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | Δ vs control | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -421,24 +439,20 @@ cat "$results/table.md"
 #    channels, H2O's and TOVA's slots (uniform, and per layer by PyramidInfer and ZigZagKV),
 #    KVSharer's shared layers; every DMC and DMS retrofit at full precision or composed with 8,
 #    4 or 2 bits, and with ThinK's key channels pruned on its settled slots. One dmc-eval per model
-#    and method: on the CPU configuration processes side by side, one thread each; on the GPU
+#    and method, one at a time, so that each one's decode tokens/s is measured with nothing else
+#    on the machine: on the CPU configuration on the CPU engine (all cores), on the GPU
 #    configuration on the GPU engine (--device=cuda: the bytes it holds, bf16 pages and fp32
-#    window state; the budgets fractions of its bf16 vanilla cache), one at a time, so that each one's decode tokens/s is measured with
-#    nothing else on the device (the GPU engine serves every method here). Tables and plot by
-#    launch/kv_budget_report.sh.
+#    window state; the budgets fractions of its bf16 vanilla cache; it serves every method here).
+#    Tables and plot by launch/kv_budget_report.sh.
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
   run_eval "$results/budget_$name.tsv" "$model" --label="$label" --page_size=$budget_page_size \
       --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method" "${budget_device[@]}"
 }
 budget_runs=()
-budget_job() {  # NAME MODEL LABEL METHOD: in the background on the CPU, now and alone on the GPU
-  if ((${#budget_device[@]})); then
-    log "at equal bytes on the GPU: $3, $4"
-    run_alone "budget_$1" budget_eval "$@"
-  else
-    spawn "budget_$1" budget_eval "$@"
-  fi
+budget_job() {  # NAME MODEL LABEL METHOD: alone on the machine, so its decode tokens/s are its own
+  log "at equal bytes: $3, $4"
+  run_alone "budget_$1" budget_eval "$@"
   budget_runs+=("$1")
 }
 log "the KV compressors at 1/2, 1/4 and 1/8 of the vanilla cache's bytes"
