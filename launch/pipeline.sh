@@ -467,7 +467,6 @@ for method in "${methods[@]}"; do
     budget_job "${method}_think_cr$cr" "$out/${method}_cr$cr" "${method^^} CR$cr" "${method}_think"
   done
 done
-finish
 budget_tsvs=()
 for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
 cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
