@@ -37,11 +37,6 @@ __global__ void fill_mask(float* m, size_t n, uint64_t seed) {
 // run would pay for the columns before it. bench/cuda/sdpa_anchor.py rests the same way.
 void rest() { std::this_thread::sleep_for(std::chrono::seconds(1)); }
 
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 struct Shape {
   int B, H, Hkv, T, D;
 };
@@ -143,7 +138,8 @@ int main(int argc, char** argv) {
         DMC_CUDA_CHECK(cudaEventElapsedTime(&b, e_mid, e1));
         total.push_back(a + b), first.push_back(a), second.push_back(b);
       }
-      mfb = median(total), mfb_f = median(first), mfb_b = median(second);
+      mfb = dmc::bench::median(total), mfb_f = dmc::bench::median(first),
+      mfb_b = dmc::bench::median(second);
     }
     const double flops_f = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.D / 2.0;
     const double flops_b = 2.5 * flops_f;

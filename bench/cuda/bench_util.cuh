@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda_check.h"
@@ -61,6 +62,12 @@ float* rand_f32(size_t n, float lo, float hi) {
   return p;
 }
 
+// The middle value of v (the upper one of an even count).
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // Median of `reps` CUDA-event timings of f (on the legacy default stream) after `warmup` calls.
 float median_ms(const std::function<void()>& f, int reps, int warmup) {
   for (int i = 0; i < warmup; ++i) f();
@@ -81,8 +88,7 @@ float median_ms(const std::function<void()>& f, int reps, int warmup) {
   DMC_CUDA_CHECK_LAUNCH();
   DMC_CUDA_CHECK(cudaEventDestroy(a));
   DMC_CUDA_CHECK(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median(std::move(t));
 }
 
 // The GPU time of one call of f, for calls shorter than their own launch: `calls` calls of
