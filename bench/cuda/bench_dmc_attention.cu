@@ -8,7 +8,6 @@
 // the 1.36B training step's attention (bench_train_step's 1b:4).
 //   usage: bench_dmc_attention [reps] [B,H,Hkv,T,D]   (one table: the shapes below, or the one
 //   named, e.g. for a profiler run on one shape)
-#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
