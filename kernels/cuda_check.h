@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 
 #define DMC_CUDA_CHECK(expr)                                                               \
   do {                                                                                      \
@@ -57,6 +58,43 @@ enum ScratchSlot : int {
 };
 
 int num_sms();
+
+// ---- Programmatic dependent launch (Hopper) ----
+// A decode step is a chain of short kernels, each waiting for the one before it. Launched with
+// cudaLaunchAttributeProgrammaticStreamSerialization, a kernel's CTAs may start once every CTA
+// of the kernel before it in the stream has started and called griddepcontrol.launch_dependents
+// (or exited): they are resident when that kernel ends, instead of being launched after it. A
+// kernel launched so must not touch global memory before griddepcontrol.wait, which returns once
+// the kernel before it has completed and its writes are visible; so every kernel launched through
+// launch_dependent begins with producer_done() (wait, then let its own dependents start). Both
+// instructions are no-ops in a kernel launched without the attribute. DMC_PDL=0 launches without
+// it (the comparison).
+bool programmatic_launch();
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ void producer_done() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                      cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = programmatic_launch() ? 1 : 0;
+  DMC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+#endif
 
 // Whether every pointer may take 16-byte vector accesses (nullptr, an absent operand, may).
 template <typename... Ptr>

@@ -1,4 +1,6 @@
 // Shared runtime helpers of the CUDA backend: device detection, the grow-only scratch buffers.
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda_check.h"
@@ -45,6 +47,14 @@ void* scratch(int slot, size_t bytes) {
     b.bytes = bytes;
   }
   return b.ptr;
+}
+
+bool programmatic_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("DMC_PDL");
+    return device_is_sm90() && !(v != nullptr && std::string(v) == "0");
+  }();
+  return on;
 }
 
 int num_sms() {

@@ -95,6 +95,7 @@ __device__ __forceinline__ void store_chunk_result(const Common& p, long qh, int
 // The CUDA-core kernel: GT query heads of one KV head, one chunk of its slots.
 template <int D, int GT, class P>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const P p) {
+  detail::producer_done();
   constexpr int TPR = D / 8;         // threads per key row
   constexpr int RPW = 32 / TPR;      // rows per warp per step
   constexpr int RG = kWarps * RPW;   // row groups per CTA
@@ -250,6 +251,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const P p) {
 // left the launch's waves of tiny CTAs, not the bytes, to set the time.
 template <class P>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const P p, long heads, int D) {
+  detail::producer_done();
   const long bh = static_cast<long>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
   if (bh >= heads) return;
   const int lane = threadIdx.x & 31;
@@ -309,6 +311,7 @@ constexpr int mma_epilogue_bytes(int D) { return static_cast<int>(sizeof(float))
 
 template <int D, class P>
 __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma_kernel(const P p) {
+  detail::producer_done();
   using Tiles = decltype(p.template tiles<D>(0));
   constexpr int NS = Tiles::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -488,9 +491,9 @@ inline void plan_chunks(Common& p, const char* op, long ctas, long max_len, int 
 template <int D, class P>
 void launch_cuda_cores(const P& p, int GT, dim3 grid, cudaStream_t stream) {
   switch (GT) {
-    case 4: decode_kernel<D, 4><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: decode_kernel<D, 2><<<grid, kThreads, 0, stream>>>(p); break;
-    default: decode_kernel<D, 1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: detail::launch_dependent(decode_kernel<D, 4, P>, grid, kThreads, 0, stream, p); break;
+    case 2: detail::launch_dependent(decode_kernel<D, 2, P>, grid, kThreads, 0, stream, p); break;
+    default: detail::launch_dependent(decode_kernel<D, 1, P>, grid, kThreads, 0, stream, p); break;
   }
   DMC_CUDA_CHECK_LAUNCH();
 }
@@ -506,7 +509,7 @@ void allow_mma_smem(size_t bytes) {
 
 template <int D, class P>
 void launch_mma(const P& p, dim3 grid, size_t smem_bytes, cudaStream_t stream) {
-  decode_mma_kernel<D><<<grid, kMmaWarps * 32, smem_bytes, stream>>>(p);
+  detail::launch_dependent(decode_mma_kernel<D, P>, grid, kMmaWarps * 32, smem_bytes, stream, p);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -521,8 +524,9 @@ template <class P>
 void launch_combine(const P& p, int B, int D, cudaStream_t stream) {
   if (p.direct) return;
   const long heads = static_cast<long>(B) * p.H;
-  combine_kernel<<<static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
-                   kCombineWarps * 32, 0, stream>>>(p, heads, D);
+  detail::launch_dependent(combine_kernel<P>,
+                   static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
+                   kCombineWarps * 32, 0, stream, p, heads, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -22,6 +22,7 @@ __device__ __forceinline__ float gate_logit(const bf16* k, const float* noise, l
 __global__ void gates_forward_kernel(DmcGateTensors out, const bf16* q, const bf16* k,
                                      const float* noise, int B, int T, int H, int Hkv, int D,
                                      GateArgs p) {
+  producer_done();
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long>(B) * T * Hkv) return;
   const int h = static_cast<int>(idx % Hkv);
@@ -95,8 +96,8 @@ void dmc_gates_forward(const DmcGateTensors& out, const bf16* q, const bf16* k, 
                        cudaStream_t stream) {
   const long total = static_cast<long>(B) * T * Hkv;
   if (total <= 0) return;
-  gates_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, q, k, noise, B, T, H, Hkv, D,
-                                                                args_of(params));
+  launch_dependent(gates_forward_kernel, ceil_div(total, 256), 256, 0, stream, out, q, k, noise, B,
+                   T, H, Hkv, D, args_of(params));
   DMC_CUDA_CHECK_LAUNCH();
 }
 

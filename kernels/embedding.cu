@@ -22,6 +22,7 @@ __device__ __forceinline__ long local_row(int32_t token, int vocab_begin, int vo
 
 __global__ void embedding_forward_kernel(bf16* out, const int32_t* tokens, const bf16* wte, int N,
                                          int C, int vocab_begin, int vocab_rows) {
+  producer_done();
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int vecs = C / 8;
   if (idx >= static_cast<long>(N) * vecs) return;
@@ -34,6 +35,7 @@ __global__ void embedding_forward_kernel(bf16* out, const int32_t* tokens, const
 
 __global__ void embedding_forward_scalar(bf16* out, const int32_t* tokens, const bf16* wte, int N,
                                          int C, int vocab_begin, int vocab_rows) {
+  producer_done();
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long>(N) * C) return;
   const int n = static_cast<int>(idx / C), c = static_cast<int>(idx % C);
@@ -74,12 +76,12 @@ void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N,
   if (N <= 0 || C <= 0) return;
   if (C % 8 == 0 && aligned16(out, wte)) {
     const long total = static_cast<long>(N) * (C / 8);
-    embedding_forward_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C,
-                                                                        vocab_begin, vocab_rows);
+    launch_dependent(embedding_forward_kernel, ceil_div(total, 256), 256, 0, stream, out, tokens,
+                     wte, N, C, vocab_begin, vocab_rows);
   } else {
     const long total = static_cast<long>(N) * C;
-    embedding_forward_scalar<<<ceil_div(total, 256), 256, 0, stream>>>(out, tokens, wte, N, C,
-                                                                        vocab_begin, vocab_rows);
+    launch_dependent(embedding_forward_scalar, ceil_div(total, 256), 256, 0, stream, out, tokens,
+                     wte, N, C, vocab_begin, vocab_rows);
   }
   DMC_CUDA_CHECK_LAUNCH();
 }

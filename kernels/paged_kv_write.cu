@@ -132,6 +132,7 @@ template <int D>
 __global__ void __launch_bounds__(32 * kAppendWarps, D == 128 ? kAppendBlocksPerSm : 1)
     append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge, const float* omega,
                   const int32_t* positions, int heads, int Hkv, float theta, bool keep_last) {
+  producer_done();
   constexpr int C = D / 32;
   const long head = static_cast<long>(blockIdx.x) * kAppendWarps + threadIdx.x / 32;
   if (head >= heads) return;  // the whole warp
@@ -382,8 +383,8 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
   const int heads = n * Hkv;
   const unsigned grid = (heads + kAppendWarps - 1) / kAppendWarps;
   auto kernel = D == 128 ? append_kernel<128> : D == 64 ? append_kernel<64> : append_kernel<32>;
-  kernel<<<grid, 32 * kAppendWarps, 0, stream>>>(cache, k, v, merge, omega, positions, heads, Hkv,
-                                                 theta, keep_last_channel);
+  launch_dependent(kernel, grid, 32 * kAppendWarps, 0, stream, cache, k, v, merge, omega, positions,
+                   heads, Hkv, theta, keep_last_channel);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -51,6 +51,7 @@ template <int kTeam, int kWords>
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_forward_vec(bf16* out, float* rstd, const bf16* inp, const bf16* weight, int N, int C,
                         float eps) {
+  producer_done();
   const long row = static_cast<long>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
   if (row >= N) return;  // a whole team (a block team's row is always < N)
   uint4 x[kWords];
@@ -81,6 +82,7 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void rmsnorm_forward_scalar(bf16* out, float* rstd, const bf16* inp, const bf16* weight,
                                        int N, int C, float eps) {
+  producer_done();
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= N) return;
@@ -293,11 +295,12 @@ void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight
   if (vector_rows(C, out, inp, weight)) {
     with_row_team(N, C, [&](auto team, auto words) {
       constexpr int kTeam = decltype(team)::value, kWords = decltype(words)::value;
-      rmsnorm_forward_vec<kTeam, kWords><<<team_blocks<kTeam>(N), kThreads, 0, stream>>>(
-          out, rstd, inp, weight, N, C, eps);
+      launch_dependent(rmsnorm_forward_vec<kTeam, kWords>, team_blocks<kTeam>(N), kThreads, 0,
+                       stream, out, rstd, inp, weight, N, C, eps);
     });
   } else {
-    rmsnorm_forward_scalar<<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+    launch_dependent(rmsnorm_forward_scalar, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight,
+                     N, C, eps);
   }
   DMC_CUDA_CHECK_LAUNCH();
 }

@@ -28,6 +28,7 @@ template <bool kBackward>
 __global__ void rope_scalar(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
                             const int32_t* positions, float theta, bool keep_last,
                             int heads_per_thread, bool accumulate) {
+  producer_done();
   const int half = D / 2;
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long total = static_cast<long>(B) * T * half;
@@ -63,6 +64,7 @@ template <bool kBackward>
 __global__ void rope_vec(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
                          const int32_t* positions, float theta, bool keep_last,
                          int heads_per_thread, bool accumulate) {
+  producer_done();
   const int half = D / 2, words = half / 8;
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long>(B) * T * words) return;
@@ -139,11 +141,11 @@ void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos
   const int heads_per_thread = ceil_div(H, std::min<long>(H, ceil_div(kEnoughThreads, total)));
   const dim3 grid(ceil_div(total, 256), ceil_div(H, heads_per_thread));
   if (vec)
-    rope_vec<kBackward><<<grid, 256, 0, stream>>>(out, inp, B, T, H, D, pos0, positions, theta,
-                                                  keep_last, heads_per_thread, accumulate);
+    launch_dependent(rope_vec<kBackward>, grid, 256, 0, stream, out, inp, B, T, H, D, pos0,
+                     positions, theta, keep_last, heads_per_thread, accumulate);
   else
-    rope_scalar<kBackward><<<grid, 256, 0, stream>>>(out, inp, B, T, H, D, pos0, positions, theta,
-                                                     keep_last, heads_per_thread, accumulate);
+    launch_dependent(rope_scalar<kBackward>, grid, 256, 0, stream, out, inp, B, T, H, D, pos0,
+                     positions, theta, keep_last, heads_per_thread, accumulate);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

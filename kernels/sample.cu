@@ -29,6 +29,7 @@ struct ArgMaxOp {
 
 __global__ void sample_kernel(int32_t* next, float* logprob, int32_t* argmax, const float* logits,
                               int V, kernels::SampleRows rows) {
+  producer_done();
   using Reduce = cub::BlockReduce<ArgMax, kThreads>;
   using Scan = cub::BlockScan<float, kThreads>;
   __shared__ union {
@@ -118,7 +119,7 @@ __global__ void sample_kernel(int32_t* next, float* logprob, int32_t* argmax, co
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,
                    int V, const kernels::SampleRows& rows, cudaStream_t stream) {
   if (n <= 0) return;
-  sample_kernel<<<n, kThreads, 0, stream>>>(next, logprob, argmax, logits, V, rows);
+  launch_dependent(sample_kernel, n, kThreads, 0, stream, next, logprob, argmax, logits, V, rows);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

@@ -18,6 +18,7 @@ __device__ __forceinline__ void grid_stride(size_t n, Body body) {
 
 __global__ void swiglu_forward_kernel(bf16* out, const bf16* gate, const bf16* up, size_t rows,
                                       size_t F, size_t ld) {
+  producer_done();
   grid_stride(rows * F, [&](size_t i) {
     const size_t in = (i / F) * ld + i % F;
     const float g = bf(gate[in]);
@@ -43,6 +44,7 @@ __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dout,
 // F8 = F / 8 vectors a row, ld8 = ld / 8.
 __global__ void swiglu_forward_vec(bf16* out, const bf16* gate, const bf16* up, size_t rows,
                                    size_t F8, size_t ld8) {
+  producer_done();
   grid_stride(rows * F8, [&](size_t i) {
     const size_t in = 8 * ((i / F8) * ld8 + i % F8);
     float g[8], u[8];
@@ -88,10 +90,11 @@ void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, size_t rows, si
                     cudaStream_t stream) {
   if (rows == 0 || F == 0) return;
   if (F % 8 == 0 && ld % 8 == 0 && aligned16(out, gate, up))
-    swiglu_forward_vec<<<grid_for(rows * F / 8), 256, 0, stream>>>(out, gate, up, rows, F / 8,
-                                                                   ld / 8);
+    launch_dependent(swiglu_forward_vec, grid_for(rows * F / 8), 256, 0, stream, out, gate, up,
+                     rows, F / 8, ld / 8);
   else
-    swiglu_forward_kernel<<<grid_for(rows * F), 256, 0, stream>>>(out, gate, up, rows, F, ld);
+    launch_dependent(swiglu_forward_kernel, grid_for(rows * F), 256, 0, stream, out, gate, up, rows,
+                     F, ld);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
