@@ -79,6 +79,11 @@ __device__ __forceinline__ void producer_done() {
 #endif
 }
 
+// Brings the 128-byte line of p into L2 (no register is written, nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 template <typename... Params, typename... Args>
 void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
                       cudaStream_t stream, Args&&... args) {

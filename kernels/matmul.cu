@@ -172,7 +172,16 @@ __global__ void __launch_bounds__(kFewRowsWarps * 32)
       for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
     }
   };
+  // The first weight vectors are prefetched into L2 before griddepcontrol.wait, so they stream in
+  // while the kernel before this one (the producer of inp and the addend) finishes
+  // (kernels/cuda_check.h, programmatic dependent launch). Into L2 only, never a register: L2 is
+  // where the writes of that kernel land, so a prefetch cannot return a value older than them,
+  // should it have written the weights (an optimizer step before a forward of 2 rows).
   int v = lane;
+#pragma unroll
+  for (int u = 0; u < kInFlight; ++u)
+    if (v + 32 * u < vecs) prefetch_l2(w + v + 32 * u);
+  producer_done();
   for (; v + 32 * (kInFlight - 1) < vecs; v += 32 * kInFlight) {
     uint4 wv[kInFlight];
 #pragma unroll
@@ -204,8 +213,8 @@ void launch_few_rows(Out* out, const bf16* inp, const bf16* weight, const bf16* 
     if (N != NR) return launch_few_rows<Out, NR + 1>(out, inp, weight, addend, N, IC, OC, stream);
   }
   const int blocks = (OC + kFewRowsWarps - 1) / kFewRowsWarps;
-  few_rows_kernel<NR, Out>
-      <<<blocks, kFewRowsWarps * 32, 0, stream>>>(out, inp, weight, addend, IC, OC);
+  launch_dependent(few_rows_kernel<NR, Out>, blocks, kFewRowsWarps * 32, 0, stream, out, inp,
+                   weight, addend, IC, OC);
   DMC_CUDA_CHECK(cudaGetLastError());
 }
 
