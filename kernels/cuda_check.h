@@ -64,11 +64,12 @@ int num_sms();
 // cudaLaunchAttributeProgrammaticStreamSerialization, a kernel's CTAs may start once every CTA
 // of the kernel before it in the stream has started and called griddepcontrol.launch_dependents
 // (or exited): they are resident when that kernel ends, instead of being launched after it. A
-// kernel launched so must not touch global memory before griddepcontrol.wait, which returns once
-// the kernel before it has completed and its writes are visible; so every kernel launched through
-// launch_dependent begins with producer_done() (wait, then let its own dependents start). Both
-// instructions are no-ops in a kernel launched without the attribute. DMC_PDL=0 launches without
-// it (the comparison).
+// kernel launched so must neither load what the kernel before it may write nor store anything
+// before griddepcontrol.wait, which returns once that kernel has completed and its writes are
+// visible; so every kernel launched through launch_dependent begins with producer_done() (wait,
+// then let its own dependents start), at most after L2 prefetches of its weights (prefetch_l2,
+// which loads no register). Both instructions are no-ops in a kernel launched without the
+// attribute. DMC_PDL=0 launches without it (the comparison).
 bool programmatic_launch();
 
 #if defined(__CUDACC__)

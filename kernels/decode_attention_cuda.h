@@ -525,8 +525,8 @@ void launch_combine(const P& p, int B, int D, cudaStream_t stream) {
   if (p.direct) return;
   const long heads = static_cast<long>(B) * p.H;
   detail::launch_dependent(combine_kernel<P>,
-                   static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
-                   kCombineWarps * 32, 0, stream, p, heads, D);
+                           static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
+                           kCombineWarps * 32, 0, stream, p, heads, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
