@@ -495,7 +495,6 @@ void launch_cuda_cores(const P& p, int GT, dim3 grid, cudaStream_t stream) {
     case 2: detail::launch_dependent(decode_kernel<D, 2, P>, grid, kThreads, 0, stream, p); break;
     default: detail::launch_dependent(decode_kernel<D, 1, P>, grid, kThreads, 0, stream, p); break;
   }
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 // Lets the tensor-core kernel over P take up to `bytes` of shared memory (beyond the 48 KiB
@@ -510,7 +509,6 @@ void allow_mma_smem(size_t bytes) {
 template <int D, class P>
 void launch_mma(const P& p, dim3 grid, size_t smem_bytes, cudaStream_t stream) {
   detail::launch_dependent(decode_mma_kernel<D, P>, grid, kMmaWarps * 32, smem_bytes, stream, p);
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 // Set the quantized and the ThinK cache's tensor-core kernels' shared-memory limits
@@ -527,7 +525,6 @@ void launch_combine(const P& p, int B, int D, cudaStream_t stream) {
   detail::launch_dependent(combine_kernel<P>,
                            static_cast<unsigned>((heads + kCombineWarps - 1) / kCombineWarps),
                            kCombineWarps * 32, 0, stream, p, heads, D);
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 // What every paged decode attention's launch shares once its Params hold the cache's source:

@@ -83,7 +83,6 @@ void embedding_forward(bf16* out, const int32_t* tokens, const bf16* wte, int N,
     launch_dependent(embedding_forward_scalar, ceil_div(total, 256), 256, 0, stream, out, tokens,
                      wte, N, C, vocab_begin, vocab_rows);
   }
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 void embedding_backward(float* dwte, const bf16* dout, const int32_t* tokens, int N, int C,

@@ -215,7 +215,6 @@ void launch_few_rows(Out* out, const bf16* inp, const bf16* weight, const bf16* 
   const int blocks = (OC + kFewRowsWarps - 1) / kFewRowsWarps;
   launch_dependent(few_rows_kernel<NR, Out>, blocks, kFewRowsWarps * 32, 0, stream, out, inp,
                    weight, addend, IC, OC);
-  DMC_CUDA_CHECK(cudaGetLastError());
 }
 
 // out [N, OC] (type out_type) = inp [N, IC] · weight^T + beta · out.

@@ -385,7 +385,6 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
   auto kernel = D == 128 ? append_kernel<128> : D == 64 ? append_kernel<64> : append_kernel<32>;
   launch_dependent(kernel, grid, 32 * kAppendWarps, 0, stream, cache, k, v, merge, omega, positions,
                    heads, Hkv, theta, keep_last_channel);
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v,

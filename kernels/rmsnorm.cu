@@ -302,7 +302,6 @@ void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight
     launch_dependent(rmsnorm_forward_scalar, ceil_div(N, 8), 256, 0, stream, out, rstd, inp, weight,
                      N, C, eps);
   }
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp,

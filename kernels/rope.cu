@@ -146,7 +146,6 @@ void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos
   else
     launch_dependent(rope_scalar<kBackward>, grid, 256, 0, stream, out, inp, B, T, H, D, pos0,
                      positions, theta, keep_last, heads_per_thread, accumulate);
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace

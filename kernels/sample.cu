@@ -120,7 +120,6 @@ void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* 
                    int V, const kernels::SampleRows& rows, cudaStream_t stream) {
   if (n <= 0) return;
   launch_dependent(sample_kernel, n, kThreads, 0, stream, next, logprob, argmax, logits, V, rows);
-  DMC_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace dmc::cuda
