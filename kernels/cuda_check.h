@@ -69,7 +69,8 @@ int num_sms();
 // visible; so every kernel launched through launch_dependent begins with producer_done() (wait,
 // then let its own dependents start), at most after L2 prefetches of its weights (prefetch_l2,
 // which loads no register). Both instructions are no-ops in a kernel launched without the
-// attribute. DMC_PDL=0 launches without it (the comparison).
+// attribute. DMC_PDL=0 launches without it (the comparison). launch_dependent checks the
+// launch's result itself: its callers add no DMC_CUDA_CHECK_LAUNCH.
 bool programmatic_launch();
 
 #if defined(__CUDACC__)
