@@ -16,9 +16,9 @@
 namespace dmc::model::cuda_model_detail {
 void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);
 void get_dms_query_channel(float* x, const cuda::bf16* q, long N, int H, int Hkv, int D,
-                           cudaStream_t stream);
+                           cudaStream_t stream, long row_stride = 0);
 void set_dms_query_channel(cuda::bf16* q, const float* value, long N, int H, int Hkv, int D,
-                           cudaStream_t stream);
+                           cudaStream_t stream, long row_stride = 0);
 }
 
 namespace dmc::inference {
@@ -102,8 +102,9 @@ struct CudaEngine::Device {
   uint8_t* marks = nullptr;
   std::vector<size_t> dms_adapter;  // [layer · 2 + (0 norm, 1 projection)]
   float *dms = nullptr, *pdms_x = nullptr;
-  // Step activations, [R, ...].
-  bf16 *x, *xn, *q, *qr, *k, *v, *att, *gate_up, *h;
+  // Step activations, [R, ...]; qkv [R, (H + 2·Hkv)·D]: a row's query, key and value, the one
+  // product of their adjacent weights (model::LayerTensor).
+  bf16 *x, *xn, *qkv, *qr, *att, *gate_up, *h;
   float *rstd, *merge, *omega, *logits;
   // Step inputs (device and pinned host), outputs.
   char* io_dev = nullptr;
@@ -187,7 +188,7 @@ CudaEngine::~CudaEngine() {
                   (void*)d.lengths, (void*)d.window_count, (void*)d.window, (void*)d.window_omega,
                   (void*)d.slot_pos, (void*)d.scores, (void*)d.probs, (void*)d.marks,
                   (void*)d.dms, (void*)d.pdms_x, (void*)d.x,
-                  (void*)d.xn, (void*)d.q, (void*)d.qr, (void*)d.k, (void*)d.v, (void*)d.att,
+                  (void*)d.xn, (void*)d.qkv, (void*)d.qr, (void*)d.att,
                   (void*)d.gate_up, (void*)d.h, (void*)d.rstd, (void*)d.merge,
                   (void*)d.omega, (void*)d.logits, (void*)d.io_dev, (void*)d.next,
                   (void*)d.argmax, (void*)d.logprob, (void*)d.assign_index, (void*)d.assign_page,
@@ -449,11 +450,9 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
 
   d.x = Alloc<bf16>(size_t(R) * C);
   d.xn = Alloc<bf16>(size_t(R) * C);
-  d.q = Alloc<bf16>(size_t(R) * H * D);
+  d.qkv = Alloc<bf16>(size_t(R) * (H + 2 * Hkv) * D);
   d.qr = Alloc<bf16>(size_t(R) * H * D);
   d.att = Alloc<bf16>(size_t(R) * H * D);
-  d.k = Alloc<bf16>(size_t(R) * Hkv * D);
-  d.v = Alloc<bf16>(size_t(R) * Hkv * D);
   d.gate_up = Alloc<bf16>(size_t(R) * 2 * F);
   d.h = Alloc<bf16>(size_t(R) * F);
   d.rstd = Alloc<float>(R);
@@ -869,15 +868,15 @@ void CudaEngine::EnqueueQkv(int l, int rows, const bf16* x, bf16* xn, float* rst
   }
 }
 
-void CudaEngine::EnqueueDmsDecisions(int l, int rows, const bf16* x, bf16* q, bf16* xn,
-                                     float* rstd, float* input, float* logit, float* alpha,
-                                     float* evict, float* mask) {
+void CudaEngine::EnqueueDmsDecisions(int l, int rows, const bf16* x, bf16* q, long q_ld,
+                                     bf16* xn, float* rstd, float* input, float* logit,
+                                     float* alpha, float* evict, float* mask) {
   const Device& d = *dev_;
   const auto& [C, H, Hkv, D, V, theta, eps, scale, gates, dms_gates] = shape_;
   cudaStream_t st = d.stream;
   if (dms_qchannel_) {
-    model::cuda_model_detail::get_dms_query_channel(input, q, rows, H, Hkv, D, st);
-    model::cuda_model_detail::set_dms_query_channel(q, nullptr, rows, H, Hkv, D, st);
+    model::cuda_model_detail::get_dms_query_channel(input, q, rows, H, Hkv, D, st, q_ld);
+    model::cuda_model_detail::set_dms_query_channel(q, nullptr, rows, H, Hkv, D, st, q_ld);
   } else {
     const bf16* w = d.weights;
     c::rmsnorm_forward(xn, rstd, x, w + d.dms_adapter[2 * l], rows, C, eps, st);
@@ -893,14 +892,20 @@ void CudaEngine::EnqueueStep(int n) {
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
+  // A row's query, key and value as one GEMM over their adjacent weights, its rows ld apart:
+  // at a step's few rows one launch reads the three weights where three GEMMs, side by side,
+  // contended (bench/RESULTS.md entry 43: Q took 10.5 µs beside K and V, 6.2 alone).
+  const long ld = static_cast<long>(H + 2 * Hkv) * D;
+  bf16 *q = d.qkv, *k = q + H * D, *v = k + Hkv * D;
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    EnqueueQkv(l, n, d.x, d.xn, d.rstd, d.q, d.k, d.v);
-    if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, d.q, d.k,
-                                   nullptr, 1, n, H, Hkv, D, gates, st);
+    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
+    c::matmul_forward(d.qkv, d.xn, w + d.W(l, kWq), n, C, static_cast<int>(ld), st);
+    if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, q, k, nullptr,
+                                   1, n, H, Hkv, D, gates, st, ld);
     const size_t g = size_t(rows_) * Hkv;
     if (dms_)
-      EnqueueDmsDecisions(l, n, d.x, d.q, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g, d.merge,
-                          nullptr);
+      EnqueueDmsDecisions(l, n, d.x, q, ld, d.xn, d.rstd, d.dms, d.dms + g, d.dms + 2 * g,
+                          d.merge, nullptr);
     const c::PagedKv layer = CacheLayer(l);
     // KVSharer: a layer that reads an earlier one's cache writes nothing and attends to that
     // layer's slots (only the bf16 vanilla cache shares, ValidateKvSharing).
@@ -910,8 +915,8 @@ void CudaEngine::EnqueueStep(int n) {
     // of the step's graph, joined before the attention.
     ENGINE_CUDA(cudaEventRecord(d.fork, st));
     ENGINE_CUDA(cudaStreamWaitEvent(d.kv_streams[0], d.fork));
-    c::rope_forward_positions(d.qr, d.q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_,
-                              d.kv_streams[0]);
+    c::rope_forward_positions(d.qr, q, 1, n, H, D, d.in_dev.positions, theta, keep_ctrl_,
+                              d.kv_streams[0], ld);
     if (dms_qchannel_)
       model::cuda_model_detail::set_dms_query_channel(d.qr, nullptr, n, H, Hkv, D,
                                                       d.kv_streams[0]);
@@ -940,8 +945,8 @@ void CudaEngine::EnqueueStep(int n) {
                              cache_opt_.think_channels, st);
     }
     if (source == l)
-      c::paged_kv_append(layer, d.k, d.v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
-                         d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st);
+      c::paged_kv_append(layer, k, v, dmc_ ? d.merge : nullptr, dmc_ ? d.omega : nullptr,
+                         d.in_dev.positions, n, Hkv, D, theta, keep_ctrl_, st, ld);
     // DMS: the marked token that leaves now is gone before this step's attention.
     if (dms_)
       c::paged_kv_dms_evict(layer, Marks(l), d.merge, d.in_dev.positions, n, Hkv, D,
@@ -1170,7 +1175,8 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
       vhat = d.pvhat;
     }
     if (dms_)
-      EnqueueDmsDecisions(l, P, d.px, d.pq, d.pxn, d.prstd, d.pdms_x, logit, alpha, merge, mask);
+      EnqueueDmsDecisions(l, P, d.px, d.pq, 0, d.pxn, d.prstd, d.pdms_x, logit, alpha, merge,
+                          mask);
     c::rope_forward(d.pq, d.pq, 1, P, H, D, 0, theta, keep_ctrl_, st);
     c::rope_forward(d.pkr, khat, 1, P, Hkv, D, 0, theta, keep_ctrl_, st);
     if (dms_qchannel_)

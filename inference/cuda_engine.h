@@ -305,10 +305,11 @@ class CudaEngine : public DecodeEngine {
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* gate_up, __nv_bfloat16* h);
   // DMS: the hard eviction decisions evict [rows, Hkv] of layer l for rows of residual input x
-  // and queries q (the query channel is read, then zeroed), through input, logit and alpha
-  // [rows, Hkv]; the adapter's norm goes to xn and rstd, which are free between the Q/K/V GEMMs
-  // and the MLP. mask (null in a step): the prefill's hard attention mask, rows one sequence.
-  void EnqueueDmsDecisions(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* q,
+  // and queries q, rows q_ld elements apart (0: packed; the query channel is read, then zeroed),
+  // through input, logit and alpha [rows, Hkv]; the adapter's norm goes to xn and rstd, which are
+  // free between the Q/K/V GEMMs and the MLP. mask (null in a step): the prefill's hard attention
+  // mask, rows one sequence.
+  void EnqueueDmsDecisions(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* q, long q_ld,
                            __nv_bfloat16* xn, float* rstd, float* input, float* logit,
                            float* alpha, float* evict, float* mask);
   // Enqueues the device work of a step of rows 0..n-1 (graph body; the page changes follow it

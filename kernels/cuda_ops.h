@@ -79,10 +79,11 @@ void rope_forward(bf16* out, const bf16* inp, int B, int T, int H, int D, int po
 void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int pos0, float theta,
                    bool keep_last_channel, bool accumulate, cudaStream_t stream = nullptr);
 // At explicit positions (kernels/rope_positions.h): positions is a device array [T], shared by
-// the B sequences.
+// the B sequences. The forward reads inp's tokens (b, t) inp_row_stride elements apart (0: H·D,
+// packed; the decode step's queries are rows of its one Q, K, V product) and writes out packed.
 void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
                             const int32_t* positions, float theta, bool keep_last_channel,
-                            cudaStream_t stream = nullptr);
+                            cudaStream_t stream = nullptr, long inp_row_stride = 0);
 void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,
                              const int32_t* positions, float theta, bool keep_last_channel,
                              bool accumulate, cudaStream_t stream = nullptr);
@@ -218,9 +219,11 @@ struct DmcGateTensors {  // all [B, T, Hkv] fp32; any may be null
   float* mask = nullptr;
   float* omega = nullptr;
 };
+// q's and k's tokens (b, t) are qk_row_stride elements apart when it is not 0 (the decode step's
+// rows of its one Q, K, V product), else packed (H·D and Hkv·D).
 void dmc_gates_forward(const DmcGateTensors& out, const bf16* q, const bf16* k, const float* noise,
                        int B, int T, int H, int Hkv, int D, const kernels::DmcGateParams& params,
-                       cudaStream_t stream = nullptr);
+                       cudaStream_t stream = nullptr, long qk_row_stride = 0);
 // Accumulates into dq[..., D-1] and dk[..., D-1]; any of dalpha, dmerge, dmask, domega may be null.
 void dmc_gates_backward(bf16* dq, bf16* dk, const float* dalpha, const float* dmerge,
                         const float* dmask, const float* domega, const bf16* q, const float* logit,
@@ -452,11 +455,14 @@ void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
 
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools and window, fp32 omegas ----
 using PagedKv = kernels::PagedKvLayer<bf16>;
-// k, v [n, Hkv, D] pre-RoPE; merge, omega [n, Hkv] (null: never merge / omega 1); positions [n].
-// D 32, 64 or 128; k, v, the pools and the window 16-byte aligned.
+// k, v [n, Hkv, D] pre-RoPE, their rows kv_row_stride elements apart when it is not 0 (the
+// decode step's rows of its one Q, K, V product), else packed (Hkv·D); merge, omega [n, Hkv]
+// (null: never merge / omega 1); positions [n]. D 32, 64 or 128; k, v, their rows, the pools and
+// the window 16-byte aligned.
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
-                     float theta, bool keep_last_channel, cudaStream_t stream = nullptr);
+                     float theta, bool keep_last_channel, cudaStream_t stream = nullptr,
+                     long kv_row_stride = 0);
 // The page bookkeeping (kernels/paged_kv_pages.h). changes [n, L·Hkv], counts, row_slots and
 // row_spare [n]: device-visible (mapped host memory serves).
 void paged_kv_page_changes(const kernels::PagedKvPages& pages, int row0, int n, int tokens,

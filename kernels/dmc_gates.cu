@@ -13,15 +13,16 @@ struct GateArgs {
   bool relaxed;
 };
 
-__device__ __forceinline__ float gate_logit(const bf16* k, const float* noise, long idx, int D,
-                                            const GateArgs& p) {
-  const float a = bf(k[idx * D + D - 1]) - p.init_val;
+// The logit of (token bt, KV head h) = idx, the token's key row k_ld elements from the last.
+__device__ __forceinline__ float gate_logit(const bf16* k, long k_ld, const float* noise, long idx,
+                                            int Hkv, int D, const GateArgs& p) {
+  const float a = bf(k[(idx / Hkv) * k_ld + (idx % Hkv) * D + D - 1]) - p.init_val;
   return p.relaxed ? (a + noise[idx]) / p.temperature : a;
 }
 
 __global__ void gates_forward_kernel(DmcGateTensors out, const bf16* q, const bf16* k,
                                      const float* noise, int B, int T, int H, int Hkv, int D,
-                                     GateArgs p) {
+                                     long q_ld, long k_ld, GateArgs p) {
   producer_done();
   const long idx = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long>(B) * T * Hkv) return;
@@ -29,20 +30,21 @@ __global__ void gates_forward_kernel(DmcGateTensors out, const bf16* q, const bf
   const long bt = idx / Hkv;
   const int t = static_cast<int>(bt % T);
   const int G = H / Hkv;
-  const float logit = gate_logit(k, noise, idx, D, p);
+  const float logit = gate_logit(k, k_ld, noise, idx, Hkv, D, p);
   const float alpha = p.relaxed ? sigmoidf_(logit) : (logit > 0.f ? 1.f : 0.f);
   if (out.logit) out.logit[idx] = logit;
   if (out.alpha) out.alpha[idx] = alpha;
   if (out.merge) out.merge[idx] = p.relaxed ? (alpha >= 0.5f ? 1.f : 0.f) : alpha;
   if (out.omega) {
     float s = 0.f;
-    for (int g = 0; g < G; ++g) s += bf(q[(bt * H + h * G + g) * D + D - 1]);
+    const bf16* qh = q + bt * q_ld + static_cast<long>(h) * G * D + D - 1;
+    for (int g = 0; g < G; ++g) s += bf(qh[static_cast<long>(g) * D]);
     out.omega[idx] = sigmoidf_(s / G + p.init_val) + p.omega_eps;
   }
   if (out.mask) {
     float m = 0.f;
     if (t < T - 1) {
-      const float next = gate_logit(k, noise, idx + Hkv, D, p);
+      const float next = gate_logit(k, k_ld, noise, idx + Hkv, Hkv, D, p);
       m = p.relaxed ? logsigmoidf_(-next) : -50000.f * (next > 0.f ? 1.f : 0.f);
     }
     out.mask[idx] = m;
@@ -93,11 +95,13 @@ GateArgs args_of(const kernels::DmcGateParams& params) {
 
 void dmc_gates_forward(const DmcGateTensors& out, const bf16* q, const bf16* k, const float* noise,
                        int B, int T, int H, int Hkv, int D, const kernels::DmcGateParams& params,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, long qk_row_stride) {
   const long total = static_cast<long>(B) * T * Hkv;
   if (total <= 0) return;
+  const long q_ld = qk_row_stride ? qk_row_stride : static_cast<long>(H) * D;
+  const long k_ld = qk_row_stride ? qk_row_stride : static_cast<long>(Hkv) * D;
   launch_dependent(gates_forward_kernel, ceil_div(total, 256), 256, 0, stream, out, q, k, noise, B,
-                   T, H, Hkv, D, args_of(params));
+                   T, H, Hkv, D, q_ld, k_ld, args_of(params));
 }
 
 void dmc_gates_backward(bf16* dq, bf16* dk, const float* dalpha, const float* dmerge,

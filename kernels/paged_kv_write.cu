@@ -130,8 +130,9 @@ __device__ __forceinline__ void accumulate(float om, const Values& kx, const Val
 // l·C .. l·C + C − 1 of the token's key and value, then of the slot's.
 template <int D>
 __global__ void __launch_bounds__(32 * kAppendWarps, D == 128 ? kAppendBlocksPerSm : 1)
-    append_kernel(PagedKv c, const bf16* k, const bf16* v, const float* merge, const float* omega,
-                  const int32_t* positions, int heads, int Hkv, float theta, bool keep_last) {
+    append_kernel(PagedKv c, const bf16* k, const bf16* v, long kv_ld, const float* merge,
+                  const float* omega, const int32_t* positions, int heads, int Hkv, float theta,
+                  bool keep_last) {
   producer_done();
   constexpr int C = D / 32;
   const long head = static_cast<long>(blockIdx.x) * kAppendWarps + threadIdx.x / 32;
@@ -143,8 +144,9 @@ __global__ void __launch_bounds__(32 * kAppendWarps, D == 128 ? kAppendBlocksPer
   const float merge_h = merge != nullptr ? merge[head] : 0.f;
   const float om = omega != nullptr ? omega[head] : 1.f;
   float kx[C], vx[C];
-  load_bf16s(k + head * D + lane * C, kx);
-  load_bf16s(v + head * D + lane * C, vx);
+  const long token = (head / Hkv) * kv_ld + (head % Hkv) * D + lane * C;
+  load_bf16s(k + token, kx);
+  load_bf16s(v + token, vx);
   const bool m = len > 0 && pos > 0 && merge_h > 0.5f;
   const int count = m ? min(held + 1, w) : 1;  // the ring's entries with this token (w > 0)
   const long row = kernels::SlotRow(c, head, m ? len - 1 : len);
@@ -372,9 +374,11 @@ __global__ void window_kernel(PagedKv c, int row, const bf16* k, const bf16* v, 
 
 void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const float* merge,
                      const float* omega, const int32_t* positions, int n, int Hkv, int D,
-                     float theta, bool keep_last_channel, cudaStream_t stream) {
+                     float theta, bool keep_last_channel, cudaStream_t stream, long kv_row_stride) {
   if (n <= 0) return;
   if (D != 32 && D != 64 && D != 128) fail("head dim must be 32, 64 or 128");
+  const long kv_ld = kv_row_stride ? kv_row_stride : static_cast<long>(Hkv) * D;
+  if (kv_ld % 8) fail("k and v rows must be 16-byte aligned");
   const uintptr_t window = cache.window_size > 0 ? reinterpret_cast<uintptr_t>(cache.window) : 0;
   if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |
        reinterpret_cast<uintptr_t>(cache.k_pool) | reinterpret_cast<uintptr_t>(cache.v_pool) |
@@ -383,8 +387,8 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
   const int heads = n * Hkv;
   const unsigned grid = (heads + kAppendWarps - 1) / kAppendWarps;
   auto kernel = D == 128 ? append_kernel<128> : D == 64 ? append_kernel<64> : append_kernel<32>;
-  launch_dependent(kernel, grid, 32 * kAppendWarps, 0, stream, cache, k, v, merge, omega, positions,
-                   heads, Hkv, theta, keep_last_channel);
+  launch_dependent(kernel, grid, 32 * kAppendWarps, 0, stream, cache, k, v, kv_ld, merge, omega,
+                   positions, heads, Hkv, theta, keep_last_channel);
 }
 
 void paged_kv_extend(const PagedKv& cache, int row, const bf16* k, const bf16* v,

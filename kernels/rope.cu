@@ -5,7 +5,9 @@
 // both buffers 16-byte aligned): 8 pairs a thread, i.e. a 16-byte word from each half of the
 // head, with the words of 4 heads loaded before the first is used; one pair a thread otherwise.
 // Token t sits at positions[t] when there is a position array (LoMA's layout), else at pos0 + t:
-// the same kernels for both, so the two agree to the bit where the positions do.
+// the same kernels for both, so the two agree to the bit where the positions do. The input's
+// tokens are in_ld elements apart (H·D when packed; the decode step's queries, rows of its Q, K,
+// V product, are further apart); the output is packed.
 #include <algorithm>
 
 #include "kernels/cuda_check.h"
@@ -25,8 +27,8 @@ __device__ __forceinline__ float token_angle(int t, int i, int D, int pos0,
 
 // The backward writes its output (accumulate false) or adds into it (true).
 template <bool kBackward>
-__global__ void rope_scalar(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
-                            const int32_t* positions, float theta, bool keep_last,
+__global__ void rope_scalar(bf16* out, const bf16* inp, long in_ld, int B, int T, int H, int D,
+                            int pos0, const int32_t* positions, float theta, bool keep_last,
                             int heads_per_thread, bool accumulate) {
   producer_done();
   const int half = D / 2;
@@ -41,13 +43,13 @@ __global__ void rope_scalar(bf16* out, const bf16* inp, int B, int T, int H, int
   const bool ctrl = keep_last && i == half - 1;  // channel D-1 is the control channel
   const int h_end = min(H, (static_cast<int>(blockIdx.y) + 1) * heads_per_thread);
   for (int h = blockIdx.y * heads_per_thread; h < h_end; ++h) {
-    const long base = (bt * H + h) * D;
-    const float x1 = bf(inp[base + i]);
-    const float x2raw = bf(inp[base + i + half]);
+    const long base = (bt * H + h) * D, in = bt * in_ld + static_cast<long>(h) * D;
+    const float x1 = bf(inp[in + i]);
+    const float x2raw = bf(inp[in + i + half]);
     const float x2 = ctrl ? 0.f : x2raw;
     if (!kBackward) {
       out[base + i] = tobf(x1 * c - x2 * s);
-      out[base + i + half] = ctrl ? inp[base + i + half] : tobf(x2 * c + x1 * s);
+      out[base + i + half] = ctrl ? inp[in + i + half] : tobf(x2 * c + x1 * s);
     } else {
       const float d1 = x1 * c + x2 * s;
       const float d2 = ctrl ? x2raw : x2 * c - x1 * s;
@@ -61,8 +63,8 @@ constexpr int kHeadGroup = 4;  // heads whose words a thread loads before rotati
 
 // The vector path: a thread rotates pairs i0 .. i0+7 (i0 a multiple of 8) of one token.
 template <bool kBackward>
-__global__ void rope_vec(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
-                         const int32_t* positions, float theta, bool keep_last,
+__global__ void rope_vec(bf16* out, const bf16* inp, long in_ld, int B, int T, int H, int D,
+                         int pos0, const int32_t* positions, float theta, bool keep_last,
                          int heads_per_thread, bool accumulate) {
   producer_done();
   const int half = D / 2, words = half / 8;
@@ -83,7 +85,7 @@ __global__ void rope_vec(bf16* out, const bf16* inp, int B, int T, int H, int D,
 #pragma unroll
     for (int g = 0; g < kHeadGroup; ++g) {
       if (h0 + g >= h_end) break;
-      const bf16* x = inp + (bt * H + h0 + g) * D + i0;
+      const bf16* x = inp + bt * in_ld + static_cast<long>(h0 + g) * D + i0;
       a[g] = *reinterpret_cast<const uint4*>(x);
       b[g] = *reinterpret_cast<const uint4*>(x + half);
       if (kBackward && accumulate) {
@@ -134,18 +136,19 @@ __global__ void rope_vec(bf16* out, const bf16* inp, int B, int T, int H, int D,
 template <bool kBackward>
 void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
                  const int32_t* positions, float theta, bool keep_last, bool accumulate,
-                 cudaStream_t stream) {
-  const bool vec = D % 16 == 0 && aligned16(out, inp);
+                 cudaStream_t stream, long in_ld = 0) {
+  if (in_ld == 0) in_ld = static_cast<long>(H) * D;
+  const bool vec = D % 16 == 0 && in_ld % 8 == 0 && aligned16(out, inp);
   const long total = static_cast<long>(B) * T * (D / 2) / (vec ? 8 : 1);
   if (total <= 0 || H <= 0) return;
   const int heads_per_thread = ceil_div(H, std::min<long>(H, ceil_div(kEnoughThreads, total)));
   const dim3 grid(ceil_div(total, 256), ceil_div(H, heads_per_thread));
   if (vec)
-    launch_dependent(rope_vec<kBackward>, grid, 256, 0, stream, out, inp, B, T, H, D, pos0,
-                     positions, theta, keep_last, heads_per_thread, accumulate);
+    launch_dependent(rope_vec<kBackward>, grid, 256, 0, stream, out, inp, in_ld, B, T, H, D,
+                     pos0, positions, theta, keep_last, heads_per_thread, accumulate);
   else
-    launch_dependent(rope_scalar<kBackward>, grid, 256, 0, stream, out, inp, B, T, H, D, pos0,
-                     positions, theta, keep_last, heads_per_thread, accumulate);
+    launch_dependent(rope_scalar<kBackward>, grid, 256, 0, stream, out, inp, in_ld, B, T, H, D,
+                     pos0, positions, theta, keep_last, heads_per_thread, accumulate);
 }
 
 }  // namespace
@@ -164,8 +167,9 @@ void rope_backward(bf16* dinp, const bf16* dout, int B, int T, int H, int D, int
 
 void rope_forward_positions(bf16* out, const bf16* inp, int B, int T, int H, int D,
                             const int32_t* positions, float theta, bool keep_last_channel,
-                            cudaStream_t stream) {
-  launch_rope<false>(out, inp, B, T, H, D, 0, positions, theta, keep_last_channel, false, stream);
+                            cudaStream_t stream, long inp_row_stride) {
+  launch_rope<false>(out, inp, B, T, H, D, 0, positions, theta, keep_last_channel, false, stream,
+                     inp_row_stride);
 }
 
 void rope_backward_positions(bf16* dinp, const bf16* dout, int B, int T, int H, int D,

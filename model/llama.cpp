@@ -125,6 +125,8 @@ Llama<T>::Llama(const LlamaConfig& config, parallel::Communicator* tp_comm)
     const size_t* o = &layer_offsets_[size_t(l) * kLayerTensors];
     if (o[kUp] != o[kGate] + size_t(ffn_) * C)  // LayerTensor: one GEMM on the CUDA paths
       throw std::logic_error("gate_proj and up_proj are not adjacent in the parameter layout");
+    if (o[kWk] != o[kWq] + size_t(heads_) * D * C || o[kWv] != o[kWk] + size_t(kv_heads_) * D * C)
+      throw std::logic_error("q_proj, k_proj and v_proj are not adjacent in the parameter layout");
   }
   final_norm_offset_ = AddParam("model.norm.weight", {C}, -1, false);
   lm_head_offset_ = config_.tie_word_embeddings ? embed_offset_

@@ -35,7 +35,8 @@ namespace dmc::model {
 
 // A layer's tensors, in the order they lie in the flat parameter buffer. gate_proj and up_proj
 // are adjacent there, rows [2F, C] together: the CUDA model and the GPU engine run them as one
-// GEMM.
+// GEMM; so are q_proj, k_proj and v_proj, rows [(H + 2·Hkv)·D, C]: the GPU engine's decode step
+// runs them as one.
 enum LayerTensor { kAttnNorm, kWq, kWk, kWv, kWo, kMlpNorm, kGate, kUp, kDown, kLayerTensors };
 
 // One parameter tensor of this rank, inside the flat parameter buffer.

@@ -25,9 +25,9 @@ void fill_labelled(float* d, const int32_t* targets, const int32_t* tokens, int3
 // DMS's decision channel q[n, h·G, D-1] of q [N, H, D], for every KV head h: read into x [N, Hkv]
 // (fp32), or set from value [N, Hkv] (null: zeroed).
 void get_dms_query_channel(float* x, const cuda::bf16* q, long N, int H, int Hkv, int D,
-                           cudaStream_t stream);
+                           cudaStream_t stream, long row_stride = 0);
 void set_dms_query_channel(cuda::bf16* q, const float* value, long N, int H, int Hkv, int D,
-                           cudaStream_t stream);
+                           cudaStream_t stream, long row_stride = 0);
 void scale(float* x, size_t n, float s, cudaStream_t stream);
 void to_bf16(cuda::bf16* out, const float* in, size_t n, cudaStream_t stream);
 }  // namespace cuda_model_detail

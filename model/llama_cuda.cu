@@ -63,22 +63,23 @@ __global__ void fill_labelled_kernel(float* d, const int32_t* targets, const int
   if (i < N) d[i] = targets[i] >= 0 && tokens[i] != skip_input ? value : 0.f;
 }
 
-// Channel D-1 of query head h·G of row n, the DMS decision channel of KV head h (model/DMS.md §1).
-__device__ __forceinline__ long dms_channel(long n, int h, int H, int G, int D) {
-  return (n * H + static_cast<long>(h) * G) * D + D - 1;
+// Channel D-1 of query head h·G of row n (rows ld elements apart), the DMS decision channel of KV
+// head h (model/DMS.md §1).
+__device__ __forceinline__ long dms_channel(long n, long ld, int h, int G, int D) {
+  return n * ld + static_cast<long>(h) * G * D + D - 1;
 }
 
-__global__ void get_dms_query_channel_kernel(float* x, const bf16* q, long total, int H, int Hkv,
-                                             int D) {
-  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) x[i] = bf(q[dms_channel(i / Hkv, static_cast<int>(i % Hkv), H, H / Hkv, D)]);
-}
-
-__global__ void set_dms_query_channel_kernel(bf16* q, const float* value, long total, int H,
+__global__ void get_dms_query_channel_kernel(float* x, const bf16* q, long total, long ld, int H,
                                              int Hkv, int D) {
   const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) x[i] = bf(q[dms_channel(i / Hkv, ld, static_cast<int>(i % Hkv), H / Hkv, D)]);
+}
+
+__global__ void set_dms_query_channel_kernel(bf16* q, const float* value, long total, long ld,
+                                             int H, int Hkv, int D) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < total)
-    q[dms_channel(i / Hkv, static_cast<int>(i % Hkv), H, H / Hkv, D)] =
+    q[dms_channel(i / Hkv, ld, static_cast<int>(i % Hkv), H / Hkv, D)] =
         tobf(value ? value[i] : 0.f);
 }
 
@@ -125,20 +126,22 @@ void fill_labelled(float* d, const int32_t* targets, const int32_t* tokens, int3
 }
 
 void get_dms_query_channel(float* x, const bf16* q, long N, int H, int Hkv, int D,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, long row_stride) {
   const long total = N * Hkv;
   if (total <= 0) return;
-  get_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(x, q, total, H,
-                                                                                  Hkv, D);
+  const long ld = row_stride ? row_stride : static_cast<long>(H) * D;
+  get_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(x, q, total, ld,
+                                                                                  H, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
 void set_dms_query_channel(bf16* q, const float* value, long N, int H, int Hkv, int D,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, long row_stride) {
   const long total = N * Hkv;
   if (total <= 0) return;
+  const long ld = row_stride ? row_stride : static_cast<long>(H) * D;
   set_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
-      q, value, total, H, Hkv, D);
+      q, value, total, ld, H, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

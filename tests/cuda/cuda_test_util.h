@@ -171,6 +171,12 @@ inline void expect_probs(const std::string& what, const std::vector<float>& prob
   EXPECT_EQ(touched, 0) << what << ": written past a head's slots";
 }
 
+// Whether two arrays hold the same bits (bf16 has no host ==; NaN equals itself here).
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
+}
+
 // A decode attention run again on the same inputs (launch(out, probs) into fresh buffers) gives
 // bit-identical outputs and weights: fixed chunks, a fixed reduction order, no races.
 template <typename Launch>

@@ -80,6 +80,25 @@ TEST_F(CudaDmc, Gates) {
     expect_close(relaxed ? "gates fwd mask (relaxed)" : "gates fwd mask (hard)", mk.download(),
                  rmk, 1e-5);
     expect_close("gates fwd omega", om.download(), rom, 1e-5);
+    {
+      // The same gates from rows of a Q, K, V product (the decode step's layout): equal bits.
+      const long qd = static_cast<long>(in.H) * in.D, kd = static_cast<long>(in.Hkv) * in.D;
+      const long ld = qd + 2 * kd, tokens = static_cast<long>(in.B) * in.T;
+      std::vector<bf16> rows(tokens * ld, __float2bfloat16(7.f));
+      for (long t = 0; t < tokens; ++t) {
+        std::copy_n(in.qb.begin() + t * qd, qd, rows.begin() + t * ld);
+        std::copy_n(in.kb.begin() + t * kd, kd, rows.begin() + t * ld + qd);
+      }
+      DevBuf<bf16> drows(rows);
+      DevBuf<float> lg2(ns), al2(ns), mg2(ns), mk2(ns), om2(ns);
+      C::dmc_gates_forward({lg2, al2, mg2, mk2, om2}, drows, drows.ptr + qd, dnoise, in.B, in.T,
+                           in.H, in.Hkv, in.D, prm, nullptr, ld);
+      EXPECT_TRUE(same_bits(lg2.download(), lg.download())) << "logit from Q, K, V rows";
+      EXPECT_TRUE(same_bits(al2.download(), al.download())) << "alpha from Q, K, V rows";
+      EXPECT_TRUE(same_bits(mg2.download(), mg.download())) << "merge from Q, K, V rows";
+      EXPECT_TRUE(same_bits(mk2.download(), mk.download())) << "mask from Q, K, V rows";
+      EXPECT_TRUE(same_bits(om2.download(), om.download())) << "omega from Q, K, V rows";
+    }
 
     // backward: random upstream gradients, random initial dq/dk (accumulation)
     auto ga = randn(ns), gm = randn(ns), gk = randn(ns), go = randn(ns);

@@ -197,9 +197,11 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
 // layers compared. Row i's token of step s is at position s + stride·i (rows whose rings wrap at
 // different steps); merges(h) draws KV head h's decision for a step. The pools start poisoned
 // (4096, bf16-exact, which no write leaves) and the ring random, so a slot the kernel leaves
-// unwritten, or a stale ring entry it reads, shows.
+// unwritten, or a stale ring entry it reads, shows. qkv_rows: the device reads each row's key
+// and value from a row of the decode step's Q, K, V product (queries and padding around them),
+// not from packed arrays.
 void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int stride,
-                  const std::function<float(int h)>& merges) {
+                  const std::function<float(int h)>& merges, bool qkv_rows = false) {
   CacheLayer host = MakeLayer(R, Hkv, D, page, (steps + page - 1) / page, window);
   std::fill(host.k_pool.begin(), host.k_pool.end(), 4096.0f);
   std::fill(host.v_pool.begin(), host.v_pool.end(), 4096.0f);
@@ -230,10 +232,22 @@ void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int st
     for (int s = 0; s < steps; ++s) {
       std::vector<double> k(ks[s].begin(), ks[s].end()), v(vs[s].begin(), vs[s].end());
       DevBuf<bf16> dk(to_bf16(k)), dv(to_bf16(v));
+      // A row of the product: 2 query heads, the key, the value (ld = (2 + 2·Hkv)·D).
+      const long kv = static_cast<long>(Hkv) * D, ld = qkv_rows ? 2L * D + 2 * kv : 0;
+      std::vector<double> rows = randn(qkv_rows ? R * ld : 1);
+      for (long i = 0; qkv_rows && i < R; ++i)
+        for (long e = 0; e < kv; ++e) {
+          rows[i * ld + 2 * D + e] = k[i * kv + e];
+          rows[i * ld + 2 * D + kv + e] = v[i * kv + e];
+        }
+      DevBuf<bf16> drows(to_bf16(rows));
+      const bf16* key = qkv_rows ? drows.ptr + 2 * D : dk.ptr;
+      const bf16* value = qkv_rows ? key + kv : dv.ptr;
       DevBuf<float> dm(merge[s]), dom(omega[s]);
       DevBuf<int32_t> dp(positions[s]);
-      cuda::paged_kv_append(layer, dk.ptr, dv.ptr, window ? dm.ptr : nullptr,
-                            window ? dom.ptr : nullptr, dp.ptr, R, Hkv, D, 10000.0f, window > 0);
+      cuda::paged_kv_append(layer, key, value, window ? dm.ptr : nullptr,
+                            window ? dom.ptr : nullptr, dp.ptr, R, Hkv, D, 10000.0f, window > 0,
+                            nullptr, ld);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     }
   });
@@ -241,11 +255,14 @@ void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int st
 
 TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
   DMC_REQUIRE_GPU();
-  for (int window : {0, 5})
-    for (int D : {32, 64, 128}) {
-      SCOPED_TRACE(testing::Message() << "window " << window << " D " << D);
-      CheckAppends(5, 3, D, window, 4, 23, 0, [](int) { return rng()() % 3 ? 1.0f : 0.0f; });
-    }
+  for (bool qkv_rows : {false, true})
+    for (int window : {0, 5})
+      for (int D : {32, 64, 128}) {
+        SCOPED_TRACE(testing::Message() << "window " << window << " D " << D
+                                        << (qkv_rows ? " from Q, K, V rows" : ""));
+        CheckAppends(5, 3, D, window, 4, 23, 0, [](int) { return rng()() % 3 ? 1.0f : 0.0f; },
+                     qkv_rows);
+      }
 }
 
 // A decode step's shape: 124 rows of 32 KV heads at D 128 (Llama 2 7B's batch at DMC's

@@ -141,6 +141,17 @@ TEST_F(CudaLoma, RopeAtPositionsMatchesCpu) {
         K::rope_forward_positions<double>(ref.data(), x.data(), B, T, H, D, positions.data(),
                                           10000.f, keep);
         expect_close(("rope fwd " + what).c_str(), dout.download(), ref, kBf16Tol);
+        {
+          // The same tokens as rows of a wider product (the decode step's Q, K, V): equal bits.
+          const long hd = static_cast<long>(H) * D, ld = hd + 2 * D;
+          std::vector<bf16> rows(static_cast<size_t>(B) * T * ld, __float2bfloat16(7.f));
+          for (long t = 0; t < static_cast<long>(B) * T; ++t)
+            std::copy_n(xb.begin() + t * hd, hd, rows.begin() + t * ld);
+          DevBuf<bf16> drows(rows), dout2(n);
+          C::rope_forward_positions(dout2, drows, B, T, H, D, dpos, 10000.f, keep, nullptr, ld);
+          EXPECT_TRUE(same_bits(dout2.download(), dout.download()))
+              << "rope fwd from wider rows, " << what;
+        }
 
         for (bool accumulate : {true, false}) {
           auto g = randn(n), acc = grad_start(n, accumulate);
