@@ -73,10 +73,9 @@ constexpr size_t kGemmWorkspaceBytes = size_t(32) << 20;
 
 struct CudaEngine::Device {
   cudaStream_t stream = nullptr;
-  // Two more streams for work beside the step's own (graph branches in a capture): the K and V
-  // projections beside Q's (at a decode step's rows each of the three GEMMs leaves most of the
-  // GPU idle), and RoPE of the queries beside the cache's update. fork and joins order them
-  // within the step; each of the three streams has its own GEMM workspace.
+  // Two more streams for work beside the stream's own (graph branches in a capture): a prompt's
+  // K and V projections beside its Q's, and a step's RoPE of the queries beside the cache's
+  // update. fork and joins order them; each of the three streams has its own GEMM workspace.
   cudaStream_t kv_streams[2] = {nullptr, nullptr};
   cudaEvent_t fork = nullptr, joins[2] = {nullptr, nullptr};
   char* gemm_workspaces = nullptr;  // [3, kGemmWorkspaceBytes]: stream, kv_streams

@@ -298,7 +298,8 @@ class CudaEngine : public DecodeEngine {
   int ProbsStride() const { return max_pages_ * opt_.page_size + (settles_ ? residual_slots_ : 0); }
   // The attention's chunk for a step of `rows` rows (CudaEngineOptions::attention_chunk).
   int AttentionChunk(int rows) const;
-  // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
+  // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections
+  // into packed q, k, v, K and V beside Q (a prompt's pass; a step runs them as one GEMM).
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
