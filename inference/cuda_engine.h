@@ -12,7 +12,7 @@
 // last row moves into a freed one) is: every head whose last page is full holds a page more (the
 // worst case of the step, as the CPU cache's CanStep counts; the host hands it out when the head
 // fills its page, and the head keeps it until the head's next slot needs it), the step runs on the device
-// (per layer RMSNorm, Q/K/V GEMMs, the K and V ones on two more streams beside Q's, the hard DMC
+// (per layer RMSNorm, Q, K and V as one GEMM, the hard DMC
 // decisions, the append-or-merge write of all heads of all rows in one kernel, beside it on
 // another stream RoPE of the queries at each row's position, the paged decode attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
 // the token choice, kernels/sample.h) as one CUDA graph replay (below), then
