@@ -73,9 +73,9 @@ constexpr size_t kGemmWorkspaceBytes = size_t(32) << 20;
 
 struct CudaEngine::Device {
   cudaStream_t stream = nullptr;
-  // Two more streams for work beside the stream's own (graph branches in a capture): a prompt's
-  // K and V projections beside its Q's, and a step's RoPE of the queries beside the cache's
-  // update. fork and joins order them; each of the three streams has its own GEMM workspace.
+  // Two more streams for work beside the stream's own (graph branches in a capture): the K and V
+  // projections beside Q's (a prompt's, and a step's below qkv_one_gemm_rows rows), and a step's
+  // RoPE of the queries beside the cache's update. fork and joins order them; each of the three streams has its own GEMM workspace.
   cudaStream_t kv_streams[2] = {nullptr, nullptr};
   cudaEvent_t fork = nullptr, joins[2] = {nullptr, nullptr};
   char* gemm_workspaces = nullptr;  // [3, kGemmWorkspaceBytes]: stream, kv_streams
@@ -267,6 +267,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "attention_chunk must be >= 0 (0: chosen by each step's rows), got %d",
         options.attention_chunk));
+  if (options.qkv_one_gemm_rows < 0)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "qkv_one_gemm_rows must be >= 0 (0: Q, K and V always as three GEMMs), got %d",
+        options.qkv_one_gemm_rows));
   const int max_context =
       options.max_context > 0 ? options.max_context : cfg.max_position_embeddings;
   if (max_context > cfg.max_position_embeddings)
@@ -891,14 +895,21 @@ void CudaEngine::EnqueueStep(int n) {
   cudaStream_t st = d.stream;
   const bf16* w = d.weights;
   c::embedding_forward(d.x, d.in_dev.tokens, w + d.embed, n, C, 0, V, st);
-  // A row's query, key and value as one GEMM over their adjacent weights, its rows ld apart:
-  // at a step's few rows one launch reads the three weights where three GEMMs, side by side,
-  // contended (bench/RESULTS.md entry 43: Q took 10.5 µs beside K and V, 6.2 alone).
-  const long ld = static_cast<long>(H + 2 * Hkv) * D;
-  bf16 *q = d.qkv, *k = q + H * D, *v = k + Hkv * D;
+  // From qkv_one_gemm_rows rows, a row's query, key and value as one GEMM over their adjacent
+  // weights, its rows ld apart (bench/RESULTS.md entry 43: at 36 rows Q took 10.5 µs beside K and
+  // V, 6.2 alone); below, three GEMMs into packed rows in the same buffer (ld 0 to the readers).
+  const bool one_gemm = opt_.qkv_one_gemm_rows > 0 && n >= opt_.qkv_one_gemm_rows;
+  const long ld = one_gemm ? static_cast<long>(H + 2 * Hkv) * D : 0;
+  bf16* q = d.qkv;
+  bf16* k = q + (one_gemm ? H * D : static_cast<long>(n) * H * D);
+  bf16* v = k + (one_gemm ? Hkv * D : static_cast<long>(n) * Hkv * D);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
-    c::matmul_forward(d.qkv, d.xn, w + d.W(l, kWq), n, C, static_cast<int>(ld), st);
+    if (one_gemm) {
+      c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
+      c::matmul_forward(d.qkv, d.xn, w + d.W(l, kWq), n, C, static_cast<int>(ld), st);
+    } else {
+      EnqueueQkv(l, n, d.x, d.xn, d.rstd, q, k, v);
+    }
     if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, q, k, nullptr,
                                    1, n, H, Hkv, D, gates, st, ld);
     const size_t g = size_t(rows_) * Hkv;

@@ -175,6 +175,11 @@ struct CudaEngineOptions {
   // the GPU's SMs (AttentionChunk: 128 below one per SM, 256 below four, else 512; measured on
   // an H100 at 1 to 323 rows, bench/RESULTS.md entries 33-34).
   int attention_chunk = 0;
+  // A step of at least this many rows projects Q, K and V as one GEMM over their adjacent
+  // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three. On an H100 one
+  // GEMM took 4.4% off the 1B DMC step at 36 rows and added 7% to vanilla's at 11.6
+  // (bench/RESULTS.md entry 44); the default lies between the two, its crossover not measured.
+  int qkv_one_gemm_rows = 24;
 };
 
 class CudaEngine : public DecodeEngine {
@@ -299,7 +304,8 @@ class CudaEngine : public DecodeEngine {
   // The attention's chunk for a step of `rows` rows (CudaEngineOptions::attention_chunk).
   int AttentionChunk(int rows) const;
   // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections
-  // into packed q, k, v, K and V beside Q (a prompt's pass; a step runs them as one GEMM).
+  // into packed q, k, v, K and V beside Q (a prompt's pass, and a step of fewer than
+  // CudaEngineOptions::qkv_one_gemm_rows rows; more run them as one GEMM).
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).

@@ -17,6 +17,7 @@
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
+//                  [--qkv_one_gemm_rows=24]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -112,6 +113,9 @@ ABSL_FLAG(int, calibration_rounds, 14,
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
 ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_chunk,
           "the paged attention's flash-decoding chunk, in slots; 0: by each step's rows "
+          "(CudaEngineOptions)");
+ABSL_FLAG(int, qkv_one_gemm_rows, dmc::inference::CudaEngineOptions{}.qkv_one_gemm_rows,
+          "a step of at least this many rows projects Q, K and V as one GEMM; 0: always three "
           "(CudaEngineOptions)");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
@@ -462,6 +466,7 @@ int main(int argc, char** argv) {
     o.max_context = std::min(c.max_position_embeddings, p_hi + g_hi);
     o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
     o.attention_chunk = absl::GetFlag(FLAGS_attention_chunk);
+    o.qkv_one_gemm_rows = absl::GetFlag(FLAGS_qkv_one_gemm_rows);
     if ((o.policy.method == inf::CacheMethod::kDmc || o.policy.method == inf::CacheMethod::kDms) &&
         random_weights) {
       Calibrate(run_model, o, base, cr, seed + 3, absl::GetFlag(FLAGS_calibration_rounds));

@@ -1349,6 +1349,9 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   o.budget_bytes = 1L << 24;
   o.page_size = tc.page_size > 0 ? tc.page_size : 8;
   o.max_batch = 4;
+  // Every step's Q, K and V as one GEMM (the evaluation test above runs its steps, at most 8
+  // rows, as three: the default's).
+  o.qkv_one_gemm_rows = 1;
   auto gpu = inference::CudaEngine::Create(host, o);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, o.page_size);
@@ -1845,7 +1848,8 @@ TEST(CudaEngineErrors, HeadDim32TakesTheBf16CacheOnly) {
       << refused.status();
 }
 
-// Sizes below 1 are refused by name, and the attention's chunk below 0 (0 chooses it by rows).
+// Sizes below 1 are refused by name, and the attention's chunk and the rows of one Q, K, V GEMM
+// below 0 (0: the chunk by rows, never one GEMM).
 TEST(CudaEngineErrors, BadSizesAreRefusedByName) {
   DMC_REQUIRE_GPU();
   model::Llama<float> m(EngineConfig({"d32", false, 128, 4, 4, CacheMethod::kVanilla}), nullptr);
@@ -1861,6 +1865,13 @@ TEST(CudaEngineErrors, BadSizesAreRefusedByName) {
   o.attention_chunk = 37;  // any chunk of at least one slot serves
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
   o.attention_chunk = 0;  // chosen by each step's rows
+  EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
+  o.qkv_one_gemm_rows = -1;
+  auto bad_rows = inference::CudaEngine::Create(m, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(bad_rows.status())) << bad_rows.status();
+  EXPECT_NE(bad_rows.status().message().find("qkv_one_gemm_rows must be >= 0"), std::string::npos)
+      << bad_rows.status();
+  o.qkv_one_gemm_rows = 0;  // always three GEMMs
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
   o.page_size = 0;
   auto no_pages = inference::CudaEngine::Create(m, o);
