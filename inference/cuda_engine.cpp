@@ -75,7 +75,8 @@ struct CudaEngine::Device {
   cudaStream_t stream = nullptr;
   // Two more streams for work beside the stream's own (graph branches in a capture): the K and V
   // projections beside Q's (a prompt's, and a step's below qkv_one_gemm_rows rows), and a step's
-  // RoPE of the queries beside the cache's update. fork and joins order them; each of the three streams has its own GEMM workspace.
+  // RoPE of the queries beside the cache's update. fork and joins order them; each of the three
+  // streams has its own GEMM workspace.
   cudaStream_t kv_streams[2] = {nullptr, nullptr};
   cudaEvent_t fork = nullptr, joins[2] = {nullptr, nullptr};
   char* gemm_workspaces = nullptr;  // [3, kGemmWorkspaceBytes]: stream, kv_streams
@@ -101,8 +102,9 @@ struct CudaEngine::Device {
   uint8_t* marks = nullptr;
   std::vector<size_t> dms_adapter;  // [layer · 2 + (0 norm, 1 projection)]
   float *dms = nullptr, *pdms_x = nullptr;
-  // Step activations, [R, ...]; qkv [R, (H + 2·Hkv)·D]: a row's query, key and value, the one
-  // product of their adjacent weights (model::LayerTensor).
+  // Step activations, [R, ...]; qkv [R, (H + 2·Hkv)·D]: the step's queries, keys and values, as
+  // one GEMM's rows over their adjacent weights (model::LayerTensor) or three GEMMs' packed blocks
+  // (EnqueueStep).
   bf16 *x, *xn, *qkv, *qr, *att, *gate_up, *h;
   float *rstd, *merge, *omega, *logits;
   // Step inputs (device and pinned host), outputs.
