@@ -12,8 +12,8 @@
 // last row moves into a freed one) is: every head whose last page is full holds a page more (the
 // worst case of the step, as the CPU cache's CanStep counts; the host hands it out when the head
 // fills its page, and the head keeps it until the head's next slot needs it), the step runs on the device
-// (per layer RMSNorm, Q, K and V as one GEMM, the hard DMC
-// decisions, the append-or-merge write of all heads of all rows in one kernel, beside it on
+// (per layer RMSNorm, Q, K and V as one GEMM from qkv_one_gemm_rows rows, below as three with K
+// and V beside Q, the hard DMC decisions, the append-or-merge write of all heads of all rows in one kernel, beside it on
 // another stream RoPE of the queries at each row's position, the paged decode attention, the O GEMM with the residual in its epilogue, the MLP; then the LM head in fp32 and
 // the token choice, kernels/sample.h) as one CUDA graph replay (below), then
 // kernels/paged_kv_pages.h finds the heads whose pages change. Copies bring back the chosen tokens, every
@@ -178,7 +178,8 @@ struct CudaEngineOptions {
   // A step of at least this many rows projects Q, K and V as one GEMM over their adjacent
   // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three. On an H100 one
   // GEMM took 4.4% off the 1B DMC step at 36 rows and added 7% to vanilla's at 11.6
-  // (bench/RESULTS.md entry 44); the default lies between the two, its crossover not measured.
+  // (bench/RESULTS.md entry 44); the default lies between the two (entry 45: DMC +3.6% tokens/s
+  // at 36 rows, vanilla at 11.6 within main's spread), its crossover not measured.
   int qkv_one_gemm_rows = 24;
 };
 
