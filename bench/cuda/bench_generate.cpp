@@ -122,7 +122,9 @@ ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullo
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
 ABSL_FLAG(bool, kernel_table, false,
           "with --profile_tokens: trace that range with CUPTI instead (no profiler) and print "
-          "every kernel's time per decode step (bench/cuda/kernel_trace.h)");
+          "every kernel's time per decode step (bench/cuda/kernel_trace.h; with programmatic "
+          "launch a kernel's time includes its wait for the one before it, DMC_PDL=0 for its "
+          "own)");
 
 namespace {
 namespace inf = dmc::inference;

@@ -2,7 +2,11 @@
 // reads) of every kernel and copy the GPU ran between Start and Stop, CUDA graph nodes included,
 // at the program's own speed. Print lists them by total time with their share of the window's
 // wall time, and the share of the window in which the GPU ran nothing, by the length of its
-// gaps (the device's own between graph nodes, the host's between steps).
+// gaps (the device's own between graph nodes, the host's between steps). A kernel launched
+// programmatically (kernels/cuda_check.h) is resident, and recorded, from before its
+// griddepcontrol.wait returns, so its time includes its wait for the kernel before it: the table
+// then says where a step waits, and DMC_PDL=0 gives each kernel's own time (bench/RESULTS.md,
+// entry 45).
 #pragma once
 
 #include <cstdint>
