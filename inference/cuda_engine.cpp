@@ -855,13 +855,17 @@ void CudaEngine::EnqueueMlp(int l, int rows, bf16* x, bf16* xn, float* rstd, bf1
 }
 
 void CudaEngine::EnqueueQkv(int l, int rows, const bf16* x, bf16* xn, float* rstd, bf16* q,
-                            bf16* k, bf16* v) {
+                            bf16* k, bf16* v, long qkv_ld) {
   const Device& d = *dev_;
   const int C = config_.hidden_size, H = config_.num_attention_heads,
             Hkv = config_.num_key_value_heads, D = config_.head_dim();
   const bf16* w = d.weights;
   cudaStream_t st = d.stream;
   c::rmsnorm_forward(xn, rstd, x, w + d.W(l, kAttnNorm), rows, C, config_.rms_norm_eps, st);
+  if (qkv_ld > 0) {  // Wq, Wk and Wv are adjacent: one [C, (H + 2·Hkv)·D] product
+    c::matmul_forward(q, xn, w + d.W(l, kWq), rows, C, static_cast<int>(qkv_ld), st);
+    return;
+  }
   ENGINE_CUDA(cudaEventRecord(d.fork, st));
   for (cudaStream_t kv : d.kv_streams) ENGINE_CUDA(cudaStreamWaitEvent(kv, d.fork));
   c::matmul_forward(k, xn, w + d.W(l, kWk), rows, C, Hkv * D, d.kv_streams[0]);
@@ -906,12 +910,7 @@ void CudaEngine::EnqueueStep(int n) {
   bf16* k = q + (one_gemm ? H * D : static_cast<long>(n) * H * D);
   bf16* v = k + (one_gemm ? Hkv * D : static_cast<long>(n) * Hkv * D);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
-    if (one_gemm) {
-      c::rmsnorm_forward(d.xn, d.rstd, d.x, w + d.W(l, kAttnNorm), n, C, eps, st);
-      c::matmul_forward(d.qkv, d.xn, w + d.W(l, kWq), n, C, static_cast<int>(ld), st);
-    } else {
-      EnqueueQkv(l, n, d.x, d.xn, d.rstd, q, k, v);
-    }
+    EnqueueQkv(l, n, d.x, d.xn, d.rstd, q, k, v, ld);
     if (dmc_) c::dmc_gates_forward({nullptr, nullptr, d.merge, nullptr, d.omega}, q, k, nullptr,
                                    1, n, H, Hkv, D, gates, st, ld);
     const size_t g = size_t(rows_) * Hkv;

@@ -304,11 +304,12 @@ class CudaEngine : public DecodeEngine {
   int ProbsStride() const { return max_pages_ * opt_.page_size + (settles_ ? residual_slots_ : 0); }
   // The attention's chunk for a step of `rows` rows (CudaEngineOptions::attention_chunk).
   int AttentionChunk(int rows) const;
-  // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections
-  // into packed q, k, v, K and V beside Q (a prompt's pass, and a step of fewer than
-  // CudaEngineOptions::qkv_one_gemm_rows rows; more run them as one GEMM).
+  // Layer l's attention norm of `rows` rows of x into xn (and rstd), then its Q, K, V projections.
+  // qkv_ld 0: three GEMMs into packed q, k, v, K and V beside Q (a prompt's pass, and a step of
+  // fewer than CudaEngineOptions::qkv_one_gemm_rows rows). qkv_ld > 0: one GEMM over the
+  // adjacent weights, each row's query, key and value side by side from q, rows qkv_ld apart.
   void EnqueueQkv(int l, int rows, const __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
-                  __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v);
+                  __nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, long qkv_ld = 0);
   // The MLP block of layer l over `rows` rows of x (in place, the residual in the epilogue).
   void EnqueueMlp(int l, int rows, __nv_bfloat16* x, __nv_bfloat16* xn, float* rstd,
                   __nv_bfloat16* gate_up, __nv_bfloat16* h);

@@ -29,6 +29,12 @@ namespace dmc::cuda::detail {
 
 inline int ceil_div(long a, long b) { return static_cast<int>((a + b - 1) / b); }
 
+// Elements between a matrix's rows: the stride an op was given, or its packed width where the
+// stride is 0 (the decode step's Q, K and V as one GEMM's row blocks, or three packed matrices).
+inline long row_stride_or(long stride, long packed_width) {
+  return stride > 0 ? stride : packed_width;
+}
+
 // The softmax kernels work in base 2 (one MUFU ex2 per exponential) and convert at the edges.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

@@ -98,8 +98,8 @@ void dmc_gates_forward(const DmcGateTensors& out, const bf16* q, const bf16* k, 
                        cudaStream_t stream, long qk_row_stride) {
   const long total = static_cast<long>(B) * T * Hkv;
   if (total <= 0) return;
-  const long q_ld = qk_row_stride ? qk_row_stride : static_cast<long>(H) * D;
-  const long k_ld = qk_row_stride ? qk_row_stride : static_cast<long>(Hkv) * D;
+  const long q_ld = row_stride_or(qk_row_stride, static_cast<long>(H) * D);
+  const long k_ld = row_stride_or(qk_row_stride, static_cast<long>(Hkv) * D);
   launch_dependent(gates_forward_kernel, ceil_div(total, 256), 256, 0, stream, out, q, k, noise, B,
                    T, H, Hkv, D, q_ld, k_ld, args_of(params));
 }

@@ -377,7 +377,7 @@ void paged_kv_append(const PagedKv& cache, const bf16* k, const bf16* v, const f
                      float theta, bool keep_last_channel, cudaStream_t stream, long kv_row_stride) {
   if (n <= 0) return;
   if (D != 32 && D != 64 && D != 128) fail("head dim must be 32, 64 or 128");
-  const long kv_ld = kv_row_stride ? kv_row_stride : static_cast<long>(Hkv) * D;
+  const long kv_ld = row_stride_or(kv_row_stride, static_cast<long>(Hkv) * D);
   if (kv_ld % 8) fail("k and v rows must be 16-byte aligned");
   const uintptr_t window = cache.window_size > 0 ? reinterpret_cast<uintptr_t>(cache.window) : 0;
   if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |

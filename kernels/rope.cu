@@ -137,7 +137,7 @@ template <bool kBackward>
 void launch_rope(bf16* out, const bf16* inp, int B, int T, int H, int D, int pos0,
                  const int32_t* positions, float theta, bool keep_last, bool accumulate,
                  cudaStream_t stream, long in_ld = 0) {
-  if (in_ld == 0) in_ld = static_cast<long>(H) * D;
+  in_ld = row_stride_or(in_ld, static_cast<long>(H) * D);
   const bool vec = D % 16 == 0 && in_ld % 8 == 0 && aligned16(out, inp);
   const long total = static_cast<long>(B) * T * (D / 2) / (vec ? 8 : 1);
   if (total <= 0 || H <= 0) return;

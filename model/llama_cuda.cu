@@ -129,7 +129,7 @@ void get_dms_query_channel(float* x, const bf16* q, long N, int H, int Hkv, int 
                            cudaStream_t stream, long row_stride) {
   const long total = N * Hkv;
   if (total <= 0) return;
-  const long ld = row_stride ? row_stride : static_cast<long>(H) * D;
+  const long ld = row_stride_or(row_stride, static_cast<long>(H) * D);
   get_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(x, q, total, ld,
                                                                                   H, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
@@ -139,7 +139,7 @@ void set_dms_query_channel(bf16* q, const float* value, long N, int H, int Hkv, 
                            cudaStream_t stream, long row_stride) {
   const long total = N * Hkv;
   if (total <= 0) return;
-  const long ld = row_stride ? row_stride : static_cast<long>(H) * D;
+  const long ld = row_stride_or(row_stride, static_cast<long>(H) * D);
   set_dms_query_channel_kernel<<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
       q, value, total, ld, H, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
