@@ -269,9 +269,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::InvalidArgumentError(absl::StrFormat(
         "attention_chunk must be >= 0 (0: chosen by each step's rows), got %d",
         options.attention_chunk));
-  if (options.qkv_one_gemm_rows < 0)
+  if (options.qkv_one_gemm_rows < CudaEngineOptions::kQkvOneGemmByMethod)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "qkv_one_gemm_rows must be >= 0 (0: Q, K and V always as three GEMMs), got %d",
+        "qkv_one_gemm_rows must be >= -1 (-1: by the method, 0: Q, K and V always as three "
+        "GEMMs), got %d",
         options.qkv_one_gemm_rows));
   const int max_context =
       options.max_context > 0 ? options.max_context : cfg.max_position_embeddings;
@@ -289,6 +290,8 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->rows_ = options.max_batch + 1;  // one spare row for moves
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
+  if (options.qkv_one_gemm_rows == CudaEngineOptions::kQkvOneGemmByMethod)
+    e->opt_.qkv_one_gemm_rows = e->dmc_ ? 24 : 0;
   e->evicts_ = method == CacheMethod::kH2O || method == CacheMethod::kTova;
   e->dms_ = method == CacheMethod::kDms;
   e->dms_qchannel_ = e->dms_ && cfg.dms.variant == model::DmsVariant::kQueryChannel;

@@ -176,11 +176,13 @@ struct CudaEngineOptions {
   // an H100 at 1 to 323 rows, bench/RESULTS.md entries 33-34).
   int attention_chunk = 0;
   // A step of at least this many rows projects Q, K and V as one GEMM over their adjacent
-  // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three. On an H100 one
-  // GEMM took 4.4% off the 1B DMC step at 36 rows and added 7% to vanilla's at 11.6
-  // (bench/RESULTS.md entry 44); the default lies between the two (entry 45: DMC +3.6% tokens/s
-  // at 36 rows, vanilla at 11.6 within main's spread), its crossover not measured.
-  int qkv_one_gemm_rows = 24;
+  // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three.
+  // kQkvOneGemmByMethod: from 24 rows for DMC, always three for the other methods. Measured on
+  // an H100 (bench/RESULTS.md entry 46, 1B): one GEMM gave the DMC step +4.7% tokens/s at CR 4
+  // (42.6 rows) and +6.1% at CR 8 (75.2), and cost vanilla 6.1%, 4.8% and 1.9% at 16, 24 and
+  // 47.9 rows.
+  static constexpr int kQkvOneGemmByMethod = -1;
+  int qkv_one_gemm_rows = kQkvOneGemmByMethod;
 };
 
 class CudaEngine : public DecodeEngine {

@@ -17,7 +17,7 @@
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
-//                  [--qkv_one_gemm_rows=24]
+//                  [--qkv_one_gemm_rows=-1]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -115,8 +115,8 @@ ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_ch
           "the paged attention's flash-decoding chunk, in slots; 0: by each step's rows "
           "(CudaEngineOptions)");
 ABSL_FLAG(int, qkv_one_gemm_rows, dmc::inference::CudaEngineOptions{}.qkv_one_gemm_rows,
-          "a step of at least this many rows projects Q, K and V as one GEMM; 0: always three "
-          "(CudaEngineOptions)");
+          "a step of at least this many rows projects Q, K and V as one GEMM; 0: always three; "
+          "-1: by the method, from 24 rows for DMC, else three (CudaEngineOptions)");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");

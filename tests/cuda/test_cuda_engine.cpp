@@ -1866,12 +1866,14 @@ TEST(CudaEngineErrors, BadSizesAreRefusedByName) {
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
   o.attention_chunk = 0;  // chosen by each step's rows
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
-  o.qkv_one_gemm_rows = -1;
+  o.qkv_one_gemm_rows = -2;
   auto bad_rows = inference::CudaEngine::Create(m, o);
   EXPECT_TRUE(absl::IsInvalidArgument(bad_rows.status())) << bad_rows.status();
-  EXPECT_NE(bad_rows.status().message().find("qkv_one_gemm_rows must be >= 0"), std::string::npos)
+  EXPECT_NE(bad_rows.status().message().find("qkv_one_gemm_rows must be >= -1"), std::string::npos)
       << bad_rows.status();
   o.qkv_one_gemm_rows = 0;  // always three GEMMs
+  EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
+  o.qkv_one_gemm_rows = inference::CudaEngineOptions::kQkvOneGemmByMethod;
   EXPECT_TRUE(inference::CudaEngine::Create(m, o).ok());
   o.page_size = 0;
   auto no_pages = inference::CudaEngine::Create(m, o);
