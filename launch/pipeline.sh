@@ -17,14 +17,12 @@
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
 #                                 seq 512, on the ~100 MB English corpus of
 #                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
-#                                 trained on it by spm_train; ~10 minutes on one H200
+#                                 trained on it by spm_train; ~20 minutes on one H100
 #                                 (budgets below)
 #   DMC_PIPELINE_OUT=DIR          where runs and results go (default runs/pipeline-CONFIG)
 #   DMC_PIPELINE_CRS="2 4 8"      the retrofit targets
 #   DMC_PIPELINE_METHODS="dmc dms"
-#                                 the retrofit methods (default: both on the CPU; dmc on the GPU,
-#                                 whose budgets below were measured for DMC; add dms to train it
-#                                 there too)
+#                                 the retrofit methods (default: both)
 #   DMC_PIPELINE_PRETRAIN_STEPS=N the base's pre-training steps (default: the config's below)
 #   DMC_PIPELINE_DMS_VARIANT=V    DMS's decision logit: query_channel (the paper's: every weight
 #                                 trained) or adapter (the released code's: a frozen base); default
@@ -103,7 +101,6 @@ case "$config" in
     # DMS reaches its target sooner and holds it longer, in the same 260 steps (CR 8: 7.1 with
     # DMC's 20/200/40, 7.3 with 20/170/70, on held-out text)
     dms_stage_split=(20 170 70)
-    default_methods="dmc dms"
     # DMS keeps a marked token for w more queries, which counts against the memory CR
     # L / ((1 - f)(L - w - 1) + w + 1) (model/DMS.md §5): at 128 tokens and CR 8, w = 1 costs 10%.
     # The paper's variant (query channel, every weight trained) reaches CR 8 in these steps;
@@ -126,20 +123,22 @@ case "$config" in
     fi
     ;;
   gpu)
-    # Token budgets at 16,384 tokens per step (seq 512 × 32), for the 37.4M training tokens of the
-    # fetched corpus (103 MB, 8k BPE) and the measured 1.46M tokens/s (DMC off) and 1.26M
-    # tokens/s (DMC on) of the 17M model on one H200:
-    #   pre-training 20000 steps = 328M tokens (8.8 epochs), converged: 1,000 more steps with
-    #                 DMC off gain nothing on held-out text (7.228 against 7.227; 8000 steps
-    #                 left 4.5% to gain), so "Δ vs base" is the cost of compression ~225 s
+    # Token budgets at 16,384 tokens per step (seq 512 × 32), for the ~37M training tokens of the
+    # fetched corpus (103-113 MB, 8k BPE) and the measured 1.73M tokens/s (DMC off) and
+    # 1.15-1.37M tokens/s (DMC and DMS on) of the 17M model on one H100 (2026-12-07):
+    #   pre-training 20000 steps = 328M tokens (8.8 epochs): 1,000 more steps with DMC off gain
+    #                 nothing on held-out text (7.228 against 7.227), 5,700 more gain 1.5%
+    #                 (7.198 against 7.308; 8000 steps left 4.5% to gain)          ~200 s
     #   each retrofit 5700 steps =  93M tokens (stage 2 ramps the CR target over 4000 steps,
     #                 stage 3 holds it 1600): half as long a retrofit (100 + 2000 + 400) ends
-    #                 7-9% worse in held-out perplexity (results/README.md)      ~75 s, ×3
-    #   the control   5700 steps with DMC off                                      ~65 s
+    #                 7-9% worse in held-out perplexity (results/README.md)
+    #                                                        DMC ~65 s, DMS ~72 s, ×3 each
+    #   the control   5700 steps with DMC off                                      ~58 s
     #   evaluation    32 windows × 512 tokens per model and method on the CPU, one thread each,
     #                 beside the training; at equal bytes (6.) on the GPU, one at a time
-    # Measured on one H200: 448 s from the text to the table with the 8000-step base; the
-    # 20,000-step base adds ~130 s (results/README.md).
+    # Measured on one H100 at CRs 4 and 8: 532 s from the text to the last training, beside the
+    # GPU tests; the evaluations, each timed alone, and the comparison at equal bytes 297 s more
+    # (results/README.md).
     shards=${DMC_PIPELINE_SHARDS:-$out/shards}
     parallel_retrofits=0
     train_common=(--device=cuda --seq_len=512 --micro_batch=32)
@@ -148,7 +147,6 @@ case "$config" in
     checkpoint_every=1000  # ~11 s of training; a checkpoint of the 17M model is ~200 MB
     stages=(100 4000 1600)
     retrofit_lr=(1e-3 1e-4)
-    default_methods="dmc"
     # DMS: the paper's variant (at 1,000 steps it follows the CR ramp to 8 in eviction; the
     # adapter on the frozen base reached 5.65 at target 8 in 5,700 steps, results/README.md)
     dms_variant=query_channel
@@ -188,7 +186,7 @@ case "$config" in
     ;;
   *) echo "pipeline: DMC_PIPELINE_CONFIG must be cpu or gpu, got '$config'" >&2; exit 2 ;;
 esac
-read -r -a methods <<<"${DMC_PIPELINE_METHODS:-$default_methods}"
+read -r -a methods <<<"${DMC_PIPELINE_METHODS:-dmc dms}"
 for m in "${methods[@]}"; do
   [ "$m" = dmc ] || [ "$m" = dms ] ||
     { echo "pipeline: DMC_PIPELINE_METHODS holds '$m' (expected dmc, dms)" >&2; exit 2; }
