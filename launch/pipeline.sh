@@ -126,9 +126,10 @@ case "$config" in
     # Token budgets at 16,384 tokens per step (seq 512 × 32), for the ~37M training tokens of the
     # fetched corpus (103-113 MB, 8k BPE) and the measured 1.73M tokens/s (DMC off) and
     # 1.15-1.37M tokens/s (DMC and DMS on) of the 17M model on one H100 (2026-12-07):
-    #   pre-training 20000 steps = 328M tokens (8.8 epochs): 1,000 more steps with DMC off gain
-    #                 nothing on held-out text (7.228 against 7.227), 5,700 more gain 1.5%
-    #                 (7.198 against 7.308; 8000 steps left 4.5% to gain)          ~200 s
+    #   pre-training 20000 steps = 328M tokens (8.8 epochs): 1,000 more steps with DMC off
+    #                 gained nothing on held-out text from one such base (7.228 against 7.227),
+    #                 5,700 more gained 1.5% from another (7.198 against 7.308; from an
+    #                 8000-step base 4.5%)                                         ~200 s
     #   each retrofit 5700 steps =  93M tokens (stage 2 ramps the CR target over 4000 steps,
     #                 stage 3 holds it 1600): half as long a retrofit (100 + 2000 + 400) ends
     #                 7-9% worse in held-out perplexity (results/README.md)
