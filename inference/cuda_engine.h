@@ -178,7 +178,7 @@ struct CudaEngineOptions {
   // A step of at least this many rows projects Q, K and V as one GEMM over their adjacent
   // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three.
   // kQkvOneGemmByMethod: from 24 rows for DMC, always three for the other methods. Measured on
-  // an H100 (bench/RESULTS.md entry 46, 1B): one GEMM gave the DMC step +4.7% tokens/s at CR 4
+  // an H100 (bench/RESULTS.md entry 46, 1B): one GEMM gave the DMC step +4.8% tokens/s at CR 4
   // (42.6 rows) and +6.1% at CR 8 (75.2), and cost vanilla 6.1%, 4.8% and 1.9% at 16, 24 and
   // 47.9 rows.
   static constexpr int kQkvOneGemmByMethod = -1;
