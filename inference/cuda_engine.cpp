@@ -291,7 +291,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
   if (options.qkv_one_gemm_rows == CudaEngineOptions::kQkvOneGemmByMethod)
-    e->opt_.qkv_one_gemm_rows = e->dmc_ ? 24 : 0;
+    e->opt_.qkv_one_gemm_rows = e->dmc_ ? CudaEngineOptions::kQkvOneGemmDmcRows : 0;
   e->evicts_ = method == CacheMethod::kH2O || method == CacheMethod::kTova;
   e->dms_ = method == CacheMethod::kDms;
   e->dms_qchannel_ = e->dms_ && cfg.dms.variant == model::DmsVariant::kQueryChannel;

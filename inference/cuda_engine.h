@@ -182,6 +182,7 @@ struct CudaEngineOptions {
   // (42.6 rows) and +6.1% at CR 8 (75.2), and cost vanilla 6.1%, 4.8% and 1.9% at 16, 24 and
   // 47.9 rows.
   static constexpr int kQkvOneGemmByMethod = -1;
+  static constexpr int kQkvOneGemmDmcRows = 24;  // kQkvOneGemmByMethod's threshold for DMC
   int qkv_one_gemm_rows = kQkvOneGemmByMethod;
 };
 
