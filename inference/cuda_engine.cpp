@@ -290,10 +290,10 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->rows_ = options.max_batch + 1;  // one spare row for moves
   e->row_seq_.assign(e->rows_, -1);
   e->dmc_ = method == CacheMethod::kDmc;
-  if (options.qkv_one_gemm_rows == CudaEngineOptions::kQkvOneGemmByMethod)
-    e->opt_.qkv_one_gemm_rows = e->dmc_ ? CudaEngineOptions::kQkvOneGemmDmcRows : 0;
   e->evicts_ = method == CacheMethod::kH2O || method == CacheMethod::kTova;
   e->dms_ = method == CacheMethod::kDms;
+  if (options.qkv_one_gemm_rows == CudaEngineOptions::kQkvOneGemmByMethod)
+    e->opt_.qkv_one_gemm_rows = e->dmc_ || e->dms_ ? CudaEngineOptions::kQkvOneGemmLearnedRows : 0;
   e->dms_qchannel_ = e->dms_ && cfg.dms.variant == model::DmsVariant::kQueryChannel;
   e->shape_ = {cfg.hidden_size,
                cfg.num_attention_heads,

@@ -177,12 +177,12 @@ struct CudaEngineOptions {
   int attention_chunk = 0;
   // A step of at least this many rows projects Q, K and V as one GEMM over their adjacent
   // weights; fewer rows, as three GEMMs with K and V beside Q. 0: always three.
-  // kQkvOneGemmByMethod: from 24 rows for DMC, always three for the other methods. Measured on
-  // an H100 (bench/RESULTS.md entry 46, 1B): one GEMM gave the DMC step +4.8% tokens/s at CR 4
-  // (42.6 rows) and +6.1% at CR 8 (75.2), and cost vanilla 6.1%, 4.8% and 1.9% at 16, 24 and
-  // 47.9 rows.
+  // kQkvOneGemmByMethod: from 24 rows for the learned methods (DMC, DMS), always three for the
+  // others. Measured on an H100 (bench/RESULTS.md entries 46-47, 1B): one GEMM gave the DMC step
+  // +4.8% tokens/s at CR 4 (42.6 rows) and +6.1% at CR 8 (75.2), DMS's +3.8% at CR 4 (45.3), and
+  // cost vanilla 6.1%, 4.8% and 1.9% at 16, 24 and 47.9 rows.
   static constexpr int kQkvOneGemmByMethod = -1;
-  static constexpr int kQkvOneGemmDmcRows = 24;  // kQkvOneGemmByMethod's threshold for DMC
+  static constexpr int kQkvOneGemmLearnedRows = 24;  // kQkvOneGemmByMethod's threshold for them
   int qkv_one_gemm_rows = kQkvOneGemmByMethod;
 };
 

@@ -57,8 +57,8 @@
 # retrofits, each CR's while the next one trains. On the CPU configuration the retrofits and the
 # control themselves also run side by side (one thread each); on the GPU they take turns on the
 # one device. The table's decode tokens/s (5.) come from each evaluation run again alone, and the
-# comparison at equal bytes (6.) runs one evaluation at a time (the GPU configuration's on the GPU
-# engine), so that every decode tokens/s is the machine's alone.
+# comparison at equal bytes (6.) runs one evaluation at a time (the GPU configuration's both on the
+# GPU engine), so that every decode tokens/s is the machine's alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -78,7 +78,8 @@ done
 # 1. data and the configuration
 dmc_flags=()        # extra dmc-train flags of the DMC retrofits
 dms_stage_split=()  # DMS's split of the same retrofit steps into stages 1-3 (empty: DMC's)
-budget_device=()    # dmc-eval's device at equal bytes (6.; empty: the CPU engine)
+engine_device=()    # dmc-eval's device for the timed evaluations (5.) and at equal bytes (6.;
+                    # empty: the CPU engine)
 case "$config" in
   cpu)
     # 500 pre-training steps × 1024 tokens = 512k tokens (~0.3 epochs of the 1.6M training bytes;
@@ -126,10 +127,12 @@ case "$config" in
     # Token budgets at 16,384 tokens per step (seq 512 × 32), for the ~37M training tokens of the
     # fetched corpus (103-113 MB, 8k BPE) and the measured 1.73M tokens/s (DMC off) and
     # 1.15-1.37M tokens/s (DMC and DMS on) of the 17M model on one H100 (2026-12-07):
-    #   pre-training 20000 steps = 328M tokens (8.8 epochs): 1,000 more steps with DMC off
-    #                 gained nothing on held-out text from one such base (7.228 against 7.227),
-    #                 5,700 more gained 1.5% from another (7.198 against 7.308; from an
-    #                 8000-step base 4.5%)                                         ~200 s
+    #   pre-training 20000 steps = 328M tokens (8.8 epochs): 5,700 more steps with DMC off
+    #                 gained 1.5% on held-out text (7.198 against 7.308; 1,000 more from another
+    #                 such base nothing; from an 8000-step base 4.5%). Longer does not converge
+    #                 further on this corpus: 30,000 steps down to 1e-4 ended at 7.382 held out
+    #                 (training loss 1.73 against 1.87: it learns the text by heart), and its
+    #                 control gained 3.1% (results/README.md)                      ~200 s
     #   each retrofit 5700 steps =  93M tokens (stage 2 ramps the CR target over 4000 steps,
     #                 stage 3 holds it 1600): half as long a retrofit (100 + 2000 + 400) ends
     #                 7-9% worse in held-out perplexity (results/README.md)
@@ -159,10 +162,12 @@ case "$config" in
     # bf16 pages, fp32 window state; the budgets fractions of its bf16 vanilla cache), one
     # evaluation at a time, so that
     # each decode tokens/s is measured alone on the device (seventeen evaluations with dmc alone;
-    # KVSharer's and ZigZagKV's calibrations run on the CPU; the time not yet measured)
+    # KVSharer's and ZigZagKV's calibrations run on the CPU; the time not yet measured). The
+    # table's tokens/s (5.) too: each evaluation timed again alone on the CPU decoder took ~30 s
+    # of the GPU machine, 414 s for fourteen (results/README.md)
     budget_page_size=16
     plot_fractions=()
-    budget_device=(--device=cuda)
+    engine_device=(--device=cuda)
     if [ ! -f "$shards/train_index.json" ]; then
       corpus=${DMC_PIPELINE_CORPUS:-$out/corpus}
       tokenizer=${DMC_PIPELINE_TOKENIZER:-$out/bpe8k.model}
@@ -389,10 +394,10 @@ fi
 
 # 5. the side-by-side table; "max batch" = sequences whose KV cache fits in the memory that 16
 #    sequences take with the full cache (DMC's includes its window state). The decode tokens/s
-#    are the CPU reference decoder's, each row's evaluation run again alone on the machine (all
-#    cores): the evaluations above ran beside the trainings and one another, one thread each, so
-#    their own tokens/s measure what else ran (on two cores DMS's came out 4× DMC's; alone the
-#    two are equal).
+#    are each row's evaluation run again alone on the machine: on the CPU reference decoder (all
+#    cores) for the CPU configuration, on the GPU engine for the GPU one. The evaluations above
+#    ran beside the trainings and one another, one thread each, so their own tokens/s measure
+#    what else ran (on two cores DMS's came out 4× DMC's; alone the two are equal).
 timed_alone() {  # TSV: its row, with the decode tokens/s of the same evaluation run alone
   local tsv=$1 flags=() args=() f
   if [ ! "$tsv.alone" -nt "$tsv" ]; then  # a rerun keeps the timing of an evaluation it kept
@@ -400,12 +405,14 @@ timed_alone() {  # TSV: its row, with the decode tokens/s of the same evaluation
     for f in "${flags[@]:1}"; do [[ $f == --heatmap=* ]] || args+=("$f"); done
     rm -f "$tsv.alone.part"
     run_alone "timed_$(basename "$tsv" .tsv)" \
-        $bin/inference/dmc-eval --model="${flags[0]}" "${args[@]}" --append_tsv="$tsv.alone.part"
+        $bin/inference/dmc-eval --model="${flags[0]}" "${args[@]}" "${engine_device[@]}" \
+        --append_tsv="$tsv.alone.part"
     mv "$tsv.alone.part" "$tsv.alone"
   fi
   awk -F'\t' -v OFS='\t' 'NR == FNR { alone = $8; next } { $8 = alone; print }' "$tsv.alone" "$tsv"
 }
-log "timing each evaluation alone"
+timing_engine=$( ((${#engine_device[@]})) && echo "GPU engine" || echo CPU)
+log "timing each evaluation alone on the $timing_engine"
 tsv="$results/eval.tsv"
 : >"$tsv"
 rows=("$results/eval_base.tsv" "$results/eval_control.tsv")
@@ -417,7 +424,7 @@ for cr in $crs; do
 done
 for row in "${rows[@]}"; do timed_alone "$row" >>"$tsv"; done
 {
-  echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | Δ vs control | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s (CPU) |"
+  echo "| target CR | method | achieved CR | held-out perplexity | Δ vs base | Δ vs control | next-token accuracy | KV KiB per sequence | max batch in 16 full caches | decode tokens/s ($timing_engine) |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk -F'\t' -v n=$windows '
     function delta(x, ref) { return sprintf("%+.1f%%", 100 * (x - ref) / ref) }
@@ -446,7 +453,7 @@ cat "$results/table.md"
 budget_eval() {  # NAME MODEL LABEL METHOD
   local name=$1 model=$2 label=$3 method=$4 fractions=(1/2 1/4 1/8 "${plot_fractions[@]}")
   run_eval "$results/budget_$name.tsv" "$model" --label="$label" --page_size=$budget_page_size \
-      --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method" "${budget_device[@]}"
+      --kv_fraction="$(IFS=,; echo "${fractions[*]}")" --methods="$method" "${engine_device[@]}"
 }
 budget_runs=()
 budget_job() {  # NAME MODEL LABEL METHOD: alone on the machine, so its decode tokens/s are its own
@@ -469,7 +476,7 @@ done
 budget_tsvs=()
 for name in "${budget_runs[@]}"; do budget_tsvs+=("$results/budget_$name.tsv"); done
 cat "${budget_tsvs[@]}" >"$results/kv_budget.tsv"
-bash launch/kv_budget_report.sh "${budget_device[@]}" "$results/kv_budget" $budget_page_size \
+bash launch/kv_budget_report.sh "${engine_device[@]}" "$results/kv_budget" $budget_page_size \
     "$results/kv_budget.tsv"
 cat "$results/kv_budget.md"
 

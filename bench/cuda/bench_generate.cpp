@@ -116,7 +116,7 @@ ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_ch
           "(CudaEngineOptions)");
 ABSL_FLAG(int, qkv_one_gemm_rows, dmc::inference::CudaEngineOptions{}.qkv_one_gemm_rows,
           "a step of at least this many rows projects Q, K and V as one GEMM; 0: always three; "
-          "-1: by the method, from 24 rows for DMC, else three (CudaEngineOptions)");
+          "-1: by the method, from 24 rows for DMC and DMS, else three (CudaEngineOptions)");
 ABSL_FLAG(std::optional<dmc::inference::LengthRange>, profile_tokens, std::nullopt,
           "LO:HI: a profiler capture range (cudaProfilerStart/Stop, for ncu or nsys with "
           "--profile-from-start off) from the LO-th to the HI-th token each method generates");
