@@ -24,6 +24,9 @@
 #   DMC_PIPELINE_METHODS="dmc dms"
 #                                 the retrofit methods (default: both)
 #   DMC_PIPELINE_PRETRAIN_STEPS=N the base's pre-training steps (default: the config's below)
+#   DMC_PIPELINE_PRETRAIN_FLAGS="..."
+#                                 extra dmc-train flags of the base, after the config's
+#                                 (e.g. "--min_lr=1e-4")
 #   DMC_PIPELINE_DMS_VARIANT=V    DMS's decision logit: query_channel (the paper's: every weight
 #                                 trained) or adapter (the released code's: a frozen base); default
 #                                 query_channel
@@ -206,6 +209,7 @@ train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=
 dms_variant=${DMC_PIPELINE_DMS_VARIANT:-$dms_variant}
 pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
 pretrain+=(--pretrain_steps=$pretrain_steps)
+[ -z "${DMC_PIPELINE_PRETRAIN_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_PRETRAIN_FLAGS"; pretrain+=("${more[@]}"); }
 retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control
 [ -z "${DMC_PIPELINE_RETROFIT_LR:-}" ] || read -r -a retrofit_lr <<<"$DMC_PIPELINE_RETROFIT_LR"
 [ -z "${DMC_PIPELINE_DMC_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_DMC_FLAGS"; dmc_flags+=("${more[@]}"); }

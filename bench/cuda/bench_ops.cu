@@ -3,7 +3,7 @@
 // warm-up, bytes counted as each input read once and each output written once, against a
 // device-to-device copy measured in the same run. Matmuls report TFLOP/s, except a decode step's
 // projections at Llama 2 7B's shape and the 1B GQA shape (weight reads: GB/s). Last, the decode
-// step's cache append at those two shapes.
+// step's cache append at those two shapes (the 1B one also at 12 rows).
 //   usage: bench_ops [reps]
 #include <algorithm>
 #include <cstdio>
@@ -282,13 +282,15 @@ int main(int argc, char** argv) {
   }
   // A decode step's cache append (kernels/paged_kv_write.h) in one layer at DMC's saturated batch
   // (pages of 16, rows at 16 slots): Llama 2 7B's 124 rows of 32 KV heads of 128, half the heads
-  // merging, and the 1B shape's 184 rows of 4 KV heads of 64, three in four merging (CR 4).
-  // Vanilla, then DMC at the default window with the merging heads' rings full (each merge reads
-  // w - 1 entries, each token writes one).
+  // merging, and the 1B shape's 184 rows of 4 KV heads of 64, three in four merging (CR 4), and
+  // its 12 rows (the engine's step took 9.8 µs an append there as at 42.6 rows, bench/RESULTS.md
+  // entry 47). Vanilla, then DMC at the default window with the merging heads' rings full (each
+  // merge reads w - 1 entries, each token writes one).
   struct AppendShape {
     int R, KvH, Dh, merge_in_4;
   };
-  for (const AppendShape& sh : {AppendShape{124, 32, 128, 2}, AppendShape{184, 4, 64, 3}}) {
+  for (const AppendShape& sh :
+       {AppendShape{124, 32, 128, 2}, AppendShape{184, 4, 64, 3}, AppendShape{12, 4, 64, 3}}) {
     const int R = sh.R, KvH = sh.KvH, Dh = sh.Dh, page = 16, w = dmc::model::DmcConfig{}.window;
     const int heads = R * KvH, calls = g_reps + 3;  // time_ms's warm-up and timed calls
     const int max_pages = (page + calls + page - 1) / page;
