@@ -283,6 +283,34 @@ TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceAtDecodeShape) {
   }
 }
 
+// What the append has no load for is refused on the host, by name, before anything runs (so no
+// device is needed: the pointers below are addresses only, never read): a head dim without a
+// kernel, rows whose stride leaves a key off 16 bytes, a pointer off 16 bytes, and the window's
+// only when the cache has one.
+TEST(CudaPagedKvWrite, AppendRefusesUnalignedInputsByName) {
+  const auto at = [](uintptr_t address) { return reinterpret_cast<bf16*>(address); };
+  cuda::PagedKv layer;
+  layer.k_pool = at(0x10000);
+  layer.v_pool = at(0x20000);
+  layer.window = at(0x50008);  // off 16 bytes, unused without a window
+  const bf16 *k = at(0x30000), *v = at(0x40000);
+  const int Hkv = 2, D = 64;
+  auto append = [&](const bf16* key, int head_dim, long row_stride) {
+    cuda::paged_kv_append(layer, key, v, nullptr, nullptr, nullptr, 1, Hkv, head_dim, 1e4f,
+                          false, nullptr, row_stride);
+  };
+  EXPECT_DEATH(append(k, 48, 0), "paged_kv_append: head dim must be 32, 64 or 128");
+  EXPECT_DEATH(append(k, D, 2 * D + 2 * Hkv * D + 4),
+               "paged_kv_append: k and v rows must be 16-byte aligned");
+  EXPECT_DEATH(append(k + 1, D, 0),
+               "paged_kv_append: k, v, the pools and the window must be 16-byte aligned");
+  layer.v_pool = at(0x20008);
+  EXPECT_DEATH(append(k, D, 0), "the pools and the window must be 16-byte aligned");
+  layer.v_pool = at(0x20000);
+  layer.window_size = 12;
+  EXPECT_DEATH(append(k, D, 0), "the pools and the window must be 16-byte aligned");
+}
+
 TEST(CudaPagedKvWrite, PrefillMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   for (int window : {0, 6})
