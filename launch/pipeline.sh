@@ -27,6 +27,11 @@
 #   DMC_PIPELINE_PRETRAIN_FLAGS="..."
 #                                 extra dmc-train flags of the base, after the config's
 #                                 (e.g. "--min_lr=1e-4")
+#   DMC_PIPELINE_BASE_RESTARTS=N  after the pre-training, N warm restarts of the base: each one
+#                                 run of the control's schedule (its steps and learning rates,
+#                                 DMC off) from the one before, the last one the base (default 0).
+#                                 The control restarts the same way, so a base it no longer
+#                                 improves is converged for the comparison
 #   DMC_PIPELINE_DMS_VARIANT=V    DMS's decision logit: query_channel (the paper's: every weight
 #                                 trained) or adapter (the released code's: a frozen base); default
 #                                 query_channel
@@ -208,6 +213,9 @@ train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=
 [ -z "${DMC_PIPELINE_STAGES:-}" ] || read -r -a stages <<<"$DMC_PIPELINE_STAGES"
 dms_variant=${DMC_PIPELINE_DMS_VARIANT:-$dms_variant}
 pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
+base_restarts=${DMC_PIPELINE_BASE_RESTARTS:-0}
+[[ $base_restarts =~ ^[0-9]+$ ]] ||
+  { echo "pipeline: DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got '$base_restarts'" >&2; exit 2; }
 pretrain+=(--pretrain_steps=$pretrain_steps)
 [ -z "${DMC_PIPELINE_PRETRAIN_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_PRETRAIN_FLAGS"; pretrain+=("${more[@]}"); }
 retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control
@@ -345,11 +353,21 @@ extra=("$@")
 # a failing step ends the run: stop the background jobs with it
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
-# 2. pre-training (DMC off), exported in fp32 so the retrofits start from exactly these weights
+# 2. pre-training (DMC off), then its warm restarts if any, exported in fp32 so the retrofits
+#    start from exactly these weights
 if [ ! -f "$out/base/config.json" ]; then
   log "pre-training the base model"
   train "$out/pretrain" $pretrain_steps "${train_common[@]}" "${pretrain[@]}"
-  $bin/trainer/dmc-export "$out/pretrain" "$out/base" --dtype=fp32
+  trained=$out/pretrain
+  for ((restart = 1; restart <= base_restarts; ++restart)); do
+    log "restarting the base's schedule ($restart of $base_restarts: the control's steps and rates)"
+    [ -f "$out/base_before_restart$restart/config.json" ] ||
+      $bin/trainer/dmc-export "$trained" "$out/base_before_restart$restart" --dtype=fp32
+    trained=$out/pretrain_restart$restart
+    train "$trained" $retrofit_steps --init_from="$out/base_before_restart$restart" \
+        "${train_common[@]}" "${control[@]}"
+  done
+  $bin/trainer/dmc-export "$trained" "$out/base" --dtype=fp32
 fi
 spawn eval_base evaluate base "$out/base" base --methods=vanilla
 
@@ -384,9 +402,13 @@ for method in "${methods[@]}"; do
   done
 done
 plots+=("DMC-off=$out/continued.jsonl")
+base_plots=(base="$out/pretrain.jsonl")
+for ((restart = 1; restart <= base_restarts; ++restart)); do
+  base_plots+=("restart $restart=$out/pretrain_restart$restart.jsonl")
+done
 if command -v gnuplot >/dev/null; then
   # a plot that fails is reported and does not cost the table
-  bash launch/plot_training.sh "$results/pretraining.png" base="$out/pretrain.jsonl" ||
+  bash launch/plot_training.sh "$results/pretraining.png" "${base_plots[@]}" ||
     log "the pre-training plot failed (above)"
   bash launch/plot_training.sh "$results/retrofit_training.png" "${plots[@]}" ||
     log "the retrofit plot failed (above)"

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # launch/pipeline.sh interrupted mid-training loses nothing, on a shortened CPU configuration
-# (pre-training 30 steps, one DMC retrofit to CR 2 of 10 steps, checkpoints every 10 steps):
+# (pre-training 30 steps and one warm restart of the base of 10, one DMC retrofit to CR 2 of 10
+# steps, checkpoints every 10 steps):
 #   1. dmc-train killed (SIGKILL) inside the save of step 20: the pipeline fails, and the
 #      pre-training's checkpoint of step 10 stays;
 #   2. run again, stopped by SIGTERM after step 25 (dmc-train saves and exits cleanly): the
 #      pre-training resumes at step 10, and the pipeline stops, naming the step, rather than
 #      export a base trained 25 of 30 steps;
-#   3. run again without faults: it resumes at step 25 and runs to the table. Its metrics log
-#      holds steps 1..30 once each (the steps after the killed save's checkpoint ran twice);
+#   3. run again without faults: it resumes at step 25, restarts the base's schedule for the
+#      control's 10 steps from the 30-step model, and runs to the table. The pre-training's
+#      metrics log holds steps 1..30 once each (the steps after the killed save's checkpoint ran
+#      twice);
 #   4. run again: nothing is trained or evaluated again (every evaluation is newer than its model),
 #      and the table is the same.
 # The faults come at exact steps (DMC_FAULTS, trainer/fault_injection.h), never from a timer.
@@ -19,7 +22,8 @@ trap 'rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 out=$work/run
 export DMC_SKIP_SETUP=1 DMC_BUILD_DIR=$build DMC_PIPELINE_OUT=$out DMC_PIPELINE_PRETRAIN_STEPS=30 \
-    DMC_PIPELINE_STAGES="2 6 2" DMC_PIPELINE_CRS=2 DMC_PIPELINE_METHODS=dmc
+    DMC_PIPELINE_STAGES="2 6 2" DMC_PIPELINE_CRS=2 DMC_PIPELINE_METHODS=dmc \
+    DMC_PIPELINE_BASE_RESTARTS=1
 pipeline() { bash "$src/launch/pipeline.sh" --checkpoint_every=10 >"$work/$1.log" 2>&1; }
 
 # 1.
@@ -40,6 +44,10 @@ pipeline finished || fail "the resumed pipeline failed: $(tail -30 "$work/finish
 grep -q "resuming $out/pretrain at step 25 of 30" "$work/finished.log" || fail "no resume at 25"
 steps=$(sed -E 's/.*"step":([0-9]+).*/\1/' "$out/pretrain.jsonl" | tr '\n' ' ')
 [ "$steps" = "$(seq -s ' ' 1 30) " ] || fail "the pre-training log's steps: $steps"
+grep -q "restarting the base's schedule (1 of 1" "$work/finished.log" || fail "no restart of the base"
+[ "$(cat "$out/pretrain_restart1/latest")" = step_00000010 ] || fail "the base's restart did not finish"
+grep -Eq "step +1/10 \| pretrain \|.*\| lr 1\.00e-03" "$work/finished.log" ||
+  fail "the restart did not start at the control's peak rate"
 [ "$(cat "$out/retrofit_dmc_cr2/latest")" = step_00000010 ] || fail "the retrofit did not finish"
 grep -q '^| 2 | dmc |' "$out/results/table.md" || fail "no DMC row in the table: $(cat "$out/results/table.md")"
 
