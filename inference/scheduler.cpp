@@ -243,6 +243,7 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
   if (saturated) {
     ++stats_.saturated_steps;
     stats_.saturated_tokens += static_cast<long>(n);
+    stats_.saturated_step_seconds += seconds;
     const double budget = static_cast<double>(engine_.budget_bytes());
     long kept = 0;
     for (int id : active_) kept += engine_.bytes(id);

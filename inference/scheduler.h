@@ -77,6 +77,7 @@ struct SchedulerStats {
   // finished requests' release), less the prefills in them.
   long saturated_steps = 0, saturated_tokens = 0;
   double saturated_seconds = 0;
+  double saturated_step_seconds = 0;  // of saturated_seconds, spent in DecodeEngine::Step
   // Σ over those steps of the budget's share in pages (DecodeEngine::used_bytes) and of the
   // share the sequences keep (Σ bytes(seq)): their means say where a full cache's bytes go.
   double saturated_used_share = 0, saturated_kept_share = 0;

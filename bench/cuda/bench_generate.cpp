@@ -8,7 +8,9 @@
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
 // the cache reached and the scheduler's preemptions; the wall time in the engine's steps and the
-// GPU's part of it (the rest is the host's work between two steps' device work). Saturated: the
+// GPU's part of it (the rest, a step's host µs, is the host's work between two steps' device
+// work), and a saturated round's wall time beyond its step (the tokens' delivery, the finished
+// requests' release, the admissions less their prefills: a round's host µs). Saturated: the
 // steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
 // their scheduler rounds, and the budget's mean share in pages (used) and kept by the sequences.
 //
@@ -378,9 +380,10 @@ int main(int argc, char** argv) {
   std::printf("| method | CR reached | max concurrent | mean batch | decode tok/s | saturated "
               "batch | saturated tok/s | saturated KV used / kept %% | output tok/s | prefill "
               "tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | "
-              "GPU in steps s | in prefill s | steps | preemptions | graphs (capture s) | graph launch "
-              "µs |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+              "GPU in steps s | host µs a step | host µs a saturated round | in prefill s | steps | "
+              "preemptions | graphs (capture s) | graph launch µs |\n| --- | --- | --- | --- | --- "
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
 
   std::unique_ptr<dmc::model::Llama<float>> dms_model;  // made at the first dms:CR
@@ -529,7 +532,7 @@ int main(int argc, char** argv) {
     const long decoded = generated - static_cast<long>(ttft.size());
     const double sat = static_cast<double>(std::max(1L, stats->saturated_steps));
     std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.1f / %.1f | %.0f | %.0f | %.2f | %.2f | %.1f "
-                "| %.1f | %.1f | %.1f | %.1f | %.1f | %ld | %ld | %d (%.2f) | %.1f |\n",
+                "| %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f | %ld | %ld | %d (%.2f) | %.1f |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
@@ -540,7 +543,11 @@ int main(int argc, char** argv) {
                 stats->prefill_tokens / std::max(1e-9, stats->prefill_seconds),
                 Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(gaps, 0.5),
                 Percentile(gaps, 0.99), stats->seconds, stats->step_seconds,
-                (*engine)->step_gpu_seconds(), stats->prefill_seconds,
+                (*engine)->step_gpu_seconds(),
+                1e6 * (stats->step_seconds - (*engine)->step_gpu_seconds()) /
+                    std::max(1L, stats->steps),
+                1e6 * (stats->saturated_seconds - stats->saturated_step_seconds) / sat,
+                stats->prefill_seconds,
                 stats->steps, stats->preemptions, (*engine)->graphs(),
                 (*engine)->graph_capture_seconds(),
                 1e6 * (*engine)->graph_launch_seconds() /
