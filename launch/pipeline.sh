@@ -73,6 +73,9 @@ cd "$(dirname "$0")/.."
 config=${DMC_PIPELINE_CONFIG:-cpu}
 out=${DMC_PIPELINE_OUT:-runs/pipeline-$config}
 crs=${DMC_PIPELINE_CRS:-2 4 8}
+base_restarts=${DMC_PIPELINE_BASE_RESTARTS:-0}
+[[ $base_restarts =~ ^[0-9]+$ ]] ||
+  { echo "pipeline: DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got '$base_restarts'" >&2; exit 2; }
 
 bin=${DMC_BUILD_DIR:-build}
 results="$out/results" logs="$out/logs"
@@ -213,9 +216,6 @@ train_common+=(--data="$shards/train_index.json" --weight_decay=0.1 --grad_clip=
 [ -z "${DMC_PIPELINE_STAGES:-}" ] || read -r -a stages <<<"$DMC_PIPELINE_STAGES"
 dms_variant=${DMC_PIPELINE_DMS_VARIANT:-$dms_variant}
 pretrain_steps=${DMC_PIPELINE_PRETRAIN_STEPS:-$pretrain_steps}
-base_restarts=${DMC_PIPELINE_BASE_RESTARTS:-0}
-[[ $base_restarts =~ ^[0-9]+$ ]] ||
-  { echo "pipeline: DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got '$base_restarts'" >&2; exit 2; }
 pretrain+=(--pretrain_steps=$pretrain_steps)
 [ -z "${DMC_PIPELINE_PRETRAIN_FLAGS:-}" ] || { read -r -a more <<<"$DMC_PIPELINE_PRETRAIN_FLAGS"; pretrain+=("${more[@]}"); }
 retrofit_steps=$((stages[0] + stages[1] + stages[2]))  # of every retrofit and the control

@@ -13,6 +13,7 @@
 #      twice);
 #   4. run again: nothing is trained or evaluated again (every evaluation is newer than its model),
 #      and the table is the same.
+#   0. first, DMC_PIPELINE_BASE_RESTARTS=two: refused by name, nothing trained.
 # The faults come at exact steps (DMC_FAULTS, trainer/fault_injection.h), never from a timer.
 # Usage: pipeline_resume.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
@@ -25,6 +26,12 @@ export DMC_SKIP_SETUP=1 DMC_BUILD_DIR=$build DMC_PIPELINE_OUT=$out DMC_PIPELINE_
     DMC_PIPELINE_STAGES="2 6 2" DMC_PIPELINE_CRS=2 DMC_PIPELINE_METHODS=dmc \
     DMC_PIPELINE_BASE_RESTARTS=1
 pipeline() { bash "$src/launch/pipeline.sh" --checkpoint_every=10 >"$work/$1.log" 2>&1; }
+
+# 0. a restart count that is not a count is refused by name before anything runs
+if DMC_PIPELINE_BASE_RESTARTS=two pipeline refused; then fail "DMC_PIPELINE_BASE_RESTARTS=two ran"; fi
+grep -q "DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got 'two'" "$work/refused.log" ||
+  fail "the bad restart count was not named: $(tail -3 "$work/refused.log")"
+[ ! -e "$out/pretrain" ] || fail "the refused run trained"
 
 # 1.
 if DMC_FAULTS=kill_in_save=20:tensors pipeline killed; then fail "the killed run succeeded"; fi
