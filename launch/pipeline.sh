@@ -69,13 +69,53 @@
 # GPU engine), so that every decode tokens/s is the machine's alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
 config=${DMC_PIPELINE_CONFIG:-cpu}
 out=${DMC_PIPELINE_OUT:-runs/pipeline-$config}
 crs=${DMC_PIPELINE_CRS:-2 4 8}
 base_restarts=${DMC_PIPELINE_BASE_RESTARTS:-0}
-[[ $base_restarts =~ ^[0-9]+$ ]] ||
-  { echo "pipeline: DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got '$base_restarts'" >&2; exit 2; }
+read -r -a methods <<<"${DMC_PIPELINE_METHODS:-dmc dms}"
+
+# The settings above, checked before anything runs: a bad one stops the run, named.
+bad_setting() {  # NAME WHAT VALUE
+  echo "pipeline: $1 must be $2, got '$3'" >&2
+  exit 2
+}
+is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_positive() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && awk -v x="$1" 'BEGIN { exit !(x > 0) }'; }
+[ -n "$crs" ] || bad_setting DMC_PIPELINE_CRS "one or more CR targets above 1 (e.g. \"2 4 8\")" "$crs"
+for cr in $crs; do
+  is_positive "$cr" && awk -v x="$cr" 'BEGIN { exit !(x > 1) }' ||
+    bad_setting DMC_PIPELINE_CRS "one or more CR targets above 1 (e.g. \"2 4 8\")" "$crs"
+done
+for m in "${methods[@]}"; do
+  [ "$m" = dmc ] || [ "$m" = dms ] || bad_setting DMC_PIPELINE_METHODS "dmc, dms or both" "${methods[*]}"
+done
+is_count "$base_restarts" || bad_setting DMC_PIPELINE_BASE_RESTARTS "a count (0, 1, ...)" "$base_restarts"
+if [ -n "${DMC_PIPELINE_PRETRAIN_STEPS:-}" ]; then
+  is_count "$DMC_PIPELINE_PRETRAIN_STEPS" && ((10#$DMC_PIPELINE_PRETRAIN_STEPS > 0)) ||
+    bad_setting DMC_PIPELINE_PRETRAIN_STEPS "a number of steps above 0" "$DMC_PIPELINE_PRETRAIN_STEPS"
+fi
+if [ -n "${DMC_PIPELINE_STAGES:-}" ]; then
+  read -r -a given <<<"$DMC_PIPELINE_STAGES"
+  ok=$((${#given[@]} == 3))
+  for n in "${given[@]}"; do is_count "$n" || ok=0; done
+  ((ok)) || bad_setting DMC_PIPELINE_STAGES "three step counts (e.g. \"100 4000 1600\")" "$DMC_PIPELINE_STAGES"
+fi
+if [ -n "${DMC_PIPELINE_RETROFIT_LR:-}" ]; then
+  read -r -a given <<<"$DMC_PIPELINE_RETROFIT_LR"
+  ok=$((${#given[@]} == 2))
+  for x in "${given[@]}"; do is_positive "$x" || ok=0; done
+  ((ok)) || bad_setting DMC_PIPELINE_RETROFIT_LR "two learning rates, peak and final (e.g. \"1e-3 1e-4\")" "$DMC_PIPELINE_RETROFIT_LR"
+fi
+case "${DMC_PIPELINE_DMS_VARIANT:-query_channel}" in
+  query_channel | adapter) ;;
+  *) bad_setting DMC_PIPELINE_DMS_VARIANT "query_channel or adapter" "$DMC_PIPELINE_DMS_VARIANT" ;;
+esac
+case "$config" in
+  cpu | gpu) ;;
+  *) bad_setting DMC_PIPELINE_CONFIG "cpu or gpu" "$config" ;;
+esac
+[ "${DMC_SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
 
 bin=${DMC_BUILD_DIR:-build}
 results="$out/results" logs="$out/logs"
@@ -201,13 +241,7 @@ case "$config" in
           --val_fraction=0.02 --shard_tokens=4000000 --progress=false
     fi
     ;;
-  *) echo "pipeline: DMC_PIPELINE_CONFIG must be cpu or gpu, got '$config'" >&2; exit 2 ;;
 esac
-read -r -a methods <<<"${DMC_PIPELINE_METHODS:-dmc dms}"
-for m in "${methods[@]}"; do
-  [ "$m" = dmc ] || [ "$m" = dms ] ||
-    { echo "pipeline: DMC_PIPELINE_METHODS holds '$m' (expected dmc, dms)" >&2; exit 2; }
-done
 if [ "${DMC_PIPELINE_PREP_ONLY:-0}" = 1 ]; then
   log "data in $shards ($(du -sh "$shards" | cut -f1)); stopping (DMC_PIPELINE_PREP_ONLY)"
   exit 0

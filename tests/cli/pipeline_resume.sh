@@ -13,7 +13,8 @@
 #      twice);
 #   4. run again: nothing is trained or evaluated again (every evaluation is newer than its model),
 #      and the table is the same.
-#   0. first, DMC_PIPELINE_BASE_RESTARTS=two: refused by name, nothing trained.
+#   0. first, a bad value of each setting (a restart count of 'two', a CR of 1, two stages, ...):
+#      refused by name, before anything is written.
 # The faults come at exact steps (DMC_FAULTS, trainer/fault_injection.h), never from a timer.
 # Usage: pipeline_resume.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
@@ -27,11 +28,16 @@ export DMC_SKIP_SETUP=1 DMC_BUILD_DIR=$build DMC_PIPELINE_OUT=$out DMC_PIPELINE_
     DMC_PIPELINE_BASE_RESTARTS=1
 pipeline() { bash "$src/launch/pipeline.sh" --checkpoint_every=10 >"$work/$1.log" 2>&1; }
 
-# 0. a restart count that is not a count is refused by name before anything runs
-if DMC_PIPELINE_BASE_RESTARTS=two pipeline refused; then fail "DMC_PIPELINE_BASE_RESTARTS=two ran"; fi
-grep -q "DMC_PIPELINE_BASE_RESTARTS must be a count (0, 1, ...), got 'two'" "$work/refused.log" ||
-  fail "the bad restart count was not named: $(tail -3 "$work/refused.log")"
-[ ! -e "$out/pretrain" ] || fail "the refused run trained"
+# 0. each setting that is not what it must be is refused by name before anything runs
+for bad in DMC_PIPELINE_BASE_RESTARTS=two DMC_PIPELINE_CRS=x DMC_PIPELINE_CRS=1 \
+           DMC_PIPELINE_STAGES=1 "DMC_PIPELINE_STAGES=a b c" DMC_PIPELINE_RETROFIT_LR=1e-3 \
+           DMC_PIPELINE_PRETRAIN_STEPS=0 "DMC_PIPELINE_METHODS=dmc foo" \
+           DMC_PIPELINE_DMS_VARIANT=bogus DMC_PIPELINE_CONFIG=tpu; do
+  if env "$bad" bash "$src/launch/pipeline.sh" >"$work/refused.log" 2>&1; then fail "$bad ran"; fi
+  grep -q "^pipeline: ${bad%%=*} must be .*, got '${bad#*=}'$" "$work/refused.log" ||
+    fail "$bad was not refused by name: $(tail -3 "$work/refused.log")"
+  [ ! -e "$out" ] || fail "$bad left $out"
+done
 
 # 1.
 if DMC_FAULTS=kill_in_save=20:tensors pipeline killed; then fail "the killed run succeeded"; fi
