@@ -81,11 +81,13 @@ bad_setting() {  # NAME WHAT VALUE
   exit 2
 }
 is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
-is_positive() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && awk -v x="$1" 'BEGIN { exit !(x > 0) }'; }
+is_above() {  # X MIN: X is a decimal number (an exponent allowed) above MIN
+  [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] &&
+    awk -v x="$1" -v min="$2" 'BEGIN { exit !(x > min) }'
+}
 [ -n "$crs" ] || bad_setting DMC_PIPELINE_CRS "one or more CR targets above 1 (e.g. \"2 4 8\")" "$crs"
 for cr in $crs; do
-  is_positive "$cr" && awk -v x="$cr" 'BEGIN { exit !(x > 1) }' ||
-    bad_setting DMC_PIPELINE_CRS "one or more CR targets above 1 (e.g. \"2 4 8\")" "$crs"
+  is_above "$cr" 1 || bad_setting DMC_PIPELINE_CRS "one or more CR targets above 1 (e.g. \"2 4 8\")" "$crs"
 done
 for m in "${methods[@]}"; do
   [ "$m" = dmc ] || [ "$m" = dms ] || bad_setting DMC_PIPELINE_METHODS "dmc, dms or both" "${methods[*]}"
@@ -104,11 +106,11 @@ fi
 if [ -n "${DMC_PIPELINE_RETROFIT_LR:-}" ]; then
   read -r -a given <<<"$DMC_PIPELINE_RETROFIT_LR"
   ok=$((${#given[@]} == 2))
-  for x in "${given[@]}"; do is_positive "$x" || ok=0; done
+  for x in "${given[@]}"; do is_above "$x" 0 || ok=0; done
   ((ok)) || bad_setting DMC_PIPELINE_RETROFIT_LR "two learning rates, peak and final (e.g. \"1e-3 1e-4\")" "$DMC_PIPELINE_RETROFIT_LR"
 fi
-case "${DMC_PIPELINE_DMS_VARIANT:-query_channel}" in
-  query_channel | adapter) ;;
+case "${DMC_PIPELINE_DMS_VARIANT:-}" in
+  "" | query_channel | adapter) ;;
   *) bad_setting DMC_PIPELINE_DMS_VARIANT "query_channel or adapter" "$DMC_PIPELINE_DMS_VARIANT" ;;
 esac
 case "$config" in
