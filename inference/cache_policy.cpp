@@ -113,6 +113,9 @@ std::string PolicyName(const CachePolicy& p) {
   if (p.quant.bits > 0 && p.quant.salient_slots > 0)
     return name + absl::StrFormat("-zip%d/%dx%d", p.quant.salient_bits, p.quant.bits,
                                   p.quant.salient_slots);
+  if (p.quant.bits > 0 && p.quant.token_keys)
+    return name + absl::StrFormat("-int%d-token", p.quant.bits) +
+           (p.quant.key_group > 0 ? absl::StrFormat("-g%d", p.quant.key_group) : "");
   if (p.quant.bits > 0) return name + absl::StrFormat("-int%d", p.quant.bits);
   return name;
 }
@@ -122,6 +125,8 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
   if (q.bits == 0) {
     if (q.salient_slots != 0)
       return absl::InvalidArgumentError("ZipCache's salient slots need a quantized cache (bits)");
+    if (q.token_keys || q.key_group != 0)
+      return absl::InvalidArgumentError("per-token keys need a quantized cache (bits)");
     return absl::OkStatus();
   }
   const char* method = CacheMethodName(policy.method);
@@ -134,12 +139,25 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
   for (int bits : {q.bits, q.salient_slots > 0 ? q.salient_bits : 8})
     if ((bits != 2 && bits != 4 && bits != 8) || head_dim * bits % 8 != 0)
       return absl::InvalidArgumentError(absl::StrFormat(
-          "KV quantization to %d bits: expected 2, 4 or 8 bits with head_dim (%d) x bits a whole "
-          "number of bytes",
-          bits, head_dim));
+          "%s: KV quantization to %d bits: expected 2, 4 or 8 bits with head_dim (%d) x bits a "
+          "whole number of bytes",
+          PolicyName(policy), bits, head_dim));
   if (q.value_group < 0 || (q.value_group > 0 && head_dim % q.value_group != 0))
     return absl::InvalidArgumentError(absl::StrFormat(
         "value group of %d channels does not divide head_dim %d", q.value_group, head_dim));
+  if (q.key_group != 0 && !q.token_keys)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "a key group of %d channels needs per-token keys (%s): per channel, a key's group is "
+        "its channel over a page",
+        q.key_group, PolicyName(policy)));
+  if (q.key_group < 0 || (q.key_group > 0 && head_dim % q.key_group != 0))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "per-token keys (%s): key group of %d channels does not divide head_dim %d",
+        PolicyName(policy), q.key_group, head_dim));
+  if (q.token_keys && q.salient_slots > 0)
+    return absl::InvalidArgumentError(
+        "ZipCache's mixed precision ranks a page's slots together, so it does not compose with "
+        "per-token keys, which quantize each slot as it settles");
   if (q.salient_slots < 0 || q.salient_slots > page_size)
     return absl::InvalidArgumentError(absl::StrFormat(
         "ZipCache: %d salient slots per page of %d slots", q.salient_slots, page_size));
@@ -151,6 +169,14 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
         "ZipCache: salient tokens at %d bits must have more bits than the others (%d)",
         q.salient_bits, q.bits));
   return absl::OkStatus();
+}
+
+absl::Status ValidateGpuKvQuant(const CachePolicy& policy) {
+  if (!policy.quant.token_keys) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s: the GPU engine quantizes keys per channel, a page of settled slots at once; per-token "
+      "keys, each slot quantized as it settles, run on the CPU engine",
+      PolicyName(policy)));
 }
 
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim) {
@@ -207,7 +233,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            int page_element_bytes, int state_element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
-                                           const LayerCalibration& calibration) {
+                                           const LayerCalibration& calibration, bool gpu) {
   const bool quant = method == "quant", zipcache = method == "zipcache", think = method == "think";
   const bool kvsharer = method == "kvsharer";
   const bool think_composed = method == "dmc_think" || method == "dms_think";
@@ -275,11 +301,13 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
         return absl::InvalidArgumentError(absl::StrFormat(
             "%s: its slots per head at full precision are needed (%d heads, got %d)",
             CacheMethodName(*parsed), heads, head_slots.size()));
-      for (int bits : {0, 8, 4, 2}) {
-        if (think_composed) break;
-        base.quant = {bits, 0, 0, 0};
-        candidates.push_back({base, head_slots});
-      }
+      // Per channel, then per token (fewer bytes: a residual of settle_lag + 1 rows) at each bits.
+      for (int bits : {0, 8, 4, 2})
+        for (bool token_keys : {false, true})
+          if (!think_composed && (bits > 0 || !token_keys) && (!gpu || !token_keys)) {
+            base.quant = {bits, 0, 0, 0, token_keys};
+            candidates.push_back({base, head_slots});
+          }
       for (int kept = shape.head_dim; think_composed && kept >= 1; --kept) {
         base.think_channels = kept;
         candidates.push_back({base, head_slots});

@@ -25,7 +25,10 @@
 // KV quantization (policy.quant, inference/paged_kv_cache.h, kernels/kv_quant.h) stores the
 // vanilla, dmc or dms cache in b-bit pages: KIVI's granularity (keys per channel over a page,
 // values per token), settled slots only (DMC's window state and open slot, and DMS's tokens
-// still inside its eviction window, stay full precision). ZipCache's mixed precision
+// still inside its eviction window, stay full precision), a page of them at once. With
+// quant.token_keys the keys too are quantized per token (groups of quant.key_group channels,
+// the whole head when 0), and each slot is quantized as soon as it settles, so only the slots
+// that may still change or leave stay at full precision. ZipCache's mixed precision
 // (quant.salient_slots > 0, vanilla only): every slot accumulates the attention it receives, as
 // H2O's score (summed over the query heads of its KV head), and the page_size slots quantized
 // together keep their salient_slots highest normalized scores (accumulated attention / queries
@@ -91,17 +94,24 @@ absl::Status ValidateEvictionBudgets(const CachePolicy& policy, int layers);
 
 // The policy's name in results, one per setting: the method, "-pyramid" or "-zigzag" for per-layer
 // budgets, its (mean) slots per head for h2o and tova ("h2o-32", "h2o-pyramid-32"), then "-int8"
-// for KV quantization, "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits, salient
-// slots per page); "think-k24" for ThinK keeping 24 key channels of the vanilla cache,
+// for KV quantization, "-int8-token" with per-token keys ("-int8-token-g32": key groups of 32
+// channels), "-zip4/2x6" for ZipCache's mixed precision (salient bits / bits, salient slots per
+// page); "think-k24" for ThinK keeping 24 key channels of the vanilla cache,
 // "dmc-think-k24" and "dms-think-k24" of the dmc and dms caches; "kvsharer-2" for 2 layers
 // reading another's cache.
 std::string PolicyName(const CachePolicy& policy);
 
 // Whether policy.quant is a valid quantization of `method`'s cache of head dimension head_dim
 // in pages of page_size: bits 2, 4 or 8 (head_dim · bits a whole number of bytes), value_group
+// dividing head_dim; per-token keys only on a quantized cache, key_group (only with them)
 // dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
-// vanilla only. InvalidArgument naming the problem.
+// vanilla only and not with per-token keys. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
+// Whether the GPU engine (inference/cuda_engine.h) serves policy.quant: not per-token keys,
+// which it does not yet settle a slot at a time (the CPU engine serves every valid setting).
+// InvalidArgument naming the policy. Here, not in the GPU engine, so that a budget plan for
+// it (PolicyForBytes) and a build without CUDA know it too.
+absl::Status ValidateGpuKvQuant(const CachePolicy& policy);
 // Whether policy.think_channels is valid for head dimension head_dim: 0, or 1 to head_dim on the
 // vanilla, dmc or dms cache at full precision. InvalidArgument naming the problem.
 absl::Status ValidateThink(const CachePolicy& policy, int head_dim);
@@ -130,16 +140,19 @@ absl::StatusOr<CachePolicy> PolicyForCr(CacheMethod method, int seq_len, double 
 // per-layer budgets meet it (zigzag: from calibration.lmba); "kvsharer" the fewest shared layers,
 // the first pairs of calibration.shared; dmc and dms, whose CR
 // the model learned, full precision or 8, 4, 2 bits over head_slots (their slots per (layer, KV
-// head) measured at full precision); "dmc_think" and "dms_think" the most key channels kept over
+// head) measured at full precision), at each bits keys per channel and then per token (a
+// smaller residual); "dmc_think" and "dms_think" the most key channels kept over
 // head_slots. InvalidArgument when no setting of the knob meets the
 // budget, naming the smallest cache it reaches and its bytes in pages and in what a sequence
-// reserves: full-precision residual, DMC window state, ThinK's query energy.
+// reserves: full-precision residual, DMC window state, ThinK's query energy. gpu: only the
+// settings the GPU engine serves (ValidateGpuKvQuant).
 absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
                                            const PagedCacheOptions& shape,
                                            int page_element_bytes, int state_element_bytes,
                                            int seq_len, long budget_bytes,
                                            const std::vector<int>& head_slots,
-                                           const LayerCalibration& calibration = {});
+                                           const LayerCalibration& calibration = {},
+                                           bool gpu = false);
 
 // After the attention of the token at position t of sequence seq in `layer`: probs are its
 // attention weights, probs[g · probs_stride + i] for query head g and slot i

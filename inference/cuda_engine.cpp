@@ -257,6 +257,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   if (absl::Status s = ValidateThink(policy, cfg.head_dim()); !s.ok()) return s;
   if (absl::Status s = ValidateKvQuant(policy, cfg.head_dim(), options.page_size); !s.ok())
     return s;
+  if (absl::Status s = ValidateGpuKvQuant(policy); !s.ok()) return s;
   if (method == CacheMethod::kDmc && !cfg.dmc.enabled)
     return absl::InvalidArgumentError(
         "the dmc method needs a DMC model (config.json with \"dmc\" enabled); this model has none: "

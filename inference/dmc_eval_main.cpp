@@ -312,7 +312,8 @@ int EvaluateAtBudgets(dmc::model::Llama<float>& model,
       if (m == "vanilla") continue;
       absl::StatusOr<inf::CachePolicy> policy =
           inf::PolicyForBytes(m, shape_of(m), page_element_bytes, state_element_bytes, seq_len,
-                              budget, measured[*inf::BudgetCacheMethod(m)], calibrated);
+                              budget, measured[*inf::BudgetCacheMethod(m)], calibrated,
+                              device == "cuda");
       if (!policy.ok()) {
         const std::string why(policy.status().message());
         std::printf("%-10s cannot meet it: %s\n", m.c_str(), why.c_str());

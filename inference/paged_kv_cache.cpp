@@ -80,12 +80,16 @@ long PagedKvCache<T>::PagesForTokens(int seq, int n) const {
   // kernels/paged_kv_pages.h states the count (the GPU engine's page bookkeeping uses it too);
   // settling, the pages beyond the settled ones it holds, else beyond the pages it has.
   const bool settles = KvSettles(opt_);
+  const bool slots = KvSettlesSlots(opt_);
   for (const Head& hd : seq_at(seq).heads) {
     const int residual = settles ? hd.length - hd.compressed : hd.length;
     const int settled = settles ? hd.compressed : 0;
-    const long held = settles ? kernels::KvPagesKept(residual, settled, P, true)
-                              : static_cast<long>(hd.pages.size());
-    pages += std::max(0L, kernels::KvPagesToGrow(residual, settled, n, P, settles) - held);
+    const long held = slots     ? kernels::KvSlotPagesKept(settled, P)
+                      : settles ? kernels::KvPagesKept(residual, settled, P, true)
+                                : static_cast<long>(hd.pages.size());
+    const long grow = slots ? kernels::KvSlotPagesToGrow(residual, settled, n, P)
+                            : kernels::KvPagesToGrow(residual, settled, n, P, settles);
+    pages += std::max(0L, grow - held);
   }
   return pages;
 }
@@ -104,17 +108,20 @@ absl::Status PagedKvCache<T>::CanStep(const std::vector<int>& seqs) const {
 template <typename T>
 absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
   const int P = opt_.page_size, D = opt_.head_dim, S = layout_.salient_slots;
+  const bool slots = KvSettlesSlots(opt_);
   for (;;) {
     std::vector<int> settled;  // residual slots that can no longer change or leave
     for (int i = hd.compressed; i < hd.length; ++i)
       if (hd.positions[i] < position - opt_.settle_lag) settled.push_back(i);
-    if (static_cast<int>(settled.size()) < P) return absl::OkStatus();
-    // The page takes the oldest page_size; ZipCache's salient ones go first, to the
-    // high-precision rows. Normalized attention score: accumulated attention / queries that saw
-    // the slot (tokens pos .. position − 1), ties to the older slot.
+    // A page at a time: the oldest page_size; a slot at a time: every one.
+    const int take = slots ? static_cast<int>(settled.size()) : P;
+    if (take == 0 || static_cast<int>(settled.size()) < take) return absl::OkStatus();
     std::sort(settled.begin(), settled.end(),
               [&](int a, int b) { return hd.positions[a] < hd.positions[b]; });
-    settled.resize(P);
+    settled.resize(take);
+    // ZipCache's salient ones go first, to the high-precision rows. Normalized attention score:
+    // accumulated attention / queries that saw the slot (tokens pos .. position − 1), ties to
+    // the older slot.
     if (S > 0) {
       auto saliency = [&](int i) {
         return static_cast<double>(hd.scores[i]) / (position - hd.positions[i]);
@@ -122,22 +129,21 @@ absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
       std::stable_sort(settled.begin(), settled.end(),
                        [&](int a, int b) { return saliency(a) > saliency(b); });
     }
-    absl::StatusOr<int32_t> page = alloc_.Allocate();
-    if (!page.ok()) return page.status();
-    std::vector<T> keys(static_cast<size_t>(P) * D), values(keys.size());
-    for (int r = 0; r < P; ++r) {
+    std::vector<T> keys(static_cast<size_t>(take) * D), values(keys.size());
+    for (int r = 0; r < take; ++r) {
       std::copy_n(key_row(hd, settled[r]), D, keys.begin() + static_cast<long>(r) * D);
       std::copy_n(value_row(hd, settled[r]), D, values.begin() + static_cast<long>(r) * D);
     }
-    WritePage(hd, *page, keys, values);
-    // New slot order: the page's rows, then the rest of the residual as it was.
+    if (absl::Status s = slots ? WriteRows(hd, keys, values) : WritePage(hd, keys, values); !s.ok())
+      return s;
+    // New slot order: the settled slots, then the rest of the residual as it was.
     std::vector<int> order(settled);
     std::vector<bool> taken(hd.length, false);
     for (int i : settled) taken[i] = true;
     for (int i = hd.compressed; i < hd.length; ++i)
       if (!taken[i]) order.push_back(i);
     std::vector<T> rest_k, rest_v;
-    for (size_t j = P; j < order.size(); ++j) {
+    for (size_t j = take; j < order.size(); ++j) {
       rest_k.insert(rest_k.end(), key_row(hd, order[j]), key_row(hd, order[j]) + D);
       rest_v.insert(rest_v.end(), value_row(hd, order[j]), value_row(hd, order[j]) + D);
     }
@@ -149,22 +155,49 @@ absl::Status PagedKvCache<T>::Settle(Head& hd, int32_t position) {
     }
     hd.positions = std::move(positions);
     hd.scores = std::move(scores);
-    hd.pages.push_back(*page);
-    hd.compressed += P;
+    hd.compressed += take;
     std::copy(rest_k.begin(), rest_k.end(), key_row(hd, hd.compressed));
     std::copy(rest_v.begin(), rest_v.end(), value_row(hd, hd.compressed));
   }
 }
 
 template <typename T>
-void PagedKvCache<T>::WritePage(Head& hd, int32_t page, const std::vector<T>& keys,
-                                const std::vector<T>& values) {
+absl::Status PagedKvCache<T>::WriteRows(Head& hd, const std::vector<T>& keys,
+                                        const std::vector<T>& values) {
+  const int P = opt_.page_size, D = opt_.head_dim;
+  for (size_t r = 0; r * D < keys.size(); ++r) {
+    const int slot = hd.compressed + static_cast<int>(r);
+    if (slot % P == 0) {  // the head's last page is full (or it has none)
+      absl::StatusOr<int32_t> page = alloc_.Allocate();
+      if (!page.ok()) return page.status();
+      hd.pages.push_back(*page);
+      GrowQuantPool();
+    }
+    kernels::kv_quantize_row(q_pool_.data() + static_cast<long>(hd.pages.back()) * layout_.bytes,
+                             layout_, slot % P, keys.data() + r * D, values.data() + r * D);
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+void PagedKvCache<T>::GrowQuantPool() {
+  const size_t bytes = static_cast<size_t>(alloc_.high_water()) * layout_.bytes;
+  if (q_pool_.size() < bytes) q_pool_.resize(bytes);
+}
+
+template <typename T>
+absl::Status PagedKvCache<T>::WritePage(Head& hd, const std::vector<T>& keys,
+                                        const std::vector<T>& values) {
+  absl::StatusOr<int32_t> allocated = alloc_.Allocate();
+  if (!allocated.ok()) return allocated.status();
+  const int32_t page = *allocated;
+  hd.pages.push_back(page);
   const size_t pages = alloc_.high_water();
   if (KvQuantized(opt_)) {
-    if (q_pool_.size() < pages * layout_.bytes) q_pool_.resize(pages * layout_.bytes);
+    GrowQuantPool();
     kernels::kv_quantize_page(q_pool_.data() + static_cast<long>(page) * layout_.bytes, layout_,
                               keys.data(), values.data());
-    return;
+    return absl::OkStatus();
   }
   const int P = opt_.page_size, D = opt_.head_dim, K = opt_.think_channels;
   const int mask_bytes = kernels::ThinkMaskBytes(D);
@@ -180,6 +213,7 @@ void PagedKvCache<T>::WritePage(Head& hd, int32_t page, const std::vector<T>& ke
   std::copy(values.begin(), values.end(), v_pool_.begin() + static_cast<long>(page) * P * D);
   // The next page is scored by the queries that come after this one was written.
   std::fill(hd.query_energy.begin(), hd.query_energy.end(), T(0));
+  return absl::OkStatus();
 }
 
 template <typename T>

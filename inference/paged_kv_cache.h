@@ -14,14 +14,18 @@
 //
 // Quantized (options.quant.bits > 0; kernels/kv_quant.h, KIVI and ZipCache): pages hold b-bit
 // codes with their scales and zero points, one page per page_size slots (the key's per-channel
-// group). A head's slots are [0, quantized) in full pages, then the residual at full precision
-// (T) in a block of its own: the slots that may still change or leave (DMC's open slot, whose
-// window state stays full precision; DMS's tokens not yet past its eviction window, settle_lag)
-// and the settled ones waiting for a page to fill. A slot settles when a token more than
-// settle_lag positions newer arrives; every page_size settled slots are quantized into a page at
-// once (ZipCache: the salient_slots with the highest normalized attention score, score /
-// queries that saw the slot, go to the page's high-precision rows). Quantized slots are never
-// moved or evicted, so eviction baselines (H2O, TOVA) refuse a quantized cache.
+// group). A head's slots are [0, quantized) in pages, then the residual at full precision (T) in
+// a block of its own: the slots that may still change or leave (DMC's open slot, whose window
+// state stays full precision; DMS's tokens not yet past its eviction window, settle_lag) and, per
+// channel, the settled ones waiting for a page to fill. A slot settles when a token more than
+// settle_lag positions newer arrives. Keys per channel: every page_size settled slots are
+// quantized into a page at once (ZipCache: the salient_slots with the highest normalized
+// attention score, score / queries that saw the slot, go to the page's high-precision rows), so
+// quantized pages are full. Keys per token (quant.token_keys): a page's rows are independent, so
+// each slot is quantized into the next row of the head's last page as soon as it settles (a new
+// page when that one is full), oldest first, and the residual holds settle_lag + 1 slots.
+// Quantized slots are never moved or evicted, so eviction baselines (H2O, TOVA) refuse a
+// quantized cache.
 //
 // ThinK (options.think_channels > 0; kernels/think_channels.h, arXiv 2407.21018): the same
 // residual, settling as above (so DMC's open slot and DMS's window stay whole), and pages of
@@ -69,9 +73,15 @@ inline bool KvThink(const PagedCacheOptions& o) { return o.think_channels > 0; }
 // Whether settled slots are written into compressed pages (quantized or ThinK-pruned), the
 // newest ones waiting in a full-precision residual.
 inline bool KvSettles(const PagedCacheOptions& o) { return KvQuantized(o) || KvThink(o); }
-// Slots a settling head holds at full precision at most: page_size − 1 settled ones waiting for
-// their page, and the 1 + settle_lag newest ones.
-inline int KvResidualSlots(const PagedCacheOptions& o) { return o.page_size + o.settle_lag; }
+// Whether each slot is quantized as it settles (per-token keys), not a page of them at once.
+inline bool KvSettlesSlots(const PagedCacheOptions& o) {
+  return KvQuantized(o) && o.quant.token_keys;
+}
+// Slots a settling head holds at full precision at most: the 1 + settle_lag newest ones, and
+// (a page at a time) page_size − 1 settled ones waiting for their page.
+inline int KvResidualSlots(const PagedCacheOptions& o) {
+  return o.settle_lag + (KvSettlesSlots(o) ? 1 : o.page_size);
+}
 
 // What the cache charges, as functions of its options and element sizes alone, so that a path
 // which only counts slots (the GPU evaluation, inference/evaluate_cuda.h) or keeps the cache
@@ -117,15 +127,20 @@ inline long KvReservedBytes(const PagedCacheOptions& o, int page_element_bytes,
 }
 // One sequence whose heads [layer, KV head] hold head_slots slots: ceil(slots / page_size) pages
 // per head (a head opens a page only when its last one is full, and frees one when it empties)
-// plus its window state. Settling (quantized, ThinK): (slots − 1) / page_size pages per head
-// (every slot but the newest has settled: exact for vanilla and DMC, a bound for DMS, which
-// settles later) plus the reservations (window state, residual blocks, ThinK's query energy).
+// plus its window state. Settling (quantized, ThinK): every slot but the newest has settled
+// (exact for vanilla and DMC, a bound for DMS, which settles later), in (slots − 1) / page_size
+// pages per head, or ceil((slots − 1) / page_size) a slot at a time, plus the reservations
+// (window state, residual blocks, ThinK's query energy).
 inline long KvSequenceBytes(const PagedCacheOptions& o, const std::vector<int>& head_slots,
                             int page_element_bytes, int state_element_bytes) {
   const long page = std::max(1, o.page_size);
   long pages = 0;
-  for (int slots : head_slots)
-    pages += KvSettles(o) ? std::max(0, slots - 1) / page : (slots + page - 1) / page;
+  for (int slots : head_slots) {
+    const long settled = std::max(0, slots - 1);
+    pages += KvSettlesSlots(o) ? (settled + page - 1) / page
+             : KvSettles(o)    ? settled / page
+                               : (slots + page - 1) / page;
+  }
   return pages * KvPageBytes(o, page_element_bytes) +
          KvReservedBytes(o, page_element_bytes, state_element_bytes);
 }
@@ -165,7 +180,7 @@ class PagedKvCache {
   absl::Status CanStep(const std::vector<int>& seqs) const;
 
   // Adds a slot holding (key, value) of the token at `position` (settling: first settles the
-  // slots it leaves behind, which may fill a page).
+  // slots it leaves behind, which may fill a page or, per-token keys, open one).
   absl::Status Append(int seq, int layer, int h, const T* key, const T* value, int32_t position);
   // DMC: appends (merge = false, or an empty head) or accumulates into the open slot; returns the
   // open slot's key row, which holds the pre-RoPE mean and must be rotated by the caller.
@@ -266,10 +281,16 @@ class PagedKvCache {
   // the residual, after settling); returns its index.
   absl::StatusOr<int> NewSlot(Head& hd, int32_t position);
   // Settling: settles the residual slots older than position − settle_lag and writes every
-  // page_size of them into a compressed page.
+  // page_size of them into a compressed page (per-token keys: each into the next row).
   absl::Status Settle(Head& hd, int32_t position);
-  // Writes keys and values [page_size, D] into `page` (quantized or ThinK-pruned).
-  void WritePage(Head& hd, int32_t page, const std::vector<T>& keys, const std::vector<T>& values);
+  // Writes keys and values [page_size, D] into a new page of the head (quantized or
+  // ThinK-pruned).
+  absl::Status WritePage(Head& hd, const std::vector<T>& keys, const std::vector<T>& values);
+  // Per-token keys: quantizes keys and values [n, D] into the rows after the head's compressed
+  // slots, opening a page whenever its last one is full.
+  absl::Status WriteRows(Head& hd, const std::vector<T>& keys, const std::vector<T>& values);
+  // Quantized: grows q_pool_ to the pages the allocator has handed out.
+  void GrowQuantPool();
   long reserved_bytes() const { return KvReservedBytes(opt_, sizeof(T), sizeof(T)); }
 
   PagedCacheOptions opt_;

@@ -27,6 +27,16 @@ const float* Floats(const uint8_t* page, long offset) {
   return reinterpret_cast<const float*>(page + offset);
 }
 
+// One row x[D] per token, in groups of G channels: the codes packed into `packed`, the groups'
+// scales and zero points into scale[D / G] and zero[D / G].
+template <typename T>
+void QuantizeRow(uint8_t* packed, float* scale, float* zero, const T* x, int D, int G, int bits) {
+  std::vector<uint8_t> codes(D);
+  for (int g = 0; g < D / G; ++g)
+    kv_quantize_group(codes.data() + g * G, scale + g, zero + g, x + g * G, G, 1, bits);
+  PackRow(packed, codes.data(), D, bits);
+}
+
 }  // namespace
 
 KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& o, int page_size, int head_dim) {
@@ -39,11 +49,14 @@ KvQuantPageLayout kv_quant_page_layout(const KvQuantOptions& o, int page_size, i
   l.value_group = o.value_group > 0 ? o.value_group : head_dim;
   l.value_groups = head_dim / l.value_group;
   l.key_tiers = (l.salient_slots > 0 ? 1 : 0) + (l.salient_slots < page_size ? 1 : 0);
+  l.token_keys = o.token_keys;
+  l.key_group = !o.token_keys ? 1 : o.key_group > 0 ? o.key_group : head_dim;
+  l.key_groups = head_dim / l.key_group;
   const long codes = KvRowOffset(l, page_size);
   l.key_codes = 0;
   l.value_codes = codes;
   l.key_params = (2 * codes + 3) / 4 * 4;  // the params are floats: 4-byte aligned
-  l.value_params = l.key_params + 2L * l.key_tiers * head_dim * sizeof(float);
+  l.value_params = l.key_params + 2L * KvKeyParamRows(l) * l.key_groups * sizeof(float);
   l.bytes = l.value_params + 2L * page_size * l.value_groups * sizeof(float);
   return l;
 }
@@ -63,8 +76,25 @@ void kv_quantize_group(uint8_t* codes, float* scale, float* zero, const T* x, in
 }
 
 template <typename T>
+void kv_quantize_row(uint8_t* page, const KvQuantPageLayout& l, int row, const T* key,
+                     const T* value) {
+  const int P = l.page_size, D = l.head_dim, bits = KvRowBits(l, row);
+  float* key_scale = Floats(page, l.key_params) + static_cast<long>(row) * l.key_groups;
+  QuantizeRow(page + l.key_codes + KvRowOffset(l, row), key_scale,
+              key_scale + static_cast<long>(P) * l.key_groups, key, D, l.key_group, bits);
+  float* value_scale = Floats(page, l.value_params) + static_cast<long>(row) * l.value_groups;
+  QuantizeRow(page + l.value_codes + KvRowOffset(l, row), value_scale,
+              value_scale + static_cast<long>(P) * l.value_groups, value, D, l.value_group, bits);
+}
+
+template <typename T>
 void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& l, const T* keys, const T* values) {
-  const int P = l.page_size, D = l.head_dim, G = l.value_group;
+  const int P = l.page_size, D = l.head_dim;
+  if (l.token_keys) {  // every row alone
+    for (int r = 0; r < P; ++r)
+      kv_quantize_row(page, l, r, keys + static_cast<long>(r) * D, values + static_cast<long>(r) * D);
+    return;
+  }
   std::vector<uint8_t> codes(static_cast<size_t>(P) * D);
   float* key_scale = Floats(page, l.key_params);
   float* key_zero = key_scale + l.key_tiers * D;
@@ -89,30 +119,28 @@ void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& l, const T* keys, 
             KvRowBits(l, r));
   // Values: each row, per group of channels.
   float* value_scale = Floats(page, l.value_params);
-  float* value_zero = value_scale + static_cast<long>(P) * l.value_groups;
-  for (int r = 0; r < P; ++r) {
-    for (int g = 0; g < l.value_groups; ++g) {
-      const long p = static_cast<long>(r) * l.value_groups + g;
-      kv_quantize_group(codes.data() + g * G, value_scale + p, value_zero + p,
-                        values + static_cast<long>(r) * D + g * G, G, 1, KvRowBits(l, r));
-    }
-    PackRow(page + l.value_codes + KvRowOffset(l, r), codes.data(), D, KvRowBits(l, r));
-  }
+  for (int r = 0; r < P; ++r)
+    QuantizeRow(page + l.value_codes + KvRowOffset(l, r),
+                value_scale + static_cast<long>(r) * l.value_groups,
+                value_scale + static_cast<long>(P + r) * l.value_groups,
+                values + static_cast<long>(r) * D, D, l.value_group, KvRowBits(l, r));
 }
 
 template <typename T>
 void kv_dequantize_row(T* key, T* value, const uint8_t* page, const KvQuantPageLayout& l,
                        int row) {
   const int D = l.head_dim, bits = KvRowBits(l, row);
-  const float* key_scale = Floats(page, l.key_params) + KvKeyTier(l, row) * D;
-  const float* key_zero = Floats(page, l.key_params) + (l.key_tiers + KvKeyTier(l, row)) * D;
+  const float* key_scale =
+      Floats(page, l.key_params) + static_cast<long>(KvKeyParamRow(l, row)) * l.key_groups;
+  const float* key_zero = key_scale + static_cast<long>(KvKeyParamRows(l)) * l.key_groups;
   const float* value_scale =
       Floats(page, l.value_params) + static_cast<long>(row) * l.value_groups;
   const float* value_zero = value_scale + static_cast<long>(l.page_size) * l.value_groups;
   const uint8_t* k = page + l.key_codes + KvRowOffset(l, row);
   const uint8_t* v = page + l.value_codes + KvRowOffset(l, row);
   for (int c = 0; c < D; ++c) {
-    key[c] = static_cast<T>(key_zero[c] + UnpackCode(k, c, bits) * key_scale[c]);
+    const int kg = c / l.key_group;
+    key[c] = static_cast<T>(key_zero[kg] + UnpackCode(k, c, bits) * key_scale[kg]);
     const int g = c / l.value_group;
     value[c] = static_cast<T>(value_zero[g] + UnpackCode(v, c, bits) * value_scale[g]);
   }
@@ -124,6 +152,10 @@ template void kv_quantize_page<float>(uint8_t*, const KvQuantPageLayout&, const 
                                       const float*);
 template void kv_quantize_page<double>(uint8_t*, const KvQuantPageLayout&, const double*,
                                        const double*);
+template void kv_quantize_row<float>(uint8_t*, const KvQuantPageLayout&, int, const float*,
+                                     const float*);
+template void kv_quantize_row<double>(uint8_t*, const KvQuantPageLayout&, int, const double*,
+                                      const double*);
 template void kv_dequantize_row<float>(float*, float*, const uint8_t*, const KvQuantPageLayout&,
                                        int);
 template void kv_dequantize_row<double>(double*, double*, const uint8_t*,

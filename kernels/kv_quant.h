@@ -1,6 +1,7 @@
 // Quantization of KV cache pages to b-bit integers (b = 2, 4 or 8), with the granularities of
 // KIVI (Liu et al., ICML 2024) and ZipCache (He et al., NeurIPS 2024, arXiv 2405.14256): keys
-// per channel, values per token.
+// per channel, values per token; or keys per token too (token_keys), so that every row of a page
+// is independent of the others.
 //
 // One group x_1..x_n of reals is quantized asymmetrically (min-max, round to nearest):
 //   lo = min x, hi = max x, scale = (hi − lo) / (2^b − 1)   (scale = 1 when hi = lo)
@@ -10,6 +11,11 @@
 //   keys    per channel: for each channel c, the group is the keys' channel c over the rows of
 //           one tier (below): keys have outlier channels, and a channel varies little over tokens
 //           (KIVI §3, ZipCache Fig. 2), so each channel gets its own scale and zero point;
+//           per token (token_keys): for each row, groups of `key_group` consecutive channels (D
+//           when 0), as the values. An outlier channel widens its group's scale, which costs
+//           little at 8 bits and more at 4 or 2 (KIVI's reason for the per-channel rule); what it
+//           buys is that a row is written alone, so a cache quantizes each slot as it settles
+//           instead of keeping a page of settled slots at full precision until the page fills;
 //   values  per token: for each row, groups of `value_group` consecutive channels (D when 0).
 // Mixed precision (ZipCache §4.2): the first S = salient_slots rows of a page (its salient tokens,
 // chosen by the cache) are stored at salient_bits, the other P − S at bits; each tier has its own
@@ -20,10 +26,13 @@
 //                 packs its codes little end first (channel c of an 4-bit row: byte c/2, low
 //                 nibble for even c)
 //   value codes   the same
-//   key params    float scale[tiers][D], then float zero[tiers][D]; tiers: the salient and the
-//                 other rows, each only when it has rows
+//   key params    float scale[R][key_groups], then float zero[R][key_groups]: per channel R =
+//                 tiers (the salient and the other rows, each only when it has rows) and
+//                 key_groups = D; per token R = P and key_groups = D/key_group
 //   value params  float scale[P][D/value_group], then float zero[P][D/value_group]
-// Scales and zero points are fp32 (the papers keep them in fp16).
+// Scales and zero points are fp32 (the papers keep them in fp16), in both key layouts: a row's
+// per-token parameters then cost 8 bytes a group, which at D 64 and one group per head is an
+// eighth of an int8 row's codes.
 // The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, paged_decode_attention_quantized)
 // read and write the same bytes through the layout helpers below.
 #pragma once
@@ -47,11 +56,17 @@ struct KvQuantOptions {
   int value_group = 0;    // channels per value group; 0: the whole head
   int salient_bits = 0;   // ZipCache: bits of the salient rows (0: none)
   int salient_slots = 0;  // ZipCache: salient rows of every page
+  bool token_keys = false;  // keys per token (groups of key_group channels), not per channel
+  int key_group = 0;        // token_keys: channels per key group; 0: the whole head
 };
 
 struct KvQuantPageLayout {
   int page_size = 0, head_dim = 0, bits = 0, salient_bits = 0, salient_slots = 0;
   int value_groups = 0, value_group = 0, key_tiers = 0;
+  // Key params of row r, channel c: entry KvKeyParamRow(r)·key_groups + c / key_group of the
+  // scales (and of the zeros). Per channel: key_group 1, key_groups D; per token: the groups.
+  bool token_keys = false;
+  int key_group = 0, key_groups = 0;
   long key_codes = 0, value_codes = 0, key_params = 0, value_params = 0;  // byte offsets
   long bytes = 0;                                                         // of one page
 };
@@ -74,6 +89,13 @@ DMC_HOST_DEVICE inline long KvRowOffset(const KvQuantPageLayout& l, int row) {
 }
 DMC_HOST_DEVICE inline int KvKeyTier(const KvQuantPageLayout& l, int row) {
   return row < l.salient_slots || l.salient_slots == 0 ? 0 : 1;
+}
+// The rows of key params (R above) and the one row `row` reads.
+DMC_HOST_DEVICE inline int KvKeyParamRows(const KvQuantPageLayout& l) {
+  return l.token_keys ? l.page_size : l.key_tiers;
+}
+DMC_HOST_DEVICE inline int KvKeyParamRow(const KvQuantPageLayout& l, int row) {
+  return l.token_keys ? row : KvKeyTier(l, row);
 }
 
 // The rule of one group (above) in the precision both versions compute it in: the group's min lo
@@ -101,6 +123,12 @@ void kv_quantize_group(uint8_t* codes, float* scale, float* zero, const T* x, in
 template <typename T>
 void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& layout, const T* keys,
                       const T* values);
+
+// Per-token keys (layout.token_keys): writes row `row` of a page from key[D] and value[D],
+// leaving its other rows as they are.
+template <typename T>
+void kv_quantize_row(uint8_t* page, const KvQuantPageLayout& layout, int row, const T* key,
+                     const T* value);
 
 // Dequantizes row `row` of a page into key[D] and value[D].
 template <typename T>

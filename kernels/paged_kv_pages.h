@@ -13,6 +13,11 @@
 //               the most it holds after t more tokens (the CPU cache's PagesForTokens: each token
 //               may be a new slot; a quantized head's residual holds fewer than P settled slots
 //               and each token settles at most one more, the newest never)
+//   a quantized cache whose slots settle one at a time (kernels/kv_quant.h's per-token keys; the
+//   CPU cache, inference/paged_kv_cache.h) fills its last page a row at a time:
+//   keep      = ⌈quantized / P⌉
+//   grow(t)   = ⌈(quantized + residual + t − 1) / P⌉   (each token may be a new slot, and every
+//               slot but the newest may have settled)
 //   a layer that writes no cache (writes[l] = 0: it reads another layer's, KVSharer) keeps and
 //   grows 0.
 //
@@ -65,6 +70,15 @@ inline int KvPagesToGrow(int residual, int quantized, int tokens, int page_size,
   const int settled = residual + tokens - 1 < page_size - 1 + tokens ? residual + tokens - 1
                                                                      : page_size - 1 + tokens;
   return quantized / page_size + settled / page_size;
+}
+
+inline int KvSlotPagesKept(int quantized, int page_size) {
+  return (quantized + page_size - 1) / page_size;
+}
+
+inline int KvSlotPagesToGrow(int residual, int quantized, int tokens, int page_size) {
+  const int settled = residual + tokens - 1 > 0 ? residual + tokens - 1 : 0;
+  return (quantized + settled + page_size - 1) / page_size;
 }
 
 // The heads' lengths and pages, rows [row0, row0 + n) of R, L layers of Hkv heads.

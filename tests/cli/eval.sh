@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dmc-eval end to end on a tiny model trained here: the side-by-side table for a model without
 # DMC, the comparison at byte budgets (--kv_fraction), the clear refusals (a method the model
-# cannot run, a missing model directory, shards of another vocabulary), and a LoMA retrofit's row.
+# cannot run, a missing model directory, shards of another vocabulary), a DMS retrofit at a byte
+# budget, and a LoMA retrofit's row.
 # Usage: eval.sh DMC_TRAIN DMC_PREP DMC_EXPORT DMC_EVAL SOURCE_DIR
 set -euo pipefail
 train=$1 prep=$2 export_=$3 eval_=$4 src=$5
@@ -78,6 +79,15 @@ awk -F'\t' '$1 != "tiny" { exit 1 }
   fail "--kv_fraction: unexpected lines: $(cat "$work/budget.tsv")"
 grep -q "quant      cannot meet it: no setting of quant meets" "$work/budget.log" ||
   fail "--kv_fraction: no reason printed for quant at 1/8: $(cat "$work/budget.log")"
+# A DMS retrofit of the model (window 4): at budgets, its knob includes per-token keys, whose
+# residual is the window and the newest token (a page less than per channel's).
+"$train" --method=dms --dms_window=4 --init_from="$work/hf" --data="$work/shards/train_index.json" \
+    --seq_len=32 --micro_batch=4 --stage1_steps=0 --stage2_steps=8 --stage3_steps=2 --cr_target=4 \
+    --log_every=100000 --checkpoint_dir="$work/dms_ckpt" >/dev/null
+"$export_" "$work/dms_ckpt" "$work/dms_hf" --dtype=fp32 >/dev/null
+dms=$("$eval_" --model="$work/dms_hf" --data="$work/shards/val_index.json" --seq_len=64 \
+    --page_size=8 --max_sequences=4 --methods=dms --kv_fraction=1/2) || fail "dms at 1/2: $dms"
+grep -qE "^dms +dms-int[248]-token " <<<"$dms" || fail "dms at 1/2: no per-token setting: $dms"
 # A LoMA retrofit of the model (t 2, c 4): --methods=loma decodes through the engine, every
 # window of 32 tokens ending as 4 compressed segments of 2 slots (CR 4), and h2o's budget follows.
 "$train" --method=loma --loma_t=2 --loma_c=4 --init_from="$work/hf" \

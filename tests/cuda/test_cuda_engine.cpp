@@ -2040,6 +2040,11 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   o.policy.quant.bits = 3;
   auto three_bits = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(three_bits.status())) << three_bits.status();
+  o.policy.quant = {8, 0, 0, 0, true};  // per-token keys: the CPU engine's alone for now
+  auto token_keys = inference::CudaEngine::Create(plain, o);
+  EXPECT_TRUE(absl::IsInvalidArgument(token_keys.status())) << token_keys.status();
+  EXPECT_NE(token_keys.status().message().find("vanilla-int8-token"), std::string::npos)
+      << token_keys.status();
   o.policy = {CacheMethod::kH2O, 8, 4};
   o.policy.quant.bits = 8;
   auto quantized_h2o = inference::CudaEngine::Create(plain, o);
