@@ -177,16 +177,22 @@ TEST(KvQuantPage, TokenKeysRowsAreIndependent) {
   EXPECT_EQ(whole, by_row);
 }
 
-// Attention over a quantized cache equals attention over its dequantized rows, laid out in a
-// full-precision pool (the unquantized kernel, itself checked against the training forward).
-// Per-token keys: the heads' last pages partly filled.
-void ExpectAttentionOverTheDequantizedRows(bool token_keys) {
+// A cache of one layer of two KV heads of dimension 8, in pages of 3 slots.
+PagedCacheOptions SmallCache() {
   PagedCacheOptions o;
   o.layers = 1;
   o.kv_heads = 2;
   o.head_dim = 8;
   o.page_size = 3;
   o.budget_bytes = 1 << 20;
+  return o;
+}
+
+// Attention over a quantized cache equals attention over its dequantized rows, laid out in a
+// full-precision pool (the unquantized kernel, itself checked against the training forward).
+// Per-token keys: the heads' last pages partly filled.
+void ExpectAttentionOverTheDequantizedRows(bool token_keys) {
+  PagedCacheOptions o = SmallCache();
   o.quant = {4, 4, 0, 0, token_keys};
   PagedKvCache<double> cache(o);
   std::mt19937_64 rng(7);
@@ -526,12 +532,7 @@ TEST(KvQuantCache, TokenKeysHoldTheDirectRoundTripOfEverySettledSlot) {
   for (Method method : {kVanilla, kDmc, kDms}) {
     SCOPED_TRACE(method == kVanilla ? "vanilla" : method == kDmc ? "dmc" : "dms");
     const int w = 2;  // DMS's window
-    PagedCacheOptions full;
-    full.layers = 1;
-    full.kv_heads = 2;
-    full.head_dim = 8;
-    full.page_size = 3;
-    full.budget_bytes = 1 << 20;
+    PagedCacheOptions full = SmallCache();
     full.dmc_window = method == kDmc ? 2 : 0;
     PagedCacheOptions o = full;
     o.settle_lag = method == kDms ? w + 1 : 0;
