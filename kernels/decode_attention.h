@@ -16,7 +16,8 @@
 // i < lengths[b, g / G]; the eviction baselines score tokens with them.
 //
 // paged_decode_attention_quantized: the same attention over a quantized cache (kernels/kv_quant.h):
-// head (b, h) holds q_lengths[b, h] slots in full quantized pages (slot i: row i % page_size of
+// head (b, h) holds q_lengths[b, h] slots in quantized pages (full, but for per-token keys the
+// last one, which fills a row at a time; slot i: row i % page_size of
 // page page_table[(b·Hkv + h)·max_pages + i / page_size] of `pages`, each layout.bytes long), then
 // r_lengths[b, h] slots at full precision in its residual block: slot q_lengths + j is row j of
 // block residual_block[b, h] of r_k_pool / r_v_pool [blocks, residual_slots, D]. Quantized rows

@@ -2,8 +2,10 @@
 // implementation of KIVI's and ZipCache's rule (keys per channel, values per token, min-max
 // round to nearest) and its round-off bound; the quantized decode attention against attention
 // over the dequantized rows; byte accounting against the bytes a page really spans and the
-// allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS; the
-// GPU engine's flat form of the cache (vanilla, DMC, DMS, ZipCache) against the cache.
+// allocator; decoding with int8 close to the full-precision cache, for vanilla, DMC and DMS;
+// per-token keys against a full-precision cache whose settled slots stand for their round trips
+// (the cache, and decoding); the GPU engine's flat form of the cache (vanilla, DMC, DMS,
+// ZipCache) against the cache.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -452,18 +454,108 @@ TEST(KvQuantDecode, Int8DmcCloseToFullPrecision) {
   ExpectInt8CloseToFullPrecision(m, CacheMethod::kDmc, true);
 }
 
-// Composition with DMS: a token is quantized once it is past the eviction window (and was not
-// evicted); the evictions are those of the full-precision cache.
-TEST(KvQuantDecode, Int8DmsCloseToFullPrecision) {
+// A tiny DMS model (adapter, window 3) that marks about half of the tokens.
+model::LlamaConfig TinyDmsConfig() {
   model::LlamaConfig c = tiny_models::TinyLlama(11, 2);
   c.dms.enabled = true;
   c.dms.variant = model::DmsVariant::kAdapter;
   c.dms.window = 3;
-  c.dms.offset = 0.2f;  // about half of the tokens marked
-  model::Llama<double> m(c, nullptr);
+  c.dms.offset = 0.2f;
+  return c;
+}
+
+// Composition with DMS: a token is quantized once it is past the eviction window (and was not
+// evicted); the evictions are those of the full-precision cache.
+TEST(KvQuantDecode, Int8DmsCloseToFullPrecision) {
+  model::Llama<double> m(TinyDmsConfig(), nullptr);
   tiny_models::RandomizeParams(m, 42);
   ExpectInt8CloseToFullPrecision(m, CacheMethod::kDms);
   ExpectInt8CloseToFullPrecision(m, CacheMethod::kDms, true);
+}
+
+// Decoding with per-token keys (int4, key groups of 4) equals decoding with the full-precision
+// cache in which, before each step, every slot that has just settled (position < t − settle_lag)
+// is replaced by its quantize → dequantize round trip, once: the logits of every step, to
+// round-off (the two caches order their slots differently). Vanilla and DMS, whose tokens each
+// open a slot, so the settled set before a step is known; DMC's open slot settles inside the
+// step that opens the next one (KvQuantCache.TokenKeysHoldTheDirectRoundTripOfEverySettledSlot).
+void ExpectDecodeEqualsTheRoundTrippedCache(model::Llama<double>& m, CacheMethod method) {
+  const model::LlamaConfig& c = m.config();
+  const int D = c.head_dim(), Hkv = c.num_key_value_heads, P = 4;
+  CachePolicy full{method};
+  CachePolicy token = full;
+  token.quant = {4, 0, 0, 0, true, 4};
+  PagedKvCache<double> q_cache(inference::CacheOptionsFor(c, token, 1L << 24, P));
+  PagedKvCache<double> f_cache(inference::CacheOptionsFor(c, full, 1L << 24, P));
+  auto q = inference::PagedDecoder<double>::Create(m, token, &q_cache);
+  auto f = inference::PagedDecoder<double>::Create(m, full, &f_cache);
+  ASSERT_TRUE(q.ok() && f.ok()) << q.status() << f.status();
+  ASSERT_TRUE(q_cache.AddSequence(0).ok() && f_cache.AddSequence(0).ok());
+  const kernels::KvQuantPageLayout& layout = q_cache.quant_layout();
+  std::vector<uint8_t> page(layout.bytes);
+  const int lag = q_cache.options().settle_lag;
+  std::vector<std::vector<int32_t>> replaced(c.num_hidden_layers * Hkv);  // positions, per head
+  const std::vector<int32_t> tokens = tiny_models::RandomTokens(30, c.vocab_size, 9);
+  std::vector<double> q_logits, f_logits;
+  for (int t = 0; t < static_cast<int>(tokens.size()); ++t) {
+    // Rebuild the reference's slots in their order, the newly settled ones round-tripped.
+    std::vector<std::vector<double>> keys(replaced.size()), values(replaced.size());
+    std::vector<std::vector<int32_t>> positions(replaced.size());
+    std::vector<std::vector<float>> scores(replaced.size());
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      for (int h = 0; h < Hkv; ++h) {
+        const int head = l * Hkv + h;
+        for (int i = 0; i < f_cache.length(0, l, h); ++i) {
+          std::vector<double> k(D), v(D);
+          f_cache.ReadSlot(0, l, h, i, k.data(), v.data());
+          const int32_t pos = f_cache.position(0, l, h, i);
+          std::vector<int32_t>& done = replaced[head];
+          if (pos < t - lag && std::find(done.begin(), done.end(), pos) == done.end()) {
+            kernels::kv_quantize_row(page.data(), layout, 0, k.data(), v.data());
+            kernels::kv_dequantize_row(k.data(), v.data(), page.data(), layout, 0);
+            done.push_back(pos);
+          }
+          keys[head].insert(keys[head].end(), k.begin(), k.end());
+          values[head].insert(values[head].end(), v.begin(), v.end());
+          positions[head].push_back(pos);
+          scores[head].push_back(f_cache.score(0, l, h, i));  // DMS: the marks
+        }
+      }
+    ASSERT_TRUE(f_cache.Free(0).ok() && f_cache.AddSequence(0).ok());
+    for (int i = 0; i < t; ++i) f_cache.AdvanceToken(0);
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      for (int h = 0; h < Hkv; ++h) {
+        const int head = l * Hkv + h;
+        for (size_t i = 0; i < positions[head].size(); ++i) {
+          ASSERT_TRUE(f_cache.Append(0, l, h, &keys[head][i * D], &values[head][i * D],
+                                     positions[head][i]).ok());
+          f_cache.score(0, l, h, static_cast<int>(i)) = scores[head][i];
+        }
+      }
+    ASSERT_TRUE((*q)->Step({0}, &tokens[t], &q_logits).ok());
+    ASSERT_TRUE((*f)->Step({0}, &tokens[t], &f_logits).ok());
+    for (size_t i = 0; i < q_logits.size(); ++i)
+      ASSERT_NEAR(q_logits[i], f_logits[i], 1e-10 * (1 + std::abs(f_logits[i]))) << "t " << t;
+  }
+  int settled = 0;
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    for (int h = 0; h < Hkv; ++h) {
+      ASSERT_EQ(q_cache.length(0, l, h), f_cache.length(0, l, h));
+      settled += q_cache.compressed_length(0, l, h);
+    }
+  EXPECT_GT(settled, 0);
+}
+
+TEST(KvQuantDecode, TokenKeysVanillaEqualsTheRoundTrippedCache) {
+  model::Llama<double> m(tiny_models::TinyLlama(11, 2), nullptr);
+  tiny_models::RandomizeParams(m, 31);
+  ExpectDecodeEqualsTheRoundTrippedCache(m, CacheMethod::kVanilla);
+}
+
+TEST(KvQuantDecode, TokenKeysDmsEqualsTheRoundTrippedCache) {
+  model::Llama<double> m(TinyDmsConfig(), nullptr);
+  tiny_models::RandomizeParams(m, 42);
+  ExpectDecodeEqualsTheRoundTrippedCache(m, CacheMethod::kDms);
 }
 
 // At the cache: DMC slots leave the full-precision residual only once closed, and then hold the
