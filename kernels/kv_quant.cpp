@@ -92,7 +92,8 @@ void kv_quantize_page(uint8_t* page, const KvQuantPageLayout& l, const T* keys, 
   const int P = l.page_size, D = l.head_dim;
   if (l.token_keys) {  // every row alone
     for (int r = 0; r < P; ++r)
-      kv_quantize_row(page, l, r, keys + static_cast<long>(r) * D, values + static_cast<long>(r) * D);
+      kv_quantize_row(page, l, r, keys + static_cast<long>(r) * D,
+                      values + static_cast<long>(r) * D);
     return;
   }
   std::vector<uint8_t> codes(static_cast<size_t>(P) * D);

@@ -34,7 +34,8 @@
 // per-token parameters then cost 8 bytes a group, which at D 64 and one group per head is an
 // eighth of an int8 row's codes.
 // The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, paged_decode_attention_quantized)
-// read and write the same bytes through the layout helpers below.
+// read and write the same bytes through the layout helpers below, keys per channel only (the GPU
+// engine refuses per-token keys: ValidateGpuKvQuant, inference/cache_policy.h).
 #pragma once
 
 #include <math.h>
