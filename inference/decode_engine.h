@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -105,6 +106,27 @@ class DecodeEngine {
   virtual absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens,
                             const int32_t* targets, std::vector<TokenOutput>* out) = 0;
 
+  // Steps launched ahead, so that a GPU engine overlaps the host's work between two steps (the
+  // outputs' delivery, the scheduler's bookkeeping, the callers' callbacks) with the device's:
+  // Launch starts a step as Step does and returns; Collect waits for the oldest step launched and
+  // not collected (`out`: its outputs, as Step's). While a step is out, the only other call
+  // allowed is a Launch of the same sequences in the same order (two steps out at most), each of
+  // whose tokens may be kPreviousChoice: the `next` token that sequence's step out will choose,
+  // read on the device. tokens(seq) counts the launched tokens. The engine's state is that of
+  // the steps one after the other: a step launched ahead computes exactly what Step would.
+  // This default runs Step at Launch; an engine that overlaps overrides all three.
+  static constexpr int32_t kPreviousChoice = -1;
+  virtual absl::Status Launch(const std::vector<int>& seqs, const int32_t* tokens,
+                              const int32_t* targets);
+  virtual absl::Status Collect(std::vector<TokenOutput>* out);
+  virtual int steps_out() const { return static_cast<int>(out_.size()); }
+  // Whether the scheduler launches each step ahead of the previous one's delivery on this engine
+  // (inference/scheduler.h); set_launch_ahead(true) refuses, with CanLaunchAhead's reason, an
+  // engine whose cache method cannot.
+  virtual absl::Status CanLaunchAhead() const { return absl::OkStatus(); }
+  absl::Status set_launch_ahead(bool on);
+  bool launch_ahead() const { return launch_ahead_; }
+
   // Slots of head (layer, h) of `seq`; bytes of `seq` (KvSequenceBytes); the cache's totals.
   virtual int length(int seq, int layer, int h) const = 0;
   // Slots of every head of `seq` together (an engine that knows the sum overrides the walk).
@@ -118,6 +140,19 @@ class DecodeEngine {
   virtual long used_bytes() const = 0;
   virtual long peak_bytes() const = 0;
   long budget_bytes() const { return cache_options().budget_bytes; }
+
+ protected:
+  // The rules of Launch while steps are out (above), for every engine: OK, or why not.
+  absl::Status CheckLaunch(const std::vector<int>& seqs, const std::vector<int>& out_seqs,
+                           int steps_out) const;
+
+ private:
+  struct OutStep {
+    std::vector<int> seqs;
+    std::vector<TokenOutput> outputs;
+  };
+  std::deque<OutStep> out_;  // the default Launch's steps, computed and not collected
+  bool launch_ahead_ = false;
 };
 
 }  // namespace dmc::inference

@@ -189,8 +189,16 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
 }
 
 absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_finish) {
-  const auto loop_start = std::chrono::steady_clock::now();
+  const auto round_start = std::chrono::steady_clock::now();
   const double prefill_before = stats_.prefill_seconds;
+  if (!out_.empty()) {
+    // The step launched last round: when the batch goes on as it is, the next step is launched
+    // before this one's outputs are delivered, so the device runs it meanwhile.
+    absl::StatusOr<bool> ahead = LaunchAhead();
+    if (!ahead.ok()) return ahead.status();
+    if (absl::Status s = CollectStep(on_token, on_finish); !s.ok()) return s;
+    if (*ahead) return EndRound(round_start, prefill_before);
+  }
   // Cancelled requests leave first, so their pages serve this step's admissions.
   for (std::vector<int>* ids : {&active_, &prefilling_}) {
     std::vector<int> kept;
@@ -203,7 +211,7 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
     ids->swap(kept);
   }
   if (absl::Status s = Admit(on_token, on_finish); !s.ok()) return s;
-  if (active_.empty()) return absl::OkStatus();
+  if (active_.empty()) return EndRound(round_start, prefill_before);
 
   // Preemption frees the most recently admitted first: prompts under way, then running ones.
   absl::Status fits = engine_.CanStep(active_);
@@ -221,51 +229,104 @@ absl::Status Scheduler::StepOnce(const TokenFn& on_token, const FinishFn& on_fin
     return absl::ResourceExhaustedError(absl::StrFormat(
         "request %d does not fit the KV cache even alone at position %d: %s", active_[0],
         engine_.tokens(active_[0]), fits.message()));
+  if (absl::Status s = LaunchStep(); !s.ok()) return s;
+  if (!engine_.launch_ahead())
+    if (absl::Status s = CollectStep(on_token, on_finish); !s.ok()) return s;
+  return EndRound(round_start, prefill_before);
+}
 
+absl::Status Scheduler::LaunchStep() {
   const size_t n = active_.size();
+  OutStep step{active_, std::vector<int>(n), !pending_.empty()};
   std::vector<int32_t> step_tokens(n), targets(n);
   for (size_t i = 0; i < n; ++i) {
     const std::vector<int32_t>& tokens = requests_.at(active_[i]).request.tokens;
     const int pos = engine_.tokens(active_[i]);
-    step_tokens[i] = tokens[pos];
+    step.positions[i] = pos;
+    // Past the tokens known here: the choice of the step out (a step launched ahead).
+    step_tokens[i] = pos < static_cast<int>(tokens.size()) ? tokens[pos]
+                                                           : DecodeEngine::kPreviousChoice;
     targets[i] = pos + 1 < static_cast<int>(tokens.size()) ? tokens[pos + 1] : -1;
   }
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status launched = engine_.Launch(active_, step_tokens.data(), targets.data());
+  stats_.step_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!launched.ok()) return launched;
+  out_.push_back(std::move(step));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Scheduler::LaunchAhead() {
+  if (!engine_.launch_ahead() || out_.size() != 1) return false;
+  // Every request of the step out goes on after it, none cancelled, and the budget holds the
+  // next step's growth; anything else waits for this round's collection (the admissions,
+  // preemptions and releases need the engine with no step out).
+  const OutStep& step = out_.front();
+  for (size_t i = 0; i < step.ids.size(); ++i) {
+    const Entry& e = requests_.at(step.ids[i]);
+    if (e.cancelled || e.ended || step.positions[i] + 1 >= e.request.length) return false;
+  }
+  if (!engine_.CanStep(active_).ok()) return false;
+  if (absl::Status s = LaunchStep(); !s.ok()) return s;
+  ++stats_.steps_ahead;
+  return true;
+}
+
+absl::Status Scheduler::CollectStep(const TokenFn& on_token, const FinishFn& on_finish) {
+  OutStep step = std::move(out_.front());
+  out_.pop_front();
   std::vector<TokenOutput> outs;
   const auto start = std::chrono::steady_clock::now();
-  absl::Status stepped = engine_.Step(active_, step_tokens.data(), targets.data(), &outs);
+  absl::Status collected = engine_.Collect(&outs);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   stats_.step_seconds += seconds;
-  if (!stepped.ok()) return stepped;
+  if (!collected.ok()) return collected;
+  const size_t n = step.ids.size();
   ++stats_.steps;
   stats_.tokens += static_cast<long>(n);
-  const bool saturated = !pending_.empty();
-  if (saturated) {
+  if (step.saturated) {
     ++stats_.saturated_steps;
     stats_.saturated_tokens += static_cast<long>(n);
     stats_.saturated_step_seconds += seconds;
     const double budget = static_cast<double>(engine_.budget_bytes());
     long kept = 0;
-    for (int id : active_) kept += engine_.bytes(id);
+    for (int id : step.ids) kept += engine_.bytes(id);
     stats_.saturated_used_share += static_cast<double>(engine_.used_bytes()) / budget;
     stats_.saturated_kept_share += static_cast<double>(kept) / budget;
   }
   stats_.max_concurrent = std::max(stats_.max_concurrent, static_cast<int>(n));
+  collected_saturated_ = step.saturated;
 
+  // A request that ended while its next step was out rides that step; its output is dropped
+  // and it finishes once no step holds it.
   std::vector<int> still;
   for (size_t i = 0; i < n; ++i) {
-    const int id = active_[i];
-    if (Deliver(id, engine_.tokens(id) - 1, outs[i], on_token)) {
+    const int id = step.ids[i];
+    Entry& e = requests_.at(id);
+    const bool riding = e.ended || e.cancelled;
+    if (!riding && Deliver(id, step.positions[i], outs[i], on_token)) {
       still.push_back(id);
-    } else if (absl::Status s = Finish(id, false, on_finish); !s.ok()) {
-      return s;
+      continue;
     }
+    if (!out_.empty()) {
+      e.ended = true;
+      continue;
+    }
+    if (absl::Status s = Finish(id, e.cancelled, on_finish); !s.ok()) return s;
   }
-  active_.swap(still);
-  if (saturated)
+  if (out_.empty()) active_.swap(still);
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::EndRound(std::chrono::steady_clock::time_point start,
+                                 double prefill_before) {
+  if (collected_saturated_)
     stats_.saturated_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count() -
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() -
         (stats_.prefill_seconds - prefill_before);
+  collected_saturated_ = false;
   return absl::OkStatus();
 }
 

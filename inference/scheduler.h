@@ -33,8 +33,20 @@
 // see the recomputation). A request that does not fit even alone is an error.
 // The scheduler is step-driven (StepOnce), so a server can submit and cancel between steps;
 // RunBatched runs a fixed set of requests to completion.
+// Launch ahead (an engine with launch_ahead(), DecodeEngine::Launch): a round launches its step
+// and returns; the next round launches the following step before it collects and delivers this
+// one, whenever the batch goes on unchanged (every request continues past the step out, none is
+// cancelled, the budget holds the growth), so the device runs a step while the host delivers
+// the previous one and the callers do their work. A sequence's token past what the host knows
+// is then the step out's choice, read on the device. A round that would change the batch
+// (admissions, prefills, preemptions, releases) collects first and launches after, so the engine
+// never holds two steps of different batches. The outputs and the cache are those of the
+// rounds without it, but for a request that ends by a stop (TokenFn false) or a cancellation
+// while its next step is out: it rides that step, whose output is dropped, and its FinishFn sees
+// the cache with that token in it.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -67,8 +79,9 @@ struct SchedulerStats {
   long tokens = 0;          // tokens fed, recomputation and prefill included
   long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
+  long steps_ahead = 0;     // steps launched before the previous one's delivery (launch ahead)
   double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
-  double step_seconds = 0;     // spent in DecodeEngine::Step
+  double step_seconds = 0;     // spent in the engine's Launch and Collect
   int max_concurrent = 0;   // most sequences in one step
   double seconds = 0;       // wall time of RunBatched
   // The steps taken while requests waited for admission: the batch as large as the cache budget
@@ -77,7 +90,7 @@ struct SchedulerStats {
   // finished requests' release), less the prefills in them.
   long saturated_steps = 0, saturated_tokens = 0;
   double saturated_seconds = 0;
-  double saturated_step_seconds = 0;  // of saturated_seconds, spent in DecodeEngine::Step
+  double saturated_step_seconds = 0;  // of saturated_seconds, in Collect (waiting for the device)
   // Σ over those steps of the budget's share in pages (DecodeEngine::used_bytes) and of the
   // share the sequences keep (Σ bytes(seq)): their means say where a full cache's bytes go.
   double saturated_used_share = 0, saturated_kept_share = 0;
@@ -111,6 +124,13 @@ class Scheduler {
     Request request;
     int reported = 0;  // positions whose output was given
     bool cancelled = false;
+    bool ended = false;  // ended while its next step was out (launch ahead): it rides that step
+  };
+  // A step launched and not yet collected: its requests and the position each one fed.
+  struct OutStep {
+    std::vector<int> ids;
+    std::vector<int> positions;
+    bool saturated = false;  // requests were waiting when it was launched
   };
   // Reports the output of position pos of id and appends or stops; true while it goes on.
   bool Deliver(int id, int pos, const TokenOutput& out, const TokenFn& on_token);
@@ -121,6 +141,18 @@ class Scheduler {
   // done and the request goes on decoding (false: more to prefill, or it ended there).
   absl::StatusOr<bool> PrefillChunk(int id, long budget_left, const TokenFn& on_token,
                                     const FinishFn& on_finish);
+  // Launches the step of active_ (the tokens at each one's next position, the step out's choice
+  // past the known ones).
+  absl::Status LaunchStep();
+  // Launch ahead: launches the next step while one is out, if the batch goes on unchanged;
+  // whether it did.
+  absl::StatusOr<bool> LaunchAhead();
+  // Collects the oldest step out and delivers its outputs; ends the requests that stop there
+  // (or marks them riding, when a step launched ahead holds them).
+  absl::Status CollectStep(const TokenFn& on_token, const FinishFn& on_finish);
+  // A round's wall time, less its prefills, into the saturated seconds when the step it
+  // collected was saturated.
+  absl::Status EndRound(std::chrono::steady_clock::time_point start, double prefill_before);
   // Frees id's cache and queues it again at the front, to be recomputed.
   absl::Status Preempt(int id);
   // A running sequence's expected new pages over its next page_size tokens (see Admission).
@@ -136,6 +168,8 @@ class Scheduler {
   std::vector<int> active_;
   std::vector<int> prefilling_;  // admitted, their prompts partly prefilled, in admission order
   long prefilled_this_step_ = 0;  // prompt tokens prefilled by the current Admit
+  std::deque<OutStep> out_;       // launched, not collected: one, two while launching ahead
+  bool collected_saturated_ = false;  // the step this round collected was saturated
   SchedulerStats stats_;
 };
 

@@ -1,0 +1,50 @@
+#include "inference/decode_engine.h"
+
+#include "absl/strings/str_format.h"
+
+namespace dmc::inference {
+
+absl::Status DecodeEngine::CheckLaunch(const std::vector<int>& seqs,
+                                       const std::vector<int>& out_seqs, int steps_out) const {
+  if (steps_out == 0) return absl::OkStatus();
+  if (steps_out >= 2)
+    return absl::FailedPreconditionError("two steps are out already: collect one first");
+  if (seqs != out_seqs)
+    return absl::FailedPreconditionError(
+        "a step launched ahead must hold the sequences of the step out, in the same order");
+  return absl::OkStatus();
+}
+
+absl::Status DecodeEngine::Launch(const std::vector<int>& seqs, const int32_t* tokens,
+                                  const int32_t* targets) {
+  const std::vector<int>& out_seqs = out_.empty() ? seqs : out_.back().seqs;
+  if (absl::Status s = CheckLaunch(seqs, out_seqs, steps_out()); !s.ok()) return s;
+  std::vector<int32_t> own(tokens, tokens + seqs.size());
+  for (size_t i = 0; i < own.size(); ++i)
+    if (own[i] == kPreviousChoice) {
+      if (out_.empty())
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
+      own[i] = out_.back().outputs[i].next;
+    }
+  OutStep step{seqs, {}};
+  if (absl::Status s = Step(seqs, own.data(), targets, &step.outputs); !s.ok()) return s;
+  out_.push_back(std::move(step));
+  return absl::OkStatus();
+}
+
+absl::Status DecodeEngine::Collect(std::vector<TokenOutput>* out) {
+  if (out_.empty()) return absl::FailedPreconditionError("no step is out to collect");
+  *out = std::move(out_.front().outputs);
+  out_.pop_front();
+  return absl::OkStatus();
+}
+
+absl::Status DecodeEngine::set_launch_ahead(bool on) {
+  if (on)
+    if (absl::Status s = CanLaunchAhead(); !s.ok()) return s;
+  launch_ahead_ = on;
+  return absl::OkStatus();
+}
+
+}  // namespace dmc::inference
