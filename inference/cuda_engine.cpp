@@ -80,8 +80,11 @@ struct CudaEngine::Device {
   cudaStream_t kv_streams[2] = {nullptr, nullptr};
   cudaEvent_t fork = nullptr, joins[2] = {nullptr, nullptr};
   char* gemm_workspaces = nullptr;  // [3, kGemmWorkspaceBytes]: stream, kv_streams
-  // Around each step's device work: the GPU's share of the time Step takes (step_gpu_seconds).
-  cudaEvent_t step_begin = nullptr, step_end = nullptr;
+  // Per input buffer (two, so that a step launched ahead fills one while the other's upload may
+  // still wait on the stream): around its step's device work, the GPU's share of the step's
+  // time (step_gpu_seconds); and after its outputs' copies, what Collect waits for.
+  cudaEvent_t step_begin[2] = {nullptr, nullptr}, step_end[2] = {nullptr, nullptr};
+  cudaEvent_t collected[2] = {nullptr, nullptr};
   bf16* weights = nullptr;
   std::vector<size_t> layer_offsets;  // [layer · kLayerTensors + tensor]
   size_t embed = 0, final_norm = 0, lm_head = 0;
@@ -107,11 +110,11 @@ struct CudaEngine::Device {
   // (EnqueueStep).
   bf16 *x, *xn, *qkv, *qr, *att, *gate_up, *h;
   float *rstd, *merge, *omega, *logits;
-  // Step inputs (device and pinned host), outputs.
+  // Step inputs (device, and two pinned host buffers: in_host[0] serves prefills too), outputs.
   char* io_dev = nullptr;
-  char* io_host = nullptr;
+  char* io_host = nullptr;  // [2, io_bytes]
   size_t io_bytes = 0;
-  StepIo in_dev, in_host;
+  StepIo in_dev, in_host[2];
   int32_t *next, *argmax;
   float* logprob;
   // [3, R] next, argmax, logprob bits; then the host mirrors of lengths and (quantized) q_lengths
@@ -207,7 +210,8 @@ CudaEngine::~CudaEngine() {
                   (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,
                   (void*)d.row_slots_host, (void*)d.row_spare_host})
     if (p) cudaFreeHost(p);
-  for (cudaEvent_t e : {d.step_begin, d.step_end, d.fork, d.joins[0], d.joins[1]})
+  for (cudaEvent_t e : {d.step_begin[0], d.step_begin[1], d.step_end[0], d.step_end[1],
+                        d.collected[0], d.collected[1], d.fork, d.joins[0], d.joins[1]})
     if (e) cudaEventDestroy(e);
   for (cudaStream_t s : {d.stream, d.kv_streams[0], d.kv_streams[1]})
     if (s) {
@@ -334,8 +338,11 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   const int Hkv = cfg.num_key_value_heads, D = cfg.head_dim(), F = cfg.intermediate_size;
   const int V = cfg.vocab_size, R = rows_, P = max_context_;
   ENGINE_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-  ENGINE_CUDA(cudaEventCreate(&d.step_begin));
-  ENGINE_CUDA(cudaEventCreate(&d.step_end));
+  for (int b = 0; b < 2; ++b) {
+    ENGINE_CUDA(cudaEventCreate(&d.step_begin[b]));
+    ENGINE_CUDA(cudaEventCreate(&d.step_end[b]));
+    ENGINE_CUDA(cudaEventCreateWithFlags(&d.collected[b], cudaEventDisableTiming));
+  }
   ENGINE_CUDA(cudaEventCreateWithFlags(&d.fork, cudaEventDisableTiming));
   d.gemm_workspaces = Alloc<char>(3 * kGemmWorkspaceBytes);
   c::matmul_bind_workspace(d.stream, d.gemm_workspaces, kGemmWorkspaceBytes);
@@ -474,7 +481,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
   // Inputs: 4 int32 arrays, 2 float, 1 uint64, each padded to 8 bytes per row.
   d.io_bytes = size_t(R) * 8 * 7;
   d.io_dev = Alloc<char>(d.io_bytes);
-  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.io_host), d.io_bytes));
+  ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.io_host), 2 * d.io_bytes));
   auto carve = [&](char* base) {
     StepIo io;
     io.tokens = reinterpret_cast<int32_t*>(base);
@@ -487,7 +494,7 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
     return io;
   };
   d.in_dev = carve(d.io_dev);
-  d.in_host = carve(d.io_host);
+  for (int b = 0; b < 2; ++b) d.in_host[b] = carve(d.io_host + b * d.io_bytes);
   // Outputs: next, argmax, logprob [R] each, the mirrors [L, R, Hkv] each.
   ENGINE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&d.out_host),
                              (3 * size_t(R) + 2 * heads) * sizeof(int32_t)));
@@ -546,6 +553,7 @@ int CudaEngine::AttentionChunk(int rows) const {
 }
 
 absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
+  if (absl::Status s = NoStepOut("an admission"); !s.ok()) return s;
   if (seqs_.count(seq))
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d is already in the cache", seq));
   const long heads = static_cast<long>(config_.num_hidden_layers) * config_.num_key_value_heads;
@@ -598,6 +606,7 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
 }
 
 absl::Status CudaEngine::Free(int seq) {
+  if (absl::Status s = NoStepOut("a release"); !s.ok()) return s;
   auto it = seqs_.find(seq);
   if (it == seqs_.end())
     return absl::NotFoundError(absl::StrFormat("free of sequence %d, which is not in the cache", seq));
@@ -1007,74 +1016,141 @@ void CudaEngine::EnqueueStep(int n) {
 
 absl::Status CudaEngine::Step(const std::vector<int>& seqs, const int32_t* tokens,
                               const int32_t* targets, std::vector<TokenOutput>* out) {
+  if (absl::Status s = NoStepOut("a step"); !s.ok()) return s;
+  if (absl::Status s = Launch(seqs, tokens, targets); !s.ok()) return s;
+  return Collect(out);
+}
+
+absl::Status CudaEngine::CanLaunchAhead() const {
+  if (dms_ || evicts_ || settles_ || loma_ || !opt_.policy.kv_source.empty())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "steps launched ahead run the vanilla and dmc caches at bf16, not %s",
+        PolicyName(opt_.policy)));
+  // A sequence's first page holds its second token too (the step launched ahead of its first).
+  if (opt_.page_size < 2)
+    return absl::InvalidArgumentError("steps launched ahead need pages of 2 slots or more");
+  if (!seqs_.empty())
+    return absl::FailedPreconditionError(
+        "launch ahead is set before any sequence is admitted: its page hand-outs look two steps "
+        "ahead from the first");
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::NoStepOut(const char* what) const {
+  if (launched_.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrFormat("%s waits until the steps launched are collected", what));
+}
+
+absl::Status CudaEngine::Launch(const std::vector<int>& seqs, const int32_t* tokens,
+                                const int32_t* targets) {
   const int n = static_cast<int>(seqs.size());
   if (n == 0) return absl::InvalidArgumentError("a step needs at least one sequence");
-  for (int i = 0; i < n; ++i)
-    if (absl::Status s = Validate(seqs[i], tokens[i]); !s.ok()) return s;
+  const bool ahead = !launched_.empty();
+  if (ahead) {
+    if (absl::Status s = CheckLaunch(seqs, launched_.back().seqs, steps_out()); !s.ok()) return s;
+  }
+  for (int i = 0; i < n; ++i) {
+    if (tokens[i] < 0 && !ahead)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
+    // A choice still on the device is in the vocabulary.
+    if (absl::Status s = Validate(seqs[i], tokens[i] < 0 ? 0 : tokens[i]); !s.ok()) return s;
+  }
   if (absl::Status s = CanStep(seqs); !s.ok()) return s;
   Device& d = *dev_;
   try {
-    ArrangeRows(seqs);
+    // While a step is out its rows stay (the same sequences), and its tail (page changes,
+    // copies back) goes after this step's page hand-outs, so that the changes it finds count
+    // them (EnqueueTail).
+    if (!ahead) ArrangeRows(seqs);
     if (absl::Status s = GrowPages(seqs); !s.ok()) return s;
+    if (ahead) EnqueueTail(launched_.back());
+    const int b = next_buffer_;
+    next_buffer_ ^= 1;
+    StepIo& in = d.in_host[b];
     for (int i = 0; i < n; ++i) {
-      const Sequence& s = seqs_.at(seqs[i]);
+      Sequence& s = seqs_.at(seqs[i]);
       const int r = s.row;
-      d.in_host.tokens[r] = tokens[i];
-      d.in_host.positions[r] = s.tokens;
-      d.in_host.targets[r] = targets ? targets[i] : -1;
-      d.in_host.sample_pos[r] = s.tokens + 1;
-      d.in_host.temperature[r] = s.sampling.temperature;
-      d.in_host.top_p[r] = s.sampling.top_p;
-      d.in_host.seed[r] = s.sampling.seed;
+      in.tokens[r] = tokens[i];
+      in.positions[r] = s.tokens;
+      in.targets[r] = targets ? targets[i] : -1;
+      in.sample_pos[r] = s.tokens + 1;
+      in.temperature[r] = s.sampling.temperature;
+      in.top_p[r] = s.sampling.top_p;
+      in.seed[r] = s.sampling.seed;
+      ++s.tokens;
     }
     // Padding rows: token 0 at position 0, greedy, in heads emptied onto the sink page.
     const int rows = StepRows(n);
     for (int r = n; r < rows; ++r) {
-      d.in_host.tokens[r] = 0;
-      d.in_host.positions[r] = 0;
-      d.in_host.targets[r] = -1;
-      d.in_host.sample_pos[r] = 1;
-      d.in_host.temperature[r] = 0.0f;
-      d.in_host.top_p[r] = 1.0f;
-      d.in_host.seed[r] = 0;
+      in.tokens[r] = 0;
+      in.positions[r] = 0;
+      in.targets[r] = -1;
+      in.sample_pos[r] = 1;
+      in.temperature[r] = 0.0f;
+      in.top_p[r] = 1.0f;
+      in.seed[r] = 0;
     }
     const cudaGraphExec_t graph = StepGraph(rows);  // a capture stays out of the device time
-    ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
-    ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
+    ENGINE_CUDA(cudaEventRecord(d.step_begin[b], d.stream));
+    ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host + b * d.io_bytes, d.io_bytes,
+                                cudaMemcpyHostToDevice, d.stream));
+    if (ahead) c::take_previous_choices(d.in_dev.tokens, d.next, n, d.stream);
     c::paged_kv_clear_rows(d.page_table, d.lengths, d.q_lengths, d.window_count, sink_page_,
                            config_.num_hidden_layers, rows_, config_.num_key_value_heads,
                            max_pages_, n, rows - n, d.stream);
     RunStep(rows, graph);
-    EnqueuePageChanges(0, n, 1);
-    ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
-    // Outputs of rows 0..n-1, their heads' lengths and the page changes.
-    int32_t* host = d.out_host;
-    ENGINE_CUDA(cudaMemcpyAsync(host, d.next, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
-    ENGINE_CUDA(cudaMemcpyAsync(host + rows_, d.argmax, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
-    ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
-    EnqueueCopyBack(0, n);
-    ENGINE_CUDA(cudaStreamSynchronize(d.stream));
-    AddStepGpuTime();
-    out->resize(n);
-    for (int i = 0; i < n; ++i) {
-      Sequence& s = seqs_.at(seqs[i]);
-      const int r = s.row;
-      float logprob;
-      std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
-      (*out)[i] = {host[r], logprob, host[rows_ + r]};
-      ++s.tokens;
-    }
-    if (absl::Status st = ApplyPageChanges(0, n); !st.ok()) return st;
-    if (loma_) return CompressSegments(seqs);
+    ENGINE_CUDA(cudaEventRecord(d.step_end[b], d.stream));
+    launched_.push_back({seqs, n, b, false});
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());
   }
   return absl::OkStatus();
 }
 
-void CudaEngine::AddStepGpuTime() {
+void CudaEngine::EnqueueTail(Launched& step) {
+  Device& d = *dev_;
+  const int n = step.n;
+  EnqueuePageChanges(0, n, PageLookahead());
+  // Outputs of rows 0..n-1, their heads' lengths and the page changes.
+  int32_t* host = d.out_host;
+  ENGINE_CUDA(cudaMemcpyAsync(host, d.next, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+  ENGINE_CUDA(cudaMemcpyAsync(host + rows_, d.argmax, n * sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
+  ENGINE_CUDA(cudaMemcpyAsync(host + 2 * rows_, d.logprob, n * sizeof(float), cudaMemcpyDeviceToHost, d.stream));
+  EnqueueCopyBack(0, n);
+  ENGINE_CUDA(cudaEventRecord(d.collected[step.buffer], d.stream));
+  step.tail = true;
+}
+
+absl::Status CudaEngine::Collect(std::vector<TokenOutput>* out) {
+  if (launched_.empty()) return absl::FailedPreconditionError("no step is out to collect");
+  Device& d = *dev_;
+  const Launched step = launched_.front();
+  try {
+    if (!step.tail) EnqueueTail(launched_.front());
+    launched_.pop_front();
+    ENGINE_CUDA(cudaEventSynchronize(d.collected[step.buffer]));
+    AddStepGpuTime(step.buffer);
+    const int32_t* host = d.out_host;
+    out->resize(step.n);
+    for (int i = 0; i < step.n; ++i) {
+      const int r = seqs_.at(step.seqs[i]).row;
+      float logprob;
+      std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
+      (*out)[i] = {host[r], logprob, host[rows_ + r]};
+    }
+    if (absl::Status st = ApplyPageChanges(0, step.n); !st.ok()) return st;
+    if (loma_) return CompressSegments(step.seqs);
+  } catch (const std::runtime_error& err) {
+    return absl::InternalError(err.what());
+  }
+  return absl::OkStatus();
+}
+
+void CudaEngine::AddStepGpuTime(int buffer) {
   float gpu_ms = 0;
-  ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, dev_->step_begin, dev_->step_end));
+  ENGINE_CUDA(cudaEventElapsedTime(&gpu_ms, dev_->step_begin[buffer], dev_->step_end[buffer]));
   step_gpu_seconds_ += 1e-3 * gpu_ms;
 }
 
@@ -1098,6 +1174,9 @@ cudaGraphExec_t CudaEngine::StepGraph(int rows) {
   if (g.exec != nullptr || ++g.steps < 2) return g.exec;
   const auto start = std::chrono::steady_clock::now();
   cudaStream_t stream = dev_->stream;
+  // Captured with nothing on the streams: a step launched ahead waits here, once per number of
+  // rows, for the step out.
+  ENGINE_CUDA(cudaStreamSynchronize(stream));
   cudaGraph_t graph;
   ENGINE_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   EnqueueStep(rows);
@@ -1146,14 +1225,14 @@ absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
   // attending to every slot before it; the host writes the next pass's inputs once the stream
   // has read this one's. Rows k.. hold other sequences: no padding.
   const cudaGraphExec_t graph = StepGraph(k);
-  ENGINE_CUDA(cudaEventRecord(d.step_begin, d.stream));
+  ENGINE_CUDA(cudaEventRecord(d.step_begin[0], d.stream));
   for (int m = 0; m < z.t; ++m) {
     for (int seq : full) {
       const Sequence& s = seqs_.at(seq);
       const int chunk = s.tokens / tc - 1;  // the segment just completed
-      d.in_host.tokens[s.row] = config_.loma.memory_token;
-      d.in_host.positions[s.row] = kernels::loma_position(chunk * z.chunk() + tc + m, z);
-      d.in_host.targets[s.row] = -1;
+      d.in_host[0].tokens[s.row] = config_.loma.memory_token;
+      d.in_host[0].positions[s.row] = kernels::loma_position(chunk * z.chunk() + tc + m, z);
+      d.in_host[0].targets[s.row] = -1;
     }
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice,
                                 d.stream));
@@ -1163,11 +1242,11 @@ absl::Status CudaEngine::CompressSegments(const std::vector<int>& seqs) {
   // [memory | segment of tc | t new memory] → [memory | t new memory] in every head.
   for (int l = 0; l < config_.num_hidden_layers; ++l)
     c::paged_kv_drop_span(CacheLayer(l), k, Hkv, D, tc, z.t, d.stream);
-  ENGINE_CUDA(cudaEventRecord(d.step_end, d.stream));
+  ENGINE_CUDA(cudaEventRecord(d.step_end[0], d.stream));
   EnqueuePageChanges(0, k, 1);
   EnqueueCopyBack(0, k);
   ENGINE_CUDA(cudaStreamSynchronize(d.stream));
-  AddStepGpuTime();
+  AddStepGpuTime(0);
   return ApplyPageChanges(0, k);
 }
 
@@ -1285,6 +1364,7 @@ void CudaEngine::EnqueueSample(int row, int n) {
 
 absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, int32_t target,
                                  TokenOutput* out) {
+  if (absl::Status s = NoStepOut("a prefill"); !s.ok()) return s;
   if (!parallel_prefill())
     return absl::InvalidArgumentError(absl::StrFormat(
         "parallel prefill serves the dmc, dms and vanilla caches, not %s (it evicts or ranks "
@@ -1335,17 +1415,17 @@ absl::Status CudaEngine::Prefill(int seq, const std::vector<int32_t>& prompt, in
     if (absl::Status grown = GrowPages({seq}); !grown.ok()) return grown;
     ENGINE_CUDA(cudaMemcpyAsync(d.ptokens, prompt.data(), P * sizeof(int32_t),
                                 cudaMemcpyHostToDevice, d.stream));
-    d.in_host.targets[r] = target;
-    d.in_host.sample_pos[r] = start + P;
-    d.in_host.temperature[r] = s.sampling.temperature;
-    d.in_host.top_p[r] = s.sampling.top_p;
-    d.in_host.seed[r] = s.sampling.seed;
+    d.in_host[0].targets[r] = target;
+    d.in_host[0].sample_pos[r] = start + P;
+    d.in_host[0].temperature[r] = s.sampling.temperature;
+    d.in_host[0].top_p[r] = s.sampling.top_p;
+    d.in_host[0].seed[r] = s.sampling.seed;
     ENGINE_CUDA(cudaMemcpyAsync(d.io_dev, d.io_host, d.io_bytes, cudaMemcpyHostToDevice, d.stream));
     if (start == 0)
       EnqueuePrefill(r, P);
     else
       EnqueueChunk(r, start, P);
-    EnqueuePageChanges(r, 1, 1);
+    EnqueuePageChanges(r, 1, PageLookahead());
     int32_t* host = d.out_host;
     ENGINE_CUDA(cudaMemcpyAsync(host, d.next, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));
     ENGINE_CUDA(cudaMemcpyAsync(host + 1, d.argmax, sizeof(int32_t), cudaMemcpyDeviceToHost, d.stream));

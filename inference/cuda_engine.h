@@ -41,6 +41,19 @@
 // the sequences (LoMA's compressions, a step beside chunked prefills) runs at its own number of
 // rows.
 //
+// Launch ahead (DecodeEngine::Launch, Collect; vanilla and dmc at bf16): step N + 1 goes on the
+// stream while step N is out, the same rows, each row's token read on the device from step N's
+// choice (kernels::take_previous_choices) where the host does not know it yet. The stream then
+// holds N + 1's page hand-outs, N's tail (its page changes and the copies back, which Collect
+// waits for), N + 1's input upload and graph. N's page changes are therefore applied on the host
+// after N + 1 is launched: they look two tokens ahead (PageLookahead), so that the pages handed
+// out before step N cover N + 1 too (a head's worst case grows a slot a step), and since they
+// are found after N + 1's hand-outs they count those and hand out nothing twice. Two input
+// buffers alternate between launches (a launch ahead fills one while the other's upload may
+// still wait on the stream); the outputs' host buffers are read by Collect before the next tail
+// is enqueued. Admissions, releases and prefills wait until nothing is out (FailedPrecondition),
+// so rows move only then. A capture waits for the step out (StepGraph).
+//
 // Prefill runs the prompt through the parallel forward with hard decisions (the training-mode
 // graph on the fused DMC attention kernel, one layer's activations at a time, so a prompt of
 // max_context tokens needs no chunking) and writes its compressed cache directly
@@ -149,6 +162,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <vector>
@@ -232,6 +246,12 @@ class CudaEngine : public DecodeEngine {
                        TokenOutput* out) override;
   absl::Status Step(const std::vector<int>& seqs, const int32_t* tokens, const int32_t* targets,
                     std::vector<TokenOutput>* out) override;
+  // Launch ahead (above): vanilla and dmc at bf16, set before the first admission.
+  absl::Status Launch(const std::vector<int>& seqs, const int32_t* tokens,
+                      const int32_t* targets) override;
+  absl::Status Collect(std::vector<TokenOutput>* out) override;
+  int steps_out() const override { return static_cast<int>(launched_.size()); }
+  absl::Status CanLaunchAhead() const override;
   int length(int seq, int layer, int h) const override;
   long slots(int seq) const override { return seqs_.at(seq).slots; }
   long bytes(int seq) const override;
@@ -240,8 +260,9 @@ class CudaEngine : public DecodeEngine {
 
   int max_context() const { return max_context_; }
   int max_batch() const { return opt_.max_batch; }
-  // Device time of every Step so far, from its inputs' upload to its last kernel (graph captures
-  // left out); the rest of the wall time in Step is the host's (page bookkeeping, copies back).
+  // Device time of every step so far, from its inputs' upload to its last kernel (graph captures
+  // and the page changes after it left out); the rest of the wall time in Step is the host's
+  // (page bookkeeping, copies back).
   double step_gpu_seconds() const { return step_gpu_seconds_; }
   // Host time spent capturing and instantiating step graphs (one per number of rows run, padded
   // to buckets, at its second step), and how many there are.
@@ -268,8 +289,25 @@ class CudaEngine : public DecodeEngine {
     std::vector<std::pair<int32_t, int32_t>> growth;
     long growth_pages = 0;
   };
+  // A step launched and not collected: its sequences (rows 0..n-1), the input buffer and events
+  // it uses, and whether its tail (EnqueueTail) is on the stream.
+  struct Launched {
+    std::vector<int> seqs;
+    int n = 0;
+    int buffer = 0;
+    bool tail = false;
+  };
   CudaEngine(const model::LlamaConfig& config, const CudaEngineOptions& options);
   void Upload(const model::Llama<float>& model);
+  // FailedPrecondition naming `what` while a step is out (launch ahead).
+  absl::Status NoStepOut(const char* what) const;
+  // A launched step's tail: its page changes, looking PageLookahead() tokens ahead, and the
+  // copies of its outputs, lengths and changes to the host, then its collected event. Enqueued
+  // by the next Launch (after that step's page hand-outs) or else by Collect.
+  void EnqueueTail(Launched& step);
+  // The tokens the page changes provide for: 1, the next step's; 2 with launch ahead, where the
+  // step after it is launched before these changes reach the host.
+  int PageLookahead() const { return launch_ahead() ? 2 : 1; }
   absl::Status Validate(int seq, int32_t token) const;
   // Makes the sequences of `seqs` occupy rows 0..n-1 (moving others out of the way).
   void ArrangeRows(const std::vector<int>& seqs);
@@ -335,8 +373,9 @@ class CudaEngine : public DecodeEngine {
   cudaGraphExec_t StepGraph(int rows);
   // Runs a step of `rows` rows: the graph when there is one, else the kernels directly.
   void RunStep(int rows, cudaGraphExec_t graph);
-  // Adds the device time between the step_begin and step_end events (synchronised).
-  void AddStepGpuTime();
+  // Adds the device time between input buffer `buffer`'s step_begin and step_end events
+  // (synchronised).
+  void AddStepGpuTime(int buffer);
   void EnqueuePrefill(int row, int P);
   // A chunk of n tokens (in ptokens) continuing row `row` at position start (chunked prefill).
   void EnqueueChunk(int row, int start, int n);
@@ -373,6 +412,8 @@ class CudaEngine : public DecodeEngine {
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a settling head's residual block
   std::map<int, Sequence> seqs_;
+  std::deque<Launched> launched_;  // oldest first, two at most
+  int next_buffer_ = 0;            // the input buffer of the next launch
   std::vector<int> row_seq_;  // row → sequence id, -1 free
   std::unique_ptr<Device> dev_;
 };

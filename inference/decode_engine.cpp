@@ -1,6 +1,7 @@
 #include "inference/decode_engine.h"
 
 #include "absl/strings/str_format.h"
+#include "kernels/sample.h"
 
 namespace dmc::inference {
 
@@ -19,14 +20,15 @@ absl::Status DecodeEngine::Launch(const std::vector<int>& seqs, const int32_t* t
                                   const int32_t* targets) {
   const std::vector<int>& out_seqs = out_.empty() ? seqs : out_.back().seqs;
   if (absl::Status s = CheckLaunch(seqs, out_seqs, steps_out()); !s.ok()) return s;
-  std::vector<int32_t> own(tokens, tokens + seqs.size());
-  for (size_t i = 0; i < own.size(); ++i)
-    if (own[i] == kPreviousChoice) {
-      if (out_.empty())
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
-      own[i] = out_.back().outputs[i].next;
-    }
+  const int n = static_cast<int>(seqs.size());
+  std::vector<int32_t> own(tokens, tokens + n), previous(n, kPreviousChoice);
+  for (int i = 0; i < n; ++i)
+    if (own[i] < 0 && out_.empty())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
+  if (!out_.empty())
+    for (int i = 0; i < n; ++i) previous[i] = out_.back().outputs[i].next;
+  kernels::take_previous_choices(own.data(), previous.data(), n);
   OutStep step{seqs, {}};
   if (absl::Status s = Step(seqs, own.data(), targets, &step.outputs); !s.ok()) return s;
   out_.push_back(std::move(step));

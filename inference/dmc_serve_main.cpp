@@ -43,6 +43,9 @@ ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
           "successive steps, between decode steps (an engine without chunked prefill: at least "
           "one whole prompt a step); bounds the running streams' per-token latency. 0: no bound");
 ABSL_FLAG(int, max_body_kb, 1024, "largest request body in KiB; past it: HTTP 413");
+ABSL_FLAG(bool, launch_ahead, true,
+          "--device=cuda, vanilla and dmc: launch each decode step before the previous one's "
+          "tokens are delivered, so the GPU runs while the server streams them");
 
 namespace {
 
@@ -99,6 +102,7 @@ int main(int argc, char** argv) {
   spec.page_size = absl::GetFlag(FLAGS_page_size);
   spec.max_batch = max_batch;
   spec.max_context = context;
+  spec.launch_ahead = absl::GetFlag(FLAGS_launch_ahead);
   auto engine = inf::CreateEngine(**model, spec);
   if (!engine.ok()) return Fail(engine.status());
   // One request of the whole context must fit alone, so that no request is refused mid-way;

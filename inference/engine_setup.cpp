@@ -77,6 +77,8 @@ absl::StatusOr<std::unique_ptr<DecodeEngine>> CreateEngine(model::Llama<float>& 
     o.max_context = spec.max_context;
     auto e = CudaEngine::Create(model, o);
     if (!e.ok()) return e.status();
+    if (spec.launch_ahead && (*e)->CanLaunchAhead().ok())
+      if (absl::Status s = (*e)->set_launch_ahead(true); !s.ok()) return s;
     return std::unique_ptr<DecodeEngine>(*std::move(e));
 #else
     return absl::InvalidArgumentError(

@@ -40,6 +40,9 @@ struct EngineSpec {
   int page_size = 16;
   int max_batch = 1;           // the GPU engine sizes its buffers by these two
   int max_context = 0;         // 0: max_position_embeddings
+  // The GPU engine launches each step ahead of the previous one's delivery where its method
+  // allows (vanilla, dmc; DecodeEngine::set_launch_ahead).
+  bool launch_ahead = true;
 };
 
 // The model must outlive a CPU engine (the GPU one copies the weights).

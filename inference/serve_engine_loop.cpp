@@ -127,6 +127,10 @@ bool ServeEngineLoop::Intake() {
 }
 
 void ServeEngineLoop::EndAll(FinishReason reason, const std::string& error) {
+  // A step launched ahead is collected first (its outputs dropped): the engine frees nothing
+  // while a step is out.
+  for (std::vector<TokenOutput> dropped; engine_.steps_out() > 0;)
+    if (!engine_.Collect(&dropped).ok()) break;
   for (auto& [id, l] : live_) {
     l.job.on_finish(reason, error);
     ++m_.finished[FinishReasonName(reason)];

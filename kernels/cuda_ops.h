@@ -544,5 +544,8 @@ void paged_kv_dms_prefill(const PagedKv& cache, uint8_t* marks, int row, const b
 // ---- token choice (kernels/sample.h): fp32 logits [n, V]; the row settings are device arrays ----
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,
                    int V, const kernels::SampleRows& rows, cudaStream_t stream = nullptr);
+// tokens [n] (device) where negative from previous [n] (device), as kernels::take_previous_choices.
+void take_previous_choices(int32_t* tokens, const int32_t* previous, int n,
+                           cudaStream_t stream = nullptr);
 
 }  // namespace dmc::cuda

@@ -54,4 +54,9 @@ template void sample_tokens<float>(int32_t*, float*, int32_t*, const float*, int
 template void sample_tokens<double>(int32_t*, float*, int32_t*, const double*, int, int,
                                     const SampleRows&);
 
+void take_previous_choices(int32_t* tokens, const int32_t* previous, int n) {
+  for (int i = 0; i < n; ++i)
+    if (tokens[i] < 0) tokens[i] = previous[i];
+}
+
 }  // namespace dmc::kernels

@@ -114,7 +114,17 @@ __global__ void sample_kernel(int32_t* next, float* logprob, int32_t* argmax, co
   }
 }
 
+__global__ void take_previous_choices_kernel(int32_t* tokens, const int32_t* previous, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n && tokens[i] < 0) tokens[i] = previous[i];
+}
+
 }  // namespace
+
+void take_previous_choices(int32_t* tokens, const int32_t* previous, int n, cudaStream_t stream) {
+  if (n <= 0) return;
+  take_previous_choices_kernel<<<(n + 255) / 256, 256, 0, stream>>>(tokens, previous, n);
+}
 
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const float* logits, int n,
                    int V, const kernels::SampleRows& rows, cudaStream_t stream) {

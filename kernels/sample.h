@@ -15,6 +15,11 @@
 //   logprob  = log_softmax(l)[target_i] at temperature 1 when target_i >= 0, else of next
 // The draw r_i = SampleUniform(seed_i, position_i): counter-based, so a sequence's tokens do not
 // depend on which other sequences share its batch or in which order.
+//
+// A step launched ahead (inference/decode_engine.h) is fed, in each row whose token is not known
+// to the host yet (marked negative), the choice of the step before it, without a trip through
+// the host:
+//   tokens_i = previous_i  where tokens_i < 0,  i < n
 #pragma once
 
 #include <cstdint>
@@ -50,5 +55,8 @@ struct SampleRows {
 template <typename T>
 void sample_tokens(int32_t* next, float* logprob, int32_t* argmax, const T* logits, int n, int V,
                    const SampleRows& rows);
+
+// tokens [n] in place from previous [n] (the step before's next), as above.
+void take_previous_choices(int32_t* tokens, const int32_t* previous, int n);
 
 }  // namespace dmc::kernels

@@ -19,7 +19,7 @@
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
-//                  [--qkv_one_gemm_rows=-1]
+//                  [--qkv_one_gemm_rows=-1] [--launch_ahead=true]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -113,6 +113,9 @@ ABSL_FLAG(int, calibration_rounds, 14,
           "dmc:CR and dms:CR on random weights: rounds of the control rows' search (regula falsi), "
           "each a new engine running 32 of the requests");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
+ABSL_FLAG(bool, launch_ahead, true,
+          "vanilla and dmc: launch each step before the previous one's delivery "
+          "(DecodeEngine::Launch), as dmc-serve does");
 ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_chunk,
           "the paged attention's flash-decoding chunk, in slots; 0: by each step's rows "
           "(CudaEngineOptions)");
@@ -380,7 +383,8 @@ int main(int argc, char** argv) {
   std::printf("| method | CR reached | max concurrent | mean batch | decode tok/s | saturated "
               "batch | saturated tok/s | saturated KV used / kept %% | output tok/s | prefill "
               "tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | "
-              "GPU in steps s | host µs a step | host µs a saturated round | in prefill s | steps | "
+              "GPU in steps s | host µs a step | host µs a saturated round | in prefill s | steps "
+              "(launched ahead %%) | "
               "preemptions | graphs (capture s) | graph launch µs |\n| --- | --- | --- | --- | --- "
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
               "| --- | --- | --- | --- | --- |\n");
@@ -482,6 +486,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_generate: %s\n", engine.status().ToString().c_str());
       return 1;
     }
+    if (absl::GetFlag(FLAGS_launch_ahead) && (*engine)->CanLaunchAhead().ok())
+      if (absl::Status s = (*engine)->set_launch_ahead(true); !s.ok()) return 1;
     std::vector<inf::Request> requests = base;
     std::vector<Clock::time_point> last(n);
     std::vector<double> ttft, gaps;
@@ -532,7 +538,7 @@ int main(int argc, char** argv) {
     const long decoded = generated - static_cast<long>(ttft.size());
     const double sat = static_cast<double>(std::max(1L, stats->saturated_steps));
     std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.1f / %.1f | %.0f | %.0f | %.2f | %.2f | %.1f "
-                "| %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f | %ld | %ld | %d (%.2f) | %.1f |\n",
+                "| %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f | %ld (%.0f) | %ld | %d (%.2f) | %.1f |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
@@ -548,7 +554,8 @@ int main(int argc, char** argv) {
                     std::max(1L, stats->steps),
                 1e6 * (stats->saturated_seconds - stats->saturated_step_seconds) / sat,
                 stats->prefill_seconds,
-                stats->steps, stats->preemptions, (*engine)->graphs(),
+                stats->steps, 100.0 * stats->steps_ahead / std::max(1L, stats->steps),
+                stats->preemptions, (*engine)->graphs(),
                 (*engine)->graph_capture_seconds(),
                 1e6 * (*engine)->graph_launch_seconds() /
                     std::max(1L, (*engine)->graph_launches()));

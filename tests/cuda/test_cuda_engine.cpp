@@ -253,6 +253,24 @@ void CheckAppends(int R, int Hkv, int D, int window, int page, int steps, int st
   });
 }
 
+TEST(CudaSample, TakePreviousChoicesMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  const int n = 300;
+  std::vector<int32_t> tokens(n), previous(n);
+  for (int i = 0; i < n; ++i) {
+    tokens[i] = i % 3 == 0 ? inference::DecodeEngine::kPreviousChoice : 7 * i;
+    previous[i] = 1000 + i;
+  }
+  int32_t *dt = Upload(tokens), *dp = Upload(previous);
+  kernels::take_previous_choices(tokens.data(), previous.data(), n);
+  cuda::take_previous_choices(dt, dp, n);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(Download(dt, n), tokens);
+  EXPECT_EQ(tokens[3], 1003);
+  EXPECT_EQ(tokens[4], 28);
+  for (void* p : {(void*)dt, (void*)dp}) cudaFree(p);
+}
+
 TEST(CudaPagedKvWrite, AppendMatchesCpuReferenceOverManySteps) {
   DMC_REQUIRE_GPU();
   for (bool qkv_rows : {false, true})
@@ -1441,6 +1459,105 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
   };
   EXPECT_EQ(generate(**gpu), generate(**cpu));
   EXPECT_EQ((*gpu)->used_bytes(), 0);
+}
+
+// Launch ahead (vanilla and dmc at bf16): the scheduler's steps launched before the previous
+// one's delivery, each row's token read on the device, give bit for bit the outputs of steps
+// launched one at a time at the same batches, prompts prefilled and fed token by token alike;
+// under a budget that makes requests wait, the CPU engine's greedy text; every page returned.
+// The other methods refuse it by name, and no engine takes it once a sequence is admitted.
+TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
+  const EngineCase& tc = GetParam();
+  const model::LlamaConfig config = EngineConfig(tc);
+  model::Llama<float> host(config, nullptr);
+  const std::vector<int32_t> predicted = ShapeEngineModel(&host, 6);
+  const int P = 29, T = P + 24;
+  const auto prompts = PredictableWindows(6, P, predicted, 10);
+  const inference::CachePolicy policy = PolicyOf(tc, T);
+  const int page = tc.page_size > 0 ? tc.page_size : 8;
+  auto make = [&](long budget) {
+    inference::CudaEngineOptions o;
+    o.policy = policy;
+    o.budget_bytes = budget;
+    o.page_size = page;
+    o.max_batch = 4;
+    o.max_context = T;
+    return inference::CudaEngine::Create(host, o);
+  };
+  auto plain = make(1L << 24), ahead = make(1L << 24);
+  ASSERT_TRUE(plain.ok() && ahead.ok());
+  const bool supported = (tc.method == CacheMethod::kVanilla || tc.method == CacheMethod::kDmc) &&
+                         policy.quant.bits == 0 && policy.think_channels == 0 &&
+                         policy.kv_source.empty();
+  const absl::Status set = (*ahead)->set_launch_ahead(true);
+  if (!supported) {
+    EXPECT_TRUE(absl::IsInvalidArgument(set)) << set;
+    EXPECT_NE(set.message().find(inference::PolicyName(policy)), std::string::npos) << set;
+    return;
+  }
+  ASSERT_TRUE(set.ok()) << set;
+
+  struct Outcome {
+    std::map<std::pair<int, int>, std::tuple<int32_t, float, int32_t>> outs;
+    std::vector<std::vector<int32_t>> text;
+    inference::SchedulerStats stats;
+  };
+  auto generate = [&](inference::DecodeEngine& e) {
+    Outcome r;
+    std::vector<inference::Request> requests(prompts.size());
+    r.text.resize(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      requests[i].tokens = prompts[i];
+      requests[i].length = T - static_cast<int>(i % 3) * 5;
+      requests[i].prefill = i % 2 == 0 && e.parallel_prefill();
+    }
+    auto stats = inference::RunBatched(
+        e, requests, 4,
+        [&](int q, int pos, const TokenOutput& out) {
+          r.outs[{q, pos}] = {out.next, out.logprob, out.argmax};
+          if (pos + 1 >= P) r.text[q].push_back(out.next);
+          return true;
+        },
+        [](int, bool) {});
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    if (stats.ok()) r.stats = *stats;
+    EXPECT_EQ(e.num_sequences(), 0);
+    EXPECT_EQ(e.used_bytes(), 0) << "pages or window state leaked";
+    EXPECT_EQ(e.steps_out(), 0);
+    return r;
+  };
+  const Outcome one = generate(**plain), two = generate(**ahead);
+  EXPECT_EQ(one.stats.steps_ahead, 0);
+  EXPECT_GT(two.stats.steps_ahead, two.stats.steps / 2);
+  EXPECT_EQ(two.stats.steps, one.stats.steps);
+  EXPECT_EQ(two.outs, one.outs) << "launched ahead, the same batches compute the same";
+
+  // Under a budget of about two windows: requests wait, and the text is the CPU engine's.
+  const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, policy, 0, page);
+  const long budget =
+      2 * inference::KvSequenceBytes(shape, std::vector<int>(config.num_hidden_layers *
+                                                             config.num_key_value_heads, T), 2, 4);
+  auto tight = make(budget);
+  ASSERT_TRUE(tight.ok());
+  ASSERT_TRUE((*tight)->set_launch_ahead(true).ok());
+  auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, page);
+  ASSERT_TRUE(cpu.ok());
+  const Outcome waited = generate(**tight);
+  EXPECT_LT(waited.stats.max_concurrent, 4) << "the budget should have made requests wait";
+  EXPECT_GT(waited.stats.steps_ahead, 0);
+  EXPECT_EQ(waited.text, generate(**cpu).text);
+
+  ASSERT_TRUE((*plain)->AddSequence(0, {}).ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition((*plain)->set_launch_ahead(true)));
+  const int32_t token = prompts[0][0], previous = inference::DecodeEngine::kPreviousChoice;
+  std::vector<TokenOutput> outs;
+  EXPECT_TRUE(absl::IsInvalidArgument((*plain)->Launch({0}, &previous, nullptr)))
+      << "no step out to take a choice from";
+  ASSERT_TRUE((*plain)->Launch({0}, &token, nullptr).ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition((*plain)->Free(0))) << "a step is out";
+  EXPECT_TRUE(absl::IsFailedPrecondition((*plain)->Step({0}, &token, nullptr, &outs)));
+  ASSERT_TRUE((*plain)->Collect(&outs).ok());
+  EXPECT_TRUE((*plain)->Free(0).ok());
 }
 
 // Chunked prefill (a prompt fed as chunks, decode steps between some): on the GPU it leaves the
