@@ -1167,6 +1167,17 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
 // and ZipCache rank slots by each step's attention, ThinK scores key channels by each step's
 // query, LoMA compresses between steps, and KVSharer's layers read other layers' caches, which
 // the parallel forward does not.
+inference::CudaEngineOptions EngineOptions(const inference::CachePolicy& policy, long budget,
+                                          int page_size, int max_batch, int max_context) {
+  inference::CudaEngineOptions o;
+  o.policy = policy;
+  o.budget_bytes = budget;
+  o.page_size = page_size;
+  o.max_batch = max_batch;
+  o.max_context = max_context;
+  return o;
+}
+
 bool PromptsTokenByToken(const EngineCase& c) {
   return c.method == CacheMethod::kH2O || c.method == CacheMethod::kTova ||
          c.method == CacheMethod::kLoma || c.salient > 0 || c.think > 0 || !c.kv_source.empty();
@@ -1247,13 +1258,7 @@ TEST_P(CudaEngineVsCpu, EvaluationMatchesTokenByToken) {
   const long budget = 5 * inference::KvSequenceBytes(shape, std::vector<int>(L * Hkv, T), 2, 4);
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 2 * budget, page);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  inference::CudaEngineOptions o;
-  o.policy = policy;
-  o.budget_bytes = budget;
-  o.page_size = page;
-  o.max_batch = 8;
-  o.max_context = T;
-  auto gpu = inference::CudaEngine::Create(host, o);
+  auto gpu = inference::CudaEngine::Create(host, EngineOptions(policy, budget, page, 8, T));
   ASSERT_TRUE(gpu.ok()) << gpu.status();
 
   struct Run {
@@ -1476,13 +1481,7 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
   const inference::CachePolicy policy = PolicyOf(tc, T);
   const int page = tc.page_size > 0 ? tc.page_size : 8;
   auto make = [&](long budget) {
-    inference::CudaEngineOptions o;
-    o.policy = policy;
-    o.budget_bytes = budget;
-    o.page_size = page;
-    o.max_batch = 4;
-    o.max_context = T;
-    return inference::CudaEngine::Create(host, o);
+    return inference::CudaEngine::Create(host, EngineOptions(policy, budget, page, 4, T));
   };
   auto plain = make(1L << 24), ahead = make(1L << 24);
   ASSERT_TRUE(plain.ok() && ahead.ok());
@@ -1532,20 +1531,24 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
   EXPECT_EQ(two.stats.steps, one.stats.steps);
   EXPECT_EQ(two.outs, one.outs) << "launched ahead, the same batches compute the same";
 
-  // Under a budget of about two windows: requests wait, and the text is the CPU engine's.
+  // Under a budget of a window and a half: requests wait and some are preempted and recomputed,
+  // and the text is the CPU engine's, with launch ahead and without.
   const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, policy, 0, page);
   const long budget =
-      2 * inference::KvSequenceBytes(shape, std::vector<int>(config.num_hidden_layers *
-                                                             config.num_key_value_heads, T), 2, 4);
-  auto tight = make(budget);
-  ASSERT_TRUE(tight.ok());
-  ASSERT_TRUE((*tight)->set_launch_ahead(true).ok());
+      3 * inference::KvSequenceBytes(shape, std::vector<int>(config.num_hidden_layers *
+                                                             config.num_key_value_heads, T), 2, 4) / 2;
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, page);
   ASSERT_TRUE(cpu.ok());
-  const Outcome waited = generate(**tight);
-  EXPECT_LT(waited.stats.max_concurrent, 4) << "the budget should have made requests wait";
-  EXPECT_GT(waited.stats.steps_ahead, 0);
-  EXPECT_EQ(waited.text, generate(**cpu).text);
+  const std::vector<std::vector<int32_t>> want = generate(**cpu).text;
+  for (bool launch_ahead : {false, true}) {
+    auto tight = make(budget);
+    ASSERT_TRUE(tight.ok());
+    ASSERT_TRUE((*tight)->set_launch_ahead(launch_ahead).ok());
+    const Outcome waited = generate(**tight);
+    EXPECT_GT(waited.stats.preemptions, 0) << "the budget should have preempted";
+    EXPECT_EQ(waited.stats.steps_ahead > 0, launch_ahead);
+    EXPECT_EQ(waited.text, want) << (launch_ahead ? "launched ahead" : "one step at a time");
+  }
 
   ASSERT_TRUE((*plain)->AddSequence(0, {}).ok());
   EXPECT_TRUE(absl::IsFailedPrecondition((*plain)->set_launch_ahead(true)));
