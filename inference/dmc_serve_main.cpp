@@ -43,10 +43,9 @@ ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
           "successive steps, between decode steps (an engine without chunked prefill: at least "
           "one whole prompt a step); bounds the running streams' per-token latency. 0: no bound");
 ABSL_FLAG(int, max_body_kb, 1024, "largest request body in KiB; past it: HTTP 413");
-ABSL_FLAG(bool, launch_ahead, false,
+ABSL_FLAG(bool, launch_ahead, true,
           "--device=cuda, vanilla and dmc: launch each decode step before the previous one's "
-          "tokens are delivered, so the GPU runs while the server streams them (not yet the "
-          "default: bench/RESULTS.md entry 48)");
+          "tokens are delivered, so the GPU runs while the server streams them");
 
 namespace {
 

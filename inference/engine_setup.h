@@ -41,9 +41,8 @@ struct EngineSpec {
   int max_batch = 1;           // the GPU engine sizes its buffers by these two
   int max_context = 0;         // 0: max_position_embeddings
   // The GPU engine launches each step ahead of the previous one's delivery where its method
-  // allows (vanilla, dmc; DecodeEngine::set_launch_ahead). Off by default: its GPU check is not
-  // yet clean in every case (bench/RESULTS.md entry 48).
-  bool launch_ahead = false;
+  // allows (vanilla, dmc; DecodeEngine::set_launch_ahead).
+  bool launch_ahead = true;
 };
 
 // The model must outlive a CPU engine (the GPU one copies the weights).

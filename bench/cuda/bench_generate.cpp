@@ -19,7 +19,7 @@
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
 //                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
-//                  [--qkv_one_gemm_rows=-1] [--launch_ahead=false]
+//                  [--qkv_one_gemm_rows=-1] [--launch_ahead=true]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -113,7 +113,7 @@ ABSL_FLAG(int, calibration_rounds, 14,
           "dmc:CR and dms:CR on random weights: rounds of the control rows' search (regula falsi), "
           "each a new engine running 32 of the requests");
 ABSL_FLAG(bool, cuda_graphs, true, "replay each step as a CUDA graph");
-ABSL_FLAG(bool, launch_ahead, false,
+ABSL_FLAG(bool, launch_ahead, true,
           "vanilla and dmc: launch each step before the previous one's delivery "
           "(DecodeEngine::Launch), as dmc-serve --launch_ahead does");
 ABSL_FLAG(int, attention_chunk, dmc::inference::CudaEngineOptions{}.attention_chunk,

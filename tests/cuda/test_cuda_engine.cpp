@@ -1476,8 +1476,8 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
   const model::LlamaConfig config = EngineConfig(tc);
   model::Llama<float> host(config, nullptr);
   const std::vector<int32_t> predicted = ShapeEngineModel(&host, 6);
-  const int P = 29, T = P + 24;
-  const auto prompts = PredictableWindows(6, P, predicted, 10);
+  const int T = 53;
+  const auto prompts = PredictableWindows(6, 29, predicted, 10);  // of 30 tokens
   const inference::CachePolicy policy = PolicyOf(tc, T);
   const int page = tc.page_size > 0 ? tc.page_size : 8;
   auto make = [&](long budget) {
@@ -1514,7 +1514,7 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
         e, requests, 4,
         [&](int q, int pos, const TokenOutput& out) {
           r.outs[{q, pos}] = {out.next, out.logprob, out.argmax};
-          if (pos + 1 >= P) r.text[q].push_back(out.next);
+          if (pos + 1 >= static_cast<int>(prompts[q].size())) r.text[q].push_back(out.next);
           return true;
         },
         [](int, bool) {});
