@@ -13,6 +13,8 @@
 // requests' release, the admissions less their prefills: a round's host µs). Saturated: the
 // steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
 // their scheduler rounds, and the budget's mean share in pages (used) and kept by the sequences.
+// With --launch_ahead (vanilla, dmc) a step goes on the stream before the previous one is
+// delivered (inference/scheduler.h); the steps column gives the share launched so.
 //
 //   bench_generate --shape=7b|1b|tiny [--model=HF_DIR]
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
