@@ -1047,16 +1047,12 @@ absl::Status CudaEngine::Launch(const std::vector<int>& seqs, const int32_t* tok
   const int n = static_cast<int>(seqs.size());
   if (n == 0) return absl::InvalidArgumentError("a step needs at least one sequence");
   const bool ahead = !launched_.empty();
-  if (ahead) {
-    if (absl::Status s = CheckLaunch(seqs, launched_.back().seqs, steps_out()); !s.ok()) return s;
-  }
-  for (int i = 0; i < n; ++i) {
-    if (tokens[i] < 0 && !ahead)
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
-    // A choice still on the device is in the vocabulary.
+  if (absl::Status s = CheckLaunch(seqs, tokens, ahead ? &launched_.back().seqs : nullptr);
+      !s.ok())
+    return s;
+  // A choice still on the device is in the vocabulary.
+  for (int i = 0; i < n; ++i)
     if (absl::Status s = Validate(seqs[i], tokens[i] < 0 ? 0 : tokens[i]); !s.ok()) return s;
-  }
   if (absl::Status s = CanStep(seqs); !s.ok()) return s;
   Device& d = *dev_;
   try {
@@ -1102,7 +1098,7 @@ absl::Status CudaEngine::Launch(const std::vector<int>& seqs, const int32_t* tok
                            max_pages_, n, rows - n, d.stream);
     RunStep(rows, graph);
     ENGINE_CUDA(cudaEventRecord(d.step_end[b], d.stream));
-    launched_.push_back({seqs, n, b, false});
+    launched_.push_back({seqs, b, false});
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());
   }
@@ -1111,7 +1107,7 @@ absl::Status CudaEngine::Launch(const std::vector<int>& seqs, const int32_t* tok
 
 void CudaEngine::EnqueueTail(Launched& step) {
   Device& d = *dev_;
-  const int n = step.n;
+  const int n = static_cast<int>(step.seqs.size());
   EnqueuePageChanges(0, n, PageLookahead());
   // Outputs of rows 0..n-1, their heads' lengths and the page changes.
   int32_t* host = d.out_host;
@@ -1126,21 +1122,22 @@ void CudaEngine::EnqueueTail(Launched& step) {
 absl::Status CudaEngine::Collect(std::vector<TokenOutput>* out) {
   if (launched_.empty()) return absl::FailedPreconditionError("no step is out to collect");
   Device& d = *dev_;
-  const Launched step = launched_.front();
+  Launched step = std::move(launched_.front());
+  launched_.pop_front();
+  const int n = static_cast<int>(step.seqs.size());
   try {
-    if (!step.tail) EnqueueTail(launched_.front());
-    launched_.pop_front();
+    if (!step.tail) EnqueueTail(step);
     ENGINE_CUDA(cudaEventSynchronize(d.collected[step.buffer]));
     AddStepGpuTime(step.buffer);
     const int32_t* host = d.out_host;
-    out->resize(step.n);
-    for (int i = 0; i < step.n; ++i) {
+    out->resize(n);
+    for (int i = 0; i < n; ++i) {
       const int r = seqs_.at(step.seqs[i]).row;
       float logprob;
       std::memcpy(&logprob, host + 2 * rows_ + r, sizeof(float));
       (*out)[i] = {host[r], logprob, host[rows_ + r]};
     }
-    if (absl::Status st = ApplyPageChanges(0, step.n); !st.ok()) return st;
+    if (absl::Status st = ApplyPageChanges(0, n); !st.ok()) return st;
     if (loma_) return CompressSegments(step.seqs);
   } catch (const std::runtime_error& err) {
     return absl::InternalError(err.what());

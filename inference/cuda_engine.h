@@ -289,11 +289,10 @@ class CudaEngine : public DecodeEngine {
     std::vector<std::pair<int32_t, int32_t>> growth;
     long growth_pages = 0;
   };
-  // A step launched and not collected: its sequences (rows 0..n-1), the input buffer and events
-  // it uses, and whether its tail (EnqueueTail) is on the stream.
+  // A step launched and not collected: its sequences (in rows 0, 1, ...), the input buffer and
+  // events it uses, and whether its tail (EnqueueTail) is on the stream.
   struct Launched {
     std::vector<int> seqs;
-    int n = 0;
     int buffer = 0;
     bool tail = false;
   };

@@ -5,12 +5,18 @@
 
 namespace dmc::inference {
 
-absl::Status DecodeEngine::CheckLaunch(const std::vector<int>& seqs,
-                                       const std::vector<int>& out_seqs, int steps_out) const {
-  if (steps_out == 0) return absl::OkStatus();
-  if (steps_out >= 2)
+absl::Status DecodeEngine::CheckLaunch(const std::vector<int>& seqs, const int32_t* tokens,
+                                       const std::vector<int>* out_seqs) const {
+  if (out_seqs == nullptr) {
+    for (size_t i = 0; i < seqs.size(); ++i)
+      if (tokens[i] < 0)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
+    return absl::OkStatus();
+  }
+  if (steps_out() >= 2)
     return absl::FailedPreconditionError("two steps are out already: collect one first");
-  if (seqs != out_seqs)
+  if (seqs != *out_seqs)
     return absl::FailedPreconditionError(
         "a step launched ahead must hold the sequences of the step out, in the same order");
   return absl::OkStatus();
@@ -18,14 +24,11 @@ absl::Status DecodeEngine::CheckLaunch(const std::vector<int>& seqs,
 
 absl::Status DecodeEngine::Launch(const std::vector<int>& seqs, const int32_t* tokens,
                                   const int32_t* targets) {
-  const std::vector<int>& out_seqs = out_.empty() ? seqs : out_.back().seqs;
-  if (absl::Status s = CheckLaunch(seqs, out_seqs, steps_out()); !s.ok()) return s;
+  if (absl::Status s = CheckLaunch(seqs, tokens, out_.empty() ? nullptr : &out_.back().seqs);
+      !s.ok())
+    return s;
   const int n = static_cast<int>(seqs.size());
   std::vector<int32_t> own(tokens, tokens + n), previous(n, kPreviousChoice);
-  for (int i = 0; i < n; ++i)
-    if (own[i] < 0 && out_.empty())
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "sequence %d takes the previous step's choice, but no step is out", seqs[i]));
   if (!out_.empty())
     for (int i = 0; i < n; ++i) previous[i] = out_.back().outputs[i].next;
   kernels::take_previous_choices(own.data(), previous.data(), n);

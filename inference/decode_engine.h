@@ -142,9 +142,10 @@ class DecodeEngine {
   long budget_bytes() const { return cache_options().budget_bytes; }
 
  protected:
-  // The rules of Launch while steps are out (above), for every engine: OK, or why not.
-  absl::Status CheckLaunch(const std::vector<int>& seqs, const std::vector<int>& out_seqs,
-                           int steps_out) const;
+  // The rules of Launch (above), for every engine: OK, or why not. out_seqs: the sequences of
+  // the newest step out, null when none is.
+  absl::Status CheckLaunch(const std::vector<int>& seqs, const int32_t* tokens,
+                           const std::vector<int>* out_seqs) const;
 
  private:
   struct OutStep {

@@ -1550,6 +1550,12 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
     EXPECT_EQ(waited.text, want) << (launch_ahead ? "launched ahead" : "one step at a time");
   }
 
+  // Pages of one slot would need a page more before the step launched ahead of a first token.
+  auto one_slot_pages =
+      inference::CudaEngine::Create(host, EngineOptions(policy, 1L << 24, 1, 4, T));
+  ASSERT_TRUE(one_slot_pages.ok()) << one_slot_pages.status();
+  EXPECT_TRUE(absl::IsInvalidArgument((*one_slot_pages)->set_launch_ahead(true)));
+
   ASSERT_TRUE((*plain)->AddSequence(0, {}).ok());
   EXPECT_TRUE(absl::IsFailedPrecondition((*plain)->set_launch_ahead(true)));
   const int32_t token = prompts[0][0], previous = inference::DecodeEngine::kPreviousChoice;
