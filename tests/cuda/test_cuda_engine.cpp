@@ -139,8 +139,6 @@ CacheLayer MakeLayer(int R, int Hkv, int D, int page_size, int max_pages, int wi
   return c;
 }
 
-// Uploads c's state, runs fn on the device layer, and compares with the host layer after the
-// reference ran on it.
 // One step's random keys and values for n (row, KV head) pairs of D channels, rounded to bf16
 // (what the device pools can hold), as floats.
 struct StepRows {
@@ -153,6 +151,14 @@ StepRows RandomStepRows(size_t n, int D) {
   return {{k.begin(), k.end()}, {v.begin(), v.end()}};
 }
 
+// The tolerance of a slot's stored element x: bf16 rounding, 2e-2 of |x|, above a floor. A
+// rotated key channel near zero is the difference of two products of keys of magnitude ~1 (up
+// to ~4 drawn from N(0, 1)), and the fp32 angle at positions near 1,000 is exact to ~1e-4
+// rad, so the device's and the reference's differ by up to ~5e-4 there: the floor is 1e-3.
+double SlotTolerance(double x) { return 2e-2 * (std::fabs(x) + 5e-2); }
+
+// Uploads c's state, runs fn on the device layer, and compares with the host layer after the
+// reference ran on it.
 template <typename Fn>
 void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
   std::vector<double> kd(before.k_pool.begin(), before.k_pool.end());
@@ -173,14 +179,14 @@ void CompareLayer(CacheLayer& c, CacheLayer& before, Fn device_fn) {
     EXPECT_EQ(Download(dcnt, c.count.size()), c.count);
   }
   const std::vector<bf16> gk = Download(dk, c.k_pool.size()), gv = Download(dv, c.v_pool.size());
-  double worst = 0;
+  double worst = 0;  // the largest difference in units of its tolerance
   for (size_t i = 0; i < gk.size(); ++i) {
     worst = std::max(worst, std::fabs(__bfloat162float(gk[i]) - c.k_pool[i]) /
-                                (std::fabs(c.k_pool[i]) + 1e-2));
+                                SlotTolerance(c.k_pool[i]));
     worst = std::max(worst, std::fabs(__bfloat162float(gv[i]) - c.v_pool[i]) /
-                                (std::fabs(c.v_pool[i]) + 1e-2));
+                                SlotTolerance(c.v_pool[i]));
   }
-  EXPECT_LT(worst, 2e-2) << "slot rows differ beyond bf16 rounding";
+  EXPECT_LT(worst, 1.0) << "slot rows differ beyond bf16 rounding";
   if (c.window) {
     // The ring keeps the raw keys and values, bf16 exact: equal to the reference's.
     const std::vector<bf16> gw = Download(dwin, c.win.size());
@@ -436,9 +442,9 @@ TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
             const std::vector<bf16> gk = Download(dkh.ptr, x.khat.size());
             const std::vector<bf16> gv = Download(dvh.ptr, x.vhat.size());
             for (size_t j = 0; j < x.khat.size(); ++j) {
-              ASSERT_NEAR(__bfloat162float(gk[j]), x.khat[j], 2e-2 * (std::fabs(x.khat[j]) + 1e-2))
+              ASSERT_NEAR(__bfloat162float(gk[j]), x.khat[j], SlotTolerance(x.khat[j]))
                   << "chunk " << i << " k̂ element " << j;
-              ASSERT_NEAR(__bfloat162float(gv[j]), x.vhat[j], 2e-2 * (std::fabs(x.vhat[j]) + 1e-2))
+              ASSERT_NEAR(__bfloat162float(gv[j]), x.vhat[j], SlotTolerance(x.vhat[j]))
                   << "chunk " << i << " v̂ element " << j;
             }
           }
@@ -1500,7 +1506,9 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
     std::map<std::pair<int, int>, std::tuple<int32_t, float, int32_t>> outs;
     std::vector<std::vector<int32_t>> text;
     inference::SchedulerStats stats;
+    long peak_bytes = 0;  // the most one sequence held, at the GPU engine's precisions
   };
+  const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, policy, 0, page);
   auto generate = [&](inference::DecodeEngine& e) {
     Outcome r;
     std::vector<inference::Request> requests(prompts.size());
@@ -1517,7 +1525,12 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
           if (pos + 1 >= static_cast<int>(prompts[q].size())) r.text[q].push_back(out.next);
           return true;
         },
-        [](int, bool) {});
+        [&](int q, bool) {  // a sequence's slots only grow, so its last are its most
+          std::vector<int> lengths;
+          for (int l = 0; l < config.num_hidden_layers; ++l)
+            for (int h = 0; h < config.num_key_value_heads; ++h) lengths.push_back(e.length(q, l, h));
+          r.peak_bytes = std::max(r.peak_bytes, inference::KvSequenceBytes(shape, lengths, 2, 4));
+        });
     EXPECT_TRUE(stats.ok()) << stats.status();
     if (stats.ok()) r.stats = *stats;
     EXPECT_EQ(e.num_sequences(), 0);
@@ -1531,15 +1544,15 @@ TEST_P(CudaEngineVsCpu, LaunchAheadMatches) {
   EXPECT_EQ(two.stats.steps, one.stats.steps);
   EXPECT_EQ(two.outs, one.outs) << "launched ahead, the same batches compute the same";
 
-  // Under a budget of a window and a half: requests wait and some are preempted and recomputed,
-  // and the text is the CPU engine's, with launch ahead and without.
-  const inference::PagedCacheOptions shape = inference::CacheOptionsFor(config, policy, 0, page);
-  const long budget =
-      3 * inference::KvSequenceBytes(shape, std::vector<int>(config.num_hidden_layers *
-                                                             config.num_key_value_heads, T), 2, 4) / 2;
+  // Under a budget of a sequence and a half (the largest, as the CPU engine held it: a budget of
+  // uncompressed windows let DMC's compressed heads all run at once) two sequences cannot both
+  // finish together, so requests wait and some are preempted and recomputed, and the text is the
+  // CPU engine's, with launch ahead and without.
   auto cpu = inference::CpuEngine<float>::Create(host, policy, 1L << 26, page);
   ASSERT_TRUE(cpu.ok());
-  const std::vector<std::vector<int32_t>> want = generate(**cpu).text;
+  const Outcome reference = generate(**cpu);
+  const std::vector<std::vector<int32_t>>& want = reference.text;
+  const long budget = 3 * reference.peak_bytes / 2;
   for (bool launch_ahead : {false, true}) {
     auto tight = make(budget);
     ASSERT_TRUE(tight.ok());
