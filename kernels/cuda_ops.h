@@ -452,6 +452,16 @@ void think_prune_pages(bf16* k_pages, bf16* v_pages, uint8_t* masks, float* ener
 void kv_quantize_pages(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
                        const int32_t* page_ids, const bf16* k_rows, const bf16* v_rows,
                        const int32_t* rows, int n, cudaStream_t stream = nullptr);
+// Per-token keys (layout.token_keys; kv_quantize_pages takes keys per channel only): writes n
+// rows, row page_rows[j] of page page_ids[j] from the bf16 rows k_rows[rows[j]], v_rows[rows[j]]
+// (each [D]), the same bytes kernels::kv_quantize_row writes from them, leaving the pages' other
+// rows as they are: each slot that settles, into the next row of its head's last page. Entries
+// may name rows of one page (a prefill's), never one row twice; a negative page id writes
+// nothing, as above. pages 4-byte aligned; page_ids, page_rows, rows device arrays.
+void kv_quantize_rows(uint8_t* pages, const kernels::KvQuantPageLayout& layout,
+                      const int32_t* page_ids, const int32_t* page_rows, const bf16* k_rows,
+                      const bf16* v_rows, const int32_t* rows, int n,
+                      cudaStream_t stream = nullptr);
 
 // ---- paged KV cache writes (kernels/paged_kv_write.h): bf16 pools and window, fp32 omegas ----
 using PagedKv = kernels::PagedKvLayer<bf16>;

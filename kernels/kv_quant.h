@@ -33,9 +33,10 @@
 // Scales and zero points are fp32 (the papers keep them in fp16), in both key layouts: a row's
 // per-token parameters then cost 8 bytes a group, which at D 64 and one group per head is an
 // eighth of an int8 row's codes.
-// The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, paged_decode_attention_quantized)
-// read and write the same bytes through the layout helpers below, keys per channel only (the GPU
-// engine refuses per-token keys: ValidateGpuKvQuant, inference/cache_policy.h).
+// The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, kv_quantize_rows for per-token keys,
+// paged_decode_attention_quantized) read and write the same bytes through the layout helpers
+// below; the decode attention reads keys per channel only (the GPU engine refuses per-token keys:
+// ValidateGpuKvQuant, inference/cache_policy.h).
 #pragma once
 
 #include <math.h>

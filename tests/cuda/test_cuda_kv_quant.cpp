@@ -8,6 +8,10 @@
 //   compared byte for byte with kernels::kv_quantize_page on the same rows. Every source row no
 //   page takes is 1e30 (a read of one moves a group's min or max, and so its bytes), and every
 //   pool page no page id names stays as poisoned, as in the CPU's pool.
+//   Per-token keys: the rows kv_quantize_rows writes into partly filled pages, a prefill's at
+//   once and then a row of every page a launch, against kernels::kv_quantize_row's byte for byte
+//   (int8, int4, int2; key and value groups of the whole head down to 4 channels), rows never
+//   written staying poisoned.
 //   Attention: pages written by the CPU quantizer, GQA groups 1, 4, 8 and 16, heads of random
 //   lengths in pages and in their residual blocks (always among them: full table and full
 //   residual, no page and one residual slot, one page and no residual, no page and a full
@@ -76,6 +80,30 @@ std::vector<double> random_rows(int rows, int D) {
   return x;
 }
 
+// The pool the GPU wrote, byte for byte against the CPU's; the first difference by page region.
+void expect_same_bytes(const std::string& what, const std::vector<uint8_t>& got,
+                       const std::vector<uint8_t>& want, const K::KvQuantPageLayout& layout) {
+  long differ = 0, first = -1;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (got[i] != want[i]) {
+      if (first < 0) first = static_cast<long>(i);
+      ++differ;
+    }
+  if (first >= 0) {
+    const long offset = first % layout.bytes;
+    const char* region = offset < layout.value_codes    ? "key codes"
+                         : offset < layout.key_params   ? "value codes"
+                         : offset < layout.value_params ? "key scales/zeros"
+                                                        : "value scales/zeros";
+    ADD_FAILURE() << what << ": " << differ << " of " << want.size()
+                  << " bytes differ from the CPU's; the first at byte " << offset << " ("
+                  << region << ") of pool page " << first / layout.bytes << ": "
+                  << int(got[first]) << " vs " << int(want[first]);
+  }
+  std::printf("[ bytes ] quantize %-34s %ld of %zu bytes differ\n", what.c_str(), differ,
+              want.size());
+}
+
 // ---- quantize-on-write: kv_quantize_pages against kv_quantize_page, byte for byte ----
 
 void run_quantize(const Mode& m, int D, int P, int value_group) {
@@ -120,25 +148,7 @@ void run_quantize(const Mode& m, int D, int P, int value_group) {
   C::kv_quantize_pages(dpages, layout, dids, dk, dv, drows, n);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   const std::vector<uint8_t> got = dpages.download();
-  long differ = 0, first = -1;
-  for (size_t i = 0; i < pool_bytes; ++i)
-    if (got[i] != want[i]) {
-      if (first < 0) first = static_cast<long>(i);
-      ++differ;
-    }
-  if (first >= 0) {
-    const long offset = first % layout.bytes;
-    const char* region = offset < layout.value_codes    ? "key codes"
-                         : offset < layout.key_params   ? "value codes"
-                         : offset < layout.value_params ? "key scales/zeros"
-                                                        : "value scales/zeros";
-    ADD_FAILURE() << what << ": " << differ << " of " << pool_bytes
-                  << " bytes differ from the CPU's; the first at byte " << offset << " ("
-                  << region << ") of pool page " << first / layout.bytes << ": "
-                  << int(got[first]) << " vs " << int(want[first]);
-  }
-  std::printf("[ bytes ] quantize %-34s %ld of %zu bytes differ\n", what.c_str(), differ,
-              pool_bytes);
+  expect_same_bytes(what, got, want, layout);
 
   C::kv_quantize_pages(dpages2, layout, dids, dk, dv, drows, n);
   const std::vector<uint8_t> got2 = dpages2.download();
@@ -150,6 +160,94 @@ TEST_F(CudaKvQuant, QuantizePagesBitExact) {
     for (int D : {64, 128})
       for (int P : {16, 12})
         for (int value_group : {0, 32, 4}) run_quantize(m, D, P, value_group);
+}
+
+// ---- per-token keys: kv_quantize_rows against kv_quantize_row, byte for byte ----
+
+// n pages in a pool with spare ones, each filled to its own number of rows (the first page
+// whole, the second one row, the others at random; the rows past it stay poisoned in both
+// pools, as a head's last page is until its slots settle): the first half of every page's rows
+// in one launch, in shuffled order (a prefill), then one row of every page a launch (decode
+// steps), the pages already full given a negative page id. Every source row no entry takes is
+// ±1e30, and the negative entries take those rows.
+void run_quantize_rows(int bits, int D, int P, int key_group, int value_group) {
+  const K::KvQuantPageLayout layout =
+      K::kv_quant_page_layout(K::KvQuantOptions{bits, value_group, 0, 0, true, key_group}, P, D);
+  const std::string what = "int" + std::to_string(bits) + " token kg" +
+                           std::to_string(key_group) + " vg" + std::to_string(value_group) +
+                           " D" + std::to_string(D) + " ps" + std::to_string(P);
+  const int n = 6, spare_pages = 3, spare_rows = P + 3;
+  std::vector<int> filled(n), first_source(n);
+  std::uniform_int_distribution<int> any_fill(1, P);
+  int total = 0;
+  for (int j = 0; j < n; ++j) {
+    filled[j] = j == 0 ? P : j == 1 ? 1 : any_fill(rng());
+    first_source[j] = total;
+    total += filled[j];
+  }
+  const int src_rows = total + spare_rows;
+  std::vector<double> kd = random_rows(src_rows, D), vd = random_rows(src_rows, D);
+  const std::vector<int32_t> order = shuffled_ids(src_rows);
+  for (int i = total; i < src_rows; ++i)
+    for (int c = 0; c < D; ++c) {
+      kd[static_cast<size_t>(order[i]) * D + c] = 1e30;
+      vd[static_cast<size_t>(order[i]) * D + c] = -1e30;
+    }
+  auto kb = to_bf16(kd), vb = to_bf16(vd);
+
+  const std::vector<int32_t> pool_pages = shuffled_ids(n + spare_pages);
+  const size_t pool_bytes = static_cast<size_t>(n + spare_pages) * layout.bytes;
+  std::vector<uint8_t> want(pool_bytes, 0xFF);
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < filled[j]; ++r) {
+      const size_t src = order[first_source[j] + r];
+      K::kv_quantize_row(want.data() + static_cast<size_t>(pool_pages[j]) * layout.bytes, layout,
+                         r, kd.data() + src * D, vd.data() + src * D);
+    }
+
+  DevBuf<uint8_t> dpages(pool_bytes);
+  DevBuf<bf16> dk(kb), dv(vb);
+  dpages.poison();
+  struct Entry {
+    int32_t page, row, source;
+  };
+  auto launch = [&](const std::vector<Entry>& entries) {
+    std::vector<int32_t> ids, page_rows, sources;
+    for (const Entry& e : entries) {
+      ids.push_back(e.page);
+      page_rows.push_back(e.row);
+      sources.push_back(e.source);
+    }
+    DevBuf<int32_t> dids(ids), dpage_rows(page_rows), dsources(sources);
+    C::kv_quantize_rows(dpages, layout, dids, dpage_rows, dk, dv, dsources,
+                        static_cast<int>(entries.size()));
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  };
+  auto entry = [&](int j, int r) {
+    return r < filled[j] ? Entry{pool_pages[j], r, order[first_source[j] + r]}
+                         : Entry{-1, r, order[total + j % spare_rows]};
+  };
+  std::vector<Entry> prefill;
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < filled[j] / 2; ++r) prefill.push_back(entry(j, r));
+  prefill.push_back(Entry{-1, 0, order[total]});
+  std::shuffle(prefill.begin(), prefill.end(), rng());
+  launch(prefill);
+  for (int r = 0; r < P; ++r) {
+    std::vector<Entry> step;
+    for (int j = 0; j < n; ++j)
+      if (r >= filled[j] / 2) step.push_back(entry(j, r));
+    launch(step);
+  }
+  expect_same_bytes(what, dpages.download(), want, layout);
+}
+
+TEST_F(CudaKvQuant, QuantizeRowsBitExact) {
+  const int groups[4][2] = {{0, 0}, {32, 4}, {4, 32}, {8, 0}};  // key group, value group
+  for (int bits : {8, 4, 2})
+    for (int D : {64, 128})
+      for (int P : {16, 12})
+        for (const auto& g : groups) run_quantize_rows(bits, D, P, g[0], g[1]);
 }
 
 // ---- the decode attention over a quantized cache ----
