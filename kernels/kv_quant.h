@@ -43,13 +43,7 @@
 
 #include <cstdint>
 
-#ifndef DMC_HOST_DEVICE
-#if defined(__CUDACC__)
-#define DMC_HOST_DEVICE __host__ __device__
-#else
-#define DMC_HOST_DEVICE
-#endif
-#endif
+#include "kernels/host_device.h"
 
 namespace dmc::kernels {
 

@@ -17,9 +17,8 @@ void paged_kv_page_changes(const PagedKvPages& p, int row0, int n, int tokens,
       const long head = (static_cast<long>(l) * p.R + row0 + j) * p.Hkv + i % p.Hkv;
       const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
       slots += residual + quantized;
-      const bool writes = p.writes == nullptr || p.writes[l];
-      const int keep = writes ? KvPagesKept(residual, quantized, p.page_size, quant) : 0;
-      const int grow = writes ? KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
+      const int keep = KvHeadPagesKept(p, l, residual, quantized);
+      const int grow = KvHeadPagesToGrow(p, l, residual, quantized, tokens);
       spare += grow - keep;
       if (p.held[head] != grow) {
         list[count++] = {i, std::max(0, p.held[head] - grow), std::max(0, grow - p.held[head])};

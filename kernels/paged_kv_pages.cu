@@ -41,10 +41,8 @@ __global__ void page_changes_kernel(kernels::PagedKvPages p, int row0, int token
       head = (static_cast<long>(l) * p.R + row) * p.Hkv + i % p.Hkv;
       const int residual = p.lengths[head], quantized = quant ? p.q_lengths[head] : 0;
       slots += residual + quantized;
-      const bool writes = p.writes == nullptr || p.writes[l];
-      const int keep = writes ? kernels::KvPagesKept(residual, quantized, p.page_size, quant) : 0;
-      const int grow =
-          writes ? kernels::KvPagesToGrow(residual, quantized, tokens, p.page_size, quant) : 0;
+      const int keep = kernels::KvHeadPagesKept(p, l, residual, quantized);
+      const int grow = kernels::KvHeadPagesToGrow(p, l, residual, quantized, tokens);
       const int held = p.held[head];
       spare += grow - keep;
       changes_here = held != grow;

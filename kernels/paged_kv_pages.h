@@ -13,8 +13,9 @@
 //               the most it holds after t more tokens (the CPU cache's PagesForTokens: each token
 //               may be a new slot; a quantized head's residual holds fewer than P settled slots
 //               and each token settles at most one more, the newest never)
-//   a quantized cache whose slots settle one at a time (kernels/kv_quant.h's per-token keys; the
-//   CPU cache, inference/paged_kv_cache.h) fills its last page a row at a time:
+//   a quantized cache whose slots settle one at a time (slots_settle: kernels/kv_quant.h's
+//   per-token keys; the CPU cache, inference/paged_kv_cache.h) fills its last page a row at a
+//   time:
 //   keep      = ⌈quantized / P⌉
 //   grow(t)   = ⌈(quantized + residual + t − 1) / P⌉   (each token may be a new slot, and every
 //               slot but the newest may have settled)
@@ -49,34 +50,32 @@
 
 #include <cstdint>
 
+#include "kernels/host_device.h"
+
 namespace dmc::kernels {
 
 struct PageChange {
   int32_t head, trim, grow;  // head: l · Hkv + h of its row
 };
 
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline int KvPagesKept(int residual, int quantized, int page_size, bool quant) {
+DMC_HOST_DEVICE inline int KvPagesKept(int residual, int quantized, int page_size, bool quant) {
   return quant ? quantized / page_size : (residual + page_size - 1) / page_size;
 }
 
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline int KvPagesToGrow(int residual, int quantized, int tokens, int page_size, bool quant) {
+DMC_HOST_DEVICE inline int KvPagesToGrow(int residual, int quantized, int tokens, int page_size,
+                                         bool quant) {
   if (!quant) return (residual + tokens + page_size - 1) / page_size;
   const int settled = residual + tokens - 1 < page_size - 1 + tokens ? residual + tokens - 1
                                                                      : page_size - 1 + tokens;
   return quantized / page_size + settled / page_size;
 }
 
-inline int KvSlotPagesKept(int quantized, int page_size) {
+DMC_HOST_DEVICE inline int KvSlotPagesKept(int quantized, int page_size) {
   return (quantized + page_size - 1) / page_size;
 }
 
-inline int KvSlotPagesToGrow(int residual, int quantized, int tokens, int page_size) {
+DMC_HOST_DEVICE inline int KvSlotPagesToGrow(int residual, int quantized, int tokens,
+                                             int page_size) {
   const int settled = residual + tokens - 1 > 0 ? residual + tokens - 1 : 0;
   return (quantized + settled + page_size - 1) / page_size;
 }
@@ -88,7 +87,23 @@ struct PagedKvPages {
   const uint8_t* writes = nullptr;     // [L], null: every layer writes its cache
   int32_t* held = nullptr;             // [L, R, Hkv] pages in each head's table
   int L = 0, R = 0, Hkv = 0, page_size = 0;
+  bool slots_settle = false;  // quantized, a slot at a time (per-token keys): KvSlotPages*
 };
+
+// keep and grow(t) of a head of layer l (above), as the cache of p counts them.
+DMC_HOST_DEVICE inline int KvHeadPagesKept(const PagedKvPages& p, int l, int residual,
+                                           int quantized) {
+  if (p.writes != nullptr && !p.writes[l]) return 0;
+  return p.slots_settle ? KvSlotPagesKept(quantized, p.page_size)
+                        : KvPagesKept(residual, quantized, p.page_size, p.q_lengths != nullptr);
+}
+DMC_HOST_DEVICE inline int KvHeadPagesToGrow(const PagedKvPages& p, int l, int residual,
+                                             int quantized, int tokens) {
+  if (p.writes != nullptr && !p.writes[l]) return 0;
+  return p.slots_settle
+             ? KvSlotPagesToGrow(residual, quantized, tokens, p.page_size)
+             : KvPagesToGrow(residual, quantized, tokens, p.page_size, p.q_lengths != nullptr);
+}
 
 void paged_kv_page_changes(const PagedKvPages& pages, int row0, int n, int tokens,
                            PageChange* changes, int32_t* counts, int32_t* row_slots,

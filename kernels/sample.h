@@ -24,11 +24,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DMC_HOST_DEVICE __host__ __device__
-#else
-#define DMC_HOST_DEVICE
-#endif
+#include "kernels/host_device.h"
 
 namespace dmc::kernels {
 

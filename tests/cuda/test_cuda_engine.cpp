@@ -453,26 +453,30 @@ TEST(CudaPagedKvWrite, ExtendMatchesCpuReference) {
 }
 
 // The page bookkeeping (kernels/paged_kv_pages.h) against its CPU reference: random lengths
-// (bf16 and quantized heads, a layer that writes no cache), pages held from what the lengths
-// keep to two more, a middle range of rows, one token and a prompt's worth; then the hand-out of
-// pages into random table slots. The same lists in the same order, held pages and rows' slots.
+// (bf16 heads, quantized heads settling a page or a slot at a time, a layer that writes no
+// cache), pages held from what the lengths keep to two more, a middle range of rows, one token
+// and a prompt's worth; then the hand-out of pages into random table slots. The same lists in
+// the same order, held pages and rows' slots.
 TEST(CudaPagedKvPages, MatchCpuReference) {
   DMC_REQUIRE_GPU();
   const int L = 3, R = 7, Hkv = 100, page = 16, max_pages = 40, row0 = 2, n = 4;
   const size_t heads = size_t(L) * R * Hkv, row_heads = size_t(L) * Hkv;
-  for (bool quant : {false, true})
+  const char* kModes[] = {"bf16", "quantized a page at a time", "quantized a slot at a time"};
+  for (int mode = 0; mode < 3; ++mode)
     for (int tokens : {1, 37}) {
-      SCOPED_TRACE(testing::Message() << (quant ? "quantized" : "bf16") << " tokens " << tokens);
+      SCOPED_TRACE(testing::Message() << kModes[mode] << " tokens " << tokens);
+      const bool quant = mode > 0, slots = mode == 2;
       std::vector<int32_t> lengths(heads), q_lengths(heads), held(heads);
       const std::vector<uint8_t> writes = {1, 0, 1};
       for (size_t i = 0; i < heads; ++i) {
         lengths[i] = static_cast<int32_t>(rng()() % (quant ? page + 3 : 200));
         q_lengths[i] = static_cast<int32_t>(rng()() % 300);
-        const int keep = kernels::KvPagesKept(lengths[i], q_lengths[i], page, quant);
+        const int keep = slots ? kernels::KvSlotPagesKept(q_lengths[i], page)
+                               : kernels::KvPagesKept(lengths[i], q_lengths[i], page, quant);
         held[i] = keep + static_cast<int32_t>(rng()() % 3);
       }
       kernels::PagedKvPages host{lengths.data(), quant ? q_lengths.data() : nullptr,
-                                 writes.data(), held.data(), L, R, Hkv, page};
+                                 writes.data(), held.data(), L, R, Hkv, page, slots};
       const std::vector<int32_t> held_before = held;
       std::vector<kernels::PageChange> want(n * row_heads);
       std::vector<int32_t> want_counts(n), want_slots(n), want_spare(n);
@@ -484,7 +488,7 @@ TEST(CudaPagedKvPages, MatchCpuReference) {
       DevBuf<uint8_t> dwrites(writes);
       DevBuf<kernels::PageChange> dchanges(n * row_heads);
       cuda::paged_kv_page_changes({dlengths, quant ? dq.ptr : nullptr, dwrites, dheld, L, R, Hkv,
-                                   page},
+                                   page, slots},
                                   row0, n, tokens, dchanges, dcounts, dslots, dspare);
       ASSERT_EQ(dcounts.download(), want_counts);
       const std::vector<kernels::PageChange> got = dchanges.download();
