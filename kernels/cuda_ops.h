@@ -381,16 +381,18 @@ void paged_decode_attention_reserve(int B, int H, int D, int max_pages, int page
                                     int split_slots);
 
 // The same attention over a quantized cache, as kernels::paged_decode_attention_quantized reads
-// it: head (b, h) holds q_lengths[b, h] slots in full quantized pages (pages: uint8, layout.bytes
-// each, in the layout of kernels/kv_quant.h; page_table [B, Hkv, max_pages]), then
+// it: head (b, h) holds q_lengths[b, h] slots in quantized pages (pages: uint8, layout.bytes
+// each, in the layout of kernels/kv_quant.h, keys per channel or per token; page_table
+// [B, Hkv, max_pages]; full, but for per-token keys the last, whose rows past q_lengths are
+// never read), then
 // r_lengths[b, h] bf16 slots in its residual block residual_block[b, h] of r_k_pool, r_v_pool
 // [blocks, residual_slots, D]. Quantized rows are dequantized as they are read, x = zero +
 // code·scale in fp32 as the CPU reference rounds it. GQA groups of 4 to 16 with page_size a
 // multiple of 16 (and pages 16-byte aligned) run on paged_decode_attention's tensor-core kernel:
 // there the dequantized keys and values enter the products rounded to bf16, as the bf16 pool's
 // do; otherwise CUDA cores keep them fp32. out, probs and the rest of the arithmetic as above
-// (probs index slots in that order). Requirements as above, D 64 or 128 only, with
-// lengths = q_lengths + r_lengths
+// (probs index slots in that order). Requirements as above, D 64 or 128 only, key and value
+// groups powers of 2, with lengths = q_lengths + r_lengths
 // (at most max_pages·page_size + residual_slots), r_k_pool/r_v_pool 16-byte aligned,
 // pages 4-byte aligned, layout from kernels::kv_quant_page_layout. Partial results share scratch
 // slot 10 with paged_decode_attention: paged_decode_attention_reserve(B, H, D, max_pages +

@@ -23,11 +23,14 @@
 //   page is 0xFF bytes (NaN scales, so NaN rows), every unused page-table entry names one, and
 //   every residual row no head holds is NaN, so a wrong read fails the comparison; outputs and
 //   probs are NaN-poisoned, so an unwritten element fails; a second identical call is
-//   bit-identical.
+//   bit-identical. Keys per token (key groups of the whole head down to 4 channels) on both
+//   paths, each head's last page partly filled (its other rows 0xFF bytes): the tensor-core
+//   path's tile where that page ends is part page, part residual.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -51,16 +54,25 @@ struct Mode {
   const char* name;
   int bits, salient_bits;
   int salient_slots;  // -1: every row of the page; -4: a quarter of them
+  bool token_keys;
+  int key_group;  // token_keys: 0, the whole head
 };
-const Mode kModes[] = {{"int8", 8, 0, 0},        {"int4", 4, 0, 0},
-                       {"int2", 2, 0, 0},        {"zip8/4 P/4", 4, 8, -4},
-                       {"zip4/2 1", 2, 4, 1},    {"zip8/2 all", 2, 8, -1}};
+const Mode kModes[] = {{"int8", 8, 0, 0, false, 0},     {"int4", 4, 0, 0, false, 0},
+                       {"int2", 2, 0, 0, false, 0},     {"zip8/4 P/4", 4, 8, -4, false, 0},
+                       {"zip4/2 1", 2, 4, 1, false, 0}, {"zip8/2 all", 2, 8, -1, false, 0}};
+// Keys per token: whole-head key groups, 32 channels, 8 (one thread's channels) and 4 (two
+// groups inside one thread's channels).
+const Mode kTokenModes[] = {{"int8 token", 8, 0, 0, true, 0},
+                            {"int4 token kg32", 4, 0, 0, true, 32},
+                            {"int2 token kg8", 2, 0, 0, true, 8},
+                            {"int4 token kg4", 4, 0, 0, true, 4}};
 
 K::KvQuantOptions options_of(const Mode& m, int page_size, int value_group) {
   const int salient = m.salient_slots == -1   ? page_size
                       : m.salient_slots == -4 ? page_size / 4
                                               : m.salient_slots;
-  return K::KvQuantOptions{m.bits, value_group, m.salient_bits, salient};
+  return K::KvQuantOptions{m.bits, value_group, m.salient_bits, salient, m.token_keys,
+                           m.key_group};
 }
 
 std::string name_of(const Mode& m, int D, int P, int value_group) {
@@ -276,22 +288,40 @@ void run_case(const Case& c) {
       K::kv_quant_page_layout(options_of(c.mode, P, c.value_group), P, D);
 
   // Lengths in pages and residual slots, at least one slot per head; the four edge heads first.
+  // Keys per token: a head's last page holds 1 to P rows (the first edge head's P, the third's
+  // one).
   std::vector<int> pages_of, r_len;
   random_settled_lengths(heads, c.max_pages, residual, &pages_of, &r_len);
   std::vector<int> q_len(heads);
-  for (int h = 0; h < heads; ++h) q_len[h] = pages_of[h] * P;
+  std::uniform_int_distribution<int> any_unfilled(0, P - 1);
+  for (int h = 0; h < heads; ++h) {
+    const int unfilled = !c.mode.token_keys || pages_of[h] == 0 ? 0
+                         : h == 0                               ? 0
+                         : h == 2                               ? P - 1
+                                                                : any_unfilled(rng());
+    q_len[h] = pages_of[h] * P - unfilled;
+  }
 
   // Pages: the used ones in shuffled order among spare ones (0xFF bytes); every unused
-  // page-table entry names a spare page.
+  // page-table entry names a spare page. A last page's rows past the head's quantized slots stay
+  // 0xFF bytes too.
   const int spare = 3;
   const int npages = std::accumulate(pages_of.begin(), pages_of.end(), 0) + spare;
   std::vector<uint8_t> pool(static_cast<size_t>(npages) * layout.bytes, 0xFF);
   std::vector<int32_t> table;
-  shuffled_page_tables(pages_of, c.max_pages, spare, &table, [&](int32_t page) {
-    const std::vector<double> keys = random_rows(P, D), values = random_rows(P, D);
-    K::kv_quantize_page(pool.data() + static_cast<size_t>(page) * layout.bytes, layout,
-                        keys.data(), values.data());
-  });
+  shuffled_page_tables(pages_of, c.max_pages, spare, &table, [](int32_t) {});
+  for (int h = 0; h < heads; ++h)
+    for (int pg = 0; pg < pages_of[h]; ++pg) {
+      uint8_t* page =
+          pool.data() + static_cast<size_t>(table[h * c.max_pages + pg]) * layout.bytes;
+      const std::vector<double> keys = random_rows(P, D), values = random_rows(P, D);
+      const int rows = std::min(P, q_len[h] - pg * P);
+      if (rows == P)
+        K::kv_quantize_page(page, layout, keys.data(), values.data());
+      else
+        for (int r = 0; r < rows; ++r)
+          K::kv_quantize_row(page, layout, r, keys.data() + r * D, values.data() + r * D);
+    }
 
   // Residual blocks: one per head, shuffled among spare ones; rows no head holds are NaN.
   const int nblocks = heads + 2;
@@ -357,22 +387,25 @@ void run_case(const Case& c) {
   expect_rerun_identical(name_of(c, "out"), launch, out, probs);
 }
 
-// Every mode x D 64, 128 x GQA 1, 4, 8, 16 x page size 16, 12; the split, the value group, probs
-// and the control channel cycle over the cases, so that every mode meets each of them.
-TEST_F(CudaKvQuant, DecodeModesAndShapes) {
+// Every mode of `modes` x D 64, 128 x GQA 1, 4, 8, 16 x the page sizes; the split, the value
+// group, probs and the control channel cycle over the cases, so that every mode meets each of
+// them.
+template <size_t N>
+void run_modes_and_shapes(const Mode (&modes)[N], std::initializer_list<int> page_sizes) {
   const int value_groups[4] = {0, 32, 4, 8};
   int index = 0;
-  for (const Mode& m : kModes)
+  for (const Mode& m : modes)
     for (int D : {64, 128})
       for (int G : {1, 4, 8, 16})
-        for (int P : {16, 12}) {
+        for (int P : page_sizes) {
           const int split = index % 3 == 0 ? 0 : index % 3 == 1 ? 37 : 1 << 20;
-          const int value_group = value_groups[index % 4];
-          run_case(Case{m, 3, 2, G, D, P, value_group, 5, 3, split, index % 2 == 0,
+          run_case(Case{m, 3, 2, G, D, P, value_groups[index % 4], 5, 3, split, index % 2 == 0,
                         (index / 2) % 2 == 1});
           ++index;
         }
 }
+
+TEST_F(CudaKvQuant, DecodeModesAndShapes) { run_modes_and_shapes(kModes, {16, 12}); }
 
 // The tensor-core path at pages of several tiles: page sizes 32 and 48 (a tile starts at row 16
 // or 32 of its page, so its codes, its value parameters and its ZipCache tier start there too;
@@ -393,7 +426,7 @@ TEST_F(CudaKvQuant, DecodeTensorCoreTiles) {
 }
 
 // Long heads (up to 200 pages): the kernel's split gives many chunks per head; with and without
-// probs, and one KV head per sequence only.
+// probs, one KV head per sequence only, keys per channel and per token.
 TEST_F(CudaKvQuant, DecodeLongHeads) {
   for (int D : {64, 128}) {
     run_case(Case{kModes[1], 2, 2, 4, D, 16, 32, 190, 2, 0, false, true});
@@ -402,8 +435,16 @@ TEST_F(CudaKvQuant, DecodeLongHeads) {
     run_case(Case{kModes[2], 5, 1, 8, D, 16, 4, 150, 0, 0, true, true});
     run_case(Case{kModes[4], 2, 2, 16, D, 32, 8, 90, 5, 0, false, false});
     run_case(Case{kModes[0], 3, 2, 4, D, 16, 0, 190, 2, 0, true, false});
+    run_case(Case{kTokenModes[1], 2, 2, 4, D, 16, 32, 190, 2, 0, true, false});
+    run_case(Case{kTokenModes[2], 2, 2, 1, D, 16, 4, 190, 2, 0, false, true});
   }
 }
+
+// Keys per token (kernels/kv_quant.h): every token mode, page sizes 16, 12 and 32, heads whose
+// last page is partly filled (its rows past the head's quantized slots 0xFF bytes, NaN if read).
+// At page sizes 16 and 32 the tensor-core path meets the tile where the last page ends and the
+// residual begins.
+TEST_F(CudaKvQuant, DecodeTokenKeys) { run_modes_and_shapes(kTokenModes, {16, 12, 32}); }
 
 // A Llama-3-8B-like batch (8 KV heads of 128, G = 4) at page size 16, up to 60 pages a head:
 // the kernel's own split choice at a realistic size.
