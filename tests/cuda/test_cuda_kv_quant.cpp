@@ -254,6 +254,23 @@ void run_quantize_rows(int bits, int D, int P, int key_group, int value_group) {
   expect_same_bytes(what, dpages.download(), want, layout);
 }
 
+// Each quantizer writes one key layout: a page at a time keys per channel, a row at a time keys
+// per token. Given the other, it stops by name before any launch (no GPU needed).
+TEST(CudaKvQuantLayouts, QuantizersRefuseTheOtherKeyLayoutByName) {
+  const int P = 16, D = 64;
+  const K::KvQuantPageLayout per_channel =
+      K::kv_quant_page_layout(K::KvQuantOptions{8, D, 0, 0, false, 0}, P, D);
+  const K::KvQuantPageLayout per_token =
+      K::kv_quant_page_layout(K::KvQuantOptions{8, D, 0, 0, true, 0}, P, D);
+  auto* pages = reinterpret_cast<uint8_t*>(uintptr_t{0x10000});
+  const auto* kv = reinterpret_cast<const bf16*>(uintptr_t{0x20000});
+  const auto* ids = reinterpret_cast<const int32_t*>(uintptr_t{0x30000});
+  EXPECT_DEATH(C::kv_quantize_pages(pages, per_token, ids, kv, kv, ids, 1),
+               "kv_quantize_pages: keys per token are written a row at a time: kv_quantize_rows");
+  EXPECT_DEATH(C::kv_quantize_rows(pages, per_channel, ids, ids, kv, kv, ids, 1),
+               "kv_quantize_rows: keys per channel are written a page at a time");
+}
+
 TEST_F(CudaKvQuant, QuantizeRowsBitExact) {
   const int groups[4][2] = {{0, 0}, {32, 4}, {4, 32}, {8, 0}};  // key group, value group
   for (int bits : {8, 4, 2})
