@@ -4,13 +4,12 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/host_device.h"
+
 namespace dmc::kernels {
 
 // Uniform in the open interval (0, 1), 24 bits of resolution.
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline float hash_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
+DMC_HOST_DEVICE inline float hash_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
   uint64_t z = seed ^ (stream * 0x9E3779B97F4A7C15ULL) ^ (index * 0xD1B54A32D192ED03ULL);
   z += 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

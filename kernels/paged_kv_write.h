@@ -56,6 +56,8 @@
 
 #include <cstdint>
 
+#include "kernels/host_device.h"
+
 namespace dmc::kernels {
 
 template <typename T>
@@ -74,10 +76,7 @@ struct PagedKvLayer {
 // The pool row of `slot` of (row, KV head) `head` = row · Hkv + h: its page's row plus its offset
 // (the CPU references and the CUDA kernels read the layout through this one function).
 template <typename T>
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
+DMC_HOST_DEVICE inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
   return static_cast<long>(c.page_table[head * c.max_pages + slot / c.page_size]) * c.page_size +
          slot % c.page_size;
 }
@@ -88,11 +87,8 @@ inline long SlotRow(const PagedKvLayer<T>& c, long head, int slot) {
 // slots (kernels/paged_kv_drop.h). Channels first, first + step, ... are this thread's (CPU: 0
 // and 1; CUDA: the block's threads), and thread 0 moves the position and the extra.
 template <typename T, typename Extra>
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline void MoveSlot(const PagedKvLayer<T>& c, Extra* extra, long to, long from, int D, int first,
-                     int step) {
+DMC_HOST_DEVICE inline void MoveSlot(const PagedKvLayer<T>& c, Extra* extra, long to, long from,
+                                     int D, int first, int step) {
   for (int d = first; d < D; d += step) {
     c.k_pool[to * D + d] = c.k_pool[from * D + d];
     c.v_pool[to * D + d] = c.v_pool[from * D + d];

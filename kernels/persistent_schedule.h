@@ -15,16 +15,16 @@
 
 #include <algorithm>
 
+#include "kernels/host_device.h"
+
 namespace dmc::cuda::detail {
 
 struct PersistentTile {
   int rank, head;
 };
 
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline PersistentTile persistent_tile(int i, int tiles_per_head, int heads, int section) {
+DMC_HOST_DEVICE inline PersistentTile persistent_tile(int i, int tiles_per_head, int heads,
+                                                     int section) {
   const int s = i / (tiles_per_head * section);
   const int j = i - s * tiles_per_head * section;
   const int in_section = heads - s * section < section ? heads - s * section : section;
