@@ -5,14 +5,19 @@
 
 namespace dmc::kernels {
 
-void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const KvSettleLayer& c,
-                          const float* merge, const int32_t* positions, int n, int Hkv) {
+void paged_kv_settle_step(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                          const KvSettleLayer& c, const float* merge, const int32_t* positions,
+                          int n, int Hkv) {
   const int P = c.page_size;
   for (long head = 0; head < static_cast<long>(n) * Hkv; ++head) {
     const int r = c.r_lengths[head];
     const bool merges = merge && r > 0 && positions[head / Hkv] > 0 && merge[head] > 0.5f;
     page_ids[head] = -1;
-    if (merges || r != P) continue;
+    if (merges || r != (c.slots_settle ? 1 : P)) continue;
+    if (c.slots_settle) {  // the residual's one slot into the next row of the last page
+      KvSettleSlot(c, head, page_ids, page_rows, rows);
+      continue;
+    }
     std::vector<int> order(P);
     for (int j = 0; j < P; ++j) order[j] = j;
     if (c.r_scores) {
@@ -70,8 +75,9 @@ void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, T* stage_k, T
 }
 
 template <typename T>
-void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
-                             const KvSettleLayer& c, T* r_k, T* r_v, const T* stage_k,
+void paged_kv_settle_prefill(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                             int max_closed, const KvSettleLayer& c, T* r_k, T* r_v,
+                             const T* stage_k,
                              const T* stage_v, const int32_t* stage_pos,
                              const uint8_t* stage_marks, int stage_stride, int row, int tokens,
                              int Hkv, int D) {
@@ -84,8 +90,16 @@ void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
       settled = 0;
       for (int s = 0; s < S; ++s) settled += stage_pos[first + s] < tokens - 1 - c.settle_lag;
     }
-    const int closed = settled / P, C = closed * P;
-    for (int m = 0; m < max_closed; ++m) {
+    if (c.slots_settle) {  // every settled slot into its row
+      for (int i = 0; i < max_closed * P; ++i) {
+        const long j = static_cast<long>(h) * max_closed * P + i;
+        page_ids[j] = i < settled ? c.page_table[head * c.max_pages + i / P] : -1;
+        page_rows[j] = i % P;
+        rows[j] = static_cast<int32_t>(first + i);
+      }
+    }
+    const int closed = settled / P, C = c.slots_settle ? settled : closed * P;
+    for (int m = 0; !c.slots_settle && m < max_closed; ++m) {
       const long j = static_cast<long>(h) * max_closed + m;
       page_ids[j] = m < closed ? c.page_table[head * c.max_pages + m] : -1;
       for (int r = 0; m < closed && r < P; ++r)
@@ -124,12 +138,13 @@ template void paged_kv_settle_lagged_step<float>(int32_t*, int32_t*, float*, flo
 template void paged_kv_settle_lagged_step<double>(int32_t*, int32_t*, double*, double*,
                                                   const KvSettleLayer&, double*, double*,
                                                   const int32_t*, int, int, int);
-template void paged_kv_settle_prefill<float>(int32_t*, int32_t*, int, const KvSettleLayer&, float*,
-                                             float*, const float*, const float*, const int32_t*,
-                                             const uint8_t*, int, int, int, int, int);
-template void paged_kv_settle_prefill<double>(int32_t*, int32_t*, int, const KvSettleLayer&,
-                                              double*, double*, const double*, const double*,
-                                              const int32_t*, const uint8_t*, int, int, int, int,
-                                              int);
+template void paged_kv_settle_prefill<float>(int32_t*, int32_t*, int32_t*, int,
+                                             const KvSettleLayer&, float*, float*, const float*,
+                                             const float*, const int32_t*, const uint8_t*, int,
+                                             int, int, int, int);
+template void paged_kv_settle_prefill<double>(int32_t*, int32_t*, int32_t*, int,
+                                              const KvSettleLayer&, double*, double*,
+                                              const double*, const double*, const int32_t*,
+                                              const uint8_t*, int, int, int, int, int);
 
 }  // namespace dmc::kernels

@@ -36,6 +36,17 @@
 // ties to the older slot. This is PagedKvCache::Settle at settle lag 0: the new slot settles every
 // older one, and page_size settled slots fill a page.
 //
+// A slot at a time (slots_settle: per-token keys, kernels/kv_quant.h; settle lag 0, a residual of
+// one slot): each slot settles into the next row of its head's last page as soon as a newer slot
+// opens, the last page filling a row at a time (q_lengths any count). The lists then hold a row
+// each, entry j: page_ids[j] (−1: nothing), page_rows[j] the row of that page, rows[j] the row of
+// the pool the quantizer gathers it from (kernels/cuda_ops.h's kv_quantize_rows). The step: when
+// the token does not merge (as above) and the residual holds its slot (r_lengths = 1), that slot
+// settles into row q_lengths mod page_size of page m = q_lengths / page_size:
+//   page_ids[head] = page_table[head·max_pages + m], page_rows[head] = q_lengths mod page_size,
+//   rows[head] = head·residual_slots, q_lengths += 1, r_lengths = 0;
+// otherwise page_ids[head] = −1.
+//
 // paged_kv_settle_lagged_step (settle lag L = settle_lag > 0, DMS; r_pos and r_marks set): before
 // the append of the token at t = positions[i], per head: the residual slots j < r_lengths with
 // r_pos[j] < t − L have settled. When page_size of them have (or more), the page_size oldest
@@ -58,6 +69,9 @@
 // rows[j·page_size + r] = h·stage_stride + m·page_size + r when m < C / page_size, else −1;
 // slots C..S − 1 are copied into rows 0..S − C − 1 of the head's residual block of r_k and r_v
 // (DMS: and their positions and marks into r_pos, r_marks); q_lengths = C, r_lengths = S − C.
+// A slot at a time: C = settled, and entry j = h·max_closed·page_size + i (i < max_closed ·
+// page_size) is slot i: page_ids[j] = page_table[head·max_pages + i / page_size] when i < C,
+// else −1, page_rows[j] = i mod page_size, rows[j] = h·stage_stride + i.
 //
 // paged_kv_settle_scores (ZipCache): after the step's attention, whose weights probs [n, H,
 // probs_stride] index each head's slots as the quantized attention reads them (its q_lengths
@@ -71,6 +85,8 @@
 
 #include <cstdint>
 
+#include "kernels/host_device.h"
+
 namespace dmc::kernels {
 
 struct KvSettleLayer {
@@ -82,10 +98,26 @@ struct KvSettleLayer {
   int32_t* r_pos = nullptr;
   uint8_t* r_marks = nullptr;
   float* r_scores = nullptr;
+  bool slots_settle = false;  // a slot at a time (per-token keys): the lists hold a row each
 };
 
-void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const KvSettleLayer& layer,
-                          const float* merge, const int32_t* positions, int n, int Hkv);
+// A slot at a time, the step's rule for a head whose residual slot settles (above): its entry and
+// lengths, in a form a CUDA kernel can share. The CUDA versions (kernels/cuda_ops.h) do not yet
+// settle a slot at a time: the GPU engine refuses per-token keys (ValidateGpuKvQuant).
+DMC_HOST_DEVICE inline void KvSettleSlot(const KvSettleLayer& c, long head, int32_t* page_ids,
+                                         int32_t* page_rows, int32_t* rows) {
+  const int q = c.q_lengths[head];
+  page_ids[head] = c.page_table[head * c.max_pages + q / c.page_size];
+  page_rows[head] = q % c.page_size;
+  rows[head] = static_cast<int32_t>(head * c.residual_slots);
+  c.q_lengths[head] = q + 1;
+  c.r_lengths[head] = 0;
+}
+
+// page_rows: the rows' places in their pages when layer.slots_settle (else unused, may be null).
+void paged_kv_settle_step(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                          const KvSettleLayer& layer, const float* merge,
+                          const int32_t* positions, int n, int Hkv);
 
 template <typename T>
 void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, T* stage_k, T* stage_v,
@@ -93,7 +125,7 @@ void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, T* stage_k, T
                                  const int32_t* positions, int n, int Hkv, int D);
 
 template <typename T>
-void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
+void paged_kv_settle_prefill(int32_t* page_ids, int32_t* page_rows, int32_t* rows, int max_closed,
                              const KvSettleLayer& layer, T* r_k, T* r_v, const T* stage_k,
                              const T* stage_v, const int32_t* stage_pos,
                              const uint8_t* stage_marks, int stage_stride, int row, int tokens,

@@ -24,6 +24,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/kv_quant.h"
 #include "kernels/paged_kv_dms_evict.h"
+#include "kernels/paged_kv_pages.h"
 #include "kernels/paged_kv_settle.h"
 #include "kernels/paged_kv_write.h"
 #include "kernels/rope.h"
@@ -710,10 +711,13 @@ TEST(KvQuantCache, TokenKeysHoldTheDirectRoundTripOfEverySettledSlot) {
 // blocks by paged_kv_append) holds what the quantized PagedKvCache, the specification, holds:
 // after every token of a random vanilla or DMC sequence, every head's quantized and residual slot
 // counts, its residual rows, and its pages byte for byte. The cache is handed the keys the flat
-// form rotated (the decoder's RoPE), so both hold the same rows.
+// form rotated (the decoder's RoPE), so both hold the same rows. With per-token keys the lists
+// hold a row each (slots_settle), written by the row quantizer into its page's next row. Every
+// page written is one that kernels/paged_kv_pages.h's count hands the head before the step.
 TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
+  for (bool token_keys : {false, true})
   for (bool dmc : {false, true}) {
-    SCOPED_TRACE(dmc ? "dmc" : "vanilla");
+    SCOPED_TRACE(testing::Message() << (dmc ? "dmc" : "vanilla") << (token_keys ? " token keys" : ""));
     std::mt19937_64 rng(dmc ? 11 : 12);
     PagedCacheOptions o;
     o.layers = 1;
@@ -722,7 +726,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
     o.page_size = 4;
     o.dmc_window = dmc ? 3 : 0;
     o.budget_bytes = 1 << 22;
-    o.quant = {4, 0, 0, 0};
+    o.quant = {4, 0, 0, 0, token_keys};
     const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, w = o.dmc_window, steps = 40;
     PagedKvCache<float> cache(o);
     ASSERT_TRUE(cache.AddSequence(0).ok());
@@ -733,6 +737,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
     std::vector<float> window_omega(size_t(Hkv) * std::max(1, w));
     std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0), count(Hkv, 0), blocks(Hkv);
     std::vector<int32_t> table(size_t(Hkv) * max_pages), ids(Hkv), rows(size_t(Hkv) * P);
+    std::vector<int32_t> page_rows(Hkv);
     std::iota(blocks.begin(), blocks.end(), 0);
     std::iota(table.begin(), table.end(), 0);
     std::vector<uint8_t> pages(table.size() * layout.bytes);
@@ -741,8 +746,9 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
                                             w ? window.data() : nullptr,
                                             w ? window_omega.data() : nullptr, count.data(),
                                             1, residual, w};
-    const kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
-                                        residual};
+    kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
+                                  residual};
+    settle.slots_settle = token_keys;
     std::normal_distribution<float> normal(0.0f, 1.0f);
     std::vector<float> k(size_t(Hkv) * D), v(k.size()), merge(Hkv), omega(Hkv);
     std::vector<float> gk(size_t(P) * D), gv(gk.size()), key(D), value(D);
@@ -754,9 +760,23 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
         omega[h] = 0.2f + (rng() % 100) / 100.0f;
       }
       const float* m = dmc ? merge.data() : nullptr;
-      kernels::paged_kv_settle_step(ids.data(), rows.data(), settle, m, &t, 1, Hkv);
+      // The pages a head is handed before a step (kernels/paged_kv_pages.h): the one
+      // this step writes is among them.
+      std::vector<int> handed(Hkv);
+      for (int h = 0; h < Hkv; ++h)
+        handed[h] = token_keys ? kernels::KvSlotPagesToGrow(r_len[h], q_len[h], 1, P)
+                               : kernels::KvPagesToGrow(r_len[h], q_len[h], 1, P, true);
+      kernels::paged_kv_settle_step(ids.data(), page_rows.data(), rows.data(), settle, m, &t, 1,
+                                    Hkv);
       for (int h = 0; h < Hkv; ++h) {
         if (ids[h] < 0) continue;
+        ASSERT_LT(ids[h] - h * max_pages, handed[h]) << "t " << t << " head " << h;
+        if (token_keys) {
+          kernels::kv_quantize_row(pages.data() + size_t(ids[h]) * layout.bytes, layout,
+                                   page_rows[h], r_k.data() + size_t(rows[h]) * D,
+                                   r_v.data() + size_t(rows[h]) * D);
+          continue;
+        }
         for (int r = 0; r < P; ++r) {
           std::copy_n(r_k.begin() + size_t(rows[h * P + r]) * D, D, gk.begin() + r * D);
           std::copy_n(r_v.begin() + size_t(rows[h * P + r]) * D, D, gv.begin() + r * D);
@@ -794,9 +814,9 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
     std::vector<int> lengths;
     int cache_pages = 0;
     cache.BlockTable({0}, 0, &cache_table, &lengths, &cache_pages);
-    int closed = 0;
+    int closed = 0;  // pages, the last partly filled with per-token keys
     for (int h = 0; h < Hkv; ++h)
-      for (int i = 0; i < q_len[h] / P; ++i, ++closed) {
+      for (int i = 0; i < (q_len[h] + (token_keys ? P - 1 : 0)) / P; ++i, ++closed) {
         EXPECT_EQ(std::memcmp(cache.q_pool() + size_t(cache_table[h * cache_pages + i]) * layout.bytes,
                               pages.data() + size_t(table[h * max_pages + i]) * layout.bytes,
                               layout.bytes),
@@ -804,6 +824,100 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
             << "head " << h << " page " << i;
       }
     EXPECT_GE(closed, Hkv * (dmc ? 1 : 9));
+  }
+}
+
+// Appends the token at position t to head h (layer 0, sequence 0) as a decoder does: its key k
+// rotated there (RoPE), its value v as it is. What a prefill form is checked against.
+absl::Status AppendRotated(PagedKvCache<float>& cache, int h, const float* k, const float* v,
+                           int t, int D) {
+  std::vector<float> rotated(D);
+  kernels::rope_forward(rotated.data(), k, 1, 1, 1, D, t, 10000.0f, false);
+  return cache.Append(0, 0, h, rotated.data(), v, t);
+}
+
+// Per-token keys, the prefill form (paged_kv_prefill into staging rows, then
+// paged_kv_settle_prefill a slot at a time and the row quantizer on every row it lists) leaves
+// what feeding the prompt token by token leaves in the quantized PagedKvCache: the same counts,
+// the residual's row, and every page byte for byte, the last partly filled; prompts around a
+// page's edge.
+TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = 3;
+  o.head_dim = 16;
+  o.page_size = 4;
+  o.budget_bytes = 1 << 22;
+  o.quant = {4, 0, 0, 0, true, 8};
+  const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, longest = 17;
+  const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
+  const int residual = inference::KvResidualSlots(o), max_pages = longest / P + 1;
+  ASSERT_EQ(residual, 1);
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> ks(size_t(longest) * Hkv * D), vs(ks.size());
+  for (float& x : ks) x = normal(rng);
+  for (float& x : vs) x = normal(rng);
+  std::vector<int32_t> table(size_t(Hkv) * max_pages), stage_table(Hkv), count(Hkv, 0);
+  std::iota(table.begin(), table.end(), 0);
+  std::iota(stage_table.begin(), stage_table.end(), 0);
+  for (int prompt : {1, 2, P, P + 1, longest}) {
+    SCOPED_TRACE(testing::Message() << "prompt " << prompt);
+    PagedKvCache<float> fed(o);
+    ASSERT_TRUE(fed.AddSequence(0).ok());
+    for (int t = 0; t < prompt; ++t)
+      for (int h = 0; h < Hkv; ++h) {
+        const size_t at = (size_t(t) * Hkv + h) * D;
+        ASSERT_TRUE(AppendRotated(fed, h, ks.data() + at, vs.data() + at, t, D).ok());
+      }
+    std::vector<float> sk(size_t(Hkv) * prompt * D), sv(sk.size());
+    std::vector<float> r_k(size_t(Hkv) * residual * D), r_v(r_k.size());
+    std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0);
+    const kernels::PagedKvLayer<float> stage{sk.data(), sv.data(), nullptr, stage_table.data(),
+                                             r_len.data(), nullptr, nullptr, count.data(), 1,
+                                             prompt, 0};
+    kernels::paged_kv_prefill(stage, 0, ks.data(), vs.data(), ks.data(), vs.data(), nullptr,
+                              nullptr, prompt, Hkv, D, 10000.0f, false);
+    kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
+                                  residual};
+    settle.slots_settle = true;
+    const int max_closed = (prompt - 1 + P - 1) / P, entries = Hkv * max_closed * P;
+    std::vector<int32_t> ids(std::max(1, entries)), page_rows(ids.size()), rows(ids.size());
+    kernels::paged_kv_settle_prefill(ids.data(), page_rows.data(), rows.data(), max_closed,
+                                     settle, r_k.data(), r_v.data(), sk.data(), sv.data(),
+                                     static_cast<const int32_t*>(nullptr), nullptr, prompt, 0,
+                                     prompt, Hkv, D);
+    std::vector<uint8_t> pages(table.size() * layout.bytes, 0);
+    int listed = 0;
+    for (int j = 0; j < entries; ++j)
+      if (ids[j] >= 0) {
+        kernels::kv_quantize_row(pages.data() + size_t(ids[j]) * layout.bytes, layout,
+                                 page_rows[j], sk.data() + size_t(rows[j]) * D,
+                                 sv.data() + size_t(rows[j]) * D);
+        ++listed;
+      }
+    EXPECT_EQ(listed, Hkv * (prompt - 1));
+    std::vector<int32_t> cache_table;
+    std::vector<int> lengths;
+    int cache_pages = 0;
+    fed.BlockTable({0}, 0, &cache_table, &lengths, &cache_pages);
+    std::vector<float> key(D), value(D);
+    for (int h = 0; h < Hkv; ++h) {
+      ASSERT_EQ(fed.compressed_length(0, 0, h), q_len[h]) << "head " << h;
+      ASSERT_EQ(fed.length(0, 0, h), q_len[h] + r_len[h]) << "head " << h;
+      ASSERT_EQ(r_len[h], 1) << "head " << h;
+      fed.ReadSlot(0, 0, h, q_len[h], key.data(), value.data());
+      for (int c = 0; c < D; ++c) {
+        ASSERT_EQ(key[c], r_k[size_t(h) * D + c]) << "head " << h;
+        ASSERT_EQ(value[c], r_v[size_t(h) * D + c]) << "head " << h;
+      }
+      for (int m = 0; m < (q_len[h] + P - 1) / P; ++m)
+        EXPECT_EQ(std::memcmp(fed.q_pool() + size_t(cache_table[h * cache_pages + m]) * layout.bytes,
+                              pages.data() + size_t(table[h * max_pages + m]) * layout.bytes,
+                              layout.bytes),
+                  0)
+            << "head " << h << " page " << m;
+    }
   }
 }
 
@@ -960,12 +1074,10 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
       SCOPED_TRACE(testing::Message() << "prompt " << prompt);
       PagedKvCache<float> fed(o);
       ASSERT_TRUE(fed.AddSequence(0).ok());
-      std::vector<float> rotated(D);
       for (int t = 0; t < prompt; ++t)
         for (int h = 0; h < Hkv; ++h) {
           const size_t at = (size_t(t) * Hkv + h) * D;
-          kernels::rope_forward(rotated.data(), ks.data() + at, 1, 1, 1, D, t, 10000.0f, false);
-          ASSERT_TRUE(fed.Append(0, 0, h, rotated.data(), vs.data() + at, t).ok());
+          ASSERT_TRUE(AppendRotated(fed, h, ks.data() + at, vs.data() + at, t, D).ok());
           ASSERT_TRUE(inference::DmsUpdate(fed, 0, 0, h, t,
                                            t > 0 && evict[size_t(t) * Hkv + h] > 0.5f, window)
                           .ok());
@@ -981,8 +1093,8 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
       kernels::paged_kv_dms_prefill(stage, stage_marks.data(), 0, ks.data(), vs.data(),
                                     evict.data(), prompt, Hkv, D, window, 10000.0f);
       const int max_closed = (prompt - 1) / P;
-      kernels::paged_kv_settle_prefill(g.ids.data(), g.rows.data(), max_closed, settle_of(g),
-                                       g.r_k.data(), g.r_v.data(), sk.data(), sv.data(),
+      kernels::paged_kv_settle_prefill(g.ids.data(), nullptr, g.rows.data(), max_closed,
+                                       settle_of(g), g.r_k.data(), g.r_v.data(), sk.data(), sv.data(),
                                        stage_pos.data(), stage_marks.data(), prompt, 0, prompt,
                                        Hkv, D);
       for (int j = 0; j < Hkv * max_closed; ++j)
@@ -1033,7 +1145,7 @@ TEST(KvQuantZipCache, DeviceFormHoldsWhatTheCacheHolds) {
   for (int32_t t = 0; t < steps; ++t) {
     for (float& x : k) x = normal(rng);
     for (float& x : v) x = normal(rng);
-    kernels::paged_kv_settle_step(ids.data(), rows.data(), settle, nullptr, &t, 1, Hkv);
+    kernels::paged_kv_settle_step(ids.data(), nullptr, rows.data(), settle, nullptr, &t, 1, Hkv);
     for (int h = 0; h < Hkv; ++h)
       if (ids[h] >= 0) {
         QuantizeListedPage(pages.data() + size_t(ids[h]) * layout.bytes, layout,

@@ -891,7 +891,7 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     kernels::KvSettleLayer host{table.data(), want_q.data(), want_r.data(), max_pages, P,
                                 residual};
     if (zip) host.r_scores = scores.data();
-    kernels::paged_kv_settle_step(want_ids.data(), want_rows.data(), host,
+    kernels::paged_kv_settle_step(want_ids.data(), nullptr, want_rows.data(), host,
                                   dmc ? merge.data() : nullptr, positions.data(), R, Hkv);
     const int closed = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
     EXPECT_GT(closed, 0);
@@ -1081,7 +1081,7 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       std::vector<int32_t> want_q = q, want_r = r;
       std::vector<int32_t> want_ids(std::max(1, Hkv * max_closed)),
           want_rows(size_t(std::max(1, Hkv * max_closed)) * P);
-      kernels::paged_kv_settle_prefill(want_ids.data(), want_rows.data(), max_closed,
+      kernels::paged_kv_settle_prefill(want_ids.data(), nullptr, want_rows.data(), max_closed,
                                        {table.data(), want_q.data(), want_r.data(), max_pages, P,
                                         residual, lag, want_pos.data(), want_marks.data()},
                                        rk.data(), rv.data(), fsk.data(), fsv.data(),
