@@ -706,6 +706,18 @@ TEST(KvQuantCache, TokenKeysHoldTheDirectRoundTripOfEverySettledSlot) {
   }
 }
 
+// One layer of kv_heads KV heads of head_dim channels in pages of page_size, at a budget that
+// never binds.
+PagedCacheOptions OneLayerCache(int kv_heads, int head_dim, int page_size) {
+  PagedCacheOptions o;
+  o.layers = 1;
+  o.kv_heads = kv_heads;
+  o.head_dim = head_dim;
+  o.page_size = page_size;
+  o.budget_bytes = 1 << 22;
+  return o;
+}
+
 // The GPU engine's form of the quantized cache (kernels/paged_kv_settle.h: pages closed by
 // paged_kv_settle_step and written by the quantizer from the rows it lists, appends into residual
 // blocks by paged_kv_append) holds what the quantized PagedKvCache, the specification, holds:
@@ -717,15 +729,11 @@ TEST(KvQuantCache, TokenKeysHoldTheDirectRoundTripOfEverySettledSlot) {
 TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
   for (bool token_keys : {false, true})
   for (bool dmc : {false, true}) {
-    SCOPED_TRACE(testing::Message() << (dmc ? "dmc" : "vanilla") << (token_keys ? " token keys" : ""));
+    SCOPED_TRACE(testing::Message() << (dmc ? "dmc" : "vanilla")
+                                    << (token_keys ? " token keys" : ""));
     std::mt19937_64 rng(dmc ? 11 : 12);
-    PagedCacheOptions o;
-    o.layers = 1;
-    o.kv_heads = 3;
-    o.head_dim = 16;
-    o.page_size = 4;
+    PagedCacheOptions o = OneLayerCache(3, 16, 4);
     o.dmc_window = dmc ? 3 : 0;
-    o.budget_bytes = 1 << 22;
     o.quant = {4, 0, 0, 0, token_keys};
     const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, w = o.dmc_window, steps = 40;
     PagedKvCache<float> cache(o);
@@ -827,13 +835,23 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
   }
 }
 
-// Appends the token at position t to head h (layer 0, sequence 0) as a decoder does: its key k
-// rotated there (RoPE), its value v as it is. What a prefill form is checked against.
-absl::Status AppendRotated(PagedKvCache<float>& cache, int h, const float* k, const float* v,
-                           int t, int D) {
+// Feeds the first `prompt` tokens of ks, vs [tokens, Hkv, D] to sequence 0 (layer 0) of a cache
+// as a decoder does, each key rotated at its position (RoPE), each value as it is, and runs
+// after_append(t, h) after each append (DMS: its decision). What a prefill form is checked
+// against.
+template <typename AfterAppend>
+void FeedPrompt(PagedKvCache<float>* cache, const std::vector<float>& ks,
+                const std::vector<float>& vs, int prompt, int Hkv, int D,
+                AfterAppend after_append) {
+  ASSERT_TRUE(cache->AddSequence(0).ok());
   std::vector<float> rotated(D);
-  kernels::rope_forward(rotated.data(), k, 1, 1, 1, D, t, 10000.0f, false);
-  return cache.Append(0, 0, h, rotated.data(), v, t);
+  for (int t = 0; t < prompt; ++t)
+    for (int h = 0; h < Hkv; ++h) {
+      const size_t at = (size_t(t) * Hkv + h) * D;
+      kernels::rope_forward(rotated.data(), ks.data() + at, 1, 1, 1, D, t, 10000.0f, false);
+      ASSERT_TRUE(cache->Append(0, 0, h, rotated.data(), vs.data() + at, t).ok());
+      after_append(t, h);
+    }
 }
 
 // Per-token keys, the prefill form (paged_kv_prefill into staging rows, then
@@ -842,12 +860,7 @@ absl::Status AppendRotated(PagedKvCache<float>& cache, int h, const float* k, co
 // the residual's row, and every page byte for byte, the last partly filled; prompts around a
 // page's edge.
 TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
-  PagedCacheOptions o;
-  o.layers = 1;
-  o.kv_heads = 3;
-  o.head_dim = 16;
-  o.page_size = 4;
-  o.budget_bytes = 1 << 22;
+  PagedCacheOptions o = OneLayerCache(3, 16, 4);
   o.quant = {4, 0, 0, 0, true, 8};
   const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, longest = 17;
   const kernels::KvQuantPageLayout layout = kernels::kv_quant_page_layout(o.quant, P, D);
@@ -864,12 +877,7 @@ TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
   for (int prompt : {1, 2, P, P + 1, longest}) {
     SCOPED_TRACE(testing::Message() << "prompt " << prompt);
     PagedKvCache<float> fed(o);
-    ASSERT_TRUE(fed.AddSequence(0).ok());
-    for (int t = 0; t < prompt; ++t)
-      for (int h = 0; h < Hkv; ++h) {
-        const size_t at = (size_t(t) * Hkv + h) * D;
-        ASSERT_TRUE(AppendRotated(fed, h, ks.data() + at, vs.data() + at, t, D).ok());
-      }
+    FeedPrompt(&fed, ks, vs, prompt, Hkv, D, [](int, int) {});
     std::vector<float> sk(size_t(Hkv) * prompt * D), sv(sk.size());
     std::vector<float> r_k(size_t(Hkv) * residual * D), r_v(r_k.size());
     std::vector<int32_t> r_len(Hkv, 0), q_len(Hkv, 0);
@@ -912,10 +920,11 @@ TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
         ASSERT_EQ(value[c], r_v[size_t(h) * D + c]) << "head " << h;
       }
       for (int m = 0; m < (q_len[h] + P - 1) / P; ++m)
-        EXPECT_EQ(std::memcmp(fed.q_pool() + size_t(cache_table[h * cache_pages + m]) * layout.bytes,
-                              pages.data() + size_t(table[h * max_pages + m]) * layout.bytes,
-                              layout.bytes),
-                  0)
+        EXPECT_EQ(
+            std::memcmp(fed.q_pool() + size_t(cache_table[h * cache_pages + m]) * layout.bytes,
+                        pages.data() + size_t(table[h * max_pages + m]) * layout.bytes,
+                        layout.bytes),
+            0)
             << "head " << h << " page " << m;
     }
   }
@@ -965,12 +974,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
   for (int window : {0, 2, 6}) {
     SCOPED_TRACE(testing::Message() << "window " << window);
     std::mt19937_64 rng(20 + window);
-    PagedCacheOptions o;
-    o.layers = 1;
-    o.kv_heads = 3;
-    o.head_dim = 16;
-    o.page_size = 4;
-    o.budget_bytes = 1 << 22;
+    PagedCacheOptions o = OneLayerCache(3, 16, 4);
     o.quant = {4, 0, 0, 0};
     o.settle_lag = window + 1;
     const int Hkv = o.kv_heads, D = o.head_dim, P = o.page_size, steps = 48;
@@ -1073,15 +1077,11 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
     for (int prompt : {1, window + 2, window + 2 + P, 17, steps}) {
       SCOPED_TRACE(testing::Message() << "prompt " << prompt);
       PagedKvCache<float> fed(o);
-      ASSERT_TRUE(fed.AddSequence(0).ok());
-      for (int t = 0; t < prompt; ++t)
-        for (int h = 0; h < Hkv; ++h) {
-          const size_t at = (size_t(t) * Hkv + h) * D;
-          ASSERT_TRUE(AppendRotated(fed, h, ks.data() + at, vs.data() + at, t, D).ok());
-          ASSERT_TRUE(inference::DmsUpdate(fed, 0, 0, h, t,
-                                           t > 0 && evict[size_t(t) * Hkv + h] > 0.5f, window)
-                          .ok());
-        }
+      FeedPrompt(&fed, ks, vs, prompt, Hkv, D, [&](int t, int h) {
+        ASSERT_TRUE(inference::DmsUpdate(fed, 0, 0, h, t,
+                                         t > 0 && evict[size_t(t) * Hkv + h] > 0.5f, window)
+                        .ok());
+      });
       Flat g = make_flat();
       std::vector<float> sk(size_t(Hkv) * prompt * D), sv(sk.size());
       std::vector<int32_t> stage_pos(size_t(Hkv) * prompt), stage_table(Hkv);
@@ -1094,9 +1094,9 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
                                     evict.data(), prompt, Hkv, D, window, 10000.0f);
       const int max_closed = (prompt - 1) / P;
       kernels::paged_kv_settle_prefill(g.ids.data(), nullptr, g.rows.data(), max_closed,
-                                       settle_of(g), g.r_k.data(), g.r_v.data(), sk.data(), sv.data(),
-                                       stage_pos.data(), stage_marks.data(), prompt, 0, prompt,
-                                       Hkv, D);
+                                       settle_of(g), g.r_k.data(), g.r_v.data(), sk.data(),
+                                       sv.data(), stage_pos.data(), stage_marks.data(), prompt, 0,
+                                       prompt, Hkv, D);
       for (int j = 0; j < Hkv * max_closed; ++j)
         if (g.ids[j] >= 0)
           QuantizeListedPage(g.pages.data() + size_t(g.ids[j]) * layout.bytes, layout,
@@ -1113,12 +1113,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
 // weights: the same residual scores, exactly, and the same mixed-precision pages, byte for byte.
 TEST(KvQuantZipCache, DeviceFormHoldsWhatTheCacheHolds) {
   std::mt19937_64 rng(13);
-  PagedCacheOptions o;
-  o.layers = 1;
-  o.kv_heads = 2;
-  o.head_dim = 16;
-  o.page_size = 8;
-  o.budget_bytes = 1 << 22;
+  PagedCacheOptions o = OneLayerCache(2, 16, 8);
   o.quant = {2, 0, 8, 3};
   const int Hkv = o.kv_heads, H = 2 * Hkv, D = o.head_dim, P = o.page_size, steps = 50;
   PagedKvCache<float> cache(o);
