@@ -172,10 +172,10 @@ absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_s
 }
 
 absl::Status ValidateGpuKvQuant(const CachePolicy& policy) {
-  if (!policy.quant.token_keys) return absl::OkStatus();
+  if (!policy.quant.token_keys || policy.method != CacheMethod::kDms) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrFormat(
-      "%s: the GPU engine quantizes keys per channel, a page of settled slots at once; per-token "
-      "keys, each slot quantized as it settles, run on the CPU engine",
+      "%s: the GPU engine settles DMS's slots a page at a time, past its eviction window; per-token "
+      "keys on the dms cache, each slot quantized as it settles, run on the CPU engine",
       PolicyName(policy)));
 }
 
@@ -304,7 +304,8 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       // Per channel, then per token (fewer bytes: a residual of settle_lag + 1 rows) at each bits.
       for (int bits : {0, 8, 4, 2})
         for (bool token_keys : {false, true})
-          if (!think_composed && (bits > 0 || !token_keys) && (!gpu || !token_keys)) {
+          if (!think_composed && (bits > 0 || !token_keys) &&
+              (!gpu || !token_keys || *parsed != CacheMethod::kDms)) {
             base.quant = {bits, 0, 0, 0, token_keys};
             candidates.push_back({base, head_slots});
           }

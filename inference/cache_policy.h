@@ -107,8 +107,9 @@ std::string PolicyName(const CachePolicy& policy);
 // dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
 // vanilla only and not with per-token keys. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
-// Whether the GPU engine (inference/cuda_engine.h) serves policy.quant: not per-token keys,
-// which it does not yet settle a slot at a time (the CPU engine serves every valid setting).
+// Whether the GPU engine (inference/cuda_engine.h) serves policy.quant: not per-token keys on the
+// dms cache, whose slots it settles a page at a time past the eviction window (the CPU engine
+// serves every valid setting).
 // InvalidArgument naming the policy. Here, not in the GPU engine, so that a budget plan for
 // it (PolicyForBytes) and a build without CUDA know it too.
 absl::Status ValidateGpuKvQuant(const CachePolicy& policy);

@@ -143,7 +143,8 @@ struct CudaEngine::Device {
   // (lengths then count the residual's), the residual blocks [L, R, Hkv, residual_slots, D] (head
   // (row, h)'s is block row·Hkv + h of its layer: r_blocks is the identity [R·Hkv]), the
   // prefill's staging table (head (row, h) → h, its rows in pkr and pq) and the pages a step or a
-  // prefill closes: page ids and gathered rows. DMS: slot_pos and marks are [L, R, Hkv,
+  // prefill closes: page ids and gathered rows (per-token keys: the rows that settle, each with
+  // its page id and row in the page, close_page_rows). DMS: slot_pos and marks are [L, R, Hkv,
   // residual_slots] beside the residual rows, the prefill's staged positions and marks
   // [Hkv, max_context], and a step's closing rows are staged in close_k, close_v [R, Hkv,
   // page_size, D]. ZipCache: the residual slots' scores [L, R, Hkv, residual_slots] and the
@@ -159,7 +160,7 @@ struct CudaEngine::Device {
   float* think_energy = nullptr;
   bf16 *r_k = nullptr, *r_v = nullptr;
   int32_t *r_blocks = nullptr, *stage_table = nullptr;
-  int32_t *close_ids = nullptr, *close_rows = nullptr;
+  int32_t *close_ids = nullptr, *close_rows = nullptr, *close_page_rows = nullptr;
   int32_t* stage_pos = nullptr;
   uint8_t* stage_marks = nullptr;
   bf16 *close_k = nullptr, *close_v = nullptr;
@@ -201,7 +202,7 @@ CudaEngine::~CudaEngine() {
                   (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
-                  (void*)d.close_rows, (void*)d.pprefix, (void*)d.stage_pos,
+                  (void*)d.close_rows, (void*)d.close_page_rows, (void*)d.pprefix, (void*)d.stage_pos,
                   (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v, (void*)d.held,
                   (void*)d.writes, (void*)d.think_k, (void*)d.think_v, (void*)d.think_masks,
                   (void*)d.think_energy})
@@ -316,6 +317,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
   e->quant_ = KvQuantized(e->cache_opt_);
   e->think_ = KvThink(e->cache_opt_);
   e->settles_ = KvSettles(e->cache_opt_);
+  e->slots_settle_ = KvSettlesSlots(e->cache_opt_);
   e->zip_ = policy.quant.salient_slots > 0;
   if (e->quant_)
     e->layout_ = kernels::kv_quant_page_layout(policy.quant, options.page_size, cfg.head_dim());
@@ -412,10 +414,12 @@ void CudaEngine::Upload(const model::Llama<float>& model) {
                            cudaMemcpyHostToDevice));
     ENGINE_CUDA(cudaMemcpy(d.stage_table, stage.data(), stage.size() * sizeof(int32_t),
                            cudaMemcpyHostToDevice));
-    // A step closes at most one page per head of its rows, a prefill at most max_pages per head.
+    // A step closes at most one page per head of its rows, a prefill at most max_pages per head;
+    // a slot at a time, a step settles one row per head, a prefill max_pages pages of rows.
     const size_t lists = std::max(size_t(R) * Hkv, size_t(Hkv) * max_pages_);
-    d.close_ids = Alloc<int32_t>(lists);
+    d.close_ids = Alloc<int32_t>(slots_settle_ ? lists * opt_.page_size : lists);
     d.close_rows = Alloc<int32_t>(lists * opt_.page_size);
+    if (slots_settle_) d.close_page_rows = Alloc<int32_t>(lists * opt_.page_size);
     if (dms_) {
       d.stage_pos = Alloc<int32_t>(size_t(Hkv) * P);
       d.stage_marks = Alloc<uint8_t>(size_t(Hkv) * P);
@@ -580,7 +584,9 @@ absl::Status CudaEngine::AddSequence(int seq, const SamplingOptions& sampling) {
   const int Hkv = config_.num_key_value_heads, L = config_.num_hidden_layers;
   for (int i = 0; i < heads; ++i) {
     const bool writes = KvSourceLayer(opt_.policy, i / Hkv) == i / Hkv;
-    const int grow = writes ? kernels::KvPagesToGrow(0, 0, 1, opt_.page_size, settles_) : 0;
+    const int grow = !writes       ? 0
+                     : slots_settle_ ? kernels::KvSlotPagesToGrow(0, 0, 1, opt_.page_size)
+                                     : kernels::KvPagesToGrow(0, 0, 1, opt_.page_size, settles_);
     if (grow > 0) sq.growth.emplace_back(i, grow);
     sq.growth_pages += grow;
   }
@@ -736,8 +742,8 @@ absl::Status CudaEngine::GrowPages(const std::vector<int>& seqs) {
 void CudaEngine::EnqueuePageChanges(int row0, int n, int tokens) {
   Device& d = *dev_;
   const int L = config_.num_hidden_layers, Hkv = config_.num_key_value_heads;
-  const kernels::PagedKvPages pages{d.lengths, d.q_lengths, d.writes, d.held,
-                                    L,         rows_,       Hkv,      opt_.page_size};
+  const kernels::PagedKvPages pages{d.lengths, d.q_lengths,    d.writes,      d.held, L,
+                                    rows_,     Hkv,            opt_.page_size, slots_settle_};
   c::paged_kv_page_changes(pages, row0, n, tokens, d.changes_host, d.change_counts_host,
                            d.row_slots_host, d.row_spare_host, d.stream);
 }
@@ -841,7 +847,7 @@ kernels::KvSettleLayer CudaEngine::SettleLayer(int l) const {
   return {d.page_table + head0 * max_pages_, d.q_lengths + head0, d.lengths + head0, max_pages_,
           opt_.page_size, residual_slots_, cache_opt_.settle_lag,
           d.slot_pos ? d.slot_pos + slot0 : nullptr, d.marks ? d.marks + slot0 : nullptr,
-          d.scores ? d.scores + slot0 : nullptr};
+          d.scores ? d.scores + slot0 : nullptr, slots_settle_};
 }
 
 float* CudaEngine::ThinkEnergy(int l) const {
@@ -948,7 +954,7 @@ void CudaEngine::EnqueueStep(int n) {
     // Settling: the heads whose token opens a slot while page_size slots of their residual
     // have settled close them into a page first, one quantizer (or ThinK pruning) launch for all
     // heads of the step. DMS's slots settle past its window, the page's rows staged as the
-    // residual closes up.
+    // residual closes up. Per-token keys: the residual's slot settles into its page's next row.
     if (settles_) {
       const bool lagged = cache_opt_.settle_lag > 0;
       if (lagged)
@@ -956,11 +962,14 @@ void CudaEngine::EnqueueStep(int n) {
                                        SettleLayer(l), layer.k_pool, layer.v_pool,
                                        d.in_dev.positions, n, Hkv, D, st);
       else
-        c::paged_kv_settle_step(d.close_ids, d.close_rows, SettleLayer(l),
+        c::paged_kv_settle_step(d.close_ids, d.close_page_rows, d.close_rows, SettleLayer(l),
                                 dmc_ ? d.merge : nullptr, d.in_dev.positions, n, Hkv, st);
       const bf16* k_rows = lagged ? d.close_k : layer.k_pool;
       const bf16* v_rows = lagged ? d.close_v : layer.v_pool;
-      if (quant_)
+      if (slots_settle_)
+        c::kv_quantize_rows(d.q_pages, layout_, d.close_ids, d.close_page_rows, k_rows, v_rows,
+                            d.close_rows, n * Hkv, st);
+      else if (quant_)
         c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, k_rows, v_rows, d.close_rows,
                              n * Hkv, st);
       else
@@ -1292,12 +1301,19 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
       else
         c::paged_kv_prefill(stage, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
                             dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
-      const int max_closed = (P - 1) / opt_.page_size;
-      c::paged_kv_settle_prefill(d.close_ids, d.close_rows, max_closed, SettleLayer(l),
-                                 layer.k_pool, layer.v_pool, d.pkr, d.pq, d.stage_pos,
-                                 d.stage_marks, max_context_, row, P, Hkv, D, st);
-      c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.pkr, d.pq, d.close_rows,
-                           Hkv * max_closed, st);
+      // The P − 1 settled slots at most (settle lag 0): whole pages of them, or a slot at a
+      // time every one, its last page partly filled.
+      const int ps = opt_.page_size;
+      const int max_closed = slots_settle_ ? (P - 1 + ps - 1) / ps : (P - 1) / ps;
+      c::paged_kv_settle_prefill(d.close_ids, d.close_page_rows, d.close_rows, max_closed,
+                                 SettleLayer(l), layer.k_pool, layer.v_pool, d.pkr, d.pq,
+                                 d.stage_pos, d.stage_marks, max_context_, row, P, Hkv, D, st);
+      if (slots_settle_)
+        c::kv_quantize_rows(d.q_pages, layout_, d.close_ids, d.close_page_rows, d.pkr, d.pq,
+                            d.close_rows, Hkv * max_closed * ps, st);
+      else
+        c::kv_quantize_pages(d.q_pages, layout_, d.close_ids, d.pkr, d.pq, d.close_rows,
+                             Hkv * max_closed, st);
     } else if (dms_) {
       c::paged_kv_dms_prefill(layer, d.marks, row, d.pk, d.pv, merge, P, Hkv, D,
                               config_.dms.window, theta, st);

@@ -407,6 +407,7 @@ class CudaEngine : public DecodeEngine {
   bool zip_ = false;          // ZipCache's salient slots (policy.quant.salient_slots > 0)
   bool think_ = false;        // ThinK's pruned pages (policy.think_channels > 0)
   bool settles_ = false;      // quantized or ThinK: a bf16 residual closing into pages
+  bool slots_settle_ = false; // per-token keys: each slot quantized into its page's next row
   bool loma_ = false;         // loma on a LoMA model: every t·c tokens the segment compresses
   kernels::KvQuantPageLayout layout_{};  // of a quantized page
   int residual_slots_ = 0;    // rows of a settling head's residual block

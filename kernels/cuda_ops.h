@@ -509,19 +509,21 @@ void chunk_attention(bf16* out, const bf16* q, const bf16* k_pool, const bf16* v
                      bool exclude_ctrl, float scale, cudaStream_t stream = nullptr);
 
 // ---- closing the pages of a quantized cache (kernels/paged_kv_settle.h); bf16 rows ----
-// page_ids [n·Hkv], rows [n·Hkv·page_size]; merge [n, Hkv] fp32 (null: never merge); positions [n].
-void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const kernels::KvSettleLayer& layer,
-                          const float* merge, const int32_t* positions, int n, int Hkv,
-                          cudaStream_t stream = nullptr);
+// page_ids [n·Hkv], rows [n·Hkv·page_size] (a slot at a time: page_rows and rows [n·Hkv]);
+// merge [n, Hkv] fp32 (null: never merge); positions [n].
+void paged_kv_settle_step(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                          const kernels::KvSettleLayer& layer, const float* merge,
+                          const int32_t* positions, int n, int Hkv, cudaStream_t stream = nullptr);
 // page_ids [n·Hkv], rows [n·Hkv·page_size]; stage_k, stage_v [n·Hkv·page_size, D]; r_k, r_v the
 // layer's residual pool [R·Hkv, residual_slots, D]; layer.r_pos and r_marks set.
 void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, bf16* stage_k, bf16* stage_v,
                                  const kernels::KvSettleLayer& layer, bf16* r_k, bf16* r_v,
                                  const int32_t* positions, int n, int Hkv, int D,
                                  cudaStream_t stream = nullptr);
-// page_ids [Hkv·max_closed], rows [Hkv·max_closed·page_size]; stage_pos, stage_marks
-// [Hkv·stage_stride] (read at settle lag > 0 only: may be null at 0).
-void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
+// page_ids [Hkv·max_closed], rows [Hkv·max_closed·page_size] (a slot at a time: page_ids,
+// page_rows and rows [Hkv·max_closed·page_size]); stage_pos, stage_marks [Hkv·stage_stride]
+// (read at settle lag > 0 only: may be null at 0).
+void paged_kv_settle_prefill(int32_t* page_ids, int32_t* page_rows, int32_t* rows, int max_closed,
                              const kernels::KvSettleLayer& layer, bf16* r_k, bf16* r_v,
                              const bf16* stage_k, const bf16* stage_v, const int32_t* stage_pos,
                              const uint8_t* stage_marks, int stage_stride, int row, int tokens,

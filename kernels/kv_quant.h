@@ -35,8 +35,8 @@
 // eighth of an int8 row's codes.
 // The CUDA versions (kernels/cuda_ops.h: kv_quantize_pages, kv_quantize_rows for per-token keys,
 // paged_decode_attention_quantized) read and write the same bytes through the layout helpers
-// below (the GPU engine does not yet keep keys per token: ValidateGpuKvQuant,
-// inference/cache_policy.h).
+// below (the GPU engine keeps keys per token on the vanilla and dmc caches, not on dms:
+// ValidateGpuKvQuant, inference/cache_policy.h).
 #pragma once
 
 #include <math.h>

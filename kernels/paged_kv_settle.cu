@@ -2,7 +2,7 @@
 // kernels/paged_kv_settle.h).
 // step:    one thread per (row, KV head); a closing head writes its page_size row indices
 //          (ZipCache: row j goes to page row rank(j), the slots of higher saliency, or equal
-//          saliency and older, before it: the reference's stable sort).
+//          saliency and older, before it: the reference's stable sort), a settling slot its one.
 // lagged:  one CTA per (row, KV head): its threads gather the settled slots' positions and
 //          indices into shared memory (a shared counter hands out places, in any order); where
 //          page_size have settled, each settled slot's page row is its rank by position among
@@ -14,7 +14,8 @@
 //          thread, rows in increasing order: no row is written before it is read), and thread 0
 //          moves the positions and marks the same way.
 // prefill: one CTA per KV head of the row: its threads count the settled slots (settle lag > 0),
-//          fill the head's page list and copy its residual rows from the staging pool, all
+//          fill the head's page (or, a slot at a time, row) list and copy its residual rows from
+//          the staging pool, all
 //          having read S before thread 0 rewrites the lengths.
 // scores:  one thread per (row, KV head, residual slot).
 #include "kernels/cuda_check.h"
@@ -27,14 +28,19 @@ using kernels::KvSettleLayer;
 
 constexpr int kThreads = 128;
 
-__global__ void settle_step_kernel(int32_t* page_ids, int32_t* rows, KvSettleLayer c,
-                                   const float* merge, const int32_t* positions, int n, int Hkv) {
+__global__ void settle_step_kernel(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                                   KvSettleLayer c, const float* merge, const int32_t* positions,
+                                   int n, int Hkv) {
   const long head = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (head >= static_cast<long>(n) * Hkv) return;
   const int P = c.page_size, r = c.r_lengths[head];
   const bool merges = merge && r > 0 && positions[head / Hkv] > 0 && merge[head] > 0.5f;
   page_ids[head] = -1;
-  if (merges || r != P) return;
+  if (merges || r != (c.slots_settle ? 1 : P)) return;
+  if (c.slots_settle) {  // the residual's one slot into the next row of the last page
+    KvSettleSlot(c, head, page_ids, page_rows, rows);
+    return;
+  }
   page_ids[head] = c.page_table[head * c.max_pages + c.q_lengths[head] / P];
   const float* score = c.r_scores ? c.r_scores + head * c.residual_slots : nullptr;
   for (int j = 0; j < P; ++j) {
@@ -119,7 +125,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    settle_prefill_kernel(int32_t* page_ids, int32_t* rows, int max_closed, KvSettleLayer c,
+    settle_prefill_kernel(int32_t* page_ids, int32_t* page_rows, int32_t* rows, int max_closed,
+                          KvSettleLayer c,
                           bf16* r_k, bf16* r_v, const bf16* stage_k, const bf16* stage_v,
                           const int32_t* stage_pos, const uint8_t* stage_marks, int stage_stride,
                           int row, int tokens, int Hkv, int D) {
@@ -132,11 +139,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int s = threadIdx.x; c.settle_lag > 0 && s < S; s += blockDim.x)
     if (stage_pos[first + s] < tokens - 1 - c.settle_lag) atomicAdd(&settled_s, 1);
   __syncthreads();
-  const int closed = settled_s / P, C = closed * P;
-  for (int m = threadIdx.x; m < max_closed; m += blockDim.x)
+  const int closed = settled_s / P, C = c.slots_settle ? settled_s : closed * P;
+  for (int i = threadIdx.x; c.slots_settle && i < max_closed * P; i += blockDim.x) {
+    const long j = static_cast<long>(h) * max_closed * P + i;  // every settled slot, its row
+    page_ids[j] = i < C ? c.page_table[head * c.max_pages + i / P] : -1;
+    page_rows[j] = i % P;
+    rows[j] = static_cast<int32_t>(first + i);
+  }
+  for (int m = threadIdx.x; !c.slots_settle && m < max_closed; m += blockDim.x)
     page_ids[static_cast<long>(h) * max_closed + m] =
         m < closed ? c.page_table[head * c.max_pages + m] : -1;
-  for (long i = threadIdx.x; i < static_cast<long>(C); i += blockDim.x) {
+  for (long i = threadIdx.x; !c.slots_settle && i < static_cast<long>(C); i += blockDim.x) {
     const long m = i / P;  // entry h·max_closed + m, row i − m·P
     rows[(static_cast<long>(h) * max_closed + m) * P + (i - m * P)] =
         static_cast<int32_t>(static_cast<long>(h) * stage_stride + i);
@@ -174,12 +187,12 @@ __global__ void settle_scores_kernel(KvSettleLayer c, const float* probs, int pr
 
 }  // namespace
 
-void paged_kv_settle_step(int32_t* page_ids, int32_t* rows, const KvSettleLayer& layer,
-                          const float* merge, const int32_t* positions, int n, int Hkv,
-                          cudaStream_t stream) {
+void paged_kv_settle_step(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                          const KvSettleLayer& layer, const float* merge,
+                          const int32_t* positions, int n, int Hkv, cudaStream_t stream) {
   if (n <= 0) return;
   settle_step_kernel<<<ceil_div(static_cast<long>(n) * Hkv, kThreads), kThreads, 0, stream>>>(
-      page_ids, rows, layer, merge, positions, n, Hkv);
+      page_ids, page_rows, rows, layer, merge, positions, n, Hkv);
   DMC_CUDA_CHECK_LAUNCH();
 }
 
@@ -197,14 +210,15 @@ void paged_kv_settle_lagged_step(int32_t* page_ids, int32_t* rows, bf16* stage_k
   DMC_CUDA_CHECK_LAUNCH();
 }
 
-void paged_kv_settle_prefill(int32_t* page_ids, int32_t* rows, int max_closed,
-                             const KvSettleLayer& layer, bf16* r_k, bf16* r_v,
+void paged_kv_settle_prefill(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
+                             int max_closed, const KvSettleLayer& layer, bf16* r_k, bf16* r_v,
                              const bf16* stage_k, const bf16* stage_v, const int32_t* stage_pos,
                              const uint8_t* stage_marks, int stage_stride, int row, int tokens,
                              int Hkv, int D, cudaStream_t stream) {
-  settle_prefill_kernel<<<Hkv, kThreads, 0, stream>>>(page_ids, rows, max_closed, layer, r_k, r_v,
-                                                      stage_k, stage_v, stage_pos, stage_marks,
-                                                      stage_stride, row, tokens, Hkv, D);
+  settle_prefill_kernel<<<Hkv, kThreads, 0, stream>>>(page_ids, page_rows, rows, max_closed,
+                                                      layer, r_k, r_v, stage_k, stage_v,
+                                                      stage_pos, stage_marks, stage_stride, row,
+                                                      tokens, Hkv, D);
   DMC_CUDA_CHECK_LAUNCH();
 }
 

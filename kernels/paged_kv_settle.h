@@ -102,8 +102,7 @@ struct KvSettleLayer {
 };
 
 // A slot at a time, the step's rule for a head whose residual slot settles (above): its entry and
-// lengths, in a form a CUDA kernel can share. The CUDA versions (kernels/cuda_ops.h) do not yet
-// settle a slot at a time: the GPU engine refuses per-token keys (ValidateGpuKvQuant).
+// lengths. The CPU reference and the CUDA kernel share it.
 DMC_HOST_DEVICE inline void KvSettleSlot(const KvSettleLayer& c, long head, int32_t* page_ids,
                                          int32_t* page_rows, int32_t* rows) {
   const int q = c.q_lengths[head];

@@ -385,10 +385,16 @@ TEST(KvQuantCache, RefusesABadTokenKeysOption) {
     }
 }
 
-// The GPU engine does not yet settle a slot at a time: it refuses per-token keys by name (its
-// Create runs this check), and a budget planned for it never picks them.
-TEST(KvQuantCache, GpuEngineRefusesTokenKeysByName) {
+// The GPU engine settles DMS's slots a page at a time past its window: it refuses per-token keys
+// on the dms cache by name (its Create runs this check), and a budget planned for it never picks
+// them there; on the vanilla and dmc caches it serves them, and the plan may pick them.
+TEST(KvQuantCache, GpuEngineRefusesDmsTokenKeysByName) {
   CachePolicy p;
+  for (CacheMethod method : {CacheMethod::kVanilla, CacheMethod::kDmc}) {
+    p.method = method;
+    p.quant = {8, 0, 0, 0, true};
+    EXPECT_TRUE(inference::ValidateGpuKvQuant(p).ok()) << inference::PolicyName(p);
+  }
   p.method = CacheMethod::kDms;
   p.quant = {8, 0, 0, 0};
   EXPECT_TRUE(inference::ValidateGpuKvQuant(p).ok());
@@ -409,6 +415,10 @@ TEST(KvQuantCache, GpuEngineRefusesTokenKeysByName) {
       inference::PolicyForBytes("dms", shape, 2, 4, 512, smallest, slots, {}, true);
   EXPECT_TRUE(absl::IsInvalidArgument(gpu.status())) << gpu.status();
   EXPECT_NE(gpu.status().message().find("dms-int2,"), std::string::npos) << gpu.status();
+  const absl::StatusOr<CachePolicy> dmc_gpu =
+      inference::PolicyForBytes("dmc", shape, 2, 4, 512, smallest, slots, {}, true);
+  ASSERT_TRUE(dmc_gpu.ok()) << dmc_gpu.status();
+  EXPECT_TRUE(dmc_gpu->quant.token_keys) << inference::PolicyName(*dmc_gpu);
 }
 
 // Every method the quantization serves: int8 stays close to full precision (and int4 further
@@ -725,7 +735,7 @@ PagedCacheOptions OneLayerCache(int kv_heads, int head_dim, int page_size) {
 // counts, its residual rows, and its pages byte for byte. The cache is handed the keys the flat
 // form rotated (the decoder's RoPE), so both hold the same rows. With per-token keys the lists
 // hold a row each (slots_settle), written by the row quantizer into its page's next row. Every
-// page written is one that kernels/paged_kv_pages.h's count hands the head before the step.
+// page written is one the GPU engine's page count hands the head before the step.
 TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
   for (bool token_keys : {false, true})
   for (bool dmc : {false, true}) {
@@ -768,7 +778,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheCacheHolds) {
         omega[h] = 0.2f + (rng() % 100) / 100.0f;
       }
       const float* m = dmc ? merge.data() : nullptr;
-      // The pages a head is handed before a step (kernels/paged_kv_pages.h): the one
+      // The pages the GPU engine hands a head before a step (kernels/paged_kv_pages.h): the one
       // this step writes is among them.
       std::vector<int> handed(Hkv);
       for (int h = 0; h < Hkv; ++h)

@@ -902,7 +902,8 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     float *dmerge = Upload(merge), *dscores = Upload(scores);
     kernels::KvSettleLayer device{dtable, dq, dr, max_pages, P, residual};
     if (zip) device.r_scores = dscores;
-    cuda::paged_kv_settle_step(dids, drows, device, dmc ? dmerge : nullptr, dpos, R, Hkv);
+    cuda::paged_kv_settle_step(dids, nullptr, drows, device, dmc ? dmerge : nullptr, dpos, R,
+                               Hkv);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(Download(dids, heads), want_ids);
     EXPECT_EQ(Download(dq, heads), want_q);
@@ -920,6 +921,59 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     }
     for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dpos, (void*)dids, (void*)drows,
                     (void*)dmerge, (void*)dscores})
+      cudaFree(p);
+  }
+}
+
+// A slot at a time (per-token keys: slots_settle, a residual of one slot) against the CPU
+// reference: heads with their slot or without (the first token), merging or not, their last page
+// empty, partly filled or full: the same rows settling into the same page and row, the same
+// lengths.
+TEST(CudaPagedKvSettle, SlotStepMatchesCpuReference) {
+  DMC_REQUIRE_GPU();
+  const int R = 9, Hkv = 4, P = 4, max_pages = 5, residual = 1, heads = R * Hkv;
+  const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
+  std::vector<int32_t> q(heads), r(heads), positions(R);
+  std::vector<float> merge(heads);
+  for (int head = 0; head < heads; ++head) {
+    q[head] = static_cast<int>(rng()() % ((max_pages - 1) * P));
+    r[head] = head % 5 == 0 ? 0 : 1;
+    merge[head] = rng()() % 2 ? 1.0f : 0.0f;
+  }
+  for (int i = 0; i < R; ++i) positions[i] = i == 0 ? 0 : q[i * Hkv] + r[i * Hkv];
+  for (bool dmc : {false, true}) {
+    SCOPED_TRACE(dmc ? "dmc" : "vanilla");
+    std::vector<int32_t> want_q = q, want_r = r, want_ids(heads), want_page_rows(heads, -9),
+                         want_rows(heads, -9);
+    kernels::KvSettleLayer host{table.data(), want_q.data(), want_r.data(), max_pages, P,
+                                residual};
+    host.slots_settle = true;
+    kernels::paged_kv_settle_step(want_ids.data(), want_page_rows.data(), want_rows.data(), host,
+                                  dmc ? merge.data() : nullptr, positions.data(), R, Hkv);
+    const int settled = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
+    EXPECT_GT(settled, 0);
+    EXPECT_LT(settled, heads);
+    int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dpos = Upload(positions);
+    int32_t *dids = Upload(std::vector<int32_t>(heads, 7)),
+            *dpage_rows = Upload(std::vector<int32_t>(heads, -9)),
+            *drows = Upload(std::vector<int32_t>(heads, -9));
+    float* dmerge = Upload(merge);
+    kernels::KvSettleLayer device{dtable, dq, dr, max_pages, P, residual};
+    device.slots_settle = true;
+    cuda::paged_kv_settle_step(dids, dpage_rows, drows, device, dmc ? dmerge : nullptr, dpos, R,
+                               Hkv);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download(dids, heads), want_ids);
+    EXPECT_EQ(Download(dq, heads), want_q);
+    EXPECT_EQ(Download(dr, heads), want_r);
+    const std::vector<int32_t> page_rows = Download(dpage_rows, heads), rows = Download(drows, heads);
+    for (int head = 0; head < heads; ++head)
+      if (want_ids[head] >= 0) {
+        EXPECT_EQ(page_rows[head], want_page_rows[head]) << "head " << head;
+        EXPECT_EQ(rows[head], want_rows[head]) << "head " << head;
+      }
+    for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dpos, (void*)dids,
+                    (void*)dpage_rows, (void*)drows, (void*)dmerge})
       cudaFree(p);
   }
 }
@@ -1044,16 +1098,23 @@ TEST(CudaPagedKvSettle, ScoresMatchCpuReference) {
 }
 
 // The prefill form: prompts whose heads hold from 1 slot to whole pages and a remainder, the
-// staging rows random; at settle lag 0, and at a lag (DMS) with the held tokens' positions
-// (ascending, some left out) and marks: the same page lists, lengths and residual blocks (with
-// their positions and marks) as the reference.
+// staging rows random; at settle lag 0, at a lag (DMS) with the held tokens' positions
+// (ascending, some left out) and marks, and a slot at a time (per-token keys: lists of rows):
+// the same page (row) lists, lengths and residual blocks (with their positions and marks) as the
+// reference.
 TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
   DMC_REQUIRE_GPU();
   for (int lag : {0, 3})
+  for (bool slots : {false, true})
     for (int prompt : {1, 4, 9, 13, 16}) {
-      SCOPED_TRACE(testing::Message() << "lag " << lag << " prompt " << prompt);
+      if (slots && lag > 0) continue;  // per-token keys settle at lag 0 only
+      SCOPED_TRACE(testing::Message() << "lag " << lag << (slots ? " slots" : "") << " prompt "
+                                      << prompt);
       const int R = 3, Hkv = 3, P = 4, D = 64, row = 1, stride = 16, max_pages = 4;
-      const int residual = P + lag, max_closed = (prompt - 1) / P, heads = R * Hkv;
+      const int residual = slots ? 1 : P + lag, heads = R * Hkv;
+      const int max_closed = slots ? (prompt - 1 + P - 1) / P : (prompt - 1) / P;
+      // entries of the lists, and rows each
+      const int entries = Hkv * max_closed * (slots ? P : 1), entry_rows = slots ? 1 : P;
       const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
       std::vector<int32_t> q(heads, 99), r(heads, 0);
       for (int h = 0; h < Hkv; ++h)
@@ -1079,16 +1140,19 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       const size_t pool = size_t(heads) * residual * D;
       std::vector<float> rk(pool, 0.0f), rv(pool, 0.0f);
       std::vector<int32_t> want_q = q, want_r = r;
-      std::vector<int32_t> want_ids(std::max(1, Hkv * max_closed)),
-          want_rows(size_t(std::max(1, Hkv * max_closed)) * P);
-      kernels::paged_kv_settle_prefill(want_ids.data(), nullptr, want_rows.data(), max_closed,
+      std::vector<int32_t> want_ids(std::max(1, entries)), want_page_rows(want_ids.size()),
+          want_rows(want_ids.size() * entry_rows);
+      kernels::paged_kv_settle_prefill(want_ids.data(), want_page_rows.data(), want_rows.data(),
+                                       max_closed,
                                        {table.data(), want_q.data(), want_r.data(), max_pages, P,
-                                        residual, lag, want_pos.data(), want_marks.data()},
+                                        residual, lag, want_pos.data(), want_marks.data(), nullptr,
+                                        slots},
                                        rk.data(), rv.data(), fsk.data(), fsv.data(),
                                        stage_pos.data(), stage_marks.data(), stride, row, prompt,
                                        Hkv, D);
       int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r);
       int32_t *dids = Upload(std::vector<int32_t>(want_ids.size(), 7)),
+              *dpage_rows = Upload(std::vector<int32_t>(want_ids.size(), -9)),
               *drows = Upload(std::vector<int32_t>(want_rows.size(), 0));
       bf16 *dsk = Upload(bsk), *dsv = Upload(bsv);
       bf16 *drk = Upload(std::vector<bf16>(pool, __float2bfloat16(0.0f))),
@@ -1096,9 +1160,9 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       int32_t *dstage_pos = Upload(stage_pos), *dr_pos = Upload(r_pos);
       uint8_t *dstage_marks = Upload(stage_marks), *dr_marks = Upload(r_marks);
       cuda::paged_kv_settle_prefill(
-          dids, drows, max_closed,
-          {dtable, dq, dr, max_pages, P, residual, lag, dr_pos, dr_marks}, drk, drv, dsk, dsv,
-          dstage_pos, dstage_marks, stride, row, prompt, Hkv, D);
+          dids, dpage_rows, drows, max_closed,
+          {dtable, dq, dr, max_pages, P, residual, lag, dr_pos, dr_marks, nullptr, slots}, drk,
+          drv, dsk, dsv, dstage_pos, dstage_marks, stride, row, prompt, Hkv, D);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       EXPECT_EQ(Download(dr_pos, r_pos.size()), want_pos);
       EXPECT_EQ(Download(dr_marks, r_marks.size()), want_marks);
@@ -1108,11 +1172,15 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
       EXPECT_EQ(Download(dq, heads), want_q);
       EXPECT_EQ(Download(dr, heads), want_r);
       const std::vector<int32_t> ids = Download(dids, want_ids.size());
+      const std::vector<int32_t> page_rows = Download(dpage_rows, want_ids.size());
       const std::vector<int32_t> rows = Download(drows, want_rows.size());
-      for (int j = 0; j < Hkv * max_closed; ++j) {
+      for (int j = 0; j < entries; ++j) {
         EXPECT_EQ(ids[j], want_ids[j]) << "entry " << j;
-        for (int x = 0; want_ids[j] >= 0 && x < P; ++x)
-          EXPECT_EQ(rows[j * P + x], want_rows[j * P + x]) << "entry " << j;
+        if (slots && want_ids[j] >= 0) {
+          EXPECT_EQ(page_rows[j], want_page_rows[j]) << "entry " << j;
+        }
+        for (int x = 0; want_ids[j] >= 0 && x < entry_rows; ++x)
+          EXPECT_EQ(rows[j * entry_rows + x], want_rows[j * entry_rows + x]) << "entry " << j;
       }
       // Residual rows are copies: bit-equal to the bf16 staging rows the reference copied.
       const std::vector<bf16> grk = Download(drk, pool), grv = Download(drv, pool);
@@ -1120,7 +1188,8 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
         ASSERT_EQ(__bfloat162float(grk[i]), rk[i]) << "key element " << i;
         ASSERT_EQ(__bfloat162float(grv[i]), rv[i]) << "value element " << i;
       }
-      for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dids, (void*)drows, (void*)dsk,
+      for (void* p : {(void*)dtable, (void*)dq, (void*)dr, (void*)dids, (void*)dpage_rows,
+                      (void*)drows, (void*)dsk,
                       (void*)dsv, (void*)drk, (void*)drv, (void*)dstage_pos, (void*)dr_pos,
                       (void*)dstage_marks, (void*)dr_marks})
         cudaFree(p);
@@ -1140,6 +1209,8 @@ struct EngineCase {
   LayerAllocation allocation = LayerAllocation::kUniform;  // h2o, tova: per-layer budgets
   std::vector<int> kv_source = {};  // KVSharer (vanilla): the cache each layer reads
   int think = 0;  // ThinK (vanilla, dmc, dms): key channels a page keeps; 0: every channel
+  bool token_keys = false;  // quantized: keys per token (vanilla, dmc), in groups of key_group
+  int key_group = 0;
 };
 
 model::LlamaConfig EngineConfig(const EngineCase& c) {
@@ -1161,7 +1232,7 @@ inference::CachePolicy PolicyOf(const EngineCase& c, int seq_len) {
   absl::StatusOr<inference::CachePolicy> p = inference::PolicyForCr(c.method, seq_len, c.cr);
   EXPECT_TRUE(p.ok()) << p.status();
   inference::CachePolicy policy = p.ok() ? *p : inference::CachePolicy{c.method};
-  policy.quant = {c.bits, 0, c.salient > 0 ? 8 : 0, c.salient};
+  policy.quant = {c.bits, 0, c.salient > 0 ? 8 : 0, c.salient, c.token_keys, c.key_group};
   const int L = EngineConfig(c).num_hidden_layers;
   policy.allocation = c.allocation;
   if (c.allocation == LayerAllocation::kPyramidInfer)
@@ -1243,6 +1314,46 @@ std::vector<int32_t> ShapeEngineModel(model::Llama<float>* m, uint64_t seed) {
   std::vector<int32_t> predicted = ShapeEvalModel(m, seed);
   if (m->config().dms.enabled) ShapeDmsDecisions(m, true);
   return predicted;
+}
+
+// Greedy generation of every prompt through the scheduler (prompts prefilled, max batch 3,
+// `length` tokens a request, prefill_tokens_per_step as the scheduler takes it): the tokens each
+// request chose from its prompt's last token on.
+std::vector<std::vector<int32_t>> GreedyTexts(inference::DecodeEngine& engine,
+                                              const std::vector<std::vector<int32_t>>& prompts,
+                                              int length, long prefill_tokens_per_step = 0) {
+  std::vector<inference::Request> requests(prompts.size());
+  std::vector<std::vector<int32_t>> text(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    requests[i].tokens = prompts[i];
+    requests[i].length = length;
+    requests[i].prefill = true;
+  }
+  auto stats = inference::RunBatched(
+      engine, requests, 3,
+      [&](int q, int pos, const TokenOutput& out) {
+        if (pos + 1 >= static_cast<int>(prompts[q].size())) text[q].push_back(out.next);
+        return true;
+      },
+      [](int, bool) {}, prefill_tokens_per_step);
+  EXPECT_TRUE(stats.ok()) << stats.status();
+  return text;
+}
+
+// Sequences a and b, whose caches should hold the same, go on together in one batch for 8
+// greedy steps from their next tokens: the same token every step. Then both are freed.
+void ExpectTwinsStayTogether(inference::DecodeEngine& engine, int a, int b, int32_t next_a,
+                             int32_t next_b) {
+  int32_t tok[2] = {next_a, next_b};
+  std::vector<TokenOutput> outs;
+  for (int s = 0; s < 8; ++s) {
+    ASSERT_TRUE(engine.Step({a, b}, tok, nullptr, &outs).ok());
+    EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
+    tok[0] = outs[0].next;
+    tok[1] = outs[1].next;
+  }
+  ASSERT_TRUE(engine.Free(a).ok());
+  ASSERT_TRUE(engine.Free(b).ok());
 }
 
 class CudaEngineVsCpu : public ::testing::TestWithParam<EngineCase> {
@@ -1429,50 +1540,32 @@ TEST_P(CudaEngineVsCpu, PrefillThenGenerateMatches) {
     EXPECT_EQ((*gpu)->tokens(0), 0);
     ASSERT_TRUE((*gpu)->Free(0).ok());
   } else {
-    // On the GPU: sequence 0 by prefill, sequence 1 token by token; same prompt.
-    ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
-    ASSERT_TRUE((*gpu)->AddSequence(1, {}).ok());
-    TokenOutput pre;
-    ASSERT_TRUE((*gpu)->Prefill(0, p, -1, &pre).ok());
-    std::vector<TokenOutput> outs;
-    for (int32_t t : p) ASSERT_TRUE((*gpu)->Step({1}, &t, nullptr, &outs).ok());
-    EXPECT_EQ(pre.next, outs[0].next);
-    EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
-    for (int l = 0; l < L; ++l)
-      for (int h = 0; h < Hkv; ++h) EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
-    EXPECT_EQ((*gpu)->bytes(0), (*gpu)->bytes(1)) << "the prefill closed other pages";
-    // Both continue together in one batch, greedy: the same tokens.
-    int32_t tok[2] = {pre.next, outs[0].next};
-    for (int s = 0; s < 8; ++s) {
-      ASSERT_TRUE((*gpu)->Step({1, 0}, tok, nullptr, &outs).ok());
-      EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
-      tok[0] = outs[0].next;
-      tok[1] = outs[1].next;
+    // On the GPU: sequence 0 by prefill, sequence 1 token by token; same prompt. The window's
+    // prompt, and prompts of 1, 2 and page_size + 1 tokens (a quantized cache: nothing settled,
+    // one slot, a page and a row).
+    const std::vector<std::vector<int32_t>> firsts = {
+        p, {p[0]}, {p[0], p[1]}, std::vector<int32_t>(p.begin(), p.begin() + o.page_size + 1)};
+    for (const std::vector<int32_t>& first : firsts) {
+      SCOPED_TRACE(testing::Message() << "prompt of " << first.size());
+      ASSERT_TRUE((*gpu)->AddSequence(0, {}).ok());
+      ASSERT_TRUE((*gpu)->AddSequence(1, {}).ok());
+      TokenOutput pre;
+      ASSERT_TRUE((*gpu)->Prefill(0, first, -1, &pre).ok());
+      std::vector<TokenOutput> outs;
+      for (int32_t t : first) ASSERT_TRUE((*gpu)->Step({1}, &t, nullptr, &outs).ok());
+      EXPECT_EQ(pre.next, outs[0].next);
+      EXPECT_NEAR(pre.logprob, outs[0].logprob, 0.1);
+      for (int l = 0; l < L; ++l)
+        for (int h = 0; h < Hkv; ++h)
+          EXPECT_EQ((*gpu)->length(0, l, h), (*gpu)->length(1, l, h));
+      EXPECT_EQ((*gpu)->bytes(0), (*gpu)->bytes(1)) << "the prefill closed other pages";
+      // Both continue together in one batch, greedy: the same tokens.
+      ExpectTwinsStayTogether(**gpu, 0, 1, pre.next, outs[0].next);
     }
-    ASSERT_TRUE((*gpu)->Free(0).ok());
-    ASSERT_TRUE((*gpu)->Free(1).ok());
   }
 
   // Greedy generation of all prompts through the scheduler, both engines: the same text.
-  auto generate = [&](inference::DecodeEngine& e) {
-    std::vector<inference::Request> requests(prompts.size());
-    std::vector<std::vector<int32_t>> text(prompts.size());
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      requests[i].tokens = prompts[i];
-      requests[i].length = 29 + 24;
-      requests[i].prefill = true;
-    }
-    auto stats = inference::RunBatched(
-        e, requests, 3,
-        [&](int q, int pos, const TokenOutput& out) {
-          if (pos + 1 >= static_cast<int>(prompts[q].size())) text[q].push_back(out.next);
-          return true;
-        },
-        [](int, bool) {});
-    EXPECT_TRUE(stats.ok()) << stats.status();
-    return text;
-  };
-  EXPECT_EQ(generate(**gpu), generate(**cpu));
+  EXPECT_EQ(GreedyTexts(**gpu, prompts, 29 + 24), GreedyTexts(**cpu, prompts, 29 + 24));
   EXPECT_EQ((*gpu)->used_bytes(), 0);
 }
 
@@ -1671,40 +1764,13 @@ TEST_P(CudaEngineVsCpu, ChunkedPrefillMatches) {
       }
     EXPECT_EQ((*gpu)->bytes(1), (*gpu)->bytes(0));
     // Both GPU sequences go on together in one batch, greedy: the same tokens.
-    int32_t tok[2] = {whole.next, chunked[0].next};
-    std::vector<TokenOutput> outs;
-    for (int s = 0; s < 8; ++s) {
-      ASSERT_TRUE((*gpu)->Step({0, 1}, tok, nullptr, &outs).ok());
-      EXPECT_EQ(outs[0].next, outs[1].next) << "step " << s;
-      tok[0] = outs[0].next;
-      tok[1] = outs[1].next;
-    }
-    ASSERT_TRUE((*gpu)->Free(0).ok());
-    ASSERT_TRUE((*gpu)->Free(1).ok());
+    ExpectTwinsStayTogether(**gpu, 0, 1, whole.next, chunked[0].next);
     ASSERT_TRUE((*cpu)->Free(1).ok());
   }
 
   // Greedy generation through the scheduler with a prefill budget below a prompt (the GPU's
   // prompts in chunks, or whole for DMS) against the CPU engine's whole prompts.
-  auto generate = [&](inference::DecodeEngine& engine, long budget) {
-    std::vector<inference::Request> requests(prompts.size());
-    std::vector<std::vector<int32_t>> text(prompts.size());
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      requests[i].tokens = prompts[i];
-      requests[i].length = T + 16;
-      requests[i].prefill = true;
-    }
-    auto stats = inference::RunBatched(
-        engine, requests, 3,
-        [&](int q, int pos, const TokenOutput& out) {
-          if (pos + 1 >= static_cast<int>(prompts[q].size())) text[q].push_back(out.next);
-          return true;
-        },
-        [](int, bool) {}, budget);
-    EXPECT_TRUE(stats.ok()) << stats.status();
-    return text;
-  };
-  EXPECT_EQ(generate(**gpu, 12), generate(**cpu, 0));
+  EXPECT_EQ(GreedyTexts(**gpu, prompts, T + 16, 12), GreedyTexts(**cpu, prompts, T + 16));
   EXPECT_EQ((*gpu)->used_bytes(), 0);
 }
 
@@ -1775,6 +1841,29 @@ INSTANTIATE_TEST_SUITE_P(
                    2, 0, 1},
         EngineCase{"zip8_4x4_g4", false, 512, 8, 2, CacheMethod::kVanilla, 1, DmsVariant::kNone,
                    4, 16, 4}),
+    [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
+
+// Per-token keys on the quantized vanilla and dmc caches (each slot quantized into its page's next
+// row as it settles, the last page partly filled), int8 to int2, key groups of the whole head or
+// of 16 channels, against the CPU engine's; GQA groups of 4 in pages of 16 on the attention's
+// tensor-core path.
+EngineCase TokenKeysCase(const char* name, bool dmc, int hidden, int heads, int kv_heads, int bits,
+                         int page_size = 0, int key_group = 0) {
+  EngineCase c{name, dmc, hidden, heads, kv_heads, dmc ? CacheMethod::kDmc : CacheMethod::kVanilla,
+               1, DmsVariant::kNone, bits, page_size};
+  c.token_keys = true;
+  c.key_group = key_group;
+  return c;
+}
+INSTANTIATE_TEST_SUITE_P(
+    TokenKeys, CudaEngineVsCpu,
+    ::testing::Values(TokenKeysCase("vanilla_int8_token", false, 128, 2, 2, 8),
+                      TokenKeysCase("vanilla_int4_token_gqa", false, 256, 4, 2, 4),
+                      TokenKeysCase("vanilla_int2_token_d64_g16", false, 256, 4, 4, 2, 0, 16),
+                      TokenKeysCase("dmc_int8_token", true, 128, 2, 2, 8),
+                      TokenKeysCase("dmc_int4_token_gqa_g16", true, 256, 4, 2, 4, 0, 16),
+                      TokenKeysCase("dmc_int4_token_d64", true, 256, 4, 4, 4),
+                      TokenKeysCase("dmc_int8_token_g4", true, 512, 8, 2, 8, 16)),
     [](const ::testing::TestParamInfo<EngineCase>& info) { return std::string(info.param.name); });
 
 // H2O and TOVA with PyramidInfer's and ZigZagKV's per-layer budgets, and KVSharer's shared layers
@@ -2183,11 +2272,11 @@ TEST(CudaEngineErrors, BadInputLeavesOthersUnaffected) {
   o.policy.quant.bits = 3;
   auto three_bits = inference::CudaEngine::Create(plain, o);
   EXPECT_TRUE(absl::IsInvalidArgument(three_bits.status())) << three_bits.status();
-  o.policy.quant = {8, 0, 0, 0, true};  // per-token keys: the CPU engine's alone for now
+  // Per-token keys on vanilla (on dms, the CPU engine's alone: ValidateGpuKvQuant, whose refusal
+  // KvQuantCache.GpuEngineRefusesDmsTokenKeysByName tests).
+  o.policy.quant = {8, 0, 0, 0, true};
   auto token_keys = inference::CudaEngine::Create(plain, o);
-  EXPECT_TRUE(absl::IsInvalidArgument(token_keys.status())) << token_keys.status();
-  EXPECT_NE(token_keys.status().message().find("vanilla-int8-token"), std::string::npos)
-      << token_keys.status();
+  EXPECT_TRUE(token_keys.ok()) << token_keys.status();
   o.policy = {CacheMethod::kH2O, 8, 4};
   o.policy.quant.bits = 8;
   auto quantized_h2o = inference::CudaEngine::Create(plain, o);
