@@ -863,6 +863,26 @@ TEST(CudaPagedKvDmsEvict, PrefillMatchesCpuReference) {
     }
 }
 
+// A settle test's heads hand out entries (page ids ≥ 0) in some heads and not in others, so the
+// comparison covers both.
+void ExpectSomeHeadsSettleAndSomeNot(const std::vector<int32_t>& ids) {
+  const long settling = static_cast<long>(ids.size()) - std::count(ids.begin(), ids.end(), -1);
+  EXPECT_GT(settling, 0);
+  EXPECT_LT(settling, static_cast<long>(ids.size()));
+}
+
+// After a settle step on the device: each head's entry (page id or -1) and lengths equal the
+// reference's.
+void ExpectSameEntriesAndLengths(const int32_t* dids, const int32_t* dq, const int32_t* dr,
+                                 const std::vector<int32_t>& want_ids,
+                                 const std::vector<int32_t>& want_q,
+                                 const std::vector<int32_t>& want_r) {
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(Download(dids, want_ids.size()), want_ids);
+  EXPECT_EQ(Download(dq, want_q.size()), want_q);
+  EXPECT_EQ(Download(dr, want_r.size()), want_r);
+}
+
 // The quantized cache's page closing (kernels/paged_kv_settle.h) against its CPU reference: a
 // decode step over heads in every state (residual full or not, merging or not, the first token),
 // with and without DMC's merges, and with ZipCache's scores (saliencies with many ties, which go
@@ -893,9 +913,7 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     if (zip) host.r_scores = scores.data();
     kernels::paged_kv_settle_step(want_ids.data(), nullptr, want_rows.data(), host,
                                   dmc ? merge.data() : nullptr, positions.data(), R, Hkv);
-    const int closed = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
-    EXPECT_GT(closed, 0);
-    EXPECT_LT(closed, heads);
+    ExpectSomeHeadsSettleAndSomeNot(want_ids);
     int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dpos = Upload(positions);
     int32_t *dids = Upload(std::vector<int32_t>(heads, 7)),
             *drows = Upload(std::vector<int32_t>(size_t(heads) * P, 0));
@@ -904,10 +922,7 @@ TEST(CudaPagedKvSettle, StepMatchesCpuReference) {
     if (zip) device.r_scores = dscores;
     cuda::paged_kv_settle_step(dids, nullptr, drows, device, dmc ? dmerge : nullptr, dpos, R,
                                Hkv);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(Download(dids, heads), want_ids);
-    EXPECT_EQ(Download(dq, heads), want_q);
-    EXPECT_EQ(Download(dr, heads), want_r);
+    ExpectSameEntriesAndLengths(dids, dq, dr, want_ids, want_q, want_r);
     const std::vector<int32_t> rows = Download(drows, size_t(heads) * P);
     for (int head = 0; head < heads; ++head)
       for (int j = 0; want_ids[head] >= 0 && j < P; ++j)
@@ -950,9 +965,7 @@ TEST(CudaPagedKvSettle, SlotStepMatchesCpuReference) {
     host.slots_settle = true;
     kernels::paged_kv_settle_step(want_ids.data(), want_page_rows.data(), want_rows.data(), host,
                                   dmc ? merge.data() : nullptr, positions.data(), R, Hkv);
-    const int settled = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
-    EXPECT_GT(settled, 0);
-    EXPECT_LT(settled, heads);
+    ExpectSomeHeadsSettleAndSomeNot(want_ids);
     int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dpos = Upload(positions);
     int32_t *dids = Upload(std::vector<int32_t>(heads, 7)),
             *dpage_rows = Upload(std::vector<int32_t>(heads, -9)),
@@ -962,10 +975,7 @@ TEST(CudaPagedKvSettle, SlotStepMatchesCpuReference) {
     device.slots_settle = true;
     cuda::paged_kv_settle_step(dids, dpage_rows, drows, device, dmc ? dmerge : nullptr, dpos, R,
                                Hkv);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(Download(dids, heads), want_ids);
-    EXPECT_EQ(Download(dq, heads), want_q);
-    EXPECT_EQ(Download(dr, heads), want_r);
+    ExpectSameEntriesAndLengths(dids, dq, dr, want_ids, want_q, want_r);
     const std::vector<int32_t> page_rows = Download(dpage_rows, heads), rows = Download(drows, heads);
     for (int head = 0; head < heads; ++head)
       if (want_ids[head] >= 0) {
@@ -1015,9 +1025,7 @@ TEST(CudaPagedKvSettle, LaggedStepMatchesCpuReference) {
                                 residual, lag, want_pos.data(), want_marks.data()};
     kernels::paged_kv_settle_lagged_step(want_ids.data(), want_rows.data(), sk.data(), sv.data(),
                                          host, hk.data(), hv.data(), positions.data(), R, Hkv, D);
-    const int closed = heads - static_cast<int>(std::count(want_ids.begin(), want_ids.end(), -1));
-    EXPECT_GT(closed, 0);
-    EXPECT_LT(closed, heads);
+    ExpectSomeHeadsSettleAndSomeNot(want_ids);
     int32_t *dtable = Upload(table), *dq = Upload(q), *dr = Upload(r), *dp = Upload(positions);
     int32_t *dpos = Upload(pos), *dids = Upload(std::vector<int32_t>(heads, 7)),
             *drows = Upload(std::vector<int32_t>(size_t(heads) * P, 0));
@@ -1028,10 +1036,7 @@ TEST(CudaPagedKvSettle, LaggedStepMatchesCpuReference) {
     cuda::paged_kv_settle_lagged_step(
         dids, drows, dsk, dsv,
         {dtable, dq, dr, max_pages, P, residual, lag, dpos, dmarks}, dk, dv, dp, R, Hkv, D);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(Download(dids, heads), want_ids);
-    EXPECT_EQ(Download(dq, heads), want_q);
-    EXPECT_EQ(Download(dr, heads), want_r);
+    ExpectSameEntriesAndLengths(dids, dq, dr, want_ids, want_q, want_r);
     const std::vector<int32_t> rows = Download(drows, size_t(heads) * P);
     const std::vector<int32_t> got_pos = Download(dpos, pos.size());
     const std::vector<uint8_t> got_marks = Download(dmarks, marks.size());
