@@ -304,8 +304,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
       // Per channel, then per token (fewer bytes: a residual of settle_lag + 1 rows) at each bits.
       for (int bits : {0, 8, 4, 2})
         for (bool token_keys : {false, true})
-          if (!think_composed && (bits > 0 || !token_keys) &&
-              (!gpu || !token_keys || *parsed != CacheMethod::kDms)) {
+          if (!think_composed && (bits > 0 || !token_keys)) {
             base.quant = {bits, 0, 0, 0, token_keys};
             candidates.push_back({base, head_slots});
           }
@@ -321,6 +320,7 @@ absl::StatusOr<CachePolicy> PolicyForBytes(std::string_view method,
   long smallest = -1;
   CachePolicy smallest_policy;
   for (const auto& [policy, slots] : candidates) {
+    if (gpu && !ValidateGpuKvQuant(policy).ok()) continue;  // a setting the GPU engine refuses
     PagedCacheOptions o = shape;
     o.quant = policy.quant;
     o.think_channels = policy.think_channels;

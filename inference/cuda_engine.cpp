@@ -1301,10 +1301,8 @@ void CudaEngine::EnqueuePrefill(int row, int P) {
       else
         c::paged_kv_prefill(stage, row, khat, vhat, d.pk, d.pv, dmc_ ? merge : nullptr,
                             dmc_ ? omega : nullptr, P, Hkv, D, theta, keep_ctrl_, st);
-      // The P − 1 settled slots at most (settle lag 0): whole pages of them, or a slot at a
-      // time every one, its last page partly filled.
       const int ps = opt_.page_size;
-      const int max_closed = slots_settle_ ? (P - 1 + ps - 1) / ps : (P - 1) / ps;
+      const int max_closed = kernels::KvSettlePrefillMaxClosed(P, ps, slots_settle_);
       c::paged_kv_settle_prefill(d.close_ids, d.close_page_rows, d.close_rows, max_closed,
                                  SettleLayer(l), layer.k_pool, layer.v_pool, d.pkr, d.pq,
                                  d.stage_pos, d.stage_marks, max_context_, row, P, Hkv, D, st);

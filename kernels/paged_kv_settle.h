@@ -113,6 +113,13 @@ DMC_HOST_DEVICE inline void KvSettleSlot(const KvSettleLayer& c, long head, int3
   c.r_lengths[head] = 0;
 }
 
+// A prefill's list length per head, max_closed (above): its tokens − 1 settled slots at most in
+// whole pages, or, a slot at a time, in pages the last of which is partly filled.
+inline int KvSettlePrefillMaxClosed(int tokens, int page_size, bool slots_settle) {
+  const int settled = tokens - 1;
+  return slots_settle ? (settled + page_size - 1) / page_size : settled / page_size;
+}
+
 // page_rows: the rows' places in their pages when layer.slots_settle (else unused, may be null).
 void paged_kv_settle_step(int32_t* page_ids, int32_t* page_rows, int32_t* rows,
                           const KvSettleLayer& layer, const float* merge,

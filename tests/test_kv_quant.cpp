@@ -899,7 +899,7 @@ TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
     kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
                                   residual};
     settle.slots_settle = true;
-    const int max_closed = (prompt - 1 + P - 1) / P, entries = Hkv * max_closed * P;
+    const int max_closed = kernels::KvSettlePrefillMaxClosed(prompt, P, true), entries = Hkv * max_closed * P;
     std::vector<int32_t> ids(std::max(1, entries)), page_rows(ids.size()), rows(ids.size());
     kernels::paged_kv_settle_prefill(ids.data(), page_rows.data(), rows.data(), max_closed,
                                      settle, r_k.data(), r_v.data(), sk.data(), sv.data(),
@@ -1102,7 +1102,7 @@ TEST(KvQuantCache, DeviceFormHoldsWhatTheDmsCacheHolds) {
                                                nullptr, count.data(), 1, prompt, 0};
       kernels::paged_kv_dms_prefill(stage, stage_marks.data(), 0, ks.data(), vs.data(),
                                     evict.data(), prompt, Hkv, D, window, 10000.0f);
-      const int max_closed = (prompt - 1) / P;
+      const int max_closed = kernels::KvSettlePrefillMaxClosed(prompt, P, false);
       kernels::paged_kv_settle_prefill(g.ids.data(), nullptr, g.rows.data(), max_closed,
                                        settle_of(g), g.r_k.data(), g.r_v.data(), sk.data(),
                                        sv.data(), stage_pos.data(), stage_marks.data(), prompt, 0,

@@ -1117,7 +1117,7 @@ TEST(CudaPagedKvSettle, PrefillMatchesCpuReference) {
                                       << prompt);
       const int R = 3, Hkv = 3, P = 4, D = 64, row = 1, stride = 16, max_pages = 4;
       const int residual = slots ? 1 : P + lag, heads = R * Hkv;
-      const int max_closed = slots ? (prompt - 1 + P - 1) / P : (prompt - 1) / P;
+      const int max_closed = kernels::KvSettlePrefillMaxClosed(prompt, P, slots);
       // entries of the lists, and rows each
       const int entries = Hkv * max_closed * (slots ? P : 1), entry_rows = slots ? 1 : P;
       const std::vector<int32_t> table = shuffled_ids(heads * max_pages);
