@@ -62,6 +62,19 @@ long Scheduler::GrowthPages(int id) const {
   return (engine_.slots(id) + tokens - 1) / tokens;  // heads × kept fraction, rounded up
 }
 
+long Scheduler::RunningGrowthPages() const {
+  const PagedCacheOptions& o = engine_.cache_options();
+  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  long growth_pages = 0;
+  for (int id : active_) growth_pages += GrowthPages(id);
+  for (int id : prefilling_)
+    growth_pages += GrowthPages(id) +
+                    heads * ((static_cast<long>(requests_.at(id).request.tokens.size()) -
+                              engine_.tokens(id) + o.page_size - 1) /
+                             o.page_size);
+  return growth_pages;
+}
+
 bool Scheduler::Affordable(const Request& request, long running_growth_pages) const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
@@ -107,15 +120,8 @@ absl::StatusOr<bool> Scheduler::PrefillChunk(int id, long budget_left, const Tok
 absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish) {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
-  // The running sequences' reserve, summed once and grown as requests join (a head loop each);
-  // a prompt under way also holds the worst case of its rest.
-  long growth_pages = 0;
-  for (int id : active_) growth_pages += GrowthPages(id);
-  for (int id : prefilling_)
-    growth_pages += GrowthPages(id) +
-                    heads * ((static_cast<long>(requests_.at(id).request.tokens.size()) -
-                              engine_.tokens(id) + o.page_size - 1) /
-                             o.page_size);
+  // Grown as requests join.
+  long growth_pages = RunningGrowthPages();
   const bool decoding = !active_.empty();
   const bool chunking = prefill_tokens_per_step_ > 0 && engine_.chunked_prefill();
   const long budget = prefill_tokens_per_step_;
@@ -262,6 +268,13 @@ absl::StatusOr<bool> Scheduler::LaunchAhead() {
   // Every request of the step out goes on after it, none cancelled, and the budget holds the
   // next step's growth; anything else waits for this round's collection (the admissions,
   // preemptions and releases need the engine with no step out).
+  // A prompt under way takes its next chunk, and a waiting request that the budget holds now
+  // joins, in this round: launched ahead, they would wait until some request ends.
+  if (!prefilling_.empty()) return false;
+  if (!pending_.empty() && running() < max_batch_) {
+    const Entry& next = requests_.at(pending_.front());
+    if (next.cancelled || Affordable(next.request, RunningGrowthPages())) return false;
+  }
   const OutStep& step = out_.front();
   for (size_t i = 0; i < step.ids.size(); ++i) {
     const Entry& e = requests_.at(step.ids[i]);

@@ -39,11 +39,12 @@
 // cancelled, the budget holds the growth), so the device runs a step while the host delivers
 // the previous one and the callers do their work. A sequence's token past what the host knows
 // is then the step out's choice, read on the device. A round that would change the batch
-// (admissions, prefills, preemptions, releases) collects first and launches after, so the engine
-// never holds two steps of different batches. The outputs and the cache are those of the
-// rounds without it, but for a request that ends by a stop (TokenFn false) or a cancellation
-// while its next step is out: it rides that step, whose output is dropped, and its FinishFn sees
-// the cache with that token in it.
+// (a prompt under way, a waiting request the budget holds, preemptions, releases) collects
+// first and launches after, so the engine never holds two steps of different batches; requests
+// that arrive while the batch runs join at the next round, not when some request ends. The
+// outputs and the cache are those of the rounds without it, but for a request that ends by a
+// stop (TokenFn false) or a cancellation while its next step is out: it rides that step, whose
+// output is dropped, and its FinishFn sees the cache with that token in it.
 #pragma once
 
 #include <chrono>
@@ -157,6 +158,9 @@ class Scheduler {
   absl::Status Preempt(int id);
   // A running sequence's expected new pages over its next page_size tokens (see Admission).
   long GrowthPages(int id) const;
+  // The admitted requests' reserve: GrowthPages of each, and for a prompt under way the worst
+  // case of its rest.
+  long RunningGrowthPages() const;
   bool Affordable(const Request& request, long running_growth_pages) const;
 
   DecodeEngine& engine_;

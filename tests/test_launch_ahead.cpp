@@ -175,5 +175,42 @@ TEST(LaunchAhead, SchedulerDeliversWhatItDeliversWithout) {
   }
 }
 
+// A server's requests arrive while the batch runs. Launching ahead must not hold them back until
+// a running request ends: a waiting request the budget holds joins at the next round, and its
+// prompt goes on by a chunk every round after.
+TEST(LaunchAhead, ArrivalsJoinAtTheNextRound) {
+  model::Llama<double> m(DmcConfig(), nullptr);
+  tiny_models::RandomizeParams(m, 5);
+  auto engine = inference::CpuEngine<double>::Create(m, CachePolicy{}, 1L << 22, 2);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->set_launch_ahead(true).ok());
+  ASSERT_TRUE((*engine)->chunked_prefill()) << "the test needs prompts in chunks";
+  const long chunk = 2;
+  inference::Scheduler scheduler(**engine, 4, chunk);
+  Request running{{3, 1, 4}, 40, {}, true};
+  Request arriving{{2, 7, 1, 8, 2, 8}, 9, {}, true};
+  const int running_id = *scheduler.Submit(running);
+  std::map<int, int> finished_round;
+  int round = 0;
+  auto step = [&] {
+    ++round;
+    return scheduler.StepOnce([](int, int, const TokenOutput&) { return true; },
+                              [&](int r, bool) { finished_round[r] = round; });
+  };
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(step().ok());
+  ASSERT_GT(scheduler.stats().steps_ahead, 0) << "the lone request's steps go ahead";
+  const int arrived_at = round;
+  const int arriving_id = *scheduler.Submit(arriving);
+  while (!scheduler.idle()) ASSERT_TRUE(step().ok());
+  // Its prompt takes 3 rounds of 2 tokens, then 3 decode rounds to its length of 9, and one
+  // more while its last step is out (launch ahead delivers a step a round late).
+  const int prompt_rounds = static_cast<int>((arriving.tokens.size() + chunk - 1) / chunk);
+  const int decode_rounds = arriving.length - static_cast<int>(arriving.tokens.size());
+  EXPECT_LE(finished_round.at(arriving_id), arrived_at + prompt_rounds + decode_rounds + 1);
+  EXPECT_LT(finished_round.at(arriving_id), finished_round.at(running_id))
+      << "the arrival ran beside the running request, not after it";
+  EXPECT_EQ((*engine)->used_bytes(), 0);
+}
+
 }  // namespace
 }  // namespace dmc
