@@ -67,6 +67,10 @@ const std::vector<std::string> kPrompts = {
     "And Ruth said, ", "Blessed are ", "Now it came to pass", "A soft answer ",
 };
 
+// Below this mean share of the KV budget in use while requests waited, the saturated window
+// is said not to be bound by the budget.
+constexpr double kBudgetBoundShare = 0.8;
+
 // The /metrics poll's period: short against a run of seconds, long against a request's answer.
 constexpr auto kPollPeriod = std::chrono::milliseconds(50);
 
@@ -215,9 +219,13 @@ std::vector<ServerSample> PollMetrics(const std::atomic<bool>& stop, Clock::time
     auto res = client.Get("/metrics");
     const double answered = SecondsSince(run_start);
     const double at = (std::chrono::duration<double>(asked - run_start).count() + answered) / 2;
-    if (res && res->status == 200)
+    if (res && res->status == 200) {
+      const double used = Gauge(res->body, "dmc_serve_kv_used_bytes"),
+                   budget = Gauge(res->body, "dmc_serve_kv_budget_bytes");
       samples.push_back({at, Gauge(res->body, "dmc_serve_running_sequences"),
-                         Gauge(res->body, "dmc_serve_waiting_requests")});
+                         Gauge(res->body, "dmc_serve_waiting_requests"),
+                         used >= 0 && budget > 0 ? used / budget : -1});
+    }
     std::this_thread::sleep_until(asked + kPollPeriod);
   }
   return samples;
@@ -244,11 +252,19 @@ void PrintSaturated(const std::vector<ServerSample>& samples, const std::vector<
   WindowTokens inside;
   for (const Outcome& o : outcomes)
     if (o.error.empty()) inside.AddStream(o.events, *window);
+  const dmc::inference::WindowMeans means = dmc::inference::MeansInWindow(samples, *window);
   std::printf("saturated (requests waiting, %.2f s from %.2f s to %.2f s): tokens/s %.0f  mean "
-              "running batch %.1f  per-token latency p50 %.2f ms p99 %.2f ms\n",
+              "running batch %.1f  per-token latency p50 %.2f ms p99 %.2f ms  KV used %.0f%%\n",
               window->seconds(), window->begin, window->end, inside.tokens / window->seconds(),
-              dmc::inference::MeanRunning(samples, *window), 1e3 * Quantile(inside.gaps, 0.5),
-              1e3 * Quantile(inside.gaps, 0.99));
+              means.running, 1e3 * Quantile(inside.gaps, 0.5), 1e3 * Quantile(inside.gaps, 0.99),
+              100 * means.kv_used_share);
+  // A server whose budget binds keeps its cache nearly full while requests wait (bench_generate's
+  // saturated steps: 94-96%); well below that, its rates are not those of its memory.
+  if (means.kv_used_share >= 0 && means.kv_used_share < kBudgetBoundShare)
+    std::printf("not budget-bound: requests waited while the KV cache was %.0f%% full on average: "
+                "max_batch, the prefill budget or the admission held the batch down, not the "
+                "memory\n",
+                100 * means.kv_used_share);
 }
 
 // The server's scheduler rounds without and with a prompt's prefill (dmc_serve_round_seconds):

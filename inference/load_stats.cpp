@@ -81,15 +81,22 @@ std::optional<TimeWindow> SaturatedWindow(const std::vector<ServerSample>& sampl
   return window;
 }
 
-double MeanRunning(const std::vector<ServerSample>& samples, const TimeWindow& window) {
-  double sum = 0;
-  int inside = 0;
-  for (const ServerSample& s : samples)
-    if (window.Contains(s.seconds)) {
-      sum += s.running;
-      ++inside;
+WindowMeans MeansInWindow(const std::vector<ServerSample>& samples, const TimeWindow& window) {
+  double running = 0, share = 0;
+  int inside = 0, shared = 0;
+  for (const ServerSample& s : samples) {
+    if (!window.Contains(s.seconds)) continue;
+    running += s.running;
+    ++inside;
+    if (s.kv_used_share >= 0) {
+      share += s.kv_used_share;
+      ++shared;
     }
-  return inside > 0 ? sum / inside : 0;
+  }
+  WindowMeans means;
+  if (inside > 0) means.running = running / inside;
+  if (shared > 0) means.kv_used_share = share / shared;
+  return means;
 }
 
 void WindowTokens::AddStream(const std::vector<TokenEvent>& events, const TimeWindow& window) {

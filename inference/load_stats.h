@@ -46,6 +46,7 @@ int DrawLength(const LengthRange& range, uint64_t seed, uint64_t stream, uint64_
 struct ServerSample {
   double seconds = 0;  // since the run began
   double running = 0, waiting = 0;
+  double kv_used_share = -1;  // KV bytes in use over the budget; -1 when the server gave none
 };
 
 // [begin, end] in seconds since the run began, both ends included.
@@ -60,8 +61,15 @@ struct TimeWindow {
 std::optional<TimeWindow> SaturatedWindow(const std::vector<ServerSample>& samples,
                                           double decoding_from);
 
-// Mean running sequences over the samples inside the window (0 when none is).
-double MeanRunning(const std::vector<ServerSample>& samples, const TimeWindow& window);
+// Means over the samples inside the window: running sequences (0 when no sample is inside), and
+// the KV budget's share in use (over the samples that have it; -1 when none does). Requests
+// waited all through the window, so a share well below 1 says that something other than the
+// budget (max_batch, the prefill budget, the admission itself) held the batch down.
+struct WindowMeans {
+  double running = 0;
+  double kv_used_share = -1;
+};
+WindowMeans MeansInWindow(const std::vector<ServerSample>& samples, const TimeWindow& window);
 
 // A stream event that carried tokens: when it arrived (seconds since the run began), how many.
 struct TokenEvent {

@@ -81,7 +81,8 @@ TEST(LoadStats, SaturatedWindowRunsFromTheFirstWaitingSampleToTheLast) {
   EXPECT_EQ(w->end, 7);
   EXPECT_EQ(w->seconds(), 5);
   // Running over the samples at 2..7 s: (8 + 8 + 6 + 8 + 5 + 9) / 6.
-  EXPECT_DOUBLE_EQ(MeanRunning(kSamples, *w), 44.0 / 6);
+  EXPECT_DOUBLE_EQ(MeansInWindow(kSamples, *w).running, 44.0 / 6);
+  EXPECT_EQ(MeansInWindow(kSamples, *w).kv_used_share, -1) << "no sample gave the KV gauges";
 }
 
 TEST(LoadStats, SaturatedWindowStartsOnceStreamsDecode) {
@@ -89,7 +90,7 @@ TEST(LoadStats, SaturatedWindowStartsOnceStreamsDecode) {
   ASSERT_TRUE(w);
   EXPECT_EQ(w->begin, 3);
   EXPECT_EQ(w->end, 7);
-  EXPECT_DOUBLE_EQ(MeanRunning(kSamples, *w), 36.0 / 5);
+  EXPECT_DOUBLE_EQ(MeansInWindow(kSamples, *w).running, 36.0 / 5);
   // Only the waiter at 7 s is left: a window of one instant.
   w = SaturatedWindow(kSamples, 6);
   ASSERT_TRUE(w);
@@ -100,7 +101,18 @@ TEST(LoadStats, SaturatedWindowStartsOnceStreamsDecode) {
 TEST(LoadStats, NoWaitingRequestNoWindow) {
   EXPECT_FALSE(SaturatedWindow({{0, 3, 0}, {1, 4, 0}, {2, 0, 0}}, 0));
   EXPECT_FALSE(SaturatedWindow({}, 0));
-  EXPECT_EQ(MeanRunning({{0, 3, 0}}, {1, 2}), 0);
+  EXPECT_EQ(MeansInWindow({{0, 3, 0}}, {1, 2}).running, 0);
+}
+
+TEST(LoadStats, KvShareIsMeanOverTheWindowsSamplesThatHaveIt) {
+  // The sample at 3 s has no KV gauges (an older server, a failed parse); the one at 9 s is out.
+  const std::vector<ServerSample> samples = {
+      {1, 4, 0, 0.2}, {2, 8, 3, 0.5}, {3, 8, 2}, {4, 8, 1, 0.9}, {9, 0, 0, 0.0}};
+  const std::optional<TimeWindow> w = SaturatedWindow(samples, 0);
+  ASSERT_TRUE(w);
+  const WindowMeans means = MeansInWindow(samples, *w);
+  EXPECT_DOUBLE_EQ(means.running, 8);
+  EXPECT_DOUBLE_EQ(means.kv_used_share, (0.5 + 0.9) / 2);
 }
 
 TEST(LoadStats, CountsTheTokensAndGapsOfEventsInsideTheWindow) {

@@ -2,11 +2,12 @@
 # dmc-serve under saturating load (on the GPU), one model after another with the same flags, and a
 # table of what dmc-serve-load measured: the whole run (requests/s, tokens/s, time to first token,
 # per-token latency, the most sequences decoded together, the achieved CR) and the saturated
-# window (while requests waited for admission: tokens/s, mean running batch, per-token latency;
-# inference/load_stats.h), each model's ratio to the first one's tokens/s; below it, a table of
-# the servers' rounds with and without a prompt's prefill (the count, the mean and a bound of the
-# p99; dmc-serve's dmc_serve_round_seconds), then a note for each model that ran as many sequences
-# at once as there were clients (the load may have bounded it).
+# window (while requests waited for admission: tokens/s, mean running batch, the KV budget's
+# mean share in use, per-token latency; inference/load_stats.h), each model's ratio to the first
+# one's tokens/s; below it, a table of the servers' rounds with and without a prompt's prefill
+# (the count, the mean and a bound of the p99; dmc-serve's dmc_serve_round_seconds), then a note
+# for each model that ran as many sequences at once as there were clients (the load may have
+# bounded it) or whose cache was not nearly full while requests waited (not budget-bound).
 #
 #   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 #
@@ -82,8 +83,8 @@ done
 {
   echo "dmc-serve --device=$device $serve_flags; dmc-serve-load $load_flags; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "no GPU")"
   echo
-  echo "| model | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms | max concurrent | CR | saturated tokens/s | vs ${names[0]} | saturated batch | saturated per-token p50 ms | saturated per-token p99 ms |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| model | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms | max concurrent | CR | saturated tokens/s | vs ${names[0]} | saturated batch | saturated KV used | saturated per-token p50 ms | saturated per-token p99 ms |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for name in "${names[@]}"; do
     awk -v name="$name" -v first="$logs/${names[0]}.load" '
       function field(line, after,   rest, f) {  # the number that follows `after` in line
@@ -105,11 +106,11 @@ done
                field(whole, "concurrent sequences "), field(whole, "achieved CR ")
         if (sat ~ /^saturated \(/) {
           tokens = field(sat, "): tokens/s "); base = saturated_tokens(first)
-          printf " %s | %.2f× | %s | %s | %s |\n", tokens, (base > 0 ? tokens / base : 0),
-                 field(sat, "running batch "), field(sat, "latency p50 "),
+          printf " %s | %.2f× | %s | %s | %s | %s |\n", tokens, (base > 0 ? tokens / base : 0),
+                 field(sat, "running batch "), field(sat, "KV used "), field(sat, "latency p50 "),
                  field(substr(sat, index(sat, "latency p50 ")), " ms p99 ")
         } else {
-          printf " - | - | - | - | - |\n"
+          printf " - | - | - | - | - | - |\n"
         }
       }' "$logs/$name.load"
   done
@@ -125,6 +126,10 @@ done
     if grep -q "^load-bound" "$logs/$name.load"; then
       echo
       echo "$name: every client had a sequence running at once (max concurrent = clients): the load may bound this row; more --clients tells."
+    fi
+    if grep -q "^not budget-bound" "$logs/$name.load"; then
+      echo
+      echo "$name: $(grep "^not budget-bound" "$logs/$name.load")"
     fi
   done
 } >"$out"
