@@ -1,6 +1,8 @@
 #include "inference/scheduler.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "absl/strings/str_format.h"
 
@@ -62,27 +64,54 @@ long Scheduler::GrowthPages(int id) const {
   return (engine_.slots(id) + tokens - 1) / tokens;  // heads × kept fraction, rounded up
 }
 
-long Scheduler::RunningGrowthPages() const {
+double Scheduler::KeptFraction() const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  long slots = 0, head_tokens = 0;
+  for (const std::vector<int>* ids : {&active_, &prefilling_})
+    for (int id : *ids) {
+      slots += engine_.slots(id);
+      head_tokens += heads * engine_.tokens(id);
+    }
+  return head_tokens > 0 ? std::min(1.0, static_cast<double>(slots) / head_tokens) : 1.0;
+}
+
+long Scheduler::PromptPages(long tokens, double kept_fraction) const {
+  const PagedCacheOptions& o = engine_.cache_options();
+  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  auto worst = [&](long n) { return heads * ((n + o.page_size - 1) / o.page_size); };
+  if (!(prefill_tokens_per_step_ > 0 && engine_.chunked_prefill())) return worst(tokens);
+  // A chunk takes the worst case while it goes in, and keeps its kept fraction after: the most
+  // a prompt then holds is the rest at the running sequences' fraction (and a part-filled last
+  // page a head) beside one chunk at worst.
+  const long chunk = std::min(tokens, prefill_tokens_per_step_);
+  const long expected =
+      static_cast<long>(std::ceil(kept_fraction * heads * (tokens - chunk) / o.page_size)) + heads;
+  return std::min(worst(tokens), worst(chunk) + expected);
+}
+
+long Scheduler::RunningGrowthPages(double kept_fraction) const {
   long growth_pages = 0;
   for (int id : active_) growth_pages += GrowthPages(id);
   for (int id : prefilling_)
     growth_pages += GrowthPages(id) +
-                    heads * ((static_cast<long>(requests_.at(id).request.tokens.size()) -
-                              engine_.tokens(id) + o.page_size - 1) /
-                             o.page_size);
+                    PromptPages(static_cast<long>(requests_.at(id).request.tokens.size()) -
+                                    engine_.tokens(id),
+                                kept_fraction);
   return growth_pages;
 }
 
-bool Scheduler::Affordable(const Request& request, long running_growth_pages) const {
+bool Scheduler::Affordable(const Request& request, long running_growth_pages,
+                           double kept_fraction) const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long page = KvPageBytes(o, engine_.element_bytes());
-  const long prompt = request.prefill ? static_cast<long>(request.tokens.size()) : 1;
+  const long prompt_pages = request.prefill
+                                ? PromptPages(static_cast<long>(request.tokens.size()), kept_fraction)
+                                : heads;
   const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.state_element_bytes()) +
-                    heads * page * ((prompt + o.page_size - 1) / o.page_size) +
-                    page * (heads /* the new request's first step */ + running_growth_pages);
+                    page * (prompt_pages + heads /* the new request's first step */ +
+                            running_growth_pages);
   return engine_.budget_bytes() - engine_.used_bytes() >= need;
 }
 
@@ -118,10 +147,9 @@ absl::StatusOr<bool> Scheduler::PrefillChunk(int id, long budget_left, const Tok
 }
 
 absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish) {
-  const PagedCacheOptions& o = engine_.cache_options();
-  const long heads = static_cast<long>(o.layers) * o.kv_heads;
-  // Grown as requests join.
-  long growth_pages = RunningGrowthPages();
+  // Both taken before this round's admissions, the reserve grown as requests join.
+  const double kept_fraction = KeptFraction();
+  long growth_pages = RunningGrowthPages(kept_fraction);
   const bool decoding = !active_.empty();
   const bool chunking = prefill_tokens_per_step_ > 0 && engine_.chunked_prefill();
   const long budget = prefill_tokens_per_step_;
@@ -158,7 +186,8 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       continue;
     }
     const bool others = !active_.empty() || !prefilling_.empty();
-    if (others && !Affordable(e.request, growth_pages)) break;  // wait for memory to free
+    if (others && !Affordable(e.request, growth_pages, kept_fraction))
+      break;  // wait for memory to free
     const bool parallel = e.request.prefill && engine_.parallel_prefill();
     const long P = static_cast<long>(e.request.tokens.size());
     if (parallel && chunking && prefilled_this_step_ >= budget) break;
@@ -182,8 +211,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (!*done) {
         if (requests_.count(id) > 0) {  // the rest of its prompt in the next steps
           prefilling_.push_back(id);
-          growth_pages += GrowthPages(id) + heads * ((P - engine_.tokens(id) + o.page_size - 1) /
-                                                     o.page_size);
+          growth_pages += GrowthPages(id) + PromptPages(P - engine_.tokens(id), kept_fraction);
         }
         continue;
       }
@@ -273,7 +301,10 @@ absl::StatusOr<bool> Scheduler::LaunchAhead() {
   if (!prefilling_.empty()) return false;
   if (!pending_.empty() && running() < max_batch_) {
     const Entry& next = requests_.at(pending_.front());
-    if (next.cancelled || Affordable(next.request, RunningGrowthPages())) return false;
+    const double kept_fraction = KeptFraction();
+    if (next.cancelled ||
+        Affordable(next.request, RunningGrowthPages(kept_fraction), kept_fraction))
+      return false;
   }
   const OutStep& step = out_.front();
   for (size_t i = 0; i < step.ids.size(); ++i) {

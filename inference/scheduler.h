@@ -16,6 +16,12 @@
 // worst case; a DMC sequence at CR 4: a quarter of that). Less would see a request preempted
 // at once and its prefill redone, again and again, while the running ones stall; the worst
 // case for every running sequence would hold a compressed cache to vanilla's concurrency.
+// A prompt's worst case is a page per head for every page_size of its tokens, which an engine
+// allocates before the pass that decides what its cache keeps. When prompts go in by chunks
+// (the prefill budget below), only a chunk is at worst at a time: the prompt then counts as one
+// chunk at worst and the rest at the running sequences' kept fraction (KeptFraction), plus a
+// part-filled page a head, so a compressing model's queue does not wait for a whole
+// uncompressed prompt's room; the same holds for the rest of a prompt under way.
 // Prefill budget: a prompt prefilled between two steps stalls every running sequence for its
 // pass. With prefill_tokens_per_step > 0 and an engine that continues sequences
 // (DecodeEngine::chunked_prefill), every step prefills at most that many prompt tokens in all:
@@ -158,10 +164,15 @@ class Scheduler {
   absl::Status Preempt(int id);
   // A running sequence's expected new pages over its next page_size tokens (see Admission).
   long GrowthPages(int id) const;
-  // The admitted requests' reserve: GrowthPages of each, and for a prompt under way the worst
-  // case of its rest.
-  long RunningGrowthPages() const;
-  bool Affordable(const Request& request, long running_growth_pages) const;
+  // Σ slots over Σ heads × tokens of the admitted requests: the fraction of its tokens a new
+  // sequence is expected to keep (1 with none fed, and for vanilla).
+  double KeptFraction() const;
+  // The pages a prompt (or its rest) of `tokens` needs while it goes in (see Admission).
+  long PromptPages(long tokens, double kept_fraction) const;
+  // The admitted requests' reserve: GrowthPages of each, and for a prompt under way its rest's
+  // PromptPages.
+  long RunningGrowthPages(double kept_fraction) const;
+  bool Affordable(const Request& request, long running_growth_pages, double kept_fraction) const;
 
   DecodeEngine& engine_;
   int max_batch_;

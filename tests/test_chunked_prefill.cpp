@@ -291,6 +291,67 @@ TEST_P(ChunkedPrefill, SchedulerChunksLongPromptsBetweenDecodeSteps) {
     EXPECT_EQ(whole.tokens[r].size(), static_cast<size_t>(requests[r].length)) << "request " << r;
 }
 
+// Under a budget that binds, a prompt that goes in by chunks is admitted at one chunk's worst
+// case and its rest at the running sequences' kept fraction (Scheduler, Admission), where a
+// whole prompt needs its whole worst case free. A DMC model that merges nearly every token
+// then runs more sequences at once with chunked prompts, every request generates the same, and
+// every page comes back; decoded as vanilla (every token kept), its admission is the worst case
+// either way.
+TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
+  std::vector<inference::Request> requests(32);
+  for (size_t r = 0; r < requests.size(); ++r) {
+    requests[r].tokens = tiny_models::RandomTokens(64, ConfigFor(CacheMethod::kDmc, 2).vocab_size,
+                                                   300 + r);
+    requests[r].length = 160;
+    requests[r].prefill = true;
+  }
+  struct Outcome {
+    std::vector<std::vector<int32_t>> tokens;
+    inference::SchedulerStats stats;
+  };
+  auto run = [&](CacheMethod method, long prefill_budget) {
+    LlamaConfig c = ConfigFor(method, 2);
+    c.dmc.init_val = -4.0f;  // a = k[D-1] + 4: nearly every token merges
+    Llama<double> m(c, nullptr);
+    tiny_models::RandomizeParams(m, 17);
+    // Pages of 4 slots: 48 a head, and 8 sequences' reserved bytes.
+    auto probe = CpuEngine<double>::Create(m, CachePolicy{method}, kAmple, 4);
+    EXPECT_TRUE(probe.ok()) << probe.status();
+    const inference::PagedCacheOptions& o = (*probe)->cache_options();
+    const long budget =
+        48L * o.layers * o.kv_heads * inference::KvPageBytes(o, (*probe)->element_bytes()) +
+        8 * inference::KvReservedBytes(o, (*probe)->element_bytes(),
+                                       (*probe)->state_element_bytes());
+    auto engine = CpuEngine<double>::Create(m, CachePolicy{method}, budget, 4);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    inference::Scheduler scheduler(**engine, 64, prefill_budget);
+    for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
+    Outcome out;
+    out.tokens.resize(requests.size());
+    while (!scheduler.idle()) {
+      const absl::Status s = scheduler.StepOnce(
+          [](int, int, const TokenOutput&) { return true; },
+          [&](int r, bool) { out.tokens[r] = scheduler.request(r).tokens; });
+      EXPECT_TRUE(s.ok()) << s;
+      if (!s.ok()) break;
+    }
+    EXPECT_EQ((*engine)->used_bytes(), 0) << "pages leaked";
+    out.stats = scheduler.stats();
+    return out;
+  };
+  for (CacheMethod method : {CacheMethod::kDmc, CacheMethod::kVanilla}) {
+    SCOPED_TRACE(inference::CacheMethodName(method));
+    const Outcome whole = run(method, 0), chunked = run(method, 32);
+    EXPECT_EQ(chunked.tokens, whole.tokens);
+    for (size_t r = 0; r < requests.size(); ++r)
+      EXPECT_EQ(whole.tokens[r].size(), 160u) << "request " << r;
+    if (method == CacheMethod::kDmc)
+      EXPECT_GT(chunked.stats.max_concurrent, whole.stats.max_concurrent);
+    else
+      EXPECT_LE(chunked.stats.max_concurrent, whole.stats.max_concurrent);
+  }
+}
+
 // The chunk attention's reference (kernels/chunk_attention.h, which the GPU engine's chunked
 // prefill computes) is the decode attention of each query over exactly the keys it sees: its
 // prefix of cached slots and the chunk's keys i <= t that the hard mask leaves visible.
