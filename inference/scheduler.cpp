@@ -80,11 +80,12 @@ long Scheduler::PromptPages(long tokens, double kept_fraction) const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   auto worst = [&](long n) { return heads * ((n + o.page_size - 1) / o.page_size); };
-  if (!(prefill_tokens_per_step_ > 0 && engine_.chunked_prefill())) return worst(tokens);
-  // A chunk takes the worst case while it goes in, and keeps its kept fraction after: the most
-  // a prompt then holds is the rest at the running sequences' fraction (and a part-filled last
-  // page a head) beside one chunk at worst.
-  const long chunk = std::min(tokens, prefill_tokens_per_step_);
+  if (!engine_.chunked_prefill()) return worst(tokens);
+  // A chunk (or piece) takes the worst case while it goes in, and keeps its kept fraction after:
+  // the most a prompt then holds is the rest at the running sequences' fraction (and a
+  // part-filled last page a head) beside one chunk at worst.
+  long chunk = std::min(tokens, prompt_piece_tokens_);
+  if (prefill_tokens_per_step_ > 0) chunk = std::min(chunk, prefill_tokens_per_step_);
   const long expected =
       static_cast<long>(std::ceil(kept_fraction * heads * (tokens - chunk) / o.page_size)) + heads;
   return std::min(worst(tokens), worst(chunk) + expected);
@@ -122,6 +123,22 @@ absl::Status Scheduler::Preempt(int id) {
   return absl::OkStatus();
 }
 
+absl::Status Scheduler::PrefillTokens(int id, long from, long n, TokenOutput* out) {
+  const std::vector<int32_t>& tokens = requests_.at(id).request.tokens;
+  auto feed = [&](long at, long count) {
+    return engine_.Prefill(
+        id, std::vector<int32_t>(tokens.begin() + at, tokens.begin() + at + count), -1, out);
+  };
+  const absl::Status whole = feed(from, n);
+  if (!absl::IsResourceExhausted(whole) || n <= prompt_piece_tokens_ || !engine_.chunked_prefill())
+    return whole;
+  ++stats_.pieced_prompts;
+  for (long done = 0; done < n; done += prompt_piece_tokens_)
+    if (absl::Status s = feed(from + done, std::min(prompt_piece_tokens_, n - done)); !s.ok())
+      return s;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<bool> Scheduler::PrefillChunk(int id, long budget_left, const TokenFn& on_token,
                                              const FinishFn& on_finish) {
   Entry& e = requests_.at(id);
@@ -130,8 +147,7 @@ absl::StatusOr<bool> Scheduler::PrefillChunk(int id, long budget_left, const Tok
   const long n = std::min(P - fed, budget_left);
   TokenOutput out;  // of the chunk's last position (the prompt's: its next token is not known yet)
   const auto start = std::chrono::steady_clock::now();
-  const absl::Status s = engine_.Prefill(
-      id, std::vector<int32_t>(tokens.begin() + fed, tokens.begin() + fed + n), -1, &out);
+  const absl::Status s = PrefillTokens(id, fed, n, &out);
   stats_.prefill_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!s.ok()) return s;

@@ -17,11 +17,13 @@
 // at once and its prefill redone, again and again, while the running ones stall; the worst
 // case for every running sequence would hold a compressed cache to vanilla's concurrency.
 // A prompt's worst case is a page per head for every page_size of its tokens, which an engine
-// allocates before the pass that decides what its cache keeps. When prompts go in by chunks
-// (the prefill budget below), only a chunk is at worst at a time: the prompt then counts as one
-// chunk at worst and the rest at the running sequences' kept fraction (KeptFraction), plus a
-// part-filled page a head, so a compressing model's queue does not wait for a whole
-// uncompressed prompt's room; the same holds for the rest of a prompt under way.
+// allocates before the pass that decides what its cache keeps. On an engine that continues
+// sequences (DecodeEngine::chunked_prefill) a prompt need not be at worst all at once: one it
+// refuses whole for memory goes in, in the same round, by pieces of prompt_piece_tokens, and
+// prompts under a prefill budget (below) go in by chunks. Only a piece or chunk is at worst at a
+// time, so a prompt counts as one at worst and the rest at the running sequences' kept fraction
+// (KeptFraction), plus a part-filled page a head: a compressing model's queue does not wait for
+// a whole uncompressed prompt's room. The same holds for the rest of a prompt under way.
 // Prefill budget: a prompt prefilled between two steps stalls every running sequence for its
 // pass. With prefill_tokens_per_step > 0 and an engine that continues sequences
 // (DecodeEngine::chunked_prefill), every step prefills at most that many prompt tokens in all:
@@ -86,6 +88,7 @@ struct SchedulerStats {
   long tokens = 0;          // tokens fed, recomputation and prefill included
   long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
+  long pieced_prompts = 0;  // prompts (or chunks) refused whole at their worst case, fed by pieces
   long steps_ahead = 0;     // steps launched before the previous one's delivery (launch ahead)
   double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
   double step_seconds = 0;     // spent in the engine's Launch and Collect
@@ -105,8 +108,16 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  Scheduler(DecodeEngine& engine, int max_batch, long prefill_tokens_per_step = 0)
-      : engine_(engine), max_batch_(max_batch), prefill_tokens_per_step_(prefill_tokens_per_step) {}
+  // Prompt pieces (see Admission): on the GPU a prefill of 256 tokens still fills the tensor
+  // cores, and at the 1B shape its worst case is ~2% of a 0.25 GiB budget.
+  static constexpr long kPromptPieceTokens = 256;
+
+  Scheduler(DecodeEngine& engine, int max_batch, long prefill_tokens_per_step = 0,
+            long prompt_piece_tokens = kPromptPieceTokens)
+      : engine_(engine),
+        max_batch_(max_batch),
+        prefill_tokens_per_step_(prefill_tokens_per_step),
+        prompt_piece_tokens_(prompt_piece_tokens) {}
 
   // Queues a request; returns its id (also its sequence id in the engine). InvalidArgument for an
   // empty prompt, a length below it or past max_position_embeddings, or a token outside the
@@ -148,6 +159,11 @@ class Scheduler {
   // done and the request goes on decoding (false: more to prefill, or it ended there).
   absl::StatusOr<bool> PrefillChunk(int id, long budget_left, const TokenFn& on_token,
                                     const FinishFn& on_finish);
+  // Prefills tokens [from, from + n) of id's prompt; when the engine refuses them at their worst
+  // case (ResourceExhausted) and continues sequences, in pieces of prompt_piece_tokens. A piece
+  // refused after others went in leaves the sequence partly fed: the status is returned and the
+  // caller frees or preempts it.
+  absl::Status PrefillTokens(int id, long from, long n, TokenOutput* out);
   // Launches the step of active_ (the tokens at each one's next position, the step out's choice
   // past the known ones).
   absl::Status LaunchStep();
@@ -177,6 +193,7 @@ class Scheduler {
   DecodeEngine& engine_;
   int max_batch_;
   long prefill_tokens_per_step_;
+  long prompt_piece_tokens_;
   int next_id_ = 0;
   std::map<int, Entry> requests_;
   std::deque<int> pending_;

@@ -291,12 +291,12 @@ TEST_P(ChunkedPrefill, SchedulerChunksLongPromptsBetweenDecodeSteps) {
     EXPECT_EQ(whole.tokens[r].size(), static_cast<size_t>(requests[r].length)) << "request " << r;
 }
 
-// Under a budget that binds, a prompt that goes in by chunks is admitted at one chunk's worst
+// Under a budget that binds, a prompt that goes in by chunks (a prefill budget) or by pieces (a
+// whole prompt the engine refuses at its worst case) is admitted at one chunk's or piece's worst
 // case and its rest at the running sequences' kept fraction (Scheduler, Admission), where a
-// whole prompt needs its whole worst case free. A DMC model that merges nearly every token
-// then runs more sequences at once with chunked prompts, every request generates the same, and
-// every page comes back; decoded as vanilla (every token kept), its admission is the worst case
-// either way.
+// prompt prefilled whole needs its whole worst case free. A DMC model that merges nearly every
+// token then runs more sequences at once, every request generates the same, and every page comes
+// back; a vanilla model keeps every token, so its admission does not change.
 TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
   std::vector<inference::Request> requests(32);
   for (size_t r = 0; r < requests.size(); ++r) {
@@ -309,7 +309,7 @@ TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
     std::vector<std::vector<int32_t>> tokens;
     inference::SchedulerStats stats;
   };
-  auto run = [&](CacheMethod method, long prefill_budget) {
+  auto run = [&](CacheMethod method, long prefill_budget, long piece) {
     LlamaConfig c = ConfigFor(method, 2);
     c.dmc.init_val = -4.0f;  // a = k[D-1] + 4: nearly every token merges
     Llama<double> m(c, nullptr);
@@ -324,7 +324,7 @@ TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
                                        (*probe)->state_element_bytes());
     auto engine = CpuEngine<double>::Create(m, CachePolicy{method}, budget, 4);
     EXPECT_TRUE(engine.ok()) << engine.status();
-    inference::Scheduler scheduler(**engine, 64, prefill_budget);
+    inference::Scheduler scheduler(**engine, 64, prefill_budget, piece);
     for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
     Outcome out;
     out.tokens.resize(requests.size());
@@ -341,14 +341,22 @@ TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
   };
   for (CacheMethod method : {CacheMethod::kDmc, CacheMethod::kVanilla}) {
     SCOPED_TRACE(inference::CacheMethodName(method));
-    const Outcome whole = run(method, 0), chunked = run(method, 32);
+    // Pieces as long as the prompts: never split, the whole worst case.
+    const Outcome whole = run(method, 0, 64), pieces = run(method, 0, 16),
+                  chunked = run(method, 32, 64);
+    EXPECT_EQ(pieces.tokens, whole.tokens);
     EXPECT_EQ(chunked.tokens, whole.tokens);
     for (size_t r = 0; r < requests.size(); ++r)
       EXPECT_EQ(whole.tokens[r].size(), 160u) << "request " << r;
-    if (method == CacheMethod::kDmc)
+    EXPECT_EQ(whole.stats.pieced_prompts, 0);
+    if (method == CacheMethod::kDmc) {
+      EXPECT_GT(pieces.stats.pieced_prompts, 0) << "the test needs prompts refused whole";
+      EXPECT_GT(pieces.stats.max_concurrent, whole.stats.max_concurrent);
       EXPECT_GT(chunked.stats.max_concurrent, whole.stats.max_concurrent);
-    else
+    } else {
+      EXPECT_LE(pieces.stats.max_concurrent, whole.stats.max_concurrent);
       EXPECT_LE(chunked.stats.max_concurrent, whole.stats.max_concurrent);
+    }
   }
 }
 
