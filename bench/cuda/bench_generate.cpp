@@ -7,8 +7,8 @@
 // generated token over the wall time of the whole run, prefill included), prefill tokens/s
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
-// the cache reached and the scheduler's preemptions (and the prompts fed by pieces); the wall time in the engine's steps and the
-// GPU's part of it (the rest, a step's host µs, is the host's work between two steps' device
+// the cache reached and the scheduler's preemptions (and the prompts fed by pieces); the wall
+// time in the engine's steps and the GPU's part of it (the rest, a step's host µs, is the host's work between two steps' device
 // work), and a saturated round's wall time beyond its step (the tokens' delivery, the finished
 // requests' release, the admissions less their prefills: a round's host µs). Saturated: the
 // steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
