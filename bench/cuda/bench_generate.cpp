@@ -8,11 +8,12 @@
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
 // the cache reached and the scheduler's preemptions (and the prompts fed by pieces); the wall
-// time in the engine's steps and the GPU's part of it (the rest, a step's host µs, is the host's work between two steps' device
-// work), and a saturated round's wall time beyond its step (the tokens' delivery, the finished
-// requests' release, the admissions less their prefills: a round's host µs). Saturated: the
-// steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
-// their scheduler rounds, and the budget's mean share in pages (used) and kept by the sequences.
+// time in the engine's steps and the GPU's part of it (the rest, a step's host µs, is the host's
+// work between two steps' device work), and a saturated round's wall time beyond its step (the
+// tokens' delivery, the finished requests' release, the admissions less their prefills: a
+// round's host µs). Saturated: the steps while requests waited (the budget or max_batch full):
+// their mean batch, tokens/s over their scheduler rounds, and the budget's mean share in pages
+// (used) and kept by the sequences.
 // With --launch_ahead (vanilla, dmc) a step goes on the stream before the previous one is
 // delivered (inference/scheduler.h); the steps column gives the share launched so.
 //
