@@ -393,9 +393,9 @@ absl::Status Scheduler::EndRound(std::chrono::steady_clock::time_point start,
 absl::StatusOr<SchedulerStats> RunBatched(DecodeEngine& engine, std::vector<Request>& requests,
                                           int max_batch, const TokenFn& on_token,
                                           const FinishFn& on_finish,
-                                          long prefill_tokens_per_step) {
+                                          long prefill_tokens_per_step, long prompt_piece_tokens) {
   const auto start = std::chrono::steady_clock::now();
-  Scheduler scheduler(engine, max_batch, prefill_tokens_per_step);
+  Scheduler scheduler(engine, max_batch, prefill_tokens_per_step, prompt_piece_tokens);
   for (size_t r = 0; r < requests.size(); ++r) {
     absl::StatusOr<int> id = scheduler.Submit(requests[r]);
     if (!id.ok()) return absl::InvalidArgumentError(absl::StrFormat("request %d: %s", r, id.status().message()));

@@ -59,6 +59,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <vector>
 
@@ -109,7 +110,8 @@ struct SchedulerStats {
 class Scheduler {
  public:
   // Prompt pieces (see Admission): on the GPU a prefill of 256 tokens still fills the tensor
-  // cores, and at the 1B shape its worst case is ~2% of a 0.25 GiB budget.
+  // cores, and at the 1B shape its worst case is ~2% of a 0.25 GiB budget. 0: no pieces (every
+  // prompt at its whole worst case).
   static constexpr long kPromptPieceTokens = 256;
 
   Scheduler(DecodeEngine& engine, int max_batch, long prefill_tokens_per_step = 0,
@@ -117,7 +119,8 @@ class Scheduler {
       : engine_(engine),
         max_batch_(max_batch),
         prefill_tokens_per_step_(prefill_tokens_per_step),
-        prompt_piece_tokens_(prompt_piece_tokens) {}
+        prompt_piece_tokens_(prompt_piece_tokens > 0 ? prompt_piece_tokens
+                                                     : std::numeric_limits<long>::max()) {}
 
   // Queues a request; returns its id (also its sequence id in the engine). InvalidArgument for an
   // empty prompt, a length below it or past max_position_embeddings, or a token outside the
@@ -209,6 +212,7 @@ class Scheduler {
 absl::StatusOr<SchedulerStats> RunBatched(DecodeEngine& engine, std::vector<Request>& requests,
                                           int max_batch, const TokenFn& on_token,
                                           const FinishFn& on_finish,
-                                          long prefill_tokens_per_step = 0);
+                                          long prefill_tokens_per_step = 0,
+                                          long prompt_piece_tokens = Scheduler::kPromptPieceTokens);
 
 }  // namespace dmc::inference

@@ -21,8 +21,8 @@
 //                  [--methods=vanilla,dmc:2,dmc:4,dmc:8,dms:4,vanilla+int4,dmc:4+int8,
 //                   dms:4+int8,vanilla+zip8/4x4,vanilla+think32,loma:16:4]
 //                  [--budget_gb=40] [--requests=256] [--prompt=512:4096] [--generate=256:1024]
-//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--attention_chunk=0]
-//                  [--qkv_one_gemm_rows=-1] [--launch_ahead=true]
+//                  [--max_batch=1024] [--prefill_tokens_per_step=0] [--prompt_piece_tokens=256]
+//                  [--attention_chunk=0] [--qkv_one_gemm_rows=-1] [--launch_ahead=true]
 //                  [--export_dir=DIR] [--seed=1]
 //
 // Shapes: 7b = Llama-2-7B (32 layers, hidden 4096, 32 heads of 128, ffn 11008, vocab 32000,
@@ -108,6 +108,10 @@ ABSL_FLAG(int64_t, prefill_tokens_per_step, 0,
           "prompt tokens prefilled per scheduler step at most: longer prompts go in chunks over "
           "successive steps, between decode steps (an engine without chunked prefill: at least "
           "one whole prompt a step); bounds the running streams' per-token latency. 0: no bound");
+ABSL_FLAG(int64_t, prompt_piece_tokens, dmc::inference::Scheduler::kPromptPieceTokens,
+          "a prompt the engine refuses whole for memory goes in by pieces of this many tokens, and "
+          "the admission counts one piece at worst and the rest at the kept fraction "
+          "(inference/scheduler.h); 0: whole prompts at their worst case only");
 ABSL_FLAG(std::string, export_dir, "",
           "write the random model here (dmc-export layout): DIR/vanilla, and DIR/dmcCR or "
           "DIR/dmsCR as each dmc:CR or dms:CR calibrates it");
@@ -531,7 +535,7 @@ int main(int argc, char** argv) {
           tokens_held += static_cast<long>((*engine)->tokens(r)) * heads;
           slots_held += (*engine)->slots(r);
         },
-        absl::GetFlag(FLAGS_prefill_tokens_per_step));
+        absl::GetFlag(FLAGS_prefill_tokens_per_step), absl::GetFlag(FLAGS_prompt_piece_tokens));
     if (!stats.ok()) {
       std::fprintf(stderr, "bench_generate: %s\n", stats.status().ToString().c_str());
       return 1;
