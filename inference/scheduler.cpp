@@ -94,22 +94,23 @@ long Scheduler::PromptPages(long tokens, double kept_fraction) const {
 long Scheduler::RunningGrowthPages(double kept_fraction) const {
   long growth_pages = 0;
   for (int id : active_) growth_pages += GrowthPages(id);
-  for (int id : prefilling_)
+  for (int id : prefilling_) {
+    const Entry& e = requests_.at(id);
     growth_pages += GrowthPages(id) +
-                    PromptPages(static_cast<long>(requests_.at(id).request.tokens.size()) -
-                                    engine_.tokens(id),
-                                kept_fraction);
+                    PromptPages(static_cast<long>(e.request.tokens.size()) - engine_.tokens(id),
+                                e.refused ? 1.0 : kept_fraction);
+  }
   return growth_pages;
 }
 
-bool Scheduler::Affordable(const Request& request, long running_growth_pages,
-                           double kept_fraction) const {
+bool Scheduler::Affordable(const Entry& e, long running_growth_pages, double kept_fraction) const {
   const PagedCacheOptions& o = engine_.cache_options();
   const long heads = static_cast<long>(o.layers) * o.kv_heads;
   const long page = KvPageBytes(o, engine_.element_bytes());
-  const long prompt_pages = request.prefill
-                                ? PromptPages(static_cast<long>(request.tokens.size()), kept_fraction)
-                                : heads;
+  const long prompt_pages =
+      e.request.prefill ? PromptPages(static_cast<long>(e.request.tokens.size()),
+                                      e.refused ? 1.0 : kept_fraction)
+                        : heads;
   const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.state_element_bytes()) +
                     page * (prompt_pages + heads /* the new request's first step */ +
                             running_growth_pages);
@@ -184,6 +185,8 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (!absl::IsResourceExhausted(done.status()) || (active_.empty() && i == 0))
         return done.status();
       // No room for its next chunk now: this and the later ones start again when there is.
+      requests_.at(id).refused = true;
+      ++stats_.refused_prompts;
       for (size_t j = under_way.size(); j-- > i;)
         if (absl::Status s = Preempt(under_way[j]); !s.ok()) return s;
       return absl::OkStatus();
@@ -202,7 +205,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       continue;
     }
     const bool others = !active_.empty() || !prefilling_.empty();
-    if (others && !Affordable(e.request, growth_pages, kept_fraction))
+    if (others && !Affordable(e, growth_pages, kept_fraction))
       break;  // wait for memory to free
     const bool parallel = e.request.prefill && engine_.parallel_prefill();
     const long P = static_cast<long>(e.request.tokens.size());
@@ -221,13 +224,18 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (!done.ok()) {
         if (absl::Status f = engine_.Free(id); !f.ok()) return f;
         pending_.push_front(id);
-        if (absl::IsResourceExhausted(done.status()) && others) break;
+        if (absl::IsResourceExhausted(done.status()) && others) {
+          e.refused = true;
+          ++stats_.refused_prompts;
+          break;
+        }
         return done.status();
       }
       if (!*done) {
         if (requests_.count(id) > 0) {  // the rest of its prompt in the next steps
           prefilling_.push_back(id);
-          growth_pages += GrowthPages(id) + PromptPages(P - engine_.tokens(id), kept_fraction);
+          growth_pages += GrowthPages(id) + PromptPages(P - engine_.tokens(id),
+                                                        e.refused ? 1.0 : kept_fraction);
         }
         continue;
       }
@@ -319,7 +327,7 @@ absl::StatusOr<bool> Scheduler::LaunchAhead() {
     const Entry& next = requests_.at(pending_.front());
     const double kept_fraction = KeptFraction();
     if (next.cancelled ||
-        Affordable(next.request, RunningGrowthPages(kept_fraction), kept_fraction))
+        Affordable(next, RunningGrowthPages(kept_fraction), kept_fraction))
       return false;
   }
   const OutStep& step = out_.front();

@@ -23,7 +23,9 @@
 // prompts under a prefill budget (below) go in by chunks. Only a piece or chunk is at worst at a
 // time, so a prompt counts as one at worst and the rest at the running sequences' kept fraction
 // (KeptFraction), plus a part-filled page a head: a compressing model's queue does not wait for
-// a whole uncompressed prompt's room. The same holds for the rest of a prompt under way.
+// a whole uncompressed prompt's room. The same holds for the rest of a prompt under way. A
+// prompt whose own cache keeps more than that and is refused for memory after its admission is
+// queued again, to be admitted only at its whole worst case.
 // Prefill budget: a prompt prefilled between two steps stalls every running sequence for its
 // pass. With prefill_tokens_per_step > 0 and an engine that continues sequences
 // (DecodeEngine::chunked_prefill), every step prefills at most that many prompt tokens in all:
@@ -90,6 +92,7 @@ struct SchedulerStats {
   long prefill_tokens = 0;  // of those, fed by parallel prefill
   long preemptions = 0;
   long pieced_prompts = 0;  // prompts (or chunks) refused whole at their worst case, fed by pieces
+  long refused_prompts = 0;  // prompts refused for memory after their admission, queued again
   long steps_ahead = 0;     // steps launched before the previous one's delivery (launch ahead)
   double prefill_seconds = 0;  // spent in DecodeEngine::Prefill
   double step_seconds = 0;     // spent in the engine's Launch and Collect
@@ -146,6 +149,10 @@ class Scheduler {
     int reported = 0;  // positions whose output was given
     bool cancelled = false;
     bool ended = false;  // ended while its next step was out (launch ahead): it rides that step
+    // Its prompt was refused for memory after its admission (the kept fraction underestimated
+    // it): admitted again only at its whole worst case, so the refused work is not redone
+    // round after round.
+    bool refused = false;
   };
   // A step launched and not yet collected: its requests and the position each one fed.
   struct OutStep {
@@ -191,7 +198,9 @@ class Scheduler {
   // The admitted requests' reserve: GrowthPages of each, and for a prompt under way its rest's
   // PromptPages.
   long RunningGrowthPages(double kept_fraction) const;
-  bool Affordable(const Request& request, long running_growth_pages, double kept_fraction) const;
+  // Whether the free budget holds e's prompt (at the kept fraction, or at worst once refused),
+  // its first step and the running reserve.
+  bool Affordable(const Entry& e, long running_growth_pages, double kept_fraction) const;
 
   DecodeEngine& engine_;
   int max_batch_;

@@ -360,6 +360,51 @@ TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
   }
 }
 
+// The kept fraction is the running sequences': a prompt whose own cache keeps more can be
+// refused for memory partway through its pieces. It is queued again and admitted only at its
+// whole worst case, so each request is refused at most once; re-admitted at the kept fraction it
+// was refused round after round (23 refusals of 16 requests here), its pieces redone each time.
+TEST(ChunkedPrefillAdmission, APromptRefusedAfterAdmissionWaitsForItsWorstCase) {
+  Llama<double> m(ConfigFor(CacheMethod::kDmc, 2), nullptr);
+  tiny_models::RandomizeParams(m, 17);
+  // Token 2 repeated merges nearly always (~2% of the tokens kept), token 0 about every other.
+  std::vector<inference::Request> requests(16);
+  for (size_t r = 0; r < requests.size(); ++r) {
+    requests[r].tokens = std::vector<int32_t>(96, r < 8 ? 2 : 0);
+    requests[r].length = r < 8 ? 160 : 100;
+    requests[r].prefill = true;
+  }
+  auto run = [&](long piece) {
+    auto probe = CpuEngine<double>::Create(m, CachePolicy{CacheMethod::kDmc}, kAmple, 4);
+    EXPECT_TRUE(probe.ok()) << probe.status();
+    const inference::PagedCacheOptions& o = (*probe)->cache_options();
+    const long budget =
+        20L * o.layers * o.kv_heads * inference::KvPageBytes(o, (*probe)->element_bytes()) +
+        8 * inference::KvReservedBytes(o, (*probe)->element_bytes(),
+                                       (*probe)->state_element_bytes());
+    auto engine = CpuEngine<double>::Create(m, CachePolicy{CacheMethod::kDmc}, budget, 4);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    inference::Scheduler scheduler(**engine, 64, 0, piece);
+    for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
+    std::vector<std::vector<int32_t>> tokens(requests.size());
+    while (!scheduler.idle()) {
+      const absl::Status s = scheduler.StepOnce(
+          [](int, int, const TokenOutput&) { return true; },
+          [&](int r, bool) { tokens[r] = scheduler.request(r).tokens; });
+      EXPECT_TRUE(s.ok()) << s;
+      if (!s.ok()) break;
+    }
+    EXPECT_EQ((*engine)->used_bytes(), 0) << "pages leaked";
+    return std::make_pair(tokens, scheduler.stats());
+  };
+  const auto [whole_tokens, whole] = run(0);
+  const auto [pieces_tokens, pieces] = run(16);
+  EXPECT_EQ(pieces_tokens, whole_tokens);
+  EXPECT_EQ(whole.refused_prompts, 0);
+  EXPECT_GT(pieces.refused_prompts, 0) << "the test needs a prompt refused after its admission";
+  EXPECT_LE(pieces.refused_prompts, static_cast<long>(requests.size()));
+}
+
 // The chunk attention's reference (kernels/chunk_attention.h, which the GPU engine's chunked
 // prefill computes) is the decode attention of each query over exactly the keys it sees: its
 // prefix of cached slots and the chunk's keys i <= t that the hard mask leaves visible.

@@ -7,13 +7,13 @@
 // generated token over the wall time of the whole run, prefill included), prefill tokens/s
 // (prompt tokens over the time spent in prefill), time to first token (from the start of the
 // run) and per-token latency (the gaps between a request's successive tokens) at p50/p99, the CR
-// the cache reached and the scheduler's preemptions (and the prompts fed by pieces); the wall
-// time in the engine's steps and the GPU's part of it (the rest, a step's host µs, is the host's
-// work between two steps' device work), and a saturated round's wall time beyond its step (the
-// tokens' delivery, the finished requests' release, the admissions less their prefills: a
-// round's host µs). Saturated: the steps while requests waited (the budget or max_batch full):
-// their mean batch, tokens/s over their scheduler rounds, and the budget's mean share in pages
-// (used) and kept by the sequences.
+// the cache reached and the scheduler's preemptions (and the prompts fed by pieces, and those
+// refused for memory after their admission); the wall time in the engine's steps and the GPU's
+// part of it (the rest, a step's host µs, is the host's work between two steps' device work),
+// and a saturated round's wall time beyond its step (the tokens' delivery, the finished
+// requests' release, the admissions less their prefills: a round's host µs). Saturated: the
+// steps while requests waited (the budget or max_batch full): their mean batch, tokens/s over
+// their scheduler rounds, and the budget's mean share in pages (used) and kept by the sequences.
 // With --launch_ahead (vanilla, dmc) a step goes on the stream before the previous one is
 // delivered (inference/scheduler.h); the steps column gives the share launched so.
 //
@@ -392,7 +392,7 @@ int main(int argc, char** argv) {
               "tok/s | TTFT p50 s | TTFT p99 s | token p50 ms | token p99 ms | run s | in steps s | "
               "GPU in steps s | host µs a step | host µs a saturated round | in prefill s | steps "
               "(launched ahead %%) | "
-              "preemptions (prompts by pieces) | graphs (capture s) | graph launch µs |\n| --- | --- "
+              "preemptions (prompts by pieces, refused) | graphs (capture s) | graph launch µs |\n| --- | --- "
               "| --- | --- | --- "
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
               "| --- | --- | --- | --- | --- |\n");
@@ -546,7 +546,7 @@ int main(int argc, char** argv) {
     const long decoded = generated - static_cast<long>(ttft.size());
     const double sat = static_cast<double>(std::max(1L, stats->saturated_steps));
     std::printf("| %s | %.2f | %d | %.1f | %.0f | %.1f | %.0f | %.1f / %.1f | %.0f | %.0f | %.2f | %.2f | %.1f "
-                "| %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f | %ld (%.0f) | %ld (%ld) | %d (%.2f) | %.1f |\n",
+                "| %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.1f | %ld (%.0f) | %ld (%ld, %ld) | %d (%.2f) | %.1f |\n",
                 spec.c_str(), double(tokens_held) / std::max(1L, slots_held),
                 stats->max_concurrent, double(decoded) / std::max(1L, stats->steps),
                 decoded / stats->step_seconds,
@@ -563,7 +563,8 @@ int main(int argc, char** argv) {
                 1e6 * (stats->saturated_seconds - stats->saturated_step_seconds) / sat,
                 stats->prefill_seconds,
                 stats->steps, 100.0 * stats->steps_ahead / std::max(1L, stats->steps),
-                stats->preemptions, stats->pieced_prompts, (*engine)->graphs(),
+                stats->preemptions, stats->pieced_prompts, stats->refused_prompts,
+                (*engine)->graphs(),
                 (*engine)->graph_capture_seconds(),
                 1e6 * (*engine)->graph_launch_seconds() /
                     std::max(1L, (*engine)->graph_launches()));
