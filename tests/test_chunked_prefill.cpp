@@ -291,6 +291,40 @@ TEST_P(ChunkedPrefill, SchedulerChunksLongPromptsBetweenDecodeSteps) {
     EXPECT_EQ(whole.tokens[r].size(), static_cast<size_t>(requests[r].length)) << "request " << r;
 }
 
+struct AdmissionRun {
+  std::vector<std::vector<int32_t>> tokens;  // each request's, when it finished
+  inference::SchedulerStats stats;
+};
+
+// Runs `requests` to their ends on a CPU engine of m with pages of 4 slots and a budget of
+// `pages` pages a head beside 8 sequences' reserved bytes; every page must come back.
+AdmissionRun RunUnderBudget(Llama<double>& m, CacheMethod method,
+                            const std::vector<inference::Request>& requests, long pages,
+                            long prefill_budget, long piece) {
+  auto probe = CpuEngine<double>::Create(m, CachePolicy{method}, kAmple, 4);
+  EXPECT_TRUE(probe.ok()) << probe.status();
+  const inference::PagedCacheOptions& o = (*probe)->cache_options();
+  const long budget =
+      pages * o.layers * o.kv_heads * inference::KvPageBytes(o, (*probe)->element_bytes()) +
+      8 * inference::KvReservedBytes(o, (*probe)->element_bytes(), (*probe)->state_element_bytes());
+  auto engine = CpuEngine<double>::Create(m, CachePolicy{method}, budget, 4);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  inference::Scheduler scheduler(**engine, 64, prefill_budget, piece);
+  for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
+  AdmissionRun run;
+  run.tokens.resize(requests.size());
+  while (!scheduler.idle()) {
+    const absl::Status s = scheduler.StepOnce(
+        [](int, int, const TokenOutput&) { return true; },
+        [&](int r, bool) { run.tokens[r] = scheduler.request(r).tokens; });
+    EXPECT_TRUE(s.ok()) << s;
+    if (!s.ok()) break;
+  }
+  EXPECT_EQ((*engine)->used_bytes(), 0) << "pages leaked";
+  run.stats = scheduler.stats();
+  return run;
+}
+
 // Under a budget that binds, a prompt that goes in by chunks (a prefill budget) or by pieces (a
 // whole prompt the engine refuses at its worst case) is admitted at one chunk's or piece's worst
 // case and its rest at the running sequences' kept fraction (Scheduler, Admission), where a
@@ -305,45 +339,16 @@ TEST(ChunkedPrefillAdmission, CompressedPromptsAreAdmittedAtTheKeptFraction) {
     requests[r].length = 160;
     requests[r].prefill = true;
   }
-  struct Outcome {
-    std::vector<std::vector<int32_t>> tokens;
-    inference::SchedulerStats stats;
-  };
-  auto run = [&](CacheMethod method, long prefill_budget, long piece) {
+  for (CacheMethod method : {CacheMethod::kDmc, CacheMethod::kVanilla}) {
+    SCOPED_TRACE(inference::CacheMethodName(method));
     LlamaConfig c = ConfigFor(method, 2);
     c.dmc.init_val = -4.0f;  // a = k[D-1] + 4: nearly every token merges
     Llama<double> m(c, nullptr);
     tiny_models::RandomizeParams(m, 17);
-    // Pages of 4 slots: 48 a head, and 8 sequences' reserved bytes.
-    auto probe = CpuEngine<double>::Create(m, CachePolicy{method}, kAmple, 4);
-    EXPECT_TRUE(probe.ok()) << probe.status();
-    const inference::PagedCacheOptions& o = (*probe)->cache_options();
-    const long budget =
-        48L * o.layers * o.kv_heads * inference::KvPageBytes(o, (*probe)->element_bytes()) +
-        8 * inference::KvReservedBytes(o, (*probe)->element_bytes(),
-                                       (*probe)->state_element_bytes());
-    auto engine = CpuEngine<double>::Create(m, CachePolicy{method}, budget, 4);
-    EXPECT_TRUE(engine.ok()) << engine.status();
-    inference::Scheduler scheduler(**engine, 64, prefill_budget, piece);
-    for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
-    Outcome out;
-    out.tokens.resize(requests.size());
-    while (!scheduler.idle()) {
-      const absl::Status s = scheduler.StepOnce(
-          [](int, int, const TokenOutput&) { return true; },
-          [&](int r, bool) { out.tokens[r] = scheduler.request(r).tokens; });
-      EXPECT_TRUE(s.ok()) << s;
-      if (!s.ok()) break;
-    }
-    EXPECT_EQ((*engine)->used_bytes(), 0) << "pages leaked";
-    out.stats = scheduler.stats();
-    return out;
-  };
-  for (CacheMethod method : {CacheMethod::kDmc, CacheMethod::kVanilla}) {
-    SCOPED_TRACE(inference::CacheMethodName(method));
     // Pieces 0: none, every prompt at its whole worst case.
-    const Outcome whole = run(method, 0, 0), pieces = run(method, 0, 16),
-                  chunked = run(method, 32, 0);
+    const AdmissionRun whole = RunUnderBudget(m, method, requests, 48, 0, 0),
+                       pieces = RunUnderBudget(m, method, requests, 48, 0, 16),
+                       chunked = RunUnderBudget(m, method, requests, 48, 32, 0);
     EXPECT_EQ(pieces.tokens, whole.tokens);
     EXPECT_EQ(chunked.tokens, whole.tokens);
     for (size_t r = 0; r < requests.size(); ++r)
@@ -374,35 +379,12 @@ TEST(ChunkedPrefillAdmission, APromptRefusedAfterAdmissionWaitsForItsWorstCase) 
     requests[r].length = r < 8 ? 160 : 100;
     requests[r].prefill = true;
   }
-  auto run = [&](long piece) {
-    auto probe = CpuEngine<double>::Create(m, CachePolicy{CacheMethod::kDmc}, kAmple, 4);
-    EXPECT_TRUE(probe.ok()) << probe.status();
-    const inference::PagedCacheOptions& o = (*probe)->cache_options();
-    const long budget =
-        20L * o.layers * o.kv_heads * inference::KvPageBytes(o, (*probe)->element_bytes()) +
-        8 * inference::KvReservedBytes(o, (*probe)->element_bytes(),
-                                       (*probe)->state_element_bytes());
-    auto engine = CpuEngine<double>::Create(m, CachePolicy{CacheMethod::kDmc}, budget, 4);
-    EXPECT_TRUE(engine.ok()) << engine.status();
-    inference::Scheduler scheduler(**engine, 64, 0, piece);
-    for (const inference::Request& r : requests) EXPECT_TRUE(scheduler.Submit(r).ok());
-    std::vector<std::vector<int32_t>> tokens(requests.size());
-    while (!scheduler.idle()) {
-      const absl::Status s = scheduler.StepOnce(
-          [](int, int, const TokenOutput&) { return true; },
-          [&](int r, bool) { tokens[r] = scheduler.request(r).tokens; });
-      EXPECT_TRUE(s.ok()) << s;
-      if (!s.ok()) break;
-    }
-    EXPECT_EQ((*engine)->used_bytes(), 0) << "pages leaked";
-    return std::make_pair(tokens, scheduler.stats());
-  };
-  const auto [whole_tokens, whole] = run(0);
-  const auto [pieces_tokens, pieces] = run(16);
-  EXPECT_EQ(pieces_tokens, whole_tokens);
-  EXPECT_EQ(whole.refused_prompts, 0);
-  EXPECT_GT(pieces.refused_prompts, 0) << "the test needs a prompt refused after its admission";
-  EXPECT_LE(pieces.refused_prompts, static_cast<long>(requests.size()));
+  const AdmissionRun whole = RunUnderBudget(m, CacheMethod::kDmc, requests, 20, 0, 0),
+                     pieces = RunUnderBudget(m, CacheMethod::kDmc, requests, 20, 0, 16);
+  EXPECT_EQ(pieces.tokens, whole.tokens);
+  EXPECT_EQ(whole.stats.refused_prompts, 0);
+  EXPECT_GT(pieces.stats.refused_prompts, 0) << "the test needs a prompt refused after admission";
+  EXPECT_LE(pieces.stats.refused_prompts, static_cast<long>(requests.size()));
 }
 
 // The chunk attention's reference (kernels/chunk_attention.h, which the GPU engine's chunked
