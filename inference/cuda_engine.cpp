@@ -202,10 +202,10 @@ CudaEngine::~CudaEngine() {
                   (void*)d.ph, (void*)d.prstd, (void*)d.pgates, (void*)d.ptokens,
                   (void*)d.q_pages, (void*)d.q_lengths, (void*)d.r_k, (void*)d.r_v,
                   (void*)d.r_blocks, (void*)d.stage_table, (void*)d.close_ids,
-                  (void*)d.close_rows, (void*)d.close_page_rows, (void*)d.pprefix, (void*)d.stage_pos,
-                  (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v, (void*)d.held,
-                  (void*)d.writes, (void*)d.think_k, (void*)d.think_v, (void*)d.think_masks,
-                  (void*)d.think_energy})
+                  (void*)d.close_rows, (void*)d.close_page_rows, (void*)d.pprefix,
+                  (void*)d.stage_pos, (void*)d.stage_marks, (void*)d.close_k, (void*)d.close_v,
+                  (void*)d.held, (void*)d.writes, (void*)d.think_k, (void*)d.think_v,
+                  (void*)d.think_masks, (void*)d.think_energy})
     if (p) cudaFree(p);
   for (void* p : {(void*)d.io_host, (void*)d.out_host, (void*)d.assign_index_host,
                   (void*)d.assign_page_host, (void*)d.changes_host, (void*)d.change_counts_host,

@@ -15,8 +15,7 @@
 //          moves the positions and marks the same way.
 // prefill: one CTA per KV head of the row: its threads count the settled slots (settle lag > 0),
 //          fill the head's page (or, a slot at a time, row) list and copy its residual rows from
-//          the staging pool, all
-//          having read S before thread 0 rewrites the lengths.
+//          the staging pool, all having read S before thread 0 rewrites the lengths.
 // scores:  one thread per (row, KV head, residual slot).
 #include "kernels/cuda_check.h"
 #include "kernels/cuda_ops.h"
@@ -126,8 +125,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     settle_prefill_kernel(int32_t* page_ids, int32_t* page_rows, int32_t* rows, int max_closed,
-                          KvSettleLayer c,
-                          bf16* r_k, bf16* r_v, const bf16* stage_k, const bf16* stage_v,
+                          KvSettleLayer c, bf16* r_k, bf16* r_v, const bf16* stage_k,
+                          const bf16* stage_v,
                           const int32_t* stage_pos, const uint8_t* stage_marks, int stage_stride,
                           int row, int tokens, int Hkv, int D) {
   __shared__ int settled_s;

@@ -899,7 +899,8 @@ TEST(KvQuantCache, DevicePrefillHoldsWhatTheCacheHoldsWithTokenKeys) {
     kernels::KvSettleLayer settle{table.data(), q_len.data(), r_len.data(), max_pages, P,
                                   residual};
     settle.slots_settle = true;
-    const int max_closed = kernels::KvSettlePrefillMaxClosed(prompt, P, true), entries = Hkv * max_closed * P;
+    const int max_closed = kernels::KvSettlePrefillMaxClosed(prompt, P, true),
+              entries = Hkv * max_closed * P;
     std::vector<int32_t> ids(std::max(1, entries)), page_rows(ids.size()), rows(ids.size());
     kernels::paged_kv_settle_prefill(ids.data(), page_rows.data(), rows.data(), max_closed,
                                      settle, r_k.data(), r_v.data(), sk.data(), sv.data(),

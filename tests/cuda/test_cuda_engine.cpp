@@ -976,7 +976,8 @@ TEST(CudaPagedKvSettle, SlotStepMatchesCpuReference) {
     cuda::paged_kv_settle_step(dids, dpage_rows, drows, device, dmc ? dmerge : nullptr, dpos, R,
                                Hkv);
     ExpectSameEntriesAndLengths(dids, dq, dr, want_ids, want_q, want_r);
-    const std::vector<int32_t> page_rows = Download(dpage_rows, heads), rows = Download(drows, heads);
+    const std::vector<int32_t> page_rows = Download(dpage_rows, heads),
+                               rows = Download(drows, heads);
     for (int head = 0; head < heads; ++head)
       if (want_ids[head] >= 0) {
         EXPECT_EQ(page_rows[head], want_page_rows[head]) << "head " << head;
