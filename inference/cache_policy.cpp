@@ -120,6 +120,13 @@ std::string PolicyName(const CachePolicy& p) {
   return name;
 }
 
+absl::Status ValidatePageSize(int page_size) {
+  if (page_size < 1)
+    return absl::InvalidArgumentError(
+        absl::StrFormat("page_size %d: a page holds one slot at least", page_size));
+  return absl::OkStatus();
+}
+
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size) {
   const kernels::KvQuantOptions& q = policy.quant;
   if (q.bits == 0) {

@@ -107,6 +107,8 @@ std::string PolicyName(const CachePolicy& policy);
 // dividing head_dim; salient_slots in [0, page_size] at salient_bits 4 or 8 above bits, for
 // vanilla only and not with per-token keys. InvalidArgument naming the problem.
 absl::Status ValidateKvQuant(const CachePolicy& policy, int head_dim, int page_size);
+// Either engine's page size: one slot at least.
+absl::Status ValidatePageSize(int page_size);
 // Whether the GPU engine (inference/cuda_engine.h) serves policy.quant: not per-token keys on the
 // dms cache, whose slots it settles a page at a time past the eviction window (the CPU engine
 // serves every valid setting).

@@ -230,6 +230,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const model::Llam
     return absl::FailedPreconditionError("the GPU engine needs a CUDA device, and none is usable");
   if (model.local_heads() != cfg.num_attention_heads)
     return absl::InvalidArgumentError("the GPU engine needs a tensor-parallel size 1 model");
+  if (absl::Status s = ValidatePageSize(options.page_size); !s.ok()) return s;
   const CachePolicy& policy = options.policy;
   const int D = cfg.head_dim();
   if (D != 32 && D != 64 && D != 128)

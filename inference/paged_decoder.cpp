@@ -58,12 +58,13 @@ absl::StatusOr<std::unique_ptr<PagedDecoder<T>>> PagedDecoder<T>::Create(
   const PagedCacheOptions want =
       CacheOptionsFor(c, policy, cache->options().budget_bytes, cache->options().page_size);
   const PagedCacheOptions& got = cache->options();
+  if (absl::Status s = ValidatePageSize(got.page_size); !s.ok()) return s;
   const auto quant = [](const kernels::KvQuantOptions& q) {
     return std::make_tuple(q.bits, q.value_group, q.salient_bits, q.salient_slots, q.token_keys,
                            q.key_group);
   };
   if (got.layers != want.layers || got.kv_heads != want.kv_heads ||
-      got.head_dim != want.head_dim || got.dmc_window != want.dmc_window || got.page_size < 1 ||
+      got.head_dim != want.head_dim || got.dmc_window != want.dmc_window ||
       quant(got.quant) != quant(want.quant) || got.settle_lag != want.settle_lag ||
       got.think_channels != want.think_channels)
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -295,6 +295,7 @@ TEST(Serve, BadFlagsAreRefusedByName) {
   for (const auto& [tool, flag] : std::vector<std::pair<std::string, std::string>>{
            {serve, "--max_batch=0"},
            {serve, "--prefill_tokens_per_step=-1"},
+           {serve, "--page_size=0"},
            {serve, "--kv_budget_mb=0.001"},  // less than one sequence of the whole context
            {load, "--max_tokens=5:2"},
            {load, "--max_tokens=0"},

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# dmc-serve under saturating load (on the GPU), one model after another with the same flags, and a
-# table of what dmc-serve-load measured: the whole run (requests/s, tokens/s, time to first token,
-# per-token latency, the most sequences decoded together, the achieved CR) and the saturated
-# window (while requests waited for admission: tokens/s, mean running batch, the KV budget's
-# mean share in use, per-token latency; inference/load_stats.h), each model's ratio to the first
-# one's tokens/s; below it, a table of the servers' rounds with and without a prompt's prefill
-# (the count, the mean and a bound of the p99; dmc-serve's dmc_serve_round_seconds), then a note
-# for each model that ran as many sequences at once as there were clients (the load may have
-# bounded it) or whose cache was not nearly full while requests waited (not budget-bound).
+# dmc-serve under saturating load (on the GPU), one model after another with the same flags (and
+# each its own, if given), and a table of what dmc-serve-load measured: the whole run
+# (requests/s, tokens/s, time to first token, per-token latency, the most sequences decoded
+# together, the achieved CR) and the saturated window (while requests waited for admission:
+# tokens/s, mean running batch, the KV budget's mean share in use, per-token latency;
+# inference/load_stats.h), each model's ratio to the first one's tokens/s; below it, a table of
+# the servers' rounds with and without a prompt's prefill (the count, the mean and a bound of the
+# p99; dmc-serve's dmc_serve_round_seconds), then a note for each model that ran as many
+# sequences at once as there were clients (the load may have bounded it) or whose cache was not
+# nearly full while requests waited (not budget-bound).
 #
-#   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]
+#   bash bench/cuda/serve_load.sh OUT.md NAME=MODEL_DIR[,FLAG...] [NAME=MODEL_DIR[,FLAG...] ...]
+#
+# FLAGs after a model are dmc-serve's for that model alone, after SERVE_FLAGS: e.g. the same
+# checkpoint served two ways, dmc4=DIR/dmc4 and dmc4_pages8=DIR/dmc4,--page_size=8, or a DMC
+# checkpoint as vanilla, DIR/dmc4,--method=vanilla (its control channel ignored).
 #
 # Models: dmc-export checkpoints, e.g. the random 7B pair that
 #   build/bench/bench_generate --shape=7b --methods=vanilla,dmc:4 --export_dir=DIR \
@@ -26,7 +31,7 @@
 # A server that is not listening within 5 minutes, or a load run that fails, stops the
 # script with the end of its log; each server gets SIGTERM after its run and must exit 0.
 set -euo pipefail
-out=${1:?usage: serve_load.sh OUT.md NAME=MODEL_DIR [NAME=MODEL_DIR ...]}
+out=${1:?usage: serve_load.sh OUT.md NAME=MODEL_DIR[,FLAG...] ...}
 shift
 (($#)) || { echo "serve_load: no NAME=MODEL_DIR given" >&2; exit 2; }
 bin=${DMC_BUILD_DIR:-build}
@@ -38,12 +43,14 @@ logs=$(mktemp -d)
 server=""
 trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
 
-# NAME MODEL_DIR: serves MODEL_DIR, loads it, stops it; the load's output in $logs/NAME.load
+# NAME MODEL_DIR [FLAG...]: serves MODEL_DIR with SERVE_FLAGS and the FLAGs, loads it, stops it;
+# the load's output in $logs/NAME.load
 run_model() {
   local name=$1 model=$2
+  shift 2
   [ -f "$model/config.json" ] || { echo "serve_load: $model: no config.json (a dmc-export checkpoint?)" >&2; exit 1; }
   # shellcheck disable=SC2086
-  "$bin/inference/dmc-serve" --model="$model" --device="$device" --port="$port" $serve_flags \
+  "$bin/inference/dmc-serve" --model="$model" --device="$device" --port="$port" $serve_flags "$@" \
       >"$logs/$name.serve" 2>&1 &
   server=$!
   local waited=0
@@ -72,16 +79,20 @@ run_model() {
   ((status == 0)) || { echo "serve_load: dmc-serve on $name exited $status after SIGTERM" >&2; exit 1; }
 }
 
-names=()
+names=() served=()
 for arg in "$@"; do
-  name=${arg%%=*} model=${arg#*=}
-  [ "$name" != "$arg" ] || { echo "serve_load: '$arg' is not NAME=MODEL_DIR" >&2; exit 2; }
-  run_model "$name" "$model"
+  name=${arg%%=*} spec=${arg#*=}
+  [ "$name" != "$arg" ] || { echo "serve_load: '$arg' is not NAME=MODEL_DIR[,FLAG...]" >&2; exit 2; }
+  IFS=, read -r -a model_flags <<<"$spec"
+  run_model "$name" "${model_flags[@]}"
   names+=("$name")
+  served+=("$name: ${model_flags[*]}")
 done
 
 {
   echo "dmc-serve --device=$device $serve_flags; dmc-serve-load $load_flags; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "no GPU")"
+  echo
+  printf '%s\n' "${served[@]}"
   echo
   echo "| model | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms | max concurrent | CR | saturated tokens/s | vs ${names[0]} | saturated batch | saturated KV used | saturated per-token p50 ms | saturated per-token p99 ms |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"

@@ -4,7 +4,8 @@
 # whole run's and the saturated window's figures, the first model's ratio 1.00×, and the rounds'
 # table a row per model with the server's rounds without and with a prefill; a run of one
 # client carries the note that the load may bound it, the runs of more clients than the server
-# can batch do not; and a server that cannot start stops the script with its log.
+# can batch do not; a model's own flags reach its server and are listed; and a server that
+# cannot start stops the script with its log.
 # Usage: serve_load.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -46,10 +47,18 @@ grep -q "load-bound\|max concurrent = clients" <<<"$table" && fail "load-bound n
 # one client: its one sequence at a time is the most the server can run, whatever its room
 LOAD_FLAGS="--clients=1 --requests=2 --prompt_tokens=8 --max_tokens=16 --vocab=256 --check=false --timeout_s=60" \
   SERVE_FLAGS="--kv_budget_mb=4 --max_batch=8 --max_queue=16" \
-  bash "$src/bench/cuda/serve_load.sh" "$work/few.md" vanilla="$work/vanilla" >"$work/log" 2>&1 ||
+  bash "$src/bench/cuda/serve_load.sh" "$work/few.md" vanilla="$work/vanilla",--page_size=8 >"$work/log" 2>&1 ||
   fail "serve_load.sh with one client: $(cat "$work/log")"
 grep -q "^vanilla: every client had a sequence running at once" "$work/few.md" ||
   fail "no load-bound note with one client: $(cat "$work/few.md")"
+grep -qx "vanilla: $work/vanilla --page_size=8" "$work/few.md" ||
+  fail "no line of the model's own flags: $(cat "$work/few.md")"
+# a model's own flags reach its server: one it refuses stops the script with the server's words
+if bash "$src/bench/cuda/serve_load.sh" "$work/bad.md" vanilla="$work/vanilla",--page_size=-1 >"$work/log" 2>&1; then
+  fail "a server with --page_size=-1 was loaded"
+fi
+grep -q "did not come up" "$work/log" && grep -q "page_size" "$work/log" ||
+  fail "no reason for the refused flag: $(cat "$work/log")"
 if bash "$src/bench/cuda/serve_load.sh" "$work/none.md" missing="$work/nowhere" >"$work/log" 2>&1; then
   fail "a missing model was served"
 fi
