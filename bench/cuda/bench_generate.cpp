@@ -189,6 +189,10 @@ void RandomWeights(dmc::model::Llama<float>* m, uint64_t seed) {
     }
 }
 
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 // Each head's target merge fraction for a mean CR (see the file comment).
 std::vector<double> TargetMergeFractions(int heads, double cr, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -260,6 +264,7 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
     g_hi[i] = Logit(1.0) - Logit(want[i]);
   }
   for (int round = 0; round < rounds; ++round) {
+    const auto round_start = std::chrono::steady_clock::now();
     for (int i = 0; i < heads; ++i) {
       // g_lo ≤ 0 ≤ g_hi; equal only where a head wants no merges and measured none (span 0)
       const double span = g_hi[i] - g_lo[i];
@@ -309,14 +314,16 @@ void Calibrate(dmc::model::Llama<float>* m, const inf::CudaEngineOptions& o,
       merged += fraction / heads;
       target += want[i] / heads;
     }
-    std::fprintf(stderr, "calibrating %s:%g, round %d/%d: %s fraction %.3f (target %.3f)\n",
+    std::fprintf(stderr, "calibrating %s:%g, round %d/%d: %s fraction %.3f (target %.3f), %.1f s\n",
                  c.dms.is_dms() ? "dms" : "dmc", cr, round + 1, rounds,
-                 c.dms.is_dms() ? "evicted" : "merged", merged, target);
+                 c.dms.is_dms() ? "evicted" : "merged", merged, target,
+                 SecondsSince(round_start));
   }
 }
 
 // dmc-export's writer, in bf16; `dmc` says whether config.json enables the control channel.
 void Export(const dmc::model::Llama<float>& model, bool dmc, const std::string& dir) {
+  const auto start = std::chrono::steady_clock::now();
   dmc::model::Llama<float> copy = model;
   copy.set_compression_enabled(dmc);
   if (absl::Status s = dmc::trainer::ExportModel(copy, dir, dmc::model::DType::kBF16, 4L << 30);
@@ -324,6 +331,7 @@ void Export(const dmc::model::Llama<float>& model, bool dmc, const std::string& 
     std::fprintf(stderr, "bench_generate: %s\n", s.ToString().c_str());
     std::exit(1);
   }
+  std::fprintf(stderr, "exported %s in %.1f s\n", dir.c_str(), SecondsSince(start));
 }
 
 double Percentile(std::vector<double> v, double q) {
