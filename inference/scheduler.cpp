@@ -56,17 +56,19 @@ absl::Status Scheduler::Finish(int id, bool cancelled, const FinishFn& on_finish
   return s;
 }
 
-long Scheduler::GrowthPages(int id) const {
+long Scheduler::CacheHeads() const {
   const PagedCacheOptions& o = engine_.cache_options();
-  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  return static_cast<long>(o.layers) * o.kv_heads;
+}
+
+long Scheduler::GrowthPages(int id) const {
   const long tokens = engine_.tokens(id);
-  if (tokens == 0) return heads;  // not fed yet: a page per head
+  if (tokens == 0) return CacheHeads();  // not fed yet: a page per head
   return (engine_.slots(id) + tokens - 1) / tokens;  // heads × kept fraction, rounded up
 }
 
 double Scheduler::KeptFraction() const {
-  const PagedCacheOptions& o = engine_.cache_options();
-  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  const long heads = CacheHeads();
   long slots = 0, head_tokens = 0;
   for (const std::vector<int>* ids : {&active_, &prefilling_})
     for (int id : *ids) {
@@ -76,11 +78,11 @@ double Scheduler::KeptFraction() const {
   return head_tokens > 0 ? std::min(1.0, static_cast<double>(slots) / head_tokens) : 1.0;
 }
 
-long Scheduler::PromptPages(long tokens, double kept_fraction) const {
+long Scheduler::PromptPages(const Entry& e, long tokens, double kept_fraction) const {
   const PagedCacheOptions& o = engine_.cache_options();
-  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  const long heads = CacheHeads();
   auto worst = [&](long n) { return heads * ((n + o.page_size - 1) / o.page_size); };
-  if (!engine_.chunked_prefill()) return worst(tokens);
+  if (!engine_.chunked_prefill() || e.refused) return worst(tokens);
   // A chunk (or piece) takes the worst case while it goes in, and keeps its kept fraction after:
   // the most a prompt then holds is the rest at the running sequences' fraction (and a
   // part-filled last page a head) beside one chunk at worst.
@@ -97,20 +99,20 @@ long Scheduler::RunningGrowthPages(double kept_fraction) const {
   for (int id : prefilling_) {
     const Entry& e = requests_.at(id);
     growth_pages += GrowthPages(id) +
-                    PromptPages(static_cast<long>(e.request.tokens.size()) - engine_.tokens(id),
-                                e.refused ? 1.0 : kept_fraction);
+                    PromptPages(e, static_cast<long>(e.request.tokens.size()) - engine_.tokens(id),
+                                kept_fraction);
   }
   return growth_pages;
 }
 
 bool Scheduler::Affordable(const Entry& e, long running_growth_pages, double kept_fraction) const {
   const PagedCacheOptions& o = engine_.cache_options();
-  const long heads = static_cast<long>(o.layers) * o.kv_heads;
+  const long heads = CacheHeads();
   const long page = KvPageBytes(o, engine_.element_bytes());
   const long prompt_pages =
-      e.request.prefill ? PromptPages(static_cast<long>(e.request.tokens.size()),
-                                      e.refused ? 1.0 : kept_fraction)
-                        : heads;
+      e.request.prefill
+          ? PromptPages(e, static_cast<long>(e.request.tokens.size()), kept_fraction)
+          : heads;
   const long need = KvReservedBytes(o, engine_.element_bytes(), engine_.state_element_bytes()) +
                     page * (prompt_pages + heads /* the new request's first step */ +
                             running_growth_pages);
@@ -234,8 +236,7 @@ absl::Status Scheduler::Admit(const TokenFn& on_token, const FinishFn& on_finish
       if (!*done) {
         if (requests_.count(id) > 0) {  // the rest of its prompt in the next steps
           prefilling_.push_back(id);
-          growth_pages += GrowthPages(id) + PromptPages(P - engine_.tokens(id),
-                                                        e.refused ? 1.0 : kept_fraction);
+          growth_pages += GrowthPages(id) + PromptPages(e, P - engine_.tokens(id), kept_fraction);
         }
         continue;
       }

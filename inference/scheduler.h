@@ -188,18 +188,21 @@ class Scheduler {
   absl::Status EndRound(std::chrono::steady_clock::time_point start, double prefill_before);
   // Frees id's cache and queues it again at the front, to be recomputed.
   absl::Status Preempt(int id);
+  // The cache's heads, layers × KV heads: a page each per page_size slots.
+  long CacheHeads() const;
   // A running sequence's expected new pages over its next page_size tokens (see Admission).
   long GrowthPages(int id) const;
   // Σ slots over Σ heads × tokens of the admitted requests: the fraction of its tokens a new
   // sequence is expected to keep (1 with none fed, and for vanilla).
   double KeptFraction() const;
-  // The pages a prompt (or its rest) of `tokens` needs while it goes in (see Admission).
-  long PromptPages(long tokens, double kept_fraction) const;
+  // The pages e's prompt (or its rest) of `tokens` needs while it goes in (see Admission): at
+  // worst once refused.
+  long PromptPages(const Entry& e, long tokens, double kept_fraction) const;
   // The admitted requests' reserve: GrowthPages of each, and for a prompt under way its rest's
   // PromptPages.
   long RunningGrowthPages(double kept_fraction) const;
-  // Whether the free budget holds e's prompt (at the kept fraction, or at worst once refused),
-  // its first step and the running reserve.
+  // Whether the free budget holds e's prompt (PromptPages), its first step and the running
+  // reserve.
   bool Affordable(const Entry& e, long running_growth_pages, double kept_fraction) const;
 
   DecodeEngine& engine_;
